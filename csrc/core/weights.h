@@ -1,0 +1,89 @@
+// How a 2-D weight matrix is laid out in memory, in every format pyllm stores.
+//
+// A WeightView never owns memory: it points into the memory-mapped model file
+// (or into numpy arrays when a kernel is called from Python). The layout is
+// the device-independent one documented in docs/FORMAT.md; a backend may
+// repack it at load, the CPU kernels use it as is.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace pyllm {
+
+// Width of one quantization block of activations and of one int4 nibble chunk.
+constexpr int64_t kBlock = 32;
+
+enum class WeightFormat : int32_t {
+    F32 = 0,      // float      [rows, cols]
+    F16 = 1,      // uint16     [rows, cols] IEEE half
+    BF16 = 2,     // uint16     [rows, cols] bfloat16
+    Q8 = 3,       // int8       [rows, cols], value = q * scale[group]
+    Q4_SYM = 4,   // uint8      [rows, padded_cols/2], value = (q - 8) * scale[group]
+    Q4_ASYM = 5,  // uint8      [rows, padded_cols/2], value = q * scale[group] + min[group]
+};
+
+static inline const char* format_name(WeightFormat f) {
+    switch (f) {
+        case WeightFormat::F32: return "f32";
+        case WeightFormat::F16: return "f16";
+        case WeightFormat::BF16: return "bf16";
+        case WeightFormat::Q8: return "int8";
+        case WeightFormat::Q4_SYM: return "int4_sym";
+        case WeightFormat::Q4_ASYM: return "int4_asym";
+    }
+    return "unknown";
+}
+
+static inline bool is_quantized(WeightFormat f) {
+    return f == WeightFormat::Q8 || f == WeightFormat::Q4_SYM || f == WeightFormat::Q4_ASYM;
+}
+
+static inline int64_t round_up(int64_t value, int64_t multiple) {
+    return (value + multiple - 1) / multiple * multiple;
+}
+
+// Int4 packing: each row is cut into chunks of 32 values; a chunk is 16 bytes,
+// byte i holding value i in its low nibble and value i + 16 in its high nibble.
+// The last chunk of a row is padded with zero nibbles up to 32 values.
+struct WeightView {
+    WeightFormat format = WeightFormat::F32;
+    int64_t rows = 0;          // N: output features
+    int64_t cols = 0;          // K: input features
+    int64_t group_size = 0;    // quantized formats: values per scale (a multiple of 32)
+    const void* data = nullptr;        // see WeightFormat
+    const uint16_t* scales = nullptr;  // f16 [rows, n_groups()]
+    const uint16_t* mins = nullptr;    // f16 [rows, n_groups()], Q4_ASYM only
+    const float* bias = nullptr;       // f32 [rows] or null
+
+    int64_t n_groups() const { return group_size > 0 ? (cols + group_size - 1) / group_size : 0; }
+    int64_t padded_cols() const { return round_up(cols, kBlock); }
+    // Bytes of `data` one row takes.
+    int64_t row_bytes() const {
+        switch (format) {
+            case WeightFormat::F32: return cols * 4;
+            case WeightFormat::F16:
+            case WeightFormat::BF16: return cols * 2;
+            case WeightFormat::Q8: return cols;
+            case WeightFormat::Q4_SYM:
+            case WeightFormat::Q4_ASYM: return padded_cols() / 2;
+        }
+        return 0;
+    }
+};
+
+// Throws std::invalid_argument unless the view describes a usable weight
+// (positive sizes, a legal group size, every pointer the format needs).
+void validate_weight(const WeightView& w, const std::string& what);
+
+// Activations quantized to int8 in blocks of 32 for the integer dot products.
+// Rows are padded with zeros to padded_cols.
+struct QuantizedRows {
+    int64_t rows = 0;
+    int64_t padded_cols = 0;
+    int8_t* q = nullptr;     // [rows, padded_cols]
+    float* scale = nullptr;  // [rows, padded_cols / 32], value = q * scale
+    float* sum = nullptr;    // [rows, padded_cols / 32], scale * sum(q) of the block
+};
+
+}  // namespace pyllm

@@ -1,0 +1,208 @@
+// The CPU engine: a LLaMA decoder run layer by layer with the CPU operators.
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <vector>
+
+#include "engine.h"
+
+namespace pyllm {
+
+void ModelConfig::validate() const {
+    auto need = [](bool ok, const char* what) {
+        if (!ok) throw std::invalid_argument(std::string("model config: ") + what);
+    };
+    need(vocab_size > 0 && hidden_size > 0 && intermediate_size > 0 && n_layers > 0, "sizes must be positive");
+    need(n_heads > 0 && n_kv_heads > 0, "head counts must be positive");
+    need(n_heads % n_kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads");
+    need(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even and positive");
+    need(rms_norm_eps > 0.0, "rms_norm_eps must be positive");
+    need(vocab_size < INT32_MAX, "vocabulary too large");
+}
+
+namespace {
+
+struct LayerWeights {
+    const float* attn_norm;  // [hidden]
+    WeightView q, k, v, o;   // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden], o: [hidden, heads*head_dim]
+    const float* ffn_norm;   // [hidden]
+    WeightView gate, up, down;  // gate/up: [ffn, hidden], down: [hidden, ffn]
+};
+
+const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n) {
+    return reinterpret_cast<const float*>(t.get(name, DType::F32, {n}).data);
+}
+
+WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearSpec>& specs, const std::string& base,
+                       int64_t rows, int64_t cols) {
+    auto it = specs.find(base);
+    if (it == specs.end()) throw std::invalid_argument("model file has no quantization entry for '" + base + "'");
+    WeightView w;
+    w.format = it->second.format;
+    w.group_size = it->second.group_size;
+    w.rows = rows;
+    w.cols = cols;
+    if (is_quantized(w.format) && (w.group_size <= 0 || w.group_size % kBlock != 0))
+        throw std::invalid_argument("'" + base + "': group size " + std::to_string(w.group_size) +
+                                    " is not a positive multiple of 32");
+    const std::string weight = base + ".weight";
+    switch (w.format) {
+        case WeightFormat::F32: w.data = t.get(weight, DType::F32, {rows, cols}).data; break;
+        case WeightFormat::F16: w.data = t.get(weight, DType::F16, {rows, cols}).data; break;
+        case WeightFormat::BF16: w.data = t.get(weight, DType::BF16, {rows, cols}).data; break;
+        case WeightFormat::Q8: w.data = t.get(weight, DType::I8, {rows, cols}).data; break;
+        case WeightFormat::Q4_SYM:
+        case WeightFormat::Q4_ASYM: w.data = t.get(weight, DType::U8, {rows, w.padded_cols() / 2}).data; break;
+        default: throw std::invalid_argument("'" + base + "': unknown weight format");
+    }
+    if (is_quantized(w.format))
+        w.scales = reinterpret_cast<const uint16_t*>(t.get(base + ".scales", DType::F16, {rows, w.n_groups()}).data);
+    if (w.format == WeightFormat::Q4_ASYM)
+        w.mins = reinterpret_cast<const uint16_t*>(t.get(base + ".mins", DType::F16, {rows, w.n_groups()}).data);
+    if (t.has(base + ".bias")) w.bias = bind_vector(t, base + ".bias", rows);
+    validate_weight(w, base);
+    return w;
+}
+
+class CpuEngine final : public Engine {
+public:
+    CpuEngine(std::shared_ptr<MappedFile> file, const TensorTable& t, const ModelConfig& cfg,
+              const std::map<std::string, LinearSpec>& specs, int64_t context_length, int n_threads)
+        : file_(std::move(file)), cfg_(cfg), n_ctx_(context_length), pool_(n_threads) {
+        cfg_.validate();
+        if (n_ctx_ <= 0) throw std::invalid_argument("context length must be positive");
+        const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size;
+        const int64_t q_dim = cfg_.n_heads * cfg_.head_dim, kv_dim = cfg_.n_kv_heads * cfg_.head_dim;
+        embed_ = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
+        for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+            const std::string p = "model.layers." + std::to_string(l) + ".";
+            LayerWeights lw;
+            lw.attn_norm = bind_vector(t, p + "input_layernorm.weight", D);
+            lw.q = bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D);
+            lw.k = bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D);
+            lw.v = bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D);
+            lw.o = bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim);
+            lw.ffn_norm = bind_vector(t, p + "post_attention_layernorm.weight", D);
+            lw.gate = bind_linear(t, specs, p + "mlp.gate_proj", F, D);
+            lw.up = bind_linear(t, specs, p + "mlp.up_proj", F, D);
+            lw.down = bind_linear(t, specs, p + "mlp.down_proj", D, F);
+            layers_.push_back(lw);
+        }
+        final_norm_ = bind_vector(t, "model.norm.weight", D);
+        lm_head_ = cfg_.tie_word_embeddings ? embed_ : bind_linear(t, specs, "lm_head", cfg_.vocab_size, D);
+        inv_freq_ = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
+
+        // Cache pages are touched only as positions are written.
+        const int64_t cache_floats = cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim;
+        k_cache_.reset(new float[(size_t)cache_floats]);
+        v_cache_.reset(new float[(size_t)cache_floats]);
+        const int64_t B = kMaxBatch;
+        x_.resize((size_t)(B * D));
+        h_.resize((size_t)(B * D));
+        q_.resize((size_t)(B * q_dim));
+        k_.resize((size_t)(B * kv_dim));
+        v_.resize((size_t)(B * kv_dim));
+        attn_.resize((size_t)(B * q_dim));
+        gate_.resize((size_t)(B * F));
+        up_.resize((size_t)(B * F));
+        positions_.resize((size_t)B);
+    }
+
+    const ModelConfig& config() const override { return cfg_; }
+    int64_t context_length() const override { return n_ctx_; }
+    const char* device() const override { return "cpu"; }
+
+    void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) override {
+        if (n <= 0) throw std::invalid_argument("forward needs at least one token");
+        if (pos < 0 || pos > n_ctx_ || n > n_ctx_ - pos)
+            throw std::out_of_range("positions " + std::to_string(pos) + ".." + std::to_string(pos + n - 1) +
+                                    " exceed the context length " + std::to_string(n_ctx_));
+        for (int64_t i = 0; i < n; ++i)
+            if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
+                throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
+                                        std::to_string(cfg_.vocab_size));
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (int64_t start = 0; start < n; start += kMaxBatch) {
+            const int64_t len = std::min(kMaxBatch, n - start);
+            float* out = nullptr;
+            if (all_logits) out = logits + start * cfg_.vocab_size;
+            else if (start + len == n) out = logits;
+            run_batch(tokens + start, len, pos + start, out, all_logits);
+        }
+    }
+
+private:
+    static constexpr int64_t kMaxBatch = 256;
+
+    // logits: f32 [M, vocab] when all_logits, f32 [vocab] (last row) otherwise, or null
+    void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) {
+        const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+        const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd;
+        const float eps = (float)cfg_.rms_norm_eps, attn_scale = 1.0f / std::sqrt((float)hd);
+        float *x = x_.data(), *h = h_.data();
+        for (int64_t m = 0; m < M; ++m) positions_[(size_t)m] = (int32_t)(pos0 + m);
+
+        embedding(embed_, tokens, M, x);
+        for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+            const LayerWeights& lw = layers_[(size_t)l];
+            rmsnorm(x, lw.attn_norm, M, D, eps, h);
+            linear(pool_, lw.q, h, M, q_.data(), scratch_);
+            linear(pool_, lw.k, h, M, k_.data(), scratch_);
+            linear(pool_, lw.v, h, M, v_.data(), scratch_);
+            rope(q_.data(), M, H, hd, positions_.data(), inv_freq_.data());
+            rope(k_.data(), M, Hkv, hd, positions_.data(), inv_freq_.data());
+            // cache layout per layer: [kv_heads, n_ctx, head_dim]
+            float* k_layer = k_cache_.get() + l * Hkv * n_ctx_ * hd;
+            float* v_layer = v_cache_.get() + l * Hkv * n_ctx_ * hd;
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+                    const size_t dst = (size_t)((kvh * n_ctx_ + pos0 + m) * hd);
+                    std::memcpy(k_layer + dst, k_.data() + m * kv_dim + kvh * hd, (size_t)hd * sizeof(float));
+                    std::memcpy(v_layer + dst, v_.data() + m * kv_dim + kvh * hd, (size_t)hd * sizeof(float));
+                }
+            attention(pool_, q_.data(), k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale, attn_.data());
+            linear(pool_, lw.o, attn_.data(), M, h, scratch_);
+            for (int64_t i = 0; i < M * D; ++i) x[i] += h[i];
+
+            rmsnorm(x, lw.ffn_norm, M, D, eps, h);
+            linear(pool_, lw.gate, h, M, gate_.data(), scratch_);
+            linear(pool_, lw.up, h, M, up_.data(), scratch_);
+            swiglu(gate_.data(), up_.data(), M * F, gate_.data());
+            linear(pool_, lw.down, gate_.data(), M, h, scratch_);
+            for (int64_t i = 0; i < M * D; ++i) x[i] += h[i];
+        }
+        if (logits == nullptr) return;
+        if (all_logits) {
+            rmsnorm(x, final_norm_, M, D, eps, h);
+            linear(pool_, lm_head_, h, M, logits, scratch_);
+        } else {
+            rmsnorm(x + (M - 1) * D, final_norm_, 1, D, eps, h);
+            linear(pool_, lm_head_, h, 1, logits, scratch_);
+        }
+    }
+
+    std::shared_ptr<MappedFile> file_;  // keeps the weights mapped
+    ModelConfig cfg_;
+    int64_t n_ctx_;
+    ThreadPool pool_;
+    std::mutex mutex_;
+    WeightView embed_, lm_head_;
+    std::vector<LayerWeights> layers_;
+    const float* final_norm_ = nullptr;
+    std::vector<float> inv_freq_;
+    std::unique_ptr<float[]> k_cache_, v_cache_;  // [layers, kv_heads, n_ctx, head_dim]
+    std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
+    std::vector<int32_t> positions_;
+    ActivationScratch scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
+                                        const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,
+                                        int64_t context_length, int n_threads) {
+    return std::make_unique<CpuEngine>(std::move(file), tensors, config, linears, context_length, n_threads);
+}
+
+}  // namespace pyllm

@@ -1,0 +1,57 @@
+// The decoder engine: a model's weights (inside a memory-mapped file), its KV
+// cache and scratch buffers, and forward() over the whole layer stack.
+//
+// Engine is the backend seam: the CPU engine lives in cpu_engine.cpp; a CUDA
+// engine implements the same interface and is chosen by make_engine's caller.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "../core/weights.h"
+#include "../kernels/cpu/ops.h"
+#include "mapped_file.h"
+
+namespace pyllm {
+
+struct ModelConfig {
+    int64_t vocab_size = 0;
+    int64_t hidden_size = 0;
+    int64_t intermediate_size = 0;
+    int64_t n_layers = 0;
+    int64_t n_heads = 0;
+    int64_t n_kv_heads = 0;
+    int64_t head_dim = 0;
+    double rms_norm_eps = 1e-5;
+    double rope_theta = 10000.0;
+    RopeScaling rope_scaling;
+    bool tie_word_embeddings = false;
+    void validate() const;  // throws std::invalid_argument on impossible values
+};
+
+// How one linear weight ("model.layers.0.self_attn.q_proj") is stored.
+struct LinearSpec {
+    WeightFormat format = WeightFormat::F32;
+    int64_t group_size = 0;
+};
+
+class Engine {
+public:
+    virtual ~Engine() = default;
+    virtual const ModelConfig& config() const = 0;
+    virtual int64_t context_length() const = 0;
+    virtual const char* device() const = 0;
+    // Runs tokens at positions pos .. pos + n - 1 (the cache must already hold
+    // positions 0 .. pos - 1) and stores their keys and values.
+    //   tokens: int32 [n]
+    //   logits: f32 [n, vocab] when all_logits, else f32 [vocab] for the last token
+    // Thread-safe: concurrent calls run one after another.
+    virtual void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) = 0;
+};
+
+std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
+                                        const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,
+                                        int64_t context_length, int n_threads);
+
+}  // namespace pyllm

@@ -1,0 +1,194 @@
+// AVX2 + FMA + F16C matmul kernels (compiled with -mavx2 -mfma -mf16c, run
+// only when the CPU has them). Same arithmetic as matmul_portable.cpp, in
+// register tiles: NR weight rows x MR activation rows share every load.
+//   decode (M = 1):  4 weight rows x 1 activation row
+//   prefill:         2 weight rows x 4 activation rows
+// Integer blocks use maddubs (u8 x s8 -> s16 pairs) then madd (-> s32):
+// int4 nibbles are unsigned already; int8 weights use the sign trick
+// |w| * (x * sign(w)).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "../../core/numeric.h"
+#include "matmul.h"
+
+namespace pyllm {
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+template <WeightFormat F>
+inline __m256 load8(const void* base, int64_t index) {
+    if constexpr (F == WeightFormat::F32) {
+        return _mm256_loadu_ps(static_cast<const float*>(base) + index);
+    } else if constexpr (F == WeightFormat::F16) {
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(static_cast<const uint16_t*>(base) + index)));
+    } else {
+        __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(static_cast<const uint16_t*>(base) + index)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+}
+
+template <WeightFormat F>
+inline float load1(const void* base, int64_t index) {
+    if constexpr (F == WeightFormat::F32) return static_cast<const float*>(base)[index];
+    else if constexpr (F == WeightFormat::F16) return f16_to_f32(static_cast<const uint16_t*>(base)[index]);
+    else return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
+}
+
+template <WeightFormat F, int NR, int MR>
+void float_tile(const WeightView& w, const float* x, int64_t m0, int64_t n0, float* y) {
+    const int64_t K = w.cols, N = w.rows;
+    __m256 acc[NR][MR];
+    for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv[MR];
+        for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + (m0 + m) * K + k);
+        for (int r = 0; r < NR; ++r) {
+            const __m256 wv = load8<F>(w.data, (n0 + r) * K + k);
+            for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < NR; ++r) {
+        for (int m = 0; m < MR; ++m) {
+            float sum = hsum(acc[r][m]);
+            for (int64_t kk = k; kk < K; ++kk) sum += load1<F>(w.data, (n0 + r) * K + kk) * x[(m0 + m) * K + kk];
+            y[(m0 + m) * N + n0 + r] = sum + (w.bias ? w.bias[n0 + r] : 0.0f);
+        }
+    }
+}
+
+// Covers rows [0, M) x columns [n_begin, n_end) with NR x MR tiles and
+// narrower tiles at the edges.
+template <int NR, int MR, typename Tile>
+void tile_over(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
+    int64_t n = n_begin;
+    for (; n + NR <= n_end; n += NR) {
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR) tile(std::integral_constant<int, NR>{}, std::integral_constant<int, MR>{}, m, n);
+        for (; m < M; ++m) tile(std::integral_constant<int, NR>{}, std::integral_constant<int, 1>{}, m, n);
+    }
+    for (; n < n_end; ++n) {
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MR>{}, m, n);
+        for (; m < M; ++m) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, m, n);
+    }
+}
+
+template <WeightFormat F>
+void float_weights_typed(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
+    auto tile = [&](auto nr, auto mr, int64_t m, int64_t n) { float_tile<F, nr.value, mr.value>(w, x, m, n, y); };
+    if (M == 1) tile_over<4, 1>(M, n_begin, n_end, tile);
+    else tile_over<2, 4>(M, n_begin, n_end, tile);
+}
+
+void float_weights(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
+    switch (w.format) {
+        case WeightFormat::F32: return float_weights_typed<WeightFormat::F32>(w, x, M, n_begin, n_end, y);
+        case WeightFormat::F16: return float_weights_typed<WeightFormat::F16>(w, x, M, n_begin, n_end, y);
+        default: return float_weights_typed<WeightFormat::BF16>(w, x, M, n_begin, n_end, y);
+    }
+}
+
+// One 32-value weight block as 32 bytes ready for maddubs, and the activation
+// block adjusted to match (int8 weights: sign trick).
+template <WeightFormat F>
+inline __m256i load_block(const uint8_t* wrow, int64_t block, int64_t cols) {
+    if constexpr (F == WeightFormat::Q8) {
+        const int64_t start = block * kBlock;
+        if (start + kBlock <= cols) return _mm256_loadu_si256((const __m256i*)(wrow + start));
+        alignas(32) int8_t tail[kBlock] = {0};
+        std::memcpy(tail, wrow + start, (size_t)(cols - start));
+        return _mm256_load_si256((const __m256i*)tail);
+    } else {
+        const __m128i packed = _mm_loadu_si128((const __m128i*)(wrow + block * (kBlock / 2)));
+        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+    }
+}
+
+template <WeightFormat F>
+inline __m256i block_dot(__m256i wq, __m256i xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if constexpr (F == WeightFormat::Q8) {
+        const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+        return _mm256_madd_epi16(products, ones);
+    } else {
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+    }
+}
+
+template <WeightFormat F, int NR, int MR>
+void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t n0, float* y) {
+    const int64_t N = w.rows, n_blocks = x.padded_cols / kBlock, n_groups = w.n_groups();
+    const int64_t blocks_per_group = w.group_size / kBlock;
+    const int64_t row_bytes = w.row_bytes();
+    const uint8_t* wrows[NR];
+    for (int r = 0; r < NR; ++r) wrows[r] = static_cast<const uint8_t*>(w.data) + (n0 + r) * row_bytes;
+
+    __m256 acc[NR][MR];
+    float offset[NR][MR];
+    for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps(), offset[r][m] = 0.0f;
+
+    for (int64_t g = 0; g < n_groups; ++g) {
+        float scale[NR], shift[NR];
+        for (int r = 0; r < NR; ++r) {
+            scale[r] = f16_to_f32(w.scales[(n0 + r) * n_groups + g]);
+            if constexpr (F == WeightFormat::Q4_SYM) shift[r] = -8.0f * scale[r];
+            if constexpr (F == WeightFormat::Q4_ASYM) shift[r] = f16_to_f32(w.mins[(n0 + r) * n_groups + g]);
+        }
+        const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
+        for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
+            __m256i xq[MR];
+            float xs[MR];
+            for (int m = 0; m < MR; ++m) {
+                xq[m] = _mm256_loadu_si256((const __m256i*)(x.q + (m0 + m) * x.padded_cols + b * kBlock));
+                xs[m] = x.scale[(m0 + m) * n_blocks + b];
+            }
+            for (int r = 0; r < NR; ++r) {
+                const __m256i wq = load_block<F>(wrows[r], b, w.cols);
+                for (int m = 0; m < MR; ++m) {
+                    const __m256 dot = _mm256_cvtepi32_ps(block_dot<F>(wq, xq[m]));
+                    acc[r][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[r] * xs[m]), acc[r][m]);
+                    if constexpr (F != WeightFormat::Q8)
+                        offset[r][m] += shift[r] * x.sum[(m0 + m) * n_blocks + b];
+                }
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MR; ++m)
+            y[(m0 + m) * N + n0 + r] = hsum(acc[r][m]) + offset[r][m] + (w.bias ? w.bias[n0 + r] : 0.0f);
+}
+
+template <WeightFormat F>
+void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+    auto tile = [&](auto nr, auto mr, int64_t m, int64_t n) { quant_tile<F, nr.value, mr.value>(w, x, m, n, y); };
+    if (x.rows == 1) tile_over<4, 1>(x.rows, n_begin, n_end, tile);
+    else tile_over<2, 4>(x.rows, n_begin, n_end, tile);
+}
+
+void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+    switch (w.format) {
+        case WeightFormat::Q8: return quant_weights_typed<WeightFormat::Q8>(w, x, n_begin, n_end, y);
+        case WeightFormat::Q4_SYM: return quant_weights_typed<WeightFormat::Q4_SYM>(w, x, n_begin, n_end, y);
+        default: return quant_weights_typed<WeightFormat::Q4_ASYM>(w, x, n_begin, n_end, y);
+    }
+}
+
+}  // namespace
+
+const MatmulKernels kAvx2Matmul = {"avx2", float_weights, quant_weights};
+
+}  // namespace pyllm

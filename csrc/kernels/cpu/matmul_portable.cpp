@@ -1,0 +1,109 @@
+// Portable (any C++17 compiler, any CPU) matmul kernels. This is the fallback
+// for CPUs without AVX2 and the model the SIMD variants follow step by step:
+// integer dot products per 32-value block, then one float multiply-add per
+// block with the weight group's scale (and min) and the activation block's scale.
+#include <algorithm>
+#include <cmath>
+
+#include "../../core/numeric.h"
+#include "matmul.h"
+
+namespace pyllm {
+namespace {
+
+float load_weight(const WeightView& w, int64_t n, int64_t k) {
+    switch (w.format) {
+        case WeightFormat::F16: return f16_to_f32(static_cast<const uint16_t*>(w.data)[n * w.cols + k]);
+        case WeightFormat::BF16: return bf16_to_f32(static_cast<const uint16_t*>(w.data)[n * w.cols + k]);
+        default: return static_cast<const float*>(w.data)[n * w.cols + k];
+    }
+}
+
+void float_weights(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
+    const int64_t K = w.cols, N = w.rows;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xr = x + m * K;
+            float acc = 0.0f;
+            if (w.format == WeightFormat::F32) {
+                const float* wr = static_cast<const float*>(w.data) + n * K;
+                for (int64_t k = 0; k < K; ++k) acc += wr[k] * xr[k];
+            } else {
+                for (int64_t k = 0; k < K; ++k) acc += load_weight(w, n, k) * xr[k];
+            }
+            y[m * N + n] = acc + (w.bias ? w.bias[n] : 0.0f);
+        }
+    }
+}
+
+// Integer dot product of one 32-value weight block with one activation block.
+// Q4 values are the raw nibbles 0..15; offsets are applied by the caller.
+int32_t block_dot(const WeightView& w, const uint8_t* wrow, int64_t block, const int8_t* xq) {
+    int32_t acc = 0;
+    if (w.format == WeightFormat::Q8) {
+        const int8_t* wq = reinterpret_cast<const int8_t*>(wrow) + block * kBlock;
+        const int64_t len = std::min<int64_t>(kBlock, w.cols - block * kBlock);
+        for (int64_t i = 0; i < len; ++i) acc += (int32_t)wq[i] * xq[i];
+    } else {
+        const uint8_t* packed = wrow + block * (kBlock / 2);
+        for (int64_t i = 0; i < kBlock / 2; ++i) {
+            acc += (int32_t)(packed[i] & 0x0f) * xq[i];
+            acc += (int32_t)(packed[i] >> 4) * xq[i + kBlock / 2];
+        }
+    }
+    return acc;
+}
+
+void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+    const int64_t N = w.rows, n_blocks = x.padded_cols / kBlock, n_groups = w.n_groups();
+    const int64_t blocks_per_group = w.group_size / kBlock;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+        const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n * w.row_bytes();
+        const uint16_t* scales = w.scales + n * n_groups;
+        for (int64_t m = 0; m < x.rows; ++m) {
+            const int8_t* xq = x.q + m * x.padded_cols;
+            const float* xs = x.scale + m * n_blocks;
+            const float* xsum = x.sum + m * n_blocks;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < n_blocks; ++b) {
+                const int64_t g = b / blocks_per_group;
+                const float scale = f16_to_f32(scales[g]);
+                const float dot = (float)block_dot(w, wrow, b, xq + b * kBlock);
+                acc += scale * xs[b] * dot;
+                if (w.format == WeightFormat::Q4_SYM) acc -= 8.0f * scale * xsum[b];
+                if (w.format == WeightFormat::Q4_ASYM) acc += f16_to_f32(w.mins[n * n_groups + g]) * xsum[b];
+            }
+            y[m * N + n] = acc + (w.bias ? w.bias[n] : 0.0f);
+        }
+    }
+}
+
+}  // namespace
+
+const MatmulKernels kPortableMatmul = {"portable", float_weights, quant_weights};
+
+void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
+    const int64_t n_blocks = out.padded_cols / kBlock;
+    for (int64_t m = row_begin; m < row_end; ++m) {
+        const float* xr = x + m * cols;
+        int8_t* q = out.q + m * out.padded_cols;
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const int64_t start = b * kBlock, len = std::min<int64_t>(kBlock, cols - start);
+            float amax = 0.0f;
+            for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(xr[start + i]));
+            const float scale = amax / 127.0f;
+            const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int64_t i = 0; i < kBlock; ++i) {
+                int32_t v = i < len ? (int32_t)std::nearbyint(xr[start + i] * inverse) : 0;
+                v = std::max(-127, std::min(127, v));
+                q[start + i] = (int8_t)v;
+                sum += v;
+            }
+            out.scale[m * n_blocks + b] = scale;
+            out.sum[m * n_blocks + b] = scale * (float)sum;
+        }
+    }
+}
+
+}  // namespace pyllm

@@ -1,0 +1,186 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "../../core/numeric.h"
+#include "matmul.h"
+
+namespace pyllm {
+
+QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
+    const size_t n_blocks = (size_t)(rows * (padded_cols / kBlock));
+    if (q.size() < (size_t)(rows * padded_cols)) q.resize((size_t)(rows * padded_cols));
+    if (scale.size() < n_blocks) scale.resize(n_blocks), sum.resize(n_blocks);
+    return QuantizedRows{rows, padded_cols, q.data(), scale.data(), sum.data()};
+}
+
+void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch) {
+    const MatmulKernels& kernels = active_matmul();
+    const int64_t N = w.rows;
+    // Chunks of output columns: several per thread for balance, a multiple of
+    // the kernels' 4-row tiles.
+    const int64_t chunk = std::max<int64_t>(16, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), 4));
+    const int64_t n_chunks = (N + chunk - 1) / chunk;
+    if (is_quantized(w.format)) {
+        const QuantizedRows xq = scratch.prepare(M, w.padded_cols());
+        const int64_t row_chunk = 16;
+        pool.parallel_for((M + row_chunk - 1) / row_chunk, [&](int64_t i) {
+            quantize_rows(x, w.cols, i * row_chunk, std::min(M, (i + 1) * row_chunk), xq);
+        });
+        pool.parallel_for(n_chunks, [&](int64_t i) {
+            kernels.quant_weights(w, xq, i * chunk, std::min(N, (i + 1) * chunk), y);
+        });
+    } else {
+        pool.parallel_for(n_chunks, [&](int64_t i) {
+            kernels.float_weights(w, x, M, i * chunk, std::min(N, (i + 1) * chunk), y);
+        });
+    }
+}
+
+void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out) {
+    const int64_t D = w.cols, n_groups = w.n_groups();
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t row = ids[m];
+        if (row < 0 || row >= w.rows) throw std::out_of_range("token id " + std::to_string(row) + " outside the vocabulary");
+        float* o = out + m * D;
+        const uint8_t* raw = static_cast<const uint8_t*>(w.data) + row * w.row_bytes();
+        switch (w.format) {
+            case WeightFormat::F32:
+                std::copy_n(reinterpret_cast<const float*>(raw), D, o);
+                break;
+            case WeightFormat::F16:
+                for (int64_t k = 0; k < D; ++k) o[k] = f16_to_f32(reinterpret_cast<const uint16_t*>(raw)[k]);
+                break;
+            case WeightFormat::BF16:
+                for (int64_t k = 0; k < D; ++k) o[k] = bf16_to_f32(reinterpret_cast<const uint16_t*>(raw)[k]);
+                break;
+            case WeightFormat::Q8:
+                for (int64_t k = 0; k < D; ++k)
+                    o[k] = (float)reinterpret_cast<const int8_t*>(raw)[k] *
+                           f16_to_f32(w.scales[row * n_groups + k / w.group_size]);
+                break;
+            case WeightFormat::Q4_SYM:
+            case WeightFormat::Q4_ASYM:
+                for (int64_t k = 0; k < D; ++k) {
+                    const int64_t chunk = k / kBlock, i = k % kBlock;
+                    const uint8_t byte = raw[chunk * (kBlock / 2) + (i % (kBlock / 2))];
+                    const int q = i < kBlock / 2 ? (byte & 0x0f) : (byte >> 4);
+                    const int64_t g = row * n_groups + k / w.group_size;
+                    const float scale = f16_to_f32(w.scales[g]);
+                    o[k] = w.format == WeightFormat::Q4_SYM ? (float)(q - 8) * scale
+                                                            : (float)q * scale + f16_to_f32(w.mins[g]);
+                }
+                break;
+        }
+    }
+}
+
+void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * D;
+        float* yr = y + m * D;
+        float sum_sq = 0.0f;
+        for (int64_t i = 0; i < D; ++i) sum_sq += xr[i] * xr[i];
+        const float inv = 1.0f / std::sqrt(sum_sq / (float)D + eps);
+        for (int64_t i = 0; i < D; ++i) yr[i] = weight[i] * (xr[i] * inv);
+    }
+}
+
+void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScaling& scaling) {
+    if (head_dim <= 0 || head_dim % 2 != 0) throw std::invalid_argument("rope: head_dim must be even and positive");
+    if (!(theta > 0.0)) throw std::invalid_argument("rope: rope_theta must be positive");
+    const int64_t half = head_dim / 2;
+    std::vector<float> inv_freq((size_t)half);
+    for (int64_t i = 0; i < half; ++i) {
+        // torch: 1 / base ** (arange(0, dim, 2).float() / dim), all in float32
+        const float exponent = (float)(2 * i) / (float)head_dim;
+        inv_freq[(size_t)i] = 1.0f / std::pow((float)theta, exponent);
+    }
+    if (scaling.type == "default") return inv_freq;
+    if (!(scaling.factor > 0.0)) throw std::invalid_argument("rope_scaling: factor must be positive");
+    if (scaling.type == "linear") {
+        for (float& f : inv_freq) f = f / (float)scaling.factor;
+        return inv_freq;
+    }
+    if (scaling.type == "llama3") {
+        const double low = scaling.low_freq_factor, high = scaling.high_freq_factor;
+        const double old_len = scaling.original_max_position_embeddings;
+        if (!(high > low)) throw std::invalid_argument("rope_scaling llama3: high_freq_factor must exceed low_freq_factor");
+        const double low_freq_wavelen = old_len / low, high_freq_wavelen = old_len / high;
+        for (float& f : inv_freq) {
+            const double wavelen = 2.0 * M_PI / (double)f;
+            double scaled = wavelen > low_freq_wavelen ? (double)f / scaling.factor : (double)f;
+            if (!(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen)) {
+                const double smooth = (old_len / wavelen - low) / (high - low);
+                scaled = (1.0 - smooth) * scaled / scaling.factor + smooth * scaled;
+            }
+            f = (float)scaled;
+        }
+        return inv_freq;
+    }
+    throw std::invalid_argument("unsupported rope_scaling type '" + scaling.type + "' (supported: linear, llama3)");
+}
+
+void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positions, const float* inv_freq) {
+    const int64_t half = D / 2;
+    std::vector<float> cos_table((size_t)half), sin_table((size_t)half);
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t i = 0; i < half; ++i) {
+            const float angle = (float)positions[m] * inv_freq[i];
+            cos_table[(size_t)i] = std::cos(angle);
+            sin_table[(size_t)i] = std::sin(angle);
+        }
+        for (int64_t h = 0; h < n_heads; ++h) {
+            float* v = x + (m * n_heads + h) * D;
+            for (int64_t i = 0; i < half; ++i) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * cos_table[(size_t)i] - b * sin_table[(size_t)i];
+                v[i + half] = b * cos_table[(size_t)i] + a * sin_table[(size_t)i];
+            }
+        }
+    }
+}
+
+void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t M,
+               int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
+               float* out) {
+    const int64_t group = n_heads / n_kv_heads;
+    pool.parallel_for(M * n_heads, [&](int64_t task) {
+        const int64_t m = task / n_heads, h = task % n_heads, kv = h / group;
+        const int64_t n_keys = pos0 + m + 1;
+        thread_local std::vector<float> scores;
+        if ((int64_t)scores.size() < n_keys) scores.resize((size_t)n_keys);
+        const float* qv = q + (m * n_heads + h) * D;
+        const float* keys = k_cache + kv * cache_len * D;
+        const float* values = v_cache + kv * cache_len * D;
+        float max_score = -INFINITY;
+        for (int64_t t = 0; t < n_keys; ++t) {
+            const float* kt = keys + t * D;
+            float dot = 0.0f;
+            for (int64_t i = 0; i < D; ++i) dot += qv[i] * kt[i];
+            scores[(size_t)t] = dot * scale;
+            max_score = std::max(max_score, scores[(size_t)t]);
+        }
+        float total = 0.0f;
+        for (int64_t t = 0; t < n_keys; ++t) {
+            scores[(size_t)t] = std::exp(scores[(size_t)t] - max_score);
+            total += scores[(size_t)t];
+        }
+        float* o = out + (m * n_heads + h) * D;
+        std::fill_n(o, D, 0.0f);
+        const float inv_total = 1.0f / total;
+        for (int64_t t = 0; t < n_keys; ++t) {
+            const float p = scores[(size_t)t] * inv_total;
+            const float* vt = values + t * D;
+            for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+        }
+    });
+}
+
+}  // namespace pyllm

@@ -1,0 +1,56 @@
+// The CPU operators a LLaMA decoder is made of. Shapes are row-major; M is the
+// number of token rows processed together.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../../core/thread_pool.h"
+#include "../../core/weights.h"
+
+namespace pyllm {
+
+// Reusable buffers for int8-quantized activations (grows, never shrinks).
+struct ActivationScratch {
+    std::vector<int8_t> q;
+    std::vector<float> scale, sum;
+    QuantizedRows prepare(int64_t rows, int64_t padded_cols);
+};
+
+// y = x @ W^T + bias.   x: f32 [M, w.cols]   y: f32 [M, w.rows]
+void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch);
+
+// Dequantizes rows `ids` of a [vocab, dim] table.   out: f32 [M, w.cols]
+void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out);
+
+// y = x / sqrt(mean(x^2) + eps) * weight.   x, y: f32 [M, D]   weight: f32 [D]
+void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y);
+
+// out = silu(gate) * up.   gate, up, out: f32 [n]
+void swiglu(const float* gate, const float* up, int64_t n, float* out);
+
+struct RopeScaling {
+    std::string type = "default";  // "default", "linear" or "llama3"
+    double factor = 1.0;
+    double low_freq_factor = 1.0;                 // llama3
+    double high_freq_factor = 4.0;                // llama3
+    double original_max_position_embeddings = 8192;  // llama3
+};
+
+// Inverse frequencies of rotary embedding, as transformers computes them.   -> f32 [head_dim / 2]
+std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScaling& scaling);
+
+// Rotates x in place in the rotate-half convention: the pair (i, i + D/2) of
+// every head turns by angle positions[m] * inv_freq[i].
+//   x: f32 [M, n_heads, D]   positions: int32 [M]   inv_freq: f32 [D / 2]
+void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positions, const float* inv_freq);
+
+// Causal attention of M new queries at positions pos0 .. pos0 + M - 1 over a
+// cache already holding their keys and values; query head h reads kv head
+// h / (n_heads / n_kv_heads).
+//   q: f32 [M, n_heads, D]   k_cache, v_cache: f32 [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
+void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t M,
+               int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
+               float* out);
+
+}  // namespace pyllm

@@ -1,0 +1,128 @@
+"""The `pyllm` command: convert and run models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting, else 0)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    src = args.source
+    if not os.path.isdir(src):
+        print(f"pyllm convert: {src} is not a Hugging Face model directory", file=sys.stderr)
+        return 2
+    report = convert_checkpoint(src, args.output, quant=args.quant, group_size=args.group_size,
+                                progress=not args.quiet)
+    print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def _open(args):
+    from .llm import LLM
+
+    return LLM(args.model, n_threads=args.threads, context_length=args.ctx)
+
+
+def cmd_run(args) -> int:
+    llm = _open(args)
+    sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is not None:
+        for piece in llm.generate(prompt, stream=True, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(llm.last_stats.line(), file=sys.stderr)
+        return 0
+    return _chat_loop(llm, args.system, sampling)
+
+
+def _chat_loop(llm, system: str | None, sampling: dict) -> int:
+    if not llm.model.chat_template:
+        print("this model has no chat template; use -p for plain completion", file=sys.stderr)
+        return 2
+    messages = [{"role": "system", "content": system}] if system else []
+    print("chat with the model; /exit or Ctrl-D ends, /clear forgets the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/clear":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in llm.chat(messages, stream=True, **sampling):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        sys.stdout.write("\n")
+        print(llm.last_stats.line(), file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="pyllm", description="Quantized LLM runtime: convert and run models.")
+    parser.add_argument("--version", action="version", version=f"pyllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .pllm file")
+    p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin)")
+    p.add_argument("-o", "--output", required=True, help="output .pllm file")
+    p.add_argument("--quant", default="f16",
+                   choices=["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"],
+                   help="weight format of the linear layers (int4 = int4_asym; default f16)")
+    p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
+    p.add_argument("model", help="a .pllm file")
+    p.add_argument("-p", "--prompt", help="complete this prompt and exit (without: interactive chat)")
+    p.add_argument("--system", help="system message for chat")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, IndexError) as e:
+        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""File formats: the safetensors container, pyllm's packed model file, GGUF import."""

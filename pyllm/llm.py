@@ -1,0 +1,242 @@
+"""The Python API: pyllm.LLM opens a .pllm file and generates text with the C++ engine."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .chat_template import render_chat
+from .formats.packed import PackedModel
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" or "length"
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first generated token comes out of prefill
+        n = max(0, self.generated_tokens - 1)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"[ Prompt: {self.prefill_tokens_per_second:.1f} t/s | "
+                f"Generation: {self.decode_tokens_per_second:.1f} t/s ]")
+
+
+class LLM:
+    """A loaded model.
+
+    llm = LLM("model.pllm", n_threads=2)
+    llm.generate("Once upon a time", max_new_tokens=32)           # -> str
+    for piece in llm.generate("...", stream=True): print(piece, end="")
+    llm.chat([{"role": "user", "content": "Hi"}])                  # uses the model's chat template
+
+    One LLM may be shared between threads: calls run one at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None):
+        from . import _core
+
+        self.path = os.fspath(path)
+        self.model = PackedModel(self.path)
+        self.config = self.model.config
+        self.tokenizer = Tokenizer(self.model.tokenizer, self.model.tokenizer_blob())
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                             f"{self.config.vocab_size} embeddings")
+        n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
+        if n_ctx <= 0:
+            raise ValueError("context_length must be positive")
+        self.engine = _core.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
+                                   self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0)
+        self.context_length = n_ctx
+        self.n_threads = self.engine.n_threads
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
+        self.last_stats = GenerationStats()
+
+    # -- tokens --------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -- exclusive use of the engine --------------------------------------------
+    def _acquire(self) -> None:
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this LLM is already generating in this thread (finish or close that stream first)")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def _release(self) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def _check_ids(self, ids) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError("expected a non-empty list of token ids")
+        if arr.min() < 0 or arr.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if arr.size > self.context_length:
+            raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
+        return arr.astype(np.int32)
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
+        arr = self._check_ids(ids)
+        self._acquire()
+        try:
+            self._cached = []
+            out = self.engine.forward(arr, 0, True)
+            self._cached = [int(i) for i in arr]
+            return out
+        finally:
+            self._release()
+
+    # -- generation ----------------------------------------------------------
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: list[str] | None = None, stream: bool = False):
+        """Continues prompt (text, or token ids) and returns the new text, or an iterator of pieces."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        params = self._sampling(temperature, top_k, top_p, seed)
+        pieces = self._stream(ids, max_new_tokens, params, stop or [])
+        return pieces if stream else "".join(pieces)
+
+    def chat(self, messages: list[dict], stream: bool = False, **kwargs):
+        """Replies to OpenAI-style messages using the model's chat template."""
+        prompt = self.apply_chat_template(messages)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if self.tokenizer.spec.add_bos_token and self.tokenizer.bos_id is not None and ids[:1] != [self.tokenizer.bos_id]:
+            ids = [self.tokenizer.bos_id] + ids
+        return self.generate(ids, stream=stream, **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        spec = self.tokenizer.spec
+        return render_chat(self.model.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=spec.bos_token or "", eos_token=spec.eos_token or "")
+
+    def _sampling(self, temperature, top_k, top_p, seed) -> SamplingParams:
+        d = self.model.generation
+        default_temperature = d.get("temperature", 0.0) if d.get("do_sample", False) else 0.0
+        params = SamplingParams(
+            temperature=default_temperature if temperature is None else float(temperature),
+            top_k=int(d.get("top_k", 0) if top_k is None else top_k),
+            top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
+            seed=seed,
+        )
+        params.validate()
+        return params
+
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str]) -> Iterator[str]:
+        prompt = self._check_ids(ids)
+        if len(prompt) >= self.context_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context_length} "
+                             "(leave room for the reply)")
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        sampler = Sampler(params)
+        return self._run(prompt, max_new_tokens, sampler, stop)
+
+    def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str]) -> Iterator[str]:
+        self._acquire()
+        try:
+            stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+            if max_new_tokens == 0:
+                stats.finish_reason = "length"
+                return
+            # reuse the cached prefix; at least one prompt token must run to give logits
+            ids = [int(i) for i in prompt]
+            common = 0
+            for a, b in zip(self._cached, ids):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(ids) - 1)
+            stats.cached_tokens = common
+            start = time.perf_counter()
+            self._cached = ids[:common]
+            logits = self.engine.forward(prompt[common:], common, False)
+            self._cached = list(ids)
+            stats.prefill_seconds = time.perf_counter() - start
+            decoder = StreamDecoder(self.tokenizer, ids)
+            limit = min(max_new_tokens, self.context_length - len(ids))
+            held = ""  # text withheld because it may be the start of a stop string
+            decode_start = time.perf_counter()
+            stats.finish_reason = "length"
+            for step in range(limit):
+                token = sampler(logits)
+                stats.generated_tokens += 1
+                if token in self.tokenizer.eos_ids:
+                    stats.finish_reason = "stop"
+                    break
+                held += decoder.push(token)
+                cut = _find_stop(held, stop)
+                if cut is not None:
+                    held = held[:cut]
+                    stats.finish_reason = "stop"
+                    break
+                safe = len(held) - _partial_stop_len(held, stop)
+                if safe > 0:
+                    yield held[:safe]
+                    held = held[safe:]
+                if step + 1 < limit:
+                    logits = self.engine.forward(np.array([token], dtype=np.int32), len(self._cached), False)
+                    self._cached.append(token)
+            else:
+                held += decoder.flush()
+            stats.decode_seconds = time.perf_counter() - decode_start
+            if held:
+                yield held
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        """Releases the engine and unmaps the file."""
+        self.engine = None
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _partial_stop_len(text: str, stop: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best

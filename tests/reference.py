@@ -1,0 +1,266 @@
+"""Plain numpy reference implementations for the kernel tests.
+
+Nothing here imports pyllm: every formula is written out again from the format
+description (csrc/core/weights.h, pyllm/quant.py module doc) and from the
+definitions in transformers, so that a shared mistake cannot hide in both the
+code under test and its reference. Everything computes in float64 unless a step
+is defined to happen in another precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BLOCK = 32
+
+
+def nmse(approx, exact) -> float:
+    """Normalised mean squared error sum((a - e)^2) / sum(e^2), in float64."""
+    a = np.asarray(approx, dtype=np.float64)
+    e = np.asarray(exact, dtype=np.float64)
+    assert a.shape == e.shape, (a.shape, e.shape)
+    denom = float(np.sum(e * e))
+    err = float(np.sum((a - e) ** 2))
+    return err / denom if denom > 0 else err
+
+
+# --- number formats ----------------------------------------------------------
+
+
+def f16_bits_to_f64(bits) -> np.ndarray:
+    """IEEE binary16 bits -> value, decoded field by field (not via np.float16)."""
+    b = np.asarray(bits, dtype=np.uint16).astype(np.int64)
+    sign = np.where(b & 0x8000, -1.0, 1.0)
+    exponent = (b >> 10) & 0x1F
+    mantissa = (b & 0x3FF).astype(np.float64)
+    normal = (1.0 + mantissa / 1024.0) * np.exp2(exponent.astype(np.float64) - 15.0)
+    subnormal = mantissa * 2.0**-24
+    with np.errstate(invalid="ignore"):
+        special = np.where(mantissa == 0, np.inf, np.nan)
+    value = np.where(exponent == 0, subnormal, np.where(exponent == 31, special, normal))
+    return sign * value
+
+
+def bf16_bits_to_f64(bits) -> np.ndarray:
+    """bfloat16 bits are the top half of a float32."""
+    b = np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)
+    return b.view(np.float32).astype(np.float64)
+
+
+def round_to_bf16(x) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), returned as float64 values."""
+    v = np.asarray(x, dtype=np.float32).astype(np.float64)
+    m, e = np.frexp(v)  # v = m * 2^e with 0.5 <= |m| < 1; bf16 keeps 8 significant bits
+    out = np.ldexp(np.rint(m * 256.0), e - 8)  # np.rint rounds ties to even
+    return np.where(np.isfinite(v) & (v != 0), out, v)
+
+
+# --- int4 packing and dequantization (docs: weights.h "Int4 packing") --------
+
+
+def pack_int4_naive(q) -> np.ndarray:
+    """q: ints 0..15 [rows, cols] -> uint8 [rows, Kp/2], one element at a time.
+
+    Each row is cut into chunks of 32 values; byte i of a chunk holds value i
+    in its low nibble and value i + 16 in its high nibble; the last chunk is
+    padded with zero nibbles.
+    """
+    q = np.asarray(q)
+    rows, cols = q.shape
+    kp = -(-cols // BLOCK) * BLOCK
+    out = np.zeros((rows, kp // 2), dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            v = int(q[r, c])
+            assert 0 <= v <= 15
+            chunk, i = divmod(c, BLOCK)
+            byte = chunk * (BLOCK // 2) + (i % (BLOCK // 2))
+            if i < BLOCK // 2:
+                out[r, byte] |= v
+            else:
+                out[r, byte] |= v << 4
+    return out
+
+
+def unpack_int4_naive(packed, cols: int) -> np.ndarray:
+    packed = np.asarray(packed, dtype=np.uint8)
+    rows = packed.shape[0]
+    out = np.zeros((rows, cols), dtype=np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            chunk, i = divmod(c, BLOCK)
+            byte = int(packed[r, chunk * (BLOCK // 2) + (i % (BLOCK // 2))])
+            out[r, c] = (byte & 0x0F) if i < BLOCK // 2 else (byte >> 4)
+    return out
+
+
+def _per_column(group_values, group_size: int, cols: int) -> np.ndarray:
+    """[rows, n_groups] -> [rows, cols]: column k takes group k // group_size."""
+    g = np.arange(cols) // group_size
+    return np.asarray(group_values)[:, g]
+
+
+def dequant_ref(fmt: str, data, cols: int, group_size: int = 0, scales=None, mins=None) -> np.ndarray:
+    """Raw stored arrays -> float64 [rows, cols], from the documented formulas.
+
+    scales / mins are the stored f16 bit patterns (uint16) or float16 arrays.
+    """
+    data = np.asarray(data)
+    if fmt == "f32":
+        assert data.dtype == np.float32
+        return data.astype(np.float64)
+    if fmt == "f16":
+        return f16_bits_to_f64(data.view(np.uint16))
+    if fmt == "bf16":
+        return bf16_bits_to_f64(data.view(np.uint16))
+    s = _per_column(f16_bits_to_f64(np.asarray(scales).view(np.uint16)), group_size, cols)
+    if fmt == "int8":
+        return data.view(np.int8).astype(np.float64) * s
+    q = unpack_int4_naive(data, cols).astype(np.float64)
+    if fmt == "int4_sym":
+        return (q - 8.0) * s
+    if fmt == "int4_asym":
+        mn = _per_column(f16_bits_to_f64(np.asarray(mins).view(np.uint16)), group_size, cols)
+        return q * s + mn
+    raise ValueError(fmt)
+
+
+# --- activation quantization as the integer kernels define it ---------------
+
+
+def quantize_activations_ref(x) -> np.ndarray:
+    """x f32 [M, K] -> the values the int8 kernels actually multiply (float64 [M, K]).
+
+    Blocks of 32 along K (the last one shorter): scale = absmax / 127 and
+    q = round_half_even(x * (127 / absmax)) clipped to +-127, both products in
+    float32 as matmul.h's quantize_rows specifies; value = q * scale.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    M, K = x.shape
+    out = np.zeros((M, K), dtype=np.float64)
+    for start in range(0, K, BLOCK):
+        blk = x[:, start : start + BLOCK]
+        amax = np.max(np.abs(blk), axis=1, keepdims=True).astype(np.float32)
+        scale = amax / np.float32(127.0)
+        with np.errstate(divide="ignore"):
+            inverse = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        q = np.clip(np.rint(blk * inverse), -127, 127)
+        out[:, start : start + BLOCK] = q.astype(np.float64) * scale.astype(np.float64)
+    return out
+
+
+def matmul_ref(x, w, bias=None) -> np.ndarray:
+    """x [M, K] @ w[N, K]^T + bias, float64."""
+    y = np.asarray(x, dtype=np.float64) @ np.asarray(w, dtype=np.float64).T
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    return y
+
+
+def matmul_abs_bound(x, w, bias=None) -> np.ndarray:
+    """|x| @ |w|^T + |bias|: the scale of the rounding error of each output (a
+    dot product's error is bounded by eps_K * sum |x_k w_k|), used to turn
+    absolute errors into per-element relative ones that stay meaningful when an
+    output happens to be near zero."""
+    y = np.abs(np.asarray(x, dtype=np.float64)) @ np.abs(np.asarray(w, dtype=np.float64)).T
+    if bias is not None:
+        y = y + np.abs(np.asarray(bias, dtype=np.float64))
+    return y
+
+
+# --- elementwise ops ---------------------------------------------------------
+
+
+def rmsnorm_ref(x, weight, eps: float) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    ms = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(ms + eps) * np.asarray(weight, dtype=np.float64)
+
+
+def swiglu_ref(gate, up) -> np.ndarray:
+    g = np.asarray(gate, dtype=np.float64)
+    # silu(g) = g * sigmoid(g), sigmoid written in the overflow-free form
+    sig = np.where(g >= 0, 1.0 / (1.0 + np.exp(-np.abs(g))), np.exp(-np.abs(g)) / (1.0 + np.exp(-np.abs(g))))
+    return g * sig * np.asarray(up, dtype=np.float64)
+
+
+# --- rotary embedding --------------------------------------------------------
+
+
+def rope_inv_freq_ref(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """transformers' inverse frequencies, re-derived.
+
+    Default: 1 / theta ** (arange(0, D, 2) / D); the exponent is formed in
+    float32 like torch does (arange(...).float() / dim), the power in float64.
+    linear: divided by factor. llama3 (transformers _compute_llama3_parameters):
+      wavelen = 2 pi / inv_freq
+      wavelen > old_len / low            -> inv_freq / factor
+      wavelen < old_len / high           -> inv_freq
+      otherwise, smooth = (old_len / wavelen - low) / (high - low)
+                 -> (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    """
+    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    inv = 1.0 / np.power(np.float64(np.float32(theta)), exponent.astype(np.float64))
+    scaling = dict(scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    assert kind == "llama3", kind
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    out = np.empty_like(inv)
+    for i, f in enumerate(inv):
+        wavelen = 2.0 * math.pi / f
+        if wavelen < old_len / high:
+            out[i] = f
+        elif wavelen > old_len / low:
+            out[i] = f / factor
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out[i] = (1.0 - smooth) * f / factor + smooth * f
+    return out
+
+
+def rope_ref(x, positions, inv_freq) -> np.ndarray:
+    """Rotate-half: for each head, pair (i, i + D/2) turns by pos * inv_freq[i]."""
+    x = np.asarray(x, dtype=np.float64)
+    M, H, D = x.shape
+    half = D // 2
+    out = np.empty_like(x)
+    for m in range(M):
+        angle = float(positions[m]) * np.asarray(inv_freq, dtype=np.float64)
+        c, s = np.cos(angle), np.sin(angle)
+        a, b = x[m, :, :half], x[m, :, half:]
+        out[m, :, :half] = a * c - b * s
+        out[m, :, half:] = b * c + a * s
+    return out
+
+
+# --- attention ---------------------------------------------------------------
+
+
+def attention_ref(q, k_cache, v_cache, pos0: int, scale: float) -> np.ndarray:
+    """Causal GQA: query m (position pos0 + m), head h reads kv head h // (H / Hkv)
+    and keys 0 .. pos0 + m. Only those cache rows are touched."""
+    q = np.asarray(q, dtype=np.float64)
+    M, H, D = q.shape
+    Hkv = k_cache.shape[0]
+    group = H // Hkv
+    out = np.zeros((M, H, D), dtype=np.float64)
+    for m in range(M):
+        n_keys = pos0 + m + 1
+        for h in range(H):
+            kv = h // group
+            keys = np.asarray(k_cache[kv, :n_keys], dtype=np.float64)
+            values = np.asarray(v_cache[kv, :n_keys], dtype=np.float64)
+            scores = keys @ q[m, h] * scale
+            p = np.exp(scores - scores.max())
+            p /= p.sum()
+            out[m, h] = p @ values
+    return out
