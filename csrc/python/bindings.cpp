@@ -162,7 +162,8 @@ public:
         cfg.head_dim = get_int("head_dim");
         cfg.rms_norm_eps = config["rms_norm_eps"].cast<double>();
         cfg.rope_theta = config["rope_theta"].cast<double>();
-        cfg.rope_scaling = parse_rope_scaling(config.contains("rope_scaling") ? config["rope_scaling"] : py::none());
+        cfg.rope_scaling = parse_rope_scaling(config.contains("rope_scaling") ? py::object(config["rope_scaling"])
+                                                                              : py::object(py::none()));
         cfg.tie_word_embeddings = config["tie_word_embeddings"].cast<bool>();
         engine_ = make_cpu_engine(file_, table, cfg, specs, context_length, resolve_threads(n_threads));
         n_threads_ = resolve_threads(n_threads);
