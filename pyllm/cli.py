@@ -18,11 +18,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
-    src = args.source
-    if not os.path.isdir(src):
-        print(f"pyllm convert: {src} is not a Hugging Face model directory", file=sys.stderr)
-        return 2
-    report = convert_checkpoint(src, args.output, quant=args.quant, group_size=args.group_size,
+    report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
                                 progress=not args.quiet)
     print(report.summary(), file=sys.stderr)
     return 0
@@ -31,7 +27,12 @@ def cmd_convert(args) -> int:
 def _open(args):
     from .llm import LLM
 
-    return LLM(args.model, n_threads=args.threads, context_length=args.ctx)
+    path = args.model
+    if path is None:
+        from .default_model import default_model_path
+
+        path = default_model_path()
+    return LLM(path, n_threads=args.threads, context_length=args.ctx)
 
 
 def cmd_run(args) -> int:
@@ -42,7 +43,12 @@ def cmd_run(args) -> int:
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is not None:
-        for piece in llm.generate(prompt, stream=True, **sampling):
+        if llm.model.chat_template and not args.raw:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
+        else:
+            pieces = llm.generate(prompt, stream=True, **sampling)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -95,18 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .pllm file")
-    p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin)")
+    p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin) or a llama GGUF file")
     p.add_argument("-o", "--output", required=True, help="output .pllm file")
-    p.add_argument("--quant", default="f16",
+    p.add_argument("--quant", default=None,
                    choices=["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"],
-                   help="weight format of the linear layers (int4 = int4_asym; default f16)")
+                   help="weight format of the linear layers (int4 = int4_asym); default: f16 for Hugging Face checkpoints, the source formats for GGUF")
     p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
-    p.add_argument("model", help="a .pllm file")
-    p.add_argument("-p", "--prompt", help="complete this prompt and exit (without: interactive chat)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a .pllm file (default: SmolLM2-135M-Instruct, fetched and converted on first use)")
+    p.add_argument("-p", "--prompt", help="answer this prompt and exit (without: interactive chat)")
+    p.add_argument("--raw", action="store_true",
+                   help="treat -p as plain text to continue, not as a chat message")
     p.add_argument("--system", help="system message for chat")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")

@@ -143,7 +143,7 @@ def test_cli_convert_and_run(tiny_llama, tmp_path, llm):
     assert r.returncode == 0, r.stderr
     assert "bits per weight" in r.stderr and "NMSE" in r.stderr
     assert out.exists()
-    r = _cli("run", str(out), "-p", "Paris is", "-n", "8", "-t", "2")
+    r = _cli("run", str(out), "-p", "Paris is", "-n", "8", "-t", "2", "--raw")
     assert r.returncode == 0, r.stderr
     assert "Prompt:" in r.stderr and "Generation:" in r.stderr
     int8_text = pyllm.LLM(str(out), n_threads=2).generate("Paris is", max_new_tokens=8)
@@ -151,9 +151,12 @@ def test_cli_convert_and_run(tiny_llama, tmp_path, llm):
 
 
 def test_cli_piped_stdin_is_the_prompt(tiny_llama_f32, llm):
-    r = _cli("run", tiny_llama_f32, "-n", "4", input="Paris is")
+    r = _cli("run", tiny_llama_f32, "-n", "4", "--raw", input="Paris is")
     assert r.returncode == 0, r.stderr
     assert r.stdout == llm.generate("Paris is", max_new_tokens=4) + "\n"
+    # without --raw a prompt goes through the model's chat template
+    r = _cli("run", tiny_llama_f32, "-n", "4", "-p", "Paris is")
+    assert r.stdout == llm.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
 
 
 def test_chat_loop_keeps_the_conversation(llm, monkeypatch, capsys):

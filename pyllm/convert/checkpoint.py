@@ -159,6 +159,19 @@ class Checkpoint:
     def names(self) -> Iterator[str]:
         return iter(self.weight_map)
 
+    def native_format(self, name: str) -> None:
+        """Hugging Face checkpoints hold float weights only: nothing to keep bit for bit."""
+        return None
+
+    def tokenizer(self) -> tuple[TokenizerSpec, bytes]:
+        return read_tokenizer(self.dir)
+
+    def chat_template(self) -> str:
+        return read_chat_template(self.dir)
+
+    def generation_defaults(self) -> dict:
+        return read_generation_defaults(self.dir)
+
     def close(self) -> None:
         for f in self._shards.values():
             f.close()
@@ -172,69 +185,371 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# read_tokenizer reproduces the tokenizer transformers 5 (AutoTokenizer.from_pretrained) builds for a
+# llama directory, so that pyllm's token ids and decoded text equal transformers':
+# * The class is tokenizer_config.json's "tokenizer_class", else config.json's. A llama config has no
+#   registered tokenizer class, so with neither it is TokenizersBackend.
+# * TokenizersBackend / PreTrainedTokenizerFast (and classes pyllm does not model) with tokenizer.json:
+#   the file is used as written.
+# * TokenizersBackend with only tokenizer.model: transformers imitates sentencepiece in a `tokenizers`
+#   backend built from the model's own settings (its normalizer, "▁" escaping, BPE merges ranked by
+#   piece score or the unigram model, byte fallback) with legacy=true unless the config says otherwise:
+#   every chunk of text between special tokens gets the dummy "▁" prefix (see _spm_backend).
+# * LlamaTokenizer / LlamaTokenizerFast, unless tokenizer.json is byte-level (then TokenizersBackend):
+#   transformers keeps only the vocabulary and merges (tokenizer.json's, or tokenizer.model's pieces
+#   with merges generated from the piece order) and rebuilds everything else: no normalizer (the
+#   sentencepiece model's own normalization rules are ignored), a Metaspace pre-tokenizer that adds "▁"
+#   only before the first chunk of the text (legacy=false, the default; before every chunk when
+#   legacy=true; never when add_prefix_space=false) without splitting words, BPE with byte fallback,
+#   and a decoder that strips one leading space. This is not sentencepiece's own encoding (which
+#   writes "▁▁" for a leading space and prefixes the text after a special token).
+# In both tokenizer.model cases pyllm builds the same `tokenizers` object and embeds it as
+# tokenizer.json (kind "hf"); the kind "sentencepiece" is only read, from older .pllm files.
+# * BOS/EOS: with a tokenizer.json, transformers ignores add_bos_token/add_eos_token in
+#   tokenizer_config.json and the post-processor decides. With only tokenizer.model they come from the
+#   config, and both default to false in transformers 5 (LlamaTokenizer included).
+# * The named special tokens (bos/eos/unk/pad/..., extra_special_tokens) and the entries of
+#   added_tokens_decoder are added to the backend as transformers adds them (_add_config_tokens).
+
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(buf):
+                raise FormatError("tokenizer.model: truncated protobuf")
+            b = buf[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            if b < 0x80:
+                return value, i
+            shift += 7
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(i)
+            if value >= 1 << 63:  # a negative int32/int64
+                value -= 1 << 64
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = varint(i)
+            value, i = buf[i:i + n], i + n
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise FormatError(f"tokenizer.model: unsupported protobuf wire type {wire}")
+        if i > len(buf):
+            raise FormatError("tokenizer.model: truncated protobuf")
+        yield number, value
+
+
+def _read_spm(blob: bytes) -> dict:
+    """The parts of a sentencepiece ModelProto that transformers uses (read without protobuf)."""
+    import struct
+
+    model = {"pieces": [], "model_type": 1, "byte_fallback": False, "unk_id": 0, "bos_id": 1, "eos_id": 2,
+             "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "precompiled_charsmap": b"",
+             "add_dummy_prefix": True, "remove_extra_whitespaces": True, "escape_whitespaces": True}
+    trainer_fields = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
+                      45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}
+    normalizer_fields = {2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
+                         5: "escape_whitespaces"}
+
+    def read(message: bytes, fields: dict) -> None:
+        for n, v in _proto_fields(message):
+            if n in fields:
+                key = fields[n]
+                default = model[key]
+                if isinstance(default, bool):
+                    model[key] = bool(v)
+                elif isinstance(default, str):
+                    model[key] = v.decode("utf-8")
+                elif isinstance(default, int) == isinstance(v, int):
+                    model[key] = v
+
+    try:
+        for number, value in _proto_fields(blob):
+            if number == 1 and isinstance(value, bytes):  # ModelProto.pieces
+                piece, score, kind = "", 0.0, _SPM_NORMAL
+                for n, v in _proto_fields(value):
+                    if n == 1 and isinstance(v, bytes):
+                        piece = v.decode("utf-8")
+                    elif n == 2 and isinstance(v, bytes) and len(v) == 4:
+                        score = struct.unpack("<f", v)[0]
+                    elif n == 3 and isinstance(v, int):
+                        kind = v
+                model["pieces"].append((piece, score, kind))
+            elif number == 2 and isinstance(value, bytes):
+                read(value, trainer_fields)
+            elif number == 3 and isinstance(value, bytes):
+                read(value, normalizer_fields)
+    except UnicodeDecodeError:
+        raise FormatError("tokenizer.model: not a sentencepiece model") from None
+    if not model["pieces"]:
+        raise FormatError("tokenizer.model: not a sentencepiece model (no pieces)")
+    return model
+
+
+def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges of a sentencepiece vocabulary, ranked as transformers' generate_merges ranks them."""
+    merges = []
+    for piece, rank in vocab.items():
+        local = [(piece[:k], piece[k:], rank) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    return [(left, right) for left, right, _ in merges]
+
+
+def _added_token(value):
+    """A tokenizers AddedToken from a tokenizer_config.json value (a string or an AddedToken dict)."""
+    from tokenizers import AddedToken
+
+    if isinstance(value, dict):
+        flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in value}
+        return AddedToken(value["content"], **flags)
+    return AddedToken(value, special=True, normalized=False)
+
+
+def _config_tokens(tok_config: dict, defaults: dict, model_extras: list | None = None) -> tuple[list, list]:
+    """The named special tokens and the extra special tokens transformers 5 reads from a config."""
+    named_values = {k: tok_config.get(k, defaults.get(k)) for k in _NAMED_SPECIAL_TOKENS}
+    # any other "<name>_token" string is a model-specific named special token
+    named_values.update({k: v for k, v in tok_config.items()
+                         if k.endswith("_token") and k not in named_values and _token_content(v)})
+    # additional_special_tokens is the old name of extra_special_tokens; a sentencepiece model's
+    # control and user-defined pieces count as additional_special_tokens
+    if tok_config.get("extra_special_tokens"):
+        extra_values = tok_config["extra_special_tokens"]
+    elif "additional_special_tokens" in tok_config:
+        extra_values = tok_config["additional_special_tokens"] or []
+    elif "extra_special_tokens" in tok_config or model_extras is None:
+        extra_values = []
+    else:
+        extra_values = model_extras
+    if isinstance(extra_values, dict):  # named model-specific tokens
+        named_values.update(extra_values)
+        extra_values = []
+    named = []
+    for value in named_values.values():
+        if _token_content(value):
+            token = _added_token(value)
+            if not token.special:
+                token.special = True
+            named.append(token)
+    extras = [v if not isinstance(v, (str, dict)) else _added_token(v) for v in extra_values
+              if not isinstance(v, (str, dict)) or _token_content(v)]
+    return named, extras
+
+
+def _add_config_tokens(tok, added_tokens_decoder: dict, named: list, extras: list) -> None:
+    """Adds what TokenizersBackend.__init__ adds to its backend: the entries of added_tokens_decoder
+    it lacks, then the special tokens it lacks (with add_tokens, so each keeps its own flags)."""
+    present = {repr(t) for t in tok.get_added_tokens_decoder().values()}
+    encoder = {t.content for t in tok.get_added_tokens_decoder().values()}
+    todo = []
+    for _, entry in sorted(added_tokens_decoder.items(), key=lambda kv: int(kv[0])):
+        if isinstance(entry, dict) and entry.get("content"):
+            token = _added_token(entry)
+            if repr(token) not in present:
+                todo.append(token)
+                encoder.add(token.content)
+    for token in named + extras:
+        if token.content not in encoder:
+            todo.append(token)
+            encoder.add(token.content)
+    if todo:
+        tok.add_tokens(todo)
+
+
+def _llama_backend(vocab: dict[str, int], merges: list, tok_config: dict):
+    """The backend tokenizer transformers 5's LlamaTokenizer builds from a vocabulary and merges."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    add_prefix_space = tok_config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    # transformers' _get_prepend_scheme: "first" unless legacy is truthy (LlamaTokenizer's legacy defaults to False)
+    prepend = ("always" if tok_config.get("legacy") else "first") if add_prefix_space else "never"
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def _spm_backend(model: dict, tok_config: dict):
+    """The backend tokenizer transformers 5 builds from a sentencepiece model for TokenizersBackend
+    (SpmConverter.build_tokenizer_from_spm_proto): it follows the model's own settings."""
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+
+    pieces = model["pieces"]
+    names = {int(i): _token_content(e) for i, e in (tok_config.get("added_tokens_decoder") or {}).items()
+             if _token_content(e)}
+    user_defined = [i for i, (_, _, kind) in enumerate(pieces) if kind == _SPM_USER_DEFINED]
+    if model["model_type"] == 1:  # unigram
+        id_to_token = {i: p for i, (p, _, _) in enumerate(pieces)}
+        tok = Tokenizer(Unigram(vocab=[(p, s) for p, s, _ in pieces], unk_id=model["unk_id"],
+                                byte_fallback=model["byte_fallback"]))
+    else:
+        # added_tokens_decoder may rename pieces, unless two pieces would swap names
+        kept = {p for i, (p, _, _) in enumerate(pieces) if i not in names}
+        vocab = {(names[i] if i in names and names[i] not in kept else p): i for i, (p, _, _) in enumerate(pieces)}
+        id_to_token = {i: t for t, i in vocab.items()}
+        normal = {id_to_token[i]: (score, i) for i, (_, score, kind) in enumerate(pieces)
+                  if kind == _SPM_NORMAL and i in id_to_token}
+        ranked = []
+        for token, (score, i) in normal.items():
+            for k in range(1, len(token)):
+                if token[:k] in normal and token[k:] in normal:
+                    ranked.append((-score, i, token[:k], token[k:]))
+        merges = [(left, right) for _, _, left, right in sorted(ranked)]
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=model["unk_piece"], fuse_unk=True,
+                            byte_fallback=model["byte_fallback"], dropout=None, ignore_merges=bool(user_defined)))
+    user_defined = [id_to_token[i] for i in user_defined if i in id_to_token]
+    legacy = tok_config.get("legacy", True)
+    steps = []
+    if model["precompiled_charsmap"]:
+        steps.append(normalizers.Precompiled(model["precompiled_charsmap"]))
+    if model["remove_extra_whitespaces"]:
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if model["escape_whitespaces"]:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if model["add_dummy_prefix"] and legacy:
+        steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    pre = []
+    if model["add_dummy_prefix"]:
+        pre.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if legacy else "first", split=False))
+    if user_defined:
+        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+        pre.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if pre:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    steps = [decoders.Replace("▁", " ")]
+    if model["byte_fallback"]:
+        steps.append(decoders.ByteFallback())
+    if model["add_dummy_prefix"]:
+        steps += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif model["byte_fallback"]:
+        steps.append(decoders.Fuse())
+    tok.decoder = decoders.Sequence(steps)
+    return tok, set(user_defined)
+
+
+def _tokenizer_class(directory: str, tok_config: dict) -> str | None:
+    cls = tok_config.get("tokenizer_class")
+    if not cls:
+        config_path = os.path.join(directory, "config.json")
+        if os.path.exists(config_path):
+            cls = _read_json(config_path).get("tokenizer_class")
+    return cls if isinstance(cls, str) else None
+
+
+def _post_processor_flags(tok, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
+    """Whether tok's post-processor puts bos_id before and eos_id after a single sequence."""
+    if tok.post_processor is None:
+        return False, False
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            prefix, suffix = full[:start], full[start + len(plain):]
+            return bos_id is not None and prefix == [bos_id], eos_id is not None and suffix == [eos_id]
+    return False, False
+
+
 def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
-    """The tokenizer of a Hugging Face directory: its spec and the blob to embed."""
+    """The tokenizer of a Hugging Face directory: its spec and the tokenizer.json to embed (see above)."""
+    from tokenizers import AddedToken, Tokenizer
+
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     tok_config = _read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
     json_path = os.path.join(directory, "tokenizer.json")
     spm_path = os.path.join(directory, "tokenizer.model")
-    spec = TokenizerSpec(kind="hf")
-    spec.bos_token = _token_content(tok_config.get("bos_token"))
-    spec.eos_token = _token_content(tok_config.get("eos_token"))
-    spec.pad_token = _token_content(tok_config.get("pad_token"))
-    spec.unk_token = _token_content(tok_config.get("unk_token"))
-    added = {}
-    for token_id, entry in (tok_config.get("added_tokens_decoder") or {}).items():
-        content = _token_content(entry)
-        if content is not None:
-            added[content] = int(token_id)
-
+    json_text = None
     if os.path.exists(json_path):
-        from tokenizers import Tokenizer
-
-        with open(json_path, "rb") as f:
-            blob = f.read()
-        tok = Tokenizer.from_str(blob.decode("utf-8"))
-        lookup = tok.token_to_id
-        spec.kind = "hf"
-        if "add_bos_token" in tok_config:
-            spec.add_bos_token = bool(tok_config["add_bos_token"])
-        else:  # the tokenizer.json post-processor decides, as in transformers
-            bos = lookup(spec.bos_token) if spec.bos_token else None
-            ids = tok.encode("a", add_special_tokens=True).ids
-            spec.add_bos_token = bos is not None and bool(ids) and ids[0] == bos
-        spec.add_eos_token = bool(tok_config.get("add_eos_token", False))
-    elif os.path.exists(spm_path):
-        import sentencepiece as spm
-
-        with open(spm_path, "rb") as f:
-            blob = f.read()
-        sp = spm.SentencePieceProcessor(model_proto=blob)
-        spec.kind = "sentencepiece"
-
-        def lookup(token: str):
-            if token in added:
-                return added[token]
-            i = sp.piece_to_id(token)
-            return None if i == sp.unk_id() and token != sp.id_to_piece(sp.unk_id()) else i
-
-        spec.bos_token = spec.bos_token or (sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
-        spec.eos_token = spec.eos_token or (sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
-        spec.add_bos_token = bool(tok_config.get("add_bos_token", True))
-        spec.add_eos_token = bool(tok_config.get("add_eos_token", False))
-        spec.added_tokens = {t: i for t, i in added.items() if i >= sp.get_piece_size()}
-    else:
+        with open(json_path, encoding="utf-8") as f:
+            json_text = f.read()
+    elif not os.path.exists(spm_path):
         raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
+    # transformers loads a declared LlamaTokenizer whose tokenizer.json is byte-level as TokenizersBackend
+    llama = _tokenizer_class(directory, tok_config) in LLAMA_TOKENIZER_CLASSES and not (
+        json_text is not None and '"ByteLevel"' in json_text)
 
+    model_extras = None
+    if json_text is not None and not llama:
+        tok = Tokenizer.from_str(json_text)
+        defaults = {}
+    elif json_text is not None:
+        model = json.loads(json_text).get("model") or {}
+        vocab = model.get("vocab") or {}
+        if isinstance(vocab, list):
+            vocab = {(t[0] if isinstance(t, list) else t): i for i, t in enumerate(vocab)}
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+        tok = _llama_backend(vocab, merges, tok_config)
+        tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
+        defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    else:
+        with open(spm_path, "rb") as f:
+            spm = _read_spm(f.read())
+        pieces = spm["pieces"]
+        model_extras = [AddedToken(p, normalized=False, special=kind == _SPM_CONTROL)
+                        for p, _, kind in pieces if kind in (_SPM_CONTROL, _SPM_USER_DEFINED)]
+        if llama:
+            vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+            tok = _llama_backend(vocab, _generate_merges(vocab), tok_config)
+            defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        else:
+            tok, user_defined = _spm_backend(spm, tok_config)
+            # user-defined pieces stay with the model (split out by its pre-tokenizer), not special tokens
+            model_extras = [t for t in model_extras if t.content not in user_defined]
+            if spm["add_dummy_prefix"] and tok_config.get("added_tokens_decoder"):
+                tok_config = dict(tok_config, added_tokens_decoder={
+                    i: dict(e, normalized=False) if isinstance(e, dict) else e
+                    for i, e in tok_config["added_tokens_decoder"].items()})
+            defaults = {f"{name}_token": spm[f"{name}_piece"] or f"<{name}>"
+                        for name in ("bos", "eos", "unk") if spm[f"{name}_id"] >= 0}
+    named, extras = _config_tokens(tok_config, defaults, model_extras)
+    before = tok.to_str() if json_text is not None and not llama else None
+    _add_config_tokens(tok, tok_config, named, extras)
+    if before is not None and tok.to_str() == before:
+        blob = json_text.encode("utf-8")  # nothing added: embed the file as written
+    else:
+        blob = tok.to_str().encode("utf-8")
+
+    spec = TokenizerSpec(kind="hf")
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        setattr(spec, key, _token_content(tok_config.get(key, defaults.get(key))))
+    lookup = tok.token_to_id
     spec.bos_token_id = lookup(spec.bos_token) if spec.bos_token else None
-    eos_ids = []
-    if spec.eos_token and lookup(spec.eos_token) is not None:
-        eos_ids.append(lookup(spec.eos_token))
+    eos_id = lookup(spec.eos_token) if spec.eos_token else None
+    if json_text is not None:
+        spec.add_bos_token, spec.add_eos_token = _post_processor_flags(tok, spec.bos_token_id, eos_id)
+    else:
+        spec.add_bos_token = bool(tok_config.get("add_bos_token", False)) and spec.bos_token_id is not None
+        spec.add_eos_token = bool(tok_config.get("add_eos_token", False)) and eos_id is not None
+    eos_ids = [eos_id] if eos_id is not None else []
     gen_path = os.path.join(directory, "generation_config.json")
     if os.path.exists(gen_path):
         gen_eos = _read_json(gen_path).get("eos_token_id")
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if isinstance(i, int) and i not in eos_ids:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in eos_ids:
                 eos_ids.append(i)
     spec.eos_token_ids = eos_ids
     return spec, blob

@@ -13,7 +13,8 @@ from .. import __version__
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
 from ..quant import FORMATS, QUANT_FORMATS, check_group_size, dequantize, nmse, packed_shapes, quantize
-from .checkpoint import Checkpoint, read_chat_template, read_generation_defaults, read_tokenizer
+from .checkpoint import Checkpoint
+from .gguf_source import GGUFSource
 
 # --quant names -> weight format of the transformer's linear layers
 QUANT_CHOICES = {
@@ -24,7 +25,23 @@ EMBEDDING_FORMAT_FOR_QUANT = "int8"  # embeddings / lm_head of int8 and int4 mod
 EMBEDDING_GROUP_SIZE = 32
 
 
-def resolve_quant(quant: str, group_size: int) -> tuple[str, int]:
+def open_source(path: str):
+    """A Hugging Face directory or a .gguf file, as a conversion source."""
+    if os.path.isdir(path):
+        return Checkpoint(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return GGUFSource(path)
+    raise FormatError(f"{path} is neither a Hugging Face model directory nor a GGUF file")
+
+
+def resolve_quant(quant: str | None, group_size: int) -> tuple[str | None, int]:
+    """--quant name -> (weight format, group size); None keeps each GGUF tensor's own format."""
+    if quant is None:
+        return None, group_size
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown --quant {quant!r} (choose from {', '.join(QUANT_CHOICES)})")
     fmt = QUANT_CHOICES[quant]
@@ -40,10 +57,13 @@ class ConversionReport:
     group_size: int
     nmse: dict[str, float] = field(default_factory=dict)  # per quantized matrix
     bits_per_weight: float = 0.0  # linear layers only (embeddings excluded)
+    kept_exactly: list[str] = field(default_factory=list)  # GGUF blocks copied without requantizing
 
     def summary(self) -> str:
-        lines = [f"wrote {self.output} ({self.file_size / 1e6:.1f} MB, {self.quant}"
-                 + (f", group size {self.group_size}" if self.group_size else "") + ")"]
+        lines = [f"wrote {self.output} ({self.file_size / 1e6:.1f} MB, {self.quant or 'formats of the source'}"
+                 + (f", group size {self.group_size}" if self.group_size and self.quant else "") + ")"]
+        if self.kept_exactly:
+            lines.append(f"{len(self.kept_exactly)} matrices kept bit for bit from the source blocks")
         if self.nmse:
             worst = sorted(self.nmse.items(), key=lambda kv: -kv[1])[:3]
             mean = float(np.mean(list(self.nmse.values())))
@@ -54,20 +74,28 @@ class ConversionReport:
 
 
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
-                 weights_bits: list) -> list[PlannedTensor]:
-    """Planned tensors for one matrix; the weight's producer fills the companions' cache."""
+                 weights_bits: list, native=None) -> list[PlannedTensor]:
+    """Planned tensors for one matrix; the weight's producer fills the companions' cache.
+
+    native: when given, returns the weight already in (fmt, group), kept bit for bit."""
     parts = packed_shapes(fmt, rows, cols, group)
     cache: dict[str, np.ndarray] = {}
 
     def produce(part: str):
         def run() -> np.ndarray:
             if part == "weight":
-                w = source()
-                if w.shape != (rows, cols):
-                    raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {[rows, cols]}")
-                packed = quantize(w, fmt, group)
-                if fmt != "f32":
-                    report.nmse[base] = nmse(dequantize(packed), w)
+                if native is not None:
+                    packed = native()
+                    if (packed.rows, packed.cols) != (rows, cols):
+                        raise FormatError(f"'{base}.weight' is {packed.rows}x{packed.cols}, config implies {rows}x{cols}")
+                    report.kept_exactly.append(base)
+                else:
+                    w = source()
+                    if w.shape != (rows, cols):
+                        raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {[rows, cols]}")
+                    packed = quantize(w, fmt, group)
+                    if fmt != "f32":
+                        report.nmse[base] = nmse(dequantize(packed), w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
                 cache.update(scales=packed.scales, mins=packed.mins)
                 return packed.data
@@ -77,52 +105,69 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
     return [PlannedTensor(f"{base}.{part}", dtype, shape, produce(part)) for part, (dtype, shape) in parts.items()]
 
 
-def convert_checkpoint(src: str, output: str, quant: str = "f16", group_size: int = 32, progress: bool = True,
+def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int = 32, progress: bool = True,
                        log=sys.stderr) -> ConversionReport:
-    """Converts a Hugging Face LLaMA-family directory into a .pllm file (written atomically)."""
+    """Converts a Hugging Face LLaMA-family directory or a llama GGUF file into a .pllm file (written atomically).
+
+    quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
+    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16."""
     fmt, group = resolve_quant(quant, group_size)
-    ckpt = Checkpoint(src)
+    source = open_source(src)
     try:
-        config: ModelConfig = ckpt.config
-        tokenizer, tokenizer_blob = read_tokenizer(src)
-        report = ConversionReport(os.path.abspath(output), 0, quant, group)
-        plans, linears, weights_bits = _plan(ckpt, config, fmt, group, report)
+        config: ModelConfig = source.config
+        tokenizer, tokenizer_blob = source.tokenizer()
+        if len(tokenizer_blob) == 0:
+            raise FormatError(f"{src}: empty tokenizer")
+        report = ConversionReport(os.path.abspath(output), 0, quant, group if fmt in QUANT_FORMATS else 0)
+        plans, linears, weights_bits = _plan(source, config, fmt, group, report)
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
-        metadata = build_metadata(config, linears, tokenizer, read_chat_template(src), read_generation_defaults(src),
+        metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
-                                   "quant": quant, "group_size": group})
+                                   "quant": quant or "source", "group_size": group})
         bar = _progress(len(plans), progress, log)
         report.file_size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
         bar.close()
     finally:
-        ckpt.close()
+        source.close()
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     return report
 
 
-def _plan(ckpt: Checkpoint, config: ModelConfig, fmt: str, group: int, report: ConversionReport):
+def _choose_format(source, base: str, fmt: str | None, group: int) -> tuple[str, int]:
+    native = source.native_format(base + ".weight")
+    if fmt is None:
+        return native if native is not None else ("f16", 0)
+    if base in ("model.embed_tokens", "lm_head") and fmt in QUANT_FORMATS:
+        return EMBEDDING_FORMAT_FOR_QUANT, EMBEDDING_GROUP_SIZE
+    return fmt, group
+
+
+def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: ConversionReport):
     plans: list[PlannedTensor] = []
     linears: dict[str, tuple[str, int]] = {}
     weights_bits: list = []
     for base, (rows, cols) in config.linear_shapes().items():
-        if base in ("model.embed_tokens", "lm_head") and fmt in QUANT_FORMATS:
-            f, g = EMBEDDING_FORMAT_FOR_QUANT, EMBEDDING_GROUP_SIZE
-        else:
-            f, g = fmt, group
         name = base + ".weight"
-        if not ckpt.has(name):
-            raise FormatError(f"{ckpt.dir}: checkpoint lacks '{name}'")
+        if not source.has(name):
+            raise FormatError(f"{src_name(source)}: lacks '{name}'")
+        f, g = _choose_format(source, base, fmt, group)
         linears[base] = (f, g)
-        plans += _plan_linear(base, f, g, rows, cols, lambda n=name: ckpt.load(n), report, weights_bits)
+        keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
+        plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
+                              native=(lambda n=name: source.load_native(n)) if keep else None)
         bias_wanted = (config.attention_bias and ".self_attn." in base) or (config.mlp_bias and ".mlp." in base)
         if bias_wanted:
-            plans.append(PlannedTensor(base + ".bias", "F32", (rows,), lambda n=base + ".bias": ckpt.load(n)))
+            plans.append(PlannedTensor(base + ".bias", "F32", (rows,), lambda n=base + ".bias": source.load(n)))
     for name in config.norm_names():
-        plans.append(PlannedTensor(name, "F32", (config.hidden_size,), lambda n=name: ckpt.load(n)))
+        plans.append(PlannedTensor(name, "F32", (config.hidden_size,), lambda n=name: source.load(n).reshape(-1)))
     return plans, linears, weights_bits
+
+
+def src_name(source) -> str:
+    return getattr(source, "dir", None) or getattr(source, "path", "source")
 
 
 def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec, chat_template: str,
