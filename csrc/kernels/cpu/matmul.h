@@ -28,8 +28,8 @@ extern const MatmulKernels kPortableMatmul;
 extern const MatmulKernels kAvx2Matmul;
 #endif
 
-// Quantizes rows of x to int8 in blocks of 32 (symmetric, scale = absmax/127),
-// zero-padding each row to out.padded_cols.
+// Quantizes rows of x into two int8 terms per value in blocks of 32 (see
+// QuantizedRows), zero-padding each row to out.padded_cols.
 //   x: f32 [row_end - row_begin rows from row_begin, cols], row stride `cols`
 void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
 

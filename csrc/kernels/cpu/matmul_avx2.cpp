@@ -3,9 +3,8 @@
 // register tiles: NR weight rows x MR activation rows share every load.
 //   decode (M = 1):  4 weight rows x 1 activation row
 //   prefill:         2 weight rows x 4 activation rows
-// Integer blocks use maddubs (u8 x s8 -> s16 pairs) then madd (-> s32):
-// int4 nibbles are unsigned already; int8 weights use the sign trick
-// |w| * (x * sign(w)).
+// Integer blocks use maddubs (u8 x s8 -> s16 pairs) then madd (-> s32), once
+// per int8 term of the activations (see QuantizedRows).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -117,15 +116,22 @@ inline __m256i load_block(const uint8_t* wrow, int64_t block, int64_t cols) {
     }
 }
 
+// u8 x s8 products summed in pairs (s16): int4 nibbles are unsigned already,
+// int8 weights use |w| * (x * sign(w)).
 template <WeightFormat F>
-inline __m256i block_dot(__m256i wq, __m256i xq) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    if constexpr (F == WeightFormat::Q8) {
-        const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
-        return _mm256_madd_epi16(products, ones);
-    } else {
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-    }
+inline __m256i pair_products(__m256i wq, __m256i xq) {
+    if constexpr (F == WeightFormat::Q8) return _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+    else return _mm256_maddubs_epi16(wq, xq);
+}
+
+// kResidualRadix * dot(w, hi) + dot(w, lo) as 8 int32 partial sums. The s16
+// pair sums are at most 2 * 127 * 128, so scaling them by 254 in madd stays
+// well inside int32.
+template <WeightFormat F>
+inline __m256i block_dot(__m256i wq, __m256i hi, __m256i lo) {
+    const __m256i radix = _mm256_set1_epi16((int16_t)kResidualRadix), ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(pair_products<F>(wq, hi), radix),
+                            _mm256_madd_epi16(pair_products<F>(wq, lo), ones));
 }
 
 template <WeightFormat F, int NR, int MR>
@@ -150,16 +156,17 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
         }
         const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
-            __m256i xq[MR];
+            __m256i xhi[MR], xlo[MR];
             float xs[MR];
             for (int m = 0; m < MR; ++m) {
-                xq[m] = _mm256_loadu_si256((const __m256i*)(x.q + (m0 + m) * x.padded_cols + b * kBlock));
-                xs[m] = x.scale[(m0 + m) * n_blocks + b];
+                xhi[m] = _mm256_loadu_si256((const __m256i*)(x.hi + (m0 + m) * x.padded_cols + b * kBlock));
+                xlo[m] = _mm256_loadu_si256((const __m256i*)(x.lo + (m0 + m) * x.padded_cols + b * kBlock));
+                xs[m] = x.step[(m0 + m) * n_blocks + b];
             }
             for (int r = 0; r < NR; ++r) {
                 const __m256i wq = load_block<F>(wrows[r], b, w.cols);
                 for (int m = 0; m < MR; ++m) {
-                    const __m256 dot = _mm256_cvtepi32_ps(block_dot<F>(wq, xq[m]));
+                    const __m256 dot = _mm256_cvtepi32_ps(block_dot<F>(wq, xhi[m], xlo[m]));
                     acc[r][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale[r] * xs[m]), acc[r][m]);
                     if constexpr (F != WeightFormat::Q8)
                         offset[r][m] += shift[r] * x.sum[(m0 + m) * n_blocks + b];

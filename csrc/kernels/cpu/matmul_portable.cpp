@@ -36,22 +36,24 @@ void float_weights(const WeightView& w, const float* x, int64_t M, int64_t n_beg
     }
 }
 
-// Integer dot product of one 32-value weight block with one activation block.
+// Integer dot product of one 32-value weight block with one activation block
+// (both int8 terms combined: kResidualRadix * dot(w, hi) + dot(w, lo)).
 // Q4 values are the raw nibbles 0..15; offsets are applied by the caller.
-int32_t block_dot(const WeightView& w, const uint8_t* wrow, int64_t block, const int8_t* xq) {
-    int32_t acc = 0;
+int32_t block_dot(const WeightView& w, const uint8_t* wrow, int64_t block, const int8_t* hi, const int8_t* lo) {
+    int32_t acc_hi = 0, acc_lo = 0;
     if (w.format == WeightFormat::Q8) {
         const int8_t* wq = reinterpret_cast<const int8_t*>(wrow) + block * kBlock;
         const int64_t len = std::min<int64_t>(kBlock, w.cols - block * kBlock);
-        for (int64_t i = 0; i < len; ++i) acc += (int32_t)wq[i] * xq[i];
+        for (int64_t i = 0; i < len; ++i) acc_hi += (int32_t)wq[i] * hi[i], acc_lo += (int32_t)wq[i] * lo[i];
     } else {
         const uint8_t* packed = wrow + block * (kBlock / 2);
         for (int64_t i = 0; i < kBlock / 2; ++i) {
-            acc += (int32_t)(packed[i] & 0x0f) * xq[i];
-            acc += (int32_t)(packed[i] >> 4) * xq[i + kBlock / 2];
+            const int32_t low = packed[i] & 0x0f, high = packed[i] >> 4;
+            acc_hi += low * hi[i] + high * hi[i + kBlock / 2];
+            acc_lo += low * lo[i] + high * lo[i + kBlock / 2];
         }
     }
-    return acc;
+    return kResidualRadix * acc_hi + acc_lo;
 }
 
 void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
@@ -61,15 +63,16 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
         const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n * w.row_bytes();
         const uint16_t* scales = w.scales + n * n_groups;
         for (int64_t m = 0; m < x.rows; ++m) {
-            const int8_t* xq = x.q + m * x.padded_cols;
-            const float* xs = x.scale + m * n_blocks;
+            const int8_t* hi = x.hi + m * x.padded_cols;
+            const int8_t* lo = x.lo + m * x.padded_cols;
+            const float* step = x.step + m * n_blocks;
             const float* xsum = x.sum + m * n_blocks;
             float acc = 0.0f;
             for (int64_t b = 0; b < n_blocks; ++b) {
                 const int64_t g = b / blocks_per_group;
                 const float scale = f16_to_f32(scales[g]);
-                const float dot = (float)block_dot(w, wrow, b, xq + b * kBlock);
-                acc += scale * xs[b] * dot;
+                const float dot = (float)block_dot(w, wrow, b, hi + b * kBlock, lo + b * kBlock);
+                acc += scale * step[b] * dot;
                 if (w.format == WeightFormat::Q4_SYM) acc -= 8.0f * scale * xsum[b];
                 if (w.format == WeightFormat::Q4_ASYM) acc += f16_to_f32(w.mins[n * n_groups + g]) * xsum[b];
             }
@@ -86,22 +89,29 @@ void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_
     const int64_t n_blocks = out.padded_cols / kBlock;
     for (int64_t m = row_begin; m < row_end; ++m) {
         const float* xr = x + m * cols;
-        int8_t* q = out.q + m * out.padded_cols;
+        int8_t* hi = out.hi + m * out.padded_cols;
+        int8_t* lo = out.lo + m * out.padded_cols;
         for (int64_t b = 0; b < n_blocks; ++b) {
             const int64_t start = b * kBlock, len = std::min<int64_t>(kBlock, cols - start);
             float amax = 0.0f;
             for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(xr[start + i]));
-            const float scale = amax / 127.0f;
-            const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t sum = 0;
+            // x = step * (254 * hi + lo): hi = round(x / (254 step)) in [-127, 127] and the
+            // remainder, at most 127 steps in magnitude, as lo
+            const float step = amax / (127.0f * (float)kResidualRadix);
+            const float inverse = amax > 0.0f ? 1.0f / step : 0.0f;
+            float sum = 0.0f;
             for (int64_t i = 0; i < kBlock; ++i) {
-                int32_t v = i < len ? (int32_t)std::nearbyint(xr[start + i] * inverse) : 0;
-                v = std::max(-127, std::min(127, v));
-                q[start + i] = (int8_t)v;
-                sum += v;
+                const float units = i < len ? xr[start + i] * inverse : 0.0f;  // x / step
+                int32_t h = (int32_t)std::nearbyint(units / (float)kResidualRadix);
+                h = std::max(-127, std::min(127, h));
+                int32_t l = (int32_t)std::nearbyint(units - (float)(h * kResidualRadix));
+                l = std::max(-127, std::min(127, l));
+                hi[start + i] = (int8_t)h;
+                lo[start + i] = (int8_t)l;
+                sum += (float)(h * kResidualRadix + l);
             }
-            out.scale[m * n_blocks + b] = scale;
-            out.sum[m * n_blocks + b] = scale * (float)sum;
+            out.step[m * n_blocks + b] = step;
+            out.sum[m * n_blocks + b] = step * sum;
         }
     }
 }

@@ -11,9 +11,9 @@ namespace pyllm {
 
 QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     const size_t n_blocks = (size_t)(rows * (padded_cols / kBlock));
-    if (q.size() < (size_t)(rows * padded_cols)) q.resize((size_t)(rows * padded_cols));
-    if (scale.size() < n_blocks) scale.resize(n_blocks), sum.resize(n_blocks);
-    return QuantizedRows{rows, padded_cols, q.data(), scale.data(), sum.data()};
+    if (hi.size() < (size_t)(rows * padded_cols)) hi.resize((size_t)(rows * padded_cols)), lo.resize(hi.size());
+    if (step.size() < n_blocks) step.resize(n_blocks), sum.resize(n_blocks);
+    return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data()};
 }
 
 void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch) {

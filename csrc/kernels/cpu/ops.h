@@ -12,8 +12,8 @@ namespace pyllm {
 
 // Reusable buffers for int8-quantized activations (grows, never shrinks).
 struct ActivationScratch {
-    std::vector<int8_t> q;
-    std::vector<float> scale, sum;
+    std::vector<int8_t> hi, lo;
+    std::vector<float> step, sum;
     QuantizedRows prepare(int64_t rows, int64_t padded_cols);
 };
 
