@@ -1,0 +1,186 @@
+"""GGUF import: a tiny Llama written as GGUF the way llama.cpp's converter writes it (q/k rows permuted,
+Q8_0 / Q4_0 / Q4_1 / F16 / F32 tensors, a byte-level BPE vocabulary), converted by pyllm and compared
+with transformers running the same (dequantized) weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+import pyllm  # noqa: E402
+from pyllm.convert import convert_checkpoint  # noqa: E402
+from pyllm.formats.safetensors import FormatError  # noqa: E402
+
+from conftest import make_tiny_llama, nmse  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (for its interleaved RoPE)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf: str) -> str:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = hf.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
+
+
+def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0) -> dict[str, np.ndarray]:
+    """Writes hf_dir's model as GGUF; returns the HF-named f32 weights the GGUF actually holds."""
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = json.load(open(os.path.join(hf_dir, "tokenizer.json")))
+    vocab = tok["model"]["vocab"]
+    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = [None] * cfg["vocab_size"]
+    for t, i in {**vocab, **specials}.items():
+        tokens[i] = t
+    types = [3 if t in specials else 1 for t in tokens]
+    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(specials["<|im_start|>"])
+    w.add_eos_token_id(specials["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+    held = {}
+    for name, tensor in model.state_dict().items():
+        value = tensor.numpy().astype(np.float32)
+        stored = value
+        if "q_proj" in name:
+            stored = permute(value, cfg["num_attention_heads"])
+        elif "k_proj" in name:
+            stored = permute(value, cfg["num_key_value_heads"])
+        if value.ndim == 1:
+            kind = Q.F32
+        elif name == "model.embed_tokens.weight" or name == "lm_head.weight":
+            kind = embed_type
+        elif "down_proj" in name:
+            kind = Q.F16  # one float matrix among the blocks
+        else:
+            kind = matrix_type
+        if kind == Q.F32:
+            data, back = stored, stored
+        elif kind == Q.F16:
+            data = stored.astype(np.float16)
+            back = data.astype(np.float32)
+        else:
+            data = gguf.quants.quantize(stored, kind)
+            back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
+        w.add_tensor(gguf_name(name), data, raw_dtype=kind)
+        if "q_proj" in name:
+            back = permute_back(back, cfg["num_attention_heads"])
+        elif "k_proj" in name:
+            back = permute_back(back, cfg["num_key_value_heads"])
+        held[name] = back
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return held
+
+
+def permute_back(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    # hidden 128 so every row is a whole number of 32-value blocks, as GGUF requires
+    return make_tiny_llama(str(tmp_path_factory.mktemp("gguf_src")), seed=3, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0])
+def test_gguf_import_matches_transformers_on_the_same_weights(hf_dir, tmp_path, matrix_type):
+    gguf_path = str(tmp_path / "model.gguf")
+    held = write_gguf(hf_dir, gguf_path, matrix_type)
+    out = str(tmp_path / "model.pllm")
+    report = convert_checkpoint(gguf_path, out, progress=False)
+    # every Q8_0/Q4_x matrix is copied bit for bit (the F16 down projections are not block formats)
+    n_layers = 2
+    assert len(report.kept_exactly) == 6 * n_layers + 2  # q k v o gate up per layer, embeddings, lm_head
+
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held.items()})
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, 400, 48)]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    llm = pyllm.LLM(out, n_threads=2)
+    ours = llm.logits(ids)
+    # same weights; the only difference is the activations' two-term int8 rounding (~1e-7)
+    assert nmse(ours, ref) < 1e-5
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in ["Hello world", "中文测试", "😀 emoji", "def f(x):\n    return 42", "<|im_start|>user\nhi<|im_end|>"]:
+        assert llm.tokenize(text) == hf_tok.encode(text), text
+    assert llm.model.chat_template.startswith("{% for m in messages %}")
+    assert llm.tokenizer.eos_ids == [hf_tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_gguf_requantized_to_another_group_size(hf_dir, tmp_path):
+    gguf_path = str(tmp_path / "model.gguf")
+    write_gguf(hf_dir, gguf_path, Q.Q4_1)
+    out = str(tmp_path / "model-int8.pllm")
+    report = convert_checkpoint(gguf_path, out, quant="int8", group_size=64, progress=False)
+    # matrices change group size, so they are dequantized and requantized; the Q8_0 embeddings are
+    # already what int8 models store for embeddings (int8, group 32) and stay bit for bit
+    assert report.kept_exactly == ["model.embed_tokens", "lm_head"]
+    assert max(report.nmse.values()) < 1e-3
+    llm = pyllm.LLM(out, n_threads=2)
+    assert set(fmt for fmt, _ in llm.model.linears.values()) == {"int8"}
+
+
+def test_bad_gguf_is_refused(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(FormatError):
+        convert_checkpoint(str(bad), str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+    truncated = tmp_path / "truncated.gguf"
+    good = tmp_path / "good.gguf"
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), str(good), Q.Q8_0)
+    truncated.write_bytes(good.read_bytes()[: os.path.getsize(good) // 2])
+    with pytest.raises((FormatError, ValueError)):
+        convert_checkpoint(str(truncated), str(tmp_path / "y.pllm"), progress=False)
+    assert not (tmp_path / "y.pllm").exists()
