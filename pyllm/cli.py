@@ -93,6 +93,34 @@ def _chat_loop(llm, system: str | None, sampling: dict) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_perplexity(args) -> int:
+    from tqdm import tqdm
+
+    from .perplexity import default_text, perplexity
+
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = default_text()
+    llm = _open(args)
+    if args.ctx > llm.context_length:
+        raise ValueError(f"--ctx {args.ctx} exceeds the model's context of {llm.context_length}")
+    tokens = llm.tokenize(text, add_special_tokens=False)
+    bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
+    bar = tqdm(total=args.windows or len(tokens) // args.ctx, desc="perplexity", unit="window", file=sys.stderr,
+               leave=False)
+
+    def show(done, total, ppl):
+        bar.update(1)
+        bar.set_postfix(ppl=f"{ppl:.3f}")
+
+    result = perplexity(llm.logits, tokens, ctx=args.ctx, windows=args.windows, bos_id=bos, progress=show)
+    bar.close()
+    print(result.line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -121,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
+    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    p.add_argument("--text", help="UTF-8 text file (default: Python's documentation topics, pydoc_data.topics)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.set_defaults(func=cmd_perplexity)
     return parser
 
 

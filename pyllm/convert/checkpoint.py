@@ -390,7 +390,7 @@ def _llama_backend(vocab: dict[str, int], merges: list, tok_config: dict):
     return tok
 
 
-def _spm_backend(model: dict, tok_config: dict):
+def _spm_backend(model: dict, tok_config: dict, added_tokens_decoder: dict):
     """The backend tokenizer transformers 5 builds from a sentencepiece model for TokenizersBackend
     (SpmConverter.build_tokenizer_from_spm_proto): it follows the model's own settings."""
     import re
@@ -399,8 +399,7 @@ def _spm_backend(model: dict, tok_config: dict):
     from tokenizers.models import BPE, Unigram
 
     pieces = model["pieces"]
-    names = {int(i): _token_content(e) for i, e in (tok_config.get("added_tokens_decoder") or {}).items()
-             if _token_content(e)}
+    names = {int(i): _token_content(e) for i, e in added_tokens_decoder.items() if _token_content(e)}
     user_defined = [i for i, (_, _, kind) in enumerate(pieces) if kind == _SPM_USER_DEFINED]
     if model["model_type"] == 1:  # unigram
         id_to_token = {i: p for i, (p, _, _) in enumerate(pieces)}
@@ -492,6 +491,22 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     llama = _tokenizer_class(directory, tok_config) in LLAMA_TOKENIZER_CLASSES and not (
         json_text is not None and '"ByteLevel"' in json_text)
 
+    if isinstance(tok_config.get("added_tokens_decoder"), dict):
+        added_decoder = tok_config["added_tokens_decoder"]
+    else:  # older layouts: special_tokens_map.json and tokenizer.json's added tokens
+        added_decoder = {}
+        map_path = os.path.join(directory, "special_tokens_map.json")
+        if os.path.exists(map_path):
+            tok_config = dict(tok_config)
+            for key, value in _read_json(map_path).items():
+                if key == "extra_special_tokens" and isinstance(value, list):
+                    value = list(tok_config.get(key) or []) + [v for v in value if v not in (tok_config.get(key) or [])]
+                elif isinstance(value, dict):
+                    value = dict(value, special=True)
+                tok_config[key] = value
+        if json_text is not None:
+            added_decoder = {str(t["id"]): t for t in json.loads(json_text).get("added_tokens") or []}
+
     model_extras = None
     if json_text is not None and not llama:
         tok = Tokenizer.from_str(json_text)
@@ -516,19 +531,21 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
             tok = _llama_backend(vocab, _generate_merges(vocab), tok_config)
             defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         else:
-            tok, user_defined = _spm_backend(spm, tok_config)
-            # user-defined pieces stay with the model (split out by its pre-tokenizer), not special tokens
+            tok, user_defined = _spm_backend(spm, tok_config, added_decoder)
+            # user-defined pieces stay with the model (its pre-tokenizer splits them out), not special tokens
             model_extras = [t for t in model_extras if t.content not in user_defined]
-            if spm["add_dummy_prefix"] and tok_config.get("added_tokens_decoder"):
-                tok_config = dict(tok_config, added_tokens_decoder={
-                    i: dict(e, normalized=False) if isinstance(e, dict) else e
-                    for i, e in tok_config["added_tokens_decoder"].items()})
+            if spm["add_dummy_prefix"]:  # added tokens match the raw text, so each chunk gets its own prefix
+                added_decoder = {i: dict(e, normalized=False) if isinstance(e, dict) else e
+                                 for i, e in added_decoder.items()}
             defaults = {f"{name}_token": spm[f"{name}_piece"] or f"<{name}>"
                         for name in ("bos", "eos", "unk") if spm[f"{name}_id"] >= 0}
     named, extras = _config_tokens(tok_config, defaults, model_extras)
-    before = tok.to_str() if json_text is not None and not llama else None
-    _add_config_tokens(tok, tok_config, named, extras)
-    if before is not None and tok.to_str() == before:
+    def added_tokens():
+        return {i: repr(t) for i, t in tok.get_added_tokens_decoder().items()}
+
+    before = added_tokens()
+    _add_config_tokens(tok, added_decoder, named, extras)
+    if json_text is not None and not llama and added_tokens() == before:
         blob = json_text.encode("utf-8")  # nothing added: embed the file as written
     else:
         blob = tok.to_str().encode("utf-8")

@@ -1,0 +1,66 @@
+"""Perplexity in the manner of llama.cpp's perplexity tool.
+
+The text is tokenized once; non-overlapping windows of `ctx` tokens are evaluated in a fresh
+context each, and only the second half of each window is scored (every scored token sees at least
+ctx/2 tokens of context). When the model adds a BOS token, each window starts with it, as
+llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def default_text() -> str:
+    """The text of Python's documentation topics, which every CPython ships (pydoc_data.topics)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    windows: int
+    ctx: int
+    scored_tokens: int
+    window_nll: list[float]  # mean negative log-likelihood of each window
+
+    def line(self) -> str:
+        return f"perplexity {self.perplexity:.4f} over {self.windows} windows of {self.ctx} tokens ({self.scored_tokens} scored)"
+
+
+def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) for each row.   logits: f32 [n, vocab]   targets: int [n]"""
+    x = logits.astype(np.float64)
+    peak = x.max(axis=1, keepdims=True)
+    log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(axis=1))
+    return log_z - x[np.arange(len(targets)), targets]
+
+
+def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None = None,
+               bos_id: int | None = None, progress=None) -> PerplexityResult:
+    """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits)."""
+    if ctx < 4:
+        raise ValueError("ctx must be at least 4")
+    available = len(tokens) // ctx
+    if available == 0:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    n = available if windows is None else min(windows, available)
+    first = ctx // 2
+    window_nll, total, count = [], 0.0, 0
+    for w in range(n):
+        ids = list(tokens[w * ctx:(w + 1) * ctx])
+        if bos_id is not None:
+            ids[0] = bos_id
+        logits = logits_fn(ids)
+        nll = log_softmax_nll(logits[first:ctx - 1], np.asarray(ids[first + 1:ctx]))
+        window_nll.append(float(nll.mean()))
+        total += float(nll.sum())
+        count += len(nll)
+        if progress is not None:
+            progress(w + 1, n, math.exp(total / count))
+    return PerplexityResult(math.exp(total / count), n, ctx, count, window_nll)

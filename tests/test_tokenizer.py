@@ -1,0 +1,362 @@
+"""Tokenizer parity with transformers: token ids, decoded text, BOS/EOS, and streamed decoding.
+
+Conventions checked (transformers 5, AutoTokenizer.from_pretrained on the model directory):
+* tokenizer.json is used as written (TokenizersBackend); with a tokenizer.json, add_bos_token and
+  add_eos_token in tokenizer_config.json are ignored and the post-processor alone adds BOS/EOS.
+* a directory with only tokenizer.model and a LlamaTokenizer config loads as transformers'
+  LlamaTokenizer: the model's pieces become a `tokenizers` BPE with byte fallback and no normalizer,
+  "▁" goes before the first chunk of text only (legacy=false, the default) or before every chunk
+  between special tokens (legacy=true), and BOS is added only when the config says add_bos_token
+  (the default is false in transformers 5).
+* with only tokenizer.model and no tokenizer_config.json, a llama directory loads as TokenizersBackend,
+  which imitates sentencepiece itself (the model's normalizer, legacy=true).
+pyllm's converter rebuilds the same tokenizer (pyllm/convert/checkpoint.py, read_tokenizer).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import pytest
+
+import pyllm
+from pyllm.convert import convert_checkpoint
+from pyllm.formats.packed import TokenizerSpec
+from pyllm.tokenizer import StreamDecoder, Tokenizer
+
+from conftest import TRAINING_TEXT
+
+transformers = pytest.importorskip("transformers")
+spm = pytest.importorskip("sentencepiece")
+
+TEXTS = {
+    "english": "The quick brown fox jumps over the lazy dog. Paris is the capital of France!",
+    "chinese_short": "中文测试",
+    "chinese_long": "今天天气很好，我们去公园散步。大语言模型的指令微调需要高质量的数据。",
+    "emoji": "Emoji 😀🎉 thumbs 👍🏽 family 👨‍👩‍👧‍👦 flag 🏳️‍🌈 done",
+    "code": "def main():\n\tif x:\n\t\treturn 1\n    else:\n        print('hello, world')\n\n# end\n",
+    "empty": "",
+    "spaces": "  leading and trailing spaces  ",
+    "one_space": " ",
+    "newlines": "\n\nline\n",
+    "special": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "special_glued": "a<|im_end|>b <|im_start|> c",
+    "mixed": "Café naïve résumé — 中文 and 😀 in one line.",
+}
+# characters the small sentencepiece model has never seen: they go through byte fallback
+SP_TEXTS = {
+    **TEXTS,
+    "unseen": "Ωμέγα ק 🦙 ∑ ☃",
+    "bos_eos_text": "<s>hi</s> there",
+}
+STREAM_PROMPT = "Paris is the capital of France. 中文"
+
+
+def _load_hf(directory):
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def _convert(directory, out_dir, name):
+    out = os.path.join(out_dir, f"{name}.pllm")
+    convert_checkpoint(directory, out, quant="f32", progress=False)
+    return out
+
+
+def _copy_model(src, dst, drop=()):
+    shutil.copytree(src, dst)
+    for name in drop:
+        path = os.path.join(dst, name)
+        if os.path.exists(path):
+            os.remove(path)
+    return dst
+
+
+def _assert_parity(tok, hf, texts):
+    for name, text in texts.items():
+        ids = tok.encode(text)
+        assert ids == hf.encode(text), name
+        assert tok.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), name
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), (name, skip)
+
+
+# -- 1. tokenizer.json (byte-level BPE) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe(tiny_llama, tiny_llama_f32):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        yield llm, _load_hf(tiny_llama)
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_bpe_ids_and_decoding_match_transformers(bpe, name):
+    llm, hf = bpe
+    text = TEXTS[name]
+    ids = llm.tokenize(text)
+    assert ids == hf.encode(text)
+    assert llm.tokenize(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    for skip in (True, False):
+        assert llm.detokenize(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    # byte-level BPE is lossless: the text comes back exactly, special tokens included
+    assert llm.detokenize(ids, skip_special_tokens=False) == text
+
+
+def test_bpe_special_tokens_map_to_single_ids(bpe):
+    llm, hf = bpe
+    ids = llm.tokenize(TEXTS["special"])
+    start, end = hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids.count(start) == 2 and ids.count(end) == 1
+    assert llm.detokenize(ids) == "user\nhi\nassistant\n"
+    assert llm.tokenizer.bos_id == hf.bos_token_id and llm.tokenizer.eos_ids[0] == hf.eos_token_id
+
+
+# -- 2. BOS / EOS from the post-processor and the config -----------------------------------------
+
+def _set_post_processor(directory, single):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    path = os.path.join(directory, "tokenizer.json")
+    tok = HFTokenizer.from_file(path)
+    if single is None:
+        tok.post_processor = None
+    else:
+        specials = [(t, tok.token_to_id(t)) for t in ("<|im_start|>", "<|im_end|>") if t in single]
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=specials)
+    tok.save(path)
+
+
+def _update_config(directory, **values):
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.update(values)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+
+
+BOS_CASES = {
+    # name: (post-processor single template or None, tokenizer_config.json updates, expect BOS, expect EOS)
+    "template_bos": ("<|im_start|> $A", {}, True, False),
+    "template_bos_eos": ("<|im_start|> $A <|im_end|>", {}, True, True),
+    # transformers 5 drops add_bos_token/add_eos_token from the config when tokenizer.json exists
+    "template_bos_config_false": ("<|im_start|> $A", {"add_bos_token": False}, True, False),
+    "no_template_config_true": ("$A", {"add_bos_token": True, "add_eos_token": True}, False, False),
+    "no_post_processor_config_true": (None, {"add_bos_token": True}, False, False),
+}
+
+
+@pytest.fixture(scope="module")
+def bos_models(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bos")
+    models = {}
+    for name, (single, updates, _, _) in BOS_CASES.items():
+        d = _copy_model(tiny_llama, str(root / name))
+        _set_post_processor(d, single)
+        _update_config(d, **updates)
+        models[name] = (pyllm.LLM(_convert(d, str(root), name), n_threads=1), _load_hf(d))
+    yield models
+    for llm, _ in models.values():
+        llm.close()
+
+
+@pytest.mark.parametrize("case", list(BOS_CASES))
+def test_bos_eos_added_exactly_when_transformers_adds_them(bos_models, case):
+    llm, hf = bos_models[case]
+    _, _, want_bos, want_eos = BOS_CASES[case]
+    bos, eos = hf.bos_token_id, hf.eos_token_id
+    for text in ("hello world", TEXTS["chinese_short"], ""):
+        ref = hf.encode(text)
+        assert (ref[:1] == [bos]) is want_bos and (ref[-1:] == [eos]) is want_eos  # the premise
+        assert llm.tokenize(text) == ref
+        assert llm.tokenize(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    assert llm.tokenizer.spec.add_bos_token is want_bos and llm.tokenizer.spec.add_eos_token is want_eos
+    _assert_parity(llm.tokenizer, hf, TEXTS)
+
+
+# -- 3. sentencepiece tokenizer.model only ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sp_model_bytes():
+    """A small byte-fallback BPE sentencepiece model trained like LLaMA's (identity normalization,
+    digits split, no whitespace cleanup), with the chat markers as user-defined pieces."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT * 20), model_writer=buf, model_type="bpe", vocab_size=400,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    return buf.getvalue()
+
+
+def _sp_directory(tiny_llama, directory, model_bytes, **config_updates):
+    """tiny_llama's weights with only tokenizer.model and the tokenizer_config.json that
+    transformers' LlamaTokenizer saves (its tokenizer.json is deleted)."""
+    _copy_model(tiny_llama, directory, drop=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
+    model_path = os.path.join(directory, "tokenizer.model")
+    with open(model_path, "wb") as f:
+        f.write(model_bytes)
+    transformers.LlamaTokenizer.from_pretrained(directory).save_pretrained(directory)
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
+    with open(model_path, "wb") as f:  # transformers 5 does not write tokenizer.model back
+        f.write(model_bytes)
+    _update_config(directory, **config_updates)
+    return directory
+
+
+SP_CASES = {
+    # name: (tokenizer_config.json updates or None to delete the file, transformers class, expect BOS)
+    "llama": ({}, "LlamaTokenizer", False),
+    "llama_bos": ({"add_bos_token": True, "add_eos_token": False, "legacy": False}, "LlamaTokenizer", True),
+    "llama_legacy": ({"add_bos_token": True, "legacy": True}, "LlamaTokenizer", True),
+    "llama_no_prefix_space": ({"add_prefix_space": False, "add_eos_token": True}, "LlamaTokenizer", False),
+    "no_tokenizer_config": (None, "TokenizersBackend", False),
+    # a LLaMA-2 style tokenizer.json (Prepend/Replace normalizer, BOS template) beside tokenizer.model:
+    # transformers keeps its vocabulary, merges and post-processor but rebuilds the rest as above
+    "llama2_tokenizer_json": ({"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "legacy": False},
+                              "LlamaTokenizer", True),
+}
+
+
+def _write_llama2_tokenizer_json(directory):
+    tok = json.loads(transformers.LlamaTokenizer.from_pretrained(directory).backend_tokenizer.to_str())
+    tok["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tok["pre_tokenizer"] = None
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    tok["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tok, f)
+
+
+@pytest.fixture(scope="module")
+def sp_models(tiny_llama, sp_model_bytes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp")
+    models = {}
+    for name, (updates, _, _) in SP_CASES.items():
+        d = _sp_directory(tiny_llama, str(root / name), sp_model_bytes, **(updates or {}))
+        expected_files = ["tokenizer.model", "tokenizer_config.json"]
+        if updates is None:
+            os.remove(os.path.join(d, "tokenizer_config.json"))
+            expected_files = ["tokenizer.model"]
+        elif name == "llama2_tokenizer_json":
+            _write_llama2_tokenizer_json(d)
+            expected_files = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+        assert sorted(f for f in os.listdir(d) if f.startswith("tokenizer")) == expected_files
+        models[name] = (pyllm.LLM(_convert(d, str(root), name), n_threads=1), _load_hf(d))
+    yield models
+    for llm, _ in models.values():
+        llm.close()
+
+
+@pytest.mark.parametrize("case", list(SP_CASES))
+def test_sentencepiece_ids_and_decoding_match_transformers(sp_models, sp_model_bytes, case):
+    llm, hf = sp_models[case]
+    _, cls, want_bos = SP_CASES[case]
+    assert type(hf).__name__ == cls  # the convention this case reproduces (see the module docstring)
+    _assert_parity(llm.tokenizer, hf, SP_TEXTS)
+    assert (llm.tokenize("hello")[:1] == [hf.bos_token_id]) is want_bos
+    assert llm.tokenizer.spec.add_bos_token is want_bos
+    # characters outside the model's vocabulary are encoded as their UTF-8 bytes and decode back
+    sp = spm.SentencePieceProcessor(model_proto=sp_model_bytes)
+    ids = llm.tokenize(SP_TEXTS["unseen"], add_special_tokens=False)
+    assert sum(sp.is_byte(i) for i in ids) >= 8
+    assert llm.detokenize(ids) == hf.decode(ids) == SP_TEXTS["unseen"]
+
+
+def test_sentencepiece_llama_round_trip(sp_models):
+    """With legacy=false, decode(encode(text)) gives the text back, but for one leading space."""
+    llm, _ = sp_models["llama"]
+    for name, text in SP_TEXTS.items():
+        ids = llm.tokenize(text, add_special_tokens=False)
+        assert llm.detokenize(ids, skip_special_tokens=False) == (text[1:] if text.startswith(" ") else text), name
+
+
+def test_sentencepiece_plain_text_matches_sentencepiece_itself(sp_models, sp_model_bytes):
+    """Away from leading spaces and special tokens, every convention is sentencepiece's own encoding."""
+    sp = spm.SentencePieceProcessor(model_proto=sp_model_bytes)
+    for case in SP_CASES:
+        if case == "llama_no_prefix_space":  # no dummy prefix at all
+            continue
+        llm, _ = sp_models[case]
+        for name in ("english", "chinese_long", "emoji", "code", "unseen", "mixed"):
+            assert llm.tokenize(SP_TEXTS[name], add_special_tokens=False) == sp.encode(SP_TEXTS[name]), (case, name)
+
+
+def test_sentencepiece_legacy_flag_changes_text_after_special_tokens(sp_models):
+    """legacy=false (the default) puts no "▁" after a special token; legacy=true does, as sentencepiece."""
+    for case, prefixed in (("llama", False), ("llama_legacy", True)):
+        llm, hf = sp_models[case]
+        ids = llm.tokenize("<|im_start|>user", add_special_tokens=False)
+        assert ids == hf.encode("<|im_start|>user", add_special_tokens=False)
+        assert hf.convert_ids_to_tokens(ids[0]) == "<|im_start|>"
+        assert hf.convert_ids_to_tokens(ids[1]).startswith("\u2581") is prefixed, case
+
+
+# -- sentencepiece kind (.pllm files from older converters embed tokenizer.model) ------------------
+
+@pytest.fixture(scope="module")
+def sp_kind_tokenizer(sp_model_bytes):
+    sp = spm.SentencePieceProcessor(model_proto=sp_model_bytes)
+    spec = TokenizerSpec(kind="sentencepiece", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                         bos_token_id=sp.bos_id(), eos_token_ids=[sp.eos_id()], add_bos_token=True)
+    return Tokenizer(spec, sp_model_bytes), sp
+
+
+def test_sentencepiece_kind_encodes_like_sentencepiece(sp_kind_tokenizer):
+    tok, sp = sp_kind_tokenizer
+    for name in ("english", "chinese_long", "emoji", "code", "unseen", "mixed", "spaces"):
+        text = SP_TEXTS[name]
+        assert tok.encode(text) == [sp.bos_id()] + sp.encode(text), name
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+    # special tokens written in the text are split out; each chunk between them is its own sentence
+    ids = tok.encode("<s>hi</s> there", add_special_tokens=False)
+    assert ids == [sp.bos_id()] + sp.encode("hi") + [sp.eos_id()] + sp.encode(" there")
+    assert tok.decode(ids) == sp.decode(sp.encode("hi") + sp.encode(" there"))
+    assert tok.decode(ids, skip_special_tokens=False) == "<s>hi</s>" + sp.decode(sp.encode(" there"))
+
+
+# -- 4. streamed decoding ------------------------------------------------------------------------
+
+def _stream(tok, context, ids):
+    dec = StreamDecoder(tok, context)
+    return [dec.push(i) for i in ids] + [dec.flush()]
+
+
+def _check_stream(tok, texts):
+    context = tok.encode(STREAM_PROMPT)[-4:]
+    split_chars = 0
+    for name, text in texts.items():
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = _stream(tok, context, ids)
+        assert all("\ufffd" not in p for p in pieces), (name, pieces)
+        before, full = tok.decode(context), tok.decode(context + ids)
+        assert full.startswith(before)
+        assert "".join(pieces) == full[len(before):], name
+        # count tokens that end inside a character: the held-back case this test is about
+        split_chars += sum(tok.decode(context + ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))
+    assert split_chars > 0
+
+
+def test_stream_decoder_byte_level_bpe(bpe):
+    llm, _ = bpe
+    _check_stream(llm.tokenizer, TEXTS)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama_legacy", "no_tokenizer_config", "llama2_tokenizer_json"])
+def test_stream_decoder_sentencepiece_byte_fallback(sp_models, case):
+    llm, _ = sp_models[case]
+    _check_stream(llm.tokenizer, SP_TEXTS)
+
+
+def test_stream_decoder_sentencepiece_kind(sp_kind_tokenizer):
+    tok, _ = sp_kind_tokenizer
+    _check_stream(tok, SP_TEXTS)
