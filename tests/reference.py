@@ -50,7 +50,8 @@ def bf16_bits_to_f64(bits) -> np.ndarray:
 
 
 def round_to_bf16(x) -> np.ndarray:
-    """float32 -> nearest bfloat16 (ties to even), returned as float64 values."""
+    """float32 -> nearest bfloat16 (ties to even), returned as float64 values.
+    Normal numbers only (bf16 subnormals would keep fewer bits)."""
     v = np.asarray(x, dtype=np.float32).astype(np.float64)
     m, e = np.frexp(v)  # v = m * 2^e with 0.5 <= |m| < 1; bf16 keeps 8 significant bits
     out = np.ldexp(np.rint(m * 256.0), e - 8)  # np.rint rounds ties to even
@@ -84,16 +85,14 @@ def pack_int4_naive(q) -> np.ndarray:
     return out
 
 
-def unpack_int4_naive(packed, cols: int) -> np.ndarray:
+def unpack_int4_ref(packed, cols: int) -> np.ndarray:
+    """packed uint8 [rows, Kp/2] -> nibbles int64 [rows, cols], by index arithmetic:
+    value c lives in byte (c // 32) * 16 + c % 16, high nibble when c % 32 >= 16."""
     packed = np.asarray(packed, dtype=np.uint8)
-    rows = packed.shape[0]
-    out = np.zeros((rows, cols), dtype=np.int64)
-    for r in range(rows):
-        for c in range(cols):
-            chunk, i = divmod(c, BLOCK)
-            byte = int(packed[r, chunk * (BLOCK // 2) + (i % (BLOCK // 2))])
-            out[r, c] = (byte & 0x0F) if i < BLOCK // 2 else (byte >> 4)
-    return out
+    c = np.arange(cols)
+    byte = (c // BLOCK) * (BLOCK // 2) + (c % (BLOCK // 2))
+    shift = np.where(c % BLOCK >= BLOCK // 2, 4, 0)
+    return (packed[:, byte].astype(np.int64) >> shift) & 0x0F
 
 
 def _per_column(group_values, group_size: int, cols: int) -> np.ndarray:
@@ -118,7 +117,7 @@ def dequant_ref(fmt: str, data, cols: int, group_size: int = 0, scales=None, min
     s = _per_column(f16_bits_to_f64(np.asarray(scales).view(np.uint16)), group_size, cols)
     if fmt == "int8":
         return data.view(np.int8).astype(np.float64) * s
-    q = unpack_int4_naive(data, cols).astype(np.float64)
+    q = unpack_int4_ref(data, cols).astype(np.float64)
     if fmt == "int4_sym":
         return (q - 8.0) * s
     if fmt == "int4_asym":
@@ -127,28 +126,24 @@ def dequant_ref(fmt: str, data, cols: int, group_size: int = 0, scales=None, min
     raise ValueError(fmt)
 
 
-# --- activation quantization as the integer kernels define it ---------------
+def partial_magnitudes_ref(fmt: str, data, cols: int, group_size: int = 0, scales=None, mins=None) -> np.ndarray:
+    """float64 [rows, cols]: the magnitude of what an integer kernel adds up per
+    weight element before the offsets cancel. int8: |q s|; int4_sym: (q + 8)|s|
+    (the nibble part and the -8 offset are summed separately); int4_asym:
+    |q s| + |min|. Float formats: |w|. Rounding errors scale with these."""
+    if fmt in ("f32", "f16", "bf16"):
+        return np.abs(dequant_ref(fmt, data, cols))
+    s = np.abs(_per_column(f16_bits_to_f64(np.asarray(scales).view(np.uint16)), group_size, cols))
+    if fmt == "int8":
+        return np.abs(np.asarray(data).view(np.int8).astype(np.float64)) * s
+    q = unpack_int4_ref(data, cols).astype(np.float64)
+    if fmt == "int4_sym":
+        return (q + 8.0) * s
+    mn = np.abs(_per_column(f16_bits_to_f64(np.asarray(mins).view(np.uint16)), group_size, cols))
+    return q * s + mn
 
 
-def quantize_activations_ref(x) -> np.ndarray:
-    """x f32 [M, K] -> the values the int8 kernels actually multiply (float64 [M, K]).
-
-    Blocks of 32 along K (the last one shorter): scale = absmax / 127 and
-    q = round_half_even(x * (127 / absmax)) clipped to +-127, both products in
-    float32 as matmul.h's quantize_rows specifies; value = q * scale.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    M, K = x.shape
-    out = np.zeros((M, K), dtype=np.float64)
-    for start in range(0, K, BLOCK):
-        blk = x[:, start : start + BLOCK]
-        amax = np.max(np.abs(blk), axis=1, keepdims=True).astype(np.float32)
-        scale = amax / np.float32(127.0)
-        with np.errstate(divide="ignore"):
-            inverse = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-        q = np.clip(np.rint(blk * inverse), -127, 127)
-        out[:, start : start + BLOCK] = q.astype(np.float64) * scale.astype(np.float64)
-    return out
+# --- matmul ------------------------------------------------------------------
 
 
 def matmul_ref(x, w, bias=None) -> np.ndarray:

@@ -12,13 +12,17 @@
 namespace pyllm {
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // never block on a FIFO
     if (fd < 0) throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
     struct stat st;
     if (::fstat(fd, &st) != 0) {
         const int err = errno;
         ::close(fd);
         throw std::runtime_error("cannot stat " + path + ": " + std::strerror(err));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        ::close(fd);
+        throw std::invalid_argument(path + " is not a regular file");
     }
     size_ = (uint64_t)st.st_size;
     if (size_ == 0) {
@@ -72,7 +76,12 @@ void TensorTable::add(const std::string& name, const std::string& dtype_name, co
                       uint64_t begin, uint64_t end) {
     auto fail = [&](const std::string& why) { throw std::invalid_argument("tensor '" + name + "': " + why); };
     if (tensors_.count(name)) fail("listed twice");
-    const DType dtype = dtype_from_name(dtype_name);
+    DType dtype = DType::U8;
+    try {
+        dtype = dtype_from_name(dtype_name);
+    } catch (const std::invalid_argument& e) {
+        fail(e.what());
+    }
     uint64_t numel = 1;
     for (int64_t d : shape) {
         if (d < 0) fail("negative dimension in shape " + shape_str(shape));

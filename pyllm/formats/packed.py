@@ -17,15 +17,18 @@ blobs ("tokenizer.json" or "tokenizer.model").
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from ..quant import FORMATS, packed_shapes
+from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
 from .safetensors import FormatError, SafetensorsFile
 
 FORMAT_NAME = "pyllm"
 FORMAT_VERSION = 1
 TOKENIZER_BLOBS = ("tokenizer.json", "tokenizer.model")
+MAX_GROUP_SIZE = 1 << 20
+GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 @dataclass
@@ -59,8 +62,27 @@ class ModelConfig:
             raise FormatError("model config: num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise FormatError("model config: head_dim must be even")
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise FormatError("model config: rms_norm_eps and rope_theta must be positive")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise FormatError(f"model config: {name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.architecture, str):
+            raise FormatError(f"model config: architecture must be a string, got {self.architecture!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise FormatError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            # the keys the engine reads must have the right types; others are carried along
+            numbers = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            ok = isinstance(self.rope_scaling, dict) and all(
+                isinstance(v, str) if k in ("type", "rope_type") else _is_real(v) and math.isfinite(v)
+                for k, v in self.rope_scaling.items() if k in ("type", "rope_type") + numbers
+            )
+            if not ok:
+                raise FormatError(
+                    f"model config: rope_scaling must be null or an object whose type is a string and whose "
+                    f"{', '.join(numbers)} are numbers, got {self.rope_scaling!r}"
+                )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """[rows, cols] of every matrix the engine multiplies by, by base name."""
@@ -85,6 +107,14 @@ class ModelConfig:
         return names + ["model.norm.weight"]
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TokenizerSpec:
     kind: str  # "hf" (tokenizer.json) or "sentencepiece" (tokenizer.model)
@@ -97,6 +127,26 @@ class TokenizerSpec:
     add_bos_token: bool = False
     add_eos_token: bool = False
     added_tokens: dict[str, int] = field(default_factory=dict)  # special/added tokens outside the base vocab (spm)
+
+    def validate(self) -> None:
+        def bad(what: str) -> FormatError:
+            return FormatError(f"tokenizer spec: {what}")
+
+        if self.kind not in ("hf", "sentencepiece"):
+            raise bad(f"unknown kind {self.kind!r} (expected 'hf' or 'sentencepiece')")
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), str)):
+                raise bad(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        if not (self.bos_token_id is None or (_is_int(self.bos_token_id) and self.bos_token_id >= 0)):
+            raise bad(f"bos_token_id must be a token id or null, got {self.bos_token_id!r}")
+        if not isinstance(self.eos_token_ids, list) or not all(_is_int(i) and i >= 0 for i in self.eos_token_ids):
+            raise bad(f"eos_token_ids must be a list of token ids, got {self.eos_token_ids!r}")
+        if not (isinstance(self.add_bos_token, bool) and isinstance(self.add_eos_token, bool)):
+            raise bad("add_bos_token and add_eos_token must be true or false")
+        if not isinstance(self.added_tokens, dict) or not all(
+            isinstance(k, str) and _is_int(v) and 0 <= v < 2**31 for k, v in self.added_tokens.items()
+        ):
+            raise bad("added_tokens must map token strings to token ids")
 
 
 class PackedModel:
@@ -114,22 +164,61 @@ class PackedModel:
                 f"{self.path}: format version {version!r} is not supported by this pyllm (reads version "
                 f"{FORMAT_VERSION}); convert the model again with this version"
             )
+
+        def obj(key: str, default: str | None = None) -> dict:
+            if key not in meta and default is None:
+                raise FormatError(f"{self.path}: metadata lacks '{key}'")
+            try:
+                value = json.loads(meta.get(key, default))
+            except (ValueError, RecursionError) as e:
+                raise FormatError(f"{self.path}: metadata '{key}' is not valid JSON ({type(e).__name__}: {e})") from None
+            if not isinstance(value, dict):
+                raise FormatError(f"{self.path}: metadata '{key}' must be a JSON object, got {type(value).__name__}")
+            return value
+
+        config = obj("pyllm.config")
+        linears = obj("pyllm.linears")
+        tokenizer = obj("pyllm.tokenizer")
+        self.generation: dict = obj("pyllm.generation", "{}")
+        self.source: dict = obj("pyllm.source", "{}")
+        for key, value in self.generation.items():
+            ok = isinstance(value, bool) if key == "do_sample" else _is_real(value) and math.isfinite(value)
+            if key in GENERATION_NUMBERS + ("do_sample",) and not ok:
+                raise FormatError(f"{self.path}: generation default {key!r} has an invalid value {value!r}")
         try:
-            config = json.loads(meta["pyllm.config"])
-            self.linears: dict[str, tuple[str, int]] = {k: (v[0], int(v[1])) for k, v in json.loads(meta["pyllm.linears"]).items()}
-            self.tokenizer = TokenizerSpec(**json.loads(meta["pyllm.tokenizer"]))
-            self.generation: dict = json.loads(meta.get("pyllm.generation", "{}"))
-            self.source: dict = json.loads(meta.get("pyllm.source", "{}"))
             self.config = ModelConfig(**config)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise FormatError(f"{self.path}: invalid pyllm metadata ({type(e).__name__}: {e})") from None
+            self.tokenizer = TokenizerSpec(**tokenizer)
+        except TypeError as e:  # missing or unknown keys
+            raise FormatError(f"{self.path}: invalid pyllm metadata ({e})") from None
+        try:
+            self.config.validate()
+            self.tokenizer.validate()
+        except FormatError as e:
+            raise FormatError(f"{self.path}: {e}") from None
+        self.linears: dict[str, tuple[str, int]] = {}
+        for base, spec in linears.items():
+            if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and _is_int(spec[1])):
+                raise FormatError(f"{self.path}: linear entry for '{base}' must be [format, group_size], got {spec!r}")
+            fmt, group = spec
+            if fmt not in FORMATS:
+                raise FormatError(f"{self.path}: '{base}' has unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+            if fmt in QUANT_FORMATS and not (0 < group <= MAX_GROUP_SIZE and group % BLOCK == 0):
+                raise FormatError(f"{self.path}: '{base}' has invalid group size {group} (a positive multiple of {BLOCK})")
+            if fmt not in QUANT_FORMATS and not 0 <= group <= MAX_GROUP_SIZE:
+                raise FormatError(f"{self.path}: '{base}' has invalid group size {group}")
+            self.linears[base] = (fmt, group)
         self.chat_template: str = meta.get("pyllm.chat_template", "")
-        self.config.validate()
         self._check_tensors()
 
     def _check_tensors(self) -> None:
         """Every tensor the engine will use exists with the dtype and shape its format implies."""
         t = self.file.tensors
+        # each layer has 9 tensors: bound the layer count before building per-layer tables
+        if self.config.num_hidden_layers * 9 > len(t):
+            raise FormatError(
+                f"{self.path}: the config declares {self.config.num_hidden_layers} layers but the file holds only "
+                f"{len(t)} tensors (truncated or mismatched config?)"
+            )
 
         def expect(name: str, dtype: str, shape: tuple[int, ...]) -> None:
             if name not in t:
@@ -143,10 +232,6 @@ class PackedModel:
             if base not in self.linears:
                 raise FormatError(f"{self.path}: no format recorded for '{base}'")
             fmt, group = self.linears[base]
-            if fmt not in FORMATS:
-                raise FormatError(f"{self.path}: '{base}' has unknown format {fmt!r}")
-            if fmt.startswith("int") and (group <= 0 or group % 32):
-                raise FormatError(f"{self.path}: '{base}' has invalid group size {group}")
             for part, (dtype, shape) in packed_shapes(fmt, rows, cols, group).items():
                 expect(f"{base}.{part}", dtype, shape)
         for name in self.config.norm_names():

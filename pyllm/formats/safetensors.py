@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -59,15 +60,47 @@ def _fail(path: str, why: str) -> FormatError:
     return FormatError(f"{path}: {why}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a key given twice is an error, not "the last one wins"."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return out
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class SafetensorsFile:
     """A validated, memory-mapped safetensors file."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            self.file_size = os.path.getsize(self.path)
+            st = os.stat(self.path)
         except OSError as e:
             raise FileNotFoundError(f"cannot read {self.path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):  # a directory, FIFO or device: opening could block or mislead
+            raise _fail(self.path, "not a regular file")
+        self.file_size = st.st_size
         with open(self.path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -80,16 +113,25 @@ class SafetensorsFile:
             raw = f.read(header_len)
         self.data_offset = 8 + header_len
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _fail(self.path, f"header is not valid JSON ({e})") from None
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise _fail(self.path, f"header lists {e.args[0]!r} twice") from None
+        except (ValueError, RecursionError) as e:
+            # ValueError covers bad UTF-8, bad JSON and integers too long to convert;
+            # RecursionError, absurdly deep nesting
+            raise _fail(self.path, f"header is not valid JSON ({type(e).__name__}: {e})") from None
         if not isinstance(header, dict):
             raise _fail(self.path, "header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise _fail(self.path, "__metadata__ must map strings to strings")
+        for text in (*metadata, *metadata.values(), *header):
+            if not _is_utf8(text):
+                raise _fail(self.path, f"header string {text[:40]!r} is not valid Unicode (lone surrogate escape)")
         self.metadata: dict[str, str] = metadata
         self.tensors: dict[str, TensorInfo] = {}
         data_len = self.file_size - self.data_offset
@@ -105,26 +147,35 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise _fail(self.path, f"entry for '{name}' is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise _fail(self.path, f"tensor '{name}' has unsupported dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _fail(self.path, f"tensor '{name}' has unsupported dtype {_short(dtype)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise _fail(self.path, f"tensor '{name}' has an invalid shape {shape!r}")
+            raise _fail(self.path, f"tensor '{name}' has an invalid shape {_short(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         ):
-            raise _fail(self.path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
+            raise _fail(self.path, f"tensor '{name}' has invalid data_offsets {_short(offsets)}")
         begin, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d  # Python ints cannot overflow; the size check below bounds them
+        # Python ints cannot overflow, but a long list of huge dimensions would
+        # make the product slow to compute: stop once it exceeds any possible size.
+        numel = 0 if 0 in shape else 1
+        for d in shape if numel else ():
+            numel *= d
+            if numel > data_len:
+                break
         expected = numel * DTYPES[dtype].itemsize
         if end < begin:
             raise _fail(self.path, f"tensor '{name}' ends before it begins")
+        if expected > data_len:
+            raise _fail(
+                self.path,
+                f"tensor '{name}' of {dtype} {_short(shape)} needs more bytes than the {data_len}-byte data section holds",
+            )
         if end - begin != expected:
             raise _fail(
-                self.path, f"tensor '{name}' occupies {end - begin} bytes but {dtype} {shape} needs {expected}"
+                self.path, f"tensor '{name}' occupies {end - begin} bytes but {dtype} {_short(shape)} needs {expected}"
             )
         if end > data_len:
             raise _fail(
@@ -201,6 +252,15 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map strings to strings")
+    for p in plans:
+        if not isinstance(p.name, str) or p.name == "__metadata__" or p.name.startswith("__pad__"):
+            raise ValueError(f"tensor name {p.name!r} is reserved")
+        if not isinstance(p.dtype, str) or p.dtype not in DTYPES:
+            raise ValueError(f"tensor '{p.name}': unknown dtype {p.dtype!r} (choose from {', '.join(DTYPES)})")
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in p.shape):
+            raise ValueError(f"tensor '{p.name}': invalid shape {p.shape!r}")
     header: dict = {"__metadata__": metadata}
     layout: list[tuple[PlannedTensor | None, int]] = []  # (tensor or padding, bytes)
     offset = 0
@@ -210,7 +270,8 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
             header[f"__pad__.{i}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
             layout.append((None, pad))
             offset += pad
-        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        header[p.name] = {"dtype": p.dtype, "shape": [int(d) for d in p.shape],
+                          "data_offsets": [offset, offset + p.nbytes]}
         layout.append((p, p.nbytes))
         offset += p.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -220,13 +281,17 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600); give the result the mode a plain open() would
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for p, nbytes in layout:
                 if p is None:
                     f.write(b"\0" * nbytes)
                     continue
-                value = np.ascontiguousarray(p.produce())
+                value = np.asarray(p.produce())
+                if not value.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape (1,))
+                    value = value.copy(order="C")
                 # 16-bit floats may come as their raw uint16 bits
                 raw_bits_ok = p.dtype in ("F16", "BF16") and value.dtype == np.uint16
                 if value.dtype.newbyteorder("<") != DTYPES[p.dtype].newbyteorder("<") and not raw_bits_ok:
@@ -245,4 +310,31 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
         except FileNotFoundError:
             pass
         raise
+    _fsync_directory(directory)  # make the rename itself durable
     return 8 + len(raw) + offset
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it the racy way
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
