@@ -12,6 +12,7 @@ import numpy as np
 
 from .chat_template import render_chat
 from .formats.packed import PackedModel
+from .formats.safetensors import FormatError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -60,7 +61,10 @@ class LLM:
         self.path = os.fspath(path)
         self.model = PackedModel(self.path)
         self.config = self.model.config
-        self.tokenizer = Tokenizer(self.model.tokenizer, self.model.tokenizer_blob())
+        try:
+            self.tokenizer = Tokenizer(self.model.tokenizer, self.model.tokenizer_blob())
+        except Exception as e:  # the tokenizers / sentencepiece libraries raise plain Exceptions
+            raise FormatError(f"{self.path}: the embedded tokenizer cannot be read ({e})") from None
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                              f"{self.config.vocab_size} embeddings")

@@ -110,6 +110,21 @@ def _safe_divide(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0)
 
 
+F16_MAX = 65504.0
+
+
+def _check_f16_range(values: np.ndarray, what: str) -> None:
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if peak > F16_MAX:
+        raise ValueError(f"{what} reach {peak:.3g}, beyond the float16 range ({F16_MAX:g}): "
+                         "this weight cannot be stored in this format")
+
+
+def _to_f16(values: np.ndarray, what: str) -> np.ndarray:
+    _check_f16_range(values, what)
+    return values.astype(np.float16)
+
+
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """q uint8 [rows, cols] in 0..15 -> packed uint8 [rows, Kp / 2]."""
     rows, cols = q.shape
@@ -140,6 +155,7 @@ def quantize(w: np.ndarray, fmt: str, group_size: int = 32) -> PackedWeight:
     if fmt == "f32":
         return PackedWeight(fmt, rows, cols, 0, w)
     if fmt == "f16":
+        _check_f16_range(w, "weights")
         return PackedWeight(fmt, rows, cols, 0, w.astype(np.float16).view(np.uint16))
     if fmt == "bf16":
         return PackedWeight(fmt, rows, cols, 0, f32_to_bf16_bits(w))
@@ -147,7 +163,7 @@ def quantize(w: np.ndarray, fmt: str, group_size: int = 32) -> PackedWeight:
     g, valid = _grouped(w, group_size)
     if fmt == "int8":
         amax = np.nanmax(np.abs(g), axis=2)
-        scales = (amax / 127.0).astype(np.float16)
+        scales = _to_f16(amax / 127.0, "int8 scales")
         q = np.clip(np.rint(_safe_divide(g, scales.astype(np.float32)[..., None])), -127, 127)
         q = np.where(valid, q, 0).reshape(rows, -1)[:, :cols].astype(np.int8)
         return PackedWeight(fmt, rows, cols, group_size, np.ascontiguousarray(q), scales)
@@ -155,15 +171,15 @@ def quantize(w: np.ndarray, fmt: str, group_size: int = 32) -> PackedWeight:
         # the value of largest magnitude maps to q = 0, i.e. -8 * scale
         idx = np.nanargmax(np.abs(np.where(valid, g, 0)), axis=2)
         extreme = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
-        scales = (extreme / -8.0).astype(np.float16)
+        scales = _to_f16(extreme / -8.0, "int4 scales")
         q = np.clip(np.rint(_safe_divide(g, scales.astype(np.float32)[..., None])) + 8, 0, 15)
         q = np.where(valid, q, 0).reshape(rows, -1)[:, :cols].astype(np.uint8)
         return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scales)
     if fmt == "int4_asym":
         lo = np.nanmin(g, axis=2)
         hi = np.nanmax(g, axis=2)
-        scales = ((hi - lo) / 15.0).astype(np.float16)
-        mins = lo.astype(np.float16)
+        scales = _to_f16((hi - lo) / 15.0, "int4 scales")
+        mins = _to_f16(lo, "int4 mins")
         q = np.clip(np.rint(_safe_divide(g - mins.astype(np.float32)[..., None], scales.astype(np.float32)[..., None])), 0, 15)
         q = np.where(valid, q, 0).reshape(rows, -1)[:, :cols].astype(np.uint8)
         return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scales, mins)

@@ -345,17 +345,9 @@ def test_matmul_int8_extreme_codes(kernels):
         assert_within(y, expected, gamma(32) * ref.matmul_abs_bound(x[:M], W), f"M={M}")
 
 
-_TINY_BUG = (
-    "BUG (matmul_portable.cpp quantize_rows): for a 32-block with absmax < ~9.5e-35, step = absmax / 32258 "
-    "is so small that 1 / step overflows to inf; x * inf is +-inf (NaN for 0) and (int32_t)nearbyint(inf) is "
-    "undefined behaviour (INT_MIN on x86, clipped to -127), so every activation of the block is read as about "
-    "-absmax: outputs come out with the wrong sign (y / (x W^T) = -1.5 .. -2.7)"
-)
-
-
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
 @pytest.mark.parametrize(
-    "magnitude", [1e-30, 1e-34, pytest.param(1e-36, marks=pytest.mark.xfail(strict=True, reason=_TINY_BUG))]
+    "magnitude", [1e-30, 1e-34, 1e-36]
 )
 def test_matmul_tiny_activations(kernels, fmt, magnitude):
     """Activation quantization is scale invariant for normal floats: a block of
@@ -540,15 +532,16 @@ def test_embedding(fmt, cols, group):
     assert _core.embedding(np.zeros(0, np.int32), **args).shape == (0, cols)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (bindings.cpp): ids are force-cast to int32, so an int64 id of 2**32 + 1 silently "
-    "wraps to 1 and returns row 1 instead of raising; float ids (1.7) are truncated the same way",
-)
 def test_embedding_rejects_ids_beyond_int32():
+    """ids are not force-cast: an int64 id of 2**32 + 1 must not wrap to row 1, 1.7 must not become 1."""
     args = quant.kernel_args(quant.quantize(np.ones((4, 32), np.float32), "f32"))
-    with pytest.raises((IndexError, ValueError)):
-        _core.embedding(np.array([2**32 + 1], np.int64), **args)
+    for bad in (np.array([2**32 + 1], np.int64), np.array([-(2**32) + 2], np.int64), np.array([1.7]),
+                np.array([2**63], np.uint64)):
+        with pytest.raises((IndexError, ValueError)):
+            _core.embedding(bad, **args)
+    with pytest.raises(ValueError):
+        _core.rope(np.ones((1, 1, 4), np.float32), np.array([2**32 + 5], np.int64), 10000.0)
+    assert _core.embedding(np.array([3], np.int64), **args).shape == (1, 32)
 
 
 def test_embedding_rejects_bad_ids():
@@ -701,18 +694,15 @@ def test_quantize_zero_and_constant_groups(fmt):
     assert np.isfinite(y).all() and y[0, 0] == 0.0
 
 
-_F16_OVERFLOW = "BUG (pyllm/quant.py): a stored f16 value overflows to inf and quantize accepts it silently"
-
-
 @pytest.mark.parametrize(
     "fmt, magnitude",
     [
         ("int8", 1e5),
         ("int4_sym", 1e5),
-        pytest.param("f16", 1e5, marks=pytest.mark.xfail(strict=True, reason=_F16_OVERFLOW + " (the value)")),
-        pytest.param("int4_asym", 1e5, marks=pytest.mark.xfail(strict=True, reason=_F16_OVERFLOW + " (min = -1e5)")),
-        pytest.param("int8", 1e7, marks=pytest.mark.xfail(strict=True, reason=_F16_OVERFLOW + " (scale = 1e7/127)")),
-        pytest.param("int4_sym", 1e6, marks=pytest.mark.xfail(strict=True, reason=_F16_OVERFLOW + " (scale = 1e6/8)")),
+        ("f16", 1e5),
+        ("int4_asym", 1e5),
+        ("int8", 1e7),
+        ("int4_sym", 1e6),
     ],
 )
 @pytest.mark.filterwarnings(

@@ -26,6 +26,25 @@ using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>
 
 [[noreturn]] void bad(const std::string& why) { throw py::value_error(why); }
 
+// Token ids or positions: any integer array whose values fit int32 (no silent
+// wrapping of int64 values, no truncation of floats).
+I32Array int32_values(const py::array& a, const char* name) {
+    const char kind = a.dtype().kind();
+    if (a.size() > 0 && kind != 'i' && kind != 'u')
+        bad(std::string(name) + " must be integers, got dtype " + std::string(py::str(a.dtype())));
+    auto out_of_range = [&] { bad(std::string(name) + " has a value that does not fit in 32 bits"); };
+    if (kind == 'u' && a.dtype().itemsize() == 8) {
+        py::array_t<uint64_t, py::array::c_style | py::array::forcecast> u(a);
+        for (py::ssize_t i = 0; i < u.size(); ++i)
+            if (u.data()[i] > (uint64_t)INT32_MAX) out_of_range();
+    } else if (a.dtype().itemsize() > 4 || (kind == 'u' && a.dtype().itemsize() == 4)) {
+        py::array_t<int64_t, py::array::c_style | py::array::forcecast> wide(a);
+        for (py::ssize_t i = 0; i < wide.size(); ++i)
+            if (wide.data()[i] < INT32_MIN || wide.data()[i] > INT32_MAX) out_of_range();
+    }
+    return I32Array(a);
+}
+
 void expect_shape(const py::array& a, std::initializer_list<int64_t> shape, const char* name) {
     std::vector<int64_t> want(shape), got(a.shape(), a.shape() + a.ndim());
     if (want != got) bad(std::string(name) + " has shape " + shape_str(got) + ", expected " + shape_str(want));
@@ -130,6 +149,15 @@ class PyModel {
 public:
     PyModel(const std::string& path, uint64_t data_offset, const py::dict& tensors, const py::dict& linears,
             const py::dict& config, int64_t context_length, int n_threads) {
+        try {
+            build(path, data_offset, tensors, linears, config, context_length, n_threads);
+        } catch (const py::cast_error& e) {
+            bad(std::string("model description has a value of the wrong type or range: ") + e.what());
+        }
+    }
+
+    void build(const std::string& path, uint64_t data_offset, const py::dict& tensors, const py::dict& linears,
+               const py::dict& config, int64_t context_length, int n_threads) {
         file_ = std::make_shared<MappedFile>(path);
         TensorTable table(*file_, data_offset);
         for (auto item : tensors) {
@@ -169,7 +197,8 @@ public:
         n_threads_ = resolve_threads(n_threads);
     }
 
-    py::array_t<float> forward(const I32Array& tokens, int64_t pos, bool all_logits) {
+    py::array_t<float> forward(const py::array& token_array, int64_t pos, bool all_logits) {
+        const I32Array tokens = int32_values(token_array, "tokens");
         if (tokens.ndim() != 1) bad("tokens must be 1-D");
         const int64_t n = tokens.shape(0);
         if (n == 0) bad("no tokens");
@@ -241,9 +270,10 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "embedding",
-        [](const I32Array& ids, const std::string& format, const py::array& data, int64_t cols, int64_t group_size,
-           const py::object& scales, const py::object& mins) {
-            // ids: int32 [M] -> f32 [M, cols]
+        [](const py::array& id_array, const std::string& format, const py::array& data, int64_t cols,
+           int64_t group_size, const py::object& scales, const py::object& mins) {
+            // ids: int [M] -> f32 [M, cols]
+            const I32Array ids = int32_values(id_array, "ids");
             WeightView w = weight_view(format, data, cols, group_size, scales, mins, py::none());
             if (ids.ndim() != 1) bad("ids must be 1-D");
             py::array_t<float> out({(int64_t)ids.shape(0), cols});
@@ -291,8 +321,9 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "rope",
-        [](const F32Array& x, const I32Array& positions, double theta, const py::object& scaling) {
-            // x: f32 [M, heads, D], positions: int32 [M] -> rotated copy of x
+        [](const F32Array& x, const py::array& position_array, double theta, const py::object& scaling) {
+            // x: f32 [M, heads, D], positions: int [M] -> rotated copy of x
+            const I32Array positions = int32_values(position_array, "positions");
             if (x.ndim() != 3) bad("x must be [M, heads, head_dim]");
             expect_shape(positions, {x.shape(0)}, "positions");
             auto inv_freq = rope_inv_freq(x.shape(2), theta, parse_rope_scaling(scaling));

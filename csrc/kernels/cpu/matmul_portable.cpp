@@ -98,10 +98,11 @@ void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_
             // x = step * (254 * hi + lo): hi = round(x / (254 step)) in [-127, 127] and the
             // remainder, at most 127 steps in magnitude, as lo
             const float step = amax / (127.0f * (float)kResidualRadix);
-            const float inverse = amax > 0.0f ? 1.0f / step : 0.0f;
+            // 1 / step in double: in float it overflows for blocks below ~1e-34
+            const double inverse = amax > 0.0f ? (127.0 * kResidualRadix) / (double)amax : 0.0;
             float sum = 0.0f;
             for (int64_t i = 0; i < kBlock; ++i) {
-                const float units = i < len ? xr[start + i] * inverse : 0.0f;  // x / step
+                const float units = i < len ? (float)((double)xr[start + i] * inverse) : 0.0f;  // x / step
                 int32_t h = (int32_t)std::nearbyint(units / (float)kResidualRadix);
                 h = std::max(-127, std::min(127, h));
                 int32_t l = (int32_t)std::nearbyint(units - (float)(h * kResidualRadix));
