@@ -7,7 +7,7 @@ between runs under the pyllm cache directory, like the default model itself.
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +19,9 @@ import pyllm  # noqa: E402
 from pyllm import default_model  # noqa: E402
 from pyllm.convert import convert_checkpoint  # noqa: E402
 from pyllm.perplexity import default_text, perplexity  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
+from reference_checkpoint import reference_checkpoint  # noqa: E402
 
 PROMPTS = {
     "english": "The history of the printing press begins in",
@@ -40,21 +43,8 @@ def gguf_path():
 @pytest.fixture(scope="module")
 def hf_dir(gguf_path):
     """A Hugging Face checkpoint of the same weights, made by transformers' GGUF loader (cached)."""
-    directory = os.path.join(default_model.cache_dir(), "test-cache", "smollm2-135m-instruct-hf")
-    if not os.path.exists(os.path.join(directory, "config.json")):
-        tmp = directory + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        folder, name = os.path.split(gguf_path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        # save_pretrained refuses GGUF-loaded models until the quantizer marks are cleared
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
-        os.replace(tmp, directory)
-    return directory
+    return reference_checkpoint(gguf_path, os.path.join(default_model.cache_dir(), "test-cache",
+                                                        "smollm2-135m-instruct-hf"))
 
 
 @pytest.fixture(scope="module")
