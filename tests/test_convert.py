@@ -1,0 +1,117 @@
+"""`pyllm convert` on the checkpoint layouts Hugging Face writes, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import pyllm  # noqa: E402
+from pyllm.convert import convert_checkpoint  # noqa: E402
+from pyllm.formats.safetensors import FormatError  # noqa: E402
+
+from conftest import nmse  # noqa: E402
+
+IDS = [5, 17, 300, 42, 8, 99, 123, 7, 250, 3]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model, model(torch.tensor([IDS])).logits[0].numpy()
+
+
+def copy_without_weights(src: str, dst: str) -> str:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "*.bin"))
+    return dst
+
+
+def logits_of(directory: str, out: str) -> np.ndarray:
+    convert_checkpoint(directory, out, quant="f32", progress=False)
+    return pyllm.LLM(out, n_threads=1).logits(IDS)
+
+
+def test_sharded_safetensors_with_index(tiny_llama, reference, tmp_path):
+    model, ref = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "sharded"))
+    model.save_pretrained(d, max_shard_size="100KB")
+    assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(d) if f.endswith(".safetensors")]) > 1
+    assert nmse(logits_of(d, str(tmp_path / "s.pllm")), ref) < 1e-10
+
+
+def test_pytorch_bin_checkpoint(tiny_llama, reference, tmp_path):
+    model, ref = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))
+    torch.save(model.state_dict(), os.path.join(d, "pytorch_model.bin"))
+    assert nmse(logits_of(d, str(tmp_path / "b.pllm")), ref) < 1e-10
+
+
+def test_bf16_checkpoint(tiny_llama, reference, tmp_path):
+    model, _ = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "bf16"))
+    model.to(torch.bfloat16).save_pretrained(d)
+    model.to(torch.float32)
+    bf16 = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = bf16(torch.tensor([IDS])).logits[0].numpy()
+    # the bf16 values widen exactly to f32
+    assert nmse(logits_of(d, str(tmp_path / "bf.pllm")), ref) < 1e-10
+
+
+def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
+    d = str(tmp_path / "jinja")
+    shutil.copytree(tiny_llama, d)
+    cfg_path = os.path.join(d, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(cfg_path, "w"))
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    out = str(tmp_path / "j.pllm")
+    convert_checkpoint(d, out, quant="f32", progress=False)
+    llm = pyllm.LLM(out)
+    assert llm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "yarn"),
+    ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+])
+def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
+    d = str(tmp_path / "bad")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(change)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "bad.pllm"
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(d, str(out), progress=False)
+    assert not out.exists()
+
+
+def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
+    d = str(tmp_path / "mismatch")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["intermediate_size"] += 32
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "m.pllm"
+    with pytest.raises(FormatError, match="config implies"):
+        convert_checkpoint(d, str(out), quant="int4", progress=False)
+    assert not out.exists()
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
+
+
+def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="group size 48"):
+        convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)
