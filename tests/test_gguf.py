@@ -171,6 +171,27 @@ def test_gguf_requantized_to_another_group_size(hf_dir, tmp_path):
     assert set(fmt for fmt, _ in llm.model.linears.values()) == {"int8"}
 
 
+def test_unsupported_tensor_type_is_refused(tmp_path):
+    src = make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128)
+    path = str(tmp_path / "odd.gguf")
+    write_gguf(src, path, Q.Q8_0)
+    # retag one matrix as a type no reader of ours implements (the bytes are irrelevant then)
+    reader = gguf.GGUFReader(path)
+    target = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    raw = bytearray(open(path, "rb").read())
+    # the tensor info ends with: n_dims u32, dims u64 x n, type u32, offset u64
+    name = target.name.encode()
+    at = raw.index(len(name).to_bytes(8, "little") + name)
+    type_at = at + 8 + len(name) + 4 + 8 * len(target.shape)
+    assert int.from_bytes(raw[type_at:type_at + 4], "little") == Q.Q8_0
+    raw[type_at:type_at + 4] = int(Q.I64).to_bytes(4, "little")
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(FormatError, match="I64") as error:
+        convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
+    print(error.value)
+    assert not (tmp_path / "odd.pllm").exists()
+
+
 def test_bad_gguf_is_refused(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)

@@ -183,7 +183,11 @@ class GGUFSource:
         if kind not in ("F32", "F16", "BF16"):
             from gguf import quants
 
-            values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+            try:
+                values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+            except NotImplementedError:
+                raise FormatError(f"{self.path}: tensor '{t.name}' has type {kind}, which pyllm cannot read "
+                                  "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants)") from None
             shape = tuple(int(d) for d in reversed(t.shape))
             values = values.reshape(shape)
         else:
