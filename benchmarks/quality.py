@@ -140,7 +140,7 @@ def main() -> None:
             del model
     base = rows[0][3]
     lines = [
-        f"| engine | format | bits/weight (linear layers) | perplexity | vs pyllm f32 |",
+        "| engine | format | bits/weight (linear layers) | perplexity | vs pyllm f32 |",
         "|---|---|---|---|---|",
     ]
     for engine, label, bpw, ppl, _ in rows:

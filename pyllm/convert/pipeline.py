@@ -12,7 +12,7 @@ import numpy as np
 from .. import __version__
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
-from ..quant import FORMATS, QUANT_FORMATS, check_group_size, dequantize, nmse, packed_shapes, quantize
+from ..quant import QUANT_FORMATS, check_group_size, dequantize, nmse, packed_shapes, quantize
 from .checkpoint import Checkpoint
 from .gguf_source import GGUFSource
 
@@ -189,5 +189,3 @@ def _progress(total: int, enabled: bool, log):
 
     return tqdm(total=total, desc="converting", unit="tensor", disable=not enabled, file=log, leave=False)
 
-
-__all__ = ["convert_checkpoint", "ConversionReport", "resolve_quant", "FORMATS"]
