@@ -152,14 +152,15 @@ private:
             linear(pool_, lw.v, h, M, v_.data(), scratch_);
             rope(q_.data(), M, H, hd, positions_.data(), inv_freq_.data());
             rope(k_.data(), M, Hkv, hd, positions_.data(), inv_freq_.data());
-            // cache layout per layer: [kv_heads, n_ctx, head_dim]
+            // cache layout per layer: keys [kv_heads, head_dim, n_ctx] (transposed), values [kv_heads, n_ctx, head_dim]
             float* k_layer = k_cache_.get() + l * Hkv * n_ctx_ * hd;
             float* v_layer = v_cache_.get() + l * Hkv * n_ctx_ * hd;
             for (int64_t m = 0; m < M; ++m)
                 for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-                    const size_t dst = (size_t)((kvh * n_ctx_ + pos0 + m) * hd);
-                    std::memcpy(k_layer + dst, k_.data() + m * kv_dim + kvh * hd, (size_t)hd * sizeof(float));
-                    std::memcpy(v_layer + dst, v_.data() + m * kv_dim + kvh * hd, (size_t)hd * sizeof(float));
+                    const float* k_new = k_.data() + m * kv_dim + kvh * hd;
+                    for (int64_t i = 0; i < hd; ++i) k_layer[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[i];
+                    std::memcpy(v_layer + (kvh * n_ctx_ + pos0 + m) * hd, v_.data() + m * kv_dim + kvh * hd,
+                                (size_t)hd * sizeof(float));
                 }
             attention(pool_, q_.data(), k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale, attn_.data());
             linear(pool_, lw.o, attn_.data(), M, h, scratch_);
@@ -191,7 +192,8 @@ private:
     std::vector<LayerWeights> layers_;
     const float* final_norm_ = nullptr;
     std::vector<float> inv_freq_;
-    std::unique_ptr<float[]> k_cache_, v_cache_;  // [layers, kv_heads, n_ctx, head_dim]
+    std::unique_ptr<float[]> k_cache_;  // [layers, kv_heads, head_dim, n_ctx] (transposed)
+    std::unique_ptr<float[]> v_cache_;  // [layers, kv_heads, n_ctx, head_dim]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<int32_t> positions_;
     ActivationScratch scratch_;

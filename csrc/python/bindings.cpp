@@ -346,12 +346,18 @@ PYBIND11_MODULE(_core, m) {
             if (Hkv <= 0 || H % Hkv != 0) bad("query heads must be a multiple of kv heads");
             if (pos0 < 0 || pos0 + M > S) bad("positions exceed the cache length");
             py::array_t<float> out({M, H, D});
-            const float *qp = q.data(), *kp = k_cache.data(), *vp = v_cache.data();
+            // the kernel reads keys transposed, as the engine caches them
+            std::vector<float> keys_t((size_t)(Hkv * D * S));
+            const float* kp = k_cache.data();
+            for (int64_t h = 0; h < Hkv; ++h)
+                for (int64_t s = 0; s < S; ++s)
+                    for (int64_t i = 0; i < D; ++i) keys_t[(size_t)((h * D + i) * S + s)] = kp[(h * S + s) * D + i];
+            const float *qp = q.data(), *vp = v_cache.data();
             float* op = out.mutable_data();
             KernelPool& pool = kernel_pool(resolve_threads(n_threads));
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(pool.mutex);
-            attention(*pool.pool, qp, kp, vp, M, H, Hkv, D, S, pos0, scale, op);
+            attention(*pool.pool, qp, keys_t.data(), vp, M, H, Hkv, D, S, pos0, scale, op);
             return out;
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),

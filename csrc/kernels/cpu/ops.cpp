@@ -147,36 +147,38 @@ void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positi
     }
 }
 
-void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t M,
+void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const float* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                float* out) {
     const int64_t group = n_heads / n_kv_heads;
     pool.parallel_for(M * n_heads, [&](int64_t task) {
         const int64_t m = task / n_heads, h = task % n_heads, kv = h / group;
         const int64_t n_keys = pos0 + m + 1;
-        thread_local std::vector<float> scores;
-        if ((int64_t)scores.size() < n_keys) scores.resize((size_t)n_keys);
+        thread_local std::vector<float> score_buffer;
+        if ((int64_t)score_buffer.size() < n_keys) score_buffer.resize((size_t)n_keys);
+        float* scores = score_buffer.data();
         const float* qv = q + (m * n_heads + h) * D;
-        const float* keys = k_cache + kv * cache_len * D;
+        const float* keys_t = k_cache_t + kv * D * cache_len;
         const float* values = v_cache + kv * cache_len * D;
-        float max_score = -INFINITY;
-        for (int64_t t = 0; t < n_keys; ++t) {
-            const float* kt = keys + t * D;
-            float dot = 0.0f;
-            for (int64_t i = 0; i < D; ++i) dot += qv[i] * kt[i];
-            scores[(size_t)t] = dot * scale;
-            max_score = std::max(max_score, scores[(size_t)t]);
+        // scores[t] = q . k_t, accumulated one head dimension at a time (vectorizes over t)
+        std::fill_n(scores, n_keys, 0.0f);
+        for (int64_t i = 0; i < D; ++i) {
+            const float qi = qv[i] * scale;
+            const float* key_row = keys_t + i * cache_len;
+            for (int64_t t = 0; t < n_keys; ++t) scores[t] += qi * key_row[t];
         }
+        float max_score = -INFINITY;
+        for (int64_t t = 0; t < n_keys; ++t) max_score = std::max(max_score, scores[t]);
         float total = 0.0f;
         for (int64_t t = 0; t < n_keys; ++t) {
-            scores[(size_t)t] = std::exp(scores[(size_t)t] - max_score);
-            total += scores[(size_t)t];
+            scores[t] = std::exp(scores[t] - max_score);
+            total += scores[t];
         }
         float* o = out + (m * n_heads + h) * D;
         std::fill_n(o, D, 0.0f);
         const float inv_total = 1.0f / total;
         for (int64_t t = 0; t < n_keys; ++t) {
-            const float p = scores[(size_t)t] * inv_total;
+            const float p = scores[t] * inv_total;
             const float* vt = values + t * D;
             for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
         }

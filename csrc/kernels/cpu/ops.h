@@ -47,9 +47,11 @@ void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positi
 
 // Causal attention of M new queries at positions pos0 .. pos0 + M - 1 over a
 // cache already holding their keys and values; query head h reads kv head
-// h / (n_heads / n_kv_heads).
-//   q: f32 [M, n_heads, D]   k_cache, v_cache: f32 [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
-void attention(ThreadPool& pool, const float* q, const float* k_cache, const float* v_cache, int64_t M,
+// h / (n_heads / n_kv_heads). Keys are cached transposed so that scoring one
+// query against all keys is a contiguous multiply-add over positions.
+//   q: f32 [M, n_heads, D]   k_cache_t: f32 [n_kv_heads, D, cache_len]
+//   v_cache: f32 [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
+void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const float* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                float* out);
 
