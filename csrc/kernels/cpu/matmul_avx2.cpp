@@ -110,28 +110,29 @@ inline __m256i load_block(const uint8_t* wrow, int64_t block, int64_t cols) {
         std::memcpy(tail, wrow + start, (size_t)(cols - start));
         return _mm256_load_si256((const __m256i*)tail);
     } else {
-        const __m128i packed = _mm_loadu_si128((const __m128i*)(wrow + block * (kBlock / 2)));
-        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-        return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+        // the 16 bytes in both lanes; the upper lane shifted right by 4 bits (per 64-bit
+        // element: each byte's high nibble lands in its low nibble), then masked
+        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wrow + block * (kBlock / 2))));
+        const __m256i shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
+        return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f));
     }
 }
 
-// u8 x s8 products summed in pairs (s16): int4 nibbles are unsigned already,
-// int8 weights use |w| * (x * sign(w)).
-template <WeightFormat F>
-inline __m256i pair_products(__m256i wq, __m256i xq) {
-    if constexpr (F == WeightFormat::Q8) return _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
-    else return _mm256_maddubs_epi16(wq, xq);
-}
-
-// kResidualRadix * dot(w, hi) + dot(w, lo) as 8 int32 partial sums. The s16
-// pair sums are at most 2 * 127 * 128, so scaling them by 254 in madd stays
-// well inside int32.
+// kResidualRadix * dot(w, hi) + dot(w, lo) as 8 int32 partial sums. maddubs
+// multiplies u8 by s8 and sums pairs into s16: int4 nibbles are unsigned
+// already, int8 weights use |w| * (x * sign(w)). The s16 pair sums are at most
+// 2 * 128 * 127, so scaling them by 254 in madd stays well inside int32.
 template <WeightFormat F>
 inline __m256i block_dot(__m256i wq, __m256i hi, __m256i lo) {
     const __m256i radix = _mm256_set1_epi16((int16_t)kResidualRadix), ones = _mm256_set1_epi16(1);
-    return _mm256_add_epi32(_mm256_madd_epi16(pair_products<F>(wq, hi), radix),
-                            _mm256_madd_epi16(pair_products<F>(wq, lo), ones));
+    if constexpr (F == WeightFormat::Q8) {
+        const __m256i magnitude = _mm256_sign_epi8(wq, wq);
+        hi = _mm256_sign_epi8(hi, wq);
+        lo = _mm256_sign_epi8(lo, wq);
+        wq = magnitude;
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, hi), radix),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wq, lo), ones));
 }
 
 template <WeightFormat F, int NR, int MR>
@@ -149,10 +150,10 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
 
     for (int64_t g = 0; g < n_groups; ++g) {
         float scale[NR], shift[NR];
-        for (int r = 0; r < NR; ++r) {
-            scale[r] = f16_to_f32(w.scales[(n0 + r) * n_groups + g]);
+        for (int r = 0; r < NR; ++r) {  // F16C conversions: the portable f16_to_f32 is branchy
+            scale[r] = _cvtsh_ss(w.scales[(n0 + r) * n_groups + g]);
             if constexpr (F == WeightFormat::Q4_SYM) shift[r] = -8.0f * scale[r];
-            if constexpr (F == WeightFormat::Q4_ASYM) shift[r] = f16_to_f32(w.mins[(n0 + r) * n_groups + g]);
+            if constexpr (F == WeightFormat::Q4_ASYM) shift[r] = _cvtsh_ss(w.mins[(n0 + r) * n_groups + g]);
         }
         const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
