@@ -964,6 +964,11 @@ ATTENTION_CASES = [
     (16, 4, 1, 32, 16, 0),  # MQA (H/Hkv = 4), cache exactly full
     (1, 3, 1, 16, 1, 0),  # a single key
     (3, 2, 2, 8, 64, 50),
+    # few rows and a long cache: keys split into chunks, merged afterwards (decode path)
+    (1, 6, 2, 64, 520, 500),  # 2 rows: 4 chunks with 1 thread, 4 with 2
+    (1, 9, 3, 64, 700, 650),  # 3 rows, chunks of unequal length (651 keys)
+    (2, 4, 1, 32, 300, 257),  # 2 query rows of different lengths, one kv head
+    (1, 2, 2, 16, 130, 129),  # chunk boundary exactly at the end
 ]
 
 

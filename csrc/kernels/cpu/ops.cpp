@@ -179,37 +179,92 @@ inline float exp_nonpositive(float x) {
 void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const float* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                float* out) {
+    // Tasks are (query row, kv head, key chunk): the query heads sharing a kv head
+    // read its keys and values once, together; when there are few rows (decode),
+    // the keys are split into chunks so every thread has work, each chunk keeping
+    // its own max, sum and unnormalised output, merged afterwards.
     const int64_t group = n_heads / n_kv_heads;
-    pool.parallel_for(M * n_heads, [&](int64_t task) {
-        const int64_t m = task / n_heads, h = task % n_heads, kv = h / group;
-        const int64_t n_keys = pos0 + m + 1;
-        thread_local std::vector<float> score_buffer;
-        if ((int64_t)score_buffer.size() < n_keys) score_buffer.resize((size_t)n_keys);
-        float* scores = score_buffer.data();
-        const float* qv = q + (m * n_heads + h) * D;
-        const float* keys_t = k_cache_t + kv * D * cache_len;
-        const float* values = v_cache + kv * cache_len * D;
-        // scores[t] = q . k_t, accumulated one head dimension at a time (vectorizes over t)
-        std::fill_n(scores, n_keys, 0.0f);
-        for (int64_t i = 0; i < D; ++i) {
-            const float qi = qv[i] * scale;
-            const float* key_row = keys_t + i * cache_len;
-            for (int64_t t = 0; t < n_keys; ++t) scores[t] += qi * key_row[t];
+    const int64_t rows = M * n_kv_heads;
+    const int64_t min_chunk = 64;
+    int64_t n_chunks = 1;
+    if (rows < 4 * pool.size())
+        n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, (pos0 + M) / min_chunk));
+    struct Partial {
+        float max, sum;
+    };
+    std::vector<Partial> partials((size_t)(rows * n_chunks * group));
+    std::vector<float> partial_out(n_chunks > 1 ? (size_t)(rows * n_chunks * group * D) : 0);
+
+    pool.parallel_for(rows * n_chunks, [&](int64_t task) {
+        const int64_t row = task / n_chunks, chunk = task % n_chunks;
+        const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
+        const int64_t n_keys = pos0 + m + 1, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
+        const int64_t t0 = std::min(n_keys, chunk * per_chunk), t1 = std::min(n_keys, t0 + per_chunk);
+        const int64_t len = t1 - t0;
+        Partial* part = partials.data() + task * group;
+        float* o_group = n_chunks > 1 ? partial_out.data() + task * group * D
+                                      : out + (m * n_heads + kv * group) * D;  // [group, D]
+        std::fill_n(o_group, group * D, 0.0f);
+        if (len <= 0) {
+            for (int64_t g = 0; g < group; ++g) part[g] = Partial{-INFINITY, 0.0f};
+            return;
         }
-        float max_score = -INFINITY;
-        for (int64_t t = 0; t < n_keys; ++t) max_score = std::max(max_score, scores[t]);
-        for (int64_t t = 0; t < n_keys; ++t) scores[t] = exp_nonpositive(scores[t] - max_score);
-        float total = 0.0f;
-        for (int64_t t = 0; t < n_keys; ++t) total += scores[t];
-        float* o = out + (m * n_heads + h) * D;
-        std::fill_n(o, D, 0.0f);
-        const float inv_total = 1.0f / total;
-        for (int64_t t = 0; t < n_keys; ++t) {
-            const float p = scores[t] * inv_total;
+        thread_local std::vector<float> score_buffer;
+        if ((int64_t)score_buffer.size() < group * len) score_buffer.resize((size_t)(group * len));
+        float* scores = score_buffer.data();  // [group, len]
+        const float* keys_t = k_cache_t + kv * D * cache_len + t0;
+        const float* values = v_cache + (kv * cache_len + t0) * D;
+        const float* q_group = q + (m * n_heads + kv * group) * D;  // [group, D]
+        // scores[g][t] = q_g . k_t, one head dimension at a time (vectorizes over t)
+        std::fill_n(scores, group * len, 0.0f);
+        for (int64_t i = 0; i < D; ++i) {
+            const float* key_row = keys_t + i * cache_len;
+            for (int64_t g = 0; g < group; ++g) {
+                const float qi = q_group[g * D + i] * scale;
+                float* sg = scores + g * len;
+                for (int64_t t = 0; t < len; ++t) sg[t] += qi * key_row[t];
+            }
+        }
+        for (int64_t g = 0; g < group; ++g) {
+            float* sg = scores + g * len;
+            float max_score = -INFINITY;
+            for (int64_t t = 0; t < len; ++t) max_score = std::max(max_score, sg[t]);
+            for (int64_t t = 0; t < len; ++t) sg[t] = exp_nonpositive(sg[t] - max_score);
+            float total = 0.0f;
+            for (int64_t t = 0; t < len; ++t) total += sg[t];
+            part[g] = Partial{max_score, total};
+            if (n_chunks == 1)  // normalise now; chunks are normalised when merged
+                for (int64_t t = 0; t < len; ++t) sg[t] /= total;
+        }
+        for (int64_t t = 0; t < len; ++t) {
             const float* vt = values + t * D;
-            for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+            for (int64_t g = 0; g < group; ++g) {
+                const float p = scores[g * len + t];
+                float* o = o_group + g * D;
+                for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+            }
         }
     });
+    if (n_chunks == 1) return;
+    for (int64_t row = 0; row < rows; ++row) {
+        const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
+        for (int64_t g = 0; g < group; ++g) {
+            float max_all = -INFINITY;
+            for (int64_t c = 0; c < n_chunks; ++c) max_all = std::max(max_all, partials[(size_t)((row * n_chunks + c) * group + g)].max);
+            float* o = out + (m * n_heads + kv * group + g) * D;
+            std::fill_n(o, D, 0.0f);
+            float total = 0.0f;
+            for (int64_t c = 0; c < n_chunks; ++c) {
+                const Partial& part = partials[(size_t)((row * n_chunks + c) * group + g)];
+                if (part.sum == 0.0f) continue;
+                const float weight = std::exp(part.max - max_all);
+                total += weight * part.sum;
+                const float* oc = partial_out.data() + ((row * n_chunks + c) * group + g) * D;
+                for (int64_t i = 0; i < D; ++i) o[i] += weight * oc[i];
+            }
+            for (int64_t i = 0; i < D; ++i) o[i] /= total;
+        }
+    }
 }
 
 }  // namespace pyllm
