@@ -172,6 +172,18 @@ def quant_tolerance(K: int, x, A, bias) -> np.ndarray:
     return gamma(4 * (n_blocks + 8)) * ref.matmul_abs_bound(x, A, bias)
 
 
+def activation_error_bound(x: np.ndarray, W: np.ndarray, step_fraction: float) -> np.ndarray:
+    """Bound on |y - x W^T| when every activation is off by at most step_fraction * absmax of its
+    32-value block: sum over blocks of that error times sum_block |W|.   -> [M, N]"""
+    (M, K), N = x.shape, W.shape[0]
+    n_blocks = -(-K // 32)
+    xpad = np.zeros((M, n_blocks * 32)); xpad[:, :K] = np.abs(x)
+    Wpad = np.zeros((N, n_blocks * 32)); Wpad[:, :K] = np.abs(W)
+    amax = xpad.reshape(M, n_blocks, 32).max(axis=2)
+    wsum = Wpad.reshape(N, n_blocks, 32).sum(axis=2)
+    return (step_fraction * amax) @ wsum.T
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=_shape_id)
@@ -220,13 +232,7 @@ def test_matmul(kernels, fmt, shape, with_bias, n_threads):
     # |y - x W^T| <= sum_blocks absmax/254 * sum_block |W| for every element
     # whatever the data (a finer scheme, e.g. with a residual int8 term, only
     # does better).
-    n_blocks = -(-K // 32)
-    Kp = n_blocks * 32
-    xpad = np.zeros((M, Kp)); xpad[:, :K] = np.abs(x)
-    Wpad = np.zeros((N, Kp)); Wpad[:, :K] = np.abs(W)
-    amax = xpad.reshape(M, n_blocks, 32).max(axis=2)
-    wsum = Wpad.reshape(N, n_blocks, 32).sum(axis=2)
-    act_bound = (amax / 254.0) @ wsum.T * (1 + 1e-6)
+    act_bound = activation_error_bound(x, W, 1 / 254.0) * (1 + 1e-6)
     assert_within(y, exact, act_bound + quant_tolerance(K, x, A, b), f"{what} vs x @ dequantize(W)^T")
 
     # (3) Statistically: a one-term int8 code's rounding error is uniform within
@@ -255,13 +261,7 @@ def test_matmul_two_term_activation_precision(kernels, fmt, shape):
     M, N, K, G = shape
     x, x_grid, bias, args, W, A = matmul_case(fmt, M, N, K, G)
     y = _core.matmul(x, bias=bias, **args)
-    n_blocks = -(-K // 32)
-    Kp = n_blocks * 32
-    xpad = np.zeros((M, Kp)); xpad[:, :K] = np.abs(x)
-    Wpad = np.zeros((N, Kp)); Wpad[:, :K] = np.abs(W)
-    amax = xpad.reshape(M, n_blocks, 32).max(axis=2)
-    wsum = Wpad.reshape(N, n_blocks, 32).sum(axis=2)
-    act_bound = (0.51 * amax / (127 * 254)) @ wsum.T
+    act_bound = activation_error_bound(x, W, 0.51 / (127 * 254))
     exact = ref.matmul_ref(x, W, bias)
     what = f"{kernels} {fmt} {shape}"
     assert_within(y, exact, act_bound + quant_tolerance(K, x, A, bias), what)
