@@ -89,6 +89,8 @@ class LLM:
 
     # -- exclusive use of the engine --------------------------------------------
     def _acquire(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("this LLM is closed")
         if self._owner == threading.get_ident():
             raise RuntimeError("this LLM is already generating in this thread (finish or close that stream first)")
         self._lock.acquire()

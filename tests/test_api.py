@@ -83,6 +83,13 @@ def test_prompt_longer_than_context_is_refused(tiny_llama_f32):
     assert small.last_stats.finish_reason in ("length", "stop")
 
 
+def test_closed_model_refuses_work(tiny_llama_f32):
+    model = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    model.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        model.generate("Hello", max_new_tokens=2)
+
+
 def test_bad_token_ids_are_refused(llm):
     with pytest.raises(ValueError):
         llm.logits([0, llm.config.vocab_size])
