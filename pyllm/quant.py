@@ -144,13 +144,33 @@ def unpack_int4(packed: np.ndarray, cols: int) -> np.ndarray:
     return q[:, :cols]
 
 
+# Rows are quantized in slices of about this many values, so the temporaries of
+# the quantizer stay a small multiple of 16 MB whatever the matrix size.
+SLICE_VALUES = 1 << 22
+
+
+def row_slices(rows: int, cols: int):
+    step = max(1, SLICE_VALUES // max(1, cols))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def quantize(w: np.ndarray, fmt: str, group_size: int = 32) -> PackedWeight:
-    """Round-to-nearest quantization of w f32 [rows, cols] into `fmt`."""
+    """Round-to-nearest quantization of w f32 [rows, cols] into `fmt` (slice by slice of rows)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
     if not np.isfinite(w).all():
         raise ValueError("weight contains NaN or infinity")
+    slices = row_slices(*w.shape)
+    if len(slices) == 1:
+        return _quantize_slice(w, fmt, group_size)
+    parts = [_quantize_slice(w[r0:r1], fmt, group_size) for r0, r1 in slices]
+    join = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
+                         else np.concatenate([getattr(p, name) for p in parts]))
+    return PackedWeight(fmt, w.shape[0], w.shape[1], parts[0].group_size, join("data"), join("scales"), join("mins"))
+
+
+def _quantize_slice(w: np.ndarray, fmt: str, group_size: int) -> PackedWeight:
     rows, cols = w.shape
     if fmt == "f32":
         return PackedWeight(fmt, rows, cols, 0, w)
@@ -204,6 +224,18 @@ def dequantize(p: PackedWeight) -> np.ndarray:
         mins = np.repeat(np.asarray(p.mins).astype(np.float32), p.group_size, axis=1)[:, : p.cols]
         return q * scales + mins
     raise ValueError(f"unknown weight format {p.format!r}")
+
+
+def quantization_nmse(p: PackedWeight, w: np.ndarray) -> float:
+    """nmse(dequantize(p), w), computed slice by slice of rows to bound memory."""
+    err = ref = 0.0
+    for r0, r1 in row_slices(p.rows, p.cols):
+        part = PackedWeight(p.format, r1 - r0, p.cols, p.group_size, p.data[r0:r1],
+                            None if p.scales is None else p.scales[r0:r1], None if p.mins is None else p.mins[r0:r1])
+        exact = w[r0:r1].astype(np.float64)
+        err += float(np.sum((dequantize(part) - exact) ** 2))
+        ref += float(np.sum(exact * exact))
+    return err / ref if ref > 0 else err
 
 
 def nmse(approx: np.ndarray, exact: np.ndarray) -> float:

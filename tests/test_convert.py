@@ -115,3 +115,21 @@ def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_pa
 def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="group size 48"):
         convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "int8", "int4_sym", "int4_asym"])
+def test_quantizing_in_row_slices_changes_nothing(fmt, monkeypatch):
+    """The converter quantizes big matrices slice by slice of rows to bound memory: same bytes as whole."""
+    from pyllm import quant
+
+    w = np.random.default_rng(0).standard_normal((300, 100)).astype(np.float32)
+    whole = quant.quantize(w, fmt, 32)
+    monkeypatch.setattr(quant, "SLICE_VALUES", 700)  # 7 rows per slice, the last one short
+    assert len(quant.row_slices(300, 100)) == 43
+    sliced = quant.quantize(w, fmt, 32)
+    for name in ("data", "scales", "mins"):
+        a, b = getattr(whole, name), getattr(sliced, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+    assert quant.quantization_nmse(sliced, w) == pytest.approx(quant.nmse(quant.dequantize(whole), w), rel=1e-9)

@@ -12,7 +12,7 @@ import numpy as np
 from .. import __version__
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
-from ..quant import QUANT_FORMATS, check_group_size, dequantize, nmse, packed_shapes, quantize
+from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization_nmse, quantize
 from .checkpoint import Checkpoint
 from .gguf_source import GGUFSource
 
@@ -95,7 +95,7 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                         raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {[rows, cols]}")
                     packed = quantize(w, fmt, group)
                     if fmt != "f32":
-                        report.nmse[base] = nmse(dequantize(packed), w)
+                        report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
                 cache.update(scales=packed.scales, mins=packed.mins)
                 return packed.data
