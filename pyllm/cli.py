@@ -19,6 +19,9 @@ def cmd_convert(args) -> int:
 
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
                                 progress=not args.quiet)
+    if args.verbose:
+        for name, error in report.nmse.items():
+            print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
     return 0
 
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format of the linear layers (int4 = int4_asym); default: f16 for Hugging Face checkpoints, the source formats for GGUF")
     p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the quantization error of every tensor")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")

@@ -146,9 +146,10 @@ def _cli(*args, **kw):
 
 def test_cli_convert_and_run(tiny_llama, tmp_path, llm):
     out = tmp_path / "cli.pllm"
-    r = _cli("convert", tiny_llama, "-o", str(out), "--quant", "int8", "--group-size", "64", "-q")
+    r = _cli("convert", tiny_llama, "-o", str(out), "--quant", "int8", "--group-size", "64", "-q", "-v")
     assert r.returncode == 0, r.stderr
     assert "bits per weight" in r.stderr and "NMSE" in r.stderr
+    assert "model.layers.1.mlp.down_proj: NMSE" in r.stderr  # every tensor with -v
     assert out.exists()
     r = _cli("run", str(out), "-p", "Paris is", "-n", "8", "-t", "2", "--raw")
     assert r.returncode == 0, r.stderr
