@@ -124,12 +124,17 @@ class LLM:
 
     # -- generation ----------------------------------------------------------
     def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: list[str] | None = None, stream: bool = False):
-        """Continues prompt (text, or token ids) and returns the new text, or an iterator of pieces."""
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+                 stop_token_ids: list[int] | None = None, stream: bool = False):
+        """Continues prompt (text, or token ids) and returns the new text, or an iterator of pieces.
+
+        Unset sampling options come from the model's generation config, else greedy. Generation ends
+        at an end-of-sequence token of the model, a token in stop_token_ids, a stop string (not
+        included in the text) or max_new_tokens."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        params = self._sampling(temperature, top_k, top_p, seed)
-        pieces = self._stream(ids, max_new_tokens, params, stop or [])
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        pieces = self._stream(ids, max_new_tokens, params, stop or [], set(stop_token_ids or []))
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: list[dict], stream: bool = False, **kwargs):
@@ -145,19 +150,23 @@ class LLM:
         return render_chat(self.model.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "")
 
-    def _sampling(self, temperature, top_k, top_p, seed) -> SamplingParams:
+    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
         d = self.model.generation
         default_temperature = d.get("temperature", 0.0) if d.get("do_sample", False) else 0.0
         params = SamplingParams(
             temperature=default_temperature if temperature is None else float(temperature),
             top_k=int(d.get("top_k", 0) if top_k is None else top_k),
             top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
+            min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
+            repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
+                                     else repetition_penalty),
             seed=seed,
         )
         params.validate()
         return params
 
-    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str]) -> Iterator[str]:
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
+                stop_ids: set[int]) -> Iterator[str]:
         prompt = self._check_ids(ids)
         if len(prompt) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context_length} "
@@ -165,9 +174,10 @@ class LLM:
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         sampler = Sampler(params)
-        return self._run(prompt, max_new_tokens, sampler, stop)
+        return self._run(prompt, max_new_tokens, sampler, stop, stop_ids | set(self.tokenizer.eos_ids))
 
-    def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str]) -> Iterator[str]:
+    def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str],
+             stop_ids: set[int]) -> Iterator[str]:
         self._acquire()
         try:
             stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
@@ -194,9 +204,9 @@ class LLM:
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
             for step in range(limit):
-                token = sampler(logits)
+                token = sampler(logits, self._cached)
                 stats.generated_tokens += 1
-                if token in self.tokenizer.eos_ids:
+                if token in stop_ids:
                     stats.finish_reason = "stop"
                     break
                 held += decoder.push(token)

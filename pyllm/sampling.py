@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p."""
+"""Choosing the next token from logits, in transformers' order: repetition penalty, then
+temperature, top-k, top-p and min-p. Temperature 0 is greedy (after the repetition penalty)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off: drop tokens less likely than min_p x the most likely one
+    repetition_penalty: float = 1.0  # 1 = off: as transformers, for every token already in the context
     seed: int | None = None
 
     def validate(self) -> None:
@@ -21,6 +24,10 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0")
 
 
 class Sampler:
@@ -29,12 +36,17 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        """logits: f32 [vocab] -> token id."""
+    def __call__(self, logits: np.ndarray, context: list[int] | None = None) -> int:
+        """logits: f32 [vocab]; context: the token ids so far (for the repetition penalty) -> token id."""
         p = self.params
+        scores = logits.astype(np.float64)
+        if p.repetition_penalty != 1.0 and context:
+            seen = np.unique(np.asarray(context, dtype=np.int64))
+            picked = scores[seen]
+            scores[seen] = np.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
         if p.temperature == 0:
-            return int(np.argmax(logits))
-        scores = logits.astype(np.float64) / p.temperature
+            return int(np.argmax(scores))
+        scores = scores / p.temperature
         if p.top_k and p.top_k < scores.size:
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores >= kth, scores, -np.inf)
@@ -47,4 +59,7 @@ class Sampler:
             mask = np.zeros_like(probs)
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
+        if p.min_p > 0.0:
+            probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
+            probs /= probs.sum()
         return int(self.rng.choice(probs.size, p=probs))
