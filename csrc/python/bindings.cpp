@@ -193,8 +193,8 @@ public:
         cfg.rope_scaling = parse_rope_scaling(config.contains("rope_scaling") ? py::object(config["rope_scaling"])
                                                                               : py::object(py::none()));
         cfg.tie_word_embeddings = config["tie_word_embeddings"].cast<bool>();
-        engine_ = make_cpu_engine(file_, table, cfg, specs, context_length, resolve_threads(n_threads));
         n_threads_ = resolve_threads(n_threads);
+        engine_ = make_cpu_engine(file_, table, cfg, specs, context_length, n_threads_);
     }
 
     py::array_t<float> forward(const py::array& token_array, int64_t pos, bool all_logits) {

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..formats.packed import ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError
-from ..quant import BLOCK, PackedWeight, dequantize
+from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
 
 # GGUF tensor name -> Hugging Face name ("{i}" is the layer)
 _LAYER_NAMES = {
@@ -180,23 +180,18 @@ class GGUFSource:
         kind = t.tensor_type.name
         if kind in _LOSSLESS:
             return dequantize(self.load_native(name))
-        if kind not in ("F32", "F16", "BF16"):
-            from gguf import quants
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if kind in ("F32", "F16", "BF16"):
+            _, rows = self._raw_rows(name)  # already unpermuted
+            values = bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
+            return values.reshape(shape)
+        from gguf import quants
 
-            try:
-                values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
-            except NotImplementedError:
-                raise FormatError(f"{self.path}: tensor '{t.name}' has type {kind}, which pyllm cannot read "
-                                  "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants)") from None
-            shape = tuple(int(d) for d in reversed(t.shape))
-            values = values.reshape(shape)
-        else:
-            kind_, values = self._raw_rows(name)
-            if kind == "BF16":
-                from ..quant import bf16_bits_to_f32
-
-                values = bf16_bits_to_f32(values.view(np.uint16))
-            return np.asarray(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        try:
+            values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+        except NotImplementedError:
+            raise FormatError(f"{self.path}: tensor '{t.name}' has type {kind}, which pyllm cannot read "
+                              "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants)") from None
         n_head = self._n_head_for(name)
         return _unpermute_rows(values, n_head) if n_head is not None else values
 
