@@ -29,6 +29,7 @@ from pyllm.convert import convert_checkpoint
 from pyllm.perplexity import default_text, perplexity
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
+from llama_gguf import dequantized_gguf, llama_cpp_quantize  # noqa: E402
 from reference_checkpoint import default_reference_checkpoint  # noqa: E402
 
 PYLLM_VARIANTS = [  # (label, quant, group size)
@@ -39,50 +40,10 @@ PYLLM_VARIANTS = [  # (label, quant, group size)
 LLAMA_VARIANTS = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
 
 
-def f32_gguf(src_gguf: str, out: str) -> str:
-    """The default model's GGUF with every tensor dequantized to F32 (metadata and layout kept)."""
-    import gguf
-    from gguf import quants
-
-    if os.path.exists(out):
-        return out
-    reader = gguf.GGUFReader(src_gguf)
-    writer = gguf.GGUFWriter(out + ".partial", "llama")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if key == "general.file_type":
-            writer.add_file_type(0)
-            continue
-        value = field.contents()
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, value, vtype)
-    for t in reader.tensors:
-        values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
-        writer.add_tensor(t.name, values.reshape(tuple(int(d) for d in reversed(t.shape))), raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(out + ".partial", out)
-    return out
-
-
 def llama_cpp_files(f32_path: str, work: str) -> dict[str, str]:
-    import llama_cpp
-
     files = {"F32": f32_path}
     for name in LLAMA_VARIANTS[1:]:
-        out = os.path.join(work, f"smollm2-{name}.gguf")
-        if not os.path.exists(out):
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
-            if llama_cpp.llama_model_quantize(f32_path.encode(), out.encode(), params) != 0:
-                raise RuntimeError(f"llama.cpp could not quantize to {name}")
-        files[name] = out
+        files[name] = llama_cpp_quantize(f32_path, os.path.join(work, f"smollm2-{name}.gguf"), name)
     return files
 
 
@@ -127,7 +88,7 @@ def main() -> None:
     if not args.no_llama_cpp:
         import llama_cpp
 
-        files = llama_cpp_files(f32_gguf(default_model.fetch_gguf(), os.path.join(args.work, "smollm2-F32.gguf")),
+        files = llama_cpp_files(dequantized_gguf(default_model.fetch_gguf(), os.path.join(args.work, "smollm2-F32.gguf")),
                                 args.work)
         bits = {"F32": 32.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K_M": float("nan")}
         for name, path in files.items():
