@@ -969,13 +969,19 @@ ATTENTION_CASES = [
     (1, 9, 3, 64, 700, 650),  # 3 rows, chunks of unequal length (651 keys)
     (2, 4, 1, 32, 300, 257),  # 2 query rows of different lengths, one kv head
     (1, 2, 2, 16, 130, 129),  # chunk boundary exactly at the end
+    # SIMD tiles' ragged edges: head_dim not a multiple of 8 or 32, groups of 5 and 8
+    # query heads (score tiles of 4 heads, output tiles of 3), key counts off the 8/16 grid
+    (1, 5, 1, 36, 90, 86),
+    (2, 10, 2, 6, 23, 19),
+    (3, 16, 2, 72, 41, 37),
+    (1, 8, 1, 40, 17, 16),
 ]
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("unused", ["nan", "huge"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "M{}-H{}-kv{}-D{}-S{}-pos{}".format(*c))
-def test_attention(case, unused, n_threads):
+def test_attention(case, unused, n_threads, kernels):
     M, H, Hkv, D, S, pos0 = case
     rng = np.random.default_rng(list(case))
     q = rng.standard_normal((M, H, D)).astype(np.float32)

@@ -13,7 +13,15 @@ namespace pyllm {
 
 namespace {
 constexpr int kSpinIterations = 1 << 16;
+// While waiting, give the core away every so often: when the machine has more runnable threads
+// than cores, a pure spin would keep the thread we wait for from running at all.
+constexpr int kSpinsBeforeYield = 256;
+
+inline void spin_pause(int spins) {
+    if (spins % kSpinsBeforeYield == kSpinsBeforeYield - 1) std::this_thread::yield();
+    else PYLLM_PAUSE();
 }
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
     for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -58,7 +66,7 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t)
     }
     wake_.notify_all();
     run_tasks();
-    while (busy_workers_.load(std::memory_order_acquire) != 0) PYLLM_PAUSE();
+    for (int spins = 0; busy_workers_.load(std::memory_order_acquire) != 0; ++spins) spin_pause(spins);
     task_ = nullptr;
 }
 
@@ -67,8 +75,7 @@ void ThreadPool::worker_loop() {
     for (;;) {
         int spins = 0;
         while (generation_.load(std::memory_order_acquire) == seen && spins < kSpinIterations) {
-            PYLLM_PAUSE();
-            ++spins;
+            spin_pause(spins++);
         }
         if (generation_.load(std::memory_order_acquire) == seen) {
             std::unique_lock<std::mutex> lock(mutex_);

@@ -1,5 +1,7 @@
 // The CPU engine: a LLaMA decoder run layer by layer with the CPU operators.
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -65,6 +67,37 @@ WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearS
     return w;
 }
 
+// Wall time per stage of the forward pass, kept only when PYLLM_PROFILE=1 (a clock read costs
+// ~20 ns; a decode step has ~300 stages).
+class StageClock {
+public:
+    enum Stage { kEmbed, kNorm, kQkv, kRopeCache, kAttention, kOut, kGateUp, kSwiglu, kDown, kResidual, kLmHead, kCount };
+    StageClock() {
+        const char* flag = std::getenv("PYLLM_PROFILE");
+        enabled_ = flag != nullptr && flag[0] != '\0' && flag[0] != '0';
+    }
+    // Runs fn and charges its wall time to `stage`.
+    template <typename Fn>
+    void time(Stage stage, Fn&& fn) {
+        if (!enabled_) return fn();
+        const auto start = std::chrono::steady_clock::now();
+        fn();
+        seconds_[stage] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    std::vector<std::pair<std::string, double>> report() const {
+        if (!enabled_) return {};
+        static const char* names[kCount] = {"embedding", "rmsnorm", "qkv_proj", "rope_cache_write", "attention",
+                                            "o_proj", "gate_up_proj", "swiglu", "down_proj", "residual", "lm_head"};
+        std::vector<std::pair<std::string, double>> out;
+        for (int i = 0; i < kCount; ++i) out.emplace_back(names[i], seconds_[i]);
+        return out;
+    }
+
+private:
+    bool enabled_ = false;
+    double seconds_[kCount] = {};
+};
+
 class CpuEngine final : public Engine {
 public:
     CpuEngine(std::shared_ptr<MappedFile> file, const TensorTable& t, const ModelConfig& cfg,
@@ -112,6 +145,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
+    std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
 
     void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) override {
         if (n <= 0) throw std::invalid_argument("forward needs at least one token");
@@ -143,44 +177,55 @@ private:
         float *x = x_.data(), *h = h_.data();
         for (int64_t m = 0; m < M; ++m) positions_[(size_t)m] = (int32_t)(pos0 + m);
 
-        embedding(embed_, tokens, M, x);
+        using S = StageClock;
+        clock_.time(S::kEmbed, [&] { embedding(embed_, tokens, M, x); });
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const LayerWeights& lw = layers_[(size_t)l];
-            rmsnorm(x, lw.attn_norm, M, D, eps, h);
-            linear(pool_, lw.q, h, M, q_.data(), scratch_);
-            linear(pool_, lw.k, h, M, k_.data(), scratch_);
-            linear(pool_, lw.v, h, M, v_.data(), scratch_);
-            rope(q_.data(), M, H, hd, positions_.data(), inv_freq_.data());
-            rope(k_.data(), M, Hkv, hd, positions_.data(), inv_freq_.data());
+            clock_.time(S::kNorm, [&] { rmsnorm(x, lw.attn_norm, M, D, eps, h); });
+            clock_.time(S::kQkv, [&] {
+                linear(pool_, lw.q, h, M, q_.data(), scratch_);
+                linear(pool_, lw.k, h, M, k_.data(), scratch_);
+                linear(pool_, lw.v, h, M, v_.data(), scratch_);
+            });
             // cache layout per layer: keys [kv_heads, head_dim, n_ctx] (transposed), values [kv_heads, n_ctx, head_dim]
             float* k_layer = k_cache_.get() + l * Hkv * n_ctx_ * hd;
             float* v_layer = v_cache_.get() + l * Hkv * n_ctx_ * hd;
-            for (int64_t m = 0; m < M; ++m)
-                for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-                    const float* k_new = k_.data() + m * kv_dim + kvh * hd;
-                    for (int64_t i = 0; i < hd; ++i) k_layer[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[i];
-                    std::memcpy(v_layer + (kvh * n_ctx_ + pos0 + m) * hd, v_.data() + m * kv_dim + kvh * hd,
-                                (size_t)hd * sizeof(float));
-                }
-            attention(pool_, q_.data(), k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale, attn_.data());
-            linear(pool_, lw.o, attn_.data(), M, h, scratch_);
-            for (int64_t i = 0; i < M * D; ++i) x[i] += h[i];
+            clock_.time(S::kRopeCache, [&] {
+                rope(q_.data(), M, H, hd, positions_.data(), inv_freq_.data());
+                rope(k_.data(), M, Hkv, hd, positions_.data(), inv_freq_.data());
+                for (int64_t m = 0; m < M; ++m)
+                    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+                        const float* k_new = k_.data() + m * kv_dim + kvh * hd;
+                        for (int64_t i = 0; i < hd; ++i) k_layer[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[i];
+                        std::memcpy(v_layer + (kvh * n_ctx_ + pos0 + m) * hd, v_.data() + m * kv_dim + kvh * hd,
+                                    (size_t)hd * sizeof(float));
+                    }
+            });
+            clock_.time(S::kAttention, [&] {
+                attention(pool_, q_.data(), k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale, attn_.data());
+            });
+            clock_.time(S::kOut, [&] { linear(pool_, lw.o, attn_.data(), M, h, scratch_); });
+            clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
 
-            rmsnorm(x, lw.ffn_norm, M, D, eps, h);
-            linear(pool_, lw.gate, h, M, gate_.data(), scratch_);
-            linear(pool_, lw.up, h, M, up_.data(), scratch_);
-            swiglu(gate_.data(), up_.data(), M * F, gate_.data());
-            linear(pool_, lw.down, gate_.data(), M, h, scratch_);
-            for (int64_t i = 0; i < M * D; ++i) x[i] += h[i];
+            clock_.time(S::kNorm, [&] { rmsnorm(x, lw.ffn_norm, M, D, eps, h); });
+            clock_.time(S::kGateUp, [&] {
+                linear(pool_, lw.gate, h, M, gate_.data(), scratch_);
+                linear(pool_, lw.up, h, M, up_.data(), scratch_);
+            });
+            clock_.time(S::kSwiglu, [&] { swiglu(gate_.data(), up_.data(), M * F, gate_.data()); });
+            clock_.time(S::kDown, [&] { linear(pool_, lw.down, gate_.data(), M, h, scratch_); });
+            clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
         }
         if (logits == nullptr) return;
-        if (all_logits) {
-            rmsnorm(x, final_norm_, M, D, eps, h);
-            linear(pool_, lm_head_, h, M, logits, scratch_);
-        } else {
-            rmsnorm(x + (M - 1) * D, final_norm_, 1, D, eps, h);
-            linear(pool_, lm_head_, h, 1, logits, scratch_);
-        }
+        clock_.time(S::kLmHead, [&] {
+            if (all_logits) {
+                rmsnorm(x, final_norm_, M, D, eps, h);
+                linear(pool_, lm_head_, h, M, logits, scratch_);
+            } else {
+                rmsnorm(x + (M - 1) * D, final_norm_, 1, D, eps, h);
+                linear(pool_, lm_head_, h, 1, logits, scratch_);
+            }
+        });
     }
 
     std::shared_ptr<MappedFile> file_;  // keeps the weights mapped
@@ -197,6 +242,7 @@ private:
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<int32_t> positions_;
     ActivationScratch scratch_;
+    StageClock clock_;
 };
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "../core/weights.h"
 #include "../kernels/cpu/ops.h"
@@ -48,6 +50,9 @@ public:
     //   logits: f32 [n, vocab] when all_logits, else f32 [vocab] for the last token
     // Thread-safe: concurrent calls run one after another.
     virtual void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) = 0;
+    // Seconds spent in each stage of forward() since the engine was made, when it was made with
+    // profiling on (PYLLM_PROFILE=1 in the environment); empty otherwise.
+    virtual std::vector<std::pair<std::string, double>> profile() const { return {}; }
 };
 
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,

@@ -13,7 +13,7 @@
 
 #include "../core/thread_pool.h"
 #include "../engine/engine.h"
-#include "../kernels/cpu/matmul.h"
+#include "../kernels/cpu/kernels.h"
 #include "../kernels/cpu/ops.h"
 
 namespace py = pybind11;
@@ -217,6 +217,11 @@ public:
     int64_t vocab_size() const { return engine_->config().vocab_size; }
     int n_threads() const { return n_threads_; }
     std::string device() const { return engine_->device(); }
+    py::dict profile() const {
+        py::dict out;
+        for (const auto& [stage, seconds] : engine_->profile()) out[py::str(stage)] = seconds;
+        return out;
+    }
 
 private:
     std::shared_ptr<MappedFile> file_;
@@ -240,8 +245,8 @@ PYBIND11_MODULE(_core, m) {
     });
 
     m.def("cpu_has_avx2", &cpu_has_avx2, "Whether this CPU can run the AVX2/FMA/F16C kernels.");
-    m.def("active_kernels", [] { return std::string(active_matmul().name); }, "Name of the matmul variant in use.");
-    m.def("select_kernels", [](const std::string& name) { select_matmul(name.c_str()); }, py::arg("name"),
+    m.def("active_kernels", [] { return std::string(active_kernels().name); }, "Name of the matmul variant in use.");
+    m.def("select_kernels", [](const std::string& name) { select_kernels(name.c_str()); }, py::arg("name"),
           "Force the matmul variant: 'portable', 'avx2' or 'auto'.");
 
     m.def(
@@ -372,5 +377,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("context_length", &PyModel::context_length)
         .def_property_readonly("vocab_size", &PyModel::vocab_size)
         .def_property_readonly("n_threads", &PyModel::n_threads)
-        .def_property_readonly("device", &PyModel::device);
+        .def_property_readonly("device", &PyModel::device)
+        .def("profile", &PyModel::profile,
+             "Seconds per forward stage since the engine was made (PYLLM_PROFILE=1), else an empty dict.");
 }

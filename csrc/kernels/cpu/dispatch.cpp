@@ -3,7 +3,7 @@
 #include <cstring>
 #include <string>
 
-#include "matmul.h"
+#include "kernels.h"
 
 namespace pyllm {
 
@@ -17,17 +17,17 @@ bool cpu_has_avx2() {
 }
 
 namespace {
-const MatmulKernels* best_available() {
+const CpuKernels* best_available() {
 #if defined(PYLLM_HAVE_AVX2)
-    if (cpu_has_avx2()) return &kAvx2Matmul;
+    if (cpu_has_avx2()) return &kAvx2Kernels;
 #endif
-    return &kPortableMatmul;
+    return &kPortableKernels;
 }
-std::atomic<const MatmulKernels*> g_active{nullptr};
+std::atomic<const CpuKernels*> g_active{nullptr};
 }  // namespace
 
-const MatmulKernels& active_matmul() {
-    const MatmulKernels* k = g_active.load(std::memory_order_acquire);
+const CpuKernels& active_kernels() {
+    const CpuKernels* k = g_active.load(std::memory_order_acquire);
     if (k == nullptr) {
         k = best_available();
         g_active.store(k, std::memory_order_release);
@@ -35,15 +35,15 @@ const MatmulKernels& active_matmul() {
     return *k;
 }
 
-void select_matmul(const char* name) {
+void select_kernels(const char* name) {
     if (std::strcmp(name, "auto") == 0) {
         g_active.store(best_available());
     } else if (std::strcmp(name, "portable") == 0) {
-        g_active.store(&kPortableMatmul);
+        g_active.store(&kPortableKernels);
     } else if (std::strcmp(name, "avx2") == 0) {
 #if defined(PYLLM_HAVE_AVX2)
         if (!cpu_has_avx2()) throw std::invalid_argument("this CPU lacks AVX2/FMA/F16C");
-        g_active.store(&kAvx2Matmul);
+        g_active.store(&kAvx2Kernels);
 #else
         throw std::invalid_argument("this build has no AVX2 kernels");
 #endif

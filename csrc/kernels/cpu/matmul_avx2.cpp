@@ -12,7 +12,7 @@
 #include <type_traits>
 
 #include "../../core/numeric.h"
-#include "matmul.h"
+#include "kernels.h"
 
 namespace pyllm {
 namespace {
@@ -197,6 +197,6 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
 
 }  // namespace
 
-const MatmulKernels kAvx2Matmul = {"avx2", float_weights, quant_weights};
+const CpuKernels kAvx2Kernels = {"avx2", float_weights, quant_weights, attend_avx2};
 
 }  // namespace pyllm

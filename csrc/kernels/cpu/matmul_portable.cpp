@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "../../core/numeric.h"
-#include "matmul.h"
+#include "kernels.h"
 
 namespace pyllm {
 namespace {
@@ -83,7 +83,7 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
 
 }  // namespace
 
-const MatmulKernels kPortableMatmul = {"portable", float_weights, quant_weights};
+const CpuKernels kPortableKernels = {"portable", float_weights, quant_weights, attend_portable};
 
 void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
     const int64_t n_blocks = out.padded_cols / kBlock;

@@ -6,7 +6,7 @@
 #include <stdexcept>
 
 #include "../../core/numeric.h"
-#include "matmul.h"
+#include "kernels.h"
 
 namespace pyllm {
 
@@ -18,7 +18,7 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
 }
 
 void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch) {
-    const MatmulKernels& kernels = active_matmul();
+    const CpuKernels& kernels = active_kernels();
     const int64_t N = w.rows;
     // Chunks of output columns: several per thread for balance, a multiple of
     // the kernels' 4-row tiles.
@@ -148,34 +148,6 @@ void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positi
     }
 }
 
-namespace {
-
-// e^x for x <= 0 (softmax after subtracting the maximum); relative error at
-// most 2.6e-7 (3 float ulps) against double exp over [-87, 0], measured on
-// 10^7 points.
-// Branch-free arithmetic, so loops over it vectorize without -ffast-math:
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built
-// in the exponent bits.
-inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;  // e^-87 ~ 1.6e-38: still a normal float
-    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const float n = (x * 1.44269504f + shifter) - shifter;
-    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two for precision
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-}  // namespace
-
 void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const float* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                float* out) {
@@ -183,16 +155,14 @@ void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const f
     // read its keys and values once, together; when there are few rows (decode),
     // the keys are split into chunks so every thread has work, each chunk keeping
     // its own max, sum and unnormalised output, merged afterwards.
+    const CpuKernels& kernels = active_kernels();
     const int64_t group = n_heads / n_kv_heads;
     const int64_t rows = M * n_kv_heads;
     const int64_t min_chunk = 64;
     int64_t n_chunks = 1;
     if (rows < 4 * pool.size())
         n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, (pos0 + M) / min_chunk));
-    struct Partial {
-        float max, sum;
-    };
-    std::vector<Partial> partials((size_t)(rows * n_chunks * group));
+    std::vector<float> maxima((size_t)(rows * n_chunks * group)), sums(maxima.size());
     std::vector<float> partial_out(n_chunks > 1 ? (size_t)(rows * n_chunks * group * D) : 0);
 
     pool.parallel_for(rows * n_chunks, [&](int64_t task) {
@@ -201,65 +171,43 @@ void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const f
         const int64_t n_keys = pos0 + m + 1, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
         const int64_t t0 = std::min(n_keys, chunk * per_chunk), t1 = std::min(n_keys, t0 + per_chunk);
         const int64_t len = t1 - t0;
-        Partial* part = partials.data() + task * group;
+        float* max = maxima.data() + task * group;
+        float* sum = sums.data() + task * group;
         float* o_group = n_chunks > 1 ? partial_out.data() + task * group * D
                                       : out + (m * n_heads + kv * group) * D;  // [group, D]
-        std::fill_n(o_group, group * D, 0.0f);
         if (len <= 0) {
-            for (int64_t g = 0; g < group; ++g) part[g] = Partial{-INFINITY, 0.0f};
+            std::fill_n(o_group, group * D, 0.0f);
+            std::fill_n(max, group, -INFINITY);
+            std::fill_n(sum, group, 0.0f);
             return;
         }
-        thread_local std::vector<float> score_buffer;
-        if ((int64_t)score_buffer.size() < group * len) score_buffer.resize((size_t)(group * len));
-        float* scores = score_buffer.data();  // [group, len]
-        const float* keys_t = k_cache_t + kv * D * cache_len + t0;
-        const float* values = v_cache + (kv * cache_len + t0) * D;
-        const float* q_group = q + (m * n_heads + kv * group) * D;  // [group, D]
-        // scores[g][t] = q_g . k_t, one head dimension at a time (vectorizes over t)
-        std::fill_n(scores, group * len, 0.0f);
-        for (int64_t i = 0; i < D; ++i) {
-            const float* key_row = keys_t + i * cache_len;
-            for (int64_t g = 0; g < group; ++g) {
-                const float qi = q_group[g * D + i] * scale;
-                float* sg = scores + g * len;
-                for (int64_t t = 0; t < len; ++t) sg[t] += qi * key_row[t];
-            }
-        }
-        for (int64_t g = 0; g < group; ++g) {
-            float* sg = scores + g * len;
-            float max_score = -INFINITY;
-            for (int64_t t = 0; t < len; ++t) max_score = std::max(max_score, sg[t]);
-            for (int64_t t = 0; t < len; ++t) sg[t] = exp_nonpositive(sg[t] - max_score);
-            float total = 0.0f;
-            for (int64_t t = 0; t < len; ++t) total += sg[t];
-            part[g] = Partial{max_score, total};
-            if (n_chunks == 1)  // normalise now; chunks are normalised when merged
-                for (int64_t t = 0; t < len; ++t) sg[t] /= total;
-        }
-        for (int64_t t = 0; t < len; ++t) {
-            const float* vt = values + t * D;
-            for (int64_t g = 0; g < group; ++g) {
-                const float p = scores[g * len + t];
-                float* o = o_group + g * D;
-                for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
-            }
-        }
+        thread_local std::vector<float> buffer;
+        if ((int64_t)buffer.size() < group * (len + D)) buffer.resize((size_t)(group * (len + D)));
+        float* q_scaled = buffer.data();         // [group, D]
+        float* scores = buffer.data() + group * D;  // [group, len]
+        const float* q_group = q + (m * n_heads + kv * group) * D;
+        for (int64_t i = 0; i < group * D; ++i) q_scaled[i] = q_group[i] * scale;
+        kernels.attend(q_scaled, group, D, k_cache_t + kv * D * cache_len + t0, cache_len,
+                       v_cache + (kv * cache_len + t0) * D, len, scores, o_group, max, sum);
+        if (n_chunks == 1)  // normalise now; chunks are normalised when merged
+            for (int64_t g = 0; g < group; ++g)
+                for (int64_t i = 0; i < D; ++i) o_group[g * D + i] /= sum[g];
     });
     if (n_chunks == 1) return;
     for (int64_t row = 0; row < rows; ++row) {
         const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
         for (int64_t g = 0; g < group; ++g) {
             float max_all = -INFINITY;
-            for (int64_t c = 0; c < n_chunks; ++c) max_all = std::max(max_all, partials[(size_t)((row * n_chunks + c) * group + g)].max);
+            for (int64_t c = 0; c < n_chunks; ++c) max_all = std::max(max_all, maxima[(size_t)((row * n_chunks + c) * group + g)]);
             float* o = out + (m * n_heads + kv * group + g) * D;
             std::fill_n(o, D, 0.0f);
             float total = 0.0f;
             for (int64_t c = 0; c < n_chunks; ++c) {
-                const Partial& part = partials[(size_t)((row * n_chunks + c) * group + g)];
-                if (part.sum == 0.0f) continue;
-                const float weight = std::exp(part.max - max_all);
-                total += weight * part.sum;
-                const float* oc = partial_out.data() + ((row * n_chunks + c) * group + g) * D;
+                const size_t part = (size_t)((row * n_chunks + c) * group + g);
+                if (sums[part] == 0.0f) continue;
+                const float weight = std::exp(maxima[part] - max_all);
+                total += weight * sums[part];
+                const float* oc = partial_out.data() + part * D;
                 for (int64_t i = 0; i < D; ++i) o[i] += weight * oc[i];
             }
             for (int64_t i = 0; i < D; ++i) o[i] /= total;

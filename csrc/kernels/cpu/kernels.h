@@ -1,0 +1,60 @@
+// The CPU kernels that come in instruction-set variants: matrix multiply
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) and the inner step of attention.
+//
+// Each variant (portable C++, AVX2+FMA) fills one CpuKernels table;
+// dispatch.cpp picks the table once from what the CPU supports, and the tests
+// can force the portable one. A matmul computes output columns
+// [n_begin, n_end) for all rows, so the caller splits work across threads by n.
+// The thread-level structure around them lives once, in ops.cpp.
+#pragma once
+#include <cstdint>
+
+#include "../../core/weights.h"
+
+namespace pyllm {
+
+struct CpuKernels {
+    const char* name;
+    // F32 / F16 / BF16 weights, float activations.
+    //   x: f32 [M, w.cols]   y: f32 [M, w.rows] (only columns [n_begin, n_end) written)
+    void (*float_weights)(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end,
+                          float* y);
+    // Q8 / Q4 weights, activations quantized by quantize_rows.
+    //   y: f32 [M, w.rows] (only columns [n_begin, n_end) written)
+    void (*quant_weights)(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end,
+                          float* y);
+    // One attention task: `group` query heads sharing a kv head against `len`
+    // consecutive keys. Writes each head's maximum score, the sum of
+    // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.
+    //   q: f32 [group, D] (scale applied)   keys_t: f32 [D, key_stride], first key at column 0
+    //   values: f32 [len, D]   scores: scratch f32 [group, len]
+    //   out: f32 [group, D]   max, sum: f32 [group]
+    void (*attend)(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
+                   const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
+};
+
+void attend_portable(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
+                     const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
+
+extern const CpuKernels kPortableKernels;
+#if defined(PYLLM_HAVE_AVX2)
+extern const CpuKernels kAvx2Kernels;
+void attend_avx2(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
+                 const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
+#endif
+
+// Quantizes rows of x into two int8 terms per value in blocks of 32 (see
+// QuantizedRows), zero-padding each row to out.padded_cols.
+//   x: f32 [row_end - row_begin rows from row_begin, cols], row stride `cols`
+void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
+
+// The table in use. Chosen at first use: AVX2 when the CPU has AVX2, FMA and
+// F16C (and the build has the code), else portable.
+const CpuKernels& active_kernels();
+// Forces a variant by name ("portable", "avx2", or "auto"); throws for a
+// variant this build or this CPU cannot run.
+void select_kernels(const char* name);
+// Whether this CPU can run the AVX2 variant.
+bool cpu_has_avx2();
+
+}  // namespace pyllm
