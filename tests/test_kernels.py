@@ -38,13 +38,13 @@ U = 2.0**-24
 FLOAT_FORMATS = ("f32", "f16", "bf16")
 QUANT_FORMATS = ("int8", "int4_sym", "int4_asym")
 ALL_FORMATS = FLOAT_FORMATS + QUANT_FORMATS
-HAVE_AVX2 = _core.cpu_has_avx2()
+AVAILABLE = _core.available_kernels()
+HAVE_AVX2 = "avx2" in AVAILABLE
 
+# every variant is tested where this CPU runs it; the others are reported as skipped
 VARIANTS = [
-    pytest.param("portable", id="portable"),
-    pytest.param(
-        "avx2", id="avx2", marks=pytest.mark.skipif(not HAVE_AVX2, reason="CPU (or build) lacks AVX2/FMA/F16C")
-    ),
+    pytest.param(name, id=name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"CPU (or build) lacks {name}"))
+    for name in ("portable", "avx2", "avx512")
 ]
 
 
@@ -295,21 +295,47 @@ def test_matmul_identity_reads_every_weight(kernels, fmt):
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_matmul_variants_agree(fmt):
-    """Portable and AVX2 give the same numbers up to float summation order."""
-    if not HAVE_AVX2:
-        pytest.skip("CPU (or build) lacks AVX2/FMA/F16C")
+    """Every SIMD variant gives the portable numbers up to float summation order."""
+    if len(AVAILABLE) == 1:
+        pytest.skip("CPU (or build) has only the portable kernels")
     try:
-        for M, N, K, G in [(1, 37, 576, 128), (17, 37, 100, 64)]:
+        for M, N, K, G in [(1, 37, 576, 128), (17, 37, 100, 64), (5, 9, 1000, 32)]:
             x, x_grid, bias, args, W, A = matmul_case(fmt, M, N, K, G)
             out = {}
-            for v in ("portable", "avx2"):
+            for v in AVAILABLE:
                 _core.select_kernels(v)
                 out[v] = _core.matmul(x, bias=bias, **args)
             # same activation codes, same integer dots: only float rounding differs
             tol = 2 * gamma(4 * (K + 8)) * ref.matmul_abs_bound(x, A, bias)
-            assert_within(out["avx2"], out["portable"].astype(np.float64), tol, f"{fmt} M={M}")
+            for v in AVAILABLE[1:]:
+                assert_within(out[v], out["portable"].astype(np.float64), tol, f"{fmt} {v} M={M}")
     finally:
         _core.select_kernels("auto")
+
+
+@pytest.mark.parametrize("M,K", [(1, 32), (3, 100), (17, 576), (2, 7)])
+def test_quantize_activations_bit_exact(kernels, M, K):
+    """Every variant's activation codes equal the numpy reference bit for bit: the
+    quantized-weight kernels of all variants then read the same integers."""
+    rng = np.random.default_rng([M, K])
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[0, : min(K, 32)] *= 1e-36  # a block near the bottom of the float range
+    if M > 1:
+        x[1, :] = 0.0  # all-zero blocks
+    if M > 2:
+        x[2, ::5] = 3e35  # huge values
+        x[2, 1::7] = 0.5 + rng.integers(-3, 4, x[2, 1::7].shape) / 254.0 * 3e35 / 127  # ties of the rounding
+    got = _core.quantize_activations(x)
+    expected = ref.quantize_activations_ref(x)
+    for name, g, e in zip(("hi", "lo", "step", "sum"), got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        np.testing.assert_array_equal(g, e, err_msg=f"{kernels} {name}")
+    # within half a step of x, block by block (where the step is a normal float)
+    hi, lo, step, _ = got
+    steps = step.repeat(32, axis=1)[:, :K]
+    approx = steps * (254.0 * hi[:, :K] + lo[:, :K])
+    normal = steps >= np.finfo(np.float32).tiny
+    assert np.all((np.abs(approx - x) <= 0.5 * steps + 4 * U * np.abs(x))[normal])
 
 
 def test_matmul_f16_special_values(kernels):
@@ -398,12 +424,14 @@ def test_select_kernels():
         _core.select_kernels("portable")
         assert _core.active_kernels() == "portable"
         _core.select_kernels("auto")
-        assert _core.active_kernels() == ("avx2" if HAVE_AVX2 else "portable")
+        assert _core.active_kernels() == AVAILABLE[-1]
+        assert AVAILABLE[0] == "portable"
         with pytest.raises(ValueError, match="unknown kernel variant"):
             _core.select_kernels("sse9")
-        if not HAVE_AVX2:
-            with pytest.raises(ValueError):
-                _core.select_kernels("avx2")
+        for name in ("avx2", "avx512"):
+            if name not in AVAILABLE:
+                with pytest.raises(ValueError, match="not supported here"):
+                    _core.select_kernels(name)
     finally:
         _core.select_kernels("auto")
 

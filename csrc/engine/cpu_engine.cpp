@@ -30,6 +30,7 @@ struct LayerWeights {
     WeightView q, k, v, o;   // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden], o: [hidden, heads*head_dim]
     const float* ffn_norm;   // [hidden]
     WeightView gate, up, down;  // gate/up: [ffn, hidden], down: [hidden, ffn]
+    bool qkv_quantized, gate_up_quantized;  // whether their shared input is quantized once
 };
 
 const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n) {
@@ -120,6 +121,8 @@ public:
             lw.gate = bind_linear(t, specs, p + "mlp.gate_proj", F, D);
             lw.up = bind_linear(t, specs, p + "mlp.up_proj", F, D);
             lw.down = bind_linear(t, specs, p + "mlp.down_proj", D, F);
+            lw.qkv_quantized = is_quantized(lw.q.format) || is_quantized(lw.k.format) || is_quantized(lw.v.format);
+            lw.gate_up_quantized = is_quantized(lw.gate.format) || is_quantized(lw.up.format);
             layers_.push_back(lw);
         }
         final_norm_ = bind_vector(t, "model.norm.weight", D);
@@ -183,9 +186,10 @@ private:
             const LayerWeights& lw = layers_[(size_t)l];
             clock_.time(S::kNorm, [&] { rmsnorm(x, lw.attn_norm, M, D, eps, h); });
             clock_.time(S::kQkv, [&] {
-                linear(pool_, lw.q, h, M, q_.data(), scratch_);
-                linear(pool_, lw.k, h, M, k_.data(), scratch_);
-                linear(pool_, lw.v, h, M, v_.data(), scratch_);
+                const LinearInput in = prepare_linear_input(pool_, h, M, D, lw.qkv_quantized, scratch_);
+                linear(pool_, lw.q, in, q_.data());
+                linear(pool_, lw.k, in, k_.data());
+                linear(pool_, lw.v, in, v_.data());
             });
             // cache layout per layer: keys [kv_heads, head_dim, n_ctx] (transposed), values [kv_heads, n_ctx, head_dim]
             float* k_layer = k_cache_.get() + l * Hkv * n_ctx_ * hd;
@@ -209,8 +213,9 @@ private:
 
             clock_.time(S::kNorm, [&] { rmsnorm(x, lw.ffn_norm, M, D, eps, h); });
             clock_.time(S::kGateUp, [&] {
-                linear(pool_, lw.gate, h, M, gate_.data(), scratch_);
-                linear(pool_, lw.up, h, M, up_.data(), scratch_);
+                const LinearInput in = prepare_linear_input(pool_, h, M, D, lw.gate_up_quantized, scratch_);
+                linear(pool_, lw.gate, in, gate_.data());
+                linear(pool_, lw.up, in, up_.data());
             });
             clock_.time(S::kSwiglu, [&] { swiglu(gate_.data(), up_.data(), M * F, gate_.data()); });
             clock_.time(S::kDown, [&] { linear(pool_, lw.down, gate_.data(), M, h, scratch_); });

@@ -244,8 +244,15 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
-    m.def("cpu_has_avx2", &cpu_has_avx2, "Whether this CPU can run the AVX2/FMA/F16C kernels.");
-    m.def("active_kernels", [] { return std::string(active_kernels().name); }, "Name of the matmul variant in use.");
+    m.def(
+        "available_kernels",
+        [] {
+            std::vector<std::string> names;
+            for (const CpuKernels* k : available_kernels()) names.emplace_back(k->name);
+            return names;
+        },
+        "Kernel variants this build has and this CPU runs, slowest first (the last is the default).");
+    m.def("active_kernels", [] { return std::string(active_kernels().name); }, "Name of the kernel variant in use.");
     m.def("select_kernels", [](const std::string& name) { select_kernels(name.c_str()); }, py::arg("name"),
           "Force the matmul variant: 'portable', 'avx2' or 'auto'.");
 
@@ -272,6 +279,25 @@ PYBIND11_MODULE(_core, m) {
         py::arg("x"), py::arg("format"), py::arg("data"), py::arg("cols"), py::arg("group_size") = 0,
         py::arg("scales") = py::none(), py::arg("mins") = py::none(), py::arg("bias") = py::none(),
         py::arg("n_threads") = 1, "y = x @ W^T (+ bias) for W in any pyllm weight format.");
+
+    m.def(
+        "quantize_activations",
+        [](const F32Array& x) {
+            // x: f32 [M, cols] -> hi, lo: int8 [M, padded], step, sum: f32 [M, padded / 32]
+            if (x.ndim() != 2 || x.shape(0) <= 0 || x.shape(1) <= 0) bad("x must be 2-D and non-empty");
+            const int64_t M = x.shape(0), cols = x.shape(1), padded = round_up(cols, kBlock);
+            py::array_t<int8_t> hi({M, padded}), lo({M, padded});
+            py::array_t<float> step({M, padded / kBlock}), sum({M, padded / kBlock});
+            const QuantizedRows out{M, padded, hi.mutable_data(), lo.mutable_data(), step.mutable_data(),
+                                    sum.mutable_data()};
+            const float* xp = x.data();
+            {
+                py::gil_scoped_release release;
+                active_kernels().quantize_rows(xp, cols, 0, M, out);
+            }
+            return py::make_tuple(hi, lo, step, sum);
+        },
+        py::arg("x"), "Activations as the quantized-weight kernels read them: (hi, lo, step, sum), x ~ step * (254 hi + lo).");
 
     m.def(
         "embedding",

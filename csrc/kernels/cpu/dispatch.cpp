@@ -1,55 +1,80 @@
-// Chooses the matmul variant for this CPU and checks weight descriptions.
+// Chooses the kernel variant for this CPU and checks weight descriptions.
 #include <atomic>
 #include <cstring>
+#include <initializer_list>
+#include <stdexcept>
 #include <string>
 
 #include "kernels.h"
 
 namespace pyllm {
 
-bool cpu_has_avx2() {
-#if defined(PYLLM_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+namespace {
+
+bool cpu_supports(std::initializer_list<const char*> features) {
+#if defined(__GNUC__) || defined(__clang__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    for (const char* f : features) {
+        // __builtin_cpu_supports needs literal names: test the ones the variants use
+        const std::string name = f;
+        bool has = false;
+        if (name == "avx2") has = __builtin_cpu_supports("avx2");
+        else if (name == "fma") has = __builtin_cpu_supports("fma");
+        else if (name == "f16c") has = __builtin_cpu_supports("f16c");
+        else if (name == "avx512f") has = __builtin_cpu_supports("avx512f");
+        else if (name == "avx512bw") has = __builtin_cpu_supports("avx512bw");
+        else if (name == "avx512vl") has = __builtin_cpu_supports("avx512vl");
+        else if (name == "avx512vnni") has = __builtin_cpu_supports("avx512vnni");
+        if (!has) return false;
+    }
+    return true;
 #else
+    (void)features;
     return false;
 #endif
 }
 
-namespace {
-const CpuKernels* best_available() {
-#if defined(PYLLM_HAVE_AVX2)
-    if (cpu_has_avx2()) return &kAvx2Kernels;
-#endif
-    return &kPortableKernels;
-}
 std::atomic<const CpuKernels*> g_active{nullptr};
+
 }  // namespace
+
+std::vector<const CpuKernels*> available_kernels() {
+    std::vector<const CpuKernels*> out{&kPortableKernels};
+#if defined(PYLLM_HAVE_AVX2)
+    const bool avx2 = cpu_supports({"avx2", "fma", "f16c"});
+    if (avx2) out.push_back(&kAvx2Kernels);
+#if defined(PYLLM_HAVE_AVX512)
+    if (avx2 && cpu_supports({"avx512f", "avx512bw", "avx512vl", "avx512vnni"})) out.push_back(&kAvx512Kernels);
+#endif
+#endif
+    return out;
+}
 
 const CpuKernels& active_kernels() {
     const CpuKernels* k = g_active.load(std::memory_order_acquire);
     if (k == nullptr) {
-        k = best_available();
+        k = available_kernels().back();
         g_active.store(k, std::memory_order_release);
     }
     return *k;
 }
 
 void select_kernels(const char* name) {
+    const std::vector<const CpuKernels*> variants = available_kernels();
     if (std::strcmp(name, "auto") == 0) {
-        g_active.store(best_available());
-    } else if (std::strcmp(name, "portable") == 0) {
-        g_active.store(&kPortableKernels);
-    } else if (std::strcmp(name, "avx2") == 0) {
-#if defined(PYLLM_HAVE_AVX2)
-        if (!cpu_has_avx2()) throw std::invalid_argument("this CPU lacks AVX2/FMA/F16C");
-        g_active.store(&kAvx2Kernels);
-#else
-        throw std::invalid_argument("this build has no AVX2 kernels");
-#endif
-    } else {
-        throw std::invalid_argument(std::string("unknown kernel variant '") + name + "' (portable, avx2, auto)");
+        g_active.store(variants.back());
+        return;
     }
+    std::string names;
+    for (const CpuKernels* k : variants) {
+        if (std::strcmp(name, k->name) == 0) {
+            g_active.store(k);
+            return;
+        }
+        names += std::string(names.empty() ? "" : ", ") + k->name;
+    }
+    throw std::invalid_argument(std::string("unknown kernel variant '") + name + "' or not supported here (available: " +
+                                names + ", auto)");
 }
 
 void validate_weight(const WeightView& w, const std::string& what) {

@@ -1,13 +1,14 @@
 // The CPU kernels that come in instruction-set variants: matrix multiply
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) and the inner step of attention.
 //
-// Each variant (portable C++, AVX2+FMA) fills one CpuKernels table;
+// Each variant (portable C++, AVX2+FMA, AVX-512 VNNI) fills one CpuKernels table;
 // dispatch.cpp picks the table once from what the CPU supports, and the tests
 // can force the portable one. A matmul computes output columns
 // [n_begin, n_end) for all rows, so the caller splits work across threads by n.
 // The thread-level structure around them lives once, in ops.cpp.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "../../core/weights.h"
 
@@ -23,6 +24,11 @@ struct CpuKernels {
     //   y: f32 [M, w.rows] (only columns [n_begin, n_end) written)
     void (*quant_weights)(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end,
                           float* y);
+    // Quantizes rows [row_begin, row_end) of x into two int8 terms per value in
+    // blocks of 32 (see QuantizedRows), zero-padding each row to out.padded_cols.
+    // Every variant gives the same codes as the portable one, bit for bit.
+    //   x: f32 [rows, cols] (row stride cols)
+    void (*quantize_rows)(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
     // One attention task: `group` query heads sharing a kv head against `len`
     // consecutive keys. Writes each head's maximum score, the sum of
     // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.
@@ -33,28 +39,31 @@ struct CpuKernels {
                    const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
 };
 
+void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int64_t row_end,
+                            const QuantizedRows& out);
 void attend_portable(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
                      const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
 
 extern const CpuKernels kPortableKernels;
 #if defined(PYLLM_HAVE_AVX2)
 extern const CpuKernels kAvx2Kernels;
+void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
+void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
 void attend_avx2(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
                  const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
 #endif
+#if defined(PYLLM_HAVE_AVX512)
+extern const CpuKernels kAvx512Kernels;  // VNNI integer dots; float weights and attention as AVX2
+#endif
 
-// Quantizes rows of x into two int8 terms per value in blocks of 32 (see
-// QuantizedRows), zero-padding each row to out.padded_cols.
-//   x: f32 [row_end - row_begin rows from row_begin, cols], row stride `cols`
-void quantize_rows(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
 
-// The table in use. Chosen at first use: AVX2 when the CPU has AVX2, FMA and
-// F16C (and the build has the code), else portable.
+// The table in use. Chosen at first use: the last of available_kernels().
 const CpuKernels& active_kernels();
-// Forces a variant by name ("portable", "avx2", or "auto"); throws for a
-// variant this build or this CPU cannot run.
+// Forces a variant by name (one of available_kernels(), or "auto"); throws for
+// a variant this build or this CPU cannot run.
 void select_kernels(const char* name);
-// Whether this CPU can run the AVX2 variant.
-bool cpu_has_avx2();
+// The variants this build has and this CPU can run, slowest first: "portable",
+// then "avx2" (AVX2 + FMA + F16C), then "avx512" (AVX-512 F/BW/VL + VNNI, and AVX2).
+std::vector<const CpuKernels*> available_kernels();
 
 }  // namespace pyllm

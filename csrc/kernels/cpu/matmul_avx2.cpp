@@ -9,10 +9,10 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 
 #include "../../core/numeric.h"
 #include "kernels.h"
+#include "tiling.h"
 
 namespace pyllm {
 namespace {
@@ -67,23 +67,6 @@ void float_tile(const WeightView& w, const float* x, int64_t m0, int64_t n0, flo
     }
 }
 
-// Covers rows [0, M) x columns [n_begin, n_end) with NR x MR tiles and
-// narrower tiles at the edges.
-template <int NR, int MR, typename Tile>
-void tile_over(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
-    int64_t n = n_begin;
-    for (; n + NR <= n_end; n += NR) {
-        int64_t m = 0;
-        for (; m + MR <= M; m += MR) tile(std::integral_constant<int, NR>{}, std::integral_constant<int, MR>{}, m, n);
-        for (; m < M; ++m) tile(std::integral_constant<int, NR>{}, std::integral_constant<int, 1>{}, m, n);
-    }
-    for (; n < n_end; ++n) {
-        int64_t m = 0;
-        for (; m + MR <= M; m += MR) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MR>{}, m, n);
-        for (; m < M; ++m) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, m, n);
-    }
-}
-
 template <WeightFormat F>
 void float_weights_typed(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
     auto tile = [&](auto nr, auto mr, int64_t m, int64_t n) { float_tile<F, nr.value, mr.value>(w, x, m, n, y); };
@@ -91,13 +74,17 @@ void float_weights_typed(const WeightView& w, const float* x, int64_t M, int64_t
     else tile_over<2, 4>(M, n_begin, n_end, tile);
 }
 
-void float_weights(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
+}  // namespace
+
+void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
     switch (w.format) {
         case WeightFormat::F32: return float_weights_typed<WeightFormat::F32>(w, x, M, n_begin, n_end, y);
         case WeightFormat::F16: return float_weights_typed<WeightFormat::F16>(w, x, M, n_begin, n_end, y);
         default: return float_weights_typed<WeightFormat::BF16>(w, x, M, n_begin, n_end, y);
     }
 }
+
+namespace {
 
 // One 32-value weight block as 32 bytes ready for maddubs, and the activation
 // block adjusted to match (int8 weights: sign trick).
@@ -188,15 +175,63 @@ void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
 }
 
 void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
-    switch (w.format) {
-        case WeightFormat::Q8: return quant_weights_typed<WeightFormat::Q8>(w, x, n_begin, n_end, y);
-        case WeightFormat::Q4_SYM: return quant_weights_typed<WeightFormat::Q4_SYM>(w, x, n_begin, n_end, y);
-        default: return quant_weights_typed<WeightFormat::Q4_ASYM>(w, x, n_begin, n_end, y);
-    }
+    with_quant_format(w.format, [&](auto f) { quant_weights_typed<f.value>(w, x, n_begin, n_end, y); });
 }
 
 }  // namespace
 
-const CpuKernels kAvx2Kernels = {"avx2", float_weights, quant_weights, attend_avx2};
+void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
+    // the steps of quantize_rows_portable, 8 values at a time (the float -> double -> float
+    // products and round-half-even keep the codes bit for bit)
+    const int64_t n_blocks = out.padded_cols / kBlock;
+    const __m256 radix = _mm256_set1_ps((float)kResidualRadix), limit = _mm256_set1_ps(127.0f);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t m = row_begin; m < row_end; ++m) {
+        const float* xr = x + m * cols;
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const int64_t start = b * kBlock;
+            __m256 v[4];
+            __m256 amax = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+                const int64_t left = cols - start - 8 * j;
+                const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::clamp<int64_t>(left, 0, 8)),
+                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                v[j] = _mm256_maskload_ps(xr + start + 8 * j, mask);
+                amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
+            }
+            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+            const float block_max = _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
+            const __m256d inverse = _mm256_set1_pd(block_max > 0.0f ? (127.0 * kResidualRadix) / (double)block_max : 0.0);
+            __m256i hi[4], lo[4];
+            __m256 total = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+                const __m128 lower = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v[j])), inverse));
+                const __m128 upper = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v[j], 1)), inverse));
+                const __m256 units = _mm256_insertf128_ps(_mm256_castps128_ps256(lower), upper, 1);
+                const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                __m256 h = _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
+                h = _mm256_max_ps(_mm256_min_ps(h, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
+                __m256 l = _mm256_round_ps(_mm256_sub_ps(units, _mm256_mul_ps(h, radix)), nearest);
+                l = _mm256_max_ps(_mm256_min_ps(l, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
+                total = _mm256_add_ps(total, _mm256_fmadd_ps(h, radix, l));  // integers below 2^24: exact
+                hi[j] = _mm256_cvtps_epi32(h);
+                lo[j] = _mm256_cvtps_epi32(l);
+            }
+            auto pack = [&](const __m256i* q) {
+                const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                return _mm256_permutevar8x32_epi32(bytes, order);
+            };
+            _mm256_storeu_si256((__m256i*)(out.hi + m * out.padded_cols + start), pack(hi));
+            _mm256_storeu_si256((__m256i*)(out.lo + m * out.padded_cols + start), pack(lo));
+            const float step = block_max / (127.0f * (float)kResidualRadix);
+            out.step[m * n_blocks + b] = step;
+            out.sum[m * n_blocks + b] = step * hsum(total);
+        }
+    }
+}
+
+const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, attend_avx2};
 
 }  // namespace pyllm

@@ -17,27 +17,40 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data()};
 }
 
-void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch) {
+LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, int64_t cols, bool quantize,
+                                 ActivationScratch& scratch) {
+    LinearInput in{x, M, cols, QuantizedRows{}};
+    if (!quantize) return in;
     const CpuKernels& kernels = active_kernels();
+    in.quantized = scratch.prepare(M, round_up(cols, kBlock));
+    const int64_t row_chunk = 16;
+    pool.parallel_for((M + row_chunk - 1) / row_chunk, [&](int64_t i) {
+        kernels.quantize_rows(x, cols, i * row_chunk, std::min(M, (i + 1) * row_chunk), in.quantized);
+    });
+    return in;
+}
+
+void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float* y) {
+    const CpuKernels& kernels = active_kernels();
+    if (in.cols != w.cols)
+        throw std::invalid_argument("linear: input has " + std::to_string(in.cols) + " columns, the weight " +
+                                    std::to_string(w.cols));
+    if (is_quantized(w.format) && in.quantized.rows != in.M)
+        throw std::invalid_argument("linear: a quantized weight needs its input quantized first");
     const int64_t N = w.rows;
     // Chunks of output columns: several per thread for balance, a multiple of
-    // the kernels' 4-row tiles.
-    const int64_t chunk = std::max<int64_t>(16, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), 4));
+    // the kernels' 8-row tiles.
+    const int64_t chunk = std::max<int64_t>(16, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), 8));
     const int64_t n_chunks = (N + chunk - 1) / chunk;
-    if (is_quantized(w.format)) {
-        const QuantizedRows xq = scratch.prepare(M, w.padded_cols());
-        const int64_t row_chunk = 16;
-        pool.parallel_for((M + row_chunk - 1) / row_chunk, [&](int64_t i) {
-            quantize_rows(x, w.cols, i * row_chunk, std::min(M, (i + 1) * row_chunk), xq);
-        });
-        pool.parallel_for(n_chunks, [&](int64_t i) {
-            kernels.quant_weights(w, xq, i * chunk, std::min(N, (i + 1) * chunk), y);
-        });
-    } else {
-        pool.parallel_for(n_chunks, [&](int64_t i) {
-            kernels.float_weights(w, x, M, i * chunk, std::min(N, (i + 1) * chunk), y);
-        });
-    }
+    pool.parallel_for(n_chunks, [&](int64_t i) {
+        const int64_t n_begin = i * chunk, n_end = std::min(N, (i + 1) * chunk);
+        if (is_quantized(w.format)) kernels.quant_weights(w, in.quantized, n_begin, n_end, y);
+        else kernels.float_weights(w, in.x, in.M, n_begin, n_end, y);
+    });
+}
+
+void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch) {
+    linear(pool, w, prepare_linear_input(pool, x, M, w.cols, is_quantized(w.format), scratch), y);
 }
 
 void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out) {

@@ -17,7 +17,24 @@ struct ActivationScratch {
     QuantizedRows prepare(int64_t rows, int64_t padded_cols);
 };
 
-// y = x @ W^T + bias.   x: f32 [M, w.cols]   y: f32 [M, w.rows]
+// The input of one or more linear layers, quantized once for all of them when
+// any reads quantized activations (q/k/v share their input, and so do gate/up).
+struct LinearInput {
+    const float* x = nullptr;  // f32 [M, cols]
+    int64_t M = 0;
+    int64_t cols = 0;
+    QuantizedRows quantized;   // rows == M when filled, else empty
+};
+
+// Prepares x f32 [M, cols] for linear layers; `quantize` when any of them has a quantized
+// weight. The result points into `scratch` until its next use.
+LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, int64_t cols, bool quantize,
+                                 ActivationScratch& scratch);
+
+// y = x @ W^T + bias.   in.x: f32 [in.M, w.cols]   y: f32 [in.M, w.rows]
+void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float* y);
+
+// The same for a single layer: prepare, then multiply.   x: f32 [M, w.cols]   y: f32 [M, w.rows]
 void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch);
 
 // Dequantizes rows `ids` of a [vocab, dim] table.   out: f32 [M, w.cols]
