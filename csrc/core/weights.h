@@ -6,6 +6,9 @@
 // repack it at load, the CPU kernels use it as is.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -43,6 +46,16 @@ static inline int64_t round_up(int64_t value, int64_t multiple) {
     return (value + multiple - 1) / multiple * multiple;
 }
 
+// A quantized weight rearranged at load for a kernel variant that reads 16 rows
+// at once (matmul_avx512.cpp documents the layout). Optional: kernels that do
+// not know it read WeightView::data, which always stays valid.
+struct TiledWeight {
+    const uint8_t* data = nullptr;     // [ceil(rows / 16), padded_cols / 32, bytes of 16 row-blocks]
+    const uint16_t* scales = nullptr;  // f16 [ceil(rows / 16), n_groups, 16]
+    const uint16_t* mins = nullptr;    // f16 [ceil(rows / 16), n_groups, 16], Q4_ASYM only
+};
+constexpr int64_t kTileRows = 16;
+
 // Int4 packing: each row is cut into chunks of 32 values; a chunk is 16 bytes,
 // byte i holding value i in its low nibble and value i + 16 in its high nibble.
 // The last chunk of a row is padded with zero nibbles up to 32 values.
@@ -55,6 +68,7 @@ struct WeightView {
     const uint16_t* scales = nullptr;  // f16 [rows, n_groups()]
     const uint16_t* mins = nullptr;    // f16 [rows, n_groups()], Q4_ASYM only
     const float* bias = nullptr;       // f32 [rows] or null
+    TiledWeight tiled;                 // optional rearranged copy (see TiledWeight)
 
     int64_t n_groups() const { return group_size > 0 ? (cols + group_size - 1) / group_size : 0; }
     int64_t padded_cols() const { return round_up(cols, kBlock); }
@@ -92,5 +106,37 @@ struct QuantizedRows {
     float* step = nullptr;   // [rows, padded_cols / 32]
     float* sum = nullptr;    // [rows, padded_cols / 32], sum of the block's quantized values
 };
+
+// Heap bytes aligned to 64 (tiled weights are read with aligned vector loads).
+class AlignedBytes {
+public:
+    explicit AlignedBytes(size_t n)
+        : ptr_(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)round_up((int64_t)(n ? n : 1), 64))), &std::free) {
+        if (!ptr_) throw std::bad_alloc();
+    }
+    uint8_t* data() const { return ptr_.get(); }
+
+private:
+    std::unique_ptr<uint8_t, decltype(&std::free)> ptr_;
+};
+
+// Where the parts of a TiledWeight sit in one buffer (each part 64-byte aligned).
+struct TiledLayout {
+    int64_t tiles = 0, blocks = 0, block_bytes = 0;  // block_bytes: one block of 16 rows
+    size_t scales_offset = 0, mins_offset = 0, total = 0;
+};
+
+static inline TiledLayout tiled_layout(const WeightView& w) {
+    TiledLayout t;
+    t.tiles = (w.rows + kTileRows - 1) / kTileRows;
+    t.blocks = w.padded_cols() / kBlock;
+    t.block_bytes = kTileRows * kBlock / (w.format == WeightFormat::Q8 ? 1 : 2);
+    const size_t data = (size_t)(t.tiles * t.blocks * t.block_bytes);
+    const size_t scales = (size_t)(t.tiles * w.n_groups() * kTileRows * 2);
+    t.scales_offset = (size_t)round_up((int64_t)data, 64);
+    t.mins_offset = (size_t)round_up((int64_t)(t.scales_offset + scales), 64);
+    t.total = t.mins_offset + (w.format == WeightFormat::Q4_ASYM ? scales : 0);
+    return t;
+}
 
 }  // namespace pyllm

@@ -127,6 +127,11 @@ public:
         }
         final_norm_ = bind_vector(t, "model.norm.weight", D);
         lm_head_ = cfg_.tie_word_embeddings ? embed_ : bind_linear(t, specs, "lm_head", cfg_.vocab_size, D);
+        // quantized matrices rearranged for the kernels that want it (the file stays as it is)
+        std::vector<WeightView*> matrices{&lm_head_};
+        for (LayerWeights& lw : layers_)
+            for (WeightView* w : {&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down}) matrices.push_back(w);
+        for (WeightView* w : matrices) tile_for_active_kernels(pool_, *w, tiled_storage_);
         inv_freq_ = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
 
         // Cache pages are touched only as positions are written.
@@ -247,6 +252,7 @@ private:
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<int32_t> positions_;
     ActivationScratch scratch_;
+    std::vector<AlignedBytes> tiled_storage_;  // rearranged weights (tile_for_active_kernels)
     StageClock clock_;
 };
 

@@ -259,9 +259,11 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "matmul",
         [](const F32Array& x, const std::string& format, const py::array& data, int64_t cols, int64_t group_size,
-           const py::object& scales, const py::object& mins, const py::object& bias, int n_threads) {
+           const py::object& scales, const py::object& mins, const py::object& bias, int n_threads, bool tiled) {
             // x: f32 [M, cols] -> f32 [M, rows]
             WeightView w = weight_view(format, data, cols, group_size, scales, mins, bias);
+            std::vector<AlignedBytes> tiled_storage;
+            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
             if (x.ndim() != 2 || x.shape(1) != cols)
                 bad("x must be 2-D with " + std::to_string(cols) + " columns");
             const int64_t M = x.shape(0);
@@ -269,16 +271,18 @@ PYBIND11_MODULE(_core, m) {
             py::array_t<float> y({M, w.rows});
             const float* xp = x.data();
             float* yp = y.mutable_data();
-            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(kp.mutex);
+            if (tiled) tile_for_active_kernels(*kp.pool, w, tiled_storage);
             ActivationScratch scratch;
             linear(*kp.pool, w, xp, M, yp, scratch);
             return y;
         },
         py::arg("x"), py::arg("format"), py::arg("data"), py::arg("cols"), py::arg("group_size") = 0,
         py::arg("scales") = py::none(), py::arg("mins") = py::none(), py::arg("bias") = py::none(),
-        py::arg("n_threads") = 1, "y = x @ W^T (+ bias) for W in any pyllm weight format.");
+        py::arg("n_threads") = 1, py::arg("tiled") = true,
+        "y = x @ W^T (+ bias) for W in any pyllm weight format (tiled: rearranged first, as engines do, when "
+        "the active kernels have a tiled layout).");
 
     m.def(
         "quantize_activations",

@@ -17,6 +17,19 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data()};
 }
 
+void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage) {
+    const CpuKernels& kernels = active_kernels();
+    if (kernels.tile_weight == nullptr || !is_quantized(w.format)) return;
+    const TiledLayout layout = tiled_layout(w);
+    storage.emplace_back(layout.total);
+    uint8_t* out = storage.back().data();
+    const int64_t per_task = 64;
+    pool.parallel_for((layout.tiles + per_task - 1) / per_task, [&](int64_t i) {
+        kernels.tile_weight(w, out, i * per_task, std::min(layout.tiles, (i + 1) * per_task));
+    });
+    point_tiled(w, out);
+}
+
 LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, int64_t cols, bool quantize,
                                  ActivationScratch& scratch) {
     LinearInput in{x, M, cols, QuantizedRows{}};
@@ -39,8 +52,8 @@ void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float*
         throw std::invalid_argument("linear: a quantized weight needs its input quantized first");
     const int64_t N = w.rows;
     // Chunks of output columns: several per thread for balance, a multiple of
-    // the kernels' 8-row tiles.
-    const int64_t chunk = std::max<int64_t>(16, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), 8));
+    // the kernels' tiles of (at most) 16 rows.
+    const int64_t chunk = std::max<int64_t>(kTileRows, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), kTileRows));
     const int64_t n_chunks = (N + chunk - 1) / chunk;
     pool.parallel_for(n_chunks, [&](int64_t i) {
         const int64_t n_begin = i * chunk, n_end = std::min(N, (i + 1) * chunk);

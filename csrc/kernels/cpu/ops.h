@@ -17,6 +17,11 @@ struct ActivationScratch {
     QuantizedRows prepare(int64_t rows, int64_t padded_cols);
 };
 
+// When the active kernels read quantized weights faster rearranged
+// (CpuKernels::tile_weight), adds w's rearranged copy to `storage` and points
+// w.tiled into it; otherwise leaves w as it is.
+void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage);
+
 // The input of one or more linear layers, quantized once for all of them when
 // any reads quantized activations (q/k/v share their input, and so do gate/up).
 struct LinearInput {
