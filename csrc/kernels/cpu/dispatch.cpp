@@ -77,14 +77,6 @@ void select_kernels(const char* name) {
                                 names + ", auto)");
 }
 
-void point_tiled(WeightView& w, const uint8_t* buffer) {
-    const TiledLayout layout = tiled_layout(w);
-    w.tiled.data = buffer;
-    w.tiled.scales = reinterpret_cast<const uint16_t*>(buffer + layout.scales_offset);
-    w.tiled.mins = w.format == WeightFormat::Q4_ASYM ? reinterpret_cast<const uint16_t*>(buffer + layout.mins_offset)
-                                                     : nullptr;
-}
-
 void validate_weight(const WeightView& w, const std::string& what) {
     auto fail = [&](const std::string& why) { throw std::invalid_argument(what + ": " + why); };
     if (w.rows <= 0 || w.cols <= 0) fail("rows and cols must be positive");

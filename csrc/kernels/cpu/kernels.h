@@ -29,11 +29,9 @@ struct CpuKernels {
     // Every variant gives the same codes as the portable one, bit for bit.
     //   x: f32 [rows, cols] (row stride cols)
     void (*quantize_rows)(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
-    // Optional (null when the variant has no such layout): writes tiles
-    // [tile_begin, tile_end) of w rearranged as this variant's quant_weights
-    // reads them fastest into `out` (64-byte aligned, tiled_layout(w).total
-    // bytes); the caller keeps it and points w.tiled into it with point_tiled.
-    void (*tile_weight)(const WeightView& w, uint8_t* out, int64_t tile_begin, int64_t tile_end);
+    // Whether quant_weights reads weights of this format faster when they are
+    // tiled at load (tiled_weights.cpp); null: never.
+    bool (*reads_tiled)(WeightFormat format);
     // One attention task: `group` query heads sharing a kv head against `len`
     // consecutive keys. Writes each head's maximum score, the sum of
     // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.
@@ -62,7 +60,9 @@ extern const CpuKernels kAvx512Kernels;  // VNNI integer dots; float weights and
 #endif
 
 
-// Points w.tiled into a buffer filled by CpuKernels::tile_weight for w.
+// The tiled layout (tiled_weights.cpp): tiles [tile_begin, tile_end) of w into
+// `out`, and w.tiled pointed into a filled buffer.
+void tile_weight_rows16(const WeightView& w, uint8_t* out, int64_t tile_begin, int64_t tile_end);
 void point_tiled(WeightView& w, const uint8_t* buffer);
 
 // The table in use. Chosen at first use: the last of available_kernels().

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "../../core/numeric.h"
 #include "kernels.h"
@@ -167,6 +168,92 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
             y[(m0 + m) * N + n0 + r] = hsum(acc[r][m]) + offset[r][m] + (w.bias ? w.bias[n0 + r] : 0.0f);
 }
 
+
+// ---- int4 weights tiled at load (tiled_weights.cpp) ------------------------------
+// A 256-bit vector is half a tile vector: 8 rows, 4 values each. maddubs products
+// of a nibble (<= 15) and an int8 code (|c| <= 127) pair into at most 3810, so
+// the 8 quads of a block add up in int16 (<= 30480) before one madd to int32.
+// int8 weights stay on the row kernel above (their products would saturate).
+
+// Rows [row0, row0 + 8) with row0 = tile * 16 + 8 * half, activation rows [m0, m0 + MR).
+//   xsum: f32 [x.rows, n_groups], the activations' sum over each group
+template <WeightFormat F, int MR>
+void tiled_half(const WeightView& w, const TiledLayout& t, const QuantizedRows& x, const float* xsum, int64_t m0,
+                int64_t tile, int half, int64_t n_begin, int64_t n_end, float* y) {
+    const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
+    const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes + 32 * half;
+    const __m256 radix = _mm256_set1_ps((float)kResidualRadix);
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[MR], off[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = off[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t at = (tile * n_groups + g) * kTileRows + 8 * half;
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.scales + at)));
+        const __m256 shift = F == WeightFormat::Q4_ASYM
+                                 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.mins + at)))
+                                 : _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
+        for (int m = 0; m < MR; ++m)
+            off[m] = _mm256_fmadd_ps(shift, _mm256_set1_ps(xsum[(m0 + m) * n_groups + g]), off[m]);
+        const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
+        for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
+            const uint8_t* wb = wt + b * t.block_bytes;
+            __m256i quads[8];
+            for (int j = 0; j < 4; ++j) {
+                const __m256i packed = _mm256_loadu_si256((const __m256i*)(wb + 64 * j));
+                quads[2 * j] = _mm256_and_si256(packed, low);
+                quads[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            }
+            for (int m = 0; m < MR; ++m) {
+                const int8_t* hi = x.hi + (m0 + m) * x.padded_cols + b * kBlock;
+                const int8_t* lo = x.lo + (m0 + m) * x.padded_cols + b * kBlock;
+                __m256i sum_hi = _mm256_setzero_si256(), sum_lo = _mm256_setzero_si256();
+                for (int q = 0; q < 8; ++q) {
+                    int32_t h, l;
+                    std::memcpy(&h, hi + 4 * q, 4);
+                    std::memcpy(&l, lo + 4 * q, 4);
+                    sum_hi = _mm256_add_epi16(sum_hi, _mm256_maddubs_epi16(quads[q], _mm256_set1_epi32(h)));
+                    sum_lo = _mm256_add_epi16(sum_lo, _mm256_maddubs_epi16(quads[q], _mm256_set1_epi32(l)));
+                }
+                const __m256 both = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum_hi, ones)), radix,
+                                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(sum_lo, ones)));
+                const __m256 factor = _mm256_mul_ps(scale, _mm256_set1_ps(x.step[(m0 + m) * n_blocks + b]));
+                acc[m] = _mm256_fmadd_ps(both, factor, acc[m]);
+            }
+        }
+    }
+    const int64_t row0 = tile * kTileRows + 8 * half;
+    const int64_t first = std::max<int64_t>(0, n_begin - row0), last = std::min<int64_t>(8, n_end - row0);
+    if (last <= first) return;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i keep = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)last), lane),
+                                          _mm256_cmpgt_epi32(lane, _mm256_set1_epi32((int)first - 1)));
+    for (int m = 0; m < MR; ++m) {
+        __m256 out = _mm256_add_ps(acc[m], off[m]);
+        if (w.bias) out = _mm256_add_ps(out, _mm256_maskload_ps(w.bias + row0, keep));
+        _mm256_maskstore_ps(y + (m0 + m) * w.rows + row0, keep, out);
+    }
+}
+
+template <WeightFormat F>
+void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+    const TiledLayout t = tiled_layout(w);
+    const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
+    thread_local std::vector<float> xsum;
+    xsum.assign((size_t)(x.rows * n_groups), 0.0f);
+    for (int64_t m = 0; m < x.rows; ++m)
+        for (int64_t b = 0; b < n_blocks; ++b) xsum[(size_t)(m * n_groups + b / blocks_per_group)] += x.sum[m * n_blocks + b];
+    for (int64_t tile = n_begin / kTileRows; tile * kTileRows < n_end; ++tile)
+        for (int half = 0; half < 2; ++half) {
+            const int64_t row0 = tile * kTileRows + 8 * half;
+            if (row0 >= n_end || row0 + 8 <= n_begin) continue;
+            int64_t m = 0;
+            for (; m + 2 <= x.rows; m += 2) tiled_half<F, 2>(w, t, x, xsum.data(), m, tile, half, n_begin, n_end, y);
+            for (; m < x.rows; ++m) tiled_half<F, 1>(w, t, x, xsum.data(), m, tile, half, n_begin, n_end, y);
+        }
+}
+
+bool reads_tiled(WeightFormat format) { return format == WeightFormat::Q4_SYM || format == WeightFormat::Q4_ASYM; }
+
 template <WeightFormat F>
 void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     auto tile = [&](auto nr, auto mr, int64_t m, int64_t n) { quant_tile<F, nr.value, mr.value>(w, x, m, n, y); };
@@ -175,7 +262,11 @@ void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
 }
 
 void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
-    with_quant_format(w.format, [&](auto f) { quant_weights_typed<f.value>(w, x, n_begin, n_end, y); });
+    with_quant_format(w.format, [&](auto f) {
+        if constexpr (f.value != WeightFormat::Q8)
+            if (w.tiled.data != nullptr) return tiled_weights_typed<f.value>(w, x, n_begin, n_end, y);
+        quant_weights_typed<f.value>(w, x, n_begin, n_end, y);
+    });
 }
 
 }  // namespace
@@ -232,6 +323,6 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
     }
 }
 
-const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, nullptr, attend_avx2};
+const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, reads_tiled, attend_avx2};
 
 }  // namespace pyllm

@@ -16,18 +16,11 @@
 // and xsum_g the activations' sum over the group.
 // Register tiles: 8 weight rows x 1 activation row (decode), 4 x 4 (prefill).
 //
-// Faster still, weights tiled at load (tile_weight, TiledWeight): 16 rows side
-// by side, so that each 32-bit lane of a vector belongs to one row. Lane r of
-// a 64-byte vector holds 4 consecutive values ("a quad") of row r:
-//   int8:  8 vectors per 32-column block, vector q = quad q of every row, stored
-//          as w ^ 0x80 (unsigned, the 128 * sum(x) comes off as above)
-//   int4:  4 vectors per block, vector j = quad 2j in the low nibbles and quad
-//          2j + 1 in the high nibbles
-// followed by the scales (and mins) per tile and group, 16 rows side by side.
+// Faster still, weights tiled at load (tiled_weights.cpp: 16 rows side by side,
+// each 32-bit lane of a 64-byte vector holding 4 consecutive values of one row).
 // A block then costs 16 vpdpbusd (8 quads x 2 activation terms, each quad's 4
 // activation bytes broadcast to all lanes) for 16 rows, and the float work
 // (convert, scale, accumulate) is done once for 16 rows instead of per row.
-// Rows past the end of the matrix are zeros and are never written out.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -131,50 +124,6 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, const Prepared& pre
 
 
 // ---- tiled weights --------------------------------------------------------------
-
-void tile_weight(const WeightView& w, uint8_t* out, int64_t tile_begin, int64_t tile_end) {
-    const TiledLayout t = tiled_layout(w);
-    const int64_t n_groups = w.n_groups(), row_bytes = w.row_bytes();
-    uint16_t* scales = reinterpret_cast<uint16_t*>(out + t.scales_offset);
-    uint16_t* mins = reinterpret_cast<uint16_t*>(out + t.mins_offset);
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-        uint8_t* tile_data = out + tile * t.blocks * t.block_bytes;
-        std::memset(tile_data, 0, (size_t)(t.blocks * t.block_bytes));  // rows past the end stay zero
-        std::memset(scales + tile * n_groups * kTileRows, 0, (size_t)(n_groups * kTileRows * 2));
-        if (w.format == WeightFormat::Q4_ASYM) std::memset(mins + tile * n_groups * kTileRows, 0, (size_t)(n_groups * kTileRows * 2));
-        for (int64_t r = 0; r < kTileRows && tile * kTileRows + r < w.rows; ++r) {
-            const int64_t row = tile * kTileRows + r;
-            const uint8_t* src = static_cast<const uint8_t*>(w.data) + row * row_bytes;
-            for (int64_t b = 0; b < t.blocks; ++b) {
-                uint8_t* block = tile_data + b * t.block_bytes + r * 4;  // lane r of each vector
-                if (w.format == WeightFormat::Q8) {
-                    uint8_t values[kBlock] = {0};  // the last block of a row may be short: zeros
-                    std::memcpy(values, src + b * kBlock, (size_t)std::min<int64_t>(kBlock, w.cols - b * kBlock));
-                    for (int64_t q = 0; q < 8; ++q)
-                        for (int i = 0; i < 4; ++i) block[q * 64 + i] = values[4 * q + i] ^ 0x80;
-                } else {
-                    // byte i of the packed block: value i (low nibble), value i + 16 (high nibble);
-                    // vector j lane bytes: values 8j + i (low) and 8j + 4 + i (high), i < 4
-                    uint64_t first, second;  // bytes 0-7 and 8-15
-                    std::memcpy(&first, src + b * (kBlock / 2), 8);
-                    std::memcpy(&second, src + b * (kBlock / 2) + 8, 8);
-                    const uint32_t low = 0x0f0f0f0fu, high = 0xf0f0f0f0u;
-                    const uint32_t lanes[4] = {
-                        ((uint32_t)first & low) | (((uint32_t)(first >> 32) & low) << 4),
-                        ((uint32_t)second & low) | (((uint32_t)(second >> 32) & low) << 4),
-                        (((uint32_t)first >> 4) & low) | ((uint32_t)(first >> 32) & high),
-                        (((uint32_t)second >> 4) & low) | ((uint32_t)(second >> 32) & high),
-                    };
-                    for (int j = 0; j < 4; ++j) std::memcpy(block + j * 64, &lanes[j], 4);
-                }
-            }
-            for (int64_t g = 0; g < n_groups; ++g) {
-                scales[(tile * n_groups + g) * kTileRows + r] = w.scales[row * n_groups + g];
-                if (w.format == WeightFormat::Q4_ASYM) mins[(tile * n_groups + g) * kTileRows + r] = w.mins[row * n_groups + g];
-            }
-        }
-    }
-}
 
 // Per-call activation facts the tiled kernel needs besides the codes.
 struct TiledPrep {
@@ -310,8 +259,10 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
     });
 }
 
+bool reads_tiled(WeightFormat) { return true; }
+
 }  // namespace
 
-const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx2, quant_weights, quantize_rows_avx2, tile_weight, attend_avx2};
+const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx2, quant_weights, quantize_rows_avx2, reads_tiled, attend_avx2};
 
 }  // namespace pyllm

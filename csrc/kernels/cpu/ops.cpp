@@ -19,13 +19,13 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
 
 void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage) {
     const CpuKernels& kernels = active_kernels();
-    if (kernels.tile_weight == nullptr || !is_quantized(w.format)) return;
+    if (kernels.reads_tiled == nullptr || !is_quantized(w.format) || !kernels.reads_tiled(w.format)) return;
     const TiledLayout layout = tiled_layout(w);
     storage.emplace_back(layout.total);
     uint8_t* out = storage.back().data();
     const int64_t per_task = 64;
     pool.parallel_for((layout.tiles + per_task - 1) / per_task, [&](int64_t i) {
-        kernels.tile_weight(w, out, i * per_task, std::min(layout.tiles, (i + 1) * per_task));
+        tile_weight_rows16(w, out, i * per_task, std::min(layout.tiles, (i + 1) * per_task));
     });
     point_tiled(w, out);
 }

@@ -17,8 +17,7 @@ struct ActivationScratch {
     QuantizedRows prepare(int64_t rows, int64_t padded_cols);
 };
 
-// When the active kernels read quantized weights faster rearranged
-// (CpuKernels::tile_weight), adds w's rearranged copy to `storage` and points
+// When the active kernels read w faster rearranged (CpuKernels::reads_tiled), adds w's rearranged copy to `storage` and points
 // w.tiled into it; otherwise leaves w as it is.
 void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage);
 
