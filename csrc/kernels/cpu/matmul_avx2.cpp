@@ -239,9 +239,7 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
     const TiledLayout t = tiled_layout(w);
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
     thread_local std::vector<float> xsum;
-    xsum.assign((size_t)(x.rows * n_groups), 0.0f);
-    for (int64_t m = 0; m < x.rows; ++m)
-        for (int64_t b = 0; b < n_blocks; ++b) xsum[(size_t)(m * n_groups + b / blocks_per_group)] += x.sum[m * n_blocks + b];
+    group_sums(x, w.group_size, n_groups, xsum);
     for (int64_t tile = n_begin / kTileRows; tile * kTileRows < n_end; ++tile)
         for (int half = 0; half < 2; ++half) {
             const int64_t row0 = tile * kTileRows + 8 * half;

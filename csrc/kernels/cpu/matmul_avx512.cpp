@@ -219,9 +219,7 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
                 code_sums[(size_t)((m * n_blocks + b) * 2 + 1)] = -128 * sum_lo;
             }
     } else {
-        xsum.assign((size_t)(x.rows * n_groups), 0.0f);
-        for (int64_t m = 0; m < x.rows; ++m)
-            for (int64_t b = 0; b < n_blocks; ++b) xsum[(size_t)(m * n_groups + b / blocks_per_group)] += x.sum[m * n_blocks + b];
+        group_sums(x, w.group_size, n_groups, xsum);
     }
     const TiledPrep prep{xsum.data(), code_sums.data()};
     for (int64_t tile = n_begin / kTileRows; tile * kTileRows < n_end; ++tile) {
