@@ -197,32 +197,6 @@ def test_cli_reports_errors_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "x.pllm")
 
 
-def test_repetition_penalty_matches_transformers():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from pyllm.sampling import Sampler, SamplingParams
-
-    rng = np.random.default_rng(3)
-    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty=1.7)
-    for _ in range(20):
-        logits = rng.standard_normal(64).astype(np.float32)
-        context = [int(i) for i in rng.integers(0, 64, 12)]
-        expected = processor(torch.tensor([context]), torch.tensor(logits[None].copy()))[0].numpy()
-        got = Sampler(SamplingParams(repetition_penalty=1.7))(logits, context)
-        assert got == int(np.argmax(expected))
-
-
-def test_min_p_keeps_only_likely_tokens():
-    from pyllm.sampling import Sampler, SamplingParams
-
-    logits = np.log(np.array([0.5, 0.3, 0.1, 0.06, 0.04], dtype=np.float32))
-    sampler = Sampler(SamplingParams(temperature=1.0, min_p=0.5, seed=0))
-    drawn = {sampler(logits) for _ in range(300)}
-    assert drawn == {0, 1}  # 0.1 < 0.5 * 0.5: dropped
-    with pytest.raises(ValueError):
-        SamplingParams(min_p=1.5).validate()
-
-
 def test_stop_token_ids_end_generation(llm):
     first = llm.tokenize("Hello")
     token = int(np.argmax(llm.logits(first)[-1]))
