@@ -167,24 +167,6 @@ def test_cli_piped_stdin_is_the_prompt(tiny_llama_f32, llm):
     assert r.stdout == llm.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
 
 
-def test_chat_loop_keeps_the_conversation(llm, monkeypatch, capsys):
-    from pyllm import cli
-
-    turns = iter(["hello", "/clear", "again", "/exit"])
-    seen = []
-    real_chat = llm.chat
-
-    def spy(messages, **kw):
-        seen.append([m["content"] for m in messages])
-        return real_chat(messages, **kw)
-
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
-    monkeypatch.setattr(llm, "chat", spy)
-    assert cli._chat_loop(llm, "Be brief.", dict(max_new_tokens=3)) == 0
-    assert seen == [["Be brief.", "hello"], ["Be brief.", "again"]]
-    assert "Generation:" in capsys.readouterr().err
-
-
 def test_cli_reports_errors_cleanly(tmp_path):
     r = _cli("run", str(tmp_path / "missing.pllm"), "-p", "x")
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
