@@ -71,6 +71,17 @@ def cmd_run(args) -> int:
     return chat_loop(llm, args.system, sampling)
 
 
+def cmd_serve(args) -> int:
+    from .serve import MISSING, Starlette, serve
+
+    if Starlette is None:
+        raise RuntimeError(MISSING)
+    llm = _open(args)
+    print(f"pyllm serve: http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue)
+    return 0
+
+
 def cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
@@ -129,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests running or waiting before new ones get 503 (default 64)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_chat_template(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
     p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")

@@ -184,3 +184,10 @@ def test_stop_token_ids_end_generation(llm):
     token = int(np.argmax(llm.logits(first)[-1]))
     assert llm.generate(first, max_new_tokens=8, stop_token_ids=[token]) == ""
     assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
+
+
+def test_serve_without_the_server_extra_says_what_to_install(tiny_llama_f32):
+    code = ("import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None; "
+            "from pyllm.cli import main; sys.exit(main(['serve', sys.argv[1]]))")
+    r = subprocess.run([sys.executable, "-c", code, tiny_llama_f32], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "pip install 'pyllm[serve]'" in r.stderr and "Traceback" not in r.stderr
