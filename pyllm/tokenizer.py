@@ -113,7 +113,8 @@ class StreamDecoder:
         return text[len(done):]
 
     def flush(self) -> str:
-        """Whatever is held back (an incomplete character decodes as U+FFFD, as in the full text)."""
+        """The text held back at the end. A character left incomplete (the reply was cut off inside
+        it) is dropped rather than emitted broken."""
         done, text = self._pending()
         self.prefix = self.read = len(self.ids)
-        return text[len(done):] if text.startswith(done) else ""
+        return text[len(done):].rstrip("\ufffd") if text.startswith(done) else ""

@@ -36,7 +36,8 @@ def test_generate_matches_argmax_of_logits(llm):
             break
         ids.append(nxt)
     expected = llm.detokenize(ids[len(prompt) - 2:])[len(llm.detokenize(prompt[-2:])):]
-    assert llm.generate(prompt, max_new_tokens=len(ids) - len(prompt)) == expected
+    # a character cut off by the token limit is dropped, not emitted broken
+    assert llm.generate(prompt, max_new_tokens=len(ids) - len(prompt)) == expected.rstrip("\ufffd")
 
 
 def test_stream_pieces_join_to_the_full_text(llm):

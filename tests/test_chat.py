@@ -263,3 +263,45 @@ def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_pat
         model.generate("Hello", seed=0)
         assert model.last_stats.generated_tokens == 5
         assert model._sampling(0.0, None, None, None, None, None).temperature == 0.0  # the call wins
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The default model (SmolLM2-135M-Instruct), when it is in the cache."""
+    import os
+
+    from pyllm import default_model
+
+    path = os.path.join(default_model.cache_dir(), default_model.MODEL_FILE)
+    if not os.path.exists(path):
+        pytest.skip("the default model is not in the cache")
+    with pyllm.LLM(path, n_threads=1) as model:
+        yield model
+
+
+def test_real_model_second_turn_runs_only_its_new_tokens(real):
+    turn1 = [{"role": "user", "content": "What is the capital of France?"}]
+    stream = real.chat(turn1, max_new_tokens=40, stream=True)
+    reply = "".join(stream)
+    assert "Paris" in reply and stream.stats.finish_reason == "stop"
+    ids1 = real.chat_prompt_ids(turn1)
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And of Germany?"}]
+    ids2 = real.chat_prompt_ids(turn2)
+    reply_ids = real.tokenize(reply, add_special_tokens=False)
+    assert ids2[:len(ids1) + len(reply_ids)] == ids1 + reply_ids  # the reply re-tokenizes as generated
+    second = real.chat(turn2, max_new_tokens=20, stream=True)
+    "".join(second)
+    # new: the end-of-turn token the model sampled but never ran, the template's newline, the new message
+    assert second.stats.prefill_tokens == len(ids2) - len(ids1) - len(reply_ids)
+    assert second.stats.prefill_tokens < 20 < len(ids2)
+
+
+@pytest.mark.parametrize("prompt", ["中文：你好，世界！我爱北京。日本語：", "Emoji: 😀🎉👍😀🎉👍😀"])
+def test_real_model_streams_chinese_and_emoji(real, prompt):
+    for max_new_tokens in (7, 9, 24):  # cut-offs inside and between characters
+        stream = real.generate(prompt, max_new_tokens=max_new_tokens, stream=True)
+        pieces = list(stream)
+        full = real.generate(prompt, max_new_tokens=max_new_tokens)
+        assert "".join(pieces).encode("utf-8") == full.encode("utf-8")
+        assert all(_utf8_clean(p) for p in pieces)
+    assert any(ord(c) > 0x3000 for c in full)  # the reply has CJK or emoji characters

@@ -207,7 +207,7 @@ def test_default_model_answers_a_real_question():
     path = os.path.join(default_model.cache_dir(), default_model.MODEL_FILE)
     if not os.path.exists(path):
         pytest.skip("the default model is not in the cache")
-    with pyllm.LLM(path, n_threads=2) as real:
+    with pyllm.LLM(path, n_threads=1) as real:
         server = LiveServer(real, name="smollm2")
         try:
             reply = server.client().chat.completions.create(
