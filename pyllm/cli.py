@@ -59,6 +59,9 @@ def cmd_run(args) -> int:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
         else:
+            if not args.raw:
+                print("(the model has no chat template: plain completion; --chat-template NAME to chat)",
+                      file=sys.stderr)
             pieces = llm.generate(prompt, stream=True, **sampling)
         for piece in pieces:
             sys.stdout.write(piece)

@@ -58,10 +58,22 @@ def _number(body: dict, key: str, kind=float, low=None):
     return kind(value)
 
 
+# OpenAI options pyllm does not implement: refused when set to anything but their neutral value
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
+
+
 def sampling_options(body: dict) -> dict:
     """generate() keyword arguments from an OpenAI request body (plus top_k, min_p, repetition_penalty)."""
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
+    if body.get("best_of", 1) not in (None, 1):
+        raise RequestError("only best_of=1 is supported", param="best_of")
+    for key in UNSUPPORTED:
+        if body.get(key):
+            raise RequestError(f"'{key}' is not supported by pyllm serve", param=key)
+    response_format = body.get("response_format") or {}
+    if isinstance(response_format, dict) and response_format.get("type", "text") != "text":
+        raise RequestError("only the text response format is supported", param="response_format")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

@@ -176,6 +176,11 @@ def test_bad_requests_get_clear_errors(live, llm):
         client.chat.completions.create(model="tiny", messages=[])
     with pytest.raises(openai.BadRequestError, match="n=1"):
         client.chat.completions.create(model="tiny", messages=_chat("hi"), n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="tiny", messages=_chat("hi"), logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.completions.create(model="tiny", prompt="hi", frequency_penalty=0.5)
+    client.completions.create(model="tiny", prompt="hi", max_tokens=1, frequency_penalty=0)  # neutral: fine
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="hi", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="context"):
