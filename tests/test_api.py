@@ -192,3 +192,15 @@ def test_serve_without_the_server_extra_says_what_to_install(tiny_llama_f32):
             "from pyllm.cli import main; sys.exit(main(['serve', sys.argv[1]]))")
     r = subprocess.run([sys.executable, "-c", code, tiny_llama_f32], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "pip install 'pyllm[serve]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_chat_template_override(tiny_llama_f32, tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    for choice in ("alpaca", str(template)):
+        r = _cli("run", tiny_llama_f32, "-n", "4", "-t", "1", "-p", "Paris is", "--chat-template", choice)
+        assert r.returncode == 0, r.stderr
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=choice) as model:
+            assert r.stdout == model.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
+    r = _cli("run", tiny_llama_f32, "-p", "x", "--chat-template", "nonexistent")
+    assert r.returncode == 1 and "unknown chat template" in r.stderr and "Traceback" not in r.stderr
