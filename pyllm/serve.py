@@ -121,40 +121,6 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
-async def _pieces(stream, request: "Request") -> AsyncIterator[str]:
-    """The stream's text pieces, produced in a worker thread; leaving early cancels the generation."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            stream.cancel()
-
-    def work():
-        try:
-            for piece in stream:
-                put(("piece", piece))
-            put(("end", None))
-        except BaseException as e:  # handed to the request's coroutine
-            put(("error", e))
-
-    watcher = asyncio.ensure_future(_watch_disconnect(request, stream))
-    threading.Thread(target=work, name="pyllm-request", daemon=True).start()
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stream.cancel()  # no-op when finished; otherwise the client left: stop within one token
-        watcher.cancel()
-
-
 def _usage(stats) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
             "total_tokens": stats.prompt_tokens + stats.generated_tokens}
@@ -212,7 +178,6 @@ class Server:
             return _error(str(e), e.status, e.param)
         except (ValueError, TemplateError) as e:  # a prompt past the context, a template that refused, ...
             return _error(str(e))
-        self.active += 1
         kind = "chat.completion" if chat else "text_completion"
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -220,10 +185,7 @@ class Server:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(self._events(stream, request, chat, kind, ident, created, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            text = "".join([piece async for piece in _pieces(stream, request)])
-        finally:
-            self.active -= 1
+        text = "".join([piece async for piece in self._pieces(stream, request)])
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
         else:
@@ -260,16 +222,53 @@ class Server:
                 return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
+        if chat:
+            yield chunk(choice(role=True))
+        pieces = self._pieces(stream, request)
         try:
-            if chat:
-                yield chunk(choice(role=True))
-            async for piece in _pieces(stream, request):
+            async for piece in pieces:
                 yield chunk(choice(piece))
-            yield chunk(choice(finish_reason=stream.stats.finish_reason))
-            if include_usage:
-                yield chunk(None, _usage(stream.stats))
-            yield "data: [DONE]\n\n"
         finally:
+            await pieces.aclose()  # now, not when garbage collected: a client that left cancels its generation
+        yield chunk(choice(finish_reason=stream.stats.finish_reason))
+        if include_usage:
+            yield chunk(None, _usage(stream.stats))
+        yield "data: [DONE]\n\n"
+
+    async def _pieces(self, stream, request: "Request") -> AsyncIterator[str]:
+        """The stream's text pieces, produced in a worker thread (counted in self.active while the
+        request runs or waits for the model); leaving early cancels the generation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                stream.cancel()
+
+        def work():
+            try:
+                for piece in stream:
+                    put(("piece", piece))
+                put(("end", None))
+            except BaseException as e:  # handed to the request's coroutine
+                put(("error", e))
+
+        self.active += 1
+        watcher = asyncio.ensure_future(_watch_disconnect(request, stream))
+        threading.Thread(target=work, name="pyllm-request", daemon=True).start()
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stream.cancel()  # no-op when finished; otherwise the client left: stop within one token
+            watcher.cancel()
             self.active -= 1
 
 

@@ -161,7 +161,7 @@ def test_disconnected_stream_frees_the_model(live, llm, monkeypatch):
     assert all(c.choices[0].text is not None for c in received)
     stream.close()  # the client goes away mid-stream
     deadline = time.time() + 10
-    while _active(live) and time.time() < deadline:
+    while (_active(live) or llm.last_stats.finish_reason != "cancelled") and time.time() < deadline:
         time.sleep(0.05)
     assert _active(live) == 0
     assert llm.last_stats.finish_reason == "cancelled" and llm.last_stats.generated_tokens < 8000
