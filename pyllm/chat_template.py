@@ -1,8 +1,16 @@
-"""Chat templates rendered the way transformers' apply_chat_template renders them."""
+"""Chat templates rendered the way transformers' apply_chat_template renders them, and built-in
+templates for models that ship none.
+
+The Jinja environment matches transformers (sandboxed, trim_blocks, lstrip_blocks, loopcontrols,
+the `{% generation %}` tag, tojson without HTML escaping, raise_exception, strftime_now, a limited
+dict() and a namespace() that refuses underscore names). Messages are OpenAI-style dicts
+({"role", "content", ...}); extra keys (tools, documents, ...) pass through to the template.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from functools import lru_cache
 
@@ -11,8 +19,89 @@ class TemplateError(ValueError):
     """The chat template failed to render (it raised, or it is not valid Jinja)."""
 
 
+# -- built-in templates -------------------------------------------------------------------------
+
+def _alpaca(response_header: str) -> str:
+    """Alpaca prompts: the preamble with or without input (chosen by the first user message's "input"
+    key), "### Instruction:", an optional "### Input:", then the response header. A system message
+    replaces the preamble. Later turns (a pyllm extension; Alpaca itself is single-turn) follow the
+    reply after a blank line. The response header is always written, so add_generation_prompt has no
+    effect."""
+    with_input = ("Below is an instruction that describes a task, paired with an input that provides further "
+                  "context. Write a response that appropriately completes the request.\\n\\n")
+    without_input = ("Below is an instruction that describes a task. Write a response that appropriately "
+                     "completes the request.\\n\\n")
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{{- messages[0]['content'] + '\\n\\n' -}}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set turns = messages -%}"
+        f"{{%- if turns and turns[0]['input'] is defined and turns[0]['input'] -%}}{{{{- '{with_input}' -}}}}"
+        f"{{%- else -%}}{{{{- '{without_input}' -}}}}{{%- endif -%}}"
+        "{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{- '### Instruction:\\n' + message['content'] + '\\n\\n' -}}"
+        "{%- if message['input'] is defined and message['input'] -%}"
+        "{{- '### Input:\\n' + message['input'] + '\\n\\n' -}}{%- endif -%}"
+        f"{{{{- '### Response:{response_header}' -}}}}"
+        "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + '\\n\\n' -}}"
+        "{%- else -%}{{- raise_exception('the Alpaca template takes an optional first system message, then user "
+        "and assistant messages (got role ' + message['role'] + ')') -}}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+BUILTIN_TEMPLATES = {
+    # Alpaca-LoRA (templates/alpaca.json): "### Response:\n"
+    "alpaca": _alpaca("\\n"),
+    # Stanford Alpaca (train.py PROMPT_DICT): "### Response:" with no newline
+    "alpaca-stanford": _alpaca(""),
+    # ChatML as OpenHermes-2.5 writes it (no default system message)
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
+        "+ '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # meta-llama/Llama-2-7b-chat-hf
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+        "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+        "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+        "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+
+def resolve_chat_template(value: str) -> str:
+    """A chat template from a built-in name, a file (Jinja text), or Jinja source itself."""
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+        if value.endswith(".json"):  # a tokenizer_config.json
+            try:
+                text = json.loads(text)["chat_template"]
+            except (ValueError, KeyError, TypeError):
+                raise TemplateError(f"{value}: not a tokenizer_config.json with a chat_template string") from None
+            if not isinstance(text, str):
+                raise TemplateError(f"{value}: chat_template is not a string")
+        _compile(text)  # refuse a broken template now, not at the first chat
+        return text
+    raise TemplateError(f"unknown chat template {value!r}: give a built-in name "
+                        f"({', '.join(BUILTIN_TEMPLATES)}), a Jinja file, or Jinja source")
+
+
+# -- the Jinja environment ------------------------------------------------------------------------
+
 def _raise_exception(message):
-    raise TemplateError(f"chat template error: {message}")
+    raise TemplateError(f"the chat template refused the messages: {message}")
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -23,19 +112,61 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+class _TemplateDict:
+    """dict() inside templates, without the class itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str):
-    from jinja2 import TemplateSyntaxError
-    from jinja2.ext import loopcontrols
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class GenerationTag(Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks assistant text with it; renders the body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = Namespace
     try:
         return env.from_string(source)
-    except TemplateSyntaxError as e:
+    except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template is not valid Jinja: {e}") from None
 
 
@@ -43,16 +174,22 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                 eos_token: str = "", **extra) -> str:
     """Renders messages ([{"role", "content"}, ...]) into the model's prompt text."""
     if not template:
-        raise TemplateError("this model has no chat template; use generate() with a plain prompt")
+        raise TemplateError("this model has no chat template: name one (chat_template= in Python, --chat-template "
+                            f"on the command line; built in: {', '.join(BUILTIN_TEMPLATES)}) or use plain generation")
+    if not isinstance(messages, (list, tuple)):
+        raise TemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise TemplateError(f"each message needs a 'role' (got {m!r})")
     from jinja2 import TemplateError as JinjaError
 
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return _compile(template).render(messages=[dict(m) for m in messages],
+                                         add_generation_prompt=add_generation_prompt,
                                          bos_token=bos_token or "", eos_token=eos_token or "", **extra)
     except TemplateError:
         raise
     except JinjaError as e:
         raise TemplateError(f"chat template failed: {e}") from None
+    except (TypeError, AttributeError, KeyError, IndexError) as e:  # e.g. content None + str
+        raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {e})") from None

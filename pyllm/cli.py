@@ -7,13 +7,20 @@ import sys
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("-n", "--max-tokens", type=int, default=None,
+                   help="most tokens to generate (default: the model's setting, else 256)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting, else 0)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repeat-penalty", type=float, default=None, help="repetition penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None)
+
+
+def _add_chat_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", metavar="NAME|FILE", default=None,
+                   help="override the model's chat template: chatml, llama2, alpaca, alpaca-stanford, or a Jinja "
+                        "file (or a tokenizer_config.json)")
 
 
 def cmd_convert(args) -> int:
@@ -36,7 +43,8 @@ def _open(args):
         from .default_model import default_model_path
 
         path = default_model_path()
-    return LLM(path, n_threads=args.threads, context_length=args.ctx)
+    return LLM(path, n_threads=args.threads, context_length=args.ctx,
+               chat_template=getattr(args, "chat_template", None))
 
 
 def cmd_run(args) -> int:
@@ -47,10 +55,13 @@ def cmd_run(args) -> int:
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
     if prompt is not None:
-        if llm.model.chat_template and not args.raw:
+        if llm.chat_template and not args.raw:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
         else:
+            if not args.raw:
+                print("(the model has no chat template: plain completion; --chat-template NAME to chat)",
+                      file=sys.stderr)
             pieces = llm.generate(prompt, stream=True, **sampling)
         for piece in pieces:
             sys.stdout.write(piece)
@@ -58,43 +69,20 @@ def cmd_run(args) -> int:
         sys.stdout.write("\n")
         print(llm.last_stats.line(), file=sys.stderr)
         return 0
-    return _chat_loop(llm, args.system, sampling)
+    from .repl import chat_loop
+
+    return chat_loop(llm, args.system, sampling)
 
 
-def _chat_loop(llm, system: str | None, sampling: dict) -> int:
-    if not llm.model.chat_template:
-        print("this model has no chat template; use -p for plain completion", file=sys.stderr)
-        return 2
-    messages = [{"role": "system", "content": system}] if system else []
-    print("chat with the model; /exit or Ctrl-D ends, /clear forgets the conversation", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        if line.strip() == "/exit":
-            return 0
-        if line.strip() == "/clear":
-            messages = messages[:1] if system else []
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for piece in llm.chat(messages, stream=True, **sampling):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass
-        sys.stdout.write("\n")
-        print(llm.last_stats.line(), file=sys.stderr)
-        messages.append({"role": "assistant", "content": "".join(reply)})
+def cmd_serve(args) -> int:
+    from .serve import MISSING, Starlette, serve
+
+    if Starlette is None:
+        raise RuntimeError(MISSING)
+    llm = _open(args)
+    print(f"pyllm serve: http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue)
+    return 0
 
 
 def cmd_perplexity(args) -> int:
@@ -150,10 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true",
                    help="treat -p as plain text to continue, not as a chat message")
     p.add_argument("--system", help="system message for chat")
+    _add_chat_template(p)
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests running or waiting before new ones get 503 (default 64)")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_chat_template(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
     p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, IndexError) as e:
         print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

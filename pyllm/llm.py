@@ -10,13 +10,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import render_chat
+from .chat_template import render_chat, resolve_chat_template
 from .formats.packed import PackedModel
 from .formats.safetensors import FormatError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CONTEXT = 4096
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
+PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
 
 
 @dataclass
@@ -26,12 +28,17 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    finish_reason: str = ""  # "stop" or "length"
+    time_to_first_token: float = 0.0  # seconds from the call to the first generated token
+    finish_reason: str = ""  # "stop", "length" (max_new_tokens or the context is full) or "cancelled"
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the engine ran (those not reused from the KV cache)."""
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
-        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -44,6 +51,31 @@ class GenerationStats:
                 f"Generation: {self.decode_tokens_per_second:.1f} t/s ]")
 
 
+class TextStream:
+    """The text pieces of one generate/chat call, as an iterator.
+
+    stats fills in as the pieces come; cancel() (from any thread) ends the generation within one
+    token, or within one prefill chunk; close() stops it from the consuming thread.
+    """
+
+    def __init__(self, stats: GenerationStats):
+        self.stats = stats
+        self.cancelled = threading.Event()
+        self._pieces: Iterator[str] = iter(())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
 class LLM:
     """A loaded model.
 
@@ -52,10 +84,19 @@ class LLM:
     for piece in llm.generate("...", stream=True): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi"}])                  # uses the model's chat template
 
-    One LLM may be shared between threads: calls run one at a time.
+    chat_template overrides the model's template: a built-in name (chatml, llama2, alpaca,
+    alpaca-stanford), a Jinja file, or Jinja source.
+
+    One LLM may be shared between threads: calls run one at a time, in turn. cancel() ends the
+    running call from any thread.
+
+    Context policy: a prompt that does not fit the context (leaving room for one new token) is
+    refused with ValueError; a reply ends with finish_reason "length" when the context is full.
+    Nothing slides or is dropped silently.
     """
 
-    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None):
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
+                 chat_template: str | None = None):
         from . import _core
 
         self.path = os.fspath(path)
@@ -68,6 +109,7 @@ class LLM:
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                              f"{self.config.vocab_size} embeddings")
+        self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         if n_ctx <= 0:
             raise ValueError("context_length must be positive")
@@ -77,6 +119,7 @@ class LLM:
         self.n_threads = self.engine.n_threads
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._running: TextStream | None = None  # the call that holds the engine
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self.last_stats = GenerationStats()
 
@@ -94,6 +137,9 @@ class LLM:
         if self._owner == threading.get_ident():
             raise RuntimeError("this LLM is already generating in this thread (finish or close that stream first)")
         self._lock.acquire()
+        if self.engine is None:  # closed while this call waited
+            self._lock.release()
+            raise RuntimeError("this LLM is closed")
         self._owner = threading.get_ident()
 
     def _release(self) -> None:
@@ -123,39 +169,51 @@ class LLM:
             self._release()
 
     # -- generation ----------------------------------------------------------
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 256, temperature: float | None = None,
+    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
                  stop_token_ids: list[int] | None = None, stream: bool = False):
-        """Continues prompt (text, or token ids) and returns the new text, or an iterator of pieces.
+        """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
 
-        Unset sampling options come from the model's generation config, else greedy. Generation ends
-        at an end-of-sequence token of the model, a token in stop_token_ids, a stop string (not
-        included in the text) or max_new_tokens."""
+        Unset options come from the model's generation config (transformers' defaults for a model
+        that samples), else greedy and 256 new tokens. Generation ends at an end-of-sequence token of
+        the model, a token in stop_token_ids, a stop string (not included in the text),
+        max_new_tokens, the end of the context, or cancel()."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        pieces = self._stream(ids, max_new_tokens, params, stop or [], set(stop_token_ids or []))
+        if max_new_tokens is None:
+            max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        if isinstance(stop, str):
+            stop = [stop]
+        pieces = self._stream(ids, max_new_tokens, params, list(stop or []), set(stop_token_ids or []))
         return pieces if stream else "".join(pieces)
 
-    def chat(self, messages: list[dict], stream: bool = False, **kwargs):
-        """Replies to OpenAI-style messages using the model's chat template."""
-        prompt = self.apply_chat_template(messages)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        if self.tokenizer.spec.add_bos_token and self.tokenizer.bos_id is not None and ids[:1] != [self.tokenizer.bos_id]:
-            ids = [self.tokenizer.bos_id] + ids
+    def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None, **kwargs):
+        """Replies to OpenAI-style messages using the chat template (generate's options apply)."""
+        ids = self.chat_prompt_ids(messages, tools=tools)
         return self.generate(ids, stream=stream, **kwargs)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does."""
+        extra = {"tools": tools} if tools is not None else {}
+        ids = self.tokenizer.encode(self.apply_chat_template(messages, **extra), add_special_tokens=False)
+        bos = self.tokenizer.bos_id
+        if self.tokenizer.spec.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         spec = self.tokenizer.spec
-        return render_chat(self.model.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=spec.bos_token or "", eos_token=spec.eos_token or "")
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
+                           unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", **extra)
 
     def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
         d = self.model.generation
-        default_temperature = d.get("temperature", 0.0) if d.get("do_sample", False) else 0.0
+        samples = bool(d.get("do_sample", False))
         params = SamplingParams(
-            temperature=default_temperature if temperature is None else float(temperature),
-            top_k=int(d.get("top_k", 0) if top_k is None else top_k),
+            temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
+            top_k=int((d.get("top_k", 50) if samples else 0) if top_k is None else top_k),
             top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
@@ -165,22 +223,44 @@ class LLM:
         params.validate()
         return params
 
+    def cancel(self) -> None:
+        """Ends the running generate/chat call (from any thread): within one token, or one prefill chunk."""
+        running = self._running
+        if running is not None:
+            running.cancel()
+
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
-                stop_ids: set[int]) -> Iterator[str]:
+                stop_ids: set[int]) -> TextStream:
         prompt = self._check_ids(ids)
         if len(prompt) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context_length} "
                              "(leave room for the reply)")
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        sampler = Sampler(params)
-        return self._run(prompt, max_new_tokens, sampler, stop, stop_ids | set(self.tokenizer.eos_ids))
+        stream = TextStream(GenerationStats(prompt_tokens=len(prompt)))
+        stream._pieces = self._run(prompt, max_new_tokens, Sampler(params), stop,
+                                   stop_ids | set(self.tokenizer.eos_ids), stream)
+        return stream
 
-    def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str],
-             stop_ids: set[int]) -> Iterator[str]:
+    def _prefill(self, ids: list[int], common: int, cancel: threading.Event) -> np.ndarray | None:
+        """Runs ids[common:] in chunks; logits f32 [vocab] of the last token, or None when cancelled."""
+        self._cached = ids[:common]
+        logits = None
+        for start in range(common, len(ids), PREFILL_CHUNK):
+            if cancel.is_set():
+                return None
+            chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
+            logits = self.engine.forward(chunk, start, False)
+            self._cached = ids[:start + len(chunk)]
+        return logits
+
+    def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
+             stream: TextStream) -> Iterator[str]:
         self._acquire()
+        self._running = stream
+        stats, cancel = stream.stats, stream.cancelled
         try:
-            stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+            self.last_stats = stats
             if max_new_tokens == 0:
                 stats.finish_reason = "length"
                 return
@@ -194,18 +274,24 @@ class LLM:
             common = min(common, len(ids) - 1)
             stats.cached_tokens = common
             start = time.perf_counter()
-            self._cached = ids[:common]
-            logits = self.engine.forward(prompt[common:], common, False)
-            self._cached = list(ids)
+            logits = self._prefill(ids, common, cancel)
             stats.prefill_seconds = time.perf_counter() - start
+            if logits is None:
+                stats.finish_reason = "cancelled"
+                return
             decoder = StreamDecoder(self.tokenizer, ids)
             limit = min(max_new_tokens, self.context_length - len(ids))
             held = ""  # text withheld because it may be the start of a stop string
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
             for step in range(limit):
+                if cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
                 token = sampler(logits, self._cached)
                 stats.generated_tokens += 1
+                if step == 0:
+                    stats.time_to_first_token = time.perf_counter() - start
                 if token in stop_ids:
                     stats.finish_reason = "stop"
                     break
@@ -228,12 +314,18 @@ class LLM:
             if held:
                 yield held
         finally:
+            self._running = None
             self._release()
 
     def close(self) -> None:
-        """Releases the engine and unmaps the file."""
-        self.engine = None
-        self.model.close()
+        """Releases the engine and unmaps the file (waits for a running call to finish; cancel() it first)."""
+        if self.engine is None:
+            return
+        if self._owner == threading.get_ident() and self._running is not None:
+            self._running.close()  # this thread's unfinished stream
+        with self._lock:
+            self.engine = None
+            self.model.close()
 
     def __enter__(self):
         return self

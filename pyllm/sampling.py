@@ -38,15 +38,25 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, context: list[int] | None = None) -> int:
         """logits: f32 [vocab]; context: the token ids so far (for the repetition penalty) -> token id."""
+        if self.params.temperature == 0:
+            return int(np.argmax(self.penalized(logits, context)))
+        probs = self.probabilities(logits, context)
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def penalized(self, logits: np.ndarray, context: list[int] | None = None) -> np.ndarray:
+        """logits: f32 [vocab] -> f64 [vocab] after the repetition penalty (transformers' rule)."""
         p = self.params
         scores = logits.astype(np.float64)
         if p.repetition_penalty != 1.0 and context:
             seen = np.unique(np.asarray(context, dtype=np.int64))
             picked = scores[seen]
             scores[seen] = np.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if p.temperature == 0:
-            return int(np.argmax(scores))
-        scores = scores / p.temperature
+        return scores
+
+    def probabilities(self, logits: np.ndarray, context: list[int] | None = None) -> np.ndarray:
+        """The distribution a token is drawn from, f64 [vocab] summing to 1 (temperature > 0)."""
+        p = self.params
+        scores = self.penalized(logits, context) / p.temperature
         if p.top_k and p.top_k < scores.size:
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores >= kth, scores, -np.inf)
@@ -62,4 +72,4 @@ class Sampler:
         if p.min_p > 0.0:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        return probs

@@ -84,34 +84,37 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of generated ids into text pieces that never split a UTF-8 character.
+    """Turns generated ids, one at a time, into text pieces that never split a UTF-8 character.
 
-    Each piece is the new suffix of decode(context + generated); text ending in an
-    incomplete character (U+FFFD) is held back until the next token completes it.
-    A few prompt tokens serve as context so leading spaces decode as in the full text.
+    Each step decodes only a short window: the tokens of the previous piece (so leading spaces and
+    merges decode as in the full text) plus the tokens not yet emitted. Text ending in an incomplete
+    character (U+FFFD) is held back until the next token completes it. The pieces joined equal the
+    decoding of all the ids after the context. The work per token stays constant however long the
+    generation runs.
     """
 
     def __init__(self, tokenizer: Tokenizer, context_ids: list[int]):
         self.tokenizer = tokenizer
-        self.context = list(context_ids[-4:])
-        self.prefix_text = tokenizer.decode(self.context)
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.ids: list[int] = list(context_ids[-4:])  # context, then the generated ids
+        self.prefix = 0  # window start: the tokens of the last emitted piece
+        self.read = len(self.ids)  # first id not yet emitted
 
-    def text(self) -> str:
-        full = self.tokenizer.decode(self.context + self.ids)
-        return full[len(self.prefix_text):] if full.startswith(self.prefix_text) else self.tokenizer.decode(self.ids)
+    def _pending(self) -> tuple[str, str]:
+        """(text of the window's emitted part, text of the whole window)."""
+        decode = self.tokenizer.decode
+        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.text()
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+        done, text = self._pending()
+        if text.endswith("\ufffd") or len(text) <= len(done) or not text.startswith(done):
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
     def flush(self) -> str:
-        text = self.text()
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted += piece
-        return piece
+        """The text held back at the end. A character left incomplete (the reply was cut off inside
+        it) is dropped rather than emitted broken."""
+        done, text = self._pending()
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):].rstrip("\ufffd") if text.startswith(done) else ""

@@ -36,7 +36,8 @@ def test_generate_matches_argmax_of_logits(llm):
             break
         ids.append(nxt)
     expected = llm.detokenize(ids[len(prompt) - 2:])[len(llm.detokenize(prompt[-2:])):]
-    assert llm.generate(prompt, max_new_tokens=len(ids) - len(prompt)) == expected
+    # a character cut off by the token limit is dropped, not emitted broken
+    assert llm.generate(prompt, max_new_tokens=len(ids) - len(prompt)) == expected.rstrip("\ufffd")
 
 
 def test_stream_pieces_join_to_the_full_text(llm):
@@ -167,24 +168,6 @@ def test_cli_piped_stdin_is_the_prompt(tiny_llama_f32, llm):
     assert r.stdout == llm.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
 
 
-def test_chat_loop_keeps_the_conversation(llm, monkeypatch, capsys):
-    from pyllm import cli
-
-    turns = iter(["hello", "/clear", "again", "/exit"])
-    seen = []
-    real_chat = llm.chat
-
-    def spy(messages, **kw):
-        seen.append([m["content"] for m in messages])
-        return real_chat(messages, **kw)
-
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
-    monkeypatch.setattr(llm, "chat", spy)
-    assert cli._chat_loop(llm, "Be brief.", dict(max_new_tokens=3)) == 0
-    assert seen == [["Be brief.", "hello"], ["Be brief.", "again"]]
-    assert "Generation:" in capsys.readouterr().err
-
-
 def test_cli_reports_errors_cleanly(tmp_path):
     r = _cli("run", str(tmp_path / "missing.pllm"), "-p", "x")
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
@@ -197,34 +180,27 @@ def test_cli_reports_errors_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "x.pllm")
 
 
-def test_repetition_penalty_matches_transformers():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from pyllm.sampling import Sampler, SamplingParams
-
-    rng = np.random.default_rng(3)
-    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty=1.7)
-    for _ in range(20):
-        logits = rng.standard_normal(64).astype(np.float32)
-        context = [int(i) for i in rng.integers(0, 64, 12)]
-        expected = processor(torch.tensor([context]), torch.tensor(logits[None].copy()))[0].numpy()
-        got = Sampler(SamplingParams(repetition_penalty=1.7))(logits, context)
-        assert got == int(np.argmax(expected))
-
-
-def test_min_p_keeps_only_likely_tokens():
-    from pyllm.sampling import Sampler, SamplingParams
-
-    logits = np.log(np.array([0.5, 0.3, 0.1, 0.06, 0.04], dtype=np.float32))
-    sampler = Sampler(SamplingParams(temperature=1.0, min_p=0.5, seed=0))
-    drawn = {sampler(logits) for _ in range(300)}
-    assert drawn == {0, 1}  # 0.1 < 0.5 * 0.5: dropped
-    with pytest.raises(ValueError):
-        SamplingParams(min_p=1.5).validate()
-
-
 def test_stop_token_ids_end_generation(llm):
     first = llm.tokenize("Hello")
     token = int(np.argmax(llm.logits(first)[-1]))
     assert llm.generate(first, max_new_tokens=8, stop_token_ids=[token]) == ""
     assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
+
+
+def test_serve_without_the_server_extra_says_what_to_install(tiny_llama_f32):
+    code = ("import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None; "
+            "from pyllm.cli import main; sys.exit(main(['serve', sys.argv[1]]))")
+    r = subprocess.run([sys.executable, "-c", code, tiny_llama_f32], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "pip install 'pyllm[serve]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_chat_template_override(tiny_llama_f32, tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    for choice in ("alpaca", str(template)):
+        r = _cli("run", tiny_llama_f32, "-n", "4", "-t", "1", "-p", "Paris is", "--chat-template", choice)
+        assert r.returncode == 0, r.stderr
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=choice) as model:
+            assert r.stdout == model.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
+    r = _cli("run", tiny_llama_f32, "-p", "x", "--chat-template", "nonexistent")
+    assert r.returncode == 1 and "unknown chat template" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,307 @@
+"""The Python API as apps use it: streaming Chinese and emoji, stop strings, cancel() from another
+thread (also during a long prefill), two threads on one LLM, the GIL released during compute, KV
+reuse across chat turns, chat template overrides and generation defaults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pyllm
+from pyllm.chat_template import BUILTIN_TEMPLATES, TemplateError
+
+CHINESE_EMOJI = "今天天气很好，我们去公园散步。😀🎉👍 中文测试 👨‍👩‍👧 done"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_f32):
+    # one thread: the tests measure progress between threads, and the machine's cores are shared
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=10_200) as model:
+        yield model
+
+
+class ScriptedEngine:
+    """Stands in for the C++ engine: the logits make a fixed token sequence the greedy choice, so the
+    real generation loop (sampling, incremental decoding, stop strings) produces a chosen text."""
+
+    def __init__(self, engine, prompt_len: int, script: list[int], vocab: int, eos: int):
+        self.engine, self.prompt_len, self.script, self.vocab, self.eos = engine, prompt_len, script, vocab, eos
+        self.calls: list[tuple[int, int]] = []  # (pos, n) of every forward
+
+    def forward(self, tokens, pos, all_logits=False):
+        self.calls.append((pos, len(tokens)))
+        self.engine.forward(tokens, pos, all_logits)  # keep the real cache consistent
+        i = pos + len(tokens) - self.prompt_len
+        logits = np.zeros(self.vocab, dtype=np.float32)
+        logits[self.script[i] if i < len(self.script) else self.eos] = 10.0
+        return logits
+
+
+def _scripted(llm, monkeypatch, prompt_ids, text):
+    script = llm.tokenize(text, add_special_tokens=False)
+    assert llm.detokenize(script) == text
+    fake = ScriptedEngine(llm.engine, len(prompt_ids), script, llm.config.vocab_size, llm.tokenizer.eos_ids[0])
+    monkeypatch.setattr(llm, "engine", fake)
+    llm._cached = []
+    return fake
+
+
+def _utf8_clean(piece: str) -> bool:
+    piece.encode("utf-8")  # strict: no lone surrogates
+    return "\ufffd" not in piece
+
+
+def test_streamed_chinese_and_emoji_join_to_the_full_text(llm, monkeypatch):
+    prompt = llm.tokenize("中文测试")
+    _scripted(llm, monkeypatch, prompt, CHINESE_EMOJI)
+    pieces = list(llm.generate(prompt, max_new_tokens=200, stream=True))
+    assert "".join(pieces).encode("utf-8") == CHINESE_EMOJI.encode("utf-8")
+    assert all(_utf8_clean(p) for p in pieces)
+    assert len(pieces) > 5  # really streamed, not one final piece
+    ids = llm.tokenize(CHINESE_EMOJI, add_special_tokens=False)
+    # the byte-level tokenizer splits characters across tokens: pieces were held back
+    assert any(llm.detokenize(ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))
+    assert llm.generate(prompt, max_new_tokens=200) == CHINESE_EMOJI
+
+
+@pytest.mark.parametrize("stop", ["公园散步", "😀🎉", "中文测", "公园X"])
+def test_stop_strings_never_leak_a_partial_match(llm, monkeypatch, stop):
+    prompt = llm.tokenize("中文测试")
+    _scripted(llm, monkeypatch, prompt, CHINESE_EMOJI)
+    expected = CHINESE_EMOJI[:CHINESE_EMOJI.find(stop)] if stop in CHINESE_EMOJI else CHINESE_EMOJI
+    stream = llm.generate(prompt, max_new_tokens=200, stop=[stop], stream=True)
+    emitted = ""
+    for piece in stream:
+        emitted += piece
+        assert expected.startswith(emitted), "text past the cut was emitted"
+    assert emitted == expected and all(_utf8_clean(p) for p in emitted)
+    assert stream.stats.finish_reason == "stop"
+
+
+def test_real_tiny_model_stream_equals_full_text(llm):
+    for prompt in ("中文测试", "Emoji 😀🎉", "The quick brown fox"):
+        full = llm.generate(prompt, max_new_tokens=40)
+        pieces = list(llm.generate(prompt, max_new_tokens=40, stream=True))
+        assert "".join(pieces) == full
+        for p in pieces:
+            p.encode("utf-8")
+
+
+def test_seeded_sampling_is_identical_across_runs(llm):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.1)
+    a = llm.generate("Paris is", seed=11, **kw)
+    b = llm.generate("Paris is", seed=11, **kw)
+    assert a == b
+    others = {llm.generate("Paris is", seed=s, **kw) for s in range(12, 16)}
+    assert len(others | {a}) > 1  # the seed matters
+
+
+def test_cancel_during_prefill_stops_at_the_next_chunk(llm, monkeypatch):
+    from pyllm import llm as llm_module
+
+    prompt = [int(i) for i in np.random.default_rng(0).integers(3, 400, 1000)]
+    expected = llm.generate(prompt, max_new_tokens=3)  # uninterrupted, from a fresh cache below
+    calls = []
+    real = llm.engine
+
+    class CancelOnFirstChunk:
+        def forward(self, tokens, pos, all_logits=False):
+            calls.append(len(tokens))
+            out = real.forward(tokens, pos, all_logits)
+            llm.cancel()  # as another thread would, while this chunk runs
+            return out
+
+    monkeypatch.setattr(llm, "engine", CancelOnFirstChunk())
+    llm._cached = []
+    stream = llm.generate(prompt, max_new_tokens=3, stream=True)
+    assert list(stream) == []
+    assert calls == [llm_module.PREFILL_CHUNK]  # one chunk of the 1000-token prompt ran
+    assert stream.stats.finish_reason == "cancelled" and stream.stats.generated_tokens == 0
+    monkeypatch.setattr(llm, "engine", real)
+    # the cache kept the finished chunk: the next call resumes from it and gives the same text
+    assert llm.generate(prompt, max_new_tokens=3) == expected
+    assert llm.last_stats.cached_tokens == llm_module.PREFILL_CHUNK
+
+
+def test_cancel_from_another_thread_ends_a_10000_token_generation(llm, monkeypatch):
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # a random model may otherwise end early
+    stream = llm.generate("Once upon a time", max_new_tokens=10_000, stream=True)
+    done = threading.Event()
+    received = []
+
+    def consume():
+        for piece in stream:
+            received.append(piece)
+        done.set()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    while stream.stats.generated_tokens < 20:
+        time.sleep(0.01)
+    at_cancel = stream.stats.generated_tokens
+    llm.cancel()
+    assert done.wait(timeout=5), "cancel() did not stop the generation"
+    worker.join()
+    assert stream.stats.finish_reason == "cancelled"
+    assert at_cancel <= stream.stats.generated_tokens <= at_cancel + 1  # within one token
+    assert llm.generate("Hi", max_new_tokens=2) is not None  # the model is free again
+
+
+def test_two_threads_on_one_llm_never_crash(llm):
+    prompts = ["Berlin", "中文测试", "Emoji 😀", "The quick"]
+    expected = {p: llm.generate(p, max_new_tokens=12) for p in prompts}
+    errors, results = [], []
+
+    def worker(i):
+        try:
+            for round_ in range(3):
+                p = prompts[(i + round_) % len(prompts)]
+                if round_ == 1:  # a stream abandoned half way, then closed
+                    stream = llm.generate(p, max_new_tokens=12, stream=True)
+                    next(stream, None)
+                    stream.close()
+                    llm.logits(llm.tokenize(p))
+                else:
+                    results.append((p, llm.generate(p, max_new_tokens=12)))
+                llm.cancel()  # may hit another thread's call: that call ends early, nothing breaks
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for p, text in results:  # complete, or a cancelled prefix of the complete text
+        assert expected[p].startswith(text)
+
+
+def test_other_threads_run_during_a_long_engine_call(llm):
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, 400, 3000)]
+    ticks, stop = [], threading.Event()
+
+    def counter():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+
+    thread = threading.Thread(target=counter)
+    thread.start()
+    time.sleep(0.05)
+    start = time.perf_counter()
+    llm.logits(ids)  # one engine call
+    end = time.perf_counter()
+    stop.set()
+    thread.join()
+    inside = [t for t in ticks if start <= t <= end]
+    assert end - start > 0.05, "the engine call was too short to tell"
+    # the counter thread kept running through the call (with the GIL held it would stall for all of it)
+    assert inside and inside[-1] - inside[0] > 0.6 * (end - start)
+    assert max(np.diff([start] + inside + [end])) < 0.3 * (end - start)
+
+
+def test_second_chat_turn_prefills_only_the_new_tokens(llm):
+    turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a city."}]
+    stream = llm.chat(turn1, max_new_tokens=6, stream=True)
+    reply = "".join(stream)
+    ids1 = llm.chat_prompt_ids(turn1)
+    assert stream.stats.prefill_tokens <= len(ids1)
+    held = list(llm._cached)  # prompt and reply tokens whose keys/values the engine holds
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one?"}]
+    ids2 = llm.chat_prompt_ids(turn2)
+    common = next((i for i, (a, b) in enumerate(zip(held, ids2)) if a != b), min(len(held), len(ids2)))
+    llm.chat(turn2, max_new_tokens=2)
+    assert common >= len(ids1)  # the whole first prompt is reused
+    assert llm.last_stats.prefill_tokens == len(ids2) - common
+    assert llm.last_stats.cached_tokens == common
+
+
+def test_context_full_is_a_clear_error_or_a_length_stop(tiny_llama_f32):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=32) as small:
+        with pytest.raises(ValueError, match="context"):
+            small.generate(list(range(3, 40)), max_new_tokens=4)
+        with pytest.raises(ValueError, match="context"):
+            small.generate(list(range(3, 35)), max_new_tokens=4)  # exactly full: no room for the reply
+        small.tokenizer.eos_ids = []
+        text = small.generate(list(range(3, 30)), max_new_tokens=100)
+        assert small.last_stats.generated_tokens == 32 - 27 and small.last_stats.finish_reason == "length"
+        assert isinstance(text, str)
+
+
+def test_chat_template_override_and_missing_template(tiny_llama_f32):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="llama2") as model:
+        messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+        assert model.apply_chat_template(messages) == "<|im_start|>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST]"
+        assert model.chat_template == BUILTIN_TEMPLATES["llama2"]
+        model.chat_template = ""
+        with pytest.raises(TemplateError, match="--chat-template"):
+            model.chat(messages, max_new_tokens=2)
+    with pytest.raises(TemplateError, match="unknown chat template"):
+        pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="vicuna-ish")
+
+
+def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_path):
+    from pyllm.convert import convert_checkpoint
+
+    src = shutil.copytree(tiny_llama, tmp_path / "model")
+    config_path = src / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=5)
+    config_path.write_text(json.dumps(config))
+    out = str(tmp_path / "gen.pllm")
+    convert_checkpoint(str(src), out, quant="f32", progress=False)
+    with pyllm.LLM(out, n_threads=1) as model:
+        params = model._sampling(None, None, None, None, None, seed=None)
+        # what transformers' generate() would use: the config's values, its defaults (top_k 50) for the rest
+        assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.6, 50, 0.9, 0.0)
+        model.tokenizer.eos_ids = []
+        model.generate("Hello", seed=0)
+        assert model.last_stats.generated_tokens == 5
+        assert model._sampling(0.0, None, None, None, None, None).temperature == 0.0  # the call wins
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The default model (SmolLM2-135M-Instruct), when it is in the cache."""
+    import os
+
+    from pyllm import default_model
+
+    path = os.path.join(default_model.cache_dir(), default_model.MODEL_FILE)
+    if not os.path.exists(path):
+        pytest.skip("the default model is not in the cache")
+    with pyllm.LLM(path, n_threads=1) as model:
+        yield model
+
+
+def test_real_model_second_turn_runs_only_its_new_tokens(real):
+    turn1 = [{"role": "user", "content": "What is the capital of France?"}]
+    stream = real.chat(turn1, max_new_tokens=40, stream=True)
+    reply = "".join(stream)
+    assert "Paris" in reply and stream.stats.finish_reason == "stop"
+    ids1 = real.chat_prompt_ids(turn1)
+    turn2 = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And of Germany?"}]
+    ids2 = real.chat_prompt_ids(turn2)
+    reply_ids = real.tokenize(reply, add_special_tokens=False)
+    assert ids2[:len(ids1) + len(reply_ids)] == ids1 + reply_ids  # the reply re-tokenizes as generated
+    second = real.chat(turn2, max_new_tokens=20, stream=True)
+    "".join(second)
+    # new: the end-of-turn token the model sampled but never ran, the template's newline, the new message
+    assert second.stats.prefill_tokens == len(ids2) - len(ids1) - len(reply_ids)
+    assert second.stats.prefill_tokens < 20 < len(ids2)
+
+
+@pytest.mark.parametrize("prompt", ["中文：你好，世界！我爱北京。日本語：", "Emoji: 😀🎉👍😀🎉👍😀"])
+def test_real_model_streams_chinese_and_emoji(real, prompt):
+    for max_new_tokens in (7, 9, 24):  # cut-offs inside and between characters
+        stream = real.generate(prompt, max_new_tokens=max_new_tokens, stream=True)
+        pieces = list(stream)
+        full = real.generate(prompt, max_new_tokens=max_new_tokens)
+        assert "".join(pieces).encode("utf-8") == full.encode("utf-8")
+        assert all(_utf8_clean(p) for p in pieces)
+    assert any(ord(c) > 0x3000 for c in full)  # the reply has CJK or emoji characters

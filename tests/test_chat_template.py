@@ -1,0 +1,171 @@
+"""Chat templates: pyllm's rendering equals transformers' apply_chat_template for real templates
+(tests/data/chat_templates, sources in SOURCES.md), the built-in templates are exactly the published
+prompts, and a template that fails says so."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+import pytest
+
+from pyllm.chat_template import BUILTIN_TEMPLATES, TemplateError, render_chat, resolve_chat_template
+
+transformers = pytest.importorskip("transformers")
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
+REAL = sorted(f[:-len(".jinja")] for f in os.listdir(DATA) if f.endswith(".jinja"))
+SPECIALS = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. 你好 😀"}
+TURN_1 = {"role": "user", "content": "Hello! What's 中文 for 'tea'? 🍵"}
+REPLY_1 = {"role": "assistant", "content": "   茶 (chá)   "}
+TURN_2 = {"role": "user", "content": "  And coffee?\nTwo lines.  "}
+CONVERSATIONS = {
+    "one_turn": [TURN_1],
+    "system_one_turn": [SYSTEM, TURN_1],
+    "multi_turn": [TURN_1, REPLY_1, TURN_2],
+    "system_multi_turn": [SYSTEM, TURN_1, REPLY_1, TURN_2],
+    "ends_with_assistant": [SYSTEM, TURN_1, REPLY_1],
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "description": "城市"}},
+                                               "required": ["city"]}}}]
+TOOL_CONVERSATION = [
+    SYSTEM, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+    {"role": "tool", "content": "{\"wind\": 3}"},
+]
+
+
+def _template(name):
+    with open(os.path.join(DATA, name + ".jinja"), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """A transformers fast tokenizer built here (the vocabulary does not matter for rendering)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate(SPECIALS.values())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def _transformers(hf_tokenizer, template, messages, add_generation_prompt, **kw):
+    return hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt, **kw)
+
+
+def _both(hf_tokenizer, template, messages, add_generation_prompt, **kw):
+    """(pyllm, transformers) renderings; an exception on either side is returned as its class."""
+    def attempt(fn):
+        try:
+            return fn()
+        except Exception as e:  # compared below: both must refuse, or both must render the same text
+            return type(e)
+    ours = attempt(lambda: render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                                       **SPECIALS, **kw))
+    theirs = attempt(lambda: _transformers(hf_tokenizer, template, messages, add_generation_prompt, **kw))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False], ids=["gen", "nogen"])
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+@pytest.mark.parametrize("name", REAL + ["builtin-chatml", "builtin-llama2"])
+def test_rendering_equals_transformers(hf_tokenizer, name, conversation, generation_prompt):
+    template = BUILTIN_TEMPLATES[name[len("builtin-"):]] if name.startswith("builtin-") else _template(name)
+    ours, theirs = _both(hf_tokenizer, template, CONVERSATIONS[conversation], generation_prompt)
+    if isinstance(theirs, type):  # transformers refused (e.g. Mistral v0.1 and a system message)
+        assert ours is TemplateError, f"transformers raised {theirs.__name__}, pyllm gave {ours!r}"
+    else:
+        assert ours == theirs
+
+
+def test_every_real_template_renders_something(hf_tokenizer):
+    """Guards the parity test above against comparing two refusals only."""
+    for name in REAL:
+        assert render_chat(_template(name), [TURN_1], **SPECIALS).strip()
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False], ids=["gen", "nogen"])
+def test_tools_and_tool_calls_equal_transformers(hf_tokenizer, generation_prompt):
+    template = _template("qwen2.5-base")
+    for messages in (TOOL_CONVERSATION, TOOL_CONVERSATION[1:2]):
+        ours, theirs = _both(hf_tokenizer, template, messages, generation_prompt, tools=TOOLS)
+        assert isinstance(ours, str) and ours == theirs
+        assert '"description": "城市"' in ours  # tojson keeps non-ASCII, as transformers does
+
+
+def test_builtin_llama2_is_the_real_llama2_template():
+    assert BUILTIN_TEMPLATES["llama2"] == _template("llama-2-chat")
+
+
+# The published Alpaca prompts, written out in full: Alpaca-LoRA templates/alpaca.json ends with
+# "### Response:\n"; Stanford Alpaca's train.py PROMPT_DICT ends with "### Response:".
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:")
+
+
+@pytest.mark.parametrize("name,tail", [("alpaca", "\n"), ("alpaca-stanford", "")])
+def test_alpaca_builtins_are_the_published_prompts(name, tail):
+    template = BUILTIN_TEMPLATES[name]
+    instruction, given = "Translate to Chinese.\nKeep it short.", "Good morning 😀"
+    with_input = render_chat(template, [{"role": "user", "content": instruction, "input": given}])
+    assert with_input == ALPACA_INPUT.format(instruction=instruction, input=given) + tail
+    for message in ({"role": "user", "content": instruction}, {"role": "user", "content": instruction, "input": ""}):
+        assert render_chat(template, [message]) == ALPACA_NO_INPUT.format(instruction=instruction) + tail
+    # the prompt does not depend on add_generation_prompt (the response header is part of the prompt)
+    assert render_chat(template, [message], add_generation_prompt=False) == render_chat(template, [message])
+    with pytest.raises(TemplateError, match="role"):
+        render_chat(template, [{"role": "tool", "content": "x"}])
+
+
+def test_resolve_names_files_and_source(tmp_path):
+    assert resolve_chat_template("chatml") == BUILTIN_TEMPLATES["chatml"]
+    path = os.path.join(DATA, "meta-llama-3-8b-instruct.jinja")
+    assert resolve_chat_template(path) == _template("meta-llama-3-8b-instruct")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text('{"chat_template": "{{ messages[0].content }}"}')
+    assert resolve_chat_template(str(config)) == "{{ messages[0].content }}"
+    assert resolve_chat_template("{{ 'x' }}") == "{{ 'x' }}"
+    with pytest.raises(TemplateError, match="unknown chat template"):
+        resolve_chat_template("no-such-template")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    with pytest.raises(TemplateError, match="not valid Jinja"):
+        resolve_chat_template(str(broken))
+
+
+def test_failures_are_clear_errors():
+    with pytest.raises(TemplateError, match="refused the messages: System role not supported"):
+        render_chat("{{ raise_exception('System role not supported') }}", [SYSTEM])
+    with pytest.raises(TemplateError, match="no chat template"):
+        render_chat("", [TURN_1])
+    with pytest.raises(TemplateError, match="role"):
+        render_chat(BUILTIN_TEMPLATES["chatml"], [{"content": "no role"}])
+    with pytest.raises(TemplateError):  # content None + str
+        render_chat(BUILTIN_TEMPLATES["chatml"], [{"role": "user", "content": None}])
+    # the sandbox: no attribute escapes, no underscore names on namespaces
+    with pytest.raises(TemplateError):
+        render_chat("{{ ''.__class__.__mro__ }}", [TURN_1])
+    with pytest.raises(TemplateError):
+        render_chat("{% set ns = namespace(_x=1) %}", [TURN_1])
+
+
+def test_strftime_now_namespace_dict_and_generation_tag_equal_transformers(hf_tokenizer):
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+                "{{ ns.n }} {{ dict(a=1) | tojson }} {{ strftime_now('%Y-%m-%d') }}{% for i in range(3) %}"
+                "{% if i == 1 %}{% break %}{% endif %}{{ i }}{% endfor %}")
+    ours, theirs = _both(hf_tokenizer, template, [TURN_1, REPLY_1], True)
+    assert ours == theirs
+    assert ours.endswith(datetime.now().strftime("%Y-%m-%d") + "0")

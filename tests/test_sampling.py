@@ -1,0 +1,128 @@
+"""Sampling: each filter against a plain numpy reference of the filtered distribution and against
+transformers' logits warpers; seeded draws reproducible and distributed as the filtered distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyllm.sampling import Sampler, SamplingParams
+
+VOCAB = 50
+
+
+def _softmax(x):
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """Filtered distribution, spelled out token by token (no vectorized tricks)."""
+    probs = _softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
+    keep = set(ranked)
+    if top_k:
+        keep = set(ranked[:top_k])
+        probs = np.array([probs[i] if i in keep else 0.0 for i in range(len(probs))])
+        probs /= probs.sum()
+    if top_p < 1.0:
+        total, kept = 0.0, set()
+        for i in ranked:  # smallest most-likely set whose mass reaches top_p
+            if i not in keep:
+                continue
+            kept.add(i)
+            total += probs[i]
+            if total >= top_p:
+                break
+        keep = kept
+        probs = np.array([probs[i] if i in keep else 0.0 for i in range(len(probs))])
+        probs /= probs.sum()
+    if min_p > 0.0:
+        top = max(probs)
+        probs = np.array([p if p >= min_p * top else 0.0 for p in probs])
+        probs /= probs.sum()
+    return probs
+
+
+CASES = [
+    dict(temperature=1.0, top_k=5),
+    dict(temperature=0.7, top_k=1),
+    dict(temperature=1.3, top_p=0.9),
+    dict(temperature=1.0, top_p=0.5),
+    dict(temperature=1.0, min_p=0.1),
+    dict(temperature=0.8, min_p=0.3),
+    dict(temperature=1.0, top_k=20, top_p=0.8, min_p=0.05),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_filtered_distribution_matches_numpy_reference(case):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = (rng.standard_normal(VOCAB) * 3).astype(np.float32)
+        got = Sampler(SamplingParams(**case)).probabilities(logits)
+        np.testing.assert_allclose(got, reference(logits, **case), rtol=1e-9, atol=1e-12)
+        assert (got > 0).sum() >= 1 and abs(got.sum() - 1) < 1e-12
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_filtered_distribution_matches_transformers(case):
+    torch = pytest.importorskip("torch")
+    gen = pytest.importorskip("transformers.generation.logits_process")
+    warpers = [gen.TemperatureLogitsWarper(case["temperature"])]
+    if case.get("top_k"):
+        warpers.append(gen.TopKLogitsWarper(case["top_k"]))
+    if case.get("top_p", 1.0) < 1.0:
+        warpers.append(gen.TopPLogitsWarper(case["top_p"]))
+    if case.get("min_p"):
+        warpers.append(gen.MinPLogitsWarper(case["min_p"]))
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        logits = (rng.standard_normal(VOCAB) * 3).astype(np.float32)
+        scores = torch.tensor(logits[None].astype(np.float64))
+        for w in warpers:
+            scores = w(torch.zeros((1, 1), dtype=torch.long), scores)
+        expected = torch.softmax(scores, dim=-1)[0].numpy()
+        np.testing.assert_allclose(Sampler(SamplingParams(**case)).probabilities(logits), expected, atol=1e-9)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])).astype(np.float32)
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.85, seed=3))
+    probs = sampler.probabilities(logits)
+    draws = np.bincount([sampler(logits) for _ in range(20000)], minlength=6) / 20000
+    assert draws[probs == 0].sum() == 0
+    # binomial standard error at 20000 draws is <= 0.0036; allow 5 sigma
+    np.testing.assert_allclose(draws, probs, atol=0.018)
+
+
+def test_same_seed_same_draws_and_greedy_at_temperature_zero():
+    rng = np.random.default_rng(2)
+    logits = [(rng.standard_normal(VOCAB)).astype(np.float32) for _ in range(50)]
+    params = dict(temperature=0.9, top_k=10, top_p=0.95, seed=1234)
+    a = [Sampler(SamplingParams(**params))(x) for x in logits]
+    s1, s2 = Sampler(SamplingParams(**params)), Sampler(SamplingParams(**params))
+    assert [s1(x) for x in logits] == [s2(x) for x in logits]
+    assert len(set(a)) > 1
+    greedy = Sampler(SamplingParams(temperature=0.0, top_k=3, seed=1))
+    assert [greedy(x) for x in logits] == [int(np.argmax(x)) for x in logits]
+
+
+def test_repetition_penalty_matches_transformers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(3)
+    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty=1.7)
+    for _ in range(20):
+        logits = rng.standard_normal(64).astype(np.float32)
+        context = [int(i) for i in rng.integers(0, 64, 12)]
+        expected = processor(torch.tensor([context]), torch.tensor(logits[None].copy()))[0].numpy()
+        got = Sampler(SamplingParams(repetition_penalty=1.7))(logits, context)
+        assert got == int(np.argmax(expected))
+
+
+def test_invalid_settings_are_refused():
+    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1),
+                dict(repetition_penalty=0.0)):
+        with pytest.raises(ValueError):
+            Sampler(SamplingParams(**bad))

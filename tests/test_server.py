@@ -1,0 +1,244 @@
+"""`pyllm serve` against the official openai client, on a live server on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import pyllm
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from pyllm.serve import Server  # noqa: E402
+
+QUESTIONS = ["Paris is", "中文测试", "Emoji 😀🎉", "The quick brown fox", "def main():", "Berlin", "café", "Hello"]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving an LLM in a background thread."""
+
+    def __init__(self, llm, name="tiny", max_queue=64):
+        self.port = _free_port()
+        config = uvicorn.Config(Server(llm, name, max_queue).app(), host="127.0.0.1", port=self.port,
+                                log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_f32):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=10_200) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def live(llm):
+    server = LiveServer(llm)
+    yield server
+    server.stop()
+
+
+def _chat(text):
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+
+
+def test_models(live):
+    models = live.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_chat_completion(live, llm):
+    expected = llm.chat(_chat("Paris is"), max_new_tokens=12)
+    stats = llm.last_stats
+    reply = live.client().chat.completions.create(model="tiny", messages=_chat("Paris is"), max_tokens=12)
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == stats.finish_reason
+    assert reply.usage.prompt_tokens == stats.prompt_tokens
+    assert reply.usage.completion_tokens == stats.generated_tokens
+    assert reply.usage.total_tokens == stats.prompt_tokens + stats.generated_tokens
+
+
+def test_streamed_chat_completion(live, llm):
+    expected = llm.chat(_chat("中文测试"), max_new_tokens=20)
+    chunks = list(live.client().chat.completions.create(model="tiny", messages=_chat("中文测试"), max_tokens=20,
+                                                        stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [llm.last_stats.finish_reason]
+    assert chunks[-1].usage.completion_tokens == llm.last_stats.generated_tokens
+
+
+def test_completion_finish_reasons(live, llm, monkeypatch):
+    expected = llm.generate("The quick brown fox", max_new_tokens=8)
+    client = live.client()
+    reply = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=8)
+    assert reply.object == "text_completion" and reply.choices[0].text == expected
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # no end-of-sequence: the length limit ends it
+    reply = client.completions.create(model="tiny", prompt="Hello", max_tokens=5)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 5
+    text = client.completions.create(model="tiny", prompt="Hello", max_tokens=30).choices[0].text
+    if len(text) > 4:  # a stop string ends it with "stop"
+        stop = text[2:4]
+        reply = client.completions.create(model="tiny", prompt="Hello", max_tokens=30, stop=[stop])
+        assert reply.choices[0].finish_reason == "stop" and reply.choices[0].text == text[:text.find(stop)]
+    pieces = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=5, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == llm.generate("Hello", max_new_tokens=5)
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_eight_concurrent_clients_are_all_answered(live, llm):
+    expected = {q: llm.chat(_chat(q), max_new_tokens=16) for q in QUESTIONS}
+    answers, errors = {}, []
+
+    def ask(q, stream):
+        try:
+            client = live.client()
+            if stream:
+                chunks = client.chat.completions.create(model="tiny", messages=_chat(q), max_tokens=16, stream=True)
+                answers[q] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                answers[q] = client.chat.completions.create(model="tiny", messages=_chat(q),
+                                                            max_tokens=16).choices[0].message.content
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append((q, e))
+
+    threads = [threading.Thread(target=ask, args=(q, i % 2 == 0)) for i, q in enumerate(QUESTIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert answers == expected
+
+
+def _active(live) -> int:
+    return _get(live.url + "/health")["requests"]
+
+
+def test_disconnected_stream_frees_the_model(live, llm, monkeypatch):
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # the reply would run for 8000 tokens
+    client = live.client()
+    stream = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8000, stream=True)
+    received = [next(iter(stream)) for _ in range(3)]
+    assert all(c.choices[0].text is not None for c in received)
+    stream.close()  # the client goes away mid-stream
+    deadline = time.time() + 10
+    while (_active(live) or llm.last_stats.finish_reason != "cancelled") and time.time() < deadline:
+        time.sleep(0.05)
+    assert _active(live) == 0
+    assert llm.last_stats.finish_reason == "cancelled" and llm.last_stats.generated_tokens < 8000
+    start = time.time()
+    reply = client.completions.create(model="tiny", prompt="Paris is", max_tokens=4)
+    assert reply.usage.completion_tokens == 4 and time.time() - start < 10
+
+
+def test_bad_requests_get_clear_errors(live, llm):
+    client = live.client()
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="tiny", messages=_chat("hi"), n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="tiny", messages=_chat("hi"), logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.completions.create(model="tiny", prompt="hi", frequency_penalty=0.5)
+    client.completions.create(model="tiny", prompt="hi", max_tokens=1, frequency_penalty=0)  # neutral: fine
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="hi", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="word " * 11_000)
+    with pytest.raises(openai.BadRequestError, match="alternate"):  # the template's own error
+        llama2 = "{{ raise_exception('Conversation roles must alternate') }}"
+        old, llm.chat_template = llm.chat_template, llama2
+        try:
+            client.chat.completions.create(model="tiny", messages=_chat("hi"))
+        finally:
+            llm.chat_template = old
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(live.url + "/v1/completions", data=b"{not json"), timeout=5)
+    assert e.value.code == 400 and "JSON" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_full_queue_gets_503(llm):
+    server = LiveServer(llm, max_queue=0)
+    try:
+        with pytest.raises(openai.InternalServerError, match="busy"):
+            server.client().completions.create(model="tiny", prompt="hi", max_tokens=2)
+    finally:
+        server.stop()
+
+
+def test_default_model_answers_a_real_question():
+    from pyllm import default_model
+
+    path = os.path.join(default_model.cache_dir(), default_model.MODEL_FILE)
+    if not os.path.exists(path):
+        pytest.skip("the default model is not in the cache")
+    with pyllm.LLM(path, n_threads=1) as real:
+        server = LiveServer(real, name="smollm2")
+        try:
+            reply = server.client().chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=24)
+        finally:
+            server.stop()
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_serve_command_starts_and_answers(tiny_llama_f32):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyllm", "serve", tiny_llama_f32, "--port", str(port), "-t", "1",
+                             "--model-name", "cli-tiny"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                models = _get(f"http://127.0.0.1:{port}/v1/models")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "pyllm serve did not come up"
+                time.sleep(0.2)
+        assert models["data"][0]["id"] == "cli-tiny"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="cli-tiny", prompt="Paris", max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
