@@ -16,6 +16,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
@@ -36,7 +40,7 @@ def _open(args):
         from .default_model import default_model_path
 
         path = default_model_path()
-    return LLM(path, n_threads=args.threads, context_length=args.ctx)
+    return LLM(path, n_threads=args.threads, context_length=args.ctx, device=getattr(args, "device", "cpu"))
 
 
 def cmd_run(args) -> int:
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for chat")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_device(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("-t", "--threads", type=int, default=None)
+    _add_device(p)
     p.set_defaults(func=cmd_perplexity)
     return parser
 
