@@ -23,12 +23,30 @@ __device__ __forceinline__ float byte_as_float_plus_2p23(uint32_t word, int b) {
     return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + (uint32_t)b));
 }
 
+// The stored bits of one chunk: 16 bytes (int4), 32 (int8), 64 (f16, bf16), 128 (f32).
 template <WeightFormat F>
-__device__ __forceinline__ void decode_chunk(const uint8_t* __restrict__ row, int64_t chunk, float (&raw)[kChunk]) {
+struct ChunkBits {
+    static constexpr int kVectors = F == WeightFormat::F32                                ? 8
+                                    : (F == WeightFormat::F16 || F == WeightFormat::BF16) ? 4
+                                    : F == WeightFormat::Q8                               ? 2
+                                                                                          : 1;
+    uint4 v[kVectors];
+};
+
+template <WeightFormat F>
+__device__ __forceinline__ ChunkBits<F> load_chunk(const uint8_t* __restrict__ row, int64_t chunk) {
+    ChunkBits<F> bits;
+    const uint4* p = reinterpret_cast<const uint4*>(row) + chunk * ChunkBits<F>::kVectors;
+#pragma unroll
+    for (int i = 0; i < ChunkBits<F>::kVectors; ++i) bits.v[i] = __ldg(p + i);
+    return bits;
+}
+
+template <WeightFormat F>
+__device__ __forceinline__ void decode_bits(const ChunkBits<F>& bits, float (&raw)[kChunk]) {
     if constexpr (F == WeightFormat::Q4_SYM || F == WeightFormat::Q4_ASYM) {
         // 16 bytes: byte i holds value i (low nibble) and value i + 16 (high nibble)
-        const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(row + chunk * 16));
-        const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+        const uint32_t words[4] = {bits.v[0].x, bits.v[0].y, bits.v[0].z, bits.v[0].w};
         constexpr float bias = F == WeightFormat::Q4_SYM ? 8388616.0f : 8388608.0f;  // 2^23 (+ 8)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -40,11 +58,9 @@ __device__ __forceinline__ void decode_chunk(const uint8_t* __restrict__ row, in
             }
         }
     } else if constexpr (F == WeightFormat::Q8) {
-        const uint4* p = reinterpret_cast<const uint4*>(row + chunk * 32);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const uint4 bytes = __ldg(p + h);
-            const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+            const uint32_t words[4] = {bits.v[h].x, bits.v[h].y, bits.v[h].z, bits.v[h].w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const uint32_t biased = words[j] ^ 0x80808080u;  // int8 q -> q + 128 as unsigned bytes
@@ -52,44 +68,38 @@ __device__ __forceinline__ void decode_chunk(const uint8_t* __restrict__ row, in
                 for (int b = 0; b < 4; ++b) raw[16 * h + 4 * j + b] = byte_as_float_plus_2p23(biased, b) - 8388736.0f;
             }
         }
-    } else if constexpr (F == WeightFormat::F16) {
-        const uint4* p = reinterpret_cast<const uint4*>(row + chunk * 64);
+    } else if constexpr (F == WeightFormat::F16 || F == WeightFormat::BF16) {
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
-            const uint4 bits = __ldg(p + h);
-            const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+            const uint32_t words[4] = {bits.v[h].x, bits.v[h].y, bits.v[h].z, bits.v[h].w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                __half2 pair;
-                memcpy(&pair, &words[j], 4);
-                const float2 f = __half22float2(pair);
-                raw[8 * h + 2 * j] = f.x;
-                raw[8 * h + 2 * j + 1] = f.y;
-            }
-        }
-    } else if constexpr (F == WeightFormat::BF16) {
-        const uint4* p = reinterpret_cast<const uint4*>(row + chunk * 64);
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-            const uint4 bits = __ldg(p + h);
-            const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                raw[8 * h + 2 * j] = __uint_as_float(words[j] << 16);
-                raw[8 * h + 2 * j + 1] = __uint_as_float(words[j] & 0xFFFF0000u);
+                if constexpr (F == WeightFormat::F16) {
+                    __half2 pair;
+                    memcpy(&pair, &words[j], 4);
+                    const float2 f = __half22float2(pair);
+                    raw[8 * h + 2 * j] = f.x;
+                    raw[8 * h + 2 * j + 1] = f.y;
+                } else {  // bfloat16 is the top half of a float
+                    raw[8 * h + 2 * j] = __uint_as_float(words[j] << 16);
+                    raw[8 * h + 2 * j + 1] = __uint_as_float(words[j] & 0xFFFF0000u);
+                }
             }
         }
     } else {  // F32
-        const float4* p = reinterpret_cast<const float4*>(row + chunk * 128);
 #pragma unroll
         for (int h = 0; h < 8; ++h) {
-            const float4 f = __ldg(p + h);
-            raw[4 * h] = f.x;
-            raw[4 * h + 1] = f.y;
-            raw[4 * h + 2] = f.z;
-            raw[4 * h + 3] = f.w;
+            raw[4 * h] = __uint_as_float(bits.v[h].x);
+            raw[4 * h + 1] = __uint_as_float(bits.v[h].y);
+            raw[4 * h + 2] = __uint_as_float(bits.v[h].z);
+            raw[4 * h + 3] = __uint_as_float(bits.v[h].w);
         }
     }
+}
+
+template <WeightFormat F>
+__device__ __forceinline__ void decode_chunk(const uint8_t* __restrict__ row, int64_t chunk, float (&raw)[kChunk]) {
+    decode_bits<F>(load_chunk<F>(row, chunk), raw);
 }
 
 __device__ __forceinline__ float f16_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
