@@ -228,6 +228,8 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 4)
+    ap.add_argument("--budget", type=float, default=540, help="seconds for the whole check; steps that would "
+                    "not fit are skipped (default 540)")
     ap.add_argument("--workdir", default="/tmp/pyllm-gpu-check", help="where the model files go")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json")
     args = ap.parse_args()
@@ -253,8 +255,9 @@ def main() -> int:
     log(f"pyllm {pyllm.__version__} from {os.path.dirname(pyllm.__file__)}, device {report['device']}")
 
     if not args.skip_tests:
+        left = args.budget - (time.monotonic() - START)
         report["steps"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                        "tests/test_cuda.py"], timeout=240)
+                                        "tests/test_cuda.py"], timeout=max(30.0, min(240.0, left - 200)))
         log(f"tests: {'passed' if report['steps']['tests'] else 'FAILED'}")
 
     cfg = dict(LLAMA2_7B, num_hidden_layers=args.layers)
@@ -269,6 +272,10 @@ def main() -> int:
     report["models"] = {}
     for fmt in [f for f in args.formats.split(",") if f]:
         path = os.path.join(args.workdir, f"llama2-7b-shape-{fmt}.pllm")
+        if time.monotonic() - START > args.budget - 100:
+            log(f"{fmt}: skipped, the time budget is spent")
+            report["models"][fmt] = {"error": "skipped: time budget spent"}
+            continue
         try:
             t0 = time.monotonic()
             weight_bytes = write_random_model(path, fmt, cfg)

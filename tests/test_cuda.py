@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,29 @@ def test_device_argument_errors(tiny_llama_f32):
         pytest.skip("a GPU is present: the missing-device error cannot be observed")
     with pytest.raises(RuntimeError, match="device='cuda'"):
         pyllm.LLM(tiny_llama_f32, device="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["int4_asym", "int8"])
+def test_gpu_check_model_writer(fmt, tmp_path):
+    """benchmarks/gpu_check.py writes its Llama-2-7B-shaped models with numpy; a small one must
+    load and run (here on the CPU engine) and count the weight bytes a decode step reads."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_check
+
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=32)
+    path = str(tmp_path / f"{fmt}.pllm")
+    weight_bytes = gpu_check.write_random_model(path, fmt, cfg)
+    llm = pyllm.LLM(path, n_threads=1, context_length=32)
+    assert llm.model.linears["model.layers.1.mlp.down_proj"] == (fmt, gpu_check.GROUP)
+    logits = llm.engine.forward(np.arange(2, 12, dtype=np.int32), 0, False)
+    assert logits.shape == (300,) and np.isfinite(logits).all() and logits.std() > 0
+    per_value = {"int4_asym": 0.5 + 4 / 32, "int8": 1 + 2 / 32}[fmt]  # weight + scales (+ mins) per value
+    linear_values = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 96 * 64) + 300 * 64 + 64
+    assert weight_bytes == pytest.approx(linear_values * per_value)
+    llm.close()
 
 
 # =============================================================================

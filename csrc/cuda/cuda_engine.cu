@@ -3,7 +3,7 @@
 // for keys and for values. Single-token steps replay a CUDA graph captured on
 // the first one (positions and token ids live in device memory, and the
 // decode attention split depends only on the cache length), unless the
-// environment sets PYLLM_CUDA_GRAPH=0.
+// environment sets PYLLM_CUDA_GRAPH=0 or the capture fails (then eagerly).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -263,11 +263,17 @@ private:
             all_logits_.reserve((size_t)(M * cfg_.vocab_size) * sizeof(float));
             device_logits = all_logits_.as<float>();
         }
+        bool done = false;
         if (M == 1 && use_graph_) {
-            run_decode_graph();  // logits of the single row in logits_
-        } else {
-            enqueue(M, all_logits, logits ? device_logits : nullptr);
+            try {
+                run_decode_graph();  // logits of the single row in logits_
+                done = true;
+            } catch (const std::runtime_error&) {
+                use_graph_ = false;  // capture or instantiation refused: run eagerly from now on
+                cudaGetLastError();
+            }
         }
+        if (!done) enqueue(M, all_logits, logits ? device_logits : nullptr);
         if (logits) {
             const int64_t rows = all_logits ? M : 1;
             PYLLM_CUDA_CHECK(cudaMemcpyAsync(logits, device_logits, (size_t)(rows * cfg_.vocab_size) * sizeof(float),
