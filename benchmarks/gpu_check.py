@@ -9,7 +9,7 @@ Run from the repository root on a machine with an NVIDIA GPU and a CUDA toolkit:
 Steps (each with its own time limit; a failing step is reported and the rest still run):
  1. build: CMake with -DPYLLM_CUDA=ON (sm_80 + sm_90) into build/gpu-check, the two modules
     copied next to the sources in pyllm/ (no pip, no network);
- 2. tests: python -m pytest tests/test_cuda.py;
+ 2. tests: python -m pytest tests/test_cuda.py (--sanitize: the kernel tests again under compute-sanitizer);
  3. ceilings: device-to-device copy bandwidth (bytes read + written) and the dense f16
     matmul rate of cuBLAS (through torch) on the prefill shapes below;
  4. for int4 and int8: a random-initialised model with Llama-2-7B shapes (hidden 4096,
@@ -223,6 +223,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--sanitize", action="store_true",
+                    help="also run the kernel tests (not the engine ones) under compute-sanitizer memcheck")
     ap.add_argument("--formats", default="int4_asym,int8", help="comma-separated weight formats to benchmark")
     ap.add_argument("--layers", type=int, default=LLAMA2_7B["num_hidden_layers"], help="layers of the model (32)")
     ap.add_argument("--prefill", type=int, default=512)
@@ -259,6 +261,11 @@ def main() -> int:
         report["steps"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                                         "tests/test_cuda.py"], timeout=max(30.0, min(240.0, left - 200)))
         log(f"tests: {'passed' if report['steps']['tests'] else 'FAILED'}")
+    if args.sanitize and shutil.which("compute-sanitizer"):
+        report["steps"]["memcheck"] = run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+                                           sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                           "tests/test_cuda.py", "-k", "not engine and not real_model"], timeout=240)
+        log(f"memcheck: {'clean' if report['steps']['memcheck'] else 'FAILED'}")
 
     cfg = dict(LLAMA2_7B, num_hidden_layers=args.layers)
     try:
