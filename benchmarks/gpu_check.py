@@ -246,7 +246,7 @@ def main() -> int:
         subprocess.run(["nvcc", "--version"])
 
     if not args.skip_build:
-        report["steps"]["build"] = build(args.jobs, timeout=300)
+        report["steps"]["build"] = build(args.jobs, timeout=420)
         log(f"build: {'ok' if report['steps']['build'] else 'FAILED'}")
         if not report["steps"]["build"]:
             return 1
