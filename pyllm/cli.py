@@ -23,6 +23,10 @@ def _add_chat_template(p: argparse.ArgumentParser) -> None:
                         "file (or a tokenizer_config.json)")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
@@ -44,7 +48,7 @@ def _open(args):
 
         path = default_model_path()
     return LLM(path, n_threads=args.threads, context_length=args.ctx,
-               chat_template=getattr(args, "chat_template", None))
+               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"))
 
 
 def cmd_run(args) -> int:
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_template(p)
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_device(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
@@ -162,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("-t", "--threads", type=int, default=None)
+    _add_device(p)
     p.set_defaults(func=cmd_perplexity)
     return parser
 

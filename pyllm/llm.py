@@ -19,6 +19,26 @@ from .tokenizer import StreamDecoder, Tokenizer
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
 PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
+DEVICES = ("cpu", "cuda")
+
+
+def engine_module(device: str):
+    """The extension module that runs models on `device`: pyllm._core (cpu) or
+    pyllm._cuda (cuda, a separate module so that the CPU build never needs CUDA)."""
+    if device == "cpu":
+        from . import _core
+
+        return _core
+    if device == "cuda":
+        try:
+            from . import _cuda
+        except ImportError:
+            raise RuntimeError("device='cuda': this pyllm was built without its CUDA backend (install it where "
+                               "a CUDA toolkit is found, or force it with PYLLM_CUDA=ON)") from None
+        if _cuda.device_count() == 0:
+            raise RuntimeError("device='cuda': no CUDA device is available (no NVIDIA GPU or driver)")
+        return _cuda
+    raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
 
 
 @dataclass
@@ -79,7 +99,7 @@ class TextStream:
 class LLM:
     """A loaded model.
 
-    llm = LLM("model.pllm", n_threads=2)
+    llm = LLM("model.pllm", n_threads=2)                           # device="cuda" runs it on an NVIDIA GPU
     llm.generate("Once upon a time", max_new_tokens=32)           # -> str
     for piece in llm.generate("...", stream=True): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi"}])                  # uses the model's chat template
@@ -96,9 +116,8 @@ class LLM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
-                 chat_template: str | None = None):
-        from . import _core
-
+                 chat_template: str | None = None, device: str = "cpu"):
+        backend = engine_module(device)
         self.path = os.fspath(path)
         self.model = PackedModel(self.path)
         self.config = self.model.config
@@ -113,9 +132,10 @@ class LLM:
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         if n_ctx <= 0:
             raise ValueError("context_length must be positive")
-        self.engine = _core.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
+        self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
                                    self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0)
         self.context_length = n_ctx
+        self.device = device
         self.n_threads = self.engine.n_threads
         self._lock = threading.Lock()
         self._owner: int | None = None

@@ -15,98 +15,13 @@
 #include "../engine/engine.h"
 #include "../kernels/cpu/kernels.h"
 #include "../kernels/cpu/ops.h"
+#include "common.h"
 
 namespace py = pybind11;
 using namespace pyllm;
+using namespace pyllm::binding;
 
 namespace {
-
-using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
-[[noreturn]] void bad(const std::string& why) { throw py::value_error(why); }
-
-// Token ids or positions: any integer array whose values fit int32 (no silent
-// wrapping of int64 values, no truncation of floats).
-I32Array int32_values(const py::array& a, const char* name) {
-    const char kind = a.dtype().kind();
-    if (a.size() > 0 && kind != 'i' && kind != 'u')
-        bad(std::string(name) + " must be integers, got dtype " + std::string(py::str(a.dtype())));
-    auto out_of_range = [&] { bad(std::string(name) + " has a value that does not fit in 32 bits"); };
-    if (kind == 'u' && a.dtype().itemsize() == 8) {
-        py::array_t<uint64_t, py::array::c_style | py::array::forcecast> u(a);
-        for (py::ssize_t i = 0; i < u.size(); ++i)
-            if (u.data()[i] > (uint64_t)INT32_MAX) out_of_range();
-    } else if (a.dtype().itemsize() > 4 || (kind == 'u' && a.dtype().itemsize() == 4)) {
-        py::array_t<int64_t, py::array::c_style | py::array::forcecast> wide(a);
-        for (py::ssize_t i = 0; i < wide.size(); ++i)
-            if (wide.data()[i] < INT32_MIN || wide.data()[i] > INT32_MAX) out_of_range();
-    }
-    return I32Array(a);
-}
-
-void expect_shape(const py::array& a, std::initializer_list<int64_t> shape, const char* name) {
-    std::vector<int64_t> want(shape), got(a.shape(), a.shape() + a.ndim());
-    if (want != got) bad(std::string(name) + " has shape " + shape_str(got) + ", expected " + shape_str(want));
-}
-
-// Raw weight arrays must already have the exact dtype: reinterpreting or
-// silently converting packed integers would give wrong numbers.
-template <typename T>
-const T* exact(const py::array& a, const char* name) {
-    if (!a.dtype().is(py::dtype::of<T>()))
-        bad(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
-            std::string(py::str(py::dtype::of<T>())));
-    if (!(a.flags() & py::array::c_style)) bad(std::string(name) + " must be C-contiguous");
-    return static_cast<const T*>(a.data());
-}
-
-WeightFormat parse_format(const std::string& name) {
-    for (int f = 0; f <= (int)WeightFormat::Q4_ASYM; ++f)
-        if (name == format_name((WeightFormat)f)) return (WeightFormat)f;
-    bad("unknown weight format '" + name + "' (f32, f16, bf16, int8, int4_sym, int4_asym)");
-}
-
-// Builds a checked view of weight arrays; rows come from data, cols is given
-// because int4 rows are padded.
-WeightView weight_view(const std::string& format, const py::array& data, int64_t cols, int64_t group_size,
-                       const py::object& scales, const py::object& mins, const py::object& bias) {
-    WeightView w;
-    w.format = parse_format(format);
-    w.cols = cols;
-    w.group_size = is_quantized(w.format) ? group_size : 0;
-    if (data.ndim() != 2) bad("weight data must be 2-D");
-    w.rows = data.shape(0);
-    if (w.rows <= 0 || cols <= 0) bad("weight must have positive rows and cols");
-    if (is_quantized(w.format) && (group_size <= 0 || group_size % kBlock != 0))
-        bad("group size " + std::to_string(group_size) + " is not a positive multiple of 32");
-    switch (w.format) {
-        case WeightFormat::F32: w.data = exact<float>(data, "weight"); expect_shape(data, {w.rows, cols}, "weight"); break;
-        case WeightFormat::F16:
-        case WeightFormat::BF16: w.data = exact<uint16_t>(data, "weight"); expect_shape(data, {w.rows, cols}, "weight"); break;
-        case WeightFormat::Q8: w.data = exact<int8_t>(data, "weight"); expect_shape(data, {w.rows, cols}, "weight"); break;
-        default: w.data = exact<uint8_t>(data, "weight"); expect_shape(data, {w.rows, w.padded_cols() / 2}, "weight"); break;
-    }
-    if (is_quantized(w.format)) {
-        if (scales.is_none()) bad("quantized weight needs scales");
-        py::array s = scales.cast<py::array>();
-        w.scales = exact<uint16_t>(s, "scales");
-        expect_shape(s, {w.rows, w.n_groups()}, "scales");
-    }
-    if (w.format == WeightFormat::Q4_ASYM) {
-        if (mins.is_none()) bad("int4_asym weight needs mins");
-        py::array mn = mins.cast<py::array>();
-        w.mins = exact<uint16_t>(mn, "mins");
-        expect_shape(mn, {w.rows, w.n_groups()}, "mins");
-    }
-    if (!bias.is_none()) {
-        py::array b = bias.cast<py::array>();
-        w.bias = exact<float>(b, "bias");
-        expect_shape(b, {w.rows}, "bias");
-    }
-    validate_weight(w, "weight");
-    return w;
-}
 
 // Thread pools for the standalone kernels, one per thread count, each used by
 // one call at a time.
@@ -130,119 +45,12 @@ int resolve_threads(int n_threads) {
     return n_threads == 0 ? ThreadPool::default_threads() : n_threads;
 }
 
-RopeScaling parse_rope_scaling(const py::object& obj) {
-    RopeScaling s;
-    if (obj.is_none()) return s;
-    py::dict d = obj.cast<py::dict>();
-    auto get = [&](const char* key, double fallback) { return d.contains(key) ? d[key].cast<double>() : fallback; };
-    if (d.contains("rope_type")) s.type = d["rope_type"].cast<std::string>();
-    else if (d.contains("type")) s.type = d["type"].cast<std::string>();
-    s.factor = get("factor", 1.0);
-    s.low_freq_factor = get("low_freq_factor", 1.0);
-    s.high_freq_factor = get("high_freq_factor", 4.0);
-    s.original_max_position_embeddings = get("original_max_position_embeddings", 8192.0);
-    return s;
-}
-
-// The Python-facing model: the mapped file plus an engine over it.
-class PyModel {
-public:
-    PyModel(const std::string& path, uint64_t data_offset, const py::dict& tensors, const py::dict& linears,
-            const py::dict& config, int64_t context_length, int n_threads) {
-        try {
-            build(path, data_offset, tensors, linears, config, context_length, n_threads);
-        } catch (const py::cast_error& e) {
-            bad(std::string("model description has a value of the wrong type or range: ") + e.what());
-        }
-    }
-
-    void build(const std::string& path, uint64_t data_offset, const py::dict& tensors, const py::dict& linears,
-               const py::dict& config, int64_t context_length, int n_threads) {
-        file_ = std::make_shared<MappedFile>(path);
-        TensorTable table(*file_, data_offset);
-        for (auto item : tensors) {
-            const std::string name = item.first.cast<std::string>();
-            py::tuple info = item.second.cast<py::tuple>();
-            if (info.size() != 4) bad("tensor entry for '" + name + "' must be (dtype, shape, begin, end)");
-            const auto begin = info[2].cast<int64_t>(), end = info[3].cast<int64_t>();
-            if (begin < 0 || end < 0) bad("tensor '" + name + "' has a negative offset");
-            table.add(name, info[0].cast<std::string>(), info[1].cast<std::vector<int64_t>>(), (uint64_t)begin,
-                      (uint64_t)end);
-        }
-        std::map<std::string, LinearSpec> specs;
-        for (auto item : linears) {
-            py::tuple info = item.second.cast<py::tuple>();
-            if (info.size() != 2) bad("linear entry must be (format, group_size)");
-            specs[item.first.cast<std::string>()] =
-                LinearSpec{parse_format(info[0].cast<std::string>()), info[1].cast<int64_t>()};
-        }
-        ModelConfig cfg;
-        auto get_int = [&](const char* key) {
-            if (!config.contains(key)) bad(std::string("model config lacks '") + key + "'");
-            return config[key].cast<int64_t>();
-        };
-        cfg.vocab_size = get_int("vocab_size");
-        cfg.hidden_size = get_int("hidden_size");
-        cfg.intermediate_size = get_int("intermediate_size");
-        cfg.n_layers = get_int("num_hidden_layers");
-        cfg.n_heads = get_int("num_attention_heads");
-        cfg.n_kv_heads = get_int("num_key_value_heads");
-        cfg.head_dim = get_int("head_dim");
-        cfg.rms_norm_eps = config["rms_norm_eps"].cast<double>();
-        cfg.rope_theta = config["rope_theta"].cast<double>();
-        cfg.rope_scaling = parse_rope_scaling(config.contains("rope_scaling") ? py::object(config["rope_scaling"])
-                                                                              : py::object(py::none()));
-        cfg.tie_word_embeddings = config["tie_word_embeddings"].cast<bool>();
-        n_threads_ = resolve_threads(n_threads);
-        engine_ = make_cpu_engine(file_, table, cfg, specs, context_length, n_threads_);
-    }
-
-    py::array_t<float> forward(const py::array& token_array, int64_t pos, bool all_logits) {
-        const I32Array tokens = int32_values(token_array, "tokens");
-        if (tokens.ndim() != 1) bad("tokens must be 1-D");
-        const int64_t n = tokens.shape(0);
-        if (n == 0) bad("no tokens");
-        const int64_t vocab = engine_->config().vocab_size;
-        py::array_t<float> logits = all_logits ? py::array_t<float>({n, vocab}) : py::array_t<float>({vocab});
-        const int32_t* ids = tokens.data();
-        float* out = logits.mutable_data();
-        {
-            py::gil_scoped_release release;
-            engine_->forward(ids, n, pos, out, all_logits);
-        }
-        return logits;
-    }
-
-    int64_t context_length() const { return engine_->context_length(); }
-    int64_t vocab_size() const { return engine_->config().vocab_size; }
-    int n_threads() const { return n_threads_; }
-    std::string device() const { return engine_->device(); }
-    py::dict profile() const {
-        py::dict out;
-        for (const auto& [stage, seconds] : engine_->profile()) out[py::str(stage)] = seconds;
-        return out;
-    }
-
-private:
-    std::shared_ptr<MappedFile> file_;
-    std::unique_ptr<Engine> engine_;
-    int n_threads_ = 1;
-};
-
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "pyllm C++ core: CPU kernels and the decoder engine";
 
-    py::register_exception_translator([](std::exception_ptr p) {
-        try {
-            if (p) std::rethrow_exception(p);
-        } catch (const std::out_of_range& e) {
-            PyErr_SetString(PyExc_IndexError, e.what());
-        } catch (const std::invalid_argument& e) {
-            PyErr_SetString(PyExc_ValueError, e.what());
-        }
-    });
+    register_exception_translator();
 
     m.def(
         "available_kernels",
@@ -374,12 +182,7 @@ PYBIND11_MODULE(_core, m) {
         [](const F32Array& q, const F32Array& k_cache, const F32Array& v_cache, int64_t pos0, float scale,
            int n_threads) {
             // q: f32 [M, H, D], k_cache/v_cache: f32 [Hkv, S, D]; query m sits at position pos0 + m
-            if (q.ndim() != 3 || k_cache.ndim() != 3) bad("q must be [M, H, D] and caches [Hkv, S, D]");
-            const int64_t M = q.shape(0), H = q.shape(1), D = q.shape(2), Hkv = k_cache.shape(0), S = k_cache.shape(1);
-            expect_shape(k_cache, {Hkv, S, D}, "k_cache");
-            expect_shape(v_cache, {Hkv, S, D}, "v_cache");
-            if (Hkv <= 0 || H % Hkv != 0) bad("query heads must be a multiple of kv heads");
-            if (pos0 < 0 || pos0 + M > S) bad("positions exceed the cache length");
+            const auto [M, H, D, Hkv, S] = attention_shape(q, k_cache, v_cache, pos0);
             py::array_t<float> out({M, H, D});
             // the kernel reads keys transposed, as the engine caches them
             std::vector<float> keys_t((size_t)(Hkv * D * S));
@@ -398,16 +201,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
         py::arg("n_threads") = 1);
 
-    py::class_<PyModel>(m, "Engine")
-        .def(py::init<const std::string&, uint64_t, const py::dict&, const py::dict&, const py::dict&, int64_t, int>(),
-             py::arg("path"), py::arg("data_offset"), py::arg("tensors"), py::arg("linears"), py::arg("config"),
-             py::arg("context_length"), py::arg("n_threads") = 0)
-        .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("pos"), py::arg("all_logits") = false,
-             "Runs tokens (int32 [n]) at positions pos.. and returns logits: f32 [n, vocab] or [vocab].")
-        .def_property_readonly("context_length", &PyModel::context_length)
-        .def_property_readonly("vocab_size", &PyModel::vocab_size)
-        .def_property_readonly("n_threads", &PyModel::n_threads)
-        .def_property_readonly("device", &PyModel::device)
-        .def("profile", &PyModel::profile,
-             "Seconds per forward stage since the engine was made (PYLLM_PROFILE=1), else an empty dict.");
+    register_engine_class(m, resolve_threads, [](const ModelDescription& d, int64_t context_length, int n_threads) {
+        return make_cpu_engine(d.file, *d.tensors, d.config, d.linears, context_length, n_threads);
+    });
 }

@@ -1,0 +1,154 @@
+// Element-wise and per-row operators: embedding lookup, RMSNorm, SwiGLU,
+// RoPE and the KV-cache write. Same formulas and f32 arithmetic as
+// csrc/kernels/cpu/ops.cpp (reductions run as trees instead of in order).
+#include <algorithm>
+
+#include "chunk.cuh"
+#include "kernels.h"
+
+namespace pyllm {
+namespace cuda {
+
+int device_sm_count() {
+    static int count = [] {
+        int device = 0, sms = 0;
+        PYLLM_CUDA_CHECK(cudaGetDevice(&device));
+        PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+        return sms;
+    }();
+    return count;
+}
+
+namespace {
+
+unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+// One block per token; each thread decodes whole chunks of the row.
+template <WeightFormat F>
+__global__ void embedding_kernel(WeightArgs w, const int32_t* __restrict__ ids, float* __restrict__ out) {
+    const int64_t m = blockIdx.x;
+    const int64_t row = ids[m];
+    float* o = out + m * w.cols;
+    if (row < 0 || row >= w.rows) {  // the engine checks ids first; never read outside the table
+        for (int64_t k = threadIdx.x; k < w.cols; k += blockDim.x) o[k] = __int_as_float(0x7fc00000);
+        return;
+    }
+    const uint8_t* data = w.data + row * w.row_stride;
+    for (int64_t c = threadIdx.x; c < w.padded_cols / kChunk; c += blockDim.x) {
+        float raw[kChunk];
+        decode_chunk<F>(data, c, raw);
+        float scale, min;
+        chunk_affine<F>(w, row, c, scale, min);
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+            const int64_t k = c * kChunk + i;
+            if (k < w.cols) o[k] = F == WeightFormat::Q4_ASYM ? raw[i] * scale + min : raw[i] * scale;
+        }
+    }
+}
+
+constexpr int kRowThreads = 256;
+
+__device__ float block_sum(float v, float* shared /* [32] */) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? shared[lane] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__global__ void rmsnorm_kernel(const float* __restrict__ x, const float* __restrict__ weight, int64_t D, float eps,
+                               float* __restrict__ y) {
+    __shared__ float partial[32];
+    const float* xr = x + (int64_t)blockIdx.x * D;
+    float* yr = y + (int64_t)blockIdx.x * D;
+    float sum_sq = 0.0f;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sum_sq = fmaf(xr[i], xr[i], sum_sq);
+    sum_sq = block_sum(sum_sq, partial);
+    const float inv = 1.0f / sqrtf(sum_sq / (float)D + eps);
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = weight[i] * (xr[i] * inv);
+}
+
+__global__ void swiglu_kernel(const float* __restrict__ gate_up, int64_t M, int64_t F, float* __restrict__ out) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * F) return;
+    const int64_t m = i / F, f = i % F;
+    const float g = gate_up[m * 2 * F + f], u = gate_up[m * 2 * F + F + f];
+    out[i] = g / (1.0f + expf(-g)) * u;
+}
+
+// One thread per (row, head, pair).
+__global__ void rope_kernel(float* __restrict__ x, int64_t ldx, int64_t M, int64_t n_heads, int64_t D,
+                            const int32_t* __restrict__ positions, const float* __restrict__ inv_freq) {
+    const int64_t half = D / 2;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * n_heads * half) return;
+    const int64_t m = i / (n_heads * half), h = (i / half) % n_heads, p = i % half;
+    const float angle = (float)positions[m] * inv_freq[p];
+    const float c = cosf(angle), s = sinf(angle);
+    float* v = x + m * ldx + h * D;
+    const float a = v[p], b = v[p + half];
+    v[p] = a * c - b * s;
+    v[p + half] = b * c + a * s;
+}
+
+// One thread per (row, kv head, value).
+__global__ void kv_write_kernel(const float* __restrict__ k, const float* __restrict__ v, int64_t ld, int64_t M,
+                                int64_t n_kv_heads, int64_t D, const int32_t* __restrict__ positions,
+                                float* __restrict__ k_cache, float* __restrict__ v_cache, int64_t cache_len) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * n_kv_heads * D) return;
+    const int64_t m = i / (n_kv_heads * D), h = (i / D) % n_kv_heads, d = i % D;
+    const int64_t pos = positions[m];
+    if (pos < 0 || pos >= cache_len) return;  // the engine checks positions first
+    const int64_t dst = (h * cache_len + pos) * D + d;
+    k_cache[dst] = k[m * ld + h * D + d];
+    v_cache[dst] = v[m * ld + h * D + d];
+}
+
+}  // namespace
+
+void embedding(const DeviceWeight& w, const int32_t* ids, int64_t M, float* out, cudaStream_t stream) {
+    if (M <= 0) return;
+    const WeightArgs args = weight_args(w);
+    dispatch_format(w.format, [&]<WeightFormat F>() {
+        embedding_kernel<F><<<(unsigned)M, 128, 0, stream>>>(args, ids, out);
+    });
+    PYLLM_CUDA_CHECK_LAUNCH("embedding");
+}
+
+void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y, cudaStream_t stream) {
+    if (M <= 0) return;
+    rmsnorm_kernel<<<(unsigned)M, kRowThreads, 0, stream>>>(x, weight, D, eps, y);
+    PYLLM_CUDA_CHECK_LAUNCH("rmsnorm");
+}
+
+void swiglu(const float* gate_up, int64_t M, int64_t F, float* out, cudaStream_t stream) {
+    if (M * F <= 0) return;
+    swiglu_kernel<<<blocks_for(M * F, 256), 256, 0, stream>>>(gate_up, M, F, out);
+    PYLLM_CUDA_CHECK_LAUNCH("swiglu");
+}
+
+void rope(float* x, int64_t ldx, int64_t M, int64_t n_heads, int64_t D, const int32_t* positions,
+          const float* inv_freq, cudaStream_t stream) {
+    const int64_t n = M * n_heads * (D / 2);
+    if (n <= 0) return;
+    rope_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, ldx, M, n_heads, D, positions, inv_freq);
+    PYLLM_CUDA_CHECK_LAUNCH("rope");
+}
+
+void kv_write(const float* k, const float* v, int64_t ld, int64_t M, int64_t n_kv_heads, int64_t D,
+              const int32_t* positions, float* k_cache, float* v_cache, int64_t cache_len, cudaStream_t stream) {
+    const int64_t n = M * n_kv_heads * D;
+    if (n <= 0) return;
+    kv_write_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(k, v, ld, M, n_kv_heads, D, positions, k_cache, v_cache,
+                                                            cache_len);
+    PYLLM_CUDA_CHECK_LAUNCH("kv_write");
+}
+
+}  // namespace cuda
+}  // namespace pyllm
