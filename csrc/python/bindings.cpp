@@ -14,6 +14,7 @@
 #include "../core/thread_pool.h"
 #include "../engine/engine.h"
 #include "../kernels/cpu/matmul.h"
+#include "../kernels/cpu/membw.h"
 #include "../kernels/cpu/ops.h"
 
 namespace py = pybind11;
@@ -362,6 +363,17 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
         py::arg("n_threads") = 1);
+
+    m.def(
+        "read_bandwidth",
+        [](int n_threads, int64_t bytes, int passes) {
+            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(kp.mutex);
+            return read_bandwidth_gbps(*kp.pool, bytes, passes);
+        },
+        py::arg("n_threads") = 0, py::arg("bytes") = int64_t(1) << 30, py::arg("passes") = 5,
+        "Read bandwidth in GB/s: the fastest of `passes` sums over a buffer of `bytes`, on n_threads threads.");
 
     py::class_<PyModel>(m, "Engine")
         .def(py::init<const std::string&, uint64_t, const py::dict&, const py::dict&, const py::dict&, int64_t, int>(),
