@@ -194,8 +194,8 @@ def format_report(r: dict) -> str:
     mb = 1e6
     formats = ", ".join(f"{k} x{v}" for k, v in r["formats"].items())
     lines = [
-        f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB "
-        f"({formats})",
+        (f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB "
+        f"({formats})"),
         f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, {r['repetitions']} repetitions",
         "",
         "| test | tokens/s median | min | max | stdev |",
