@@ -433,8 +433,17 @@ def main() -> None:
             llama_rows: dict[str, dict] = {}
             for group in groups:
                 print(f"{model}: " + " vs ".join(f"{e} {f}" for e, f, _ in group), file=sys.stderr, flush=True)
-                workers = [Worker(e, f, path, args.t, n_ctx) for e, f, path in group]
-                group_rows = run_group(workers, prompt, decode_ids, sanity_ids, args.r, tmp)
+                workers: list[Worker] = []
+                try:
+                    for engine, label, path in group:
+                        workers.append(Worker(engine, label, path, args.t, n_ctx))
+                    group_rows = run_group(workers, prompt, decode_ids, sanity_ids, args.r, tmp)
+                except RuntimeError as e:  # a worker died: report it, keep the other groups' rows
+                    print(f"{model}: skipped this group: {e}", file=sys.stderr, flush=True)
+                    for w in workers:
+                        w.proc.kill()
+                        w.proc.wait()
+                    continue
                 for r in group_rows:
                     r["model"] = model
                     if r["engine"] == "llama.cpp":

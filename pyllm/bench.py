@@ -151,7 +151,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
         result = {
             "model": os.path.abspath(path),
             "file_bytes": model.file_size,
-            "params": sum(r * c for r, c in config.linear_shapes().values()) + len(config.norm_names()) * config.hidden_size,
+            "params": (sum(rows * cols for rows, cols in config.linear_shapes().values())
+                       + len(config.norm_names()) * config.hidden_size),
             "formats": dict(Counter(f"{fmt} g{group}" if group else fmt for fmt, group in model.linears.values())),
             "threads": llm.n_threads,
             "kernels": _core.active_kernels(),
@@ -194,8 +195,7 @@ def format_report(r: dict) -> str:
     mb = 1e6
     formats = ", ".join(f"{k} x{v}" for k, v in r["formats"].items())
     lines = [
-        (f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB "
-        f"({formats})"),
+        f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB ({formats})",
         f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, {r['repetitions']} repetitions",
         "",
         "| test | tokens/s median | min | max | stdev |",
