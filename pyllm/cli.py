@@ -117,6 +117,12 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_command
+
+    return bench_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -169,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None)
     _add_device(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prefill and decode speed, bandwidth bound, load time and memory (llama-bench style)")
+    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the prefill test (default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens of the decode test (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions after one warm-up (default 5)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024,
+                   help="buffer of the read-bandwidth probe in MiB (default 1024; 0 skips the probe)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

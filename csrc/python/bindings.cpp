@@ -14,6 +14,7 @@
 #include "../core/thread_pool.h"
 #include "../engine/engine.h"
 #include "../kernels/cpu/kernels.h"
+#include "../kernels/cpu/membw.h"
 #include "../kernels/cpu/ops.h"
 #include "common.h"
 
@@ -200,6 +201,17 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
         py::arg("n_threads") = 1);
+
+    m.def(
+        "read_bandwidth",
+        [](int n_threads, int64_t bytes, int passes) {
+            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(kp.mutex);
+            return read_bandwidth_gbps(*kp.pool, bytes, passes);
+        },
+        py::arg("n_threads") = 0, py::arg("bytes") = int64_t(1) << 30, py::arg("passes") = 5,
+        "Read bandwidth in GB/s: the fastest of `passes` sums over a buffer of `bytes`, on n_threads threads.");
 
     register_engine_class(m, resolve_threads, [](const ModelDescription& d, int64_t context_length, int n_threads) {
         return make_cpu_engine(d.file, *d.tensors, d.config, d.linears, context_length, n_threads);

@@ -1,0 +1,63 @@
+"""`pyllm bench`: runs on a tiny model and reports every field with values that add up (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyllm import _core
+from pyllm.bench import weight_bytes_per_token
+from pyllm.cli import main
+
+
+def run_cli(capsys, *argv) -> dict:
+    assert main(["bench", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_json_fields(tiny_llama_f32, capsys):
+    r = run_cli(capsys, tiny_llama_f32, "-p", "24", "-n", "6", "-r", "2", "-t", "2", "--bandwidth-mib", "16", "--json")
+    # tiny_llama: vocab 512, hidden 64, FFN 128, 2 layers, 4 heads / 2 KV heads (head_dim 16), untied, f32
+    vocab, d, f, layers, kv = 512, 64, 128, 2, 2 * 16
+    per_layer = d * d + 2 * kv * d + d * d + 3 * f * d
+    assert r["params"] == layers * per_layer + 2 * vocab * d + (2 * layers + 1) * d
+    # every linear + lm_head + one embedding row + the norms, 4 bytes each
+    assert r["weight_bytes_per_token"] == 4 * (layers * per_layer + vocab * d + d + (2 * layers + 1) * d)
+    assert r["formats"] == {"f32": layers * 7 + 2}
+    assert (r["n_prompt"], r["n_gen"], r["repetitions"], r["threads"]) == (24, 6, 2, 2)
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "load_seconds"):
+        s = r[key]
+        assert 0 < s["min"] <= s["median"] <= s["max"] and s["stdev"] >= 0
+    assert len(r["prefill_tokens_per_s"]["samples"]) == 2 and len(r["load_seconds"]["samples"]) == 3
+    decode = r["decode_tokens_per_s"]["median"]
+    assert r["decode_gb_per_s"] == pytest.approx(r["weight_bytes_per_token"] * decode / 1e9)
+    assert r["read_bandwidth_gb_per_s"] > 0
+    assert r["decode_fraction_of_bound"] == pytest.approx(r["decode_gb_per_s"] / r["read_bandwidth_gb_per_s"])
+    assert r["kv_cache_bytes"] == 2 * layers * kv * (24 + 6) * 4
+    assert r["file_plus_kv_bytes"] == r["file_bytes"] + r["kv_cache_bytes"]
+    assert 0 < r["rss_before_load_bytes"] and 0 < r["rss_bytes"] <= r["peak_rss_bytes"]
+    assert r["kernels"] == _core.active_kernels() and r["machine"]["cores"] >= 1
+
+
+def test_bench_text_report_and_bad_arguments(tiny_llama_f32, capsys):
+    assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| pp8 |" in out and "| tg2 |" in out and "MB of weights per token" in out and "read bandwidth" not in out
+    assert main(["bench", tiny_llama_f32, "-r", "0"]) == 1
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_weight_bytes_per_token_tied_and_untied():
+    untied = {"token_embd.weight": 1000, "output.weight": 1000, "blk.0.attn_q.weight": 50, "output_norm.weight": 4}
+    assert weight_bytes_per_token(untied, "token_embd.", "output.", vocab_size=10) == 1000 + 100 + 50 + 4
+    tied = {"model.embed_tokens.weight": 800, "model.embed_tokens.scales": 200, "model.norm.weight": 4}
+    assert weight_bytes_per_token(tied, "model.embed_tokens.", "lm_head.", vocab_size=10) == 1000 + 100 + 4
+
+
+def test_read_bandwidth_probe_checks_its_arguments():
+    assert _core.read_bandwidth(1, 4 << 20, 1) > 0
+    with pytest.raises(ValueError, match="at least 1 MiB"):
+        _core.read_bandwidth(1, 1000, 1)
+    with pytest.raises(ValueError, match="at least 1 MiB"):
+        _core.read_bandwidth(1, 4 << 20, 0)
