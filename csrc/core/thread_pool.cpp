@@ -16,11 +16,15 @@ constexpr int kSpinIterations = 1 << 16;
 // While waiting, give the core away every so often: when the machine has more runnable threads
 // than cores, a pure spin would keep the thread we wait for from running at all.
 constexpr int kSpinsBeforeYield = 256;
+constexpr uint64_t kWriting = ~0ull;  // a slot's generation while it is being rewritten
 
 inline void spin_pause(int spins) {
     if (spins % kSpinsBeforeYield == kSpinsBeforeYield - 1) std::this_thread::yield();
     else PYLLM_PAUSE();
 }
+
+inline uint64_t claim_generation(uint64_t claim) { return claim >> 32; }
+inline int64_t claim_index(uint64_t claim) { return (int64_t)(claim & 0xffffffffull); }
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
@@ -31,7 +35,7 @@ ThreadPool::~ThreadPool() {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stop_.store(true);
-        generation_.fetch_add(1);
+        next_.fetch_add(1ull << 32);  // a new generation: spinning workers look up
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -42,11 +46,22 @@ int ThreadPool::default_threads() {
     return n == 0 ? 1 : (int)n;
 }
 
-void ThreadPool::run_tasks() {
-    for (;;) {
-        int64_t i = next_task_.fetch_add(1, std::memory_order_relaxed);
-        if (i >= n_tasks_) break;
-        (*task_)(i);
+bool ThreadPool::run_claim(uint64_t claim) {
+    const uint64_t generation = claim_generation(claim);
+    const JobSlot& slot = slots_[generation & 1];
+    if ((slot.generation.load(std::memory_order_acquire) & 0xffffffffull) != generation) return false;
+    const std::function<void(int64_t)>* task = slot.task.load(std::memory_order_relaxed);
+    const int64_t n_tasks = slot.n_tasks.load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if ((slot.generation.load(std::memory_order_relaxed) & 0xffffffffull) != generation) return false;
+    if (claim_index(claim) >= n_tasks) return false;
+    (*task)(claim_index(claim));
+    done_.fetch_add(1, std::memory_order_acq_rel);
+    return true;
+}
+
+void ThreadPool::work() {
+    while (run_claim(next_.fetch_add(1, std::memory_order_acq_rel))) {
     }
 }
 
@@ -56,35 +71,43 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t)
         for (int64_t i = 0; i < n_tasks; ++i) task(i);
         return;
     }
+    // Every claim of the previous job has run (done_ reached its count), so only
+    // claims that will fail validation can still be in flight.
+    ++generation_;
+    if ((generation_ & 0xffffffffull) == 0xffffffffull) ++generation_;  // that value marks a slot in rewrite
+    const uint64_t generation = generation_ & 0xffffffffull;
+    JobSlot& slot = slots_[generation & 1];
+    slot.generation.store(kWriting, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    slot.task.store(&task, std::memory_order_relaxed);
+    slot.n_tasks.store(n_tasks, std::memory_order_relaxed);
+    slot.generation.store(generation, std::memory_order_release);
+    done_.store(0, std::memory_order_relaxed);
     {
-        std::lock_guard<std::mutex> lock(mutex_);
-        task_ = &task;
-        n_tasks_ = n_tasks;
-        next_task_.store(0);
-        busy_workers_.store((int)workers_.size());
-        generation_.fetch_add(1, std::memory_order_release);
+        std::lock_guard<std::mutex> lock(mutex_);  // sleeping workers check next_ under the lock
+        next_.store(generation << 32, std::memory_order_release);
     }
     wake_.notify_all();
-    run_tasks();
-    for (int spins = 0; busy_workers_.load(std::memory_order_acquire) != 0; ++spins) spin_pause(spins);
-    task_ = nullptr;
+    work();
+    // what is left are tasks other threads have started
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n_tasks; ++spins) spin_pause(spins);
 }
 
 void ThreadPool::worker_loop() {
+    // next_ held generation 0 when the pool was made: a thread that starts late still sees any job
+    // published (or the destructor's bump) since then as new.
     uint64_t seen = 0;
     for (;;) {
         int spins = 0;
-        while (generation_.load(std::memory_order_acquire) == seen && spins < kSpinIterations) {
+        while (claim_generation(next_.load(std::memory_order_acquire)) == seen && spins < kSpinIterations)
             spin_pause(spins++);
-        }
-        if (generation_.load(std::memory_order_acquire) == seen) {
+        if (claim_generation(next_.load(std::memory_order_acquire)) == seen) {
             std::unique_lock<std::mutex> lock(mutex_);
-            wake_.wait(lock, [&] { return generation_.load() != seen; });
+            wake_.wait(lock, [&] { return stop_.load() || claim_generation(next_.load()) != seen; });
         }
-        seen = generation_.load(std::memory_order_acquire);
         if (stop_.load()) return;
-        run_tasks();
-        busy_workers_.fetch_sub(1, std::memory_order_acq_rel);
+        seen = claim_generation(next_.load(std::memory_order_acquire));
+        work();
     }
 }
 
