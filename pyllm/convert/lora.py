@@ -5,9 +5,10 @@ after the PEFT-wrapped model, "base_model.model." + the base module's name, then
   X.lora_A.weight [r, in], X.lora_B.weight [out, r]   LoRA on a linear layer X: W' = W + s * B @ A
   X.lora_B.bias [out]                                  lora_bias=True: b' = b + s * bias
   X.lora_embedding_A [r, vocab], X.lora_embedding_B [hidden, r]   LoRA on an embedding: E' = E + s * (B @ A)^T
-  X.base_layer.weight / X.base_layer.bias, X.weight / X.bias      trained copies that replace the base
-                                                                  tensor (modules_to_save, bias="all",
+  X.base_layer.weight / X.base_layer.bias, X.weight / X.bias,     trained copies that replace the base
+  X.modules_to_save.weight                                        tensor (modules_to_save, bias="all",
                                                                   saved embedding layers)
+  X.original_module.weight                                        the base module as it was (ignored)
 s = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha come from rank_pattern / alpha_pattern
 when a pattern matches the module name (PEFT's rule: the first key K with re.match(rf"(.*\\.)?({K})$")).
 fan_in_fan_out only matters for layers stored [in, out] (GPT-2's Conv1D); PEFT turns it off for
@@ -151,10 +152,15 @@ class LoraAdapter:
             if m:
                 parts.setdefault(m.group(1), {})[m.group(2)] = load_float32(f, full)
                 continue
-            if re.search(r"lora_|\.default\.|modules_to_save", name):
+            if ".original_module." in name:
+                continue  # the untrained base module, saved beside its trained copy (resized embeddings)
+            if re.search(r"lora_|\.default\.", name):
                 raise FormatError(f"{f.path}: tensor '{full}' is of a kind pyllm does not know how to merge")
-            target = name.replace(".base_layer.", ".")
-            self.replacements[target] = load_float32(f, full)
+            target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+            value = load_float32(f, full)
+            if target in self.replacements and not np.array_equal(self.replacements[target], value):
+                raise FormatError(f"{f.path}: holds two different trained copies of '{target}'")
+            self.replacements[target] = value
             module = target.rsplit(".", 1)[0]
             if any(module == s or module.endswith("." + s) for s in saved):
                 self.saved_modules.add(target)
