@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -215,10 +216,17 @@ def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
     run(build_parser().parse_args(common + ["-o", single]))
     double = str(tmp_path / "double")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "pyllm.train", *common, "-o", double], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pyllm.train", *common, "-o", double]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, so a hang can be ended whole
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     a, b = adapter(single), adapter(double)
     assert sorted(a) == sorted(b)
     for name in a:
@@ -239,6 +247,17 @@ def test_bfloat16_base_on_cpu(base, data, tmp_path):
 def test_batch_must_split_evenly(base, data, tmp_path):
     with pytest.raises(ValueError, match="multiple of --micro-batch-size 3"):
         run(train_args(base, data, str(tmp_path / "x"), "--batch-size", "8", "--micro-batch-size", "3"))
+
+
+def test_layers_option():
+    from pyllm.train.loop import parse_layers
+
+    assert parse_layers("", 30) is None
+    assert parse_layers("20-22,25", 30) == [20, 21, 22, 25]
+    with pytest.raises(ValueError, match="layers 0-29"):
+        parse_layers("28-30", 30)
+    with pytest.raises(ValueError, match="expected ranges"):
+        parse_layers("a-b", 30)
 
 
 def test_cli_does_not_import_torch():

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--target-modules", default=DEFAULT_TARGETS,
                    help=f"comma-separated module names (default: all attention and MLP projections, {DEFAULT_TARGETS})")
+    g.add_argument("--layers", default="",
+                   help="LoRA only in these decoder layers, e.g. 20-29 or 0,5,9 (default: all); training "
+                        "only upper layers also saves the backward pass through the lower ones")
     g.add_argument("--modules-to-save", default="", help="modules trained in full and saved, e.g. embed_tokens,lm_head")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step, over all processes")

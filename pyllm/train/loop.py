@@ -33,7 +33,7 @@ STATE_FILE = "training_state.pt"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # arguments a resumed run must share with the run it continues
 RESUME_KEYS = ("data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
-               "target_modules", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
+               "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
                "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps")
 
 
@@ -151,6 +151,22 @@ def summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                            ignore_index=-100, reduction="sum")
 
 
+def parse_layers(text: str, count: int) -> list[int] | None:
+    """--layers "20-29" or "0,5,9" -> layer indices (None: all layers)."""
+    if not text.strip():
+        return None
+    layers = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: expected ranges like 20-29 or a list like 0,5,9") from None
+    if not layers or min(layers) < 0 or max(layers) >= count:
+        raise ValueError(f"--layers {text!r}: the model has layers 0-{count - 1}")
+    return sorted(layers)
+
+
 def _load_model(args, device: torch.device, dtype: torch.dtype):
     """(tokenizer, PEFT model) with fresh LoRA weights drawn from --seed."""
     from peft import LoraConfig, get_peft_model
@@ -169,6 +185,7 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+                        layers_to_transform=parse_layers(args.layers, model.config.num_hidden_layers),
                         use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
