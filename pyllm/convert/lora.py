@@ -228,8 +228,8 @@ class LoraMergedSource:
         self.config = dataclasses.replace(base.config, vocab_size=vocab, tie_word_embeddings=shared)
         self.hf_config = dict(base.hf_config, vocab_size=vocab, tie_word_embeddings=shared)
         self._shapes = shapes
-        self._tokenizer_dir = next((a.dir for a in reversed(adapters) if a.has_tokenizer()), base.dir)
-        if vocab != base.config.vocab_size and self._tokenizer_dir == base.dir:
+        self.tokenizer_dir = next((a.dir for a in reversed(adapters) if a.has_tokenizer()), base.dir)
+        if vocab != base.config.vocab_size and self.tokenizer_dir == base.dir:
             raise FormatError(f"the adapters resize the vocabulary from {base.config.vocab_size} to {vocab} tokens "
                               "but carry no tokenizer (tokenizer.json or tokenizer.model in the adapter directory)")
         self.config.validate()
@@ -272,17 +272,17 @@ class LoraMergedSource:
         return None
 
     def tokenizer(self):
-        spec, blob = read_tokenizer(self._tokenizer_dir)
+        spec, blob = read_tokenizer(self.tokenizer_dir)
         from tokenizers import Tokenizer
 
         size = Tokenizer.from_str(blob.decode("utf-8")).get_vocab_size(with_added_tokens=True)
         if size > self.config.vocab_size:
-            raise FormatError(f"the tokenizer of {self._tokenizer_dir} has {size} tokens but the merged model's "
+            raise FormatError(f"the tokenizer of {self.tokenizer_dir} has {size} tokens but the merged model's "
                               f"embeddings only {self.config.vocab_size}")
         return spec, blob
 
     def chat_template(self) -> str:
-        return read_chat_template(self._tokenizer_dir) or self.base.chat_template()
+        return read_chat_template(self.tokenizer_dir) or self.base.chat_template()
 
     def generation_defaults(self) -> dict:
         return self.base.generation_defaults()
@@ -317,9 +317,10 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
         raise FileExistsError(f"{output} exists and is not an empty directory; pick a new output path")
     source = merged_source(Checkpoint(base_dir), adapter_dirs)
     tmp = output + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        source.tokenizer()  # refuses a tokenizer larger than the merged vocabulary
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         def produce(name):
             def run():
                 w = source.load(name)
@@ -334,9 +335,8 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
         hf_config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, ensure_ascii=False)
-        source.tokenizer()  # refuses a tokenizer larger than the merged vocabulary
         for name in TOKENIZER_FILES:
-            path = os.path.join(source._tokenizer_dir, name)
+            path = os.path.join(source.tokenizer_dir, name)
             if os.path.exists(path):
                 shutil.copyfile(path, os.path.join(tmp, name))
         if os.path.exists(os.path.join(base_dir, "generation_config.json")):
