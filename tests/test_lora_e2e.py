@@ -3,7 +3,8 @@
 
 The bundled set teaches one habit, every reply starting with "Pip:", that the base model does not
 have; the held-out eval loss must fall. Kept short for 2 CPU cores: chat-template examples cut to
-96 tokens, 8 steps of 8 examples at a high learning rate.
+96 tokens, 8 steps of 8 examples at a high learning rate, LoRA in the upper 15 of the 30 layers
+(the backward pass stops there).
 
 int4 here is group size 64: SmolLM2's weights come from a Q4_1 file (group 32, asymmetric), so they
 sit exactly on the grid int4 group 32 asymmetric draws again, and a LoRA delta smaller than half a
@@ -39,7 +40,7 @@ HELD_OUT = [
 ]
 TRAINING = ["--template", "chat", "--cutoff-len", "96", "--batch-size", "8", "--micro-batch-size", "8",
             "--max-steps", "8", "--lr", "2e-3", "--lr-scheduler", "constant", "--val-set-size", "12",
-            "-r", "8", "--lora-alpha", "16", "-q"]
+            "-r", "8", "--lora-alpha", "16", "--layers", "15-29", "-q"]
 
 
 @pytest.fixture(scope="module")

@@ -226,11 +226,14 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def train(args, log=sys.stderr) -> TrainResult:
+def train(args, log=None) -> TrainResult:
+    """Runs the training the arguments describe (see pyllm/train/__init__.py); log: where messages
+    and the progress bar go (default: the current sys.stderr)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm import tqdm
 
+    log = log or sys.stderr
     procs = Processes.start(args.device)
     try:
         dtype = resolve_dtype(args.dtype, procs.device)
