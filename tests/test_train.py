@@ -224,7 +224,7 @@ def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
         _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.wait()
         raise
     assert proc.returncode == 0, stderr[-3000:]
     a, b = adapter(single), adapter(double)

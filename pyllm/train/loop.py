@@ -235,6 +235,7 @@ def train(args, log=None) -> TrainResult:
 
     log = log or sys.stderr
     procs = Processes.start(args.device)
+    trained = None
     try:
         dtype = resolve_dtype(args.dtype, procs.device)
         micro, world = args.micro_batch_size, procs.world
@@ -373,9 +374,13 @@ def train(args, log=None) -> TrainResult:
         if procs.rank == 0:
             _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result)
         say(f"wrote the adapter to {result.output}")
+        # the DistributedDataParallel wrapper goes while every process is still here: freed after the
+        # group is destroyed and a peer has exited, it hangs in gloo's destructor
+        trained = None  # noqa: F841
         procs.barrier()
         return result
     finally:
+        trained = None  # noqa: F841
         procs.stop()
 
 
