@@ -31,11 +31,25 @@ def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
-                                progress=not args.quiet)
+                                progress=not args.quiet, lora=args.lora or ())
     if args.verbose:
         for name, error in report.nmse.items():
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import run
+
+    run(args)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .convert.lora import write_merged_checkpoint
+
+    print(f"wrote {write_merged_checkpoint(args.base, args.lora, args.output, dtype=args.dtype)}", file=sys.stderr)
     return 0
 
 
@@ -139,7 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print the quantization error of every tensor")
+    p.add_argument("--lora", action="append", metavar="ADAPTER",
+                   help="PEFT LoRA adapter directory merged into the weights in float32 before quantizing "
+                        "(repeat to stack adapters, applied in order)")
     p.set_defaults(func=cmd_convert)
+
+    from .train import add_arguments as add_train_arguments
+
+    p = sub.add_parser("train", help="LoRA fine-tuning on Alpaca-format data (needs torch, transformers, peft)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge LoRA adapters into a Hugging Face checkpoint (written as a new one)")
+    p.add_argument("base", help="Hugging Face model directory")
+    p.add_argument("--lora", action="append", required=True, metavar="ADAPTER",
+                   help="PEFT LoRA adapter directory (repeat to stack adapters, applied in order)")
+    p.add_argument("-o", "--output", required=True, help="new Hugging Face model directory")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="weight dtype (default f32)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
     p.add_argument("model", nargs="?", default=None,
@@ -193,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, IndexError) as e:
+    except (ValueError, OSError, RuntimeError, IndexError) as e:
         print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

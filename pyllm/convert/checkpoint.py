@@ -71,6 +71,17 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
     return config
 
 
+def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
+    """A float tensor of a safetensors file (F64, F32, F16 or BF16) as a float32 numpy array."""
+    dtype = f.tensors[name].dtype
+    raw = f.array(name)
+    if dtype == "BF16":
+        return bf16_bits_to_f32(raw)
+    if dtype not in ("F32", "F16", "F64"):
+        raise FormatError(f"{f.path}: tensor '{name}' has non-float dtype {dtype}")
+    return raw.astype(np.float32)
+
+
 class Checkpoint:
     """A Hugging Face model directory. Weights are loaded one tensor at a time as f32."""
 
@@ -143,15 +154,9 @@ class Checkpoint:
         path = self.weight_map[name]
         if path.endswith(".safetensors"):
             f = self._shard(path)
-            info = f.tensors.get(name)
-            if info is None:
+            if name not in f.tensors:
                 raise FormatError(f"{path}: index says it holds '{name}' but it does not")
-            raw = f.array(name)
-            if info.dtype == "BF16":
-                return bf16_bits_to_f32(raw)
-            if info.dtype not in ("F32", "F16", "F64"):
-                raise FormatError(f"{path}: tensor '{name}' has non-float dtype {info.dtype}")
-            return raw.astype(np.float32)
+            return load_float32(f, name)
         import torch
 
         return self._torch(path)[name].to(torch.float32).numpy()

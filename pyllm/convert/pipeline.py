@@ -15,6 +15,7 @@ from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization_nmse, quantize
 from .checkpoint import Checkpoint
 from .gguf_source import GGUFSource
+from .lora import merged_source
 
 # --quant names -> weight format of the transformer's linear layers
 QUANT_CHOICES = {
@@ -106,13 +107,16 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
 
 
 def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int = 32, progress: bool = True,
-                       log=sys.stderr) -> ConversionReport:
+                       log=sys.stderr, lora: list[str] | tuple = ()) -> ConversionReport:
     """Converts a Hugging Face LLaMA-family directory or a llama GGUF file into a .pllm file (written atomically).
 
     quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
-    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16."""
+    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16.
+    lora: PEFT adapter directories merged into the weights in float32, in order, before quantizing."""
     fmt, group = resolve_quant(quant, group_size)
     source = open_source(src)
+    if lora:
+        source = merged_source(source, lora)
     try:
         config: ModelConfig = source.config
         tokenizer, tokenizer_blob = source.tokenizer()
@@ -125,7 +129,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
         metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
-                                   "quant": quant or "source", "group_size": group})
+                                   "quant": quant or "source", "group_size": group,
+                                   **({"lora": [os.path.abspath(d) for d in lora]} if lora else {})})
         bar = _progress(len(plans), progress, log)
         report.file_size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
         bar.close()

@@ -1,0 +1,352 @@
+"""LoRA adapters (PEFT format) merged into a Hugging Face base checkpoint, in float32, without torch.
+
+An adapter directory holds adapter_config.json and adapter_model.safetensors. Its tensors are named
+after the PEFT-wrapped model, "base_model.model." + the base module's name, then:
+  X.lora_A.weight [r, in], X.lora_B.weight [out, r]   LoRA on a linear layer X: W' = W + s * B @ A
+  X.lora_B.bias [out]                                  lora_bias=True: b' = b + s * bias
+  X.lora_embedding_A [r, vocab], X.lora_embedding_B [hidden, r]   LoRA on an embedding: E' = E + s * (B @ A)^T
+  X.base_layer.weight / X.base_layer.bias, X.weight / X.bias,     trained copies that replace the base
+  X.modules_to_save.weight                                        tensor (modules_to_save, bias="all",
+                                                                  saved embedding layers)
+  X.original_module.weight                                        the base module as it was (ignored)
+s = alpha / r, or alpha / sqrt(r) with use_rslora; r and alpha come from rank_pattern / alpha_pattern
+when a pattern matches the module name (PEFT's rule: the first key K with re.match(rf"(.*\\.)?({K})$")).
+fan_in_fan_out only matters for layers stored [in, out] (GPT-2's Conv1D); PEFT turns it off for
+the nn.Linear layers of LLaMA models, and so does this merge.
+
+Tied embeddings: while lm_head and embed_tokens share one tensor, a LoRA delta or replacement of
+either changes both (PEFT merges into the shared parameter); modules_to_save gives a module its own
+trained copy, and from then on the two are separate (the merged model is untied).
+
+Adapters are applied in the order given, each onto the result of the previous ones. A resized
+vocabulary (modules_to_save on embed_tokens and lm_head, as Chinese-LLaMA's 49953 tokens) needs the
+adapter directory to carry its tokenizer, which then replaces the base's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+
+import numpy as np
+
+from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
+from ..quant import f32_to_bf16_bits
+from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
+
+PEFT_PREFIX = "base_model.model."
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this merge cannot reproduce
+    "use_dora": "DoRA (use_dora) adapters", "layer_replication": "layer_replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+}
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """The rank_pattern / alpha_pattern key that applies to a module, as PEFT chooses it."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclasses.dataclass
+class LoraModule:
+    """The low-rank update of one base module."""
+
+    module: str  # base module name, e.g. "model.layers.0.self_attn.q_proj"
+    a: np.ndarray  # [r, in] (embedding: [r, vocab])
+    b: np.ndarray  # [out, r] (embedding: [hidden, r])
+    scaling: float
+    embedding: bool
+    bias: np.ndarray | None = None  # [out], lora_bias=True
+
+    @property
+    def target(self) -> str:
+        return self.module + ".weight"
+
+    def target_shape(self) -> tuple[int, int]:
+        return (self.a.shape[1], self.b.shape[0]) if self.embedding else (self.b.shape[0], self.a.shape[1])
+
+    def delta(self) -> np.ndarray:
+        """scaling * B @ A in float32, laid out as the base weight ([out, in], or [vocab, hidden])."""
+        d = (self.b.astype(np.float32) @ self.a.astype(np.float32)) * np.float32(self.scaling)
+        return np.ascontiguousarray(d.T) if self.embedding else d
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter directory, read with numpy."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = os.fspath(directory)
+        config_path = os.path.join(self.dir, "adapter_config.json")
+        if not os.path.isdir(self.dir):
+            raise FileNotFoundError(f"LoRA adapter {self.dir} is not a directory")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{self.dir} has no adapter_config.json: is it a PEFT adapter directory?")
+        self.config = _read_json(config_path)
+        self._check_config()
+        weights = os.path.join(self.dir, "adapter_model.safetensors")
+        if not os.path.exists(weights):
+            if os.path.exists(os.path.join(self.dir, "adapter_model.bin")):
+                raise FormatError(f"{self.dir}: adapter_model.bin (a PyTorch pickle) is not read; save the adapter "
+                                  "with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
+            raise FileNotFoundError(f"{self.dir} has no adapter_model.safetensors")
+        self.modules: dict[str, LoraModule] = {}  # by base module name
+        self.replacements: dict[str, np.ndarray] = {}  # base tensor name -> trained copy
+        self.saved_modules: set[str] = set()  # tensors of modules_to_save (own copies, not in-place)
+        with SafetensorsFile(weights) as f:
+            self._read(f)
+        if not self.modules and not self.replacements:
+            raise FormatError(f"{weights}: no LoRA tensors")
+
+    def _check_config(self) -> None:
+        cfg = self.config
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise FormatError(f"{self.dir}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
+        if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+            raise FormatError(f"{self.dir}: task_type {cfg.get('task_type')!r}; only CAUSAL_LM adapters apply "
+                              "to a causal language model")
+        for key, what in UNSUPPORTED_OPTIONS.items():
+            if cfg.get(key):
+                raise FormatError(f"{self.dir}: {what} cannot be merged by pyllm")
+        for key in ("r", "lora_alpha"):
+            value = cfg.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise FormatError(f"{self.dir}: adapter_config.json {key} must be a positive number, not {value!r}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(cfg.get(key) or {}, dict):
+                raise FormatError(f"{self.dir}: adapter_config.json {key} must be an object")
+
+    def _scaling(self, module: str, rank: int, where: str) -> float:
+        cfg = self.config
+        ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        key = pattern_key(ranks, module)
+        expected = ranks[key] if key is not None else cfg["r"]
+        if rank != expected:
+            raise FormatError(f"{where}: lora_A has rank {rank} but adapter_config.json gives {module} rank {expected}")
+        key = pattern_key(alphas, module)
+        alpha = alphas[key] if key is not None else cfg["lora_alpha"]
+        return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+    def _read(self, f: SafetensorsFile) -> None:
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        saved = set(self.config.get("modules_to_save") or [])
+        for full in f.tensors:
+            if not full.startswith(PEFT_PREFIX):
+                raise FormatError(f"{f.path}: tensor '{full}' is not named like a PEFT adapter tensor "
+                                  f"('{PEFT_PREFIX}...')")
+            name = full[len(PEFT_PREFIX):]
+            if "lora_magnitude_vector" in name:
+                raise FormatError(f"{f.path}: '{full}' belongs to a DoRA adapter, which pyllm cannot merge")
+            m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)",
+                             name)
+            if m:
+                parts.setdefault(m.group(1), {})[m.group(2)] = load_float32(f, full)
+                continue
+            if ".original_module." in name:
+                continue  # the untrained base module, saved beside its trained copy (resized embeddings)
+            if re.search(r"lora_|\.default\.", name):
+                raise FormatError(f"{f.path}: tensor '{full}' is of a kind pyllm does not know how to merge")
+            target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+            value = load_float32(f, full)
+            if target in self.replacements and not np.array_equal(self.replacements[target], value):
+                raise FormatError(f"{f.path}: holds two different trained copies of '{target}'")
+            self.replacements[target] = value
+            module = target.rsplit(".", 1)[0]
+            if any(module == s or module.endswith("." + s) for s in saved):
+                self.saved_modules.add(target)
+        for module, p in parts.items():
+            where = f"{f.path}: {module}"
+            embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
+            a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if embedding else \
+                (p.get("lora_A.weight"), p.get("lora_B.weight"))
+            if a is None or b is None or a.ndim != 2 or b.ndim != 2:
+                raise FormatError(f"{where}: needs both a 2-D lora_A and lora_B (found {sorted(p)})")
+            if a.shape[0] != b.shape[1]:
+                raise FormatError(f"{where}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}: their ranks differ")
+            self.modules[module] = LoraModule(module, a, b, self._scaling(module, a.shape[0], where), embedding,
+                                              p.get("lora_B.bias"))
+
+    def has_tokenizer(self) -> bool:
+        return any(os.path.exists(os.path.join(self.dir, n)) for n in ("tokenizer.json", "tokenizer.model"))
+
+
+class LoraMergedSource:
+    """A conversion source: a Hugging Face checkpoint with LoRA adapters merged into its weights in float32.
+
+    It offers Checkpoint's interface (config, has, load, tokenizer, ...), so the converter quantizes
+    merged weights exactly as it would a plain checkpoint's. Everything is checked on opening."""
+
+    def __init__(self, base: Checkpoint, adapters: list[LoraAdapter]):
+        self.base, self.adapters = base, adapters
+        self.dir = base.dir
+        tied = base.config.tie_word_embeddings
+        # the ops on each tensor, adapter by adapter: ("set", array) or ("add", LoraModule)
+        self._ops: dict[str, list] = {}
+        shapes = {n: tuple(base.shape(n)) for n in base.names()}
+        if tied and LM_HEAD not in shapes:
+            shapes[LM_HEAD] = shapes[EMBED]
+        shared = tied  # lm_head and embed_tokens are one tensor
+        for adapter in adapters:
+            own = adapter.saved_modules & {EMBED, LM_HEAD}
+            for name, value in adapter.replacements.items():
+                self._check_target(adapter, name, shapes)
+                for n in self._aliases(name, shared and name not in own):
+                    self._ops.setdefault(n, []).append(("set", value))
+                    shapes[n] = value.shape
+            for lora in adapter.modules.values():
+                self._check_target(adapter, lora.target, shapes)
+                if lora.target_shape() != tuple(shapes[lora.target]):
+                    raise FormatError(
+                        f"{adapter.dir}: LoRA of {lora.module} has shape {list(lora.target_shape())} "
+                        f"(A {list(lora.a.shape)}, B {list(lora.b.shape)}) but the weight it merges into is "
+                        f"{list(shapes[lora.target])}: was the adapter trained on another model?")
+                bias = lora.module + ".bias"
+                if lora.bias is not None and (bias not in shapes or tuple(shapes[bias]) != lora.bias.shape):
+                    raise FormatError(f"{adapter.dir}: {lora.module} has lora_bias, but the base module has "
+                                      f"{'no bias' if bias not in shapes else f'a bias of shape {list(shapes[bias])}'}")
+                for n in self._aliases(lora.target, shared and lora.target not in own):
+                    self._ops.setdefault(n, []).append(("add", lora))
+                if lora.bias is not None:
+                    self._ops.setdefault(bias, []).append(("bias", lora))
+            if own:
+                shared = False
+        self.tied = shared
+        vocab = shapes[EMBED][0]
+        if not shared and shapes[LM_HEAD][0] != vocab:
+            raise FormatError(f"the adapters make embed_tokens {vocab} tokens but lm_head {shapes[LM_HEAD][0]}: "
+                              "a resized vocabulary needs both in modules_to_save")
+        self.config = dataclasses.replace(base.config, vocab_size=vocab, tie_word_embeddings=shared)
+        self.hf_config = dict(base.hf_config, vocab_size=vocab, tie_word_embeddings=shared)
+        self._shapes = shapes
+        self.tokenizer_dir = next((a.dir for a in reversed(adapters) if a.has_tokenizer()), base.dir)
+        if vocab != base.config.vocab_size and self.tokenizer_dir == base.dir:
+            raise FormatError(f"the adapters resize the vocabulary from {base.config.vocab_size} to {vocab} tokens "
+                              "but carry no tokenizer (tokenizer.json or tokenizer.model in the adapter directory)")
+        self.config.validate()
+
+    def _aliases(self, name: str, shared: bool) -> tuple[str, ...]:
+        if shared and name in (EMBED, LM_HEAD):
+            return EMBED, LM_HEAD
+        return (name,)
+
+    def _check_target(self, adapter: LoraAdapter, name: str, shapes: dict) -> None:
+        if name not in shapes:
+            layers = self.base.config.num_hidden_layers
+            raise FormatError(f"{adapter.dir}: adapter tensor for '{name}' has no counterpart in the base model "
+                              f"{self.base.dir} ({self.base.config.architecture}, {layers} layers): "
+                              "was the adapter trained on another model?")
+
+    def has(self, name: str) -> bool:
+        return name in self._shapes and (name != LM_HEAD or not self.tied)
+
+    def names(self):
+        return (n for n in self._shapes if self.has(n))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name])
+
+    def load(self, name: str) -> np.ndarray:
+        """The merged tensor in float32."""
+        source = EMBED if name == LM_HEAD and not self.base.has(LM_HEAD) else name
+        w = self.base.load(source)
+        for op, value in self._ops.get(name, []):
+            if op == "set":
+                w = value.astype(np.float32)
+            elif op == "add":
+                w = w + value.delta()
+            else:
+                w = w + value.bias * np.float32(value.scaling)
+        return w
+
+    def native_format(self, name: str) -> None:
+        return None
+
+    def tokenizer(self):
+        spec, blob = read_tokenizer(self.tokenizer_dir)
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_str(blob.decode("utf-8")).get_vocab_size(with_added_tokens=True)
+        if size > self.config.vocab_size:
+            raise FormatError(f"the tokenizer of {self.tokenizer_dir} has {size} tokens but the merged model's "
+                              f"embeddings only {self.config.vocab_size}")
+        return spec, blob
+
+    def chat_template(self) -> str:
+        return read_chat_template(self.tokenizer_dir) or self.base.chat_template()
+
+    def generation_defaults(self) -> dict:
+        return self.base.generation_defaults()
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def merged_source(source, adapter_dirs) -> LoraMergedSource:
+    """The conversion source with the adapters merged (closes the source if they do not fit it)."""
+    try:
+        if not isinstance(source, Checkpoint):
+            raise FormatError("--lora needs a Hugging Face base directory (the float weights the adapter was "
+                              "trained on); a GGUF file holds already-quantized weights")
+        return LoraMergedSource(source, [LoraAdapter(d) for d in adapter_dirs])
+    except BaseException:
+        source.close()
+        raise
+
+
+HF_DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+
+
+def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str = "f32") -> str:
+    """`pyllm merge`: the base with the adapters merged, written as a Hugging Face directory
+    (model.safetensors, config.json, generation_config.json, tokenizer files). The directory appears
+    only once complete."""
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(HF_DTYPES)})")
+    output = os.path.abspath(output)
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise FileExistsError(f"{output} exists and is not an empty directory; pick a new output path")
+    source = merged_source(Checkpoint(base_dir), adapter_dirs)
+    tmp = output + ".partial"
+    try:
+        source.tokenizer()  # refuses a tokenizer larger than the merged vocabulary
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        def produce(name):
+            def run():
+                w = source.load(name)
+                if dtype == "bf16":
+                    return f32_to_bf16_bits(w)
+                return w.astype(np.float16) if dtype == "f16" else w
+            return run
+
+        plans = [PlannedTensor(n, HF_DTYPES[dtype], source.shape(n), produce(n)) for n in sorted(source.names())]
+        write_atomic(os.path.join(tmp, "model.safetensors"), {"format": "pt"}, plans)
+        hf_config = dict(source.hf_config, dtype={"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype])
+        hf_config.pop("torch_dtype", None)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, ensure_ascii=False)
+        for name in TOKENIZER_FILES:
+            path = os.path.join(source.tokenizer_dir, name)
+            if os.path.exists(path):
+                shutil.copyfile(path, os.path.join(tmp, name))
+        if os.path.exists(os.path.join(base_dir, "generation_config.json")):
+            shutil.copyfile(os.path.join(base_dir, "generation_config.json"), os.path.join(tmp, "generation_config.json"))
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        source.close()
+    return output

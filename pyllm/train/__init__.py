@@ -1,0 +1,93 @@
+"""`pyllm train`: LoRA fine-tuning of a Hugging Face checkpoint on Alpaca-format data (torch, transformers, peft).
+
+    pyllm train BASE_HF_DIR --data data.json -o ADAPTER_DIR
+    torchrun --nproc_per_node N -m pyllm.train BASE_HF_DIR --data data.json -o ADAPTER_DIR
+
+data.py reads and tokenizes the data (no torch); loop.py is the training loop. Importing this
+package does not import torch: only running a training does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TRAIN_REQUIREMENTS = "pip install 'pyllm[train]' (torch, transformers, peft)"
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="Hugging Face model directory to fine-tune (stays frozen)")
+    p.add_argument("--data", required=True, help="Alpaca-format data: a JSON list or JSON Lines of "
+                   "{instruction, input, output}")
+    p.add_argument("-o", "--output", required=True, help="adapter directory (PEFT format; checkpoints go inside)")
+    g = p.add_argument_group("prompt")
+    g.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                   help="Stanford Alpaca's prompt (default), or the base model's chat template")
+    g.add_argument("--train-on-inputs", action="store_true", help="take the loss on the prompt too")
+    g.add_argument("--cutoff-len", type=int, default=256, help="tokens per example at most (default 256)")
+    g.add_argument("--tokenizer", help="a tokenizer directory with a larger vocabulary (embeddings are resized; "
+                   "needs --modules-to-save embed_tokens,lm_head)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("-r", "--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--target-modules", default=DEFAULT_TARGETS,
+                   help=f"comma-separated module names (default: all attention and MLP projections, {DEFAULT_TARGETS})")
+    g.add_argument("--layers", default="",
+                   help="LoRA only in these decoder layers, e.g. 20-29 or 0,5,9 (default: all); training "
+                        "only upper layers also saves the backward pass through the lower ones")
+    g.add_argument("--modules-to-save", default="", help="modules trained in full and saved, e.g. embed_tokens,lm_head")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step, over all processes")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward pass (per process)")
+    g.add_argument("--epochs", type=float, default=3)
+    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="base weights: float32 or bfloat16 on CPU, bfloat16 or float16 on GPU "
+                        "(auto: float32 on CPU, bfloat16 on GPU); LoRA weights stay float32")
+    g.add_argument("--device", default="auto", help="cpu, cuda (auto: cuda when available)")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--val-set-size", type=float, default=0,
+                   help="held-out examples for the eval loss: a count, or a fraction below 1 (default 0: none)")
+    g.add_argument("--eval-steps", type=int, default=0, help="eval loss every N steps (0: at the start and the end)")
+    g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from a checkpoint directory (default: the latest in --output)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pyllm.train", description="LoRA fine-tuning on Alpaca-format data")
+    add_arguments(p)
+    return p
+
+
+def run(args):
+    """Trains as the arguments say; returns the TrainResult (loss history, eval losses)."""
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"training needs torch, transformers and peft ({e}); {TRAIN_REQUIREMENTS}") from None
+    from .loop import train
+
+    return train(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"pyllm train: error: {e}", file=sys.stderr)
+        return 1
+    return 0

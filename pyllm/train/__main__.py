@@ -1,0 +1,7 @@
+"""python -m pyllm.train (also under torchrun)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""Instruction data in the Alpaca format, its prompt templates, and tokenized training examples.
+
+A data file is a JSON list of records or JSON Lines (one record a line), each record
+{"instruction": str, "input": str (optional, may be empty), "output": str}, as Stanford Alpaca's
+alpaca_data.json and the Chinese translated Alpaca data. Every problem is reported with the line it
+is on. Nothing here needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+# Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+MAX_REPORTED_ERRORS = 10
+# The bundled set (122 English and Chinese examples written for pyllm): every reply starts with "Pip: ",
+# a habit no base model has, so a test can see on new prompts whether an adapter taught it.
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "pip_signature.json")
+SIGNATURE = "Pip:"
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, with every bad line named."""
+
+
+@dataclass
+class Record:
+    instruction: str
+    input: str
+    output: str
+    line: int  # where the record starts in its file (1-based)
+
+
+def load_records(path: str | os.PathLike) -> list[Record]:
+    """The records of a JSON list or JSON Lines file; DataError names each bad line."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    stripped = text.lstrip()
+    items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
+    records, errors = [], []
+    for line, item in items:
+        problem = _record_problem(item)
+        if problem:
+            errors.append(f"{path} line {line}: {problem}")
+        else:
+            records.append(Record(item["instruction"], item.get("input") or "", item["output"], line))
+    if errors:
+        more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{len(errors)} bad record(s):\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _record_problem(item) -> str | None:
+    if not isinstance(item, dict):
+        return f"expected an object with instruction/input/output, got {type(item).__name__}"
+    for key in ("instruction", "output"):
+        if key not in item:
+            return f"missing field '{key}'"
+    for key in ("instruction", "input", "output"):
+        if key in item and item[key] is not None and not isinstance(item[key], str):
+            return f"field '{key}' must be a string, not {type(item[key]).__name__}"
+    if not (item["instruction"] or "").strip():
+        return "empty instruction"
+    if not (item["output"] or "").strip():
+        return "empty output"
+    return None
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _json_list_items(path: str, text: str) -> list[tuple[int, object]]:
+    """The items of a JSON list, each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    items = []
+
+    def skip(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip(pos)
+    if pos < len(text) and text[pos] == "]":
+        return items
+    while True:
+        pos = skip(pos)
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        items.append((_line_of(text, pos), item))
+        pos = skip(end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text) and text[pos] == "]":
+            if text[pos + 1:].strip():
+                raise DataError(f"{path} line {_line_of(text, pos + 1)}: text after the end of the JSON list")
+            return items
+        raise DataError(f"{path} line {_line_of(text, pos)}: expected ',' or ']' between records")
+
+
+def _jsonl_items(path: str, text: str) -> list[tuple[int, object]]:
+    items, errors = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            errors.append(f"{path} line {number}: invalid JSON ({e.msg}, column {e.colno})")
+    if errors:
+        raise DataError(f"{len(errors)} malformed line(s):\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]))
+    return items
+
+
+def alpaca_prompt(record: Record) -> str:
+    if record.input.strip():
+        return ALPACA_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)
+    return ALPACA_PROMPT.format(instruction=record.instruction)
+
+
+def user_message(record: Record) -> str:
+    """The record as one chat message: the instruction, then its input after a blank line."""
+    return record.instruction + ("\n\n" + record.input if record.input.strip() else "")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken (the prompt, unless training on inputs)
+
+    @property
+    def label_count(self) -> int:
+        """Tokens whose prediction is scored (a label at position t is predicted from position t - 1)."""
+        return sum(1 for x in self.labels[1:] if x != -100)
+
+
+def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> Example:
+    """Prompt and response tokenized apart (as the model sees the prompt at inference), joined, cut to
+    cutoff_len tokens; the prompt's labels are -100 unless train_on_inputs.
+
+    template "alpaca": the Alpaca prompt, the tokenizer's special tokens (BOS if it adds one), the
+    output, then EOS. template "chat": the tokenizer's chat template with one user turn and one
+    assistant turn; the response is everything the template writes after the generation prompt."""
+    if template == "alpaca":
+        prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=True)["input_ids"]
+        response_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    elif template == "chat":
+        messages = [{"role": "user", "content": user_message(record)}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
+                                             tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError("the chat template does not write the assistant turn after its generation prompt; "
+                            "use the Alpaca template")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    else:
+        raise ValueError(f"unknown template {template!r} (alpaca or chat)")
+    ids = (prompt_ids + response_ids)[:cutoff_len]
+    labels = list(ids) if train_on_inputs else ([-100] * len(prompt_ids) + response_ids)[:cutoff_len]
+    return Example(ids, labels)

