@@ -234,8 +234,9 @@ def group_codes(g: np.ndarray, valid: np.ndarray, fmt: str, scales: np.ndarray, 
 
 
 # Shrink factors tried by the search: the grid spans f * (min/max range); f < 1 clips outliers.
-SEARCH_FACTORS = tuple(np.round(np.arange(0.70, 1.051, 0.025), 3))
-REFINE_ROUNDS = 2
+SEARCH_FACTORS = (0.75, 0.8, 0.85, 0.9, 0.93, 0.96, 1.0, 1.03)
+REFINE_ROUNDS = 2  # alternating code / least-squares steps on the best grid
+MARGIN = 1e-5  # a candidate must beat the best by this relative amount (float32 error sums)
 
 
 def search_group_params(g: np.ndarray, valid: np.ndarray, fmt: str,
@@ -243,48 +244,62 @@ def search_group_params(g: np.ndarray, valid: np.ndarray, fmt: str,
     """Scales (and mins) minimising each group's weighted squared error sum(w * (x - dequant)^2).
 
     g f32 [rows, n_groups, size] (NaN padded), weights f32 broadcastable to g (None: all 1).
-    Candidates: the min/max grid, then for each shrink factor in SEARCH_FACTORS a grid spanning
-    that fraction of the range, refitted by least squares on its codes (REFINE_ROUNDS of
-    alternating code / fit steps). Errors are measured with the f16-rounded parameters actually
-    stored, and a candidate replaces the best only when strictly better, so no group ends worse
-    than with min/max."""
+    Candidates: the min/max grid; for each shrink factor in SEARCH_FACTORS, the grid spanning that
+    fraction of the range refitted by least squares on its codes; then REFINE_ROUNDS of
+    alternating code / fit steps from the best. Errors are measured with the f16-rounded
+    parameters actually stored, and a candidate replaces the best only when better by MARGIN, so
+    no group ends worse than with min/max."""
     x = np.where(valid, g, 0).astype(np.float32)
     wt = valid.astype(np.float32) if weights is None else np.where(valid, np.broadcast_to(weights, g.shape), 0)
-    wt = wt.astype(np.float32)
+    wt = np.ascontiguousarray(wt, dtype=np.float32)
     best_s, best_m = minmax_group_params(g, valid, fmt)
     best_err = _group_error(x, wt, fmt, best_s, best_m)
+
+    def consider(s, m):
+        nonlocal best_s, best_m, best_err
+        err = _group_error(x, wt, fmt, s, m)
+        better = err < best_err * (1 - MARGIN)
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        if m is not None:
+            best_m = np.where(better, m, best_m)
+
     lo, hi = np.nanmin(g, axis=2), np.nanmax(g, axis=2)
     for f in SEARCH_FACTORS:
         if fmt == "int4_asym":
             span = (hi - lo) * f
-            s, m = span / 15.0, lo + 0.5 * ((hi - lo) - span)
+            start = (_clip_f16(span / 15.0), _clip_f16(lo + 0.5 * ((hi - lo) - span)))
         else:
-            s = best_s.astype(np.float32) * f if f != 1.0 else None
-            if s is None:
-                continue
-            m = None
-        for _ in range(REFINE_ROUNDS):
-            s, m = _fit_to_codes(x, wt, fmt, s, m)
-            err = _group_error(x, wt, fmt, s, m)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_s = np.where(better, s, best_s)
-            if m is not None:
-                best_m = np.where(better, m, best_m)
+            start = (_clip_f16(best_s.astype(np.float32) * f), None) if f != 1.0 else (best_s, None)
+        consider(*_fit_to_codes(x, wt, fmt, *start))
+    for _ in range(REFINE_ROUNDS):
+        consider(*_fit_to_codes(x, wt, fmt, best_s, best_m))
     return best_s, best_m
 
 
-def _fit_to_codes(x, wt, fmt, s, m):
-    """One alternating step: codes on grid (s, m), then the least-squares (s, m) for those codes, as f16."""
-    s16 = _to_f16(s, "int4 scales" if fmt != "int8" else "int8 scales")
-    m16 = None if m is None else _to_f16(m, "int4 mins")
-    q = group_codes(x, np.ones(x.shape, bool), fmt, s16, m16).astype(np.float32) - CODE_OFFSET[fmt]
-    sw, sq, sqq = wt.sum(axis=2), (wt * q).sum(axis=2), (wt * q * q).sum(axis=2)
-    sx, sqx = (wt * x).sum(axis=2), (wt * q * x).sum(axis=2)
+def _grid_codes(x, fmt, s16, m16):
+    """Codes minus the format's offset (float32) of x [rows, n_groups, size] on grid (s16, m16) [rows, n_groups]."""
+    lo, hi = CODE_RANGE[fmt]
+    off = CODE_OFFSET[fmt]
+    s = s16.astype(np.float32)
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)[..., None]
+    q = x - m16.astype(np.float32)[..., None] if m16 is not None else x.copy()
+    q *= inv
+    np.rint(q, out=q)
+    np.clip(q, lo - off, hi - off, out=q)
+    return q
+
+
+def _fit_to_codes(x, wt, fmt, s16, m16):
+    """One alternating step: codes on grid (s16, m16), then the least-squares (s, m) for those codes, as f16."""
+    q = _grid_codes(x, fmt, s16, m16)
+    wq = wt * q
+    sqq, sqx = np.einsum("ijk,ijk->ij", wq, q), np.einsum("ijk,ijk->ij", wq, x)
     with np.errstate(divide="ignore", invalid="ignore"):
         if fmt == "int4_asym":
+            sw, sq, sx = wt.sum(axis=2), wq.sum(axis=2), np.einsum("ijk,ijk->ij", wt, x)
             det = sw * sqq - sq * sq
-            ok = det > 1e-12 * np.maximum(sw * sqq, 1e-30)
+            ok = det > 1e-6 * np.maximum(sw * sqq, 1e-30)
             new_s = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1), s16)
             new_m = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1), m16)
             return _clip_f16(new_s), _clip_f16(new_m)
@@ -294,17 +309,18 @@ def _fit_to_codes(x, wt, fmt, s, m):
 
 
 def _clip_f16(v: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(v.astype(np.float32)), -F16_MAX, F16_MAX).astype(np.float16)
+    return np.clip(np.nan_to_num(np.asarray(v, dtype=np.float32)), -F16_MAX, F16_MAX).astype(np.float16)
 
 
-def _group_error(x, wt, fmt, scales, mins) -> np.ndarray:
-    """Weighted squared error [rows, n_groups] of x on the grid of f16 (scales, mins), in float64."""
-    q = group_codes(x, np.ones(x.shape, bool), fmt, scales, mins).astype(np.float32) - CODE_OFFSET[fmt]
-    deq = q * scales.astype(np.float32)[..., None]
-    if mins is not None:
-        deq = deq + mins.astype(np.float32)[..., None]
-    d = (deq - x).astype(np.float64)
-    return (wt * d * d).sum(axis=2)
+def _group_error(x, wt, fmt, s16, m16) -> np.ndarray:
+    """Weighted squared error [rows, n_groups] of x on the grid of f16 (s16, m16) (float32 sums)."""
+    d = _grid_codes(x, fmt, s16, m16)
+    d *= s16.astype(np.float32)[..., None]
+    if m16 is not None:
+        d += m16.astype(np.float32)[..., None]
+    d -= x
+    d *= d
+    return np.einsum("ijk,ijk->ij", wt, d)
 
 
 def dequantize(p: PackedWeight) -> np.ndarray:

@@ -50,6 +50,18 @@ class QuantOptions:
             raise ValueError("calibration needs at least one sequence")
 
 
+BUILTIN_CALIBRATION = "builtin"
+
+
+def options_from_flags(calib: str | None, rtn: bool, keep_sensitive: int, bits: float | None) -> QuantOptions:
+    """The convert command's flags -> QuantOptions (--calib builtin: the built-in calibration text)."""
+    if calib and rtn:
+        raise ValueError("--calib and --rtn exclude each other")
+    method = "gptq" if calib else "rtn" if rtn else "search"
+    return QuantOptions(method=method, calib=None if calib == BUILTIN_CALIBRATION else calib,
+                        keep_sensitive=keep_sensitive, bits_budget=bits)
+
+
 @dataclass
 class Strategy:
     method: str
