@@ -47,17 +47,33 @@ from rotated_model import default_rotated_checkpoint, write_rotated_gguf  # noqa
 PYLLM_VARIANTS = [
     ("f32", "--quant f32"),
     ("f16", "--quant f16"),
-    ("int8 g32, scale search", "--quant int8"),
     ("int8 g32, round-to-nearest", "--quant int8 --rtn"),
-    ("int4 asym g32, round-to-nearest", "--quant int4_asym --group-size 32 --rtn"),
-    ("int4 asym g64, round-to-nearest", "--quant int4_asym --group-size 64 --rtn"),
+    ("int8 g32, scale search", "--quant int8"),
     ("int4 sym g32, round-to-nearest", "--quant int4_sym --group-size 32 --rtn"),
+    ("int4 asym g64, round-to-nearest", "--quant int4_asym --group-size 64 --rtn"),
     ("int4 asym g64, scale search", "--quant int4_asym --group-size 64"),
     ("int4 asym g64, GPTQ", "--quant int4_asym --group-size 64 --calib builtin"),
-    ("int4 layouts per matrix, scale search", "--quant int4"),
-    ("int4 layouts per matrix, GPTQ", "--quant int4 --calib builtin"),
+    ("int4 layouts per matrix, scale search", "--quant int4 --calib none"),
+    ("int4 default: layouts per matrix, GPTQ", "--quant int4"),
 ]
 LLAMA_VARIANTS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
+
+NOTES = """
+Reading the tables:
+- bits/weight counts the matrices of the transformer blocks, scales and mins included. The
+  embeddings and lm_head of every pyllm int8/int4 row are int8 group 32 (8.5 bits/weight; 28.3M
+  weights for SmolLM2's tied table, twice that for the untied rotated model); llama.cpp's
+  Q4_0/Q4_1/Q4_K_M keep its output tensor at Q6_K or Q8_0 (Q4_K_M's block matrices mix Q4_K,
+  Q6_K and fallbacks for 576-wide rows, hence their bits/weight).
+- round-to-nearest: min/max scales. scale search: per group, the scale (and min) minimising the
+  squared error over a grid of shrink factors with least-squares refits (pyllm/quant.py).
+  GPTQ: error-compensating rounding with Hessians from the built-in calibration text
+  (standard-library docstrings, disjoint from the evaluation text; pyllm/convert/calibrate.py).
+  layouts per matrix: int4_sym/int4_asym at group 32/64/128 chosen per matrix by measured error
+  under a 4.6 bits/weight budget (pyllm/convert/strategy.py).
+- SmolLM2's own matrices sit on a Q4_1 grid (asymmetric, group 32), so "int4 asym g32" recovers
+  them exactly; the rotated model shows what the same formats do on weights that never saw a grid.
+"""
 
 
 def parse_flags(flags: str) -> dict:
@@ -70,7 +86,7 @@ def parse_flags(flags: str) -> dict:
     ap.add_argument("--bits", type=float, default=None)
     a = ap.parse_args(flags.split())
     return dict(quant=a.quant, group_size=a.group_size,
-                options=options_from_flags(a.calib, a.rtn, a.keep_sensitive, a.bits))
+                options=options_from_flags(a.quant, a.calib, a.rtn, a.keep_sensitive, a.bits))
 
 
 def gguf_linear_bits(path: str) -> float:
@@ -131,6 +147,8 @@ def text_tokens(hf_dir: str) -> list[int]:
 def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[tuple]:
     rows, tokens = [], text_tokens(hf_dir)
     for label, flags in PYLLM_VARIANTS:
+        if args.rows and label.split(",")[0] not in args.rows and label not in args.rows:
+            continue
         key = f"{model}|pyllm|{flags}|{args.windows}|{args.ctx}"
         if cache.get(key) is None:
             path = os.path.join(args.work, f"{model}-{flags.replace('--', '').replace(' ', '_')}.pllm")
@@ -150,6 +168,8 @@ def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[tuple]:
 
     f32 = None
     for name in LLAMA_VARIANTS:
+        if args.rows and name not in args.rows:
+            continue
         key = f"{model}|llama.cpp {llama_cpp.__version__}|{name}|{args.windows}|{args.ctx}"
         if cache.get(key) is None:
             f32 = f32 or f32_gguf(model, hf_dir, args.work)
@@ -181,6 +201,8 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(default_model.cache_dir(), "bench"))
     ap.add_argument("--out", default=None, help="write the markdown page here")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--rows", type=lambda v: v.split(";"), default=None,
+                    help="only these rows (labels separated by ';'), e.g. 'f32;Q4_0'")
     ap.add_argument("--fresh", action="store_true", help="measure again, ignoring cached results")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -197,11 +219,9 @@ def main() -> None:
               f"Command: `python benchmarks/quality.py --windows {args.windows} --ctx {args.ctx} "
               f"--threads {args.threads} --out docs/QUALITY.md`\n")
     if args.out:
-        notes_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality_notes.md")
-        notes = open(notes_path, encoding="utf-8").read() if os.path.exists(notes_path) else ""
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("# Quality: perplexity of SmolLM2-135M-Instruct and its rotated twin\n\n"
-                    + (__doc__ or "").split("\n\n", 1)[1] + "\n" + header + "\n" + "\n".join(sections) + "\n" + notes)
+                    + (__doc__ or "").split("\n\n", 1)[1] + "\n" + header + "\n" + "\n".join(sections) + NOTES)
 
 
 if __name__ == "__main__":

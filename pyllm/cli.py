@@ -23,7 +23,8 @@ def cmd_convert(args) -> int:
 
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
                                 progress=not args.quiet,
-                                options=options_from_flags(args.calib, args.rtn, args.keep_sensitive, args.bits))
+                                options=options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive,
+                                                            args.bits))
     if args.verbose:
         for name, error in report.nmse.items():
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format of the linear layers (int4: int4_sym/int4_asym layout and group size chosen per matrix under --bits); default: f16 for Hugging Face checkpoints, the source formats for GGUF")
     p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
     p.add_argument("--calib", metavar="FILE", default=None,
-                   help="int8/int4: GPTQ rounding with a calibration text file ('builtin': standard-library docstrings)")
+                   help="int8/int4: GPTQ rounding calibrated on a text file; 'builtin' (standard-library docstrings, "
+                        "the default for --quant int4) or 'none' (scale search only)")
     p.add_argument("--rtn", action="store_true", help="int8/int4: plain round-to-nearest on min/max scales (no scale search)")
     p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
                    help="store the N matrices with the largest quantization error at int8")

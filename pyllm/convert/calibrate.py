@@ -174,9 +174,12 @@ class Calibration:
             bar.update(1)
         bar.close()
 
-    def input_hessian(self, base: str) -> np.ndarray:
-        """base 'model.layers.{i}.self_attn.q_proj' -> f64 [cols, cols]."""
-        prefix, short = base.split(".self_attn.") if ".self_attn." in base else base.split(".mlp.")
+    def input_name(self, base: str) -> str:
+        """base 'model.layers.{i}.self_attn.q_proj' -> its input's name 'model.layers.{i}.attn_in'."""
+        prefix, _, short = base.partition(".self_attn.") if ".self_attn." in base else base.partition(".mlp.")
         short = ("self_attn." if ".self_attn." in base else "mlp.") + short
-        name = next(n for n, shorts in INPUTS.items() if short in shorts)
-        return self.hessians[f"{prefix}.{name}"].astype(np.float64)
+        return prefix + "." + next(n for n, shorts in INPUTS.items() if short in shorts)
+
+    def input_hessian(self, base: str) -> np.ndarray:
+        """The Hessian f64 [cols, cols] of matrix `base`'s input."""
+        return self.hessians[self.input_name(base)].astype(np.float64)

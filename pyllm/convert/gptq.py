@@ -26,17 +26,18 @@ DAMPING = 0.01  # fraction of mean(diag(H)) added to the diagonal
 
 
 def inverse_hessian_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """h f64 [cols, cols] -> (U upper Cholesky factor of (H + damping)^-1 [cols, cols], dead columns mask [cols]).
+    """h [cols, cols] -> (U upper Cholesky factor of (H + damping)^-1, i.e. H^-1 = U^T U [cols, cols],
+    dead columns mask [cols]).
 
+    One Cholesky factorisation of the reversed matrix: J H J = L L^T (J reverses the order) gives
+    H = V V^T with V = J L J upper triangular, so H^-1 = V^-T V^-1 and U = V^-1 = J L^-1 J.
     Dead columns (no input energy) get a unit diagonal; their weights are irrelevant to the output."""
     h = np.array(h, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += DAMPING * float(np.mean(np.diag(h)))
-    lower = np.linalg.cholesky(h)
-    inv = np.linalg.inv(lower)
-    hinv = inv.T @ inv  # (L L^T)^-1 = L^-T L^-1
-    return np.linalg.cholesky(hinv).T, dead
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    return np.ascontiguousarray(np.linalg.inv(lower)[::-1, ::-1]), dead
 
 
 def quantize_column(w: np.ndarray, fmt: str, scale: np.ndarray, min_: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,13 +54,15 @@ def quantize_column(w: np.ndarray, fmt: str, scale: np.ndarray, min_: np.ndarray
     return q, deq
 
 
-def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int) -> PackedWeight:
-    """GPTQ of w f32 [rows, cols] with Hessian h [cols, cols] into `fmt` (int8, int4_sym, int4_asym)."""
+def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, factor=None) -> PackedWeight:
+    """GPTQ of w f32 [rows, cols] with Hessian h [cols, cols] into `fmt` (int8, int4_sym, int4_asym).
+
+    factor: inverse_hessian_factor(h) when already computed (matrices sharing an input)."""
     check_group_size(fmt, group_size)
     rows, cols = w.shape
     if h.shape != (cols, cols):
         raise ValueError(f"Hessian is {h.shape}, expected {(cols, cols)}")
-    u, dead = inverse_hessian_factor(h)
+    u, dead = factor if factor is not None else inverse_hessian_factor(h)
     importance = np.diag(h).astype(np.float32)
     work = np.array(w, dtype=np.float64)
     work[:, dead] = 0.0
@@ -99,8 +102,12 @@ def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress:
 
     from tqdm import tqdm
 
-    done = {}
+    done, factors = {}, {}
     for base in tqdm(formats, desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr, leave=False):
         fmt, group = formats[base]
-        done[base] = gptq_quantize(load(base + ".weight").astype(np.float32), calibration.input_hessian(base), fmt, group)
+        h = calibration.input_hessian(base)
+        key = calibration.input_name(base)
+        if key not in factors:  # q/k/v and gate/up share their input
+            factors = {key: inverse_hessian_factor(h)}
+        done[base] = gptq_quantize(load(base + ".weight").astype(np.float32), h, fmt, group, factors[key])
     return done

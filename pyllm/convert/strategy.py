@@ -51,14 +51,21 @@ class QuantOptions:
 
 
 BUILTIN_CALIBRATION = "builtin"
+NO_CALIBRATION = "none"
 
 
-def options_from_flags(calib: str | None, rtn: bool, keep_sensitive: int, bits: float | None) -> QuantOptions:
-    """The convert command's flags -> QuantOptions (--calib builtin: the built-in calibration text)."""
-    if calib and rtn:
+def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sensitive: int,
+                       bits: float | None) -> QuantOptions:
+    """The convert command's flags -> QuantOptions.
+
+    --calib FILE | builtin | none; unset: builtin for --quant int4, none otherwise. Without
+    calibration int8/int4 use the scale search (--rtn: round-to-nearest)."""
+    if calib is None:
+        calib = BUILTIN_CALIBRATION if quant == "int4" and not rtn else NO_CALIBRATION
+    if calib != NO_CALIBRATION and rtn:
         raise ValueError("--calib and --rtn exclude each other")
-    method = "gptq" if calib else "rtn" if rtn else "search"
-    return QuantOptions(method=method, calib=None if calib == BUILTIN_CALIBRATION else calib,
+    method = "rtn" if rtn else "search" if calib == NO_CALIBRATION else "gptq"
+    return QuantOptions(method=method, calib=calib if method == "gptq" and calib != BUILTIN_CALIBRATION else None,
                         keep_sensitive=keep_sensitive, bits_budget=bits)
 
 
