@@ -203,7 +203,7 @@ def tiny_calib(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     from conftest import TRAINING_TEXT
 
-    path.write_text("\n".join(TRAINING_TEXT * 40), encoding="utf-8")
+    path.write_text("\n".join(TRAINING_TEXT * 10), encoding="utf-8")
     return str(path)
 
 
@@ -216,6 +216,7 @@ def tiny_logits(path, ids):
 
 def test_calibrated_int4_file_runs_in_the_kernels(tiny_llama, tiny_llama_f32, tiny_calib, tmp_path):
     """--quant int4 --calib: a valid .pllm (unchanged layouts) within the bits budget, closer to f32 than RTN."""
+    from pyllm.cli import main
     from pyllm.convert import convert_checkpoint
     from pyllm.convert.strategy import QuantOptions
     from pyllm.formats.packed import PackedModel
@@ -226,13 +227,28 @@ def test_calibrated_int4_file_runs_in_the_kernels(tiny_llama, tiny_llama_f32, ti
     convert_checkpoint(tiny_llama, rtn, quant="int4_asym", group_size=64, progress=False,
                        options=QuantOptions(method="rtn"))
     out = str(tmp_path / "gptq.pllm")
-    report = convert_checkpoint(tiny_llama, out, quant="int4", progress=False,
-                                options=QuantOptions(method="gptq", calib=tiny_calib, calib_sequences=8))
-    assert report.bits_per_weight <= 4.6
+    assert main(["convert", tiny_llama, "-o", out, "--quant", "int4", "--calib", tiny_calib, "-q"]) == 0
     model = PackedModel(out)
     assert {fmt for fmt, _ in model.linears.values()} <= set(QUANT_FORMATS)
+    blocks = [model.linears[b] for b in model.linears if b.startswith("model.layers.")]
+    assert len({layout for layout in blocks}) > 1  # layouts chosen per matrix
     model.close()
     assert quant.nmse(tiny_logits(out, ids), exact) < quant.nmse(tiny_logits(rtn, ids), exact)
+
+
+def test_convert_flags_choose_the_method():
+    from pyllm.convert.strategy import options_from_flags
+
+    assert options_from_flags("int4", None, False, 0, None).method == "gptq"  # builtin calibration text
+    assert options_from_flags("int4", None, False, 0, None).calib is None
+    assert options_from_flags("int4", "none", False, 0, None).method == "search"
+    assert options_from_flags("int8", None, False, 0, None).method == "search"
+    assert options_from_flags("int4_asym", None, True, 0, None).method == "rtn"
+    assert options_from_flags("int8", "x.txt", False, 2, 4.5).calib == "x.txt"
+    with pytest.raises(ValueError, match="exclude"):
+        options_from_flags("int4", "x.txt", True, 0, None)
+    with pytest.raises(ValueError, match="budget"):
+        options_from_flags("int4", "none", False, 0, 3.0)
 
 
 def test_keep_sensitive_stores_matrices_at_int8(tiny_llama, tmp_path):
