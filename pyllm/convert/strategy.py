@@ -97,9 +97,15 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
     hessians = None
     if options.method == "gptq":
         from .calibrate import Calibration
+        from .pipeline import src_name
 
-        hessians = Calibration(source, config, _read_text(options.calib), options.calib_sequences,
-                               progress=progress, log=log)
+        text = _read_text(options.calib)
+        key = (src_name(source), text, options.calib_sequences)
+        if _LAST_CALIBRATION.get("key") != key:  # converting one model twice reuses its Hessians
+            _LAST_CALIBRATION.clear()
+            _LAST_CALIBRATION.update(key=key, value=Calibration(source, config, text, options.calib_sequences,
+                                                                progress=progress, log=log))
+        hessians = _LAST_CALIBRATION["value"]
     if quant == "int4" or options.keep_sensitive:
         choices = {b: [(fmt, group)] for b in linears} if quant != "int4" else {b: list(INT4_CANDIDATES) for b in linears}
         strategy.formats = allocate(source, linears, choices, options, hessians)
@@ -109,6 +115,9 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
         formats = {b: strategy.formats.get(b, (fmt, group)) for b in linears}
         strategy.done = gptq_model(source.load, hessians, formats, progress, log)
     return strategy
+
+
+_LAST_CALIBRATION: dict = {}
 
 
 def _read_text(path: str | None) -> str | None:
@@ -155,6 +164,9 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     size = {base: rows * cols for base, (rows, cols) in linears.items()}
     total_size = sum(size.values())
     spent = sum(table[b][0][0] * size[b] for b in table)
+    if len(choices[next(iter(choices))]) > 1 and spent > budget * total_size * (1 + 1e-9):
+        raise ValueError(f"a budget of {budget} bits per weight is below the smallest layouts "
+                         f"({spent / total_size:.3f} bits per weight)")
     while len(choices[next(iter(choices))]) > 1:
         best = None
         for base, opts in table.items():
