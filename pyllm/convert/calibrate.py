@@ -110,10 +110,21 @@ def layer_forward(h: np.ndarray, p: dict, config: ModelConfig, observe=None) -> 
     return (h + mid @ p["mlp.down_proj"].T).astype(np.float32)
 
 
+def load_matrix(load, base: str, shape: tuple[int, int]) -> np.ndarray:
+    """load(name) -> array; the matrix `base` as f32, checked against the config's shape."""
+    from ..formats.safetensors import FormatError
+
+    w = load(base + ".weight")
+    if tuple(w.shape) != tuple(shape):
+        raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {list(shape)}")
+    return np.asarray(w, dtype=np.float32)
+
+
 def layer_tensors(load, config: ModelConfig, i: int) -> dict:
     """Layer i's matrices and norm weights (f32) by short name; load(name) -> array."""
     prefix = f"model.layers.{i}."
-    p = {short: load(prefix + short + ".weight").astype(np.float32) for names in INPUTS.values() for short in names}
+    shapes = config.linear_shapes()
+    p = {short: load_matrix(load, prefix + short, shapes[prefix + short]) for names in INPUTS.values() for short in names}
     for norm in ("input_layernorm", "post_attention_layernorm"):
         p[norm] = load(prefix + norm + ".weight").reshape(-1).astype(np.float32)
     if config.attention_bias or config.mlp_bias:

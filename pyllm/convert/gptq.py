@@ -96,7 +96,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
 
 
 def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress: bool = True, log=None) -> dict:
-    """GPTQ of every matrix in `formats` (base -> (fmt, group)); load(name) -> f32 array;
+    """GPTQ of every matrix in `formats` (base -> (fmt, group)); load(base) -> f32 [rows, cols];
     calibration.input_hessian(base) -> [cols, cols]. Returns base -> PackedWeight."""
     import sys
 
@@ -109,5 +109,5 @@ def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress:
         key = calibration.input_name(base)
         if key not in factors:  # q/k/v and gate/up share their input
             factors = {key: inverse_hessian_factor(h)}
-        done[base] = gptq_quantize(load(base + ".weight").astype(np.float32), h, fmt, group, factors[key])
+        done[base] = gptq_quantize(load(base), h, fmt, group, factors[key])
     return done

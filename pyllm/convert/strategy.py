@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..quant import QUANT_FORMATS, PackedWeight, packed_shapes, quantize
+from .calibrate import load_matrix
 
 INT4_CANDIDATES = (("int4_sym", 128), ("int4_asym", 128), ("int4_sym", 64), ("int4_asym", 64), ("int4_sym", 32),
                    ("int4_asym", 32))
@@ -113,7 +114,8 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
         from .gptq import gptq_model
 
         formats = {b: strategy.formats.get(b, (fmt, group)) for b in linears}
-        strategy.done = gptq_model(source.load, hessians, formats, progress, log)
+        strategy.done = gptq_model(lambda base: load_matrix(source.load, base, linears[base]), hessians, formats,
+                                   progress, log)
     return strategy
 
 
@@ -154,7 +156,7 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     budget = options.bits_budget or BITS_BUDGET
     table = {}  # base -> list of (bits, error, layout), by bits
     for base, (rows, cols) in linears.items():
-        w = source.load(base + ".weight").astype(np.float32)
+        w = load_matrix(source.load, base, (rows, cols))
         sample = w[np.sort(rng.choice(rows, size=min(rows, SAMPLE_ROWS), replace=False))]
         h = None if hessians is None else hessians.input_hessian(base)
         options_here = [(bits_per_weight(f, g, rows, cols), relative_error(sample, h, f, g), (f, g))
