@@ -221,7 +221,11 @@ def test_calibrated_int4_file_runs_in_the_kernels(tiny_llama, tiny_llama_f32, ti
     from pyllm.convert.strategy import QuantOptions
     from pyllm.formats.packed import PackedModel
 
-    ids = [5, 17, 42, 99, 3, 250, 7, 8, 300, 11, 12, 13]
+    import pyllm
+    from conftest import TRAINING_TEXT
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:  # text like the calibration text
+        ids = llm.tokenize(TRAINING_TEXT[0] + TRAINING_TEXT[4])
     exact = tiny_logits(tiny_llama_f32, ids)
     rtn = str(tmp_path / "rtn.pllm")
     convert_checkpoint(tiny_llama, rtn, quant="int4_asym", group_size=64, progress=False,
