@@ -154,6 +154,8 @@ def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[tuple]:
         if args.rows and label.split(",")[0] not in args.rows and label not in args.rows:
             continue
         key = f"{model}|pyllm|{flags}|{args.windows}|{args.ctx}"
+        if cache.get(key) is None and args.cached_only:
+            continue
         if cache.get(key) is None:
             path = os.path.join(args.work, f"{model}-{flags.replace('--', '').replace(' ', '_')}.pllm")
             start = time.perf_counter()
@@ -175,6 +177,8 @@ def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[tuple]:
         if args.rows and name not in args.rows:
             continue
         key = f"{model}|llama.cpp {llama_cpp.__version__}|{name}|{args.windows}|{args.ctx}"
+        if cache.get(key) is None and args.cached_only:
+            continue
         if cache.get(key) is None:
             f32 = f32 or f32_gguf(model, hf_dir, args.work)
             path = llama_cpp_quantize(f32, os.path.join(args.work, f"{model}-{name}.gguf"), name)
@@ -207,6 +211,7 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--rows", type=lambda v: v.split(";"), default=None,
                     help="only these rows (labels separated by ';'), e.g. 'f32;Q4_0'")
+    ap.add_argument("--cached-only", action="store_true", help="table of the cached results only, measure nothing")
     ap.add_argument("--fresh", action="store_true", help="measure again, ignoring cached results")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
