@@ -56,7 +56,7 @@ PYLLM_VARIANTS = [
     ("int4 layouts per matrix, scale search", "--quant int4 --calib none"),
     ("int4 default: layouts per matrix, GPTQ", "--quant int4"),
 ]
-LLAMA_VARIANTS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
+LLAMA_VARIANTS = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
 
 NOTES = """
 Reading the tables:
@@ -181,7 +181,7 @@ def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[tuple]:
             continue
         if cache.get(key) is None:
             f32 = f32 or f32_gguf(model, hf_dir, args.work)
-            path = llama_cpp_quantize(f32, os.path.join(args.work, f"{model}-{name}.gguf"), name)
+            path = f32 if name == "F32" else llama_cpp_quantize(f32, os.path.join(args.work, f"{model}-{name}.gguf"), name)
             llm_cpp, fn = llama_cpp_logits_fn(path, args.ctx, args.threads)
             result = perplexity(fn, tokens, ctx=args.ctx, windows=args.windows)
             del llm_cpp

@@ -116,7 +116,9 @@ def write_rotated_gguf(checkpoint_dir: str, out: str, tokenizer_from: str) -> st
     ckpt = Checkpoint(checkpoint_dir)
     try:
         names = sorted(ckpt.names())
-        return write_llama_gguf(out, ckpt.hf_config, ((n, ckpt.load(n)) for n in names), tokenizer_from,
+        # transformers 5 keeps rope_theta under rope_parameters; write_llama_gguf reads the top-level key
+        config = dict(ckpt.hf_config, rope_theta=ckpt.config.rope_theta)
+        return write_llama_gguf(out, config, ((n, ckpt.load(n)) for n in names), tokenizer_from,
                                 name="smollm2-rotated")
     finally:
         ckpt.close()
