@@ -30,8 +30,12 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
+    from .convert.strategy import options_from_flags
+
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
-                                progress=not args.quiet, lora=args.lora or ())
+                                progress=not args.quiet, lora=args.lora or (),
+                                options=options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive,
+                                                            args.bits))
     if args.verbose:
         for name, error in report.nmse.items():
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
@@ -149,8 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .pllm file")
     p.add_argument("--quant", default=None,
                    choices=["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"],
-                   help="weight format of the linear layers (int4 = int4_asym); default: f16 for Hugging Face checkpoints, the source formats for GGUF")
+                   help="weight format of the linear layers (int4: int4_sym/int4_asym layout and group size chosen per matrix under --bits); default: f16 for Hugging Face checkpoints, the source formats for GGUF")
     p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
+    p.add_argument("--calib", metavar="FILE", default=None,
+                   help="int8/int4: GPTQ rounding calibrated on a text file; 'builtin' (standard-library docstrings, "
+                        "the default for --quant int4) or 'none' (scale search only)")
+    p.add_argument("--rtn", action="store_true", help="int8/int4: plain round-to-nearest on min/max scales (no scale search)")
+    p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
+                   help="store the N matrices with the largest quantization error at int8")
+    p.add_argument("--bits", type=float, default=None,
+                   help="--quant int4: bits per weight budget over the linear layers (default 4.6)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print the quantization error of every tensor")
     p.add_argument("--lora", action="append", metavar="ADAPTER",

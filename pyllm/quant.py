@@ -154,23 +154,33 @@ def row_slices(rows: int, cols: int):
     return [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
-def quantize(w: np.ndarray, fmt: str, group_size: int = 32) -> PackedWeight:
-    """Round-to-nearest quantization of w f32 [rows, cols] into `fmt` (slice by slice of rows)."""
+def quantize(w: np.ndarray, fmt: str, group_size: int = 32, search: bool = False,
+             importance: np.ndarray | None = None) -> PackedWeight:
+    """Quantization of w f32 [rows, cols] into `fmt` (slice by slice of rows).
+
+    search False: round-to-nearest with min/max scales. search True: every group's scale (and
+    min) minimise the squared error, weighted per input column by importance f32 [cols] when
+    given (see search_group_params); never a larger error than min/max."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
     if not np.isfinite(w).all():
         raise ValueError("weight contains NaN or infinity")
+    if importance is not None:
+        importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+        if importance.shape != (w.shape[1],) or not np.isfinite(importance).all() or (importance < 0).any():
+            raise ValueError(f"importance must be {w.shape[1]} finite non-negative values")
     slices = row_slices(*w.shape)
     if len(slices) == 1:
-        return _quantize_slice(w, fmt, group_size)
-    parts = [_quantize_slice(w[r0:r1], fmt, group_size) for r0, r1 in slices]
+        return _quantize_slice(w, fmt, group_size, search, importance)
+    parts = [_quantize_slice(w[r0:r1], fmt, group_size, search, importance) for r0, r1 in slices]
     join = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
                          else np.concatenate([getattr(p, name) for p in parts]))
     return PackedWeight(fmt, w.shape[0], w.shape[1], parts[0].group_size, join("data"), join("scales"), join("mins"))
 
 
-def _quantize_slice(w: np.ndarray, fmt: str, group_size: int) -> PackedWeight:
+def _quantize_slice(w: np.ndarray, fmt: str, group_size: int, search: bool = False,
+                    importance: np.ndarray | None = None) -> PackedWeight:
     rows, cols = w.shape
     if fmt == "f32":
         return PackedWeight(fmt, rows, cols, 0, w)
@@ -179,31 +189,138 @@ def _quantize_slice(w: np.ndarray, fmt: str, group_size: int) -> PackedWeight:
         return PackedWeight(fmt, rows, cols, 0, w.astype(np.float16).view(np.uint16))
     if fmt == "bf16":
         return PackedWeight(fmt, rows, cols, 0, f32_to_bf16_bits(w))
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
     check_group_size(fmt, group_size)
     g, valid = _grouped(w, group_size)
+    if search:
+        weights = None if importance is None else _grouped(importance[None, :], group_size)[0]
+        scales, mins = search_group_params(g, valid, fmt, weights)
+    else:
+        scales, mins = minmax_group_params(g, valid, fmt)
+    q = group_codes(g, valid, fmt, scales, mins).reshape(rows, -1)[:, :cols]
     if fmt == "int8":
-        amax = np.nanmax(np.abs(g), axis=2)
-        scales = _to_f16(amax / 127.0, "int8 scales")
-        q = np.clip(np.rint(_safe_divide(g, scales.astype(np.float32)[..., None])), -127, 127)
-        q = np.where(valid, q, 0).reshape(rows, -1)[:, :cols].astype(np.int8)
         return PackedWeight(fmt, rows, cols, group_size, np.ascontiguousarray(q), scales)
+    return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scales, mins)
+
+
+# Integer range of each format: value = (code - offset) * scale (+ min for int4_asym)
+CODE_RANGE = {"int8": (-127, 127), "int4_sym": (0, 15), "int4_asym": (0, 15)}
+CODE_OFFSET = {"int8": 0, "int4_sym": 8, "int4_asym": 0}
+
+
+def minmax_group_params(g: np.ndarray, valid: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Round-to-nearest scales: g f32 [rows, n_groups, size] (NaN padded) -> f16 scales (, mins) [rows, n_groups].
+
+    int8: absmax / 127; int4_sym: the value of largest magnitude maps to code 0 (-8 * scale);
+    int4_asym: min and max map to codes 0 and 15."""
+    if fmt == "int8":
+        return _to_f16(np.nanmax(np.abs(g), axis=2) / 127.0, "int8 scales"), None
     if fmt == "int4_sym":
-        # the value of largest magnitude maps to q = 0, i.e. -8 * scale
         idx = np.nanargmax(np.abs(np.where(valid, g, 0)), axis=2)
         extreme = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
-        scales = _to_f16(extreme / -8.0, "int4 scales")
-        q = np.clip(np.rint(_safe_divide(g, scales.astype(np.float32)[..., None])) + 8, 0, 15)
-        q = np.where(valid, q, 0).reshape(rows, -1)[:, :cols].astype(np.uint8)
-        return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scales)
-    if fmt == "int4_asym":
-        lo = np.nanmin(g, axis=2)
-        hi = np.nanmax(g, axis=2)
-        scales = _to_f16((hi - lo) / 15.0, "int4 scales")
-        mins = _to_f16(lo, "int4 mins")
-        q = np.clip(np.rint(_safe_divide(g - mins.astype(np.float32)[..., None], scales.astype(np.float32)[..., None])), 0, 15)
-        q = np.where(valid, q, 0).reshape(rows, -1)[:, :cols].astype(np.uint8)
-        return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scales, mins)
-    raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
+        return _to_f16(extreme / -8.0, "int4 scales"), None
+    lo, hi = np.nanmin(g, axis=2), np.nanmax(g, axis=2)
+    return _to_f16((hi - lo) / 15.0, "int4 scales"), _to_f16(lo, "int4 mins")
+
+
+def group_codes(g: np.ndarray, valid: np.ndarray, fmt: str, scales: np.ndarray, mins: np.ndarray | None) -> np.ndarray:
+    """Nearest codes of g f32 [rows, n_groups, size] on the grid of f16 scales (, mins) [rows, n_groups]."""
+    lo, hi = CODE_RANGE[fmt]
+    s = scales.astype(np.float32)[..., None]
+    shifted = g if mins is None else g - mins.astype(np.float32)[..., None]
+    q = np.clip(np.rint(_safe_divide(shifted, s)) + CODE_OFFSET[fmt], lo, hi)
+    return np.where(valid, q, 0).astype(np.int8 if fmt == "int8" else np.uint8)
+
+
+# Shrink factors tried by the search: the grid spans f * (min/max range); f < 1 clips outliers.
+SEARCH_FACTORS = (0.75, 0.8, 0.85, 0.9, 0.93, 0.96, 1.0, 1.03)
+REFINE_ROUNDS = 2  # alternating code / least-squares steps on the best grid
+MARGIN = 1e-5  # a candidate must beat the best by this relative amount (float32 error sums)
+
+
+def search_group_params(g: np.ndarray, valid: np.ndarray, fmt: str,
+                        weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and mins) minimising each group's weighted squared error sum(w * (x - dequant)^2).
+
+    g f32 [rows, n_groups, size] (NaN padded), weights f32 broadcastable to g (None: all 1).
+    Candidates: the min/max grid; for each shrink factor in SEARCH_FACTORS, the grid spanning that
+    fraction of the range refitted by least squares on its codes; then REFINE_ROUNDS of
+    alternating code / fit steps from the best. Errors are measured with the f16-rounded
+    parameters actually stored, and a candidate replaces the best only when better by MARGIN, so
+    no group ends worse than with min/max."""
+    x = np.where(valid, g, 0).astype(np.float32)
+    wt = valid.astype(np.float32) if weights is None else np.where(valid, np.broadcast_to(weights, g.shape), 0)
+    wt = np.ascontiguousarray(wt, dtype=np.float32)
+    best_s, best_m = minmax_group_params(g, valid, fmt)
+    best_err = _group_error(x, wt, fmt, best_s, best_m)
+
+    def consider(s, m):
+        nonlocal best_s, best_m, best_err
+        err = _group_error(x, wt, fmt, s, m)
+        better = err < best_err * (1 - MARGIN)
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        if m is not None:
+            best_m = np.where(better, m, best_m)
+
+    lo, hi = np.nanmin(g, axis=2), np.nanmax(g, axis=2)
+    for f in SEARCH_FACTORS:
+        if fmt == "int4_asym":
+            span = (hi - lo) * f
+            start = (_clip_f16(span / 15.0), _clip_f16(lo + 0.5 * ((hi - lo) - span)))
+        else:
+            start = (_clip_f16(best_s.astype(np.float32) * f), None) if f != 1.0 else (best_s, None)
+        consider(*_fit_to_codes(x, wt, fmt, *start))
+    for _ in range(REFINE_ROUNDS):
+        consider(*_fit_to_codes(x, wt, fmt, best_s, best_m))
+    return best_s, best_m
+
+
+def _grid_codes(x, fmt, s16, m16):
+    """Codes minus the format's offset (float32) of x [rows, n_groups, size] on grid (s16, m16) [rows, n_groups]."""
+    lo, hi = CODE_RANGE[fmt]
+    off = CODE_OFFSET[fmt]
+    s = s16.astype(np.float32)
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)[..., None]
+    q = x - m16.astype(np.float32)[..., None] if m16 is not None else x.copy()
+    q *= inv
+    np.rint(q, out=q)
+    np.clip(q, lo - off, hi - off, out=q)
+    return q
+
+
+def _fit_to_codes(x, wt, fmt, s16, m16):
+    """One alternating step: codes on grid (s16, m16), then the least-squares (s, m) for those codes, as f16."""
+    q = _grid_codes(x, fmt, s16, m16)
+    wq = wt * q
+    sqq, sqx = np.einsum("ijk,ijk->ij", wq, q), np.einsum("ijk,ijk->ij", wq, x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if fmt == "int4_asym":
+            sw, sq, sx = wt.sum(axis=2), wq.sum(axis=2), np.einsum("ijk,ijk->ij", wt, x)
+            det = sw * sqq - sq * sq
+            ok = det > 1e-6 * np.maximum(sw * sqq, 1e-30)
+            new_s = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1), s16)
+            new_m = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1), m16)
+            return _clip_f16(new_s), _clip_f16(new_m)
+        ok = sqq > 0
+        new_s = np.where(ok, sqx / np.where(ok, sqq, 1), s16)
+    return _clip_f16(new_s), None
+
+
+def _clip_f16(v: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(np.asarray(v, dtype=np.float32)), -F16_MAX, F16_MAX).astype(np.float16)
+
+
+def _group_error(x, wt, fmt, s16, m16) -> np.ndarray:
+    """Weighted squared error [rows, n_groups] of x on the grid of f16 (s16, m16) (float32 sums)."""
+    d = _grid_codes(x, fmt, s16, m16)
+    d *= s16.astype(np.float32)[..., None]
+    if m16 is not None:
+        d += m16.astype(np.float32)[..., None]
+    d -= x
+    d *= d
+    return np.einsum("ijk,ijk->ij", wt, d)
 
 
 def dequantize(p: PackedWeight) -> np.ndarray:

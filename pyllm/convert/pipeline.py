@@ -16,6 +16,7 @@ from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization
 from .checkpoint import Checkpoint
 from .gguf_source import GGUFSource
 from .lora import merged_source
+from .strategy import QuantOptions, plan_quantization
 
 # --quant names -> weight format of the transformer's linear layers
 QUANT_CHOICES = {
@@ -75,7 +76,7 @@ class ConversionReport:
 
 
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
-                 weights_bits: list, native=None) -> list[PlannedTensor]:
+                 weights_bits: list, native=None, strategy=None) -> list[PlannedTensor]:
     """Planned tensors for one matrix; the weight's producer fills the companions' cache.
 
     native: when given, returns the weight already in (fmt, group), kept bit for bit."""
@@ -94,7 +95,7 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                     w = source()
                     if w.shape != (rows, cols):
                         raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {[rows, cols]}")
-                    packed = quantize(w, fmt, group)
+                    packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
@@ -107,11 +108,13 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
 
 
 def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int = 32, progress: bool = True,
-                       log=sys.stderr, lora: list[str] | tuple = ()) -> ConversionReport:
+                       log=sys.stderr, lora: list[str] | tuple = (), options: QuantOptions | None = None
+                       ) -> ConversionReport:
     """Converts a Hugging Face LLaMA-family directory or a llama GGUF file into a .pllm file (written atomically).
 
     quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
-    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16.
+    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
+    (pyllm/convert/strategy.py; default: scale search, and for --quant int4 a per-tensor choice of layout).
     lora: PEFT adapter directories merged into the weights in float32, in order, before quantizing."""
     fmt, group = resolve_quant(quant, group_size)
     source = open_source(src)
@@ -119,11 +122,12 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         source = merged_source(source, lora)
     try:
         config: ModelConfig = source.config
+        strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log)
         tokenizer, tokenizer_blob = source.tokenizer()
         if len(tokenizer_blob) == 0:
             raise FormatError(f"{src}: empty tokenizer")
         report = ConversionReport(os.path.abspath(output), 0, quant, group if fmt in QUANT_FORMATS else 0)
-        plans, linears, weights_bits = _plan(source, config, fmt, group, report)
+        plans, linears, weights_bits = _plan(source, config, fmt, group, report, strategy)
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
@@ -150,7 +154,7 @@ def _choose_format(source, base: str, fmt: str | None, group: int) -> tuple[str,
     return fmt, group
 
 
-def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: ConversionReport):
+def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: ConversionReport, strategy=None):
     plans: list[PlannedTensor] = []
     linears: dict[str, tuple[str, int]] = {}
     weights_bits: list = []
@@ -159,10 +163,12 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
         if not source.has(name):
             raise FormatError(f"{src_name(source)}: lacks '{name}'")
         f, g = _choose_format(source, base, fmt, group)
+        if strategy is not None and base in strategy.formats:
+            f, g = strategy.formats[base]
         linears[base] = (f, g)
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
-                              native=(lambda n=name: source.load_native(n)) if keep else None)
+                              native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy)
         bias_wanted = (config.attention_bias and ".self_attn." in base) or (config.mlp_bias and ".mlp." in base)
         if bias_wanted:
             plans.append(PlannedTensor(base + ".bias", "F32", (rows,), lambda n=base + ".bias": source.load(n)))

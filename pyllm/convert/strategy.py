@@ -1,0 +1,193 @@
+"""How the converter quantizes each matrix: layout per tensor, scales, rounding.
+
+  method "rtn"     round to nearest on min/max scales (the baseline)
+  method "search"  per-group scale (and min) search minimising the squared error (default)
+  method "gptq"    GPTQ (pyllm/convert/gptq.py) with Hessians from a calibration text
+                   (pyllm/convert/calibrate.py), layer after layer on the quantized model's activations
+
+--quant int4 (rather than int4_sym / int4_asym at a fixed group size) chooses each matrix's layout
+among INT4_CANDIDATES, and int8 for the most sensitive ones, to minimise the sum of relative
+layer-output errors under a bits budget (BITS_BUDGET bits per weight over the linear layers,
+scales and mins included). A layout's error is measured on a sample of rows with the scale search:
+the relative weight error without calibration, the relative output error tr(dW H dW^T)/tr(W H W^T)
+with it. --keep-sensitive N additionally stores the N matrices of largest error at int8.
+The embeddings and lm_head follow the pipeline's rule (int8, group 32).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..quant import QUANT_FORMATS, PackedWeight, packed_shapes, quantize
+from .calibrate import load_matrix
+
+INT4_CANDIDATES = (("int4_sym", 128), ("int4_asym", 128), ("int4_sym", 64), ("int4_asym", 64), ("int4_sym", 32),
+                   ("int4_asym", 32))
+SENSITIVE_FORMAT = ("int8", 128)
+BITS_BUDGET = 4.6
+SAMPLE_ROWS = 96
+METHODS = ("rtn", "search", "gptq")
+
+
+@dataclass
+class QuantOptions:
+    method: str = "search"
+    calib: str | None = None  # calibration text file for gptq; None: the built-in text (calibrate.py)
+    calib_sequences: int = 32
+    keep_sensitive: int = 0
+    bits_budget: float | None = None  # --quant int4 only; None: BITS_BUDGET
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.keep_sensitive < 0:
+            raise ValueError("--keep-sensitive must be >= 0")
+        if self.bits_budget is not None and not 4.1 <= self.bits_budget <= 8.5:
+            raise ValueError("--bits budget must be between 4.1 and 8.5 bits per weight")
+        if self.calib_sequences < 1:
+            raise ValueError("calibration needs at least one sequence")
+
+
+BUILTIN_CALIBRATION = "builtin"
+NO_CALIBRATION = "none"
+
+
+def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sensitive: int,
+                       bits: float | None) -> QuantOptions:
+    """The convert command's flags -> QuantOptions.
+
+    --calib FILE | builtin | none; unset: builtin for --quant int4, none otherwise. Without
+    calibration int8/int4 use the scale search (--rtn: round-to-nearest)."""
+    if calib is None:
+        calib = BUILTIN_CALIBRATION if quant == "int4" and not rtn else NO_CALIBRATION
+    if calib != NO_CALIBRATION and rtn:
+        raise ValueError("--calib and --rtn exclude each other")
+    method = "rtn" if rtn else "search" if calib == NO_CALIBRATION else "gptq"
+    return QuantOptions(method=method, calib=calib if method == "gptq" and calib != BUILTIN_CALIBRATION else None,
+                        keep_sensitive=keep_sensitive, bits_budget=bits)
+
+
+@dataclass
+class Strategy:
+    method: str
+    formats: dict[str, tuple[str, int]] = field(default_factory=dict)  # layouts chosen per matrix
+    done: dict[str, PackedWeight] = field(default_factory=dict)  # matrices already quantized (gptq)
+
+    def quantize(self, base: str, w: np.ndarray, fmt: str, group: int) -> PackedWeight:
+        """w f32 [rows, cols] -> the stored weight of matrix `base`."""
+        if base in self.done:
+            return self.done.pop(base)
+        return quantize(w, fmt, group, search=self.method != "rtn")
+
+
+def bits_per_weight(fmt: str, group: int, rows: int, cols: int) -> float:
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
+    total = sum(sizes[dtype] * int(np.prod(shape)) for dtype, shape in packed_shapes(fmt, rows, cols, group).values())
+    return 8.0 * total / (rows * cols)
+
+
+def plan_quantization(source, config, quant: str | None, fmt: str | None, group: int, options: QuantOptions,
+                      progress: bool = True, log=sys.stderr) -> Strategy:
+    strategy = Strategy(options.method)
+    if fmt not in QUANT_FORMATS:
+        return strategy
+    linears = {b: s for b, s in config.linear_shapes().items() if b not in ("model.embed_tokens", "lm_head")}
+    hessians = None
+    if options.method == "gptq":
+        from .calibrate import Calibration
+        from .pipeline import src_name
+
+        text = _read_text(options.calib)
+        key = (src_name(source), text, options.calib_sequences)
+        if _LAST_CALIBRATION.get("key") != key:  # converting one model twice reuses its Hessians
+            _LAST_CALIBRATION.clear()
+            _LAST_CALIBRATION.update(key=key, value=Calibration(source, config, text, options.calib_sequences,
+                                                                progress=progress, log=log))
+        hessians = _LAST_CALIBRATION["value"]
+    if quant == "int4" or options.keep_sensitive:
+        choices = {b: [(fmt, group)] for b in linears} if quant != "int4" else {b: list(INT4_CANDIDATES) for b in linears}
+        strategy.formats = allocate(source, linears, choices, options, hessians)
+    if hessians is not None:
+        from .gptq import gptq_model
+
+        formats = {b: strategy.formats.get(b, (fmt, group)) for b in linears}
+        strategy.done = gptq_model(lambda base: load_matrix(source.load, base, linears[base]), hessians, formats,
+                                   progress, log)
+    return strategy
+
+
+_LAST_CALIBRATION: dict = {}
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"calibration file {path} is empty")
+    return text
+
+
+def relative_error(w: np.ndarray, h: np.ndarray | None, fmt: str, group: int) -> float:
+    """Relative output error of w f32 [rows, cols] in (fmt, group) with the scale search;
+    h [cols, cols] the input second moments (None: the identity, i.e. relative weight error)."""
+    importance = None if h is None else np.diag(h).astype(np.float32)
+    d = (quantize_dequantize(w, fmt, group, importance) - w).astype(np.float64)
+    w64 = w.astype(np.float64)
+    if h is None:
+        return float(np.sum(d * d) / max(np.sum(w64 * w64), 1e-30))
+    return float(np.sum((d @ h) * d) / max(np.sum((w64 @ h) * w64), 1e-30))
+
+
+def quantize_dequantize(w, fmt, group, importance=None):
+    from ..quant import dequantize
+
+    return dequantize(quantize(w, fmt, group, search=True, importance=importance))
+
+
+def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessians=None) -> dict[str, tuple[str, int]]:
+    """Layout per matrix: greedy upgrades by error saved per extra bit while under the budget, then
+    the keep_sensitive matrices of largest error at SENSITIVE_FORMAT."""
+    rng = np.random.default_rng(0)
+    budget = options.bits_budget or BITS_BUDGET
+    table = {}  # base -> list of (bits, error, layout), by bits
+    for base, (rows, cols) in linears.items():
+        w = load_matrix(source.load, base, (rows, cols))
+        sample = w[np.sort(rng.choice(rows, size=min(rows, SAMPLE_ROWS), replace=False))]
+        h = None if hessians is None else hessians.input_hessian(base)
+        options_here = [(bits_per_weight(f, g, rows, cols), relative_error(sample, h, f, g), (f, g))
+                        for f, g in choices[base]]
+        table[base] = sorted(options_here)
+    pick = {base: 0 for base in table}
+    size = {base: rows * cols for base, (rows, cols) in linears.items()}
+    total_size = sum(size.values())
+    spent = sum(table[b][0][0] * size[b] for b in table)
+    if len(choices[next(iter(choices))]) > 1 and spent > budget * total_size * (1 + 1e-9):
+        raise ValueError(f"a budget of {budget} bits per weight is below the smallest layouts "
+                         f"({spent / total_size:.3f} bits per weight)")
+    while len(choices[next(iter(choices))]) > 1:
+        best = None
+        for base, opts in table.items():
+            bits0, err0, _ = opts[pick[base]]
+            for k in range(pick[base] + 1, len(opts)):
+                bits1, err1, _ = opts[k]
+                extra = (bits1 - bits0) * size[base]
+                if err1 >= err0 or spent + extra > budget * total_size:
+                    continue
+                gain = (err0 - err1) / max(extra, 1e-9)
+                if best is None or gain > best[0]:
+                    best = (gain, base, k, extra)
+        if best is None:
+            break
+        _, base, k, extra = best
+        pick[base] = k
+        spent += extra
+    layouts = {base: table[base][pick[base]][2] for base in table}
+    by_error = sorted(table, key=lambda b: -table[b][pick[b]][1])
+    for base in by_error[:options.keep_sensitive]:
+        layouts[base] = SENSITIVE_FORMAT
+    return layouts
