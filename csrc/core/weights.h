@@ -105,6 +105,8 @@ struct QuantizedRows {
     int8_t* lo = nullptr;    // [rows, padded_cols]
     float* step = nullptr;   // [rows, padded_cols / 32]
     float* sum = nullptr;    // [rows, padded_cols / 32], sum of the block's quantized values
+    int32_t* code_sums = nullptr;  // [rows, padded_cols / 32, 2]: sums of the block's hi and lo codes
+                                   // (filled by prepare_linear_input; read by the tiled int8 kernel)
 };
 
 // Heap bytes aligned to 64 (tiled weights are read with aligned vector loads).

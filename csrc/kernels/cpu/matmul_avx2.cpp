@@ -237,7 +237,7 @@ void tiled_half(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
 template <WeightFormat F>
 void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     const TiledLayout t = tiled_layout(w);
-    const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
+    const int64_t n_groups = w.n_groups();
     thread_local std::vector<float> xsum;
     group_sums(x, w.group_size, n_groups, xsum);
     for (int64_t tile = n_begin / kTileRows; tile * kTileRows < n_end; ++tile)

@@ -128,7 +128,7 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, const Prepared& pre
 // Per-call activation facts the tiled kernel needs besides the codes.
 struct TiledPrep {
     const float* xsum;       // f32 [x.rows, n_groups]: sum of the activations over each group (int4)
-    const int32_t* code_sums;  // int32 [x.rows, n_blocks, 2]: -128 * sum of hi / lo codes per block (int8)
+    const int32_t* code_sums;  // int32 [x.rows, n_blocks, 2]: sums of the hi / lo codes per block (int8)
 };
 
 // Rows [tile * 16, tile * 16 + 16) x activation rows [m0, m0 + MR), written where inside [n_begin, n_end).
@@ -171,8 +171,8 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                 dot_hi[1] = dot_lo[1] = _mm512_setzero_si512();
                 if constexpr (F == WeightFormat::Q8) {
                     const int32_t* sums = prep.code_sums + ((m0 + m) * n_blocks + b) * 2;
-                    dot_hi[0] = _mm512_set1_epi32(sums[0]);
-                    dot_lo[0] = _mm512_set1_epi32(sums[1]);
+                    dot_hi[0] = _mm512_set1_epi32(-128 * sums[0]);  // the offset of w ^ 0x80
+                    dot_lo[0] = _mm512_set1_epi32(-128 * sums[1]);
                 } else {
                     dot_hi[0] = dot_lo[0] = _mm512_setzero_si512();
                 }
@@ -203,25 +203,10 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
 template <WeightFormat F>
 void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     const TiledLayout t = tiled_layout(w);
-    const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
+    const int64_t n_groups = w.n_groups();
     thread_local std::vector<float> xsum;
-    thread_local std::vector<int32_t> code_sums;
-    if constexpr (F == WeightFormat::Q8) {
-        code_sums.resize((size_t)(x.rows * n_blocks * 2));
-        for (int64_t m = 0; m < x.rows; ++m)
-            for (int64_t b = 0; b < n_blocks; ++b) {
-                int32_t sum_hi = 0, sum_lo = 0;
-                for (int64_t i = 0; i < kBlock; ++i) {
-                    sum_hi += x.hi[m * x.padded_cols + b * kBlock + i];
-                    sum_lo += x.lo[m * x.padded_cols + b * kBlock + i];
-                }
-                code_sums[(size_t)((m * n_blocks + b) * 2)] = -128 * sum_hi;
-                code_sums[(size_t)((m * n_blocks + b) * 2 + 1)] = -128 * sum_lo;
-            }
-    } else {
-        group_sums(x, w.group_size, n_groups, xsum);
-    }
-    const TiledPrep prep{xsum.data(), code_sums.data()};
+    if constexpr (F != WeightFormat::Q8) group_sums(x, w.group_size, n_groups, xsum);
+    const TiledPrep prep{xsum.data(), x.code_sums};
     for (int64_t tile = n_begin / kTileRows; tile * kTileRows < n_end; ++tile) {
         int64_t m = 0;
         for (; m + 4 <= x.rows; m += 4) tiled_tile<F, 4>(w, t, x, prep, m, tile, n_begin, n_end, y);

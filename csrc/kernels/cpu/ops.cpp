@@ -13,8 +13,8 @@ namespace pyllm {
 QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     const size_t n_blocks = (size_t)(rows * (padded_cols / kBlock));
     if (hi.size() < (size_t)(rows * padded_cols)) hi.resize((size_t)(rows * padded_cols)), lo.resize(hi.size());
-    if (step.size() < n_blocks) step.resize(n_blocks), sum.resize(n_blocks);
-    return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data()};
+    if (step.size() < n_blocks) step.resize(n_blocks), sum.resize(n_blocks), code_sums.resize(2 * n_blocks);
+    return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data(), code_sums.data()};
 }
 
 void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage) {
@@ -37,8 +37,17 @@ LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, in
     const CpuKernels& kernels = active_kernels();
     in.quantized = scratch.prepare(M, round_up(cols, kBlock));
     const int64_t row_chunk = 16;
+    const QuantizedRows& q = in.quantized;
+    const int64_t n_blocks = q.padded_cols / kBlock;
     pool.parallel_for((M + row_chunk - 1) / row_chunk, [&](int64_t i) {
-        kernels.quantize_rows(x, cols, i * row_chunk, std::min(M, (i + 1) * row_chunk), in.quantized);
+        const int64_t row_end = std::min(M, (i + 1) * row_chunk);
+        kernels.quantize_rows(x, cols, i * row_chunk, row_end, q);
+        for (int64_t b = i * row_chunk * n_blocks; b < row_end * n_blocks; ++b) {
+            int32_t sum_hi = 0, sum_lo = 0;
+            for (int64_t k = 0; k < kBlock; ++k) sum_hi += q.hi[b * kBlock + k], sum_lo += q.lo[b * kBlock + k];
+            q.code_sums[2 * b] = sum_hi;
+            q.code_sums[2 * b + 1] = sum_lo;
+        }
     });
     return in;
 }

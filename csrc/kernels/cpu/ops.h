@@ -14,6 +14,7 @@ namespace pyllm {
 struct ActivationScratch {
     std::vector<int8_t> hi, lo;
     std::vector<float> step, sum;
+    std::vector<int32_t> code_sums;
     QuantizedRows prepare(int64_t rows, int64_t padded_cols);
 };
 
