@@ -131,7 +131,16 @@ public:
         std::vector<WeightView*> matrices{&lm_head_};
         for (LayerWeights& lw : layers_)
             for (WeightView* w : {&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down}) matrices.push_back(w);
-        for (WeightView* w : matrices) tile_for_active_kernels(pool_, *w, tiled_storage_);
+        for (WeightView* w : matrices) {
+            tile_for_active_kernels(pool_, *w, tiled_storage_);
+            // the file's copy is read again only if another kernel variant is chosen later (embedding
+            // rows of a tied lm_head come back page by page); out of the resident set with it
+            if (w->tiled.data != nullptr) {
+                file_->release(w->data, (uint64_t)(w->rows * w->row_bytes()));
+                file_->release(w->scales, (uint64_t)(w->rows * w->n_groups() * 2));
+                if (w->mins) file_->release(w->mins, (uint64_t)(w->rows * w->n_groups() * 2));
+            }
+        }
         inv_freq_ = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
 
         // Cache pages are touched only as positions are written.

@@ -40,6 +40,15 @@ MappedFile::~MappedFile() {
     if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
+void MappedFile::release(const void* p, uint64_t n) const {
+    const uint64_t page = (uint64_t)::sysconf(_SC_PAGESIZE);
+    const uint64_t begin = ((uint64_t)(uintptr_t)p + page - 1) / page * page;
+    const uint64_t end = ((uint64_t)(uintptr_t)p + n) / page * page;
+    const uint64_t map_begin = (uint64_t)(uintptr_t)data_, map_end = map_begin + size_;
+    if (end <= begin || begin < map_begin || end > map_end) return;
+    ::madvise((void*)(uintptr_t)begin, (size_t)(end - begin), MADV_DONTNEED);  // advice: failure is harmless
+}
+
 int64_t dtype_size(DType t) {
     switch (t) {
         case DType::F32:

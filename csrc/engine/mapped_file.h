@@ -19,6 +19,9 @@ public:
     const uint8_t* data() const { return data_; }
     uint64_t size() const { return size_; }
     const std::string& path() const { return path_; }
+    // Tells the kernel this process will not read [p, p + n) again (the whole
+    // pages inside it leave the resident set; a later read maps them back in).
+    void release(const void* p, uint64_t n) const;
 
 private:
     std::string path_;
