@@ -63,43 +63,6 @@ DeviceBuffer upload_floats(const float* host, int64_t n) {
     return b;
 }
 
-const float* host_vector(const TensorTable& t, const std::string& name, int64_t n) {
-    return reinterpret_cast<const float*>(t.get(name, DType::F32, {n}).data);
-}
-
-// The same checked binding of a linear weight as the CPU engine's (its layout
-// in the file), as a view for upload.
-WeightView host_linear(const TensorTable& t, const std::map<std::string, LinearSpec>& specs, const std::string& base,
-                       int64_t rows, int64_t cols) {
-    auto it = specs.find(base);
-    if (it == specs.end()) throw std::invalid_argument("model file has no quantization entry for '" + base + "'");
-    WeightView w;
-    w.format = it->second.format;
-    w.group_size = is_quantized(w.format) ? it->second.group_size : 0;
-    w.rows = rows;
-    w.cols = cols;
-    if (is_quantized(w.format) && (w.group_size <= 0 || w.group_size % kBlock != 0))
-        throw std::invalid_argument("'" + base + "': group size " + std::to_string(w.group_size) +
-                                    " is not a positive multiple of 32");
-    const std::string weight = base + ".weight";
-    switch (w.format) {
-        case WeightFormat::F32: w.data = t.get(weight, DType::F32, {rows, cols}).data; break;
-        case WeightFormat::F16: w.data = t.get(weight, DType::F16, {rows, cols}).data; break;
-        case WeightFormat::BF16: w.data = t.get(weight, DType::BF16, {rows, cols}).data; break;
-        case WeightFormat::Q8: w.data = t.get(weight, DType::I8, {rows, cols}).data; break;
-        case WeightFormat::Q4_SYM:
-        case WeightFormat::Q4_ASYM: w.data = t.get(weight, DType::U8, {rows, w.padded_cols() / 2}).data; break;
-        default: throw std::invalid_argument("'" + base + "': unknown weight format");
-    }
-    if (is_quantized(w.format))
-        w.scales = reinterpret_cast<const uint16_t*>(t.get(base + ".scales", DType::F16, {rows, w.n_groups()}).data);
-    if (w.format == WeightFormat::Q4_ASYM)
-        w.mins = reinterpret_cast<const uint16_t*>(t.get(base + ".mins", DType::F16, {rows, w.n_groups()}).data);
-    if (t.has(base + ".bias")) w.bias = host_vector(t, base + ".bias", rows);
-    validate_weight(w, base);
-    return w;
-}
-
 struct Layer {
     DeviceBuffer attn_norm, ffn_norm;  // f32 [hidden]
     StackedLinear qkv;                 // -> [M, q_dim + 2 kv_dim]: q | k | v
@@ -164,25 +127,25 @@ private:
     void load(const TensorTable& t, const std::map<std::string, LinearSpec>& specs) {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size;
         const int64_t q_dim = cfg_.n_heads * cfg_.head_dim, kv_dim = cfg_.n_kv_heads * cfg_.head_dim;
-        const WeightView embed = host_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
+        const WeightView embed = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
         embed_ = upload_weights({embed});
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const std::string p = "model.layers." + std::to_string(l) + ".";
             Layer layer;
-            layer.attn_norm = upload_floats(host_vector(t, p + "input_layernorm.weight", D), D);
-            layer.ffn_norm = upload_floats(host_vector(t, p + "post_attention_layernorm.weight", D), D);
-            layer.qkv = stack_linears({host_linear(t, specs, p + "self_attn.q_proj", q_dim, D),
-                                       host_linear(t, specs, p + "self_attn.k_proj", kv_dim, D),
-                                       host_linear(t, specs, p + "self_attn.v_proj", kv_dim, D)});
-            layer.o = stack_linears({host_linear(t, specs, p + "self_attn.o_proj", D, q_dim)});
-            layer.gate_up = stack_linears({host_linear(t, specs, p + "mlp.gate_proj", F, D),
-                                           host_linear(t, specs, p + "mlp.up_proj", F, D)});
-            layer.down = stack_linears({host_linear(t, specs, p + "mlp.down_proj", D, F)});
+            layer.attn_norm = upload_floats(bind_vector(t, p + "input_layernorm.weight", D), D);
+            layer.ffn_norm = upload_floats(bind_vector(t, p + "post_attention_layernorm.weight", D), D);
+            layer.qkv = stack_linears({bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D),
+                                       bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D),
+                                       bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D)});
+            layer.o = stack_linears({bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim)});
+            layer.gate_up = stack_linears({bind_linear(t, specs, p + "mlp.gate_proj", F, D),
+                                           bind_linear(t, specs, p + "mlp.up_proj", F, D)});
+            layer.down = stack_linears({bind_linear(t, specs, p + "mlp.down_proj", D, F)});
             layers_.push_back(std::move(layer));
         }
-        final_norm_ = upload_floats(host_vector(t, "model.norm.weight", D), D);
+        final_norm_ = upload_floats(bind_vector(t, "model.norm.weight", D), D);
         if (!cfg_.tie_word_embeddings)
-            lm_head_own_ = upload_weights({host_linear(t, specs, "lm_head", cfg_.vocab_size, D)});
+            lm_head_own_ = upload_weights({bind_linear(t, specs, "lm_head", cfg_.vocab_size, D)});
         lm_head_ = cfg_.tie_word_embeddings ? &embed_ : &lm_head_own_;
         const std::vector<float> inv_freq = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
         inv_freq_ = upload_floats(inv_freq.data(), (int64_t)inv_freq.size());

@@ -23,16 +23,6 @@ void ModelConfig::validate() const {
     need(vocab_size < INT32_MAX, "vocabulary too large");
 }
 
-namespace {
-
-struct LayerWeights {
-    const float* attn_norm;  // [hidden]
-    WeightView q, k, v, o;   // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden], o: [hidden, heads*head_dim]
-    const float* ffn_norm;   // [hidden]
-    WeightView gate, up, down;  // gate/up: [ffn, hidden], down: [hidden, ffn]
-    bool qkv_quantized, gate_up_quantized;  // whether their shared input is quantized once
-};
-
 const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n) {
     return reinterpret_cast<const float*>(t.get(name, DType::F32, {n}).data);
 }
@@ -43,7 +33,7 @@ WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearS
     if (it == specs.end()) throw std::invalid_argument("model file has no quantization entry for '" + base + "'");
     WeightView w;
     w.format = it->second.format;
-    w.group_size = it->second.group_size;
+    w.group_size = is_quantized(w.format) ? it->second.group_size : 0;
     w.rows = rows;
     w.cols = cols;
     if (is_quantized(w.format) && (w.group_size <= 0 || w.group_size % kBlock != 0))
@@ -67,6 +57,16 @@ WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearS
     validate_weight(w, base);
     return w;
 }
+
+namespace {
+
+struct LayerWeights {
+    const float* attn_norm;  // [hidden]
+    WeightView q, k, v, o;   // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden], o: [hidden, heads*head_dim]
+    const float* ffn_norm;   // [hidden]
+    WeightView gate, up, down;  // gate/up: [ffn, hidden], down: [hidden, ffn]
+    bool qkv_quantized, gate_up_quantized;  // whether their shared input is quantized once
+};
 
 // Wall time per stage of the forward pass, kept only when PYLLM_PROFILE=1 (a clock read costs
 // ~20 ns; a decode step has ~300 stages).

@@ -38,6 +38,14 @@ struct LinearSpec {
     int64_t group_size = 0;
 };
 
+// A model file's tensors as the engines read them, checked before use (dtype, shape,
+// byte range; std::invalid_argument naming the tensor otherwise).
+//   bind_vector: f32 [n]   bind_linear: `base` ("model.layers.0.self_attn.q_proj") as
+//   its LinearSpec says it is stored, [rows, cols] (+ scales, mins, bias)
+const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n);
+WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearSpec>& specs, const std::string& base,
+                       int64_t rows, int64_t cols);
+
 class Engine {
 public:
     virtual ~Engine() = default;
