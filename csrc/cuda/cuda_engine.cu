@@ -102,27 +102,9 @@ public:
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cuda"; }
 
-    void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) override {
-        if (n <= 0) throw std::invalid_argument("forward needs at least one token");
-        if (pos < 0 || pos > n_ctx_ || n > n_ctx_ - pos)
-            throw std::out_of_range("positions " + std::to_string(pos) + ".." + std::to_string(pos + n - 1) +
-                                    " exceed the context length " + std::to_string(n_ctx_));
-        for (int64_t i = 0; i < n; ++i)
-            if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
-                throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
-                                        std::to_string(cfg_.vocab_size));
-        std::lock_guard<std::mutex> lock(mutex_);
-        for (int64_t start = 0; start < n; start += kMaxBatch) {
-            const int64_t len = std::min(kMaxBatch, n - start);
-            float* out = nullptr;
-            if (all_logits) out = logits + start * cfg_.vocab_size;
-            else if (start + len == n) out = logits;
-            run_batch(tokens + start, len, pos + start, out, all_logits);
-        }
-    }
-
 private:
     static constexpr int64_t kMaxBatch = 512;
+    int64_t max_batch() const override { return kMaxBatch; }
 
     void load(const TensorTable& t, const std::map<std::string, LinearSpec>& specs) {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size;
@@ -214,7 +196,7 @@ private:
         linear(*lm_head_, h, rows, logits_out, cfg_.vocab_size, false, mm_ws_, s);
     }
 
-    void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) {
+    void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) override {
         std::memcpy(host_ids_, tokens, (size_t)M * sizeof(int32_t));
         for (int64_t m = 0; m < M; ++m) host_ids_[kMaxBatch + m] = (int32_t)(pos0 + m);
         PYLLM_CUDA_CHECK(cudaMemcpyAsync(ids_.as<int32_t>(), host_ids_, (size_t)M * sizeof(int32_t),
@@ -270,7 +252,6 @@ private:
 
     ModelConfig cfg_;
     int64_t n_ctx_;
-    std::mutex mutex_;
     cudaStream_t stream_ = nullptr;
     DeviceWeight embed_, lm_head_own_;
     const DeviceWeight* lm_head_ = nullptr;

@@ -58,6 +58,26 @@ WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearS
     return w;
 }
 
+void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) {
+    const int64_t n_ctx = context_length(), vocab = config().vocab_size;
+    if (n <= 0) throw std::invalid_argument("forward needs at least one token");
+    if (pos < 0 || pos > n_ctx || n > n_ctx - pos)
+        throw std::out_of_range("positions " + std::to_string(pos) + ".." + std::to_string(pos + n - 1) +
+                                " exceed the context length " + std::to_string(n_ctx));
+    for (int64_t i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= vocab)
+            throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
+                                    std::to_string(vocab));
+    std::lock_guard<std::mutex> lock(forward_mutex_);
+    for (int64_t start = 0; start < n; start += max_batch()) {
+        const int64_t len = std::min(max_batch(), n - start);
+        float* out = nullptr;
+        if (all_logits) out = logits + start * vocab;
+        else if (start + len == n) out = logits;
+        run_batch(tokens + start, len, pos + start, out, all_logits);
+    }
+}
+
 namespace {
 
 struct LayerWeights {
@@ -164,30 +184,11 @@ public:
     const char* device() const override { return "cpu"; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
 
-    void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) override {
-        if (n <= 0) throw std::invalid_argument("forward needs at least one token");
-        if (pos < 0 || pos > n_ctx_ || n > n_ctx_ - pos)
-            throw std::out_of_range("positions " + std::to_string(pos) + ".." + std::to_string(pos + n - 1) +
-                                    " exceed the context length " + std::to_string(n_ctx_));
-        for (int64_t i = 0; i < n; ++i)
-            if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
-                throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
-                                        std::to_string(cfg_.vocab_size));
-        std::lock_guard<std::mutex> lock(mutex_);
-        for (int64_t start = 0; start < n; start += kMaxBatch) {
-            const int64_t len = std::min(kMaxBatch, n - start);
-            float* out = nullptr;
-            if (all_logits) out = logits + start * cfg_.vocab_size;
-            else if (start + len == n) out = logits;
-            run_batch(tokens + start, len, pos + start, out, all_logits);
-        }
-    }
-
 private:
     static constexpr int64_t kMaxBatch = 256;
+    int64_t max_batch() const override { return kMaxBatch; }
 
-    // logits: f32 [M, vocab] when all_logits, f32 [vocab] (last row) otherwise, or null
-    void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) {
+    void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) override {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd;
         const float eps = (float)cfg_.rms_norm_eps, attn_scale = 1.0f / std::sqrt((float)hd);
@@ -251,7 +252,6 @@ private:
     ModelConfig cfg_;
     int64_t n_ctx_;
     ThreadPool pool_;
-    std::mutex mutex_;
     WeightView embed_, lm_head_;
     std::vector<LayerWeights> layers_;
     const float* final_norm_ = nullptr;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -53,14 +54,25 @@ public:
     virtual int64_t context_length() const = 0;
     virtual const char* device() const = 0;
     // Runs tokens at positions pos .. pos + n - 1 (the cache must already hold
-    // positions 0 .. pos - 1) and stores their keys and values.
+    // positions 0 .. pos - 1) and stores their keys and values. Checks the
+    // positions and token ids first, then runs batches of at most max_batch().
     //   tokens: int32 [n]
     //   logits: f32 [n, vocab] when all_logits, else f32 [vocab] for the last token
     // Thread-safe: concurrent calls run one after another.
-    virtual void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits) = 0;
+    void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits);
     // Seconds spent in each stage of forward() since the engine was made, when it was made with
     // profiling on (PYLLM_PROFILE=1 in the environment); empty otherwise.
     virtual std::vector<std::pair<std::string, double>> profile() const { return {}; }
+
+protected:
+    // One batch of forward(), checked and serialised by it: M <= max_batch() tokens at
+    // positions pos0 .. pos0 + M - 1.
+    //   logits: f32 [M, vocab] when all_logits, f32 [vocab] (last row) otherwise, or null
+    virtual void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) = 0;
+    virtual int64_t max_batch() const = 0;
+
+private:
+    std::mutex forward_mutex_;
 };
 
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
