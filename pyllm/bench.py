@@ -34,7 +34,7 @@ from . import __version__
 from .formats.packed import ModelConfig, PackedModel
 
 LOAD_TARGET_SECONDS = 0.2  # for the 135M default model (issue 4)
-KV_CACHE_BYTES_PER_VALUE = 4  # the CPU engine caches keys and values as f32
+KV_CACHE_BYTES_PER_VALUE = {"f32": 4, "f16": 2}
 LOAD_REPETITIONS = 3
 
 
@@ -89,8 +89,10 @@ def pyllm_weight_bytes_per_token(model: PackedModel) -> int:
     return weight_bytes_per_token(tensors, "model.embed_tokens.", "lm_head.", model.config.vocab_size)
 
 
-def kv_cache_bytes(config: ModelConfig, n_ctx: int) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx * KV_CACHE_BYTES_PER_VALUE
+def kv_cache_bytes(config: ModelConfig, n_ctx: int, kv_cache: str) -> int:
+    """Bytes of keys and values for n_ctx positions, kv_cache the element type ("f32" / "f16")."""
+    return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx
+            * KV_CACHE_BYTES_PER_VALUE[kv_cache])
 
 
 def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray) -> tuple[float, float]:
@@ -115,7 +117,7 @@ def benchmark_tokens(vocab_size: int, n_prompt: int, n_gen: int, seed: int = 0) 
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,
-              bandwidth_bytes: int = 1 << 30, log=None) -> dict:
+              bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto") -> dict:
     """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring)."""
     from . import _core
     from .llm import LLM
@@ -129,7 +131,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     loads = []
     for i in range(LOAD_REPETITIONS):
         start = time.perf_counter()
-        llm = LLM(path, n_threads=threads, context_length=n_ctx)
+        llm = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache)
         loads.append(time.perf_counter() - start)
         if i + 1 < LOAD_REPETITIONS:
             llm.close()
@@ -168,7 +170,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "rss_before_load_bytes": before.get("VmRSS"),
             "rss_bytes": memory.get("VmRSS"),
             "peak_rss_bytes": memory.get("VmHWM"),
-            "kv_cache_bytes": kv_cache_bytes(config, n_ctx),
+            "kv_cache": llm.engine.kv_cache,
+            "kv_cache_bytes": kv_cache_bytes(config, n_ctx, llm.engine.kv_cache),
             "read_bandwidth_gb_per_s": None,
             "decode_fraction_of_bound": None,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
@@ -214,7 +217,7 @@ def format_report(r: dict) -> str:
     if r["rss_bytes"] is not None:
         lines.append(
             f"memory while generating: RSS {r['rss_bytes'] / mb:.1f} MB (peak {r['peak_rss_bytes'] / mb:.1f} MB); "
-            f"file {r['file_bytes'] / mb:.1f} MB + KV cache {r['kv_cache_bytes'] / mb:.1f} MB = "
+            f"file {r['file_bytes'] / mb:.1f} MB + KV cache ({r['kv_cache']}) {r['kv_cache_bytes'] / mb:.1f} MB = "
             f"{r['file_plus_kv_bytes'] / mb:.1f} MB; the process held {r['rss_before_load_bytes'] / mb:.1f} MB "
             "before loading")
     return "\n".join(lines)
@@ -230,6 +233,6 @@ def bench_command(args) -> int:
     if args.bandwidth_mib < 0:
         raise ValueError("--bandwidth-mib must be >= 0")
     result = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, args.threads,
-                       args.bandwidth_mib << 20, log=None if args.json else sys.stderr)
+                       args.bandwidth_mib << 20, log=None if args.json else sys.stderr, kv_cache=args.kv_cache)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

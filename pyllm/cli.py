@@ -27,6 +27,11 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
 
 
+def _add_kv_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", choices=["auto", "f16", "f32"], default="auto",
+                   help="element type of the KV cache (default auto: f32 for f32 models, else f16)")
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
@@ -66,7 +71,8 @@ def _open(args):
 
         path = default_model_path()
     return LLM(path, n_threads=args.threads, context_length=args.ctx,
-               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"))
+               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
+               kv_cache=args.kv_cache)
 
 
 def cmd_run(args) -> int:
@@ -195,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
     _add_device(p)
+    _add_kv_cache(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
@@ -208,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
     _add_chat_template(p)
+    _add_kv_cache(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("-t", "--threads", type=int, default=None)
     _add_device(p)
+    _add_kv_cache(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill and decode speed, bandwidth bound, load time and memory (llama-bench style)")
@@ -228,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mib", type=int, default=1024,
                    help="buffer of the read-bandwidth probe in MiB (default 1024; 0 skips the probe)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_kv_cache(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -34,6 +34,7 @@ def test_bench_json_fields(tiny_llama_f32, capsys):
     assert r["decode_gb_per_s"] == pytest.approx(r["weight_bytes_per_token"] * decode / 1e9)
     assert r["read_bandwidth_gb_per_s"] > 0
     assert r["decode_fraction_of_bound"] == pytest.approx(r["decode_gb_per_s"] / r["read_bandwidth_gb_per_s"])
+    assert r["kv_cache"] == "f32"  # an f32 model keeps an f32 cache
     assert r["kv_cache_bytes"] == 2 * layers * kv * (24 + 6) * 4
     assert r["file_plus_kv_bytes"] == r["file_bytes"] + r["kv_cache_bytes"]
     assert 0 < r["rss_before_load_bytes"] and 0 < r["rss_bytes"] <= r["peak_rss_bytes"]

@@ -34,6 +34,10 @@ CONFIGS = {
 }
 
 PROMPT_LEN = 64
+# f16 KV cache (test_f16_kv_cache): measured max rel 2.7e-4..5.4e-4 against transformers, NMSE 6e-8..1.8e-7
+# against the f32 cache; f16 weights give ~5e-3
+KV_F16_MAX_REL = 2e-3
+KV_F16_MAX_NMSE = 1e-6
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -126,9 +130,14 @@ def test_portable_kernels_give_the_same_model_output(case, quant):
         portable = llm.logits(case["ids"])
     finally:
         _core.select_kernels("auto")
-    if quant in ("f32", "f16"):
-        # float kernels: only the summation order differs
+    if quant == "f32":
+        # float kernels (and an f32 KV cache): only the summation order differs
         assert nmse(portable, fast) < 1e-10
+    elif quant == "f16":
+        # the same, but a summation-order difference can flip the f16 rounding of a cached key or
+        # value (the KV cache is f16 for f16 models), which these random models amplify (measured
+        # 4e-10); a kernel defect gives NMSE near 1
+        assert nmse(portable, fast) < 1e-8
     else:
         # same integer dot products, but a float-order difference can flip the int8 rounding of an
         # activation, and these random models amplify that (measured up to ~1e-4, against ~1e-3..5e-2 of
@@ -150,3 +159,24 @@ def test_incremental_decode_equals_full_prompt(case):
     parts = [llm.engine.forward(ids[:10], 0, True), llm.engine.forward(ids[10:11], 10, True),
              llm.engine.forward(ids[11:], 11, True)]
     np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_f16_kv_cache(case):
+    """The KV cache holds f16 unless the model is f32 (or kv_cache says otherwise): each cached key
+    and value rounded to f16 (relative error <= 2^-11) moves the logits far less than f16 weights do."""
+    f32 = load(case, "f32")
+    assert f32.engine.kv_cache == "f32"
+    assert load(case, "int8").engine.kv_cache == "f16" and load(case, "f16").engine.kv_cache == "f16"
+    half = pyllm.LLM(f32.path, n_threads=2, kv_cache="f16")
+    assert half.engine.kv_cache == "f16"
+    out, exact = half.logits(case["ids"]), f32.logits(case["ids"])
+    print(f"{case['name']}: f16 cache max rel {max_rel(out, case['ref']):.2e}, NMSE {nmse(out, exact):.2e}")
+    assert max_rel(out, case["ref"]) < KV_F16_MAX_REL
+    assert 0 < nmse(out, exact) < KV_F16_MAX_NMSE  # > 0: the cache really is rounded
+    # decoding through the cache, token by token, gives what one prefill call gives
+    stepwise = [half.engine.forward(np.array(case["ids"][:8], np.int32), 0, False)]
+    for pos in range(8, 16):
+        stepwise.append(half.engine.forward(np.array([case["ids"][pos]], np.int32), pos, False))
+    np.testing.assert_allclose(np.array(stepwise), out[7:16], rtol=0, atol=1e-4 * np.abs(out).max())
+    with pytest.raises(ValueError, match="kv_cache"):
+        pyllm.LLM(f32.path, kv_cache="int8")

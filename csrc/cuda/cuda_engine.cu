@@ -101,6 +101,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cuda"; }
+    const char* kv_cache() const override { return "f32"; }
 
 private:
     static constexpr int64_t kMaxBatch = 512;

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "../core/numeric.h"
 #include "engine.h"
 
 namespace pyllm {
@@ -122,7 +123,8 @@ private:
 class CpuEngine final : public Engine {
 public:
     CpuEngine(std::shared_ptr<MappedFile> file, const TensorTable& t, const ModelConfig& cfg,
-              const std::map<std::string, LinearSpec>& specs, int64_t context_length, int n_threads)
+              const std::map<std::string, LinearSpec>& specs, int64_t context_length, int n_threads,
+              const std::string& kv_cache)
         : file_(std::move(file)), cfg_(cfg), n_ctx_(context_length), pool_(n_threads) {
         cfg_.validate();
         if (n_ctx_ <= 0) throw std::invalid_argument("context length must be positive");
@@ -163,10 +165,19 @@ public:
         }
         inv_freq_ = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
 
-        // Cache pages are touched only as positions are written.
-        const int64_t cache_floats = cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim;
-        k_cache_.reset(new float[(size_t)cache_floats]);
-        v_cache_.reset(new float[(size_t)cache_floats]);
+        // KV cache: f16 unless asked otherwise or the model is stored in f32 (a reference run).
+        // Pages are touched only as positions are written.
+        bool all_f32 = lm_head_.format == WeightFormat::F32;
+        for (const LayerWeights& lw : layers_)
+            for (const WeightView* w : {&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down})
+                all_f32 = all_f32 && w->format == WeightFormat::F32;
+        if (kv_cache == "f16") kv_type_ = KvType::F16;
+        else if (kv_cache == "f32") kv_type_ = KvType::F32;
+        else if (kv_cache == "auto") kv_type_ = all_f32 ? KvType::F32 : KvType::F16;
+        else throw std::invalid_argument("kv_cache must be 'auto', 'f16' or 'f32', not '" + kv_cache + "'");
+        const int64_t cache_bytes = cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim * kv_bytes(kv_type_);
+        k_cache_.reset(new uint8_t[(size_t)cache_bytes]);
+        v_cache_.reset(new uint8_t[(size_t)cache_bytes]);
         const int64_t B = kMaxBatch;
         x_.resize((size_t)(B * D));
         h_.resize((size_t)(B * D));
@@ -177,11 +188,13 @@ public:
         gate_.resize((size_t)(B * F));
         up_.resize((size_t)(B * F));
         positions_.resize((size_t)B);
+        cos_sin_.resize((size_t)(B * cfg_.head_dim));
     }
 
     const ModelConfig& config() const override { return cfg_; }
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
+    const char* kv_cache() const override { return kv_type_ == KvType::F16 ? "f16" : "f32"; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
 
 private:
@@ -194,6 +207,7 @@ private:
         const float eps = (float)cfg_.rms_norm_eps, attn_scale = 1.0f / std::sqrt((float)hd);
         float *x = x_.data(), *h = h_.data();
         for (int64_t m = 0; m < M; ++m) positions_[(size_t)m] = (int32_t)(pos0 + m);
+        rope_angles(positions_.data(), M, inv_freq_.data(), hd / 2, cos_sin_.data());
 
         using S = StageClock;
         clock_.time(S::kEmbed, [&] { embedding(embed_, tokens, M, x); });
@@ -207,21 +221,24 @@ private:
                 linear(pool_, lw.v, in, v_.data());
             });
             // cache layout per layer: keys [kv_heads, head_dim, n_ctx] (transposed), values [kv_heads, n_ctx, head_dim]
-            float* k_layer = k_cache_.get() + l * Hkv * n_ctx_ * hd;
-            float* v_layer = v_cache_.get() + l * Hkv * n_ctx_ * hd;
+            const int64_t layer_bytes = Hkv * n_ctx_ * hd * kv_bytes(kv_type_);
+            uint8_t* k_layer = k_cache_.get() + l * layer_bytes;
+            uint8_t* v_layer = v_cache_.get() + l * layer_bytes;
             clock_.time(S::kRopeCache, [&] {
-                rope(q_.data(), M, H, hd, positions_.data(), inv_freq_.data());
-                rope(k_.data(), M, Hkv, hd, positions_.data(), inv_freq_.data());
-                for (int64_t m = 0; m < M; ++m)
-                    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-                        const float* k_new = k_.data() + m * kv_dim + kvh * hd;
-                        for (int64_t i = 0; i < hd; ++i) k_layer[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[i];
-                        std::memcpy(v_layer + (kvh * n_ctx_ + pos0 + m) * hd, v_.data() + m * kv_dim + kvh * hd,
-                                    (size_t)hd * sizeof(float));
-                    }
+                rope(q_.data(), M, H, hd, cos_sin_.data());
+                rope(k_.data(), M, Hkv, hd, cos_sin_.data());
+                for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+                    for (int64_t i = 0; i < hd; ++i)  // transposed: positions are contiguous
+                        for (int64_t m = 0; m < M; ++m)
+                            store_kv(k_layer, (kvh * hd + i) * n_ctx_ + pos0 + m, k_[(size_t)(m * kv_dim + kvh * hd + i)]);
+                    for (int64_t m = 0; m < M; ++m)
+                        for (int64_t i = 0; i < hd; ++i)
+                            store_kv(v_layer, (kvh * n_ctx_ + pos0 + m) * hd + i, v_[(size_t)(m * kv_dim + kvh * hd + i)]);
+                }
             });
             clock_.time(S::kAttention, [&] {
-                attention(pool_, q_.data(), k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale, attn_.data());
+                attention(pool_, q_.data(), kv_type_, k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale,
+                          attn_.data());
             });
             clock_.time(S::kOut, [&] { linear(pool_, lw.o, attn_.data(), M, h, scratch_); });
             clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
@@ -232,7 +249,7 @@ private:
                 linear(pool_, lw.gate, in, gate_.data());
                 linear(pool_, lw.up, in, up_.data());
             });
-            clock_.time(S::kSwiglu, [&] { swiglu(gate_.data(), up_.data(), M * F, gate_.data()); });
+            clock_.time(S::kSwiglu, [&] { swiglu(pool_, gate_.data(), up_.data(), M * F, gate_.data()); });
             clock_.time(S::kDown, [&] { linear(pool_, lw.down, gate_.data(), M, h, scratch_); });
             clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
         }
@@ -256,10 +273,18 @@ private:
     std::vector<LayerWeights> layers_;
     const float* final_norm_ = nullptr;
     std::vector<float> inv_freq_;
-    std::unique_ptr<float[]> k_cache_;  // [layers, kv_heads, head_dim, n_ctx] (transposed)
-    std::unique_ptr<float[]> v_cache_;  // [layers, kv_heads, n_ctx, head_dim]
+    // One cache value, f32 or rounded to f16 as kv_type_ says, at element `index` of `cache`.
+    void store_kv(uint8_t* cache, int64_t index, float value) const {
+        if (kv_type_ == KvType::F16) reinterpret_cast<uint16_t*>(cache)[index] = f32_to_f16(value);
+        else reinterpret_cast<float*>(cache)[index] = value;
+    }
+
+    KvType kv_type_ = KvType::F16;
+    std::unique_ptr<uint8_t[]> k_cache_;  // kv_type_ [layers, kv_heads, head_dim, n_ctx] (transposed)
+    std::unique_ptr<uint8_t[]> v_cache_;  // kv_type_ [layers, kv_heads, n_ctx, head_dim]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<int32_t> positions_;
+    std::vector<float> cos_sin_;  // [kMaxBatch, 2, head_dim / 2]: this batch's rope angles (rope_angles)
     ActivationScratch scratch_;
     std::vector<AlignedBytes> tiled_storage_;  // rearranged weights (tile_for_active_kernels)
     StageClock clock_;
@@ -269,8 +294,9 @@ private:
 
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
                                         const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,
-                                        int64_t context_length, int n_threads) {
-    return std::make_unique<CpuEngine>(std::move(file), tensors, config, linears, context_length, n_threads);
+                                        int64_t context_length, int n_threads, const std::string& kv_cache) {
+    return std::make_unique<CpuEngine>(std::move(file), tensors, config, linears, context_length, n_threads,
+                                       kv_cache);
 }
 
 }  // namespace pyllm

@@ -53,6 +53,7 @@ public:
     virtual const ModelConfig& config() const = 0;
     virtual int64_t context_length() const = 0;
     virtual const char* device() const = 0;
+    virtual const char* kv_cache() const = 0;  // the KV cache's element type: "f16" or "f32"
     // Runs tokens at positions pos .. pos + n - 1 (the cache must already hold
     // positions 0 .. pos - 1) and stores their keys and values. Checks the
     // positions and token ids first, then runs batches of at most max_batch().
@@ -75,8 +76,10 @@ private:
     std::mutex forward_mutex_;
 };
 
+// kv_cache: the KV cache's element type, "f16", "f32" or "auto" (f32 for a model stored
+// in f32, f16 otherwise).
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
                                         const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,
-                                        int64_t context_length, int n_threads);
+                                        int64_t context_length, int n_threads, const std::string& kv_cache);
 
 }  // namespace pyllm

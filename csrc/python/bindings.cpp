@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 
+#include "../core/numeric.h"
 #include "../core/thread_pool.h"
 #include "../engine/engine.h"
 #include "../kernels/cpu/kernels.h"
@@ -145,15 +146,21 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "swiglu",
-        [](const F32Array& gate, const F32Array& up) {
+        [](const F32Array& gate, const F32Array& up, int n_threads) {
             // gate, up: f32 [...] of one shape
             if (gate.ndim() != up.ndim() || !std::equal(gate.shape(), gate.shape() + gate.ndim(), up.shape()))
                 bad("gate and up must have the same shape");
             py::array_t<float> out(std::vector<py::ssize_t>(gate.shape(), gate.shape() + gate.ndim()));
-            swiglu(gate.data(), up.data(), gate.size(), out.mutable_data());
+            const float *g = gate.data(), *u = up.data();
+            float* o = out.mutable_data();
+            const int64_t n = gate.size();
+            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(kp.mutex);
+            swiglu(*kp.pool, g, u, n, o);
             return out;
         },
-        py::arg("gate"), py::arg("up"));
+        py::arg("gate"), py::arg("up"), py::arg("n_threads") = 1);
 
     m.def(
         "rope_inv_freq",
@@ -173,7 +180,9 @@ PYBIND11_MODULE(_core, m) {
             auto inv_freq = rope_inv_freq(x.shape(2), theta, parse_rope_scaling(scaling));
             py::array_t<float> y({x.shape(0), x.shape(1), x.shape(2)});
             std::copy_n(x.data(), x.size(), y.mutable_data());
-            rope(y.mutable_data(), x.shape(0), x.shape(1), x.shape(2), positions.data(), inv_freq.data());
+            std::vector<float> cos_sin((size_t)(x.shape(0) * x.shape(2)));
+            rope_angles(positions.data(), x.shape(0), inv_freq.data(), x.shape(2) / 2, cos_sin.data());
+            rope(y.mutable_data(), x.shape(0), x.shape(1), x.shape(2), cos_sin.data());
             return y;
         },
         py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("scaling") = py::none());
@@ -181,26 +190,37 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "attention",
         [](const F32Array& q, const F32Array& k_cache, const F32Array& v_cache, int64_t pos0, float scale,
-           int n_threads) {
+           int n_threads, const std::string& kv_cache) {
             // q: f32 [M, H, D], k_cache/v_cache: f32 [Hkv, S, D]; query m sits at position pos0 + m
             const auto [M, H, D, Hkv, S] = attention_shape(q, k_cache, v_cache, pos0);
+            if (kv_cache != "f32" && kv_cache != "f16") bad("kv_cache must be 'f32' or 'f16'");
+            const KvType kv = kv_cache == "f16" ? KvType::F16 : KvType::F32;
             py::array_t<float> out({M, H, D});
-            // the kernel reads keys transposed, as the engine caches them
-            std::vector<float> keys_t((size_t)(Hkv * D * S));
-            const float* kp = k_cache.data();
+            // the cache as the engine keeps it: keys transposed, elements f32 or rounded to f16
+            const int64_t n = Hkv * D * S, element = kv_bytes(kv);
+            std::vector<uint8_t> keys_t((size_t)(n * element)), values((size_t)(n * element));
+            auto put = [&](std::vector<uint8_t>& cache, int64_t index, float value) {
+                if (kv == KvType::F16) reinterpret_cast<uint16_t*>(cache.data())[index] = f32_to_f16(value);
+                else reinterpret_cast<float*>(cache.data())[index] = value;
+            };
+            const float *kp = k_cache.data(), *vp = v_cache.data();
             for (int64_t h = 0; h < Hkv; ++h)
                 for (int64_t s = 0; s < S; ++s)
-                    for (int64_t i = 0; i < D; ++i) keys_t[(size_t)((h * D + i) * S + s)] = kp[(h * S + s) * D + i];
-            const float *qp = q.data(), *vp = v_cache.data();
+                    for (int64_t i = 0; i < D; ++i) {
+                        put(keys_t, (h * D + i) * S + s, kp[(h * S + s) * D + i]);
+                        put(values, (h * S + s) * D + i, vp[(h * S + s) * D + i]);
+                    }
+            const float* qp = q.data();
             float* op = out.mutable_data();
             KernelPool& pool = kernel_pool(resolve_threads(n_threads));
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(pool.mutex);
-            attention(*pool.pool, qp, keys_t.data(), vp, M, H, Hkv, D, S, pos0, scale, op);
+            attention(*pool.pool, qp, kv, keys_t.data(), values.data(), M, H, Hkv, D, S, pos0, scale, op);
             return out;
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
-        py::arg("n_threads") = 1);
+        py::arg("n_threads") = 1, py::arg("kv_cache") = "f32",
+        "Causal attention over a cache (kv_cache: the element type it is kept in, 'f32' or 'f16').");
 
     m.def(
         "read_bandwidth",
@@ -213,7 +233,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("n_threads") = 0, py::arg("bytes") = int64_t(1) << 30, py::arg("passes") = 5,
         "Read bandwidth in GB/s: the fastest of `passes` sums over a buffer of `bytes`, on n_threads threads.");
 
-    register_engine_class(m, resolve_threads, [](const ModelDescription& d, int64_t context_length, int n_threads) {
-        return make_cpu_engine(d.file, *d.tensors, d.config, d.linears, context_length, n_threads);
-    });
+    register_engine_class(m, resolve_threads,
+                          [](const ModelDescription& d, int64_t context_length, int n_threads, const std::string& kv_cache) {
+                              return make_cpu_engine(d.file, *d.tensors, d.config, d.linears, context_length, n_threads,
+                                                     kv_cache);
+                          });
 }

@@ -192,14 +192,16 @@ inline ModelDescription parse_model(const std::string& path, uint64_t data_offse
 class PyModel {
 public:
     using Factory =
-        std::function<std::unique_ptr<Engine>(const ModelDescription&, int64_t context_length, int n_threads)>;
+        std::function<std::unique_ptr<Engine>(const ModelDescription&, int64_t context_length, int n_threads,
+                                              const std::string& kv_cache)>;
 
     PyModel(const std::string& path, uint64_t data_offset, const py::dict& tensors, const py::dict& linears,
-            const py::dict& config, int64_t context_length, int n_threads, const Factory& make_engine)
+            const py::dict& config, int64_t context_length, int n_threads, const std::string& kv_cache,
+            const Factory& make_engine)
         : n_threads_(n_threads) {
         ModelDescription d = parse_model(path, data_offset, tensors, linears, config);
         file_ = d.file;
-        engine_ = make_engine(d, context_length, n_threads);
+        engine_ = make_engine(d, context_length, n_threads, kv_cache);
     }
 
     py::array_t<float> forward(const py::array& token_array, int64_t pos, bool all_logits) {
@@ -222,6 +224,7 @@ public:
     int64_t vocab_size() const { return engine_->config().vocab_size; }
     int n_threads() const { return n_threads_; }
     std::string device() const { return engine_->device(); }
+    const char* kv_cache() const { return engine_->kv_cache(); }
     py::dict profile() const {
         py::dict out;
         for (const auto& [stage, seconds] : engine_->profile()) out[py::str(stage)] = seconds;
@@ -235,23 +238,25 @@ private:
 };
 
 // Registers PyModel as module.Engine(path, data_offset, tensors, linears, config,
-// context_length, n_threads=0); `threads` maps the n_threads argument to the count used.
+// context_length, n_threads=0, kv_cache="auto"); `threads` maps the n_threads argument to the count used.
 inline void register_engine_class(py::module_& m, std::function<int(int)> threads, PyModel::Factory make_engine) {
     py::class_<PyModel>(m, "Engine", py::module_local())  // both modules register it
         .def(py::init([threads, make_engine](const std::string& path, uint64_t data_offset, const py::dict& tensors,
                                              const py::dict& linears, const py::dict& config, int64_t context_length,
-                                             int n_threads) {
+                                             int n_threads, const std::string& kv_cache) {
                  return new PyModel(path, data_offset, tensors, linears, config, context_length, threads(n_threads),
-                                    make_engine);
+                                    kv_cache, make_engine);
              }),
              py::arg("path"), py::arg("data_offset"), py::arg("tensors"), py::arg("linears"), py::arg("config"),
-             py::arg("context_length"), py::arg("n_threads") = 0)
+             py::arg("context_length"), py::arg("n_threads") = 0, py::arg("kv_cache") = "auto")
         .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("pos"), py::arg("all_logits") = false,
              "Runs tokens (int32 [n]) at positions pos.. and returns logits: f32 [n, vocab] or [vocab].")
         .def_property_readonly("context_length", &PyModel::context_length)
         .def_property_readonly("vocab_size", &PyModel::vocab_size)
         .def_property_readonly("n_threads", &PyModel::n_threads)
         .def_property_readonly("device", &PyModel::device)
+        .def_property_readonly("kv_cache", [](const PyModel& m) { return std::string(m.kv_cache()); },
+                               "The KV cache's element type: 'f16' or 'f32'.")
         .def("profile", &PyModel::profile,
              "Seconds per forward stage since the engine was made (PYLLM_PROFILE=1), else an empty dict.");
 }

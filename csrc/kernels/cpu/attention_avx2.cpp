@@ -4,11 +4,13 @@
 //   scores:  16 keys x up to 4 query heads per tile (one key load feeds 4 heads)
 //   outputs: 32 head dimensions x up to 3 query heads per tile (one value load feeds 3 heads)
 // Ragged ends (len or D not a multiple of 8) use masked loads and stores.
+// The cache is f32 or f16 (converted 8 values at a time with F16C).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 
+#include "fast_exp.h"
 #include "kernels.h"
 
 namespace pyllm {
@@ -19,22 +21,15 @@ inline __m256i lane_mask(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// e^x for x <= 0, the steps of exp_nonpositive in attention_portable.cpp on 8 lanes.
-inline __m256 exp_nonpositive8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 shifter = _mm256_set1_ps(12582912.0f);
-    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter), shifter);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+// 8 consecutive cache values as floats; load_kv_part: only the first n (n < 8),
+// the other lanes 0, nothing read past them.
+inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_kv8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline __m256 load_kv_part(const float* p, int64_t n) { return _mm256_maskload_ps(p, lane_mask(n)); }
+inline __m256 load_kv_part(const uint16_t* p, int64_t n) {
+    alignas(16) uint16_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n; ++i) part[i] = p[i];
+    return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)part));
 }
 
 inline float hmax(__m256 v) {
@@ -52,19 +47,18 @@ inline float hsum(__m256 v) {
 }
 
 // scores[g][t0 .. t0 + 8 * KV) for GH heads; the last vector holds `tail` keys (8 = full).
-//   q: f32 [GH, D]   keys_t: f32 [D, stride]   scores: f32 [GH, len]
-template <int GH, int KV>
-inline void score_tile(const float* q, int64_t D, const float* keys_t, int64_t stride, int64_t t0, int64_t tail,
+//   q: f32 [GH, D]   keys_t: T [D, stride]   scores: f32 [GH, len]
+template <int GH, int KV, typename T>
+inline void score_tile(const float* q, int64_t D, const T* keys_t, int64_t stride, int64_t t0, int64_t tail,
                        float* scores, int64_t len) {
     const __m256i mask = lane_mask(tail);
     __m256 acc[GH][KV];
     for (int g = 0; g < GH; ++g)
         for (int v = 0; v < KV; ++v) acc[g][v] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; ++i) {
-        const float* row = keys_t + i * stride + t0;
+        const T* row = keys_t + i * stride + t0;
         __m256 k[KV];
-        for (int v = 0; v < KV; ++v)
-            k[v] = v == KV - 1 && tail < 8 ? _mm256_maskload_ps(row + 8 * v, mask) : _mm256_loadu_ps(row + 8 * v);
+        for (int v = 0; v < KV; ++v) k[v] = v == KV - 1 && tail < 8 ? load_kv_part(row + 8 * v, tail) : load_kv8(row + 8 * v);
         for (int g = 0; g < GH; ++g) {
             const __m256 qi = _mm256_broadcast_ss(q + g * D + i);
             for (int v = 0; v < KV; ++v) acc[g][v] = _mm256_fmadd_ps(qi, k[v], acc[g][v]);
@@ -78,27 +72,26 @@ inline void score_tile(const float* q, int64_t D, const float* keys_t, int64_t s
         }
 }
 
-template <int GH>
-void score_heads(const float* q, int64_t D, const float* keys_t, int64_t stride, int64_t len, float* scores) {
+template <int GH, typename T>
+void score_heads(const float* q, int64_t D, const T* keys_t, int64_t stride, int64_t len, float* scores) {
     int64_t t = 0;
     for (; t + 16 <= len; t += 16) score_tile<GH, 2>(q, D, keys_t, stride, t, 8, scores, len);
     for (; t < len; t += 8) score_tile<GH, 1>(q, D, keys_t, stride, t, std::min<int64_t>(8, len - t), scores, len);
 }
 
 // out[g][d0 .. d0 + 8 * DV) = sum_t p[g][t] v_t for GH heads; the last vector holds `tail` dims.
-//   p: f32 [GH, len] (row stride len)   values: f32 [len, D]   out: f32 [GH, D]
-template <int GH, int DV>
-inline void output_tile(const float* p, int64_t len, const float* values, int64_t D, int64_t d0, int64_t tail,
+//   p: f32 [GH, len] (row stride len)   values: T [len, D]   out: f32 [GH, D]
+template <int GH, int DV, typename T>
+inline void output_tile(const float* p, int64_t len, const T* values, int64_t D, int64_t d0, int64_t tail,
                         float* out) {
     const __m256i mask = lane_mask(tail);
     __m256 acc[GH][DV];
     for (int g = 0; g < GH; ++g)
         for (int v = 0; v < DV; ++v) acc[g][v] = _mm256_setzero_ps();
     for (int64_t t = 0; t < len; ++t) {
-        const float* row = values + t * D + d0;
+        const T* row = values + t * D + d0;
         __m256 val[DV];
-        for (int v = 0; v < DV; ++v)
-            val[v] = v == DV - 1 && tail < 8 ? _mm256_maskload_ps(row + 8 * v, mask) : _mm256_loadu_ps(row + 8 * v);
+        for (int v = 0; v < DV; ++v) val[v] = v == DV - 1 && tail < 8 ? load_kv_part(row + 8 * v, tail) : load_kv8(row + 8 * v);
         for (int g = 0; g < GH; ++g) {
             const __m256 pt = _mm256_broadcast_ss(p + g * len + t);
             for (int v = 0; v < DV; ++v) acc[g][v] = _mm256_fmadd_ps(pt, val[v], acc[g][v]);
@@ -112,8 +105,8 @@ inline void output_tile(const float* p, int64_t len, const float* values, int64_
         }
 }
 
-template <int GH>
-void output_heads(const float* p, int64_t len, const float* values, int64_t D, float* out) {
+template <int GH, typename T>
+void output_heads(const float* p, int64_t len, const T* values, int64_t D, float* out) {
     int64_t d = 0;
     for (; d + 32 <= D; d += 32) output_tile<GH, 4>(p, len, values, D, d, 8, out);
     for (; d < D; d += 8) output_tile<GH, 1>(p, len, values, D, d, std::min<int64_t>(8, D - d), out);
@@ -140,10 +133,10 @@ void exp_scores(float* s, int64_t len, float* max_out, float* sum_out) {
     *sum_out = hsum(vsum);
 }
 
-}  // namespace
 
-void attend_avx2(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
-                 const float* values, int64_t len, float* scores, float* out, float* max, float* sum) {
+template <typename T>
+void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int64_t key_stride, const T* values,
+                  int64_t len, float* scores, float* out, float* max, float* sum) {
     for (int64_t g = 0; g < group;) {
         const int64_t gh = std::min<int64_t>(4, group - g);
         const float* qg = q + g * D;
@@ -168,6 +161,15 @@ void attend_avx2(const float* q, int64_t group, int64_t D, const float* keys_t, 
         }
         g += gh;
     }
+}
+
+}  // namespace
+
+void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
+                 const void* values, int64_t len, float* scores, float* out, float* max, float* sum) {
+    with_kv_type(kv, keys_t, values, [&](auto keys_typed, auto values_typed) {
+        attend_typed(q, group, D, keys_typed, key_stride, values_typed, len, scores, out, max, sum);
+    });
 }
 
 }  // namespace pyllm

@@ -4,48 +4,29 @@
 #include <cmath>
 #include <cstring>
 
+#include "../../core/numeric.h"
+#include "fast_exp.h"
 #include "kernels.h"
 
 namespace pyllm {
 
 namespace {
 
-// e^x for x <= 0 (softmax after subtracting the maximum); relative error at
-// most 2.6e-7 (3 float ulps) against double exp over [-87, 0], measured on
-// 10^7 points.
-// Branch-free arithmetic, so loops over it vectorize without -ffast-math:
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built
-// in the exponent bits.
-inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;  // e^-87 ~ 1.6e-38: still a normal float
-    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const float n = (x * 1.44269504f + shifter) - shifter;
-    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two for precision
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+inline float kv_value(const float* p, int64_t i) { return p[i]; }
+inline float kv_value(const uint16_t* p, int64_t i) { return f16_to_f32(p[i]); }
 
-}  // namespace
-
-void attend_portable(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
-                     const float* values, int64_t len, float* scores, float* out, float* max, float* sum) {
+//   keys_t: T [D, key_stride]   values: T [len, D]
+template <typename T>
+void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int64_t key_stride, const T* values,
+                  int64_t len, float* scores, float* out, float* max, float* sum) {
     // scores[g][t] = q_g . k_t, one head dimension at a time (vectorizes over t)
     std::fill_n(scores, group * len, 0.0f);
     for (int64_t i = 0; i < D; ++i) {
-        const float* key_row = keys_t + i * key_stride;
+        const T* key_row = keys_t + i * key_stride;
         for (int64_t g = 0; g < group; ++g) {
             const float qi = q[g * D + i];
             float* sg = scores + g * len;
-            for (int64_t t = 0; t < len; ++t) sg[t] += qi * key_row[t];
+            for (int64_t t = 0; t < len; ++t) sg[t] += qi * kv_value(key_row, t);
         }
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -60,13 +41,22 @@ void attend_portable(const float* q, int64_t group, int64_t D, const float* keys
     }
     std::fill_n(out, group * D, 0.0f);
     for (int64_t t = 0; t < len; ++t) {
-        const float* vt = values + t * D;
+        const T* vt = values + t * D;
         for (int64_t g = 0; g < group; ++g) {
             const float p = scores[g * len + t];
             float* o = out + g * D;
-            for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+            for (int64_t i = 0; i < D; ++i) o[i] += p * kv_value(vt, i);
         }
     }
+}
+
+}  // namespace
+
+void attend_portable(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
+                     const void* values, int64_t len, float* scores, float* out, float* max, float* sum) {
+    with_kv_type(kv, keys_t, values, [&](auto keys_typed, auto values_typed) {
+        attend_typed(q, group, D, keys_typed, key_stride, values_typed, len, scores, out, max, sum);
+    });
 }
 
 }  // namespace pyllm

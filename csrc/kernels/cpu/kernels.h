@@ -1,5 +1,5 @@
 // The CPU kernels that come in instruction-set variants: matrix multiply
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) and the inner step of attention.
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), the inner step of attention and SwiGLU.
 //
 // Each variant (portable C++, AVX2+FMA, AVX-512 VNNI) fills one CpuKernels table;
 // dispatch.cpp picks the table once from what the CPU supports, and the tests
@@ -13,6 +13,16 @@
 #include "../../core/weights.h"
 
 namespace pyllm {
+
+// Element type of a KV cache: f32, or IEEE f16 (half the bytes each decode step reads).
+enum class KvType { F32, F16 };
+inline int64_t kv_bytes(KvType kv) { return kv == KvType::F16 ? 2 : 4; }
+// Calls fn(keys, values) with the cache pointers typed: const float* or const uint16_t* (f16 bits).
+template <typename Fn>
+void with_kv_type(KvType kv, const void* keys, const void* values, Fn&& fn) {
+    if (kv == KvType::F16) fn(static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values));
+    else fn(static_cast<const float*>(keys), static_cast<const float*>(values));
+}
 
 struct CpuKernels {
     const char* name;
@@ -35,25 +45,29 @@ struct CpuKernels {
     // One attention task: `group` query heads sharing a kv head against `len`
     // consecutive keys. Writes each head's maximum score, the sum of
     // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.
-    //   q: f32 [group, D] (scale applied)   keys_t: f32 [D, key_stride], first key at column 0
-    //   values: f32 [len, D]   scores: scratch f32 [group, len]
+    //   q: f32 [group, D] (scale applied)   keys_t: kv [D, key_stride], first key at column 0
+    //   values: kv [len, D]   scores: scratch f32 [group, len]
     //   out: f32 [group, D]   max, sum: f32 [group]
-    void (*attend)(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
-                   const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
+    void (*attend)(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
+                   const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
+    // out = silu(gate) * up, element by element.   gate, up, out: f32 [n]
+    void (*swiglu)(const float* gate, const float* up, int64_t n, float* out);
 };
 
 void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int64_t row_end,
                             const QuantizedRows& out);
-void attend_portable(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
-                     const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
+void attend_portable(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
+                     const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
+void swiglu_portable(const float* gate, const float* up, int64_t n, float* out);
 
 extern const CpuKernels kPortableKernels;
 #if defined(PYLLM_HAVE_AVX2)
 extern const CpuKernels kAvx2Kernels;
 void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
 void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
-void attend_avx2(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
-                 const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
+void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
+                 const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
+void swiglu_avx2(const float* gate, const float* up, int64_t n, float* out);
 #endif
 #if defined(PYLLM_HAVE_AVX512)
 extern const CpuKernels kAvx512Kernels;  // VNNI integer dots; float weights and attention as AVX2

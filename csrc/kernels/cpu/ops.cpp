@@ -124,8 +124,13 @@ void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float ep
     }
 }
 
-void swiglu(const float* gate, const float* up, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+void swiglu(ThreadPool& pool, const float* gate, const float* up, int64_t n, float* out) {
+    const CpuKernels& kernels = active_kernels();
+    const int64_t chunk = 4096;
+    pool.parallel_for((n + chunk - 1) / chunk, [&](int64_t i) {
+        const int64_t begin = i * chunk, len = std::min(chunk, n - begin);
+        kernels.swiglu(gate + begin, up + begin, len, out + begin);
+    });
 }
 
 std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScaling& scaling) {
@@ -163,27 +168,32 @@ std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScali
     throw std::invalid_argument("unsupported rope_scaling type '" + scaling.type + "' (supported: linear, llama3)");
 }
 
-void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positions, const float* inv_freq) {
-    const int64_t half = D / 2;
-    std::vector<float> cos_table((size_t)half), sin_table((size_t)half);
-    for (int64_t m = 0; m < M; ++m) {
+void rope_angles(const int32_t* positions, int64_t M, const float* inv_freq, int64_t half, float* cos_sin) {
+    for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < half; ++i) {
             const float angle = (float)positions[m] * inv_freq[i];
-            cos_table[(size_t)i] = std::cos(angle);
-            sin_table[(size_t)i] = std::sin(angle);
+            cos_sin[(m * 2) * half + i] = std::cos(angle);
+            cos_sin[(m * 2 + 1) * half + i] = std::sin(angle);
         }
+}
+
+void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const float* cos_sin) {
+    const int64_t half = D / 2;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* cos_m = cos_sin + (m * 2) * half;
+        const float* sin_m = cos_m + half;
         for (int64_t h = 0; h < n_heads; ++h) {
             float* v = x + (m * n_heads + h) * D;
             for (int64_t i = 0; i < half; ++i) {
                 const float a = v[i], b = v[i + half];
-                v[i] = a * cos_table[(size_t)i] - b * sin_table[(size_t)i];
-                v[i + half] = b * cos_table[(size_t)i] + a * sin_table[(size_t)i];
+                v[i] = a * cos_m[i] - b * sin_m[i];
+                v[i + half] = b * cos_m[i] + a * sin_m[i];
             }
         }
     }
 }
 
-void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const float* v_cache, int64_t M,
+void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                float* out) {
     // Tasks are (query row, kv head, key chunk): the query heads sharing a kv head
@@ -222,8 +232,11 @@ void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const f
         float* scores = buffer.data() + group * D;  // [group, len]
         const float* q_group = q + (m * n_heads + kv * group) * D;
         for (int64_t i = 0; i < group * D; ++i) q_scaled[i] = q_group[i] * scale;
-        kernels.attend(q_scaled, group, D, k_cache_t + kv * D * cache_len + t0, cache_len,
-                       v_cache + (kv * cache_len + t0) * D, len, scores, o_group, max, sum);
+        const int64_t element = kv_bytes(kv_type);
+        kernels.attend(q_scaled, group, D, kv_type,
+                       static_cast<const uint8_t*>(k_cache_t) + (kv * D * cache_len + t0) * element, cache_len,
+                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * D * element, len, scores, o_group,
+                       max, sum);
         if (n_chunks == 1)  // normalise now; chunks are normalised when merged
             for (int64_t g = 0; g < group; ++g)
                 for (int64_t i = 0; i < D; ++i) o_group[g * D + i] /= sum[g];

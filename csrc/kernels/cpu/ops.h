@@ -7,6 +7,7 @@
 
 #include "../../core/thread_pool.h"
 #include "../../core/weights.h"
+#include "kernels.h"
 
 namespace pyllm {
 
@@ -48,8 +49,8 @@ void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out);
 // y = x / sqrt(mean(x^2) + eps) * weight.   x, y: f32 [M, D]   weight: f32 [D]
 void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y);
 
-// out = silu(gate) * up.   gate, up, out: f32 [n]
-void swiglu(const float* gate, const float* up, int64_t n, float* out);
+// out = silu(gate) * up, across the pool.   gate, up, out: f32 [n]
+void swiglu(ThreadPool& pool, const float* gate, const float* up, int64_t n, float* out);
 
 struct RopeScaling {
     std::string type = "default";  // "default", "linear" or "llama3"
@@ -62,18 +63,24 @@ struct RopeScaling {
 // Inverse frequencies of rotary embedding, as transformers computes them.   -> f32 [head_dim / 2]
 std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScaling& scaling);
 
+// The cosines and sines of the angles positions[m] * inv_freq[i], computed
+// once per batch and shared by every layer's queries and keys.
+//   positions: int32 [M]   inv_freq: f32 [half]   cos_sin: f32 [M, 2, half] (cos, then sin)
+void rope_angles(const int32_t* positions, int64_t M, const float* inv_freq, int64_t half, float* cos_sin);
+
 // Rotates x in place in the rotate-half convention: the pair (i, i + D/2) of
-// every head turns by angle positions[m] * inv_freq[i].
-//   x: f32 [M, n_heads, D]   positions: int32 [M]   inv_freq: f32 [D / 2]
-void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const int32_t* positions, const float* inv_freq);
+// every head of row m turns by the angle whose cos/sin are cos_sin[m, :, i].
+//   x: f32 [M, n_heads, D]   cos_sin: f32 [M, 2, D / 2] (rope_angles)
+void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const float* cos_sin);
 
 // Causal attention of M new queries at positions pos0 .. pos0 + M - 1 over a
 // cache already holding their keys and values; query head h reads kv head
 // h / (n_heads / n_kv_heads). Keys are cached transposed so that scoring one
-// query against all keys is a contiguous multiply-add over positions.
-//   q: f32 [M, n_heads, D]   k_cache_t: f32 [n_kv_heads, D, cache_len]
-//   v_cache: f32 [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
-void attention(ThreadPool& pool, const float* q, const float* k_cache_t, const float* v_cache, int64_t M,
+// query against all keys is a contiguous multiply-add over positions. The
+// cache's elements are kv_type (f32 or f16).
+//   q: f32 [M, n_heads, D]   k_cache_t: kv [n_kv_heads, D, cache_len]
+//   v_cache: kv [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
+void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                float* out);
 
