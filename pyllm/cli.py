@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="int8/int4: GPTQ rounding calibrated on a text file; 'builtin' (standard-library docstrings, "
-                        "the default for --quant int4) or 'none' (scale search only)")
+                        "the default for --quant int4 and int8) or 'none' (int4: scale search only; int8: min/max scales)")
     p.add_argument("--rtn", action="store_true", help="int8/int4: plain round-to-nearest on min/max scales (no scale search)")
     p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
                    help="store the N matrices with the largest quantization error at int8")

@@ -249,13 +249,28 @@ def test_convert_flags_choose_the_method():
     assert options_from_flags("int4", None, False, 0, None).method == "gptq"  # builtin calibration text
     assert options_from_flags("int4", None, False, 0, None).calib is None
     assert options_from_flags("int4", "none", False, 0, None).method == "search"
-    assert options_from_flags("int8", None, False, 0, None).method == "search"
+    assert options_from_flags("int8", None, False, 0, None).method == "gptq"  # int8 calibrates too
+    assert options_from_flags("int8", "none", False, 0, None).method == "search"
     assert options_from_flags("int4_asym", None, True, 0, None).method == "rtn"
     assert options_from_flags("int8", "x.txt", False, 2, 4.5).calib == "x.txt"
     with pytest.raises(ValueError, match="exclude"):
         options_from_flags("int4", "x.txt", True, 0, None)
     with pytest.raises(ValueError, match="budget"):
         options_from_flags("int4", "none", False, 0, 3.0)
+
+
+def test_int8_keeps_minmax_scales_without_calibration():
+    """The scale search serves int4 only: int8 without calibration stores min/max scales and
+    nearest codes (the search lowered int8's weight error but raised SmolLM2's perplexity)."""
+    from pyllm.convert.strategy import Strategy
+
+    w = np.random.default_rng(3).standard_normal((40, 96)).astype(np.float32)
+    got = Strategy("search").quantize("m", w, "int8", 32)
+    want = quant.quantize(w, "int8", 32, search=False)
+    np.testing.assert_array_equal(got.data, want.data)
+    np.testing.assert_array_equal(got.scales, want.scales)
+    assert not np.array_equal(Strategy("search").quantize("m", w, "int4_asym", 32).scales,
+                              quant.quantize(w, "int4_asym", 32, search=False).scales)
 
 
 def test_keep_sensitive_stores_matrices_at_int8(tiny_llama, tmp_path):

@@ -114,7 +114,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
 
     quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
     without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
-    (pyllm/convert/strategy.py; default: scale search, and for --quant int4 a per-tensor choice of layout).
+    (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
+    a per-tensor choice of layout).
     lora: PEFT adapter directories merged into the weights in float32, in order, before quantizing."""
     fmt, group = resolve_quant(quant, group_size)
     source = open_source(src)
