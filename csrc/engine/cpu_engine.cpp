@@ -157,12 +157,11 @@ public:
             tile_for_active_kernels(pool_, *w, tiled_storage_);
             // the file's copy is read again only if another kernel variant is chosen later (embedding
             // rows of a tied lm_head come back page by page); out of the resident set with it
-            if (w->tiled.data != nullptr) {
-                file_->release(w->data, (uint64_t)(w->rows * w->row_bytes()));
-                file_->release(w->scales, (uint64_t)(w->rows * w->n_groups() * 2));
-                if (w->mins) file_->release(w->mins, (uint64_t)(w->rows * w->n_groups() * 2));
-            }
+            if (w->tiled.data != nullptr) release_file_pages(*w);
         }
+        // the embedding table is read a row per token; unless its file copy is also the lm_head,
+        // the pages those reads map in (the kernel maps up to 64 KB around each) are let go again
+        release_embedding_ = !(lm_head_.data == embed_.data && lm_head_.tiled.data == nullptr);
         inv_freq_ = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
 
         // KV cache: f16 unless asked otherwise or the model is stored in f32 (a reference run).
@@ -210,7 +209,10 @@ private:
         rope_angles(positions_.data(), M, inv_freq_.data(), hd / 2, cos_sin_.data());
 
         using S = StageClock;
-        clock_.time(S::kEmbed, [&] { embedding(embed_, tokens, M, x); });
+        clock_.time(S::kEmbed, [&] {
+            embedding(embed_, tokens, M, x);
+            if (release_embedding_) release_file_pages(embed_);
+        });
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const LayerWeights& lw = layers_[(size_t)l];
             clock_.time(S::kNorm, [&] { rmsnorm(x, lw.attn_norm, M, D, eps, h); });
@@ -270,9 +272,17 @@ private:
     int64_t n_ctx_;
     ThreadPool pool_;
     WeightView embed_, lm_head_;
+    bool release_embedding_ = false;  // drop the embedding rows' file pages after each lookup
     std::vector<LayerWeights> layers_;
     const float* final_norm_ = nullptr;
     std::vector<float> inv_freq_;
+    // w's pages of the mapped file leave the resident set (they come back if read again).
+    void release_file_pages(const WeightView& w) const {
+        file_->release(w.data, (uint64_t)(w.rows * w.row_bytes()));
+        if (w.scales) file_->release(w.scales, (uint64_t)(w.rows * w.n_groups() * 2));
+        if (w.mins) file_->release(w.mins, (uint64_t)(w.rows * w.n_groups() * 2));
+    }
+
     // One cache value, f32 or rounded to f16 as kv_type_ says, at element `index` of `cache`.
     void store_kv(uint8_t* cache, int64_t index, float value) const {
         if (kv_type_ == KvType::F16) reinterpret_cast<uint16_t*>(cache)[index] = f32_to_f16(value);

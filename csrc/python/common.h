@@ -201,6 +201,7 @@ public:
         : n_threads_(n_threads) {
         ModelDescription d = parse_model(path, data_offset, tensors, linears, config);
         file_ = d.file;
+        py::gil_scoped_release release;  // loading (tiling weights) runs beside Python threads
         engine_ = make_engine(d, context_length, n_threads, kv_cache);
     }
 
