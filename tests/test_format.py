@@ -400,7 +400,7 @@ def test_garbage_tokenizer_blob_raises(make_file, valid):
         return join_file(h, d[:b] + (b"{" * (e - b)) + d[e:])
 
     path = make_file(garbage)
-    with pytest.raises(Exception):
+    with pytest.raises(FormatError, match="embedded tokenizer cannot be read"):  # parsed beside the engine's load
         pyllm.LLM(path, n_threads=1)
     proc = run_child(CHILD, path)
     assert proc.returncode == 1, proc.stderr[-3000:]
