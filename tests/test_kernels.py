@@ -848,6 +848,22 @@ def test_swiglu_extreme_gates(kernels):
         _core.swiglu(np.ones((2, 3), np.float32), np.ones((3, 2), np.float32))
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 37, 1000])
+def test_round_to_f16_matches_numpy(kernels, n):
+    """The KV cache's f16 rounding: numpy's float32 -> float16 (round to nearest even), bit for
+    bit, on normal values, ties, subnormals, overflow to infinity and signed zeros; NaN stays NaN."""
+    rng = np.random.default_rng(n)
+    special = np.array([0.0, -0.0, 1.0, 65504.0, 65520.0, 65519.996, 1e6, -1e6, 6.1e-5, 5.96e-8, 2.98e-8, 1e-8,
+                        1 + 2.0**-11, 1 + 3 * 2.0**-11, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([special, (rng.standard_normal(n) * 10.0 ** rng.integers(-9, 6, n)).astype(np.float32)])[:n]
+    got = _core.round_to_f16(x)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(np.float16)).all()
+
+
 # =============================================================================
 # rotary embedding
 # =============================================================================

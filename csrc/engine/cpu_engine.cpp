@@ -7,7 +7,6 @@
 #include <stdexcept>
 #include <vector>
 
-#include "../core/numeric.h"
 #include "engine.h"
 
 namespace pyllm {
@@ -183,6 +182,7 @@ public:
         q_.resize((size_t)(B * q_dim));
         k_.resize((size_t)(B * kv_dim));
         v_.resize((size_t)(B * kv_dim));
+        if (kv_type_ == KvType::F16) k16_.resize(k_.size()), v16_.resize(v_.size());
         attn_.resize((size_t)(B * q_dim));
         gate_.resize((size_t)(B * F));
         up_.resize((size_t)(B * F));
@@ -229,13 +229,15 @@ private:
             clock_.time(S::kRopeCache, [&] {
                 rope(q_.data(), M, H, hd, cos_sin_.data());
                 rope(k_.data(), M, Hkv, hd, cos_sin_.data());
-                for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-                    for (int64_t i = 0; i < hd; ++i)  // transposed: positions are contiguous
-                        for (int64_t m = 0; m < M; ++m)
-                            store_kv(k_layer, (kvh * hd + i) * n_ctx_ + pos0 + m, k_[(size_t)(m * kv_dim + kvh * hd + i)]);
-                    for (int64_t m = 0; m < M; ++m)
-                        for (int64_t i = 0; i < hd; ++i)
-                            store_kv(v_layer, (kvh * n_ctx_ + pos0 + m) * hd + i, v_[(size_t)(m * kv_dim + kvh * hd + i)]);
+                if (kv_type_ == KvType::F16) {
+                    const CpuKernels& kernels = active_kernels();
+                    kernels.round_to_f16(k_.data(), M * kv_dim, k16_.data());
+                    kernels.round_to_f16(v_.data(), M * kv_dim, v16_.data());
+                    write_kv(reinterpret_cast<uint16_t*>(k_layer), reinterpret_cast<uint16_t*>(v_layer), k16_.data(),
+                             v16_.data(), M, pos0);
+                } else {
+                    write_kv(reinterpret_cast<float*>(k_layer), reinterpret_cast<float*>(v_layer), k_.data(), v_.data(),
+                             M, pos0);
                 }
             });
             clock_.time(S::kAttention, [&] {
@@ -283,16 +285,25 @@ private:
         if (w.mins) file_->release(w.mins, (uint64_t)(w.rows * w.n_groups() * 2));
     }
 
-    // One cache value, f32 or rounded to f16 as kv_type_ says, at element `index` of `cache`.
-    void store_kv(uint8_t* cache, int64_t index, float value) const {
-        if (kv_type_ == KvType::F16) reinterpret_cast<uint16_t*>(cache)[index] = f32_to_f16(value);
-        else reinterpret_cast<float*>(cache)[index] = value;
+    // This batch's keys and values into one layer's cache at positions pos0 .. pos0 + M - 1.
+    //   k_cache: T [kv_heads, head_dim, n_ctx] (transposed)   v_cache: T [kv_heads, n_ctx, head_dim]
+    //   k_new, v_new: T [M, kv_heads * head_dim]
+    template <typename T>
+    void write_kv(T* k_cache, T* v_cache, const T* k_new, const T* v_new, int64_t M, int64_t pos0) const {
+        const int64_t hd = cfg_.head_dim, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd;
+        for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+            for (int64_t i = 0; i < hd; ++i)  // transposed: positions are contiguous
+                for (int64_t m = 0; m < M; ++m) k_cache[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[m * kv_dim + kvh * hd + i];
+            for (int64_t m = 0; m < M; ++m)
+                std::memcpy(v_cache + (kvh * n_ctx_ + pos0 + m) * hd, v_new + m * kv_dim + kvh * hd, (size_t)hd * sizeof(T));
+        }
     }
 
     KvType kv_type_ = KvType::F16;
     std::unique_ptr<uint8_t[]> k_cache_;  // kv_type_ [layers, kv_heads, head_dim, n_ctx] (transposed)
     std::unique_ptr<uint8_t[]> v_cache_;  // kv_type_ [layers, kv_heads, n_ctx, head_dim]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
+    std::vector<uint16_t> k16_, v16_;  // [kMaxBatch, kv_heads * head_dim]: k_, v_ rounded for an f16 cache
     std::vector<int32_t> positions_;
     std::vector<float> cos_sin_;  // [kMaxBatch, 2, head_dim / 2]: this batch's rope angles (rope_angles)
     ActivationScratch scratch_;

@@ -163,6 +163,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("gate"), py::arg("up"), py::arg("n_threads") = 1);
 
     m.def(
+        "round_to_f16",
+        [](const F32Array& x) {
+            // x: f32 [...] -> the IEEE f16 bits (uint16) of x rounded to nearest even, by the active kernels
+            py::array_t<uint16_t> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+            active_kernels().round_to_f16(x.data(), x.size(), out.mutable_data());
+            return out;
+        },
+        py::arg("x"));
+
+    m.def(
         "rope_inv_freq",
         [](int64_t head_dim, double theta, const py::object& scaling) {
             auto f = rope_inv_freq(head_dim, theta, parse_rope_scaling(scaling));

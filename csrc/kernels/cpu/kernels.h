@@ -1,5 +1,6 @@
 // The CPU kernels that come in instruction-set variants: matrix multiply
-// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), the inner step of attention and SwiGLU.
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), the inner step of attention, and
+// element-wise SwiGLU and f16 rounding.
 //
 // Each variant (portable C++, AVX2+FMA, AVX-512 VNNI) fills one CpuKernels table;
 // dispatch.cpp picks the table once from what the CPU supports, and the tests
@@ -52,6 +53,8 @@ struct CpuKernels {
                    const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
     // out = silu(gate) * up, element by element.   gate, up, out: f32 [n]
     void (*swiglu)(const float* gate, const float* up, int64_t n, float* out);
+    // IEEE f16 bits of x rounded to nearest even (f32_to_f16 in numeric.h).   x: f32 [n]   out: u16 [n]
+    void (*round_to_f16)(const float* x, int64_t n, uint16_t* out);
 };
 
 void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int64_t row_end,
@@ -59,6 +62,7 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
 void attend_portable(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
                      const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
 void swiglu_portable(const float* gate, const float* up, int64_t n, float* out);
+void round_to_f16_portable(const float* x, int64_t n, uint16_t* out);
 
 extern const CpuKernels kPortableKernels;
 #if defined(PYLLM_HAVE_AVX2)
@@ -68,6 +72,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
 void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
                  const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
 void swiglu_avx2(const float* gate, const float* up, int64_t n, float* out);
+void round_to_f16_avx2(const float* x, int64_t n, uint16_t* out);
 #endif
 #if defined(PYLLM_HAVE_AVX512)
 extern const CpuKernels kAvx512Kernels;  // VNNI integer dots; float weights and attention as AVX2

@@ -322,6 +322,6 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
 }
 
 const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, reads_tiled, attend_avx2,
-                                swiglu_avx2};
+                                swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm

@@ -247,6 +247,6 @@ bool reads_tiled(WeightFormat) { return true; }
 }  // namespace
 
 const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx2, quant_weights, quantize_rows_avx2, reads_tiled, attend_avx2,
-                                  swiglu_avx2};
+                                  swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm

@@ -1,7 +1,8 @@
-// Portable SwiGLU kernel (CpuKernels::swiglu in kernels.h): plain C++ that
-// compilers vectorize, the reference for the SIMD variant.
+// Portable element-wise kernels (CpuKernels::swiglu, round_to_f16 in kernels.h):
+// plain C++ that compilers vectorize, the reference for the SIMD variants.
 #include <cmath>
 
+#include "../../core/numeric.h"
 #include "fast_exp.h"
 #include "kernels.h"
 
@@ -16,6 +17,10 @@ void swiglu_portable(const float* gate, const float* up, int64_t n, float* out) 
         const float sigmoid = (g >= 0.0f ? 1.0f : e) / (1.0f + e);
         out[i] = g * sigmoid * up[i];
     }
+}
+
+void round_to_f16_portable(const float* x, int64_t n, uint16_t* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = f32_to_f16(x[i]);
 }
 
 }  // namespace pyllm
