@@ -41,6 +41,16 @@ def test_bench_json_fields(tiny_llama_f32, capsys):
     assert r["kernels"] == _core.active_kernels() and r["machine"]["cores"] >= 1
 
 
+def test_bench_kv_cache_flag(tiny_llama_f32, capsys):
+    """--kv-cache f16 on an f32 model: the report says so and counts 2 bytes per cached value."""
+    r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json",
+                "--kv-cache", "f16")
+    assert r["kv_cache"] == "f16"
+    assert r["kv_cache_bytes"] == 2 * 2 * (2 * 16) * (8 + 2) * 2  # K and V, layers, kv heads x head_dim, n_ctx, bytes
+    with pytest.raises(SystemExit):
+        main(["bench", tiny_llama_f32, "--kv-cache", "q8"])
+
+
 def test_bench_text_report_and_bad_arguments(tiny_llama_f32, capsys):
     assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0
     out = capsys.readouterr().out
