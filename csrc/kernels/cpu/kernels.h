@@ -51,12 +51,14 @@ extern const CpuKernels kPortableKernels;
 #if defined(PYLLM_HAVE_AVX2)
 extern const CpuKernels kAvx2Kernels;
 void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
+// float_weights without packing: register tiles reading the weights as stored (decode, few rows)
+void float_weight_rows_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
 void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
 void attend_avx2(const float* q, int64_t group, int64_t D, const float* keys_t, int64_t key_stride,
                  const float* values, int64_t len, float* scores, float* out, float* max, float* sum);
 #endif
 #if defined(PYLLM_HAVE_AVX512)
-extern const CpuKernels kAvx512Kernels;  // VNNI integer dots; float weights and attention as AVX2
+extern const CpuKernels kAvx512Kernels;  // VNNI integer dots, AVX-512 float prefill; attention as AVX2
 #endif
 
 

@@ -29,9 +29,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <array>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -289,35 +287,6 @@ inline void transpose16(__m512 r[16]) {
 
 inline __mmask16 first_lanes(int64_t n) { return (__mmask16)(n >= 16 ? 0xffff : n <= 0 ? 0 : (1u << n) - 1); }
 
-// A register tile of `Rows` activation rows x 32 output columns over one depth block.
-template <int Rows>
-void panel_tile(const float* panel, int64_t depth, const float* x, int64_t K, float* y, int64_t N, int64_t cols,
-                bool first, const float* bias) {
-    const __mmask16 mask[2] = {first_lanes(cols), first_lanes(cols - 16)};
-    __m512 acc[Rows][2];
-    for (int m = 0; m < Rows; ++m)
-        for (int h = 0; h < 2; ++h)
-            acc[m][h] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[h], y + m * N + 16 * h);
-    for (int64_t k = 0; k < depth; ++k) {
-        const __m512 w0 = _mm512_load_ps(panel + 32 * k), w1 = _mm512_load_ps(panel + 32 * k + 16);
-        for (int m = 0; m < Rows; ++m) {
-            const __m512 xv = _mm512_set1_ps(x[m * K + k]);
-            acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
-            acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
-        }
-    }
-    for (int h = 0; h < 2; ++h) {
-        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[h], bias + 16 * h) : _mm512_setzero_ps();
-        for (int m = 0; m < Rows; ++m) _mm512_mask_storeu_ps(y + m * N + 16 * h, mask[h], _mm512_add_ps(acc[m][h], b));
-    }
-}
-
-// panel_tile<1> .. panel_tile<sizeof...(R)>, indexed by rows - 1.
-template <std::size_t... R>
-constexpr auto panel_tiles(std::index_sequence<R...>) {
-    return std::array{&panel_tile<(int)R + 1>...};
-}
-
 template <WeightFormat F>
 struct Avx512Panels {
     static constexpr int64_t kCols = 32, kRows = 12;
@@ -337,18 +306,36 @@ struct Avx512Panels {
         }
     }
 
-    static void tile(int64_t rows, const float* panel, int64_t depth, const float* x, int64_t K, float* y, int64_t N,
-                     int64_t cols, bool first, const float* bias) {
-        static constexpr auto tiles = panel_tiles(std::make_index_sequence<kRows>{});
-        tiles[rows - 1](panel, depth, x, K, y, N, cols, first, bias);
+    // A register tile of Rows activation rows x 32 output columns over one depth block.
+    template <int Rows>
+    static void tile(const float* panel, int64_t depth, const float* x, int64_t K, float* y, int64_t N, int64_t cols,
+                     bool first, const float* bias) {
+        const __mmask16 mask[2] = {first_lanes(cols), first_lanes(cols - 16)};
+        __m512 acc[Rows][2];
+        for (int m = 0; m < Rows; ++m)
+            for (int h = 0; h < 2; ++h)
+                acc[m][h] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[h], y + m * N + 16 * h);
+        for (int64_t k = 0; k < depth; ++k) {
+            const __m512 w0 = _mm512_load_ps(panel + 32 * k), w1 = _mm512_load_ps(panel + 32 * k + 16);
+            for (int m = 0; m < Rows; ++m) {
+                const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+                acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[h], bias + 16 * h) : _mm512_setzero_ps();
+            for (int m = 0; m < Rows; ++m) _mm512_mask_storeu_ps(y + m * N + 16 * h, mask[h], _mm512_add_ps(acc[m][h], b));
+        }
     }
 };
 
-// Below this many rows packing does not pay: the AVX2 row tiles read the weights directly.
-constexpr int64_t kPanelMinRows = 8;
+// Below this many rows packing does not pay: the AVX2 row tiles read the weights directly
+// (measured crossover 8-12 rows, f16 576 x 576 .. 1536).
+constexpr int64_t kPanelMinRows = 12;
 
 void float_weights_avx512(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
-    if (M < kPanelMinRows) return float_weights_avx2(w, x, M, n_begin, n_end, y);
+    if (M < kPanelMinRows) return float_weight_rows_avx2(w, x, M, n_begin, n_end, y);
     switch (w.format) {
         case WeightFormat::F32: return panel_matmul<Avx512Panels<WeightFormat::F32>>(w, x, M, n_begin, n_end, y);
         case WeightFormat::F16: return panel_matmul<Avx512Panels<WeightFormat::F16>>(w, x, M, n_begin, n_end, y);

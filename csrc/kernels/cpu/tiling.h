@@ -2,8 +2,10 @@
 // activation rows) tile covers which part of the output.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../core/weights.h"
@@ -39,15 +41,21 @@ void tile_over(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
 // Panels provides:
 //   pack(w, n0, cols, k0, depth, panel)   panel: f32 [depth, kCols], w[n0 + c, k0 + k] at [k, c],
 //                                         columns c >= cols zero
-//   tile(rows, panel, depth, x, K, y, N, cols, first, bias)
-//       x: f32 [rows, K] from the block's first column   y: f32 [rows, N] from column n0
+//   tile<Rows>(panel, depth, x, K, y, N, cols, first, bias)   for Rows in 1..kRows
+//       x: f32 [Rows, K] from the block's first column   y: f32 [Rows, N] from column n0
 //       (only columns [0, cols) written)   bias: f32 [cols] or null
+template <typename Panels, std::size_t... R>
+constexpr auto panel_tiles(std::index_sequence<R...>) {  // Panels::tile<rows>, indexed by rows - 1
+    return std::array{&Panels::template tile<(int)R + 1>...};
+}
+
 template <typename Panels>
 void panel_matmul(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
     constexpr int64_t kMaxDepth = 256, kGroupPanels = 4, C = Panels::kCols;
     const int64_t K = w.cols, N = w.rows;
     const int64_t depth_blocks = (K + kMaxDepth - 1) / kMaxDepth;
     const int64_t depth_block = (K + depth_blocks - 1) / depth_blocks;
+    static constexpr auto tiles = panel_tiles<Panels>(std::make_index_sequence<Panels::kRows>{});
     thread_local std::vector<float> storage;
     storage.resize((size_t)(kGroupPanels * depth_block * C + 16));
     float* panels = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(storage.data()), 64));
@@ -61,7 +69,7 @@ void panel_matmul(const WeightView& w, const float* x, int64_t M, int64_t n_begi
             for (int64_t n0 = g0, p = 0; n0 < g_end; n0 += C, ++p) {
                 const float* bias = last && w.bias ? w.bias + n0 : nullptr;
                 for (int64_t m0 = 0; m0 < M; m0 += Panels::kRows)
-                    Panels::tile(std::min<int64_t>(Panels::kRows, M - m0), panels + p * depth * C, depth, x + m0 * K + k0,
+                    tiles[std::min<int64_t>(Panels::kRows, M - m0) - 1](panels + p * depth * C, depth, x + m0 * K + k0,
                                  K, y + m0 * N + n0, N, std::min(C, g_end - n0), first, bias);
             }
         }
