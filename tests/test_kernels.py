@@ -257,12 +257,13 @@ def test_matmul(kernels, fmt, shape, with_bias, n_threads):
 # sides of the thresholds and every tile remainder; K off 8/16 and over one depth
 # block (257, 600, 1000: 2, 3, 4 blocks); N off the panel, column chunks (16 per
 # chunk with 2 threads, so chunks start mid-panel) and one chunk of 144 columns
-# (N=1100, 1 thread): a full group and a partial one.
+# (N=1100, 1 thread): a full group and a partial one; panels full, partial, and
+# half panels (one-vector tiles) full and partial.
 PANEL_SHAPES = [
     (11, 33, 31, 0),
     (12, 17, 257, 0),
     (24, 77, 600, 0),
-    (25, 16, 64, 0),
+    (25, 40, 64, 0),
     (67, 77, 600, 0),
     (130, 45, 1000, 0),
     (30, 1100, 40, 0),

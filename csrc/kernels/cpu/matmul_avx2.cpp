@@ -5,7 +5,8 @@
 //   prefill:         2 weight rows x 4 activation rows
 // Float weights from kPanelMinRows rows on go through packed panels instead
 // (tiling.h panel_matmul): 16 output columns (2 vectors) x 6 activation rows,
-// 12 accumulators, each depth step 2 panel loads, 6 broadcasts and 12 FMAs.
+// 12 accumulators, each depth step 2 panel loads, 6 broadcasts and 12 FMAs
+// (8 columns x 6 rows where a chunk ends in a half panel).
 // Integer blocks use maddubs (u8 x s8 -> s16 pairs) then madd (-> s32), once
 // per int8 term of the activations (see QuantizedRows).
 #include <immintrin.h>
@@ -129,29 +130,30 @@ struct Avx2Panels {
         }
     }
 
-    // A register tile of Rows activation rows x 16 output columns over one depth block.
-    template <int Rows>
+    // A register tile of Rows activation rows x 8 * Vectors output columns over one depth block.
+    template <int Rows, int Vectors>
     static void tile(const float* panel, int64_t depth, const float* x, int64_t K, float* y, int64_t N, int64_t cols,
                      bool first, const float* bias) {
+        const bool full = cols == 8 * Vectors;
         const __m256i mask[2] = {first_lanes(cols), first_lanes(cols - 8)};
-        auto load = [&](const float* p, int h) { return cols == 16 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask[h]); };
-        __m256 acc[Rows][2];
+        auto load = [&](const float* p, int h) { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask[h]); };
+        __m256 acc[Rows][Vectors];
         for (int m = 0; m < Rows; ++m)
-            for (int h = 0; h < 2; ++h) acc[m][h] = first ? _mm256_setzero_ps() : load(y + m * N + 8 * h, h);
+            for (int h = 0; h < Vectors; ++h) acc[m][h] = first ? _mm256_setzero_ps() : load(y + m * N + 8 * h, h);
         for (int64_t k = 0; k < depth; ++k) {
-            const __m256 w0 = _mm256_load_ps(panel + 16 * k), w1 = _mm256_load_ps(panel + 16 * k + 8);
+            __m256 wv[Vectors];
+            for (int h = 0; h < Vectors; ++h) wv[h] = _mm256_load_ps(panel + 16 * k + 8 * h);
             for (int m = 0; m < Rows; ++m) {
                 const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
-                acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
-                acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+                for (int h = 0; h < Vectors; ++h) acc[m][h] = _mm256_fmadd_ps(wv[h], xv, acc[m][h]);
             }
         }
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < Vectors; ++h) {
             const __m256 b = bias ? load(bias + 8 * h, h) : _mm256_setzero_ps();
             for (int m = 0; m < Rows; ++m) {
                 float* out = y + m * N + 8 * h;
                 const __m256 v = _mm256_add_ps(acc[m][h], b);
-                if (cols == 16) _mm256_storeu_ps(out, v);
+                if (full) _mm256_storeu_ps(out, v);
                 else _mm256_maskstore_ps(out, mask[h], v);
             }
         }

@@ -19,7 +19,8 @@
 // Float weights (F32 / F16 / BF16): decode (M = 1) as AVX2; prefill on packed
 // panels (tiling.h panel_matmul): a tile of 32 output columns (2 vectors) x 12
 // activation rows holds 24 accumulators, and each depth step is 2 panel loads,
-// 12 broadcasts of x and 24 FMAs.
+// 12 broadcasts of x and 24 FMAs (16 columns x 12 rows where a chunk ends in a
+// half panel, e.g. the chunks of 48 columns a 576-wide output is split into).
 //
 // Faster still, weights tiled at load (tiled_weights.cpp: 16 rows side by side,
 // each 32-bit lane of a 64-byte vector holding 4 consecutive values of one row).
@@ -306,24 +307,24 @@ struct Avx512Panels {
         }
     }
 
-    // A register tile of Rows activation rows x 32 output columns over one depth block.
-    template <int Rows>
+    // A register tile of Rows activation rows x 16 * Vectors output columns over one depth block.
+    template <int Rows, int Vectors>
     static void tile(const float* panel, int64_t depth, const float* x, int64_t K, float* y, int64_t N, int64_t cols,
                      bool first, const float* bias) {
         const __mmask16 mask[2] = {first_lanes(cols), first_lanes(cols - 16)};
-        __m512 acc[Rows][2];
+        __m512 acc[Rows][Vectors];
         for (int m = 0; m < Rows; ++m)
-            for (int h = 0; h < 2; ++h)
+            for (int h = 0; h < Vectors; ++h)
                 acc[m][h] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[h], y + m * N + 16 * h);
         for (int64_t k = 0; k < depth; ++k) {
-            const __m512 w0 = _mm512_load_ps(panel + 32 * k), w1 = _mm512_load_ps(panel + 32 * k + 16);
+            __m512 wv[Vectors];
+            for (int h = 0; h < Vectors; ++h) wv[h] = _mm512_load_ps(panel + 32 * k + 16 * h);
             for (int m = 0; m < Rows; ++m) {
                 const __m512 xv = _mm512_set1_ps(x[m * K + k]);
-                acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
-                acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
+                for (int h = 0; h < Vectors; ++h) acc[m][h] = _mm512_fmadd_ps(wv[h], xv, acc[m][h]);
             }
         }
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < Vectors; ++h) {
             const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[h], bias + 16 * h) : _mm512_setzero_ps();
             for (int m = 0; m < Rows; ++m) _mm512_mask_storeu_ps(y + m * N + 16 * h, mask[h], _mm512_add_ps(acc[m][h], b));
         }

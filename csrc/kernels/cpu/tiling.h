@@ -30,23 +30,24 @@ void tile_over(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
 }
 
 // Float-weight prefill on packed panels (the SIMD variants' M > 1 path): a
-// register tile of Panels::kCols output columns x Panels::kRows activation rows
-// broadcasts x[m, k] against one converted weight vector per kCols / lanes
-// columns, so it needs the weights transposed to [k][n] and already in f32.
+// register tile of Panels::kCols output columns (two vectors) x Panels::kRows
+// activation rows broadcasts x[m, k] against the converted weights of each
+// vector, so it needs the weights transposed to [k][n] and already in f32.
 // Output columns [n_begin, n_end) go in groups of kGroupPanels panels, K in
 // depth blocks of at most kMaxDepth (a panel, kMaxDepth * kCols floats, stays
 // in L1 while every row tile sweeps it). Per (group, depth block) the weights
 // are converted and transposed once (Panels::pack), amortised over all M rows;
-// the tiles add each depth block into y, and the bias with the last one.
+// the tiles add each depth block into y, and the bias with the last one. A
+// panel of at most kCols / 2 columns (the end of a chunk) uses a one-vector tile.
 // Panels provides:
 //   pack(w, n0, cols, k0, depth, panel)   panel: f32 [depth, kCols], w[n0 + c, k0 + k] at [k, c],
 //                                         columns c >= cols zero
-//   tile<Rows>(panel, depth, x, K, y, N, cols, first, bias)   for Rows in 1..kRows
+//   tile<Rows, Vectors>(panel, depth, x, K, y, N, cols, first, bias)   Rows in 1..kRows, Vectors 1 or 2
 //       x: f32 [Rows, K] from the block's first column   y: f32 [Rows, N] from column n0
 //       (only columns [0, cols) written)   bias: f32 [cols] or null
-template <typename Panels, std::size_t... R>
-constexpr auto panel_tiles(std::index_sequence<R...>) {  // Panels::tile<rows>, indexed by rows - 1
-    return std::array{&Panels::template tile<(int)R + 1>...};
+template <typename Panels, int Vectors, std::size_t... R>
+constexpr auto panel_tiles(std::index_sequence<R...>) {  // Panels::tile<rows, Vectors>, indexed by rows - 1
+    return std::array{&Panels::template tile<(int)R + 1, Vectors>...};
 }
 
 template <typename Panels>
@@ -55,7 +56,8 @@ void panel_matmul(const WeightView& w, const float* x, int64_t M, int64_t n_begi
     const int64_t K = w.cols, N = w.rows;
     const int64_t depth_blocks = (K + kMaxDepth - 1) / kMaxDepth;
     const int64_t depth_block = (K + depth_blocks - 1) / depth_blocks;
-    static constexpr auto tiles = panel_tiles<Panels>(std::make_index_sequence<Panels::kRows>{});
+    static constexpr auto rows = std::make_index_sequence<Panels::kRows>{};
+    static constexpr std::array tiles = {panel_tiles<Panels, 1>(rows), panel_tiles<Panels, 2>(rows)};
     thread_local std::vector<float> storage;
     storage.resize((size_t)(kGroupPanels * depth_block * C + 16));
     float* panels = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(storage.data()), 64));
@@ -67,10 +69,12 @@ void panel_matmul(const WeightView& w, const float* x, int64_t M, int64_t n_begi
             for (int64_t n0 = g0, p = 0; n0 < g_end; n0 += C, ++p)
                 Panels::pack(w, n0, std::min(C, g_end - n0), k0, depth, panels + p * depth * C);
             for (int64_t n0 = g0, p = 0; n0 < g_end; n0 += C, ++p) {
+                const int64_t cols = std::min(C, g_end - n0);
+                const auto& tile = tiles[cols > C / 2 ? 1 : 0];
                 const float* bias = last && w.bias ? w.bias + n0 : nullptr;
                 for (int64_t m0 = 0; m0 < M; m0 += Panels::kRows)
-                    tiles[std::min<int64_t>(Panels::kRows, M - m0) - 1](panels + p * depth * C, depth, x + m0 * K + k0,
-                                 K, y + m0 * N + n0, N, std::min(C, g_end - n0), first, bias);
+                    tile[std::min<int64_t>(Panels::kRows, M - m0) - 1](panels + p * depth * C, depth, x + m0 * K + k0,
+                                                                        K, y + m0 * N + n0, N, cols, first, bias);
             }
         }
     }
