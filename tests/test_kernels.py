@@ -184,6 +184,21 @@ def activation_error_bound(x: np.ndarray, W: np.ndarray, step_fraction: float) -
     return (step_fraction * amax) @ wsum.T
 
 
+def assert_float_matmul(y, exact, x, A, bias, what):
+    """Float weights: the only error is float32 accumulation. A dot product of
+    K terms plus the bias is off by at most gamma_{K+1} * sum |x_k w_k| (+|b|)
+    (Higham) in any summation order (row tiles split K into 8 lanes, packed
+    panels into depth blocks added into y: both only shorten the chains). This
+    is a worst case bound holding for every element, so it also catches a
+    single skipped or doubled term (error ~ sum / K >> gamma)."""
+    K = x.shape[1]
+    rel = np.max(np.abs(y - exact) / ref.matmul_abs_bound(x, A, bias))
+    assert rel <= gamma(K + 2), f"{what}: max relative error {rel:.3e} > gamma_(K+2) = {gamma(K + 2):.3e}"
+    # Random-sign roundings grow like sqrt(K) u: nmse ~ K u^2 ~ 1e-12 at K=1536.
+    if y.size >= 32:
+        assert_nmse(y, exact, 1e-10, what)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=_shape_id)
@@ -202,17 +217,7 @@ def test_matmul(kernels, fmt, shape, with_bias, n_threads):
     what = f"{kernels} {fmt} M={M} N={N} K={K} g={G} bias={with_bias} threads={n_threads}"
 
     if fmt in FLOAT_FORMATS:
-        # The only error is float32 accumulation: a dot product of K terms plus
-        # the bias is off by at most gamma_{K+1} * sum |x_k w_k| (+|b|) (Higham);
-        # the tile kernels split K into 8 lanes, which only shortens the chains.
-        # This is a worst case bound holding for every element, so it also
-        # catches a single skipped or doubled term (error ~ sum / K >> gamma).
-        scale = ref.matmul_abs_bound(x, A, b)
-        rel = np.max(np.abs(y - exact) / scale)
-        assert rel <= gamma(K + 2), f"{what}: max relative error {rel:.3e} > gamma_(K+2) = {gamma(K + 2):.3e}"
-        # Random-sign roundings grow like sqrt(K) u: nmse ~ K u^2 ~ 1e-12 at K=1536.
-        if y.size >= 32:
-            assert_nmse(y, exact, 1e-10, what)
+        assert_float_matmul(y, exact, x, A, b, what)
         return
 
     # Quantized weights: the kernel quantizes each 32-block of every activation
@@ -244,6 +249,39 @@ def test_matmul(kernels, fmt, shape, with_bias, n_threads):
     # happen to fall, and only the element-wise bounds above are meaningful.
     if y.size >= 32:
         assert_nmse(y, exact, 5e-4, what)
+
+
+# Float-weight prefill on packed panels (tiling.h panel_matmul): from 12 rows
+# (AVX-512) or 24 rows (AVX2) on; tiles of 32 (16) output columns x 12 (6) rows,
+# K in depth blocks of at most 256, columns in groups of 4 panels. Shapes on both
+# sides of the thresholds and every tile remainder; K off 8/16 and over one depth
+# block (257, 600, 1000: 2, 3, 4 blocks); N off the panel, column chunks (16 per
+# chunk with 2 threads, so chunks start mid-panel) and one chunk of 144 columns
+# (N=1100, 1 thread): a full group and a partial one; panels full, partial, and
+# half panels (one-vector tiles) full and partial.
+PANEL_SHAPES = [
+    (11, 33, 31, 0),
+    (12, 17, 257, 0),
+    (24, 77, 600, 0),
+    (25, 40, 64, 0),
+    (67, 77, 600, 0),
+    (130, 45, 1000, 0),
+    (30, 1100, 40, 0),
+    (200, 1, 17, 0),
+]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+def test_matmul_float_prefill_shapes(kernels, fmt, shape, n_threads):
+    M, N, K, G = shape
+    x, _, bias, args, W, A = matmul_case(fmt, M, N, K, G)
+    poison_heap(4 * M * N)
+    y = _core.matmul(x, bias=bias, n_threads=n_threads, **args)
+    assert y.shape == (M, N) and np.isfinite(y).all(), "NaN/inf in the output: an element was not written"
+    what = f"{kernels} {fmt} M={M} N={N} K={K} threads={n_threads}"
+    assert_float_matmul(y, ref.matmul_ref(x, W, bias), x, A, bias, what)
 
 
 @pytest.mark.parametrize(

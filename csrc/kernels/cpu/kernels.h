@@ -68,6 +68,8 @@ extern const CpuKernels kPortableKernels;
 #if defined(PYLLM_HAVE_AVX2)
 extern const CpuKernels kAvx2Kernels;
 void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
+// float_weights without packing: register tiles reading the weights as stored (decode, few rows)
+void float_weight_rows_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
 void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
 void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
                  const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
@@ -75,7 +77,7 @@ void swiglu_avx2(const float* gate, const float* up, int64_t n, float* out);
 void round_to_f16_avx2(const float* x, int64_t n, uint16_t* out);
 #endif
 #if defined(PYLLM_HAVE_AVX512)
-extern const CpuKernels kAvx512Kernels;  // VNNI integer dots; float weights and attention as AVX2
+extern const CpuKernels kAvx512Kernels;  // VNNI integer dots, AVX-512 float prefill; attention as AVX2
 #endif
 
 

@@ -16,6 +16,12 @@
 // and xsum_g the activations' sum over the group.
 // Register tiles: 8 weight rows x 1 activation row (decode), 4 x 4 (prefill).
 //
+// Float weights (F32 / F16 / BF16): decode (M = 1) as AVX2; prefill on packed
+// panels (tiling.h panel_matmul): a tile of 32 output columns (2 vectors) x 12
+// activation rows holds 24 accumulators, and each depth step is 2 panel loads,
+// 12 broadcasts of x and 24 FMAs (16 columns x 12 rows where a chunk ends in a
+// half panel, e.g. the chunks of 48 columns a 576-wide output is split into).
+//
 // Faster still, weights tiled at load (tiled_weights.cpp: 16 rows side by side,
 // each 32-bit lane of a 64-byte vector holding 4 consecutive values of one row).
 // A block then costs 16 vpdpbusd (8 quads x 2 activation terms, each quad's 4
@@ -244,9 +250,103 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
 
 bool reads_tiled(WeightFormat) { return true; }
 
+
+// ---- float weights, prefill: packed panels ------------------------------------
+
+// 16 values of w.data from `index` as f32, lanes outside `mask` zero.
+template <WeightFormat F>
+inline __m512 load16(const void* base, int64_t index, __mmask16 mask) {
+    if constexpr (F == WeightFormat::F32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + index);
+    const __m256i bits = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + index);
+    if constexpr (F == WeightFormat::F16) return _mm512_cvtph_ps(bits);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// In place: r[i] lane j -> r[j] lane i.
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; ++g) {  // u[4g + j], lane L: rows 4g..4g+3 of column 4L + j
+        u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xee);
+        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
+    }
+    for (int j = 0; j < 4; ++j) {  // column 4L + j gathers lane L of u[j], u[4 + j], u[8 + j], u[12 + j]
+        const __m512 even01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), odd01 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);
+        const __m512 even23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+        const __m512 odd23 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(even01, even23, 0xdd);
+        r[4 + j] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(odd01, odd23, 0xdd);
+    }
+}
+
+inline __mmask16 first_lanes(int64_t n) { return (__mmask16)(n >= 16 ? 0xffff : n <= 0 ? 0 : (1u << n) - 1); }
+
+template <WeightFormat F>
+struct Avx512Panels {
+    static constexpr int64_t kCols = 32, kRows = 12;
+
+    static void pack(const WeightView& w, int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* panel) {
+        for (int64_t k = 0; k < depth; k += 16) {
+            const int64_t steps = std::min<int64_t>(16, depth - k);
+            for (int h = 0; h < 2; ++h) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i) {
+                    const int64_t c = 16 * h + i;
+                    r[i] = c < cols ? load16<F>(w.data, (n0 + c) * w.cols + k0 + k, first_lanes(steps)) : _mm512_setzero_ps();
+                }
+                transpose16(r);
+                for (int64_t i = 0; i < steps; ++i) _mm512_store_ps(panel + (k + i) * 32 + 16 * h, r[i]);
+            }
+        }
+    }
+
+    // A register tile of Rows activation rows x 16 * Vectors output columns over one depth block.
+    template <int Rows, int Vectors>
+    static void tile(const float* panel, int64_t depth, const float* x, int64_t K, float* y, int64_t N, int64_t cols,
+                     bool first, const float* bias) {
+        const __mmask16 mask[2] = {first_lanes(cols), first_lanes(cols - 16)};
+        __m512 acc[Rows][Vectors];
+        for (int m = 0; m < Rows; ++m)
+            for (int h = 0; h < Vectors; ++h)
+                acc[m][h] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[h], y + m * N + 16 * h);
+        for (int64_t k = 0; k < depth; ++k) {
+            __m512 wv[Vectors];
+            for (int h = 0; h < Vectors; ++h) wv[h] = _mm512_load_ps(panel + 32 * k + 16 * h);
+            for (int m = 0; m < Rows; ++m) {
+                const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+                for (int h = 0; h < Vectors; ++h) acc[m][h] = _mm512_fmadd_ps(wv[h], xv, acc[m][h]);
+            }
+        }
+        for (int h = 0; h < Vectors; ++h) {
+            const __m512 b = bias ? _mm512_maskz_loadu_ps(mask[h], bias + 16 * h) : _mm512_setzero_ps();
+            for (int m = 0; m < Rows; ++m) _mm512_mask_storeu_ps(y + m * N + 16 * h, mask[h], _mm512_add_ps(acc[m][h], b));
+        }
+    }
+};
+
+// Below this many rows packing does not pay: the AVX2 row tiles read the weights directly
+// (measured crossover 8-12 rows, f16 576 x 576 .. 1536).
+constexpr int64_t kPanelMinRows = 12;
+
+void float_weights_avx512(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
+    if (M < kPanelMinRows) return float_weight_rows_avx2(w, x, M, n_begin, n_end, y);
+    switch (w.format) {
+        case WeightFormat::F32: return panel_matmul<Avx512Panels<WeightFormat::F32>>(w, x, M, n_begin, n_end, y);
+        case WeightFormat::F16: return panel_matmul<Avx512Panels<WeightFormat::F16>>(w, x, M, n_begin, n_end, y);
+        default: return panel_matmul<Avx512Panels<WeightFormat::BF16>>(w, x, M, n_begin, n_end, y);
+    }
+}
+
 }  // namespace
 
-const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx2, quant_weights, quantize_rows_avx2, reads_tiled, attend_avx2,
-                                  swiglu_avx2, round_to_f16_avx2};
+const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx512, quant_weights, quantize_rows_avx2, reads_tiled,
+                                  attend_avx2, swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm

@@ -1,8 +1,11 @@
 // Register tiling shared by the SIMD matmul variants: which (weight rows x
 // activation rows) tile covers which part of the output.
 #pragma once
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../core/weights.h"
@@ -23,6 +26,57 @@ void tile_over(int64_t M, int64_t n_begin, int64_t n_end, Tile&& tile) {
         int64_t m = 0;
         for (; m + MR <= M; m += MR) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, MR>{}, m, n);
         for (; m < M; ++m) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, m, n);
+    }
+}
+
+// Float-weight prefill on packed panels (the SIMD variants' M > 1 path): a
+// register tile of Panels::kCols output columns (two vectors) x Panels::kRows
+// activation rows broadcasts x[m, k] against the converted weights of each
+// vector, so it needs the weights transposed to [k][n] and already in f32.
+// Output columns [n_begin, n_end) go in groups of kGroupPanels panels, K in
+// depth blocks of at most kMaxDepth (a panel, kMaxDepth * kCols floats, stays
+// in L1 while every row tile sweeps it). Per (group, depth block) the weights
+// are converted and transposed once (Panels::pack), amortised over all M rows;
+// the tiles add each depth block into y, and the bias with the last one. A
+// panel of at most kCols / 2 columns (the end of a chunk) uses a one-vector tile.
+// Panels provides:
+//   pack(w, n0, cols, k0, depth, panel)   panel: f32 [depth, kCols], w[n0 + c, k0 + k] at [k, c],
+//                                         columns c >= cols zero
+//   tile<Rows, Vectors>(panel, depth, x, K, y, N, cols, first, bias)   Rows in 1..kRows, Vectors 1 or 2
+//       x: f32 [Rows, K] from the block's first column   y: f32 [Rows, N] from column n0
+//       (only columns [0, cols) written)   bias: f32 [cols] or null
+template <typename Panels, int Vectors, std::size_t... R>
+constexpr auto panel_tiles(std::index_sequence<R...>) {  // Panels::tile<rows, Vectors>, indexed by rows - 1
+    return std::array{&Panels::template tile<(int)R + 1, Vectors>...};
+}
+
+template <typename Panels>
+void panel_matmul(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
+    constexpr int64_t kMaxDepth = 256, kGroupPanels = 4, C = Panels::kCols;
+    const int64_t K = w.cols, N = w.rows;
+    const int64_t depth_blocks = (K + kMaxDepth - 1) / kMaxDepth;
+    const int64_t depth_block = (K + depth_blocks - 1) / depth_blocks;
+    static constexpr auto rows = std::make_index_sequence<Panels::kRows>{};
+    static constexpr std::array tiles = {panel_tiles<Panels, 1>(rows), panel_tiles<Panels, 2>(rows)};
+    thread_local std::vector<float> storage;
+    storage.resize((size_t)(kGroupPanels * depth_block * C + 16));
+    float* panels = reinterpret_cast<float*>(round_up(reinterpret_cast<intptr_t>(storage.data()), 64));
+    for (int64_t g0 = n_begin; g0 < n_end; g0 += kGroupPanels * C) {
+        const int64_t g_end = std::min(n_end, g0 + kGroupPanels * C);
+        for (int64_t k0 = 0; k0 < K; k0 += depth_block) {
+            const int64_t depth = std::min(depth_block, K - k0);
+            const bool first = k0 == 0, last = k0 + depth == K;
+            for (int64_t n0 = g0, p = 0; n0 < g_end; n0 += C, ++p)
+                Panels::pack(w, n0, std::min(C, g_end - n0), k0, depth, panels + p * depth * C);
+            for (int64_t n0 = g0, p = 0; n0 < g_end; n0 += C, ++p) {
+                const int64_t cols = std::min(C, g_end - n0);
+                const auto& tile = tiles[cols > C / 2 ? 1 : 0];
+                const float* bias = last && w.bias ? w.bias + n0 : nullptr;
+                for (int64_t m0 = 0; m0 < M; m0 += Panels::kRows)
+                    tile[std::min<int64_t>(Panels::kRows, M - m0) - 1](panels + p * depth * C, depth, x + m0 * K + k0,
+                                                                        K, y + m0 * N + n0, N, cols, first, bias);
+            }
+        }
     }
 }
 
