@@ -1,6 +1,6 @@
 """pyllm beside llama.cpp and transformers: same weights, same prompt, same threads, one table.
 
-    python benchmarks/compare.py [--models smollm2,random-1.1b] [--formats int4,int8,f16]
+    python benchmarks/compare.py [--models smollm2,random-1.1b] [--formats int4_sym,int4_asym,int8,f16]
                                  [--engines pyllm,llama.cpp,transformers] [-p 512] [-n 128] [-r 3] [-t 2]
 
 Models (files built once and cached under --work, default ~/.cache/pyllm/bench):
@@ -13,8 +13,8 @@ Models (files built once and cached under --work, default ~/.cache/pyllm/bench):
                32 heads / 4 KV heads, untied) and SmolLM2's vocabulary of 49152, written once as an
                F16 GGUF with SmolLM2's tokenizer (tools/llama_gguf.py); pyllm converts that GGUF,
                llama.cpp quantizes it. transformers is not run on it (too slow).
-Formats, each a pyllm quantization beside a llama.cpp type: int4 (int4_asym g32) / Q4_0,
-int4_sym (g32) / Q4_0, int8 (g32) / Q8_0, f16 / F16. pyllm's int4/int8 files keep their embeddings
+Formats, each a pyllm quantization beside a llama.cpp type: int4_sym (g32, 4.5 bits like Q4_0) /
+Q4_0, int4_asym (g32, 5 bits) / Q4_0, int8 (g32) / Q8_0, f16 / F16. pyllm's int4/int8 files keep their embeddings
 and lm_head in int8; llama.cpp's quantizer picks its own types there (Q6_K for the output matrix):
 the MB/token column shows what each decode step reads.
 
@@ -55,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir, "tools"))
 
 # pyllm quantization -> llama.cpp type made from the same weights
-FORMAT_PAIRS = {"int4": "Q4_0", "int4_sym": "Q4_0", "int8": "Q8_0", "f16": "F16"}
+FORMAT_PAIRS = {"int4_sym": "Q4_0", "int4_asym": "Q4_0", "int8": "Q8_0", "f16": "F16"}
 GROUP_SIZE = 32
 RANDOM_1B_CONFIG = {  # TinyLlama-1.1B's shapes, SmolLM2's vocabulary
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 2048,
@@ -64,7 +64,7 @@ RANDOM_1B_CONFIG = {  # TinyLlama-1.1B's shapes, SmolLM2's vocabulary
 }
 SANITY_PROMPT = "The capital of France is Paris. The capital of Germany is"
 # logits NMSE above which a pair is flagged: f16 against F16 must agree closely; quantized pairs
-# differ by their quantizers' noise, which deep random models amplify (int4 / Q4_0 ~0.6 on random-1.1b)
+# differ by their quantizers' noise, which deep random models amplify (int4_asym / Q4_0 ~0.6 on random-1.1b)
 NMSE_SUSPICIOUS = {"f16": 1e-3, "quantized": 1.0}
 
 
@@ -379,7 +379,7 @@ def versions() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2", help="comma-separated: smollm2, random-1.1b")
-    ap.add_argument("--formats", default="int4,int8,f16", help=f"comma-separated: {', '.join(FORMAT_PAIRS)}")
+    ap.add_argument("--formats", default="int4_sym,int4_asym,int8,f16", help=f"comma-separated: {', '.join(FORMAT_PAIRS)}")
     ap.add_argument("--engines", default="pyllm,llama.cpp,transformers", help="comma-separated: " + ", ".join(ENGINES))
     ap.add_argument("-p", type=int, default=512, help="prompt tokens (default 512)")
     ap.add_argument("-n", type=int, default=128, help="decoded tokens (default 128)")
