@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -456,6 +457,21 @@ def test_matmul_zero_activations_and_weights(kernels):
         expected = ref.matmul_ref(x, W)
         assert np.isfinite(y).all(), fmt
         assert_within(y, expected, 1e-5 * (1 + np.abs(expected)), fmt)
+
+
+@pytest.mark.parametrize("name", ["portable", "sse9"])
+def test_pyllm_kernels_environment_variable(name):
+    """PYLLM_KERNELS picks the variant at first use in a fresh process; an unknown name is an error."""
+    import subprocess
+    import sys
+
+    code = "from pyllm import _core; print(_core.active_kernels())"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYLLM_KERNELS": name},
+                          capture_output=True, text=True, timeout=120)
+    if name == "portable":
+        assert proc.returncode == 0 and proc.stdout.strip() == "portable", proc.stderr
+    else:
+        assert proc.returncode != 0 and "unknown kernel variant 'sse9'" in proc.stderr
 
 
 def test_select_kernels():

@@ -1,5 +1,6 @@
 // Chooses the kernel variant for this CPU and checks weight descriptions.
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
@@ -53,8 +54,10 @@ std::vector<const CpuKernels*> available_kernels() {
 const CpuKernels& active_kernels() {
     const CpuKernels* k = g_active.load(std::memory_order_acquire);
     if (k == nullptr) {
-        k = available_kernels().back();
-        g_active.store(k, std::memory_order_release);
+        const char* forced = std::getenv("PYLLM_KERNELS");
+        if (forced != nullptr && forced[0] != '\0') select_kernels(forced);  // throws for a name it cannot run
+        else g_active.store(available_kernels().back(), std::memory_order_release);
+        k = g_active.load(std::memory_order_acquire);
     }
     return *k;
 }

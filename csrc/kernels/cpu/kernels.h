@@ -86,7 +86,8 @@ extern const CpuKernels kAvx512Kernels;  // VNNI integer dots, AVX-512 float pre
 void tile_weight_rows16(const WeightView& w, uint8_t* out, int64_t tile_begin, int64_t tile_end);
 void point_tiled(WeightView& w, const uint8_t* buffer);
 
-// The table in use. Chosen at first use: the last of available_kernels().
+// The table in use. Chosen at first use: the variant named by the environment
+// variable PYLLM_KERNELS if set (as select_kernels), else the last of available_kernels().
 const CpuKernels& active_kernels();
 // Forces a variant by name (one of available_kernels(), or "auto"); throws for
 // a variant this build or this CPU cannot run.
