@@ -267,11 +267,33 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
 }
 
 
-// ---- int4 weights tiled at load (tiled_weights.cpp) ------------------------------
+// ---- weights tiled at load (tiled_weights.cpp) ------------------------------------
 // A 256-bit vector is half a tile vector: 8 rows, 4 values each. maddubs products
 // of a nibble (<= 15) and an int8 code (|c| <= 127) pair into at most 3810, so
-// the 8 quads of a block add up in int16 (<= 30480) before one madd to int32.
-// int8 weights stay on the row kernel above (their products would saturate).
+// the 8 quads of an int4 block add up in int16 (<= 30480) before one madd to
+// int32. int8 weights (stored w ^ 0x80) are flipped back to signed and use the
+// sign trick of block_dot, |w| * (x * sign(w)): pairs of at most 2 * 128 * 127,
+// each quad widened to int32 on its own.
+
+// One block of 8 rows against one int8 term of the activations (codes: int8 [32]):
+// the 8 rows' dot products as int32. quads: int4 nibbles or signed int8 weights;
+// magnitude: |w| (int8 only).
+template <WeightFormat F>
+inline __m256i tiled_block_dot(const __m256i* quads, const __m256i* magnitude, const int8_t* codes) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sum = _mm256_setzero_si256();
+    for (int q = 0; q < 8; ++q) {
+        int32_t four;
+        std::memcpy(&four, codes + 4 * q, 4);
+        const __m256i x = _mm256_set1_epi32(four);
+        if constexpr (F == WeightFormat::Q8)
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[q], _mm256_sign_epi8(x, quads[q])), ones));
+        else
+            sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(quads[q], x));
+    }
+    if constexpr (F == WeightFormat::Q8) return sum;
+    return _mm256_madd_epi16(sum, ones);
+}
 
 // Rows [row0, row0 + 8) with row0 = tile * 16 + 8 * half, activation rows [m0, m0 + MR).
 //   xsum: f32 [x.rows, n_groups], the activations' sum over each group
@@ -281,39 +303,42 @@ void tiled_half(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
     const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes + 32 * half;
     const __m256 radix = _mm256_set1_ps((float)kResidualRadix);
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0f);
     __m256 acc[MR], off[MR];
     for (int m = 0; m < MR; ++m) acc[m] = off[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_groups; ++g) {
         const int64_t at = (tile * n_groups + g) * kTileRows + 8 * half;
         const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.scales + at)));
-        const __m256 shift = F == WeightFormat::Q4_ASYM
-                                 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.mins + at)))
-                                 : _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
-        for (int m = 0; m < MR; ++m)
-            off[m] = _mm256_fmadd_ps(shift, _mm256_set1_ps(xsum[(m0 + m) * n_groups + g]), off[m]);
+        if constexpr (F != WeightFormat::Q8) {
+            const __m256 shift = F == WeightFormat::Q4_ASYM
+                                     ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.mins + at)))
+                                     : _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
+            for (int m = 0; m < MR; ++m)
+                off[m] = _mm256_fmadd_ps(shift, _mm256_set1_ps(xsum[(m0 + m) * n_groups + g]), off[m]);
+        }
         const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
+            // the block's 8 quads (int4: nibbles; int8: signed values) and, for int8, their magnitudes
             const uint8_t* wb = wt + b * t.block_bytes;
-            __m256i quads[8];
-            for (int j = 0; j < 4; ++j) {
-                const __m256i packed = _mm256_loadu_si256((const __m256i*)(wb + 64 * j));
-                quads[2 * j] = _mm256_and_si256(packed, low);
-                quads[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            __m256i quads[8], magnitude[8];
+            if constexpr (F == WeightFormat::Q8) {
+                for (int q = 0; q < 8; ++q) {
+                    quads[q] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * q)),
+                                                _mm256_set1_epi8((char)0x80));
+                    magnitude[q] = _mm256_sign_epi8(quads[q], quads[q]);
+                }
+            } else {
+                for (int j = 0; j < 4; ++j) {
+                    const __m256i packed = _mm256_loadu_si256((const __m256i*)(wb + 64 * j));
+                    quads[2 * j] = _mm256_and_si256(packed, low);
+                    quads[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                }
             }
             for (int m = 0; m < MR; ++m) {
-                const int8_t* hi = x.hi + (m0 + m) * x.padded_cols + b * kBlock;
-                const int8_t* lo = x.lo + (m0 + m) * x.padded_cols + b * kBlock;
-                __m256i sum_hi = _mm256_setzero_si256(), sum_lo = _mm256_setzero_si256();
-                for (int q = 0; q < 8; ++q) {
-                    int32_t h, l;
-                    std::memcpy(&h, hi + 4 * q, 4);
-                    std::memcpy(&l, lo + 4 * q, 4);
-                    sum_hi = _mm256_add_epi16(sum_hi, _mm256_maddubs_epi16(quads[q], _mm256_set1_epi32(h)));
-                    sum_lo = _mm256_add_epi16(sum_lo, _mm256_maddubs_epi16(quads[q], _mm256_set1_epi32(l)));
-                }
-                const __m256 both = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum_hi, ones)), radix,
-                                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(sum_lo, ones)));
+                const int64_t at_x = (m0 + m) * x.padded_cols + b * kBlock;
+                const __m256 both = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tiled_block_dot<F>(quads, magnitude, x.hi + at_x)),
+                                                    radix,
+                                                    _mm256_cvtepi32_ps(tiled_block_dot<F>(quads, magnitude, x.lo + at_x)));
                 const __m256 factor = _mm256_mul_ps(scale, _mm256_set1_ps(x.step[(m0 + m) * n_blocks + b]));
                 acc[m] = _mm256_fmadd_ps(both, factor, acc[m]);
             }
@@ -337,7 +362,7 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
     const TiledLayout t = tiled_layout(w);
     const int64_t n_groups = w.n_groups();
     thread_local std::vector<float> xsum;
-    group_sums(x, w.group_size, n_groups, xsum);
+    if constexpr (F != WeightFormat::Q8) group_sums(x, w.group_size, n_groups, xsum);
     for (int64_t tile = n_begin / kTileRows; tile * kTileRows < n_end; ++tile)
         for (int half = 0; half < 2; ++half) {
             const int64_t row0 = tile * kTileRows + 8 * half;
@@ -348,7 +373,7 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
         }
 }
 
-bool reads_tiled(WeightFormat format) { return format == WeightFormat::Q4_SYM || format == WeightFormat::Q4_ASYM; }
+bool reads_tiled(WeightFormat) { return true; }
 
 template <WeightFormat F>
 void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
@@ -359,8 +384,7 @@ void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
 
 void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     with_quant_format(w.format, [&](auto f) {
-        if constexpr (f.value != WeightFormat::Q8)
-            if (w.tiled.data != nullptr) return tiled_weights_typed<f.value>(w, x, n_begin, n_end, y);
+        if (w.tiled.data != nullptr) return tiled_weights_typed<f.value>(w, x, n_begin, n_end, y);
         quant_weights_typed<f.value>(w, x, n_begin, n_end, y);
     });
 }

@@ -1,6 +1,6 @@
 // The tiled layout of quantized weights (TiledWeight in core/weights.h), made
-// at load for the SIMD kernels that read it (matmul_avx2.cpp for int4,
-// matmul_avx512.cpp for int4 and int8). Plain C++: the layout is the same
+// at load for the SIMD kernels that read it (matmul_avx2.cpp and
+// matmul_avx512.cpp, int4 and int8). Plain C++: the layout is the same
 // whichever variant reads it.
 //
 // Rows in tiles of 16, side by side, so that each 32-bit lane of a vector
