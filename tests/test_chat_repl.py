@@ -58,6 +58,7 @@ def test_commands_and_multi_line_input(llm, monkeypatch, capsys):
 
 def test_ctrl_c_stops_the_reply_and_twice_at_the_prompt_exits(llm, monkeypatch, capsys):
     monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # the reply would run to max_new_tokens
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in a background job
     pieces_seen = []
     real_chat = llm.__class__.chat
 
@@ -81,7 +82,7 @@ def test_ctrl_c_stops_the_reply_and_twice_at_the_prompt_exits(llm, monkeypatch, 
     assert err.count("(stopped)") == 2  # both replies stopped at Ctrl-C, far short of 5000 tokens
     assert len(pieces_seen) < 20
     assert "Ctrl-C again to exit" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
 
 
 def test_context_full_is_reported_and_the_chat_goes_on(tiny_llama_f32, capsys):
@@ -102,7 +103,9 @@ def test_repl_in_a_terminal(tiny_llama_f32):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "pyllm", "run", tiny_llama_f32, "-n", "4", "-t", "1",
                                            "--chat-template", "chatml", "--system", "Be brief."],
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, encoding="utf-8", timeout=60)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, encoding="utf-8", timeout=60,
+                          # a terminal's Ctrl-C, even when the suite itself runs with SIGINT ignored
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("/help lists the commands")
     child.expect("> ")
     child.sendline("hello")
