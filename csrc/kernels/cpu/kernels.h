@@ -40,9 +40,9 @@ struct CpuKernels {
     // Every variant gives the same codes as the portable one, bit for bit.
     //   x: f32 [rows, cols] (row stride cols)
     void (*quantize_rows)(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
-    // Whether quant_weights reads weights of this format faster when they are
-    // tiled at load (tiled_weights.cpp); null: never.
-    bool (*reads_tiled)(WeightFormat format);
+    // Whether quant_weights reads int8/int4 weights tiled at load
+    // (tiled_weights.cpp), which is faster, or straight from the file.
+    bool reads_tiled;
     // One attention task: `group` query heads sharing a kv head against `len`
     // consecutive keys. Writes each head's maximum score, the sum of
     // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.

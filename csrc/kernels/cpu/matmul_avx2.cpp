@@ -373,8 +373,6 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
         }
 }
 
-bool reads_tiled(WeightFormat) { return true; }
-
 template <WeightFormat F>
 void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     auto tile = [&](auto nr, auto mr, int64_t m, int64_t n) { quant_tile<F, nr.value, mr.value>(w, x, m, n, y); };
@@ -443,7 +441,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
     }
 }
 
-const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, reads_tiled, attend_avx2,
+const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, true, attend_avx2,
                                 swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm

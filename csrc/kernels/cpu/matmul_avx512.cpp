@@ -248,8 +248,6 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
     });
 }
 
-bool reads_tiled(WeightFormat) { return true; }
-
 
 // ---- float weights, prefill: packed panels ------------------------------------
 
@@ -346,7 +344,7 @@ void float_weights_avx512(const WeightView& w, const float* x, int64_t M, int64_
 
 }  // namespace
 
-const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx512, quant_weights, quantize_rows_avx2, reads_tiled,
+const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx512, quant_weights, quantize_rows_avx2, true,
                                   attend_avx2, swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm

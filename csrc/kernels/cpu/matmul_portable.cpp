@@ -83,7 +83,7 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
 
 }  // namespace
 
-const CpuKernels kPortableKernels = {"portable", float_weights, quant_weights, quantize_rows_portable, nullptr, attend_portable,
+const CpuKernels kPortableKernels = {"portable", float_weights, quant_weights, quantize_rows_portable, false, attend_portable,
                                     swiglu_portable, round_to_f16_portable};
 
 void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {

@@ -19,7 +19,7 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
 
 void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage) {
     const CpuKernels& kernels = active_kernels();
-    if (kernels.reads_tiled == nullptr || !is_quantized(w.format) || !kernels.reads_tiled(w.format)) return;
+    if (!kernels.reads_tiled || !is_quantized(w.format)) return;
     const TiledLayout layout = tiled_layout(w);
     storage.emplace_back(layout.total);
     uint8_t* out = storage.back().data();
