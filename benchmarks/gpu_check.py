@@ -142,7 +142,7 @@ def write_random_model(path: str, fmt: str, cfg: dict, seed: int = 0) -> int:
     from pyllm.formats.packed import ModelConfig, TokenizerSpec
     from pyllm.formats.safetensors import PlannedTensor, write_atomic
 
-    config = ModelConfig(architecture="LlamaForCausalLM", rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+    config = ModelConfig(architecture="llama", norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
                          tie_word_embeddings=False, max_position_embeddings=4096, **cfg)
     rng = np.random.default_rng(seed)
     plans, linears, per_token = [], {}, 0

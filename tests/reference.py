@@ -206,6 +206,27 @@ def swiglu_ref(gate, up) -> np.ndarray:
     return g * sig * np.asarray(up, dtype=np.float64)
 
 
+def layernorm_ref(x, weight, bias, eps: float) -> np.ndarray:
+    """torch.nn.LayerNorm: (x - mean) / sqrt(biased variance + eps) * weight + bias."""
+    x = np.asarray(x, dtype=np.float64)
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(var + eps) * np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
+
+
+def activation_ref(name: str, x) -> np.ndarray:
+    """transformers' ACT2FN entries: silu, gelu_pytorch_tanh (= gelu_new), gelu (erf), relu."""
+    x = np.asarray(x, dtype=np.float64)
+    if name == "silu":
+        return swiglu_ref(x, np.ones_like(x))
+    if name == "gelu_pytorch_tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if name == "gelu":
+        return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    assert name == "relu", name
+    return np.maximum(x, 0.0)
+
+
 # --- rotary embedding --------------------------------------------------------
 
 
@@ -248,38 +269,56 @@ def rope_inv_freq_ref(head_dim: int, theta: float, scaling: dict | None = None) 
 
 
 def rope_ref(x, positions, inv_freq) -> np.ndarray:
-    """Rotate-half: for each head, pair (i, i + D/2) turns by pos * inv_freq[i]."""
+    """Rotate-half over the first R = 2 * len(inv_freq) dims of each head: pair (i, i + R/2) turns by
+    pos * inv_freq[i]; dims from R on pass through (partial rotary embedding)."""
     x = np.asarray(x, dtype=np.float64)
     M, H, D = x.shape
-    half = D // 2
-    out = np.empty_like(x)
+    half = len(inv_freq)
+    out = x.copy()
     for m in range(M):
         angle = float(positions[m]) * np.asarray(inv_freq, dtype=np.float64)
         c, s = np.cos(angle), np.sin(angle)
-        a, b = x[m, :, :half], x[m, :, half:]
+        a, b = x[m, :, :half], x[m, :, half:2 * half]
         out[m, :, :half] = a * c - b * s
-        out[m, :, half:] = b * c + a * s
+        out[m, :, half:2 * half] = b * c + a * s
     return out
+
+
+def alibi_slopes_ref(heads: int) -> np.ndarray:
+    """ALiBi slopes (Press et al.; BLOOM's build_alibi_tensor): for the largest power of two n <= heads,
+    2^(-8 k / n) for k = 1..n; the remaining heads take every other slope of 2n heads, 2^(-4 (2k-1) / n)."""
+    n = 1 << (heads.bit_length() - 1)
+    slopes = [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * (2 * k - 1) / n) for k in range(1, min(n, heads - n) + 1)]
+    return np.array(slopes)
 
 
 # --- attention ---------------------------------------------------------------
 
 
-def attention_ref(q, k_cache, v_cache, pos0: int, scale: float) -> np.ndarray:
-    """Causal GQA: query m (position pos0 + m), head h reads kv head h // (H / Hkv)
-    and keys 0 .. pos0 + m. Only those cache rows are touched."""
+def attention_ref(q, k_cache, v_cache, pos0: int, scale: float, window: int = 0, softcap: float = 0.0,
+                  alibi=None) -> np.ndarray:
+    """Causal GQA: query m (position p = pos0 + m), head h reads kv head h // (H / Hkv)
+    and keys 0 .. p, or p - window + 1 .. p with a sliding window. Scores q.k * scale, plus
+    alibi[h] * (key position - p) with ALiBi, then softcap * tanh(score / softcap) with soft-capping.
+    Only those cache rows are touched."""
     q = np.asarray(q, dtype=np.float64)
     M, H, D = q.shape
     Hkv = k_cache.shape[0]
     group = H // Hkv
     out = np.zeros((M, H, D), dtype=np.float64)
     for m in range(M):
-        n_keys = pos0 + m + 1
+        position = pos0 + m
+        first = max(0, position - window + 1) if window > 0 else 0
         for h in range(H):
             kv = h // group
-            keys = np.asarray(k_cache[kv, :n_keys], dtype=np.float64)
-            values = np.asarray(v_cache[kv, :n_keys], dtype=np.float64)
+            keys = np.asarray(k_cache[kv, first:position + 1], dtype=np.float64)
+            values = np.asarray(v_cache[kv, first:position + 1], dtype=np.float64)
             scores = keys @ q[m, h] * scale
+            if alibi is not None:
+                scores = scores + float(alibi[h]) * (np.arange(first, position + 1) - position)
+            if softcap > 0:
+                scores = softcap * np.tanh(scores / softcap)
             p = np.exp(scores - scores.max())
             p /= p.sum()
             out[m, h] = p @ values

@@ -82,7 +82,9 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"model_type": "mamba"}, "model_type 'mamba' is not supported; pyllm converts: llama .*gpt2"),
+    ({"num_local_experts": 8}, "mixture-of-experts"),
+    ({"add_cross_attention": True}, "cross-attention"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "yarn"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),

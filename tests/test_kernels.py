@@ -995,9 +995,9 @@ def test_rope_inv_freq_matches_transformers(head_dim, theta, scaling):
 
 
 def test_rope_inv_freq_rejects_bad_parameters():
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match="rotary dims"):
         _core.rope_inv_freq(63, 10000.0)
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match="rotary dims"):
         _core.rope_inv_freq(0, 10000.0)
     with pytest.raises(ValueError, match="theta"):
         _core.rope_inv_freq(64, 0.0)
@@ -1115,6 +1115,108 @@ def test_attention(case, unused, n_threads, kv_cache, kernels):
     # the output is a convex combination of value rows: errors are relative to max |v|
     vmax = np.max(np.abs(v[:, : pos0 + M]))
     assert_within(out, expected, 1e-5 * vmax, what)
+
+
+# sliding windows (shorter and longer than the keys), soft-capping and ALiBi, alone and together,
+# through both the one-chunk (prefill) and the split-keys (decode) paths
+SHAPED_CASES = [(1, 4, 4, 64, 40, 37), (1, 9, 3, 16, 38, 37), (7, 8, 2, 64, 20, 9), (1, 6, 2, 64, 520, 500),
+                (2, 4, 1, 32, 300, 257), (3, 16, 2, 72, 41, 37), (1, 5, 1, 36, 90, 86)]
+SHAPINGS = {"window5": dict(window=5), "window64": dict(window=64), "softcap": dict(softcap=2.0),
+            "alibi": dict(alibi=True), "all": dict(window=24, softcap=3.0, alibi=True)}
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("shaping", list(SHAPINGS))
+@pytest.mark.parametrize("case", SHAPED_CASES, ids=lambda c: "M{}-H{}-kv{}-D{}-S{}-pos{}".format(*c))
+def test_attention_shaped(case, shaping, n_threads, kv_cache, kernels):
+    M, H, Hkv, D, S, pos0 = case
+    rng = np.random.default_rng(list(case) + [len(shaping)])
+    q = (3 * rng.standard_normal((M, H, D))).astype(np.float32)  # large scores: the softcap matters
+    k = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    v = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    k[:, pos0 + M:] = v[:, pos0 + M:] = np.nan
+    options = dict(SHAPINGS[shaping])
+    if options.pop("alibi", False):
+        options["alibi"] = ref.alibi_slopes_ref(H).astype(np.float32)
+    scale = 1 / math.sqrt(D)
+    out = _core.attention(q, k, v, pos0, scale, n_threads, kv_cache, **options)
+    assert np.isfinite(out).all()
+    if kv_cache == "f16":
+        k, v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+    expected = ref.attention_ref(q, k, v, pos0, scale, **options)
+    what = f"attention {case} {shaping} threads={n_threads} cache {kv_cache}"
+    assert_nmse(out, expected, 1e-10, what)
+    assert_within(out, expected, 1e-5 * np.max(np.abs(v[:, : pos0 + M])), what)
+
+
+def test_attention_window_hides_old_keys():
+    """With a window of 3, the value of a key 3 positions back never reaches the output."""
+    q = np.ones((1, 1, 8), np.float32)
+    k = np.zeros((1, 10, 8), np.float32)
+    v = np.zeros((1, 10, 8), np.float32)
+    v[0, 6] = 1000.0  # position 6 is outside the window of a query at 9 (sees 7, 8, 9)
+    out = _core.attention(q, k, v, 9, 1.0, 1, "f32", window=3)
+    assert np.abs(out).max() == 0.0
+    out = _core.attention(q, k, v, 9, 1.0, 1, "f32", window=4)
+    assert out.max() == pytest.approx(250.0)
+
+
+def test_alibi_slopes_match_transformers():
+    torch = pytest.importorskip("torch")
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    for heads in (1, 2, 3, 4, 6, 8, 12, 16, 20, 32, 48, 112):
+        mask = torch.ones(1, 2)
+        alibi = bloom.build_alibi_tensor(mask, heads, torch.float32)  # [heads, 1, 2]: slope * position
+        expected = alibi[:, 0, 1].numpy()
+        np.testing.assert_allclose(_core.alibi_slopes(heads), expected, rtol=1e-6)
+        np.testing.assert_allclose(ref.alibi_slopes_ref(heads), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("M,D", [(1, 8), (3, 64), (5, 576), (2, 100), (4, 1)])
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+def test_layernorm(M, D, magnitude):
+    rng = np.random.default_rng(M * D)
+    x = (magnitude * (rng.standard_normal((M, D)) + 2.0)).astype(np.float32)  # an offset: centring matters
+    w = rng.standard_normal(D).astype(np.float32)
+    b = rng.standard_normal(D).astype(np.float32)
+    out = _core.layernorm(x, w, b, 1e-5)
+    assert_nmse(out, ref.layernorm_ref(x, w, b, 1e-5), 1e-11, f"layernorm {M}x{D}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu", "relu"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("n", [1, 7, 4096, 10001])
+def test_ffn_activation(activation, gated, n, kernels):
+    rng = np.random.default_rng(n)
+    gate = (4 * rng.standard_normal(n)).astype(np.float32)
+    up = rng.standard_normal(n).astype(np.float32)
+    if gated:
+        out = _core.ffn_activation(activation, gate, up, 2)
+        expected = ref.activation_ref(activation, gate) * up
+    else:
+        out = _core.ffn_activation(activation, None, gate, 2)
+        expected = ref.activation_ref(activation, gate)
+    # the SIMD SiLU uses a fast exp (relative error ~1e-6); the others are libm's
+    assert_within(out, expected, 2e-6 * np.abs(expected).max() + 1e-30, f"{activation} gated={gated} n={n}")
+
+
+def test_ffn_activation_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown activation"):
+        _core.ffn_activation("swish2", None, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="same shape"):
+        _core.ffn_activation("relu", np.ones(3, np.float32), np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("rotary_dim", [8, 16, 24])
+def test_rope_partial(rotary_dim):
+    rng = np.random.default_rng(rotary_dim)
+    x = rng.standard_normal((5, 3, 32)).astype(np.float32)
+    positions = np.array([0, 1, 7, 100, 4000])
+    out = _core.rope(x, positions, 10000.0, None, rotary_dim)
+    expected = ref.rope_ref(x, positions, ref.rope_inv_freq_ref(rotary_dim, 10000.0))
+    assert_nmse(out, expected, 1e-9, f"rope rotary_dim={rotary_dim}")  # f32 angles at position 4000
+    np.testing.assert_array_equal(out[..., rotary_dim:], x[..., rotary_dim:])  # passed through untouched
 
 
 def test_attention_is_causal_and_uses_its_kv_head():

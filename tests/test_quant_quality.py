@@ -163,42 +163,38 @@ def test_gptq_handles_dead_inputs():
 # --- calibration forward, conversion with calibration ---------------------------
 
 
-def test_calibration_forward_matches_engine(tiny_llama, tiny_llama_f32):
-    """The numpy forward used for calibration computes the engine's f32 logits."""
-    import pyllm
-    from pyllm.convert.calibrate import embed, layer_forward, layer_tensors, rmsnorm
-    from pyllm.convert.checkpoint import Checkpoint
+@pytest.mark.parametrize("family,case", [("llama", "gqa"), ("gpt2", "gelu_new"), ("gemma2", "softcap_window"),
+                                         ("phi3", "gqa_partial")])
+def test_calibration_hessians_are_transformers_input_second_moments(family, case, tmp_path):
+    """The engine's observed matrix inputs (Calibration) give the second moments of the inputs that
+    transformers' own modules see, for every input kind, on families with different blocks."""
+    torch = pytest.importorskip("torch")
+    from families import load_reference, make_tiny_model
 
-    ids = np.array([5, 17, 42, 99, 3, 250, 7, 8, 300, 11], dtype=np.int64)
-    ckpt = Checkpoint(tiny_llama)
-    cfg = ckpt.config
-    h = embed(ckpt.load, [ids])[0]
-    for i in range(cfg.num_hidden_layers):
-        h = layer_forward(h, layer_tensors(ckpt.load, cfg, i), cfg)
-    logits = rmsnorm(h, ckpt.load("model.norm.weight"), cfg.rms_norm_eps) @ ckpt.load("lm_head.weight").T
-    ckpt.close()
-    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
-        engine = llm.logits(ids.tolist())
-    assert quant.nmse(logits, engine) < 1e-9
+    from pyllm.convert.calibrate import Calibration
+    from pyllm.convert.checkpoint import ArchitectureView, Checkpoint
 
-
-def test_calibration_hessians_are_input_second_moments(tiny_llama):
-    from pyllm.convert.calibrate import Calibration, embed, layer_forward, layer_tensors
-    from pyllm.convert.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(tiny_llama)
-    cal = Calibration(ckpt, ckpt.config, "The quick brown fox. " * 200, sequences=3, length=32, progress=False)
-    # recompute layer 1's MLP input by hand
-    seen = []
-    hidden = embed(ckpt.load, cal.windows)
-    p0, p1 = (layer_tensors(ckpt.load, ckpt.config, i) for i in range(2))
-    for h in hidden:
-        layer_forward(layer_forward(h, p0, ckpt.config), p1, ckpt.config,
-                      lambda name, x: seen.append(x) if name == "mlp_mid" else None)
-    x = np.concatenate(seen).astype(np.float64)
-    ckpt.close()
+    directory = make_tiny_model(family, case, str(tmp_path / "model"), seed=3)
+    view = ArchitectureView(Checkpoint(directory))
+    cal = Calibration(view, view.config, "The quick brown fox. " * 200, sequences=3, length=32, progress=False)
+    view.close()
+    hf = load_reference(family, directory)
+    layer = hf.model.layers[1] if hasattr(hf, "model") else hf.transformer.h[1]
+    modules = {"model.layers.1.mlp.down_proj": getattr(layer.mlp, "down_proj", None) or layer.mlp.c_proj,
+               "model.layers.1.self_attn.o_proj": getattr(layer.self_attn if hasattr(layer, "self_attn") else
+                                                          layer.attn, "o_proj", None) or layer.attn.c_proj}
+    seen = {name: [] for name in modules}
+    hooks = [module.register_forward_hook(lambda m, args, out, n=name: seen[n].append(args[0][0].detach()))
+             for name, module in modules.items()]
+    with torch.no_grad():
+        for window in cal.windows:
+            hf(torch.from_numpy(window[None]))
+    for h in hooks:
+        h.remove()
     assert len(cal.windows) == 3
-    assert quant.nmse(cal.input_hessian("model.layers.1.mlp.down_proj"), x.T @ x / len(x)) < 1e-10
+    for name, xs in seen.items():
+        x = torch.cat(xs).double().numpy()
+        assert quant.nmse(cal.input_hessian(name), x.T @ x / len(x)) < 1e-9, name
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,29 @@ int cuda_device_count() {
 
 namespace {
 
+// The CUDA kernels implement the LLaMA block (RMSNorm, full RoPE, gated SiLU, plain causal attention);
+// other block descriptions are refused by name rather than run wrongly.
+void refuse_unsupported_blocks(const ModelConfig& c) {
+    std::vector<std::string> missing;
+    if (c.norm != NormType::RmsNorm) missing.push_back("LayerNorm");
+    if (c.embedding_norm) missing.push_back("embedding norm");
+    if (c.embedding_scale != 1.0) missing.push_back("embedding scale");
+    if (c.positions != PositionType::Rope) missing.push_back(c.positions == PositionType::Alibi ? "ALiBi" : "learned positions");
+    if (c.rope_dims() != c.head_dim) missing.push_back("partial rotary embedding");
+    if (c.qk_norm) missing.push_back("q/k norms");
+    if (c.post_norms) missing.push_back("post-attention/post-FFN norms");
+    if (c.ffn != FfnType::Gated || c.activation != Activation::Silu) missing.push_back("feed-forward other than gated SiLU");
+    if (c.attention_scale > 0.0) missing.push_back("query_pre_attn_scalar");
+    if (c.attn_logit_softcapping > 0.0 || c.final_logit_softcapping > 0.0) missing.push_back("logit soft-capping");
+    for (int64_t w : c.sliding_window)
+        if (w > 0) { missing.push_back("sliding-window attention"); break; }
+    if (missing.empty()) return;
+    std::string list;
+    for (const std::string& m : missing) list += (list.empty() ? "" : ", ") + m;
+    throw std::invalid_argument("the CUDA engine does not implement this model's " + list + " yet; run it with device='cpu'");
+}
+
+
 using namespace cuda;
 
 // Linear weights of one layer input, stacked into as few uploads as their
@@ -77,6 +100,7 @@ public:
                int64_t context_length)
         : cfg_(cfg), n_ctx_(context_length) {
         cfg_.validate();
+        refuse_unsupported_blocks(cfg_);
         if (n_ctx_ <= 0) throw std::invalid_argument("context length must be positive");
         if (n_ctx_ > INT32_MAX) throw std::invalid_argument("context length too large");
         if (cfg_.head_dim % 4 != 0 || cfg_.head_dim > kMaxAttentionHeadDim)
@@ -166,7 +190,7 @@ private:
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, q_dim = H * hd, kv_dim = Hkv * hd;
         const int64_t qkv_dim = q_dim + 2 * kv_dim;
-        const float eps = (float)cfg_.rms_norm_eps, scale = 1.0f / std::sqrt((float)hd);
+        const float eps = (float)cfg_.norm_eps, scale = 1.0f / std::sqrt((float)hd);
         const int32_t* ids = ids_.as<int32_t>();
         const int32_t* positions = ids + kMaxBatch;
         float *x = x_.as<float>(), *h = h_.as<float>(), *qkv = qkv_.as<float>();

@@ -1,4 +1,5 @@
-// The CPU engine: a LLaMA decoder run layer by layer with the CPU operators.
+// The CPU engine: the decoder the model file describes (ModelConfig), run layer by layer with the
+// CPU operators.
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -19,8 +20,20 @@ void ModelConfig::validate() const {
     need(n_heads > 0 && n_kv_heads > 0, "head counts must be positive");
     need(n_heads % n_kv_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads");
     need(head_dim > 0 && head_dim % 2 == 0, "head_dim must be even and positive");
-    need(rms_norm_eps > 0.0, "rms_norm_eps must be positive");
+    need(norm_eps > 0.0, "norm_eps must be positive");
     need(vocab_size < INT32_MAX, "vocabulary too large");
+    need(rotary_dim >= 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0, "rotary_dim must be even, 0..head_dim");
+    need(std::isfinite(embedding_scale) && embedding_scale > 0.0, "embedding_scale must be positive");
+    need(attention_scale >= 0.0 && std::isfinite(attention_scale), "attention_scale must be >= 0");
+    need(attn_logit_softcapping >= 0.0 && final_logit_softcapping >= 0.0, "soft-capping values must be >= 0");
+    need(rope_theta_local >= 0.0, "rope_theta_local must be >= 0");
+    need(sliding_window.empty() || (int64_t)sliding_window.size() == n_layers,
+         "sliding_window_per_layer must have one entry per layer");
+    for (int64_t w : sliding_window) need(w >= 0, "sliding windows must be >= 0");
+    need(positions != PositionType::Learned || max_positions > 0, "learned positions need max_position_embeddings");
+    need((int)norm >= 0 && (int)norm <= 1 && (int)positions >= 0 && (int)positions <= 2 && (int)ffn >= 0 &&
+             (int)ffn <= 1 && (int)activation >= 0 && (int)activation <= 3,
+         "unknown block description value");
 }
 
 const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n) {
@@ -80,12 +93,24 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
 
 namespace {
 
+// A norm's parameters: weight f32 [D], and bias f32 [D] for LayerNorm (null for RMSNorm).
+struct NormWeights {
+    const float* weight = nullptr;
+    const float* bias = nullptr;
+};
+
 struct LayerWeights {
-    const float* attn_norm;  // [hidden]
-    WeightView q, k, v, o;   // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden], o: [hidden, heads*head_dim]
-    const float* ffn_norm;   // [hidden]
-    WeightView gate, up, down;  // gate/up: [ffn, hidden], down: [hidden, ffn]
+    NormWeights attn_norm;            // before attention
+    WeightView q, k, v, o;            // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden], o: [hidden, heads*head_dim]
+    const float* q_norm = nullptr;    // [head_dim] (qk_norm)
+    const float* k_norm = nullptr;    // [head_dim] (qk_norm)
+    NormWeights attn_post_norm;       // of the attention output (post_norms)
+    NormWeights ffn_norm;             // before the feed-forward block
+    WeightView gate, up, down;        // gate (gated FFN only)/up: [ffn, hidden], down: [hidden, ffn]
+    NormWeights ffn_post_norm;        // of the feed-forward output (post_norms)
     bool qkv_quantized, gate_up_quantized;  // whether their shared input is quantized once
+    int64_t window;                   // keys a query sees (0: all)
+    bool local_rope;                  // RoPE with rope_theta_local (sliding layers of Gemma 3)
 };
 
 // Wall time per stage of the forward pass, kept only when PYLLM_PROFILE=1 (a clock read costs
@@ -127,32 +152,47 @@ public:
         : file_(std::move(file)), cfg_(cfg), n_ctx_(context_length), pool_(n_threads) {
         cfg_.validate();
         if (n_ctx_ <= 0) throw std::invalid_argument("context length must be positive");
-        const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size;
-        const int64_t q_dim = cfg_.n_heads * cfg_.head_dim, kv_dim = cfg_.n_kv_heads * cfg_.head_dim;
+        if (cfg_.positions == PositionType::Learned && n_ctx_ > cfg_.max_positions)
+            throw std::invalid_argument("context length " + std::to_string(n_ctx_) + " exceeds the model's " +
+                                        std::to_string(cfg_.max_positions) + " learned positions");
+        const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+        const int64_t q_dim = cfg_.n_heads * hd, kv_dim = cfg_.n_kv_heads * hd;
+        const bool gated = cfg_.ffn == FfnType::Gated;
         embed_ = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
+        if (cfg_.positions == PositionType::Learned)
+            position_table_ = reinterpret_cast<const float*>(
+                t.get("model.embed_positions.weight", DType::F32, {cfg_.max_positions, D}).data);
+        if (cfg_.embedding_norm) embed_norm_ = bind_norm(t, "model.embed_norm", D);
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const std::string p = "model.layers." + std::to_string(l) + ".";
             LayerWeights lw;
-            lw.attn_norm = bind_vector(t, p + "input_layernorm.weight", D);
+            lw.attn_norm = bind_norm(t, p + "input_layernorm", D);
             lw.q = bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D);
             lw.k = bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D);
             lw.v = bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D);
             lw.o = bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim);
-            lw.ffn_norm = bind_vector(t, p + "post_attention_layernorm.weight", D);
-            lw.gate = bind_linear(t, specs, p + "mlp.gate_proj", F, D);
+            if (cfg_.qk_norm) {
+                lw.q_norm = bind_vector(t, p + "self_attn.q_norm.weight", hd);
+                lw.k_norm = bind_vector(t, p + "self_attn.k_norm.weight", hd);
+            }
+            lw.ffn_norm = bind_norm(t, p + "post_attention_layernorm", D);
+            if (gated) lw.gate = bind_linear(t, specs, p + "mlp.gate_proj", F, D);
             lw.up = bind_linear(t, specs, p + "mlp.up_proj", F, D);
             lw.down = bind_linear(t, specs, p + "mlp.down_proj", D, F);
+            if (cfg_.post_norms) {
+                lw.attn_post_norm = bind_norm(t, p + "attn_post_norm", D);
+                lw.ffn_post_norm = bind_norm(t, p + "ffn_post_norm", D);
+            }
             lw.qkv_quantized = is_quantized(lw.q.format) || is_quantized(lw.k.format) || is_quantized(lw.v.format);
-            lw.gate_up_quantized = is_quantized(lw.gate.format) || is_quantized(lw.up.format);
+            lw.gate_up_quantized = (gated && is_quantized(lw.gate.format)) || is_quantized(lw.up.format);
+            lw.window = cfg_.window(l);
+            lw.local_rope = lw.window > 0 && cfg_.rope_theta_local > 0.0;
             layers_.push_back(lw);
         }
-        final_norm_ = bind_vector(t, "model.norm.weight", D);
+        final_norm_ = bind_norm(t, "model.norm", D);
         lm_head_ = cfg_.tie_word_embeddings ? embed_ : bind_linear(t, specs, "lm_head", cfg_.vocab_size, D);
         // quantized matrices rearranged for the kernels that want it (the file stays as it is)
-        std::vector<WeightView*> matrices{&lm_head_};
-        for (LayerWeights& lw : layers_)
-            for (WeightView* w : {&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down}) matrices.push_back(w);
-        for (WeightView* w : matrices) {
+        for (WeightView* w : matrices()) {
             tile_for_active_kernels(pool_, *w, tiled_storage_);
             // the file's copy is read again only if another kernel variant is chosen later (embedding
             // rows of a tied lm_head come back page by page); out of the resident set with it
@@ -161,14 +201,22 @@ public:
         // the embedding table is read a row per token; unless its file copy is also the lm_head,
         // the pages those reads map in (the kernel maps up to 64 KB around each) are let go again
         release_embedding_ = !(lm_head_.data == embed_.data && lm_head_.tiled.data == nullptr);
-        inv_freq_ = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
+        if (cfg_.positions == PositionType::Rope) {
+            inv_freq_ = rope_inv_freq(cfg_.rope_dims(), cfg_.rope_theta, cfg_.rope_scaling);
+            if (cfg_.rope_theta_local > 0.0) inv_freq_local_ = rope_inv_freq(cfg_.rope_dims(), cfg_.rope_theta_local, {});
+        }
+        if (cfg_.positions == PositionType::Alibi) alibi_ = alibi_slopes(cfg_.n_heads);
+        attention_options_.resize(layers_.size());
+        for (size_t l = 0; l < layers_.size(); ++l) {
+            attention_options_[l].window = layers_[l].window;
+            attention_options_[l].softcap = (float)cfg_.attn_logit_softcapping;
+            attention_options_[l].alibi = alibi_.empty() ? nullptr : alibi_.data();
+        }
 
         // KV cache: f16 unless asked otherwise or the model is stored in f32 (a reference run).
         // Pages are touched only as positions are written.
-        bool all_f32 = lm_head_.format == WeightFormat::F32;
-        for (const LayerWeights& lw : layers_)
-            for (const WeightView* w : {&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down})
-                all_f32 = all_f32 && w->format == WeightFormat::F32;
+        bool all_f32 = true;
+        for (WeightView* w : matrices()) all_f32 = all_f32 && w->format == WeightFormat::F32;
         if (kv_cache == "f16") kv_type_ = KvType::F16;
         else if (kv_cache == "f32") kv_type_ = KvType::F32;
         else if (kv_cache == "auto") kv_type_ = all_f32 ? KvType::F32 : KvType::F16;
@@ -184,10 +232,11 @@ public:
         v_.resize((size_t)(B * kv_dim));
         if (kv_type_ == KvType::F16) k16_.resize(k_.size()), v16_.resize(v_.size());
         attn_.resize((size_t)(B * q_dim));
-        gate_.resize((size_t)(B * F));
+        if (gated) gate_.resize((size_t)(B * F));
         up_.resize((size_t)(B * F));
         positions_.resize((size_t)B);
-        cos_sin_.resize((size_t)(B * cfg_.head_dim));
+        cos_sin_.resize((size_t)(B * cfg_.rope_dims()));
+        if (!inv_freq_local_.empty()) cos_sin_local_.resize(cos_sin_.size());
     }
 
     const ModelConfig& config() const override { return cfg_; }
@@ -195,27 +244,69 @@ public:
     const char* device() const override { return "cpu"; }
     const char* kv_cache() const override { return kv_type_ == KvType::F16 ? "f16" : "f32"; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
+    void set_observer(InputObserver observer) override { observer_ = std::move(observer); }
 
 private:
     static constexpr int64_t kMaxBatch = 256;
     int64_t max_batch() const override { return kMaxBatch; }
 
+    NormWeights bind_norm(const TensorTable& t, const std::string& name, int64_t D) const {
+        NormWeights n;
+        n.weight = bind_vector(t, name + ".weight", D);
+        if (cfg_.norm == NormType::LayerNorm) n.bias = bind_vector(t, name + ".bias", D);
+        return n;
+    }
+
+    // y = the model's norm of x.   x, y: f32 [M, D] (may alias)
+    void norm(const NormWeights& n, const float* x, int64_t M, float* y) const {
+        const int64_t D = cfg_.hidden_size;
+        if (cfg_.norm == NormType::LayerNorm) layernorm(x, n.weight, n.bias, M, D, (float)cfg_.norm_eps, y);
+        else rmsnorm(x, n.weight, M, D, (float)cfg_.norm_eps, y);
+    }
+
+    // Every matrix the engine multiplies by (lm_head first).
+    std::vector<WeightView*> matrices() {
+        std::vector<WeightView*> out{&lm_head_};
+        for (LayerWeights& lw : layers_)
+            for (WeightView* w : {&lw.q, &lw.k, &lw.v, &lw.o, &lw.gate, &lw.up, &lw.down})
+                if (w->data != nullptr) out.push_back(w);
+        return out;
+    }
+
+    void observe(int64_t layer, int input, const float* x, int64_t M, int64_t cols) const {
+        if (observer_) observer_(layer, input, x, M, cols);
+    }
+
     void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) override {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
-        const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd;
-        const float eps = (float)cfg_.rms_norm_eps, attn_scale = 1.0f / std::sqrt((float)hd);
+        const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd, rope_dims = cfg_.rope_dims();
+        const float eps = (float)cfg_.norm_eps;
+        const float attn_scale =
+            cfg_.attention_scale > 0.0 ? (float)cfg_.attention_scale : 1.0f / std::sqrt((float)hd);
+        const bool gated = cfg_.ffn == FfnType::Gated;
         float *x = x_.data(), *h = h_.data();
         for (int64_t m = 0; m < M; ++m) positions_[(size_t)m] = (int32_t)(pos0 + m);
-        rope_angles(positions_.data(), M, inv_freq_.data(), hd / 2, cos_sin_.data());
+        if (!inv_freq_.empty()) rope_angles(positions_.data(), M, inv_freq_.data(), rope_dims / 2, cos_sin_.data());
+        if (!inv_freq_local_.empty())
+            rope_angles(positions_.data(), M, inv_freq_local_.data(), rope_dims / 2, cos_sin_local_.data());
 
         using S = StageClock;
         clock_.time(S::kEmbed, [&] {
             embedding(embed_, tokens, M, x);
             if (release_embedding_) release_file_pages(embed_);
+            if (cfg_.embedding_scale != 1.0) {
+                const float scale = (float)cfg_.embedding_scale;
+                for (int64_t i = 0; i < M * D; ++i) x[i] *= scale;
+            }
+            if (position_table_ != nullptr)
+                for (int64_t m = 0; m < M; ++m)
+                    for (int64_t i = 0; i < D; ++i) x[m * D + i] += position_table_[(pos0 + m) * D + i];
+            if (cfg_.embedding_norm) norm(embed_norm_, x, M, x);
         });
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const LayerWeights& lw = layers_[(size_t)l];
-            clock_.time(S::kNorm, [&] { rmsnorm(x, lw.attn_norm, M, D, eps, h); });
+            clock_.time(S::kNorm, [&] { norm(lw.attn_norm, x, M, h); });
+            observe(l, kAttnIn, h, M, D);
             clock_.time(S::kQkv, [&] {
                 const LinearInput in = prepare_linear_input(pool_, h, M, D, lw.qkv_quantized, scratch_);
                 linear(pool_, lw.q, in, q_.data());
@@ -227,8 +318,15 @@ private:
             uint8_t* k_layer = k_cache_.get() + l * layer_bytes;
             uint8_t* v_layer = v_cache_.get() + l * layer_bytes;
             clock_.time(S::kRopeCache, [&] {
-                rope(q_.data(), M, H, hd, cos_sin_.data());
-                rope(k_.data(), M, Hkv, hd, cos_sin_.data());
+                if (lw.q_norm != nullptr) {
+                    rmsnorm(q_.data(), lw.q_norm, M * H, hd, eps, q_.data());
+                    rmsnorm(k_.data(), lw.k_norm, M * Hkv, hd, eps, k_.data());
+                }
+                if (!inv_freq_.empty()) {
+                    const float* cos_sin = lw.local_rope ? cos_sin_local_.data() : cos_sin_.data();
+                    rope(q_.data(), M, H, hd, rope_dims, cos_sin);
+                    rope(k_.data(), M, Hkv, hd, rope_dims, cos_sin);
+                }
                 if (kv_type_ == KvType::F16) {
                     const CpuKernels& kernels = active_kernels();
                     kernels.round_to_f16(k_.data(), M * kv_dim, k16_.data());
@@ -242,29 +340,40 @@ private:
             });
             clock_.time(S::kAttention, [&] {
                 attention(pool_, q_.data(), kv_type_, k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale,
-                          attn_.data());
+                          attention_options_[(size_t)l], attn_.data());
             });
-            clock_.time(S::kOut, [&] { linear(pool_, lw.o, attn_.data(), M, h, scratch_); });
+            observe(l, kAttnOut, attn_.data(), M, H * hd);
+            clock_.time(S::kOut, [&] {
+                linear(pool_, lw.o, attn_.data(), M, h, scratch_);
+                if (cfg_.post_norms) norm(lw.attn_post_norm, h, M, h);
+            });
             clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
 
-            clock_.time(S::kNorm, [&] { rmsnorm(x, lw.ffn_norm, M, D, eps, h); });
+            clock_.time(S::kNorm, [&] { norm(lw.ffn_norm, x, M, h); });
+            observe(l, kMlpIn, h, M, D);
             clock_.time(S::kGateUp, [&] {
                 const LinearInput in = prepare_linear_input(pool_, h, M, D, lw.gate_up_quantized, scratch_);
-                linear(pool_, lw.gate, in, gate_.data());
+                if (gated) linear(pool_, lw.gate, in, gate_.data());
                 linear(pool_, lw.up, in, up_.data());
             });
-            clock_.time(S::kSwiglu, [&] { swiglu(pool_, gate_.data(), up_.data(), M * F, gate_.data()); });
-            clock_.time(S::kDown, [&] { linear(pool_, lw.down, gate_.data(), M, h, scratch_); });
+            clock_.time(S::kSwiglu, [&] {
+                ffn_activation(pool_, cfg_.activation, gated ? gate_.data() : nullptr, up_.data(), M * F, up_.data());
+            });
+            observe(l, kMlpMid, up_.data(), M, F);
+            clock_.time(S::kDown, [&] {
+                linear(pool_, lw.down, up_.data(), M, h, scratch_);
+                if (cfg_.post_norms) norm(lw.ffn_post_norm, h, M, h);
+            });
             clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
         }
         if (logits == nullptr) return;
         clock_.time(S::kLmHead, [&] {
-            if (all_logits) {
-                rmsnorm(x, final_norm_, M, D, eps, h);
-                linear(pool_, lm_head_, h, M, logits, scratch_);
-            } else {
-                rmsnorm(x + (M - 1) * D, final_norm_, 1, D, eps, h);
-                linear(pool_, lm_head_, h, 1, logits, scratch_);
+            const int64_t rows = all_logits ? M : 1;
+            norm(final_norm_, x + (M - rows) * D, rows, h);
+            linear(pool_, lm_head_, h, rows, logits, scratch_);
+            if (cfg_.final_logit_softcapping > 0.0) {
+                const float cap = (float)cfg_.final_logit_softcapping, inverse = 1.0f / cap;
+                for (int64_t i = 0; i < rows * cfg_.vocab_size; ++i) logits[i] = cap * std::tanh(logits[i] * inverse);
             }
         });
     }
@@ -274,10 +383,15 @@ private:
     int64_t n_ctx_;
     ThreadPool pool_;
     WeightView embed_, lm_head_;
+    const float* position_table_ = nullptr;  // f32 [max_positions, hidden] (learned positions)
+    NormWeights embed_norm_;                 // (embedding_norm)
     bool release_embedding_ = false;  // drop the embedding rows' file pages after each lookup
     std::vector<LayerWeights> layers_;
-    const float* final_norm_ = nullptr;
-    std::vector<float> inv_freq_;
+    NormWeights final_norm_;
+    std::vector<float> inv_freq_, inv_freq_local_;  // [rotary_dim / 2] (RoPE; local: sliding layers of Gemma 3)
+    std::vector<float> alibi_;                      // [heads] (ALiBi)
+    std::vector<AttentionOptions> attention_options_;  // per layer
+    InputObserver observer_;
     // w's pages of the mapped file leave the resident set (they come back if read again).
     void release_file_pages(const WeightView& w) const {
         file_->release(w.data, (uint64_t)(w.rows * w.row_bytes()));
@@ -305,7 +419,7 @@ private:
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<uint16_t> k16_, v16_;  // [kMaxBatch, kv_heads * head_dim]: k_, v_ rounded for an f16 cache
     std::vector<int32_t> positions_;
-    std::vector<float> cos_sin_;  // [kMaxBatch, 2, head_dim / 2]: this batch's rope angles (rope_angles)
+    std::vector<float> cos_sin_, cos_sin_local_;  // [kMaxBatch, 2, rotary_dim / 2]: this batch's rope angles
     ActivationScratch scratch_;
     std::vector<AlignedBytes> tiled_storage_;  // rearranged weights (tile_for_active_kernels)
     StageClock clock_;

@@ -5,6 +5,7 @@
 // engine implements the same interface and is chosen by make_engine's caller.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -18,6 +19,12 @@
 
 namespace pyllm {
 
+// The decoder block, as the model file describes it (pyllm/arch/ writes it; docs/FORMAT.md). Every
+// choice here is read once at load; the layer loop consults each in one place.
+enum class NormType : int32_t { RmsNorm = 0, LayerNorm = 1 };        // LayerNorm: with bias
+enum class PositionType : int32_t { Rope = 0, Alibi = 1, Learned = 2 };
+enum class FfnType : int32_t { Gated = 0, Plain = 1 };               // act(gate) * up, or act(up)
+
 struct ModelConfig {
     int64_t vocab_size = 0;
     int64_t hidden_size = 0;
@@ -26,11 +33,29 @@ struct ModelConfig {
     int64_t n_heads = 0;
     int64_t n_kv_heads = 0;
     int64_t head_dim = 0;
-    double rms_norm_eps = 1e-5;
+    double norm_eps = 1e-5;
     double rope_theta = 10000.0;
     RopeScaling rope_scaling;
     bool tie_word_embeddings = false;
+    // block description (defaults: LLaMA)
+    NormType norm = NormType::RmsNorm;
+    bool embedding_norm = false;         // a norm right after the embedding (BLOOM)
+    double embedding_scale = 1.0;        // embeddings multiplied by it (Gemma: sqrt(hidden))
+    PositionType positions = PositionType::Rope;
+    int64_t rotary_dim = 0;              // RoPE on the first rotary_dim dims of each head (0: head_dim)
+    double rope_theta_local = 0.0;       // sliding-window layers' theta, default scaling (0: rope_theta)
+    int64_t max_positions = 0;           // learned positions: rows of the position table
+    bool qk_norm = false;                // RMSNorm of each q and k head before RoPE (Qwen3, Gemma 3)
+    bool post_norms = false;             // norms of the attention and FFN outputs (Gemma 2/3, GLM-4)
+    FfnType ffn = FfnType::Gated;
+    Activation activation = Activation::Silu;
+    double attention_scale = 0.0;        // scores = q.k * attention_scale (0: 1 / sqrt(head_dim))
+    double attn_logit_softcapping = 0.0; // > 0: scores = c * tanh(scores / c) (Gemma 2)
+    double final_logit_softcapping = 0.0;
+    std::vector<int64_t> sliding_window;  // per layer: keys a query sees (0: all); empty: all layers global
     void validate() const;  // throws std::invalid_argument on impossible values
+    int64_t rope_dims() const { return rotary_dim > 0 ? rotary_dim : head_dim; }
+    int64_t window(int64_t layer) const { return sliding_window.empty() ? 0 : sliding_window[(size_t)layer]; }
 };
 
 // How one linear weight ("model.layers.0.self_attn.q_proj") is stored.
@@ -46,6 +71,11 @@ struct LinearSpec {
 const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n);
 WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearSpec>& specs, const std::string& base,
                        int64_t rows, int64_t cols);
+
+// Sees the input of every matrix while forward() runs (calibration statistics).
+//   layer, input (MatrixInput), x: f32 [M, cols] valid during the call only
+enum MatrixInput : int { kAttnIn = 0, kAttnOut = 1, kMlpIn = 2, kMlpMid = 3 };
+using InputObserver = std::function<void(int64_t layer, int input, const float* x, int64_t M, int64_t cols)>;
 
 class Engine {
 public:
@@ -64,6 +94,12 @@ public:
     // Seconds spent in each stage of forward() since the engine was made, when it was made with
     // profiling on (PYLLM_PROFILE=1 in the environment); empty otherwise.
     virtual std::vector<std::pair<std::string, double>> profile() const { return {}; }
+    // Installs (or with an empty function removes) the observer of matrix inputs; throws
+    // std::invalid_argument where the backend has none.
+    virtual void set_observer(InputObserver observer) {
+        (void)observer;
+        throw std::invalid_argument(std::string("the ") + device() + " engine does not report matrix inputs");
+    }
 
 protected:
     // One batch of forward(), checked and serialised by it: M <= max_batch() tokens at

@@ -145,6 +145,58 @@ PYBIND11_MODULE(_core, m) {
         py::arg("x"), py::arg("weight"), py::arg("eps"));
 
     m.def(
+        "layernorm",
+        [](const F32Array& x, const F32Array& weight, const F32Array& bias, float eps) {
+            // x: f32 [M, D], weight, bias: f32 [D]
+            if (x.ndim() != 2) bad("x must be 2-D");
+            expect_shape(weight, {x.shape(1)}, "weight");
+            expect_shape(bias, {x.shape(1)}, "bias");
+            py::array_t<float> y({x.shape(0), x.shape(1)});
+            const float *xp = x.data(), *wp = weight.data(), *bp = bias.data();
+            float* yp = y.mutable_data();
+            const int64_t M = x.shape(0), D = x.shape(1);
+            py::gil_scoped_release release;
+            layernorm(xp, wp, bp, M, D, eps, yp);
+            return y;
+        },
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+
+    m.def(
+        "ffn_activation",
+        [](const std::string& name, const py::object& gate_obj, const F32Array& up, int n_threads) {
+            // gate (or None), up: f32 [...] of one shape -> act(gate) * up, or act(up)
+            const std::map<std::string, Activation> acts{{"silu", Activation::Silu}, {"gelu_pytorch_tanh", Activation::GeluTanh},
+                                                         {"gelu", Activation::Gelu}, {"relu", Activation::Relu}};
+            if (!acts.count(name)) bad("unknown activation '" + name + "' (silu, gelu_pytorch_tanh, gelu, relu)");
+            F32Array gate;
+            if (!gate_obj.is_none()) {
+                gate = gate_obj.cast<F32Array>();
+                if (gate.ndim() != up.ndim() || !std::equal(gate.shape(), gate.shape() + gate.ndim(), up.shape()))
+                    bad("gate and up must have the same shape");
+            }
+            py::array_t<float> out(std::vector<py::ssize_t>(up.shape(), up.shape() + up.ndim()));
+            const float* g = gate_obj.is_none() ? nullptr : gate.data();
+            const float* u = up.data();
+            float* o = out.mutable_data();
+            const int64_t n = up.size();
+            const Activation act = acts.at(name);
+            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(kp.mutex);
+            ffn_activation(*kp.pool, act, g, u, n, o);
+            return out;
+        },
+        py::arg("activation"), py::arg("gate"), py::arg("up"), py::arg("n_threads") = 1,
+        "The feed-forward activation: act(gate) * up (gate given) or act(up).");
+
+    m.def(
+        "alibi_slopes", [](int64_t n_heads) {
+            auto s = alibi_slopes(n_heads);
+            return py::array_t<float>((py::ssize_t)s.size(), s.data());
+        },
+        py::arg("n_heads"), "ALiBi slopes f32 [n_heads], as BLOOM computes them.");
+
+    m.def(
         "swiglu",
         [](const F32Array& gate, const F32Array& up, int n_threads) {
             // gate, up: f32 [...] of one shape
@@ -174,33 +226,37 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "rope_inv_freq",
-        [](int64_t head_dim, double theta, const py::object& scaling) {
-            auto f = rope_inv_freq(head_dim, theta, parse_rope_scaling(scaling));
+        [](int64_t rotary_dim, double theta, const py::object& scaling) {
+            auto f = rope_inv_freq(rotary_dim, theta, parse_rope_scaling(scaling));
             return py::array_t<float>((py::ssize_t)f.size(), f.data());
         },
-        py::arg("head_dim"), py::arg("theta"), py::arg("scaling") = py::none());
+        py::arg("rotary_dim"), py::arg("theta"), py::arg("scaling") = py::none());
 
     m.def(
         "rope",
-        [](const F32Array& x, const py::array& position_array, double theta, const py::object& scaling) {
-            // x: f32 [M, heads, D], positions: int [M] -> rotated copy of x
+        [](const F32Array& x, const py::array& position_array, double theta, const py::object& scaling,
+           int64_t rotary_dim) {
+            // x: f32 [M, heads, D], positions: int [M] -> rotated copy of x (first rotary_dim dims; 0: all)
             const I32Array positions = int32_values(position_array, "positions");
             if (x.ndim() != 3) bad("x must be [M, heads, head_dim]");
             expect_shape(positions, {x.shape(0)}, "positions");
-            auto inv_freq = rope_inv_freq(x.shape(2), theta, parse_rope_scaling(scaling));
-            py::array_t<float> y({x.shape(0), x.shape(1), x.shape(2)});
+            const int64_t D = x.shape(2), R = rotary_dim > 0 ? rotary_dim : D;
+            if (R > D || R % 2 != 0) bad("rotary_dim must be even and at most head_dim");
+            auto inv_freq = rope_inv_freq(R, theta, parse_rope_scaling(scaling));
+            py::array_t<float> y({x.shape(0), x.shape(1), D});
             std::copy_n(x.data(), x.size(), y.mutable_data());
-            std::vector<float> cos_sin((size_t)(x.shape(0) * x.shape(2)));
-            rope_angles(positions.data(), x.shape(0), inv_freq.data(), x.shape(2) / 2, cos_sin.data());
-            rope(y.mutable_data(), x.shape(0), x.shape(1), x.shape(2), cos_sin.data());
+            std::vector<float> cos_sin((size_t)(x.shape(0) * R));
+            rope_angles(positions.data(), x.shape(0), inv_freq.data(), R / 2, cos_sin.data());
+            rope(y.mutable_data(), x.shape(0), x.shape(1), D, R, cos_sin.data());
             return y;
         },
-        py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("scaling") = py::none());
+        py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("scaling") = py::none(),
+        py::arg("rotary_dim") = 0);
 
     m.def(
         "attention",
         [](const F32Array& q, const F32Array& k_cache, const F32Array& v_cache, int64_t pos0, float scale,
-           int n_threads, const std::string& kv_cache) {
+           int n_threads, const std::string& kv_cache, int64_t window, float softcap, const py::object& alibi) {
             // q: f32 [M, H, D], k_cache/v_cache: f32 [Hkv, S, D]; query m sits at position pos0 + m
             const auto [M, H, D, Hkv, S] = attention_shape(q, k_cache, v_cache, pos0);
             if (kv_cache != "f32" && kv_cache != "f16") bad("kv_cache must be 'f32' or 'f16'");
@@ -220,17 +276,29 @@ PYBIND11_MODULE(_core, m) {
                         put(keys_t, (h * D + i) * S + s, kp[(h * S + s) * D + i]);
                         put(values, (h * S + s) * D + i, vp[(h * S + s) * D + i]);
                     }
+            AttentionOptions options;
+            if (window < 0 || !(softcap >= 0.0f)) bad("window and softcap must be >= 0");
+            options.window = window;
+            options.softcap = softcap;
+            F32Array slopes;
+            if (!alibi.is_none()) {
+                slopes = alibi.cast<F32Array>();
+                expect_shape(slopes, {H}, "alibi");
+                options.alibi = slopes.data();
+            }
             const float* qp = q.data();
             float* op = out.mutable_data();
             KernelPool& pool = kernel_pool(resolve_threads(n_threads));
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(pool.mutex);
-            attention(*pool.pool, qp, kv, keys_t.data(), values.data(), M, H, Hkv, D, S, pos0, scale, op);
+            attention(*pool.pool, qp, kv, keys_t.data(), values.data(), M, H, Hkv, D, S, pos0, scale, options, op);
             return out;
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
-        py::arg("n_threads") = 1, py::arg("kv_cache") = "f32",
-        "Causal attention over a cache (kv_cache: the element type it is kept in, 'f32' or 'f16').");
+        py::arg("n_threads") = 1, py::arg("kv_cache") = "f32", py::arg("window") = 0, py::arg("softcap") = 0.0f,
+        py::arg("alibi") = py::none(),
+        "Causal attention over a cache (kv_cache: the element type it is kept in, 'f32' or 'f16'); window > 0: "
+        "sliding window of that many keys; softcap > 0: tanh soft-capping of scores; alibi: f32 [H] slopes.");
 
     m.def(
         "read_bandwidth",

@@ -170,6 +170,20 @@ inline ModelDescription parse_model(const std::string& path, uint64_t data_offse
             if (!config.contains(key)) bad(std::string("model config lacks '") + key + "'");
             return config[key].cast<int64_t>();
         };
+        auto get_double = [&](const char* key) {
+            if (!config.contains(key)) bad(std::string("model config lacks '") + key + "'");
+            return config[key].cast<double>();
+        };
+        // one of `names` (the enum's values in order) -> its index
+        auto get_choice = [&](const char* key, std::initializer_list<const char*> names) {
+            const std::string value = config.contains(key) ? config[key].cast<std::string>() : std::string(*names.begin());
+            int32_t i = 0;
+            for (const char* name : names) {
+                if (value == name) return i;
+                ++i;
+            }
+            bad(std::string("model config: unknown ") + key + " '" + value + "'");
+        };
         cfg.vocab_size = get_int("vocab_size");
         cfg.hidden_size = get_int("hidden_size");
         cfg.intermediate_size = get_int("intermediate_size");
@@ -177,11 +191,28 @@ inline ModelDescription parse_model(const std::string& path, uint64_t data_offse
         cfg.n_heads = get_int("num_attention_heads");
         cfg.n_kv_heads = get_int("num_key_value_heads");
         cfg.head_dim = get_int("head_dim");
-        cfg.rms_norm_eps = config["rms_norm_eps"].cast<double>();
-        cfg.rope_theta = config["rope_theta"].cast<double>();
+        cfg.norm_eps = get_double("norm_eps");
+        cfg.rope_theta = get_double("rope_theta");
         cfg.rope_scaling = parse_rope_scaling(config.contains("rope_scaling") ? py::object(config["rope_scaling"])
                                                                               : py::object(py::none()));
         cfg.tie_word_embeddings = config["tie_word_embeddings"].cast<bool>();
+        // the block description (pyllm/arch: ModelConfig.engine_config)
+        cfg.norm = (NormType)get_choice("norm_type", {"rms_norm", "layer_norm"});
+        cfg.embedding_norm = get_int("embedding_norm") != 0;
+        cfg.embedding_scale = get_double("embedding_scale");
+        cfg.positions = (PositionType)get_choice("position_embedding", {"rope", "alibi", "learned"});
+        cfg.rotary_dim = get_int("rotary_dim");
+        cfg.rope_theta_local = get_double("rope_theta_local");
+        cfg.max_positions = get_int("max_position_embeddings");
+        cfg.qk_norm = get_int("qk_norm") != 0;
+        cfg.post_norms = get_int("post_norms") != 0;
+        cfg.ffn = (FfnType)get_choice("ffn_type", {"gated", "plain"});
+        cfg.activation = (Activation)get_choice("hidden_act", {"silu", "gelu_pytorch_tanh", "gelu", "relu"});
+        cfg.attention_scale = get_double("attention_scale");
+        cfg.attn_logit_softcapping = get_double("attn_logit_softcapping");
+        cfg.final_logit_softcapping = get_double("final_logit_softcapping");
+        if (!config.contains("sliding_window_per_layer")) bad("model config lacks 'sliding_window_per_layer'");
+        cfg.sliding_window = config["sliding_window_per_layer"].cast<std::vector<int64_t>>();
     } catch (const py::cast_error& e) {
         bad(std::string("model description has a value of the wrong type or range: ") + e.what());
     }
@@ -221,6 +252,32 @@ public:
         return logits;
     }
 
+    // Runs tokens at positions pos.. without computing logits, calling callback(layer, input, x) with a
+    // copy of every matrix input x f32 [rows, cols] (input: 0 attention input, 1 attention output,
+    // 2 feed-forward input, 3 feed-forward product), in order: calibration statistics.
+    void observe_inputs(const py::array& token_array, int64_t pos, const py::function& callback) {
+        const I32Array tokens = int32_values(token_array, "tokens");
+        if (tokens.ndim() != 1 || tokens.shape(0) == 0) bad("tokens must be 1-D and not empty");
+        engine_->set_observer([&callback](int64_t layer, int input, const float* x, int64_t M, int64_t cols) {
+            py::gil_scoped_acquire gil;
+            try {
+                py::array_t<float> copy({M, cols});
+                std::copy_n(x, M * cols, copy.mutable_data());
+                callback(layer, input, copy);
+            } catch (py::error_already_set& e) {  // carried out as a C++ exception, raised again below
+                throw std::runtime_error(std::string("observer callback failed: ") + e.what());
+            }
+        });
+        struct Detach {
+            Engine* engine;
+            ~Detach() { engine->set_observer({}); }
+        } detach{engine_.get()};
+        const int32_t* ids = tokens.data();
+        const int64_t n = tokens.shape(0);
+        py::gil_scoped_release release;
+        engine_->forward(ids, n, pos, nullptr, false);
+    }
+
     int64_t context_length() const { return engine_->context_length(); }
     int64_t vocab_size() const { return engine_->config().vocab_size; }
     int n_threads() const { return n_threads_; }
@@ -252,6 +309,10 @@ inline void register_engine_class(py::module_& m, std::function<int(int)> thread
              py::arg("context_length"), py::arg("n_threads") = 0, py::arg("kv_cache") = "auto")
         .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("pos"), py::arg("all_logits") = false,
              "Runs tokens (int32 [n]) at positions pos.. and returns logits: f32 [n, vocab] or [vocab].")
+        .def("observe_inputs", &PyModel::observe_inputs, py::arg("tokens"), py::arg("pos"), py::arg("callback"),
+             "Runs tokens (int32 [n]) at positions pos.. without logits, calling callback(layer, input, x) with "
+             "every matrix input x f32 [rows, cols] (input 0: attention in, 1: attention out, 2: feed-forward in, "
+             "3: feed-forward product).")
         .def_property_readonly("context_length", &PyModel::context_length)
         .def_property_readonly("vocab_size", &PyModel::vocab_size)
         .def_property_readonly("n_threads", &PyModel::n_threads)

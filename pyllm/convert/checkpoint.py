@@ -1,4 +1,5 @@
-"""Reading Hugging Face LLaMA-family checkpoints: config, weights (tensor by tensor), tokenizer, chat template."""
+"""Reading Hugging Face checkpoints of the families in pyllm.arch: config, weights (tensor by tensor, under
+the checkpoint's names or, through ArchitectureView, pyllm's), tokenizer, chat template."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from typing import Iterator
 
 import numpy as np
 
+from ..arch import Architecture, for_hf_config
 from ..formats.packed import ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..quant import bf16_bits_to_f32
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-
 
 def _read_json(path: str) -> dict:
     try:
@@ -27,48 +26,8 @@ def _read_json(path: str) -> dict:
 
 
 def model_config_from_hf(cfg: dict) -> ModelConfig:
-    """Normalises a transformers config.json (4.x or 5.x layout) for the llama architecture."""
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise FormatError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}; "
-            "architectures: LlamaForCausalLM)"
-        )
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise FormatError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
-    # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
-    rope = dict(cfg.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = rope or cfg.get("rope_scaling") or None
-    if scaling is not None:
-        scaling = dict(scaling)
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling = {k: v for k, v in scaling.items() if k != "type"}
-        scaling["rope_type"] = kind
-        if kind == "default":
-            scaling = None
-        elif kind not in ("linear", "llama3"):
-            raise FormatError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
-    heads = cfg["num_attention_heads"]
-    config = ModelConfig(
-        architecture="llama",
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-    )
-    config.validate()
-    return config
+    """Normalises a transformers config.json (4.x or 5.x layout) through its family's entry in pyllm.arch."""
+    return for_hf_config(cfg).config_from_hf(cfg)
 
 
 def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
@@ -93,7 +52,8 @@ class Checkpoint:
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{self.dir} has no config.json: is it a Hugging Face model directory?")
         self.hf_config = _read_json(config_path)
-        self.config = model_config_from_hf(self.hf_config)
+        self.arch: Architecture = for_hf_config(self.hf_config)
+        self.config = self.arch.config_from_hf(self.hf_config)
         self._shards: dict[str, SafetensorsFile] = {}
         self._torch_state: dict | None = None
         self.weight_map = self._find_weights()
@@ -182,6 +142,57 @@ class Checkpoint:
             f.close()
         self._shards.clear()
         self._torch_state = None
+
+
+class ArchitectureView:
+    """A Hugging Face source (a Checkpoint, or one with LoRA adapters merged) under pyllm's tensor names:
+    load(name) builds each tensor from the checkpoint's through its family's recipe (pyllm/arch)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.dir = source.dir
+        self.config: ModelConfig = source.config
+        self.arch: Architecture = source.arch
+        self.recipes = self.arch.tensors(self.config)
+        missing = sorted({n for r in self.recipes.values() for n in r.sources if not source.has(n)})
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise FormatError(f"{self.dir}: the {self.arch.name} checkpoint lacks {shown}")
+        self._last: tuple[str, np.ndarray] | None = None  # fused tensors are read once for their parts
+
+    def _hf(self, name: str) -> np.ndarray:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.source.load(name))
+        return self._last[1]
+
+    def has(self, name: str) -> bool:
+        return name in self.recipes
+
+    def names(self) -> Iterator[str]:
+        return iter(self.recipes)
+
+    def load(self, name: str) -> np.ndarray:
+        """Tensor `name` (pyllm's name) as float32."""
+        if name not in self.recipes:
+            raise FormatError(f"{self.dir}: no tensor '{name}' in a {self.arch.name} model")
+        recipe = self.recipes[name]
+        return np.asarray(recipe.make([self._hf(n) for n in recipe.sources]), dtype=np.float32)
+
+    def native_format(self, name: str) -> None:
+        return None
+
+    def tokenizer(self) -> tuple[TokenizerSpec, bytes]:
+        return self.source.tokenizer()
+
+    def chat_template(self) -> str:
+        return self.source.chat_template()
+
+    def generation_defaults(self) -> dict:
+        return self.source.generation_defaults()
+
+    def close(self) -> None:
+        self._last = None
+        self.source.close()
 
 
 def _token_content(value) -> str | None:

@@ -108,7 +108,7 @@ class GGUFSource:
             num_hidden_layers=int(self._need("llama.block_count")), num_attention_heads=heads,
             num_key_value_heads=int(self._get("llama.attention.head_count_kv", heads)),
             head_dim=int(self._get("llama.rope.dimension_count", hidden // heads)),
-            rms_norm_eps=float(self._get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            norm_eps=float(self._get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(self._get("llama.rope.freq_base", 10000.0)),
             rope_scaling=self._rope_scaling(),
             tie_word_embeddings="lm_head.weight" not in self.tensors,

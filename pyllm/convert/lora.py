@@ -39,7 +39,6 @@ from ..quant import f32_to_bf16_bits
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this merge cannot reproduce
@@ -189,6 +188,9 @@ class LoraMergedSource:
     def __init__(self, base: Checkpoint, adapters: list[LoraAdapter]):
         self.base, self.adapters = base, adapters
         self.dir = base.dir
+        self.arch = base.arch
+        self.embedding, self.lm_head = base.arch.hf_embedding, base.arch.hf_lm_head
+        EMBED, LM_HEAD = self.embedding, self.lm_head
         tied = base.config.tie_word_embeddings
         # the ops on each tensor, adapter by adapter: ("set", array) or ("add", LoraModule)
         self._ops: dict[str, list] = {}
@@ -235,8 +237,8 @@ class LoraMergedSource:
         self.config.validate()
 
     def _aliases(self, name: str, shared: bool) -> tuple[str, ...]:
-        if shared and name in (EMBED, LM_HEAD):
-            return EMBED, LM_HEAD
+        if shared and name in (self.embedding, self.lm_head):
+            return self.embedding, self.lm_head
         return (name,)
 
     def _check_target(self, adapter: LoraAdapter, name: str, shapes: dict) -> None:
@@ -247,7 +249,7 @@ class LoraMergedSource:
                               "was the adapter trained on another model?")
 
     def has(self, name: str) -> bool:
-        return name in self._shapes and (name != LM_HEAD or not self.tied)
+        return name in self._shapes and (name != self.lm_head or not self.tied)
 
     def names(self):
         return (n for n in self._shapes if self.has(n))
@@ -257,7 +259,7 @@ class LoraMergedSource:
 
     def load(self, name: str) -> np.ndarray:
         """The merged tensor in float32."""
-        source = EMBED if name == LM_HEAD and not self.base.has(LM_HEAD) else name
+        source = self.embedding if name == self.lm_head and not self.base.has(self.lm_head) else name
         w = self.base.load(source)
         for op, value in self._ops.get(name, []):
             if op == "set":

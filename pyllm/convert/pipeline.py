@@ -13,7 +13,7 @@ from .. import __version__
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization_nmse, quantize
-from .checkpoint import Checkpoint
+from .checkpoint import ArchitectureView, Checkpoint
 from .gguf_source import GGUFSource
 from .lora import merged_source
 from .strategy import QuantOptions, plan_quantization
@@ -110,7 +110,8 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
 def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int = 32, progress: bool = True,
                        log=sys.stderr, lora: list[str] | tuple = (), options: QuantOptions | None = None
                        ) -> ConversionReport:
-    """Converts a Hugging Face LLaMA-family directory or a llama GGUF file into a .pllm file (written atomically).
+    """Converts a Hugging Face directory of a family in pyllm.arch, or a llama GGUF file, into a .pllm file
+    (written atomically).
 
     quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
     without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
@@ -121,6 +122,12 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     source = open_source(src)
     if lora:
         source = merged_source(source, lora)
+    if hasattr(source, "arch"):  # Hugging Face names -> pyllm's (GGUF sources name tensors pyllm's way)
+        try:
+            source = ArchitectureView(source)
+        except BaseException:
+            source.close()
+            raise
     try:
         config: ModelConfig = source.config
         strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log)
@@ -144,6 +151,23 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     return report
+
+
+def write_float_model(source, config: ModelConfig, output: str, progress: bool = False, log=sys.stderr) -> int:
+    """The source's weights in float32 as a .pllm file (what calibration runs through the engine);
+    source: under pyllm's tensor names. Returns the file's size."""
+    report = ConversionReport(os.path.abspath(output), 0, "f32", 0)
+    plans, linears, _ = _plan(source, config, "f32", 0, report)
+    tokenizer, tokenizer_blob = source.tokenizer()
+    blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
+    plans.append(PlannedTensor("tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model", "U8",
+                               (len(tokenizer_blob),), lambda: blob))
+    metadata = build_metadata(config, linears, tokenizer, "", {}, {"converter": f"pyllm {__version__}",
+                                                                    "purpose": "calibration"})
+    bar = _progress(len(plans), progress, log, "float32 copy for calibration")
+    size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
+    bar.close()
+    return size
 
 
 def _choose_format(source, base: str, fmt: str | None, group: int) -> tuple[str, int]:
@@ -170,12 +194,19 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
                               native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy)
-        bias_wanted = (config.attention_bias and ".self_attn." in base) or (config.mlp_bias and ".mlp." in base)
-        if bias_wanted:
-            plans.append(PlannedTensor(base + ".bias", "F32", (rows,), lambda n=base + ".bias": source.load(n)))
-    for name in config.norm_names():
-        plans.append(PlannedTensor(name, "F32", (config.hidden_size,), lambda n=name: source.load(n).reshape(-1)))
+    for name, shape in config.vector_shapes().items():
+        if not source.has(name):
+            raise FormatError(f"{src_name(source)}: lacks '{name}'")
+        plans.append(PlannedTensor(name, "F32", shape, lambda n=name, s=shape: _vector(source, n, s)))
     return plans, linears, weights_bits
+
+
+def _vector(source, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A norm, bias or table tensor of the source as f32 `shape`, checked."""
+    value = np.asarray(source.load(name), dtype=np.float32)
+    if value.size != int(np.prod(shape)):
+        raise FormatError(f"'{name}' has shape {list(value.shape)}, the config implies {list(shape)}")
+    return np.ascontiguousarray(value.reshape(shape))
 
 
 def src_name(source) -> str:
@@ -196,8 +227,8 @@ def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec,
     }
 
 
-def _progress(total: int, enabled: bool, log):
+def _progress(total: int, enabled: bool, log, desc: str = "converting"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="converting", unit="tensor", disable=not enabled, file=log, leave=False)
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=log, leave=False)
 

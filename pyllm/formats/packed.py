@@ -25,17 +25,29 @@ from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
 from .safetensors import FormatError, SafetensorsFile
 
 FORMAT_NAME = "pyllm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the block description (architectures beyond LLaMA); 1 still opens
+READABLE_VERSIONS = ("1", "2")
 TOKENIZER_BLOBS = ("tokenizer.json", "tokenizer.model")
 MAX_GROUP_SIZE = 1 << 20
 GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
 
+NORM_TYPES = ("rms_norm", "layer_norm")
+POSITION_EMBEDDINGS = ("rope", "alibi", "learned")
+FFN_TYPES = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "relu")  # transformers' hidden_act names
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass
 class ModelConfig:
-    """LLaMA-family architecture, normalised from a Hugging Face config.json."""
+    """A decoder-only transformer, normalised from a Hugging Face config by its architecture's entry in
+    pyllm/arch: sizes, and the block description both engines read (docs/FORMAT.md, "config").
 
-    architecture: str
+    The defaults describe the LLaMA block: pre-norm RMSNorm, rotate-half RoPE over the whole head,
+    causal attention scaled by 1/sqrt(head_dim), gated SiLU feed-forward, no biases."""
+
+    architecture: str  # a name in pyllm.arch.ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,13 +55,40 @@ class ModelConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    rms_norm_eps: float
+    norm_eps: float  # of every norm (RMSNorm or LayerNorm)
     rope_theta: float
     rope_scaling: dict | None
     tie_word_embeddings: bool
-    max_position_embeddings: int
-    attention_bias: bool = False
+    max_position_embeddings: int  # learned positions: the rows of the position table
+    attention_bias: bool = False  # q/k/v projections
+    attention_out_bias: bool = False  # o_proj
     mlp_bias: bool = False
+    norm_type: str = "rms_norm"  # NORM_TYPES; layer_norm has weights and biases
+    embedding_norm: bool = False  # a norm right after the embedding (BLOOM)
+    embedding_scale: float = 1.0  # embeddings multiplied by it (Gemma: sqrt(hidden_size))
+    position_embedding: str = "rope"  # POSITION_EMBEDDINGS
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of each head (None: all)
+    rope_theta_local: float | None = None  # sliding-window layers' theta, no scaling (Gemma 3)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)
+    post_norms: bool = False  # norms of the attention and feed-forward outputs (Gemma 2/3, GLM-4)
+    ffn_type: str = "gated"  # FFN_TYPES: act(gate) * up, or act(up)
+    hidden_act: str = "silu"  # ACTIVATIONS
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None  # keys a sliding-window layer's query sees
+    layer_types: list[str] | None = None  # LAYER_TYPES per layer; None: every layer sliding when sliding_window
+
+    @classmethod
+    def from_file(cls, values: dict, version: int) -> "ModelConfig":
+        """The config as a .pllm file of `version` stores it (version 1: LLaMA only, rms_norm_eps).
+        Raises TypeError for missing or unknown keys."""
+        if version == 1:
+            values = dict(values)
+            if "rms_norm_eps" in values:
+                values["norm_eps"] = values.pop("rms_norm_eps")
+            values.setdefault("attention_out_bias", values.get("attention_bias", False))
+        return cls(**values)
 
     def validate(self) -> None:
         ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -62,15 +101,39 @@ class ModelConfig:
             raise FormatError("model config: num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise FormatError("model config: head_dim must be even")
-        for name in ("rms_norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "embedding_scale"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 < value < math.inf:
                 raise FormatError(f"model config: {name} must be a positive finite number, got {value!r}")
+        for name in ("rope_theta_local", "attention_scale", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or not 0 < value < math.inf):
+                raise FormatError(f"model config: {name} must be null or a positive finite number, got {value!r}")
         if not isinstance(self.architecture, str):
             raise FormatError(f"model config: architecture must be a string, got {self.architecture!r}")
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        from ..arch import ARCHITECTURES  # the registry imports this module
+
+        if self.architecture not in ARCHITECTURES:
+            raise FormatError(f"model config: unknown architecture {self.architecture!r} (this pyllm runs "
+                              f"{', '.join(ARCHITECTURES)})")
+        for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "embedding_norm",
+                     "qk_norm", "post_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise FormatError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        for name, choices in (("norm_type", NORM_TYPES), ("position_embedding", POSITION_EMBEDDINGS),
+                              ("ffn_type", FFN_TYPES), ("hidden_act", ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise FormatError(f"model config: {name} must be one of {', '.join(choices)}, got "
+                                  f"{getattr(self, name)!r}")
+        if self.rotary_dim is not None and not (_is_int(self.rotary_dim) and 0 < self.rotary_dim <= self.head_dim
+                                                and self.rotary_dim % 2 == 0):
+            raise FormatError(f"model config: rotary_dim must be an even number in 2..head_dim, got {self.rotary_dim!r}")
+        if self.sliding_window is not None and not (_is_int(self.sliding_window) and self.sliding_window > 0):
+            raise FormatError(f"model config: sliding_window must be null or positive, got {self.sliding_window!r}")
+        if self.layer_types is not None and not (
+                isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
+                and all(t in LAYER_TYPES for t in self.layer_types)):
+            raise FormatError(f"model config: layer_types must list one of {', '.join(LAYER_TYPES)} per layer")
         if self.rope_scaling is not None:
             # the keys the engine reads must have the right types; others are carried along
             numbers = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -84,27 +147,77 @@ class ModelConfig:
                     f"{', '.join(numbers)} are numbers, got {self.rope_scaling!r}"
                 )
 
+    def sliding_windows(self) -> list[int]:
+        """Per layer, the keys a query sees (0: all)."""
+        if self.sliding_window is None:
+            return [0] * self.num_hidden_layers
+        types = self.layer_types or ["sliding_attention"] * self.num_hidden_layers
+        return [self.sliding_window if t == "sliding_attention" else 0 for t in types]
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """[rows, cols] of every matrix the engine multiplies by, by base name."""
+        """[rows, cols] of every matrix the engine multiplies by (and the embedding table), by base name."""
         d, f = self.hidden_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         shapes = {"model.embed_tokens": (self.vocab_size, d)}
         for i in range(self.num_hidden_layers):
             p = f"model.layers.{i}."
-            shapes.update({
-                p + "self_attn.q_proj": (q, d), p + "self_attn.k_proj": (kv, d), p + "self_attn.v_proj": (kv, d),
-                p + "self_attn.o_proj": (d, q), p + "mlp.gate_proj": (f, d), p + "mlp.up_proj": (f, d),
-                p + "mlp.down_proj": (d, f),
-            })
+            shapes.update({p + "self_attn.q_proj": (q, d), p + "self_attn.k_proj": (kv, d),
+                           p + "self_attn.v_proj": (kv, d), p + "self_attn.o_proj": (d, q)})
+            if self.ffn_type == "gated":
+                shapes[p + "mlp.gate_proj"] = (f, d)
+            shapes.update({p + "mlp.up_proj": (f, d), p + "mlp.down_proj": (d, f)})
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (self.vocab_size, d)
         return shapes
 
-    def norm_names(self) -> list[str]:
+    def bias_names(self) -> list[str]:
+        """The linear layers' bias vectors the block has (f32 [rows])."""
         names = []
+        for base in self.linear_shapes():
+            short = base.rsplit(".", 1)[-1]
+            if ((self.attention_bias and short in ("q_proj", "k_proj", "v_proj"))
+                    or (self.attention_out_bias and short == "o_proj")
+                    or (self.mlp_bias and ".mlp." in base)):
+                names.append(base + ".bias")
+        return names
+
+    def norm_names(self) -> list[str]:
+        """Every norm's weight (and bias, for LayerNorm) vector, f32 [hidden_size]."""
+        norms = ["model.embed_norm"] if self.embedding_norm else []
         for i in range(self.num_hidden_layers):
-            names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"]
-        return names + ["model.norm.weight"]
+            p = f"model.layers.{i}."
+            norms += [p + "input_layernorm", p + "post_attention_layernorm"]
+            if self.post_norms:
+                norms += [p + "attn_post_norm", p + "ffn_post_norm"]
+        norms.append("model.norm")
+        parts = ("weight", "bias") if self.norm_type == "layer_norm" else ("weight",)
+        return [f"{n}.{part}" for n in norms for part in parts]
+
+    def vector_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every f32 tensor besides the matrices: norms, biases, q/k norms, the position table."""
+        shapes: dict[str, tuple[int, ...]] = {n: (self.hidden_size,) for n in self.norm_names()}
+        rows = self.linear_shapes()
+        shapes.update({n: (rows[n[:-len(".bias")]][0],) for n in self.bias_names()})
+        if self.qk_norm:
+            for i in range(self.num_hidden_layers):
+                for which in ("q_norm", "k_norm"):
+                    shapes[f"model.layers.{i}.self_attn.{which}.weight"] = (self.head_dim,)
+        if self.position_embedding == "learned":
+            shapes["model.embed_positions.weight"] = (self.max_position_embeddings, self.hidden_size)
+        return shapes
+
+    def engine_config(self) -> dict:
+        """The description as the C++ engines read it (csrc/python/common.h parse_model)."""
+        values = asdict(self)
+        values.update(
+            embedding_norm=int(self.embedding_norm), qk_norm=int(self.qk_norm), post_norms=int(self.post_norms),
+            rotary_dim=self.rotary_dim or self.head_dim, rope_theta_local=self.rope_theta_local or 0.0,
+            attention_scale=self.attention_scale or 0.0,
+            attn_logit_softcapping=self.attn_logit_softcapping or 0.0,
+            final_logit_softcapping=self.final_logit_softcapping or 0.0,
+            sliding_window_per_layer=self.sliding_windows(),
+        )
+        return values
 
 
 def _is_real(value) -> bool:
@@ -159,11 +272,12 @@ class PackedModel:
         if meta.get("format") != FORMAT_NAME:
             raise FormatError(f"{self.path}: not a pyllm model file (metadata 'format' is {meta.get('format')!r})")
         version = meta.get("pyllm.format_version")
-        if version != str(FORMAT_VERSION):
+        if version not in READABLE_VERSIONS:
             raise FormatError(
-                f"{self.path}: format version {version!r} is not supported by this pyllm (reads version "
-                f"{FORMAT_VERSION}); convert the model again with this version"
+                f"{self.path}: format version {version!r} is not supported by this pyllm (reads versions "
+                f"{', '.join(READABLE_VERSIONS)}); convert the model again with this version"
             )
+        self.format_version = int(version)
 
         def obj(key: str, default: str | None = None) -> dict:
             if key not in meta and default is None:
@@ -186,7 +300,7 @@ class PackedModel:
             if key in GENERATION_NUMBERS + ("do_sample",) and not ok:
                 raise FormatError(f"{self.path}: generation default {key!r} has an invalid value {value!r}")
         try:
-            self.config = ModelConfig(**config)
+            self.config = ModelConfig.from_file(config, self.format_version)
             self.tokenizer = TokenizerSpec(**tokenizer)
         except TypeError as e:  # missing or unknown keys
             raise FormatError(f"{self.path}: invalid pyllm metadata ({e})") from None
@@ -213,8 +327,8 @@ class PackedModel:
     def _check_tensors(self) -> None:
         """Every tensor the engine will use exists with the dtype and shape its format implies."""
         t = self.file.tensors
-        # each layer has 9 tensors: bound the layer count before building per-layer tables
-        if self.config.num_hidden_layers * 9 > len(t):
+        # each layer has at least 8 tensors: bound the layer count before building per-layer tables
+        if self.config.num_hidden_layers * 8 > len(t):
             raise FormatError(
                 f"{self.path}: the config declares {self.config.num_hidden_layers} layers but the file holds only "
                 f"{len(t)} tensors (truncated or mismatched config?)"
@@ -234,8 +348,8 @@ class PackedModel:
             fmt, group = self.linears[base]
             for part, (dtype, shape) in packed_shapes(fmt, rows, cols, group).items():
                 expect(f"{base}.{part}", dtype, shape)
-        for name in self.config.norm_names():
-            expect(name, "F32", (self.config.hidden_size,))
+        for name, shape in self.config.vector_shapes().items():
+            expect(name, "F32", shape)
         blob = "tokenizer.json" if self.tokenizer.kind == "hf" else "tokenizer.model"
         if self.tokenizer.kind not in ("hf", "sentencepiece") or blob not in t or t[blob].dtype != "U8":
             raise FormatError(f"{self.path}: tokenizer of kind {self.tokenizer.kind!r} lacks its '{blob}' blob")
@@ -249,7 +363,7 @@ class PackedModel:
                 if not n.startswith("__pad__") and n not in TOKENIZER_BLOBS}
 
     def engine_config(self) -> dict:
-        return asdict(self.config)
+        return self.config.engine_config()
 
     @property
     def file_size(self) -> int:

@@ -136,7 +136,7 @@ void exp_scores(float* s, int64_t len, float* max_out, float* sum_out) {
 
 template <typename T>
 void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int64_t key_stride, const T* values,
-                  int64_t len, float* scores, float* out, float* max, float* sum) {
+                  int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max, float* sum) {
     for (int64_t g = 0; g < group;) {
         const int64_t gh = std::min<int64_t>(4, group - g);
         const float* qg = q + g * D;
@@ -149,6 +149,7 @@ void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int
         }
         g += gh;
     }
+    if (shaping) shape_scores(*shaping, group, len, scores);
     for (int64_t g = 0; g < group; ++g) exp_scores(scores + g * len, len, max + g, sum + g);
     for (int64_t g = 0; g < group;) {
         const int64_t gh = std::min<int64_t>(3, group - g);
@@ -166,9 +167,10 @@ void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int
 }  // namespace
 
 void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
-                 const void* values, int64_t len, float* scores, float* out, float* max, float* sum) {
+                 const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max,
+                 float* sum) {
     with_kv_type(kv, keys_t, values, [&](auto keys_typed, auto values_typed) {
-        attend_typed(q, group, D, keys_typed, key_stride, values_typed, len, scores, out, max, sum);
+        attend_typed(q, group, D, keys_typed, key_stride, values_typed, len, shaping, scores, out, max, sum);
     });
 }
 

@@ -25,6 +25,16 @@ void with_kv_type(KvType kv, const void* keys, const void* values, Fn&& fn) {
     else fn(static_cast<const float*>(keys), static_cast<const float*>(values));
 }
 
+// Changes to one attention task's raw scores before the softmax (ops.h AttentionOptions, cut per task).
+struct ScoreShaping {
+    const float* alibi = nullptr;  // f32 [group] slopes, or null: scores[g][t] += alibi[g] * (first_key + t)
+    float first_key = 0.0f;        // position of key 0 minus the query's position (<= 0)
+    float softcap = 0.0f;          // > 0: scores = softcap * tanh(scores / softcap), after the ALiBi term
+};
+
+// Applies `shaping` to scores f32 [group, len] in place; the same for every kernel variant.
+void shape_scores(const ScoreShaping& shaping, int64_t group, int64_t len, float* scores);
+
 struct CpuKernels {
     const char* name;
     // F32 / F16 / BF16 weights, float activations.
@@ -48,9 +58,10 @@ struct CpuKernels {
     // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.
     //   q: f32 [group, D] (scale applied)   keys_t: kv [D, key_stride], first key at column 0
     //   values: kv [len, D]   scores: scratch f32 [group, len]
-    //   out: f32 [group, D]   max, sum: f32 [group]
+    //   out: f32 [group, D]   max, sum: f32 [group]   shaping: null, or applied to the scores first
     void (*attend)(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
-                   const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
+                   const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max,
+                   float* sum);
     // out = silu(gate) * up, element by element.   gate, up, out: f32 [n]
     void (*swiglu)(const float* gate, const float* up, int64_t n, float* out);
     // IEEE f16 bits of x rounded to nearest even (f32_to_f16 in numeric.h).   x: f32 [n]   out: u16 [n]
@@ -60,7 +71,8 @@ struct CpuKernels {
 void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int64_t row_end,
                             const QuantizedRows& out);
 void attend_portable(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
-                     const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
+                     const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out,
+                     float* max, float* sum);
 void swiglu_portable(const float* gate, const float* up, int64_t n, float* out);
 void round_to_f16_portable(const float* x, int64_t n, uint16_t* out);
 
@@ -72,7 +84,8 @@ void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t 
 void float_weight_rows_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
 void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
 void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
-                 const void* values, int64_t len, float* scores, float* out, float* max, float* sum);
+                 const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max,
+                 float* sum);
 void swiglu_avx2(const float* gate, const float* up, int64_t n, float* out);
 void round_to_f16_avx2(const float* x, int64_t n, uint16_t* out);
 #endif

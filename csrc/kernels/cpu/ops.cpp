@@ -124,6 +124,20 @@ void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float ep
     }
 }
 
+void layernorm(const float* x, const float* weight, const float* bias, int64_t M, int64_t D, float eps, float* y) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * D;
+        float* yr = y + m * D;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < D; ++i) sum += xr[i];
+        const float mean = sum / (float)D;
+        float sum_sq = 0.0f;  // two passes: the variance of the centred values (no cancellation)
+        for (int64_t i = 0; i < D; ++i) sum_sq += (xr[i] - mean) * (xr[i] - mean);
+        const float inv = 1.0f / std::sqrt(sum_sq / (float)D + eps);
+        for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * weight[i] + bias[i];
+    }
+}
+
 void swiglu(ThreadPool& pool, const float* gate, const float* up, int64_t n, float* out) {
     const CpuKernels& kernels = active_kernels();
     const int64_t chunk = 4096;
@@ -133,14 +147,43 @@ void swiglu(ThreadPool& pool, const float* gate, const float* up, int64_t n, flo
     });
 }
 
-std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScaling& scaling) {
-    if (head_dim <= 0 || head_dim % 2 != 0) throw std::invalid_argument("rope: head_dim must be even and positive");
+namespace {
+
+// The activations other than SiLU, as torch computes them in float32.
+float gelu_tanh(float x) {  // gelu(approximate="tanh"), gelu_new, BLOOM's gelu
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
+}
+float gelu_erf(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f)); }
+float relu(float x) { return x > 0.0f ? x : 0.0f; }
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+}  // namespace
+
+void ffn_activation(ThreadPool& pool, Activation act, const float* gate, const float* up, int64_t n, float* out) {
+    if (act == Activation::Silu && gate != nullptr) return swiglu(pool, gate, up, n, out);
+    float (*fn)(float) = act == Activation::GeluTanh ? gelu_tanh
+                         : act == Activation::Gelu   ? gelu_erf
+                         : act == Activation::Relu   ? relu
+                                                     : silu;
+    const int64_t chunk = 4096;
+    pool.parallel_for((n + chunk - 1) / chunk, [&](int64_t i) {
+        const int64_t begin = i * chunk, end = std::min(n, begin + chunk);
+        if (gate != nullptr)
+            for (int64_t k = begin; k < end; ++k) out[k] = fn(gate[k]) * up[k];
+        else
+            for (int64_t k = begin; k < end; ++k) out[k] = fn(up[k]);
+    });
+}
+
+std::vector<float> rope_inv_freq(int64_t rotary_dim, double theta, const RopeScaling& scaling) {
+    if (rotary_dim <= 0 || rotary_dim % 2 != 0) throw std::invalid_argument("rope: rotary dims must be even and positive");
     if (!(theta > 0.0)) throw std::invalid_argument("rope: rope_theta must be positive");
-    const int64_t half = head_dim / 2;
+    const int64_t half = rotary_dim / 2;
     std::vector<float> inv_freq((size_t)half);
     for (int64_t i = 0; i < half; ++i) {
         // torch: 1 / base ** (arange(0, dim, 2).float() / dim), all in float32
-        const float exponent = (float)(2 * i) / (float)head_dim;
+        const float exponent = (float)(2 * i) / (float)rotary_dim;
         inv_freq[(size_t)i] = 1.0f / std::pow((float)theta, exponent);
     }
     if (scaling.type == "default") return inv_freq;
@@ -177,8 +220,8 @@ void rope_angles(const int32_t* positions, int64_t M, const float* inv_freq, int
         }
 }
 
-void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const float* cos_sin) {
-    const int64_t half = D / 2;
+void rope(float* x, int64_t M, int64_t n_heads, int64_t D, int64_t rotary_dim, const float* cos_sin) {
+    const int64_t half = rotary_dim / 2;
     for (int64_t m = 0; m < M; ++m) {
         const float* cos_m = cos_sin + (m * 2) * half;
         const float* sin_m = cos_m + half;
@@ -193,9 +236,26 @@ void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const float* cos_sin)
     }
 }
 
+std::vector<float> alibi_slopes(int64_t n_heads) {
+    // transformers' build_alibi_tensor: powers of 2^(-8/n) for the largest power of two n <= heads,
+    // then every other power of 2^(-4/n) for the remaining heads
+    if (n_heads <= 0) throw std::invalid_argument("alibi: head count must be positive");
+    int64_t closest = 1;
+    while (closest * 2 <= n_heads) closest *= 2;
+    const double base = std::pow(2.0, -std::pow(2.0, -(std::log2((double)closest) - 3.0)));
+    std::vector<float> slopes;
+    for (int64_t i = 1; i <= closest; ++i) slopes.push_back((float)std::pow(base, (double)i));
+    if (closest != n_heads) {
+        const double extra = std::pow(2.0, -std::pow(2.0, -(std::log2((double)(2 * closest)) - 3.0)));
+        for (int64_t i = 0; i < std::min(closest, n_heads - closest); ++i)
+            slopes.push_back((float)std::pow(extra, (double)(1 + 2 * i)));
+    }
+    return slopes;
+}
+
 void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
-               float* out) {
+               const AttentionOptions& options, float* out) {
     // Tasks are (query row, kv head, key chunk): the query heads sharing a kv head
     // read its keys and values once, together; when there are few rows (decode),
     // the keys are split into chunks so every thread has work, each chunk keeping
@@ -204,17 +264,23 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
     const int64_t group = n_heads / n_kv_heads;
     const int64_t rows = M * n_kv_heads;
     const int64_t min_chunk = 64;
+    // keys a query sees: its own position and those before it, back to the window
+    const int64_t window = options.window > 0 ? options.window : INT64_MAX;
+    const int64_t widest = std::min(pos0 + M, window);
     int64_t n_chunks = 1;
     if (rows < 4 * pool.size())
-        n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, (pos0 + M) / min_chunk));
+        n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
+    const bool shaped = options.alibi != nullptr || options.softcap > 0.0f;
     std::vector<float> maxima((size_t)(rows * n_chunks * group)), sums(maxima.size());
     std::vector<float> partial_out(n_chunks > 1 ? (size_t)(rows * n_chunks * group * D) : 0);
 
     pool.parallel_for(rows * n_chunks, [&](int64_t task) {
         const int64_t row = task / n_chunks, chunk = task % n_chunks;
         const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
-        const int64_t n_keys = pos0 + m + 1, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
-        const int64_t t0 = std::min(n_keys, chunk * per_chunk), t1 = std::min(n_keys, t0 + per_chunk);
+        const int64_t position = pos0 + m, first = position >= window ? position - window + 1 : 0;
+        const int64_t n_keys = position + 1 - first, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
+        const int64_t t0 = first + std::min(n_keys, chunk * per_chunk);
+        const int64_t t1 = first + std::min(n_keys, chunk * per_chunk + per_chunk);
         const int64_t len = t1 - t0;
         float* max = maxima.data() + task * group;
         float* sum = sums.data() + task * group;
@@ -233,10 +299,16 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
         const float* q_group = q + (m * n_heads + kv * group) * D;
         for (int64_t i = 0; i < group * D; ++i) q_scaled[i] = q_group[i] * scale;
         const int64_t element = kv_bytes(kv_type);
+        ScoreShaping shaping;
+        if (shaped) {
+            shaping.alibi = options.alibi ? options.alibi + kv * group : nullptr;
+            shaping.first_key = (float)(t0 - position);
+            shaping.softcap = options.softcap;
+        }
         kernels.attend(q_scaled, group, D, kv_type,
                        static_cast<const uint8_t*>(k_cache_t) + (kv * D * cache_len + t0) * element, cache_len,
-                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * D * element, len, scores, o_group,
-                       max, sum);
+                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * D * element, len,
+                       shaped ? &shaping : nullptr, scores, o_group, max, sum);
         if (n_chunks == 1)  // normalise now; chunks are normalised when merged
             for (int64_t g = 0; g < group; ++g)
                 for (int64_t i = 0; i < D; ++i) o_group[g * D + i] /= sum[g];

@@ -1,4 +1,4 @@
-// The CPU operators a LLaMA decoder is made of. Shapes are row-major; M is the
+// The CPU operators the decoder blocks are made of (docs/ARCHITECTURE.md: the block description). Shapes are row-major; M is the
 // number of token rows processed together.
 #pragma once
 #include <cstdint>
@@ -46,11 +46,23 @@ void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, fl
 // Dequantizes rows `ids` of a [vocab, dim] table.   out: f32 [M, w.cols]
 void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out);
 
-// y = x / sqrt(mean(x^2) + eps) * weight.   x, y: f32 [M, D]   weight: f32 [D]
+// y = x / sqrt(mean(x^2) + eps) * weight.   x, y: f32 [M, D] (may alias)   weight: f32 [D]
 void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y);
+
+// y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias (torch.nn.LayerNorm).
+//   x, y: f32 [M, D] (may alias)   weight, bias: f32 [D]
+void layernorm(const float* x, const float* weight, const float* bias, int64_t M, int64_t D, float eps, float* y);
 
 // out = silu(gate) * up, across the pool.   gate, up, out: f32 [n]
 void swiglu(ThreadPool& pool, const float* gate, const float* up, int64_t n, float* out);
+
+// The feed-forward activations, by transformers' hidden_act names: silu, gelu_pytorch_tanh (also
+// gelu_new, BLOOM's gelu), gelu (erf), relu.
+enum class Activation : int32_t { Silu = 0, GeluTanh = 1, Gelu = 2, Relu = 3 };
+
+// out = act(gate) * up when gate is given (gated FFN), else out = act(up); across the pool
+// (SiLU-gated through the kernel table's swiglu).   gate (or null), up, out: f32 [n] (out may alias either)
+void ffn_activation(ThreadPool& pool, Activation act, const float* gate, const float* up, int64_t n, float* out);
 
 struct RopeScaling {
     std::string type = "default";  // "default", "linear" or "llama3"
@@ -60,28 +72,41 @@ struct RopeScaling {
     double original_max_position_embeddings = 8192;  // llama3
 };
 
-// Inverse frequencies of rotary embedding, as transformers computes them.   -> f32 [head_dim / 2]
-std::vector<float> rope_inv_freq(int64_t head_dim, double theta, const RopeScaling& scaling);
+// Inverse frequencies of rotary embedding over the first rotary_dim dims of a head, as
+// transformers computes them (partial_rotary_factor: rotary_dim = head_dim * factor).   -> f32 [rotary_dim / 2]
+std::vector<float> rope_inv_freq(int64_t rotary_dim, double theta, const RopeScaling& scaling);
 
 // The cosines and sines of the angles positions[m] * inv_freq[i], computed
 // once per batch and shared by every layer's queries and keys.
 //   positions: int32 [M]   inv_freq: f32 [half]   cos_sin: f32 [M, 2, half] (cos, then sin)
 void rope_angles(const int32_t* positions, int64_t M, const float* inv_freq, int64_t half, float* cos_sin);
 
-// Rotates x in place in the rotate-half convention: the pair (i, i + D/2) of
-// every head of row m turns by the angle whose cos/sin are cos_sin[m, :, i].
-//   x: f32 [M, n_heads, D]   cos_sin: f32 [M, 2, D / 2] (rope_angles)
-void rope(float* x, int64_t M, int64_t n_heads, int64_t D, const float* cos_sin);
+// Rotates x in place in the rotate-half convention over the first rotary_dim dims of each head:
+// the pair (i, i + rotary_dim/2) of every head of row m turns by the angle whose cos/sin are
+// cos_sin[m, :, i]; dims from rotary_dim on pass through. (GLM's interleaved pairs are turned
+// into this convention by the converter, which permutes q/k rows.)
+//   x: f32 [M, n_heads, D]   cos_sin: f32 [M, 2, rotary_dim / 2] (rope_angles)
+void rope(float* x, int64_t M, int64_t n_heads, int64_t D, int64_t rotary_dim, const float* cos_sin);
+
+// ALiBi slopes of n_heads heads, as BLOOM computes them (build_alibi_tensor).   -> f32 [n_heads]
+std::vector<float> alibi_slopes(int64_t n_heads);
+
+// What an attention call adds to plain causal softmax attention (all off by default).
+struct AttentionOptions {
+    int64_t window = 0;            // > 0: query at position p sees keys p - window + 1 .. p (sliding window)
+    float softcap = 0.0f;          // > 0: scores = softcap * tanh(scores / softcap) (Gemma 2)
+    const float* alibi = nullptr;  // f32 [n_heads]: scores += slope_h * (key position - query position)
+};
 
 // Causal attention of M new queries at positions pos0 .. pos0 + M - 1 over a
 // cache already holding their keys and values; query head h reads kv head
 // h / (n_heads / n_kv_heads). Keys are cached transposed so that scoring one
 // query against all keys is a contiguous multiply-add over positions. The
-// cache's elements are kv_type (f32 or f16).
+// cache's elements are kv_type (f32 or f16). scale multiplies q.k.
 //   q: f32 [M, n_heads, D]   k_cache_t: kv [n_kv_heads, D, cache_len]
 //   v_cache: kv [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
 void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
-               float* out);
+               const AttentionOptions& options, float* out);
 
 }  // namespace pyllm

@@ -1,0 +1,218 @@
+"""What every architecture entry is made of: the Architecture record, the tensor recipes that turn a
+checkpoint's tensors into pyllm's, and the config readers the families share.
+
+pyllm's tensor names are LLaMA's Hugging Face names ("model.layers.0.self_attn.q_proj.weight"), plus
+model.embed_positions, model.embed_norm and the layers' attn_post_norm / ffn_post_norm for the parts
+LLaMA lacks (docs/FORMAT.md). A family maps its own names onto these, splitting fused matrices and
+folding conventions (Gemma's (1 + w) norms, GLM's interleaved RoPE pairs, GPT-2's [in, out] Conv1D
+weights) into plain tensors, so the engines see one block with a few switches (ModelConfig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..formats.packed import ModelConfig
+from ..formats.safetensors import FormatError
+
+Arrays = list  # list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """One pyllm tensor made from checkpoint tensors: make([f32 arrays of `sources`]) -> f32 array."""
+
+    sources: tuple[str, ...]
+    make: Callable[[Arrays], np.ndarray] = lambda arrays: arrays[0]
+
+
+def same(name: str) -> TensorRecipe:
+    return TensorRecipe((name,))
+
+
+def transposed(name: str) -> TensorRecipe:
+    """A Conv1D weight stored [in, out] (GPT-2) as [out, in]."""
+    return TensorRecipe((name,), lambda a: np.ascontiguousarray(a[0].T))
+
+
+def plus_one(name: str) -> TensorRecipe:
+    """A norm weight w applied as (1 + w) (Gemma's RMSNorm), stored as 1 + w."""
+    return TensorRecipe((name,), lambda a: (a[0].astype(np.float32) + np.float32(1.0)))
+
+
+def row_block(name: str, start: int, stop: int, transpose: bool = False) -> TensorRecipe:
+    """Rows [start, stop) of a fused matrix or bias (q/k/v stacked, gate/up stacked)."""
+    def make(a):
+        w = a[0].T if transpose else a[0]
+        return np.ascontiguousarray(w[start:stop])
+    return TensorRecipe((name,), make)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family: how its transformers checkpoints become a pyllm model.
+
+    config_from_hf(config.json dict) -> ModelConfig, refusing by name what the engines do not run.
+    tensors(config) -> {pyllm tensor name: TensorRecipe}: every tensor the .pllm file holds.
+    hf_embedding / hf_lm_head: the checkpoint's names of the embedding and output matrices (LoRA's
+    vocabulary rules act on them)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    hf_classes: tuple[str, ...]
+    config_from_hf: Callable[[dict], ModelConfig]
+    tensors: Callable[[ModelConfig], dict[str, TensorRecipe]]
+    hf_embedding: str = "model.embed_tokens.weight"
+    hf_lm_head: str = "lm_head.weight"
+    gguf_name: str | None = None
+    notes: str = ""  # one line for `pyllm convert --help` and the README's family table
+    extra: dict = field(default_factory=dict)
+
+
+# --- config readers shared by the families --------------------------------------------------------
+
+# config keys whose presence (with a truthy value) means a feature the engines do not implement
+REFUSED_KEYS = {
+    "num_experts": "mixture-of-experts layers", "num_local_experts": "mixture-of-experts layers",
+    "n_routed_experts": "mixture-of-experts layers", "moe_intermediate_size": "mixture-of-experts layers",
+    "add_cross_attention": "cross-attention", "cross_attention_layers": "cross-attention",
+    "use_bidirectional_attention": "bidirectional attention",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def refuse(what: str, family: str) -> FormatError:
+    return FormatError(f"{family}: {what} is not supported by pyllm's engines; the model cannot be converted")
+
+
+def check_refused(cfg: dict, family: str) -> None:
+    for key, what in REFUSED_KEYS.items():
+        if cfg.get(key):
+            raise refuse(f"{what} ({key}={cfg[key]!r})", family)
+
+
+def need(cfg: dict, *keys: str, default=None):
+    """The first of `keys` present in cfg (transformers' names change between families)."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    if default is not None:
+        return default
+    raise FormatError(f"config.json lacks {' / '.join(keys)}")
+
+
+def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tuple[float, dict | None, float]:
+    """(theta, scaling or None, partial_rotary_factor) from transformers 5's rope_parameters or 4.x's
+    rope_theta / rope_scaling / partial_rotary_factor. Unknown scaling types are refused by name."""
+    rope = dict(parameters if parameters is not None else (cfg.get("rope_parameters") or {}))
+    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    scaling = rope or cfg.get("rope_scaling") or None
+    if scaling is not None:
+        scaling = dict(scaling)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling = {k: v for k, v in scaling.items() if k != "type"}
+        scaling["rope_type"] = kind
+        if kind == "default":
+            scaling = None
+        elif kind not in ROPE_TYPES:
+            raise refuse(f"rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES[1:])})", family)
+    return float(theta), scaling, float(partial)
+
+
+def rotary_dim_for(head_dim: int, partial: float) -> int | None:
+    """transformers' int(head_dim * partial_rotary_factor); None when that is the whole head."""
+    dim = int(head_dim * partial)
+    return None if dim == head_dim else dim
+
+
+def layer_types_from_hf(cfg: dict, layers: int) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types): which layers attend through a window, as transformers decides."""
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types is not None:
+        types = list(types)
+        if len(types) != layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+            raise FormatError(f"config.json: layer_types must list full_attention or sliding_attention for each "
+                              f"of the {layers} layers, got {types!r}")
+        if "sliding_attention" not in types:
+            return None, None
+        if not window:
+            raise FormatError("config.json: sliding_attention layers need a sliding_window")
+        return int(window), types
+    if cfg.get("use_sliding_window") is False:
+        return None, None
+    return (int(window), None) if window else (None, None)
+
+
+def base_config(cfg: dict, architecture: str, **block) -> ModelConfig:
+    """The sizes every family names the LLaMA way (config keys of Llama/Mistral/Qwen/Gemma/Phi/GLM),
+    plus `block`'s description; validated."""
+    check_refused(cfg, architecture)
+    heads = need(cfg, "num_attention_heads")
+    hidden = need(cfg, "hidden_size")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    theta, scaling, partial = rope_from_hf(cfg, architecture)
+    layers = need(cfg, "num_hidden_layers")
+    window, types = layer_types_from_hf(cfg, layers)
+    values = dict(
+        architecture=architecture, vocab_size=need(cfg, "vocab_size"), hidden_size=hidden,
+        intermediate_size=need(cfg, "intermediate_size"), num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        norm_eps=float(need(cfg, "rms_norm_eps", default=1e-6)), rope_theta=theta, rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+        attention_bias=bool(cfg.get("attention_bias", False)), attention_out_bias=bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)), rotary_dim=rotary_dim_for(head_dim, partial),
+        sliding_window=window, layer_types=types,
+    )
+    values.update(block)
+    config = ModelConfig(**values)
+    config.validate()
+    return config
+
+
+def activation_from_hf(name: str | None, family: str) -> str:
+    """transformers' activation names -> pyllm's (ACTIVATIONS)."""
+    names = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh",
+             "gelu_fast": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+    if name not in names:
+        raise refuse(f"activation {name!r} (supported: {', '.join(sorted(names))})", family)
+    return names[name]
+
+
+# --- tensor tables -----------------------------------------------------------------------------------
+
+def llama_tensors(config: ModelConfig, norm=same) -> dict[str, TensorRecipe]:
+    """LLaMA's names, taken as they are (norm: how norm weights are read, plus_one for Gemma)."""
+    recipes = {"model.embed_tokens.weight": same("model.embed_tokens.weight"),
+               "model.norm.weight": norm("model.norm.weight")}
+    if not config.tie_word_embeddings:
+        recipes["lm_head.weight"] = same("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj"):
+            recipes[p + name + ".weight"] = same(p + name + ".weight")
+        for norm_name in ("input_layernorm", "post_attention_layernorm"):
+            recipes[p + norm_name + ".weight"] = norm(p + norm_name + ".weight")
+        if config.qk_norm:
+            for which in ("q_norm", "k_norm"):
+                recipes[p + f"self_attn.{which}.weight"] = norm(p + f"self_attn.{which}.weight")
+    for name in config.bias_names():
+        recipes[name] = same(name)
+    return recipes
+
+
+def split_rows(recipes: dict, fused: str, parts: dict[str, int], transpose: bool = False, bias: bool = False) -> None:
+    """Adds recipes for the row blocks of a fused matrix `fused` (name without .weight): parts maps
+    pyllm base names to row counts, in the fused order."""
+    start = 0
+    for base, rows in parts.items():
+        recipes[base + ".weight"] = row_block(fused + ".weight", start, start + rows, transpose)
+        if bias:
+            recipes[base + ".bias"] = row_block(fused + ".bias", start, start + rows)
+        start += rows

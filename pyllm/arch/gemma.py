@@ -1,0 +1,70 @@
+"""Gemma 2 (Gemma2ForCausalLM) and Gemma 3 text (Gemma3ForCausalLM).
+
+Both: RMSNorm with (1 + w) weights (stored here as 1 + w), embeddings scaled by sqrt(hidden_size),
+norms after attention and after the feed-forward block as well as before, gated GELU-tanh,
+queries scaled by query_pre_attn_scalar ** -0.5, local (sliding-window) and global layers.
+Gemma 2 soft-caps attention scores and final logits; Gemma 3 normalises q/k heads and gives the
+local layers their own RoPE theta."""
+
+from __future__ import annotations
+
+from .base import (Architecture, activation_from_hf, base_config, llama_tensors, plus_one, refuse, rope_from_hf)
+
+_RENAMED_NORMS = {  # Gemma's names -> pyllm's
+    "post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "post_attention_layernorm",
+    "post_feedforward_layernorm": "ffn_post_norm",
+}
+
+
+def _block(cfg: dict, family: str) -> dict:
+    act = activation_from_hf(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh", family)
+    scalar = cfg.get("query_pre_attn_scalar")
+    return dict(hidden_act=act, embedding_scale=float(cfg["hidden_size"]) ** 0.5, post_norms=True,
+                attention_scale=float(scalar) ** -0.5 if scalar else None,
+                attn_logit_softcapping=cfg.get("attn_logit_softcapping") or None,
+                final_logit_softcapping=cfg.get("final_logit_softcapping") or None,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
+def gemma2_config(cfg: dict):
+    return base_config(cfg, "gemma2", **_block(cfg, "gemma2"))
+
+
+def gemma3_config(cfg: dict):
+    block = _block(cfg, "gemma3")
+    rope = cfg.get("rope_parameters") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:  # transformers 5: per layer type
+        theta, scaling, _ = rope_from_hf(cfg, "gemma3", rope.get("full_attention") or {})
+        local, local_scaling, _ = rope_from_hf(cfg, "gemma3", rope.get("sliding_attention") or {})
+    else:  # transformers 4.x: rope_theta / rope_scaling for global layers, rope_local_base_freq for local
+        theta, scaling, _ = rope_from_hf(cfg, "gemma3")
+        local, local_scaling = float(cfg.get("rope_local_base_freq", 10000.0)), None
+    if local_scaling is not None:
+        raise refuse("RoPE scaling on the sliding-window layers", "gemma3")
+    config = base_config({k: v for k, v in cfg.items() if k != "rope_parameters"}, "gemma3", qk_norm=True,
+                         rope_theta=theta, rope_scaling=scaling, rope_theta_local=local, **block)
+    return config
+
+
+def gemma_tensors(config):
+    recipes = llama_tensors(config, norm=plus_one)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            del recipes[p + name + ".weight"]
+        recipes[p + "input_layernorm.weight"] = plus_one(p + "input_layernorm.weight")
+        for hf, ours in _RENAMED_NORMS.items():
+            recipes[p + ours + ".weight"] = plus_one(p + hf + ".weight")
+    return recipes
+
+
+GEMMA2 = Architecture(
+    name="gemma2", model_types=("gemma2",), hf_classes=("Gemma2ForCausalLM",), gguf_name="gemma2",
+    config_from_hf=gemma2_config, tensors=gemma_tensors,
+    notes="(1+w) RMSNorm, post-norms, GeGLU, soft-capping, local/global layers",
+)
+GEMMA3 = Architecture(
+    name="gemma3", model_types=("gemma3_text",), hf_classes=("Gemma3ForCausalLM",), gguf_name="gemma3",
+    config_from_hf=gemma3_config, tensors=gemma_tensors,
+    notes="Gemma 2's block with q/k norms and local RoPE theta (text model)",
+)

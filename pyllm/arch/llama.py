@@ -1,0 +1,18 @@
+"""LLaMA (LlamaForCausalLM): the reference block. Also Llama 2/3, TinyLlama, SmolLM, Chinese-LLaMA."""
+
+from __future__ import annotations
+
+from .base import Architecture, activation_from_hf, base_config, llama_tensors, refuse
+
+
+def config_from_hf(cfg: dict):
+    if activation_from_hf(cfg.get("hidden_act", "silu"), "llama") != "silu":
+        raise refuse(f"hidden_act {cfg.get('hidden_act')!r} (LLaMA uses silu)", "llama")
+    return base_config(cfg, "llama")
+
+
+LLAMA = Architecture(
+    name="llama", model_types=("llama",), hf_classes=("LlamaForCausalLM",), gguf_name="llama",
+    config_from_hf=config_from_hf, tensors=llama_tensors,
+    notes="RMSNorm, RoPE (linear/llama3 scaling), GQA, gated SiLU",
+)

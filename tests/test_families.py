@@ -1,0 +1,114 @@
+"""Every supported family against transformers fp32 (issue: architectures as data).
+
+Per family (tests/families.py: two tiny random configurations each), converted through `pyllm convert`'s
+code path: f32 logits of a 96-token prompt within 1e-4 relative of transformers; 32 greedy tokens
+after the whole prompt equal (positions 96..127, past 100 for ALiBi and learned positions); f16
+within 1e-2; int8 and int4 by NMSE and top-1 agreement, with the thresholds of the LLaMA tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import pyllm  # noqa: E402
+from pyllm.convert import convert_checkpoint  # noqa: E402
+
+from conftest import nmse  # noqa: E402
+from families import CASES, load_reference, make_tiny_model  # noqa: E402
+
+PROMPT_LEN = 96
+GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{c}" for f, c in CASES])
+def case(request, tmp_path_factory):
+    family, name = request.param
+    directory = make_tiny_model(family, name, str(tmp_path_factory.mktemp(f"{family}_{name}")),
+                                seed=len(family) + len(name))
+    hf = load_reference(family, directory)
+    ids = [int(i) for i in np.random.default_rng(7).integers(3, 400, PROMPT_LEN)]
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits[0].numpy()
+    return {"family": family, "dir": directory, "hf": hf, "ids": ids, "ref": reference,
+            "out": tmp_path_factory.mktemp(f"{family}_{name}_pllm")}
+
+
+def load(case, quant, group_size=32):
+    path = str(case["out"] / f"{quant}-{group_size}.pllm")
+    convert_checkpoint(case["dir"], path, quant=quant, group_size=group_size, progress=False)
+    return pyllm.LLM(path, n_threads=2)
+
+
+def max_rel(out, ref):
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def test_architecture_recorded(case):
+    llm = load(case, "f32")
+    assert llm.config.architecture == case["family"]
+
+
+def test_f32_logits_match_transformers(case):
+    out = load(case, "f32").logits(case["ids"])
+    assert out.shape == case["ref"].shape
+    assert max_rel(out, case["ref"]) < 1e-4
+
+
+def test_greedy_tokens_match_transformers(case):
+    llm = load(case, "f32")
+    sequence = list(case["ids"])
+    with torch.no_grad():
+        for _ in range(GREEDY_TOKENS):
+            sequence.append(int(case["hf"](torch.tensor([sequence])).logits[0, -1].argmax()))
+    expected = sequence[PROMPT_LEN:]
+    ours = []
+    logits = llm.engine.forward(np.array(case["ids"], dtype=np.int32), 0, False)
+    for pos in range(PROMPT_LEN, PROMPT_LEN + GREEDY_TOKENS):
+        ours.append(int(np.argmax(logits)))
+        logits = llm.engine.forward(np.array([ours[-1]], dtype=np.int32), pos, False)
+    assert ours == expected
+
+
+def test_f16_logits_close(case):
+    out = load(case, "f16").logits(case["ids"])
+    assert max_rel(out, case["ref"]) < 1e-2
+
+
+@pytest.mark.parametrize("quant,max_nmse,min_top1", [("int8", 5e-3, 0.85), ("int4", 0.15, 0.5)])
+def test_quantized_logits(case, quant, max_nmse, min_top1):
+    out = load(case, quant).logits(case["ids"])
+    ref = case["ref"]
+    error, top1 = nmse(out, ref), float((out.argmax(-1) == ref.argmax(-1)).mean())
+    print(f"{case['family']} {quant}: NMSE {error:.2e}, top-1 {top1:.2f}")
+    assert np.isfinite(out).all()
+    assert error < max_nmse
+    assert top1 >= min_top1
+
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory):
+    from conftest import TRAINING_TEXT
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(TRAINING_TEXT * 10), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("quant,max_nmse,min_top1", [("int4", 0.15, 0.5), ("int8", 5e-3, 0.85)])
+def test_calibrated_conversion(case, calibration_text, quant, max_nmse, min_top1):
+    """The default conversion (GPTQ on Hessians from the engine's own forward, layouts per matrix)
+    works on every family."""
+    from pyllm.convert.strategy import QuantOptions
+
+    path = str(case["out"] / f"gptq-{quant}.pllm")
+    convert_checkpoint(case["dir"], path, quant=quant, progress=False,
+                       options=QuantOptions(method="gptq", calib=calibration_text, calib_sequences=4))
+    out = pyllm.LLM(path, n_threads=2).logits(case["ids"])
+    ref = case["ref"]
+    error, top1 = nmse(out, ref), float((out.argmax(-1) == ref.argmax(-1)).mean())
+    print(f"{case['family']} gptq {quant}: NMSE {error:.2e}, top-1 {top1:.2f}")
+    assert error < max_nmse
+    assert top1 >= min_top1
