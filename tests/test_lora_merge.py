@@ -273,3 +273,24 @@ def test_int4_of_the_merged_weights(base, tmp_path):
     with pyllm.LLM(a, n_threads=1) as x, pyllm.LLM(b, n_threads=1) as y:
         np.testing.assert_array_equal(x.logits(IDS), y.logits(IDS))
     shutil.rmtree(merged_dir)
+
+
+# --- families other than LLaMA: fused and Conv1D modules (PEFT's fan_in_fan_out) -------------------
+
+FAMILY_CASES = [("bloom", "heads4"), ("gpt2", "gelu_new"), ("phi3", "gqa_partial"), ("qwen2", "gqa"),
+                ("opt", "relu"), ("glm4", "gqa_partial"), ("gemma3", "local_global")]
+
+
+@pytest.mark.parametrize("family,case", FAMILY_CASES)
+def test_family_lora_merge_matches_peft(family, case, tmp_path):
+    """Every projection of the family (its own module names, as `pyllm train` targets them by default)
+    merged in f32 equals peft's merge_and_unload within 1e-4 relative."""
+    from families import make_tiny_model
+
+    from pyllm.arch import ARCHITECTURES
+
+    base = make_tiny_model(family, case, str(tmp_path / "base"), seed=2)
+    targets = list(ARCHITECTURES[family].lora_targets)
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=targets)
+    ref = logits(peft_merged(base, [adapter]))
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "merged.pllm")), ref)

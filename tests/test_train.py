@@ -264,3 +264,32 @@ def test_cli_does_not_import_torch():
     code = "import sys, pyllm.cli; pyllm.cli.build_parser(); import pyllm.train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("family,case", [("gpt2", "gelu_new"), ("bloom", "heads4"), ("phi3", "gqa_partial"),
+                                         ("gemma2", "softcap_window")])
+def test_every_family_trains_with_its_own_module_names(family, case, data, tmp_path):
+    """`pyllm train` on a non-LLaMA base adapts every projection under the family's names by default
+    (pyllm.arch: lora_targets), lowers the loss, and the adapter merges in `pyllm convert --lora` to
+    PEFT's merged model."""
+    from families import make_tiny_model
+
+    from pyllm.arch import ARCHITECTURES
+    from pyllm.convert import convert_checkpoint
+    import pyllm
+
+    base = make_tiny_model(family, case, str(tmp_path / "base"), seed=4)
+    out = str(tmp_path / "adapter")
+    result = run(train_args(base, data, out, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "3"))
+    assert result.losses[-1] < result.losses[0]
+    trained = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapter(out)}
+    assert trained == set(ARCHITECTURES[family].lora_targets)
+    merged = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).merge_and_unload().eval()
+    ids = [5, 17, 300, 42, 8, 99]
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0].numpy()
+    convert_checkpoint(base, str(tmp_path / "tuned.pllm"), quant="f32", progress=False, lora=[out])
+    with pyllm.LLM(str(tmp_path / "tuned.pllm"), n_threads=1) as llm:
+        got = llm.logits(ids)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -58,7 +58,8 @@ class Architecture:
     config_from_hf(config.json dict) -> ModelConfig, refusing by name what the engines do not run.
     tensors(config) -> {pyllm tensor name: TensorRecipe}: every tensor the .pllm file holds.
     hf_embedding / hf_lm_head: the checkpoint's names of the embedding and output matrices (LoRA's
-    vocabulary rules act on them)."""
+    vocabulary rules act on them). lora_targets: the module names `pyllm train` adapts by default
+    (every projection of the block, under the family's names)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -68,6 +69,8 @@ class Architecture:
     hf_embedding: str = "model.embed_tokens.weight"
     hf_lm_head: str = "lm_head.weight"
     gguf_name: str | None = None
+    conv1d_modules: tuple[str, ...] = ()  # module names ending so hold weights [in, out] (GPT-2's Conv1D)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     notes: str = ""  # one line for `pyllm convert --help` and the README's family table
     extra: dict = field(default_factory=dict)
 

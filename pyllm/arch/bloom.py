@@ -57,6 +57,8 @@ def tensors(config):
 
 BLOOM = Architecture(
     name="bloom", model_types=("bloom",), hf_classes=("BloomForCausalLM",), gguf_name="bloom",
-    config_from_hf=config_from_hf, tensors=tensors, hf_embedding="transformer.word_embeddings.weight",
+    config_from_hf=config_from_hf, tensors=tensors,
+    lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    hf_embedding="transformer.word_embeddings.weight",
     notes="LayerNorm (+ after embedding), ALiBi, fused per-head qkv, GELU MLP, biases",
 )

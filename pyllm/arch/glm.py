@@ -55,9 +55,13 @@ def tensors(config):
 
 GLM = Architecture(
     name="glm", model_types=("glm",), hf_classes=("GlmForCausalLM",), gguf_name="chatglm",
-    config_from_hf=glm_config, tensors=tensors, notes="partial interleaved RoPE, fused gate_up, q/k/v biases",
+    config_from_hf=glm_config, tensors=tensors,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    notes="partial interleaved RoPE, fused gate_up, q/k/v biases",
 )
 GLM4 = Architecture(
     name="glm4", model_types=("glm4",), hf_classes=("Glm4ForCausalLM",), gguf_name="glm4",
-    config_from_hf=glm4_config, tensors=tensors, notes="GLM with post-attention and post-MLP norms",
+    config_from_hf=glm4_config, tensors=tensors,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    notes="GLM with post-attention and post-MLP norms",
 )

@@ -50,6 +50,9 @@ def tensors(config):
 
 GPT2 = Architecture(
     name="gpt2", model_types=("gpt2",), hf_classes=("GPT2LMHeadModel",), gguf_name="gpt2",
-    config_from_hf=config_from_hf, tensors=tensors, hf_embedding="transformer.wte.weight",
+    config_from_hf=config_from_hf, tensors=tensors,
+    lora_targets=("c_attn", "c_proj", "c_fc"),
+    hf_embedding="transformer.wte.weight",
+    conv1d_modules=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     notes="LayerNorm, learned positions, Conv1D (transposed), fused qkv, GELU MLP, biases",
 )

@@ -54,6 +54,8 @@ def tensors(config):
 
 OPT = Architecture(
     name="opt", model_types=("opt",), hf_classes=("OPTForCausalLM",), gguf_name=None,
-    config_from_hf=config_from_hf, tensors=tensors, hf_embedding="model.decoder.embed_tokens.weight",
+    config_from_hf=config_from_hf, tensors=tensors,
+    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    hf_embedding="model.decoder.embed_tokens.weight",
     notes="LayerNorm, learned positions (offset 2), ReLU MLP, biases",
 )

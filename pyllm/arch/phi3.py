@@ -26,5 +26,7 @@ def tensors(config):
 
 PHI3 = Architecture(
     name="phi3", model_types=("phi3",), hf_classes=("Phi3ForCausalLM",), gguf_name="phi3",
-    config_from_hf=config_from_hf, tensors=tensors, notes="LLaMA block, fused qkv and gate_up, partial RoPE",
+    config_from_hf=config_from_hf, tensors=tensors,
+    lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    notes="LLaMA block, fused qkv and gate_up, partial RoPE",
 )

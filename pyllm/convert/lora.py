@@ -67,18 +67,21 @@ class LoraModule:
     scaling: float
     embedding: bool
     bias: np.ndarray | None = None  # [out], lora_bias=True
+    transposed: bool = False  # the base weight is stored [in, out] (a Conv1D layer: fan_in_fan_out)
 
     @property
     def target(self) -> str:
         return self.module + ".weight"
 
     def target_shape(self) -> tuple[int, int]:
-        return (self.a.shape[1], self.b.shape[0]) if self.embedding else (self.b.shape[0], self.a.shape[1])
+        flip = self.embedding or self.transposed
+        return (self.a.shape[1], self.b.shape[0]) if flip else (self.b.shape[0], self.a.shape[1])
 
     def delta(self) -> np.ndarray:
-        """scaling * B @ A in float32, laid out as the base weight ([out, in], or [vocab, hidden])."""
+        """scaling * B @ A in float32, laid out as the base weight ([out, in]; [vocab, hidden] for an
+        embedding; [in, out] for a Conv1D weight)."""
         d = (self.b.astype(np.float32) @ self.a.astype(np.float32)) * np.float32(self.scaling)
-        return np.ascontiguousarray(d.T) if self.embedding else d
+        return np.ascontiguousarray(d.T) if self.embedding or self.transposed else d
 
 
 class LoraAdapter:
@@ -206,6 +209,7 @@ class LoraMergedSource:
                     self._ops.setdefault(n, []).append(("set", value))
                     shapes[n] = value.shape
             for lora in adapter.modules.values():
+                lora.transposed = any(lora.module.endswith("." + m) for m in base.arch.conv1d_modules)
                 self._check_target(adapter, lora.target, shapes)
                 if lora.target_shape() != tuple(shapes[lora.target]):
                     raise FormatError(

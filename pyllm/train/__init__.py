@@ -13,7 +13,6 @@ import argparse
 import sys
 
 TRAIN_REQUIREMENTS = "pip install 'pyllm[train]' (torch, transformers, peft)"
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=float, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    g.add_argument("--target-modules", default=DEFAULT_TARGETS,
-                   help=f"comma-separated module names (default: all attention and MLP projections, {DEFAULT_TARGETS})")
+    g.add_argument("--target-modules", default="",
+                   help="comma-separated module names (default: every attention and MLP projection under the "
+                        "family's names, e.g. q_proj,...,down_proj for LLaMA, c_attn,c_proj,c_fc for GPT-2)")
     g.add_argument("--layers", default="",
                    help="LoRA only in these decoder layers, e.g. 20-29 or 0,5,9 (default: all); training "
                         "only upper layers also saves the backward pass through the lower ones")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..arch import for_hf_config
 from .data import DataError, Example, load_records, tokenize_record
 
 STATE_FILE = "training_state.pt"
@@ -183,8 +184,9 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings {rows}: "
                              "training new tokens needs --modules-to-save embed_tokens,lm_head")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    targets = args.target_modules or ",".join(for_hf_config(model.config.to_dict()).lora_targets)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+                        target_modules=[m.strip() for m in targets.split(",") if m.strip()],
                         layers_to_transform=parse_layers(args.layers, model.config.num_hidden_layers),
                         use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
                         task_type="CAUSAL_LM")
