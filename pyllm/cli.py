@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .pllm file")
-    p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin) or a llama GGUF file")
+    p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin) of a "
+                                  "supported family (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, bloom, opt, "
+                                  "gpt2, glm, glm4) or a llama GGUF file")
     p.add_argument("-o", "--output", required=True, help="output .pllm file")
     p.add_argument("--quant", default=None,
                    choices=["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"],

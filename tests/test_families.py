@@ -112,3 +112,22 @@ def test_calibrated_conversion(case, calibration_text, quant, max_nmse, min_top1
     print(f"{case['family']} gptq {quant}: NMSE {error:.2e}, top-1 {top1:.2f}")
     assert error < max_nmse
     assert top1 >= min_top1
+
+
+def test_command_line_end_to_end_on_a_non_llama_family(tmp_path, capsys):
+    """convert (calibrated int4), run and perplexity from the command line on a GPT-2 model."""
+    from families import make_tiny_model
+
+    from pyllm import cli
+
+    base = make_tiny_model("gpt2", "gelu_new", str(tmp_path / "gpt2"), seed=9)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Paris is the capital of France.\n" * 40,
+                    encoding="utf-8")
+    out = str(tmp_path / "gpt2.pllm")
+    assert cli.main(["convert", base, "-o", out, "--quant", "int4", "--calib", str(text), "-q"]) == 0
+    assert pyllm.LLM(out).config.architecture == "gpt2"
+    assert cli.main(["run", out, "--raw", "-p", "The quick brown", "--max-tokens", "8", "--temperature", "0"]) == 0
+    assert cli.main(["perplexity", out, "--text", str(text), "--ctx", "64", "--windows", "4"]) == 0
+    printed = capsys.readouterr()
+    assert "perplexity" in (printed.out + printed.err).lower()
