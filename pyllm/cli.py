@@ -72,7 +72,7 @@ def _open(args):
         path = default_model_path()
     return LLM(path, n_threads=args.threads, context_length=args.ctx,
                chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
-               kv_cache=args.kv_cache)
+               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1))
 
 
 def cmd_run(args) -> int:
@@ -123,6 +123,8 @@ def cmd_perplexity(args) -> int:
             text = f.read()
     else:
         text = default_text()
+    if getattr(args, "device", "cpu") == "cuda":
+        args.parallel = 1  # the CUDA engine holds one sequence
     llm = _open(args)
     if args.ctx > llm.context_length:
         raise ValueError(f"--ctx {args.ctx} exceeds the model's context of {llm.context_length}")
@@ -135,7 +137,8 @@ def cmd_perplexity(args) -> int:
         bar.update(1)
         bar.set_postfix(ppl=f"{ppl:.3f}")
 
-    result = perplexity(llm.logits, tokens, ctx=args.ctx, windows=args.windows, bos_id=bos, progress=show)
+    result = perplexity(llm.logits, tokens, ctx=args.ctx, windows=args.windows, bos_id=bos, progress=show,
+                        logits_many=llm.logits_many, batch=llm.n_parallel)
     bar.close()
     print(result.line())
     return 0
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="UTF-8 text file (default: Python's documentation topics, pydoc_data.topics)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="windows evaluated together, sharing each engine step (default 4; 1 on CUDA)")
     p.add_argument("-t", "--threads", type=int, default=None)
     _add_device(p)
     _add_kv_cache(p)

@@ -20,6 +20,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
 PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
+MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
 DEVICES = ("cpu", "cuda")
 
 
@@ -153,7 +154,7 @@ class LLM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
-                 chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto"):
+                 chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto", n_parallel: int = 1):
         backend = engine_module(device)
         self.path = os.fspath(path)
         self.model = PackedModel(self.path)
@@ -162,12 +163,14 @@ class LLM:
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         if n_ctx <= 0:
             raise ValueError("context_length must be positive")
+        if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= MAX_PARALLEL:
+            raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)
         try:
             self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
                                        self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
-                                       kv_cache)
+                                       kv_cache, n_parallel)
         except BaseException:
             tokenizer_loader.wait()
             raise
@@ -177,6 +180,7 @@ class LLM:
                              f"{self.config.vocab_size} embeddings")
         return_freed_heap()
         self.context_length = n_ctx
+        self.n_parallel = n_parallel
         self.device = device
         self.n_threads = self.engine.n_threads
         self._lock = threading.Lock()
@@ -184,6 +188,7 @@ class LLM:
         self._running: TextStream | None = None  # the call that holds the engine
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self.last_stats = GenerationStats()
+        self.last_batch_stats: list[GenerationStats] = []  # one per prompt of the last list given to generate
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -218,6 +223,25 @@ class LLM:
             raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
         return arr.astype(np.int32)
 
+    def logits_many(self, sequences: list) -> list[np.ndarray]:
+        """Logits f32 [len(ids), vocab] of each token-id list, each in a fresh context, n_parallel at a time
+        in one engine step (perplexity's windows)."""
+        checked = [self._check_ids(ids) for ids in sequences]
+        self._acquire()
+        try:
+            self._cached = []
+            results = []
+            for first in range(0, len(checked), self.n_parallel):
+                group = checked[first:first + self.n_parallel]
+                lengths = [len(g) for g in group]
+                out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
+                                               np.concatenate([np.arange(n) for n in lengths]), np.arange(sum(lengths)))
+                bounds = np.cumsum([0] + [len(g) for g in group])
+                results += [out[bounds[i]:bounds[i + 1]] for i in range(len(group))]
+            return results
+        finally:
+            self._release()
+
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
         arr = self._check_ids(ids)
@@ -237,21 +261,67 @@ class LLM:
                  stop_token_ids: list[int] | None = None, stream: bool = False):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
 
+        A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
+        engine step, each exactly as it would be alone (pyllm/batch.py): returns a list of texts, or with
+        stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats.
+
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens. Generation ends at an end-of-sequence token of
         the model, a token in stop_token_ids, a stop string (not included in the text),
         max_new_tokens, the end of the context, or cancel()."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         if isinstance(stop, str):
             stop = [stop]
+        if _is_batch(prompt):
+            prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+            return self._batch(prompts, max_new_tokens, params, list(stop or []), set(stop_token_ids or []), stream)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         pieces = self._stream(ids, max_new_tokens, params, list(stop or []), set(stop_token_ids or []))
         return pieces if stream else "".join(pieces)
 
+    def _batch(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
+               stop_ids: set[int], stream: bool):
+        """Several prompts together (pyllm/batch.py): a list of texts, or with stream=True an iterator of
+        (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats."""
+        from .batch import run_batch
+
+        checked = [self._check_ids(p) for p in prompts]
+        for p in checked:
+            if len(p) >= self.context_length:
+                raise ValueError(f"a prompt has {len(p)} tokens; the context holds {self.context_length} "
+                                 "(leave room for the reply)")
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        self.last_batch_stats = [GenerationStats(prompt_tokens=len(p)) for p in checked]
+        made = iter(self.last_batch_stats)
+        run = TextStream(GenerationStats())
+
+        def pieces():
+            self._acquire()
+            self._running = run
+            try:
+                yield from run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
+                                     stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made),
+                                     run.cancelled.is_set)
+            finally:
+                self._running = None
+                self._release()
+
+        if stream:
+            return pieces()
+        texts = [""] * len(checked)
+        for index, piece in pieces():
+            texts[index] += piece
+        return texts
+
     def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None, **kwargs):
-        """Replies to OpenAI-style messages using the chat template (generate's options apply)."""
+        """Replies to OpenAI-style messages using the chat template (generate's options apply). A list of
+        conversations is answered together (one reply each, as generate does with a list of prompts)."""
+        if messages and all(isinstance(m, (list, tuple)) for m in messages):
+            return self.generate([self.chat_prompt_ids(list(m), tools=tools) for m in messages], stream=stream,
+                                 **kwargs)
         ids = self.chat_prompt_ids(messages, tools=tools)
         return self.generate(ids, stream=stream, **kwargs)
 
@@ -394,6 +464,12 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (texts or token-id lists), as opposed to one prompt's token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple))
+                                                                         for p in prompt)
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

@@ -42,8 +42,10 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None = None,
-               bos_id: int | None = None, progress=None) -> PerplexityResult:
-    """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits)."""
+               bos_id: int | None = None, progress=None, logits_many=None, batch: int = 1) -> PerplexityResult:
+    """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits); or, given
+    logits_many(list of windows' ids) -> their logits, `batch` windows at a time (LLM.logits_many: the
+    windows of a batch share each engine step)."""
     if ctx < 4:
         raise ValueError("ctx must be at least 4")
     available = len(tokens) // ctx
@@ -52,15 +54,21 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
     n = available if windows is None else min(windows, available)
     first = ctx // 2
     window_nll, total, count = [], 0.0, 0
-    for w in range(n):
-        ids = list(tokens[w * ctx:(w + 1) * ctx])
-        if bos_id is not None:
-            ids[0] = bos_id
-        logits = logits_fn(ids)
-        nll = log_softmax_nll(logits[first:ctx - 1], np.asarray(ids[first + 1:ctx]))
-        window_nll.append(float(nll.mean()))
-        total += float(nll.sum())
-        count += len(nll)
-        if progress is not None:
-            progress(w + 1, n, math.exp(total / count))
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    for group in range(0, n, batch):
+        group_ids = []
+        for w in range(group, min(n, group + batch)):
+            ids = list(tokens[w * ctx:(w + 1) * ctx])
+            if bos_id is not None:
+                ids[0] = bos_id
+            group_ids.append(ids)
+        results = logits_many(group_ids) if logits_many is not None else [logits_fn(ids) for ids in group_ids]
+        for ids, logits in zip(group_ids, results):
+            nll = log_softmax_nll(logits[first:ctx - 1], np.asarray(ids[first + 1:ctx]))
+            window_nll.append(float(nll.mean()))
+            total += float(nll.sum())
+            count += len(nll)
+            if progress is not None:
+                progress(len(window_nll), n, math.exp(total / count))
     return PerplexityResult(math.exp(total / count), n, ctx, count, window_nll)

@@ -91,6 +91,68 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
     }
 }
 
+void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
+                          const int64_t* logit_rows, int64_t n_logits, float* logits) {
+    const int64_t n_ctx = context_length(), vocab = config().vocab_size, sequences = n_seq();
+    if (n <= 0) throw std::invalid_argument("forward_rows needs at least one row");
+    if (n_logits < 0 || n_logits > n) throw std::invalid_argument("more logit rows than rows");
+    std::vector<Span> spans;
+    std::vector<char> seen((size_t)sequences, 0);
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t seq = seq_ids[i], pos = positions[i];
+        if (tokens[i] < 0 || tokens[i] >= vocab)
+            throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
+                                    std::to_string(vocab));
+        if (seq < 0 || seq >= sequences)
+            throw std::out_of_range("sequence " + std::to_string(seq) + " is not one of the cache's " +
+                                    std::to_string(sequences));
+        if (pos < 0 || pos >= n_ctx)
+            throw std::out_of_range("position " + std::to_string(pos) + " exceeds the context length " +
+                                    std::to_string(n_ctx));
+        if (!spans.empty() && spans.back().seq == seq) {
+            if (pos != spans.back().pos0 + spans.back().rows)
+                throw std::invalid_argument("the rows of sequence " + std::to_string(seq) +
+                                            " must be at consecutive positions");
+            ++spans.back().rows;
+            continue;
+        }
+        if (seen[(size_t)seq]) throw std::invalid_argument("the rows of sequence " + std::to_string(seq) + " must be consecutive");
+        seen[(size_t)seq] = 1;
+        spans.push_back(Span{seq, i, 1, pos});
+    }
+    for (int64_t j = 0; j < n_logits; ++j)
+        if (logit_rows[j] < 0 || logit_rows[j] >= n || (j > 0 && logit_rows[j] <= logit_rows[j - 1]))
+            throw std::invalid_argument("logit rows must be ascending row indices");
+    std::lock_guard<std::mutex> lock(forward_mutex_);
+    // steps of at most max_batch() rows; a span cut in two continues in the next step
+    const int64_t step_rows = max_batch();
+    std::vector<Span> step_spans;
+    std::vector<int64_t> step_logit_rows;
+    int64_t next_logit = 0;
+    for (int64_t begin = 0; begin < n; begin += step_rows) {
+        const int64_t end = std::min(n, begin + step_rows);
+        step_spans.clear();
+        for (const Span& sp : spans) {
+            const int64_t b = std::max(begin, sp.row_begin), e = std::min(end, sp.row_begin + sp.rows);
+            if (b < e) step_spans.push_back(Span{sp.seq, b - begin, e - b, sp.pos0 + (b - sp.row_begin)});
+        }
+        step_logit_rows.clear();
+        const int64_t first_logit = next_logit;
+        while (next_logit < n_logits && logit_rows[next_logit] < end) step_logit_rows.push_back(logit_rows[next_logit++] - begin);
+        run_spans(tokens + begin, end - begin, step_spans.data(), (int64_t)step_spans.size(), step_logit_rows.data(),
+                  (int64_t)step_logit_rows.size(), logits + first_logit * vocab);
+    }
+}
+
+void Engine::copy_sequence(int64_t src, int64_t dst, int64_t n_positions) {
+    if (src < 0 || src >= n_seq() || dst < 0 || dst >= n_seq())
+        throw std::out_of_range("copy_sequence: sequences must lie in [0, " + std::to_string(n_seq()) + ")");
+    if (n_positions < 0 || n_positions > context_length())
+        throw std::out_of_range("copy_sequence: positions exceed the context length");
+    std::lock_guard<std::mutex> lock(forward_mutex_);
+    if (src != dst && n_positions > 0) copy_cache(src, dst, n_positions);
+}
+
 namespace {
 
 // A norm's parameters: weight f32 [D], and bias f32 [D] for LayerNorm (null for RMSNorm).
@@ -148,10 +210,11 @@ class CpuEngine final : public Engine {
 public:
     CpuEngine(std::shared_ptr<MappedFile> file, const TensorTable& t, const ModelConfig& cfg,
               const std::map<std::string, LinearSpec>& specs, int64_t context_length, int n_threads,
-              const std::string& kv_cache)
-        : file_(std::move(file)), cfg_(cfg), n_ctx_(context_length), pool_(n_threads) {
+              const std::string& kv_cache, int64_t n_seq)
+        : file_(std::move(file)), cfg_(cfg), n_ctx_(context_length), n_seq_(n_seq), pool_(n_threads) {
         cfg_.validate();
         if (n_ctx_ <= 0) throw std::invalid_argument("context length must be positive");
+        if (n_seq_ <= 0) throw std::invalid_argument("the KV cache must hold at least one sequence");
         if (cfg_.positions == PositionType::Learned && n_ctx_ > cfg_.max_positions)
             throw std::invalid_argument("context length " + std::to_string(n_ctx_) + " exceeds the model's " +
                                         std::to_string(cfg_.max_positions) + " learned positions");
@@ -221,7 +284,14 @@ public:
         else if (kv_cache == "f32") kv_type_ = KvType::F32;
         else if (kv_cache == "auto") kv_type_ = all_f32 ? KvType::F32 : KvType::F16;
         else throw std::invalid_argument("kv_cache must be 'auto', 'f16' or 'f32', not '" + kv_cache + "'");
-        const int64_t cache_bytes = cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim * kv_bytes(kv_type_);
+        // bytes of one layer of one sequence, and of the whole cache (overflow checked: sizes come from files
+        // and users)
+        int64_t cache_bytes = 0;
+        if (__builtin_mul_overflow(cfg_.n_kv_heads * cfg_.head_dim * kv_bytes(kv_type_), n_ctx_, &layer_bytes_) ||
+            __builtin_mul_overflow(layer_bytes_, cfg_.n_layers, &cache_bytes) ||
+            __builtin_mul_overflow(cache_bytes, n_seq_, &cache_bytes) || cache_bytes > ((int64_t)1 << 46))
+            throw std::invalid_argument("a KV cache of " + std::to_string(n_seq_) + " sequences of " +
+                                        std::to_string(n_ctx_) + " positions is too large for this model");
         k_cache_.reset(new uint8_t[(size_t)cache_bytes]);
         v_cache_.reset(new uint8_t[(size_t)cache_bytes]);
         const int64_t B = kMaxBatch;
@@ -243,6 +313,7 @@ public:
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
     const char* kv_cache() const override { return kv_type_ == KvType::F16 ? "f16" : "f32"; }
+    int64_t n_seq() const override { return n_seq_; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
     void set_observer(InputObserver observer) override { observer_ = std::move(observer); }
 
@@ -278,6 +349,32 @@ private:
     }
 
     void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) override {
+        const Span span{0, 0, M, pos0};
+        logit_rows_.clear();
+        if (logits != nullptr)
+            for (int64_t m = all_logits ? 0 : M - 1; m < M; ++m) logit_rows_.push_back(m);
+        run_spans(tokens, M, &span, 1, logit_rows_.data(), (int64_t)logit_rows_.size(), logits);
+    }
+
+    // This sequence's cache of layer l (keys transposed [kv_heads, head_dim, n_ctx], values [kv_heads, n_ctx, head_dim]).
+    uint8_t* k_layer(int64_t seq, int64_t l) const { return k_cache_.get() + (seq * cfg_.n_layers + l) * layer_bytes_; }
+    uint8_t* v_layer(int64_t seq, int64_t l) const { return v_cache_.get() + (seq * cfg_.n_layers + l) * layer_bytes_; }
+
+    void copy_cache(int64_t src, int64_t dst, int64_t n_positions) override {
+        const int64_t hd = cfg_.head_dim, element = kv_bytes(kv_type_);
+        for (int64_t l = 0; l < cfg_.n_layers; ++l)
+            for (int64_t h = 0; h < cfg_.n_kv_heads; ++h) {
+                for (int64_t i = 0; i < hd; ++i) {  // keys: positions are contiguous per head dim
+                    const int64_t offset = ((h * hd + i) * n_ctx_) * element;
+                    std::memcpy(k_layer(dst, l) + offset, k_layer(src, l) + offset, (size_t)(n_positions * element));
+                }
+                const int64_t offset = h * n_ctx_ * hd * element;
+                std::memcpy(v_layer(dst, l) + offset, v_layer(src, l) + offset, (size_t)(n_positions * hd * element));
+            }
+    }
+
+    void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans, const int64_t* logit_rows,
+                   int64_t n_logits, float* logits) override {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd, rope_dims = cfg_.rope_dims();
         const float eps = (float)cfg_.norm_eps;
@@ -285,7 +382,9 @@ private:
             cfg_.attention_scale > 0.0 ? (float)cfg_.attention_scale : 1.0f / std::sqrt((float)hd);
         const bool gated = cfg_.ffn == FfnType::Gated;
         float *x = x_.data(), *h = h_.data();
-        for (int64_t m = 0; m < M; ++m) positions_[(size_t)m] = (int32_t)(pos0 + m);
+        for (int64_t s = 0; s < n_spans; ++s)
+            for (int64_t m = 0; m < spans[s].rows; ++m)
+                positions_[(size_t)(spans[s].row_begin + m)] = (int32_t)(spans[s].pos0 + m);
         if (!inv_freq_.empty()) rope_angles(positions_.data(), M, inv_freq_.data(), rope_dims / 2, cos_sin_.data());
         if (!inv_freq_local_.empty())
             rope_angles(positions_.data(), M, inv_freq_local_.data(), rope_dims / 2, cos_sin_local_.data());
@@ -300,7 +399,7 @@ private:
             }
             if (position_table_ != nullptr)
                 for (int64_t m = 0; m < M; ++m)
-                    for (int64_t i = 0; i < D; ++i) x[m * D + i] += position_table_[(pos0 + m) * D + i];
+                    for (int64_t i = 0; i < D; ++i) x[m * D + i] += position_table_[positions_[(size_t)m] * D + i];
             if (cfg_.embedding_norm) norm(embed_norm_, x, M, x);
         });
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
@@ -313,10 +412,6 @@ private:
                 linear(pool_, lw.k, in, k_.data());
                 linear(pool_, lw.v, in, v_.data());
             });
-            // cache layout per layer: keys [kv_heads, head_dim, n_ctx] (transposed), values [kv_heads, n_ctx, head_dim]
-            const int64_t layer_bytes = Hkv * n_ctx_ * hd * kv_bytes(kv_type_);
-            uint8_t* k_layer = k_cache_.get() + l * layer_bytes;
-            uint8_t* v_layer = v_cache_.get() + l * layer_bytes;
             clock_.time(S::kRopeCache, [&] {
                 if (lw.q_norm != nullptr) {
                     rmsnorm(q_.data(), lw.q_norm, M * H, hd, eps, q_.data());
@@ -331,16 +426,25 @@ private:
                     const CpuKernels& kernels = active_kernels();
                     kernels.round_to_f16(k_.data(), M * kv_dim, k16_.data());
                     kernels.round_to_f16(v_.data(), M * kv_dim, v16_.data());
-                    write_kv(reinterpret_cast<uint16_t*>(k_layer), reinterpret_cast<uint16_t*>(v_layer), k16_.data(),
-                             v16_.data(), M, pos0);
-                } else {
-                    write_kv(reinterpret_cast<float*>(k_layer), reinterpret_cast<float*>(v_layer), k_.data(), v_.data(),
-                             M, pos0);
+                }
+                for (int64_t s = 0; s < n_spans; ++s) {
+                    const Span& sp = spans[s];
+                    const int64_t first = sp.row_begin * kv_dim;
+                    if (kv_type_ == KvType::F16)
+                        write_kv(reinterpret_cast<uint16_t*>(k_layer(sp.seq, l)), reinterpret_cast<uint16_t*>(v_layer(sp.seq, l)),
+                                 k16_.data() + first, v16_.data() + first, sp.rows, sp.pos0);
+                    else
+                        write_kv(reinterpret_cast<float*>(k_layer(sp.seq, l)), reinterpret_cast<float*>(v_layer(sp.seq, l)),
+                                 k_.data() + first, v_.data() + first, sp.rows, sp.pos0);
                 }
             });
             clock_.time(S::kAttention, [&] {
-                attention(pool_, q_.data(), kv_type_, k_layer, v_layer, M, H, Hkv, hd, n_ctx_, pos0, attn_scale,
-                          attention_options_[(size_t)l], attn_.data());
+                for (int64_t s = 0; s < n_spans; ++s) {
+                    const Span& sp = spans[s];
+                    attention(pool_, q_.data() + sp.row_begin * H * hd, kv_type_, k_layer(sp.seq, l), v_layer(sp.seq, l),
+                              sp.rows, H, Hkv, hd, n_ctx_, sp.pos0, attn_scale, attention_options_[(size_t)l],
+                              attn_.data() + sp.row_begin * H * hd);
+                }
             });
             observe(l, kAttnOut, attn_.data(), M, H * hd);
             clock_.time(S::kOut, [&] {
@@ -366,14 +470,14 @@ private:
             });
             clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
         }
-        if (logits == nullptr) return;
+        if (n_logits == 0) return;
         clock_.time(S::kLmHead, [&] {
-            const int64_t rows = all_logits ? M : 1;
-            norm(final_norm_, x + (M - rows) * D, rows, h);
-            linear(pool_, lm_head_, h, rows, logits, scratch_);
+            // the rows whose logits are wanted, normalised (consecutive rows in place when they are all)
+            for (int64_t j = 0; j < n_logits; ++j) norm(final_norm_, x + logit_rows[j] * D, 1, h + j * D);
+            linear(pool_, lm_head_, h, n_logits, logits, scratch_);
             if (cfg_.final_logit_softcapping > 0.0) {
                 const float cap = (float)cfg_.final_logit_softcapping, inverse = 1.0f / cap;
-                for (int64_t i = 0; i < rows * cfg_.vocab_size; ++i) logits[i] = cap * std::tanh(logits[i] * inverse);
+                for (int64_t i = 0; i < n_logits * cfg_.vocab_size; ++i) logits[i] = cap * std::tanh(logits[i] * inverse);
             }
         });
     }
@@ -381,7 +485,10 @@ private:
     std::shared_ptr<MappedFile> file_;  // keeps the weights mapped
     ModelConfig cfg_;
     int64_t n_ctx_;
+    int64_t n_seq_;
+    int64_t layer_bytes_ = 0;  // one layer of one sequence's K (or V) cache
     ThreadPool pool_;
+    std::vector<int64_t> logit_rows_;  // run_batch's
     WeightView embed_, lm_head_;
     const float* position_table_ = nullptr;  // f32 [max_positions, hidden] (learned positions)
     NormWeights embed_norm_;                 // (embedding_norm)
@@ -414,8 +521,8 @@ private:
     }
 
     KvType kv_type_ = KvType::F16;
-    std::unique_ptr<uint8_t[]> k_cache_;  // kv_type_ [layers, kv_heads, head_dim, n_ctx] (transposed)
-    std::unique_ptr<uint8_t[]> v_cache_;  // kv_type_ [layers, kv_heads, n_ctx, head_dim]
+    std::unique_ptr<uint8_t[]> k_cache_;  // kv_type_ [n_seq, layers, kv_heads, head_dim, n_ctx] (transposed)
+    std::unique_ptr<uint8_t[]> v_cache_;  // kv_type_ [n_seq, layers, kv_heads, n_ctx, head_dim]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<uint16_t> k16_, v16_;  // [kMaxBatch, kv_heads * head_dim]: k_, v_ rounded for an f16 cache
     std::vector<int32_t> positions_;
@@ -429,9 +536,10 @@ private:
 
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
                                         const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,
-                                        int64_t context_length, int n_threads, const std::string& kv_cache) {
+                                        int64_t context_length, int n_threads, const std::string& kv_cache,
+                                        int64_t n_seq) {
     return std::make_unique<CpuEngine>(std::move(file), tensors, config, linears, context_length, n_threads,
-                                       kv_cache);
+                                       kv_cache, n_seq);
 }
 
 }  // namespace pyllm

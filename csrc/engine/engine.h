@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -91,6 +92,19 @@ public:
     //   logits: f32 [n, vocab] when all_logits, else f32 [vocab] for the last token
     // Thread-safe: concurrent calls run one after another.
     void forward(const int32_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits);
+    // Sequences the KV cache holds, each with context_length() positions; forward() runs sequence 0.
+    virtual int64_t n_seq() const { return 1; }
+    // Rows of several sequences in one step (the weights are read once for all of them): row i is
+    // token tokens[i] of sequence seq_ids[i] at position positions[i]. A sequence's rows are
+    // consecutive, at consecutive positions, and its cache holds its positions before the first.
+    // Writes the logits of rows logit_rows (ascending).
+    //   tokens, seq_ids, positions: int32 [n]   logit_rows: int64 [n_logits]   logits: f32 [n_logits, vocab]
+    // Checks everything first (std::invalid_argument / std::out_of_range); thread-safe like forward().
+    void forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
+                      const int64_t* logit_rows, int64_t n_logits, float* logits);
+    // Copies the keys and values of positions 0 .. n_positions - 1 of sequence src into sequence dst
+    // (a prefix computed once and shared).
+    void copy_sequence(int64_t src, int64_t dst, int64_t n_positions);
     // Seconds spent in each stage of forward() since the engine was made, when it was made with
     // profiling on (PYLLM_PROFILE=1 in the environment); empty otherwise.
     virtual std::vector<std::pair<std::string, double>> profile() const { return {}; }
@@ -102,6 +116,21 @@ public:
     }
 
 protected:
+    // Consecutive rows [row_begin, row_begin + rows) of a step, all of sequence `seq`, at positions pos0 ...
+    struct Span {
+        int64_t seq, row_begin, rows, pos0;
+    };
+    // One step of forward_rows(), checked, serialised and cut to at most max_batch() rows by it.
+    //   logit_rows: int64 [n_logits], indices into this step's rows   logits: f32 [n_logits, vocab]
+    virtual void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans,
+                           const int64_t* logit_rows, int64_t n_logits, float* logits) {
+        (void)tokens, (void)M, (void)spans, (void)n_spans, (void)logit_rows, (void)n_logits, (void)logits;
+        throw std::invalid_argument(std::string("the ") + device() + " engine runs one sequence at a time");
+    }
+    virtual void copy_cache(int64_t src, int64_t dst, int64_t n_positions) {
+        (void)src, (void)dst, (void)n_positions;
+        throw std::invalid_argument(std::string("the ") + device() + " engine runs one sequence at a time");
+    }
     // One batch of forward(), checked and serialised by it: M <= max_batch() tokens at
     // positions pos0 .. pos0 + M - 1.
     //   logits: f32 [M, vocab] when all_logits, f32 [vocab] (last row) otherwise, or null
@@ -114,8 +143,10 @@ private:
 
 // kv_cache: the KV cache's element type, "f16", "f32" or "auto" (f32 for a model stored
 // in f32, f16 otherwise).
+// n_seq: sequences the KV cache holds (forward_rows), each with context_length positions.
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
                                         const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,
-                                        int64_t context_length, int n_threads, const std::string& kv_cache);
+                                        int64_t context_length, int n_threads, const std::string& kv_cache,
+                                        int64_t n_seq = 1);
 
 }  // namespace pyllm

@@ -312,8 +312,9 @@ PYBIND11_MODULE(_core, m) {
         "Read bandwidth in GB/s: the fastest of `passes` sums over a buffer of `bytes`, on n_threads threads.");
 
     register_engine_class(m, resolve_threads,
-                          [](const ModelDescription& d, int64_t context_length, int n_threads, const std::string& kv_cache) {
+                          [](const ModelDescription& d, int64_t context_length, int n_threads, const std::string& kv_cache,
+                             int64_t n_seq) {
                               return make_cpu_engine(d.file, *d.tensors, d.config, d.linears, context_length, n_threads,
-                                                     kv_cache);
+                                                     kv_cache, n_seq);
                           });
 }

@@ -224,16 +224,44 @@ class PyModel {
 public:
     using Factory =
         std::function<std::unique_ptr<Engine>(const ModelDescription&, int64_t context_length, int n_threads,
-                                              const std::string& kv_cache)>;
+                                              const std::string& kv_cache, int64_t n_seq)>;
 
     PyModel(const std::string& path, uint64_t data_offset, const py::dict& tensors, const py::dict& linears,
             const py::dict& config, int64_t context_length, int n_threads, const std::string& kv_cache,
-            const Factory& make_engine)
+            int64_t n_seq, const Factory& make_engine)
         : n_threads_(n_threads) {
         ModelDescription d = parse_model(path, data_offset, tensors, linears, config);
         file_ = d.file;
         py::gil_scoped_release release;  // loading (tiling weights) runs beside Python threads
-        engine_ = make_engine(d, context_length, n_threads, kv_cache);
+        engine_ = make_engine(d, context_length, n_threads, kv_cache, n_seq);
+    }
+
+    // Rows of several sequences in one step (Engine::forward_rows): logits f32 [len(logit_rows), vocab].
+    py::array_t<float> forward_rows(const py::array& token_array, const py::array& seq_array, const py::array& pos_array,
+                                    const py::array& logit_array) {
+        const I32Array tokens = int32_values(token_array, "tokens"), seqs = int32_values(seq_array, "seq_ids"),
+                       positions = int32_values(pos_array, "positions");
+        py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows(logit_array);
+        if (tokens.ndim() != 1 || tokens.shape(0) == 0) bad("tokens must be 1-D and not empty");
+        const int64_t n = tokens.shape(0);
+        expect_shape(seqs, {n}, "seq_ids");
+        expect_shape(positions, {n}, "positions");
+        if (rows.ndim() != 1) bad("logit_rows must be 1-D");
+        const int64_t n_logits = rows.shape(0), vocab = engine_->config().vocab_size;
+        py::array_t<float> logits({n_logits, vocab});
+        const int32_t *t = tokens.data(), *q = seqs.data(), *p = positions.data();
+        const int64_t* r = rows.data();
+        float* out = logits.mutable_data();
+        {
+            py::gil_scoped_release release;
+            engine_->forward_rows(t, q, p, n, r, n_logits, out);
+        }
+        return logits;
+    }
+
+    void copy_sequence(int64_t src, int64_t dst, int64_t n_positions) {
+        py::gil_scoped_release release;
+        engine_->copy_sequence(src, dst, n_positions);
     }
 
     py::array_t<float> forward(const py::array& token_array, int64_t pos, bool all_logits) {
@@ -279,6 +307,7 @@ public:
     }
 
     int64_t context_length() const { return engine_->context_length(); }
+    int64_t n_seq() const { return engine_->n_seq(); }
     int64_t vocab_size() const { return engine_->config().vocab_size; }
     int n_threads() const { return n_threads_; }
     std::string device() const { return engine_->device(); }
@@ -296,17 +325,25 @@ private:
 };
 
 // Registers PyModel as module.Engine(path, data_offset, tensors, linears, config,
-// context_length, n_threads=0, kv_cache="auto"); `threads` maps the n_threads argument to the count used.
+// context_length, n_threads=0, kv_cache="auto", n_seq=1); `threads` maps the n_threads argument to the count used.
 inline void register_engine_class(py::module_& m, std::function<int(int)> threads, PyModel::Factory make_engine) {
     py::class_<PyModel>(m, "Engine", py::module_local())  // both modules register it
         .def(py::init([threads, make_engine](const std::string& path, uint64_t data_offset, const py::dict& tensors,
                                              const py::dict& linears, const py::dict& config, int64_t context_length,
-                                             int n_threads, const std::string& kv_cache) {
+                                             int n_threads, const std::string& kv_cache, int64_t n_seq) {
                  return new PyModel(path, data_offset, tensors, linears, config, context_length, threads(n_threads),
-                                    kv_cache, make_engine);
+                                    kv_cache, n_seq, make_engine);
              }),
              py::arg("path"), py::arg("data_offset"), py::arg("tensors"), py::arg("linears"), py::arg("config"),
-             py::arg("context_length"), py::arg("n_threads") = 0, py::arg("kv_cache") = "auto")
+             py::arg("context_length"), py::arg("n_threads") = 0, py::arg("kv_cache") = "auto", py::arg("n_seq") = 1)
+        .def("forward_rows", &PyModel::forward_rows, py::arg("tokens"), py::arg("seq_ids"), py::arg("positions"),
+             py::arg("logit_rows"),
+             "Rows of several sequences in one step: row i is tokens[i] of sequence seq_ids[i] at positions[i] "
+             "(a sequence's rows consecutive, at consecutive positions); returns the logits of logit_rows "
+             "(ascending row indices): f32 [len(logit_rows), vocab].")
+        .def("copy_sequence", &PyModel::copy_sequence, py::arg("src"), py::arg("dst"), py::arg("n_positions"),
+             "Copies the cached keys/values of positions 0 .. n_positions - 1 of sequence src into dst.")
+        .def_property_readonly("n_seq", &PyModel::n_seq, "Sequences the KV cache holds.")
         .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("pos"), py::arg("all_logits") = false,
              "Runs tokens (int32 [n]) at positions pos.. and returns logits: f32 [n, vocab] or [vocab].")
         .def("observe_inputs", &PyModel::observe_inputs, py::arg("tokens"), py::arg("pos"), py::arg("callback"),

@@ -74,7 +74,10 @@ PYBIND11_MODULE(_cuda, m) {
         "Name and compute capability of the current device.");
 
     register_engine_class(m, [](int) { return 1; },
-                          [](const ModelDescription& d, int64_t context_length, int, const std::string& kv_cache) {
+                          [](const ModelDescription& d, int64_t context_length, int, const std::string& kv_cache,
+                             int64_t n_seq) {
+                              if (n_seq != 1)
+                                  bad("the CUDA engine holds one sequence (n_parallel=1); run batches on the CPU");
                               if (kv_cache != "auto" && kv_cache != "f32")
                                   bad("the CUDA engine keeps its KV cache in f32 (kv_cache='auto' or 'f32', not '" +
                                       kv_cache + "')");

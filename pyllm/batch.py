@@ -1,0 +1,169 @@
+"""Several prompts generated together: one engine step serves every active sequence.
+
+On a CPU, decoding is bound by reading the weights, so a step over 8 sequences' rows costs little
+more than a step over one (Engine.forward_rows multiplies all rows by each matrix in one pass). The
+engine's KV cache holds `n_parallel` sequences (slots, each with the full context: see
+docs/ARCHITECTURE.md); prompts beyond that run in later waves.
+
+Each prompt is generated exactly as it would be alone: its own sampler (seeded with the same seed),
+stop strings, end-of-sequence ids and limits. A prefix shared by every prompt of a wave (a system
+prompt) is computed once in slot 0 and copied to the others; its tokens count as cached_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder
+
+PREFILL_ROWS = 256  # prompt rows per engine step (cancel() is honoured between steps)
+
+
+@dataclass
+class _Sequence:
+    """One prompt's state while its wave runs."""
+
+    index: int  # position in the caller's list
+    slot: int  # KV-cache sequence
+    ids: list[int]  # prompt, then the generated tokens that were fed back
+    sampler: Sampler
+    decoder: StreamDecoder
+    limit: int  # tokens it may still generate
+    stats: object
+    held: str = ""  # text withheld: it may start a stop string
+    done: bool = False
+    generated: int = 0
+    last_token: int | None = None  # sampled, not yet run through the engine
+    pieces: list[str] = field(default_factory=list)
+
+
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the longest prefix every prompt shares, leaving each at least one token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(max(n, 0)):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return max(n, 0)
+
+
+def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
+              stop_ids: set[int], stats_factory, cancelled) -> Iterator[tuple[int, str]]:
+    """Generates every prompt (token ids); yields (prompt index, text piece) as pieces become final.
+
+    llm: a pyllm.LLM whose lock the caller holds. stats_factory(prompt_tokens) -> GenerationStats of
+    one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps)."""
+    from .llm import _find_stop, _partial_stop_len
+
+    engine = llm.engine
+    slots = engine.n_seq
+    for wave_start in range(0, len(prompts), slots):
+        wave = prompts[wave_start:wave_start + slots]
+        seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params), StreamDecoder(llm.tokenizer, list(p)),
+                          min(max_new_tokens, llm.context_length - len(p)), stats_factory(len(p)))
+                for i, p in enumerate(wave)]
+        start = time.perf_counter()
+        shared = common_prefix(wave) if len(wave) > 1 else 0
+        # slot 0's cache may already hold a prefix of it (an earlier call): reuse what matches
+        reuse = 0
+        for a, b in zip(llm._cached, wave[0][:shared]):
+            if a != b:
+                break
+            reuse += 1
+        _prefill(engine, [(0, wave[0][:shared], reuse)], cancelled)
+        for s in seqs[1:]:
+            engine.copy_sequence(0, s.slot, shared)
+        for s in seqs:
+            s.stats.cached_tokens = shared if s.slot > 0 else reuse
+        llm._cached = list(wave[0][:shared])
+        logits = _prefill(engine, [(s.slot, s.ids, shared) for s in seqs], cancelled)
+        if logits is None:
+            for s in seqs:
+                s.stats.finish_reason = "cancelled"
+            return
+        prefill_seconds = time.perf_counter() - start
+        decode_start = time.perf_counter()
+        rows = {s.slot: logits[i] for i, s in enumerate(seqs)}
+        for s in seqs:
+            s.stats.prefill_seconds = prefill_seconds
+            s.stats.finish_reason = "length"
+            if s.limit <= 0:
+                s.done = True
+        while True:
+            if cancelled():
+                for s in seqs:
+                    if not s.done:
+                        s.stats.finish_reason, s.done = "cancelled", True
+            active = [s for s in seqs if not s.done]
+            if not active:
+                break
+            for s in active:
+                token = s.sampler(rows[s.slot], s.ids)
+                s.generated += 1
+                s.stats.generated_tokens += 1
+                if s.generated == 1:
+                    s.stats.time_to_first_token = time.perf_counter() - start
+                if token in stop_ids:
+                    s.stats.finish_reason, s.done = "stop", True
+                    continue
+                s.held += s.decoder.push(token)
+                cut = _find_stop(s.held, stop)
+                if cut is not None:
+                    s.held, s.done = s.held[:cut], True
+                    s.stats.finish_reason = "stop"
+                    continue
+                safe = len(s.held) - _partial_stop_len(s.held, stop)
+                if safe > 0:
+                    yield s.index, s.held[:safe]
+                    s.held = s.held[safe:]
+                if s.generated >= s.limit:
+                    s.held += s.decoder.flush()
+                    s.done = True
+                else:
+                    s.last_token = token
+            running = [s for s in active if not s.done]
+            for s in seqs:
+                if s.done and s.held:
+                    yield s.index, s.held
+                    s.held = ""
+            if not running:
+                break
+            out = engine.forward_rows(np.array([s.last_token for s in running], dtype=np.int32),
+                                      np.array([s.slot for s in running], dtype=np.int32),
+                                      np.array([len(s.ids) for s in running], dtype=np.int32),
+                                      np.arange(len(running)))
+            for i, s in enumerate(running):
+                s.ids.append(s.last_token)
+                rows[s.slot] = out[i]
+        decode_seconds = time.perf_counter() - decode_start
+        for s in seqs:
+            s.stats.decode_seconds = decode_seconds
+        llm._cached = seqs[0].ids  # slot 0 is the single-sequence path's cache
+
+
+def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled) -> np.ndarray | None:
+    """Runs ids[start:] of each (slot, ids, start) in steps of PREFILL_ROWS rows; the logits f32
+    [len(parts), vocab] of each part's last row (None if cancelled, or if no part has rows)."""
+    tokens, seq_ids, positions, last_rows = [], [], [], []
+    for slot, ids, begin in parts:
+        tokens += ids[begin:]
+        seq_ids += [slot] * (len(ids) - begin)
+        positions += list(range(begin, len(ids)))
+        last_rows.append(len(tokens) - 1)
+    if not tokens:
+        return None
+    logits = []
+    for step in range(0, len(tokens), PREFILL_ROWS):
+        if cancelled():
+            return None
+        end = min(len(tokens), step + PREFILL_ROWS)
+        wanted = [r for r in last_rows if step <= r < end]
+        out = engine.forward_rows(np.array(tokens[step:end], dtype=np.int32), np.array(seq_ids[step:end], dtype=np.int32),
+                                  np.array(positions[step:end], dtype=np.int32), np.array(wanted, dtype=np.int64) - step)
+        logits.extend(out)
+    return np.array(logits) if len(logits) == len(parts) else None

@@ -1,0 +1,157 @@
+"""Several sequences in one engine step (issue: many users at once): the multi-sequence KV cache,
+Engine.forward_rows, LLM.generate / chat with a list of prompts, shared prefixes, logits_many.
+
+The reference is always the single-sequence path of the same file: batched greedy tokens must be
+the same tokens, f32 logits within 1e-5 relative."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+import pyllm  # noqa: E402
+from pyllm.convert import convert_checkpoint  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
+
+PROMPTS = ["Paris is the capital of", "def main():", "中文测试：今天", "The quick brown fox", "Emoji 😀",
+           "Berlin is", "café naïve", "print('hello"]
+
+
+@pytest.fixture(scope="module", params=["f32", "int8"])
+def model_file(request, tmp_path_factory):
+    base = make_tiny_llama(str(tmp_path_factory.mktemp("batch_base")), seed=11, max_position_embeddings=1024)
+    out = str(tmp_path_factory.mktemp("batch") / f"{request.param}.pllm")
+    convert_checkpoint(base, out, quant=request.param, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma_file(tmp_path_factory):
+    from families import make_tiny_model
+
+    base = make_tiny_model("gemma2", "softcap_window", str(tmp_path_factory.mktemp("batch_gemma")), seed=5)
+    out = str(tmp_path_factory.mktemp("batch_gemma_pllm") / "f32.pllm")
+    convert_checkpoint(base, out, quant="f32", progress=False)
+    return out
+
+
+def test_batched_greedy_equals_each_alone(model_file):
+    with pyllm.LLM(model_file, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=24, temperature=0) for p in PROMPTS]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=8) as llm:
+        assert llm.generate(PROMPTS, max_new_tokens=24, temperature=0) == expected
+        assert all(1 <= s.generated_tokens <= 24 and s.finish_reason in ("stop", "length")
+                   for s in llm.last_batch_stats)
+        # the single-prompt API keeps working beside it
+        assert llm.generate(PROMPTS[2], max_new_tokens=24, temperature=0) == expected[2]
+
+
+def test_batched_greedy_on_a_sliding_window_softcapped_family(gemma_file):
+    """Gemma 2 (windows shorter than the sequences, soft-capping): batched equals alone past the window."""
+    with pyllm.LLM(gemma_file, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=32, temperature=0) for p in PROMPTS[:4]]
+    with pyllm.LLM(gemma_file, n_threads=2, n_parallel=4) as llm:
+        assert llm.generate(PROMPTS[:4], max_new_tokens=32, temperature=0) == expected
+
+
+def test_more_prompts_than_slots_run_in_waves(model_file):
+    with pyllm.LLM(model_file, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=8, temperature=0) for p in PROMPTS]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=3) as llm:
+        assert llm.generate(PROMPTS, max_new_tokens=8, temperature=0) == expected
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model_file):
+    options = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=123)
+    with pyllm.LLM(model_file, n_threads=2) as alone:
+        expected = [alone.generate(p, **options) for p in PROMPTS[:5]]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=5) as llm:
+        assert llm.generate(PROMPTS[:5], **options) == expected
+
+
+def test_streamed_pieces_and_stop_strings(model_file):
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=4) as llm:
+        texts = llm.generate(PROMPTS[:4], max_new_tokens=20, temperature=0)
+        pieces = [""] * 4
+        for index, piece in llm.generate(PROMPTS[:4], max_new_tokens=20, temperature=0, stream=True):
+            pieces[index] += piece
+        assert pieces == texts
+        stop = texts[1][3:6] if len(texts[1]) > 6 else None
+        if stop:
+            cut = llm.generate(PROMPTS[:4], max_new_tokens=20, temperature=0, stop=[stop])
+            assert cut[1] == texts[1][:texts[1].find(stop)]
+            assert llm.last_batch_stats[1].finish_reason == "stop"
+
+
+def test_shared_system_prompt_is_computed_once(model_file):
+    """8 requests with the same 300-token prefix: the prefix runs once, in slot 0; the others copy it."""
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=8) as llm:
+        system = llm.tokenize("Paris is the capital of France. " * 60, add_special_tokens=False)[:300]
+        prompts = [system + llm.tokenize(p, add_special_tokens=False) for p in PROMPTS]
+        got = llm.generate(prompts, max_new_tokens=6, temperature=0)
+        stats = llm.last_batch_stats
+        assert [s.cached_tokens for s in stats[1:]] == [300] * 7
+        assert all(s.prefill_tokens == s.prompt_tokens - 300 for s in stats[1:])
+    with pyllm.LLM(model_file, n_threads=2) as alone:
+        assert got == [alone.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
+
+
+def test_chat_with_a_list_of_conversations(model_file):
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    with pyllm.LLM(model_file, n_threads=2) as alone:
+        expected = [alone.chat(c, max_new_tokens=10, temperature=0) for c in conversations]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=3) as llm:
+        assert llm.chat(conversations, max_new_tokens=10, temperature=0) == expected
+
+
+def test_forward_rows_logits_match_the_single_sequence_path(model_file):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 400, n).astype(np.int32) for n in (5, 17, 300, 9)]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=4) as llm:
+        single = [llm.logits(p) for p in prompts]
+        many = llm.logits_many(prompts)
+    for a, b in zip(many, single):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_forward_rows_and_copy_sequence_refuse_bad_rows(model_file):
+    with pyllm.LLM(model_file, n_threads=1, n_parallel=2, context_length=64) as llm:  # noqa: SIM117
+        e = llm.engine
+        one = np.array([5], np.int32)
+        with pytest.raises(IndexError, match="sequence 2"):
+            e.forward_rows(one, np.array([2], np.int32), np.array([0], np.int32), np.array([0]))
+        with pytest.raises(IndexError, match="position 64"):
+            e.forward_rows(one, np.array([0], np.int32), np.array([64], np.int32), np.array([0]))
+        with pytest.raises(ValueError, match="consecutive positions"):
+            e.forward_rows(np.array([5, 6], np.int32), np.array([0, 0], np.int32), np.array([0, 2], np.int32), np.array([1]))
+        with pytest.raises(ValueError, match="must be consecutive"):
+            e.forward_rows(np.array([5, 6, 7], np.int32), np.array([0, 1, 0], np.int32), np.array([0, 0, 1], np.int32),
+                           np.array([2]))
+        with pytest.raises(ValueError, match="ascending"):
+            e.forward_rows(np.array([5, 6], np.int32), np.array([0, 0], np.int32), np.array([0, 1], np.int32), np.array([1, 0]))
+        with pytest.raises(IndexError, match="copy_sequence"):
+            e.copy_sequence(0, 5, 3)
+        with pytest.raises(IndexError, match="copy_sequence"):
+            e.copy_sequence(0, 1, 65)
+    for bad in (0, -1, 10**6, 2.5, True):
+        with pytest.raises(ValueError, match="n_parallel"):
+            pyllm.LLM(model_file, n_parallel=bad)
+
+
+def test_kv_cache_size_overflow_is_refused(model_file):
+    with pytest.raises(ValueError, match="too large"):
+        pyllm.LLM(model_file, n_parallel=256, context_length=2**40)
+
+
+def test_perplexity_of_batched_windows_equals_one_at_a_time(model_file):
+    from pyllm.perplexity import perplexity
+
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=3) as llm:
+        tokens = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 80, add_special_tokens=False)
+        one = perplexity(llm.logits, tokens, ctx=64, windows=7)
+        many = perplexity(llm.logits, tokens, ctx=64, windows=7, logits_many=llm.logits_many, batch=3)
+    assert many.windows == one.windows == 7
+    np.testing.assert_allclose(many.window_nll, one.window_nll, rtol=1e-5)
