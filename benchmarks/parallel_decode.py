@@ -1,0 +1,88 @@
+"""Aggregate decode speed of several sequences sharing each engine step (Engine.forward_rows).
+
+    python benchmarks/parallel_decode.py [MODEL] [--parallel 1,2,4,8,16] [-p 128] [-n 64] [-r 3] [-t 2]
+
+For each N: N sequences each get a prefill of -p random tokens (one forward_rows call over all of
+them), then -n decode steps of one row per sequence. Reported: aggregate generated tokens/s
+(N * n / decode seconds), the ratio to N = 1, and the per-sequence step latency; median of -r
+repetitions, the values of every N measured in turn within each repetition (so machine noise
+spreads over all of them alike). The engine is called directly: no sampling, no Python
+generation loop (LLM.generate with a list adds those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, os.pardir))
+
+
+def decode_seconds(engine, n_seq: int, n_prompt: int, n_gen: int, rng: np.random.Generator, vocab: int) -> float:
+    """Seconds of n_gen decode steps over n_seq sequences after their prefill."""
+    prompt = rng.integers(0, vocab, n_seq * n_prompt).astype(np.int32)
+    seqs = np.repeat(np.arange(n_seq, dtype=np.int32), n_prompt)
+    positions = np.tile(np.arange(n_prompt, dtype=np.int32), n_seq)
+    engine.forward_rows(prompt, seqs, positions, np.arange(n_prompt - 1, n_seq * n_prompt, n_prompt))
+    ids = rng.integers(0, vocab, (n_gen, n_seq)).astype(np.int32)
+    all_rows = np.arange(n_seq)
+    start = time.perf_counter()
+    for step in range(n_gen):
+        engine.forward_rows(ids[step], all_rows.astype(np.int32),
+                            np.full(n_seq, n_prompt + step, dtype=np.int32), all_rows)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    from pyllm import LLM
+    from pyllm.bench import cpu_name
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    p.add_argument("--parallel", default="1,2,4,8,16", help="sequence counts (default 1,2,4,8,16)")
+    p.add_argument("-p", "--n-prompt", type=int, default=128)
+    p.add_argument("-n", "--n-gen", type=int, default=64)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    path = args.model
+    if path is None:
+        from pyllm.default_model import default_model_path
+
+        path = default_model_path()
+    counts = [int(c) for c in args.parallel.split(",")]
+    llm = LLM(path, n_threads=args.threads, context_length=args.n_prompt + args.n_gen, n_parallel=max(counts))
+    rng = np.random.default_rng(0)
+    vocab = llm.config.vocab_size
+    decode_seconds(llm.engine, max(counts), 16, 4, rng, vocab)  # warm-up
+    samples: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(args.repetitions):
+        for n in counts:
+            samples[n].append(n * args.n_gen / decode_seconds(llm.engine, n, args.n_prompt, args.n_gen, rng, vocab))
+    median = {n: statistics.median(v) for n, v in samples.items()}
+    result = {"model": os.path.abspath(path), "cpu": cpu_name(), "threads": llm.n_threads, "n_prompt": args.n_prompt,
+              "n_gen": args.n_gen, "repetitions": args.repetitions,
+              "aggregate_tokens_per_s": {str(n): v for n, v in samples.items()}}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{os.path.basename(path)}; {cpu_name()}, {llm.n_threads} threads; prefill {args.n_prompt}, "
+          f"{args.n_gen} decode steps, median of {args.repetitions}\n")
+    print("| sequences | aggregate tok/s | x one sequence | ms per step |")
+    print("|---|---|---|---|")
+    for n in counts:
+        print(f"| {n} | {median[n]:.1f} | {median[n] / median[counts[0]]:.2f} | "
+              f"{1000 * n / median[n]:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
