@@ -9,7 +9,8 @@ Run from the repository root on a machine with an NVIDIA GPU and a CUDA toolkit:
 Steps (each with its own time limit; a failing step is reported and the rest still run):
  1. build: CMake with -DPYLLM_CUDA=ON (sm_80 + sm_90) into build/gpu-check, the two modules
     copied next to the sources in pyllm/ (no pip, no network);
- 2. tests: python -m pytest tests/test_cuda.py (--sanitize: the kernel tests again under compute-sanitizer);
+ 2. tests: python -m pytest tests/test_cuda.py, the kernels and the LLaMA engine first, then the engine on
+    every family of tests/families.py (--sanitize: the kernel tests again under compute-sanitizer);
  3. ceilings: device-to-device copy bandwidth (bytes read + written) and the dense f16
     matmul rate of cuBLAS (through torch) on the prefill shapes below;
  4. for int4 and int8: a random-initialised model with Llama-2-7B shapes (hidden 4096,
@@ -257,14 +258,17 @@ def main() -> int:
     log(f"pyllm {pyllm.__version__} from {os.path.dirname(pyllm.__file__)}, device {report['device']}")
 
     if not args.skip_tests:
+        pytest = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"]
         left = args.budget - (time.monotonic() - START)
-        report["steps"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                        "tests/test_cuda.py"], timeout=max(30.0, min(240.0, left - 200)))
+        report["steps"]["tests"] = run(pytest + ["-k", "not family"], timeout=max(30.0, min(240.0, left - 200)))
         log(f"tests: {'passed' if report['steps']['tests'] else 'FAILED'}")
+        left = args.budget - (time.monotonic() - START)
+        report["steps"]["family_tests"] = run(pytest + ["-k", "family"], timeout=max(30.0, min(240.0, left - 150)))
+        log(f"family tests: {'passed' if report['steps']['family_tests'] else 'FAILED'}")
     if args.sanitize and shutil.which("compute-sanitizer"):
         report["steps"]["memcheck"] = run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                                            sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                           "tests/test_cuda.py", "-k", "not engine and not real_model"], timeout=240)
+                                           "tests/test_cuda.py", "-k", "not engine and not real_model and not family"], timeout=240)
         log(f"memcheck: {'clean' if report['steps']['memcheck'] else 'FAILED'}")
 
     cfg = dict(LLAMA2_7B, num_hidden_layers=args.layers)

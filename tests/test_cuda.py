@@ -1,5 +1,6 @@
 """CUDA backend tests: every pyllm._cuda kernel against its numpy reference
-(tests/reference.py), and the CUDA engine against the CPU engine.
+(tests/reference.py), and the CUDA engine against the CPU engine: tiny LLaMA
+models, and every family of tests/families.py (the block description of issue 13).
 
 Without the module (a CPU-only build) or without a GPU, every test that needs
 one is skipped; what can run anywhere (the build check, the error a missing GPU
@@ -27,6 +28,7 @@ import pyllm
 from pyllm import _core, quant
 
 from test_kernels import ref  # tests/reference.py, loaded by path there
+from families import CASES as FAMILY_CASES  # the tiny random model of every family (tests/families.py)
 
 try:
     from pyllm import _cuda
@@ -230,6 +232,80 @@ def test_kv_write_touches_exactly_its_rows():
         assert np.isnan(np.delete(cache, [4, 5, 6], axis=1)).all(), "rows outside the positions were written"
 
 
+@needs_gpu
+@pytest.mark.parametrize("M,D", [(1, 576), (5, 100), (3, 4096), (2, 1)])
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "layer_norm_add", "rms_norm_add"])
+def test_row_norm(kind, M, D):
+    """LayerNorm (bias) and RMSNorm (no bias), written or added to y0 (the post-norm residual add)."""
+    rng = np.random.default_rng([M, D, len(kind)])
+    x = (rng.standard_normal((M, D)) * 3 + 1).astype(np.float32)
+    weight = (1 + 0.5 * rng.standard_normal(D)).astype(np.float32)
+    bias = rng.standard_normal(D).astype(np.float32) if kind.startswith("layer") else None
+    y0 = rng.standard_normal((M, D)).astype(np.float32) if kind.endswith("add") else None
+    got = _cuda.row_norm(x, weight, bias, 1e-5, y0=y0)
+    expected = ref.layernorm_ref(x, weight, bias, 1e-5) if bias is not None else ref.rmsnorm_ref(x, weight, 1e-5)
+    if y0 is not None:
+        expected = expected + y0
+    assert_nmse(got, expected, F32_NMSE, kind)
+
+
+@needs_gpu
+@pytest.mark.parametrize("M,H,D", [(1, 4, 16), (5, 3, 128), (2, 2, 36)])
+def test_head_rmsnorm(M, H, D):
+    rng = np.random.default_rng([M, H, D])
+    x = (rng.standard_normal((M, H, D)) * 2).astype(np.float32)
+    weight = (1 + 0.5 * rng.standard_normal(D)).astype(np.float32)
+    assert_nmse(_cuda.head_rmsnorm(x, weight, 1e-6), ref.rmsnorm_ref(x, weight, 1e-6), F32_NMSE, "head_rmsnorm")
+
+
+@needs_gpu
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "gelu", "relu"])
+def test_ffn_activation(act, gated):
+    rng = np.random.default_rng([len(act), gated])
+    up = (3 * rng.standard_normal((7, 100))).astype(np.float32)
+    gate = (3 * rng.standard_normal((7, 100))).astype(np.float32) if gated else None
+    got = _cuda.ffn_activation(act, gate, up)
+    expected = ref.activation_ref(act, gate) * up if gated else ref.activation_ref(act, up)
+    assert_nmse(got, expected, F32_NMSE, f"{act} gated={gated}")
+    # and the CPU operator on the same input
+    assert_nmse(got, _core.ffn_activation(act, gate, up), F32_NMSE, f"{act} vs CPU")
+
+
+@needs_gpu
+def test_softcap():
+    x = np.linspace(-200, 200, 1001, dtype=np.float32)
+    assert_nmse(_cuda.softcap(x, 30.0), 30.0 * np.tanh(x.astype(np.float64) / 30.0), F32_NMSE, "softcap")
+
+
+@needs_gpu
+@pytest.mark.parametrize("with_table", [True, False], ids=["positions", "scale_only"])
+def test_embedding_finish(with_table):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 48)).astype(np.float32)
+    table = rng.standard_normal((20, 48)).astype(np.float32)
+    positions = np.array([3, 4, 5, 6], np.int32)
+    got = _cuda.embedding_finish(x, 8.0, table if with_table else None, positions)
+    expected = x.astype(np.float64) * 8.0 + (table[positions] if with_table else 0.0)
+    assert_nmse(got, expected, F32_NMSE, "embedding_finish")
+    if with_table:  # a position outside the table never reads past it
+        assert np.isnan(_cuda.embedding_finish(x, 1.0, table, np.array([3, 4, 5, 20], np.int32))[3]).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("M,H,D,R", [(1, 2, 16, 8), (5, 3, 32, 24), (4, 4, 64, 32), (3, 2, 128, 64)])
+def test_rope_partial(M, H, D, R):
+    """Partial rotary embedding: the first R dims turn, the rest pass through unchanged."""
+    rng = np.random.default_rng([M, H, D, R])
+    x = rng.standard_normal((M, H, D)).astype(np.float32)
+    positions = rng.integers(0, 50, M).astype(np.int32)  # small angles: their f32 rounding stays below 1e-9
+    out = _cuda.rope(x, positions, 10000.0, None, rotary_dim=R)
+    np.testing.assert_array_equal(out[:, :, R:], x[:, :, R:])
+    assert_nmse(out, _core.rope(x, positions, 10000.0, None, rotary_dim=R), F32_NMSE, "partial rope vs CPU")
+    inv_freq = ref.rope_inv_freq_ref(R, 10000.0).astype(np.float32)
+    assert_nmse(out, ref.rope_ref(x, positions, inv_freq), 1e-9, "partial rope")
+
+
 # =============================================================================
 # attention
 # =============================================================================
@@ -264,6 +340,39 @@ def test_attention(case, n_splits):
     out = _cuda.attention(q, k_cache, v_cache, pos0, scale, n_splits=n_splits)
     assert out.shape == (M, H, D)
     assert_nmse(out, ref.attention_ref(q, k_cache, v_cache, pos0, scale), F32_NMSE, f"attention {case}")
+
+
+# (window, softcap, alibi): a sliding window shorter than the cache, soft-capping, ALiBi, and all of them
+SHAPINGS = {"window": (24, 0.0, False), "softcap": (0, 5.0, False), "alibi": (0, 0.0, True),
+            "all": (40, 3.0, True), "window1": (1, 0.0, False)}
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_splits", [0, 1, 7], ids=["auto", "nosplit", "split7"])
+@pytest.mark.parametrize("shaping", list(SHAPINGS))
+@pytest.mark.parametrize("case", [(1, 4, 2, 64, 300, 299), (3, 4, 4, 32, 100, 70), (40, 6, 2, 16, 90, 30),
+                                  (2, 2, 1, 128, 2000, 1500)],
+                         ids=lambda c: "M{}-H{}-Hkv{}-D{}-S{}-p{}".format(*c))
+def test_attention_shaped(case, shaping, n_splits):
+    """Sliding window, soft-capping and ALiBi in the prefill kernel and the split decode path; cache rows
+    before every query's window hold NaN (a window must not read them) like the rows after the last query."""
+    M, H, Hkv, D, S, pos0 = case
+    window, softcap, use_alibi = SHAPINGS[shaping]
+    rng = np.random.default_rng(list(case) + [len(shaping)])
+    q = (2 * rng.standard_normal((M, H, D))).astype(np.float32)
+    k_cache = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    v_cache = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    k_cache[:, pos0 + M:] = np.nan
+    v_cache[:, pos0 + M:] = np.nan
+    if window > 0 and pos0 - window + 1 > 0:
+        k_cache[:, :pos0 - window + 1] = np.nan
+        v_cache[:, :pos0 - window + 1] = np.nan
+    alibi = ref.alibi_slopes_ref(H).astype(np.float32) if use_alibi else None
+    scale = 1.0 / np.sqrt(D)
+    out = _cuda.attention(q, k_cache, v_cache, pos0, scale, n_splits=n_splits, window=window, softcap=softcap,
+                          alibi=alibi)
+    expected = ref.attention_ref(q, k_cache, v_cache, pos0, scale, window=window, softcap=softcap, alibi=alibi)
+    assert_nmse(out, expected, F32_NMSE, f"attention {case} {shaping}")
 
 
 @needs_gpu
@@ -369,6 +478,79 @@ def test_engine_rejects_bad_input(tiny_llama_f32):
         llm.engine.forward(np.arange(17, dtype=np.int32), 0, False)
     with pytest.raises(IndexError, match="outside the vocabulary"):
         llm.engine.forward(np.array([10**6], np.int32), 0, False)
+
+
+# --- every family of tests/families.py ------------------------------------------------------------
+# The CUDA engine against the CPU engine on the same file (the CPU's KV cache in f32, like the GPU's).
+# Decode steps and short prefills take the GEMV path (f32 activations): f32 files within 1e-4 (max
+# error relative to the largest logit), other files within NMSE 1e-5. A long prefill takes the
+# tensor-core GEMM, which rounds activations to f16: there the bounds of ENGINE_TOLERANCES hold.
+FAMILY_QUANTS = {"f32": ("rel", 1e-4, 1e-2), "f16": ("nmse", 1e-5, 1e-4), "int8": ("nmse", 1e-5, 1e-4),
+                 "int4": ("nmse", 1e-5, 1e-4)}
+FAMILY_PROMPT = 48  # longer than every family case's sliding window (20-40)
+FAMILY_GREEDY = 32
+
+
+@pytest.fixture(scope="module", params=FAMILY_CASES, ids=[f"{f}-{c}" for f, c in FAMILY_CASES])
+def family_case(request, tmp_path_factory):
+    if not HAVE_GPU:
+        pytest.skip("no CUDA backend built or no CUDA device")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from families import make_tiny_model
+
+    family, name = request.param
+    directory = make_tiny_model(family, name, str(tmp_path_factory.mktemp(f"cuda_{family}_{name}")),
+                                seed=len(family) + len(name))
+    return {"name": f"{family}-{name}", "dir": directory, "out": tmp_path_factory.mktemp(f"cuda_{family}_{name}_pllm")}
+
+
+def _forward_in_gemv_rows(llm, ids, start, end):
+    """Runs ids[start:end] at their positions in pieces small enough for the GEMV path."""
+    step = _cuda.MAX_GEMV_ROWS
+    for i in range(start, end, step):
+        llm.engine.forward(np.array(ids[i:min(i + step, end)], np.int32), i, False)
+
+
+@needs_gpu
+@pytest.mark.parametrize("quant_name", list(FAMILY_QUANTS))
+def test_family_logits_match_cpu(family_case, quant_name):
+    from pyllm.convert import convert_checkpoint
+
+    kind, bound, prefill_bound = FAMILY_QUANTS[quant_name]
+    path = str(family_case["out"] / f"{quant_name}.pllm")
+    convert_checkpoint(family_case["dir"], path, quant=quant_name, group_size=32, progress=False)
+    ids = [int(i) for i in np.random.default_rng(4).integers(3, 400, FAMILY_PROMPT)]
+    cpu = pyllm.LLM(path, n_threads=2, kv_cache="f32")
+    gpu = pyllm.LLM(path, device="cuda")
+    expected = cpu.logits(ids)
+    what = f"{family_case['name']} {quant_name}"
+    # prefill: every position in one call (GEMM path)
+    _compare(kind, prefill_bound, gpu.logits(ids), expected, f"{what} prefill")
+    # short prefills (GEMV path with several rows): from position 0, and past the sliding windows, the
+    # cache in between filled by the same path (a GEMM prefill would leave f16-rounded keys behind)
+    _compare(kind, bound, gpu.engine.forward(np.array(ids[:5], np.int32), 0, True), expected[:5], f"{what} rows 0-4")
+    _forward_in_gemv_rows(gpu, ids, 5, 35)
+    _compare(kind, bound, gpu.engine.forward(np.array(ids[35:41], np.int32), 35, True), expected[35:41],
+             f"{what} rows 35-40")
+    # decode: one token at a time (GEMV, split attention, graph) up to the end of the prompt
+    for i in range(41, FAMILY_PROMPT):
+        step = gpu.engine.forward(np.array([ids[i]], np.int32), i, False)
+        _compare(kind, bound, step, expected[i], f"{what} decode step {i}")
+    cpu.close()
+    gpu.close()
+
+
+@needs_gpu
+def test_family_greedy_tokens_match_cpu(family_case):
+    from pyllm.convert import convert_checkpoint
+
+    path = str(family_case["out"] / "greedy-f32.pllm")
+    convert_checkpoint(family_case["dir"], path, quant="f32", progress=False)
+    prompt = [int(i) for i in np.random.default_rng(5).integers(3, 400, FAMILY_PROMPT)]
+    cpu = _greedy_ids(pyllm.LLM(path, n_threads=2), prompt, FAMILY_GREEDY)
+    gpu = _greedy_ids(pyllm.LLM(path, device="cuda"), prompt, FAMILY_GREEDY)
+    assert gpu == cpu
 
 
 def _real_model_path():

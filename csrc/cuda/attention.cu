@@ -4,6 +4,10 @@
 // f32 with expf). Lane j of a warp scores key j of the tile; the output
 // accumulates over the tile with the probabilities broadcast by shuffles.
 //
+// Shaped (a template flag, so the plain kernel is unchanged): a sliding window
+// (keys before a query's window are masked, and tiles before the first query's
+// window are skipped), the ALiBi term and soft-capping applied to each score.
+//
 // Decode splits the keys across blocks (n_splits pieces of split_len keys);
 // each piece writes its max, sum and unnormalised output, and a second kernel
 // merges them. The split is fixed by the cache length, not the position, so one
@@ -28,13 +32,14 @@ size_t attention_smem_bytes(int64_t D) {
     return sizeof(float) * (size_t)(kQueryTile * D + kKeyTile * (D + 4) + kKeyTile * D);
 }
 
-// DPL: head values per lane (D <= 32 * DPL).
-template <int DPL>
+// DPL: head values per lane (D <= 32 * DPL). Shaped: apply `shaping` (else it is ignored).
+template <int DPL, bool Shaped>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const float* __restrict__ q, int64_t ldq, const float* __restrict__ k_cache,
                      const float* __restrict__ v_cache, int M, int n_heads, int n_kv_heads, int D, int64_t cache_len,
                      const int32_t* __restrict__ positions, float scale, float* __restrict__ out, int64_t ldo,
-                     int n_splits, int split_len, float* __restrict__ partial_stats, float* __restrict__ partial_out) {
+                     int n_splits, int split_len, float* __restrict__ partial_stats, float* __restrict__ partial_out,
+                     AttentionShaping shaping) {
     extern __shared__ float4 smem4[];
     float* q_tile = reinterpret_cast<float*>(smem4);
     const int ldk = D + 4;
@@ -50,6 +55,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t n_keys = (int64_t)positions[m_last] + 1;  // keys the tile's last query sees
     const int64_t key_begin = (int64_t)split * split_len;
     const int64_t key_end = n_splits == 1 ? n_keys : min(n_keys, key_begin + split_len);
+    int64_t key_first = key_begin;  // the first key any query of the tile may see
+    if (Shaped && shaping.window > 0)  // the tile's first query has the lowest position
+        key_first = max(key_begin, (int64_t)positions[m0] - shaping.window + 1);
+    float alibi_slope = 0.0f, softcap_inverse = 0.0f;
+    if (Shaped) {
+        if (shaping.alibi != nullptr) alibi_slope = shaping.alibi[h];
+        if (shaping.softcap > 0.0f) softcap_inverse = 1.0f / shaping.softcap;
+    }
 
     for (int i = tid; i < kQueryTile * D; i += blockDim.x) {
         const int r = i / D, d = i % D;
@@ -68,7 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         for (int d = 0; d < DPL; ++d) acc[s][d] = 0.0f;
     }
 
-    for (int64_t t0 = key_begin; t0 < key_end; t0 += kKeyTile) {
+    for (int64_t t0 = key_first; t0 < key_end; t0 += kKeyTile) {
         __syncthreads();  // q_tile written / previous tile consumed
         const int D4 = D / 4;
         for (int i = tid; i < kKeyTile * D4; i += blockDim.x) {
@@ -97,10 +110,18 @@ __global__ void __launch_bounds__(kWarps * 32)
                 score[s] = fmaf(qq.x, kk.x, fmaf(qq.y, kk.y, fmaf(qq.z, kk.z, fmaf(qq.w, kk.w, score[s]))));
             }
         }
+        if (Shaped) {
+#pragma unroll
+            for (int s = 0; s < kQueriesPerWarp; ++s) {
+                if (shaping.alibi != nullptr) score[s] += alibi_slope * (float)(t - query_pos[s]);
+                if (shaping.softcap > 0.0f) score[s] = shaping.softcap * tanhf(score[s] * softcap_inverse);
+            }
+        }
         float prob[kQueriesPerWarp];
 #pragma unroll
         for (int s = 0; s < kQueriesPerWarp; ++s) {
-            const bool visible = t < key_end && t <= query_pos[s];
+            bool visible = t < key_end && t <= query_pos[s];
+            if (Shaped && shaping.window > 0) visible = visible && t > query_pos[s] - shaping.window;
             float tile_max = visible ? score[s] : -INFINITY;
 #pragma unroll
             for (int offset = 16; offset > 0; offset >>= 1)
@@ -175,15 +196,21 @@ __global__ void merge_splits_kernel(const float* __restrict__ partial_stats, con
 
 // Raises the kernel's dynamic shared-memory limit when D needs more than the
 // default 48 KB (D > 128); done once per kernel, outside any graph capture.
-template <int DPL>
-void allow_attention_smem(int64_t D) {
+template <int DPL, bool Shaped>
+void allow_attention_smem_for(int64_t D) {
     static size_t allowed = 48 * 1024;
     const size_t smem = attention_smem_bytes(D);
     if (smem > allowed) {
-        PYLLM_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int)smem));
+        PYLLM_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel<DPL, Shaped>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         allowed = smem;
     }
+}
+
+template <int DPL>
+void allow_attention_smem(int64_t D) {
+    allow_attention_smem_for<DPL, false>(D);
+    allow_attention_smem_for<DPL, true>(D);
 }
 
 // Calls f(std::integral_constant<int, DPL>) with the head values per lane D needs.
@@ -199,13 +226,18 @@ template <int DPL>
 void launch_attention(const float* q, int64_t ldq, const float* k_cache, const float* v_cache, int64_t M,
                       int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, const int32_t* positions,
                       float scale, float* out, int64_t ldo, AttentionSplit split, float* stats, float* partial,
-                      cudaStream_t stream) {
+                      const AttentionShaping& shaping, cudaStream_t stream) {
     allow_attention_smem<DPL>(D);
     const size_t smem = attention_smem_bytes(D);
     const dim3 grid((unsigned)((M + kQueryTile - 1) / kQueryTile), (unsigned)n_heads, (unsigned)split.n_splits);
-    attention_kernel<DPL><<<grid, kWarps * 32, smem, stream>>>(q, ldq, k_cache, v_cache, (int)M, (int)n_heads,
-                                                               (int)n_kv_heads, (int)D, cache_len, positions, scale,
-                                                               out, ldo, split.n_splits, split.split_len, stats, partial);
+    if (shaping.any())
+        attention_kernel<DPL, true><<<grid, kWarps * 32, smem, stream>>>(
+            q, ldq, k_cache, v_cache, (int)M, (int)n_heads, (int)n_kv_heads, (int)D, cache_len, positions, scale, out,
+            ldo, split.n_splits, split.split_len, stats, partial, shaping);
+    else
+        attention_kernel<DPL, false><<<grid, kWarps * 32, smem, stream>>>(
+            q, ldq, k_cache, v_cache, (int)M, (int)n_heads, (int)n_kv_heads, (int)D, cache_len, positions, scale, out,
+            ldo, split.n_splits, split.split_len, stats, partial, shaping);
     PYLLM_CUDA_CHECK_LAUNCH("attention");
 }
 
@@ -229,8 +261,11 @@ AttentionSplit decode_split(int64_t n_heads, int64_t cache_len) {
 
 void attention(const float* q, int64_t ldq, const float* k_cache, const float* v_cache, int64_t M, int64_t n_heads,
                int64_t n_kv_heads, int64_t D, int64_t cache_len, const int32_t* positions, float scale, float* out,
-               int64_t ldo, AttentionSplit split, AttentionWorkspace& ws, cudaStream_t stream) {
+               int64_t ldo, AttentionSplit split, AttentionWorkspace& ws, cudaStream_t stream,
+               const AttentionShaping& shaping) {
     if (M <= 0) return;
+    if (shaping.window < 0 || !(shaping.softcap >= 0.0f))
+        throw std::invalid_argument("attention: window and softcap must be >= 0");
     if (D % 4 != 0 || D > kMaxAttentionHeadDim)
         throw std::invalid_argument("CUDA attention needs head_dim a multiple of 4 and at most 256, got " +
                                     std::to_string(D));
@@ -248,7 +283,7 @@ void attention(const float* q, int64_t ldq, const float* k_cache, const float* v
     }
     dispatch_head_dim(D, [&](auto dpl) {
         launch_attention<decltype(dpl)::value>(q, ldq, k_cache, v_cache, M, n_heads, n_kv_heads, D, cache_len,
-                                               positions, scale, out, ldo, split, stats, partial, stream);
+                                               positions, scale, out, ldo, split, stats, partial, shaping, stream);
     });
     if (split.n_splits > 1) {
         merge_splits_kernel<<<(unsigned)(M * n_heads), (unsigned)((D + 31) / 32 * 32), 0, stream>>>(

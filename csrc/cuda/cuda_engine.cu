@@ -1,4 +1,8 @@
-// The CUDA engine: the whole decoder stack issued from C++ on one stream.
+// The CUDA engine: the whole decoder stack issued from C++ on one stream, for
+// the block the model file describes (ModelConfig; the CPU engine's run_batch
+// is the reference order of operations). Every choice the description makes is
+// taken here on the host, at load or when enqueueing; the kernels see at most a
+// uniform flag, so the LLaMA block runs the same kernels as before.
 // Activations are f32; the KV cache is f32 [layers, kv_heads, n_ctx, head_dim]
 // for keys and for values. Single-token steps replay a CUDA graph captured on
 // the first one (positions and token ids live in device memory, and the
@@ -27,29 +31,6 @@ int cuda_device_count() {
 }
 
 namespace {
-
-// The CUDA kernels implement the LLaMA block (RMSNorm, full RoPE, gated SiLU, plain causal attention);
-// other block descriptions are refused by name rather than run wrongly.
-void refuse_unsupported_blocks(const ModelConfig& c) {
-    std::vector<std::string> missing;
-    if (c.norm != NormType::RmsNorm) missing.push_back("LayerNorm");
-    if (c.embedding_norm) missing.push_back("embedding norm");
-    if (c.embedding_scale != 1.0) missing.push_back("embedding scale");
-    if (c.positions != PositionType::Rope) missing.push_back(c.positions == PositionType::Alibi ? "ALiBi" : "learned positions");
-    if (c.rope_dims() != c.head_dim) missing.push_back("partial rotary embedding");
-    if (c.qk_norm) missing.push_back("q/k norms");
-    if (c.post_norms) missing.push_back("post-attention/post-FFN norms");
-    if (c.ffn != FfnType::Gated || c.activation != Activation::Silu) missing.push_back("feed-forward other than gated SiLU");
-    if (c.attention_scale > 0.0) missing.push_back("query_pre_attn_scalar");
-    if (c.attn_logit_softcapping > 0.0 || c.final_logit_softcapping > 0.0) missing.push_back("logit soft-capping");
-    for (int64_t w : c.sliding_window)
-        if (w > 0) { missing.push_back("sliding-window attention"); break; }
-    if (missing.empty()) return;
-    std::string list;
-    for (const std::string& m : missing) list += (list.empty() ? "" : ", ") + m;
-    throw std::invalid_argument("the CUDA engine does not implement this model's " + list + " yet; run it with device='cpu'");
-}
-
 
 using namespace cuda;
 
@@ -86,12 +67,21 @@ DeviceBuffer upload_floats(const float* host, int64_t n) {
     return b;
 }
 
+// A norm's parameters: weight f32 [hidden], and bias f32 [hidden] for LayerNorm (empty for RMSNorm).
+struct Norm {
+    DeviceBuffer weight, bias;
+};
+
 struct Layer {
-    DeviceBuffer attn_norm, ffn_norm;  // f32 [hidden]
+    Norm attn_norm, ffn_norm;          // before attention, before the FFN
+    Norm attn_post_norm, ffn_post_norm;  // of the attention and FFN outputs (post_norms)
+    DeviceBuffer q_norm, k_norm;       // f32 [head_dim] (qk_norm)
     StackedLinear qkv;                 // -> [M, q_dim + 2 kv_dim]: q | k | v
     StackedLinear o;                   // -> [M, hidden]
-    StackedLinear gate_up;             // -> [M, 2 ffn]: gate | up
+    StackedLinear gate_up;             // -> [M, 2 ffn]: gate | up (gated FFN), or [M, ffn]: up (plain)
     StackedLinear down;                // -> [M, hidden]
+    const float* inv_freq = nullptr;   // this layer's RoPE table (rope_theta_local on sliding layers)
+    AttentionShaping shaping;          // window, soft-capping, ALiBi slopes
 };
 
 class CudaEngine final : public Engine {
@@ -100,9 +90,11 @@ public:
                int64_t context_length)
         : cfg_(cfg), n_ctx_(context_length) {
         cfg_.validate();
-        refuse_unsupported_blocks(cfg_);
         if (n_ctx_ <= 0) throw std::invalid_argument("context length must be positive");
         if (n_ctx_ > INT32_MAX) throw std::invalid_argument("context length too large");
+        if (cfg_.positions == PositionType::Learned && n_ctx_ > cfg_.max_positions)
+            throw std::invalid_argument("context length " + std::to_string(n_ctx_) + " exceeds the model's " +
+                                        std::to_string(cfg_.max_positions) + " learned positions");
         if (cfg_.head_dim % 4 != 0 || cfg_.head_dim > kMaxAttentionHeadDim)
             throw std::invalid_argument("the CUDA engine needs head_dim a multiple of 4 and at most 256, got " +
                                         std::to_string(cfg_.head_dim));
@@ -131,31 +123,85 @@ private:
     static constexpr int64_t kMaxBatch = 512;
     int64_t max_batch() const override { return kMaxBatch; }
 
+    Norm upload_norm(const TensorTable& t, const std::string& name) const {
+        const int64_t D = cfg_.hidden_size;
+        Norm n;
+        n.weight = upload_floats(bind_vector(t, name + ".weight", D), D);
+        if (cfg_.norm == NormType::LayerNorm) n.bias = upload_floats(bind_vector(t, name + ".bias", D), D);
+        return n;
+    }
+
+    // y = the model's norm of x (x and y: f32 [M, hidden], distinct), or x (in place) when y is x.
+    void norm(const Norm& n, const float* x, int64_t M, float* y, cudaStream_t s) const {
+        const int64_t D = cfg_.hidden_size;
+        const float eps = (float)cfg_.norm_eps;
+        if (cfg_.norm == NormType::RmsNorm && x != y) rmsnorm(x, n.weight.as<float>(), M, D, eps, y, s);
+        else row_norm(x, n.weight.as<float>(), n.bias.as<float>(), M, D, eps, y, false, s);
+    }
+
+    // x += the model's norm of h (a post-norm before the residual add).   h, x: f32 [M, hidden]
+    void norm_add(const Norm& n, const float* h, int64_t M, float* x, cudaStream_t s) const {
+        row_norm(h, n.weight.as<float>(), n.bias.as<float>(), M, cfg_.hidden_size, (float)cfg_.norm_eps, x, true, s);
+    }
+
     void load(const TensorTable& t, const std::map<std::string, LinearSpec>& specs) {
-        const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size;
-        const int64_t q_dim = cfg_.n_heads * cfg_.head_dim, kv_dim = cfg_.n_kv_heads * cfg_.head_dim;
+        const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+        const int64_t q_dim = cfg_.n_heads * hd, kv_dim = cfg_.n_kv_heads * hd;
+        const bool gated = cfg_.ffn == FfnType::Gated;
         const WeightView embed = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
         embed_ = upload_weights({embed});
+        if (cfg_.positions == PositionType::Learned) {  // only the rows the context reaches
+            const float* table = reinterpret_cast<const float*>(
+                t.get("model.embed_positions.weight", DType::F32, {cfg_.max_positions, D}).data);
+            position_table_ = upload_floats(table, n_ctx_ * D);
+        }
+        if (cfg_.embedding_norm) embed_norm_ = upload_norm(t, "model.embed_norm");
+        if (cfg_.positions == PositionType::Rope) {
+            const std::vector<float> inv_freq = rope_inv_freq(cfg_.rope_dims(), cfg_.rope_theta, cfg_.rope_scaling);
+            inv_freq_ = upload_floats(inv_freq.data(), (int64_t)inv_freq.size());
+            if (cfg_.rope_theta_local > 0.0) {
+                const std::vector<float> local = rope_inv_freq(cfg_.rope_dims(), cfg_.rope_theta_local, {});
+                inv_freq_local_ = upload_floats(local.data(), (int64_t)local.size());
+            }
+        }
+        if (cfg_.positions == PositionType::Alibi) {
+            const std::vector<float> slopes = alibi_slopes(cfg_.n_heads);
+            alibi_ = upload_floats(slopes.data(), (int64_t)slopes.size());
+        }
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const std::string p = "model.layers." + std::to_string(l) + ".";
             Layer layer;
-            layer.attn_norm = upload_floats(bind_vector(t, p + "input_layernorm.weight", D), D);
-            layer.ffn_norm = upload_floats(bind_vector(t, p + "post_attention_layernorm.weight", D), D);
+            layer.attn_norm = upload_norm(t, p + "input_layernorm");
+            layer.ffn_norm = upload_norm(t, p + "post_attention_layernorm");
+            if (cfg_.post_norms) {
+                layer.attn_post_norm = upload_norm(t, p + "attn_post_norm");
+                layer.ffn_post_norm = upload_norm(t, p + "ffn_post_norm");
+            }
+            if (cfg_.qk_norm) {
+                layer.q_norm = upload_floats(bind_vector(t, p + "self_attn.q_norm.weight", hd), hd);
+                layer.k_norm = upload_floats(bind_vector(t, p + "self_attn.k_norm.weight", hd), hd);
+            }
+            // stacked where the layouts allow; biases (any of them) travel with their rows
             layer.qkv = stack_linears({bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D),
                                        bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D),
                                        bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D)});
             layer.o = stack_linears({bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim)});
-            layer.gate_up = stack_linears({bind_linear(t, specs, p + "mlp.gate_proj", F, D),
-                                           bind_linear(t, specs, p + "mlp.up_proj", F, D)});
+            const WeightView up = bind_linear(t, specs, p + "mlp.up_proj", F, D);
+            layer.gate_up = gated ? stack_linears({bind_linear(t, specs, p + "mlp.gate_proj", F, D), up})
+                                  : stack_linears({up});
             layer.down = stack_linears({bind_linear(t, specs, p + "mlp.down_proj", D, F)});
+            const int64_t window = cfg_.window(l);
+            const bool local_rope = window > 0 && cfg_.rope_theta_local > 0.0;
+            layer.inv_freq = local_rope ? inv_freq_local_.as<float>() : inv_freq_.as<float>();
+            layer.shaping.window = window;
+            layer.shaping.softcap = (float)cfg_.attn_logit_softcapping;
+            layer.shaping.alibi = alibi_.as<float>();
             layers_.push_back(std::move(layer));
         }
-        final_norm_ = upload_floats(bind_vector(t, "model.norm.weight", D), D);
+        final_norm_ = upload_norm(t, "model.norm");
         if (!cfg_.tie_word_embeddings)
             lm_head_own_ = upload_weights({bind_linear(t, specs, "lm_head", cfg_.vocab_size, D)});
         lm_head_ = cfg_.tie_word_embeddings ? &embed_ : &lm_head_own_;
-        const std::vector<float> inv_freq = rope_inv_freq(cfg_.head_dim, cfg_.rope_theta, cfg_.rope_scaling);
-        inv_freq_ = upload_floats(inv_freq.data(), (int64_t)inv_freq.size());
 
         const size_t cache_floats = (size_t)(cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim);
         k_cache_.resize(cache_floats * sizeof(float));
@@ -168,7 +214,7 @@ private:
         h_.resize((size_t)(B * D) * sizeof(float));
         qkv_.resize((size_t)(B * qkv_dim) * sizeof(float));
         attn_.resize((size_t)(B * q_dim) * sizeof(float));
-        gate_up_.resize((size_t)(B * 2 * F) * sizeof(float));
+        gate_up_.resize((size_t)(B * (gated ? 2 : 1) * F) * sizeof(float));
         act_.resize((size_t)(B * F) * sizeof(float));
         logits_.resize((size_t)cfg_.vocab_size * sizeof(float));
         ids_.resize((size_t)(2 * B) * sizeof(int32_t));  // token ids, then positions
@@ -190,7 +236,10 @@ private:
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, q_dim = H * hd, kv_dim = Hkv * hd;
         const int64_t qkv_dim = q_dim + 2 * kv_dim;
-        const float eps = (float)cfg_.norm_eps, scale = 1.0f / std::sqrt((float)hd);
+        const float eps = (float)cfg_.norm_eps;
+        const float scale = cfg_.attention_scale > 0.0 ? (float)cfg_.attention_scale : 1.0f / std::sqrt((float)hd);
+        const bool gated = cfg_.ffn == FfnType::Gated;
+        const int64_t gate_up_dim = (gated ? 2 : 1) * F, rope_dims = cfg_.rope_dims();
         const int32_t* ids = ids_.as<int32_t>();
         const int32_t* positions = ids + kMaxBatch;
         float *x = x_.as<float>(), *h = h_.as<float>(), *qkv = qkv_.as<float>();
@@ -198,27 +247,47 @@ private:
         cudaStream_t s = stream_;
 
         embedding(embed_, ids, M, x, s);
+        if (cfg_.embedding_scale != 1.0 || position_table_.bytes() > 0)
+            embedding_finish(x, M, D, (float)cfg_.embedding_scale, position_table_.as<float>(), n_ctx_, positions, s);
+        if (cfg_.embedding_norm) norm(embed_norm_, x, M, x, s);
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             const Layer& layer = layers_[(size_t)l];
             float* k_layer = k_cache_.as<float>() + l * Hkv * n_ctx_ * hd;
             float* v_layer = v_cache_.as<float>() + l * Hkv * n_ctx_ * hd;
-            rmsnorm(x, layer.attn_norm.as<float>(), M, D, eps, h, s);
+            norm(layer.attn_norm, x, M, h, s);
             layer.qkv.run(h, M, qkv, qkv_dim, false, mm_ws_, s);
-            rope(qkv, qkv_dim, M, H + Hkv, hd, positions, inv_freq_.as<float>(), s);  // q heads, then k heads
+            if (cfg_.qk_norm) {
+                head_rmsnorm(qkv, qkv_dim, M, H, hd, layer.q_norm.as<float>(), eps, s);
+                head_rmsnorm(qkv + q_dim, qkv_dim, M, Hkv, hd, layer.k_norm.as<float>(), eps, s);
+            }
+            if (layer.inv_freq != nullptr)  // q heads, then k heads
+                rope(qkv, qkv_dim, M, H + Hkv, hd, rope_dims, positions, layer.inv_freq, s);
             kv_write(qkv + q_dim, qkv + q_dim + kv_dim, qkv_dim, M, Hkv, hd, positions, k_layer, v_layer, n_ctx_, s);
             attention(qkv, qkv_dim, k_layer, v_layer, M, H, Hkv, hd, n_ctx_, positions, scale, attn_.as<float>(), q_dim,
-                      split, attn_ws_, s);
-            layer.o.run(attn_.as<float>(), M, x, D, true, mm_ws_, s);
-            rmsnorm(x, layer.ffn_norm.as<float>(), M, D, eps, h, s);
-            layer.gate_up.run(h, M, gate_up_.as<float>(), 2 * F, false, mm_ws_, s);
-            swiglu(gate_up_.as<float>(), M, F, act_.as<float>(), s);
-            layer.down.run(act_.as<float>(), M, x, D, true, mm_ws_, s);
+                      split, attn_ws_, s, layer.shaping);
+            if (cfg_.post_norms) {
+                layer.o.run(attn_.as<float>(), M, h, D, false, mm_ws_, s);
+                norm_add(layer.attn_post_norm, h, M, x, s);
+            } else {
+                layer.o.run(attn_.as<float>(), M, x, D, true, mm_ws_, s);
+            }
+            norm(layer.ffn_norm, x, M, h, s);
+            layer.gate_up.run(h, M, gate_up_.as<float>(), gate_up_dim, false, mm_ws_, s);
+            ffn_activation(cfg_.activation, gated, gate_up_.as<float>(), M, F, act_.as<float>(), s);
+            if (cfg_.post_norms) {
+                layer.down.run(act_.as<float>(), M, h, D, false, mm_ws_, s);
+                norm_add(layer.ffn_post_norm, h, M, x, s);
+            } else {
+                layer.down.run(act_.as<float>(), M, x, D, true, mm_ws_, s);
+            }
         }
         if (logits_out == nullptr) return;
         const int64_t rows = all_logits ? M : 1;
         const float* last = all_logits ? x : x + (M - 1) * D;
-        rmsnorm(last, final_norm_.as<float>(), rows, D, eps, h, s);
+        norm(final_norm_, last, rows, h, s);
         linear(*lm_head_, h, rows, logits_out, cfg_.vocab_size, false, mm_ws_, s);
+        if (cfg_.final_logit_softcapping > 0.0)
+            softcap(logits_out, rows * cfg_.vocab_size, (float)cfg_.final_logit_softcapping, s);
     }
 
     void run_batch(const int32_t* tokens, int64_t M, int64_t pos0, float* logits, bool all_logits) override {
@@ -281,7 +350,10 @@ private:
     DeviceWeight embed_, lm_head_own_;
     const DeviceWeight* lm_head_ = nullptr;
     std::vector<Layer> layers_;
-    DeviceBuffer final_norm_, inv_freq_;
+    Norm embed_norm_, final_norm_;     // (embedding_norm), before lm_head
+    DeviceBuffer inv_freq_, inv_freq_local_;  // f32 [rotary_dim / 2] (RoPE; local: sliding layers' theta)
+    DeviceBuffer alibi_;              // f32 [heads] (ALiBi)
+    DeviceBuffer position_table_;     // f32 [context_length, hidden] (learned positions)
     DeviceBuffer k_cache_, v_cache_;  // f32 [layers, kv_heads, n_ctx, head_dim]
     DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, logits_, all_logits_;
     DeviceBuffer ids_;              // int32 [2, kMaxBatch]: token ids, positions

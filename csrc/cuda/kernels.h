@@ -1,4 +1,5 @@
-// The CUDA operators a LLaMA decoder is made of, as host functions that
+// The CUDA operators the decoder blocks are made of (the block description,
+// csrc/engine/engine.h's ModelConfig), as host functions that
 // enqueue kernels on a stream. All pointers are device pointers; activations
 // are f32, row-major, with the row strides given (ld*, in elements).
 //
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "../core/weights.h"
+#include "../kernels/cpu/ops.h"  // Activation
 #include "device.h"
 
 namespace pyllm {
@@ -67,15 +69,42 @@ void embedding(const DeviceWeight& w, const int32_t* ids, int64_t M, float* out,
 // y = x / sqrt(mean(x^2) + eps) * weight.   x, y: f32 [M, D]   weight: f32 [D]
 void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y, cudaStream_t stream);
 
+// RMSNorm when bias is null, else LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias.
+// y = norm(x), or y += norm(x) when accumulate (a post-norm added to the residual).
+//   x, y: f32 [M, D] (may be the same rows unless accumulate)   weight, bias: f32 [D]
+void row_norm(const float* x, const float* weight, const float* bias, int64_t M, int64_t D, float eps, float* y,
+              bool accumulate, cudaStream_t stream);
+
+// RMSNorm of every head in place, over its D values, with one weight for all heads (q/k norms).
+//   x: f32 [M, ldx] holding n_heads heads of D values from column 0   weight: f32 [D]
+void head_rmsnorm(float* x, int64_t ldx, int64_t M, int64_t n_heads, int64_t D, const float* weight, float eps,
+                  cudaStream_t stream);
+
+// The embeddings times scale, plus the learned position rows table[positions[m]] when table is
+// given (rows outside the table give NaN; the engine checks positions first).
+//   x: f32 [M, D] in place   table: f32 [table_rows, D] or null   positions: int32 [M]
+void embedding_finish(float* x, int64_t M, int64_t D, float scale, const float* table, int64_t table_rows,
+                      const int32_t* positions, cudaStream_t stream);
+
 // out = silu(gate) * up, with gate and up the two halves of each row of gate_up.
 //   gate_up: f32 [M, 2F]   out: f32 [M, F]
 void swiglu(const float* gate_up, int64_t M, int64_t F, float* out, cudaStream_t stream);
 
-// Rotate-half RoPE in place: the pair (i, i + D/2) of every head of row m turns
-// by positions[m] * inv_freq[i] (angle and its cosine in f32, like the CPU op).
+// The feed-forward activation (same f32 formulas as the CPU's ffn_activation): gated,
+// out = act(gate) * up with in = gate | up f32 [M, 2F] (gated SiLU is swiglu); plain,
+// out = act(in) with in f32 [M, F].   out: f32 [M, F]
+void ffn_activation(Activation act, bool gated, const float* in, int64_t M, int64_t F, float* out,
+                    cudaStream_t stream);
+
+// x = cap * tanh(x / cap) in place (logit soft-capping).   x: f32 [n]   cap > 0
+void softcap(float* x, int64_t n, float cap, cudaStream_t stream);
+
+// Rotate-half RoPE in place over the first rotary_dim dims of each head: the pair
+// (i, i + rotary_dim/2) of every head of row m turns by positions[m] * inv_freq[i]
+// (angle and its cosine in f32, like the CPU op); dims from rotary_dim on pass through.
 //   x: f32 [M, ldx] holding n_heads heads of D values from column 0
-//   positions: int32 [M]   inv_freq: f32 [D / 2]
-void rope(float* x, int64_t ldx, int64_t M, int64_t n_heads, int64_t D, const int32_t* positions,
+//   positions: int32 [M]   inv_freq: f32 [rotary_dim / 2]   rotary_dim: even, 2..D
+void rope(float* x, int64_t ldx, int64_t M, int64_t n_heads, int64_t D, int64_t rotary_dim, const int32_t* positions,
           const float* inv_freq, cudaStream_t stream);
 
 // Stores the keys and values of M new rows at cache rows positions[m].
@@ -100,14 +129,25 @@ struct AttentionSplit {
 // position up to cache_len (fixed, so that one captured graph serves every step).
 AttentionSplit decode_split(int64_t n_heads, int64_t cache_len);
 
+// What an attention call adds to plain causal softmax attention (all off by default; the
+// CPU's AttentionOptions, with the slopes in device memory).
+struct AttentionShaping {
+    int64_t window = 0;            // > 0: query at position p sees keys p - window + 1 .. p
+    float softcap = 0.0f;          // > 0: scores = softcap * tanh(scores / softcap)
+    const float* alibi = nullptr;  // device f32 [n_heads]: scores += slope_h * (key position - query position)
+    bool any() const { return window > 0 || softcap > 0.0f || alibi != nullptr; }
+};
+
 // Causal attention of M queries at positions[m] (consecutive) over a cache
 // already holding their keys and values; query head h reads kv head
-// h / (n_heads / n_kv_heads). D must be a multiple of 4, at most 256.
+// h / (n_heads / n_kv_heads). Scores are (q * scale).k, then the ALiBi term,
+// then soft-capping (the CPU's order). D must be a multiple of 4, at most 256.
 //   q: f32 [M, ldq] (n_heads heads of D values from column 0)
 //   k_cache, v_cache: f32 [n_kv_heads, cache_len, D]   out: f32 [M, ldo]
 void attention(const float* q, int64_t ldq, const float* k_cache, const float* v_cache, int64_t M, int64_t n_heads,
                int64_t n_kv_heads, int64_t D, int64_t cache_len, const int32_t* positions, float scale, float* out,
-               int64_t ldo, AttentionSplit split, AttentionWorkspace& ws, cudaStream_t stream);
+               int64_t ldo, AttentionSplit split, AttentionWorkspace& ws, cudaStream_t stream,
+               const AttentionShaping& shaping = {});
 constexpr int64_t kMaxAttentionHeadDim = 256;
 // Sets up attention for head size D ahead of time (before a graph capture).
 void prepare_attention(int64_t D);

@@ -165,9 +165,7 @@ PYBIND11_MODULE(_core, m) {
         "ffn_activation",
         [](const std::string& name, const py::object& gate_obj, const F32Array& up, int n_threads) {
             // gate (or None), up: f32 [...] of one shape -> act(gate) * up, or act(up)
-            const std::map<std::string, Activation> acts{{"silu", Activation::Silu}, {"gelu_pytorch_tanh", Activation::GeluTanh},
-                                                         {"gelu", Activation::Gelu}, {"relu", Activation::Relu}};
-            if (!acts.count(name)) bad("unknown activation '" + name + "' (silu, gelu_pytorch_tanh, gelu, relu)");
+            const Activation act = parse_activation(name);
             F32Array gate;
             if (!gate_obj.is_none()) {
                 gate = gate_obj.cast<F32Array>();
@@ -179,7 +177,6 @@ PYBIND11_MODULE(_core, m) {
             const float* u = up.data();
             float* o = out.mutable_data();
             const int64_t n = up.size();
-            const Activation act = acts.at(name);
             KernelPool& kp = kernel_pool(resolve_threads(n_threads));
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(kp.mutex);

@@ -106,6 +106,17 @@ inline WeightView weight_view(const std::string& format, const py::array& data, 
     return w;
 }
 
+// The feed-forward activations by transformers' hidden_act names, in Activation's order.
+constexpr std::initializer_list<const char*> kActivationNames = {"silu", "gelu_pytorch_tanh", "gelu", "relu"};
+inline Activation parse_activation(const std::string& name) {
+    int32_t i = 0;
+    for (const char* known : kActivationNames) {
+        if (name == known) return (Activation)i;
+        ++i;
+    }
+    bad("unknown activation '" + name + "' (silu, gelu_pytorch_tanh, gelu, relu)");
+}
+
 inline RopeScaling parse_rope_scaling(const py::object& obj) {
     RopeScaling s;
     if (obj.is_none()) return s;
@@ -207,7 +218,7 @@ inline ModelDescription parse_model(const std::string& path, uint64_t data_offse
         cfg.qk_norm = get_int("qk_norm") != 0;
         cfg.post_norms = get_int("post_norms") != 0;
         cfg.ffn = (FfnType)get_choice("ffn_type", {"gated", "plain"});
-        cfg.activation = (Activation)get_choice("hidden_act", {"silu", "gelu_pytorch_tanh", "gelu", "relu"});
+        cfg.activation = (Activation)get_choice("hidden_act", kActivationNames);
         cfg.attention_scale = get_double("attention_scale");
         cfg.attn_logit_softcapping = get_double("attn_logit_softcapping");
         cfg.final_logit_softcapping = get_double("final_logit_softcapping");

@@ -61,6 +61,7 @@ PYBIND11_MODULE(_cuda, m) {
     register_exception_translator();
 
     m.def("device_count", &cuda_device_count, "Number of usable CUDA devices (0 without driver or GPU).");
+    m.attr("MAX_GEMV_ROWS") = cuda::kMaxGemvRows;  // batches of up to this many rows take the GEMV path
     m.def(
         "device_name",
         [] {
@@ -168,21 +169,127 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("gate"), py::arg("up"));
 
     m.def(
+        "row_norm",
+        [](const F32Array& x, const F32Array& weight, const py::object& bias_obj, float eps, const py::object& y0_obj) {
+            // x: f32 [M, D], weight (bias or None): f32 [D] -> LayerNorm (bias given) or RMSNorm of x,
+            // plus y0 f32 [M, D] when given (the accumulate path)
+            if (x.ndim() != 2) bad("x must be 2-D");
+            const int64_t M = x.shape(0), D = x.shape(1);
+            expect_shape(weight, {D}, "weight");
+            F32Array bias, y0;
+            if (!bias_obj.is_none()) {
+                bias = bias_obj.cast<F32Array>();
+                expect_shape(bias, {D}, "bias");
+            }
+            if (!y0_obj.is_none()) {
+                y0 = y0_obj.cast<F32Array>();
+                expect_shape(y0, {M, D}, "y0");
+            }
+            require_device();
+            DeviceBuffer dx = to_device(x.data(), x.size()), dw = to_device(weight.data(), D), db;
+            if (!bias_obj.is_none()) db = to_device(bias.data(), D);
+            DeviceBuffer dy = y0_obj.is_none() ? poisoned(M * D) : to_device(y0.data(), M * D);
+            cuda::row_norm(dx.as<float>(), dw.as<float>(), db.as<float>(), M, D, eps, dy.as<float>(),
+                           !y0_obj.is_none(), nullptr);
+            return to_host(dy, {M, D});
+        },
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y0") = py::none());
+
+    m.def(
+        "head_rmsnorm",
+        [](const F32Array& x, const F32Array& weight, float eps) {
+            // x: f32 [M, heads, D], weight: f32 [D] -> every head RMS-normalised
+            if (x.ndim() != 3) bad("x must be [M, heads, head_dim]");
+            const int64_t M = x.shape(0), H = x.shape(1), D = x.shape(2);
+            expect_shape(weight, {D}, "weight");
+            require_device();
+            DeviceBuffer dx = to_device(x.data(), x.size()), dw = to_device(weight.data(), D);
+            cuda::head_rmsnorm(dx.as<float>(), H * D, M, H, D, dw.as<float>(), eps, nullptr);
+            return to_host(dx, {M, H, D});
+        },
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
+
+    m.def(
+        "ffn_activation",
+        [](const std::string& name, const py::object& gate_obj, const F32Array& up) {
+            // gate (or None), up: f32 [M, F] -> act(gate) * up (the engine's gate | up rows), or act(up)
+            const Activation act = parse_activation(name);
+            if (up.ndim() != 2) bad("up must be 2-D");
+            const int64_t M = up.shape(0), F = up.shape(1);
+            const bool gated = !gate_obj.is_none();
+            std::vector<float> in((size_t)((gated ? 2 : 1) * M * F));
+            if (gated) {
+                const F32Array gate = gate_obj.cast<F32Array>();
+                expect_shape(gate, {M, F}, "gate");
+                for (int64_t r = 0; r < M; ++r) {
+                    std::copy_n(gate.data() + r * F, F, in.begin() + 2 * r * F);
+                    std::copy_n(up.data() + r * F, F, in.begin() + 2 * r * F + F);
+                }
+            } else {
+                std::copy_n(up.data(), M * F, in.begin());
+            }
+            require_device();
+            DeviceBuffer din = to_device(in.data(), (int64_t)in.size()), out = poisoned(M * F);
+            cuda::ffn_activation(act, gated, din.as<float>(), M, F, out.as<float>(), nullptr);
+            return to_host(out, {M, F});
+        },
+        py::arg("activation"), py::arg("gate"), py::arg("up"));
+
+    m.def(
+        "softcap",
+        [](const F32Array& x, float cap) {
+            // x: f32 [n] -> cap * tanh(x / cap)
+            if (x.ndim() != 1) bad("x must be 1-D");
+            if (!(cap > 0.0f)) bad("cap must be positive");
+            require_device();
+            DeviceBuffer dx = to_device(x.data(), x.size());
+            cuda::softcap(dx.as<float>(), x.size(), cap, nullptr);
+            return to_host(dx, {x.shape(0)});
+        },
+        py::arg("x"), py::arg("cap"));
+
+    m.def(
+        "embedding_finish",
+        [](const F32Array& x, float scale, const py::object& table_obj, const py::array& position_array) {
+            // x: f32 [M, D] -> x * scale (+ table[positions[m]], table f32 [rows, D])
+            if (x.ndim() != 2) bad("x must be 2-D");
+            const int64_t M = x.shape(0), D = x.shape(1);
+            const I32Array positions = int32_values(position_array, "positions");
+            expect_shape(positions, {M}, "positions");
+            F32Array table;
+            int64_t rows = 0;
+            if (!table_obj.is_none()) {
+                table = table_obj.cast<F32Array>();
+                if (table.ndim() != 2 || table.shape(1) != D) bad("table must be [rows, D]");
+                rows = table.shape(0);
+            }
+            require_device();
+            DeviceBuffer dx = to_device(x.data(), x.size()), dpos = to_device(positions.data(), M), dt;
+            if (rows > 0) dt = to_device(table.data(), table.size());
+            cuda::embedding_finish(dx.as<float>(), M, D, scale, dt.as<float>(), rows, dpos.as<int32_t>(), nullptr);
+            return to_host(dx, {M, D});
+        },
+        py::arg("x"), py::arg("scale"), py::arg("table"), py::arg("positions"));
+
+    m.def(
         "rope",
-        [](const F32Array& x, const py::array& position_array, double theta, const py::object& scaling) {
-            // x: f32 [M, heads, D], positions: int [M] -> rotated copy of x
+        [](const F32Array& x, const py::array& position_array, double theta, const py::object& scaling,
+           int64_t rotary_dim) {
+            // x: f32 [M, heads, D], positions: int [M] -> rotated copy of x (first rotary_dim dims; 0: all)
             const I32Array positions = int32_values(position_array, "positions");
             if (x.ndim() != 3) bad("x must be [M, heads, head_dim]");
             expect_shape(positions, {x.shape(0)}, "positions");
-            const int64_t M = x.shape(0), H = x.shape(1), D = x.shape(2);
-            const std::vector<float> inv_freq = rope_inv_freq(D, theta, parse_rope_scaling(scaling));
+            const int64_t M = x.shape(0), H = x.shape(1), D = x.shape(2), R = rotary_dim > 0 ? rotary_dim : D;
+            if (R > D || R % 2 != 0) bad("rotary_dim must be even and at most head_dim");
+            const std::vector<float> inv_freq = rope_inv_freq(R, theta, parse_rope_scaling(scaling));
             require_device();
             DeviceBuffer dx = to_device(x.data(), x.size()), dpos = to_device(positions.data(), M),
                          dfreq = to_device(inv_freq.data(), (int64_t)inv_freq.size());
-            cuda::rope(dx.as<float>(), H * D, M, H, D, dpos.as<int32_t>(), dfreq.as<float>(), nullptr);
+            cuda::rope(dx.as<float>(), H * D, M, H, D, R, dpos.as<int32_t>(), dfreq.as<float>(), nullptr);
             return to_host(dx, {M, H, D});
         },
-        py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("scaling") = py::none());
+        py::arg("x"), py::arg("positions"), py::arg("theta"), py::arg("scaling") = py::none(),
+        py::arg("rotary_dim") = 0);
 
     m.def(
         "kv_write",
@@ -208,11 +315,17 @@ PYBIND11_MODULE(_cuda, m) {
     m.def(
         "attention",
         [](const F32Array& q, const F32Array& k_cache, const F32Array& v_cache, int64_t pos0, float scale,
-           int n_splits) {
+           int n_splits, int64_t window, float softcap, const py::object& alibi) {
             // q: f32 [M, H, D], k_cache/v_cache: f32 [Hkv, S, D]; query m sits at position pos0 + m.
             // n_splits: 0 = the engine's choice for this row count, 1 = no split, > 1 = that many pieces
             const auto [M, H, D, Hkv, S] = attention_shape(q, k_cache, v_cache, pos0);
             if (n_splits < 0) bad("n_splits must be >= 0");
+            if (window < 0 || !(softcap >= 0.0f)) bad("window and softcap must be >= 0");
+            F32Array slopes;
+            if (!alibi.is_none()) {
+                slopes = alibi.cast<F32Array>();
+                expect_shape(slopes, {H}, "alibi");
+            }
             require_device();
             cuda::AttentionSplit split;
             if (n_splits == 0 && M <= cuda::kMaxGemvRows) split = cuda::decode_split(H, S);
@@ -226,12 +339,19 @@ PYBIND11_MODULE(_cuda, m) {
             for (int64_t m = 0; m < M; ++m) positions[(size_t)m] = (int32_t)(pos0 + m);
             DeviceBuffer dq = to_device(q.data(), q.size()), dk = to_device(k_cache.data(), k_cache.size()),
                          dv = to_device(v_cache.data(), v_cache.size()), dpos = to_device(positions.data(), M);
-            DeviceBuffer out = poisoned(M * H * D);
+            DeviceBuffer out = poisoned(M * H * D), dslopes;
+            cuda::AttentionShaping shaping;
+            shaping.window = window;
+            shaping.softcap = softcap;
+            if (!alibi.is_none()) {
+                dslopes = to_device(slopes.data(), H);
+                shaping.alibi = dslopes.as<float>();
+            }
             cuda::AttentionWorkspace ws;
             cuda::attention(dq.as<float>(), H * D, dk.as<float>(), dv.as<float>(), M, H, Hkv, D, S,
-                            dpos.as<int32_t>(), scale, out.as<float>(), H * D, split, ws, nullptr);
+                            dpos.as<int32_t>(), scale, out.as<float>(), H * D, split, ws, nullptr, shaping);
             return to_host(out, {M, H, D});
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
-        py::arg("n_splits") = 0);
+        py::arg("n_splits") = 0, py::arg("window") = 0, py::arg("softcap") = 0.0f, py::arg("alibi") = py::none());
 }
