@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -39,6 +40,7 @@ def cmd_convert(args) -> int:
 
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
                                 progress=not args.quiet, lora=args.lora or (),
+                                adapters=[_named_adapter(a) for a in args.adapter],
                                 options=options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive,
                                                             args.bits))
     if args.verbose:
@@ -46,6 +48,12 @@ def cmd_convert(args) -> int:
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
     return 0
+
+
+def _named_adapter(text: str) -> tuple[str | None, str]:
+    """--adapter NAME=DIR or DIR -> (name or None, directory)."""
+    name, sep, directory = text.partition("=")
+    return (name, directory) if sep and name and not os.path.exists(text) else (None, text)
 
 
 def cmd_train(args) -> int:
@@ -179,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="ADAPTER",
                    help="PEFT LoRA adapter directory merged into the weights in float32 before quantizing "
                         "(repeat to stack adapters, applied in order)")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]DIR", default=[],
+                   help="PEFT prompt-tuning, P-tuning or prefix-tuning adapter stored in the file under NAME "
+                        "(default: the directory's name); repeat for several tasks on one base. Select one with "
+                        "`pyllm run --adapter NAME`, LLM(adapter=NAME) or the model 'BASE:NAME' in pyllm serve")
     p.set_defaults(func=cmd_convert)
 
     from .train import add_arguments as add_train_arguments

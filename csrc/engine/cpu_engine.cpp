@@ -92,7 +92,7 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
 }
 
 void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
-                          const int64_t* logit_rows, int64_t n_logits, float* logits) {
+                          const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds) {
     const int64_t n_ctx = context_length(), vocab = config().vocab_size, sequences = n_seq();
     if (n <= 0) throw std::invalid_argument("forward_rows needs at least one row");
     if (n_logits < 0 || n_logits > n) throw std::invalid_argument("more logit rows than rows");
@@ -100,7 +100,7 @@ void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const i
     std::vector<char> seen((size_t)sequences, 0);
     for (int64_t i = 0; i < n; ++i) {
         const int64_t seq = seq_ids[i], pos = positions[i];
-        if (tokens[i] < 0 || tokens[i] >= vocab)
+        if (embeds == nullptr && (tokens[i] < 0 || tokens[i] >= vocab))
             throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
                                     std::to_string(vocab));
         if (seq < 0 || seq >= sequences)
@@ -140,8 +140,20 @@ void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const i
         const int64_t first_logit = next_logit;
         while (next_logit < n_logits && logit_rows[next_logit] < end) step_logit_rows.push_back(logit_rows[next_logit++] - begin);
         run_spans(tokens + begin, end - begin, step_spans.data(), (int64_t)step_spans.size(), step_logit_rows.data(),
-                  (int64_t)step_logit_rows.size(), logits + first_logit * vocab);
+                  (int64_t)step_logit_rows.size(), logits + first_logit * vocab,
+                  embeds ? embeds + begin * config().hidden_size : nullptr);
     }
+}
+
+void Engine::set_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values) {
+    if (seq < 0 || seq >= n_seq())
+        throw std::out_of_range("set_cache: sequence " + std::to_string(seq) + " is not one of the cache's " +
+                                std::to_string(n_seq()));
+    if (n <= 0 || pos0 < 0 || pos0 > context_length() - n)
+        throw std::out_of_range("set_cache: positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + n - 1) +
+                                " exceed the context length " + std::to_string(context_length()));
+    std::lock_guard<std::mutex> lock(forward_mutex_);
+    write_cache(seq, pos0, n, keys, values);
 }
 
 void Engine::copy_sequence(int64_t src, int64_t dst, int64_t n_positions) {
@@ -353,7 +365,32 @@ private:
         logit_rows_.clear();
         if (logits != nullptr)
             for (int64_t m = all_logits ? 0 : M - 1; m < M; ++m) logit_rows_.push_back(m);
-        run_spans(tokens, M, &span, 1, logit_rows_.data(), (int64_t)logit_rows_.size(), logits);
+        run_spans(tokens, M, &span, 1, logit_rows_.data(), (int64_t)logit_rows_.size(), logits, nullptr);
+    }
+
+    void write_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values) override {
+        const int64_t hd = cfg_.head_dim, Hkv = cfg_.n_kv_heads;
+        std::vector<float> k_rows((size_t)(n * Hkv * hd)), v_rows(k_rows.size());  // [n, kv_heads * head_dim]
+        std::vector<uint16_t> k16(kv_type_ == KvType::F16 ? k_rows.size() : 0), v16(k16.size());
+        for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+            for (int64_t h = 0; h < Hkv; ++h)
+                for (int64_t t = 0; t < n; ++t)
+                    for (int64_t i = 0; i < hd; ++i) {
+                        const int64_t from = ((l * Hkv + h) * n + t) * hd + i;
+                        k_rows[(size_t)((t * Hkv + h) * hd + i)] = keys[from];
+                        v_rows[(size_t)((t * Hkv + h) * hd + i)] = values[from];
+                    }
+            if (kv_type_ == KvType::F16) {
+                const CpuKernels& kernels = active_kernels();
+                kernels.round_to_f16(k_rows.data(), (int64_t)k_rows.size(), k16.data());
+                kernels.round_to_f16(v_rows.data(), (int64_t)v_rows.size(), v16.data());
+                write_kv(reinterpret_cast<uint16_t*>(k_layer(seq, l)), reinterpret_cast<uint16_t*>(v_layer(seq, l)),
+                         k16.data(), v16.data(), n, pos0);
+            } else {
+                write_kv(reinterpret_cast<float*>(k_layer(seq, l)), reinterpret_cast<float*>(v_layer(seq, l)),
+                         k_rows.data(), v_rows.data(), n, pos0);
+            }
+        }
     }
 
     // This sequence's cache of layer l (keys transposed [kv_heads, head_dim, n_ctx], values [kv_heads, n_ctx, head_dim]).
@@ -374,7 +411,7 @@ private:
     }
 
     void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans, const int64_t* logit_rows,
-                   int64_t n_logits, float* logits) override {
+                   int64_t n_logits, float* logits, const float* embeds) override {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd, rope_dims = cfg_.rope_dims();
         const float eps = (float)cfg_.norm_eps;
@@ -391,11 +428,15 @@ private:
 
         using S = StageClock;
         clock_.time(S::kEmbed, [&] {
-            embedding(embed_, tokens, M, x);
-            if (release_embedding_) release_file_pages(embed_);
-            if (cfg_.embedding_scale != 1.0) {
-                const float scale = (float)cfg_.embedding_scale;
-                for (int64_t i = 0; i < M * D; ++i) x[i] *= scale;
+            if (embeds != nullptr) {  // transformers' inputs_embeds: the embedding scale is already in them
+                std::memcpy(x, embeds, (size_t)(M * D) * sizeof(float));
+            } else {
+                embedding(embed_, tokens, M, x);
+                if (release_embedding_) release_file_pages(embed_);
+                if (cfg_.embedding_scale != 1.0) {
+                    const float scale = (float)cfg_.embedding_scale;
+                    for (int64_t i = 0; i < M * D; ++i) x[i] *= scale;
+                }
             }
             if (position_table_ != nullptr)
                 for (int64_t m = 0; m < M; ++m)

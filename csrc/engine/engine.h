@@ -100,8 +100,16 @@ public:
     // Writes the logits of rows logit_rows (ascending).
     //   tokens, seq_ids, positions: int32 [n]   logit_rows: int64 [n_logits]   logits: f32 [n_logits, vocab]
     // Checks everything first (std::invalid_argument / std::out_of_range); thread-safe like forward().
+    // With embeds given, row i's input is embeds[i] instead of the embedding of tokens[i] (prompt tuning's
+    // virtual tokens): transformers' inputs_embeds, so the embedding scale (Gemma's, inside its embedding
+    // module) is not applied again; learned positions and the embedding norm are.
+    //   embeds: f32 [n, hidden] or null
     void forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
-                      const int64_t* logit_rows, int64_t n_logits, float* logits);
+                      const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds = nullptr);
+    // Writes keys and values straight into sequence seq's cache at positions pos0 .. pos0 + n - 1 of every
+    // layer (prefix tuning: a learned prefix is the first positions of the cache; keys as given, no RoPE).
+    //   keys, values: f32 [layers, kv_heads, n, head_dim]
+    void set_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values);
     // Copies the keys and values of positions 0 .. n_positions - 1 of sequence src into sequence dst
     // (a prefix computed once and shared).
     void copy_sequence(int64_t src, int64_t dst, int64_t n_positions);
@@ -122,14 +130,19 @@ protected:
     };
     // One step of forward_rows(), checked, serialised and cut to at most max_batch() rows by it.
     //   logit_rows: int64 [n_logits], indices into this step's rows   logits: f32 [n_logits, vocab]
+    //   embeds: f32 [M, hidden] (the rows' inputs) or null
     virtual void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans,
-                           const int64_t* logit_rows, int64_t n_logits, float* logits) {
-        (void)tokens, (void)M, (void)spans, (void)n_spans, (void)logit_rows, (void)n_logits, (void)logits;
+                           const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds) {
+        (void)tokens, (void)M, (void)spans, (void)n_spans, (void)logit_rows, (void)n_logits, (void)logits, (void)embeds;
         throw std::invalid_argument(std::string("the ") + device() + " engine runs one sequence at a time");
     }
     virtual void copy_cache(int64_t src, int64_t dst, int64_t n_positions) {
         (void)src, (void)dst, (void)n_positions;
         throw std::invalid_argument(std::string("the ") + device() + " engine runs one sequence at a time");
+    }
+    virtual void write_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values) {
+        (void)seq, (void)pos0, (void)n, (void)keys, (void)values;
+        throw std::invalid_argument(std::string("the ") + device() + " engine does not take cache contents");
     }
     // One batch of forward(), checked and serialised by it: M <= max_batch() tokens at
     // positions pos0 .. pos0 + M - 1.

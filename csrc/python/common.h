@@ -275,6 +275,33 @@ public:
         engine_->copy_sequence(src, dst, n_positions);
     }
 
+    // Rows whose inputs are embeddings (prompt tuning's virtual tokens) at positions pos0.. of seq; no logits.
+    void forward_embeddings(const F32Array& embeds, int64_t seq, int64_t pos0) {
+        const int64_t hidden = engine_->config().hidden_size;
+        if (embeds.ndim() != 2 || embeds.shape(1) != hidden || embeds.shape(0) == 0)
+            bad("embeds must be f32 [n, " + std::to_string(hidden) + "] with n > 0");
+        const int64_t n = embeds.shape(0);
+        if (pos0 < 0 || pos0 > INT32_MAX - n) bad("positions out of range");
+        std::vector<int32_t> tokens((size_t)n, 0), seqs((size_t)n, (int32_t)seq), positions((size_t)n);
+        if (seq < 0 || seq > INT32_MAX) bad("sequence out of range");
+        for (int64_t i = 0; i < n; ++i) positions[(size_t)i] = (int32_t)(pos0 + i);
+        const float* e = embeds.data();
+        py::gil_scoped_release release;
+        engine_->forward_rows(tokens.data(), seqs.data(), positions.data(), n, nullptr, 0, nullptr, e);
+    }
+
+    // keys, values: f32 [layers, kv_heads, n, head_dim] written at positions pos0.. of seq (prefix tuning).
+    void set_cache(int64_t seq, int64_t pos0, const F32Array& keys, const F32Array& values) {
+        const ModelConfig& c = engine_->config();
+        if (keys.ndim() != 4) bad("keys must be f32 [layers, kv_heads, n, head_dim]");
+        const int64_t n = keys.shape(2);
+        expect_shape(keys, {c.n_layers, c.n_kv_heads, n, c.head_dim}, "keys");
+        expect_shape(values, {c.n_layers, c.n_kv_heads, n, c.head_dim}, "values");
+        const float *k = keys.data(), *v = values.data();
+        py::gil_scoped_release release;
+        engine_->set_cache(seq, pos0, n, k, v);
+    }
+
     py::array_t<float> forward(const py::array& token_array, int64_t pos, bool all_logits) {
         const I32Array tokens = int32_values(token_array, "tokens");
         if (tokens.ndim() != 1) bad("tokens must be 1-D");
@@ -355,6 +382,12 @@ inline void register_engine_class(py::module_& m, std::function<int(int)> thread
         .def("copy_sequence", &PyModel::copy_sequence, py::arg("src"), py::arg("dst"), py::arg("n_positions"),
              "Copies the cached keys/values of positions 0 .. n_positions - 1 of sequence src into dst.")
         .def_property_readonly("n_seq", &PyModel::n_seq, "Sequences the KV cache holds.")
+        .def("forward_embeddings", &PyModel::forward_embeddings, py::arg("embeds"), py::arg("seq"), py::arg("pos0"),
+             "Runs rows whose inputs are the given embeddings (f32 [n, hidden]) at positions pos0.. of sequence seq, "
+             "storing their keys and values (prompt tuning's virtual tokens); no logits.")
+        .def("set_cache", &PyModel::set_cache, py::arg("seq"), py::arg("pos0"), py::arg("keys"), py::arg("values"),
+             "Writes keys and values (f32 [layers, kv_heads, n, head_dim]) into sequence seq's cache at positions "
+             "pos0.. (prefix tuning's learned prefix).")
         .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("pos"), py::arg("all_logits") = false,
              "Runs tokens (int32 [n]) at positions pos.. and returns logits: f32 [n, vocab] or [vocab].")
         .def("observe_inputs", &PyModel::observe_inputs, py::arg("tokens"), py::arg("pos"), py::arg("callback"),

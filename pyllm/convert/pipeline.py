@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import __version__
+from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization_nmse, quantize
@@ -108,8 +109,8 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
 
 
 def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int = 32, progress: bool = True,
-                       log=sys.stderr, lora: list[str] | tuple = (), options: QuantOptions | None = None
-                       ) -> ConversionReport:
+                       log=sys.stderr, lora: list[str] | tuple = (), options: QuantOptions | None = None,
+                       adapters: list | tuple = ()) -> ConversionReport:
     """Converts a Hugging Face directory of a family in pyllm.arch, or a llama GGUF file, into a .pllm file
     (written atomically).
 
@@ -117,7 +118,9 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
     (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
     a per-tensor choice of layout).
-    lora: PEFT adapter directories merged into the weights in float32, in order, before quantizing."""
+    lora: PEFT adapter directories merged into the weights in float32, in order, before quantizing.
+    adapters: PEFT prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) stored beside the
+    weights under a name each, as (name or None, directory) pairs (pyllm/adapters.py)."""
     fmt, group = resolve_quant(quant, group_size)
     source = open_source(src)
     if lora:
@@ -139,10 +142,13 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
+        adapter_metadata = _prompt_adapters(adapters, config, source, plans)
         metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
                                    "quant": quant or "source", "group_size": group,
                                    **({"lora": [os.path.abspath(d) for d in lora]} if lora else {})})
+        if adapter_metadata:
+            metadata[ADAPTERS_METADATA_KEY] = json.dumps(adapter_metadata)
         bar = _progress(len(plans), progress, log)
         report.file_size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
         bar.close()
@@ -151,6 +157,21 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     return report
+
+
+def _prompt_adapters(adapters, config: ModelConfig, source, plans: list) -> dict:
+    """Reads the prompt-learning adapters (name or None, directory), appends their tensors to plans and
+    returns their metadata entry (empty without adapters)."""
+    from ..adapters import planned_tensors, read_peft_adapter
+
+    if not adapters:
+        return {}
+    base_name = getattr(source, "source", source)
+    base_name = (getattr(base_name, "hf_config", {}) or {}).get("_name_or_path") or src_name(source)
+    read = [read_peft_adapter(directory, config, name, base_name) for name, directory in adapters]
+    metadata, tensors = planned_tensors(read)
+    plans += tensors
+    return metadata
 
 
 def write_float_model(source, config: ModelConfig, output: str, progress: bool = False, log=sys.stderr) -> int:

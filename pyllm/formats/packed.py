@@ -323,6 +323,9 @@ class PackedModel:
             self.linears[base] = (fmt, group)
         self.chat_template: str = meta.get("pyllm.chat_template", "")
         self._check_tensors()
+        from ..adapters import load_from_file  # the adapters module imports this one
+
+        self.adapters = load_from_file(meta, self.file.tensors, self.file.array, self.config, self.path)
 
     def _check_tensors(self) -> None:
         """Every tensor the engine will use exists with the dtype and shape its format implies."""
@@ -360,7 +363,7 @@ class PackedModel:
     def engine_tensors(self) -> dict[str, tuple[str, list[int], int, int]]:
         """The tensor table the C++ engine re-checks: name -> (dtype, shape, begin, end)."""
         return {n: (i.dtype, list(i.shape), i.begin, i.end) for n, i in self.file.tensors.items()
-                if not n.startswith("__pad__") and n not in TOKENIZER_BLOBS}
+                if not n.startswith(("__pad__", "adapter.")) and n not in TOKENIZER_BLOBS}
 
     def engine_config(self) -> dict:
         return self.config.engine_config()

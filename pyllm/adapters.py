@@ -1,0 +1,194 @@
+"""Prompt-learning adapters (PEFT prompt tuning, P-tuning, prefix tuning) stored in a .pllm file and
+run by the engine without touching the base weights: many tasks on one copy of the model.
+
+What PEFT saves (adapter_model.safetensors, `prompt_embeddings`) is what its forward uses at
+inference: for P-tuning (MLP or LSTM encoder) and projected prefixes, the encoder's output, computed
+when the adapter was saved (peft's get_prompt_embedding_to_save). So no encoder runs here.
+
+  prompt tuning, P-tuning   prompt_embeddings [virtual, hidden]: input embeddings of `virtual`
+                            positions 0..virtual-1, before the real tokens (PEFT concatenates them to
+                            inputs_embeds); stored as `adapter.NAME.prompt` f32 [virtual, hidden]
+  prefix tuning             prompt_embeddings [virtual, layers * 2 * kv_heads * head_dim], which PEFT views
+                            as [virtual, layers * 2, kv_heads, head_dim] and permutes into each layer's
+                            key and value (pairs 2l, 2l + 1) passed as past_key_values: keys as given (no
+                            RoPE), the real tokens at positions virtual.. after them; stored as
+                            `adapter.NAME.prefix` f32 [layers, 2, kv_heads, virtual, head_dim]
+
+The file's metadata `pyllm.adapters` (JSON) lists them: {name: {"type": "prompt" | "prefix",
+"virtual_tokens": n, "peft_type": ..., "base_model": ...}} (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats.packed import ModelConfig
+from .formats.safetensors import FormatError, PlannedTensor, SafetensorsFile
+
+PEFT_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+METADATA_KEY = "pyllm.adapters"
+MAX_VIRTUAL_TOKENS = 4096
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclass
+class PromptAdapter:
+    """One prompt-learning adapter. tensor: f32 [virtual, hidden] (prompt) or
+    [layers, 2, kv_heads, virtual, head_dim] (prefix)."""
+
+    name: str
+    kind: str  # "prompt" or "prefix"
+    tensor: np.ndarray
+    peft_type: str = ""
+    base_model: str = ""
+
+    @property
+    def virtual_tokens(self) -> int:
+        return int(self.tensor.shape[0] if self.kind == "prompt" else self.tensor.shape[3])
+
+    @property
+    def tensor_name(self) -> str:
+        return f"adapter.{self.name}.{self.kind}"
+
+    def expected_shape(self, config: ModelConfig) -> tuple[int, ...]:
+        v = self.virtual_tokens
+        if self.kind == "prompt":
+            return (v, config.hidden_size)
+        return (config.num_hidden_layers, 2, config.num_key_value_heads, v, config.head_dim)
+
+    def metadata(self) -> dict:
+        return {"type": self.kind, "virtual_tokens": self.virtual_tokens, "peft_type": self.peft_type,
+                "base_model": self.base_model}
+
+
+def check_name(name: str) -> str:
+    if not name or len(name) > 64 or not set(name) <= NAME_CHARS or name == "base":
+        raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '_', '-' or '.' (and not 'base')")
+    return name
+
+
+def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = None,
+                      base_name: str | None = None) -> PromptAdapter:
+    """The PEFT prompt-learning adapter in `directory`, checked against the base `config`.
+
+    Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
+    layer count or kv-head count: trained on another model) or a base model of another name."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "adapter_config.json")
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{config_path}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{config_path}: expected a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise FormatError(f"{directory}: peft_type {peft_type!r} is not a prompt-learning adapter "
+                          f"({', '.join(PEFT_TYPES)}; LoRA adapters are merged with --lora)")
+    if cfg.get("num_transformer_submodules", 1) != 1:
+        raise FormatError(f"{directory}: adapters of encoder-decoder models are not supported")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
+    with SafetensorsFile(weights) as f:
+        if "prompt_embeddings" not in f.tensors:
+            raise FormatError(f"{weights}: no 'prompt_embeddings' tensor")
+        from .convert.checkpoint import load_float32
+
+        raw = load_float32(f, "prompt_embeddings")
+    kind = PEFT_TYPES[peft_type]
+    virtual = cfg.get("num_virtual_tokens")
+    if raw.ndim != 2 or not isinstance(virtual, int) or raw.shape[0] != virtual or not 0 < virtual <= MAX_VIRTUAL_TOKENS:
+        raise FormatError(f"{weights}: prompt_embeddings has shape {list(raw.shape)}, expected "
+                          f"[num_virtual_tokens={virtual!r} (at most {MAX_VIRTUAL_TOKENS}), ...]")
+    if not np.isfinite(raw).all():
+        raise FormatError(f"{weights}: prompt_embeddings holds NaN or infinite values")
+    layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    if kind == "prompt":
+        if raw.shape[1] != config.hidden_size:
+            raise FormatError(f"{directory}: the adapter's embeddings have {raw.shape[1]} dims, the base model's "
+                              f"hidden size is {config.hidden_size}: trained on another model?")
+        tensor = np.ascontiguousarray(raw, dtype=np.float32)
+    else:
+        if raw.shape[1] != layers * 2 * kv * hd:
+            raise FormatError(
+                f"{directory}: the prefix has {raw.shape[1]} values per virtual token; the base model needs "
+                f"layers x 2 x kv_heads x head_dim = {layers} x 2 x {kv} x {hd} = {layers * 2 * kv * hd}: trained "
+                f"on another model (layer count {cfg.get('num_layers')}, heads {cfg.get('num_attention_heads')})?")
+        # [virtual, layers * 2, kv_heads, head_dim] -> [layers, 2, kv_heads, virtual, head_dim]
+        tensor = np.ascontiguousarray(raw.reshape(virtual, layers, 2, kv, hd).transpose(1, 2, 3, 0, 4),
+                                      dtype=np.float32)
+    base = str(cfg.get("base_model_name_or_path") or "")
+    if base_name and base and _short(base) != _short(base_name):
+        raise FormatError(f"{directory}: the adapter was trained on {base!r}, not on {base_name!r} "
+                          "(convert with the base it was trained on)")
+    return PromptAdapter(check_name(name or os.path.basename(os.path.normpath(directory))), kind, tensor,
+                         peft_type, base)
+
+
+def _short(name: str) -> str:
+    """A model's name without its directory or hub owner: '/x/SmolLM2-135M' and 'org/SmolLM2-135M' agree."""
+    return os.path.basename(os.path.normpath(name)).lower()
+
+
+def planned_tensors(adapters: list[PromptAdapter]) -> tuple[dict, list[PlannedTensor]]:
+    """The metadata entry and the tensors that store `adapters` in a .pllm file."""
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two adapters are named alike: {names}")
+    plans = [PlannedTensor(a.tensor_name, "F32", tuple(a.tensor.shape), lambda t=a.tensor: t) for a in adapters]
+    return {a.name: a.metadata() for a in adapters}, plans
+
+
+def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: str) -> dict[str, PromptAdapter]:
+    """The adapters a .pllm file lists, checked (FormatError naming what is wrong).
+    meta: metadata; tensors: name -> info with .dtype/.shape; array(name) -> numpy view."""
+    if METADATA_KEY not in meta:
+        return {}
+    try:
+        listed = json.loads(meta[METADATA_KEY])
+    except ValueError as e:
+        raise FormatError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON ({e})") from None
+    if not isinstance(listed, dict):
+        raise FormatError(f"{path}: metadata '{METADATA_KEY}' must be a JSON object")
+    out = {}
+    for name, info in listed.items():
+        if not isinstance(info, dict) or info.get("type") not in ("prompt", "prefix"):
+            raise FormatError(f"{path}: adapter {name!r} has no valid type")
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise FormatError(f"{path}: {e}") from None
+        kind = info["type"]
+        tensor_name = f"adapter.{name}.{kind}"
+        if tensor_name not in tensors or tensors[tensor_name].dtype != "F32":
+            raise FormatError(f"{path}: adapter {name!r} lacks its F32 tensor '{tensor_name}'")
+        adapter = PromptAdapter(name, kind, np.empty((0,) * 5), str(info.get("peft_type", "")),
+                                str(info.get("base_model", "")))
+        shape = tuple(tensors[tensor_name].shape)
+        virtual = shape[0] if kind == "prompt" else (shape[3] if len(shape) == 5 else -1)
+        adapter.tensor = np.empty(shape if virtual > 0 else (0,), dtype=np.float32)
+        if not 0 < virtual <= MAX_VIRTUAL_TOKENS or shape != adapter.expected_shape(config):
+            raise FormatError(f"{path}: adapter {name!r} tensor is {list(shape)}, the model needs "
+                              f"{list(adapter.expected_shape(config)) if virtual > 0 else 'a virtual-token axis'}")
+        adapter.tensor = array(tensor_name)
+        out[name] = adapter
+    return out
+
+
+def prime(engine, adapter: PromptAdapter, seq: int = 0) -> int:
+    """Writes the adapter's virtual positions 0 .. virtual-1 into sequence `seq` of the engine's cache;
+    returns how many. The real tokens then start at that position."""
+    if adapter.kind == "prompt":
+        engine.forward_embeddings(np.ascontiguousarray(adapter.tensor, dtype=np.float32), seq, 0)
+    else:
+        t = adapter.tensor
+        engine.set_cache(seq, 0, np.ascontiguousarray(t[:, 0]), np.ascontiguousarray(t[:, 1]))
+    return adapter.virtual_tokens
