@@ -1,4 +1,5 @@
-"""`pyllm train`: LoRA fine-tuning of a Hugging Face checkpoint on Alpaca-format data (torch, transformers, peft).
+"""`pyllm train`: parameter-efficient fine-tuning (LoRA, prompt tuning, P-tuning, prefix tuning) of a Hugging
+Face checkpoint on Alpaca-format data (torch, transformers, peft).
 
     pyllm train BASE_HF_DIR --data data.json -o ADAPTER_DIR
     torchrun --nproc_per_node N -m pyllm.train BASE_HF_DIR --data data.json -o ADAPTER_DIR
@@ -27,6 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cutoff-len", type=int, default=256, help="tokens per example at most (default 256)")
     g.add_argument("--tokenizer", help="a tokenizer directory with a larger vocabulary (embeddings are resized; "
                    "needs --modules-to-save embed_tokens,lm_head)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["lora", "prompt", "ptuning", "prefix"], default="lora",
+                   help="lora (default); prompt tuning; P-tuning (a prompt encoder); prefix tuning. The last three "
+                        "train virtual tokens only and are run by pyllm from the base file with "
+                        "`pyllm convert BASE --adapter DIR` (they cannot be merged into weights)")
+    g.add_argument("--virtual-tokens", type=int, default=20,
+                   help="prompt/ptuning/prefix: virtual tokens (default 20)")
+    g.add_argument("--prompt-init-text", default="",
+                   help="prompt: initialise the virtual tokens from this text's embeddings (default: random)")
+    g.add_argument("--encoder", choices=["mlp", "lstm"], default="mlp", help="ptuning: the prompt encoder (default mlp)")
+    g.add_argument("--encoder-hidden-size", type=int, default=128,
+                   help="ptuning and prefix --prefix-projection: the encoder's hidden size (default 128)")
+    g.add_argument("--prefix-projection", action="store_true",
+                   help="prefix: learn the prefix through a two-layer MLP (PEFT's prefix_projection)")
     g = p.add_argument_group("LoRA")
     g.add_argument("-r", "--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=16)

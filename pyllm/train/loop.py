@@ -33,7 +33,8 @@ from .data import DataError, Example, load_records, tokenize_record
 STATE_FILE = "training_state.pt"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # arguments a resumed run must share with the run it continues
-RESUME_KEYS = ("data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
+RESUME_KEYS = ("method", "virtual_tokens", "prompt_init_text", "encoder", "encoder_hidden_size", "prefix_projection",
+               "data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
                "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
                "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps")
 
@@ -146,7 +147,8 @@ def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[
 
 def summed_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy summed over the scored tokens; logits at t predict the token at t + 1."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, t, vocab]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, (v +) t, vocab]
+    logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning adds the virtual positions' logits first
     shifted = logits[:, :-1].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=-100, reduction="sum")
@@ -184,14 +186,40 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings {rows}: "
                              "training new tokens needs --modules-to-save embed_tokens,lm_head")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    targets = args.target_modules or ",".join(for_hf_config(model.config.to_dict()).lora_targets)
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=[m.strip() for m in targets.split(",") if m.strip()],
-                        layers_to_transform=parse_layers(args.layers, model.config.num_hidden_layers),
-                        use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
-                        task_type="CAUSAL_LM")
+    method = getattr(args, "method", "lora")
+    if method == "lora":
+        targets = args.target_modules or ",".join(for_hf_config(model.config.to_dict()).lora_targets)
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=[m.strip() for m in targets.split(",") if m.strip()],
+                            layers_to_transform=parse_layers(args.layers, model.config.num_hidden_layers),
+                            use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
+                            task_type="CAUSAL_LM")
+    else:
+        config = prompt_learning_config(args, method)
     model = get_peft_model(model, config)
     return tokenizer, model.to(device)
+
+
+def prompt_learning_config(args, method: str):
+    """PEFT's config for --method prompt (PromptTuningConfig, random or text initialisation), ptuning
+    (PromptEncoderConfig, MLP or LSTM encoder) or prefix (PrefixTuningConfig, with or without projection)."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    if args.virtual_tokens < 1:
+        raise ValueError("--virtual-tokens must be at least 1")
+    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=args.virtual_tokens)
+    if method == "prompt":
+        if args.prompt_init_text:
+            return PromptTuningConfig(prompt_tuning_init="TEXT", prompt_tuning_init_text=args.prompt_init_text,
+                                      tokenizer_name_or_path=args.tokenizer or args.base, **common)
+        return PromptTuningConfig(**common)
+    if method == "ptuning":
+        return PromptEncoderConfig(encoder_reparameterization_type=args.encoder.upper(),
+                                   encoder_hidden_size=args.encoder_hidden_size, **common)
+    if method == "prefix":
+        return PrefixTuningConfig(prefix_projection=args.prefix_projection,
+                                  encoder_hidden_size=args.encoder_hidden_size, **common)
+    raise ValueError(f"unknown --method {method!r} (lora, prompt, ptuning, prefix)")
 
 
 def _tokenize(records, tokenizer, args, what: str, say) -> list[Example]:
@@ -285,6 +313,8 @@ def train(args, log=None) -> TrainResult:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
             set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
                                                        device=str(procs.device)))
+            if "trainable" in state:  # prompt encoders (P-tuning, prefix projection) are not in the adapter file
+                model.load_state_dict(state["trainable"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -323,7 +353,9 @@ def train(args, log=None) -> TrainResult:
                 tmp = final + ".partial"
                 shutil.rmtree(tmp, ignore_errors=True)
                 model.save_pretrained(tmp)
-                torch.save({"step": step, "config": run_config, "optimizer": optimizer.state_dict(),
+                trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+                torch.save({"step": step, "config": run_config, "trainable": trainable,
+                            "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
                             "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
                 shutil.rmtree(final, ignore_errors=True)
