@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from .formats.packed import TokenizerSpec
@@ -19,6 +20,7 @@ class Tokenizer:
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
+            self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -31,6 +33,7 @@ class Tokenizer:
             self._special_ids_by_text = {t: self.token_to_id(t) for t in specials}
             self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")") if specials else None
             self._added_by_id = {i: t for t, i in spec.added_tokens.items()}
+            self.run_byte_ids = frozenset()  # sentencepiece decodes each invalid byte on its own
         else:
             raise ValueError(f"unknown tokenizer kind {spec.kind!r}")
         self.bos_id = spec.bos_token_id
@@ -83,38 +86,77 @@ class Tokenizer:
         return "".join(out)
 
 
-class StreamDecoder:
-    """Turns generated ids, one at a time, into text pieces that never split a UTF-8 character.
+def _byte_fallback_ids(hf, blob: bytes) -> frozenset:
+    """The <0xNN> token ids when the tokenizer.json decoder has a ByteFallback step, else none.
 
-    Each step decodes only a short window: the tokens of the previous piece (so leading spaces and
-    merges decode as in the full text) plus the tokens not yet emitted. Text ending in an incomplete
-    character (U+FFFD) is held back until the next token completes it. The pieces joined equal the
-    decoding of all the ids after the context. The work per token stays constant however long the
-    generation runs.
+    That step decodes a run of consecutive byte tokens as UTF-8 when it is valid and otherwise as one
+    U+FFFD per byte, so a later byte token can rewrite the text of the whole run before it."""
+    def has_byte_fallback(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteFallback" or any(has_byte_fallback(v) for v in node.values())
+        if isinstance(node, list):
+            return any(has_byte_fallback(v) for v in node)
+        return False
+
+    if not has_byte_fallback(json.loads(blob).get("decoder")):
+        return frozenset()
+    ids = (hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
+
+
+class StreamDecoder:
+    """Turns generated ids, one at a time, into text pieces whose concatenation equals decode().
+
+    Invariant (for every tokenizer kind): the pieces joined, flush() included, equal
+    decode(context_tail + ids)[len(decode(context_tail)):] where context_tail is the last 4 context
+    ids; with no context, exactly decode(ids), replacement characters (U+FFFD) included.
+
+    Each step decodes a window: the ids from `start` on. `done` is the window's text already
+    emitted (or belonging to the context). New text is emitted once it extends `done`; a trailing
+    U+FFFD is held back while the next token may complete the character, as is the text of an open run
+    of byte tokens that a later byte token can rewrite (Tokenizer.run_byte_ids: tokenizers'
+    ByteFallback decoder), and text that later tokens rewrite otherwise is held until it settles. After each piece the
+    window slides to the latest token whose decoding is exactly the tail of the window's text (a
+    character boundary), so the work per token stays constant however long the generation runs.
     """
+
+    MAX_SLIDE = 8  # window starts tried, newest first, when sliding
 
     def __init__(self, tokenizer: Tokenizer, context_ids: list[int]):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(context_ids[-4:])  # context, then the generated ids
-        self.prefix = 0  # window start: the tokens of the last emitted piece
-        self.read = len(self.ids)  # first id not yet emitted
-
-    def _pending(self) -> tuple[str, str]:
-        """(text of the window's emitted part, text of the whole window)."""
-        decode = self.tokenizer.decode
-        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+        self.ids: list[int] = list(context_ids[-4:])  # context tail, then the generated ids
+        self.start = 0  # window start
+        self.done = tokenizer.decode(self.ids)  # the window's text already accounted for
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        done, text = self._pending()
-        if text.endswith("\ufffd") or len(text) <= len(done) or not text.startswith(done):
+        """The new text that token_id completes ("" while it is held back)."""
+        self.ids.append(int(token_id))
+        end = len(self.ids)
+        run = self.tokenizer.run_byte_ids
+        while end > self.start and self.ids[end - 1] in run:
+            end -= 1  # a byte run still open: the next byte token may rewrite all of it
+        text = self.tokenizer.decode(self.ids[self.start:end])
+        if not text.startswith(self.done):
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(done):]
+        piece = text[len(self.done):].rstrip("\ufffd")
+        if not piece:
+            return ""
+        self.done += piece
+        if self.done == text and end == len(self.ids):
+            self._slide(text)
+        return piece
+
+    def _slide(self, text: str) -> None:
+        decode = self.tokenizer.decode
+        for k in range(len(self.ids) - 1, max(self.start, len(self.ids) - 1 - self.MAX_SLIDE), -1):
+            tail = decode(self.ids[k:])
+            if tail and not tail.startswith("\ufffd") and text.endswith(tail):
+                self.start, self.done = k, tail
+                return
 
     def flush(self) -> str:
-        """The text held back at the end. A character left incomplete (the reply was cut off inside
-        it) is dropped rather than emitted broken."""
-        done, text = self._pending()
-        self.prefix = self.read = len(self.ids)
-        return text[len(done):].rstrip("\ufffd") if text.startswith(done) else ""
+        """The text held back at the end, replacement characters included (as decode() gives them)."""
+        text = self.tokenizer.decode(self.ids[self.start:])
+        piece = text[len(self.done):] if text.startswith(self.done) else ""
+        self.ids, self.start, self.done = self.ids[-1:], 0, self.tokenizer.decode(self.ids[-1:])
+        return piece
