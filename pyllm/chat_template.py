@@ -173,7 +173,7 @@ def _compile(source: str):
 def normalize_messages(messages) -> list[dict]:
     """OpenAI chat messages as chat templates expect them (LLM.chat and the server both use this).
 
-    content: a string stays; a list of parts ({"type": "text", "text": ...}) becomes their texts
+    role "developer" (OpenAI's newer name) becomes "system". content: a string stays; a list of parts ({"type": "text", "text": ...}) becomes their texts
     joined by newlines (vLLM's rule); None (an assistant turn that only calls tools) becomes "".
     tool_calls: each call's function.arguments, a JSON string in the API, becomes the object
     templates expect (left a string when it is not valid JSON). Other keys (name, tool_call_id,
@@ -185,6 +185,8 @@ def normalize_messages(messages) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise TemplateError(f"message {n} needs a 'role' string (got {m!r:.80})")
         m = dict(m)
+        if m["role"] == "developer":  # OpenAI's newer name for the system role
+            m["role"] = "system"
         content = m.get("content")
         if isinstance(content, (list, tuple)):
             texts = []

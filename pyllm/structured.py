@@ -7,7 +7,7 @@ grammar forbids at this point to -inf. Its mask for the next token is computed i
 grammar costs decoding time only when it takes longer than one forward pass.
 
 llguidance is optional (the serve and grammar extras): without it, plain generation works and a
-request for structured output raises RuntimeError with the install command.
+request for structured output raises GrammarUnavailable (a RuntimeError) with the install command.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ MISSING = "structured output needs llguidance: pip install 'pyllm[grammar]' (or 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
 
 
+class GrammarUnavailable(RuntimeError):
+    """Structured output was asked for and llguidance is not installed."""
+
+
 def _llguidance():
     try:
         import llguidance
         import llguidance.numpy  # noqa: F401 - the bitmask helpers
     except ImportError:
-        raise RuntimeError(MISSING) from None
+        raise GrammarUnavailable(MISSING) from None
     return llguidance
 
 
@@ -37,7 +41,7 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     response_format: {"type": "text"}; {"type": "json_object"} (any JSON object);
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}};
     pyllm's extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark>"}.
-    Raises ValueError for a malformed response_format or both arguments at once; RuntimeError
+    Raises ValueError for a malformed response_format or both arguments at once; GrammarUnavailable
     without llguidance."""
     if response_format is not None and not isinstance(response_format, dict):
         raise ValueError("response_format must be an object such as {'type': 'json_object'}")
@@ -97,25 +101,13 @@ def ll_tokenizer(tokenizer):
 
 
 class _SentencePieceView:
-    """What llguidance's TokenizerWrapper reads from a sentencepiece tokenizer: each token's bytes."""
+    """What llguidance's TokenizerWrapper reads from a sentencepiece tokenizer."""
 
     def __init__(self, tokenizer):
-        sp = tokenizer._sp
         self.eos_token_id = tokenizer.eos_ids[0]
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = sorted(tokenizer.special_ids)
-        added = {i: t for t, i in tokenizer.spec.added_tokens.items()}
-        tokens = []
-        for i in range(tokenizer.vocab_size):
-            if i in added:
-                tokens.append(added[i].encode("utf-8"))
-            elif i >= sp.get_piece_size():
-                tokens.append(b"")
-            elif sp.is_byte(i):
-                tokens.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
-            else:
-                tokens.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        self.tokens = tokens
+        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         self._tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:

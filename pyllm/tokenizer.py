@@ -21,6 +21,7 @@ class Tokenizer:
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
             self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
+            self._byte_level = _decoder_has(json.loads(blob).get("decoder"), "ByteLevel")
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -46,6 +47,29 @@ class Tokenizer:
             return self.spec.added_tokens[token]
         i = self._sp.piece_to_id(token)
         return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in decoded text: part of a character for a byte-level or
+        byte-fallback token, a special token's own text. b"" for an id without a token."""
+        i = int(token_id)
+        if self._hf is not None:
+            piece = self._hf.id_to_token(i)
+            if piece is None:
+                return b""
+            if i in self.special_ids or i in self._hf.get_added_tokens_decoder():
+                return piece.encode("utf-8")
+            if self._byte_level and all(c in _BYTE_DECODER for c in piece):
+                return bytes(_BYTE_DECODER[c] for c in piece)
+            if i in self.run_byte_ids:
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+        if i in self._added_by_id:
+            return self._added_by_id[i].encode("utf-8")
+        if i >= self._sp.get_piece_size():
+            return b""
+        if self._sp.is_byte(i):
+            return bytes([int(self._sp.id_to_piece(i)[3:5], 16)])
+        return self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in the text map to their ids."""
@@ -86,19 +110,37 @@ class Tokenizer:
         return "".join(out)
 
 
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _bytes_to_unicode()
+
+
+def _decoder_has(node, kind: str) -> bool:
+    """Whether a tokenizer.json decoder (or a Sequence of them) has a step of this type."""
+    if isinstance(node, dict):
+        return node.get("type") == kind or any(_decoder_has(v, kind) for v in node.values())
+    if isinstance(node, list):
+        return any(_decoder_has(v, kind) for v in node)
+    return False
+
+
 def _byte_fallback_ids(hf, blob: bytes) -> frozenset:
     """The <0xNN> token ids when the tokenizer.json decoder has a ByteFallback step, else none.
 
     That step decodes a run of consecutive byte tokens as UTF-8 when it is valid and otherwise as one
     U+FFFD per byte, so a later byte token can rewrite the text of the whole run before it."""
-    def has_byte_fallback(node) -> bool:
-        if isinstance(node, dict):
-            return node.get("type") == "ByteFallback" or any(has_byte_fallback(v) for v in node.values())
-        if isinstance(node, list):
-            return any(has_byte_fallback(v) for v in node)
-        return False
-
-    if not has_byte_fallback(json.loads(blob).get("decoder")):
+    if not _decoder_has(json.loads(blob).get("decoder"), "ByteFallback"):
         return frozenset()
     ids = (hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
     return frozenset(i for i in ids if i is not None)

@@ -170,18 +170,30 @@ def test_disconnected_stream_frees_the_model(live, llm, monkeypatch):
 
 
 def test_bad_requests_get_clear_errors(live, llm):
+    """Refusals come in OpenAI's error shape, naming the field in `param`."""
     client = live.client()
-    with pytest.raises(openai.BadRequestError, match="messages"):
-        client.chat.completions.create(model="tiny", messages=[])
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model="tiny", messages=_chat("hi"), n=2)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model="tiny", messages=_chat("hi"), logprobs=True)
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        client.completions.create(model="tiny", prompt="hi", frequency_penalty=0.5)
-    client.completions.create(model="tiny", prompt="hi", max_tokens=1, frequency_penalty=0)  # neutral: fine
-    with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.completions.create(model="tiny", prompt="hi", temperature=-1)
+    cases = [
+        (dict(messages=[]), "messages"),
+        (dict(messages=_chat("hi"), temperature=-1), "temperature"),
+        (dict(messages=_chat("hi"), top_p=1.5), "top_p"),
+        (dict(messages=_chat("hi"), n=0), "n"),
+        (dict(messages=_chat("hi"), logit_bias={"x": 1}), "logit_bias"),
+        (dict(messages=_chat("hi"), presence_penalty=2.5), "presence_penalty"),
+        (dict(messages=_chat("hi"), top_logprobs=3), "top_logprobs"),
+        (dict(messages=_chat("hi"), tool_choice="required"), "tool_choice"),
+        (dict(messages=_chat("hi"), response_format={"type": "xml"}), "response_format.type"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", **kwargs)
+        assert e.value.param == param and param.split("[")[0].split(".")[0] in str(e.value), kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", suffix="there")
+    assert e.value.param == "suffix"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[])
+    assert e.value.param == "prompt"
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny", prompt="word " * 11_000)
     with pytest.raises(openai.BadRequestError, match="alternate"):  # the template's own error
@@ -194,6 +206,26 @@ def test_bad_requests_get_clear_errors(live, llm):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(urllib.request.Request(live.url + "/v1/completions", data=b"{not json"), timeout=5)
     assert e.value.code == 400 and "JSON" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_requests_as_clients_send_them_are_accepted(live, llm):
+    """Explicit nulls mean the default, seed -1 is unseeded, llama.cpp's names are aliases and
+    unknown fields are ignored, as OpenAI and llama.cpp's server do."""
+    expected = llm.generate("Paris is", max_new_tokens=4, repetition_penalty=1.3)
+    body = {"model": "tiny", "prompt": "Paris is", "n_predict": 4, "repeat_penalty": 1.3, "seed": -1, "n": None,
+            "temperature": None, "top_p": None, "stop": None, "logprobs": None, "echo": None, "user": "u1",
+            "cache_prompt": True, "mirostat": 0, "some_future_field": {"x": 1}}
+    request = urllib.request.Request(live.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        reply = json.loads(r.read())
+    assert reply["choices"][0]["text"] == expected and reply["usage"]["completion_tokens"] == 4
+    chat = {"model": "tiny", "messages": _chat("hi"), "max_tokens": 3, "seed": -1, "n": None, "tools": None,
+            "tool_choice": None, "response_format": None, "stream_options": None, "top_logprobs": None}
+    request = urllib.request.Request(live.url + "/v1/chat/completions", data=json.dumps(chat).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert len(json.loads(r.read())["choices"]) == 1
 
 
 def test_full_queue_gets_503(llm):
