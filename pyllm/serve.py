@@ -244,10 +244,10 @@ class Server:
     def _chat_plan(self, req, options: dict) -> _Plan:
         from .tool_calls import forced_call_grammar, tool_format
 
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = [m.model_dump(exclude_unset=True) for m in req.messages]
         tools = fmt = None
         if req.tools and req.tool_choice != "none":
-            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            tools = [t.model_dump(exclude_unset=True) for t in req.tools]  # as the client sent them
             fmt = tool_format(self.llm.chat_template)
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:

@@ -20,6 +20,9 @@ import numpy as np
 
 MISSING = "structured output needs llguidance: pip install 'pyllm[grammar]' (or pip install llguidance)"
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
+# JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (llguidance's JSON
+# options; a schema's own "x-guidance" options win)
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarUnavailable(RuntimeError):
@@ -55,17 +58,14 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     LLMatcher = _llguidance().LLMatcher
     if grammar is not None:
         return LLMatcher.grammar_from_lark(_string(grammar, "grammar"))
-    # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (a schema may say
-    # otherwise in its "x-guidance" options)
-    compact = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     if kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=compact)
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, (dict, bool)):
             raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
-        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=compact)
+        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
     return (LLMatcher.grammar_from_regex if kind == "regex" else LLMatcher.grammar_from_lark)(
         _string(response_format.get(kind), f"response_format {kind}"))
 

@@ -176,7 +176,10 @@ def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, pa
     """A Lark grammar (llguidance's dialect) that admits only tool calls in fmt: for tool_choice
     "required" (any tool) or a named function. A marker that is a special token of the tokenizer
     (Mistral's [TOOL_CALLS]) is written as that token."""
-    grammar = fmt.call_grammar(parallel and name is None) + f"\ncall: %json {json.dumps(call_schema(fmt, tools, name))}\n"
+    from .structured import JSON_STYLE
+
+    schema = {**call_schema(fmt, tools, name), "x-guidance": JSON_STYLE}
+    grammar = fmt.call_grammar(parallel and name is None) + f"\ncall: %json {json.dumps(schema)}\n"
     if fmt.marker and "marker" in grammar.split("\n", 1)[0]:
         marker_id = tokenizer.token_to_id(fmt.marker)
         special = marker_id is not None and marker_id in tokenizer.special_ids

@@ -37,9 +37,9 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn serving an LLM in a background thread."""
 
-    def __init__(self, llm, name="tiny", max_queue=64):
+    def __init__(self, llm, name="tiny", max_queue=64, **options):
         self.port = _free_port()
-        config = uvicorn.Config(Server(llm, name, max_queue).app(), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(Server(llm, name, max_queue, **options).app(), host="127.0.0.1", port=self.port,
                                 log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
