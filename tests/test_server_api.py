@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 
@@ -198,7 +199,6 @@ def test_json_object_regex_and_grammar(live):
         assert reply.choices[0].message.content.startswith("{")
     reply = client.completions.create(model="tiny", prompt="code:", max_tokens=20, temperature=1.0, seed=2,
                                       extra_body={"response_format": {"type": "regex", "regex": "[A-Z]{3}-[0-9]{2}"}})
-    import re
     assert re.fullmatch("[A-Z]{3}-[0-9]{2}", reply.choices[0].text)
     lark = 'start: answer\nanswer: "yes" | "no" | "maybe"'
     reply = client.completions.create(model="tiny", prompt="?", max_tokens=20, temperature=1.0, seed=3,
@@ -311,3 +311,31 @@ def test_api_key_and_cors(llm):
             assert r.headers["access-control-allow-origin"] == "http://app.example"
     finally:
         server.stop()
+
+
+def test_auto_tool_choice_parses_what_the_model_writes(live, llm):
+    """tool_choice auto: a reply holding a call in the template's format becomes tool_calls (the
+    reply is steered here with a regex, as a model would write it), text before it is content."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        written = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+        steer = {"type": "regex", "regex": re.escape(written)}
+        client = live.client()
+        reply = client.chat.completions.create(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                               max_tokens=300, response_format=steer)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_time", {"zone": "CET"})]
+        chunks = list(client.chat.completions.create(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                                     max_tokens=300, response_format=steer, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert content.strip() == "Checking." and "<tool_call>" not in content
+        calls = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [d.function.name for d in calls] == ["get_time"]
+        # a plain reply stays plain
+        plain = client.chat.completions.create(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                               max_tokens=300, response_format={"type": "regex", "regex": "It is noon"})
+        assert plain.choices[0].message.content == "It is noon" and not plain.choices[0].message.tool_calls
+    finally:
+        llm.chat_template = old
