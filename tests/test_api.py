@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -277,3 +278,32 @@ def test_chat_accepts_content_parts_none_and_tool_turns(llm):
     assert isinstance(llm.chat(messages, max_new_tokens=2), str)
     with pytest.raises(ValueError, match="image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_structured_output_from_python(llm):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    for seed in range(3):
+        text = llm.generate("Reply:", max_new_tokens=60, temperature=1.0, seed=seed,
+                            response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+        jsonschema.validate(json.loads(text), schema)
+    assert llm.generate("?", max_new_tokens=10, temperature=1.0, seed=1, grammar='start: "yes" | "no"') in ("yes", "no")
+    with pytest.raises(ValueError, match="either"):
+        llm.generate("?", grammar='start: "a"', response_format={"type": "json_object"})
+    with pytest.raises(ValueError, match="grammar"):
+        llm.generate("?", grammar="start: (")
+    with pytest.raises(ValueError, match="response_format"):
+        llm.generate("?", response_format={"type": "yaml"})
+
+
+def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
+    import sys
+
+    from pyllm.structured import GrammarUnavailable
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    with pytest.raises(GrammarUnavailable, match="pip install"):
+        llm.generate("?", response_format={"type": "json_object"})
+    assert isinstance(llm.generate("?", max_new_tokens=2), str)  # plain generation needs no llguidance

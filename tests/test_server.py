@@ -250,21 +250,29 @@ def test_default_model_answers_a_real_question(default_model_file):
 
 
 def test_serve_command_starts_and_answers(tiny_llama_f32):
+    """The command with an API key and sampling defaults: a start-up line naming model, context and
+    threads, and one log line per request with its tokens and speed."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyllm", "serve", tiny_llama_f32, "--port", str(port), "-t", "1",
-                             "--model-name", "cli-tiny"], stderr=subprocess.PIPE, text=True)
+                             "--model-name", "cli-tiny", "--api-key", "k3y", "-n", "3", "--temperature", "0",
+                             "--ctx", "512"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while True:
             try:
-                models = _get(f"http://127.0.0.1:{port}/v1/models")
+                _get(f"http://127.0.0.1:{port}/health")
                 break
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, "pyllm serve did not come up"
                 time.sleep(0.2)
-        assert models["data"][0]["id"] == "cli-tiny"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        assert client.completions.create(model="cli-tiny", prompt="Paris", max_tokens=3).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
+        assert client.models.list().data[0].id == "cli-tiny"
+        reply = client.completions.create(model="cli-tiny", prompt="Paris")  # -n 3: the server's default
+        assert 1 <= reply.usage.completion_tokens <= 3
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        _, err = proc.communicate(timeout=20)
+    assert "cli-tiny" in err and "context 512 tokens, 1 threads on cpu" in err, err
+    assert "POST /v1/completions: 1 choice(s)" in err and "t/s decode" in err, err
