@@ -254,7 +254,7 @@ def test_serve_command_starts_and_answers(tiny_llama_f32):
     threads, and one log line per request with its tokens and speed."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyllm", "serve", tiny_llama_f32, "--port", str(port), "-t", "1",
-                             "--model-name", "cli-tiny", "--api-key", "k3y", "-n", "3", "--temperature", "0",
+                             "--model-name", "cli-tiny", "--device", "cpu", "--api-key", "k3y", "-n", "3", "--temperature", "0",
                              "--ctx", "512"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
