@@ -423,6 +423,7 @@ class LLM:
             held = ""  # text withheld because it may be the start of a stop string
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
+            stopped_in_text = False
             for step in range(limit):
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -444,6 +445,7 @@ class LLM:
                 if cut is not None:
                     held = held[:cut]
                     stats.finish_reason = "stop"
+                    stopped_in_text = True
                     break
                 safe = len(held) - _partial_stop_len(held, stop)
                 if safe > 0:
@@ -452,8 +454,11 @@ class LLM:
                 if step + 1 < limit:
                     logits = self.engine.forward(np.array([token], dtype=np.int32), len(self._cached), False)
                     self._cached.append(token)
-            else:
-                held += decoder.flush()
+            if not stopped_in_text and stats.finish_reason != "cancelled":
+                held += decoder.flush()  # the text decode() gives for the last tokens, held back until now
+                cut = _find_stop(held, stop)
+                if cut is not None:
+                    held, stats.finish_reason = held[:cut], "stop"
             stats.decode_seconds = time.perf_counter() - decode_start
             if held:
                 yield held

@@ -48,6 +48,14 @@ class Tokenizer:
         i = self._sp.piece_to_id(token)
         return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
 
+    def is_silent(self, token_id: int) -> bool:
+        """Whether decode() (skipping special tokens) gives no text for this id: a special token, or an
+        id past the vocabulary (models often have more embeddings than tokens)."""
+        i = int(token_id)
+        if i in self.special_ids or i >= self.vocab_size:
+            return True
+        return self._hf.id_to_token(i) is None if self._hf is not None else False
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for in decoded text: part of a character for a byte-level or
         byte-fallback token, a special token's own text. b"" for an id without a token."""
@@ -173,10 +181,7 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """The new text that token_id completes ("" while it is held back)."""
         self.ids.append(int(token_id))
-        end = len(self.ids)
-        run = self.tokenizer.run_byte_ids
-        while end > self.start and self.ids[end - 1] in run:
-            end -= 1  # a byte run still open: the next byte token may rewrite all of it
+        end = self._settled()
         text = self.tokenizer.decode(self.ids[self.start:end])
         if not text.startswith(self.done):
             return ""
@@ -188,10 +193,21 @@ class StreamDecoder:
             self._slide(text)
         return piece
 
+    def _settled(self) -> int:
+        """End of the ids whose text no later token can change: before an open run of byte tokens
+        (silent ids do not close a run: decode() drops them first)."""
+        tok, end = self.tokenizer, len(self.ids)
+        if tok.run_byte_ids:
+            while end > self.start and (self.ids[end - 1] in tok.run_byte_ids or tok.is_silent(self.ids[end - 1])):
+                end -= 1
+        return end
+
     def _slide(self, text: str) -> None:
-        decode = self.tokenizer.decode
+        tok = self.tokenizer
         for k in range(len(self.ids) - 1, max(self.start, len(self.ids) - 1 - self.MAX_SLIDE), -1):
-            tail = decode(self.ids[k:])
+            if tok.run_byte_ids and (self.ids[k] in tok.run_byte_ids or tok.is_silent(self.ids[k])):
+                continue  # a window must not start inside a byte run (or where one could reach)
+            tail = tok.decode(self.ids[k:])
             if tail and not tail.startswith("\ufffd") and text.endswith(tail):
                 self.start, self.done = k, tail
                 return

@@ -402,3 +402,35 @@ def test_stream_equals_decode_on_random_ids_sentencepiece_byte_fallback(sp_model
 def test_stream_equals_decode_on_random_ids_sentencepiece_kind(sp_kind_tokenizer):
     tok, _ = sp_kind_tokenizer
     _assert_stream_equals_decode(tok, seed=3)
+
+
+def test_every_eos_id_of_generation_config_ends_generation(tiny_llama, tmp_path):
+    """generation_config.json's eos_token_id list (Llama 3: end of text, end of turn, end of message)
+    joins the tokenizer's EOS: each one ends generation."""
+    d = _copy_model(tiny_llama, str(tmp_path / "multi_eos"))
+    hf = _load_hf(d)
+    ends = [hf.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>")]
+    path = os.path.join(d, "generation_config.json")
+    config = json.load(open(path)) if os.path.exists(path) else {}
+    config["eos_token_id"] = ends[1:]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pyllm.LLM(_convert(d, str(tmp_path), "multi_eos"), n_threads=1) as llm:
+        assert sorted(llm.tokenizer.eos_ids) == sorted(ends)
+        for end in ends:
+            llm.generate("Paris", max_new_tokens=5, logit_bias={end: 100.0})
+            assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_sampled_replies_stream_all_their_text_with_byte_fallback(sp_models, case):
+    """The reported fault: sampled replies of a tiny Llama with a byte-fallback tokenizer lost text
+    when streamed. Every reply's pieces now join to decode() of its ids."""
+    llm, _ = sp_models[case]
+    context = llm.tokenize("中文 Paris\n")[-4:]
+    for seed in range(10):
+        stream = llm.generate("中文 Paris\n", max_new_tokens=24, temperature=1.0, seed=seed, stream=True)
+        text = "".join(stream)
+        ids = [t.id for t in stream.tokens]
+        before, full = llm.detokenize(context), llm.detokenize(context + ids)
+        assert full.startswith(before) and text == full[len(before):], seed
