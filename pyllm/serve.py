@@ -340,13 +340,16 @@ class Server:
                     yield chunk(responses.completion_delta(index, echo, logprobs=before))
                     sent = len(echo)
             pieces = self._pieces(_Tokens(stream), request)
+            waiting: list = []  # tokens of text held back as a possible tool call
             try:
                 async for piece, tokens in pieces:
                     all_tokens += tokens
                     if tools is not None:
                         piece = tools.feed(piece)
-                        if not piece and tools.holding:
+                        if not piece:
+                            waiting += tokens
                             continue
+                        tokens, waiting = waiting + tokens, []
                     if plan.chat:
                         yield chunk(responses.chat_delta(index, piece, logprobs=logprobs(tokens)))
                     else:
@@ -358,6 +361,7 @@ class Server:
                 return
             rest = stream.take_tokens()
             all_tokens += rest
+            rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
                 full = tokenizer.decode([t.id for t in all_tokens], skip_special_tokens=False)
@@ -473,7 +477,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    log.info("pyllm serve: model %s (%s), context %d tokens, %d threads on %s%s", name, llm.path,
-             llm.context_length, llm.n_threads, llm.device, ", API key required" if api_key else "")
+    log.info("pyllm serve: http://%s:%d/v1 (OpenAI-compatible; Ctrl-C stops): model %s (%s), context %d tokens, "
+             "%d threads on %s%s", host, port, name, llm.path, llm.context_length, llm.n_threads, llm.device,
+             ", API key required" if api_key else "")
     app = Server(llm, name, max_queue, defaults, api_key, cors_origins).app()
     uvicorn.run(app, host=host, port=port, log_level=log_level)
