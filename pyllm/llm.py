@@ -282,6 +282,8 @@ class LLM:
         params.presence_penalty, params.frequency_penalty = float(presence_penalty), float(frequency_penalty)
         params.logit_bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
         params.validate()
+        if any(k >= self.config.vocab_size for k in params.logit_bias):
+            raise ValueError(f"logit_bias names a token past the vocabulary ({self.config.vocab_size} tokens)")
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         if isinstance(stop, str):
@@ -356,7 +358,8 @@ class LLM:
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
                                      else repetition_penalty),
-            seed=None if seed is None or seed == -1 else int(seed),  # -1: unseeded, as llama.cpp
+            # -1: unseeded, as llama.cpp; other negative seeds are taken modulo 2**64 (OpenAI allows any int64)
+            seed=None if seed is None or seed == -1 else int(seed) % (1 << 64),
         )
         params.validate()
         return params

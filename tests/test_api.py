@@ -265,6 +265,13 @@ def test_penalties_bias_and_processors_change_the_choice(llm):
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
+    negative = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-7) for _ in range(2)}
+    assert len(negative) == 1  # any other int64 is a seed
+
+
+def test_logit_bias_past_the_vocabulary_is_refused_before_generating(llm):
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate("Once", logit_bias={10**6: 1.0})
 
 
 def test_chat_accepts_content_parts_none_and_tool_turns(llm):
