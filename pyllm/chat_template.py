@@ -173,9 +173,9 @@ def _compile(source: str):
 def normalize_messages(messages) -> list[dict]:
     """OpenAI chat messages as chat templates expect them (LLM.chat and the server both use this).
 
-    role "developer" (OpenAI's newer name) becomes "system". content: a string stays; a list of parts ({"type": "text", "text": ...}) becomes their texts
-    joined by newlines (vLLM's rule); None (an assistant turn that only calls tools) becomes "".
-    tool_calls: each call's function.arguments, a JSON string in the API, becomes the object
+    role "developer" (OpenAI's newer name) becomes "system". content: a string stays; a list of
+    parts ({"type": "text", "text": ...}) becomes their texts joined by newlines (vLLM's rule);
+    None (an assistant turn that only calls tools) becomes "". tool_calls: each call's function.arguments, a JSON string in the API, becomes the object
     templates expect (left a string when it is not valid JSON). Other keys (name, tool_call_id,
     ...) pass through. Raises TemplateError for anything else (no role, a non-text part)."""
     if not isinstance(messages, (list, tuple)) or not messages:

@@ -160,7 +160,8 @@ class GrammarProcessor:
         self._next.result()
         if self.matcher.is_error():
             raise RuntimeError(f"structured output failed: {self.matcher.get_error()}")
-        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[:min(scores.size, self.tokenizer.vocab_size)]
+        n = min(scores.size, self.tokenizer.vocab_size)
+        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[:n]
         scores[:allowed.size][allowed == 0] = -np.inf
         scores[allowed.size:] = -np.inf
         return scores
