@@ -276,7 +276,8 @@ class LLM:
         built-in processors at every token (pyllm.sampling); one with an accept(token) method is told
         each generated token before the next engine step.
         Raises ValueError for an option out of range, a prompt that does not fit, or a bad grammar;
-        RuntimeError when a grammar is asked for and llguidance is not installed."""
+        structured.GrammarUnavailable (a RuntimeError) when a grammar is asked for and llguidance is
+        not installed."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         params.presence_penalty, params.frequency_penalty = float(presence_penalty), float(frequency_penalty)
