@@ -64,7 +64,8 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     slots = engine.n_seq
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
-        seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params), StreamDecoder(llm.tokenizer, list(p)),
+        seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
+                          StreamDecoder(llm.tokenizer, list(p)),
                           min(max_new_tokens, llm.context_length - len(p)), stats_factory(len(p)))
                 for i, p in enumerate(wave)]
         start = time.perf_counter()

@@ -118,7 +118,7 @@ def benchmark_tokens(vocab_size: int, n_prompt: int, n_gen: int, seed: int = 0) 
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,
-              bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto") -> dict:
+              bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto", device: str = "cpu") -> dict:
     """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring)."""
     from . import _core
     from .llm import LLM
@@ -133,7 +133,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
 
     def load() -> LLM:
         start = time.perf_counter()
-        opened = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache)
+        opened = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache, device=device)
         loads.append(time.perf_counter() - start)
         return opened
 
@@ -161,7 +161,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
                        + len(config.norm_names()) * config.hidden_size),
             "formats": dict(Counter(f"{fmt} g{group}" if group else fmt for fmt, group in model.linears.values())),
             "threads": llm.n_threads,
-            "kernels": _core.active_kernels(),
+            "device": device,
+            "kernels": _core.active_kernels() if device == "cpu" else device,
             "n_prompt": n_prompt,
             "n_gen": n_gen,
             "repetitions": repetitions,
@@ -181,7 +182,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "pyllm_version": __version__,
         }
         result["file_plus_kv_bytes"] = result["file_bytes"] + result["kv_cache_bytes"]
-        if bandwidth_bytes:
+        if bandwidth_bytes and device == "cpu":  # the host-memory bound means nothing for a GPU
             if log:
                 print(f"read bandwidth probe: {bandwidth_bytes >> 20} MiB on {llm.n_threads} threads", file=log,
                       flush=True)
@@ -239,6 +240,7 @@ def bench_command(args) -> int:
     if args.bandwidth_mib < 0:
         raise ValueError("--bandwidth-mib must be >= 0")
     result = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, args.threads,
-                       args.bandwidth_mib << 20, log=None if args.json else sys.stderr, kv_cache=args.kv_cache)
+                       args.bandwidth_mib << 20, log=None if args.json else sys.stderr, kv_cache=args.kv_cache,
+                       device=args.device)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

@@ -170,6 +170,55 @@ def _compile(source: str):
         raise TemplateError(f"chat template is not valid Jinja: {e}") from None
 
 
+def normalize_messages(messages) -> list[dict]:
+    """OpenAI chat messages as chat templates expect them (LLM.chat and the server both use this).
+
+    role "developer" (OpenAI's newer name) becomes "system". content: a string stays; a list of
+    parts ({"type": "text", "text": ...}) becomes their texts joined by newlines (vLLM's rule);
+    None (an assistant turn that only calls tools) becomes "". tool_calls: each call's function.arguments, a JSON string in the API, becomes the object
+    templates expect (left a string when it is not valid JSON). Other keys (name, tool_call_id,
+    ...) pass through. Raises TemplateError for anything else (no role, a non-text part)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TemplateError(f"message {n} needs a 'role' string (got {m!r:.80})")
+        m = dict(m)
+        if m["role"] == "developer":  # OpenAI's newer name for the system role
+            m["role"] = "system"
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise TemplateError(f"message {n}: only text content parts are supported (got {kind!r})")
+                texts.append(part["text"])
+            m["content"] = "\n".join(texts)
+        elif content is None:
+            m["content"] = ""
+        elif not isinstance(content, str):
+            raise TemplateError(f"message {n}: content must be a string, a list of text parts, or null")
+        if m.get("tool_calls") is not None:
+            m["tool_calls"] = [_template_tool_call(call, n) for call in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _template_tool_call(call, n: int) -> dict:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise TemplateError(f"message {n}: each tool call needs a 'function' object")
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except ValueError:
+            pass
+    return {**call, "function": function}
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
                 eos_token: str = "", **extra) -> str:
     """Renders messages ([{"role", "content"}, ...]) into the model's prompt text."""

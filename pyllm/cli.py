@@ -115,9 +115,14 @@ def cmd_serve(args) -> int:
 
     if Starlette is None:
         raise RuntimeError(MISSING)
+    import os
+
     llm = _open(args)
-    print(f"pyllm serve: http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
-    serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue)
+    defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
+          defaults={k: v for k, v in defaults.items() if v is not None},
+          api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or ())
     return 0
 
 
@@ -231,8 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests running or waiting before new ones get 503 (default 64)")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request but /health (default: $PYLLM_API_KEY, "
+                        "else open)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN call the API (repeat for several; '*' for any)")
     _add_chat_template(p)
     _add_kv_cache(p)
+    _add_device(p)
+    _add_sampling(p)  # defaults for requests that leave these fields unset
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
@@ -257,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="buffer of the read-bandwidth probe in MiB (default 1024; 0 skips the probe)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_kv_cache(p)
+    _add_device(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -11,10 +11,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import render_chat, resolve_chat_template
+from .chat_template import normalize_messages, render_chat, resolve_chat_template
 from .formats.packed import PackedModel
 from .formats.safetensors import FormatError
-from .sampling import Sampler, SamplingParams
+from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -73,17 +73,37 @@ class GenerationStats:
                 f"Generation: {self.decode_tokens_per_second:.1f} t/s ]")
 
 
+@dataclass
+class TokenLogprob:
+    """One generated token: its id, log-probability under the model (log_softmax of the raw logits,
+    before any sampling option), and the `top` most likely ids with theirs, best first."""
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
 class TextStream:
     """The text pieces of one generate/chat call, as an iterator.
 
-    stats fills in as the pieces come; cancel() (from any thread) ends the generation within one
-    token, or within one prefill chunk; close() stops it from the consuming thread.
+    stats fills in as the pieces come; tokens lists the generated tokens (TokenLogprob, with
+    log-probabilities when generate() was given logprobs=; an end-of-generation token is not
+    listed), take_tokens() those added since its last call. cancel() (from any thread) ends the
+    generation within one token, or within one prefill chunk; close() stops it from the consuming
+    thread.
     """
 
     def __init__(self, stats: GenerationStats):
         self.stats = stats
         self.cancelled = threading.Event()
+        self.tokens: list[TokenLogprob] = []
+        self._taken = 0
         self._pieces: Iterator[str] = iter(())
+
+    def take_tokens(self) -> list[TokenLogprob]:
+        """The tokens generated since the last call (all of them the first time)."""
+        new = self.tokens[self._taken:]
+        self._taken += len(new)
+        return new
 
     def __iter__(self):
         return self
@@ -258,7 +278,10 @@ class LLM:
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-                 stop_token_ids: list[int] | None = None, stream: bool = False):
+                 stop_token_ids: list[int] | None = None, stream: bool = False, *, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                 logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
+                 logits_processors: list[LogitsProcessor] | None = None):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
 
         A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
@@ -266,20 +289,75 @@ class LLM:
         stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats.
 
         Unset options come from the model's generation config (transformers' defaults for a model
-        that samples), else greedy and 256 new tokens. Generation ends at an end-of-sequence token of
-        the model, a token in stop_token_ids, a stop string (not included in the text),
-        max_new_tokens, the end of the context, or cancel()."""
+        that samples), else greedy and 256 new tokens. Generation ends at an end-of-generation token
+        of the model (every one it declares), a token in stop_token_ids, a stop string (not included
+        in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
+        the end of the context, or cancel().
+
+        presence_penalty, frequency_penalty ([-2, 2]) and logit_bias ({token id: [-100, 100]}) are
+        OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
+        chosen token's own log-probability only); they appear in TextStream.tokens.
+        Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
+        ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>.
+        logits_processors: callables (ids so far, scores f64 [vocab]) -> scores, run before the
+        built-in processors at every token (pyllm.sampling); one with an accept(token) method is told
+        each generated token before the next engine step.
+        Raises ValueError for an option out of range, a prompt that does not fit, or a bad grammar;
+        structured.GrammarUnavailable (a RuntimeError) when a grammar is asked for and llguidance is
+        not installed."""
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        params.presence_penalty, params.frequency_penalty = float(presence_penalty), float(frequency_penalty)
+        params.logit_bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+        params.validate()
+        if any(k >= self.config.vocab_size for k in params.logit_bias):
+            raise ValueError(f"logit_bias names a token past the vocabulary ({self.config.vocab_size} tokens)")
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         if isinstance(stop, str):
             stop = [stop]
+        stop, stop_ids = self._stop_tokens(list(stop or []), stop_token_ids)
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+        processors = list(logits_processors or [])
+        constraint = self._constraint(response_format, grammar)
+        if constraint is not None:
+            processors.insert(0, constraint)
         if _is_batch(prompt):
+            if processors or logprobs is not None:
+                raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
+                                 "give a single prompt")
             prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
-            return self._batch(prompts, max_new_tokens, params, list(stop or []), set(stop_token_ids or []), stream)
+            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        pieces = self._stream(ids, max_new_tokens, params, list(stop or []), set(stop_token_ids or []))
+        pieces = self._stream(ids, max_new_tokens, params, stop, stop_ids, processors, logprobs)
         return pieces if stream else "".join(pieces)
+
+    def _stop_tokens(self, stop: list[str], stop_token_ids) -> tuple[list[str], set[int]]:
+        """(stop strings, stop ids): a stop string that is a special token's text becomes its id
+        (special tokens never reach the text, so the string could never match)."""
+        ids = set()
+        for i in stop_token_ids or []:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.config.vocab_size:
+                raise ValueError(f"stop_token_ids must be token ids in [0, {self.config.vocab_size}); got {i!r}")
+            ids.add(int(i))
+        strings = []
+        for s in stop:
+            i = self.tokenizer.token_to_id(s) if s else None
+            if i is not None and i in self.tokenizer.special_ids:
+                ids.add(i)
+            else:
+                strings.append(s)
+        return strings, ids
+
+    def _constraint(self, response_format: dict | None, grammar: str | None):
+        """The grammar processor for response_format / grammar, or None when unconstrained."""
+        from . import structured
+
+        text = structured.grammar_from(response_format, grammar)
+        if text is None:
+            return None
+        return structured.GrammarProcessor(self.tokenizer, text, self.config.vocab_size)
 
     def _batch(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
                stop_ids: set[int], stream: bool):
@@ -317,7 +395,10 @@ class LLM:
         return texts
 
     def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None, **kwargs):
-        """Replies to OpenAI-style messages using the chat template (generate's options apply). A list of
+        """Replies to OpenAI-style messages using the chat template (generate's options apply).
+
+        Messages are normalised as the server does (chat_template.normalize_messages): content as
+        a string, a list of text parts, or None (an assistant turn that only calls tools). A list of
         conversations is answered together (one reply each, as generate does with a list of prompts)."""
         if messages and all(isinstance(m, (list, tuple)) for m in messages):
             return self.generate([self.chat_prompt_ids(list(m), tools=tools) for m in messages], stream=stream,
@@ -328,7 +409,8 @@ class LLM:
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does."""
         extra = {"tools": tools} if tools is not None else {}
-        ids = self.tokenizer.encode(self.apply_chat_template(messages, **extra), add_special_tokens=False)
+        ids = self.tokenizer.encode(self.apply_chat_template(normalize_messages(messages), **extra),
+                                    add_special_tokens=False)
         bos = self.tokenizer.bos_id
         if self.tokenizer.spec.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
@@ -350,7 +432,8 @@ class LLM:
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
                                      else repetition_penalty),
-            seed=seed,
+            # -1: unseeded, as llama.cpp; other negative seeds are taken modulo 2**64 (OpenAI allows any int64)
+            seed=None if seed is None or seed == -1 else int(seed) % (1 << 64),
         )
         params.validate()
         return params
@@ -362,7 +445,7 @@ class LLM:
             running.cancel()
 
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
-                stop_ids: set[int]) -> TextStream:
+                stop_ids: set[int], processors: list, logprobs: int | None) -> TextStream:
         prompt = self._check_ids(ids)
         if len(prompt) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context_length} "
@@ -370,8 +453,9 @@ class LLM:
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         stream = TextStream(GenerationStats(prompt_tokens=len(prompt)))
-        stream._pieces = self._run(prompt, max_new_tokens, Sampler(params), stop,
-                                   stop_ids | set(self.tokenizer.eos_ids), stream)
+        sampler = Sampler(params, processors, prompt_length=len(prompt))
+        stream._pieces = self._run(prompt, max_new_tokens, sampler, stop, stop_ids | set(self.tokenizer.eos_ids),
+                                   stream, logprobs)
         return stream
 
     def _prefill(self, ids: list[int], common: int, cancel: threading.Event) -> np.ndarray | None:
@@ -387,7 +471,7 @@ class LLM:
         return logits
 
     def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
-             stream: TextStream) -> Iterator[str]:
+             stream: TextStream, logprobs: int | None) -> Iterator[str]:
         self._acquire()
         self._running = stream
         stats, cancel = stream.stats, stream.cancelled
@@ -416,6 +500,7 @@ class LLM:
             held = ""  # text withheld because it may be the start of a stop string
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
+            stopped_in_text = False
             for step in range(limit):
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -427,11 +512,17 @@ class LLM:
                 if token in stop_ids:
                     stats.finish_reason = "stop"
                     break
+                stream.tokens.append(_token_logprob(token, logits, logprobs))
+                for processor in sampler.processors:
+                    accept = getattr(processor, "accept", None)
+                    if accept is not None:
+                        accept(token)  # e.g. a grammar computes its next mask while the engine runs
                 held += decoder.push(token)
                 cut = _find_stop(held, stop)
                 if cut is not None:
                     held = held[:cut]
                     stats.finish_reason = "stop"
+                    stopped_in_text = True
                     break
                 safe = len(held) - _partial_stop_len(held, stop)
                 if safe > 0:
@@ -440,8 +531,11 @@ class LLM:
                 if step + 1 < limit:
                     logits = self.engine.forward(np.array([token], dtype=np.int32), len(self._cached), False)
                     self._cached.append(token)
-            else:
-                held += decoder.flush()
+            if not stopped_in_text and stats.finish_reason != "cancelled":
+                held += decoder.flush()  # the text decode() gives for the last tokens, held back until now
+                cut = _find_stop(held, stop)
+                if cut is not None:
+                    held, stats.finish_reason = held[:cut], "stop"
             stats.decode_seconds = time.perf_counter() - decode_start
             if held:
                 yield held
@@ -470,6 +564,15 @@ def _is_batch(prompt) -> bool:
     """A list of prompts (texts or token-id lists), as opposed to one prompt's token ids."""
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple))
                                                                          for p in prompt)
+
+
+def _token_logprob(token: int, logits: np.ndarray, top: int | None) -> TokenLogprob:
+    """The record of one generated token; log-probabilities from the raw logits when top is not None."""
+    if top is None:
+        return TokenLogprob(token)
+    logp = log_softmax(logits)
+    best = np.argsort(-logp, kind="stable")[:top] if top else []
+    return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

@@ -1,62 +1,142 @@
-"""Choosing the next token from logits, in transformers' order: repetition penalty, then
-temperature, top-k, top-p and min-p. Temperature 0 is greedy (after the repetition penalty)."""
+"""Choosing the next token from logits.
+
+A sampler is a chain of logits processors followed by a draw. A logits processor is any callable
+`processor(ids, scores) -> scores`: ids are the token ids so far (prompt, then the generated ones),
+scores f64 [vocab]; it returns the new scores (it may change them in place), -inf for a token that
+must not come. The chain runs, in order: the caller's processors (grammar masks, custom hooks), then
+the built-in ones made from SamplingParams: logit_bias, the repetition penalty (transformers' rule,
+over every id so far), the presence and frequency penalties (OpenAI's rule, over the generated ids).
+The draw then applies temperature, top-k, top-p and min-p (transformers' order). Temperature 0 is
+greedy over the processed scores.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
+
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
+    top_p: float = 1.0  # 1 = off; 0 keeps only the most likely token
     min_p: float = 0.0  # 0 = off: drop tokens less likely than min_p x the most likely one
     repetition_penalty: float = 1.0  # 1 = off: as transformers, for every token already in the context
+    presence_penalty: float = 0.0  # 0 = off: OpenAI's, subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # 0 = off: OpenAI's, subtracted per occurrence in the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     seed: int | None = None
 
     def validate(self) -> None:
+        """Raises ValueError naming the first option out of range."""
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError("top_p must be in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
         if not self.repetition_penalty > 0:
             raise ValueError("repetition_penalty must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (got {token!r})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100] (got {bias!r} for token {token})")
+
+
+class LogitBias:
+    """Adds bias[token] to each listed token's score (OpenAI's logit_bias; -100 in effect bans it)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = np.array(list(bias), dtype=np.int64)
+        self.values = np.array(list(bias.values()), dtype=np.float64)
+
+    def __call__(self, ids: Sequence[int], scores: np.ndarray) -> np.ndarray:
+        if self.ids.size and self.ids.max() >= scores.size:
+            raise ValueError(f"logit_bias names token {int(self.ids.max())}; the vocabulary has {scores.size}")
+        scores[self.ids] += self.values
+        return scores
+
+
+class RepetitionPenalty:
+    """transformers' rule: every token already in ids gets its score divided by penalty (multiplied
+    when negative)."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, ids: Sequence[int], scores: np.ndarray) -> np.ndarray:
+        if len(ids):
+            seen = np.unique(np.asarray(ids, dtype=np.int64))
+            picked = scores[seen]
+            scores[seen] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores
+
+
+class PresenceFrequencyPenalty:
+    """OpenAI's rule over the generated tokens (ids[prompt_length:]): score -= count * frequency +
+    (count > 0) * presence."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int):
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, ids: Sequence[int], scores: np.ndarray) -> np.ndarray:
+        generated = np.asarray(ids[self.prompt_length:], dtype=np.int64)
+        if generated.size:
+            tokens, counts = np.unique(generated, return_counts=True)
+            scores[tokens] -= counts * self.frequency + self.presence
+        return scores
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    """Processors, then the draw. processors: the caller's, run before the built-in ones;
+    prompt_length: where the generated ids start in the ids passed to __call__."""
+
+    def __init__(self, params: SamplingParams, processors: Sequence[LogitsProcessor] = (), prompt_length: int = 0):
         params.validate()
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.processors = list(processors)
+        if params.logit_bias:
+            self.processors.append(LogitBias(params.logit_bias))
+        if params.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenalty(params.repetition_penalty))
+        if params.presence_penalty or params.frequency_penalty:
+            self.processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty,
+                                                            prompt_length))
 
-    def __call__(self, logits: np.ndarray, context: list[int] | None = None) -> int:
-        """logits: f32 [vocab]; context: the token ids so far (for the repetition penalty) -> token id."""
+    def __call__(self, logits: np.ndarray, context: Sequence[int] | None = None) -> int:
+        """logits: f32 [vocab]; context: the token ids so far -> token id."""
         if self.params.temperature == 0:
-            return int(np.argmax(self.penalized(logits, context)))
+            return int(np.argmax(self.processed(logits, context)))
         probs = self.probabilities(logits, context)
         return int(self.rng.choice(probs.size, p=probs))
 
-    def penalized(self, logits: np.ndarray, context: list[int] | None = None) -> np.ndarray:
-        """logits: f32 [vocab] -> f64 [vocab] after the repetition penalty (transformers' rule)."""
-        p = self.params
+    def processed(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
+        """logits: f32 [vocab] -> f64 [vocab] after every processor. Raises ValueError when the
+        processors leave no token possible."""
         scores = logits.astype(np.float64)
-        if p.repetition_penalty != 1.0 and context:
-            seen = np.unique(np.asarray(context, dtype=np.int64))
-            picked = scores[seen]
-            scores[seen] = np.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+        ids = context if context is not None else []
+        for processor in self.processors:
+            scores = processor(ids, scores)
+        if not np.isfinite(scores.max()):
+            raise ValueError("the logits processors left no token possible")
         return scores
 
-    def probabilities(self, logits: np.ndarray, context: list[int] | None = None) -> np.ndarray:
+    def probabilities(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
         """The distribution a token is drawn from, f64 [vocab] summing to 1 (temperature > 0)."""
         p = self.params
-        scores = self.penalized(logits, context) / p.temperature
+        scores = self.processed(logits, context) / p.temperature
         if p.top_k and p.top_k < scores.size:
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores >= kth, scores, -np.inf)
@@ -73,3 +153,10 @@ class Sampler:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
         return probs
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """f32/f64 [..., vocab] -> f64 log-probabilities over the last axis."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

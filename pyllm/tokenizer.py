@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from .formats.packed import TokenizerSpec
@@ -19,6 +20,8 @@ class Tokenizer:
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
+            self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
+            self._byte_level = _decoder_has(json.loads(blob).get("decoder"), "ByteLevel")
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -31,6 +34,7 @@ class Tokenizer:
             self._special_ids_by_text = {t: self.token_to_id(t) for t in specials}
             self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")") if specials else None
             self._added_by_id = {i: t for t, i in spec.added_tokens.items()}
+            self.run_byte_ids = frozenset()  # sentencepiece decodes each invalid byte on its own
         else:
             raise ValueError(f"unknown tokenizer kind {spec.kind!r}")
         self.bos_id = spec.bos_token_id
@@ -43,6 +47,37 @@ class Tokenizer:
             return self.spec.added_tokens[token]
         i = self._sp.piece_to_id(token)
         return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+
+    def is_silent(self, token_id: int) -> bool:
+        """Whether decode() (skipping special tokens) gives no text for this id: a special token, or an
+        id past the vocabulary (models often have more embeddings than tokens)."""
+        i = int(token_id)
+        if i in self.special_ids or i >= self.vocab_size:
+            return True
+        return self._hf.id_to_token(i) is None if self._hf is not None else False
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in decoded text: part of a character for a byte-level or
+        byte-fallback token, a special token's own text. b"" for an id without a token."""
+        i = int(token_id)
+        if self._hf is not None:
+            piece = self._hf.id_to_token(i)
+            if piece is None:
+                return b""
+            if i in self.special_ids or i in self._hf.get_added_tokens_decoder():
+                return piece.encode("utf-8")
+            if self._byte_level and all(c in _BYTE_DECODER for c in piece):
+                return bytes(_BYTE_DECODER[c] for c in piece)
+            if i in self.run_byte_ids:
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+        if i in self._added_by_id:
+            return self._added_by_id[i].encode("utf-8")
+        if i >= self._sp.get_piece_size():
+            return b""
+        if self._sp.is_byte(i):
+            return bytes([int(self._sp.id_to_piece(i)[3:5], 16)])
+        return self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in the text map to their ids."""
@@ -83,38 +118,103 @@ class Tokenizer:
         return "".join(out)
 
 
-class StreamDecoder:
-    """Turns generated ids, one at a time, into text pieces that never split a UTF-8 character.
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
-    Each step decodes only a short window: the tokens of the previous piece (so leading spaces and
-    merges decode as in the full text) plus the tokens not yet emitted. Text ending in an incomplete
-    character (U+FFFD) is held back until the next token completes it. The pieces joined equal the
-    decoding of all the ids after the context. The work per token stays constant however long the
-    generation runs.
+
+_BYTE_DECODER = _bytes_to_unicode()
+
+
+def _decoder_has(node, kind: str) -> bool:
+    """Whether a tokenizer.json decoder (or a Sequence of them) has a step of this type."""
+    if isinstance(node, dict):
+        return node.get("type") == kind or any(_decoder_has(v, kind) for v in node.values())
+    if isinstance(node, list):
+        return any(_decoder_has(v, kind) for v in node)
+    return False
+
+
+def _byte_fallback_ids(hf, blob: bytes) -> frozenset:
+    """The <0xNN> token ids when the tokenizer.json decoder has a ByteFallback step, else none.
+
+    That step decodes a run of consecutive byte tokens as UTF-8 when it is valid and otherwise as one
+    U+FFFD per byte, so a later byte token can rewrite the text of the whole run before it."""
+    if not _decoder_has(json.loads(blob).get("decoder"), "ByteFallback"):
+        return frozenset()
+    ids = (hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
+
+
+class StreamDecoder:
+    """Turns generated ids, one at a time, into text pieces whose concatenation equals decode().
+
+    Invariant (for every tokenizer kind): the pieces joined, flush() included, equal
+    decode(context_tail + ids)[len(decode(context_tail)):] where context_tail is the last 4 context
+    ids; with no context, exactly decode(ids), replacement characters (U+FFFD) included.
+
+    Each step decodes a window: the ids from `start` on. `done` is the window's text already
+    emitted (or belonging to the context). New text is emitted once it extends `done`; a trailing
+    U+FFFD is held back while the next token may complete the character, as is the text of an open run
+    of byte tokens that a later byte token can rewrite (Tokenizer.run_byte_ids: tokenizers'
+    ByteFallback decoder), and text that later tokens rewrite otherwise is held until it settles. After each piece the
+    window slides to the latest token whose decoding is exactly the tail of the window's text (a
+    character boundary), so the work per token stays constant however long the generation runs.
     """
+
+    MAX_SLIDE = 8  # window starts tried, newest first, when sliding
 
     def __init__(self, tokenizer: Tokenizer, context_ids: list[int]):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(context_ids[-4:])  # context, then the generated ids
-        self.prefix = 0  # window start: the tokens of the last emitted piece
-        self.read = len(self.ids)  # first id not yet emitted
-
-    def _pending(self) -> tuple[str, str]:
-        """(text of the window's emitted part, text of the whole window)."""
-        decode = self.tokenizer.decode
-        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+        self.ids: list[int] = list(context_ids[-4:])  # context tail, then the generated ids
+        self.start = 0  # window start
+        self.done = tokenizer.decode(self.ids)  # the window's text already accounted for
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        done, text = self._pending()
-        if text.endswith("\ufffd") or len(text) <= len(done) or not text.startswith(done):
+        """The new text that token_id completes ("" while it is held back)."""
+        self.ids.append(int(token_id))
+        end = self._settled()
+        text = self.tokenizer.decode(self.ids[self.start:end])
+        if not text.startswith(self.done):
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(done):]
+        piece = text[len(self.done):].rstrip("\ufffd")
+        if not piece:
+            return ""
+        self.done += piece
+        if self.done == text and end == len(self.ids):
+            self._slide(text)
+        return piece
+
+    def _settled(self) -> int:
+        """End of the ids whose text no later token can change: before an open run of byte tokens
+        (silent ids do not close a run: decode() drops them first)."""
+        tok, end = self.tokenizer, len(self.ids)
+        if tok.run_byte_ids:
+            while end > self.start and (self.ids[end - 1] in tok.run_byte_ids or tok.is_silent(self.ids[end - 1])):
+                end -= 1
+        return end
+
+    def _slide(self, text: str) -> None:
+        tok = self.tokenizer
+        for k in range(len(self.ids) - 1, max(self.start, len(self.ids) - 1 - self.MAX_SLIDE), -1):
+            if tok.run_byte_ids and (self.ids[k] in tok.run_byte_ids or tok.is_silent(self.ids[k])):
+                continue  # a window must not start inside a byte run (or where one could reach)
+            tail = tok.decode(self.ids[k:])
+            if tail and not tail.startswith("\ufffd") and text.endswith(tail):
+                self.start, self.done = k, tail
+                return
 
     def flush(self) -> str:
-        """The text held back at the end. A character left incomplete (the reply was cut off inside
-        it) is dropped rather than emitted broken."""
-        done, text = self._pending()
-        self.prefix = self.read = len(self.ids)
-        return text[len(done):].rstrip("\ufffd") if text.startswith(done) else ""
+        """The text held back at the end, replacement characters included (as decode() gives them)."""
+        text = self.tokenizer.decode(self.ids[self.start:])
+        piece = text[len(self.done):] if text.startswith(self.done) else ""
+        self.ids, self.start, self.done = self.ids[-1:], 0, self.tokenizer.decode(self.ids[-1:])
+        return piece

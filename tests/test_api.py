@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +37,8 @@ def test_generate_matches_argmax_of_logits(llm):
             break
         ids.append(nxt)
     expected = llm.detokenize(ids[len(prompt) - 2:])[len(llm.detokenize(prompt[-2:])):]
-    # a character cut off by the token limit is dropped, not emitted broken
-    assert llm.generate(prompt, max_new_tokens=len(ids) - len(prompt)) == expected.rstrip("\ufffd")
+    # the text is decode()'s, a character cut off by the token limit included (as U+FFFD)
+    assert llm.generate(prompt, max_new_tokens=len(ids) - len(prompt)) == expected
 
 
 def test_stream_pieces_join_to_the_full_text(llm):
@@ -204,3 +205,112 @@ def test_cli_chat_template_override(tiny_llama_f32, tmp_path):
             assert r.stdout == model.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
     r = _cli("run", tiny_llama_f32, "-p", "x", "--chat-template", "nonexistent")
     assert r.returncode == 1 and "unknown chat template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stop_string_naming_a_special_token_stops_at_it(llm):
+    """Special tokens never reach the text, so stop=["<|im_end|>"] stops at the token itself."""
+    end = llm.tokenizer.token_to_id("<|im_end|>")
+    llm.generate("Paris", max_new_tokens=6, stop=["<|im_end|>"], logit_bias={end: 100.0})
+    assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
+    monkeypatched = llm.tokenizer.eos_ids
+    llm.tokenizer.eos_ids = []
+    try:
+        llm.generate("Paris", max_new_tokens=6, stop_token_ids=[end], logit_bias={end: 100.0})
+        assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
+    finally:
+        llm.tokenizer.eos_ids = monkeypatched
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate("Paris", stop_token_ids=[10**9])
+
+
+def test_logprobs_are_log_softmax_of_the_models_logits(llm):
+    prompt = llm.tokenize("The quick brown fox")
+    stream = llm.generate(prompt, max_new_tokens=6, temperature=1.0, seed=5, logprobs=4, stream=True)
+    text = "".join(stream)
+    ids = [t.id for t in stream.tokens]
+    assert text == llm.detokenize(ids) and len(ids) == llm.last_stats.generated_tokens
+    logits = llm.logits(list(prompt) + ids)[len(prompt) - 1:-1].astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    expected = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    for row, token in zip(expected, stream.tokens):
+        assert abs(token.logprob - row[token.id]) < 1e-5
+        assert [i for i, _ in token.top] == list(np.argsort(-row, kind="stable")[:4])
+        np.testing.assert_allclose([lp for _, lp in token.top], np.sort(row)[::-1][:4], atol=1e-5)
+    plain = llm.generate("Hi", max_new_tokens=3, stream=True)
+    list(plain)
+    assert plain.tokens and all(t.logprob is None for t in plain.tokens)
+
+
+def test_penalties_bias_and_processors_change_the_choice(llm):
+    greedy = llm.generate("Paris is", max_new_tokens=1)
+    top = int(np.argmax(llm.logits(llm.tokenize("Paris is"))[-1]))
+    assert llm.generate("Paris is", max_new_tokens=1, logit_bias={top: -100}) != greedy
+
+    def ban(ids, scores):
+        scores[top] = -np.inf
+        return scores
+    assert llm.generate("Paris is", max_new_tokens=1, logits_processors=[ban]) == \
+        llm.generate("Paris is", max_new_tokens=1, logit_bias={top: -100})
+    # a frequency penalty stops a greedy loop from repeating one token
+    stream = llm.generate("a a a a", max_new_tokens=12, stream=True, frequency_penalty=2.0, presence_penalty=2.0)
+    list(stream)
+    counts = np.bincount([t.id for t in stream.tokens])
+    plain = llm.generate("a a a a", max_new_tokens=12, stream=True)
+    list(plain)
+    assert counts.max() <= np.bincount([t.id for t in plain.tokens]).max()
+    with pytest.raises(ValueError, match="presence_penalty"):
+        llm.generate("a", presence_penalty=3)
+
+
+def test_seed_minus_one_is_unseeded(llm):
+    texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
+    assert len(texts) > 1
+    negative = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-7) for _ in range(2)}
+    assert len(negative) == 1  # any other int64 is a seed
+
+
+def test_logit_bias_past_the_vocabulary_is_refused_before_generating(llm):
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate("Once", logit_bias={10**6: 1.0})
+
+
+def test_chat_accepts_content_parts_none_and_tool_turns(llm):
+    plain = llm.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=4)
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}], max_new_tokens=4)
+    assert parts == plain
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    assert isinstance(llm.chat(messages, max_new_tokens=2), str)
+    with pytest.raises(ValueError, match="image_url"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_structured_output_from_python(llm):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    for seed in range(3):
+        text = llm.generate("Reply:", max_new_tokens=60, temperature=1.0, seed=seed,
+                            response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+        jsonschema.validate(json.loads(text), schema)
+    assert llm.generate("?", max_new_tokens=10, temperature=1.0, seed=1, grammar='start: "yes" | "no"') in ("yes", "no")
+    with pytest.raises(ValueError, match="either"):
+        llm.generate("?", grammar='start: "a"', response_format={"type": "json_object"})
+    with pytest.raises(ValueError, match="grammar"):
+        llm.generate("?", grammar="start: (")
+    with pytest.raises(ValueError, match="response_format"):
+        llm.generate("?", response_format={"type": "yaml"})
+
+
+def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
+    import sys
+
+    from pyllm.structured import GrammarUnavailable
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    with pytest.raises(GrammarUnavailable, match="pip install"):
+        llm.generate("?", response_format={"type": "json_object"})
+    assert isinstance(llm.generate("?", max_new_tokens=2), str)  # plain generation needs no llguidance

@@ -47,8 +47,10 @@ def gguf_name(hf: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
 
 
-def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0) -> dict[str, np.ndarray]:
-    """Writes hf_dir's model as GGUF; returns the HF-named f32 weights the GGUF actually holds."""
+def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im_end|>", eot=None,
+               eom=None) -> dict[str, np.ndarray]:
+    """Writes hf_dir's model as GGUF; returns the HF-named f32 weights the GGUF actually holds.
+    eos/eot/eom: the special tokens written as end of text, end of turn and end of message."""
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tok = json.load(open(os.path.join(hf_dir, "tokenizer.json")))
@@ -78,7 +80,11 @@ def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0) -> dict[s
     w.add_token_types(types)
     w.add_token_merges(merges)
     w.add_bos_token_id(specials["<|im_start|>"])
-    w.add_eos_token_id(specials["<|im_end|>"])
+    w.add_eos_token_id(specials[eos])
+    if eot:
+        w.add_eot_token_id(specials[eot])
+    if eom:
+        w.add_eom_token_id(specials[eom])
     w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
 
@@ -190,6 +196,23 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
         convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
     print(error.value)
     assert not (tmp_path / "odd.pllm").exists()
+
+
+def test_every_end_of_generation_id_of_a_gguf_ends_generation(hf_dir, tmp_path):
+    """A ChatML GGUF whose EOS is <|endoftext|> and whose end of turn is <|im_end|> (as Qwen and
+    Llama-3 files are) stops at the end of the turn instead of inventing the next ones."""
+    import pyllm
+
+    gguf_path = str(tmp_path / "eot.gguf")
+    write_gguf(hf_dir, gguf_path, Q.Q8_0, eos="<|endoftext|>", eot="<|im_end|>", eom="<|im_start|>")
+    out = str(tmp_path / "eot.pllm")
+    convert_checkpoint(gguf_path, out, progress=False)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        want = [llm.tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<|im_start|>")]
+        assert llm.tokenizer.eos_ids == want
+        for end in want:  # whichever of them the model picks ends the reply
+            llm.generate("Paris", max_new_tokens=5, logit_bias={end: 100.0})
+            assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
 
 
 def test_bad_gguf_is_refused(tmp_path):

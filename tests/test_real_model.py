@@ -131,3 +131,18 @@ def test_f32_perplexity_equals_transformers(files, hf_model):
     ours = perplexity(llm.logits, tokens, ctx=512, windows=3)
     theirs = perplexity(lambda ids: hf_logits(hf_model, ids), tokens, ctx=512, windows=3)
     assert abs(ours.perplexity / theirs.perplexity - 1) < 0.005
+
+
+def test_logprobs_match_transformers(files, hf_model, hf_tokenizer):
+    """The log-probabilities generate() reports are transformers' log_softmax at those positions."""
+    llm = pyllm.LLM(files["hf-f32"], n_threads=2)
+    ids = hf_tokenizer.encode(PROMPTS["english"])
+    stream = llm.generate(ids, max_new_tokens=16, temperature=0.8, seed=4, logprobs=5, stream=True)
+    "".join(stream)
+    out = [t.id for t in stream.tokens]
+    reference = torch.log_softmax(torch.tensor(hf_logits(hf_model, ids + out)[len(ids) - 1:-1]).double(), -1).numpy()
+    assert len(out) >= 8
+    for row, token in zip(reference, stream.tokens):
+        assert abs(token.logprob - row[token.id]) < 1e-3
+        np.testing.assert_allclose([lp for _, lp in token.top], np.sort(row)[::-1][:5], atol=1e-3)
+        np.testing.assert_allclose([lp for _, lp in token.top], row[[i for i, _ in token.top]], atol=1e-3)

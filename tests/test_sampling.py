@@ -122,7 +122,47 @@ def test_repetition_penalty_matches_transformers():
 
 
 def test_invalid_settings_are_refused():
-    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1),
-                dict(repetition_penalty=0.0)):
+    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=-0.1),
+                dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+                dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0})):
         with pytest.raises(ValueError):
             Sampler(SamplingParams(**bad))
+
+
+def test_presence_and_frequency_penalties_follow_openai_over_generated_tokens():
+    """OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence, c counting the sampled tokens only."""
+    rng = np.random.default_rng(4)
+    prompt = [1, 2, 3, 3]
+    for _ in range(10):
+        logits = rng.standard_normal(VOCAB).astype(np.float32)
+        generated = [int(i) for i in rng.integers(0, 8, 6)]
+        sampler = Sampler(SamplingParams(presence_penalty=0.7, frequency_penalty=-0.4), prompt_length=len(prompt))
+        expected = logits.astype(np.float64)
+        for j in range(VOCAB):
+            c = generated.count(j)
+            expected[j] -= c * -0.4 + (c > 0) * 0.7
+        np.testing.assert_allclose(sampler.processed(logits, prompt + generated), expected, atol=1e-12)
+
+
+def test_logit_bias_and_caller_processors_run_first_in_order():
+    logits = np.zeros(VOCAB, dtype=np.float32)
+    logits[7] = 5.0
+    assert Sampler(SamplingParams(logit_bias={3: 100.0}))(logits) == 3
+    assert Sampler(SamplingParams(logit_bias={7: -100.0}))(logits) != 7
+    seen = []
+
+    def ban_three(ids, scores):
+        seen.append(list(ids))
+        scores[3] = -np.inf
+        return scores
+
+    sampler = Sampler(SamplingParams(temperature=1.0, logit_bias={3: 100.0}, seed=0), processors=[ban_three])
+    assert all(sampler(logits, [1, 2]) != 3 for _ in range(20)) and seen[0] == [1, 2]
+    with pytest.raises(ValueError, match="no token"):
+        Sampler(SamplingParams(), processors=[lambda ids, s: np.full_like(s, -np.inf)])(logits)
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token():
+    logits = np.random.default_rng(5).standard_normal(VOCAB).astype(np.float32)
+    probs = Sampler(SamplingParams(temperature=1.0, top_p=0.0)).probabilities(logits)
+    assert probs[int(np.argmax(logits))] == 1.0

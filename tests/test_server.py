@@ -37,9 +37,9 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn serving an LLM in a background thread."""
 
-    def __init__(self, llm, name="tiny", max_queue=64):
+    def __init__(self, llm, name="tiny", max_queue=64, **options):
         self.port = _free_port()
-        config = uvicorn.Config(Server(llm, name, max_queue).app(), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(Server(llm, name, max_queue, **options).app(), host="127.0.0.1", port=self.port,
                                 log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -170,18 +170,30 @@ def test_disconnected_stream_frees_the_model(live, llm, monkeypatch):
 
 
 def test_bad_requests_get_clear_errors(live, llm):
+    """Refusals come in OpenAI's error shape, naming the field in `param`."""
     client = live.client()
-    with pytest.raises(openai.BadRequestError, match="messages"):
-        client.chat.completions.create(model="tiny", messages=[])
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model="tiny", messages=_chat("hi"), n=2)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model="tiny", messages=_chat("hi"), logprobs=True)
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        client.completions.create(model="tiny", prompt="hi", frequency_penalty=0.5)
-    client.completions.create(model="tiny", prompt="hi", max_tokens=1, frequency_penalty=0)  # neutral: fine
-    with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.completions.create(model="tiny", prompt="hi", temperature=-1)
+    cases = [
+        (dict(messages=[]), "messages"),
+        (dict(messages=_chat("hi"), temperature=-1), "temperature"),
+        (dict(messages=_chat("hi"), top_p=1.5), "top_p"),
+        (dict(messages=_chat("hi"), n=0), "n"),
+        (dict(messages=_chat("hi"), logit_bias={"x": 1}), "logit_bias"),
+        (dict(messages=_chat("hi"), presence_penalty=2.5), "presence_penalty"),
+        (dict(messages=_chat("hi"), top_logprobs=3), "top_logprobs"),
+        (dict(messages=_chat("hi"), tool_choice="required"), "tool_choice"),
+        (dict(messages=_chat("hi"), response_format={"type": "xml"}), "response_format.type"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", **kwargs)
+        assert e.value.param == param and param.split("[")[0].split(".")[0] in str(e.value), kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", suffix="there")
+    assert e.value.param == "suffix"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[])
+    assert e.value.param == "prompt"
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="tiny", prompt="word " * 11_000)
     with pytest.raises(openai.BadRequestError, match="alternate"):  # the template's own error
@@ -194,6 +206,26 @@ def test_bad_requests_get_clear_errors(live, llm):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(urllib.request.Request(live.url + "/v1/completions", data=b"{not json"), timeout=5)
     assert e.value.code == 400 and "JSON" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_requests_as_clients_send_them_are_accepted(live, llm):
+    """Explicit nulls mean the default, seed -1 is unseeded, llama.cpp's names are aliases and
+    unknown fields are ignored, as OpenAI and llama.cpp's server do."""
+    expected = llm.generate("Paris is", max_new_tokens=4, repetition_penalty=1.3)
+    body = {"model": "tiny", "prompt": "Paris is", "n_predict": 4, "repeat_penalty": 1.3, "seed": -1, "n": None,
+            "temperature": None, "top_p": None, "stop": None, "logprobs": None, "echo": None, "user": "u1",
+            "cache_prompt": True, "mirostat": 0, "some_future_field": {"x": 1}}
+    request = urllib.request.Request(live.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        reply = json.loads(r.read())
+    assert reply["choices"][0]["text"] == expected and reply["usage"]["completion_tokens"] == 4
+    chat = {"model": "tiny", "messages": _chat("hi"), "max_tokens": 3, "seed": -1, "n": None, "tools": None,
+            "tool_choice": None, "response_format": None, "stream_options": None, "top_logprobs": None}
+    request = urllib.request.Request(live.url + "/v1/chat/completions", data=json.dumps(chat).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert len(json.loads(r.read())["choices"]) == 1
 
 
 def test_full_queue_gets_503(llm):
@@ -218,21 +250,29 @@ def test_default_model_answers_a_real_question(default_model_file):
 
 
 def test_serve_command_starts_and_answers(tiny_llama_f32):
+    """The command with an API key and sampling defaults: a start-up line naming model, context and
+    threads, and one log line per request with its tokens and speed."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyllm", "serve", tiny_llama_f32, "--port", str(port), "-t", "1",
-                             "--model-name", "cli-tiny"], stderr=subprocess.PIPE, text=True)
+                             "--model-name", "cli-tiny", "--device", "cpu", "--api-key", "k3y", "-n", "3", "--temperature", "0",
+                             "--ctx", "512"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while True:
             try:
-                models = _get(f"http://127.0.0.1:{port}/v1/models")
+                _get(f"http://127.0.0.1:{port}/health")
                 break
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, "pyllm serve did not come up"
                 time.sleep(0.2)
-        assert models["data"][0]["id"] == "cli-tiny"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        assert client.completions.create(model="cli-tiny", prompt="Paris", max_tokens=3).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
+        assert client.models.list().data[0].id == "cli-tiny"
+        reply = client.completions.create(model="cli-tiny", prompt="Paris")  # -n 3: the server's default
+        assert 1 <= reply.usage.completion_tokens <= 3
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        _, err = proc.communicate(timeout=20)
+    assert "cli-tiny" in err and "context 512 tokens, 1 threads on cpu" in err, err
+    assert "POST /v1/completions: 1 choice(s)" in err and "t/s decode" in err, err

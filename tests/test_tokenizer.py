@@ -360,3 +360,77 @@ def test_stream_decoder_sentencepiece_byte_fallback(sp_models, case):
 def test_stream_decoder_sentencepiece_kind(sp_kind_tokenizer):
     tok, _ = sp_kind_tokenizer
     _check_stream(tok, SP_TEXTS)
+
+
+def _random_ids(tok, rng, n):
+    """Random ids, half of them byte tokens (<0x..>) where the vocabulary has them, so that
+    characters are split, left incomplete and broken by other tokens."""
+    byte_ids = [i for i in (tok.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None]
+    vocab = [i for i in range(tok.vocab_size) if i not in tok.special_ids]
+    return [int(rng.choice(byte_ids if byte_ids and rng.random() < 0.5 else vocab)) for _ in range(n)]
+
+
+def _assert_stream_equals_decode(tok, seed, rounds=150):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        ids = _random_ids(tok, rng, int(rng.integers(1, 24)))
+        assert "".join(_stream(tok, [], ids)) == tok.decode(ids), ids
+        context = tok.encode(STREAM_PROMPT)
+        before, full = tok.decode(context[-4:]), tok.decode(context[-4:] + ids)
+        if full.startswith(before):
+            assert "".join(_stream(tok, context, ids)) == full[len(before):], ids
+
+
+def test_stream_equals_decode_on_random_ids_byte_level_bpe(bpe):
+    llm, _ = bpe
+    _assert_stream_equals_decode(llm.tokenizer, seed=1)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_stream_equals_decode_on_random_ids_sentencepiece_byte_fallback(sp_models, case):
+    llm, _ = sp_models[case]
+    tok = llm.tokenizer
+    _assert_stream_equals_decode(tok, seed=2)
+    # the reported fault: a newline byte, a lead byte that never completes, then words
+    ids = [tok.token_to_id("<0x0A>"), tok.token_to_id("<0xE5>")] + tok.encode(" the end", add_special_tokens=False)
+    assert "".join(_stream(tok, [], ids)) == tok.decode(ids)
+    assert tok.decode(ids).endswith("\ufffd the end")  # tokenizers' ByteFallback: one U+FFFD per byte of a bad run
+
+
+def test_stream_equals_decode_on_random_ids_sentencepiece_kind(sp_kind_tokenizer):
+    tok, _ = sp_kind_tokenizer
+    _assert_stream_equals_decode(tok, seed=3)
+
+
+def test_every_eos_id_of_generation_config_ends_generation(tiny_llama, tmp_path):
+    """generation_config.json's eos_token_id list (Llama 3: end of text, end of turn, end of message)
+    joins the tokenizer's EOS: each one ends generation."""
+    d = _copy_model(tiny_llama, str(tmp_path / "multi_eos"))
+    hf = _load_hf(d)
+    ends = [hf.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>")]
+    path = os.path.join(d, "generation_config.json")
+    config = json.load(open(path)) if os.path.exists(path) else {}
+    config["eos_token_id"] = ends[1:]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pyllm.LLM(_convert(d, str(tmp_path), "multi_eos"), n_threads=1) as llm:
+        assert sorted(llm.tokenizer.eos_ids) == sorted(ends)
+        for end in ends:
+            llm.generate("Paris", max_new_tokens=5, logit_bias={end: 100.0})
+            assert llm.last_stats.finish_reason == "stop" and llm.last_stats.generated_tokens == 1
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_sampled_replies_stream_all_their_text_with_byte_fallback(sp_models, case):
+    """The reported fault: sampled replies of a tiny Llama with a byte-fallback tokenizer lost text
+    when streamed. Every reply's pieces now join to decode() of its ids."""
+    llm, _ = sp_models[case]
+    context = llm.tokenize("中文 Paris\n")[-4:]
+    for seed in range(10):
+        stream = llm.generate("中文 Paris\n", max_new_tokens=24, temperature=1.0, seed=seed, stream=True)
+        text = "".join(stream)
+        ids = [t.id for t in stream.tokens]
+        before, full = llm.detokenize(context), llm.detokenize(context + ids)
+        assert full.startswith(before) and text == full[len(before):], seed

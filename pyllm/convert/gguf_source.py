@@ -216,8 +216,14 @@ class GGUFSource:
         eos_id, eos = token("tokenizer.ggml.eos_token_id")
         _, unk = token("tokenizer.ggml.unknown_token_id")
         _, pad = token("tokenizer.ggml.padding_token_id")
+        # every end-of-generation id the file declares: end of text, end of turn, end of message
+        eos_ids = []
+        for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+            i, _ = token(f"tokenizer.ggml.{key}")
+            if i is not None and i not in eos_ids:
+                eos_ids.append(i)
         spec = TokenizerSpec(kind="hf", bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                             bos_token_id=bos_id, eos_token_ids=[eos_id] if eos_id is not None else [],
+                             bos_token_id=bos_id, eos_token_ids=eos_ids,
                              add_bos_token=bool(self._get("tokenizer.ggml.add_bos_token", False)),
                              add_eos_token=bool(self._get("tokenizer.ggml.add_eos_token", False)))
         return spec, blob

@@ -1,0 +1,83 @@
+"""The JSON `pyllm serve` answers with: logprobs objects, choices and stream chunks, in OpenAI's
+shapes (chat.completion, chat.completion.chunk, text_completion)."""
+
+from __future__ import annotations
+
+import math
+
+
+def _token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    raw = tokenizer.token_bytes(token_id)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else -9999.0  # JSON has no -inf; OpenAI uses -9999
+
+
+def chat_logprobs(tokenizer, tokens) -> dict:
+    """{"content": [...]}: each generated token (pyllm.llm.TokenLogprob) with its text, bytes,
+    log-probability and top alternatives."""
+    content = []
+    for t in tokens:
+        text, raw = _token_text(tokenizer, t.id)
+        top = []
+        for i, lp in t.top or []:
+            alt_text, alt_raw = _token_text(tokenizer, i)
+            top.append({"token": alt_text, "logprob": _finite(lp), "bytes": alt_raw})
+        content.append({"token": text, "logprob": _finite(t.logprob), "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer, tokens, offset: int = 0) -> dict:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs ({text: logprob}) and
+    text_offset (characters from the start of the choice's text, starting at offset). A token whose
+    logprob is None (the first prompt token, echoed) gets null."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        text, _ = _token_text(tokenizer, t.id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if t.logprob is None else _finite(t.logprob))
+        out["top_logprobs"].append(None if t.top is None else
+                                   {_token_text(tokenizer, i)[0]: _finite(lp) for i, lp in t.top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def merge_completion_logprobs(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    return {key: a[key] + b[key] for key in a}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None,
+                tool_calls: list | None = None) -> dict:
+    message = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = [call.as_openai() for call in tool_calls]
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, content: str | None = None, finish_reason: str | None = None, role: bool = False,
+               logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
+    delta: dict = {"role": "assistant", "content": ""} if role else {}
+    if content:
+        delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = [call.as_openai(k) for k, call in enumerate(tool_calls)]
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_delta(index: int, text: str = "", finish_reason: str | None = None,
+                     logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -1,0 +1,277 @@
+"""The request bodies `pyllm serve` accepts, declared once with pydantic (as vLLM does).
+
+OpenAI's names, defaults and ranges (the API reference of /v1/chat/completions and
+/v1/completions); llama.cpp's names accepted as aliases where they differ (repeat_penalty,
+n_predict, ...); unknown fields ignored, as OpenAI does; an explicit null means the field's default;
+seed -1 means unseeded (llama.cpp). Anything else is refused with RequestError, which names the
+field in `param` as OpenAI's error object does.
+
+Extensions beyond OpenAI: top_k, min_p, repetition_penalty, stop_token_ids, and response_format
+types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
+
+MAX_STOP = 16  # stop strings per request
+MAX_CHOICES = 128  # n (OpenAI's limit)
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 400, or the status given); param names the field."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class _FieldError(ValueError):
+    """Raised by a check across fields, to name the field at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class _Body(BaseModel):
+    """Unknown fields are ignored; an explicit null is the field's default."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool = False
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None  # type "regex"
+    grammar: str | None = None  # type "grammar": Lark
+
+    @model_validator(mode="after")
+    def _has_its_field(self):
+        needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
+        if self.type in needed and not needed[self.type]:
+            raise _FieldError(f"response_format.{self.type}", f"type {self.type!r} needs this field")
+        return self
+
+    def as_dict(self) -> dict:
+        """The form generate(response_format=...) takes."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.type == "json_schema":
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_,
+                                  "strict": self.json_schema.strict}
+        elif self.type in ("regex", "grammar"):
+            out[self.type] = getattr(self, self.type)
+        return out
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = False
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class Message(BaseModel):
+    """One chat message; keys beyond these (name, tool_call_id, ...) pass through to the template."""
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+def _logit_bias_key(key: str) -> int:
+    if not re.fullmatch(r"\d{1,9}", str(key)):
+        raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+    return int(key)
+
+
+class _Sampling(_Body):
+    """The fields both endpoints share."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=-1, validation_alias=AliasChoices("max_tokens", "n_predict"))
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 / 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
+        "repetition_penalty", "repeat_penalty"))
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    seed: int | None = None
+    stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None] = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, value):
+        return {str(_logit_bias_key(k)): v for k, v in value.items()} if value else value
+
+    def generate_options(self) -> dict:
+        """LLM.generate keyword arguments (unset ones left out: the server's and model's defaults apply)."""
+        out = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
+                   repetition_penalty=self.repetition_penalty,
+                   top_k=None if self.top_k is None else max(self.top_k, 0),
+                   seed=None if self.seed == -1 else self.seed,
+                   stop=[self.stop] if isinstance(self.stop, str) else self.stop,
+                   stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
+                   frequency_penalty=self.frequency_penalty,
+                   logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                   response_format=self.response_format.as_dict() if self.response_format else None)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise _FieldError("top_logprobs", "needs logprobs: true")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise _FieldError("tool_choice", f"names {self.tool_choice.function.name!r}, which is not in tools")
+        elif self.tool_choice == "required" and not self.tools:
+            raise _FieldError("tool_choice", "'required' needs tools")
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        """max_completion_tokens, else max_tokens; None when unset (the server's default, else until
+        the context is full); -1: until the context is full."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def top_count(self) -> int | None:
+        """generate(logprobs=...): None, or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Prompt = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value):
+        def ids(v):
+            return isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        ok = (isinstance(value, str) or (isinstance(value, list) and value and (
+            all(isinstance(p, str) for p in value) or ids(value) or all(ids(p) for p in value))))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids, or a list of lists of "
+                             "token ids (none of them empty)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.suffix:
+            raise _FieldError("suffix", "insertion (suffix) is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _FieldError("best_of", "best_of other than n is not supported")
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        """max_tokens; None when unset (the server's default, else OpenAI's 16); -1: until the context is full."""
+        return self.max_tokens
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+def parse_request(body: Any, chat: bool) -> ChatCompletionRequest | CompletionRequest:
+    """The validated request; RequestError naming the first bad field otherwise."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        return (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        raise _request_error(e) from None
+
+
+_TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|literal.*|constrained-.*|json-or-python.*)"
+                        r"(\[.*)?$", re.IGNORECASE)
+
+
+def _request_error(error: ValidationError) -> RequestError:
+    first = error.errors(include_url=False)[0]
+    parts: list[str] = []
+    for item in first["loc"]:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif _TYPE_TAGS.match(item) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
+            break  # pydantic names the union branch it tried; the field is what came before
+        else:
+            parts.append(("." if parts else "") + item)
+    param = "".join(parts) or None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, _FieldError):
+        param = cause.param if not param else f"{param}.{cause.param.rsplit('.', 1)[-1]}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "is required"
+    return RequestError(f"{param}: {message}" if param else message, param=param)

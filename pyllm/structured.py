@@ -1,0 +1,167 @@
+"""Structured output: JSON (any object, or a JSON schema), regular expressions and Lark grammars,
+enforced token by token with llguidance (the constrained-decoding library llama.cpp and vLLM use).
+
+GrammarProcessor is a logits processor (pyllm.sampling): it sets the score of every token the
+grammar forbids at this point to -inf. Its mask for the next token is computed in a worker thread
+(llguidance releases the GIL) while the engine runs the step that produces the next logits, so the
+grammar costs decoding time only when it takes longer than one forward pass.
+
+llguidance is optional (the serve and grammar extras): without it, plain generation works and a
+request for structured output raises GrammarUnavailable (a RuntimeError) with the install command.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+MISSING = "structured output needs llguidance: pip install 'pyllm[grammar]' (or pip install llguidance)"
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
+# JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (llguidance's JSON
+# options; a schema's own "x-guidance" options win)
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarUnavailable(RuntimeError):
+    """Structured output was asked for and llguidance is not installed."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.numpy  # noqa: F401 - the bitmask helpers
+    except ImportError:
+        raise GrammarUnavailable(MISSING) from None
+    return llguidance
+
+
+def grammar_from(response_format: dict | None = None, grammar: str | None = None) -> str | None:
+    """The llguidance grammar for OpenAI's response_format or a Lark grammar, or None for free text.
+
+    response_format: {"type": "text"}; {"type": "json_object"} (any JSON object);
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}};
+    pyllm's extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark>"}.
+    Raises ValueError for a malformed response_format or both arguments at once; GrammarUnavailable
+    without llguidance."""
+    if response_format is not None and not isinstance(response_format, dict):
+        raise ValueError("response_format must be an object such as {'type': 'json_object'}")
+    kind = (response_format or {}).get("type", "text")
+    if kind not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format type must be one of {', '.join(RESPONSE_FORMATS)}; got {kind!r}")
+    if grammar is not None and kind != "text":
+        raise ValueError("give either response_format or grammar, not both")
+    if grammar is None and kind == "text":
+        return None
+    LLMatcher = _llguidance().LLMatcher
+    if grammar is not None:
+        return LLMatcher.grammar_from_lark(_string(grammar, "grammar"))
+    if kind == "json_object":
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
+    return (LLMatcher.grammar_from_regex if kind == "regex" else LLMatcher.grammar_from_lark)(
+        _string(response_format.get(kind), f"response_format {kind}"))
+
+
+def _string(value, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    return value
+
+
+# -- llguidance's view of a pyllm tokenizer -------------------------------------------------------
+
+_lock = threading.Lock()
+
+
+def ll_tokenizer(tokenizer):
+    """llguidance's LLTokenizer for a pyllm Tokenizer (built once, about a second for 50k tokens,
+    and cached on it)."""
+    cached = getattr(tokenizer, "_ll_tokenizer", None)
+    if cached is not None:
+        return cached
+    llg = _llguidance()
+    if not tokenizer.eos_ids:
+        raise ValueError("structured output needs a model with an end-of-sequence token")
+    with _lock:
+        if tokenizer._hf is not None:
+            ll = llg.LLTokenizer(tokenizer._hf.to_str(), n_vocab=tokenizer.vocab_size, eos_token=tokenizer.eos_ids)
+        else:
+            ll = llg.LLTokenizer(llg.TokenizerWrapper(_SentencePieceView(tokenizer)), n_vocab=tokenizer.vocab_size,
+                                 eos_token=tokenizer.eos_ids)
+        tokenizer._ll_tokenizer = ll
+    return ll
+
+
+class _SentencePieceView:
+    """What llguidance's TokenizerWrapper reads from a sentencepiece tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.eos_token_id = tokenizer.eos_ids[0]
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = sorted(tokenizer.special_ids)
+        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+
+# -- the processor -------------------------------------------------------------------------------
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pyllm-grammar")
+    return _executor
+
+
+class GrammarProcessor:
+    """Masks the tokens a grammar forbids. Raises ValueError for a grammar llguidance refuses.
+
+    accept(token) (called by the generation loop after each generated token) advances the grammar
+    and starts computing the next mask in a worker thread; __call__ waits for it and applies it."""
+
+    def __init__(self, tokenizer, grammar: str, vocab_size: int):
+        llg = _llguidance()
+        self._np = llg.numpy
+        self.tokenizer = ll_tokenizer(tokenizer)
+        self.matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ValueError(f"the grammar is not valid: {self.matcher.get_error()}")
+        self.vocab_size = vocab_size
+        self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
+        self._next = _worker().submit(self._fill)
+
+    def _fill(self) -> None:
+        self._np.fill_next_token_bitmask(self.matcher, self.mask)
+
+    def _advance(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        self._fill()
+
+    def accept(self, token: int) -> None:
+        self._next.result()
+        self._next = _worker().submit(self._advance, int(token))
+
+    def __call__(self, ids, scores: np.ndarray) -> np.ndarray:
+        self._next.result()
+        if self.matcher.is_error():
+            raise RuntimeError(f"structured output failed: {self.matcher.get_error()}")
+        n = min(scores.size, self.tokenizer.vocab_size)
+        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[:n]
+        scores[:allowed.size][allowed == 0] = -np.inf
+        scores[allowed.size:] = -np.inf
+        return scores

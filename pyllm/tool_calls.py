@@ -1,0 +1,233 @@
+"""Tool calling: which format a chat template uses, parsing a reply into OpenAI tool calls, and the
+grammar that forces a call when tool_choice asks for one.
+
+Formats, chosen from the template's own text:
+  hermes   (Hermes 2 Pro, Qwen2.5, ...)   <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>, one or more
+  mistral  (Mistral 7B v0.3, Nemo, ...)   [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+  llama3   (Llama 3.1 / 3.2 JSON tools)   {"name": ..., "parameters": {...}}, optionally after <|python_tag|>
+A template that never mentions `tools` has no tool support: tools given to it are refused
+(ToolError), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from dataclasses import dataclass
+
+
+class ToolError(ValueError):
+    """Tools the model's chat template cannot take."""
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as the OpenAI API carries it
+    id: str
+
+    def as_openai(self, index: int | None = None) -> dict:
+        out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return out if index is None else {"index": index, **out}
+
+
+class ToolFormat:
+    """One tool-call convention. marker: the text that opens a call (None: the reply is the call)."""
+
+    name = ""
+    marker: str | None = None
+
+    def call_id(self) -> str:
+        return "call_" + secrets.token_hex(12)
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(the reply's text outside tool calls, the calls). A call that is not valid JSON, or not
+        {"name": ..., "arguments"/"parameters": {...}}, leaves the text as content and no calls."""
+        raise NotImplementedError
+
+    def call_grammar(self, parallel: bool) -> str:
+        """The Lark start rule for one call (or several when parallel), in terms of the rules
+        `call` (one call's JSON object) and `marker` (the marker)."""
+        raise NotImplementedError
+
+    def _calls(self, objects) -> list[ToolCall] | None:
+        calls = []
+        for obj in objects:
+            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                return None
+            arguments = obj.get("arguments", obj.get("parameters", {}))
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    return None
+            if not isinstance(arguments, dict):
+                return None
+            calls.append(ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), self.call_id()))
+        return calls
+
+
+def _json_values(text: str) -> list | None:
+    """The JSON values one after another in text (whitespace, ';' or ',' between them), or None."""
+    decoder, values, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n;,":
+            i += 1
+        if i == len(text):
+            return values
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+class Hermes(ToolFormat):
+    name, marker = "hermes", "<tool_call>"
+    _call = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+    def parse(self, text):
+        start = text.find(self.marker)
+        if start < 0:
+            return text, []
+        objects = []
+        for body in self._call.findall(text[start:]):
+            values = _json_values(body)
+            if values is None or len(values) != 1:
+                return text, []
+            objects.append(values[0])
+        calls = self._calls(objects)
+        return (text, []) if not calls else (text[:start].strip(), calls)
+
+    def call_grammar(self, parallel):
+        one = 'marker "\\n" call "\\n</tool_call>"'
+        return f'start: {one}' + (f' ("\\n" {one})*' if parallel else "")
+
+
+class Mistral(ToolFormat):
+    name, marker = "mistral", "[TOOL_CALLS]"
+
+    def call_id(self) -> str:  # Mistral's templates require 9 letters or digits
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+    def parse(self, text):
+        start = text.find(self.marker)
+        if start < 0:
+            return text, []
+        values = _json_values(text[start + len(self.marker):])
+        if not values:
+            return text, []
+        objects = [o for v in values for o in (v if isinstance(v, list) else [v])]
+        calls = self._calls(objects)
+        return (text, []) if not calls else (text[:start].strip(), calls)
+
+    def call_grammar(self, parallel):
+        more = ' (", " call)*' if parallel else ""
+        return f'start: marker " [" call{more} "]"'
+
+
+class Llama3(ToolFormat):
+    name, marker = "llama3", "<|python_tag|>"
+
+    def parse(self, text):
+        body = text.split(self.marker, 1)[1] if self.marker in text else text
+        if not body.lstrip().startswith("{"):
+            return text, []
+        values = _json_values(body)
+        calls = self._calls(values) if values else None
+        return (text, []) if not calls else ("", calls)
+
+    def call_grammar(self, parallel):
+        return "start: call" + (' ("; " call)*' if parallel else "")
+
+
+def tool_format(template: str) -> ToolFormat:
+    """The tool-call format of a chat template; ToolError when it takes no tools or its format is unknown."""
+    if not re.search(r"\btools\b", template or ""):
+        raise ToolError("this model's chat template does not support tools (it never reads `tools`); "
+                        "give a template that does (--chat-template), or leave tools out")
+    if "<tool_call>" in template:
+        return Hermes()
+    if "[TOOL_CALLS]" in template:
+        return Mistral()
+    if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
+        return Llama3()
+    raise ToolError("the chat template takes tools but its tool-call format is none pyllm parses "
+                    "(Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON)")
+
+
+def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> dict:
+    """The JSON schema of one call to any of tools (or the one named)."""
+    key = "parameters" if isinstance(fmt, Llama3) else "arguments"
+    options = []
+    for tool in tools:
+        function = tool["function"]
+        if name is not None and function["name"] != name:
+            continue
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: parameters},
+                        "required": ["name", key], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, parallel: bool, tokenizer) -> str:
+    """A Lark grammar (llguidance's dialect) that admits only tool calls in fmt: for tool_choice
+    "required" (any tool) or a named function. A marker that is a special token of the tokenizer
+    (Mistral's [TOOL_CALLS]) is written as that token."""
+    from .structured import JSON_STYLE
+
+    schema = {**call_schema(fmt, tools, name), "x-guidance": JSON_STYLE}
+    grammar = fmt.call_grammar(parallel and name is None) + f"\ncall: %json {json.dumps(schema)}\n"
+    if fmt.marker and "marker" in grammar.split("\n", 1)[0]:
+        marker_id = tokenizer.token_to_id(fmt.marker)
+        special = marker_id is not None and marker_id in tokenizer.special_ids
+        grammar += f"marker: <[{marker_id}]>\n" if special else f"marker: {json.dumps(fmt.marker)}\n"
+    return grammar
+
+
+class ToolCallStream:
+    """Streams a reply's text while holding back what may be a tool call.
+
+    feed(piece) returns the text that is certainly content; once the marker appears (or, for a
+    format whose call is the whole reply, while the reply could still be one), the rest is held and
+    finish(full_text) parses it."""
+
+    def __init__(self, fmt: ToolFormat):
+        self.fmt = fmt
+        self.text = ""
+        self.sent = 0
+        self.holding = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if self.holding:
+            return ""
+        marker = self.fmt.marker
+        if marker and marker in self.text:
+            self.holding = True
+            cut = self.text.index(marker)
+        elif isinstance(self.fmt, Llama3) and self.text.lstrip()[:1] in ("", "{"):
+            return ""  # the reply may be a JSON call
+        else:
+            cut = len(self.text) - _partial_suffix(self.text, marker or "")
+        out = self.text[self.sent:cut]
+        self.sent = max(self.sent, cut)
+        return out
+
+    def finish(self, full_text: str) -> tuple[str, list[ToolCall]]:
+        """(content not yet sent, tool calls) for the whole reply; full_text is the reply decoded
+        with its special tokens (a marker may be one)."""
+        content, calls = self.fmt.parse(full_text)
+        if calls:
+            rest = content[self.sent:] if content.startswith(self.text[:self.sent]) else ""
+            return rest, calls
+        return self.text[self.sent:], []
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0

@@ -1,0 +1,341 @@
+"""What API clients expect from `pyllm serve`, with the official openai client: logprobs, n choices,
+several prompts, echo, penalties and logit_bias, stop tokens, structured output, tool calls, and the
+server surface (model card, tokenize, API key, CORS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import pyllm
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+pytest.importorskip("pydantic")
+
+from test_server import LiveServer, _chat  # noqa: E402
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_f32):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=2048) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def live(llm):
+    server = LiveServer(llm)
+    yield server
+    server.stop()
+
+
+def _log_softmax(logits):
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _logprobs_at(llm, prompt_ids, generated_ids):
+    """log_softmax of pyllm's own logits at the positions that produced generated_ids."""
+    return _log_softmax(llm.logits(list(prompt_ids) + list(generated_ids))[len(prompt_ids) - 1:-1])
+
+
+# -- logprobs ----------------------------------------------------------------------------------
+
+def test_chat_logprobs_equal_log_softmax_of_the_logits(live, llm):
+    client = live.client()
+    reply = client.chat.completions.create(model="tiny", messages=_chat("Paris is"), max_tokens=6, temperature=1.0,
+                                           seed=3, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens - (reply.choices[0].finish_reason == "stop")
+    ids = _generated_ids(llm.chat(_chat("Paris is"), max_new_tokens=6, temperature=1.0, seed=3, stream=True))
+    assert [bytes(c.bytes) for c in content] == [llm.tokenizer.token_bytes(i) for i in ids]
+    expected = _logprobs_at(llm, llm.chat_prompt_ids(_chat("Paris is")), ids)
+    for row, entry, token in zip(expected, content, ids):
+        assert abs(entry.logprob - row[token]) < 1e-5
+        assert len(entry.top_logprobs) == 3
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], np.sort(row)[::-1][:3], atol=1e-5)
+    # streamed: the same tokens and values, spread over the chunks
+    chunks = list(client.chat.completions.create(model="tiny", messages=_chat("Paris is"), max_tokens=6,
+                                                 temperature=1.0, seed=3, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # (within float noise: a reused prompt cache runs other batch shapes than a fresh prefill)
+    np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in content], atol=1e-5)
+
+
+def _generated_ids(stream) -> list[int]:
+    """The ids a Python API stream generated (the same seed gives the server's)."""
+    "".join(stream)
+    return [t.id for t in stream.tokens]
+
+
+def test_completion_logprobs_and_echo(live, llm):
+    client = live.client()
+    prompt = "The quick brown fox"
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, logprobs=2, echo=True)
+    choice = reply.choices[0]
+    generated = llm.generate(prompt, max_new_tokens=5)
+    assert choice.text == prompt + generated
+    ids = llm.tokenize(prompt)
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 5
+    expected_prompt = _log_softmax(llm.logits(ids))
+    for k in range(1, len(ids)):
+        assert abs(lp.token_logprobs[k] - expected_prompt[k - 1][ids[k]]) < 1e-5
+    out = _generated_ids(llm.generate(prompt, max_new_tokens=5, stream=True))
+    for k, row in enumerate(_logprobs_at(llm, ids, out)):
+        assert abs(lp.token_logprobs[len(ids) + k] - row[out[k]]) < 1e-5
+        assert len(lp.top_logprobs[len(ids) + k]) == 2
+    assert lp.text_offset[len(ids)] == len(prompt)
+    # streamed with echo: the prompt first, then the completion
+    pieces = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=5, echo=True, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == prompt + generated
+
+
+# -- several choices and prompts -----------------------------------------------------------------
+
+def test_n_choices_streamed_and_not(live, llm):
+    client = live.client()
+    reply = client.chat.completions.create(model="tiny", messages=_chat("Once"), max_tokens=8, n=3,
+                                           temperature=1.2, seed=11)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1  # seeds seed, seed+1, seed+2
+    for i, text in enumerate(texts):
+        assert text == llm.chat(_chat("Once"), max_new_tokens=8, temperature=1.2, seed=11 + i)
+    chunks = list(client.chat.completions.create(model="tiny", messages=_chat("Once"), max_tokens=8, n=3,
+                                                 temperature=1.2, seed=11, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_several_prompts_in_every_form(live, llm):
+    client = live.client()
+    prompts = ["Paris is", "Berlin"]
+    expected = [llm.generate(p, max_new_tokens=4) for p in prompts]
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=4)
+    assert [c.text for c in reply.choices] == expected
+    ids = [llm.tokenize(p) for p in prompts]
+    assert [c.text for c in client.completions.create(model="tiny", prompt=ids, max_tokens=4).choices] == expected
+    assert client.completions.create(model="tiny", prompt=ids[0], max_tokens=4).choices[0].text == expected[0]
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=4, n=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [expected[0]] * 2 + [expected[1]] * 2
+    assert reply.usage.prompt_tokens == sum(len(i) for i in ids)
+
+
+def test_penalties_and_logit_bias_match_the_python_api(live, llm):
+    client = live.client()
+    options = dict(presence_penalty=1.5, frequency_penalty=1.0)
+    top = int(np.argmax(llm.logits(llm.tokenize("a a a a"))[-1]))
+    expected = llm.generate("a a a a", max_new_tokens=10, logit_bias={top: -100.0}, **options)
+    reply = client.completions.create(model="tiny", prompt="a a a a", max_tokens=10, logit_bias={str(top): -100},
+                                      **options)
+    assert reply.choices[0].text == expected != llm.generate("a a a a", max_new_tokens=10)
+
+
+def test_stop_token_ids_and_special_stop_strings(live, llm):
+    client = live.client()
+    end = llm.tokenizer.token_to_id("<|im_end|>")
+    reply = client.completions.create(model="tiny", prompt="Paris", max_tokens=8, logit_bias={str(end): 100},
+                                      stop=["<|im_end|>"])
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
+    other = llm.tokenizer.token_to_id("<|im_start|>")
+    reply = client.completions.create(model="tiny", prompt="Paris", max_tokens=8, logit_bias={str(other): 100},
+                                      extra_body={"stop_token_ids": [other]})
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
+
+
+# -- structured output ---------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "tags": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "maxItems": 3},
+        "owner": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                                   "verified": {"type": "boolean"}},
+                  "required": ["age", "verified"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "tags", "owner"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_validates_on_sampled_runs(live):
+    jsonschema = pytest.importorskip("jsonschema")
+    client = live.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True}}
+    for seed in range(20):
+        reply = client.chat.completions.create(model="tiny", messages=_chat("a pet"), max_tokens=200,
+                                               temperature=1.0, seed=seed, response_format=fmt)
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    chunks = client.chat.completions.create(model="tiny", messages=_chat("a pet"), max_tokens=200, temperature=1.0,
+                                            seed=99, response_format=fmt, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), SCHEMA)
+
+
+def test_json_object_regex_and_grammar(live):
+    client = live.client()
+    reply = client.chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=60, temperature=1.0,
+                                           seed=1, response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:
+        assert reply.choices[0].message.content.startswith("{")
+    reply = client.completions.create(model="tiny", prompt="code:", max_tokens=20, temperature=1.0, seed=2,
+                                      extra_body={"response_format": {"type": "regex", "regex": "[A-Z]{3}-[0-9]{2}"}})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", reply.choices[0].text)
+    lark = 'start: answer\nanswer: "yes" | "no" | "maybe"'
+    reply = client.completions.create(model="tiny", prompt="?", max_tokens=20, temperature=1.0, seed=3,
+                                      extra_body={"response_format": {"type": "grammar", "grammar": lark}})
+    assert reply.choices[0].text in ("yes", "no", "maybe")
+    with pytest.raises(openai.BadRequestError, match="grammar"):
+        client.completions.create(model="tiny", prompt="?", max_tokens=5,
+                                  extra_body={"response_format": {"type": "grammar", "grammar": "start: ("}})
+
+
+# -- tool calls ----------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Berlin", "Rome"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.fixture(params=["qwen2.5-base", "llama-3.1-json-tools", "mistral-v3-tools"])
+def tool_template(request, llm):
+    with open(os.path.join(TEMPLATES, request.param + ".jinja"), encoding="utf-8") as f:
+        old, llm.chat_template = llm.chat_template, f.read()
+    yield request.param
+    llm.chat_template = old
+
+
+def test_forced_tool_calls_round_trip(live, llm, tool_template):
+    client = live.client()
+    messages = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                           tool_choice="required", parallel_tool_calls=False, max_tokens=80)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name in ("get_weather", "get_time")
+    arguments = json.loads(call.function.arguments)
+    schema = (WEATHER if call.function.name == "get_weather" else TIME)["function"]["parameters"]
+    pytest.importorskip("jsonschema").validate(arguments, schema)
+    # a named function
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME], max_tokens=80,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_time"]
+    # streamed: tool_calls deltas, finish_reason tool_calls
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME],
+                                                 tool_choice="required", parallel_tool_calls=False, max_tokens=80,
+                                                 stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name,
+                                                                          call.function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # the result fed back through the template
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    reply = client.chat.completions.create(model="tiny", messages=follow, tools=[WEATHER, TIME], max_tokens=4)
+    assert reply.usage.prompt_tokens == len(llm.chat_prompt_ids(follow, tools=[WEATHER, TIME]))
+    rendered = llm.apply_chat_template(pyllm.chat_template.normalize_messages(follow), tools=[WEATHER, TIME])
+    assert "sunny, 21 C" in rendered and call.function.name in rendered
+
+
+def test_tools_with_a_template_without_tool_support_are_refused(live):
+    client = live.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=_chat("hi"), tools=[WEATHER], max_tokens=4)
+    assert e.value.param == "tools" and "does not support tools" in str(e.value)
+    # tool_choice "none": the tools are not used, so no refusal
+    client.chat.completions.create(model="tiny", messages=_chat("hi"), tools=[WEATHER], tool_choice="none",
+                                   max_tokens=2)
+
+
+# -- server surface ------------------------------------------------------------------------------
+
+def test_model_card_tokenize_detokenize(live, llm):
+    client = live.client()
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+    def post(path, body):
+        request = urllib.request.Request(live.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
+    tokens = post("/tokenize", {"content": "Paris is 中文"})["tokens"]
+    assert tokens == llm.tokenize("Paris is 中文")
+    assert post("/tokenize", {"content": "Paris", "add_special": False})["tokens"] == llm.tokenize("Paris", False)
+    assert post("/detokenize", {"tokens": tokens})["content"] == llm.detokenize(tokens)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post("/detokenize", {"tokens": [10 ** 9]})
+    assert e.value.code == 400
+
+
+def test_api_key_and_cors(llm):
+    server = LiveServer(llm, api_key="s3cret", cors_origins=["http://app.example"])
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client().models.list()
+        ok = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="hi", max_tokens=1).usage.completion_tokens == 1
+        with urllib.request.urlopen(server.url + "/health", timeout=5) as r:  # open for load balancers
+            assert r.status == 200
+        preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        with urllib.request.urlopen(preflight, timeout=5) as r:
+            assert r.headers["access-control-allow-origin"] == "http://app.example"
+    finally:
+        server.stop()
+
+
+def test_auto_tool_choice_parses_what_the_model_writes(live, llm):
+    """tool_choice auto: a reply holding a call in the template's format becomes tool_calls (the
+    reply is steered here with a regex, as a model would write it), text before it is content."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        written = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+        steer = {"type": "regex", "regex": re.escape(written)}
+        client = live.client()
+        reply = client.chat.completions.create(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                               max_tokens=300, response_format=steer)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_time", {"zone": "CET"})]
+        chunks = list(client.chat.completions.create(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                                     max_tokens=300, response_format=steer, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert content.strip() == "Checking." and "<tool_call>" not in content
+        calls = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert [d.function.name for d in calls] == ["get_time"]
+        # a plain reply stays plain
+        plain = client.chat.completions.create(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                               max_tokens=300, response_format={"type": "regex", "regex": "It is noon"})
+        assert plain.choices[0].message.content == "It is noon" and not plain.choices[0].message.tool_calls
+    finally:
+        llm.chat_template = old

@@ -1,0 +1,95 @@
+"""Tool-call formats: chosen from the template, replies parsed into OpenAI tool calls (auto mode),
+streamed content held back only where a call may begin, and the forcing grammar accepted by llguidance."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pyllm.tool_calls import Hermes, Llama3, Mistral, ToolCallStream, ToolError, forced_call_grammar, tool_format
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
+
+
+def _template(name):
+    with open(os.path.join(TEMPLATES, name + ".jinja"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_format_is_chosen_from_the_template():
+    assert isinstance(tool_format(_template("qwen2.5-base")), Hermes)
+    assert isinstance(tool_format(_template("llama-3.1-json-tools")), Llama3)
+    assert isinstance(tool_format(_template("mistral-v3-tools")), Mistral)
+    for name in ("smollm2-135m-instruct", "llama-2-chat", "meta-llama-3-8b-instruct"):
+        with pytest.raises(ToolError, match="does not support tools"):
+            tool_format(_template(name))
+    with pytest.raises(ToolError, match="format"):
+        tool_format("{% for t in tools %}{{ t }}{% endfor %}")
+
+
+def _args(call):
+    return json.loads(call.arguments)
+
+
+def test_hermes_replies():
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}\n</tool_call>')
+    content, calls = Hermes().parse(text)
+    assert content == "Let me check."
+    assert [(c.name, _args(c)) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
+    assert len({c.id for c in calls}) == 2
+    # cut off before the closing tag: still a call
+    assert Hermes().parse('<tool_call>\n{"name": "f", "arguments": {}}')[1][0].name == "f"
+    # not JSON, or not a call: left as text
+    for bad in ("<tool_call>\n{not json}\n</tool_call>", '<tool_call>\n{"arguments": {}}\n</tool_call>',
+                "no tools here"):
+        assert Hermes().parse(bad) == (bad, [])
+
+
+def test_mistral_replies():
+    content, calls = Mistral().parse('[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}, {"name": "b", '
+                                     '"arguments": {}}]')
+    assert content == "" and [c.name for c in calls] == ["a", "b"]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # Mistral's templates insist
+    assert Mistral().parse("[TOOL_CALLS] [{broken")[1] == []
+
+
+def test_llama3_replies():
+    content, calls = Llama3().parse('{"name": "get_weather", "parameters": {"city": "Rome"}}')
+    assert content == "" and calls[0].name == "get_weather" and _args(calls[0]) == {"city": "Rome"}
+    assert Llama3().parse('<|python_tag|>{"name": "f", "parameters": {}}')[1][0].name == "f"
+    assert Llama3().parse("The answer is {not a call}")[1] == []
+
+
+def test_stream_holds_back_only_what_may_be_a_call():
+    stream = ToolCallStream(Hermes())
+    out = [stream.feed(p) for p in ["Sure", ", checking", " <tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}"]]
+    assert "".join(out) == "Sure, checking "
+    rest, calls = stream.finish(stream.text)
+    assert rest == "" and [c.name for c in calls] == ["f"]
+    plain = ToolCallStream(Hermes())
+    out = "".join(plain.feed(p) for p in ["a <to", "day we go"])
+    rest, calls = plain.finish(plain.text)
+    assert out + rest == "a <today we go" and calls == []
+    llama = ToolCallStream(Llama3())
+    assert llama.feed('{"name": "f",') == "" and llama.finish('{"name": "f", "parameters": {}}')[1]
+    prose = ToolCallStream(Llama3())
+    assert prose.feed("Hello") == "Hello"
+
+
+def test_forcing_grammars_are_valid_llguidance_grammars(tiny_llama_f32):
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}},
+             {"type": "function", "function": {"name": "g"}}]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        for fmt in (Hermes(), Mistral(), Llama3()):
+            for name, parallel in ((None, True), (None, False), ("g", False)):
+                grammar = forced_call_grammar(fmt, tools, name, parallel, llm.tokenizer)
+                matcher = llguidance.LLMatcher(ll_tokenizer(llm.tokenizer), grammar, log_level=0)
+                assert not matcher.is_error(), (fmt.name, matcher.get_error())
