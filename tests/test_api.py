@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -123,13 +124,56 @@ def test_concurrent_calls_are_serialised(llm):
     assert results == [expected] * 4
 
 
-def test_nested_generation_in_one_thread_is_refused(llm):
-    stream = llm.generate("Hello", max_new_tokens=8, stream=True)
-    next(stream, None)
-    with pytest.raises(RuntimeError, match="already generating"):
-        llm.generate("Hello", max_new_tokens=2)
-    stream.close()
-    llm.generate("Hello", max_new_tokens=2)
+def _no_eos(llm, monkeypatch):
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # replies run to max_new_tokens
+
+
+def test_nested_generation_in_one_thread_preempts_the_unread_stream(llm, monkeypatch):
+    _no_eos(llm, monkeypatch)
+    whole = llm.generate("Hello", max_new_tokens=24)
+    stream = llm.generate("Hello", max_new_tokens=24, stream=True)
+    first = next(stream)
+    other = llm.generate("Paris is a city", max_new_tokens=6)  # takes the engine from the unread stream
+    assert other == llm.generate("Paris is a city", max_new_tokens=6)
+    assert first + "".join(stream) == whole  # re-reads its context and continues with the same text
+
+
+def test_abandoned_stream_does_not_block_other_threads(llm, monkeypatch):
+    _no_eos(llm, monkeypatch)
+    expected = llm.generate("Berlin", max_new_tokens=5)
+    kept = llm.generate("Hello", max_new_tokens=50, stream=True)
+    next(kept)  # one piece taken, the iterator kept
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(llm.generate("Berlin", max_new_tokens=5)), daemon=True)
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert results == [expected] * 3
+    llm.cancel()  # returns at once: nothing runs
+    del kept
+
+
+def test_close_returns_with_a_stream_kept_or_running(tiny_llama_f32, monkeypatch):
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=4096)
+    _no_eos(llm, monkeypatch)
+    kept = llm.generate("Hello", max_new_tokens=50, stream=True)
+    next(kept)
+    done = threading.Event()
+    running = llm.generate("Paris", max_new_tokens=4000, stream=True)
+    worker = threading.Thread(target=lambda: (list(running), done.set()), daemon=True)
+    worker.start()
+    time.sleep(0.5)  # the second stream preempts the kept one and runs
+    closer = threading.Thread(target=llm.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive(), "close() did not return"
+    worker.join(timeout=10)
+    assert done.is_set() and running.stats.finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        next(kept)
+    llm.close()  # twice: a no-op
 
 
 def test_chat_template_matches_transformers(llm, tiny_llama):

@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ import pytest
 import pyllm
 from pyllm import _core
 from pyllm.formats.packed import PackedModel
-from pyllm.formats.safetensors import ALIGNMENT, FormatError, PlannedTensor, SafetensorsFile, write_atomic
+from pyllm.formats.safetensors import ALIGNMENT, CHECKSUM_KEY, FormatError, PlannedTensor, SafetensorsFile, write_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = "model.layers.0.self_attn.q_proj.weight"  # F32 [64, 64] in the tiny model
@@ -634,12 +635,15 @@ def test_write_atomic_roundtrip_with_official_reader(tmp_path):
     assert size == os.path.getsize(path)
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]
     with safe_open(str(path), framework="numpy") as f:
-        assert f.metadata() == {"k": "v", "unicode": "café"}
-        assert {k for k in f.keys() if not k.startswith("__pad__")} == set(values)
+        meta = f.metadata()
+        sums = json.loads(meta.pop(CHECKSUM_KEY))
+        assert meta == {"k": "v", "unicode": "café"}
+        assert {k for k in f.keys() if not k.startswith("__pad__")} == set(values) == set(sums)
         for name, v in values.items():
             got = f.get_tensor(name)
             assert got.dtype == v.dtype and got.shape == v.shape, name
             np.testing.assert_array_equal(got, v)
+            assert sums[name] == f"{zlib.crc32(np.ascontiguousarray(v).tobytes()):08x}"
     with SafetensorsFile(path) as ours:
         for name, v in values.items():
             np.testing.assert_array_equal(ours.array(name), v)

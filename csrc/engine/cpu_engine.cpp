@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "../core/checked.h"
 #include "engine.h"
 
 namespace pyllm {
@@ -173,9 +174,10 @@ public:
         else if (kv_cache == "f32") kv_type_ = KvType::F32;
         else if (kv_cache == "auto") kv_type_ = all_f32 ? KvType::F32 : KvType::F16;
         else throw std::invalid_argument("kv_cache must be 'auto', 'f16' or 'f32', not '" + kv_cache + "'");
-        const int64_t cache_bytes = cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim * kv_bytes(kv_type_);
-        k_cache_.reset(new uint8_t[(size_t)cache_bytes]);
-        v_cache_.reset(new uint8_t[(size_t)cache_bytes]);
+        const int64_t cache_bytes = checked_product(
+            {cfg_.n_layers, cfg_.n_kv_heads, n_ctx_, cfg_.head_dim, (int64_t)kv_bytes(kv_type_)}, "KV cache");
+        k_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
+        v_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
         const int64_t B = kMaxBatch;
         x_.resize((size_t)(B * D));
         h_.resize((size_t)(B * D));

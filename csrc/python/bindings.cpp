@@ -42,8 +42,11 @@ KernelPool& kernel_pool(int n_threads) {
     }
     return *slot;
 }
+constexpr int kMaxThreads = 1024;  // pyllm.limits.MAX_THREADS
+
 int resolve_threads(int n_threads) {
     if (n_threads < 0) bad("n_threads must be positive");
+    if (n_threads > kMaxThreads) bad("n_threads exceeds the limit of " + std::to_string(kMaxThreads));
     return n_threads == 0 ? ThreadPool::default_threads() : n_threads;
 }
 
