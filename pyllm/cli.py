@@ -44,6 +44,8 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
                    help=f"seconds a client may take to send its request body (default {d.body_timeout:g})")
     p.add_argument("--send-timeout", type=float, default=d.send_timeout,
                    help=f"seconds a client may leave a reply unread before it is dropped (default {d.send_timeout:g})")
+    p.add_argument("--template-timeout", type=float, default=d.template_timeout,
+                   help=f"seconds the chat template may take per request (default {d.template_timeout:g})")
 
 
 def cmd_convert(args) -> int:
@@ -132,7 +134,8 @@ def cmd_serve(args) -> int:
     if Starlette is None:
         raise RuntimeError(MISSING)
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
-                    body_timeout=args.body_timeout, send_timeout=args.send_timeout)
+                    body_timeout=args.body_timeout, send_timeout=args.send_timeout,
+                    template_timeout=args.template_timeout)
     llm = _open(args)
     print(f"pyllm serve: http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue, limits=limits)

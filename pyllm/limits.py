@@ -68,20 +68,23 @@ class ServerLimits:
     body_timeout: seconds to receive the whole body (408 past it).
     send_timeout: seconds a client may leave a response unread (its socket buffers full) before
         the server drops the connection, cancels the generation and frees its queue place.
+    template_timeout: seconds the chat template may take to render one request's messages (400 past it).
     """
 
     max_body_bytes: int = 8 * 2**20
     max_prompt_chars: int = 2**20
     body_timeout: float = 30.0
     send_timeout: float = 30.0
+    template_timeout: float = RenderLimits.seconds
 
     def __post_init__(self):
         _positive_int("max_body_bytes", self.max_body_bytes)
         _positive_int("max_prompt_chars", self.max_prompt_chars)
         _positive_seconds("body_timeout", self.body_timeout)
         _positive_seconds("send_timeout", self.send_timeout)
+        _positive_seconds("template_timeout", self.template_timeout)
 
     def render_limits(self) -> RenderLimits:
         """Template limits that let every prompt this server accepts render (with room for the template's text)."""
-        default = RenderLimits()
-        return RenderLimits(max(default.max_output_chars, 2 * self.max_prompt_chars + 65536), default.seconds)
+        chars = max(RenderLimits.max_output_chars, 2 * self.max_prompt_chars + 65536)
+        return RenderLimits(chars, self.template_timeout)

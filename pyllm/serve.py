@@ -35,6 +35,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
 
+PIECES_AHEAD = 64  # text pieces a generation may run ahead of its client
 MISSING = "pyllm serve needs the server extra: pip install 'pyllm[serve]' (starlette and uvicorn)"
 
 
@@ -346,7 +347,8 @@ class Server:
         options = sampling_options(body)
         if chat:
             tools = body.get("tools")
-            return self.llm.chat(chat_messages(body), stream=True, tools=tools, **options)
+            return self.llm.chat(chat_messages(body), stream=True, tools=tools,
+                                 render_limits=self.limits.render_limits(), **options)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -388,9 +390,12 @@ class Server:
         yield "data: [DONE]\n\n"
 
     async def _pieces(self, stream, request: "Request") -> AsyncIterator[str]:
-        """The stream's text pieces, produced in a worker thread; leaving early cancels the generation."""
+        """The stream's text pieces, produced in a worker thread at most PIECES_AHEAD ahead of the
+        client (a client that reads slowly pauses its generation, and a paused stream lets a waiting
+        request take the model: LLM.PREEMPT_AFTER); leaving early cancels the generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        credits = threading.Semaphore(PIECES_AHEAD)
 
         def put(item):
             try:
@@ -401,10 +406,15 @@ class Server:
         def work():
             try:
                 for piece in stream:
+                    while not credits.acquire(timeout=0.1):
+                        if stream.cancelled.is_set():
+                            return
                     put(("piece", piece))
                 put(("end", None))
             except BaseException as e:  # handed to the request's coroutine
                 put(("error", e))
+            finally:
+                stream.close()  # gives the model back now, also when cancelled while paused
 
         watcher = asyncio.ensure_future(_watch_disconnect(request, stream))
         threading.Thread(target=work, name="pyllm-request", daemon=True).start()
@@ -415,6 +425,7 @@ class Server:
                     return
                 if kind == "error":
                     raise value
+                credits.release()
                 yield value
         finally:
             stream.cancel()  # no-op when finished; otherwise the client left: stop within one token
