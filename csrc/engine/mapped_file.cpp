@@ -93,14 +93,18 @@ void TensorTable::add(const std::string& name, const std::string& dtype_name, co
     } catch (const std::invalid_argument& e) {
         fail(e.what());
     }
-    int64_t numel = 1, nbytes = 0;
-    for (int64_t d : shape)
+    uint64_t count = 1;
+    for (int64_t d : shape) {
         if (d < 0) fail("negative dimension in shape " + shape_str(shape));
+        if (__builtin_mul_overflow(count, (uint64_t)d, &count)) fail("shape " + shape_str(shape) + " overflows");
+    }
+    int64_t numel = 0, nbytes = 0;
     try {
-        for (int64_t d : shape) numel = checked_mul(numel, d, "tensor shape");
+        if (count > (uint64_t)INT64_MAX) throw std::length_error("element count");
+        numel = (int64_t)count;
         nbytes = checked_mul(numel, dtype_size(dtype), "tensor bytes");
     } catch (const std::length_error&) {
-        fail("shape " + shape_str(shape) + " overflows");
+        fail("byte size overflows");
     }
     if (end < begin) fail("end offset before begin offset");
     if (end - begin != (uint64_t)nbytes)
