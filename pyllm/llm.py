@@ -12,7 +12,6 @@ from typing import Iterator
 import numpy as np
 
 from .chat_template import render_chat, resolve_chat_template
-from .errors import library_errors
 from .formats.packed import PackedModel
 from .formats.safetensors import FormatError
 from .limits import RenderLimits, check_context_length, check_threads
@@ -112,8 +111,9 @@ class _TokenizerLoader:
 
     def _load(self) -> None:
         try:
-            with library_errors(f"{self._model.path}: the embedded tokenizer cannot be read", FormatError):
-                self._tokenizer = Tokenizer(self._model.tokenizer, self._model.tokenizer_blob())
+            self._tokenizer = Tokenizer(self._model.tokenizer, self._model.tokenizer_blob())
+        except FormatError as e:
+            self._error = FormatError(f"{self._model.path}: the embedded tokenizer cannot be read ({e})")
         except BaseException as e:  # raised in the caller's thread by result()
             self._error = e
 

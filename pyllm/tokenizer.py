@@ -20,6 +20,13 @@ class Tokenizer:
     """Wraps a Hugging Face tokenizer.json (tokenizers) or a sentencepiece model."""
 
     def __init__(self, spec: TokenizerSpec, blob: bytes):
+        """FormatError when the library cannot read blob (a tokenizer.json or sentencepiece model)."""
+        from .formats.safetensors import FormatError
+
+        with library_errors("the tokenizer cannot be read", FormatError):
+            self._load(spec, blob)
+
+    def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
         if spec.kind == "hf":
             from tokenizers import Tokenizer as HFTokenizer
