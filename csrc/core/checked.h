@@ -27,15 +27,6 @@ inline int64_t checked_product(std::initializer_list<int64_t> factors, const cha
     return out;
 }
 
-// a + b for non-negative a, b; throws when negative or when the sum exceeds INT64_MAX.
-inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
-    int64_t out = 0;
-    if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &out))
-        throw std::length_error(std::string(what) + ": size " + std::to_string(a) + " + " + std::to_string(b) +
-                                " is negative or overflows");
-    return out;
-}
-
 // n as a size_t for an allocation; throws when it cannot be one.
 inline size_t checked_size(int64_t n, const char* what) {
     if (n < 0 || (uint64_t)n > (uint64_t)std::numeric_limits<size_t>::max() / 2)
