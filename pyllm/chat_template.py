@@ -5,17 +5,29 @@ The Jinja environment matches transformers (sandboxed, trim_blocks, lstrip_block
 the `{% generation %}` tag, tojson without HTML escaping, raise_exception, strftime_now, a limited
 dict() and a namespace() that refuses underscore names). Messages are OpenAI-style dicts
 ({"role", "content", ...}); extra keys (tools, documents, ...) pass through to the template.
+
+Templates are untrusted input: a rendering is bounded in time and output (RenderLimits in
+pyllm/limits.py). The deadline is checked at every line the compiled template runs (a trace
+function on the rendering thread, on template code only), the output as it is produced, and a
+string or list that `*` or `+` would make longer than the output limit is refused before it is made.
+Every failure is a TemplateError.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
+import time
 from datetime import datetime
 from functools import lru_cache
 
+from .errors import PASSING, PyllmError
+from .limits import RenderLimits
 
-class TemplateError(ValueError):
+
+class TemplateError(PyllmError):
     """The chat template failed to render (it raised, or it is not valid Jinja)."""
 
 
@@ -158,7 +170,14 @@ def _compile(source: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -168,6 +187,73 @@ def _compile(source: str):
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template is not valid Jinja: {e}") from None
+    except PASSING:
+        raise
+    except BaseException as e:  # e.g. RecursionError on absurdly deep nesting
+        raise TemplateError(f"chat template cannot be compiled ({type(e).__name__}: {e})") from None
+
+
+class _RenderGuard:
+    """Enforces RenderLimits on the rendering in this thread (see the module docstring)."""
+
+    def __init__(self, limits: RenderLimits):
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.seconds
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateError(f"the chat template ran past its time limit of {self.limits.seconds:g} s")
+
+    def _global(self, frame, event, arg):
+        if frame.f_code.co_filename == "<template>":  # code Jinja compiled from a template
+            self.check_time()
+            return self._line
+        return None
+
+    def _line(self, frame, event, arg):
+        if event == "line":
+            self.check_time()
+        return self._line
+
+    def render(self, template, context: dict) -> str:
+        previous = sys.gettrace()
+        sys.settrace(self._global)
+        _limits.value = self.limits
+        try:
+            out, size = [], 0
+            for chunk in template.generate(**context):
+                size += len(chunk)
+                if size > self.limits.max_output_chars:
+                    raise TemplateError(f"the chat template's output exceeds {self.limits.max_output_chars} characters")
+                out.append(chunk)
+            return "".join(out)
+        finally:
+            sys.settrace(previous)
+            _limits.value = None
+
+
+class _ThreadLimits(threading.local):
+    value: RenderLimits | None = None
+
+
+_limits = _ThreadLimits()
+
+
+def _check_binop(operator: str, left, right) -> None:
+    """Refuses `*`, `+` and `**` results past the output limit before Python builds them."""
+    most = (_limits.value or RenderLimits()).max_output_chars
+    sized = (str, list, tuple)
+    if operator == "*":
+        seq, n = (left, right) if isinstance(left, sized) else (right, left)
+        if isinstance(seq, sized) and isinstance(n, int) and len(seq) * n > most:
+            raise TemplateError(f"the chat template builds a value longer than {most} (a repeated string or list)")
+    elif operator == "+":
+        if isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > most:
+            raise TemplateError(f"the chat template builds a value longer than {most} (a joined string or list)")
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 and \
+                right * max(abs(left).bit_length(), 1) > 8 * most:
+            raise TemplateError(f"the chat template computes a number of more than {8 * most} bits")
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -220,8 +306,12 @@ def _template_tool_call(call, n: int) -> dict:
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
-                eos_token: str = "", **extra) -> str:
-    """Renders messages ([{"role", "content"}, ...]) into the model's prompt text."""
+                eos_token: str = "", limits: RenderLimits | None = None, **extra) -> str:
+    """Renders messages ([{"role", "content"}, ...]) into the model's prompt text.
+
+    limits bounds the rendering's time and output (RenderLimits(), 10 s and 8 Mi characters, by
+    default). Raises TemplateError for every failure: the template raised, broke a limit, or
+    failed on the messages."""
     if not template:
         raise TemplateError("this model has no chat template: name one (chat_template= in Python, --chat-template "
                             f"on the command line; built in: {', '.join(BUILTIN_TEMPLATES)}) or use plain generation")
@@ -232,13 +322,16 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
             raise TemplateError(f"each message needs a 'role' (got {m!r})")
     from jinja2 import TemplateError as JinjaError
 
+    compiled = _compile(template)
+    context = dict(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                   bos_token=bos_token or "", eos_token=eos_token or "", **extra)
     try:
-        return _compile(template).render(messages=[dict(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos_token or "", eos_token=eos_token or "", **extra)
+        return _RenderGuard(limits or RenderLimits()).render(compiled, context)
     except TemplateError:
         raise
     except JinjaError as e:
         raise TemplateError(f"chat template failed: {e}") from None
-    except (TypeError, AttributeError, KeyError, IndexError) as e:  # e.g. content None + str
+    except PASSING:
+        raise
+    except BaseException as e:  # whatever the template's Python operations raise: e.g. content None + str
         raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {e})") from None

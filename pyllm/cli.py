@@ -33,6 +33,22 @@ def _add_kv_cache(p: argparse.ArgumentParser) -> None:
                    help="element type of the KV cache (default auto: f32 for f32 models, else f16)")
 
 
+def _add_server_limits(p: argparse.ArgumentParser) -> None:
+    from .limits import ServerLimits
+
+    d = ServerLimits()
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"largest request body; larger ones get 413 (default {d.max_body_bytes})")
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help=f"most characters of prompt text per request (default {d.max_prompt_chars})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds a client may take to send its request body (default {d.body_timeout:g})")
+    p.add_argument("--send-timeout", type=float, default=d.send_timeout,
+                   help=f"seconds a client may leave a reply unread before it is dropped (default {d.send_timeout:g})")
+    p.add_argument("--template-timeout", type=float, default=d.template_timeout,
+                   help=f"seconds the chat template may take per request (default {d.template_timeout:g})")
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
@@ -67,6 +83,15 @@ def cmd_merge(args) -> int:
     from .convert.lora import write_merged_checkpoint
 
     print(f"wrote {write_merged_checkpoint(args.base, args.lora, args.output, dtype=args.dtype)}", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .formats.packed import PackedModel
+
+    with PackedModel(args.model) as model:
+        checked = model.verify()
+    print(f"{args.model}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums)")
     return 0
 
 
@@ -111,18 +136,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .limits import ServerLimits
     from .serve import MISSING, Starlette, serve
 
     if Starlette is None:
         raise RuntimeError(MISSING)
-    import os
-
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                          body_timeout=args.body_timeout, send_timeout=args.send_timeout,
+                          template_timeout=args.template_timeout)
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
-          api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or ())
+          api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),
+          limits=limits)
     return 0
 
 
@@ -212,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="weight dtype (default f32)")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("verify", help="check every tensor of a .pllm file against its checksum")
+    p.add_argument("model", help="a .pllm file")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
     p.add_argument("model", nargs="?", default=None,
                    help="a .pllm file (default: SmolLM2-135M-Instruct, fetched and converted on first use)")
@@ -234,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests running or waiting before new ones get 503 (default 64)")
+    _add_server_limits(p)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
     p.add_argument("--api-key", default=None,
@@ -275,15 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
+    PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
+    import os
+
+    from .errors import PyllmError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError, IndexError) as e:
-        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except (PyllmError, ValueError, OSError, RuntimeError, IndexError, MemoryError) as e:
+        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # a library's own type (some derive from BaseException): still one line
+        if os.environ.get("PYLLM_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"pyllm {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

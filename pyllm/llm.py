@@ -14,6 +14,7 @@ import numpy as np
 from .chat_template import normalize_messages, render_chat, resolve_chat_template
 from .formats.packed import PackedModel
 from .formats.safetensors import FormatError
+from .limits import RenderLimits, check_context_length, check_threads
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -21,6 +22,9 @@ DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
 PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
 MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
+# A stream whose consumer has not asked for its next piece for this long, while another call waits
+# for the engine, gives the engine up; resumed, it re-reads its context into the KV cache.
+PREEMPT_AFTER = 0.25  # seconds
 DEVICES = ("cpu", "cuda")
 
 
@@ -129,8 +133,10 @@ class _TokenizerLoader:
     def _load(self) -> None:
         try:
             self._tokenizer = Tokenizer(self._model.tokenizer, self._model.tokenizer_blob())
-        except Exception as e:  # the tokenizers / sentencepiece libraries raise plain Exceptions
+        except FormatError as e:
             self._error = FormatError(f"{self._model.path}: the embedded tokenizer cannot be read ({e})")
+        except BaseException as e:  # raised in the caller's thread by result()
+            self._error = e
 
     def wait(self) -> None:
         self._thread.join()
@@ -151,6 +157,13 @@ def return_freed_heap() -> None:
         pass
 
 
+class _Call:
+    """A non-streaming use of the engine (logits()): an owner for the engine's lock."""
+
+    def cancel(self) -> None:
+        pass
+
+
 class LLM:
     """A loaded model.
 
@@ -165,8 +178,15 @@ class LLM:
     kv_cache: the element type of the KV cache, "f16", "f32" or "auto" (f32 for a model stored in
     f32, else f16, which halves the bytes attention reads per token; the CUDA engine keeps f32).
 
+    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS
+    (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
+    loading (FormatError on a mismatch; `pyllm verify` does the same from the command line).
+
     One LLM may be shared between threads: calls run one at a time, in turn. cancel() ends the
-    running call from any thread.
+    running call from any thread. A stream holds the engine only while its consumer keeps reading:
+    one left unread for PREEMPT_AFTER seconds while another call waits (at once if that call is in
+    the same thread) gives the engine up, and when read again re-reads its context into the KV
+    cache and continues with the same text. close() cancels the running call and always returns.
 
     Context policy: a prompt that does not fit the context (leaving room for one new token) is
     refused with ValueError; a reply ends with finish_reason "length" when the context is full.
@@ -174,15 +194,20 @@ class LLM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
-                 chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto", n_parallel: int = 1):
+                 chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto",
+                 verify: bool = False, n_parallel: int = 1):
         backend = engine_module(device)
+        if n_threads is not None:
+            check_threads(n_threads)
+        if context_length is not None:
+            check_context_length(context_length)
         self.path = os.fspath(path)
         self.model = PackedModel(self.path)
+        if verify:
+            self.model.verify()
         self.config = self.model.config
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
-        if n_ctx <= 0:
-            raise ValueError("context_length must be positive")
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= MAX_PARALLEL:
             raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
@@ -203,9 +228,13 @@ class LLM:
         self.n_parallel = n_parallel
         self.device = device
         self.n_threads = self.engine.n_threads
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-        self._running: TextStream | None = None  # the call that holds the engine
+        # Who uses the engine: the holder (a TextStream or a _Call), its thread, and since when a
+        # holding stream has been waiting for its consumer (None while it computes).
+        self._turn = threading.Condition()
+        self._holder = None
+        self._holder_thread: int | None = None
+        self._idle_since: float | None = None
+        self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self.last_stats = GenerationStats()
         self.last_batch_stats: list[GenerationStats] = []  # one per prompt of the last list given to generate
@@ -217,21 +246,54 @@ class LLM:
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    # -- exclusive use of the engine --------------------------------------------
-    def _acquire(self) -> None:
-        if self.engine is None:
-            raise RuntimeError("this LLM is closed")
-        if self._owner == threading.get_ident():
-            raise RuntimeError("this LLM is already generating in this thread (finish or close that stream first)")
-        self._lock.acquire()
-        if self.engine is None:  # closed while this call waited
-            self._lock.release()
-            raise RuntimeError("this LLM is closed")
-        self._owner = threading.get_ident()
+    # -- turns at the engine -------------------------------------------------------
+    @property
+    def _running(self):
+        return self._holder
 
-    def _release(self) -> None:
-        self._owner = None
-        self._lock.release()
+    def _acquire(self, owner) -> None:
+        """Waits for the engine and makes owner its holder. An idle holding stream is preempted
+        (at once when it belongs to this thread, else after PREEMPT_AFTER seconds)."""
+        me = threading.get_ident()
+        with self._turn:
+            while True:
+                if self.engine is None:
+                    raise RuntimeError("this LLM is closed")
+                if self._holder is None:
+                    break
+                if self._idle_since is not None:
+                    idle = time.monotonic() - self._idle_since
+                    if self._holder_thread == me or idle >= PREEMPT_AFTER:
+                        self._preempted.add(id(self._holder))
+                        break
+                    self._turn.wait(PREEMPT_AFTER - idle)
+                else:
+                    self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+            self._holder, self._holder_thread, self._idle_since = owner, me, None
+            self._preempted.discard(id(owner))
+
+    def _release(self, owner) -> None:
+        with self._turn:
+            if self._holder is owner:
+                self._holder = self._holder_thread = self._idle_since = None
+                self._turn.notify_all()
+            self._preempted.discard(id(owner))
+
+    def _pause(self, owner) -> None:
+        """owner hands a piece to its consumer: it keeps the engine unless someone takes it."""
+        with self._turn:
+            if self._holder is owner:
+                self._idle_since = time.monotonic()
+
+    def _resume(self, owner) -> bool:
+        """owner's consumer asks for more: True when it still holds the engine (its KV cache
+        intact), False when it was preempted and now holds the engine again."""
+        with self._turn:
+            if self._holder is owner and id(owner) not in self._preempted:
+                self._idle_since, self._holder_thread = None, threading.get_ident()
+                return True
+        self._acquire(owner)
+        return False
 
     def _check_ids(self, ids) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64)
@@ -247,7 +309,8 @@ class LLM:
         """Logits f32 [len(ids), vocab] of each token-id list, each in a fresh context, n_parallel at a time
         in one engine step (perplexity's windows)."""
         checked = [self._check_ids(ids) for ids in sequences]
-        self._acquire()
+        call = _Call()
+        self._acquire(call)
         try:
             self._cached = []
             results = []
@@ -260,19 +323,20 @@ class LLM:
                 results += [out[bounds[i]:bounds[i + 1]] for i in range(len(group))]
             return results
         finally:
-            self._release()
+            self._release(call)
 
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
         arr = self._check_ids(ids)
-        self._acquire()
+        call = _Call()
+        self._acquire(call)
         try:
             self._cached = []
             out = self.engine.forward(arr, 0, True)
             self._cached = [int(i) for i in arr]
             return out
         finally:
-            self._release()
+            self._release(call)
 
     # -- generation ----------------------------------------------------------
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
@@ -377,15 +441,18 @@ class LLM:
         run = TextStream(GenerationStats())
 
         def pieces():
-            self._acquire()
-            self._running = run
+            self._acquire(run)
             try:
-                yield from run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
-                                     stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made),
-                                     run.cancelled.is_set)
+                for index, piece in run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params,
+                                              stop, stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made),
+                                              run.cancelled.is_set):
+                    self._pause(run)
+                    yield index, piece
+                    if not self._resume(run):  # preempted while unread: the slots' caches are gone
+                        run.cancel()
+                        self._cached = []
             finally:
-                self._running = None
-                self._release()
+                self._release(run)
 
         if stream:
             return pieces()
@@ -394,33 +461,59 @@ class LLM:
             texts[index] += piece
         return texts
 
-    def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None, **kwargs):
+    def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None,
+             parse_special_in_content: bool = False, render_limits: RenderLimits | None = None, **kwargs):
         """Replies to OpenAI-style messages using the chat template (generate's options apply).
 
         Messages are normalised as the server does (chat_template.normalize_messages): content as
         a string, a list of text parts, or None (an assistant turn that only calls tools). A list of
-        conversations is answered together (one reply each, as generate does with a list of prompts)."""
+        conversations is answered together (one reply each, as generate does with a list of prompts).
+        parse_special_in_content and render_limits: as chat_prompt_ids."""
+        options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits)
         if messages and all(isinstance(m, (list, tuple)) for m in messages):
-            return self.generate([self.chat_prompt_ids(list(m), tools=tools) for m in messages], stream=stream,
+            return self.generate([self.chat_prompt_ids(list(m), **options) for m in messages], stream=stream,
                                  **kwargs)
-        ids = self.chat_prompt_ids(messages, tools=tools)
+        ids = self.chat_prompt_ids(messages, **options)
         return self.generate(ids, stream=stream, **kwargs)
 
-    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does."""
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                        parse_special_in_content: bool = False, render_limits: RenderLimits | None = None) -> list[int]:
+        """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does.
+
+        Message content is text: a special token's string written in it (say "<|im_end|>") becomes
+        ordinary tokens, so a user cannot forge the template's markers; the template's own markers
+        stay special. parse_special_in_content=True tokenizes the rendered prompt as one text, with
+        special-token strings in content parsed as the tokens themselves. Without such strings in
+        the content both give the tokens transformers' apply_chat_template gives. render_limits
+        bounds the template's time and output (TemplateError past them)."""
         extra = {"tools": tools} if tools is not None else {}
-        ids = self.tokenizer.encode(self.apply_chat_template(normalize_messages(messages), **extra),
-                                    add_special_tokens=False)
+        messages = normalize_messages(messages)
+        if parse_special_in_content:
+            protected = {}
+        else:
+            protected = self.tokenizer.special_tokens_in(_contents(messages))
+        if not protected:
+            text = self.apply_chat_template(messages, limits=render_limits, **extra)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            # each special-token string in content becomes a placeholder character while the template renders
+            used = set("".join(_contents(messages))) | set(self.chat_template or "")
+            free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
+            placeholders = {token: next(free) for token in protected}
+            hidden = [_replace_content(m, placeholders) for m in messages]
+            text = self.apply_chat_template(hidden, limits=render_limits, **extra)
+            ids = self.tokenizer.encode_with_literal(text, {c: t for t, c in placeholders.items()})
         bos = self.tokenizer.bos_id
         if self.tokenizer.spec.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
         return ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            limits: RenderLimits | None = None, **extra) -> str:
         spec = self.tokenizer.spec
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
-                           unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", **extra)
+                           unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits, **extra)
 
     def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
         d = self.model.generation
@@ -440,7 +533,7 @@ class LLM:
 
     def cancel(self) -> None:
         """Ends the running generate/chat call (from any thread): within one token, or one prefill chunk."""
-        running = self._running
+        running = self._holder
         if running is not None:
             running.cancel()
 
@@ -470,10 +563,18 @@ class LLM:
             self._cached = ids[:start + len(chunk)]
         return logits
 
+    def _reuse(self, ids: list[int]) -> int:
+        """How many leading tokens of ids the KV cache holds already (at most len(ids) - 1)."""
+        common = 0
+        for a, b in zip(self._cached, ids):
+            if a != b:
+                break
+            common += 1
+        return min(common, len(ids) - 1)
+
     def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
              stream: TextStream, logprobs: int | None) -> Iterator[str]:
-        self._acquire()
-        self._running = stream
+        self._acquire(stream)
         stats, cancel = stream.stats, stream.cancelled
         try:
             self.last_stats = stats
@@ -481,13 +582,8 @@ class LLM:
                 stats.finish_reason = "length"
                 return
             # reuse the cached prefix; at least one prompt token must run to give logits
-            ids = [int(i) for i in prompt]
-            common = 0
-            for a, b in zip(self._cached, ids):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ids) - 1)
+            ids = [int(i) for i in prompt]  # the tokens whose keys/values this call has computed
+            common = self._reuse(ids)
             stats.cached_tokens = common
             start = time.perf_counter()
             logits = self._prefill(ids, common, cancel)
@@ -495,6 +591,7 @@ class LLM:
             if logits is None:
                 stats.finish_reason = "cancelled"
                 return
+            self._cached = ids  # one list from here on: each new token is appended to both
             decoder = StreamDecoder(self.tokenizer, ids)
             limit = min(max_new_tokens, self.context_length - len(ids))
             held = ""  # text withheld because it may be the start of a stop string
@@ -505,7 +602,7 @@ class LLM:
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
-                token = sampler(logits, self._cached)
+                token = sampler(logits, ids)
                 stats.generated_tokens += 1
                 if step == 0:
                     stats.time_to_first_token = time.perf_counter() - start
@@ -526,11 +623,17 @@ class LLM:
                     break
                 safe = len(held) - _partial_stop_len(held, stop)
                 if safe > 0:
+                    self._pause(stream)
                     yield held[:safe]
                     held = held[safe:]
+                    if not self._resume(stream):  # preempted while its consumer was away: re-read the context
+                        if self._prefill(ids, self._reuse(ids), cancel) is None:
+                            stats.finish_reason = "cancelled"
+                            break
+                        self._cached = ids
                 if step + 1 < limit:
-                    logits = self.engine.forward(np.array([token], dtype=np.int32), len(self._cached), False)
-                    self._cached.append(token)
+                    logits = self.engine.forward(np.array([token], dtype=np.int32), len(ids), False)
+                    ids.append(token)  # self._cached is ids: the cache holds them all
             if not stopped_in_text and stats.finish_reason != "cancelled":
                 held += decoder.flush()  # the text decode() gives for the last tokens, held back until now
                 cut = _find_stop(held, stop)
@@ -540,18 +643,26 @@ class LLM:
             if held:
                 yield held
         finally:
-            self._running = None
-            self._release()
+            self._release(stream)
 
     def close(self) -> None:
-        """Releases the engine and unmaps the file (waits for a running call to finish; cancel() it first)."""
-        if self.engine is None:
-            return
-        if self._owner == threading.get_ident() and self._running is not None:
-            self._running.close()  # this thread's unfinished stream
-        with self._lock:
+        """Releases the engine and unmaps the file. A running call is cancelled (it ends within one
+        token or prefill chunk) and waited for; a stream left unread loses the engine at once (read
+        again, it raises RuntimeError). Always returns; closing twice is a no-op."""
+        with self._turn:
+            if self.engine is None:
+                return
+            if self._holder is not None:
+                self._holder.cancel()
+            while self._holder is not None and self._idle_since is None and \
+                    self._holder_thread != threading.get_ident():
+                self._turn.wait(0.05)  # the holder ends its step, then releases or waits for its consumer
+            if self._holder is not None:
+                self._preempted.add(id(self._holder))
+            self._holder = self._holder_thread = self._idle_since = None
             self.engine = None
             self.model.close()
+            self._turn.notify_all()
 
     def __enter__(self):
         return self
@@ -573,6 +684,36 @@ def _token_logprob(token: int, logits: np.ndarray, top: int | None) -> TokenLogp
     logp = log_softmax(logits)
     best = np.argsort(-logp, kind="stable")[:top] if top else []
     return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
+def _contents(messages) -> list[str]:
+    """The text content of OpenAI-style messages (strings, and the text of content parts)."""
+    out = []
+    for m in messages if isinstance(messages, (list, tuple)) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return out
+
+
+def _replace_content(message, placeholders: dict[str, str]):
+    """message with each key of placeholders in its text content replaced by its value."""
+    if not isinstance(message, dict):
+        return message
+
+    def hide(text: str) -> str:
+        for token in sorted(placeholders, key=len, reverse=True):
+            text = text.replace(token, placeholders[token])
+        return text
+
+    content = message.get("content")
+    if isinstance(content, str):
+        return dict(message, content=hide(content))
+    if isinstance(content, list):
+        parts = [dict(p, text=hide(p["text"])) if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+                 for p in content]
+        return dict(message, content=parts)
+    return message
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

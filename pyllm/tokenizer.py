@@ -1,17 +1,33 @@
-"""Text <-> token ids, as transformers does it, from the tokenizer embedded in a .pllm file."""
+"""Text <-> token ids, as transformers does it, from the tokenizer embedded in a .pllm file.
+
+The tokenizer files come from untrusted model files and the texts from untrusted users: whatever
+the tokenizers or sentencepiece library raises (a Rust panic included) becomes a PyllmError. Long
+texts are encoded with Python's lock released, so other threads (a server's event loop) run on.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 
+from .errors import library_errors
 from .formats.packed import TokenizerSpec
+
+GIL_FREE_CHARS = 4096  # texts at least this long go through encode_batch, which releases the GIL
 
 
 class Tokenizer:
     """Wraps a Hugging Face tokenizer.json (tokenizers) or a sentencepiece model."""
 
     def __init__(self, spec: TokenizerSpec, blob: bytes):
+        """FormatError when the library cannot read blob (a tokenizer.json or sentencepiece model)."""
+        from .formats.safetensors import FormatError
+
+        with library_errors("the tokenizer cannot be read", FormatError):
+            self._load(spec, blob)
+
+    def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
         if spec.kind == "hf":
             from tokenizers import Tokenizer as HFTokenizer
@@ -39,6 +55,54 @@ class Tokenizer:
             raise ValueError(f"unknown tokenizer kind {spec.kind!r}")
         self.bos_id = spec.bos_token_id
         self.eos_ids = list(spec.eos_token_ids)
+        if self._hf is not None:
+            self.special_tokens = [t.content for t in self._hf.get_added_tokens_decoder().values() if t.special]
+        else:
+            self.special_tokens = list(self._special_ids_by_text)
+        self._blob = blob
+        self._literal_hf = None  # a second HF tokenizer that reads special-token strings as text (made on demand)
+        self._literal_lock = threading.Lock()
+
+    def special_tokens_in(self, texts: list[str]) -> set[str]:
+        """The special-token strings (the template's markers: "<|im_end|>", "<s>", ...) written in texts."""
+        return {t for t in self.special_tokens if t and any(t in text for text in texts)}
+
+    def _hf_encode(self, hf, text: str) -> list[int]:
+        if len(text) >= GIL_FREE_CHARS:
+            return hf.encode_batch([text], add_special_tokens=False)[0].ids
+        return hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_literal(self, text: str, literal: dict[str, str]) -> list[int]:
+        """Token ids of text, where the special tokens written in text are special, and each
+        placeholder character (a key of literal) stands for its string (the value) read as plain
+        text: special-token strings in it become ordinary tokens. No special tokens are added."""
+        pattern = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True) if t)
+        pieces = re.split(f"({pattern})", text) if pattern else [text]
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if not piece:
+                continue
+            if i % 2:  # a special token the template wrote
+                ids.append(self.token_to_id(piece))
+                continue
+            for c, value in literal.items():
+                piece = piece.replace(c, value)
+            with library_errors("cannot tokenize the text"):
+                if self._hf is not None:
+                    ids += self._hf_encode(self._literal(), piece)
+                else:
+                    ids += self._sp.encode(piece)
+        return ids
+
+    def _literal(self):
+        with self._literal_lock:
+            if self._literal_hf is None:
+                from tokenizers import Tokenizer as HFTokenizer
+
+                hf = HFTokenizer.from_str(self._blob.decode("utf-8"))
+                hf.encode_special_tokens = True
+                self._literal_hf = hf
+            return self._literal_hf
 
     def token_to_id(self, token: str) -> int | None:
         if self._hf is not None:
@@ -81,8 +145,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in the text map to their ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"text to tokenize must be a str, not {type(text).__name__}")
+        with library_errors("cannot tokenize the text"):
+            return self._encode(text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._hf is not None:
-            ids = self._hf.encode(text, add_special_tokens=False).ids
+            ids = self._hf_encode(self._hf, text)
         else:
             ids = []
             pieces = self._split.split(text) if self._split else [text]
@@ -102,6 +172,10 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
+        with library_errors("cannot decode the token ids"):
+            return self._decode(ids, skip_special_tokens)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
         out, run = [], []

@@ -169,3 +169,53 @@ def test_strftime_now_namespace_dict_and_generation_tag_equal_transformers(hf_to
     ours, theirs = _both(hf_tokenizer, template, [TURN_1, REPLY_1], True)
     assert ours == theirs
     assert ours.endswith(datetime.now().strftime("%Y-%m-%d") + "0")
+
+
+# -- untrusted templates: bounded in time and output, every failure a TemplateError ----------------
+
+HOSTILE = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "recursive macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "huge repeat": "{{ 'x' * 10**9 }}",
+    "huge list": "{{ ([1] * 100000) * 100000 }}",
+    "doubling": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "huge output": "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+    "huge power": "{{ 7 ** 1000000000 }}",
+    "python error": "{{ messages[0].content + 1 }}",
+    "undefined call": "{{ nothing() }}",
+    "attribute escape": "{{ messages.__class__.__mro__ }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_templates_end_quickly_with_a_template_error(name):
+    import time
+
+    from pyllm.limits import RenderLimits
+
+    start = time.monotonic()
+    with pytest.raises(TemplateError):
+        render_chat(HOSTILE[name], [{"role": "user", "content": "hi"}],
+                    limits=RenderLimits(max_output_chars=2**20, seconds=1.0))
+    assert time.monotonic() - start < 5
+
+
+def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
+    import sys
+
+    from pyllm.limits import RenderLimits
+
+    def tracer(frame, event, arg):
+        return None
+
+    sys.settrace(tracer)
+    try:
+        text = render_chat(BUILTIN_TEMPLATES["chatml"], [{"role": "user", "content": "z" * 5000}],
+                           limits=RenderLimits(max_output_chars=6000, seconds=1.0))
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
+    assert text.count("z") == 5000
+    with pytest.raises(TemplateError, match="4000"):
+        render_chat(BUILTIN_TEMPLATES["chatml"], [{"role": "user", "content": "z" * 5000}],
+                    limits=RenderLimits(max_output_chars=4000))

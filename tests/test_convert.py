@@ -54,6 +54,36 @@ def test_pytorch_bin_checkpoint(tiny_llama, reference, tmp_path):
     assert nmse(logits_of(d, str(tmp_path / "b.pllm")), ref) < 1e-10
 
 
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_pickle_with_code_is_refused_with_a_format_error(tiny_llama, tmp_path, monkeypatch):
+    d = copy_without_weights(tiny_llama, str(tmp_path / "evil"))
+    torch.save({"model.embed_tokens.weight": _Payload()}, os.path.join(d, "pytorch_model.bin"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FormatError, match="not a readable PyTorch checkpoint"):
+        convert_checkpoint(d, str(tmp_path / "evil.pllm"), quant="f32", progress=False)
+    assert not os.path.exists(tmp_path / "pwned.txt") and not os.path.exists(tmp_path / "evil.pllm")
+    torch.save([1, 2], os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(FormatError, match="not a dict of tensors"):
+        convert_checkpoint(d, str(tmp_path / "evil.pllm"), quant="f32", progress=False)
+
+
+def test_non_finite_source_weights_are_refused_naming_the_tensor(tiny_llama, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "nan"))
+    tensors = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = np.nan
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    for quant in ("f16", "int8"):
+        with pytest.raises(FormatError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*NaN"):
+            convert_checkpoint(d, str(tmp_path / "nan.pllm"), quant=quant, progress=False)
+    assert not os.path.exists(tmp_path / "nan.pllm")
+
+
 def test_bf16_checkpoint(tiny_llama, reference, tmp_path):
     model, _ = reference
     d = copy_without_weights(tiny_llama, str(tmp_path / "bf16"))

@@ -16,10 +16,12 @@ import copy
 import json
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -27,7 +29,8 @@ import pytest
 import pyllm
 from pyllm import _core
 from pyllm.formats.packed import PackedModel
-from pyllm.formats.safetensors import ALIGNMENT, FormatError, PlannedTensor, SafetensorsFile, write_atomic
+from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, FormatError, PlannedTensor, SafetensorsFile,
+                                       verify_checksums, write_atomic)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = "model.layers.0.self_attn.q_proj.weight"  # F32 [64, 64] in the tiny model
@@ -640,12 +643,15 @@ def test_write_atomic_roundtrip_with_official_reader(tmp_path):
     assert size == os.path.getsize(path)
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]
     with safe_open(str(path), framework="numpy") as f:
-        assert f.metadata() == {"k": "v", "unicode": "café"}
-        assert {k for k in f.keys() if not k.startswith("__pad__")} == set(values)
+        meta = f.metadata()
+        sums = json.loads(meta.pop(CHECKSUM_KEY))
+        assert meta == {"k": "v", "unicode": "café"}
+        assert {k for k in f.keys() if not k.startswith("__pad__")} == set(values) == set(sums)
         for name, v in values.items():
             got = f.get_tensor(name)
             assert got.dtype == v.dtype and got.shape == v.shape, name
             np.testing.assert_array_equal(got, v)
+            assert sums[name] == f"{zlib.crc32(np.ascontiguousarray(v).tobytes()):08x}"
     with SafetensorsFile(path) as ours:
         for name, v in values.items():
             np.testing.assert_array_equal(ours.array(name), v)
@@ -767,3 +773,81 @@ def test_write_atomic_rejects_bad_plans_before_writing(tmp_path, change, fragmen
     with pytest.raises(ValueError, match=fragment):
         write_atomic(tmp_path / "out.safetensors", meta, plans)
     assert os.listdir(tmp_path) == []
+
+
+# -- checksums, non-finite values, and what a killed writer leaves -------------------------------------
+
+def test_verify_finds_one_flipped_byte_in_any_tensor(tiny_llama_f32, tmp_path):
+    from pyllm import cli
+
+    assert cli.main(["verify", tiny_llama_f32]) == 0
+    assert PackedModel(tiny_llama_f32).verify() > 0
+    f = SafetensorsFile(tiny_llama_f32)
+    for name in ("model.layers.1.mlp.down_proj.weight", "tokenizer.json", "model.norm.weight"):
+        t = f.tensors[name]
+        copy_path = tmp_path / "flipped.pllm"
+        data = bytearray(open(tiny_llama_f32, "rb").read())
+        data[f.data_offset + (t.begin + t.end) // 2] ^= 0x10
+        copy_path.write_bytes(bytes(data))
+        with pytest.raises(FormatError, match=re.escape(name)):
+            PackedModel(str(copy_path)).verify()
+        with pytest.raises(FormatError, match="checksums"):
+            pyllm.LLM(str(copy_path), n_threads=1, verify=True)
+        if name != "tokenizer.json":
+            pyllm.LLM(str(copy_path), n_threads=1).close()  # without verify=True: loads as before
+        r = subprocess.run([sys.executable, "-m", "pyllm", "verify", str(copy_path)], capture_output=True, text=True)
+        assert r.returncode == 1 and name in r.stderr and "Traceback" not in r.stderr
+    f.close()
+
+
+def test_verify_refuses_a_file_without_checksums(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "old.safetensors")
+    save_file({"a": np.zeros(4, np.float32)}, path)
+    with SafetensorsFile(path) as f, pytest.raises(FormatError, match="no checksums"):
+        verify_checksums(f)
+
+
+@pytest.mark.parametrize("dtype,bad", [("F32", np.float32(np.nan)), ("F64", -np.inf), ("F16", np.float16(np.inf)),
+                                       ("BF16", np.uint16(0x7FC0))])
+def test_writer_refuses_non_finite_values_naming_the_tensor(tmp_path, dtype, bad):
+    value = np.zeros((3, 4), dtype={"F32": np.float32, "F64": np.float64, "F16": np.float16,
+                                    "BF16": np.uint16}[dtype])
+    value[1, 2] = bad
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(FormatError, match="'layer.bad'.*1 NaN or infinite"):
+        write_atomic(path, {}, [PlannedTensor("good", "F32", (2,), lambda: np.ones(2, np.float32)),
+                                PlannedTensor("layer.bad", dtype, (3, 4), lambda: value)])
+    assert os.listdir(tmp_path) == []
+
+
+KILLED_WRITER = r"""
+import sys, time
+import numpy as np
+from pyllm.formats.safetensors import PlannedTensor, write_atomic
+
+def stall():
+    print("writing", flush=True)
+    time.sleep(600)
+    return np.zeros(4, np.float32)
+
+big = np.ones(1 << 20, np.float32)
+write_atomic(sys.argv[1], {}, [PlannedTensor("big", "F32", big.shape, lambda: big),
+                               PlannedTensor("stall", "F32", (4,), stall)])
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_nothing(tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out / "model.pllm")], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline() == "writing\n"  # 4 MB written, the next tensor on its way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert os.listdir(out) == []

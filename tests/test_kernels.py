@@ -1268,3 +1268,11 @@ def test_attention_rejects_bad_input():
         _core.attention(q, kv, kv, 0, 1.0, -1)
     with pytest.raises(ValueError, match="kv_cache"):
         _core.attention(q, kv, kv, 0, 1.0, 1, "bf16")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+def test_thread_pool_runs_every_task_once_under_stress(n_threads):
+    """Thousands of tiny jobs back to back (the job slots reused over and over), more threads than
+    cores (workers descheduled at any point), and tasks that stall mid-job."""
+    assert _core.thread_pool_stress(n_threads, jobs=3000, max_tasks=48, stall_every=97) == 0
+    assert _core.thread_pool_stress(n_threads, jobs=3000, max_tasks=3) == 0

@@ -247,6 +247,48 @@ def test_refuses_dora_and_non_lora_adapters(base, tmp_path):
     expect_refusal(base, [dora], tmp_path, "no adapter_model.safetensors")
 
 
+def _edit_config(adapter: str, **changes) -> None:
+    path = os.path.join(adapter, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)  # writes NaN as NaN, as Python's json reads it back
+
+
+def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, tmp_path, capsys):
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    bad = [dict(rank_pattern={"q_proj": 0}), dict(rank_pattern={"v_proj": 2.5}), dict(lora_alpha=float("nan")),
+           dict(lora_alpha=float("inf")), dict(alpha_pattern={"q_proj": float("nan")}), dict(r=0)]
+    for changes in bad:
+        _edit_config(adapter, **changes)
+        expect_refusal(base, [adapter], tmp_path, "adapter_config.json")
+        out = str(tmp_path / "merged")
+        capsys.readouterr()
+        assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1, changes
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "adapter_config.json" in err and "Traceback" not in err, err
+        assert not os.path.exists(out)
+        _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={})
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    tensors = load_file(path)
+    name = next(k for k in tensors if "layers.1" in k and "lora_B" in k)
+    tensors[name][0, 0] = np.inf
+    save_file(tensors, path)
+    expect_refusal(base, [adapter], tmp_path, r"model\.layers\.1\.self_attn\.q_proj\.weight.*NaN or infinite")
+    out = str(tmp_path / "merged")
+    capsys.readouterr()
+    assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1
+    assert "model.layers.1.self_attn.q_proj.weight" in capsys.readouterr().err
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
 def test_refuses_a_gguf_base(base, tmp_path, capsys):
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
     from pyllm import default_model

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "../core/checked.h"
 #include "engine.h"
 
 namespace pyllm {
@@ -298,14 +299,10 @@ public:
         else throw std::invalid_argument("kv_cache must be 'auto', 'f16' or 'f32', not '" + kv_cache + "'");
         // bytes of one layer of one sequence, and of the whole cache (overflow checked: sizes come from files
         // and users)
-        int64_t cache_bytes = 0;
-        if (__builtin_mul_overflow(cfg_.n_kv_heads * cfg_.head_dim * kv_bytes(kv_type_), n_ctx_, &layer_bytes_) ||
-            __builtin_mul_overflow(layer_bytes_, cfg_.n_layers, &cache_bytes) ||
-            __builtin_mul_overflow(cache_bytes, n_seq_, &cache_bytes) || cache_bytes > ((int64_t)1 << 46))
-            throw std::invalid_argument("a KV cache of " + std::to_string(n_seq_) + " sequences of " +
-                                        std::to_string(n_ctx_) + " positions is too large for this model");
-        k_cache_.reset(new uint8_t[(size_t)cache_bytes]);
-        v_cache_.reset(new uint8_t[(size_t)cache_bytes]);
+        layer_bytes_ = checked_product({cfg_.n_kv_heads, n_ctx_, cfg_.head_dim, (int64_t)kv_bytes(kv_type_)}, "KV cache");
+        const int64_t cache_bytes = checked_product({layer_bytes_, cfg_.n_layers, n_seq_}, "KV cache");
+        k_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
+        v_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
         const int64_t B = kMaxBatch;
         x_.resize((size_t)(B * D));
         h_.resize((size_t)(B * D));

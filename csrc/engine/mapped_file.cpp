@@ -9,6 +9,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "../core/checked.h"
+
 namespace pyllm {
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
@@ -91,25 +93,30 @@ void TensorTable::add(const std::string& name, const std::string& dtype_name, co
     } catch (const std::invalid_argument& e) {
         fail(e.what());
     }
-    uint64_t numel = 1;
+    uint64_t count = 1;
     for (int64_t d : shape) {
         if (d < 0) fail("negative dimension in shape " + shape_str(shape));
-        if (d != 0 && numel > UINT64_MAX / (uint64_t)d) fail("shape " + shape_str(shape) + " overflows");
-        numel *= (uint64_t)d;
+        if (__builtin_mul_overflow(count, (uint64_t)d, &count)) fail("shape " + shape_str(shape) + " overflows");
     }
-    const uint64_t elem = (uint64_t)dtype_size(dtype);
-    if (numel > (uint64_t)INT64_MAX / elem) fail("byte size overflows");
+    int64_t numel = 0, nbytes = 0;
+    try {
+        if (count > (uint64_t)INT64_MAX) throw std::length_error("element count");
+        numel = (int64_t)count;
+        nbytes = checked_mul(numel, dtype_size(dtype), "tensor bytes");
+    } catch (const std::length_error&) {
+        fail("byte size overflows");
+    }
     if (end < begin) fail("end offset before begin offset");
-    if (end - begin != numel * elem)
+    if (end - begin != (uint64_t)nbytes)
         fail("holds " + std::to_string(end - begin) + " bytes but " + dtype_name + " " + shape_str(shape) + " needs " +
-             std::to_string(numel * elem));
+             std::to_string(nbytes));
     const uint64_t available = file_.size() - data_offset_;
     if (begin > available || end > available)
         fail("bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") lie past the end of the file (" +
              std::to_string(available) + " data bytes); is the file truncated?");
     const uint8_t* p = file_.data() + data_offset_ + begin;
-    if ((uintptr_t)p % (uintptr_t)elem != 0) fail("data is not aligned to its element size");
-    tensors_[name] = TensorRef{dtype, shape, p, (int64_t)numel};
+    if ((uintptr_t)p % (uintptr_t)dtype_size(dtype) != 0) fail("data is not aligned to its element size");
+    tensors_[name] = TensorRef{dtype, shape, p, numel};
 }
 
 const TensorRef& TensorTable::get(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {

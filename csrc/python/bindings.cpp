@@ -6,10 +6,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "../core/numeric.h"
 #include "../core/thread_pool.h"
@@ -42,8 +46,11 @@ KernelPool& kernel_pool(int n_threads) {
     }
     return *slot;
 }
+constexpr int kMaxThreads = 1024;  // pyllm.limits.MAX_THREADS
+
 int resolve_threads(int n_threads) {
     if (n_threads < 0) bad("n_threads must be positive");
+    if (n_threads > kMaxThreads) bad("n_threads exceeds the limit of " + std::to_string(kMaxThreads));
     return n_threads == 0 ? ThreadPool::default_threads() : n_threads;
 }
 
@@ -62,6 +69,30 @@ PYBIND11_MODULE(_core, m) {
             return names;
         },
         "Kernel variants this build has and this CPU runs, slowest first (the last is the default).");
+    m.def(
+        "thread_pool_stress",
+        [](int n_threads, int64_t jobs, int64_t max_tasks, int64_t stall_every) {
+            if (n_threads < 1 || jobs < 0 || max_tasks < 1 || max_tasks > (1 << 20) || stall_every < 0)
+                bad("thread_pool_stress: invalid arguments");
+            py::gil_scoped_release release;
+            ThreadPool pool(resolve_threads(n_threads));
+            std::vector<std::atomic<int>> hits((size_t)max_tasks);
+            int64_t wrong = 0;
+            for (int64_t j = 0; j < jobs; ++j) {
+                const int64_t n = 1 + (j * 7919) % max_tasks;  // sizes vary from 1 task up
+                for (int64_t i = 0; i < n; ++i) hits[(size_t)i].store(0, std::memory_order_relaxed);
+                pool.parallel_for(n, [&](int64_t i) {
+                    // a worker descheduled mid-job: this task stalls while the others go on
+                    if (stall_every && (j + i) % stall_every == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));
+                    hits[(size_t)i].fetch_add(1, std::memory_order_relaxed);
+                });
+                for (int64_t i = 0; i < n; ++i) wrong += hits[(size_t)i].load() != 1;
+            }
+            return wrong;
+        },
+        py::arg("n_threads"), py::arg("jobs"), py::arg("max_tasks"), py::arg("stall_every") = 0,
+        "Test hook: runs `jobs` parallel_for jobs of 1..max_tasks tasks on a fresh pool of n_threads, every "
+        "stall_every-th task sleeping 0.3 ms; returns the number of tasks not run exactly once (0).");
     m.def("active_kernels", [] { return std::string(active_kernels().name); }, "Name of the kernel variant in use.");
     m.def("select_kernels", [](const std::string& name) { select_kernels(name.c_str()); }, py::arg("name"),
           "Force the matmul variant: 'portable', 'avx2' or 'auto'.");

@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
+from ..errors import library_errors
 from ..formats.packed import ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..quant import bf16_bits_to_f32
@@ -94,7 +95,11 @@ class Checkpoint:
             ) from None
         if self._torch_state is None or self._torch_state.get("__path__") != path:
             # weights_only refuses arbitrary pickled code; mmap keeps memory near one tensor
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with library_errors(f"{path}: not a readable PyTorch checkpoint (a refused pickle, or damaged)",
+                                FormatError):
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                raise FormatError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
             self._torch_state = {"__path__": path, **state}
         return {k: v for k, v in self._torch_state.items() if k != "__path__"}
 

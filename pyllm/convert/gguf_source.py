@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from ..errors import library_errors
 from ..formats.packed import ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError
 from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
@@ -200,6 +201,11 @@ class GGUFSource:
 
     # -- tokenizer and chat template ------------------------------------------
     def tokenizer(self) -> tuple[TokenizerSpec, bytes]:
+        """The vocabulary as a tokenizer.json; FormatError for one the tokenizers library cannot build."""
+        with library_errors(f"{self.path}: the GGUF tokenizer cannot be read", FormatError):
+            return self._tokenizer()
+
+    def _tokenizer(self) -> tuple[TokenizerSpec, bytes]:
         model = self._get("tokenizer.ggml.model")
         tokens = self._get("tokenizer.ggml.tokens")
         if model != "gpt2" or not tokens:

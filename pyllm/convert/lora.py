@@ -84,6 +84,32 @@ class LoraModule:
         return np.ascontiguousarray(d.T) if self.embedding or self.transposed else d
 
 
+def check_lora_numbers(cfg: dict, where: str) -> None:
+    """Ranks (r, rank_pattern values) must be positive integers and alphas (lora_alpha,
+    alpha_pattern values) finite numbers: FormatError otherwise, before any division by them."""
+    def bad(key, value, what):
+        return FormatError(f"{where}: adapter_config.json {key} must be {what}, not {value!r}")
+
+    def rank(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                value != int(value) or value <= 0:
+            raise bad(key, value, "a positive integer")
+
+    def alpha(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(key, value, "a finite number")
+
+    if "r" in cfg:
+        rank("r", cfg["r"])
+    if "lora_alpha" in cfg:
+        alpha("lora_alpha", cfg["lora_alpha"])
+    for key, check in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        patterns = cfg.get(key)
+        if isinstance(patterns, dict):
+            for module, value in patterns.items():
+                check(f"{key}[{module!r}]", value)
+
+
 class LoraAdapter:
     """A PEFT LoRA adapter directory, read with numpy."""
 
@@ -111,6 +137,7 @@ class LoraAdapter:
             raise FormatError(f"{weights}: no LoRA tensors")
 
     def _check_config(self) -> None:
+        check_lora_numbers(self.config, self.dir)
         cfg = self.config
         if cfg.get("peft_type", "LORA") != "LORA":
             raise FormatError(f"{self.dir}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")

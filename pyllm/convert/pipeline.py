@@ -12,7 +12,7 @@ import numpy as np
 from .. import __version__
 from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
-from ..formats.safetensors import FormatError, PlannedTensor, write_atomic
+from ..formats.safetensors import FormatError, PlannedTensor, check_finite, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization_nmse, quantize
 from .checkpoint import ArchitectureView, Checkpoint
 from .gguf_source import GGUFSource
@@ -39,6 +39,22 @@ def open_source(path: str):
     if magic == b"GGUF":
         return GGUFSource(path)
     raise FormatError(f"{path} is neither a Hugging Face model directory nor a GGUF file")
+
+
+class FiniteSource:
+    """A conversion source whose tensors must be finite: load() refuses NaN or infinity naming the
+    tensor (as PEFT's safe_merge), before a quantizer or a calibration pass meets it."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def load(self, name: str) -> np.ndarray:
+        w = self._source.load(name)
+        check_finite(name, "F32", w)
+        return w
 
 
 def resolve_quant(quant: str | None, group_size: int) -> tuple[str | None, int]:
@@ -131,6 +147,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         except BaseException:
             source.close()
             raise
+    source = FiniteSource(source)
     try:
         config: ModelConfig = source.config
         strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log)

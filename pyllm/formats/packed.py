@@ -9,6 +9,7 @@ See docs/FORMAT.md. Metadata keys (all strings, JSON where noted):
   pyllm.chat_template     Jinja chat template ("" when the model has none)
   pyllm.generation        JSON: generation defaults (temperature, top_p, ...)
   pyllm.source            JSON: provenance (converter, source path, quantization)
+  pyllm.checksums         JSON: {tensor name: CRC-32 of its bytes, 8 hex digits} (verify())
 Tensors: Hugging Face names ("model.layers.0.self_attn.q_proj.weight"), with
 ".scales" / ".mins" beside quantized weights, and the tokenizer files as U8
 blobs ("tokenizer.json" or "tokenizer.model").
@@ -22,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
-from .safetensors import FormatError, SafetensorsFile
+from .safetensors import FormatError, SafetensorsFile, verify_checksums
 
 FORMAT_NAME = "pyllm"
 FORMAT_VERSION = 2  # 2: the block description (architectures beyond LLaMA); 1 still opens
@@ -357,6 +358,11 @@ class PackedModel:
         if self.tokenizer.kind not in ("hf", "sentencepiece") or blob not in t or t[blob].dtype != "U8":
             raise FormatError(f"{self.path}: tokenizer of kind {self.tokenizer.kind!r} lacks its '{blob}' blob")
 
+    def verify(self) -> int:
+        """Checks every tensor's bytes against the file's checksums; returns the bytes checked.
+        FormatError names the tensors that differ (or says the file has no checksums)."""
+        return verify_checksums(self.file)
+
     def tokenizer_blob(self) -> bytes:
         return self.file.bytes("tokenizer.json" if self.tokenizer.kind == "hf" else "tokenizer.model")
 
@@ -374,3 +380,9 @@ class PackedModel:
 
     def close(self) -> None:
         self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

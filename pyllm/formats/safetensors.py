@@ -8,6 +8,9 @@ The reader trusts nothing: every length, offset, dtype and shape is checked
 against the file before any tensor is touched, so a truncated or hostile file
 raises FormatError instead of reading out of bounds. Tensors are returned as
 read-only numpy views of a memory map (no copy).
+
+The writer refuses NaN and infinity in every float tensor (naming the tensor) and records a CRC-32
+of every tensor's bytes in the metadata (CHECKSUM_KEY); verify_checksums() checks them all.
 """
 
 from __future__ import annotations
@@ -17,13 +20,20 @@ import mmap
 import os
 import stat
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
+from ..errors import PyllmError
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation allows
 ALIGNMENT = 64  # pyllm aligns the data section and every tensor to a cache line
+# metadata key: JSON {tensor name: CRC-32 (zlib.crc32, IEEE) of its bytes as 8 hex digits}
+CHECKSUM_KEY = "pyllm.checksums"
+# bits that are all set in a non-finite number, for the float types stored as integers
+NONFINITE_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
 
 # safetensors dtype -> numpy dtype of the raw elements (BF16 stays as its uint16 bits)
 DTYPES: dict[str, np.dtype] = {
@@ -40,7 +50,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 
 
-class FormatError(ValueError):
+class FormatError(PyllmError):
     """A model file is malformed, truncated or of an unsupported kind."""
 
 
@@ -220,6 +230,59 @@ class SafetensorsFile:
         self.close()
 
 
+def verify_checksums(f: SafetensorsFile) -> int:
+    """Checks the CRC-32 of every tensor of f against its CHECKSUM_KEY metadata; returns the number
+    of bytes checked. FormatError names the tensors that differ, lack a checksum, or that the
+    checksums name but the file lacks, and a file without checksums (written by an older pyllm)."""
+    raw = f.metadata.get(CHECKSUM_KEY)
+    if raw is None:
+        raise _fail(f.path, "carries no checksums (written by a pyllm before they were added); convert it again")
+    try:
+        sums = json.loads(raw)
+    except (ValueError, RecursionError):
+        sums = None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise _fail(f.path, f"metadata '{CHECKSUM_KEY}' is not a JSON object of hex strings")
+    names = [n for n in f.tensors if not n.startswith("__pad__")]
+    missing = sorted(set(names) - set(sums))
+    extra = sorted(set(sums) - set(names))
+    if missing or extra:
+        raise _fail(f.path, f"the checksums do not list the file's tensors (without one: {missing[:5]}; "
+                            f"not in the file: {extra[:5]})")
+    bad, checked = [], 0
+    view = memoryview(f._mapped()) if f.file_size > f.data_offset else memoryview(b"")
+    try:
+        for name in names:
+            t = f.tensors[name]
+            chunk = view[f.data_offset + t.begin:f.data_offset + t.end]
+            try:
+                if f"{zlib.crc32(chunk):08x}" != sums[name].lower():
+                    bad.append(name)
+            finally:
+                chunk.release()
+            checked += t.nbytes
+    finally:
+        view.release()
+    if bad:
+        raise _fail(f.path, f"{len(bad)} tensor(s) do not match their checksums (the file is corrupt): "
+                            + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+    return checked
+
+
+def check_finite(name: str, dtype: str, value: np.ndarray) -> None:
+    """Refuses NaN or infinity in a float tensor (16-bit floats may be given as their uint16 bits)."""
+    if dtype in NONFINITE_BITS and value.dtype == np.uint16:
+        bits = NONFINITE_BITS[dtype]
+        bad = int(np.count_nonzero((value & bits) == bits))
+    elif value.dtype.kind == "f":
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    else:
+        return
+    if bad:
+        raise FormatError(f"tensor '{name}' holds {bad} NaN or infinite value(s); nothing was written "
+                         "(check the source weights, and the LoRA adapters' alpha and weights)")
+
+
 @dataclass
 class PlannedTensor:
     """A tensor to write: its layout now, its values later (produce() is called once, in order)."""
@@ -244,8 +307,12 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     The header is laid out first from the planned shapes, then each tensor is
     produced and written, so peak memory is about one tensor. Data and each
     tensor start on a 64-byte boundary (padding tensors named "__pad__.N" fill
-    the gaps, since safetensors forbids holes). The file appears under `path`
-    only once complete (temporary file + fsync + rename).
+    the gaps, since safetensors forbids holes). Float tensors must be finite
+    (FormatError naming the tensor otherwise); the CRC-32 of every tensor goes
+    into the metadata (CHECKSUM_KEY). The file appears under `path` only once
+    complete and synced; until then it has no name (Linux: O_TMPFILE, linked in
+    at the end), so a process killed mid-write leaves nothing behind. Elsewhere
+    a temporary "NAME.XXXX.partial" file is renamed into place.
     """
     path = os.fspath(path)
     plans = list(tensors)
@@ -261,7 +328,8 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
             raise ValueError(f"tensor '{p.name}': unknown dtype {p.dtype!r} (choose from {', '.join(DTYPES)})")
         if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in p.shape):
             raise ValueError(f"tensor '{p.name}': invalid shape {p.shape!r}")
-    header: dict = {"__metadata__": metadata}
+    sums = {p.name: "0" * 8 for p in plans}  # filled in as the tensors are written; same length
+    header: dict = {"__metadata__": dict(metadata)}
     layout: list[tuple[PlannedTensor | None, int]] = []  # (tensor or padding, bytes)
     offset = 0
     for i, p in enumerate(plans):
@@ -274,15 +342,17 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
                           "data_offsets": [offset, offset + p.nbytes]}
         layout.append((p, p.nbytes))
         offset += p.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
 
+    def header_bytes() -> bytes:
+        header["__metadata__"][CHECKSUM_KEY] = json.dumps(sums, separators=(",", ":"))
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        return raw + b" " * (-(8 + len(raw)) % ALIGNMENT)
+
+    raw = header_bytes()
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory)
+    fd, tmp = _open_unnamed(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file private (0600); give the result the mode a plain open() would
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+        with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for p, nbytes in layout:
@@ -298,20 +368,64 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
                     raise ValueError(f"tensor '{p.name}': produced {value.dtype}, planned {p.dtype}")
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"tensor '{p.name}': produced shape {value.shape}, planned {p.shape}")
-                f.write(value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes())
+                check_finite(p.name, p.dtype, value)
+                data = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+                sums[p.name] = f"{zlib.crc32(data):08x}"
+                f.write(data)
                 if on_tensor is not None:
                     on_tensor(p, value)
+            final = header_bytes()
+            assert len(final) == len(raw)
+            f.seek(8)
+            f.write(final)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+        if tmp is None:  # an unnamed file: give it a temporary name, then the final one
+            tmp = _unique_name(path)
+            _link_fd(fd, tmp)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
+    finally:
+        os.close(fd)
     _fsync_directory(directory)  # make the rename itself durable
     return 8 + len(raw) + offset
+
+
+def _open_unnamed(path: str) -> tuple[int, str | None]:
+    """A new file to write beside path: (fd, None) for an unnamed one (Linux O_TMPFILE, where the
+    file system supports it), else (fd, name) of a NAME.XXXX.partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666), None
+        except OSError:
+            pass  # the file system has no unnamed files
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the mode open() would
+    return fd, tmp
+
+
+def _link_fd(fd: int, name: str) -> None:
+    """Gives the unnamed file open as fd the name `name` (linkat through /proc/self/fd, following
+    the link: os.link does not pass AT_SYMLINK_FOLLOW)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    if libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd, os.fsencode(name), at_symlink_follow) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot name the written file: {os.strerror(err)}", name)
+
+
+def _unique_name(path: str) -> str:
+    """A name beside path that nothing uses now (for a moment: it is renamed to path at once)."""
+    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}.partial"
 
 
 def _umask() -> int:

@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from ..errors import PyllmError
+
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -30,7 +32,7 @@ BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 SIGNATURE = "Pip:"
 
 
-class DataError(ValueError):
+class DataError(PyllmError):
     """A data file that cannot be used, with every bad line named."""
 
 

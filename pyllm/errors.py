@@ -1,0 +1,39 @@
+"""pyllm's error type: every failure that input (a file, a request, a template, a prompt) can cause.
+
+PyllmError is a ValueError, so callers that caught ValueError keep working. Its kinds:
+FormatError (a model, adapter or tokenizer file), TemplateError (a chat template), RequestError (an
+HTTP request to `pyllm serve`), DataError (training data), LimitError (an input past a size or time
+limit; docs/SECURITY.md lists them).
+
+Libraries that pyllm calls on untrusted input raise their own types, some of them outside
+Exception (the tokenizers library's PanicException derives from BaseException): `library_errors`
+turns any of them into a PyllmError with a message, leaving only KeyboardInterrupt, SystemExit,
+GeneratorExit, MemoryError and PyllmError itself to pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+
+class PyllmError(ValueError):
+    """An input pyllm refuses, with a message saying why."""
+
+
+class LimitError(PyllmError):
+    """An input larger, or slower to process, than a limit allows (the message names the limit)."""
+
+
+PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, PyllmError)
+
+
+@contextlib.contextmanager
+def library_errors(what: str, kind: type[PyllmError] = PyllmError) -> Iterator[None]:
+    """Turns anything a library raises inside the block into `kind` ("{what}: {type}: {message}")."""
+    try:
+        yield
+    except PASSING:
+        raise
+    except BaseException as e:  # noqa: B036 - pyo3's PanicException is a BaseException
+        raise kind(f"{what}: {type(e).__name__}: {e}") from e

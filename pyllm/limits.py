@@ -1,0 +1,90 @@
+"""Every explicit limit on the work one input may cause, in one place (docs/SECURITY.md lists them
+with the way to raise each).
+
+- the context length and thread count an LLM accepts (MAX_CONTEXT_LENGTH, MAX_THREADS); the
+  C++ engine checks its own sizes again with overflow-checked arithmetic (csrc/core/checked.h);
+- a chat template's output size and render time (RenderLimits: chat_template.render_chat);
+- what one HTTP request may ask of `pyllm serve` (ServerLimits: body size, prompt length, time to
+  send the body, time a client may leave its reply unread).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import LimitError
+
+MAX_CONTEXT_LENGTH = 1 << 24  # tokens; far past any model's positions (the KV cache would need TBs)
+MAX_THREADS = 1024
+
+
+def _positive_int(name: str, value, most: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LimitError(f"{name} must be a positive integer, got {value!r}")
+    if most is not None and value > most:
+        raise LimitError(f"{name} {value} exceeds the limit of {most}")
+    return value
+
+
+def _positive_seconds(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise LimitError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_context_length(value) -> int:
+    """value as a context length in tokens: a positive int up to MAX_CONTEXT_LENGTH (LimitError otherwise)."""
+    return _positive_int("context_length", value, MAX_CONTEXT_LENGTH)
+
+
+def check_threads(value) -> int:
+    """value as a thread count: a positive int up to MAX_THREADS (LimitError otherwise)."""
+    return _positive_int("n_threads", value, MAX_THREADS)
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """Bounds on one chat template rendering (TemplateError past them).
+
+    max_output_chars: characters of rendered text (and of any string or list the template builds
+        with * or +); seconds: wall time of the rendering."""
+
+    max_output_chars: int = 8 * 2**20
+    seconds: float = 10.0
+
+    def __post_init__(self):
+        _positive_int("max_output_chars", self.max_output_chars)
+        _positive_seconds("seconds", self.seconds)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on one request to `pyllm serve` (its flags of the same names).
+
+    max_body_bytes: request body size (413 past it; Content-Length is checked before reading).
+    max_prompt_chars: characters of prompt text: a completion's prompt, or all chat message
+        contents together (400 past it); tokens are bounded by the context length too.
+    body_timeout: seconds to receive the whole body (408 past it).
+    send_timeout: seconds a client may leave a response unread (its socket buffers full) before
+        the server drops the connection, cancels the generation and frees its queue place.
+    template_timeout: seconds the chat template may take to render one request's messages (400 past it).
+    """
+
+    max_body_bytes: int = 8 * 2**20
+    max_prompt_chars: int = 2**20
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    template_timeout: float = RenderLimits.seconds
+
+    def __post_init__(self):
+        _positive_int("max_body_bytes", self.max_body_bytes)
+        _positive_int("max_prompt_chars", self.max_prompt_chars)
+        _positive_seconds("body_timeout", self.body_timeout)
+        _positive_seconds("send_timeout", self.send_timeout)
+        _positive_seconds("template_timeout", self.template_timeout)
+
+    def render_limits(self) -> RenderLimits:
+        """Template limits that let every prompt this server accepts render (with room for the template's text)."""
+        chars = max(RenderLimits.max_output_chars, 2 * self.max_prompt_chars + 65536)
+        return RenderLimits(chars, self.template_timeout)
