@@ -11,6 +11,7 @@ with the way to raise each).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from .errors import LimitError
@@ -36,6 +37,19 @@ def _positive_seconds(name: str, value) -> float:
 def check_context_length(value) -> int:
     """value as a context length in tokens: a positive int up to MAX_CONTEXT_LENGTH (LimitError otherwise)."""
     return _positive_int("context_length", value, MAX_CONTEXT_LENGTH)
+
+
+def check_kv_cache_bytes(nbytes: int, what: str) -> int:
+    """A KV cache of nbytes must fit in the machine's memory (LimitError naming its size otherwise); on
+    systems that do not report their memory, nothing is checked here (the engine's allocation fails)."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return nbytes
+    if nbytes > physical:
+        raise LimitError(f"{what} needs a KV cache of {nbytes / 2**30:.1f} GiB; this machine has "
+                         f"{physical / 2**30:.1f} GiB of memory (lower context_length or n_parallel)")
+    return nbytes
 
 
 def check_threads(value) -> int:

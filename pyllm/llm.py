@@ -14,7 +14,7 @@ import numpy as np
 from .chat_template import normalize_messages, render_chat, resolve_chat_template
 from .formats.packed import PackedModel
 from .formats.safetensors import FormatError
-from .limits import RenderLimits, check_context_length, check_threads
+from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_threads
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -210,6 +210,9 @@ class LLM:
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= MAX_PARALLEL:
             raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
+        c = self.config
+        check_kv_cache_bytes(2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n_ctx * n_parallel *
+                             (4 if kv_cache == "f32" else 2), f"{n_parallel} sequence(s) of {n_ctx} positions")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)
         try:

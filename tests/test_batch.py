@@ -141,9 +141,11 @@ def test_forward_rows_and_copy_sequence_refuse_bad_rows(model_file):
             pyllm.LLM(model_file, n_parallel=bad)
 
 
-def test_kv_cache_size_overflow_is_refused(model_file):
-    with pytest.raises(ValueError, match="too large"):
-        pyllm.LLM(model_file, n_parallel=256, context_length=2**40)
+def test_kv_caches_larger_than_memory_are_refused(model_file):
+    with pytest.raises(ValueError, match="GiB of memory"):
+        pyllm.LLM(model_file, n_parallel=256, context_length=2**24)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        pyllm.LLM(model_file, n_parallel=2, context_length=2**40)
 
 
 def test_perplexity_of_batched_windows_equals_one_at_a_time(model_file):
