@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import difflib
+import functools
+import inspect
 import os
 import threading
 import time
@@ -42,6 +45,50 @@ def engine_module(device: str):
     raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
 
 
+# llama-cpp-python's (and OpenAI's) names, accepted for transformers' names in LLM() and generate()/chat()
+ALIASES = {
+    "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
+    "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
+}
+
+
+def accepts_aliases(method):
+    """Lets `method` take ALIASES' names for its own keyword arguments, and turns an unknown keyword into
+    a TypeError that suggests the nearest known name."""
+    params = inspect.signature(method).parameters
+    known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+    where = method.__qualname__.replace(".__init__", "")
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        for name in list(kwargs):
+            if name in known:
+                continue
+            target = ALIASES.get(name)
+            if target in known:
+                if target in kwargs:
+                    raise TypeError(f"{where}() got both {target!r} and its alias {name!r}")
+                kwargs[target] = kwargs.pop(name)
+            elif not open_ended:
+                close = difflib.get_close_matches(name, known + [a for a, t in ALIASES.items() if t in known], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (it takes: {', '.join(known)})"
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}{hint}")
+        return method(*args, **kwargs)
+    return wrapper
+
+
+def prompt_type_error(prompt) -> Exception:
+    """The error for a prompt that is neither text nor token ids (lists of prompts land here until
+    batched generation exists)."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return TypeError(f"a list of {len(prompt)} prompts: lists of prompts are not supported yet; call generate() "
+                         "once per prompt")
+    return TypeError(f"prompt must be a str or a list of token ids (ints); got {type(prompt).__name__}"
+                     + (" with non-int items" if isinstance(prompt, (list, tuple)) else ""))
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -51,6 +98,12 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0  # seconds from the call to the first generated token
     finish_reason: str = ""  # "stop", "length" (max_new_tokens or the context is full) or "cancelled"
+    max_new_tokens: int = 0  # the call's limit
+
+    @property
+    def hit_token_limit(self) -> bool:
+        """The reply ended because it reached max_new_tokens (rather than a full context)."""
+        return self.finish_reason == "length" and self.generated_tokens >= self.max_new_tokens
 
     @property
     def prefill_tokens(self) -> int:
@@ -150,12 +203,20 @@ class LLM:
     Context policy: a prompt that does not fit the context (leaving room for one new token) is
     refused with ValueError; a reply ends with finish_reason "length" when the context is full.
     Nothing slides or is dropped silently.
+
+    path: a .pllm file, or a GGUF file or Hugging Face directory, converted once into the cache
+    (pyllm/model_cache.py; the conversion is reported on stderr). Names follow transformers;
+    llama-cpp-python's are accepted as aliases (n_ctx, model_path, chat_format; max_tokens and
+    repeat_penalty in generate/chat), and an unknown keyword raises TypeError naming the nearest one.
     """
 
+    @accepts_aliases
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
                  chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto"):
+        from .model_cache import resolve_model
+
         backend = engine_module(device)
-        self.path = os.fspath(path)
+        self.path = resolve_model(path)
         self.model = PackedModel(self.path)
         self.config = self.model.config
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
@@ -231,6 +292,7 @@ class LLM:
             self._release()
 
     # -- generation ----------------------------------------------------------
+    @accepts_aliases
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
@@ -240,8 +302,17 @@ class LLM:
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens. Generation ends at an end-of-sequence token of
         the model, a token in stop_token_ids, a stop string (not included in the text),
-        max_new_tokens, the end of the context, or cancel()."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        max_new_tokens, the end of the context, or cancel().
+
+        Raises TypeError for a prompt of another type (a list of prompts: not supported yet),
+        ValueError for bad token ids, a prompt that fills the context, or bad sampling options."""
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt):
+            ids = list(prompt)
+        else:
+            raise prompt_type_error(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
@@ -250,8 +321,10 @@ class LLM:
         pieces = self._stream(ids, max_new_tokens, params, list(stop or []), set(stop_token_ids or []))
         return pieces if stream else "".join(pieces)
 
+    @accepts_aliases
     def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None, **kwargs):
-        """Replies to OpenAI-style messages using the chat template (generate's options apply)."""
+        """Replies to OpenAI-style messages using the chat template (generate's options and their
+        aliases apply)."""
         ids = self.chat_prompt_ids(messages, tools=tools)
         return self.generate(ids, stream=stream, **kwargs)
 
@@ -299,7 +372,7 @@ class LLM:
                              "(leave room for the reply)")
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        stream = TextStream(GenerationStats(prompt_tokens=len(prompt)))
+        stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
         stream._pieces = self._run(prompt, max_new_tokens, Sampler(params), stop,
                                    stop_ids | set(self.tokenizer.eos_ids), stream)
         return stream

@@ -9,6 +9,7 @@ llama.cpp does.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +29,12 @@ class PerplexityResult:
     ctx: int
     scored_tokens: int
     window_nll: list[float]  # mean negative log-likelihood of each window
+    uncertainty: float = 0.0  # standard error of the perplexity (llama.cpp's +/-)
+    tokens_per_second: float = 0.0  # tokens evaluated (all of each window) per second of logits_fn
 
     def line(self) -> str:
-        return f"perplexity {self.perplexity:.4f} over {self.windows} windows of {self.ctx} tokens ({self.scored_tokens} scored)"
+        return (f"perplexity {self.perplexity:.4f} ± {self.uncertainty:.4f} over {self.windows} windows of {self.ctx} "
+                f"tokens ({self.scored_tokens} scored), {self.tokens_per_second:.1f} tokens/s")
 
 
 def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -43,7 +47,10 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None = None,
                bos_id: int | None = None, progress=None) -> PerplexityResult:
-    """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits)."""
+    """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits).
+
+    The uncertainty is llama.cpp's: the standard error of the mean token negative log-likelihood,
+    times the perplexity (exp's first-order propagation)."""
     if ctx < 4:
         raise ValueError("ctx must be at least 4")
     available = len(tokens) // ctx
@@ -51,16 +58,23 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
     n = available if windows is None else min(windows, available)
     first = ctx // 2
-    window_nll, total, count = [], 0.0, 0
+    window_nll, total, total_sq, count, seconds = [], 0.0, 0.0, 0, 0.0
     for w in range(n):
         ids = list(tokens[w * ctx:(w + 1) * ctx])
         if bos_id is not None:
             ids[0] = bos_id
+        start = time.perf_counter()
         logits = logits_fn(ids)
+        seconds += time.perf_counter() - start
         nll = log_softmax_nll(logits[first:ctx - 1], np.asarray(ids[first + 1:ctx]))
         window_nll.append(float(nll.mean()))
         total += float(nll.sum())
+        total_sq += float(np.sum(nll * nll))
         count += len(nll)
         if progress is not None:
             progress(w + 1, n, math.exp(total / count))
-    return PerplexityResult(math.exp(total / count), n, ctx, count, window_nll)
+    mean = total / count
+    variance = max(total_sq / count - mean * mean, 0.0)
+    ppl = math.exp(mean)
+    uncertainty = ppl * math.sqrt(variance / (count - 1)) if count > 1 else float("nan")
+    return PerplexityResult(ppl, n, ctx, count, window_nll, uncertainty, n * ctx / seconds if seconds > 0 else 0.0)

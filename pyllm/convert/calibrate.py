@@ -158,7 +158,7 @@ def layer_hessians(hidden: list[np.ndarray], p: dict, config: ModelConfig) -> tu
 def progress_bar(total: int, enabled: bool, desc: str, log=sys.stderr):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, file=log, leave=False)
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, file=log)
 
 
 class Calibration:
