@@ -72,7 +72,7 @@ def cmd_convert(args) -> int:
 
     options = options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive, args.bits, args.group_size)
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
-                                progress=not args.quiet, lora=args.lora or (), options=options)
+                                progress=not args.quiet, lora=args.lora or (), options=options, log=sys.stderr)
     if args.verbose:
         for name, error in report.nmse.items():
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
