@@ -141,6 +141,9 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         source = merged_source(source, lora)
     try:
         config: ModelConfig = source.config
+        if fmt is None:
+            for notice in getattr(source, "block_type_notices", list)():
+                print(notice, file=log)
         strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log,
                                      fixed_group=group_size is not None)
         tokenizer, tokenizer_blob = source.tokenizer()
@@ -170,7 +173,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
 def _choose_format(source, base: str, fmt: str | None, group: int) -> tuple[str, int]:
     native = source.native_format(base + ".weight")
     if fmt is None:
-        return native if native is not None else ("f16", 0)
+        fallback = getattr(source, "fallback_format", lambda name: None)(base + ".weight")
+        return native or fallback or ("f16", 0)
     if base in ("model.embed_tokens", "lm_head") and fmt in QUANT_FORMATS:
         return EMBEDDING_FORMAT_FOR_QUANT, EMBEDDING_GROUP_SIZE
     return fmt, group
