@@ -88,12 +88,22 @@ BUILTIN_TEMPLATES = {
 }
 
 
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".json", ".txt", ".tmpl")
+
+
 def resolve_chat_template(value: str) -> str:
-    """A chat template from a built-in name, a file (Jinja text), or Jinja source itself."""
+    """A chat template from a built-in name, a file (Jinja text), or Jinja source itself.
+
+    Raises FileNotFoundError for a path (it has a directory part or a template file suffix) that
+    names no file, TemplateError for an unknown name or a template that is not valid Jinja."""
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
     if "{{" in value or "{%" in value:
         return value
+    value = os.path.expanduser(value)
+    if not os.path.isfile(value) and (os.sep in value or "/" in value or value.lower().endswith(TEMPLATE_FILE_SUFFIXES)):
+        raise FileNotFoundError(f"chat template file {value} not found" +
+                                (" (it is a directory)" if os.path.isdir(value) else ""))
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
             text = f.read()
@@ -335,3 +345,26 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         raise
     except BaseException as e:  # whatever the template's Python operations raise: e.g. content None + str
         raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {e})") from None
+
+
+def default_system_message(template: str, **tokens) -> str | None:
+    """The system message `template` writes when the messages bring none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM..."), or None.
+
+    Found by rendering one user message with and without a system message: the default is what
+    stands, in the render without one, where the given system message stood in the other."""
+    user, system = "\x00pyllm-user\x00", "\x00pyllm-system\x00"
+    try:
+        alone = render_chat(template, [{"role": "user", "content": user}], add_generation_prompt=False, **tokens)
+        given = render_chat(template, [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                            add_generation_prompt=False, **tokens)
+    except TemplateError:  # a template that takes no system message
+        return None
+    if alone.count(user) != 1 or given.count(system) != 1 or given.count(user) != 1:
+        return None
+    before, after = given.split(system)
+    between = after[:after.index(user)]
+    head = alone[:alone.index(user)]
+    if len(head) <= len(before) + len(between) or not head.startswith(before) or not head.endswith(between):
+        return None
+    return head[len(before):len(head) - len(between)].strip() or None

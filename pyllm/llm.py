@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import difflib
+import functools
+import inspect
 import os
 import threading
 import time
@@ -47,6 +50,46 @@ def engine_module(device: str):
     raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
 
 
+# llama-cpp-python's (and OpenAI's) names, accepted for transformers' names in LLM() and generate()/chat()
+ALIASES = {
+    "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
+    "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
+}
+
+
+def accepts_aliases(method):
+    """Lets `method` take ALIASES' names for its own keyword arguments, and turns an unknown keyword into
+    a TypeError that suggests the nearest known name."""
+    params = inspect.signature(method).parameters
+    known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+    where = method.__qualname__.replace(".__init__", "")
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        for name in list(kwargs):
+            if name in known:
+                continue
+            target = ALIASES.get(name)
+            if target in known:
+                if target in kwargs:
+                    raise TypeError(f"{where}() got both {target!r} and its alias {name!r}")
+                kwargs[target] = kwargs.pop(name)
+            elif not open_ended:
+                close = difflib.get_close_matches(name, known + [a for a, t in ALIASES.items() if t in known], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (it takes: {', '.join(known)})"
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}{hint}")
+        return method(*args, **kwargs)
+    return wrapper
+
+
+def prompt_type_error(prompt) -> Exception:
+    """The error for a prompt that is neither text, token ids nor a list of those."""
+    return TypeError(f"prompt must be a str or a list of token ids (ints); got {type(prompt).__name__}"
+                     + (" with non-int items" if isinstance(prompt, (list, tuple)) else ""))
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -56,6 +99,12 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0  # seconds from the call to the first generated token
     finish_reason: str = ""  # "stop", "length" (max_new_tokens or the context is full) or "cancelled"
+    max_new_tokens: int = 0  # the call's limit
+
+    @property
+    def hit_token_limit(self) -> bool:
+        """The reply ended because it reached max_new_tokens (rather than a full context)."""
+        return self.finish_reason == "length" and self.generated_tokens >= self.max_new_tokens
 
     @property
     def prefill_tokens(self) -> int:
@@ -191,17 +240,25 @@ class LLM:
     Context policy: a prompt that does not fit the context (leaving room for one new token) is
     refused with ValueError; a reply ends with finish_reason "length" when the context is full.
     Nothing slides or is dropped silently.
+
+    path: a .pllm file, or a GGUF file or Hugging Face directory, converted once into the cache
+    (pyllm/model_cache.py; the conversion is reported on stderr). Names follow transformers;
+    llama-cpp-python's are accepted as aliases (n_ctx, model_path, chat_format; max_tokens and
+    repeat_penalty in generate/chat), and an unknown keyword raises TypeError naming the nearest one.
     """
 
+    @accepts_aliases
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
                  chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto",
                  verify: bool = False, n_parallel: int = 1):
+        from .model_cache import resolve_model
+
         backend = engine_module(device)
         if n_threads is not None:
             check_threads(n_threads)
         if context_length is not None:
             check_context_length(context_length)
-        self.path = os.fspath(path)
+        self.path = resolve_model(path)
         self.model = PackedModel(self.path)
         if verify:
             self.model.verify()
@@ -342,6 +399,7 @@ class LLM:
             self._release(call)
 
     # -- generation ----------------------------------------------------------
+    @accepts_aliases
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
@@ -372,7 +430,15 @@ class LLM:
         each generated token before the next engine step.
         Raises ValueError for an option out of range, a prompt that does not fit, or a bad grammar;
         structured.GrammarUnavailable (a RuntimeError) when a grammar is asked for and llguidance is
-        not installed."""
+        not installed. TypeError for a prompt of another type."""
+        if not _is_batch(prompt):
+            if isinstance(prompt, str):
+                ids = self.tokenize(prompt)
+            elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt):
+                ids = list(prompt)
+            else:
+                raise prompt_type_error(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         params.presence_penalty, params.frequency_penalty = float(presence_penalty), float(frequency_penalty)
         params.logit_bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
@@ -396,7 +462,6 @@ class LLM:
                                  "give a single prompt")
             prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
             return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         pieces = self._stream(ids, max_new_tokens, params, stop, stop_ids, processors, logprobs)
         return pieces if stream else "".join(pieces)
 
@@ -464,6 +529,7 @@ class LLM:
             texts[index] += piece
         return texts
 
+    @accepts_aliases
     def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None,
              parse_special_in_content: bool = False, render_limits: RenderLimits | None = None, **kwargs):
         """Replies to OpenAI-style messages using the chat template (generate's options apply).
@@ -548,7 +614,7 @@ class LLM:
                              "(leave room for the reply)")
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        stream = TextStream(GenerationStats(prompt_tokens=len(prompt)))
+        stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
         sampler = Sampler(params, processors, prompt_length=len(prompt))
         stream._pieces = self._run(prompt, max_new_tokens, sampler, stop, stop_ids | set(self.tokenizer.eos_ids),
                                    stream, logprobs)

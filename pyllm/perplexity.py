@@ -9,6 +9,7 @@ llama.cpp does.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +29,12 @@ class PerplexityResult:
     ctx: int
     scored_tokens: int
     window_nll: list[float]  # mean negative log-likelihood of each window
+    uncertainty: float = 0.0  # standard error of the perplexity (llama.cpp's +/-)
+    tokens_per_second: float = 0.0  # tokens evaluated (all of each window) per second of logits_fn
 
     def line(self) -> str:
-        return f"perplexity {self.perplexity:.4f} over {self.windows} windows of {self.ctx} tokens ({self.scored_tokens} scored)"
+        return (f"perplexity {self.perplexity:.4f} ± {self.uncertainty:.4f} over {self.windows} windows of {self.ctx} "
+                f"tokens ({self.scored_tokens} scored), {self.tokens_per_second:.1f} tokens/s")
 
 
 def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -45,7 +49,10 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
                bos_id: int | None = None, progress=None, logits_many=None, batch: int = 1) -> PerplexityResult:
     """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits); or, given
     logits_many(list of windows' ids) -> their logits, `batch` windows at a time (LLM.logits_many: the
-    windows of a batch share each engine step)."""
+    windows of a batch share each engine step).
+
+    The uncertainty is llama.cpp's: the standard error of the mean token negative log-likelihood,
+    times the perplexity (exp's first-order propagation)."""
     if ctx < 4:
         raise ValueError("ctx must be at least 4")
     available = len(tokens) // ctx
@@ -53,7 +60,7 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
     n = available if windows is None else min(windows, available)
     first = ctx // 2
-    window_nll, total, count = [], 0.0, 0
+    window_nll, total, total_sq, count, seconds = [], 0.0, 0.0, 0, 0.0
     if batch < 1:
         raise ValueError("batch must be at least 1")
     for group in range(0, n, batch):
@@ -63,12 +70,19 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
             if bos_id is not None:
                 ids[0] = bos_id
             group_ids.append(ids)
+        start = time.perf_counter()
         results = logits_many(group_ids) if logits_many is not None else [logits_fn(ids) for ids in group_ids]
+        seconds += time.perf_counter() - start
         for ids, logits in zip(group_ids, results):
             nll = log_softmax_nll(logits[first:ctx - 1], np.asarray(ids[first + 1:ctx]))
             window_nll.append(float(nll.mean()))
             total += float(nll.sum())
+            total_sq += float(np.sum(nll * nll))
             count += len(nll)
             if progress is not None:
                 progress(len(window_nll), n, math.exp(total / count))
-    return PerplexityResult(math.exp(total / count), n, ctx, count, window_nll)
+    mean = total / count
+    variance = max(total_sq / count - mean * mean, 0.0)
+    ppl = math.exp(mean)
+    uncertainty = ppl * math.sqrt(variance / (count - 1)) if count > 1 else float("nan")
+    return PerplexityResult(ppl, n, ctx, count, window_nll, uncertainty, n * ctx / seconds if seconds > 0 else 0.0)

@@ -73,6 +73,11 @@ def packed_shapes(fmt: str, rows: int, cols: int, group_size: int) -> dict[str, 
     raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
 
 
+def layout_name(fmt: str, group: int) -> str:
+    """A matrix's layout as reports name it: "int4_asym g64", or "f16" for a format without groups."""
+    return f"{fmt} g{group}" if group else fmt
+
+
 def check_group_size(fmt: str, group_size: int) -> None:
     if fmt in QUANT_FORMATS and (group_size <= 0 or group_size % BLOCK != 0):
         raise ValueError(f"group size {group_size} is not supported: use a positive multiple of 32 ({GROUP_SIZES})")

@@ -1,19 +1,31 @@
 """The interactive chat of `pyllm run` (no -p): a conversation kept as OpenAI-style messages.
 
+In a terminal the line is read with prompt_toolkit: editing keys, history (Up/Down, kept in the
+cache directory, HISTORY_FILE), a bracketed paste of several lines is one message, and lines of any
+length arrive whole (the terminal's own line discipline would cut them at 4095 bytes). Elsewhere
+(piped input, tests) plain input() is used.
+
 Commands: /help, /exit (or Ctrl-D), /clear, /regen, /system [TEXT]. A line ending in a backslash
 continues on the next line; a line of three double quotes (\"\"\") starts and ends a block of lines.
 Ctrl-C stops the reply being written; Ctrl-C twice at the prompt exits. Each reply ends with its
-speed on stderr. The KV cache of the conversation so far is reused, so a turn only runs its new
+speed on stderr, and with a marker when the token limit or the context cut it. With a seed, the
+session draws one seed per reply from it: /regen gives another reply, and the same session replays
+the same replies. The KV cache of the conversation so far is reused, so a turn only runs its new
 tokens.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
-from .chat_template import TemplateError
+import numpy as np
+
+from .chat_template import TemplateError, default_system_message
+
+HISTORY_FILE = "chat_history"  # in the cache directory (pyllm/model_cache.py)
 
 HELP = """commands:
   /help            this text
@@ -22,6 +34,7 @@ HELP = """commands:
   /regen           write the last reply again
   /system [TEXT]   show, or set, the system message
 input:
+  Up/Down recall earlier messages (kept across sessions); a pasted block of lines is one message
   end a line with \\ to continue on the next line, or put \"\"\" alone on a line to start and end a block
   Ctrl-C stops the reply being written"""
 
@@ -32,7 +45,10 @@ class ChatSession:
     def __init__(self, llm, system: str | None, sampling: dict, out=None, err=None):
         self.llm = llm
         self.system = system
-        self.sampling = sampling
+        self.sampling = dict(sampling)
+        seed = self.sampling.pop("seed", None)
+        # one seed per session: each reply draws its own from it (so /regen differs, sessions repeat)
+        self.seeds = np.random.default_rng(seed) if seed is not None else None
         self.turns: list[dict] = []  # user and assistant messages, without the system message
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -54,8 +70,12 @@ class ChatSession:
             if arg.strip():
                 self.system = arg.strip()
                 print("(system message set)", file=self.err)
+            elif self.system:
+                print(f"system: {self.system}", file=self.err)
             else:
-                print(f"system: {self.system or '(none)'}", file=self.err)
+                default = self.template_default_system()
+                print(f"system: (the chat template's default) {default}" if default else "system: (none)",
+                      file=self.err)
         elif name == "/regen":
             if self.turns and self.turns[-1]["role"] == "assistant":
                 self.turns.pop()
@@ -66,14 +86,22 @@ class ChatSession:
             print(f"unknown command {name}; /help lists them", file=self.err)
         return True
 
+    def template_default_system(self) -> str | None:
+        spec = self.llm.tokenizer.spec
+        return default_system_message(self.llm.chat_template, bos_token=spec.bos_token or "",
+                                      eos_token=spec.eos_token or "")
+
     def say(self, text: str) -> None:
         self.turns.append({"role": "user", "content": text})
         self.reply()
 
     def reply(self) -> None:
         """Streams the model's reply to the last user message; Ctrl-C stops it (the part written is kept)."""
+        sampling = dict(self.sampling)
+        if self.seeds is not None:
+            sampling["seed"] = int(self.seeds.integers(1 << 62))
         try:
-            stream = self.llm.chat(self.messages(), stream=True, **self.sampling)
+            stream = self.llm.chat(self.messages(), stream=True, **sampling)
         except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
             self.turns.pop()
             print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
@@ -89,8 +117,21 @@ class ChatSession:
             restore()
         self.out.write("\n")
         self.turns.append({"role": "assistant", "content": "".join(pieces)})
+        cut = cut_notice(stream.stats, self.llm.context_length)
+        if cut:
+            print(cut + ("; /clear starts over" if not stream.stats.hit_token_limit else "") + "]", file=self.err)
         note = " (stopped)" if stream.stats.finish_reason == "cancelled" else ""
         print(stream.stats.line() + note, file=self.err)
+
+
+def cut_notice(stats, context_length: int) -> str | None:
+    """The marker for a reply cut short by the token limit or a full context (without its closing
+    bracket), or None when it ended by itself or was stopped."""
+    if stats.finish_reason != "length":
+        return None
+    if stats.hit_token_limit:
+        return f"[reply cut at the limit of {stats.max_new_tokens} new tokens: -n / --max-new-tokens raises it"
+    return f"[reply cut: the context of {context_length} tokens is full"
 
 
 def _on_interrupt(handler):
@@ -116,13 +157,39 @@ def read_message(input_fn=input) -> str | None:
     return "\n".join(lines + [line])
 
 
-def chat_loop(llm, system: str | None, sampling: dict, input_fn=input) -> int:
+def line_editor():
+    """input()'s replacement in a terminal: a prompt_toolkit session with its history in the cache
+    directory. None when stdin or stdout is not a terminal."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    from .model_cache import cache_dir
+
+    os.makedirs(cache_dir(), exist_ok=True)
+    session = PromptSession(history=FileHistory(os.path.join(cache_dir(), HISTORY_FILE)))
+    return lambda prompt="": session.prompt(prompt)
+
+
+def banner(llm) -> str:
+    name = os.path.basename(llm.path)
+    trained = llm.config.max_position_embeddings
+    return (f"{name}: context {llm.context_length} tokens (trained on {trained}), {llm.n_threads} threads, "
+            f"{llm.device}\nchat with the model; /help lists the commands, /exit or Ctrl-D ends")
+
+
+def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
+    """The chat: reads messages with input_fn(prompt) (default: the line editor in a terminal, else
+    input()) until /exit or end of input; returns the exit status."""
     if not llm.chat_template:
         print("this model has no chat template: pick one with --chat-template (chatml, llama2, alpaca, "
               "alpaca-stanford, or a Jinja file), or use -p --raw for plain completion", file=sys.stderr)
         return 2
+    if input_fn is None:
+        input_fn = line_editor() or input
     session = ChatSession(llm, system, sampling)
-    print("chat with the model; /help lists the commands, /exit or Ctrl-D ends", file=sys.stderr)
+    print(banner(llm), file=sys.stderr)
     interrupted = False
     while True:
         try:

@@ -10,6 +10,7 @@ import pytest
 
 import pyllm
 from pyllm import repl
+from pyllm.chat_template import BUILTIN_TEMPLATES
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +100,154 @@ def test_model_without_template_asks_for_one(llm, monkeypatch, capsys):
     assert "--chat-template" in capsys.readouterr().err
 
 
-def test_repl_in_a_terminal(tiny_llama_f32):
+# The line editor (prompt_toolkit) turns bracketed paste on each time it waits for a line: the test's
+# "the prompt is ready" (its rendering of "> " is cursor movements, not the characters).
+READY = "\x1b[?2004h"
+STATS = r"Generation: [0-9.]+ t/s \]"
+
+
+def spawn_chat(model, cache, *args):
+    """`pyllm run MODEL` in a pseudo-terminal, with its cache (chat history) in `cache`."""
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "pyllm", "run", tiny_llama_f32, "-n", "4", "-t", "1",
-                                           "--chat-template", "chatml", "--system", "Be brief."],
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, encoding="utf-8", timeout=60,
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cache), "TERM": "xterm",
+           "PROMPT_TOOLKIT_NO_CPR": "1"}  # no terminal answers cursor position requests here
+    child = pexpect.spawn(sys.executable, ["-m", "pyllm", "run", model, "-t", "1", "--chat-template", "chatml", *args],
+                          env=env, encoding="utf-8", timeout=60,
                           # a terminal's Ctrl-C, even when the suite itself runs with SIGINT ignored
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    child.expect("/help lists the commands")
-    child.expect("> ")
-    child.sendline("hello")
-    child.expect(r"Generation: [0-9.]+ t/s \]")
-    child.expect("> ")
-    child.sendline("first line\\")
-    child.expect(r"\. ")
-    child.sendline("second line")
-    child.expect(r"Generation: [0-9.]+ t/s \]")
-    child.expect("> ")
-    child.sendline("/help")
+    child.expect_exact(READY)
+    return child
+
+
+def reply_of(child, line):
+    """Sends a line; returns the reply's text as the terminal showed it (after the editor let go)."""
+    child.send(line + "\r")
+    child.expect(STATS)
+    text = child.before.split("\x1b[?2004l")[-1]  # bracketed paste off: the editor returned the line
+    child.expect_exact(READY)
+    return text.split("\r\n[reply cut")[0]
+
+
+def test_repl_in_a_terminal(tiny_llama_f32, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "4", "--system", "Be brief.")
+    assert "tiny-f32.pllm: context 256 tokens" in child.before  # the banner names the model and its context
+    assert "/help lists the commands" in child.before
+    child.send("hello\r")
+    child.expect(STATS)
+    child.expect_exact(READY)
+    child.send("first line\\\r")
+    child.expect_exact(READY)  # the continuation line
+    child.send("second line\r")
+    child.expect(STATS)
+    child.expect_exact(READY)
+    child.send("/help\r")
     child.expect("/regen")
-    child.expect("> ")
+    child.expect_exact(READY)
     child.sendintr()
     child.expect("Ctrl-C again to exit")
-    child.expect("> ")
+    child.expect_exact(READY)
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_line_editor_history_paste_and_long_lines(tiny_llama_f32, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "2")
+    # a 30,000-character line (pasted, as such lines come) reaches the model whole: the context error
+    # counts all its tokens (a terminal's own line discipline stops at 4095 characters)
+    long = " ".join(f"w{i % 97}" for i in range(8000))[:30000]
+    child.send("\x1b[200~" + long + "\x1b[201~")
+    child.send("\r")
+    child.expect(r"error: (\d+) tokens exceed the context length of 256")
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="chatml") as llm:
+        expected = len(llm.chat_prompt_ids([{"role": "user", "content": long}]))
+    assert int(child.match.group(1)) == expected
+    child.expect_exact(READY)
+    child.send("first message\r")
+    child.expect(STATS)
+    child.expect_exact(READY)
+    # a bracketed paste of three lines, then Enter: one turn (one reply), not three
+    child.send("\x1b[200~line one\nline two\nline three\x1b[201~")
+    child.send("\r")
+    child.expect(STATS)
+    child.expect_exact(READY)
+    assert "Generation:" not in child.before
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    history = (tmp_path / "pyllm" / repl.HISTORY_FILE).read_text()
+    assert "+line one\n+line two\n+line three\n" in history and "+" + long + "\n" in history
+
+    # the next session recalls the earlier messages with the Up arrow (no ^[[A on the screen)
+    child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "2")
+    child.send("\x1b[A\x1b[A")  # /exit, then the pasted block
+    child.expect("line three")
+    child.send("\r")
+    child.expect(STATS)
+    child.expect_exact(READY)
+    assert "^[[A" not in child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_regen_with_seed_differs_and_sessions_repeat(tiny_llama_f32, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    sessions = []
+    for _ in range(2):
+        child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "12", "--temperature", "1", "--seed", "7")
+        sessions.append([reply_of(child, "hi"), reply_of(child, "/regen"), reply_of(child, "/regen")])
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    first, again = sessions
+    assert first == again  # one seed per session: the same sequence each session
+    assert len(set(first)) == 3, first  # /regen draws another reply
+
+
+def test_length_marker_in_a_terminal_and_with_a_prompt(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "3")
+    child.send("hello\r")
+    child.expect(r"\[reply cut at the limit of 3 new tokens: -n / --max-new-tokens raises it\]")
+    child.expect(STATS)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    from pyllm import cli
+
+    assert cli.main(["run", tiny_llama_f32, "-p", "hello", "-n", "3", "-t", "1", "--chat-template", "chatml"]) == 0
+    assert "[reply cut at the limit of 3 new tokens" in capsys.readouterr().err
+
+
+def test_context_full_marker(tiny_llama_f32, capsys):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=24, chat_template="chatml") as small:
+        small.tokenizer.eos_ids = []  # the reply runs until the context is full
+        repl.ChatSession(small, None, dict(max_new_tokens=100)).say("hi")
+    err = capsys.readouterr().err
+    assert "[reply cut: the context of 24 tokens is full; /clear starts over]" in err
+
+
+def test_system_command_shows_the_templates_default(llm, monkeypatch, capsys):
+    monkeypatch.setattr(llm, "chat_template", "{% if messages[0]['role'] != 'system' %}system: Be kind.\n{% endif %}"
+                        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    session = repl.ChatSession(llm, None, {})
+    session.command("/system")
+    assert "system: (the chat template's default) Be kind." in capsys.readouterr().err
+    session.system = "Be terse."
+    session.command("/system")
+    assert "system: Be terse." in capsys.readouterr().err
+    monkeypatch.setattr(llm, "chat_template", BUILTIN_TEMPLATES["chatml"])
+    session.system = None
+    session.command("/system")
+    assert "system: (none)" in capsys.readouterr().err
+
+
+def test_seed_is_drawn_once_per_session(llm, monkeypatch):
+    spy = []
+    real_chat = llm.__class__.chat
+    monkeypatch.setattr(llm, "chat", lambda messages, **kw: spy.append(kw["seed"]) or real_chat(llm, messages, **kw))
+    for _ in range(2):
+        session = repl.ChatSession(llm, None, dict(max_new_tokens=2, seed=5))
+        session.say("hi")
+        session.command("/regen")
+    assert spy[:2] == spy[2:] and spy[0] != spy[1]

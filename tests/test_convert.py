@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -165,3 +166,61 @@ def test_quantizing_in_row_slices_changes_nothing(fmt, monkeypatch):
         if a is not None:
             np.testing.assert_array_equal(a, b)
     assert quant.quantization_nmse(sliced, w) == pytest.approx(quant.nmse(quant.dequantize(whole), w), rel=1e-9)
+
+
+@pytest.mark.parametrize("calib", ["none", "builtin"])
+def test_int4_keeps_an_explicit_group_size(tiny_llama, tmp_path, calib, capsys):
+    """--quant int4 --group-size 64: every linear layer is written at group 64 (the per-matrix choice is
+    only between int4_sym and int4_asym); the summary lists what was written."""
+    from pyllm import cli
+    from pyllm.formats.packed import PackedModel
+
+    out = str(tmp_path / "g64.pllm")
+    assert cli.main(["convert", tiny_llama, "-o", out, "--quant", "int4", "--group-size", "64", "--calib", calib]) == 0
+    model = PackedModel(out)
+    layers = {base: layout for base, layout in model.linears.items() if base not in ("model.embed_tokens", "lm_head")}
+    model.close()
+    assert layers and {group for _, group in layers.values()} == {64}
+    assert {fmt for fmt, _ in layers.values()} <= {"int4_sym", "int4_asym"}
+    err = capsys.readouterr().err
+    counts = {}
+    for fmt, group in layers.values():
+        counts[f"{fmt} g{group}"] = counts.get(f"{fmt} g{group}", 0) + 1
+    for name, count in counts.items():
+        assert f"{name} x{count}" in err  # the summary's layouts line
+    assert "int8 g32 x2" in err  # embeddings and lm_head, by the documented rule
+    assert "group size 64" not in err.splitlines()[-1]
+    assert re.search(r"wrote .* in [0-9.]+ s from --quant int4", err)
+    assert "choosing layouts: 100%" in err  # the allocation's progress bar, left on screen
+    assert "writing: 100%" in err
+    if calib == "builtin":
+        assert "GPTQ: 100%" in err and "calibrating" in err
+
+
+def test_int4_without_a_group_size_chooses_per_matrix(tiny_llama, tmp_path):
+    report = convert_checkpoint(tiny_llama, str(tmp_path / "any.pllm"), quant="int4", progress=False)
+    assert sum(report.layouts.values()) == 2 * 7 + 2
+    assert "layouts: " in report.summary() and " in " in report.summary()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quant", "f16", "--group-size", "64"], "--group-size applies to --quant int8 and int4 only"),
+    (["--group-size", "64"], "--group-size applies to --quant int8 and int4 only (this conversion: no --quant)"),
+    (["--quant", "f16", "--keep-sensitive", "2", "--rtn"], "--rtn, --keep-sensitive apply to --quant int8"),
+    (["--quant", "bf16", "--calib", "text.txt"], "--calib applies to --quant int8 and int4 only"),
+    (["--quant", "int8", "--bits", "5"], "--bits is the budget of --quant int4"),
+])
+def test_options_without_effect_are_refused(tiny_llama, tmp_path, capsys, flags, message):
+    from pyllm import cli
+
+    out = tmp_path / "x.pllm"
+    assert cli.main(["convert", tiny_llama, "-o", str(out), *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_group_size_without_groups_is_refused_in_python(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="a group size applies to int8 and int4 formats, not to f16"):
+        convert_checkpoint(tiny_llama, str(tmp_path / "x.pllm"), quant="f16", group_size=64, progress=False)
+
+

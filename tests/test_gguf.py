@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +229,20 @@ def test_bad_gguf_is_refused(tmp_path):
     with pytest.raises((FormatError, ValueError)):
         convert_checkpoint(str(truncated), str(tmp_path / "y.pllm"), progress=False)
     assert not (tmp_path / "y.pllm").exists()
+
+
+@pytest.mark.parametrize("block, expected", [(Q.Q5_0, "int8"), (Q.Q5_1, "int8")])
+def test_block_types_without_a_layout_are_requantized_with_a_notice(hf_dir, tmp_path, block, expected, capsys):
+    from pyllm.convert.gguf_source import requantized_format
+
+    path = str(tmp_path / "model.gguf")
+    write_gguf(hf_dir, path, block)
+    report = convert_checkpoint(path, str(tmp_path / "model.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert f"re-quantized to {expected} g32" in err and block.name in err and err.count(block.name) == 1
+    layers = {b: layout for b, layout in pyllm.LLM(str(tmp_path / "model.pllm"), n_threads=1).model.linears.items()
+              if "down_proj" not in b and b not in ("model.embed_tokens", "lm_head")}
+    assert set(layers.values()) == {(expected, 32)}
+    assert report.layouts[f"{expected} g32"] >= len(layers)
+    assert max(report.nmse[b] for b in layers) < 1e-3  # int8 of the 5-bit values: close to the source
+    assert requantized_format("Q6_K")[0] == "int8" and requantized_format("Q4_K")[0] == "int4_asym"

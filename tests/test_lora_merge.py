@@ -336,3 +336,34 @@ def test_family_lora_merge_matches_peft(family, case, tmp_path):
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=targets)
     ref = logits(peft_merged(base, [adapter]))
     assert_close(pyllm_logits(base, [adapter], str(tmp_path / "merged.pllm")), ref)
+
+
+def test_adapter_of_another_base_is_merged_with_a_warning(base, tmp_path, capsys):
+    from pyllm.convert.adapter_base import other_base_warning
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"))
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert other_base_warning(config, adapter, base) is None  # trained on this very directory
+    copy = shutil.copytree(base, str(tmp_path / os.path.basename(base)))
+    assert other_base_warning(config, adapter, copy) is None  # the same model elsewhere
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"
+    with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    instruct = str(tmp_path / "SmolLM2-135M-Instruct")
+    shutil.copytree(base, instruct)
+    with open(os.path.join(instruct, "config.json")) as f:
+        base_config = json.load(f)
+    base_config["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with open(os.path.join(instruct, "config.json"), "w") as f:
+        json.dump(base_config, f)
+    capsys.readouterr()
+    assert cli.main(["convert", instruct, "--lora", adapter, "-o", str(tmp_path / "m.pllm"), "--quant", "f32",
+                     "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "was trained on 'HuggingFaceTB/SmolLM2-135M'" in err and "'smollm2-135m-instruct'" in err
+    assert err.count("was trained on") == 1
+    # the adapter's own base under its hub name: no warning
+    shutil.move(instruct, str(tmp_path / "SmolLM2-135M"))
+    assert cli.main(["merge", str(tmp_path / "SmolLM2-135M"), "--lora", adapter, "-o", str(tmp_path / "merged")]) == 0
+    assert "was trained on" not in capsys.readouterr().err

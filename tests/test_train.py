@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -185,7 +186,7 @@ def test_cli_reports_bad_data(base, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path):
+def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path, capsys):
     """4 steps with a checkpoint every 2; then, as if killed after step 2, the last checkpoint and the
     adapter go and --resume finishes: the same adapter (dropout on, so its random state must resume too)."""
     out = str(tmp_path / "run")
@@ -205,6 +206,15 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
         np.testing.assert_array_equal(got[name], value, err_msg=name)
     with pytest.raises(ValueError, match="other settings: lr"):
         run(train_args(base, data, out, *extra, "--resume", "--lr", "0.5"))
+    err = capsys.readouterr().err
+    assert re.search(r"trained 2 steps in [0-9.]+ s; final training loss [0-9.]+ \(mean of the last 2 steps "
+                     r"[0-9.]+\); eval loss [0-9.]+ at step 4", err), err
+    # more steps extend the finished run from its last checkpoint
+    extended = run(train_args(base, data, out, *extra, "--resume", "--max-steps", "6"))
+    assert len(extended.losses) == 2 and extended.eval_losses[-1][0] == 6
+    assert "extending the run from 4 to 6 steps" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="past the 3 steps asked for"):
+        run(train_args(base, data, out, *extra, "--resume", "--max-steps", "3"))
 
 
 def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
@@ -227,6 +237,9 @@ def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
         proc.wait()
         raise
     assert proc.returncode == 0, stderr[-3000:]
+    warned = [line for line in stderr.splitlines() if "warn" in line.lower()]
+    assert len(warned) == len(set(warned)), warned  # one process speaks: no warning twice
+    assert stderr.count("final training loss") == 1
     a, b = adapter(single), adapter(double)
     assert sorted(a) == sorted(b)
     for name in a:

@@ -83,7 +83,7 @@ def load_matrix(load, base: str, shape: tuple[int, int]) -> np.ndarray:
 def progress_bar(total: int, enabled: bool, desc: str, log=sys.stderr, unit: str = "layer"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=log, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=log)
 
 
 class Calibration:

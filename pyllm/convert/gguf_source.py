@@ -35,6 +35,22 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 
 # GGUF block type name -> (pyllm format, bytes of one 32-value block)
 _LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20)}
+_FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
+# Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
+# the nearest pyllm layout that loses none of the source's precision: 5 to 8 bits -> int8, up to
+# 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
+_WIDE_BLOCKS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_1", "Q8_K")
+_NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+                  "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
+
+
+def requantized_format(kind: str) -> tuple[str, int, str] | None:
+    """(pyllm format, group size, why) for a GGUF block type pyllm stores by re-quantizing, else None."""
+    if kind in _WIDE_BLOCKS:
+        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 keeps all of its precision"
+    if kind in _NARROW_BLOCKS:
+        return "int4_asym", BLOCK, "pyllm has no layout for it; int4_asym group 32 is the nearest at least as fine"
+    return None
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -152,7 +168,25 @@ class GGUFSource:
         kind = self.tensors[name].tensor_type.name
         if kind in _LOSSLESS:
             return _LOSSLESS[kind][0], BLOCK
-        return {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}.get(kind)
+        return _FLOAT.get(kind)
+
+    def fallback_format(self, name: str) -> tuple[str, int] | None:
+        """The layout a tensor without a native one is re-quantized to (see requantized_format)."""
+        found = requantized_format(self.tensors[name].tensor_type.name)
+        return found[:2] if found else None
+
+    def block_type_notices(self) -> list[str]:
+        """One line per re-quantized block type present: which, to what, and why."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            if requantized_format(t.tensor_type.name):
+                counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        lines = []
+        for kind, n in sorted(counts.items()):
+            fmt, group, why = requantized_format(kind)
+            lines.append(f"pyllm: {n} {kind} tensor(s) re-quantized to {fmt} g{group}: {why} "
+                         "(--quant f16 keeps every tensor in f16 instead)")
+        return lines
 
     def load_native(self, name: str) -> PackedWeight:
         """The tensor in its pyllm format, bit for bit (only for block types in _LOSSLESS)."""

@@ -103,7 +103,7 @@ def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress:
     from tqdm import tqdm
 
     done, factors = {}, {}
-    for base in tqdm(formats, desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr, leave=False):
+    for base in tqdm(formats, desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr):
         fmt, group = formats[base]
         h = calibration.input_hessian(base)
         key = calibration.input_name(base)

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
 from ..quant import f32_to_bf16_bits
+from .adapter_base import warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
@@ -330,7 +331,10 @@ def merged_source(source, adapter_dirs) -> LoraMergedSource:
         if not isinstance(source, Checkpoint):
             raise FormatError("--lora needs a Hugging Face base directory (the float weights the adapter was "
                               "trained on); a GGUF file holds already-quantized weights")
-        return LoraMergedSource(source, [LoraAdapter(d) for d in adapter_dirs])
+        adapters = [LoraAdapter(d) for d in adapter_dirs]
+        for adapter in adapters:
+            warn_if_other_base(adapter.config, adapter.dir, source.dir)
+        return LoraMergedSource(source, adapters)
     except BaseException:
         source.close()
         raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -13,7 +15,7 @@ from .. import __version__
 from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, check_finite, write_atomic
-from ..quant import QUANT_FORMATS, check_group_size, packed_shapes, quantization_nmse, quantize
+from ..quant import QUANT_FORMATS, check_group_size, layout_name, packed_shapes, quantization_nmse, quantize
 from .checkpoint import ArchitectureView, Checkpoint
 from .gguf_source import GGUFSource
 from .lora import merged_source
@@ -26,6 +28,7 @@ QUANT_CHOICES = {
 }
 EMBEDDING_FORMAT_FOR_QUANT = "int8"  # embeddings / lm_head of int8 and int4 models
 EMBEDDING_GROUP_SIZE = 32
+DEFAULT_GROUP_SIZE = 32  # int8 / int4_sym / int4_asym when no group size is given
 
 
 def open_source(path: str):
@@ -57,8 +60,12 @@ class FiniteSource:
         return w
 
 
-def resolve_quant(quant: str | None, group_size: int) -> tuple[str | None, int]:
-    """--quant name -> (weight format, group size); None keeps each GGUF tensor's own format."""
+def resolve_quant(quant: str | None, group_size: int | None) -> tuple[str | None, int]:
+    """--quant name -> (weight format, group size); None keeps each GGUF tensor's own format.
+    A group size given for a format without groups (or with no --quant) is refused."""
+    if group_size is not None and QUANT_CHOICES.get(quant) not in QUANT_FORMATS:
+        raise ValueError(f"a group size applies to int8 and int4 formats, not to {quant or 'the source formats'}")
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if quant is None:
         return None, group_size
     if quant not in QUANT_CHOICES:
@@ -77,10 +84,17 @@ class ConversionReport:
     nmse: dict[str, float] = field(default_factory=dict)  # per quantized matrix
     bits_per_weight: float = 0.0  # linear layers only (embeddings excluded)
     kept_exactly: list[str] = field(default_factory=list)  # GGUF blocks copied without requantizing
+    layouts: dict[str, int] = field(default_factory=dict)  # what was written: "int4_asym g64" -> matrices
+    seconds: float = 0.0  # wall time of the whole conversion
 
     def summary(self) -> str:
-        lines = [f"wrote {self.output} ({self.file_size / 1e6:.1f} MB, {self.quant or 'formats of the source'}"
-                 + (f", group size {self.group_size}" if self.group_size and self.quant else "") + ")"]
+        """What was written: file, size, time, the layouts with their matrix counts (embeddings and
+        lm_head included), the quantization error."""
+        lines = [f"wrote {self.output} ({self.file_size / 1e6:.1f} MB) in {self.seconds:.1f} s from "
+                 + (f"--quant {self.quant}" if self.quant else "the source's formats")]
+        if self.layouts:
+            lines.append("layouts: " + ", ".join(f"{name} x{count}" for name, count in
+                                                  sorted(self.layouts.items(), key=lambda kv: (-kv[1], kv[0]))))
         if self.kept_exactly:
             lines.append(f"{len(self.kept_exactly)} matrices kept bit for bit from the source blocks")
         if self.nmse:
@@ -124,9 +138,9 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
     return [PlannedTensor(f"{base}.{part}", dtype, shape, produce(part)) for part, (dtype, shape) in parts.items()]
 
 
-def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int = 32, progress: bool = True,
-                       log=sys.stderr, lora: list[str] | tuple = (), options: QuantOptions | None = None,
-                       adapters: list | tuple = ()) -> ConversionReport:
+def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int | None = None,
+                       progress: bool = True, log=sys.stderr, lora: list[str] | tuple = (),
+                       options: QuantOptions | None = None, adapters: list | tuple = ()) -> ConversionReport:
     """Converts a Hugging Face directory of a family in pyllm.arch, or a llama GGUF file, into a .pllm file
     (written atomically).
 
@@ -134,9 +148,12 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
     (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
     a per-tensor choice of layout).
+    group_size: values per scale of int8/int4 (default 32); given with quant "int4", every matrix keeps it
+    (only the choice between int4_sym and int4_asym remains); refused (ValueError) for other formats.
     lora: PEFT adapter directories merged into the weights in float32, in order, before quantizing.
     adapters: PEFT prompt-learning adapters (prompt tuning, P-tuning, prefix tuning) stored beside the
     weights under a name each, as (name or None, directory) pairs (pyllm/adapters.py)."""
+    started = time.perf_counter()
     fmt, group = resolve_quant(quant, group_size)
     source = open_source(src)
     if lora:
@@ -150,12 +167,17 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     source = FiniteSource(source)
     try:
         config: ModelConfig = source.config
-        strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log)
+        if fmt is None:
+            for notice in getattr(source, "block_type_notices", list)():
+                print(notice, file=log)
+        strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log,
+                                     fixed_group=group_size is not None)
         tokenizer, tokenizer_blob = source.tokenizer()
         if len(tokenizer_blob) == 0:
             raise FormatError(f"{src}: empty tokenizer")
         report = ConversionReport(os.path.abspath(output), 0, quant, group if fmt in QUANT_FORMATS else 0)
         plans, linears, weights_bits = _plan(source, config, fmt, group, report, strategy)
+        report.layouts = dict(Counter(layout_name(f, g) for f, g in linears.values()))
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
@@ -173,6 +195,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         source.close()
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
+    report.seconds = time.perf_counter() - started
     return report
 
 
@@ -211,7 +234,8 @@ def write_float_model(source, config: ModelConfig, output: str, progress: bool =
 def _choose_format(source, base: str, fmt: str | None, group: int) -> tuple[str, int]:
     native = source.native_format(base + ".weight")
     if fmt is None:
-        return native if native is not None else ("f16", 0)
+        fallback = getattr(source, "fallback_format", lambda name: None)(base + ".weight")
+        return native or fallback or ("f16", 0)
     if base in ("model.embed_tokens", "lm_head") and fmt in QUANT_FORMATS:
         return EMBEDDING_FORMAT_FOR_QUANT, EMBEDDING_GROUP_SIZE
     return fmt, group
@@ -268,5 +292,5 @@ def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec,
 def _progress(total: int, enabled: bool, log, desc: str = "converting"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=log, leave=False)
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=log)
 

@@ -13,6 +13,8 @@ layer-output errors under a bits budget (BITS_BUDGET bits per weight over the li
 scales and mins included). A layout's error is measured on a sample of rows with the scale search:
 the relative weight error without calibration, the relative output error tr(dW H dW^T)/tr(W H W^T)
 with it. --keep-sensitive N additionally stores the N matrices of largest error at int8.
+A --group-size given with --quant int4 is kept: the choice is then between int4_sym and int4_asym
+at that group size (and int8 at that group size for --keep-sensitive).
 The embeddings and lm_head follow the pipeline's rule (int8, group 32).
 """
 
@@ -57,12 +59,26 @@ BUILTIN_CALIBRATION = "builtin"
 NO_CALIBRATION = "none"
 
 
+QUANTIZED_NAMES = ("int8", "int4", "int4_sym", "int4_asym")
+
+
 def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sensitive: int,
-                       bits: float | None) -> QuantOptions:
-    """The convert command's flags -> QuantOptions.
+                       bits: float | None, group_size: int | None = None) -> QuantOptions:
+    """The convert command's flags -> QuantOptions; a flag that would have no effect is refused
+    (ValueError) rather than ignored.
 
     --calib FILE | builtin | none; unset: builtin for --quant int4 and int8, none otherwise. Without
     calibration int4 uses the scale search (--rtn: round-to-nearest), int8 min/max scales."""
+    if quant not in QUANTIZED_NAMES:
+        given = [flag for flag, value in (("--group-size", group_size), ("--rtn", rtn or None),
+                                          ("--keep-sensitive", keep_sensitive or None), ("--bits", bits),
+                                          ("--calib", None if calib in (None, NO_CALIBRATION) else calib))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --quant int8 and "
+                             f"int4 only (this conversion: {'--quant ' + quant if quant else 'no --quant'})")
+    if bits is not None and quant != "int4":
+        raise ValueError(f"--bits is the budget of --quant int4's per-matrix layouts; --quant {quant} has one layout")
     if calib is None:
         calib = BUILTIN_CALIBRATION if quant in ("int4", "int8") and not rtn else NO_CALIBRATION
     if calib != NO_CALIBRATION and rtn:
@@ -91,8 +107,18 @@ def bits_per_weight(fmt: str, group: int, rows: int, cols: int) -> float:
     return 8.0 * total / (rows * cols)
 
 
+def int4_choices(group: int, fixed_group: bool) -> list[tuple[str, int]]:
+    """The layouts --quant int4 chooses among: INT4_CANDIDATES, or only those at an explicit group size."""
+    if not fixed_group:
+        return list(INT4_CANDIDATES)
+    return [("int4_sym", group), ("int4_asym", group)]
+
+
 def plan_quantization(source, config, quant: str | None, fmt: str | None, group: int, options: QuantOptions,
-                      progress: bool = True, log=sys.stderr) -> Strategy:
+                      progress: bool = True, log=sys.stderr, fixed_group: bool = False) -> Strategy:
+    """The layout of every linear matrix (and for gptq the quantized matrices).
+
+    fixed_group: the caller gave the group size explicitly; every layout keeps it."""
     strategy = Strategy(options.method)
     if fmt not in QUANT_FORMATS:
         return strategy
@@ -110,8 +136,10 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
                                                                 progress=progress, log=log))
         hessians = _LAST_CALIBRATION["value"]
     if quant == "int4" or options.keep_sensitive:
-        choices = {b: [(fmt, group)] for b in linears} if quant != "int4" else {b: list(INT4_CANDIDATES) for b in linears}
-        strategy.formats = allocate(source, linears, choices, options, hessians)
+        layouts = int4_choices(group, fixed_group) if quant == "int4" else [(fmt, group)]
+        sensitive = ("int8", group) if fixed_group else SENSITIVE_FORMAT
+        strategy.formats = allocate(source, linears, {b: layouts for b in linears}, options, hessians,
+                                    sensitive=sensitive, progress=progress, log=log)
     if hessians is not None:
         from .gptq import gptq_model
 
@@ -151,13 +179,19 @@ def quantize_dequantize(w, fmt, group, importance=None):
     return dequantize(quantize(w, fmt, group, search=True, importance=importance))
 
 
-def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessians=None) -> dict[str, tuple[str, int]]:
+def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessians=None,
+             sensitive: tuple[str, int] = SENSITIVE_FORMAT, progress: bool = False,
+             log=sys.stderr) -> dict[str, tuple[str, int]]:
     """Layout per matrix: greedy upgrades by error saved per extra bit while under the budget, then
-    the keep_sensitive matrices of largest error at SENSITIVE_FORMAT."""
+    the keep_sensitive matrices of largest error at `sensitive`. Measuring the layouts' errors (a
+    progress bar per matrix) is the slow part."""
+    from tqdm import tqdm
+
     rng = np.random.default_rng(0)
     budget = options.bits_budget or BITS_BUDGET
     table = {}  # base -> list of (bits, error, layout), by bits
-    for base, (rows, cols) in linears.items():
+    for base, (rows, cols) in tqdm(linears.items(), desc="choosing layouts", unit="matrix", file=log,
+                                   disable=not progress):
         w = load_matrix(source.load, base, (rows, cols))
         sample = w[np.sort(rng.choice(rows, size=min(rows, SAMPLE_ROWS), replace=False))]
         h = None if hessians is None else hessians.input_hessian(base)
@@ -191,5 +225,5 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     layouts = {base: table[base][pick[base]][2] for base in table}
     by_error = sorted(table, key=lambda b: -table[b][pick[b]][1])
     for base in by_error[:options.keep_sensitive]:
-        layouts[base] = SENSITIVE_FORMAT
+        layouts[base] = sensitive
     return layouts

