@@ -519,7 +519,8 @@ def test_family_logits_match_cpu(family_case, quant_name):
 
     kind, bound, prefill_bound = FAMILY_QUANTS[quant_name]
     path = str(family_case["out"] / f"{quant_name}.pllm")
-    convert_checkpoint(family_case["dir"], path, quant=quant_name, group_size=32, progress=False)
+    group_size = 32 if quant_name.startswith("int") else None
+    convert_checkpoint(family_case["dir"], path, quant=quant_name, group_size=group_size, progress=False)
     ids = [int(i) for i in np.random.default_rng(4).integers(3, 400, FAMILY_PROMPT)]
     cpu = pyllm.LLM(path, n_threads=2, kv_cache="f32")
     gpu = pyllm.LLM(path, device="cuda")

@@ -36,7 +36,7 @@ def case(request, tmp_path_factory):
             "out": tmp_path_factory.mktemp(f"{family}_{name}_pllm")}
 
 
-def load(case, quant, group_size=32):
+def load(case, quant, group_size=None):
     path = str(case["out"] / f"{quant}-{group_size}.pllm")
     convert_checkpoint(case["dir"], path, quant=quant, group_size=group_size, progress=False)
     return pyllm.LLM(path, n_threads=2)
