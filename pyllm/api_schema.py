@@ -22,6 +22,7 @@ from .errors import RequestError
 
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
+MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs)
 
 
 class _FieldError(ValueError):
@@ -232,6 +233,8 @@ class CompletionRequest(_Sampling):
             raise _FieldError("suffix", "insertion (suffix) is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise _FieldError("best_of", "best_of other than n is not supported")
+        if len(self.prompts) > MAX_PROMPTS:
+            raise _FieldError("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(self.prompts)}")
         return self
 
     @property

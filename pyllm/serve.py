@@ -30,7 +30,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from . import api_responses as responses
@@ -254,6 +254,7 @@ class _Plan:
     options: dict
     logprobs: int | None
     tools: object = None  # a tool_calls.ToolFormat when the reply may hold tool calls
+    echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
 
     def streams(self, llm) -> list:
         """One TextStream per choice (created now, so that bad options fail before any output)."""
@@ -472,19 +473,23 @@ class Server:
         return responses.completion_choice(index, echo + text, finish, logprobs)
 
     def _echo_logprobs(self, plan: _Plan, index: int) -> dict:
-        """The echoed prompt's tokens with their log-probabilities (the first has none)."""
+        """The echoed prompt's tokens with their log-probabilities (the first has none), computed
+        once per prompt."""
         from .llm import TokenLogprob
         from .sampling import log_softmax
 
-        ids = plan.prompts[index // plan.n]
-        logp = log_softmax(self.llm.logits(ids))
-        top = plan.logprobs
-        tokens = [TokenLogprob(ids[0])]
-        for k in range(1, len(ids)):
-            row = logp[k - 1]
-            best = row.argsort()[::-1][:top] if top else []
-            tokens.append(TokenLogprob(ids[k], float(row[ids[k]]), [(int(i), float(row[i])) for i in best]))
-        return responses.completion_logprobs(self.llm.tokenizer, tokens)
+        prompt = index // plan.n
+        if prompt not in plan.echo_logprobs:
+            ids = plan.prompts[prompt]
+            logits = self.llm.logits(ids)
+            top = plan.logprobs
+            tokens = [TokenLogprob(ids[0])]
+            for k in range(1, len(ids)):
+                row = log_softmax(logits[k - 1])  # row by row: no second [tokens, vocab] array
+                best = row.argsort()[::-1][:top] if top else []
+                tokens.append(TokenLogprob(ids[k], float(row[ids[k]]), [(int(i), float(row[i])) for i in best]))
+            plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
+        return plan.echo_logprobs[prompt]
 
     def _usage(self, plan: _Plan, streams) -> dict:
         return responses.usage(sum(len(p) for p in plan.prompts), sum(s.stats.generated_tokens for s in streams))

@@ -406,6 +406,14 @@ def test_template_that_never_ends_gets_400_and_frees_the_server(llm, monkeypatch
         server.stop()
 
 
+def _wait_until_idle(server: LiveServer, seconds: float) -> int:
+    """The requests running or waiting on server once there are none, or after seconds."""
+    deadline = time.time() + seconds
+    while _get(server.url + "/health")["requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    return _get(server.url + "/health")["requests"]
+
+
 def test_queue_limit_is_exact_under_simultaneous_arrivals(llm, monkeypatch):
     monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
     server = LiveServer(llm, max_queue=2)
@@ -419,10 +427,7 @@ def test_queue_limit_is_exact_under_simultaneous_arrivals(llm, monkeypatch):
         assert statuses == [200, 200] + [503] * 6
         for s in sockets:
             s.close()
-        deadline = time.time() + 20
-        while _get(server.url + "/health")["requests"] and time.time() < deadline:
-            time.sleep(0.05)
-        assert _get(server.url + "/health")["requests"] == 0
+        assert _wait_until_idle(server, 20) == 0
     finally:
         server.stop()
 
@@ -448,6 +453,25 @@ def test_clients_that_never_read_lose_their_places(llm, monkeypatch):
     finally:
         for s in stalled:
             s.close()
+        server.stop()
+
+
+def test_stalled_clients_that_hang_up_free_their_places_at_once(llm, monkeypatch):
+    """A client that stops reading (its generation paused, PIECES_AHEAD pieces waiting) and then
+    hangs up frees its place at once, not after the send timeout."""
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
+    server = LiveServer(llm, max_queue=3, limits=ServerLimits(send_timeout=600))
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 8000, "stream": True}).encode()
+    stalled = [_raw(server.port, _post("/v1/completions", body), rcvbuf=4096) for _ in range(3)]
+    try:
+        time.sleep(4)  # each fills its buffers and pauses
+        assert _get(server.url + "/health")["requests"] == 3
+        for s in stalled:
+            s.close()
+        assert _wait_until_idle(server, 10) == 0
+        reply = server.client().completions.create(model="tiny", prompt="Paris is", max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+    finally:
         server.stop()
 
 
