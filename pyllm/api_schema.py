@@ -1,9 +1,9 @@
 """The request bodies `pyllm serve` accepts, declared once with pydantic (as vLLM does).
 
 OpenAI's names, defaults and ranges (the API reference of /v1/chat/completions and
-/v1/completions); llama.cpp's names accepted as aliases where they differ (repeat_penalty,
+/v1/completions; llama.cpp's /tokenize and /detokenize); llama.cpp's names accepted as aliases where they differ (repeat_penalty,
 n_predict, ...); unknown fields ignored, as OpenAI does; an explicit null means the field's default;
-seed -1 means unseeded (llama.cpp). Anything else is refused with RequestError, which names the
+seed -1 means unseeded (llama.cpp); NaN and infinite numbers are refused. Anything else is refused with RequestError, which names the
 field in `param` as OpenAI's error object does.
 
 Extensions beyond OpenAI: top_k, min_p, repetition_penalty, stop_token_ids, and response_format
@@ -15,19 +15,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError,
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
+
+from .errors import RequestError
 
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
-
-
-class RequestError(ValueError):
-    """A request the server refuses (HTTP 400, or the status given); param names the field."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
+MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs)
 
 
 class _FieldError(ValueError):
@@ -40,7 +35,7 @@ class _FieldError(ValueError):
 
 class _Body(BaseModel):
     """Unknown fields are ignored; an explicit null is the field's default."""
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,6 +193,17 @@ class ChatCompletionRequest(_Sampling):
         """generate(logprobs=...): None, or how many alternatives per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of message text, all messages together (text parts of a list content too)."""
+        n = 0
+        for m in self.messages:
+            if isinstance(m.content, str):
+                n += len(m.content)
+            elif isinstance(m.content, list):
+                n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
+        return n
+
 
 Prompt = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
@@ -227,12 +233,19 @@ class CompletionRequest(_Sampling):
             raise _FieldError("suffix", "insertion (suffix) is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise _FieldError("best_of", "best_of other than n is not supported")
+        if len(self.prompts) > MAX_PROMPTS:
+            raise _FieldError("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(self.prompts)}")
         return self
 
     @property
     def limit(self) -> int | None:
         """max_tokens; None when unset (the server's default, else OpenAI's 16); -1: until the context is full."""
         return self.max_tokens
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of prompt text, all prompts together (a token id counts as one)."""
+        return sum(len(p) for p in self.prompts)
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -243,12 +256,34 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
+class TokenizeRequest(_Body):
+    """POST /tokenize: llama.cpp's names ("prompt" and "add_special_tokens" too)."""
+    content: StrictStr = Field(validation_alias=AliasChoices("content", "prompt"))
+    add_special: StrictBool = Field(True, validation_alias=AliasChoices("add_special", "add_special_tokens"))
+
+    @property
+    def prompt_chars(self) -> int:
+        return len(self.content)
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize: special tokens skipped unless skip_special is false."""
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+    skip_special: StrictBool = True
+
+
 def parse_request(body: Any, chat: bool) -> ChatCompletionRequest | CompletionRequest:
-    """The validated request; RequestError naming the first bad field otherwise."""
+    """The validated completion request; RequestError naming the first bad field otherwise."""
+    return validate(ChatCompletionRequest if chat else CompletionRequest, body)
+
+
+def validate(model: type[_Body], body: Any) -> Any:
+    """body (parsed JSON) validated as model, one of the request classes above; RequestError
+    naming the first bad field otherwise."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     try:
-        return (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         raise _request_error(e) from None
 

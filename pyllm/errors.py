@@ -25,6 +25,15 @@ class LimitError(PyllmError):
     """An input larger, or slower to process, than a limit allows (the message names the limit)."""
 
 
+class RequestError(PyllmError):
+    """An HTTP request `pyllm serve` refuses: status is the HTTP status (400, or 408/413 for a
+    body too slow or too large); param names the request field at fault, as OpenAI's error does."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
 PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, PyllmError)
 
 

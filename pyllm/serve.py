@@ -5,13 +5,19 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health. Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
 calls are parsed by pyllm/tool_calls.py. Options: an API key (Bearer, compared in constant time),
-CORS origins, sampling defaults for fields a request leaves unset.
+CORS origins, sampling defaults for fields a request leaves unset, and `Limits` (pyllm.limits.
+ServerLimits) on what one request may ask: body size, prompt length, time to send the body, time a
+client may leave a stream unread (docs/SECURITY.md).
 
 Policy: the model runs one request at a time; others wait their turn in arrival order (up to
-max_queue waiting, then 503). Each request runs in its own thread, so the event loop stays free; a
-client that disconnects, mid-stream or while waiting, cancels its generation, which frees the model
-within one token. Unset sampling options take the model's generation defaults (greedy when it has
-none), as transformers would; the OpenAI "model" field is accepted whatever it names.
+max_queue running or waiting, counted exactly, then 503). Everything slow (reading and parsing the
+body, validating it, rendering the template, tokenizing, generating, building a large answer) runs
+in worker threads, so the event loop, and /health with it, stays free; a client that disconnects,
+mid-stream or while waiting, cancels its generation, which frees the model within one token; a
+client that stops reading pauses its generation (PIECES_AHEAD) and, past the send timeout, loses
+its place. Every refusal is a 4xx answer with OpenAI's error object; anything else is a 500 and a
+log line. Unset sampling options take the model's generation defaults (greedy when it has none), as
+transformers would; the OpenAI "model" field is accepted whatever it names.
 """
 
 from __future__ import annotations
@@ -20,34 +26,184 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
 from . import api_responses as responses
-from .chat_template import TemplateError
+from .errors import RequestError
+from .limits import ServerLimits as Limits
 from .structured import GrammarUnavailable
 from .tool_calls import ToolError
 
 try:
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from .api_schema import RequestError, parse_request
+    from .api_schema import DetokenizeRequest, TokenizeRequest, parse_request, validate
 except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
 
+PIECES_AHEAD = 64  # text pieces a generation may run ahead of its client
 MISSING = "pyllm serve needs the server extra: pip install 'pyllm[serve]' (starlette, uvicorn, pydantic)"
 log = logging.getLogger("pyllm.serve")
 
 
-def _error(message: str, status: int = 400, param: str | None = None) -> "JSONResponse":
+def _error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(message: str, status: int = 400, param: str | None = None) -> "JSONResponse":
+    return JSONResponse(_error_body(message, status, param), status_code=status)
+
+
+def error_info(e: BaseException) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error object) for an exception raised while handling a request: the
+    request's own fault is 4xx (RequestError with its status and field; any other PyllmError or
+    ValueError: bad options, a prompt past the context, a template that refused or ran too long, a
+    tool or grammar that cannot be used), anything else 500 and logged."""
+    if isinstance(e, RequestError):
+        return e.status, _error_body(str(e), e.status, e.param)
+    if isinstance(e, GrammarUnavailable):
+        return 400, _error_body(str(e), 400, "response_format")
+    if isinstance(e, ToolError):
+        return 400, _error_body(str(e), 400, "tools")
+    if isinstance(e, ValueError):  # PyllmError (TemplateError, LimitError, ...) and LLM's argument checks
+        return 400, _error_body(str(e))
+    log.error("request failed", exc_info=e)
+    return 500, _error_body(f"internal error: {type(e).__name__}: {e}", 500)
+
+
+def error_response(e: BaseException) -> "JSONResponse":
+    """error_info(e) as a response."""
+    status, body = error_info(e)
+    return JSONResponse(body, status_code=status)
+
+
+# -- limits: what one request may ask of the server ----------------------------------------------
+
+def _refuse_constant(name: str):
+    raise RequestError(f"the request body contains {name}, which is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(f"the request body contains the number {text[:32]}, which is too large")
+    return value
+
+
+def parse_body(raw: bytes) -> dict:
+    """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
+    for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
+    a number too large for a float, a body that is not an object."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+    except RequestError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+async def read_body(request: "Request", limits: Limits) -> bytes:
+    """The request body's bytes, within limits.max_body_bytes (413; a Content-Length past it is
+    refused before reading) and limits.body_timeout (408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("invalid Content-Length header")
+        if int(declared) > limits.max_body_bytes:
+            raise RequestError(f"the request body of {declared} bytes exceeds the limit of {limits.max_body_bytes} "
+                               "(pyllm serve --max-body-bytes)", 413)
+    chunks, size = [], 0
+
+    async def receive():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestError(f"the request body exceeds the limit of {limits.max_body_bytes} bytes "
+                                   "(pyllm serve --max-body-bytes)", 413)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), limits.body_timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {limits.body_timeout:g} s "
+                           "(pyllm serve --body-timeout)", 408) from None
+    except ClientDisconnect:
+        raise RequestError("the client went away while sending the request", 499) from None
+    return b"".join(chunks)
+
+
+def check_prompt_length(req, limits: Limits, param: str) -> None:
+    """Refuses a request (api_schema) with more prompt text (req.prompt_chars) than
+    limits.max_prompt_chars, before anything renders or tokenizes it (RequestError naming param)."""
+    n = req.prompt_chars
+    if n > limits.max_prompt_chars:
+        raise RequestError(f"the prompt has {n} characters; the limit is {limits.max_prompt_chars} "
+                           "(pyllm serve --max-prompt-chars)", param=param)
+
+
+class QueueSlots:
+    """Requests running or waiting, counted exactly: take() and release() run on the event loop
+    with no await between the test and the count, so simultaneous arrivals cannot pass the limit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+
+    def take(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+class SendTimeout(Exception):
+    """The client left a response unread for longer than Limits.send_timeout."""
+
+
+class EventStreamResponse:
+    """An ASGI server-sent-event response whose every send must finish within `send_timeout`: a
+    client that stops reading fills the socket buffers, its send stalls, and the response ends
+    (uvicorn then closes the connection). on_close() runs once, however the response ends, even
+    when it never starts."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], send_timeout: float):
+        self.events, self.on_close, self.send_timeout = events, on_close, send_timeout
+
+    async def _send(self, send, message) -> None:
+        try:
+            await asyncio.wait_for(send(message), self.send_timeout)
+        except asyncio.TimeoutError:
+            raise SendTimeout from None
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._send(send, {"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+            async for event in self.events:
+                await self._send(send, {"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except SendTimeout:
+            log.warning("a client left its stream unread for %g s: dropped", self.send_timeout)
+        finally:
+            try:
+                await self.events.aclose()  # a generation still running is cancelled
+            finally:
+                self.on_close()
 
 
 # -- running a generation off the event loop -----------------------------------------------------
@@ -76,8 +232,15 @@ class _Tokens:
         for piece in self.stream:
             yield piece, self.stream.take_tokens()
 
+    @property
+    def cancelled(self):
+        return self.stream.cancelled
+
     def cancel(self):
         self.stream.cancel()
+
+    def close(self):
+        self.stream.close()
 
 
 @dataclass
@@ -91,6 +254,7 @@ class _Plan:
     options: dict
     logprobs: int | None
     tools: object = None  # a tool_calls.ToolFormat when the reply may hold tool calls
+    echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
 
     def streams(self, llm) -> list:
         """One TextStream per choice (created now, so that bad options fail before any output)."""
@@ -109,18 +273,28 @@ class Server:
 
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
     max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
-    <key>" on every route but /health; cors_origins: origins allowed to call from a browser."""
+    <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
+    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags)."""
 
     def __init__(self, llm, model_name: str, max_queue: int = 64, defaults: dict | None = None,
-                 api_key: str | None = None, cors_origins: list[str] | tuple = ()):
+                 api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None):
         self.llm = llm
         self.model_name = model_name
-        self.max_queue = max_queue
+        self.slots = QueueSlots(max_queue)
         self.defaults = dict(defaults or {})
         self.api_key = api_key
         self.cors_origins = list(cors_origins)
-        self.active = 0  # requests running or waiting
+        self.limits = limits or Limits()
         self.created = int(time.time())
+
+    @property
+    def max_queue(self) -> int:
+        return self.slots.limit
+
+    @property
+    def active(self) -> int:
+        """Requests running or waiting."""
+        return self.slots.active
 
     def app(self):
         """The ASGI application: Starlette routes, behind the API key check and CORS when set."""
@@ -156,27 +330,32 @@ class Server:
     async def tokenize(self, request: "Request"):
         """{"content": text, "add_special": true} -> {"tokens": [...]} (llama.cpp's names; "prompt" and
         "add_special_tokens" too)."""
-        body = await _json_body(request)
-        if not isinstance(body, dict):
-            return body
-        text = body.get("content", body.get("prompt"))
-        add = body.get("add_special", body.get("add_special_tokens", True))
-        if not isinstance(text, str) or not isinstance(add, bool):
-            return _error("'content' must be a string (and 'add_special' true or false)", param="content")
-        tokens = await asyncio.to_thread(self.llm.tokenize, text, add)
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length})
+        return await self._answer(request, self._tokenize)
+
+    def _tokenize(self, raw: bytes) -> dict:
+        req = validate(TokenizeRequest, parse_body(raw))
+        check_prompt_length(req, self.limits, "content")
+        tokens = self.llm.tokenize(req.content, req.add_special)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length}
 
     async def detokenize(self, request: "Request"):
         """{"tokens": [...]} -> {"content": text} (special tokens skipped unless "skip_special": false)."""
-        body = await _json_body(request)
-        if not isinstance(body, dict):
-            return body
-        tokens, skip = body.get("tokens"), body.get("skip_special", True)
+        return await self._answer(request, self._detokenize)
+
+    def _detokenize(self, raw: bytes) -> dict:
+        req = validate(DetokenizeRequest, parse_body(raw))
         vocab = self.llm.config.vocab_size
-        if not (isinstance(tokens, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
-                                                 for i in tokens)) or not isinstance(skip, bool):
-            return _error(f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
-        return JSONResponse({"content": await asyncio.to_thread(self.llm.detokenize, tokens, skip)})
+        if any(i >= vocab for i in req.tokens):
+            raise RequestError(f"'tokens' must be token ids in [0, {vocab})", param="tokens")
+        return {"content": self.llm.detokenize(req.tokens, req.skip_special)}
+
+    async def _answer(self, request: "Request", work: Callable[[bytes], dict]):
+        """The JSON answer work(body bytes) gives, computed in a worker thread, or the error response."""
+        try:
+            raw = await read_body(request, self.limits)
+            return await asyncio.to_thread(lambda: JSONResponse(work(raw)))
+        except Exception as e:
+            return error_response(e)
 
     async def chat_completions(self, request: "Request"):
         return await self._handle(request, chat=True)
@@ -185,45 +364,58 @@ class Server:
         return await self._handle(request, chat=False)
 
     async def _handle(self, request: "Request", chat: bool):
-        body = await _json_body(request)
-        if not isinstance(body, dict):
-            return body
         started = time.perf_counter()
         try:
-            req = parse_request(body, chat)
-        except RequestError as e:
-            return _error(str(e), e.status, e.param)
-        if self.active >= self.max_queue:
+            raw = await read_body(request, self.limits)
+            req = await asyncio.to_thread(self.parse, raw, chat)
+        except Exception as e:
+            return error_response(e)
+        if not self.slots.take():
             return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+        handed_over = False  # whether the streaming response now releases the slot
         try:
-            plan = self._plan(req, chat)
-            streams = plan.streams(self.llm)
-        except RequestError as e:
-            return _error(str(e), e.status, e.param)
-        except GrammarUnavailable as e:
-            return _error(str(e), 400, "response_format")
-        except ToolError as e:
-            return _error(str(e), 400, "tools")
-        except (ValueError, TemplateError) as e:  # a prompt past the context, a template that refused, ...
-            return _error(str(e))
-        kind = "chat.completion" if chat else "text_completion"
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        head = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_name}
-        if req.stream:
-            events = self._events(plan, streams, request, head, req.include_usage, started)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        choices = []
-        for index, stream in enumerate(streams):
-            text, tokens = "", []
-            async for piece, new in self._pieces(_Tokens(stream), request):
-                text += piece
-                tokens += new
-            if stream.stats.finish_reason == "cancelled":  # the client went away
-                return _error("the request was cancelled", 499)
-            tokens += stream.take_tokens()
-            choices.append(await self._choice(plan, index, text, tokens, stream))
-        self._log(request, plan, streams, started)
-        return JSONResponse({**head, "choices": choices, "usage": self._usage(plan, streams)})
+            # template rendering, tokenizing and grammar compiling take seconds on a long prompt
+            plan, streams = await asyncio.to_thread(self.start, req, chat)
+            kind = "chat.completion" if chat else "text_completion"
+            ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            head = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_name}
+            if req.stream:
+                events = self._events(plan, streams, request, head, req.include_usage, started)
+                handed_over = True
+                return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
+            choices = []
+            for index, stream in enumerate(streams):
+                text, tokens = "", []
+                async for piece, new in self._pieces(_Tokens(stream), request):
+                    text += piece
+                    tokens += new
+                if stream.stats.finish_reason == "cancelled":  # the client went away
+                    return _error("the request was cancelled", 499)
+                tokens += stream.take_tokens()
+                choices.append(await asyncio.to_thread(self._choice, plan, index, text, tokens, stream))
+            self._log(request, plan, streams, started)
+            answer = {**head, "choices": choices, "usage": self._usage(plan, streams)}
+            return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
+        except Exception as e:
+            return error_response(e)
+        finally:
+            if not handed_over:
+                self.slots.release()
+
+    def parse(self, raw: bytes, chat: bool):
+        """The validated request (api_schema's ChatCompletionRequest or CompletionRequest) of a body
+        (bytes), within the prompt length limit; RequestError otherwise. Slow on a large body: call
+        it in a worker thread."""
+        req = parse_request(parse_body(raw), chat)
+        check_prompt_length(req, self.limits, "messages" if chat else "prompt")
+        return req
+
+    def start(self, req, chat: bool) -> tuple[_Plan, list]:
+        """The plan of a validated request and its TextStreams, one per choice (not started: bad
+        options, a prompt past the context, a template that refuses fail here, as ValueError).
+        Renders and tokenizes: call it in a worker thread."""
+        plan = self._plan(req, chat)
+        return plan, plan.streams(self.llm)
 
     # -- request -> plan ------------------------------------------------------------------------
     def _plan(self, req, chat: bool) -> _Plan:
@@ -256,11 +448,11 @@ class Server:
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,
                                                          self.llm.tokenizer)
-        prompt = self.llm.chat_prompt_ids(messages, tools=tools)
+        prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
         return _Plan(True, [prompt], [""], req.n, options, req.top_count, fmt)
 
     # -- plan + generated text -> choices -------------------------------------------------------
-    async def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
+    def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
         tokenizer = self.llm.tokenizer
         finish = stream.stats.finish_reason
         if plan.chat:
@@ -275,25 +467,29 @@ class Server:
         echo = plan.echo[index // plan.n]
         logprobs = None
         if plan.logprobs is not None:
-            before = await self._echo_logprobs(plan, index) if echo else None
+            before = self._echo_logprobs(plan, index) if echo else None
             logprobs = responses.merge_completion_logprobs(
                 before, responses.completion_logprobs(tokenizer, tokens, len(echo)))
         return responses.completion_choice(index, echo + text, finish, logprobs)
 
-    async def _echo_logprobs(self, plan: _Plan, index: int) -> dict:
-        """The echoed prompt's tokens with their log-probabilities (the first has none)."""
+    def _echo_logprobs(self, plan: _Plan, index: int) -> dict:
+        """The echoed prompt's tokens with their log-probabilities (the first has none), computed
+        once per prompt."""
         from .llm import TokenLogprob
         from .sampling import log_softmax
 
-        ids = plan.prompts[index // plan.n]
-        logp = log_softmax(await asyncio.to_thread(self.llm.logits, ids))
-        top = plan.logprobs
-        tokens = [TokenLogprob(ids[0])]
-        for k in range(1, len(ids)):
-            row = logp[k - 1]
-            best = row.argsort()[::-1][:top] if top else []
-            tokens.append(TokenLogprob(ids[k], float(row[ids[k]]), [(int(i), float(row[i])) for i in best]))
-        return responses.completion_logprobs(self.llm.tokenizer, tokens)
+        prompt = index // plan.n
+        if prompt not in plan.echo_logprobs:
+            ids = plan.prompts[prompt]
+            logits = self.llm.logits(ids)
+            top = plan.logprobs
+            tokens = [TokenLogprob(ids[0])]
+            for k in range(1, len(ids)):
+                row = log_softmax(logits[k - 1])  # row by row: no second [tokens, vocab] array
+                best = row.argsort()[::-1][:top] if top else []
+                tokens.append(TokenLogprob(ids[k], float(row[ids[k]]), [(int(i), float(row[i])) for i in best]))
+            plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
+        return plan.echo_logprobs[prompt]
 
     def _usage(self, plan: _Plan, streams) -> dict:
         return responses.usage(sum(len(p) for p in plan.prompts), sum(s.stats.generated_tokens for s in streams))
@@ -309,6 +505,19 @@ class Server:
 
     # -- streaming ------------------------------------------------------------------------------
     async def _events(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
+                      started: float) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer; an error after the headers went out becomes
+        an event holding the error object."""
+        events = self._chunks(plan, streams, request, head, include_usage, started)
+        try:
+            async for event in events:
+                yield event
+        except Exception as e:
+            yield _sse(error_info(e)[1])
+        finally:
+            await events.aclose()  # now, not when garbage collected: a client that left cancels its generation
+
+    async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
         from .tool_calls import ToolCallStream
 
@@ -336,7 +545,8 @@ class Server:
             else:
                 echo = plan.echo[index // plan.n]
                 if echo:
-                    before = await self._echo_logprobs(plan, index) if plan.logprobs is not None else None
+                    before = (await asyncio.to_thread(self._echo_logprobs, plan, index)
+                              if plan.logprobs is not None else None)
                     yield chunk(responses.completion_delta(index, echo, logprobs=before))
                     sent = len(echo)
             pieces = self._pieces(_Tokens(stream), request)
@@ -382,10 +592,12 @@ class Server:
         yield "data: [DONE]\n\n"
 
     async def _pieces(self, stream, request: "Request") -> AsyncIterator[str]:
-        """The stream's text pieces, produced in a worker thread (counted in self.active while the
-        request runs or waits for the model); leaving early cancels the generation."""
+        """The stream's text pieces, produced in a worker thread at most PIECES_AHEAD ahead of the
+        client (a client that reads slowly pauses its generation, and a paused stream lets a waiting
+        request take the model: llm.PREEMPT_AFTER); leaving early cancels the generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        credits = threading.Semaphore(PIECES_AHEAD)
 
         def put(item):
             try:
@@ -394,14 +606,20 @@ class Server:
                 stream.cancel()
 
         def work():
+            outcome = ("end", None)
             try:
                 for piece in stream:
+                    while not credits.acquire(timeout=0.1):
+                        if stream.cancelled.is_set():  # the client left while the generation waited for it
+                            stream.stats.finish_reason = "cancelled"
+                            return
                     put(("piece", piece))
-                put(("end", None))
             except BaseException as e:  # handed to the request's coroutine
-                put(("error", e))
+                outcome = ("error", e)
+            finally:
+                stream.close()  # gives the model back now, also when cancelled while paused
+                put(outcome)
 
-        self.active += 1
         watcher = asyncio.ensure_future(_watch_disconnect(request, stream))
         threading.Thread(target=work, name="pyllm-request", daemon=True).start()
         try:
@@ -411,19 +629,11 @@ class Server:
                     return
                 if kind == "error":
                     raise value
+                credits.release()
                 yield value
         finally:
             stream.cancel()  # no-op when finished; otherwise the client left: stop within one token
             watcher.cancel()
-            self.active -= 1
-
-
-async def _json_body(request: "Request"):
-    """The parsed JSON body, or the error response to return."""
-    try:
-        return await request.json()
-    except (ValueError, UnicodeDecodeError):
-        return _error("the request body is not valid JSON")
 
 
 def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
@@ -461,9 +671,9 @@ class _ApiKey:
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_queue: int = 64,
           log_level: str = "info", defaults: dict | None = None, api_key: str | None = None,
-          cors_origins: list[str] | tuple = ()) -> None:
+          cors_origins: list[str] | tuple = (), limits: Limits | None = None) -> None:
     """Serves llm until interrupted; prints a start-up line (model, context, threads, device) and
-    logs one line per request."""
+    logs one line per request. The options are Server's."""
     try:
         import uvicorn
     except ImportError:
@@ -480,5 +690,5 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
     log.info("pyllm serve: http://%s:%d/v1 (OpenAI-compatible; Ctrl-C stops): model %s (%s), context %d tokens, "
              "%d threads on %s%s", host, port, name, llm.path, llm.context_length, llm.n_threads, llm.device,
              ", API key required" if api_key else "")
-    app = Server(llm, name, max_queue, defaults, api_key, cors_origins).app()
+    app = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits).app()
     uvicorn.run(app, host=host, port=port, log_level=log_level)

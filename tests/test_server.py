@@ -374,19 +374,21 @@ def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
     try:
         prompt = "the quick brown fox jumps over the lazy dog " * 60_000  # 2.6 MB
-        result = {}
-        poster = threading.Thread(target=lambda: result.update(reply=_request(
-            server.url + "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 1}).encode())), daemon=True)
-        poster.start()
-        slowest = 0.0
-        while poster.is_alive():
-            start = time.time()
-            assert _get(server.url + "/health")["status"] == "ok"
-            slowest = max(slowest, time.time() - start)
-            time.sleep(0.05)
-        status, reply = result["reply"]
-        assert status == 400 and "context" in reply["error"]["message"]  # far past the context
-        assert slowest < 1.0, f"/health took {slowest:.2f} s"
+        for path, body in [("/v1/completions", {"prompt": prompt, "max_tokens": 1}),  # parse, validate, tokenize
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]})]:  # + render
+            result = {}
+            poster = threading.Thread(target=lambda: result.update(reply=_request(
+                server.url + path, json.dumps(body).encode())), daemon=True)
+            poster.start()
+            slowest = 0.0
+            while poster.is_alive():
+                start = time.time()
+                assert _get(server.url + "/health")["status"] == "ok"
+                slowest = max(slowest, time.time() - start)
+                time.sleep(0.05)
+            status, reply = result["reply"]
+            assert status == 400 and "context" in reply["error"]["message"], (path, reply)  # far past the context
+            assert slowest < 1.0, f"/health took {slowest:.2f} s during {path}"
     finally:
         server.stop()
 
@@ -404,6 +406,14 @@ def test_template_that_never_ends_gets_400_and_frees_the_server(llm, monkeypatch
         server.stop()
 
 
+def _wait_until_idle(server: LiveServer, seconds: float) -> int:
+    """The requests running or waiting on server once there are none, or after seconds."""
+    deadline = time.time() + seconds
+    while _get(server.url + "/health")["requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    return _get(server.url + "/health")["requests"]
+
+
 def test_queue_limit_is_exact_under_simultaneous_arrivals(llm, monkeypatch):
     monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
     server = LiveServer(llm, max_queue=2)
@@ -417,10 +427,7 @@ def test_queue_limit_is_exact_under_simultaneous_arrivals(llm, monkeypatch):
         assert statuses == [200, 200] + [503] * 6
         for s in sockets:
             s.close()
-        deadline = time.time() + 20
-        while _get(server.url + "/health")["requests"] and time.time() < deadline:
-            time.sleep(0.05)
-        assert _get(server.url + "/health")["requests"] == 0
+        assert _wait_until_idle(server, 20) == 0
     finally:
         server.stop()
 
@@ -446,6 +453,25 @@ def test_clients_that_never_read_lose_their_places(llm, monkeypatch):
     finally:
         for s in stalled:
             s.close()
+        server.stop()
+
+
+def test_stalled_clients_that_hang_up_free_their_places_at_once(llm, monkeypatch):
+    """A client that stops reading (its generation paused, PIECES_AHEAD pieces waiting) and then
+    hangs up frees its place at once, not after the send timeout."""
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
+    server = LiveServer(llm, max_queue=3, limits=ServerLimits(send_timeout=600))
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 8000, "stream": True}).encode()
+    stalled = [_raw(server.port, _post("/v1/completions", body), rcvbuf=4096) for _ in range(3)]
+    try:
+        time.sleep(4)  # each fills its buffers and pauses
+        assert _get(server.url + "/health")["requests"] == 3
+        for s in stalled:
+            s.close()
+        assert _wait_until_idle(server, 10) == 0
+        reply = server.client().completions.create(model="tiny", prompt="Paris is", max_tokens=4)
+        assert reply.usage.completion_tokens == 4
+    finally:
         server.stop()
 
 
@@ -483,3 +509,43 @@ def test_control_tokens_typed_by_a_client_stay_text(live, llm):
     ids = llm.chat_prompt_ids(forged)
     assert reply.usage.prompt_tokens == len(ids) != len(llm.chat_prompt_ids(forged, parse_special_in_content=True))
     assert ids.count(llm.tokenizer.token_to_id("<|im_start|>")) == 2
+
+
+def test_numbers_past_what_a_field_holds_get_400(live):
+    """A number too large for a float, or for the field, is the client's fault in every field (400
+    naming it), never a 500."""
+    url = live.url + "/v1/completions"
+    for field, value in [("repetition_penalty", "1e999"), ("min_p", "-1e999"), ("seed", "1e400"),
+                         ("logit_bias", '{"5": 1e999}'), ("top_k", "1.5"), ("n", str(10**30)),
+                         ("stop_token_ids", f"[{10**30}]"), ("max_tokens", "-2")]:
+        status, reply = _request(url, f'{{"prompt": "hi", "max_tokens": 1, "{field}": {value}}}'.encode())
+        assert status == 400 and _is_openai_error(reply), (field, value, status, reply)
+    chat = live.url + "/v1/chat/completions"
+    for body in ({"messages": _chat("hi"), "top_logprobs": 10**30, "logprobs": True},
+                 {"messages": _chat("hi"), "tools": [{"type": "function", "function": {"name": "x" * 65}}]},
+                 {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 1}):
+        status, reply = _request(chat, json.dumps(body).encode())
+        assert status == 400 and _is_openai_error(reply), (body, status, reply)
+    assert _active(live) == 0
+
+
+def test_tokenize_and_detokenize_are_bounded_too(llm):
+    server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
+    try:
+        tokenize, detokenize = server.url + "/tokenize", server.url + "/detokenize"
+        status, reply = _request(tokenize, json.dumps({"content": "x" * 5000}).encode())
+        assert status == 413 and "max-body-bytes" in reply["error"]["message"]
+        status, reply = _request(tokenize, json.dumps({"content": "x" * 101}).encode())
+        assert status == 400 and "max-prompt-chars" in reply["error"]["message"]
+        assert reply["error"]["param"] == "content"
+        for url, body in [(tokenize, b'{"content": NaN}'), (tokenize, b'{"content": 7}'), (tokenize, b"[1]"),
+                          (tokenize, b'{"content": "a", "add_special": "yes"}'), (tokenize, b"\xff\xfe"),
+                          (detokenize, b'{"tokens": [-1]}'), (detokenize, b'{"tokens": [true]}'),
+                          (detokenize, b'{"tokens": "abc"}'), (detokenize, b'{"tokens": [1e999]}'),
+                          (detokenize, b'{"tokens": [' + str(10**30).encode() + b"]}")]:
+            status, reply = _request(url, body)
+            assert status == 400 and _is_openai_error(reply), (url, body, status, reply)
+        status, reply = _request(tokenize, json.dumps({"content": "x" * 100}).encode())
+        assert status == 200 and reply["tokens"] == llm.tokenize("x" * 100)
+    finally:
+        server.stop()

@@ -101,6 +101,25 @@ def test_completion_logprobs_and_echo(live, llm):
     assert "".join(p.choices[0].text for p in pieces) == prompt + generated
 
 
+def test_echoed_logprobs_are_computed_once_per_prompt(live, llm, monkeypatch):
+    """n choices of one prompt share its echoed log-probabilities: one forward pass over the
+    prompt, not n (a request for n=128 must not run the prompt 128 times)."""
+    calls = []
+    logits = llm.logits
+    monkeypatch.setattr(llm, "logits", lambda ids: calls.append(len(ids)) or logits(ids))
+    reply = live.client().completions.create(model="tiny", prompt=["The quick brown fox", "Paris"], max_tokens=2,
+                                             logprobs=1, echo=True, n=3)
+    assert len(reply.choices) == 6 and calls == [len(llm.tokenize("The quick brown fox")), len(llm.tokenize("Paris"))]
+    first = [c.logprobs.token_logprobs[:len(llm.tokenize("Paris"))] for c in reply.choices[3:]]
+    assert first[0] == first[1] == first[2]
+
+
+def test_too_many_prompts_are_refused(live):
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client().completions.create(model="tiny", prompt=["a"] * 2049, max_tokens=1)
+    assert e.value.param == "prompt" and "2048" in str(e.value)
+
+
 # -- several choices and prompts -----------------------------------------------------------------
 
 def test_n_choices_streamed_and_not(live, llm):

@@ -34,6 +34,13 @@ REQUESTS = {
                  "max_completion_tokens": 3, "repetition_penalty": 1.1, "stream_options": {"include_usage": True}}),
     "chat-tools": (1, {"messages": [{"role": "user", "content": "weather?"}],
                        "tools": [{"type": "function", "function": {"name": "w", "parameters": {}}}], "n": 1}),
+    "chat-forced-call": (1, {"messages": [{"role": "user", "content": "weather?"}], "tool_choice": "required",
+                             "tools": [{"type": "function", "function": {"name": "w", "parameters": {
+                                 "type": "object", "properties": {"city": {"type": "string"}}}}}],
+                             "parallel_tool_calls": False, "logprobs": True, "top_logprobs": 2, "max_tokens": 4}),
+    "completion-options": (0, {"prompt": ["Paris", "Rome"], "n": 2, "echo": True, "logprobs": 2, "max_tokens": 2,
+                               "logit_bias": {"5": -100}, "presence_penalty": 0.5, "stop_token_ids": [7],
+                               "response_format": {"type": "regex", "regex": "[a-z ]+"}}),
 }
 
 

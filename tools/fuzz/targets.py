@@ -136,17 +136,16 @@ def _tiny_server():
 
 
 def request(data: bytes) -> None:
-    from pyllm.serve import check_prompt_length, parse_body
+    from pyllm.structured import GrammarUnavailable
 
     if not data:
         return
     server, chat = _tiny_server(), data[0] % 2 == 1
     try:
-        body = parse_body(data[1:])
-        check_prompt_length(body, chat, server.limits)
-        stream = server._start(body, chat)
-    except EXPECTED:  # what the server answers with 4xx
+        _, streams = server.start(server.parse(data[1:], chat), chat)
+    except (*EXPECTED, GrammarUnavailable):  # what the server answers with 4xx
         return
+    stream = streams[0]
     try:
         next(stream, None)
     except EXPECTED:
