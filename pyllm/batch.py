@@ -62,6 +62,8 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
     engine = llm.engine
     slots = engine.n_seq
+    if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
+        llm._cached, llm._primed = [], None
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
         seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),

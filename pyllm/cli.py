@@ -145,7 +145,8 @@ def _open(args):
 
     return LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
                chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
-               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1))
+               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
+               adapter=getattr(args, "adapter", None) if args.command == "run" else None)
 
 
 def cmd_run(args) -> int:
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="treat the prompt as plain text to continue, not as a chat message (default: chat)")
     p.add_argument("--system", "--system-prompt", dest="system", default=None,
                    help="system message for chat (default: the chat template's own, if any)")
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="a prompt-tuning / P-tuning / prefix-tuning adapter stored in the file (pyllm convert "
+                        "--adapter) (default: none, the base model)")
     _add_chat_template(p)
     _add_threads(p)
     _add_context(p)

@@ -250,7 +250,7 @@ class LLM:
     @accepts_aliases
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
                  chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto",
-                 verify: bool = False, n_parallel: int = 1):
+                 verify: bool = False, n_parallel: int = 1, adapter: str | None = None):
         from .model_cache import resolve_model
 
         backend = engine_module(device)
@@ -286,6 +286,9 @@ class LLM:
         return_freed_heap()
         self.context_length = n_ctx
         self.n_parallel = n_parallel
+        self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
+        self.adapter = self._check_adapter(adapter)  # generate()'s default
+        self._primed: str | None = None  # the adapter whose virtual positions open slot 0's cache
         self.device = device
         self.n_threads = self.engine.n_threads
         # Who uses the engine: the holder (a TextStream or a _Call), its thread, and since when a
@@ -372,7 +375,7 @@ class LLM:
         call = _Call()
         self._acquire(call)
         try:
-            self._cached = []
+            self._cached, self._primed = [], None
             results = []
             for first in range(0, len(checked), self.n_parallel):
                 group = checked[first:first + self.n_parallel]
@@ -391,7 +394,7 @@ class LLM:
         call = _Call()
         self._acquire(call)
         try:
-            self._cached = []
+            self._cached, self._primed = [], None
             out = self.engine.forward(arr, 0, True)
             self._cached = [int(i) for i in arr]
             return out
@@ -406,8 +409,12 @@ class LLM:
                  stop_token_ids: list[int] | None = None, stream: bool = False, *, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
                  logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
-                 logits_processors: list[LogitsProcessor] | None = None):
+                 logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
+
+        adapter: the name of a prompt-learning adapter stored in the file (prompt tuning, P-tuning or
+        prefix tuning; "base" or None with no default: none), default the LLM's. Its virtual tokens are
+        computed once and kept in the cache while the next calls use the same adapter.
 
         A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
         engine step, each exactly as it would be alone (pyllm/batch.py): returns a list of texts, or with
@@ -456,14 +463,39 @@ class LLM:
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
             processors.insert(0, constraint)
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
+            if chosen is not None:
+                raise ValueError("a prompt-learning adapter applies to one prompt at a time; give a single prompt")
             if processors or logprobs is not None:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
                                  "give a single prompt")
             prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
             return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
-        pieces = self._stream(ids, max_new_tokens, params, stop, stop_ids, processors, logprobs)
+        pieces = self._stream(ids, max_new_tokens, params, stop, stop_ids, processors, logprobs, chosen)
         return pieces if stream else "".join(pieces)
+
+    def _check_adapter(self, name: str | None) -> str | None:
+        """A valid adapter name (None or "base": the plain model); ValueError listing the file's otherwise."""
+        if name is None or name == "base":
+            return None
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none"
+            raise ValueError(f"{self.path} has no adapter {name!r} (adapters in the file: {known})")
+        return name
+
+    def _prime(self, adapter: str | None) -> int:
+        """Makes slot 0's cache open with `adapter`'s virtual positions (computing them when another
+        adapter, or none, is there); returns how many positions they take."""
+        from .adapters import prime
+
+        if adapter != self._primed:
+            self._cached = []
+            self._primed = None
+            if adapter is not None:
+                prime(self.engine, self.adapters[adapter], 0)
+            self._primed = adapter
+        return self.adapters[adapter].virtual_tokens if adapter is not None else 0
 
     def _stop_tokens(self, stop: list[str], stop_token_ids) -> tuple[list[str], set[int]]:
         """(stop strings, stop ids): a stop string that is a special token's text becomes its id
@@ -607,28 +639,30 @@ class LLM:
             running.cancel()
 
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
-                stop_ids: set[int], processors: list, logprobs: int | None) -> TextStream:
+                stop_ids: set[int], processors: list, logprobs: int | None, adapter: str | None = None) -> TextStream:
         prompt = self._check_ids(ids)
-        if len(prompt) >= self.context_length:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.context_length} "
-                             "(leave room for the reply)")
+        virtual = self.adapters[adapter].virtual_tokens if adapter is not None else 0
+        if virtual + len(prompt) >= self.context_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens" + (f" after {virtual} virtual ones" if virtual else "")
+                             + f"; the context holds {self.context_length} (leave room for the reply)")
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
         sampler = Sampler(params, processors, prompt_length=len(prompt))
         stream._pieces = self._run(prompt, max_new_tokens, sampler, stop, stop_ids | set(self.tokenizer.eos_ids),
-                                   stream, logprobs)
+                                   stream, logprobs, adapter)
         return stream
 
-    def _prefill(self, ids: list[int], common: int, cancel: threading.Event) -> np.ndarray | None:
-        """Runs ids[common:] in chunks; logits f32 [vocab] of the last token, or None when cancelled."""
+    def _prefill(self, ids: list[int], common: int, cancel: threading.Event, offset: int = 0) -> np.ndarray | None:
+        """Runs ids[common:] in chunks at positions offset + index (after an adapter's virtual tokens);
+        logits f32 [vocab] of the last token, or None when cancelled."""
         self._cached = ids[:common]
         logits = None
         for start in range(common, len(ids), PREFILL_CHUNK):
             if cancel.is_set():
                 return None
             chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
-            logits = self.engine.forward(chunk, start, False)
+            logits = self.engine.forward(chunk, offset + start, False)
             self._cached = ids[:start + len(chunk)]
         return logits
 
@@ -642,7 +676,7 @@ class LLM:
         return min(common, len(ids) - 1)
 
     def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
-             stream: TextStream, logprobs: int | None) -> Iterator[str]:
+             stream: TextStream, logprobs: int | None, adapter: str | None = None) -> Iterator[str]:
         self._acquire(stream)
         stats, cancel = stream.stats, stream.cancelled
         try:
@@ -652,17 +686,18 @@ class LLM:
                 return
             # reuse the cached prefix; at least one prompt token must run to give logits
             ids = [int(i) for i in prompt]  # the tokens whose keys/values this call has computed
+            start = time.perf_counter()
+            offset = self._prime(adapter)  # positions 0 .. offset - 1: the adapter's virtual tokens
             common = self._reuse(ids)
             stats.cached_tokens = common
-            start = time.perf_counter()
-            logits = self._prefill(ids, common, cancel)
+            logits = self._prefill(ids, common, cancel, offset)
             stats.prefill_seconds = time.perf_counter() - start
             if logits is None:
                 stats.finish_reason = "cancelled"
                 return
             self._cached = ids  # one list from here on: each new token is appended to both
             decoder = StreamDecoder(self.tokenizer, ids)
-            limit = min(max_new_tokens, self.context_length - len(ids))
+            limit = min(max_new_tokens, self.context_length - offset - len(ids))
             held = ""  # text withheld because it may be the start of a stop string
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
@@ -696,12 +731,13 @@ class LLM:
                     yield held[:safe]
                     held = held[safe:]
                     if not self._resume(stream):  # preempted while its consumer was away: re-read the context
-                        if self._prefill(ids, self._reuse(ids), cancel) is None:
+                        offset = self._prime(adapter)
+                        if self._prefill(ids, self._reuse(ids), cancel, offset) is None:
                             stats.finish_reason = "cancelled"
                             break
                         self._cached = ids
                 if step + 1 < limit:
-                    logits = self.engine.forward(np.array([token], dtype=np.int32), len(ids), False)
+                    logits = self.engine.forward(np.array([token], dtype=np.int32), offset + len(ids), False)
                     ids.append(token)  # self._cached is ids: the cache holds them all
             if not stopped_in_text and stats.finish_reason != "cancelled":
                 held += decoder.flush()  # the text decode() gives for the last tokens, held back until now

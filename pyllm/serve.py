@@ -314,18 +314,38 @@ class Server:
     async def health(self, request: "Request"):
         return JSONResponse({"status": "ok", "requests": self.active})
 
-    def _model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pyllm",
+    def _model_ids(self) -> list[str]:
+        """The base model's id, then "BASE:ADAPTER" for each prompt-learning adapter in its file."""
+        return [self.model_name] + [f"{self.model_name}:{name}" for name in self.llm.adapters]
+
+    def _model_card(self, ident: str) -> dict:
+        card = {"id": ident, "object": "model", "created": self.created, "owned_by": "pyllm",
                 "context_length": self.llm.context_length}
+        if ident != self.model_name:
+            adapter = self.llm.adapters[ident.rpartition(":")[2]]
+            card.update(parent=self.model_name, adapter={"type": adapter.kind, "peft_type": adapter.peft_type,
+                                                         "virtual_tokens": adapter.virtual_tokens})
+        return card
 
     async def models(self, request: "Request"):
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": [self._model_card(i) for i in self._model_ids()]})
 
     async def model(self, request: "Request"):
-        if request.path_params["model_id"] != self.model_name:
+        if request.path_params["model_id"] not in self._model_ids():
             return _error(f"the model {request.path_params['model_id']!r} does not exist (this server has "
-                          f"{self.model_name!r})", 404, "model")
-        return JSONResponse(self._model_card())
+                          f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
+        return JSONResponse(self._model_card(request.path_params["model_id"]))
+
+    def _adapter_for(self, model: str | None) -> str | None:
+        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters; any
+        other value (OpenAI clients send whatever they were configured with) is the base model."""
+        if not model or ":" not in model:
+            return None
+        name = model.rpartition(":")[2]
+        if name in self.llm.adapters or name == "base":
+            return None if name == "base" else name
+        raise RequestError(f"the model {model!r} does not exist (this server has "
+                           f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
 
     async def tokenize(self, request: "Request"):
         """{"content": text, "add_special": true} -> {"tokens": [...]} (llama.cpp's names; "prompt" and
@@ -424,6 +444,7 @@ class Server:
         if limit is None:
             limit = -1 if chat else 16  # OpenAI: chat until the end, completions 16
         options["max_new_tokens"] = self.llm.context_length if limit == -1 else limit
+        options["adapter"] = self._adapter_for(req.model) or "base"
         if chat:
             return self._chat_plan(req, options)
         prompts = [self.llm.tokenize(p) if isinstance(p, str) else list(p) for p in req.prompts]
