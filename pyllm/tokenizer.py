@@ -47,6 +47,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in the text map to their ids."""
         if self._hf is not None:
+            if add_special_tokens and self._hf.post_processor is not None:
+                # the post-processor adds what transformers adds (a BOS, or GLM's [gMASK]<sop> pair...)
+                return self._hf.encode(text, add_special_tokens=True).ids
             ids = self._hf.encode(text, add_special_tokens=False).ids
         else:
             ids = []
