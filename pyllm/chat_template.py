@@ -170,9 +170,24 @@ def _compile(source: str):
         raise TemplateError(f"chat template is not valid Jinja: {e}") from None
 
 
+# a message's reasoning under any of these names reaches the template under all of them (transformers'
+# _alias_reasoning_fields: Qwen3's template reads reasoning_content, gpt-oss's thinking)
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_message(message: dict) -> dict:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return dict(message)
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
-                eos_token: str = "", **extra) -> str:
-    """Renders messages ([{"role", "content"}, ...]) into the model's prompt text."""
+                eos_token: str = "", tools: list | None = None, documents: list | None = None, **extra) -> str:
+    """Renders messages ([{"role", "content"}, ...]) into the model's prompt text, as apply_chat_template
+    does: `tools` and `documents` are always defined (None when not given), reasoning is aliased (see
+    _REASONING_FIELDS), and other keyword arguments (enable_thinking...) pass to the template.
+    Raises TemplateError when the template fails or refuses the messages."""
     if not template:
         raise TemplateError("this model has no chat template: name one (chat_template= in Python, --chat-template "
                             f"on the command line; built in: {', '.join(BUILTIN_TEMPLATES)}) or use plain generation")
@@ -184,8 +199,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     from jinja2 import TemplateError as JinjaError
 
     try:
-        return _compile(template).render(messages=[dict(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt,
+        return _compile(template).render(messages=[_template_message(m) for m in messages], tools=tools,
+                                         documents=documents, add_generation_prompt=add_generation_prompt,
                                          bos_token=bos_token or "", eos_token=eos_token or "", **extra)
     except TemplateError:
         raise
