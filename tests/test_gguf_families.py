@@ -19,6 +19,7 @@ positions, Qwen3's head_dim 128), so that both readers build the same model.
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import numpy as np
@@ -143,7 +144,8 @@ def _tensors(arch, c: dict, model) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(case: str, hf_dir: str, path: str, kind=Q.F32) -> None:
+def write_gguf(case: str, hf_dir: str, path: str, kind=Q.F32, extra=None) -> None:
+    """Writes hf_dir's model as the family's GGUF; extra(writer) may add keys and tensors."""
     family, _, _, arch, _ = CASES[case]
     c = json.load(open(os.path.join(hf_dir, "config.json")))
     model = load_reference(family, hf_dir)
@@ -161,6 +163,8 @@ def write_gguf(case: str, hf_dir: str, path: str, kind=Q.F32) -> None:
             w.add_tensor(gname, value.astype(np.float16), raw_dtype=Q.F16)
         else:
             w.add_tensor(gname, gguf.quants.quantize(value, kind), raw_dtype=kind)
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -247,6 +251,27 @@ def test_every_family_with_a_gguf_name_has_a_gguf_layout():
                                                                if a.gguf_name and a.name != "mistral"}
     # every GGUF architecture but llama's is exercised above
     assert {gguf.MODEL_ARCH_NAMES[c[3]] for c in CASES.values()} == set(GGUF_ARCHITECTURES) - {"llama"}
+
+
+REFUSED = {
+    # what the engines do not implement, written the way llama.cpp writes it: refused by name
+    "yarn": (lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)),
+             "rope scaling 'yarn'"),
+    "rope_freqs": (lambda w: w.add_tensor("rope_freqs.weight", np.ones(8, np.float32)), "rope_freqs"),
+    "extra_tensor": (lambda w: w.add_tensor("blk.0.attn_sinks.weight", np.ones(4, np.float32)),
+                     "unexpected tensor 'blk.0.attn_sinks.weight'"),
+}
+
+
+@pytest.mark.parametrize("what", list(REFUSED))
+def test_features_outside_the_engine_are_refused_by_name(what, tmp_path):
+    family, name, overrides, _, _ = CASES["qwen2"]
+    hf_dir = make_tiny_model(family, name, str(tmp_path / "hf"), seed=1, **overrides)
+    add, message = REFUSED[what]
+    write_gguf("qwen2", hf_dir, str(tmp_path / "model.gguf"), extra=add)
+    with pytest.raises(FormatError, match=re.escape(message)):
+        convert_checkpoint(str(tmp_path / "model.gguf"), str(tmp_path / "model.pllm"), progress=False)
+    assert not (tmp_path / "model.pllm").exists()
 
 
 def test_unknown_architecture_and_missing_tensor_are_refused(tmp_path):
