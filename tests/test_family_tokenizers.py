@@ -14,7 +14,7 @@ whose model_type decides, as in transformers, which tokenizer class loads the di
 | bloom | bigscience/bloom-*: regex Split + ByteLevel(use_regex=false), BloomTokenizerFast | TokenizersBackend (file as written) |
 | gemma | google/gemma-3-*-it: SentencePiece-style BPE, spaces replaced by "▁" without a prefix, byte fallback, <bos> template | GemmaTokenizer (rebuilt) |
 | llama2 | meta-llama/Llama-2-*-hf tokenizer.json: Prepend("▁") + Replace normalizer, byte fallback, <s> template | LlamaTokenizer (rebuilt) |
-| glm4 | zai-org/GLM-4-9B-0414 / glm-4-9b-chat-hf: tiktoken-style regex Split + ByteLevel, [gMASK]<sop> template | TokenizersBackend |
+| glm4 | zai-org/GLM-4-9B-0414 / glm-4-9b-chat-hf: tiktoken-style regex Split + ByteLevel, PreTrainedTokenizerFast; a post-processor adding the two-token [gMASK]<sop> prefix that glm-4-9b-chat's own tokenizer prepends (pyllm must not reduce special tokens to one BOS) | TokenizersBackend |
 | phi3 | microsoft/Phi-3-mini-4k-instruct: Llama-2's tokenizer.json, LlamaTokenizer declared | TokenizersBackend (phi3's hub class is overridden) |
 
 Each directory is also converted to a .pllm file and read back through pyllm.LLM's tokenizer.
@@ -229,6 +229,31 @@ def make_phi3(directory):
     return _write(directory, tok, config, "phi3")
 
 
+def make_gemma_spm_only(directory):
+    """A Gemma directory with only tokenizer.model (older exports): a byte-fallback BPE sentencepiece
+    model without a dummy prefix, as Gemma's is; GemmaTokenizer builds its backend from the pieces."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT * 20), model_writer=buf, model_type="bpe", vocab_size=420,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+              "pad_token": "<pad>", "unk_token": "<unk>", "tokenizer_class": "GemmaTokenizer"}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_type": "gemma2"}, f)
+    return directory
+
+
 def make_qwen2_with_gpt2_file(directory):
     """A Qwen2 directory whose tokenizer.json carries GPT-2's pipeline (no NFC, GPT-2's regex, which keeps
     digit runs together): Qwen2Tokenizer ignores the file's pipeline and uses its own."""
@@ -268,6 +293,7 @@ FAMILIES = {
     # post-processor
     "qwen2_gpt2_file": (make_qwen2_with_gpt2_file, "Qwen2Tokenizer"),
     "gpt2_prefix_space_file": (make_gpt2_prefix_space_file, "GPT2Tokenizer"),
+    "gemma_spm_only": (make_gemma_spm_only, "GemmaTokenizer"),
 }
 # special tokens written in the text (each family's chat markers)
 SPECIAL_TEXT = {
@@ -281,6 +307,7 @@ SPECIAL_TEXT = {
     "phi3": "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n",
     "qwen2_gpt2_file": "one<|endoftext|>two <|endoftext|> 12345",
     "gpt2_prefix_space_file": "one<|endoftext|>two <|endoftext|> three",
+    "gemma_spm_only": "<bos><start_of_turn>user\nhi 你好<end_of_turn>\n<start_of_turn>model\n",
 }
 
 

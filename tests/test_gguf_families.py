@@ -258,6 +258,7 @@ REFUSED = {
     "yarn": (lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)),
              "rope scaling 'yarn'"),
     "rope_freqs": (lambda w: w.add_tensor("rope_freqs.weight", np.ones(8, np.float32)), "rope_freqs"),
+    "experts": (lambda w: w.add_expert_count(8), "mixture-of-experts layers (qwen2.expert_count=8)"),
     "extra_tensor": (lambda w: w.add_tensor("blk.0.attn_sinks.weight", np.ones(4, np.float32)),
                      "unexpected tensor 'blk.0.attn_sinks.weight'"),
 }

@@ -635,10 +635,10 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         pieces = spm["pieces"]
         model_extras = [AddedToken(p, normalized=False, special=kind == _SPM_CONTROL)
                         for p, _, kind in pieces if kind in (_SPM_CONTROL, _SPM_USER_DEFINED)]
-        if cls == "LlamaTokenizer":
+        if rebuild is not None:  # LlamaTokenizer, GemmaTokenizer: the pieces, merges generated from their order
             vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-            tok = _llama_backend(vocab, _generate_merges(vocab), tok_config)
-            defaults = _CLASS_BACKENDS["LlamaTokenizer"][1]
+            build, defaults = rebuild
+            tok = build(vocab, _generate_merges(vocab), tok_config)
         else:
             tok, user_defined = _spm_backend(spm, tok_config, added_decoder)
             # user-defined pieces stay with the model (its pre-tokenizer splits them out), not special tokens

@@ -108,9 +108,14 @@ class GGUFArchitecture:
 
 def _sizes(m: Metadata) -> dict:
     """The keys every llama.cpp text model writes, as transformers names them."""
+    if m.get("expert_count"):
+        raise FormatError(f"{m.path}: mixture-of-experts layers ({m.arch}.expert_count={m.get('expert_count')}) "
+                          "are not supported by pyllm's engines")
     hidden = int(m.need("embedding_length"))
     heads = int(m.need("attention.head_count"))
-    head_dim = int(m.get("attention.key_length", hidden // heads))
+    # the head size: written as key_length when config.json named it, else q's rows per head
+    q_rows = _rows(m.shapes["blk.0.attn_q.weight"]) if m.has("blk.0.attn_q.weight") else None
+    head_dim = int(m.get("attention.key_length", q_rows // heads if q_rows else hidden // heads))
     cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=int(m.need("block_count")),
                num_key_value_heads=int(m.get("attention.head_count_kv", heads)), head_dim=head_dim,
                intermediate_size=int(m.need("feed_forward_length")),
