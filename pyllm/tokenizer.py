@@ -19,6 +19,10 @@ class Tokenizer:
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
+            # a post-processor that adds tokens (a BOS, GLM's [gMASK]<sop> pair...) adds them itself;
+            # otherwise the spec's add_bos_token / add_eos_token do (GGUF files, tokenizer.model sources)
+            self._post_processor_adds = self._hf.post_processor is not None and (
+                self._hf.encode("a", add_special_tokens=True).ids != self._hf.encode("a", add_special_tokens=False).ids)
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -47,8 +51,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in the text map to their ids."""
         if self._hf is not None:
-            if add_special_tokens and self._hf.post_processor is not None:
-                # the post-processor adds what transformers adds (a BOS, or GLM's [gMASK]<sop> pair...)
+            if add_special_tokens and self._post_processor_adds:
                 return self._hf.encode(text, add_special_tokens=True).ids
             ids = self._hf.encode(text, add_special_tokens=False).ids
         else:

@@ -380,3 +380,21 @@ def test_converted_model_carries_the_same_tokenizer(tmp_path):
     with pyllm.LLM(out, n_threads=1) as llm:
         for key, text in dict(TEXTS, special=SPECIAL_TEXT["qwen2"]).items():
             assert llm.tokenize(text) == hf.encode(text), key
+
+
+def test_spec_adds_bos_and_eos_when_the_post_processor_adds_nothing(tmp_path):
+    """GGUF sources embed a tokenizer whose post-processor adds no token (ByteLevel) and say in the
+    spec whether BOS/EOS are added (tokenizer.ggml.add_bos_token): the spec decides then."""
+    from pyllm.formats.packed import TokenizerSpec
+
+    directory = make_gpt2(str(tmp_path / "gpt2"))
+    with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+        blob = f.read().encode("utf-8")
+    end = tokenizers.Tokenizer.from_str(blob.decode()).token_to_id("<|endoftext|>")
+    plain = Tokenizer(TokenizerSpec(kind="hf"), blob).encode("hello world")
+    for bos, eos in ((True, False), (False, True), (True, True)):
+        spec = TokenizerSpec(kind="hf", bos_token="<|endoftext|>", eos_token="<|endoftext|>", bos_token_id=end,
+                             eos_token_ids=[end], add_bos_token=bos, add_eos_token=eos)
+        ids = Tokenizer(spec, blob).encode("hello world")
+        assert ids == [end] * bos + plain + [end] * eos
+        assert Tokenizer(spec, blob).encode("hello world", add_special_tokens=False) == plain
