@@ -398,3 +398,13 @@ def test_spec_adds_bos_and_eos_when_the_post_processor_adds_nothing(tmp_path):
         ids = Tokenizer(spec, blob).encode("hello world")
         assert ids == [end] * bos + plain + [end] * eos
         assert Tokenizer(spec, blob).encode("hello world", add_special_tokens=False) == plain
+
+
+def test_broken_tokenizer_json_is_a_clear_error(tmp_path):
+    from pyllm.formats.safetensors import FormatError
+
+    directory = make_qwen2(str(tmp_path / "qwen2"))
+    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write('{"model": {"type": "BPE", "vocab": {')
+    with pytest.raises(FormatError, match="tokenizer.json: invalid JSON"):
+        read_tokenizer(directory)

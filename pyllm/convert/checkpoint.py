@@ -594,10 +594,13 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
             json_text = f.read()
     elif not os.path.exists(spm_path):
         raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
+    try:
+        tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{json_path}: invalid JSON ({e})") from None
     cls = _tokenizer_class(directory, tok_config, json_text)
     rebuild = _CLASS_BACKENDS.get(cls)
-    if json_text is not None and rebuild is not None and (json.loads(json_text).get("model") or {}).get("type") not in (
-            None, "BPE"):
+    if tok_json is not None and rebuild is not None and (tok_json.get("model") or {}).get("type") not in (None, "BPE"):
         rebuild = None  # the class rebuilds BPE only
 
     if isinstance(tok_config.get("added_tokens_decoder"), dict):
@@ -613,15 +616,15 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
                 elif isinstance(value, dict):
                     value = dict(value, special=True)
                 tok_config[key] = value
-        if json_text is not None:
-            added_decoder = {str(t["id"]): t for t in json.loads(json_text).get("added_tokens") or []}
+        if tok_json is not None:
+            added_decoder = {str(t["id"]): t for t in tok_json.get("added_tokens") or []}
 
     model_extras = None
     if json_text is not None and rebuild is None:
         tok = Tokenizer.from_str(json_text)
         defaults = {}
     elif json_text is not None:
-        model = json.loads(json_text).get("model") or {}
+        model = tok_json.get("model") or {}
         vocab = model.get("vocab") or {}
         if isinstance(vocab, list):
             vocab = {(t[0] if isinstance(t, list) else t): i for i, t in enumerate(vocab)}
