@@ -315,9 +315,24 @@ def _template_tool_call(call, n: int) -> dict:
     return {**call, "function": function}
 
 
+# a message's reasoning under any of these names reaches the template under all of them (transformers'
+# _alias_reasoning_fields: Qwen3's template reads reasoning_content, gpt-oss's thinking)
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_message(message: dict) -> dict:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return dict(message)
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
-                eos_token: str = "", limits: RenderLimits | None = None, **extra) -> str:
-    """Renders messages ([{"role", "content"}, ...]) into the model's prompt text.
+                eos_token: str = "", limits: RenderLimits | None = None, tools: list | None = None,
+                documents: list | None = None, **extra) -> str:
+    """Renders messages ([{"role", "content"}, ...]) into the model's prompt text, as apply_chat_template
+    does: `tools` and `documents` are always defined (None when not given), reasoning is aliased (see
+    _REASONING_FIELDS), and other keyword arguments (enable_thinking...) pass to the template.
 
     limits bounds the rendering's time and output (RenderLimits(), 10 s and 8 Mi characters, by
     default). Raises TemplateError for every failure: the template raised, broke a limit, or
@@ -333,8 +348,9 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     from jinja2 import TemplateError as JinjaError
 
     compiled = _compile(template)
-    context = dict(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                   bos_token=bos_token or "", eos_token=eos_token or "", **extra)
+    context = dict(messages=[_template_message(m) for m in messages], tools=tools, documents=documents,
+                   add_generation_prompt=add_generation_prompt, bos_token=bos_token or "", eos_token=eos_token or "",
+                   **extra)
     try:
         return _RenderGuard(limits or RenderLimits()).render(compiled, context)
     except TemplateError:

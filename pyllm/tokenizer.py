@@ -38,6 +38,10 @@ class Tokenizer:
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
             self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
             self._byte_level = _decoder_has(json.loads(blob).get("decoder"), "ByteLevel")
+            # a post-processor that adds tokens (a BOS, GLM's [gMASK]<sop> pair...) adds them itself;
+            # otherwise the spec's add_bos_token / add_eos_token do (GGUF files, tokenizer.model sources)
+            self._post_processor_adds = self._hf.post_processor is not None and (
+                self._hf.encode("a", add_special_tokens=True).ids != self._hf.encode("a", add_special_tokens=False).ids)
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -152,6 +156,8 @@ class Tokenizer:
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._hf is not None:
+            if add_special_tokens and self._post_processor_adds:
+                return self._hf.encode(text, add_special_tokens=True).ids
             ids = self._hf_encode(self._hf, text)
         else:
             ids = []

@@ -88,13 +88,14 @@ FAMILIES = {
 CASES = [(family, case) for family, (_, _, cases) in FAMILIES.items() for case in cases]
 
 
-def make_tiny_model(family: str, case: str, directory: str, seed: int = 0) -> str:
-    """Saves a random-initialised model of `family` configured as `case` (+ a BPE tokenizer) in directory."""
+def make_tiny_model(family: str, case: str, directory: str, seed: int = 0, **overrides) -> str:
+    """Saves a random-initialised model of `family` configured as `case` (its config kwargs updated by
+    `overrides`) (+ a BPE tokenizer) in directory."""
     import torch
     import transformers
 
     config_name, model_name, cases = FAMILIES[family]
-    config = getattr(transformers, config_name)(**cases[case])
+    config = getattr(transformers, config_name)(**{**cases[case], **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     # the default init (std 0.02) gives near-uniform logits; widen it so the tests compare distinct,

@@ -101,6 +101,68 @@ def test_tools_and_tool_calls_equal_transformers(hf_tokenizer, generation_prompt
         assert '"description": "城市"' in ours  # tojson keeps non-ASCII, as transformers does
 
 
+# Conversations that exercise what a family's template supports beyond system/user/assistant turns:
+# tools, tool calls and tool responses in each template's convention, reasoning, content parts.
+THINKING = [TURN_1, {"role": "assistant", "content": "茶", "reasoning_content": "The user asks for tea.\n"},
+            TURN_2, {"role": "assistant", "content": "<think>\ncoffee is 咖啡\n</think>\n\n咖啡"}]
+MISTRAL_TOOLS = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [{"id": "abcDEF123", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "abcDEF123", "content": "{\"temp\": 21}"},
+    {"role": "assistant", "content": "21 degrees."},
+    {"role": "user", "content": "And Berlin?"},
+]
+GLM_TOOLS = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "metadata": "get_weather", "content": "{\"city\": \"Paris\"}"},
+             {"role": "observation", "content": "{\"temp\": 21}"}]
+PARTS = [{"role": "system", "content": [{"type": "text", "text": "Be brief. "}]},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is this? 这是什么 "}]}]
+TEMPLATE_CASES = {
+    # template: [(case name, messages, extra keyword arguments, text the rendering must contain, or a
+    # (with, without generation prompt) pair of them, or None when the template refuses the messages)]
+    "qwen2.5-7b-instruct": [("tools", TOOL_CONVERSATION, {"tools": TOOLS}, '"name": "get_weather"'),
+                            ("tools_one_turn", TOOL_CONVERSATION[1:2], {"tools": TOOLS}, "<tools>"),
+                            ("default_system", [TURN_1], {}, "You are Qwen")],
+    "qwen3-0.6b": [("tools", TOOL_CONVERSATION, {"tools": TOOLS}, "<tool_response>"),
+                   ("reasoning", THINKING, {}, "<think>"),
+                   ("reasoning_alias", [TURN_1, dict(REPLY_1, reasoning="thought"), TURN_2,
+                                        dict(REPLY_1, reasoning="second thought")], {}, "second thought"),
+                   ("no_thinking", [TURN_1], {"enable_thinking": False}, ("<think>\n\n</think>", "user"))],
+    "mistral-nemo-instruct-2407": [("tools", MISTRAL_TOOLS, {"tools": TOOLS}, "[AVAILABLE_TOOLS]"),
+                                   ("bad_tool_call_id", [MISTRAL_TOOLS[0], dict(MISTRAL_TOOLS[1], tool_calls=[
+                                       dict(MISTRAL_TOOLS[1]["tool_calls"][0], id="short")])], {}, None)],
+    "glm-4-9b-chat": [("tools", GLM_TOOLS, {}, "## get_weather")],
+    "gemma-3-it": [("content_parts", PARTS, {}, "<start_of_image>")],
+    "phi-3.5-mini-instruct": [("empty_system", [dict(SYSTEM, content=""), TURN_1], {}, "<|user|>")],
+}
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False], ids=["gen", "nogen"])
+@pytest.mark.parametrize("name,case", [(n, c[0]) for n, cases in TEMPLATE_CASES.items() for c in cases])
+def test_family_template_features_equal_transformers(hf_tokenizer, name, case, generation_prompt):
+    _, messages, kw, marker = next(c for c in TEMPLATE_CASES[name] if c[0] == case)
+    ours, theirs = _both(hf_tokenizer, _template(name), messages, generation_prompt, **kw)
+    if marker is None:  # a conversation the template refuses
+        assert isinstance(theirs, type) and ours is TemplateError
+        return
+    assert isinstance(ours, str) and ours == theirs
+    if isinstance(marker, tuple):
+        marker = marker[0] if generation_prompt else marker[1]
+    assert marker in ours
+
+
+def test_tools_and_documents_are_defined_as_none_when_not_given(hf_tokenizer):
+    """transformers always passes tools and documents (None when absent): a template testing
+    `is not none` without `is defined` must see None, not an undefined value."""
+    template = ("{% if tools is not none %}T{% endif %}{% if documents is not none %}D{% endif %}"
+                "{% if tools is defined %}d{% endif %}{{ messages[0].content }}")
+    for kw in ({}, {"tools": TOOLS}, {"documents": [{"title": "a", "text": "b"}]}):
+        ours, theirs = _both(hf_tokenizer, template, [TURN_1], True, **kw)
+        assert ours == theirs
+    assert render_chat(template, [TURN_1]) == "d" + TURN_1["content"]
+
+
 def test_builtin_llama2_is_the_real_llama2_template():
     assert BUILTIN_TEMPLATES["llama2"] == _template("llama-2-chat")
 

@@ -21,21 +21,19 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pyllm.convert.gguf_source import _GLOBAL_NAMES, _LAYER_NAMES
-
-_GGUF_GLOBAL = {hf: g for g, hf in _GLOBAL_NAMES.items()}
-_GGUF_LAYER = {hf: g for g, hf in _LAYER_NAMES.items()}
+from pyllm.convert.gguf_arch import GLOBAL_NAMES, LAYER_NAMES
 
 
 def gguf_name(hf_name: str) -> str:
-    """Hugging Face tensor name -> GGUF tensor name (llama architecture)."""
-    if hf_name in _GGUF_GLOBAL:
-        return _GGUF_GLOBAL[hf_name]
-    parts = hf_name.split(".")  # model.layers.{i}.{module...}.{weight}
+    """Hugging Face tensor name -> GGUF tensor name (llama architecture, whose names are pyllm's)."""
+    base, _, kind = hf_name.rpartition(".")
+    if base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.{kind}"
+    parts = base.split(".")  # model.layers.{i}.{module...}
     if parts[:2] == ["model", "layers"]:
-        module = ".".join(parts[3:-1])
-        if module in _GGUF_LAYER:
-            return f"blk.{parts[2]}.{_GGUF_LAYER[module]}.{parts[-1]}"
+        module = ".".join(parts[3:])
+        if module in LAYER_NAMES:
+            return f"blk.{parts[2]}.{LAYER_NAMES[module]}.{kind}"
     raise ValueError(f"no GGUF name for tensor {hf_name!r}")
 
 

@@ -207,11 +207,18 @@ def _token_content(value) -> str | None:
 
 
 # read_tokenizer reproduces the tokenizer transformers 5 (AutoTokenizer.from_pretrained) builds for a
-# llama directory, so that pyllm's token ids and decoded text equal transformers':
-# * The class is tokenizer_config.json's "tokenizer_class", else config.json's. A llama config has no
-#   registered tokenizer class, so with neither it is TokenizersBackend.
+# model directory of pyllm's families, so that pyllm's token ids and decoded text equal transformers':
+# * The class is chosen as transformers chooses it (_tokenizer_class): the declared tokenizer_class
+#   (tokenizer_config.json's, else config.json's), else the one config.json's model_type registers
+#   (Qwen2Tokenizer for qwen2/qwen3, GemmaTokenizer for gemma*, GPT2Tokenizer for gpt2/opt; none for
+#   llama and bloom; TokenizersBackend for mistral, phi3, glm, glm4), with transformers' overrides (a
+#   model type registering a generic class wins over a declared one, so Phi-3's declared
+#   LlamaTokenizer loads as TokenizersBackend; BloomTokenizer is TokenizersBackend).
 # * TokenizersBackend / PreTrainedTokenizerFast (and classes pyllm does not model) with tokenizer.json:
 #   the file is used as written.
+# * Qwen2Tokenizer, GPT2Tokenizer, GemmaTokenizer and LlamaTokenizer (below) with tokenizer.json keep
+#   only its BPE vocabulary, merges and post-processor and rebuild the rest as the class's __init__
+#   does (_CLASS_BACKENDS), whatever pipeline the file itself describes.
 # * TokenizersBackend with only tokenizer.model: transformers imitates sentencepiece in a `tokenizers`
 #   backend built from the model's own settings (its normalizer, "▁" escaping, BPE merges ranked by
 #   piece score or the unigram model, byte fallback) with legacy=true unless the config says otherwise:
@@ -227,12 +234,13 @@ def _token_content(value) -> str | None:
 # In both tokenizer.model cases pyllm builds the same `tokenizers` object and embeds it as
 # tokenizer.json (kind "hf"); the kind "sentencepiece" is only read, from older .pllm files.
 # * BOS/EOS: with a tokenizer.json, transformers ignores add_bos_token/add_eos_token in
-#   tokenizer_config.json and the post-processor decides. With only tokenizer.model they come from the
-#   config, and both default to false in transformers 5 (LlamaTokenizer included).
+#   tokenizer_config.json and the post-processor decides (pyllm's Tokenizer runs the embedded
+#   post-processor, so a two-token prefix such as GLM-4's [gMASK]<sop> is added too). With only
+#   tokenizer.model they come from the config, and both default to false in transformers 5
+#   (LlamaTokenizer included).
 # * The named special tokens (bos/eos/unk/pad/..., extra_special_tokens) and the entries of
 #   added_tokens_decoder are added to the backend as transformers adds them (_add_config_tokens).
 
-LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4
 
@@ -411,6 +419,61 @@ def _llama_backend(vocab: dict[str, int], merges: list, tok_config: dict):
     return tok
 
 
+def _qwen2_backend(vocab: dict[str, int], merges: list, tok_config: dict):
+    """The backend transformers 5's Qwen2Tokenizer builds: NFC, its regex split, byte-level BPE."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizers.NFC()
+    pattern = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(tok_config.get("add_prefix_space") or False), use_regex=False)])
+    return tok
+
+
+def _gpt2_backend(vocab: dict[str, int], merges: list, tok_config: dict):
+    """The backend transformers 5's GPT2Tokenizer builds: byte-level BPE with GPT-2's regex."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(tok_config.get("add_prefix_space") or False))
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _gemma_backend(vocab: dict[str, int], merges: list, tok_config: dict):
+    """The backend transformers 5's GemmaTokenizer builds: spaces replaced by "▁" (no prefix), BPE with
+    byte fallback."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    unk = _token_content(tok_config.get("unk_token", "<unk>"))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, dropout=None, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    return tok
+
+
+# class -> (backend builder from a vocabulary and merges, the class's default special tokens)
+_CLASS_BACKENDS = {
+    "LlamaTokenizer": (_llama_backend, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "Qwen2Tokenizer": (_qwen2_backend, {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                        "pad_token": "<|endoftext|>"}),
+    "GPT2Tokenizer": (_gpt2_backend, {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+                                      "eos_token": "<|endoftext|>"}),
+    "GemmaTokenizer": (_gemma_backend, {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>",
+                                        "pad_token": "<pad>", "mask_token": "<mask>"}),
+}
+
+
 def _spm_backend(model: dict, tok_config: dict, added_tokens_decoder: dict):
     """The backend tokenizer transformers 5 builds from a sentencepiece model for TokenizersBackend
     (SpmConverter.build_tokenizer_from_spm_proto): it follows the model's own settings."""
@@ -472,13 +535,41 @@ def _spm_backend(model: dict, tok_config: dict, added_tokens_decoder: dict):
     return tok, set(user_defined)
 
 
-def _tokenizer_class(directory: str, tok_config: dict) -> str | None:
-    cls = tok_config.get("tokenizer_class")
-    if not cls:
-        config_path = os.path.join(directory, "config.json")
-        if os.path.exists(config_path):
-            cls = _read_json(config_path).get("tokenizer_class")
-    return cls if isinstance(cls, str) else None
+# The tokenizer class transformers 5 registers for each model_type of pyllm's families (AutoTokenizer's
+# TOKENIZER_MAPPING_NAMES); a model_type absent here has none. "TokenizersBackend" uses tokenizer.json
+# as written; the other classes rebuild the backend from its vocabulary and merges (_CLASS_BACKENDS).
+_REGISTERED_TOKENIZERS = {
+    "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer", "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer",
+    "gemma3": "GemmaTokenizer", "gemma3_text": "GemmaTokenizer", "gpt2": "GPT2Tokenizer", "opt": "GPT2Tokenizer",
+    "mistral": "TokenizersBackend", "phi3": "TokenizersBackend", "glm": "TokenizersBackend",
+    "glm4": "TokenizersBackend",
+}
+# model types whose hub tokenizer_class transformers distrusts (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+_DISTRUSTED_HUB_CLASS = ("qwen2", "phi3")
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend", "BloomTokenizer")
+
+
+def _tokenizer_class(directory: str, tok_config: dict, json_text: str | None) -> str:
+    """The class AutoTokenizer.from_pretrained picks for the directory ("Fast" suffix dropped), as
+    transformers 5 decides: the declared class (tokenizer_config.json's, else config.json's) unless the
+    model_type registers a different one; a declared LlamaTokenizer over a byte-level tokenizer.json,
+    and any class a model type registers as generic, load as TokenizersBackend."""
+    config_path = os.path.join(directory, "config.json")
+    config = _read_json(config_path) if os.path.exists(config_path) else {}
+    model_type = config.get("model_type")
+    declared = tok_config.get("tokenizer_class") or config.get("tokenizer_class")
+    declared = declared.removesuffix("Fast") if isinstance(declared, str) else None
+    registered = _REGISTERED_TOKENIZERS.get(model_type)
+    if declared == "LlamaTokenizer" and json_text is not None and '"ByteLevel"' in json_text and (
+            registered != "TokenizersBackend" and model_type not in _DISTRUSTED_HUB_CLASS):
+        return "TokenizersBackend"
+    if declared and registered and declared != registered:
+        if registered in _GENERIC_TOKENIZERS:
+            return "TokenizersBackend"
+        chosen = registered if model_type in _DISTRUSTED_HUB_CLASS else declared
+        return chosen if chosen in _CLASS_BACKENDS else "TokenizersBackend"
+    cls = declared or registered or "TokenizersBackend"
+    return "TokenizersBackend" if cls in _GENERIC_TOKENIZERS else cls
 
 
 def _post_processor_flags(tok, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
@@ -508,9 +599,14 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
             json_text = f.read()
     elif not os.path.exists(spm_path):
         raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
-    # transformers loads a declared LlamaTokenizer whose tokenizer.json is byte-level as TokenizersBackend
-    llama = _tokenizer_class(directory, tok_config) in LLAMA_TOKENIZER_CLASSES and not (
-        json_text is not None and '"ByteLevel"' in json_text)
+    try:
+        tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{json_path}: invalid JSON ({e})") from None
+    cls = _tokenizer_class(directory, tok_config, json_text)
+    rebuild = _CLASS_BACKENDS.get(cls)
+    if tok_json is not None and rebuild is not None and (tok_json.get("model") or {}).get("type") not in (None, "BPE"):
+        rebuild = None  # the class rebuilds BPE only
 
     if isinstance(tok_config.get("added_tokens_decoder"), dict):
         added_decoder = tok_config["added_tokens_decoder"]
@@ -525,32 +621,32 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
                 elif isinstance(value, dict):
                     value = dict(value, special=True)
                 tok_config[key] = value
-        if json_text is not None:
-            added_decoder = {str(t["id"]): t for t in json.loads(json_text).get("added_tokens") or []}
+        if tok_json is not None:
+            added_decoder = {str(t["id"]): t for t in tok_json.get("added_tokens") or []}
 
     model_extras = None
-    if json_text is not None and not llama:
+    if json_text is not None and rebuild is None:
         tok = Tokenizer.from_str(json_text)
         defaults = {}
     elif json_text is not None:
-        model = json.loads(json_text).get("model") or {}
+        model = tok_json.get("model") or {}
         vocab = model.get("vocab") or {}
         if isinstance(vocab, list):
             vocab = {(t[0] if isinstance(t, list) else t): i for i, t in enumerate(vocab)}
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-        tok = _llama_backend(vocab, merges, tok_config)
+        build, defaults = rebuild
+        tok = build(vocab, merges, tok_config)
         tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
-        defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     else:
         with open(spm_path, "rb") as f:
             spm = _read_spm(f.read())
         pieces = spm["pieces"]
         model_extras = [AddedToken(p, normalized=False, special=kind == _SPM_CONTROL)
                         for p, _, kind in pieces if kind in (_SPM_CONTROL, _SPM_USER_DEFINED)]
-        if llama:
+        if rebuild is not None:  # LlamaTokenizer, GemmaTokenizer: the pieces, merges generated from their order
             vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-            tok = _llama_backend(vocab, _generate_merges(vocab), tok_config)
-            defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+            build, defaults = rebuild
+            tok = build(vocab, _generate_merges(vocab), tok_config)
         else:
             tok, user_defined = _spm_backend(spm, tok_config, added_decoder)
             # user-defined pieces stay with the model (its pre-tokenizer splits them out), not special tokens
@@ -566,7 +662,7 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 
     before = added_tokens()
     _add_config_tokens(tok, added_decoder, named, extras)
-    if json_text is not None and not llama and added_tokens() == before:
+    if json_text is not None and rebuild is None and added_tokens() == before:
         blob = json_text.encode("utf-8")  # nothing added: embed the file as written
     else:
         blob = tok.to_str().encode("utf-8")

@@ -1,4 +1,4 @@
-"""Reading llama-architecture GGUF files (llama.cpp's format) as a conversion source.
+"""Reading GGUF files (llama.cpp's format) of pyllm's families as a conversion source.
 
 Tensors are read with the `gguf` package (llama.cpp's own reader). Block formats that
 pyllm stores without loss at group size 32 are kept exactly:
@@ -6,9 +6,11 @@ pyllm stores without loss at group size 32 are kept exactly:
   Q4_0 (fp16 d, 16 bytes nibbles) -> int4_sym   value = (q - 8) * d
   Q4_1 (fp16 d, fp16 m, 16 bytes) -> int4_asym  value = q * d + m
 (the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's).
-llama.cpp's converter permutes the rows of q/k for its interleaved RoPE; the inverse
-permutation is applied here (to raw block rows, which keeps it lossless), so the
-model uses Hugging Face's rotate-half RoPE like every other pyllm file.
+Each GGUF architecture's metadata keys and tensor layout are described in gguf_arch.py: a
+pyllm tensor is a GGUF tensor, or a block of its rows (fused q/k/v, gate/up), possibly in another
+row order (llama.cpp's q/k permutation undone, GLM's interleaved RoPE pairs). Rows are taken from
+the raw blocks, which keeps quantized tensors lossless; the model runs Hugging Face's rotate-half
+RoPE like every other pyllm file.
 """
 
 from __future__ import annotations
@@ -19,19 +21,10 @@ import os
 import numpy as np
 
 from ..errors import library_errors
-from ..formats.packed import ModelConfig, TokenizerSpec
+from ..formats.packed import TokenizerSpec
 from ..formats.safetensors import FormatError
 from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
-
-# GGUF tensor name -> Hugging Face name ("{i}" is the layer)
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 
 # GGUF block type name -> (pyllm format, bytes of one 32-value block)
 _LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20)}
@@ -53,26 +46,17 @@ def requantized_format(kind: str) -> tuple[str, int, str] | None:
     return None
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None
-
-
-def _unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k permutation; acts on the first axis (rows), any trailing shape."""
-    n = rows.shape[0]
-    if n % (2 * n_head):
-        raise FormatError(f"cannot undo the q/k permutation: {n} rows for {n_head} heads")
-    return np.ascontiguousarray(
-        rows.reshape(n_head, n // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape))
+def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
+    """The rows (first axis) of a whole GGUF tensor that make the pyllm tensor `place` describes."""
+    if place.rows is not None:
+        values = values[place.rows[0]:place.rows[1]]
+    if place.order is not None:
+        values = values[place.order]
+    return np.ascontiguousarray(values)
 
 
 class GGUFSource:
-    """A .gguf file seen as a checkpoint with Hugging Face tensor names."""
+    """A .gguf file seen as a checkpoint with pyllm's tensor names (pyllm/convert/gguf_arch.py)."""
 
     def __init__(self, path: str | os.PathLike):
         try:
@@ -85,16 +69,17 @@ class GGUFSource:
         except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         self.fields = {k: f for k, f in self.reader.fields.items()}
-        arch = self._get("general.architecture")
-        if arch != "llama":
-            raise FormatError(f"{self.path}: GGUF architecture {arch!r} is not supported (supported: llama)")
-        self.tensors = {}
-        for t in self.reader.tensors:
-            name = _hf_name(t.name)
-            if name is None:
-                raise FormatError(f"{self.path}: unexpected tensor '{t.name}'")
-            self.tensors[name] = t
-        self.config = self._config()
+        self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
+        self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
+        meta = Metadata(self.gguf_arch.name, self._get, {n: tuple(int(d) for d in t.shape)
+                                                         for n, t in self.tensors.items()}, self.path)
+        if "token_embd.weight" not in self.tensors:
+            raise FormatError(f"{self.path}: GGUF file lacks token_embd.weight")
+        self.config = gguf_config(self.gguf_arch, meta)
+        self.places = gguf_tensors(self.gguf_arch, self.config, meta)  # pyllm name -> GGUFTensor
+        unused = sorted(set(self.tensors) - {p.source for p in self.places.values()})
+        if unused:  # a tensor the engine would ignore is a feature it does not implement
+            raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
 
     def _get(self, key: str, default=None):
         field = self.fields.get(key)
@@ -105,67 +90,25 @@ class GGUFSource:
         except Exception as e:
             raise FormatError(f"{self.path}: metadata '{key}' is malformed ({e})") from None
 
-    def _need(self, key: str):
-        value = self._get(key)
-        if value is None:
-            raise FormatError(f"{self.path}: GGUF metadata lacks '{key}'")
-        return value
-
-    def _config(self) -> ModelConfig:
-        heads = int(self._need("llama.attention.head_count"))
-        hidden = int(self._need("llama.embedding_length"))
-        tokens = self._get("tokenizer.ggml.tokens") or []
-        vocab = int(self._get("llama.vocab_size", len(tokens)))
-        embed = self.tensors.get("model.embed_tokens.weight")
-        if embed is not None:
-            vocab = int(embed.shape[1])
-        config = ModelConfig(
-            architecture="llama", vocab_size=vocab, hidden_size=hidden,
-            intermediate_size=int(self._need("llama.feed_forward_length")),
-            num_hidden_layers=int(self._need("llama.block_count")), num_attention_heads=heads,
-            num_key_value_heads=int(self._get("llama.attention.head_count_kv", heads)),
-            head_dim=int(self._get("llama.rope.dimension_count", hidden // heads)),
-            norm_eps=float(self._get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(self._get("llama.rope.freq_base", 10000.0)),
-            rope_scaling=self._rope_scaling(),
-            tie_word_embeddings="lm_head.weight" not in self.tensors,
-            max_position_embeddings=int(self._get("llama.context_length", 2048)),
-        )
-        config.validate()
-        return config
-
-    def _rope_scaling(self) -> dict | None:
-        kind = self._get("llama.rope.scaling.type")
-        if kind in (None, "none"):
-            return None
-        if kind == "linear":
-            return {"rope_type": "linear", "factor": float(self._need("llama.rope.scaling.factor"))}
-        raise FormatError(f"{self.path}: rope scaling {kind!r} is not supported")
-
     # -- the checkpoint interface used by the conversion pipeline ---------------
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.places
 
-    def _n_head_for(self, name: str) -> int | None:
-        if ".self_attn.q_proj." in name:
-            return self.config.num_attention_heads
-        if ".self_attn.k_proj." in name:
-            return self.config.num_key_value_heads
-        return None
+    def _source(self, name: str):
+        if name not in self.places:
+            raise FormatError(f"{self.path}: no tensor '{name}' in a {self.gguf_arch.name} GGUF file")
+        return self.tensors[self.places[name].source]
 
     def _raw_rows(self, name: str) -> tuple[str, np.ndarray]:
-        t = self.tensors[name]
-        kind = t.tensor_type.name
+        """(GGUF type name, the tensor's raw rows [rows, bytes or values per row]; vectors [n])."""
+        t = self._source(name)
         data = np.asarray(t.data)
-        rows = int(t.shape[1]) if len(t.shape) > 1 else 1
-        data = data.reshape(rows, -1) if len(t.shape) > 1 else data
-        n_head = self._n_head_for(name)
-        if n_head is not None:
-            data = _unpermute_rows(data, n_head)
-        return kind, data
+        if len(t.shape) > 1:
+            data = data.reshape(int(t.shape[1]), -1)
+        return t.tensor_type.name, _place_rows(data, self.places[name])
 
     def native_format(self, name: str) -> tuple[str, int] | None:
-        kind = self.tensors[name].tensor_type.name
+        kind = self._source(name).tensor_type.name
         if kind in _LOSSLESS:
             return _LOSSLESS[kind][0], BLOCK
         return _FLOAT.get(kind)
@@ -192,7 +135,7 @@ class GGUFSource:
         """The tensor in its pyllm format, bit for bit (only for block types in _LOSSLESS)."""
         kind, raw = self._raw_rows(name)
         fmt, block_bytes = _LOSSLESS[kind]
-        rows, cols = raw.shape[0], int(self.tensors[name].shape[0])
+        rows, cols = raw.shape[0], int(self._source(name).shape[0])
         if cols % BLOCK or raw.shape[1] != cols // BLOCK * block_bytes:
             raise FormatError(f"{self.path}: tensor '{name}' has an inconsistent {kind} size")
         blocks = raw.reshape(rows, cols // BLOCK, block_bytes)
@@ -209,26 +152,21 @@ class GGUFSource:
 
     def load(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, [rows, cols] (or [n] for vectors)."""
-        if name not in self.tensors:
-            raise FormatError(f"{self.path}: GGUF file lacks tensor '{name}'")
-        t = self.tensors[name]
+        t = self._source(name)
         kind = t.tensor_type.name
         if kind in _LOSSLESS:
             return dequantize(self.load_native(name))
-        shape = tuple(int(d) for d in reversed(t.shape))
         if kind in ("F32", "F16", "BF16"):
-            _, rows = self._raw_rows(name)  # already unpermuted
-            values = bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
-            return values.reshape(shape)
+            _, rows = self._raw_rows(name)
+            return bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
         from gguf import quants
 
         try:
-            values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+            values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         except NotImplementedError:
             raise FormatError(f"{self.path}: tensor '{t.name}' has type {kind}, which pyllm cannot read "
                               "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants)") from None
-        n_head = self._n_head_for(name)
-        return _unpermute_rows(values, n_head) if n_head is not None else values
+        return _place_rows(values.reshape(tuple(int(d) for d in reversed(t.shape))), self.places[name])
 
     def close(self) -> None:
         self.reader = None

@@ -1,0 +1,313 @@
+"""llama.cpp's GGUF layout of the families pyllm converts: one table entry per GGUF architecture.
+
+A GGUF file names its family in `general.architecture` (llama.cpp's names: "llama" also for Mistral,
+"qwen2", "qwen3", "gemma2", "gemma3", "phi3", "bloom", "gpt2", "glm4", "chatglm" for GLM and
+ChatGLM3/GLM-4-chat) and its hyper-parameters under that prefix ("qwen2.block_count",
+"gemma2.attention.sliding_window"...). Each entry here turns that metadata into the transformers
+config.json its converter started from, so the family's own config_from_hf (pyllm/arch) decides the
+ModelConfig exactly as for a Hugging Face checkpoint, and says where each pyllm tensor lies in the file.
+
+Tensor names are the same in every family (llama.cpp's names, gguf-py's TENSOR_NAMES):
+
+  pyllm                                   GGUF
+  model.embed_tokens / embed_positions    token_embd / position_embd
+  model.embed_norm / model.norm / lm_head token_embd_norm / output_norm / output
+  layers.i.input_layernorm                blk.i.attn_norm
+  layers.i.post_attention_layernorm       blk.i.ffn_norm          (the norm before the feed-forward)
+  layers.i.attn_post_norm / ffn_post_norm blk.i.post_attention_norm / post_ffw_norm (Gemma, GLM-4)
+  layers.i.self_attn.{q,k,v}_proj         blk.i.attn_{q,k,v}, or rows of the fused blk.i.attn_qkv
+  layers.i.self_attn.o_proj               blk.i.attn_output
+  layers.i.self_attn.{q,k}_norm           blk.i.attn_{q,k}_norm
+  layers.i.mlp.{gate,up}_proj             blk.i.ffn_{gate,up}, or the two halves of a fused blk.i.ffn_up
+  layers.i.mlp.down_proj                  blk.i.ffn_down
+
+What llama.cpp's converter (convert_hf_to_gguf.py) changed on the way is already what pyllm stores,
+or is undone here by taking rows, which keeps quantized blocks (whole rows of 32-value blocks) exact:
+* BLOOM's per-head [q, k, v] rows are regrouped into q; k; v, GPT-2's Conv1D weights transposed to
+  [out, in], Phi-3's qkv_proj and gate_up_proj kept fused: a pyllm matrix is a row block.
+* Gemma's norm weights are stored as 1 + w, as pyllm stores them.
+* llama.cpp permutes the q/k rows of "llama" files for its interleaved RoPE (LlamaModel.permute);
+  the inverse row order is applied (pyllm runs Hugging Face's rotate-half RoPE). No other family
+  here is permuted: Qwen, Gemma, Phi-3 and GPT-2 run NEOX-style RoPE in llama.cpp.
+* GLM's interleaved RoPE pairs are kept by llama.cpp (glm4, chatglm) and reordered here within each
+  head into rotate-half pairs, as pyllm/arch/glm.py does for Hugging Face checkpoints.
+Hyper-parameters GGUF does not carry follow llama.cpp's own rules: Gemma 2 alternates local and
+global layers, Gemma 3 has one global layer in six (set_swa_pattern), Gemma's query scale is
+1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B shapes), Gemma 3's local RoPE theta is 10000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..arch import ARCHITECTURES
+from ..arch.glm import interleaved_to_half
+from ..formats.packed import ModelConfig
+from ..formats.safetensors import FormatError
+
+# pyllm's names of the global tensors and layer modules -> llama.cpp's
+GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.embed_positions": "position_embd",
+                "model.embed_norm": "token_embd_norm", "model.norm": "output_norm", "lm_head": "output"}
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "attn_post_norm": "post_attention_norm",
+    "ffn_post_norm": "post_ffw_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where a pyllm tensor lies in a GGUF file: rows [start, stop) of `source` (all rows when None),
+    then reordered by `order` (an index array over those rows) when given."""
+
+    source: str
+    rows: tuple[int, int] | None = None
+    order: np.ndarray | None = None
+
+
+class Metadata:
+    """A GGUF file's metadata under its architecture's prefix: get("block_count") reads
+    "<arch>.block_count"; need() raises FormatError naming the missing key."""
+
+    def __init__(self, arch: str, get: Callable, tensor_shapes: dict[str, tuple[int, ...]], path: str):
+        self.arch, self._get, self.shapes, self.path = arch, get, tensor_shapes, path
+
+    def get(self, key: str, default=None):
+        value = self._get(f"{self.arch}.{key}")
+        return default if value is None else value
+
+    def need(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise FormatError(f"{self.path}: GGUF metadata lacks '{self.arch}.{key}'")
+        return value
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self.shapes
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """One GGUF architecture: hf_config(metadata) -> the transformers config.json dict of its family
+    (the first entry of pyllm.arch.ARCHITECTURES whose gguf_name is this name), and row_order(pyllm
+    name, config) -> the row order that tensor needs (None: as stored)."""
+
+    name: str
+    hf_config: Callable[[Metadata], dict]
+    row_order: Callable[[str, ModelConfig], np.ndarray | None] = lambda name, config: None
+
+    @property
+    def family(self) -> str:
+        return next(a.name for a in ARCHITECTURES.values() if a.gguf_name == self.name)
+
+
+def _sizes(m: Metadata) -> dict:
+    """The keys every llama.cpp text model writes, as transformers names them."""
+    if m.get("expert_count"):
+        raise FormatError(f"{m.path}: mixture-of-experts layers ({m.arch}.expert_count={m.get('expert_count')}) "
+                          "are not supported by pyllm's engines")
+    hidden = int(m.need("embedding_length"))
+    heads = int(m.need("attention.head_count"))
+    # the head size: written as key_length when config.json named it, else q's rows per head
+    q_rows = _rows(m.shapes["blk.0.attn_q.weight"]) if m.has("blk.0.attn_q.weight") else None
+    head_dim = int(m.get("attention.key_length", q_rows // heads if q_rows else hidden // heads))
+    cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=int(m.need("block_count")),
+               num_key_value_heads=int(m.get("attention.head_count_kv", heads)), head_dim=head_dim,
+               intermediate_size=int(m.need("feed_forward_length")),
+               max_position_embeddings=int(m.get("context_length", 2048)),
+               rms_norm_eps=float(m.get("attention.layer_norm_rms_epsilon", 1e-5)),
+               vocab_size=int(m.shapes["token_embd.weight"][1]), tie_word_embeddings=not m.has("output.weight"),
+               attention_bias=m.has("blk.0.attn_q.bias") or m.has("blk.0.attn_qkv.bias"))
+    cfg["rope_parameters"] = _rope(m, head_dim)
+    return cfg
+
+
+def _rope(m: Metadata, head_dim: int) -> dict:
+    rope = {"rope_type": "default", "rope_theta": float(m.get("rope.freq_base", 10000.0))}
+    dims = m.get("rope.dimension_count")
+    if dims is not None and int(dims) != head_dim:
+        rope["partial_rotary_factor"] = int(dims) / head_dim
+    kind = m.get("rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind != "linear":
+            raise FormatError(f"{m.path}: rope scaling {kind!r} is not supported (supported: linear)")
+        rope.update(rope_type="linear", factor=float(m.need("rope.scaling.factor")))
+    if m.has("rope_factors_long.weight") or m.has("rope_freqs.weight"):
+        raise FormatError(f"{m.path}: per-dimension RoPE factors (rope_factors_long / rope_freqs) are not supported")
+    return rope
+
+
+def _layer_norm_eps(m: Metadata) -> float:
+    return float(m.get("attention.layer_norm_epsilon", 1e-5))
+
+
+def _llama(m):
+    return dict(_sizes(m), model_type="llama")
+
+
+def _qwen2(m):
+    return dict(_sizes(m), model_type="qwen2")
+
+
+def _qwen3(m):
+    return dict(_sizes(m), model_type="qwen3")
+
+
+def _phi3(m):
+    cfg = dict(_sizes(m), model_type="phi3")
+    if m.get("attention.sliding_window"):
+        cfg["sliding_window"] = int(m.get("attention.sliding_window"))
+    return cfg
+
+
+def _gemma(m, model_type: str, pattern: int, big_layers: int) -> dict:
+    cfg = dict(_sizes(m), model_type=model_type, hidden_activation="gelu_pytorch_tanh")
+    layers, window = cfg["num_hidden_layers"], m.get("attention.sliding_window")
+    # llama.cpp's set_swa_pattern(n): layer i is local when i % n < n - 1
+    if window:
+        cfg["sliding_window"] = int(window)
+        cfg["layer_types"] = ["sliding_attention" if i % pattern < pattern - 1 else "full_attention"
+                              for i in range(layers)]
+    # llama.cpp scales queries by 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the 27B shapes
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if layers == big_layers else cfg["head_dim"]
+    cfg["query_pre_attn_scalar"] = scalar
+    cfg["attn_logit_softcapping"] = m.get("attn_logit_softcapping")
+    cfg["final_logit_softcapping"] = m.get("final_logit_softcapping")
+    return cfg
+
+
+def _gemma2(m):
+    return _gemma(m, "gemma2", pattern=2, big_layers=46)
+
+
+def _gemma3(m):
+    cfg = _gemma(m, "gemma3_text", pattern=6, big_layers=62)
+    full = cfg.pop("rope_parameters")
+    local = {"rope_type": "default", "rope_theta": float(m.get("rope.freq_base_swa", 10000.0))}
+    cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    return cfg
+
+
+def _bloom(m):
+    cfg = _sizes(m)
+    return dict(model_type="bloom", vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                n_head=cfg["num_attention_heads"], n_layer=cfg["num_hidden_layers"],
+                layer_norm_epsilon=_layer_norm_eps(m), tie_word_embeddings=cfg["tie_word_embeddings"])
+
+
+def _gpt2(m):
+    cfg = _sizes(m)
+    return dict(model_type="gpt2", vocab_size=cfg["vocab_size"], n_embd=cfg["hidden_size"],
+                n_head=cfg["num_attention_heads"], n_layer=cfg["num_hidden_layers"],
+                n_inner=cfg["intermediate_size"], n_positions=cfg["max_position_embeddings"],
+                layer_norm_epsilon=_layer_norm_eps(m), activation_function="gelu_new",
+                tie_word_embeddings=cfg["tie_word_embeddings"])
+
+
+def _glm(model_type: str):
+    def config(m):
+        cfg = dict(_sizes(m), model_type=model_type)
+        cfg["rope_parameters"].setdefault("partial_rotary_factor", 1.0)
+        return cfg
+    return config
+
+
+def _llama_row_order(name: str, config: ModelConfig) -> np.ndarray | None:
+    """The inverse of llama.cpp's q/k permutation (LlamaModel.permute) as a row order."""
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(_module(name))
+    if heads is None:
+        return None
+    n = heads * config.head_dim
+    return np.arange(n).reshape(heads, n // heads // 2, 2).swapaxes(1, 2).reshape(n)
+
+
+def _glm_row_order(name: str, config: ModelConfig) -> np.ndarray | None:
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(_module(name))
+    if heads is None:
+        return None
+    hd = config.head_dim
+    return interleaved_to_half(np.arange(heads * hd), heads, hd, config.rotary_dim or hd)
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 2)[-2]  # model.layers.0.self_attn.q_proj.weight -> q_proj
+
+
+GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {a.name: a for a in (
+    GGUFArchitecture("llama", _llama, _llama_row_order),  # also Mistral's files
+    GGUFArchitecture("qwen2", _qwen2),
+    GGUFArchitecture("qwen3", _qwen3),
+    GGUFArchitecture("gemma2", _gemma2),
+    GGUFArchitecture("gemma3", _gemma3),
+    GGUFArchitecture("phi3", _phi3),
+    GGUFArchitecture("bloom", _bloom),
+    GGUFArchitecture("gpt2", _gpt2),
+    GGUFArchitecture("glm4", _glm("glm4"), _glm_row_order),
+    GGUFArchitecture("chatglm", _glm("glm"), _glm_row_order),  # GlmForCausalLM, ChatGLM3, GLM-4-9B-chat
+)}
+
+
+def for_gguf(name: str, path: str) -> GGUFArchitecture:
+    if name not in GGUF_ARCHITECTURES:
+        raise FormatError(f"{path}: GGUF architecture {name!r} is not supported "
+                          f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    return GGUF_ARCHITECTURES[name]
+
+
+def gguf_config(arch: GGUFArchitecture, m: Metadata) -> ModelConfig:
+    """The ModelConfig of a GGUF file, through its family's config_from_hf."""
+    return ARCHITECTURES[arch.family].config_from_hf(arch.hf_config(m))
+
+
+def gguf_tensors(arch: GGUFArchitecture, config: ModelConfig, m: Metadata) -> dict[str, GGUFTensor]:
+    """pyllm tensor name -> where it lies in the file, for every tensor of the family's model
+    (ARCHITECTURES[family].tensors(config)); FormatError naming what the file lacks."""
+    wanted = ARCHITECTURES[arch.family].tensors(config)
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    fused = {"self_attn.q_proj": ("attn_qkv", 0, q_rows), "self_attn.k_proj": ("attn_qkv", q_rows, q_rows + kv_rows),
+             "self_attn.v_proj": ("attn_qkv", q_rows + kv_rows, q_rows + 2 * kv_rows),
+             "mlp.gate_proj": ("ffn_up", 0, config.intermediate_size),
+             "mlp.up_proj": ("ffn_up", config.intermediate_size, 2 * config.intermediate_size)}
+    out, missing = {}, []
+    for name in wanted:
+        base, kind = name.rsplit(".", 1)
+        if base in GLOBAL_NAMES:
+            place = GGUFTensor(f"{GLOBAL_NAMES[base]}.{kind}")
+        else:
+            _, _, layer, module = base.split(".", 3)  # model.layers.{i}.{module}
+            place = GGUFTensor(f"blk.{layer}.{LAYER_NAMES[module]}.{kind}")
+            if module in fused:
+                source, start, stop = fused[module]
+                source = f"blk.{layer}.{source}.{kind}"
+                # fused when the module's own tensor is absent, or when ffn_up holds gate and up
+                gate_up = module == "mlp.up_proj" and not m.has(f"blk.{layer}.ffn_gate.{kind}") and (
+                    _rows(m.shapes[source]) == 2 * config.intermediate_size if m.has(source) else False)
+                if (not m.has(place.source) and m.has(source)) or gate_up:
+                    place = GGUFTensor(source, (start, stop))
+            order = arch.row_order(name, config)
+            if order is not None:
+                place = GGUFTensor(place.source, place.rows, order)
+        if place.source not in m.shapes:
+            missing.append(place.source)
+        elif place.rows is not None:  # a fused tensor must hold exactly its parts
+            total = {"attn_qkv": q_rows + 2 * kv_rows, "ffn_up": 2 * config.intermediate_size}
+            expected = total[place.source.split(".")[2]]
+            if _rows(m.shapes[place.source]) != expected:
+                raise FormatError(f"{m.path}: {place.source} has {_rows(m.shapes[place.source])} rows, expected "
+                                  f"{expected} for this model's shapes")
+        out[name] = place
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FormatError(f"{m.path}: the {arch.name} GGUF file lacks {shown}")
+    return out
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows of a GGUF tensor (GGUF lists dimensions innermost first)."""
+    return int(shape[1]) if len(shape) > 1 else int(shape[0])
