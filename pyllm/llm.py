@@ -310,10 +310,6 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- turns at the engine -------------------------------------------------------
-    @property
-    def _running(self):
-        return self._holder
-
     def _acquire(self, owner) -> None:
         """Waits for the engine and makes owner its holder. An idle holding stream is preempted
         (at once when it belongs to this thread, else after PREEMPT_AFTER seconds)."""
