@@ -63,7 +63,8 @@ UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "pres
 
 
 def sampling_options(body: dict) -> dict:
-    """generate() keyword arguments from an OpenAI request body (plus top_k, min_p, repetition_penalty)."""
+    """generate() keyword arguments from an OpenAI request body (plus top_k, min_p, repetition_penalty,
+    alias repeat_penalty)."""
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
     if body.get("best_of", 1) not in (None, 1):
@@ -82,9 +83,12 @@ def sampling_options(body: dict) -> dict:
     max_tokens = _number(body, "max_completion_tokens", int, 0)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", int, 0)
+    penalty = _number(body, "repetition_penalty")
+    if penalty is None:  # llama.cpp's and llama-cpp-python's servers' name
+        penalty = _number(body, "repeat_penalty")
     return dict(max_new_tokens=max_tokens, temperature=_number(body, "temperature", float, 0),
                 top_p=_number(body, "top_p"), top_k=_number(body, "top_k", int, 0), min_p=_number(body, "min_p"),
-                repetition_penalty=_number(body, "repetition_penalty"), seed=_number(body, "seed", int), stop=stop)
+                repetition_penalty=penalty, seed=_number(body, "seed", int), stop=stop)
 
 
 def chat_messages(body: dict) -> list[dict]:

@@ -111,3 +111,11 @@ def test_every_help_entry_has_text_and_a_default():
         elif action.option_strings and not action.required and "default" not in action.help:
             missing.append(f"{name}: no default")
     assert not missing, "\n".join(missing)
+
+
+def test_server_takes_the_same_names():
+    from pyllm.serve import sampling_options
+
+    assert sampling_options({"max_tokens": 5, "repeat_penalty": 1.2}) == sampling_options(
+        {"max_completion_tokens": 5, "repetition_penalty": 1.2})
+    assert sampling_options({"repeat_penalty": 1.2})["repetition_penalty"] == 1.2
