@@ -86,14 +86,14 @@ Reading the tables:
 def parse_flags(flags: str) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quant")
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--calib", default=None)
     ap.add_argument("--rtn", action="store_true")
     ap.add_argument("--keep-sensitive", type=int, default=0)
     ap.add_argument("--bits", type=float, default=None)
     a = ap.parse_args(flags.split())
     return dict(quant=a.quant, group_size=a.group_size,
-                options=options_from_flags(a.quant, a.calib, a.rtn, a.keep_sensitive, a.bits))
+                options=options_from_flags(a.quant, a.calib, a.rtn, a.keep_sensitive, a.bits, a.group_size))
 
 
 def gguf_linear_bits(path: str) -> float:

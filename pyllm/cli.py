@@ -261,10 +261,16 @@ def cmd_rm(args) -> int:
     return 0
 
 
-CALIBRATION_HELP = ("GPTQ rounding calibrated on a text file: 'builtin' (standard-library docstrings, the default for "
-                    "--quant int4 and int8) or 'none' (int4: scale search only; int8: min/max scales). Calibration "
-                    "takes about {seconds} s per 100M parameters on 2 cores (measured on SmolLM2-135M)")
-CALIBRATION_SECONDS_PER_100M = 0  # filled in below from a measurement
+# Measured: `pyllm convert SmolLM2-135M-Instruct.Q4_1.gguf --quant int4` took 1693 s (8.5 CPU-minutes) with
+# the built-in calibration and 91 s (0.3 CPU-minutes) with --calib none, on 2 cores shared with other
+# work (2026-11-30): calibration adds ~1600 s wall, ~8.2 CPU-minutes, per 135M parameters.
+CALIBRATION_MINUTES_PER_100M = 20  # wall time on 2 busy cores
+CALIBRATION_CPU_MINUTES_PER_100M = 6
+CALIBRATION_HELP = ("GPTQ rounding calibrated on a text file: 'builtin' (standard-library docstrings) or 'none' "
+                    "(int4: scale search only; int8: min/max scales). Calibration (Hessians, then GPTQ) adds about "
+                    f"{CALIBRATION_MINUTES_PER_100M} minutes per 100M parameters on 2 busy CPU cores "
+                    f"({CALIBRATION_CPU_MINUTES_PER_100M} CPU-minutes per 100M) (default: builtin for --quant int4 "
+                    "and int8, none otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,14 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .pllm file (required)")
     p.add_argument("--quant", default=None, choices=QUANT_NAMES,
                    help="weight format of the linear layers (int4: int4_sym/int4_asym layout and group size chosen "
-                        "per matrix under --bits) (default: f16 for Hugging Face checkpoints, the source formats "
-                        "for GGUF)")
+                        "per matrix under --bits; embeddings and lm_head of int8/int4 models are int8 g32) (default: "
+                        "f16 for Hugging Face checkpoints; for GGUF the source formats, with block types pyllm has "
+                        "no layout for re-quantized to int8 or int4_asym)")
     p.add_argument("--group-size", type=int, default=None,
                    help="values per scale for int8/int4 (32, 64, 128); given with --quant int4, every matrix "
                         "keeps it (default: 32, or for --quant int4 chosen per matrix)")
     p.add_argument("--calib", metavar="FILE", default=None,
-                   help=CALIBRATION_HELP.format(seconds=CALIBRATION_SECONDS_PER_100M) + " (default: builtin for "
-                        "--quant int4 and int8)")
+                   help=CALIBRATION_HELP)
     p.add_argument("--rtn", action="store_true",
                    help="int8/int4: plain round-to-nearest on min/max scales, no scale search (default: off)")
     p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",

@@ -49,21 +49,12 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im_end|>", eot=None,
-               eom=None) -> dict[str, np.ndarray]:
+               eom=None, pre: str = "default", vocabulary=None) -> dict[str, np.ndarray]:
     """Writes hf_dir's model as GGUF; returns the HF-named f32 weights the GGUF actually holds.
-    eos/eot/eom: the special tokens written as end of text, end of turn and end of message."""
+    eos/eot/eom: the special tokens written as end of text, end of turn and end of message; pre: the
+    byte-level BPE's pre-tokenizer name; vocabulary(writer): writes another tokenizer instead."""
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    tok = json.load(open(os.path.join(hf_dir, "tokenizer.json")))
-    vocab = tok["model"]["vocab"]
-    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    tokens = [None] * cfg["vocab_size"]
-    for t, i in {**vocab, **specials}.items():
-        tokens[i] = t
-    types = [3 if t in specials else 1 for t in tokens]
-    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -75,18 +66,30 @@ def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(specials["<|im_start|>"])
-    w.add_eos_token_id(specials[eos])
-    if eot:
-        w.add_eot_token_id(specials[eot])
-    if eom:
-        w.add_eom_token_id(specials[eom])
-    w.add_add_bos_token(False)
+    if vocabulary is not None:
+        vocabulary(w)
+    else:
+        tok = json.load(open(os.path.join(hf_dir, "tokenizer.json")))
+        vocab = tok["model"]["vocab"]
+        specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+        tokens = [None] * cfg["vocab_size"]
+        for t, i in {**vocab, **specials}.items():
+            tokens[i] = t
+        types = [3 if t in specials else 1 for t in tokens]
+        tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(specials["<|im_start|>"])
+        w.add_eos_token_id(specials[eos])
+        if eot:
+            w.add_eot_token_id(specials[eot])
+        if eom:
+            w.add_eom_token_id(specials[eom])
+        w.add_add_bos_token(False)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
 
     held = {}
@@ -246,3 +249,70 @@ def test_block_types_without_a_layout_are_requantized_with_a_notice(hf_dir, tmp_
     assert report.layouts[f"{expected} g32"] >= len(layers)
     assert max(report.nmse[b] for b in layers) < 1e-3  # int8 of the 5-bit values: close to the source
     assert requantized_format("Q6_K")[0] == "int8" and requantized_format("Q4_K")[0] == "int4_asym"
+
+
+PARITY_TEXTS = [
+    "Hello world", " leading space", "The quick brown fox jumps over the lazy dog. 12345 67",
+    "def main():\n    print('hello, world')\n\n\treturn 0", "中文测试：今天天气很好", "Emoji 😀🎉 café naïve",
+    "it's we'll they'd I'M", "  two  spaces   three", "<|im_start|>user\nhi<|im_end|>", "", "\n\n\r\n x",
+    "unseen: ζωή Ωmega ℵ 🙂",
+    "x := 0\n    return 0",  # Llama 3's split keeps the space off the digit: ids differ from GPT-2's split
+]
+
+
+def transformers_gguf_tokenizer(path: str):
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+def assert_tokenizer_parity(gguf_path: str, tmp_path):
+    out = str(tmp_path / "tok.pllm")
+    convert_checkpoint(gguf_path, out, progress=False)
+    ours = pyllm.LLM(out, n_threads=1)
+    theirs = transformers_gguf_tokenizer(gguf_path)
+    for text in PARITY_TEXTS:
+        assert ours.tokenize(text) == theirs(text)["input_ids"], text
+        ids = ours.tokenize(text, add_special_tokens=False)
+        assert ours.detokenize(ids, skip_special_tokens=False) == theirs.decode(ids), text
+    ours.close()
+
+
+def test_llama3_bpe_tokenizer_matches_transformers(hf_dir, tmp_path):
+    path = str(tmp_path / "llama3.gguf")
+    write_gguf(hf_dir, path, Q.Q8_0, pre="llama-bpe")
+    assert_tokenizer_parity(path, tmp_path)
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    import sentencepiece as spm
+
+    from conftest import TRAINING_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TRAINING_TEXT * 20), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=600,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   user_defined_symbols=["<tool>"], minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    tokens = [sp.id_to_piece(i) for i in range(n)]
+    scores = [sp.get_score(i) for i in range(n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+             else 4 if tokens[i] == "<tool>" else 1 for i in range(n)]
+
+    def vocabulary(w):  # as llama.cpp's converter writes a SentencePiece vocabulary
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(sp.unk_id())
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+
+    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=n, hidden_size=64, intermediate_size=128,
+                          bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
+    path = str(tmp_path / "sp.gguf")
+    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    assert_tokenizer_parity(path, tmp_path)
+    llm = pyllm.LLM(str(tmp_path / "tok.pllm"), n_threads=1)
+    assert llm.tokenize("hi")[0] == sp.bos_id()  # BOS by default, as llama.cpp does for SentencePiece

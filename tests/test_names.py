@@ -5,6 +5,7 @@ unknown keywords, the CLI's flag aliases, clear errors for wrong prompt types an
 from __future__ import annotations
 
 import argparse
+import re
 import io
 import sys
 
@@ -111,3 +112,18 @@ def test_every_help_entry_has_text_and_a_default():
         elif action.option_strings and not action.required and "default" not in action.help:
             missing.append(f"{name}: no default")
     assert not missing, "\n".join(missing)
+
+
+def test_server_takes_the_same_names():
+    from pyllm.serve import sampling_options
+
+    assert sampling_options({"max_tokens": 5, "repeat_penalty": 1.2}) == sampling_options(
+        {"max_completion_tokens": 5, "repetition_penalty": 1.2})
+    assert sampling_options({"repeat_penalty": 1.2})["repetition_penalty"] == 1.2
+
+
+def test_convert_help_says_what_calibration_costs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"adds about [1-9][0-9]* minutes per 100M parameters", text)

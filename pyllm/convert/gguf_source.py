@@ -180,13 +180,16 @@ class GGUFSource:
     def _tokenizer(self) -> tuple[TokenizerSpec, bytes]:
         model = self._get("tokenizer.ggml.model")
         tokens = self._get("tokenizer.ggml.tokens")
-        if model != "gpt2" or not tokens:
-            raise FormatError(
-                f"{self.path}: GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE); "
-                "convert from the Hugging Face checkpoint instead")
+        if not tokens:
+            raise FormatError(f"{self.path}: GGUF metadata has no tokenizer.ggml.tokens")
         types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = self._get("tokenizer.ggml.merges") or []
-        blob = _bpe_tokenizer_json(tokens, types, merges, self._get("tokenizer.ggml.pre", "default"))
+        try:
+            blob = gguf_tokenizer_json(model, tokens, types, self._get("tokenizer.ggml.merges") or [],
+                                       self._get("tokenizer.ggml.scores"), self._get("tokenizer.ggml.pre", "default"),
+                                       bool(self._get("tokenizer.ggml.add_space_prefix", True)))
+        except FormatError as e:
+            raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
+
         def token(key):
             i = self._get(key)
             return (int(i), tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else (None, None)
@@ -200,9 +203,11 @@ class GGUFSource:
             i, _ = token(f"tokenizer.ggml.{key}")
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
+        # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say
+        add_bos = self._get("tokenizer.ggml.add_bos_token", model == "llama")
         spec = TokenizerSpec(kind="hf", bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                              bos_token_id=bos_id, eos_token_ids=eos_ids,
-                             add_bos_token=bool(self._get("tokenizer.ggml.add_bos_token", False)),
+                             add_bos_token=bool(add_bos),
                              add_eos_token=bool(self._get("tokenizer.ggml.add_eos_token", False)))
         return spec, blob
 
@@ -213,13 +218,37 @@ class GGUFSource:
         return {}
 
 
+# -- tokenizer import: GGUF vocabularies -> a Hugging Face tokenizer.json, built as transformers'
+# GGUF loader builds it (integrations/gguf), so ids are equal ---------------------------------------
+
 # llama.cpp pre-tokenizer names whose regex is GPT-2's, with digits split one by one first
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "qwen2")
+# Llama 3's split (llama.cpp's "llama-bpe" and its aliases)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe")
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: str) -> bytes:
-    """A Hugging Face tokenizer.json for a GGUF byte-level BPE vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+def gguf_tokenizer_json(model: str | None, tokens: list[str], types: list[int], merges: list[str], scores,
+                        pre: str, add_space_prefix: bool) -> bytes:
+    """tokenizer.json bytes for a GGUF vocabulary: "gpt2" (byte-level BPE, pre-tokenizer by name) or
+    "llama" (SentencePiece BPE with byte fallback). FormatError for anything else."""
+    if model == "gpt2":
+        tok = _bpe_tokenizer(tokens, merges, pre)
+    elif model == "llama":
+        if scores is None or len(scores) != len(tokens):
+            raise FormatError("a SentencePiece GGUF vocabulary needs one tokenizer.ggml.scores entry per token")
+        tok = _sentencepiece_tokenizer(tokens, [float(x) for x in scores], merges, add_space_prefix)
+    else:
+        raise FormatError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE, "
+                          "llama SentencePiece)")
+    return _with_added_tokens(tok, tokens, types)
+
+
+def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
+    """A byte-level BPE vocabulary with the pre-tokenizer llama.cpp's name stands for."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -229,13 +258,56 @@ def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], 
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("default", "gpt-2", "gpt2"):
         tok.pre_tokenizer = byte_level
+    elif pre in _LLAMA3_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
-        raise FormatError(f"GGUF pre-tokenizer {pre!r} is not supported yet")
+        raise FormatError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, "
+                          f"{', '.join(_DIGIT_SPLIT_PRE + _LLAMA3_PRE)})")
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    # CONTROL (3) and USER_DEFINED (4) tokens are matched before BPE, as llama.cpp does
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4]
+    return tok
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens,
+    best score first (transformers' generate_merges with scores)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        found.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
+
+
+def _sentencepiece_tokenizer(tokens: list[str], scores: list[float], merges: list[str], add_space_prefix: bool):
+    """A SentencePiece BPE vocabulary (Llama 2, Mistral, TinyLlama...) as transformers' LlamaTokenizer
+    builds it: byte fallback, "▁" for spaces, a prefix space on the first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else sentencepiece_merges(tokens, scores)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_space_prefix
+                                                 else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def _with_added_tokens(tok, tokens: list[str], types: list[int]) -> bytes:
+    """CONTROL tokens matched whole as special tokens, USER_DEFINED ones as plain added tokens, as
+    llama.cpp does; the tokenizer.json bytes."""
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == CONTROL])
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
     if user:
         tok.add_tokens(user)
     return json.dumps(json.loads(tok.to_str())).encode("utf-8")

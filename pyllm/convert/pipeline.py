@@ -62,8 +62,9 @@ class FiniteSource:
 
 def resolve_quant(quant: str | None, group_size: int | None) -> tuple[str | None, int]:
     """--quant name -> (weight format, group size); None keeps each GGUF tensor's own format.
-    A group size given for a format without groups (or with no --quant) is refused."""
-    if group_size is not None and QUANT_CHOICES.get(quant) not in QUANT_FORMATS:
+    A group size other than the default given for a format without groups (or with no --quant) is
+    refused (the CLI refuses any --group-size there)."""
+    if group_size not in (None, DEFAULT_GROUP_SIZE) and QUANT_CHOICES.get(quant) not in QUANT_FORMATS:
         raise ValueError(f"a group size applies to int8 and int4 formats, not to {quant or 'the source formats'}")
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if quant is None:

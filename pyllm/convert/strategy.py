@@ -203,8 +203,11 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     total_size = sum(size.values())
     spent = sum(table[b][0][0] * size[b] for b in table)
     if len(choices[next(iter(choices))]) > 1 and spent > budget * total_size * (1 + 1e-9):
-        raise ValueError(f"a budget of {budget} bits per weight is below the smallest layouts "
-                         f"({spent / total_size:.3f} bits per weight)")
+        if options.bits_budget is None:  # the default budget, below what the layouts allowed can reach
+            budget = spent / total_size
+        else:
+            raise ValueError(f"a budget of {budget} bits per weight is below the smallest layouts "
+                             f"({spent / total_size:.3f} bits per weight)")
     while len(choices[next(iter(choices))]) > 1:
         best = None
         for base, opts in table.items():
