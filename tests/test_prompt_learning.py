@@ -232,3 +232,25 @@ def test_prefix_training_lowers_eval_loss_and_pyllm_runs_it_like_peft(tmp_path):
         for record in records:
             ids = llm.chat_prompt_ids([{"role": "user", "content": record["instruction"]}])
             assert greedy_ids(llm, ids, 8) == peft_greedy(base, out, ids, 8, eos=eos)
+
+
+@pytest.mark.parametrize("quant,max_nmse,min_top1", [("int8", 5e-3, 0.85), ("int4", 0.15, 0.5)])
+@pytest.mark.parametrize("method", ["ptuning_mlp", "prefix"])
+def test_quantized_bases_keep_the_adapter_close_to_peft(base, method, quant, max_nmse, min_top1, tmp_path):
+    """The adapter's tensors stay f32 beside int8/int4 weights: the error is the base's quantization's,
+    judged as for plain models (tests/test_engine.py)."""
+    from conftest import nmse
+
+    adapter = make_adapter(base, str(tmp_path / method), method)
+    out = str(tmp_path / f"{quant}.pllm")
+    convert_checkpoint(base, out, quant=quant, progress=False, adapters=[("task", adapter)])
+    ids = [int(i) for i in np.random.default_rng(8).integers(3, 400, INPUT_LEN)]
+    with torch.no_grad():
+        expected = peft_model(base, adapter)(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+    with pyllm.LLM(out, n_threads=2) as llm:
+        virtual = prime(llm.engine, llm.adapters["task"], 0)
+        got = llm.engine.forward_rows(np.array(ids, np.int32), np.zeros(len(ids), np.int32),
+                                      np.arange(virtual, virtual + len(ids), dtype=np.int32), np.arange(len(ids)))
+    error, top1 = nmse(got, expected), float((got.argmax(-1) == expected.argmax(-1)).mean())
+    print(f"{method} {quant}: NMSE {error:.2e}, top-1 {top1:.2f}")
+    assert error < max_nmse and top1 >= min_top1
