@@ -266,6 +266,29 @@ class TokenizeRequest(_Body):
         return len(self.content)
 
 
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings: OpenAI's fields. input: a text, a list of texts, token ids or lists of them."""
+    input: Union[StrictStr, list[StrictStr], list[Annotated[StrictInt, Field(ge=0)]],
+                 list[list[Annotated[StrictInt, Field(ge=0)]]]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list:
+        """The inputs as a list: texts or token-id lists."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and isinstance(self.input[0], int):
+            return [list(self.input)]
+        return list(self.input)
+
+    @property
+    def prompt_chars(self) -> int:
+        return sum(len(t) if isinstance(t, str) else len(t) for t in self.inputs)
+
+
 class DetokenizeRequest(_Body):
     """POST /detokenize: special tokens skipped unless skip_special is false."""
     tokens: list[Annotated[StrictInt, Field(ge=0)]]

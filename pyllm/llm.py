@@ -384,6 +384,32 @@ class LLM:
         finally:
             self._release(call)
 
+    def embed(self, texts, pooling: str = "last", normalize: bool = True) -> np.ndarray:
+        """Embeddings f32 [len(texts), hidden] of texts (strings or token-id lists), each in a fresh context:
+        the final hidden state (after the final norm) of the last token (pooling "last", the default:
+        in a causal model only the last position has read the whole text, as vLLM pools decoder
+        models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False."""
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        if isinstance(texts, str) or (texts and isinstance(texts[0], (int, np.integer))):
+            texts = [texts]
+        checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in texts]
+        out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
+        call = _Call()
+        self._acquire(call)
+        try:
+            self._cached, self._primed = [], None
+            for i, ids in enumerate(checked):
+                rows = np.arange(len(ids)) if pooling == "mean" else np.array([len(ids) - 1])
+                hidden = self.engine.forward_rows(ids, np.zeros(len(ids), np.int32), np.arange(len(ids), dtype=np.int32),
+                                                  rows, True)
+                out[i] = hidden.mean(axis=0) if pooling == "mean" else hidden[0]
+        finally:
+            self._release(call)
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
+        return out
+
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
         arr = self._check_ids(ids)

@@ -45,7 +45,8 @@ try:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from .api_schema import DetokenizeRequest, TokenizeRequest, parse_request, validate
+    from .api_schema import (MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request,
+                             validate)
 except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
 
@@ -305,6 +306,7 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
@@ -357,6 +359,48 @@ class Server:
         check_prompt_length(req, self.limits, "content")
         tokens = self.llm.tokenize(req.content, req.add_special)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length}
+
+    async def embeddings(self, request: "Request"):
+        """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised
+        (LLM.embed's default pooling)."""
+        try:
+            raw = await read_body(request, self.limits)
+            req = await asyncio.to_thread(self._parse_embeddings, raw)
+        except Exception as e:
+            return error_response(e)
+        if not self.slots.take():
+            return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+        try:
+            return await asyncio.to_thread(self._embeddings, req)
+        except Exception as e:
+            return error_response(e)
+        finally:
+            self.slots.release()
+
+    def _parse_embeddings(self, raw: bytes):
+        req = validate(EmbeddingRequest, parse_body(raw))
+        check_prompt_length(req, self.limits, "input")
+        if not req.inputs:
+            raise RequestError("'input' must not be empty", param="input")
+        if len(req.inputs) > MAX_PROMPTS:
+            raise RequestError(f"at most {MAX_PROMPTS} inputs per request", param="input")
+        hidden = self.llm.config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise RequestError(f"this model's embeddings have {hidden} dimensions", param="dimensions")
+        return req
+
+    def _embeddings(self, req) -> "JSONResponse":
+        import base64
+
+        ids = [self.llm.tokenize(t) if isinstance(t, str) else t for t in req.inputs]
+        vectors = self.llm.embed(ids)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                 if req.encoding_format == "base64" else [float(x) for x in v]}
+                for i, v in enumerate(vectors)]
+        used = sum(len(i) for i in ids)
+        return JSONResponse({"object": "list", "data": data, "model": req.model or self.model_name,
+                             "usage": {"prompt_tokens": used, "total_tokens": used}})
 
     async def detokenize(self, request: "Request"):
         """{"tokens": [...]} -> {"content": text} (special tokens skipped unless "skip_special": false)."""

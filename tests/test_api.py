@@ -425,3 +425,24 @@ def test_library_panics_become_pyllm_errors(llm, monkeypatch):
         llm.detokenize([1, 2])
     with pytest.raises(PyllmError, match="PanicException"):
         llm.generate("hello", max_new_tokens=1)
+
+
+def test_embeddings_are_transformers_final_hidden_states(tiny_llama, tiny_llama_f32):
+    """llm.embed: the last token's final hidden state (after the final norm), L2-normalised; "mean":
+    the mean over the tokens. transformers' hidden_states[-1] is the same tensor."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        texts = ["Paris is the capital of France.", "def main():", "中文"]
+        last, mean = llm.embed(texts), llm.embed(texts, pooling="mean", normalize=False)
+        for text, got_last, got_mean in zip(texts, last, mean):
+            ids = llm.tokenize(text)
+            with torch.no_grad():
+                hidden = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
+            expected = hidden[-1] / np.linalg.norm(hidden[-1])
+            assert np.abs(got_last - expected).max() < 1e-5
+            assert np.abs(got_mean - hidden.mean(0)).max() < 1e-4 * np.abs(hidden).max()
+        assert llm.embed(llm.tokenize("def main():")).shape == (1, llm.config.hidden_size)
+        with pytest.raises(ValueError, match="pooling"):
+            llm.embed("x", pooling="cls")

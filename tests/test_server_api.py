@@ -358,3 +358,22 @@ def test_auto_tool_choice_parses_what_the_model_writes(live, llm):
         assert plain.choices[0].message.content == "It is noon" and not plain.choices[0].message.tool_calls
     finally:
         llm.chat_template = old
+
+
+def test_embeddings_endpoint_with_the_openai_client(live, llm):
+    import base64
+
+    import numpy as np
+
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+    reply = client.embeddings.create(model="tiny", input=["Paris", "def main():"])
+    assert [d.index for d in reply.data] == [0, 1] and reply.usage.prompt_tokens > 0
+    expected = llm.embed(["Paris", "def main():"])
+    np.testing.assert_allclose(np.array([d.embedding for d in reply.data]), expected, atol=1e-6)
+    raw = client.embeddings.with_raw_response.create(model="tiny", input="Paris", encoding_format="base64")
+    packed = raw.http_response.json()["data"][0]["embedding"]
+    np.testing.assert_allclose(np.frombuffer(base64.b64decode(packed), "<f4"), expected[0], atol=1e-6)
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny", input="Paris", dimensions=3)
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny", input=[])

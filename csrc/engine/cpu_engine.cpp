@@ -93,8 +93,10 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
 }
 
 void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
-                          const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds) {
-    const int64_t n_ctx = context_length(), vocab = config().vocab_size, sequences = n_seq();
+                          const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds,
+                          bool hidden) {
+    const int64_t n_ctx = context_length(), sequences = n_seq();
+    const int64_t vocab = config().vocab_size, row_width = hidden ? config().hidden_size : vocab;
     if (n <= 0) throw std::invalid_argument("forward_rows needs at least one row");
     if (n_logits < 0 || n_logits > n) throw std::invalid_argument("more logit rows than rows");
     std::vector<Span> spans;
@@ -141,8 +143,8 @@ void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const i
         const int64_t first_logit = next_logit;
         while (next_logit < n_logits && logit_rows[next_logit] < end) step_logit_rows.push_back(logit_rows[next_logit++] - begin);
         run_spans(tokens + begin, end - begin, step_spans.data(), (int64_t)step_spans.size(), step_logit_rows.data(),
-                  (int64_t)step_logit_rows.size(), logits + first_logit * vocab,
-                  embeds ? embeds + begin * config().hidden_size : nullptr);
+                  (int64_t)step_logit_rows.size(), logits + first_logit * row_width,
+                  embeds ? embeds + begin * config().hidden_size : nullptr, hidden);
     }
 }
 
@@ -362,7 +364,7 @@ private:
         logit_rows_.clear();
         if (logits != nullptr)
             for (int64_t m = all_logits ? 0 : M - 1; m < M; ++m) logit_rows_.push_back(m);
-        run_spans(tokens, M, &span, 1, logit_rows_.data(), (int64_t)logit_rows_.size(), logits, nullptr);
+        run_spans(tokens, M, &span, 1, logit_rows_.data(), (int64_t)logit_rows_.size(), logits, nullptr, false);
     }
 
     void write_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values) override {
@@ -408,7 +410,7 @@ private:
     }
 
     void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans, const int64_t* logit_rows,
-                   int64_t n_logits, float* logits, const float* embeds) override {
+                   int64_t n_logits, float* logits, const float* embeds, bool hidden) override {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd, rope_dims = cfg_.rope_dims();
         const float eps = (float)cfg_.norm_eps;
@@ -509,6 +511,10 @@ private:
             clock_.time(S::kResidual, [&] { for (int64_t i = 0; i < M * D; ++i) x[i] += h[i]; });
         }
         if (n_logits == 0) return;
+        if (hidden) {  // embeddings: the final norm's output of the wanted rows
+            for (int64_t j = 0; j < n_logits; ++j) norm(final_norm_, x + logit_rows[j] * D, 1, logits + j * D);
+            return;
+        }
         clock_.time(S::kLmHead, [&] {
             // the rows whose logits are wanted, normalised (consecutive rows in place when they are all)
             for (int64_t j = 0; j < n_logits; ++j) norm(final_norm_, x + logit_rows[j] * D, 1, h + j * D);

@@ -104,8 +104,11 @@ public:
     // virtual tokens): transformers' inputs_embeds, so the embedding scale (Gemma's, inside its embedding
     // module) is not applied again; learned positions and the embedding norm are.
     //   embeds: f32 [n, hidden] or null
+    // With hidden set, the rows' final hidden states (after the final norm, before the output matrix)
+    // are written instead of logits: logits is then f32 [n_logits, hidden] (embeddings).
     void forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
-                      const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds = nullptr);
+                      const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds = nullptr,
+                      bool hidden = false);
     // Writes keys and values straight into sequence seq's cache at positions pos0 .. pos0 + n - 1 of every
     // layer (prefix tuning: a learned prefix is the first positions of the cache; keys as given, no RoPE).
     //   keys, values: f32 [layers, kv_heads, n, head_dim]
@@ -131,9 +134,12 @@ protected:
     // One step of forward_rows(), checked, serialised and cut to at most max_batch() rows by it.
     //   logit_rows: int64 [n_logits], indices into this step's rows   logits: f32 [n_logits, vocab]
     //   embeds: f32 [M, hidden] (the rows' inputs) or null
+    //   hidden: write the final hidden states f32 [n_logits, hidden] instead of logits
     virtual void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans,
-                           const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds) {
-        (void)tokens, (void)M, (void)spans, (void)n_spans, (void)logit_rows, (void)n_logits, (void)logits, (void)embeds;
+                           const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds,
+                           bool hidden) {
+        (void)tokens, (void)M, (void)spans, (void)n_spans, (void)logit_rows, (void)n_logits, (void)logits, (void)embeds,
+            (void)hidden;
         throw std::invalid_argument(std::string("the ") + device() + " engine runs one sequence at a time");
     }
     virtual void copy_cache(int64_t src, int64_t dst, int64_t n_positions) {

@@ -249,7 +249,7 @@ public:
 
     // Rows of several sequences in one step (Engine::forward_rows): logits f32 [len(logit_rows), vocab].
     py::array_t<float> forward_rows(const py::array& token_array, const py::array& seq_array, const py::array& pos_array,
-                                    const py::array& logit_array) {
+                                    const py::array& logit_array, bool hidden) {
         const I32Array tokens = int32_values(token_array, "tokens"), seqs = int32_values(seq_array, "seq_ids"),
                        positions = int32_values(pos_array, "positions");
         py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows(logit_array);
@@ -258,14 +258,15 @@ public:
         expect_shape(seqs, {n}, "seq_ids");
         expect_shape(positions, {n}, "positions");
         if (rows.ndim() != 1) bad("logit_rows must be 1-D");
-        const int64_t n_logits = rows.shape(0), vocab = engine_->config().vocab_size;
-        py::array_t<float> logits({n_logits, vocab});
+        const int64_t n_logits = rows.shape(0);
+        const int64_t width = hidden ? engine_->config().hidden_size : engine_->config().vocab_size;
+        py::array_t<float> logits({n_logits, width});
         const int32_t *t = tokens.data(), *q = seqs.data(), *p = positions.data();
         const int64_t* r = rows.data();
         float* out = logits.mutable_data();
         {
             py::gil_scoped_release release;
-            engine_->forward_rows(t, q, p, n, r, n_logits, out);
+            engine_->forward_rows(t, q, p, n, r, n_logits, out, nullptr, hidden);
         }
         return logits;
     }
@@ -375,10 +376,11 @@ inline void register_engine_class(py::module_& m, std::function<int(int)> thread
              py::arg("path"), py::arg("data_offset"), py::arg("tensors"), py::arg("linears"), py::arg("config"),
              py::arg("context_length"), py::arg("n_threads") = 0, py::arg("kv_cache") = "auto", py::arg("n_seq") = 1)
         .def("forward_rows", &PyModel::forward_rows, py::arg("tokens"), py::arg("seq_ids"), py::arg("positions"),
-             py::arg("logit_rows"),
+             py::arg("logit_rows"), py::arg("hidden") = false,
              "Rows of several sequences in one step: row i is tokens[i] of sequence seq_ids[i] at positions[i] "
              "(a sequence's rows consecutive, at consecutive positions); returns the logits of logit_rows "
-             "(ascending row indices): f32 [len(logit_rows), vocab].")
+             "(ascending row indices): f32 [len(logit_rows), vocab]; hidden=True: their final hidden states "
+             "(after the final norm) f32 [len(logit_rows), hidden] instead.")
         .def("copy_sequence", &PyModel::copy_sequence, py::arg("src"), py::arg("dst"), py::arg("n_positions"),
              "Copies the cached keys/values of positions 0 .. n_positions - 1 of sequence src into dst.")
         .def_property_readonly("n_seq", &PyModel::n_seq, "Sequences the KV cache holds.")
