@@ -198,6 +198,7 @@ def test_regen_with_seed_differs_and_sessions_repeat(tiny_llama_f32, tmp_path):
     for _ in range(2):
         child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "12", "--temperature", "1", "--seed", "7")
         sessions.append([reply_of(child, "hi"), reply_of(child, "/regen"), reply_of(child, "/regen")])
+        child.expect_exact(READY)
         child.sendeof()
         child.expect(pexpect.EOF)
     first, again = sessions
@@ -211,6 +212,7 @@ def test_length_marker_in_a_terminal_and_with_a_prompt(tiny_llama_f32, tmp_path,
     child.send("hello\r")
     child.expect(r"\[reply cut at the limit of 3 new tokens: -n / --max-new-tokens raises it\]")
     child.expect(STATS)
+    child.expect_exact(READY)  # the editor holds the terminal again: a ^D sent earlier is eaten by the tty
     child.sendeof()
     child.expect(pexpect.EOF)
     from pyllm import cli
