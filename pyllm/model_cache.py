@@ -38,13 +38,15 @@ def cache_dir() -> str:
 
 
 def model_kind(path: str) -> str:
-    """"pllm", "gguf" or "hf" (a Hugging Face directory); FileNotFoundError / FormatError otherwise."""
+    """"pllm", "gguf" or "hf" (a Hugging Face directory). Whatever is not a directory or a GGUF file
+    counts as "pllm", whose reader refuses (without opening) what is missing or not a regular file."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FormatError(f"{path} is a directory without a config.json: not a Hugging Face model directory")
+            raise FormatError(f"{path} is not a regular file but a directory without a config.json: not a Hugging "
+                              "Face model directory either")
         return "hf"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or directory")
+    if not os.path.isfile(path):  # missing, a FIFO, a device: never opened here (a FIFO would block)
+        return "pllm"
     with open(path, "rb") as f:
         magic = f.read(4)
     return "gguf" if magic == b"GGUF" else "pllm"

@@ -104,9 +104,9 @@ def test_bench_and_perplexity_take_a_gguf(gguf_file, cache, capsys):
 
 def test_what_is_not_a_model_is_refused_clearly(tmp_path, cache, capsys):
     status, _, err, _ = run(capsys, "run", str(tmp_path), "-p", "hi")
-    assert status == 1 and "is a directory without a config.json: not a Hugging Face model directory" in err
+    assert status == 1 and "a directory without a config.json: not a Hugging Face model directory" in err
     status, _, err, _ = run(capsys, "run", str(tmp_path / "missing.gguf"), "-p", "hi")
-    assert status == 1 and "no such file or directory" in err
+    assert status == 1 and "missing.gguf" in err and "No such file or directory" in err
     assert not cache.exists() or not list(cache.glob("*.pllm"))
 
 

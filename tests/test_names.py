@@ -127,3 +127,37 @@ def test_convert_help_says_what_calibration_costs(capsys):
         cli.main(["convert", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert re.search(r"adds about [1-9][0-9]* minutes per 100M parameters", text)
+
+
+def test_perplexity_reports_uncertainty_and_speed_and_warns_past_the_trained_context(tiny_llama_f32, capsys):
+    assert cli.main(["perplexity", tiny_llama_f32, "--ctx", "300", "--windows", "1", "-t", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"perplexity [0-9.]+ ± [0-9.]+ over 1 windows of 300 tokens \(149 scored\), [0-9.]+ tokens/s",
+                     out), out
+    assert "--ctx 300 exceeds the 256 tokens the model was trained on" in err
+    assert "perplexity: 100%" in err  # the bar leaves its final line
+    assert cli.main(["perplexity", tiny_llama_f32, "--ctx", "64", "--windows", "1", "-t", "1"]) == 0
+    assert "exceeds" not in capsys.readouterr().err
+
+
+def test_perplexity_uncertainty_is_llama_cpps():
+    import math
+
+    import numpy as np
+
+    from pyllm.perplexity import perplexity
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((16, 8)).astype(np.float32)
+    tokens = list(rng.integers(0, 8, 32))
+    result = perplexity(lambda ids: logits, tokens, ctx=16)
+    nll = []
+    for w in range(2):
+        ids = tokens[w * 16:(w + 1) * 16]
+        z = logits[8:15].astype(np.float64)
+        log_z = np.log(np.exp(z).sum(axis=1))
+        nll += list(log_z - z[np.arange(7), ids[9:16]])
+    nll = np.array(nll)
+    assert math.isclose(result.perplexity, math.exp(nll.mean()), rel_tol=1e-9)
+    expected = math.exp(nll.mean()) * math.sqrt(nll.var() / (len(nll) - 1))
+    assert math.isclose(result.uncertainty, expected, rel_tol=1e-9)
