@@ -15,6 +15,7 @@ tools/fuzz/run.py drives them with atheris; tests/test_fuzz.py replays the seed 
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 
@@ -39,6 +40,7 @@ def _scratch_file(data: bytes) -> str:
         where = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, _scratch = tempfile.mkstemp(prefix="pyllm-fuzz-", dir=where)
         os.close(fd)
+        atexit.register(os.unlink, _scratch)
     with open(_scratch, "wb") as f:
         f.write(data)
     return _scratch
