@@ -115,11 +115,13 @@ def test_every_help_entry_has_text_and_a_default():
 
 
 def test_server_takes_the_same_names():
-    from pyllm.serve import sampling_options
+    pytest.importorskip("pydantic")
+    from pyllm.api_schema import parse_request
 
-    assert sampling_options({"max_tokens": 5, "repeat_penalty": 1.2}) == sampling_options(
-        {"max_completion_tokens": 5, "repetition_penalty": 1.2})
-    assert sampling_options({"repeat_penalty": 1.2})["repetition_penalty"] == 1.2
+    alias = parse_request({"prompt": "x", "max_tokens": 5, "repeat_penalty": 1.2}, chat=False)
+    plain = parse_request({"prompt": "x", "max_tokens": 5, "repetition_penalty": 1.2}, chat=False)
+    assert alias.generate_options() == plain.generate_options()
+    assert alias.generate_options()["repetition_penalty"] == 1.2 and alias.limit == plain.limit == 5
 
 
 def test_convert_help_says_what_calibration_costs(capsys):

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-hidden-size", type=int, default=128,
                    help="ptuning and prefix --prefix-projection: the encoder's hidden size (default 128)")
     g.add_argument("--prefix-projection", action="store_true",
-                   help="prefix: learn the prefix through a two-layer MLP (PEFT's prefix_projection)")
+                   help="prefix: learn the prefix through a two-layer MLP (PEFT's prefix_projection) (default: off)")
     g = p.add_argument_group("LoRA")
     g.add_argument("-r", "--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale numerator: alpha/r (default 16)")
