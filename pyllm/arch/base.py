@@ -187,6 +187,12 @@ def activation_from_hf(name: str | None, family: str) -> str:
     return names[name]
 
 
+def require_silu(cfg: dict, family: str) -> None:
+    """Refuses a hidden_act other than SiLU for a family whose block is gated SiLU."""
+    if activation_from_hf(cfg.get("hidden_act", "silu"), family) != "silu":
+        raise refuse(f"hidden_act {cfg.get('hidden_act')!r} (the {family} block is gated SiLU)", family)
+
+
 # --- tensor tables -----------------------------------------------------------------------------------
 
 def llama_tensors(config: ModelConfig, norm=same) -> dict[str, TensorRecipe]:

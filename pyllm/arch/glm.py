@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Architecture, TensorRecipe, activation_from_hf, base_config, llama_tensors, refuse, same, split_rows
+from .base import Architecture, TensorRecipe, base_config, llama_tensors, require_silu, same, split_rows
 
 
 def _config(cfg: dict, family: str, post_norms: bool):
-    if activation_from_hf(cfg.get("hidden_act", "silu"), family) != "silu":
-        raise refuse(f"hidden_act {cfg.get('hidden_act')!r}", family)
+    require_silu(cfg, family)
     bias = bool(cfg.get("attention_bias", True))
     return base_config(cfg, family, attention_bias=bias, attention_out_bias=False, post_norms=post_norms)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Architecture, activation_from_hf, base_config, llama_tensors, refuse
+from .base import Architecture, base_config, llama_tensors, require_silu
 
 
 def config_from_hf(cfg: dict):
-    if activation_from_hf(cfg.get("hidden_act", "silu"), "mistral") != "silu":
-        raise refuse(f"hidden_act {cfg.get('hidden_act')!r} (Mistral uses silu)", "mistral")
+    require_silu(cfg, "mistral")
     return base_config(cfg, "mistral")
 
 

@@ -3,12 +3,11 @@ fused in gate_up_proj (split here), partial rotary embedding in some versions.""
 
 from __future__ import annotations
 
-from .base import Architecture, activation_from_hf, base_config, llama_tensors, refuse, split_rows
+from .base import Architecture, base_config, llama_tensors, require_silu, split_rows
 
 
 def config_from_hf(cfg: dict):
-    if activation_from_hf(cfg.get("hidden_act", "silu"), "phi3") != "silu":
-        raise refuse(f"hidden_act {cfg.get('hidden_act')!r}", "phi3")
+    require_silu(cfg, "phi3")
     return base_config(cfg, "phi3")
 
 

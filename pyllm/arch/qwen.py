@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from .base import Architecture, activation_from_hf, base_config, llama_tensors, refuse
-
-
-def _check_act(cfg: dict, family: str) -> None:
-    if activation_from_hf(cfg.get("hidden_act", "silu"), family) != "silu":
-        raise refuse(f"hidden_act {cfg.get('hidden_act')!r}", family)
+from .base import Architecture, base_config, llama_tensors, require_silu
 
 
 def qwen2_config(cfg: dict):
-    _check_act(cfg, "qwen2")
+    require_silu(cfg, "qwen2")
     # Qwen2's q/k/v always have biases and o_proj none (not configurable in transformers)
     return base_config(cfg, "qwen2", attention_bias=True, attention_out_bias=False)
 
 
 def qwen3_config(cfg: dict):
-    _check_act(cfg, "qwen3")
+    require_silu(cfg, "qwen3")
     bias = bool(cfg.get("attention_bias", False))
     return base_config(cfg, "qwen3", qk_norm=True, attention_bias=bias, attention_out_bias=bias)
 
