@@ -459,9 +459,12 @@ def test_clients_that_never_read_lose_their_places(llm, monkeypatch):
 def test_stalled_clients_that_hang_up_free_their_places_at_once(llm, monkeypatch):
     """A client that stops reading (its generation paused, PIECES_AHEAD pieces waiting) and then
     hangs up frees its place at once, not after the send timeout."""
+    # replies longer than loopback's socket buffers take (they grow to megabytes): on an idle machine
+    # the tiny model writes 8000 tokens (560 kB) into them within the 4 s below and ends
+    llm = pyllm.LLM(llm.path, n_threads=1, context_length=65536)
     monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
     server = LiveServer(llm, max_queue=3, limits=ServerLimits(send_timeout=600))
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 8000, "stream": True}).encode()
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 65000, "stream": True}).encode()
     stalled = [_raw(server.port, _post("/v1/completions", body), rcvbuf=4096) for _ in range(3)]
     try:
         time.sleep(4)  # each fills its buffers and pauses
@@ -473,6 +476,7 @@ def test_stalled_clients_that_hang_up_free_their_places_at_once(llm, monkeypatch
         assert reply.usage.completion_tokens == 4
     finally:
         server.stop()
+        llm.close()
 
 
 def test_half_of_sixteen_streams_disconnect_and_the_answer_stays_the_same(live, llm):

@@ -115,7 +115,7 @@ class GGUFSource:
 
     def fallback_format(self, name: str) -> tuple[str, int] | None:
         """The layout a tensor without a native one is re-quantized to (see requantized_format)."""
-        found = requantized_format(self.tensors[name].tensor_type.name)
+        found = requantized_format(self._source(name).tensor_type.name)
         return found[:2] if found else None
 
     def block_type_notices(self) -> list[str]:

@@ -290,7 +290,7 @@ def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec,
     }
 
 
-def _progress(total: int, enabled: bool, log, desc: str = "converting"):
+def _progress(total: int, enabled: bool, log, desc: str = "writing"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=log)
