@@ -113,6 +113,9 @@ def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im
         elif kind == Q.F16:
             data = stored.astype(np.float16)
             back = data.astype(np.float32)
+        elif kind == Q.Q6_K:  # gguf-py cannot quantize to it: random blocks (super-scale 1e-3), read back
+            data = random_q6_k_blocks(stored.shape, seed=len(held))
+            back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
         else:
             data = gguf.quants.quantize(stored, kind)
             back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
@@ -127,6 +130,16 @@ def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im
     w.write_tensors_to_file()
     w.close()
     return held
+
+
+def random_q6_k_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Q6_K blocks (ggml-common.h: 256 values in 210 bytes, ql[128] qh[64] scales[16] int8, d f16) of
+    random codes and sub-scales under a super-scale d of 1e-3: uint8 [rows, cols / 256 * 210]."""
+    rows, cols = shape
+    assert cols % 256 == 0, "Q6_K rows are whole 256-value blocks"
+    blocks = np.random.default_rng(seed).integers(0, 256, (rows, cols // 256, 210), dtype=np.uint8)
+    blocks[..., 208:210] = np.frombuffer(np.float16(1e-3).tobytes(), dtype=np.uint8)
+    return blocks.reshape(rows, -1)
 
 
 def permute_back(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -232,6 +245,25 @@ def test_bad_gguf_is_refused(tmp_path):
     with pytest.raises((FormatError, ValueError)):
         convert_checkpoint(str(truncated), str(tmp_path / "y.pllm"), progress=False)
     assert not (tmp_path / "y.pllm").exists()
+
+
+def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
+    """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
+    once; the int8 copy stays close to the 6-bit values it was made from."""
+    from pyllm.convert.gguf_source import requantized_format
+
+    hf_dir = make_tiny_llama(str(tmp_path / "wide"), seed=4, hidden_size=256, intermediate_size=512,
+                             num_attention_heads=4, num_key_value_heads=2)
+    path = str(tmp_path / "model.gguf")
+    write_gguf(hf_dir, path, Q.Q6_K)
+    report = convert_checkpoint(path, str(tmp_path / "model.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert "Q6_K tensor(s) re-quantized to int8 g32" in err and err.count("Q6_K") == 1
+    layouts = pyllm.LLM(str(tmp_path / "model.pllm"), n_threads=1).model.linears
+    q6 = [b for b in layouts if "down_proj" not in b and b not in ("model.embed_tokens", "lm_head")]
+    assert q6 and all(layouts[b] == ("int8", 32) for b in q6)
+    assert max(report.nmse[b] for b in q6) < 1e-3
+    assert requantized_format("Q6_K")[:2] == ("int8", 32)
 
 
 @pytest.mark.parametrize("block, expected", [(Q.Q5_0, "int8"), (Q.Q5_1, "int8")])
