@@ -96,18 +96,26 @@ def kv_cache_bytes(config: ModelConfig, n_ctx: int, kv_cache: str) -> int:
             * KV_CACHE_BYTES_PER_VALUE[kv_cache])
 
 
-def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray) -> tuple[float, float]:
+def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray, depth: int = 0) -> tuple[float, float]:
     """Seconds for one prefill and for the decode steps after it.
 
-    engine: a _core.Engine; prompt: int32 [p], run in a fresh context at position 0;
-    decode_ids: int32 [n], fed one per call at positions p, p+1, ..."""
+    engine: a _core.Engine; prompt: int32 [p], run at positions depth.. (the cache holds positions
+    0 .. depth-1 already: fill_context); decode_ids: int32 [n], fed one per call after the prompt."""
     start = time.perf_counter()
-    engine.forward(prompt, 0, False)
+    engine.forward(prompt, depth, False)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(len(decode_ids)):
-        engine.forward(decode_ids[i:i + 1], len(prompt) + i, False)
+        engine.forward(decode_ids[i:i + 1], depth + len(prompt) + i, False)
     return prefill, time.perf_counter() - start
+
+
+def fill_context(engine, vocab_size: int, depth: int, seed: int = 1) -> None:
+    """Puts `depth` random tokens into the engine's cache at positions 0 .. depth-1 (llama-bench's -d:
+    the tests then run as if that much conversation came before them)."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, depth).astype(np.int32)
+    for start in range(0, depth, 512):
+        engine.forward(ids[start:start + 512], start, False)
 
 
 def benchmark_tokens(vocab_size: int, n_prompt: int, n_gen: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -118,8 +126,10 @@ def benchmark_tokens(vocab_size: int, n_prompt: int, n_gen: int, seed: int = 0) 
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,
-              bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto", device: str = "cpu") -> dict:
-    """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring)."""
+              bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto", device: str = "cpu",
+              depth: int = 0) -> dict:
+    """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring).
+    depth: tokens already in the cache before each test (llama-bench's -d)."""
     from . import _core
     from .llm import LLM
 
@@ -127,8 +137,10 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
         raise ValueError("-p, -n and -r must be at least 1")
     if threads is not None and threads < 1:
         raise ValueError("-t must be at least 1")
+    if depth < 0:
+        raise ValueError("-d must be >= 0")
     before = memory_status()
-    n_ctx = n_prompt + n_gen
+    n_ctx = depth + n_prompt + n_gen
     loads = []
 
     def load() -> LLM:
@@ -145,10 +157,12 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
         if log:
             print(f"warm-up, then {repetitions} repetitions of pp{n_prompt} + tg{n_gen} on {llm.n_threads} threads",
                   file=log, flush=True)
-        time_engine(llm.engine, prompt, decode_ids[:8])
+        if depth:
+            fill_context(llm.engine, config.vocab_size, depth)
+        time_engine(llm.engine, prompt, decode_ids[:8], depth)
         prefill, decode = [], []
         for _ in range(repetitions):
-            p_seconds, d_seconds = time_engine(llm.engine, prompt, decode_ids)
+            p_seconds, d_seconds = time_engine(llm.engine, prompt, decode_ids, depth)
             prefill.append(n_prompt / p_seconds)
             decode.append(n_gen / d_seconds)
         memory = memory_status()  # before the probe, whose buffer would count in the peak
@@ -164,6 +178,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "device": device,
             "kernels": _core.active_kernels() if device == "cpu" else device,
             "n_prompt": n_prompt,
+            "depth": depth,
             "n_gen": n_gen,
             "repetitions": repetitions,
             "prefill_tokens_per_s": spread(prefill),
@@ -209,8 +224,8 @@ def format_report(r: dict) -> str:
         "",
         "| test | tokens/s median | min | max | stdev |",
         "|---|---|---|---|---|",
-        row(f"pp{r['n_prompt']}", r["prefill_tokens_per_s"]),
-        row(f"tg{r['n_gen']}", r["decode_tokens_per_s"]),
+        row(f"pp{r['n_prompt']}" + (f" @ d{r['depth']}" if r.get("depth") else ""), r["prefill_tokens_per_s"]),
+        row(f"tg{r['n_gen']}" + (f" @ d{r['depth']}" if r.get("depth") else ""), r["decode_tokens_per_s"]),
         "",
         f"decode reads {r['weight_bytes_per_token'] / mb:.1f} MB of weights per token: {r['decode_gb_per_s']:.2f} GB/s",
     ]
@@ -237,6 +252,6 @@ def bench_command(args) -> int:
         raise ValueError("--bandwidth-mib must be >= 0")
     result = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, args.threads,
                        args.bandwidth_mib << 20, log=None if args.json else sys.stderr, kv_cache=args.kv_cache,
-                       device=args.device)
+                       device=args.device, depth=args.depth)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

@@ -391,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the prefill test (default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens of the decode test (default 128)")
+    p.add_argument("-d", "--depth", type=int, default=0,
+                   help="tokens already in the KV cache before each test, as llama-bench's -d (default 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions after one warm-up (default 5)")
     _add_threads(p)
     p.add_argument("--bandwidth-mib", type=int, default=1024,

@@ -72,3 +72,30 @@ def test_read_bandwidth_probe_checks_its_arguments():
         _core.read_bandwidth(1, 1000, 1)
     with pytest.raises(ValueError, match="at least 1 MiB"):
         _core.read_bandwidth(1, 4 << 20, 0)
+
+
+def test_bench_depth_runs_the_tests_after_a_filled_context(tiny_llama_f32, capsys):
+    """-d N (llama-bench's meaning): N tokens sit in the KV cache before each test; the cache is sized
+    for them, the JSON says the depth, the table marks its rows."""
+    r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "4", "-d", "100", "-r", "1", "--bandwidth-mib", "0", "--json")
+    assert r["depth"] == 100 and r["kv_cache_bytes"] == 2 * 2 * (2 * 16) * (100 + 8 + 4) * 4
+    assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-d", "40", "-r", "1", "--bandwidth-mib", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| pp8 @ d40 |" in out and "| tg2 @ d40 |" in out
+    assert main(["bench", tiny_llama_f32, "-d", "-1"]) == 1
+    assert "-d must be >= 0" in capsys.readouterr().err
+
+
+def test_a_filled_context_is_what_the_tests_read(tiny_llama_f32):
+    """fill_context writes positions 0 .. depth-1 as a forward pass of those tokens would."""
+    import numpy as np
+
+    import pyllm
+    from pyllm.bench import fill_context
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        fill_context(llm.engine, llm.config.vocab_size, 30)
+        after = llm.engine.forward(np.array([7], np.int32), 30, False)
+        ids = np.random.default_rng(1).integers(0, llm.config.vocab_size, 30).astype(np.int32)
+        whole = llm.engine.forward(np.concatenate([ids, [7]]).astype(np.int32), 0, False)
+    np.testing.assert_allclose(after, whole, rtol=1e-5, atol=1e-5)
