@@ -54,12 +54,6 @@ class PromptAdapter:
     def tensor_name(self) -> str:
         return f"adapter.{self.name}.{self.kind}"
 
-    def expected_shape(self, config: ModelConfig) -> tuple[int, ...]:
-        v = self.virtual_tokens
-        if self.kind == "prompt":
-            return (v, config.hidden_size)
-        return (config.num_hidden_layers, 2, config.num_key_value_heads, v, config.head_dim)
-
     def metadata(self) -> dict:
         return {"type": self.kind, "virtual_tokens": self.virtual_tokens, "peft_type": self.peft_type,
                 "base_model": self.base_model}
@@ -72,8 +66,9 @@ def check_name(name: str) -> str:
 
 
 def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = None,
-                      base_name: str | None = None) -> PromptAdapter:
-    """The PEFT prompt-learning adapter in `directory`, checked against the base `config`.
+                      base_dir: str | None = None) -> PromptAdapter:
+    """The PEFT prompt-learning adapter in `directory`, checked against the base `config` (and, given
+    the base's Hugging Face directory, against the model its adapter_config.json names).
 
     Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
     layer count or kv-head count: trained on another model) or a base model of another name."""
@@ -105,7 +100,8 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         raw = load_float32(f, "prompt_embeddings")
     kind = PEFT_TYPES[peft_type]
     virtual = cfg.get("num_virtual_tokens")
-    if raw.ndim != 2 or not isinstance(virtual, int) or raw.shape[0] != virtual or not 0 < virtual <= MAX_VIRTUAL_TOKENS:
+    if (raw.ndim != 2 or not isinstance(virtual, int) or raw.shape[0] != virtual
+            or not 0 < virtual <= MAX_VIRTUAL_TOKENS):
         raise FormatError(f"{weights}: prompt_embeddings has shape {list(raw.shape)}, expected "
                           f"[num_virtual_tokens={virtual!r} (at most {MAX_VIRTUAL_TOKENS}), ...]")
     if not np.isfinite(raw).all():
@@ -125,17 +121,15 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         # [virtual, layers * 2, kv_heads, head_dim] -> [layers, 2, kv_heads, virtual, head_dim]
         tensor = np.ascontiguousarray(raw.reshape(virtual, layers, 2, kv, hd).transpose(1, 2, 3, 0, 4),
                                       dtype=np.float32)
-    base = str(cfg.get("base_model_name_or_path") or "")
-    if base_name and base and _short(base) != _short(base_name):
-        raise FormatError(f"{directory}: the adapter was trained on {base!r}, not on {base_name!r} "
-                          "(convert with the base it was trained on)")
+    if base_dir and os.path.isdir(base_dir):
+        from .convert.adapter_base import other_base
+
+        trained_on = other_base(cfg, base_dir)
+        if trained_on is not None:
+            raise FormatError(f"{directory}: the adapter was trained on {trained_on!r}, not on {base_dir} "
+                              "(convert with the base it was trained on)")
     return PromptAdapter(check_name(name or os.path.basename(os.path.normpath(directory))), kind, tensor,
-                         peft_type, base)
-
-
-def _short(name: str) -> str:
-    """A model's name without its directory or hub owner: '/x/SmolLM2-135M' and 'org/SmolLM2-135M' agree."""
-    return os.path.basename(os.path.normpath(name)).lower()
+                         peft_type, str(cfg.get("base_model_name_or_path") or ""))
 
 
 def planned_tensors(adapters: list[PromptAdapter]) -> tuple[dict, list[PlannedTensor]]:
@@ -170,16 +164,15 @@ def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: 
         tensor_name = f"adapter.{name}.{kind}"
         if tensor_name not in tensors or tensors[tensor_name].dtype != "F32":
             raise FormatError(f"{path}: adapter {name!r} lacks its F32 tensor '{tensor_name}'")
-        adapter = PromptAdapter(name, kind, np.empty((0,) * 5), str(info.get("peft_type", "")),
-                                str(info.get("base_model", "")))
         shape = tuple(tensors[tensor_name].shape)
-        virtual = shape[0] if kind == "prompt" else (shape[3] if len(shape) == 5 else -1)
-        adapter.tensor = np.empty(shape if virtual > 0 else (0,), dtype=np.float32)
-        if not 0 < virtual <= MAX_VIRTUAL_TOKENS or shape != adapter.expected_shape(config):
-            raise FormatError(f"{path}: adapter {name!r} tensor is {list(shape)}, the model needs "
-                              f"{list(adapter.expected_shape(config)) if virtual > 0 else 'a virtual-token axis'}")
-        adapter.tensor = array(tensor_name)
-        out[name] = adapter
+        virtual = shape[0] if kind == "prompt" else (shape[3] if len(shape) == 5 else 0)
+        d, layers, kv, hd = config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        expected = (virtual, d) if kind == "prompt" else (layers, 2, kv, virtual, hd)
+        if not 0 < virtual <= MAX_VIRTUAL_TOKENS or shape != expected:
+            raise FormatError(f"{path}: adapter {name!r} tensor is {list(shape)}, the model needs {list(expected)} "
+                              f"with 1..{MAX_VIRTUAL_TOKENS} virtual tokens")
+        out[name] = PromptAdapter(name, kind, array(tensor_name), str(info.get("peft_type", "")),
+                                  str(info.get("base_model", "")))
     return out
 
 

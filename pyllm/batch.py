@@ -13,7 +13,7 @@ prompt) is computed once in slot 0 and copied to the others; its tokens count as
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -39,7 +39,6 @@ class _Sequence:
     done: bool = False
     generated: int = 0
     last_token: int | None = None  # sampled, not yet run through the engine
-    pieces: list[str] = field(default_factory=list)
 
 
 def common_prefix(prompts: list[list[int]]) -> int:

