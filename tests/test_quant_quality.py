@@ -150,6 +150,30 @@ def test_gptq_lowers_output_error(fmt, group):
     assert output_error(w, gptq, h) < 0.8 * output_error(w, searched, h)
 
 
+@pytest.mark.parametrize("n", [1, 7, 128, 129, 257, 1000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lower_triangular_inverse_matches_numpy_inverse(n, dtype):
+    from pyllm.convert.gptq import lower_triangular_inverse
+
+    rng = np.random.default_rng(n)
+    lower = (np.tril(rng.standard_normal((n, n))) + 2 * np.sqrt(n) * np.eye(n)).astype(dtype)
+    ours = lower_triangular_inverse(lower)
+    ref = np.linalg.inv(lower.astype(np.float64))
+    assert ours.dtype == dtype and np.all(np.triu(ours, 1) == 0)
+    assert quant.nmse(ours, ref) < (1e-12 if dtype == np.float64 else 1e-12 * 1e5)
+
+
+def test_inverse_hessian_factor_is_float32_and_inverts_the_damped_hessian():
+    from pyllm.convert.gptq import DAMPING, inverse_hessian_factor
+
+    rng = np.random.default_rng(6)
+    _, h = correlated_problem(rng, 4, 300)
+    u, dead = inverse_hessian_factor(h)
+    damped = h + DAMPING * np.mean(np.diag(h)) * np.eye(len(h))
+    assert u.dtype == np.float32 and not dead.any() and np.all(np.tril(u, -1) == 0)
+    assert quant.nmse(u.astype(np.float64).T @ u, np.linalg.inv(damped)) < 1e-8
+
+
 def test_gptq_handles_dead_inputs():
     from pyllm.convert.gptq import gptq_quantize
 

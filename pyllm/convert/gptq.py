@@ -11,8 +11,10 @@ weighted by diag(H); every column of the group is then rounded on that grid. The
 exactly pyllm's int8 / int4_sym / int4_asym.
 
 Columns are processed in blocks of BLOCK_COLUMNS with the error of a block applied to the later
-columns in one matrix product (the "lazy batch" form); that gives the same result as updating after
-every column, which is what tests/test_quant_quality.py checks against a column-by-column loop.
+columns in one matrix product (the "lazy batch" form), and inside a block the same again per group:
+each column updates only the rest of its group, each group the rest of its block. That gives the
+same result as updating every later column after each column, which is what
+tests/test_quant_quality.py checks against a column-by-column loop.
 """
 
 from __future__ import annotations
@@ -26,45 +28,74 @@ DAMPING = 0.01  # fraction of mean(diag(H)) added to the diagonal
 
 
 def inverse_hessian_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """h [cols, cols] -> (U upper Cholesky factor of (H + damping)^-1, i.e. H^-1 = U^T U [cols, cols],
+    """h [cols, cols] -> (U f32 upper Cholesky factor of (H + damping)^-1, i.e. H^-1 = U^T U [cols, cols],
     dead columns mask [cols]).
 
     One Cholesky factorisation of the reversed matrix: J H J = L L^T (J reverses the order) gives
     H = V V^T with V = J L J upper triangular, so H^-1 = V^-T V^-1 and U = V^-1 = J L^-1 J.
-    Dead columns (no input energy) get a unit diagonal; their weights are irrelevant to the output."""
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += DAMPING * float(np.mean(np.diag(h)))
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    return np.ascontiguousarray(np.linalg.inv(lower)[::-1, ::-1]), dead
+    Dead columns (no input energy) get a unit diagonal; their weights are irrelevant to the output.
+    In float32 (as the reference implementation on GPUs); float64 only when the damped matrix is not
+    positive definite in float32."""
+    for dtype in (np.float32, np.float64):
+        damped = np.array(h, dtype=dtype)
+        dead = np.diag(damped) <= 0
+        damped[dead, dead] = 1.0
+        damped[np.diag_indices_from(damped)] += DAMPING * float(np.mean(np.diag(damped), dtype=np.float64))
+        try:
+            lower = np.linalg.cholesky(np.ascontiguousarray(damped[::-1, ::-1]))
+        except np.linalg.LinAlgError:
+            if dtype is np.float64:
+                raise
+            continue
+        u = lower_triangular_inverse(lower)[::-1, ::-1]
+        if np.isfinite(u).all():
+            return np.ascontiguousarray(u, dtype=np.float32), dead
+    raise np.linalg.LinAlgError("the damped Hessian has no finite inverse factor")
+
+
+def lower_triangular_inverse(lower: np.ndarray) -> np.ndarray:
+    """L^-1 of a lower triangular L [n, n] by blocks: inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]],
+    so that the n^3/3 multiply-adds are matrix products (numpy has no trtri; np.linalg.inv spends
+    8/3 n^3 on a general LU solve)."""
+    n = lower.shape[0]
+    if n <= 128:
+        return np.tril(np.linalg.inv(lower))
+    half = n // 2
+    a_inv = lower_triangular_inverse(lower[:half, :half])
+    d_inv = lower_triangular_inverse(lower[half:, half:])
+    out = np.zeros_like(lower)
+    out[:half, :half] = a_inv
+    out[half:, half:] = d_inv
+    out[half:, :half] = -(d_inv @ (lower[half:, :half] @ a_inv))
+    return out
 
 
 def quantize_column(w: np.ndarray, fmt: str, scale: np.ndarray, min_: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """w f32 [rows] on the grid scale (, min) f16 [rows] -> (codes [rows], dequantized f32 [rows])."""
+    """w f32 [rows] on the grid scale (, min) f32 [rows] -> (codes [rows], dequantized f32 [rows])."""
     lo, hi = CODE_RANGE[fmt]
-    s = scale.astype(np.float32)
-    shifted = w if min_ is None else w - min_.astype(np.float32)
+    shifted = w if min_ is None else w - min_
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s != 0, np.rint(shifted / np.where(s != 0, s, 1)), 0) + CODE_OFFSET[fmt]
-    q = np.clip(q, lo, hi)
-    deq = (q - CODE_OFFSET[fmt]).astype(np.float32) * s
+        q = np.where(scale != 0, np.rint(shifted / np.where(scale != 0, scale, 1)), 0) + CODE_OFFSET[fmt]
+    np.clip(q, lo, hi, out=q)
+    deq = (q - CODE_OFFSET[fmt]) * scale
     if min_ is not None:
-        deq = deq + min_.astype(np.float32)
+        deq += min_
     return q, deq
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, factor=None) -> PackedWeight:
     """GPTQ of w f32 [rows, cols] with Hessian h [cols, cols] into `fmt` (int8, int4_sym, int4_asym).
 
-    factor: inverse_hessian_factor(h) when already computed (matrices sharing an input)."""
+    factor: inverse_hessian_factor(h) when already computed (matrices sharing an input).
+    Float32 throughout; the block's working columns are kept column-major so that each column's
+    update of the columns after it is one contiguous rank-1 update."""
     check_group_size(fmt, group_size)
     rows, cols = w.shape
     if h.shape != (cols, cols):
         raise ValueError(f"Hessian is {h.shape}, expected {(cols, cols)}")
     u, dead = factor if factor is not None else inverse_hessian_factor(h)
     importance = np.diag(h).astype(np.float32)
-    work = np.array(w, dtype=np.float64)
+    work = np.array(w, dtype=np.float32)
     work[:, dead] = 0.0
     n_groups = -(-cols // group_size)
     codes = np.zeros((rows, cols), dtype=np.int16)
@@ -73,23 +104,28 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
     block = max(BLOCK_COLUMNS // group_size, 1) * group_size  # groups never straddle blocks
     for b0 in range(0, cols, block):
         b1 = min(cols, b0 + block)
-        errors = np.zeros((rows, b1 - b0))
-        for j in range(b0, b1):
-            if (j - b0) % group_size == 0:
-                gi, g1 = j // group_size, min(cols, j + group_size)
-                group = work[:, j:g1].astype(np.float32)[:, None, :]
-                s, m = search_group_params(group, np.ones(group.shape, bool), fmt, importance[None, None, j:g1])
-                scales[:, gi] = s[:, 0]
-                if mins is not None:
-                    mins[:, gi] = m[:, 0]
-            gi = j // group_size
-            q, deq = quantize_column(work[:, j].astype(np.float32), fmt, scales[:, gi],
-                                     None if mins is None else mins[:, gi])
-            codes[:, j] = q
-            err = (work[:, j] - deq) / u[j, j]
-            work[:, j:b1] -= np.outer(err, u[j, j:b1])
-            errors[:, j - b0] = err
-        work[:, b1:] -= errors @ u[b0:b1, b1:]
+        cols_t = np.array(work[:, b0:b1].T)  # [block, rows]: column j of the block is row j - b0
+        errors_t = np.zeros((b1 - b0, rows), dtype=np.float32)
+        for g0 in range(b0, b1, group_size):
+            g1, gi = min(b1, g0 + group_size), g0 // group_size
+            group = cols_t[g0 - b0:g1 - b0].T[:, None, :]  # [rows, 1, size]
+            s, m = search_group_params(group, np.ones(group.shape, bool), fmt, importance[None, None, g0:g1])
+            scales[:, gi] = s[:, 0]
+            scale = s[:, 0].astype(np.float32)
+            min_ = None
+            if mins is not None:
+                mins[:, gi] = m[:, 0]
+                min_ = m[:, 0].astype(np.float32)
+            for j in range(g0, g1):  # rank-1 updates within the group only
+                column = cols_t[j - b0]
+                q, deq = quantize_column(column, fmt, scale, min_)
+                codes[:, j] = q
+                err = (column - deq) / u[j, j]
+                cols_t[j - b0 + 1:g1 - b0] -= u[j, j + 1:g1, None] * err
+                errors_t[j - b0] = err
+            # the group's errors reach the rest of the block in one product
+            cols_t[g1 - b0:] -= u[g0:g1, g1:b1].T @ errors_t[g0 - b0:g1 - b0]
+        work[:, b1:] -= errors_t.T @ u[b0:b1, b1:]
     if fmt == "int8":
         return PackedWeight(fmt, rows, cols, group_size, codes.astype(np.int8), scales)
     return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scales, mins)
@@ -105,7 +141,7 @@ def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress:
     done, factors = {}, {}
     for base in tqdm(formats, desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr):
         fmt, group = formats[base]
-        h = calibration.input_hessian(base)
+        h = calibration.input_hessian(base, np.float32)  # [cols, cols]
         key = calibration.input_name(base)
         if key not in factors:  # q/k/v and gate/up share their input
             factors = {key: inverse_hessian_factor(h)}

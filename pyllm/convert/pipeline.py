@@ -87,12 +87,17 @@ class ConversionReport:
     kept_exactly: list[str] = field(default_factory=list)  # GGUF blocks copied without requantizing
     layouts: dict[str, int] = field(default_factory=dict)  # what was written: "int4_asym g64" -> matrices
     seconds: float = 0.0  # wall time of the whole conversion
+    phases: dict[str, float] = field(default_factory=dict)  # wall time per phase (calibration, layouts, GPTQ, writing)
+    source_bytes: int = 0  # size of the source's files
 
     def summary(self) -> str:
         """What was written: file, size, time, the layouts with their matrix counts (embeddings and
         lm_head included), the quantization error."""
         lines = [f"wrote {self.output} ({self.file_size / 1e6:.1f} MB) in {self.seconds:.1f} s from "
                  + (f"--quant {self.quant}" if self.quant else "the source's formats")]
+        if self.source_bytes and self.seconds > 0:
+            lines.append(f"read {self.source_bytes / 1e6:.1f} MB of source at {self.source_bytes / 1e6 / self.seconds:.1f} MB/s; "
+                         + ", ".join(f"{name} {s:.1f} s" for name, s in self.phases.items()))
         if self.layouts:
             lines.append("layouts: " + ", ".join(f"{name} x{count}" for name, count in
                                                   sorted(self.layouts.items(), key=lambda kv: (-kv[1], kv[0]))))
@@ -190,14 +195,31 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         if adapter_metadata:
             metadata[ADAPTERS_METADATA_KEY] = json.dumps(adapter_metadata)
         bar = _progress(len(plans), progress, log)
+        writing = time.perf_counter()
         report.file_size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
         bar.close()
+        report.phases = {**strategy.seconds, "writing": time.perf_counter() - writing}
     finally:
         source.close()
+    report.source_bytes = source_size(src, lora)
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def source_size(src: str, lora=()) -> int:
+    """Bytes of the source's weight files: a GGUF file, or a directory's *.safetensors / *.bin / *.pt
+    files (LoRA adapter directories' included)."""
+    total = 0
+    for path in (src, *lora):
+        if os.path.isfile(path):
+            total += os.path.getsize(path)
+            continue
+        for name in os.listdir(path):
+            if name.endswith((".safetensors", ".bin", ".pt")):
+                total += os.path.getsize(os.path.join(path, name))
+    return total
 
 
 def _prompt_adapters(adapters, config: ModelConfig, source, plans: list) -> dict:

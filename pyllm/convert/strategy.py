@@ -21,6 +21,7 @@ The embeddings and lm_head follow the pipeline's rule (int8, group 32).
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +94,7 @@ class Strategy:
     method: str
     formats: dict[str, tuple[str, int]] = field(default_factory=dict)  # layouts chosen per matrix
     done: dict[str, PackedWeight] = field(default_factory=dict)  # matrices already quantized (gptq)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: calibration, layouts, GPTQ
 
     def quantize(self, base: str, w: np.ndarray, fmt: str, group: int) -> PackedWeight:
         """w f32 [rows, cols] -> the stored weight of matrix `base`."""
@@ -124,6 +126,7 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
         return strategy
     linears = {b: s for b, s in config.linear_shapes().items() if b not in ("model.embed_tokens", "lm_head")}
     hessians = None
+    clock = time.perf_counter()
     if options.method == "gptq":
         from .calibrate import Calibration
         from .pipeline import src_name
@@ -135,17 +138,20 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
             _LAST_CALIBRATION.update(key=key, value=Calibration(source, config, text, options.calib_sequences,
                                                                 progress=progress, log=log))
         hessians = _LAST_CALIBRATION["value"]
+        strategy.seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
     if quant == "int4" or options.keep_sensitive:
         layouts = int4_choices(group, fixed_group) if quant == "int4" else [(fmt, group)]
         sensitive = ("int8", group) if fixed_group else SENSITIVE_FORMAT
         strategy.formats = allocate(source, linears, {b: layouts for b in linears}, options, hessians,
                                     sensitive=sensitive, progress=progress, log=log)
+        strategy.seconds["layouts"], clock = time.perf_counter() - clock, time.perf_counter()
     if hessians is not None:
         from .gptq import gptq_model
 
         formats = {b: strategy.formats.get(b, (fmt, group)) for b in linears}
         strategy.done = gptq_model(lambda base: load_matrix(source.load, base, linears[base]), hessians, formats,
                                    progress, log)
+        strategy.seconds["GPTQ"] = time.perf_counter() - clock
     return strategy
 
 
