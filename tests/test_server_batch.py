@@ -326,3 +326,32 @@ def test_health_reports_the_slots_and_the_cli_prints_the_kv_cache(batched, f32_f
 
     with pytest.raises(ValueError, match="--max-num-batched-tokens"):
         cmd_serve(args)
+
+
+def test_other_users_of_the_engine_take_turns_between_steps(f32_file, alone):
+    """Embeddings and logits calls while streams run in the scheduler: they get the engine between
+    steps, the streams re-read their tokens and still give the answers they give alone; close()
+    ends a running stream as cancelled and the LLM goes back to one call at a time."""
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in alone.tokenizer.eos_ids}
+    expected = [alone.generate(p, max_new_tokens=60, temperature=0, logit_bias=ban) for p in PROMPTS[:3]]
+    embedding = alone.embed(["Berlin is"])
+    with pyllm.LLM(f32_file, n_threads=1, context_length=CONTEXT, n_parallel=4) as llm:
+        scheduler = Scheduler(llm, 16)
+        with pytest.raises(ValueError, match="already has a scheduler"):
+            Scheduler(llm)
+        streams = [llm.generate(p, max_new_tokens=60, temperature=0, logit_bias=ban, stream=True) for p in PROMPTS[:3]]
+        texts = [next(s) for s in streams]  # all three running
+        for _ in range(3):
+            assert (llm.embed(["Berlin is"]) == embedding).all()
+            assert llm.logits(llm.tokenize("Paris")).shape[0] == len(llm.tokenize("Paris"))
+        texts = [t + "".join(s) for t, s in zip(texts, streams)]
+        assert texts == expected
+        assert [s.stats.finish_reason for s in streams] == ["length"] * 3
+        running = llm.generate(PROMPTS[3], max_new_tokens=500, temperature=0, logit_bias=ban, stream=True)
+        next(running)
+        scheduler.close()
+        list(running)
+        assert running.stats.finish_reason == "cancelled" and llm.scheduler is None
+        assert llm.generate(PROMPTS[0], max_new_tokens=60, temperature=0, logit_bias=ban) == expected[0]
