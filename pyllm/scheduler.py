@@ -220,7 +220,7 @@ class Scheduler:
 
     def _has_work(self) -> bool:
         active = [s.seq for s in self.slots if s.seq is not None]
-        if any(s.cancelled.is_set() or not s.paused for s in active):
+        if any(s.cancelled.is_set() or not s.paused for s in active) or any(s.cancelled.is_set() for s in self._waiting):
             return True
         return bool(self._waiting) and len(active) < len(self.slots)
 
@@ -261,15 +261,15 @@ class Scheduler:
         """Gives free slots to waiting requests, in arrival order: the free slot whose cache shares
         the longest prefix with the prompt, else the one unused longest."""
         with self._cond:
+            for seq in [s for s in self._waiting if s.cancelled.is_set()]:  # left while waiting: its place goes now
+                self._waiting.remove(seq)
+                seq.stats.finish_reason = "cancelled"
+                seq.send("end")
             while self._waiting:
                 free = [s for s in self.slots if s.seq is None]
                 if not free:
                     return
                 seq = self._waiting.popleft()
-                if seq.cancelled.is_set():
-                    seq.stats.finish_reason = "cancelled"
-                    seq.send("end")
-                    continue
                 slot = max(free, key=lambda s: (_common(seq.ids, s.cached) if s.adapter == seq.adapter else -1,
                                                 -s.last_used))
                 slot.seq, seq.slot, seq.admitted = seq, slot, time.perf_counter()

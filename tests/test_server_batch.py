@@ -355,3 +355,25 @@ def test_other_users_of_the_engine_take_turns_between_steps(f32_file, alone):
         list(running)
         assert running.stats.finish_reason == "cancelled" and llm.scheduler is None
         assert llm.generate(PROMPTS[0], max_new_tokens=60, temperature=0, logit_bias=ban) == expected[0]
+
+
+def test_a_client_that_leaves_while_waiting_for_a_slot_gives_its_place_up_at_once(batched, alone):
+    client = batched.client()
+    ban = _no_eos(alone)
+    running = [client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=900, temperature=0,
+                                         logit_bias=ban, stream=True) for i in range(4)]
+    for r in running:
+        next(iter(r))  # all four slots busy
+    waiting = client.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=8, stream=True)
+    deadline = time.time() + 10
+    while batched.api.scheduler.waiting != 1:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    waiting.close()
+    while _get(batched.url + "/health")["requests"] != 4:
+        assert time.time() < deadline, "the waiting request kept its place"
+        time.sleep(0.01)
+    assert batched.api.scheduler.waiting == 0 and batched.api.scheduler.busy_slots == 4
+    for r in running:
+        r.close()
+    _idle(batched)
