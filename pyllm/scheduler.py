@@ -20,8 +20,10 @@ system prompt) reuses them, from its own slot or by copying them from another sl
 they share waits for it, so N requests with one system prompt compute it once. Reused tokens are
 GenerationStats.cached_tokens (OpenAI's usage.prompt_tokens_details.cached_tokens).
 
-A sequence whose consumer lets PIECES_AHEAD pieces pile up unread is skipped (paused, keeping its
-slot) until they are read. Other users of the LLM (embeddings, logits, a list given to generate)
+A sequence whose consumer lets PIECES_AHEAD pieces pile up unread is skipped (paused) until they
+are read; paused for PREEMPT_AFTER seconds while a request waits for a slot, it gives its slot up
+(as LLM's streams give the engine up) and, read again, queues for a slot before the requests that
+came after it and re-reads its tokens (reusing what a slot still holds). Other users of the LLM (embeddings, logits, a list given to generate)
 take the engine between steps (LLM._acquire, in turn); they overwrite slots, so after such a turn
 every slot's cache is dropped and each active sequence re-reads its tokens (chunked as a prompt).
 """
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
-from .llm import GenerationStats, TextStream, _find_stop, _partial_stop_len, _token_logprob
+from .llm import PREEMPT_AFTER, GenerationStats, TextStream, _find_stop, _partial_stop_len, _token_logprob
 from .tokenizer import StreamDecoder
 
 PIECES_AHEAD = 16  # unread pieces after which a sequence pauses
@@ -88,6 +90,7 @@ class _Sequence(TextStream):
         self.new_tokens: list = []  # tokens generated since the last piece sent
         self.outbox: queue.Queue = queue.Queue()
         self.submitted = self.admitted = self.first_token_at = 0.0
+        self.paused_since: float | None = None  # when its reader last fell PIECES_AHEAD behind
         self._pieces = self._consume()
 
     def _consume(self):
@@ -137,6 +140,7 @@ class Scheduler:
         self.recent_steps: collections.deque[Step] = collections.deque(maxlen=STEP_LOG)
         self.recent_finished: collections.deque[GenerationStats] = collections.deque(maxlen=STEP_LOG)
         self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._parked: list[_Sequence] = []  # preempted while paused: they queue again once read
         self._cond = threading.Condition()
         self._closed = False
         self._numbers = 0
@@ -166,7 +170,7 @@ class Scheduler:
 
     def cancel(self) -> None:
         """Cancels every running and waiting stream (LLM.cancel while a step holds the engine)."""
-        for seq in list(self._waiting) + [s.seq for s in self.slots if s.seq is not None]:
+        for seq in list(self._waiting) + self._parked + [s.seq for s in self.slots if s.seq is not None]:
             seq.cancelled.set()
         self._wake()
 
@@ -177,10 +181,11 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-        for seq in list(self._waiting) + [s.seq for s in self.slots if s.seq is not None]:
+        for seq in list(self._waiting) + self._parked + [s.seq for s in self.slots if s.seq is not None]:
             seq.stats.finish_reason = "cancelled"
             seq.send("end")
         self._waiting.clear()
+        self._parked.clear()
         for slot in self.slots:
             slot.seq = None
         if self.llm.scheduler is self:
@@ -206,7 +211,7 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._closed and not self._has_work():
-                    self._cond.wait(POLL if any(s.seq is not None for s in self.slots) else None)
+                    self._cond.wait(POLL if self._parked or any(s.seq is not None for s in self.slots) else None)
                 if self._closed:
                     return
             try:
@@ -219,10 +224,16 @@ class Scheduler:
                     slot.cached, slot.adapter = [], None
 
     def _has_work(self) -> bool:
+        """Whether a step has something to do (notes since when each running sequence is paused)."""
         active = [s.seq for s in self.slots if s.seq is not None]
-        if any(s.cancelled.is_set() or not s.paused for s in active) or any(s.cancelled.is_set() for s in self._waiting):
+        now = time.monotonic()
+        for seq in active:
+            seq.paused_since = (seq.paused_since or now) if seq.paused else None
+        if any(s.cancelled.is_set() or not s.paused for s in active + self._parked) or \
+                any(s.cancelled.is_set() for s in self._waiting):
             return True
-        return bool(self._waiting) and len(active) < len(self.slots)
+        return bool(self._waiting) and (len(active) < len(self.slots) or
+                                        any(now - (s.paused_since or now) >= PREEMPT_AFTER for s in active))
 
     def _step(self) -> None:
         for slot in self.slots:
@@ -259,8 +270,14 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Gives free slots to waiting requests, in arrival order: the free slot whose cache shares
-        the longest prefix with the prompt, else the one unused longest."""
+        the longest prefix with the prompt, else the one unused longest. A sequence paused for
+        PREEMPT_AFTER seconds gives its slot up to a waiting one."""
+        now = time.monotonic()
         with self._cond:
+            for seq in [s for s in self._parked if s.cancelled.is_set() or not s.paused]:
+                self._parked.remove(seq)  # read again (or gone): queues before those that came after it
+                self._waiting.appendleft(seq)
+            self._waiting = collections.deque(sorted(self._waiting, key=lambda q: q.number))
             for seq in [s for s in self._waiting if s.cancelled.is_set()]:  # left while waiting: its place goes now
                 self._waiting.remove(seq)
                 seq.stats.finish_reason = "cancelled"
@@ -268,12 +285,25 @@ class Scheduler:
             while self._waiting:
                 free = [s for s in self.slots if s.seq is None]
                 if not free:
-                    return
+                    idle = [s.seq for s in self.slots if s.seq.paused and s.seq.paused_since is not None and
+                            now - s.seq.paused_since >= PREEMPT_AFTER]
+                    if not idle:
+                        return
+                    self._park(min(idle, key=lambda q: q.paused_since))
+                    continue
                 seq = self._waiting.popleft()
                 slot = max(free, key=lambda s: (_common(seq.ids, s.cached) if s.adapter == seq.adapter else -1,
                                                 -s.last_used))
-                slot.seq, seq.slot, seq.admitted = seq, slot, time.perf_counter()
+                slot.seq, seq.slot = seq, slot
+                seq.admitted = seq.admitted or time.perf_counter()
                 slot.last_used = self._steps
+
+    def _park(self, seq: _Sequence) -> None:
+        """Takes a paused sequence out of its slot (which keeps its keys/values as a prefix)."""
+        slot = seq.slot
+        slot.cached, slot.seq, slot.last_used = seq.ids[:seq.computed] if seq.ready else [], None, self._steps
+        seq.slot, seq.ready, seq.computed, seq.paused_since = None, False, 0, None
+        self._parked.append(seq)
 
     def _let_others_in(self) -> None:
         """Another caller waits for the engine (embeddings, logits): let it have one turn first."""
