@@ -244,6 +244,10 @@ class LLM:
     the same thread) gives the engine up, and when read again re-reads its context into the KV
     cache and continues with the same text. close() cancels the running call and always returns.
 
+    With a pyllm.scheduler.Scheduler attached (Scheduler(llm); `pyllm serve --parallel N` does it),
+    every single-prompt call from any thread runs in its batch instead: up to n_parallel calls share
+    each engine step (continuous batching), each giving the text it gives alone.
+
     Context policy: a prompt that does not fit the context (leaving room for one new token) is
     refused with ValueError; a reply ends with finish_reason "length" when the context is full.
     Nothing slides or is dropped silently.
