@@ -172,12 +172,12 @@ def test_sixteen_streams_half_disconnecting_three_rounds(batched, alone):
 
     rss = []
     for _ in range(3):
-        before = len(scheduler.recent_finished)
+        before = {id(f) for f in scheduler.recent_finished}
         answers = _together(stream, list(range(16)))
         assert {i: answers[i] for i in range(0, 16, 2)} == expected
         assert all(answers[i] is None for i in range(1, 16, 2))
         _idle(batched)
-        finished = list(scheduler.recent_finished)[before:]
+        finished = [f for f in scheduler.recent_finished if id(f) not in before]
         left = [f for f in finished if f.finish_reason == "cancelled"]
         assert len(left) == 8 and all(f.generated_tokens < 300 for f in left), left
         assert sorted(f.generated_tokens for f in finished if f.finish_reason == "length") == [40] * 8
@@ -233,11 +233,12 @@ def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(batched, a
     client = batched.client()
     scheduler = batched.api.scheduler
     ban = _no_eos(alone)
+    streamed = 600  # tokens: the two streams still run when the long prompt's last chunk does
     started = threading.Barrier(3)
     texts = {}
 
     def stream(i):
-        chunks = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=160, temperature=0,
+        chunks = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=streamed, temperature=0,
                                            logit_bias=ban, stream=True)
         text = ""
         for n, c in enumerate(chunks):
@@ -254,11 +255,11 @@ def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(batched, a
     n_long = len(alone.tokenize(long_prompt))
     assert n_long >= 600
     reply = client.completions.create(model="tiny", prompt=long_prompt, max_tokens=2, temperature=0)
+    steps = list(scheduler.recent_steps)  # now, while the long prompt's steps are among the last STEP_LOG
     reused = reply.usage.prompt_tokens_details.cached_tokens  # a slot may hold its first tokens already
     for t in readers:
         t.join(timeout=120)
     assert reply.choices[0].text == alone.generate(long_prompt, max_new_tokens=2, temperature=0)
-    steps = list(scheduler.recent_steps)
     prompt_rows: dict[int, int] = {}
     for step in steps:
         for number, rows, prompt in step.rows:
@@ -273,7 +274,7 @@ def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(batched, a
         assert len(decoding) == 2, step  # both streams got their token in this step
         assert sum(rows for _, rows, _ in step.rows) <= 32
     for i in (1, 2):
-        assert texts[i] == alone.generate(PROMPTS[i], max_new_tokens=160, temperature=0,
+        assert texts[i] == alone.generate(PROMPTS[i], max_new_tokens=streamed, temperature=0,
                                           logit_bias={int(k): v for k, v in ban.items()})
     _idle(batched)
 
