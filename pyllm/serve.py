@@ -279,7 +279,10 @@ class Server:
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
     max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
     <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
-    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags)."""
+    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
+    max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
+    decode rows, then prompt chunks; default limits.DEFAULT_MAX_NUM_BATCHED_TOKENS). close() stops
+    the scheduler."""
 
     def __init__(self, llm, model_name: str, max_queue: int = 64, defaults: dict | None = None,
                  api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None,
