@@ -51,9 +51,11 @@ def merge_completion_logprobs(a: dict | None, b: dict) -> dict:
     return {key: a[key] + b[key] for key in a}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose keys/values were reused, not computed."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens)}}
 
 
 def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None,

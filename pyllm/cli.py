@@ -188,7 +188,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .limits import ServerLimits
+    from .limits import DEFAULT_PARALLEL, ServerLimits
     from .serve import MISSING, Starlette, serve
 
     if Starlette is None:
@@ -196,13 +196,23 @@ def cmd_serve(args) -> int:
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                           body_timeout=args.body_timeout, send_timeout=args.send_timeout,
                           template_timeout=args.template_timeout)
+    if args.device == "cuda":
+        if args.parallel not in (None, 1):
+            print("pyllm serve: --parallel is CPU-only (the CUDA engine holds one sequence): serving one request "
+                  "at a time", file=sys.stderr)
+        args.parallel = 1
+    elif args.parallel is None:
+        args.parallel = DEFAULT_PARALLEL
+    if args.max_num_batched_tokens < args.parallel:
+        raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
+                         f"({args.parallel}): every running request gets a row in each step")
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
           api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),
-          limits=limits)
+          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens)
     return 0
 
 
@@ -351,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
+    from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_PARALLEL
+
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     _add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -358,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests running or waiting before new ones get 503 (default 64)")
+    p.add_argument("--parallel", "-np", type=int, default=None, metavar="N",
+                   help="requests generated together (continuous batching; each has a KV-cache slot of the full "
+                        "context, so the cache takes N times the memory: printed at start) "
+                        f"(default {DEFAULT_PARALLEL}; 1 on CUDA: one at a time)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS, metavar="N",
+                   help="rows per engine step with --parallel: one per generating request, then prompt tokens "
+                        "in chunks, so long prompts do not stall running streams (vLLM's name) "
+                        f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     _add_server_limits(p)
     _add_threads(p)
     _add_context(p)

@@ -18,6 +18,10 @@ from .errors import LimitError
 
 MAX_CONTEXT_LENGTH = 1 << 24  # tokens; far past any model's positions (the KV cache would need TBs)
 MAX_THREADS = 1024
+# pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
+# rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
+DEFAULT_PARALLEL = 4
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 
 def _positive_int(name: str, value, most: int | None = None) -> int:

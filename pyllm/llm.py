@@ -197,6 +197,13 @@ class _TokenizerLoader:
         return self._tokenizer
 
 
+def kv_cache_bytes(config, context_length: int, n_parallel: int, element_bytes: int) -> int:
+    """Bytes of a KV cache holding n_parallel sequences of context_length positions (keys and values
+    of every layer; element_bytes 2 for f16, 4 for f32)."""
+    c = config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context_length * n_parallel * element_bytes
+
+
 def return_freed_heap() -> None:
     """Hands the C heap's free pages back to the system (glibc's malloc_trim): parsing a tokenizer
     leaves tens of MB of freed but resident memory behind. Elsewhere a no-op."""
@@ -237,6 +244,10 @@ class LLM:
     the same thread) gives the engine up, and when read again re-reads its context into the KV
     cache and continues with the same text. close() cancels the running call and always returns.
 
+    With a pyllm.scheduler.Scheduler attached (Scheduler(llm); `pyllm serve --parallel N` does it),
+    every single-prompt call from any thread runs in its batch instead: up to n_parallel calls share
+    each engine step (continuous batching), each giving the text it gives alone.
+
     Context policy: a prompt that does not fit the context (leaving room for one new token) is
     refused with ValueError; a reply ends with finish_reason "length" when the context is full.
     Nothing slides or is dropped silently.
@@ -267,9 +278,8 @@ class LLM:
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= MAX_PARALLEL:
             raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
-        c = self.config
-        check_kv_cache_bytes(2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n_ctx * n_parallel *
-                             (4 if kv_cache == "f32" else 2), f"{n_parallel} sequence(s) of {n_ctx} positions")
+        check_kv_cache_bytes(kv_cache_bytes(self.config, n_ctx, n_parallel, 4 if kv_cache == "f32" else 2),
+                             f"{n_parallel} sequence(s) of {n_ctx} positions")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)
         try:
@@ -299,8 +309,19 @@ class LLM:
         self._idle_since: float | None = None
         self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
+        self._last_holder = None  # who used the engine last (a scheduler's slots survive only its own turns)
+        self._waiting = 0  # calls waiting in _acquire
+        self._served = 0  # turns given so far
+        # A pyllm.scheduler.Scheduler, when attached: single-prompt streams then run in its batch
+        self.scheduler = None
         self.last_stats = GenerationStats()
         self.last_batch_stats: list[GenerationStats] = []  # one per prompt of the last list given to generate
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the engine's KV cache takes: n_parallel sequences of context_length positions."""
+        return kv_cache_bytes(self.config, self.context_length, self.n_parallel,
+                              4 if self.engine.kv_cache == "f32" else 2)
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -310,26 +331,38 @@ class LLM:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- turns at the engine -------------------------------------------------------
-    def _acquire(self, owner) -> None:
+    def _acquire(self, owner) -> bool:
         """Waits for the engine and makes owner its holder. An idle holding stream is preempted
-        (at once when it belongs to this thread, else after PREEMPT_AFTER seconds)."""
+        (at once when it belongs to this thread, else after PREEMPT_AFTER seconds). Returns whether
+        owner was the engine's last user (its KV-cache contents are as it left them)."""
         me = threading.get_ident()
         with self._turn:
-            while True:
-                if self.engine is None:
-                    raise RuntimeError("this LLM is closed")
-                if self._holder is None:
-                    break
-                if self._idle_since is not None:
-                    idle = time.monotonic() - self._idle_since
-                    if self._holder_thread == me or idle >= PREEMPT_AFTER:
-                        self._preempted.add(id(self._holder))
-                        break
-                    self._turn.wait(PREEMPT_AFTER - idle)
-                else:
-                    self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+            self._waiting += 1
+            try:
+                self._wait_for_turn(me)
+            finally:
+                self._waiting -= 1
             self._holder, self._holder_thread, self._idle_since = owner, me, None
             self._preempted.discard(id(owner))
+            self._served += 1
+            kept, self._last_holder = self._last_holder is owner, owner
+            return kept
+
+    def _wait_for_turn(self, me: int) -> None:
+        """Returns (self._turn held by the caller) once the engine is free or its holder may be preempted."""
+        while True:
+            if self.engine is None:
+                raise RuntimeError("this LLM is closed")
+            if self._holder is None:
+                return
+            if self._idle_since is not None:
+                idle = time.monotonic() - self._idle_since
+                if self._holder_thread == me or idle >= PREEMPT_AFTER:
+                    self._preempted.add(id(self._holder))
+                    return
+                self._turn.wait(PREEMPT_AFTER - idle)
+            else:
+                self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
 
     def _release(self, owner) -> None:
         with self._turn:
@@ -671,8 +704,11 @@ class LLM:
             raise ValueError("max_new_tokens must be >= 0")
         stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
         sampler = Sampler(params, processors, prompt_length=len(prompt))
-        stream._pieces = self._run(prompt, max_new_tokens, sampler, stop, stop_ids | set(self.tokenizer.eos_ids),
-                                   stream, logprobs, adapter)
+        stop_ids = stop_ids | set(self.tokenizer.eos_ids)
+        if self.scheduler is not None:  # runs in the scheduler's batch, beside other streams
+            return self.scheduler.stream(stream.stats, [int(i) for i in prompt], max_new_tokens, sampler, stop,
+                                         stop_ids, logprobs, adapter)
+        stream._pieces = self._run(prompt, max_new_tokens, sampler, stop, stop_ids, stream, logprobs, adapter)
         return stream
 
     def _prefill(self, ids: list[int], common: int, cancel: threading.Event, offset: int = 0) -> np.ndarray | None:
@@ -775,7 +811,10 @@ class LLM:
     def close(self) -> None:
         """Releases the engine and unmaps the file. A running call is cancelled (it ends within one
         token or prefill chunk) and waited for; a stream left unread loses the engine at once (read
-        again, it raises RuntimeError). Always returns; closing twice is a no-op."""
+        again, it raises RuntimeError); an attached scheduler ends its streams and stops. Always
+        returns; closing twice is a no-op."""
+        if self.scheduler is not None:
+            self.scheduler.close()
         with self._turn:
             if self.engine is None:
                 return

@@ -9,8 +9,12 @@ CORS origins, sampling defaults for fields a request leaves unset, and `Limits` 
 ServerLimits) on what one request may ask: body size, prompt length, time to send the body, time a
 client may leave a stream unread (docs/SECURITY.md).
 
-Policy: the model runs one request at a time; others wait their turn in arrival order (up to
-max_queue running or waiting, counted exactly, then 503). Everything slow (reading and parsing the
+Policy: with an LLM of n_parallel > 1 (`pyllm serve --parallel N`), a pyllm.scheduler.Scheduler
+runs up to N requests (choices) together in one decode loop (continuous batching: a request joins at
+the next engine step, long prompts are prefilled in chunks between decode rows, a shared prompt
+prefix is computed once and reported as usage.prompt_tokens_details.cached_tokens); with N = 1 the
+model runs one request at a time. Others wait their turn in arrival order (up to max_queue running
+or waiting, counted exactly, then 503). Everything slow (reading and parsing the
 body, validating it, rendering the template, tokenizing, generating, building a large answer) runs
 in worker threads, so the event loop, and /health with it, stays free; a client that disconnects,
 mid-stream or while waiting, cancels its generation, which frees the model within one token; a
@@ -275,11 +279,21 @@ class Server:
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
     max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
     <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
-    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags)."""
+    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
+    max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
+    decode rows, then prompt chunks; default limits.DEFAULT_MAX_NUM_BATCHED_TOKENS). close() stops
+    the scheduler."""
 
     def __init__(self, llm, model_name: str, max_queue: int = 64, defaults: dict | None = None,
-                 api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None):
+                 api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None,
+                 max_num_batched_tokens: int | None = None):
+        from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
+        from .scheduler import Scheduler
+
         self.llm = llm
+        # n_parallel > 1: requests run together (close() detaches the scheduler from llm)
+        self.scheduler = (Scheduler(llm, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
+                          if llm.n_parallel > 1 else None)
         self.model_name = model_name
         self.slots = QueueSlots(max_queue)
         self.defaults = dict(defaults or {})
@@ -287,6 +301,11 @@ class Server:
         self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
         self.created = int(time.time())
+
+    def close(self) -> None:
+        """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     @property
     def max_queue(self) -> int:
@@ -314,7 +333,11 @@ class Server:
         return _with_access_rules(app, self.api_key, self.cors_origins)
 
     async def health(self, request: "Request"):
-        return JSONResponse({"status": "ok", "requests": self.active})
+        body = {"status": "ok", "requests": self.active}
+        if self.scheduler is not None:  # llama.cpp's names
+            busy = self.scheduler.busy_slots
+            body.update(slots_idle=len(self.scheduler.slots) - busy, slots_processing=busy)
+        return JSONResponse(body)
 
     def _model_ids(self) -> list[str]:
         """The base model's id, then "BASE:ADAPTER" for each prompt-learning adapter in its file."""
@@ -557,7 +580,9 @@ class Server:
         return plan.echo_logprobs[prompt]
 
     def _usage(self, plan: _Plan, streams) -> dict:
-        return responses.usage(sum(len(p) for p in plan.prompts), sum(s.stats.generated_tokens for s in streams))
+        """Prompt tokens count once per prompt, as do the cached ones (those of its first choice)."""
+        return responses.usage(sum(len(p) for p in plan.prompts), sum(s.stats.generated_tokens for s in streams),
+                               sum(s.stats.cached_tokens for s in streams[::plan.n]))
 
     def _log(self, request, plan: _Plan, streams, started: float) -> None:
         generated = sum(s.stats.generated_tokens for s in streams)
@@ -736,9 +761,10 @@ class _ApiKey:
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_queue: int = 64,
           log_level: str = "info", defaults: dict | None = None, api_key: str | None = None,
-          cors_origins: list[str] | tuple = (), limits: Limits | None = None) -> None:
-    """Serves llm until interrupted; prints a start-up line (model, context, threads, device) and
-    logs one line per request. The options are Server's."""
+          cors_origins: list[str] | tuple = (), limits: Limits | None = None,
+          max_num_batched_tokens: int | None = None) -> None:
+    """Serves llm until interrupted; prints a start-up line (model, context, threads, device, the
+    parallel slots and the KV cache's memory) and logs one line per request. The options are Server's."""
     try:
         import uvicorn
     except ImportError:
@@ -755,5 +781,13 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
     log.info("pyllm serve: http://%s:%d/v1 (OpenAI-compatible; Ctrl-C stops): model %s (%s), context %d tokens, "
              "%d threads on %s%s", host, port, name, llm.path, llm.context_length, llm.n_threads, llm.device,
              ", API key required" if api_key else "")
-    app = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits).app()
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    kv = llm.kv_cache_bytes
+    log.info("KV cache: %d slot(s) x %d tokens (%s), %.1f MiB at most (memory is used as positions fill)%s",
+             llm.n_parallel, llm.context_length, llm.engine.kv_cache, kv / 2**20,
+             "; requests run together (continuous batching)" if llm.n_parallel > 1
+             else "; one request at a time (--parallel N runs N together)")
+    server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
+    try:
+        uvicorn.run(server.app(), host=host, port=port, log_level=log_level)
+    finally:
+        server.close()

@@ -187,7 +187,8 @@ def test_a_tuned_call_prefills_only_its_own_tokens(two_adapters):
         assert llm.last_stats.cached_tokens == len(ids)  # the same adapter keeps its virtual part and the prefix
 
 
-def test_serve_routes_base_and_adapters_by_model_name(two_adapters):
+@pytest.mark.parametrize("parallel", [1, 4])  # 4: base and adapters side by side in one batch (pyllm/scheduler.py)
+def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
     openai = pytest.importorskip("openai")
     from test_server import LiveServer
 
@@ -195,7 +196,7 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as alone:
         expected = {name: alone.generate(ids, max_new_tokens=8, temperature=0, adapter=name)
                     for name in ("base", "qa", "style")}
-    with pyllm.LLM(two_adapters["file"], n_threads=2) as llm:
+    with pyllm.LLM(two_adapters["file"], n_threads=2, n_parallel=parallel) as llm:
         server = LiveServer(llm, name="tasks")
         try:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

@@ -40,8 +40,8 @@ class LiveServer:
 
     def __init__(self, llm, name="tiny", max_queue=64, limits=None, **options):
         self.port = _free_port()
-        config = uvicorn.Config(Server(llm, name, max_queue, limits=limits, **options).app(), host="127.0.0.1",
-                                port=self.port, log_level="critical")
+        self.api = Server(llm, name, max_queue, limits=limits, **options)
+        config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -57,6 +57,7 @@ class LiveServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.api.close()
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +277,7 @@ def test_serve_command_starts_and_answers(tiny_llama_f32):
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "cli-tiny" in err and "context 512 tokens, 1 threads on cpu" in err, err
+    assert "KV cache: 4 slot(s) x 512 tokens (f32), 1.0 MiB at most" in err, err  # --parallel 4
     assert "POST /v1/completions: 1 choice(s)" in err and "t/s decode" in err, err
 
 
