@@ -22,7 +22,7 @@ one branch each) it adds where the time goes: milliseconds per token of each for
 (engine.profile(): norms, q/k/v, RoPE and cache writes, attention, o, gate/up, activation, down,
 residuals, lm_head) in prefill and in decode, the wall time no stage holds ("outside stages": the
 call from Python, RoPE angles, returning logits), and for decode the weight bytes each stage reads
-and the milliseconds that takes at the measured read bound.
+(attention: the KV cache it reads) and the milliseconds that takes at the measured read bound.
 benchmarks/compare.py reuses these pieces to put pyllm beside llama.cpp and transformers.
 """
 
@@ -166,11 +166,21 @@ def stage_weight_bytes(model: PackedModel) -> dict[str, int]:
     return out
 
 
+def decode_kv_bytes(config: ModelConfig, first: int, n: int, kv_cache: str) -> float:
+    """Mean KV-cache bytes attention reads per decode step for steps at positions first .. first+n-1
+    (each reads K and V of the positions it sees: all before it, or its layer's sliding window)."""
+    per_position = 2 * config.num_key_value_heads * config.head_dim * KV_CACHE_BYTES_PER_VALUE[kv_cache]
+    positions = np.arange(first, first + n) + 1
+    seen = sum(np.minimum(positions, w or positions[-1]).mean() for w in config.sliding_windows())
+    return float(per_position * seen)
+
+
 def stage_profile(seconds: Counter, tokens: int, wall_seconds: float,
-                  weight_bytes: dict[str, int] | None = None) -> dict:
+                  weight_bytes: dict[str, int] | None = None, kv_bytes: float = 0.0) -> dict:
     """One phase's profile: wall and per-stage milliseconds per token, each stage's share of the wall
     time; "outside stages" is the wall time no stage holds (the engine call from Python, RoPE angles,
-    returning the logits). weight_bytes (decode): each stage's bytes read per token."""
+    returning the logits). weight_bytes (decode): each stage's bytes read per token; kv_bytes (decode):
+    the KV-cache bytes attention reads per token (decode_kv_bytes)."""
     per_token = {stage: 1e3 * t / tokens for stage, t in seconds.items()}
     wall = 1e3 * wall_seconds / tokens
     per_token["outside stages"] = wall - sum(per_token.values())
@@ -179,6 +189,7 @@ def stage_profile(seconds: Counter, tokens: int, wall_seconds: float,
         stages[stage] = {"ms_per_token": ms, "share": ms / wall if wall > 0 else 0.0}
         if weight_bytes is not None:
             stages[stage]["weight_bytes"] = weight_bytes.get(stage, 0)
+            stages[stage]["kv_cache_bytes"] = kv_bytes if stage == "attention" else 0.0
     return {"ms_per_token": wall, "stages": stages}
 
 
@@ -255,7 +266,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "profile": None if stages is None else {
                 "prefill": stage_profile(stages["prefill"], n_prompt * repetitions, sum(n_prompt / v for v in prefill)),
                 "decode": stage_profile(stages["decode"], n_gen * repetitions, sum(n_gen / v for v in decode),
-                                        stage_weight_bytes(model)),
+                                        stage_weight_bytes(model),
+                                        decode_kv_bytes(config, depth + n_prompt, n_gen, llm.engine.kv_cache)),
             },
             "pyllm_version": __version__,
         }
@@ -269,7 +281,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             result["decode_fraction_of_bound"] = result["decode_gb_per_s"] / bound
             if stages is not None:
                 for s in result["profile"]["decode"]["stages"].values():
-                    s["ms_at_bound"] = s["weight_bytes"] / (bound * 1e6)
+                    s["ms_at_bound"] = (s["weight_bytes"] + s["kv_cache_bytes"]) / (bound * 1e6)
     finally:
         llm.close()
     for _ in range(LOAD_REPETITIONS - 1):
@@ -314,18 +326,20 @@ def format_report(r: dict) -> str:
 
 def profile_table(r: dict) -> str:
     """PYLLM_PROFILE=1's table: milliseconds per token of each forward stage in prefill and decode,
-    with the weight MB each decode stage reads and the time that takes at the measured read bound."""
+    with the MB each decode stage reads (weights; attention: the KV cache) and the time that takes at
+    the measured read bound."""
     prefill, decode = r["profile"]["prefill"], r["profile"]["decode"]
-    lines = [f"| stage | prefill ms/token | share | decode ms/token | share | weights MB | at the bound ms |",
+    lines = [f"| stage | prefill ms/token | share | decode ms/token | share | MB read | at the bound ms |",
              "|---|---|---|---|---|---|---|"]
     for stage, d in decode["stages"].items():
         p = prefill["stages"][stage]
         bound = f"{d['ms_at_bound']:.3f}" if "ms_at_bound" in d else "-"
         lines.append(f"| {stage} | {p['ms_per_token']:.3f} | {100 * p['share']:.1f}% | {d['ms_per_token']:.3f} | "
-                     f"{100 * d['share']:.1f}% | {d['weight_bytes'] / 1e6:.1f} | {bound} |")
+                     f"{100 * d['share']:.1f}% | {(d['weight_bytes'] + d['kv_cache_bytes']) / 1e6:.1f} | {bound} |")
     bounds = [d["ms_at_bound"] for d in decode["stages"].values() if "ms_at_bound" in d]
     lines.append(f"| total | {prefill['ms_per_token']:.3f} | 100% | {decode['ms_per_token']:.3f} | 100% | "
-                 f"{r['weight_bytes_per_token'] / 1e6:.1f} | {f'{sum(bounds):.3f}' if bounds else '-'} |")
+                 f"{sum(d['weight_bytes'] + d['kv_cache_bytes'] for d in decode['stages'].values()) / 1e6:.1f} | "
+                 f"{f'{sum(bounds):.3f}' if bounds else '-'} |")
     return (f"profile (PYLLM_PROFILE=1; wall time of each forward stage over the {r['repetitions']} repetitions):\n"
             + "\n".join(lines))
 

@@ -125,8 +125,12 @@ def test_bench_profile_accounts_for_the_wall_time(tiny_llama_f32, capsys, monkey
     assert decode["qkv_proj"]["weight_bytes"] == 2 * 4 * (d * d + 2 * kv * d)
     assert decode["gate_up_proj"]["weight_bytes"] == 2 * 4 * 2 * f * d
     assert decode["attention"]["weight_bytes"] == 0
+    # positions 16..19 attend to 17..20 keys (mean 18.5) of 2 layers x K and V x 32 values x 4 bytes (f32 cache)
+    assert decode["attention"]["kv_cache_bytes"] == pytest.approx(2 * 2 * kv * 4 * 18.5)
+    assert sum(s["kv_cache_bytes"] for s in decode.values()) == decode["attention"]["kv_cache_bytes"]
     bound = r["read_bandwidth_gb_per_s"]
     assert decode["down_proj"]["ms_at_bound"] == pytest.approx(decode["down_proj"]["weight_bytes"] / (bound * 1e6))
+    assert decode["attention"]["ms_at_bound"] == pytest.approx(decode["attention"]["kv_cache_bytes"] / (bound * 1e6))
     assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0
     out = capsys.readouterr().out
     assert "profile (PYLLM_PROFILE=1" in out and "| outside stages |" in out and "| qkv_proj |" in out
@@ -138,3 +142,20 @@ def test_bench_without_profile_reports_none(tiny_llama_f32, capsys, monkeypatch)
     assert r["profile"] is None
     assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0
     assert "profile" not in capsys.readouterr().out
+
+
+def test_decode_kv_bytes_counts_each_layers_window(tiny_llama_f32):
+    """A sliding layer reads at most its window of keys, a full layer every position before the step."""
+    import dataclasses
+
+    from pyllm.bench import decode_kv_bytes
+    from pyllm.formats.packed import PackedModel
+
+    with PackedModel(tiny_llama_f32) as model:
+        config = model.config
+    per_position = 2 * 2 * 16 * 2  # K and V x 2 KV heads x head_dim 16 x f16
+    assert decode_kv_bytes(config, 0, 1, "f16") == 2 * per_position  # 2 layers, one key each
+    windowed = dataclasses.replace(config, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    # steps at positions 4, 5 see 5, 6 keys; the sliding layer 3 of them
+    assert decode_kv_bytes(windowed, 4, 2, "f16") == pytest.approx(per_position * (3 + 5.5))
+    assert decode_kv_bytes(windowed, 4, 2, "f32") == pytest.approx(2 * per_position * (3 + 5.5))
