@@ -160,8 +160,11 @@ def random_family_gguf(family: str, out: str, work: str, llama_cpp_src: str) -> 
     checkpoint = random_family_checkpoint(family, os.path.join(work, f"random-1.1b-{family}-hf"))
     print(f"converting {checkpoint} -> {out} with {script}", file=sys.stderr, flush=True)
     model_type = getattr(__import__("transformers"), _family(family)[0]).model_type
+    # the name is neutral: llama.cpp sets attributes of Phi-3's own special tokens (</s>, <unk>, <s>) on any
+    # model whose name contains "phi3", and fails to load a vocabulary without them
     done = subprocess.run([sys.executable, "-c", _CONVERT, model_type, script, checkpoint, "--outtype", "f16",
-                           "--outfile", out + ".partial"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           "--model-name", "random-1.1b", "--outfile", out + ".partial"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {family}: {done.stderr[-2000:]}")
     os.replace(out + ".partial", out)
