@@ -49,7 +49,8 @@ FAMILIES = {
     "bloom": ("BloomConfig", "BloomForCausalLM",
               dict(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **IDS), True),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
-             dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=2048, **IDS), True),
+             dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=2048,
+                  n_ctx=2048, **IDS), True),  # llama.cpp's converter reads n_ctx, which transformers 5 no longer writes
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(GATED, head_dim=64, tie_word_embeddings=False), True),
     "glm": ("GlmConfig", "GlmForCausalLM", dict(GATED, head_dim=64, tie_word_embeddings=False), True),
     "opt": ("OPTConfig", "OPTForCausalLM",
