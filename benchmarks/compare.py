@@ -536,7 +536,8 @@ def main() -> None:
     print("Command: " + (f"PYLLM_KERNELS={kernels} " if kernels else "") +
           f"python benchmarks/compare.py --models {args.models} --formats {args.formats} "
           f"--engines {args.engines} -p {args.p} -n {args.n} -r {args.r} -t {args.t}" +
-          (f" --llama-cpp-lib {args.llama_cpp_lib}" if args.llama_cpp_lib else "") + "\n")
+          (f" --llama-cpp-lib {args.llama_cpp_lib}" if args.llama_cpp_lib else "") +
+          (f" --work {args.work}" if args.work else "") + "\n")
     print(table(rows, bound, args.p, args.n))
 
 
