@@ -13,6 +13,11 @@ Models (files built once and cached under --work, default ~/.cache/pyllm/bench):
                32 heads / 4 KV heads, untied) and SmolLM2's vocabulary of 49152, written once as an
                F16 GGUF with SmolLM2's tokenizer (tools/llama_gguf.py); pyllm converts that GGUF,
                llama.cpp quantizes it. transformers is not run on it (too slow).
+  random-1.1b-FAMILY  the same idea for the other families (qwen2, qwen3, gemma3, phi3, bloom, gpt2,
+               glm4, glm, opt; shapes and options in tools/random_family.py): a random transformers
+               checkpoint in f16 with SmolLM2's tokenizer, written as an F16 GGUF by llama.cpp's own
+               convert_hf_to_gguf.py (--llama-cpp-src); pyllm converts that GGUF, llama.cpp quantizes
+               it. llama.cpp has no OPT: pyllm converts that checkpoint and runs alone (no ratios).
 Formats, each a pyllm quantization beside a llama.cpp type: int4_sym (g32, 4.5 bits like Q4_0) /
 Q4_0, int4_asym (g32, 5 bits) / Q4_0, int8 (g32) / Q8_0, f16 / F16. pyllm's int4/int8 files keep their embeddings
 and lm_head in int8; llama.cpp's quantizer picks its own types there (Q6_K for the output matrix):
@@ -34,6 +39,21 @@ f16 against F16 is the tight check (~1e-6; flagged "MISMATCH?" above 1e-3); the 
 differ by their quantizers' noise (int4_asym against Q4_0: ~0.2 on SmolLM2, where Q4_0 costs +24%
 perplexity, ~0.6 on the random model), flagged only above 1, where two unrelated models lie.
 
+Which llama.cpp: llama-cpp-python loads the libllama.so of --llama-cpp-lib DIR (default: the
+LLAMA_CPP_LIB_PATH environment variable, else the library the wheel ships); the header prints its
+system info (the instruction sets it uses). To compare with llama.cpp built for a given instruction
+set (e.g. AVX2 only, beside PYLLM_KERNELS=avx2), build it from the llama-cpp-python sdist:
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36   # holds vendor/llama.cpp
+    cmake -S vendor/llama.cpp -B avx2 -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_OPENMP=ON \
+          -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+          -DGGML_AVX_VNNI=OFF -DGGML_BMI2=ON     # or -DGGML_NATIVE=ON for every instruction this CPU has
+    cmake --build avx2 -j --target llama
+and pass --llama-cpp-lib avx2/bin; install the binding without compiling it:
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama_cpp_python-0.3.36.tar.gz
+The random families' GGUFs need llama.cpp's converter: --llama-cpp-src (default: LLAMA_CPP_SRC), the
+vendor/llama.cpp directory of that sdist. --drop-sources deletes their F16 GGUFs and checkpoints once
+the compared files are built (each is 2-3 GB); a later run with other formats builds them again.
+
 llama-cpp-python (0.3.36) and torch/transformers are benchmark-only dependencies.
 """
 
@@ -43,16 +63,19 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, os.pardir, "tools"))
+from random_family import FAMILIES  # noqa: E402
 
 # pyllm quantization -> llama.cpp type made from the same weights
 FORMAT_PAIRS = {"int4_sym": "Q4_0", "int4_asym": "Q4_0", "int8": "Q8_0", "f16": "F16"}
@@ -70,8 +93,9 @@ NMSE_SUSPICIOUS = {"f16": 1e-3, "quantized": 1.0}
 
 # --- model files --------------------------------------------------------------------------------
 
-def pyllm_file(source: str, out: str, quant: str) -> str:
-    """source (HF directory or GGUF) converted to out with pyllm's converter; reused while it opens."""
+def pyllm_file(source: Callable[[], str], out: str, quant: str) -> str:
+    """source() (an HF directory or GGUF, made on demand) converted to out with pyllm's converter;
+    reused while it opens."""
     from pyllm.convert import convert_checkpoint
     from pyllm.formats.packed import PackedModel
     from pyllm.formats.safetensors import FormatError
@@ -82,8 +106,9 @@ def pyllm_file(source: str, out: str, quant: str) -> str:
             return out
         except FormatError as e:  # an older format version: convert again
             print(f"reconverting {out}: {e}", file=sys.stderr)
-    print(f"converting {source} -> {out} ({quant})", file=sys.stderr, flush=True)
-    convert_checkpoint(source, out, quant=quant, group_size=GROUP_SIZE, progress=False)
+    path = source()
+    print(f"converting {path} -> {out} ({quant})", file=sys.stderr, flush=True)
+    convert_checkpoint(path, out, quant=quant, group_size=GROUP_SIZE, progress=False)
     return out
 
 
@@ -110,41 +135,63 @@ def random_tensors(config: dict, seed: int = 0):
             yield name, values.astype(np.float16).astype(np.float32)
 
 
-def model_files(model: str, formats: list[str], engines: list[str], work: str) -> dict:
-    """{"pyllm": {fmt: path}, "llama.cpp": {type: path}, "hf": dir or None} for one model."""
+def model_files(model: str, formats: list[str], engines: list[str], work: str, llama_cpp_src: str | None = None,
+                drop_sources: bool = False) -> dict:
+    """{"pyllm": {fmt: path}, "llama.cpp": {type: path}, "hf": dir or None} for one model; a family that
+    llama.cpp cannot run gets no llama.cpp files. drop_sources: delete a random family's F16 GGUF and
+    checkpoint once the files compared are built."""
     from llama_gguf import dequantized_gguf, llama_cpp_quantize, write_llama_gguf
+    from random_family import llama_cpp_runs, random_family_checkpoint, random_family_gguf
 
     from pyllm import default_model
+    from pyllm.convert.pipeline import resolve_quant
 
     files: dict = {"pyllm": {}, "llama.cpp": {}, "hf": None}
+    prefix = model
+    family = model.removeprefix("random-1.1b-") if model.startswith("random-1.1b-") else None
+    if model not in ("smollm2", "random-1.1b") and family is None:
+        raise ValueError(f"unknown model {model!r} (smollm2, random-1.1b, random-1.1b-FAMILY)")
+    if family is not None and not llama_cpp_runs(family):
+        engines = [e for e in engines if e != "llama.cpp"]
+    # the GGUF both engines start from (pyllm: except smollm2, converted from its checkpoint)
+    base = os.path.join(work, f"{prefix}-F32.gguf" if model == "smollm2" else f"{prefix}-F16.gguf")
+    checkpoint = os.path.join(work, f"{prefix}-hf")
+
+    def source() -> str:
+        """The GGUF (or, for OPT, the checkpoint) the compared files are made from, built on first use."""
+        if model == "smollm2":
+            return dequantized_gguf(default_model.fetch_gguf(), base)
+        if model == "random-1.1b":
+            if not os.path.exists(base):
+                print(f"writing {base} (random weights, TinyLlama-1.1B shapes)", file=sys.stderr, flush=True)
+                write_llama_gguf(base, RANDOM_1B_CONFIG, random_tensors(RANDOM_1B_CONFIG),
+                                 tokenizer_from=default_model.fetch_gguf(), dtype="F16", name="random-1.1b")
+            return base
+        if not llama_cpp_runs(family):  # pyllm alone, from the checkpoint
+            return random_family_checkpoint(family, checkpoint)
+        if not llama_cpp_src:
+            raise ValueError(f"{model} needs llama.cpp's converter: pass --llama-cpp-src or set LLAMA_CPP_SRC")
+        return random_family_gguf(family, base, work, llama_cpp_src)
+
     if model == "smollm2":
         from reference_checkpoint import default_reference_checkpoint
 
-        pyllm_source = default_reference_checkpoint()
-        files["hf"] = pyllm_source
-        base = dequantized_gguf(default_model.fetch_gguf(), os.path.join(work, "smollm2-F32.gguf"))
-        prefix = "smollm2"
-    elif model == "random-1.1b":
-        base = os.path.join(work, "random-1.1b-F16.gguf")
-        if not os.path.exists(base):
-            print(f"writing {base} (random weights, TinyLlama-1.1B shapes)", file=sys.stderr, flush=True)
-            write_llama_gguf(base, RANDOM_1B_CONFIG, random_tensors(RANDOM_1B_CONFIG),
-                             tokenizer_from=default_model.fetch_gguf(), dtype="F16", name="random-1.1b")
-        pyllm_source = base
-        prefix = "random-1.1b"
-    else:
-        raise ValueError(f"unknown model {model!r} (smollm2, random-1.1b)")
-    from pyllm.convert.pipeline import resolve_quant
-
+        files["hf"] = default_reference_checkpoint()
     for fmt in formats:
         if "pyllm" in engines:
-            name = resolve_quant(fmt, GROUP_SIZE)[0]
-            files["pyllm"][fmt] = pyllm_file(pyllm_source, os.path.join(work, f"{prefix}-{name}-g{GROUP_SIZE}.pllm"),
-                                             fmt)
+            out = os.path.join(work, f"{prefix}-{resolve_quant(fmt, GROUP_SIZE)[0]}-g{GROUP_SIZE}.pllm")
+            files["pyllm"][fmt] = pyllm_file((lambda: files["hf"]) if model == "smollm2" else source, out, fmt)
         if "llama.cpp" in engines:
             ltype = FORMAT_PAIRS[fmt]
-            files["llama.cpp"][ltype] = (base if base.endswith(f"-{ltype}.gguf") else
-                                         llama_cpp_quantize(base, os.path.join(work, f"{prefix}-{ltype}.gguf"), ltype))
+            out = os.path.join(work, f"{prefix}-{ltype}.gguf")
+            if out == base:
+                files["llama.cpp"][ltype] = source()
+            else:
+                files["llama.cpp"][ltype] = out if os.path.exists(out) else llama_cpp_quantize(source(), out, ltype)
+    if drop_sources and family is not None and base not in files["llama.cpp"].values():
+        if os.path.exists(base):
+            os.remove(base)
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return files
 
 
@@ -376,9 +423,18 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+def llama_cpp_system_info() -> str:
+    """The loaded libllama's own summary (instruction sets it was built with) and where it came from."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    return f"{info} (library: {os.environ.get('LLAMA_CPP_LIB_PATH') or 'the one llama-cpp-python ships'})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2", help="comma-separated: smollm2, random-1.1b")
+    ap.add_argument("--models", default="smollm2",
+                    help="comma-separated: smollm2, random-1.1b, random-1.1b-FAMILY (" + ", ".join(FAMILIES) + ")")
     ap.add_argument("--formats", default="int4_sym,int4_asym,int8,f16", help=f"comma-separated: {', '.join(FORMAT_PAIRS)}")
     ap.add_argument("--engines", default="pyllm,llama.cpp,transformers", help="comma-separated: " + ", ".join(ENGINES))
     ap.add_argument("-p", type=int, default=512, help="prompt tokens (default 512)")
@@ -387,6 +443,12 @@ def main() -> None:
     ap.add_argument("-t", type=int, default=2, help="threads of every engine (default 2)")
     ap.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer of the read-bandwidth probe (MiB)")
     ap.add_argument("--work", default=None, help="where built model files are cached (default ~/.cache/pyllm/bench)")
+    ap.add_argument("--llama-cpp-lib", default=os.environ.get("LLAMA_CPP_LIB_PATH"),
+                    help="directory of the libllama.so llama-cpp-python loads (default: $LLAMA_CPP_LIB_PATH)")
+    ap.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"),
+                    help="llama.cpp source tree, for convert_hf_to_gguf.py (default: $LLAMA_CPP_SRC)")
+    ap.add_argument("--drop-sources", action="store_true",
+                    help="delete the random families' F16 GGUFs and checkpoints once the compared files exist")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -405,6 +467,13 @@ def main() -> None:
                 ap.error(f"unknown {name} {value!r}")
     if min(args.p, args.n, args.r, args.t) < 1:
         ap.error("-p, -n, -r and -t must be at least 1")
+    for model in models:
+        if model not in ("smollm2", "random-1.1b") and model.removeprefix("random-1.1b-") not in FAMILIES:
+            ap.error(f"unknown model {model!r}")
+    if args.llama_cpp_lib:
+        if not os.path.isdir(args.llama_cpp_lib):
+            ap.error(f"--llama-cpp-lib {args.llama_cpp_lib}: no such directory")
+        os.environ["LLAMA_CPP_LIB_PATH"] = os.path.abspath(args.llama_cpp_lib)  # this process and the workers
     work = args.work or os.path.join(default_model.cache_dir(), "bench")
     os.makedirs(work, exist_ok=True)
 
@@ -419,13 +488,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            files = model_files(model, formats, engines, work)
+            files = model_files(model, formats, engines, work, args.llama_cpp_src, args.drop_sources)
             groups = []
             for fmt in formats:
                 group = []
                 if "pyllm" in engines:
                     group.append(("pyllm", fmt, files["pyllm"][fmt]))
-                if "llama.cpp" in engines:
+                if FORMAT_PAIRS[fmt] in files["llama.cpp"]:  # not for a family llama.cpp cannot run
                     group.append(("llama.cpp", FORMAT_PAIRS[fmt], files["llama.cpp"][FORMAT_PAIRS[fmt]]))
                 groups.append(group)
             if "transformers" in engines and files["hf"]:
@@ -461,8 +530,14 @@ def main() -> None:
     print(f"Read-bandwidth bound ({args.t} threads, {args.bandwidth_mib} MiB): {bound:.2f} GB/s "
           f"(before {bounds[0]:.2f}, after {bounds[1]:.2f}).")
     print(f"Versions: {versions()}.")
-    print(f"Command: python benchmarks/compare.py --models {args.models} --formats {args.formats} "
-          f"--engines {args.engines} -p {args.p} -n {args.n} -r {args.r} -t {args.t}\n")
+    if "llama.cpp" in engines:
+        print(f"llama.cpp: {llama_cpp_system_info()}")
+    kernels = os.environ.get("PYLLM_KERNELS")
+    print("Command: " + (f"PYLLM_KERNELS={kernels} " if kernels else "") +
+          f"python benchmarks/compare.py --models {args.models} --formats {args.formats} "
+          f"--engines {args.engines} -p {args.p} -n {args.n} -r {args.r} -t {args.t}" +
+          (f" --llama-cpp-lib {args.llama_cpp_lib}" if args.llama_cpp_lib else "") +
+          (f" --work {args.work}" if args.work else "") + "\n")
     print(table(rows, bound, args.p, args.n))
 
 

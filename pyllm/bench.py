@@ -17,6 +17,12 @@ Beside the speed it reports what bounds it:
   - the time to open the file (LLM(), memory-mapped; median of 3 loads);
   - the resident set while generating (VmRSS, VmHWM) beside the file size + the KV cache, in a
     process that has loaded the model once (the other load timings come after).
+With PYLLM_PROFILE=1 in the environment (read once when the engine is made; off, the stages cost
+one branch each) it adds where the time goes: milliseconds per token of each forward stage
+(engine.profile(): norms, q/k/v, RoPE and cache writes, attention, o, gate/up, activation, down,
+residuals, lm_head) in prefill and in decode, the wall time no stage holds ("outside stages": the
+call from Python, RoPE angles, returning logits), and for decode the weight bytes each stage reads
+(attention: the KV cache it reads) and the milliseconds that takes at the measured read bound.
 benchmarks/compare.py reuses these pieces to put pyllm beside llama.cpp and transformers.
 """
 
@@ -96,18 +102,29 @@ def kv_cache_bytes(config: ModelConfig, n_ctx: int, kv_cache: str) -> int:
             * KV_CACHE_BYTES_PER_VALUE[kv_cache])
 
 
-def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray, depth: int = 0) -> tuple[float, float]:
+def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray, depth: int = 0,
+                stages: dict[str, Counter] | None = None) -> tuple[float, float]:
     """Seconds for one prefill and for the decode steps after it.
 
     engine: a _core.Engine; prompt: int32 [p], run at positions depth.. (the cache holds positions
-    0 .. depth-1 already: fill_context); decode_ids: int32 [n], fed one per call after the prompt."""
+    0 .. depth-1 already: fill_context); decode_ids: int32 [n], fed one per call after the prompt.
+    stages: {"prefill": Counter, "decode": Counter}, given when the engine profiles (PYLLM_PROFILE=1):
+    each phase's seconds per forward stage (engine.profile()) are added to its Counter."""
+    marks = [engine.profile()] if stages is not None else None
     start = time.perf_counter()
     engine.forward(prompt, depth, False)
     prefill = time.perf_counter() - start
+    if marks is not None:
+        marks.append(engine.profile())
     start = time.perf_counter()
     for i in range(len(decode_ids)):
         engine.forward(decode_ids[i:i + 1], depth + len(prompt) + i, False)
-    return prefill, time.perf_counter() - start
+    decode = time.perf_counter() - start
+    if marks is not None:
+        marks.append(engine.profile())
+        for phase, before, after in (("prefill", marks[0], marks[1]), ("decode", marks[1], marks[2])):
+            stages[phase].update({stage: after[stage] - before[stage] for stage in after})
+    return prefill, decode
 
 
 def fill_context(engine, vocab_size: int, depth: int, seed: int = 1) -> None:
@@ -123,6 +140,57 @@ def benchmark_tokens(vocab_size: int, n_prompt: int, n_gen: int, seed: int = 0) 
     rng = np.random.default_rng(seed)
     return (rng.integers(0, vocab_size, n_prompt).astype(np.int32),
             rng.integers(0, vocab_size, n_gen).astype(np.int32))
+
+
+# forward stage (engine.profile()) -> the weight names (pyllm's, the same for every family) it reads
+STAGE_WEIGHTS = {"embedding": ("model.embed_tokens.", "model.embed_positions.", "model.embed_norm."),
+                 "rmsnorm": ("input_layernorm.", "post_attention_layernorm."),
+                 "qkv_proj": ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj."),
+                 "rope_cache_write": ("self_attn.q_norm.", "self_attn.k_norm."),
+                 "o_proj": ("self_attn.o_proj.", "attn_post_norm."),
+                 "gate_up_proj": ("mlp.gate_proj.", "mlp.up_proj."),
+                 "down_proj": ("mlp.down_proj.", "ffn_post_norm."),
+                 "lm_head": ("lm_head.", "model.norm.")}
+
+
+def stage_weight_bytes(model: PackedModel) -> dict[str, int]:
+    """Weight bytes each forward stage reads per decode token (the embedding: one row; a tied output
+    matrix counts under lm_head), keyed like engine.profile(); together weight_bytes_per_token."""
+    sizes = {name: model.file.tensors[name].nbytes for name in model.engine_tensors()}
+    out = dict.fromkeys(STAGE_WEIGHTS, 0)
+    for name, size in sizes.items():
+        stage = next((s for s, keys in STAGE_WEIGHTS.items() if any(k in name for k in keys)), "rmsnorm")
+        out[stage] += size // model.config.vocab_size if name.startswith("model.embed_tokens.") else size
+    if not any(n.startswith("lm_head.") for n in sizes):  # tied: the embedding is read whole as the output
+        out["lm_head"] += sum(b for n, b in sizes.items() if n.startswith("model.embed_tokens."))
+    return out
+
+
+def decode_kv_bytes(config: ModelConfig, first: int, n: int, kv_cache: str) -> float:
+    """Mean KV-cache bytes attention reads per decode step for steps at positions first .. first+n-1
+    (each reads K and V of the positions it sees: all before it, or its layer's sliding window)."""
+    per_position = 2 * config.num_key_value_heads * config.head_dim * KV_CACHE_BYTES_PER_VALUE[kv_cache]
+    positions = np.arange(first, first + n) + 1
+    seen = sum(np.minimum(positions, w or positions[-1]).mean() for w in config.sliding_windows())
+    return float(per_position * seen)
+
+
+def stage_profile(seconds: Counter, tokens: int, wall_seconds: float,
+                  weight_bytes: dict[str, int] | None = None, kv_bytes: float = 0.0) -> dict:
+    """One phase's profile: wall and per-stage milliseconds per token, each stage's share of the wall
+    time; "outside stages" is the wall time no stage holds (the engine call from Python, RoPE angles,
+    returning the logits). weight_bytes (decode): each stage's bytes read per token; kv_bytes (decode):
+    the KV-cache bytes attention reads per token (decode_kv_bytes)."""
+    per_token = {stage: 1e3 * t / tokens for stage, t in seconds.items()}
+    wall = 1e3 * wall_seconds / tokens
+    per_token["outside stages"] = wall - sum(per_token.values())
+    stages = {}
+    for stage, ms in per_token.items():
+        stages[stage] = {"ms_per_token": ms, "share": ms / wall if wall > 0 else 0.0}
+        if weight_bytes is not None:
+            stages[stage]["weight_bytes"] = weight_bytes.get(stage, 0)
+            stages[stage]["kv_cache_bytes"] = kv_bytes if stage == "attention" else 0.0
+    return {"ms_per_token": wall, "stages": stages}
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,
@@ -161,8 +229,10 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             fill_context(llm.engine, config.vocab_size, depth)
         time_engine(llm.engine, prompt, decode_ids[:8], depth)
         prefill, decode = [], []
+        # PYLLM_PROFILE=1 (read when the engine is made): the engine keeps seconds per forward stage
+        stages = {"prefill": Counter(), "decode": Counter()} if llm.engine.profile() else None
         for _ in range(repetitions):
-            p_seconds, d_seconds = time_engine(llm.engine, prompt, decode_ids, depth)
+            p_seconds, d_seconds = time_engine(llm.engine, prompt, decode_ids, depth, stages)
             prefill.append(n_prompt / p_seconds)
             decode.append(n_gen / d_seconds)
         memory = memory_status()  # before the probe, whose buffer would count in the peak
@@ -193,6 +263,12 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "read_bandwidth_gb_per_s": None,
             "decode_fraction_of_bound": None,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
+            "profile": None if stages is None else {
+                "prefill": stage_profile(stages["prefill"], n_prompt * repetitions, sum(n_prompt / v for v in prefill)),
+                "decode": stage_profile(stages["decode"], n_gen * repetitions, sum(n_gen / v for v in decode),
+                                        stage_weight_bytes(model),
+                                        decode_kv_bytes(config, depth + n_prompt, n_gen, llm.engine.kv_cache)),
+            },
             "pyllm_version": __version__,
         }
         result["file_plus_kv_bytes"] = result["file_bytes"] + result["kv_cache_bytes"]
@@ -203,6 +279,9 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             bound = _core.read_bandwidth(llm.n_threads, bandwidth_bytes, 5)
             result["read_bandwidth_gb_per_s"] = bound
             result["decode_fraction_of_bound"] = result["decode_gb_per_s"] / bound
+            if stages is not None:
+                for s in result["profile"]["decode"]["stages"].values():
+                    s["ms_at_bound"] = (s["weight_bytes"] + s["kv_cache_bytes"]) / (bound * 1e6)
     finally:
         llm.close()
     for _ in range(LOAD_REPETITIONS - 1):
@@ -240,7 +319,29 @@ def format_report(r: dict) -> str:
             f"file {r['file_bytes'] / mb:.1f} MB + KV cache ({r['kv_cache']}) {r['kv_cache_bytes'] / mb:.1f} MB = "
             f"{r['file_plus_kv_bytes'] / mb:.1f} MB; the process held {r['rss_before_load_bytes'] / mb:.1f} MB "
             "before loading")
+    if r.get("profile"):
+        lines += ["", profile_table(r)]
     return "\n".join(lines)
+
+
+def profile_table(r: dict) -> str:
+    """PYLLM_PROFILE=1's table: milliseconds per token of each forward stage in prefill and decode,
+    with the MB each decode stage reads (weights; attention: the KV cache) and the time that takes at
+    the measured read bound."""
+    prefill, decode = r["profile"]["prefill"], r["profile"]["decode"]
+    lines = [f"| stage | prefill ms/token | share | decode ms/token | share | MB read | at the bound ms |",
+             "|---|---|---|---|---|---|---|"]
+    for stage, d in decode["stages"].items():
+        p = prefill["stages"][stage]
+        bound = f"{d['ms_at_bound']:.3f}" if "ms_at_bound" in d else "-"
+        lines.append(f"| {stage} | {p['ms_per_token']:.3f} | {100 * p['share']:.1f}% | {d['ms_per_token']:.3f} | "
+                     f"{100 * d['share']:.1f}% | {(d['weight_bytes'] + d['kv_cache_bytes']) / 1e6:.1f} | {bound} |")
+    bounds = [d["ms_at_bound"] for d in decode["stages"].values() if "ms_at_bound" in d]
+    lines.append(f"| total | {prefill['ms_per_token']:.3f} | 100% | {decode['ms_per_token']:.3f} | 100% | "
+                 f"{sum(d['weight_bytes'] + d['kv_cache_bytes'] for d in decode['stages'].values()) / 1e6:.1f} | "
+                 f"{f'{sum(bounds):.3f}' if bounds else '-'} |")
+    return (f"profile (PYLLM_PROFILE=1; wall time of each forward stage over the {r['repetitions']} repetitions):\n"
+            + "\n".join(lines))
 
 
 def bench_command(args) -> int:

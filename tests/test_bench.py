@@ -99,3 +99,63 @@ def test_a_filled_context_is_what_the_tests_read(tiny_llama_f32):
         ids = np.random.default_rng(1).integers(0, llm.config.vocab_size, 30).astype(np.int32)
         whole = llm.engine.forward(np.concatenate([ids, [7]]).astype(np.int32), 0, False)
     np.testing.assert_allclose(after, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_profile_accounts_for_the_wall_time(tiny_llama_f32, capsys, monkeypatch):
+    """PYLLM_PROFILE=1: per-stage milliseconds per token in both phases, shares that add up to the wall
+    time (the remainder is "outside stages"), and for decode the weight bytes of the stages, which sum
+    to what the report says a decode step reads."""
+    monkeypatch.setenv("PYLLM_PROFILE", "1")
+    r = run_cli(capsys, tiny_llama_f32, "-p", "16", "-n", "4", "-r", "2", "-t", "1", "--bandwidth-mib", "16", "--json")
+    stages = {"embedding", "rmsnorm", "qkv_proj", "rope_cache_write", "attention", "o_proj", "gate_up_proj", "swiglu",
+              "down_proj", "residual", "lm_head", "outside stages"}
+    for phase, tokens_per_s in (("prefill", r["prefill_tokens_per_s"]), ("decode", r["decode_tokens_per_s"])):
+        p = r["profile"][phase]
+        assert set(p["stages"]) == stages
+        assert p["ms_per_token"] == pytest.approx(1e3 * sum(1 / v for v in tokens_per_s["samples"]) / 2)
+        assert sum(s["ms_per_token"] for s in p["stages"].values()) == pytest.approx(p["ms_per_token"])
+        assert sum(s["share"] for s in p["stages"].values()) == pytest.approx(1.0)
+        assert all(s["ms_per_token"] >= 0 for name, s in p["stages"].items() if name != "outside stages")
+        assert p["stages"]["qkv_proj"]["ms_per_token"] > 0 and p["stages"]["lm_head"]["ms_per_token"] > 0
+    decode = r["profile"]["decode"]["stages"]
+    assert sum(s["weight_bytes"] for s in decode.values()) == r["weight_bytes_per_token"]
+    vocab, d, f, kv = 512, 64, 128, 2 * 16  # tiny_llama, f32 weights
+    assert decode["lm_head"]["weight_bytes"] == 4 * (vocab * d + d)  # untied output + the final norm
+    assert decode["embedding"]["weight_bytes"] == 4 * d  # one row
+    assert decode["qkv_proj"]["weight_bytes"] == 2 * 4 * (d * d + 2 * kv * d)
+    assert decode["gate_up_proj"]["weight_bytes"] == 2 * 4 * 2 * f * d
+    assert decode["attention"]["weight_bytes"] == 0
+    # positions 16..19 attend to 17..20 keys (mean 18.5) of 2 layers x K and V x 32 values x 4 bytes (f32 cache)
+    assert decode["attention"]["kv_cache_bytes"] == pytest.approx(2 * 2 * kv * 4 * 18.5)
+    assert sum(s["kv_cache_bytes"] for s in decode.values()) == decode["attention"]["kv_cache_bytes"]
+    bound = r["read_bandwidth_gb_per_s"]
+    assert decode["down_proj"]["ms_at_bound"] == pytest.approx(decode["down_proj"]["weight_bytes"] / (bound * 1e6))
+    assert decode["attention"]["ms_at_bound"] == pytest.approx(decode["attention"]["kv_cache_bytes"] / (bound * 1e6))
+    assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "profile (PYLLM_PROFILE=1" in out and "| outside stages |" in out and "| qkv_proj |" in out
+
+
+def test_bench_without_profile_reports_none(tiny_llama_f32, capsys, monkeypatch):
+    monkeypatch.delenv("PYLLM_PROFILE", raising=False)
+    r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json")
+    assert r["profile"] is None
+    assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0
+    assert "profile" not in capsys.readouterr().out
+
+
+def test_decode_kv_bytes_counts_each_layers_window(tiny_llama_f32):
+    """A sliding layer reads at most its window of keys, a full layer every position before the step."""
+    import dataclasses
+
+    from pyllm.bench import decode_kv_bytes
+    from pyllm.formats.packed import PackedModel
+
+    with PackedModel(tiny_llama_f32) as model:
+        config = model.config
+    per_position = 2 * 2 * 16 * 2  # K and V x 2 KV heads x head_dim 16 x f16
+    assert decode_kv_bytes(config, 0, 1, "f16") == 2 * per_position  # 2 layers, one key each
+    windowed = dataclasses.replace(config, sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    # steps at positions 4, 5 see 5, 6 keys; the sliding layer 3 of them
+    assert decode_kv_bytes(windowed, 4, 2, "f16") == pytest.approx(per_position * (3 + 5.5))
+    assert decode_kv_bytes(windowed, 4, 2, "f32") == pytest.approx(2 * per_position * (3 + 5.5))
