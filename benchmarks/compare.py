@@ -135,12 +135,25 @@ def random_tensors(config: dict, seed: int = 0):
             yield name, values.astype(np.float16).astype(np.float32)
 
 
+def random_1b_gguf(path: str) -> str:
+    """The random-1.1b model as an F16 GGUF with SmolLM2's tokenizer at `path`, written on first use."""
+    from llama_gguf import write_llama_gguf
+
+    from pyllm import default_model
+
+    if not os.path.exists(path):
+        print(f"writing {path} (random weights, TinyLlama-1.1B shapes)", file=sys.stderr, flush=True)
+        write_llama_gguf(path, RANDOM_1B_CONFIG, random_tensors(RANDOM_1B_CONFIG),
+                         tokenizer_from=default_model.fetch_gguf(), dtype="F16", name="random-1.1b")
+    return path
+
+
 def model_files(model: str, formats: list[str], engines: list[str], work: str, llama_cpp_src: str | None = None,
                 drop_sources: bool = False) -> dict:
     """{"pyllm": {fmt: path}, "llama.cpp": {type: path}, "hf": dir or None} for one model; a family that
     llama.cpp cannot run gets no llama.cpp files. drop_sources: delete a random family's F16 GGUF and
     checkpoint once the files compared are built."""
-    from llama_gguf import dequantized_gguf, llama_cpp_quantize, write_llama_gguf
+    from llama_gguf import dequantized_gguf, llama_cpp_quantize
     from random_family import llama_cpp_runs, random_family_checkpoint, random_family_gguf
 
     from pyllm import default_model
@@ -162,11 +175,7 @@ def model_files(model: str, formats: list[str], engines: list[str], work: str, l
         if model == "smollm2":
             return dequantized_gguf(default_model.fetch_gguf(), base)
         if model == "random-1.1b":
-            if not os.path.exists(base):
-                print(f"writing {base} (random weights, TinyLlama-1.1B shapes)", file=sys.stderr, flush=True)
-                write_llama_gguf(base, RANDOM_1B_CONFIG, random_tensors(RANDOM_1B_CONFIG),
-                                 tokenizer_from=default_model.fetch_gguf(), dtype="F16", name="random-1.1b")
-            return base
+            return random_1b_gguf(base)
         if not llama_cpp_runs(family):  # pyllm alone, from the checkpoint
             return random_family_checkpoint(family, checkpoint)
         if not llama_cpp_src:

@@ -51,18 +51,10 @@ def source_for(model: str) -> str:
         from reference_checkpoint import default_reference_checkpoint
 
         return default_reference_checkpoint()
-    if model == "random-1.1b":  # the file benchmarks/compare.py writes (and shares through its work directory)
-        from compare import RANDOM_1B_CONFIG, random_tensors
-        from llama_gguf import write_llama_gguf
+    if model == "random-1.1b":  # the file benchmarks/compare.py writes, in its work directory
+        from compare import random_1b_gguf
 
-        from pyllm import default_model
-
-        path = os.path.join(os.path.expanduser("~/.cache/pyllm/bench"), "random-1.1b-F16.gguf")
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_llama_gguf(path, RANDOM_1B_CONFIG, random_tensors(RANDOM_1B_CONFIG),
-                             tokenizer_from=default_model.fetch_gguf(), dtype="F16", name="random-1.1b")
-        return path
+        return random_1b_gguf(os.path.join(os.path.expanduser("~/.cache/pyllm/bench"), "random-1.1b-F16.gguf"))
     raise SystemExit(f"unknown model {model!r} (smollm2, random-1.1b)")
 
 
