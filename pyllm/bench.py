@@ -32,10 +32,9 @@ from collections import Counter
 import numpy as np
 
 from . import __version__
-from .formats.packed import ModelConfig, PackedModel
+from .formats.packed import PackedModel
 from .quant import layout_name
 
-KV_CACHE_BYTES_PER_VALUE = {"f32": 4, "f16": 2}
 LOAD_REPETITIONS = 3
 
 
@@ -90,12 +89,6 @@ def pyllm_weight_bytes_per_token(model: PackedModel) -> int:
     return weight_bytes_per_token(tensors, "model.embed_tokens.", "lm_head.", model.config.vocab_size)
 
 
-def kv_cache_bytes(config: ModelConfig, n_ctx: int, kv_cache: str) -> int:
-    """Bytes of keys and values for n_ctx positions, kv_cache the element type ("f32" / "f16")."""
-    return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx
-            * KV_CACHE_BYTES_PER_VALUE[kv_cache])
-
-
 def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray, depth: int = 0) -> tuple[float, float]:
     """Seconds for one prefill and for the decode steps after it.
 
@@ -131,7 +124,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring).
     depth: tokens already in the cache before each test (llama-bench's -d)."""
     from . import _core
-    from .llm import LLM
+    from .llm import LLM, kv_cache_bytes
 
     if n_prompt < 1 or n_gen < 1 or repetitions < 1:
         raise ValueError("-p, -n and -r must be at least 1")

@@ -260,6 +260,8 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
     // read its keys and values once, together; when there are few rows (decode),
     // the keys are split into chunks so every thread has work, each chunk keeping
     // its own max, sum and unnormalised output, merged afterwards.
+    if (kv_type == KvType::Q8_0 && D % kQ8Block != 0)
+        throw std::invalid_argument("a q8_0 KV cache needs head_dim a multiple of 32, not " + std::to_string(D));
     const CpuKernels& kernels = active_kernels();
     const int64_t group = n_heads / n_kv_heads;
     const int64_t rows = M * n_kv_heads;
@@ -271,6 +273,11 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
     if (rows < 4 * pool.size())
         n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
     const bool shaped = options.alibi != nullptr || options.softcap > 0.0f;
+    // bytes from a cache's start to kv head kv's key t (keys transposed unless q8_0) and to its value row t
+    const int64_t row_bytes = kv_row_bytes(kv_type, D);
+    auto key_offset = [&](int64_t kv, int64_t t) {
+        return kv_type == KvType::Q8_0 ? (kv * cache_len + t) * row_bytes : (kv * D * cache_len + t) * (row_bytes / D);
+    };
     std::vector<float> maxima((size_t)(rows * n_chunks * group)), sums(maxima.size());
     std::vector<float> partial_out(n_chunks > 1 ? (size_t)(rows * n_chunks * group * D) : 0);
 
@@ -298,7 +305,6 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
         float* scores = buffer.data() + group * D;  // [group, len]
         const float* q_group = q + (m * n_heads + kv * group) * D;
         for (int64_t i = 0; i < group * D; ++i) q_scaled[i] = q_group[i] * scale;
-        const int64_t element = kv_bytes(kv_type);
         ScoreShaping shaping;
         if (shaped) {
             shaping.alibi = options.alibi ? options.alibi + kv * group : nullptr;
@@ -306,8 +312,8 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
             shaping.softcap = options.softcap;
         }
         kernels.attend(q_scaled, group, D, kv_type,
-                       static_cast<const uint8_t*>(k_cache_t) + (kv * D * cache_len + t0) * element, cache_len,
-                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * D * element, len,
+                       static_cast<const uint8_t*>(k_cache_t) + key_offset(kv, t0), cache_len,
+                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * row_bytes, len,
                        shaped ? &shaping : nullptr, scores, o_group, max, sum);
         if (n_chunks == 1)  // normalise now; chunks are normalised when merged
             for (int64_t g = 0; g < group; ++g)
