@@ -114,6 +114,13 @@ void shape_scores(const ScoreShaping& shaping, int64_t group, int64_t len, float
         const float inverse = 1.0f / shaping.softcap;
         for (int64_t i = 0; i < group * len; ++i) scores[i] = shaping.softcap * std::tanh(scores[i] * inverse);
     }
+    if (shaping.row_heads > 0)
+        for (int64_t g = 0; g < group; ++g) {
+            const int64_t last = shaping.last_key + g / shaping.row_heads;
+            const int64_t first = shaping.window > 0 ? std::max<int64_t>(0, last - shaping.window + 1) : 0;
+            std::fill(scores + g * len, scores + g * len + std::min(first, len), -INFINITY);
+            if (last + 1 < len) std::fill(scores + g * len + last + 1, scores + (g + 1) * len, -INFINITY);
+        }
 }
 
 void attend_portable(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,

@@ -65,6 +65,10 @@ struct ScoreShaping {
     const float* alibi = nullptr;  // f32 [group] slopes, or null: scores[g][t] += alibi[g] * (first_key + t)
     float first_key = 0.0f;        // position of key 0 minus the query's position (<= 0)
     float softcap = 0.0f;          // > 0: scores = softcap * tanh(scores / softcap), after the ALiBi term
+    // Several consecutive query rows in one task (prefill; ops.cpp attention): with row_heads > 0, heads
+    // [r * row_heads, (r + 1) * row_heads) are the query whose own key is key last_key + r; it sees keys
+    // last_key + r - window + 1 (window > 0; else key 0) .. last_key + r, the others' scores become -inf.
+    int64_t row_heads = 0, last_key = 0, window = 0;
 };
 
 // Applies `shaping` to scores f32 [group, len] in place; the same for every kernel variant.
