@@ -1,6 +1,6 @@
 """`pyllm bench`: prefill and decode speed of a .pllm file, in the manner of llama-bench.
 
-    pyllm bench [MODEL] [-p 512] [-n 128] [-r 5] [-t THREADS] [--json]
+    pyllm bench [MODEL] [-p 512] [-n 128] [-d 0] [-r 5] [-t THREADS] [--kv-cache f16|f32|q8_0] [--json]
 
 Prefill: one engine call over -p random token ids in a fresh context (position 0). Decode: -n
 single-token engine calls through the KV cache after that prefill, fed pre-drawn random ids. The

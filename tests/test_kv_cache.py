@@ -131,3 +131,18 @@ def test_q8_0_cache_size_is_counted():
 
     assert kv_cache_bytes(Shape, 4096, "f16") == 2 * 30 * 3 * 64 * 4096 * 2
     assert kv_cache_bytes(Shape, 4096, "q8_0", n_seq=2) == 2 * 30 * 3 * 4096 * 2 * 2 * 34
+
+
+def test_bench_with_a_q8_0_cache(model_file, capsys):
+    """`pyllm bench --kv-cache q8_0 -d N`: runs at depth over the q8_0 cache and counts its bytes."""
+    import json
+
+    from pyllm.cli import main
+
+    assert main(["bench", model_file, "-p", "8", "-n", "2", "-d", "40", "-r", "1", "--bandwidth-mib", "0", "--json",
+                 "--kv-cache", "q8_0"]) in (0, None)
+    r = json.loads(capsys.readouterr().out)
+    with pyllm.LLM(model_file) as llm:
+        c = llm.config
+    assert r["kv_cache"] == "q8_0" and r["depth"] == 40
+    assert r["kv_cache_bytes"] == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim // 32) * 34 * (40 + 8 + 2)

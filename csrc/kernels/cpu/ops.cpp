@@ -256,10 +256,10 @@ std::vector<float> alibi_slopes(int64_t n_heads) {
 void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                const AttentionOptions& options, float* out) {
-    // Tasks are (query row, kv head, key chunk): the query heads sharing a kv head
-    // read its keys and values once, together; when there are few rows (decode),
-    // the keys are split into chunks so every thread has work, each chunk keeping
-    // its own max, sum and unnormalised output, merged afterwards.
+    // Tasks are (block of query rows, kv head, key chunk): the query heads sharing a kv head
+    // read its keys and values once, together; when there are few rows (decode), the
+    // keys are split into chunks so every thread has work (blocks of one row), each chunk
+    // keeping its own max, sum and unnormalised output, merged afterwards.
     if (kv_type == KvType::Q8_0 && D % kQ8Block != 0)
         throw std::invalid_argument("a q8_0 KV cache needs head_dim a multiple of 32, not " + std::to_string(D));
     const CpuKernels& kernels = active_kernels();
@@ -274,8 +274,8 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
         n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
     const bool shaped = options.alibi != nullptr || options.softcap > 0.0f;
     // Prefill: up to kRowsPerTask consecutive query rows per task read the keys and values they see
-    // once, together (each row's keys past its own position, or before its window, masked); ALiBi and
-    // soft-capping (per-row offsets) keep one row per task, and so does decode, which splits keys.
+    // once, together (each row's keys past its own position, or before its window, masked). ALiBi,
+    // whose term depends on the query's position, and soft-capping keep one row per task.
     constexpr int64_t kRowsPerTask = 4;
     const int64_t R = n_chunks == 1 && !shaped ? std::clamp<int64_t>(rows / (4 * pool.size()), 1, kRowsPerTask) : 1;
     const int64_t blocks = (M + R - 1) / R;
