@@ -1,6 +1,6 @@
 """`pyllm bench`: prefill and decode speed of a .pllm file, in the manner of llama-bench.
 
-    pyllm bench [MODEL] [-p 512] [-n 128] [-r 5] [-t THREADS] [--json]
+    pyllm bench [MODEL] [-p 512] [-n 128] [-d 0] [-r 5] [-t THREADS] [--kv-cache f16|f32|q8_0] [--json]
 
 Prefill: one engine call over -p random token ids in a fresh context (position 0). Decode: -n
 single-token engine calls through the KV cache after that prefill, fed pre-drawn random ids. The
@@ -41,7 +41,6 @@ from . import __version__
 from .formats.packed import ModelConfig, PackedModel
 from .quant import layout_name
 
-KV_CACHE_BYTES_PER_VALUE = {"f32": 4, "f16": 2}
 LOAD_REPETITIONS = 3
 
 
@@ -94,12 +93,6 @@ def pyllm_weight_bytes_per_token(model: PackedModel) -> int:
     """weight_bytes_per_token of a .pllm file (the tokenizer blob and padding are not weights)."""
     tensors = {name: model.file.tensors[name].nbytes for name in model.engine_tensors()}
     return weight_bytes_per_token(tensors, "model.embed_tokens.", "lm_head.", model.config.vocab_size)
-
-
-def kv_cache_bytes(config: ModelConfig, n_ctx: int, kv_cache: str) -> int:
-    """Bytes of keys and values for n_ctx positions, kv_cache the element type ("f32" / "f16")."""
-    return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx
-            * KV_CACHE_BYTES_PER_VALUE[kv_cache])
 
 
 def time_engine(engine, prompt: np.ndarray, decode_ids: np.ndarray, depth: int = 0,
@@ -169,6 +162,8 @@ def stage_weight_bytes(model: PackedModel) -> dict[str, int]:
 def decode_kv_bytes(config: ModelConfig, first: int, n: int, kv_cache: str) -> float:
     """Mean KV-cache bytes attention reads per decode step for steps at positions first .. first+n-1
     (each reads K and V of the positions it sees: all before it, or its layer's sliding window)."""
+    from .llm import KV_CACHE_BYTES_PER_VALUE
+
     per_position = 2 * config.num_key_value_heads * config.head_dim * KV_CACHE_BYTES_PER_VALUE[kv_cache]
     positions = np.arange(first, first + n) + 1
     seen = sum(np.minimum(positions, w or positions[-1]).mean() for w in config.sliding_windows())
@@ -199,7 +194,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring).
     depth: tokens already in the cache before each test (llama-bench's -d)."""
     from . import _core
-    from .llm import LLM
+    from .llm import LLM, kv_cache_bytes
 
     if n_prompt < 1 or n_gen < 1 or repetitions < 1:
         raise ValueError("-p, -n and -r must be at least 1")
@@ -329,7 +324,7 @@ def profile_table(r: dict) -> str:
     with the MB each decode stage reads (weights; attention: the KV cache) and the time that takes at
     the measured read bound."""
     prefill, decode = r["profile"]["prefill"], r["profile"]["decode"]
-    lines = [f"| stage | prefill ms/token | share | decode ms/token | share | MB read | at the bound ms |",
+    lines = ["| stage | prefill ms/token | share | decode ms/token | share | MB read | at the bound ms |",
              "|---|---|---|---|---|---|---|"]
     for stage, d in decode["stages"].items():
         p = prefill["stages"][stage]

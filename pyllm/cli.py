@@ -62,8 +62,9 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _add_kv_cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache", choices=["auto", "f16", "f32"], default="auto",
-                   help="element type of the KV cache (default auto: f32 for f32 models, else f16)")
+    p.add_argument("--kv-cache", choices=["auto", "f16", "f32", "q8_0"], default="auto",
+                   help="element type of the KV cache, as llama.cpp's -ctk/-ctv: q8_0 halves the f16 cache's bytes "
+                        "(head_dim a multiple of 32) (default auto: f32 for f32 models, else f16)")
 
 
 def _add_server_limits(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,21 @@ DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
 PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
 MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
+# KV cache element types (llama.cpp's names, as its -ctk/-ctv) and the bytes one value takes: q8_0 is
+# blocks of 32 values, an f16 scale and 32 int8 codes (34 bytes). "auto": f32 for a model stored in
+# f32, else f16 (counted as f16 below).
+KV_CACHE_BYTES_PER_VALUE = {"auto": 2.0, "f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
+
+
+def kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int = 1) -> int:
+    """Bytes of the keys and values of n_seq sequences of n_ctx positions in a KV cache of element
+    type kv_cache (a KV_CACHE_BYTES_PER_VALUE key; ValueError otherwise). config: a ModelConfig."""
+    if kv_cache not in KV_CACHE_BYTES_PER_VALUE:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_BYTES_PER_VALUE)}, not {kv_cache!r}")
+    values = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx * n_seq
+    return round(values * KV_CACHE_BYTES_PER_VALUE[kv_cache])
+
+
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
 # for the engine, gives the engine up; resumed, it re-reads its context into the KV cache.
 PREEMPT_AFTER = 0.25  # seconds
@@ -197,13 +212,6 @@ class _TokenizerLoader:
         return self._tokenizer
 
 
-def kv_cache_bytes(config, context_length: int, n_parallel: int, element_bytes: int) -> int:
-    """Bytes of a KV cache holding n_parallel sequences of context_length positions (keys and values
-    of every layer; element_bytes 2 for f16, 4 for f32)."""
-    c = config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context_length * n_parallel * element_bytes
-
-
 def return_freed_heap() -> None:
     """Hands the C heap's free pages back to the system (glibc's malloc_trim): parsing a tokenizer
     leaves tens of MB of freed but resident memory behind. Elsewhere a no-op."""
@@ -231,8 +239,11 @@ class LLM:
     chat_template overrides the model's template: a built-in name (chatml, llama2, alpaca,
     alpaca-stanford), a Jinja file, or Jinja source.
 
-    kv_cache: the element type of the KV cache, "f16", "f32" or "auto" (f32 for a model stored in
-    f32, else f16, which halves the bytes attention reads per token; the CUDA engine keeps f32).
+    kv_cache: the element type of the KV cache (llama.cpp's names): "f16", "f32", "q8_0" or "auto"
+    (f32 for a model stored in f32, else f16, which halves the bytes attention reads per token).
+    "q8_0" keeps blocks of 32 values as int8 codes with an f16 scale, 0.53x the bytes of f16 (its
+    perplexity cost: docs/QUALITY.md); it needs head_dim a multiple of 32 (ValueError otherwise).
+    The CUDA engine keeps f32.
 
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS
     (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
@@ -278,7 +289,7 @@ class LLM:
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= MAX_PARALLEL:
             raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
-        check_kv_cache_bytes(kv_cache_bytes(self.config, n_ctx, n_parallel, 4 if kv_cache == "f32" else 2),
+        check_kv_cache_bytes(kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel),
                              f"{n_parallel} sequence(s) of {n_ctx} positions")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)
@@ -320,8 +331,7 @@ class LLM:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes the engine's KV cache takes: n_parallel sequences of context_length positions."""
-        return kv_cache_bytes(self.config, self.context_length, self.n_parallel,
-                              4 if self.engine.kv_cache == "f32" else 2)
+        return kv_cache_bytes(self.config, self.context_length, self.engine.kv_cache, self.n_parallel)
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

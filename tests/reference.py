@@ -293,6 +293,29 @@ def alibi_slopes_ref(heads: int) -> np.ndarray:
     return np.array(slopes)
 
 
+def quantize_q8_0_ref(x) -> np.ndarray:
+    """llama.cpp's q8_0 (quantize_row_q8_0_ref) of float32 values, in blocks of 32: d = max|x| / 127
+    and codes round(x * (1 / d)) (halves away from zero; 0 where d = 0), each product and quotient
+    in float32 as the C code does; d stored as f16. -> u8 [blocks, 34]: d's two bytes, then the codes."""
+    x = np.asarray(x, dtype=np.float32).reshape(-1, BLOCK)
+    d = np.abs(x).max(axis=1) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    scaled = (x * inverse[:, None]).astype(np.float64)  # float32 products, exact in float64
+    codes = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
+    out = np.empty((x.shape[0], 2 + BLOCK), dtype=np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = codes.astype(np.int8).view(np.uint8)
+    return out
+
+
+def dequantize_q8_0_ref(blocks, shape) -> np.ndarray:
+    """q8_0 blocks (u8 [blocks, 34]) -> float64 values d * code, reshaped to shape."""
+    b = np.asarray(blocks, dtype=np.uint8).reshape(-1, 2 + BLOCK)
+    d = f16_bits_to_f64(b[:, :2].copy().view(np.uint16)[:, 0])
+    return (d[:, None] * b[:, 2:].view(np.int8).astype(np.float64)).reshape(shape)
+
+
 # --- attention ---------------------------------------------------------------
 
 

@@ -1082,15 +1082,34 @@ ATTENTION_CASES = [
     (2, 10, 2, 6, 23, 19),
     (3, 16, 2, 72, 41, 37),
     (1, 8, 1, 40, 17, 16),
+    # q8_0 blocks: 1, 3 and 4 blocks per head, key counts off the 4-key score tile
+    (1, 5, 1, 96, 90, 86),
+    (3, 7, 7, 32, 41, 37),
+    (2, 9, 3, 128, 23, 19),
+    (6, 8, 1, 64, 11, 5),
 ]
+KV_CACHES = ["f32", "f16", "q8_0"]
 
 
-@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def cached(kv_cache, k, v):
+    """Keys and values as the cache holds them: rounded to f16, or quantized to q8_0 and read back
+    (the reference's q8_0, not the kernel's); the attention arithmetic is f32 as before."""
+    with np.errstate(over="ignore", invalid="ignore"):  # unread "huge"/NaN rows become inf/NaN
+        if kv_cache == "f16":
+            return tuple(a.astype(np.float16).astype(np.float32) for a in (k, v))
+        if kv_cache == "q8_0":
+            return tuple(ref.dequantize_q8_0_ref(ref.quantize_q8_0_ref(a), a.shape) for a in (k, v))
+    return k, v
+
+
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("unused", ["nan", "huge"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "M{}-H{}-kv{}-D{}-S{}-pos{}".format(*c))
 def test_attention(case, unused, n_threads, kv_cache, kernels):
     M, H, Hkv, D, S, pos0 = case
+    if kv_cache == "q8_0" and D % 32:
+        pytest.skip("q8_0 blocks need head_dim a multiple of 32 (test_attention_q8_0_refuses_ragged_heads)")
     rng = np.random.default_rng(list(case))
     q = rng.standard_normal((M, H, D)).astype(np.float32)
     k = rng.standard_normal((Hkv, S, D)).astype(np.float32)
@@ -1104,9 +1123,7 @@ def test_attention(case, unused, n_threads, kv_cache, kernels):
     out = _core.attention(q, k, v, pos0, scale, n_threads, kv_cache)
     assert out.shape == (M, H, D) and out.dtype == np.float32
     assert np.isfinite(out).all()
-    if kv_cache == "f16":  # the cache holds keys and values rounded to f16; the arithmetic is f32 as before
-        with np.errstate(over="ignore"):  # the unread "huge" rows become inf
-            k, v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+    k, v = cached(kv_cache, k, v)
     expected = ref.attention_ref(q, k, v, pos0, scale)
     what = f"attention {case} threads={n_threads} cache {kv_cache}"
     # float32 dots of D terms and sums of <= pos0+M exponentials: relative
@@ -1120,17 +1137,19 @@ def test_attention(case, unused, n_threads, kv_cache, kernels):
 # sliding windows (shorter and longer than the keys), soft-capping and ALiBi, alone and together,
 # through both the one-chunk (prefill) and the split-keys (decode) paths
 SHAPED_CASES = [(1, 4, 4, 64, 40, 37), (1, 9, 3, 16, 38, 37), (7, 8, 2, 64, 20, 9), (1, 6, 2, 64, 520, 500),
-                (2, 4, 1, 32, 300, 257), (3, 16, 2, 72, 41, 37), (1, 5, 1, 36, 90, 86)]
+                (2, 4, 1, 32, 300, 257), (3, 16, 2, 72, 41, 37), (1, 5, 1, 36, 90, 86), (2, 9, 3, 96, 43, 41)]
 SHAPINGS = {"window5": dict(window=5), "window64": dict(window=64), "softcap": dict(softcap=2.0),
             "alibi": dict(alibi=True), "all": dict(window=24, softcap=3.0, alibi=True)}
 
 
-@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("shaping", list(SHAPINGS))
 @pytest.mark.parametrize("case", SHAPED_CASES, ids=lambda c: "M{}-H{}-kv{}-D{}-S{}-pos{}".format(*c))
 def test_attention_shaped(case, shaping, n_threads, kv_cache, kernels):
     M, H, Hkv, D, S, pos0 = case
+    if kv_cache == "q8_0" and D % 32:
+        pytest.skip("q8_0 blocks need head_dim a multiple of 32")
     rng = np.random.default_rng(list(case) + [len(shaping)])
     q = (3 * rng.standard_normal((M, H, D))).astype(np.float32)  # large scores: the softcap matters
     k = rng.standard_normal((Hkv, S, D)).astype(np.float32)
@@ -1142,12 +1161,57 @@ def test_attention_shaped(case, shaping, n_threads, kv_cache, kernels):
     scale = 1 / math.sqrt(D)
     out = _core.attention(q, k, v, pos0, scale, n_threads, kv_cache, **options)
     assert np.isfinite(out).all()
-    if kv_cache == "f16":
-        k, v = (a.astype(np.float16).astype(np.float32) for a in (k, v))
+    k, v = cached(kv_cache, k, v)
     expected = ref.attention_ref(q, k, v, pos0, scale, **options)
     what = f"attention {case} {shaping} threads={n_threads} cache {kv_cache}"
     assert_nmse(out, expected, 1e-10, what)
     assert_within(out, expected, 1e-5 * np.max(np.abs(v[:, : pos0 + M])), what)
+
+
+def test_attention_q8_0_refuses_ragged_heads():
+    q = np.ones((1, 2, 48), np.float32)
+    kv = np.ones((1, 4, 48), np.float32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.attention(q, kv, kv, 3, 1.0, 1, "q8_0")
+    with pytest.raises(ValueError, match="'f16', 'f32' or 'q8_0'"):
+        _core.attention(q, kv, kv, 3, 1.0, 1, "q8")
+
+
+@pytest.mark.parametrize("n", [32, 64, 32 * 37])
+def test_quantize_q8_0_matches_reference(n):
+    """The KV cache's q8_0 blocks equal the numpy reference (llama.cpp's quantize_row_q8_0_ref) bit
+    for bit: random blocks over 15 decades, an all-zero block, constant blocks, codes on exact
+    halves (+-0.5, 2.5: away from zero), f16 scale overflow and underflow; and every value read
+    back lies within half a step (plus the scale's f16 rounding) of the input."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-9, 6, n // 32).repeat(32)).astype(np.float32)
+    x[:32] = 0.0
+    if n >= 64:
+        x[32:64] = np.float32(-3.25)
+    if n > 64:
+        x[64:96] = np.arange(-16, 16, dtype=np.float32) * np.float32(0.5)
+        x[64] = np.float32(127 * 2.0)  # d = 2: codes of +-0.5 and 2.5 sit on halves
+        x[96:128] = np.linspace(-1e6, 1e6, 32, dtype=np.float32)  # d overflows f16
+        x[128:160] = np.float32(1e-9)  # d underflows to an f16 subnormal / zero
+    got = _core.quantize_q8_0(x)
+    want = ref.quantize_q8_0_ref(x).reshape(-1)
+    assert got.dtype == np.uint8 and got.shape == (n // 32 * 34,)
+    np.testing.assert_array_equal(got, want)
+    blocks = got.reshape(-1, 34)
+    d = blocks[:, :2].copy().view(np.float16)[:, 0].astype(np.float64)
+    finite = np.isfinite(d) & (d > 0)
+    back = ref.dequantize_q8_0_ref(got, (n // 32, 32))
+    amax = np.abs(x.reshape(-1, 32)).max(axis=1).astype(np.float64)
+    # a step of amax / 127 read back with d rounded to f16 (relative 2^-11), |code| <= 127
+    bound = amax / 127 * 0.5 + 127 * np.abs(d - amax / 127) + 1e-30
+    err = np.abs(back - x.reshape(-1, 32)).max(axis=1)
+    assert (err[finite] <= bound[finite] * (1 + 1e-6)).all()
+    assert (blocks[0] == 0).all()  # an all-zero block: d = 0 and codes 0
+
+
+def test_quantize_q8_0_rejects_ragged_input():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.quantize_q8_0(np.ones(33, np.float32))
 
 
 def test_attention_window_hides_old_keys():

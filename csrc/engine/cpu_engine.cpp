@@ -295,13 +295,16 @@ public:
         // Pages are touched only as positions are written.
         bool all_f32 = true;
         for (WeightView* w : matrices()) all_f32 = all_f32 && w->format == WeightFormat::F32;
-        if (kv_cache == "f16") kv_type_ = KvType::F16;
-        else if (kv_cache == "f32") kv_type_ = KvType::F32;
-        else if (kv_cache == "auto") kv_type_ = all_f32 ? KvType::F32 : KvType::F16;
-        else throw std::invalid_argument("kv_cache must be 'auto', 'f16' or 'f32', not '" + kv_cache + "'");
-        // bytes of one layer of one sequence, and of the whole cache (overflow checked: sizes come from files
-        // and users)
-        layer_bytes_ = checked_product({cfg_.n_kv_heads, n_ctx_, cfg_.head_dim, (int64_t)kv_bytes(kv_type_)}, "KV cache");
+        if (kv_cache == "auto") kv_type_ = all_f32 ? KvType::F32 : KvType::F16;
+        else if (kv_cache == "f16" || kv_cache == "f32" || kv_cache == "q8_0") kv_type_ = parse_kv_type(kv_cache);
+        else throw std::invalid_argument("kv_cache must be 'auto', 'f16', 'f32' or 'q8_0', not '" + kv_cache + "'");
+        if (kv_type_ == KvType::Q8_0 && hd % kQ8Block != 0)
+            throw std::invalid_argument("a q8_0 KV cache needs head_dim a multiple of 32 (llama.cpp's block); this "
+                                        "model's is " + std::to_string(hd) + ": use kv_cache='f16'");
+        // bytes of one position of one kv head, of one layer of one sequence, and of the whole cache
+        // (overflow checked: sizes come from files and users)
+        row_bytes_ = kv_row_bytes(kv_type_, hd);
+        layer_bytes_ = checked_product({cfg_.n_kv_heads, n_ctx_, row_bytes_}, "KV cache");
         const int64_t cache_bytes = checked_product({layer_bytes_, cfg_.n_layers, n_seq_}, "KV cache");
         k_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
         v_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
@@ -311,7 +314,8 @@ public:
         q_.resize((size_t)(B * q_dim));
         k_.resize((size_t)(B * kv_dim));
         v_.resize((size_t)(B * kv_dim));
-        if (kv_type_ == KvType::F16) k16_.resize(k_.size()), v16_.resize(v_.size());
+        k_encoded_.resize((size_t)(B * cfg_.n_kv_heads * row_bytes_));
+        v_encoded_.resize(k_encoded_.size());
         attn_.resize((size_t)(B * q_dim));
         if (gated) gate_.resize((size_t)(B * F));
         up_.resize((size_t)(B * F));
@@ -323,7 +327,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
-    const char* kv_cache() const override { return kv_type_ == KvType::F16 ? "f16" : "f32"; }
+    const char* kv_cache() const override { return kv_type_name(kv_type_); }
     int64_t n_seq() const override { return n_seq_; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
     void set_observer(InputObserver observer) override { observer_ = std::move(observer); }
@@ -370,7 +374,7 @@ private:
     void write_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values) override {
         const int64_t hd = cfg_.head_dim, Hkv = cfg_.n_kv_heads;
         std::vector<float> k_rows((size_t)(n * Hkv * hd)), v_rows(k_rows.size());  // [n, kv_heads * head_dim]
-        std::vector<uint16_t> k16(kv_type_ == KvType::F16 ? k_rows.size() : 0), v16(k16.size());
+        std::vector<uint8_t> k_encoded((size_t)(n * Hkv * row_bytes_)), v_encoded(k_encoded.size());
         for (int64_t l = 0; l < cfg_.n_layers; ++l) {
             for (int64_t h = 0; h < Hkv; ++h)
                 for (int64_t t = 0; t < n; ++t)
@@ -379,33 +383,32 @@ private:
                         k_rows[(size_t)((t * Hkv + h) * hd + i)] = keys[from];
                         v_rows[(size_t)((t * Hkv + h) * hd + i)] = values[from];
                     }
-            if (kv_type_ == KvType::F16) {
-                const CpuKernels& kernels = active_kernels();
-                kernels.round_to_f16(k_rows.data(), (int64_t)k_rows.size(), k16.data());
-                kernels.round_to_f16(v_rows.data(), (int64_t)v_rows.size(), v16.data());
-                write_kv(reinterpret_cast<uint16_t*>(k_layer(seq, l)), reinterpret_cast<uint16_t*>(v_layer(seq, l)),
-                         k16.data(), v16.data(), n, pos0);
-            } else {
-                write_kv(reinterpret_cast<float*>(k_layer(seq, l)), reinterpret_cast<float*>(v_layer(seq, l)),
-                         k_rows.data(), v_rows.data(), n, pos0);
-            }
+            encode_kv(k_rows.data(), n, k_encoded.data());
+            encode_kv(v_rows.data(), n, v_encoded.data());
+            write_kv(seq, l, k_encoded.data(), v_encoded.data(), n, pos0);
         }
     }
 
-    // This sequence's cache of layer l (keys transposed [kv_heads, head_dim, n_ctx], values [kv_heads, n_ctx, head_dim]).
+    // This sequence's cache of layer l (ops.h attention: keys [kv_heads, head_dim, n_ctx] transposed for f32/f16,
+    // [kv_heads, n_ctx, row_bytes_] for q8_0; values [kv_heads, n_ctx, row_bytes_]).
     uint8_t* k_layer(int64_t seq, int64_t l) const { return k_cache_.get() + (seq * cfg_.n_layers + l) * layer_bytes_; }
     uint8_t* v_layer(int64_t seq, int64_t l) const { return v_cache_.get() + (seq * cfg_.n_layers + l) * layer_bytes_; }
 
     void copy_cache(int64_t src, int64_t dst, int64_t n_positions) override {
-        const int64_t hd = cfg_.head_dim, element = kv_bytes(kv_type_);
+        const int64_t hd = cfg_.head_dim, rows = n_positions * row_bytes_;
         for (int64_t l = 0; l < cfg_.n_layers; ++l)
             for (int64_t h = 0; h < cfg_.n_kv_heads; ++h) {
-                for (int64_t i = 0; i < hd; ++i) {  // keys: positions are contiguous per head dim
-                    const int64_t offset = ((h * hd + i) * n_ctx_) * element;
-                    std::memcpy(k_layer(dst, l) + offset, k_layer(src, l) + offset, (size_t)(n_positions * element));
+                const int64_t offset = h * n_ctx_ * row_bytes_;  // [kv_heads, n_ctx, row_bytes_]
+                std::memcpy(v_layer(dst, l) + offset, v_layer(src, l) + offset, (size_t)rows);
+                if (kv_type_ == KvType::Q8_0) {
+                    std::memcpy(k_layer(dst, l) + offset, k_layer(src, l) + offset, (size_t)rows);
+                    continue;
                 }
-                const int64_t offset = h * n_ctx_ * hd * element;
-                std::memcpy(v_layer(dst, l) + offset, v_layer(src, l) + offset, (size_t)(n_positions * hd * element));
+                const int64_t element = row_bytes_ / hd;
+                for (int64_t i = 0; i < hd; ++i) {  // transposed keys: positions are contiguous per head dim
+                    const int64_t key_offset = ((h * hd + i) * n_ctx_) * element;
+                    std::memcpy(k_layer(dst, l) + key_offset, k_layer(src, l) + key_offset, (size_t)(n_positions * element));
+                }
             }
     }
 
@@ -462,20 +465,12 @@ private:
                     rope(q_.data(), M, H, hd, rope_dims, cos_sin);
                     rope(k_.data(), M, Hkv, hd, rope_dims, cos_sin);
                 }
-                if (kv_type_ == KvType::F16) {
-                    const CpuKernels& kernels = active_kernels();
-                    kernels.round_to_f16(k_.data(), M * kv_dim, k16_.data());
-                    kernels.round_to_f16(v_.data(), M * kv_dim, v16_.data());
-                }
+                encode_kv(k_.data(), M, k_encoded_.data());
+                encode_kv(v_.data(), M, v_encoded_.data());
                 for (int64_t s = 0; s < n_spans; ++s) {
                     const Span& sp = spans[s];
-                    const int64_t first = sp.row_begin * kv_dim;
-                    if (kv_type_ == KvType::F16)
-                        write_kv(reinterpret_cast<uint16_t*>(k_layer(sp.seq, l)), reinterpret_cast<uint16_t*>(v_layer(sp.seq, l)),
-                                 k16_.data() + first, v16_.data() + first, sp.rows, sp.pos0);
-                    else
-                        write_kv(reinterpret_cast<float*>(k_layer(sp.seq, l)), reinterpret_cast<float*>(v_layer(sp.seq, l)),
-                                 k_.data() + first, v_.data() + first, sp.rows, sp.pos0);
+                    const int64_t first = sp.row_begin * Hkv * row_bytes_;
+                    write_kv(sp.seq, l, k_encoded_.data() + first, v_encoded_.data() + first, sp.rows, sp.pos0);
                 }
             });
             clock_.time(S::kAttention, [&] {
@@ -550,25 +545,45 @@ private:
         if (w.mins) file_->release(w.mins, (uint64_t)(w.rows * w.n_groups() * 2));
     }
 
-    // This batch's keys and values into one layer's cache at positions pos0 .. pos0 + M - 1.
-    //   k_cache: T [kv_heads, head_dim, n_ctx] (transposed)   v_cache: T [kv_heads, n_ctx, head_dim]
-    //   k_new, v_new: T [M, kv_heads * head_dim]
+    // M rows of keys or values in the cache's element type (f32 copied, f16 rounded, q8_0 quantized:
+    // head_dim is a multiple of 32 then, so no block spans two heads).
+    //   x: f32 [M, kv_heads * head_dim]   out: [M, kv_heads, row_bytes_]
+    void encode_kv(const float* x, int64_t M, uint8_t* out) const {
+        const int64_t n = M * cfg_.n_kv_heads * cfg_.head_dim;
+        if (kv_type_ == KvType::Q8_0) quantize_q8_0(x, n, out);
+        else if (kv_type_ == KvType::F16) active_kernels().round_to_f16(x, n, reinterpret_cast<uint16_t*>(out));
+        else std::memcpy(out, x, (size_t)n * sizeof(float));
+    }
+
+    // Encoded keys and values of M rows into sequence seq's cache of layer l at positions pos0 .. pos0 + M - 1.
+    //   k_new, v_new: [M, kv_heads, row_bytes_] (encode_kv)
+    void write_kv(int64_t seq, int64_t l, const uint8_t* k_new, const uint8_t* v_new, int64_t M, int64_t pos0) const {
+        const int64_t Hkv = cfg_.n_kv_heads;
+        uint8_t *k_cache = k_layer(seq, l), *v_cache = v_layer(seq, l);
+        for (int64_t kvh = 0; kvh < Hkv; ++kvh)
+            for (int64_t m = 0; m < M; ++m) {
+                const int64_t to = (kvh * n_ctx_ + pos0 + m) * row_bytes_, from = (m * Hkv + kvh) * row_bytes_;
+                std::memcpy(v_cache + to, v_new + from, (size_t)row_bytes_);
+                if (kv_type_ == KvType::Q8_0) std::memcpy(k_cache + to, k_new + from, (size_t)row_bytes_);
+            }
+        if (kv_type_ == KvType::F16) transpose_keys(reinterpret_cast<uint16_t*>(k_cache), reinterpret_cast<const uint16_t*>(k_new), M, pos0);
+        if (kv_type_ == KvType::F32) transpose_keys(reinterpret_cast<float*>(k_cache), reinterpret_cast<const float*>(k_new), M, pos0);
+    }
+    //   k_cache: T [kv_heads, head_dim, n_ctx]   k_new: T [M, kv_heads * head_dim]
     template <typename T>
-    void write_kv(T* k_cache, T* v_cache, const T* k_new, const T* v_new, int64_t M, int64_t pos0) const {
-        const int64_t hd = cfg_.head_dim, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd;
-        for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-            for (int64_t i = 0; i < hd; ++i)  // transposed: positions are contiguous
+    void transpose_keys(T* k_cache, const T* k_new, int64_t M, int64_t pos0) const {
+        const int64_t hd = cfg_.head_dim, kv_dim = cfg_.n_kv_heads * hd;
+        for (int64_t kvh = 0; kvh < cfg_.n_kv_heads; ++kvh)
+            for (int64_t i = 0; i < hd; ++i)  // positions are contiguous
                 for (int64_t m = 0; m < M; ++m) k_cache[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[m * kv_dim + kvh * hd + i];
-            for (int64_t m = 0; m < M; ++m)
-                std::memcpy(v_cache + (kvh * n_ctx_ + pos0 + m) * hd, v_new + m * kv_dim + kvh * hd, (size_t)hd * sizeof(T));
-        }
     }
 
     KvType kv_type_ = KvType::F16;
-    std::unique_ptr<uint8_t[]> k_cache_;  // kv_type_ [n_seq, layers, kv_heads, head_dim, n_ctx] (transposed)
-    std::unique_ptr<uint8_t[]> v_cache_;  // kv_type_ [n_seq, layers, kv_heads, n_ctx, head_dim]
+    int64_t row_bytes_ = 0;  // one position of one kv head (kv_row_bytes)
+    std::unique_ptr<uint8_t[]> k_cache_;  // [n_seq, layers, ...] as k_layer says
+    std::unique_ptr<uint8_t[]> v_cache_;  // [n_seq, layers, kv_heads, n_ctx, row_bytes_]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
-    std::vector<uint16_t> k16_, v16_;  // [kMaxBatch, kv_heads * head_dim]: k_, v_ rounded for an f16 cache
+    std::vector<uint8_t> k_encoded_, v_encoded_;  // [kMaxBatch, kv_heads, row_bytes_]: k_, v_ encoded (encode_kv)
     std::vector<int32_t> positions_;
     std::vector<float> cos_sin_, cos_sin_local_;  // [kMaxBatch, 2, rotary_dim / 2]: this batch's rope angles
     ActivationScratch scratch_;

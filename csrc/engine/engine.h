@@ -84,7 +84,7 @@ public:
     virtual const ModelConfig& config() const = 0;
     virtual int64_t context_length() const = 0;
     virtual const char* device() const = 0;
-    virtual const char* kv_cache() const = 0;  // the KV cache's element type: "f16" or "f32"
+    virtual const char* kv_cache() const = 0;  // the KV cache's element type: "f16", "f32" or "q8_0"
     // Runs tokens at positions pos .. pos + n - 1 (the cache must already hold
     // positions 0 .. pos - 1) and stores their keys and values. Checks the
     // positions and token ids first, then runs batches of at most max_batch().
@@ -160,8 +160,8 @@ private:
     std::mutex forward_mutex_;
 };
 
-// kv_cache: the KV cache's element type, "f16", "f32" or "auto" (f32 for a model stored
-// in f32, f16 otherwise).
+// kv_cache: the KV cache's element type, "f16", "f32", "q8_0" (llama.cpp's blocks of 32, head_dim a
+// multiple of 32) or "auto" (f32 for a model stored in f32, f16 otherwise).
 // n_seq: sequences the KV cache holds (forward_rows), each with context_length positions.
 std::unique_ptr<Engine> make_cpu_engine(std::shared_ptr<MappedFile> file, const TensorTable& tensors,
                                         const ModelConfig& config, const std::map<std::string, LinearSpec>& linears,

@@ -282,28 +282,46 @@ PYBIND11_MODULE(_core, m) {
         py::arg("rotary_dim") = 0);
 
     m.def(
+        "quantize_q8_0",
+        [](const F32Array& x) {
+            if (x.ndim() != 1 || x.shape(0) % kQ8Block != 0) bad("quantize_q8_0 takes f32 [n], n a multiple of 32");
+            py::array_t<uint8_t> out({x.shape(0) / kQ8Block * kQ8BlockBytes});
+            quantize_q8_0(x.data(), x.shape(0), out.mutable_data());
+            return out;
+        },
+        py::arg("x"),
+        "The KV cache's q8_0 blocks of x (f32 [n], n a multiple of 32): u8 [n / 32 * 34], each block an f16 "
+        "scale then 32 int8 codes (llama.cpp's block_q8_0).");
+
+    m.def(
         "attention",
         [](const F32Array& q, const F32Array& k_cache, const F32Array& v_cache, int64_t pos0, float scale,
            int n_threads, const std::string& kv_cache, int64_t window, float softcap, const py::object& alibi) {
             // q: f32 [M, H, D], k_cache/v_cache: f32 [Hkv, S, D]; query m sits at position pos0 + m
             const auto [M, H, D, Hkv, S] = attention_shape(q, k_cache, v_cache, pos0);
-            if (kv_cache != "f32" && kv_cache != "f16") bad("kv_cache must be 'f32' or 'f16'");
-            const KvType kv = kv_cache == "f16" ? KvType::F16 : KvType::F32;
+            const KvType kv = parse_kv_type(kv_cache);
+            if (kv == KvType::Q8_0 && D % kQ8Block != 0) bad("a q8_0 cache needs head_dim a multiple of 32");
             py::array_t<float> out({M, H, D});
-            // the cache as the engine keeps it: keys transposed, elements f32 or rounded to f16
-            const int64_t n = Hkv * D * S, element = kv_bytes(kv);
-            std::vector<uint8_t> keys_t((size_t)(n * element)), values((size_t)(n * element));
-            auto put = [&](std::vector<uint8_t>& cache, int64_t index, float value) {
-                if (kv == KvType::F16) reinterpret_cast<uint16_t*>(cache.data())[index] = f32_to_f16(value);
-                else reinterpret_cast<float*>(cache.data())[index] = value;
-            };
+            // the cache as the engine keeps it: f32/f16 keys transposed, elements f32 or rounded to
+            // f16; q8_0 rows of blocks
+            const int64_t row_bytes = kv_row_bytes(kv, D);
+            std::vector<uint8_t> keys_t((size_t)(Hkv * S * row_bytes)), values(keys_t.size());
             const float *kp = k_cache.data(), *vp = v_cache.data();
-            for (int64_t h = 0; h < Hkv; ++h)
-                for (int64_t s = 0; s < S; ++s)
-                    for (int64_t i = 0; i < D; ++i) {
-                        put(keys_t, (h * D + i) * S + s, kp[(h * S + s) * D + i]);
-                        put(values, (h * S + s) * D + i, vp[(h * S + s) * D + i]);
-                    }
+            if (kv == KvType::Q8_0) {
+                quantize_q8_0(kp, Hkv * S * D, keys_t.data());
+                quantize_q8_0(vp, Hkv * S * D, values.data());
+            } else {
+                auto put = [&](std::vector<uint8_t>& cache, int64_t index, float value) {
+                    if (kv == KvType::F16) reinterpret_cast<uint16_t*>(cache.data())[index] = f32_to_f16(value);
+                    else reinterpret_cast<float*>(cache.data())[index] = value;
+                };
+                for (int64_t h = 0; h < Hkv; ++h)
+                    for (int64_t s = 0; s < S; ++s)
+                        for (int64_t i = 0; i < D; ++i) {
+                            put(keys_t, (h * D + i) * S + s, kp[(h * S + s) * D + i]);
+                            put(values, (h * S + s) * D + i, vp[(h * S + s) * D + i]);
+                        }
+            }
             AttentionOptions options;
             if (window < 0 || !(softcap >= 0.0f)) bad("window and softcap must be >= 0");
             options.window = window;
@@ -325,7 +343,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"), py::arg("scale"),
         py::arg("n_threads") = 1, py::arg("kv_cache") = "f32", py::arg("window") = 0, py::arg("softcap") = 0.0f,
         py::arg("alibi") = py::none(),
-        "Causal attention over a cache (kv_cache: the element type it is kept in, 'f32' or 'f16'); window > 0: "
+        "Causal attention over a cache (kv_cache: the element type it is kept in, 'f32', 'f16' or 'q8_0'); window > 0: "
         "sliding window of that many keys; softcap > 0: tanh soft-capping of scores; alibi: f32 [H] slopes.");
 
     m.def(

@@ -4,11 +4,16 @@
 //   scores:  16 keys x up to 4 query heads per tile (one key load feeds 4 heads)
 //   outputs: 32 head dimensions x up to 3 query heads per tile (one value load feeds 3 heads)
 // Ragged ends (len or D not a multiple of 8) use masked loads and stores.
-// The cache is f32 or f16 (converted 8 values at a time with F16C).
+// The cache is f32 or f16 (converted 8 values at a time with F16C), or q8_0 rows:
+//   scores:  4 keys x up to 3 query heads per tile, each key's codes converted once for
+//            the heads, the 4 keys' sums reduced together
+//   outputs: one 32-dim block x up to 3 query heads per tile
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "fast_exp.h"
 #include "kernels.h"
@@ -46,6 +51,8 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+constexpr int64_t kPrefetchBytes = 512;
+
 // scores[g][t0 .. t0 + 8 * KV) for GH heads; the last vector holds `tail` keys (8 = full).
 //   q: f32 [GH, D]   keys_t: T [D, stride]   scores: f32 [GH, len]
 template <int GH, int KV, typename T>
@@ -57,6 +64,9 @@ inline void score_tile(const float* q, int64_t D, const T* keys_t, int64_t strid
         for (int v = 0; v < KV; ++v) acc[g][v] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; ++i) {
         const T* row = keys_t + i * stride + t0;
+        // D rows are read side by side, more streams than the hardware prefetcher follows: ask for
+        // each row's bytes kPrefetchBytes ahead (past the last key it is a hint to nowhere, never a fault)
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0);
         __m256 k[KV];
         for (int v = 0; v < KV; ++v) k[v] = v == KV - 1 && tail < 8 ? load_kv_part(row + 8 * v, tail) : load_kv8(row + 8 * v);
         for (int g = 0; g < GH; ++g) {
@@ -134,6 +144,105 @@ void exp_scores(float* s, int64_t len, float* max_out, float* sum_out) {
 }
 
 
+// The f16 scale of a q8_0 block, converted with F16C.
+inline float block_scale(const uint8_t* block) {
+    uint16_t bits;
+    std::memcpy(&bits, block, 2);
+    return _cvtsh_ss(bits);
+}
+
+// 8 q8_0 codes as floats.
+inline __m256 load_codes8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// The 4 lanes' sums of a[0..3] as one vector [sum a0, sum a1, sum a2, sum a3].
+inline __m128 hsum4(const __m256* a) {
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+}
+
+// scores[g][t0 .. t0 + KT) for GH heads over q8_0 key rows.
+//   q: f32 [GH, D]   keys: [len, D / 32 blocks] (row_bytes each)   scores: f32 [GH, len]
+template <int GH, int KT>
+inline void score_q8_tile(const float* q, int64_t D, const uint8_t* keys, int64_t row_bytes, int64_t t0,
+                          float* scores, int64_t len) {
+    __m256 acc[GH][KT];
+    for (int g = 0; g < GH; ++g)
+        for (int k = 0; k < KT; ++k) acc[g][k] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < D / kQ8Block; ++b)
+        for (int k = 0; k < KT; ++k) {
+            const uint8_t* block = keys + (t0 + k) * row_bytes + b * kQ8BlockBytes;
+            const __m256 d = _mm256_set1_ps(block_scale(block));
+            for (int v = 0; v < 4; ++v) {
+                const __m256 key = _mm256_mul_ps(d, load_codes8(block + 2 + 8 * v));
+                for (int g = 0; g < GH; ++g)
+                    acc[g][k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + b * kQ8Block + 8 * v), key, acc[g][k]);
+            }
+        }
+    for (int g = 0; g < GH; ++g) {
+        float* dst = scores + g * len + t0;
+        if (KT == 4) _mm_storeu_ps(dst, hsum4(acc[g]));
+        else
+            for (int k = 0; k < KT; ++k) dst[k] = hsum(acc[g][k]);
+    }
+}
+
+template <int GH>
+void score_q8_heads(const float* q, int64_t D, const uint8_t* keys, int64_t row_bytes, int64_t len, float* scores) {
+    int64_t t = 0;
+    for (; t + 4 <= len; t += 4) score_q8_tile<GH, 4>(q, D, keys, row_bytes, t, scores, len);
+    for (; t < len; ++t) score_q8_tile<GH, 1>(q, D, keys, row_bytes, t, scores, len);
+}
+
+// out[g][32 b .. 32 b + 32) = sum_t p[g][t] d_tb codes_tb for GH heads, every block b.
+//   p: f32 [GH, len]   values: [len, D / 32 blocks] (row_bytes each)   out: f32 [GH, D]
+template <int GH>
+void output_q8_heads(const float* p, int64_t len, const uint8_t* values, int64_t row_bytes, int64_t D, float* out) {
+    for (int64_t b = 0; b < D / kQ8Block; ++b) {
+        __m256 acc[GH][4];
+        for (int g = 0; g < GH; ++g)
+            for (int v = 0; v < 4; ++v) acc[g][v] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) {
+            const uint8_t* block = values + t * row_bytes + b * kQ8BlockBytes;
+            const float d = block_scale(block);
+            __m256 w[GH];
+            for (int g = 0; g < GH; ++g) w[g] = _mm256_set1_ps(p[g * len + t] * d);
+            for (int v = 0; v < 4; ++v) {
+                const __m256 value = load_codes8(block + 2 + 8 * v);
+                for (int g = 0; g < GH; ++g) acc[g][v] = _mm256_fmadd_ps(w[g], value, acc[g][v]);
+            }
+        }
+        for (int g = 0; g < GH; ++g)
+            for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + g * D + b * kQ8Block + 8 * v, acc[g][v]);
+    }
+}
+
+// Calls fn(GH) for consecutive runs of at most 3 of the group's heads (GH a compile-time constant).
+template <typename Fn>
+void by_three_heads(int64_t group, Fn&& fn) {
+    for (int64_t g = 0; g < group;) {
+        const int64_t gh = std::min<int64_t>(3, group - g);
+        if (gh == 3) fn(g, std::integral_constant<int, 3>());
+        else if (gh == 2) fn(g, std::integral_constant<int, 2>());
+        else fn(g, std::integral_constant<int, 1>());
+        g += gh;
+    }
+}
+
+void attend_q8_0(const float* q, int64_t group, int64_t D, const uint8_t* keys, const uint8_t* values, int64_t len,
+                 const ScoreShaping* shaping, float* scores, float* out, float* max, float* sum) {
+    const int64_t row_bytes = D / kQ8Block * kQ8BlockBytes;
+    by_three_heads(group, [&](int64_t g, auto gh) {
+        score_q8_heads<decltype(gh)::value>(q + g * D, D, keys, row_bytes, len, scores + g * len);
+    });
+    if (shaping) shape_scores(*shaping, group, len, scores);
+    for (int64_t g = 0; g < group; ++g) exp_scores(scores + g * len, len, max + g, sum + g);
+    by_three_heads(group, [&](int64_t g, auto gh) {
+        output_q8_heads<decltype(gh)::value>(scores + g * len, len, values, row_bytes, D, out + g * D);
+    });
+}
+
 template <typename T>
 void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int64_t key_stride, const T* values,
                   int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max, float* sum) {
@@ -169,6 +278,9 @@ void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int
 void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
                  const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max,
                  float* sum) {
+    if (kv == KvType::Q8_0)
+        return attend_q8_0(q, group, D, static_cast<const uint8_t*>(keys_t), static_cast<const uint8_t*>(values), len,
+                           shaping, scores, out, max, sum);
     with_kv_type(kv, keys_t, values, [&](auto keys_typed, auto values_typed) {
         attend_typed(q, group, D, keys_typed, key_stride, values_typed, len, shaping, scores, out, max, sum);
     });

@@ -9,20 +9,55 @@
 // The thread-level structure around them lives once, in ops.cpp.
 #pragma once
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "../../core/numeric.h"
 #include "../../core/weights.h"
 
 namespace pyllm {
 
-// Element type of a KV cache: f32, or IEEE f16 (half the bytes each decode step reads).
-enum class KvType { F32, F16 };
-inline int64_t kv_bytes(KvType kv) { return kv == KvType::F16 ? 2 : 4; }
-// Calls fn(keys, values) with the cache pointers typed: const float* or const uint16_t* (f16 bits).
+// Element type of a KV cache: f32, IEEE f16 (half the bytes each decode step reads), or
+// llama.cpp's q8_0 (blocks of 32 values along the head dimension: an f16 scale d and 32 int8
+// codes, value = d * code; 34 bytes per 32 values, 0.53x f16).
+//
+// Layouts of one kv head's cache of n_ctx positions (ops.h attention):
+//   f32 / f16: keys transposed [D, n_ctx] (scoring a query is a multiply-add over positions),
+//              values [n_ctx, D]
+//   q8_0:      keys and values both [n_ctx, D / 32 blocks] (a block spans one position's head
+//              dimensions, as in llama.cpp; head_dim must be a multiple of 32)
+enum class KvType { F32, F16, Q8_0 };
+constexpr int64_t kQ8Block = 32;                    // values per q8_0 block
+constexpr int64_t kQ8BlockBytes = 2 + kQ8Block;     // f16 scale + 32 int8 codes
+// Bytes of one position's D values of one kv head.
+inline int64_t kv_row_bytes(KvType kv, int64_t D) {
+    return kv == KvType::Q8_0 ? D / kQ8Block * kQ8BlockBytes : D * (kv == KvType::F16 ? 2 : 4);
+}
+// llama.cpp's names: "f32", "f16", "q8_0" (std::invalid_argument for another).
+inline const char* kv_type_name(KvType kv) { return kv == KvType::Q8_0 ? "q8_0" : kv == KvType::F16 ? "f16" : "f32"; }
+inline KvType parse_kv_type(const std::string& name) {
+    for (KvType kv : {KvType::F32, KvType::F16, KvType::Q8_0})
+        if (name == kv_type_name(kv)) return kv;
+    throw std::invalid_argument("kv_cache must be 'f16', 'f32' or 'q8_0', not '" + name + "'");
+}
+// Calls fn(keys, values) with an f32 or f16 cache's pointers typed: const float* or const uint16_t* (f16 bits).
 template <typename Fn>
 void with_kv_type(KvType kv, const void* keys, const void* values, Fn&& fn) {
     if (kv == KvType::F16) fn(static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values));
     else fn(static_cast<const float*>(keys), static_cast<const float*>(values));
+}
+// q8_0 blocks of n values (n a multiple of 32), as llama.cpp's quantize_row_q8_0_ref: per block
+// d = max|x| / 127, codes round(x / d) (half away from zero; 0 for an all-zero block), d stored
+// as f16. Non-finite input gives non-finite scales (never read back as finite values).
+//   x: f32 [n]   out: n / 32 blocks of kQ8BlockBytes bytes
+void quantize_q8_0(const float* x, int64_t n, uint8_t* out);
+// The scale d of the q8_0 block at `block` (its first two bytes, f16).
+inline float q8_scale(const uint8_t* block) {
+    uint16_t bits;
+    std::memcpy(&bits, block, 2);
+    return f16_to_f32(bits);
 }
 
 // Changes to one attention task's raw scores before the softmax (ops.h AttentionOptions, cut per task).
@@ -30,6 +65,10 @@ struct ScoreShaping {
     const float* alibi = nullptr;  // f32 [group] slopes, or null: scores[g][t] += alibi[g] * (first_key + t)
     float first_key = 0.0f;        // position of key 0 minus the query's position (<= 0)
     float softcap = 0.0f;          // > 0: scores = softcap * tanh(scores / softcap), after the ALiBi term
+    // Several consecutive query rows in one task (prefill; ops.cpp attention): with row_heads > 0, heads
+    // [r * row_heads, (r + 1) * row_heads) are the query whose own key is key last_key + r; it sees keys
+    // last_key + r - window + 1 (window > 0; else key 0) .. last_key + r, the others' scores become -inf.
+    int64_t row_heads = 0, last_key = 0, window = 0;
 };
 
 // Applies `shaping` to scores f32 [group, len] in place; the same for every kernel variant.
@@ -56,8 +95,9 @@ struct CpuKernels {
     // One attention task: `group` query heads sharing a kv head against `len`
     // consecutive keys. Writes each head's maximum score, the sum of
     // exp(score - max) and the unnormalised output sum_t exp(score_t - max) v_t.
-    //   q: f32 [group, D] (scale applied)   keys_t: kv [D, key_stride], first key at column 0
-    //   values: kv [len, D]   scores: scratch f32 [group, len]
+    //   q: f32 [group, D] (scale applied)   scores: scratch f32 [group, len]
+    //   f32 / f16: keys_t: kv [D, key_stride], first key at column 0   values: kv [len, D]
+    //   q8_0: keys_t, values: [len, D / 32 blocks] (key_stride unused; D a multiple of 32)
     //   out: f32 [group, D]   max, sum: f32 [group]   shaping: null, or applied to the scores first
     void (*attend)(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
                    const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max,

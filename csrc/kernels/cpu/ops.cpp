@@ -256,10 +256,12 @@ std::vector<float> alibi_slopes(int64_t n_heads) {
 void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                const AttentionOptions& options, float* out) {
-    // Tasks are (query row, kv head, key chunk): the query heads sharing a kv head
-    // read its keys and values once, together; when there are few rows (decode),
-    // the keys are split into chunks so every thread has work, each chunk keeping
-    // its own max, sum and unnormalised output, merged afterwards.
+    // Tasks are (block of query rows, kv head, key chunk): the query heads sharing a kv head
+    // read its keys and values once, together; when there are few rows (decode), the
+    // keys are split into chunks so every thread has work (blocks of one row), each chunk
+    // keeping its own max, sum and unnormalised output, merged afterwards.
+    if (kv_type == KvType::Q8_0 && D % kQ8Block != 0)
+        throw std::invalid_argument("a q8_0 KV cache needs head_dim a multiple of 32, not " + std::to_string(D));
     const CpuKernels& kernels = active_kernels();
     const int64_t group = n_heads / n_kv_heads;
     const int64_t rows = M * n_kv_heads;
@@ -271,47 +273,74 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
     if (rows < 4 * pool.size())
         n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
     const bool shaped = options.alibi != nullptr || options.softcap > 0.0f;
-    std::vector<float> maxima((size_t)(rows * n_chunks * group)), sums(maxima.size());
+    // Prefill: up to kRowsPerTask consecutive query rows per task read the keys and values they see
+    // once, together (each row's keys past its own position, or before its window, masked). ALiBi,
+    // whose term depends on the query's position, and soft-capping keep one row per task.
+    constexpr int64_t kRowsPerTask = 4;
+    const int64_t R = n_chunks == 1 && !shaped ? std::clamp<int64_t>(rows / (4 * pool.size()), 1, kRowsPerTask) : 1;
+    const int64_t blocks = (M + R - 1) / R;
+    // bytes from a cache's start to kv head kv's key t (keys transposed unless q8_0) and to its value row t
+    const int64_t row_bytes = kv_row_bytes(kv_type, D);
+    auto key_offset = [&](int64_t kv, int64_t t) {
+        return kv_type == KvType::Q8_0 ? (kv * cache_len + t) * row_bytes : (kv * D * cache_len + t) * (row_bytes / D);
+    };
+    std::vector<float> maxima(n_chunks > 1 ? (size_t)(rows * n_chunks * group) : 0), sums(maxima.size());
     std::vector<float> partial_out(n_chunks > 1 ? (size_t)(rows * n_chunks * group * D) : 0);
 
-    pool.parallel_for(rows * n_chunks, [&](int64_t task) {
-        const int64_t row = task / n_chunks, chunk = task % n_chunks;
-        const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
-        const int64_t position = pos0 + m, first = position >= window ? position - window + 1 : 0;
-        const int64_t n_keys = position + 1 - first, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
+    pool.parallel_for(blocks * n_kv_heads * n_chunks, [&](int64_t task) {
+        const int64_t block = task / (n_kv_heads * n_chunks), kv = task / n_chunks % n_kv_heads, chunk = task % n_chunks;
+        const int64_t m0 = block * R, block_rows = std::min(R, M - m0), heads = block_rows * group;
+        // keys of the block: from the first row's first (the window's start) to the last row's own
+        const int64_t position = pos0 + m0, first = position >= window ? position - window + 1 : 0;
+        const int64_t n_keys = position + block_rows - first, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
         const int64_t t0 = first + std::min(n_keys, chunk * per_chunk);
         const int64_t t1 = first + std::min(n_keys, chunk * per_chunk + per_chunk);
         const int64_t len = t1 - t0;
-        float* max = maxima.data() + task * group;
-        float* sum = sums.data() + task * group;
-        float* o_group = n_chunks > 1 ? partial_out.data() + task * group * D
-                                      : out + (m * n_heads + kv * group) * D;  // [group, D]
+        thread_local std::vector<float> buffer;
+        const int64_t need = heads * (len + 2 * D + 2);
+        if ((int64_t)buffer.size() < need) buffer.resize((size_t)need);
+        float* q_scaled = buffer.data();                 // [heads, D]
+        float* o_rows = q_scaled + heads * D;            // [heads, D]
+        float* max = o_rows + heads * D;                 // [heads]
+        float* sum = max + heads;                        // [heads]
+        float* scores = sum + heads;                     // [heads, len]
+        if (n_chunks > 1) {  // one row: the chunk's partial results are kept for the merge
+            const int64_t part = ((m0 * n_kv_heads + kv) * n_chunks + chunk) * group;
+            o_rows = partial_out.data() + part * D;
+            max = maxima.data() + part;
+            sum = sums.data() + part;
+        }
         if (len <= 0) {
-            std::fill_n(o_group, group * D, 0.0f);
-            std::fill_n(max, group, -INFINITY);
-            std::fill_n(sum, group, 0.0f);
+            std::fill_n(o_rows, heads * D, 0.0f);
+            std::fill_n(max, heads, -INFINITY);
+            std::fill_n(sum, heads, 0.0f);
             return;
         }
-        thread_local std::vector<float> buffer;
-        if ((int64_t)buffer.size() < group * (len + D)) buffer.resize((size_t)(group * (len + D)));
-        float* q_scaled = buffer.data();         // [group, D]
-        float* scores = buffer.data() + group * D;  // [group, len]
-        const float* q_group = q + (m * n_heads + kv * group) * D;
-        for (int64_t i = 0; i < group * D; ++i) q_scaled[i] = q_group[i] * scale;
-        const int64_t element = kv_bytes(kv_type);
+        for (int64_t r = 0; r < block_rows; ++r) {
+            const float* q_group = q + ((m0 + r) * n_heads + kv * group) * D;
+            for (int64_t i = 0; i < group * D; ++i) q_scaled[r * group * D + i] = q_group[i] * scale;
+        }
         ScoreShaping shaping;
         if (shaped) {
             shaping.alibi = options.alibi ? options.alibi + kv * group : nullptr;
             shaping.first_key = (float)(t0 - position);
             shaping.softcap = options.softcap;
         }
-        kernels.attend(q_scaled, group, D, kv_type,
-                       static_cast<const uint8_t*>(k_cache_t) + (kv * D * cache_len + t0) * element, cache_len,
-                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * D * element, len,
-                       shaped ? &shaping : nullptr, scores, o_group, max, sum);
-        if (n_chunks == 1)  // normalise now; chunks are normalised when merged
+        if (block_rows > 1) {
+            shaping.row_heads = group;
+            shaping.last_key = position - t0;
+            shaping.window = options.window;
+        }
+        kernels.attend(q_scaled, heads, D, kv_type,
+                       static_cast<const uint8_t*>(k_cache_t) + key_offset(kv, t0), cache_len,
+                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * row_bytes, len,
+                       shaped || block_rows > 1 ? &shaping : nullptr, scores, o_rows, max, sum);
+        if (n_chunks > 1) return;  // chunks are normalised when merged
+        for (int64_t r = 0; r < block_rows; ++r) {
+            float* o = out + ((m0 + r) * n_heads + kv * group) * D;
             for (int64_t g = 0; g < group; ++g)
-                for (int64_t i = 0; i < D; ++i) o_group[g * D + i] /= sum[g];
+                for (int64_t i = 0; i < D; ++i) o[g * D + i] = o_rows[(r * group + g) * D + i] / sum[r * group + g];
+        }
     });
     if (n_chunks == 1) return;
     for (int64_t row = 0; row < rows; ++row) {

@@ -100,11 +100,12 @@ struct AttentionOptions {
 
 // Causal attention of M new queries at positions pos0 .. pos0 + M - 1 over a
 // cache already holding their keys and values; query head h reads kv head
-// h / (n_heads / n_kv_heads). Keys are cached transposed so that scoring one
-// query against all keys is a contiguous multiply-add over positions. The
-// cache's elements are kv_type (f32 or f16). scale multiplies q.k.
-//   q: f32 [M, n_heads, D]   k_cache_t: kv [n_kv_heads, D, cache_len]
-//   v_cache: kv [n_kv_heads, cache_len, D]   out: f32 [M, n_heads, D]
+// h / (n_heads / n_kv_heads). The cache's elements are kv_type (kernels.h KvType);
+// f32 and f16 keys are cached transposed so that scoring one query against all
+// keys is a contiguous multiply-add over positions. scale multiplies q.k.
+//   q: f32 [M, n_heads, D]   out: f32 [M, n_heads, D]
+//   f32 / f16: k_cache_t: kv [n_kv_heads, D, cache_len]   v_cache: kv [n_kv_heads, cache_len, D]
+//   q8_0: k_cache_t, v_cache: [n_kv_heads, cache_len, D / 32 blocks] (D a multiple of 32)
 void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                const AttentionOptions& options, float* out);

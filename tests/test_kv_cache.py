@@ -1,0 +1,148 @@
+"""The q8_0 KV cache (llama.cpp's -ctk/-ctv q8_0): the whole engine with its keys and values kept
+as blocks of 32 int8 codes with an f16 scale, against the f32 and f16 caches of the same f32 file;
+with several sequences (forward_rows, copy_sequence, set_cache). The kernels themselves are tested
+against numpy in test_kernels.py (test_attention*, test_quantize_q8_0_matches_reference).
+
+Tolerances (an f32 model, so the cache is the only rounding): q8_0 moves the logits by NMSE
+Q8_MAX_NMSE at most against the f32 cache (measured 7.5e-5 .. 1.5e-4 on these random models, whose
+widened weights make attention sharp; the f16 cache 1e-7 .. 2.6e-7); paths that store the same
+quantized values agree to float summation order (SAME).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+import pyllm  # noqa: E402
+from pyllm.convert import convert_checkpoint  # noqa: E402
+
+from conftest import make_tiny_llama, nmse  # noqa: E402
+from reference import dequantize_q8_0_ref, quantize_q8_0_ref  # noqa: E402
+
+Q8_MAX_NMSE = 1e-3
+# relative to the largest logit: the same cache contents, another order of summation (a key computed
+# with another batch size's matmul may round to the neighbouring q8_0 code: measured up to 1.4e-5)
+SAME = 1e-4
+
+# head_dim 64 with 3 query heads per kv head (SmolLM2's attention shape); head_dim 96 (3 blocks), MHA
+CONFIGS = {
+    "gqa3": dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64, intermediate_size=128),
+    "mha_d96": dict(hidden_size=96, num_attention_heads=2, num_key_value_heads=2, head_dim=96, intermediate_size=64,
+                    num_hidden_layers=3),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_file(request, tmp_path_factory):
+    base = make_tiny_llama(str(tmp_path_factory.mktemp("kv_base")), seed=3, max_position_embeddings=512,
+                           **CONFIGS[request.param])
+    out = str(tmp_path_factory.mktemp("kv") / "f32.pllm")
+    convert_checkpoint(base, out, quant="f32", progress=False)
+    return out
+
+
+def prompt(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 500, n).astype(np.int32)
+
+
+def close(a, b, rel=SAME) -> None:
+    assert np.abs(a - b).max() <= rel * np.abs(b).max()
+
+
+def test_q8_0_cache_logits_close_to_f32_cache(model_file):
+    ids = prompt(200)
+    with pyllm.LLM(model_file, n_threads=2) as exact_llm:
+        assert exact_llm.engine.kv_cache == "f32"
+        exact = exact_llm.engine.forward(ids, 0, True)
+    with pyllm.LLM(model_file, n_threads=2, kv_cache="f16") as half_llm:
+        half = half_llm.engine.forward(ids, 0, True)
+    with pyllm.LLM(model_file, n_threads=2, kv_cache="q8_0") as llm:
+        assert llm.engine.kv_cache == "q8_0"
+        q8 = llm.engine.forward(ids, 0, True)
+        # decoding through the cache token by token reads what one prefill call stored
+        steps = [llm.engine.forward(ids[:150], 0, False)]
+        steps += [llm.engine.forward(ids[p:p + 1], p, False) for p in range(150, 200)]
+    print(f"q8_0 cache NMSE {nmse(q8, exact):.2e}, f16 cache {nmse(half, exact):.2e}")
+    assert nmse(half, exact) < nmse(q8, exact) < Q8_MAX_NMSE  # q8_0 really is coarser than f16
+    assert (q8.argmax(-1) == exact.argmax(-1)).mean() >= 0.95
+    close(np.array(steps), q8[149:])
+
+
+def test_q8_0_cache_with_several_sequences(model_file):
+    """forward_rows over 3 sequences equals each alone; a prefix copied with copy_sequence and
+    continued in another sequence equals the whole prompt run there."""
+    prompts = [prompt(n, seed=n) for n in (40, 7, 130)]
+    with pyllm.LLM(model_file, n_threads=2, kv_cache="q8_0", n_parallel=3) as llm:
+        alone = [llm.logits(p) for p in prompts]
+        together = llm.logits_many(prompts)
+        for a, b in zip(together, alone):
+            close(a, b)
+        e = llm.engine
+        whole = e.forward(prompts[2], 0, True)
+        e.forward_rows(prompts[2][:100], np.zeros(100, np.int32), np.arange(100, dtype=np.int32), np.array([], np.int64))
+        e.copy_sequence(0, 2, 100)
+        rest = e.forward_rows(prompts[2][100:], np.full(30, 2, np.int32), np.arange(100, 130, dtype=np.int32),
+                              np.arange(30, dtype=np.int64))
+        close(rest, whole[100:])
+
+
+def test_set_cache_quantizes_what_it_is_given(model_file):
+    """Keys and values written with set_cache (prefix tuning) are stored as q8_0 blocks: giving the
+    values those blocks stand for stores the same blocks (the same logits after them), and the
+    logits stay within the q8_0 tolerance of an f32 cache given the exact values."""
+    ids = prompt(20, seed=9)
+    positions, rows = np.arange(12, 32, dtype=np.int32), np.arange(20, dtype=np.int64)
+    with pyllm.LLM(model_file, n_threads=2, kv_cache="q8_0", n_parallel=2) as llm:
+        c = llm.config
+        shape = (c.num_hidden_layers, c.num_key_value_heads, 12, c.head_dim)
+        rng = np.random.default_rng(5)
+        keys, values = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+        read_back = [dequantize_q8_0_ref(quantize_q8_0_ref(a), shape).astype(np.float32) for a in (keys, values)]
+        got = []
+        for seq, (k, v) in enumerate([(keys, values), read_back]):
+            llm.engine.set_cache(seq, 0, k, v)
+            got.append(llm.engine.forward_rows(ids, np.full(20, seq, np.int32), positions, rows))
+    with pyllm.LLM(model_file, n_threads=2, kv_cache="f32") as exact:
+        exact.engine.set_cache(0, 0, keys, values)
+        want = exact.engine.forward(ids, 12, True)
+    close(got[0], got[1])
+    assert 0 < nmse(got[0], want) < Q8_MAX_NMSE
+
+
+def test_kv_cache_choices_and_refusals(model_file, tmp_path):
+    with pytest.raises(ValueError, match="kv_cache must be one of auto, f16, f32, q8_0, not 'q8'"):
+        pyllm.LLM(model_file, kv_cache="q8")
+    # head_dim 16: no whole q8_0 block per head
+    base = make_tiny_llama(str(tmp_path / "d16"), seed=1)
+    out = str(tmp_path / "d16.pllm")
+    convert_checkpoint(base, out, quant="f32", progress=False)
+    with pytest.raises(ValueError, match="head_dim a multiple of 32.*is 16"):
+        pyllm.LLM(out, kv_cache="q8_0")
+
+
+def test_q8_0_cache_size_is_counted():
+    from pyllm.llm import kv_cache_bytes
+
+    class Shape:
+        num_hidden_layers, num_key_value_heads, head_dim = 30, 3, 64
+
+    assert kv_cache_bytes(Shape, 4096, "f16") == 2 * 30 * 3 * 64 * 4096 * 2
+    assert kv_cache_bytes(Shape, 4096, "q8_0", n_seq=2) == 2 * 30 * 3 * 4096 * 2 * 2 * 34
+
+
+def test_bench_with_a_q8_0_cache(model_file, capsys):
+    """`pyllm bench --kv-cache q8_0 -d N`: runs at depth over the q8_0 cache and counts its bytes."""
+    import json
+
+    from pyllm.cli import main
+
+    assert main(["bench", model_file, "-p", "8", "-n", "2", "-d", "40", "-r", "1", "--bandwidth-mib", "0", "--json",
+                 "--kv-cache", "q8_0"]) in (0, None)
+    r = json.loads(capsys.readouterr().out)
+    with pyllm.LLM(model_file) as llm:
+        c = llm.config
+    assert r["kv_cache"] == "q8_0" and r["depth"] == 40
+    assert r["kv_cache_bytes"] == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim // 32) * 34 * (40 + 8 + 2)
