@@ -116,3 +116,23 @@ def test_quantizer_choices_are_deterministic(tiny_llama, tmp_path):
         convert_checkpoint(tiny_llama, paths[-1], quant="int4", progress=False)
     a, b = (np.fromfile(p, dtype=np.uint8) for p in paths)
     assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_encoding_a_prefix_gives_the_windows_of_the_whole_text(tiny_llama):
+    """Calibration tokenizes only as much of each domain as its windows can use; the windows are those
+    of the whole text."""
+    from pyllm.convert.calibrate import encode_prefix
+    from pyllm.convert.checkpoint import Checkpoint
+    from pyllm.tokenizer import Tokenizer
+
+    ckpt = Checkpoint(tiny_llama)
+    tokenizer = Tokenizer(*ckpt.tokenizer())
+    ckpt.close()
+    texts = builtin_calibration_texts()
+    for n in (64, 2000):
+        for name, text in texts.items():
+            whole = tokenizer.encode(text, add_special_tokens=False)
+            prefix = encode_prefix(tokenizer, text, n)
+            assert len(prefix) >= min(n, len(whole)) and prefix[:n] == whole[:n], name
+            if n == 64:
+                assert len(prefix) < len(whole) / 10, name  # a short prefix, not the whole text

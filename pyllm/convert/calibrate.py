@@ -132,6 +132,19 @@ def interleaved_windows(domains: dict[str, list[int]], length: int, count: int,
     return windows, names
 
 
+def encode_prefix(tokenizer, text: str, tokens: int) -> list[int]:
+    """The token ids of the shortest prefix of `text` ending at a line break that gives at least `tokens`
+    ids (all of `text` when it has fewer): no window needs more, and tokenizing all of a long text
+    would cost seconds."""
+    limit = 4 * tokens
+    while True:
+        cut = len(text) if limit >= len(text) else (text.rfind("\n", 0, limit) + 1 or limit)
+        ids = tokenizer.encode(text[:cut], add_special_tokens=False)
+        if len(ids) >= tokens or cut >= len(text):
+            return ids
+        limit *= 2
+
+
 def calibration_windows(token_ids: list[int], length: int, count: int, bos_id: int | None) -> list[np.ndarray]:
     """Up to `count` consecutive windows of `length` tokens (BOS first when the model uses one)."""
     windows = []
@@ -188,7 +201,7 @@ class Calibration:
             texts = builtin_calibration_texts(source.chat_template(), _token_text(tokenizer, spec.bos_token_id),
                                               _token_text(tokenizer, (spec.eos_token_ids or [None])[0]))
             self.windows, self.domains = interleaved_windows(
-                {name: tokenizer.encode(t, add_special_tokens=False) for name, t in texts.items()}, length,
+                {name: encode_prefix(tokenizer, t, sequences * length) for name, t in texts.items()}, length,
                 sequences, bos_id)
         else:
             self.windows = calibration_windows(tokenizer.encode(text, add_special_tokens=False), length, sequences,
