@@ -25,8 +25,10 @@ llama-cpp-python (a benchmark-only dependency): install it without compiling and
 built libllama.so with --llama-cpp-lib DIR (or LLAMA_CPP_LIB_PATH):
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36   # the sdist vendors llama.cpp
-    tar xf llama_cpp_python-0.3.36.tar.gz && cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build \
-        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON && cmake --build build -j
+    tar xf llama_cpp_python-0.3.36.tar.gz   # then build its vendored llama.cpp as a shared library:
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release
+          -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF   (one command)
+    cmake --build build -j
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama_cpp_python-0.3.36.tar.gz
     python benchmarks/quality.py --llama-cpp-lib build/bin
 
