@@ -1,30 +1,47 @@
-"""Perplexity of two test models in every pyllm format, beside llama.cpp on the same weights and text.
+"""Perplexity by domain of SmolLM2 and its rotated twins in every pyllm format, beside llama.cpp.
 
     python benchmarks/quality.py [--windows 24] [--ctx 512] [--threads 2] [--out docs/QUALITY.md]
+        [--models smollm2,rotated-s0,rotated-s1] [--domains python-docs,english-prose,chinese-prose,code]
+        [--llama-cpp-lib DIR]
 
-Protocol (llama.cpp's perplexity tool): the text of Python's documentation topics
-(pydoc_data.topics, values sorted by key, joined by blank lines), non-overlapping windows of
---ctx tokens, the second half of each window scored. Every engine sees the same token ids.
+Protocol (llama.cpp's perplexity tool), on each evaluation domain of pyllm.eval_texts (Python's
+documentation, English prose, Chinese prose, source code; packages and paths in docs/QUALITY.md):
+non-overlapping windows of --ctx tokens from the start of the text, the second half of each window
+scored. Every engine sees the same token ids. Each format's row gives every domain's perplexity and
+its change against f32, then the mean and the worst change over the domains.
 
 Models:
 - smollm2: SmolLM2-135M-Instruct, the default model's GGUF (Q4_1 matrices, Q8_0 embeddings)
   dequantized to f32 by transformers' GGUF loader (tools/reference_checkpoint.py). Its matrices sit
   on an asymmetric group-32 int4 grid, which flatters group-32 asymmetric int4.
-- rotated: the same model with RMSNorm weights folded into the linears, the residual stream
-  rotated by a random orthogonal matrix (seed 0) and the embeddings untied
+- rotated-sN: the same model with RMSNorm weights folded into the linears, the residual stream
+  rotated by a random orthogonal matrix (seed N) and the embeddings untied
   (tools/rotated_model.py): the same function (same f32 perplexity) on weights off any 4-bit grid.
 
 pyllm files are converted from these Hugging Face checkpoints with `pyllm convert`'s options
-(the "command" column); llama.cpp files from an F32 GGUF of the same weights, quantized with
-llama.cpp's own quantizer. llama-cpp-python is a benchmark-only dependency
-(pip install llama-cpp-python==0.3.36, built natively). Results are cached in --work/quality.json
-(keyed by model, row, windows and ctx), so an interrupted run resumes; --fresh ignores the cache.
+(listed under each table), measured on every domain, then deleted; llama.cpp files are made from an
+F32 GGUF of the same weights by llama.cpp's own quantizer and kept in --work. llama.cpp runs through
+llama-cpp-python (a benchmark-only dependency): install it without compiling and point it at a
+built libllama.so with --llama-cpp-lib DIR (or LLAMA_CPP_LIB_PATH):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36   # the sdist vendors llama.cpp
+    tar xf llama_cpp_python-0.3.36.tar.gz   # then build its vendored llama.cpp as a shared library:
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release
+          -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF   (one command)
+    cmake --build build -j
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama_cpp_python-0.3.36.tar.gz
+    python benchmarks/quality.py --llama-cpp-lib build/bin
+
+Results are cached in --work/quality.json, keyed by model, row, domain, windows, ctx and, for
+quantized pyllm rows, a hash of the quantizer's code and calibration data, so an interrupted run
+resumes and a changed quantizer is measured again; --fresh ignores the cache.
 pyllm runs with its default KV cache (f16 for every format but f32), llama.cpp with its own (f16).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -37,7 +54,8 @@ import pyllm
 from pyllm import default_model
 from pyllm.convert import convert_checkpoint
 from pyllm.convert.strategy import options_from_flags
-from pyllm.perplexity import default_text, perplexity
+from pyllm.eval_texts import DOMAIN_NAMES, DOMAINS, domain_text, package_version
+from pyllm.perplexity import perplexity
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
 from llama_gguf import dequantized_gguf, llama_cpp_quantize  # noqa: E402
@@ -58,28 +76,27 @@ PYLLM_VARIANTS = [
     ("int4 default: layouts per matrix, GPTQ", "--quant int4"),
 ]
 LLAMA_VARIANTS = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
+INT8_DEFAULT, INT4_DEFAULT = "int8 g32 default: GPTQ", "int4 default: layouts per matrix, GPTQ"
+QUANTIZER_FILES = ("pyllm/quant.py", "pyllm/convert/gptq.py", "pyllm/convert/strategy.py",
+                   "pyllm/convert/calibrate.py", "pyllm/data/calibration")
 
 NOTES = """
 Reading the tables:
-- bits/weight counts the matrices of the transformer blocks, scales and mins included. The
-  embeddings and lm_head of every pyllm int8/int4 row are int8 group 32 (8.5 bits/weight; 28.3M
-  weights for SmolLM2's tied table, twice that for the untied rotated model); llama.cpp's
-  Q4_0/Q4_1/Q4_K_M keep its output tensor at Q6_K or Q8_0 (Q4_K_M's block matrices mix Q4_K,
-  Q6_K and fallbacks for 576-wide rows, hence their bits/weight).
+- Each cell: perplexity (change against pyllm f32 on that domain). mean: the mean change over the
+  domains; worst: the largest change and its domain. bits/weight counts the matrices of the
+  transformer blocks, scales and mins included. The embeddings and lm_head of every pyllm int8/int4
+  row are int8 group 32 (8.5 bits/weight); llama.cpp's Q4_0/Q4_1/Q4_K_M keep its output tensor at
+  Q6_K or Q8_0 (Q4_K_M's block matrices mix Q4_K, Q6_K and fallbacks for 576-wide rows, hence their
+  bits/weight). convert s: the conversion's wall time in this run (machine shared, see above).
 - round-to-nearest: min/max scales. scale search: per group, the scale (and min) minimising the
-  squared error over a grid of shrink factors with least-squares refits (pyllm/quant.py); int4
-  only (for int8 it raised SmolLM2's perplexity: +0.42% against +0.29% with min/max scales).
-  GPTQ: error-compensating rounding with Hessians from the built-in calibration text
-  (standard-library docstrings, disjoint from the evaluation text; pyllm/convert/calibrate.py).
+  squared error over a grid of shrink factors with least-squares refits (pyllm/quant.py); int4 only.
+  GPTQ: error-compensating rounding with Hessians from the built-in calibration set (English and
+  Chinese prose, chat in the model's template, docstrings and code; pyllm/convert/calibrate.py),
+  which shares no 64-character span with any evaluation text (tests/test_calibration_set.py).
   layouts per matrix: int4_sym/int4_asym at group 32/64/128 chosen per matrix by measured error
   under a 4.6 bits/weight budget (pyllm/convert/strategy.py).
 - SmolLM2's own matrices sit on a Q4_1 grid (asymmetric, group 32), so "int4 asym g32" recovers
-  them exactly; the rotated model shows what the same formats do on weights that never saw a grid.
-- int8 targets +0.3%: GPTQ (the default of `pyllm convert --quant int8`) stays within it on both
-  models; round-to-nearest sits at its edge on SmolLM2.
-- Rows missing from a table above were not measured in that run (--rows); `python
-  benchmarks/quality.py` with no --rows measures all of them (about 40 minutes on 2 cores, most of
-  it GPTQ and the scale search; the built-in calibration runs once per model).
+  them exactly; the rotated models show what the same formats do on weights that never saw a grid.
 """
 
 
@@ -94,6 +111,19 @@ def parse_flags(flags: str) -> dict:
     a = ap.parse_args(flags.split())
     return dict(quant=a.quant, group_size=a.group_size,
                 options=options_from_flags(a.quant, a.calib, a.rtn, a.keep_sensitive, a.bits, a.group_size))
+
+
+def quantizer_hash() -> str:
+    """A short hash of the quantizer's code and the calibration data (a cache key of quantized rows)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    digest = hashlib.sha256()
+    for rel in QUANTIZER_FILES:
+        path = os.path.join(root, rel)
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)) if os.path.isdir(path) else [path]
+        for name in files:
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def gguf_linear_bits(path: str) -> float:
@@ -118,6 +148,15 @@ def llama_cpp_logits_fn(path: str, ctx: int, threads: int):
     return model, logits
 
 
+def model_source(model: str) -> str:
+    """'smollm2' or 'rotated-sN' (N a seed; 'rotated' is seed 0) -> its Hugging Face directory."""
+    if model == "smollm2":
+        return default_reference_checkpoint()
+    if model == "rotated" or model.startswith("rotated-s") and model[len("rotated-s"):].isdigit():
+        return default_rotated_checkpoint(int(model[len("rotated-s"):] or 0) if model != "rotated" else 0)
+    raise SystemExit(f"unknown model {model!r}: smollm2, rotated-s0, rotated-s1, ...")
+
+
 def f32_gguf(model: str, hf_dir: str, work: str) -> str:
     if model == "smollm2":
         return dequantized_gguf(default_model.fetch_gguf(), os.path.join(work, "smollm2-F32.gguf"))
@@ -139,67 +178,137 @@ class Cache:
         os.replace(self.path + ".partial", self.path)
 
 
-def text_tokens(hf_dir: str) -> list[int]:
-    """The evaluation text's token ids, as LLM.tokenize gives them (the checkpoint's tokenizer)."""
+def domain_tokens(hf_dir: str, domains: list[str]) -> dict[str, list[int]]:
+    """Each domain's evaluation text as token ids, as LLM.tokenize gives them (the checkpoint's tokenizer)."""
     from pyllm.convert.checkpoint import Checkpoint
     from pyllm.tokenizer import Tokenizer
 
     ckpt = Checkpoint(hf_dir)
     try:
-        return Tokenizer(*ckpt.tokenizer()).encode(default_text(), add_special_tokens=False)
+        tokenizer = Tokenizer(*ckpt.tokenizer())
+        return {d: tokenizer.encode(domain_text(d), add_special_tokens=False) for d in domains}
     finally:
         ckpt.close()
 
 
-def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[tuple]:
-    rows, tokens = [], text_tokens(hf_dir)
+def selected(label: str, rows) -> bool:
+    return not rows or label in rows or label.split(",")[0] in rows
+
+
+def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[dict]:
+    """Rows {engine, label, command, bits, ppl: {domain: perplexity}, convert_s} of one model."""
+    rows, tokens, qhash = [], domain_tokens(hf_dir, args.domains), quantizer_hash()
     for label, flags in PYLLM_VARIANTS:
-        if args.rows and label.split(",")[0] not in args.rows and label not in args.rows:
+        if not selected(label, args.rows):
             continue
-        key = f"{model}|pyllm|{flags}|{args.windows}|{args.ctx}"
-        if cache.get(key) is None and args.cached_only:
-            continue
-        if cache.get(key) is None:
+        version = qhash if "int" in flags else "float"
+        keys = {d: f"{model}|pyllm|{flags}|{version}|{d}|{args.windows}|{args.ctx}" for d in args.domains}
+        missing = [d for d in args.domains if cache.get(keys[d]) is None]
+        if missing and not args.cached_only:
             path = os.path.join(args.work, f"{model}-{flags.replace('--', '').replace(' ', '_')}.pllm")
             start = time.perf_counter()
             report = convert_checkpoint(hf_dir, path, progress=False, **parse_flags(flags))
             convert_s = time.perf_counter() - start
             with pyllm.LLM(path, n_threads=args.threads, context_length=args.ctx) as llm:
-                result = perplexity(llm.logits, tokens, ctx=args.ctx, windows=args.windows)
+                for d in missing:
+                    result = perplexity(llm.logits, tokens[d], ctx=args.ctx, windows=args.windows)
+                    cache.put(keys[d], {"bits": report.bits_per_weight, "ppl": result.perplexity,
+                                        "convert_s": convert_s})
             os.remove(path)
-            cache.put(key, {"bits": report.bits_per_weight, "ppl": result.perplexity, "convert_s": convert_s})
-        r = cache.get(key)
-        rows.append(("pyllm", label, f"`pyllm convert {model} -o out.pllm {flags}`", r["bits"], r["ppl"]))
+        found = {d: cache.get(keys[d]) for d in args.domains if cache.get(keys[d]) is not None}
+        if not found:
+            continue
+        first = next(iter(found.values()))
+        rows.append(dict(engine="pyllm", label=label, command=f"`pyllm convert {model} -o out.pllm {flags}`",
+                         bits=first["bits"], ppl={d: r["ppl"] for d, r in found.items()},
+                         convert_s=first.get("convert_s")))
         print(model, rows[-1], flush=True)
     if args.no_llama_cpp:
         return rows
     import llama_cpp
 
+    engine = f"llama.cpp {llama_cpp.__version__}"
     f32 = None
     for name in LLAMA_VARIANTS:
-        if args.rows and name not in args.rows:
+        if not selected(name, args.rows):
             continue
-        key = f"{model}|llama.cpp {llama_cpp.__version__}|{name}|{args.windows}|{args.ctx}"
-        if cache.get(key) is None and args.cached_only:
-            continue
-        if cache.get(key) is None:
+        keys = {d: f"{model}|{engine}|{name}|{d}|{args.windows}|{args.ctx}" for d in args.domains}
+        missing = [d for d in args.domains if cache.get(keys[d]) is None]
+        if missing and not args.cached_only:
             f32 = f32 or f32_gguf(model, hf_dir, args.work)
             path = f32 if name == "F32" else llama_cpp_quantize(f32, os.path.join(args.work, f"{model}-{name}.gguf"), name)
             llm_cpp, fn = llama_cpp_logits_fn(path, args.ctx, args.threads)
-            result = perplexity(fn, tokens, ctx=args.ctx, windows=args.windows)
+            for d in missing:
+                result = perplexity(fn, tokens[d], ctx=args.ctx, windows=args.windows)
+                cache.put(keys[d], {"bits": gguf_linear_bits(path), "ppl": result.perplexity})
             del llm_cpp
-            cache.put(key, {"bits": gguf_linear_bits(path), "ppl": result.perplexity})
-        r = cache.get(key)
-        rows.append((f"llama.cpp {llama_cpp.__version__}", name, "llama_model_quantize", r["bits"], r["ppl"]))
-        print(model, rows[-1], flush=True)
+        found = {d: cache.get(keys[d]) for d in args.domains if cache.get(keys[d]) is not None}
+        if found:
+            rows.append(dict(engine=engine, label=name, command="llama_model_quantize",
+                             bits=next(iter(found.values()))["bits"], ppl={d: r["ppl"] for d, r in found.items()},
+                             convert_s=None))
+            print(model, rows[-1], flush=True)
     return rows
 
 
-def table(rows: list[tuple]) -> str:
-    base = rows[0][4]
-    lines = ["| engine | format | bits/weight (linear layers) | perplexity | vs f32 |", "|---|---|---|---|---|"]
-    for engine, label, _, bpw, ppl in rows:
-        lines.append(f"| {engine} | {label} | {bpw:.2f} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% |")
+def changes(row: dict, base: dict) -> dict[str, float]:
+    """domain -> relative change of the row's perplexity against `base` (the f32 row), in percent."""
+    return {d: 100 * (p / base["ppl"][d] - 1) for d, p in row["ppl"].items() if d in base["ppl"]}
+
+
+def table(rows: list[dict], domains: list[str]) -> str:
+    base = rows[0]
+    lines = ["| engine | format | bits/weight | " + " | ".join(domains) + " | mean | worst | convert s |",
+             "|---|---|---|" + "---|" * len(domains) + "---|---|---|"]
+    for row in rows:
+        delta = changes(row, base)
+        cells = [f"{row['ppl'][d]:.3f} ({delta[d]:+.2f}%)" if d in delta else "" for d in domains]
+        worst = max(delta, key=delta.get) if delta else None
+        summary = (f"{np.mean(list(delta.values())):+.2f}% | {delta[worst]:+.2f}% {worst}" if delta else " | ")
+        seconds = f"{row['convert_s']:.0f}" if row.get("convert_s") else ""
+        lines.append(f"| {row['engine']} | {row['label']} | {row['bits']:.2f} | " + " | ".join(cells)
+                     + f" | {summary} | {seconds} |")
+    return "\n".join(lines)
+
+
+def targets(model_rows: dict[str, list[dict]], domains: list[str]) -> str:
+    """The issue's targets, checked on the measured rows of every model (a line per model and target)."""
+    lines = ["| model | int4 default bits/weight (<= 4.6) | int4 default worst (<= +3%) | "
+             "int4 default < Q4_K_M on every domain | int8 default within +-0.3% on every domain |",
+             "|---|---|---|---|---|"]
+    for model, rows in model_rows.items():
+        by = {r["label"]: r for r in rows}
+        base = rows[0]
+        int4, int8, q4km = by.get(INT4_DEFAULT), by.get(INT8_DEFAULT), by.get("Q4_K_M")
+        cells = []
+        if int4:
+            d4 = changes(int4, base)
+            worst = max(d4, key=d4.get)
+            cells += [f"{int4['bits']:.2f} {'yes' if int4['bits'] <= 4.6 + 1e-9 else 'NO'}",
+                      f"{d4[worst]:+.2f}% ({worst}) {'yes' if d4[worst] <= 3 else 'NO'}"]
+            if q4km:
+                lost = [d for d in domains if d in int4["ppl"] and d in q4km["ppl"] and int4["ppl"][d] >= q4km["ppl"][d]]
+                cells.append("yes" if not lost else "NO: " + ", ".join(lost))
+            else:
+                cells.append("not measured")
+        else:
+            cells += ["not measured"] * 3
+        if int8:
+            d8 = changes(int8, base)
+            out = [d for d, v in d8.items() if abs(v) > 0.3]
+            cells.append("yes" if not out else "NO: " + ", ".join(f"{d} {d8[d]:+.2f}%" for d in out))
+        else:
+            cells.append("not measured")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sources_table(domains: list[str], args) -> str:
+    lines = ["| domain | package (version) | files | tokens scored |", "|---|---|---|---|"]
+    for d in domains:
+        info = DOMAINS[d][0]
+        lines.append(f"| {d} | {info.package} ({package_version(d) or 'version unknown'}) | {info.paths} | "
+                     f"{args.windows} x {args.ctx // 2 - 1} |")
     return "\n".join(lines)
 
 
@@ -208,32 +317,50 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="smollm2,rotated")
-    ap.add_argument("--work", default=os.path.join(default_model.cache_dir(), "bench"))
+    ap.add_argument("--models", default="smollm2,rotated-s0,rotated-s1")
+    ap.add_argument("--domains", type=lambda v: v.split(","), default=list(DOMAIN_NAMES))
+    ap.add_argument("--work", default=os.path.join(default_model.cache_dir(), "quality"),
+                    help="cache of results and llama.cpp files")
     ap.add_argument("--out", default=None, help="write the markdown page here")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--llama-cpp-lib", default=os.environ.get("LLAMA_CPP_LIB_PATH"),
+                    help="directory of a built libllama.so for llama-cpp-python (LLAMA_CPP_LIB_PATH)")
     ap.add_argument("--rows", type=lambda v: v.split(";"), default=None,
                     help="only these rows (labels separated by ';'), e.g. 'f32;Q4_0'")
     ap.add_argument("--cached-only", action="store_true", help="table of the cached results only, measure nothing")
     ap.add_argument("--fresh", action="store_true", help="measure again, ignoring cached results")
     args = ap.parse_args()
+    unknown = [d for d in args.domains if d not in DOMAINS]
+    if unknown:
+        raise SystemExit(f"unknown domains {unknown}: choose from {', '.join(DOMAIN_NAMES)}")
+    if args.llama_cpp_lib:
+        os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_cpp_lib
     os.makedirs(args.work, exist_ok=True)
     cache = Cache(os.path.join(args.work, "quality.json"), args.fresh)
-    sources = {"smollm2": default_reference_checkpoint, "rotated": default_rotated_checkpoint}
-    sections = []
+    sections, model_rows = [], {}
     for model in args.models.split(","):
-        rows = measure_model(model, sources[model](), args, cache)
-        commands = "\n".join(f"- {label}: {cmd}" for _, label, cmd, _, _ in rows if cmd.startswith("`"))
-        sections.append(f"## {model}\n\n{table(rows)}\n\nCommands ({model} = {sources[model]()}):\n\n{commands}\n")
+        source = model_source(model)
+        rows = measure_model(model, source, args, cache)
+        if not rows:
+            continue
+        model_rows[model] = rows
+        commands = "\n".join(f"- {r['label']}: {r['command']}" for r in rows if r["command"].startswith("`"))
+        sections.append(f"## {model}\n\n{table(rows, args.domains)}\n\nCommands ({model} = {source}):\n\n{commands}\n")
         print(sections[-1], flush=True)
+    summary = "## Targets (issue 18)\n\n" + targets(model_rows, args.domains) + "\n"
+    print(summary, flush=True)
     header = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-              f"{args.threads} threads; first {args.windows} windows of {args.ctx} tokens.\n\n"
+              f"{args.threads} threads (machine shared with other work); first {args.windows} windows of "
+              f"{args.ctx} tokens of each domain; quantizer {quantizer_hash()}.\n\n"
               f"Command: `python benchmarks/quality.py --windows {args.windows} --ctx {args.ctx} "
-              f"--threads {args.threads} --out docs/QUALITY.md`\n")
+              f"--threads {args.threads} --models {args.models} --out docs/QUALITY.md`\n\n"
+              "Evaluation texts:\n\n" + sources_table(args.domains, args) + "\n")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("# Quality: perplexity of SmolLM2-135M-Instruct and its rotated twin\n\n"
-                    + (__doc__ or "").split("\n\n", 1)[1] + "\n" + header + "\n" + "\n".join(sections) + NOTES)
+        with open(args.out + ".partial", "w", encoding="utf-8") as f:
+            f.write("# Quality: perplexity by domain of SmolLM2-135M-Instruct and its rotated twins\n\n"
+                    + (__doc__ or "").split("\n\n", 1)[1] + "\n" + header + "\n" + summary + "\n"
+                    + "\n".join(sections) + NOTES)
+        os.replace(args.out + ".partial", args.out)
 
 
 if __name__ == "__main__":

@@ -277,7 +277,8 @@ def cmd_rm(args) -> int:
 # work (2026-11-30): calibration adds ~1600 s wall, ~8.2 CPU-minutes, per 135M parameters.
 CALIBRATION_MINUTES_PER_100M = 20  # wall time on 2 busy cores
 CALIBRATION_CPU_MINUTES_PER_100M = 6
-CALIBRATION_HELP = ("GPTQ rounding calibrated on a text file: 'builtin' (standard-library docstrings) or 'none' "
+CALIBRATION_HELP = ("GPTQ rounding calibrated on a text file: 'builtin' (English and Chinese prose, chat in the "
+                    "model's template, docstrings and code; pyllm/convert/calibrate.py) or 'none' "
                     "(int4: scale search only; int8: min/max scales). Calibration (Hessians, then GPTQ) adds about "
                     f"{CALIBRATION_MINUTES_PER_100M} minutes per 100M parameters on 2 busy CPU cores "
                     f"({CALIBRATION_CPU_MINUTES_PER_100M} CPU-minutes per 100M) (default: builtin for --quant int4 "

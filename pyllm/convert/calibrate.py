@@ -9,9 +9,20 @@ The inputs come from the C++ engine (Engine.observe_inputs) running a float32 co
 (written once to a temporary .pllm file) over the calibration windows: the same described forward
 pass that serves users, for every architecture in pyllm.arch, no numpy re-implementation.
 
-The default calibration text needs no download and is disjoint from the perplexity text
-(pyllm.perplexity.default_text, Python's documentation topics): the docstrings of a fixed list of
-standard-library modules and their public functions and classes.
+The built-in calibration set mixes kinds of text and languages, so that the rounding fitted on it
+holds on text it has not seen (docs/QUALITY.md measures it on four held-out domains):
+
+  english-prose  pyllm/data/calibration/en.txt: stories, news, a letter, a recipe, history, science
+  chinese-prose  pyllm/data/calibration/zh.txt: the same kinds of text in modern Chinese
+  chat           pyllm/data/calibration/chat.json: dialogues (English and Chinese) rendered with the
+                 model's own chat template (plain "role: text" lines when it has none)
+  docstrings     the docstrings of CALIBRATION_MODULES (standard library) and their public members
+  code           the source code of CODE_MODULES (standard library)
+
+The bundled files were written for pyllm; the rest comes from the running Python. Windows are taken
+from the domains in turn (one window each, round after round) until `sequences` windows are
+collected, so every domain is represented even at a few windows. None of it shares a 64-character
+span with the evaluation texts (pyllm.eval_texts; tests/test_calibration_set.py).
 """
 
 from __future__ import annotations
@@ -29,6 +40,10 @@ CALIBRATION_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", 
                        "functools", "heapq", "http.client", "itertools", "json", "logging", "os", "pathlib",
                        "random", "re", "shutil", "statistics", "string", "subprocess", "textwrap", "threading",
                        "unittest", "urllib.parse", "zipfile")
+CODE_MODULES = ("textwrap", "heapq", "bisect", "fractions", "shlex", "dataclasses", "calendar", "graphlib",
+                "colorsys", "statistics")
+CALIBRATION_DOMAINS = ("english-prose", "chinese-prose", "chat", "docstrings", "code")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "calibration")
 CALIBRATION_SEQUENCES = 32
 CALIBRATION_LENGTH = 512
 
@@ -55,6 +70,81 @@ def default_calibration_text() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def _bundled(name: str) -> str:
+    with open(os.path.join(DATA_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def chat_calibration_text(chat_template: str, bos_token: str = "", eos_token: str = "") -> str:
+    """The bundled dialogues rendered with `chat_template` (a Jinja chat template; '' or a template that
+    fails on them: "role: content" lines), one after the other."""
+    import json
+
+    from ..chat_template import TemplateError, render_chat
+
+    dialogues = json.loads(_bundled("chat.json"))
+    parts = []
+    for dialogue in dialogues:
+        messages = [{"role": role, "content": content} for role, content in dialogue]
+        try:
+            parts.append(render_chat(chat_template, messages, add_generation_prompt=False, bos_token=bos_token,
+                                     eos_token=eos_token))
+        except TemplateError:  # no template, or one that refuses these roles: plain lines keep the text
+            parts.append("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n")
+    return "\n".join(parts)
+
+
+def code_calibration_text() -> str:
+    """The source code of CODE_MODULES, one after the other."""
+    import importlib
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in CODE_MODULES)
+
+
+def builtin_calibration_texts(chat_template: str = "", bos_token: str = "", eos_token: str = "") -> dict[str, str]:
+    """The built-in calibration set: CALIBRATION_DOMAINS name -> text (see the module's docstring)."""
+    return {"english-prose": _bundled("en.txt"), "chinese-prose": _bundled("zh.txt"),
+            "chat": chat_calibration_text(chat_template, bos_token, eos_token),
+            "docstrings": default_calibration_text(), "code": code_calibration_text()}
+
+
+def interleaved_windows(domains: dict[str, list[int]], length: int, count: int,
+                        bos_id: int | None) -> tuple[list[np.ndarray], list[str]]:
+    """Windows of up to `length` tokens taken from each domain's token ids in turn (its next window, round
+    after round; a domain's last, shorter window counts when it has at least length/4 tokens) until
+    `count` windows are taken or every domain is used up. Returns (windows, the domain of each)."""
+    per_domain = {}
+    for name, ids in domains.items():
+        starts = [s for s in range(0, len(ids), length) if len(ids) - s >= max(length // 4, 2)]
+        per_domain[name] = [ids[s:s + length] for s in starts]
+    windows, names = [], []
+    for round_ in range(max((len(v) for v in per_domain.values()), default=0)):
+        for name, chunks in per_domain.items():
+            if round_ < len(chunks) and len(windows) < count:
+                ids = np.array(chunks[round_], dtype=np.int64)
+                if bos_id is not None:
+                    ids[0] = bos_id
+                windows.append(ids)
+                names.append(name)
+    if not windows:
+        raise ValueError("the calibration set has no window of at least a quarter of "
+                         f"{length} tokens")
+    return windows, names
+
+
+def encode_prefix(tokenizer, text: str, tokens: int) -> list[int]:
+    """The token ids of the shortest prefix of `text` ending at a line break that gives at least `tokens`
+    ids (all of `text` when it has fewer): no window needs more, and tokenizing all of a long text
+    would cost seconds."""
+    limit = 4 * tokens
+    while True:
+        cut = len(text) if limit >= len(text) else (text.rfind("\n", 0, limit) + 1 or limit)
+        ids = tokenizer.encode(text[:cut], add_special_tokens=False)
+        if len(ids) >= tokens or cut >= len(text):
+            return ids
+        limit *= 2
+
+
 def calibration_windows(token_ids: list[int], length: int, count: int, bos_id: int | None) -> list[np.ndarray]:
     """Up to `count` consecutive windows of `length` tokens (BOS first when the model uses one)."""
     windows = []
@@ -68,6 +158,10 @@ def calibration_windows(token_ids: list[int], length: int, count: int, bos_id: i
     if not windows:
         raise ValueError(f"the calibration text has {len(token_ids)} tokens, fewer than one window of {length}")
     return windows
+
+
+def _token_text(tokenizer, token_id: int | None) -> str:
+    return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def load_matrix(load, base: str, shape: tuple[int, int]) -> np.ndarray:
@@ -100,10 +194,19 @@ class Calibration:
         from .pipeline import write_float_model
 
         spec, blob = source.tokenizer()
-        ids = Tokenizer(spec, blob).encode(default_calibration_text() if text is None else text,
-                                           add_special_tokens=False)
-        self.windows = calibration_windows(ids, min(length, config.max_position_embeddings), sequences,
-                                           spec.bos_token_id if spec.add_bos_token else None)
+        tokenizer = Tokenizer(spec, blob)
+        length = min(length, config.max_position_embeddings)
+        bos_id = spec.bos_token_id if spec.add_bos_token else None
+        if text is None:
+            texts = builtin_calibration_texts(source.chat_template(), _token_text(tokenizer, spec.bos_token_id),
+                                              _token_text(tokenizer, (spec.eos_token_ids or [None])[0]))
+            self.windows, self.domains = interleaved_windows(
+                {name: encode_prefix(tokenizer, t, sequences * length) for name, t in texts.items()}, length,
+                sequences, bos_id)
+        else:
+            self.windows = calibration_windows(tokenizer.encode(text, add_special_tokens=False), length, sequences,
+                                               bos_id)
+            self.domains = ["file"] * len(self.windows)
         sums: dict[str, np.ndarray] = {}
         count = 0
 
@@ -137,6 +240,12 @@ class Calibration:
         for s in sums.values():
             s /= count
         self.hessians = sums
+
+    def domain_counts(self) -> dict[str, int]:
+        """Calibration windows per domain (builtin set) or {"file": n} (a text file)."""
+        from collections import Counter
+
+        return dict(Counter(self.domains))
 
     def input_name(self, base: str) -> str:
         """base 'model.layers.{i}.self_attn.q_proj' -> its input's name 'model.layers.{i}.attn_in'."""
