@@ -131,19 +131,52 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
     return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scales, mins)
 
 
-def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress: bool = True, log=None) -> dict:
+_JOB: dict = {}  # what forked GPTQ workers read (set by gptq_model before it forks)
+
+
+def _gptq_task(bases: list[str]) -> dict:
+    """GPTQ of matrices sharing one input (q/k/v or gate/up share one inverse Hessian factor)."""
+    load, calibration, formats = _JOB["load"], _JOB["calibration"], _JOB["formats"]
+    h = calibration.input_hessian(bases[0], np.float32)  # [cols, cols]
+    factor = inverse_hessian_factor(h)
+    return {base: gptq_quantize(load(base), h, *formats[base], factor) for base in bases}
+
+
+def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress: bool = True, log=None,
+               processes: int | None = None) -> dict:
     """GPTQ of every matrix in `formats` (base -> (fmt, group)); load(base) -> f32 [rows, cols];
-    calibration.input_hessian(base) -> [cols, cols]. Returns base -> PackedWeight."""
+    calibration.input_hessian(base) -> [cols, cols]. Returns base -> PackedWeight.
+
+    One task per input (its matrices share the inverse Hessian factor). A matrix's work is a
+    sequence of small numpy steps that hold the GIL, so the tasks run in `processes` forked worker
+    processes (default: the CPU count; where fork is unavailable, or with 1, in this process), each
+    with single-threaded BLAS; the workers inherit the loaded source and the Hessians."""
+    import multiprocessing
+    import os
     import sys
 
+    from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    done, factors = {}, {}
-    for base in tqdm(formats, desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr):
-        fmt, group = formats[base]
-        h = calibration.input_hessian(base, np.float32)  # [cols, cols]
-        key = calibration.input_name(base)
-        if key not in factors:  # q/k/v and gate/up share their input
-            factors = {key: inverse_hessian_factor(h)}
-        done[base] = gptq_quantize(load(base), h, fmt, group, factors[key])
-    return done
+    by_input: dict[str, list[str]] = {}
+    for base in formats:
+        by_input.setdefault(calibration.input_name(base), []).append(base)
+    processes = min(processes or os.cpu_count() or 1, len(by_input))
+    done: dict = {}
+    bar = tqdm(total=len(formats), desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr)
+    _JOB.update(load=load, calibration=calibration, formats=formats)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
+                with multiprocessing.get_context("fork").Pool(processes) as pool:
+                    for result in pool.imap_unordered(_gptq_task, by_input.values()):
+                        done.update(result)
+                        bar.update(len(result))
+            else:
+                for bases in by_input.values():
+                    done.update(_gptq_task(bases))
+                    bar.update(len(bases))
+    finally:
+        _JOB.clear()
+        bar.close()
+    return {base: done[base] for base in formats}
