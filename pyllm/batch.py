@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .llm import StopText
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -32,10 +33,9 @@ class _Sequence:
     slot: int  # KV-cache sequence
     ids: list[int]  # prompt, then the generated tokens that were fed back
     sampler: Sampler
-    decoder: StreamDecoder
+    text: StopText  # what it emits
     limit: int  # tokens it may still generate
     stats: object
-    held: str = ""  # text withheld: it may start a stop string
     done: bool = False
     generated: int = 0
     last_token: int | None = None  # sampled, not yet run through the engine
@@ -57,8 +57,6 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
     llm: a pyllm.LLM whose lock the caller holds. stats_factory(prompt_tokens) -> GenerationStats of
     one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps)."""
-    from .llm import _find_stop, _partial_stop_len
-
     engine = llm.engine
     slots = engine.n_seq
     if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
@@ -66,7 +64,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
         seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
-                          StreamDecoder(llm.tokenizer, list(p)),
+                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop),
                           min(max_new_tokens, llm.context_length - len(p)), stats_factory(len(p)))
                 for i, p in enumerate(wave)]
         start = time.perf_counter()
@@ -113,26 +111,24 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
                 if token in stop_ids:
                     s.stats.finish_reason, s.done = "stop", True
                     continue
-                s.held += s.decoder.push(token)
-                cut = _find_stop(s.held, stop)
-                if cut is not None:
-                    s.held, s.done = s.held[:cut], True
-                    s.stats.finish_reason = "stop"
+                piece = s.text.push(token)
+                if s.text.stopped:
+                    s.stats.finish_reason, s.done = "stop", True
                     continue
-                safe = len(s.held) - _partial_stop_len(s.held, stop)
-                if safe > 0:
-                    yield s.index, s.held[:safe]
-                    s.held = s.held[safe:]
+                if piece:
+                    yield s.index, piece
                 if s.generated >= s.limit:
-                    s.held += s.decoder.flush()
                     s.done = True
                 else:
                     s.last_token = token
             running = [s for s in active if not s.done]
-            for s in seqs:
-                if s.done and s.held:
-                    yield s.index, s.held
-                    s.held = ""
+            for s in active:
+                if s.done:
+                    rest = s.text.finish(flush=s.stats.finish_reason != "cancelled")
+                    if s.text.stopped:
+                        s.stats.finish_reason = "stop"
+                    if rest:
+                        yield s.index, rest
             if not running:
                 break
             out = engine.forward_rows(np.array([s.last_token for s in running], dtype=np.int32),

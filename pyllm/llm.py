@@ -764,12 +764,10 @@ class LLM:
                 stats.finish_reason = "cancelled"
                 return
             self._cached = ids  # one list from here on: each new token is appended to both
-            decoder = StreamDecoder(self.tokenizer, ids)
+            text = StopText(StreamDecoder(self.tokenizer, ids), stop)
             limit = min(max_new_tokens, self.context_length - offset - len(ids))
-            held = ""  # text withheld because it may be the start of a stop string
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
-            stopped_in_text = False
             for step in range(limit):
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -786,18 +784,13 @@ class LLM:
                     accept = getattr(processor, "accept", None)
                     if accept is not None:
                         accept(token)  # e.g. a grammar computes its next mask while the engine runs
-                held += decoder.push(token)
-                cut = _find_stop(held, stop)
-                if cut is not None:
-                    held = held[:cut]
+                piece = text.push(token)
+                if text.stopped:
                     stats.finish_reason = "stop"
-                    stopped_in_text = True
                     break
-                safe = len(held) - _partial_stop_len(held, stop)
-                if safe > 0:
+                if piece:
                     self._pause(stream)
-                    yield held[:safe]
-                    held = held[safe:]
+                    yield piece
                     if not self._resume(stream):  # preempted while its consumer was away: re-read the context
                         offset = self._prime(adapter)
                         if self._prefill(ids, self._reuse(ids), cancel, offset) is None:
@@ -807,14 +800,12 @@ class LLM:
                 if step + 1 < limit:
                     logits = self.engine.forward(np.array([token], dtype=np.int32), offset + len(ids), False)
                     ids.append(token)  # self._cached is ids: the cache holds them all
-            if not stopped_in_text and stats.finish_reason != "cancelled":
-                held += decoder.flush()  # the text decode() gives for the last tokens, held back until now
-                cut = _find_stop(held, stop)
-                if cut is not None:
-                    held, stats.finish_reason = held[:cut], "stop"
+            rest = text.finish(flush=stats.finish_reason != "cancelled")
+            if text.stopped:
+                stats.finish_reason = "stop"
             stats.decode_seconds = time.perf_counter() - decode_start
-            if held:
-                yield held
+            if rest:
+                yield rest
         finally:
             self._release(stream)
 
@@ -890,6 +881,40 @@ def _replace_content(message, placeholders: dict[str, str]):
                  for p in content]
         return dict(message, content=parts)
     return message
+
+
+class StopText:
+    """A stream's text with its stop strings (OpenAI's `stop`) held back: text that may still begin a
+    stop string is kept until it cannot. The one place LLM._run, pyllm.batch and pyllm.scheduler
+    turn sampled tokens into the pieces they emit.
+
+    push(token) -> the text now safe to emit; when a stop string completes, `stopped` is set and the
+    text before it is kept for finish(). finish(flush) -> the rest: with flush (not after a stop),
+    the decoder's last text first, which may itself complete a stop string."""
+
+    def __init__(self, decoder: StreamDecoder, stop: list[str]):
+        self.decoder, self.stop = decoder, stop
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.held += self.decoder.push(token)
+        cut = _find_stop(self.held, self.stop)
+        if cut is not None:
+            self.held, self.stopped = self.held[:cut], True
+            return ""
+        safe = len(self.held) - _partial_stop_len(self.held, self.stop)
+        piece, self.held = self.held[:safe], self.held[safe:]
+        return piece
+
+    def finish(self, flush: bool = True) -> str:
+        if flush and not self.stopped:
+            self.held += self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            cut = _find_stop(self.held, self.stop)
+            if cut is not None:
+                self.held, self.stopped = self.held[:cut], True
+        rest, self.held = self.held, ""
+        return rest
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

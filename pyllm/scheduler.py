@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
-from .llm import PREEMPT_AFTER, GenerationStats, TextStream, _find_stop, _partial_stop_len, _token_logprob
+from .llm import PREEMPT_AFTER, GenerationStats, StopText, TextStream, _token_logprob
 from .tokenizer import StreamDecoder
 
 PIECES_AHEAD = 16  # unread pieces after which a sequence pauses
@@ -79,14 +79,13 @@ class _Sequence(TextStream):
         self.scheduler, self.number = scheduler, number
         self.ids = ids  # the prompt, then each sampled token fed back
         self.limit = limit  # tokens it may generate
-        self.sampler, self.stop, self.stop_ids, self.logprobs, self.adapter = sampler, stop, stop_ids, logprobs, adapter
-        self.decoder = StreamDecoder(scheduler.llm.tokenizer, ids)
+        self.sampler, self.stop_ids, self.logprobs, self.adapter = sampler, stop_ids, logprobs, adapter
+        self.text = StopText(StreamDecoder(scheduler.llm.tokenizer, ids), stop)  # what it emits
         self.offset = scheduler.llm.adapters[adapter].virtual_tokens if adapter is not None else 0
         self.slot: _Slot | None = None
         self.computed = 0  # leading ids whose keys/values the slot holds
         self.ready = False  # prefix reuse and adapter done: its rows may run
         self.first_prepare = True
-        self.held = ""  # text withheld: it may start a stop string
         self.new_tokens: list = []  # tokens generated since the last piece sent
         self.outbox: queue.Queue = queue.Queue()
         self.submitted = self.admitted = self.first_token_at = 0.0
@@ -399,37 +398,30 @@ class Scheduler:
             accept = getattr(processor, "accept", None)
             if accept is not None:
                 accept(token)
-        seq.held += seq.decoder.push(token)
-        cut = _find_stop(seq.held, seq.stop)
-        if cut is not None:
-            seq.held = seq.held[:cut]
-            self._finish(seq, "stop", flush=False)
+        piece = seq.text.push(token)
+        if seq.text.stopped:
+            self._finish(seq, "stop")
             return
-        safe = len(seq.held) - _partial_stop_len(seq.held, seq.stop)
-        if safe > 0:
-            seq.send("piece", seq.held[:safe])
-            seq.held = seq.held[safe:]
+        if piece:
+            seq.send("piece", piece)
         if stats.generated_tokens >= seq.limit:
             self._finish(seq, "length")
         else:
             seq.ids.append(token)
 
-    def _finish(self, seq: _Sequence, reason: str | None, flush: bool = True, error: BaseException | None = None):
+    def _finish(self, seq: _Sequence, reason: str | None, error: BaseException | None = None):
         """Ends seq (reason: its finish_reason; or error, handed to its consumer) and frees its slot,
         whose cache keeps the tokens computed."""
         stats = seq.stats
         if error is None:
-            if reason != "cancelled" and flush:
-                seq.held += seq.decoder.flush()  # the text decode() gives for the last tokens
-                cut = _find_stop(seq.held, seq.stop)
-                if cut is not None:
-                    seq.held, reason = seq.held[:cut], "stop"
+            rest = seq.text.finish(flush=reason != "cancelled")
+            if seq.text.stopped:
+                reason = "stop"
             stats.finish_reason = reason
             if seq.first_token_at:
                 stats.decode_seconds = time.perf_counter() - seq.first_token_at
-            if seq.held and reason != "cancelled":
-                seq.send("piece", seq.held)
-            seq.held = ""
+            if rest and reason != "cancelled":
+                seq.send("piece", rest)
             seq.send("end")
         else:
             seq.send("error", error)

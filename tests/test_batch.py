@@ -157,3 +157,41 @@ def test_perplexity_of_batched_windows_equals_one_at_a_time(model_file):
         many = perplexity(llm.logits, tokens, ctx=64, windows=7, logits_many=llm.logits_many, batch=3)
     assert many.windows == one.windows == 7
     np.testing.assert_allclose(many.window_nll, one.window_nll, rtol=1e-5)
+
+
+class _PieceDecoder:
+    """A StreamDecoder stand-in: token i gives pieces[i]; flush() gives `tail`."""
+
+    def __init__(self, pieces, tail=""):
+        self.pieces, self.tail = pieces, tail
+
+    def push(self, token):
+        return self.pieces[token]
+
+    def flush(self):
+        return self.tail
+
+
+def test_stop_text_holds_back_what_may_start_a_stop_string():
+    from pyllm.llm import StopText
+
+    text = StopText(_PieceDecoder(["Hello", " wor", "ld", "!"]), ["world!"])
+    assert text.push(0) == "Hello"
+    assert text.push(1) == " "  # "wor" may begin "world!"
+    assert text.push(2) == ""
+    assert text.push(3) == "" and text.stopped
+    assert text.finish() == ""  # nothing before the stop string is left, and no flush after a stop
+
+
+def test_stop_text_finish_flushes_and_finds_a_stop_completed_there():
+    from pyllm.llm import StopText
+
+    text = StopText(_PieceDecoder(["abc ", "EN"], tail="D tail"), ["END"])
+    assert text.push(0) == "abc " and text.push(1) == ""
+    assert text.finish() == "" and text.stopped  # "EN" + flushed "D" completes the stop string
+    held = StopText(_PieceDecoder(["ab", "E"], tail="xyz"), ["END"])
+    assert held.push(0) == "ab" and held.push(1) == ""
+    assert held.finish(flush=False) == "E" and not held.stopped  # cancelled: what was held, no flush
+    plain = StopText(_PieceDecoder(["ab", "E"], tail="xyz"), ["END"])
+    plain.push(0), plain.push(1)
+    assert plain.finish() == "Exyz" and not plain.stopped

@@ -303,6 +303,6 @@ class Calibration:
         short = ("self_attn." if ".self_attn." in base else "mlp.") + short
         return prefix + "." + next(n for n, shorts in INPUTS.items() if short in shorts)
 
-    def input_hessian(self, base: str, dtype=np.float64) -> np.ndarray:
-        """The Hessian [cols, cols] of matrix `base`'s input, as `dtype` (float32: the stored array, not a copy)."""
-        return self.hessians[self.input_name(base)].astype(dtype, copy=False)
+    def input_hessian(self, base: str) -> np.ndarray:
+        """The Hessian f64 [cols, cols] of matrix `base`'s input."""
+        return self.hessians[self.input_name(base)].astype(np.float64)
