@@ -117,6 +117,33 @@ def test_forward_rows_logits_match_the_single_sequence_path(model_file):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+def test_a_step_of_many_sequences_at_different_depths_matches_each_alone(model_file):
+    # one step: a decode row of each of 4 sequences (depths 5 .. 300: the deeper ones' keys are split
+    # in chunks) beside a 40-row prompt chunk of a fifth; every sequence's logits as when it runs alone
+    rng = np.random.default_rng(1)
+    depths = [5, 130, 300, 70]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=5) as llm:
+        engine = llm.engine
+        for seq, depth in enumerate(depths):
+            engine.forward_rows(rng.integers(3, 400, depth).astype(np.int32), np.full(depth, seq, np.int32),
+                                np.arange(depth, dtype=np.int32), np.array([depth - 1]))
+        chunk = rng.integers(3, 400, 40).astype(np.int32)
+        decode = rng.integers(3, 400, len(depths)).astype(np.int32)
+        tokens = np.concatenate([decode[:2], chunk, decode[2:]])
+        seq_ids = np.array([0, 1] + [4] * 40 + [2, 3], dtype=np.int32)
+        positions = np.array(depths[:2] + list(range(40)) + depths[2:], dtype=np.int32)
+        logit_rows = np.array([0, 1, 41, 42, 43])
+        together = engine.forward_rows(tokens, seq_ids, positions, logit_rows)
+        alone = [engine.forward_rows(tokens[r:r + 1], seq_ids[r:r + 1], positions[r:r + 1], np.array([0]))[0]
+                 for r in (0, 1)]
+        alone.append(engine.forward_rows(chunk, np.full(40, 4, np.int32), np.arange(40, dtype=np.int32),
+                                         np.array([39]))[0])
+        alone += [engine.forward_rows(tokens[r:r + 1], seq_ids[r:r + 1], positions[r:r + 1], np.array([0]))[0]
+                  for r in (42, 43)]
+    for a, b in zip(together, alone):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
 def test_forward_rows_and_copy_sequence_refuse_bad_rows(model_file):
     with pyllm.LLM(model_file, n_threads=1, n_parallel=2, context_length=64) as llm:  # noqa: SIM117
         e = llm.engine

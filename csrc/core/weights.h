@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <cstdlib>
+#include <sys/mman.h>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -110,15 +111,31 @@ struct QuantizedRows {
 };
 
 // Heap bytes aligned to 64 (tiled weights are read with aligned vector loads).
+// Buffers of 4 MiB and more are aligned to 2 MiB and asked for transparent huge
+// pages (madvise; a no-op where the kernel does not do them): the matmuls and the
+// attention stream through them, and with 4 KiB pages every 4 KiB costs a TLB
+// walk and stops the hardware prefetcher at the page's end.
 class AlignedBytes {
 public:
-    explicit AlignedBytes(size_t n)
-        : ptr_(static_cast<uint8_t*>(std::aligned_alloc(64, (size_t)round_up((int64_t)(n ? n : 1), 64))), &std::free) {
+    static constexpr size_t kHugePage = size_t(2) << 20;
+    explicit AlignedBytes(size_t n) : ptr_(nullptr, &std::free) {
+        const bool huge = n >= 2 * kHugePage;
+        const size_t align = huge ? kHugePage : 64;
+        const size_t size = (size_t)round_up((int64_t)(n ? n : 1), (int64_t)align);
+        ptr_.reset(static_cast<uint8_t*>(std::aligned_alloc(align, size)));
         if (!ptr_) throw std::bad_alloc();
+        if (huge) advise_huge_pages(ptr_.get(), size);
     }
     uint8_t* data() const { return ptr_.get(); }
 
 private:
+    static void advise_huge_pages(void* p, size_t size) {
+#ifdef MADV_HUGEPAGE
+        ::madvise(p, size, MADV_HUGEPAGE);  // advice: failure is harmless
+#else
+        (void)p, (void)size;
+#endif
+    }
     std::unique_ptr<uint8_t, decltype(&std::free)> ptr_;
 };
 

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -306,8 +307,8 @@ public:
         row_bytes_ = kv_row_bytes(kv_type_, hd);
         layer_bytes_ = checked_product({cfg_.n_kv_heads, n_ctx_, row_bytes_}, "KV cache");
         const int64_t cache_bytes = checked_product({layer_bytes_, cfg_.n_layers, n_seq_}, "KV cache");
-        k_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
-        v_cache_.reset(new uint8_t[checked_size(cache_bytes, "KV cache")]);
+        k_cache_.emplace(checked_size(cache_bytes, "KV cache"));
+        v_cache_.emplace(checked_size(cache_bytes, "KV cache"));
         const int64_t B = kMaxBatch;
         x_.resize((size_t)(B * D));
         h_.resize((size_t)(B * D));
@@ -391,8 +392,8 @@ private:
 
     // This sequence's cache of layer l (ops.h attention: keys [kv_heads, head_dim, n_ctx] transposed for f32/f16,
     // [kv_heads, n_ctx, row_bytes_] for q8_0; values [kv_heads, n_ctx, row_bytes_]).
-    uint8_t* k_layer(int64_t seq, int64_t l) const { return k_cache_.get() + (seq * cfg_.n_layers + l) * layer_bytes_; }
-    uint8_t* v_layer(int64_t seq, int64_t l) const { return v_cache_.get() + (seq * cfg_.n_layers + l) * layer_bytes_; }
+    uint8_t* k_layer(int64_t seq, int64_t l) const { return k_cache_->data() + (seq * cfg_.n_layers + l) * layer_bytes_; }
+    uint8_t* v_layer(int64_t seq, int64_t l) const { return v_cache_->data() + (seq * cfg_.n_layers + l) * layer_bytes_; }
 
     void copy_cache(int64_t src, int64_t dst, int64_t n_positions) override {
         const int64_t hd = cfg_.head_dim, rows = n_positions * row_bytes_;
@@ -474,12 +475,15 @@ private:
                 }
             });
             clock_.time(S::kAttention, [&] {
+                attention_spans_.clear();
                 for (int64_t s = 0; s < n_spans; ++s) {
                     const Span& sp = spans[s];
-                    attention(pool_, q_.data() + sp.row_begin * H * hd, kv_type_, k_layer(sp.seq, l), v_layer(sp.seq, l),
-                              sp.rows, H, Hkv, hd, n_ctx_, sp.pos0, attn_scale, attention_options_[(size_t)l],
-                              attn_.data() + sp.row_begin * H * hd);
+                    attention_spans_.push_back(AttentionSpan{q_.data() + sp.row_begin * H * hd, k_layer(sp.seq, l),
+                                                             v_layer(sp.seq, l), sp.rows, sp.pos0,
+                                                             attn_.data() + sp.row_begin * H * hd});
                 }
+                attention(pool_, kv_type_, attention_spans_.data(), n_spans, H, Hkv, hd, n_ctx_, attn_scale,
+                          attention_options_[(size_t)l]);
             });
             observe(l, kAttnOut, attn_.data(), M, H * hd);
             clock_.time(S::kOut, [&] {
@@ -580,9 +584,10 @@ private:
 
     KvType kv_type_ = KvType::F16;
     int64_t row_bytes_ = 0;  // one position of one kv head (kv_row_bytes)
-    std::unique_ptr<uint8_t[]> k_cache_;  // [n_seq, layers, ...] as k_layer says
-    std::unique_ptr<uint8_t[]> v_cache_;  // [n_seq, layers, kv_heads, n_ctx, row_bytes_]
+    std::optional<AlignedBytes> k_cache_;  // [n_seq, layers, ...] as k_layer says
+    std::optional<AlignedBytes> v_cache_;  // [n_seq, layers, kv_heads, n_ctx, row_bytes_]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
+    std::vector<AttentionSpan> attention_spans_;  // this layer's spans (run_spans), kept to reuse its memory
     std::vector<uint8_t> k_encoded_, v_encoded_;  // [kMaxBatch, kv_heads, row_bytes_]: k_, v_ encoded (encode_kv)
     std::vector<int32_t> positions_;
     std::vector<float> cos_sin_, cos_sin_local_;  // [kMaxBatch, 2, rotary_dim / 2]: this batch's rope angles

@@ -253,45 +253,61 @@ std::vector<float> alibi_slopes(int64_t n_heads) {
     return slopes;
 }
 
-void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
-               int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
-               const AttentionOptions& options, float* out) {
-    // Tasks are (block of query rows, kv head, key chunk): the query heads sharing a kv head
-    // read its keys and values once, together; when there are few rows (decode), the
-    // keys are split into chunks so every thread has work (blocks of one row), each chunk
-    // keeping its own max, sum and unnormalised output, merged afterwards.
+void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int64_t n_spans, int64_t n_heads,
+               int64_t n_kv_heads, int64_t D, int64_t cache_len, float scale, const AttentionOptions& options) {
+    // Tasks are (span, block of query rows, kv head, key chunk), all spans' tasks in one parallel
+    // loop: the query heads sharing a kv head read its keys and values once, together; when a span
+    // has few rows (decode), its keys are split into chunks so every thread has work (blocks of one
+    // row), each chunk keeping its own max, sum and unnormalised output, merged afterwards. A span's
+    // tasks and its arithmetic depend only on that span (and the thread count), never on the others
+    // beside it: a sequence's result is the same whatever else is in the batch.
     if (kv_type == KvType::Q8_0 && D % kQ8Block != 0)
         throw std::invalid_argument("a q8_0 KV cache needs head_dim a multiple of 32, not " + std::to_string(D));
     const CpuKernels& kernels = active_kernels();
     const int64_t group = n_heads / n_kv_heads;
-    const int64_t rows = M * n_kv_heads;
     const int64_t min_chunk = 64;
     // keys a query sees: its own position and those before it, back to the window
     const int64_t window = options.window > 0 ? options.window : INT64_MAX;
-    const int64_t widest = std::min(pos0 + M, window);
-    int64_t n_chunks = 1;
-    if (rows < 4 * pool.size())
-        n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
     const bool shaped = options.alibi != nullptr || options.softcap > 0.0f;
     // Prefill: up to kRowsPerTask consecutive query rows per task read the keys and values they see
     // once, together (each row's keys past its own position, or before its window, masked). ALiBi,
     // whose term depends on the query's position, and soft-capping keep one row per task.
     constexpr int64_t kRowsPerTask = 4;
-    const int64_t R = n_chunks == 1 && !shaped ? std::clamp<int64_t>(rows / (4 * pool.size()), 1, kRowsPerTask) : 1;
-    const int64_t blocks = (M + R - 1) / R;
+    struct Plan {
+        int64_t n_chunks, R, blocks, first_task, first_part;  // first_part: into the chunk buffers, in heads
+    };
+    std::vector<Plan> plans((size_t)n_spans);
+    int64_t n_tasks = 0, n_parts = 0;
+    for (int64_t s = 0; s < n_spans; ++s) {
+        const int64_t M = spans[s].M, rows = M * n_kv_heads;
+        const int64_t widest = std::min(spans[s].pos0 + M, window);
+        int64_t n_chunks = 1;
+        if (rows < 4 * pool.size())
+            n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
+        const int64_t R = n_chunks == 1 && !shaped ? std::clamp<int64_t>(rows / (4 * pool.size()), 1, kRowsPerTask) : 1;
+        const int64_t blocks = (M + R - 1) / R;
+        plans[(size_t)s] = Plan{n_chunks, R, blocks, n_tasks, n_parts};
+        n_tasks += blocks * n_kv_heads * n_chunks;
+        if (n_chunks > 1) n_parts += rows * n_chunks * group;
+    }
     // bytes from a cache's start to kv head kv's key t (keys transposed unless q8_0) and to its value row t
     const int64_t row_bytes = kv_row_bytes(kv_type, D);
     auto key_offset = [&](int64_t kv, int64_t t) {
         return kv_type == KvType::Q8_0 ? (kv * cache_len + t) * row_bytes : (kv * D * cache_len + t) * (row_bytes / D);
     };
-    std::vector<float> maxima(n_chunks > 1 ? (size_t)(rows * n_chunks * group) : 0), sums(maxima.size());
-    std::vector<float> partial_out(n_chunks > 1 ? (size_t)(rows * n_chunks * group * D) : 0);
+    std::vector<float> maxima((size_t)n_parts), sums((size_t)n_parts), partial_out((size_t)(n_parts * D));
 
-    pool.parallel_for(blocks * n_kv_heads * n_chunks, [&](int64_t task) {
-        const int64_t block = task / (n_kv_heads * n_chunks), kv = task / n_chunks % n_kv_heads, chunk = task % n_chunks;
-        const int64_t m0 = block * R, block_rows = std::min(R, M - m0), heads = block_rows * group;
+    pool.parallel_for(n_tasks, [&](int64_t task) {
+        // the span this task belongs to: the last whose first task is at or before it
+        const int64_t s = std::upper_bound(plans.begin(), plans.end(), task,
+                                           [](int64_t t, const Plan& p) { return t < p.first_task; }) - plans.begin() - 1;
+        const AttentionSpan& span = spans[s];
+        const Plan& plan = plans[(size_t)s];
+        const int64_t n_chunks = plan.n_chunks, R = plan.R, local = task - plan.first_task;
+        const int64_t block = local / (n_kv_heads * n_chunks), kv = local / n_chunks % n_kv_heads, chunk = local % n_chunks;
+        const int64_t m0 = block * R, block_rows = std::min(R, span.M - m0), heads = block_rows * group;
         // keys of the block: from the first row's first (the window's start) to the last row's own
-        const int64_t position = pos0 + m0, first = position >= window ? position - window + 1 : 0;
+        const int64_t position = span.pos0 + m0, first = position >= window ? position - window + 1 : 0;
         const int64_t n_keys = position + block_rows - first, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
         const int64_t t0 = first + std::min(n_keys, chunk * per_chunk);
         const int64_t t1 = first + std::min(n_keys, chunk * per_chunk + per_chunk);
@@ -305,7 +321,7 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
         float* sum = max + heads;                        // [heads]
         float* scores = sum + heads;                     // [heads, len]
         if (n_chunks > 1) {  // one row: the chunk's partial results are kept for the merge
-            const int64_t part = ((m0 * n_kv_heads + kv) * n_chunks + chunk) * group;
+            const int64_t part = plan.first_part + ((m0 * n_kv_heads + kv) * n_chunks + chunk) * group;
             o_rows = partial_out.data() + part * D;
             max = maxima.data() + part;
             sum = sums.data() + part;
@@ -317,7 +333,7 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
             return;
         }
         for (int64_t r = 0; r < block_rows; ++r) {
-            const float* q_group = q + ((m0 + r) * n_heads + kv * group) * D;
+            const float* q_group = span.q + ((m0 + r) * n_heads + kv * group) * D;
             for (int64_t i = 0; i < group * D; ++i) q_scaled[r * group * D + i] = q_group[i] * scale;
         }
         ScoreShaping shaping;
@@ -332,36 +348,48 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
             shaping.window = options.window;
         }
         kernels.attend(q_scaled, heads, D, kv_type,
-                       static_cast<const uint8_t*>(k_cache_t) + key_offset(kv, t0), cache_len,
-                       static_cast<const uint8_t*>(v_cache) + (kv * cache_len + t0) * row_bytes, len,
+                       static_cast<const uint8_t*>(span.k_cache_t) + key_offset(kv, t0), cache_len,
+                       static_cast<const uint8_t*>(span.v_cache) + (kv * cache_len + t0) * row_bytes, len,
                        shaped || block_rows > 1 ? &shaping : nullptr, scores, o_rows, max, sum);
         if (n_chunks > 1) return;  // chunks are normalised when merged
         for (int64_t r = 0; r < block_rows; ++r) {
-            float* o = out + ((m0 + r) * n_heads + kv * group) * D;
+            float* o = span.out + ((m0 + r) * n_heads + kv * group) * D;
             for (int64_t g = 0; g < group; ++g)
                 for (int64_t i = 0; i < D; ++i) o[g * D + i] = o_rows[(r * group + g) * D + i] / sum[r * group + g];
         }
     });
-    if (n_chunks == 1) return;
-    for (int64_t row = 0; row < rows; ++row) {
-        const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
-        for (int64_t g = 0; g < group; ++g) {
-            float max_all = -INFINITY;
-            for (int64_t c = 0; c < n_chunks; ++c) max_all = std::max(max_all, maxima[(size_t)((row * n_chunks + c) * group + g)]);
-            float* o = out + (m * n_heads + kv * group + g) * D;
-            std::fill_n(o, D, 0.0f);
-            float total = 0.0f;
-            for (int64_t c = 0; c < n_chunks; ++c) {
-                const size_t part = (size_t)((row * n_chunks + c) * group + g);
-                if (sums[part] == 0.0f) continue;
-                const float weight = std::exp(maxima[part] - max_all);
-                total += weight * sums[part];
-                const float* oc = partial_out.data() + part * D;
-                for (int64_t i = 0; i < D; ++i) o[i] += weight * oc[i];
+    for (int64_t s = 0; s < n_spans; ++s) {
+        const Plan& plan = plans[(size_t)s];
+        const int64_t n_chunks = plan.n_chunks;
+        if (n_chunks == 1) continue;
+        for (int64_t row = 0; row < spans[s].M * n_kv_heads; ++row) {
+            const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
+            for (int64_t g = 0; g < group; ++g) {
+                const auto part_of = [&](int64_t c) { return (size_t)(plan.first_part + (row * n_chunks + c) * group + g); };
+                float max_all = -INFINITY;
+                for (int64_t c = 0; c < n_chunks; ++c) max_all = std::max(max_all, maxima[part_of(c)]);
+                float* o = spans[s].out + (m * n_heads + kv * group + g) * D;
+                std::fill_n(o, D, 0.0f);
+                float total = 0.0f;
+                for (int64_t c = 0; c < n_chunks; ++c) {
+                    const size_t part = part_of(c);
+                    if (sums[part] == 0.0f) continue;
+                    const float weight = std::exp(maxima[part] - max_all);
+                    total += weight * sums[part];
+                    const float* oc = partial_out.data() + part * D;
+                    for (int64_t i = 0; i < D; ++i) o[i] += weight * oc[i];
+                }
+                for (int64_t i = 0; i < D; ++i) o[i] /= total;
             }
-            for (int64_t i = 0; i < D; ++i) o[i] /= total;
         }
     }
+}
+
+void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
+               int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
+               const AttentionOptions& options, float* out) {
+    const AttentionSpan span{q, k_cache_t, v_cache, M, pos0, out};
+    attention(pool, kv_type, &span, 1, n_heads, n_kv_heads, D, cache_len, scale, options);
 }
 
 }  // namespace pyllm

@@ -110,4 +110,16 @@ void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_c
                int64_t n_heads, int64_t n_kv_heads, int64_t D, int64_t cache_len, int64_t pos0, float scale,
                const AttentionOptions& options, float* out);
 
+// The same over several sequences' rows at once (one parallel loop over all their tasks; each
+// span's result is what attention() gives it alone), for a batch step of many sequences.
+struct AttentionSpan {
+    const float* q;         // f32 [M, n_heads, D]
+    const void* k_cache_t;  // this sequence's keys, laid out as above
+    const void* v_cache;    // this sequence's values, laid out as above
+    int64_t M, pos0;        // its new queries and the position of the first
+    float* out;             // f32 [M, n_heads, D]
+};
+void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int64_t n_spans, int64_t n_heads,
+               int64_t n_kv_heads, int64_t D, int64_t cache_len, float scale, const AttentionOptions& options);
+
 }  // namespace pyllm
