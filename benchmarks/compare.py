@@ -13,8 +13,8 @@ Models (files built once and cached under --work, default ~/.cache/pyllm/bench):
                32 heads / 4 KV heads, untied) and SmolLM2's vocabulary of 49152, written once as an
                F16 GGUF with SmolLM2's tokenizer (tools/llama_gguf.py); pyllm converts that GGUF,
                llama.cpp quantizes it. transformers is not run on it (too slow).
-  random-1.1b-FAMILY  the same idea for the other families (qwen2, qwen3, gemma3, phi3, bloom, gpt2,
-               glm4, glm, opt; shapes and options in tools/random_family.py): a random transformers
+  random-1.1b-FAMILY  the same idea for the other families (qwen2, qwen3, gemma2, gemma3, phi3, bloom,
+               gpt2, glm4, glm, opt; shapes and options in tools/random_family.py): a random transformers
                checkpoint in f16 with SmolLM2's tokenizer, written as an F16 GGUF by llama.cpp's own
                convert_hf_to_gguf.py (--llama-cpp-src); pyllm converts that GGUF, llama.cpp quantizes
                it. llama.cpp has no OPT: pyllm converts that checkpoint and runs alone (no ratios).

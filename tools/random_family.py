@@ -8,15 +8,22 @@ the family has them, 4 KV heads and a gated feed-forward of 5632 (TinyLlama-1.1B
 and OPT have neither grouped KV heads nor a gate: they keep multi-head attention and their 4 x
 hidden feed-forward (8192), so they are larger (~1.5B parameters); each row of the table carries
 its MB/token. The family's own options are on: Qwen2's q/k/v biases, Qwen3's per-head q/k norms,
-Gemma 3's local/global layers (five sliding layers of window 512 to one global, as Gemma 3 1B) and
-(1 + w) norms, Phi-3's fused qkv and gate/up, GLM-4's partial rotary, post norms and fused gate/up.
+Gemma 2's alternating local (window 512) and global layers with attention logits soft-capped at 50 and
+final logits at 30, Gemma 3's local/global layers (five sliding layers of window 512 to one global, as
+Gemma 3 1B); both Gemmas' (1 + w) norms, post norms and query_pre_attn_scalar = head_dim (64, as Gemma 2
+2B and Gemma 3 1B have it at their head_dim of 256; llama.cpp assumes it for all but Gemma 2 27B),
+Phi-3's fused qkv and gate/up, GLM-4's partial rotary, post norms and fused gate/up.
 
 Weights: every matrix normal with std 0.02 (seeded per tensor, stored in f16, so that the F16 GGUF
 holds them exactly), norms as the family's initialisation leaves them (1, or 0 under Gemma's 1 + w),
 biases 0. The tokenizer is SmolLM2's (a byte-level BPE that llama.cpp's converter knows, pre-tokenizer
 "smollm"): the families' own tokenizers would change only the vocabulary size, and the test is speed.
 GLM's converters look up a "<|user|>" token; the GLM checkpoints rename one of SmolLM2's unused
-special tokens to it.
+special tokens to it. llama.cpp's Gemma 2 converter class reads only a SentencePiece tokenizer.model
+(Gemma 3's falls back to tokenizer.json): for the families in BPE_VOCAB the converter runs with that
+class's set_vocab replaced by the converter's own byte-level BPE path (_set_vocab_gpt2, what Gemma 3's
+class calls without a tokenizer.model), so the GGUF holds SmolLM2's vocabulary of 49152 as a "gpt2"
+tokenizer with pre-tokenizer "smollm". llama.cpp loads and runs such a file unchanged.
 
 llama.cpp's converter is used as a user would (python convert_hf_to_gguf.py DIR --outtype f16) from
 the llama.cpp source tree (llama_cpp_src; the sdist of llama-cpp-python 0.3.36 holds it under
@@ -37,11 +44,17 @@ IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)  # SmolLM2's <|im_sta
 GATED = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
              num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=2048, **IDS)
 GEMMA3_LAYERS = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(LAYERS)]
+GEMMA2_LAYERS = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(LAYERS)]
 
 # family -> (transformers config class, model class, config kwargs, llama.cpp runs it)
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(GATED, tie_word_embeddings=False), True),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(GATED, head_dim=64, tie_word_embeddings=False), True),
+    # query_pre_attn_scalar = head_dim, as in Gemma 2 2B and 9B (256 = their head_dim); llama.cpp scales
+    # queries by 1/sqrt(head_dim) for every Gemma 2 but the 46-layer 27B, so 64 keeps both engines' logits equal
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(GATED, head_dim=64, query_pre_attn_scalar=64, sliding_window=512, layer_types=GEMMA2_LAYERS,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6), True),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(GATED, head_dim=64, query_pre_attn_scalar=64, sliding_window=512, layer_types=GEMMA3_LAYERS,
                     rms_norm_eps=1e-6), True),
@@ -62,15 +75,24 @@ FAMILIES = {
 GLM_TOKENS = {"<|user|>": "<empty_output>"}
 
 
-# convert_hf_to_gguf.py run as it is, except that transformers 5 would give a qwen2 checkpoint Qwen2's
-# own tokenizer class (its pre-tokenizer regex in place of the file's, which llama.cpp's converter
-# then does not recognise): the family's model type maps to the class that reads tokenizer.json as is
+# families whose llama.cpp converter class reads only a SentencePiece tokenizer.model (Gemma 2's set_vocab)
+BPE_VOCAB = {"gemma2"}
+
+# convert_hf_to_gguf.py run as it is, except for two things. transformers 5 would give a qwen2 checkpoint
+# Qwen2's own tokenizer class (its pre-tokenizer regex in place of the file's, which llama.cpp's converter
+# then does not recognise): the family's model type maps to the class that reads tokenizer.json as is.
+# For a family in BPE_VOCAB, the converter class of its transformers class (argv[2]; "" for none) reads
+# tokenizer.json through the converter's own byte-level BPE path, _set_vocab_gpt2, as Gemma 3's class
+# does when a checkpoint has no tokenizer.model
 _CONVERT = """import os, runpy, sys
 import transformers.models.auto.tokenization_auto as auto
-auto.TOKENIZER_MAPPING_NAMES[sys.argv[1]] = "TokenizersBackend"
-script = sys.argv[2]
-sys.argv = [script] + sys.argv[3:]
+model_type, bpe_class, script = sys.argv[1:4]
+auto.TOKENIZER_MAPPING_NAMES[model_type] = "TokenizersBackend"
+sys.argv = [script] + sys.argv[4:]
 sys.path.insert(0, os.path.dirname(script))
+if bpe_class:
+    from conversion import get_model_class
+    get_model_class(bpe_class).set_vocab = lambda self: self._set_vocab_gpt2()
 runpy.run_path(script, run_name="__main__")
 """
 
@@ -160,11 +182,13 @@ def random_family_gguf(family: str, out: str, work: str, llama_cpp_src: str) -> 
         raise FileNotFoundError(f"llama.cpp's converter is not at {script} (set --llama-cpp-src / LLAMA_CPP_SRC)")
     checkpoint = random_family_checkpoint(family, os.path.join(work, f"random-1.1b-{family}-hf"))
     print(f"converting {checkpoint} -> {out} with {script}", file=sys.stderr, flush=True)
-    model_type = getattr(__import__("transformers"), _family(family)[0]).model_type
+    config_name, model_name, _, _ = _family(family)
+    model_type = getattr(__import__("transformers"), config_name).model_type
+    bpe_class = model_name if family in BPE_VOCAB else ""
     # the name is neutral: llama.cpp sets attributes of Phi-3's own special tokens (</s>, <unk>, <s>) on any
     # model whose name contains "phi3", and fails to load a vocabulary without them
-    done = subprocess.run([sys.executable, "-c", _CONVERT, model_type, script, checkpoint, "--outtype", "f16",
-                           "--model-name", "random-1.1b", "--outfile", out + ".partial"],
+    done = subprocess.run([sys.executable, "-c", _CONVERT, model_type, bpe_class, script, checkpoint,
+                           "--outtype", "f16", "--model-name", "random-1.1b", "--outfile", out + ".partial"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {family}: {done.stderr[-2000:]}")
