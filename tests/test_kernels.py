@@ -1082,6 +1082,13 @@ ATTENTION_CASES = [
     (2, 10, 2, 6, 23, 19),
     (3, 16, 2, 72, 41, 37),
     (1, 8, 1, 40, 17, 16),
+    # AVX-512 tiles' edges: 32-key score tiles of up to 12 heads, 64-dim output tiles of up to 6;
+    # 13 and 12 query heads per kv head, head_dim 80 (a 64-dim tile and a 16-dim one) and 24, key
+    # counts 33 and 47 (a 32-key tile then a ragged 16-key one), 4 rows of 12 heads (prefill tasks)
+    (1, 13, 1, 80, 40, 32),
+    (1, 12, 1, 24, 50, 46),
+    (4, 24, 2, 64, 160, 120),
+    (2, 7, 1, 16, 33, 31),
     # q8_0 blocks: 1, 3 and 4 blocks per head, key counts off the 4-key score tile
     (1, 5, 1, 96, 90, 86),
     (3, 7, 7, 32, 41, 37),

@@ -122,8 +122,9 @@ void output_heads(const float* p, int64_t len, const T* values, int64_t D, float
     for (; d < D; d += 8) output_tile<GH, 1>(p, len, values, D, d, std::min<int64_t>(8, D - d), out);
 }
 
-// Softmax numerators of one head's scores in place; returns (max, sum).
-void exp_scores(float* s, int64_t len, float* max_out, float* sum_out) {
+}  // namespace
+
+void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_out) {
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     int64_t t = 0;
     for (; t + 8 <= len; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + t));
@@ -142,6 +143,8 @@ void exp_scores(float* s, int64_t len, float* max_out, float* sum_out) {
     *max_out = max_score;
     *sum_out = hsum(vsum);
 }
+
+namespace {
 
 
 // The f16 scale of a q8_0 block, converted with F16C.
@@ -237,7 +240,7 @@ void attend_q8_0(const float* q, int64_t group, int64_t D, const uint8_t* keys, 
         score_q8_heads<decltype(gh)::value>(q + g * D, D, keys, row_bytes, len, scores + g * len);
     });
     if (shaping) shape_scores(*shaping, group, len, scores);
-    for (int64_t g = 0; g < group; ++g) exp_scores(scores + g * len, len, max + g, sum + g);
+    for (int64_t g = 0; g < group; ++g) softmax_numerators_avx2(scores + g * len, len, max + g, sum + g);
     by_three_heads(group, [&](int64_t g, auto gh) {
         output_q8_heads<decltype(gh)::value>(scores + g * len, len, values, row_bytes, D, out + g * D);
     });
@@ -259,7 +262,7 @@ void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int
         g += gh;
     }
     if (shaping) shape_scores(*shaping, group, len, scores);
-    for (int64_t g = 0; g < group; ++g) exp_scores(scores + g * len, len, max + g, sum + g);
+    for (int64_t g = 0; g < group; ++g) softmax_numerators_avx2(scores + g * len, len, max + g, sum + g);
     for (int64_t g = 0; g < group;) {
         const int64_t gh = std::min<int64_t>(3, group - g);
         const float* pg = scores + g * len;

@@ -128,9 +128,14 @@ void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void
                  float* sum);
 void swiglu_avx2(const float* gate, const float* up, int64_t n, float* out);
 void round_to_f16_avx2(const float* x, int64_t n, uint16_t* out);
+// One head's scores s f32 [len] -> exp(s - max) in place; *max_out = max, *sum_out = the sum.
+void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_out);
 #endif
 #if defined(PYLLM_HAVE_AVX512)
-extern const CpuKernels kAvx512Kernels;  // VNNI integer dots, AVX-512 float prefill; attention as AVX2
+extern const CpuKernels kAvx512Kernels;  // VNNI integer dots, AVX-512 float prefill and attention
+void attend_avx512(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
+                   const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out,
+                   float* max, float* sum);
 #endif
 
 

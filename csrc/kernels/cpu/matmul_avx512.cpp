@@ -345,6 +345,6 @@ void float_weights_avx512(const WeightView& w, const float* x, int64_t M, int64_
 }  // namespace
 
 const CpuKernels kAvx512Kernels = {"avx512", float_weights_avx512, quant_weights, quantize_rows_avx2, true,
-                                  attend_avx2, swiglu_avx2, round_to_f16_avx2};
+                                  attend_avx512, swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm
