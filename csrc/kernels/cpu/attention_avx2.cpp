@@ -132,9 +132,15 @@ void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_o
     for (int64_t r = t; r < len; ++r) max_score = std::max(max_score, s[r]);
     const __m256 m = _mm256_set1_ps(max_score);
     __m256 vsum = _mm256_setzero_ps();
-    for (t = 0; t < len; t += 8) {
-        const int64_t n = std::min<int64_t>(8, len - t);
-        const __m256i mask = lane_mask(n);
+    // full vectors with plain loads and stores (a masked store costs many times a plain one on AMD
+    // cores), the tail masked
+    for (t = 0; t + 8 <= len; t += 8) {
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    if (t < len) {
+        const __m256i mask = lane_mask(len - t);
         const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(s + t, mask), m));
         const __m256 kept = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
         _mm256_maskstore_ps(s + t, mask, kept);
