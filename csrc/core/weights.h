@@ -114,7 +114,9 @@ struct QuantizedRows {
 // Buffers of 4 MiB and more are aligned to 2 MiB and asked for transparent huge
 // pages (madvise; a no-op where the kernel does not do them): the matmuls and the
 // attention stream through them, and with 4 KiB pages every 4 KiB costs a TLB
-// walk and stops the hardware prefetcher at the page's end.
+// walk and stops the hardware prefetcher at the page's end. The price: memory is
+// committed 2 MiB at a time (a KV cache slot becomes resident on its first use).
+// PYLLM_HUGE_PAGES=0 in the environment (read once) asks for none.
 class AlignedBytes {
 public:
     static constexpr size_t kHugePage = size_t(2) << 20;
@@ -124,11 +126,18 @@ public:
         const size_t size = (size_t)round_up((int64_t)(n ? n : 1), (int64_t)align);
         ptr_.reset(static_cast<uint8_t*>(std::aligned_alloc(align, size)));
         if (!ptr_) throw std::bad_alloc();
-        if (huge) advise_huge_pages(ptr_.get(), size);
+        if (huge && huge_pages_wanted()) advise_huge_pages(ptr_.get(), size);
     }
     uint8_t* data() const { return ptr_.get(); }
 
 private:
+    static bool huge_pages_wanted() {
+        static const bool wanted = [] {
+            const char* flag = std::getenv("PYLLM_HUGE_PAGES");
+            return flag == nullptr || std::string(flag) != "0";
+        }();
+        return wanted;
+    }
     static void advise_huge_pages(void* p, size_t size) {
 #ifdef MADV_HUGEPAGE
         ::madvise(p, size, MADV_HUGEPAGE);  // advice: failure is harmless
