@@ -113,28 +113,12 @@ void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out) {
     }
 }
 
-namespace {
-// sum_i f(x[i]) in 16 interleaved partial sums, added up in a fixed order: the compiler can keep the
-// partial sums in vector registers (a single running sum is a chain of dependent adds, 4 cycles a
-// value), and the result does not depend on the instruction set.
-template <typename F>
-float interleaved_sum(const float* x, int64_t n, F f) {
-    float part[16] = {0.0f};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; ++j) part[j] += f(x[i + j]);
-    for (int j = 0; i < n; ++i, ++j) part[j] += f(x[i]);
-    float total = 0.0f;
-    for (int j = 0; j < 16; ++j) total += part[j];
-    return total;
-}
-}  // namespace
-
 void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y) {
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * D;
         float* yr = y + m * D;
-        const float sum_sq = interleaved_sum(xr, D, [](float v) { return v * v; });
+        float sum_sq = 0.0f;
+        for (int64_t i = 0; i < D; ++i) sum_sq += xr[i] * xr[i];
         const float inv = 1.0f / std::sqrt(sum_sq / (float)D + eps);
         for (int64_t i = 0; i < D; ++i) yr[i] = weight[i] * (xr[i] * inv);
     }
@@ -144,9 +128,11 @@ void layernorm(const float* x, const float* weight, const float* bias, int64_t M
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * D;
         float* yr = y + m * D;
-        const float mean = interleaved_sum(xr, D, [](float v) { return v; }) / (float)D;
-        // two passes: the variance of the centred values (no cancellation)
-        const float sum_sq = interleaved_sum(xr, D, [mean](float v) { return (v - mean) * (v - mean); });
+        float sum = 0.0f;
+        for (int64_t i = 0; i < D; ++i) sum += xr[i];
+        const float mean = sum / (float)D;
+        float sum_sq = 0.0f;  // two passes: the variance of the centred values (no cancellation)
+        for (int64_t i = 0; i < D; ++i) sum_sq += (xr[i] - mean) * (xr[i] - mean);
         const float inv = 1.0f / std::sqrt(sum_sq / (float)D + eps);
         for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * weight[i] + bias[i];
     }
