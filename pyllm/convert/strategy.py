@@ -95,6 +95,7 @@ class Strategy:
     formats: dict[str, tuple[str, int]] = field(default_factory=dict)  # layouts chosen per matrix
     done: dict[str, PackedWeight] = field(default_factory=dict)  # matrices already quantized (gptq)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: calibration, layouts, GPTQ
+    record: dict = field(default_factory=dict)  # how the matrices were quantized, stored in the file (pyllm.source)
 
     def quantize(self, base: str, w: np.ndarray, fmt: str, group: int) -> PackedWeight:
         """w f32 [rows, cols] -> the stored weight of matrix `base`."""
@@ -145,8 +146,15 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
         strategy.formats = allocate(source, linears, {b: layouts for b in linears}, options, hessians,
                                     sensitive=sensitive, progress=progress, log=log)
         strategy.seconds["layouts"], clock = time.perf_counter() - clock, time.perf_counter()
+    # int8 never uses the scale search (see the module's docstring): without calibration it is round-to-nearest
+    strategy.record = {"method": "rtn" if options.method == "search" and fmt == "int8" else options.method}
+    if quant == "int4" or options.keep_sensitive:
+        strategy.record["bits_budget"] = options.bits_budget or BITS_BUDGET
     if hessians is not None:
-        from .gptq import gptq_model
+        from .gptq import DAMPING, gptq_model
+
+        strategy.record.update(damping=DAMPING, calibration="builtin" if options.calib is None else "file",
+                               calibration_windows=hessians.domain_counts())
 
         formats = {b: strategy.formats.get(b, (fmt, group)) for b in linears}
         strategy.done = gptq_model(lambda base: load_matrix(source.load, base, linears[base]), hessians, formats,

@@ -8,7 +8,8 @@ See docs/FORMAT.md. Metadata keys (all strings, JSON where noted):
   pyllm.tokenizer         JSON: TokenizerSpec (kind, special tokens, add_bos/add_eos)
   pyllm.chat_template     Jinja chat template ("" when the model has none)
   pyllm.generation        JSON: generation defaults (temperature, top_p, ...)
-  pyllm.source            JSON: provenance (converter, source path, quantization)
+  pyllm.source            JSON: provenance (converter, source path, quantization; for int8/int4 "quantizer":
+                          method, bits_budget, GPTQ damping, calibration and its windows per domain)
   pyllm.checksums         JSON: {tensor name: CRC-32 of its bytes, 8 hex digits} (verify())
 Tensors: Hugging Face names ("model.layers.0.self_attn.q_proj.weight"), with
 ".scales" / ".mins" beside quantized weights, and the tokenizer files as U8
