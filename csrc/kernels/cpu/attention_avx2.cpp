@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 
 #include "fast_exp.h"
 #include "kernels.h"
@@ -51,8 +50,6 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-constexpr int64_t kPrefetchBytes = 512;
-
 // scores[g][t0 .. t0 + 8 * KV) for GH heads; the last vector holds `tail` keys (8 = full).
 //   q: f32 [GH, D]   keys_t: T [D, stride]   scores: f32 [GH, len]
 template <int GH, int KV, typename T>
@@ -64,9 +61,7 @@ inline void score_tile(const float* q, int64_t D, const T* keys_t, int64_t strid
         for (int v = 0; v < KV; ++v) acc[g][v] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; ++i) {
         const T* row = keys_t + i * stride + t0;
-        // D rows are read side by side, more streams than the hardware prefetcher follows: ask for
-        // each row's bytes kPrefetchBytes ahead (past the last key it is a hint to nowhere, never a fault)
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kKeyPrefetchBytes, _MM_HINT_T0);  // kernels.h
         __m256 k[KV];
         for (int v = 0; v < KV; ++v) k[v] = v == KV - 1 && tail < 8 ? load_kv_part(row + 8 * v, tail) : load_kv8(row + 8 * v);
         for (int g = 0; g < GH; ++g) {
@@ -152,7 +147,6 @@ void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_o
 
 namespace {
 
-
 // The f16 scale of a q8_0 block, converted with F16C.
 inline float block_scale(const uint8_t* block) {
     uint16_t bits;
@@ -227,27 +221,15 @@ void output_q8_heads(const float* p, int64_t len, const uint8_t* values, int64_t
     }
 }
 
-// Calls fn(GH) for consecutive runs of at most 3 of the group's heads (GH a compile-time constant).
-template <typename Fn>
-void by_three_heads(int64_t group, Fn&& fn) {
-    for (int64_t g = 0; g < group;) {
-        const int64_t gh = std::min<int64_t>(3, group - g);
-        if (gh == 3) fn(g, std::integral_constant<int, 3>());
-        else if (gh == 2) fn(g, std::integral_constant<int, 2>());
-        else fn(g, std::integral_constant<int, 1>());
-        g += gh;
-    }
-}
-
 void attend_q8_0(const float* q, int64_t group, int64_t D, const uint8_t* keys, const uint8_t* values, int64_t len,
                  const ScoreShaping* shaping, float* scores, float* out, float* max, float* sum) {
     const int64_t row_bytes = D / kQ8Block * kQ8BlockBytes;
-    by_three_heads(group, [&](int64_t g, auto gh) {
+    by_heads<3>(group, [&](int64_t g, auto gh) {
         score_q8_heads<decltype(gh)::value>(q + g * D, D, keys, row_bytes, len, scores + g * len);
     });
     if (shaping) shape_scores(*shaping, group, len, scores);
     for (int64_t g = 0; g < group; ++g) softmax_numerators_avx2(scores + g * len, len, max + g, sum + g);
-    by_three_heads(group, [&](int64_t g, auto gh) {
+    by_heads<3>(group, [&](int64_t g, auto gh) {
         output_q8_heads<decltype(gh)::value>(scores + g * len, len, values, row_bytes, D, out + g * D);
     });
 }
@@ -255,31 +237,14 @@ void attend_q8_0(const float* q, int64_t group, int64_t D, const uint8_t* keys, 
 template <typename T>
 void attend_typed(const float* q, int64_t group, int64_t D, const T* keys_t, int64_t key_stride, const T* values,
                   int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max, float* sum) {
-    for (int64_t g = 0; g < group;) {
-        const int64_t gh = std::min<int64_t>(4, group - g);
-        const float* qg = q + g * D;
-        float* sg = scores + g * len;
-        switch (gh) {
-            case 4: score_heads<4>(qg, D, keys_t, key_stride, len, sg); break;
-            case 3: score_heads<3>(qg, D, keys_t, key_stride, len, sg); break;
-            case 2: score_heads<2>(qg, D, keys_t, key_stride, len, sg); break;
-            default: score_heads<1>(qg, D, keys_t, key_stride, len, sg); break;
-        }
-        g += gh;
-    }
+    by_heads<4>(group, [&](int64_t g, auto gh) {
+        score_heads<decltype(gh)::value>(q + g * D, D, keys_t, key_stride, len, scores + g * len);
+    });
     if (shaping) shape_scores(*shaping, group, len, scores);
     for (int64_t g = 0; g < group; ++g) softmax_numerators_avx2(scores + g * len, len, max + g, sum + g);
-    for (int64_t g = 0; g < group;) {
-        const int64_t gh = std::min<int64_t>(3, group - g);
-        const float* pg = scores + g * len;
-        float* og = out + g * D;
-        switch (gh) {
-            case 3: output_heads<3>(pg, len, values, D, og); break;
-            case 2: output_heads<2>(pg, len, values, D, og); break;
-            default: output_heads<1>(pg, len, values, D, og); break;
-        }
-        g += gh;
-    }
+    by_heads<3>(group, [&](int64_t g, auto gh) {
+        output_heads<decltype(gh)::value>(scores + g * len, len, values, D, out + g * D);
+    });
 }
 
 }  // namespace

@@ -13,7 +13,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "kernels.h"
 
@@ -31,24 +30,6 @@ inline __m512 load16_part(const uint16_t* p, __mmask16 mask) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 
-constexpr int64_t kPrefetchBytes = 512;  // as attention_avx2.cpp: each key row's bytes this far ahead
-
-// Calls fn(g, std::integral_constant<int, GH>) for consecutive runs of at most Max of n heads.
-template <int N, typename Fn>
-void with_count(int64_t n, Fn&& fn) {
-    if constexpr (N == 1) fn(std::integral_constant<int, 1>());
-    else if (n == N) fn(std::integral_constant<int, N>());
-    else with_count<N - 1>(n, fn);
-}
-template <int Max, typename Fn>
-void by_heads(int64_t n, Fn&& fn) {
-    for (int64_t g = 0; g < n;) {
-        const int64_t gh = std::min<int64_t>(Max, n - g);
-        with_count<Max>(gh, [&](auto count) { fn(g, count); });
-        g += gh;
-    }
-}
-
 // scores[g][t0 .. t0 + 16 * KV) for GH heads; the last vector holds `tail` keys (16 = full).
 //   q: f32 [GH, D]   keys_t: T [D, stride]   scores: f32 [GH, len]
 template <int GH, int KV, typename T>
@@ -60,7 +41,7 @@ inline void score_tile(const float* q, int64_t D, const T* keys_t, int64_t strid
         for (int v = 0; v < KV; ++v) acc[g][v] = _mm512_setzero_ps();
     for (int64_t i = 0; i < D; ++i) {
         const T* row = keys_t + i * stride + t0;
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes, _MM_HINT_T0);  // a hint: never faults
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kKeyPrefetchBytes, _MM_HINT_T0);  // kernels.h
         __m512 k[KV];
         for (int v = 0; v < KV; ++v) k[v] = v == KV - 1 && tail < 16 ? load16_part(row + 16 * v, mask) : load16(row + 16 * v);
         for (int g = 0; g < GH; ++g) {

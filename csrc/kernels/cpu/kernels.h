@@ -8,10 +8,12 @@
 // [n_begin, n_end) for all rows, so the caller splits work across threads by n.
 // The thread-level structure around them lives once, in ops.cpp.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../../core/numeric.h"
@@ -48,6 +50,26 @@ void with_kv_type(KvType kv, const void* keys, const void* values, Fn&& fn) {
     if (kv == KvType::F16) fn(static_cast<const uint16_t*>(keys), static_cast<const uint16_t*>(values));
     else fn(static_cast<const float*>(keys), static_cast<const float*>(values));
 }
+// Calls fn(g, std::integral_constant<int, GH>()) for consecutive runs [g, g + GH) of n query heads,
+// GH at most Max: the SIMD attention kernels' register tiles are sized at compile time.
+template <int N, typename Fn>
+void with_head_count(int64_t n, Fn&& fn) {
+    if constexpr (N == 1) fn(std::integral_constant<int, 1>());
+    else if (n == N) fn(std::integral_constant<int, N>());
+    else with_head_count<N - 1>(n, fn);
+}
+template <int Max, typename Fn>
+void by_heads(int64_t n, Fn&& fn) {
+    for (int64_t g = 0; g < n;) {
+        const int64_t gh = std::min<int64_t>(Max, n - g);
+        with_head_count<Max>(gh, [&](auto count) { fn(g, count); });
+        g += gh;
+    }
+}
+// How far ahead the SIMD attention kernels prefetch each transposed key row they read: D rows are
+// read side by side, more streams than the hardware prefetcher follows (past the last key it is a
+// hint to nowhere, never a fault).
+constexpr int64_t kKeyPrefetchBytes = 512;
 // q8_0 blocks of n values (n a multiple of 32), as llama.cpp's quantize_row_q8_0_ref: per block
 // d = max|x| / 127, codes round(x / d) (half away from zero; 0 for an all-zero block), d stored
 // as f16. Non-finite input gives non-finite scales (never read back as finite values).
