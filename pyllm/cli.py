@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import PyllmError
 
     args = build_parser().parse_args(argv)
+    restore_sigterm = _exit_cleanly_on_sigterm()
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -460,6 +461,27 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"pyllm {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        restore_sigterm()
+
+
+def _exit_cleanly_on_sigterm():
+    """SIGTERM (kill, timeout, a process manager) becomes SystemExit(143) in the main thread, so
+    `with` blocks and `finally` run: temporary directories (calibration's float copy of the
+    model) are removed and partial outputs are not left behind. Python's default is to die on the
+    spot. Only replaces the default handler (a host program's own stays); returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

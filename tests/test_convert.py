@@ -224,3 +224,34 @@ def test_group_size_without_groups_is_refused_in_python(tiny_llama, tmp_path):
         convert_checkpoint(tiny_llama, str(tmp_path / "x.pllm"), quant="f16", group_size=64, progress=False)
 
 
+
+
+def test_sigterm_during_calibration_leaves_no_temporary_files(tiny_llama, tmp_path):
+    """A conversion killed by SIGTERM (a timeout, a process manager) while its calibration holds a
+    float copy of the model in a temporary directory exits 143 and removes that copy; no output
+    or partial output is left. Python's default for SIGTERM dies without running cleanups."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "pyllm.cli", "convert", tiny_llama, "-o", str(out / "m.pllm"),
+                             "--quant", "int4", "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    copy = None
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        copy = next((d for d in tmp.glob("pyllm-calibration-*") if (d / "float.pllm").exists()), None)
+        if copy is not None:
+            break
+        time.sleep(0.001)
+    assert copy is not None, "the conversion ended before its calibration copy was seen"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert list(tmp.iterdir()) == []
+    assert list(out.iterdir()) == []
