@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant import (CODE_OFFSET, CODE_RANGE, PackedWeight, check_group_size, pack_int4, search_group_params)
+from .workers import forked_map, shared
 
 BLOCK_COLUMNS = 128
 # Fraction of mean(diag(H)) added to H's diagonal. Chosen on held-out text, not on the calibration
@@ -130,15 +131,12 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
     return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scales, mins)
 
 
-_JOB: dict = {}  # what forked GPTQ workers read (set by gptq_model before it forks)
-
-
 def _gptq_task(bases: list[str]) -> dict:
     """GPTQ of matrices sharing one input (q/k/v or gate/up share one inverse Hessian factor)."""
-    load, calibration, formats = _JOB["load"], _JOB["calibration"], _JOB["formats"]
-    h = calibration.input_hessian(bases[0])  # f64 [cols, cols]
+    job = shared()
+    h = job["calibration"].input_hessian(bases[0])  # f64 [cols, cols]
     factor = inverse_hessian_factor(h)
-    return {base: gptq_quantize(load(base), h, *formats[base], factor) for base in bases}
+    return {base: gptq_quantize(job["load"](base), h, *job["formats"][base], factor) for base in bases}
 
 
 def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress: bool = True, log=None,
@@ -146,36 +144,23 @@ def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress:
     """GPTQ of every matrix in `formats` (base -> (fmt, group)); load(base) -> f32 [rows, cols];
     calibration.input_hessian(base) -> [cols, cols]. Returns base -> PackedWeight.
 
-    One task per input (its matrices share the inverse Hessian factor). A matrix's work is a
-    sequence of small numpy steps that hold the GIL, so the tasks run in `processes` forked worker
-    processes (default: the CPU count; where fork is unavailable, or with 1, in this process), each
-    with single-threaded BLAS; the workers inherit the loaded source and the Hessians."""
-    import multiprocessing
-    import os
+    One task per input (its matrices share the inverse Hessian factor), run in `processes` forked
+    workers (pyllm/convert/workers.py; default: the CPU count) that inherit the loaded source and
+    the Hessians."""
     import sys
 
-    from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
     by_input: dict[str, list[str]] = {}
     for base in formats:
         by_input.setdefault(calibration.input_name(base), []).append(base)
-    processes = min(processes or os.cpu_count() or 1, len(by_input))
     done: dict = {}
     bar = tqdm(total=len(formats), desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr)
-    _JOB.update(load=load, calibration=calibration, formats=formats)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
-                with multiprocessing.get_context("fork").Pool(processes) as pool:
-                    for result in pool.imap_unordered(_gptq_task, by_input.values()):
-                        done.update(result)
-                        bar.update(len(result))
-            else:
-                for bases in by_input.values():
-                    done.update(_gptq_task(bases))
-                    bar.update(len(bases))
+        for result in forked_map(_gptq_task, by_input.values(),
+                                 dict(load=load, calibration=calibration, formats=formats), processes):
+            done.update(result)
+            bar.update(len(result))
     finally:
-        _JOB.clear()
         bar.close()
     return {base: done[base] for base in formats}

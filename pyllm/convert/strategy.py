@@ -193,6 +193,19 @@ def quantize_dequantize(w, fmt, group, importance=None):
     return dequantize(quantize(w, fmt, group, search=True, importance=importance))
 
 
+def _layout_errors(task: tuple[str, np.ndarray]) -> tuple[str, list]:
+    """(base, sampled row indices) -> (base, [(bits per weight, relative error, layout)] per candidate)."""
+    from .workers import shared
+
+    base, rows_sampled = task
+    job = shared()
+    rows, cols = job["linears"][base]
+    sample = load_matrix(job["load"], base, (rows, cols))[rows_sampled]
+    h = None if job["hessians"] is None else job["hessians"].input_hessian(base)
+    return base, [(bits_per_weight(f, g, rows, cols), relative_error(sample, h, f, g), (f, g))
+                  for f, g in job["choices"][base]]
+
+
 def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessians=None,
              sensitive: tuple[str, int] = SENSITIVE_FORMAT, progress: bool = False,
              log=sys.stderr) -> dict[str, tuple[str, int]]:
@@ -201,17 +214,22 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     progress bar per matrix) is the slow part."""
     from tqdm import tqdm
 
+    from .workers import forked_map
+
     rng = np.random.default_rng(0)
     budget = options.bits_budget or BITS_BUDGET
+    tasks = [(base, np.sort(rng.choice(rows, size=min(rows, SAMPLE_ROWS), replace=False)))
+             for base, (rows, cols) in linears.items()]  # drawn here, in order: the same rows however the work is split
     table = {}  # base -> list of (bits, error, layout), by bits
-    for base, (rows, cols) in tqdm(linears.items(), desc="choosing layouts", unit="matrix", file=log,
-                                   disable=not progress):
-        w = load_matrix(source.load, base, (rows, cols))
-        sample = w[np.sort(rng.choice(rows, size=min(rows, SAMPLE_ROWS), replace=False))]
-        h = None if hessians is None else hessians.input_hessian(base)
-        options_here = [(bits_per_weight(f, g, rows, cols), relative_error(sample, h, f, g), (f, g))
-                        for f, g in choices[base]]
-        table[base] = sorted(options_here)
+    bar = tqdm(total=len(tasks), desc="choosing layouts", unit="matrix", file=log, disable=not progress)
+    try:
+        for base, options_here in forked_map(_layout_errors, tasks, dict(load=source.load, linears=linears,
+                                                                        choices=choices, hessians=hessians)):
+            table[base] = sorted(options_here)
+            bar.update(1)
+    finally:
+        bar.close()
+    table = {base: table[base] for base in linears}
     pick = {base: 0 for base in table}
     size = {base: rows * cols for base, (rows, cols) in linears.items()}
     total_size = sum(size.values())

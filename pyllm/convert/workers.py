@@ -1,0 +1,44 @@
+"""The converter's per-matrix work spread over forked worker processes.
+
+GPTQ and the layout table are sequences of small numpy steps that hold the GIL, one task per
+matrix (or per group of matrices sharing an input), independent of each other: threads would take
+turns, so the tasks run in forked processes, each with single-threaded BLAS. Forking lets the
+workers inherit what the tasks read (the loaded source, the Hessians) without pickling it: the
+caller passes it as `shared`, which task functions read with shared().
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+_SHARED: dict = {}  # what the forked workers read; set by forked_map before it forks
+
+
+def shared() -> dict:
+    """Inside a task: the `shared` dict given to forked_map."""
+    return _SHARED
+
+
+def forked_map(task: Callable, items: Iterable, shared: dict, processes: int | None = None) -> Iterator:
+    """task(item) for every item, in the order they finish. task must be a module-level function
+    (it is pickled by name) and reads `shared` through shared(). processes: default the CPU count,
+    at most one per item; 1, or no fork on this platform: in this process. BLAS runs single-threaded
+    in every process while the tasks run. A task's exception is raised here."""
+    from threadpoolctl import threadpool_limits
+
+    items = list(items)
+    processes = min(processes or os.cpu_count() or 1, len(items))
+    _SHARED.clear()
+    _SHARED.update(shared)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
+                with multiprocessing.get_context("fork").Pool(processes) as pool:
+                    yield from pool.imap_unordered(task, items)
+            else:
+                for item in items:
+                    yield task(item)
+    finally:
+        _SHARED.clear()
