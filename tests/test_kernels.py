@@ -269,10 +269,11 @@ PANEL_SHAPES = [
     (130, 45, 1000, 0),
     (30, 1100, 40, 0),
     (200, 1, 17, 0),
+    (40, 600, 64, 0),  # 18.75 panels: linear() hands out whole panels, the last one partial
 ]
 
 
-@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", PANEL_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("fmt", FLOAT_FORMATS)
 def test_matmul_float_prefill_shapes(kernels, fmt, shape, n_threads):

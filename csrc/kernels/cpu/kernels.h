@@ -96,6 +96,11 @@ struct ScoreShaping {
 // Applies `shaping` to scores f32 [group, len] in place; the same for every kernel variant.
 void shape_scores(const ScoreShaping& shaping, int64_t group, int64_t len, float* scores);
 
+// Float-weight prefill (from kFloatPanelMinRows rows) runs on packed panels of output columns
+// (tiling.h panel_matmul): linear() hands each thread whole panels of the widest variant's
+// width (AVX-512's 32 columns; AVX2's 16 divide it).
+constexpr int64_t kFloatPanelColumns = 32, kFloatPanelMinRows = 12;
+
 struct CpuKernels {
     const char* name;
     // F32 / F16 / BF16 weights, float activations.

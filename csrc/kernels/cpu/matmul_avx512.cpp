@@ -329,12 +329,12 @@ struct Avx512Panels {
     }
 };
 
-// Below this many rows packing does not pay: the AVX2 row tiles read the weights directly
-// (measured crossover 8-12 rows, f16 576 x 576 .. 1536).
-constexpr int64_t kPanelMinRows = 12;
+// Below kFloatPanelMinRows rows packing does not pay: the AVX2 row tiles read the weights
+// directly (measured crossover 8-12 rows, f16 576 x 576 .. 1536).
+static_assert(Avx512Panels<WeightFormat::F32>::kCols == kFloatPanelColumns);
 
 void float_weights_avx512(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y) {
-    if (M < kPanelMinRows) return float_weight_rows_avx2(w, x, M, n_begin, n_end, y);
+    if (M < kFloatPanelMinRows) return float_weight_rows_avx2(w, x, M, n_begin, n_end, y);
     switch (w.format) {
         case WeightFormat::F32: return panel_matmul<Avx512Panels<WeightFormat::F32>>(w, x, M, n_begin, n_end, y);
         case WeightFormat::F16: return panel_matmul<Avx512Panels<WeightFormat::F16>>(w, x, M, n_begin, n_end, y);

@@ -60,9 +60,13 @@ void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float*
     if (is_quantized(w.format) && in.quantized.rows != in.M)
         throw std::invalid_argument("linear: a quantized weight needs its input quantized first");
     const int64_t N = w.rows;
-    // Chunks of output columns: several per thread for balance, a multiple of
-    // the kernels' tiles of (at most) 16 rows.
-    const int64_t chunk = std::max<int64_t>(kTileRows, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), kTileRows));
+    // Chunks of output columns: several per thread for balance, a multiple of the kernels' tiles
+    // of (at most) 16 rows; for float weights over many rows, whole panels of kFloatPanelColumns
+    // (a chunk ending in half a panel runs it at half the FMA rate) and about 4 chunks per thread.
+    const bool panels = !is_quantized(w.format) && in.M >= kFloatPanelMinRows;
+    const int64_t chunk = panels
+        ? kFloatPanelColumns * (((N + kFloatPanelColumns - 1) / kFloatPanelColumns + 4 * pool.size() - 1) / (4 * pool.size()))
+        : std::max<int64_t>(kTileRows, round_up((N + 8 * pool.size() - 1) / (8 * pool.size()), kTileRows));
     const int64_t n_chunks = (N + chunk - 1) / chunk;
     pool.parallel_for(n_chunks, [&](int64_t i) {
         const int64_t n_begin = i * chunk, n_end = std::min(N, (i + 1) * chunk);
