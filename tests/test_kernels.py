@@ -98,7 +98,7 @@ def gamma(n: int) -> float:
 # =============================================================================
 
 # (M, N, K, group). Prefill tiles are 2 weight rows x 4 activation rows, decode
-# (M = 1) tiles 4 weight rows; work is split by 16-column chunks and activations
+# (M = 1) tiles 4 weight rows (float weights with AVX-512: one row, 64 values a step); work is split by 16-column chunks and activations
 # are quantized in 16-row chunks. Shapes hit every remainder of those, K off the
 # 32-block and off the group (576 = 4.5 groups of 128, K < group), and groups of
 # 32/64/128.
@@ -108,6 +108,8 @@ MATMUL_SHAPES = [
     (1, 5, 100, 64),  # one 4-row decode tile + 1
     (1, 37, 576, 128),
     (1, 100, 1536, 64),  # 7 column chunks with 2 threads
+    (1, 2, 80, 32),  # float decode: one 64-value step + a whole 16-value tail
+    (1, 2, 16, 32),  # float decode: no 64-value step, one unmasked tail
     (2, 1, 100, 128),  # K < group size
     (2, 37, 33, 64),
     (3, 3, 31, 128),
