@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from . import api_responses as responses
-from .errors import RequestError
+from .errors import PyllmError, RequestError
 from .limits import ServerLimits as Limits
-from .structured import GrammarUnavailable
+from .structured import GrammarError, GrammarUnavailable
+from .tokenizer import check_text
 from .tool_calls import ToolError
 
 try:
@@ -72,10 +73,10 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     """(HTTP status, OpenAI error object) for an exception raised while handling a request: the
     request's own fault is 4xx (RequestError with its status and field; any other PyllmError or
     ValueError: bad options, a prompt past the context, a template that refused or ran too long, a
-    tool or grammar that cannot be used), anything else 500 and logged."""
+    tool or grammar that cannot be used or followed), anything else 500 and logged."""
     if isinstance(e, RequestError):
         return e.status, _error_body(str(e), e.status, e.param)
-    if isinstance(e, GrammarUnavailable):
+    if isinstance(e, (GrammarUnavailable, GrammarError)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
         return 400, _error_body(str(e), 400, "tools")
@@ -107,7 +108,8 @@ def _finite(text: str) -> float:
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
     for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
-    a number too large for a float, a body that is not an object."""
+    a number too large for a float, a string holding a lone surrogate ("\\ud800": JSON's escapes
+    allow it, Unicode text does not), a body that is not an object."""
     try:
         body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
     except RequestError:
@@ -116,7 +118,25 @@ def parse_body(raw: bytes) -> dict:
         raise RequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    _check_strings(body)
     return body
+
+
+def _check_strings(body) -> None:
+    """Every string (keys too) in parsed JSON is Unicode text (RequestError otherwise)."""
+    todo = [body]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo += value.keys()
+            todo += value.values()
+        elif isinstance(value, list):
+            todo += value
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                check_text(value, "a string in the request body")
+            except PyllmError as e:
+                raise RequestError(str(e)) from None
 
 
 async def read_body(request: "Request", limits: Limits) -> bytes:

@@ -106,6 +106,48 @@ def test_bad_token_ids_are_refused(llm):
         llm.engine.forward(np.array([1, 2], dtype=np.int32), llm.context_length - 1, False)
 
 
+def test_token_ids_of_every_kind_are_checked_before_use(llm):
+    """Every entry point that takes token ids refuses, with PyllmError, what is not a token id:
+    ints past int64 (were an OverflowError), floats and bools (were truncated to an id in silence),
+    ids past the vocabulary (detokenize dropped them in silence), nested lists, strings."""
+    from pyllm.errors import PyllmError
+
+    vocab = llm.config.vocab_size
+    bad = [[2**70], [1, -2**70], [1.5], [1, True], [vocab], [-1], [[1, 2]], "abc", None, np.array([1.0, 2.0]),
+           np.array([[1, 2]])]
+    calls = {"logits": llm.logits, "embed": lambda ids: llm.embed([ids]), "detokenize": llm.detokenize,
+             "logits_many": lambda ids: llm.logits_many([ids])}
+    for name, call in calls.items():
+        for ids in bad:
+            if name == "embed" and isinstance(ids, str):
+                continue  # a text to embed
+            with pytest.raises(PyllmError, match="token ids"):
+                call(ids)
+    for ids in [[2**70], [1, -2**70], [vocab], [-1]]:
+        with pytest.raises(PyllmError, match=rf"token ids must lie in \[0, {vocab}\)"):
+            llm.generate(ids, max_new_tokens=1)
+    assert llm.detokenize([]) == "" and llm.detokenize(np.array(llm.tokenize("café"))) == "café"
+    assert llm.logits(np.array([1, 2], dtype=np.uint16)).shape == (2, vocab)
+
+
+def test_lone_surrogates_and_bad_stop_options_are_clear_errors(llm):
+    """A str holding a lone surrogate (JSON's "\\ud800" makes one) is refused by name wherever text
+    goes in: a prompt, a message, a stop string (were a tokenizers TypeError or UnicodeEncodeError);
+    stop and stop_token_ids of the wrong type are ValueErrors that say so (were TypeErrors)."""
+    from pyllm.errors import PyllmError
+
+    for call in (lambda: llm.tokenize("ok \ud800"), lambda: llm.generate("\udfff", max_new_tokens=1),
+                 lambda: llm.chat([{"role": "user", "content": "a\ud83d"}], max_new_tokens=1),
+                 lambda: llm.generate("hi", max_new_tokens=1, stop=["\ud800"])):
+        with pytest.raises(PyllmError, match="lone surrogate"):
+            call()
+    assert llm.tokenize("😀") == llm.tokenize("\ud83d\ude00".encode("utf-16", "surrogatepass").decode("utf-16"))
+    for options in (dict(stop=5), dict(stop=[None]), dict(stop=["a", 3]), dict(stop_token_ids=5),
+                    dict(stop_token_ids="12")):
+        with pytest.raises(ValueError, match="stop"):
+            llm.generate("hi", max_new_tokens=1, **options)
+
+
 def test_concurrent_calls_are_serialised(llm):
     expected = llm.generate("Berlin", max_new_tokens=10)
     results, errors = [], []

@@ -535,6 +535,32 @@ def test_numbers_past_what_a_field_holds_get_400(live):
     assert _active(live) == 0
 
 
+
+def test_token_ids_past_int64_and_lone_surrogates_get_400(live):
+    """Token ids too large for int64 were a 500 (OverflowError), a negative one echoed a decoder's
+    message; a lone surrogate escape ("\\ud800", valid JSON, not Unicode text) anywhere in a body
+    reached the tokenizer or the UTF-8 encoder. Each is a 400 naming what is wrong, on every route."""
+    big = str(2**70)
+    completions, chat = live.url + "/v1/completions", live.url + "/v1/chat/completions"
+    cases = [(completions, f'{{"prompt": [1, 2, {big}], "max_tokens": 1}}', "token ids must lie"),
+             (completions, f'{{"prompt": [[1], [{big}]], "max_tokens": 1}}', "token ids must lie"),
+             (completions, '{"prompt": [-5], "max_tokens": 1, "echo": true}', "token ids must lie"),
+             (live.url + "/v1/embeddings", f'{{"input": [1, {big}]}}', "token ids must lie"),
+             (live.url + "/v1/embeddings", f'{{"input": [[1], [{big}]]}}', "token ids must lie"),
+             (completions, '{"prompt": "\\ud800", "max_tokens": 1}', "lone surrogate"),
+             (completions, '{"prompt": "hi", "max_tokens": 1, "stop": ["a\\udc00"]}', "lone surrogate"),
+             (chat, '{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 1}', "lone surrogate"),
+             (chat, '{"messages": [{"role": "user", "content": "hi", "\\ud800": 1}], "max_tokens": 1}',
+              "lone surrogate"),
+             (live.url + "/tokenize", '{"content": "x\\ud800"}', "lone surrogate")]
+    for url, body, message in cases:
+        status, reply = _request(url, body.encode())
+        assert status == 400 and _is_openai_error(reply) and message in reply["error"]["message"], (body, reply)
+    # a surrogate pair is one character, as JSON means it
+    status, reply = _request(live.url + "/tokenize", b'{"content": "\\ud83d\\ude00"}')
+    assert status == 200 and reply["tokens"] == live.api.llm.tokenize("\U0001F600")
+    assert _active(live) == 0
+
 def test_tokenize_and_detokenize_are_bounded_too(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 pytest.importorskip("pydantic")
 
-from test_server import LiveServer, _chat  # noqa: E402
+from test_server import LiveServer, _chat, _get  # noqa: E402
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -226,6 +226,45 @@ def test_json_object_regex_and_grammar(live):
     with pytest.raises(openai.BadRequestError, match="grammar"):
         client.completions.create(model="tiny", prompt="?", max_tokens=5,
                                   extra_body={"response_format": {"type": "grammar", "grammar": "start: ("}})
+
+
+UNFOLLOWABLE = [{"type": "grammar", "grammar": "start: start"},  # a rule that only calls itself: no text at all
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}]  # the same as a schema
+
+
+def test_grammars_that_cannot_be_followed_are_the_requests_fault(live, llm):
+    """A grammar llguidance compiles but that allows no text fails before any output: 400 naming
+    response_format, streamed or not (it was a 500 with llguidance's parser dump); one whose lexer
+    grows past llguidance's limits at a later token is a 400 too, or the stream's error event. The
+    server serves on."""
+    client = live.client()
+    for fmt in UNFOLLOWABLE:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="tiny", prompt="?", max_tokens=3, stream=stream,
+                                          extra_body={"response_format": fmt})
+            assert e.value.param == "response_format" and "cannot be followed" in str(e.value), fmt
+        with pytest.raises(openai.BadRequestError, match="cannot be followed"):
+            client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, response_format=fmt)
+    huge = {"type": "regex", "regex": "a{1000000}"}
+    with pytest.raises(openai.BadRequestError, match="cannot be followed"):
+        client.completions.create(model="tiny", prompt="?", max_tokens=3, extra_body={"response_format": huge})
+    with pytest.raises(openai.APIError, match="cannot be followed"):
+        list(client.completions.create(model="tiny", prompt="?", max_tokens=3, stream=True,
+                                       extra_body={"response_format": huge}))
+    assert client.completions.create(model="tiny", prompt="?", max_tokens=2).usage.completion_tokens == 2
+    assert _get(live.url + "/health")["requests"] == 0
+
+
+def test_grammars_that_cannot_be_followed_from_python(llm):
+    from pyllm.errors import PyllmError
+
+    pytest.importorskip("llguidance")
+    for fmt in UNFOLLOWABLE:
+        with pytest.raises(PyllmError, match="cannot be followed"):
+            llm.generate("?", max_new_tokens=3, response_format=fmt, stream=True)  # refused before streaming
+    with pytest.raises(PyllmError, match="cannot be followed"):
+        llm.generate("?", max_new_tokens=3, grammar="start: a\na: a")
 
 
 # -- tool calls ----------------------------------------------------------------------------------
