@@ -29,7 +29,7 @@ import time
 from datetime import datetime
 from functools import lru_cache
 
-from .errors import PASSING, PyllmError
+from .errors import PASSING, PyllmError, read_text
 from .limits import RenderLimits
 
 
@@ -112,8 +112,7 @@ def resolve_chat_template(value: str) -> str:
         raise FileNotFoundError(f"chat template file {value} not found" +
                                 (" (it is a directory)" if os.path.isdir(value) else ""))
     if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(value, TemplateError)
         if value.endswith(".json"):  # a tokenizer_config.json
             try:
                 text = json.loads(text)["chat_template"]

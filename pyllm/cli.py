@@ -190,7 +190,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     from .limits import DEFAULT_PARALLEL, ServerLimits
-    from .serve import MISSING, Starlette, serve
+    from .serve import MISSING, Starlette, listen, serve
 
     if Starlette is None:
         raise RuntimeError(MISSING)
@@ -207,24 +207,25 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
+    sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
           api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),
-          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens)
+          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens, sock=sock)
     return 0
 
 
 def cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
+    from .errors import read_text
     from .perplexity import default_text, perplexity
 
     if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(args.text)
     else:
         text = default_text()
     if getattr(args, "device", "cpu") == "cuda":

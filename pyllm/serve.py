@@ -779,18 +779,40 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+def listen(host: str, port: int) -> "socket.socket":
+    """A socket bound to host:port as uvicorn binds one (IPv6 when host has a colon, SO_REUSEADDR),
+    for serve(): a port out of range is a ValueError, an address in use or not on this machine an
+    OSError naming it (uvicorn logs a traceback, or an error and exits with status 3)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"the port must be a number in 0..65535, got {port!r}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_queue: int = 64,
           log_level: str = "info", defaults: dict | None = None, api_key: str | None = None,
           cors_origins: list[str] | tuple = (), limits: Limits | None = None,
-          max_num_batched_tokens: int | None = None) -> None:
+          max_num_batched_tokens: int | None = None, sock=None) -> None:
     """Serves llm until interrupted; prints a start-up line (model, context, threads, device, the
-    parallel slots and the KV cache's memory) and logs one line per request. The options are Server's."""
+    parallel slots and the KV cache's memory) and logs one line per request. The options are Server's;
+    sock: a socket from listen(host, port) (made here when None)."""
     try:
         import uvicorn
     except ImportError:
         raise RuntimeError(MISSING) from None
     import os
     import sys
+
+    sock = sock or listen(host, port)
 
     name = model_name or os.path.splitext(os.path.basename(llm.path))[0]
     if not log.handlers:
@@ -808,6 +830,7 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
              else "; one request at a time (--parallel N runs N together)")
     server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
     try:
-        uvicorn.run(server.app(), host=host, port=port, log_level=log_level)
+        uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level)).run(sockets=[sock])
     finally:
         server.close()
+        sock.close()

@@ -267,6 +267,42 @@ def test_cli_reports_errors_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "x.pllm")
 
 
+
+def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_llama_f32, tmp_path):
+    """Each careless invocation is one line on stderr and exit status 1, found before the slow
+    work: an output that is a directory or in a missing directory (was found after converting), a
+    chat template or text file that is not UTF-8 (did not name the file), a directory given as a
+    file, a port out of range (was uvicorn's traceback) or in use (was uvicorn's log and status 3),
+    a host that does not resolve, a truncated model file."""
+    import socket
+
+    not_utf8 = tmp_path / "latin1.jinja"
+    not_utf8.write_bytes("{{ 'caf\xe9' }}".encode("latin-1"))
+    (tmp_path / "dir.pllm").mkdir()
+    truncated = tmp_path / "truncated.pllm"
+    truncated.write_bytes(open(tiny_llama_f32, "rb").read()[:-1000])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        cases = [(("convert", tiny_llama, "-o", str(tmp_path / "dir.pllm")), "is a directory"),
+                 (("convert", tiny_llama, "-o", str(tmp_path / "no" / "x.pllm")), "does not exist"),
+                 (("run", tiny_llama_f32, "-p", "x", "--chat-template", str(not_utf8)), "latin1.jinja is not UTF-8"),
+                 (("perplexity", tiny_llama_f32, "--text", str(not_utf8)), "latin1.jinja is not UTF-8"),
+                 (("perplexity", tiny_llama_f32, "--text", str(tmp_path)), "directory"),
+                 (("run", str(tmp_path / "dir.pllm"), "-p", "x"), "directory"),
+                 (("run", str(truncated), "-p", "x"), "truncated"),
+                 (("serve", tiny_llama_f32, "--port", "99999"), "0..65535"),
+                 (("serve", tiny_llama_f32, "--port", str(taken.getsockname()[1])), "in use"),
+                 (("serve", tiny_llama_f32, "--host", "no-such-host.invalid"), "cannot listen on")]
+        for args, message in cases:
+            r = _cli(*args)
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert r.returncode == 1 and len(lines) == 1 and message in lines[0], (args, r.returncode, r.stderr)
+    finally:
+        taken.close()
+    assert sorted(os.listdir(tmp_path)) == ["dir.pllm", "latin1.jinja", "truncated.pllm"]  # nothing written
+
 def test_stop_token_ids_end_generation(llm):
     first = llm.tokenize("Hello")
     token = int(np.argmax(llm.logits(first)[-1]))
