@@ -513,13 +513,20 @@ class LLM:
             else:
                 raise prompt_type_error(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        params.presence_penalty, params.frequency_penalty = float(presence_penalty), float(frequency_penalty)
-        params.logit_bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+        params.presence_penalty = option("presence_penalty", presence_penalty)
+        params.frequency_penalty = option("frequency_penalty", frequency_penalty)
+        if not isinstance(logit_bias, (dict, type(None))):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias; got {type(logit_bias).__name__}")
+        params.logit_bias = {option("a logit_bias key", k, integer=True): option("a logit_bias value", v)
+                             for k, v in (logit_bias or {}).items()}
         params.validate()
         if any(k >= self.config.vocab_size for k in params.logit_bias):
             raise ValueError(f"logit_bias names a token past the vocabulary ({self.config.vocab_size} tokens)")
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        max_new_tokens = option("max_new_tokens", max_new_tokens, integer=True)
+        if logprobs is not None:
+            option("logprobs", logprobs, integer=True)
         if isinstance(stop, str):
             stop = [stop]
         elif not isinstance(stop, (list, tuple, type(None))):
@@ -692,6 +699,12 @@ class LLM:
     def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
         d = self.model.generation
         samples = bool(d.get("do_sample", False))
+        temperature, top_p, min_p, repetition_penalty = (
+            None if v is None else option(name, v) for name, v in (
+                ("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                ("repetition_penalty", repetition_penalty)))
+        top_k, seed = (None if v is None else option(name, v, integer=True) for name, v in (("top_k", top_k),
+                                                                                        ("seed", seed)))
         params = SamplingParams(
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
             top_k=int((d.get("top_k", 50) if samples else 0) if top_k is None else top_k),
@@ -844,6 +857,20 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def option(name: str, value, integer: bool = False):
+    """A numeric option of generate(): value as a float (finite), or an int with integer=True
+    (floats and bools refused: they would be truncated in silence); ValueError naming it otherwise."""
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer; got {value!r:.40}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number; got {value!r:.40}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return float(value)
 
 
 def token_ids(ids, vocab_size: int) -> np.ndarray:

@@ -130,6 +130,29 @@ def test_token_ids_of_every_kind_are_checked_before_use(llm):
     assert llm.logits(np.array([1, 2], dtype=np.uint16)).shape == (2, vocab)
 
 
+
+def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
+    """NaN or infinite numbers, floats where an integer is meant, strings, bools: each a ValueError
+    naming the option before anything runs (a NaN temperature sampled from NaN probabilities and
+    failed inside numpy; max_new_tokens=1.5 and logprobs=1.5 were TypeErrors from deep inside;
+    top_k=1.5 and seed=1.5 were truncated in silence; logit_bias=[1] an AttributeError)."""
+    from pyllm.sampling import SamplingParams
+
+    nan, inf = float("nan"), float("inf")
+    cases = {"temperature": [nan, inf, "hot", True], "top_p": [nan, "1"], "min_p": [nan], "top_k": [1.5, "3", nan],
+             "repetition_penalty": [nan, inf, "1.1"], "seed": [1.5, "7"], "presence_penalty": [nan, "0"],
+             "frequency_penalty": [inf], "max_new_tokens": [1.5, "8", nan], "logprobs": [1.5, "2", True],
+             "logit_bias": [[1], {1: nan}, {1: "x"}, {"a": 1}, {1.5: 1}, {True: 1}]}
+    for name, values in cases.items():
+        for value in values:
+            with pytest.raises(ValueError, match=name.split("_")[0]):
+                llm.generate("hi", **{name: value})
+    for field in ("temperature", "repetition_penalty"):  # as a model's generation config could set them
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: nan}).validate()
+    assert llm.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(5), seed=3) == \
+        llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
+
 def test_lone_surrogates_and_bad_stop_options_are_clear_errors(llm):
     """A str holding a lone surrogate (JSON's "\\ud800" makes one) is refused by name wherever text
     goes in: a prompt, a message, a stop string (were a tokenizers TypeError or UnicodeEncodeError);
