@@ -23,6 +23,10 @@ from .errors import RequestError
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
 MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs)
+# log-probabilities (each chosen token's and its alternatives) one non-streamed answer may hold: about
+# 600 bytes each while the answer is built, 55 bytes each in its JSON (n=128 x 4096 tokens x 21 would
+# be 7 GB from a 200-byte request)
+MAX_LOGPROB_ENTRIES = 2**19
 
 
 class _FieldError(ValueError):

@@ -50,8 +50,8 @@ try:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from .api_schema import (MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request,
-                             validate)
+    from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                             parse_request, validate)
 except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
 
@@ -522,7 +522,22 @@ class Server:
         options, a prompt past the context, a template that refuses fail here, as ValueError).
         Renders and tokenizes: call it in a worker thread."""
         plan = self._plan(req, chat)
+        if not req.stream:
+            self._check_answer_size(plan)
         return plan, plan.streams(self.llm)
+
+    def _check_answer_size(self, plan: _Plan) -> None:
+        """Refuses a non-streamed answer that could hold more than MAX_LOGPROB_ENTRIES log-probabilities
+        (choices x (echoed prompt + tokens it may generate) x (1 + alternatives)), before it runs."""
+        if plan.logprobs is None:
+            return
+        room = [min(plan.options["max_new_tokens"], self.llm.context_length - len(p)) for p in plan.prompts]
+        echoed = [len(p) if echo else 0 for p, echo in zip(plan.prompts, plan.echo)]
+        entries = plan.n * sum(max(r, 0) + e for r, e in zip(room, echoed)) * (plan.logprobs + 1)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise RequestError(f"this answer could hold {entries} log-probabilities (choices x tokens x (1 + "
+                               f"alternatives)); the limit is {MAX_LOGPROB_ENTRIES}: lower max_tokens, n or the "
+                               "number of alternatives, or stream the answer", param="max_tokens")
 
     # -- request -> plan ------------------------------------------------------------------------
     def _plan(self, req, chat: bool) -> _Plan:

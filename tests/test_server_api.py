@@ -120,6 +120,34 @@ def test_too_many_prompts_are_refused(live):
     assert e.value.param == "prompt" and "2048" in str(e.value)
 
 
+def test_answers_too_large_to_build_are_refused_before_they_run(live, llm, monkeypatch):
+    """A 200-byte request for n=128 choices of a full context with 20 alternatives per token would
+    make the server build about 7 GB of log-probabilities for one non-streamed answer: refused
+    before generating (400 naming max_tokens), by the choices x tokens x (1 + alternatives) it could
+    hold, echoed prompts included; within the limit, or streamed, the same options are answered."""
+    from pyllm.api_schema import MAX_LOGPROB_ENTRIES
+
+    calls = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    client = live.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=_chat("hi"), n=128, logprobs=True, top_logprobs=20)
+    assert e.value.param == "max_tokens" and str(MAX_LOGPROB_ENTRIES) in str(e.value)
+    with pytest.raises(openai.BadRequestError, match="log-probabilities"):
+        client.completions.create(model="tiny", prompt=["a"] * 64, n=10, max_tokens=2000, logprobs=5)
+    prompt = [5, 6, 7] * 630
+    with pytest.raises(openai.BadRequestError, match="log-probabilities"):  # the echoed prompt counts too
+        client.completions.create(model="tiny", prompt=prompt, n=20, max_tokens=1, logprobs=20, echo=True)
+    assert calls == []  # refused before any generation started
+    reply = client.chat.completions.create(model="tiny", messages=_chat("hi"), n=2, max_tokens=3, logprobs=True,
+                                           top_logprobs=20)
+    assert len(reply.choices) == 2 and len(reply.choices[0].logprobs.content[0].top_logprobs) == 20
+    chunks = list(client.completions.create(model="tiny", prompt=prompt[:50], n=20, max_tokens=1, logprobs=20,
+                                            echo=True, stream=True))
+    assert len({c.choices[0].index for c in chunks if c.choices}) == 20
+
+
 # -- several choices and prompts -----------------------------------------------------------------
 
 def test_n_choices_streamed_and_not(live, llm):
