@@ -76,7 +76,8 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
                    help=f"most characters of prompt text per request (default {d.max_prompt_chars})")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout,
-                   help=f"seconds a client may take to send its request body (default {d.body_timeout:g})")
+                   help=f"seconds a client may take to send its request headers, and its body (default "
+                        f"{d.body_timeout:g})")
     p.add_argument("--send-timeout", type=float, default=d.send_timeout,
                    help=f"seconds a client may leave a reply unread before it is dropped (default {d.send_timeout:g})")
     p.add_argument("--template-timeout", type=float, default=d.template_timeout,

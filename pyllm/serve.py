@@ -794,6 +794,45 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+def http_protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers: a connection whose
+    next request has not sent all its headers within header_timeout seconds of the connection's
+    start, or of its previous response, is closed. uvicorn itself waits for ever (its keep-alive
+    timer restarts at every byte), so clients that connect and send nothing, or a byte now and then,
+    would each hold a connection, and enough of them every file descriptor the server has."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _due = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._due is not None:
+                self._due.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._due is not None:
+                self._due.cancel()
+            self._due = self.loop.call_later(header_timeout, self._headers_due)
+
+        def _headers_due(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.warning("a client sent no complete request headers within %g s: connection closed",
+                            header_timeout)
+                self.transport.close()
+
+    return Protocol
+
+
 def listen(host: str, port: int) -> "socket.socket":
     """A socket bound to host:port as uvicorn binds one (IPv6 when host has a colon, SO_REUSEADDR),
     for serve(): a port out of range is a ValueError, an address in use or not on this machine an
@@ -845,7 +884,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
              else "; one request at a time (--parallel N runs N together)")
     server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
     try:
-        uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
+                                      http=http_protocol(server.limits.body_timeout))).run(sockets=[sock])
     finally:
         server.close()
         sock.close()

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from pyllm.limits import ServerLimits  # noqa: E402
-from pyllm.serve import Server  # noqa: E402
+from pyllm.serve import Server, http_protocol  # noqa: E402
 
 QUESTIONS = ["Paris is", "中文测试", "Emoji 😀🎉", "The quick brown fox", "def main():", "Berlin", "café", "Hello"]
 
@@ -41,7 +41,8 @@ class LiveServer:
     def __init__(self, llm, name="tiny", max_queue=64, limits=None, **options):
         self.port = _free_port()
         self.api = Server(llm, name, max_queue, limits=limits, **options)
-        config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical")
+        config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical",
+                                http=http_protocol(self.api.limits.body_timeout))  # as `pyllm serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -371,6 +372,39 @@ def test_a_body_that_never_arrives_times_out(llm):
     finally:
         server.stop()
 
+
+
+def test_connections_that_never_send_their_headers_are_closed(llm):
+    """A client that connects and sends nothing, or its headers a byte now and then, held its
+    connection for ever (uvicorn's own timer restarts at every byte): closed once the body timeout
+    passes without complete headers, from the connection's start or its previous response."""
+    server = LiveServer(llm, limits=ServerLimits(body_timeout=1.0))
+    try:
+        silent = _raw(server.port, b"")
+        trickle = _raw(server.port, b"POST /v1/completions HTTP/1.1\r\n")
+        kept = _raw(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, then idle
+        start = time.monotonic()
+        for byte in b"Host: x\r\nX-Slow: " * 3:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                break  # closed already
+            time.sleep(0.05)
+        for s in (silent, trickle, kept):
+            s.settimeout(10)
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert (data == b"") == (s is not kept), data[:100]  # the answered one got its answer first
+            s.close()
+        assert time.monotonic() - start < 8
+        status, _ = _request(server.url + "/v1/completions", b'{"prompt": "hi", "max_tokens": 1}')
+        assert status == 200
+    finally:
+        server.stop()
 
 def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
