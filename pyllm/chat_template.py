@@ -116,7 +116,7 @@ def resolve_chat_template(value: str) -> str:
         if value.endswith(".json"):  # a tokenizer_config.json
             try:
                 text = json.loads(text)["chat_template"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise TemplateError(f"{value}: not a tokenizer_config.json with a chat_template string") from None
             if not isinstance(text, str):
                 raise TemplateError(f"{value}: chat_template is not a string")
@@ -523,7 +523,7 @@ def _template_tool_call(call, n: int) -> dict:
     if isinstance(arguments, str):
         try:
             function["arguments"] = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's parser goes
             pass
     return {**call, "function": function}
 

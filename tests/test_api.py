@@ -326,6 +326,33 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
         taken.close()
     assert sorted(os.listdir(tmp_path)) == ["dir.pllm", "latin1.jinja", "truncated.pllm"]  # nothing written
 
+
+def test_json_nested_deeper_than_the_parser_goes_is_a_clear_error_everywhere(tmp_path):
+    """JSON nested deeper than Python's parser goes raises RecursionError, not ValueError: every
+    reader of a JSON file or string pyllm is handed turns it into its own error (config.json, a
+    tokenizer_config.json template, adapter_config.json, training data) instead of letting it out."""
+    from pyllm.adapters import read_peft_adapter
+    from pyllm.chat_template import TemplateError, resolve_chat_template
+    from pyllm.errors import PyllmError
+    from pyllm.train.data import load_records
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(deep)
+    r = _cli("convert", str(tmp_path / "model"), "-o", str(tmp_path / "x.pllm"))
+    assert r.returncode == 1 and "invalid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ' + deep + "}")
+    with pytest.raises(TemplateError, match="tokenizer_config"):
+        resolve_chat_template(str(tmp_path / "tokenizer_config.json"))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(deep)
+    with pytest.raises(PyllmError, match="adapter_config.json"):
+        read_peft_adapter(str(tmp_path / "adapter"), None)
+    for name, text in [("list.json", f'[{{"instruction": {deep}}}]'), ("lines.jsonl", deep + "\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PyllmError, match="nested too deeply"):
+            load_records(str(tmp_path / name))
+
 def test_stop_token_ids_end_generation(llm):
     first = llm.tokenize("Hello")
     token = int(np.argmax(llm.logits(first)[-1]))

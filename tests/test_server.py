@@ -570,7 +570,7 @@ def test_numbers_past_what_a_field_holds_get_400(live):
 
 
 
-def test_token_ids_past_int64_and_lone_surrogates_get_400(live):
+def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):
     """Token ids too large for int64 were a 500 (OverflowError), a negative one echoed a decoder's
     message; a lone surrogate escape ("\\ud800", valid JSON, not Unicode text) anywhere in a body
     reached the tokenizer or the UTF-8 encoder. Each is a 400 naming what is wrong, on every route."""
@@ -590,6 +590,12 @@ def test_token_ids_past_int64_and_lone_surrogates_get_400(live):
     for url, body, message in cases:
         status, reply = _request(url, body.encode())
         assert status == 400 and _is_openai_error(reply) and message in reply["error"]["message"], (body, reply)
+    # a call's arguments string nested deeper than the JSON parser goes stays a string (was a 500)
+    deep = {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]},
+        {"role": "user", "content": "hi"}], "max_tokens": 1}
+    status, reply = _request(chat, json.dumps(deep).encode())
+    assert status == 200, reply
     # a surrogate pair is one character, as JSON means it
     status, reply = _request(live.url + "/tokenize", b'{"content": "\\ud83d\\ude00"}')
     assert status == 200 and reply["tokens"] == live.api.llm.tokenize("\U0001F600")
