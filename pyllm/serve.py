@@ -46,6 +46,7 @@ from .tool_calls import ToolError
 
 try:
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
@@ -349,8 +350,18 @@ class Server:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
-        ])
+        ], exception_handlers={HTTPException: self._http_error})
         return _with_access_rules(app, self.api_key, self.cors_origins)
+
+    async def _http_error(self, request: "Request", exc: "HTTPException"):
+        """Starlette's own refusals (no such route, a method the route does not take) as OpenAI's
+        error object, like every other refusal (Starlette answers them in plain text)."""
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, "
+                        "/detokenize; GET /v1/models, /health)")
+        return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     async def health(self, request: "Request"):
         body = {"status": "ok", "requests": self.active}
