@@ -23,6 +23,11 @@ from .errors import RequestError
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
 MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs)
+# messages in one chat request, content parts in one message, tools: each becomes Python objects of about
+# 1 KB while validated and rendered (a 7 MiB body of 480,000 empty messages took 700 MB)
+MAX_MESSAGES = 16384
+MAX_CONTENT_PARTS = 256
+MAX_TOOLS = 128  # OpenAI's limit
 # log-probabilities (each chosen token's and its alternatives) one non-streamed answer may hold: about
 # 600 bytes each while the answer is built, 55 bytes each in its JSON (n=128 x 4096 tokens x 21 would
 # be 7 GB from a 200-byte request)
@@ -110,7 +115,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)], None] = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -166,11 +171,11 @@ class _Sampling(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
 
@@ -319,17 +324,26 @@ _TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|litera
                         r"(\[.*)?$", re.IGNORECASE)
 
 
-def _request_error(error: ValidationError) -> RequestError:
-    first = error.errors(include_url=False)[0]
+def _param(loc: tuple) -> str | None:
+    """The request field an error's location names (OpenAI's `param`: "messages[0].content")."""
     parts: list[str] = []
-    for item in first["loc"]:
+    for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         elif _TYPE_TAGS.match(item) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
             break  # pydantic names the union branch it tried; the field is what came before
         else:
             parts.append(("." if parts else "") + item)
-    param = "".join(parts) or None
+    return "".join(parts) or None
+
+
+def _request_error(error: ValidationError) -> RequestError:
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    param = _param(first["loc"])
+    if first["type"].endswith("_type"):  # a union's first branch of another type: a branch of the right type
+        first = next((e for e in errors[1:] if not e["type"].endswith("_type") and e["type"] != "none_required"
+                      and _param(e["loc"]) == param), first)  # says what is wrong with the value itself
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, _FieldError):
         param = cause.param if not param else f"{param}.{cause.param.rsplit('.', 1)[-1]}"

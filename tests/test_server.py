@@ -363,6 +363,32 @@ def test_oversized_bodies_and_prompts_are_refused(llm):
         server.stop()
 
 
+
+def test_lists_that_cost_far_more_than_their_bytes_are_bounded(live):
+    """A 7 MiB body of 480,000 empty messages made 700 MB of Python objects and took seconds to
+    refuse; messages, content parts per message and tools are bounded (400 naming the field and
+    the limit), the limits themselves accepted."""
+    from pyllm.api_schema import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_TOOLS
+
+    chat = live.url + "/v1/chat/completions"
+    part = {"type": "text", "text": ""}
+    tool = {"type": "function", "function": {"name": "f"}}
+    cases = [({"messages": [{"role": "user"}] * (MAX_MESSAGES + 1)}, "messages", MAX_MESSAGES),
+             ({"messages": [{"role": "user", "content": [part] * (MAX_CONTENT_PARTS + 1)}]}, "messages[0].content",
+              MAX_CONTENT_PARTS),
+             ({"messages": _chat("hi"), "tools": [tool] * (MAX_TOOLS + 1)}, "tools", MAX_TOOLS)]
+    for body, param, most in cases:
+        status, reply = _request(chat, json.dumps(body).encode())
+        assert status == 400 and reply["error"]["param"] == param and f"at most {most}" in reply["error"]["message"], \
+            reply
+    status, reply = _request(chat, json.dumps({"messages": [{"role": "user", "content": [part] * MAX_CONTENT_PARTS}],
+                                               "max_tokens": 1}).encode())
+    assert status == 200, reply
+    # a content of the wrong type still says so (the first branch of the union is not what is reported)
+    status, reply = _request(chat, b'{"messages": [{"role": "user", "content": 7}]}')
+    assert status == 400 and reply["error"]["param"] == "messages[0].content", reply
+
+
 def test_a_body_that_never_arrives_times_out(llm):
     server = LiveServer(llm, limits=ServerLimits(body_timeout=0.5))
     try:
