@@ -22,7 +22,7 @@ from .errors import RequestError
 
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
-MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs)
+MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs), and their choices
 # messages in one chat request, content parts in one message, tools: each becomes Python objects of about
 # 1 KB while validated and rendered (a 7 MiB body of 480,000 empty messages took 700 MB)
 MAX_MESSAGES = 16384
@@ -244,6 +244,9 @@ class CompletionRequest(_Sampling):
             raise _FieldError("best_of", "best_of other than n is not supported")
         if len(self.prompts) > MAX_PROMPTS:
             raise _FieldError("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(self.prompts)}")
+        if len(self.prompts) * self.n > MAX_PROMPTS:  # each choice is a stream made before any runs
+            raise _FieldError("n", f"{len(self.prompts)} prompts x n={self.n} make {len(self.prompts) * self.n} "
+                                   f"choices; at most {MAX_PROMPTS} in one request")
         return self
 
     @property

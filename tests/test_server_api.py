@@ -120,6 +120,21 @@ def test_too_many_prompts_are_refused(live):
     assert e.value.param == "prompt" and "2048" in str(e.value)
 
 
+def test_too_many_choices_in_all_are_refused(live, llm, monkeypatch):
+    """2048 prompts x n=128 made 262,144 streams (2 GB, 31 s) from a 50 KB request before any
+    token: prompts x n is bounded by the same 2048, refused before any stream is made."""
+    calls = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client().completions.create(model="tiny", prompt=["a"] * 2048, n=128, max_tokens=1)
+    assert e.value.param == "n" and "262144 choices" in str(e.value) and calls == []
+    with pytest.raises(openai.BadRequestError, match="at most 2048"):
+        live.client().completions.create(model="tiny", prompt=["a"] * 17, n=128, max_tokens=1)
+    reply = live.client().completions.create(model="tiny", prompt=["a"] * 16, n=128, max_tokens=1)
+    assert len(reply.choices) == 2048
+
+
 def test_answers_too_large_to_build_are_refused_before_they_run(live, llm, monkeypatch):
     """A 200-byte request for n=128 choices of a full context with 20 alternatives per token would
     make the server build about 7 GB of log-probabilities for one non-streamed answer: refused
