@@ -7,14 +7,14 @@ dict() and a namespace() that refuses underscore names). Messages are OpenAI-sty
 ({"role", "content", ...}); extra keys (tools, documents, ...) pass through to the template.
 
 Templates are untrusted input: a rendering is bounded in time and output (RenderLimits in
-pyllm/limits.py). The deadline is checked at every line of Python the rendering runs (a trace
-function on the rendering thread: the compiled template and the Jinja filters and globals it calls,
-such as lipsum or batch), the output as it is produced, and a value that one operation would make
-longer than the output limit is refused before Python builds it: `*`, `+`, `~` and `%` on strings
-and lists, `*` and `**` on integers (MAX_INT_BITS), the string methods that pad, repeat, replace, translate, join
-or format (any integer argument past the limit; format widths and precisions past it), the filters
-center, indent, format, join, replace, batch and slice, tojson's indent and lipsum's size.
-Every failure is a TemplateError.
+pyllm/limits.py). The deadline is checked by a trace function on the rendering thread at every
+function call the rendering makes and at every line of the compiled template and of Jinja's filters
+and utils (lipsum, batch and slice loop there); the output as it is produced; and a value one
+operation would make longer than the output limit is refused before Python builds it: `*`, `+`,
+`~` and `%` on strings and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
+bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
+the size they would build; format widths and precisions), the filters center, indent, format,
+join, replace, batch and slice, tojson's indent and lipsum's size. Every failure is a TemplateError.
 """
 
 from __future__ import annotations

@@ -156,9 +156,15 @@ def cmd_run(args) -> int:
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    from .errors import decode_text
+    from .tokenizer import check_text
+
     prompt = args.prompt
+    for value, flag in ((prompt, "-p"), (args.system, "--system")):
+        if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
+            check_text(value, f"the {flag} argument")
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompt = decode_text(sys.stdin.buffer.read(), "stdin")
         if not prompt.strip():
             raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
                              "terminal without -p to chat)")

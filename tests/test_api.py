@@ -325,6 +325,12 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
     finally:
         taken.close()
     assert sorted(os.listdir(tmp_path)) == ["dir.pllm", "latin1.jinja", "truncated.pllm"]  # nothing written
+    # a prompt that is not UTF-8, piped or given (was the tokenizer's "TextInputSequence must be str")
+    for extra, stdin, message in [((), "café".encode("latin-1"), b"stdin is not UTF-8 text (byte 3"),
+                                  ((b"-p", b"caf\xe9"), b"", b"the -p argument contains a lone surrogate")]:
+        r = subprocess.run([sys.executable.encode(), b"-m", b"pyllm", b"run", tiny_llama_f32.encode(), b"-n", b"2",
+                            *extra], input=stdin, capture_output=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
 
 
 def test_json_nested_deeper_than_the_parser_goes_is_a_clear_error_everywhere(tmp_path):

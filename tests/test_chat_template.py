@@ -272,7 +272,8 @@ HOSTILE = {
     "join filter": "{{ (['x' * 1000000] * 1000)|join }}",
     "join filter of objects": "{{ ([{'k': 'x' * 1000000}] * 1000)|join }}",
     "join filter of a generator": "{{ (['x' * 1000000] * 1000)|map('string')|join }}",
-    "tilde doubling": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "tilde doubling": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                      "{% endfor %}",
     "tojson indent": "{{ messages|tojson(indent=10**8) }}",
     "integer squaring": "{% set ns = namespace(v=10 ** 1000) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}"
                         "{% endfor %}",
