@@ -3,8 +3,10 @@
 OpenAI's names, defaults and ranges (the API reference of /v1/chat/completions and
 /v1/completions; llama.cpp's /tokenize and /detokenize); llama.cpp's names accepted as aliases where they differ (repeat_penalty,
 n_predict, ...); unknown fields ignored, as OpenAI does; an explicit null means the field's default;
-seed -1 means unseeded (llama.cpp); NaN and infinite numbers are refused. Anything else is refused with RequestError, which names the
-field in `param` as OpenAI's error object does.
+seed -1 means unseeded (llama.cpp); NaN and infinite numbers are refused; values are not converted
+from another JSON type (strict mode: "5" is not an integer, true not a number, 2.0 not an integer,
+1 not a boolean; an integer is a number), as OpenAI refuses them. Anything else is refused with
+RequestError, which names the field in `param` as OpenAI's error object does.
 
 Extensions beyond OpenAI: top_k, min_p, repetition_penalty, stop_token_ids, and response_format
 types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
@@ -44,7 +46,7 @@ class _FieldError(ValueError):
 
 class _Body(BaseModel):
     """Unknown fields are ignored; an explicit null is the field's default."""
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -337,6 +337,24 @@ def test_non_numbers_and_wrong_types_get_400(live):
     assert _active(live) == 0
 
 
+
+def test_values_of_another_json_type_are_refused_not_coerced(live):
+    """As OpenAI does: "5" is not a max_tokens, true is not n, 1 is not stream, 2.0 is not an
+    integer (pydantic's lax mode turned them into 5, 1, True and 2 in silence; "logprobs": true on
+    /v1/completions, the chat API's flag, became one alternative). 400 naming the field."""
+    url = live.url + "/v1/completions"
+    for field, value in [("max_tokens", '"5"'), ("max_tokens", "true"), ("max_tokens", "2.0"), ("n", "true"),
+                         ("temperature", '"0.5"'), ("temperature", "false"), ("seed", '"12"'), ("stream", "1"),
+                         ("echo", '"true"'), ("logprobs", "true"), ("top_k", "2.0"), ("logit_bias", '{"5": "1"}'),
+                         ("stream_options", '{"include_usage": "yes"}'), ("presence_penalty", '"0"')]:
+        status, reply = _request(url, f'{{"prompt": "hi", "max_tokens": 1, "{field}": {value}}}'.encode())
+        assert status == 400 and reply["error"]["param"].startswith(field), (field, value, reply)
+    # numbers where a float is meant may be written as integers
+    status, reply = _request(url, b'{"prompt": "hi", "max_tokens": 1, "temperature": 1, "top_p": 1, '
+                                  b'"logit_bias": {"5": 2}}')
+    assert status == 200, reply
+
+
 def test_oversized_bodies_and_prompts_are_refused(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:
