@@ -80,7 +80,7 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     try:
         with open(config_path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FormatError(f"{config_path}: not readable JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{config_path}: expected a JSON object")
@@ -148,7 +148,7 @@ def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: 
         return {}
     try:
         listed = json.loads(meta[METADATA_KEY])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON ({e})") from None
     if not isinstance(listed, dict):
         raise FormatError(f"{path}: metadata '{METADATA_KEY}' must be a JSON object")

@@ -3,8 +3,10 @@
 OpenAI's names, defaults and ranges (the API reference of /v1/chat/completions and
 /v1/completions; llama.cpp's /tokenize and /detokenize); llama.cpp's names accepted as aliases where they differ (repeat_penalty,
 n_predict, ...); unknown fields ignored, as OpenAI does; an explicit null means the field's default;
-seed -1 means unseeded (llama.cpp); NaN and infinite numbers are refused. Anything else is refused with RequestError, which names the
-field in `param` as OpenAI's error object does.
+seed -1 means unseeded (llama.cpp); NaN and infinite numbers are refused; values are not converted
+from another JSON type (strict mode: "5" is not an integer, true not a number, 2.0 not an integer,
+1 not a boolean; an integer is a number), as OpenAI refuses them. Anything else is refused with
+RequestError, which names the field in `param` as OpenAI's error object does.
 
 Extensions beyond OpenAI: top_k, min_p, repetition_penalty, stop_token_ids, and response_format
 types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
@@ -22,7 +24,16 @@ from .errors import RequestError
 
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
-MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs)
+MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs), and their choices
+# messages in one chat request, content parts in one message, tools: each becomes Python objects of about
+# 1 KB while validated and rendered (a 7 MiB body of 480,000 empty messages took 700 MB)
+MAX_MESSAGES = 16384
+MAX_CONTENT_PARTS = 256
+MAX_TOOLS = 128  # OpenAI's limit
+# log-probabilities (each chosen token's and its alternatives) one non-streamed answer may hold: about
+# 600 bytes each while the answer is built, 55 bytes each in its JSON (n=128 x 4096 tokens x 21 would
+# be 7 GB from a 200-byte request)
+MAX_LOGPROB_ENTRIES = 2**19
 
 
 class _FieldError(ValueError):
@@ -35,7 +46,7 @@ class _FieldError(ValueError):
 
 class _Body(BaseModel):
     """Unknown fields are ignored; an explicit null is the field's default."""
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -106,7 +117,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)], None] = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -162,11 +173,11 @@ class _Sampling(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
 
@@ -235,6 +246,9 @@ class CompletionRequest(_Sampling):
             raise _FieldError("best_of", "best_of other than n is not supported")
         if len(self.prompts) > MAX_PROMPTS:
             raise _FieldError("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(self.prompts)}")
+        if len(self.prompts) * self.n > MAX_PROMPTS:  # each choice is a stream made before any runs
+            raise _FieldError("n", f"{len(self.prompts)} prompts x n={self.n} make {len(self.prompts) * self.n} "
+                                   f"choices; at most {MAX_PROMPTS} in one request")
         return self
 
     @property
@@ -315,17 +329,26 @@ _TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|litera
                         r"(\[.*)?$", re.IGNORECASE)
 
 
-def _request_error(error: ValidationError) -> RequestError:
-    first = error.errors(include_url=False)[0]
+def _param(loc: tuple) -> str | None:
+    """The request field an error's location names (OpenAI's `param`: "messages[0].content")."""
     parts: list[str] = []
-    for item in first["loc"]:
+    for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         elif _TYPE_TAGS.match(item) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
             break  # pydantic names the union branch it tried; the field is what came before
         else:
             parts.append(("." if parts else "") + item)
-    param = "".join(parts) or None
+    return "".join(parts) or None
+
+
+def _request_error(error: ValidationError) -> RequestError:
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    param = _param(first["loc"])
+    if first["type"].endswith("_type"):  # a union's first branch of another type: a branch of the right type
+        first = next((e for e in errors[1:] if not e["type"].endswith("_type") and e["type"] != "none_required"
+                      and _param(e["loc"]) == param), first)  # says what is wrong with the value itself
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, _FieldError):
         param = cause.param if not param else f"{param}.{cause.param.rsplit('.', 1)[-1]}"

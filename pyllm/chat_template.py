@@ -7,23 +7,29 @@ dict() and a namespace() that refuses underscore names). Messages are OpenAI-sty
 ({"role", "content", ...}); extra keys (tools, documents, ...) pass through to the template.
 
 Templates are untrusted input: a rendering is bounded in time and output (RenderLimits in
-pyllm/limits.py). The deadline is checked at every line the compiled template runs (a trace
-function on the rendering thread, on template code only), the output as it is produced, and a
-string or list that `*` or `+` would make longer than the output limit is refused before it is made.
-Every failure is a TemplateError.
+pyllm/limits.py). The deadline is checked by a trace function on the rendering thread at every
+function call the rendering makes and at every line of the compiled template and of Jinja's filters
+and utils (lipsum, batch and slice loop there); the output as it is produced; and a value one
+operation would make longer than the output limit is refused before Python builds it: `*`, `+`,
+`~` and `%` on strings and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
+bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
+the size they would build; format widths and precisions), the filters center, indent, format,
+join, replace, batch and slice, tojson's indent and lipsum's size. Every failure is a TemplateError.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import string
 import sys
 import threading
 import time
 from datetime import datetime
 from functools import lru_cache
 
-from .errors import PASSING, PyllmError
+from .errors import PASSING, PyllmError, read_text
 from .limits import RenderLimits
 
 
@@ -99,18 +105,18 @@ def resolve_chat_template(value: str) -> str:
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
     if "{{" in value or "{%" in value:
+        _compile(value)  # refuse a broken template now, as for a file
         return value
     value = os.path.expanduser(value)
     if not os.path.isfile(value) and (os.sep in value or "/" in value or value.lower().endswith(TEMPLATE_FILE_SUFFIXES)):
         raise FileNotFoundError(f"chat template file {value} not found" +
                                 (" (it is a directory)" if os.path.isdir(value) else ""))
     if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(value, TemplateError)
         if value.endswith(".json"):  # a tokenizer_config.json
             try:
                 text = json.loads(text)["chat_template"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise TemplateError(f"{value}: not a tokenizer_config.json with a chat_template string") from None
             if not isinstance(text, str):
                 raise TemplateError(f"{value}: chat_template is not a string")
@@ -126,7 +132,13 @@ def _raise_exception(message):
     raise TemplateError(f"the chat template refused the messages: {message}")
 
 
+MAX_JSON_INDENT = 64  # characters of tojson's indent (templates use 2 or 4)
+
+
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    if isinstance(indent, (int, str)) and not isinstance(indent, bool) and \
+            (len(indent) if isinstance(indent, str) else indent) > MAX_JSON_INDENT:
+        raise TemplateError(f"tojson's indent is at most {MAX_JSON_INDENT}")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -180,14 +192,46 @@ def _compile(source: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
+    class CodeGenerator(jinja2.compiler.CodeGenerator):
+        @jinja2.compiler.optimizeconst
+        def visit_Concat(self, node, frame):  # `a ~ b`: through checked_concat (Jinja writes str_join)
+            self.write("environment.checked_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class Environment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "+", "**"])
+        intercepted_binops = frozenset(["*", "+", "**", "%"])
+        code_generator_class = CodeGenerator
 
         def call_binop(self, context, operator, left, right):
             _check_binop(operator, left, right)
             return super().call_binop(context, operator, left, right)
 
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+            args = _check_call(__obj, args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+
+            def checked(*args, **kwargs):
+                _check_format(value.__self__, args, kwargs)
+                return wrapped(*args, **kwargs)
+            return checked
+
+        @staticmethod
+        def checked_concat(values) -> str:
+            parts = [v if isinstance(v, str) else str(v) for v in values]
+            _check_size(sum(map(len, parts)), "a string joined with ~")
+            return "".join(parts)
+
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
+    _bound_filters(env.filters)
+    env.globals["lipsum"] = _lipsum
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -203,22 +247,32 @@ def _compile(source: str):
         raise TemplateError(f"chat template cannot be compiled ({type(e).__name__}: {e})") from None
 
 
+@lru_cache(maxsize=1)
+def _looping_code() -> frozenset:
+    """Files whose lines the deadline is checked at: code Jinja compiled from a template, and the
+    Jinja modules whose filters and globals loop as long as their arguments say (batch, slice,
+    lipsum, ...). Elsewhere it is checked at every function call."""
+    import jinja2.filters
+    import jinja2.utils
+
+    return frozenset(["<template>", jinja2.filters.__file__, jinja2.utils.__file__])
+
+
 class _RenderGuard:
     """Enforces RenderLimits on the rendering in this thread (see the module docstring)."""
 
     def __init__(self, limits: RenderLimits):
         self.limits = limits
         self.deadline = time.monotonic() + limits.seconds
+        self.looping = _looping_code()
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
             raise TemplateError(f"the chat template ran past its time limit of {self.limits.seconds:g} s")
 
-    def _global(self, frame, event, arg):
-        if frame.f_code.co_filename == "<template>":  # code Jinja compiled from a template
-            self.check_time()
-            return self._line
-        return None
+    def _global(self, frame, event, arg):  # every function the rendering calls
+        self.check_time()
+        return self._line if frame.f_code.co_filename in self.looping else None
 
     def _line(self, frame, event, arg):
         if event == "line":
@@ -249,21 +303,180 @@ class _ThreadLimits(threading.local):
 _limits = _ThreadLimits()
 
 
+def _most() -> int:
+    return (_limits.value or RenderLimits()).max_output_chars
+
+
+def _check_size(size: int, what: str) -> None:
+    most = _most()
+    if size > most:
+        raise TemplateError(f"the chat template builds a value longer than {most} ({what})")
+
+
+MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
+
+
+def _check_bits(bits: int) -> None:
+    """Refuses an integer result of more than MAX_INT_BITS: one multiplication of two such numbers
+    takes milliseconds, of two 2**26-bit numbers seconds (the deadline cannot stop one operation)."""
+    if bits > MAX_INT_BITS:
+        raise TemplateError(f"the chat template computes a number of more than {MAX_INT_BITS} bits")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_binop(operator: str, left, right) -> None:
-    """Refuses `*`, `+` and `**` results past the output limit before Python builds them."""
-    most = (_limits.value or RenderLimits()).max_output_chars
+    """Refuses `*`, `+`, `**` and `%` results past the output limit before Python builds them."""
     sized = (str, list, tuple)
     if operator == "*":
+        if _is_int(left) and _is_int(right):
+            _check_bits(left.bit_length() + right.bit_length())
+            return
         seq, n = (left, right) if isinstance(left, sized) else (right, left)
-        if isinstance(seq, sized) and isinstance(n, int) and len(seq) * n > most:
-            raise TemplateError(f"the chat template builds a value longer than {most} (a repeated string or list)")
+        if isinstance(seq, sized) and isinstance(n, int):
+            _check_size(len(seq) * n, "a repeated string or list")
     elif operator == "+":
-        if isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > most:
-            raise TemplateError(f"the chat template builds a value longer than {most} (a joined string or list)")
+        if isinstance(left, sized) and isinstance(right, sized):
+            _check_size(len(left) + len(right), "a joined string or list")
     elif operator == "**":
-        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 and \
-                right * max(abs(left).bit_length(), 1) > 8 * most:
-            raise TemplateError(f"the chat template computes a number of more than {8 * most} bits")
+        if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
+            _check_bits(right * max(abs(left).bit_length(), 1))
+    elif operator == "%" and isinstance(left, str):
+        _check_printf(left, right)
+
+
+# a printf conversion: its width and precision (digits, or * for an argument)
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_number_text(digits: str, what: str) -> None:
+    if digits and (len(digits) > 12 or int(digits) > _most()):
+        raise TemplateError(f"the chat template formats with a {what} of {digits[:20]}, past {_most()}")
+
+
+def _check_ints(values, what: str) -> None:
+    for value in values:
+        if _is_int(value) and value > _most():
+            raise TemplateError(f"the chat template passes {value} to {what}, past {_most()}")
+
+
+def _check_printf(fmt: str, args) -> None:
+    """fmt % args: widths and precisions (given, or * from args) within the output limit."""
+    star = False
+    for width, precision in _PRINTF.findall(fmt):
+        for digits in (width, precision):
+            star = star or digits == "*"
+            _check_number_text("" if digits == "*" else digits, "width or precision")
+    if star:
+        _check_ints(args if isinstance(args, tuple) else (args,), "a * width")
+
+
+def _check_format(fmt: str, args, kwargs) -> None:
+    """fmt.format(*args, **kwargs) / format_map: widths and precisions within the output limit."""
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return  # str.format raises the same error itself
+    for _, _, spec, _ in fields:
+        if not spec:
+            continue
+        if "{" in spec:  # a width from an argument
+            _check_ints(list(args) + list(kwargs.values()) + [
+                v for a in args if isinstance(a, dict) for v in a.values()], "a nested format width")
+        for digits in re.findall(r"\d+", spec):
+            _check_number_text(digits, "width or precision")
+
+
+def _text_size(items) -> int:
+    """Characters of str(item) for each item, stopping once past the limit."""
+    total, most = 0, _most()
+    for item in items:
+        total += len(item) if isinstance(item, str) else len(str(item))
+        if total > most:
+            break
+    return total
+
+
+def _check_call(obj, args: tuple, kwargs: dict) -> tuple:
+    """Refuses a method of a str, bytes or int called from a template whose result would pass the
+    output limit (any integer argument past it: widths, counts, lengths; replace, translate and
+    join by the size they would build). Returns args (join's iterable as a list, checked)."""
+    owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", "")
+    if not isinstance(owner, (str, bytes, int)) or isinstance(owner, bool):
+        return args
+    _check_ints(list(args) + list(kwargs.values()), f"{type(owner).__name__}.{name}")
+    if isinstance(owner, (str, bytes)):
+        if name == "expandtabs":
+            size = kwargs.get("tabsize", args[0] if args else 8)
+            if _is_int(size):
+                _check_size(len(owner) + owner.count(b"\t" if isinstance(owner, bytes) else "\t") * size,
+                            "expanded tabs")
+        elif name == "replace" and len(args) >= 2 and type(args[0]) is type(args[1]) is type(owner):
+            count = owner.count(args[0]) if args[0] else len(owner) + 1
+            _check_size(len(owner) + count * max(0, len(args[1]) - len(args[0])), "a replacement")
+        elif name == "translate" and args and isinstance(args[0], dict):
+            longest = max((len(v) for v in args[0].values() if isinstance(v, (str, bytes))), default=1)
+            _check_size(len(owner) * max(longest, 1), "a translation")
+        elif name == "join" and args:
+            items = list(args[0])
+            _check_size(_text_size(items) + len(owner) * max(len(items) - 1, 0), "a joined list")
+            return (items,) + args[1:]
+    return args
+
+
+def _bound_filters(filters: dict) -> None:
+    """Jinja's filters that build values from size arguments, checked before they do."""
+    import jinja2.filters as jf
+
+    def center(value, width=80):
+        _check_ints([width], "center")
+        return jf.do_center(value, width)
+
+    def indent(s, width=4, first=False, blank=False):
+        lines = str(s).count("\n") + 1
+        per_line = width if _is_int(width) else len(str(width))
+        _check_size(len(str(s)) + lines * per_line, "an indented text")
+        return jf.do_indent(s, width, first, blank)
+
+    def format_(value, *args, **kwargs):
+        if isinstance(value, str):
+            _check_printf(value, args if args else kwargs)
+        return jf.do_format(value, *args, **kwargs)
+
+    @jf.pass_environment
+    def join(environment, value, d="", attribute=None):
+        items = list(value)
+        if attribute is not None:
+            items = list(map(jf.make_attrgetter(environment, attribute), items))
+        _check_size(_text_size(items) + len(str(d)) * max(len(items) - 1, 0), "a joined list")
+        return str(d).join(map(str, items))
+
+    @jf.pass_eval_context
+    def replace(eval_ctx, s, old, new, count=None):
+        s, old, new = str(s), str(old), str(new)
+        _check_call(s.replace, (old, new), {})
+        return jf.do_replace(eval_ctx, s, old, new, count)
+
+    def batch(value, linecount, fill_with=None):
+        _check_ints([linecount], "batch")
+        return jf.do_batch(value, linecount, fill_with)
+
+    def slice_(value, slices, fill_with=None):
+        _check_ints([slices], "slice")
+        return jf.sync_do_slice(value, slices, fill_with)
+
+    filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,
+                   slice=slice_)
+
+
+def _lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 - Jinja's names
+    from jinja2.utils import generate_lorem_ipsum
+
+    if _is_int(n) and _is_int(max):
+        _check_size(n * max * 16, "lorem ipsum")  # words of up to ~15 letters and a space
+    return generate_lorem_ipsum(n, html, min, max)
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -310,7 +523,7 @@ def _template_tool_call(call, n: int) -> dict:
     if isinstance(arguments, str):
         try:
             function["arguments"] = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's parser goes
             pass
     return {**call, "function": function}
 

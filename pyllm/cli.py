@@ -76,7 +76,8 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
                    help=f"most characters of prompt text per request (default {d.max_prompt_chars})")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout,
-                   help=f"seconds a client may take to send its request body (default {d.body_timeout:g})")
+                   help=f"seconds a client may take to send its request headers, and its body (default "
+                        f"{d.body_timeout:g})")
     p.add_argument("--send-timeout", type=float, default=d.send_timeout,
                    help=f"seconds a client may leave a reply unread before it is dropped (default {d.send_timeout:g})")
     p.add_argument("--template-timeout", type=float, default=d.template_timeout,
@@ -155,9 +156,15 @@ def cmd_run(args) -> int:
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    from .errors import decode_text
+    from .tokenizer import check_text
+
     prompt = args.prompt
+    for value, flag in ((prompt, "-p"), (args.system, "--system")):
+        if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
+            check_text(value, f"the {flag} argument")
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompt = decode_text(sys.stdin.buffer.read(), "stdin")
         if not prompt.strip():
             raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
                              "terminal without -p to chat)")
@@ -190,7 +197,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     from .limits import DEFAULT_PARALLEL, ServerLimits
-    from .serve import MISSING, Starlette, serve
+    from .serve import MISSING, Starlette, listen, serve
 
     if Starlette is None:
         raise RuntimeError(MISSING)
@@ -207,24 +214,25 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
+    sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
           api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),
-          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens)
+          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens, sock=sock)
     return 0
 
 
 def cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
+    from .errors import read_text
     from .perplexity import default_text, perplexity
 
     if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(args.text)
     else:
         text = default_text()
     if getattr(args, "device", "cpu") == "cuda":

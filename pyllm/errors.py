@@ -46,3 +46,18 @@ def library_errors(what: str, kind: type[PyllmError] = PyllmError) -> Iterator[N
         raise
     except BaseException as e:  # noqa: B036 - pyo3's PanicException is a BaseException
         raise kind(f"{what}: {type(e).__name__}: {e}") from e
+
+
+def read_text(path: str, kind: type[PyllmError] = PyllmError) -> str:
+    """The text of a UTF-8 file (a chat template, a perplexity text); kind naming the file and the
+    first bad byte when it is not UTF-8. OSError (missing, a directory, unreadable) passes."""
+    with open(path, "rb") as f:
+        return decode_text(f.read(), str(path), kind)
+
+
+def decode_text(data: bytes, what: str, kind: type[PyllmError] = PyllmError) -> str:
+    """data decoded as UTF-8; kind("{what} is not UTF-8 text (byte N: reason)") otherwise."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise kind(f"{what} is not UTF-8 text (byte {e.start}: {e.reason})") from None

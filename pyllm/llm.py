@@ -16,10 +16,11 @@ import numpy as np
 
 from .chat_template import normalize_messages, render_chat, resolve_chat_template
 from .formats.packed import PackedModel
+from .errors import PyllmError
 from .formats.safetensors import FormatError
 from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_threads
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
@@ -338,7 +339,9 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        """The text of token ids (a list or 1-D array of ints in [0, vocab_size); PyllmError otherwise)."""
+        return self.tokenizer.decode(token_ids(ids, self.config.vocab_size).tolist(),
+                                     skip_special_tokens=skip_special_tokens)
 
     # -- turns at the engine -------------------------------------------------------
     def _acquire(self, owner) -> bool:
@@ -398,11 +401,9 @@ class LLM:
         return False
 
     def _check_ids(self, ids) -> np.ndarray:
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.ndim != 1 or arr.size == 0:
-            raise ValueError("expected a non-empty list of token ids")
-        if arr.min() < 0 or arr.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        arr = token_ids(ids, self.config.vocab_size)
+        if arr.size == 0:
+            raise PyllmError("expected a non-empty list of token ids")
         if arr.size > self.context_length:
             raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
         return arr.astype(np.int32)
@@ -512,15 +513,24 @@ class LLM:
             else:
                 raise prompt_type_error(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        params.presence_penalty, params.frequency_penalty = float(presence_penalty), float(frequency_penalty)
-        params.logit_bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+        params.presence_penalty = option("presence_penalty", presence_penalty)
+        params.frequency_penalty = option("frequency_penalty", frequency_penalty)
+        if not isinstance(logit_bias, (dict, type(None))):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias; got {type(logit_bias).__name__}")
+        params.logit_bias = {option("a logit_bias key", k, integer=True): option("a logit_bias value", v)
+                             for k, v in (logit_bias or {}).items()}
         params.validate()
         if any(k >= self.config.vocab_size for k in params.logit_bias):
             raise ValueError(f"logit_bias names a token past the vocabulary ({self.config.vocab_size} tokens)")
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        max_new_tokens = option("max_new_tokens", max_new_tokens, integer=True)
+        if logprobs is not None:
+            option("logprobs", logprobs, integer=True)
         if isinstance(stop, str):
             stop = [stop]
+        elif not isinstance(stop, (list, tuple, type(None))):
+            raise ValueError(f"stop must be a string or a list of strings; got {type(stop).__name__}")
         stop, stop_ids = self._stop_tokens(list(stop or []), stop_token_ids)
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
@@ -566,12 +576,17 @@ class LLM:
         """(stop strings, stop ids): a stop string that is a special token's text becomes its id
         (special tokens never reach the text, so the string could never match)."""
         ids = set()
-        for i in stop_token_ids or []:
+        if not isinstance(stop_token_ids, (list, tuple, set, frozenset, np.ndarray, type(None))):
+            raise ValueError(f"stop_token_ids must be a list of token ids; got {type(stop_token_ids).__name__}")
+        for i in stop_token_ids if stop_token_ids is not None else []:
             if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.config.vocab_size:
                 raise ValueError(f"stop_token_ids must be token ids in [0, {self.config.vocab_size}); got {i!r}")
             ids.add(int(i))
         strings = []
         for s in stop:
+            if not isinstance(s, str):
+                raise ValueError(f"stop must be a string or a list of strings; got {type(s).__name__} {s!r:.40}")
+            check_text(s, "a stop string")
             i = self.tokenizer.token_to_id(s) if s else None
             if i is not None and i in self.tokenizer.special_ids:
                 ids.add(i)
@@ -684,6 +699,12 @@ class LLM:
     def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
         d = self.model.generation
         samples = bool(d.get("do_sample", False))
+        temperature, top_p, min_p, repetition_penalty = (
+            None if v is None else option(name, v) for name, v in (
+                ("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                ("repetition_penalty", repetition_penalty)))
+        top_k, seed = (None if v is None else option(name, v, integer=True) for name, v in (("top_k", top_k),
+                                                                                        ("seed", seed)))
         params = SamplingParams(
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
             top_k=int((d.get("top_k", 50) if samples else 0) if top_k is None else top_k),
@@ -836,6 +857,42 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def option(name: str, value, integer: bool = False):
+    """A numeric option of generate(): value as a float (finite), or an int with integer=True
+    (floats and bools refused: they would be truncated in silence); ValueError naming it otherwise."""
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer; got {value!r:.40}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number; got {value!r:.40}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return float(value)
+
+
+def token_ids(ids, vocab_size: int) -> np.ndarray:
+    """ids (a list, tuple or 1-D integer array of token ids) as int64 [n], each checked to lie in
+    [0, vocab_size) before any conversion (an int too large for int64 is out of range, not an
+    OverflowError). Raises PyllmError for anything else: floats, bools, strings, nested lists."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not (ids.dtype.kind in "iu" or ids.size == 0):
+            raise PyllmError(f"token ids must be a 1-D list of integers; got an array of {ids.dtype} {ids.shape}")
+        values = ids
+    else:
+        if not isinstance(ids, (list, tuple)):
+            raise PyllmError(f"token ids must be a list of integers; got {type(ids).__name__}")
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+        if bad is not None:
+            raise PyllmError(f"token ids must be integers; got {type(bad).__name__} {bad!r:.40}")
+        values = ids
+    if len(values):
+        low, high = min(values), max(values)
+        if low < 0 or high >= vocab_size:
+            raise PyllmError(f"token ids must lie in [0, {vocab_size}); got {low if low < 0 else high}")
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
 def _is_batch(prompt) -> bool:

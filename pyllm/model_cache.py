@@ -98,7 +98,7 @@ def _read_sidecar(model_path: str) -> dict | None:
         with open(model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX, encoding="utf-8") as f:
             info = json.load(f)
         return info if isinstance(info, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -33,17 +33,18 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        """Raises ValueError naming the first option out of range."""
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        """Raises ValueError naming the first option out of range (NaN and infinities are: the model
+        file's generation config can hold them)."""
+        if not 0 <= self.temperature < np.inf:
+            raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
         if not 0 <= self.top_p <= 1:
             raise ValueError("top_p must be in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not 0 < self.repetition_penalty < np.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0; got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2]")

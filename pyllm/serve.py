@@ -38,19 +38,21 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from . import api_responses as responses
-from .errors import RequestError
+from .errors import PyllmError, RequestError
 from .limits import ServerLimits as Limits
-from .structured import GrammarUnavailable
+from .structured import GrammarError, GrammarUnavailable
+from .tokenizer import check_text
 from .tool_calls import ToolError
 
 try:
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from .api_schema import (MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, parse_request,
-                             validate)
+    from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                             parse_request, validate)
 except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
 
@@ -72,10 +74,10 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     """(HTTP status, OpenAI error object) for an exception raised while handling a request: the
     request's own fault is 4xx (RequestError with its status and field; any other PyllmError or
     ValueError: bad options, a prompt past the context, a template that refused or ran too long, a
-    tool or grammar that cannot be used), anything else 500 and logged."""
+    tool or grammar that cannot be used or followed), anything else 500 and logged."""
     if isinstance(e, RequestError):
         return e.status, _error_body(str(e), e.status, e.param)
-    if isinstance(e, GrammarUnavailable):
+    if isinstance(e, (GrammarUnavailable, GrammarError)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
         return 400, _error_body(str(e), 400, "tools")
@@ -107,7 +109,8 @@ def _finite(text: str) -> float:
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
     for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
-    a number too large for a float, a body that is not an object."""
+    a number too large for a float, a string holding a lone surrogate ("\\ud800": JSON's escapes
+    allow it, Unicode text does not), a body that is not an object."""
     try:
         body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
     except RequestError:
@@ -116,7 +119,25 @@ def parse_body(raw: bytes) -> dict:
         raise RequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    _check_strings(body)
     return body
+
+
+def _check_strings(body) -> None:
+    """Every string (keys too) in parsed JSON is Unicode text (RequestError otherwise)."""
+    todo = [body]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo += value.keys()
+            todo += value.values()
+        elif isinstance(value, list):
+            todo += value
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                check_text(value, "a string in the request body")
+            except PyllmError as e:
+                raise RequestError(str(e)) from None
 
 
 async def read_body(request: "Request", limits: Limits) -> bytes:
@@ -329,8 +350,18 @@ class Server:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
-        ])
+        ], exception_handlers={HTTPException: self._http_error})
         return _with_access_rules(app, self.api_key, self.cors_origins)
+
+    async def _http_error(self, request: "Request", exc: "HTTPException"):
+        """Starlette's own refusals (no such route, a method the route does not take) as OpenAI's
+        error object, like every other refusal (Starlette answers them in plain text)."""
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, "
+                        "/detokenize; GET /v1/models, /health)")
+        return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     async def health(self, request: "Request"):
         body = {"status": "ok", "requests": self.active}
@@ -502,7 +533,22 @@ class Server:
         options, a prompt past the context, a template that refuses fail here, as ValueError).
         Renders and tokenizes: call it in a worker thread."""
         plan = self._plan(req, chat)
+        if not req.stream:
+            self._check_answer_size(plan)
         return plan, plan.streams(self.llm)
+
+    def _check_answer_size(self, plan: _Plan) -> None:
+        """Refuses a non-streamed answer that could hold more than MAX_LOGPROB_ENTRIES log-probabilities
+        (choices x (echoed prompt + tokens it may generate) x (1 + alternatives)), before it runs."""
+        if plan.logprobs is None:
+            return
+        room = [min(plan.options["max_new_tokens"], self.llm.context_length - len(p)) for p in plan.prompts]
+        echoed = [len(p) if echo else 0 for p, echo in zip(plan.prompts, plan.echo)]
+        entries = plan.n * sum(max(r, 0) + e for r, e in zip(room, echoed)) * (plan.logprobs + 1)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise RequestError(f"this answer could hold {entries} log-probabilities (choices x tokens x (1 + "
+                               f"alternatives)); the limit is {MAX_LOGPROB_ENTRIES}: lower max_tokens, n or the "
+                               "number of alternatives, or stream the answer", param="max_tokens")
 
     # -- request -> plan ------------------------------------------------------------------------
     def _plan(self, req, chat: bool) -> _Plan:
@@ -759,18 +805,79 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+def http_protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers: a connection whose
+    next request has not sent all its headers within header_timeout seconds of the connection's
+    start, or of its previous response, is closed. uvicorn itself waits for ever (its keep-alive
+    timer restarts at every byte), so clients that connect and send nothing, or a byte now and then,
+    would each hold a connection, and enough of them every file descriptor the server has."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _due = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._due is not None:
+                self._due.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._due is not None:
+                self._due.cancel()
+            self._due = self.loop.call_later(header_timeout, self._headers_due)
+
+        def _headers_due(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.warning("a client sent no complete request headers within %g s: connection closed",
+                            header_timeout)
+                self.transport.close()
+
+    return Protocol
+
+
+def listen(host: str, port: int) -> "socket.socket":
+    """A socket bound to host:port as uvicorn binds one (IPv6 when host has a colon, SO_REUSEADDR),
+    for serve(): a port out of range is a ValueError, an address in use or not on this machine an
+    OSError naming it (uvicorn logs a traceback, or an error and exits with status 3)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"the port must be a number in 0..65535, got {port!r}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_queue: int = 64,
           log_level: str = "info", defaults: dict | None = None, api_key: str | None = None,
           cors_origins: list[str] | tuple = (), limits: Limits | None = None,
-          max_num_batched_tokens: int | None = None) -> None:
+          max_num_batched_tokens: int | None = None, sock=None) -> None:
     """Serves llm until interrupted; prints a start-up line (model, context, threads, device, the
-    parallel slots and the KV cache's memory) and logs one line per request. The options are Server's."""
+    parallel slots and the KV cache's memory) and logs one line per request. The options are Server's;
+    sock: a socket from listen(host, port) (made here when None)."""
     try:
         import uvicorn
     except ImportError:
         raise RuntimeError(MISSING) from None
     import os
     import sys
+
+    sock = sock or listen(host, port)
 
     name = model_name or os.path.splitext(os.path.basename(llm.path))[0]
     if not log.handlers:
@@ -788,6 +895,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
              else "; one request at a time (--parallel N runs N together)")
     server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
     try:
-        uvicorn.run(server.app(), host=host, port=port, log_level=log_level)
+        uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
+                                      http=http_protocol(server.limits.body_timeout))).run(sockets=[sock])
     finally:
         server.close()
+        sock.close()

@@ -8,6 +8,9 @@ grammar costs decoding time only when it takes longer than one forward pass.
 
 llguidance is optional (the serve and grammar extras): without it, plain generation works and a
 request for structured output raises GrammarUnavailable (a RuntimeError) with the install command.
+A grammar llguidance refuses raises ValueError when it is given; one that cannot be followed while
+generating (it allows no text at all, or its lexer grows past llguidance's limits at some token)
+raises GrammarError (a PyllmError) at that point: before any output when it fails at the start.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .errors import PyllmError
+
 MISSING = "structured output needs llguidance: pip install 'pyllm[grammar]' (or pip install llguidance)"
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
 # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (llguidance's JSON
@@ -27,6 +32,10 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 class GrammarUnavailable(RuntimeError):
     """Structured output was asked for and llguidance is not installed."""
+
+
+class GrammarError(PyllmError):
+    """The grammar cannot be followed (llguidance's matcher stopped with an error)."""
 
 
 def _llguidance():
@@ -127,8 +136,14 @@ def _worker() -> ThreadPoolExecutor:
     return _executor
 
 
+def _first_line(message: str) -> str:
+    """llguidance's error without the parser state dump it appends."""
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+
+
 class GrammarProcessor:
-    """Masks the tokens a grammar forbids. Raises ValueError for a grammar llguidance refuses.
+    """Masks the tokens a grammar forbids. Raises ValueError for a grammar llguidance refuses,
+    GrammarError for one that allows no text at the start (here) or later (from __call__/accept).
 
     accept(token) (called by the generation loop after each generated token) advances the grammar
     and starts computing the next mask in a worker thread; __call__ waits for it and applies it."""
@@ -142,14 +157,22 @@ class GrammarProcessor:
             raise ValueError(f"the grammar is not valid: {self.matcher.get_error()}")
         self.vocab_size = vocab_size
         self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
-        self._next = _worker().submit(self._fill)
+        self._fill()  # the first mask now: a grammar that allows nothing fails before any output
+        self._next = _worker().submit(lambda: None)
 
     def _fill(self) -> None:
         self._np.fill_next_token_bitmask(self.matcher, self.mask)
+        self._check()
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise GrammarError(f"the grammar cannot be followed ({_first_line(self.matcher.get_error())}): it allows "
+                               "no text here, or grew past the matcher's limits")
 
     def _advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            self._check()
+            raise GrammarError(f"the grammar refused token {token}")
         self._fill()
 
     def accept(self, token: int) -> None:
@@ -158,8 +181,7 @@ class GrammarProcessor:
 
     def __call__(self, ids, scores: np.ndarray) -> np.ndarray:
         self._next.result()
-        if self.matcher.is_error():
-            raise RuntimeError(f"structured output failed: {self.matcher.get_error()}")
+        self._check()
         n = min(scores.size, self.tokenizer.vocab_size)
         allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[:n]
         scores[:allowed.size][allowed == 0] = -np.inf

@@ -11,10 +11,23 @@ import json
 import re
 import threading
 
-from .errors import library_errors
+from .errors import PyllmError, library_errors
 from .formats.packed import TokenizerSpec
 
 GIL_FREE_CHARS = 4096  # texts at least this long go through encode_batch, which releases the GIL
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """text itself when it is Unicode text; PyllmError naming the first lone UTF-16 surrogate
+    otherwise (a Python str can hold one, from JSON's "\\ud800" escape or a surrogateescape decode,
+    and no tokenizer or UTF-8 encoder takes it)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PyllmError(f"{what} contains a lone surrogate (U+{ord(text[e.start]):04X} at character "
+                             f"{e.start}), which is not Unicode text") from None
+    return text
 
 
 class Tokenizer:
@@ -151,6 +164,7 @@ class Tokenizer:
         """Token ids of text; special tokens written in the text map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"text to tokenize must be a str, not {type(text).__name__}")
+        check_text(text, "the text to tokenize")
         with library_errors("cannot tokenize the text"):
             return self._encode(text, add_special_tokens)
 

@@ -61,7 +61,7 @@ class ToolFormat:
             if isinstance(arguments, str):
                 try:
                     arguments = json.loads(arguments)
-                except ValueError:
+                except (ValueError, RecursionError):
                     return None
             if not isinstance(arguments, dict):
                 return None
@@ -79,7 +79,7 @@ def _json_values(text: str) -> list | None:
             return values
         try:
             value, i = decoder.raw_decode(text, i)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a reply nested deeper than the parser goes
             return None
         values.append(value)
 

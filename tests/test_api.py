@@ -106,6 +106,71 @@ def test_bad_token_ids_are_refused(llm):
         llm.engine.forward(np.array([1, 2], dtype=np.int32), llm.context_length - 1, False)
 
 
+def test_token_ids_of_every_kind_are_checked_before_use(llm):
+    """Every entry point that takes token ids refuses, with PyllmError, what is not a token id:
+    ints past int64 (were an OverflowError), floats and bools (were truncated to an id in silence),
+    ids past the vocabulary (detokenize dropped them in silence), nested lists, strings."""
+    from pyllm.errors import PyllmError
+
+    vocab = llm.config.vocab_size
+    bad = [[2**70], [1, -2**70], [1.5], [1, True], [vocab], [-1], [[1, 2]], "abc", None, np.array([1.0, 2.0]),
+           np.array([[1, 2]])]
+    calls = {"logits": llm.logits, "embed": lambda ids: llm.embed([ids]), "detokenize": llm.detokenize,
+             "logits_many": lambda ids: llm.logits_many([ids])}
+    for name, call in calls.items():
+        for ids in bad:
+            if name == "embed" and isinstance(ids, str):
+                continue  # a text to embed
+            with pytest.raises(PyllmError, match="token ids"):
+                call(ids)
+    for ids in [[2**70], [1, -2**70], [vocab], [-1]]:
+        with pytest.raises(PyllmError, match=rf"token ids must lie in \[0, {vocab}\)"):
+            llm.generate(ids, max_new_tokens=1)
+    assert llm.detokenize([]) == "" and llm.detokenize(np.array(llm.tokenize("café"))) == "café"
+    assert llm.logits(np.array([1, 2], dtype=np.uint16)).shape == (2, vocab)
+
+
+
+def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
+    """NaN or infinite numbers, floats where an integer is meant, strings, bools: each a ValueError
+    naming the option before anything runs (a NaN temperature sampled from NaN probabilities and
+    failed inside numpy; max_new_tokens=1.5 and logprobs=1.5 were TypeErrors from deep inside;
+    top_k=1.5 and seed=1.5 were truncated in silence; logit_bias=[1] an AttributeError)."""
+    from pyllm.sampling import SamplingParams
+
+    nan, inf = float("nan"), float("inf")
+    cases = {"temperature": [nan, inf, "hot", True], "top_p": [nan, "1"], "min_p": [nan], "top_k": [1.5, "3", nan],
+             "repetition_penalty": [nan, inf, "1.1"], "seed": [1.5, "7"], "presence_penalty": [nan, "0"],
+             "frequency_penalty": [inf], "max_new_tokens": [1.5, "8", nan], "logprobs": [1.5, "2", True],
+             "logit_bias": [[1], {1: nan}, {1: "x"}, {"a": 1}, {1.5: 1}, {True: 1}]}
+    for name, values in cases.items():
+        for value in values:
+            with pytest.raises(ValueError, match=name.split("_")[0]):
+                llm.generate("hi", **{name: value})
+    for field in ("temperature", "repetition_penalty"):  # as a model's generation config could set them
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: nan}).validate()
+    assert llm.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(5), seed=3) == \
+        llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
+
+def test_lone_surrogates_and_bad_stop_options_are_clear_errors(llm):
+    """A str holding a lone surrogate (JSON's "\\ud800" makes one) is refused by name wherever text
+    goes in: a prompt, a message, a stop string (were a tokenizers TypeError or UnicodeEncodeError);
+    stop and stop_token_ids of the wrong type are ValueErrors that say so (were TypeErrors)."""
+    from pyllm.errors import PyllmError
+
+    for call in (lambda: llm.tokenize("ok \ud800"), lambda: llm.generate("\udfff", max_new_tokens=1),
+                 lambda: llm.chat([{"role": "user", "content": "a\ud83d"}], max_new_tokens=1),
+                 lambda: llm.generate("hi", max_new_tokens=1, stop=["\ud800"])):
+        with pytest.raises(PyllmError, match="lone surrogate"):
+            call()
+    assert llm.tokenize("😀") == llm.tokenize("\ud83d\ude00".encode("utf-16", "surrogatepass").decode("utf-16"))
+    for options in (dict(stop=5), dict(stop=[None]), dict(stop=["a", 3]), dict(stop_token_ids=5),
+                    dict(stop_token_ids="12")):
+        with pytest.raises(ValueError, match="stop"):
+            llm.generate("hi", max_new_tokens=1, **options)
+
+
 def test_concurrent_calls_are_serialised(llm):
     expected = llm.generate("Berlin", max_new_tokens=10)
     results, errors = [], []
@@ -224,6 +289,75 @@ def test_cli_reports_errors_cleanly(tmp_path):
     assert r.returncode != 0 and "config.json" in r.stderr
     assert not os.path.exists(tmp_path / "x.pllm")
 
+
+
+def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_llama_f32, tmp_path):
+    """Each careless invocation is one line on stderr and exit status 1, found before the slow
+    work: an output that is a directory or in a missing directory (was found after converting), a
+    chat template or text file that is not UTF-8 (did not name the file), a directory given as a
+    file, a port out of range (was uvicorn's traceback) or in use (was uvicorn's log and status 3),
+    a host that does not resolve, a truncated model file."""
+    import socket
+
+    not_utf8 = tmp_path / "latin1.jinja"
+    not_utf8.write_bytes("{{ 'caf\xe9' }}".encode("latin-1"))
+    (tmp_path / "dir.pllm").mkdir()
+    truncated = tmp_path / "truncated.pllm"
+    truncated.write_bytes(open(tiny_llama_f32, "rb").read()[:-1000])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        cases = [(("convert", tiny_llama, "-o", str(tmp_path / "dir.pllm")), "is a directory"),
+                 (("convert", tiny_llama, "-o", str(tmp_path / "no" / "x.pllm")), "does not exist"),
+                 (("run", tiny_llama_f32, "-p", "x", "--chat-template", str(not_utf8)), "latin1.jinja is not UTF-8"),
+                 (("perplexity", tiny_llama_f32, "--text", str(not_utf8)), "latin1.jinja is not UTF-8"),
+                 (("perplexity", tiny_llama_f32, "--text", str(tmp_path)), "directory"),
+                 (("run", str(tmp_path / "dir.pllm"), "-p", "x"), "directory"),
+                 (("run", str(truncated), "-p", "x"), "truncated"),
+                 (("serve", tiny_llama_f32, "--port", "99999"), "0..65535"),
+                 (("serve", tiny_llama_f32, "--port", str(taken.getsockname()[1])), "in use"),
+                 (("serve", tiny_llama_f32, "--host", "no-such-host.invalid"), "cannot listen on")]
+        for args, message in cases:
+            r = _cli(*args)
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert r.returncode == 1 and len(lines) == 1 and message in lines[0], (args, r.returncode, r.stderr)
+    finally:
+        taken.close()
+    assert sorted(os.listdir(tmp_path)) == ["dir.pllm", "latin1.jinja", "truncated.pllm"]  # nothing written
+    # a prompt that is not UTF-8, piped or given (was the tokenizer's "TextInputSequence must be str")
+    for extra, stdin, message in [((), "café".encode("latin-1"), b"stdin is not UTF-8 text (byte 3"),
+                                  ((b"-p", b"caf\xe9"), b"", b"the -p argument contains a lone surrogate")]:
+        r = subprocess.run([sys.executable.encode(), b"-m", b"pyllm", b"run", tiny_llama_f32.encode(), b"-n", b"2",
+                            *extra], input=stdin, capture_output=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_a_clear_error_everywhere(tmp_path):
+    """JSON nested deeper than Python's parser goes raises RecursionError, not ValueError: every
+    reader of a JSON file or string pyllm is handed turns it into its own error (config.json, a
+    tokenizer_config.json template, adapter_config.json, training data) instead of letting it out."""
+    from pyllm.adapters import read_peft_adapter
+    from pyllm.chat_template import TemplateError, resolve_chat_template
+    from pyllm.errors import PyllmError
+    from pyllm.train.data import load_records
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(deep)
+    r = _cli("convert", str(tmp_path / "model"), "-o", str(tmp_path / "x.pllm"))
+    assert r.returncode == 1 and "invalid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ' + deep + "}")
+    with pytest.raises(TemplateError, match="tokenizer_config"):
+        resolve_chat_template(str(tmp_path / "tokenizer_config.json"))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(deep)
+    with pytest.raises(PyllmError, match="adapter_config.json"):
+        read_peft_adapter(str(tmp_path / "adapter"), None)
+    for name, text in [("list.json", f'[{{"instruction": {deep}}}]'), ("lines.jsonl", deep + "\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PyllmError, match="nested too deeply"):
+            load_records(str(tmp_path / name))
 
 def test_stop_token_ids_end_generation(llm):
     first = llm.tokenize("Hello")

@@ -205,6 +205,8 @@ def test_resolve_names_files_and_source(tmp_path):
     broken.write_text("{% for m in messages %}")
     with pytest.raises(TemplateError, match="not valid Jinja"):
         resolve_chat_template(str(broken))
+    with pytest.raises(TemplateError, match="not valid Jinja"):  # Jinja source itself: refused now too
+        resolve_chat_template("{% for m in messages %}")
 
 
 def test_failures_are_clear_errors():
@@ -246,6 +248,35 @@ HOSTILE = {
     "python error": "{{ messages[0].content + 1 }}",
     "undefined call": "{{ nothing() }}",
     "attribute escape": "{{ messages.__class__.__mro__ }}",
+    # one call of a filter, global or method that builds a huge value, or loops in library code
+    # (a trace on template lines alone never saw them: lipsum ran 256 s past a 5 s limit)
+    "lipsum": "{{ lipsum(n=1000000, html=False) }}",
+    "lipsum looping": "{% for i in range(100000) %}{% set x = lipsum(n=50, html=False) %}{% endfor %}",
+    "batch fill": "{{ range(10)|batch(10**8, 'x')|list }}",
+    "batch looping": "{% for i in range(100000) %}{% set x = range(10)|batch(10**6, 'x')|list %}{% endfor %}",
+    "slice": "{{ range(10)|slice(10**8)|list|length }}",
+    "center filter": "{{ 'x'|center(10**9) }}",
+    "indent filter": "{{ ('a\n' * 1000)|indent(10**6) }}",
+    "printf filter": "{{ '%-1000000000s'|format('x') }}",
+    "printf star": "{{ '%*d'|format(10**9, 1) }}",
+    "printf operator": "{{ '%.1000000000f' % 1.5 }}",
+    "str.format width": "{{ '{:>1000000000}'.format('x') }}",
+    "str.format nested width": "{{ '{:>{w}}'.format('x', w=10**9) }}",
+    "str methods": "{{ 'x'.ljust(10**9) }}{{ 'x'.zfill(10**9) }}",
+    "int method": "{{ (1).to_bytes(10**9, 'big') }}",
+    "expandtabs": "{{ ('\t' * 1000).expandtabs(10**6) }}",
+    "str.replace": "{{ ('a' * 10000).replace('a', 'b' * 100000) }}",
+    "replace filter": "{{ ('a' * 10000)|replace('a', 'b' * 100000) }}",
+    "translate": "{{ ('a' * 10000).translate({97: 'b' * 100000}) }}",
+    "str.join": "{{ ('b' * 100000).join(['a'] * 10000) }}",
+    "join filter": "{{ (['x' * 1000000] * 1000)|join }}",
+    "join filter of objects": "{{ ([{'k': 'x' * 1000000}] * 1000)|join }}",
+    "join filter of a generator": "{{ (['x' * 1000000] * 1000)|map('string')|join }}",
+    "tilde doubling": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                      "{% endfor %}",
+    "tojson indent": "{{ messages|tojson(indent=10**8) }}",
+    "integer squaring": "{% set ns = namespace(v=10 ** 1000) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}"
+                        "{% endfor %}",
 }
 
 
@@ -260,6 +291,28 @@ def test_hostile_templates_end_quickly_with_a_template_error(name):
         render_chat(HOSTILE[name], [{"role": "user", "content": "hi"}],
                     limits=RenderLimits(max_output_chars=2**20, seconds=1.0))
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_templates_allocate_little_before_their_template_error(name):
+    """A template's values are refused before Python allocates them: the rendering's peak
+    allocation stays within a few times the output limit (the 1 Mi-character limit here; one call
+    of 'x'.center(10**9) used to allocate a gigabyte before the output check saw it)."""
+    import tracemalloc
+
+    from pyllm.limits import RenderLimits
+
+    if name in ("huge output", "lipsum looping", "batch looping", "nested loops"):
+        pytest.skip("bounded by time and output, allocating little; tracemalloc would only slow it")
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError):
+            render_chat(HOSTILE[name], [{"role": "user", "content": "hi"}],
+                        limits=RenderLimits(max_output_chars=2**20, seconds=1.0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{name}: {peak / 2**20:.0f} MiB"
 
 
 def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
@@ -281,3 +334,17 @@ def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
     with pytest.raises(TemplateError, match="4000"):
         render_chat(BUILTIN_TEMPLATES["chatml"], [{"role": "user", "content": "z" * 5000}],
                     limits=RenderLimits(max_output_chars=4000))
+
+
+def test_bounded_filters_and_methods_keep_their_ordinary_results():
+    """The checked filters, methods and operators give Jinja's and Python's own results below the limits."""
+    template = ("{{ 'ab'|center(6) }}|{{ 'a\nb'|indent(2, first=true) }}|{{ '%-4s|%.2f|%*d'|format('x', 1.5, 3, 7) }}|"
+                "{{ '%05d' % 42 }}|{{ '{:>5}{:.1f}{:{w}}'.format('r', 2.25, 'n', w=3) }}|{{ 'x'.ljust(3) }}|"
+                "{{ 'aXa'.replace('a', 'bb') }}|{{ ', '.join(['p', 'q']) }}|{{ [1, 'z', none]|join('-') }}|"
+                "{{ [{'k': 'v'}, {'k': 'w'}]|join(',', attribute='k') }}|{{ 'aaa'|replace('a', 'c', 2) }}|"
+                "{{ range(5)|batch(2, 0)|list }}|{{ range(5)|slice(2)|list }}|{{ 'a' ~ 1 ~ none }}|"
+                "{{ {'a': [1]}|tojson(indent=2) }}|{{ 3 * 4 }}|{{ 2 ** 10 }}|{{ 'ab' * 2 }}|{{ 7 % 3 }}|"
+                "{{ 'x\ty'.expandtabs(4) }}|{{ lipsum(1, html=False, min=2, max=3)|wordcount > 0 }}")
+    assert render_chat(template, [{"role": "user", "content": "hi"}]) == (
+        "  ab  |  a\n  b|x   |1.50|  7|00042|    r2.2n  |x  |bbXbb|p, q|1-z-None|v,w|cca|"
+        "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True")

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from pyllm.limits import ServerLimits  # noqa: E402
-from pyllm.serve import Server  # noqa: E402
+from pyllm.serve import Server, http_protocol  # noqa: E402
 
 QUESTIONS = ["Paris is", "中文测试", "Emoji 😀🎉", "The quick brown fox", "def main():", "Berlin", "café", "Hello"]
 
@@ -41,7 +41,8 @@ class LiveServer:
     def __init__(self, llm, name="tiny", max_queue=64, limits=None, **options):
         self.port = _free_port()
         self.api = Server(llm, name, max_queue, limits=limits, **options)
-        config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical")
+        config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical",
+                                http=http_protocol(self.api.limits.body_timeout))  # as `pyllm serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -336,6 +337,24 @@ def test_non_numbers_and_wrong_types_get_400(live):
     assert _active(live) == 0
 
 
+
+def test_values_of_another_json_type_are_refused_not_coerced(live):
+    """As OpenAI does: "5" is not a max_tokens, true is not n, 1 is not stream, 2.0 is not an
+    integer (pydantic's lax mode turned them into 5, 1, True and 2 in silence; "logprobs": true on
+    /v1/completions, the chat API's flag, became one alternative). 400 naming the field."""
+    url = live.url + "/v1/completions"
+    for field, value in [("max_tokens", '"5"'), ("max_tokens", "true"), ("max_tokens", "2.0"), ("n", "true"),
+                         ("temperature", '"0.5"'), ("temperature", "false"), ("seed", '"12"'), ("stream", "1"),
+                         ("echo", '"true"'), ("logprobs", "true"), ("top_k", "2.0"), ("logit_bias", '{"5": "1"}'),
+                         ("stream_options", '{"include_usage": "yes"}'), ("presence_penalty", '"0"')]:
+        status, reply = _request(url, f'{{"prompt": "hi", "max_tokens": 1, "{field}": {value}}}'.encode())
+        assert status == 400 and reply["error"]["param"].startswith(field), (field, value, reply)
+    # numbers where a float is meant may be written as integers
+    status, reply = _request(url, b'{"prompt": "hi", "max_tokens": 1, "temperature": 1, "top_p": 1, '
+                                  b'"logit_bias": {"5": 2}}')
+    assert status == 200, reply
+
+
 def test_oversized_bodies_and_prompts_are_refused(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:
@@ -362,6 +381,32 @@ def test_oversized_bodies_and_prompts_are_refused(llm):
         server.stop()
 
 
+
+def test_lists_that_cost_far_more_than_their_bytes_are_bounded(live):
+    """A 7 MiB body of 480,000 empty messages made 700 MB of Python objects and took seconds to
+    refuse; messages, content parts per message and tools are bounded (400 naming the field and
+    the limit), the limits themselves accepted."""
+    from pyllm.api_schema import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_TOOLS
+
+    chat = live.url + "/v1/chat/completions"
+    part = {"type": "text", "text": ""}
+    tool = {"type": "function", "function": {"name": "f"}}
+    cases = [({"messages": [{"role": "user"}] * (MAX_MESSAGES + 1)}, "messages", MAX_MESSAGES),
+             ({"messages": [{"role": "user", "content": [part] * (MAX_CONTENT_PARTS + 1)}]}, "messages[0].content",
+              MAX_CONTENT_PARTS),
+             ({"messages": _chat("hi"), "tools": [tool] * (MAX_TOOLS + 1)}, "tools", MAX_TOOLS)]
+    for body, param, most in cases:
+        status, reply = _request(chat, json.dumps(body).encode())
+        assert status == 400 and reply["error"]["param"] == param and f"at most {most}" in reply["error"]["message"], \
+            reply
+    status, reply = _request(chat, json.dumps({"messages": [{"role": "user", "content": [part] * MAX_CONTENT_PARTS}],
+                                               "max_tokens": 1}).encode())
+    assert status == 200, reply
+    # a content of the wrong type still says so (the first branch of the union is not what is reported)
+    status, reply = _request(chat, b'{"messages": [{"role": "user", "content": 7}]}')
+    assert status == 400 and reply["error"]["param"] == "messages[0].content", reply
+
+
 def test_a_body_that_never_arrives_times_out(llm):
     server = LiveServer(llm, limits=ServerLimits(body_timeout=0.5))
     try:
@@ -371,6 +416,39 @@ def test_a_body_that_never_arrives_times_out(llm):
     finally:
         server.stop()
 
+
+
+def test_connections_that_never_send_their_headers_are_closed(llm):
+    """A client that connects and sends nothing, or its headers a byte now and then, held its
+    connection for ever (uvicorn's own timer restarts at every byte): closed once the body timeout
+    passes without complete headers, from the connection's start or its previous response."""
+    server = LiveServer(llm, limits=ServerLimits(body_timeout=1.0))
+    try:
+        silent = _raw(server.port, b"")
+        trickle = _raw(server.port, b"POST /v1/completions HTTP/1.1\r\n")
+        kept = _raw(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, then idle
+        start = time.monotonic()
+        for byte in b"Host: x\r\nX-Slow: " * 3:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                break  # closed already
+            time.sleep(0.05)
+        for s in (silent, trickle, kept):
+            s.settimeout(10)
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert (data == b"") == (s is not kept), data[:100]  # the answered one got its answer first
+            s.close()
+        assert time.monotonic() - start < 8
+        status, _ = _request(server.url + "/v1/completions", b'{"prompt": "hi", "max_tokens": 1}')
+        assert status == 200
+    finally:
+        server.stop()
 
 def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
@@ -534,6 +612,38 @@ def test_numbers_past_what_a_field_holds_get_400(live):
         assert status == 400 and _is_openai_error(reply), (body, status, reply)
     assert _active(live) == 0
 
+
+
+def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):
+    """Token ids too large for int64 were a 500 (OverflowError), a negative one echoed a decoder's
+    message; a lone surrogate escape ("\\ud800", valid JSON, not Unicode text) anywhere in a body
+    reached the tokenizer or the UTF-8 encoder. Each is a 400 naming what is wrong, on every route."""
+    big = str(2**70)
+    completions, chat = live.url + "/v1/completions", live.url + "/v1/chat/completions"
+    cases = [(completions, f'{{"prompt": [1, 2, {big}], "max_tokens": 1}}', "token ids must lie"),
+             (completions, f'{{"prompt": [[1], [{big}]], "max_tokens": 1}}', "token ids must lie"),
+             (completions, '{"prompt": [-5], "max_tokens": 1, "echo": true}', "token ids must lie"),
+             (live.url + "/v1/embeddings", f'{{"input": [1, {big}]}}', "token ids must lie"),
+             (live.url + "/v1/embeddings", f'{{"input": [[1], [{big}]]}}', "token ids must lie"),
+             (completions, '{"prompt": "\\ud800", "max_tokens": 1}', "lone surrogate"),
+             (completions, '{"prompt": "hi", "max_tokens": 1, "stop": ["a\\udc00"]}', "lone surrogate"),
+             (chat, '{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 1}', "lone surrogate"),
+             (chat, '{"messages": [{"role": "user", "content": "hi", "\\ud800": 1}], "max_tokens": 1}',
+              "lone surrogate"),
+             (live.url + "/tokenize", '{"content": "x\\ud800"}', "lone surrogate")]
+    for url, body, message in cases:
+        status, reply = _request(url, body.encode())
+        assert status == 400 and _is_openai_error(reply) and message in reply["error"]["message"], (body, reply)
+    # a call's arguments string nested deeper than the JSON parser goes stays a string (was a 500)
+    deep = {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]},
+        {"role": "user", "content": "hi"}], "max_tokens": 1}
+    status, reply = _request(chat, json.dumps(deep).encode())
+    assert status == 200, reply
+    # a surrogate pair is one character, as JSON means it
+    status, reply = _request(live.url + "/tokenize", b'{"content": "\\ud83d\\ude00"}')
+    assert status == 200 and reply["tokens"] == live.api.llm.tokenize("\U0001F600")
+    assert _active(live) == 0
 
 def test_tokenize_and_detokenize_are_bounded_too(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))

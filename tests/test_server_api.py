@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 pytest.importorskip("pydantic")
 
-from test_server import LiveServer, _chat  # noqa: E402
+from test_server import LiveServer, _chat, _get  # noqa: E402
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -118,6 +118,49 @@ def test_too_many_prompts_are_refused(live):
     with pytest.raises(openai.BadRequestError) as e:
         live.client().completions.create(model="tiny", prompt=["a"] * 2049, max_tokens=1)
     assert e.value.param == "prompt" and "2048" in str(e.value)
+
+
+def test_too_many_choices_in_all_are_refused(live, llm, monkeypatch):
+    """2048 prompts x n=128 made 262,144 streams (2 GB, 31 s) from a 50 KB request before any
+    token: prompts x n is bounded by the same 2048, refused before any stream is made."""
+    calls = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client().completions.create(model="tiny", prompt=["a"] * 2048, n=128, max_tokens=1)
+    assert e.value.param == "n" and "262144 choices" in str(e.value) and calls == []
+    with pytest.raises(openai.BadRequestError, match="at most 2048"):
+        live.client().completions.create(model="tiny", prompt=["a"] * 17, n=128, max_tokens=1)
+    reply = live.client().completions.create(model="tiny", prompt=["a"] * 16, n=128, max_tokens=1)
+    assert len(reply.choices) == 2048
+
+
+def test_answers_too_large_to_build_are_refused_before_they_run(live, llm, monkeypatch):
+    """A 200-byte request for n=128 choices of a full context with 20 alternatives per token would
+    make the server build about 7 GB of log-probabilities for one non-streamed answer: refused
+    before generating (400 naming max_tokens), by the choices x tokens x (1 + alternatives) it could
+    hold, echoed prompts included; within the limit, or streamed, the same options are answered."""
+    from pyllm.api_schema import MAX_LOGPROB_ENTRIES
+
+    calls = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    client = live.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=_chat("hi"), n=128, logprobs=True, top_logprobs=20)
+    assert e.value.param == "max_tokens" and str(MAX_LOGPROB_ENTRIES) in str(e.value)
+    with pytest.raises(openai.BadRequestError, match="log-probabilities"):
+        client.completions.create(model="tiny", prompt=["a"] * 64, n=10, max_tokens=2000, logprobs=5)
+    prompt = [5, 6, 7] * 630
+    with pytest.raises(openai.BadRequestError, match="log-probabilities"):  # the echoed prompt counts too
+        client.completions.create(model="tiny", prompt=prompt, n=20, max_tokens=1, logprobs=20, echo=True)
+    assert calls == []  # refused before any generation started
+    reply = client.chat.completions.create(model="tiny", messages=_chat("hi"), n=2, max_tokens=3, logprobs=True,
+                                           top_logprobs=20)
+    assert len(reply.choices) == 2 and len(reply.choices[0].logprobs.content[0].top_logprobs) == 20
+    chunks = list(client.completions.create(model="tiny", prompt=prompt[:50], n=20, max_tokens=1, logprobs=20,
+                                            echo=True, stream=True))
+    assert len({c.choices[0].index for c in chunks if c.choices}) == 20
 
 
 # -- several choices and prompts -----------------------------------------------------------------
@@ -228,6 +271,45 @@ def test_json_object_regex_and_grammar(live):
                                   extra_body={"response_format": {"type": "grammar", "grammar": "start: ("}})
 
 
+UNFOLLOWABLE = [{"type": "grammar", "grammar": "start: start"},  # a rule that only calls itself: no text at all
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}]  # the same as a schema
+
+
+def test_grammars_that_cannot_be_followed_are_the_requests_fault(live, llm):
+    """A grammar llguidance compiles but that allows no text fails before any output: 400 naming
+    response_format, streamed or not (it was a 500 with llguidance's parser dump); one whose lexer
+    grows past llguidance's limits at a later token is a 400 too, or the stream's error event. The
+    server serves on."""
+    client = live.client()
+    for fmt in UNFOLLOWABLE:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="tiny", prompt="?", max_tokens=3, stream=stream,
+                                          extra_body={"response_format": fmt})
+            assert e.value.param == "response_format" and "cannot be followed" in str(e.value), fmt
+        with pytest.raises(openai.BadRequestError, match="cannot be followed"):
+            client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, response_format=fmt)
+    huge = {"type": "regex", "regex": "a{1000000}"}
+    with pytest.raises(openai.BadRequestError, match="cannot be followed"):
+        client.completions.create(model="tiny", prompt="?", max_tokens=3, extra_body={"response_format": huge})
+    with pytest.raises(openai.APIError, match="cannot be followed"):
+        list(client.completions.create(model="tiny", prompt="?", max_tokens=3, stream=True,
+                                       extra_body={"response_format": huge}))
+    assert client.completions.create(model="tiny", prompt="?", max_tokens=2).usage.completion_tokens == 2
+    assert _get(live.url + "/health")["requests"] == 0
+
+
+def test_grammars_that_cannot_be_followed_from_python(llm):
+    from pyllm.errors import PyllmError
+
+    pytest.importorskip("llguidance")
+    for fmt in UNFOLLOWABLE:
+        with pytest.raises(PyllmError, match="cannot be followed"):
+            llm.generate("?", max_new_tokens=3, response_format=fmt, stream=True)  # refused before streaming
+    with pytest.raises(PyllmError, match="cannot be followed"):
+        llm.generate("?", max_new_tokens=3, grammar="start: a\na: a")
+
+
 # -- tool calls ----------------------------------------------------------------------------------
 
 WEATHER = {"type": "function", "function": {
@@ -312,6 +394,23 @@ def test_model_card_tokenize_detokenize(live, llm):
     with pytest.raises(urllib.error.HTTPError) as e:
         post("/detokenize", {"tokens": [10 ** 9]})
     assert e.value.code == 400
+
+
+
+def test_unknown_routes_and_methods_get_openai_errors(live):
+    """A path the server does not have, or a method its route does not take, is answered with
+    OpenAI's error object like every other refusal (Starlette answered in plain text)."""
+    for method, path, status in [("POST", "/v1/responses", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/v1/models", 405), ("GET", "/nothing/here", 404)]:
+        request = urllib.request.Request(live.url + path, method=method, data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        reply = json.loads(e.value.read())
+        assert e.value.code == status and path in reply["error"]["message"], reply
+        assert reply["error"]["type"] == "invalid_request_error"
+        assert (e.value.headers.get("allow") is not None) == (status == 405)  # the methods it takes
+    with pytest.raises(openai.NotFoundError, match="/v1/chat/completions"):
+        live.client().responses.create(model="tiny", input="hi")
 
 
 def test_api_key_and_cors(llm):

@@ -48,6 +48,16 @@ def test_hermes_replies():
         assert Hermes().parse(bad) == (bad, [])
 
 
+def test_replies_nested_deeper_than_the_json_parser_goes_are_text():
+    """A reply (or a call's arguments string) nested deeper than Python's JSON parser goes raised
+    RecursionError out of the parser (a 500 in the server): it is text, as any other unparsable call."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for fmt, text in [(Hermes(), f"<tool_call>\n{deep}\n</tool_call>"),
+                      (Hermes(), '<tool_call>\n{"name": "f", "arguments": ' + json.dumps(deep) + "}\n</tool_call>"),
+                      (Mistral(), f"[TOOL_CALLS]{deep}"), (Llama3(), deep)]:
+        assert fmt.parse(text) == (text, []), type(fmt).__name__
+
+
 def test_mistral_replies():
     content, calls = Mistral().parse('[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}, {"name": "b", '
                                      '"arguments": {}}]')

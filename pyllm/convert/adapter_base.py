@@ -21,7 +21,7 @@ def base_names(base_dir: str) -> set[str]:
     try:
         with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
             declared = json.load(f).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         declared = None
     if isinstance(declared, str) and declared.strip():
         names.add(_name(declared))

@@ -19,8 +19,8 @@ def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; nesting deeper than the parser goes
+        raise FormatError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return value
@@ -601,8 +601,8 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     try:
         tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{json_path}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{json_path}: invalid JSON ({type(e).__name__}: {e})") from None
     cls = _tokenizer_class(directory, tok_config, json_text)
     rebuild = _CLASS_BACKENDS.get(cls)
     if tok_json is not None and rebuild is not None and (tok_json.get("model") or {}).get("type") not in (None, "BPE"):

@@ -14,7 +14,7 @@ import numpy as np
 from .. import __version__
 from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
-from ..formats.safetensors import FormatError, PlannedTensor, check_finite, write_atomic
+from ..formats.safetensors import FormatError, PlannedTensor, check_finite, check_output_path, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, layout_name, packed_shapes, quantization_nmse, quantize
 from .checkpoint import ArchitectureView, Checkpoint
 from .gguf_source import GGUFSource
@@ -161,6 +161,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     weights under a name each, as (name or None, directory) pairs (pyllm/adapters.py)."""
     started = time.perf_counter()
     fmt, group = resolve_quant(quant, group_size)
+    check_output_path(output)
     source = open_source(src)
     if lora:
         source = merged_source(source, lora)

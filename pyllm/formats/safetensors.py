@@ -397,6 +397,20 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     return 8 + len(raw) + offset
 
 
+def check_output_path(path: str) -> str:
+    """path, when write_atomic can write a file there: not a directory, in a directory that exists
+    and may be written; OSError naming the path otherwise (checked before a conversion's work, not
+    after it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {path}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: the directory {directory} is not writable")
+    return path
+
+
 def _open_unnamed(path: str) -> tuple[int, str | None]:
     """A new file to write beside path: (fd, None) for an unnamed one (Linux O_TMPFILE, where the
     file system supports it), else (fd, name) of a NAME.XXXX.partial file."""

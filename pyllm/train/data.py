@@ -109,6 +109,8 @@ def _json_list_items(path: str, text: str) -> list[tuple[int, object]]:
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path} line {_line_of(text, pos)}: JSON nested too deeply") from None
         items.append((_line_of(text, pos), item))
         pos = skip(end)
         if pos < len(text) and text[pos] == ",":
@@ -130,6 +132,8 @@ def _jsonl_items(path: str, text: str) -> list[tuple[int, object]]:
             items.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             errors.append(f"{path} line {number}: invalid JSON ({e.msg}, column {e.colno})")
+        except RecursionError:
+            errors.append(f"{path} line {number}: JSON nested too deeply")
     if errors:
         raise DataError(f"{len(errors)} malformed line(s):\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]))
     return items
