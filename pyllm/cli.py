@@ -164,7 +164,8 @@ def cmd_run(args) -> int:
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
     if prompt is None and not sys.stdin.isatty():
-        prompt = decode_text(sys.stdin.buffer.read(), "stdin")
+        binary = getattr(sys.stdin, "buffer", None)  # absent when a host replaced stdin with a text stream
+        prompt = decode_text(binary.read(), "stdin") if binary is not None else sys.stdin.read()
         if not prompt.strip():
             raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
                              "terminal without -p to chat)")
