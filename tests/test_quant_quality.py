@@ -385,3 +385,31 @@ def test_forked_workers_write_the_file_one_process_writes(tiny_llama, tiny_calib
                            options=QuantOptions(method="gptq", calib=tiny_calib))
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+def _worker_sigterm_is_default(_item) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_forked_workers_die_on_sigterm_under_the_cli_handler():
+    """The CLI turns SIGTERM into SystemExit for its own cleanups (cli._exit_cleanly_on_sigterm);
+    forked workers must not inherit that: Pool.terminate stops them with SIGTERM, and a worker
+    unwinding inside the pool's queue locks could leave the pool's join waiting for ever. Also: a
+    caller that stops reading early ends the pool without waiting."""
+    import time
+
+    from pyllm.cli import _exit_cleanly_on_sigterm
+    from pyllm.convert.workers import forked_map
+
+    restore = _exit_cleanly_on_sigterm()
+    try:
+        assert list(forked_map(_worker_sigterm_is_default, range(4), {}, processes=2)) == [True] * 4
+        started = time.monotonic()
+        results = forked_map(_worker_sigterm_is_default, range(50), {}, processes=2)
+        next(results)
+        results.close()  # early exit: terminate
+        assert time.monotonic() - started < 30
+    finally:
+        restore()
