@@ -98,7 +98,7 @@ def gamma(n: int) -> float:
 # =============================================================================
 
 # (M, N, K, group). Prefill tiles are 2 weight rows x 4 activation rows, decode
-# (M = 1) tiles 4 weight rows (float weights with AVX-512: one row, 64 values a step); work is split by 16-column chunks and activations
+# (M = 1) tiles 4 weight rows (float weights: one row, 64 values a step with AVX-512, 32 then 8 with AVX2); work is split by 16-column chunks and activations
 # are quantized in 16-row chunks. Shapes hit every remainder of those, K off the
 # 32-block and off the group (576 = 4.5 groups of 128, K < group), and groups of
 # 32/64/128.
