@@ -323,6 +323,10 @@ inline __m256i tiled_block_dot(const __m256i* quads, const __m256i* magnitude, c
     return _mm256_madd_epi16(sum, ones);
 }
 
+// How far ahead of the block it reads the first pass over a tile prefetches (a hint: past the
+// buffer's end it touches nothing).
+constexpr int64_t kTiledPrefetchBytes = 2048;
+
 // Rows [row0, row0 + 8) with row0 = tile * 16 + 8 * half, activation rows [m0, m0 + MR).
 //   xsum: f32 [x.rows, n_groups], the activations' sum over each group
 template <WeightFormat F, int MR>
@@ -330,6 +334,11 @@ void tiled_half(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                 int64_t tile, int half, int64_t n_begin, int64_t n_end, float* y) {
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
     const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes + 32 * half;
+    // The first pass over a tile (half 0, first activation rows) prefetches the weights
+    // kTiledPrefetchBytes ahead, into the next tile at its end; the later passes find them cached.
+    // Decode on an AVX2-only Zen 3 (SmolLM2, 2 threads, 4-5 alternating pairs): int4 72 -> 81,
+    // int8 50 -> 58 tok/s; its hardware prefetcher alone left the weight loads waiting.
+    const bool prefetch = half == 0 && m0 == 0;
     const __m256 radix = _mm256_set1_ps((float)kResidualRadix);
     const __m256i low = _mm256_set1_epi8(0x0f);
     __m256 acc[MR], off[MR];
@@ -348,6 +357,9 @@ void tiled_half(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
             // the block's 8 quads (int4: nibbles; int8: signed values) and, for int8, their magnitudes
             const uint8_t* wb = wt + b * t.block_bytes;
+            if (prefetch)
+                for (int64_t line = 0; line < t.block_bytes; line += 64)
+                    _mm_prefetch((const char*)(wb + kTiledPrefetchBytes + line), _MM_HINT_T0);
             __m256i quads[8], magnitude[8];
             if constexpr (F == WeightFormat::Q8) {
                 for (int q = 0; q < 8; ++q) {
