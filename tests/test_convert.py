@@ -119,6 +119,13 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "yarn"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+    # sizes past SIZE_LIMITS, refused before a tensor table is built for them (a GGUF file claiming
+    # 4,143,972,353 layers held the converter for minutes); zero heads never reach a division
+    ({"num_hidden_layers": 4143972353}, "num_hidden_layers must be an integer in 1..1024"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be an integer in 1..4096, got 0"),
+    ({"hidden_size": "64"}, "hidden_size must be an integer"),
+    ({"intermediate_size": 1 << 40}, "intermediate_size must be an integer in 1..1048576"),
+    ({"vocab_size": 1 << 30}, "vocab_size must be an integer in 1..4194304"),
 ])
 def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     d = str(tmp_path / "bad")

@@ -247,6 +247,30 @@ def test_bad_gguf_is_refused(tmp_path):
     assert not (tmp_path / "y.pllm").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    # the fuzzer's input (tools/fuzz/corpus/gguf/huge-block-count.gguf): minutes in the tensor table before
+    ("llama.block_count", 4143972353, "llama.block_count: num_hidden_layers must be an integer in 1..1024"),
+    ("llama.attention.head_count", 0, "llama.attention.head_count: num_attention_heads must be an integer"),
+    ("llama.embedding_length", 1 << 31, "llama.embedding_length: hidden_size must be an integer in 1..65536"),
+    ("llama.feed_forward_length", 0, "llama.feed_forward_length: intermediate_size must be an integer"),
+    ("llama.context_length", 1 << 31, "llama.context_length: max_position_embeddings must be an integer"),
+])
+def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, message):
+    good = tmp_path / "good.gguf"
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), str(good), Q.Q8_0)
+    raw = bytearray(good.read_bytes())
+    # a metadata entry: key length u64, key, value type u32 (UINT32 = 4 for these), value u32
+    name = key.encode()
+    at = raw.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    assert int.from_bytes(raw[at:at + 4], "little") == 4
+    raw[at + 4:at + 8] = value.to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(str(bad), str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..formats.packed import ModelConfig
+from ..formats.packed import ModelConfig, checked_size
 from ..formats.safetensors import FormatError
 
 Arrays = list  # list[np.ndarray]
@@ -155,11 +155,11 @@ def base_config(cfg: dict, architecture: str, **block) -> ModelConfig:
     """The sizes every family names the LLaMA way (config keys of Llama/Mistral/Qwen/Gemma/Phi/GLM),
     plus `block`'s description; validated."""
     check_refused(cfg, architecture)
-    heads = need(cfg, "num_attention_heads")
-    hidden = need(cfg, "hidden_size")
+    heads = checked_size("num_attention_heads", need(cfg, "num_attention_heads"), "config.json")
+    hidden = checked_size("hidden_size", need(cfg, "hidden_size"), "config.json")
     head_dim = cfg.get("head_dim") or hidden // heads
     theta, scaling, partial = rope_from_hf(cfg, architecture)
-    layers = need(cfg, "num_hidden_layers")
+    layers = checked_size("num_hidden_layers", need(cfg, "num_hidden_layers"), "config.json")
     window, types = layer_types_from_hf(cfg, layers)
     values = dict(
         architecture=architecture, vocab_size=need(cfg, "vocab_size"), hidden_size=hidden,

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..arch import ARCHITECTURES
 from ..arch.glm import interleaved_to_half
-from ..formats.packed import ModelConfig
+from ..formats.packed import ModelConfig, checked_size
 from ..formats.safetensors import FormatError
 
 # pyllm's names of the global tensors and layer modules -> llama.cpp's
@@ -111,15 +111,19 @@ def _sizes(m: Metadata) -> dict:
     if m.get("expert_count"):
         raise FormatError(f"{m.path}: mixture-of-experts layers ({m.arch}.expert_count={m.get('expert_count')}) "
                           "are not supported by pyllm's engines")
-    hidden = int(m.need("embedding_length"))
-    heads = int(m.need("attention.head_count"))
+    def size(name: str, key: str, default=None) -> int:  # bounded before anything loops over it (SIZE_LIMITS)
+        value = m.need(key) if default is None else m.get(key, default)
+        return checked_size(name, value, f"{m.path}: GGUF metadata {m.arch}.{key}")
+
+    hidden = size("hidden_size", "embedding_length")
+    heads = size("num_attention_heads", "attention.head_count")
     # the head size: written as key_length when config.json named it, else q's rows per head
     q_rows = _rows(m.shapes["blk.0.attn_q.weight"]) if m.has("blk.0.attn_q.weight") else None
-    head_dim = int(m.get("attention.key_length", q_rows // heads if q_rows else hidden // heads))
-    cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=int(m.need("block_count")),
-               num_key_value_heads=int(m.get("attention.head_count_kv", heads)), head_dim=head_dim,
-               intermediate_size=int(m.need("feed_forward_length")),
-               max_position_embeddings=int(m.get("context_length", 2048)),
+    head_dim = size("head_dim", "attention.key_length", q_rows // heads if q_rows else hidden // heads)
+    cfg = dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=size("num_hidden_layers", "block_count"),
+               num_key_value_heads=size("num_key_value_heads", "attention.head_count_kv", heads), head_dim=head_dim,
+               intermediate_size=size("intermediate_size", "feed_forward_length"),
+               max_position_embeddings=size("max_position_embeddings", "context_length", 2048),
                rms_norm_eps=float(m.get("attention.layer_norm_rms_epsilon", 1e-5)),
                vocab_size=int(m.shapes["token_embd.weight"][1]), tie_word_embeddings=not m.has("output.weight"),
                attention_bias=m.has("blk.0.attn_q.bias") or m.has("blk.0.attn_qkv.bias"))

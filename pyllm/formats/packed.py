@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +32,13 @@ FORMAT_VERSION = 2  # 2: the block description (architectures beyond LLaMA); 1 s
 READABLE_VERSIONS = ("1", "2")
 TOKENIZER_BLOBS = ("tokenizer.json", "tokenizer.model")
 MAX_GROUP_SIZE = 1 << 20
+# Upper bounds of a model's sizes, whatever asks for them (a .pllm file, config.json, GGUF metadata):
+# released models stay far below (vocabularies of 262k, 126 layers, hidden 16384, FFN 53248), and a
+# size past them is refused by name before anything loops over it or allocates for it (a GGUF file
+# claiming 4,143,972,353 layers once held the converter for minutes building its tensor table).
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
+               "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+               "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
 GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -93,12 +101,8 @@ class ModelConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings")
-        for name in ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise FormatError(f"model config: {name} must be a positive integer, got {value!r}")
+        for name in SIZE_LIMITS:
+            checked_size(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise FormatError("model config: num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
@@ -220,6 +224,14 @@ class ModelConfig:
             sliding_window_per_layer=self.sliding_windows(),
         )
         return values
+
+
+def checked_size(name: str, value, where: str = "model config") -> int:
+    """value (an integer, numpy's included) as a size in 1..SIZE_LIMITS[name].
+    Raises FormatError naming `where` and the key otherwise."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 < int(value) <= SIZE_LIMITS[name]:
+        raise FormatError(f"{where}: {name} must be an integer in 1..{SIZE_LIMITS[name]}, got {value!r}")
+    return int(value)
 
 
 def _is_real(value) -> bool:
