@@ -487,6 +487,17 @@ def _exit_cleanly_on_sigterm():
         return lambda: None
 
     def terminate(signum, frame):
+        # An exception raised inside a finalizer (__del__, e.g. tqdm's while a bar is collected) is
+        # printed and swallowed by Python: the conversion went on and finished (seen once in CI).
+        # There the signal is sent again shortly, to land outside the finalizer.
+        at = frame
+        while at is not None:
+            if at.f_code.co_name == "__del__":
+                retry = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+                retry.daemon = True
+                retry.start()
+                return
+            at = at.f_back
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
