@@ -123,6 +123,7 @@ MATMUL_SHAPES = [
     (64, 1, 576, 128),
     (64, 100, 31, 32),
     (4, 16, 64, 32),  # everything aligned
+    (7, 24, 576, 32),  # tiled int: 3 pairs of activation rows + 1, a tile and a half of weight rows
 ]
 
 
