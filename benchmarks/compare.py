@@ -143,6 +143,7 @@ def random_1b_gguf(path: str) -> str:
 
     if not os.path.exists(path):
         print(f"writing {path} (random weights, TinyLlama-1.1B shapes)", file=sys.stderr, flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_llama_gguf(path, RANDOM_1B_CONFIG, random_tensors(RANDOM_1B_CONFIG),
                          tokenizer_from=default_model.fetch_gguf(), dtype="F16", name="random-1.1b")
     return path

@@ -72,6 +72,7 @@ PYLLM_VARIANTS = [
     ("int4 asym g64, round-to-nearest", "--quant int4_asym --group-size 64 --rtn"),
     ("int4 asym g64, scale search", "--quant int4_asym --group-size 64"),
     ("int4 asym g64, GPTQ", "--quant int4_asym --group-size 64 --calib builtin"),
+    ("int4 asym_dq g32 (8-bit coded scales), GPTQ", "--quant int4_asym_dq --calib builtin"),
     ("int4 layouts per matrix, scale search", "--quant int4 --calib none"),
     ("int4 default: layouts per matrix, GPTQ", "--quant int4"),
 ]
@@ -93,8 +94,9 @@ Reading the tables:
   GPTQ: error-compensating rounding with Hessians from the built-in calibration set (English and
   Chinese prose, chat in the model's template, docstrings and code; pyllm/convert/calibrate.py),
   which shares no 64-character span with any evaluation text (tests/test_calibration_set.py).
-  layouts per matrix: int4_sym/int4_asym at group 32/64/128 chosen per matrix by measured error
-  under a 4.6 bits/weight budget (pyllm/convert/strategy.py).
+  layouts per matrix: int4_sym/int4_asym at group 32/64/128 and int4_asym_dq at group 32 (int4_asym
+  with its scales and mins as 8-bit codes of a step per row: 4.5 bits/weight plus 64 bits a row)
+  chosen per matrix by measured error under a 4.6 bits/weight budget (pyllm/convert/strategy.py).
 - SmolLM2's own matrices sit on a Q4_1 grid (asymmetric, group 32), so "int4 asym g32" recovers
   them exactly; the rotated models show what the same formats do on weights that never saw a grid.
 """

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym"]
+QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym", "int4_asym_dq"]
 
 
 # Flags take transformers' spelling (--max-new-tokens, --repetition-penalty, --context-length) and
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "gpt2, glm, glm4) or a llama GGUF file")
     p.add_argument("-o", "--output", required=True, help="output .pllm file (required)")
     p.add_argument("--quant", default=None, choices=QUANT_NAMES,
-                   help="weight format of the linear layers (int4: int4_sym/int4_asym layout and group size chosen "
+                   help="weight format of the linear layers (int4: int4_sym/int4_asym/int4_asym_dq layout and group size chosen "
                         "per matrix under --bits; embeddings and lm_head of int8/int4 models are int8 g32) (default: "
                         "f16 for Hugging Face checkpoints; for GGUF the source formats, with block types pyllm has "
                         "no layout for re-quantized to int8 or int4_asym)")

@@ -8,6 +8,11 @@ consecutive values (the last group may be shorter) and store one f16 scale
   int8       q int8 [rows, cols]                 value = q * scale
   int4_sym   q 0..15, packed [rows, Kp / 2]      value = (q - 8) * scale
   int4_asym  q 0..15, packed [rows, Kp / 2]      value = q * scale + min
+  int4_asym_dq  as int4_asym, but the scales and mins are themselves 8-bit codes of one f32 step
+             per row ("double quantization", as QLoRA calls it; llama.cpp's k-quants do the same
+             with 6-bit codes per 256 values): scale = f16(scale_code * steps[row, 0]),
+             min = f16(min_code * steps[row, 1]), scale_code u8 0..255, min_code i8 -127..127.
+             At group 32: 4.5 bits per weight plus 64 bits per row, against int4_asym's 5.0.
 
 Kp is cols rounded up to 32. Int4 packing works on chunks of 32 values: byte i
 of a chunk holds value i in its low nibble and value i + 16 in its high nibble.
@@ -22,7 +27,7 @@ import numpy as np
 
 BLOCK = 32
 FLOAT_FORMATS = ("f32", "f16", "bf16")
-QUANT_FORMATS = ("int8", "int4_sym", "int4_asym")
+QUANT_FORMATS = ("int8", "int4_sym", "int4_asym", "int4_asym_dq")
 FORMATS = FLOAT_FORMATS + QUANT_FORMATS
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -37,7 +42,8 @@ class PackedWeight:
     group_size: int  # 0 for float formats
     data: np.ndarray  # f32 / uint16 (f16, bf16 bits) / int8 / uint8 (int4), see module doc
     scales: np.ndarray | None = None  # float16 [rows, n_groups]
-    mins: np.ndarray | None = None  # float16 [rows, n_groups], int4_asym only
+    mins: np.ndarray | None = None  # float16 [rows, n_groups], int4_asym only (int4_asym_dq: i8 codes)
+    steps: np.ndarray | None = None  # f32 [rows, 2], int4_asym_dq only: the steps of the scale and min codes
 
     @property
     def n_groups(self) -> int:
@@ -45,7 +51,7 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.data, self.scales, self.mins) if a is not None)
+        return sum(a.nbytes for a in (self.data, self.scales, self.mins, self.steps) if a is not None)
 
     @property
     def bits_per_weight(self) -> float:
@@ -69,6 +75,13 @@ def packed_shapes(fmt: str, rows: int, cols: int, group_size: int) -> dict[str, 
             "weight": ("U8", (rows, padded // 2)),
             "scales": ("F16", (rows, n_groups)),
             "mins": ("F16", (rows, n_groups)),
+        }
+    if fmt == "int4_asym_dq":
+        return {
+            "weight": ("U8", (rows, padded // 2)),
+            "scales": ("U8", (rows, n_groups)),
+            "mins": ("I8", (rows, n_groups)),
+            "steps": ("F32", (rows, 2)),
         }
     raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
 
@@ -181,7 +194,8 @@ def quantize(w: np.ndarray, fmt: str, group_size: int = 32, search: bool = False
     parts = [_quantize_slice(w[r0:r1], fmt, group_size, search, importance) for r0, r1 in slices]
     join = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
                          else np.concatenate([getattr(p, name) for p in parts]))
-    return PackedWeight(fmt, w.shape[0], w.shape[1], parts[0].group_size, join("data"), join("scales"), join("mins"))
+    return PackedWeight(fmt, w.shape[0], w.shape[1], parts[0].group_size, join("data"), join("scales"), join("mins"),
+                        join("steps"))
 
 
 def _quantize_slice(w: np.ndarray, fmt: str, group_size: int, search: bool = False,
@@ -200,9 +214,15 @@ def _quantize_slice(w: np.ndarray, fmt: str, group_size: int, search: bool = Fal
     g, valid = _grouped(w, group_size)
     if search:
         weights = None if importance is None else _grouped(importance[None, :], group_size)[0]
-        scales, mins = search_group_params(g, valid, fmt, weights)
+        scales, mins = search_group_params(g, valid, grid_format(fmt), weights)
     else:
-        scales, mins = minmax_group_params(g, valid, fmt)
+        scales, mins = minmax_group_params(g, valid, grid_format(fmt))
+    if fmt == "int4_asym_dq":
+        steps = dq_steps(scales, mins)
+        scale_codes, min_codes = dq_codes(scales, mins, steps)
+        scales, mins = dq_params(scale_codes, min_codes, steps)
+        q = group_codes(g, valid, fmt, scales, mins).reshape(rows, -1)[:, :cols]
+        return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scale_codes, min_codes, steps)
     q = group_codes(g, valid, fmt, scales, mins).reshape(rows, -1)[:, :cols]
     if fmt == "int8":
         return PackedWeight(fmt, rows, cols, group_size, np.ascontiguousarray(q), scales)
@@ -210,8 +230,41 @@ def _quantize_slice(w: np.ndarray, fmt: str, group_size: int, search: bool = Fal
 
 
 # Integer range of each format: value = (code - offset) * scale (+ min for int4_asym)
-CODE_RANGE = {"int8": (-127, 127), "int4_sym": (0, 15), "int4_asym": (0, 15)}
-CODE_OFFSET = {"int8": 0, "int4_sym": 8, "int4_asym": 0}
+CODE_RANGE = {"int8": (-127, 127), "int4_sym": (0, 15), "int4_asym": (0, 15), "int4_asym_dq": (0, 15)}
+CODE_OFFSET = {"int8": 0, "int4_sym": 8, "int4_asym": 0, "int4_asym_dq": 0}
+
+
+def grid_format(fmt: str) -> str:
+    """The format whose (scale, min) grid `fmt` rounds on: int4_asym_dq's is int4_asym's, coded after."""
+    return "int4_asym" if fmt == "int4_asym_dq" else fmt
+
+
+def dq_steps(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """f16 scales, mins [rows, n_groups] -> f32 steps [rows, 2]: the largest scale is code 255, the
+    largest |min| code 127 (a row of zeros: step 0)."""
+    top_scale = np.max(scales.astype(np.float32), axis=1)
+    top_min = np.max(np.abs(mins.astype(np.float32)), axis=1)
+    return np.stack([top_scale / 255.0, top_min / 127.0], axis=1).astype(np.float32)
+
+
+def dq_codes(scales: np.ndarray, mins: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest codes (u8 scale codes, i8 min codes) [rows, n_groups] of f16 scales, mins on the rows' steps
+    f32 [rows, 2]; a positive scale keeps a code of at least 1."""
+    s_step, m_step = steps[:, :1], steps[:, 1:]
+    s = scales.astype(np.float32)
+    scale_codes = np.clip(np.rint(_safe_divide(s, s_step)), 0, 255)
+    scale_codes = np.where(s > 0, np.maximum(scale_codes, 1), 0).astype(np.uint8)
+    min_codes = np.clip(np.rint(_safe_divide(mins.astype(np.float32), m_step)), -127, 127).astype(np.int8)
+    return scale_codes, min_codes
+
+
+def dq_params(scale_codes: np.ndarray, min_codes: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The f16 scales and mins [rows, n_groups] int4_asym_dq's codes stand for: f16(code * step), rounded
+    to nearest even as the engines expand them at load (csrc/engine/cpu_engine.cpp, bind_linear)."""
+    steps = np.asarray(steps, dtype=np.float32)
+    scales = (scale_codes.astype(np.float32) * steps[:, :1]).astype(np.float16)
+    mins = (min_codes.astype(np.float32) * steps[:, 1:]).astype(np.float16)
+    return scales, mins
 
 
 def minmax_group_params(g: np.ndarray, valid: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -336,6 +389,8 @@ def dequantize(p: PackedWeight) -> np.ndarray:
         return np.asarray(p.data).view(np.float16).astype(np.float32)
     if p.format == "bf16":
         return bf16_bits_to_f32(np.asarray(p.data))
+    if p.format == "int4_asym_dq":
+        p = as_int4_asym(p)
     scales = np.repeat(np.asarray(p.scales).astype(np.float32), p.group_size, axis=1)[:, : p.cols]
     if p.format == "int8":
         return np.asarray(p.data).astype(np.float32) * scales
@@ -348,12 +403,20 @@ def dequantize(p: PackedWeight) -> np.ndarray:
     raise ValueError(f"unknown weight format {p.format!r}")
 
 
+def as_int4_asym(p: PackedWeight) -> PackedWeight:
+    """An int4_asym_dq weight as the int4_asym weight the engines compute with (the same codes; the
+    scales and mins expanded to f16)."""
+    scales, mins = dq_params(np.asarray(p.scales), np.asarray(p.mins), np.asarray(p.steps))
+    return PackedWeight("int4_asym", p.rows, p.cols, p.group_size, p.data, scales, mins)
+
+
 def quantization_nmse(p: PackedWeight, w: np.ndarray) -> float:
     """nmse(dequantize(p), w), computed slice by slice of rows to bound memory."""
     err = ref = 0.0
     for r0, r1 in row_slices(p.rows, p.cols):
         part = PackedWeight(p.format, r1 - r0, p.cols, p.group_size, p.data[r0:r1],
-                            None if p.scales is None else p.scales[r0:r1], None if p.mins is None else p.mins[r0:r1])
+                            None if p.scales is None else p.scales[r0:r1], None if p.mins is None else p.mins[r0:r1],
+                            None if p.steps is None else p.steps[r0:r1])
         exact = w[r0:r1].astype(np.float64)
         err += float(np.sum((dequantize(part) - exact) ** 2))
         ref += float(np.sum(exact * exact))
@@ -370,6 +433,8 @@ def nmse(approx: np.ndarray, exact: np.ndarray) -> float:
 
 def kernel_args(p: PackedWeight) -> dict:
     """Keyword arguments for pyllm._core.matmul / embedding for this weight."""
+    if p.format == "int4_asym_dq":
+        p = as_int4_asym(p)
     return {
         "format": p.format,
         "data": p.data,

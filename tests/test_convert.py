@@ -157,7 +157,7 @@ def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
         convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)
 
 
-@pytest.mark.parametrize("fmt", ["f16", "int8", "int4_sym", "int4_asym"])
+@pytest.mark.parametrize("fmt", ["f16", "int8", "int4_sym", "int4_asym", "int4_asym_dq"])
 def test_quantizing_in_row_slices_changes_nothing(fmt, monkeypatch):
     """The converter quantizes big matrices slice by slice of rows to bound memory: same bytes as whole."""
     from pyllm import quant
@@ -167,7 +167,7 @@ def test_quantizing_in_row_slices_changes_nothing(fmt, monkeypatch):
     monkeypatch.setattr(quant, "SLICE_VALUES", 700)  # 7 rows per slice, the last one short
     assert len(quant.row_slices(300, 100)) == 43
     sliced = quant.quantize(w, fmt, 32)
-    for name in ("data", "scales", "mins"):
+    for name in ("data", "scales", "mins", "steps"):
         a, b = getattr(whole, name), getattr(sliced, name)
         assert (a is None) == (b is None)
         if a is not None:
@@ -178,7 +178,7 @@ def test_quantizing_in_row_slices_changes_nothing(fmt, monkeypatch):
 @pytest.mark.parametrize("calib", ["none", "builtin"])
 def test_int4_keeps_an_explicit_group_size(tiny_llama, tmp_path, calib, capsys):
     """--quant int4 --group-size 64: every linear layer is written at group 64 (the per-matrix choice is
-    only between int4_sym and int4_asym); the summary lists what was written."""
+    only between int4_sym, int4_asym_dq and int4_asym); the summary lists what was written."""
     from pyllm import cli
     from pyllm.formats.packed import PackedModel
 
@@ -188,7 +188,7 @@ def test_int4_keeps_an_explicit_group_size(tiny_llama, tmp_path, calib, capsys):
     layers = {base: layout for base, layout in model.linears.items() if base not in ("model.embed_tokens", "lm_head")}
     model.close()
     assert layers and {group for _, group in layers.values()} == {64}
-    assert {fmt for fmt, _ in layers.values()} <= {"int4_sym", "int4_asym"}
+    assert {fmt for fmt, _ in layers.values()} <= {"int4_sym", "int4_asym_dq", "int4_asym"}
     err = capsys.readouterr().err
     counts = {}
     for fmt, group in layers.values():

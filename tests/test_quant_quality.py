@@ -52,7 +52,8 @@ def test_scale_search_never_worse_than_minmax(dist, fmt, group, weighted):
     rtn = quant.quantize(w, fmt, group)
     searched = quant.quantize(w, fmt, group, search=True, importance=weights)
     before, after = group_errors(w, rtn, weights), group_errors(w, searched, weights)
-    assert np.all(after <= before * (1 + 1e-6) + 1e-30), np.max(after - before)
+    if fmt != "int4_asym_dq":  # whose 8-bit codes move each group's grid after the search: totals only
+        assert np.all(after <= before * (1 + 1e-6) + 1e-30), np.max(after - before)
     # and it does find better grids: the total error falls (by 2-40% for int4; int8 with one heavy
     # outlier per group can gain as little as 0.05%)
     assert after.sum() < (0.999 if fmt != "int8" else 0.99999) * before.sum()
@@ -141,7 +142,7 @@ def output_error(w, deq, h):
     return float(np.sum((d @ h) * d))
 
 
-@pytest.mark.parametrize("fmt,group", [("int4_asym", 64), ("int4_sym", 32)])
+@pytest.mark.parametrize("fmt,group", [("int4_asym", 64), ("int4_sym", 32), ("int4_asym_dq", 32)])
 def test_gptq_lowers_output_error(fmt, group):
     from pyllm.convert.gptq import gptq_quantize
 
@@ -150,6 +151,19 @@ def test_gptq_lowers_output_error(fmt, group):
     searched = quant.dequantize(quant.quantize(w, fmt, group, search=True, importance=np.diag(h)))
     gptq = quant.dequantize(gptq_quantize(w, h, fmt, group))
     assert output_error(w, gptq, h) < 0.8 * output_error(w, searched, h)
+
+
+def test_gptq_with_coded_scales_stays_near_f16_scales():
+    """int4_asym_dq's GPTQ rounds on grids its 8-bit codes hold: its output error stays within 10% of
+    int4_asym's (f16 scales and mins) at the same group size, and its arrays are the format's."""
+    from pyllm.convert.gptq import gptq_quantize
+
+    rng = np.random.default_rng(7)
+    w, h = correlated_problem(rng, 48, 320)
+    coded = gptq_quantize(w, h, "int4_asym_dq", 32)
+    assert coded.scales.dtype == np.uint8 and coded.mins.dtype == np.int8 and coded.steps.shape == (48, 2)
+    f16 = gptq_quantize(w, h, "int4_asym", 32)
+    assert output_error(w, quant.dequantize(coded), h) < 1.1 * output_error(w, quant.dequantize(f16), h)
 
 
 @pytest.mark.parametrize("n", [1, 7, 128, 129, 257, 1000])

@@ -145,10 +145,11 @@ private:
     }
 
     void load(const TensorTable& t, const std::map<std::string, LinearSpec>& specs) {
+        std::vector<AlignedBytes> expanded;  // int4_asym_dq scales and mins, until they are uploaded
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t q_dim = cfg_.n_heads * hd, kv_dim = cfg_.n_kv_heads * hd;
         const bool gated = cfg_.ffn == FfnType::Gated;
-        const WeightView embed = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
+        const WeightView embed = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D, expanded);
         embed_ = upload_weights({embed});
         if (cfg_.positions == PositionType::Learned) {  // only the rows the context reaches
             const float* table = reinterpret_cast<const float*>(
@@ -182,14 +183,14 @@ private:
                 layer.k_norm = upload_floats(bind_vector(t, p + "self_attn.k_norm.weight", hd), hd);
             }
             // stacked where the layouts allow; biases (any of them) travel with their rows
-            layer.qkv = stack_linears({bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D),
-                                       bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D),
-                                       bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D)});
-            layer.o = stack_linears({bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim)});
-            const WeightView up = bind_linear(t, specs, p + "mlp.up_proj", F, D);
-            layer.gate_up = gated ? stack_linears({bind_linear(t, specs, p + "mlp.gate_proj", F, D), up})
+            layer.qkv = stack_linears({bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D, expanded),
+                                       bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D, expanded),
+                                       bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D, expanded)});
+            layer.o = stack_linears({bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim, expanded)});
+            const WeightView up = bind_linear(t, specs, p + "mlp.up_proj", F, D, expanded);
+            layer.gate_up = gated ? stack_linears({bind_linear(t, specs, p + "mlp.gate_proj", F, D, expanded), up})
                                   : stack_linears({up});
-            layer.down = stack_linears({bind_linear(t, specs, p + "mlp.down_proj", D, F)});
+            layer.down = stack_linears({bind_linear(t, specs, p + "mlp.down_proj", D, F, expanded)});
             const int64_t window = cfg_.window(l);
             const bool local_rope = window > 0 && cfg_.rope_theta_local > 0.0;
             layer.inv_freq = local_rope ? inv_freq_local_.as<float>() : inv_freq_.as<float>();
@@ -200,7 +201,7 @@ private:
         }
         final_norm_ = upload_norm(t, "model.norm");
         if (!cfg_.tie_word_embeddings)
-            lm_head_own_ = upload_weights({bind_linear(t, specs, "lm_head", cfg_.vocab_size, D)});
+            lm_head_own_ = upload_weights({bind_linear(t, specs, "lm_head", cfg_.vocab_size, D, expanded)});
         lm_head_ = cfg_.tie_word_embeddings ? &embed_ : &lm_head_own_;
 
         const size_t cache_floats = (size_t)(cfg_.n_layers * cfg_.n_kv_heads * n_ctx_ * cfg_.head_dim);

@@ -42,8 +42,35 @@ const float* bind_vector(const TensorTable& t, const std::string& name, int64_t 
     return reinterpret_cast<const float*>(t.get(name, DType::F32, {n}).data);
 }
 
+// The f16 scales and mins [rows, n_groups] of an int4_asym_dq weight: f16(code * step), rounded to
+// nearest even (pyllm.quant.dq_params gives the same bits). A step that is negative, not finite or
+// large enough to overflow f16 makes the file invalid.
+static void expand_coded_params(const TensorTable& t, const std::string& base, WeightView& w,
+                                std::vector<AlignedBytes>& expanded) {
+    const int64_t groups = w.n_groups(), rows = w.rows;
+    const uint8_t* scale_codes = t.get(base + ".scales", DType::U8, {rows, groups}).data;
+    const auto* min_codes = reinterpret_cast<const int8_t*>(t.get(base + ".mins", DType::I8, {rows, groups}).data);
+    const auto* steps = reinterpret_cast<const float*>(t.get(base + ".steps", DType::F32, {rows, 2}).data);
+    const int64_t n = checked_mul(rows, groups, "scale table");
+    expanded.emplace_back(checked_size(checked_mul(n, 4, "scale table"), "scale table"));
+    auto* scales = reinterpret_cast<uint16_t*>(expanded.back().data());
+    uint16_t* mins = scales + n;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float scale_step = steps[2 * r], min_step = steps[2 * r + 1];
+        if (!(scale_step >= 0.0f && scale_step * 255.0f <= 65504.0f && std::fabs(min_step) * 127.0f <= 65504.0f))
+            throw std::invalid_argument("'" + base + ".steps' row " + std::to_string(r) +
+                                        " holds a step that is negative, not finite or overflows f16");
+        for (int64_t g = 0; g < groups; ++g) {
+            scales[r * groups + g] = f32_to_f16((float)scale_codes[r * groups + g] * scale_step);
+            mins[r * groups + g] = f32_to_f16((float)min_codes[r * groups + g] * min_step);
+        }
+    }
+    w.scales = scales;
+    w.mins = mins;
+}
+
 WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearSpec>& specs, const std::string& base,
-                       int64_t rows, int64_t cols) {
+                       int64_t rows, int64_t cols, std::vector<AlignedBytes>& expanded) {
     auto it = specs.find(base);
     if (it == specs.end()) throw std::invalid_argument("model file has no quantization entry for '" + base + "'");
     WeightView w;
@@ -64,9 +91,13 @@ WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearS
         case WeightFormat::Q4_ASYM: w.data = t.get(weight, DType::U8, {rows, w.padded_cols() / 2}).data; break;
         default: throw std::invalid_argument("'" + base + "': unknown weight format");
     }
-    if (is_quantized(w.format))
+    if (it->second.coded_params) {
+        if (w.format != WeightFormat::Q4_ASYM) throw std::invalid_argument("'" + base + "': coded scales need int4_asym");
+        expand_coded_params(t, base, w, expanded);
+    } else if (is_quantized(w.format)) {
         w.scales = reinterpret_cast<const uint16_t*>(t.get(base + ".scales", DType::F16, {rows, w.n_groups()}).data);
-    if (w.format == WeightFormat::Q4_ASYM)
+    }
+    if (w.format == WeightFormat::Q4_ASYM && !it->second.coded_params)
         w.mins = reinterpret_cast<const uint16_t*>(t.get(base + ".mins", DType::F16, {rows, w.n_groups()}).data);
     if (t.has(base + ".bias")) w.bias = bind_vector(t, base + ".bias", rows);
     validate_weight(w, base);
@@ -237,7 +268,7 @@ public:
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
         const int64_t q_dim = cfg_.n_heads * hd, kv_dim = cfg_.n_kv_heads * hd;
         const bool gated = cfg_.ffn == FfnType::Gated;
-        embed_ = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D);
+        embed_ = bind_linear(t, specs, "model.embed_tokens", cfg_.vocab_size, D, expanded_params_);
         if (cfg_.positions == PositionType::Learned)
             position_table_ = reinterpret_cast<const float*>(
                 t.get("model.embed_positions.weight", DType::F32, {cfg_.max_positions, D}).data);
@@ -246,18 +277,18 @@ public:
             const std::string p = "model.layers." + std::to_string(l) + ".";
             LayerWeights lw;
             lw.attn_norm = bind_norm(t, p + "input_layernorm", D);
-            lw.q = bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D);
-            lw.k = bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D);
-            lw.v = bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D);
-            lw.o = bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim);
+            lw.q = bind_linear(t, specs, p + "self_attn.q_proj", q_dim, D, expanded_params_);
+            lw.k = bind_linear(t, specs, p + "self_attn.k_proj", kv_dim, D, expanded_params_);
+            lw.v = bind_linear(t, specs, p + "self_attn.v_proj", kv_dim, D, expanded_params_);
+            lw.o = bind_linear(t, specs, p + "self_attn.o_proj", D, q_dim, expanded_params_);
             if (cfg_.qk_norm) {
                 lw.q_norm = bind_vector(t, p + "self_attn.q_norm.weight", hd);
                 lw.k_norm = bind_vector(t, p + "self_attn.k_norm.weight", hd);
             }
             lw.ffn_norm = bind_norm(t, p + "post_attention_layernorm", D);
-            if (gated) lw.gate = bind_linear(t, specs, p + "mlp.gate_proj", F, D);
-            lw.up = bind_linear(t, specs, p + "mlp.up_proj", F, D);
-            lw.down = bind_linear(t, specs, p + "mlp.down_proj", D, F);
+            if (gated) lw.gate = bind_linear(t, specs, p + "mlp.gate_proj", F, D, expanded_params_);
+            lw.up = bind_linear(t, specs, p + "mlp.up_proj", F, D, expanded_params_);
+            lw.down = bind_linear(t, specs, p + "mlp.down_proj", D, F, expanded_params_);
             if (cfg_.post_norms) {
                 lw.attn_post_norm = bind_norm(t, p + "attn_post_norm", D);
                 lw.ffn_post_norm = bind_norm(t, p + "ffn_post_norm", D);
@@ -269,7 +300,7 @@ public:
             layers_.push_back(lw);
         }
         final_norm_ = bind_norm(t, "model.norm", D);
-        lm_head_ = cfg_.tie_word_embeddings ? embed_ : bind_linear(t, specs, "lm_head", cfg_.vocab_size, D);
+        lm_head_ = cfg_.tie_word_embeddings ? embed_ : bind_linear(t, specs, "lm_head", cfg_.vocab_size, D, expanded_params_);
         // quantized matrices rearranged for the kernels that want it (the file stays as it is)
         for (WeightView* w : matrices()) {
             tile_for_active_kernels(pool_, *w, tiled_storage_);
@@ -532,6 +563,7 @@ private:
     int64_t layer_bytes_ = 0;  // one layer of one sequence's K (or V) cache
     ThreadPool pool_;
     std::vector<int64_t> logit_rows_;  // run_batch's
+    std::vector<AlignedBytes> expanded_params_;  // f16 scales and mins of int4_asym_dq weights (bind_linear)
     WeightView embed_, lm_head_;
     const float* position_table_ = nullptr;  // f32 [max_positions, hidden] (learned positions)
     NormWeights embed_norm_;                 // (embedding_norm)

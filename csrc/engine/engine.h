@@ -63,15 +63,20 @@ struct ModelConfig {
 struct LinearSpec {
     WeightFormat format = WeightFormat::F32;
     int64_t group_size = 0;
+    // Q4_ASYM stored as "int4_asym_dq": the scales and mins are 8-bit codes (.scales u8, .mins i8
+    // [rows, n_groups]) of one f32 step per row each (.steps [rows, 2]); bind_linear expands them to
+    // the f16 scales and mins every kernel reads.
+    bool coded_params = false;
 };
 
 // A model file's tensors as the engines read them, checked before use (dtype, shape,
 // byte range; std::invalid_argument naming the tensor otherwise).
 //   bind_vector: f32 [n]   bind_linear: `base` ("model.layers.0.self_attn.q_proj") as
-//   its LinearSpec says it is stored, [rows, cols] (+ scales, mins, bias)
+//   its LinearSpec says it is stored, [rows, cols] (+ scales, mins, bias); scales and mins that the
+//   file holds as codes are expanded into a buffer appended to `expanded` (which must outlive the view)
 const float* bind_vector(const TensorTable& t, const std::string& name, int64_t n);
 WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearSpec>& specs, const std::string& base,
-                       int64_t rows, int64_t cols);
+                       int64_t rows, int64_t cols, std::vector<AlignedBytes>& expanded);
 
 // Sees the input of every matrix while forward() runs (calibration statistics).
 //   layer, input (MatrixInput), x: f32 [M, cols] valid during the call only

@@ -173,8 +173,10 @@ inline ModelDescription parse_model(const std::string& path, uint64_t data_offse
         for (auto item : linears) {
             py::tuple info = item.second.cast<py::tuple>();
             if (info.size() != 2) bad("linear entry must be (format, group_size)");
+            const std::string format = info[0].cast<std::string>();
+            const bool coded = format == "int4_asym_dq";  // int4_asym with coded scales (LinearSpec)
             d.linears[item.first.cast<std::string>()] =
-                LinearSpec{parse_format(info[0].cast<std::string>()), info[1].cast<int64_t>()};
+                LinearSpec{coded ? WeightFormat::Q4_ASYM : parse_format(format), info[1].cast<int64_t>(), coded};
         }
         ModelConfig& cfg = d.config;
         auto get_int = [&](const char* key) {

@@ -8,7 +8,9 @@ layer's output error ||(W - Q) X||^2 greedily instead of the weight error.
 Group grids: when column j starts a group, that group's scale (and min) are chosen by the scale
 search (pyllm.quant.search_group_params) on the group's current, already error-updated values,
 weighted by diag(H); every column of the group is then rounded on that grid. The stored layout is
-exactly pyllm's int8 / int4_sym / int4_asym.
+exactly pyllm's int8 / int4_sym / int4_asym / int4_asym_dq. For int4_asym_dq the grid found is
+moved to the nearest one its 8-bit codes can hold, on steps fixed per row before the columns are
+rounded (from the scale search on the original weights: pyllm.quant.dq_steps).
 
 Columns are processed in blocks of BLOCK_COLUMNS with the error of a block applied to the later
 columns in one matrix product (the "lazy batch" form), and inside a block the same again per group:
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quant import (CODE_OFFSET, CODE_RANGE, PackedWeight, check_group_size, pack_int4, search_group_params)
+from ..quant import (CODE_OFFSET, CODE_RANGE, PackedWeight, check_group_size, dq_codes, dq_params, grid_format,
+                     pack_int4, quantize, search_group_params)
 from .workers import forked_map, shared
 
 BLOCK_COLUMNS = 128
@@ -84,7 +87,7 @@ def quantize_column(w: np.ndarray, fmt: str, scale: np.ndarray, min_: np.ndarray
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, factor=None) -> PackedWeight:
-    """GPTQ of w f32 [rows, cols] with Hessian h [cols, cols] into `fmt` (int8, int4_sym, int4_asym).
+    """GPTQ of w f32 [rows, cols] with Hessian h [cols, cols] into `fmt` (int8, int4_sym, int4_asym, int4_asym_dq).
 
     factor: inverse_hessian_factor(h) when already computed (matrices sharing an input).
     Float64 error propagation (see inverse_hessian_factor), f32 rounding; the block's working columns are kept
@@ -100,7 +103,14 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
     n_groups = -(-cols // group_size)
     codes = np.zeros((rows, cols), dtype=np.int16)
     scales = np.zeros((rows, n_groups), dtype=np.float16)
-    mins = np.zeros((rows, n_groups), dtype=np.float16) if fmt == "int4_asym" else None
+    grid = grid_format(fmt)
+    mins = np.zeros((rows, n_groups), dtype=np.float16) if grid == "int4_asym" else None
+    steps = None
+    if fmt == "int4_asym_dq":  # the rows' code steps, from the grids of the weights before any update
+        first = quantize(w, fmt, group_size, search=True, importance=importance)
+        steps = first.steps
+        scale_codes = np.zeros((rows, n_groups), dtype=np.uint8)
+        min_codes = np.zeros((rows, n_groups), dtype=np.int8)
     block = max(BLOCK_COLUMNS // group_size, 1) * group_size  # groups never straddle blocks
     for b0 in range(0, cols, block):
         b1 = min(cols, b0 + block)
@@ -109,7 +119,11 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
         for g0 in range(b0, b1, group_size):
             g1, gi = min(b1, g0 + group_size), g0 // group_size
             group = cols_t[g0 - b0:g1 - b0].T.astype(np.float32)[:, None, :]  # [rows, 1, size]
-            s, m = search_group_params(group, np.ones(group.shape, bool), fmt, importance[None, None, g0:g1])
+            s, m = search_group_params(group, np.ones(group.shape, bool), grid, importance[None, None, g0:g1])
+            if steps is not None:
+                s_codes, m_codes = dq_codes(s, m, steps)
+                scale_codes[:, gi], min_codes[:, gi] = s_codes[:, 0], m_codes[:, 0]
+                s, m = dq_params(s_codes, m_codes, steps)
             scales[:, gi] = s[:, 0]
             scale = s[:, 0].astype(np.float32)
             min_ = None
@@ -128,6 +142,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
         work[:, b1:] -= errors_t.T @ u[b0:b1, b1:]
     if fmt == "int8":
         return PackedWeight(fmt, rows, cols, group_size, codes.astype(np.int8), scales)
+    if steps is not None:
+        return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scale_codes, min_codes,
+                            steps)
     return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scales, mins)
 
 

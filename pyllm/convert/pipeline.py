@@ -24,11 +24,11 @@ from .strategy import QuantOptions, plan_quantization
 # --quant names -> weight format of the transformer's linear layers
 QUANT_CHOICES = {
     "f32": "f32", "f16": "f16", "bf16": "bf16", "int8": "int8",
-    "int4": "int4_asym", "int4_sym": "int4_sym", "int4_asym": "int4_asym",
+    "int4": "int4_asym", "int4_sym": "int4_sym", "int4_asym": "int4_asym", "int4_asym_dq": "int4_asym_dq",
 }
 EMBEDDING_FORMAT_FOR_QUANT = "int8"  # embeddings / lm_head of int8 and int4 models
 EMBEDDING_GROUP_SIZE = 32
-DEFAULT_GROUP_SIZE = 32  # int8 / int4_sym / int4_asym when no group size is given
+DEFAULT_GROUP_SIZE = 32  # int8 / int4_sym / int4_asym / int4_asym_dq when no group size is given
 
 
 def open_source(path: str):
@@ -136,7 +136,7 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
-                cache.update(scales=packed.scales, mins=packed.mins)
+                cache.update(scales=packed.scales, mins=packed.mins, steps=packed.steps)
                 return packed.data
             return cache.pop(part)
         return run

@@ -13,8 +13,11 @@ layer-output errors under a bits budget (BITS_BUDGET bits per weight over the li
 scales and mins included). A layout's error is measured on a sample of rows with the scale search:
 the relative weight error without calibration, the relative output error tr(dW H dW^T)/tr(W H W^T)
 with it. --keep-sensitive N additionally stores the N matrices of largest error at int8.
-A --group-size given with --quant int4 is kept: the choice is then between int4_sym and int4_asym
-at that group size (and int8 at that group size for --keep-sensitive).
+INT4_CANDIDATES include int4_asym_dq at group 32 (int4_asym's grid with 8-bit coded scales and
+mins, ~4.55 bits/weight): on held-out text it took SmolLM2's default file from +4.2% to +0.2% mean
+perplexity change and its rotated twins' from +9-10% to +7% (docs/QUALITY.md, 2026-12-01).
+A --group-size given with --quant int4 is kept: the choice is then between int4_sym, int4_asym_dq
+and int4_asym at that group size (and int8 at that group size for --keep-sensitive).
 The embeddings and lm_head follow the pipeline's rule (int8, group 32).
 """
 
@@ -30,7 +33,7 @@ from ..quant import QUANT_FORMATS, PackedWeight, packed_shapes, quantize
 from .calibrate import load_matrix
 
 INT4_CANDIDATES = (("int4_sym", 128), ("int4_asym", 128), ("int4_sym", 64), ("int4_asym", 64), ("int4_sym", 32),
-                   ("int4_asym", 32))
+                   ("int4_asym_dq", 32), ("int4_asym", 32))
 SENSITIVE_FORMAT = ("int8", 128)
 BITS_BUDGET = 4.6
 SAMPLE_ROWS = 96
@@ -60,7 +63,7 @@ BUILTIN_CALIBRATION = "builtin"
 NO_CALIBRATION = "none"
 
 
-QUANTIZED_NAMES = ("int8", "int4", "int4_sym", "int4_asym")
+QUANTIZED_NAMES = ("int8", "int4", "int4_sym", "int4_asym", "int4_asym_dq")
 
 
 def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sensitive: int,
@@ -114,7 +117,7 @@ def int4_choices(group: int, fixed_group: bool) -> list[tuple[str, int]]:
     """The layouts --quant int4 chooses among: INT4_CANDIDATES, or only those at an explicit group size."""
     if not fixed_group:
         return list(INT4_CANDIDATES)
-    return [("int4_sym", group), ("int4_asym", group)]
+    return [("int4_sym", group), ("int4_asym_dq", group), ("int4_asym", group)]
 
 
 def plan_quantization(source, config, quant: str | None, fmt: str | None, group: int, options: QuantOptions,
