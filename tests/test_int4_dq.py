@@ -88,7 +88,8 @@ def test_engine_reads_the_codes_as_int4_asym(tiny_llama, tmp_path, monkeypatch):
     model = PackedModel(dq_path)
     layouts = dict(model.linears)
     model.close()
-    assert {fmt for base, (fmt, _) in layouts.items() if base not in ("model.embed_tokens", "lm_head")} == {"int4_asym_dq"}
+    blocks = {fmt for base, (fmt, _) in layouts.items() if base not in ("model.embed_tokens", "lm_head")}
+    assert blocks == {"int4_asym_dq"}
     ids = list(range(3, 40))
     with pyllm.LLM(dq_path, n_threads=1) as llm:
         dq_logits = llm.logits(ids)
@@ -98,7 +99,9 @@ def test_engine_reads_the_codes_as_int4_asym(tiny_llama, tmp_path, monkeypatch):
     real = strategy.quantize
 
     def expanded(w, fmt, group, **kw):
-        return quant.as_int4_asym(real(w, "int4_asym_dq", group, **kw)) if fmt == "int4_asym" else real(w, fmt, group, **kw)
+        if fmt != "int4_asym":
+            return real(w, fmt, group, **kw)
+        return quant.as_int4_asym(real(w, "int4_asym_dq", group, **kw))
 
     monkeypatch.setattr(strategy, "quantize", expanded)
     asym_path = str(tmp_path / "asym.pllm")

@@ -278,8 +278,8 @@ def test_calibrated_int4_file_runs_in_the_kernels(tiny_llama, tiny_llama_f32, ti
     from pyllm.convert.gptq import DAMPING
 
     record = model.source["quantizer"]  # how the file was made, read back from its metadata
-    assert record == {"method": "gptq", "bits_budget": 4.6, "damping": DAMPING, "calibration": "file",
-                      "calibration_windows": {"file": record["calibration_windows"]["file"]}}
+    assert record == {"method": "gptq", "bits_budget": 4.6, "layouts": "per matrix", "damping": DAMPING,
+                      "calibration": "file", "calibration_windows": {"file": record["calibration_windows"]["file"]}}
     assert record["calibration_windows"]["file"] >= 1
     model.close()
     assert quant.nmse(tiny_logits(out, ids), exact) < quant.nmse(tiny_logits(rtn, ids), exact)
@@ -326,7 +326,7 @@ def test_file_records_how_its_matrices_were_quantized(tiny_llama, tmp_path):
 
     cases = [("int8", QuantOptions(), {"method": "rtn"}),
              ("int4_asym", QuantOptions(), {"method": "search"}),
-             ("int4", QuantOptions(bits_budget=5.0), {"method": "search", "bits_budget": 5.0}),
+             ("int4", QuantOptions(bits_budget=5.0), {"method": "search", "bits_budget": 5.0, "layouts": "per matrix"}),
              ("f16", QuantOptions(), None)]
     for quant_name, options, want in cases:
         out = str(tmp_path / f"{quant_name}.pllm")
@@ -348,6 +348,32 @@ def test_keep_sensitive_stores_matrices_at_int8(tiny_llama, tmp_path):
     kept = [b for b, (fmt, _) in model.linears.items() if fmt == "int8" and b not in ("model.embed_tokens", "lm_head")]
     model.close()
     assert len(kept) == 3
+
+
+def test_uniform_int4_where_it_fits_the_budget(tmp_path):
+    """--quant int4 with the default budget writes every matrix int4_asym_dq g32 when that fits 4.6
+    bits/weight (64 bits a row: rows of about 640 values and more); narrower models, an explicit
+    --bits or --group-size get the per-matrix allocation."""
+    from conftest import make_tiny_llama
+
+    from pyllm.convert import convert_checkpoint
+    from pyllm.convert.strategy import BITS_BUDGET, QuantOptions, UNIFORM_INT4, uniform_fits
+    from pyllm.formats.packed import PackedModel
+
+    smollm2 = {"q": (576, 576), "k": (192, 576), "o": (576, 576), "up": (1536, 576), "down": (576, 1536)}
+    assert uniform_fits(smollm2) and not uniform_fits({"q": (64, 64), "down": (64, 128)})
+    wide = make_tiny_llama(str(tmp_path / "wide"), hidden_size=640, intermediate_size=1280)
+    for options, group, want in [(QuantOptions(), None, "uniform"),
+                                 (QuantOptions(bits_budget=BITS_BUDGET), None, "per matrix"),
+                                 (QuantOptions(), 64, None)]:
+        out = str(tmp_path / f"{want}-{group}.pllm")
+        convert_checkpoint(wide, out, quant="int4", group_size=group, progress=False, options=options)
+        with PackedModel(out) as model:
+            blocks = {model.linears[b] for b in model.linears if b.startswith("model.layers.")}
+            assert model.source["quantizer"].get("layouts") == (want or "per matrix")
+            assert (blocks == {UNIFORM_INT4}) == (want == "uniform")
+            if group:
+                assert {g for _, g in blocks} == {group}
 
 
 def test_bits_budget_is_respected(tiny_llama, tmp_path):
