@@ -74,10 +74,11 @@ PYLLM_VARIANTS = [
     ("int4 asym g64, GPTQ", "--quant int4_asym --group-size 64 --calib builtin"),
     ("int4 asym_dq g32 (8-bit coded scales), GPTQ", "--quant int4_asym_dq --calib builtin"),
     ("int4 layouts per matrix, scale search", "--quant int4 --calib none"),
-    ("int4 default: layouts per matrix, GPTQ", "--quant int4"),
+    ("int4 layouts per matrix under 4.6 bits, GPTQ", "--quant int4 --bits 4.6"),
+    ("int4 default (uniform int4_asym_dq g32 where it fits), GPTQ", "--quant int4"),
 ]
 LLAMA_VARIANTS = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
-INT8_DEFAULT, INT4_DEFAULT = "int8 g32 default: GPTQ", "int4 default: layouts per matrix, GPTQ"
+INT8_DEFAULT, INT4_DEFAULT = "int8 g32 default: GPTQ", "int4 default (uniform int4_asym_dq g32 where it fits), GPTQ"
 QUANTIZER_FILES = ("pyllm/quant.py", "pyllm/convert/gptq.py", "pyllm/convert/strategy.py",
                    "pyllm/convert/calibrate.py", "pyllm/data/calibration")
 
