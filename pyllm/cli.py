@@ -309,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=QUANT_NAMES,
                    help="weight format of the linear layers (int4: every matrix int4_asym_dq g32 where that fits 4.6 "
                         "bits/weight, else, or with --bits, layouts chosen per matrix under the budget; embeddings and "
-                        "lm_head of int8/int4 models are int8 g32) (default: f16 for Hugging Face checkpoints; for GGUF the source formats, with block types pyllm has "
-                        "no layout for re-quantized to int8 or int4_asym)")
+                        "lm_head of int8/int4 models are int8 g32) (default: f16 for Hugging Face checkpoints; for "
+                        "GGUF the source formats, with block types pyllm has no layout for re-quantized to int8 or "
+                        "int4_asym)")
     p.add_argument("--group-size", type=int, default=None,
                    help="values per scale for int8/int4 (32, 64, 128); given with --quant int4, every matrix "
                         "keeps it (default: 32, or for --quant int4 chosen per matrix)")

@@ -217,16 +217,16 @@ def _quantize_slice(w: np.ndarray, fmt: str, group_size: int, search: bool = Fal
         scales, mins = search_group_params(g, valid, grid_format(fmt), weights)
     else:
         scales, mins = minmax_group_params(g, valid, grid_format(fmt))
-    if fmt == "int4_asym_dq":
+    stored = (scales, mins)
+    if fmt == "int4_asym_dq":  # round on the grid the codes hold, store the codes
         steps = dq_steps(scales, mins)
         scale_codes, min_codes = dq_codes(scales, mins, steps)
         scales, mins = dq_params(scale_codes, min_codes, steps)
-        q = group_codes(g, valid, fmt, scales, mins).reshape(rows, -1)[:, :cols]
-        return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scale_codes, min_codes, steps)
+        stored = (scale_codes, min_codes, steps)
     q = group_codes(g, valid, fmt, scales, mins).reshape(rows, -1)[:, :cols]
     if fmt == "int8":
         return PackedWeight(fmt, rows, cols, group_size, np.ascontiguousarray(q), scales)
-    return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), scales, mins)
+    return PackedWeight(fmt, rows, cols, group_size, pack_int4(q), *stored)
 
 
 # Integer range of each format: value = (code - offset) * scale (+ min for int4_asym)

@@ -94,11 +94,12 @@ WeightView bind_linear(const TensorTable& t, const std::map<std::string, LinearS
     if (it->second.coded_params) {
         if (w.format != WeightFormat::Q4_ASYM) throw std::invalid_argument("'" + base + "': coded scales need int4_asym");
         expand_coded_params(t, base, w, expanded);
-    } else if (is_quantized(w.format)) {
-        w.scales = reinterpret_cast<const uint16_t*>(t.get(base + ".scales", DType::F16, {rows, w.n_groups()}).data);
+    } else {
+        if (is_quantized(w.format))
+            w.scales = reinterpret_cast<const uint16_t*>(t.get(base + ".scales", DType::F16, {rows, w.n_groups()}).data);
+        if (w.format == WeightFormat::Q4_ASYM)
+            w.mins = reinterpret_cast<const uint16_t*>(t.get(base + ".mins", DType::F16, {rows, w.n_groups()}).data);
     }
-    if (w.format == WeightFormat::Q4_ASYM && !it->second.coded_params)
-        w.mins = reinterpret_cast<const uint16_t*>(t.get(base + ".mins", DType::F16, {rows, w.n_groups()}).data);
     if (t.has(base + ".bias")) w.bias = bind_vector(t, base + ".bias", rows);
     validate_weight(w, base);
     return w;

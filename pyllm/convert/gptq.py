@@ -107,8 +107,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
     mins = np.zeros((rows, n_groups), dtype=np.float16) if grid == "int4_asym" else None
     steps = None
     if fmt == "int4_asym_dq":  # the rows' code steps, from the grids of the weights before any update
-        first = quantize(w, fmt, group_size, search=True, importance=importance)
-        steps = first.steps
+        steps = quantize(w, fmt, group_size, search=True, importance=importance).steps
         scale_codes = np.zeros((rows, n_groups), dtype=np.uint8)
         min_codes = np.zeros((rows, n_groups), dtype=np.int8)
     block = max(BLOCK_COLUMNS // group_size, 1) * group_size  # groups never straddle blocks
@@ -142,10 +141,8 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int, facto
         work[:, b1:] -= errors_t.T @ u[b0:b1, b1:]
     if fmt == "int8":
         return PackedWeight(fmt, rows, cols, group_size, codes.astype(np.int8), scales)
-    if steps is not None:
-        return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scale_codes, min_codes,
-                            steps)
-    return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), scales, mins)
+    stored = (scales, mins) if steps is None else (scale_codes, min_codes, steps)
+    return PackedWeight(fmt, rows, cols, group_size, pack_int4(codes.astype(np.uint8)), *stored)
 
 
 def _gptq_task(bases: list[str]) -> dict:

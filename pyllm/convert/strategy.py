@@ -156,10 +156,10 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
                                                                 progress=progress, log=log))
         hessians = _LAST_CALIBRATION["value"]
         strategy.seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
-    uniform = quant == "int4" and not fixed_group and options.bits_budget is None and not options.keep_sensitive
-    if uniform and uniform_fits(linears):
+    uniform = (quant == "int4" and not fixed_group and options.bits_budget is None and not options.keep_sensitive
+               and uniform_fits(linears))
+    if uniform:
         strategy.formats = {base: UNIFORM_INT4 for base in linears}
-        strategy.seconds["layouts"], clock = 0.0, time.perf_counter()
     elif quant == "int4" or options.keep_sensitive:
         layouts = int4_choices(group, fixed_group) if quant == "int4" else [(fmt, group)]
         sensitive = ("int8", group) if fixed_group else SENSITIVE_FORMAT
@@ -171,8 +171,7 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
     if quant == "int4" or options.keep_sensitive:
         strategy.record["bits_budget"] = options.bits_budget or BITS_BUDGET
     if quant == "int4":
-        strategy.record["layouts"] = "uniform" if uniform and set(strategy.formats.values()) == {UNIFORM_INT4} \
-            else "per matrix"
+        strategy.record["layouts"] = "uniform" if uniform else "per matrix"
     if hessians is not None:
         from .gptq import DAMPING, gptq_model
 
