@@ -311,9 +311,6 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
 // SmolLM2's int4 shapes, 8 activation rows): ~78 instead of ~100 instructions and 6-8
 // instead of 8-11 ns per 8 weight rows x 32 values x activation row.
 
-// How far ahead of the block it reads the first pass over a tile prefetches (a hint: past the
-// buffer's end it touches nothing).
-constexpr int64_t kTiledPrefetchBytes = 2048;
 // Cache blocking of tiled_weights_typed: the activation codes of one chunk of rows take half
 // of a 32 KiB L1, the tiles of one run half of a 512 KiB L2.
 constexpr int64_t kTiledChunkBytes = 16384, kTiledRunBytes = 262144;

@@ -152,6 +152,7 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                 int64_t tile, int64_t n_begin, int64_t n_end, float* y) {
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
     const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes;
+    const bool prefetch = m0 == 0;  // the first pass over a tile, as the AVX2 kernel
     const __m512 radix = _mm512_set1_ps((float)kResidualRadix);
     __m512 acc[MR], off[MR];
     for (int m = 0; m < MR; ++m) acc[m] = off[m] = _mm512_setzero_ps();
@@ -168,6 +169,9 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
         const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
             const uint8_t* wb = wt + b * t.block_bytes;
+            if (prefetch)
+                for (int64_t line = 0; line < t.block_bytes; line += 64)
+                    _mm_prefetch((const char*)(wb + kTiledPrefetchBytes + line), _MM_HINT_T0);
             __m512i quads[8];
             if constexpr (F == WeightFormat::Q8) {
                 for (int q = 0; q < 8; ++q) quads[q] = _mm512_load_si512(wb + 64 * q);
