@@ -107,7 +107,7 @@ MATMUL_SHAPES = [
     (1, 3, 33, 32),
     (1, 5, 100, 64),  # one 4-row decode tile + 1
     (1, 37, 576, 128),
-    (1, 100, 1536, 64),  # 7 column chunks with 2 threads
+    (1, 100, 1536, 64),  # 2 column chunks of 64 and 36 rows with 2 threads
     (1, 2, 80, 32),  # float decode: one 64-value step + a whole 16-value tail
     (1, 2, 16, 32),  # float decode: no 64-value step, one unmasked tail
     (2, 1, 100, 128),  # K < group size
@@ -124,6 +124,7 @@ MATMUL_SHAPES = [
     (64, 100, 31, 32),
     (4, 16, 64, 32),  # everything aligned
     (7, 24, 576, 32),  # tiled int: 3 pairs of activation rows + 1, a tile and a half of weight rows
+    (17, 200, 96, 32),  # tiled int, AVX-512 from 16 rows: 13 tiles as pairs (int4) / triples (int8) + one, 8 x 2 rows + 1
 ]
 
 
@@ -439,6 +440,25 @@ def test_matmul_accepts_any_float_activations():
     xf = np.asfortranarray(x)
     assert not xf.flags.c_contiguous
     np.testing.assert_array_equal(_core.matmul(xf, **args), y)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_matmul_same_bits_for_any_split(kernels, fmt):
+    """linear (ops.cpp) splits the output rows into one chunk per thread for a small call and two
+    for a large one (weight bytes x rows over 1 MiB per thread), and the AVX-512 tiled kernel takes
+    several tiles at once from 16 rows: every thread count, so every split, gives the bits of one
+    thread, and (integer formats) a row alone the bits it gets among others. Shapes on both sides of
+    those lines for 2-4 threads."""
+    for M, N, K in [(1, 100, 1536), (1, 4112, 1024), (5, 2064, 1024), (17, 1040, 512)]:
+        x, _, _, args, _, _ = matmul_case(fmt, M, N, K, 64)
+        one = _core.matmul(x, n_threads=1, **args)
+        for n_threads in (2, 3, 4):
+            np.testing.assert_array_equal(_core.matmul(x, n_threads=n_threads, **args), one,
+                                          err_msg=f"{kernels} {fmt} M={M} N={N} K={K} threads={n_threads}")
+        if fmt in QUANT_FORMATS:  # and a row alone gives the bits it gets among others (batched decode)
+            for i in {0, M // 2, M - 1}:
+                np.testing.assert_array_equal(_core.matmul(x[i:i + 1], n_threads=2, **args)[0], one[i],
+                                              err_msg=f"{kernels} {fmt} row {i} of M={M} N={N} K={K} alone")
 
 
 def test_matmul_default_threads():
