@@ -395,7 +395,7 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
     const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes;
     // The first pass over a tile (the first activation rows) prefetches the weights
-    // kTiledPrefetchBytes ahead, into the next tile at its end; the later passes find them cached.
+    // kWeightPrefetchBytes ahead, into the next tile at its end; the later passes find them cached.
     // Decode on an AVX2-only Zen 3 (SmolLM2, 2 threads, 4-5 alternating pairs): int4 72 -> 81,
     // int8 50 -> 58 tok/s; its hardware prefetcher alone left the weight loads waiting.
     const bool prefetch = m0 == 0;
@@ -421,7 +421,7 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
             const uint8_t* wb = wt + b * t.block_bytes;
             if (prefetch)
                 for (int64_t line = 0; line < t.block_bytes; line += 64)
-                    _mm_prefetch((const char*)(wb + kTiledPrefetchBytes + line), _MM_HINT_T0);
+                    _mm_prefetch((const char*)(wb + kWeightPrefetchBytes + line), _MM_HINT_T0);
             __m256i dot[MR][2];
             tiled_block_dots<F, MR>(wb, x.hi + m0 * x.padded_cols + b * kBlock, x.padded_cols, x.lo - x.hi, dot);
             for (int m = 0; m < MR; ++m) {
