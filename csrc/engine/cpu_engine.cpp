@@ -448,7 +448,7 @@ private:
     void run_spans(const int32_t* tokens, int64_t M, const Span* spans, int64_t n_spans, const int64_t* logit_rows,
                    int64_t n_logits, float* logits, const float* embeds, bool hidden) override {
         const int64_t D = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
-        const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, kv_dim = Hkv * hd, rope_dims = cfg_.rope_dims();
+        const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, rope_dims = cfg_.rope_dims();
         const float eps = (float)cfg_.norm_eps;
         const float attn_scale =
             cfg_.attention_scale > 0.0 ? (float)cfg_.attention_scale : 1.0f / std::sqrt((float)hd);
