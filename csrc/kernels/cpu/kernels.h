@@ -71,11 +71,16 @@ void by_heads(int64_t n, Fn&& fn) {
 // hint to nowhere, never a fault).
 constexpr int64_t kKeyPrefetchBytes = 512;
 // How far ahead of what they read the tiled int4/int8 kernels (first pass over a tile) and the
-// AVX-512 float decode prefetch the weights (a hint: past the buffer's end it touches nothing). 2048 was measured on
-// an AVX2-only Zen 3; on Zen 5 (AVX-512, 2 threads, alternating builds) 4096 decoded the 1.1B
+// AVX-512 float decode prefetch the weights (a hint: past the buffer's end it touches nothing).
+// 2048 was measured on an AVX2-only Zen 3; on Zen 5 (AVX-512, 2 threads, alternating builds) 4096 decoded the 1.1B
 // shapes' int4 8% faster than 2048 (8192 no faster) and SmolLM2 int4 9% faster than no prefetch;
 // the AVX2 kernel on that Zen 5 ran as fast with 4096 as with 2048.
 constexpr int64_t kWeightPrefetchBytes = 4096;
+// Prefetches the `bytes` that lie kWeightPrefetchBytes past p, line by line, into L1 (prefetcht0).
+inline void prefetch_weights_ahead(const void* p, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64)
+        __builtin_prefetch(static_cast<const char*>(p) + kWeightPrefetchBytes + line, 0, 3);
+}
 // q8_0 blocks of n values (n a multiple of 32), as llama.cpp's quantize_row_q8_0_ref: per block
 // d = max|x| / 127, codes round(x / d) (half away from zero; 0 for an all-zero block), d stored
 // as f16. Non-finite input gives non-finite scales (never read back as finite values).

@@ -419,9 +419,7 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
         const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
             const uint8_t* wb = wt + b * t.block_bytes;
-            if (prefetch)
-                for (int64_t line = 0; line < t.block_bytes; line += 64)
-                    _mm_prefetch((const char*)(wb + kWeightPrefetchBytes + line), _MM_HINT_T0);
+            if (prefetch) prefetch_weights_ahead(wb, t.block_bytes);
             __m256i dot[MR][2];
             tiled_block_dots<F, MR>(wb, x.hi + m0 * x.padded_cols + b * kBlock, x.padded_cols, x.lo - x.hi, dot);
             for (int m = 0; m < MR; ++m) {

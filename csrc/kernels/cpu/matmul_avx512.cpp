@@ -144,8 +144,8 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, const Prepared& pre
 // register tiles of kMultiRows rows x multi_tiles<F> tiles. Microbenchmark, one Zen 5 core, 3072 x 576
 // from cache, 8 and 64 rows, us, against the one-tile kernel's 4 rows x 1 tile: int4 2 x 2 75.6 / 617
 // against 102.9 / 809; int8 2 x 3 80 / 596 against 100.6 / 806; 1 x 2, 1 x 4, 2 x 4, 3 x 2 and 4 x 2
-// slower. SmolLM2 prefill (2 threads, alternating builds): int4 1840 -> 2170, int8 1815 -> 2379
-// tok/s; the 1.1B shapes' int4 232 -> 330. Below 16 rows (decoding several sequences) the one-tile
+// slower. SmolLM2 prefill (2 threads, alternating builds): int4 1825 -> 2192, int8 1779 -> 2320
+// tok/s; the 1.1B shapes' int4 225 -> 303. Below 16 rows (decoding several sequences) the one-tile
 // kernel measured faster inside the engine (8 rows: 6.7 against 7.2 ms a step; 4 rows from DRAM, 32
 // against 44 us for 3072 x 576), though not in the microbenchmark at 8 rows from cache.
 constexpr int kMultiRows = 2, kMultiMinRows = 16;
@@ -181,9 +181,7 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
         const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
         for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
             const uint8_t* wb = wt + b * t.block_bytes;
-            if (prefetch)
-                for (int64_t line = 0; line < t.block_bytes; line += 64)
-                    _mm_prefetch((const char*)(wb + kWeightPrefetchBytes + line), _MM_HINT_T0);
+            if (prefetch) prefetch_weights_ahead(wb, t.block_bytes);
             __m512i quads[8];
             if constexpr (F == WeightFormat::Q8) {
                 for (int q = 0; q < 8; ++q) quads[q] = _mm512_load_si512(wb + 64 * q);
@@ -233,9 +231,13 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
 
 // NT tiles (rows [tile * 16, (tile + NT) * 16)) x activation rows [m0, m0 + MR): each activation
 // quad broadcast feeds NT tiles' vpdpbusd (the one-tile kernel issues a broadcast per vpdpbusd, and
-// the broadcasts, not the dot products, limited it), and the int4 groups' offsets go into the same
-// accumulators as the products. The NT tiles lie inside the matrix; rows outside [n_begin, n_end)
-// are not written.
+// the broadcasts, not the dot products, limited it). Each output is the same float operations in
+// the same order as tiled_tile's (integer block dots, one multiply-add per block, the int4 offsets
+// summed apart and added last), so a row's bits never depend on which kernel ran it: not on the
+// rows beside it in the batch, nor on the thread count. tiled_tile stays for fewer rows: run as
+// tiled_tiles<F, MR, 1> instead, SmolLM2 int8 decode lost 15% (its quads held across the rows and
+// two dot chains per term suit one row). The NT tiles lie inside the matrix; rows outside
+// [n_begin, n_end) are not written.
 template <WeightFormat F, int MR, int NT>
 void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows& x, const TiledPrep& prep, int64_t m0,
                 int64_t tile, int64_t n_begin, int64_t n_end, float* y) {
@@ -272,10 +274,7 @@ void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows&
                 for (int n = 0; n < NT; ++n) dot_hi[n][m] = start_hi, dot_lo[n][m] = start_lo;
             }
             if (m0 == 0)  // the first pass over the tiles, as tiled_tile
-                for (int n = 0; n < NT; ++n)
-                    for (int64_t line = 0; line < t.block_bytes; line += 64)
-                        _mm_prefetch((const char*)(wt + n * tile_bytes + b * t.block_bytes + kWeightPrefetchBytes + line),
-                                     _MM_HINT_T0);
+                for (int n = 0; n < NT; ++n) prefetch_weights_ahead(wt + n * tile_bytes + b * t.block_bytes, t.block_bytes);
             const int8_t* hi = x.hi + m0 * x.padded_cols + b * kBlock;
             const int8_t* lo = x.lo + m0 * x.padded_cols + b * kBlock;
             for (int q = 0; q < 8; ++q) {
@@ -464,7 +463,7 @@ static_assert(Avx512Panels<WeightFormat::F32>::kCols == kFloatPanelColumns);
 // One row at a time is what the memory system streams best: SmolLM2 f16 decode read 13 GB/s with
 // 4 rows interleaved (the AVX2 row tiles this replaced), 25 GB/s with this (Zen 4, 2 threads;
 // 2 or 4 rows interleaved with AVX-512 measured as slow as the AVX2 tiles). The weights are
-// prefetched kWeightPrefetchBytes ahead: SmolLM2 f16 decode +11-13% on Zen 5 (5 of 6 pairs).
+// prefetched kWeightPrefetchBytes ahead: SmolLM2 f16 decode +5-13% on Zen 5 (8 of 9 pairs).
 //   x: f32 [w.cols]   y: f32 [w.rows] (only [n_begin, n_end) written)
 template <WeightFormat F>
 void float_rows_decode(const WeightView& w, const float* x, int64_t n_begin, int64_t n_end, float* y) {
@@ -477,8 +476,7 @@ void float_rows_decode(const WeightView& w, const float* x, int64_t n_begin, int
         for (int c = 0; c < kChains; ++c) acc[c] = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + 16 * kChains <= K; k += 16 * kChains) {
-            for (int64_t line = 0; line < 16 * kChains * kValueBytes; line += 64)
-                _mm_prefetch(base + (n * K + k) * kValueBytes + kWeightPrefetchBytes + line, _MM_HINT_T0);
+            prefetch_weights_ahead(base + (n * K + k) * kValueBytes, 16 * kChains * kValueBytes);
             for (int c = 0; c < kChains; ++c)
                 acc[c] = _mm512_fmadd_ps(load16<F>(w.data, n * K + k + 16 * c, 0xffff), _mm512_loadu_ps(x + k + 16 * c),
                                          acc[c]);
