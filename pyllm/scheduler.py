@@ -52,8 +52,10 @@ log = logging.getLogger("pyllm.scheduler")
 
 @dataclass
 class Step:
-    """One engine step: rows[i] = (sequence number, rows it ran, whether they were prompt rows)."""
+    """One engine step: rows[i] = (sequence number, rows it ran, whether they were prompt rows);
+    paused: the numbers of the ready sequences it skipped because their readers fell PIECES_AHEAD behind."""
     rows: list[tuple[int, int, bool]]
+    paused: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -252,13 +254,13 @@ class Scheduler:
             batch = self._compose()
             if not batch:
                 return
-            tokens, seq_ids, positions, wanted, plan = batch
+            tokens, seq_ids, positions, wanted, plan, paused = batch
             logits = llm.engine.forward_rows(np.array(tokens, dtype=np.int32), np.array(seq_ids, dtype=np.int32),
                                              np.array(positions, dtype=np.int32), np.array(wanted, dtype=np.int64))
         finally:
             llm._release(self)
         self._steps += 1
-        self.recent_steps.append(Step([(s.number, n, prompt) for s, n, prompt, _ in plan]))
+        self.recent_steps.append(Step([(s.number, n, prompt) for s, n, prompt, _ in plan], paused))
         for seq, n, _, row in plan:
             seq.computed += n
             if row is not None:
@@ -354,10 +356,13 @@ class Scheduler:
                 seq.stats.cached_tokens, seq.first_prepare = have, False
 
     def _compose(self):
-        """The rows of the next step: (tokens, seq_ids, positions, logit rows, plan) with plan
-        [(sequence, rows, prompt rows?, its logits row or None)], or None when nothing can run."""
-        active = sorted((s.seq for s in self.slots if s.seq is not None and s.seq.ready and not s.seq.paused),
-                        key=lambda q: q.number)
+        """The rows of the next step: (tokens, seq_ids, positions, logit rows, plan, paused) with plan
+        [(sequence, rows, prompt rows?, its logits row or None)] and paused the numbers of the ready
+        sequences skipped (their readers are behind), or None when nothing can run."""
+        ready = sorted((s.seq for s in self.slots if s.seq is not None and s.seq.ready), key=lambda q: q.number)
+        held = [q.paused for q in ready]  # read once: a reader may catch up meanwhile
+        active = [q for q, p in zip(ready, held) if not p]
+        paused = [q.number for q, p in zip(ready, held) if p]
         decode = [q for q in active if len(q.ids) - q.computed == 1]
         prefill = [q for q in active if len(q.ids) - q.computed > 1]
         budget = self.max_num_batched_tokens - len(decode)
@@ -379,7 +384,7 @@ class Scheduler:
             plan.append((q, n, q not in decode, row))
         if not tokens:
             return None
-        return tokens, seq_ids, positions, wanted, plan
+        return tokens, seq_ids, positions, wanted, plan, paused
 
     def _sample(self, seq: _Sequence, logits: np.ndarray) -> None:
         """The sequence's next token from its logits: as LLM._run, one token."""

@@ -270,10 +270,15 @@ def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(batched, a
     assert prompt_rows[long_number] == n_long - reused
     chunked = [s for s in steps if any(n == long_number and prompt for n, _, prompt in s.rows)]
     assert len(chunked) >= (n_long - reused) // 32
+    streams = {n for s in chunked for n, _, prompt in s.rows if not prompt}.union(*(s.paused for s in chunked))
+    assert len(streams) == 2
     for step in chunked:
-        decoding = [n for n, rows, prompt in step.rows if not prompt and rows == 1]
-        assert len(decoding) == 2, step  # both streams got their token in this step
+        decoding = {n for n, rows, prompt in step.rows if not prompt and rows == 1}
+        # each stream got its token in this step, unless its reader had fallen behind (backpressure
+        # on a busy machine: the scheduler skips it, whatever else runs)
+        assert decoding | (set(step.paused) & streams) == streams, step
         assert sum(rows for _, rows, _ in step.rows) <= 32
+    assert any(len({n for n, _, prompt in s.rows if not prompt}) == 2 for s in chunked)  # they did run together
     for i in (1, 2):
         assert texts[i] == alone.generate(PROMPTS[i], max_new_tokens=streamed, temperature=0,
                                           logit_bias={int(k): v for k, v in ban.items()})
