@@ -45,7 +45,7 @@ HAVE_AVX2 = "avx2" in AVAILABLE
 # every variant is tested where this CPU runs it; the others are reported as skipped
 VARIANTS = [
     pytest.param(name, id=name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"CPU (or build) lacks {name}"))
-    for name in ("portable", "avx2", "avx512")
+    for name in ("portable", "avx2", "avxvnni", "avx512")
 ]
 
 
@@ -461,6 +461,27 @@ def test_matmul_same_bits_for_any_split(kernels, fmt):
                                               err_msg=f"{kernels} {fmt} row {i} of M={M} N={N} K={K} alone")
 
 
+@pytest.mark.skipif("avxvnni" not in AVAILABLE, reason="CPU (or build) lacks avxvnni")
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+def test_avxvnni_gives_the_avx2_bits(fmt):
+    """The avxvnni variant is the avx2 variant with the tiled block dots on vpdpbusd: the integer
+    sums are exact either way, so the bits are the same. Partial tiles and blocks, groups of 32 to
+    128, 1-17 rows; Gaussian, grid and saturating activations (every code +-127, the int32 bounds)."""
+    cases = [(1, 37, 100, 32), (2, 16, 32, 32), (3, 100, 1000, 128), (9, 33, 4096, 64), (17, 1040, 512, 64)]
+    for M, N, K, G in cases:
+        x, x_grid, bias, args, _, _ = matmul_case(fmt, M, N, K, G)
+        saturating = np.where(np.arange(K) % 3 == 0, -5.0, 5.0).astype(np.float32) * np.ones((M, 1), np.float32)
+        for name, acts in [("gaussian", x), ("grid", x_grid), ("saturating", saturating)]:
+            out = {}
+            try:
+                for variant in ("avx2", "avxvnni"):
+                    _core.select_kernels(variant)
+                    out[variant] = _core.matmul(acts, bias=bias, n_threads=2, **args)
+            finally:
+                _core.select_kernels("auto")
+            np.testing.assert_array_equal(out["avxvnni"], out["avx2"], err_msg=f"{fmt} {name} M={M} N={N} K={K} G={G}")
+
+
 def test_matmul_default_threads():
     x, _, bias, args, W, A = matmul_case("int8", 17, 37, 100, 64)
     np.testing.assert_array_equal(_core.matmul(x, n_threads=0, **args), _core.matmul(x, n_threads=1, **args))
@@ -507,7 +528,7 @@ def test_select_kernels():
         assert AVAILABLE[0] == "portable"
         with pytest.raises(ValueError, match="unknown kernel variant"):
             _core.select_kernels("sse9")
-        for name in ("avx2", "avx512"):
+        for name in ("avx2", "avxvnni", "avx512"):
             if name not in AVAILABLE:
                 with pytest.raises(ValueError, match="not supported here"):
                     _core.select_kernels(name)

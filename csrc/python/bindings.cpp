@@ -95,7 +95,7 @@ PYBIND11_MODULE(_core, m) {
         "stall_every-th task sleeping 0.3 ms; returns the number of tasks not run exactly once (0).");
     m.def("active_kernels", [] { return std::string(active_kernels().name); }, "Name of the kernel variant in use.");
     m.def("select_kernels", [](const std::string& name) { select_kernels(name.c_str()); }, py::arg("name"),
-          "Force the matmul variant: 'portable', 'avx2' or 'auto'.");
+          "Force the kernel variant: one of available_kernels() ('portable', 'avx2', 'avxvnni', 'avx512') or 'auto'.");
 
     m.def(
         "matmul",

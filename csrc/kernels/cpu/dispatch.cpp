@@ -26,6 +26,7 @@ bool cpu_supports(std::initializer_list<const char*> features) {
         else if (name == "avx512bw") has = __builtin_cpu_supports("avx512bw");
         else if (name == "avx512vl") has = __builtin_cpu_supports("avx512vl");
         else if (name == "avx512vnni") has = __builtin_cpu_supports("avx512vnni");
+        else if (name == "avxvnni") has = __builtin_cpu_supports("avxvnni");
         if (!has) return false;
     }
     return true;
@@ -44,6 +45,9 @@ std::vector<const CpuKernels*> available_kernels() {
 #if defined(PYLLM_HAVE_AVX2)
     const bool avx2 = cpu_supports({"avx2", "fma", "f16c"});
     if (avx2) out.push_back(&kAvx2Kernels);
+#if defined(PYLLM_HAVE_AVXVNNI)
+    if (avx2 && cpu_supports({"avxvnni"})) out.push_back(&kAvxVnniKernels);
+#endif
 #if defined(PYLLM_HAVE_AVX512)
     if (avx2 && cpu_supports({"avx512f", "avx512bw", "avx512vl", "avx512vnni"})) out.push_back(&kAvx512Kernels);
 #endif

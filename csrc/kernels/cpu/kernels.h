@@ -2,7 +2,7 @@
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), the inner step of attention, and
 // element-wise SwiGLU and f16 rounding.
 //
-// Each variant (portable C++, AVX2+FMA, AVX-512 VNNI) fills one CpuKernels table;
+// Each variant (portable C++, AVX2+FMA, AVX-VNNI, AVX-512 VNNI) fills one CpuKernels table;
 // dispatch.cpp picks the table once from what the CPU supports, and the tests
 // can force the portable one. A matmul computes output columns
 // [n_begin, n_end) for all rows, so the caller splits work across threads by n.
@@ -161,6 +161,7 @@ void float_weights_avx2(const WeightView& w, const float* x, int64_t M, int64_t 
 // float_weights without packing: register tiles reading the weights as stored (decode, few rows)
 void float_weight_rows_avx2(const WeightView& w, const float* x, int64_t M, int64_t n_begin, int64_t n_end, float* y);
 void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out);
+void quant_weights_avx2(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y);
 void attend_avx2(const float* q, int64_t group, int64_t D, KvType kv, const void* keys_t, int64_t key_stride,
                  const void* values, int64_t len, const ScoreShaping* shaping, float* scores, float* out, float* max,
                  float* sum);
@@ -168,6 +169,9 @@ void swiglu_avx2(const float* gate, const float* up, int64_t n, float* out);
 void round_to_f16_avx2(const float* x, int64_t n, uint16_t* out);
 // One head's scores s f32 [len] -> exp(s - max) in place; *max_out = max, *sum_out = the sum.
 void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_out);
+#endif
+#if defined(PYLLM_HAVE_AVXVNNI)
+extern const CpuKernels kAvxVnniKernels;  // avx2 with the tiled int4/int8 dots on 256-bit vpdpbusd
 #endif
 #if defined(PYLLM_HAVE_AVX512)
 extern const CpuKernels kAvx512Kernels;  // VNNI integer dots, AVX-512 float prefill and attention
@@ -189,7 +193,7 @@ const CpuKernels& active_kernels();
 // a variant this build or this CPU cannot run.
 void select_kernels(const char* name);
 // The variants this build has and this CPU can run, slowest first: "portable",
-// then "avx2" (AVX2 + FMA + F16C), then "avx512" (AVX-512 F/BW/VL + VNNI, and AVX2).
+// then "avx2" (AVX2 + FMA + F16C), "avxvnni" (and AVX-VNNI), "avx512" (AVX-512 F/BW/VL + VNNI, and AVX2).
 std::vector<const CpuKernels*> available_kernels();
 
 }  // namespace pyllm

@@ -18,6 +18,7 @@
 
 #include "../../core/numeric.h"
 #include "kernels.h"
+#include "tiled_avx2.h"
 #include "tiling.h"
 
 namespace pyllm {
@@ -295,177 +296,75 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
 }
 
 
-// ---- weights tiled at load (tiled_weights.cpp) ------------------------------------
-// A 256-bit vector is half a tile vector: 8 rows, 4 values each (a "quad" per row), and a
-// block of 32 values is 8 quad vectors per half. Both halves of a tile are multiplied in
-// one pass, so each broadcast activation quad meets 16 weight rows, and each unpacked quad
-// vector meets MR activation rows and both int8 terms (hi, lo) while it is in a register.
-// int4: maddubs products of a nibble (<= 15) and an int8 code (|c| <= 127) pair into at
-// most 3810, so the 8 quads of a block add up in int16 (<= 30480) before one madd to
-// int32. int8 weights (stored w ^ 0x80) are flipped back to signed and use the sign
-// trick of block_dot, |w| * (x * sign(w)): pairs of at most 2 * 128 * 127, each quad
-// widened to int32 on its own. The two terms meet in int32 as 254 * hi + lo (below 2^31:
-// at most 32 * 128 * 127 * 255) and go to float once: the same rounding as adding them
-// in float with one fma (every partial sum is an integer below 2^24).
-// Against one half at a time with a block's 8 quads held in registers (Zen 3, one thread,
-// SmolLM2's int4 shapes, 8 activation rows): ~78 instead of ~100 instructions and 6-8
-// instead of 8-11 ns per 8 weight rows x 32 values x activation row.
-
-// Cache blocking of tiled_weights_typed: the activation codes of one chunk of rows take half
-// of a 32 KiB L1, the tiles of one run half of a 512 KiB L2.
-constexpr int64_t kTiledChunkBytes = 16384, kTiledRunBytes = 262144;
-
-// Keeps v's chain of adds in program order: GCC otherwise re-associates integer sums into
-// trees that compute every product first and spill most of them (found in objdump).
-inline void in_order(__m256i& v) { __asm__("" : "+x"(v)); }
-
-// One block of a tile (16 weight rows) against MR activation rows:
-// dot[m][h] = rows [8h, 8h + 8)'s int32 254 * (w . hi) + (w . lo).
-//   wb: the block's bytes   hi: int8 [MR][stride], the block's 32 codes first; lo = hi + lo_offset
-template <WeightFormat F, int MR>
-inline void tiled_block_dots(const uint8_t* wb, const int8_t* hi, int64_t stride, ptrdiff_t lo_offset,
-                             __m256i (*dot)[2]) {
-    const __m256i ones = _mm256_set1_epi16(1), radix = _mm256_set1_epi16((int16_t)kResidualRadix);
-    // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
-    auto code = [&](int m, int term, int q) {
-        int32_t four;
-        std::memcpy(&four, hi + m * stride + (term ? lo_offset : 0) + 4 * q, 4);
-        return _mm256_set1_epi32(four);
-    };
-    if constexpr (F == WeightFormat::Q8) {
-        for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+// ---- weights tiled at load: tiled_avx2.h's tile loop with maddubs block dots (its Dots policy).
+// int4: maddubs products of a nibble (<= 15) and an int8 code (|c| <= 127) pair into at most
+// 3810, so the 8 quads of a block add up in int16 (<= 30480) before one madd to int32. int8
+// weights (stored w ^ 0x80) are flipped back to signed and use the sign trick of block_dot,
+// |w| * (x * sign(w)): pairs of at most 2 * 128 * 127, each quad widened to int32 on its own.
+struct MaddubsDots {
+    template <WeightFormat F, int MR>
+    static inline void block(const uint8_t* wb, const int8_t* hi, int64_t stride, ptrdiff_t lo_offset,
+                             const int32_t* /*code_sums*/, int64_t /*code_sums_stride*/, __m256i (*dot)[2]) {
+        const __m256i ones = _mm256_set1_epi16(1), radix = _mm256_set1_epi16((int16_t)kResidualRadix);
+        // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
+        auto code = [&](int m, int term, int q) {
+            int32_t four;
+            std::memcpy(&four, hi + m * stride + (term ? lo_offset : 0) + 4 * q, 4);
+            return _mm256_set1_epi32(four);
+        };
+        if constexpr (F == WeightFormat::Q8) {
+            for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-        for (int q = 0; q < 8; ++q) {
-            __m256i wq[2], magnitude[2];
-            for (int h = 0; h < 2; ++h) {
-                wq[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * q + 32 * h)),
-                                         _mm256_set1_epi8((char)0x80));
-                magnitude[h] = _mm256_sign_epi8(wq[h], wq[h]);
-            }
-#pragma GCC unroll 2
-            for (int m = 0; m < MR; ++m) {
-                const __m256i xh = code(m, 0, q), xl = code(m, 1, q);
+            for (int q = 0; q < 8; ++q) {
+                __m256i wq[2], magnitude[2];
                 for (int h = 0; h < 2; ++h) {
-                    const __m256i ph = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xh, wq[h]));
-                    const __m256i pl = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xl, wq[h]));
-                    dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_add_epi32(_mm256_madd_epi16(ph, radix),
-                                                                             _mm256_madd_epi16(pl, ones)));
-                    in_order(dot[m][h]);
+                    wq[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * q + 32 * h)),
+                                             _mm256_set1_epi8((char)0x80));
+                    magnitude[h] = _mm256_sign_epi8(wq[h], wq[h]);
                 }
-            }
-        }
-    } else {
-        const __m256i low = _mm256_set1_epi8(0x0f);
-        __m256i sum_hi[MR][2], sum_lo[MR][2];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-            const __m256i packed0 = _mm256_loadu_si256((const __m256i*)(wb + 64 * j));
-            const __m256i packed1 = _mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32));
-#pragma GCC unroll 2
-            for (int nibble = 0; nibble < 2; ++nibble) {
-                const int q = 2 * j + nibble;
-                const __m256i w0 = _mm256_and_si256(nibble ? _mm256_srli_epi16(packed0, 4) : packed0, low);
-                const __m256i w1 = _mm256_and_si256(nibble ? _mm256_srli_epi16(packed1, 4) : packed1, low);
 #pragma GCC unroll 2
                 for (int m = 0; m < MR; ++m) {
                     const __m256i xh = code(m, 0, q), xl = code(m, 1, q);
-                    const __m256i p[2][2] = {{_mm256_maddubs_epi16(w0, xh), _mm256_maddubs_epi16(w1, xh)},
-                                             {_mm256_maddubs_epi16(w0, xl), _mm256_maddubs_epi16(w1, xl)}};
                     for (int h = 0; h < 2; ++h) {
-                        sum_hi[m][h] = q == 0 ? p[0][h] : _mm256_add_epi16(sum_hi[m][h], p[0][h]);
-                        sum_lo[m][h] = q == 0 ? p[1][h] : _mm256_add_epi16(sum_lo[m][h], p[1][h]);
-                        in_order(sum_hi[m][h]), in_order(sum_lo[m][h]);
+                        const __m256i ph = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xh, wq[h]));
+                        const __m256i pl = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xl, wq[h]));
+                        dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_add_epi32(_mm256_madd_epi16(ph, radix),
+                                                                                 _mm256_madd_epi16(pl, ones)));
+                        in_order(dot[m][h]);
                     }
                 }
             }
-        }
-        for (int m = 0; m < MR; ++m)
-            for (int h = 0; h < 2; ++h)
-                dot[m][h] = _mm256_add_epi32(_mm256_madd_epi16(sum_hi[m][h], radix), _mm256_madd_epi16(sum_lo[m][h], ones));
-    }
-}
-
-// Rows [tile * 16, tile * 16 + 16), activation rows [m0, m0 + MR).
-//   xsum: f32 [x.rows, n_groups], the activations' sum over each group
-//   (noinline: one symbol per instance in profiles and objdump)
-template <WeightFormat F, int MR>
-__attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& x,
-                                          const float* xsum, int64_t m0, int64_t tile, int64_t n_begin,
-                                          int64_t n_end, float* y) {
-    const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
-    const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes;
-    // The first pass over a tile (the first activation rows) prefetches the weights
-    // kWeightPrefetchBytes ahead, into the next tile at its end; the later passes find them cached.
-    // Decode on an AVX2-only Zen 3 (SmolLM2, 2 threads, 4-5 alternating pairs): int4 72 -> 81,
-    // int8 50 -> 58 tok/s; its hardware prefetcher alone left the weight loads waiting.
-    const bool prefetch = m0 == 0;
-    // the int4 groups' offsets (shift or min times the group's activation sum) are added
-    // into the same accumulators as the products
-    __m256 acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n_groups; ++g) {
-        const int64_t at = (tile * n_groups + g) * kTileRows;
-        __m256 scale[2];
-        for (int h = 0; h < 2; ++h) {
-            scale[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.scales + at + 8 * h)));
-            if constexpr (F != WeightFormat::Q8) {
-                const __m256 shift = F == WeightFormat::Q4_ASYM
-                                         ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w.tiled.mins + at + 8 * h)))
-                                         : _mm256_mul_ps(scale[h], _mm256_set1_ps(-8.0f));
-                for (int m = 0; m < MR; ++m)
-                    acc[m][h] = _mm256_fmadd_ps(shift, _mm256_set1_ps(xsum[(m0 + m) * n_groups + g]), acc[m][h]);
+        } else {
+            const __m256i low = _mm256_set1_epi8(0x0f);
+            __m256i sum_hi[MR][2], sum_lo[MR][2];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                const __m256i packed0 = _mm256_loadu_si256((const __m256i*)(wb + 64 * j));
+                const __m256i packed1 = _mm256_loadu_si256((const __m256i*)(wb + 64 * j + 32));
+#pragma GCC unroll 2
+                for (int nibble = 0; nibble < 2; ++nibble) {
+                    const int q = 2 * j + nibble;
+                    const __m256i w0 = _mm256_and_si256(nibble ? _mm256_srli_epi16(packed0, 4) : packed0, low);
+                    const __m256i w1 = _mm256_and_si256(nibble ? _mm256_srli_epi16(packed1, 4) : packed1, low);
+#pragma GCC unroll 2
+                    for (int m = 0; m < MR; ++m) {
+                        const __m256i xh = code(m, 0, q), xl = code(m, 1, q);
+                        const __m256i p[2][2] = {{_mm256_maddubs_epi16(w0, xh), _mm256_maddubs_epi16(w1, xh)},
+                                                 {_mm256_maddubs_epi16(w0, xl), _mm256_maddubs_epi16(w1, xl)}};
+                        for (int h = 0; h < 2; ++h) {
+                            sum_hi[m][h] = q == 0 ? p[0][h] : _mm256_add_epi16(sum_hi[m][h], p[0][h]);
+                            sum_lo[m][h] = q == 0 ? p[1][h] : _mm256_add_epi16(sum_lo[m][h], p[1][h]);
+                            in_order(sum_hi[m][h]), in_order(sum_lo[m][h]);
+                        }
+                    }
+                }
             }
-        }
-        const int64_t b_end = std::min(n_blocks, (g + 1) * blocks_per_group);
-        for (int64_t b = g * blocks_per_group; b < b_end; ++b) {
-            const uint8_t* wb = wt + b * t.block_bytes;
-            if (prefetch) prefetch_weights_ahead(wb, t.block_bytes);
-            __m256i dot[MR][2];
-            tiled_block_dots<F, MR>(wb, x.hi + m0 * x.padded_cols + b * kBlock, x.padded_cols, x.lo - x.hi, dot);
-            for (int m = 0; m < MR; ++m) {
-                const __m256 step = _mm256_set1_ps(x.step[(m0 + m) * n_blocks + b]);
+            for (int m = 0; m < MR; ++m)
                 for (int h = 0; h < 2; ++h)
-                    acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), _mm256_mul_ps(scale[h], step), acc[m][h]);
-            }
+                    dot[m][h] = _mm256_add_epi32(_mm256_madd_epi16(sum_hi[m][h], radix), _mm256_madd_epi16(sum_lo[m][h], ones));
         }
     }
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int h = 0; h < 2; ++h) {
-        const int64_t row0 = tile * kTileRows + 8 * h;
-        const int64_t first = std::max<int64_t>(0, n_begin - row0), last = std::min<int64_t>(8, n_end - row0);
-        if (last <= first) continue;
-        const __m256i keep = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)last), lane),
-                                              _mm256_cmpgt_epi32(lane, _mm256_set1_epi32((int)first - 1)));
-        for (int m = 0; m < MR; ++m) {
-            const __m256 out = w.bias ? _mm256_add_ps(acc[m][h], _mm256_maskload_ps(w.bias + row0, keep)) : acc[m][h];
-            _mm256_maskstore_ps(y + (m0 + m) * w.rows + row0, keep, out);
-        }
-    }
-}
-
-template <WeightFormat F>
-void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
-    const TiledLayout t = tiled_layout(w);
-    const int64_t n_groups = w.n_groups();
-    thread_local std::vector<float> xsum;
-    if constexpr (F != WeightFormat::Q8) group_sums(x, w.group_size, n_groups, xsum);
-    // Cache blocking: tiles go in runs whose weights stay in L2, activation rows in chunks whose
-    // codes (hi and lo) stay in L1 while every tile of the run passes over them.
-    const int64_t chunk = std::clamp<int64_t>(kTiledChunkBytes / (2 * x.padded_cols) / 2 * 2, 2, 16);
-    const int64_t run = std::max<int64_t>(1, kTiledRunBytes / (t.blocks * t.block_bytes));
-    const int64_t first_tile = n_begin / kTileRows, end_tile = (n_end + kTileRows - 1) / kTileRows;
-    for (int64_t run_begin = first_tile; run_begin < end_tile; run_begin += run) {
-        const int64_t run_end = std::min(end_tile, run_begin + run);
-        for (int64_t m_begin = 0; m_begin < x.rows; m_begin += chunk) {
-            const int64_t m_end = std::min(x.rows, m_begin + chunk);
-            for (int64_t tile = run_begin; tile < run_end; ++tile) {
-                int64_t m = m_begin;
-                for (; m + 2 <= m_end; m += 2) tiled_tile<F, 2>(w, t, x, xsum.data(), m, tile, n_begin, n_end, y);
-                if (m < m_end) tiled_tile<F, 1>(w, t, x, xsum.data(), m, tile, n_begin, n_end, y);
-            }
-        }
-    }
-}
+};
 
 template <WeightFormat F>
 void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
@@ -474,14 +373,14 @@ void quant_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
     else tile_over<2, 4>(x.rows, n_begin, n_end, tile);
 }
 
-void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+}  // namespace
+
+void quant_weights_avx2(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     with_quant_format(w.format, [&](auto f) {
-        if (w.tiled.data != nullptr) return tiled_weights_typed<f.value>(w, x, n_begin, n_end, y);
+        if (w.tiled.data != nullptr) return tiled_weights_typed<MaddubsDots, f.value>(w, x, n_begin, n_end, y);
         quant_weights_typed<f.value>(w, x, n_begin, n_end, y);
     });
 }
-
-}  // namespace
 
 void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
     // the steps of quantize_rows_portable, 8 values at a time (the float -> double -> float
@@ -535,7 +434,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
     }
 }
 
-const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights, quantize_rows_avx2, true, attend_avx2,
+const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights_avx2, quantize_rows_avx2, true, attend_avx2,
                                 swiglu_avx2, round_to_f16_avx2};
 
 }  // namespace pyllm
