@@ -296,45 +296,61 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
 }
 
 
-// ---- weights tiled at load: tiled_avx2.h's tile loop with maddubs block dots (its Dots policy).
+// ---- weights tiled at load: tiled_avx2.h's tile loop with these block dots (its Dots policy).
 // int4: maddubs products of a nibble (<= 15) and an int8 code (|c| <= 127) pair into at most
-// 3810, so the 8 quads of a block add up in int16 (<= 30480) before one madd to int32. int8
-// weights (stored w ^ 0x80) are flipped back to signed and use the sign trick of block_dot,
-// |w| * (x * sign(w)): pairs of at most 2 * 128 * 127, each quad widened to int32 on its own.
+// 3810, so the 8 quads of a block add up in int16 (<= 30480) before one madd to int32.
+// int8: maddubs cannot take the stored weights (w ^ 0x80 = w + 128, up to 255) against codes up
+// to 127 (pairs would saturate int16), and the sign trick (|w| * (x * sign(w))) costs two signs,
+// two maddubs and two madds per quad, row and half. Instead the weights widen to int16 (u = w + 128,
+// vpmovzxbw) and meet the two terms joined in int16 (254 hi + lo, |.| <= 32385) in one madd:
+// pairs of at most 2 * 255 * 32385 into int32 lanes, 16 per lane a block (< 2^31); subtracting
+// 128 * (254 sum(hi) + sum(lo)) leaves the exact dot.
 struct MaddubsDots {
+    static constexpr bool kWideQ8 = true;
+
     template <WeightFormat F, int MR>
-    static inline void block(const uint8_t* wb, const int8_t* hi, int64_t stride, ptrdiff_t lo_offset,
-                             const int32_t* /*code_sums*/, int64_t /*code_sums_stride*/, __m256i (*dot)[2]) {
-        const __m256i ones = _mm256_set1_epi16(1), radix = _mm256_set1_epi16((int16_t)kResidualRadix);
-        // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
-        auto code = [&](int m, int term, int q) {
-            int32_t four;
-            std::memcpy(&four, hi + m * stride + (term ? lo_offset : 0) + 4 * q, 4);
-            return _mm256_set1_epi32(four);
-        };
+    static inline void block(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2]) {
         if constexpr (F == WeightFormat::Q8) {
-            for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+            // acc[m][h][part]: rows 4 part .. 4 part + 3 of half h, two int32 lanes a row
+            __m256i acc[MR][2][2];
+            for (int m = 0; m < MR; ++m)
+                for (int h = 0; h < 2; ++h) acc[m][h][0] = acc[m][h][1] = _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int q = 0; q < 8; ++q) {
-                __m256i wq[2], magnitude[2];
-                for (int h = 0; h < 2; ++h) {
-                    wq[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wb + 64 * q + 32 * h)),
-                                             _mm256_set1_epi8((char)0x80));
-                    magnitude[h] = _mm256_sign_epi8(wq[h], wq[h]);
-                }
+                __m256i u[2][2];  // 4 rows x 4 values, int16
+                for (int h = 0; h < 2; ++h)
+                    for (int part = 0; part < 2; ++part)
+                        u[h][part] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wb + 64 * q + 32 * h + 16 * part)));
 #pragma GCC unroll 2
                 for (int m = 0; m < MR; ++m) {
-                    const __m256i xh = code(m, 0, q), xl = code(m, 1, q);
-                    for (int h = 0; h < 2; ++h) {
-                        const __m256i ph = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xh, wq[h]));
-                        const __m256i pl = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xl, wq[h]));
-                        dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_add_epi32(_mm256_madd_epi16(ph, radix),
-                                                                                 _mm256_madd_epi16(pl, ones)));
-                        in_order(dot[m][h]);
-                    }
+                    int64_t four;  // the joined codes of quad q of row m, in every 64-bit element
+                    std::memcpy(&four, x.wide + m * x.stride + 4 * q, 8);
+                    const __m256i xq = _mm256_set1_epi64x(four);
+                    for (int h = 0; h < 2; ++h)
+                        for (int part = 0; part < 2; ++part) {
+                            acc[m][h][part] = _mm256_add_epi32(acc[m][h][part], _mm256_madd_epi16(u[h][part], xq));
+                            in_order(acc[m][h][part]);
+                        }
+                }
+            }
+            for (int m = 0; m < MR; ++m) {
+                const int32_t* sums = x.code_sums + m * x.sums_stride;
+                const __m256i offset = _mm256_set1_epi32(128 * ((int32_t)kResidualRadix * sums[0] + sums[1]));
+                for (int h = 0; h < 2; ++h) {
+                    // lanes of hadd: rows 0 1 4 5 | 2 3 6 7 -> 0..7
+                    const __m256i rows = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][h][0], acc[m][h][1]),
+                                                                  _MM_SHUFFLE(3, 1, 2, 0));
+                    dot[m][h] = _mm256_sub_epi32(rows, offset);
                 }
             }
         } else {
+            const __m256i ones = _mm256_set1_epi16(1), radix = _mm256_set1_epi16((int16_t)kResidualRadix);
+            // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
+            auto code = [&](int m, int term, int q) {
+                int32_t four;
+                std::memcpy(&four, x.hi + m * x.stride + (term ? x.lo_offset : 0) + 4 * q, 4);
+                return _mm256_set1_epi32(four);
+            };
             const __m256i low = _mm256_set1_epi8(0x0f);
             __m256i sum_hi[MR][2], sum_lo[MR][2];
 #pragma GCC unroll 4

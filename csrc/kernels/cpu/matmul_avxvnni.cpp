@@ -23,21 +23,22 @@ namespace {
 
 struct VnniDots {
     // tiled_avx2.h's Dots policy: dot[m][h] = rows [8h, 8h + 8)'s 254 * (w . hi) + (w . lo).
+    static constexpr bool kWideQ8 = false;  // vpdpbusd reads the stored int8 weights as they are
+
     template <WeightFormat F, int MR>
-    static inline void block(const uint8_t* wb, const int8_t* hi, int64_t stride, ptrdiff_t lo_offset,
-                             const int32_t* code_sums, int64_t code_sums_stride, __m256i (*dot)[2]) {
+    static inline void block(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2]) {
         // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
         auto code = [&](int m, int term, int q) {
             int32_t four;
-            std::memcpy(&four, hi + m * stride + (term ? lo_offset : 0) + 4 * q, 4);
+            std::memcpy(&four, x.hi + m * x.stride + (term ? x.lo_offset : 0) + 4 * q, 4);
             return _mm256_set1_epi32(four);
         };
         __m256i dot_hi[MR][2], dot_lo[MR][2];
         for (int m = 0; m < MR; ++m) {
             __m256i start_hi = _mm256_setzero_si256(), start_lo = _mm256_setzero_si256();
             if constexpr (F == WeightFormat::Q8) {  // the offset of w ^ 0x80
-                start_hi = _mm256_set1_epi32(-128 * code_sums[m * code_sums_stride]);
-                start_lo = _mm256_set1_epi32(-128 * code_sums[m * code_sums_stride + 1]);
+                start_hi = _mm256_set1_epi32(-128 * x.code_sums[m * x.sums_stride]);
+                start_lo = _mm256_set1_epi32(-128 * x.code_sums[m * x.sums_stride + 1]);
             }
             dot_hi[m][0] = dot_hi[m][1] = start_hi;
             dot_lo[m][0] = dot_lo[m][1] = start_lo;

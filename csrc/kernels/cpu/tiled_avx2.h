@@ -5,10 +5,9 @@
 //
 // A block dot policy Dots supplies, for one 32-value block of a tile (16 weight rows) and MR
 // activation rows, the exact integer dot[m][h] = rows [8h, 8h + 8)'s int32 254 * (w . hi) + (w . lo):
-//   static void block<F, MR>(const uint8_t* wb, const int8_t* hi, int64_t stride, ptrdiff_t lo_offset,
-//                            const int32_t* code_sums, int64_t code_sums_stride, __m256i (*dot)[2])
-//   wb: the block's bytes   hi: int8 [MR][stride], the block's 32 codes first; lo = hi + lo_offset
-//   code_sums: int32 [MR][code_sums_stride], the block's (sum of hi codes, sum of lo codes) first
+//   static void block<F, MR>(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2])
+//   wb: the block's bytes   x: the MR rows' codes of the block (below)
+// and says whether it reads int8 weights against the codes joined in int16 (kWideQ8: 254 hi + lo).
 // Integer sums are exact, so every policy gives the same bits.
 #pragma once
 #include <immintrin.h>
@@ -38,16 +37,27 @@ namespace {
 // of a 32 KiB L1, the tiles of one run half of a 512 KiB L2.
 constexpr int64_t kTiledChunkBytes = 16384, kTiledRunBytes = 262144;
 
+// The activation codes of one block for MR rows, as a block dot policy reads them.
+struct BlockCodes {
+    const int8_t* hi;          // int8 [MR][stride]: the block's 32 hi codes first
+    ptrdiff_t lo_offset;       // lo codes at hi + lo_offset
+    int64_t stride;
+    const int32_t* code_sums;  // int32 [MR][sums_stride]: the block's (sum of hi, sum of lo) first
+    int64_t sums_stride;
+    const int16_t* wide;       // int16 [MR][stride]: 254 hi + lo (|.| <= 32385), block first; Dots::kWideQ8 and int8 only
+};
+
 // Keeps v's chain of adds in program order: GCC otherwise re-associates integer sums into
 // trees that compute every product first and spill most of them (found in objdump).
 inline void in_order(__m256i& v) { __asm__("" : "+x"(v)); }
 
 // Rows [tile * 16, tile * 16 + 16), activation rows [m0, m0 + MR).
-//   xsum: f32 [x.rows, n_groups], the activations' sum over each group
+//   xsum: f32 [x.rows, n_groups], the activations' sum over each group (int4)
+//   wide: int16 [x.rows, x.padded_cols], 254 hi + lo (int8 with Dots::kWideQ8), else null
 //   (noinline: one symbol per instance in profiles and objdump)
 template <class Dots, WeightFormat F, int MR>
 __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& x,
-                                          const float* xsum, int64_t m0, int64_t tile, int64_t n_begin,
+                                          const float* xsum, const int16_t* wide, int64_t m0, int64_t tile, int64_t n_begin,
                                           int64_t n_end, float* y) {
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
     const uint8_t* wt = w.tiled.data + tile * n_blocks * t.block_bytes;
@@ -78,8 +88,10 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
             const uint8_t* wb = wt + b * t.block_bytes;
             if (prefetch) prefetch_weights_ahead(wb, t.block_bytes);
             __m256i dot[MR][2];
-            Dots::template block<F, MR>(wb, x.hi + m0 * x.padded_cols + b * kBlock, x.padded_cols, x.lo - x.hi,
-                                        x.code_sums + (m0 * n_blocks + b) * 2, n_blocks * 2, dot);
+            const int64_t first = m0 * x.padded_cols + b * kBlock;
+            const BlockCodes codes{x.hi + first, x.lo - x.hi, x.padded_cols, x.code_sums + (m0 * n_blocks + b) * 2,
+                                   n_blocks * 2, wide ? wide + first : nullptr};
+            Dots::template block<F, MR>(wb, codes, dot);
             for (int m = 0; m < MR; ++m) {
                 const __m256 step = _mm256_set1_ps(x.step[(m0 + m) * n_blocks + b]);
                 for (int h = 0; h < 2; ++h)
@@ -106,7 +118,14 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
     const TiledLayout t = tiled_layout(w);
     const int64_t n_groups = w.n_groups();
     thread_local std::vector<float> xsum;
+    thread_local std::vector<int16_t> wide;
     if constexpr (F != WeightFormat::Q8) group_sums(x, w.group_size, n_groups, xsum);
+    if constexpr (F == WeightFormat::Q8 && Dots::kWideQ8) {
+        wide.resize((size_t)(x.rows * x.padded_cols));
+        for (int64_t i = 0; i < x.rows * x.padded_cols; ++i)
+            wide[(size_t)i] = (int16_t)(kResidualRadix * x.hi[i] + x.lo[i]);
+    }
+    const int16_t* wide_codes = F == WeightFormat::Q8 && Dots::kWideQ8 ? wide.data() : nullptr;
     // Cache blocking: tiles go in runs whose weights stay in L2, activation rows in chunks whose
     // codes (hi and lo) stay in L1 while every tile of the run passes over them.
     const int64_t chunk = std::clamp<int64_t>(kTiledChunkBytes / (2 * x.padded_cols) / 2 * 2, 2, 16);
@@ -118,8 +137,8 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
             const int64_t m_end = std::min(x.rows, m_begin + chunk);
             for (int64_t tile = run_begin; tile < run_end; ++tile) {
                 int64_t m = m_begin;
-                for (; m + 2 <= m_end; m += 2) tiled_tile<Dots, F, 2>(w, t, x, xsum.data(), m, tile, n_begin, n_end, y);
-                if (m < m_end) tiled_tile<Dots, F, 1>(w, t, x, xsum.data(), m, tile, n_begin, n_end, y);
+                for (; m + 2 <= m_end; m += 2) tiled_tile<Dots, F, 2>(w, t, x, xsum.data(), wide_codes, m, tile, n_begin, n_end, y);
+                if (m < m_end) tiled_tile<Dots, F, 1>(w, t, x, xsum.data(), wide_codes, m, tile, n_begin, n_end, y);
             }
         }
     }
