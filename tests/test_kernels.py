@@ -660,6 +660,20 @@ def test_embedding(fmt, cols, group):
     assert _core.embedding(np.zeros(0, np.int32), **args).shape == (0, cols)
 
 
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+@pytest.mark.parametrize("vocab, cols, group", [(1, 32, 32), (17, 33, 32), (35, 100, 64), (16, 576, 128)])
+def test_embedding_from_the_tiled_copy(kernels, fmt, vocab, cols, group):
+    """An engine reads a tied lm_head's embedding rows back from the tiled copy its matmuls use (the
+    file's pages are never touched then): every row, partial tiles and blocks, the same floats as
+    reading the file's layout; out-of-range ids still refused."""
+    w = np.random.default_rng([vocab, cols, group]).standard_normal((vocab, cols)).astype(np.float32)
+    args = quant.kernel_args(quant.quantize(w, fmt, group))
+    ids = np.concatenate([np.arange(vocab), np.arange(vocab)[::-1]]).astype(np.int32)
+    np.testing.assert_array_equal(_core.embedding(ids, tiled=True, **args), _core.embedding(ids, **args))
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        _core.embedding(np.array([vocab], np.int32), tiled=True, **args)
+
+
 def test_embedding_rejects_ids_beyond_int32():
     """ids are not force-cast: an int64 id of 2**32 + 1 must not wrap to row 1, 1.7 must not become 1."""
     args = quant.kernel_args(quant.quantize(np.ones((4, 32), np.float32), "f32"))

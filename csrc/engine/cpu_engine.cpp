@@ -305,13 +305,17 @@ public:
         // quantized matrices rearranged for the kernels that want it (the file stays as it is)
         for (WeightView* w : matrices()) {
             tile_for_active_kernels(pool_, *w, tiled_storage_);
-            // the file's copy is read again only if another kernel variant is chosen later (embedding
-            // rows of a tied lm_head come back page by page); out of the resident set with it
+            // the file's copy is read again only if a kernel variant without tiles is chosen later;
+            // out of the resident set with it
             if (w->tiled.data != nullptr) release_file_pages(*w);
         }
-        // the embedding table is read a row per token; unless its file copy is also the lm_head,
-        // the pages those reads map in (the kernel maps up to 64 KB around each) are let go again
-        release_embedding_ = !(lm_head_.data == embed_.data && lm_head_.tiled.data == nullptr);
+        // A tied embedding is read from the lm_head's tiled copy where it has one (embedding()), so its
+        // file pages stay out of the resident set; untiled, the file's copy is the lm_head itself. An
+        // untied table is read a row per token from the file, and the pages each lookup maps in are
+        // let go again (release_embedding_rows). Letting go of the whole table after every step
+        // instead cost 70-200 us a SmolLM2 decode step (the kernel walks all its pages): 3% of it.
+        if (cfg_.tie_word_embeddings) embed_ = lm_head_;
+        release_embedding_ = !cfg_.tie_word_embeddings;
         if (cfg_.positions == PositionType::Rope) {
             inv_freq_ = rope_inv_freq(cfg_.rope_dims(), cfg_.rope_theta, cfg_.rope_scaling);
             if (cfg_.rope_theta_local > 0.0) inv_freq_local_ = rope_inv_freq(cfg_.rope_dims(), cfg_.rope_theta_local, {});
@@ -467,7 +471,7 @@ private:
                 std::memcpy(x, embeds, (size_t)(M * D) * sizeof(float));
             } else {
                 embedding(embed_, tokens, M, x);
-                if (release_embedding_) release_file_pages(embed_);
+                if (release_embedding_) release_embedding_rows(tokens, M);
                 if (cfg_.embedding_scale != 1.0) {
                     const float scale = (float)cfg_.embedding_scale;
                     for (int64_t i = 0; i < M * D; ++i) x[i] *= scale;
@@ -580,6 +584,23 @@ private:
         file_->release(w.data, (uint64_t)(w.rows * w.row_bytes()));
         if (w.scales) file_->release(w.scales, (uint64_t)(w.rows * w.n_groups() * 2));
         if (w.mins) file_->release(w.mins, (uint64_t)(w.rows * w.n_groups() * 2));
+    }
+
+    // Lets go of the file pages a lookup of ids [M] mapped in: for each row, the 64 KiB around it
+    // (what a page fault maps in, fault-around) inside the table, and the same for its scales and mins.
+    void release_embedding_rows(const int32_t* ids, int64_t M) const {
+        constexpr uint64_t kWindow = 65536;
+        auto around = [&](const void* table, uint64_t row_bytes, int64_t row) {
+            const uint64_t size = row_bytes * (uint64_t)embed_.rows, at = row_bytes * (uint64_t)row;
+            const uint64_t begin = at / kWindow * kWindow, end = std::min(size, (at + row_bytes + kWindow - 1) / kWindow * kWindow);
+            file_->release(static_cast<const uint8_t*>(table) + begin, end - begin);
+        };
+        const uint64_t group_bytes = (uint64_t)embed_.n_groups() * 2;
+        for (int64_t m = 0; m < M; ++m) {
+            around(embed_.data, (uint64_t)embed_.row_bytes(), ids[m]);
+            if (embed_.scales) around(embed_.scales, group_bytes, ids[m]);
+            if (embed_.mins) around(embed_.mins, group_bytes, ids[m]);
+        }
     }
 
     // M rows of keys or values in the cache's element type (f32 copied, f16 rounded, q8_0 quantized:

@@ -147,17 +147,25 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "embedding",
         [](const py::array& id_array, const std::string& format, const py::array& data, int64_t cols,
-           int64_t group_size, const py::object& scales, const py::object& mins) {
+           int64_t group_size, const py::object& scales, const py::object& mins, bool tiled) {
             // ids: int [M] -> f32 [M, cols]
             const I32Array ids = int32_values(id_array, "ids");
             WeightView w = weight_view(format, data, cols, group_size, scales, mins, py::none());
             if (ids.ndim() != 1) bad("ids must be 1-D");
             py::array_t<float> out({(int64_t)ids.shape(0), cols});
+            std::vector<AlignedBytes> tiled_storage;
+            if (tiled) {
+                KernelPool& kp = kernel_pool(1);
+                std::lock_guard<std::mutex> lock(kp.mutex);
+                tile_for_active_kernels(*kp.pool, w, tiled_storage);
+            }
             embedding(w, ids.data(), ids.shape(0), out.mutable_data());
             return out;
         },
         py::arg("ids"), py::arg("format"), py::arg("data"), py::arg("cols"), py::arg("group_size") = 0,
-        py::arg("scales") = py::none(), py::arg("mins") = py::none(), "Dequantized rows of an embedding table.");
+        py::arg("scales") = py::none(), py::arg("mins") = py::none(), py::arg("tiled") = false,
+        "Dequantized rows of an embedding table (tiled: read from the copy the active kernels' matmuls read, "
+        "as an engine does for a tied lm_head, where they have one).");
 
     m.def(
         "rmsnorm",

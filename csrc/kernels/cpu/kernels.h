@@ -184,6 +184,9 @@ void attend_avx512(const float* q, int64_t group, int64_t D, KvType kv, const vo
 // The tiled layout (tiled_weights.cpp): tiles [tile_begin, tile_end) of w into
 // `out`, and w.tiled pointed into a filled buffer.
 void tile_weight_rows16(const WeightView& w, uint8_t* out, int64_t tile_begin, int64_t tile_end);
+// Its inverse for one row: the row's bytes as the file stores them (w.row_bytes()), its scales and
+// (Q4_ASYM) mins (f16 [w.n_groups()]), read back from w.tiled.
+void untile_weight_row(const WeightView& w, int64_t row, uint8_t* data, uint16_t* scales, uint16_t* mins);
 void point_tiled(WeightView& w, const uint8_t* buffer);
 
 // The table in use. Chosen at first use: the variant named by the environment

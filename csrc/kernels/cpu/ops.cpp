@@ -91,10 +91,26 @@ void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, fl
 
 void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out) {
     const int64_t D = w.cols, n_groups = w.n_groups();
+    // a table tiled for the matmul kernels (a tied lm_head) is read from its tiled copy, one row
+    // rebuilt at a time: the file's copy is not resident then and is never touched
+    thread_local std::vector<uint8_t> row_data;
+    thread_local std::vector<uint16_t> row_scales, row_mins;
     for (int64_t m = 0; m < M; ++m) {
         const int64_t row = ids[m];
         if (row < 0 || row >= w.rows) throw std::out_of_range("token id " + std::to_string(row) + " outside the vocabulary");
         float* o = out + m * D;
+        if (w.tiled.data != nullptr) {
+            row_data.resize((size_t)w.row_bytes());
+            row_scales.resize((size_t)n_groups), row_mins.resize((size_t)n_groups);
+            untile_weight_row(w, row, row_data.data(), row_scales.data(), row_mins.data());
+            WeightView one = w;
+            one.rows = 1, one.data = row_data.data(), one.scales = row_scales.data();
+            one.mins = w.format == WeightFormat::Q4_ASYM ? row_mins.data() : nullptr;
+            one.tiled = TiledWeight{};
+            const int32_t first = 0;
+            embedding(one, &first, 1, o);
+            continue;
+        }
         const uint8_t* raw = static_cast<const uint8_t*>(w.data) + row * w.row_bytes();
         switch (w.format) {
             case WeightFormat::F32:

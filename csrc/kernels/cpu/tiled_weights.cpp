@@ -63,6 +63,34 @@ void tile_weight_rows16(const WeightView& w, uint8_t* out, int64_t tile_begin, i
     }
 }
 
+void untile_weight_row(const WeightView& w, int64_t row, uint8_t* data, uint16_t* scales, uint16_t* mins) {
+    const TiledLayout t = tiled_layout(w);
+    const int64_t n_groups = w.n_groups(), tile = row / kTileRows, r = row % kTileRows;
+    const uint8_t* tile_data = w.tiled.data + tile * t.blocks * t.block_bytes;
+    for (int64_t b = 0; b < t.blocks; ++b) {
+        const uint8_t* block = tile_data + b * t.block_bytes + r * 4;  // lane r of each vector
+        if (w.format == WeightFormat::Q8) {
+            uint8_t values[kBlock];
+            for (int64_t q = 0; q < 8; ++q)
+                for (int i = 0; i < 4; ++i) values[4 * q + i] = block[q * 64 + i] ^ 0x80;
+            std::memcpy(data + b * kBlock, values, (size_t)std::min<int64_t>(kBlock, w.cols - b * kBlock));
+        } else {  // tile_weight_rows16's lanes back into the packed bytes
+            uint8_t* out = data + b * (kBlock / 2);
+            for (int i = 0; i < 4; ++i) {
+                const uint8_t l0 = block[i], l1 = block[64 + i], l2 = block[128 + i], l3 = block[192 + i];
+                out[i] = (uint8_t)((l0 & 0x0f) | (l2 << 4));
+                out[4 + i] = (uint8_t)((l0 >> 4) | (l2 & 0xf0));
+                out[8 + i] = (uint8_t)((l1 & 0x0f) | (l3 << 4));
+                out[12 + i] = (uint8_t)((l1 >> 4) | (l3 & 0xf0));
+            }
+        }
+    }
+    for (int64_t g = 0; g < n_groups; ++g) {
+        scales[g] = w.tiled.scales[(tile * n_groups + g) * kTileRows + r];
+        if (w.format == WeightFormat::Q4_ASYM) mins[g] = w.tiled.mins[(tile * n_groups + g) * kTileRows + r];
+    }
+}
+
 void point_tiled(WeightView& w, const uint8_t* buffer) {
     const TiledLayout layout = tiled_layout(w);
     w.tiled.data = buffer;
