@@ -203,6 +203,34 @@ def test_gptq_handles_dead_inputs():
 # --- calibration forward, conversion with calibration ---------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_hessian_sums_are_the_same_bits_for_any_number_of_workers(workers, monkeypatch):
+    """HessianSums shares the inputs out among its worker threads by layer; each input's products are
+    single-threaded and summed in arrival order, so the sums (which GPTQ's rounding is sensitive to)
+    do not depend on how many workers there are: against a plain loop, bit for bit."""
+    from threadpoolctl import threadpool_limits
+
+    from pyllm.convert.calibrate import INPUT_NAMES, HessianSums
+
+    monkeypatch.setattr(HessianSums, "WORKERS", workers)
+    rng = np.random.default_rng(0)
+    inputs = [(layer, kind, rng.standard_normal((rows, 24 if kind == 3 else 16)).astype(np.float32))
+              for rows in (7, 256, 3) for layer in range(5) for kind in range(4)]
+    sums = HessianSums()
+    with sums:
+        for layer, kind, x in inputs:
+            sums.observe(layer, kind, x)
+    expected: dict[str, np.ndarray] = {}
+    with threadpool_limits(limits=1, user_api="blas"):  # as the workers' products
+        for layer, kind, x in inputs:
+            name = f"model.layers.{layer}.{INPUT_NAMES[kind]}"
+            product = x.T @ x
+            expected[name] = expected[name] + product if name in expected else product.astype(np.float64)
+    assert sums.sums.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(sums.sums[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("family,case", [("llama", "gqa"), ("gpt2", "gelu_new"), ("gemma2", "softcap_window"),
                                          ("phi3", "gqa_partial")])
 def test_calibration_hessians_are_transformers_input_second_moments(family, case, tmp_path):
