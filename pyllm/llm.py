@@ -908,6 +908,8 @@ def _token_logprob(token: int, logits: np.ndarray, top: int | None) -> TokenLogp
     logp = log_softmax(logits)
     best = np.argsort(-logp, kind="stable")[:top] if top else []
     return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
+
+
 def _contents(messages) -> list[str]:
     """The text content of OpenAI-style messages (strings, and the text of content parts)."""
     out = []
