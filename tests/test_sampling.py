@@ -166,3 +166,36 @@ def test_top_p_zero_keeps_only_the_most_likely_token():
     logits = np.random.default_rng(5).standard_normal(VOCAB).astype(np.float32)
     probs = Sampler(SamplingParams(temperature=1.0, top_p=0.0)).probabilities(logits)
     assert probs[int(np.argmax(logits))] == 1.0
+
+
+def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The rule as first written: a stable sort of the whole vocabulary."""
+    order = np.argsort(-probs, kind="stable")
+    return order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+
+
+def test_nucleus_is_the_full_sort_bit_for_bit():
+    """top-p's token set is found among the most likely candidates first (nucleus); against sorting
+    the whole vocabulary it must give the same ids in the same order: peaked, flat (the nucleus far
+    past the first candidates), tied (equal probabilities at the candidates' edge), zeros (as top-k
+    leaves them), tiny vocabularies, top_p from 0 to just below 1."""
+    from pyllm.sampling import nucleus
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for n in (1, 2, 5, 63, 64, 65, 1000, 49152):
+        cases.append(rng.standard_normal(n) * 3)  # peaked
+        cases.append(rng.standard_normal(n) * 0.01)  # flat
+        cases.append(np.round(rng.standard_normal(n), 1))  # many ties
+        with_zeros = rng.standard_normal(n) * 2
+        with_zeros[rng.random(n) < 0.9] = -np.inf  # top-k's -inf scores: probability 0
+        cases.append(with_zeros)
+    for scores in cases:
+        if not np.isfinite(scores).any():
+            scores[0] = 0.0
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        for top_p in (0.0, 0.1, 0.5, 0.9, 0.95, 0.999999, 1 - 1e-15):
+            np.testing.assert_array_equal(nucleus(probs, top_p), _nucleus_by_full_sort(probs, top_p),
+                                          err_msg=f"n={probs.size} top_p={top_p}")
+            np.testing.assert_array_equal(nucleus(probs, top_p, first=1), _nucleus_by_full_sort(probs, top_p))
