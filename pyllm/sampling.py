@@ -139,9 +139,14 @@ class Sampler:
         p = self.params
         scores = self.processed(logits, context) / p.temperature
         if p.top_k and p.top_k < scores.size:
+            # exp of the kept scores only, the others 0 in place (what exp(-inf) gives them): the same
+            # array, so the same sum, as exp over all of them (0.3 ms of 49152 exps a token)
             kth = np.partition(scores, -p.top_k)[-p.top_k]
-            scores = np.where(scores >= kth, scores, -np.inf)
-        probs = np.exp(scores - scores.max())
+            kept = np.flatnonzero(scores >= kth)
+            probs = np.zeros_like(scores)
+            probs[kept] = np.exp(scores[kept] - scores.max())
+        else:
+            probs = np.exp(scores - scores.max())
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = nucleus(probs, p.top_p)
@@ -162,16 +167,19 @@ def nucleus(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
     Found among the `first` most likely candidates (every id at least as likely as the first-th),
     then 8x more while the candidates do not reach top_p: the candidates come first in the order of
     the whole vocabulary and cumsum adds in sequence, so the result is the same as sorting all ids,
-    bit for bit. A stable sort of 49152 probabilities took 3.7 ms a token; this ~0.3 ms."""
+    bit for bit. When fewer than `first` ids are possible (top-k's zeros), they are the candidates.
+    A stable sort of 49152 probabilities took 3.4 ms a token; this ~0.05 ms."""
     n = probs.size
+    positive = np.flatnonzero(probs > 0)  # ascending ids
     k = first
     while True:
         if k >= n:
             order = np.argsort(-probs, kind="stable")
+        elif positive.size <= k:  # the k-th largest is 0: every possible id is a candidate
+            order = positive[np.argsort(-probs[positive], kind="stable")]
         else:
-            kth = np.partition(probs, n - k)[n - k]  # the k-th largest
-            # ascending ids, every tie of kth among them (zeros, as top-k leaves them, only if needed)
-            candidates = np.flatnonzero(probs >= kth if kth > 0 else probs > 0)
+            kth = np.partition(probs, n - k)[n - k]  # the k-th largest, > 0
+            candidates = np.flatnonzero(probs >= kth)  # ascending ids, every tie of kth among them
             order = candidates[np.argsort(-probs[candidates], kind="stable")]
         cumulative = np.cumsum(probs[order])
         end = int(np.searchsorted(cumulative, top_p))

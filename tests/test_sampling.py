@@ -199,3 +199,24 @@ def test_nucleus_is_the_full_sort_bit_for_bit():
             np.testing.assert_array_equal(nucleus(probs, top_p), _nucleus_by_full_sort(probs, top_p),
                                           err_msg=f"n={probs.size} top_p={top_p}")
             np.testing.assert_array_equal(nucleus(probs, top_p, first=1), _nucleus_by_full_sort(probs, top_p))
+
+
+def test_top_k_probabilities_are_the_plain_formula_bit_for_bit():
+    """top-k's exp runs over the kept scores only (the rest stay 0, as exp(-inf)): the same array, so
+    the same sum, as exp over every score; with top-p (nucleus over top-k's few possible ids) too."""
+    rng = np.random.default_rng(11)
+    for n, top_k, top_p in [(49152, 50, 1.0), (49152, 50, 0.9), (1000, 1, 1.0), (1000, 999, 0.5), (300, 40, 0.95),
+                            (64, 63, 0.99)]:
+        logits = np.round(rng.standard_normal(n), 2).astype(np.float32)  # ties at the k-th score
+        params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+        scores = logits.astype(np.float64) / 0.7
+        kth = np.partition(scores, -top_k)[-top_k]
+        scores = np.where(scores >= kth, scores, -np.inf)
+        expected = np.exp(scores - scores.max())
+        expected /= expected.sum()
+        if top_p < 1.0:
+            keep = _nucleus_by_full_sort(expected, top_p)
+            mask = np.zeros_like(expected)
+            mask[keep] = expected[keep]
+            expected = mask / mask.sum()
+        np.testing.assert_array_equal(Sampler(params).probabilities(logits), expected, err_msg=f"{n} {top_k} {top_p}")
