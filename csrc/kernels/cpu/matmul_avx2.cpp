@@ -345,12 +345,6 @@ struct MaddubsDots {
             }
         } else {
             const __m256i ones = _mm256_set1_epi16(1), radix = _mm256_set1_epi16((int16_t)kResidualRadix);
-            // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
-            auto code = [&](int m, int term, int q) {
-                int32_t four;
-                std::memcpy(&four, x.hi + m * x.stride + (term ? x.lo_offset : 0) + 4 * q, 4);
-                return _mm256_set1_epi32(four);
-            };
             const __m256i low = _mm256_set1_epi8(0x0f);
             __m256i sum_hi[MR][2], sum_lo[MR][2];
 #pragma GCC unroll 4
@@ -364,7 +358,7 @@ struct MaddubsDots {
                     const __m256i w1 = _mm256_and_si256(nibble ? _mm256_srli_epi16(packed1, 4) : packed1, low);
 #pragma GCC unroll 2
                     for (int m = 0; m < MR; ++m) {
-                        const __m256i xh = code(m, 0, q), xl = code(m, 1, q);
+                        const __m256i xh = x.quad(m, 0, q), xl = x.quad(m, 1, q);
                         const __m256i p[2][2] = {{_mm256_maddubs_epi16(w0, xh), _mm256_maddubs_epi16(w1, xh)},
                                                  {_mm256_maddubs_epi16(w0, xl), _mm256_maddubs_epi16(w1, xl)}};
                         for (int h = 0; h < 2; ++h) {

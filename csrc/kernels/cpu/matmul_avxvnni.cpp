@@ -27,12 +27,6 @@ struct VnniDots {
 
     template <WeightFormat F, int MR>
     static inline void block(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2]) {
-        // the 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every lane
-        auto code = [&](int m, int term, int q) {
-            int32_t four;
-            std::memcpy(&four, x.hi + m * x.stride + (term ? x.lo_offset : 0) + 4 * q, 4);
-            return _mm256_set1_epi32(four);
-        };
         __m256i dot_hi[MR][2], dot_lo[MR][2];
         for (int m = 0; m < MR; ++m) {
             __m256i start_hi = _mm256_setzero_si256(), start_lo = _mm256_setzero_si256();
@@ -57,7 +51,7 @@ struct VnniDots {
             }
 #pragma GCC unroll 2
             for (int m = 0; m < MR; ++m) {
-                const __m256i xh = code(m, 0, q), xl = code(m, 1, q);
+                const __m256i xh = x.quad(m, 0, q), xl = x.quad(m, 1, q);
                 for (int h = 0; h < 2; ++h) {
                     dot_hi[m][h] = _mm256_dpbusd_avx_epi32(dot_hi[m][h], quad[h], xh);
                     dot_lo[m][h] = _mm256_dpbusd_avx_epi32(dot_lo[m][h], quad[h], xl);

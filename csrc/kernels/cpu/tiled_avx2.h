@@ -45,6 +45,13 @@ struct BlockCodes {
     const int32_t* code_sums;  // int32 [MR][sums_stride]: the block's (sum of hi, sum of lo) first
     int64_t sums_stride;
     const int16_t* wide;       // int16 [MR][stride]: 254 hi + lo (|.| <= 32385), block first; Dots::kWideQ8 and int8 only
+
+    // The 4 codes of quad q of row m's hi (term 0) or lo (term 1), in every 32-bit lane.
+    __m256i quad(int m, int term, int q) const {
+        int32_t four;
+        std::memcpy(&four, hi + m * stride + (term ? lo_offset : 0) + 4 * q, 4);
+        return _mm256_set1_epi32(four);
+    }
 };
 
 // Keeps v's chain of adds in program order: GCC otherwise re-associates integer sums into
