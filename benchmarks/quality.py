@@ -76,10 +76,11 @@ PYLLM_VARIANTS = [
     ("int4 layouts per matrix, scale search", "--quant int4 --calib none"),
     ("int4 layouts per matrix under 4.6 bits, GPTQ", "--quant int4 --bits 4.6"),
     ("int4 default (uniform int4_asym_dq g32 where it fits), GPTQ", "--quant int4"),
+    ("int4 default with activation-aware scales (AWQ), GPTQ", "--quant int4 --awq"),
 ]
 LLAMA_VARIANTS = ["F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"]
 INT8_DEFAULT, INT4_DEFAULT = "int8 g32 default: GPTQ", "int4 default (uniform int4_asym_dq g32 where it fits), GPTQ"
-QUANTIZER_FILES = ("pyllm/quant.py", "pyllm/convert/gptq.py", "pyllm/convert/strategy.py",
+QUANTIZER_FILES = ("pyllm/quant.py", "pyllm/convert/gptq.py", "pyllm/convert/strategy.py", "pyllm/convert/awq.py",
                    "pyllm/convert/calibrate.py", "pyllm/data/calibration")
 
 NOTES = """
@@ -111,9 +112,11 @@ def parse_flags(flags: str) -> dict:
     ap.add_argument("--rtn", action="store_true")
     ap.add_argument("--keep-sensitive", type=int, default=0)
     ap.add_argument("--bits", type=float, default=None)
+    ap.add_argument("--awq", action="store_true")
     a = ap.parse_args(flags.split())
     return dict(quant=a.quant, group_size=a.group_size,
-                options=options_from_flags(a.quant, a.calib, a.rtn, a.keep_sensitive, a.bits, a.group_size))
+                options=options_from_flags(a.quant, a.calib, a.rtn, a.keep_sensitive, a.bits, a.group_size,
+                                                  a.awq))
 
 
 def quantizer_hash() -> str:

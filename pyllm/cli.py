@@ -89,7 +89,8 @@ def cmd_convert(args) -> int:
 
     from .convert.strategy import options_from_flags
 
-    options = options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive, args.bits, args.group_size)
+    options = options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive, args.bits, args.group_size,
+                                 args.awq)
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
                                 progress=not args.quiet, lora=args.lora or (), options=options, log=sys.stderr,
                                 adapters=[_named_adapter(a) for a in args.adapter])
@@ -323,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the N matrices with the largest quantization error at int8 (default 0)")
     p.add_argument("--bits", type=float, default=None,
                    help="--quant int4: bits per weight budget over the linear layers (default 4.6)")
+    p.add_argument("--awq", action="store_true",
+                   help="int8/int4 with calibration: activation-aware per-channel scales (AWQ) folded into the norms, "
+                        "up_proj and v_proj before GPTQ, chosen per input by the calibration error (default: off)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (default: shown)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print the quantization error of every tensor (default: the worst three)")

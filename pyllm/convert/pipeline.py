@@ -19,6 +19,7 @@ from ..quant import QUANT_FORMATS, check_group_size, layout_name, packed_shapes,
 from .checkpoint import ArchitectureView, Checkpoint
 from .gguf_source import GGUFSource
 from .lora import merged_source
+from .awq import ScaledSource
 from .strategy import QuantOptions, plan_quantization
 
 # --quant names -> weight format of the transformer's linear layers
@@ -179,6 +180,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
                 print(notice, file=log)
         strategy = plan_quantization(source, config, quant, fmt, group, options or QuantOptions(), progress, log,
                                      fixed_group=group_size is not None)
+        if strategy.scales:  # the norms, up_proj and v_proj rows the scales fold into (awq.py)
+            source = ScaledSource(source, config, strategy.scales)
         tokenizer, tokenizer_blob = source.tokenizer()
         if len(tokenizer_blob) == 0:
             raise FormatError(f"{src}: empty tokenizer")
@@ -188,7 +191,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
-        adapter_metadata = _prompt_adapters(adapters, config, source, plans)
+        adapter_metadata = _prompt_adapters(adapters, config, source, plans, strategy.scales)
         metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
                                    "quant": quant or "source", "group_size": group,
@@ -224,14 +227,19 @@ def source_size(src: str, lora=()) -> int:
     return total
 
 
-def _prompt_adapters(adapters, config: ModelConfig, source, plans: list) -> dict:
+def _prompt_adapters(adapters, config: ModelConfig, source, plans: list, scales: dict | None = None) -> dict:
     """Reads the prompt-learning adapters (name or None, directory), appends their tensors to plans and
-    returns their metadata entry (empty without adapters)."""
+    returns their metadata entry (empty without adapters). scales: the activation-aware scales folded
+    into the model (awq.py), which a prefix's values take as v_proj's rows do."""
     from ..adapters import planned_tensors, read_peft_adapter
+    from .awq import fold_into_prefix
 
     if not adapters:
         return {}
     read = [read_peft_adapter(directory, config, name, src_name(source)) for name, directory in adapters]
+    for adapter in read:
+        if adapter.kind == "prefix" and scales:
+            adapter.tensor = fold_into_prefix(adapter.tensor, config, scales)
     metadata, tensors = planned_tensors(read)
     plans += tensors
     return metadata

@@ -24,6 +24,9 @@ under the calibration Hessians) spends bits where held-out text does not need th
 A --group-size given with --quant int4 is kept: the choice is then between int4_sym, int4_asym_dq
 and int4_asym at that group size (and int8 at that group size for --keep-sensitive).
 The embeddings and lm_head follow the pipeline's rule (int8, group 32).
+--awq (with calibration) adds activation-aware per-channel scales before GPTQ (pyllm/convert/awq.py),
+chosen per input; off by default: on the held-out domains it did not win on all three test models
+(docs/QUALITY.md, 2026-12-01, fourth round).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class QuantOptions:
     calib_sequences: int = 32
     keep_sensitive: int = 0
     bits_budget: float | None = None  # --quant int4 only; None: BITS_BUDGET
+    activation_scaling: bool = False  # AWQ-style per-channel scales before GPTQ (pyllm/convert/awq.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -63,6 +67,9 @@ class QuantOptions:
             raise ValueError("--bits budget must be between 4.1 and 8.5 bits per weight")
         if self.calib_sequences < 1:
             raise ValueError("calibration needs at least one sequence")
+        if self.activation_scaling and self.method != "gptq":
+            raise ValueError("--awq needs calibration: --quant int4 and int8 calibrate unless --calib none or "
+                             "--rtn is given; other int4 layouts need --calib builtin or --calib FILE")
 
 
 BUILTIN_CALIBRATION = "builtin"
@@ -73,7 +80,7 @@ QUANTIZED_NAMES = ("int8", "int4", "int4_sym", "int4_asym", "int4_asym_dq")
 
 
 def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sensitive: int,
-                       bits: float | None, group_size: int | None = None) -> QuantOptions:
+                       bits: float | None, group_size: int | None = None, awq: bool = False) -> QuantOptions:
     """The convert command's flags -> QuantOptions; a flag that would have no effect is refused
     (ValueError) rather than ignored.
 
@@ -82,6 +89,7 @@ def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sen
     if quant not in QUANTIZED_NAMES:
         given = [flag for flag, value in (("--group-size", group_size), ("--rtn", rtn or None),
                                           ("--keep-sensitive", keep_sensitive or None), ("--bits", bits),
+                                          ("--awq", awq or None),
                                           ("--calib", None if calib in (None, NO_CALIBRATION) else calib))
                  if value is not None]
         if given:
@@ -95,7 +103,7 @@ def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sen
         raise ValueError("--calib and --rtn exclude each other")
     method = "rtn" if rtn else "search" if calib == NO_CALIBRATION else "gptq"
     return QuantOptions(method=method, calib=calib if method == "gptq" and calib != BUILTIN_CALIBRATION else None,
-                        keep_sensitive=keep_sensitive, bits_budget=bits)
+                        keep_sensitive=keep_sensitive, bits_budget=bits, activation_scaling=awq)
 
 
 @dataclass
@@ -105,6 +113,7 @@ class Strategy:
     done: dict[str, PackedWeight] = field(default_factory=dict)  # matrices already quantized (gptq)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: calibration, layouts, GPTQ
     record: dict = field(default_factory=dict)  # how the matrices were quantized, stored in the file (pyllm.source)
+    scales: dict[str, np.ndarray] = field(default_factory=dict)  # activation-aware scales per input (awq.py)
 
     def quantize(self, base: str, w: np.ndarray, fmt: str, group: int) -> PackedWeight:
         """w f32 [rows, cols] -> the stored weight of matrix `base`."""
@@ -179,6 +188,14 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
                                calibration_windows=hessians.domain_counts())
 
         formats = {b: strategy.formats.get(b, (fmt, group)) for b in linears}
+        if options.activation_scaling:
+            from .awq import ScaledHessians, ScaledSource, choose_scales
+
+            clock = time.perf_counter()
+            strategy.scales, alphas = choose_scales(source, config, hessians, formats, progress, log)
+            strategy.record["activation_scaling"] = alphas
+            source, hessians = ScaledSource(source, config, strategy.scales), ScaledHessians(hessians, strategy.scales)
+            strategy.seconds["activation scales"], clock = time.perf_counter() - clock, time.perf_counter()
         strategy.done = gptq_model(lambda base: load_matrix(source.load, base, linears[base]), hessians, formats,
                                    progress, log)
         strategy.seconds["GPTQ"] = time.perf_counter() - clock
