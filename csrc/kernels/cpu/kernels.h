@@ -81,6 +81,13 @@ inline void prefetch_weights_ahead(const void* p, int64_t bytes) {
     for (int64_t line = 0; line < bytes; line += 64)
         __builtin_prefetch(static_cast<const char*>(p) + kWeightPrefetchBytes + line, 0, 3);
 }
+// Prefetches n_rows rows of row_bytes each, stride bytes apart, line by line, into L1 (prefetcht0;
+// a hint: nothing is read).
+inline void prefetch_rows(const void* p, int64_t n_rows, int64_t row_bytes, int64_t stride) {
+    const char* base = static_cast<const char*>(p);
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(base + r * stride + line, 0, 3);
+}
 // q8_0 blocks of n values (n a multiple of 32), as llama.cpp's quantize_row_q8_0_ref: per block
 // d = max|x| / 127, codes round(x / d) (half away from zero; 0 for an all-zero block), d stored
 // as f16. Non-finite input gives non-finite scales (never read back as finite values).
