@@ -124,6 +124,8 @@ MATMUL_SHAPES = [
     (64, 100, 31, 32),
     (4, 16, 64, 32),  # everything aligned
     (7, 24, 576, 32),  # tiled int: 3 pairs of activation rows + 1, a tile and a half of weight rows
+    (8, 37, 576, 32),  # tiled int8, AVX-512: one pass of 8 activation rows (several sequences decoding)
+    (13, 24, 100, 64),  # tiled int8, AVX-512: 8 rows + 4 + 1
     (17, 200, 96, 32),  # tiled int, AVX-512 from 16 rows: 13 tiles as pairs (int4) / triples (int8) + one, 8 x 2 rows + 1
 ]
 
