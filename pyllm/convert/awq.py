@@ -79,8 +79,9 @@ def value_divisor(config, s: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(s.reshape(config.num_key_value_heads, group, config.head_dim)[:, 0, :].reshape(-1))
 
 
-def _input_errors(task) -> tuple[str, list[float]]:
-    """(input name, {base: sampled rows}) -> (input name, summed relative output error per alpha)."""
+def _input_errors(task) -> tuple[str, list[float], np.ndarray]:
+    """(input name, {base: sampled rows}) -> (input name, summed relative output error per alpha,
+    the input's rms f64 [cols])."""
     from .strategy import relative_error
     from .workers import shared
 
@@ -96,49 +97,47 @@ def _input_errors(task) -> tuple[str, list[float]]:
         h_scaled = h / np.outer(s, s)
         errors.append(sum(relative_error((w * s).astype(np.float32), h_scaled, *job["formats"][base])
                           for base, w in samples.items()))
-    return input_name, errors
+    return input_name, errors, rms
 
 
 def choose_scales(source, config, hessians, formats: dict[str, tuple[str, int]], progress: bool = True,
                   log=sys.stderr) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per foldable input: (input name -> f32 [cols] scales, for the inputs where alpha > 0 won;
-    input name -> the alpha chosen, every foldable input). formats: base -> (fmt, group) of every
-    quantized block matrix; hessians: calibrate.Calibration. An input whose matrices, or the matrix
-    its scales fold into, the source holds already in their layout (a GGUF file's Q8_0 / Q4_0 / Q4_1
-    blocks, kept bit for bit) is left unscaled: scaling would re-quantize them."""
+    input name -> the alpha chosen, every foldable input, 0 = unscaled). formats: base -> (fmt, group)
+    of every quantized block matrix; hessians: calibrate.Calibration. An input whose matrices, or the
+    matrix its scales fold into, the source holds already in their layout (a GGUF file's Q8_0 / Q4_0 /
+    Q4_1 blocks, kept bit for bit) is left unscaled (alpha 0): scaling would re-quantize them."""
     from tqdm import tqdm
 
     from .workers import forked_map
 
     linears = {b: s for b, s in config.linear_shapes().items() if b in formats}
     rng = np.random.default_rng(0)
-    tasks = []
+    tasks, names = [], []  # names: every foldable input, in order (the record's)
     for layer in range(config.num_hidden_layers):
         targets = folding_targets(config, layer)
         for input_name in targets:
             bases = [b for b in consumers(config, input_name) if b in formats]
-            folded = [n[:-len(".weight")] for n in targets[input_name] if n.endswith(".weight") and n[:-7] in formats]
-            if any(source.native_format(b + ".weight") == formats[b] for b in bases + folded):
+            folded = [n.removesuffix(".weight") for n in targets[input_name] if n.removesuffix(".weight") in formats]
+            if not bases:
                 continue
-            if bases:
+            names.append(input_name)
+            if not any(source.native_format(b + ".weight") == formats[b] for b in bases + folded):
                 tasks.append((input_name, {b: np.sort(rng.choice(linears[b][0], size=min(linears[b][0], SAMPLE_ROWS),
                                                                  replace=False)) for b in bases}))
-    errors = {}
+    alphas, scales = dict.fromkeys(names, 0.0), {}
     bar = tqdm(total=len(tasks), desc="activation-aware scales", unit="input", file=log, disable=not progress)
     try:
-        for name, errs in forked_map(_input_errors, tasks, dict(load=source.load, linears=linears, formats=formats,
-                                                               hessians=hessians, config=config)):
-            errors[name] = errs
+        for name, errors, rms in forked_map(_input_errors, tasks, dict(load=source.load, linears=linears,
+                                                                      formats=formats, hessians=hessians,
+                                                                      config=config)):
+            best = int(np.argmin(errors))  # ties: the smaller alpha (0 first)
+            alphas[name] = ALPHAS[best]
+            if ALPHAS[best] > 0:
+                scales[name] = scales_for(rms, ALPHAS[best], config, name)
             bar.update(1)
     finally:
         bar.close()
-    alphas, scales = {}, {}
-    for name, _ in tasks:
-        best = int(np.argmin(errors[name]))  # ties: the smaller alpha (0 first)
-        alphas[name] = ALPHAS[best]
-        if ALPHAS[best] > 0:
-            rms = np.sqrt(np.maximum(np.diag(hessians.input_hessian(consumers(config, name)[0])), 0.0))
-            scales[name] = scales_for(rms, ALPHAS[best], config, name)
     return scales, alphas
 
 

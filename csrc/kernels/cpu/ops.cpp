@@ -363,11 +363,12 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
         prefetch_rows(static_cast<const uint8_t*>(spans[t.s].v_cache) + (t.kv * cache_len + t.t0) * row_bytes, 1,
                       len * row_bytes, 0);
     };
+    std::vector<Task> tasks((size_t)n_tasks);
     std::vector<int64_t> run_starts{0};  // run r: tasks run_starts[r] .. run_starts[r + 1]
     {
         std::vector<int64_t> cost((size_t)n_tasks + 1, 0);  // prefix sums of keys x rows (+ a task's fixed part)
         for (int64_t task = 0; task < n_tasks; ++task) {
-            const Task t = locate(task);
+            const Task& t = tasks[(size_t)task] = locate(task);
             cost[(size_t)task + 1] = cost[(size_t)task] + (t.t1 - t.t0) * t.block_rows + 16;
         }
         const int64_t n_runs = std::min<int64_t>(n_tasks, kRunsPerThread * pool.size());
@@ -432,13 +433,10 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
     };
     pool.parallel_for((int64_t)run_starts.size() - 1, [&](int64_t run) {
         const int64_t begin = run_starts[(size_t)run], end = run_starts[(size_t)run + 1];
-        Task here = locate(begin);
-        prefetch_task(here);
+        prefetch_task(tasks[(size_t)begin]);
         for (int64_t task = begin; task < end; ++task) {
-            const Task next = task + 1 < end ? locate(task + 1) : here;
-            if (task + 1 < end) prefetch_task(next);
-            run_task(here);
-            here = next;
+            if (task + 1 < end) prefetch_task(tasks[(size_t)task + 1]);
+            run_task(tasks[(size_t)task]);
         }
     });
     for (int64_t s = 0; s < n_spans; ++s) {
