@@ -181,3 +181,14 @@ def test_matrices_kept_from_a_gguf_are_not_rescaled(tmp_path):
                                     options=options_from_flags("int8", None, False, 0, None, None, awq))
         kept.append(sorted(report.kept_exactly))
     assert kept[0] and kept[1] == kept[0]
+    from pyllm.formats.packed import PackedModel
+
+    model = PackedModel(str(tmp_path / "True.pllm"))
+    alphas = model.source["quantizer"]["activation_scaling"]
+    model.close()
+    assert list(alphas) == [f"model.layers.{i}.{k}" for i in range(2) for k in ("attn_in", "mlp_in", "attn_out", "mlp_mid")]
+    # every input reads, or folds into, a matrix kept bit for bit (q/k/v/o, gate/up; down's scales
+    # would fold into up_proj): each is recorded unscaled
+    assert {f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                  "mlp.up_proj")} <= set(kept[1])
+    assert set(alphas.values()) == {0.0}
