@@ -1,6 +1,7 @@
 """Aggregate decode speed of several sequences sharing each engine step (Engine.forward_rows).
 
     python benchmarks/parallel_decode.py [MODEL] [--parallel 1,2,4,8,16] [-p 128] [-n 64] [-r 3] [-t 2]
+        [--activation-quant int8x2|int8]
 
 For each N: N sequences each get a prefill of -p random tokens (one forward_rows call over all of
 them), then -n decode steps of one row per sequence. Reported: aggregate generated tokens/s
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--n-gen", type=int, default=64)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--activation-quant", choices=["int8x2", "int8"], default="int8x2",
+                   help="LLM's activation_quant (default int8x2)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     path = args.model
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
 
         path = default_model_path()
     counts = [int(c) for c in args.parallel.split(",")]
-    llm = LLM(path, n_threads=args.threads, context_length=args.n_prompt + args.n_gen, n_parallel=max(counts))
+    llm = LLM(path, n_threads=args.threads, context_length=args.n_prompt + args.n_gen, n_parallel=max(counts),
+              activation_quant=args.activation_quant)
     rng = np.random.default_rng(0)
     vocab = llm.config.vocab_size
     decode_seconds(llm.engine, max(counts), 16, 4, rng, vocab)  # warm-up

@@ -1,7 +1,7 @@
 """Concurrent streaming clients against `pyllm serve --parallel N` beside `llama-server --parallel N`.
 
     python benchmarks/serve_load.py [--models smollm2,random-1.1b] [--clients 1,2,4,8,16] [-n 64]
-        [--requests 2] [-r 2] [-t 2] [--llama-cpp-dir DIR] [--engines pyllm,llama-server] [--json FILE]
+        [--requests 2] [-r 2] [-t 2] [--llama-cpp-dir DIR] [--engines pyllm,pyllm-int8,llama-server] [--json FILE]
 
 Same weights (benchmarks/compare.py's files: SmolLM2-135M-Instruct's f32 weights as pyllm int4_sym
 g32 beside llama.cpp's Q4_0 quantization of them; random weights with TinyLlama-1.1B's shapes the
@@ -18,7 +18,8 @@ chunks) at p50/p99 over all requests. At C = 8 (when measured) it also times a ~
 arriving while 7 other clients stream, against the same request on the idle server (chunked
 prefill). Per C the engines take turns every repetition (the order alternating), after one
 warm-up request each; the table gives medians over -r repetitions. The ratios of the issue's
-targets follow the table.
+targets follow the table. Engine pyllm-int8 is `pyllm serve --activation-quant int8` (one int8 term
+per activation value, as llama.cpp) on the same file.
 
 The servers inherit the environment: on a shared machine OMP_WAIT_POLICY=passive makes llama-server's
 OpenMP threads sleep instead of spinning while they wait (pyllm's thread pool does not use OpenMP).
@@ -75,6 +76,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# pyllm's engines by name: the options `pyllm serve` gets beside the common ones
+PYLLM_ENGINES = {"pyllm": [], "pyllm-int8": ["--activation-quant", "int8"]}
+
+
 class ServerProcess:
     """One server on 127.0.0.1 (its output in a temporary log); ready once /health answers 200."""
 
@@ -82,9 +87,10 @@ class ServerProcess:
                  eos_ids: list[int]):
         self.engine, self.port = engine, _free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"serve_load_{engine}_", suffix=".log", delete=False)
-        if engine == "pyllm":
+        if engine in PYLLM_ENGINES:
             command = [sys.executable, "-m", "pyllm", "serve", path, "--host", "127.0.0.1", "--port", str(self.port),
-                       "-t", str(threads), "--parallel", str(parallel), "--ctx", str(ctx), "--model-name", "m"]
+                       "-t", str(threads), "--parallel", str(parallel), "--ctx", str(ctx), "--model-name", "m",
+                       *PYLLM_ENGINES[engine]]
             self.extra = {"logit_bias": {str(i): -100 for i in eos_ids}}
         else:
             command = [llama_server, "-m", path, "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
@@ -200,11 +206,12 @@ def probe_ttft(server: ServerProcess, others: int, max_tokens: int, tag: str) ->
 # -- the run --------------------------------------------------------------------------------------
 
 def model_paths(model: str, engines: list[str], work: str) -> dict:
-    """{"pyllm": .pllm path, "llama-server": GGUF path} via benchmarks/compare.py's files."""
+    """{pyllm engine: .pllm path, "llama-server": GGUF path} via benchmarks/compare.py's files."""
     from compare import model_files
 
     files = model_files(model, ["int4_sym"], ["pyllm"] + (["llama.cpp"] if "llama-server" in engines else []), work)
-    return {"pyllm": files["pyllm"]["int4_sym"], "llama-server": files["llama.cpp"].get("Q4_0")}
+    return {**{e: files["pyllm"]["int4_sym"] for e in PYLLM_ENGINES},
+            "llama-server": files["llama.cpp"].get("Q4_0")}
 
 
 def eos_ids(path: str) -> list[int]:
@@ -289,10 +296,11 @@ def report(model: str, table: dict, clients: list[int]) -> str:
             notes.append(f"{short} request(s) ended before -n tokens")
         if notes:
             lines.append(f"- {engine}: " + "; ".join(notes))
-    if "pyllm" in table and "llama-server" in table:
+    for engine in (e for e in PYLLM_ENGINES if e in table and "llama-server" in table):
         for c in clients:
-            p, q = table["pyllm"][c], table["llama-server"][c]
-            lines.append(f"- pyllm / llama-server at {c} client(s): decode {p['decode_tokens_per_second'] / q['decode_tokens_per_second']:.2f}x, "
+            p, q = table[engine][c], table["llama-server"][c]
+            lines.append(f"- {engine} / llama-server at {c} client(s): decode "
+                         f"{p['decode_tokens_per_second'] / q['decode_tokens_per_second']:.2f}x, "
                          f"over the run {p['tokens_per_second'] / q['tokens_per_second']:.2f}x")
     return "\n".join(lines)
 
@@ -302,7 +310,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2,random-1.1b", help="smollm2, random-1.1b (default both)")
-    p.add_argument("--engines", default="pyllm,llama-server", help="pyllm, llama-server (default both)")
+    p.add_argument("--engines", default="pyllm,llama-server",
+                   help="pyllm, pyllm-int8 (--activation-quant int8), llama-server (default pyllm,llama-server)")
     p.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients = --parallel (default 1,2,4,8,16)")
     p.add_argument("-n", "--n-gen", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per run (default 2)")
@@ -316,9 +325,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",")]
     args.clients = [int(c) for c in args.clients.split(",")]
-    unknown = set(args.engines) - {"pyllm", "llama-server"}
+    unknown = set(args.engines) - {*PYLLM_ENGINES, "llama-server"}
     if unknown:
-        raise SystemExit(f"unknown engine(s) {', '.join(sorted(unknown))} (pyllm, llama-server)")
+        raise SystemExit(f"unknown engine(s) {', '.join(sorted(unknown))} ({', '.join(PYLLM_ENGINES)}, llama-server)")
     llama_server = find_llama_server(args.llama_cpp_dir) if "llama-server" in args.engines else None
     os.makedirs(args.work, exist_ok=True)
     results = {}

@@ -1,6 +1,7 @@
 """`pyllm bench`: prefill and decode speed of a .pllm file, in the manner of llama-bench.
 
-    pyllm bench [MODEL] [-p 512] [-n 128] [-d 0] [-r 5] [-t THREADS] [--kv-cache f16|f32|q8_0] [--json]
+    pyllm bench [MODEL] [-p 512] [-n 128] [-d 0] [-r 5] [-t THREADS] [--kv-cache f16|f32|q8_0]
+        [--activation-quant int8x2|int8] [--json]
 
 Prefill: one engine call over -p random token ids in a fresh context (position 0). Decode: -n
 single-token engine calls through the KV cache after that prefill, fed pre-drawn random ids. The
@@ -190,9 +191,9 @@ def stage_profile(seconds: Counter, tokens: int, wall_seconds: float,
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,
               bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto", device: str = "cpu",
-              depth: int = 0) -> dict:
+              depth: int = 0, activation_quant: str = "int8x2") -> dict:
     """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring).
-    depth: tokens already in the cache before each test (llama-bench's -d)."""
+    depth: tokens already in the cache before each test (llama-bench's -d); activation_quant: LLM's."""
     from . import _core
     from .llm import LLM, kv_cache_bytes
 
@@ -208,7 +209,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
 
     def load() -> LLM:
         start = time.perf_counter()
-        opened = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache, device=device)
+        opened = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache, device=device,
+                     activation_quant=activation_quant)
         loads.append(time.perf_counter() - start)
         return opened
 
@@ -254,6 +256,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "rss_bytes": memory.get("VmRSS"),
             "peak_rss_bytes": memory.get("VmHWM"),
             "kv_cache": llm.engine.kv_cache,
+            "activation_quant": llm.engine.activation_quant,
             "kv_cache_bytes": kv_cache_bytes(config, n_ctx, llm.engine.kv_cache),
             "read_bandwidth_gb_per_s": None,
             "decode_fraction_of_bound": None,
@@ -294,7 +297,8 @@ def format_report(r: dict) -> str:
     formats = ", ".join(f"{k} x{v}" for k, v in r["formats"].items())
     lines = [
         f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB ({formats})",
-        f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, {r['repetitions']} repetitions",
+        f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, activations {r['activation_quant']}, "
+        f"{r['repetitions']} repetitions",
         "",
         "| test | tokens/s median | min | max | stdev |",
         "|---|---|---|---|---|",
@@ -348,6 +352,6 @@ def bench_command(args) -> int:
         raise ValueError("--bandwidth-mib must be >= 0")
     result = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, args.threads,
                        args.bandwidth_mib << 20, log=None if args.json else sys.stderr, kv_cache=args.kv_cache,
-                       device=args.device, depth=args.depth)
+                       device=args.device, depth=args.depth, activation_quant=args.activation_quant)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

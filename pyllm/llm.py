@@ -32,6 +32,10 @@ MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
 KV_CACHE_BYTES_PER_VALUE = {"auto": 2.0, "f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
 
 
+# How the CPU engine quantizes activations for int4/int8 weights (LLM's activation_quant): int8 terms per value
+ACTIVATION_QUANTS = ("int8x2", "int8")
+
+
 def kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int = 1) -> int:
     """Bytes of the keys and values of n_seq sequences of n_ctx positions in a KV cache of element
     type kv_cache (a KV_CACHE_BYTES_PER_VALUE key; ValueError otherwise). config: a ModelConfig."""
@@ -246,6 +250,14 @@ class LLM:
     perplexity cost: docs/QUALITY.md); it needs head_dim a multiple of 32 (ValueError otherwise).
     The CUDA engine keeps f32.
 
+    activation_quant: how the CPU engine quantizes activations for int4/int8 weights. "int8x2" (the
+    default) keeps two int8 terms per value in blocks of 32 (~15 bits: logits within ~1e-7 NMSE of
+    float activations); "int8" keeps one, as llama.cpp does (its Q8_0 activations): the AVX-512
+    kernels do half the integer work, so prompts and several sequences decoding together run
+    1.25-1.45x faster (SmolLM2 int4, Zen 5), the logits ~1e-4 NMSE from int8x2's and perplexity
+    +0.1-0.4 points (docs/QUALITY.md, docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float
+    activations either way; the CUDA engine has no such choice (ValueError).
+
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS
     (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
     loading (FormatError on a mismatch; `pyllm verify` does the same from the command line).
@@ -273,9 +285,15 @@ class LLM:
     @accepts_aliases
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
                  chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto",
-                 verify: bool = False, n_parallel: int = 1, adapter: str | None = None):
+                 verify: bool = False, n_parallel: int = 1, adapter: str | None = None,
+                 activation_quant: str = "int8x2"):
         from .model_cache import resolve_model
 
+        if activation_quant not in ACTIVATION_QUANTS:
+            raise ValueError(f"activation_quant must be one of {', '.join(ACTIVATION_QUANTS)}, not {activation_quant!r}")
+        if device != "cpu" and activation_quant != "int8x2":
+            raise ValueError(f"activation_quant {activation_quant!r} applies to the CPU engine; the {device} engine "
+                             "multiplies with float activations")
         backend = engine_module(device)
         if n_threads is not None:
             check_threads(n_threads)
@@ -298,6 +316,8 @@ class LLM:
             self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
                                        self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
                                        kv_cache, n_parallel)
+            if device == "cpu":
+                self.engine.activation_quant = activation_quant
         except BaseException:
             tokenizer_loader.wait()
             raise

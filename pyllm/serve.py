@@ -886,8 +886,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     log.info("pyllm serve: http://%s:%d/v1 (OpenAI-compatible; Ctrl-C stops): model %s (%s), context %d tokens, "
-             "%d threads on %s%s", host, port, name, llm.path, llm.context_length, llm.n_threads, llm.device,
-             ", API key required" if api_key else "")
+             "%d threads on %s (activations %s)%s", host, port, name, llm.path, llm.context_length, llm.n_threads,
+             llm.device, llm.engine.activation_quant, ", API key required" if api_key else "")
     kv = llm.kv_cache_bytes
     log.info("KV cache: %d slot(s) x %d tokens (%s), %.1f MiB at most (memory is used as positions fill)%s",
              llm.n_parallel, llm.context_length, llm.engine.kv_cache, kv / 2**20,

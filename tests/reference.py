@@ -146,13 +146,16 @@ def partial_magnitudes_ref(fmt: str, data, cols: int, group_size: int = 0, scale
 # --- matmul ------------------------------------------------------------------
 
 
-def quantize_activations_ref(x):
-    """Two-term int8 activation codes, x ~ step * (254 hi + lo) per block of 32 (QuantizedRows).
+def quantize_activations_ref(x, activation_quant: str = "int8x2"):
+    """Int8 activation codes per block of 32 (QuantizedRows): "int8x2" two terms, x ~ step * (254 hi + lo);
+    "int8" one term, x ~ step * lo with hi zero.
 
     x f32 [M, K] -> hi, lo int8 [M, P], step, sum f32 [M, P / 32] with P = K rounded up to 32.
-    The C++ steps exactly: units = f32(f64(x) * f64(127 * 254 / absmax)), hi = clamp(rint(units / 254)),
-    lo = clamp(rint(units - 254 hi)), both to [-127, 127]; sum = step * sum(254 hi + lo).
+    The C++ steps exactly, with R = 254 for two terms and 1 for one: units = f32(f64(x) * f64(127 R /
+    absmax)), hi = clamp(rint(units / 254)) (two terms) else 0, lo = clamp(rint(units - 254 hi)), both to
+    [-127, 127]; step = absmax / (127 R); sum = step * sum(254 hi + lo).
     """
+    radix = {"int8x2": 254, "int8": 1}[activation_quant]
     x = np.asarray(x, dtype=np.float32)
     M, K = x.shape
     P = -(-K // 32) * 32
@@ -161,11 +164,11 @@ def quantize_activations_ref(x):
     blocks = blocks.reshape(M, P // 32, 32)
     amax = np.abs(blocks).max(axis=2)  # f32 [M, P / 32]
     with np.errstate(divide="ignore"):
-        inverse = np.where(amax > 0, (127.0 * 254) / amax.astype(np.float64), 0.0)
+        inverse = np.where(amax > 0, (127.0 * radix) / amax.astype(np.float64), 0.0)
     units = (blocks.astype(np.float64) * inverse[:, :, None]).astype(np.float32)
-    hi = np.clip(np.rint(units / np.float32(254)), -127, 127).astype(np.float32)
+    hi = np.clip(np.rint(units / np.float32(254)), -127, 127).astype(np.float32) if radix == 254 else 0 * units
     lo = np.clip(np.rint(units - hi * np.float32(254)), -127, 127).astype(np.float32)
-    step = (amax / np.float32(127.0 * 254)).astype(np.float32)
+    step = (amax / np.float32(127.0 * radix)).astype(np.float32)
     total = (hi * 254 + lo).sum(axis=2, dtype=np.float64).astype(np.float32)  # exact integers
     return (hi.astype(np.int8).reshape(M, P), lo.astype(np.int8).reshape(M, P), step,
             (step * total).astype(np.float32))

@@ -49,6 +49,45 @@ def test_batched_greedy_equals_each_alone(model_file):
         assert llm.generate(PROMPTS[2], max_new_tokens=24, temperature=0) == expected[2]
 
 
+def test_one_term_activations_batch_as_each_alone(model_file):
+    """activation_quant="int8" (one int8 term per activation value, the AVX-512 kernels' fast path):
+    batched greedy tokens are each prompt's alone, and a batch's logits each sequence's alone. It
+    leaves float weights alone (the same bits) and moves int8 weights' logits by about an int8
+    step's rounding, no more."""
+    tokens = np.random.default_rng(3).integers(3, 400, 40).astype(np.int32)
+    with pyllm.LLM(model_file, n_threads=2, activation_quant="int8") as alone:
+        assert alone.engine.activation_quant == "int8"
+        expected = [alone.generate(p, max_new_tokens=24, temperature=0) for p in PROMPTS]
+        one_term = alone.logits(tokens)
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=8, activation_quant="int8") as llm:
+        assert llm.generate(PROMPTS, max_new_tokens=24, temperature=0) == expected
+        many = llm.logits_many([tokens[:7], tokens, tokens[:30]])
+    for a, n in zip(many, (7, 40, 30)):
+        with pyllm.LLM(model_file, n_threads=2, activation_quant="int8") as alone:
+            b = alone.logits(tokens[:n])
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    with pyllm.LLM(model_file, n_threads=2) as two:
+        assert two.engine.activation_quant == "int8x2"
+        two_term = two.logits(tokens)
+    if "f32" in model_file:
+        np.testing.assert_array_equal(one_term, two_term)
+    else:
+        nmse = float(np.mean((one_term - two_term) ** 2) / np.mean(two_term ** 2))
+        assert 1e-9 < nmse < 1e-3, nmse
+
+
+def test_activation_quant_is_checked(model_file):
+    for bad in ("int4", "", None, "INT8"):
+        with pytest.raises(ValueError, match="activation_quant"):
+            pyllm.LLM(model_file, activation_quant=bad)
+    with pytest.raises(ValueError, match="activation_quant .* CPU engine"):
+        pyllm.LLM(model_file, device="cuda", activation_quant="int8")
+    with pyllm.LLM(model_file, n_threads=1) as llm:
+        with pytest.raises(ValueError, match="activation_quant"):
+            llm.engine.activation_quant = "int3"
+        assert llm.engine.activation_quant == "int8x2"
+
+
 def test_batched_greedy_on_a_sliding_window_softcapped_family(gemma_file):
     """Gemma 2 (windows shorter than the sequences, soft-capping): batched equals alone past the window."""
     with pyllm.LLM(gemma_file, n_threads=2) as alone:

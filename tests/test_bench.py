@@ -39,6 +39,15 @@ def test_bench_json_fields(tiny_llama_f32, capsys):
     assert r["file_plus_kv_bytes"] == r["file_bytes"] + r["kv_cache_bytes"]
     assert 0 < r["rss_before_load_bytes"] and 0 < r["rss_bytes"] <= r["peak_rss_bytes"]
     assert r["kernels"] == _core.active_kernels() and r["machine"]["cores"] >= 1
+    assert r["activation_quant"] == "int8x2"
+
+
+def test_bench_activation_quant_flag(tiny_llama_f32, capsys):
+    r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json",
+                "--activation-quant", "int8")
+    assert r["activation_quant"] == "int8"
+    with pytest.raises(SystemExit):
+        main(["bench", tiny_llama_f32, "--activation-quant", "int4"])
 
 
 def test_bench_kv_cache_flag(tiny_llama_f32, capsys):

@@ -315,6 +315,33 @@ def test_matmul_two_term_activation_precision(kernels, fmt, shape):
         assert_nmse(y, exact, 1e-8, what)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("fmt", QUANT_FORMATS)
+def test_matmul_one_term_activations(kernels, fmt, shape, n_threads):
+    """activation_quant="int8" (one int8 term per value, hi zero; the AVX-512 tiled kernels skip hi's
+    dot products): the result is the product of the activations as the one-term codes hold them,
+    step * lo from the numpy reference, with the weights, up to float32 accumulation error, element by
+    element, on every shape of the sweep (each row count's kernel path). Then, coarser, against x @ W^T:
+    half a step, absmax / 254, per activation (test_matmul's bound, which one term reaches: nmse
+    ~3e-5 expected)."""
+    M, N, K, G = shape
+    x, _, bias, args, W, A = matmul_case(fmt, M, N, K, G)
+    poison_heap(4 * M * N)
+    y = _core.matmul(x, bias=bias, n_threads=n_threads, activation_quant="int8", **args)
+    assert y.shape == (M, N) and np.isfinite(y).all(), "NaN/inf in the output: an element was not written"
+    hi, lo, step, _ = ref.quantize_activations_ref(x, "int8")
+    assert not hi.any()
+    held = (step.astype(np.float64).repeat(32, axis=1) * lo)[:, :K]  # the activations the codes hold
+    what = f"{kernels} {fmt} M={M} N={N} K={K} g={G} threads={n_threads} int8 activations"
+    assert_within(y, ref.matmul_ref(held, W, bias), quant_tolerance(K, held, A, bias), what + " vs the codes' product")
+    exact = ref.matmul_ref(x, W, bias)
+    bound = activation_error_bound(x, W, 1 / 254.0) * (1 + 1e-6) + quant_tolerance(K, x, A, bias)
+    assert_within(y, exact, bound, what + " vs x @ dequantize(W)^T")
+    if y.size >= 32:
+        assert_nmse(y, exact, 5e-4, what)
+
+
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_matmul_identity_reads_every_weight(kernels, fmt):
     """x = I_K gives y = W^T: each weight element is read on its own, so a
@@ -360,8 +387,9 @@ def test_matmul_variants_agree(fmt):
         _core.select_kernels("auto")
 
 
+@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
 @pytest.mark.parametrize("M,K", [(1, 32), (3, 100), (17, 576), (2, 7)])
-def test_quantize_activations_bit_exact(kernels, M, K):
+def test_quantize_activations_bit_exact(kernels, M, K, activation_quant):
     """Every variant's activation codes equal the numpy reference bit for bit: the
     quantized-weight kernels of all variants then read the same integers."""
     rng = np.random.default_rng([M, K])
@@ -372,11 +400,11 @@ def test_quantize_activations_bit_exact(kernels, M, K):
     if M > 2:
         x[2, ::5] = 3e35  # huge values
         x[2, 1::7] = 0.5 + rng.integers(-3, 4, x[2, 1::7].shape) / 254.0 * 3e35 / 127  # ties of the rounding
-    got = _core.quantize_activations(x)
-    expected = ref.quantize_activations_ref(x)
+    got = _core.quantize_activations(x, activation_quant)
+    expected = ref.quantize_activations_ref(x, activation_quant)
     for name, g, e in zip(("hi", "lo", "step", "sum"), got, expected):
         assert g.shape == e.shape and g.dtype == e.dtype, name
-        np.testing.assert_array_equal(g, e, err_msg=f"{kernels} {name}")
+        np.testing.assert_array_equal(g, e, err_msg=f"{kernels} {activation_quant} {name}")
     # within half a step of x, block by block (where the step is a normal float)
     hi, lo, step, _ = got
     steps = step.repeat(32, axis=1)[:, :K]
@@ -444,22 +472,26 @@ def test_matmul_accepts_any_float_activations():
     np.testing.assert_array_equal(_core.matmul(xf, **args), y)
 
 
+@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
-def test_matmul_same_bits_for_any_split(kernels, fmt):
+def test_matmul_same_bits_for_any_split(kernels, fmt, activation_quant):
     """linear (ops.cpp) splits the output rows into one chunk per thread for a small call and two
     for a large one (weight bytes x rows over 1 MiB per thread), and the AVX-512 tiled kernel takes
     several tiles at once from 16 rows: every thread count, so every split, gives the bits of one
     thread, and (integer formats) a row alone the bits it gets among others. Shapes on both sides of
     those lines for 2-4 threads."""
-    for M, N, K in [(1, 100, 1536), (1, 4112, 1024), (5, 2064, 1024), (17, 1040, 512)]:
+    if activation_quant == "int8" and fmt in FLOAT_FORMATS:
+        pytest.skip("float weights multiply float activations")
+    matmul = functools.partial(_core.matmul, activation_quant=activation_quant)
+    for M, N, K in [(1, 100, 1536), (1, 4112, 1024), (5, 2064, 1024), (9, 1040, 512), (17, 1040, 512)]:
         x, _, _, args, _, _ = matmul_case(fmt, M, N, K, 64)
-        one = _core.matmul(x, n_threads=1, **args)
+        one = matmul(x, n_threads=1, **args)
         for n_threads in (2, 3, 4):
-            np.testing.assert_array_equal(_core.matmul(x, n_threads=n_threads, **args), one,
+            np.testing.assert_array_equal(matmul(x, n_threads=n_threads, **args), one,
                                           err_msg=f"{kernels} {fmt} M={M} N={N} K={K} threads={n_threads}")
         if fmt in QUANT_FORMATS:  # and a row alone gives the bits it gets among others (batched decode)
             for i in {0, M // 2, M - 1}:
-                np.testing.assert_array_equal(_core.matmul(x[i:i + 1], n_threads=2, **args)[0], one[i],
+                np.testing.assert_array_equal(matmul(x[i:i + 1], n_threads=2, **args)[0], one[i],
                                               err_msg=f"{kernels} {fmt} row {i} of M={M} N={N} K={K} alone")
 
 

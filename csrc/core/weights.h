@@ -97,6 +97,11 @@ void validate_weight(const WeightView& w, const std::string& what);
 // hi leaves over, so a block keeps ~15 bits where one int8 term keeps 8: one
 // int8 term adds ~2e-3 NMSE to the logits of a 30-layer model, two terms ~1e-7.
 // Rows are padded with zeros to padded_cols.
+//
+// With terms == 1 (an engine's activation_quant "int8": llama.cpp's Q8_0 activations with an f32
+// step) a block keeps one int8 term: lo = round(x / step), step = absmax / 127, and hi is all zero,
+// so every kernel that reads both terms gives the same bits as one that skips hi (the AVX-512 tiled
+// kernels do: half the vpdpbusd work).
 constexpr int32_t kResidualRadix = 254;
 
 struct QuantizedRows {
@@ -108,6 +113,7 @@ struct QuantizedRows {
     float* sum = nullptr;    // [rows, padded_cols / 32], sum of the block's quantized values
     int32_t* code_sums = nullptr;  // [rows, padded_cols / 32, 2]: sums of the block's hi and lo codes
                                    // (filled by prepare_linear_input; read by the tiled int8 kernel)
+    int32_t terms = 2;             // 2: x ~ step * (254 hi + lo); 1: x ~ step * lo, hi zero
 };
 
 // Heap bytes aligned to 64 (tiled weights are read with aligned vector loads).

@@ -365,6 +365,8 @@ public:
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
     const char* kv_cache() const override { return kv_type_name(kv_type_); }
+    const char* activation_quant() const override { return activation_quant_name(scratch_.terms); }
+    void apply_activation_quant(const std::string& name) override { scratch_.terms = activation_terms(name); }
     int64_t n_seq() const override { return n_seq_; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
     void set_observer(InputObserver observer) override { observer_ = std::move(observer); }

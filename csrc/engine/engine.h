@@ -121,6 +121,16 @@ public:
     // Copies the keys and values of positions 0 .. n_positions - 1 of sequence src into sequence dst
     // (a prefix computed once and shared).
     void copy_sequence(int64_t src, int64_t dst, int64_t n_positions);
+    // How activations are quantized for int4/int8 weights: "int8x2" (two int8 terms per value in blocks
+    // of 32, ~15 bits: the default) or "int8" (one term, as llama.cpp's Q8_0 activations: half the
+    // integer work of a matmul; docs/QUALITY.md gives its perplexity cost). Engines that multiply
+    // with float activations (CUDA) have no choice: their getter says "float" and the setter throws
+    // std::invalid_argument. The setter waits for a running forward to end.
+    virtual const char* activation_quant() const { return "float"; }
+    void set_activation_quant(const std::string& name) {
+        std::lock_guard<std::mutex> lock(forward_mutex_);
+        apply_activation_quant(name);
+    }
     // Seconds spent in each stage of forward() since the engine was made, when it was made with
     // profiling on (PYLLM_PROFILE=1 in the environment); empty otherwise.
     virtual std::vector<std::pair<std::string, double>> profile() const { return {}; }
@@ -154,6 +164,10 @@ protected:
     virtual void write_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, const float* values) {
         (void)seq, (void)pos0, (void)n, (void)keys, (void)values;
         throw std::invalid_argument(std::string("the ") + device() + " engine does not take cache contents");
+    }
+    virtual void apply_activation_quant(const std::string& name) {
+        throw std::invalid_argument(std::string("the ") + device() + " engine multiplies with float activations: "
+                                    "activation_quant '" + name + "' does not apply");
     }
     // One batch of forward(), checked and serialised by it: M <= max_batch() tokens at
     // positions pos0 .. pos0 + M - 1.

@@ -100,9 +100,12 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "matmul",
         [](const F32Array& x, const std::string& format, const py::array& data, int64_t cols, int64_t group_size,
-           const py::object& scales, const py::object& mins, const py::object& bias, int n_threads, bool tiled) {
+           const py::object& scales, const py::object& mins, const py::object& bias, int n_threads, bool tiled,
+           const std::string& activation_quant) {
             // x: f32 [M, cols] -> f32 [M, rows]
             WeightView w = weight_view(format, data, cols, group_size, scales, mins, bias);
+            ActivationScratch scratch;
+            scratch.terms = activation_terms(activation_quant);
             std::vector<AlignedBytes> tiled_storage;
             KernelPool& kp = kernel_pool(resolve_threads(n_threads));
             if (x.ndim() != 2 || x.shape(1) != cols)
@@ -115,26 +118,25 @@ PYBIND11_MODULE(_core, m) {
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(kp.mutex);
             if (tiled) tile_for_active_kernels(*kp.pool, w, tiled_storage);
-            ActivationScratch scratch;
             linear(*kp.pool, w, xp, M, yp, scratch);
             return y;
         },
         py::arg("x"), py::arg("format"), py::arg("data"), py::arg("cols"), py::arg("group_size") = 0,
         py::arg("scales") = py::none(), py::arg("mins") = py::none(), py::arg("bias") = py::none(),
-        py::arg("n_threads") = 1, py::arg("tiled") = true,
+        py::arg("n_threads") = 1, py::arg("tiled") = true, py::arg("activation_quant") = "int8x2",
         "y = x @ W^T (+ bias) for W in any pyllm weight format (tiled: rearranged first, as engines do, when "
-        "the active kernels have a tiled layout).");
+        "the active kernels have a tiled layout; activation_quant: 'int8x2' or 'int8', the engines' option).");
 
     m.def(
         "quantize_activations",
-        [](const F32Array& x) {
+        [](const F32Array& x, const std::string& activation_quant) {
             // x: f32 [M, cols] -> hi, lo: int8 [M, padded], step, sum: f32 [M, padded / 32]
             if (x.ndim() != 2 || x.shape(0) <= 0 || x.shape(1) <= 0) bad("x must be 2-D and non-empty");
             const int64_t M = x.shape(0), cols = x.shape(1), padded = round_up(cols, kBlock);
             py::array_t<int8_t> hi({M, padded}), lo({M, padded});
             py::array_t<float> step({M, padded / kBlock}), sum({M, padded / kBlock});
             const QuantizedRows out{M, padded, hi.mutable_data(), lo.mutable_data(), step.mutable_data(),
-                                    sum.mutable_data()};
+                                    sum.mutable_data(), nullptr, activation_terms(activation_quant)};
             const float* xp = x.data();
             {
                 py::gil_scoped_release release;
@@ -142,7 +144,9 @@ PYBIND11_MODULE(_core, m) {
             }
             return py::make_tuple(hi, lo, step, sum);
         },
-        py::arg("x"), "Activations as the quantized-weight kernels read them: (hi, lo, step, sum), x ~ step * (254 hi + lo).");
+        py::arg("x"), py::arg("activation_quant") = "int8x2",
+        "Activations as the quantized-weight kernels read them: (hi, lo, step, sum), x ~ step * (254 hi + lo) "
+        "('int8x2'), or x ~ step * lo with hi zero ('int8').");
 
     m.def(
         "embedding",

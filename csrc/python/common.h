@@ -353,6 +353,11 @@ public:
     int n_threads() const { return n_threads_; }
     std::string device() const { return engine_->device(); }
     const char* kv_cache() const { return engine_->kv_cache(); }
+    std::string activation_quant() const { return engine_->activation_quant(); }
+    void set_activation_quant(const std::string& name) {
+        py::gil_scoped_release release;  // waits for a running forward
+        engine_->set_activation_quant(name);
+    }
     py::dict profile() const {
         py::dict out;
         for (const auto& [stage, seconds] : engine_->profile()) out[py::str(stage)] = seconds;
@@ -404,6 +409,10 @@ inline void register_engine_class(py::module_& m, std::function<int(int)> thread
         .def_property_readonly("device", &PyModel::device)
         .def_property_readonly("kv_cache", [](const PyModel& m) { return std::string(m.kv_cache()); },
                                "The KV cache's element type: 'f16' or 'f32'.")
+        .def_property("activation_quant", &PyModel::activation_quant, &PyModel::set_activation_quant,
+                      "How activations are quantized for int4/int8 weights: 'int8x2' (two int8 terms per value, "
+                      "the default) or 'int8' (one, as llama.cpp's Q8_0 activations); 'float' on engines that "
+                      "multiply with float activations, where setting it raises ValueError.")
         .def("profile", &PyModel::profile,
              "Seconds per forward stage since the engine was made (PYLLM_PROFILE=1), else an empty dict.");
 }

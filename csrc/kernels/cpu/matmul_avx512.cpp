@@ -34,8 +34,9 @@
 // Faster still, weights tiled at load (tiled_weights.cpp: 16 rows side by side,
 // each 32-bit lane of a 64-byte vector holding 4 consecutive values of one row).
 // A block then costs 16 vpdpbusd (8 quads x 2 activation terms, each quad's 4
-// activation bytes broadcast to all lanes) for 16 rows, and the float work
-// (convert, scale, accumulate) is done once for 16 rows instead of per row.
+// activation bytes broadcast to all lanes; 8 with one term, QuantizedRows::terms)
+// for 16 rows, and the float work (convert, scale, accumulate) is done once for
+// 16 rows instead of per row.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -159,7 +160,9 @@ struct TiledPrep {
 };
 
 // Rows [tile * 16, tile * 16 + 16) x activation rows [m0, m0 + MR), written where inside [n_begin, n_end).
-template <WeightFormat F, int MR>
+// T: the activation terms (QuantizedRows::terms); with one, hi is zero and its dot products are skipped,
+// and the result is the same bits as T = 2 gives on those rows (0 * 254 + lo's dot, exact in float).
+template <WeightFormat F, int MR, int T>
 void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& x, const TiledPrep& prep, int64_t m0,
                 int64_t tile, int64_t n_begin, int64_t n_end, float* y) {
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
@@ -210,16 +213,19 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                 }
                 for (int q = 0; q < 8; ++q) {
                     int32_t h, l;
-                    std::memcpy(&h, hi + 4 * q, 4);
                     std::memcpy(&l, lo + 4 * q, 4);
-                    dot_hi[q % kChains] = _mm512_dpbusd_epi32(dot_hi[q % kChains], quads[q], _mm512_set1_epi32(h));
+                    if constexpr (T == 2) {
+                        std::memcpy(&h, hi + 4 * q, 4);
+                        dot_hi[q % kChains] = _mm512_dpbusd_epi32(dot_hi[q % kChains], quads[q], _mm512_set1_epi32(h));
+                    }
                     dot_lo[q % kChains] = _mm512_dpbusd_epi32(dot_lo[q % kChains], quads[q], _mm512_set1_epi32(l));
                 }
                 if constexpr (kChains == 2) {
                     dot_hi[0] = _mm512_add_epi32(dot_hi[0], dot_hi[1]);
                     dot_lo[0] = _mm512_add_epi32(dot_lo[0], dot_lo[1]);
                 }
-                const __m512 both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[0]), radix, _mm512_cvtepi32_ps(dot_lo[0]));
+                const __m512 both = T == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[0]), radix, _mm512_cvtepi32_ps(dot_lo[0]))
+                                           : _mm512_cvtepi32_ps(dot_lo[0]);
                 const __m512 factor = _mm512_mul_ps(scale, _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]));
                 acc[m] = _mm512_fmadd_ps(both, factor, acc[m]);
             }
@@ -244,7 +250,7 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
 // tiled_tiles<F, MR, 1> instead, SmolLM2 int8 decode lost 15% (its quads held across the rows and
 // two dot chains per term suit one row). The NT tiles lie inside the matrix; rows outside
 // [n_begin, n_end) are not written.
-template <WeightFormat F, int MR, int NT>
+template <WeightFormat F, int MR, int NT, int T>
 void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows& x, const TiledPrep& prep, int64_t m0,
                 int64_t tile, int64_t n_begin, int64_t n_end, float* y) {
     const int64_t n_groups = w.n_groups(), n_blocks = t.blocks, blocks_per_group = w.group_size / kBlock;
@@ -296,19 +302,21 @@ void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows&
                 }
                 for (int m = 0; m < MR; ++m) {
                     int32_t h, l;
-                    std::memcpy(&h, hi + m * x.padded_cols + 4 * q, 4);
                     std::memcpy(&l, lo + m * x.padded_cols + 4 * q, 4);
-                    const __m512i hv = _mm512_set1_epi32(h), lv = _mm512_set1_epi32(l);
-                    for (int n = 0; n < NT; ++n) {
-                        dot_hi[n][m] = _mm512_dpbusd_epi32(dot_hi[n][m], quad[n], hv);
-                        dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
+                    const __m512i lv = _mm512_set1_epi32(l);
+                    if constexpr (T == 2) {
+                        std::memcpy(&h, hi + m * x.padded_cols + 4 * q, 4);
+                        const __m512i hv = _mm512_set1_epi32(h);
+                        for (int n = 0; n < NT; ++n) dot_hi[n][m] = _mm512_dpbusd_epi32(dot_hi[n][m], quad[n], hv);
                     }
+                    for (int n = 0; n < NT; ++n) dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
                 }
             }
             for (int m = 0; m < MR; ++m) {
                 const __m512 step = _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]);
                 for (int n = 0; n < NT; ++n) {
-                    const __m512 both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[n][m]), radix, _mm512_cvtepi32_ps(dot_lo[n][m]));
+                    const __m512 both = T == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[n][m]), radix, _mm512_cvtepi32_ps(dot_lo[n][m]))
+                                               : _mm512_cvtepi32_ps(dot_lo[n][m]);
                     acc[n][m] = _mm512_fmadd_ps(both, _mm512_mul_ps(scale[n], step), acc[n][m]);
                 }
             }
@@ -327,8 +335,8 @@ void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows&
     }
 }
 
-template <WeightFormat F>
-void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+template <WeightFormat F, int T>
+void tiled_weights_terms(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     const TiledLayout t = tiled_layout(w);
     const int64_t n_groups = w.n_groups();
     thread_local std::vector<float> xsum;
@@ -339,8 +347,8 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
     if (x.rows >= kMultiMinRows)
         for (; (tile + NT - 1) * kTileRows < n_end; tile += NT) {
             int64_t m = 0;
-            for (; m + kMultiRows <= x.rows; m += kMultiRows) tiled_tiles<F, kMultiRows, NT>(w, t, x, prep, m, tile, n_begin, n_end, y);
-            for (; m < x.rows; ++m) tiled_tiles<F, 1, NT>(w, t, x, prep, m, tile, n_begin, n_end, y);
+            for (; m + kMultiRows <= x.rows; m += kMultiRows) tiled_tiles<F, kMultiRows, NT, T>(w, t, x, prep, m, tile, n_begin, n_end, y);
+            for (; m < x.rows; ++m) tiled_tiles<F, 1, NT, T>(w, t, x, prep, m, tile, n_begin, n_end, y);
         }
     for (; tile * kTileRows < n_end; ++tile) {
         int64_t m = 0;
@@ -349,10 +357,16 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
         // matrices 7.1-7.2 -> 5.3-6.1 ms; the int8 lm_head of int4 files 1.05-1.09 -> 0.89-0.93 ms.
         // int4 (its quads unpacked from nibbles) measured no faster with 8 rows (gate/up +4%).
         if constexpr (F == WeightFormat::Q8)
-            for (; m + 8 <= x.rows; m += 8) tiled_tile<F, 8>(w, t, x, prep, m, tile, n_begin, n_end, y);
-        for (; m + 4 <= x.rows; m += 4) tiled_tile<F, 4>(w, t, x, prep, m, tile, n_begin, n_end, y);
-        for (; m < x.rows; ++m) tiled_tile<F, 1>(w, t, x, prep, m, tile, n_begin, n_end, y);
+            for (; m + 8 <= x.rows; m += 8) tiled_tile<F, 8, T>(w, t, x, prep, m, tile, n_begin, n_end, y);
+        for (; m + 4 <= x.rows; m += 4) tiled_tile<F, 4, T>(w, t, x, prep, m, tile, n_begin, n_end, y);
+        for (; m < x.rows; ++m) tiled_tile<F, 1, T>(w, t, x, prep, m, tile, n_begin, n_end, y);
     }
+}
+
+template <WeightFormat F>
+void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+    if (x.terms == 1) tiled_weights_terms<F, 1>(w, x, n_begin, n_end, y);
+    else tiled_weights_terms<F, 2>(w, x, n_begin, n_end, y);
 }
 
 template <WeightFormat F>

@@ -96,6 +96,20 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
             const int64_t start = b * kBlock, len = std::min<int64_t>(kBlock, cols - start);
             float amax = 0.0f;
             for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(xr[start + i]));
+            if (out.terms == 1) {  // one term: lo = round(x / step), step = absmax / 127, hi zero
+                const double inverse = amax > 0.0f ? 127.0 / (double)amax : 0.0;
+                int32_t sum = 0;
+                for (int64_t i = 0; i < kBlock; ++i) {
+                    const float units = i < len ? (float)((double)xr[start + i] * inverse) : 0.0f;
+                    const int32_t l = std::max(-127, std::min(127, (int32_t)std::nearbyint(units)));
+                    hi[start + i] = 0;
+                    lo[start + i] = (int8_t)l;
+                    sum += l;
+                }
+                out.step[m * n_blocks + b] = amax / 127.0f;
+                out.sum[m * n_blocks + b] = out.step[m * n_blocks + b] * (float)sum;
+                continue;
+            }
             // x = step * (254 * hi + lo): hi = round(x / (254 step)) in [-127, 127] and the
             // remainder, at most 127 steps in magnitude, as lo
             const float step = amax / (127.0f * (float)kResidualRadix);

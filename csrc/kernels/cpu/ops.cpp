@@ -14,7 +14,13 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     const size_t n_blocks = (size_t)(rows * (padded_cols / kBlock));
     if (hi.size() < (size_t)(rows * padded_cols)) hi.resize((size_t)(rows * padded_cols)), lo.resize(hi.size());
     if (step.size() < n_blocks) step.resize(n_blocks), sum.resize(n_blocks), code_sums.resize(2 * n_blocks);
-    return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data(), code_sums.data()};
+    return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data(), code_sums.data(), terms};
+}
+
+int32_t activation_terms(const std::string& activation_quant) {
+    if (activation_quant == "int8x2") return 2;
+    if (activation_quant == "int8") return 1;
+    throw std::invalid_argument("activation_quant must be 'int8x2' or 'int8', not '" + activation_quant + "'");
 }
 
 void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage) {

@@ -16,8 +16,13 @@ struct ActivationScratch {
     std::vector<int8_t> hi, lo;
     std::vector<float> step, sum;
     std::vector<int32_t> code_sums;
+    int32_t terms = 2;  // int8 terms per value of what prepare() hands out (QuantizedRows::terms)
     QuantizedRows prepare(int64_t rows, int64_t padded_cols);
 };
+
+// QuantizedRows::terms of an activation_quant name: "int8x2" -> 2, "int8" -> 1; std::invalid_argument otherwise.
+int32_t activation_terms(const std::string& activation_quant);
+inline const char* activation_quant_name(int32_t terms) { return terms == 1 ? "int8" : "int8x2"; }
 
 // When the active kernels read w faster rearranged (CpuKernels::reads_tiled), adds w's rearranged copy to `storage` and points
 // w.tiled into it; otherwise leaves w as it is.
