@@ -252,11 +252,12 @@ class LLM:
 
     activation_quant: how the CPU engine quantizes activations for int4/int8 weights. "int8x2" (the
     default) keeps two int8 terms per value in blocks of 32 (~15 bits: logits within ~1e-7 NMSE of
-    float activations); "int8" keeps one, as llama.cpp does (its Q8_0 activations): the AVX-512
+    float activations); "int8" keeps one, as llama.cpp does (its Q8_0 activations): the SIMD
     kernels do half the integer work, so prompts and several sequences decoding together run
-    1.25-1.45x faster (SmolLM2 int4, Zen 5), the logits ~1e-4 NMSE from int8x2's and perplexity
-    +0.1-0.4 points (docs/QUALITY.md, docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float
-    activations either way; the CUDA engine has no such choice (ValueError).
+    1.2-1.5x faster (SmolLM2 int4, Zen 5, AVX-512 / AVX-VNNI / AVX2), with logits 1e-4 to 3e-3 NMSE from int8x2's and
+    perplexity +0.1-0.4 points. Near ties then go the other way: the default model answers the
+    README's question as llama.cpp does, wrongly (docs/QUALITY.md, docs/BENCHMARKS.md). f16/f32/bf16
+    weights multiply float activations either way; the CUDA engine has no such choice (ValueError).
 
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS
     (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before

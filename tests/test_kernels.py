@@ -496,8 +496,9 @@ def test_matmul_same_bits_for_any_split(kernels, fmt, activation_quant):
 
 
 @pytest.mark.skipif("avxvnni" not in AVAILABLE, reason="CPU (or build) lacks avxvnni")
+@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
-def test_avxvnni_gives_the_avx2_bits(fmt):
+def test_avxvnni_gives_the_avx2_bits(fmt, activation_quant):
     """The avxvnni variant is the avx2 variant with the tiled block dots on vpdpbusd: the integer
     sums are exact either way, so the bits are the same. Partial tiles and blocks, groups of 32 to
     128, 1-17 rows; Gaussian, grid and saturating activations (every code +-127, the int32 bounds)."""
@@ -510,10 +511,11 @@ def test_avxvnni_gives_the_avx2_bits(fmt):
             try:
                 for variant in ("avx2", "avxvnni"):
                     _core.select_kernels(variant)
-                    out[variant] = _core.matmul(acts, bias=bias, n_threads=2, **args)
+                    out[variant] = _core.matmul(acts, bias=bias, n_threads=2, activation_quant=activation_quant, **args)
             finally:
                 _core.select_kernels("auto")
-            np.testing.assert_array_equal(out["avxvnni"], out["avx2"], err_msg=f"{fmt} {name} M={M} N={N} K={K} G={G}")
+            np.testing.assert_array_equal(out["avxvnni"], out["avx2"],
+                                          err_msg=f"{fmt} {activation_quant} {name} M={M} N={N} K={K} G={G}")
 
 
 def test_matmul_default_threads():

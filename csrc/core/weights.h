@@ -100,8 +100,8 @@ void validate_weight(const WeightView& w, const std::string& what);
 //
 // With terms == 1 (an engine's activation_quant "int8": llama.cpp's Q8_0 activations with an f32
 // step) a block keeps one int8 term: lo = round(x / step), step = absmax / 127, and hi is all zero,
-// so every kernel that reads both terms gives the same bits as one that skips hi (the AVX-512 tiled
-// kernels do: half the vpdpbusd work).
+// so every kernel that reads both terms gives the same bits as one that skips hi (the tiled kernels
+// do: half the vpdpbusd / maddubs work).
 constexpr int32_t kResidualRadix = 254;
 
 struct QuantizedRows {

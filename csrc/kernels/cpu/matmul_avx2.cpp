@@ -308,9 +308,9 @@ void quant_tile(const WeightView& w, const QuantizedRows& x, int64_t m0, int64_t
 struct MaddubsDots {
     static constexpr bool kWideQ8 = true;
 
-    template <WeightFormat F, int MR>
+    template <WeightFormat F, int MR, int T>
     static inline void block(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2]) {
-        if constexpr (F == WeightFormat::Q8) {
+        if constexpr (F == WeightFormat::Q8) {  // the joined codes (kWideQ8): the same work with one term
             // acc[m][h][part]: rows 4 part .. 4 part + 3 of half h, two int32 lanes a row
             __m256i acc[MR][2][2];
             for (int m = 0; m < MR; ++m)
@@ -358,20 +358,27 @@ struct MaddubsDots {
                     const __m256i w1 = _mm256_and_si256(nibble ? _mm256_srli_epi16(packed1, 4) : packed1, low);
 #pragma GCC unroll 2
                     for (int m = 0; m < MR; ++m) {
-                        const __m256i xh = x.quad(m, 0, q), xl = x.quad(m, 1, q);
-                        const __m256i p[2][2] = {{_mm256_maddubs_epi16(w0, xh), _mm256_maddubs_epi16(w1, xh)},
-                                                 {_mm256_maddubs_epi16(w0, xl), _mm256_maddubs_epi16(w1, xl)}};
+                        const __m256i xl = x.quad(m, 1, q);
+                        const __m256i p_lo[2] = {_mm256_maddubs_epi16(w0, xl), _mm256_maddubs_epi16(w1, xl)};
                         for (int h = 0; h < 2; ++h) {
-                            sum_hi[m][h] = q == 0 ? p[0][h] : _mm256_add_epi16(sum_hi[m][h], p[0][h]);
-                            sum_lo[m][h] = q == 0 ? p[1][h] : _mm256_add_epi16(sum_lo[m][h], p[1][h]);
-                            in_order(sum_hi[m][h]), in_order(sum_lo[m][h]);
+                            sum_lo[m][h] = q == 0 ? p_lo[h] : _mm256_add_epi16(sum_lo[m][h], p_lo[h]);
+                            in_order(sum_lo[m][h]);
+                        }
+                        if constexpr (T == 2) {
+                            const __m256i xh = x.quad(m, 0, q);
+                            const __m256i p_hi[2] = {_mm256_maddubs_epi16(w0, xh), _mm256_maddubs_epi16(w1, xh)};
+                            for (int h = 0; h < 2; ++h) {
+                                sum_hi[m][h] = q == 0 ? p_hi[h] : _mm256_add_epi16(sum_hi[m][h], p_hi[h]);
+                                in_order(sum_hi[m][h]);
+                            }
                         }
                     }
                 }
             }
-            for (int m = 0; m < MR; ++m)
+            for (int m = 0; m < MR; ++m)  // one term: hi is zero, so 254 * 0 + lo's dot
                 for (int h = 0; h < 2; ++h)
-                    dot[m][h] = _mm256_add_epi32(_mm256_madd_epi16(sum_hi[m][h], radix), _mm256_madd_epi16(sum_lo[m][h], ones));
+                    dot[m][h] = T == 2 ? _mm256_add_epi32(_mm256_madd_epi16(sum_hi[m][h], radix), _mm256_madd_epi16(sum_lo[m][h], ones))
+                                       : _mm256_madd_epi16(sum_lo[m][h], ones);
         }
     }
 };

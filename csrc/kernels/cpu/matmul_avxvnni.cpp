@@ -25,7 +25,7 @@ struct VnniDots {
     // tiled_avx2.h's Dots policy: dot[m][h] = rows [8h, 8h + 8)'s 254 * (w . hi) + (w . lo).
     static constexpr bool kWideQ8 = false;  // vpdpbusd reads the stored int8 weights as they are
 
-    template <WeightFormat F, int MR>
+    template <WeightFormat F, int MR, int T>
     static inline void block(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2]) {
         __m256i dot_hi[MR][2], dot_lo[MR][2];
         for (int m = 0; m < MR; ++m) {
@@ -51,16 +51,17 @@ struct VnniDots {
             }
 #pragma GCC unroll 2
             for (int m = 0; m < MR; ++m) {
-                const __m256i xh = x.quad(m, 0, q), xl = x.quad(m, 1, q);
+                const __m256i xl = x.quad(m, 1, q);
                 for (int h = 0; h < 2; ++h) {
-                    dot_hi[m][h] = _mm256_dpbusd_avx_epi32(dot_hi[m][h], quad[h], xh);
+                    if constexpr (T == 2) dot_hi[m][h] = _mm256_dpbusd_avx_epi32(dot_hi[m][h], quad[h], x.quad(m, 0, q));
                     dot_lo[m][h] = _mm256_dpbusd_avx_epi32(dot_lo[m][h], quad[h], xl);
                 }
             }
         }
         const __m256i radix = _mm256_set1_epi32((int32_t)kResidualRadix);
-        for (int m = 0; m < MR; ++m)
-            for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_add_epi32(_mm256_mullo_epi32(dot_hi[m][h], radix), dot_lo[m][h]);
+        for (int m = 0; m < MR; ++m)  // one term: hi is zero, so 254 * 0 + lo's dot
+            for (int h = 0; h < 2; ++h)
+                dot[m][h] = T == 2 ? _mm256_add_epi32(_mm256_mullo_epi32(dot_hi[m][h], radix), dot_lo[m][h]) : dot_lo[m][h];
     }
 };
 

@@ -5,8 +5,9 @@
 //
 // A block dot policy Dots supplies, for one 32-value block of a tile (16 weight rows) and MR
 // activation rows, the exact integer dot[m][h] = rows [8h, 8h + 8)'s int32 254 * (w . hi) + (w . lo):
-//   static void block<F, MR>(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2])
+//   static void block<F, MR, T>(const uint8_t* wb, const BlockCodes& x, __m256i (*dot)[2])
 //   wb: the block's bytes   x: the MR rows' codes of the block (below)
+//   T: QuantizedRows::terms; with 1, hi is zero and a policy may skip its products (the same bits)
 // and says whether it reads int8 weights against the codes joined in int16 (kWideQ8: 254 hi + lo).
 // Integer sums are exact, so every policy gives the same bits.
 #pragma once
@@ -62,7 +63,7 @@ inline void in_order(__m256i& v) { __asm__("" : "+x"(v)); }
 //   xsum: f32 [x.rows, n_groups], the activations' sum over each group (int4)
 //   wide: int16 [x.rows, x.padded_cols], 254 hi + lo (int8 with Dots::kWideQ8), else null
 //   (noinline: one symbol per instance in profiles and objdump)
-template <class Dots, WeightFormat F, int MR>
+template <class Dots, WeightFormat F, int MR, int T>
 __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& x,
                                           const float* xsum, const int16_t* wide, int64_t m0, int64_t tile, int64_t n_begin,
                                           int64_t n_end, float* y) {
@@ -98,7 +99,7 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
             const int64_t first = m0 * x.padded_cols + b * kBlock;
             const BlockCodes codes{x.hi + first, x.lo - x.hi, x.padded_cols, x.code_sums + (m0 * n_blocks + b) * 2,
                                    n_blocks * 2, wide ? wide + first : nullptr};
-            Dots::template block<F, MR>(wb, codes, dot);
+            Dots::template block<F, MR, T>(wb, codes, dot);
             for (int m = 0; m < MR; ++m) {
                 const __m256 step = _mm256_set1_ps(x.step[(m0 + m) * n_blocks + b]);
                 for (int h = 0; h < 2; ++h)
@@ -120,8 +121,8 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
     }
 }
 
-template <class Dots, WeightFormat F>
-void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+template <class Dots, WeightFormat F, int T>
+void tiled_weights_terms(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
     const TiledLayout t = tiled_layout(w);
     const int64_t n_groups = w.n_groups();
     thread_local std::vector<float> xsum;
@@ -144,11 +145,18 @@ void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_
             const int64_t m_end = std::min(x.rows, m_begin + chunk);
             for (int64_t tile = run_begin; tile < run_end; ++tile) {
                 int64_t m = m_begin;
-                for (; m + 2 <= m_end; m += 2) tiled_tile<Dots, F, 2>(w, t, x, xsum.data(), wide_codes, m, tile, n_begin, n_end, y);
-                if (m < m_end) tiled_tile<Dots, F, 1>(w, t, x, xsum.data(), wide_codes, m, tile, n_begin, n_end, y);
+                for (; m + 2 <= m_end; m += 2)
+                    tiled_tile<Dots, F, 2, T>(w, t, x, xsum.data(), wide_codes, m, tile, n_begin, n_end, y);
+                if (m < m_end) tiled_tile<Dots, F, 1, T>(w, t, x, xsum.data(), wide_codes, m, tile, n_begin, n_end, y);
             }
         }
     }
+}
+
+template <class Dots, WeightFormat F>
+void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
+    if (x.terms == 1) tiled_weights_terms<Dots, F, 1>(w, x, n_begin, n_end, y);
+    else tiled_weights_terms<Dots, F, 2>(w, x, n_begin, n_end, y);
 }
 
 }  // namespace
