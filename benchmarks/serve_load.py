@@ -2,13 +2,14 @@
 
     python benchmarks/serve_load.py [--models smollm2,random-1.1b] [--clients 1,2,4,8,16] [-n 64]
         [--requests 2] [-r 2] [-t 2] [--llama-cpp-dir DIR] [--engines pyllm,pyllm-int8,llama-server] [--json FILE]
+        [--temperature 0] [--top-p 1]
 
 Same weights (benchmarks/compare.py's files: SmolLM2-135M-Instruct's f32 weights as pyllm int4_sym
 g32 beside llama.cpp's Q4_0 quantization of them; random weights with TinyLlama-1.1B's shapes the
 same way), same threads (-t, both for generation and prompts), 127.0.0.1 only, the official `openai`
-client, greedy /v1/completions requests that stream and ignore the end-of-sequence token (pyllm:
-logit_bias -100 on the model's end ids; llama-server: ignore_eos) so that each generates exactly -n
-tokens. For each client count C both servers run with --parallel C (each slot holding --ctx
+client, greedy (or --temperature / --top-p) /v1/completions requests that stream and ignore the
+end-of-sequence token (pyllm: logit_bias -100 on the model's end ids; llama-server: ignore_eos) so
+that each generates exactly -n tokens. For each client count C both servers run with --parallel C (each slot holding --ctx
 tokens); C clients send --requests streaming requests each, one after the other (distinct ~60-token
 prompts), all at once. Reported per engine and C: aggregate generated tokens/s over the run (all
 tokens over the wall time, prefill included), aggregate decode tokens/s (each client's tokens after
@@ -128,14 +129,24 @@ class ServerProcess:
 
 # -- clients --------------------------------------------------------------------------------------
 
+# The requests' sampling (--temperature, --top-p): greedy unless set. With temperature > 0 llama-server
+# is also asked for top_k 0 and min_p 0 (its defaults are 40 and 0.05), so both draw from the same
+# distribution.
+SAMPLING = {"temperature": 0.0, "top_p": 1.0}
+
+
 def stream_request(server: ServerProcess, prompt: str, max_tokens: int, stop_after: threading.Event | None = None,
                    first: threading.Event | None = None) -> dict:
-    """One streamed greedy completion: {"sent", "chunks": [arrival times of content chunks], "tokens"}."""
+    """One streamed completion: {"sent", "chunks": [arrival times of content chunks], "tokens"}."""
     client = server.client()
     sent = time.perf_counter()
     chunks, tokens = [], None
-    stream = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}, extra_body=server.extra)
+    extra = dict(server.extra)
+    if SAMPLING["temperature"] > 0 and server.engine == "llama-server":
+        extra.update(top_k=0, min_p=0.0)
+    stream = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, stream=True,
+                                       temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
+                                       stream_options={"include_usage": True}, extra_body=extra)
     for c in stream:
         if c.choices and c.choices[0].text:
             chunks.append(time.perf_counter())
@@ -319,12 +330,15 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=512, help="tokens per slot (default 512)")
     p.add_argument("--no-probe", action="store_true", help="skip the TTFT-under-load probe at 8 clients")
+    p.add_argument("--temperature", type=float, default=0.0, help="the requests' temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="the requests' top_p (default 1)")
     p.add_argument("--llama-cpp-dir", default=None, help="where llama-server is (default $LLAMA_CPP_DIR)")
     p.add_argument("--work", default=os.path.expanduser("~/.cache/pyllm/bench"), help="model files (cached)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",")]
     args.clients = [int(c) for c in args.clients.split(",")]
+    SAMPLING.update(temperature=args.temperature, top_p=args.top_p)
     unknown = set(args.engines) - {*PYLLM_ENGINES, "llama-server"}
     if unknown:
         raise SystemExit(f"unknown engine(s) {', '.join(sorted(unknown))} ({', '.join(PYLLM_ENGINES)}, llama-server)")
@@ -332,7 +346,8 @@ def main(argv=None) -> int:
     os.makedirs(args.work, exist_ok=True)
     results = {}
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; -t {args.threads}; -n {args.n_gen}; "
-          f"{args.requests} request(s) per client; median of {args.repetitions}")
+          f"{args.requests} request(s) per client; median of {args.repetitions}; temperature {args.temperature}, "
+          f"top_p {args.top_p}")
     for model in args.models.split(","):
         results[model] = measure_model(model, args, llama_server)
         print(report(model, results[model], args.clients), flush=True)

@@ -120,8 +120,7 @@ class Sampler:
         """logits: f32 [vocab]; context: the token ids so far -> token id."""
         if self.params.temperature == 0:
             return int(np.argmax(self.processed(logits, context)))
-        probs = self.probabilities(logits, context)
-        return int(self.rng.choice(probs.size, p=probs))
+        return draw(self.rng, self.probabilities(logits, context))
 
     def processed(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
         """logits: f32 [vocab] -> f64 [vocab] after every processor. Raises ValueError when the
@@ -159,33 +158,44 @@ class Sampler:
         return probs
 
 
+def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
+    """One id drawn from probs (f64 [vocab], non-negative, summing to 1): numpy's
+    rng.choice(probs.size, p=probs) bit for bit, without its checks and over the possible ids only.
+    choice takes one rng.random(), the cumulative sum of probs normalized by its last value, and the
+    first id whose sum exceeds the draw; the zeros in between add nothing to a sequential sum and are
+    never the first to exceed it, so the possible ids' own cumulative sum finds the same id.
+    choice took 0.3-0.55 ms a token over SmolLM2's 49152 ids; this 0.1 ms after top-k or top-p."""
+    possible = np.flatnonzero(probs) if np.count_nonzero(probs) < probs.size else None
+    cdf = np.cumsum(probs if possible is None else probs[possible])
+    cdf /= cdf[-1]
+    i = int(np.searchsorted(cdf, rng.random(), side="right"))
+    return i if possible is None else int(possible[i])
+
+
 def nucleus(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
     """Top-p's tokens (transformers' rule): the most likely ids, in descending order of probability
     (ties: lower id first), up to and including the first whose cumulative probability reaches top_p;
     all of them if none does. probs: f64 [vocab].
 
-    Found among the `first` most likely candidates (every id at least as likely as the first-th),
-    then 8x more while the candidates do not reach top_p: the candidates come first in the order of
-    the whole vocabulary and cumsum adds in sequence, so the result is the same as sorting all ids,
-    bit for bit. When fewer than `first` ids are possible (top-k's zeros), they are the candidates.
-    A stable sort of 49152 probabilities took 3.4 ms a token; this ~0.05 ms."""
+    Found among the candidates at least 1/first as likely as the most likely id, then 8x less likely
+    each time (down to 1/(first 8^9)), then among all ids, until the candidates reach top_p. Every id
+    above a threshold comes before every id below it in the order of the whole vocabulary, and cumsum
+    adds in sequence, so the result is the same as sorting all ids, bit for bit. A stable sort of
+    49152 probabilities took 3.4 ms a token, the 64 most likely found by a partition 0.1-0.27 ms, a
+    threshold 0.01-0.03 ms."""
     n = probs.size
-    positive = np.flatnonzero(probs > 0)  # ascending ids
-    k = first
-    while True:
-        if k >= n:
+    top = probs.max()
+    for threshold in [top / first / 8**i for i in range(10)] + [0.0]:
+        candidates = np.flatnonzero(probs >= threshold) if threshold > 0 else None
+        if candidates is None or candidates.size == n:
             order = np.argsort(-probs, kind="stable")
-        elif positive.size <= k:  # the k-th largest is 0: every possible id is a candidate
-            order = positive[np.argsort(-probs[positive], kind="stable")]
         else:
-            kth = np.partition(probs, n - k)[n - k]  # the k-th largest, > 0
-            candidates = np.flatnonzero(probs >= kth)  # ascending ids, every tie of kth among them
             order = candidates[np.argsort(-probs[candidates], kind="stable")]
         cumulative = np.cumsum(probs[order])
         end = int(np.searchsorted(cumulative, top_p))
         if end < order.size or order.size == n:
             return order[: end + 1]
-        k *= 8
+    raise AssertionError("unreachable: the last threshold takes every id")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

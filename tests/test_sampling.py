@@ -174,6 +174,31 @@ def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
     return order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
 
 
+def test_draw_is_numpy_choice_bit_for_bit():
+    """draw() is rng.choice(n, p=probs) without its checks, over the possible ids: for every seed the
+    same ids, from the same random stream, for peaked, flat, tied and mostly-zero (top-k / top-p)
+    distributions of 1 to 49152 ids, several draws in a row."""
+    from pyllm.sampling import draw
+
+    g = np.random.default_rng(5)
+    for n in (1, 2, 7, 64, 1000, 49152):
+        for kind in ("peaked", "flat", "zeros", "ties"):
+            scores = g.standard_normal(n) * (0.01 if kind == "flat" else 3)
+            if kind == "zeros":
+                scores[g.random(n) < 0.95] = -np.inf
+            if kind == "ties":
+                scores = np.round(scores, 1)
+            if not np.isfinite(scores).any():
+                scores[0] = 0.0
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+            for seed in range(40 if n < 49152 else 8):
+                ours, numpys = np.random.default_rng(seed), np.random.default_rng(seed)
+                got = [draw(ours, probs) for _ in range(3)]
+                assert got == [int(numpys.choice(n, p=probs)) for _ in range(3)], (n, kind, seed)
+                assert all(probs[i] > 0 for i in got)
+
+
 def test_nucleus_is_the_full_sort_bit_for_bit():
     """top-p's token set is found among the most likely candidates first (nucleus); against sorting
     the whole vocabulary it must give the same ids in the same order: peaked, flat (the nucleus far
