@@ -73,13 +73,13 @@ def main(argv=None) -> int:
             samples[n].append(n * args.n_gen / decode_seconds(llm.engine, n, args.n_prompt, args.n_gen, rng, vocab))
     median = {n: statistics.median(v) for n, v in samples.items()}
     result = {"model": os.path.abspath(path), "cpu": cpu_name(), "threads": llm.n_threads, "n_prompt": args.n_prompt,
-              "n_gen": args.n_gen, "repetitions": args.repetitions,
+              "n_gen": args.n_gen, "repetitions": args.repetitions, "activation_quant": llm.engine.activation_quant,
               "aggregate_tokens_per_s": {str(n): v for n, v in samples.items()}}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{os.path.basename(path)}; {cpu_name()}, {llm.n_threads} threads; prefill {args.n_prompt}, "
-          f"{args.n_gen} decode steps, median of {args.repetitions}\n")
+    print(f"{os.path.basename(path)}; {cpu_name()}, {llm.n_threads} threads, activations {llm.engine.activation_quant}; "
+          f"prefill {args.n_prompt}, {args.n_gen} decode steps, median of {args.repetitions}\n")
     print("| sequences | aggregate tok/s | x one sequence | ms per step |")
     print("|---|---|---|---|")
     for n in counts:

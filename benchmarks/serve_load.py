@@ -130,9 +130,11 @@ class ServerProcess:
 # -- clients --------------------------------------------------------------------------------------
 
 # The requests' sampling (--temperature, --top-p): greedy unless set. With temperature > 0 llama-server
-# is also asked for top_k 0 and min_p 0 (its defaults are 40 and 0.05), so both draw from the same
-# distribution.
+# is also asked for top_k 0 and min_p 0 (its defaults are 40 and 0.05) and for temperature first in its
+# sampler chain (its default applies it last, after top-p; pyllm, as transformers, first), so both
+# draw from the same distribution.
 SAMPLING = {"temperature": 0.0, "top_p": 1.0}
+LLAMA_SERVER_SAMPLERS = ["temperature", "top_k", "top_p", "min_p"]
 
 
 def stream_request(server: ServerProcess, prompt: str, max_tokens: int, stop_after: threading.Event | None = None,
@@ -143,7 +145,7 @@ def stream_request(server: ServerProcess, prompt: str, max_tokens: int, stop_aft
     chunks, tokens = [], None
     extra = dict(server.extra)
     if SAMPLING["temperature"] > 0 and server.engine == "llama-server":
-        extra.update(top_k=0, min_p=0.0)
+        extra.update(top_k=0, min_p=0.0, samplers=LLAMA_SERVER_SAMPLERS)
     stream = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, stream=True,
                                        temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
                                        stream_options={"include_usage": True}, extra_body=extra)

@@ -297,8 +297,9 @@ def format_report(r: dict) -> str:
     formats = ", ".join(f"{k} x{v}" for k, v in r["formats"].items())
     lines = [
         f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB ({formats})",
-        f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, activations {r['activation_quant']}, "
-        f"{r['repetitions']} repetitions",
+        f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, "
+        + (f"activations {r['activation_quant']}, " if any(k.startswith("int") for k in r["formats"]) else "")
+        + f"{r['repetitions']} repetitions",
         "",
         "| test | tokens/s median | min | max | stdev |",
         "|---|---|---|---|---|",

@@ -82,10 +82,43 @@ def test_activation_quant_is_checked(model_file):
             pyllm.LLM(model_file, activation_quant=bad)
     with pytest.raises(ValueError, match="activation_quant .* CPU engine"):
         pyllm.LLM(model_file, device="cuda", activation_quant="int8")
+    for device in ("gpu", "CPU"):  # the device is checked first, whatever activation_quant says
+        with pytest.raises(ValueError, match="device must be one of cpu, cuda"):
+            pyllm.LLM(model_file, device=device, activation_quant="int8")
     with pyllm.LLM(model_file, n_threads=1) as llm:
         with pytest.raises(ValueError, match="activation_quant"):
             llm.engine.activation_quant = "int3"
         assert llm.engine.activation_quant == "int8x2"
+        llm.engine.activation_quant = "int8"  # before the first use: it may change
+        llm.engine.activation_quant = "int8x2"
+        llm.generate("Paris is", max_new_tokens=2, temperature=0)
+        llm.engine.activation_quant = "int8x2"  # the same: nothing changes
+        # afterwards the cache holds keys and values computed with int8x2, and prefixes are reused
+        with pytest.raises(ValueError, match="chosen before the engine's first use"):
+            llm.engine.activation_quant = "int8"
+        assert llm.engine.activation_quant == "int8x2"
+
+
+def test_a_callback_calling_back_into_the_engine_gets_an_error_not_a_hang(model_file):
+    """observe_inputs' callback runs inside a forward: a call back into the engine (which would wait
+    for that forward forever) raises instead."""
+    with pyllm.LLM(model_file, n_threads=1) as llm:
+        calls = [lambda: llm.engine.copy_sequence(0, 0, 1),
+                 lambda: llm.engine.forward(np.array([1], np.int32), 0),
+                 lambda: setattr(llm.engine, "activation_quant", "int8x2")]
+        for call in calls:
+            seen = []
+
+            def callback(layer, which, x, call=call):
+                if not seen:
+                    try:
+                        call()
+                    except ValueError as e:
+                        seen.append(str(e))
+
+            llm.engine.observe_inputs(np.array([5, 6, 7], np.int32), 0, callback)
+            assert seen and "running a forward in this thread" in seen[0], seen
+        assert llm.generate("Paris is", max_new_tokens=2, temperature=0)  # the engine still works
 
 
 def test_batched_greedy_on_a_sliding_window_softcapped_family(gemma_file):

@@ -115,7 +115,8 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
         if (tokens[i] < 0 || tokens[i] >= vocab)
             throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
                                     std::to_string(vocab));
-    std::lock_guard<std::mutex> lock(forward_mutex_);
+    const ForwardLock lock(*this);
+    used_ = true;
     for (int64_t start = 0; start < n; start += max_batch()) {
         const int64_t len = std::min(max_batch(), n - start);
         float* out = nullptr;
@@ -159,7 +160,8 @@ void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const i
     for (int64_t j = 0; j < n_logits; ++j)
         if (logit_rows[j] < 0 || logit_rows[j] >= n || (j > 0 && logit_rows[j] <= logit_rows[j - 1]))
             throw std::invalid_argument("logit rows must be ascending row indices");
-    std::lock_guard<std::mutex> lock(forward_mutex_);
+    const ForwardLock lock(*this);
+    used_ = true;
     // steps of at most max_batch() rows; a span cut in two continues in the next step
     const int64_t step_rows = max_batch();
     std::vector<Span> step_spans;
@@ -188,7 +190,8 @@ void Engine::set_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, 
     if (n <= 0 || pos0 < 0 || pos0 > context_length() - n)
         throw std::out_of_range("set_cache: positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + n - 1) +
                                 " exceed the context length " + std::to_string(context_length()));
-    std::lock_guard<std::mutex> lock(forward_mutex_);
+    const ForwardLock lock(*this);
+    used_ = true;
     write_cache(seq, pos0, n, keys, values);
 }
 
@@ -197,7 +200,8 @@ void Engine::copy_sequence(int64_t src, int64_t dst, int64_t n_positions) {
         throw std::out_of_range("copy_sequence: sequences must lie in [0, " + std::to_string(n_seq()) + ")");
     if (n_positions < 0 || n_positions > context_length())
         throw std::out_of_range("copy_sequence: positions exceed the context length");
-    std::lock_guard<std::mutex> lock(forward_mutex_);
+    const ForwardLock lock(*this);
+    used_ = true;
     if (src != dst && n_positions > 0) copy_cache(src, dst, n_positions);
 }
 
@@ -365,8 +369,11 @@ public:
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
     const char* kv_cache() const override { return kv_type_name(kv_type_); }
-    const char* activation_quant() const override { return activation_quant_name(scratch_.terms); }
-    void apply_activation_quant(const std::string& name) override { scratch_.terms = activation_terms(name); }
+    const char* activation_quant() const override { return activation_quant_name(activation_terms_.load()); }
+    void apply_activation_quant(const std::string& name) override {  // under ForwardLock
+        scratch_.terms = activation_terms(name);
+        activation_terms_.store(scratch_.terms);
+    }
     int64_t n_seq() const override { return n_seq_; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
     void set_observer(InputObserver observer) override { observer_ = std::move(observer); }
@@ -648,6 +655,7 @@ private:
     std::vector<int32_t> positions_;
     std::vector<float> cos_sin_, cos_sin_local_;  // [kMaxBatch, 2, rotary_dim / 2]: this batch's rope angles
     ActivationScratch scratch_;
+    std::atomic<int32_t> activation_terms_{2};  // scratch_.terms, for readers outside the forward lock
     std::vector<AlignedBytes> tiled_storage_;  // rearranged weights (tile_for_active_kernels)
     StageClock clock_;
 };

@@ -8,9 +8,11 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <atomic>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -125,10 +127,16 @@ public:
     // of 32, ~15 bits: the default) or "int8" (one term, as llama.cpp's Q8_0 activations: half the
     // integer work of a matmul; docs/QUALITY.md gives its perplexity cost). Engines that multiply
     // with float activations (CUDA) have no choice: their getter says "float" and the setter throws
-    // std::invalid_argument. The setter waits for a running forward to end.
+    // std::invalid_argument. It is chosen before the engine's first use (forward, forward_rows,
+    // set_cache, copy_sequence): afterwards the cache holds keys and values computed with the one in
+    // force, and a change throws std::invalid_argument.
     virtual const char* activation_quant() const { return "float"; }
     void set_activation_quant(const std::string& name) {
-        std::lock_guard<std::mutex> lock(forward_mutex_);
+        const ForwardLock lock(*this);
+        if (used_ && name != activation_quant())
+            throw std::invalid_argument(std::string("activation_quant is chosen before the engine's first use: its "
+                                                    "cache holds keys and values computed with '") +
+                                        activation_quant() + "'");
         apply_activation_quant(name);
     }
     // Seconds spent in each stage of forward() since the engine was made, when it was made with
@@ -165,6 +173,30 @@ protected:
         (void)seq, (void)pos0, (void)n, (void)keys, (void)values;
         throw std::invalid_argument(std::string("the ") + device() + " engine does not take cache contents");
     }
+    // Serialises the engine's calls (forward, forward_rows, set_cache, copy_sequence, set_activation_quant):
+    // waits for a running one to end, and throws std::invalid_argument when this thread is running one
+    // already (an observer callback calling back into the engine), where waiting would never end.
+    class ForwardLock {
+    public:
+        explicit ForwardLock(Engine& engine) : engine_(engine) {
+            if (engine.forward_owner_.load() == std::this_thread::get_id())
+                throw std::invalid_argument("the engine is running a forward in this thread already (a callback "
+                                            "cannot call back into the engine)");
+            engine.forward_mutex_.lock();
+            engine.forward_owner_.store(std::this_thread::get_id());
+        }
+        ~ForwardLock() {
+            engine_.forward_owner_.store(std::thread::id());
+            engine_.forward_mutex_.unlock();
+        }
+        ForwardLock(const ForwardLock&) = delete;
+        ForwardLock& operator=(const ForwardLock&) = delete;
+
+    private:
+        Engine& engine_;
+    };
+    bool used_ = false;  // a call has touched the cache (set under ForwardLock)
+
     virtual void apply_activation_quant(const std::string& name) {
         throw std::invalid_argument(std::string("the ") + device() + " engine multiplies with float activations: "
                                     "activation_quant '" + name + "' does not apply");
@@ -177,6 +209,7 @@ protected:
 
 private:
     std::mutex forward_mutex_;
+    std::atomic<std::thread::id> forward_owner_{};
 };
 
 // kv_cache: the KV cache's element type, "f16", "f32", "q8_0" (llama.cpp's blocks of 32, head_dim a
