@@ -124,7 +124,11 @@ class Sampler:
 
     def processed(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
         """logits: f32 [vocab] -> f64 [vocab] after every processor. Raises ValueError when the
-        processors leave no token possible."""
+        logits hold NaN or infinity (the model's numbers overflowed) or the processors leave no
+        token possible."""
+        if not np.isfinite(logits).all():
+            raise ValueError("the model's logits are not finite (NaN or infinity): its weights or activations "
+                             "overflowed, so no token can be chosen")
         scores = logits.astype(np.float64)
         ids = context if context is not None else []
         for processor in self.processors:

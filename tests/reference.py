@@ -151,7 +151,8 @@ def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     "int8" one term, x ~ step * lo with hi zero.
 
     x f32 [M, K] -> hi, lo int8 [M, P], step, sum f32 [M, P / 32] with P = K rounded up to 32.
-    The C++ steps exactly, with R = 254 for two terms and 1 for one: units = f32(f64(x) * f64(127 R /
+    A block holding NaN or infinity gets codes 0 and a NaN step and sum. Otherwise the C++ steps
+    exactly, with R = 254 for two terms and 1 for one: units = f32(f64(x) * f64(127 R /
     absmax)), hi = clamp(rint(units / 254)) (two terms) else 0, lo = clamp(rint(units - 254 hi)), both to
     [-127, 127]; step = absmax / (127 R); sum = step * sum(254 hi + lo).
     """
@@ -163,12 +164,15 @@ def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     blocks[:, :K] = x
     blocks = blocks.reshape(M, P // 32, 32)
     amax = np.abs(blocks).max(axis=2)  # f32 [M, P / 32]
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inverse = np.where(amax > 0, (127.0 * radix) / amax.astype(np.float64), 0.0)
-    units = (blocks.astype(np.float64) * inverse[:, :, None]).astype(np.float32)
+        units = (blocks.astype(np.float64) * inverse[:, :, None]).astype(np.float32)
     hi = np.clip(np.rint(units / np.float32(254)), -127, 127).astype(np.float32) if radix == 254 else 0 * units
     lo = np.clip(np.rint(units - hi * np.float32(254)), -127, 127).astype(np.float32)
     step = (amax / np.float32(127.0 * radix)).astype(np.float32)
+    # a block holding NaN or infinity: codes 0, step and sum NaN (every output of its row is NaN)
+    bad = ~np.isfinite(blocks).all(axis=2)
+    hi[bad], lo[bad], step[bad] = 0, 0, np.nan
     total = (hi * 254 + lo).sum(axis=2, dtype=np.float64).astype(np.float32)  # exact integers
     return (hi.astype(np.int8).reshape(M, P), lo.astype(np.int8).reshape(M, P), step,
             (step * total).astype(np.float32))

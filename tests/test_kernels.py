@@ -342,6 +342,33 @@ def test_matmul_one_term_activations(kernels, fmt, shape, n_threads):
         assert_nmse(y, exact, 5e-4, what)
 
 
+@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_matmul_non_finite_activations(kernels, fmt, activation_quant):
+    """A row holding NaN or infinity gives a non-finite output row on every variant (quantized
+    weights: all NaN, as its blocks' steps are NaN; float weights: what the float products give), and
+    the other rows the bits they get when those values are 0 instead. Row counts of each kernel path
+    (1, 5, 8, 17)."""
+    for M, N, K in [(1, 37, 100), (5, 37, 100), (8, 37, 576), (17, 200, 96)]:
+        x, _, bias, args, W, A = matmul_case(fmt, M, N, K, 32)
+        x = x.copy()
+        bad = {0: np.nan, M // 2: np.inf, M - 1: -np.inf}
+        for row, value in bad.items():
+            x[row, (7 * row) % K] = value
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = _core.matmul(x, bias=bias, activation_quant=activation_quant, n_threads=2, **args)
+        clean = _core.matmul(np.where(np.isfinite(x), x, 0), bias=bias, activation_quant=activation_quant,
+                             n_threads=2, **args)
+        what = f"{kernels} {fmt} {activation_quant} M={M} N={N} K={K}"
+        for row in range(M):
+            if row in bad:
+                assert not np.isfinite(y[row]).any(), f"{what}: row {row} ({bad[row]}) has finite outputs"
+                if fmt in QUANT_FORMATS:
+                    assert np.isnan(y[row]).all(), f"{what}: row {row}"
+            else:
+                np.testing.assert_array_equal(y[row], clean[row], err_msg=f"{what}: row {row}")
+
+
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_matmul_identity_reads_every_weight(kernels, fmt):
     """x = I_K gives y = W^T: each weight element is read on its own, so a
@@ -400,6 +427,8 @@ def test_quantize_activations_bit_exact(kernels, M, K, activation_quant):
     if M > 2:
         x[2, ::5] = 3e35  # huge values
         x[2, 1::7] = 0.5 + rng.integers(-3, 4, x[2, 1::7].shape) / 254.0 * 3e35 / 127  # ties of the rounding
+    if M > 16:  # blocks with NaN or infinity (codes 0, step NaN), beside finite ones in the same rows
+        x[15, 3], x[16, 40], x[14, K - 1] = np.nan, np.inf, -np.inf
     got = _core.quantize_activations(x, activation_quant)
     expected = ref.quantize_activations_ref(x, activation_quant)
     for name, g, e in zip(("hi", "lo", "step", "sum"), got, expected):
@@ -409,7 +438,8 @@ def test_quantize_activations_bit_exact(kernels, M, K, activation_quant):
     hi, lo, step, _ = got
     steps = step.repeat(32, axis=1)[:, :K]
     approx = steps * (254.0 * hi[:, :K] + lo[:, :K])
-    normal = steps >= np.finfo(np.float32).tiny
+    with np.errstate(invalid="ignore"):
+        normal = steps >= np.finfo(np.float32).tiny  # NaN steps (non-finite blocks) compare False
     assert np.all((np.abs(approx - x) <= 0.5 * steps + 4 * U * np.abs(x))[normal])
 
 

@@ -174,6 +174,15 @@ def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
     return order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=0.8, top_p=0.9)])
+def test_non_finite_logits_are_refused_with_a_clear_error(bad, params):
+    logits = np.zeros(VOCAB, np.float32)
+    logits[7] = bad
+    with pytest.raises(ValueError, match="logits are not finite"):
+        Sampler(SamplingParams(**params))(logits)
+
+
 def test_draw_is_numpy_choice_bit_for_bit():
     """draw() is rng.choice(n, p=probs) without its checks, over the possible ids: for every seed the
     same ids, from the same random stream, for peaked, flat, tied and mostly-zero (top-k / top-p)

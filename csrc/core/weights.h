@@ -96,7 +96,8 @@ void validate_weight(const WeightView& w, const std::string& what);
 // int8 code (step * kResidualRadix = absmax / 127) and lo the int8 code of what
 // hi leaves over, so a block keeps ~15 bits where one int8 term keeps 8: one
 // int8 term adds ~2e-3 NMSE to the logits of a 30-layer model, two terms ~1e-7.
-// Rows are padded with zeros to padded_cols.
+// Rows are padded with zeros to padded_cols. A block holding NaN or infinity gets codes 0 and a NaN
+// step and sum, so every output of its row is NaN on every kernel variant (as float math would give).
 //
 // With terms == 1 (an engine's activation_quant "int8": llama.cpp's Q8_0 activations with an f32
 // step) a block keeps one int8 term: lo = round(x / step), step = absmax / 127, and hi is all zero,

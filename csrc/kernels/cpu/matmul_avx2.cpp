@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../../core/numeric.h"
@@ -405,6 +406,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
     const int64_t n_blocks = out.padded_cols / kBlock;
     const __m256 radix = _mm256_set1_ps((float)kResidualRadix), limit = _mm256_set1_ps(127.0f);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t m = row_begin; m < row_end; ++m) {
         const float* xr = x + m * cols;
@@ -418,6 +420,15 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
                 v[j] = _mm256_maskload_ps(xr + start + 8 * j, mask);
                 amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
+            }
+            int non_finite = 0;  // NaN or infinity (|v| > FLT_MAX, unordered for NaN): as quantize_rows_portable
+            for (int j = 0; j < 4; ++j)
+                non_finite |= _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v[j], abs_mask), largest, _CMP_NLE_UQ));
+            if (non_finite) {
+                std::memset(out.hi + m * out.padded_cols + start, 0, kBlock);
+                std::memset(out.lo + m * out.padded_cols + start, 0, kBlock);
+                out.step[m * n_blocks + b] = out.sum[m * n_blocks + b] = std::numeric_limits<float>::quiet_NaN();
+                continue;
             }
             __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
             a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));

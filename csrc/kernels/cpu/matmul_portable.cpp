@@ -4,6 +4,7 @@
 // block with the weight group's scale (and min) and the activation block's scale.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../../core/numeric.h"
 #include "kernels.h"
@@ -95,7 +96,17 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
         for (int64_t b = 0; b < n_blocks; ++b) {
             const int64_t start = b * kBlock, len = std::min<int64_t>(kBlock, cols - start);
             float amax = 0.0f;
-            for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(xr[start + i]));
+            bool finite = true;
+            for (int64_t i = 0; i < len; ++i) {
+                amax = std::max(amax, std::fabs(xr[start + i]));
+                finite = finite && std::isfinite(xr[start + i]);
+            }
+            if (!finite) {  // NaN or infinity: codes 0 and a NaN step, so every output of the row is NaN
+                std::fill(hi + start, hi + start + kBlock, (int8_t)0);
+                std::fill(lo + start, lo + start + kBlock, (int8_t)0);
+                out.step[m * n_blocks + b] = out.sum[m * n_blocks + b] = std::numeric_limits<float>::quiet_NaN();
+                continue;
+            }
             if (out.terms == 1) {  // one term: lo = round(x / step), step = absmax / 127, hi zero
                 const double inverse = amax > 0.0f ? 127.0 / (double)amax : 0.0;
                 int32_t sum = 0;
