@@ -121,6 +121,20 @@ def test_a_callback_calling_back_into_the_engine_gets_an_error_not_a_hang(model_
         assert llm.generate("Paris is", max_new_tokens=2, temperature=0)  # the engine still works
 
 
+@pytest.mark.parametrize("error", [KeyError("k"), SystemExit(143), KeyboardInterrupt()])
+def test_a_callback_s_exception_comes_out_as_itself(model_file, error):
+    """observe_inputs stops at the callback's exception and raises it again, type and all: a SIGTERM
+    handler's SystemExit during calibration must end the CLI with 143, not with a RuntimeError."""
+    def callback(layer, which, x):
+        raise error
+
+    with pyllm.LLM(model_file, n_threads=1) as llm:
+        with pytest.raises(type(error)) as caught:
+            llm.engine.observe_inputs(np.array([5, 6, 7], np.int32), 0, callback)
+        assert caught.value.args == error.args
+        assert llm.generate("Paris is", max_new_tokens=2, temperature=0)
+
+
 def test_batched_greedy_on_a_sliding_window_softcapped_family(gemma_file):
     """Gemma 2 (windows shorter than the sequences, soft-capping): batched equals alone past the window."""
     with pyllm.LLM(gemma_file, n_threads=2) as alone:

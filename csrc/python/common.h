@@ -327,14 +327,18 @@ public:
     void observe_inputs(const py::array& token_array, int64_t pos, const py::function& callback) {
         const I32Array tokens = int32_values(token_array, "tokens");
         if (tokens.ndim() != 1 || tokens.shape(0) == 0) bad("tokens must be 1-D and not empty");
-        engine_->set_observer([&callback](int64_t layer, int input, const float* x, int64_t M, int64_t cols) {
+        // The callback's exception stops the forward and is raised again as itself afterwards: SystemExit
+        // from a SIGTERM handler stays SystemExit (the CLI exits 143), a ValueError a ValueError.
+        std::unique_ptr<py::error_already_set> failure;
+        engine_->set_observer([&callback, &failure](int64_t layer, int input, const float* x, int64_t M, int64_t cols) {
             py::gil_scoped_acquire gil;
             try {
                 py::array_t<float> copy({M, cols});
                 std::copy_n(x, M * cols, copy.mutable_data());
                 callback(layer, input, copy);
-            } catch (py::error_already_set& e) {  // carried out as a C++ exception, raised again below
-                throw std::runtime_error(std::string("observer callback failed: ") + e.what());
+            } catch (py::error_already_set& e) {
+                failure = std::make_unique<py::error_already_set>(std::move(e));
+                throw std::runtime_error("observer callback failed");
             }
         });
         struct Detach {
@@ -343,8 +347,13 @@ public:
         } detach{engine_.get()};
         const int32_t* ids = tokens.data();
         const int64_t n = tokens.shape(0);
-        py::gil_scoped_release release;
-        engine_->forward(ids, n, pos, nullptr, false);
+        try {
+            py::gil_scoped_release release;
+            engine_->forward(ids, n, pos, nullptr, false);
+        } catch (const std::runtime_error&) {
+            if (failure) throw py::error_already_set(std::move(*failure));
+            throw;
+        }
     }
 
     int64_t context_length() const { return engine_->context_length(); }
