@@ -201,11 +201,31 @@ def test_draw_is_numpy_choice_bit_for_bit():
                 scores[0] = 0.0
             probs = np.exp(scores - scores.max())
             probs /= probs.sum()
+            # the possible ids, when given: exactly the nonzero ones, or with some zeros among them
+            nonzero = np.flatnonzero(probs)
+            padded = np.union1d(nonzero, g.choice(n, size=min(n, 5), replace=False))
             for seed in range(40 if n < 49152 else 8):
-                ours, numpys = np.random.default_rng(seed), np.random.default_rng(seed)
-                got = [draw(ours, probs) for _ in range(3)]
-                assert got == [int(numpys.choice(n, p=probs)) for _ in range(3)], (n, kind, seed)
-                assert all(probs[i] > 0 for i in got)
+                expected = [int(choice) for choice in np.random.default_rng(seed).choice(n, size=3, p=probs)]
+                for possible in (None, nonzero, padded):
+                    ours = np.random.default_rng(seed)
+                    got = [draw(ours, probs, possible) for _ in range(3)]
+                    assert got == expected, (n, kind, seed, possible is None)
+                    assert all(probs[i] > 0 for i in got)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.8), dict(temperature=0.7, top_k=40),
+                                    dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95, min_p=0.05),
+                                    dict(temperature=1.3, top_k=100, top_p=0.5, min_p=0.2)])
+def test_sampler_draws_what_choice_draws_from_its_probabilities(params):
+    """Sampler() takes the filters' possible ids straight to draw(): the same token as numpy's
+    choice over probabilities() for every seed."""
+    g = np.random.default_rng(3)
+    for n in (50, 49152):
+        logits = (g.standard_normal(n) * 4).astype(np.float32)
+        for seed in range(30):
+            sampler = Sampler(SamplingParams(seed=seed, **params))
+            probs = sampler.probabilities(logits)
+            assert sampler(logits) == int(np.random.default_rng(seed).choice(n, p=probs)), (n, seed)
 
 
 def test_nucleus_is_the_full_sort_bit_for_bit():
