@@ -78,8 +78,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{os.path.basename(path)}; {cpu_name()}, {llm.n_threads} threads, activations {llm.engine.activation_quant}; "
-          f"prefill {args.n_prompt}, {args.n_gen} decode steps, median of {args.repetitions}\n")
+    print(f"{os.path.basename(path)}; {cpu_name()}, {llm.n_threads} threads, activations "
+          f"{llm.engine.activation_quant}; prefill {args.n_prompt}, {args.n_gen} decode steps, median of "
+          f"{args.repetitions}\n")
     print("| sequences | aggregate tok/s | x one sequence | ms per step |")
     print("|---|---|---|---|")
     for n in counts:

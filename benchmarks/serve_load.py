@@ -9,9 +9,9 @@ g32 beside llama.cpp's Q4_0 quantization of them; random weights with TinyLlama-
 same way), same threads (-t, both for generation and prompts), 127.0.0.1 only, the official `openai`
 client, greedy (or --temperature / --top-p) /v1/completions requests that stream and ignore the
 end-of-sequence token (pyllm: logit_bias -100 on the model's end ids; llama-server: ignore_eos) so
-that each generates exactly -n tokens. For each client count C both servers run with --parallel C (each slot holding --ctx
-tokens); C clients send --requests streaming requests each, one after the other (distinct ~60-token
-prompts), all at once. Reported per engine and C: aggregate generated tokens/s over the run (all
+that each generates exactly -n tokens. For each client count C both servers run with --parallel C
+(each slot holding --ctx tokens); C clients send --requests streaming requests each, one after the
+other (distinct ~60-token prompts), all at once. Reported per engine and C: aggregate generated tokens/s over the run (all
 tokens over the wall time, prefill included), aggregate decode tokens/s (each client's tokens after
 its first over the time it streamed them, summed over the clients: the issue's "decode
 throughput"), time to first token (TTFT) and inter-token latency (ITL: gaps between streamed

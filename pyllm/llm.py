@@ -254,10 +254,11 @@ class LLM:
     default) keeps two int8 terms per value in blocks of 32 (~15 bits: logits within ~1e-7 NMSE of
     float activations); "int8" keeps one, as llama.cpp does (its Q8_0 activations): the SIMD
     kernels do half the integer work, so prompts and several sequences decoding together run
-    1.2-1.5x faster (SmolLM2 int4, Zen 5, AVX-512 / AVX-VNNI / AVX2), with logits 1e-4 to 3e-3 NMSE from int8x2's and
-    perplexity +0.1-0.5%. Near ties then go the other way: the default model answers the
-    README's question as llama.cpp does, wrongly (docs/QUALITY.md, docs/BENCHMARKS.md). f16/f32/bf16
-    weights multiply float activations either way; the CUDA engine has no such choice (ValueError).
+    1.2-1.5x faster (SmolLM2 int4, Zen 5, AVX-512 / AVX-VNNI / AVX2), with logits 1e-4 to 3e-3
+    NMSE from int8x2's and perplexity +0.1-0.5%. Near ties then go the other way: the default
+    model answers the README's question as llama.cpp does, wrongly (docs/QUALITY.md,
+    docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float activations either way; the CUDA
+    engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS
     (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
@@ -293,7 +294,8 @@ class LLM:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         if activation_quant not in ACTIVATION_QUANTS:
-            raise ValueError(f"activation_quant must be one of {', '.join(ACTIVATION_QUANTS)}, not {activation_quant!r}")
+            raise ValueError(f"activation_quant must be one of {', '.join(ACTIVATION_QUANTS)}, "
+                             f"not {activation_quant!r}")
         if device != "cpu" and activation_quant != "int8x2":
             raise ValueError(f"activation_quant {activation_quant!r} applies to the CPU engine; the {device} engine "
                              "multiplies with float activations")
