@@ -213,6 +213,26 @@ def test_draw_is_numpy_choice_bit_for_bit():
                     assert all(probs[i] > 0 for i in got)
 
 
+def test_draw_index_is_numpys_cumulative_search():
+    """_core.draw_index (draw's search) against numpy's cumsum / cumsum[-1] searched from the right:
+    the same index for any u, zeros and ties included; refuses what is not a non-empty vector."""
+    from pyllm import _core
+
+    g = np.random.default_rng(9)
+    for n in (1, 2, 3, 100, 49152):
+        probs = g.random(n) ** 8
+        probs[g.random(n) < 0.3] = 0.0
+        if not probs.any():
+            probs[-1] = 1.0
+        cdf = np.cumsum(probs)
+        cdf /= cdf[-1]
+        for u in [0.0, 1e-300, 0.5, 1 - 2**-53, *g.random(20), *cdf[: min(n, 20)]]:
+            assert _core.draw_index(probs, u) == int(np.searchsorted(cdf, u, side="right")), (n, u)
+    for bad in (np.zeros(0), np.ones((2, 2))):
+        with pytest.raises(ValueError):
+            _core.draw_index(bad, 0.5)
+
+
 @pytest.mark.parametrize("params", [dict(temperature=0.8), dict(temperature=0.7, top_k=40),
                                     dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95, min_p=0.05),
                                     dict(temperature=1.3, top_k=100, top_p=0.5, min_p=0.2)])

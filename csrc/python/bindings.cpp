@@ -294,6 +294,32 @@ PYBIND11_MODULE(_core, m) {
         py::arg("rotary_dim") = 0);
 
     m.def(
+        "draw_index",
+        [](const py::array_t<double, py::array::c_style | py::array::forcecast>& probs, double u) {
+            // probs: f64 [n] -> the first i with (probs[0] + ... + probs[i]) / (probs[0] + ... + probs[n - 1]) > u:
+            // numpy's c = cumsum(probs); c /= c[-1]; searchsorted(c, u, side="right"), the same sums in the
+            // same order (one running double), so the same index. numpy's cumsum took 0.15 ms over 49152.
+            if (probs.ndim() != 1 || probs.shape(0) == 0) bad("probs must be 1-D and not empty");
+            const int64_t n = probs.shape(0);
+            const double* p = probs.data();
+            py::gil_scoped_release release;
+            std::vector<double> cumulative((size_t)n);
+            double running = 0.0;
+            for (int64_t i = 0; i < n; ++i) cumulative[(size_t)i] = running = i == 0 ? p[0] : running + p[i];
+            const double total = running;
+            int64_t lo = 0, hi = n;  // c[i] / total is non-decreasing: the first index above u
+            while (lo < hi) {
+                const int64_t mid = lo + (hi - lo) / 2;
+                if (cumulative[(size_t)mid] / total > u) hi = mid;
+                else lo = mid + 1;
+            }
+            return lo;
+        },
+        py::arg("probs"), py::arg("u"),
+        "The index numpy's choice(n, p=probs) picks for the uniform draw u: the first whose cumulative sum, "
+        "divided by the total, exceeds u (n when none does).");
+
+    m.def(
         "quantize_q8_0",
         [](const F32Array& x) {
             if (x.ndim() != 1 || x.shape(0) % kQ8Block != 0) bad("quantize_q8_0 takes f32 [n], n a multiple of 32");
