@@ -50,7 +50,7 @@ def test_batched_greedy_equals_each_alone(model_file):
 
 
 def test_one_term_activations_batch_as_each_alone(model_file):
-    """activation_quant="int8" (one int8 term per activation value, the AVX-512 kernels' fast path):
+    """activation_quant="int8" (one int8 term per activation value, the tiled kernels' fast path):
     batched greedy tokens are each prompt's alone, and a batch's logits each sequence's alone. It
     leaves float weights alone (the same bits) and moves int8 weights' logits by about an int8
     step's rounding, no more."""

@@ -319,7 +319,7 @@ def test_matmul_two_term_activation_precision(kernels, fmt, shape):
 @pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
 def test_matmul_one_term_activations(kernels, fmt, shape, n_threads):
-    """activation_quant="int8" (one int8 term per value, hi zero; the AVX-512 tiled kernels skip hi's
+    """activation_quant="int8" (one int8 term per value, hi zero; the tiled kernels skip hi's
     dot products): the result is the product of the activations as the one-term codes hold them,
     step * lo from the numpy reference, with the weights, up to float32 accumulation error, element by
     element, on every shape of the sweep (each row count's kernel path). Then, coarser, against x @ W^T:

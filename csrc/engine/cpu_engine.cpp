@@ -116,7 +116,6 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
             throw std::out_of_range("token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
                                     std::to_string(vocab));
     const ForwardLock lock(*this);
-    used_ = true;
     for (int64_t start = 0; start < n; start += max_batch()) {
         const int64_t len = std::min(max_batch(), n - start);
         float* out = nullptr;
@@ -161,7 +160,6 @@ void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const i
         if (logit_rows[j] < 0 || logit_rows[j] >= n || (j > 0 && logit_rows[j] <= logit_rows[j - 1]))
             throw std::invalid_argument("logit rows must be ascending row indices");
     const ForwardLock lock(*this);
-    used_ = true;
     // steps of at most max_batch() rows; a span cut in two continues in the next step
     const int64_t step_rows = max_batch();
     std::vector<Span> step_spans;
@@ -191,7 +189,6 @@ void Engine::set_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, 
         throw std::out_of_range("set_cache: positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + n - 1) +
                                 " exceed the context length " + std::to_string(context_length()));
     const ForwardLock lock(*this);
-    used_ = true;
     write_cache(seq, pos0, n, keys, values);
 }
 
@@ -201,7 +198,6 @@ void Engine::copy_sequence(int64_t src, int64_t dst, int64_t n_positions) {
     if (n_positions < 0 || n_positions > context_length())
         throw std::out_of_range("copy_sequence: positions exceed the context length");
     const ForwardLock lock(*this);
-    used_ = true;
     if (src != dst && n_positions > 0) copy_cache(src, dst, n_positions);
 }
 

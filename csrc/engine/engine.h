@@ -132,7 +132,7 @@ public:
     // force, and a change throws std::invalid_argument.
     virtual const char* activation_quant() const { return "float"; }
     void set_activation_quant(const std::string& name) {
-        const ForwardLock lock(*this);
+        const ForwardLock lock(*this, /*touches_cache=*/false);
         if (used_ && name != activation_quant())
             throw std::invalid_argument(std::string("activation_quant is chosen before the engine's first use: its "
                                                     "cache holds keys and values computed with '") +
@@ -175,15 +175,17 @@ protected:
     }
     // Serialises the engine's calls (forward, forward_rows, set_cache, copy_sequence, set_activation_quant):
     // waits for a running one to end, and throws std::invalid_argument when this thread is running one
-    // already (an observer callback calling back into the engine), where waiting would never end.
+    // already (an observer callback calling back into the engine), where waiting would never end. A call
+    // that touches the cache marks the engine used (used_).
     class ForwardLock {
     public:
-        explicit ForwardLock(Engine& engine) : engine_(engine) {
+        explicit ForwardLock(Engine& engine, bool touches_cache = true) : engine_(engine) {
             if (engine.forward_owner_.load() == std::this_thread::get_id())
                 throw std::invalid_argument("the engine is running a forward in this thread already (a callback "
                                             "cannot call back into the engine)");
             engine.forward_mutex_.lock();
             engine.forward_owner_.store(std::this_thread::get_id());
+            engine.used_ = engine.used_ || touches_cache;
         }
         ~ForwardLock() {
             engine_.forward_owner_.store(std::thread::id());

@@ -365,8 +365,7 @@ void tiled_weights_terms(const WeightView& w, const QuantizedRows& x, int64_t n_
 
 template <WeightFormat F>
 void tiled_weights_typed(const WeightView& w, const QuantizedRows& x, int64_t n_begin, int64_t n_end, float* y) {
-    if (x.terms == 1) tiled_weights_terms<F, 1>(w, x, n_begin, n_end, y);
-    else tiled_weights_terms<F, 2>(w, x, n_begin, n_end, y);
+    with_activation_terms(x, [&](auto terms) { tiled_weights_terms<F, terms.value>(w, x, n_begin, n_end, y); });
 }
 
 template <WeightFormat F>

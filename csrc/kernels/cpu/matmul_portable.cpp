@@ -107,35 +107,24 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
                 out.step[m * n_blocks + b] = out.sum[m * n_blocks + b] = std::numeric_limits<float>::quiet_NaN();
                 continue;
             }
-            if (out.terms == 1) {  // one term: lo = round(x / step), step = absmax / 127, hi zero
-                const double inverse = amax > 0.0f ? 127.0 / (double)amax : 0.0;
-                int32_t sum = 0;
-                for (int64_t i = 0; i < kBlock; ++i) {
-                    const float units = i < len ? (float)((double)xr[start + i] * inverse) : 0.0f;
-                    const int32_t l = std::max(-127, std::min(127, (int32_t)std::nearbyint(units)));
-                    hi[start + i] = 0;
-                    lo[start + i] = (int8_t)l;
-                    sum += l;
-                }
-                out.step[m * n_blocks + b] = amax / 127.0f;
-                out.sum[m * n_blocks + b] = out.step[m * n_blocks + b] * (float)sum;
-                continue;
-            }
             // x = step * (254 * hi + lo): hi = round(x / (254 step)) in [-127, 127] and the
-            // remainder, at most 127 steps in magnitude, as lo
-            const float step = amax / (127.0f * (float)kResidualRadix);
+            // remainder, at most 127 steps in magnitude, as lo; one term (terms 1): x = step * lo,
+            // step = absmax / 127, hi zero
+            const bool one_term = out.terms == 1;
+            const int32_t radix = one_term ? 1 : kResidualRadix;  // steps in absmax / 127
+            const float step = amax / (127.0f * (float)radix);
             // 1 / step in double: in float it overflows for blocks below ~1e-34
-            const double inverse = amax > 0.0f ? (127.0 * kResidualRadix) / (double)amax : 0.0;
+            const double inverse = amax > 0.0f ? (127.0 * radix) / (double)amax : 0.0;
             float sum = 0.0f;
             for (int64_t i = 0; i < kBlock; ++i) {
                 const float units = i < len ? (float)((double)xr[start + i] * inverse) : 0.0f;  // x / step
-                int32_t h = (int32_t)std::nearbyint(units / (float)kResidualRadix);
+                int32_t h = one_term ? 0 : (int32_t)std::nearbyint(units / (float)kResidualRadix);
                 h = std::max(-127, std::min(127, h));
                 int32_t l = (int32_t)std::nearbyint(units - (float)(h * kResidualRadix));
                 l = std::max(-127, std::min(127, l));
                 hi[start + i] = (int8_t)h;
                 lo[start + i] = (int8_t)l;
-                sum += (float)(h * kResidualRadix + l);
+                sum += (float)(h * kResidualRadix + l);  // integers below 2^24: exact
             }
             out.step[m * n_blocks + b] = step;
             out.sum[m * n_blocks + b] = step * sum;

@@ -100,4 +100,12 @@ void with_quant_format(WeightFormat f, Fn&& fn) {
     }
 }
 
+// Calls fn(std::integral_constant<int, T>{}) with x's activation terms (QuantizedRows::terms, 1 or 2),
+// for kernels that skip hi's products with one term.
+template <class Fn>
+void with_activation_terms(const QuantizedRows& x, Fn&& fn) {
+    if (x.terms == 1) return fn(std::integral_constant<int, 1>{});
+    return fn(std::integral_constant<int, 2>{});
+}
+
 }  // namespace pyllm
