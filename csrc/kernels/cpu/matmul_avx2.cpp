@@ -400,9 +400,10 @@ void quant_weights_avx2(const WeightView& w, const QuantizedRows& x, int64_t n_b
     });
 }
 
-void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
-    // the steps of quantize_rows_portable, 8 values at a time (the float -> double -> float
-    // products and round-half-even keep the codes bit for bit)
+// the steps of quantize_rows_portable, 8 values at a time (the float -> double -> float products and
+// round-half-even keep the codes bit for bit); OneTerm: QuantizedRows::terms == 1 (hi zero)
+template <bool OneTerm>
+static void quantize_rows_terms(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
     const int64_t n_blocks = out.padded_cols / kBlock;
     const __m256 radix = _mm256_set1_ps((float)kResidualRadix), limit = _mm256_set1_ps(127.0f);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -433,8 +434,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
             __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
             a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
             const float block_max = _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
-            const bool one_term = out.terms == 1;  // then lo = round(x / step), step = absmax / 127, hi zero
-            const double units_per_max = one_term ? 127.0 : 127.0 * kResidualRadix;
+            const double units_per_max = OneTerm ? 127.0 : 127.0 * kResidualRadix;
             const __m256d inverse = _mm256_set1_pd(block_max > 0.0f ? units_per_max / (double)block_max : 0.0);
             __m256i hi[4], lo[4];
             __m256 total = _mm256_setzero_ps();
@@ -443,7 +443,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
                 const __m128 upper = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v[j], 1)), inverse));
                 const __m256 units = _mm256_insertf128_ps(_mm256_castps128_ps256(lower), upper, 1);
                 const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-                __m256 h = one_term ? _mm256_setzero_ps() : _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
+                __m256 h = OneTerm ? _mm256_setzero_ps() : _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
                 h = _mm256_max_ps(_mm256_min_ps(h, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
                 __m256 l = _mm256_round_ps(_mm256_sub_ps(units, _mm256_mul_ps(h, radix)), nearest);
                 l = _mm256_max_ps(_mm256_min_ps(l, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
@@ -457,11 +457,16 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
             };
             _mm256_storeu_si256((__m256i*)(out.hi + m * out.padded_cols + start), pack(hi));
             _mm256_storeu_si256((__m256i*)(out.lo + m * out.padded_cols + start), pack(lo));
-            const float step = one_term ? block_max / 127.0f : block_max / (127.0f * (float)kResidualRadix);
+            const float step = OneTerm ? block_max / 127.0f : block_max / (127.0f * (float)kResidualRadix);
             out.step[m * n_blocks + b] = step;
             out.sum[m * n_blocks + b] = step * hsum(total);
         }
     }
+}
+
+void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
+    if (out.terms == 1) quantize_rows_terms<true>(x, cols, row_begin, row_end, out);
+    else quantize_rows_terms<false>(x, cols, row_begin, row_end, out);
 }
 
 const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights_avx2, quantize_rows_avx2, true, attend_avx2,

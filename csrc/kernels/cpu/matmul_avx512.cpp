@@ -304,12 +304,16 @@ void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows&
                     int32_t h, l;
                     std::memcpy(&l, lo + m * x.padded_cols + 4 * q, 4);
                     const __m512i lv = _mm512_set1_epi32(l);
-                    if constexpr (T == 2) {
+                    if constexpr (T == 2) {  // each tile's hi and lo products side by side, as before T
                         std::memcpy(&h, hi + m * x.padded_cols + 4 * q, 4);
                         const __m512i hv = _mm512_set1_epi32(h);
-                        for (int n = 0; n < NT; ++n) dot_hi[n][m] = _mm512_dpbusd_epi32(dot_hi[n][m], quad[n], hv);
+                        for (int n = 0; n < NT; ++n) {
+                            dot_hi[n][m] = _mm512_dpbusd_epi32(dot_hi[n][m], quad[n], hv);
+                            dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
+                        }
+                    } else {
+                        for (int n = 0; n < NT; ++n) dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
                     }
-                    for (int n = 0; n < NT; ++n) dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
                 }
             }
             for (int m = 0; m < MR; ++m) {
