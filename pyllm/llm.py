@@ -356,8 +356,9 @@ class LLM:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes the engine's KV cache takes: n_parallel sequences of context_length positions."""
-        return kv_cache_bytes(self.config, self.context_length, self.engine.kv_cache, self.n_parallel)
+        """Bytes the engine's KV cache takes, as allocated: n_parallel sequences of context_length positions
+        (the CPU engine pads each kv head's positions a little: 1/128 more at a 4096 context, f16)."""
+        return self.engine.kv_cache_bytes
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -133,6 +133,29 @@ def test_q8_0_cache_size_is_counted():
     assert kv_cache_bytes(Shape, 4096, "q8_0", n_seq=2) == 2 * 30 * 3 * 4096 * 2 * 2 * 34
 
 
+@pytest.mark.parametrize("kv_cache, n_ctx, positions", [
+    ("f16", 512, 544),  # 16 lines of 32 positions: even, one more
+    ("f16", 100, 160),  # 4 lines (rounded up): even, 5
+    ("f16", 96, 96),  # 3 lines: odd already
+    ("f32", 512, 528),  # 32 lines of 16 positions -> 33
+    ("f32", 17, 48),  # 2 -> 3
+    ("q8_0", 512, 512),  # keys read position by position: no padding
+])
+def test_allocated_cache_gives_transposed_key_rows_an_odd_line_count(model_file, kv_cache, n_ctx, positions):
+    """The CPU engine pads each kv head's positions so that a transposed key row spans an odd number
+    of 64-byte lines (kv_cache_stride in kernels.h: at a power-of-two stride the head_dim rows read
+    side by side share cache sets); LLM.kv_cache_bytes reports the allocation, padding included."""
+    from pyllm.llm import kv_cache_bytes
+
+    with pyllm.LLM(model_file, n_threads=1, context_length=n_ctx, kv_cache=kv_cache, n_parallel=2) as llm:
+        assert llm.kv_cache_bytes == kv_cache_bytes(llm.config, positions, kv_cache, n_seq=2)
+        # the padding is never read: the last position of the context is, and equals a fresh prefill
+        ids = prompt(n_ctx)
+        whole = llm.engine.forward(ids, 0, False)
+        llm.engine.forward(ids[:-1], 0, False)
+        close(llm.engine.forward(ids[-1:], n_ctx - 1, False), whole)
+
+
 def test_bench_with_a_q8_0_cache(model_file, capsys):
     """`pyllm bench --kv-cache q8_0 -d N`: runs at depth over the q8_0 cache and counts its bytes."""
     import json

@@ -118,6 +118,7 @@ public:
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cuda"; }
     const char* kv_cache() const override { return "f32"; }
+    int64_t kv_cache_bytes() const override { return (int64_t)(k_cache_.bytes() + v_cache_.bytes()); }
 
 private:
     static constexpr int64_t kMaxBatch = 512;

@@ -341,7 +341,8 @@ public:
         // bytes of one position of one kv head, of one layer of one sequence, and of the whole cache
         // (overflow checked: sizes come from files and users)
         row_bytes_ = kv_row_bytes(kv_type_, hd);
-        layer_bytes_ = checked_product({cfg_.n_kv_heads, n_ctx_, row_bytes_}, "KV cache");
+        cache_stride_ = kv_cache_stride(kv_type_, n_ctx_);
+        layer_bytes_ = checked_product({cfg_.n_kv_heads, cache_stride_, row_bytes_}, "KV cache");
         const int64_t cache_bytes = checked_product({layer_bytes_, cfg_.n_layers, n_seq_}, "KV cache");
         k_cache_.emplace(checked_size(cache_bytes, "KV cache"));
         v_cache_.emplace(checked_size(cache_bytes, "KV cache"));
@@ -365,6 +366,7 @@ public:
     int64_t context_length() const override { return n_ctx_; }
     const char* device() const override { return "cpu"; }
     const char* kv_cache() const override { return kv_type_name(kv_type_); }
+    int64_t kv_cache_bytes() const override { return 2 * layer_bytes_ * cfg_.n_layers * n_seq_; }
     const char* activation_quant() const override { return activation_quant_name(activation_terms_.load()); }
     void apply_activation_quant(const std::string& name) override {  // under ForwardLock
         scratch_.terms = activation_terms(name);
@@ -431,8 +433,8 @@ private:
         }
     }
 
-    // This sequence's cache of layer l (ops.h attention: keys [kv_heads, head_dim, n_ctx] transposed for f32/f16,
-    // [kv_heads, n_ctx, row_bytes_] for q8_0; values [kv_heads, n_ctx, row_bytes_]).
+    // This sequence's cache of layer l (ops.h attention: keys [kv_heads, head_dim, cache_stride_] transposed for
+    // f32/f16, [kv_heads, cache_stride_, row_bytes_] for q8_0; values [kv_heads, cache_stride_, row_bytes_]).
     uint8_t* k_layer(int64_t seq, int64_t l) const { return k_cache_->data() + (seq * cfg_.n_layers + l) * layer_bytes_; }
     uint8_t* v_layer(int64_t seq, int64_t l) const { return v_cache_->data() + (seq * cfg_.n_layers + l) * layer_bytes_; }
 
@@ -440,7 +442,7 @@ private:
         const int64_t hd = cfg_.head_dim, rows = n_positions * row_bytes_;
         for (int64_t l = 0; l < cfg_.n_layers; ++l)
             for (int64_t h = 0; h < cfg_.n_kv_heads; ++h) {
-                const int64_t offset = h * n_ctx_ * row_bytes_;  // [kv_heads, n_ctx, row_bytes_]
+                const int64_t offset = h * cache_stride_ * row_bytes_;  // [kv_heads, cache_stride_, row_bytes_]
                 std::memcpy(v_layer(dst, l) + offset, v_layer(src, l) + offset, (size_t)rows);
                 if (kv_type_ == KvType::Q8_0) {
                     std::memcpy(k_layer(dst, l) + offset, k_layer(src, l) + offset, (size_t)rows);
@@ -448,7 +450,7 @@ private:
                 }
                 const int64_t element = row_bytes_ / hd;
                 for (int64_t i = 0; i < hd; ++i) {  // transposed keys: positions are contiguous per head dim
-                    const int64_t key_offset = ((h * hd + i) * n_ctx_) * element;
+                    const int64_t key_offset = ((h * hd + i) * cache_stride_) * element;
                     std::memcpy(k_layer(dst, l) + key_offset, k_layer(src, l) + key_offset, (size_t)(n_positions * element));
                 }
             }
@@ -523,7 +525,7 @@ private:
                                                              v_layer(sp.seq, l), sp.rows, sp.pos0,
                                                              attn_.data() + sp.row_begin * H * hd});
                 }
-                attention(pool_, kv_type_, attention_spans_.data(), n_spans, H, Hkv, hd, n_ctx_, attn_scale,
+                attention(pool_, kv_type_, attention_spans_.data(), n_spans, H, Hkv, hd, cache_stride_, attn_scale,
                           attention_options_[(size_t)l]);
             });
             observe(l, kAttnOut, attn_.data(), M, H * hd);
@@ -570,6 +572,7 @@ private:
     ModelConfig cfg_;
     int64_t n_ctx_;
     int64_t n_seq_;
+    int64_t cache_stride_ = 0;  // positions the cache holds per kv head: n_ctx_, padded (kv_cache_stride)
     int64_t layer_bytes_ = 0;  // one layer of one sequence's K (or V) cache
     ThreadPool pool_;
     std::vector<int64_t> logit_rows_;  // run_batch's
@@ -625,26 +628,26 @@ private:
         uint8_t *k_cache = k_layer(seq, l), *v_cache = v_layer(seq, l);
         for (int64_t kvh = 0; kvh < Hkv; ++kvh)
             for (int64_t m = 0; m < M; ++m) {
-                const int64_t to = (kvh * n_ctx_ + pos0 + m) * row_bytes_, from = (m * Hkv + kvh) * row_bytes_;
+                const int64_t to = (kvh * cache_stride_ + pos0 + m) * row_bytes_, from = (m * Hkv + kvh) * row_bytes_;
                 std::memcpy(v_cache + to, v_new + from, (size_t)row_bytes_);
                 if (kv_type_ == KvType::Q8_0) std::memcpy(k_cache + to, k_new + from, (size_t)row_bytes_);
             }
         if (kv_type_ == KvType::F16) transpose_keys(reinterpret_cast<uint16_t*>(k_cache), reinterpret_cast<const uint16_t*>(k_new), M, pos0);
         if (kv_type_ == KvType::F32) transpose_keys(reinterpret_cast<float*>(k_cache), reinterpret_cast<const float*>(k_new), M, pos0);
     }
-    //   k_cache: T [kv_heads, head_dim, n_ctx]   k_new: T [M, kv_heads * head_dim]
+    //   k_cache: T [kv_heads, head_dim, cache_stride_]   k_new: T [M, kv_heads * head_dim]
     template <typename T>
     void transpose_keys(T* k_cache, const T* k_new, int64_t M, int64_t pos0) const {
         const int64_t hd = cfg_.head_dim, kv_dim = cfg_.n_kv_heads * hd;
         for (int64_t kvh = 0; kvh < cfg_.n_kv_heads; ++kvh)
             for (int64_t i = 0; i < hd; ++i)  // positions are contiguous
-                for (int64_t m = 0; m < M; ++m) k_cache[(kvh * hd + i) * n_ctx_ + pos0 + m] = k_new[m * kv_dim + kvh * hd + i];
+                for (int64_t m = 0; m < M; ++m) k_cache[(kvh * hd + i) * cache_stride_ + pos0 + m] = k_new[m * kv_dim + kvh * hd + i];
     }
 
     KvType kv_type_ = KvType::F16;
     int64_t row_bytes_ = 0;  // one position of one kv head (kv_row_bytes)
     std::optional<AlignedBytes> k_cache_;  // [n_seq, layers, ...] as k_layer says
-    std::optional<AlignedBytes> v_cache_;  // [n_seq, layers, kv_heads, n_ctx, row_bytes_]
+    std::optional<AlignedBytes> v_cache_;  // [n_seq, layers, kv_heads, cache_stride_, row_bytes_]
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<AttentionSpan> attention_spans_;  // this layer's spans (run_spans), kept to reuse its memory
     std::vector<uint8_t> k_encoded_, v_encoded_;  // [kMaxBatch, kv_heads, row_bytes_]: k_, v_ encoded (encode_kv)

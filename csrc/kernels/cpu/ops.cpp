@@ -357,7 +357,10 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
     // tasks were) and asks for the next task's lines while it computes one, when they are few enough
     // for L1 (a long prefill block's are not). Which thread runs a task never changes its arithmetic.
     // SmolLM2 int4, 8 sequences a step at positions 64-192, 2 threads, Zen 5: attention 1.67-1.70 ->
-    // 1.44-1.48 ms a step (one run a thread: the same); one sequence and prefill unchanged.
+    // 1.44-1.48 ms a step from the runs alone: until prefetch_rows kept its calls (kernels.h), GCC
+    // deleted every prefetch here. With them and the padded cache (kv_cache_stride), best of 5
+    // alternating runs on a noisy VM: attention 2.24 -> 1.59 ms and the cache write 0.74 -> 0.44 ms a
+    // step at a 4096 context, 2.21 -> 1.51 and 0.44 -> 0.32 at 512; the step 10.9 -> 9.3 and 12.1 -> 8.4.
     constexpr int64_t kRunsPerThread = 2, kPrefetchTaskBytes = 32 << 10;
     const int64_t elem_bytes = kv_type == KvType::Q8_0 ? 0 : row_bytes / D;
     auto prefetch_task = [&](const Task& t) {
