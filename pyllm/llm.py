@@ -894,9 +894,13 @@ def option(name: str, value, integer: bool = False):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number; got {value!r:.40}")
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # an int past a float's range: OverflowError
+    except OverflowError:
+        number = float("inf")
+    if not np.isfinite(number):
+        raise ValueError(f"{name} must be a finite number; got {value!r:.40}")
+    return number
 
 
 def token_ids(ids, vocab_size: int) -> np.ndarray:

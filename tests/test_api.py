@@ -153,6 +153,16 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
     assert llm.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(5), seed=3) == \
         llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
 
+
+def test_an_int_past_a_floats_range_is_a_value_error_naming_the_option(llm):
+    """temperature=2**1024 (a Python int, accepted as a number) was a TypeError from numpy's isfinite."""
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for value in (2**1024, -10**400):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                llm.generate("hi", max_new_tokens=1, **{name: value})
+    with pytest.raises(ValueError, match="logit_bias value must be a finite number"):
+        llm.generate("hi", max_new_tokens=1, logit_bias={3: 2**1024})
+
 def test_lone_surrogates_and_bad_stop_options_are_clear_errors(llm):
     """A str holding a lone surrogate (JSON's "\\ud800" makes one) is refused by name wherever text
     goes in: a prompt, a message, a stop string (were a tokenizers TypeError or UnicodeEncodeError);
