@@ -851,7 +851,8 @@ class LLM:
             if text.stopped:
                 stats.finish_reason = "stop"
             stats.decode_seconds = time.perf_counter() - decode_start
-            if rest:
+            if rest:  # paused like every piece: a consumer that keeps the stream after its last piece
+                self._pause(stream)  # (not asking for the end) must not hold the engine from other calls
                 yield rest
         finally:
             self._release(stream)

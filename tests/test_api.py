@@ -214,6 +214,44 @@ def test_nested_generation_in_one_thread_preempts_the_unread_stream(llm, monkeyp
     assert first + "".join(stream) == whole  # re-reads its context and continues with the same text
 
 
+def test_a_stream_kept_after_its_last_piece_does_not_hold_the_engine(llm, monkeypatch):
+    """The text held back to the end (a possible stop string, an incomplete character) came out as a
+    last piece while the stream kept the engine as if computing: a call from the consumer's own
+    thread then waited for ever, one from another thread until the stream was read to its end."""
+    _no_eos(llm, monkeypatch)
+    whole = llm.generate("Hello", max_new_tokens=8)
+    expected = llm.generate("Berlin", max_new_tokens=5)
+    for same_thread in (True, False):
+        streams, results = [], []
+
+        def read_all_then_call():
+            stream = llm.generate("Hello", max_new_tokens=8, stream=True, stop=[whole[-1] + "\x01never"])
+            streams.append(stream)
+            text = ""
+            while text != whole:  # every piece, the last one (held back as a stop string's start) included
+                text += next(stream)
+            if same_thread:
+                results.append(llm.generate("Berlin", max_new_tokens=5))
+
+        reader = threading.Thread(target=read_all_then_call, daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        caller = threading.Thread(target=lambda: results.append(llm.generate("Berlin", max_new_tokens=5)),
+                                  daemon=True)
+        if not same_thread and not reader.is_alive():
+            caller.start()
+            caller.join(timeout=20)
+        stuck = reader.is_alive() or caller.is_alive() or len(results) != 1
+        if stuck:
+            list(streams[0])  # read to its end: the engine comes back, nothing stays blocked
+            reader.join()
+            if caller.is_alive():
+                caller.join()
+        assert not stuck, f"a call waited for a stream that had given its last piece (same thread: {same_thread})"
+        assert results == [expected]
+        assert list(streams[0]) == [] and streams[0].stats.finish_reason == "length"
+
+
 def test_abandoned_stream_does_not_block_other_threads(llm, monkeypatch):
     _no_eos(llm, monkeypatch)
     expected = llm.generate("Berlin", max_new_tokens=5)
