@@ -657,6 +657,8 @@ class LLM:
                     if not self._resume(run):  # preempted while unread: the slots' caches are gone
                         run.cancel()
                         self._cached = []
+                for stats in self.last_batch_stats:  # cancelled before their wave began: never started
+                    stats.finish_reason = stats.finish_reason or "cancelled"
             finally:
                 self._release(run)
 

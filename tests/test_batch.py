@@ -193,14 +193,16 @@ def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file
     call's keys and values, in silence."""
     with pyllm.LLM(model_file, n_threads=2, n_parallel=2) as llm:
         ban = {i: -100 for i in llm.tokenizer.eos_ids}
-        prompts = [[10, 11, 12, 13, 14], [10, 11, 12, 13, 15], [20, 21, 22, 23, 24, 25], [20, 21, 22, 23, 24, 26]]
+        prompts = [[10, 11, 12, 13, 14], [10, 11, 12, 13, 15], [20, 21, 22, 23, 24, 25], [20, 21, 22, 23, 24, 26],
+                   [30, 31], [32, 33]]
         probes = [[20, 21, 22, 23, 24, 30, 31], prompts[0] + [40]]
         expected = [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes]
         pieces = llm.generate(prompts, max_new_tokens=20, temperature=0, stream=True, logit_bias=ban)
         next(pieces)
         llm.generate([60, 61, 62, 63, 64, 65, 66, 67], max_new_tokens=5, logit_bias=ban)  # takes the engine
         list(pieces)
-        assert "cancelled" in {s.finish_reason for s in llm.last_batch_stats}
+        # every prompt of the waves that never ran says so too (the third wave's had finish_reason "")
+        assert [s.finish_reason for s in llm.last_batch_stats[2:]] == ["cancelled"] * 4
         assert [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes] == expected
 
 
