@@ -75,7 +75,12 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
             if a != b:
                 break
             reuse += 1
+        llm._cached = []  # slot 0 is rewritten from here: it holds what is set below once that has run
         _prefill(engine, [(0, wave[0][:shared], reuse)], cancelled)
+        if cancelled():  # the prefix may not have run (nor another user's turn left slot 0 alone): nothing kept
+            for s in seqs:
+                s.stats.finish_reason = "cancelled"
+            return
         for s in seqs[1:]:
             engine.copy_sequence(0, s.slot, shared)
         for s in seqs:
@@ -141,7 +146,9 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
         decode_seconds = time.perf_counter() - decode_start
         for s in seqs:
             s.stats.decode_seconds = decode_seconds
-        llm._cached = seqs[0].ids  # slot 0 is the single-sequence path's cache
+        # slot 0 is the single-sequence path's cache; cancelled, it may have been preempted (LLM._batch):
+        # another call's tokens are there then
+        llm._cached = [] if cancelled() else seqs[0].ids
 
 
 def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled) -> np.ndarray | None:

@@ -657,6 +657,8 @@ class LLM:
                     if not self._resume(run):  # preempted while unread: the slots' caches are gone
                         run.cancel()
                         self._cached = []
+                for stats in self.last_batch_stats:  # cancelled before their wave began: never started
+                    stats.finish_reason = stats.finish_reason or "cancelled"
             finally:
                 self._release(run)
 
@@ -851,7 +853,8 @@ class LLM:
             if text.stopped:
                 stats.finish_reason = "stop"
             stats.decode_seconds = time.perf_counter() - decode_start
-            if rest:
+            if rest:  # paused like every piece: a consumer that keeps the stream after its last piece
+                self._pause(stream)  # (not asking for the end) must not hold the engine from other calls
                 yield rest
         finally:
             self._release(stream)
@@ -894,9 +897,13 @@ def option(name: str, value, integer: bool = False):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number; got {value!r:.40}")
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # an int past a float's range: OverflowError
+    except OverflowError:
+        number = float("inf")
+    if not np.isfinite(number):
+        raise ValueError(f"{name} must be a finite number; got {value!r:.40}")
+    return number
 
 
 def token_ids(ids, vocab_size: int) -> np.ndarray:

@@ -133,6 +133,9 @@ class Sampler:
         ids = context if context is not None else []
         for processor in self.processors:
             scores = processor(ids, scores)
+            if getattr(scores, "shape", None) != logits.shape:  # else a token past the vocabulary could come
+                raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of shape "
+                                 f"{getattr(scores, 'shape', type(scores).__name__)}, not {logits.shape}")
         if not np.isfinite(scores.max()):
             raise ValueError("the logits processors left no token possible")
         return scores
@@ -146,7 +149,13 @@ class Sampler:
         be nonzero), known when top-k or top-p filtered them."""
         p = self.params
         possible = None
-        scores = self.processed(logits, context) / p.temperature
+        scores = self.processed(logits, context)
+        top = scores.max()
+        with np.errstate(over="ignore"):
+            if np.isfinite(top / p.temperature):
+                scores = scores / p.temperature
+            else:  # a temperature so small (1e-310) that the largest score overflows: its limit, the most
+                scores = (scores - top) / p.temperature  # likely ids alone (inf - inf would be NaN)
         if p.top_k and p.top_k < scores.size:
             # exp of the kept scores only, the others 0 in place (what exp(-inf) gives them): the same
             # array, so the same sum, as exp over all of them (0.3 ms of 49152 exps a token)
@@ -181,7 +190,10 @@ def draw(rng: np.random.Generator, probs: np.ndarray, possible: np.ndarray | Non
 
     if possible is None and np.count_nonzero(probs) < probs.size:
         possible = np.flatnonzero(probs)
-    i = _core.draw_index(probs if possible is None else probs[possible], rng.random())
+    candidates = probs if possible is None else probs[possible]
+    i = _core.draw_index(candidates, rng.random())
+    if i >= candidates.size:  # no cumulative sum passed the draw: NaN in probs (never a token past the vocabulary)
+        raise ValueError("the token distribution is not finite (NaN): no token can be drawn")
     return i if possible is None else int(possible[i])
 
 

@@ -153,6 +153,16 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
     assert llm.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(5), seed=3) == \
         llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
 
+
+def test_an_int_past_a_floats_range_is_a_value_error_naming_the_option(llm):
+    """temperature=2**1024 (a Python int, accepted as a number) was a TypeError from numpy's isfinite."""
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for value in (2**1024, -10**400):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                llm.generate("hi", max_new_tokens=1, **{name: value})
+    with pytest.raises(ValueError, match="logit_bias value must be a finite number"):
+        llm.generate("hi", max_new_tokens=1, logit_bias={3: 2**1024})
+
 def test_lone_surrogates_and_bad_stop_options_are_clear_errors(llm):
     """A str holding a lone surrogate (JSON's "\\ud800" makes one) is refused by name wherever text
     goes in: a prompt, a message, a stop string (were a tokenizers TypeError or UnicodeEncodeError);
@@ -202,6 +212,44 @@ def test_nested_generation_in_one_thread_preempts_the_unread_stream(llm, monkeyp
     other = llm.generate("Paris is a city", max_new_tokens=6)  # takes the engine from the unread stream
     assert other == llm.generate("Paris is a city", max_new_tokens=6)
     assert first + "".join(stream) == whole  # re-reads its context and continues with the same text
+
+
+def test_a_stream_kept_after_its_last_piece_does_not_hold_the_engine(llm, monkeypatch):
+    """The text held back to the end (a possible stop string, an incomplete character) came out as a
+    last piece while the stream kept the engine as if computing: a call from the consumer's own
+    thread then waited for ever, one from another thread until the stream was read to its end."""
+    _no_eos(llm, monkeypatch)
+    whole = llm.generate("Hello", max_new_tokens=8)
+    expected = llm.generate("Berlin", max_new_tokens=5)
+    for same_thread in (True, False):
+        streams, results = [], []
+
+        def read_all_then_call():
+            stream = llm.generate("Hello", max_new_tokens=8, stream=True, stop=[whole[-1] + "\x01never"])
+            streams.append(stream)
+            text = ""
+            while text != whole:  # every piece, the last one (held back as a stop string's start) included
+                text += next(stream)
+            if same_thread:
+                results.append(llm.generate("Berlin", max_new_tokens=5))
+
+        reader = threading.Thread(target=read_all_then_call, daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        caller = threading.Thread(target=lambda: results.append(llm.generate("Berlin", max_new_tokens=5)),
+                                  daemon=True)
+        if not same_thread and not reader.is_alive():
+            caller.start()
+            caller.join(timeout=20)
+        stuck = reader.is_alive() or caller.is_alive() or len(results) != 1
+        if stuck:
+            list(streams[0])  # read to its end: the engine comes back, nothing stays blocked
+            reader.join()
+            if caller.is_alive():
+                caller.join()
+        assert not stuck, f"a call waited for a stream that had given its last piece (same thread: {same_thread})"
+        assert results == [expected]
+        assert list(streams[0]) == [] and streams[0].stats.finish_reason == "length"
 
 
 def test_abandoned_stream_does_not_block_other_threads(llm, monkeypatch):

@@ -185,6 +185,27 @@ def test_shared_system_prompt_is_computed_once(model_file):
         assert got == [alone.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
 
 
+def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file):
+    """A streamed list of prompts left unread while another call in the same thread takes the
+    engine is cancelled (its slots' caches are gone). Its later waves still recorded their shared
+    prefix, never computed, as slot 0's cache (and the end of a wave the first prompt's tokens,
+    overwritten by the other call): the next generate() reusing that prefix answered from another
+    call's keys and values, in silence."""
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        prompts = [[10, 11, 12, 13, 14], [10, 11, 12, 13, 15], [20, 21, 22, 23, 24, 25], [20, 21, 22, 23, 24, 26],
+                   [30, 31], [32, 33]]
+        probes = [[20, 21, 22, 23, 24, 30, 31], prompts[0] + [40]]
+        expected = [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes]
+        pieces = llm.generate(prompts, max_new_tokens=20, temperature=0, stream=True, logit_bias=ban)
+        next(pieces)
+        llm.generate([60, 61, 62, 63, 64, 65, 66, 67], max_new_tokens=5, logit_bias=ban)  # takes the engine
+        list(pieces)
+        # every prompt of the waves that never ran says so too (the third wave's had finish_reason "")
+        assert [s.finish_reason for s in llm.last_batch_stats[2:]] == ["cancelled"] * 4
+        assert [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes] == expected
+
+
 def test_chat_with_a_list_of_conversations(model_file):
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     with pyllm.LLM(model_file, n_threads=2) as alone:

@@ -294,3 +294,44 @@ def test_top_k_probabilities_are_the_plain_formula_bit_for_bit():
             mask[keep] = expected[keep]
             expected = mask / mask.sum()
         np.testing.assert_array_equal(Sampler(params).probabilities(logits), expected, err_msg=f"{n} {top_k} {top_p}")
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300])
+@pytest.mark.parametrize("filters", [{}, dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)])
+@pytest.mark.parametrize("shift", [0.0, 1e5, -50.0])  # large scores; every score negative
+def test_a_temperature_so_small_that_scores_overflow_draws_the_most_likely_token(temperature, filters, shift):
+    """scores / temperature overflowed to inf (inf - inf: NaN probabilities) and the draw gave id
+    VOCAB, past the vocabulary: a server request with temperature 1e-310 failed every stream beside
+    it (the engine refused the token in the shared step). The limit is greedy: the most likely ids alone."""
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal(VOCAB) * 3 + shift).astype(np.float32)
+    for seed in range(5):
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=seed, **filters))
+        probs = sampler.probabilities(logits)
+        assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+        assert sampler(logits) == int(np.argmax(logits))
+    tied = np.zeros(VOCAB, np.float32)
+    tied[[3, 9]] = 2.0  # a tie among the most likely: either, as at any temperature
+    for seed in range(10):
+        assert Sampler(SamplingParams(temperature=temperature, seed=seed, **filters))(tied) in (3, 9)
+
+
+def test_a_distribution_with_nan_is_refused_not_drawn_past_the_vocabulary():
+    """draw_index gives n when no cumulative sum passes the draw (NaN): draw() raises ValueError
+    instead of returning a token id past the vocabulary."""
+    from pyllm.sampling import draw
+
+    probs = np.full(VOCAB, np.nan)
+    for possible in (None, np.arange(5)):
+        with pytest.raises(ValueError, match="not finite"):
+            draw(np.random.default_rng(0), probs, possible)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_processor_that_changes_the_vocabulary_size_is_refused(temperature):
+    """A logits processor returning more (or fewer) scores than the vocabulary could make greedy
+    choose a token past it."""
+    logits = np.zeros(VOCAB, np.float32)
+    for bad in (lambda ids, s: np.append(s, 99.0), lambda ids, s: s[:-1], lambda ids, s: None):
+        with pytest.raises(ValueError, match="logits processor"):
+            Sampler(SamplingParams(temperature=temperature), [bad])(logits)

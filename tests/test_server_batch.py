@@ -228,6 +228,24 @@ def test_a_request_that_cannot_fit_gets_400_and_the_others_go_on(batched, alone)
     _idle(batched)
 
 
+def test_a_temperature_whose_scores_overflow_neither_fails_nor_takes_down_the_others(batched, alone):
+    """temperature 1e-310 (valid: 0 <= t <= 2) made the sampler draw a token past the vocabulary, which
+    the shared engine step refused: every stream running beside it ended with a 500 error event. Now
+    it is greedy (its limit), and the stream beside it goes on."""
+    client = batched.client()
+    ban = _no_eos(alone)
+    running = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=64, temperature=0,
+                                        logit_bias=ban, stream=True)
+    first = next(iter(running))
+    for tiny in (1e-310, 5e-324):
+        answer = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=tiny)
+        assert answer.choices[0].text == alone.generate(PROMPTS[1], max_new_tokens=8, temperature=0)
+    rest = first.choices[0].text + "".join(c.choices[0].text for c in running if c.choices)
+    assert rest == alone.generate(PROMPTS[0], max_new_tokens=64, temperature=0,
+                                  logit_bias={int(k): v for k, v in ban.items()})
+    _idle(batched)
+
+
 def test_a_long_prompt_is_prefilled_between_the_running_streams_steps(batched, alone):
     """Chunked prefill: while a 600-token prompt is read, every engine step still gives each running
     stream its token (observed in the scheduler's step log, not by timing)."""
