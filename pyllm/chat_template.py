@@ -500,9 +500,12 @@ def normalize_messages(messages) -> list[dict]:
         if isinstance(content, (list, tuple)):
             texts = []
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                if not (isinstance(part, dict) and part.get("type") == "text"):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise TemplateError(f"message {n}: only text content parts are supported (got {kind!r})")
+                    raise TemplateError(f"message {n}: only text content parts are supported (got {kind!r:.40})")
+                if not isinstance(part.get("text"), str):
+                    raise TemplateError(f"message {n}: a text content part needs a 'text' string "
+                                        f"(got {part.get('text')!r:.40})")
                 texts.append(part["text"])
             m["content"] = "\n".join(texts)
         elif content is None:

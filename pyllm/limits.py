@@ -11,6 +11,7 @@ with the way to raise each).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -25,11 +26,12 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 
 def _positive_int(name: str, value, most: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """value as a Python int: any integer type (numpy's too), not bool, positive, at most `most`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise LimitError(f"{name} must be a positive integer, got {value!r}")
     if most is not None and value > most:
         raise LimitError(f"{name} {value} exceeds the limit of {most}")
-    return value
+    return int(value)
 
 
 def _positive_seconds(name: str, value) -> float:

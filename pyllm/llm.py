@@ -6,6 +6,7 @@ import ctypes
 import difflib
 import functools
 import inspect
+import numbers
 import os
 import threading
 import time
@@ -301,9 +302,9 @@ class LLM:
                              "multiplies with float activations")
         backend = engine_module(device)
         if n_threads is not None:
-            check_threads(n_threads)
+            n_threads = check_threads(n_threads)
         if context_length is not None:
-            check_context_length(context_length)
+            context_length = check_context_length(context_length)
         self.path = resolve_model(path)
         self.model = PackedModel(self.path)
         if verify:
@@ -311,8 +312,10 @@ class LLM:
         self.config = self.model.config
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
-        if not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= MAX_PARALLEL:
+        if not isinstance(n_parallel, numbers.Integral) or isinstance(n_parallel, bool) or \
+                not 1 <= n_parallel <= MAX_PARALLEL:
             raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
+        n_parallel = int(n_parallel)
         check_kv_cache_bytes(kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel),
                              f"{n_parallel} sequence(s) of {n_ctx} positions")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
@@ -510,7 +513,9 @@ class LLM:
 
         A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
         engine step, each exactly as it would be alone (pyllm/batch.py): returns a list of texts, or with
-        stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats.
+        stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats. Such a
+        stream left unread while another call takes the engine (PREEMPT_AFTER) is not resumed, unlike a
+        single prompt's: it ends there, with finish_reason "cancelled" in last_batch_stats.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens. Generation ends at an end-of-generation token

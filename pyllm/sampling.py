@@ -136,8 +136,12 @@ class Sampler:
             if getattr(scores, "shape", None) != logits.shape:  # else a token past the vocabulary could come
                 raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of shape "
                                  f"{getattr(scores, 'shape', type(scores).__name__)}, not {logits.shape}")
-        if not np.isfinite(scores.max()):
+        top = scores.max()
+        if top == -np.inf:
             raise ValueError("the logits processors left no token possible")
+        if not np.isfinite(top):
+            raise ValueError("the logits processors made a score infinite or NaN (an option so extreme that the "
+                             "scores overflow, such as repetition_penalty 1e-320)")
         return scores
 
     def probabilities(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:

@@ -270,9 +270,21 @@ def test_forward_rows_and_copy_sequence_refuse_bad_rows(model_file):
             e.copy_sequence(0, 5, 3)
         with pytest.raises(IndexError, match="copy_sequence"):
             e.copy_sequence(0, 1, 65)
-    for bad in (0, -1, 10**6, 2.5, True):
+        # logit_rows are checked as the other index arrays are: a float is not truncated to a row
+        for rows, match in ((np.array([0.7]), "logit_rows must be integers"), (np.array([2**40]), "logit_rows has a value"),
+                            (np.array([-1]), "logit rows must be ascending")):
+            with pytest.raises((ValueError, IndexError), match=match):
+                e.forward_rows(one, np.array([0], np.int32), np.array([0], np.int32), rows)
+        # a position near int64's end is named without overflowing while the message is written
+        with pytest.raises(IndexError, match="1 token\\(s\\) from position 9223372036854775807 exceed"):
+            e.forward(one, 2**63 - 1, False)
+    for bad in (0, -1, 10**6, 2.5, True, np.bool_(True), np.float64(2.0)):
         with pytest.raises(ValueError, match="n_parallel"):
             pyllm.LLM(model_file, n_parallel=bad)
+    # numpy's integers are integers (as generate's options accept them)
+    with pyllm.LLM(model_file, n_threads=np.int32(1), n_parallel=np.int64(2), context_length=np.int64(20)) as llm:
+        assert (llm.n_parallel, llm.context_length, llm.n_threads) == (2, 20, 1)
+        assert type(llm.n_parallel) is int and type(llm.context_length) is int
 
 
 def test_kv_caches_larger_than_memory_are_refused(model_file):

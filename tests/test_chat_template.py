@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from pyllm.chat_template import BUILTIN_TEMPLATES, TemplateError, render_chat, resolve_chat_template
+from pyllm.chat_template import BUILTIN_TEMPLATES, TemplateError, normalize_messages, render_chat, resolve_chat_template
 
 transformers = pytest.importorskip("transformers")
 
@@ -189,6 +189,17 @@ def test_alpaca_builtins_are_the_published_prompts(name, tail):
     assert render_chat(template, [message], add_generation_prompt=False) == render_chat(template, [message])
     with pytest.raises(TemplateError, match="role"):
         render_chat(template, [{"role": "tool", "content": "x"}])
+
+
+@pytest.mark.parametrize("part, match", [
+    ({"type": "image_url", "image_url": {"url": "x"}}, "only text content parts are supported \\(got 'image_url'\\)"),
+    ("just a string", "only text content parts are supported \\(got 'str'\\)"),
+    ({"type": "text", "text": 5}, "a text content part needs a 'text' string \\(got 5\\)"),
+    ({"type": "text"}, "a text content part needs a 'text' string \\(got None\\)"),
+])
+def test_content_parts_that_are_not_text_strings_are_named(part, match):
+    with pytest.raises(TemplateError, match=match):
+        normalize_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, part]}])
 
 
 def test_resolve_names_files_and_source(tmp_path):

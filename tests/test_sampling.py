@@ -335,3 +335,20 @@ def test_a_processor_that_changes_the_vocabulary_size_is_refused(temperature):
     for bad in (lambda ids, s: np.append(s, 99.0), lambda ids, s: s[:-1], lambda ids, s: None):
         with pytest.raises(ValueError, match="logits processor"):
             Sampler(SamplingParams(temperature=temperature), [bad])(logits)
+
+
+@pytest.mark.parametrize("penalty", [1e-320, 5e-324, 1e308])
+def test_a_repetition_penalty_that_overflows_the_scores_is_named(penalty):
+    """Dividing a positive score by 1e-320 (or multiplying a negative one by 1e308) overflows: the
+    error says so, instead of claiming that the processors ruled every token out."""
+    logits = np.array([2.0, -3.0, 1.0, 0.5], dtype=np.float32)
+    sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
+    with np.errstate(over="ignore"):
+        if penalty > 1:  # only the negative score seen overflows, to -inf: that token is out, the others stay
+            assert sampler(logits, [1]) in (0, 2, 3)
+            return
+        with pytest.raises(ValueError, match="infinite or NaN.*repetition_penalty"):
+            sampler(logits, [0])
+    # a processor that rules every token out is still told apart
+    with pytest.raises(ValueError, match="left no token possible"):
+        Sampler(SamplingParams(), processors=[lambda ids, s: np.full_like(s, -np.inf)]).processed(logits)

@@ -109,7 +109,7 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
     const int64_t n_ctx = context_length(), vocab = config().vocab_size;
     if (n <= 0) throw std::invalid_argument("forward needs at least one token");
     if (pos < 0 || pos > n_ctx || n > n_ctx - pos)
-        throw std::out_of_range("positions " + std::to_string(pos) + ".." + std::to_string(pos + n - 1) +
+        throw std::out_of_range(std::to_string(n) + " token(s) from position " + std::to_string(pos) +
                                 " exceed the context length " + std::to_string(n_ctx));
     for (int64_t i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= vocab)
@@ -186,7 +186,7 @@ void Engine::set_cache(int64_t seq, int64_t pos0, int64_t n, const float* keys, 
         throw std::out_of_range("set_cache: sequence " + std::to_string(seq) + " is not one of the cache's " +
                                 std::to_string(n_seq()));
     if (n <= 0 || pos0 < 0 || pos0 > context_length() - n)
-        throw std::out_of_range("set_cache: positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + n - 1) +
+        throw std::out_of_range("set_cache: " + std::to_string(n) + " position(s) from " + std::to_string(pos0) +
                                 " exceed the context length " + std::to_string(context_length()));
     const ForwardLock lock(*this);
     write_cache(seq, pos0, n, keys, values);

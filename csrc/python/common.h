@@ -254,7 +254,7 @@ public:
                                     const py::array& logit_array, bool hidden) {
         const I32Array tokens = int32_values(token_array, "tokens"), seqs = int32_values(seq_array, "seq_ids"),
                        positions = int32_values(pos_array, "positions");
-        py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows(logit_array);
+        const I32Array rows = int32_values(logit_array, "logit_rows");  // row indices: no floats truncated
         if (tokens.ndim() != 1 || tokens.shape(0) == 0) bad("tokens must be 1-D and not empty");
         const int64_t n = tokens.shape(0);
         expect_shape(seqs, {n}, "seq_ids");
@@ -264,7 +264,8 @@ public:
         const int64_t width = hidden ? engine_->config().hidden_size : engine_->config().vocab_size;
         py::array_t<float> logits({n_logits, width});
         const int32_t *t = tokens.data(), *q = seqs.data(), *p = positions.data();
-        const int64_t* r = rows.data();
+        const std::vector<int64_t> wide_rows(rows.data(), rows.data() + n_logits);
+        const int64_t* r = wide_rows.data();
         float* out = logits.mutable_data();
         {
             py::gil_scoped_release release;
