@@ -241,6 +241,12 @@ def cmd_perplexity(args) -> int:
     from .errors import read_text
     from .perplexity import default_text, perplexity
 
+    # checked before the model is opened and the progress bar drawn (an error after it shared stderr
+    # with a half-drawn bar; --windows 0 or negative was a ZeroDivisionError)
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows must be at least 1, got {args.windows}")
+    if args.ctx < 4:
+        raise ValueError(f"--ctx must be at least 4 for perplexity, got {args.ctx}")
     if args.text:
         text = read_text(args.text)
     else:
@@ -255,6 +261,8 @@ def cmd_perplexity(args) -> int:
     tokens = llm.tokenize(text, add_special_tokens=False)
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
+    if available == 0:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {args.ctx}")
     bar = tqdm(total=min(args.windows or available, available), desc="perplexity", unit="window", file=sys.stderr)
 
     def show(done, total, ppl):

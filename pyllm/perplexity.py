@@ -55,6 +55,8 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
     times the perplexity (exp's first-order propagation)."""
     if ctx < 4:
         raise ValueError("ctx must be at least 4")
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+        raise ValueError(f"windows must be a positive integer (or None for all the text holds), got {windows!r}")
     available = len(tokens) // ctx
     if available == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")

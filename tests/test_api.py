@@ -381,6 +381,31 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
         assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
 
 
+def test_perplexity_bad_windows_ctx_and_short_text_are_one_line_errors(tiny_llama_f32, tmp_path):
+    """--windows 0 or negative was a ZeroDivisionError; --ctx under 4 and a text shorter than one window
+    were reported after the progress bar was drawn, so stderr held the bar around the error."""
+    from pyllm.perplexity import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    short = tmp_path / "short.txt"
+    short.write_text("a")
+    cases = [(("--text", str(text), "--windows", "0"), "--windows must be at least 1, got 0"),
+             (("--text", str(text), "--windows", "-3"), "--windows must be at least 1, got -3"),
+             (("--text", str(text), "-c", "1"), "--ctx must be at least 4"),
+             (("--text", str(text), "-c", "3"), "--ctx must be at least 4"),
+             (("--text", str(short), "-c", "64"), "fewer than one window of 64")]
+    for args, message in cases:
+        r = _cli("perplexity", tiny_llama_f32, "-t", "1", *args)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and message in lines[0], (args, r.returncode, r.stderr)
+    r = _cli("perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "16", "--windows", "1")
+    assert r.returncode == 0 and "over 1 windows of 16" in r.stdout, r.stderr
+    for windows in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="windows must be a positive integer"):
+            perplexity(lambda ids: None, list(range(64)), ctx=16, windows=windows)
+
+
 def test_json_nested_deeper_than_the_parser_goes_is_a_clear_error_everywhere(tmp_path):
     """JSON nested deeper than Python's parser goes raises RecursionError, not ValueError: every
     reader of a JSON file or string pyllm is handed turns it into its own error (config.json, a
