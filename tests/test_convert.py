@@ -126,6 +126,12 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"hidden_size": "64"}, "hidden_size must be an integer"),
     ({"intermediate_size": 1 << 40}, "intermediate_size must be an integer in 1..1048576"),
     ({"vocab_size": 1 << 30}, "vocab_size must be an integer in 1..4194304"),
+    # values the engine refuses when it loads the file: converting wrote a file that could not be run
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 0}}, "factor must be positive"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": -2.0}}, "factor must be positive"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 4.0,
+                          "high_freq_factor": 1.0, "original_max_position_embeddings": 128}}, "low_freq_factor <"),
+    ({"sliding_window": 10**30}, "sliding_window must be null or a positive 64-bit integer"),
 ])
 def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     d = str(tmp_path / "bad")

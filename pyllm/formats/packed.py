@@ -134,8 +134,9 @@ class ModelConfig:
         if self.rotary_dim is not None and not (_is_int(self.rotary_dim) and 0 < self.rotary_dim <= self.head_dim
                                                 and self.rotary_dim % 2 == 0):
             raise FormatError(f"model config: rotary_dim must be an even number in 2..head_dim, got {self.rotary_dim!r}")
-        if self.sliding_window is not None and not (_is_int(self.sliding_window) and self.sliding_window > 0):
-            raise FormatError(f"model config: sliding_window must be null or positive, got {self.sliding_window!r}")
+        if self.sliding_window is not None and not (_is_int(self.sliding_window) and 0 < self.sliding_window < 2**63):
+            raise FormatError(f"model config: sliding_window must be null or a positive 64-bit integer, got "
+                              f"{self.sliding_window!r}")
         if self.layer_types is not None and not (
                 isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
                 and all(t in LAYER_TYPES for t in self.layer_types)):
@@ -152,6 +153,19 @@ class ModelConfig:
                     f"model config: rope_scaling must be null or an object whose type is a string and whose "
                     f"{', '.join(numbers)} are numbers, got {self.rope_scaling!r}"
                 )
+            # what the engine refuses when it loads the file (rope_inv_freq), refused when the file is written
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind != "default" and not self.rope_scaling.get("factor", 1.0) > 0:
+                raise FormatError(f"model config: rope_scaling factor must be positive, got "
+                                  f"{self.rope_scaling.get('factor')!r}")
+            if kind == "llama3":
+                low = self.rope_scaling.get("low_freq_factor", 1.0)
+                high = self.rope_scaling.get("high_freq_factor", 4.0)
+                old_len = self.rope_scaling.get("original_max_position_embeddings", 8192.0)
+                if not (low > 0 and high > low and old_len > 0):
+                    raise FormatError(f"model config: llama3 rope_scaling needs 0 < low_freq_factor < "
+                                      f"high_freq_factor and a positive original_max_position_embeddings, got "
+                                      f"{self.rope_scaling!r}")
 
     def sliding_windows(self) -> list[int]:
         """Per layer, the keys a query sees (0: all)."""
