@@ -145,6 +145,29 @@ def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     assert not out.exists()
 
 
+def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, tmp_path):
+    """num_hidden_layers below the checkpoint's layers converted the first ones and dropped the rest
+    without a word: a model that ran, and answered wrongly."""
+    d = str(tmp_path / "fewer")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    layers = cfg["num_hidden_layers"] = 1
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "fewer.pllm"
+    with pytest.raises(FormatError, match=f"declares {layers} layers .* also holds layer 1: the config and the weights"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+    # names under other prefixes that number their layers too (a vision tower) are not the model's
+    from safetensors.numpy import load_file, save_file
+
+    d2 = str(tmp_path / "tower")
+    shutil.copytree(tiny_llama, d2)
+    weights = load_file(os.path.join(d2, "model.safetensors"))
+    weights["vision_tower.encoder.layers.7.mlp.weight"] = np.zeros((2, 2), np.float32)
+    save_file(weights, os.path.join(d2, "model.safetensors"), metadata={"format": "pt"})
+    convert_checkpoint(d2, str(tmp_path / "tower.pllm"), quant="f32", progress=False)
+
+
 def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
     d = str(tmp_path / "mismatch")
     shutil.copytree(tiny_llama, d)

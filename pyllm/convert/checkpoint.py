@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -149,6 +150,11 @@ class Checkpoint:
         self._torch_state = None
 
 
+# a transformer block's index in a checkpoint's tensor names: model.layers.N., transformer.h.N.,
+# model.decoder.layers.N., transformer.encoder.layers.N. (the families of pyllm/arch)
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
 class ArchitectureView:
     """A Hugging Face source (a Checkpoint, or one with LoRA adapters merged) under pyllm's tensor names:
     load(name) builds each tensor from the checkpoint's through its family's recipe (pyllm/arch)."""
@@ -163,6 +169,18 @@ class ArchitectureView:
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise FormatError(f"{self.dir}: the {self.arch.name} checkpoint lacks {shown}")
+        # a checkpoint holding more layers than config.json declares lost the extra layers silently
+        # (only under the prefixes the family's own layers use: a multimodal checkpoint's vision tower
+        # numbers its layers too)
+        layers = self.config.num_hidden_layers
+        prefixes = {n[:m.start(1)] for r in self.recipes.values() for n in r.sources if (m := _LAYER_INDEX.search(n))}
+        extra = sorted({int(m.group(1)) for n in source.names() if (m := _LAYER_INDEX.search(n))
+                        and n[:m.start(1)] in prefixes and int(m.group(1)) >= layers})
+        if extra:
+            raise FormatError(f"{self.dir}: config.json declares {layers} layers (num_hidden_layers) but the "
+                              f"checkpoint also holds layer{'s' if len(extra) > 1 else ''} "
+                              f"{', '.join(map(str, extra[:5]))}{' ...' if len(extra) > 5 else ''}: "
+                              "the config and the weights disagree")
         self._last: tuple[str, np.ndarray] | None = None  # fused tensors are read once for their parts
 
     def _hf(self, name: str) -> np.ndarray:
