@@ -358,6 +358,7 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
     try:
         cases = [(("convert", tiny_llama, "-o", str(tmp_path / "dir.pllm")), "is a directory"),
                  (("convert", tiny_llama, "-o", str(tmp_path / "no" / "x.pllm")), "does not exist"),
+                 (("convert", tiny_llama, "-o", os.path.join(tiny_llama, "config.json")), "refusing to write"),
                  (("run", tiny_llama_f32, "-p", "x", "--chat-template", str(not_utf8)), "latin1.jinja is not UTF-8"),
                  (("perplexity", tiny_llama_f32, "--text", str(not_utf8)), "latin1.jinja is not UTF-8"),
                  (("perplexity", tiny_llama_f32, "--text", str(tmp_path)), "directory"),

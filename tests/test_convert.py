@@ -168,6 +168,31 @@ def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, t
     convert_checkpoint(d2, str(tmp_path / "tower.pllm"), quant="f32", progress=False)
 
 
+def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(tiny_llama, tmp_path):
+    """`pyllm convert hfc -o hfc/model.safetensors` replaced the checkpoint's weights with the .pllm
+    file, and exit 0: the output may not be any file the conversion reads (a checkpoint's or an
+    adapter's file, through symbolic links too); an earlier .pllm beside the weights may be replaced."""
+    d = str(tmp_path / "hfc")
+    shutil.copytree(tiny_llama, d)
+    before = {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)}
+    link = tmp_path / "weights-link.safetensors"
+    link.symlink_to(os.path.join(d, "model.safetensors"))
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    for out, kwargs in ((os.path.join(d, "model.safetensors"), {}), (os.path.join(d, "config.json"), {}),
+                        (str(link), {}), (str(lora / "adapter_config.json"), {"lora": [str(lora)]})):
+        with pytest.raises(FileExistsError, match="refusing to write .*which this conversion reads"):
+            convert_checkpoint(d, out, quant="f32", progress=False, **kwargs)
+    assert {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)} == before
+    assert (lora / "adapter_config.json").read_text() == "{}"
+    # a .pllm in the checkpoint's directory is an output, written again
+    for _ in range(2):
+        convert_checkpoint(d, os.path.join(d, "model.pllm"), quant="f32", progress=False)
+    with pyllm.LLM(os.path.join(d, "model.pllm")) as llm:
+        assert llm.config.num_hidden_layers > 0
+
+
 def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
     d = str(tmp_path / "mismatch")
     shutil.copytree(tiny_llama, d)

@@ -145,6 +145,28 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
     return [PlannedTensor(f"{base}.{part}", dtype, shape, produce(part)) for part, (dtype, shape) in parts.items()]
 
 
+def check_output_is_not_an_input(output: str, inputs: list[str]) -> None:
+    """FileExistsError when output already is a file the conversion reads (the source GGUF file, or
+    a file directly inside the checkpoint or an adapter directory, symbolic links followed): the
+    finished file replaces what the path names, so the checkpoint would be gone. Earlier .pllm files
+    in those directories are not inputs and may be overwritten."""
+    if not os.path.exists(output):
+        return
+    for item in inputs:
+        if os.path.isdir(item):
+            files = [os.path.join(item, name) for name in os.listdir(item) if not name.endswith(".pllm")]
+        else:
+            files = [item]
+        for path in files:
+            try:
+                same = os.path.samefile(output, path)
+            except OSError:
+                continue
+            if same:
+                raise FileExistsError(f"refusing to write {output}: it is {path}, which this conversion reads "
+                                      f"(from {item}); choose another output path")
+
+
 def convert_checkpoint(src: str, output: str, quant: str | None = None, group_size: int | None = None,
                        progress: bool = True, log=sys.stderr, lora: list[str] | tuple = (),
                        options: QuantOptions | None = None, adapters: list | tuple = ()) -> ConversionReport:
@@ -163,6 +185,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     started = time.perf_counter()
     fmt, group = resolve_quant(quant, group_size)
     check_output_path(output)
+    check_output_is_not_an_input(output, [src, *lora, *(directory for _, directory in adapters)])
     source = open_source(src)
     if lora:
         source = merged_source(source, lora)
