@@ -132,6 +132,15 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 4.0,
                           "high_freq_factor": 1.0, "original_max_position_embeddings": 128}}, "low_freq_factor <"),
     ({"sliding_window": 10**30}, "sliding_window must be null or a positive 64-bit integer"),
+    # numbers of the wrong type or sign, named (were Python's own words, or taken for absent)
+    ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number, got 'x'"),
+    ({"rope_theta": -1}, "rope_theta must be a positive number, got -1"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive number, got 0"),
+    ({"max_position_embeddings": "256"}, "max_position_embeddings must be a positive number, got '256'"),
+    ({"head_dim": "16"}, "head_dim must be a positive number"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
+    ({"sliding_window": True}, "sliding_window must be a positive number"),
+    ({"layer_types": 5}, "cannot read the llama configuration \\(TypeError"),
 ])
 def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     d = str(tmp_path / "bad")

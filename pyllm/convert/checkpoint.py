@@ -27,9 +27,30 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def model_config_from_hf(cfg: dict) -> ModelConfig:
-    """Normalises a transformers config.json (4.x or 5.x layout) through its family's entry in pyllm.arch."""
-    return for_hf_config(cfg).config_from_hf(cfg)
+# config.json keys that hold positive numbers in every family that has them (transformers' names),
+# checked by name before a family reads them: a string there became Python's own words ("could not
+# convert string to float: 'x'"), and a zero max_position_embeddings or head_dim was taken for
+# absent (2048, hidden_size / heads). The sizes are checked by the families (checked_size).
+POSITIVE_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "partial_rotary_factor",
+                        "max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
+
+
+def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
+    """Normalises a transformers config.json (4.x or 5.x layout) through its family's entry in pyllm.arch.
+    FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS)."""
+    arch = for_hf_config(cfg)
+    for key in POSITIVE_NUMBER_KEYS:
+        value = cfg.get(key)
+        least = 0 if key == "sliding_window" else None  # 0 there means no window, as null
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (value > 0 or value == least)):
+            raise FormatError(f"{where}: {key} must be a positive number, got {value!r:.60}")
+    try:
+        return arch.config_from_hf(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{where}: cannot read the {arch.name} configuration ({type(e).__name__}: {e})") from e
 
 
 def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
@@ -55,7 +76,7 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.dir} has no config.json: is it a Hugging Face model directory?")
         self.hf_config = _read_json(config_path)
         self.arch: Architecture = for_hf_config(self.hf_config)
-        self.config = self.arch.config_from_hf(self.hf_config)
+        self.config = model_config_from_hf(self.hf_config, config_path)
         self._shards: dict[str, SafetensorsFile] = {}
         self._torch_state: dict | None = None
         self.weight_map = self._find_weights()
