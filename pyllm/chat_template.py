@@ -101,7 +101,7 @@ def resolve_chat_template(value: str) -> str:
     """A chat template from a built-in name, a file (Jinja text), or Jinja source itself.
 
     Raises FileNotFoundError for a path (it has a directory part or a template file suffix) that
-    names no file, TemplateError for an unknown name or a template that is not valid Jinja."""
+    names no file, TemplateError for an unknown name, an empty file or a template that is not valid Jinja."""
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
     if "{{" in value or "{%" in value:
@@ -120,6 +120,8 @@ def resolve_chat_template(value: str) -> str:
                 raise TemplateError(f"{value}: not a tokenizer_config.json with a chat_template string") from None
             if not isinstance(text, str):
                 raise TemplateError(f"{value}: chat_template is not a string")
+        if not text.strip():  # it would render every conversation as an empty prompt
+            raise TemplateError(f"{value}: the chat template is empty")
         _compile(text)  # refuse a broken template now, not at the first chat
         return text
     raise TemplateError(f"unknown chat template {value!r}: give a built-in name "

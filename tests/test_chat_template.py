@@ -218,6 +218,11 @@ def test_resolve_names_files_and_source(tmp_path):
         resolve_chat_template(str(broken))
     with pytest.raises(TemplateError, match="not valid Jinja"):  # Jinja source itself: refused now too
         resolve_chat_template("{% for m in messages %}")
+    # an empty template (file, or a tokenizer_config's) rendered every conversation as an empty prompt
+    for name, text in (("empty.jinja", ""), ("blank.jinja", " \n\t"), ("empty_config.json", '{"chat_template": ""}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TemplateError, match="the chat template is empty"):
+            resolve_chat_template(str(tmp_path / name))
 
 
 def test_failures_are_clear_errors():

@@ -22,6 +22,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
@@ -155,13 +156,19 @@ class ModelConfig:
                 )
             # what the engine refuses when it loads the file (rope_inv_freq), refused when the file is written
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            # the keys transformers reads without a default (its rope initialisers raise KeyError)
+            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                      "original_max_position_embeddings")}.get(kind, ())
+            absent = [key for key in needed if self.rope_scaling.get(key) is None]
+            if absent:
+                raise FormatError(f"model config: {kind} rope_scaling needs {', '.join(absent)}, got {self.rope_scaling!r}")
             if kind != "default" and not self.rope_scaling.get("factor", 1.0) > 0:
                 raise FormatError(f"model config: rope_scaling factor must be positive, got "
                                   f"{self.rope_scaling.get('factor')!r}")
             if kind == "llama3":
-                low = self.rope_scaling.get("low_freq_factor", 1.0)
-                high = self.rope_scaling.get("high_freq_factor", 4.0)
-                old_len = self.rope_scaling.get("original_max_position_embeddings", 8192.0)
+                low = self.rope_scaling["low_freq_factor"]
+                high = self.rope_scaling["high_freq_factor"]
+                old_len = self.rope_scaling["original_max_position_embeddings"]
                 if not (low > 0 and high > low and old_len > 0):
                     raise FormatError(f"model config: llama3 rope_scaling needs 0 < low_freq_factor < "
                                       f"high_freq_factor and a positive original_max_position_embeddings, got "
@@ -290,6 +297,10 @@ class TokenizerSpec:
             raise bad("added_tokens must map token strings to token ids")
 
 
+# a layer's tensors in a .pllm file (pyllm's names, the converter's for every family)
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
+
+
 class PackedModel:
     """An opened, fully validated .pllm file (the tensors stay memory-mapped)."""
 
@@ -381,6 +392,13 @@ class PackedModel:
                 expect(f"{base}.{part}", dtype, shape)
         for name, shape in self.config.vector_shapes().items():
             expect(name, "F32", shape)
+        # tensors of layers past the declared count: a config edited (or mismatched) to fewer layers
+        # loaded and ran the first ones, the rest ignored
+        layers = self.config.num_hidden_layers
+        extra = sorted({int(m.group(1)) for name in t if (m := _LAYER_TENSOR.match(name)) and int(m.group(1)) >= layers})
+        if extra:
+            raise FormatError(f"{self.path}: the config declares {layers} layers but the file also holds tensors of "
+                              f"layer {extra[0]}{' and more' if len(extra) > 1 else ''} (a mismatched config?)")
         blob = "tokenizer.json" if self.tokenizer.kind == "hf" else "tokenizer.model"
         if self.tokenizer.kind not in ("hf", "sentencepiece") or blob not in t or t[blob].dtype != "U8":
             raise FormatError(f"{self.path}: tokenizer of kind {self.tokenizer.kind!r} lacks its '{blob}' blob")
