@@ -48,6 +48,90 @@ def test_sharded_safetensors_with_index(tiny_llama, reference, tmp_path):
     assert nmse(logits_of(d, str(tmp_path / "s.pllm")), ref) < 1e-10
 
 
+def _two_shards(tiny_llama, directory: str) -> tuple[str, dict]:
+    """tiny_llama's tensors split over two shards with an index; returns (directory, weight_map)."""
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, directory)
+    tensors = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, os.path.join(d, shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    return d, weight_map
+
+
+def _write_index(d: str, weight_map: dict, text: str | None = None) -> None:
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        f.write(text if text is not None else json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("parent", r"mapped to '\.\./outside\.safetensors', not a \.safetensors file name inside"),
+    ("absolute", r"mapped to '/.*outside\.safetensors', not a \.safetensors file name inside"),
+    ("not_a_string", r"mapped to 5, not a \.safetensors file name"),
+    ("not_safetensors", r"mapped to 'sub', not a \.safetensors file name"),
+    ("listed_but_absent", r"lists tensor 'model\.layers\.0\.extra\.weight' in model-00001-of-00002\.safetensors, "
+                          r"which does not hold it"),
+    ("wrong_shard", r"lists tensor 'lm_head\.weight' in model-00002-of-00002\.safetensors, which does not hold it "
+                    r"\(it is in model-00001-of-00002\.safetensors\)"),
+    ("in_two_shards", r"tensor 'lm_head\.weight' is in two shards, model-00001-of-00002\.safetensors and "
+                      r"model-00002-of-00002\.safetensors"),
+    ("listed_twice", r"weight_map lists tensor 'lm_head\.weight' twice"),
+    ("no_weight_map", r"no weight_map object"),
+])
+def test_inconsistent_shard_index_is_refused_naming_the_tensor(tiny_llama, tmp_path, case, message):
+    """The index of a sharded checkpoint is checked against its shards before anything is written:
+    '../x.safetensors' or an absolute path read a file outside the checkpoint, a tensor listed but
+    absent (or one in two shards, or listed twice) converted silently (the index's entry won)."""
+    from safetensors.numpy import load_file, save_file
+
+    d, weight_map = _two_shards(tiny_llama, str(tmp_path / "sharded"))
+    second = os.path.join(d, "model-00002-of-00002.safetensors")
+    text = None
+    if case in ("parent", "absolute"):
+        shutil.copy(second, tmp_path / "outside.safetensors")
+        os.remove(second)
+        target = "../outside.safetensors" if case == "parent" else str(tmp_path / "outside.safetensors")
+        weight_map = {k: target if v == os.path.basename(second) else v for k, v in weight_map.items()}
+    elif case == "not_a_string":
+        weight_map["lm_head.weight"] = 5
+    elif case == "not_safetensors":
+        os.mkdir(os.path.join(d, "sub"))
+        weight_map["lm_head.weight"] = "sub"
+    elif case == "listed_but_absent":
+        weight_map["model.layers.0.extra.weight"] = "model-00001-of-00002.safetensors"
+    elif case == "wrong_shard":
+        weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    elif case == "in_two_shards":
+        tensors = load_file(second)
+        tensors["lm_head.weight"] = np.full_like(load_file(os.path.join(d, weight_map["lm_head.weight"]))
+                                                 ["lm_head.weight"], 7.0)
+        save_file(tensors, second)
+    elif case == "listed_twice":
+        text = json.dumps({"weight_map": weight_map}).replace(
+            '"weight_map": {', '"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors", ')
+    elif case == "no_weight_map":
+        text = json.dumps({"weight_map": list(weight_map)})
+    _write_index(d, weight_map, text)
+    out = tmp_path / "m.pllm"
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["outside.safetensors", "sharded"][case not in ("parent", "absolute"):]
+
+
+def test_shards_in_a_subfolder_of_the_checkpoint_are_read(tiny_llama, reference, tmp_path):
+    model, ref = reference
+    d, weight_map = _two_shards(tiny_llama, str(tmp_path / "sharded"))
+    os.mkdir(os.path.join(d, "weights"))
+    for shard in set(weight_map.values()):
+        os.rename(os.path.join(d, shard), os.path.join(d, "weights", shard))
+    _write_index(d, {k: "weights/" + v for k, v in weight_map.items()})
+    assert nmse(logits_of(d, str(tmp_path / "s.pllm")), ref) < 1e-10
+
+
 def test_pytorch_bin_checkpoint(tiny_llama, reference, tmp_path):
     model, ref = reference
     d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))

@@ -27,6 +27,36 @@ def _read_json(path: str) -> dict:
     return value
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, duplicates kept."""
+
+
+def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
+    """A shard index's weight_map as tensor name -> shard path. Shards are files of the index's own
+    directory (a name ending in suffix, possibly under a subfolder; no absolute path, no '..'), and
+    a tensor is listed once."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            raw = json.load(f, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{index}: invalid JSON ({type(e).__name__}: {e})") from None
+    pairs = dict(raw).get("weight_map") if isinstance(raw, _Pairs) else None
+    if not isinstance(pairs, _Pairs):
+        raise FormatError(f"{index}: no weight_map object")
+    directory = os.path.dirname(index)
+    weights: dict[str, str] = {}
+    for name, shard in pairs:
+        if name in weights:
+            raise FormatError(f"{index}: weight_map lists tensor '{name}' twice")
+        parts = shard.replace("\\", "/").split("/") if isinstance(shard, str) else []
+        if not parts or not shard.endswith(suffix) or os.path.isabs(shard) or shard.startswith(("/", "\\")) or \
+                any(p in ("", ".", "..") for p in parts) or "\0" in shard:
+            raise FormatError(f"{index}: tensor '{name}' is mapped to {shard!r}, not a {suffix} file name inside "
+                              f"{directory or '.'}")
+        weights[name] = os.path.join(directory, *parts)
+    return weights
+
+
 # config.json keys that hold positive numbers in every family that has them (transformers' names),
 # checked by name before a family reads them: a string there became Python's own words ("could not
 # convert string to float: 'x'"), and a zero max_position_embeddings or head_dim was taken for
@@ -79,7 +109,11 @@ class Checkpoint:
         self.config = model_config_from_hf(self.hf_config, config_path)
         self._shards: dict[str, SafetensorsFile] = {}
         self._torch_state: dict | None = None
-        self.weight_map = self._find_weights()
+        try:
+            self.weight_map = self._find_weights()
+        except BaseException:
+            self.close()  # the shards opened before the failure
+            raise
 
     def _find_weights(self) -> dict[str, str]:
         """tensor name -> file holding it."""
@@ -89,18 +123,32 @@ class Checkpoint:
         if os.path.exists(single):
             return {name: single for name in self._shard(single).tensors}
         if os.path.exists(index):
-            mapping = _read_json(index).get("weight_map")
-            if not isinstance(mapping, dict):
-                raise FormatError(f"{index}: no weight_map")
-            return {name: os.path.join(d, shard) for name, shard in mapping.items()}
+            weights = _index_weight_map(index, ".safetensors")
+            self._check_shards(index, weights)
+            return weights
         for name in ("pytorch_model.bin",):
             path = os.path.join(d, name)
             if os.path.exists(path):
                 return {k: path for k in self._torch(path)}
         if os.path.exists(os.path.join(d, "pytorch_model.bin.index.json")):
-            mapping = _read_json(os.path.join(d, "pytorch_model.bin.index.json"))["weight_map"]
-            return {name: os.path.join(d, shard) for name, shard in mapping.items()}
+            return _index_weight_map(os.path.join(d, "pytorch_model.bin.index.json"), ".bin")
         raise FileNotFoundError(f"{d} has no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+    def _check_shards(self, index: str, weights: dict[str, str]) -> None:
+        """Every tensor the index lists is in the shard it names, and no tensor is in two shards
+        (reads the shards' headers only)."""
+        held: dict[str, str] = {}
+        for path in dict.fromkeys(weights.values()):
+            for name in self._shard(path).tensors:
+                if name in held:
+                    raise FormatError(f"{index}: tensor '{name}' is in two shards, {os.path.basename(held[name])} "
+                                      f"and {os.path.basename(path)}")
+                held[name] = path
+        for name, path in weights.items():
+            if name not in self._shards[path].tensors:
+                where = f" (it is in {os.path.basename(held[name])})" if name in held else ""
+                raise FormatError(f"{index}: lists tensor '{name}' in {os.path.basename(path)}, which does not "
+                                  f"hold it{where}")
 
     def _shard(self, path: str) -> SafetensorsFile:
         if path not in self._shards:
