@@ -289,6 +289,21 @@ def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
 
 
+def test_the_same_adapter_twice_is_refused_by_convert_and_merge(base, tmp_path, capsys):
+    """--lora A --lora A merged A's update twice (the model drifted from the one trained, exit 0);
+    also when the second names A through another path or a symbolic link."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    os.symlink(adapter, tmp_path / "link")
+    for second in (adapter, adapter + os.sep, str(tmp_path / "link"), os.path.join(adapter, os.pardir, "adapter")):
+        expect_refusal(base, [adapter, second], tmp_path, "given twice")
+        out = str(tmp_path / "merged")
+        capsys.readouterr()
+        assert cli.main(["merge", base, "--lora", adapter, "--lora", second, "-o", out]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "given twice" in err, err
+        assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
 def test_refuses_a_gguf_base(base, tmp_path, capsys):
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
     from pyllm import default_model

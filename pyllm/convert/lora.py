@@ -331,6 +331,13 @@ def merged_source(source, adapter_dirs) -> LoraMergedSource:
         if not isinstance(source, Checkpoint):
             raise FormatError("--lora needs a Hugging Face base directory (the float weights the adapter was "
                               "trained on); a GGUF file holds already-quantized weights")
+        seen: dict[str, str] = {}
+        for d in adapter_dirs:
+            real = os.path.realpath(os.fspath(d))
+            if real in seen:
+                raise FormatError(f"LoRA adapter {os.fspath(d)} is given twice (as {seen[real]} before): merging it "
+                                 "again would double its update; give each adapter once")
+            seen[real] = os.fspath(d)
         adapters = [LoraAdapter(d) for d in adapter_dirs]
         for adapter in adapters:
             warn_if_other_base(adapter.config, adapter.dir, source.dir)
