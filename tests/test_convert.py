@@ -77,8 +77,8 @@ def _write_index(d: str, weight_map: dict, text: str | None = None) -> None:
                           r"which does not hold it"),
     ("wrong_shard", r"lists tensor 'lm_head\.weight' in model-00002-of-00002\.safetensors, which does not hold it "
                     r"\(it is in model-00001-of-00002\.safetensors\)"),
-    ("in_two_shards", r"tensor 'lm_head\.weight' is in two shards, model-00001-of-00002\.safetensors and "
-                      r"model-00002-of-00002\.safetensors"),
+    ("in_two_shards", r"tensor 'lm_head\.weight' is in two shards with different values, "
+                      r"model-00001-of-00002\.safetensors and model-00002-of-00002\.safetensors"),
     ("listed_twice", r"weight_map lists tensor 'lm_head\.weight' twice"),
     ("no_weight_map", r"no weight_map object"),
 ])
@@ -120,6 +120,19 @@ def test_inconsistent_shard_index_is_refused_naming_the_tensor(tiny_llama, tmp_p
     with pytest.raises(FormatError, match=message):
         convert_checkpoint(d, str(out), quant="f32", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["outside.safetensors", "sharded"][case not in ("parent", "absolute"):]
+
+
+def test_a_tensor_in_two_shards_with_the_same_bytes_is_read(tiny_llama, tmp_path):
+    """Identical copies in two shards (transformers takes the one the index names) convert."""
+    from safetensors.numpy import load_file, save_file
+
+    d, weight_map = _two_shards(tiny_llama, str(tmp_path / "sharded"))
+    second = os.path.join(d, "model-00002-of-00002.safetensors")
+    tensors = load_file(second)
+    tensors["lm_head.weight"] = load_file(os.path.join(d, weight_map["lm_head.weight"]))["lm_head.weight"]
+    save_file(tensors, second)
+    _write_index(d, weight_map)
+    convert_checkpoint(d, str(tmp_path / "m.pllm"), quant="f32", progress=False)
 
 
 def test_shards_in_a_subfolder_of_the_checkpoint_are_read(tiny_llama, reference, tmp_path):

@@ -135,14 +135,20 @@ class Checkpoint:
         raise FileNotFoundError(f"{d} has no model.safetensors, sharded safetensors or pytorch_model.bin")
 
     def _check_shards(self, index: str, weights: dict[str, str]) -> None:
-        """Every tensor the index lists is in the shard it names, and no tensor is in two shards
-        (reads the shards' headers only)."""
+        """Every tensor the index lists is in the shard it names, and a tensor in two shards is the same
+        bytes in both (reads the shards' headers, and a duplicate's bytes: transformers takes the copy
+        the index names, and copies that differ leave no way to know which one was meant)."""
         held: dict[str, str] = {}
         for path in dict.fromkeys(weights.values()):
             for name in self._shard(path).tensors:
                 if name in held:
-                    raise FormatError(f"{index}: tensor '{name}' is in two shards, {os.path.basename(held[name])} "
-                                      f"and {os.path.basename(path)}")
+                    first, second = self._shards[held[name]], self._shards[path]
+                    if (first.tensors[name].dtype, first.tensors[name].shape) != \
+                            (second.tensors[name].dtype, second.tensors[name].shape) or \
+                            first.bytes(name) != second.bytes(name):
+                        raise FormatError(f"{index}: tensor '{name}' is in two shards with different values, "
+                                          f"{os.path.basename(held[name])} and {os.path.basename(path)}")
+                    continue
                 held[name] = path
         for name, path in weights.items():
             if name not in self._shards[path].tensors:
