@@ -19,6 +19,7 @@ from .errors import LimitError
 
 MAX_CONTEXT_LENGTH = 1 << 24  # tokens; far past any model's positions (the KV cache would need TBs)
 MAX_THREADS = 1024
+MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
 # pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
 # rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4
@@ -56,6 +57,11 @@ def check_kv_cache_bytes(nbytes: int, what: str) -> int:
         raise LimitError(f"{what} needs a KV cache of {nbytes / 2**30:.1f} GiB; this machine has "
                          f"{physical / 2**30:.1f} GiB of memory (lower context_length or n_parallel)")
     return nbytes
+
+
+def check_parallel(value) -> int:
+    """value as n_parallel (sequences in the KV cache): a positive int up to MAX_PARALLEL (LimitError otherwise)."""
+    return _positive_int("n_parallel", value, MAX_PARALLEL)
 
 
 def check_threads(value) -> int:

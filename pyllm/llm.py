@@ -6,7 +6,6 @@ import ctypes
 import difflib
 import functools
 import inspect
-import numbers
 import os
 import threading
 import time
@@ -19,14 +18,13 @@ from .chat_template import normalize_messages, render_chat, resolve_chat_templat
 from .formats.packed import PackedModel
 from .errors import PyllmError
 from .formats.safetensors import FormatError
-from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_threads
+from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_parallel, check_threads
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
 PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
-MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
 # KV cache element types (llama.cpp's names, as its -ctk/-ctv) and the bytes one value takes: q8_0 is
 # blocks of 32 values, an f16 scale and 32 int8 codes (34 bytes). "auto": f32 for a model stored in
 # f32, else f16 (counted as f16 below).
@@ -261,8 +259,8 @@ class LLM:
     docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float activations either way; the CUDA
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
-    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS
-    (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
+    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS;
+    n_parallel: 1 .. MAX_PARALLEL (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
     loading (FormatError on a mismatch; `pyllm verify` does the same from the command line).
 
     One LLM may be shared between threads: calls run one at a time, in turn. cancel() ends the
@@ -312,10 +310,7 @@ class LLM:
         self.config = self.model.config
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
-        if not isinstance(n_parallel, numbers.Integral) or isinstance(n_parallel, bool) or \
-                not 1 <= n_parallel <= MAX_PARALLEL:
-            raise ValueError(f"n_parallel must be an integer in 1..{MAX_PARALLEL}, got {n_parallel!r}")
-        n_parallel = int(n_parallel)
+        n_parallel = check_parallel(n_parallel)
         check_kv_cache_bytes(kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel),
                              f"{n_parallel} sequence(s) of {n_ctx} positions")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).

@@ -126,6 +126,10 @@ class Sampler:
         """logits: f32 [vocab] -> f64 [vocab] after every processor. Raises ValueError when the
         logits hold NaN or infinity (the model's numbers overflowed) or the processors leave no
         token possible."""
+        return self._processed(logits, context)[0]
+
+    def _processed(self, logits: np.ndarray, context: Sequence[int] | None) -> tuple[np.ndarray, float]:
+        """processed(), and the scores' maximum."""
         if not np.isfinite(logits).all():
             raise ValueError("the model's logits are not finite (NaN or infinity): its weights or activations "
                              "overflowed, so no token can be chosen")
@@ -142,7 +146,7 @@ class Sampler:
         if not np.isfinite(top):
             raise ValueError("the logits processors made a score infinite or NaN (an option so extreme that the "
                              "scores overflow, such as repetition_penalty 1e-320)")
-        return scores
+        return scores, top
 
     def probabilities(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
         """The distribution a token is drawn from, f64 [vocab] summing to 1 (temperature > 0)."""
@@ -153,22 +157,24 @@ class Sampler:
         be nonzero), known when top-k or top-p filtered them."""
         p = self.params
         possible = None
-        scores = self.processed(logits, context)
-        top = scores.max()
+        scores, largest = self._processed(logits, context)
+        # the scaled scores' maximum is largest / temperature: rounding keeps the order, so the largest
+        # score divides to the largest quotient, bit for bit what scores.max() would find again
         with np.errstate(over="ignore"):
-            if np.isfinite(top / p.temperature):
+            top = largest / p.temperature
+            if np.isfinite(top):
                 scores = scores / p.temperature
             else:  # a temperature so small (1e-310) that the largest score overflows: its limit, the most
-                scores = (scores - top) / p.temperature  # likely ids alone (inf - inf would be NaN)
+                scores, top = (scores - largest) / p.temperature, 0.0  # likely ids alone (inf - inf: NaN)
         if p.top_k and p.top_k < scores.size:
             # exp of the kept scores only, the others 0 in place (what exp(-inf) gives them): the same
             # array, so the same sum, as exp over all of them (0.3 ms of 49152 exps a token)
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             kept = possible = np.flatnonzero(scores >= kth)
             probs = np.zeros_like(scores)
-            probs[kept] = np.exp(scores[kept] - scores.max())
+            probs[kept] = np.exp(scores[kept] - top)
         else:
-            probs = np.exp(scores - scores.max())
+            probs = np.exp(scores - top)
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = possible = np.sort(nucleus(probs, p.top_p))

@@ -4,11 +4,11 @@
 // Engine is the backend seam: the CPU engine lives in cpu_engine.cpp; a CUDA
 // engine implements the same interface and is chosen by make_engine's caller.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
-#include <atomic>
 #include <mutex>
 #include <stdexcept>
 #include <string>

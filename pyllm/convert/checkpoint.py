@@ -77,9 +77,9 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
             raise FormatError(f"{where}: {key} must be a positive number, got {value!r:.60}")
     try:
         return arch.config_from_hf(cfg)
+    except FormatError:
+        raise
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-        if isinstance(e, FormatError):
-            raise
         raise FormatError(f"{where}: cannot read the {arch.name} configuration ({type(e).__name__}: {e})") from e
 
 
