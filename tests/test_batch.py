@@ -341,3 +341,65 @@ def test_stop_text_finish_flushes_and_finds_a_stop_completed_there():
     plain = StopText(_PieceDecoder(["ab", "E"], tail="xyz"), ["END"])
     plain.push(0), plain.push(1)
     assert plain.finish() == "Exyz" and not plain.stopped
+
+
+# -- one sequence's logits, however its rows are run ------------------------------------------------
+
+INVARIANCE_MODELS = [  # (family, case, overrides, KV cache types): plain, sliding window + soft-capping, ALiBi
+    ("llama", "gqa", dict(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024),
+     ["f32", "f16", "q8_0"]),  # head_dim 32: q8_0 blocks
+    ("mistral", "window24", dict(max_position_embeddings=1024), ["f16"]),
+    ("gemma2", "softcap_window", dict(max_position_embeddings=1024), ["f16"]),
+    ("bloom", "heads4", {}, ["f32"]),
+]
+
+
+@pytest.fixture(scope="module", params=INVARIANCE_MODELS, ids=lambda m: m[0])
+def invariance_model(request, tmp_path_factory):
+    from families import make_tiny_model
+
+    family, case, overrides, caches = request.param
+    base = make_tiny_model(family, case, str(tmp_path_factory.mktemp(f"inv_{family}")), seed=3, **overrides)
+    out = str(tmp_path_factory.mktemp(f"inv_{family}_pllm") / "int8.pllm")
+    convert_checkpoint(base, out, quant="int8", progress=False)
+    return out, caches
+
+
+def test_a_sequence_s_logits_are_the_same_bits_however_its_rows_are_run(invariance_model):
+    """Attention folds its keys in pieces at fixed positions (ops.cpp kAttentionPiece), so a
+    sequence's logits do not depend on how its prompt is chunked (one row at a time, as a decode
+    step reads it; 2, 3, 17, 70, 256 or 300 rows; all at once), on the rows of other sequences beside it or on
+    the thread count: the same bits. A seeded request's text then never depends on its neighbours,
+    a prefix reused from another slot equals the prefix computed afresh, and a stream re-reading its
+    tokens after a preemption continues as it would have."""
+    path, caches = invariance_model
+    # 600 positions: three of attention's 256-key pieces, so that decode rows split them among tasks
+    tokens = np.random.default_rng(5).integers(3, 500, 600).astype(np.int32)
+    others = np.random.default_rng(6).integers(3, 500, 600).astype(np.int32)
+    for kv_cache in caches:
+        results = {}
+        for n_threads in (1, 2, 3):
+            with pyllm.LLM(path, n_threads=n_threads, n_parallel=2, context_length=1024, kv_cache=kv_cache) as llm:
+                engine = llm.engine
+                for chunk in (600, 1, 2, 3, 17, 70, 256, 300):
+                    if n_threads != 2 and chunk not in (600, 1):
+                        continue
+                    for start in range(0, len(tokens), chunk):
+                        rows = tokens[start:start + chunk]
+                        n = len(rows)
+                        # beside the rows of another sequence, at other positions, every other chunk
+                        beside = (start // chunk) % 2 == 1
+                        seq = np.zeros(n, np.int32)
+                        pos = np.arange(start, start + n, dtype=np.int32)
+                        if beside:
+                            rows = np.concatenate([others[start:start + 3], rows])
+                            seq = np.concatenate([np.ones(len(rows) - n, np.int32), seq])
+                            pos = np.concatenate([np.arange(start, start + len(rows) - n, dtype=np.int32), pos])
+                        logits = engine.forward_rows(rows, seq, pos, np.array([len(rows) - 1]))[0]
+                    results[(n_threads, chunk)] = logits.copy()
+        reference = results[(2, 600)]
+        assert np.isfinite(reference).all()
+        for key, logits in results.items():
+            assert np.array_equal(logits, reference), (
+                f"{kv_cache} cache, {key[0]} threads, chunks of {key[1]}: max difference "
+                f"{np.abs(logits - reference).max():.3g}")

@@ -129,14 +129,19 @@ void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_o
     __m256 vsum = _mm256_setzero_ps();
     // full vectors with plain loads and stores (a masked store costs many times a plain one on AMD
     // cores), the tail masked
+    // a masked key (score -inf) gives exactly 0 (exp_nonpositive8's floor is e^-87)
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    auto numerators = [&](__m256 scores) {
+        return _mm256_andnot_ps(_mm256_cmp_ps(scores, minus_inf, _CMP_EQ_OQ), exp_nonpositive8(_mm256_sub_ps(scores, m)));
+    };
     for (t = 0; t + 8 <= len; t += 8) {
-        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        const __m256 e = numerators(_mm256_loadu_ps(s + t));
         _mm256_storeu_ps(s + t, e);
         vsum = _mm256_add_ps(vsum, e);
     }
     if (t < len) {
         const __m256i mask = lane_mask(len - t);
-        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(s + t, mask), m));
+        const __m256 e = numerators(_mm256_maskload_ps(s + t, mask));
         const __m256 kept = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
         _mm256_maskstore_ps(s + t, mask, kept);
         vsum = _mm256_add_ps(vsum, kept);
@@ -187,7 +192,10 @@ inline void score_q8_tile(const float* q, int64_t D, const uint8_t* keys, int64_
         float* dst = scores + g * len + t0;
         if (KT == 4) _mm_storeu_ps(dst, hsum4(acc[g]));
         else
-            for (int k = 0; k < KT; ++k) dst[k] = hsum(acc[g][k]);
+            for (int k = 0; k < KT; ++k) {  // in hsum4's order, so that a key's score never depends on its tile
+                const __m256 same[4] = {acc[g][k], acc[g][k], acc[g][k], acc[g][k]};
+                dst[k] = _mm_cvtss_f32(hsum4(same));
+            }
     }
 }
 

@@ -25,7 +25,8 @@ void shape_and_exp(const ScoreShaping* shaping, int64_t group, int64_t len, floa
         float max_score = -INFINITY;
         for (int64_t t = 0; t < len; ++t) max_score = std::max(max_score, sg[t]);
         float total = 0.0f;
-        for (int64_t t = 0; t < len; ++t) sg[t] = exp_nonpositive(sg[t] - max_score);
+        // a masked key (score -inf) gives exactly 0 (exp_nonpositive's floor is e^-87)
+        for (int64_t t = 0; t < len; ++t) sg[t] = sg[t] == -INFINITY ? 0.0f : exp_nonpositive(sg[t] - max_score);
         for (int64_t t = 0; t < len; ++t) total += sg[t];
         max[g] = max_score;
         sum[g] = total;
@@ -118,8 +119,10 @@ void shape_scores(const ScoreShaping& shaping, int64_t group, int64_t len, float
         for (int64_t g = 0; g < group; ++g) {
             const int64_t last = shaping.last_key + g / shaping.row_heads;
             const int64_t first = shaping.window > 0 ? std::max<int64_t>(0, last - shaping.window + 1) : 0;
-            std::fill(scores + g * len, scores + g * len + std::min(first, len), -INFINITY);
-            if (last + 1 < len) std::fill(scores + g * len + last + 1, scores + (g + 1) * len, -INFINITY);
+            // (a row whose own key comes before the first key, last < 0, sees none of them)
+            std::fill(scores + g * len, scores + g * len + std::clamp<int64_t>(first, 0, len), -INFINITY);
+            const int64_t after = std::max<int64_t>(last + 1, 0);
+            if (after < len) std::fill(scores + g * len + after, scores + (g + 1) * len, -INFINITY);
         }
 }
 

@@ -125,7 +125,8 @@ struct ScoreShaping {
     float softcap = 0.0f;          // > 0: scores = softcap * tanh(scores / softcap), after the ALiBi term
     // Several consecutive query rows in one task (prefill; ops.cpp attention): with row_heads > 0, heads
     // [r * row_heads, (r + 1) * row_heads) are the query whose own key is key last_key + r; it sees keys
-    // last_key + r - window + 1 (window > 0; else key 0) .. last_key + r, the others' scores become -inf.
+    // last_key + r - window + 1 (window > 0; else key 0) .. last_key + r, the others' scores become -inf
+    // (last_key + r < 0: none of the keys).
     int64_t row_heads = 0, last_key = 0, window = 0;
 };
 

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "../../core/numeric.h"
+#include "fast_exp.h"
 #include "kernels.h"
 
 namespace pyllm {
@@ -289,51 +290,92 @@ std::vector<float> alibi_slopes(int64_t n_heads) {
     return slopes;
 }
 
+namespace {
+
+// Keys are attended in pieces of kAttentionPiece positions, aligned to absolute positions (0, 256,
+// 512, ...): each piece gives a row's head its softmax partials (max m, sum l of exp(s - m), output
+// o = sum exp(s - m) v), folded into the row's running (m, l, o) in piece order by fold_piece. Every
+// way of running a row (alone or beside other rows and sequences, in a prefill block of any size,
+// its keys split among tasks or not, any thread count) computes the same pieces and folds them in
+// the same order, so its result is the same bits: a sequence's logits do not depend on how its
+// prompt was chunked or on what ran beside it. The folds cost: SmolLM2 int4, 2 threads, Zen 5,
+// alternating builds, best of 3 each, attention per token at depth 1000 / 3700: 0.85-0.87 ->
+// 0.90-1.16 ms / 2.69-2.85 -> 2.75-3.52 ms, and 512 prompt rows at depth 3500: 405-461 -> 464-509 ms;
+// no change at depth 100-200. Pieces of 64 keys cost 1.5-1.6x at depth 3700 (their folds).
+constexpr int64_t kAttentionPiece = 256;
+
+// Folds one piece's partials (m_c, l_c, o_c: f32 [D]) into the running (m, l, o: f32 [D]); a piece
+// whose every key is masked for the row (m_c = -inf) adds nothing. Only the smaller maximum's side
+// is rescaled (the other's factor would be exp(0) = 1), with fast_exp.h's exp. Not inlined: one copy
+// of its arithmetic for every caller.
+__attribute__((noinline)) void fold_piece(float m_c, float l_c, const float* o_c, int64_t D, float& m, float& l,
+                                          float* o) {
+    if (m_c == -INFINITY) return;
+    if (m == -INFINITY) {  // the first piece
+        m = m_c, l = l_c;
+        std::copy_n(o_c, D, o);
+    } else if (m_c <= m) {
+        const float b = exp_nonpositive(m_c - m);
+        l += l_c * b;
+        for (int64_t i = 0; i < D; ++i) o[i] += o_c[i] * b;
+    } else {
+        const float a = exp_nonpositive(m - m_c);
+        m = m_c;
+        l = l * a + l_c;
+        for (int64_t i = 0; i < D; ++i) o[i] = o[i] * a + o_c[i];
+    }
+}
+
+}  // namespace
+
 void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int64_t n_spans, int64_t n_heads,
                int64_t n_kv_heads, int64_t D, int64_t cache_len, float scale, const AttentionOptions& options) {
     // Tasks are (span, block of query rows, kv head, key chunk), all spans' tasks in one parallel
     // loop: the query heads sharing a kv head read its keys and values once, together; when a span
-    // has few rows (decode), its keys are split into chunks so every thread has work (blocks of one
-    // row), each chunk keeping its own max, sum and unnormalised output, merged afterwards. A span's
-    // tasks and its arithmetic depend only on that span (and the thread count), never on the others
-    // beside it: a sequence's result is the same whatever else is in the batch.
+    // has few rows (decode), its keys are split into chunks of whole pieces so every thread has work
+    // (blocks of one row), each chunk keeping its pieces' partials, folded afterwards. A span's tasks
+    // depend only on that span (and the thread count), and its arithmetic on neither (kAttentionPiece).
     if (kv_type == KvType::Q8_0 && D % kQ8Block != 0)
         throw std::invalid_argument("a q8_0 KV cache needs head_dim a multiple of 32, not " + std::to_string(D));
     const CpuKernels& kernels = active_kernels();
     const int64_t group = n_heads / n_kv_heads;
-    const int64_t min_chunk = 64;
+    constexpr int64_t P = kAttentionPiece;
     // keys a query sees: its own position and those before it, back to the window
     const int64_t window = options.window > 0 ? options.window : INT64_MAX;
     const bool shaped = options.alibi != nullptr || options.softcap > 0.0f;
+    auto first_key = [&](int64_t position) { return position >= window ? position - window + 1 : 0; };
     // Prefill: up to kRowsPerTask consecutive query rows per task read the keys and values they see
     // once, together (each row's keys past its own position, or before its window, masked). ALiBi,
     // whose term depends on the query's position, and soft-capping keep one row per task.
     constexpr int64_t kRowsPerTask = 4;
     struct Plan {
-        int64_t n_chunks, R, blocks, first_task, first_part;  // first_part: into the chunk buffers, in heads
-    };
+        int64_t n_chunks, R, blocks, first_task, first_part, pieces;  // first_part: into the partials, in heads;
+    };                                                                  // pieces: per row of a split span
     std::vector<Plan> plans((size_t)n_spans);
     int64_t n_tasks = 0, n_parts = 0;
     for (int64_t s = 0; s < n_spans; ++s) {
-        const int64_t M = spans[s].M, rows = M * n_kv_heads;
-        const int64_t widest = std::min(spans[s].pos0 + M, window);
+        const int64_t M = spans[s].M, rows = M * n_kv_heads, last = spans[s].pos0 + M - 1;
+        // the most pieces a row of the span touches (its last row's, or a windowed row's)
+        const int64_t pieces = last / P - first_key(spans[s].pos0) / P + 1;
         int64_t n_chunks = 1;
         if (rows < 4 * pool.size())
-            n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, widest / min_chunk));
+            n_chunks = std::max<int64_t>(1, std::min((4 * pool.size() + rows - 1) / rows, pieces));
         const int64_t R = n_chunks == 1 && !shaped ? std::clamp<int64_t>(rows / (4 * pool.size()), 1, kRowsPerTask) : 1;
         const int64_t blocks = (M + R - 1) / R;
-        plans[(size_t)s] = Plan{n_chunks, R, blocks, n_tasks, n_parts};
+        plans[(size_t)s] = Plan{n_chunks, R, blocks, n_tasks, n_parts, pieces};
         n_tasks += blocks * n_kv_heads * n_chunks;
-        if (n_chunks > 1) n_parts += rows * n_chunks * group;
+        if (n_chunks > 1) n_parts += rows * pieces * group;
     }
     // bytes from a cache's start to kv head kv's key t (keys transposed unless q8_0) and to its value row t
     const int64_t row_bytes = kv_row_bytes(kv_type, D);
     auto key_offset = [&](int64_t kv, int64_t t) {
         return kv_type == KvType::Q8_0 ? (kv * cache_len + t) * row_bytes : (kv * D * cache_len + t) * (row_bytes / D);
     };
-    std::vector<float> maxima((size_t)n_parts), sums((size_t)n_parts), partial_out((size_t)(n_parts * D));
+    // a split span's partials: per (row, kv head, piece from the row's first, head of the group)
+    std::vector<float> maxima((size_t)n_parts, -INFINITY), sums((size_t)n_parts), partial_out((size_t)(n_parts * D));
 
-    // What task number `task` reads: its span, block of query rows, kv head, chunk and keys t0 .. t1.
+    // What task number `task` reads: its span, block of query rows, kv head, chunk and keys t0 .. t1
+    // (t0 at a piece's start; keys before the block's first visible one are masked).
     struct Task {
         int64_t s, m0, block_rows, kv, chunk, position, t0, t1;
     };
@@ -345,11 +387,13 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
         const int64_t n_chunks = plan.n_chunks, R = plan.R, local = task - plan.first_task;
         const int64_t block = local / (n_kv_heads * n_chunks), kv = local / n_chunks % n_kv_heads, chunk = local % n_chunks;
         const int64_t m0 = block * R, block_rows = std::min(R, spans[s].M - m0);
-        // keys of the block: from the first row's first (the window's start) to the last row's own
-        const int64_t position = spans[s].pos0 + m0, first = position >= window ? position - window + 1 : 0;
-        const int64_t n_keys = position + block_rows - first, per_chunk = (n_keys + n_chunks - 1) / n_chunks;
-        return Task{s, m0, block_rows, kv, chunk, position, first + std::min(n_keys, chunk * per_chunk),
-                    first + std::min(n_keys, chunk * per_chunk + per_chunk)};
+        // pieces of the block: from the first row's first visible key to the last row's own
+        const int64_t position = spans[s].pos0 + m0, end = position + block_rows;
+        const int64_t first_piece = first_key(position) / P, n_pieces = (end - 1) / P - first_piece + 1;
+        const int64_t per_chunk = (n_pieces + n_chunks - 1) / n_chunks;
+        const int64_t p0 = first_piece + std::min(n_pieces, chunk * per_chunk);
+        const int64_t p1 = first_piece + std::min(n_pieces, chunk * per_chunk + per_chunk);
+        return Task{s, m0, block_rows, kv, chunk, position, p0 * P, std::min(end, p1 * P)};
     };
     // A decode task's keys and values are a few KiB over D key rows (its neighbouring chunk lies right
     // after them), read cold: task after task waits on the memory's latency. So each thread takes
@@ -378,7 +422,7 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
         std::vector<int64_t> cost((size_t)n_tasks + 1, 0);  // prefix sums of keys x rows (+ a task's fixed part)
         for (int64_t task = 0; task < n_tasks; ++task) {
             const Task& t = tasks[(size_t)task] = locate(task);
-            cost[(size_t)task + 1] = cost[(size_t)task] + (t.t1 - t.t0) * t.block_rows + 16;
+            cost[(size_t)task + 1] = cost[(size_t)task] + std::max<int64_t>(0, t.t1 - t.t0) * t.block_rows + 16;
         }
         const int64_t n_runs = std::min<int64_t>(n_tasks, kRunsPerThread * pool.size());
         for (int64_t r = 1; r < n_runs; ++r) {
@@ -389,55 +433,64 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
     }
 
     auto run_task = [&](const Task& here) {
-        const int64_t s = here.s, m0 = here.m0, block_rows = here.block_rows, kv = here.kv, chunk = here.chunk;
+        const int64_t s = here.s, m0 = here.m0, block_rows = here.block_rows, kv = here.kv;
         const AttentionSpan& span = spans[s];
         const Plan& plan = plans[(size_t)s];
-        const int64_t n_chunks = plan.n_chunks, heads = block_rows * group;
-        const int64_t position = here.position, t0 = here.t0, len = here.t1 - here.t0;
+        const int64_t heads = block_rows * group, position = here.position;
         thread_local std::vector<float> buffer;
-        const int64_t need = heads * (len + 2 * D + 2);
+        const int64_t need = heads * (P + 4 * D + 4);
         if ((int64_t)buffer.size() < need) buffer.resize((size_t)need);
         float* q_scaled = buffer.data();                 // [heads, D]
-        float* o_rows = q_scaled + heads * D;            // [heads, D]
-        float* max = o_rows + heads * D;                 // [heads]
-        float* sum = max + heads;                        // [heads]
-        float* scores = sum + heads;                     // [heads, len]
-        if (n_chunks > 1) {  // one row: the chunk's partial results are kept for the merge
-            const int64_t part = plan.first_part + ((m0 * n_kv_heads + kv) * n_chunks + chunk) * group;
-            o_rows = partial_out.data() + part * D;
-            max = maxima.data() + part;
-            sum = sums.data() + part;
-        }
-        if (len <= 0) {
-            std::fill_n(o_rows, heads * D, 0.0f);
-            std::fill_n(max, heads, -INFINITY);
-            std::fill_n(sum, heads, 0.0f);
-            return;
-        }
+        float* o_piece = q_scaled + heads * D;           // [heads, D]: a piece's partials
+        float* max_piece = o_piece + heads * D;          // [heads]
+        float* sum_piece = max_piece + heads;            // [heads]
+        float* o_run = sum_piece + heads;                // [heads, D]: the fold so far (a block's own)
+        float* max_run = o_run + heads * D;              // [heads]
+        float* sum_run = max_run + heads;                // [heads]
+        float* scores = sum_run + heads;                 // [heads, P]
+        std::fill_n(o_run, heads * D, 0.0f);
+        std::fill_n(max_run, heads, -INFINITY);
+        std::fill_n(sum_run, heads, 0.0f);
         for (int64_t r = 0; r < block_rows; ++r) {
             const float* q_group = span.q + ((m0 + r) * n_heads + kv * group) * D;
             for (int64_t i = 0; i < group * D; ++i) q_scaled[r * group * D + i] = q_group[i] * scale;
         }
-        ScoreShaping shaping;
-        if (shaped) {
-            shaping.alibi = options.alibi ? options.alibi + kv * group : nullptr;
-            shaping.first_key = (float)(t0 - position);
-            shaping.softcap = options.softcap;
+        // keys outside a row's view are masked when a piece may hold some: several rows, or a window
+        const bool masked = block_rows > 1 || options.window > 0;
+        for (int64_t t0 = here.t0; t0 < here.t1; t0 += P) {
+            const int64_t len = std::min(P, here.t1 - t0);
+            ScoreShaping shaping;
+            if (shaped) {
+                shaping.alibi = options.alibi ? options.alibi + kv * group : nullptr;
+                shaping.first_key = (float)(t0 - position);
+                shaping.softcap = options.softcap;
+            }
+            if (masked) {
+                shaping.row_heads = group;
+                shaping.last_key = position - t0;
+                shaping.window = options.window;
+            }
+            float *o = o_piece, *max = max_piece, *sum = sum_piece;
+            if (plan.n_chunks > 1) {  // one row: the piece's partials are kept for the fold after the loop
+                const int64_t piece = t0 / P - first_key(position) / P;
+                const int64_t part = plan.first_part + ((m0 * n_kv_heads + kv) * plan.pieces + piece) * group;
+                o = partial_out.data() + part * D;
+                max = maxima.data() + part;
+                sum = sums.data() + part;
+            }
+            kernels.attend(q_scaled, heads, D, kv_type,
+                           static_cast<const uint8_t*>(span.k_cache_t) + key_offset(kv, t0), cache_len,
+                           static_cast<const uint8_t*>(span.v_cache) + (kv * cache_len + t0) * row_bytes, len,
+                           shaped || masked ? &shaping : nullptr, scores, o, max, sum);
+            if (plan.n_chunks > 1) continue;
+            for (int64_t h = 0; h < heads; ++h)
+                fold_piece(max_piece[h], sum_piece[h], o_piece + h * D, D, max_run[h], sum_run[h], o_run + h * D);
         }
-        if (block_rows > 1) {
-            shaping.row_heads = group;
-            shaping.last_key = position - t0;
-            shaping.window = options.window;
-        }
-        kernels.attend(q_scaled, heads, D, kv_type,
-                       static_cast<const uint8_t*>(span.k_cache_t) + key_offset(kv, t0), cache_len,
-                       static_cast<const uint8_t*>(span.v_cache) + (kv * cache_len + t0) * row_bytes, len,
-                       shaped || block_rows > 1 ? &shaping : nullptr, scores, o_rows, max, sum);
-        if (n_chunks > 1) return;  // chunks are normalised when merged
+        if (plan.n_chunks > 1) return;
         for (int64_t r = 0; r < block_rows; ++r) {
             float* o = span.out + ((m0 + r) * n_heads + kv * group) * D;
             for (int64_t g = 0; g < group; ++g)
-                for (int64_t i = 0; i < D; ++i) o[g * D + i] = o_rows[(r * group + g) * D + i] / sum[r * group + g];
+                for (int64_t i = 0; i < D; ++i) o[g * D + i] = o_run[(r * group + g) * D + i] / sum_run[r * group + g];
         }
     };
     pool.parallel_for((int64_t)run_starts.size() - 1, [&](int64_t run) {
@@ -448,31 +501,25 @@ void attention(ThreadPool& pool, KvType kv_type, const AttentionSpan* spans, int
             run_task(tasks[(size_t)task]);
         }
     });
-    for (int64_t s = 0; s < n_spans; ++s) {
+    // split spans: each (row, query head)'s pieces folded in order, as a task that ran them all folds them
+    std::vector<std::pair<int64_t, int64_t>> folds;  // (span, row * n_heads + query head)
+    for (int64_t s = 0; s < n_spans; ++s)
+        if (plans[(size_t)s].n_chunks > 1)
+            for (int64_t h = 0; h < spans[s].M * n_heads; ++h) folds.emplace_back(s, h);
+    pool.parallel_for((int64_t)folds.size(), [&](int64_t f) {
+        const auto [s, h] = folds[(size_t)f];
         const Plan& plan = plans[(size_t)s];
-        const int64_t n_chunks = plan.n_chunks;
-        if (n_chunks == 1) continue;
-        for (int64_t row = 0; row < spans[s].M * n_kv_heads; ++row) {
-            const int64_t m = row / n_kv_heads, kv = row % n_kv_heads;
-            for (int64_t g = 0; g < group; ++g) {
-                const auto part_of = [&](int64_t c) { return (size_t)(plan.first_part + (row * n_chunks + c) * group + g); };
-                float max_all = -INFINITY;
-                for (int64_t c = 0; c < n_chunks; ++c) max_all = std::max(max_all, maxima[part_of(c)]);
-                float* o = spans[s].out + (m * n_heads + kv * group + g) * D;
-                std::fill_n(o, D, 0.0f);
-                float total = 0.0f;
-                for (int64_t c = 0; c < n_chunks; ++c) {
-                    const size_t part = part_of(c);
-                    if (sums[part] == 0.0f) continue;
-                    const float weight = std::exp(maxima[part] - max_all);
-                    total += weight * sums[part];
-                    const float* oc = partial_out.data() + part * D;
-                    for (int64_t i = 0; i < D; ++i) o[i] += weight * oc[i];
-                }
-                for (int64_t i = 0; i < D; ++i) o[i] /= total;
-            }
+        const int64_t m = h / n_heads, kv = h % n_heads / group, g = h % group, position = spans[s].pos0 + m;
+        const int64_t n_pieces = position / P - first_key(position) / P + 1, row = m * n_kv_heads + kv;
+        float* o = spans[s].out + h * D;
+        std::fill_n(o, D, 0.0f);
+        float max_run = -INFINITY, sum_run = 0.0f;
+        for (int64_t piece = 0; piece < n_pieces; ++piece) {
+            const size_t part = (size_t)(plan.first_part + (row * plan.pieces + piece) * group + g);
+            fold_piece(maxima[part], sums[part], partial_out.data() + part * D, D, max_run, sum_run, o);
         }
-    }
+        for (int64_t i = 0; i < D; ++i) o[i] /= sum_run;
+    });
 }
 
 void attention(ThreadPool& pool, const float* q, KvType kv_type, const void* k_cache_t, const void* v_cache, int64_t M,
