@@ -459,6 +459,31 @@ def test_auto_tool_choice_parses_what_the_model_writes(live, llm):
         llm.chat_template = old
 
 
+@pytest.mark.parametrize("template, written", [
+    ("llama-3.1-json-tools", '{"name": "Bob", "age": 3}'),
+    ("llama-3.1-json-tools", '{"name": "set_alarm", "parameters": {"at": "7:00"}}'),
+    ("qwen2.5-base", 'Sure.\n<tool_call>\n{"name": "set_alarm", "arguments": {}}\n</tool_call>')])
+def test_replies_naming_undeclared_functions_stay_content(live, llm, template, written):
+    """tool_choice auto with a Llama 3 template: a JSON answer {"name": "Bob", "age": 3} came back
+    as a call to a function "Bob" (arguments {}, "age" lost, finish_reason tool_calls); a call to a
+    function the request did not declare is the reply's text, streamed or not."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, template + ".jinja")).read()
+    try:
+        steer = {"type": "regex", "regex": re.escape(written)}
+        client = live.client()
+        reply = client.chat.completions.create(model="tiny", messages=_chat("a person?"), tools=[WEATHER, TIME],
+                                               max_tokens=300, response_format=steer)
+        choice = reply.choices[0]
+        assert choice.message.content == written and not choice.message.tool_calls, choice
+        assert choice.finish_reason != "tool_calls"
+        chunks = list(client.chat.completions.create(model="tiny", messages=_chat("a person?"), tools=[WEATHER, TIME],
+                                                     max_tokens=300, response_format=steer, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == written
+        assert not [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    finally:
+        llm.chat_template = old
+
+
 def test_embeddings_endpoint_with_the_openai_client(live, llm):
     import base64
 
