@@ -376,6 +376,25 @@ def test_oversized_bodies_and_prompts_are_refused(llm):
         status, reply = _request(server.url + "/v1/chat/completions", json.dumps(
             {"messages": [{"role": "user", "content": "z" * 60}, {"role": "user", "content": "z" * 60}]}).encode())
         assert status == 400 and "max-prompt-chars" in reply["error"]["message"]
+        # text the template renders from elsewhere than content counts too: a 7 MB tool description
+        # was rendered and tokenized (16 s of CPU) past a limit of 1 Mi characters
+        call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": "w" * 150})}}
+        tool = {"type": "function", "function": {"name": "f", "description": "w" * 150}}
+        for body in ({"messages": [{"role": "user", "content": "hi", "name": "w" * 150}]},
+                     {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                   {"role": "user", "content": "hi"}]},
+                     {"messages": [{"role": "assistant", "content": "hi", "reasoning_content": "w" * 150}]},
+                     {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]},
+                     {"messages": [{"role": "user", "content": "hi"}], "tools": [
+                         {"type": "function", "function": {"name": "f", "parameters": {"enum": [10**40] * 4}}}]}):
+            status, reply = _request(server.url + "/v1/chat/completions", json.dumps(body).encode())
+            assert status == 400 and "max-prompt-chars" in reply["error"]["message"], (body, reply)
+            assert reply["error"]["param"] == "messages"
+        # tools a request does not use (tool_choice "none") are not rendered, and short fields pass
+        for body in ({"messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "none"},
+                     {"messages": [{"role": "user", "content": "z" * 80, "name": "bob"}]}):
+            status, reply = _request(server.url + "/v1/chat/completions", json.dumps({**body, "max_tokens": 1}).encode())
+            assert status == 200, (body, reply)
         assert _get(server.url + "/health")["requests"] == 0
     finally:
         server.stop()
