@@ -393,13 +393,17 @@ class Server:
         return JSONResponse(self._model_card(request.path_params["model_id"]))
 
     def _adapter_for(self, model: str | None) -> str | None:
-        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters; any
-        other value (OpenAI clients send whatever they were configured with) is the base model."""
-        if not model or ":" not in model:
+        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters (404
+        for a NAME this model lacks); any other value (OpenAI clients send whatever they were
+        configured with, colons too: "llama3.1:8b", "ft:gpt-4o-mini:org::id") is the base model, as
+        is this server's own model name, whatever it holds."""
+        if not model or model == self.model_name or ":" not in model:
             return None
-        name = model.rpartition(":")[2]
-        if name in self.llm.adapters or name == "base":
-            return None if name == "base" else name
+        base, _, name = model.rpartition(":")
+        if name in self.llm.adapters:
+            return name
+        if name == "base" or base != self.model_name:
+            return None
         raise RequestError(f"the model {model!r} does not exist (this server has "
                            f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
 

@@ -484,6 +484,31 @@ def test_replies_naming_undeclared_functions_stay_content(live, llm, template, w
         llm.chat_template = old
 
 
+def test_model_names_with_colons_are_the_base_model(live, llm):
+    """"model" is accepted whatever it names, but one with a colon was taken for "BASE:ADAPTER" and
+    refused (404): an Ollama-style "llama3.1:8b", a fine-tune's "ft:gpt-4o-mini:org::id", and a server's
+    own --model-name "tiny:v1" (the id its /v1/models lists). Only BASE:NAME of this model with a NAME
+    it lacks is a 404."""
+    expected = live.client().completions.create(model="tiny", prompt="Paris is", max_tokens=4).choices[0].text
+    for model in ("llama3.1:8b", "ft:gpt-4o-mini:org::id", "x:", ":", "tiny:base"):
+        reply = live.client().completions.create(model=model, prompt="Paris is", max_tokens=4)
+        assert reply.choices[0].text == expected, model
+    with pytest.raises(openai.NotFoundError):
+        live.client().completions.create(model="tiny:nope", prompt="hi", max_tokens=2)
+    server = LiveServer(llm, name="tiny:v1")
+    try:
+        client = server.client()
+        (card,) = client.models.list().data
+        reply = client.completions.create(model=card.id, prompt="Paris is", max_tokens=4)
+        assert card.id == "tiny:v1" and reply.choices[0].text == expected
+        reply = client.chat.completions.create(model=card.id, messages=_chat("hi"), max_tokens=2)
+        assert reply.choices[0].message.content is not None
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="tiny:v1:nope", prompt="hi", max_tokens=2)
+    finally:
+        server.stop()
+
+
 def test_embeddings_endpoint_with_the_openai_client(live, llm):
     import base64
 
