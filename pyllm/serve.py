@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -106,16 +107,26 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > sys.get_int_max_str_digits():  # past what int() converts (ValueError)
+        raise RequestError(f"the request body contains an integer of {digits} digits, which is too large")
+    return int(text)
+
+
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
     for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
-    a number too large for a float, a string holding a lone surrogate ("\\ud800": JSON's escapes
-    allow it, Unicode text does not), a body that is not an object."""
+    a number too large for a float or an integer of more digits than Python converts, a string
+    holding a lone surrogate ("\\ud800": JSON's escapes allow it, Unicode text does not), a body
+    that is not an object. Valid JSON past a limit is refused saying which, not as invalid JSON."""
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)
     except RequestError:
         raise
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply (arrays and objects inside one another)") from None
+    except (ValueError, UnicodeDecodeError):
         raise RequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")

@@ -338,6 +338,27 @@ def test_non_numbers_and_wrong_types_get_400(live):
 
 
 
+def test_valid_json_past_a_limit_says_which_limit(live):
+    """JSON nested deeper than the parser goes, or an integer of more digits than Python converts
+    (4300), is valid JSON: it was refused as "not valid JSON", which sent clients hunting for a
+    syntax error. Each says what is wrong, in every field; invalid JSON still says so."""
+    url = live.url + "/v1/completions"
+    deep = '{"x": ' * 3000 + "null" + "}" * 3000
+    many = "9" * 5000
+    for body, message in [(b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                          (f'{{"prompt": "hi", "unknown": {deep}}}'.encode(), "nested too deeply"),
+                          (f'{{"prompt": "hi", "max_tokens": {many}}}'.encode(), "integer of 5000 digits"),
+                          (f'{{"prompt": "hi", "seed": -{many}}}'.encode(), "integer of 5000 digits"),
+                          (f'{{"prompt": [1, {many}]}}'.encode(), "integer of 5000 digits"),
+                          (b'{"prompt": "hi", "max_tokens": 2', "not valid JSON"),
+                          (b'{"prompt": "hi",}', "not valid JSON")]:
+        status, reply = _request(url, body)
+        assert status == 400 and message in reply["error"]["message"], (body[:60], reply)
+    status, reply = _request(url, f'{{"prompt": "hi", "n": {"9" * 4300}}}'.encode())
+    assert status == 400 and reply["error"]["param"] == "n", reply  # converted, then out of range
+    assert _active(live) == 0
+
+
 def test_values_of_another_json_type_are_refused_not_coerced(live):
     """As OpenAI does: "5" is not a max_tokens, true is not n, 1 is not stream, 2.0 is not an
     integer (pydantic's lax mode turned them into 5, 1, True and 2 in silence; "logprobs": true on
