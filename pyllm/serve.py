@@ -446,6 +446,24 @@ class Server:
         finally:
             self.slots.release()
 
+    def _embedding_ids(self, req) -> list[list[int]]:
+        """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
+        from .llm import token_ids
+
+        out = []
+        for k, item in enumerate(req.inputs):
+            try:
+                ids = self.llm.tokenize(item) if isinstance(item, str) else token_ids(item, self.llm.config.vocab_size)
+            except PyllmError as e:
+                raise RequestError(f"input {k}: {e}", param="input") from None
+            if len(ids) == 0:
+                raise RequestError(f"input {k} is empty: it has no tokens", param="input")
+            if len(ids) > self.llm.context_length:
+                raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
+                                   param="input")
+            out.append([int(i) for i in ids])
+        return out
+
     def _parse_embeddings(self, raw: bytes):
         req = validate(EmbeddingRequest, parse_body(raw))
         check_prompt_length(req, self.limits, "input")
@@ -461,7 +479,7 @@ class Server:
     def _embeddings(self, req) -> "JSONResponse":
         import base64
 
-        ids = [self.llm.tokenize(t) if isinstance(t, str) else t for t in req.inputs]
+        ids = self._embedding_ids(req)
         vectors = self.llm.embed(ids)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
@@ -573,11 +591,46 @@ class Server:
             limit = -1 if chat else 16  # OpenAI: chat until the end, completions 16
         options["max_new_tokens"] = self.llm.context_length if limit == -1 else limit
         options["adapter"] = self._adapter_for(req.model) or "base"
+        self._check_token_options(options)
         if chat:
-            return self._chat_plan(req, options)
-        prompts = [self.llm.tokenize(p) if isinstance(p, str) else list(p) for p in req.prompts]
-        echo = [(p if isinstance(p, str) else self.llm.detokenize(p)) if req.echo else "" for p in req.prompts]
-        return _Plan(False, prompts, echo, req.n, options, req.logprobs)
+            plan = self._chat_plan(req, options)
+        else:
+            prompts = [self._prompt_ids(p, k) for k, p in enumerate(req.prompts)]
+            echo = [(p if isinstance(p, str) else self.llm.detokenize(p)) if req.echo else "" for p in req.prompts]
+            plan = _Plan(False, prompts, echo, req.n, options, req.logprobs)
+        self._check_fits(plan, options["adapter"], "messages" if chat else "prompt")
+        return plan
+
+    def _prompt_ids(self, prompt, index: int) -> list[int]:
+        """A completion prompt's token ids: a text tokenized, or ids checked against the vocabulary
+        (RequestError naming "prompt" for ids out of range, or a prompt of no tokens)."""
+        from .llm import token_ids
+
+        try:
+            ids = self.llm.tokenize(prompt) if isinstance(prompt, str) else token_ids(prompt, self.llm.config.vocab_size)
+        except PyllmError as e:
+            raise RequestError(f"prompt {index}: {e}", param="prompt") from None
+        if len(ids) == 0:
+            raise RequestError(f"prompt {index} is empty: it has no tokens to continue", param="prompt")
+        return [int(i) for i in ids]
+
+    def _check_token_options(self, options: dict) -> None:
+        """Token ids in logit_bias and stop_token_ids lie in the vocabulary (RequestError naming the field)."""
+        vocab = self.llm.config.vocab_size
+        for name in ("logit_bias", "stop_token_ids"):
+            bad = [i for i in options.get(name) or () if not 0 <= int(i) < vocab]
+            if bad:
+                raise RequestError(f"{name}: token ids must lie in [0, {vocab}); got {bad[0]}", param=name)
+
+    def _check_fits(self, plan: _Plan, adapter: str, param: str) -> None:
+        """Each prompt leaves room in the context for at least one token (RequestError naming param)."""
+        virtual = self.llm.adapters[adapter].virtual_tokens if adapter != "base" else 0
+        for ids in plan.prompts:
+            if virtual + len(ids) >= self.llm.context_length:
+                raise RequestError(f"the prompt has {len(ids)} tokens" + (f" after {virtual} virtual ones" if virtual
+                                                                        else "") +
+                                   f"; the context holds {self.llm.context_length} (leave room for the reply)",
+                                   param=param)
 
     def _defaults_for(self, req) -> dict:
         return {k: v for k, v in self.defaults.items() if k != "max_new_tokens"}

@@ -685,6 +685,38 @@ def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):
     assert status == 200 and reply["tokens"] == live.api.llm.tokenize("\U0001F600")
     assert _active(live) == 0
 
+def test_inputs_the_model_refuses_name_their_field(live, llm):
+    """Token ids past the vocabulary (in a prompt, logit_bias, stop_token_ids, an embeddings input), a
+    prompt of no tokens and one past the context were 400s with param null, and an empty prompt said
+    only "expected a non-empty list of token ids"; each names its field as OpenAI's error does."""
+    vocab = llm.config.vocab_size
+    completions, chat, embeddings = (live.url + p for p in ("/v1/completions", "/v1/chat/completions",
+                                                              "/v1/embeddings"))
+    cases = [(completions, {"prompt": ""}, "prompt", "empty"),
+             (completions, {"prompt": ["hi", ""]}, "prompt", "prompt 1 is empty"),
+             (completions, {"prompt": [1, vocab]}, "prompt", "token ids must lie"),
+             (completions, {"prompt": [[1], [vocab]], "echo": True}, "prompt", "token ids must lie"),
+             (completions, {"prompt": "word " * 11_000}, "prompt", "context"),
+             (completions, {"prompt": "hi", "logit_bias": {str(vocab): 1}}, "logit_bias", str(vocab)),
+             (completions, {"prompt": "hi", "stop_token_ids": [vocab + 5]}, "stop_token_ids", str(vocab + 5)),
+             (chat, {"messages": _chat("hi"), "logit_bias": {"99999999": -1}}, "logit_bias", "99999999"),
+             (chat, {"messages": _chat("word " * 11_000)}, "messages", "context"),
+             (embeddings, {"input": ""}, "input", "empty"),
+             (embeddings, {"input": ["a", ""]}, "input", "input 1 is empty"),
+             (embeddings, {"input": [vocab]}, "input", "token ids must lie"),
+             (embeddings, {"input": [[1], [vocab]]}, "input", "token ids must lie"),
+             (embeddings, {"input": [1] * 10_201}, "input", "context")]
+    for url, body, param, message in cases:
+        status, reply = _request(url, json.dumps({"max_tokens": 1, **body}).encode())
+        assert status == 400 and reply["error"]["param"] == param and message in reply["error"]["message"], \
+            (body if len(json.dumps(body)) < 200 else param, reply)
+    status, reply = _request(completions, json.dumps({"prompt": [1, vocab - 1], "max_tokens": 1,
+                                                      "logit_bias": {str(vocab - 1): 1},
+                                                      "stop_token_ids": [vocab - 1]}).encode())
+    assert status == 200, reply
+    assert _active(live) == 0
+
+
 def test_tokenize_and_detokenize_are_bounded_too(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:
