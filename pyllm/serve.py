@@ -41,7 +41,7 @@ from typing import AsyncIterator, Callable
 from . import api_responses as responses
 from .errors import PyllmError, RequestError
 from .limits import ServerLimits as Limits
-from .structured import GrammarError, GrammarUnavailable
+from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
 from .tool_calls import ToolError
 
@@ -78,7 +78,7 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     tool or grammar that cannot be used or followed), anything else 500 and logged."""
     if isinstance(e, RequestError):
         return e.status, _error_body(str(e), e.status, e.param)
-    if isinstance(e, (GrammarUnavailable, GrammarError)):
+    if isinstance(e, (GrammarUnavailable, GrammarError, GrammarInvalid)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
         return 400, _error_body(str(e), 400, "tools")
@@ -568,7 +568,12 @@ class Server:
         plan = self._plan(req, chat)
         if not req.stream:
             self._check_answer_size(plan)
-        return plan, plan.streams(self.llm)
+        try:
+            return plan, plan.streams(self.llm)
+        except (GrammarError, GrammarInvalid) as e:
+            if "grammar" in plan.options:  # a forced tool call's grammar, made of the tools' parameters
+                raise RequestError(str(e), param="tools") from None
+            raise
 
     def _check_answer_size(self, plan: _Plan) -> None:
         """Refuses a non-streamed answer that could hold more than MAX_LOGPROB_ENTRIES log-probabilities

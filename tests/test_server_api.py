@@ -299,6 +299,37 @@ def test_grammars_that_cannot_be_followed_are_the_requests_fault(live, llm):
     assert _get(live.url + "/health")["requests"] == 0
 
 
+def test_grammars_llguidance_refuses_name_response_format_or_tools(live, llm):
+    """A grammar, regex or JSON schema llguidance cannot compile was a 400 with param null, and the
+    schema true or false was refused with llguidance's "Expecting object schema to apply options";
+    each is a 400 naming response_format (tools, for a forced call whose parameters are the fault),
+    the schema true allows any JSON value, as {} does."""
+    client = live.client()
+    bad = [{"type": "regex", "regex": "("}, {"type": "grammar", "grammar": "garbage"},
+           {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+           {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
+           {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}]
+    for fmt in bad:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, stream=stream,
+                                               response_format=fmt)
+            assert e.value.param == "response_format" and "not valid" in str(e.value), (fmt, e.value)
+    anything = {"type": "json_schema", "json_schema": {"name": "x", "schema": True}}
+    reply = client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=40, response_format=anything)
+    assert reply.choices[0].message.content is not None
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        odd = {"type": "function", "function": {"name": "odd", "parameters": {"type": "nonsense"}}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, tools=[odd],
+                                           tool_choice="required")
+        assert e.value.param == "tools" and "not valid" in str(e.value), e.value
+    finally:
+        llm.chat_template = old
+    assert _get(live.url + "/health")["requests"] == 0
+
+
 def test_grammars_that_cannot_be_followed_from_python(llm):
     from pyllm.errors import PyllmError
 
