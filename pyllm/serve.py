@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from . import api_responses as responses
+from .chat_template import TemplateError
 from .errors import PyllmError, RequestError
 from .limits import ServerLimits as Limits
 from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
@@ -655,7 +656,10 @@ class Server:
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,
                                                          self.llm.tokenizer)
-        prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
+        try:
+            prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
+        except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
+            raise RequestError(str(e), param="messages") from None
         return _Plan(True, [prompt], [""], req.n, options, req.top_count, fmt)
 
     # -- plan + generated text -> choices -------------------------------------------------------

@@ -717,6 +717,25 @@ def test_inputs_the_model_refuses_name_their_field(live, llm):
     assert _active(live) == 0
 
 
+def test_messages_the_template_cannot_take_name_messages(live, llm):
+    """An image part, a text part without text, a tool call without a function object, and a
+    template that refuses the messages were 400s with param null; they name "messages"."""
+    chat = live.url + "/v1/chat/completions"
+    for messages in ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                     [{"role": "user", "content": [{"type": "text"}]}],
+                     [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
+                     [{"role": "assistant", "content": "hi", "tool_calls": [{"function": 5}]}]):
+        status, reply = _request(chat, json.dumps({"messages": messages, "max_tokens": 1}).encode())
+        assert status == 400 and reply["error"]["param"] == "messages", (messages, reply)
+    old, llm.chat_template = llm.chat_template, "{{ raise_exception('Conversation roles must alternate') }}"
+    try:
+        status, reply = _request(chat, json.dumps({"messages": _chat("hi"), "max_tokens": 1}).encode())
+        assert status == 400 and reply["error"]["param"] == "messages" and "alternate" in reply["error"]["message"]
+    finally:
+        llm.chat_template = old
+    assert _active(live) == 0
+
+
 def test_tokenize_and_detokenize_are_bounded_too(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:
