@@ -882,17 +882,24 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
-def http_protocol(header_timeout: float) -> type:
+def http_protocol(header_timeout: float, send_timeout: float | None = None) -> type:
     """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers: a connection whose
     next request has not sent all its headers within header_timeout seconds of the connection's
     start, or of its previous response, is closed. uvicorn itself waits for ever (its keep-alive
     timer restarts at every byte), so clients that connect and send nothing, or a byte now and then,
-    would each hold a connection, and enough of them every file descriptor the server has."""
+    would each hold a connection, and enough of them every file descriptor the server has.
+
+    send_timeout: a connection whose client leaves the answer unread (the transport's buffer past
+    its high-water mark) for this long is aborted, its buffered bytes dropped. uvicorn waits for
+    ever, and closing a transport waits for its buffer to drain: a non-streamed answer of megabytes
+    (logprobs, embeddings, /detokenize) sent to a client that never reads held its connection and
+    its bytes for good, whatever Limits.send_timeout said."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         _due = None
+        _stalled = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -905,7 +912,26 @@ def http_protocol(header_timeout: float) -> type:
         def connection_lost(self, exc) -> None:
             if self._due is not None:
                 self._due.cancel()
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if send_timeout is not None and self._stalled is None:
+                self._stalled = self.loop.call_later(send_timeout, self._send_due)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+
+        def _send_due(self) -> None:
+            self._stalled = None
+            log.warning("a client left its answer unread for %g s: connection dropped", send_timeout)
+            self.transport.abort()
 
         def _arm(self) -> None:
             if self._due is not None:
@@ -973,7 +999,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
     server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
     try:
         uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
-                                      http=http_protocol(server.limits.body_timeout))).run(sockets=[sock])
+                                      http=http_protocol(server.limits.body_timeout, server.limits.send_timeout))
+                      ).run(sockets=[sock])
     finally:
         server.close()
         sock.close()

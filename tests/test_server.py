@@ -42,7 +42,8 @@ class LiveServer:
         self.port = _free_port()
         self.api = Server(llm, name, max_queue, limits=limits, **options)
         config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical",
-                                http=http_protocol(self.api.limits.body_timeout))  # as `pyllm serve` runs
+                                http=http_protocol(self.api.limits.body_timeout, self.api.limits.send_timeout))
+        # as `pyllm serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -570,6 +571,27 @@ def test_clients_that_never_read_lose_their_places(llm, monkeypatch):
                 time.sleep(0.2)
         assert answered is not None and answered.usage.completion_tokens == 4
         assert slowest < 1.0
+    finally:
+        for s in stalled:
+            s.close()
+        server.stop()
+
+
+def test_clients_that_never_read_a_large_answer_are_dropped(llm):
+    """A non-streamed answer of megabytes (echoed log-probabilities, /detokenize's text) to a client
+    that never reads stayed in the server's buffers with its connection open for good, whatever
+    send_timeout said (5.5 MB each, still there 17 s past a 1 s limit); it is dropped."""
+    server = LiveServer(llm, limits=ServerLimits(send_timeout=1.0))
+    long_token = max(range(llm.config.vocab_size), key=lambda i: len(llm.tokenizer.token_bytes(i)))
+    bodies = [("/v1/completions", {"prompt": [[5] * 1500] * 16, "max_tokens": 1, "echo": True, "logprobs": 20}),
+              ("/detokenize", {"tokens": [long_token] * 1_000_000, "skip_special": False})]
+    stalled = [_raw(server.port, _post(path, json.dumps(body).encode()), rcvbuf=4096) for path, body in bodies]
+    try:
+        deadline = time.time() + 60
+        while server.server.server_state.connections and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server.server.server_state.connections
+        assert _get(server.url + "/health")["requests"] == 0
     finally:
         for s in stalled:
             s.close()
