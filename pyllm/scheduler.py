@@ -25,7 +25,9 @@ are read; paused for PREEMPT_AFTER seconds while a request waits for a slot, it 
 (as LLM's streams give the engine up) and, read again, queues for a slot before the requests that
 came after it and re-reads its tokens (reusing what a slot still holds). Other users of the LLM (embeddings, logits, a list given to generate)
 take the engine between steps (LLM._acquire, in turn); they overwrite slots, so after such a turn
-every slot's cache is dropped and each active sequence re-reads its tokens (chunked as a prompt).
+the caches of the slots they wrote (embeddings and logits: slot 0; others: every slot) are dropped
+and the sequences there re-read their tokens (chunked as a prompt). A long embeddings call gives
+the engine back for as long as it held it, every PREEMPT_AFTER seconds while others wait.
 """
 
 from __future__ import annotations
@@ -248,8 +250,9 @@ class Scheduler:
         kept = llm._acquire(self)
         try:
             llm._cached, llm._primed = [], None  # the single-stream path must not reuse slot 0
+            written, llm._written = llm._written, set()
             if not kept:
-                self._forget()
+                self._forget(written)
             self._prepare()
             batch = self._compose()
             if not batch:
@@ -315,9 +318,11 @@ class Scheduler:
                 turn.wait_for(lambda: self.llm._served != served or not self.llm._waiting or self.llm.engine is None,
                               timeout=1.0)
 
-    def _forget(self) -> None:
-        """Someone else used the engine: no slot's keys/values can be trusted."""
+    def _forget(self, written: set[int] | None = None) -> None:
+        """Someone else used the engine: the slots it wrote (written; None: any) cannot be trusted."""
         for slot in self.slots:
+            if written is not None and slot.index not in written:
+                continue
             slot.cached, slot.adapter = [], None
             if slot.seq is not None:
                 slot.seq.computed, slot.seq.ready = 0, False
