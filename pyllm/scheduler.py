@@ -274,8 +274,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Gives free slots to waiting requests, in arrival order: the free slot whose cache shares
-        the longest prefix with the prompt, else the one unused longest. A sequence paused for
-        PREEMPT_AFTER seconds gives its slot up to a waiting one."""
+        the longest prefix with the prompt, else one other than slot 0 (which embeddings and logits
+        calls write), else the one unused longest. A sequence paused for PREEMPT_AFTER seconds gives
+        its slot up to a waiting one."""
         now = time.monotonic()
         with self._cond:
             for seq in [s for s in self._parked if s.cancelled.is_set() or not s.paused]:
@@ -296,8 +297,9 @@ class Scheduler:
                     self._park(min(idle, key=lambda q: q.paused_since))
                     continue
                 seq = self._waiting.popleft()
+                # slot 0 last among equals: embeddings and logits calls write it between steps
                 slot = max(free, key=lambda s: (_common(seq.ids, s.cached) if s.adapter == seq.adapter else -1,
-                                                -s.last_used))
+                                                s.index != 0, -s.last_used))
                 slot.seq, seq.slot = seq, slot
                 seq.admitted = seq.admitted or time.perf_counter()
                 slot.last_used = self._steps

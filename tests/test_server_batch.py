@@ -6,6 +6,7 @@ server over it): under concurrency every answer must be the one it gives alone."
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import threading
@@ -404,7 +405,8 @@ def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, al
     """An embeddings call of many inputs held the engine until its last input: every running stream
     stopped for its whole length (/v1/embeddings of 60,000 tokens froze SmolLM2's streams for 152 s).
     It gives the engine back for as long as it held it while streams wait; the streams go on during
-    it and every answer is still the one given alone."""
+    it, keep their slots' caches (it writes slot 0, which the scheduler gives out last) and every
+    answer is still the one given alone."""
     from pyllm.scheduler import Scheduler
 
     ban = {i: -100 for i in alone.tokenizer.eos_ids}
@@ -418,7 +420,8 @@ def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, al
         try:
             streams = [llm.generate(p, max_new_tokens=900, temperature=0, logit_bias=ban, stream=True)
                        for p in PROMPTS[:3]]
-            texts = [next(s) for s in streams]  # all three running
+            texts = [next(s) for s in streams]  # all three running, their prompts read
+            scheduler.recent_steps = collections.deque()  # every step from now on
             arrivals = [[] for _ in streams]
 
             def read(k):
@@ -436,6 +439,8 @@ def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, al
                 r.join(timeout=120)
             assert texts == expected
             assert np.allclose(vectors[:2], alone.embed(inputs[:2]), atol=1e-6)
+            # the embeddings wrote slot 0 only, where no stream was: none re-read its tokens
+            assert not [rows for step in scheduler.recent_steps for rows in step.rows if rows[2]]
             for k, times in enumerate(arrivals):
                 during = [t for t in times if began <= t <= ended]
                 gaps = np.diff([began] + during + [min(ended, times[-1])])
