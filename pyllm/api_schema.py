@@ -206,14 +206,36 @@ class ChatCompletionRequest(_Sampling):
 
     @property
     def prompt_chars(self) -> int:
-        """Characters of message text, all messages together (text parts of a list content too)."""
+        """Characters of what the template may render: message text, all messages together (text
+        parts of a list content too), every other string or number of a message but its role (name,
+        tool calls, reasoning, ...), and the tools when they are used."""
         n = 0
         for m in self.messages:
             if isinstance(m.content, str):
                 n += len(m.content)
             elif isinstance(m.content, list):
                 n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
+            n += _text_chars(m.tool_calls) + _text_chars(m.model_extra)
+        if self.tools and self.tool_choice != "none":
+            n += sum(_text_chars(t.model_dump(exclude_unset=True)) for t in self.tools)
         return n
+
+
+def _text_chars(value) -> int:
+    """Characters of the strings (keys too) and numbers in parsed JSON."""
+    n, todo = 0, [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            n += len(v)
+        elif isinstance(v, dict):
+            todo += v.keys()
+            todo += v.values()
+        elif isinstance(v, list):
+            todo += v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            n += len(str(v))
+    return n
 
 
 Prompt = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]

@@ -90,7 +90,8 @@ class ServerLimits:
 
     max_body_bytes: request body size (413 past it; Content-Length is checked before reading).
     max_prompt_chars: characters of prompt text: a completion's prompt, or all chat message
-        contents together (400 past it); tokens are bounded by the context length too.
+        contents together with the messages' other fields and the tools (400 past it); tokens are
+        bounded by the context length too.
     body_timeout: seconds to receive the whole body (408 past it), and for a connection to send
         its next request's headers (from its start or its previous response; closed past it).
     send_timeout: seconds a client may leave a response unread (its socket buffers full) before

@@ -226,7 +226,11 @@ def return_freed_heap() -> None:
 
 
 class _Call:
-    """A non-streaming use of the engine (logits()): an owner for the engine's lock."""
+    """A non-streaming use of the engine (logits()): an owner for the engine's lock. slots: the KV-cache
+    sequences it writes (None: any), so that an attached scheduler forgets only those."""
+
+    def __init__(self, slots: frozenset | None = None):
+        self.slots = slots
 
     def cancel(self) -> None:
         pass
@@ -346,6 +350,8 @@ class LLM:
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self._last_holder = None  # who used the engine last (a scheduler's slots survive only its own turns)
         self._waiting = 0  # calls waiting in _acquire
+        # KV-cache sequences written by other holders since the scheduler's last turn (None: any may be)
+        self._written: set[int] | None = None
         self._served = 0  # turns given so far
         # A pyllm.scheduler.Scheduler, when attached: single-prompt streams then run in its batch
         self.scheduler = None
@@ -382,6 +388,9 @@ class LLM:
             self._holder, self._holder_thread, self._idle_since = owner, me, None
             self._preempted.discard(id(owner))
             self._served += 1
+            if owner is not self.scheduler:
+                slots = getattr(owner, "slots", None)
+                self._written = None if slots is None or self._written is None else self._written | slots
             kept, self._last_holder = self._last_holder is owner, owner
             return kept
 
@@ -463,11 +472,19 @@ class LLM:
             texts = [texts]
         checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in texts]
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
-        call = _Call()
+        call = _Call(frozenset({0}))
         self._acquire(call)
         try:
             self._cached, self._primed = [], None
+            since = time.monotonic()
             for i, ids in enumerate(checked):
+                held = time.monotonic() - since
+                if held >= PREEMPT_AFTER and self._waiting:  # others (a scheduler's streams) get as long a turn
+                    self._release(call)
+                    time.sleep(held)
+                    self._acquire(call)
+                    self._cached, self._primed = [], None
+                    since = time.monotonic()
                 rows = np.arange(len(ids)) if pooling == "mean" else np.array([len(ids) - 1])
                 hidden = self.engine.forward_rows(ids, np.zeros(len(ids), np.int32), np.arange(len(ids), dtype=np.int32),
                                                   rows, True)
@@ -481,7 +498,7 @@ class LLM:
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
         arr = self._check_ids(ids)
-        call = _Call()
+        call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
         self._acquire(call)
         try:
             self._cached, self._primed = [], None

@@ -25,7 +25,9 @@ are read; paused for PREEMPT_AFTER seconds while a request waits for a slot, it 
 (as LLM's streams give the engine up) and, read again, queues for a slot before the requests that
 came after it and re-reads its tokens (reusing what a slot still holds). Other users of the LLM (embeddings, logits, a list given to generate)
 take the engine between steps (LLM._acquire, in turn); they overwrite slots, so after such a turn
-every slot's cache is dropped and each active sequence re-reads its tokens (chunked as a prompt).
+the caches of the slots they wrote (embeddings and logits: slot 0; others: every slot) are dropped
+and the sequences there re-read their tokens (chunked as a prompt). A long embeddings call gives
+the engine back for as long as it held it, every PREEMPT_AFTER seconds while others wait.
 """
 
 from __future__ import annotations
@@ -248,8 +250,9 @@ class Scheduler:
         kept = llm._acquire(self)
         try:
             llm._cached, llm._primed = [], None  # the single-stream path must not reuse slot 0
+            written, llm._written = llm._written, set()
             if not kept:
-                self._forget()
+                self._forget(written)
             self._prepare()
             batch = self._compose()
             if not batch:
@@ -271,8 +274,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Gives free slots to waiting requests, in arrival order: the free slot whose cache shares
-        the longest prefix with the prompt, else the one unused longest. A sequence paused for
-        PREEMPT_AFTER seconds gives its slot up to a waiting one."""
+        the longest prefix with the prompt, else one other than slot 0 (which embeddings and logits
+        calls write), else the one unused longest. A sequence paused for PREEMPT_AFTER seconds gives
+        its slot up to a waiting one."""
         now = time.monotonic()
         with self._cond:
             for seq in [s for s in self._parked if s.cancelled.is_set() or not s.paused]:
@@ -293,8 +297,9 @@ class Scheduler:
                     self._park(min(idle, key=lambda q: q.paused_since))
                     continue
                 seq = self._waiting.popleft()
+                # slot 0 last among equals: embeddings and logits calls write it between steps
                 slot = max(free, key=lambda s: (_common(seq.ids, s.cached) if s.adapter == seq.adapter else -1,
-                                                -s.last_used))
+                                                s.index != 0, -s.last_used))
                 slot.seq, seq.slot = seq, slot
                 seq.admitted = seq.admitted or time.perf_counter()
                 slot.last_used = self._steps
@@ -315,9 +320,11 @@ class Scheduler:
                 turn.wait_for(lambda: self.llm._served != served or not self.llm._waiting or self.llm.engine is None,
                               timeout=1.0)
 
-    def _forget(self) -> None:
-        """Someone else used the engine: no slot's keys/values can be trusted."""
+    def _forget(self, written: set[int] | None = None) -> None:
+        """Someone else used the engine: the slots it wrote (written; None: any) cannot be trusted."""
         for slot in self.slots:
+            if written is not None and slot.index not in written:
+                continue
             slot.cached, slot.adapter = [], None
             if slot.seq is not None:
                 slot.seq.computed, slot.seq.ready = 0, False

@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -38,9 +39,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from . import api_responses as responses
+from .chat_template import TemplateError
 from .errors import PyllmError, RequestError
 from .limits import ServerLimits as Limits
-from .structured import GrammarError, GrammarUnavailable
+from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
 from .tool_calls import ToolError
 
@@ -77,7 +79,7 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     tool or grammar that cannot be used or followed), anything else 500 and logged."""
     if isinstance(e, RequestError):
         return e.status, _error_body(str(e), e.status, e.param)
-    if isinstance(e, (GrammarUnavailable, GrammarError)):
+    if isinstance(e, (GrammarUnavailable, GrammarError, GrammarInvalid)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
         return 400, _error_body(str(e), 400, "tools")
@@ -106,16 +108,26 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > sys.get_int_max_str_digits():  # past what int() converts (ValueError)
+        raise RequestError(f"the request body contains an integer of {digits} digits, which is too large")
+    return int(text)
+
+
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
     for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
-    a number too large for a float, a string holding a lone surrogate ("\\ud800": JSON's escapes
-    allow it, Unicode text does not), a body that is not an object."""
+    a number too large for a float or an integer of more digits than Python converts, a string
+    holding a lone surrogate ("\\ud800": JSON's escapes allow it, Unicode text does not), a body
+    that is not an object. Valid JSON past a limit is refused saying which, not as invalid JSON."""
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)
     except RequestError:
         raise
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply (arrays and objects inside one another)") from None
+    except (ValueError, UnicodeDecodeError):
         raise RequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -393,13 +405,17 @@ class Server:
         return JSONResponse(self._model_card(request.path_params["model_id"]))
 
     def _adapter_for(self, model: str | None) -> str | None:
-        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters; any
-        other value (OpenAI clients send whatever they were configured with) is the base model."""
-        if not model or ":" not in model:
+        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters (404
+        for a NAME this model lacks); any other value (OpenAI clients send whatever they were
+        configured with, colons too: "llama3.1:8b", "ft:gpt-4o-mini:org::id") is the base model, as
+        is this server's own model name, whatever it holds."""
+        if not model or model == self.model_name or ":" not in model:
             return None
-        name = model.rpartition(":")[2]
-        if name in self.llm.adapters or name == "base":
-            return None if name == "base" else name
+        base, _, name = model.rpartition(":")
+        if name in self.llm.adapters:
+            return name
+        if name == "base" or base != self.model_name:
+            return None
         raise RequestError(f"the model {model!r} does not exist (this server has "
                            f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
 
@@ -431,6 +447,24 @@ class Server:
         finally:
             self.slots.release()
 
+    def _embedding_ids(self, req) -> list[list[int]]:
+        """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
+        from .llm import token_ids
+
+        out = []
+        for k, item in enumerate(req.inputs):
+            try:
+                ids = self.llm.tokenize(item) if isinstance(item, str) else token_ids(item, self.llm.config.vocab_size)
+            except PyllmError as e:
+                raise RequestError(f"input {k}: {e}", param="input") from None
+            if len(ids) == 0:
+                raise RequestError(f"input {k} is empty: it has no tokens", param="input")
+            if len(ids) > self.llm.context_length:
+                raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
+                                   param="input")
+            out.append([int(i) for i in ids])
+        return out
+
     def _parse_embeddings(self, raw: bytes):
         req = validate(EmbeddingRequest, parse_body(raw))
         check_prompt_length(req, self.limits, "input")
@@ -446,7 +480,7 @@ class Server:
     def _embeddings(self, req) -> "JSONResponse":
         import base64
 
-        ids = [self.llm.tokenize(t) if isinstance(t, str) else t for t in req.inputs]
+        ids = self._embedding_ids(req)
         vectors = self.llm.embed(ids)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
@@ -535,7 +569,12 @@ class Server:
         plan = self._plan(req, chat)
         if not req.stream:
             self._check_answer_size(plan)
-        return plan, plan.streams(self.llm)
+        try:
+            return plan, plan.streams(self.llm)
+        except (GrammarError, GrammarInvalid) as e:
+            if "grammar" in plan.options:  # a forced tool call's grammar, made of the tools' parameters
+                raise RequestError(str(e), param="tools") from None
+            raise
 
     def _check_answer_size(self, plan: _Plan) -> None:
         """Refuses a non-streamed answer that could hold more than MAX_LOGPROB_ENTRIES log-probabilities
@@ -558,11 +597,46 @@ class Server:
             limit = -1 if chat else 16  # OpenAI: chat until the end, completions 16
         options["max_new_tokens"] = self.llm.context_length if limit == -1 else limit
         options["adapter"] = self._adapter_for(req.model) or "base"
+        self._check_token_options(options)
         if chat:
-            return self._chat_plan(req, options)
-        prompts = [self.llm.tokenize(p) if isinstance(p, str) else list(p) for p in req.prompts]
-        echo = [(p if isinstance(p, str) else self.llm.detokenize(p)) if req.echo else "" for p in req.prompts]
-        return _Plan(False, prompts, echo, req.n, options, req.logprobs)
+            plan = self._chat_plan(req, options)
+        else:
+            prompts = [self._prompt_ids(p, k) for k, p in enumerate(req.prompts)]
+            echo = [(p if isinstance(p, str) else self.llm.detokenize(p)) if req.echo else "" for p in req.prompts]
+            plan = _Plan(False, prompts, echo, req.n, options, req.logprobs)
+        self._check_fits(plan, options["adapter"], "messages" if chat else "prompt")
+        return plan
+
+    def _prompt_ids(self, prompt, index: int) -> list[int]:
+        """A completion prompt's token ids: a text tokenized, or ids checked against the vocabulary
+        (RequestError naming "prompt" for ids out of range, or a prompt of no tokens)."""
+        from .llm import token_ids
+
+        try:
+            ids = self.llm.tokenize(prompt) if isinstance(prompt, str) else token_ids(prompt, self.llm.config.vocab_size)
+        except PyllmError as e:
+            raise RequestError(f"prompt {index}: {e}", param="prompt") from None
+        if len(ids) == 0:
+            raise RequestError(f"prompt {index} is empty: it has no tokens to continue", param="prompt")
+        return [int(i) for i in ids]
+
+    def _check_token_options(self, options: dict) -> None:
+        """Token ids in logit_bias and stop_token_ids lie in the vocabulary (RequestError naming the field)."""
+        vocab = self.llm.config.vocab_size
+        for name in ("logit_bias", "stop_token_ids"):
+            bad = [i for i in options.get(name) or () if not 0 <= int(i) < vocab]
+            if bad:
+                raise RequestError(f"{name}: token ids must lie in [0, {vocab}); got {bad[0]}", param=name)
+
+    def _check_fits(self, plan: _Plan, adapter: str, param: str) -> None:
+        """Each prompt leaves room in the context for at least one token (RequestError naming param)."""
+        virtual = self.llm.adapters[adapter].virtual_tokens if adapter != "base" else 0
+        for ids in plan.prompts:
+            if virtual + len(ids) >= self.llm.context_length:
+                raise RequestError(f"the prompt has {len(ids)} tokens" + (f" after {virtual} virtual ones" if virtual
+                                                                        else "") +
+                                   f"; the context holds {self.llm.context_length} (leave room for the reply)",
+                                   param=param)
 
     def _defaults_for(self, req) -> dict:
         return {k: v for k, v in self.defaults.items() if k != "max_new_tokens"}
@@ -574,7 +648,7 @@ class Server:
         tools = fmt = None
         if req.tools and req.tool_choice != "none":
             tools = [t.model_dump(exclude_unset=True) for t in req.tools]  # as the client sent them
-            fmt = tool_format(self.llm.chat_template)
+            fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools])
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:
                 if "response_format" in options:
@@ -582,7 +656,10 @@ class Server:
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,
                                                          self.llm.tokenizer)
-        prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
+        try:
+            prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
+        except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
+            raise RequestError(str(e), param="messages") from None
         return _Plan(True, [prompt], [""], req.n, options, req.top_count, fmt)
 
     # -- plan + generated text -> choices -------------------------------------------------------
@@ -805,17 +882,24 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
-def http_protocol(header_timeout: float) -> type:
+def http_protocol(header_timeout: float, send_timeout: float | None = None) -> type:
     """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers: a connection whose
     next request has not sent all its headers within header_timeout seconds of the connection's
     start, or of its previous response, is closed. uvicorn itself waits for ever (its keep-alive
     timer restarts at every byte), so clients that connect and send nothing, or a byte now and then,
-    would each hold a connection, and enough of them every file descriptor the server has."""
+    would each hold a connection, and enough of them every file descriptor the server has.
+
+    send_timeout: a connection whose client leaves the answer unread (the transport's buffer past
+    its high-water mark) for this long is aborted, its buffered bytes dropped. uvicorn waits for
+    ever, and closing a transport waits for its buffer to drain: a non-streamed answer of megabytes
+    (logprobs, embeddings, /detokenize) sent to a client that never reads held its connection and
+    its bytes for good, whatever Limits.send_timeout said."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         _due = None
+        _stalled = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -828,7 +912,26 @@ def http_protocol(header_timeout: float) -> type:
         def connection_lost(self, exc) -> None:
             if self._due is not None:
                 self._due.cancel()
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if send_timeout is not None and self._stalled is None:
+                self._stalled = self.loop.call_later(send_timeout, self._send_due)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+
+        def _send_due(self) -> None:
+            self._stalled = None
+            log.warning("a client left its answer unread for %g s: connection dropped", send_timeout)
+            self.transport.abort()
 
         def _arm(self) -> None:
             if self._due is not None:
@@ -896,7 +999,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
     server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
     try:
         uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
-                                      http=http_protocol(server.limits.body_timeout))).run(sockets=[sock])
+                                      http=http_protocol(server.limits.body_timeout, server.limits.send_timeout))
+                      ).run(sockets=[sock])
     finally:
         server.close()
         sock.close()

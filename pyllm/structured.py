@@ -38,6 +38,10 @@ class GrammarError(PyllmError):
     """The grammar cannot be followed (llguidance's matcher stopped with an error)."""
 
 
+class GrammarInvalid(PyllmError):
+    """llguidance refuses the grammar (a Lark grammar, regular expression or JSON schema it cannot compile)."""
+
+
 def _llguidance():
     try:
         import llguidance
@@ -74,9 +78,22 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, (dict, bool)):
             raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
-        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
-    return (LLMatcher.grammar_from_regex if kind == "regex" else LLMatcher.grammar_from_lark)(
-        _string(response_format.get(kind), f"response_format {kind}"))
+        if schema is False:
+            raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
+        try:  # the schema true allows any value, as {} does (llguidance takes options only on an object)
+            return LLMatcher.grammar_from_json_schema(json.dumps({} if schema is True else schema),
+                                                      defaults=JSON_STYLE)
+        except (ValueError, RecursionError) as e:
+            raise GrammarInvalid(f"the grammar is not valid: {_first_line(str(e))}") from None
+    try:
+        return (LLMatcher.grammar_from_regex if kind == "regex" else LLMatcher.grammar_from_lark)(
+            _string(response_format.get(kind), f"response_format {kind}"))
+    except PyllmError:
+        raise
+    except ValueError as e:
+        if "must be a non-empty string" in str(e):
+            raise
+        raise GrammarInvalid(f"the grammar is not valid: {_first_line(str(e))}") from None
 
 
 def _string(value, what: str) -> str:
@@ -142,7 +159,7 @@ def _first_line(message: str) -> str:
 
 
 class GrammarProcessor:
-    """Masks the tokens a grammar forbids. Raises ValueError for a grammar llguidance refuses,
+    """Masks the tokens a grammar forbids. Raises GrammarInvalid for a grammar llguidance refuses,
     GrammarError for one that allows no text at the start (here) or later (from __call__/accept).
 
     accept(token) (called by the generation loop after each generated token) advances the grammar
@@ -154,7 +171,7 @@ class GrammarProcessor:
         self.tokenizer = ll_tokenizer(tokenizer)
         self.matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
-            raise ValueError(f"the grammar is not valid: {self.matcher.get_error()}")
+            raise GrammarInvalid(f"the grammar is not valid: {self.matcher.get_error()}")
         self.vocab_size = vocab_size
         self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
         self._fill()  # the first mask now: a grammar that allows nothing fails before any output

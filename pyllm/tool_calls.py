@@ -34,17 +34,23 @@ class ToolCall:
 
 
 class ToolFormat:
-    """One tool-call convention. marker: the text that opens a call (None: the reply is the call)."""
+    """One tool-call convention. marker: the text that opens a call (None: the reply is the call).
+    names: the functions the request declared (None: any); a call naming another is no call, so a
+    reply that merely looks like one (a JSON answer with a "name" key) stays content."""
 
     name = ""
     marker: str | None = None
+
+    def __init__(self, names=None):
+        self.names = None if names is None else frozenset(names)
 
     def call_id(self) -> str:
         return "call_" + secrets.token_hex(12)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(the reply's text outside tool calls, the calls). A call that is not valid JSON, or not
-        {"name": ..., "arguments"/"parameters": {...}}, leaves the text as content and no calls."""
+        """(the reply's text outside tool calls, the calls). A call that is not valid JSON, not
+        {"name": ..., "arguments"/"parameters": {...}}, or naming a function not in self.names,
+        leaves the text as content and no calls."""
         raise NotImplementedError
 
     def call_grammar(self, parallel: bool) -> str:
@@ -56,6 +62,8 @@ class ToolFormat:
         calls = []
         for obj in objects:
             if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                return None
+            if self.names is not None and obj["name"] not in self.names:
                 return None
             arguments = obj.get("arguments", obj.get("parameters", {}))
             if isinstance(arguments, str):
@@ -143,17 +151,18 @@ class Llama3(ToolFormat):
         return "start: call" + (' ("; " call)*' if parallel else "")
 
 
-def tool_format(template: str) -> ToolFormat:
-    """The tool-call format of a chat template; ToolError when it takes no tools or its format is unknown."""
+def tool_format(template: str, names=None) -> ToolFormat:
+    """The tool-call format of a chat template, whose calls may name only `names` (the request's
+    functions; None: any); ToolError when it takes no tools or its format is unknown."""
     if not re.search(r"\btools\b", template or ""):
         raise ToolError("this model's chat template does not support tools (it never reads `tools`); "
                         "give a template that does (--chat-template), or leave tools out")
     if "<tool_call>" in template:
-        return Hermes()
+        return Hermes(names)
     if "[TOOL_CALLS]" in template:
-        return Mistral()
+        return Mistral(names)
     if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
-        return Llama3()
+        return Llama3(names)
     raise ToolError("the chat template takes tools but its tool-call format is none pyllm parses "
                     "(Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON)")
 

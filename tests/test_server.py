@@ -42,7 +42,8 @@ class LiveServer:
         self.port = _free_port()
         self.api = Server(llm, name, max_queue, limits=limits, **options)
         config = uvicorn.Config(self.api.app(), host="127.0.0.1", port=self.port, log_level="critical",
-                                http=http_protocol(self.api.limits.body_timeout))  # as `pyllm serve` runs
+                                http=http_protocol(self.api.limits.body_timeout, self.api.limits.send_timeout))
+        # as `pyllm serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -338,6 +339,27 @@ def test_non_numbers_and_wrong_types_get_400(live):
 
 
 
+def test_valid_json_past_a_limit_says_which_limit(live):
+    """JSON nested deeper than the parser goes, or an integer of more digits than Python converts
+    (4300), is valid JSON: it was refused as "not valid JSON", which sent clients hunting for a
+    syntax error. Each says what is wrong, in every field; invalid JSON still says so."""
+    url = live.url + "/v1/completions"
+    deep = '{"x": ' * 3000 + "null" + "}" * 3000
+    many = "9" * 5000
+    for body, message in [(b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                          (f'{{"prompt": "hi", "unknown": {deep}}}'.encode(), "nested too deeply"),
+                          (f'{{"prompt": "hi", "max_tokens": {many}}}'.encode(), "integer of 5000 digits"),
+                          (f'{{"prompt": "hi", "seed": -{many}}}'.encode(), "integer of 5000 digits"),
+                          (f'{{"prompt": [1, {many}]}}'.encode(), "integer of 5000 digits"),
+                          (b'{"prompt": "hi", "max_tokens": 2', "not valid JSON"),
+                          (b'{"prompt": "hi",}', "not valid JSON")]:
+        status, reply = _request(url, body)
+        assert status == 400 and message in reply["error"]["message"], (body[:60], reply)
+    status, reply = _request(url, f'{{"prompt": "hi", "n": {"9" * 4300}}}'.encode())
+    assert status == 400 and reply["error"]["param"] == "n", reply  # converted, then out of range
+    assert _active(live) == 0
+
+
 def test_values_of_another_json_type_are_refused_not_coerced(live):
     """As OpenAI does: "5" is not a max_tokens, true is not n, 1 is not stream, 2.0 is not an
     integer (pydantic's lax mode turned them into 5, 1, True and 2 in silence; "logprobs": true on
@@ -376,6 +398,25 @@ def test_oversized_bodies_and_prompts_are_refused(llm):
         status, reply = _request(server.url + "/v1/chat/completions", json.dumps(
             {"messages": [{"role": "user", "content": "z" * 60}, {"role": "user", "content": "z" * 60}]}).encode())
         assert status == 400 and "max-prompt-chars" in reply["error"]["message"]
+        # text the template renders from elsewhere than content counts too: a 7 MB tool description
+        # was rendered and tokenized (16 s of CPU) past a limit of 1 Mi characters
+        call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": "w" * 150})}}
+        tool = {"type": "function", "function": {"name": "f", "description": "w" * 150}}
+        for body in ({"messages": [{"role": "user", "content": "hi", "name": "w" * 150}]},
+                     {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                   {"role": "user", "content": "hi"}]},
+                     {"messages": [{"role": "assistant", "content": "hi", "reasoning_content": "w" * 150}]},
+                     {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]},
+                     {"messages": [{"role": "user", "content": "hi"}], "tools": [
+                         {"type": "function", "function": {"name": "f", "parameters": {"enum": [10**40] * 4}}}]}):
+            status, reply = _request(server.url + "/v1/chat/completions", json.dumps(body).encode())
+            assert status == 400 and "max-prompt-chars" in reply["error"]["message"], (body, reply)
+            assert reply["error"]["param"] == "messages"
+        # tools a request does not use (tool_choice "none") are not rendered, and short fields pass
+        for body in ({"messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "none"},
+                     {"messages": [{"role": "user", "content": "z" * 80, "name": "bob"}]}):
+            status, reply = _request(server.url + "/v1/chat/completions", json.dumps({**body, "max_tokens": 1}).encode())
+            assert status == 200, (body, reply)
         assert _get(server.url + "/health")["requests"] == 0
     finally:
         server.stop()
@@ -536,6 +577,27 @@ def test_clients_that_never_read_lose_their_places(llm, monkeypatch):
         server.stop()
 
 
+def test_clients_that_never_read_a_large_answer_are_dropped(llm):
+    """A non-streamed answer of megabytes (echoed log-probabilities, /detokenize's text) to a client
+    that never reads stayed in the server's buffers with its connection open for good, whatever
+    send_timeout said (5.5 MB each, still there 17 s past a 1 s limit); it is dropped."""
+    server = LiveServer(llm, limits=ServerLimits(send_timeout=1.0))
+    long_token = max(range(llm.config.vocab_size), key=lambda i: len(llm.tokenizer.token_bytes(i)))
+    bodies = [("/v1/completions", {"prompt": [[5] * 1500] * 16, "max_tokens": 1, "echo": True, "logprobs": 20}),
+              ("/detokenize", {"tokens": [long_token] * 1_000_000, "skip_special": False})]
+    stalled = [_raw(server.port, _post(path, json.dumps(body).encode()), rcvbuf=4096) for path, body in bodies]
+    try:
+        deadline = time.time() + 60
+        while server.server.server_state.connections and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server.server.server_state.connections
+        assert _get(server.url + "/health")["requests"] == 0
+    finally:
+        for s in stalled:
+            s.close()
+        server.stop()
+
+
 def test_stalled_clients_that_hang_up_free_their_places_at_once(llm, monkeypatch):
     """A client that stops reading (its generation paused, PIECES_AHEAD pieces waiting) and then
     hangs up frees its place at once, not after the send timeout."""
@@ -644,6 +706,57 @@ def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):
     status, reply = _request(live.url + "/tokenize", b'{"content": "\\ud83d\\ude00"}')
     assert status == 200 and reply["tokens"] == live.api.llm.tokenize("\U0001F600")
     assert _active(live) == 0
+
+def test_inputs_the_model_refuses_name_their_field(live, llm):
+    """Token ids past the vocabulary (in a prompt, logit_bias, stop_token_ids, an embeddings input), a
+    prompt of no tokens and one past the context were 400s with param null, and an empty prompt said
+    only "expected a non-empty list of token ids"; each names its field as OpenAI's error does."""
+    vocab = llm.config.vocab_size
+    completions, chat, embeddings = (live.url + p for p in ("/v1/completions", "/v1/chat/completions",
+                                                              "/v1/embeddings"))
+    cases = [(completions, {"prompt": ""}, "prompt", "empty"),
+             (completions, {"prompt": ["hi", ""]}, "prompt", "prompt 1 is empty"),
+             (completions, {"prompt": [1, vocab]}, "prompt", "token ids must lie"),
+             (completions, {"prompt": [[1], [vocab]], "echo": True}, "prompt", "token ids must lie"),
+             (completions, {"prompt": "word " * 11_000}, "prompt", "context"),
+             (completions, {"prompt": "hi", "logit_bias": {str(vocab): 1}}, "logit_bias", str(vocab)),
+             (completions, {"prompt": "hi", "stop_token_ids": [vocab + 5]}, "stop_token_ids", str(vocab + 5)),
+             (chat, {"messages": _chat("hi"), "logit_bias": {"99999999": -1}}, "logit_bias", "99999999"),
+             (chat, {"messages": _chat("word " * 11_000)}, "messages", "context"),
+             (embeddings, {"input": ""}, "input", "empty"),
+             (embeddings, {"input": ["a", ""]}, "input", "input 1 is empty"),
+             (embeddings, {"input": [vocab]}, "input", "token ids must lie"),
+             (embeddings, {"input": [[1], [vocab]]}, "input", "token ids must lie"),
+             (embeddings, {"input": [1] * 10_201}, "input", "context")]
+    for url, body, param, message in cases:
+        status, reply = _request(url, json.dumps({"max_tokens": 1, **body}).encode())
+        assert status == 400 and reply["error"]["param"] == param and message in reply["error"]["message"], \
+            (body if len(json.dumps(body)) < 200 else param, reply)
+    status, reply = _request(completions, json.dumps({"prompt": [1, vocab - 1], "max_tokens": 1,
+                                                      "logit_bias": {str(vocab - 1): 1},
+                                                      "stop_token_ids": [vocab - 1]}).encode())
+    assert status == 200, reply
+    assert _active(live) == 0
+
+
+def test_messages_the_template_cannot_take_name_messages(live, llm):
+    """An image part, a text part without text, a tool call without a function object, and a
+    template that refuses the messages were 400s with param null; they name "messages"."""
+    chat = live.url + "/v1/chat/completions"
+    for messages in ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                     [{"role": "user", "content": [{"type": "text"}]}],
+                     [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
+                     [{"role": "assistant", "content": "hi", "tool_calls": [{"function": 5}]}]):
+        status, reply = _request(chat, json.dumps({"messages": messages, "max_tokens": 1}).encode())
+        assert status == 400 and reply["error"]["param"] == "messages", (messages, reply)
+    old, llm.chat_template = llm.chat_template, "{{ raise_exception('Conversation roles must alternate') }}"
+    try:
+        status, reply = _request(chat, json.dumps({"messages": _chat("hi"), "max_tokens": 1}).encode())
+        assert status == 400 and reply["error"]["param"] == "messages" and "alternate" in reply["error"]["message"]
+    finally:
+        llm.chat_template = old
+    assert _active(live) == 0
+
 
 def test_tokenize_and_detokenize_are_bounded_too(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))

@@ -299,6 +299,37 @@ def test_grammars_that_cannot_be_followed_are_the_requests_fault(live, llm):
     assert _get(live.url + "/health")["requests"] == 0
 
 
+def test_grammars_llguidance_refuses_name_response_format_or_tools(live, llm):
+    """A grammar, regex or JSON schema llguidance cannot compile was a 400 with param null, and the
+    schema true or false was refused with llguidance's "Expecting object schema to apply options";
+    each is a 400 naming response_format (tools, for a forced call whose parameters are the fault),
+    the schema true allows any JSON value, as {} does."""
+    client = live.client()
+    bad = [{"type": "regex", "regex": "("}, {"type": "grammar", "grammar": "garbage"},
+           {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+           {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
+           {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}]
+    for fmt in bad:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, stream=stream,
+                                               response_format=fmt)
+            assert e.value.param == "response_format" and "not valid" in str(e.value), (fmt, e.value)
+    anything = {"type": "json_schema", "json_schema": {"name": "x", "schema": True}}
+    reply = client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=40, response_format=anything)
+    assert reply.choices[0].message.content is not None
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        odd = {"type": "function", "function": {"name": "odd", "parameters": {"type": "nonsense"}}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, tools=[odd],
+                                           tool_choice="required")
+        assert e.value.param == "tools" and "not valid" in str(e.value), e.value
+    finally:
+        llm.chat_template = old
+    assert _get(live.url + "/health")["requests"] == 0
+
+
 def test_grammars_that_cannot_be_followed_from_python(llm):
     from pyllm.errors import PyllmError
 
@@ -457,6 +488,56 @@ def test_auto_tool_choice_parses_what_the_model_writes(live, llm):
         assert plain.choices[0].message.content == "It is noon" and not plain.choices[0].message.tool_calls
     finally:
         llm.chat_template = old
+
+
+@pytest.mark.parametrize("template, written", [
+    ("llama-3.1-json-tools", '{"name": "Bob", "age": 3}'),
+    ("llama-3.1-json-tools", '{"name": "set_alarm", "parameters": {"at": "7:00"}}'),
+    ("qwen2.5-base", 'Sure.\n<tool_call>\n{"name": "set_alarm", "arguments": {}}\n</tool_call>')])
+def test_replies_naming_undeclared_functions_stay_content(live, llm, template, written):
+    """tool_choice auto with a Llama 3 template: a JSON answer {"name": "Bob", "age": 3} came back
+    as a call to a function "Bob" (arguments {}, "age" lost, finish_reason tool_calls); a call to a
+    function the request did not declare is the reply's text, streamed or not."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, template + ".jinja")).read()
+    try:
+        steer = {"type": "regex", "regex": re.escape(written)}
+        client = live.client()
+        reply = client.chat.completions.create(model="tiny", messages=_chat("a person?"), tools=[WEATHER, TIME],
+                                               max_tokens=300, response_format=steer)
+        choice = reply.choices[0]
+        assert choice.message.content == written and not choice.message.tool_calls, choice
+        assert choice.finish_reason != "tool_calls"
+        chunks = list(client.chat.completions.create(model="tiny", messages=_chat("a person?"), tools=[WEATHER, TIME],
+                                                     max_tokens=300, response_format=steer, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == written
+        assert not [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    finally:
+        llm.chat_template = old
+
+
+def test_model_names_with_colons_are_the_base_model(live, llm):
+    """"model" is accepted whatever it names, but one with a colon was taken for "BASE:ADAPTER" and
+    refused (404): an Ollama-style "llama3.1:8b", a fine-tune's "ft:gpt-4o-mini:org::id", and a server's
+    own --model-name "tiny:v1" (the id its /v1/models lists). Only BASE:NAME of this model with a NAME
+    it lacks is a 404."""
+    expected = live.client().completions.create(model="tiny", prompt="Paris is", max_tokens=4).choices[0].text
+    for model in ("llama3.1:8b", "ft:gpt-4o-mini:org::id", "x:", ":", "tiny:base"):
+        reply = live.client().completions.create(model=model, prompt="Paris is", max_tokens=4)
+        assert reply.choices[0].text == expected, model
+    with pytest.raises(openai.NotFoundError):
+        live.client().completions.create(model="tiny:nope", prompt="hi", max_tokens=2)
+    server = LiveServer(llm, name="tiny:v1")
+    try:
+        client = server.client()
+        (card,) = client.models.list().data
+        reply = client.completions.create(model=card.id, prompt="Paris is", max_tokens=4)
+        assert card.id == "tiny:v1" and reply.choices[0].text == expected
+        reply = client.chat.completions.create(model=card.id, messages=_chat("hi"), max_tokens=2)
+        assert reply.choices[0].message.content is not None
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="tiny:v1:nope", prompt="hi", max_tokens=2)
+    finally:
+        server.stop()
 
 
 def test_embeddings_endpoint_with_the_openai_client(live, llm):

@@ -6,11 +6,13 @@ server over it): under concurrency every answer must be the one it gives alone."
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import pyllm
@@ -397,6 +399,54 @@ def test_other_users_of_the_engine_take_turns_between_steps(f32_file, alone):
         list(running)
         assert running.stats.finish_reason == "cancelled" and llm.scheduler is None
         assert llm.generate(PROMPTS[0], max_new_tokens=60, temperature=0, logit_bias=ban) == expected[0]
+
+
+def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, alone):
+    """An embeddings call of many inputs held the engine until its last input: every running stream
+    stopped for its whole length (/v1/embeddings of 60,000 tokens froze SmolLM2's streams for 152 s).
+    It gives the engine back for as long as it held it while streams wait; the streams go on during
+    it, keep their slots' caches (it writes slot 0, which the scheduler gives out last) and every
+    answer is still the one given alone."""
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in alone.tokenizer.eos_ids}
+    expected = [alone.generate(p, max_new_tokens=900, temperature=0, logit_bias=ban) for p in PROMPTS[:3]]
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    start = time.monotonic()
+    alone.embed([text] * 32)
+    inputs = [text] * max(64, int(32 * 4.0 / max(time.monotonic() - start, 1e-3)))  # about 4 s of embeddings
+    with pyllm.LLM(f32_file, n_threads=1, context_length=CONTEXT, n_parallel=4) as llm:
+        scheduler = Scheduler(llm, 16)
+        try:
+            streams = [llm.generate(p, max_new_tokens=900, temperature=0, logit_bias=ban, stream=True)
+                       for p in PROMPTS[:3]]
+            texts = [next(s) for s in streams]  # all three running, their prompts read
+            scheduler.recent_steps = collections.deque()  # every step from now on
+            arrivals = [[] for _ in streams]
+
+            def read(k):
+                for piece in streams[k]:
+                    texts[k] += piece
+                    arrivals[k].append(time.monotonic())
+
+            readers = [threading.Thread(target=read, args=(k,), daemon=True) for k in range(3)]
+            for r in readers:
+                r.start()
+            began = time.monotonic()
+            vectors = llm.embed(inputs)
+            ended = time.monotonic()
+            for r in readers:
+                r.join(timeout=120)
+            assert texts == expected
+            assert np.allclose(vectors[:2], alone.embed(inputs[:2]), atol=1e-6)
+            # the embeddings wrote slot 0 only, where no stream was: none re-read its tokens
+            assert not [rows for step in scheduler.recent_steps for rows in step.rows if rows[2]]
+            for k, times in enumerate(arrivals):
+                during = [t for t in times if began <= t <= ended]
+                gaps = np.diff([began] + during + [min(ended, times[-1])])
+                assert gaps.max() < max(1.0, (ended - began) / 3), (k, gaps.max(), ended - began)
+        finally:
+            scheduler.close()
 
 
 def test_a_client_that_leaves_while_waiting_for_a_slot_gives_its_place_up_at_once(batched, alone):

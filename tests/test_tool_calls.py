@@ -73,6 +73,27 @@ def test_llama3_replies():
     assert Llama3().parse("The answer is {not a call}")[1] == []
 
 
+def test_calls_to_functions_the_request_did_not_declare_are_content():
+    """A JSON answer with a "name" key ({"name": "Bob", "age": 3}) was a Llama 3 call to a function
+    "Bob" with {} for arguments (its "age" dropped); a Hermes or Mistral call may name only a declared
+    function too, or the reply stays text."""
+    cases = [(Llama3, '{"name": "Bob", "age": 3}'), (Llama3, '<|python_tag|>{"name": "g", "parameters": {}}'),
+             (Hermes, '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'),
+             (Hermes, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+                      '{"name": "g", "arguments": {}}\n</tool_call>'),
+             (Mistral, '[TOOL_CALLS] [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]')]
+    for fmt, text in cases:
+        assert fmt(["f"]).parse(text) == (text, []), (fmt.__name__, text)
+        assert fmt().parse(text)[1], (fmt.__name__, text)  # no names given: any function, as before
+        stream = ToolCallStream(fmt(["f"]))
+        out = "".join(stream.feed(text[i:i + 5]) for i in range(0, len(text), 5))
+        rest, calls = stream.finish(text)
+        assert out + rest == text and calls == [], (fmt.__name__, text)
+    assert Llama3(["get_weather"]).parse('{"name": "get_weather", "parameters": {}}')[1][0].name == "get_weather"
+    assert isinstance(tool_format(_template("llama-3.1-json-tools"), ["f"]), Llama3)
+    assert tool_format(_template("qwen2.5-base"), ["f"]).names == {"f"}
+
+
 def test_stream_holds_back_only_what_may_be_a_call():
     stream = ToolCallStream(Hermes())
     out = [stream.feed(p) for p in ["Sure", ", checking", " <tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}"]]
