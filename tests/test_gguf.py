@@ -271,6 +271,66 @@ def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, mess
     assert not (tmp_path / "x.pllm").exists()
 
 
+def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None) -> str:
+    """src copied to out with metadata `fields` (key -> (value, GGUFValueType, array sub-type or None))
+    and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, "llama")
+    fields = fields or {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
+            continue
+        kind = field.types[0]
+        sub = {"sub_type": field.types[-1]} if kind == gguf.GGUFValueType.ARRAY else {}
+        w.add_key_value(key, field.contents(), kind, **sub)
+    for key, (value, kind, sub) in fields.items():  # general.architecture: the writer's own is replaced
+        w.add_key_value(key, value, kind, **({"sub_type": sub} if sub is not None else {}))
+    tensors = tensors or {}
+    for t in reader.tensors:
+        if t.name not in tensors:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    for name, replaced in tensors.items():
+        if replaced is not None:
+            w.add_tensor(name, replaced[0], raw_dtype=replaced[1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("key, value, kind, sub, message", [
+    # float() / int() of a string or an array raised a bare ValueError / TypeError naming nothing
+    ("llama.attention.layer_norm_rms_epsilon", "x", V.STRING, None, "layer_norm_rms_epsilon must be a number"),
+    ("llama.rope.freq_base", [1.0], V.ARRAY, V.FLOAT32, "rope.freq_base must be a number"),
+    ("llama.rope.freq_base", True, V.BOOL, None, "rope.freq_base must be a number"),
+    ("llama.rope.dimension_count", "x", V.STRING, None, "rope.dimension_count must be an integer"),
+    ("llama.rope.dimension_count", 8.5, V.FLOAT32, None, "rope.dimension_count must be an integer"),
+    ("llama.rope.scaling.factor", "2", V.STRING, None, "rope.scaling.factor must be a number"),
+    ("general.architecture", ["llama"], V.ARRAY, V.STRING, r"GGUF architecture \['llama'\] is not supported"),
+    # a chat template that is not text was a bare ValueError from the writer, after the conversion
+    ("tokenizer.chat_template", 5, V.UINT32, None, "'tokenizer.chat_template' must be a str"),
+    ("tokenizer.chat_template", ["a"], V.ARRAY, V.STRING, "'tokenizer.chat_template' must be a str"),
+    # bool("false") is True: the file's opposite, in silence
+    ("tokenizer.ggml.add_bos_token", "false", V.STRING, None, "'tokenizer.ggml.add_bos_token' must be a bool"),
+    ("tokenizer.ggml.add_eos_token", 1, V.UINT8, None, "'tokenizer.ggml.add_eos_token' must be a bool"),
+])
+def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, kind, sub, message):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    fields = {key: (value, kind, sub)}
+    if key == "llama.rope.scaling.factor":
+        fields["llama.rope.scaling.type"] = ("linear", V.STRING, None)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), fields)
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert bad in str(error.value)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

@@ -90,6 +90,17 @@ class GGUFSource:
         except Exception as e:
             raise FormatError(f"{self.path}: metadata '{key}' is malformed ({e})") from None
 
+    def _typed(self, key: str, kind: type, default):
+        """_get(key, default), FormatError naming the key when it is not a `kind` (a chat template
+        that is a number, an add_bos_token that is the string "false", which bool() made True)."""
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' must be a {kind.__name__}, got {shown}")
+        return value
+
     # -- the checkpoint interface used by the conversion pipeline ---------------
     def has(self, name: str) -> bool:
         return name in self.places
@@ -183,10 +194,11 @@ class GGUFSource:
         if not tokens:
             raise FormatError(f"{self.path}: GGUF metadata has no tokenizer.ggml.tokens")
         types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        add_space_prefix = self._typed("tokenizer.ggml.add_space_prefix", bool, True)
         try:
             blob = gguf_tokenizer_json(model, tokens, types, self._get("tokenizer.ggml.merges") or [],
                                        self._get("tokenizer.ggml.scores"), self._get("tokenizer.ggml.pre", "default"),
-                                       bool(self._get("tokenizer.ggml.add_space_prefix", True)))
+                                       add_space_prefix)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
 
@@ -204,15 +216,15 @@ class GGUFSource:
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
         # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say
-        add_bos = self._get("tokenizer.ggml.add_bos_token", model == "llama")
+        add_bos = self._typed("tokenizer.ggml.add_bos_token", bool, model == "llama")
         spec = TokenizerSpec(kind="hf", bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                              bos_token_id=bos_id, eos_token_ids=eos_ids,
                              add_bos_token=bool(add_bos),
-                             add_eos_token=bool(self._get("tokenizer.ggml.add_eos_token", False)))
+                             add_eos_token=self._typed("tokenizer.ggml.add_eos_token", bool, False))
         return spec, blob
 
     def chat_template(self) -> str:
-        return self._get("tokenizer.chat_template") or ""
+        return self._typed("tokenizer.chat_template", str, "")
 
     def generation_defaults(self) -> dict:
         return {}
