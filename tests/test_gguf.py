@@ -331,6 +331,30 @@ def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, 
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_tensors_of_an_unexpected_rank(tmp_path):
+    """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
+    token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    norm = 1 + np.random.default_rng(0).standard_normal(64).astype(np.float32) / 4
+    for kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        blocks = gguf.quants.quantize(norm, kind)
+        path = rewrite_gguf(good, str(tmp_path / f"norm-{kind.name}.gguf"), tensors={"blk.0.attn_norm.weight": (blocks, kind)})
+        source = GGUFSource(path)
+        held = source.load("model.layers.0.input_layernorm.weight")
+        assert held.shape == (64,)
+        np.testing.assert_array_equal(held, gguf.quants.dequantize(blocks, kind))
+        convert_checkpoint(path, str(tmp_path / f"norm-{kind.name}.pllm"), progress=False)
+    for shape in [(8192,), (2, 64, 64)]:
+        path = rewrite_gguf(good, str(tmp_path / "embedding.gguf"),
+                            tensors={"token_embd.weight": (np.zeros(shape, np.float32), Q.F32)})
+        with pytest.raises(FormatError, match="token_embd.weight must be a matrix"):
+            convert_checkpoint(path, str(tmp_path / "embedding.pllm"), progress=False)
+        assert not (tmp_path / "embedding.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

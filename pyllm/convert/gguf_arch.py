@@ -132,6 +132,10 @@ def _sizes(m: Metadata) -> dict:
         value = m.need(key) if default is None else m.get(key, default)
         return checked_size(name, value, f"{m.path}: GGUF metadata {m.arch}.{key}")
 
+    embedding = m.shapes["token_embd.weight"]
+    if len(embedding) != 2:  # its rows are the vocabulary (a vector's missing second dimension was an IndexError)
+        raise FormatError(f"{m.path}: token_embd.weight must be a matrix [vocabulary, hidden], got shape "
+                          f"{list(reversed(embedding))}")
     hidden = size("hidden_size", "embedding_length")
     heads = size("num_attention_heads", "attention.head_count")
     # the head size: written as key_length when config.json named it, else q's rows per head
@@ -142,7 +146,7 @@ def _sizes(m: Metadata) -> dict:
                intermediate_size=size("intermediate_size", "feed_forward_length"),
                max_position_embeddings=size("max_position_embeddings", "context_length", 2048),
                rms_norm_eps=float(m.number("attention.layer_norm_rms_epsilon", 1e-5)),
-               vocab_size=int(m.shapes["token_embd.weight"][1]), tie_word_embeddings=not m.has("output.weight"),
+               vocab_size=int(embedding[1]), tie_word_embeddings=not m.has("output.weight"),
                attention_bias=m.has("blk.0.attn_q.bias") or m.has("blk.0.attn_qkv.bias"))
     cfg["rope_parameters"] = _rope(m, head_dim)
     return cfg

@@ -146,6 +146,8 @@ class GGUFSource:
         """The tensor in its pyllm format, bit for bit (only for block types in _LOSSLESS)."""
         kind, raw = self._raw_rows(name)
         fmt, block_bytes = _LOSSLESS[kind]
+        if raw.ndim == 1:  # a vector in blocks (a norm stored Q8_0): one row (raw.shape[1] was an IndexError)
+            raw = raw.reshape(1, -1)
         rows, cols = raw.shape[0], int(self._source(name).shape[0])
         if cols % BLOCK or raw.shape[1] != cols // BLOCK * block_bytes:
             raise FormatError(f"{self.path}: tensor '{name}' has an inconsistent {kind} size")
@@ -166,7 +168,8 @@ class GGUFSource:
         t = self._source(name)
         kind = t.tensor_type.name
         if kind in _LOSSLESS:
-            return dequantize(self.load_native(name))
+            values = dequantize(self.load_native(name))
+            return values.reshape(-1) if len(t.shape) == 1 else values
         if kind in ("F32", "F16", "BF16"):
             _, rows = self._raw_rows(name)
             return bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
