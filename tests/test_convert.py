@@ -312,6 +312,35 @@ def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_pa
     assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
 
 
+@pytest.mark.parametrize("where", ["vocab", "added_tokens"])
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_at_conversion(tiny_llama, tmp_path, where, monkeypatch):
+    """Ids past the embedding's rows (tokens in the BPE vocabulary or added tokens): the file was
+    written, then every pyllm.LLM load refused it (with a bare ValueError)."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "big"))
+    for name in os.listdir(tiny_llama):
+        if name.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, name), os.path.join(d, name))
+    size = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
+    tok = json.load(open(os.path.join(d, "tokenizer.json")))
+    n = 1 + max([*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])])
+    if where == "vocab":
+        tok["model"]["vocab"].update({f"zz{i}": i for i in range(n, size + 3)})
+    else:
+        tok["added_tokens"] += [{"id": i, "content": f"<x{i}>", "single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "special": True} for i in range(n, size + 3)]
+    json.dump(tok, open(os.path.join(d, "tokenizer.json"), "w"))
+    out = tmp_path / "big.pllm"
+    with pytest.raises(FormatError, match=f"{re.escape(d)}: the tokenizer has {size + 3} tokens but the model's "
+                                          f"embeddings only {size}"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+    # such a file written by something else is a FormatError at load
+    monkeypatch.setattr("pyllm.convert.pipeline.check_tokenizer_fits", lambda *args: None)
+    convert_checkpoint(d, str(out), quant="f32", progress=False)
+    with pytest.raises(FormatError, match=f"tokenizer has {size + 3} tokens but the model only {size} embeddings"):
+        pyllm.LLM(str(out), n_threads=1)
+
+
 def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="group size 48"):
         convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)

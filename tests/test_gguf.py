@@ -355,6 +355,24 @@ def test_tensors_of_an_unexpected_rank(tmp_path):
         assert not (tmp_path / "embedding.pllm").exists()
 
 
+def test_a_vocabulary_larger_than_the_embeddings_is_refused(tmp_path):
+    """tokenizer.ggml.tokens longer than token_embd.weight's rows: converted, then refused by every load."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    reader = gguf.GGUFReader(good)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    rows = int(reader.fields["llama.vocab_size"].contents())
+    assert len(tokens) == rows
+    for extra_type in (1, 3):  # plain tokens, control tokens
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {
+            "tokenizer.ggml.tokens": (tokens + [f"zz{i}" for i in range(5)], V.ARRAY, V.STRING),
+            "tokenizer.ggml.token_type": (types + [extra_type] * 5, V.ARRAY, V.INT32)})
+        with pytest.raises(FormatError, match=f"the tokenizer has {rows + 5} tokens but the model's embeddings only {rows}"):
+            convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+        assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""
