@@ -341,6 +341,34 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_at_conversion(tiny_ll
         pyllm.LLM(str(out), n_threads=1)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    # each was a bare TypeError / ValueError / AttributeError / UnicodeDecodeError out of convert
+    ("tokenizer_config.json", {"bos_token": {"content": 5}}, "the tokenizer cannot be read: TypeError"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "a"}}}, "the tokenizer cannot be read: ValueError"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"7": {"content": 5}}}, "the tokenizer cannot be read: TypeError"),
+    ("tokenizer_config.json", {"extra_special_tokens": 5}, "the tokenizer cannot be read: TypeError"),
+    ("tokenizer_config.json", {"additional_special_tokens": [5]}, "the tokenizer cannot be read: AttributeError"),
+    ("tokenizer.json", b"[]", "tokenizer.json: expected a JSON object, got list"),
+    ("tokenizer.json", b'{"model": "\xff"}', r"tokenizer.json is not UTF-8 text \(byte 11"),
+    ("chat_template.jinja", b"{{ '\xfe' }}", r"chat_template.jinja is not UTF-8 text \(byte 4"),
+])
+def test_damaged_tokenizer_files_are_refused_naming_them(tiny_llama, tmp_path, name, content, message):
+    d = copy_without_weights(tiny_llama, str(tmp_path / "damaged"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    path = os.path.join(d, name)
+    if isinstance(content, dict):
+        content = json.dumps({**json.load(open(path)), **content}).encode()
+    with open(path, "wb") as f:
+        f.write(content)
+    out = tmp_path / "damaged.pllm"
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert d in str(error.value)
+    assert not out.exists()
+
+
 def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="group size 48"):
         convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)

@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
-from ..errors import library_errors
+from ..errors import decode_text, library_errors, read_text
 from ..formats.packed import ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..quant import bf16_bits_to_f32
@@ -679,7 +679,15 @@ def _post_processor_flags(tok, bos_id: int | None, eos_id: int | None) -> tuple[
 
 
 def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
-    """The tokenizer of a Hugging Face directory: its spec and the tokenizer.json to embed (see above)."""
+    """The tokenizer of a Hugging Face directory: its spec and the tokenizer.json to embed (see above).
+    FormatError naming the directory for files that are damaged in ways the reading below does not
+    name itself (an added_tokens_decoder key that is not an id, a token whose content is a number,
+    extra_special_tokens that is not a list: KeyError, TypeError, AttributeError, ValueError)."""
+    with library_errors(f"{directory}: the tokenizer cannot be read", FormatError):
+        return _read_tokenizer(directory)
+
+
+def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
@@ -688,14 +696,16 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     spm_path = os.path.join(directory, "tokenizer.model")
     json_text = None
     if os.path.exists(json_path):
-        with open(json_path, encoding="utf-8") as f:
-            json_text = f.read()
+        with open(json_path, "rb") as f:
+            json_text = decode_text(f.read(), json_path, FormatError)
     elif not os.path.exists(spm_path):
-        raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
+        raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     try:
         tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
     except (ValueError, RecursionError) as e:
         raise FormatError(f"{json_path}: invalid JSON ({type(e).__name__}: {e})") from None
+    if json_text is not None and not isinstance(tok_json, dict):
+        raise FormatError(f"{json_path}: expected a JSON object, got {type(tok_json).__name__}")
     cls = _tokenizer_class(directory, tok_config, json_text)
     rebuild = _CLASS_BACKENDS.get(cls)
     if tok_json is not None and rebuild is not None and (tok_json.get("model") or {}).get("type") not in (None, "BPE"):
@@ -786,8 +796,7 @@ def read_chat_template(directory: str) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template ('default' of a list), else ''."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
     if os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            return f.read()
+        return read_text(jinja_path, FormatError)
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.exists(tok_config_path):
         return ""
