@@ -369,6 +369,30 @@ def test_damaged_tokenizer_files_are_refused_naming_them(tiny_llama, tmp_path, n
     assert not out.exists()
 
 
+@pytest.mark.parametrize("defaults, message", [
+    ('{"top_p": 2}', "'top_p' has an invalid value 2 \\(expected a number in \\[0, 1\\]\\)"),
+    ('{"min_p": -0.5}', "'min_p' has an invalid value -0.5"),
+    ('{"repetition_penalty": 0}', "'repetition_penalty' has an invalid value 0 \\(expected a number > 0\\)"),
+    ('{"temperature": NaN, "do_sample": true}', "'temperature' has an invalid value nan"),
+    ('{"temperature": "hot"}', "'temperature' has an invalid value 'hot'"),
+    ('{"do_sample": "yes"}', "'do_sample' has an invalid value 'yes'"),
+    ('{"top_k": -5}', "'top_k' has an invalid value -5 \\(expected an integer >= 0\\)"),
+    ('{"max_new_tokens": 2.5}', "'max_new_tokens' has an invalid value 2.5"),
+])
+def test_generation_defaults_that_generate_refuses_are_refused_at_conversion(tiny_llama, tmp_path, defaults, message):
+    """Each converted, then was refused by every load (NaN, "hot") or by every generate() that used it."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "gen"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        f.write(defaults)
+    out = tmp_path / "gen.pllm"
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "generation_config.json")) + ": generation default " + message):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
 def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="group size 48"):
         convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)

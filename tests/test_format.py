@@ -384,6 +384,16 @@ CASES = {
     "tokenizer_unknown_field": (set_tokenizer(vocab="x"), ["invalid pyllm metadata", "vocab"]),
     "generation_not_object": (set_meta("pyllm.generation", "[]"), ["'pyllm.generation' must be a JSON object"]),
     "generation_bad_value": (set_meta("pyllm.generation", '{"temperature": "hot"}'), ["'temperature'", "'hot'"]),
+    # loaded, then every generate() that used the default raised a ValueError that did not name the file
+    "generation_top_p_past_1": (set_meta("pyllm.generation", '{"top_p": 2}'), ["'top_p'", "in [0, 1]"]),
+    "generation_min_p_past_1": (set_meta("pyllm.generation", '{"min_p": 5}'), ["'min_p'", "in [0, 1]"]),
+    "generation_zero_penalty": (set_meta("pyllm.generation", '{"repetition_penalty": 0}'), ["'repetition_penalty'", "> 0"]),
+    "generation_negative_temperature": (set_meta("pyllm.generation", '{"temperature": -1, "do_sample": true}'),
+                                        ["'temperature'", ">= 0"]),
+    "generation_negative_top_k": (set_meta("pyllm.generation", '{"top_k": -5, "do_sample": true}'), ["'top_k'", "integer >= 0"]),
+    # truncated to 2 by int()
+    "generation_fractional_max_new_tokens": (set_meta("pyllm.generation", '{"max_new_tokens": 2.5}'),
+                                             ["'max_new_tokens'", "integer >= 0"]),
 }
 
 

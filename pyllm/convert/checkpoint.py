@@ -12,7 +12,7 @@ import numpy as np
 
 from ..arch import Architecture, for_hf_config
 from ..errors import decode_text, library_errors, read_text
-from ..formats.packed import ModelConfig, TokenizerSpec
+from ..formats.packed import ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..quant import bf16_bits_to_f32
 
@@ -815,4 +815,6 @@ def read_generation_defaults(directory: str) -> dict:
     if not os.path.exists(path):
         return {}
     cfg = _read_json(path)
-    return {k: cfg[k] for k in GENERATION_KEYS if k in cfg and cfg[k] is not None}
+    defaults = {k: cfg[k] for k in GENERATION_KEYS if k in cfg and cfg[k] is not None}
+    check_generation_defaults(defaults, path)  # refused here, not by every load of the file written
+    return defaults

@@ -255,6 +255,29 @@ def checked_size(name: str, value, where: str = "model config") -> int:
     return int(value)
 
 
+def check_generation_defaults(values: dict, where: str) -> None:
+    """FormatError naming `where` and the key for a generation default that generate() would refuse
+    each time it uses it (top_p 2, repetition_penalty 0, a NaN, "hot") or would change (max_new_tokens
+    2.5 truncated), as converting and loading a file both check."""
+    for key, value in values.items():
+        if key == "do_sample":
+            ok, want = isinstance(value, bool), "true or false"
+        elif key not in GENERATION_NUMBERS:
+            continue
+        elif not (_is_real(value) and math.isfinite(value)):
+            ok, want = False, "a finite number"
+        elif key in ("top_k", "max_new_tokens"):
+            ok, want = value >= 0 and value == int(value), "an integer >= 0"
+        elif key in ("top_p", "min_p"):
+            ok, want = 0 <= value <= 1, "a number in [0, 1]"
+        elif key == "repetition_penalty":
+            ok, want = value > 0, "a number > 0"
+        else:  # temperature
+            ok, want = value >= 0, "a number >= 0"
+        if not ok:
+            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r} (expected {want})")
+
+
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -334,10 +357,7 @@ class PackedModel:
         tokenizer = obj("pyllm.tokenizer")
         self.generation: dict = obj("pyllm.generation", "{}")
         self.source: dict = obj("pyllm.source", "{}")
-        for key, value in self.generation.items():
-            ok = isinstance(value, bool) if key == "do_sample" else _is_real(value) and math.isfinite(value)
-            if key in GENERATION_NUMBERS + ("do_sample",) and not ok:
-                raise FormatError(f"{self.path}: generation default {key!r} has an invalid value {value!r}")
+        check_generation_defaults(self.generation, self.path)
         try:
             self.config = ModelConfig.from_file(config, self.format_version)
             self.tokenizer = TokenizerSpec(**tokenizer)
