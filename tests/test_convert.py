@@ -393,6 +393,27 @@ def test_generation_defaults_that_generate_refuses_are_refused_at_conversion(tin
     assert not out.exists()
 
 
+@pytest.mark.parametrize("eos, message", [
+    (-1, "generation_config.json: eos_token_id must be a token id or a list of token ids, got -1"),  # written, then every load refused it
+    ([2, "x"], r"generation_config.json: eos_token_id must be .*, got \[2, 'x'\]"),  # "x" dropped in silence
+    (True, "generation_config.json: eos_token_id must be .*, got True"),
+    (2.0, "generation_config.json: eos_token_id must be .*, got 2.0"),
+    ([2, 10**6], "eos_token_ids 1000000 is not a token of the model"),  # an end that could never come
+])
+def test_end_of_generation_ids_that_are_not_tokens_are_refused(tiny_llama, tmp_path, eos, message):
+    d = copy_without_weights(tiny_llama, str(tmp_path / "eos"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos, "bos_token_id": 1}, f)
+    out = tmp_path / "eos.pllm"
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert d in str(error.value)
+    assert not out.exists()
+
+
 def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="group size 48"):
         convert_checkpoint(tiny_llama, str(tmp_path / "g.pllm"), quant="int4", group_size=48, progress=False)

@@ -373,6 +373,36 @@ def test_a_vocabulary_larger_than_the_embeddings_is_refused(tmp_path):
         assert not (tmp_path / "x.pllm").exists()
 
 
+@pytest.mark.parametrize("key, value, kind, message", [
+    # an id past the vocabulary, or negative, was ignored in silence: no BOS added, no end of turn
+    ("tokenizer.ggml.bos_token_id", 10**6, V.UINT32, "'tokenizer.ggml.bos_token_id' is 1000000, not a token"),
+    ("tokenizer.ggml.bos_token_id", -1, V.INT32, "'tokenizer.ggml.bos_token_id' is -1, not a token"),
+    ("tokenizer.ggml.eos_token_id", 10**6, V.UINT32, "'tokenizer.ggml.eos_token_id' is 1000000, not a token"),
+    ("tokenizer.ggml.eot_token_id", 2**32 - 1, V.UINT32, "'tokenizer.ggml.eot_token_id' is 4294967295, not a token"),
+    ("tokenizer.ggml.eom_token_id", -5, V.INT64, "'tokenizer.ggml.eom_token_id' is -5, not a token"),
+    # a float was truncated by int(), a string named no key
+    ("tokenizer.ggml.bos_token_id", 1.5, V.FLOAT32, "'tokenizer.ggml.bos_token_id' must be a token id, got 1.5"),
+    ("tokenizer.ggml.eos_token_id", "2", V.STRING, "'tokenizer.ggml.eos_token_id' must be a token id, got '2'"),
+])
+def test_special_token_ids_that_are_not_tokens_are_refused(tmp_path, key, value, kind, message):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {key: (value, kind, None)})
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_unknown_and_padding_ids_past_the_vocabulary_are_ignored_as_llama_cpp_does(tmp_path):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    odd = rewrite_gguf(good, str(tmp_path / "odd.gguf"), {"tokenizer.ggml.padding_token_id": (2**32 - 1, V.UINT32, None),
+                                                         "tokenizer.ggml.unknown_token_id": (10**6, V.UINT32, None)})
+    convert_checkpoint(odd, str(tmp_path / "odd.pllm"), progress=False)
+    with pyllm.LLM(str(tmp_path / "odd.pllm"), n_threads=1) as llm:
+        assert llm.tokenizer.spec.pad_token is None and llm.tokenizer.spec.unk_token is None
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

@@ -205,17 +205,29 @@ class GGUFSource:
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
 
-        def token(key):
+        def token(key, needed=False):
+            """(id, text) of a special token; an id that is not a token is ignored for unknown and padding
+            (as llama.cpp does), refused for the ones generation uses (it was ignored in silence: no BOS
+            added, a reply that never ends at its end-of-turn token)."""
             i = self._get(key)
-            return (int(i), tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else (None, None)
-        bos_id, bos = token("tokenizer.ggml.bos_token_id")
-        eos_id, eos = token("tokenizer.ggml.eos_token_id")
+            if i is None:
+                return None, None
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise FormatError(f"{self.path}: GGUF metadata '{key}' must be a token id, got {i!r:.60}")
+            if 0 <= i < len(tokens):
+                return i, tokens[i]
+            if needed:
+                raise FormatError(f"{self.path}: GGUF metadata '{key}' is {i}, not a token of its "
+                                  f"{len(tokens)}-token vocabulary")
+            return None, None
+        bos_id, bos = token("tokenizer.ggml.bos_token_id", True)
+        eos_id, eos = token("tokenizer.ggml.eos_token_id", True)
         _, unk = token("tokenizer.ggml.unknown_token_id")
         _, pad = token("tokenizer.ggml.padding_token_id")
         # every end-of-generation id the file declares: end of text, end of turn, end of message
         eos_ids = []
         for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-            i, _ = token(f"tokenizer.ggml.{key}")
+            i, _ = token(f"tokenizer.ggml.{key}", True)
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
         # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say

@@ -239,13 +239,24 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
 
 def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, src: str) -> None:
     """FormatError when the tokenizer cannot be read or has ids past the embedding's rows: such a file
-    was written, then refused by every load (pyllm.LLM checks the same)."""
+    was written, then refused by every load (pyllm.LLM checks the same); or when a special token id
+    (BOS, an end of generation) is not a token of the model, which would never be added or never end
+    a reply."""
     from ..tokenizer import Tokenizer
 
     size = Tokenizer(spec, blob).vocab_size
     if size > config.vocab_size:
         raise FormatError(f"{src}: the tokenizer has {size} tokens but the model's embeddings only "
                           f"{config.vocab_size}; nothing was written")
+    try:
+        spec.validate()
+    except FormatError as e:
+        raise FormatError(f"{src}: {e}") from None
+    named = [("bos_token_id", spec.bos_token_id)] + [("eos_token_ids", i) for i in spec.eos_token_ids]
+    for name, i in named:
+        if i is not None and i >= config.vocab_size:
+            raise FormatError(f"{src}: the tokenizer's {name} {i} is not a token of the model (its vocabulary has "
+                              f"{config.vocab_size}); nothing was written")
 
 
 def source_size(src: str, lora=()) -> int:
