@@ -250,13 +250,9 @@ def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, 
                           f"{config.vocab_size}; nothing was written")
     try:
         spec.validate()
+        spec.check_ids(config.vocab_size)
     except FormatError as e:
-        raise FormatError(f"{src}: {e}") from None
-    named = [("bos_token_id", spec.bos_token_id)] + [("eos_token_ids", i) for i in spec.eos_token_ids]
-    for name, i in named:
-        if i is not None and i >= config.vocab_size:
-            raise FormatError(f"{src}: the tokenizer's {name} {i} is not a token of the model (its vocabulary has "
-                              f"{config.vocab_size}); nothing was written")
+        raise FormatError(f"{src}: {e}; nothing was written") from None
 
 
 def source_size(src: str, lora=()) -> int:

@@ -319,6 +319,16 @@ class TokenizerSpec:
         ):
             raise bad("added_tokens must map token strings to token ids")
 
+    def check_ids(self, vocab_size: int) -> None:
+        """FormatError for a BOS or end-of-generation id that is not one of the model's vocab_size tokens:
+        a BOS past it made every generate() refuse its own prompt ("token ids must lie in ..."), an end
+        past it could never end a reply."""
+        named = [("bos_token_id", self.bos_token_id)] + [("eos_token_ids", i) for i in self.eos_token_ids]
+        for name, i in named:
+            if i is not None and i >= vocab_size:
+                raise FormatError(f"tokenizer spec: {name} {i} is not a token of the model (its vocabulary has "
+                                  f"{vocab_size})")
+
 
 # a layer's tensors in a .pllm file (pyllm's names, the converter's for every family)
 _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
@@ -366,6 +376,7 @@ class PackedModel:
         try:
             self.config.validate()
             self.tokenizer.validate()
+            self.tokenizer.check_ids(self.config.vocab_size)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}") from None
         self.linears: dict[str, tuple[str, int]] = {}
