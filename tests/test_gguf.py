@@ -403,6 +403,31 @@ def test_unknown_and_padding_ids_past_the_vocabulary_are_ignored_as_llama_cpp_do
         assert llm.tokenizer.spec.pad_token is None and llm.tokenizer.spec.unk_token is None
 
 
+@pytest.mark.parametrize("case", ["q_twice_too_many_rows", "q_half_the_rows", "kv_heads_not_the_file's"])
+def test_reordered_rows_must_be_exactly_the_tensor_rows(tmp_path, case):
+    """llama's q/k rows are reordered (llama.cpp's permutation undone) by an index over the rows the
+    model's shapes imply: a q with twice the rows converted from its first half in silence, one with
+    half or a head_count_kv that disagrees with attn_k's rows was an IndexError."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=2), good, Q.Q8_0)
+    rng = np.random.default_rng(0)
+    fields, tensors, name, rows = {}, {}, "blk.1.attn_q.weight", 64
+    if case == "q_twice_too_many_rows":
+        tensors[name] = (gguf.quants.quantize(rng.standard_normal((128, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0)
+        held = 128
+    elif case == "q_half_the_rows":
+        tensors[name] = (gguf.quants.quantize(rng.standard_normal((32, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0)
+        held = 32
+    else:
+        fields["llama.attention.head_count_kv"] = (4, V.UINT32, None)
+        name, held = "blk.0.attn_k.weight", 32
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), fields, tensors)
+    with pytest.raises(FormatError, match=f"{name} has {held} rows, expected {rows}"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

@@ -318,7 +318,12 @@ def gguf_tensors(arch: GGUFArchitecture, config: ModelConfig, m: Metadata) -> di
                 if (not m.has(place.source) and m.has(source)) or gate_up:
                     place = GGUFTensor(source, (start, stop))
             order = arch.row_order(name, config)
-            if order is not None:
+            if order is not None and place.source in m.shapes:
+                # the reordering indexes every row the model's shapes imply: fewer was an IndexError
+                held = place.rows[1] - place.rows[0] if place.rows is not None else _rows(m.shapes[place.source])
+                if held != len(order):
+                    raise FormatError(f"{m.path}: {place.source} has {held} rows, expected {len(order)} for this "
+                                      "model's shapes (heads x head size)")
                 place = GGUFTensor(place.source, place.rows, order)
         if place.source not in m.shapes:
             missing.append(place.source)
