@@ -187,6 +187,8 @@ def _compile(source: str):
 
         def __setitem__(self, name, value):
             Namespace._check(name)
+            if isinstance(value, str) or _is_container(value):  # flags (true, 3) leave every weight an upper bound
+                _weights_changed()  # a namespace is the one container a template can change
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
         @staticmethod
@@ -203,6 +205,23 @@ def _compile(source: str):
                 self.write(", ")
             self.write("))")
 
+        def visit_List(self, node, frame):  # [a, b]: through checked_value (a value held twice doubles)
+            self.write("environment.checked_value(")
+            super().visit_List(node, frame)
+            self.write(")")
+
+        def visit_Dict(self, node, frame):
+            self.write("environment.checked_value(")
+            super().visit_Dict(node, frame)
+            self.write(")")
+
+        def visit_Tuple(self, node, frame):
+            if node.ctx != "load":  # an assignment target (`for a, b in`, `set a, b =`)
+                return super().visit_Tuple(node, frame)
+            self.write("environment.checked_value(")
+            super().visit_Tuple(node, frame)
+            self.write(")")
+
     class Environment(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "+", "**", "%"])
         code_generator_class = CodeGenerator
@@ -213,7 +232,11 @@ def _compile(source: str):
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
             args = _check_call(__obj, args, kwargs)
-            return super().call(__context, __obj, *args, **kwargs)
+            return _checked_value(super().call(__context, __obj, *args, **kwargs))  # dict(a=x, b=x), namespace()
+
+        @staticmethod
+        def checked_value(value):
+            return _checked_value(value)
 
         def wrap_str_format(self, value):
             wrapped = super().wrap_str_format(value)
@@ -285,6 +308,7 @@ class _RenderGuard:
         previous = sys.gettrace()
         sys.settrace(self._global)
         _limits.value = self.limits
+        _weights.cache = {}
         try:
             out, size = [], 0
             for chunk in template.generate(**context):
@@ -296,6 +320,7 @@ class _RenderGuard:
         finally:
             sys.settrace(previous)
             _limits.value = None
+            _weights.cache = None
 
 
 class _ThreadLimits(threading.local):
@@ -313,6 +338,74 @@ def _check_size(size: int, what: str) -> None:
     most = _most()
     if size > most:
         raise TemplateError(f"the chat template builds a value longer than {most} ({what})")
+
+
+def _children(value) -> list:
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    attrs = getattr(value, "_Namespace__attrs", None)  # jinja2.utils.Namespace (its repr shows them)
+    return [*attrs.values()] if isinstance(attrs, dict) else []
+
+
+def _is_container(value) -> bool:
+    return isinstance(value, (list, tuple, dict)) or isinstance(getattr(value, "_Namespace__attrs", None), dict)
+
+
+class _Weights(threading.local):
+    cache: dict | None = None  # id -> (container, weight) for the rendering in this thread
+
+
+_weights = _Weights()
+
+
+def _weights_changed() -> None:
+    if _weights.cache is not None:
+        _weights.cache.clear()
+
+
+def _weight(value) -> int:
+    """The size of a value written out in full: 1 per element, a string's length, a container held
+    twice counted twice (a list that holds one list twice, forty times over, is 2**40 elements to
+    str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights of containers are kept
+    for the rendering (lists, tuples and dicts cannot change inside the sandbox; a namespace
+    assignment clears them); raises TemplateError past the output limit, as soon as it is passed."""
+    if not _is_container(value):
+        return len(value) if isinstance(value, str) else 1
+    cache = _weights.cache if _weights.cache is not None else {}
+    most = _most()
+    if id(value) in cache:
+        return cache[id(value)][1]
+    stack, open_ = [(value, False)], set()
+    while stack:
+        item, children_done = stack.pop()
+        if children_done:
+            total = 1
+            for child in _children(item):
+                if _is_container(child):
+                    total += cache[id(child)][1] if id(child) in cache else 0  # 0: a namespace's cycle
+                else:
+                    total += len(child) if isinstance(child, str) else 1
+                if total > most:
+                    raise TemplateError(f"the chat template builds a value larger than {most} elements or "
+                                        "characters written out (a list or dict holding another many times)")
+            cache[id(item)] = (item, total)
+            open_.discard(id(item))
+            continue
+        if id(item) in cache or id(item) in open_:
+            continue
+        open_.add(id(item))
+        stack.append((item, True))
+        stack.extend((c, False) for c in _children(item)
+                     if _is_container(c) and id(c) not in cache and id(c) not in open_)
+    return cache[id(value)][1]
+
+
+def _checked_value(value):
+    if _is_container(value):
+        _weight(value)
+    return value
 
 
 MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
@@ -339,9 +432,13 @@ def _check_binop(operator: str, left, right) -> None:
         seq, n = (left, right) if isinstance(left, sized) else (right, left)
         if isinstance(seq, sized) and isinstance(n, int):
             _check_size(len(seq) * n, "a repeated string or list")
+            if not isinstance(seq, str):
+                _check_size(_weight(seq) * n, "a repeated list")
     elif operator == "+":
         if isinstance(left, sized) and isinstance(right, sized):
             _check_size(len(left) + len(right), "a joined string or list")
+            if not isinstance(left, str) and not isinstance(right, str):
+                _check_size(_weight(left) + _weight(right), "a joined list")
     elif operator == "**":
         if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
             _check_bits(right * max(abs(left).bit_length(), 1))
@@ -463,10 +560,14 @@ def _bound_filters(filters: dict) -> None:
 
     def batch(value, linecount, fill_with=None):
         _check_ints([linecount], "batch")
+        if fill_with is not None and _is_int(linecount):  # up to linecount - 1 copies of it
+            _check_size(_weight(fill_with) * linecount, "a batch's filling")
         return jf.do_batch(value, linecount, fill_with)
 
     def slice_(value, slices, fill_with=None):
         _check_ints([slices], "slice")
+        if fill_with is not None and _is_int(slices):  # up to one copy per slice
+            _check_size(_weight(fill_with) * slices, "a slice's filling")
         return jf.sync_do_slice(value, slices, fill_with)
 
     filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,

@@ -293,6 +293,32 @@ HOSTILE = {
     "tojson indent": "{{ messages|tojson(indent=10**8) }}",
     "integer squaring": "{% set ns = namespace(v=10 ** 1000) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}"
                         "{% endfor %}",
+    # a list holding another twice, forty times over: 2**40 elements to str(), tojson, ==, hash or `in`,
+    # each one C call the deadline cannot interrupt (each of these hung for hours)
+    "shared list doubling": "{% set l = [0] %}" + "{% set l = [l, l] %}" * 40 + "{{ l }}",
+    "shared list tojson": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}"
+                          "{% endfor %}{{ ns.l|tojson|length }}",
+    "shared list equality": "{% set ns = namespace(l=[0], m=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}"
+                            "{% set ns.m = [ns.m, ns.m] %}{% endfor %}{{ ns.l == ns.m }}",
+    "shared tuple hash": "{% set ns = namespace(t=(0,)) %}{% for i in range(40) %}{% set ns.t = (ns.t, ns.t) %}"
+                         "{% endfor %}{{ {ns.t: 1}|length }}",
+    "shared dict literal": "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = {'a': ns.d, 'b': ns.d} %}"
+                           "{% endfor %}{{ ns.d|string|length }}",
+    "shared dict()": "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = dict(a=ns.d, b=ns.d) %}"
+                     "{% endfor %}{{ ns.d }}",
+    "shared namespace()": "{% set ns = namespace(d=0) %}{% for i in range(40) %}{% set ns.d = namespace(a=ns.d, b=ns.d) %}"
+                          "{% endfor %}{{ ns.d }}",
+    "shared list repeated": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l] * 2 %}"
+                            "{% endfor %}{{ ns.l }}",
+    "shared list added": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l] + [ns.l] %}"
+                         "{% endfor %}{{ 5 in ns.l }}{{ ns.l }}",
+    "shared batch filling": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}"
+                            "{% set ns.l = [1]|batch(3, fill_with=ns.l)|list %}{% endfor %}{{ ns.l }}",
+    "shared slice filling": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}"
+                            "{% set ns.l = [1, 2, 3]|slice(3, fill_with=ns.l)|list %}{% endfor %}{{ ns.l }}",
+    # a namespace weighed while small, then given a large value: its holders' weights are redone
+    "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
+                                "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
 }
 
 
@@ -329,6 +355,17 @@ def test_hostile_templates_allocate_little_before_their_template_error(name):
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20, f"{name}: {peak / 2**20:.0f} MiB"
+
+
+def test_lists_and_dicts_a_template_builds_still_render():
+    """The weight bound leaves ordinary literals alone: tuples unpacked, lists of messages, dicts,
+    a value held a few times, namespaces changed in a loop."""
+    template = ("{% set ns = namespace(seen=[], flag=false) %}{% for m in messages %}{% set ns.flag = true %}"
+                "{% set ns.seen = ns.seen + [m.role] %}{% endfor %}{% set pair = (messages, messages) %}"
+                "{% for a, b in [(1, 2), (3, 4)] %}{{ a }}{{ b }}{% endfor %}|{{ ns.seen|join(',') }}|"
+                "{{ {'k': [ns.seen, ns.seen]}|tojson }}|{{ pair|length }}|{{ ([messages] * 3)|length }}")
+    out = render_chat(template, [TURN_1, REPLY_1])
+    assert out == '1234|user,assistant|{"k": [["user", "assistant"], ["user", "assistant"]]}|2|3'
 
 
 def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
