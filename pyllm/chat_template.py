@@ -141,7 +141,10 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     if isinstance(indent, (int, str)) and not isinstance(indent, bool) and \
             (len(indent) if isinstance(indent, str) else indent) > MAX_JSON_INDENT:
         raise TemplateError(f"tojson's indent is at most {MAX_JSON_INDENT}")
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    # at most 6 characters per character of a value within the limit; a string of quotes doubles each time
+    _check_size(len(text), "tojson's text")
+    return text
 
 
 def _strftime_now(fmt):
@@ -247,6 +250,12 @@ def _compile(source: str):
                 _check_format(value.__self__, args, kwargs)
                 return wrapped(*args, **kwargs)
             return checked
+
+        @staticmethod
+        def concat(parts) -> str:  # a macro's, caller's or {% set %} block's text: doubled forty times over
+            parts = list(parts)
+            _check_size(sum(map(len, parts)), "a macro's or block's text")
+            return "".join(parts)
 
         @staticmethod
         def checked_concat(values) -> str:
@@ -470,6 +479,8 @@ def _check_printf(fmt: str, args) -> None:
             _check_number_text("" if digits == "*" else digits, "width or precision")
     if star:
         _check_ints(args if isinstance(args, tuple) else (args,), "a * width")
+    values = list(args) if isinstance(args, tuple) else list(args.values()) if isinstance(args, dict) else [args]
+    _check_size(len(fmt) + len(_PRINTF.findall(fmt)) * _largest_text(values), "a formatted string")
 
 
 def _check_format(fmt: str, args, kwargs) -> None:
@@ -478,6 +489,10 @@ def _check_format(fmt: str, args, kwargs) -> None:
         fields = list(string.Formatter().parse(fmt))
     except ValueError:
         return  # str.format raises the same error itself
+    values = list(args) + list(kwargs.values()) + [v for a in args if isinstance(a, dict) for v in a.values()]
+    # each field writes one argument (or a part of one): '{}{}'.format(s, s) doubled s, forty times over
+    _check_size(len(fmt) + sum(name is not None for _, name, _, _ in fields) * _largest_text(values),
+                "a formatted string")
     for _, _, spec, _ in fields:
         if not spec:
             continue
@@ -486,6 +501,12 @@ def _check_format(fmt: str, args, kwargs) -> None:
                 v for a in args if isinstance(a, dict) for v in a.values()], "a nested format width")
         for digits in re.findall(r"\d+", spec):
             _check_number_text(digits, "width or precision")
+
+
+def _largest_text(values) -> int:
+    """The longest str() of values (containers by their weight, which bounds their text)."""
+    return max([len(v) if isinstance(v, str) else _weight(v) * 8 if _is_container(v) else len(str(v))
+                for v in values] or [0])
 
 
 def _text_size(items) -> int:

@@ -316,6 +316,20 @@ HOSTILE = {
                             "{% set ns.l = [1]|batch(3, fill_with=ns.l)|list %}{% endfor %}{{ ns.l }}",
     "shared slice filling": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}"
                             "{% set ns.l = [1, 2, 3]|slice(3, fill_with=ns.l)|list %}{% endfor %}{{ ns.l }}",
+    # a text doubled forty times over by a macro, a caller, a {% set %} block, a format or tojson: each
+    # doubling allocated for real (a MemoryError under a 3 GB limit within a second, then the whole machine)
+    "macro doubling": "{% macro d(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='ab') %}"
+                      "{% for i in range(40) %}{% set ns.s = d(ns.s) %}{% endfor %}{{ ns.s|length }}",
+    "caller doubling": "{% macro d() %}{{ caller() }}{{ caller() }}{% endmacro %}{% set ns = namespace(s='ab') %}"
+                       "{% for i in range(40) %}{% set ns.s %}{% call d() %}{{ ns.s }}{% endcall %}{% endset %}"
+                       "{% endfor %}",
+    "set block doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s %}{{ ns.s }}{{ ns.s }}"
+                          "{% endset %}{% endfor %}",
+    "str.format doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = '{}{}'.format(ns.s, ns.s) %}"
+                           "{% endfor %}",
+    "format filter doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+                              "{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
+    "tojson of quotes": "{% set ns = namespace(s='\"') %}{% for i in range(40) %}{% set ns.s = ns.s|tojson %}{% endfor %}",
     # a namespace weighed while small, then given a large value: its holders' weights are redone
     "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
                                 "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
