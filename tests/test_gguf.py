@@ -529,3 +529,42 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
     assert_tokenizer_parity(path, tmp_path)
     llm = pyllm.LLM(str(tmp_path / "tok.pllm"), n_threads=1)
     assert llm.tokenize("hi")[0] == sp.bos_id()  # BOS by default, as llama.cpp does for SentencePiece
+
+
+def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):
+    """The merges of a SentencePiece vocabulary are every split of a token into two tokens: trying
+    every cut of a 1,000,000-character token took minutes (each cut slices the whole token), so one
+    such token in a GGUF file held `pyllm convert`. Only cuts into lengths tokens have are tried."""
+    import time
+
+    from pyllm.convert.checkpoint import _generate_merges
+    from pyllm.convert.gguf_source import sentencepiece_merges
+
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + ["▁", "ab", "abc", "▁a", "a" * 1_000_000]
+    scores = [0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)]
+    start = time.monotonic()
+    merges = sentencepiece_merges(tokens, scores)
+    assert ("a", "b") in merges and ("ab", "c") in merges and ("▁", "a") in merges
+    assert ("a" * 999_999, "a") not in merges  # no such token
+    assert _generate_merges({t: i for i, t in enumerate(tokens)})[:1] == [("a", "b")]
+    assert time.monotonic() - start < 2
+
+    def vocabulary(w):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+
+    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                          bos_token_id=1, eos_token_id=2)
+    path = str(tmp_path / "long.gguf")
+    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    start = time.monotonic()
+    convert_checkpoint(path, str(tmp_path / "long.pllm"), progress=False)
+    assert time.monotonic() - start < 20
+    with pyllm.LLM(str(tmp_path / "long.pllm"), n_threads=1) as llm:
+        assert llm.tokenizer.decode(llm.tokenize("abc")) == "abc"
