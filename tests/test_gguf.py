@@ -428,6 +428,20 @@ def test_reordered_rows_must_be_exactly_the_tensor_rows(tmp_path, case):
     assert not (tmp_path / "x.pllm").exists()
 
 
+@pytest.mark.parametrize("copied, into", [(20, 500), (0, 511)])  # a plain token; a special one into the padding
+def test_a_token_listed_twice_is_refused(tmp_path, copied, into):
+    """A vocabulary maps each text to one id: the other id of a token listed twice converted, then
+    decoded to no text at all (a generated token vanished from the reply)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    tokens = gguf.GGUFReader(good).fields["tokenizer.ggml.tokens"].contents()
+    tokens[into] = tokens[copied]
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {"tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING)})
+    with pytest.raises(FormatError, match=f"holds .* twice \\(ids {copied} and {into}\\); one of them would decode"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

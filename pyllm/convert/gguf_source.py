@@ -196,6 +196,12 @@ class GGUFSource:
         tokens = self._get("tokenizer.ggml.tokens")
         if not tokens:
             raise FormatError(f"{self.path}: GGUF metadata has no tokenizer.ggml.tokens")
+        first: dict = {}
+        for i, t in enumerate(tokens):  # a vocabulary maps each text to one id: the other id decoded to nothing
+            j = first.setdefault(t, i) if isinstance(t, str) else i
+            if j != i:
+                raise FormatError(f"{self.path}: tokenizer.ggml.tokens holds {t!r:.60} twice (ids {j} and {i}); "
+                                  "one of them would decode to no text")
         types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
         add_space_prefix = self._typed("tokenizer.ggml.add_space_prefix", bool, True)
         try:
