@@ -442,6 +442,23 @@ def test_a_token_listed_twice_is_refused(tmp_path, copied, into):
     assert not (tmp_path / "x.pllm").exists()
 
 
+@pytest.mark.parametrize("types, kind", [
+    (lambda t: t[:-10], V.INT32),  # control tokens past its end were matched as text, in silence
+    (lambda t: t + [1], V.INT32),
+    (lambda t: [str(k) for k in t], V.STRING),  # '3' is not CONTROL: ignored in silence
+])
+def test_token_types_must_be_one_integer_per_token(tmp_path, types, kind):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    reader = gguf.GGUFReader(good)
+    held = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(held) == 512 and 3 in held
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {"tokenizer.ggml.token_type": (types(held), V.ARRAY, kind)})
+    with pytest.raises(FormatError, match=r"tokenizer.ggml.token_type must hold one integer per token \(512\)"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""

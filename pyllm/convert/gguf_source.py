@@ -203,6 +203,12 @@ class GGUFSource:
                 raise FormatError(f"{self.path}: tokenizer.ggml.tokens holds {t!r:.60} twice (ids {j} and {i}); "
                                   "one of them would decode to no text")
         types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not isinstance(types, list) or len(types) != len(tokens) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in types):
+            # zip() cut a short list: the control tokens past its end were matched as text, not as tokens
+            shown = f"{len(types)} entries" if isinstance(types, list) else repr(types)[:40]
+            raise FormatError(f"{self.path}: tokenizer.ggml.token_type must hold one integer per token "
+                              f"({len(tokens)}), got {shown}")
         add_space_prefix = self._typed("tokenizer.ggml.add_space_prefix", bool, True)
         try:
             blob = gguf_tokenizer_json(model, tokens, types, self._get("tokenizer.ggml.merges") or [],
