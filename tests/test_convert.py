@@ -238,6 +238,10 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
     ({"sliding_window": True}, "sliding_window must be a positive number"),
     ({"layer_types": 5}, "cannot read the llama configuration \\(TypeError"),
+    # transformers takes rope_scaling over rope_parameters; pyllm took rope_parameters: other positions, in silence
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_parameters .* and rope_scaling .* disagree"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+      "rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_parameters .* and rope_scaling .* disagree"),
 ])
 def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     d = str(tmp_path / "bad")
@@ -297,6 +301,18 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(tiny_
         convert_checkpoint(d, os.path.join(d, "model.pllm"), quant="f32", progress=False)
     with pyllm.LLM(os.path.join(d, "model.pllm")) as llm:
         assert llm.config.num_hidden_layers > 0
+
+
+@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0}])
+def test_rope_scaling_beside_rope_parameters_that_agree_converts(tiny_llama, tmp_path, scaling):
+    d = str(tmp_path / "both")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, rope_scaling=scaling)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    convert_checkpoint(d, str(tmp_path / "both.pllm"), quant="f32", progress=False)
+    with pyllm.LLM(str(tmp_path / "both.pllm"), n_threads=1) as llm:
+        assert llm.config.rope_scaling["factor"] == 2.0
 
 
 def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
