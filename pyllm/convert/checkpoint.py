@@ -419,6 +419,12 @@ def _read_spm(blob: bytes) -> dict:
         raise FormatError("tokenizer.model: not a sentencepiece model") from None
     if not model["pieces"]:
         raise FormatError("tokenizer.model: not a sentencepiece model (no pieces)")
+    first: dict[str, int] = {}
+    for i, (piece, _, _) in enumerate(model["pieces"]):  # sentencepiece refuses them ("is already defined")
+        j = first.setdefault(piece, i)
+        if j != i:
+            raise FormatError(f"tokenizer.model: the piece {piece!r:.60} is listed twice (ids {j} and {i}); one of "
+                              "them would decode to no text")
     return model
 
 
@@ -752,7 +758,10 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
     else:
         with open(spm_path, "rb") as f:
-            spm = _read_spm(f.read())
+            try:
+                spm = _read_spm(f.read())
+            except FormatError as e:  # "tokenizer.model: ..." -> the file's path
+                raise FormatError(f"{os.path.join(directory, str(e))}") from None
         pieces = spm["pieces"]
         model_extras = [AddedToken(p, normalized=False, special=kind == _SPM_CONTROL)
                         for p, _, kind in pieces if kind in (_SPM_CONTROL, _SPM_USER_DEFINED)]
