@@ -190,7 +190,7 @@ def _compile(source: str):
 
         def __setitem__(self, name, value):
             Namespace._check(name)
-            if isinstance(value, str) or _is_container(value):  # flags (true, 3) leave every weight an upper bound
+            if _is_container(value):  # a string or a flag changes a weight by at most the output limit once
                 _weights_changed()  # a namespace is the one container a template can change
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
@@ -317,7 +317,7 @@ class _RenderGuard:
         previous = sys.gettrace()
         sys.settrace(self._global)
         _limits.value = self.limits
-        _weights.cache = {}
+        _weights.stable, _weights.volatile = {}, {}
         try:
             out, size = [], 0
             for chunk in template.generate(**context):
@@ -329,7 +329,7 @@ class _RenderGuard:
         finally:
             sys.settrace(previous)
             _limits.value = None
-            _weights.cache = None
+            _weights.stable = _weights.volatile = None
 
 
 class _ThreadLimits(threading.local):
@@ -349,66 +349,89 @@ def _check_size(size: int, what: str) -> None:
         raise TemplateError(f"the chat template builds a value longer than {most} ({what})")
 
 
-def _children(value) -> list:
-    if isinstance(value, dict):
-        return [*value.keys(), *value.values()]
-    if isinstance(value, (list, tuple)):
-        return list(value)
+def _namespace_attrs(value) -> dict | None:
     attrs = getattr(value, "_Namespace__attrs", None)  # jinja2.utils.Namespace (its repr shows them)
-    return [*attrs.values()] if isinstance(attrs, dict) else []
+    return attrs if isinstance(attrs, dict) else None
 
 
 def _is_container(value) -> bool:
-    return isinstance(value, (list, tuple, dict)) or isinstance(getattr(value, "_Namespace__attrs", None), dict)
+    return isinstance(value, (list, tuple, dict)) or _namespace_attrs(value) is not None
+
+
+_LEAVES = (str, int, float, bool, type(None))
 
 
 class _Weights(threading.local):
-    cache: dict | None = None  # id -> (container, weight) for the rendering in this thread
+    # id -> (container, weight, holds a namespace) for the rendering in this thread: lists, tuples and
+    # dicts cannot change inside the sandbox, so only what is or holds a namespace can go stale
+    stable: dict | None = None
+    volatile: dict | None = None
 
 
 _weights = _Weights()
 
 
 def _weights_changed() -> None:
-    if _weights.cache is not None:
-        _weights.cache.clear()
+    """A namespace was given a container: the weights of what holds a namespace are redone."""
+    if _weights.volatile is not None:
+        _weights.volatile.clear()
 
 
 def _weight(value) -> int:
     """The size of a value written out in full: 1 per element, a string's length, a container held
     twice counted twice (a list that holds one list twice, forty times over, is 2**40 elements to
-    str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights of containers are kept
-    for the rendering (lists, tuples and dicts cannot change inside the sandbox; a namespace
-    assignment clears them); raises TemplateError past the output limit, as soon as it is passed."""
-    if not _is_container(value):
+    str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights are kept for the
+    rendering (those holding a namespace until a namespace is given a container); raises
+    TemplateError past the output limit, as soon as it is passed."""
+    if type(value) in _LEAVES:
         return len(value) if isinstance(value, str) else 1
-    cache = _weights.cache if _weights.cache is not None else {}
+    stable = _weights.stable if _weights.stable is not None else {}
+    volatile = _weights.volatile if _weights.volatile is not None else {}
+    entry = stable.get(id(value)) or volatile.get(id(value))
+    if entry is not None:
+        return entry[1]
+    if not _is_container(value):
+        return 1
     most = _most()
-    if id(value) in cache:
-        return cache[id(value)][1]
     stack, open_ = [(value, False)], set()
     while stack:
         item, children_done = stack.pop()
+        if isinstance(item, dict):
+            children, holds_namespace = [*item.keys(), *item.values()], False
+        elif isinstance(item, (list, tuple)):
+            children, holds_namespace = item, False
+        else:
+            children, holds_namespace = list(_namespace_attrs(item).values()), True
         if children_done:
             total = 1
-            for child in _children(item):
-                if _is_container(child):
-                    total += cache[id(child)][1] if id(child) in cache else 0  # 0: a namespace's cycle
-                else:
+            for child in children:
+                if type(child) in _LEAVES:
                     total += len(child) if isinstance(child, str) else 1
+                else:
+                    entry = stable.get(id(child)) or volatile.get(id(child))
+                    if entry is not None:
+                        total += entry[1]
+                        holds_namespace = holds_namespace or entry[2]
+                    elif _is_container(child):  # a namespace that holds itself: counted once
+                        holds_namespace = True
+                    else:
+                        total += 1
                 if total > most:
                     raise TemplateError(f"the chat template builds a value larger than {most} elements or "
                                         "characters written out (a list or dict holding another many times)")
-            cache[id(item)] = (item, total)
+            (volatile if holds_namespace else stable)[id(item)] = (item, total, holds_namespace)
             open_.discard(id(item))
             continue
-        if id(item) in cache or id(item) in open_:
+        if id(item) in open_ or id(item) in stable or id(item) in volatile:
             continue
         open_.add(id(item))
         stack.append((item, True))
-        stack.extend((c, False) for c in _children(item)
-                     if _is_container(c) and id(c) not in cache and id(c) not in open_)
-    return cache[id(value)][1]
+        for child in children:
+            if type(child) not in _LEAVES and id(child) not in open_ and id(child) not in stable and \
+                    id(child) not in volatile and _is_container(child):
+                stack.append((child, False))
+    entry = stable.get(id(value)) or volatile.get(id(value))
+    return entry[1]
 
 
 def _checked_value(value):

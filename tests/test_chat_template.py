@@ -382,6 +382,21 @@ def test_lists_and_dicts_a_template_builds_still_render():
     assert out == '1234|user,assistant|{"k": [["user", "assistant"], ["user", "assistant"]]}|2|3'
 
 
+def test_a_long_conversation_through_namespaces_and_literals_renders_quickly():
+    """Weights are kept across namespace assignments for what holds no namespace: redoing the weight
+    of `messages` after each `set ns.x = ...` ran 2,000 messages past the 10 s limit."""
+    import time
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"hello there {i}"} for i in range(2000)]
+    template = ("{% set ns = namespace(role='', last=[]) %}{% for m in messages %}{% set ns.role = m.role %}"
+                "{% set ns.last = [m] %}{% if m.role in ['user', 'system'] %}{{ [messages, m]|length }}|{% endif %}"
+                "{{ m.content }}{% endfor %}")
+    start = time.monotonic()
+    out = render_chat(template, messages)
+    assert time.monotonic() - start < 3
+    assert out.startswith("2|hello there 0hello there 12|hello there 2") and out.count("2|hello") == 1000
+
+
 def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
     import sys
 
