@@ -190,7 +190,7 @@ def _compile(source: str):
 
         def __setitem__(self, name, value):
             Namespace._check(name)
-            if _is_container(value):  # a string or a flag changes a weight by at most the output limit once
+            if isinstance(value, str) or _is_container(value):  # a flag (true, 3) weighs 1 whatever it was
                 _weights_changed()  # a namespace is the one container a template can change
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
@@ -372,7 +372,7 @@ _weights = _Weights()
 
 
 def _weights_changed() -> None:
-    """A namespace was given a container: the weights of what holds a namespace are redone."""
+    """A namespace was given a container or a string: the weights of what holds a namespace are redone."""
     if _weights.volatile is not None:
         _weights.volatile.clear()
 
@@ -381,7 +381,7 @@ def _weight(value) -> int:
     """The size of a value written out in full: 1 per element, a string's length, a container held
     twice counted twice (a list that holds one list twice, forty times over, is 2**40 elements to
     str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights are kept for the
-    rendering (those holding a namespace until a namespace is given a container); raises
+    rendering (those holding a namespace until a namespace is given a container or string); raises
     TemplateError past the output limit, as soon as it is passed."""
     if type(value) in _LEAVES:
         return len(value) if isinstance(value, str) else 1

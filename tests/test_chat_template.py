@@ -330,6 +330,9 @@ HOSTILE = {
     "format filter doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
                               "{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
     "tojson of quotes": "{% set ns = namespace(s='\"') %}{% for i in range(40) %}{% set ns.s = ns.s|tojson %}{% endfor %}",
+    # a namespace weighed while small, then given a long string: its holder repeated a thousand times
+    "shared namespace given a string": "{% set m = namespace(a='') %}{% set h = [m] %}{% set m.a = 'x' * 1000000 %}"
+                                       "{{ ([h] * 1000)|string|length }}",
     # a namespace weighed while small, then given a large value: its holders' weights are redone
     "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
                                 "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
