@@ -190,7 +190,7 @@ def _compile(source: str):
 
         def __setitem__(self, name, value):
             Namespace._check(name)
-            if isinstance(value, str) or _is_container(value):  # a flag (true, 3) weighs 1 whatever it was
+            if isinstance(value, (str, bytes)) or _is_container(value):  # a flag (true, 3) weighs 1 whatever it was
                 _weights_changed()  # a namespace is the one container a template can change
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
@@ -358,7 +358,7 @@ def _is_container(value) -> bool:
     return isinstance(value, (list, tuple, dict)) or _namespace_attrs(value) is not None
 
 
-_LEAVES = (str, int, float, bool, type(None))
+_LEAVES = (str, bytes, int, float, bool, type(None))
 
 
 class _Weights(threading.local):
@@ -384,7 +384,7 @@ def _weight(value) -> int:
     rendering (those holding a namespace until a namespace is given a container or string); raises
     TemplateError past the output limit, as soon as it is passed."""
     if type(value) in _LEAVES:
-        return len(value) if isinstance(value, str) else 1
+        return len(value) if isinstance(value, (str, bytes)) else 1
     stable = _weights.stable if _weights.stable is not None else {}
     volatile = _weights.volatile if _weights.volatile is not None else {}
     entry = stable.get(id(value)) or volatile.get(id(value))
@@ -406,7 +406,7 @@ def _weight(value) -> int:
             total = 1
             for child in children:
                 if type(child) in _LEAVES:
-                    total += len(child) if isinstance(child, str) else 1
+                    total += len(child) if isinstance(child, (str, bytes)) else 1
                 else:
                     entry = stable.get(id(child)) or volatile.get(id(child))
                     if entry is not None:

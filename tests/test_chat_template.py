@@ -330,6 +330,9 @@ HOSTILE = {
     "format filter doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
                               "{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
     "tojson of quotes": "{% set ns = namespace(s='\"') %}{% for i in range(40) %}{% set ns.s = ns.s|tojson %}{% endfor %}",
+    # a list of one long string or bytes repeated (its length was checked, not its text's)
+    "long string repeated in a list": "{{ (['x' * 1000000] * 1000)|string|length }}",
+    "long bytes repeated in a list": "{{ (['x'.encode() * 1000000] * 1000)|string|length }}",
     # a namespace weighed while small, then given a long string: its holder repeated a thousand times
     "shared namespace given a string": "{% set m = namespace(a='') %}{% set h = [m] %}{% set m.a = 'x' * 1000000 %}"
                                        "{{ ([h] * 1000)|string|length }}",
