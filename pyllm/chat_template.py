@@ -383,8 +383,10 @@ def _weight(value) -> int:
     str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights are kept for the
     rendering (those holding a namespace until a namespace is given a container or string); raises
     TemplateError past the output limit, as soon as it is passed."""
+    if isinstance(value, (str, bytes)):  # Markup (|escape, macros) included
+        return len(value)
     if type(value) in _LEAVES:
-        return len(value) if isinstance(value, (str, bytes)) else 1
+        return 1
     stable = _weights.stable if _weights.stable is not None else {}
     volatile = _weights.volatile if _weights.volatile is not None else {}
     entry = stable.get(id(value)) or volatile.get(id(value))
@@ -405,8 +407,10 @@ def _weight(value) -> int:
         if children_done:
             total = 1
             for child in children:
-                if type(child) in _LEAVES:
-                    total += len(child) if isinstance(child, (str, bytes)) else 1
+                if isinstance(child, (str, bytes)):
+                    total += len(child)
+                elif type(child) in _LEAVES:
+                    total += 1
                 else:
                     entry = stable.get(id(child)) or volatile.get(id(child))
                     if entry is not None:
@@ -427,7 +431,7 @@ def _weight(value) -> int:
         open_.add(id(item))
         stack.append((item, True))
         for child in children:
-            if type(child) not in _LEAVES and id(child) not in open_ and id(child) not in stable and \
+            if type(child) not in _LEAVES and not isinstance(child, (str, bytes)) and id(child) not in open_ and id(child) not in stable and \
                     id(child) not in volatile and _is_container(child):
                 stack.append((child, False))
     entry = stable.get(id(value)) or volatile.get(id(value))
