@@ -355,7 +355,11 @@ def _namespace_attrs(value) -> dict | None:
 
 
 def _is_container(value) -> bool:
-    return isinstance(value, (list, tuple, dict)) or _namespace_attrs(value) is not None
+    return isinstance(value, _SEQUENCES) or isinstance(value, dict) or _namespace_attrs(value) is not None
+
+
+# lists, tuples and dict views (d.items() writes out every item, as the dict does)
+_SEQUENCES = (list, tuple, type({}.keys()), type({}.values()), type({}.items()))
 
 
 _LEAVES = (str, bytes, int, float, bool, type(None))
@@ -402,6 +406,10 @@ def _weight(value) -> int:
             children, holds_namespace = [*item.keys(), *item.values()], False
         elif isinstance(item, (list, tuple)):
             children, holds_namespace = item, False
+        elif isinstance(item, _SEQUENCES[-1]):  # an items view makes a new pair each time: its keys and values
+            children, holds_namespace = [x for pair in item for x in pair], False
+        elif isinstance(item, _SEQUENCES):
+            children, holds_namespace = list(item), False
         else:
             children, holds_namespace = list(_namespace_attrs(item).values()), True
         if children_done:

@@ -334,6 +334,7 @@ HOSTILE = {
     "long string repeated in a list": "{{ (['x' * 1000000] * 1000)|string|length }}",
     "long bytes repeated in a list": "{{ (['x'.encode() * 1000000] * 1000)|string|length }}",
     "long markup repeated in a list": "{{ ([('x' * 1000000)|escape] * 1000)|string|length }}",
+    "dict view repeated in a list": "{{ ([{'a': 'x' * 1000000}.items()] * 1000)|string|length }}",
     # a namespace weighed while small, then given a long string: its holder repeated a thousand times
     "shared namespace given a string": "{% set m = namespace(a='') %}{% set h = [m] %}{% set m.a = 'x' * 1000000 %}"
                                        "{{ ([h] * 1000)|string|length }}",
