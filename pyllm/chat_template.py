@@ -141,7 +141,10 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     if isinstance(indent, (int, str)) and not isinstance(indent, bool) and \
             (len(indent) if isinstance(indent, str) else indent) > MAX_JSON_INDENT:
         raise TemplateError(f"tojson's indent is at most {MAX_JSON_INDENT}")
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    # at most 6 characters per character of a value within the limit; a string of quotes doubles each time
+    _check_size(len(text), "tojson's text")
+    return text
 
 
 def _strftime_now(fmt):
@@ -187,6 +190,8 @@ def _compile(source: str):
 
         def __setitem__(self, name, value):
             Namespace._check(name)
+            if isinstance(value, (str, bytes)) or _is_container(value):  # a flag (true, 3) weighs 1 whatever it was
+                _weights_changed()  # a namespace is the one container a template can change
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
         @staticmethod
@@ -203,6 +208,23 @@ def _compile(source: str):
                 self.write(", ")
             self.write("))")
 
+        def visit_List(self, node, frame):  # [a, b]: through checked_value (a value held twice doubles)
+            self.write("environment.checked_value(")
+            super().visit_List(node, frame)
+            self.write(")")
+
+        def visit_Dict(self, node, frame):
+            self.write("environment.checked_value(")
+            super().visit_Dict(node, frame)
+            self.write(")")
+
+        def visit_Tuple(self, node, frame):
+            if node.ctx != "load":  # an assignment target (`for a, b in`, `set a, b =`)
+                return super().visit_Tuple(node, frame)
+            self.write("environment.checked_value(")
+            super().visit_Tuple(node, frame)
+            self.write(")")
+
     class Environment(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "+", "**", "%"])
         code_generator_class = CodeGenerator
@@ -213,7 +235,11 @@ def _compile(source: str):
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
             args = _check_call(__obj, args, kwargs)
-            return super().call(__context, __obj, *args, **kwargs)
+            return _checked_value(super().call(__context, __obj, *args, **kwargs))  # dict(a=x, b=x), namespace()
+
+        @staticmethod
+        def checked_value(value):
+            return _checked_value(value)
 
         def wrap_str_format(self, value):
             wrapped = super().wrap_str_format(value)
@@ -224,6 +250,12 @@ def _compile(source: str):
                 _check_format(value.__self__, args, kwargs)
                 return wrapped(*args, **kwargs)
             return checked
+
+        @staticmethod
+        def concat(parts) -> str:  # a macro's, caller's or {% set %} block's text: doubled forty times over
+            parts = list(parts)
+            _check_size(sum(map(len, parts)), "a macro's or block's text")
+            return "".join(parts)
 
         @staticmethod
         def checked_concat(values) -> str:
@@ -285,6 +317,7 @@ class _RenderGuard:
         previous = sys.gettrace()
         sys.settrace(self._global)
         _limits.value = self.limits
+        _weights.stable, _weights.volatile = {}, {}
         try:
             out, size = [], 0
             for chunk in template.generate(**context):
@@ -296,6 +329,7 @@ class _RenderGuard:
         finally:
             sys.settrace(previous)
             _limits.value = None
+            _weights.stable = _weights.volatile = None
 
 
 class _ThreadLimits(threading.local):
@@ -313,6 +347,109 @@ def _check_size(size: int, what: str) -> None:
     most = _most()
     if size > most:
         raise TemplateError(f"the chat template builds a value longer than {most} ({what})")
+
+
+def _namespace_attrs(value) -> dict | None:
+    attrs = getattr(value, "_Namespace__attrs", None)  # jinja2.utils.Namespace (its repr shows them)
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _is_container(value) -> bool:
+    return isinstance(value, _SEQUENCES) or isinstance(value, dict) or _namespace_attrs(value) is not None
+
+
+# lists, tuples and dict views (d.items() writes out every item, as the dict does)
+_SEQUENCES = (list, tuple, type({}.keys()), type({}.values()), type({}.items()))
+
+
+_LEAVES = (str, bytes, int, float, bool, type(None))
+
+
+class _Weights(threading.local):
+    # id -> (container, weight, holds a namespace) for the rendering in this thread: lists, tuples and
+    # dicts cannot change inside the sandbox, so only what is or holds a namespace can go stale
+    stable: dict | None = None
+    volatile: dict | None = None
+
+
+_weights = _Weights()
+
+
+def _weights_changed() -> None:
+    """A namespace was given a container or a string: the weights of what holds a namespace are redone."""
+    if _weights.volatile is not None:
+        _weights.volatile.clear()
+
+
+def _weight(value) -> int:
+    """The size of a value written out in full: 1 per element, a string's length, a container held
+    twice counted twice (a list that holds one list twice, forty times over, is 2**40 elements to
+    str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights are kept for the
+    rendering (those holding a namespace until a namespace is given a container or string); raises
+    TemplateError past the output limit, as soon as it is passed."""
+    if isinstance(value, (str, bytes)):  # Markup (|escape, macros) included
+        return len(value)
+    if type(value) in _LEAVES:
+        return 1
+    stable = _weights.stable if _weights.stable is not None else {}
+    volatile = _weights.volatile if _weights.volatile is not None else {}
+    entry = stable.get(id(value)) or volatile.get(id(value))
+    if entry is not None:
+        return entry[1]
+    if not _is_container(value):
+        return 1
+    most = _most()
+    stack, open_ = [(value, False)], set()
+    while stack:
+        item, children_done = stack.pop()
+        if isinstance(item, dict):
+            children, holds_namespace = [*item.keys(), *item.values()], False
+        elif isinstance(item, (list, tuple)):
+            children, holds_namespace = item, False
+        elif isinstance(item, _SEQUENCES[-1]):  # an items view makes a new pair each time: its keys and values
+            children, holds_namespace = [x for pair in item for x in pair], False
+        elif isinstance(item, _SEQUENCES):
+            children, holds_namespace = list(item), False
+        else:
+            children, holds_namespace = list(_namespace_attrs(item).values()), True
+        if children_done:
+            total = 1
+            for child in children:
+                if isinstance(child, (str, bytes)):
+                    total += len(child)
+                elif type(child) in _LEAVES:
+                    total += 1
+                else:
+                    entry = stable.get(id(child)) or volatile.get(id(child))
+                    if entry is not None:
+                        total += entry[1]
+                        holds_namespace = holds_namespace or entry[2]
+                    elif _is_container(child):  # a namespace that holds itself: counted once
+                        holds_namespace = True
+                    else:
+                        total += 1
+                if total > most:
+                    raise TemplateError(f"the chat template builds a value larger than {most} elements or "
+                                        "characters written out (a list or dict holding another many times)")
+            (volatile if holds_namespace else stable)[id(item)] = (item, total, holds_namespace)
+            open_.discard(id(item))
+            continue
+        if id(item) in open_ or id(item) in stable or id(item) in volatile:
+            continue
+        open_.add(id(item))
+        stack.append((item, True))
+        for child in children:
+            if type(child) not in _LEAVES and not isinstance(child, (str, bytes)) and id(child) not in open_ and id(child) not in stable and \
+                    id(child) not in volatile and _is_container(child):
+                stack.append((child, False))
+    entry = stable.get(id(value)) or volatile.get(id(value))
+    return entry[1]
+
+
+def _checked_value(value):
+    if _is_container(value):
+        _weight(value)
+    return value
 
 
 MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
@@ -339,9 +476,13 @@ def _check_binop(operator: str, left, right) -> None:
         seq, n = (left, right) if isinstance(left, sized) else (right, left)
         if isinstance(seq, sized) and isinstance(n, int):
             _check_size(len(seq) * n, "a repeated string or list")
+            if not isinstance(seq, str):
+                _check_size(_weight(seq) * n, "a repeated list")
     elif operator == "+":
         if isinstance(left, sized) and isinstance(right, sized):
             _check_size(len(left) + len(right), "a joined string or list")
+            if not isinstance(left, str) and not isinstance(right, str):
+                _check_size(_weight(left) + _weight(right), "a joined list")
     elif operator == "**":
         if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
             _check_bits(right * max(abs(left).bit_length(), 1))
@@ -373,6 +514,8 @@ def _check_printf(fmt: str, args) -> None:
             _check_number_text("" if digits == "*" else digits, "width or precision")
     if star:
         _check_ints(args if isinstance(args, tuple) else (args,), "a * width")
+    values = list(args) if isinstance(args, tuple) else list(args.values()) if isinstance(args, dict) else [args]
+    _check_size(len(fmt) + len(_PRINTF.findall(fmt)) * _largest_text(values), "a formatted string")
 
 
 def _check_format(fmt: str, args, kwargs) -> None:
@@ -381,6 +524,10 @@ def _check_format(fmt: str, args, kwargs) -> None:
         fields = list(string.Formatter().parse(fmt))
     except ValueError:
         return  # str.format raises the same error itself
+    values = list(args) + list(kwargs.values()) + [v for a in args if isinstance(a, dict) for v in a.values()]
+    # each field writes one argument (or a part of one): '{}{}'.format(s, s) doubled s, forty times over
+    _check_size(len(fmt) + sum(name is not None for _, name, _, _ in fields) * _largest_text(values),
+                "a formatted string")
     for _, _, spec, _ in fields:
         if not spec:
             continue
@@ -389,6 +536,12 @@ def _check_format(fmt: str, args, kwargs) -> None:
                 v for a in args if isinstance(a, dict) for v in a.values()], "a nested format width")
         for digits in re.findall(r"\d+", spec):
             _check_number_text(digits, "width or precision")
+
+
+def _largest_text(values) -> int:
+    """The longest str() of values (containers by their weight, which bounds their text)."""
+    return max([len(v) if isinstance(v, str) else _weight(v) * 8 if _is_container(v) else len(str(v))
+                for v in values] or [0])
 
 
 def _text_size(items) -> int:
@@ -463,10 +616,14 @@ def _bound_filters(filters: dict) -> None:
 
     def batch(value, linecount, fill_with=None):
         _check_ints([linecount], "batch")
+        if fill_with is not None and _is_int(linecount):  # up to linecount - 1 copies of it
+            _check_size(_weight(fill_with) * linecount, "a batch's filling")
         return jf.do_batch(value, linecount, fill_with)
 
     def slice_(value, slices, fill_with=None):
         _check_ints([slices], "slice")
+        if fill_with is not None and _is_int(slices):  # up to one copy per slice
+            _check_size(_weight(fill_with) * slices, "a slice's filling")
         return jf.sync_do_slice(value, slices, fill_with)
 
     filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,

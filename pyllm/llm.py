@@ -330,7 +330,7 @@ class LLM:
             raise
         self.tokenizer = tokenizer_loader.result()
         if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+            raise FormatError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                              f"{self.config.vocab_size} embeddings")
         return_freed_heap()
         self.context_length = n_ctx

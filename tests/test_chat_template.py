@@ -293,6 +293,54 @@ HOSTILE = {
     "tojson indent": "{{ messages|tojson(indent=10**8) }}",
     "integer squaring": "{% set ns = namespace(v=10 ** 1000) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}"
                         "{% endfor %}",
+    # a list holding another twice, forty times over: 2**40 elements to str(), tojson, ==, hash or `in`,
+    # each one C call the deadline cannot interrupt (each of these hung for hours)
+    "shared list doubling": "{% set l = [0] %}" + "{% set l = [l, l] %}" * 40 + "{{ l }}",
+    "shared list tojson": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}"
+                          "{% endfor %}{{ ns.l|tojson|length }}",
+    "shared list equality": "{% set ns = namespace(l=[0], m=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}"
+                            "{% set ns.m = [ns.m, ns.m] %}{% endfor %}{{ ns.l == ns.m }}",
+    "shared tuple hash": "{% set ns = namespace(t=(0,)) %}{% for i in range(40) %}{% set ns.t = (ns.t, ns.t) %}"
+                         "{% endfor %}{{ {ns.t: 1}|length }}",
+    "shared dict literal": "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = {'a': ns.d, 'b': ns.d} %}"
+                           "{% endfor %}{{ ns.d|string|length }}",
+    "shared dict()": "{% set ns = namespace(d={}) %}{% for i in range(40) %}{% set ns.d = dict(a=ns.d, b=ns.d) %}"
+                     "{% endfor %}{{ ns.d }}",
+    "shared namespace()": "{% set ns = namespace(d=0) %}{% for i in range(40) %}{% set ns.d = namespace(a=ns.d, b=ns.d) %}"
+                          "{% endfor %}{{ ns.d }}",
+    "shared list repeated": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l] * 2 %}"
+                            "{% endfor %}{{ ns.l }}",
+    "shared list added": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set ns.l = [ns.l] + [ns.l] %}"
+                         "{% endfor %}{{ 5 in ns.l }}{{ ns.l }}",
+    "shared batch filling": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}"
+                            "{% set ns.l = [1]|batch(3, fill_with=ns.l)|list %}{% endfor %}{{ ns.l }}",
+    "shared slice filling": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}"
+                            "{% set ns.l = [1, 2, 3]|slice(3, fill_with=ns.l)|list %}{% endfor %}{{ ns.l }}",
+    # a text doubled forty times over by a macro, a caller, a {% set %} block, a format or tojson: each
+    # doubling allocated for real (a MemoryError under a 3 GB limit within a second, then the whole machine)
+    "macro doubling": "{% macro d(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='ab') %}"
+                      "{% for i in range(40) %}{% set ns.s = d(ns.s) %}{% endfor %}{{ ns.s|length }}",
+    "caller doubling": "{% macro d() %}{{ caller() }}{{ caller() }}{% endmacro %}{% set ns = namespace(s='ab') %}"
+                       "{% for i in range(40) %}{% set ns.s %}{% call d() %}{{ ns.s }}{% endcall %}{% endset %}"
+                       "{% endfor %}",
+    "set block doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s %}{{ ns.s }}{{ ns.s }}"
+                          "{% endset %}{% endfor %}",
+    "str.format doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = '{}{}'.format(ns.s, ns.s) %}"
+                           "{% endfor %}",
+    "format filter doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+                              "{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
+    "tojson of quotes": "{% set ns = namespace(s='\"') %}{% for i in range(40) %}{% set ns.s = ns.s|tojson %}{% endfor %}",
+    # a list of one long string or bytes repeated (its length was checked, not its text's)
+    "long string repeated in a list": "{{ (['x' * 1000000] * 1000)|string|length }}",
+    "long bytes repeated in a list": "{{ (['x'.encode() * 1000000] * 1000)|string|length }}",
+    "long markup repeated in a list": "{{ ([('x' * 1000000)|escape] * 1000)|string|length }}",
+    "dict view repeated in a list": "{{ ([{'a': 'x' * 1000000}.items()] * 1000)|string|length }}",
+    # a namespace weighed while small, then given a long string: its holder repeated a thousand times
+    "shared namespace given a string": "{% set m = namespace(a='') %}{% set h = [m] %}{% set m.a = 'x' * 1000000 %}"
+                                       "{{ ([h] * 1000)|string|length }}",
+    # a namespace weighed while small, then given a large value: its holders' weights are redone
+    "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
+                                "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
 }
 
 
@@ -329,6 +377,32 @@ def test_hostile_templates_allocate_little_before_their_template_error(name):
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20, f"{name}: {peak / 2**20:.0f} MiB"
+
+
+def test_lists_and_dicts_a_template_builds_still_render():
+    """The weight bound leaves ordinary literals alone: tuples unpacked, lists of messages, dicts,
+    a value held a few times, namespaces changed in a loop."""
+    template = ("{% set ns = namespace(seen=[], flag=false) %}{% for m in messages %}{% set ns.flag = true %}"
+                "{% set ns.seen = ns.seen + [m.role] %}{% endfor %}{% set pair = (messages, messages) %}"
+                "{% for a, b in [(1, 2), (3, 4)] %}{{ a }}{{ b }}{% endfor %}|{{ ns.seen|join(',') }}|"
+                "{{ {'k': [ns.seen, ns.seen]}|tojson }}|{{ pair|length }}|{{ ([messages] * 3)|length }}")
+    out = render_chat(template, [TURN_1, REPLY_1])
+    assert out == '1234|user,assistant|{"k": [["user", "assistant"], ["user", "assistant"]]}|2|3'
+
+
+def test_a_long_conversation_through_namespaces_and_literals_renders_quickly():
+    """Weights are kept across namespace assignments for what holds no namespace: redoing the weight
+    of `messages` after each `set ns.x = ...` ran 2,000 messages past the 10 s limit."""
+    import time
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"hello there {i}"} for i in range(2000)]
+    template = ("{% set ns = namespace(role='', last=[]) %}{% for m in messages %}{% set ns.role = m.role %}"
+                "{% set ns.last = [m] %}{% if m.role in ['user', 'system'] %}{{ [messages, m]|length }}|{% endif %}"
+                "{{ m.content }}{% endfor %}")
+    start = time.monotonic()
+    out = render_chat(template, messages)
+    assert time.monotonic() - start < 3
+    assert out.startswith("2|hello there 0hello there 12|hello there 2") and out.count("2|hello") == 1000
 
 
 def test_render_limits_allow_ordinary_work_and_restore_the_tracer():

@@ -238,6 +238,10 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
     ({"sliding_window": True}, "sliding_window must be a positive number"),
     ({"layer_types": 5}, "cannot read the llama configuration \\(TypeError"),
+    # transformers takes rope_scaling over rope_parameters; pyllm took rope_parameters: other positions, in silence
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_parameters .* and rope_scaling .* disagree"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+      "rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_parameters .* and rope_scaling .* disagree"),
 ])
 def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     d = str(tmp_path / "bad")
@@ -299,6 +303,18 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(tiny_
         assert llm.config.num_hidden_layers > 0
 
 
+@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0}])
+def test_rope_scaling_beside_rope_parameters_that_agree_converts(tiny_llama, tmp_path, scaling):
+    d = str(tmp_path / "both")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, rope_scaling=scaling)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    convert_checkpoint(d, str(tmp_path / "both.pllm"), quant="f32", progress=False)
+    with pyllm.LLM(str(tmp_path / "both.pllm"), n_threads=1) as llm:
+        assert llm.config.rope_scaling["factor"] == 2.0
+
+
 def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
     d = str(tmp_path / "mismatch")
     shutil.copytree(tiny_llama, d)
@@ -310,6 +326,108 @@ def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_pa
         convert_checkpoint(d, str(out), quant="int4", progress=False)
     assert not out.exists()
     assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
+
+
+@pytest.mark.parametrize("where", ["vocab", "added_tokens"])
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_at_conversion(tiny_llama, tmp_path, where, monkeypatch):
+    """Ids past the embedding's rows (tokens in the BPE vocabulary or added tokens): the file was
+    written, then every pyllm.LLM load refused it (with a bare ValueError)."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "big"))
+    for name in os.listdir(tiny_llama):
+        if name.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, name), os.path.join(d, name))
+    size = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
+    tok = json.load(open(os.path.join(d, "tokenizer.json")))
+    n = 1 + max([*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])])
+    if where == "vocab":
+        tok["model"]["vocab"].update({f"zz{i}": i for i in range(n, size + 3)})
+    else:
+        tok["added_tokens"] += [{"id": i, "content": f"<x{i}>", "single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "special": True} for i in range(n, size + 3)]
+    json.dump(tok, open(os.path.join(d, "tokenizer.json"), "w"))
+    out = tmp_path / "big.pllm"
+    with pytest.raises(FormatError, match=f"{re.escape(d)}: the tokenizer has {size + 3} tokens but the model's "
+                                          f"embeddings only {size}"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+    # such a file written by something else is a FormatError at load
+    monkeypatch.setattr("pyllm.convert.pipeline.check_tokenizer_fits", lambda *args: None)
+    convert_checkpoint(d, str(out), quant="f32", progress=False)
+    with pytest.raises(FormatError, match=f"tokenizer has {size + 3} tokens but the model only {size} embeddings"):
+        pyllm.LLM(str(out), n_threads=1)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    # each was a bare TypeError / ValueError / AttributeError / UnicodeDecodeError out of convert
+    ("tokenizer_config.json", {"bos_token": {"content": 5}}, "the tokenizer cannot be read: TypeError"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "a"}}}, "the tokenizer cannot be read: ValueError"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"7": {"content": 5}}}, "the tokenizer cannot be read: TypeError"),
+    ("tokenizer_config.json", {"extra_special_tokens": 5}, "the tokenizer cannot be read: TypeError"),
+    ("tokenizer_config.json", {"additional_special_tokens": [5]}, "the tokenizer cannot be read: AttributeError"),
+    ("tokenizer.json", b"[]", "tokenizer.json: expected a JSON object, got list"),
+    ("tokenizer.json", b'{"model": "\xff"}', r"tokenizer.json is not UTF-8 text \(byte 11"),
+    ("chat_template.jinja", b"{{ '\xfe' }}", r"chat_template.jinja is not UTF-8 text \(byte 4"),
+])
+def test_damaged_tokenizer_files_are_refused_naming_them(tiny_llama, tmp_path, name, content, message):
+    d = copy_without_weights(tiny_llama, str(tmp_path / "damaged"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    path = os.path.join(d, name)
+    if isinstance(content, dict):
+        content = json.dumps({**json.load(open(path)), **content}).encode()
+    with open(path, "wb") as f:
+        f.write(content)
+    out = tmp_path / "damaged.pllm"
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert d in str(error.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ('{"top_p": 2}', "'top_p' has an invalid value 2 \\(expected a number in \\[0, 1\\]\\)"),
+    ('{"min_p": -0.5}', "'min_p' has an invalid value -0.5"),
+    ('{"repetition_penalty": 0}', "'repetition_penalty' has an invalid value 0 \\(expected a number > 0\\)"),
+    ('{"temperature": NaN, "do_sample": true}', "'temperature' has an invalid value nan"),
+    ('{"temperature": "hot"}', "'temperature' has an invalid value 'hot'"),
+    ('{"do_sample": "yes"}', "'do_sample' has an invalid value 'yes'"),
+    ('{"top_k": -5}', "'top_k' has an invalid value -5 \\(expected an integer >= 0\\)"),
+    ('{"max_new_tokens": 2.5}', "'max_new_tokens' has an invalid value 2.5"),
+])
+def test_generation_defaults_that_generate_refuses_are_refused_at_conversion(tiny_llama, tmp_path, defaults, message):
+    """Each converted, then was refused by every load (NaN, "hot") or by every generate() that used it."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "gen"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        f.write(defaults)
+    out = tmp_path / "gen.pllm"
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "generation_config.json")) + ": generation default " + message):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("eos, message", [
+    (-1, "generation_config.json: eos_token_id must be a token id or a list of token ids, got -1"),  # written, then every load refused it
+    ([2, "x"], r"generation_config.json: eos_token_id must be .*, got \[2, 'x'\]"),  # "x" dropped in silence
+    (True, "generation_config.json: eos_token_id must be .*, got True"),
+    (2.0, "generation_config.json: eos_token_id must be .*, got 2.0"),
+    ([2, 10**6], "eos_token_ids 1000000 is not a token of the model"),  # an end that could never come
+])
+def test_end_of_generation_ids_that_are_not_tokens_are_refused(tiny_llama, tmp_path, eos, message):
+    d = copy_without_weights(tiny_llama, str(tmp_path / "eos"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos, "bos_token_id": 1}, f)
+    out = tmp_path / "eos.pllm"
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert d in str(error.value)
+    assert not out.exists()
 
 
 def test_unsupported_group_size_is_refused(tiny_llama, tmp_path):

@@ -381,9 +381,23 @@ CASES = {
     "tokenizer_kind_unknown": (set_tokenizer(kind="bpe"), ["unknown kind 'bpe'"]),
     "tokenizer_eos_not_list": (set_tokenizer(eos_token_ids=2), ["eos_token_ids must be a list"]),
     "tokenizer_added_not_dict": (set_tokenizer(added_tokens=["<x>"]), ["added_tokens must map"]),
+    # loaded; then every generate() refused its own BOS ("token ids must lie in [0, 512)"), or never ended there
+    "tokenizer_bos_past_vocab": (set_tokenizer(bos_token_id=512, add_bos_token=True),
+                                 ["bos_token_id 512 is not a token of the model (its vocabulary has 512)"]),
+    "tokenizer_eos_past_vocab": (set_tokenizer(eos_token_ids=[2, 10**6]), ["eos_token_ids 1000000 is not a token"]),
     "tokenizer_unknown_field": (set_tokenizer(vocab="x"), ["invalid pyllm metadata", "vocab"]),
     "generation_not_object": (set_meta("pyllm.generation", "[]"), ["'pyllm.generation' must be a JSON object"]),
     "generation_bad_value": (set_meta("pyllm.generation", '{"temperature": "hot"}'), ["'temperature'", "'hot'"]),
+    # loaded, then every generate() that used the default raised a ValueError that did not name the file
+    "generation_top_p_past_1": (set_meta("pyllm.generation", '{"top_p": 2}'), ["'top_p'", "in [0, 1]"]),
+    "generation_min_p_past_1": (set_meta("pyllm.generation", '{"min_p": 5}'), ["'min_p'", "in [0, 1]"]),
+    "generation_zero_penalty": (set_meta("pyllm.generation", '{"repetition_penalty": 0}'), ["'repetition_penalty'", "> 0"]),
+    "generation_negative_temperature": (set_meta("pyllm.generation", '{"temperature": -1, "do_sample": true}'),
+                                        ["'temperature'", ">= 0"]),
+    "generation_negative_top_k": (set_meta("pyllm.generation", '{"top_k": -5, "do_sample": true}'), ["'top_k'", "integer >= 0"]),
+    # truncated to 2 by int()
+    "generation_fractional_max_new_tokens": (set_meta("pyllm.generation", '{"max_new_tokens": 2.5}'),
+                                             ["'max_new_tokens'", "integer >= 0"]),
 }
 
 

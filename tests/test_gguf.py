@@ -271,6 +271,194 @@ def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, mess
     assert not (tmp_path / "x.pllm").exists()
 
 
+def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None) -> str:
+    """src copied to out with metadata `fields` (key -> (value, GGUFValueType, array sub-type or None))
+    and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, "llama")
+    fields = fields or {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
+            continue
+        kind = field.types[0]
+        sub = {"sub_type": field.types[-1]} if kind == gguf.GGUFValueType.ARRAY else {}
+        w.add_key_value(key, field.contents(), kind, **sub)
+    for key, (value, kind, sub) in fields.items():  # general.architecture: the writer's own is replaced
+        w.add_key_value(key, value, kind, **({"sub_type": sub} if sub is not None else {}))
+    tensors = tensors or {}
+    for t in reader.tensors:
+        if t.name not in tensors:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    for name, replaced in tensors.items():
+        if replaced is not None:
+            w.add_tensor(name, replaced[0], raw_dtype=replaced[1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+V = gguf.GGUFValueType
+
+
+@pytest.mark.parametrize("key, value, kind, sub, message", [
+    # float() / int() of a string or an array raised a bare ValueError / TypeError naming nothing
+    ("llama.attention.layer_norm_rms_epsilon", "x", V.STRING, None, "layer_norm_rms_epsilon must be a number"),
+    ("llama.rope.freq_base", [1.0], V.ARRAY, V.FLOAT32, "rope.freq_base must be a number"),
+    ("llama.rope.freq_base", True, V.BOOL, None, "rope.freq_base must be a number"),
+    ("llama.rope.dimension_count", "x", V.STRING, None, "rope.dimension_count must be an integer"),
+    ("llama.rope.dimension_count", 8.5, V.FLOAT32, None, "rope.dimension_count must be an integer"),
+    ("llama.rope.scaling.factor", "2", V.STRING, None, "rope.scaling.factor must be a number"),
+    ("general.architecture", ["llama"], V.ARRAY, V.STRING, r"GGUF architecture \['llama'\] is not supported"),
+    # a chat template that is not text was a bare ValueError from the writer, after the conversion
+    ("tokenizer.chat_template", 5, V.UINT32, None, "'tokenizer.chat_template' must be a str"),
+    ("tokenizer.chat_template", ["a"], V.ARRAY, V.STRING, "'tokenizer.chat_template' must be a str"),
+    # bool("false") is True: the file's opposite, in silence
+    ("tokenizer.ggml.add_bos_token", "false", V.STRING, None, "'tokenizer.ggml.add_bos_token' must be a bool"),
+    ("tokenizer.ggml.add_eos_token", 1, V.UINT8, None, "'tokenizer.ggml.add_eos_token' must be a bool"),
+])
+def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, kind, sub, message):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    fields = {key: (value, kind, sub)}
+    if key == "llama.rope.scaling.factor":
+        fields["llama.rope.scaling.type"] = ("linear", V.STRING, None)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), fields)
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert bad in str(error.value)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_tensors_of_an_unexpected_rank(tmp_path):
+    """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
+    token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    norm = 1 + np.random.default_rng(0).standard_normal(64).astype(np.float32) / 4
+    for kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        blocks = gguf.quants.quantize(norm, kind)
+        path = rewrite_gguf(good, str(tmp_path / f"norm-{kind.name}.gguf"), tensors={"blk.0.attn_norm.weight": (blocks, kind)})
+        source = GGUFSource(path)
+        held = source.load("model.layers.0.input_layernorm.weight")
+        assert held.shape == (64,)
+        np.testing.assert_array_equal(held, gguf.quants.dequantize(blocks, kind))
+        convert_checkpoint(path, str(tmp_path / f"norm-{kind.name}.pllm"), progress=False)
+    for shape in [(8192,), (2, 64, 64)]:
+        path = rewrite_gguf(good, str(tmp_path / "embedding.gguf"),
+                            tensors={"token_embd.weight": (np.zeros(shape, np.float32), Q.F32)})
+        with pytest.raises(FormatError, match="token_embd.weight must be a matrix"):
+            convert_checkpoint(path, str(tmp_path / "embedding.pllm"), progress=False)
+        assert not (tmp_path / "embedding.pllm").exists()
+
+
+def test_a_vocabulary_larger_than_the_embeddings_is_refused(tmp_path):
+    """tokenizer.ggml.tokens longer than token_embd.weight's rows: converted, then refused by every load."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    reader = gguf.GGUFReader(good)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    rows = int(reader.fields["llama.vocab_size"].contents())
+    assert len(tokens) == rows
+    for extra_type in (1, 3):  # plain tokens, control tokens
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {
+            "tokenizer.ggml.tokens": (tokens + [f"zz{i}" for i in range(5)], V.ARRAY, V.STRING),
+            "tokenizer.ggml.token_type": (types + [extra_type] * 5, V.ARRAY, V.INT32)})
+        with pytest.raises(FormatError, match=f"the tokenizer has {rows + 5} tokens but the model's embeddings only {rows}"):
+            convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+        assert not (tmp_path / "x.pllm").exists()
+
+
+@pytest.mark.parametrize("key, value, kind, message", [
+    # an id past the vocabulary, or negative, was ignored in silence: no BOS added, no end of turn
+    ("tokenizer.ggml.bos_token_id", 10**6, V.UINT32, "'tokenizer.ggml.bos_token_id' is 1000000, not a token"),
+    ("tokenizer.ggml.bos_token_id", -1, V.INT32, "'tokenizer.ggml.bos_token_id' is -1, not a token"),
+    ("tokenizer.ggml.eos_token_id", 10**6, V.UINT32, "'tokenizer.ggml.eos_token_id' is 1000000, not a token"),
+    ("tokenizer.ggml.eot_token_id", 2**32 - 1, V.UINT32, "'tokenizer.ggml.eot_token_id' is 4294967295, not a token"),
+    ("tokenizer.ggml.eom_token_id", -5, V.INT64, "'tokenizer.ggml.eom_token_id' is -5, not a token"),
+    # a float was truncated by int(), a string named no key
+    ("tokenizer.ggml.bos_token_id", 1.5, V.FLOAT32, "'tokenizer.ggml.bos_token_id' must be a token id, got 1.5"),
+    ("tokenizer.ggml.eos_token_id", "2", V.STRING, "'tokenizer.ggml.eos_token_id' must be a token id, got '2'"),
+])
+def test_special_token_ids_that_are_not_tokens_are_refused(tmp_path, key, value, kind, message):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {key: (value, kind, None)})
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_unknown_and_padding_ids_past_the_vocabulary_are_ignored_as_llama_cpp_does(tmp_path):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    odd = rewrite_gguf(good, str(tmp_path / "odd.gguf"), {"tokenizer.ggml.padding_token_id": (2**32 - 1, V.UINT32, None),
+                                                         "tokenizer.ggml.unknown_token_id": (10**6, V.UINT32, None)})
+    convert_checkpoint(odd, str(tmp_path / "odd.pllm"), progress=False)
+    with pyllm.LLM(str(tmp_path / "odd.pllm"), n_threads=1) as llm:
+        assert llm.tokenizer.spec.pad_token is None and llm.tokenizer.spec.unk_token is None
+
+
+@pytest.mark.parametrize("case", ["q_twice_too_many_rows", "q_half_the_rows", "kv_heads_not_the_file's"])
+def test_reordered_rows_must_be_exactly_the_tensor_rows(tmp_path, case):
+    """llama's q/k rows are reordered (llama.cpp's permutation undone) by an index over the rows the
+    model's shapes imply: a q with twice the rows converted from its first half in silence, one with
+    half or a head_count_kv that disagrees with attn_k's rows was an IndexError."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=2), good, Q.Q8_0)
+    rng = np.random.default_rng(0)
+    fields, tensors, name, rows = {}, {}, "blk.1.attn_q.weight", 64
+    if case == "q_twice_too_many_rows":
+        tensors[name] = (gguf.quants.quantize(rng.standard_normal((128, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0)
+        held = 128
+    elif case == "q_half_the_rows":
+        tensors[name] = (gguf.quants.quantize(rng.standard_normal((32, 64)).astype(np.float32), Q.Q8_0), Q.Q8_0)
+        held = 32
+    else:
+        fields["llama.attention.head_count_kv"] = (4, V.UINT32, None)
+        name, held = "blk.0.attn_k.weight", 32
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), fields, tensors)
+    with pytest.raises(FormatError, match=f"{name} has {held} rows, expected {rows}"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+@pytest.mark.parametrize("copied, into", [(20, 500), (0, 511)])  # a plain token; a special one into the padding
+def test_a_token_listed_twice_is_refused(tmp_path, copied, into):
+    """A vocabulary maps each text to one id: the other id of a token listed twice converted, then
+    decoded to no text at all (a generated token vanished from the reply)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    tokens = gguf.GGUFReader(good).fields["tokenizer.ggml.tokens"].contents()
+    tokens[into] = tokens[copied]
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {"tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING)})
+    with pytest.raises(FormatError, match=f"holds .* twice \\(ids {copied} and {into}\\); one of them would decode"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+@pytest.mark.parametrize("types, kind", [
+    (lambda t: t[:-10], V.INT32),  # control tokens past its end were matched as text, in silence
+    (lambda t: t + [1], V.INT32),
+    (lambda t: [str(k) for k in t], V.STRING),  # '3' is not CONTROL: ignored in silence
+])
+def test_token_types_must_be_one_integer_per_token(tmp_path, types, kind):
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    reader = gguf.GGUFReader(good)
+    held = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(held) == 512 and 3 in held
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {"tokenizer.ggml.token_type": (types(held), V.ARRAY, kind)})
+    with pytest.raises(FormatError, match=r"tokenizer.ggml.token_type must hold one integer per token \(512\)"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     """Q6_K (llama.cpp's default for output and many mixed files) has no pyllm layout: int8 g32, said
     once; the int8 copy stays close to the 6-bit values it was made from."""
@@ -372,3 +560,42 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
     assert_tokenizer_parity(path, tmp_path)
     llm = pyllm.LLM(str(tmp_path / "tok.pllm"), n_threads=1)
     assert llm.tokenize("hi")[0] == sp.bos_id()  # BOS by default, as llama.cpp does for SentencePiece
+
+
+def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):
+    """The merges of a SentencePiece vocabulary are every split of a token into two tokens: trying
+    every cut of a 1,000,000-character token took minutes (each cut slices the whole token), so one
+    such token in a GGUF file held `pyllm convert`. Only cuts into lengths tokens have are tried."""
+    import time
+
+    from pyllm.convert.checkpoint import _generate_merges
+    from pyllm.convert.gguf_source import sentencepiece_merges
+
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + ["▁", "ab", "abc", "▁a", "a" * 1_000_000]
+    scores = [0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)]
+    start = time.monotonic()
+    merges = sentencepiece_merges(tokens, scores)
+    assert ("a", "b") in merges and ("ab", "c") in merges and ("▁", "a") in merges
+    assert ("a" * 999_999, "a") not in merges  # no such token
+    assert _generate_merges({t: i for i, t in enumerate(tokens)})[:1] == [("a", "b")]
+    assert time.monotonic() - start < 2
+
+    def vocabulary(w):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+
+    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                          bos_token_id=1, eos_token_id=2)
+    path = str(tmp_path / "long.gguf")
+    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    start = time.monotonic()
+    convert_checkpoint(path, str(tmp_path / "long.pllm"), progress=False)
+    assert time.monotonic() - start < 20
+    with pyllm.LLM(str(tmp_path / "long.pllm"), n_threads=1) as llm:
+        assert llm.tokenizer.decode(llm.tokenize("abc")) == "abc"

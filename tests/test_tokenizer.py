@@ -25,6 +25,7 @@ import pytest
 import pyllm
 from pyllm.convert import convert_checkpoint
 from pyllm.formats.packed import TokenizerSpec
+from pyllm.formats.safetensors import FormatError
 from pyllm.tokenizer import StreamDecoder, Tokenizer
 
 from conftest import TRAINING_TEXT
@@ -207,6 +208,36 @@ def _sp_directory(tiny_llama, directory, model_bytes, **config_updates):
         f.write(model_bytes)
     _update_config(directory, **config_updates)
     return directory
+
+
+def test_a_tokenizer_model_listing_a_piece_twice_is_refused(tiny_llama, sp_model_bytes, tmp_path):
+    """sentencepiece itself refuses such a model ("is already defined"); converted, one of the two ids
+    decoded to no text (the vocabulary maps each piece to one id)."""
+    from pyllm.convert.checkpoint import _proto_fields
+
+    def field(number, value):  # a length-delimited protobuf field (ModelProto's top-level fields all are)
+        def varint(n):
+            out = bytearray()
+            while True:
+                out.append((n & 0x7F) | (0x80 if n >> 7 else 0))
+                n >>= 7
+                if not n:
+                    return bytes(out)
+        return varint(number << 3 | 2) + varint(len(value)) + value
+
+    fields = list(_proto_fields(sp_model_bytes))
+    pieces = [v for n, v in fields if n == 1]
+    pieces[350] = pieces[300]
+    damaged = b"".join(field(1, p) for p in pieces) + b"".join(field(n, v) for n, v in fields if n != 1)
+    with pytest.raises(RuntimeError, match="already defined"):
+        spm.SentencePieceProcessor(model_proto=damaged)
+    d = _sp_directory(tiny_llama, str(tmp_path / "dup"), sp_model_bytes)
+    with open(os.path.join(d, "tokenizer.model"), "wb") as f:
+        f.write(damaged)
+    with pytest.raises(FormatError, match=r"tokenizer.model: the piece .* is listed twice \(ids 300 and 350\)") as error:
+        convert_checkpoint(d, str(tmp_path / "dup.pllm"), quant="f32", progress=False)
+    assert str(error.value).startswith(os.path.join(d, "tokenizer.model: "))
+    assert not (tmp_path / "dup.pllm").exists()
 
 
 SP_CASES = {

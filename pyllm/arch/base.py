@@ -113,7 +113,13 @@ def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tupl
     rope = dict(parameters if parameters is not None else (cfg.get("rope_parameters") or {}))
     theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    scaling = rope or cfg.get("rope_scaling") or None
+    legacy = cfg.get("rope_scaling")
+    if parameters is None and rope and isinstance(legacy, dict) and _scaling_key(legacy) != _scaling_key(rope):
+        # transformers takes rope_scaling over rope_parameters (convert_rope_params_to_dict), pyllm took
+        # rope_parameters: the two would run the model with different positions, in silence
+        raise FormatError(f"config.json: rope_parameters {rope!r:.120} and rope_scaling {legacy!r:.120} disagree; "
+                          "keep one of them")
+    scaling = rope or legacy or None
     if scaling is not None:
         scaling = dict(scaling)
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -124,6 +130,13 @@ def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tupl
         elif kind not in ROPE_TYPES:
             raise refuse(f"rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES[1:])})", family)
     return float(theta), scaling, float(partial)
+
+
+def _scaling_key(scaling: dict) -> dict:
+    """A RoPE scaling dict compared by meaning: 'type' as 'rope_type', theta and partial factor left out."""
+    out = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+    out["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    return {} if out == {"rope_type": "default"} else out
 
 
 def rotary_dim_for(head_dim: int, partial: float) -> int | None:

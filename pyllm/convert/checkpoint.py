@@ -11,8 +11,8 @@ from typing import Iterator
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
-from ..errors import library_errors
-from ..formats.packed import ModelConfig, TokenizerSpec
+from ..errors import decode_text, library_errors, read_text
+from ..formats.packed import ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..quant import bf16_bits_to_f32
 
@@ -419,14 +419,30 @@ def _read_spm(blob: bytes) -> dict:
         raise FormatError("tokenizer.model: not a sentencepiece model") from None
     if not model["pieces"]:
         raise FormatError("tokenizer.model: not a sentencepiece model (no pieces)")
+    first: dict[str, int] = {}
+    for i, (piece, _, _) in enumerate(model["pieces"]):  # sentencepiece refuses them ("is already defined")
+        j = first.setdefault(piece, i)
+        if j != i:
+            raise FormatError(f"tokenizer.model: the piece {piece!r:.60} is listed twice (ids {j} and {i}); one of "
+                              "them would decode to no text")
     return model
+
+
+def two_token_splits(piece: str, vocab: dict, lengths: set[int]) -> list[tuple[str, str]]:
+    """Every (left, right) with left + right == piece and both in vocab, shortest left first; lengths:
+    the lengths of vocab's tokens. Only cuts where both halves have a token's length are sliced: trying
+    every cut of a 100,000-character piece took a second, of a 1,000,000-character one two minutes."""
+    n = len(piece)
+    return [(piece[:k], piece[k:]) for k in sorted(lengths) if 0 < k < n and n - k in lengths
+            and piece[:k] in vocab and piece[k:] in vocab]
 
 
 def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     """BPE merges of a sentencepiece vocabulary, ranked as transformers' generate_merges ranks them."""
     merges = []
+    lengths = {len(t) for t in vocab}
     for piece, rank in vocab.items():
-        local = [(piece[:k], piece[k:], rank) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local = [(left, right, rank) for left, right in two_token_splits(piece, vocab, lengths)]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges.extend(local)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
@@ -679,7 +695,15 @@ def _post_processor_flags(tok, bos_id: int | None, eos_id: int | None) -> tuple[
 
 
 def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
-    """The tokenizer of a Hugging Face directory: its spec and the tokenizer.json to embed (see above)."""
+    """The tokenizer of a Hugging Face directory: its spec and the tokenizer.json to embed (see above).
+    FormatError naming the directory for files that are damaged in ways the reading below does not
+    name itself (an added_tokens_decoder key that is not an id, a token whose content is a number,
+    extra_special_tokens that is not a list: KeyError, TypeError, AttributeError, ValueError)."""
+    with library_errors(f"{directory}: the tokenizer cannot be read", FormatError):
+        return _read_tokenizer(directory)
+
+
+def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
@@ -688,14 +712,16 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     spm_path = os.path.join(directory, "tokenizer.model")
     json_text = None
     if os.path.exists(json_path):
-        with open(json_path, encoding="utf-8") as f:
-            json_text = f.read()
+        with open(json_path, "rb") as f:
+            json_text = decode_text(f.read(), json_path, FormatError)
     elif not os.path.exists(spm_path):
-        raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
+        raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     try:
         tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
     except (ValueError, RecursionError) as e:
         raise FormatError(f"{json_path}: invalid JSON ({type(e).__name__}: {e})") from None
+    if json_text is not None and not isinstance(tok_json, dict):
+        raise FormatError(f"{json_path}: expected a JSON object, got {type(tok_json).__name__}")
     cls = _tokenizer_class(directory, tok_config, json_text)
     rebuild = _CLASS_BACKENDS.get(cls)
     if tok_json is not None and rebuild is not None and (tok_json.get("model") or {}).get("type") not in (None, "BPE"):
@@ -732,7 +758,10 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
     else:
         with open(spm_path, "rb") as f:
-            spm = _read_spm(f.read())
+            try:
+                spm = _read_spm(f.read())
+            except FormatError as e:  # "tokenizer.model: ..." -> the file's path
+                raise FormatError(f"{os.path.join(directory, str(e))}") from None
         pieces = spm["pieces"]
         model_extras = [AddedToken(p, normalized=False, special=kind == _SPM_CONTROL)
                         for p, _, kind in pieces if kind in (_SPM_CONTROL, _SPM_USER_DEFINED)]
@@ -776,7 +805,12 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     if os.path.exists(gen_path):
         gen_eos = _read_json(gen_path).get("eos_token_id")
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if isinstance(i, int) and not isinstance(i, bool) and i not in eos_ids:
+            if i is None:
+                continue
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:  # was dropped in silence, or (-1) written
+                raise FormatError(f"{gen_path}: eos_token_id must be a token id or a list of token ids, got "
+                                  f"{gen_eos!r:.80}")
+            if i not in eos_ids:
                 eos_ids.append(i)
     spec.eos_token_ids = eos_ids
     return spec, blob
@@ -786,8 +820,7 @@ def read_chat_template(directory: str) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template ('default' of a list), else ''."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
     if os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            return f.read()
+        return read_text(jinja_path, FormatError)
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.exists(tok_config_path):
         return ""
@@ -806,4 +839,6 @@ def read_generation_defaults(directory: str) -> dict:
     if not os.path.exists(path):
         return {}
     cfg = _read_json(path)
-    return {k: cfg[k] for k in GENERATION_KEYS if k in cfg and cfg[k] is not None}
+    defaults = {k: cfg[k] for k in GENERATION_KEYS if k in cfg and cfg[k] is not None}
+    check_generation_defaults(defaults, path)  # refused here, not by every load of the file written
+    return defaults

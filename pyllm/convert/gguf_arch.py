@@ -38,6 +38,7 @@ global layers, Gemma 3 has one global layer in six (set_swa_pattern), Gemma's qu
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,8 +88,24 @@ class Metadata:
             raise FormatError(f"{self.path}: GGUF metadata lacks '{self.arch}.{key}'")
         return value
 
+    def number(self, key: str, default=None, integer: bool = False):
+        """A numeric value (need() when default is None): FormatError naming the key for a string, an
+        array or a bool (float() and int() of them raised bare ValueError / TypeError), or a non-integer
+        where an integer is meant (int() truncated it)."""
+        value = self.need(key) if default is None else self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+                integer and not isinstance(value, numbers.Integral)):
+            raise FormatError(f"{self.path}: GGUF metadata {self.arch}.{key} must be "
+                              f"{'an integer' if integer else 'a number'}, got {_shown(value)}")
+        return value
+
     def has(self, tensor: str) -> bool:
         return tensor in self.shapes
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,10 @@ def _sizes(m: Metadata) -> dict:
         value = m.need(key) if default is None else m.get(key, default)
         return checked_size(name, value, f"{m.path}: GGUF metadata {m.arch}.{key}")
 
+    embedding = m.shapes["token_embd.weight"]
+    if len(embedding) != 2:  # its rows are the vocabulary (a vector's missing second dimension was an IndexError)
+        raise FormatError(f"{m.path}: token_embd.weight must be a matrix [vocabulary, hidden], got shape "
+                          f"{list(reversed(embedding))}")
     hidden = size("hidden_size", "embedding_length")
     heads = size("num_attention_heads", "attention.head_count")
     # the head size: written as key_length when config.json named it, else q's rows per head
@@ -124,30 +145,30 @@ def _sizes(m: Metadata) -> dict:
                num_key_value_heads=size("num_key_value_heads", "attention.head_count_kv", heads), head_dim=head_dim,
                intermediate_size=size("intermediate_size", "feed_forward_length"),
                max_position_embeddings=size("max_position_embeddings", "context_length", 2048),
-               rms_norm_eps=float(m.get("attention.layer_norm_rms_epsilon", 1e-5)),
-               vocab_size=int(m.shapes["token_embd.weight"][1]), tie_word_embeddings=not m.has("output.weight"),
+               rms_norm_eps=float(m.number("attention.layer_norm_rms_epsilon", 1e-5)),
+               vocab_size=int(embedding[1]), tie_word_embeddings=not m.has("output.weight"),
                attention_bias=m.has("blk.0.attn_q.bias") or m.has("blk.0.attn_qkv.bias"))
     cfg["rope_parameters"] = _rope(m, head_dim)
     return cfg
 
 
 def _rope(m: Metadata, head_dim: int) -> dict:
-    rope = {"rope_type": "default", "rope_theta": float(m.get("rope.freq_base", 10000.0))}
-    dims = m.get("rope.dimension_count")
-    if dims is not None and int(dims) != head_dim:
+    rope = {"rope_type": "default", "rope_theta": float(m.number("rope.freq_base", 10000.0))}
+    dims = m.number("rope.dimension_count", head_dim, integer=True)
+    if int(dims) != head_dim:
         rope["partial_rotary_factor"] = int(dims) / head_dim
     kind = m.get("rope.scaling.type")
     if kind not in (None, "none"):
         if kind != "linear":
             raise FormatError(f"{m.path}: rope scaling {kind!r} is not supported (supported: linear)")
-        rope.update(rope_type="linear", factor=float(m.need("rope.scaling.factor")))
+        rope.update(rope_type="linear", factor=float(m.number("rope.scaling.factor")))
     if m.has("rope_factors_long.weight") or m.has("rope_freqs.weight"):
         raise FormatError(f"{m.path}: per-dimension RoPE factors (rope_factors_long / rope_freqs) are not supported")
     return rope
 
 
 def _layer_norm_eps(m: Metadata) -> float:
-    return float(m.get("attention.layer_norm_epsilon", 1e-5))
+    return float(m.number("attention.layer_norm_epsilon", 1e-5))
 
 
 def _llama(m):
@@ -165,13 +186,15 @@ def _qwen3(m):
 def _phi3(m):
     cfg = dict(_sizes(m), model_type="phi3")
     if m.get("attention.sliding_window"):
-        cfg["sliding_window"] = int(m.get("attention.sliding_window"))
+        cfg["sliding_window"] = int(m.number("attention.sliding_window", integer=True))
     return cfg
 
 
 def _gemma(m, model_type: str, pattern: int, big_layers: int) -> dict:
     cfg = dict(_sizes(m), model_type=model_type, hidden_activation="gelu_pytorch_tanh")
     layers, window = cfg["num_hidden_layers"], m.get("attention.sliding_window")
+    if window:
+        window = m.number("attention.sliding_window", integer=True)
     # llama.cpp's set_swa_pattern(n): layer i is local when i % n < n - 1
     if window:
         cfg["sliding_window"] = int(window)
@@ -180,8 +203,8 @@ def _gemma(m, model_type: str, pattern: int, big_layers: int) -> dict:
     # llama.cpp scales queries by 1/sqrt(head_dim), but by 1/sqrt(hidden/heads) for the 27B shapes
     scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if layers == big_layers else cfg["head_dim"]
     cfg["query_pre_attn_scalar"] = scalar
-    cfg["attn_logit_softcapping"] = m.get("attn_logit_softcapping")
-    cfg["final_logit_softcapping"] = m.get("final_logit_softcapping")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        cfg[key] = m.number(key) if m.get(key) is not None else None
     return cfg
 
 
@@ -192,7 +215,7 @@ def _gemma2(m):
 def _gemma3(m):
     cfg = _gemma(m, "gemma3_text", pattern=6, big_layers=62)
     full = cfg.pop("rope_parameters")
-    local = {"rope_type": "default", "rope_theta": float(m.get("rope.freq_base_swa", 10000.0))}
+    local = {"rope_type": "default", "rope_theta": float(m.number("rope.freq_base_swa", 10000.0))}
     cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
     return cfg
 
@@ -257,8 +280,8 @@ GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {a.name: a for a in (
 
 
 def for_gguf(name: str, path: str) -> GGUFArchitecture:
-    if name not in GGUF_ARCHITECTURES:
-        raise FormatError(f"{path}: GGUF architecture {name!r} is not supported "
+    if not isinstance(name, str) or name not in GGUF_ARCHITECTURES:  # a list was a TypeError (unhashable)
+        raise FormatError(f"{path}: GGUF architecture {_shown(name)} is not supported "
                           f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
     return GGUF_ARCHITECTURES[name]
 
@@ -295,7 +318,12 @@ def gguf_tensors(arch: GGUFArchitecture, config: ModelConfig, m: Metadata) -> di
                 if (not m.has(place.source) and m.has(source)) or gate_up:
                     place = GGUFTensor(source, (start, stop))
             order = arch.row_order(name, config)
-            if order is not None:
+            if order is not None and place.source in m.shapes:
+                # the reordering indexes every row the model's shapes imply: fewer was an IndexError
+                held = place.rows[1] - place.rows[0] if place.rows is not None else _rows(m.shapes[place.source])
+                if held != len(order):
+                    raise FormatError(f"{m.path}: {place.source} has {held} rows, expected {len(order)} for this "
+                                      "model's shapes (heads x head size)")
                 place = GGUFTensor(place.source, place.rows, order)
         if place.source not in m.shapes:
             missing.append(place.source)

@@ -90,6 +90,17 @@ class GGUFSource:
         except Exception as e:
             raise FormatError(f"{self.path}: metadata '{key}' is malformed ({e})") from None
 
+    def _typed(self, key: str, kind: type, default):
+        """_get(key, default), FormatError naming the key when it is not a `kind` (a chat template
+        that is a number, an add_bos_token that is the string "false", which bool() made True)."""
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' must be a {kind.__name__}, got {shown}")
+        return value
+
     # -- the checkpoint interface used by the conversion pipeline ---------------
     def has(self, name: str) -> bool:
         return name in self.places
@@ -135,6 +146,8 @@ class GGUFSource:
         """The tensor in its pyllm format, bit for bit (only for block types in _LOSSLESS)."""
         kind, raw = self._raw_rows(name)
         fmt, block_bytes = _LOSSLESS[kind]
+        if raw.ndim == 1:  # a vector in blocks (a norm stored Q8_0): one row (raw.shape[1] was an IndexError)
+            raw = raw.reshape(1, -1)
         rows, cols = raw.shape[0], int(self._source(name).shape[0])
         if cols % BLOCK or raw.shape[1] != cols // BLOCK * block_bytes:
             raise FormatError(f"{self.path}: tensor '{name}' has an inconsistent {kind} size")
@@ -155,7 +168,8 @@ class GGUFSource:
         t = self._source(name)
         kind = t.tensor_type.name
         if kind in _LOSSLESS:
-            return dequantize(self.load_native(name))
+            values = dequantize(self.load_native(name))
+            return values.reshape(-1) if len(t.shape) == 1 else values
         if kind in ("F32", "F16", "BF16"):
             _, rows = self._raw_rows(name)
             return bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
@@ -182,37 +196,62 @@ class GGUFSource:
         tokens = self._get("tokenizer.ggml.tokens")
         if not tokens:
             raise FormatError(f"{self.path}: GGUF metadata has no tokenizer.ggml.tokens")
+        first: dict = {}
+        for i, t in enumerate(tokens):  # a vocabulary maps each text to one id: the other id decoded to nothing
+            j = first.setdefault(t, i) if isinstance(t, str) else i
+            if j != i:
+                raise FormatError(f"{self.path}: tokenizer.ggml.tokens holds {t!r:.60} twice (ids {j} and {i}); "
+                                  "one of them would decode to no text")
         types = self._get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not isinstance(types, list) or len(types) != len(tokens) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in types):
+            # zip() cut a short list: the control tokens past its end were matched as text, not as tokens
+            shown = f"{len(types)} entries" if isinstance(types, list) else repr(types)[:40]
+            raise FormatError(f"{self.path}: tokenizer.ggml.token_type must hold one integer per token "
+                              f"({len(tokens)}), got {shown}")
+        add_space_prefix = self._typed("tokenizer.ggml.add_space_prefix", bool, True)
         try:
             blob = gguf_tokenizer_json(model, tokens, types, self._get("tokenizer.ggml.merges") or [],
                                        self._get("tokenizer.ggml.scores"), self._get("tokenizer.ggml.pre", "default"),
-                                       bool(self._get("tokenizer.ggml.add_space_prefix", True)))
+                                       add_space_prefix)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
 
-        def token(key):
+        def token(key, needed=False):
+            """(id, text) of a special token; an id that is not a token is ignored for unknown and padding
+            (as llama.cpp does), refused for the ones generation uses (it was ignored in silence: no BOS
+            added, a reply that never ends at its end-of-turn token)."""
             i = self._get(key)
-            return (int(i), tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else (None, None)
-        bos_id, bos = token("tokenizer.ggml.bos_token_id")
-        eos_id, eos = token("tokenizer.ggml.eos_token_id")
+            if i is None:
+                return None, None
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise FormatError(f"{self.path}: GGUF metadata '{key}' must be a token id, got {i!r:.60}")
+            if 0 <= i < len(tokens):
+                return i, tokens[i]
+            if needed:
+                raise FormatError(f"{self.path}: GGUF metadata '{key}' is {i}, not a token of its "
+                                  f"{len(tokens)}-token vocabulary")
+            return None, None
+        bos_id, bos = token("tokenizer.ggml.bos_token_id", True)
+        eos_id, eos = token("tokenizer.ggml.eos_token_id", True)
         _, unk = token("tokenizer.ggml.unknown_token_id")
         _, pad = token("tokenizer.ggml.padding_token_id")
         # every end-of-generation id the file declares: end of text, end of turn, end of message
         eos_ids = []
         for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-            i, _ = token(f"tokenizer.ggml.{key}")
+            i, _ = token(f"tokenizer.ggml.{key}", True)
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
         # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say
-        add_bos = self._get("tokenizer.ggml.add_bos_token", model == "llama")
+        add_bos = self._typed("tokenizer.ggml.add_bos_token", bool, model == "llama")
         spec = TokenizerSpec(kind="hf", bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                              bos_token_id=bos_id, eos_token_ids=eos_ids,
                              add_bos_token=bool(add_bos),
-                             add_eos_token=bool(self._get("tokenizer.ggml.add_eos_token", False)))
+                             add_eos_token=self._typed("tokenizer.ggml.add_eos_token", bool, False))
         return spec, blob
 
     def chat_template(self) -> str:
-        return self._get("tokenizer.chat_template") or ""
+        return self._typed("tokenizer.chat_template", str, "")
 
     def generation_defaults(self) -> dict:
         return {}
@@ -273,11 +312,13 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
 def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """The BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens,
     best score first (transformers' generate_merges with scores)."""
+    from .checkpoint import two_token_splits
+
     vocab = {t: i for i, t in enumerate(tokens)}
+    lengths = {len(t) for t in vocab}
     found = []
     for token, score in dict(zip(tokens, scores)).items():
-        local = [(token[:k], token[k:], score) for k in range(1, len(token))
-                 if token[:k] in vocab and token[k:] in vocab]
+        local = [(left, right, score) for left, right in two_token_splits(token, vocab, lengths)]
         found.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in found]

@@ -208,6 +208,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         tokenizer, tokenizer_blob = source.tokenizer()
         if len(tokenizer_blob) == 0:
             raise FormatError(f"{src}: empty tokenizer")
+        check_tokenizer_fits(tokenizer, tokenizer_blob, config, src)
         report = ConversionReport(os.path.abspath(output), 0, quant, group if fmt in QUANT_FORMATS else 0)
         plans, linears, weights_bits = _plan(source, config, fmt, group, report, strategy)
         report.layouts = dict(Counter(layout_name(f, g) for f, g in linears.values()))
@@ -234,6 +235,24 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, src: str) -> None:
+    """FormatError when the tokenizer cannot be read or has ids past the embedding's rows: such a file
+    was written, then refused by every load (pyllm.LLM checks the same); or when a special token id
+    (BOS, an end of generation) is not a token of the model, which would never be added or never end
+    a reply."""
+    from ..tokenizer import Tokenizer
+
+    size = Tokenizer(spec, blob).vocab_size
+    if size > config.vocab_size:
+        raise FormatError(f"{src}: the tokenizer has {size} tokens but the model's embeddings only "
+                          f"{config.vocab_size}; nothing was written")
+    try:
+        spec.validate()
+        spec.check_ids(config.vocab_size)
+    except FormatError as e:
+        raise FormatError(f"{src}: {e}; nothing was written") from None
 
 
 def source_size(src: str, lora=()) -> int:

@@ -255,6 +255,29 @@ def checked_size(name: str, value, where: str = "model config") -> int:
     return int(value)
 
 
+def check_generation_defaults(values: dict, where: str) -> None:
+    """FormatError naming `where` and the key for a generation default that generate() would refuse
+    each time it uses it (top_p 2, repetition_penalty 0, a NaN, "hot") or would change (max_new_tokens
+    2.5 truncated), as converting and loading a file both check."""
+    for key, value in values.items():
+        if key == "do_sample":
+            ok, want = isinstance(value, bool), "true or false"
+        elif key not in GENERATION_NUMBERS:
+            continue
+        elif not (_is_real(value) and math.isfinite(value)):
+            ok, want = False, "a finite number"
+        elif key in ("top_k", "max_new_tokens"):
+            ok, want = value >= 0 and value == int(value), "an integer >= 0"
+        elif key in ("top_p", "min_p"):
+            ok, want = 0 <= value <= 1, "a number in [0, 1]"
+        elif key == "repetition_penalty":
+            ok, want = value > 0, "a number > 0"
+        else:  # temperature
+            ok, want = value >= 0, "a number >= 0"
+        if not ok:
+            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r} (expected {want})")
+
+
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -296,6 +319,16 @@ class TokenizerSpec:
         ):
             raise bad("added_tokens must map token strings to token ids")
 
+    def check_ids(self, vocab_size: int) -> None:
+        """FormatError for a BOS or end-of-generation id that is not one of the model's vocab_size tokens:
+        a BOS past it made every generate() refuse its own prompt ("token ids must lie in ..."), an end
+        past it could never end a reply."""
+        named = [("bos_token_id", self.bos_token_id)] + [("eos_token_ids", i) for i in self.eos_token_ids]
+        for name, i in named:
+            if i is not None and i >= vocab_size:
+                raise FormatError(f"tokenizer spec: {name} {i} is not a token of the model (its vocabulary has "
+                                  f"{vocab_size})")
+
 
 # a layer's tensors in a .pllm file (pyllm's names, the converter's for every family)
 _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
@@ -334,10 +367,7 @@ class PackedModel:
         tokenizer = obj("pyllm.tokenizer")
         self.generation: dict = obj("pyllm.generation", "{}")
         self.source: dict = obj("pyllm.source", "{}")
-        for key, value in self.generation.items():
-            ok = isinstance(value, bool) if key == "do_sample" else _is_real(value) and math.isfinite(value)
-            if key in GENERATION_NUMBERS + ("do_sample",) and not ok:
-                raise FormatError(f"{self.path}: generation default {key!r} has an invalid value {value!r}")
+        check_generation_defaults(self.generation, self.path)
         try:
             self.config = ModelConfig.from_file(config, self.format_version)
             self.tokenizer = TokenizerSpec(**tokenizer)
@@ -346,6 +376,7 @@ class PackedModel:
         try:
             self.config.validate()
             self.tokenizer.validate()
+            self.tokenizer.check_ids(self.config.vocab_size)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}") from None
         self.linears: dict[str, tuple[str, int]] = {}
