@@ -262,6 +262,29 @@ def test_batch_must_split_evenly(base, data, tmp_path):
         run(train_args(base, data, str(tmp_path / "x"), "--batch-size", "8", "--micro-batch-size", "3"))
 
 
+@pytest.mark.parametrize("option", [
+    ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "nan"], ["--epochs", "inf"],
+    ["--max-steps", "0"], ["--max-steps", "-3"],
+    ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "inf"],
+    ["--lora-r", "0"], ["--lora-alpha", "0"], ["--lora-alpha", "-2"], ["--lora-alpha", "nan"],
+    ["--lora-dropout", "nan"], ["--lora-dropout", "1"], ["--lora-dropout", "-0.1"],
+    ["--weight-decay", "nan"], ["--max-grad-norm", "nan"], ["--max-grad-norm", "-1"],
+    ["--warmup-steps", "-5"], ["--val-set-size", "nan"], ["--val-set-size", "-1"],
+    ["--eval-steps", "-1"], ["--save-steps", "-1"],
+    ["--method", "prompt", "--virtual-tokens", "0"], ["--method", "prefix", "--virtual-tokens", "100000"],
+    ["--method", "ptuning", "--encoder-hidden-size", "0"],
+])
+def test_options_out_of_range_are_refused_before_training(base, data, tmp_path, option):
+    """NaN, infinities and values out of range are refused, naming the option, before anything is
+    trained or written (--epochs 0 and --max-steps 0 trained anyway, --max-steps -3 wrote an untrained
+    adapter, --lora-alpha nan a NaN one, --lora-alpha 0 one that pyllm convert --lora refuses; all exit 0)."""
+    out = tmp_path / "out"
+    flag = next(o for o in option[::-1] if o.startswith("--"))
+    with pytest.raises(ValueError, match=f"^{flag} must be"):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", *option))
+    assert not out.exists()
+
+
 def test_layers_option():
     from pyllm.train.loop import parse_layers
 

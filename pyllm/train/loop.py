@@ -95,6 +95,41 @@ class Processes:
             torch.distributed.destroy_process_group()
 
 
+def check_options(args) -> None:
+    """Refuses numeric options outside what a training can use (ValueError naming the option), before
+    any data or model is read: NaN, an infinity or a value out of range used to train a step it was not
+    asked for (--epochs 0, --max-steps 0 ran the epochs' steps), write an adapter nothing trained
+    (--max-steps -3), a NaN one (--lora-alpha nan), one pyllm's merge refuses (--lora-alpha 0), or fail
+    later with a library's bare message (--epochs nan: "cannot convert float NaN to integer")."""
+    from ..adapters import MAX_VIRTUAL_TOKENS
+
+    def number(flag: str, value, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = True, what: str = "") -> None:
+        if value is None:
+            return
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and \
+            (value < high if high_open else value <= high)
+        if not ok:
+            raise ValueError(f"{flag} must be {what}, not {value!r}")
+
+    number("--epochs", args.epochs, 0, low_open=True, what="a positive number")
+    number("--max-steps", args.max_steps, 1, what="at least 1")
+    number("--lr", args.lr, 0, low_open=True, what="a positive finite number")
+    number("--lora-r", args.lora_r, 1, what="at least 1")
+    number("--lora-alpha", args.lora_alpha, 0, low_open=True, what="a positive finite number")
+    number("--lora-dropout", args.lora_dropout, 0, 1, what="at least 0 and below 1")
+    number("--weight-decay", args.weight_decay, 0, what="a finite number, at least 0")
+    number("--max-grad-norm", args.max_grad_norm, 0, what="a finite number, at least 0 (0 = off)")
+    number("--warmup-steps", args.warmup_steps, 0, what="at least 0")
+    number("--val-set-size", args.val_set_size, 0, what="a count or a fraction, at least 0")
+    number("--eval-steps", args.eval_steps, 0, what="at least 0 (0 = at the start and the end)")
+    number("--save-steps", args.save_steps, 0, what="at least 0 (0 = no checkpoints)")
+    if getattr(args, "method", "lora") != "lora":
+        number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
+               what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
+        number("--encoder-hidden-size", args.encoder_hidden_size, 1, what="at least 1")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -273,6 +308,7 @@ def train(args, log=None) -> TrainResult:
         quiet_warnings()  # every process would print the same library warnings: rank 0 alone does
     trained = None
     try:
+        check_options(args)
         dtype = resolve_dtype(args.dtype, procs.device)
         micro, world = args.micro_batch_size, procs.world
         if args.batch_size <= 0 or micro <= 0 or args.batch_size % (micro * world):
