@@ -285,6 +285,42 @@ def test_options_out_of_range_are_refused_before_training(base, data, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option", [
+    ["--lr", "1e30", "--max-steps", "3", "--max-grad-norm", "0"],  # huge weights: the next loss is not finite
+    ["--lr", "1e30", "--max-steps", "3"],
+    ["--lr", "1e30", "--max-steps", "3", "--method", "ptuning", "--virtual-tokens", "2"],
+])
+def test_a_diverged_run_saves_nothing(base, data, tmp_path, option):
+    """A run whose loss or weights stop being finite is an error, and no NaN adapter or checkpoint is
+    written (it was, with exit 0)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"training diverged at step \d+: the (training loss|trainable weight)"):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--save-steps", "1",
+                       *option))
+    assert not (out / "adapter_model.safetensors").exists()
+    for checkpoint in out.glob("checkpoint-*"):  # those of the steps before are finite
+        weights = adapter(checkpoint)
+        assert all(np.isfinite(v).all() for v in weights.values()), checkpoint
+
+
+def test_weights_that_are_not_finite_stop_the_run():
+    """A finite loss does not vouch for the weights the step left: an update that overflows them stops
+    the run before they are saved."""
+    from pyllm.train.loop import check_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    check_finite(model, 1, 0.5)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")  # frozen: not the run's to check
+    check_finite(model, 1, 0.5)
+    for bad in (float("inf"), float("nan")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        with pytest.raises(ValueError, match=r"diverged at step 7: the trainable weight 1.bias holds NaN"):
+            check_finite(model, 7, 0.5)
+
+
 def test_layers_option():
     from pyllm.train.loop import parse_layers
 

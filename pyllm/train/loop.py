@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import for_hf_config
+from ..errors import PyllmError
 from .data import DataError, Example, load_records, tokenize_record
 
 STATE_FILE = "training_state.pt"
@@ -443,6 +444,7 @@ def train(args, log=None) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             (step_loss,) = procs.sum(step_loss)
             result.losses.append(step_loss / scored)
+            check_finite(model, step + 1, result.losses[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
@@ -465,6 +467,28 @@ def train(args, log=None) -> TrainResult:
     finally:
         trained = None  # noqa: F841
         procs.stop()
+
+
+def check_finite(model, step: int, loss: float) -> None:
+    """Refuses a run whose loss or adapter stopped being finite (diverged: too high a learning rate, an
+    overflow) before anything of the step is saved: such a run wrote a NaN adapter with exit 0. The
+    adapter is what PEFT saves (the trainable weights; for P-tuning and prefix projection the prompt
+    embeddings its encoder computes, which can overflow from finite weights). Every process checks the
+    same values, so all stop together."""
+    from peft import get_peft_model_state_dict
+
+    bad = None if math.isfinite(loss) else f"the training loss is {loss}"
+    if bad is None:
+        with torch.no_grad():
+            saved = get_peft_model_state_dict(model) if hasattr(model, "peft_config") else {}
+            values = list(saved.items()) + [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            for name, value in values:
+                if not torch.isfinite(value.detach()).all():
+                    bad = f"the trainable weight {name} holds NaN or infinite values"
+                    break
+    if bad is not None:
+        raise PyllmError(f"training diverged at step {step}: {bad}; nothing was saved from this step "
+                         "(lower --lr, or keep --max-grad-norm on)")
 
 
 def summary_line(result: TrainResult, seconds: float) -> str:
