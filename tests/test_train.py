@@ -168,6 +168,12 @@ def load_records_from(items):
     ('{"instruction": "a", "output": 5}\n', "line 1: field 'output' must be a string"),
     ('{"instruction": "a", "output": "b"}\n["a", "b"]\n', "line 2: expected an object"),
     ('[{"instruction": "a", "output": "b"}] x', "line 1: text after the end"),
+    # lone surrogates: valid JSON, not text; the tokenizer failed with a bare TypeError after the model loaded
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "x\\ud800", "output": "b"}]',
+     r"line 2: field 'instruction' holds a lone surrogate '\\ud800' at character 1"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "\\udfff", "output": "b"}\n',
+     r"line 2: field 'input' holds a lone surrogate '\\udfff' at character 0"),
+    ('{"instruction": "a", "output": "ok \\ud83d"}\n', r"line 1: field 'output' holds a lone surrogate"),
 ])
 def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
     path = tmp_path / "bad.json"

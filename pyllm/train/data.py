@@ -78,6 +78,14 @@ def _record_problem(item) -> str | None:
     for key in ("instruction", "input", "output"):
         if key in item and item[key] is not None and not isinstance(item[key], str):
             return f"field '{key}' must be a string, not {type(item[key]).__name__}"
+    for key in ("instruction", "input", "output"):
+        value = item.get(key)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates
+                return (f"field '{key}' holds a lone surrogate {value[e.start]!r} at character {e.start}: "
+                        "not text (a JSON \\uXXXX escape of half a character)")
     if not (item["instruction"] or "").strip():
         return "empty instruction"
     if not (item["output"] or "").strip():
