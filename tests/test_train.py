@@ -327,6 +327,31 @@ def test_weights_that_are_not_finite_stop_the_run():
             check_finite(model, 7, 0.5)
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--target-modules", "q_proj,nonexist"], "--target-modules nonexist: no module"),
+    (["--target-modules", "q_proj,v_projj,k_proj"], "--target-modules v_projj: no module"),
+    (["--modules-to-save", "lm_head,bogus"], "--modules-to-save bogus: no module"),
+    (["--target-modules", "q_proj,q_prj", "--modules-to-save", "lm_hed"],
+     "--target-modules q_prj and --modules-to-save lm_hed"),
+    (["--method", "prompt", "--modules-to-save", "lm_head"], "--modules-to-save applies to --method lora"),
+])
+def test_module_names_that_match_nothing_are_refused(base, data, tmp_path, option, message):
+    """PEFT drops a --target-modules or --modules-to-save name that matches no module (a typo) and
+    trains without it, exit 0; each name must match (the message lists the model's module names)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                       *option))
+    assert not out.exists()
+    # names that all match, spaces around them or not, train those modules and no others
+    run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                   "--target-modules", "q_proj, model.layers.1.self_attn.v_proj", "--modules-to-save", " lm_head"))
+    names = set(adapter(out))
+    assert {n.split(".lora_")[0].split("base_model.model.")[1] for n in names if ".lora_" in n} == {
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    assert "base_model.model.lm_head.weight" in names
+
+
 def test_layers_option():
     from pyllm.train.loop import parse_layers
 

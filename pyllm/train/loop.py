@@ -218,7 +218,7 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
-    modules_to_save = [m for m in args.modules_to_save.split(",") if m.strip()]
+    modules_to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()]
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         if not {"embed_tokens", "lm_head"} <= set(modules_to_save):
@@ -234,9 +234,32 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
                             use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
                             task_type="CAUSAL_LM")
     else:
+        if modules_to_save:
+            raise ValueError(f"--modules-to-save applies to --method lora; --method {method} trains only its "
+                             "virtual tokens")
         config = prompt_learning_config(args, method)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
     model = get_peft_model(model, config)
+    if method == "lora":
+        asked = [m.strip() for m in args.target_modules.split(",") if m.strip()]  # the defaults are the family's
+        check_targets(model, asked, modules_to_save, leaves)
     return tokenizer, model.to(device)
+
+
+def check_targets(model, targets, modules_to_save, leaves: list[str]) -> None:
+    """Every --target-modules and --modules-to-save name must have matched a module of the model (PEFT
+    refuses only a list that matches nothing, and drops the names that match nothing silently: a typo
+    trained an adapter without the layers asked for). ValueError naming them and leaves, the names of
+    the model's modules."""
+    targeted = list(getattr(model.base_model, "targeted_module_names", []) or [])
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in targeted)]
+    saved = [n[:-len(".modules_to_save")] for n, _ in model.named_modules() if n.endswith(".modules_to_save")]
+    missing_saved = [m for m in modules_to_save if not any(n.endswith(m) for n in saved)]
+    if missing or missing_saved:
+        what = [f"--target-modules {', '.join(missing)}"] if missing else []
+        what += [f"--modules-to-save {', '.join(missing_saved)}"] if missing_saved else []
+        raise ValueError(f"{' and '.join(what)}: no module of the model has this name (its modules: "
+                         f"{', '.join(leaves)})")
 
 
 def prompt_learning_config(args, method: str):
