@@ -72,11 +72,11 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
 
     Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
     layer count or kv-head count: trained on another model) or a base model of another name."""
+    from .convert.adapter_base import adapter_config_path
+
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, "adapter_config.json")
+    config_path = adapter_config_path(directory, "adapter")
     weights = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
     try:
         with open(config_path, encoding="utf-8") as f:
             cfg = json.load(f)

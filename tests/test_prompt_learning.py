@@ -141,6 +141,33 @@ def two_adapters(tmp_path_factory):
     return {"base": base, "file": out, "qa": prompt, "style": prefix}
 
 
+def test_empty_adapter_paths_and_a_config_that_is_a_directory_are_refused_clearly(two_adapters, tmp_path, capsys):
+    """`--adapter x=` read '' (" has no adapter_config.json"), `--adapter =DIR` looked for a directory
+    named '=DIR', `--lora ''` said "LoRA adapter  is not a directory", and an adapter_config.json that is
+    a directory was a bare "[Errno 21] Is a directory" from --lora and merge: each now says what is wrong."""
+    from pyllm import cli
+
+    base, out = two_adapters["base"], str(tmp_path / "x.pllm")
+    odd = tmp_path / "odd"
+    os.makedirs(odd / "adapter_config.json")
+    cases = [
+        (["convert", base, "-o", out, "--adapter", "x="], "--adapter 'x=': the directory is empty"),
+        (["convert", base, "-o", out, "--adapter", "=" + two_adapters["qa"]], "the name is empty"),
+        (["convert", base, "-o", out, "--lora", ""], "LoRA adapter directory is an empty path"),
+        (["convert", base, "-o", out, "--adapter", "t=" + str(odd)], "adapter_config.json is a directory"),
+        (["convert", base, "-o", out, "--lora", str(odd)], "adapter_config.json is a directory"),
+        (["merge", base, "--lora", str(odd), "-o", str(tmp_path / "merged")], "adapter_config.json is a directory"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Errno" not in err, (argv, err)
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "merged")
+    with pytest.raises(FileNotFoundError, match="empty path"):
+        pyllm.adapters.read_peft_adapter("", None)
+
+
 def peft_greedy(base: str, adapter: str | None, ids: list[int], n: int, eos: int = 2) -> list[int]:
     """PEFT's greedy choices by its forward over the whole sequence, up to n or the EOS (as None)."""
     model = peft_model(base, adapter) if adapter else transformers.AutoModelForCausalLM.from_pretrained(

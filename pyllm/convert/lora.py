@@ -36,7 +36,7 @@ import numpy as np
 
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
 from ..quant import f32_to_bf16_bits
-from .adapter_base import warn_if_other_base
+from .adapter_base import adapter_config_path, warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
@@ -116,12 +116,7 @@ class LoraAdapter:
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = os.fspath(directory)
-        config_path = os.path.join(self.dir, "adapter_config.json")
-        if not os.path.isdir(self.dir):
-            raise FileNotFoundError(f"LoRA adapter {self.dir} is not a directory")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{self.dir} has no adapter_config.json: is it a PEFT adapter directory?")
-        self.config = _read_json(config_path)
+        self.config = _read_json(adapter_config_path(self.dir, "LoRA adapter"))
         self._check_config()
         weights = os.path.join(self.dir, "adapter_model.safetensors")
         if not os.path.exists(weights):
