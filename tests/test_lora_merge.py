@@ -247,6 +247,21 @@ def test_refuses_dora_and_non_lora_adapters(base, tmp_path):
     expect_refusal(base, [dora], tmp_path, "no adapter_model.safetensors")
 
 
+def test_lora_variants_that_do_not_merge_are_refused(base, tmp_path):
+    """An activated-LoRA adapter (alora_invocation_tokens: the update applies only from its invocation
+    tokens on; PEFT's merge_and_unload refuses it) was merged as a plain LoRA on every token, exit 0;
+    so would the other variants whose update is not scaling * B @ A."""
+    alora = make_adapter(base, str(tmp_path / "alora"), target_modules=["q_proj"], alora_invocation_tokens=[5, 17])
+    expect_refusal(base, [alora], tmp_path, r"activated LoRA \(alora_invocation_tokens")
+    plain = make_adapter(base, str(tmp_path / "plain"), target_modules=["q_proj"])
+    for key, value, what in [("arrow_config", {"top_k": 2}, "Arrow"), ("use_qalora", True, "QA-LoRA"),
+                             ("kasa_config", {}, None), ("monteclora_config", {"num_samples": 2}, "MonteCLoRA")]:
+        _edit_config(plain, **{key: value or {"x": 1}})
+        expect_refusal(base, [plain], tmp_path, what or key)
+        _edit_config(plain, **{key: None})
+    convert_checkpoint(base, str(tmp_path / "ok.pllm"), quant="f32", progress=False, lora=[plain])
+
+
 def _edit_config(adapter: str, **changes) -> None:
     path = os.path.join(adapter, "adapter_config.json")
     with open(path) as f:

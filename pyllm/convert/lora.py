@@ -47,6 +47,13 @@ UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this 
     "target_parameters": "LoRA on parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    # LoRA variants whose update is not scaling * B @ A on every token (PEFT refuses to merge the first two)
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens: the update applies only from the "
+                               "invocation tokens on)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_qalora": "QA-LoRA (use_qalora: LoRA on group-pooled inputs)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
 
 
