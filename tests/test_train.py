@@ -352,6 +352,32 @@ def test_module_names_that_match_nothing_are_refused(base, data, tmp_path, optio
     assert "base_model.model.lm_head.weight" in names
 
 
+def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_path):
+    """-o naming a file (the data file itself) failed after training with "[Errno 17] File exists"; -o
+    naming a directory of other files (the base model, or `-o .` in a project) replaced its README.md
+    with PEFT's model card and mixed adapter files into it. Nothing is trained or changed now; a new or
+    empty directory, or an earlier run's output, is written."""
+    copy = tmp_path / "data.json"
+    shutil.copy(data, copy)
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    (model / "README.md").write_text("the model card")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("my project")
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"]
+    for output, message in [(copy, "is a file"), (model, "holds other files"), (project, r"holds other files \(README.md\)")]:
+        before = {p.name: p.read_bytes() for p in output.iterdir()} if output.is_dir() else output.read_bytes()
+        with pytest.raises(ValueError, match=message):
+            run(train_args(base, data, str(output), *small))
+        assert before == ({p.name: p.read_bytes() for p in output.iterdir()} if output.is_dir() else output.read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(train_args(base, data, str(empty), *small))
+    run(train_args(base, data, str(empty), *small))  # again into its own output
+    assert (empty / "adapter_model.safetensors").exists()
+
+
 def test_layers_option():
     from pyllm.train.loop import parse_layers
 

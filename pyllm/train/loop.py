@@ -131,6 +131,23 @@ def check_options(args) -> None:
         number("--encoder-hidden-size", args.encoder_hidden_size, 1, what="at least 1")
 
 
+def check_output(output: str) -> None:
+    """The output must be new, an empty directory, or one a pyllm train wrote (adapter_config.json or
+    checkpoint-N inside): the adapter's files (README.md, adapter_config.json, ...) replaced what was
+    there, so `-o .` overwrote a project's README.md and `-o BASE_DIR` mixed an adapter into the base
+    model; an existing file was a bare "[Errno 17] File exists" after the whole training."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"-o {output} is a file, not a directory; give a new directory for the adapter")
+    if os.path.isdir(output):
+        names = sorted(os.listdir(output))
+        ours = [n for n in names if n == "adapter_config.json" or re.fullmatch(r"checkpoint-\d+", n)]
+        if names and not ours:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(f"-o {output} holds other files ({shown}) that the adapter's (README.md, "
+                             "adapter_config.json, ...) would overwrite or mix with; give a new or empty directory, "
+                             "or the output of an earlier pyllm train")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -333,6 +350,7 @@ def train(args, log=None) -> TrainResult:
     trained = None
     try:
         check_options(args)
+        check_output(args.output)
         dtype = resolve_dtype(args.dtype, procs.device)
         micro, world = args.micro_batch_size, procs.world
         if args.batch_size <= 0 or micro <= 0 or args.batch_size % (micro * world):
