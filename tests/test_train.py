@@ -182,6 +182,22 @@ def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
         load_records(path)
 
 
+@pytest.mark.parametrize("layout", ["list", "lines"])
+def test_a_byte_order_mark_is_not_a_record(layout, tmp_path):
+    """A UTF-8 file that starts with a byte-order mark (Notepad, PowerShell's Out-File) was refused,
+    "line 1: invalid JSON (Unexpected UTF-8 BOM)", and a JSON list so marked was read as JSON Lines."""
+    path = tmp_path / "bom.json"
+    text = json.dumps(RECORDS, ensure_ascii=False, indent=1) if layout == "list" else \
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    records = load_records(path)
+    assert [(r.instruction, r.input, r.output) for r in records] == [
+        (r["instruction"], r["input"], r["output"]) for r in RECORDS]
+    plain = tmp_path / "plain.json"
+    plain.write_text(text, encoding="utf-8")
+    assert [r.line for r in records] == [r.line for r in load_records(plain)]
+
+
 def test_cli_reports_bad_data(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n{"output": "d"}\n')

@@ -48,7 +48,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     """The records of a JSON list or JSON Lines file; DataError names each bad line."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors write one) is no record
             text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
