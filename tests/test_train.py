@@ -198,6 +198,30 @@ def test_a_byte_order_mark_is_not_a_record(layout, tmp_path):
     assert [r.line for r in records] == [r.line for r in load_records(plain)]
 
 
+def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, tmp_path, capsys):
+    """`python -m pyllm.train` printed a traceback for --data naming a directory (IsADirectoryError) and
+    for a base that is not a model directory (transformers' OSError); a missing base was "We couldn't
+    connect to 'https://huggingface.co'" (taken for a Hub name). Each is one line, exit 1, from both
+    entry points, and nothing is written."""
+    from pyllm.train import main as train_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a model")
+    out = tmp_path / "out"
+    cases = [([base, "--data", str(tmp_path)], "Is a directory"),
+             ([str(tmp_path / "missing"), "--data", data],
+              r"is not a Hugging Face model directory \(no config.json\)"),
+             ([str(afile), "--data", data], "is not a Hugging Face model directory"),
+             ([base, "--data", data, "--tokenizer", str(afile)], "--tokenizer .* is not a directory")]
+    for argv, message in cases:
+        for entry in (train_main, lambda a: cli.main(["train", *a])):
+            capsys.readouterr()
+            assert entry([*argv, "-o", str(out), "--max-steps", "1", "-q"]) == 1, argv
+            err = capsys.readouterr().err
+            assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1, (argv, err)
+            assert not out.exists()
+
+
 def test_cli_reports_bad_data(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n{"output": "d"}\n')

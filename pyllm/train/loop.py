@@ -351,6 +351,11 @@ def train(args, log=None) -> TrainResult:
     try:
         check_options(args)
         check_output(args.output)
+        # transformers takes any other name for a model on the Hub: "couldn't connect to huggingface.co"
+        if not os.path.isfile(os.path.join(args.base, "config.json")):
+            raise FileNotFoundError(f"the base model {args.base} is not a Hugging Face model directory (no config.json)")
+        if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer} is not a directory")
         dtype = resolve_dtype(args.dtype, procs.device)
         micro, world = args.micro_batch_size, procs.world
         if args.batch_size <= 0 or micro <= 0 or args.batch_size % (micro * world):
