@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -201,6 +202,36 @@ def test_refuses_an_adapter_of_another_shape(base, tmp_path):
     wider = make_tiny_llama(str(tmp_path / "wider"), hidden_size=96, intermediate_size=128)
     adapter = make_adapter(wider, str(tmp_path / "adapter"), target_modules=["q_proj"])
     expect_refusal(base, [adapter], tmp_path, r"q_proj has shape \[96, 96\].*merges into is \[64, 64\]")
+
+
+@pytest.mark.parametrize("tensor, shape", [
+    ("model.norm.weight", (96,)),  # modules_to_save of a wider model
+    ("model.layers.0.self_attn.q_proj.base_layer.weight", (64, 32)),
+    ("model.layers.1.mlp.down_proj.bias", (96,)),  # bias="all" of another model (the base has no bias: refused too)
+    ("lm_head.modules_to_save.weight", (512, 96)),  # the vocabulary may differ, the hidden size may not
+    ("model.embed_tokens.modules_to_save.weight", (600, 96)),
+])
+def test_refuses_trained_copies_of_another_shape(base, tmp_path, capsys, tensor, shape):
+    """A trained copy (modules_to_save, bias) of another shape than the base tensor it replaces was
+    written by `pyllm merge` into a checkpoint whose config.json disagrees, exit 0 (convert refused it
+    later naming no adapter)."""
+    from safetensors.numpy import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model." + tensor: np.ones(shape, np.float32)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "modules_to_save": ["norm", "lm_head", "embed_tokens"]}))
+    target = tensor.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+    message = "no counterpart" if tensor.endswith(".bias") else \
+        rf"trained copy of '{re.escape(target)}' has shape {re.escape(str(list(shape)))}"
+    expect_refusal(base, [str(adapter)], tmp_path, message)
+    out = str(tmp_path / "merged")
+    capsys.readouterr()
+    assert cli.main(["merge", base, "--lora", str(adapter), "-o", out]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(out)
 
 
 def test_refuses_an_adapter_with_more_layers(base, tmp_path):

@@ -235,6 +235,7 @@ class LoraMergedSource:
             own = adapter.saved_modules & {EMBED, LM_HEAD}
             for name, value in adapter.replacements.items():
                 self._check_target(adapter, name, shapes)
+                self._check_replacement(adapter, name, value, shapes[name])
                 for n in self._aliases(name, shared and name not in own):
                     self._ops.setdefault(n, []).append(("set", value))
                     shapes[n] = value.shape
@@ -281,6 +282,16 @@ class LoraMergedSource:
             raise FormatError(f"{adapter.dir}: adapter tensor for '{name}' has no counterpart in the base model "
                               f"{self.base.dir} ({self.base.config.architecture}, {layers} layers): "
                               "was the adapter trained on another model?")
+
+    def _check_replacement(self, adapter: LoraAdapter, name: str, value: np.ndarray, shape) -> None:
+        """A trained copy (modules_to_save, a bias) must have the shape of the tensor it replaces; only the
+        embeddings' and lm_head's rows may differ (a resized vocabulary). `pyllm merge` wrote a copy of
+        another model's shape into a checkpoint whose config.json disagrees, exit 0."""
+        got, expected = tuple(value.shape), tuple(shape)
+        resized = name in (self.embedding, self.lm_head) and len(got) == 2 and got[1:] == expected[1:]
+        if got != expected and not resized:
+            raise FormatError(f"{adapter.dir}: its trained copy of '{name}' has shape {list(got)} but the base "
+                              f"model's is {list(expected)}: was the adapter trained on another model?")
 
     def has(self, name: str) -> bool:
         return name in self._shapes and (name != self.lm_head or not self.tied)
