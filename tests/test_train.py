@@ -316,7 +316,7 @@ def test_batch_must_split_evenly(base, data, tmp_path):
     ["--lora-dropout", "nan"], ["--lora-dropout", "1"], ["--lora-dropout", "-0.1"],
     ["--weight-decay", "nan"], ["--max-grad-norm", "nan"], ["--max-grad-norm", "-1"],
     ["--warmup-steps", "-5"], ["--val-set-size", "nan"], ["--val-set-size", "-1"],
-    ["--eval-steps", "-1"], ["--save-steps", "-1"],
+    ["--eval-steps", "-1"], ["--save-steps", "-1"], ["--seed", "-1"], ["--seed", str(2 ** 32)],
     ["--method", "prompt", "--virtual-tokens", "0"], ["--method", "prefix", "--virtual-tokens", "100000"],
     ["--method", "ptuning", "--encoder-hidden-size", "0"],
 ])

@@ -125,6 +125,7 @@ def check_options(args) -> None:
     number("--val-set-size", args.val_set_size, 0, what="a count or a fraction, at least 0")
     number("--eval-steps", args.eval_steps, 0, what="at least 0 (0 = at the start and the end)")
     number("--save-steps", args.save_steps, 0, what="at least 0 (0 = no checkpoints)")
+    number("--seed", args.seed, 0, 2 ** 32, what="from 0 to 2**32 - 1 (numpy's seeds)")
     if getattr(args, "method", "lora") != "lora":
         number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
                what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
