@@ -222,6 +222,27 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
             assert not out.exists()
 
 
+def test_a_tokenizer_without_an_end_token_is_refused_for_the_alpaca_template(base, data, tmp_path):
+    """The Alpaca template ends each response with the EOS token; a tokenizer without one made
+    [..., None] and torch's bare "Could not infer dtype of NoneType" once the model had loaded."""
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("eos_token")
+    config_path.write_text(json.dumps(config))
+    tok = transformers.AutoTokenizer.from_pretrained(str(model))
+    assert tok.eos_token_id is None
+    record = load_records_from(RECORDS[:1])[0]
+    with pytest.raises(DataError, match="no end-of-sequence token"):
+        tokenize_record(record, tok, "alpaca", 512, train_on_inputs=False)
+    assert tokenize_record(record, tok, "chat", 512, train_on_inputs=False).label_count > 0  # the chat template's own end
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no end-of-sequence token"):
+        run(train_args(str(model), data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"))
+    assert not out.exists()
+
+
 def test_cli_reports_bad_data(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n{"output": "d"}\n')

@@ -177,6 +177,9 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
     output, then EOS. template "chat": the tokenizer's chat template with one user turn and one
     assistant turn; the response is everything the template writes after the generation prompt."""
     if template == "alpaca":
+        if tokenizer.eos_token_id is None:  # it was [..., None]: "Could not infer dtype of NoneType" in torch
+            raise DataError("the tokenizer has no end-of-sequence token (eos_token), which the Alpaca template "
+                            "ends each response with; give a tokenizer that has one, or use --template chat")
         prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=True)["input_ids"]
         response_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     elif template == "chat":
