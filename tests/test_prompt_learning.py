@@ -112,6 +112,34 @@ def test_logits_and_greedy_tokens_match_peft(base, method, tmp_path):
         assert ours == generated
 
 
+@pytest.mark.parametrize("method", ["prompt_random", "prefix"])
+@pytest.mark.parametrize("family,case", [("glm", "gqa_partial"), ("glm4", "gqa_partial"), ("gpt2", "gelu_new"),
+                                         ("bloom", "heads4"), ("phi3", "gqa_partial"), ("gemma2", "softcap_window")])
+def test_every_family_runs_the_adapter_as_peft_does(family, case, method, tmp_path):
+    """Prompt and prefix tuning on each family's conventions (learned positions, ALiBi, partial rotary,
+    soft-capping, GLM's interleaved rotary pairs): the logits of PEFT's forward. GLM's prefix keys were
+    stored in PEFT's order while the converter reorders k_proj's rows (interleaved to rotate-half pairs):
+    the prefix's keys met permuted queries, relative error 0.5, silently."""
+    from families import make_tiny_model
+
+    base = make_tiny_model(family, case, str(tmp_path / "base"), seed=4)
+    adapter = make_adapter(base, str(tmp_path / method), method)
+    out = str(tmp_path / "tuned.pllm")
+    convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", adapter)])
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, 400, 20)]
+    with torch.no_grad():
+        expected = peft_model(base, adapter)(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+        plain = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(
+            input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(expected - plain).max() > 100 * RELATIVE_TOLERANCE * np.abs(expected).max()  # the adapter shows
+    with pyllm.LLM(out, n_threads=1) as llm:
+        virtual = prime(llm.engine, llm.model.adapters["task"], 0)
+        n = len(ids)
+        got = llm.engine.forward_rows(np.array(ids, np.int32), np.zeros(n, np.int32),
+                                      np.arange(virtual, virtual + n, dtype=np.int32), np.arange(n))
+    assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
+
+
 def test_mismatched_adapters_are_refused(base, tmp_path):
     other = make_tiny_llama(str(tmp_path / "other"), seed=2, hidden_size=96, num_attention_heads=4)
     adapter = make_adapter(other, str(tmp_path / "prompt"), "prompt_random")
