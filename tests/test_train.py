@@ -243,6 +243,26 @@ def test_a_tokenizer_without_an_end_token_is_refused_for_the_alpaca_template(bas
     assert not out.exists()
 
 
+@pytest.mark.parametrize("template", ["{{ raise_exception('System role required') }}",
+                                      "{{ messages[0]['content'] | no_such_filter }}",
+                                      "{% for m in messages %}{{ m.content + 1 }}{% endfor %}"])
+def test_a_chat_template_that_fails_is_one_line_naming_the_record(base, data, tmp_path, capsys, template):
+    """A chat template that raises (raise_exception, an unknown filter, a type error) was a traceback
+    from `python -m pyllm.train` (jinja2's TemplateError, TypeError): a DataError naming the record."""
+    from pyllm.train import main as train_main
+
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    (model / "chat_template.jinja").write_text(template)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert train_main([str(model), "--data", data, "-o", str(out), "--template", "chat", "--batch-size", "4",
+                       "--micro-batch-size", "4", "--max-steps", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"line \d+: the chat template: \w+", err) and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_cli_reports_bad_data(base, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n{"output": "d"}\n')

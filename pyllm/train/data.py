@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import PyllmError
+from ..errors import PyllmError, library_errors
 
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
 ALPACA_PROMPT_INPUT = (
@@ -184,9 +184,12 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
         response_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     elif template == "chat":
         messages = [{"role": "user", "content": user_message(record)}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
-                                             tokenize=False)
+        # a template's raise_exception (jinja2's TemplateError) or its own bug was a traceback from
+        # `python -m pyllm.train`
+        with library_errors(f"line {record.line}: the chat template", DataError):
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
+                                                 tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the chat template does not write the assistant turn after its generation prompt; "
                             "use the Alpaca template")
