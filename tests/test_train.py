@@ -349,6 +349,25 @@ def test_batch_must_split_evenly(base, data, tmp_path):
         run(train_args(base, data, str(tmp_path / "x"), "--batch-size", "8", "--micro-batch-size", "3"))
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--method", "ptuning", "--prompt-init-text", "Answer as Pip"], "--prompt-init-text applies to --method prompt"),
+    (["--prompt-init-text", "Answer as Pip"], "--prompt-init-text applies to --method prompt, not --method lora"),
+    (["--method", "ptuning", "--prefix-projection"], "--prefix-projection applies to --method prefix"),
+    (["--method", "prefix", "--encoder", "lstm"], "--encoder lstm applies to --method ptuning"),
+    (["--method", "prompt", "--target-modules", "q_proj"], "--target-modules applies to --method lora"),
+    (["--method", "prefix", "--layers", "0-1"], "--layers applies to --method lora"),
+    (["--method", "ptuning", "--rslora"], "--rslora applies to --method lora"),
+])
+def test_options_of_another_method_are_refused(base, data, tmp_path, option, message):
+    """An option of another method was ignored (--method ptuning --prompt-init-text trained random
+    virtual tokens, --method prompt --target-modules trained no LoRA), exit 0."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                       *option))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("option", [
     ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "nan"], ["--epochs", "inf"],
     ["--max-steps", "0"], ["--max-steps", "-3"],

@@ -126,7 +126,15 @@ def check_options(args) -> None:
     number("--eval-steps", args.eval_steps, 0, what="at least 0 (0 = at the start and the end)")
     number("--save-steps", args.save_steps, 0, what="at least 0 (0 = no checkpoints)")
     number("--seed", args.seed, 0, 2 ** 32, what="from 0 to 2**32 - 1 (numpy's seeds)")
-    if getattr(args, "method", "lora") != "lora":
+    method = getattr(args, "method", "lora")
+    for flag, given, wanted in (("--prompt-init-text", getattr(args, "prompt_init_text", ""), "prompt"),
+                                ("--prefix-projection", getattr(args, "prefix_projection", False), "prefix"),
+                                ("--encoder lstm", getattr(args, "encoder", "mlp") == "lstm", "ptuning"),
+                                ("--target-modules", args.target_modules.strip(), "lora"),
+                                ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
+        if given and method != wanted:  # it was ignored: a run other than the one asked for
+            raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    if method != "lora":
         number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
                what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
         number("--encoder-hidden-size", args.encoder_hidden_size, 1, what="at least 1")
