@@ -371,7 +371,7 @@ def test_options_of_another_method_are_refused(base, data, tmp_path, option, mes
 @pytest.mark.parametrize("option", [
     ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "nan"], ["--epochs", "inf"],
     ["--max-steps", "0"], ["--max-steps", "-3"],
-    ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "inf"],
+    ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "1e39"],
     ["--lora-r", "0"], ["--lora-alpha", "0"], ["--lora-alpha", "-2"], ["--lora-alpha", "nan"],
     ["--lora-dropout", "nan"], ["--lora-dropout", "1"], ["--lora-dropout", "-0.1"],
     ["--weight-decay", "nan"], ["--max-grad-norm", "nan"], ["--max-grad-norm", "-1"],

@@ -115,7 +115,8 @@ def check_options(args) -> None:
 
     number("--epochs", args.epochs, 0, low_open=True, what="a positive number")
     number("--max-steps", args.max_steps, 1, what="at least 1")
-    number("--lr", args.lr, 0, low_open=True, what="a positive finite number")
+    float32_max = float(np.finfo(np.float32).max)  # AdamW steps in float32: 1e39 was torch's bare "overflow"
+    number("--lr", args.lr, 0, float32_max, low_open=True, what="a positive number a float32 holds")
     number("--lora-r", args.lora_r, 1, what="at least 1")
     number("--lora-alpha", args.lora_alpha, 0, low_open=True, what="a positive finite number")
     number("--lora-dropout", args.lora_dropout, 0, 1, what="at least 0 and below 1")
