@@ -11,7 +11,8 @@ when the adapter was saved (peft's get_prompt_embedding_to_save). So no encoder 
   prefix tuning             prompt_embeddings [virtual, layers * 2 * kv_heads * head_dim], which PEFT views
                             as [virtual, layers * 2, kv_heads, head_dim] and permutes into each layer's
                             key and value (pairs 2l, 2l + 1) passed as past_key_values: keys as given (no
-                            RoPE), the real tokens at positions virtual.. after them; stored as
+                            RoPE; GLM's head dims reordered as its k_proj rows are, Architecture.prefix_keys),
+                            the real tokens at positions virtual.. after them; stored as
                             `adapter.NAME.prefix` f32 [layers, 2, kv_heads, virtual, head_dim]
 
 The file's metadata `pyllm.adapters` (JSON) lists them: {name: {"type": "prompt" | "prefix",
@@ -72,11 +73,11 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
 
     Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
     layer count or kv-head count: trained on another model) or a base model of another name."""
+    from .convert.adapter_base import adapter_config_path
+
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, "adapter_config.json")
+    config_path = adapter_config_path(directory, "adapter")
     weights = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
     try:
         with open(config_path, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -121,6 +122,11 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         # [virtual, layers * 2, kv_heads, head_dim] -> [layers, 2, kv_heads, virtual, head_dim]
         tensor = np.ascontiguousarray(raw.reshape(virtual, layers, 2, kv, hd).transpose(1, 2, 3, 0, 4),
                                       dtype=np.float32)
+        from .arch import ARCHITECTURES
+
+        arch = ARCHITECTURES.get(config.architecture)
+        if arch is not None and arch.prefix_keys is not None:  # GLM: k_proj's rows are reordered on conversion
+            tensor[:, 0] = arch.prefix_keys(tensor[:, 0], config)
     if base_dir and os.path.isdir(base_dir):
         from .convert.adapter_base import other_base
 

@@ -111,7 +111,12 @@ def cmd_convert(args) -> int:
 def _named_adapter(text: str) -> tuple[str | None, str]:
     """--adapter NAME=DIR or DIR -> (name or None, directory)."""
     name, sep, directory = text.partition("=")
-    return (name, directory) if sep and name and not os.path.exists(text) else (None, text)
+    if not sep or os.path.exists(text):
+        return None, text
+    if not name or not directory:
+        raise ValueError(f"--adapter {text!r}: the {'name' if not name else 'directory'} is empty; give NAME=DIR "
+                         "or DIR")
+    return name, directory
 
 
 def cmd_train(args) -> int:

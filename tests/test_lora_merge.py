@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -203,6 +204,36 @@ def test_refuses_an_adapter_of_another_shape(base, tmp_path):
     expect_refusal(base, [adapter], tmp_path, r"q_proj has shape \[96, 96\].*merges into is \[64, 64\]")
 
 
+@pytest.mark.parametrize("tensor, shape", [
+    ("model.norm.weight", (96,)),  # modules_to_save of a wider model
+    ("model.layers.0.self_attn.q_proj.base_layer.weight", (64, 32)),
+    ("model.layers.1.mlp.down_proj.bias", (96,)),  # bias="all" of another model (the base has no bias: refused too)
+    ("lm_head.modules_to_save.weight", (512, 96)),  # the vocabulary may differ, the hidden size may not
+    ("model.embed_tokens.modules_to_save.weight", (600, 96)),
+])
+def test_refuses_trained_copies_of_another_shape(base, tmp_path, capsys, tensor, shape):
+    """A trained copy (modules_to_save, bias) of another shape than the base tensor it replaces was
+    written by `pyllm merge` into a checkpoint whose config.json disagrees, exit 0 (convert refused it
+    later naming no adapter)."""
+    from safetensors.numpy import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model." + tensor: np.ones(shape, np.float32)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "modules_to_save": ["norm", "lm_head", "embed_tokens"]}))
+    target = tensor.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+    message = "no counterpart" if tensor.endswith(".bias") else \
+        rf"trained copy of '{re.escape(target)}' has shape {re.escape(str(list(shape)))}"
+    expect_refusal(base, [str(adapter)], tmp_path, message)
+    out = str(tmp_path / "merged")
+    capsys.readouterr()
+    assert cli.main(["merge", base, "--lora", str(adapter), "-o", out]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(out)
+
+
 def test_refuses_an_adapter_with_more_layers(base, tmp_path):
     deeper = make_tiny_llama(str(tmp_path / "deeper"), num_hidden_layers=3)
     adapter = make_adapter(deeper, str(tmp_path / "adapter"), target_modules=["v_proj"])
@@ -245,6 +276,21 @@ def test_refuses_dora_and_non_lora_adapters(base, tmp_path):
     with open(os.path.join(dora, "adapter_config.json"), "w") as f:
         json.dump(dict(config, use_dora=False), f)
     expect_refusal(base, [dora], tmp_path, "no adapter_model.safetensors")
+
+
+def test_lora_variants_that_do_not_merge_are_refused(base, tmp_path):
+    """An activated-LoRA adapter (alora_invocation_tokens: the update applies only from its invocation
+    tokens on; PEFT's merge_and_unload refuses it) was merged as a plain LoRA on every token, exit 0;
+    so would the other variants whose update is not scaling * B @ A."""
+    alora = make_adapter(base, str(tmp_path / "alora"), target_modules=["q_proj"], alora_invocation_tokens=[5, 17])
+    expect_refusal(base, [alora], tmp_path, r"activated LoRA \(alora_invocation_tokens")
+    plain = make_adapter(base, str(tmp_path / "plain"), target_modules=["q_proj"])
+    for key, value, what in [("arrow_config", {"top_k": 2}, "Arrow"), ("use_qalora", True, "QA-LoRA"),
+                             ("kasa_config", {}, None), ("monteclora_config", {"num_samples": 2}, "MonteCLoRA")]:
+        _edit_config(plain, **{key: value or {"x": 1}})
+        expect_refusal(base, [plain], tmp_path, what or key)
+        _edit_config(plain, **{key: None})
+    convert_checkpoint(base, str(tmp_path / "ok.pllm"), quant="f32", progress=False, lora=[plain])
 
 
 def _edit_config(adapter: str, **changes) -> None:

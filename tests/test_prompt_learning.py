@@ -112,6 +112,34 @@ def test_logits_and_greedy_tokens_match_peft(base, method, tmp_path):
         assert ours == generated
 
 
+@pytest.mark.parametrize("method", ["prompt_random", "prefix"])
+@pytest.mark.parametrize("family,case", [("glm", "gqa_partial"), ("glm4", "gqa_partial"), ("gpt2", "gelu_new"),
+                                         ("bloom", "heads4"), ("phi3", "gqa_partial"), ("gemma2", "softcap_window")])
+def test_every_family_runs_the_adapter_as_peft_does(family, case, method, tmp_path):
+    """Prompt and prefix tuning on each family's conventions (learned positions, ALiBi, partial rotary,
+    soft-capping, GLM's interleaved rotary pairs): the logits of PEFT's forward. GLM's prefix keys were
+    stored in PEFT's order while the converter reorders k_proj's rows (interleaved to rotate-half pairs):
+    the prefix's keys met permuted queries, relative error 0.5, silently."""
+    from families import make_tiny_model
+
+    base = make_tiny_model(family, case, str(tmp_path / "base"), seed=4)
+    adapter = make_adapter(base, str(tmp_path / method), method)
+    out = str(tmp_path / "tuned.pllm")
+    convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", adapter)])
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, 400, 20)]
+    with torch.no_grad():
+        expected = peft_model(base, adapter)(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+        plain = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(
+            input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(expected - plain).max() > 100 * RELATIVE_TOLERANCE * np.abs(expected).max()  # the adapter shows
+    with pyllm.LLM(out, n_threads=1) as llm:
+        virtual = prime(llm.engine, llm.model.adapters["task"], 0)
+        n = len(ids)
+        got = llm.engine.forward_rows(np.array(ids, np.int32), np.zeros(n, np.int32),
+                                      np.arange(virtual, virtual + n, dtype=np.int32), np.arange(n))
+    assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
+
+
 def test_mismatched_adapters_are_refused(base, tmp_path):
     other = make_tiny_llama(str(tmp_path / "other"), seed=2, hidden_size=96, num_attention_heads=4)
     adapter = make_adapter(other, str(tmp_path / "prompt"), "prompt_random")
@@ -139,6 +167,33 @@ def two_adapters(tmp_path_factory):
     out = str(root / "tasks.pllm")
     convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("qa", prompt), ("style", prefix)])
     return {"base": base, "file": out, "qa": prompt, "style": prefix}
+
+
+def test_empty_adapter_paths_and_a_config_that_is_a_directory_are_refused_clearly(two_adapters, tmp_path, capsys):
+    """`--adapter x=` read '' (" has no adapter_config.json"), `--adapter =DIR` looked for a directory
+    named '=DIR', `--lora ''` said "LoRA adapter  is not a directory", and an adapter_config.json that is
+    a directory was a bare "[Errno 21] Is a directory" from --lora and merge: each now says what is wrong."""
+    from pyllm import cli
+
+    base, out = two_adapters["base"], str(tmp_path / "x.pllm")
+    odd = tmp_path / "odd"
+    os.makedirs(odd / "adapter_config.json")
+    cases = [
+        (["convert", base, "-o", out, "--adapter", "x="], "--adapter 'x=': the directory is empty"),
+        (["convert", base, "-o", out, "--adapter", "=" + two_adapters["qa"]], "the name is empty"),
+        (["convert", base, "-o", out, "--lora", ""], "LoRA adapter directory is an empty path"),
+        (["convert", base, "-o", out, "--adapter", "t=" + str(odd)], "adapter_config.json is a directory"),
+        (["convert", base, "-o", out, "--lora", str(odd)], "adapter_config.json is a directory"),
+        (["merge", base, "--lora", str(odd), "-o", str(tmp_path / "merged")], "adapter_config.json is a directory"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Errno" not in err, (argv, err)
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "merged")
+    with pytest.raises(FileNotFoundError, match="empty path"):
+        pyllm.adapters.read_peft_adapter("", None)
 
 
 def peft_greedy(base: str, adapter: str | None, ids: list[int], n: int, eos: int = 2) -> list[int]:

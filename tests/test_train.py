@@ -168,12 +168,99 @@ def load_records_from(items):
     ('{"instruction": "a", "output": 5}\n', "line 1: field 'output' must be a string"),
     ('{"instruction": "a", "output": "b"}\n["a", "b"]\n', "line 2: expected an object"),
     ('[{"instruction": "a", "output": "b"}] x', "line 1: text after the end"),
+    # lone surrogates: valid JSON, not text; the tokenizer failed with a bare TypeError after the model loaded
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "x\\ud800", "output": "b"}]',
+     r"line 2: field 'instruction' holds a lone surrogate '\\ud800' at character 1"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "\\udfff", "output": "b"}\n',
+     r"line 2: field 'input' holds a lone surrogate '\\udfff' at character 0"),
+    ('{"instruction": "a", "output": "ok \\ud83d"}\n', r"line 1: field 'output' holds a lone surrogate"),
 ])
 def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         load_records(path)
+
+
+@pytest.mark.parametrize("layout", ["list", "lines"])
+def test_a_byte_order_mark_is_not_a_record(layout, tmp_path):
+    """A UTF-8 file that starts with a byte-order mark (Notepad, PowerShell's Out-File) was refused,
+    "line 1: invalid JSON (Unexpected UTF-8 BOM)", and a JSON list so marked was read as JSON Lines."""
+    path = tmp_path / "bom.json"
+    text = json.dumps(RECORDS, ensure_ascii=False, indent=1) if layout == "list" else \
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    records = load_records(path)
+    assert [(r.instruction, r.input, r.output) for r in records] == [
+        (r["instruction"], r["input"], r["output"]) for r in RECORDS]
+    plain = tmp_path / "plain.json"
+    plain.write_text(text, encoding="utf-8")
+    assert [r.line for r in records] == [r.line for r in load_records(plain)]
+
+
+def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, tmp_path, capsys):
+    """`python -m pyllm.train` printed a traceback for --data naming a directory (IsADirectoryError) and
+    for a base that is not a model directory (transformers' OSError); a missing base was "We couldn't
+    connect to 'https://huggingface.co'" (taken for a Hub name). Each is one line, exit 1, from both
+    entry points, and nothing is written."""
+    from pyllm.train import main as train_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a model")
+    out = tmp_path / "out"
+    cases = [([base, "--data", str(tmp_path)], "Is a directory"),
+             ([str(tmp_path / "missing"), "--data", data],
+              r"is not a Hugging Face model directory \(no config.json\)"),
+             ([str(afile), "--data", data], "is not a Hugging Face model directory"),
+             ([base, "--data", data, "--tokenizer", str(afile)], "--tokenizer .* is not a directory")]
+    for argv, message in cases:
+        for entry in (train_main, lambda a: cli.main(["train", *a])):
+            capsys.readouterr()
+            assert entry([*argv, "-o", str(out), "--max-steps", "1", "-q"]) == 1, argv
+            err = capsys.readouterr().err
+            assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1, (argv, err)
+            assert not out.exists()
+
+
+def test_a_tokenizer_without_an_end_token_is_refused_for_the_alpaca_template(base, data, tmp_path):
+    """The Alpaca template ends each response with the EOS token; a tokenizer without one made
+    [..., None] and torch's bare "Could not infer dtype of NoneType" once the model had loaded."""
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("eos_token")
+    config_path.write_text(json.dumps(config))
+    tok = transformers.AutoTokenizer.from_pretrained(str(model))
+    assert tok.eos_token_id is None
+    record = load_records_from(RECORDS[:1])[0]
+    with pytest.raises(DataError, match="no end-of-sequence token"):
+        tokenize_record(record, tok, "alpaca", 512, train_on_inputs=False)
+    assert tokenize_record(record, tok, "chat", 512, train_on_inputs=False).label_count > 0  # the chat template's own end
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no end-of-sequence token"):
+        run(train_args(str(model), data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("template", ["{{ raise_exception('System role required') }}",
+                                      "{{ messages[0]['content'] | no_such_filter }}",
+                                      "{% for m in messages %}{{ m.content + 1 }}{% endfor %}"])
+def test_a_chat_template_that_fails_is_one_line_naming_the_record(base, data, tmp_path, capsys, template):
+    """A chat template that raises (raise_exception, an unknown filter, a type error) was a traceback
+    from `python -m pyllm.train` (jinja2's TemplateError, TypeError): a DataError naming the record."""
+    from pyllm.train import main as train_main
+
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    (model / "chat_template.jinja").write_text(template)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert train_main([str(model), "--data", data, "-o", str(out), "--template", "chat", "--batch-size", "4",
+                       "--micro-batch-size", "4", "--max-steps", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"line \d+: the chat template: \w+", err) and "Traceback" not in err, err
+    assert not out.exists()
 
 
 def test_cli_reports_bad_data(base, tmp_path, capsys):
@@ -260,6 +347,135 @@ def test_bfloat16_base_on_cpu(base, data, tmp_path):
 def test_batch_must_split_evenly(base, data, tmp_path):
     with pytest.raises(ValueError, match="multiple of --micro-batch-size 3"):
         run(train_args(base, data, str(tmp_path / "x"), "--batch-size", "8", "--micro-batch-size", "3"))
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--method", "ptuning", "--prompt-init-text", "Answer as Pip"], "--prompt-init-text applies to --method prompt"),
+    (["--prompt-init-text", "Answer as Pip"], "--prompt-init-text applies to --method prompt, not --method lora"),
+    (["--method", "ptuning", "--prefix-projection"], "--prefix-projection applies to --method prefix"),
+    (["--method", "prefix", "--encoder", "lstm"], "--encoder lstm applies to --method ptuning"),
+    (["--method", "prompt", "--target-modules", "q_proj"], "--target-modules applies to --method lora"),
+    (["--method", "prefix", "--layers", "0-1"], "--layers applies to --method lora"),
+    (["--method", "ptuning", "--rslora"], "--rslora applies to --method lora"),
+])
+def test_options_of_another_method_are_refused(base, data, tmp_path, option, message):
+    """An option of another method was ignored (--method ptuning --prompt-init-text trained random
+    virtual tokens, --method prompt --target-modules trained no LoRA), exit 0."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                       *option))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", [
+    ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "nan"], ["--epochs", "inf"],
+    ["--max-steps", "0"], ["--max-steps", "-3"],
+    ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "1e39"],
+    ["--lora-r", "0"], ["--lora-alpha", "0"], ["--lora-alpha", "-2"], ["--lora-alpha", "nan"],
+    ["--lora-dropout", "nan"], ["--lora-dropout", "1"], ["--lora-dropout", "-0.1"],
+    ["--weight-decay", "nan"], ["--max-grad-norm", "nan"], ["--max-grad-norm", "-1"],
+    ["--warmup-steps", "-5"], ["--val-set-size", "nan"], ["--val-set-size", "-1"],
+    ["--eval-steps", "-1"], ["--save-steps", "-1"], ["--seed", "-1"], ["--seed", str(2 ** 32)],
+    ["--method", "prompt", "--virtual-tokens", "0"], ["--method", "prefix", "--virtual-tokens", "100000"],
+    ["--method", "ptuning", "--encoder-hidden-size", "0"],
+])
+def test_options_out_of_range_are_refused_before_training(base, data, tmp_path, option):
+    """NaN, infinities and values out of range are refused, naming the option, before anything is
+    trained or written (--epochs 0 and --max-steps 0 trained anyway, --max-steps -3 wrote an untrained
+    adapter, --lora-alpha nan a NaN one, --lora-alpha 0 one that pyllm convert --lora refuses; all exit 0)."""
+    out = tmp_path / "out"
+    flag = next(o for o in option[::-1] if o.startswith("--"))
+    with pytest.raises(ValueError, match=f"^{flag} must be"):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", *option))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", [
+    ["--lr", "1e30", "--max-steps", "3", "--max-grad-norm", "0"],  # huge weights: the next loss is not finite
+    ["--lr", "1e30", "--max-steps", "3"],
+    ["--lr", "1e30", "--max-steps", "3", "--method", "ptuning", "--virtual-tokens", "2"],
+])
+def test_a_diverged_run_saves_nothing(base, data, tmp_path, option):
+    """A run whose loss or weights stop being finite is an error, and no NaN adapter or checkpoint is
+    written (it was, with exit 0)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"training diverged at step \d+: the (training loss|trainable weight)"):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--save-steps", "1",
+                       *option))
+    assert not (out / "adapter_model.safetensors").exists()
+    for checkpoint in out.glob("checkpoint-*"):  # those of the steps before are finite
+        weights = adapter(checkpoint)
+        assert all(np.isfinite(v).all() for v in weights.values()), checkpoint
+
+
+def test_weights_that_are_not_finite_stop_the_run():
+    """A finite loss does not vouch for the weights the step left: an update that overflows them stops
+    the run before they are saved."""
+    from pyllm.train.loop import check_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    check_finite(model, 1, 0.5)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")  # frozen: not the run's to check
+    check_finite(model, 1, 0.5)
+    for bad in (float("inf"), float("nan")):
+        with torch.no_grad():
+            model[1].bias[1] = bad
+        with pytest.raises(ValueError, match=r"diverged at step 7: the trainable weight 1.bias holds NaN"):
+            check_finite(model, 7, 0.5)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--target-modules", "q_proj,nonexist"], "--target-modules nonexist: no module"),
+    (["--target-modules", "q_proj,v_projj,k_proj"], "--target-modules v_projj: no module"),
+    (["--modules-to-save", "lm_head,bogus"], "--modules-to-save bogus: no module"),
+    (["--target-modules", "q_proj,q_prj", "--modules-to-save", "lm_hed"],
+     "--target-modules q_prj and --modules-to-save lm_hed"),
+    (["--method", "prompt", "--modules-to-save", "lm_head"], "--modules-to-save applies to --method lora"),
+])
+def test_module_names_that_match_nothing_are_refused(base, data, tmp_path, option, message):
+    """PEFT drops a --target-modules or --modules-to-save name that matches no module (a typo) and
+    trains without it, exit 0; each name must match (the message lists the model's module names)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                       *option))
+    assert not out.exists()
+    # names that all match, spaces around them or not, train those modules and no others
+    run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                   "--target-modules", "q_proj, model.layers.1.self_attn.v_proj", "--modules-to-save", " lm_head"))
+    names = set(adapter(out))
+    assert {n.split(".lora_")[0].split("base_model.model.")[1] for n in names if ".lora_" in n} == {
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    assert "base_model.model.lm_head.weight" in names
+
+
+def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_path):
+    """-o naming a file (the data file itself) failed after training with "[Errno 17] File exists"; -o
+    naming a directory of other files (the base model, or `-o .` in a project) replaced its README.md
+    with PEFT's model card and mixed adapter files into it. Nothing is trained or changed now; a new or
+    empty directory, or an earlier run's output, is written."""
+    copy = tmp_path / "data.json"
+    shutil.copy(data, copy)
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    (model / "README.md").write_text("the model card")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("my project")
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"]
+    for output, message in [(copy, "is a file"), (model, "holds other files"), (project, r"holds other files \(README.md\)")]:
+        before = {p.name: p.read_bytes() for p in output.iterdir()} if output.is_dir() else output.read_bytes()
+        with pytest.raises(ValueError, match=message):
+            run(train_args(base, data, str(output), *small))
+        assert before == ({p.name: p.read_bytes() for p in output.iterdir()} if output.is_dir() else output.read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run(train_args(base, data, str(empty), *small))
+    run(train_args(base, data, str(empty), *small))  # again into its own output
+    assert (empty / "adapter_model.safetensors").exists()
 
 
 def test_layers_option():

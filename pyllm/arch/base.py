@@ -72,6 +72,9 @@ class Architecture:
     conv1d_modules: tuple[str, ...] = ()  # module names ending so hold weights [in, out] (GPT-2's Conv1D)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     notes: str = ""  # one line for `pyllm convert --help` and the README's family table
+    # the reordering of each key head's dims that tensors() gives k_proj's rows, applied to a prefix-tuning
+    # adapter's keys f32 [layers, kv_heads, virtual, head_dim] (None: k_proj's rows are kept as they are)
+    prefix_keys: Callable[[np.ndarray, ModelConfig], np.ndarray] | None = None
     extra: dict = field(default_factory=dict)
 
 

@@ -35,6 +35,15 @@ def interleaved_to_half(rows: np.ndarray, heads: int, head_dim: int, rotary_dim:
     return np.ascontiguousarray(shaped[:, order].reshape(rows.shape))
 
 
+def prefix_keys(keys: np.ndarray, config) -> np.ndarray:
+    """A prefix-tuning adapter's keys [layers, kv_heads, virtual, head_dim] in the order
+    interleaved_to_half gives k_proj's rows, so that they meet the permuted queries as in PEFT."""
+    hd = config.head_dim
+    rotary = config.rotary_dim or hd
+    order = np.concatenate([np.arange(0, rotary, 2), np.arange(1, rotary, 2), np.arange(rotary, hd)])
+    return np.ascontiguousarray(keys[..., order])
+
+
 def tensors(config):
     recipes = llama_tensors(config)
     f, hd = config.intermediate_size, config.head_dim
@@ -54,13 +63,13 @@ def tensors(config):
 
 GLM = Architecture(
     name="glm", model_types=("glm",), hf_classes=("GlmForCausalLM",), gguf_name="chatglm",
-    config_from_hf=glm_config, tensors=tensors,
+    config_from_hf=glm_config, tensors=tensors, prefix_keys=prefix_keys,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
     notes="partial interleaved RoPE, fused gate_up, q/k/v biases",
 )
 GLM4 = Architecture(
     name="glm4", model_types=("glm4",), hf_classes=("Glm4ForCausalLM",), gguf_name="glm4",
-    config_from_hf=glm4_config, tensors=tensors,
+    config_from_hf=glm4_config, tensors=tensors, prefix_keys=prefix_keys,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
     notes="GLM with post-attention and post-MLP norms",
 )

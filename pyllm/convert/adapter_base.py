@@ -10,6 +10,23 @@ import os
 import sys
 
 
+def adapter_config_path(directory: str, what: str) -> str:
+    """directory/adapter_config.json, once directory is a non-empty path to a directory holding it as a
+    regular file (FileNotFoundError saying which is not so; what: "LoRA adapter", "adapter"). An empty
+    path (`--adapter name=`, `--lora ''`) read the current directory's name as ''; a directory named
+    adapter_config.json was a bare "[Errno 21] Is a directory"."""
+    if not directory:
+        raise FileNotFoundError(f"the {what} directory is an empty path; give the PEFT adapter directory")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{what} {directory} is not a directory")
+    path = os.path.join(directory, "adapter_config.json")
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a directory, not the adapter's configuration file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
+    return path
+
+
 def _name(value: str) -> str:
     """The comparable part of a model id or path: its last component, lowercased."""
     return os.path.basename(os.path.normpath(value.strip())).lower()

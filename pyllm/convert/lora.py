@@ -36,7 +36,7 @@ import numpy as np
 
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
 from ..quant import f32_to_bf16_bits
-from .adapter_base import warn_if_other_base
+from .adapter_base import adapter_config_path, warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
@@ -47,6 +47,13 @@ UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this 
     "target_parameters": "LoRA on parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    # LoRA variants whose update is not scaling * B @ A on every token (PEFT refuses to merge the first two)
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens: the update applies only from the "
+                               "invocation tokens on)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_qalora": "QA-LoRA (use_qalora: LoRA on group-pooled inputs)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
 
 
@@ -116,12 +123,7 @@ class LoraAdapter:
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = os.fspath(directory)
-        config_path = os.path.join(self.dir, "adapter_config.json")
-        if not os.path.isdir(self.dir):
-            raise FileNotFoundError(f"LoRA adapter {self.dir} is not a directory")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{self.dir} has no adapter_config.json: is it a PEFT adapter directory?")
-        self.config = _read_json(config_path)
+        self.config = _read_json(adapter_config_path(self.dir, "LoRA adapter"))
         self._check_config()
         weights = os.path.join(self.dir, "adapter_model.safetensors")
         if not os.path.exists(weights):
@@ -233,6 +235,7 @@ class LoraMergedSource:
             own = adapter.saved_modules & {EMBED, LM_HEAD}
             for name, value in adapter.replacements.items():
                 self._check_target(adapter, name, shapes)
+                self._check_replacement(adapter, name, value, shapes[name])
                 for n in self._aliases(name, shared and name not in own):
                     self._ops.setdefault(n, []).append(("set", value))
                     shapes[n] = value.shape
@@ -279,6 +282,16 @@ class LoraMergedSource:
             raise FormatError(f"{adapter.dir}: adapter tensor for '{name}' has no counterpart in the base model "
                               f"{self.base.dir} ({self.base.config.architecture}, {layers} layers): "
                               "was the adapter trained on another model?")
+
+    def _check_replacement(self, adapter: LoraAdapter, name: str, value: np.ndarray, shape) -> None:
+        """A trained copy (modules_to_save, a bias) must have the shape of the tensor it replaces; only the
+        embeddings' and lm_head's rows may differ (a resized vocabulary). `pyllm merge` wrote a copy of
+        another model's shape into a checkpoint whose config.json disagrees, exit 0."""
+        got, expected = tuple(value.shape), tuple(shape)
+        resized = name in (self.embedding, self.lm_head) and len(got) == 2 and got[1:] == expected[1:]
+        if got != expected and not resized:
+            raise FormatError(f"{adapter.dir}: its trained copy of '{name}' has shape {list(got)} but the base "
+                              f"model's is {list(expected)}: was the adapter trained on another model?")
 
     def has(self, name: str) -> bool:
         return name in self._shapes and (name != self.lm_head or not self.tied)

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # as `pyllm train` (pyllm/cli.py): one line, no traceback
         print(f"pyllm train: error: {e}", file=sys.stderr)
         return 1
     return 0

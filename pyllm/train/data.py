@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import PyllmError
+from ..errors import PyllmError, library_errors
 
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
 ALPACA_PROMPT_INPUT = (
@@ -48,7 +48,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     """The records of a JSON list or JSON Lines file; DataError names each bad line."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors write one) is no record
             text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
@@ -78,6 +78,14 @@ def _record_problem(item) -> str | None:
     for key in ("instruction", "input", "output"):
         if key in item and item[key] is not None and not isinstance(item[key], str):
             return f"field '{key}' must be a string, not {type(item[key]).__name__}"
+    for key in ("instruction", "input", "output"):
+        value = item.get(key)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates
+                return (f"field '{key}' holds a lone surrogate {value[e.start]!r} at character {e.start}: "
+                        "not text (a JSON \\uXXXX escape of half a character)")
     if not (item["instruction"] or "").strip():
         return "empty instruction"
     if not (item["output"] or "").strip():
@@ -169,13 +177,19 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
     output, then EOS. template "chat": the tokenizer's chat template with one user turn and one
     assistant turn; the response is everything the template writes after the generation prompt."""
     if template == "alpaca":
+        if tokenizer.eos_token_id is None:  # it was [..., None]: "Could not infer dtype of NoneType" in torch
+            raise DataError("the tokenizer has no end-of-sequence token (eos_token), which the Alpaca template "
+                            "ends each response with; give a tokenizer that has one, or use --template chat")
         prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=True)["input_ids"]
         response_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     elif template == "chat":
         messages = [{"role": "user", "content": user_message(record)}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
-                                             tokenize=False)
+        # a template's raise_exception (jinja2's TemplateError) or its own bug was a traceback from
+        # `python -m pyllm.train`
+        with library_errors(f"line {record.line}: the chat template", DataError):
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
+                                                 tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the chat template does not write the assistant turn after its generation prompt; "
                             "use the Alpaca template")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import for_hf_config
+from ..errors import PyllmError
 from .data import DataError, Example, load_records, tokenize_record
 
 STATE_FILE = "training_state.pt"
@@ -93,6 +94,68 @@ class Processes:
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def check_options(args) -> None:
+    """Refuses numeric options outside what a training can use (ValueError naming the option), before
+    any data or model is read: NaN, an infinity or a value out of range used to train a step it was not
+    asked for (--epochs 0, --max-steps 0 ran the epochs' steps), write an adapter nothing trained
+    (--max-steps -3), a NaN one (--lora-alpha nan), one pyllm's merge refuses (--lora-alpha 0), or fail
+    later with a library's bare message (--epochs nan: "cannot convert float NaN to integer")."""
+    from ..adapters import MAX_VIRTUAL_TOKENS
+
+    def number(flag: str, value, low: float, high: float = math.inf, low_open: bool = False,
+               high_open: bool = True, what: str = "") -> None:
+        if value is None:
+            return
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and \
+            (value < high if high_open else value <= high)
+        if not ok:
+            raise ValueError(f"{flag} must be {what}, not {value!r}")
+
+    number("--epochs", args.epochs, 0, low_open=True, what="a positive number")
+    number("--max-steps", args.max_steps, 1, what="at least 1")
+    float32_max = float(np.finfo(np.float32).max)  # AdamW steps in float32: 1e39 was torch's bare "overflow"
+    number("--lr", args.lr, 0, float32_max, low_open=True, what="a positive number a float32 holds")
+    number("--lora-r", args.lora_r, 1, what="at least 1")
+    number("--lora-alpha", args.lora_alpha, 0, low_open=True, what="a positive finite number")
+    number("--lora-dropout", args.lora_dropout, 0, 1, what="at least 0 and below 1")
+    number("--weight-decay", args.weight_decay, 0, what="a finite number, at least 0")
+    number("--max-grad-norm", args.max_grad_norm, 0, what="a finite number, at least 0 (0 = off)")
+    number("--warmup-steps", args.warmup_steps, 0, what="at least 0")
+    number("--val-set-size", args.val_set_size, 0, what="a count or a fraction, at least 0")
+    number("--eval-steps", args.eval_steps, 0, what="at least 0 (0 = at the start and the end)")
+    number("--save-steps", args.save_steps, 0, what="at least 0 (0 = no checkpoints)")
+    number("--seed", args.seed, 0, 2 ** 32, what="from 0 to 2**32 - 1 (numpy's seeds)")
+    method = getattr(args, "method", "lora")
+    for flag, given, wanted in (("--prompt-init-text", getattr(args, "prompt_init_text", ""), "prompt"),
+                                ("--prefix-projection", getattr(args, "prefix_projection", False), "prefix"),
+                                ("--encoder lstm", getattr(args, "encoder", "mlp") == "lstm", "ptuning"),
+                                ("--target-modules", args.target_modules.strip(), "lora"),
+                                ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
+        if given and method != wanted:  # it was ignored: a run other than the one asked for
+            raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    if method != "lora":
+        number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
+               what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
+        number("--encoder-hidden-size", args.encoder_hidden_size, 1, what="at least 1")
+
+
+def check_output(output: str) -> None:
+    """The output must be new, an empty directory, or one a pyllm train wrote (adapter_config.json or
+    checkpoint-N inside): the adapter's files (README.md, adapter_config.json, ...) replaced what was
+    there, so `-o .` overwrote a project's README.md and `-o BASE_DIR` mixed an adapter into the base
+    model; an existing file was a bare "[Errno 17] File exists" after the whole training."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"-o {output} is a file, not a directory; give a new directory for the adapter")
+    if os.path.isdir(output):
+        names = sorted(os.listdir(output))
+        ours = [n for n in names if n == "adapter_config.json" or re.fullmatch(r"checkpoint-\d+", n)]
+        if names and not ours:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(f"-o {output} holds other files ({shown}) that the adapter's (README.md, "
+                             "adapter_config.json, ...) would overwrite or mix with; give a new or empty directory, "
+                             "or the output of an earlier pyllm train")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -182,7 +245,7 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
-    modules_to_save = [m for m in args.modules_to_save.split(",") if m.strip()]
+    modules_to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()]
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         if not {"embed_tokens", "lm_head"} <= set(modules_to_save):
@@ -198,9 +261,32 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
                             use_rslora=args.rslora, modules_to_save=modules_to_save or None, bias="none",
                             task_type="CAUSAL_LM")
     else:
+        if modules_to_save:
+            raise ValueError(f"--modules-to-save applies to --method lora; --method {method} trains only its "
+                             "virtual tokens")
         config = prompt_learning_config(args, method)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
     model = get_peft_model(model, config)
+    if method == "lora":
+        asked = [m.strip() for m in args.target_modules.split(",") if m.strip()]  # the defaults are the family's
+        check_targets(model, asked, modules_to_save, leaves)
     return tokenizer, model.to(device)
+
+
+def check_targets(model, targets, modules_to_save, leaves: list[str]) -> None:
+    """Every --target-modules and --modules-to-save name must have matched a module of the model (PEFT
+    refuses only a list that matches nothing, and drops the names that match nothing silently: a typo
+    trained an adapter without the layers asked for). ValueError naming them and leaves, the names of
+    the model's modules."""
+    targeted = list(getattr(model.base_model, "targeted_module_names", []) or [])
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in targeted)]
+    saved = [n[:-len(".modules_to_save")] for n, _ in model.named_modules() if n.endswith(".modules_to_save")]
+    missing_saved = [m for m in modules_to_save if not any(n.endswith(m) for n in saved)]
+    if missing or missing_saved:
+        what = [f"--target-modules {', '.join(missing)}"] if missing else []
+        what += [f"--modules-to-save {', '.join(missing_saved)}"] if missing_saved else []
+        raise ValueError(f"{' and '.join(what)}: no module of the model has this name (its modules: "
+                         f"{', '.join(leaves)})")
 
 
 def prompt_learning_config(args, method: str):
@@ -273,6 +359,13 @@ def train(args, log=None) -> TrainResult:
         quiet_warnings()  # every process would print the same library warnings: rank 0 alone does
     trained = None
     try:
+        check_options(args)
+        check_output(args.output)
+        # transformers takes any other name for a model on the Hub: "couldn't connect to huggingface.co"
+        if not os.path.isfile(os.path.join(args.base, "config.json")):
+            raise FileNotFoundError(f"the base model {args.base} is not a Hugging Face model directory (no config.json)")
+        if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+            raise FileNotFoundError(f"--tokenizer {args.tokenizer} is not a directory")
         dtype = resolve_dtype(args.dtype, procs.device)
         micro, world = args.micro_batch_size, procs.world
         if args.batch_size <= 0 or micro <= 0 or args.batch_size % (micro * world):
@@ -407,6 +500,7 @@ def train(args, log=None) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             (step_loss,) = procs.sum(step_loss)
             result.losses.append(step_loss / scored)
+            check_finite(model, step + 1, result.losses[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
@@ -429,6 +523,28 @@ def train(args, log=None) -> TrainResult:
     finally:
         trained = None  # noqa: F841
         procs.stop()
+
+
+def check_finite(model, step: int, loss: float) -> None:
+    """Refuses a run whose loss or adapter stopped being finite (diverged: too high a learning rate, an
+    overflow) before anything of the step is saved: such a run wrote a NaN adapter with exit 0. The
+    adapter is what PEFT saves (the trainable weights; for P-tuning and prefix projection the prompt
+    embeddings its encoder computes, which can overflow from finite weights). Every process checks the
+    same values, so all stop together."""
+    from peft import get_peft_model_state_dict
+
+    bad = None if math.isfinite(loss) else f"the training loss is {loss}"
+    if bad is None:
+        with torch.no_grad():
+            saved = get_peft_model_state_dict(model) if hasattr(model, "peft_config") else {}
+            values = list(saved.items()) + [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            for name, value in values:
+                if not torch.isfinite(value.detach()).all():
+                    bad = f"the trainable weight {name} holds NaN or infinite values"
+                    break
+    if bad is not None:
+        raise PyllmError(f"training diverged at step {step}: {bad}; nothing was saved from this step "
+                         "(lower --lr, or keep --max-grad-norm on)")
 
 
 def summary_line(result: TrainResult, seconds: float) -> str:
