@@ -78,8 +78,9 @@ class ChatSession:
                       file=self.err)
         elif name == "/regen":
             if self.turns and self.turns[-1]["role"] == "assistant":
-                self.turns.pop()
-                self.reply()
+                last = self.turns.pop()
+                if not self.reply():  # refused (a longer /system no longer fits): the turn stays as it was
+                    self.turns.append(last)
             else:
                 print("(nothing to regenerate)", file=self.err)
         else:
@@ -93,19 +94,21 @@ class ChatSession:
 
     def say(self, text: str) -> None:
         self.turns.append({"role": "user", "content": text})
-        self.reply()
+        if not self.reply():
+            self.turns.pop()
 
-    def reply(self) -> None:
-        """Streams the model's reply to the last user message; Ctrl-C stops it (the part written is kept)."""
+    def reply(self) -> bool:
+        """Streams the model's reply to the last user message; Ctrl-C stops it (the part written is kept).
+        False (the error said, the conversation unchanged) when the conversation no longer fits or the
+        template refuses it."""
         sampling = dict(self.sampling)
         if self.seeds is not None:
             sampling["seed"] = int(self.seeds.integers(1 << 62))
         try:
             stream = self.llm.chat(self.messages(), stream=True, **sampling)
         except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
-            self.turns.pop()
             print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
-            return
+            return False
         pieces = []
         restore = _on_interrupt(stream.cancel)
         try:
@@ -122,6 +125,7 @@ class ChatSession:
             print(cut + ("; /clear starts over" if not stream.stats.hit_token_limit else "") + "]", file=self.err)
         note = " (stopped)" if stream.stats.finish_reason == "cancelled" else ""
         print(stream.stats.line() + note, file=self.err)
+        return True
 
 
 def cut_notice(stats, context_length: int) -> str | None:
