@@ -459,9 +459,7 @@ class LLM:
         models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False."""
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-        if isinstance(texts, str) or (texts and isinstance(texts[0], (int, np.integer))):
-            texts = [texts]
-        checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in texts]
+        checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in _embed_inputs(texts)]
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call()
         self._acquire(call)
@@ -926,6 +924,19 @@ def token_ids(ids, vocab_size: int) -> np.ndarray:
         if low < 0 or high >= vocab_size:
             raise PyllmError(f"token ids must lie in [0, {vocab_size}); got {low if low < 0 else high}")
     return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def _embed_inputs(texts) -> list:
+    """embed()'s texts as a list of items, each a str or token ids (PyllmError later otherwise): one
+    text, one token-id list or 1-D array, or a list, tuple or 2-D array of those. TypeError for
+    anything else (None, a number, a dict, a generator), naming what it got."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, np.ndarray):
+        return [texts] if texts.ndim == 1 else list(texts) if texts.ndim == 2 else [texts]  # other shapes: refused later
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a str, a list of token ids, or a list of those; got {type(texts).__name__}")
+    return [texts] if texts and isinstance(texts[0], (int, np.integer)) else list(texts)
 
 
 def _is_batch(prompt) -> bool:

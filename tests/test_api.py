@@ -654,3 +654,26 @@ def test_embeddings_are_transformers_final_hidden_states(tiny_llama, tiny_llama_
         assert llm.embed(llm.tokenize("def main():")).shape == (1, llm.config.hidden_size)
         with pytest.raises(ValueError, match="pooling"):
             llm.embed("x", pooling="cls")
+
+
+def test_embed_takes_arrays_of_ids_and_refuses_other_types_by_name(llm):
+    """embed(np.array(ids)) was numpy's "truth value of an array ... is ambiguous", a 2-D array of
+    ids the same; None "'NoneType' object is not iterable", 5 "not subscriptable", a dict KeyError 0.
+    Arrays are token ids (1-D: one text; 2-D: one per row) as logits() takes them; other types are a
+    TypeError naming `texts` (and an item that is neither text nor ids a PyllmError, as before)."""
+    ids = llm.tokenize("Paris is the capital")
+    one = llm.embed(ids)
+    for same in (np.array(ids), np.array(ids, dtype=np.int32), tuple(ids), [np.array(ids)]):
+        assert np.array_equal(llm.embed(same), one)
+    rows = np.array([ids, ids[::-1]])
+    assert np.array_equal(llm.embed(rows), llm.embed([ids, ids[::-1]]))
+    for bad in (None, 5, 2.5, {"a": 1}, (t for t in ["a"]), b"bytes"):
+        with pytest.raises(TypeError, match="texts must be"):
+            llm.embed(bad)
+    from pyllm.errors import PyllmError
+
+    for bad in (np.array([1.5, 2.0]), np.zeros((1, 2, 2), dtype=np.int64), [[]], [[1, "a"]], ["a", None], [ids, 3.0]):
+        with pytest.raises(PyllmError):
+            llm.embed(bad)
+    assert llm.embed([]).shape == (0, llm.config.hidden_size)
+    assert llm.generate("Paris", max_new_tokens=2)  # the engine is still usable
