@@ -459,6 +459,50 @@ def test_cli_chat_template_override(tiny_llama_f32, tmp_path):
     assert r.returncode == 1 and "unknown chat template" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_options_that_would_be_ignored_are_refused(tiny_llama_f32, monkeypatch, capsys):
+    """`pyllm run -p X --raw --system S` continued X and dropped S in silence, as did --system with a
+    model that has no chat template (plain completion), and `pyllm run --raw` in a terminal chatted
+    through the template anyway. Each is now one line naming the option, exit status 1."""
+    import io
+
+    from pyllm import cli, repl
+
+    chats = []
+    monkeypatch.setattr(repl, "chat_loop", lambda *a, **k: chats.append(a) or 0)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Piped(io.TextIOWrapper):
+        def isatty(self):
+            return False
+
+    for stdin, argv, says in ((Terminal(), ["-p", "Paris is", "--raw", "--system", "Be brief."], "--system"),
+                              (Piped(io.BytesIO(b"Paris is")), ["--raw", "--system", "Be brief."], "--system"),
+                              (Terminal(), ["--raw"], "--raw"), (Terminal(), ["--raw", "--system", "Be brief."], "--raw")):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("pyllm run: error:") and says in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    real_open = cli._open
+
+    def without_template(args):
+        opened = real_open(args)
+        opened.chat_template = ""
+        return opened
+
+    monkeypatch.setattr(cli, "_open", without_template)
+    assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", "-p", "Paris is", "--system", "Be brief."]) == 1
+    err = capsys.readouterr().err
+    assert "--system" in err and "chat template" in err
+    assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", "-p", "Paris is"]) == 0  # plain completion
+    assert not chats
+    monkeypatch.setattr(cli, "_open", real_open)
+    assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", "--system", "Be brief."]) == 0 and chats
+
+
 def test_stop_string_naming_a_special_token_stops_at_it(llm):
     """Special tokens never reach the text, so stop=["<|im_end|>"] stops at the token itself."""
     end = llm.tokenizer.token_to_id("<|im_end|>")
