@@ -558,6 +558,12 @@ class LLM:
         stop, stop_ids = self._stop_tokens(list(stop or []), stop_token_ids)
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if logits_processors is not None and (not isinstance(logits_processors, (list, tuple)) or not all(
+                callable(p) for p in logits_processors)):
+            got = next((p for p in logits_processors if not callable(p)), None) if isinstance(
+                logits_processors, (list, tuple)) else logits_processors
+            raise TypeError("logits_processors must be a list of callables (ids, scores) -> scores; got "
+                            + ("a list holding " if got is not logits_processors else "") + f"{type(got).__name__}")
         processors = list(logits_processors or [])
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:

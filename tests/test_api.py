@@ -558,6 +558,24 @@ def test_penalties_bias_and_processors_change_the_choice(llm):
         llm.generate("a", presence_penalty=3)
 
 
+def test_logits_processors_that_are_not_callables_are_refused_before_generating(llm, monkeypatch):
+    """logits_processors=[5] failed with "'int' object is not callable" at the first token, after the
+    prompt ran (with stream=True, at the first read); a bare function (not in a list) with
+    "'function' object is not iterable". Both are now a TypeError naming the option, before the engine runs."""
+    ran = []
+    monkeypatch.setattr(llm, "_prefill", lambda *a, **k: ran.append(1))
+    for bad in ([5], [lambda ids, s: s, None], ("not callable",), lambda ids, s: s, 5, "abc", {"a": 1}):
+        for stream in (False, True):
+            with pytest.raises(TypeError, match="logits_processors must be a list of callables"):
+                llm.generate("Paris", max_new_tokens=2, logits_processors=bad, stream=stream)
+        with pytest.raises(TypeError, match="logits_processors"):
+            llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2, logits_processors=bad)
+    assert not ran
+    monkeypatch.undo()
+    assert llm.generate("Paris", max_new_tokens=2, logits_processors=(lambda ids, s: s,)) == \
+        llm.generate("Paris", max_new_tokens=2)
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
