@@ -356,7 +356,10 @@ class LLM:
     def kv_cache_bytes(self) -> int:
         """Bytes the engine's KV cache takes, as allocated: n_parallel sequences of context_length positions
         (the CPU engine pads each kv head's positions a little: 1/128 more at a 4096 context, f16)."""
-        return self.engine.kv_cache_bytes
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("this LLM is closed")
+        return engine.kv_cache_bytes
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

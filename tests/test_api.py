@@ -91,6 +91,14 @@ def test_closed_model_refuses_work(tiny_llama_f32):
     model.close()
     with pytest.raises(RuntimeError, match="closed"):
         model.generate("Hello", max_new_tokens=2)
+    # every use of the engine says so (kv_cache_bytes was AttributeError: 'NoneType' object has no attribute)
+    uses = [lambda: model.kv_cache_bytes, lambda: model.logits([1, 2]), lambda: model.logits_many([[1, 2]]),
+            lambda: model.embed("Hello"), lambda: model.generate(["a", "b"], max_new_tokens=2),
+            lambda: model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2),
+            lambda: "".join(model.generate("Hello", max_new_tokens=2, stream=True))]
+    for use in uses:
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
 
 
 def test_bad_token_ids_are_refused(llm):
