@@ -515,6 +515,9 @@ def normalize_messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise TemplateError(f"message {n}: content must be a string, a list of text parts, or null")
         if m.get("tool_calls") is not None:
+            if not isinstance(m["tool_calls"], (list, tuple)):  # a dict's keys or a string's letters were "calls"
+                raise TemplateError(f"message {n}: tool_calls must be a list of tool calls (got "
+                                    f"{type(m['tool_calls']).__name__})")
             m["tool_calls"] = [_template_tool_call(call, n) for call in m["tool_calls"]]
         out.append(m)
     return out

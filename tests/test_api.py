@@ -607,6 +607,16 @@ def test_chat_accepts_content_parts_none_and_tool_turns(llm):
     assert isinstance(llm.chat(messages, max_new_tokens=2), str)
     with pytest.raises(ValueError, match="image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    # tool_calls that are not a list: 5 was TypeError "'int' object is not iterable", one call given
+    # as a dict (not in a list) "each tool call needs a 'function' object" (its keys were taken as calls)
+    from pyllm.chat_template import TemplateError
+
+    call = messages[1]["tool_calls"][0]
+    for bad in (5, call, "c1", True, 2.5):
+        with pytest.raises(TemplateError, match="message 1: tool_calls must be a list of tool calls"):
+            llm.chat([messages[0], dict(messages[1], tool_calls=bad), messages[2]], max_new_tokens=2)
+    assert llm.chat([messages[0], dict(messages[1], tool_calls=(call,)), messages[2]], max_new_tokens=2) == \
+        llm.chat(messages, max_new_tokens=2)
 
 
 def test_structured_output_from_python(llm):
