@@ -949,8 +949,8 @@ def _embed_inputs(texts) -> list:
 
 
 def _is_batch(prompt) -> bool:
-    """A list of prompts (texts or token-id lists), as opposed to one prompt's token ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple))
+    """A list of prompts (texts, token-id lists or arrays), as opposed to one prompt's token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple, np.ndarray))
                                                                          for p in prompt)
 
 

@@ -757,3 +757,20 @@ def test_embed_takes_arrays_of_ids_and_refuses_other_types_by_name(llm):
             llm.embed(bad)
     assert llm.embed([]).shape == (0, llm.config.hidden_size)
     assert llm.generate("Paris", max_new_tokens=2)  # the engine is still usable
+
+
+def test_a_list_of_token_id_arrays_is_a_batch(llm):
+    """generate([np.array(ids), ...]) (ids as arrays, as a single prompt may be) was refused with
+    "prompt must be a str or a list of token ids (ints); got list with non-int items". Arrays are
+    prompts of a batch like lists, mixed with texts and lists too."""
+    texts = ["Paris is", "The quick brown"]
+    ids = [llm.tokenize(t) for t in texts]
+    expected = llm.generate(texts, max_new_tokens=4)
+    assert expected == [llm.generate(t, max_new_tokens=4) for t in texts]
+    for prompts in ([np.array(i) for i in ids], [np.array(ids[0], dtype=np.int32), ids[1]],
+                    (texts[0], np.array(ids[1], dtype=np.uint32))):
+        assert llm.generate(prompts, max_new_tokens=4) == expected
+    assert llm.generate([np.array(ids[0])], max_new_tokens=4) == expected[:1]
+    for bad in ([np.array(ids[0]), 5], [np.array([1.5, 2.0])], [np.array([[1, 2]])]):
+        with pytest.raises((TypeError, ValueError)):
+            llm.generate(bad, max_new_tokens=2)
