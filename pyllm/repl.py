@@ -163,7 +163,9 @@ def read_message(input_fn=input) -> str | None:
 
 def line_editor():
     """input()'s replacement in a terminal: a prompt_toolkit session with its history in the cache
-    directory. None when stdin or stdout is not a terminal."""
+    directory. None when stdin or stdout is not a terminal. A history that cannot be read or written
+    (a read-only or full disk, a file or directory in its way) keeps this session's messages in
+    memory instead, said once on stderr: it never stops the chat."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return None
     from prompt_toolkit import PromptSession
@@ -171,8 +173,34 @@ def line_editor():
 
     from .model_cache import cache_dir
 
-    os.makedirs(cache_dir(), exist_ok=True)
-    session = PromptSession(history=FileHistory(os.path.join(cache_dir(), HISTORY_FILE)))
+    class History(FileHistory):
+        failed = False
+
+        def fail(self, error: OSError) -> None:
+            if not self.failed:
+                self.failed = True
+                print(f"(chat history not saved: {error})", file=sys.stderr)
+
+        def load_history_strings(self):
+            try:
+                return list(super().load_history_strings())
+            except OSError as e:
+                self.fail(e)
+                return []
+
+        def store_string(self, string: str) -> None:
+            if not self.failed:
+                try:
+                    super().store_string(string)
+                except OSError as e:
+                    self.fail(e)
+
+    history = History(os.path.join(cache_dir(), HISTORY_FILE))
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+    except OSError as e:
+        history.fail(e)
+    session = PromptSession(history=history)
     return lambda prompt="": session.prompt(prompt)
 
 

@@ -213,6 +213,39 @@ def test_line_editor_history_paste_and_long_lines(tiny_llama_f32, tmp_path):
     child.expect(pexpect.EOF)
 
 
+def test_a_history_that_cannot_be_saved_does_not_stop_the_chat(tiny_llama_f32, tmp_path):
+    """A cache directory that cannot be made (a file in its way, a read-only disk) ended `pyllm run`
+    in a terminal with "error: [Errno 20] Not a directory" before the first message; a directory in
+    place of the history file likewise at its first line. The chat now goes on, the history kept in
+    memory (Up recalls this session's messages), said once on stderr."""
+    pexpect = pytest.importorskip("pexpect")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    in_place = tmp_path / "cache"
+    (in_place / "pyllm" / repl.HISTORY_FILE).mkdir(parents=True)
+    import io
+
+    for cache in (blocked, in_place):
+        child = spawn_chat(tiny_llama_f32, cache, "-n", "2")
+        child.logfile_read = seen = io.StringIO()
+        seen.write(child.before + child.buffer)  # (what came after the prompt is not logged again)
+        for message in ("first message", "second message"):
+            child.send(message + "\r")
+            child.expect(STATS)
+            child.expect_exact(READY)
+        assert seen.getvalue().count("chat history not saved") == 1, seen.getvalue()  # said once
+        child.send("\x1b[A\x1b[A")  # this session's history, in memory
+        child.expect("first message")
+        child.send("\r")
+        child.expect(STATS)
+        child.expect_exact(READY)
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    assert blocked.read_text() == "not a directory"
+
+
 def test_regen_with_seed_differs_and_sessions_repeat(tiny_llama_f32, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     sessions = []
