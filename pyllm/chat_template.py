@@ -101,7 +101,18 @@ def resolve_chat_template(value: str) -> str:
     """A chat template from a built-in name, a file (Jinja text), or Jinja source itself.
 
     Raises FileNotFoundError for a path (it has a directory part or a template file suffix) that
-    names no file, TemplateError for an unknown name, an empty file or a template that is not valid Jinja."""
+    names no file, TemplateError for an unknown name, an empty file or a template that is not valid
+    Jinja, TypeError for a value that is neither a str nor a path (os.PathLike, taken as a file)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        if isinstance(value, bytes):
+            value = os.fsdecode(value)
+        if not os.path.isfile(value):
+            raise FileNotFoundError(f"chat template file {value} not found" +
+                                    (" (it is a directory)" if os.path.isdir(value) else ""))
+    if not isinstance(value, str):
+        raise TypeError("chat_template must be a built-in name, a Jinja file's path or Jinja source; got "
+                        f"{type(value).__name__}")
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
     if "{{" in value or "{%" in value:
