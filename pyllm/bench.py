@@ -189,6 +189,21 @@ def stage_profile(seconds: Counter, tokens: int, wall_seconds: float,
     return {"ms_per_token": wall, "stages": stages}
 
 
+def check_probe_bytes(nbytes: int) -> None:
+    """The read-bandwidth probe's buffer (0: no probe) must fit in half the machine's memory, beside
+    the model and its KV cache: LimitError before any test runs (the probe runs last: a buffer past
+    the memory was std::bad_alloc after the whole benchmark, or the kernel's OOM killer)."""
+    from .errors import LimitError
+    from .limits import physical_memory
+
+    if nbytes < 0:
+        raise ValueError("--bandwidth-mib must be >= 0")
+    physical = physical_memory()
+    if physical is not None and nbytes > physical // 2:
+        raise LimitError(f"the read-bandwidth probe's buffer of {nbytes >> 20} MiB exceeds half of this machine's "
+                         f"{physical >> 20} MiB of memory (lower --bandwidth-mib, or 0 to skip the probe)")
+
+
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,
               bandwidth_bytes: int = 1 << 30, log=None, kv_cache: str = "auto", device: str = "cpu",
               depth: int = 0, activation_quant: str = "int8x2") -> dict:
@@ -203,6 +218,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
         raise ValueError("-t must be at least 1")
     if depth < 0:
         raise ValueError("-d must be >= 0")
+    check_probe_bytes(bandwidth_bytes if device == "cpu" else 0)
     before = memory_status()
     n_ctx = depth + n_prompt + n_gen
     loads = []
@@ -348,9 +364,8 @@ def bench_command(args) -> int:
     """`pyllm bench` (arguments registered in cli.py)."""
     from .cli import model_path
 
+    check_probe_bytes(args.bandwidth_mib << 20)
     path = model_path(args)
-    if args.bandwidth_mib < 0:
-        raise ValueError("--bandwidth-mib must be >= 0")
     result = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, args.threads,
                        args.bandwidth_mib << 20, log=None if args.json else sys.stderr, kv_cache=args.kv_cache,
                        device=args.device, depth=args.depth, activation_quant=args.activation_quant)

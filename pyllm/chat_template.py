@@ -101,7 +101,18 @@ def resolve_chat_template(value: str) -> str:
     """A chat template from a built-in name, a file (Jinja text), or Jinja source itself.
 
     Raises FileNotFoundError for a path (it has a directory part or a template file suffix) that
-    names no file, TemplateError for an unknown name, an empty file or a template that is not valid Jinja."""
+    names no file, TemplateError for an unknown name, an empty file or a template that is not valid
+    Jinja, TypeError for a value that is neither a str nor a path (os.PathLike, taken as a file)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        if isinstance(value, bytes):
+            value = os.fsdecode(value)
+        if not os.path.isfile(value):
+            raise FileNotFoundError(f"chat template file {value} not found" +
+                                    (" (it is a directory)" if os.path.isdir(value) else ""))
+    if not isinstance(value, str):
+        raise TypeError("chat_template must be a built-in name, a Jinja file's path or Jinja source; got "
+                        f"{type(value).__name__}")
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
     if "{{" in value or "{%" in value:
@@ -672,6 +683,9 @@ def normalize_messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise TemplateError(f"message {n}: content must be a string, a list of text parts, or null")
         if m.get("tool_calls") is not None:
+            if not isinstance(m["tool_calls"], (list, tuple)):  # a dict's keys or a string's letters were "calls"
+                raise TemplateError(f"message {n}: tool_calls must be a list of tool calls (got "
+                                    f"{type(m['tool_calls']).__name__})")
             m["tool_calls"] = [_template_tool_call(call, n) for call in m["tool_calls"]]
         out.append(m)
     return out

@@ -185,8 +185,16 @@ def cmd_run(args) -> int:
                              "terminal without -p to chat)")
     if prompt is not None and not prompt.strip():
         raise ValueError("the prompt is empty (give some text with -p, or leave -p out to chat)")
+    if args.raw and prompt is None:
+        raise ValueError("--raw continues a prompt as plain text: give one with -p or on stdin (the chat "
+                         "without -p always uses the chat template)")
+    if args.raw and args.system:
+        raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
     llm = _open(args)
     if prompt is not None:
+        if not llm.chat_template and not args.raw and args.system:
+            raise ValueError("--system is a chat message, and the model has no chat template: give one with "
+                             "--chat-template NAME, or leave --system out for plain completion")
         if llm.chat_template and not args.raw:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)

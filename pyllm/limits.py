@@ -46,12 +46,19 @@ def check_context_length(value) -> int:
     return _positive_int("context_length", value, MAX_CONTEXT_LENGTH)
 
 
+def physical_memory() -> int | None:
+    """Bytes of the machine's memory, or None on systems that do not report it."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_kv_cache_bytes(nbytes: int, what: str) -> int:
     """A KV cache of nbytes must fit in the machine's memory (LimitError naming its size otherwise); on
     systems that do not report their memory, nothing is checked here (the engine's allocation fails)."""
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    physical = physical_memory()
+    if physical is None:
         return nbytes
     if nbytes > physical:
         raise LimitError(f"{what} needs a KV cache of {nbytes / 2**30:.1f} GiB; this machine has "

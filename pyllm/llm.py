@@ -362,7 +362,10 @@ class LLM:
     def kv_cache_bytes(self) -> int:
         """Bytes the engine's KV cache takes, as allocated: n_parallel sequences of context_length positions
         (the CPU engine pads each kv head's positions a little: 1/128 more at a 4096 context, f16)."""
-        return self.engine.kv_cache_bytes
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("this LLM is closed")
+        return engine.kv_cache_bytes
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -468,9 +471,7 @@ class LLM:
         models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False."""
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-        if isinstance(texts, str) or (texts and isinstance(texts[0], (int, np.integer))):
-            texts = [texts]
-        checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in texts]
+        checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in _embed_inputs(texts)]
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call(frozenset({0}))
         self._acquire(call)
@@ -577,6 +578,12 @@ class LLM:
         stop, stop_ids = self._stop_tokens(list(stop or []), stop_token_ids)
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if logits_processors is not None and (not isinstance(logits_processors, (list, tuple)) or not all(
+                callable(p) for p in logits_processors)):
+            got = next((p for p in logits_processors if not callable(p)), None) if isinstance(
+                logits_processors, (list, tuple)) else logits_processors
+            raise TypeError("logits_processors must be a list of callables (ids, scores) -> scores; got "
+                            + ("a list holding " if got is not logits_processors else "") + f"{type(got).__name__}")
         processors = list(logits_processors or [])
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
@@ -945,9 +952,22 @@ def token_ids(ids, vocab_size: int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
+def _embed_inputs(texts) -> list:
+    """embed()'s texts as a list of items, each a str or token ids (PyllmError later otherwise): one
+    text, one token-id list or 1-D array, or a list, tuple or 2-D array of those. TypeError for
+    anything else (None, a number, a dict, a generator), naming what it got."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, np.ndarray):
+        return [texts] if texts.ndim == 1 else list(texts) if texts.ndim == 2 else [texts]  # other shapes: refused later
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a str, a list of token ids, or a list of those; got {type(texts).__name__}")
+    return [texts] if texts and isinstance(texts[0], (int, np.integer)) else list(texts)
+
+
 def _is_batch(prompt) -> bool:
-    """A list of prompts (texts or token-id lists), as opposed to one prompt's token ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple))
+    """A list of prompts (texts, token-id lists or arrays), as opposed to one prompt's token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple, np.ndarray))
                                                                          for p in prompt)
 
 

@@ -37,6 +37,14 @@ class PerplexityResult:
                 f"tokens ({self.scored_tokens} scored), {self.tokens_per_second:.1f} tokens/s")
 
 
+def _exp(x: float) -> float:
+    """math.exp, inf past a float's range (a model sure of wrong tokens: mean NLL above ~709.8)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log p(target) for each row.   logits: f32 [n, vocab]   targets: int [n]"""
     x = logits.astype(np.float64)
@@ -82,9 +90,11 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
             total_sq += float(np.sum(nll * nll))
             count += len(nll)
             if progress is not None:
-                progress(len(window_nll), n, math.exp(total / count))
+                progress(len(window_nll), n, _exp(total / count))
     mean = total / count
     variance = max(total_sq / count - mean * mean, 0.0)
-    ppl = math.exp(mean)
+    ppl = _exp(mean)
     uncertainty = ppl * math.sqrt(variance / (count - 1)) if count > 1 else float("nan")
+    if ppl == math.inf:
+        uncertainty = math.inf  # (not inf * 0)
     return PerplexityResult(ppl, n, ctx, count, window_nll, uncertainty, n * ctx / seconds if seconds > 0 else 0.0)

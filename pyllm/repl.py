@@ -78,8 +78,9 @@ class ChatSession:
                       file=self.err)
         elif name == "/regen":
             if self.turns and self.turns[-1]["role"] == "assistant":
-                self.turns.pop()
-                self.reply()
+                last = self.turns.pop()
+                if not self.reply():  # refused (a longer /system no longer fits): the turn stays as it was
+                    self.turns.append(last)
             else:
                 print("(nothing to regenerate)", file=self.err)
         else:
@@ -93,19 +94,21 @@ class ChatSession:
 
     def say(self, text: str) -> None:
         self.turns.append({"role": "user", "content": text})
-        self.reply()
+        if not self.reply():
+            self.turns.pop()
 
-    def reply(self) -> None:
-        """Streams the model's reply to the last user message; Ctrl-C stops it (the part written is kept)."""
+    def reply(self) -> bool:
+        """Streams the model's reply to the last user message; Ctrl-C stops it (the part written is kept).
+        False (the error said, the conversation unchanged) when the conversation no longer fits or the
+        template refuses it."""
         sampling = dict(self.sampling)
         if self.seeds is not None:
             sampling["seed"] = int(self.seeds.integers(1 << 62))
         try:
             stream = self.llm.chat(self.messages(), stream=True, **sampling)
         except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
-            self.turns.pop()
             print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
-            return
+            return False
         pieces = []
         restore = _on_interrupt(stream.cancel)
         try:
@@ -122,6 +125,7 @@ class ChatSession:
             print(cut + ("; /clear starts over" if not stream.stats.hit_token_limit else "") + "]", file=self.err)
         note = " (stopped)" if stream.stats.finish_reason == "cancelled" else ""
         print(stream.stats.line() + note, file=self.err)
+        return True
 
 
 def cut_notice(stats, context_length: int) -> str | None:
@@ -159,7 +163,9 @@ def read_message(input_fn=input) -> str | None:
 
 def line_editor():
     """input()'s replacement in a terminal: a prompt_toolkit session with its history in the cache
-    directory. None when stdin or stdout is not a terminal."""
+    directory. None when stdin or stdout is not a terminal. A history that cannot be read or written
+    (a read-only or full disk, a file or directory in its way) keeps this session's messages in
+    memory instead, said once on stderr: it never stops the chat."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return None
     from prompt_toolkit import PromptSession
@@ -167,8 +173,34 @@ def line_editor():
 
     from .model_cache import cache_dir
 
-    os.makedirs(cache_dir(), exist_ok=True)
-    session = PromptSession(history=FileHistory(os.path.join(cache_dir(), HISTORY_FILE)))
+    class History(FileHistory):
+        failed = False
+
+        def fail(self, error: OSError) -> None:
+            if not self.failed:
+                self.failed = True
+                print(f"(chat history not saved: {error})", file=sys.stderr)
+
+        def load_history_strings(self):
+            try:
+                return list(super().load_history_strings())
+            except OSError as e:
+                self.fail(e)
+                return []
+
+        def store_string(self, string: str) -> None:
+            if not self.failed:
+                try:
+                    super().store_string(string)
+                except OSError as e:
+                    self.fail(e)
+
+    history = History(os.path.join(cache_dir(), HISTORY_FILE))
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+    except OSError as e:
+        history.fail(e)
+    session = PromptSession(history=history)
     return lambda prompt="": session.prompt(prompt)
 
 

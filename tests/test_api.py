@@ -91,6 +91,14 @@ def test_closed_model_refuses_work(tiny_llama_f32):
     model.close()
     with pytest.raises(RuntimeError, match="closed"):
         model.generate("Hello", max_new_tokens=2)
+    # every use of the engine says so (kv_cache_bytes was AttributeError: 'NoneType' object has no attribute)
+    uses = [lambda: model.kv_cache_bytes, lambda: model.logits([1, 2]), lambda: model.logits_many([[1, 2]]),
+            lambda: model.embed("Hello"), lambda: model.generate(["a", "b"], max_new_tokens=2),
+            lambda: model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2),
+            lambda: "".join(model.generate("Hello", max_new_tokens=2, stream=True))]
+    for use in uses:
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
 
 
 def test_bad_token_ids_are_refused(llm):
@@ -459,6 +467,50 @@ def test_cli_chat_template_override(tiny_llama_f32, tmp_path):
     assert r.returncode == 1 and "unknown chat template" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_options_that_would_be_ignored_are_refused(tiny_llama_f32, monkeypatch, capsys):
+    """`pyllm run -p X --raw --system S` continued X and dropped S in silence, as did --system with a
+    model that has no chat template (plain completion), and `pyllm run --raw` in a terminal chatted
+    through the template anyway. Each is now one line naming the option, exit status 1."""
+    import io
+
+    from pyllm import cli, repl
+
+    chats = []
+    monkeypatch.setattr(repl, "chat_loop", lambda *a, **k: chats.append(a) or 0)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Piped(io.TextIOWrapper):
+        def isatty(self):
+            return False
+
+    for stdin, argv, says in ((Terminal(), ["-p", "Paris is", "--raw", "--system", "Be brief."], "--system"),
+                              (Piped(io.BytesIO(b"Paris is")), ["--raw", "--system", "Be brief."], "--system"),
+                              (Terminal(), ["--raw"], "--raw"), (Terminal(), ["--raw", "--system", "Be brief."], "--raw")):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("pyllm run: error:") and says in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    real_open = cli._open
+
+    def without_template(args):
+        opened = real_open(args)
+        opened.chat_template = ""
+        return opened
+
+    monkeypatch.setattr(cli, "_open", without_template)
+    assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", "-p", "Paris is", "--system", "Be brief."]) == 1
+    err = capsys.readouterr().err
+    assert "--system" in err and "chat template" in err
+    assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", "-p", "Paris is"]) == 0  # plain completion
+    assert not chats
+    monkeypatch.setattr(cli, "_open", real_open)
+    assert cli.main(["run", tiny_llama_f32, "-n", "2", "-t", "1", "--system", "Be brief."]) == 0 and chats
+
+
 def test_stop_string_naming_a_special_token_stops_at_it(llm):
     """Special tokens never reach the text, so stop=["<|im_end|>"] stops at the token itself."""
     end = llm.tokenizer.token_to_id("<|im_end|>")
@@ -514,6 +566,24 @@ def test_penalties_bias_and_processors_change_the_choice(llm):
         llm.generate("a", presence_penalty=3)
 
 
+def test_logits_processors_that_are_not_callables_are_refused_before_generating(llm, monkeypatch):
+    """logits_processors=[5] failed with "'int' object is not callable" at the first token, after the
+    prompt ran (with stream=True, at the first read); a bare function (not in a list) with
+    "'function' object is not iterable". Both are now a TypeError naming the option, before the engine runs."""
+    ran = []
+    monkeypatch.setattr(llm, "_prefill", lambda *a, **k: ran.append(1))
+    for bad in ([5], [lambda ids, s: s, None], ("not callable",), lambda ids, s: s, 5, "abc", {"a": 1}):
+        for stream in (False, True):
+            with pytest.raises(TypeError, match="logits_processors must be a list of callables"):
+                llm.generate("Paris", max_new_tokens=2, logits_processors=bad, stream=stream)
+        with pytest.raises(TypeError, match="logits_processors"):
+            llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2, logits_processors=bad)
+    assert not ran
+    monkeypatch.undo()
+    assert llm.generate("Paris", max_new_tokens=2, logits_processors=(lambda ids, s: s,)) == \
+        llm.generate("Paris", max_new_tokens=2)
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
@@ -537,6 +607,16 @@ def test_chat_accepts_content_parts_none_and_tool_turns(llm):
     assert isinstance(llm.chat(messages, max_new_tokens=2), str)
     with pytest.raises(ValueError, match="image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    # tool_calls that are not a list: 5 was TypeError "'int' object is not iterable", one call given
+    # as a dict (not in a list) "each tool call needs a 'function' object" (its keys were taken as calls)
+    from pyllm.chat_template import TemplateError
+
+    call = messages[1]["tool_calls"][0]
+    for bad in (5, call, "c1", True, 2.5):
+        with pytest.raises(TemplateError, match="message 1: tool_calls must be a list of tool calls"):
+            llm.chat([messages[0], dict(messages[1], tool_calls=bad), messages[2]], max_new_tokens=2)
+    assert llm.chat([messages[0], dict(messages[1], tool_calls=(call,)), messages[2]], max_new_tokens=2) == \
+        llm.chat(messages, max_new_tokens=2)
 
 
 def test_structured_output_from_python(llm):
@@ -654,3 +734,43 @@ def test_embeddings_are_transformers_final_hidden_states(tiny_llama, tiny_llama_
         assert llm.embed(llm.tokenize("def main():")).shape == (1, llm.config.hidden_size)
         with pytest.raises(ValueError, match="pooling"):
             llm.embed("x", pooling="cls")
+
+
+def test_embed_takes_arrays_of_ids_and_refuses_other_types_by_name(llm):
+    """embed(np.array(ids)) was numpy's "truth value of an array ... is ambiguous", a 2-D array of
+    ids the same; None "'NoneType' object is not iterable", 5 "not subscriptable", a dict KeyError 0.
+    Arrays are token ids (1-D: one text; 2-D: one per row) as logits() takes them; other types are a
+    TypeError naming `texts` (and an item that is neither text nor ids a PyllmError, as before)."""
+    ids = llm.tokenize("Paris is the capital")
+    one = llm.embed(ids)
+    for same in (np.array(ids), np.array(ids, dtype=np.int32), tuple(ids), [np.array(ids)]):
+        assert np.array_equal(llm.embed(same), one)
+    rows = np.array([ids, ids[::-1]])
+    assert np.array_equal(llm.embed(rows), llm.embed([ids, ids[::-1]]))
+    for bad in (None, 5, 2.5, {"a": 1}, (t for t in ["a"]), b"bytes"):
+        with pytest.raises(TypeError, match="texts must be"):
+            llm.embed(bad)
+    from pyllm.errors import PyllmError
+
+    for bad in (np.array([1.5, 2.0]), np.zeros((1, 2, 2), dtype=np.int64), [[]], [[1, "a"]], ["a", None], [ids, 3.0]):
+        with pytest.raises(PyllmError):
+            llm.embed(bad)
+    assert llm.embed([]).shape == (0, llm.config.hidden_size)
+    assert llm.generate("Paris", max_new_tokens=2)  # the engine is still usable
+
+
+def test_a_list_of_token_id_arrays_is_a_batch(llm):
+    """generate([np.array(ids), ...]) (ids as arrays, as a single prompt may be) was refused with
+    "prompt must be a str or a list of token ids (ints); got list with non-int items". Arrays are
+    prompts of a batch like lists, mixed with texts and lists too."""
+    texts = ["Paris is", "The quick brown"]
+    ids = [llm.tokenize(t) for t in texts]
+    expected = llm.generate(texts, max_new_tokens=4)
+    assert expected == [llm.generate(t, max_new_tokens=4) for t in texts]
+    for prompts in ([np.array(i) for i in ids], [np.array(ids[0], dtype=np.int32), ids[1]],
+                    (texts[0], np.array(ids[1], dtype=np.uint32))):
+        assert llm.generate(prompts, max_new_tokens=4) == expected
+    assert llm.generate([np.array(ids[0])], max_new_tokens=4) == expected[:1]
+    for bad in ([np.array(ids[0]), 5], [np.array([1.5, 2.0])], [np.array([[1, 2]])]):
+        with pytest.raises((TypeError, ValueError)):
+            llm.generate(bad, max_new_tokens=2)

@@ -245,6 +245,28 @@ def test_chat_template_override_and_missing_template(tiny_llama_f32):
         pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="vicuna-ish")
 
 
+def test_chat_template_given_as_a_path_or_another_type(tiny_llama_f32, tmp_path):
+    """chat_template=pathlib.Path(file) (a path, as the model's own may be) was TypeError "argument of
+    type 'PosixPath' is not iterable"; 5 the same for int, a list "unhashable type". A path is the
+    file's template (FileNotFoundError when there is none); another type a TypeError naming the option."""
+    import pathlib
+
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    no_suffix = tmp_path / "template"  # a path object is a file even without a template suffix
+    no_suffix.write_text(template.read_text())
+    for given in (template, no_suffix, pathlib.PurePath(template).as_posix()):
+        path = pathlib.Path(given) if isinstance(given, str) else given
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=path) as model:
+            assert model.apply_chat_template([{"role": "user", "content": "Hi"}]) == "Q: Hi\nA:"
+    for missing in (tmp_path / "none.jinja", tmp_path / "chatml", tmp_path):
+        with pytest.raises(FileNotFoundError, match="chat template file"):
+            pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=missing)
+    for bad in (5, ["chatml"], {"chatml": 1}, b"chatml", 2.5):
+        with pytest.raises(TypeError, match="chat_template must be"):
+            pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=bad)
+
+
 def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_path):
     from pyllm.convert import convert_checkpoint
 

@@ -94,6 +94,27 @@ def test_context_full_is_reported_and_the_chat_goes_on(tiny_llama_f32, capsys):
     assert "context" in err and "/clear" in err and "Generation:" in err
 
 
+def test_regen_that_is_refused_keeps_the_turn(tiny_llama_f32, monkeypatch, capsys):
+    """/regen after a /system the conversation no longer fits with (or the template refuses) said
+    the error and dropped the last reply and its user message too: the next /regen had nothing
+    to regenerate, the turn was gone. Now the conversation stays as it was."""
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                 "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant:")
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    for template, system in ((None, "word " * 60), (no_system, "Be terse.")):
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=48, chat_template=template) as small:
+            first = small.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+            lines = ["hi", "/system " + system, "/regen", "/regen", "/exit"]
+            assert repl.chat_loop(small, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+            turns = sessions[-1].turns
+            assert turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}]
+        err = capsys.readouterr().err
+        assert err.count("error:") == 2 and "nothing to regenerate" not in err, err
+        assert err.count("Generation:") == 1  # the first reply, kept through both refusals
+
+
 def test_model_without_template_asks_for_one(llm, monkeypatch, capsys):
     monkeypatch.setattr(llm, "chat_template", "")
     assert repl.chat_loop(llm, None, {}, input_fn=_script(["hi"])) == 2
@@ -190,6 +211,39 @@ def test_line_editor_history_paste_and_long_lines(tiny_llama_f32, tmp_path):
     assert "^[[A" not in child.before
     child.sendeof()
     child.expect(pexpect.EOF)
+
+
+def test_a_history_that_cannot_be_saved_does_not_stop_the_chat(tiny_llama_f32, tmp_path):
+    """A cache directory that cannot be made (a file in its way, a read-only disk) ended `pyllm run`
+    in a terminal with "error: [Errno 20] Not a directory" before the first message; a directory in
+    place of the history file likewise at its first line. The chat now goes on, the history kept in
+    memory (Up recalls this session's messages), said once on stderr."""
+    pexpect = pytest.importorskip("pexpect")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    in_place = tmp_path / "cache"
+    (in_place / "pyllm" / repl.HISTORY_FILE).mkdir(parents=True)
+    import io
+
+    for cache in (blocked, in_place):
+        child = spawn_chat(tiny_llama_f32, cache, "-n", "2")
+        child.logfile_read = seen = io.StringIO()
+        seen.write(child.before + child.buffer)  # (what came after the prompt is not logged again)
+        for message in ("first message", "second message"):
+            child.send(message + "\r")
+            child.expect(STATS)
+            child.expect_exact(READY)
+        assert seen.getvalue().count("chat history not saved") == 1, seen.getvalue()  # said once
+        child.send("\x1b[A\x1b[A")  # this session's history, in memory
+        child.expect("first message")
+        child.send("\r")
+        child.expect(STATS)
+        child.expect_exact(READY)
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    assert blocked.read_text() == "not a directory"
 
 
 def test_regen_with_seed_differs_and_sessions_repeat(tiny_llama_f32, tmp_path):

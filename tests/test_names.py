@@ -163,3 +163,26 @@ def test_perplexity_uncertainty_is_llama_cpps():
     assert math.isclose(result.perplexity, math.exp(nll.mean()), rel_tol=1e-9)
     expected = math.exp(nll.mean()) * math.sqrt(nll.var() / (len(nll) - 1))
     assert math.isclose(result.uncertainty, expected, rel_tol=1e-9)
+
+
+def test_perplexity_past_a_floats_range_is_inf_not_an_overflow_error():
+    """A model sure of the wrong tokens (mean NLL above ~709.8, logits spread by thousands: a broken
+    conversion) made perplexity() raise OverflowError ('math range error'), in the progress callback
+    and at the end: `pyllm perplexity` printed that and no result. It is now inf."""
+    import math
+
+    import numpy as np
+
+    from pyllm.perplexity import perplexity
+
+    tokens = [0] * 64
+    seen = []
+    for spread in (710.0, 1000.0, 3e38):
+        logits = np.zeros((16, 8), dtype=np.float32)
+        logits[:, 1] = spread  # every target is 0; token 1 takes all the probability
+        result = perplexity(lambda ids: logits, tokens, ctx=16, progress=lambda d, n, p: seen.append(p))
+        assert result.perplexity == math.inf and seen[-1] == math.inf, spread
+        assert result.line().startswith("perplexity inf ± inf over 4 windows")
+    logits = np.zeros((16, 8), dtype=np.float32)
+    logits[:, 1] = 700.0  # just inside the range: still a number
+    assert math.isfinite(perplexity(lambda ids: logits, tokens, ctx=16).perplexity)

@@ -414,6 +414,108 @@ def _assert_stream_equals_decode(tok, seed, rounds=150):
             assert "".join(_stream(tok, context, ids)) == full[len(before):], ids
 
 
+def _assert_stream_after_a_cut_character(tok, seed, rounds=60):
+    """A context that ends inside a character (token ids cut from an earlier reply mid-emoji): the
+    reply's pieces are the text of its bytes from the first byte of that character on (the generated
+    bytes complete it), no more (the context's own characters, a U+FFFD it holds, are not repeated)
+    and no less. Its text was lost: every piece "", flush() too."""
+    import numpy as np
+
+    def whole(data: bytes) -> int:  # the length of the longest prefix of whole characters
+        return next(n for n in range(len(data), len(data) - 4, -1) if _valid_utf8(data[:n]))
+
+    rng = np.random.default_rng(seed)
+    cut = 0
+    for text in ("emoji 😀🎉", "中文测试", "Ωμέγα ק 🦙", "café", "what is \ufffd here"):
+        ids = tok.encode(text + " and more", add_special_tokens=False)
+        data = [tok.token_bytes(i) for i in ids]
+        for k in range(1, len(ids)):
+            context, reply = ids[:k], ids[k:]
+            joined = b"".join(data)
+            start = whole(b"".join(data[:k]))
+            assert "".join(_stream(tok, context, reply)) == joined[start:].decode("utf-8"), (text, k)
+            cut += start < len(b"".join(data[:k]))
+    assert cut > 0  # some contexts did end inside a character
+    checked = 0
+    for _ in range(rounds):  # random contexts ending on a whole character, and replies
+        context, extra = _random_ids(tok, rng, int(rng.integers(1, 6))), _random_ids(tok, rng, int(rng.integers(1, 12)))
+        before, full = tok.decode(context), tok.decode(context + extra)
+        ends_whole = _valid_utf8(b"".join(tok.token_bytes(i) for i in context)[-4:].lstrip(bytes(range(0x80, 0xC0))))
+        if full.startswith(before) and ends_whole:
+            assert "".join(_stream(tok, context, extra)) == full[len(before):], (context, extra)
+            checked += 1
+    assert checked > rounds // 4
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_stream_after_a_context_cut_inside_a_character_byte_level_bpe(bpe):
+    llm, _ = bpe
+    _assert_stream_after_a_cut_character(llm.tokenizer, seed=4)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_stream_after_a_context_cut_inside_a_character_sentencepiece_byte_fallback(sp_models, case):
+    llm, _ = sp_models[case]
+    _assert_stream_after_a_cut_character(llm.tokenizer, seed=5)
+
+
+def _scripted(ids):
+    """A logits processor that makes the reply `ids`, one per step."""
+    def force(context, scores):
+        scores[:] = -float("inf")
+        scores[ids[min(force.step, len(ids) - 1)]] = 0.0
+        force.step += 1
+        return scores
+    force.step = 0
+    return force
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_models, case):
+    """A prompt ending in characters the vocabulary lacks ("∑☃": a run of byte tokens, the 4-id
+    context tail starting inside the first) and a reply whose bytes continue the run ("∑"): the
+    reply came as U+FFFD, one per byte (the run decoded from its middle is invalid UTF-8)."""
+    llm, _ = sp_models[case]
+    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑")):
+        ids = llm.tokenize(prompt + rest, add_special_tokens=False)
+        k = next(k for k in range(len(ids)) if llm.detokenize(ids[:k]).endswith(prompt))
+        assert all(i in llm.tokenizer.run_byte_ids for i in ids[k - 4:k + 2])
+        stream = llm.generate(ids[:k], max_new_tokens=len(ids) - k, logits_processors=[_scripted(ids[k:])],
+                              stream=True)
+        assert "".join(stream) == rest, prompt
+        assert [t.id for t in stream.tokens] == ids[k:]
+
+
+def test_stream_after_a_context_cut_inside_a_character_sentencepiece_kind(sp_kind_tokenizer):
+    tok, _ = sp_kind_tokenizer
+    _assert_stream_after_a_cut_character(tok, seed=6)
+
+
+def test_generate_from_ids_cut_inside_a_character_returns_its_text(bpe):
+    """generate(ids) with ids ending inside a character (continuing a reply cut by max_new_tokens
+    mid-emoji) returned "" for every token it generated, alone and in a batch."""
+    llm, _ = bpe
+    ids = llm.tokenize("Emoji 😀🎉 and more", add_special_tokens=False)
+    cuts = [k for k in range(1, len(ids)) if llm.detokenize(ids[:k]).endswith("\ufffd")]
+    assert cuts
+    for k in cuts:
+        stream = llm.generate(ids[:k], max_new_tokens=8, stream=True, stop_token_ids=[], logit_bias={
+            i: 50.0 for i in ids[k:k + 1]})  # the first token completes the character
+        text = "".join(stream)
+        generated = [t.id for t in stream.tokens]
+        before = llm.detokenize(ids[:k][-4:]).rstrip("\ufffd")
+        assert text and text == llm.detokenize(ids[:k][-4:] + generated)[len(before):], (k, generated)
+        assert llm.generate([ids[:k]], max_new_tokens=8, stop_token_ids=[], logit_bias={
+            i: 50.0 for i in ids[k:k + 1]}) == [text]
+
+
 def test_stream_equals_decode_on_random_ids_byte_level_bpe(bpe):
     llm, _ = bpe
     _assert_stream_equals_decode(llm.tokenizer, seed=1)
