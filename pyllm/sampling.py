@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import PyllmError
+
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
@@ -124,14 +126,14 @@ class Sampler:
 
     def processed(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
         """logits: f32 [vocab] -> f64 [vocab] after every processor. Raises ValueError when the
-        logits hold NaN or infinity (the model's numbers overflowed) or the processors leave no
-        token possible."""
+        logits hold NaN or infinity (the model's numbers overflowed: a PyllmError, as `pyllm verify`
+        finds damaged weights) or the processors leave no token possible."""
         return self._processed(logits, context)[0]
 
     def _processed(self, logits: np.ndarray, context: Sequence[int] | None) -> tuple[np.ndarray, float]:
         """processed(), and the scores' maximum."""
         if not np.isfinite(logits).all():
-            raise ValueError("the model's logits are not finite (NaN or infinity): its weights or activations "
+            raise PyllmError("the model's logits are not finite (NaN or infinity): its weights or activations "
                              "overflowed, so no token can be chosen")
         scores = logits.astype(np.float64)
         ids = context if context is not None else []
