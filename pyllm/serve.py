@@ -496,6 +496,10 @@ class Server:
 
     def _detokenize(self, raw: bytes) -> dict:
         req = validate(DetokenizeRequest, parse_body(raw))
+        limit = self.limits.max_prompt_chars  # a token is a character or more: as long a text as a prompt may be
+        if len(req.tokens) > limit:
+            raise RequestError(f"'tokens' holds {len(req.tokens)} ids; the limit is {limit} (--max-prompt-chars)",
+                               param="tokens")
         vocab = self.llm.config.vocab_size
         if any(i >= vocab for i in req.tokens):
             raise RequestError(f"'tokens' must be token ids in [0, {vocab})", param="tokens")

@@ -776,5 +776,11 @@ def test_tokenize_and_detokenize_are_bounded_too(llm):
             assert status == 400 and _is_openai_error(reply), (url, body, status, reply)
         status, reply = _request(tokenize, json.dumps({"content": "x" * 100}).encode())
         assert status == 200 and reply["tokens"] == llm.tokenize("x" * 100)
+        # /detokenize was bounded by the body size alone (4M ids: 7 s of CPU and a text of tens of MB)
+        status, reply = _request(detokenize, json.dumps({"tokens": [5] * 101}).encode())
+        assert status == 400 and "max-prompt-chars" in reply["error"]["message"]
+        assert reply["error"]["param"] == "tokens"
+        status, reply = _request(detokenize, json.dumps({"tokens": [5] * 100}).encode())
+        assert status == 200 and reply["content"] == llm.detokenize([5] * 100)
     finally:
         server.stop()
