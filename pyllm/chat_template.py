@@ -734,6 +734,8 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise TemplateError(f"each message needs a 'role' (got {m!r})")
+    if limits is not None and not isinstance(limits, RenderLimits):
+        raise TypeError(f"render_limits must be a pyllm.limits.RenderLimits, not {type(limits).__name__}")
     from jinja2 import TemplateError as JinjaError
 
     compiled = _compile(template)

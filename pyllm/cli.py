@@ -191,6 +191,7 @@ def cmd_run(args) -> int:
     if args.raw and args.system:
         raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
     llm = _open(args)
+    _note_unused_sampling(llm, args, sampling)
     if prompt is not None:
         if not llm.chat_template and not args.raw and args.system:
             raise ValueError("--system is a chat message, and the model has no chat template: give one with "
@@ -216,6 +217,20 @@ def cmd_run(args) -> int:
     from .repl import chat_loop
 
     return chat_loop(llm, args.system, sampling)
+
+
+def _note_unused_sampling(llm, args, sampling: dict) -> None:
+    """A note on stderr when sampling options were given but decoding is greedy (temperature 0, given or
+    the model's default), where they change nothing (transformers warns the same way)."""
+    if llm._sampling(*(sampling[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                              "seed"))).temperature != 0:
+        return
+    given = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p),
+                                      ("--seed", args.seed)) if value is not None]
+    if given:
+        print(f"pyllm {args.command}: note: {', '.join(given)} change nothing while decoding is greedy "
+              f"(temperature 0{'' if args.temperature is not None else ', the default'}): give --temperature "
+              f"above 0 to sample", file=sys.stderr)
 
 
 def cmd_serve(args) -> int:
@@ -496,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`pyllm run ... | head`): quiet, as Unix tools are
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the signal stopped
     except (PyllmError, ValueError, OSError, RuntimeError, IndexError, MemoryError) as e:
         print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -334,6 +334,38 @@ def test_cli_piped_stdin_is_the_prompt(tiny_llama_f32, llm):
     assert r.stdout == llm.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
 
 
+def test_render_limits_of_another_type_are_a_type_error_naming_them(llm):
+    from pyllm.limits import RenderLimits
+
+    messages = [{"role": "user", "content": "Hi"}]
+    for bad in (5, "10", {"seconds": 1}, RenderLimits):  # was TemplateError(AttributeError ... 'seconds')
+        with pytest.raises(TypeError, match="render_limits must be a pyllm.limits.RenderLimits"):
+            llm.chat(messages, max_new_tokens=1, render_limits=bad)
+    assert isinstance(llm.chat(messages, max_new_tokens=1, render_limits=RenderLimits(seconds=5.0)), str)
+
+
+def test_cli_run_into_a_closed_pipe_exits_quietly(tiny_llama_f32):
+    """`pyllm run ... | head -c 10`: the reader leaves before the answer is written. Like Unix tools,
+    pyllm stops without an error message (it printed 'error: [Errno 32] Broken pipe', status 1)."""
+    p = subprocess.Popen([sys.executable, "-m", "pyllm", "run", tiny_llama_f32, "-n", "16", "-p", "Paris is", "--raw"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before anything is written: every write meets a closed pipe
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 141, err
+    assert b"error" not in err and b"Traceback" not in err and b"Broken pipe" not in err, err
+
+
+def test_cli_notes_sampling_options_that_greedy_decoding_ignores(tiny_llama_f32):
+    r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", "--top-k", "5", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "note: --top-k, --seed change nothing while decoding is greedy" in r.stderr
+    r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", "--temperature", "0", "--top-p", "0.5")
+    assert "note: --top-p change nothing while decoding is greedy (temperature 0)" in r.stderr
+    for quiet in (["--temperature", "0.8", "--top-k", "5"], ["--temperature", "0"], []):
+        r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", *quiet)
+        assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
+
+
 def test_cli_reports_errors_cleanly(tmp_path):
     r = _cli("run", str(tmp_path / "missing.pllm"), "-p", "x")
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
