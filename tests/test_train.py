@@ -522,3 +522,67 @@ def test_every_family_trains_with_its_own_module_names(family, case, data, tmp_p
     with pyllm.LLM(str(tmp_path / "tuned.pllm"), n_threads=1) as llm:
         got = llm.logits(ids)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_save_stopped_between_files_never_pairs_new_weights_with_an_old_config(tmp_path, monkeypatch):
+    """_save_adapter replaces the adapter's files one by one. Stopped after the new weights (a kill,
+    a full disk), the directory held them beside the previous run's adapter_config.json: the same
+    shapes with another lora_alpha load as a wrongly scaled adapter, without an error. The old config
+    now goes first: such a directory is no adapter at all until the new config lands."""
+    from pyllm.train import loop
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"lora_alpha": 8}))
+    (out / "adapter_model.safetensors").write_bytes(b"old weights")
+
+    class Model:
+        def save_pretrained(self, directory):
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+                json.dump({"lora_alpha": 32}, f)
+            with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
+                f.write(b"new weights")
+
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(os.path.basename(dst))
+        if len(calls) == 2:  # stopped after the first file
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(loop.os, "replace", replace)
+    with pytest.raises(OSError):
+        loop._save_adapter(Model(), None, str(out), loop.TrainResult(output=str(out), steps=1))
+    assert calls[0] == "adapter_model.safetensors"
+    assert (out / "adapter_model.safetensors").read_bytes() == b"new weights"
+    assert not (out / "adapter_config.json").exists()  # not the old lora_alpha 8 beside the new weights
+    monkeypatch.setattr(loop.os, "replace", real_replace)
+    loop._save_adapter(Model(), None, str(out), loop.TrainResult(output=str(out), steps=1))
+    assert json.loads((out / "adapter_config.json").read_text()) == {"lora_alpha": 32}
+    assert (out / "adapter_model.safetensors").read_bytes() == b"new weights"
+
+
+def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, tmp_path):
+    """--resume compared the data file's path only: a file edited since the checkpoint continued the
+    run on other records. And a damaged training_state.pt gave torch's bare 'PytorchStreamReader
+    failed reading zip archive' without naming the file."""
+    from pyllm.errors import PyllmError
+
+    mine = tmp_path / "data.json"
+    shutil.copy(data, mine)
+    out = str(tmp_path / "run")
+    extra = ["--batch-size", "2", "--micro-batch-size", "2", "--max-steps", "2", "--save-steps", "1",
+             "--val-set-size", "0"]
+    run(train_args(base, str(mine), out, *extra))
+    records = json.loads(mine.read_text())
+    mine.write_text(json.dumps(records[::-1]))  # the same records, another order: other batches
+    with pytest.raises(ValueError, match=r"other settings: the data file's content \(edited since the checkpoint\)"):
+        run(train_args(base, str(mine), out, *extra, "--resume", "--max-steps", "3"))
+    mine.write_text(json.dumps(records))
+    state = os.path.join(out, "checkpoint-2", "training_state.pt")
+    with open(state, "r+b") as f:
+        f.write(b"garbage!" * 64)
+    with pytest.raises(PyllmError, match="training_state.pt cannot be read"):
+        run(train_args(base, str(mine), out, *extra, "--resume", "--max-steps", "3"))

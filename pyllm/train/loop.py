@@ -15,6 +15,7 @@ get_{linear,cosine,constant}_schedule_with_warmup.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import for_hf_config
-from ..errors import PyllmError
+from ..errors import PyllmError, library_errors
 from .data import DataError, Example, load_records, tokenize_record
 
 STATE_FILE = "training_state.pt"
@@ -38,7 +39,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESUME_KEYS = ("method", "virtual_tokens", "prompt_init_text", "encoder", "encoder_hidden_size", "prefix_projection",
                "data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
                "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
-               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps")
+               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps", "data_sha256")
 # ... except these, which a resumed run may raise: more steps extend the run
 EXTENDABLE_KEYS = ("total_steps",)
 
@@ -324,8 +325,18 @@ def _tokenize(records, tokenizer, args, what: str, say) -> list[Example]:
 
 
 def _run_config(args, total_steps: int) -> dict:
-    values = dict(vars(args), total_steps=total_steps, data=os.path.abspath(args.data))
+    values = dict(vars(args), total_steps=total_steps, data=os.path.abspath(args.data),
+                  data_sha256=_sha256(args.data))
     return {k: values.get(k) for k in RESUME_KEYS}
+
+
+def _sha256(path: str) -> str:
+    """The file's SHA-256 (hex): a resumed run must read the records its checkpoint was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _checkpoints(output: str) -> list[tuple[int, str]]:
@@ -405,9 +416,13 @@ def train(args, log=None) -> TrainResult:
                 raise FileNotFoundError(f"--resume: no checkpoint in {args.output}")
             if not os.path.exists(os.path.join(path, STATE_FILE)):
                 raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE})")
-            state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
-            differ = [f"{k} {state['config'].get(k)!r} -> {v!r}" for k, v in run_config.items()
-                      if state["config"].get(k) != v and k not in EXTENDABLE_KEYS]
+            with library_errors(f"--resume: {os.path.join(path, STATE_FILE)} cannot be read"):
+                state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+                saved = state["config"]
+            # (checkpoints of pyllm before data_sha256 did not record the data's content)
+            differ = [("the data file's content (edited since the checkpoint)" if k == "data_sha256" else
+                       f"{k} {saved.get(k)!r} -> {v!r}") for k, v in run_config.items()
+                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)]
             if differ:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
             before = state["config"].get("total_steps")
@@ -575,7 +590,10 @@ def quiet_warnings() -> None:
 
 def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
     """adapter_config.json + adapter_model.safetensors (+ the tokenizer of an extended vocabulary) and
-    train_log.json, each file replaced only once written in full."""
+    train_log.json, each file replaced only once written in full. An earlier adapter's config goes
+    first and the new one comes last, so a run stopped between the files leaves a directory that
+    no loader takes for an adapter, never new weights beside an old config (same shapes, another
+    lora_alpha: a wrongly scaled adapter without an error)."""
     os.makedirs(output, exist_ok=True)
     tmp = os.path.join(output, ".adapter.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -584,6 +602,9 @@ def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
         tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as f:
         json.dump({"steps": result.steps, "losses": result.losses, "eval_losses": result.eval_losses}, f, indent=1)
+    config = os.path.join(output, "adapter_config.json")
+    if os.path.isfile(config):
+        os.remove(config)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config last
         os.replace(os.path.join(tmp, name), os.path.join(output, name))
     os.rmdir(tmp)
