@@ -333,6 +333,35 @@ def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_two_processes_end_when_process_0_fails_to_save(base, data, tmp_path):
+    """Process 0 writes checkpoints and the adapter while the others wait for it: when its write failed
+    (a full disk), it exited and the others waited at the barrier for ever. Now every process ends,
+    each saying why."""
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text("import sys\n"
+                       "from pyllm.train import loop, main\n"
+                       "def full(*args, **kwargs):\n"
+                       "    raise OSError(28, 'No space left on device')\n"
+                       "loop._save_adapter = full\n"
+                       "sys.exit(main())\n")
+    common = [base, "--data", data, "-r", "4", "--seed", "3", "--cutoff-len", "512", "--batch-size", "4",
+              "--micro-batch-size", "2", "--max-steps", "1", "-q", "-o", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(wrapper), *common]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError("a process waited for ever for process 0") from None
+    assert proc.returncode != 0
+    assert "No space left on device" in stderr
+    assert "process 0 failed to write the adapter" in stderr, stderr[-3000:]
+
+
 def test_bfloat16_base_on_cpu(base, data, tmp_path):
     out = str(tmp_path / "bf16")
     result = run(train_args(base, data, out, "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",

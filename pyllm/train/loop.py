@@ -92,6 +92,22 @@ class Processes:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def on_rank0(self, what: str, work) -> None:
+        """Runs work() on process 0 only, and returns in every process once it is done. When it fails,
+        process 0 raises its error and the others a RuntimeError saying so: they waited at a barrier
+        for ever when process 0's save failed (a full disk)."""
+        error = None
+        if self.rank == 0:
+            try:
+                work()
+            except BaseException as e:  # raised below, once every process knows
+                error = e
+        failed = self.gather(None if error is None else f"{type(error).__name__}: {error}")[0]
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(f"process 0 failed to {what}: {failed}")
+
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -468,7 +484,8 @@ def train(args, log=None) -> TrainResult:
 
         def save_checkpoint(step: int) -> None:
             rng = procs.gather(_rng_state(procs.device))
-            if procs.rank == 0:
+
+            def save() -> None:
                 final = os.path.join(args.output, f"checkpoint-{step}")
                 tmp = final + ".partial"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -480,7 +497,8 @@ def train(args, log=None) -> TrainResult:
                             "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
                 shutil.rmtree(final, ignore_errors=True)
                 os.rename(tmp, final)
-            procs.barrier()
+
+            procs.on_rank0(f"save checkpoint-{step}", save)
 
         def record_eval(step: int) -> None:
             loss = evaluate()
@@ -526,8 +544,8 @@ def train(args, log=None) -> TrainResult:
         bar.close()
         if not result.eval_losses or result.eval_losses[-1][0] != total_steps:
             record_eval(total_steps)
-        if procs.rank == 0:
-            _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result)
+        procs.on_rank0("write the adapter",
+                       lambda: _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result))
         say(f"wrote the adapter to {result.output}")
         say(summary_line(result, time.perf_counter() - started))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
