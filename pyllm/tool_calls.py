@@ -168,17 +168,47 @@ def tool_format(template: str, names=None) -> ToolFormat:
 
 
 def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> dict:
-    """The JSON schema of one call to any of tools (or the one named)."""
+    """The JSON schema of one call to any of tools (or the one named). Each tool's parameters sit
+    under the root's $defs (as tool_<k>), their own references ("#/$defs/...", "#") rewritten to
+    point there, so that a schema with $defs (as Pydantic writes them) keeps its meaning; the
+    arguments are an object as well (a call's arguments always are: a tool whose parameters allow
+    no object cannot be forced)."""
     key = "parameters" if isinstance(fmt, Llama3) else "arguments"
-    options = []
-    for tool in tools:
+    options, defs = [], {}
+    for k, tool in enumerate(tools):
         function = tool["function"]
         if name is not None and function["name"] != name:
             continue
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: parameters},
+        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}")
+        arguments = {"allOf": [{"type": "object"}, {"$ref": f"#/$defs/tool_{k}"}]}
+        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: arguments},
                         "required": ["name", key], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {"$defs": defs, **schema}
+
+
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are data, not schemas
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+
+
+def _rebase_refs(schema, base: str):
+    """schema with each local reference ("#", "#/...") made relative to base instead of the root."""
+    if isinstance(schema, list):
+        return [_rebase_refs(v, base) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = base + v[1:]
+        elif k in _DATA_KEYWORDS:
+            out[k] = v
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: _rebase_refs(sub, base) for name, sub in v.items()}
+        else:
+            out[k] = _rebase_refs(v, base)
+    return out
 
 
 def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, parallel: bool, tokenizer) -> str:

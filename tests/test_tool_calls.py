@@ -124,3 +124,52 @@ def test_forcing_grammars_are_valid_llguidance_grammars(tiny_llama_f32):
                 grammar = forced_call_grammar(fmt, tools, name, parallel, llm.tokenizer)
                 matcher = llguidance.LLMatcher(ll_tokenizer(llm.tokenizer), grammar, log_level=0)
                 assert not matcher.is_error(), (fmt.name, matcher.get_error())
+
+
+def _forced_accepts(llguidance, ll, grammar, text):
+    matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    return matcher.consume_tokens(ll.tokenize_str(text)) and matcher.is_accepting()
+
+
+def test_forced_calls_keep_the_meaning_of_references_and_are_objects(tiny_llama_f32):
+    """A tool whose parameters use $defs (as Pydantic writes them), definitions or "#" (a recursive
+    schema) could not be forced: embedded under "arguments" its "#/$defs/..." pointed at the call's
+    root (llguidance: "Pointer '/$defs/Unit' does not exist", a 400 for valid tools). And parameters
+    that allow something other than an object ({"type": "string"}) forced a call whose arguments
+    were a string: no tool call came back for tool_choice "required" (finish_reason "stop", the
+    call as content). References now point at each tool's own schema, and arguments are objects."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    unit = {"$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+            "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"], "additionalProperties": False}
+    old_style = {"definitions": {"N": {"type": "integer"}}, "type": "object",
+                 "properties": {"n": {"$ref": "#/definitions/N"}}, "required": ["n"], "additionalProperties": False}
+    tree = {"type": "object", "properties": {"child": {"$ref": "#"}}, "additionalProperties": False}
+    either = {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {"k": {"type": "integer"}},
+                                                "required": ["k"], "additionalProperties": False}]}
+    tools = [{"type": "function", "function": {"name": n, "parameters": p}}
+             for n, p in [("temp", unit), ("count", old_style), ("tree", tree), ("either", either)]]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for fmt in (Hermes(), Mistral(), Llama3()):
+            for name in (None, "temp", "count", "tree", "either"):
+                grammar = forced_call_grammar(fmt, tools, name, True, llm.tokenizer)
+                matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+                assert not matcher.is_error(), (fmt.name, name, matcher.get_error())
+        for fmt, key, wrap in ((Hermes(), "arguments", "<tool_call>\n{}\n</tool_call>"), (Llama3(), "parameters", "{}")):
+            def accepts(name, arguments):
+                grammar = forced_call_grammar(fmt, tools, name, False, llm.tokenizer)
+                call = json.dumps({"name": name, key: arguments}, separators=(", ", ": "))
+                return _forced_accepts(llguidance, ll, grammar, wrap.replace("{}", call, 1))
+            assert accepts("temp", {"unit": "C"}) and not accepts("temp", {"unit": "K"})
+            assert accepts("count", {"n": 3}) and not accepts("count", {"n": "3"})
+            assert accepts("tree", {"child": {"child": {}}}) and not accepts("tree", {"child": {"x": 1}})
+            assert accepts("either", {"k": 1}) and not accepts("either", 5)
+        for parameters in ({"type": "string"}, {"type": "array"}, {"enum": [1, 2]}):
+            odd = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+            matcher = llguidance.LLMatcher(ll, forced_call_grammar(Hermes(), odd, None, False, llm.tokenizer),
+                                           log_level=0)
+            assert matcher.is_error(), parameters  # cannot be forced: a 400 naming tools in the server
