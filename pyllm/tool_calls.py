@@ -220,9 +220,8 @@ def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, pa
     schema = {**call_schema(fmt, tools, name), "x-guidance": JSON_STYLE}
     grammar = fmt.call_grammar(parallel and name is None) + f"\ncall: %json {json.dumps(schema)}\n"
     if fmt.marker and "marker" in grammar.split("\n", 1)[0]:
-        marker_id = tokenizer.token_to_id(fmt.marker)
-        special = marker_id is not None and marker_id in tokenizer.special_ids
-        grammar += f"marker: <[{marker_id}]>\n" if special else f"marker: {json.dumps(fmt.marker)}\n"
+        marker_id = special_marker_id(fmt, tokenizer)
+        grammar += f"marker: <[{marker_id}]>\n" if marker_id is not None else f"marker: {json.dumps(fmt.marker)}\n"
     return grammar
 
 
@@ -231,16 +230,22 @@ class ToolCallStream:
 
     feed(piece) returns the text that is certainly content; once the marker appears (or, for a
     format whose call is the whole reply, while the reply could still be one), the rest is held and
-    finish(full_text) parses it."""
+    finish(full_text) parses it.
 
-    def __init__(self, fmt: ToolFormat):
+    marker_id: the marker's token id when it is a special token (Mistral's [TOOL_CALLS]): streamed
+    pieces leave special tokens out, so the marker is seen among the piece's token ids instead."""
+
+    def __init__(self, fmt: ToolFormat, marker_id: int | None = None):
         self.fmt = fmt
+        self.marker_id = marker_id
         self.text = ""
         self.sent = 0
         self.holding = False
 
-    def feed(self, piece: str) -> str:
+    def feed(self, piece: str, token_ids=()) -> str:
         self.text += piece
+        if self.marker_id is not None and self.marker_id in token_ids:
+            self.holding = True  # where in this piece the marker stood is unknown: hold all of it
         if self.holding:
             return ""
         marker = self.fmt.marker
@@ -263,6 +268,12 @@ class ToolCallStream:
             rest = content[self.sent:] if content.startswith(self.text[:self.sent]) else ""
             return rest, calls
         return self.text[self.sent:], []
+
+
+def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:
+    """The token id of fmt's marker when the tokenizer has it as a special token, else None."""
+    marker_id = tokenizer.token_to_id(fmt.marker) if fmt.marker else None
+    return marker_id if marker_id is not None and marker_id in tokenizer.special_ids else None
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -394,6 +394,34 @@ def test_forced_tool_calls_round_trip(live, llm, tool_template):
     assert "sunny, 21 C" in rendered and call.function.name in rendered
 
 
+def test_streamed_calls_whose_marker_is_a_special_token_are_not_content(live, llm, monkeypatch):
+    """Mistral's [TOOL_CALLS] is a special token: streamed pieces leave it out, so the stream never
+    saw the marker and sent the call's JSON as content, then the same call again as tool_calls (the
+    answer not streamed had content null). The marker is now seen among the piece's tokens. The
+    tiny tokenizer has no [TOOL_CALLS]: its special <|im_start|> stands in for it."""
+    from pyllm.tool_calls import Mistral
+
+    monkeypatch.setattr(Mistral, "marker", "<|im_start|>")
+    assert llm.tokenizer.token_to_id("<|im_start|>") in llm.tokenizer.special_ids
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "mistral-v3-tools.jinja")).read()
+    try:
+        client = live.client()
+        messages = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+        for choice in ({"type": "function", "function": {"name": "get_time"}}, "required"):
+            options = dict(model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=80,
+                           parallel_tool_calls=False, seed=1, temperature=1.0)
+            whole = client.chat.completions.create(**options).choices[0]
+            assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole
+            chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            calls = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+            assert content == "", content
+            assert [(d.function.name, d.function.arguments) for d in calls] == [
+                (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    finally:
+        llm.chat_template = old
+
+
 def test_tools_with_a_template_without_tool_support_are_refused(live):
     client = live.client()
     with pytest.raises(openai.BadRequestError) as e:

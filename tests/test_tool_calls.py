@@ -173,3 +173,14 @@ def test_forced_calls_keep_the_meaning_of_references_and_are_objects(tiny_llama_
             matcher = llguidance.LLMatcher(ll, forced_call_grammar(Hermes(), odd, None, False, llm.tokenizer),
                                            log_level=0)
             assert matcher.is_error(), parameters  # cannot be forced: a 400 naming tools in the server
+
+
+def test_stream_sees_a_special_token_marker_among_the_piece_tokens():
+    """Streamed pieces leave special tokens out: a marker that is one (Mistral's [TOOL_CALLS], id 7
+    here) is seen among the piece's token ids; text before it still comes back as content."""
+    call = ' [{"name": "f", "arguments": {}}]'
+    for pieces in ([("Sure.", [1]), (call, [7, 8, 9])], [("Sure", [1]), ("." + call, [2, 7, 8])]):
+        stream = ToolCallStream(Mistral(["f"]), marker_id=7)
+        out = "".join(stream.feed(text, ids) for text, ids in pieces)
+        rest, calls = stream.finish("Sure.[TOOL_CALLS]" + call)
+        assert out + rest == "Sure." and [c.name for c in calls] == ["f"], (out, rest)
