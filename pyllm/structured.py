@@ -80,9 +80,12 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
             raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
         if schema is False:
             raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
+        try:  # Python values JSON has not (a set, bytes, NaN, a tuple as key) were json's bare TypeError
+            text = json.dumps({} if schema is True else schema, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise GrammarInvalid(f"the grammar is not valid: the JSON schema is not JSON: {e}") from None
         try:  # the schema true allows any value, as {} does (llguidance takes options only on an object)
-            return LLMatcher.grammar_from_json_schema(json.dumps({} if schema is True else schema),
-                                                      defaults=JSON_STYLE)
+            return LLMatcher.grammar_from_json_schema(text, defaults=JSON_STYLE)
         except (ValueError, RecursionError) as e:
             raise GrammarInvalid(f"the grammar is not valid: {_first_line(str(e))}") from None
     try:
