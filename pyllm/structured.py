@@ -157,8 +157,15 @@ def _worker() -> ThreadPoolExecutor:
 
 
 def _first_line(message: str) -> str:
-    """llguidance's error without the parser state dump it appends."""
-    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+    """llguidance's error without the parser state dump it appends; a first line that only
+    announces the error ("regex parse error:") gets the "error: ..." line that says what it is."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+    if lines[0].endswith(":") and detail:
+        return f"{lines[0]} {detail[len('error:'):].strip()}"
+    return lines[0]
 
 
 class GrammarProcessor:
@@ -174,7 +181,7 @@ class GrammarProcessor:
         self.tokenizer = ll_tokenizer(tokenizer)
         self.matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
-            raise GrammarInvalid(f"the grammar is not valid: {self.matcher.get_error()}")
+            raise GrammarInvalid(f"the grammar is not valid: {_first_line(self.matcher.get_error())}")
         self.vocab_size = vocab_size
         self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
         self._fill()  # the first mask now: a grammar that allows nothing fails before any output
