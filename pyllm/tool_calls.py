@@ -92,20 +92,37 @@ def _json_values(text: str) -> list | None:
         values.append(value)
 
 
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
 class Hermes(ToolFormat):
-    name, marker = "hermes", "<tool_call>"
-    _call = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+    name, marker, end = "hermes", "<tool_call>", "</tool_call>"
 
     def parse(self, text):
+        """Each call is one JSON value read from after its marker (so a string in it may hold
+        "</tool_call>"), then the closing tag or the end of the reply (cut off); text between calls
+        is left out."""
         start = text.find(self.marker)
         if start < 0:
             return text, []
-        objects = []
-        for body in self._call.findall(text[start:]):
-            values = _json_values(body)
-            if values is None or len(values) != 1:
+        decoder, objects, i = json.JSONDecoder(), [], start
+        while i >= 0:
+            i = _skip_space(text, i + len(self.marker))
+            try:
+                value, i = decoder.raw_decode(text, i)
+            except (ValueError, RecursionError):
                 return text, []
-            objects.append(values[0])
+            objects.append(value)
+            i = _skip_space(text, i)
+            if text.startswith(self.end, i):
+                i = text.find(self.marker, i + len(self.end))
+            elif i < len(text):
+                return text, []
+            else:
+                break
         calls = self._calls(objects)
         return (text, []) if not calls else (text[:start].strip(), calls)
 

@@ -184,3 +184,24 @@ def test_stream_sees_a_special_token_marker_among_the_piece_tokens():
         out = "".join(stream.feed(text, ids) for text, ids in pieces)
         rest, calls = stream.finish("Sure.[TOOL_CALLS]" + call)
         assert out + rest == "Sure." and [c.name for c in calls] == ["f"], (out, rest)
+
+
+def test_hermes_call_arguments_may_hold_the_tags():
+    """A Hermes call was the text up to the first "</tool_call>": an argument string holding that
+    tag (code or docs about tool calls; a forced call's grammar allows any string) cut the JSON in
+    two, and the whole reply became content with no calls, even for tool_choice "required"."""
+    for value in ("</tool_call>", "a</tool_call>\\n<tool_call>b", "<tool_call>", "x\\n</tool_call>"):
+        arguments = {"text": json.loads(f'"{value}"')}
+        one = "<tool_call>\n" + json.dumps({"name": "f", "arguments": arguments}) + "\n</tool_call>"
+        for text in (one, "Sure.\n" + one + "\n" + one, one[:-len("\n</tool_call>")]):
+            content, calls = Hermes(["f"]).parse(text)
+            assert calls and all(_args(c) == arguments for c in calls), (value, text)
+            assert content == ("Sure." if text.startswith("Sure.") else ""), (value, text)
+            stream = ToolCallStream(Hermes(["f"]))
+            out = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+            rest, streamed = stream.finish(text)
+            assert (out + rest).strip() == content and len(streamed) == len(calls), (value, text)
+    # still text: a second JSON value, or other text before the closing tag
+    for bad in ('<tool_call>\n{"name": "f", "arguments": {}} {"x": 1}\n</tool_call>',
+                '<tool_call>\n{"name": "f", "arguments": {}} and more\n</tool_call>'):
+        assert Hermes(["f"]).parse(bad) == (bad, [])
