@@ -652,7 +652,7 @@ class Server:
         tools = fmt = None
         if req.tools and req.tool_choice != "none":
             tools = [t.model_dump(exclude_unset=True) for t in req.tools]  # as the client sent them
-            fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools])
+            fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools], req.parallel_tool_calls)
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:
                 if "response_format" in options:

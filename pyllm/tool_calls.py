@@ -36,13 +36,15 @@ class ToolCall:
 class ToolFormat:
     """One tool-call convention. marker: the text that opens a call (None: the reply is the call).
     names: the functions the request declared (None: any); a call naming another is no call, so a
-    reply that merely looks like one (a JSON answer with a "name" key) stays content."""
+    reply that merely looks like one (a JSON answer with a "name" key) stays content. parallel False
+    (the request's parallel_tool_calls): a reply's first call only, as OpenAI's API returns at most one."""
 
     name = ""
     marker: str | None = None
 
-    def __init__(self, names=None):
+    def __init__(self, names=None, parallel: bool = True):
         self.names = None if names is None else frozenset(names)
+        self.parallel = parallel
 
     def call_id(self) -> str:
         return "call_" + secrets.token_hex(12)
@@ -74,7 +76,7 @@ class ToolFormat:
             if not isinstance(arguments, dict):
                 return None
             calls.append(ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), self.call_id()))
-        return calls
+        return calls if self.parallel else calls[:1]
 
 
 def _json_values(text: str) -> list | None:
@@ -168,18 +170,19 @@ class Llama3(ToolFormat):
         return "start: call" + (' ("; " call)*' if parallel else "")
 
 
-def tool_format(template: str, names=None) -> ToolFormat:
+def tool_format(template: str, names=None, parallel: bool = True) -> ToolFormat:
     """The tool-call format of a chat template, whose calls may name only `names` (the request's
-    functions; None: any); ToolError when it takes no tools or its format is unknown."""
+    functions; None: any), one call per reply unless parallel; ToolError when it takes no tools or
+    its format is unknown."""
     if not re.search(r"\btools\b", template or ""):
         raise ToolError("this model's chat template does not support tools (it never reads `tools`); "
                         "give a template that does (--chat-template), or leave tools out")
     if "<tool_call>" in template:
-        return Hermes(names)
+        return Hermes(names, parallel)
     if "[TOOL_CALLS]" in template:
-        return Mistral(names)
+        return Mistral(names, parallel)
     if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
-        return Llama3(names)
+        return Llama3(names, parallel)
     raise ToolError("the chat template takes tools but its tool-call format is none pyllm parses "
                     "(Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON)")
 

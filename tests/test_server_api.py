@@ -422,6 +422,25 @@ def test_streamed_calls_whose_marker_is_a_special_token_are_not_content(live, ll
         llm.chat_template = old
 
 
+def test_parallel_tool_calls_false_returns_one_call(live, llm, tool_template):
+    """In auto mode nothing held the model to one call: parallel_tool_calls false returned all it
+    wrote (here two, written under a grammar). OpenAI's API gives at most one, the first."""
+    key = "parameters" if tool_template.startswith("llama") else "arguments"
+    call = lambda name, args: json.dumps({"name": name, key: args}, separators=(", ", ": "))  # noqa: E731
+    first, second = call("get_time", {"zone": "UTC"}), call("get_weather", {"city": "Rome", "days": 2})
+    text = {"qwen2.5-base": f"<tool_call>\n{first}\n</tool_call>\n<tool_call>\n{second}\n</tool_call>",
+            "mistral-v3-tools": f"[TOOL_CALLS] [{first}, {second}]",
+            "llama-3.1-json-tools": f"{first}; {second}"}[tool_template]
+    options = dict(model="tiny", messages=_chat("Time and weather?"), tools=[WEATHER, TIME], max_tokens=600,
+                   response_format={"type": "grammar", "grammar": f"start: {json.dumps(text)}"})
+    for parallel, names in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):
+        choice = live.client().chat.completions.create(parallel_tool_calls=parallel, **options).choices[0]
+        assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == names
+        chunks = [c for c in live.client().chat.completions.create(parallel_tool_calls=parallel, stream=True,
+                                                                    **options) if c.choices]
+        assert [d.function.name for c in chunks for d in (c.choices[0].delta.tool_calls or [])] == names
+
+
 def test_tools_with_a_template_without_tool_support_are_refused(live):
     client = live.client()
     with pytest.raises(openai.BadRequestError) as e:

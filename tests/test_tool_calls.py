@@ -205,3 +205,22 @@ def test_hermes_call_arguments_may_hold_the_tags():
     for bad in ('<tool_call>\n{"name": "f", "arguments": {}} {"x": 1}\n</tool_call>',
                 '<tool_call>\n{"name": "f", "arguments": {}} and more\n</tool_call>'):
         assert Hermes(["f"]).parse(bad) == (bad, [])
+
+
+def test_parallel_tool_calls_false_gives_one_call():
+    """parallel_tool_calls false (auto mode has no grammar to hold the model to one call) returned
+    every call the model wrote; OpenAI's API gives at most one: the first."""
+    two = [(Hermes, '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n'
+                    '{"name": "g", "arguments": {}}\n</tool_call>'),
+           (Mistral, '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'),
+           (Llama3, '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}')]
+    for fmt, text in two:
+        assert [c.name for c in fmt(["f", "g"]).parse(text)[1]] == ["f", "g"], fmt.__name__
+        calls = fmt(["f", "g"], parallel=False).parse(text)[1]
+        assert [(c.name, _args(c)) for c in calls] == [("f", {"a": 1})], fmt.__name__
+        stream = ToolCallStream(fmt(["f", "g"], parallel=False))
+        stream.feed(text)
+        assert [c.name for c in stream.finish(text)[1]] == ["f"], fmt.__name__
+    for name in ("qwen2.5-base", "mistral-v3-tools", "llama-3.1-json-tools"):
+        assert tool_format(_template(name), ["f"], parallel=False).parallel is False
+        assert tool_format(_template(name), ["f"]).parallel is True
