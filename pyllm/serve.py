@@ -655,7 +655,7 @@ class Server:
             fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools], req.parallel_tool_calls)
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:
-                if "response_format" in options:
+                if options.pop("response_format", {"type": "text"})["type"] != "text":  # text: the default, free
                     raise RequestError("a forced tool call and response_format cannot be combined",
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,

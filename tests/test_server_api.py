@@ -441,6 +441,30 @@ def test_parallel_tool_calls_false_returns_one_call(live, llm, tool_template):
         assert [d.function.name for c in chunks for d in (c.choices[0].delta.tool_calls or [])] == names
 
 
+def test_forced_tool_calls_take_response_format_text(live, llm):
+    """response_format {"type": "text"} (the default; some clients always send it) with a forced
+    tool call was refused as "a forced tool call and response_format cannot be combined"; a
+    format that constrains the reply still is."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        client = live.client()
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            for stream in (False, True):
+                reply = client.chat.completions.create(model="tiny", messages=_chat("Time?"), tools=[WEATHER, TIME],
+                                                       tool_choice=choice, parallel_tool_calls=False, max_tokens=80,
+                                                       response_format={"type": "text"}, stream=stream)
+                chunks = list(reply) if stream else [reply]
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                assert finish == ["tool_calls"], (choice, stream, chunks[-1])
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=_chat("Time?"), tools=[WEATHER, TIME],
+                                               tool_choice=choice, max_tokens=8,
+                                               response_format={"type": "json_object"})
+            assert e.value.param == "response_format"
+    finally:
+        llm.chat_template = old
+
+
 def test_tools_with_a_template_without_tool_support_are_refused(live):
     client = live.client()
     with pytest.raises(openai.BadRequestError) as e:
