@@ -180,9 +180,15 @@ class ChatCompletionRequest(_Sampling):
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
+    functions: Any = None  # OpenAI's deprecated forms of tools and tool_choice: refused, not ignored
+    function_call: Any = None
 
     @model_validator(mode="after")
     def _consistent(self):
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, old) is not None:
+                raise _FieldError(old, f"is OpenAI's deprecated form of {new}, which pyllm does not take: give "
+                                       f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
         if self.top_logprobs and not self.logprobs:
             raise _FieldError("top_logprobs", "needs logprobs: true")
         if isinstance(self.tool_choice, NamedToolChoice):

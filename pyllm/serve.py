@@ -652,10 +652,10 @@ class Server:
         tools = fmt = None
         if req.tools and req.tool_choice != "none":
             tools = [t.model_dump(exclude_unset=True) for t in req.tools]  # as the client sent them
-            fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools])
+            fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools], req.parallel_tool_calls)
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:
-                if "response_format" in options:
+                if options.pop("response_format", {"type": "text"})["type"] != "text":  # text: the default, free
                     raise RequestError("a forced tool call and response_format cannot be combined",
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,
@@ -736,7 +736,7 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream
+        from .tool_calls import ToolCallStream, special_marker_id
 
         chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
         tokenizer = self.llm.tokenizer
@@ -755,7 +755,8 @@ class Server:
             return responses.completion_logprobs(tokenizer, tokens, offset)
 
         for index, stream in enumerate(streams):
-            tools = ToolCallStream(plan.tools) if plan.chat and plan.tools is not None else None
+            tools = (ToolCallStream(plan.tools, special_marker_id(plan.tools, tokenizer))
+                     if plan.chat and plan.tools is not None else None)
             all_tokens, sent = [], 0
             if plan.chat:
                 yield chunk(responses.chat_delta(index, role=True))
@@ -772,7 +773,7 @@ class Server:
                 async for piece, tokens in pieces:
                     all_tokens += tokens
                     if tools is not None:
-                        piece = tools.feed(piece)
+                        piece = tools.feed(piece, [t.id for t in tokens])
                         if not piece:
                             waiting += tokens
                             continue

@@ -80,9 +80,12 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
             raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
         if schema is False:
             raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
+        try:  # Python values JSON has not (a set, bytes, NaN, a tuple as key) were json's bare TypeError
+            text = json.dumps({} if schema is True else schema, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise GrammarInvalid(f"the grammar is not valid: the JSON schema is not JSON: {e}") from None
         try:  # the schema true allows any value, as {} does (llguidance takes options only on an object)
-            return LLMatcher.grammar_from_json_schema(json.dumps({} if schema is True else schema),
-                                                      defaults=JSON_STYLE)
+            return LLMatcher.grammar_from_json_schema(text, defaults=JSON_STYLE)
         except (ValueError, RecursionError) as e:
             raise GrammarInvalid(f"the grammar is not valid: {_first_line(str(e))}") from None
     try:
@@ -154,8 +157,15 @@ def _worker() -> ThreadPoolExecutor:
 
 
 def _first_line(message: str) -> str:
-    """llguidance's error without the parser state dump it appends."""
-    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+    """llguidance's error without the parser state dump it appends; a first line that only
+    announces the error ("regex parse error:") gets the "error: ..." line that says what it is."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+    if lines[0].endswith(":") and detail:
+        return f"{lines[0]} {detail[len('error:'):].strip()}"
+    return lines[0]
 
 
 class GrammarProcessor:
@@ -171,7 +181,7 @@ class GrammarProcessor:
         self.tokenizer = ll_tokenizer(tokenizer)
         self.matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
-            raise GrammarInvalid(f"the grammar is not valid: {self.matcher.get_error()}")
+            raise GrammarInvalid(f"the grammar is not valid: {_first_line(self.matcher.get_error())}")
         self.vocab_size = vocab_size
         self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
         self._fill()  # the first mask now: a grammar that allows nothing fails before any output

@@ -36,13 +36,15 @@ class ToolCall:
 class ToolFormat:
     """One tool-call convention. marker: the text that opens a call (None: the reply is the call).
     names: the functions the request declared (None: any); a call naming another is no call, so a
-    reply that merely looks like one (a JSON answer with a "name" key) stays content."""
+    reply that merely looks like one (a JSON answer with a "name" key) stays content. parallel False
+    (the request's parallel_tool_calls): a reply's first call only, as OpenAI's API returns at most one."""
 
     name = ""
     marker: str | None = None
 
-    def __init__(self, names=None):
+    def __init__(self, names=None, parallel: bool = True):
         self.names = None if names is None else frozenset(names)
+        self.parallel = parallel
 
     def call_id(self) -> str:
         return "call_" + secrets.token_hex(12)
@@ -74,7 +76,7 @@ class ToolFormat:
             if not isinstance(arguments, dict):
                 return None
             calls.append(ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), self.call_id()))
-        return calls
+        return calls if self.parallel else calls[:1]
 
 
 def _json_values(text: str) -> list | None:
@@ -92,20 +94,37 @@ def _json_values(text: str) -> list | None:
         values.append(value)
 
 
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
 class Hermes(ToolFormat):
-    name, marker = "hermes", "<tool_call>"
-    _call = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+    name, marker, end = "hermes", "<tool_call>", "</tool_call>"
 
     def parse(self, text):
+        """Each call is one JSON value read from after its marker (so a string in it may hold
+        "</tool_call>"), then the closing tag or the end of the reply (cut off); text between calls
+        is left out."""
         start = text.find(self.marker)
         if start < 0:
             return text, []
-        objects = []
-        for body in self._call.findall(text[start:]):
-            values = _json_values(body)
-            if values is None or len(values) != 1:
+        decoder, objects, i = json.JSONDecoder(), [], start
+        while i >= 0:
+            i = _skip_space(text, i + len(self.marker))
+            try:
+                value, i = decoder.raw_decode(text, i)
+            except (ValueError, RecursionError):
                 return text, []
-            objects.append(values[0])
+            objects.append(value)
+            i = _skip_space(text, i)
+            if text.startswith(self.end, i):
+                i = text.find(self.marker, i + len(self.end))
+            elif i < len(text):
+                return text, []
+            else:
+                break
         calls = self._calls(objects)
         return (text, []) if not calls else (text[:start].strip(), calls)
 
@@ -151,34 +170,65 @@ class Llama3(ToolFormat):
         return "start: call" + (' ("; " call)*' if parallel else "")
 
 
-def tool_format(template: str, names=None) -> ToolFormat:
+def tool_format(template: str, names=None, parallel: bool = True) -> ToolFormat:
     """The tool-call format of a chat template, whose calls may name only `names` (the request's
-    functions; None: any); ToolError when it takes no tools or its format is unknown."""
+    functions; None: any), one call per reply unless parallel; ToolError when it takes no tools or
+    its format is unknown."""
     if not re.search(r"\btools\b", template or ""):
         raise ToolError("this model's chat template does not support tools (it never reads `tools`); "
                         "give a template that does (--chat-template), or leave tools out")
     if "<tool_call>" in template:
-        return Hermes(names)
+        return Hermes(names, parallel)
     if "[TOOL_CALLS]" in template:
-        return Mistral(names)
+        return Mistral(names, parallel)
     if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
-        return Llama3(names)
+        return Llama3(names, parallel)
     raise ToolError("the chat template takes tools but its tool-call format is none pyllm parses "
                     "(Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON)")
 
 
 def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> dict:
-    """The JSON schema of one call to any of tools (or the one named)."""
+    """The JSON schema of one call to any of tools (or the one named). Each tool's parameters sit
+    under the root's $defs (as tool_<k>), their own references ("#/$defs/...", "#") rewritten to
+    point there, so that a schema with $defs (as Pydantic writes them) keeps its meaning; the
+    arguments are an object as well (a call's arguments always are: a tool whose parameters allow
+    no object cannot be forced)."""
     key = "parameters" if isinstance(fmt, Llama3) else "arguments"
-    options = []
-    for tool in tools:
+    options, defs = [], {}
+    for k, tool in enumerate(tools):
         function = tool["function"]
         if name is not None and function["name"] != name:
             continue
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: parameters},
+        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}")
+        arguments = {"allOf": [{"type": "object"}, {"$ref": f"#/$defs/tool_{k}"}]}
+        options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: arguments},
                         "required": ["name", key], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {"$defs": defs, **schema}
+
+
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are data, not schemas
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+
+
+def _rebase_refs(schema, base: str):
+    """schema with each local reference ("#", "#/...") made relative to base instead of the root."""
+    if isinstance(schema, list):
+        return [_rebase_refs(v, base) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = base + v[1:]
+        elif k in _DATA_KEYWORDS:
+            out[k] = v
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: _rebase_refs(sub, base) for name, sub in v.items()}
+        else:
+            out[k] = _rebase_refs(v, base)
+    return out
 
 
 def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, parallel: bool, tokenizer) -> str:
@@ -190,9 +240,8 @@ def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, pa
     schema = {**call_schema(fmt, tools, name), "x-guidance": JSON_STYLE}
     grammar = fmt.call_grammar(parallel and name is None) + f"\ncall: %json {json.dumps(schema)}\n"
     if fmt.marker and "marker" in grammar.split("\n", 1)[0]:
-        marker_id = tokenizer.token_to_id(fmt.marker)
-        special = marker_id is not None and marker_id in tokenizer.special_ids
-        grammar += f"marker: <[{marker_id}]>\n" if special else f"marker: {json.dumps(fmt.marker)}\n"
+        marker_id = special_marker_id(fmt, tokenizer)
+        grammar += f"marker: <[{marker_id}]>\n" if marker_id is not None else f"marker: {json.dumps(fmt.marker)}\n"
     return grammar
 
 
@@ -201,16 +250,22 @@ class ToolCallStream:
 
     feed(piece) returns the text that is certainly content; once the marker appears (or, for a
     format whose call is the whole reply, while the reply could still be one), the rest is held and
-    finish(full_text) parses it."""
+    finish(full_text) parses it.
 
-    def __init__(self, fmt: ToolFormat):
+    marker_id: the marker's token id when it is a special token (Mistral's [TOOL_CALLS]): streamed
+    pieces leave special tokens out, so the marker is seen among the piece's token ids instead."""
+
+    def __init__(self, fmt: ToolFormat, marker_id: int | None = None):
         self.fmt = fmt
+        self.marker_id = marker_id
         self.text = ""
         self.sent = 0
         self.holding = False
 
-    def feed(self, piece: str) -> str:
+    def feed(self, piece: str, token_ids=()) -> str:
         self.text += piece
+        if self.marker_id is not None and self.marker_id in token_ids:
+            self.holding = True  # where in this piece the marker stood is unknown: hold all of it
         if self.holding:
             return ""
         marker = self.fmt.marker
@@ -233,6 +288,12 @@ class ToolCallStream:
             rest = content[self.sent:] if content.startswith(self.text[:self.sent]) else ""
             return rest, calls
         return self.text[self.sent:], []
+
+
+def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:
+    """The token id of fmt's marker when the tokenizer has it as a special token, else None."""
+    marker_id = tokenizer.token_to_id(fmt.marker) if fmt.marker else None
+    return marker_id if marker_id is not None and marker_id in tokenizer.special_ids else None
 
 
 def _partial_suffix(text: str, marker: str) -> int:

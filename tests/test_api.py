@@ -667,6 +667,22 @@ def test_structured_output_from_python(llm):
         llm.generate("?", grammar="start: (")
     with pytest.raises(ValueError, match="response_format"):
         llm.generate("?", response_format={"type": "yaml"})
+    # a schema holding Python values JSON has not: a set was json's bare TypeError ("Object of type
+    # set is not JSON serializable"), NaN llguidance's "expected value at line 1 column 13"
+    from pyllm.structured import GrammarInvalid
+
+    for bad in ({"enum": {1, 2}}, {"const": b"x"}, {"properties": {("a",): {}}}, {"minimum": float("nan")},
+                {"maximum": float("inf")}):
+        with pytest.raises(GrammarInvalid, match="the JSON schema is not JSON"):
+            llm.generate("?", response_format={"type": "json_schema", "json_schema": {"schema": bad}})
+    # a bad regular expression anywhere (regex, Lark, a schema's pattern, x-guidance's whitespace_pattern)
+    # was "regex parse error:" with what is wrong cut off, or llguidance's whole multi-line dump
+    for fmt in ({"type": "regex", "regex": "(("}, {"type": "grammar", "grammar": "start: /((/"},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(("}}},
+                {"type": "json_schema", "json_schema": {"schema": {"x-guidance": {"whitespace_pattern": "(("}}}}):
+        with pytest.raises(GrammarInvalid) as e:
+            llm.generate("?", response_format=fmt)
+        assert "unclosed group" in str(e.value) and "\n" not in str(e.value), (fmt, str(e.value))
 
 
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):

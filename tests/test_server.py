@@ -187,6 +187,10 @@ def test_bad_requests_get_clear_errors(live, llm):
         (dict(messages=_chat("hi"), tool_choice="required"), "tool_choice"),
         (dict(messages=_chat("hi"), response_format={"type": "xml"}), "response_format.type"),
         (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+        # OpenAI's deprecated function calling was ignored: a plain answer, the functions silently dropped
+        (dict(messages=_chat("hi"), functions=[{"name": "f", "parameters": {"type": "object"}}]), "functions"),
+        (dict(messages=_chat("hi"), function_call="auto"), "function_call"),
+        (dict(messages=_chat("hi"), function_call={"name": "f"}), "function_call"),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as e:

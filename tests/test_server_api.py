@@ -394,6 +394,77 @@ def test_forced_tool_calls_round_trip(live, llm, tool_template):
     assert "sunny, 21 C" in rendered and call.function.name in rendered
 
 
+def test_streamed_calls_whose_marker_is_a_special_token_are_not_content(live, llm, monkeypatch):
+    """Mistral's [TOOL_CALLS] is a special token: streamed pieces leave it out, so the stream never
+    saw the marker and sent the call's JSON as content, then the same call again as tool_calls (the
+    answer not streamed had content null). The marker is now seen among the piece's tokens. The
+    tiny tokenizer has no [TOOL_CALLS]: its special <|im_start|> stands in for it."""
+    from pyllm.tool_calls import Mistral
+
+    monkeypatch.setattr(Mistral, "marker", "<|im_start|>")
+    assert llm.tokenizer.token_to_id("<|im_start|>") in llm.tokenizer.special_ids
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "mistral-v3-tools.jinja")).read()
+    try:
+        client = live.client()
+        messages = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+        for choice in ({"type": "function", "function": {"name": "get_time"}}, "required"):
+            options = dict(model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=80,
+                           parallel_tool_calls=False, seed=1, temperature=1.0)
+            whole = client.chat.completions.create(**options).choices[0]
+            assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole
+            chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            calls = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+            assert content == "", content
+            assert [(d.function.name, d.function.arguments) for d in calls] == [
+                (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    finally:
+        llm.chat_template = old
+
+
+def test_parallel_tool_calls_false_returns_one_call(live, llm, tool_template):
+    """In auto mode nothing held the model to one call: parallel_tool_calls false returned all it
+    wrote (here two, written under a grammar). OpenAI's API gives at most one, the first."""
+    key = "parameters" if tool_template.startswith("llama") else "arguments"
+    call = lambda name, args: json.dumps({"name": name, key: args}, separators=(", ", ": "))  # noqa: E731
+    first, second = call("get_time", {"zone": "UTC"}), call("get_weather", {"city": "Rome", "days": 2})
+    text = {"qwen2.5-base": f"<tool_call>\n{first}\n</tool_call>\n<tool_call>\n{second}\n</tool_call>",
+            "mistral-v3-tools": f"[TOOL_CALLS] [{first}, {second}]",
+            "llama-3.1-json-tools": f"{first}; {second}"}[tool_template]
+    options = dict(model="tiny", messages=_chat("Time and weather?"), tools=[WEATHER, TIME], max_tokens=600,
+                   response_format={"type": "grammar", "grammar": f"start: {json.dumps(text)}"})
+    for parallel, names in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):
+        choice = live.client().chat.completions.create(parallel_tool_calls=parallel, **options).choices[0]
+        assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == names
+        chunks = [c for c in live.client().chat.completions.create(parallel_tool_calls=parallel, stream=True,
+                                                                    **options) if c.choices]
+        assert [d.function.name for c in chunks for d in (c.choices[0].delta.tool_calls or [])] == names
+
+
+def test_forced_tool_calls_take_response_format_text(live, llm):
+    """response_format {"type": "text"} (the default; some clients always send it) with a forced
+    tool call was refused as "a forced tool call and response_format cannot be combined"; a
+    format that constrains the reply still is."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        client = live.client()
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            for stream in (False, True):
+                reply = client.chat.completions.create(model="tiny", messages=_chat("Time?"), tools=[WEATHER, TIME],
+                                                       tool_choice=choice, parallel_tool_calls=False, max_tokens=80,
+                                                       response_format={"type": "text"}, stream=stream)
+                chunks = list(reply) if stream else [reply]
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                assert finish == ["tool_calls"], (choice, stream, chunks[-1])
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=_chat("Time?"), tools=[WEATHER, TIME],
+                                               tool_choice=choice, max_tokens=8,
+                                               response_format={"type": "json_object"})
+            assert e.value.param == "response_format"
+    finally:
+        llm.chat_template = old
+
+
 def test_tools_with_a_template_without_tool_support_are_refused(live):
     client = live.client()
     with pytest.raises(openai.BadRequestError) as e:

@@ -124,3 +124,103 @@ def test_forcing_grammars_are_valid_llguidance_grammars(tiny_llama_f32):
                 grammar = forced_call_grammar(fmt, tools, name, parallel, llm.tokenizer)
                 matcher = llguidance.LLMatcher(ll_tokenizer(llm.tokenizer), grammar, log_level=0)
                 assert not matcher.is_error(), (fmt.name, matcher.get_error())
+
+
+def _forced_accepts(llguidance, ll, grammar, text):
+    matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    return matcher.consume_tokens(ll.tokenize_str(text)) and matcher.is_accepting()
+
+
+def test_forced_calls_keep_the_meaning_of_references_and_are_objects(tiny_llama_f32):
+    """A tool whose parameters use $defs (as Pydantic writes them), definitions or "#" (a recursive
+    schema) could not be forced: embedded under "arguments" its "#/$defs/..." pointed at the call's
+    root (llguidance: "Pointer '/$defs/Unit' does not exist", a 400 for valid tools). And parameters
+    that allow something other than an object ({"type": "string"}) forced a call whose arguments
+    were a string: no tool call came back for tool_choice "required" (finish_reason "stop", the
+    call as content). References now point at each tool's own schema, and arguments are objects."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    unit = {"$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+            "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"], "additionalProperties": False}
+    old_style = {"definitions": {"N": {"type": "integer"}}, "type": "object",
+                 "properties": {"n": {"$ref": "#/definitions/N"}}, "required": ["n"], "additionalProperties": False}
+    tree = {"type": "object", "properties": {"child": {"$ref": "#"}}, "additionalProperties": False}
+    either = {"anyOf": [{"type": "integer"}, {"type": "object", "properties": {"k": {"type": "integer"}},
+                                                "required": ["k"], "additionalProperties": False}]}
+    tools = [{"type": "function", "function": {"name": n, "parameters": p}}
+             for n, p in [("temp", unit), ("count", old_style), ("tree", tree), ("either", either)]]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for fmt in (Hermes(), Mistral(), Llama3()):
+            for name in (None, "temp", "count", "tree", "either"):
+                grammar = forced_call_grammar(fmt, tools, name, True, llm.tokenizer)
+                matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+                assert not matcher.is_error(), (fmt.name, name, matcher.get_error())
+        for fmt, key, wrap in ((Hermes(), "arguments", "<tool_call>\n{}\n</tool_call>"), (Llama3(), "parameters", "{}")):
+            def accepts(name, arguments):
+                grammar = forced_call_grammar(fmt, tools, name, False, llm.tokenizer)
+                call = json.dumps({"name": name, key: arguments}, separators=(", ", ": "))
+                return _forced_accepts(llguidance, ll, grammar, wrap.replace("{}", call, 1))
+            assert accepts("temp", {"unit": "C"}) and not accepts("temp", {"unit": "K"})
+            assert accepts("count", {"n": 3}) and not accepts("count", {"n": "3"})
+            assert accepts("tree", {"child": {"child": {}}}) and not accepts("tree", {"child": {"x": 1}})
+            assert accepts("either", {"k": 1}) and not accepts("either", 5)
+        for parameters in ({"type": "string"}, {"type": "array"}, {"enum": [1, 2]}):
+            odd = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+            matcher = llguidance.LLMatcher(ll, forced_call_grammar(Hermes(), odd, None, False, llm.tokenizer),
+                                           log_level=0)
+            assert matcher.is_error(), parameters  # cannot be forced: a 400 naming tools in the server
+
+
+def test_stream_sees_a_special_token_marker_among_the_piece_tokens():
+    """Streamed pieces leave special tokens out: a marker that is one (Mistral's [TOOL_CALLS], id 7
+    here) is seen among the piece's token ids; text before it still comes back as content."""
+    call = ' [{"name": "f", "arguments": {}}]'
+    for pieces in ([("Sure.", [1]), (call, [7, 8, 9])], [("Sure", [1]), ("." + call, [2, 7, 8])]):
+        stream = ToolCallStream(Mistral(["f"]), marker_id=7)
+        out = "".join(stream.feed(text, ids) for text, ids in pieces)
+        rest, calls = stream.finish("Sure.[TOOL_CALLS]" + call)
+        assert out + rest == "Sure." and [c.name for c in calls] == ["f"], (out, rest)
+
+
+def test_hermes_call_arguments_may_hold_the_tags():
+    """A Hermes call was the text up to the first "</tool_call>": an argument string holding that
+    tag (code or docs about tool calls; a forced call's grammar allows any string) cut the JSON in
+    two, and the whole reply became content with no calls, even for tool_choice "required"."""
+    for value in ("</tool_call>", "a</tool_call>\\n<tool_call>b", "<tool_call>", "x\\n</tool_call>"):
+        arguments = {"text": json.loads(f'"{value}"')}
+        one = "<tool_call>\n" + json.dumps({"name": "f", "arguments": arguments}) + "\n</tool_call>"
+        for text in (one, "Sure.\n" + one + "\n" + one, one[:-len("\n</tool_call>")]):
+            content, calls = Hermes(["f"]).parse(text)
+            assert calls and all(_args(c) == arguments for c in calls), (value, text)
+            assert content == ("Sure." if text.startswith("Sure.") else ""), (value, text)
+            stream = ToolCallStream(Hermes(["f"]))
+            out = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+            rest, streamed = stream.finish(text)
+            assert (out + rest).strip() == content and len(streamed) == len(calls), (value, text)
+    # still text: a second JSON value, or other text before the closing tag
+    for bad in ('<tool_call>\n{"name": "f", "arguments": {}} {"x": 1}\n</tool_call>',
+                '<tool_call>\n{"name": "f", "arguments": {}} and more\n</tool_call>'):
+        assert Hermes(["f"]).parse(bad) == (bad, [])
+
+
+def test_parallel_tool_calls_false_gives_one_call():
+    """parallel_tool_calls false (auto mode has no grammar to hold the model to one call) returned
+    every call the model wrote; OpenAI's API gives at most one: the first."""
+    two = [(Hermes, '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n'
+                    '{"name": "g", "arguments": {}}\n</tool_call>'),
+           (Mistral, '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'),
+           (Llama3, '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}')]
+    for fmt, text in two:
+        assert [c.name for c in fmt(["f", "g"]).parse(text)[1]] == ["f", "g"], fmt.__name__
+        calls = fmt(["f", "g"], parallel=False).parse(text)[1]
+        assert [(c.name, _args(c)) for c in calls] == [("f", {"a": 1})], fmt.__name__
+        stream = ToolCallStream(fmt(["f", "g"], parallel=False))
+        stream.feed(text)
+        assert [c.name for c in stream.finish(text)[1]] == ["f"], fmt.__name__
+    for name in ("qwen2.5-base", "mistral-v3-tools", "llama-3.1-json-tools"):
+        assert tool_format(_template(name), ["f"], parallel=False).parallel is False
+        assert tool_format(_template(name), ["f"]).parallel is True
