@@ -146,18 +146,30 @@ def _on_interrupt(handler):
     return lambda: signal.signal(signal.SIGINT, previous)
 
 
-def read_message(input_fn=input) -> str | None:
-    """One user message (continuation lines and triple-quoted blocks joined); None at end of input."""
+class EndOfInput(EOFError):
+    """End of input (Ctrl-D) inside a message: `text` is what was typed of it (sent before the chat ends)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def read_message(input_fn=input) -> str:
+    """One user message (continuation lines and triple-quoted blocks joined). EOFError at end of input
+    before a message; EndOfInput, carrying the lines typed so far, at end of input inside a block or
+    after a trailing backslash (that message is not lost)."""
     line = input_fn("> ")
-    if line.strip() == '"""':
-        lines = []
-        while (line := input_fn(". ")).strip() != '"""':
-            lines.append(line)
-        return "\n".join(lines)
     lines = []
-    while line.endswith("\\"):
-        lines.append(line[:-1])
-        line = input_fn(". ")
+    try:
+        if line.strip() == '"""':
+            while (line := input_fn(". ")).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        while line.endswith("\\"):
+            lines.append(line[:-1])
+            line = input_fn(". ")
+    except EOFError:
+        raise EndOfInput("\n".join(lines)) from None
     return "\n".join(lines + [line])
 
 
@@ -226,8 +238,14 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
     while True:
         try:
             text = read_message(input_fn)
-        except EOFError:
+        except EOFError as e:
             print(file=sys.stderr)
+            text = getattr(e, "text", "")
+            if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
+                if text.startswith("/"):
+                    session.command(text)
+                else:
+                    session.say(text)
             return 0
         except KeyboardInterrupt:
             if interrupted:

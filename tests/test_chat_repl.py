@@ -306,3 +306,20 @@ def test_seed_is_drawn_once_per_session(llm, monkeypatch):
         session.say("hi")
         session.command("/regen")
     assert spy[:2] == spy[2:] and spy[0] != spy[1]
+
+
+def test_end_of_input_inside_a_block_sends_what_was_typed(llm, monkeypatch, capsys):
+    """Ctrl-D (end of input) inside a \"\"\" block or on the line after a trailing backslash ended the chat
+    and silently dropped the lines typed: the message was lost. Now it is sent, then the chat ends."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    for lines, expected in ((['"""', "first", "", "second", EOFError()], "first\n\nsecond"),
+                            (["one\\", "two\\", EOFError()], "one\ntwo")):
+        spy.seen.clear()
+        assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+        assert spy.seen == [[("user", expected)]]
+        assert capsys.readouterr().err.count("Generation:") == 1
+    # nothing typed in the block: nothing sent
+    spy.seen.clear()
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(['"""', EOFError()])) == 0
+    assert spy.seen == []
