@@ -16,6 +16,7 @@ tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -173,6 +174,33 @@ def read_message(input_fn=input) -> str:
     return "\n".join(lines + [line])
 
 
+@contextlib.contextmanager
+def keys_kept_for_the_editor(fd: int):
+    """While a reply is written: the terminal on `fd` out of line mode (and without echo), Ctrl-C still
+    a signal. In line mode a Ctrl-D pressed then is taken by the terminal itself as the end of an empty
+    line, which nobody reads: it was lost. Out of it the keys wait as bytes, and the line editor reads
+    them when it takes the terminal again (Ctrl-D on an empty line ends the chat; typed text is kept)."""
+    try:
+        import termios
+    except ImportError:  # not on Windows
+        termios = None
+    try:
+        saved = termios.tcgetattr(fd) if termios else None
+    except (termios.error, OSError, ValueError):  # not a terminal after all
+        saved = None
+    if saved is None:
+        yield
+        return
+    mode = [*saved[:6], list(saved[6])]
+    mode[3] &= ~(termios.ICANON | termios.ECHO)
+    mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, mode)  # TCSANOW: keys already pressed are kept, not flushed
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def line_editor():
     """input()'s replacement in a terminal: a prompt_toolkit session with its history in the cache
     directory. None when stdin or stdout is not a terminal. A history that cannot be read or written
@@ -230,8 +258,13 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         print("this model has no chat template: pick one with --chat-template (chatml, llama2, alpaca, "
               "alpaca-stanford, or a Jinja file), or use -p --raw for plain completion", file=sys.stderr)
         return 2
+    replying = contextlib.nullcontext
     if input_fn is None:
-        input_fn = line_editor() or input
+        input_fn = line_editor()
+        if input_fn is None:
+            input_fn = input
+        else:  # a terminal: the keys pressed during a reply wait for the editor (Ctrl-D among them)
+            replying = lambda: keys_kept_for_the_editor(sys.stdin.fileno())  # noqa: E731
     session = ChatSession(llm, system, sampling)
     print(banner(llm), file=sys.stderr)
     interrupted = False
@@ -242,10 +275,8 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
             print(file=sys.stderr)
             text = getattr(e, "text", "")
             if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
-                if text.startswith("/"):
-                    session.command(text)
-                else:
-                    session.say(text)
+                with replying():
+                    session.command(text) if text.startswith("/") else session.say(text)
             return 0
         except KeyboardInterrupt:
             if interrupted:
@@ -257,8 +288,9 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         interrupted = False
         if not text.strip():
             continue
-        if text.startswith("/"):
-            if not session.command(text):
-                return 0
-            continue
-        session.say(text)
+        with replying():
+            if text.startswith("/"):
+                if not session.command(text):
+                    return 0
+                continue
+            session.say(text)

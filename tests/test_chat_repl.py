@@ -323,3 +323,28 @@ def test_end_of_input_inside_a_block_sends_what_was_typed(llm, monkeypatch, caps
     spy.seen.clear()
     assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(['"""', EOFError()])) == 0
     assert spy.seen == []
+
+
+def test_ctrl_d_while_a_reply_is_written_ends_the_chat_after_it(tiny_llama_f32, tmp_path):
+    """Ctrl-D pressed while a reply was being written was lost (the terminal, in line mode then, took it
+    as end of an empty line that nobody read), and the prompt then waited for more. The keys pressed
+    during a reply now reach the line editor: the chat ends once the reply is done."""
+    pexpect = pytest.importorskip("pexpect")
+    slow = tmp_path / "slow"
+    slow.mkdir()  # each piece of a reply takes 50 ms in the child: time to press Ctrl-D during it
+    (slow / "sitecustomize.py").write_text(
+        "import time\nfrom pyllm import llm\nnext_piece = llm.TextStream.__next__\n"
+        "llm.TextStream.__next__ = lambda self: time.sleep(0.05) or next_piece(self)\n")
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(slow) + (os.pathsep + path if path else "")
+    try:
+        child = spawn_chat(tiny_llama_f32, tmp_path / "cache", "-n", "40")
+    finally:
+        os.environ["PYTHONPATH"] = path
+    child.send("hello\r")
+    child.expect_exact("\x1b[?2004l")  # the editor let go of the line: the reply is being written
+    child.sendeof()
+    child.expect(STATS)
+    child.expect(pexpect.EOF, timeout=15)
+    child.close()
+    assert child.exitstatus == 0
