@@ -53,6 +53,8 @@ class ChatSession:
         self.turns: list[dict] = []  # user and assistant messages, without the system message
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self._stream = None  # the reply being written
+        self._stop_requested = False  # Ctrl-C since the message was sent (before the stream, or during it)
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
@@ -105,20 +107,29 @@ class ChatSession:
         sampling = dict(self.sampling)
         if self.seeds is not None:
             sampling["seed"] = int(self.seeds.integers(1 << 62))
-        try:
-            stream = self.llm.chat(self.messages(), stream=True, **sampling)
-        except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
-            print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
-            return False
         pieces = []
-        restore = _on_interrupt(stream.cancel)
+        # from before the chat call: a Ctrl-C while the prompt is rendered or read (seconds for a long
+        # conversation) stops this reply, as one during the reply does; it ended the whole chat before
+        restore = _on_interrupt(self.stop)
         try:
+            try:
+                stream = self.llm.chat(self.messages(), stream=True, **sampling)
+            except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
+                print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
+                return False
+            self._stream = stream
+            if self._stop_requested:
+                stream.cancel()
             for piece in stream:
                 pieces.append(piece)
                 self.out.write(piece)
                 self.out.flush()
         finally:
             restore()
+            self._stream, self._stop_requested = None, False
+        if not pieces and stream.stats.finish_reason == "cancelled":  # stopped before a word: no turn
+            print("(stopped)", file=self.err)
+            return False
         self.out.write("\n")
         self.turns.append({"role": "assistant", "content": "".join(pieces)})
         cut = cut_notice(stream.stats, self.llm.context_length)
@@ -127,6 +138,12 @@ class ChatSession:
         note = " (stopped)" if stream.stats.finish_reason == "cancelled" else ""
         print(stream.stats.line() + note, file=self.err)
         return True
+
+    def stop(self) -> None:
+        """Ctrl-C: stops the reply being written, or the one about to be."""
+        self._stop_requested = True
+        if self._stream is not None:
+            self._stream.cancel()
 
 
 def cut_notice(stats, context_length: int) -> str | None:
@@ -288,7 +305,7 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         interrupted = False
         if not text.strip():
             continue
-        with replying():
+        with replying():  # (reply() takes Ctrl-C from its start)
             if text.startswith("/"):
                 if not session.command(text):
                     return 0

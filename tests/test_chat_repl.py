@@ -348,3 +348,40 @@ def test_ctrl_d_while_a_reply_is_written_ends_the_chat_after_it(tiny_llama_f32, 
     child.expect(pexpect.EOF, timeout=15)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("when", ["rendering the prompt", "before the first token"])
+def test_ctrl_c_before_the_reply_begins_stops_it_not_the_chat(llm, monkeypatch, capsys, when):
+    """Ctrl-C right after Enter, while the conversation was rendered or its prompt read (seconds for a long
+    conversation on a large model), came before the reply's Ctrl-C handler: KeyboardInterrupt ended the
+    whole chat (status 130, the conversation gone). Now it stops that reply; the chat goes on."""
+    real_chat = llm.__class__.chat
+
+    def chat(messages, **kw):
+        if when == "rendering the prompt":
+            signal.raise_signal(signal.SIGINT)
+        stream = real_chat(llm, messages, **kw)
+        if when == "before the first token":
+            pieces = stream._pieces
+
+            def interrupted_first():
+                signal.raise_signal(signal.SIGINT)
+                yield from pieces
+            stream._pieces = interrupted_first()
+        return stream
+
+    monkeypatch.setattr(llm, "chat", chat)
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (the suite may ignore it)
+    try:
+        status = repl.chat_loop(llm, None, dict(max_new_tokens=3), input_fn=_script(["hello", "/exit"]))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C before the reply began ended the chat")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "(stopped)" in err and "Ctrl-C again" not in err
+    assert sessions[-1].turns == []  # stopped before a word: the message is not part of the conversation
