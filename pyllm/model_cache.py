@@ -187,15 +187,18 @@ def list_entries() -> list[CacheEntry]:
         full = os.path.join(directory, name)
         if not name.endswith(MODEL_SUFFIX) or not os.path.isfile(full):
             continue
-        info = _read_sidecar(full) or {}
-        source = str(info.get("source", ""))
+        info = _read_sidecar(full) or {}  # whatever its JSON holds (edited, from another version): never fatal
+        source = info.get("source")
+        source = source if isinstance(source, str) else ""
+        settings = info.get("settings")
+        settings = {str(k): v for k, v in settings.items()} if isinstance(settings, dict) else {}
         stale = False
         if info.get("kind") in ("gguf", "hf"):
             try:
                 stale = source_fingerprint(source) != info.get("fingerprint")
-            except OSError:
+            except (OSError, ValueError):  # gone, or no path at all ("", a NUL in it)
                 stale = True
-        entries.append(CacheEntry(full, os.path.getsize(full), source, dict(info.get("settings") or {}), stale,
+        entries.append(CacheEntry(full, os.path.getsize(full), source, settings, stale,
                                   damage_of(full, info) is not None))
     return entries
 

@@ -169,3 +169,22 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
         f.truncate(size - 1000)
     assert default_model.default_model_path() == path and len(calls) == 2
     assert "is damaged" in capsys.readouterr().err and os.path.getsize(path) == size
+
+
+def test_list_and_rm_survive_odd_sidecars(gguf_file, cache, capsys):
+    """A sidecar whose JSON is not what pyllm writes (edited by hand, from another version: settings a
+    list or a string, a source that is a number or holds a NUL) made `pyllm list` fail with "error:
+    dictionary update sequence ..." and `pyllm rm` too: the entry could not even be removed. Such
+    fields are now ignored; the entry is listed with what is known, and removable."""
+    assert run(capsys, "run", gguf_file, "-p", "hi", "-n", "1", "-t", "1", "--chat-template", "chatml")[0] == 0
+    (entry,) = model_cache.list_entries()
+    sidecar = entry.path[:-5] + ".json"
+    odd = ['{"settings": [1, 2], "kind": "gguf", "source": 5}', '{"settings": "abc", "source": ["x"]}',
+           '{"kind": "hf", "source": "a\\u0000b", "settings": {"1": 2}}', '[1, 2]', '{"settings": [["quant", "x"]]}']
+    for text in odd:
+        with open(sidecar, "w") as f:
+            f.write(text)
+        status, listing, err, _ = run(capsys, "list")
+        assert status == 0 and entry.name in listing, err
+    status, _, err, _ = run(capsys, "rm", entry.name)
+    assert status == 0 and model_cache.list_entries() == [], err
