@@ -87,7 +87,8 @@ class ChatSession:
             else:
                 print("(nothing to regenerate)", file=self.err)
         else:
-            print(f"unknown command {name}; /help lists them", file=self.err)
+            print(f"unknown command {name}; /help lists them (a message that starts with / is sent when "
+                  "it begins with a space, or as a \"\"\" block)", file=self.err)
         return True
 
     def template_default_system(self) -> str | None:
@@ -144,6 +145,18 @@ class ChatSession:
         self._stop_requested = True
         if self._stream is not None:
             self._stream.cancel()
+
+
+COMMANDS = ("/help", "/exit", "/quit", "/bye", "/clear", "/regen", "/system")
+
+
+def is_command(text: str) -> bool:
+    """A /command: a line that starts with "/" (an unknown one is refused, as a typo), or several lines
+    that start with a known command (/system over several lines). Other text of several lines (a pasted
+    block, a \"\"\" block, continued lines) is a message, even when it starts with a path."""
+    if not text.startswith("/"):
+        return False
+    return "\n" not in text or text.split(None, 1)[0] in COMMANDS
 
 
 def cut_notice(stats, context_length: int) -> str | None:
@@ -293,7 +306,7 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
             text = getattr(e, "text", "")
             if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
                 with replying():
-                    session.command(text) if text.startswith("/") else session.say(text)
+                    session.command(text) if is_command(text) else session.say(text)
             return 0
         except KeyboardInterrupt:
             if interrupted:
@@ -306,7 +319,7 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         if not text.strip():
             continue
         with replying():  # (reply() takes Ctrl-C from its start)
-            if text.startswith("/"):
+            if is_command(text):
                 if not session.command(text):
                     return 0
                 continue

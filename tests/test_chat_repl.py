@@ -385,3 +385,19 @@ def test_ctrl_c_before_the_reply_begins_stops_it_not_the_chat(llm, monkeypatch, 
     err = capsys.readouterr().err
     assert "(stopped)" in err and "Ctrl-C again" not in err
     assert sessions[-1].turns == []  # stopped before a word: the message is not part of the conversation
+
+
+def test_a_block_that_starts_with_a_slash_is_a_message(llm, monkeypatch, capsys):
+    """A pasted or \"\"\" block of several lines that began with a path ("/etc/fstab has these lines: ...")
+    was taken for a command: "unknown command /etc/fstab..." and the whole block was not sent. Several
+    lines are a message unless they start with a known command (/system over several lines still is)."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ["/etc/fstab holds:\nproc /proc proc defaults 0 0", '"""', "/usr/bin/env python3", "print(1)", '"""',
+             "/system Be\\", "terse.", "/etc/fstab?", " /etc/fstab?", "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    assert [seen[-1] for seen in spy.seen] == [("user", "/etc/fstab holds:\nproc /proc proc defaults 0 0"),
+                                               ("user", "/usr/bin/env python3\nprint(1)"), ("user", " /etc/fstab?")]
+    assert spy.seen[-1][0] == ("system", "Be\nterse.")
+    err = capsys.readouterr().err
+    assert err.count("unknown command") == 1 and "unknown command /etc/fstab?" in err  # one line: a typo is refused
