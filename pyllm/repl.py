@@ -206,10 +206,11 @@ def read_message(input_fn=input) -> str:
 
 @contextlib.contextmanager
 def keys_kept_for_the_editor(fd: int):
-    """While a reply is written: the terminal on `fd` out of line mode (and without echo), Ctrl-C still
-    a signal. In line mode a Ctrl-D pressed then is taken by the terminal itself as the end of an empty
-    line, which nobody reads: it was lost. Out of it the keys wait as bytes, and the line editor reads
-    them when it takes the terminal again (Ctrl-D on an empty line ends the chat; typed text is kept)."""
+    """The terminal on `fd` out of line mode (and without echo) while the line editor does not hold it
+    (a reply being written), Ctrl-C still a signal. In line mode a Ctrl-D pressed then is taken by the
+    terminal itself as the end of an empty line, which nobody reads: it was lost. Out of it the keys
+    wait as bytes, and the line editor reads them when it takes the terminal again (Ctrl-D on an empty
+    line ends the chat; typed text is kept)."""
     try:
         import termios
     except ImportError:  # not on Windows
@@ -288,15 +289,21 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         print("this model has no chat template: pick one with --chat-template (chatml, llama2, alpaca, "
               "alpaca-stanford, or a Jinja file), or use -p --raw for plain completion", file=sys.stderr)
         return 2
-    replying = contextlib.nullcontext
+    editor = None
     if input_fn is None:
-        input_fn = line_editor()
-        if input_fn is None:
-            input_fn = input
-        else:  # a terminal: the keys pressed during a reply wait for the editor (Ctrl-D among them)
-            replying = lambda: keys_kept_for_the_editor(sys.stdin.fileno())  # noqa: E731
+        input_fn = editor = line_editor() or input
     session = ChatSession(llm, system, sampling)
     print(banner(llm), file=sys.stderr)
+    if editor is None or editor is input:  # given an input function, or not in a terminal
+        return converse(session, input_fn)
+    # a terminal: out of line mode for the whole chat (the editor saves and restores that mode around
+    # each line, so there is no moment in line mode between the editor letting go and a reply)
+    with keys_kept_for_the_editor(sys.stdin.fileno()):
+        return converse(session, input_fn)
+
+
+def converse(session: ChatSession, input_fn) -> int:
+    """chat_loop's loop: messages and commands until /exit or end of input."""
     interrupted = False
     while True:
         try:
@@ -305,8 +312,7 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
             print(file=sys.stderr)
             text = getattr(e, "text", "")
             if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
-                with replying():
-                    session.command(text) if is_command(text) else session.say(text)
+                session.command(text) if is_command(text) else session.say(text)
             return 0
         except KeyboardInterrupt:
             if interrupted:
@@ -318,9 +324,8 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         interrupted = False
         if not text.strip():
             continue
-        with replying():  # (reply() takes Ctrl-C from its start)
-            if is_command(text):
-                if not session.command(text):
-                    return 0
-                continue
-            session.say(text)
+        if is_command(text):
+            if not session.command(text):
+                return 0
+            continue
+        session.say(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -325,16 +326,21 @@ def test_end_of_input_inside_a_block_sends_what_was_typed(llm, monkeypatch, caps
     assert spy.seen == []
 
 
-def test_ctrl_d_while_a_reply_is_written_ends_the_chat_after_it(tiny_llama_f32, tmp_path):
+@pytest.mark.parametrize("when", ["during the reply", "as the editor lets go"])
+def test_ctrl_d_while_a_reply_is_written_ends_the_chat_after_it(tiny_llama_f32, tmp_path, when):
     """Ctrl-D pressed while a reply was being written was lost (the terminal, in line mode then, took it
     as end of an empty line that nobody read), and the prompt then waited for more. The keys pressed
-    during a reply now reach the line editor: the chat ends once the reply is done."""
+    during a reply now reach the line editor: the chat ends once the reply is done. Also in the moment
+    between the editor letting go of the terminal and the reply (made 0.5 s long here)."""
     pexpect = pytest.importorskip("pexpect")
     slow = tmp_path / "slow"
     slow.mkdir()  # each piece of a reply takes 50 ms in the child: time to press Ctrl-D during it
-    (slow / "sitecustomize.py").write_text(
-        "import time\nfrom pyllm import llm\nnext_piece = llm.TextStream.__next__\n"
-        "llm.TextStream.__next__ = lambda self: time.sleep(0.05) or next_piece(self)\n")
+    slow_down = ("from pyllm import llm\nnext_piece = llm.TextStream.__next__\n"
+                 "llm.TextStream.__next__ = lambda self: time.sleep(0.05) or next_piece(self)\n"
+                 if when == "during the reply" else
+                 "from prompt_toolkit import PromptSession\nprompt = PromptSession.prompt\n"
+                 "PromptSession.prompt = lambda *a, **k: (prompt(*a, **k), time.sleep(0.5))[0]\n")
+    (slow / "sitecustomize.py").write_text("import time\n" + slow_down)
     path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = str(slow) + (os.pathsep + path if path else "")
     try:
@@ -343,6 +349,8 @@ def test_ctrl_d_while_a_reply_is_written_ends_the_chat_after_it(tiny_llama_f32, 
         os.environ["PYTHONPATH"] = path
     child.send("hello\r")
     child.expect_exact("\x1b[?2004l")  # the editor let go of the line: the reply is being written
+    if when == "as the editor lets go":
+        time.sleep(0.2)  # (within the 0.5 s: the editor has given the terminal back by then)
     child.sendeof()
     child.expect(STATS)
     child.expect(pexpect.EOF, timeout=15)
