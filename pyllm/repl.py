@@ -272,7 +272,9 @@ def line_editor():
     except OSError as e:
         history.fail(e)
     session = PromptSession(history=history)
-    return lambda prompt="": session.prompt(prompt)
+    # the editor reads Ctrl-C as a key; a SIGINT comes only as it hands the terminal back, where its own
+    # handler lost it (a traceback "Application is not running", the reply not stopped): the chat's is used
+    return lambda prompt="": session.prompt(prompt, handle_sigint=False)
 
 
 def banner(llm) -> str:
@@ -306,6 +308,10 @@ def converse(session: ChatSession, input_fn) -> int:
     """chat_loop's loop: messages and commands until /exit or end of input."""
     interrupted = False
     while True:
+        # with the line editor, a Ctrl-C signal while the line is handed over (the editor itself reads
+        # Ctrl-C as a key) stops the reply to that line, as one a moment later does; input() (stdout not
+        # a terminal) gets Ctrl-C as that signal: KeyboardInterrupt at the prompt, as before
+        restore = _on_interrupt(session.stop) if input_fn is not input else (lambda: None)
         try:
             text = read_message(input_fn)
         except EOFError as e:
@@ -321,11 +327,16 @@ def converse(session: ChatSession, input_fn) -> int:
             interrupted = True
             print("\n(Ctrl-C again to exit)", file=sys.stderr)
             continue
+        finally:
+            restore()
         interrupted = False
         if not text.strip():
+            session._stop_requested = False  # (no reply to stop: not kept for the next one)
             continue
         if is_command(text):
-            if not session.command(text):
+            going = session.command(text)  # (/regen's reply takes a Ctrl-C of the handover)
+            session._stop_requested = False
+            if not going:
                 return 0
             continue
         session.say(text)

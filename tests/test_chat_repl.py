@@ -409,3 +409,63 @@ def test_a_block_that_starts_with_a_slash_is_a_message(llm, monkeypatch, capsys)
     assert spy.seen[-1][0] == ("system", "Be\nterse.")
     err = capsys.readouterr().err
     assert err.count("unknown command") == 1 and "unknown command /etc/fstab?" in err  # one line: a typo is refused
+
+
+def test_ctrl_c_as_the_editor_hands_the_line_over_stops_that_reply(llm, monkeypatch, capsys):
+    """Ctrl-C just after Enter reached the line editor as a signal while it handed the terminal back: its
+    handler failed ("Exception: Application is not running", a traceback on the screen), the Ctrl-C was
+    lost and the reply ran to its end (or, with Python's handler, the line typed was dropped as if Ctrl-C
+    had come at the prompt). Now the chat's handler takes it: the reply to that line is stopped."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # the reply would run to max_new_tokens
+
+    def editor(lines):
+        it = iter(lines)
+
+        def read(prompt=""):
+            line = next(it)
+            if line.startswith("*"):  # the signal comes as the line is handed over
+                signal.raise_signal(signal.SIGINT)
+                line = line[1:]
+            return line
+        return read
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (the suite may ignore it)
+    try:
+        status = repl.chat_loop(llm, None, dict(max_new_tokens=200), input_fn=editor(["*hello", "*/help", "again",
+                                                                                      "/exit"]))
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C reached the prompt, not the reply")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0
+    err = capsys.readouterr().err
+    assert [seen[-1] for seen in spy.seen] == [("user", "hello"), ("user", "again")]
+    assert err.count("(stopped)") == 1 and "Ctrl-C again" not in err  # "again" (after /help) ran to its end
+    assert "new tokens" in err
+
+
+def test_ctrl_c_at_a_plain_input_prompt_still_exits(llm, monkeypatch, capsys):
+    """In a terminal whose output is redirected (`pyllm run M > file`) the chat reads with input(), where
+    Ctrl-C is a signal: it must still be Ctrl-C at the prompt (twice exits), not a stop of a reply."""
+    import builtins
+
+    calls = []
+
+    def ctrl_c(prompt=""):
+        calls.append(prompt)
+        if len(calls) > 3:
+            raise EOFError
+        signal.raise_signal(signal.SIGINT)
+        return "never read"
+
+    monkeypatch.setattr(repl, "line_editor", lambda: None)
+    monkeypatch.setattr(builtins, "input", ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert repl.chat_loop(llm, None, dict(max_new_tokens=2)) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert "Ctrl-C again to exit" in err and "Generation:" not in err and len(calls) == 2
