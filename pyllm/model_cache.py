@@ -8,8 +8,9 @@ A GGUF file or a Hugging Face directory is converted once into the cache directo
 default model, $XDG_CACHE_HOME/pyllm) and reused while the source is unchanged. Each converted
 file `<name>-<key>.pllm` has a sidecar `<name>-<key>.json` naming its source; the key hashes the
 source's absolute path and the conversion settings, and the sidecar holds the source's fingerprint
-(size and modification time of its files) and the converter version: when either differs, the
-entry is converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them.
+(size and modification time of its files), the converter version and the .pllm's own size: when
+one differs (the source changed, a newer pyllm, a file cut short or replaced), the entry is
+converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .formats.packed import FORMAT_VERSION
-from .formats.safetensors import FormatError
+from .formats.safetensors import FormatError, _umask
 
 CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
 SIDECAR_SUFFIX = ".json"
@@ -80,6 +81,7 @@ class CacheEntry:
     source: str  # where it came from ("" when unknown)
     settings: dict
     stale: bool  # the source changed or vanished since the conversion
+    damaged: bool = False  # the .pllm is not the size it was written with (truncated, emptied, replaced)
 
     @property
     def name(self) -> str:
@@ -102,11 +104,27 @@ def _read_sidecar(model_path: str) -> dict | None:
         return None
 
 
+def damage_of(model_path: str, info: dict | None = None) -> str | None:
+    """Why a cached .pllm is not the file its conversion wrote (its size differs from the one the
+    sidecar recorded: truncated by a full disk or a copy, emptied, replaced), or None when it is (or
+    when the sidecar, from an older pyllm, recorded no size)."""
+    info = _read_sidecar(model_path) if info is None else info
+    recorded = info.get("pllm_size") if isinstance(info, dict) else None
+    if not isinstance(recorded, int):
+        return None
+    size = os.path.getsize(model_path)
+    return None if size == recorded else f"{size} bytes, {recorded} when it was converted"
+
+
 def write_sidecar(model_path: str, info: dict) -> None:
-    """Writes the sidecar of a cached .pllm atomically."""
+    """Writes the sidecar of a cached .pllm atomically, with the .pllm's size (see damage_of)."""
+    info = {**info, "pllm_size": os.path.getsize(model_path)}
     target = model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial", dir=os.path.dirname(target))
     try:
+        # mkstemp makes the file private (0600): the mode open() gives, as its .pllm has (a cache shared
+        # by a group or prepared by another user could read the model but not its sidecar, and converted again)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, target)
@@ -142,8 +160,11 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
     info = _read_sidecar(target)
     if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint
             and info.get("converter") == CONVERTER_VERSION):
-        print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
-        return target
+        damage = damage_of(target, info)
+        if damage is None:
+            print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
+            return target
+        print(f"pyllm: the cached {target} is damaged ({damage})", file=log)
     from .convert import convert_checkpoint
 
     what = "GGUF file" if kind == "gguf" else "Hugging Face directory"
@@ -166,15 +187,19 @@ def list_entries() -> list[CacheEntry]:
         full = os.path.join(directory, name)
         if not name.endswith(MODEL_SUFFIX) or not os.path.isfile(full):
             continue
-        info = _read_sidecar(full) or {}
-        source = str(info.get("source", ""))
+        info = _read_sidecar(full) or {}  # whatever its JSON holds (edited, from another version): never fatal
+        source = info.get("source")
+        source = source if isinstance(source, str) else ""
+        settings = info.get("settings")
+        settings = {str(k): v for k, v in settings.items()} if isinstance(settings, dict) else {}
         stale = False
         if info.get("kind") in ("gguf", "hf"):
             try:
                 stale = source_fingerprint(source) != info.get("fingerprint")
-            except OSError:
+            except (OSError, ValueError):  # gone, or no path at all ("", a NUL in it)
                 stale = True
-        entries.append(CacheEntry(full, os.path.getsize(full), source, dict(info.get("settings") or {}), stale))
+        entries.append(CacheEntry(full, os.path.getsize(full), source, settings, stale,
+                                  damage_of(full, info) is not None))
     return entries
 
 
@@ -186,6 +211,8 @@ def format_entries(entries: list[CacheEntry]) -> str:
     lines = [f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE"]
     for e in entries:
         note = " (source changed or gone: converted again on next use)" if e.stale else ""
+        if e.damaged:
+            note += " (damaged, not the size it was converted to: made again on next use)"
         settings = f" [{_describe(e.settings)}]" if e.settings else ""
         lines.append(f"{e.name:<{width}}  {e.size / 1e6:>6.1f} MB  {e.source or '?'}{settings}{note}")
     lines.append(f"in {cache_dir()}; total {sum(e.size for e in entries) / 1e6:.1f} MB")

@@ -16,6 +16,7 @@ tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -52,6 +53,8 @@ class ChatSession:
         self.turns: list[dict] = []  # user and assistant messages, without the system message
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self._stream = None  # the reply being written
+        self._stop_requested = False  # Ctrl-C since the message was sent (before the stream, or during it)
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
@@ -84,7 +87,8 @@ class ChatSession:
             else:
                 print("(nothing to regenerate)", file=self.err)
         else:
-            print(f"unknown command {name}; /help lists them", file=self.err)
+            print(f"unknown command {name}; /help lists them (a message that starts with / is sent when "
+                  "it begins with a space, or as a \"\"\" block)", file=self.err)
         return True
 
     def template_default_system(self) -> str | None:
@@ -104,20 +108,29 @@ class ChatSession:
         sampling = dict(self.sampling)
         if self.seeds is not None:
             sampling["seed"] = int(self.seeds.integers(1 << 62))
-        try:
-            stream = self.llm.chat(self.messages(), stream=True, **sampling)
-        except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
-            print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
-            return False
         pieces = []
-        restore = _on_interrupt(stream.cancel)
+        # from before the chat call: a Ctrl-C while the prompt is rendered or read (seconds for a long
+        # conversation) stops this reply, as one during the reply does; it ended the whole chat before
+        restore = _on_interrupt(self.stop)
         try:
+            try:
+                stream = self.llm.chat(self.messages(), stream=True, **sampling)
+            except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
+                print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
+                return False
+            self._stream = stream
+            if self._stop_requested:
+                stream.cancel()
             for piece in stream:
                 pieces.append(piece)
                 self.out.write(piece)
                 self.out.flush()
         finally:
             restore()
+            self._stream, self._stop_requested = None, False
+        if not pieces and stream.stats.finish_reason == "cancelled":  # stopped before a word: no turn
+            print("(stopped)", file=self.err)
+            return False
         self.out.write("\n")
         self.turns.append({"role": "assistant", "content": "".join(pieces)})
         cut = cut_notice(stream.stats, self.llm.context_length)
@@ -126,6 +139,24 @@ class ChatSession:
         note = " (stopped)" if stream.stats.finish_reason == "cancelled" else ""
         print(stream.stats.line() + note, file=self.err)
         return True
+
+    def stop(self) -> None:
+        """Ctrl-C: stops the reply being written, or the one about to be."""
+        self._stop_requested = True
+        if self._stream is not None:
+            self._stream.cancel()
+
+
+COMMANDS = ("/help", "/exit", "/quit", "/bye", "/clear", "/regen", "/system")
+
+
+def is_command(text: str) -> bool:
+    """A /command: a line that starts with "/" (an unknown one is refused, as a typo), or several lines
+    that start with a known command (/system over several lines). Other text of several lines (a pasted
+    block, a \"\"\" block, continued lines) is a message, even when it starts with a path."""
+    if not text.startswith("/"):
+        return False
+    return "\n" not in text or text.split(None, 1)[0] in COMMANDS
 
 
 def cut_notice(stats, context_length: int) -> str | None:
@@ -146,19 +177,59 @@ def _on_interrupt(handler):
     return lambda: signal.signal(signal.SIGINT, previous)
 
 
-def read_message(input_fn=input) -> str | None:
-    """One user message (continuation lines and triple-quoted blocks joined); None at end of input."""
+class EndOfInput(EOFError):
+    """End of input (Ctrl-D) inside a message: `text` is what was typed of it (sent before the chat ends)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def read_message(input_fn=input) -> str:
+    """One user message (continuation lines and triple-quoted blocks joined). EOFError at end of input
+    before a message; EndOfInput, carrying the lines typed so far, at end of input inside a block or
+    after a trailing backslash (that message is not lost)."""
     line = input_fn("> ")
-    if line.strip() == '"""':
-        lines = []
-        while (line := input_fn(". ")).strip() != '"""':
-            lines.append(line)
-        return "\n".join(lines)
     lines = []
-    while line.endswith("\\"):
-        lines.append(line[:-1])
-        line = input_fn(". ")
+    try:
+        if line.strip() == '"""':
+            while (line := input_fn(". ")).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        while line.endswith("\\"):
+            lines.append(line[:-1])
+            line = input_fn(". ")
+    except EOFError:
+        raise EndOfInput("\n".join(lines)) from None
     return "\n".join(lines + [line])
+
+
+@contextlib.contextmanager
+def keys_kept_for_the_editor(fd: int):
+    """The terminal on `fd` out of line mode (and without echo) while the line editor does not hold it
+    (a reply being written), Ctrl-C still a signal. In line mode a Ctrl-D pressed then is taken by the
+    terminal itself as the end of an empty line, which nobody reads: it was lost. Out of it the keys
+    wait as bytes, and the line editor reads them when it takes the terminal again (Ctrl-D on an empty
+    line ends the chat; typed text is kept)."""
+    try:
+        import termios
+    except ImportError:  # not on Windows
+        termios = None
+    try:
+        saved = termios.tcgetattr(fd) if termios else None
+    except (termios.error, OSError, ValueError):  # not a terminal after all
+        saved = None
+    if saved is None:
+        yield
+        return
+    mode = [*saved[:6], list(saved[6])]
+    mode[3] &= ~(termios.ICANON | termios.ECHO)
+    mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, mode)  # TCSANOW: keys already pressed are kept, not flushed
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def line_editor():
@@ -201,7 +272,9 @@ def line_editor():
     except OSError as e:
         history.fail(e)
     session = PromptSession(history=history)
-    return lambda prompt="": session.prompt(prompt)
+    # the editor reads Ctrl-C as a key; a SIGINT comes only as it hands the terminal back, where its own
+    # handler lost it (a traceback "Application is not running", the reply not stopped): the chat's is used
+    return lambda prompt="": session.prompt(prompt, handle_sigint=False)
 
 
 def banner(llm) -> str:
@@ -218,16 +291,34 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         print("this model has no chat template: pick one with --chat-template (chatml, llama2, alpaca, "
               "alpaca-stanford, or a Jinja file), or use -p --raw for plain completion", file=sys.stderr)
         return 2
+    editor = None
     if input_fn is None:
-        input_fn = line_editor() or input
+        input_fn = editor = line_editor() or input
     session = ChatSession(llm, system, sampling)
     print(banner(llm), file=sys.stderr)
+    if editor is None or editor is input:  # given an input function, or not in a terminal
+        return converse(session, input_fn)
+    # a terminal: out of line mode for the whole chat (the editor saves and restores that mode around
+    # each line, so there is no moment in line mode between the editor letting go and a reply)
+    with keys_kept_for_the_editor(sys.stdin.fileno()):
+        return converse(session, input_fn)
+
+
+def converse(session: ChatSession, input_fn) -> int:
+    """chat_loop's loop: messages and commands until /exit or end of input."""
     interrupted = False
     while True:
+        # with the line editor, a Ctrl-C signal while the line is handed over (the editor itself reads
+        # Ctrl-C as a key) stops the reply to that line, as one a moment later does; input() (stdout not
+        # a terminal) gets Ctrl-C as that signal: KeyboardInterrupt at the prompt, as before
+        restore = _on_interrupt(session.stop) if input_fn is not input else (lambda: None)
         try:
             text = read_message(input_fn)
-        except EOFError:
+        except EOFError as e:
             print(file=sys.stderr)
+            text = getattr(e, "text", "")
+            if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
+                session.command(text) if is_command(text) else session.say(text)
             return 0
         except KeyboardInterrupt:
             if interrupted:
@@ -236,11 +327,16 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
             interrupted = True
             print("\n(Ctrl-C again to exit)", file=sys.stderr)
             continue
+        finally:
+            restore()
         interrupted = False
         if not text.strip():
+            session._stop_requested = False  # (no reply to stop: not kept for the next one)
             continue
-        if text.startswith("/"):
-            if not session.command(text):
+        if is_command(text):
+            going = session.command(text)  # (/regen's reply takes a Ctrl-C of the handover)
+            session._stop_requested = False
+            if not going:
                 return 0
             continue
         session.say(text)

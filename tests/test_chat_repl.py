@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pytest
 
@@ -306,3 +307,165 @@ def test_seed_is_drawn_once_per_session(llm, monkeypatch):
         session.say("hi")
         session.command("/regen")
     assert spy[:2] == spy[2:] and spy[0] != spy[1]
+
+
+def test_end_of_input_inside_a_block_sends_what_was_typed(llm, monkeypatch, capsys):
+    """Ctrl-D (end of input) inside a \"\"\" block or on the line after a trailing backslash ended the chat
+    and silently dropped the lines typed: the message was lost. Now it is sent, then the chat ends."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    for lines, expected in ((['"""', "first", "", "second", EOFError()], "first\n\nsecond"),
+                            (["one\\", "two\\", EOFError()], "one\ntwo")):
+        spy.seen.clear()
+        assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+        assert spy.seen == [[("user", expected)]]
+        assert capsys.readouterr().err.count("Generation:") == 1
+    # nothing typed in the block: nothing sent
+    spy.seen.clear()
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(['"""', EOFError()])) == 0
+    assert spy.seen == []
+
+
+@pytest.mark.parametrize("when", ["during the reply", "as the editor lets go"])
+def test_ctrl_d_while_a_reply_is_written_ends_the_chat_after_it(tiny_llama_f32, tmp_path, when):
+    """Ctrl-D pressed while a reply was being written was lost (the terminal, in line mode then, took it
+    as end of an empty line that nobody read), and the prompt then waited for more. The keys pressed
+    during a reply now reach the line editor: the chat ends once the reply is done. Also in the moment
+    between the editor letting go of the terminal and the reply (made 0.5 s long here)."""
+    pexpect = pytest.importorskip("pexpect")
+    slow = tmp_path / "slow"
+    slow.mkdir()  # each piece of a reply takes 50 ms in the child: time to press Ctrl-D during it
+    slow_down = ("from pyllm import llm\nnext_piece = llm.TextStream.__next__\n"
+                 "llm.TextStream.__next__ = lambda self: time.sleep(0.05) or next_piece(self)\n"
+                 if when == "during the reply" else
+                 "from prompt_toolkit import PromptSession\nprompt = PromptSession.prompt\n"
+                 "PromptSession.prompt = lambda *a, **k: (prompt(*a, **k), time.sleep(0.5))[0]\n")
+    (slow / "sitecustomize.py").write_text("import time\n" + slow_down)
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(slow) + (os.pathsep + path if path else "")
+    try:
+        child = spawn_chat(tiny_llama_f32, tmp_path / "cache", "-n", "40")
+    finally:
+        os.environ["PYTHONPATH"] = path
+    child.send("hello\r")
+    child.expect_exact("\x1b[?2004l")  # the editor let go of the line: the reply is being written
+    if when == "as the editor lets go":
+        time.sleep(0.2)  # (within the 0.5 s: the editor has given the terminal back by then)
+    child.sendeof()
+    child.expect(STATS)
+    child.expect(pexpect.EOF, timeout=15)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("when", ["rendering the prompt", "before the first token"])
+def test_ctrl_c_before_the_reply_begins_stops_it_not_the_chat(llm, monkeypatch, capsys, when):
+    """Ctrl-C right after Enter, while the conversation was rendered or its prompt read (seconds for a long
+    conversation on a large model), came before the reply's Ctrl-C handler: KeyboardInterrupt ended the
+    whole chat (status 130, the conversation gone). Now it stops that reply; the chat goes on."""
+    real_chat = llm.__class__.chat
+
+    def chat(messages, **kw):
+        if when == "rendering the prompt":
+            signal.raise_signal(signal.SIGINT)
+        stream = real_chat(llm, messages, **kw)
+        if when == "before the first token":
+            pieces = stream._pieces
+
+            def interrupted_first():
+                signal.raise_signal(signal.SIGINT)
+                yield from pieces
+            stream._pieces = interrupted_first()
+        return stream
+
+    monkeypatch.setattr(llm, "chat", chat)
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (the suite may ignore it)
+    try:
+        status = repl.chat_loop(llm, None, dict(max_new_tokens=3), input_fn=_script(["hello", "/exit"]))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C before the reply began ended the chat")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "(stopped)" in err and "Ctrl-C again" not in err
+    assert sessions[-1].turns == []  # stopped before a word: the message is not part of the conversation
+
+
+def test_a_block_that_starts_with_a_slash_is_a_message(llm, monkeypatch, capsys):
+    """A pasted or \"\"\" block of several lines that began with a path ("/etc/fstab has these lines: ...")
+    was taken for a command: "unknown command /etc/fstab..." and the whole block was not sent. Several
+    lines are a message unless they start with a known command (/system over several lines still is)."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ["/etc/fstab holds:\nproc /proc proc defaults 0 0", '"""', "/usr/bin/env python3", "print(1)", '"""',
+             "/system Be\\", "terse.", "/etc/fstab?", " /etc/fstab?", "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    assert [seen[-1] for seen in spy.seen] == [("user", "/etc/fstab holds:\nproc /proc proc defaults 0 0"),
+                                               ("user", "/usr/bin/env python3\nprint(1)"), ("user", " /etc/fstab?")]
+    assert spy.seen[-1][0] == ("system", "Be\nterse.")
+    err = capsys.readouterr().err
+    assert err.count("unknown command") == 1 and "unknown command /etc/fstab?" in err  # one line: a typo is refused
+
+
+def test_ctrl_c_as_the_editor_hands_the_line_over_stops_that_reply(llm, monkeypatch, capsys):
+    """Ctrl-C just after Enter reached the line editor as a signal while it handed the terminal back: its
+    handler failed ("Exception: Application is not running", a traceback on the screen), the Ctrl-C was
+    lost and the reply ran to its end (or, with Python's handler, the line typed was dropped as if Ctrl-C
+    had come at the prompt). Now the chat's handler takes it: the reply to that line is stopped."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])  # the reply would run to max_new_tokens
+
+    def editor(lines):
+        it = iter(lines)
+
+        def read(prompt=""):
+            line = next(it)
+            if line.startswith("*"):  # the signal comes as the line is handed over
+                signal.raise_signal(signal.SIGINT)
+                line = line[1:]
+            return line
+        return read
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (the suite may ignore it)
+    try:
+        status = repl.chat_loop(llm, None, dict(max_new_tokens=200), input_fn=editor(["*hello", "*/help", "again",
+                                                                                      "/exit"]))
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C reached the prompt, not the reply")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0
+    err = capsys.readouterr().err
+    assert [seen[-1] for seen in spy.seen] == [("user", "hello"), ("user", "again")]
+    assert err.count("(stopped)") == 1 and "Ctrl-C again" not in err  # "again" (after /help) ran to its end
+    assert "new tokens" in err
+
+
+def test_ctrl_c_at_a_plain_input_prompt_still_exits(llm, monkeypatch, capsys):
+    """In a terminal whose output is redirected (`pyllm run M > file`) the chat reads with input(), where
+    Ctrl-C is a signal: it must still be Ctrl-C at the prompt (twice exits), not a stop of a reply."""
+    import builtins
+
+    calls = []
+
+    def ctrl_c(prompt=""):
+        calls.append(prompt)
+        if len(calls) > 3:
+            raise EOFError
+        signal.raise_signal(signal.SIGINT)
+        return "never read"
+
+    monkeypatch.setattr(repl, "line_editor", lambda: None)
+    monkeypatch.setattr(builtins, "input", ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert repl.chat_loop(llm, None, dict(max_new_tokens=2)) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert "Ctrl-C again to exit" in err and "Generation:" not in err and len(calls) == 2

