@@ -500,14 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
     PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
+    args = build_parser().parse_args(argv)
+    restore_sigterm = _exit_cleanly_on_sigterm()
+    try:
+        return report_errors(args.command, lambda: args.func(args))
+    finally:
+        restore_sigterm()
+
+
+def report_errors(command: str, work) -> int:
+    """work()'s exit status; a failure becomes one line on stderr ("pyllm COMMAND: error: ...") and
+    status 1, Ctrl-C status 130, a closed stdout (`| head`) a quiet 141. Also `python -m pyllm.train`'s."""
     import os
 
     from .errors import PyllmError
 
-    args = build_parser().parse_args(argv)
-    restore_sigterm = _exit_cleanly_on_sigterm()
     try:
-        return args.func(args)
+        return work()
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -516,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a tool the signal stopped
     except (PyllmError, ValueError, OSError, RuntimeError, IndexError, MemoryError) as e:
-        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        print(f"pyllm {command}: error: {e}", file=sys.stderr)
         return 1
     except (SystemExit, GeneratorExit):
         raise
@@ -525,10 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"pyllm {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"pyllm {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    finally:
-        restore_sigterm()
 
 
 def _exit_cleanly_on_sigterm():

@@ -615,3 +615,24 @@ def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, t
         f.write(b"garbage!" * 64)
     with pytest.raises(PyllmError, match="training_state.pt cannot be read"):
         run(train_args(base, str(mine), out, *extra, "--resume", "--max-steps", "3"))
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (KeyError("lora_A"), 1, "pyllm train: error: KeyError: 'lora_A'"),
+    (ValueError("bad"), 1, "pyllm train: error: bad"),
+    (KeyboardInterrupt(), 130, ""),
+])
+def test_python_m_pyllm_train_reports_any_failure_as_pyllm_train_does(base, data, tmp_path, monkeypatch, capsys,
+                                                                     error, status, line):
+    """python -m pyllm.train (what torchrun runs) caught only ValueError, OSError and RuntimeError: a
+    library's other errors (KeyError, TypeError, ...) printed a traceback. It now shares `pyllm`'s
+    handling (cli.report_errors): one line, status 1; Ctrl-C 130."""
+    from pyllm.train import loop, main
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(loop, "train", fail)
+    assert main([base, "--data", data, "-o", str(tmp_path / "out"), "-q"]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == line

@@ -11,7 +11,6 @@ package does not import torch: only running a training does.
 from __future__ import annotations
 
 import argparse
-import sys
 
 TRAIN_REQUIREMENTS = "pip install 'pyllm[train]' (torch, transformers, peft)"
 
@@ -100,10 +99,12 @@ def run(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import report_errors
+
     args = build_parser().parse_args(argv)
-    try:
+
+    def train() -> int:
         run(args)
-    except (ValueError, OSError, RuntimeError) as e:  # as `pyllm train` (pyllm/cli.py): one line, no traceback
-        print(f"pyllm train: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return report_errors("train", train)  # as `pyllm train`: a failure is one line, no traceback
