@@ -511,8 +511,6 @@ def main(argv: list[str] | None = None) -> int:
 def report_errors(command: str, work) -> int:
     """work()'s exit status; a failure becomes one line on stderr ("pyllm COMMAND: error: ...") and
     status 1, Ctrl-C status 130, a closed stdout (`| head`) a quiet 141. Also `python -m pyllm.train`'s."""
-    import os
-
     from .errors import PyllmError
 
     try:

@@ -449,20 +449,13 @@ class Server:
 
     def _embedding_ids(self, req) -> list[list[int]]:
         """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
-        from .llm import token_ids
-
         out = []
         for k, item in enumerate(req.inputs):
-            try:
-                ids = self.llm.tokenize(item) if isinstance(item, str) else token_ids(item, self.llm.config.vocab_size)
-            except PyllmError as e:
-                raise RequestError(f"input {k}: {e}", param="input") from None
-            if len(ids) == 0:
-                raise RequestError(f"input {k} is empty: it has no tokens", param="input")
+            ids = self._request_ids(item, f"input {k}", "input")
             if len(ids) > self.llm.context_length:
                 raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
                                    param="input")
-            out.append([int(i) for i in ids])
+            out.append(ids)
         return out
 
     def _parse_embeddings(self, raw: bytes):
@@ -605,23 +598,23 @@ class Server:
         if chat:
             plan = self._chat_plan(req, options)
         else:
-            prompts = [self._prompt_ids(p, k) for k, p in enumerate(req.prompts)]
+            prompts = [self._request_ids(p, f"prompt {k}", "prompt") for k, p in enumerate(req.prompts)]
             echo = [(p if isinstance(p, str) else self.llm.detokenize(p)) if req.echo else "" for p in req.prompts]
             plan = _Plan(False, prompts, echo, req.n, options, req.logprobs)
         self._check_fits(plan, options["adapter"], "messages" if chat else "prompt")
         return plan
 
-    def _prompt_ids(self, prompt, index: int) -> list[int]:
-        """A completion prompt's token ids: a text tokenized, or ids checked against the vocabulary
-        (RequestError naming "prompt" for ids out of range, or a prompt of no tokens)."""
+    def _request_ids(self, item, label: str, param: str) -> list[int]:
+        """A prompt's or an input's token ids: a text tokenized, or ids checked against the vocabulary
+        (RequestError "{label}: ..." naming param for ids out of range, or for no tokens)."""
         from .llm import token_ids
 
         try:
-            ids = self.llm.tokenize(prompt) if isinstance(prompt, str) else token_ids(prompt, self.llm.config.vocab_size)
+            ids = self.llm.tokenize(item) if isinstance(item, str) else token_ids(item, self.llm.config.vocab_size)
         except PyllmError as e:
-            raise RequestError(f"prompt {index}: {e}", param="prompt") from None
+            raise RequestError(f"{label}: {e}", param=param) from None
         if len(ids) == 0:
-            raise RequestError(f"prompt {index} is empty: it has no tokens to continue", param="prompt")
+            raise RequestError(f"{label} is empty: it has no tokens", param=param)
         return [int(i) for i in ids]
 
     def _check_token_options(self, options: dict) -> None:
