@@ -217,18 +217,44 @@ class EventStreamResponse:
     """An ASGI server-sent-event response whose every send must finish within `send_timeout`: a
     client that stops reading fills the socket buffers, its send stalls, and the response ends
     (uvicorn then closes the connection). on_close() runs once, however the response ends, even
-    when it never starts."""
+    when it never starts.
+
+    The limit is kept by one watchdog timer per response, re-armed from the start of the send in
+    progress, rather than by asyncio.wait_for around each send: wait_for makes a task per send,
+    15 us of the event loop's CPU a token (Python 3.11), against ~0.1 us for two time stamps."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], send_timeout: float):
         self.events, self.on_close, self.send_timeout = events, on_close, send_timeout
+        self._sending_since: float | None = None  # loop time the send in progress started at
+        self._timed_out = False
+
+    def _watch(self, loop, task) -> None:
+        """Cancels `task` when its send has been in progress for send_timeout; else re-arms."""
+        since = self._sending_since
+        if since is not None and loop.time() - since >= self.send_timeout:
+            self._timed_out = True
+            task.cancel()
+            return
+        start = since if since is not None else loop.time()
+        self._watchdog = loop.call_at(start + self.send_timeout, self._watch, loop, task)
 
     async def _send(self, send, message) -> None:
+        self._sending_since = asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(send(message), self.send_timeout)
-        except asyncio.TimeoutError:
+            await send(message)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # Python 3.11+: the cancel request was ours, and is answered
+                task.uncancel()
             raise SendTimeout from None
+        finally:
+            self._sending_since = None
 
     async def __call__(self, scope, receive, send) -> None:
+        loop = asyncio.get_running_loop()
+        self._watch(loop, asyncio.current_task())
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
@@ -238,6 +264,7 @@ class EventStreamResponse:
         except SendTimeout:
             log.warning("a client left its stream unread for %g s: dropped", self.send_timeout)
         finally:
+            self._watchdog.cancel()
             try:
                 await self.events.aclose()  # a generation still running is cancelled
             finally:

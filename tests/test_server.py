@@ -788,3 +788,92 @@ def test_tokenize_and_detokenize_are_bounded_too(llm):
         assert status == 200 and reply["content"] == llm.detokenize([5] * 100)
     finally:
         server.stop()
+
+
+def _run_event_stream(events, send, send_timeout):
+    """Runs an EventStreamResponse over `events` with `send`; returns (what on_close saw, the log)."""
+    import asyncio
+    import logging
+
+    from pyllm.serve import EventStreamResponse
+
+    closed = []
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("pyllm.serve")
+    log.addHandler(handler)
+    try:
+        asyncio.run(EventStreamResponse(events, lambda: closed.append(True), send_timeout)({}, None, send))
+    finally:
+        log.removeHandler(handler)
+    return closed, [r.getMessage() for r in records]
+
+
+def test_an_event_stream_whose_send_stalls_ends_at_the_send_timeout():
+    import asyncio
+
+    sent, finished = [], []
+
+    async def events():
+        try:
+            for i in range(100):
+                yield f"data: {i}\n\n"
+        finally:
+            finished.append(True)
+
+    async def send(message):
+        sent.append(message)
+        if len(sent) == 4:
+            await asyncio.sleep(60)  # the client stopped reading
+
+    start = time.perf_counter()
+    closed, logged = _run_event_stream(events(), send, 0.3)
+    assert time.perf_counter() - start < 10
+    assert len(sent) == 4 and closed == [True] and finished == [True]
+    assert any("unread for 0.3 s" in m for m in logged)
+
+
+def test_an_event_stream_may_wait_for_its_events_longer_than_the_send_timeout():
+    """The limit is on a send in progress, not on the time between events (a long prompt's prefill)."""
+    import asyncio
+
+    sent = []
+
+    async def events():
+        for i in range(3):
+            await asyncio.sleep(0.25)
+            yield f"data: {i}\n\n"
+
+    async def send(message):
+        sent.append(message)
+        await asyncio.sleep(0.05)  # every send takes a while, each well within the limit
+
+    closed, logged = _run_event_stream(events(), send, 0.2)
+    assert [m.get("body") for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
+    assert closed == [True] and not logged
+
+
+def test_an_event_stream_cancelled_from_outside_is_cancelled_not_timed_out():
+    """A cancel that is not the watchdog's (the server shutting down) propagates as a cancel."""
+    import asyncio
+
+    from pyllm.serve import EventStreamResponse
+
+    closed = []
+
+    async def events():
+        yield "data: 0\n\n"
+
+    async def send(message):
+        await asyncio.sleep(60)
+
+    async def main():
+        task = asyncio.ensure_future(EventStreamResponse(events(), lambda: closed.append(True), 30.0)({}, None, send))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert closed == [True]
