@@ -133,9 +133,11 @@ public:
         const size_t size = (size_t)round_up((int64_t)(n ? n : 1), (int64_t)align);
         ptr_.reset(static_cast<uint8_t*>(std::aligned_alloc(align, size)));
         if (!ptr_) throw std::bad_alloc();
-        if (huge && huge_pages_wanted()) advise_huge_pages(ptr_.get(), size);
+        huge_ = huge && huge_pages_wanted();
+        if (huge_) advise_huge_pages(ptr_.get(), size);
     }
     uint8_t* data() const { return ptr_.get(); }
+    bool huge_pages() const { return huge_; }  // asked for transparent huge pages
 
 private:
     static bool huge_pages_wanted() {
@@ -153,6 +155,7 @@ private:
 #endif
     }
     std::unique_ptr<uint8_t, decltype(&std::free)> ptr_;
+    bool huge_ = false;
 };
 
 // Where the parts of a TiledWeight sit in one buffer (each part 64-byte aligned).

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/checked.h"
+#include "../core/populate.h"
 #include "engine.h"
 
 namespace pyllm {
@@ -346,6 +347,15 @@ public:
         const int64_t cache_bytes = checked_product({layer_bytes_, cfg_.n_layers, n_seq_}, "KV cache");
         k_cache_.emplace(checked_size(cache_bytes, "KV cache"));
         v_cache_.emplace(checked_size(cache_bytes, "KV cache"));
+        {  // huge pages filled in meanwhile, slot by slot (core/populate.h says why); 4 KiB pages as used
+            std::vector<BackgroundPopulate::Range> slots;
+            const size_t slot_bytes = (size_t)(layer_bytes_ * cfg_.n_layers);
+            for (int64_t seq = 0; seq < n_seq_ && k_cache_->huge_pages(); ++seq) {
+                slots.push_back({k_layer(seq, 0), slot_bytes});
+                slots.push_back({v_layer(seq, 0), slot_bytes});
+            }
+            populate_.emplace(std::move(slots));
+        }
         const int64_t B = kMaxBatch;
         x_.resize((size_t)(B * D));
         h_.resize((size_t)(B * D));
@@ -367,6 +377,7 @@ public:
     const char* device() const override { return "cpu"; }
     const char* kv_cache() const override { return kv_type_name(kv_type_); }
     int64_t kv_cache_bytes() const override { return 2 * layer_bytes_ * cfg_.n_layers * n_seq_; }
+    bool kv_cache_populated() const override { return populate_->done(); }
     const char* activation_quant() const override { return activation_quant_name(activation_terms_.load()); }
     void apply_activation_quant(const std::string& name) override {  // under ForwardLock
         scratch_.terms = activation_terms(name);
@@ -648,6 +659,7 @@ private:
     int64_t row_bytes_ = 0;  // one position of one kv head (kv_row_bytes)
     std::optional<AlignedBytes> k_cache_;  // [n_seq, layers, ...] as k_layer says
     std::optional<AlignedBytes> v_cache_;  // [n_seq, layers, kv_heads, cache_stride_, row_bytes_]
+    std::optional<BackgroundPopulate> populate_;  // of k_cache_ and v_cache_: after them, so it stops before they go
     std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_;
     std::vector<AttentionSpan> attention_spans_;  // this layer's spans (run_spans), kept to reuse its memory
     std::vector<uint8_t> k_encoded_, v_encoded_;  // [kMaxBatch, kv_heads, row_bytes_]: k_, v_ encoded (encode_kv)

@@ -93,6 +93,9 @@ public:
     virtual const char* device() const = 0;
     virtual const char* kv_cache() const = 0;  // the KV cache's element type: "f16", "f32" or "q8_0"
     virtual int64_t kv_cache_bytes() const = 0;  // what the keys and values of all sequences take, allocated
+    // Whether the KV cache's pages are all resident (filled in by a background thread on the CPU,
+    // core/populate.h; allocated on the device by the CUDA engine).
+    virtual bool kv_cache_populated() const { return true; }
     // Runs tokens at positions pos .. pos + n - 1 (the cache must already hold
     // positions 0 .. pos - 1) and stores their keys and values. Checks the
     // positions and token ids first, then runs batches of at most max_batch().

@@ -364,6 +364,7 @@ public:
     std::string device() const { return engine_->device(); }
     const char* kv_cache() const { return engine_->kv_cache(); }
     int64_t kv_cache_bytes() const { return engine_->kv_cache_bytes(); }
+    bool kv_cache_populated() const { return engine_->kv_cache_populated(); }
     std::string activation_quant() const { return engine_->activation_quant(); }
     void set_activation_quant(const std::string& name) {
         py::gil_scoped_release release;  // waits for a running forward
@@ -423,6 +424,10 @@ inline void register_engine_class(py::module_& m, std::function<int(int)> thread
         .def_property_readonly("kv_cache_bytes", &PyModel::kv_cache_bytes,
                                "Bytes the KV cache's keys and values take, as allocated (the CPU engine pads "
                                "each kv head's positions: kv_cache_stride in kernels.h).")
+        .def_property_readonly("kv_cache_populated", &PyModel::kv_cache_populated,
+                               "Whether the KV cache's pages are all resident: the CPU engine fills them in "
+                               "with a background thread from its creation, so that a slot's first use does "
+                               "not wait on page faults (csrc/core/populate.h).")
         .def_property("activation_quant", &PyModel::activation_quant, &PyModel::set_activation_quant,
                       "How activations are quantized for int4/int8 weights: 'int8x2' (two int8 terms per value, "
                       "the default) or 'int8' (one, as llama.cpp's Q8_0 activations); 'float' on engines that "
