@@ -1017,7 +1017,7 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
              "%d threads on %s (activations %s)%s", host, port, name, llm.path, llm.context_length, llm.n_threads,
              llm.device, llm.engine.activation_quant, ", API key required" if api_key else "")
     kv = llm.kv_cache_bytes
-    log.info("KV cache: %d slot(s) x %d tokens (%s), %.1f MiB at most (memory is used as positions fill)%s",
+    log.info("KV cache: %d slot(s) x %d tokens (%s), %.1f MiB%s",
              llm.n_parallel, llm.context_length, llm.engine.kv_cache, kv / 2**20,
              "; requests run together (continuous batching)" if llm.n_parallel > 1
              else "; one request at a time (--parallel N runs N together)")

@@ -283,7 +283,7 @@ def test_serve_command_starts_and_answers(tiny_llama_f32):
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "cli-tiny" in err and "context 512 tokens, 1 threads on cpu (activations int8x2)" in err, err
-    assert "KV cache: 4 slot(s) x 512 tokens (f32), 1.0 MiB at most" in err, err  # --parallel 4
+    assert "KV cache: 4 slot(s) x 512 tokens (f32), 1.0 MiB;" in err, err  # --parallel 4
     assert "POST /v1/completions: 1 choice(s)" in err and "t/s decode" in err, err
 
 
