@@ -82,7 +82,7 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     if isinstance(e, (GrammarUnavailable, GrammarError, GrammarInvalid)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
-        return 400, _error_body(str(e), 400, "tools")
+        return 400, _error_body(str(e), 400, e.param)
     if isinstance(e, ValueError):  # PyllmError (TemplateError, LimitError, ...) and LLM's argument checks
         return 400, _error_body(str(e))
     log.error("request failed", exc_info=e)
@@ -639,13 +639,14 @@ class Server:
         return {k: v for k, v in self.defaults.items() if k != "max_new_tokens"}
 
     def _chat_plan(self, req, options: dict) -> _Plan:
-        from .tool_calls import forced_call_grammar, tool_format
+        from .tool_calls import check_tools, forced_call_grammar, tool_format
 
         messages = [m.model_dump(exclude_unset=True) for m in req.messages]
         tools = fmt = None
         if req.tools and req.tool_choice != "none":
             tools = [t.model_dump(exclude_unset=True) for t in req.tools]  # as the client sent them
             fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools], req.parallel_tool_calls)
+            check_tools(fmt, tools)  # every mode alike: a forced call's grammar is made of these schemas
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:
                 if options.pop("response_format", {"type": "text"})["type"] != "text":  # text: the default, free

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 
 class ToolError(ValueError):
-    """Tools the model's chat template cannot take."""
+    """Tools the model's chat template cannot take, or a tool that cannot be called. param: the
+    request field at fault, as OpenAI's error names it ("tools", or "tools[k].function.parameters")."""
+
+    def __init__(self, message: str, param: str = "tools"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -206,6 +211,39 @@ def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> 
                         "required": ["name", key], "additionalProperties": False})
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return {"$defs": defs, **schema}
+
+
+def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
+    """Refuses (ToolError naming tools[k].function.parameters) a tool whose parameters are not a
+    JSON schema that a call's arguments, an object, can meet: one llguidance cannot compile ({"type":
+    "nonsense"}, a $ref to nowhere) or one that allows no object ({"type": "string"}). The same check
+    holds in every tool_choice mode: a forced call's grammar is built from these schemas and refused
+    them, while "auto" took them and let the model call a tool no valid call can reach (OpenAI
+    refuses such tools whatever tool_choice says). Without llguidance only the schema's "type" is
+    checked (it must allow an object)."""
+    try:
+        from .structured import JSON_STYLE, _first_line, _llguidance
+        matcher = _llguidance().LLMatcher
+    except RuntimeError:  # GrammarUnavailable: auto mode parses calls without llguidance
+        matcher = None
+    for k, tool in enumerate(tools):
+        function = tool["function"]
+        where = f"tools[{k}].function.parameters"
+        if matcher is None:
+            kind = (function.get("parameters") or {}).get("type", "object")
+            if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+                raise ToolError(f"{where} (function {function['name']!r}) must be a JSON schema of an object "
+                                f"(a call's arguments); its type is {kind!r}", where)
+            continue
+        schema = {**call_schema(fmt, [tool]), "x-guidance": JSON_STYLE}
+        try:
+            error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(schema, allow_nan=False)))
+        except (TypeError, ValueError, RecursionError) as e:
+            error = str(e)
+        if error:  # llguidance's pointers name the tool's schema where call_schema put it
+            error = _first_line(error).replace("/$defs/tool_0", "")
+            raise ToolError(f"{where} (function {function['name']!r}) is not a JSON schema a call's arguments (an "
+                            f"object) can meet: {error}", where)
 
 
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are data, not schemas

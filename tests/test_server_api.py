@@ -324,9 +324,33 @@ def test_grammars_llguidance_refuses_name_response_format_or_tools(live, llm):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, tools=[odd],
                                            tool_choice="required")
-        assert e.value.param == "tools" and "not valid" in str(e.value), e.value
+        assert e.value.param == "tools[0].function.parameters" and "Invalid type" in str(e.value), e.value
     finally:
         llm.chat_template = old
+    assert _get(live.url + "/health")["requests"] == 0
+
+
+def test_invalid_tool_parameters_are_refused_in_every_tool_choice_mode(live, llm, tool_template):
+    """A tool whose parameters no call can meet ({"type": "nonsense"}, a $ref to nowhere, a string
+    for arguments) was refused (400) when a call was forced, its grammar made of them, but taken in
+    tool_choice "auto" (or unset): the model was offered a tool no valid call reaches. Every mode
+    now refuses it, param naming the tool's field, streamed or not."""
+    client = live.client()
+    for parameters, says in (({"type": "nonsense"}, "Invalid type"), ({"$ref": "#/nowhere"}, "'/nowhere'"),
+                             ({"type": "string"}, "unsatisfiable")):
+        odd = {"type": "function", "function": {"name": "odd", "parameters": parameters}}
+        for choice in (None, "auto", "required", {"type": "function", "function": {"name": "get_time"}}):
+            for stream in (False, True):
+                extra = {} if choice is None else {"tool_choice": choice}
+                with pytest.raises(openai.BadRequestError) as e:
+                    client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, stream=stream,
+                                                   tools=[TIME, odd], **extra)
+                assert e.value.param == "tools[1].function.parameters", (parameters, choice, e.value)
+                assert "'odd'" in str(e.value) and says in str(e.value), (parameters, choice, e.value)
+    # tool_choice "none" uses no tools: nothing to refuse
+    client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=2, tool_choice="none",
+                                   tools=[TIME, {"type": "function", "function": {"name": "odd",
+                                                                                   "parameters": {"type": "nonsense"}}}])
     assert _get(live.url + "/health")["requests"] == 0
 
 

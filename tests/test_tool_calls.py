@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from pyllm.tool_calls import Hermes, Llama3, Mistral, ToolCallStream, ToolError, forced_call_grammar, tool_format
+from pyllm.tool_calls import (Hermes, Llama3, Mistral, ToolCallStream, ToolError, check_tools, forced_call_grammar,
+                              tool_format)
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -224,3 +225,29 @@ def test_parallel_tool_calls_false_gives_one_call():
     for name in ("qwen2.5-base", "mistral-v3-tools", "llama-3.1-json-tools"):
         assert tool_format(_template(name), ["f"], parallel=False).parallel is False
         assert tool_format(_template(name), ["f"]).parallel is True
+
+
+def test_check_tools_names_the_tool_whose_parameters_no_call_meets(monkeypatch):
+    """check_tools refuses what forcing a call would (a schema llguidance cannot compile, one that
+    allows no object), naming tools[k].function.parameters; without llguidance the schema's type
+    alone is checked, and good tools pass either way."""
+    good = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"type": "integer"}}}}}, {"type": "function", "function": {"name": "g"}}]
+    bad = {"type": "function", "function": {"name": "h", "parameters": {"type": "string"}}}
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        check_tools(fmt, good)
+        with pytest.raises(ToolError) as e:
+            check_tools(fmt, good + [bad])
+        assert e.value.param == "tools[2].function.parameters" and "'h'" in str(e.value)
+    pytest.importorskip("llguidance")
+    with pytest.raises(ToolError, match="Pointer '/nowhere'"):
+        check_tools(Hermes(), [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}])
+    import pyllm.structured
+
+    def missing():
+        raise pyllm.structured.GrammarUnavailable(pyllm.structured.MISSING)
+    monkeypatch.setattr(pyllm.structured, "_llguidance", missing)
+    check_tools(Hermes(), good)
+    with pytest.raises(ToolError, match="type is 'string'") as e:
+        check_tools(Hermes(), [bad])
+    assert e.value.param == "tools[0].function.parameters"
