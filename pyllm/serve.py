@@ -255,6 +255,27 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
+def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
+    """(the reply as the tool-call parser reads it, whether a stop string cut it). The parser reads
+    the reply's tokens decoded with their special tokens (a marker may be one, Mistral's
+    [TOOL_CALLS]), but only as far as `text`, the text the reply returns: the tokens include the
+    stop string that ended it and what its last token holds past it, which is no part of the reply
+    (a call completed there is no call the client was given). Cut, it is the decoding with special
+    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text."""
+    plain = tokenizer.decode(ids)
+    if len(plain) <= len(text) or not plain.startswith(text):
+        return tokenizer.decode(ids, skip_special_tokens=False), False
+    low, high = 0, len(ids)  # text starts with the text of ids[:low], not with that of ids[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if text.startswith(tokenizer.decode(ids[:mid])):
+            low = mid
+        else:
+            high = mid
+    head = tokenizer.decode(ids[:low])
+    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):], True
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -667,7 +688,7 @@ class Server:
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                full = tokenizer.decode([t.id for t in tokens], skip_special_tokens=False)
+                full, _ = reply_text(tokenizer, [t.id for t in tokens], text)
                 content, calls = plan.tools.parse(full)
                 if calls:
                     text, finish = content, "tool_calls"
@@ -786,7 +807,7 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                full = tokenizer.decode([t.id for t in all_tokens], skip_special_tokens=False)
+                full, _ = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
                 content, calls = tools.finish(full)
                 if content:
                     yield chunk(responses.chat_delta(index, content))

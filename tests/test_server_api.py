@@ -385,6 +385,84 @@ def tool_template(request, llm):
     llm.chat_template = old
 
 
+def _script(llm, monkeypatch, text):
+    """Makes the model write text (its tokens, then end-of-sequence) in every generation the server
+    starts, with a logits processor: unlike a grammar, one that leaves stop strings their effect."""
+    ids = llm.tokenize(text, add_special_tokens=False)
+    generate = llm.generate
+
+    def scripted(prompt, **options):
+        written = []
+
+        def force(seq, scores):
+            target = ids[len(written)] if len(written) < len(ids) else llm.tokenizer.eos_ids[0]
+            written.append(target)
+            out = np.full_like(scores, -np.inf)
+            out[target] = 0.0
+            return out
+        return generate(prompt, logits_processors=[force], **options)
+    monkeypatch.setattr(llm, "generate", scripted)
+
+
+def _reply(client, stream, **options):
+    """(content, [(name, arguments)], finish_reason) of one choice, streamed or not."""
+    if not stream:
+        choice = client.chat.completions.create(**options).choices[0]
+        return (choice.message.content, [(c.function.name, json.loads(c.function.arguments))
+                                         for c in choice.message.tool_calls or []], choice.finish_reason)
+    chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [(d.function.name, json.loads(d.function.arguments))
+             for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    return content or None, calls, finish[0]
+
+
+def _written_call(template, name, arguments):
+    key = "parameters" if template.startswith("llama") else "arguments"
+    return json.dumps({"name": name, key: arguments}, separators=(", ", ": "))
+
+
+def _written_calls(template, calls):
+    """The text a model writes for calls in template's format."""
+    texts = [_written_call(template, name, args) for name, args in calls]
+    if template.startswith("qwen"):
+        return "\n".join(f"<tool_call>\n{t}\n</tool_call>" for t in texts)
+    if template.startswith("mistral"):
+        return "[TOOL_CALLS] [" + ", ".join(texts) + "]"
+    return "; ".join(texts)
+
+
+def test_calls_are_parsed_only_from_the_text_returned(live, llm, tool_template, monkeypatch):
+    """The parser read the reply's tokens, which hold the stop string that ended it: a call the
+    stop string completed ('... {}}' cut at '}}') came back as tool_calls although the text
+    returned holds no complete call. Calls are parsed from the returned text only."""
+    written = _written_calls(tool_template, [("get_time", {})])
+    _script(llm, monkeypatch, written)
+    stop = "}]" if tool_template.startswith("mistral") else "}}"
+    returned = written[:written.index(stop)]
+    for stream in (False, True):
+        content, calls, finish = _reply(live.client(), stream, model="tiny", messages=_chat("time?"),
+                                        tools=[WEATHER, TIME], max_tokens=100, stop=[stop])
+        assert (content, calls, finish) == (returned, [], "stop"), (stream, content, calls)
+    # without the stop string, the same reply is a call
+    for stream in (False, True):
+        assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                      max_tokens=100)[1:] == ([("get_time", {})], "tool_calls")
+
+
+def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
+    from pyllm.serve import reply_text
+
+    special = llm.tokenizer.token_to_id("<|im_start|>")
+    assert special in llm.tokenizer.special_ids
+    ids = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]STOP and more', False)
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]') == ('Sure.<|im_start|> [{"a": 1}]', True)
+    whole = llm.tokenizer.decode(ids)
+    assert reply_text(llm.tokenizer, ids, whole) == (llm.tokenizer.decode(ids, skip_special_tokens=False), False)
+
+
 def test_forced_tool_calls_round_trip(live, llm, tool_template):
     client = live.client()
     messages = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
