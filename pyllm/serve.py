@@ -276,6 +276,15 @@ def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
     return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):], True
 
 
+def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
+    """A chat reply's finish_reason: with tool calls "tool_calls", but "length" when the token
+    limit cut the reply (OpenAI's: the model did not finish; the calls returned are the complete
+    ones, an incomplete last one left out) and "stop" when a stop string cut a call short (dropped)."""
+    if not calls or finish == "length":
+        return finish
+    return "stop" if dropped else "tool_calls"
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -688,10 +697,12 @@ class Server:
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                full, _ = reply_text(tokenizer, [t.id for t in tokens], text)
-                content, calls = plan.tools.parse(full)
+                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text)
+                parsed = plan.tools.split(full, cut=stopped or finish == "length")
+                calls = parsed.calls
                 if calls:
-                    text, finish = content, "tool_calls"
+                    text = parsed.content
+                finish = tool_finish_reason(finish, calls, parsed.dropped)
             logprobs = responses.chat_logprobs(tokenizer, tokens) if plan.logprobs is not None else None
             return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls)
         echo = plan.echo[index // plan.n]
@@ -807,13 +818,13 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                full, _ = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
-                content, calls = tools.finish(full)
+                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
+                content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))
                 if calls:
                     yield chunk(responses.chat_delta(index, tool_calls=calls))
-                    finish = "tool_calls"
+                finish = tool_finish_reason(finish, calls, tools.dropped)
                 yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))
             elif plan.chat:
                 yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))

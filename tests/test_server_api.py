@@ -452,6 +452,27 @@ def test_calls_are_parsed_only_from_the_text_returned(live, llm, tool_template, 
                       max_tokens=100)[1:] == ([("get_time", {})], "tool_calls")
 
 
+def test_parallel_calls_cut_by_max_tokens_keep_the_complete_ones(live, llm, tool_template, monkeypatch):
+    """Parallel calls (forced with tool_choice "required", or in auto mode) cut by max_tokens inside
+    a later call lost every call, the complete ones too (the reply was text, the forced calls'
+    JSON as content). The complete calls come back, the incomplete one is left out, and
+    finish_reason is "length" (OpenAI's for a reply the token limit cut), streamed or not; a stop
+    string that cuts a call short (auto mode) gives the complete ones with finish_reason "stop"."""
+    calls = [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Rome", "days": 2}), ("get_time", {"zone": "CET"})]
+    written = _written_calls(tool_template, calls)
+    _script(llm, monkeypatch, written)
+    ids = llm.tokenize(written, add_special_tokens=False)
+    inside = written.rindex('"zone"')  # in the third call
+    limit = next(k for k in range(len(ids)) if len(llm.tokenizer.decode(ids[:k])) > inside)
+    options = dict(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME], max_tokens=limit)
+    for choice in ({"tool_choice": "required"}, {}):
+        for stream in (False, True):
+            assert _reply(live.client(), stream, **choice, **options) == (None, calls[:2], "length"), (choice, stream)
+    options.update(max_tokens=len(ids) + 1, stop=['"CET"'])
+    for stream in (False, True):
+        assert _reply(live.client(), stream, **options) == (None, calls[:2], "stop"), stream
+
+
 def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     from pyllm.serve import reply_text
 

@@ -251,3 +251,43 @@ def test_check_tools_names_the_tool_whose_parameters_no_call_meets(monkeypatch):
     with pytest.raises(ToolError, match="type is 'string'") as e:
         check_tools(Hermes(), [bad])
     assert e.value.param == "tools[0].function.parameters"
+
+
+CUT_CALLS = {  # three calls in each format, the third to be cut
+    Hermes: '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "g", '
+            '"arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "f", "arguments": {"a": 3}}\n</tool_call>',
+    Mistral: '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}, '
+             '{"name": "f", "arguments": {"a": 3}}]',
+    Llama3: '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}; {"name": "f", "parameters": '
+            '{"a": 3}}'}
+
+
+def test_a_cut_reply_keeps_its_complete_calls():
+    """Parallel calls cut by max_tokens (or a stop string) inside a later call lost every call, the
+    complete ones too: the reply became text. Cut, the complete calls come back and the incomplete
+    last one is left out (dropped); a reply that ended by itself with a broken call is still text,
+    and a cut that leaves only the closing tag or bracket short loses no call."""
+    for fmt, text in CUT_CALLS.items():
+        third, short = text.rindex('{"name"'), len(text) - (1 if fmt is Mistral else 3)
+        for end in (third + 1, third + 12, text.rindex('"a": 3') + 5, short):
+            cut = text[:end]
+            if end == short and fmt is not Llama3:  # only the closing tag or bracket is short
+                assert [c.name for c in fmt(["f", "g"]).split(cut, cut=True).calls] == ["f", "g", "f"], fmt.__name__
+                assert not fmt(["f", "g"]).split(cut, cut=True).dropped
+                continue
+            parsed = fmt(["f", "g"]).split(cut, cut=True)
+            assert [(c.name, _args(c)) for c in parsed.calls] == [("f", {"a": 1}), ("g", {})], (fmt.__name__, cut)
+            assert parsed.content == "" and parsed.dropped, (fmt.__name__, cut)
+            assert fmt(["f", "g"]).parse(cut) == (cut, []), (fmt.__name__, cut)  # not cut: a broken reply
+            stream = ToolCallStream(fmt(["f", "g"]))
+            out = "".join(stream.feed(cut[i:i + 4]) for i in range(0, len(cut), 4))
+            rest, calls = stream.finish(cut, cut=True)
+            assert out + rest == "" and [c.name for c in calls] == ["f", "g"] and stream.dropped, fmt.__name__
+        # one call only, and that one cut: no call, the text stays content
+        first = text[:text.index('"a": 1') + 3]
+        assert fmt(["f", "g"]).split(first, cut=True).calls == [], fmt.__name__
+        # parallel_tool_calls false returns the first call only: nothing it would return was dropped
+        assert not fmt(["f", "g"], parallel=False).split(text[:third + 12], cut=True).dropped
+    # a cut that leaves text that is no JSON after the calls is no cut call: still text
+    bad = CUT_CALLS[Mistral][:CUT_CALLS[Mistral].index('{"name": "g"')] + "oops {"
+    assert Mistral(["f", "g"]).split(bad, cut=True).calls == []
