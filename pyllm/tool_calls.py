@@ -7,6 +7,12 @@ Formats, chosen from the template's own text:
   llama3   (Llama 3.1 / 3.2 JSON tools)   {"name": ..., "parameters": {...}}, optionally after <|python_tag|>
 A template that never mentions `tools` has no tool support: tools given to it are refused
 (ToolError), never silently dropped.
+
+A reply's text outside its calls is its content, the same way in every format and whether the
+reply is streamed or not (ToolCallStream sends the same text): the text before the first call, less
+the whitespace that led up to it, then the text between and after the calls (less the whitespace and
+separators around them), each on a line of its own. A Llama 3 reply without <|python_tag|> is a call
+only when it opens with one.
 """
 
 from __future__ import annotations
@@ -93,7 +99,9 @@ class ToolFormat:
         raise NotImplementedError
 
     def _content(self, pieces: list[str]) -> str:
-        return pieces[0].strip()
+        """The text outside the calls (the module's docstring says how it is joined)."""
+        parts = [pieces[0].rstrip()] + [p.strip() for p in pieces[1:]]
+        return "\n".join(p for p in parts if p)
 
     def call_grammar(self, parallel: bool) -> str:
         """The Lark start rule for one call (or several when parallel), in terms of the rules
@@ -204,10 +212,11 @@ class Mistral(ToolFormat):
         if start < 0:
             return None
         values, end, dropped = _json_prefix(text, start + len(self.marker), cut)
-        if not values or text[end:].strip(_BETWEEN):
+        after = text[end:].lstrip(_BETWEEN)
+        if not values or after[:1] in ("{", "["):  # a call that is not valid JSON: the reply is text
             return None
         objects = [o for v in values for o in (v if isinstance(v, list) else [v])]
-        return [text[:start], text[end:]], objects, dropped
+        return [text[:start], after], objects, dropped
 
     def call_grammar(self, parallel):
         more = ' (", " call)*' if parallel else ""
@@ -223,12 +232,10 @@ class Llama3(ToolFormat):
         if not text[body:].lstrip().startswith("{"):
             return None
         values, end, dropped = _json_prefix(text, body, cut)
-        if not values or text[end:].strip(_BETWEEN):
+        after = text[end:].lstrip(_BETWEEN)
+        if not values or after[:1] in ("{", "["):  # a call that is not valid JSON: the reply is text
             return None
-        return [text[:max(start, 0)], text[end:]], values, dropped
-
-    def _content(self, pieces):
-        return ""
+        return [text[:max(start, 0)], after], values, dropped
 
     def call_grammar(self, parallel):
         return "start: call" + (' ("; " call)*' if parallel else "")
@@ -347,7 +354,9 @@ class ToolCallStream:
 
     feed(piece) returns the text that is certainly content; once the marker appears (or, for a
     format whose call is the whole reply, while the reply could still be one), the rest is held and
-    finish(full_text) parses it.
+    finish(full_text) parses it. Trailing whitespace is held too (until text follows it): before a
+    call it is no content, so the pieces sent and finish's rest add up to the content a reply not
+    streamed has.
 
     marker_id: the marker's token id when it is a special token (Mistral's [TOOL_CALLS]): streamed
     pieces leave special tokens out, so the marker is seen among the piece's token ids instead."""
@@ -374,6 +383,7 @@ class ToolCallStream:
             return ""  # the reply may be a JSON call
         else:
             cut = len(self.text) - _partial_suffix(self.text, marker or "")
+        cut = len(self.text[:cut].rstrip())
         out = self.text[self.sent:cut]
         self.sent = max(self.sent, cut)
         return out

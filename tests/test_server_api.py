@@ -473,6 +473,21 @@ def test_parallel_calls_cut_by_max_tokens_keep_the_complete_ones(live, llm, tool
         assert _reply(live.client(), stream, **options) == (None, calls[:2], "stop"), stream
 
 
+def test_text_around_calls_is_the_same_content_in_every_format_and_mode(live, llm, tool_template, monkeypatch):
+    """Text before and after the calls came back differently per format (Hermes dropped the text
+    after its calls, Mistral and Llama 3 made the whole reply text, Llama 3 dropped the text before
+    <|python_tag|>) and per mode (a stream sent the whitespace before a call). Each format now gives
+    the text before the calls, then the text after them, the same streamed or not."""
+    calls = [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Rome", "days": 2})]
+    written = _written_calls(tool_template, calls)
+    if tool_template.startswith("llama"):
+        written = "<|python_tag|>" + written
+    _script(llm, monkeypatch, "Let me check. \n" + written + "\n\nBack soon.")
+    for stream in (False, True):
+        assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                      max_tokens=200) == ("Let me check.\nBack soon.", calls, "tool_calls"), stream
+
+
 def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     from pyllm.serve import reply_text
 

@@ -98,7 +98,7 @@ def test_calls_to_functions_the_request_did_not_declare_are_content():
 def test_stream_holds_back_only_what_may_be_a_call():
     stream = ToolCallStream(Hermes())
     out = [stream.feed(p) for p in ["Sure", ", checking", " <tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}"]]
-    assert "".join(out) == "Sure, checking "
+    assert "".join(out) == "Sure, checking"  # the space before the call is no content
     rest, calls = stream.finish(stream.text)
     assert rest == "" and [c.name for c in calls] == ["f"]
     plain = ToolCallStream(Hermes())
@@ -288,6 +288,40 @@ def test_a_cut_reply_keeps_its_complete_calls():
         assert fmt(["f", "g"]).split(first, cut=True).calls == [], fmt.__name__
         # parallel_tool_calls false returns the first call only: nothing it would return was dropped
         assert not fmt(["f", "g"], parallel=False).split(text[:third + 12], cut=True).dropped
-    # a cut that leaves text that is no JSON after the calls is no cut call: still text
-    bad = CUT_CALLS[Mistral][:CUT_CALLS[Mistral].index('{"name": "g"')] + "oops {"
-    assert Mistral(["f", "g"]).split(bad, cut=True).calls == []
+    # text that is no JSON after the calls is content, not a cut call
+    after = CUT_CALLS[Mistral][:CUT_CALLS[Mistral].index(', {"name": "g"')] + "] oops {"
+    parsed = Mistral(["f", "g"]).split(after, cut=True)
+    assert [c.name for c in parsed.calls] == ["f"] and parsed.content == "oops {" and not parsed.dropped
+
+
+def test_text_around_calls_is_content_alike_in_every_format_streamed_or_not():
+    """Text around the calls was handled per format: Hermes kept the text before the calls and
+    dropped the text after them, Mistral and Llama 3 made the whole reply text when any followed
+    the calls, Llama 3 dropped the text before <|python_tag|>, and a stream sent the space before a
+    call that the reply not streamed left out. Now every format gives the text before the calls,
+    then the text after them on its own line, streamed or not."""
+    calls = {Hermes: CUT_CALLS[Hermes], Mistral: CUT_CALLS[Mistral],
+             Llama3: "<|python_tag|>" + CUT_CALLS[Llama3]}
+    cases = [("Sure.\n", "", "Sure."), ("Sure. ", "\n\nDone.", "Sure.\nDone."), ("", " Done. ", "Done."),
+             ("  Indented.\n", "\n", "  Indented."), ("\n", "\n", "")]
+    for fmt, written in calls.items():
+        for before, after, content in cases:
+            text = before + written + after
+            got, parsed = fmt(["f", "g"]).parse(text)
+            assert (got, [c.name for c in parsed]) == (content, ["f", "g", "f"]), (fmt.__name__, text)
+            for size in (1, 3, 7):
+                stream = ToolCallStream(fmt(["f", "g"]))
+                out = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+                rest, streamed = stream.finish(text)
+                assert out + rest == content and len(streamed) == 3, (fmt.__name__, size, text, out, rest)
+    # Hermes: text between calls is content too
+    one = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert Hermes(["f"]).parse(f"A.\n{one}\nthen\n{one}\nB.")[0] == "A.\nthen\nB."
+    # a Llama 3 reply without <|python_tag|> is a call only when it opens with one
+    assert Llama3(["f"]).parse('Sure. {"name": "f", "parameters": {}}')[1] == []
+    # no call: the reply, whitespace and all
+    for fmt in calls:
+        stream = ToolCallStream(fmt(["f"]))
+        out = "".join(stream.feed(p) for p in ("  Hello ", "there \n"))
+        rest, got = stream.finish("  Hello there \n")
+        assert out + rest == "  Hello there \n" == fmt(["f"]).parse("  Hello there \n")[0] and got == []
