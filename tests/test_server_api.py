@@ -365,6 +365,49 @@ def test_grammars_that_cannot_be_followed_from_python(llm):
         llm.generate("?", max_new_tokens=3, grammar="start: a\na: a")
 
 
+COLORS = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+    "type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                "minItems": 2, "maxItems": 3}},
+    "required": ["colors"], "additionalProperties": False}}}
+
+
+def test_stop_strings_do_not_cut_output_held_to_a_grammar(live, llm):
+    """A stop string met inside grammar-held output (a '"' or ', ' in JSON) cut it into text the
+    grammar does not match: JSON that does not parse, a forced tool call returned as broken content.
+    The grammar ends such output; stop strings apply to free text only (streamed or not, from Python
+    too), while free text is still cut."""
+    pytest.importorskip("llguidance")
+    schema = COLORS["json_schema"]["schema"]
+    whole = llm.generate("Colors:", max_new_tokens=60, response_format=COLORS)
+    for stop in (['"'], [", "], ["red", "green", "blue"]):
+        assert llm.generate("Colors:", max_new_tokens=60, response_format=COLORS, stop=stop) == whole
+        assert llm.last_stats.finish_reason == "stop"
+        assert "".join(llm.generate("Colors:", max_new_tokens=60, response_format=COLORS, stop=stop,
+                                    stream=True)) == whole
+    pytest.importorskip("jsonschema").validate(json.loads(whole), schema)
+    client = live.client()
+    for stream in (False, True):
+        content, calls, finish = _reply(client, stream, model="tiny", messages=_chat("Colors?"), max_tokens=60,
+                                        response_format=COLORS, stop=['"', ", "])
+        assert finish == "stop" and not calls
+        pytest.importorskip("jsonschema").validate(json.loads(content), schema)
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            for stream in (False, True):
+                content, calls, finish = _reply(client, stream, model="tiny", messages=_chat("Weather?"),
+                                                tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False,
+                                                max_tokens=80, stop=['"', "{", "\n"])
+                assert (content, finish, len(calls)) == (None, "tool_calls", 1), (choice, stream, content)
+    finally:
+        llm.chat_template = old
+    free = client.chat.completions.create(model="tiny", messages=_chat("Colors?"), max_tokens=30).choices[0]
+    if len(free.message.content) > 6:  # free text is still cut
+        stop = free.message.content[3:6]
+        cut = client.chat.completions.create(model="tiny", messages=_chat("Colors?"), max_tokens=30, stop=[stop])
+        assert cut.choices[0].message.content == free.message.content[:free.message.content.find(stop)]
+
+
 # -- tool calls ----------------------------------------------------------------------------------
 
 WEATHER = {"type": "function", "function": {
