@@ -130,11 +130,12 @@ class ToolFormat:
 _BETWEEN = " \t\r\n;,"  # what may separate JSON calls written one after another
 
 
-def _json_prefix(text: str, i: int, cut: bool) -> tuple[list, int, bool]:
+def _json_prefix(text: str, i: int, cut: bool, top: bool = True) -> tuple[list, int, bool]:
     """(the JSON values one after another in text from i, whitespace, ';' or ',' between them; where
     the last one ends; dropped). Reading stops at the first text that is no JSON value. cut (the
     text's end is a cut): a value still open there ("{..." or "[..." not closed) is the cut's doing:
-    an open list keeps its complete items, an open object is left out (dropped True)."""
+    an open list of calls (top: a value, not an item of one) keeps its complete items, anything
+    else open is left out (dropped True)."""
     decoder, values, end = json.JSONDecoder(), [], i
     while True:
         i = end
@@ -147,9 +148,9 @@ def _json_prefix(text: str, i: int, cut: bool) -> tuple[list, int, bool]:
         except (ValueError, RecursionError):  # RecursionError: a reply nested deeper than the parser goes
             if not cut or text[i] not in "[{":
                 return values, end, False
-            if text[i] == "{":
+            if text[i] == "{" or not top:
                 return values, len(text), True
-            items, inner, dropped = _json_prefix(text, i + 1, cut)
+            items, inner, dropped = _json_prefix(text, i + 1, cut, top=False)
             if not dropped and text[inner:].strip(_BETWEEN):  # no cut list: text that is not JSON follows
                 return values, end, False
             return values + [items], len(text), dropped
@@ -383,7 +384,8 @@ class ToolCallStream:
             return ""  # the reply may be a JSON call
         else:
             cut = len(self.text) - _partial_suffix(self.text, marker or "")
-        cut = len(self.text[:cut].rstrip())
+        while cut > self.sent and self.text[cut - 1].isspace():
+            cut -= 1
         out = self.text[self.sent:cut]
         self.sent = max(self.sent, cut)
         return out

@@ -57,6 +57,7 @@ def test_replies_nested_deeper_than_the_json_parser_goes_are_text():
                       (Hermes(), '<tool_call>\n{"name": "f", "arguments": ' + json.dumps(deep) + "}\n</tool_call>"),
                       (Mistral(), f"[TOOL_CALLS]{deep}"), (Llama3(), deep)]:
         assert fmt.parse(text) == (text, []), type(fmt).__name__
+        assert fmt.parse(text[:len(text) // 2], cut=True) == (text[:len(text) // 2], []), type(fmt).__name__
 
 
 def test_mistral_replies():
