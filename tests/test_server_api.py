@@ -348,9 +348,9 @@ def test_invalid_tool_parameters_are_refused_in_every_tool_choice_mode(live, llm
                 assert e.value.param == "tools[1].function.parameters", (parameters, choice, e.value)
                 assert "'odd'" in str(e.value) and says in str(e.value), (parameters, choice, e.value)
     # tool_choice "none" uses no tools: nothing to refuse
+    unused = {"type": "function", "function": {"name": "odd", "parameters": {"type": "nonsense"}}}
     client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=2, tool_choice="none",
-                                   tools=[TIME, {"type": "function", "function": {"name": "odd",
-                                                                                   "parameters": {"type": "nonsense"}}}])
+                                   tools=[TIME, unused])
     assert _get(live.url + "/health")["requests"] == 0
 
 

@@ -232,8 +232,9 @@ def test_check_tools_names_the_tool_whose_parameters_no_call_meets(monkeypatch):
     """check_tools refuses what forcing a call would (a schema llguidance cannot compile, one that
     allows no object), naming tools[k].function.parameters; without llguidance the schema's type
     alone is checked, and good tools pass either way."""
-    good = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"type": "integer"}}}}}, {"type": "function", "function": {"name": "g"}}]
+    refs = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"type": "integer"}}}
+    good = [{"type": "function", "function": {"name": "f", "parameters": refs}},
+            {"type": "function", "function": {"name": "g"}}]
     bad = {"type": "function", "function": {"name": "h", "parameters": {"type": "string"}}}
     for fmt in (Hermes(), Mistral(), Llama3()):
         check_tools(fmt, good)
