@@ -237,7 +237,11 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"head_dim": "16"}, "head_dim must be a positive number"),
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
     ({"sliding_window": True}, "sliding_window must be a positive number"),
-    ({"layer_types": 5}, "cannot read the llama configuration \\(TypeError"),
+    ({"layer_types": 5}, "config.json: layer_types must be a list \\(one entry per layer\\), got 5"),
+    # flags read with bool(): the string "false" was True in silence
+    ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true, false or null, got 'false'"),
+    ({"attention_bias": 1}, "attention_bias must be true, false or null, got 1"),
+    ({"mlp_bias": "no"}, "mlp_bias must be true, false or null"),
     # transformers takes rope_scaling over rope_parameters; pyllm took rope_parameters: other positions, in silence
     ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_parameters .* and rope_scaling .* disagree"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},

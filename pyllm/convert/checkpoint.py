@@ -65,9 +65,17 @@ POSITIVE_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", 
                         "max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
 
 
+# config.json keys that are flags in the families that have them: the families read them with bool(),
+# so the string "false" was True (tied embeddings, biases that are not there) in silence
+FLAG_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "enable_bias", "use_sliding_window",
+             "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "layer_norm_elementwise_affine",
+             "do_layer_norm_before", "apply_residual_connection_post_layernorm", "_remove_final_layer_norm")
+
+
 def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """Normalises a transformers config.json (4.x or 5.x layout) through its family's entry in pyllm.arch.
-    FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS)."""
+    FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS,
+    FLAG_KEYS, layer_types)."""
     arch = for_hf_config(cfg)
     for key in POSITIVE_NUMBER_KEYS:
         value = cfg.get(key)
@@ -75,6 +83,11 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not (value > 0 or value == least)):
             raise FormatError(f"{where}: {key} must be a positive number, got {value!r:.60}")
+    for key in FLAG_KEYS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise FormatError(f"{where}: {key} must be true, false or null, got {cfg[key]!r:.60}")
+    if cfg.get("layer_types") is not None and not isinstance(cfg["layer_types"], list):
+        raise FormatError(f"{where}: layer_types must be a list (one entry per layer), got {cfg['layer_types']!r:.60}")
     try:
         return arch.config_from_hf(cfg)
     except FormatError:
