@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import pyllm  # noqa: E402
 from pyllm.convert import convert_checkpoint  # noqa: E402
+from pyllm.convert.strategy import QuantOptions  # noqa: E402
 from pyllm.formats.safetensors import FormatError  # noqa: E402
 
 from conftest import nmse  # noqa: E402
@@ -319,17 +320,41 @@ def test_rope_scaling_beside_rope_parameters_that_agree_converts(tiny_llama, tmp
         assert llm.config.rope_scaling["factor"] == 2.0
 
 
-def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
-    d = str(tmp_path / "mismatch")
-    shutil.copytree(tiny_llama, d)
+@pytest.mark.parametrize("method", ["search", "gptq"])
+def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, reference, tmp_path, method):
+    """The message names the shard that holds the tensor and the tensor (it named pyllm's name only:
+    which of a sharded checkpoint's files was at fault was left to guess), on the plain path and on
+    the calibrated one (load_matrix)."""
+    model, _ = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "mismatch"))
+    model.save_pretrained(d, max_shard_size="100KB")
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["intermediate_size"] += 32
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     out = tmp_path / "m.pllm"
-    with pytest.raises(FormatError, match="config implies"):
-        convert_checkpoint(d, str(out), quant="int4", progress=False)
+    with pytest.raises(FormatError, match="config implies") as error:
+        convert_checkpoint(d, str(out), quant="int4", progress=False,
+                           options=QuantOptions(method=method, calib_sequences=2) if method == "gptq" else None)
+    m = re.match(r"(.+\.safetensors): tensor '(model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight)' has shape",
+                 str(error.value))
+    assert m, str(error.value)
+    shard, tensor = m.group(1), m.group(2)
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"]
+    assert os.path.dirname(shard) == d and index[tensor] == os.path.basename(shard)
     assert not out.exists()
     assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
+
+
+def test_a_vector_of_another_shape_is_refused_naming_file_and_tensor(tiny_llama, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "vector"))
+    weights = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
+    save_file(weights, os.path.join(d, "model.safetensors"))
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
+                       r": tensor 'model\.norm\.weight' has shape \[63\], the config implies \[64\]"):
+        convert_checkpoint(d, str(tmp_path / "v.pllm"), quant="f32", progress=False)
 
 
 @pytest.mark.parametrize("where", ["vocab", "added_tokens"])

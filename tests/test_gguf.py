@@ -429,6 +429,17 @@ def test_reordered_rows_must_be_exactly_the_tensor_rows(tmp_path, case):
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_a_tensor_of_another_shape_is_refused_naming_file_and_tensor(tmp_path):
+    """A shape error names the GGUF file and the GGUF tensor (it named pyllm's tensor name only)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={"output_norm.weight": (np.ones(63, np.float32), Q.F32)})
+    with pytest.raises(FormatError, match=re.escape(bad) + r": tensor 'output_norm\.weight' \(as 'model\.norm\.weight'\) "
+                       r"has shape \[63\], the config implies \[64\]"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 @pytest.mark.parametrize("copied, into", [(20, 500), (0, 511)])  # a plain token; a special one into the padding
 def test_a_token_listed_twice_is_refused(tmp_path, copied, into):
     """A vocabulary maps each text to one id: the other id of a token listed twice converted, then

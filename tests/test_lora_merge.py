@@ -201,7 +201,12 @@ def expect_refusal(base, adapters, tmp_path, match):
 def test_refuses_an_adapter_of_another_shape(base, tmp_path):
     wider = make_tiny_llama(str(tmp_path / "wider"), hidden_size=96, intermediate_size=128)
     adapter = make_adapter(wider, str(tmp_path / "adapter"), target_modules=["q_proj"])
-    expect_refusal(base, [adapter], tmp_path, r"q_proj has shape \[96, 96\].*merges into is \[64, 64\]")
+    # the adapter's file and tensors, and the base's file and tensor, are named
+    expect_refusal(base, [adapter], tmp_path, re.escape(os.path.join(adapter, "adapter_model.safetensors")) +
+                   r": tensors 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' and "
+                   r"'\.lora_B\.weight' .* update of shape \[96, 96\] but the weight it merges into \(" +
+                   re.escape(os.path.join(base, "model.safetensors")) +
+                   r": tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'\) is \[64, 64\]")
 
 
 @pytest.mark.parametrize("tensor, shape", [
@@ -225,7 +230,8 @@ def test_refuses_trained_copies_of_another_shape(base, tmp_path, capsys, tensor,
          "modules_to_save": ["norm", "lm_head", "embed_tokens"]}))
     target = tensor.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
     message = "no counterpart" if tensor.endswith(".bias") else \
-        rf"trained copy of '{re.escape(target)}' has shape {re.escape(str(list(shape)))}"
+        (re.escape(str(adapter / "adapter_model.safetensors")) + rf": tensor '{re.escape('base_model.model.' + tensor)}', "
+         rf"the trained copy of '{re.escape(target)}', has shape {re.escape(str(list(shape)))}")
     expect_refusal(base, [str(adapter)], tmp_path, message)
     out = str(tmp_path / "merged")
     capsys.readouterr()

@@ -218,6 +218,11 @@ class Checkpoint:
     def names(self) -> Iterator[str]:
         return iter(self.weight_map)
 
+    def where(self, name: str) -> str:
+        """The file holding tensor `name` and the name ("…/model-00002-of-00004.safetensors: tensor 'x'"),
+        for messages about the tensor."""
+        return f"{self.weight_map.get(name, self.dir)}: tensor '{name}'"
+
     def native_format(self, name: str) -> None:
         """Hugging Face checkpoints hold float weights only: nothing to keep bit for bit."""
         return None
@@ -281,6 +286,14 @@ class ArchitectureView:
 
     def names(self) -> Iterator[str]:
         return iter(self.recipes)
+
+    def where(self, name: str) -> str:
+        """The file(s) and checkpoint tensor(s) pyllm's tensor `name` is made from, and `name` when it
+        differs (a row block of a fused matrix): "…/model.safetensors: tensor 'c_attn.weight' (as q_proj)"."""
+        recipe = self.recipes.get(name)
+        sources = recipe.sources if recipe is not None else (name,)
+        where = "; ".join(self.source.where(n) for n in sources)
+        return where if sources == (name,) else f"{where} (as '{name}')"
 
     def load(self, name: str) -> np.ndarray:
         """Tensor `name` (pyllm's name) as float32."""

@@ -119,6 +119,11 @@ class GGUFSource:
             data = data.reshape(int(t.shape[1]), -1)
         return t.tensor_type.name, _place_rows(data, self.places[name])
 
+    def where(self, name: str) -> str:
+        """The file and GGUF tensor pyllm's tensor `name` is: "…/m.gguf: tensor 'blk.0.attn_q.weight' (as ...)"."""
+        place = self.places.get(name)
+        return f"{self.path}: tensor '{place.source if place else name}'" + (f" (as '{name}')" if place else "")
+
     def native_format(self, name: str) -> tuple[str, int] | None:
         kind = self._source(name).tensor_type.name
         if kind in _LOSSLESS:

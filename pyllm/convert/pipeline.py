@@ -114,10 +114,12 @@ class ConversionReport:
 
 
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
-                 weights_bits: list, native=None, strategy=None) -> list[PlannedTensor]:
+                 weights_bits: list, native=None, strategy=None, label: str | None = None) -> list[PlannedTensor]:
     """Planned tensors for one matrix; the weight's producer fills the companions' cache.
 
-    native: when given, returns the weight already in (fmt, group), kept bit for bit."""
+    native: when given, returns the weight already in (fmt, group), kept bit for bit.
+    label: the file and source tensor of the weight, for a message (see where)."""
+    label = label or f"tensor '{base}.weight'"
     parts = packed_shapes(fmt, rows, cols, group)
     cache: dict[str, np.ndarray] = {}
 
@@ -127,12 +129,14 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                 if native is not None:
                     packed = native()
                     if (packed.rows, packed.cols) != (rows, cols):
-                        raise FormatError(f"'{base}.weight' is {packed.rows}x{packed.cols}, config implies {rows}x{cols}")
+                        raise FormatError(f"{label} is {packed.rows}x{packed.cols}, "
+                                          f"config implies {rows}x{cols}")
                     report.kept_exactly.append(base)
                 else:
                     w = source()
                     if w.shape != (rows, cols):
-                        raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {[rows, cols]}")
+                        raise FormatError(f"{label} has shape {list(w.shape)}, "
+                                          f"config implies {[rows, cols]}")
                     packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
@@ -328,7 +332,8 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
         linears[base] = (f, g)
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
-                              native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy)
+                              native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy,
+                              label=where(source, name))
     for name, shape in config.vector_shapes().items():
         if not source.has(name):
             raise FormatError(f"{src_name(source)}: lacks '{name}'")
@@ -340,12 +345,19 @@ def _vector(source, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A norm, bias or table tensor of the source as f32 `shape`, checked."""
     value = np.asarray(source.load(name), dtype=np.float32)
     if value.size != int(np.prod(shape)):
-        raise FormatError(f"'{name}' has shape {list(value.shape)}, the config implies {list(shape)}")
+        raise FormatError(f"{where(source, name)} has shape {list(value.shape)}, the config implies {list(shape)}")
     return np.ascontiguousarray(value.reshape(shape))
 
 
 def src_name(source) -> str:
     return getattr(source, "dir", None) or getattr(source, "path", "source")
+
+
+def where(source, name: str) -> str:
+    """The file and source tensor of `name` for a message ("…/model-00001-of-00002.safetensors: tensor
+    'model.layers.0.mlp.up_proj.weight'"): source.where(name), else the source's directory or file."""
+    locate = getattr(source, "where", None)
+    return locate(name) if locate is not None else f"{src_name(source)}: tensor '{name}'"
 
 
 def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec, chat_template: str,
