@@ -40,6 +40,9 @@ from .adapter_base import adapter_config_path, warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
+# PEFT's LoraConfig defaults (peft 0.x: r=8, lora_alpha=8), used for an adapter_config.json that leaves
+# them out, as PeftModel.from_pretrained does (tests/test_lora_merge.py checks them against peft)
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this merge cannot reproduce
@@ -152,8 +155,8 @@ class LoraAdapter:
         for key, what in UNSUPPORTED_OPTIONS.items():
             if cfg.get(key):
                 raise FormatError(f"{self.dir}: {what} cannot be merged by pyllm")
-        for key in ("r", "lora_alpha"):
-            value = cfg.get(key)
+        for key, default in PEFT_DEFAULTS.items():  # absent: PEFT's default; null or anything else: refused
+            value = cfg.setdefault(key, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise FormatError(f"{self.dir}: adapter_config.json {key} must be a positive number, not {value!r}")
         for key in ("rank_pattern", "alpha_pattern"):
