@@ -67,12 +67,13 @@ def check_name(name: str) -> str:
 
 
 def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = None,
-                      base_dir: str | None = None) -> PromptAdapter:
+                      base_dir: str | None = None, log=None) -> PromptAdapter:
     """The PEFT prompt-learning adapter in `directory`, checked against the base `config` (and, given
     the base's Hugging Face directory, against the model its adapter_config.json names).
 
-    Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
-    layer count or kv-head count: trained on another model) or a base model of another name."""
+    Raises FormatError for another kind of adapter or a tensor of the wrong shape (another hidden size,
+    layer count or kv-head count: trained on another model). A base model of another name is a warning
+    on log (default stderr), as for LoRA adapters (pyllm/convert/adapter_base.py says why)."""
     from .convert.adapter_base import adapter_config_path
 
     directory = os.fspath(directory)
@@ -128,12 +129,9 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         if arch is not None and arch.prefix_keys is not None:  # GLM: k_proj's rows are reordered on conversion
             tensor[:, 0] = arch.prefix_keys(tensor[:, 0], config)
     if base_dir and os.path.isdir(base_dir):
-        from .convert.adapter_base import other_base
+        from .convert.adapter_base import warn_if_other_base
 
-        trained_on = other_base(cfg, base_dir)
-        if trained_on is not None:
-            raise FormatError(f"{directory}: the adapter was trained on {trained_on!r}, not on {base_dir} "
-                              "(convert with the base it was trained on)")
+        warn_if_other_base(cfg, directory, base_dir, log, kind="prompt-learning")
     return PromptAdapter(check_name(name or os.path.basename(os.path.normpath(directory))), kind, tensor,
                          peft_type, str(cfg.get("base_model_name_or_path") or ""))
 

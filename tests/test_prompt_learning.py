@@ -157,6 +157,38 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
     assert not (tmp_path / "x.pllm").exists()
 
 
+@pytest.mark.parametrize("method", ["prompt_random", "prefix"])
+def test_an_adapter_naming_another_base_is_stored_with_a_warning_as_lora_is(base, method, tmp_path, capsys):
+    """Policy shared with LoRA (pyllm/convert/adapter_base.py): an adapter whose adapter_config.json
+    names another base of the same shapes converts with a warning (it was refused, while a LoRA
+    adapter of another base only warned; PEFT loads both without a word); a model of other shapes
+    (hidden size, layers, kv heads) stays an error (test_mismatched_adapters_are_refused)."""
+    import io
+    import shutil
+
+    from pyllm import cli
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"), method)
+    path = os.path.join(adapter, "adapter_config.json")
+    json.dump({**json.load(open(path)), "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}, open(path, "w"))
+    instruct = shutil.copytree(base, str(tmp_path / "SmolLM2-135M-Instruct"))
+    out = str(tmp_path / "tuned.pllm")
+    log = io.StringIO()
+    convert_checkpoint(instruct, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
+    assert (f"warning: the prompt-learning adapter {adapter} was trained on 'HuggingFaceTB/SmolLM2-135M', but the "
+            f"base {instruct} is 'smollm2-135m-instruct'; run on another model it is unlikely to work") in log.getvalue()
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert "task" in llm.model.adapters
+    capsys.readouterr()
+    assert cli.main(["convert", instruct, "--adapter", f"task={adapter}", "-o", out, "--quant", "f32", "-q"]) == 0
+    assert capsys.readouterr().err.count("was trained on 'HuggingFaceTB/SmolLM2-135M'") == 1
+    # the adapter's own base under its hub name: no warning
+    own = shutil.move(instruct, str(tmp_path / "SmolLM2-135M"))
+    log = io.StringIO()
+    convert_checkpoint(own, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
+    assert "was trained on" not in log.getvalue()
+
+
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
     """A base with a prompt-tuning and a prefix-tuning adapter in one file."""

@@ -355,8 +355,9 @@ class LoraMergedSource:
         self.base.close()
 
 
-def merged_source(source, adapter_dirs) -> LoraMergedSource:
-    """The conversion source with the adapters merged (closes the source if they do not fit it)."""
+def merged_source(source, adapter_dirs, log=None) -> LoraMergedSource:
+    """The conversion source with the adapters merged (closes the source if they do not fit it); an
+    adapter of another base is a warning on log (default stderr)."""
     try:
         if not isinstance(source, Checkpoint):
             raise FormatError("--lora needs a Hugging Face base directory (the float weights the adapter was "
@@ -370,7 +371,7 @@ def merged_source(source, adapter_dirs) -> LoraMergedSource:
             seen[real] = os.fspath(d)
         adapters = [LoraAdapter(d) for d in adapter_dirs]
         for adapter in adapters:
-            warn_if_other_base(adapter.config, adapter.dir, source.dir)
+            warn_if_other_base(adapter.config, adapter.dir, source.dir, log)
         return LoraMergedSource(source, adapters)
     except BaseException:
         source.close()

@@ -192,7 +192,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     check_output_is_not_an_input(output, [src, *lora, *(directory for _, directory in adapters)])
     source = open_source(src)
     if lora:
-        source = merged_source(source, lora)
+        source = merged_source(source, lora, log)
     if hasattr(source, "arch"):  # Hugging Face names -> pyllm's (GGUF sources name tensors pyllm's way)
         try:
             source = ArchitectureView(source)
@@ -219,7 +219,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
-        adapter_metadata = _prompt_adapters(adapters, config, source, plans, strategy.scales)
+        adapter_metadata = _prompt_adapters(adapters, config, source, plans, strategy.scales, log)
         metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
                                    "quant": quant or "source", "group_size": group,
@@ -273,16 +273,18 @@ def source_size(src: str, lora=()) -> int:
     return total
 
 
-def _prompt_adapters(adapters, config: ModelConfig, source, plans: list, scales: dict | None = None) -> dict:
+def _prompt_adapters(adapters, config: ModelConfig, source, plans: list, scales: dict | None = None,
+                     log=sys.stderr) -> dict:
     """Reads the prompt-learning adapters (name or None, directory), appends their tensors to plans and
     returns their metadata entry (empty without adapters). scales: the activation-aware scales folded
-    into the model (awq.py), which a prefix's values take as v_proj's rows do."""
+    into the model (awq.py), which a prefix's values take as v_proj's rows do. log: where the warning
+    for an adapter of another base goes."""
     from ..adapters import planned_tensors, read_peft_adapter
     from .awq import fold_into_prefix
 
     if not adapters:
         return {}
-    read = [read_peft_adapter(directory, config, name, src_name(source)) for name, directory in adapters]
+    read = [read_peft_adapter(directory, config, name, src_name(source), log) for name, directory in adapters]
     for adapter in read:
         if adapter.kind == "prefix" and scales:
             adapter.tensor = fold_into_prefix(adapter.tensor, config, scales)
