@@ -111,14 +111,14 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     if kind == "prompt":
         if raw.shape[1] != config.hidden_size:
-            raise FormatError(f"{directory}: the adapter's embeddings have {raw.shape[1]} dims, the base model's "
+            raise FormatError(f"{weights}: tensor 'prompt_embeddings' has {raw.shape[1]} dims, the base model's "
                               f"hidden size is {config.hidden_size}: trained on another model?")
         tensor = np.ascontiguousarray(raw, dtype=np.float32)
     else:
         if raw.shape[1] != layers * 2 * kv * hd:
             raise FormatError(
-                f"{directory}: the prefix has {raw.shape[1]} values per virtual token; the base model needs "
-                f"layers x 2 x kv_heads x head_dim = {layers} x 2 x {kv} x {hd} = {layers * 2 * kv * hd}: trained "
+                f"{weights}: tensor 'prompt_embeddings' (a prefix) has {raw.shape[1]} values per virtual token; the "
+                f"base model needs layers x 2 x kv_heads x head_dim = {layers} x 2 x {kv} x {hd} = {layers * 2 * kv * hd}: trained "
                 f"on another model (layer count {cfg.get('num_layers')}, heads {cfg.get('num_attention_heads')})?")
         # [virtual, layers * 2, kv_heads, head_dim] -> [layers, 2, kv_heads, virtual, head_dim]
         tensor = np.ascontiguousarray(raw.reshape(virtual, layers, 2, kv, hd).transpose(1, 2, 3, 0, 4),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -143,10 +144,12 @@ def test_every_family_runs_the_adapter_as_peft_does(family, case, method, tmp_pa
 def test_mismatched_adapters_are_refused(base, tmp_path):
     other = make_tiny_llama(str(tmp_path / "other"), seed=2, hidden_size=96, num_attention_heads=4)
     adapter = make_adapter(other, str(tmp_path / "prompt"), "prompt_random")
-    with pytest.raises(FormatError, match="hidden size is 64"):
+    weights = re.escape(os.path.join(adapter, "adapter_model.safetensors"))
+    with pytest.raises(FormatError, match=weights + ": tensor 'prompt_embeddings' has 96 dims, .*hidden size is 64"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, adapter)])
     prefix = make_adapter(other, str(tmp_path / "prefix"), "prefix")
-    with pytest.raises(FormatError, match="layers x 2 x kv_heads x head_dim"):
+    with pytest.raises(FormatError, match=re.escape(os.path.join(prefix, "adapter_model.safetensors")) +
+                       ": tensor 'prompt_embeddings' \\(a prefix\\) .*layers x 2 x kv_heads x head_dim"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, prefix)])
     # a LoRA adapter is not a prompt-learning adapter
     config = json.load(open(os.path.join(adapter, "adapter_config.json")))
