@@ -496,8 +496,7 @@ def test_a_target_that_is_not_a_linear_layer_is_one_line_listing_the_choices(bas
     assert cli.main(["train", base, "--data", data, "-o", str(out), "--max-steps", "1", "-q",
                      "--target-modules", target]) == 1
     err = capsys.readouterr().err.strip()
-    assert "(0-1)" not in err and "in_features" not in err  # no module repr
-    err = err.splitlines()[-1]  # after transformers' "Loading weights" bar
+    assert "Loading weights" not in err  # -q: transformers' bar too
     name = target.split(",")[-1]
     assert re.fullmatch(rf"pyllm train: error: --target-modules {name}: '{re.escape(module)}' is a {kind}, not a linear or embedding layer "
                      r"LoRA can adapt \(target modules: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, "

@@ -259,7 +259,8 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+    with _progress_bars(not args.quiet):  # transformers' "Loading weights" bar printed under -q too
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
     modules_to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()]
@@ -291,6 +292,19 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
     if method == "lora":
         check_targets(model, asked, modules_to_save, leaves, targetable)
     return tokenizer, model.to(device)
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """transformers' progress bars shown or not inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown and was else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def _lora_kinds() -> tuple:
