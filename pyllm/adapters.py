@@ -67,12 +67,13 @@ def check_name(name: str) -> str:
 
 
 def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = None,
-                      base_dir: str | None = None) -> PromptAdapter:
+                      base_dir: str | None = None, log=None) -> PromptAdapter:
     """The PEFT prompt-learning adapter in `directory`, checked against the base `config` (and, given
     the base's Hugging Face directory, against the model its adapter_config.json names).
 
-    Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
-    layer count or kv-head count: trained on another model) or a base model of another name."""
+    Raises FormatError for another kind of adapter or a tensor of the wrong shape (another hidden size,
+    layer count or kv-head count: trained on another model). A base model of another name is a warning
+    on log (default stderr), as for LoRA adapters (pyllm/convert/adapter_base.py says why)."""
     from .convert.adapter_base import adapter_config_path
 
     directory = os.fspath(directory)
@@ -110,14 +111,14 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     if kind == "prompt":
         if raw.shape[1] != config.hidden_size:
-            raise FormatError(f"{directory}: the adapter's embeddings have {raw.shape[1]} dims, the base model's "
+            raise FormatError(f"{weights}: tensor 'prompt_embeddings' has {raw.shape[1]} dims, the base model's "
                               f"hidden size is {config.hidden_size}: trained on another model?")
         tensor = np.ascontiguousarray(raw, dtype=np.float32)
     else:
         if raw.shape[1] != layers * 2 * kv * hd:
             raise FormatError(
-                f"{directory}: the prefix has {raw.shape[1]} values per virtual token; the base model needs "
-                f"layers x 2 x kv_heads x head_dim = {layers} x 2 x {kv} x {hd} = {layers * 2 * kv * hd}: trained "
+                f"{weights}: tensor 'prompt_embeddings' (a prefix) has {raw.shape[1]} values per virtual token; the "
+                f"base model needs layers x 2 x kv_heads x head_dim = {layers} x 2 x {kv} x {hd} = {layers * 2 * kv * hd}: trained "
                 f"on another model (layer count {cfg.get('num_layers')}, heads {cfg.get('num_attention_heads')})?")
         # [virtual, layers * 2, kv_heads, head_dim] -> [layers, 2, kv_heads, virtual, head_dim]
         tensor = np.ascontiguousarray(raw.reshape(virtual, layers, 2, kv, hd).transpose(1, 2, 3, 0, 4),
@@ -128,12 +129,9 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         if arch is not None and arch.prefix_keys is not None:  # GLM: k_proj's rows are reordered on conversion
             tensor[:, 0] = arch.prefix_keys(tensor[:, 0], config)
     if base_dir and os.path.isdir(base_dir):
-        from .convert.adapter_base import other_base
+        from .convert.adapter_base import warn_if_other_base
 
-        trained_on = other_base(cfg, base_dir)
-        if trained_on is not None:
-            raise FormatError(f"{directory}: the adapter was trained on {trained_on!r}, not on {base_dir} "
-                              "(convert with the base it was trained on)")
+        warn_if_other_base(cfg, directory, base_dir, log, kind="prompt-learning")
     return PromptAdapter(check_name(name or os.path.basename(os.path.normpath(directory))), kind, tensor,
                          peft_type, str(cfg.get("base_model_name_or_path") or ""))
 

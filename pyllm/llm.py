@@ -37,11 +37,47 @@ ACTIVATION_QUANTS = ("int8x2", "int8")
 
 def kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int = 1) -> int:
     """Bytes of the keys and values of n_seq sequences of n_ctx positions in a KV cache of element
-    type kv_cache (a KV_CACHE_BYTES_PER_VALUE key; ValueError otherwise). config: a ModelConfig."""
+    type kv_cache (a KV_CACHE_BYTES_PER_VALUE key; ValueError otherwise). config: a ModelConfig.
+    The values themselves, without the CPU engine's padding: engine_kv_cache_bytes is what an engine
+    allocates."""
     if kv_cache not in KV_CACHE_BYTES_PER_VALUE:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_BYTES_PER_VALUE)}, not {kv_cache!r}")
     values = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx * n_seq
     return round(values * KV_CACHE_BYTES_PER_VALUE[kv_cache])
+
+
+def kv_cache_stride(kv_cache: str, n_ctx: int) -> int:
+    """Positions the CPU engine's cache holds per kv head for a context of n_ctx (kv_cache_stride in
+    csrc/kernels/cpu/kernels.h, mirrored): n_ctx rounded up to whole 64-byte lines of a transposed key
+    row (32 f16 or 16 f32 positions a line), one line more when their count is even; q8_0: n_ctx."""
+    if kv_cache == "q8_0":
+        return n_ctx
+    per_line = 32 if kv_cache == "f16" else 16
+    lines = -(-n_ctx // per_line)
+    return (lines + 1 if lines % 2 == 0 else lines) * per_line
+
+
+def engine_kv_type(kv_cache: str, linears: dict, tied: bool, device: str = "cpu") -> str:
+    """The element type an engine keeps its KV cache in for kv_cache ("auto" resolved as the engine
+    resolves it): the CUDA engine's is f32; the CPU engine's "auto" is f32 when every matrix it
+    multiplies (the layers' and the output's: the embedding table only when tied to it) is stored in
+    f32, else f16. linears: a PackedModel's {base name: (format, group size)}."""
+    if device == "cuda":
+        return "f32"
+    if kv_cache != "auto":
+        return kv_cache
+    matrices = [fmt for base, (fmt, _) in linears.items() if tied or base != "model.embed_tokens"]
+    return "f32" if all(fmt == "f32" for fmt in matrices) else "f16"
+
+
+def engine_kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int, linears: dict, device: str = "cpu") -> int:
+    """Bytes the KV cache of an engine on `device` takes, as allocated (LLM.kv_cache_bytes after the
+    load): its element type (engine_kv_type) and, on the CPU, its padded positions (kv_cache_stride).
+    The memory check before loading uses it: the unpadded f16 count missed 1/128 at a 4096 context
+    (up to a whole line of positions at short ones), and half of an f32 model's f32 cache."""
+    kind = engine_kv_type(kv_cache, linears, config.tie_word_embeddings, device)
+    positions = n_ctx if device == "cuda" else kv_cache_stride(kind, n_ctx)
+    return kv_cache_bytes(config, positions, kind, n_seq)
 
 
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
@@ -315,7 +351,7 @@ class LLM:
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         n_parallel = check_parallel(n_parallel)
-        check_kv_cache_bytes(kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel),
+        check_kv_cache_bytes(engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device),
                              f"{n_parallel} sequence(s) of {n_ctx} positions")
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import pyllm  # noqa: E402
 from pyllm.convert import convert_checkpoint  # noqa: E402
+from pyllm.convert.strategy import QuantOptions  # noqa: E402
 from pyllm.formats.safetensors import FormatError  # noqa: E402
 
 from conftest import nmse  # noqa: E402
@@ -237,7 +238,11 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     ({"head_dim": "16"}, "head_dim must be a positive number"),
     ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
     ({"sliding_window": True}, "sliding_window must be a positive number"),
-    ({"layer_types": 5}, "cannot read the llama configuration \\(TypeError"),
+    ({"layer_types": 5}, "config.json: layer_types must be a list \\(one entry per layer\\), got 5"),
+    # flags read with bool(): the string "false" was True in silence
+    ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true, false or null, got 'false'"),
+    ({"attention_bias": 1}, "attention_bias must be true, false or null, got 1"),
+    ({"mlp_bias": "no"}, "mlp_bias must be true, false or null"),
     # transformers takes rope_scaling over rope_parameters; pyllm took rope_parameters: other positions, in silence
     ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_parameters .* and rope_scaling .* disagree"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
@@ -315,17 +320,41 @@ def test_rope_scaling_beside_rope_parameters_that_agree_converts(tiny_llama, tmp
         assert llm.config.rope_scaling["factor"] == 2.0
 
 
-def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, tmp_path):
-    d = str(tmp_path / "mismatch")
-    shutil.copytree(tiny_llama, d)
+@pytest.mark.parametrize("method", ["search", "gptq"])
+def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, reference, tmp_path, method):
+    """The message names the shard that holds the tensor and the tensor (it named pyllm's name only:
+    which of a sharded checkpoint's files was at fault was left to guess), on the plain path and on
+    the calibrated one (load_matrix)."""
+    model, _ = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "mismatch"))
+    model.save_pretrained(d, max_shard_size="100KB")
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["intermediate_size"] += 32
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     out = tmp_path / "m.pllm"
-    with pytest.raises(FormatError, match="config implies"):
-        convert_checkpoint(d, str(out), quant="int4", progress=False)
+    with pytest.raises(FormatError, match="config implies") as error:
+        convert_checkpoint(d, str(out), quant="int4", progress=False,
+                           options=QuantOptions(method=method, calib_sequences=2) if method == "gptq" else None)
+    m = re.match(r"(.+\.safetensors): tensor '(model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight)' has shape",
+                 str(error.value))
+    assert m, str(error.value)
+    shard, tensor = m.group(1), m.group(2)
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"]
+    assert os.path.dirname(shard) == d and index[tensor] == os.path.basename(shard)
     assert not out.exists()
     assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
+
+
+def test_a_vector_of_another_shape_is_refused_naming_file_and_tensor(tiny_llama, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "vector"))
+    weights = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
+    save_file(weights, os.path.join(d, "model.safetensors"))
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
+                       r": tensor 'model\.norm\.weight' has shape \[63\], the config implies \[64\]"):
+        convert_checkpoint(d, str(tmp_path / "v.pllm"), quant="f32", progress=False)
 
 
 @pytest.mark.parametrize("where", ["vocab", "added_tokens"])
@@ -358,12 +387,27 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_at_conversion(tiny_ll
 
 
 @pytest.mark.parametrize("name, content, message", [
-    # each was a bare TypeError / ValueError / AttributeError / UnicodeDecodeError out of convert
-    ("tokenizer_config.json", {"bos_token": {"content": 5}}, "the tokenizer cannot be read: TypeError"),
-    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "a"}}}, "the tokenizer cannot be read: ValueError"),
-    ("tokenizer_config.json", {"added_tokens_decoder": {"7": {"content": 5}}}, "the tokenizer cannot be read: TypeError"),
-    ("tokenizer_config.json", {"extra_special_tokens": 5}, "the tokenizer cannot be read: TypeError"),
-    ("tokenizer_config.json", {"additional_special_tokens": [5]}, "the tokenizer cannot be read: AttributeError"),
+    # each was a bare TypeError / ValueError / AttributeError / UnicodeDecodeError out of convert,
+    # then a "cannot be read: TypeError" naming no field
+    ("tokenizer_config.json", {"bos_token": {"content": 5}}, "bos_token must be a token .*, got {'content': 5}"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "a"}}},
+     "added_tokens_decoder must be an object keyed by token ids, got 'x'"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"7": {"content": 5}}}, r"added_tokens_decoder\[7\] must be a token"),
+    ("tokenizer_config.json", {"extra_special_tokens": 5}, "extra_special_tokens must be a list of tokens .*, got 5"),
+    ("tokenizer_config.json", {"additional_special_tokens": [5]}, r"additional_special_tokens must be .*, got \[5\]"),
+    # each was read as absent, in silence (transformers refuses the tokens: "Special token bos_token has
+    # to be either str or AddedToken"; bool("false") is True)
+    ("tokenizer_config.json", {"bos_token": 5}, "tokenizer_config.json: bos_token must be a token .*, got 5"),
+    ("tokenizer_config.json", {"eos_token": ["<|im_end|>"]}, "eos_token must be a token"),
+    ("tokenizer_config.json", {"pad_token": 5.5}, "pad_token must be a token"),
+    ("tokenizer_config.json", {"extra_special_tokens": {"image_token": 5}}, "extra_special_tokens must be a list"),
+    ("tokenizer_config.json", {"added_tokens_decoder": []}, "added_tokens_decoder must be an object of token id"),
+    ("tokenizer_config.json", {"chat_template": 5}, "tokenizer_config.json: chat_template must be a string or a list"),
+    ("tokenizer_config.json", {"add_bos_token": "false"}, "add_bos_token must be true, false or null, got 'false'"),
+    ("tokenizer_config.json", {"legacy": 0}, "legacy must be true, false or null, got 0"),
+    ("tokenizer_config.json", {"tokenizer_class": 5}, "tokenizer_config.json: tokenizer_class must be a class name"),
+    ("config.json", {"tokenizer_class": ["LlamaTokenizer"]}, "config.json: tokenizer_class must be a class name"),
+    ("special_tokens_map.json", b'{"bos_token": 5}', "special_tokens_map.json: bos_token must be a token"),
     ("tokenizer.json", b"[]", "tokenizer.json: expected a JSON object, got list"),
     ("tokenizer.json", b'{"model": "\xff"}', r"tokenizer.json is not UTF-8 text \(byte 11"),
     ("chat_template.jinja", b"{{ '\xfe' }}", r"chat_template.jinja is not UTF-8 text \(byte 4"),
@@ -376,13 +420,53 @@ def test_damaged_tokenizer_files_are_refused_naming_them(tiny_llama, tmp_path, n
     path = os.path.join(d, name)
     if isinstance(content, dict):
         content = json.dumps({**json.load(open(path)), **content}).encode()
+    if name == "special_tokens_map.json":  # read in the older layout only: without added_tokens_decoder
+        config = json.load(open(os.path.join(d, "tokenizer_config.json")))
+        config.pop("added_tokens_decoder", None)
+        json.dump(config, open(os.path.join(d, "tokenizer_config.json"), "w"))
     with open(path, "wb") as f:
         f.write(content)
     out = tmp_path / "damaged.pllm"
     with pytest.raises(FormatError, match=message) as error:
         convert_checkpoint(d, str(out), quant="f32", progress=False)
-    assert d in str(error.value)
+    assert path in str(error.value)
     assert not out.exists()
+
+
+def test_other_named_tokens_of_a_wrong_type_are_ignored_as_transformers_does(tiny_llama, tmp_path):
+    """A "<name>_token" key other than transformers' named special tokens (image_token, ...) is an init
+    argument of particular tokenizer classes: AutoTokenizer loads a directory whose image_token is 5,
+    and so does pyllm, with the same ids."""
+    transformers = pytest.importorskip("transformers")
+    d = copy_without_weights(tiny_llama, str(tmp_path / "other"))
+    for weights in os.listdir(tiny_llama):
+        if weights.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, weights), os.path.join(d, weights))
+    path = os.path.join(d, "tokenizer_config.json")
+    json.dump({**json.load(open(path)), "image_token": 5}, open(path, "w"))
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    out = str(tmp_path / "other.pllm")
+    convert_checkpoint(d, out, quant="f32", progress=False)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert llm.tokenize("hello world") == hf.encode("hello world")
+
+
+@pytest.mark.parametrize("template", [5, [5], [{"name": "default", "template": 5}], [{"template": "x"}], {"default": "x"}])
+def test_a_chat_template_that_is_not_text_is_refused_naming_the_file(tiny_llama, tmp_path, template):
+    """tokenizer_config.json's chat_template (without a chat_template.jinja) that is not a string or a
+    list of {name, template} strings converted as no template at all (the model then chatted with
+    pyllm's fallback); transformers loads it, then every apply_chat_template fails."""
+    from pyllm.convert.checkpoint import read_chat_template
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "template"))
+    os.remove(os.path.join(d, "chat_template.jinja"))
+    path = os.path.join(d, "tokenizer_config.json")
+    json.dump({**json.load(open(path)), "chat_template": template}, open(path, "w"))
+    with pytest.raises(FormatError, match=re.escape(path) + ": chat_template must be a string or a list"):
+        read_chat_template(d)
+    json.dump({**json.load(open(path)), "chat_template": [{"name": "tool_use", "template": "T"},
+                                                          {"name": "default", "template": "D"}]}, open(path, "w"))
+    assert read_chat_template(d) == "D"  # transformers' named templates: "default"
 
 
 @pytest.mark.parametrize("defaults, message", [

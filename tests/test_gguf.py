@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -428,6 +429,17 @@ def test_reordered_rows_must_be_exactly_the_tensor_rows(tmp_path, case):
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_a_tensor_of_another_shape_is_refused_naming_file_and_tensor(tmp_path):
+    """A shape error names the GGUF file and the GGUF tensor (it named pyllm's tensor name only)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={"output_norm.weight": (np.ones(63, np.float32), Q.F32)})
+    with pytest.raises(FormatError, match=re.escape(bad) + r": tensor 'output_norm\.weight' \(as 'model\.norm\.weight'\) "
+                       r"has shape \[63\], the config implies \[64\]"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 @pytest.mark.parametrize("copied, into", [(20, 500), (0, 511)])  # a plain token; a special one into the padding
 def test_a_token_listed_twice_is_refused(tmp_path, copied, into):
     """A vocabulary maps each text to one id: the other id of a token listed twice converted, then
@@ -560,6 +572,36 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
     assert_tokenizer_parity(path, tmp_path)
     llm = pyllm.LLM(str(tmp_path / "tok.pllm"), n_threads=1)
     assert llm.tokenize("hi")[0] == sp.bos_id()  # BOS by default, as llama.cpp does for SentencePiece
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "x"])
+def test_a_sentencepiece_score_that_is_not_a_number_is_refused(tmp_path, bad):
+    """Merges of a SentencePiece vocabulary are ranked by score: a NaN sorted in no defined order (ids
+    unlike llama.cpp's, in silence); a string was a bare "cannot be read: ValueError"."""
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + ["▁", "ab", "abc", "▁a"]
+    scores = [0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)]
+    scores[30] = bad
+
+    def vocabulary(w):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        if isinstance(bad, str):
+            w.add_key_value("tokenizer.ggml.scores", [str(x) for x in scores], V.ARRAY, sub_type=V.STRING)
+        else:
+            w.add_token_scores(scores)
+
+    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                          bos_token_id=1, eos_token_id=2)
+    path = str(tmp_path / "nan.gguf")
+    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    with pytest.raises(FormatError, match=re.escape(path) + r": tokenizer.ggml.scores\[(0|30)\] .* must be a number"):
+        convert_checkpoint(path, str(tmp_path / "nan.pllm"), progress=False)
+    assert not (tmp_path / "nan.pllm").exists()
 
 
 def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):

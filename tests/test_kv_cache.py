@@ -169,3 +169,33 @@ def test_bench_with_a_q8_0_cache(model_file, capsys):
         c = llm.config
     assert r["kv_cache"] == "q8_0" and r["depth"] == 40
     assert r["kv_cache_bytes"] == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim // 32) * 34 * (40 + 8 + 2)
+
+
+
+@pytest.mark.parametrize("quant", ["f32", "int8"])
+def test_the_memory_check_counts_what_the_engine_allocates(tmp_path, monkeypatch, quant):
+    """The check before loading counted n_ctx positions of f16 values: the CPU engine pads each kv
+    head's positions (kv_cache_stride) and keeps an f32 model's "auto" cache in f32, so a cache that
+    did not fit passed the check. engine_kv_cache_bytes mirrors the engine: equal to its allocation
+    for every element type, context and sequence count; the check refuses at that size."""
+    from pyllm.errors import LimitError
+    from pyllm.formats.packed import PackedModel
+    from pyllm.llm import engine_kv_cache_bytes, kv_cache_bytes
+
+    base = make_tiny_llama(str(tmp_path / "base"), seed=3, max_position_embeddings=512, **CONFIGS["gqa3"])
+    path = str(tmp_path / f"{quant}.pllm")
+    convert_checkpoint(base, path, quant=quant, progress=False)
+    with PackedModel(path) as m:
+        config, linears = m.config, m.linears
+    for kv_cache in ("auto", "f16", "f32", "q8_0"):
+        for n_ctx in (17, 96, 100, 512):
+            for n_parallel in (1, 3):
+                with pyllm.LLM(path, n_threads=1, context_length=n_ctx, kv_cache=kv_cache, n_parallel=n_parallel) as llm:
+                    assert engine_kv_cache_bytes(config, n_ctx, kv_cache, n_parallel, linears) == llm.kv_cache_bytes, \
+                        (kv_cache, n_ctx, n_parallel)
+                    if kv_cache == "auto":
+                        assert llm.engine.kv_cache == ("f32" if quant == "f32" else "f16")
+    # a machine with just the unpadded f16 count of memory: refused before the engine allocates
+    monkeypatch.setattr("pyllm.limits.physical_memory", lambda: kv_cache_bytes(config, 512, "f16", 2))
+    with pytest.raises(LimitError, match=r"2 sequence\(s\) of 512 positions needs a KV cache of"):
+        pyllm.LLM(path, n_threads=1, context_length=512, kv_cache="f16", n_parallel=2)

@@ -7,6 +7,7 @@ logits: max |pyllm - reference| <= 1e-4 * max |reference|.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -201,7 +202,12 @@ def expect_refusal(base, adapters, tmp_path, match):
 def test_refuses_an_adapter_of_another_shape(base, tmp_path):
     wider = make_tiny_llama(str(tmp_path / "wider"), hidden_size=96, intermediate_size=128)
     adapter = make_adapter(wider, str(tmp_path / "adapter"), target_modules=["q_proj"])
-    expect_refusal(base, [adapter], tmp_path, r"q_proj has shape \[96, 96\].*merges into is \[64, 64\]")
+    # the adapter's file and tensors, and the base's file and tensor, are named
+    expect_refusal(base, [adapter], tmp_path, re.escape(os.path.join(adapter, "adapter_model.safetensors")) +
+                   r": tensors 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' and "
+                   r"'\.lora_B\.weight' .* update of shape \[96, 96\] but the weight it merges into \(" +
+                   re.escape(os.path.join(base, "model.safetensors")) +
+                   r": tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'\) is \[64, 64\]")
 
 
 @pytest.mark.parametrize("tensor, shape", [
@@ -225,7 +231,8 @@ def test_refuses_trained_copies_of_another_shape(base, tmp_path, capsys, tensor,
          "modules_to_save": ["norm", "lm_head", "embed_tokens"]}))
     target = tensor.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
     message = "no counterpart" if tensor.endswith(".bias") else \
-        rf"trained copy of '{re.escape(target)}' has shape {re.escape(str(list(shape)))}"
+        (re.escape(str(adapter / "adapter_model.safetensors")) + rf": tensor '{re.escape('base_model.model.' + tensor)}', "
+         rf"the trained copy of '{re.escape(target)}', has shape {re.escape(str(list(shape)))}")
     expect_refusal(base, [str(adapter)], tmp_path, message)
     out = str(tmp_path / "merged")
     capsys.readouterr()
@@ -316,6 +323,31 @@ def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, t
         assert err.count("\n") == 1 and "adapter_config.json" in err and "Traceback" not in err, err
         assert not os.path.exists(out)
         _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={})
+
+
+@pytest.mark.parametrize("missing", [("r",), ("lora_alpha",), ("r", "lora_alpha")])
+def test_rank_and_alpha_left_out_take_pefts_defaults(base, base_logits, tmp_path, missing):
+    """An adapter_config.json without r or lora_alpha was refused ("r must be a positive number, not
+    None"); PEFT loads it with LoraConfig's defaults (r=8, lora_alpha=8), and so does pyllm."""
+    from pyllm.convert.lora import PEFT_DEFAULTS
+
+    fields = {f.name: f.default for f in dataclasses.fields(peft.LoraConfig)}
+    assert PEFT_DEFAULTS == {"r": fields["r"], "lora_alpha": fields["lora_alpha"]}
+    # rank 8 (the default) trained with alpha 16 (not the default): leaving alpha out changes the scaling
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
+    path = os.path.join(adapter, "adapter_config.json")
+    config = json.load(open(path))
+    for key in missing:
+        del config[key]
+    json.dump(config, open(path, "w"))
+    ref = logits(peft_merged(base, [adapter]))
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, base_logits)
+    if "lora_alpha" in missing:  # the default alpha (8) was applied, not the trained one (16)
+        config["lora_alpha"] = 16
+        json.dump(config, open(path, "w"))
+        assert np.abs(logits(peft_merged(base, [adapter])) - ref).max() > 1e-3
+    json.dump({**config, "r": None}, open(path, "w"))  # null is not absent: PEFT fails on it too
+    expect_refusal(base, [adapter], tmp_path, "adapter_config.json r must be a positive integer, not None")
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -143,10 +144,12 @@ def test_every_family_runs_the_adapter_as_peft_does(family, case, method, tmp_pa
 def test_mismatched_adapters_are_refused(base, tmp_path):
     other = make_tiny_llama(str(tmp_path / "other"), seed=2, hidden_size=96, num_attention_heads=4)
     adapter = make_adapter(other, str(tmp_path / "prompt"), "prompt_random")
-    with pytest.raises(FormatError, match="hidden size is 64"):
+    weights = re.escape(os.path.join(adapter, "adapter_model.safetensors"))
+    with pytest.raises(FormatError, match=weights + ": tensor 'prompt_embeddings' has 96 dims, .*hidden size is 64"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, adapter)])
     prefix = make_adapter(other, str(tmp_path / "prefix"), "prefix")
-    with pytest.raises(FormatError, match="layers x 2 x kv_heads x head_dim"):
+    with pytest.raises(FormatError, match=re.escape(os.path.join(prefix, "adapter_model.safetensors")) +
+                       ": tensor 'prompt_embeddings' \\(a prefix\\) .*layers x 2 x kv_heads x head_dim"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, prefix)])
     # a LoRA adapter is not a prompt-learning adapter
     config = json.load(open(os.path.join(adapter, "adapter_config.json")))
@@ -155,6 +158,38 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
     with pytest.raises(FormatError, match="--lora"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, adapter)])
     assert not (tmp_path / "x.pllm").exists()
+
+
+@pytest.mark.parametrize("method", ["prompt_random", "prefix"])
+def test_an_adapter_naming_another_base_is_stored_with_a_warning_as_lora_is(base, method, tmp_path, capsys):
+    """Policy shared with LoRA (pyllm/convert/adapter_base.py): an adapter whose adapter_config.json
+    names another base of the same shapes converts with a warning (it was refused, while a LoRA
+    adapter of another base only warned; PEFT loads both without a word); a model of other shapes
+    (hidden size, layers, kv heads) stays an error (test_mismatched_adapters_are_refused)."""
+    import io
+    import shutil
+
+    from pyllm import cli
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"), method)
+    path = os.path.join(adapter, "adapter_config.json")
+    json.dump({**json.load(open(path)), "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}, open(path, "w"))
+    instruct = shutil.copytree(base, str(tmp_path / "SmolLM2-135M-Instruct"))
+    out = str(tmp_path / "tuned.pllm")
+    log = io.StringIO()
+    convert_checkpoint(instruct, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
+    assert (f"warning: the prompt-learning adapter {adapter} was trained on 'HuggingFaceTB/SmolLM2-135M', but the "
+            f"base {instruct} is 'smollm2-135m-instruct'; run on another model it is unlikely to work") in log.getvalue()
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert "task" in llm.model.adapters
+    capsys.readouterr()
+    assert cli.main(["convert", instruct, "--adapter", f"task={adapter}", "-o", out, "--quant", "f32", "-q"]) == 0
+    assert capsys.readouterr().err.count("was trained on 'HuggingFaceTB/SmolLM2-135M'") == 1
+    # the adapter's own base under its hub name: no warning
+    own = shutil.move(instruct, str(tmp_path / "SmolLM2-135M"))
+    log = io.StringIO()
+    convert_checkpoint(own, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
+    assert "was trained on" not in log.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -208,6 +209,22 @@ def _sp_directory(tiny_llama, directory, model_bytes, **config_updates):
         f.write(model_bytes)
     _update_config(directory, **config_updates)
     return directory
+
+
+def test_a_tokenizer_model_with_a_nan_score_is_refused(tiny_llama, sp_model_bytes, tmp_path):
+    """Merges are ranked by piece score (unigram paths summed from them): a NaN sorted in no defined
+    order, so ids differed from sentencepiece's and transformers' in silence."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model_bytes)
+    proto.pieces[300].score = float("nan")
+    d = _sp_directory(tiny_llama, str(tmp_path / "nan"), sp_model_bytes)
+    with open(os.path.join(d, "tokenizer.model"), "wb") as f:
+        f.write(proto.SerializeToString())
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "tokenizer.model")) + ": piece 300 has score NaN"):
+        convert_checkpoint(d, str(tmp_path / "nan.pllm"), quant="f32", progress=False)
+    assert not (tmp_path / "nan.pllm").exists()
 
 
 def test_a_tokenizer_model_listing_a_piece_twice_is_refused(tiny_llama, sp_model_bytes, tmp_path):

@@ -457,7 +457,9 @@ def test_weights_that_are_not_finite_stop_the_run():
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--target-modules", "q_proj,nonexist"], "--target-modules nonexist: no module"),
+    (["--target-modules", "q_proj,nonexist"], r"--target-modules nonexist: no module of the model has this name "
+                                               r"\(target modules: down_proj, embed_tokens, gate_proj, k_proj, lm_head, "
+                                               r"o_proj, q_proj, up_proj, v_proj\)$"),
     (["--target-modules", "q_proj,v_projj,k_proj"], "--target-modules v_projj: no module"),
     (["--modules-to-save", "lm_head,bogus"], "--modules-to-save bogus: no module"),
     (["--target-modules", "q_proj,q_prj", "--modules-to-save", "lm_hed"],
@@ -479,6 +481,27 @@ def test_module_names_that_match_nothing_are_refused(base, data, tmp_path, optio
     assert {n.split(".lora_")[0].split("base_model.model.")[1] for n in names if ".lora_" in n} == {
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
     assert "base_model.model.lm_head.weight" in names
+
+
+@pytest.mark.parametrize("target, module, kind", [
+    ("model", "model", "LlamaModel"), ("mlp", "model.layers.0.mlp", "LlamaMLP"), ("layers", "model.layers", "ModuleList"),
+    ("0", "model.layers.0", "LlamaDecoderLayer"), ("norm", "model.norm", "LlamaRMSNorm"),
+    ("q_proj,act_fn", "model.layers.0.mlp.act_fn", "SiLUActivation"),
+])
+def test_a_target_that_is_not_a_linear_layer_is_one_line_listing_the_choices(base, data, tmp_path, capsys, target,
+                                                                           module, kind):
+    """PEFT refused --target-modules model (a block, a norm) with the module's whole repr: a screenful of
+    the model printed as the error, naming no valid choice."""
+    out = tmp_path / "out"
+    assert cli.main(["train", base, "--data", data, "-o", str(out), "--max-steps", "1", "-q",
+                     "--target-modules", target]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Loading weights" not in err  # -q: transformers' bar too
+    name = target.split(",")[-1]
+    assert re.fullmatch(rf"pyllm train: error: --target-modules {name}: '{re.escape(module)}' is a {kind}, not a linear or embedding layer "
+                     r"LoRA can adapt \(target modules: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, "
+                     r"q_proj, up_proj, v_proj\)$", err), err
+    assert not out.exists()
 
 
 def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_path):

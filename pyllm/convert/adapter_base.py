@@ -1,7 +1,10 @@
-"""Does a LoRA adapter belong to the base it is merged into? adapter_config.json names the model it
-was trained on (base_model_name_or_path); the base names itself by its config's _name_or_path or its
-directory. When both are known and differ, the merge goes on with a warning: an adapter trained on
-SmolLM2-135M merged into SmolLM2-135M-Instruct gives a model nobody trained."""
+"""Does an adapter belong to the base it is merged into or stored with? adapter_config.json names the
+model it was trained on (base_model_name_or_path); the base names itself by its config's _name_or_path
+or its directory. When both are known and differ, the conversion goes on with a warning, for LoRA and
+prompt-learning adapters alike: an adapter trained on SmolLM2-135M used with SmolLM2-135M-Instruct gives
+a model nobody trained, but PEFT loads it without a word, names differ for harmless reasons (a local
+copy, a renamed directory), and the tensors' shapes, which are checked, tell a model of another shape
+(another hidden size, layer or kv-head count is always an error)."""
 
 from __future__ import annotations
 
@@ -56,19 +59,21 @@ def other_base(adapter_config: dict, base_dir: str) -> str | None:
     return trained_on
 
 
-def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str) -> str | None:
+def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str, kind: str = "LoRA") -> str | None:
     """The warning when the adapter says it was trained on another model than base_dir, else None
-    (also when the adapter does not say)."""
+    (also when the adapter does not say). kind: "LoRA" (merged into the base) or "prompt-learning"
+    (stored beside it)."""
     trained_on = other_base(adapter_config, base_dir)
     if trained_on is None:
         return None
     names = base_names(base_dir)
-    return (f"warning: the LoRA adapter {adapter_dir} was trained on {trained_on!r}, but the base {base_dir} is "
-            f"{' / '.join(repr(n) for n in sorted(names))}; merged into another model it is unlikely to work")
+    used = "merged into" if kind == "LoRA" else "run on"
+    return (f"warning: the {kind} adapter {adapter_dir} was trained on {trained_on!r}, but the base {base_dir} is "
+            f"{' / '.join(repr(n) for n in sorted(names))}; {used} another model it is unlikely to work")
 
 
-def warn_if_other_base(adapter_config: dict, adapter_dir: str, base_dir: str, log=None) -> None:
+def warn_if_other_base(adapter_config: dict, adapter_dir: str, base_dir: str, log=None, kind: str = "LoRA") -> None:
     """Prints other_base_warning on log (default stderr) when there is one."""
-    message = other_base_warning(adapter_config, adapter_dir, base_dir)
+    message = other_base_warning(adapter_config, adapter_dir, base_dir, kind)
     if message:
         print(f"pyllm: {message}", file=log or sys.stderr)

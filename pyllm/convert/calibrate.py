@@ -165,12 +165,16 @@ def _token_text(tokenizer, token_id: int | None) -> str:
 
 
 def load_matrix(load, base: str, shape: tuple[int, int]) -> np.ndarray:
-    """load(name) -> array; the matrix `base` as f32, checked against the config's shape."""
+    """load(name) -> array; the matrix `base` as f32, checked against the config's shape (a mismatch
+    named by its file and source tensor when load is a source's method)."""
     from ..formats.safetensors import FormatError
+    from .pipeline import where
 
     w = load(base + ".weight")
     if tuple(w.shape) != tuple(shape):
-        raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {list(shape)}")
+        source = getattr(load, "__self__", None)
+        label = where(source, base + ".weight") if source is not None else f"tensor '{base}.weight'"
+        raise FormatError(f"{label} has shape {list(w.shape)}, config implies {list(shape)}")
     return np.asarray(w, dtype=np.float32)
 
 

@@ -65,9 +65,17 @@ POSITIVE_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", 
                         "max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
 
 
+# config.json keys that are flags in the families that have them: the families read them with bool(),
+# so the string "false" was True (tied embeddings, biases that are not there) in silence
+FLAG_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "enable_bias", "use_sliding_window",
+             "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "layer_norm_elementwise_affine",
+             "do_layer_norm_before", "apply_residual_connection_post_layernorm", "_remove_final_layer_norm")
+
+
 def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     """Normalises a transformers config.json (4.x or 5.x layout) through its family's entry in pyllm.arch.
-    FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS)."""
+    FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS,
+    FLAG_KEYS, layer_types)."""
     arch = for_hf_config(cfg)
     for key in POSITIVE_NUMBER_KEYS:
         value = cfg.get(key)
@@ -75,6 +83,11 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not (value > 0 or value == least)):
             raise FormatError(f"{where}: {key} must be a positive number, got {value!r:.60}")
+    for key in FLAG_KEYS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise FormatError(f"{where}: {key} must be true, false or null, got {cfg[key]!r:.60}")
+    if cfg.get("layer_types") is not None and not isinstance(cfg["layer_types"], list):
+        raise FormatError(f"{where}: layer_types must be a list (one entry per layer), got {cfg['layer_types']!r:.60}")
     try:
         return arch.config_from_hf(cfg)
     except FormatError:
@@ -205,6 +218,11 @@ class Checkpoint:
     def names(self) -> Iterator[str]:
         return iter(self.weight_map)
 
+    def where(self, name: str) -> str:
+        """The file holding tensor `name` and the name ("…/model-00002-of-00004.safetensors: tensor 'x'"),
+        for messages about the tensor."""
+        return f"{self.weight_map.get(name, self.dir)}: tensor '{name}'"
+
     def native_format(self, name: str) -> None:
         """Hugging Face checkpoints hold float weights only: nothing to keep bit for bit."""
         return None
@@ -269,6 +287,14 @@ class ArchitectureView:
     def names(self) -> Iterator[str]:
         return iter(self.recipes)
 
+    def where(self, name: str) -> str:
+        """The file(s) and checkpoint tensor(s) pyllm's tensor `name` is made from, and `name` when it
+        differs (a row block of a fused matrix): "…/model.safetensors: tensor 'c_attn.weight' (as q_proj)"."""
+        recipe = self.recipes.get(name)
+        sources = recipe.sources if recipe is not None else (name,)
+        where = "; ".join(self.source.where(n) for n in sources)
+        return where if sources == (name,) else f"{where} (as '{name}')"
+
     def load(self, name: str) -> np.ndarray:
         """Tensor `name` (pyllm's name) as float32."""
         if name not in self.recipes:
@@ -291,6 +317,70 @@ class ArchitectureView:
     def close(self) -> None:
         self._last = None
         self.source.close()
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_token(value) -> bool:
+    """A special token as transformers takes it: a string or an AddedToken dict with a string content."""
+    return isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)
+
+
+# tokenizer_config.json keys that are flags: bool() made the string "false" True
+_TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space")
+
+
+def check_tokenizer_config(cfg: dict, path: str) -> None:
+    """FormatError naming path and the field for a tokenizer_config.json (or special_tokens_map.json)
+    value of a type that was read as absent or as something else: a special token (bos_token, ...)
+    that is not a string or an AddedToken dict (transformers refuses it: "Special token bos_token has
+    to be either str or AddedToken"), extra/additional special tokens that are not a list of them, an
+    added_tokens_decoder that is not an object of id -> token, a chat_template that is not a string
+    or a list of {name, template} strings (transformers loads it, then every chat fails: "Can't
+    compile non template nodes"), a flag (add_bos_token, legacy, ...) that is not true/false/null,
+    a tokenizer_class that is not a string. Other "<name>_token" keys (image_token, ...) are init
+    arguments of particular classes: transformers ignores one that is not a token, and so does pyllm."""
+    def bad(key: str, expected: str, value) -> FormatError:
+        return FormatError(f"{path}: {key} must be {expected}, got {_shown(value)}")
+
+    for key in _NAMED_SPECIAL_TOKENS:
+        value = cfg.get(key)
+        if value is not None and not _is_token(value):
+            raise bad(key, "a token (a string or an object with a string content)", value)
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        value = cfg.get(key)
+        tokens = list(value.values()) if isinstance(value, dict) and key == "extra_special_tokens" else value
+        if value is not None and not (isinstance(tokens, list) and all(_is_token(t) for t in tokens)):
+            raise bad(key, "a list of tokens (strings or objects with a string content)", value)
+    decoder = cfg.get("added_tokens_decoder")
+    if decoder is not None:
+        if not isinstance(decoder, dict):
+            raise bad("added_tokens_decoder", "an object of token id -> token", decoder)
+        for i, entry in decoder.items():
+            if not i.isdigit() or not i.isascii():
+                raise bad("added_tokens_decoder", "an object keyed by token ids", i)
+            if not _is_token(entry):
+                raise bad(f"added_tokens_decoder[{i}]", "a token (an object with a string content)", entry)
+    template = cfg.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)):
+        raise bad("chat_template", "a string or a list of {\"name\", \"template\"} strings", template)
+    for key in _TOKENIZER_FLAGS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true, false or null", cfg[key])
+    if cfg.get("tokenizer_class") is not None and not isinstance(cfg["tokenizer_class"], str):
+        raise bad("tokenizer_class", "a class name", cfg["tokenizer_class"])
+
+
+def read_tokenizer_config(path: str) -> dict:
+    """tokenizer_config.json (or special_tokens_map.json) read and checked (check_tokenizer_config)."""
+    cfg = _read_json(path)
+    check_tokenizer_config(cfg, path)
+    return cfg
 
 
 def _token_content(value) -> str | None:
@@ -408,6 +498,8 @@ def _read_spm(blob: bytes) -> dict:
                         piece = v.decode("utf-8")
                     elif n == 2 and isinstance(v, bytes) and len(v) == 4:
                         score = struct.unpack("<f", v)[0]
+                        if score != score:  # NaN: merges ranked by it (or unigram paths) came out in no order
+                            raise FormatError(f"tokenizer.model: piece {len(model['pieces'])} has score NaN")
                     elif n == 3 and isinstance(v, int):
                         kind = v
                 model["pieces"].append((piece, score, kind))
@@ -666,6 +758,8 @@ def _tokenizer_class(directory: str, tok_config: dict, json_text: str | None) ->
     config_path = os.path.join(directory, "config.json")
     config = _read_json(config_path) if os.path.exists(config_path) else {}
     model_type = config.get("model_type")
+    if config.get("tokenizer_class") is not None and not isinstance(config["tokenizer_class"], str):
+        raise FormatError(f"{config_path}: tokenizer_class must be a class name, got {_shown(config['tokenizer_class'])}")
     declared = tok_config.get("tokenizer_class") or config.get("tokenizer_class")
     declared = declared.removesuffix("Fast") if isinstance(declared, str) else None
     registered = _REGISTERED_TOKENIZERS.get(model_type)
@@ -707,7 +801,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
-    tok_config = _read_json(tok_config_path) if os.path.exists(tok_config_path) else {}
+    tok_config = read_tokenizer_config(tok_config_path) if os.path.exists(tok_config_path) else {}
     json_path = os.path.join(directory, "tokenizer.json")
     spm_path = os.path.join(directory, "tokenizer.model")
     json_text = None
@@ -734,7 +828,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         map_path = os.path.join(directory, "special_tokens_map.json")
         if os.path.exists(map_path):
             tok_config = dict(tok_config)
-            for key, value in _read_json(map_path).items():
+            for key, value in read_tokenizer_config(map_path).items():
                 if key == "extra_special_tokens" and isinstance(value, list):
                     value = list(tok_config.get(key) or []) + [v for v in value if v not in (tok_config.get(key) or [])]
                 elif isinstance(value, dict):
@@ -824,11 +918,11 @@ def read_chat_template(directory: str) -> str:
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.exists(tok_config_path):
         return ""
-    template = _read_json(tok_config_path).get("chat_template") or ""
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = read_tokenizer_config(tok_config_path).get("chat_template") or ""
+    if isinstance(template, list):  # transformers' named templates: "default", else the first
+        named = {t["name"]: t["template"] for t in template}
         template = named.get("default") or next(iter(named.values()), "")
-    return template if isinstance(template, str) else ""
+    return template
 
 
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "max_new_tokens")

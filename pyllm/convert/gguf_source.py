@@ -16,6 +16,7 @@ RoPE like every other pyllm file.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -117,6 +118,11 @@ class GGUFSource:
         if len(t.shape) > 1:
             data = data.reshape(int(t.shape[1]), -1)
         return t.tensor_type.name, _place_rows(data, self.places[name])
+
+    def where(self, name: str) -> str:
+        """The file and GGUF tensor pyllm's tensor `name` is: "…/m.gguf: tensor 'blk.0.attn_q.weight' (as ...)"."""
+        place = self.places.get(name)
+        return f"{self.path}: tensor '{place.source if place else name}'" + (f" (as '{name}')" if place else "")
 
     def native_format(self, name: str) -> tuple[str, int] | None:
         kind = self._source(name).tensor_type.name
@@ -276,8 +282,11 @@ def gguf_tokenizer_json(model: str | None, tokens: list[str], types: list[int], 
     if model == "gpt2":
         tok = _bpe_tokenizer(tokens, merges, pre)
     elif model == "llama":
-        if scores is None or len(scores) != len(tokens):
+        if not isinstance(scores, list) or len(scores) != len(tokens):
             raise FormatError("a SentencePiece GGUF vocabulary needs one tokenizer.ggml.scores entry per token")
+        for i, x in enumerate(scores):  # merges are ranked by score: a NaN left them in no defined order
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+                raise FormatError(f"tokenizer.ggml.scores[{i}] (token {tokens[i]!r:.40}) must be a number, got {x!r:.40}")
         tok = _sentencepiece_tokenizer(tokens, [float(x) for x in scores], merges, add_space_prefix)
     else:
         raise FormatError(f"GGUF tokenizer model {model!r} is not supported yet (supported: gpt2 byte-level BPE, "

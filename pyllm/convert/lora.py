@@ -40,6 +40,9 @@ from .adapter_base import adapter_config_path, warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
+# PEFT's LoraConfig defaults (peft 0.x: r=8, lora_alpha=8), used for an adapter_config.json that leaves
+# them out, as PeftModel.from_pretrained does (tests/test_lora_merge.py checks them against peft)
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this merge cannot reproduce
@@ -131,8 +134,10 @@ class LoraAdapter:
                 raise FormatError(f"{self.dir}: adapter_model.bin (a PyTorch pickle) is not read; save the adapter "
                                   "with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
             raise FileNotFoundError(f"{self.dir} has no adapter_model.safetensors")
+        self.weights = weights  # the file named by messages about its tensors
         self.modules: dict[str, LoraModule] = {}  # by base module name
         self.replacements: dict[str, np.ndarray] = {}  # base tensor name -> trained copy
+        self.replacement_names: dict[str, str] = {}  # base tensor name -> its trained copy's name in the file
         self.saved_modules: set[str] = set()  # tensors of modules_to_save (own copies, not in-place)
         with SafetensorsFile(weights) as f:
             self._read(f)
@@ -150,8 +155,8 @@ class LoraAdapter:
         for key, what in UNSUPPORTED_OPTIONS.items():
             if cfg.get(key):
                 raise FormatError(f"{self.dir}: {what} cannot be merged by pyllm")
-        for key in ("r", "lora_alpha"):
-            value = cfg.get(key)
+        for key, default in PEFT_DEFAULTS.items():  # absent: PEFT's default; null or anything else: refused
+            value = cfg.setdefault(key, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise FormatError(f"{self.dir}: adapter_config.json {key} must be a positive number, not {value!r}")
         for key in ("rank_pattern", "alpha_pattern"):
@@ -193,6 +198,7 @@ class LoraAdapter:
             if target in self.replacements and not np.array_equal(self.replacements[target], value):
                 raise FormatError(f"{f.path}: holds two different trained copies of '{target}'")
             self.replacements[target] = value
+            self.replacement_names[target] = full
             module = target.rsplit(".", 1)[0]
             if any(module == s or module.endswith("." + s) for s in saved):
                 self.saved_modules.add(target)
@@ -243,13 +249,16 @@ class LoraMergedSource:
                 lora.transposed = any(lora.module.endswith("." + m) for m in base.arch.conv1d_modules)
                 self._check_target(adapter, lora.target, shapes)
                 if lora.target_shape() != tuple(shapes[lora.target]):
+                    a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if lora.embedding else \
+                        ("lora_A.weight", "lora_B.weight")
                     raise FormatError(
-                        f"{adapter.dir}: LoRA of {lora.module} has shape {list(lora.target_shape())} "
-                        f"(A {list(lora.a.shape)}, B {list(lora.b.shape)}) but the weight it merges into is "
+                        f"{adapter.weights}: tensors '{PEFT_PREFIX}{lora.module}.{a_name}' and '.{b_name}' "
+                        f"(A {list(lora.a.shape)}, B {list(lora.b.shape)}) make an update of shape "
+                        f"{list(lora.target_shape())} but the weight it merges into ({base.where(lora.target)}) is "
                         f"{list(shapes[lora.target])}: was the adapter trained on another model?")
                 bias = lora.module + ".bias"
                 if lora.bias is not None and (bias not in shapes or tuple(shapes[bias]) != lora.bias.shape):
-                    raise FormatError(f"{adapter.dir}: {lora.module} has lora_bias, but the base module has "
+                    raise FormatError(f"{adapter.weights}: {lora.module} has lora_bias, but the base module has "
                                       f"{'no bias' if bias not in shapes else f'a bias of shape {list(shapes[bias])}'}")
                 for n in self._aliases(lora.target, shared and lora.target not in own):
                     self._ops.setdefault(n, []).append(("add", lora))
@@ -290,8 +299,9 @@ class LoraMergedSource:
         got, expected = tuple(value.shape), tuple(shape)
         resized = name in (self.embedding, self.lm_head) and len(got) == 2 and got[1:] == expected[1:]
         if got != expected and not resized:
-            raise FormatError(f"{adapter.dir}: its trained copy of '{name}' has shape {list(got)} but the base "
-                              f"model's is {list(expected)}: was the adapter trained on another model?")
+            raise FormatError(f"{adapter.weights}: tensor '{adapter.replacement_names.get(name, name)}', the trained "
+                              f"copy of '{name}', has shape {list(got)} but the base model's is {list(expected)}: "
+                              "was the adapter trained on another model?")
 
     def has(self, name: str) -> bool:
         return name in self._shapes and (name != self.lm_head or not self.tied)
@@ -301,6 +311,13 @@ class LoraMergedSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._shapes[name])
+
+    def where(self, name: str) -> str:
+        """The base checkpoint's file and tensor of `name`, and the adapters merged into it."""
+        source = self.embedding if name == self.lm_head and not self.base.has(self.lm_head) else name
+        merged = [a.weights for a in self.adapters if name in a.replacements or
+                  any(m.target == name for m in a.modules.values())]
+        return self.base.where(source) + (f" (with {', '.join(merged)} merged)" if merged else "")
 
     def load(self, name: str) -> np.ndarray:
         """The merged tensor in float32."""
@@ -338,8 +355,9 @@ class LoraMergedSource:
         self.base.close()
 
 
-def merged_source(source, adapter_dirs) -> LoraMergedSource:
-    """The conversion source with the adapters merged (closes the source if they do not fit it)."""
+def merged_source(source, adapter_dirs, log=None) -> LoraMergedSource:
+    """The conversion source with the adapters merged (closes the source if they do not fit it); an
+    adapter of another base is a warning on log (default stderr)."""
     try:
         if not isinstance(source, Checkpoint):
             raise FormatError("--lora needs a Hugging Face base directory (the float weights the adapter was "
@@ -353,7 +371,7 @@ def merged_source(source, adapter_dirs) -> LoraMergedSource:
             seen[real] = os.fspath(d)
         adapters = [LoraAdapter(d) for d in adapter_dirs]
         for adapter in adapters:
-            warn_if_other_base(adapter.config, adapter.dir, source.dir)
+            warn_if_other_base(adapter.config, adapter.dir, source.dir, log)
         return LoraMergedSource(source, adapters)
     except BaseException:
         source.close()

@@ -114,10 +114,12 @@ class ConversionReport:
 
 
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
-                 weights_bits: list, native=None, strategy=None) -> list[PlannedTensor]:
+                 weights_bits: list, native=None, strategy=None, label: str | None = None) -> list[PlannedTensor]:
     """Planned tensors for one matrix; the weight's producer fills the companions' cache.
 
-    native: when given, returns the weight already in (fmt, group), kept bit for bit."""
+    native: when given, returns the weight already in (fmt, group), kept bit for bit.
+    label: the file and source tensor of the weight, for a message (see where)."""
+    label = label or f"tensor '{base}.weight'"
     parts = packed_shapes(fmt, rows, cols, group)
     cache: dict[str, np.ndarray] = {}
 
@@ -127,12 +129,14 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                 if native is not None:
                     packed = native()
                     if (packed.rows, packed.cols) != (rows, cols):
-                        raise FormatError(f"'{base}.weight' is {packed.rows}x{packed.cols}, config implies {rows}x{cols}")
+                        raise FormatError(f"{label} is {packed.rows}x{packed.cols}, "
+                                          f"config implies {rows}x{cols}")
                     report.kept_exactly.append(base)
                 else:
                     w = source()
                     if w.shape != (rows, cols):
-                        raise FormatError(f"'{base}.weight' has shape {list(w.shape)}, config implies {[rows, cols]}")
+                        raise FormatError(f"{label} has shape {list(w.shape)}, "
+                                          f"config implies {[rows, cols]}")
                     packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
@@ -188,7 +192,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     check_output_is_not_an_input(output, [src, *lora, *(directory for _, directory in adapters)])
     source = open_source(src)
     if lora:
-        source = merged_source(source, lora)
+        source = merged_source(source, lora, log)
     if hasattr(source, "arch"):  # Hugging Face names -> pyllm's (GGUF sources name tensors pyllm's way)
         try:
             source = ArchitectureView(source)
@@ -215,7 +219,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         blob_name = "tokenizer.json" if tokenizer.kind == "hf" else "tokenizer.model"
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
-        adapter_metadata = _prompt_adapters(adapters, config, source, plans, strategy.scales)
+        adapter_metadata = _prompt_adapters(adapters, config, source, plans, strategy.scales, log)
         metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
                                    "quant": quant or "source", "group_size": group,
@@ -269,16 +273,18 @@ def source_size(src: str, lora=()) -> int:
     return total
 
 
-def _prompt_adapters(adapters, config: ModelConfig, source, plans: list, scales: dict | None = None) -> dict:
+def _prompt_adapters(adapters, config: ModelConfig, source, plans: list, scales: dict | None = None,
+                     log=sys.stderr) -> dict:
     """Reads the prompt-learning adapters (name or None, directory), appends their tensors to plans and
     returns their metadata entry (empty without adapters). scales: the activation-aware scales folded
-    into the model (awq.py), which a prefix's values take as v_proj's rows do."""
+    into the model (awq.py), which a prefix's values take as v_proj's rows do. log: where the warning
+    for an adapter of another base goes."""
     from ..adapters import planned_tensors, read_peft_adapter
     from .awq import fold_into_prefix
 
     if not adapters:
         return {}
-    read = [read_peft_adapter(directory, config, name, src_name(source)) for name, directory in adapters]
+    read = [read_peft_adapter(directory, config, name, src_name(source), log) for name, directory in adapters]
     for adapter in read:
         if adapter.kind == "prefix" and scales:
             adapter.tensor = fold_into_prefix(adapter.tensor, config, scales)
@@ -328,7 +334,8 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
         linears[base] = (f, g)
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
-                              native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy)
+                              native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy,
+                              label=where(source, name))
     for name, shape in config.vector_shapes().items():
         if not source.has(name):
             raise FormatError(f"{src_name(source)}: lacks '{name}'")
@@ -340,12 +347,19 @@ def _vector(source, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A norm, bias or table tensor of the source as f32 `shape`, checked."""
     value = np.asarray(source.load(name), dtype=np.float32)
     if value.size != int(np.prod(shape)):
-        raise FormatError(f"'{name}' has shape {list(value.shape)}, the config implies {list(shape)}")
+        raise FormatError(f"{where(source, name)} has shape {list(value.shape)}, the config implies {list(shape)}")
     return np.ascontiguousarray(value.reshape(shape))
 
 
 def src_name(source) -> str:
     return getattr(source, "dir", None) or getattr(source, "path", "source")
+
+
+def where(source, name: str) -> str:
+    """The file and source tensor of `name` for a message ("…/model-00001-of-00002.safetensors: tensor
+    'model.layers.0.mlp.up_proj.weight'"): source.where(name), else the source's directory or file."""
+    locate = getattr(source, "where", None)
+    return locate(name) if locate is not None else f"{src_name(source)}: tensor '{name}'"
 
 
 def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec, chat_template: str,

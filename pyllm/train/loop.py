@@ -259,7 +259,8 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+    with _progress_bars(not args.quiet):  # transformers' "Loading weights" bar printed under -q too
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
     modules_to_save = [m.strip() for m in args.modules_to_save.split(",") if m.strip()]
@@ -283,18 +284,60 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
                              "virtual tokens")
         config = prompt_learning_config(args, method)
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
+    asked = [m.strip() for m in args.target_modules.split(",") if m.strip()]  # the defaults are the family's
+    targetable = lora_target_names(model)
+    if method == "lora":
+        check_target_kinds(model, asked, targetable)
     model = get_peft_model(model, config)
     if method == "lora":
-        asked = [m.strip() for m in args.target_modules.split(",") if m.strip()]  # the defaults are the family's
-        check_targets(model, asked, modules_to_save, leaves)
+        check_targets(model, asked, modules_to_save, leaves, targetable)
     return tokenizer, model.to(device)
 
 
-def check_targets(model, targets, modules_to_save, leaves: list[str]) -> None:
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """transformers' progress bars shown or not inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown and was else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def _lora_kinds() -> tuple:
+    """The module types a LoRA adapter pyllm merges and runs can target: PEFT also adapts convolutions
+    and attention blocks, which pyllm's families do not have."""
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, torch.nn.Embedding, Conv1D
+
+
+def lora_target_names(model) -> list[str]:
+    """The last names of the model's modules --target-modules can name (q_proj, lm_head, ...)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, _lora_kinds())})
+
+
+def check_target_kinds(model, targets, targetable: list[str]) -> None:
+    """Every module a --target-modules name matches (PEFT's rule: the full name, or its last parts)
+    must be a linear or embedding layer. PEFT refused a block (`model`, `mlp`, `layers`, `0`) or a norm
+    with its whole repr in the message, a screenful naming no valid choice. ValueError listing them."""
+    kinds = _lora_kinds()
+    for t in targets:
+        wrong = next(((n, m) for n, m in model.named_modules()
+                      if n and (n == t or n.endswith("." + t)) and not isinstance(m, kinds)), None)
+        if wrong is not None:
+            raise ValueError(f"--target-modules {t}: '{wrong[0]}' is a {type(wrong[1]).__name__}, not a linear or "
+                             f"embedding layer LoRA can adapt (target modules: {', '.join(targetable)})")
+
+
+def check_targets(model, targets, modules_to_save, leaves: list[str], targetable: list[str]) -> None:
     """Every --target-modules and --modules-to-save name must have matched a module of the model (PEFT
     refuses only a list that matches nothing, and drops the names that match nothing silently: a typo
-    trained an adapter without the layers asked for). ValueError naming them and leaves, the names of
-    the model's modules."""
+    trained an adapter without the layers asked for). ValueError naming them and the names they may
+    take: targetable (lora_target_names of the base model) and leaves (its modules, for modules_to_save)."""
     targeted = list(getattr(model.base_model, "targeted_module_names", []) or [])
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in targeted)]
     saved = [n[:-len(".modules_to_save")] for n, _ in model.named_modules() if n.endswith(".modules_to_save")]
@@ -302,8 +345,9 @@ def check_targets(model, targets, modules_to_save, leaves: list[str]) -> None:
     if missing or missing_saved:
         what = [f"--target-modules {', '.join(missing)}"] if missing else []
         what += [f"--modules-to-save {', '.join(missing_saved)}"] if missing_saved else []
-        raise ValueError(f"{' and '.join(what)}: no module of the model has this name (its modules: "
-                         f"{', '.join(leaves)})")
+        choices = [f"target modules: {', '.join(targetable)}"] if missing else []
+        choices += [f"its modules: {', '.join(leaves)}"] if missing_saved else []
+        raise ValueError(f"{' and '.join(what)}: no module of the model has this name ({'; '.join(choices)})")
 
 
 def prompt_learning_config(args, method: str):
