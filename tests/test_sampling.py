@@ -355,3 +355,18 @@ def test_a_repetition_penalty_that_overflows_the_scores_is_named(penalty):
     # a processor that rules every token out is still told apart
     with pytest.raises(ValueError, match="left no token possible"):
         Sampler(SamplingParams(), processors=[lambda ids, s: np.full_like(s, -np.inf)]).processed(logits)
+
+
+def test_greedy_without_processors_is_the_argmax_of_the_processed_scores():
+    """Greedy decoding with no processor skips the float64 copy (Sampler.__call__'s short path): the
+    same token as processed()'s argmax, ties included (the first), for peaked, flat and tied logits."""
+    rng = np.random.default_rng(3)
+    cases = [rng.standard_normal(VOCAB).astype(np.float32) for _ in range(20)]
+    cases += [np.zeros(VOCAB, np.float32), np.full(VOCAB, -3e38, np.float32)]
+    tied = rng.standard_normal(VOCAB).astype(np.float32)
+    tied[[5, 9, 40]] = tied.max() + 1
+    cases.append(tied)
+    sampler = Sampler(SamplingParams(temperature=0))
+    for logits in cases:
+        assert sampler(logits) == int(np.argmax(sampler.processed(logits)))
+    assert sampler(tied) == 5
