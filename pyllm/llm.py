@@ -368,8 +368,10 @@ class LLM:
         return engine.kv_cache_bytes
 
     # -- tokens --------------------------------------------------------------
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of text (Tokenizer.encode): parse_special=False reads special-token strings
+        written in it ("<|im_end|>") as plain text."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, parse_special=parse_special)
 
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
         """The text of token ids (a list or 1-D array of ints in [0, vocab_size); PyllmError otherwise)."""

@@ -160,22 +160,25 @@ class Tokenizer:
             return bytes([int(self._sp.id_to_piece(i)[3:5], 16)])
         return self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of text; special tokens written in the text map to their ids."""
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of text; special tokens written in the text map to their ids, or with
+        parse_special=False (llama.cpp's parse_special: text that is data, such as a file to evaluate)
+        are read as plain text, ordinary tokens like any other string."""
         if not isinstance(text, str):
             raise TypeError(f"text to tokenize must be a str, not {type(text).__name__}")
         check_text(text, "the text to tokenize")
         with library_errors("cannot tokenize the text"):
-            return self._encode(text, add_special_tokens)
+            return self._encode(text, add_special_tokens, parse_special)
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def _encode(self, text: str, add_special_tokens: bool, parse_special: bool = True) -> list[int]:
         if self._hf is not None:
+            hf = self._hf if parse_special else self._literal()
             if add_special_tokens and self._post_processor_adds:
-                return self._hf.encode(text, add_special_tokens=True).ids
-            ids = self._hf_encode(self._hf, text)
+                return hf.encode(text, add_special_tokens=True).ids
+            ids = self._hf_encode(hf, text)
         else:
             ids = []
-            pieces = self._split.split(text) if self._split else [text]
+            pieces = self._split.split(text) if self._split and parse_special else [text]
             for piece in pieces:
                 if not piece:
                     continue

@@ -422,6 +422,25 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
         assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
 
 
+def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
+    """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
+    the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
+    import pyllm.perplexity
+    from pyllm import cli
+
+    seen = []
+    real = pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity", lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
+    text = tmp_path / "chat.txt"
+    text.write_text("<|im_start|>user\nhello<|im_end|>\n" * 8)
+    assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "16", "--windows", "1"]) == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        specials = {llm.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")}
+        assert seen and not specials & set(seen[0])
+        assert seen[0] == llm.tokenize(text.read_text(), add_special_tokens=False, parse_special=False)
+        assert llm.detokenize(seen[0]) == text.read_text()
+
+
 def test_perplexity_bad_windows_ctx_and_short_text_are_one_line_errors(tiny_llama_f32, tmp_path):
     """--windows 0 or negative was a ZeroDivisionError; --ctx under 4 and a text shorter than one window
     were reported after the progress bar was drawn, so stderr held the bar around the error."""

@@ -332,6 +332,25 @@ def test_sentencepiece_legacy_flag_changes_text_after_special_tokens(sp_models):
         assert hf.convert_ids_to_tokens(ids[1]).startswith("\u2581") is prefixed, case
 
 
+def test_parse_special_false_reads_special_token_strings_as_text(bpe, sp_models, sp_kind_tokenizer):
+    """encode(parse_special=False) (llama.cpp's parse_special=false, what `pyllm perplexity` uses:
+    the text is data) gives ordinary tokens for "<|im_end|>" written in the text, as transformers'
+    split_special_tokens=True does, and decodes back to the string; by default it is the one token."""
+    tokenizers = [(bpe[0].tokenizer, bpe[1]), (sp_models["llama"][0].tokenizer, sp_models["llama"][1]),
+                  (sp_kind_tokenizer[0], None)]
+    for tok, hf in tokenizers:
+        text = "a<|im_end|>b <|im_start|> c" if tok.spec.kind == "hf" else "a</s>b <s> c"
+        assert tok.special_ids & set(tok.encode(text, add_special_tokens=False))
+        ids = tok.encode(text, add_special_tokens=False, parse_special=False)
+        assert not tok.special_ids & set(ids), tok.spec.kind
+        assert tok.decode(ids).replace(" ", "") == text.replace(" ", "")
+        if hf is not None:
+            assert ids == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert tok.encode(text, parse_special=False) == hf(text, split_special_tokens=True)["input_ids"]
+        assert tok.encode("plain words", add_special_tokens=False, parse_special=False) == \
+            tok.encode("plain words", add_special_tokens=False)
+
+
 # -- sentencepiece kind (.pllm files from older converters embed tokenizer.model) ------------------
 
 @pytest.fixture(scope="module")
