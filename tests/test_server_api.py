@@ -101,6 +101,40 @@ def test_completion_logprobs_and_echo(live, llm):
     assert "".join(p.choices[0].text for p in pieces) == prompt + generated
 
 
+def test_echo_of_a_prompt_of_special_tokens_keeps_its_logprobs(live, llm):
+    """echo=true with logprobs of a prompt made only of special tokens (or of ids without text) dropped
+    the prompt's log-probabilities: the echo was decided by its text, which skipped special tokens,
+    so it was "" and taken for no echo. Token ids now echo the text of every token, special ones
+    included, so that text_offset counts in the returned text; a prompt without any text still
+    echoes its tokens' log-probabilities."""
+    client = live.client()
+    start, end = (llm.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>"))
+    silent = llm.tokenizer.vocab_size  # an id of the model's vocabulary past the tokenizer's: no text
+    assert silent < llm.config.vocab_size
+    for prompt, echoed in (([start, end], "<|im_start|><|im_end|>"), ("<|im_start|><|im_end|>", "<|im_start|><|im_end|>"),
+                           ([start, silent, start], "<|im_start|><|im_start|>"), ([silent, silent], "")):
+        ids = prompt if isinstance(prompt, list) else llm.tokenize(prompt)
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=1, echo=True,
+                                          temperature=0)
+        choice = reply.choices[0]
+        generated = llm.generate(ids, max_new_tokens=3, temperature=0)
+        assert choice.text == echoed + generated, prompt
+        lp = choice.logprobs
+        expected = _log_softmax(llm.logits(ids))
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) >= len(ids), prompt
+        for k in range(1, len(ids)):
+            assert abs(lp.token_logprobs[k] - expected[k - 1][ids[k]]) < 1e-5, prompt
+        assert "".join(lp.tokens[:len(ids)]) == echoed
+        assert [echoed.startswith(t, o) for t, o in zip(lp.tokens[:len(ids)], lp.text_offset)] == [True] * len(ids)
+        assert lp.text_offset[len(ids):len(ids) + 1] in ([], [len(echoed)])
+        # streamed: the echo chunk carries the same log-probabilities
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=1, echo=True,
+                                                temperature=0, stream=True))
+        first = chunks[0].choices[0]
+        assert first.text == echoed and first.logprobs.token_logprobs == lp.token_logprobs[:len(ids)], prompt
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+
+
 def test_echoed_logprobs_are_computed_once_per_prompt(live, llm, monkeypatch):
     """n choices of one prompt share its echoed log-probabilities: one forward pass over the
     prompt, not n (a request for n=128 must not run the prompt 128 times)."""
