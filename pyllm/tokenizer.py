@@ -8,6 +8,7 @@ texts are encoded with Python's lock released, so other threads (a server's even
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 
@@ -298,6 +299,9 @@ class StreamDecoder:
         self.ids: list[int] = context_ids[first:]  # context tail, then the generated ids
         self.start = 0  # window start
         self.done = self._context_text()  # the window's text already accounted for
+        self.emitted = 0  # characters of the pieces returned so far
+        self.begin = 0  # where in those characters the text of the last pushed token begins
+        self._full: str | None = None  # decode() of the whole window, when it is not `done`
 
     def _context_text(self) -> str:
         """decode(context tail) without the bytes of a character it leaves incomplete (token ids cut
@@ -319,16 +323,23 @@ class StreamDecoder:
         return text[:-1] if text.endswith("\ufffd") else text
 
     def push(self, token_id: int) -> str:
-        """The new text that token_id completes ("" while it is held back)."""
+        """The new text that token_id completes ("" while it is held back). Sets `begin`: where the
+        token's text begins among the characters returned, those held back included (the first
+        character its bytes change: a token completing a character begins where it does)."""
+        before = self.done if self._full is None else self._full
+        base = self.emitted - len(self.done)  # the window's first character among those returned
         self.ids.append(int(token_id))
         end = self._settled()
         text = self.tokenizer.decode(self.ids[self.start:end])
+        self._full = text if end == len(self.ids) else self.tokenizer.decode(self.ids[self.start:])
+        self.begin = base + len(os.path.commonprefix([before, self._full]))
         if not text.startswith(self.done):
             return ""
         piece = text[len(self.done):].rstrip("\ufffd")
         if not piece:
             return ""
         self.done += piece
+        self.emitted += len(piece)
         if self.done == text and end == len(self.ids):
             self._slide(text)
         return piece
@@ -349,7 +360,7 @@ class StreamDecoder:
                 continue  # a window must not start inside a byte run (or where one could reach)
             tail = tok.decode(self.ids[k:])
             if tail and not tail.startswith("\ufffd") and text.endswith(tail):
-                self.start, self.done = k, tail
+                self.start, self.done, self._full = k, tail, None
                 return
 
     def flush(self) -> str:
@@ -357,4 +368,6 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.start:])
         piece = text[len(self.done):] if text.startswith(self.done) else ""
         self.ids, self.start, self.done = self.ids[-1:], 0, self.tokenizer.decode(self.ids[-1:])
+        self.emitted += len(piece)
+        self._full = None
         return piece

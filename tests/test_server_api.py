@@ -254,6 +254,49 @@ def test_stop_token_ids_and_special_stop_strings(live, llm):
     assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
 
 
+def test_logprobs_stop_with_the_text_a_stop_string_cuts(live, llm):
+    """The logprobs of a reply cut by a stop string listed the token that completed it (and those
+    holding only its text), streamed and not: now they are the tokens whose text the returned text
+    holds, in both modes, for completions and chat."""
+    client = live.client()
+    prompt, ban = "The quick brown fox", {str(i): -100 for i in llm.tokenizer.eos_ids}
+    stream = llm.generate(prompt, max_new_tokens=12, temperature=0, logit_bias={int(k): v for k, v in ban.items()},
+                          stream=True)
+    full = "".join(stream)
+    ids = [t.id for t in stream.tokens]
+    begins = [len(llm.detokenize(ids[:k])) for k in range(len(ids))]
+    # a stop string that begins a token (that token on is dropped), and one that begins inside a token
+    k = next(k for k in range(1, len(ids)) if begins[k] < len(full) and full.find(full[begins[k]:]) == begins[k])
+    inside = next(c for c in range(1, len(full)) if c not in begins and full.find(full[c:]) == c)
+    for stop in (full[begins[k]:], full[inside:]):
+        text = full[:full.find(stop)]
+        kept = [i for i, b in zip(ids, begins) if b < len(text)]
+        expected = [llm.tokenizer.token_bytes(i).decode("utf-8", "replace") for i in kept]
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logit_bias=ban,
+                                          stop=[stop], logprobs=1)
+        assert reply.choices[0].text == text and reply.choices[0].finish_reason == "stop"
+        assert reply.choices[0].logprobs.tokens == expected, stop
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                logit_bias=ban, stop=[stop], logprobs=1, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == expected
+        chat = dict(model="tiny", messages=_chat(prompt), max_tokens=12, temperature=0, logit_bias=ban,
+                    logprobs=True)
+        whole = client.chat.completions.create(**chat).choices[0].message.content
+        chat_stop = whole[len(whole) // 2:]
+        chat_text = whole[:whole.find(chat_stop)]
+        reply = client.chat.completions.create(**chat, stop=[chat_stop]).choices[0]
+        assert reply.message.content == chat_text
+        local = llm.chat(_chat(prompt), max_new_tokens=12, temperature=0, logit_bias={int(k): v for k, v in ban.items()},
+                         stop=[chat_stop], stream=True)
+        assert "".join(local) == chat_text  # its tokens are those of the text (test_api.py checks the API's)
+        assert [bytes(e.bytes) for e in reply.logprobs.content] == [llm.tokenizer.token_bytes(t.id) for t in local.tokens]
+        assert len(local.tokens) < local.stats.generated_tokens
+        chunks = list(client.chat.completions.create(**chat, stop=[chat_stop], stream=True))
+        assert [e.token for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content] == [e.token for e in reply.logprobs.content]
+
+
 # -- structured output ---------------------------------------------------------------------------
 
 SCHEMA = {
