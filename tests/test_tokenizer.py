@@ -502,7 +502,7 @@ def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_mo
     context tail starting inside the first) and a reply whose bytes continue the run ("∑"): the
     reply came as U+FFFD, one per byte (the run decoded from its middle is invalid UTF-8)."""
     llm, _ = sp_models[case]
-    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑")):
+    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑"), ("x " + "∑" * 35 + "Ω", "∑ and more")):
         ids = llm.tokenize(prompt + rest, add_special_tokens=False)
         k = next(k for k in range(len(ids)) if llm.detokenize(ids[:k]).endswith(prompt))
         assert all(i in llm.tokenizer.run_byte_ids for i in ids[k - 4:k + 2])
@@ -510,6 +510,52 @@ def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_mo
                               stream=True)
         assert "".join(stream) == rest, prompt
         assert [t.id for t in stream.tokens] == ids[k:]
+
+
+@pytest.fixture(scope="module")
+def fallback_tok():
+    """A tiny Llama-style tokenizer.json: BPE over "▁"-escaped text whose only pieces are a few ASCII
+    ones, so every other character is byte tokens (<0xNN>), and Llama's decoder (ByteFallback: a
+    run of byte tokens is its UTF-8 text when valid, else one U+FFFD per byte)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = ["\u2581", "a", "n", "d", "x", "\u2581a", "nd", "\u2581and", "\u2581x"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [("\u2581", "a"), ("n", "d"), ("\u2581a", "nd"), ("\u2581", "x")]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    spec = TokenizerSpec(kind="hf", bos_token="<s>", eos_token="</s>", unk_token="<unk>", bos_token_id=1,
+                         eos_token_ids=[2])
+    tok = Tokenizer(spec, hf.to_str().encode("utf-8"))
+    assert len(tok.run_byte_ids) == 256
+    return tok
+
+
+def _bytes(tok, data: bytes) -> list[int]:
+    return [tok.token_to_id(f"<0x{b:02X}>") for b in data]
+
+
+def test_stream_decoder_reads_byte_runs_of_any_length(fallback_tok):
+    """The context tail reached back at most 32 ids for the start of a byte run: a longer run was
+    decoded from its middle (invalid UTF-8: one U+FFFD per byte), so a reply continuing it came as
+    replacement characters. Runs of any length, in the context and in the reply, now decode whole."""
+    tok = fallback_tok
+    x, end = tok.encode("x", add_special_tokens=False), tok.encode(" and", add_special_tokens=False)
+    for n in (3, 16, 17, 40, 60, 200):  # "é" is 2 byte tokens: runs of 6 to 400
+        run = _bytes(tok, "é".encode() * n)
+        cases = [(x + run[:-1], run[-1:] + end, "é and"),  # the reply completes the context's last character
+                 (x + run, _bytes(tok, "中".encode()) + end, "中 and"),  # it continues a whole run
+                 (x + run, end, " and"),
+                 (x, run + end, "é" * n + " and"),  # a reply that is a long run
+                 (x + run[:-1], run[-1:] + run + end, "é" * (n + 1) + " and")]
+        for context, reply, expected in cases:
+            pieces = _stream(tok, context, reply)
+            assert "".join(pieces) == expected, (n, expected)
+            assert not any("\ufffd" in p for p in pieces)
 
 
 def test_stream_after_a_context_cut_inside_a_character_sentencepiece_kind(sp_kind_tokenizer):
