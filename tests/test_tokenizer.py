@@ -558,6 +558,93 @@ def test_stream_decoder_reads_byte_runs_of_any_length(fallback_tok):
             assert not any("\ufffd" in p for p in pieces)
 
 
+def _expected_reply_text(tok, context, reply):
+    """The text a stream of reply after context gives, from decode() of the whole context: the
+    reply's part of decode(context + reply) after the context's text without the bytes of a
+    character it leaves incomplete; when the reply makes the context's last byte run invalid UTF-8
+    (ByteFallback: one U+FFFD per byte), after that text with the run's whole characters so decoded."""
+    data, n = b"", len(context)
+    while n > 0 and context[n - 1] in tok.run_byte_ids | tok.special_ids:
+        n -= 1
+        data = tok.token_bytes(context[n]) + data if context[n] in tok.run_byte_ids else data
+    pending = 0
+    for k in range(1, min(4, len(data)) + 1):  # an incomplete last character: a lead byte short of its length
+        if data[-k] >= 0xC0:
+            pending = k if k < (2 if data[-k] < 0xE0 else 3 if data[-k] < 0xF0 else 4) else 0
+            break
+        if data[-k] < 0x80:
+            break
+    cut, seen = len(context), 0
+    while seen < pending:
+        cut -= 1
+        seen += context[cut] in tok.run_byte_ids
+    before, full = tok.decode(context[:cut]), tok.decode(context + reply)
+    if not full.startswith(before):
+        whole = data[:len(data) - pending].decode("utf-8")
+        before = before[:len(before) - len(whole)] + "\ufffd" * len(whole.encode("utf-8"))
+    assert full.startswith(before), (before, full)
+    return full[len(before):]
+
+
+def test_stream_after_a_byte_run_the_reply_completes_or_invalidates(fallback_tok):
+    """A context ending in a run of byte tokens (a prompt, or a reply cut mid-character) and a
+    reply whose first bytes complete its last character, or make the run invalid UTF-8 (a token
+    closing it first, or bytes that do not fit): with whole characters in the run, the invalid run
+    rewrote them as U+FFFD (one per byte), the decoder's text no longer began with the context's,
+    and every piece of the reply was "" (its text lost). Streamed pieces now join to the reply's
+    text, for emoji split across tokens and invalid sequences, at any length."""
+    import numpy as np
+
+    tok = fallback_tok
+    x, end = tok.encode("x", add_special_tokens=False), tok.encode(" and", add_special_tokens=False)
+    emoji, e = _bytes(tok, "😀".encode()), _bytes(tok, "é".encode())
+    cases = [  # (context, reply, the reply's text)
+        (x + e + emoji[:2], emoji[2:] + end, "😀 and"),  # completes the context's emoji
+        (x + e + emoji[:2], emoji[2:3] + emoji[3:], "😀"),  # one byte at a time, the generation ending there
+        (x + e + emoji[:2], end, "\ufffd\ufffd and"),  # closes the run first: the emoji's 2 bytes are invalid
+        (x + e + emoji[:2], e + end, "\ufffd" * 4 + " and"),  # bytes that do not continue it
+        (x + e + emoji[:2], e, "\ufffd" * 4),  # ... the generation ending inside the run
+        (x + e + emoji[:1], emoji[1:2], "\ufffd\ufffd"),  # still incomplete at the end
+        (x + e, _bytes(tok, b"\x80") + end, "\ufffd and"),  # a whole run made invalid by a lone continuation byte
+        (x + e * 50 + emoji[:3], end, "\ufffd" * 3 + " and"),  # a long run
+        (x + e * 50 + emoji[:3], emoji[3:] + e + end, "😀é and"),
+        (e + emoji[:2], end, "\ufffd\ufffd and"),  # the run opens the context
+        (x + e + emoji[:2] + [2], emoji[2:] + end, "😀 and"),  # a special token (no text) inside the run
+    ]
+    for context, reply, expected in cases:
+        assert _expected_reply_text(tok, context, reply) == expected, (context, reply)
+        assert "".join(_stream(tok, context, reply)) == expected, (context, reply)
+    # random runs: whole characters, emoji cut anywhere, stray continuation and lead bytes, words
+    rng = np.random.default_rng(7)
+    parts = [e, _bytes(tok, "中".encode()), emoji, emoji[:1], emoji[:3], _bytes(tok, b"\x80"), end, x, [2]]
+    checked = 0
+    for _ in range(400):
+        context = x + [i for k in rng.integers(0, len(parts), int(rng.integers(1, 6))) for i in parts[k]]
+        context = context[:len(context) - int(rng.integers(0, 3))]
+        reply = [i for k in rng.integers(0, len(parts), int(rng.integers(1, 5))) for i in parts[k]]
+        reply = reply[int(rng.integers(0, 3)):] or end
+        assert "".join(_stream(tok, context, reply)) == _expected_reply_text(tok, context, reply), (context, reply)
+        checked += not tok.decode(context + reply).startswith(tok.decode(context).rstrip("\ufffd"))
+    assert checked > 20  # runs made invalid by the reply were among them
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_reply_invalidating_a_prompts_byte_run_keeps_its_text(sp_models, case):
+    """generate() from token ids cut inside a character after whole characters of a byte run
+    ("Ω☃" then half of "∑"), and a reply that closes the run: its text was lost ("" for every
+    token); it is the U+FFFD of the cut character's bytes and the reply's words."""
+    llm, _ = sp_models[case]
+    ids = llm.tokenize("x Ω☃∑", add_special_tokens=False)
+    words = llm.tokenize("x Ω☃∑ and more", add_special_tokens=False)[len(ids):]
+    assert all(i in llm.tokenizer.run_byte_ids for i in ids[-8:])
+    for cut in (1, 2):  # "∑" (3 byte tokens) cut after 2 or 1 of them
+        stream = llm.generate(ids[:-cut], max_new_tokens=len(words), logits_processors=[_scripted(words)],
+                              stream=True)
+        text = "".join(stream)
+        assert text == _expected_reply_text(llm.tokenizer, ids[:-cut], words)
+        assert text == "\ufffd" * (3 - cut) + " and more", text
+
+
 def test_stream_after_a_context_cut_inside_a_character_sentencepiece_kind(sp_kind_tokenizer):
     tok, _ = sp_kind_tokenizer
     _assert_stream_after_a_cut_character(tok, seed=6)
