@@ -275,9 +275,9 @@ class StreamDecoder:
     context, exactly decode(ids), replacement characters (U+FFFD) included. One exception, with
     ByteFallback: a context ending in a run of byte tokens that the reply's bytes make invalid UTF-8
     (bytes that do not complete its last character, or a token closing the run before they do) is
-    decoded as one U+FFFD per byte, its whole characters too: then before is that decoding of the
-    run's whole characters (the text the context has, its characters rewritten), and the pieces
-    still hold the U+FFFD of its incomplete character's bytes and all the reply's text.
+    decoded as one U+FFFD per byte, its whole characters too: then before has those characters so
+    rewritten (one U+FFFD per byte), and the pieces hold the U+FFFD of the bytes of the character
+    the context left incomplete, then all the reply's text.
 
     Each step decodes a window: the ids from `start` on. `done` is the window's text already
     emitted (or belonging to the context). New text is emitted once it extends `done`; a trailing
@@ -285,7 +285,11 @@ class StreamDecoder:
     of byte tokens that a later byte token can rewrite (Tokenizer.run_byte_ids: tokenizers'
     ByteFallback decoder), and text that later tokens rewrite otherwise is held until it settles. After each piece the
     window slides to the latest token whose decoding is exactly the tail of the window's text (a
-    character boundary), so the work per token stays constant however long the generation runs.
+    character boundary), so the work per token stays constant however long the generation runs
+    (inside a run of byte tokens it grows with the run, decoded whole at each token).
+
+    `begin` (after push) says where the pushed token's text begins among the characters emitted
+    (StopText lets each token out with its text by it).
     """
 
     MAX_SLIDE = 8  # window starts tried, newest first, when sliding
