@@ -1044,9 +1044,8 @@ class StopText:
 
     def push(self, token: int, record=None) -> str:
         new = self.decoder.push(token)
-        begin = self.decoder.begin  # a token that rewrites the text before it (a byte run's last byte)
-        self.pending = [(min(b, begin), r) for b, r in self.pending]  # begins no later than that text
-        self.pending.append((begin, token if record is None else record))
+        self.pending.append((0, token if record is None else record))
+        self._place(self.decoder.begins)
         self.held += new
         cut = _find_stop(self.held, self.stop)
         if cut is not None:
@@ -1060,6 +1059,7 @@ class StopText:
     def finish(self, flush: bool = True) -> str:
         if flush and not self.stopped:
             self.held += self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            self._place(self.decoder.begins)
             cut = _find_stop(self.held, self.stop)
             if cut is not None:
                 self._stop_at(cut)
@@ -1074,6 +1074,17 @@ class StopText:
         """The records of the tokens out since the last call (see the class docstring)."""
         out, self.out = self.out, []
         return out
+
+    def _place(self, begins: list[int]) -> None:
+        """Where the text of the last len(begins) tokens begins (StreamDecoder.begins): those still
+        pending take it, and the tokens before them begin no later (a token that rewrites the text
+        before it, completing a character, makes that text its own too)."""
+        n, k = len(self.pending), len(begins)
+        for j, begin in enumerate(begins):
+            if n - k + j >= 0:
+                self.pending[n - k + j] = (begin, self.pending[n - k + j][1])
+        if begins:
+            self.pending[:max(0, n - k)] = [(min(b, begins[0]), r) for b, r in self.pending[:max(0, n - k)]]
 
     def _stop_at(self, cut: int) -> None:
         """A stop string begins at held[cut]: the text before it stays held, the tokens from it on are dropped."""

@@ -288,8 +288,11 @@ class StreamDecoder:
     character boundary), so the work per token stays constant however long the generation runs
     (inside a run of byte tokens it grows with the run, decoded whole at each token).
 
-    `begin` (after push) says where the pushed token's text begins among the characters emitted
-    (StopText lets each token out with its text by it).
+    `begins` (after push or flush) says where the text of each of the last len(begins) tokens
+    begins among the characters returned, held-back ones included (StopText lets each token out with
+    its text by it): the pushed token's, and when it closes a run of byte tokens, those of the run's
+    generated tokens too (inside an open run, a token's character is known when the run closes: the
+    run's start until then).
     """
 
     MAX_SLIDE = 8  # window starts tried, newest first, when sliding
@@ -311,7 +314,8 @@ class StreamDecoder:
         # `done` should the reply make the context's last byte run invalid UTF-8 (None: it cannot)
         self._invalid_done = self._invalid_run_text()
         self.emitted = 0  # characters of the pieces returned so far
-        self.begin = 0  # where in those characters the text of the last pushed token begins
+        self.begins: list[int] = []  # where in those characters the text of the last tokens begins
+        self._first = len(self.ids)  # the first generated id
 
     def _context_text(self) -> str:
         """decode(context tail) without the bytes of a character it leaves incomplete (token ids cut
@@ -365,17 +369,20 @@ class StreamDecoder:
         return False
 
     def push(self, token_id: int) -> str:
-        """The new text that token_id completes ("" while it is held back). Sets `begin`: where the
-        token's text begins among the characters returned, those held back included (the first
-        character its bytes change: a token completing a character begins where it does)."""
+        """The new text that token_id completes ("" while it is held back); sets `begins`."""
         before = self.done if self._full is None else self._full
         self.ids.append(int(token_id))
         end = self._settled()
         text = self.tokenizer.decode(self.ids[self.start:end])
         extends = self._accounted(text)
         base = self.emitted - len(self.done)  # the window's first character among those returned
-        self._full = text if end == len(self.ids) else self.tokenizer.decode(self.ids[self.start:])
-        self.begin = base + len(os.path.commonprefix([before, self._full]))
+        if end < len(self.ids):  # inside an open run of byte tokens, whose text begins after `text` (and
+            self.begins = [max(base + len(text), self.emitted)]  # after what is out: a run the context opens)
+        elif self._in_run(len(self.ids) - 2):  # it closes one
+            self.begins = self._run_begins(base, len(self.ids) - 1)
+        else:  # the first character its bytes change: a token completing a character begins where it does
+            self.begins = [base + len(os.path.commonprefix([before, text]))]
+        self._full = text
         if not extends:
             return ""
         piece = text[len(self.done):].rstrip("\ufffd")
@@ -387,6 +394,37 @@ class StreamDecoder:
         if self.done == text and end == len(self.ids):
             self._slide(text)
         return piece
+
+    def _in_run(self, k: int) -> bool:
+        """Whether ids[k], in the window, may be part of a run of byte tokens (a byte or a silent id)."""
+        tok = self.tokenizer
+        return bool(tok.run_byte_ids) and k >= self.start and (self.ids[k] in tok.run_byte_ids or
+                                                                tok.is_silent(self.ids[k]))
+
+    def _run_begins(self, base: int, close: int) -> list[int]:
+        """begins of the generated ids of the run of byte tokens that ends before ids[close] (the
+        token closing it, included when there is one), as ByteFallback decodes the run: its UTF-8
+        characters when valid (a byte begins where its character does), else one U+FFFD per byte."""
+        tok = self.tokenizer
+        r = close
+        while self._in_run(r - 1):
+            r -= 1
+        start = base + len(tok.decode(self.ids[self.start:r]))  # where the run's text begins
+        offsets, data = [], b""
+        for i in self.ids[r:close]:
+            offsets.append(len(data))
+            if i in tok.run_byte_ids:
+                data += tok.token_bytes(i)
+        try:
+            data.decode("utf-8")
+            leads = [0]  # leads[o]: characters begun in data[:o]
+            for byte in data:
+                leads.append(leads[-1] + ((byte & 0xC0) != 0x80))
+            where = [leads[o] - (o < len(data) and (data[o] & 0xC0) == 0x80) for o in offsets] + [leads[-1]]
+        except UnicodeDecodeError:
+            where = offsets + [len(data)]
+        begins = [start + w for w in where[:len(offsets) + (close < len(self.ids))]]
+        return begins[max(0, self._first - r):]
 
     def _settled(self) -> int:
         """End of the ids whose text no later token can change: before an open run of byte tokens
@@ -411,7 +449,11 @@ class StreamDecoder:
         """The text held back at the end, replacement characters included (as decode() gives them)."""
         text = self.tokenizer.decode(self.ids[self.start:])
         piece = text[len(self.done):] if self._accounted(text) else ""
+        # the generation ended inside a run of byte tokens: where its tokens begin is known now
+        self.begins = self._run_begins(self.emitted - len(self.done), len(self.ids)) \
+            if self._in_run(len(self.ids) - 1) else []
         self.ids, self.start, self.done = self.ids[-1:], 0, self.tokenizer.decode(self.ids[-1:])
         self.emitted += len(piece)
         self._full = self._invalid_done = None
+        self._first = 1
         return piece

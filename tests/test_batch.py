@@ -310,14 +310,15 @@ class _PieceDecoder:
 
     def __init__(self, pieces, tail=""):
         self.pieces, self.tail = pieces, tail
-        self.begin = self.emitted = 0
+        self.emitted, self.begins = 0, []
 
     def push(self, token):
-        self.begin = self.emitted
+        self.begins = [self.emitted]
         self.emitted += len(self.pieces[token])
         return self.pieces[token]
 
     def flush(self):
+        self.begins = []
         return self.tail
 
 

@@ -628,6 +628,42 @@ def test_stream_after_a_byte_run_the_reply_completes_or_invalidates(fallback_tok
     assert checked > 20  # runs made invalid by the reply were among them
 
 
+def test_stop_strings_in_byte_runs_keep_the_tokens_of_the_text(fallback_tok):
+    """With byte tokens, which token's text a stop string begins in is the byte's character (a byte
+    run is decoded whole): the stream keeps exactly the tokens whose bytes begin before the stop
+    string's, for stops anywhere in words, in runs of characters and emoji split across tokens, and
+    after a context cut inside a character the reply completes."""
+    from pyllm.llm import StopText
+
+    tok = fallback_tok
+    x = tok.encode("x", add_special_tokens=False)
+    words = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    emoji = _bytes(tok, "😀".encode())
+    reply = emoji[2:] + _bytes(tok, "éé中".encode()) + words(" and") + _bytes(tok, "😀é".encode()) + words(" xa")
+    for context, first in ((x + emoji[:2], 2), (x, 0)):  # the context's bytes of the first character
+        reply_ids = reply if first else emoji[:2] + reply
+        data = [tok.token_bytes(i).replace(b"\xe2\x96\x81", b" ") for i in reply_ids]
+        starts = [first + sum(len(d) for d in data[:k]) for k in range(len(data))]  # each token's first byte
+        text = "".join(_stream(tok, context, reply_ids))
+        assert text.encode() == "😀".encode()[:first] + b"".join(data)
+        checked = 0
+        for c in range(len(text)):
+            stop = text[c:c + 2]
+            if text.find(stop) != c:
+                continue
+            stream = StopText(StreamDecoder(tok, context), [stop])
+            out = ""
+            for i in reply_ids:
+                out += stream.push(i)
+                if stream.stopped:
+                    break
+            out += stream.finish()
+            cut = len(text[:c].encode())
+            assert out == text[:c] and stream.take_tokens() == [i for i, b in zip(reply_ids, starts) if b < cut], stop
+            checked += 1
+        assert checked > 10
+
+
 @pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
 def test_reply_invalidating_a_prompts_byte_run_keeps_its_text(sp_models, case):
     """generate() from token ids cut inside a character after whole characters of a byte run
