@@ -494,7 +494,8 @@ def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_
 
     seen = []
     real = pyllm.perplexity.perplexity
-    monkeypatch.setattr(pyllm.perplexity, "perplexity", lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
     text = tmp_path / "chat.txt"
     text.write_text("<|im_start|>user\nhello<|im_end|>\n" * 8)
     assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "16", "--windows", "1"]) == 0

@@ -111,7 +111,8 @@ def test_echo_of_a_prompt_of_special_tokens_keeps_its_logprobs(live, llm):
     start, end = (llm.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>"))
     silent = llm.tokenizer.vocab_size  # an id of the model's vocabulary past the tokenizer's: no text
     assert silent < llm.config.vocab_size
-    for prompt, echoed in (([start, end], "<|im_start|><|im_end|>"), ("<|im_start|><|im_end|>", "<|im_start|><|im_end|>"),
+    marks = "<|im_start|><|im_end|>"
+    for prompt, echoed in (([start, end], marks), (marks, marks),
                            ([start, silent, start], "<|im_start|><|im_start|>"), ([silent, silent], "")):
         ids = prompt if isinstance(prompt, list) else llm.tokenize(prompt)
         reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=1, echo=True,
@@ -287,10 +288,11 @@ def test_logprobs_stop_with_the_text_a_stop_string_cuts(live, llm):
         chat_text = whole[:whole.find(chat_stop)]
         reply = client.chat.completions.create(**chat, stop=[chat_stop]).choices[0]
         assert reply.message.content == chat_text
-        local = llm.chat(_chat(prompt), max_new_tokens=12, temperature=0, logit_bias={int(k): v for k, v in ban.items()},
-                         stop=[chat_stop], stream=True)
+        local = llm.chat(_chat(prompt), max_new_tokens=12, temperature=0,
+                         logit_bias={int(k): v for k, v in ban.items()}, stop=[chat_stop], stream=True)
         assert "".join(local) == chat_text  # its tokens are those of the text (test_api.py checks the API's)
-        assert [bytes(e.bytes) for e in reply.logprobs.content] == [llm.tokenizer.token_bytes(t.id) for t in local.tokens]
+        assert [bytes(e.bytes) for e in reply.logprobs.content] == \
+            [llm.tokenizer.token_bytes(t.id) for t in local.tokens]
         assert len(local.tokens) < local.stats.generated_tokens
         chunks = list(client.chat.completions.create(**chat, stop=[chat_stop], stream=True))
         assert [e.token for c in chunks if c.choices and c.choices[0].logprobs

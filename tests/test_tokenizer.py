@@ -502,7 +502,8 @@ def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_mo
     context tail starting inside the first) and a reply whose bytes continue the run ("∑"): the
     reply came as U+FFFD, one per byte (the run decoded from its middle is invalid UTF-8)."""
     llm, _ = sp_models[case]
-    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑"), ("x " + "∑" * 35 + "Ω", "∑ and more")):
+    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑"),
+                         ("x " + "∑" * 35 + "Ω", "∑ and more")):  # a run of 107 byte tokens
         ids = llm.tokenize(prompt + rest, add_special_tokens=False)
         k = next(k for k in range(len(ids)) if llm.detokenize(ids[:k]).endswith(prompt))
         assert all(i in llm.tokenizer.run_byte_ids for i in ids[k - 4:k + 2])
