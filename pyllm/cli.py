@@ -286,7 +286,9 @@ def cmd_perplexity(args) -> int:
     if args.ctx > trained:
         print(f"pyllm perplexity: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained on; "
               "positions beyond them give unreliable predictions", file=sys.stderr)
-    tokens = llm.tokenize(text, add_special_tokens=False)
+    # the text is data, as in llama.cpp's perplexity (parse_special=false): a "<|im_end|>" written in
+    # it is scored as the characters it is, not as the model's end-of-turn token
+    tokens = llm.tokenize(text, add_special_tokens=False, parse_special=False)
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:

@@ -194,8 +194,10 @@ class TextStream:
     """The text pieces of one generate/chat call, as an iterator.
 
     stats fills in as the pieces come; tokens lists the generated tokens (TokenLogprob, with
-    log-probabilities when generate() was given logprobs=; an end-of-generation token is not
-    listed), take_tokens() those added since its last call. cancel() (from any thread) ends the
+    log-probabilities when generate() was given logprobs=), each once its text is out, so that
+    they match the text: an end-of-generation token is not listed, nor are the tokens of a stop
+    string, from the one whose text begins it on (stats.generated_tokens counts them all).
+    take_tokens() gives those added since its last call. cancel() (from any thread) ends the
     generation within one token, or within one prefill chunk; close() stops it from the consuming
     thread.
     """
@@ -404,8 +406,10 @@ class LLM:
         return engine.kv_cache_bytes
 
     # -- tokens --------------------------------------------------------------
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of text (Tokenizer.encode): parse_special=False reads special-token strings
+        written in it ("<|im_end|>") as plain text."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, parse_special=parse_special)
 
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
         """The text of token ids (a list or 1-D array of ints in [0, vocab_size); PyllmError otherwise)."""
@@ -574,7 +578,8 @@ class LLM:
 
         presence_penalty, frequency_penalty ([-2, 2]) and logit_bias ({token id: [-100, 100]}) are
         OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
-        chosen token's own log-probability only); they appear in TextStream.tokens.
+        chosen token's own log-probability only); they appear in TextStream.tokens (those of the
+        returned text: not a stop string's tokens, as the text holds none of it).
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
         {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
         ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>. Stop strings do not
@@ -893,12 +898,12 @@ class LLM:
                 if token in stop_ids:
                     stats.finish_reason = "stop"
                     break
-                stream.tokens.append(_token_logprob(token, logits, logprobs))
                 for processor in sampler.processors:
                     accept = getattr(processor, "accept", None)
                     if accept is not None:
                         accept(token)  # e.g. a grammar computes its next mask while the engine runs
-                piece = text.push(token)
+                piece = text.push(token, _token_logprob(token, logits, logprobs))
+                stream.tokens += text.take_tokens()  # those whose text is out (a stop string's never are)
                 if text.stopped:
                     stats.finish_reason = "stop"
                     break
@@ -915,6 +920,7 @@ class LLM:
                     logits = self.engine.forward(np.array([token], dtype=np.int32), offset + len(ids), False)
                     ids.append(token)  # self._cached is ids: the cache holds them all
             rest = text.finish(flush=stats.finish_reason != "cancelled")
+            stream.tokens += text.take_tokens()
             if text.stopped:
                 stats.finish_reason = "stop"
             stats.decode_seconds = time.perf_counter() - decode_start
@@ -1058,33 +1064,79 @@ class StopText:
     stop string is kept until it cannot. The one place LLM._run, pyllm.batch and pyllm.scheduler
     turn sampled tokens into the pieces they emit.
 
-    push(token) -> the text now safe to emit; when a stop string completes, `stopped` is set and the
+    push(token, record) -> the text now safe to emit; when a stop string completes, `stopped` is set and the
     text before it is kept for finish(). finish(flush) -> the rest: with flush (not after a stop),
-    the decoder's last text first, which may itself complete a stop string."""
+    the decoder's last text first, which may itself complete a stop string.
+
+    The tokens go out with their text: take_tokens() -> the records (push's record, the token id
+    without one) of the tokens whose text begins in the text emitted so far, so that a stream pairs
+    each piece with the tokens that made it. After a stop, the tokens whose text begins at or past
+    the stop string never go out: tokens and log-probabilities match the returned text (llama.cpp's
+    server drops a stop word's tokens from its probabilities too), the stop string's tokens as little
+    listed as its text is returned. Without a stop, finish() lets every token out."""
 
     def __init__(self, decoder: StreamDecoder, stop: list[str]):
         self.decoder, self.stop = decoder, stop
         self.held = ""
         self.stopped = False
+        self.emitted = 0  # characters returned (by push and finish)
+        self.pending: list[tuple[int, object]] = []  # (where its text begins, record) of tokens not yet out
+        self.out: list = []  # records of tokens out, not yet taken
 
-    def push(self, token: int) -> str:
-        self.held += self.decoder.push(token)
+    def push(self, token: int, record=None) -> str:
+        new = self.decoder.push(token)
+        self.pending.append((0, token if record is None else record))
+        self._place(self.decoder.begins)
+        self.held += new
         cut = _find_stop(self.held, self.stop)
         if cut is not None:
-            self.held, self.stopped = self.held[:cut], True
+            self._stop_at(cut)
             return ""
         safe = len(self.held) - _partial_stop_len(self.held, self.stop)
         piece, self.held = self.held[:safe], self.held[safe:]
+        self._emit(len(piece))
         return piece
 
     def finish(self, flush: bool = True) -> str:
         if flush and not self.stopped:
             self.held += self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            self._place(self.decoder.begins)
             cut = _find_stop(self.held, self.stop)
             if cut is not None:
-                self.held, self.stopped = self.held[:cut], True
+                self._stop_at(cut)
         rest, self.held = self.held, ""
+        self._emit(len(rest))
+        if not self.stopped:
+            self.out += [record for _, record in self.pending]
+            self.pending = []
         return rest
+
+    def take_tokens(self) -> list:
+        """The records of the tokens out since the last call (see the class docstring)."""
+        out, self.out = self.out, []
+        return out
+
+    def _place(self, begins: list[int]) -> None:
+        """Where the text of the last len(begins) tokens begins (StreamDecoder.begins): those still
+        pending take it, and the tokens before them begin no later (a token that rewrites the text
+        before it, completing a character, makes that text its own too)."""
+        n, k = len(self.pending), len(begins)
+        for j, begin in enumerate(begins):
+            if n - k + j >= 0:
+                self.pending[n - k + j] = (begin, self.pending[n - k + j][1])
+        if begins:
+            self.pending[:max(0, n - k)] = [(min(b, begins[0]), r) for b, r in self.pending[:max(0, n - k)]]
+
+    def _stop_at(self, cut: int) -> None:
+        """A stop string begins at held[cut]: the text before it stays held, the tokens from it on are dropped."""
+        self.held, self.stopped = self.held[:cut], True
+        end = self.emitted + cut
+        self.pending = [(begin, record) for begin, record in self.pending if begin < end]
+
+    def _emit(self, n: int) -> None:
+        self.emitted += n
+        while self.pending and self.pending[0][0] < self.emitted:
+            self.out.append(self.pending.pop(0)[1])
 
 
 def _find_stop(text: str, stop: list[str]) -> int | None:

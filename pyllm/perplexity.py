@@ -1,6 +1,7 @@
 """Perplexity in the manner of llama.cpp's perplexity tool.
 
-The text is tokenized once; non-overlapping windows of `ctx` tokens are evaluated in a fresh
+The text is tokenized once, as data (special-token strings written in it are plain text, as
+llama.cpp's parse_special=false); non-overlapping windows of `ctx` tokens are evaluated in a fresh
 context each, and only the second half of each window is scored (every scored token sees at least
 ctx/2 tokens of context). When the model adds a BOS token, each window starts with it, as
 llama.cpp does.

@@ -405,12 +405,12 @@ class Scheduler:
         if token in seq.stop_ids:  # the text held back so far still comes out
             self._finish(seq, "stop")
             return
-        seq.new_tokens.append(_token_logprob(token, logits, seq.logprobs))
         for processor in seq.sampler.processors:
             accept = getattr(processor, "accept", None)
             if accept is not None:
                 accept(token)
-        piece = seq.text.push(token)
+        piece = seq.text.push(token, _token_logprob(token, logits, seq.logprobs))
+        seq.new_tokens += seq.text.take_tokens()  # those whose text is out (a stop string's never are)
         if seq.text.stopped:
             self._finish(seq, "stop")
             return
@@ -427,6 +427,7 @@ class Scheduler:
         stats = seq.stats
         if error is None:
             rest = seq.text.finish(flush=reason != "cancelled")
+            seq.new_tokens += seq.text.take_tokens()
             if seq.text.stopped:
                 reason = "stop"
             stats.finish_reason = reason

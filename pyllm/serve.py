@@ -344,7 +344,8 @@ class _Plan:
     Choice k answers prompt k // n."""
     chat: bool
     prompts: list[list[int]]
-    echo: list[str]  # per prompt: the text echoed before the completion ("" without echo)
+    echo: list[str | None]  # per prompt: the text echoed before the completion (None without echo; it may
+    # be "" with echo, a prompt whose tokens have no text, and its tokens' log-probabilities still come)
     n: int
     options: dict
     logprobs: int | None
@@ -636,7 +637,7 @@ class Server:
         if plan.logprobs is None:
             return
         room = [min(plan.options["max_new_tokens"], self.llm.context_length - len(p)) for p in plan.prompts]
-        echoed = [len(p) if echo else 0 for p, echo in zip(plan.prompts, plan.echo)]
+        echoed = [len(p) if echo is not None else 0 for p, echo in zip(plan.prompts, plan.echo)]
         entries = plan.n * sum(max(r, 0) + e for r, e in zip(room, echoed)) * (plan.logprobs + 1)
         if entries > MAX_LOGPROB_ENTRIES:
             raise RequestError(f"this answer could hold {entries} log-probabilities (choices x tokens x (1 + "
@@ -656,7 +657,10 @@ class Server:
             plan = self._chat_plan(req, options)
         else:
             prompts = [self._request_ids(p, f"prompt {k}", "prompt") for k, p in enumerate(req.prompts)]
-            echo = [(p if isinstance(p, str) else self.llm.detokenize(p)) if req.echo else "" for p in req.prompts]
+            # token ids echo as the text of every token, special ones included: the echoed logprobs list
+            # them all, and their text_offset counts in this text (as a text prompt echoes "<|im_start|>")
+            echo = [(p if isinstance(p, str) else self.llm.detokenize(p, skip_special_tokens=False))
+                    if req.echo else None for p in req.prompts]
             plan = _Plan(False, prompts, echo, req.n, options, req.logprobs)
         self._check_fits(plan, options["adapter"], "messages" if chat else "prompt")
         return plan
@@ -715,7 +719,7 @@ class Server:
             prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
         except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
             raise RequestError(str(e), param="messages") from None
-        return _Plan(True, [prompt], [""], req.n, options, req.top_count, fmt)
+        return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt)
 
     # -- plan + generated text -> choices -------------------------------------------------------
     def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
@@ -735,10 +739,10 @@ class Server:
         echo = plan.echo[index // plan.n]
         logprobs = None
         if plan.logprobs is not None:
-            before = self._echo_logprobs(plan, index) if echo else None
+            before = self._echo_logprobs(plan, index) if echo is not None else None
             logprobs = responses.merge_completion_logprobs(
-                before, responses.completion_logprobs(tokenizer, tokens, len(echo)))
-        return responses.completion_choice(index, echo + text, finish, logprobs)
+                before, responses.completion_logprobs(tokenizer, tokens, len(echo or "")))
+        return responses.completion_choice(index, (echo or "") + text, finish, logprobs)
 
     def _echo_logprobs(self, plan: _Plan, index: int) -> dict:
         """The echoed prompt's tokens with their log-probabilities (the first has none), computed
@@ -815,7 +819,7 @@ class Server:
                 yield chunk(responses.chat_delta(index, role=True))
             else:
                 echo = plan.echo[index // plan.n]
-                if echo:
+                if echo is not None:
                     before = (await asyncio.to_thread(self._echo_logprobs, plan, index)
                               if plan.logprobs is not None else None)
                     yield chunk(responses.completion_delta(index, echo, logprobs=before))

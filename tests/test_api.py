@@ -69,6 +69,70 @@ def test_stop_string_ends_generation_and_is_not_emitted(llm):
     assert streamed == cut
 
 
+def _forced(ids):
+    """A logits processor that makes the reply `ids`, one per step."""
+    def force(context, scores):
+        scores[:] = -float("inf")
+        scores[ids[min(force.step, len(ids) - 1)]] = 0.0
+        force.step += 1
+        return scores
+    force.step = 0
+    return force
+
+
+def test_stream_tokens_stop_where_a_stop_strings_text_does(llm):
+    """A stream's tokens (and logprobs) listed the token that completed a stop string, and those
+    before it that held only its text, though the text returned ends before it. Now they are the
+    tokens whose text the returned text holds (the last may hold the start of the stop string too),
+    alone and in a scheduler's batch, streamed piece by piece as their text comes out; a token after
+    text held back (a byte that never completes a character) begins after it."""
+    from pyllm.scheduler import Scheduler
+
+    def begins_before(ids, n):  # whether the text of ids' last token begins before character n
+        return len(llm.detokenize(ids[:-1]).rstrip("\ufffd")) < n
+
+    replies = [llm.tokenize(" the quick brown fox jumps over the lazy dog", add_special_tokens=False),
+               llm.tokenize("中文 😀🎉 fin", add_special_tokens=False)]
+    cases = [(replies[0], s) for s in (" brown", "own f", "o", " the", "dog", "jumps over")]
+    chinese = llm.detokenize(replies[1])
+    cases += [(replies[1], chinese[c:c + 2]) for c in range(len(chinese) - 1)]
+    lone = llm.tokenizer.token_to_id("\u00e4")  # byte-level BPE's 0xE4: a lead byte, here never completed
+    assert lone is not None and llm.detokenize([lone]) == "\ufffd"
+    cases.append((replies[0][:2] + [lone] + replies[0][2:], "\ufffd brown"))
+    dropped = 0
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            for reply, stop in cases:
+                full = llm.detokenize(reply)
+                assert stop in full
+                stream = llm.generate("Paris", max_new_tokens=len(reply), logits_processors=[_forced(reply)],
+                                      stop=[stop], stream=True, logprobs=1)
+                pieces = []
+                for piece in stream:
+                    pieces.append((piece, stream.take_tokens()))
+                pieces.append(("", stream.take_tokens()))
+                text = "".join(p for p, _ in pieces)
+                ids = [t.id for t in stream.tokens]
+                assert text == full[:full.find(stop)], stop
+                assert stream.stats.finish_reason == "stop" and stream.stats.generated_tokens >= len(ids)
+                dropped += stream.stats.generated_tokens > len(ids)
+                assert ids == reply[:len(ids)] and all(t.logprob is not None for t in stream.tokens)
+                # the text's tokens, each holding some of it, and no more
+                assert (ids == [] or begins_before(ids, len(text))) and \
+                    (ids == reply or not begins_before(reply[:len(ids) + 1], len(text))), stop
+                sent, listed = "", 0
+                for piece, tokens in pieces:  # each piece came with the tokens whose text begins in the text out
+                    sent += piece
+                    listed += len(tokens)
+                    assert begins_before(ids[:listed], len(sent)) or not tokens, stop
+                    assert not begins_before(ids[:listed + 1], len(sent)) or listed == len(ids), stop
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    assert dropped >= 8  # the stop strings that begin a token: that token on is not listed
+
+
 def test_follow_up_reuses_the_cached_prefix(llm):
     first = llm.tokenize("The quick brown fox jumps over")
     llm.generate(first, max_new_tokens=2)
@@ -420,6 +484,26 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
         r = subprocess.run([sys.executable.encode(), b"-m", b"pyllm", b"run", tiny_llama_f32.encode(), b"-n", b"2",
                             *extra], input=stdin, capture_output=True, timeout=300)
         assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
+    """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
+    the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
+    import pyllm.perplexity
+    from pyllm import cli
+
+    seen = []
+    real = pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
+    text = tmp_path / "chat.txt"
+    text.write_text("<|im_start|>user\nhello<|im_end|>\n" * 8)
+    assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "16", "--windows", "1"]) == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        specials = {llm.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")}
+        assert seen and not specials & set(seen[0])
+        assert seen[0] == llm.tokenize(text.read_text(), add_special_tokens=False, parse_special=False)
+        assert llm.detokenize(seen[0]) == text.read_text()
 
 
 def test_perplexity_bad_windows_ctx_and_short_text_are_one_line_errors(tiny_llama_f32, tmp_path):

@@ -314,11 +314,15 @@ class _PieceDecoder:
 
     def __init__(self, pieces, tail=""):
         self.pieces, self.tail = pieces, tail
+        self.emitted, self.begins = 0, []
 
     def push(self, token):
+        self.begins = [self.emitted]
+        self.emitted += len(self.pieces[token])
         return self.pieces[token]
 
     def flush(self):
+        self.begins = []
         return self.tail
 
 
@@ -345,6 +349,32 @@ def test_stop_text_finish_flushes_and_finds_a_stop_completed_there():
     plain = StopText(_PieceDecoder(["ab", "E"], tail="xyz"), ["END"])
     plain.push(0), plain.push(1)
     assert plain.finish() == "Exyz" and not plain.stopped
+
+
+def test_stop_text_lets_tokens_out_with_their_text_and_drops_a_stop_strings():
+    """take_tokens() gives each token once its text is out; after a stop, the tokens whose text
+    begins at or past the stop string never come (a stream listed the token that completed a stop
+    string whose text it did not return)."""
+    from pyllm.llm import StopText
+
+    text = StopText(_PieceDecoder(["Hello", " wor", "ld", "!", "more"]), ["world!"])
+    assert text.push(0, "r0") == "Hello" and text.take_tokens() == ["r0"]
+    assert text.push(1, "r1") == " " and text.take_tokens() == ["r1"]  # its text begins with the " " out
+    assert text.push(2, "r2") == "" and text.take_tokens() == []  # held: it may be the stop string's
+    assert text.push(3, "r3") == "" and text.stopped and text.take_tokens() == []
+    assert text.finish() == "" and text.take_tokens() == []  # " wor" began before the stop: r1 stays, r2 r3 go
+    inside = StopText(_PieceDecoder(["ab", "cXY", "Z"]), ["XYZ"])  # a token with text on both sides of the cut
+    assert inside.push(0) == "ab" and inside.push(1) == "c" and inside.push(2) == "" and inside.stopped
+    assert inside.finish() == "" and inside.take_tokens() == [0, 1]  # ids stand in when no record is given
+    first = StopText(_PieceDecoder(["", "EN", "D", "x"]), ["END"])  # a token without text, then the stop string
+    assert [first.push(i) for i in range(3)] == ["", "", ""] and first.stopped
+    assert first.finish() == "" and first.take_tokens() == []
+    flushed = StopText(_PieceDecoder(["abc ", "EN"], tail="D tail"), ["END"])
+    flushed.push(0), flushed.push(1)
+    assert flushed.finish() == "" and flushed.take_tokens() == [0]  # the stop string completed in the flush
+    plain = StopText(_PieceDecoder(["ab", "E", ""], tail="xyz"), ["END"])
+    assert [plain.push(i) for i in range(3)] == ["ab", "", ""] and plain.take_tokens() == [0]
+    assert plain.finish() == "Exyz" and plain.take_tokens() == [1, 2]  # no stop: every token comes out
 
 
 # -- one sequence's logits, however its rows are run ------------------------------------------------

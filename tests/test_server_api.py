@@ -101,6 +101,41 @@ def test_completion_logprobs_and_echo(live, llm):
     assert "".join(p.choices[0].text for p in pieces) == prompt + generated
 
 
+def test_echo_of_a_prompt_of_special_tokens_keeps_its_logprobs(live, llm):
+    """echo=true with logprobs of a prompt made only of special tokens (or of ids without text) dropped
+    the prompt's log-probabilities: the echo was decided by its text, which skipped special tokens,
+    so it was "" and taken for no echo. Token ids now echo the text of every token, special ones
+    included, so that text_offset counts in the returned text; a prompt without any text still
+    echoes its tokens' log-probabilities."""
+    client = live.client()
+    start, end = (llm.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>"))
+    silent = llm.tokenizer.vocab_size  # an id of the model's vocabulary past the tokenizer's: no text
+    assert silent < llm.config.vocab_size
+    marks = "<|im_start|><|im_end|>"
+    for prompt, echoed in (([start, end], marks), (marks, marks),
+                           ([start, silent, start], "<|im_start|><|im_start|>"), ([silent, silent], "")):
+        ids = prompt if isinstance(prompt, list) else llm.tokenize(prompt)
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=1, echo=True,
+                                          temperature=0)
+        choice = reply.choices[0]
+        generated = llm.generate(ids, max_new_tokens=3, temperature=0)
+        assert choice.text == echoed + generated, prompt
+        lp = choice.logprobs
+        expected = _log_softmax(llm.logits(ids))
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) >= len(ids), prompt
+        for k in range(1, len(ids)):
+            assert abs(lp.token_logprobs[k] - expected[k - 1][ids[k]]) < 1e-5, prompt
+        assert "".join(lp.tokens[:len(ids)]) == echoed
+        assert [echoed.startswith(t, o) for t, o in zip(lp.tokens[:len(ids)], lp.text_offset)] == [True] * len(ids)
+        assert lp.text_offset[len(ids):len(ids) + 1] in ([], [len(echoed)])
+        # streamed: the echo chunk carries the same log-probabilities
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, logprobs=1, echo=True,
+                                                temperature=0, stream=True))
+        first = chunks[0].choices[0]
+        assert first.text == echoed and first.logprobs.token_logprobs == lp.token_logprobs[:len(ids)], prompt
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+
+
 def test_echoed_logprobs_are_computed_once_per_prompt(live, llm, monkeypatch):
     """n choices of one prompt share its echoed log-probabilities: one forward pass over the
     prompt, not n (a request for n=128 must not run the prompt 128 times)."""
@@ -218,6 +253,50 @@ def test_stop_token_ids_and_special_stop_strings(live, llm):
     reply = client.completions.create(model="tiny", prompt="Paris", max_tokens=8, logit_bias={str(other): 100},
                                       extra_body={"stop_token_ids": [other]})
     assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
+
+
+def test_logprobs_stop_with_the_text_a_stop_string_cuts(live, llm):
+    """The logprobs of a reply cut by a stop string listed the token that completed it (and those
+    holding only its text), streamed and not: now they are the tokens whose text the returned text
+    holds, in both modes, for completions and chat."""
+    client = live.client()
+    prompt, ban = "The quick brown fox", {str(i): -100 for i in llm.tokenizer.eos_ids}
+    stream = llm.generate(prompt, max_new_tokens=12, temperature=0, logit_bias={int(k): v for k, v in ban.items()},
+                          stream=True)
+    full = "".join(stream)
+    ids = [t.id for t in stream.tokens]
+    begins = [len(llm.detokenize(ids[:k])) for k in range(len(ids))]
+    # a stop string that begins a token (that token on is dropped), and one that begins inside a token
+    k = next(k for k in range(1, len(ids)) if begins[k] < len(full) and full.find(full[begins[k]:]) == begins[k])
+    inside = next(c for c in range(1, len(full)) if c not in begins and full.find(full[c:]) == c)
+    for stop in (full[begins[k]:], full[inside:]):
+        text = full[:full.find(stop)]
+        kept = [i for i, b in zip(ids, begins) if b < len(text)]
+        expected = [llm.tokenizer.token_bytes(i).decode("utf-8", "replace") for i in kept]
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logit_bias=ban,
+                                          stop=[stop], logprobs=1)
+        assert reply.choices[0].text == text and reply.choices[0].finish_reason == "stop"
+        assert reply.choices[0].logprobs.tokens == expected, stop
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                logit_bias=ban, stop=[stop], logprobs=1, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == expected
+        chat = dict(model="tiny", messages=_chat(prompt), max_tokens=12, temperature=0, logit_bias=ban,
+                    logprobs=True)
+        whole = client.chat.completions.create(**chat).choices[0].message.content
+        chat_stop = whole[len(whole) // 2:]
+        chat_text = whole[:whole.find(chat_stop)]
+        reply = client.chat.completions.create(**chat, stop=[chat_stop]).choices[0]
+        assert reply.message.content == chat_text
+        local = llm.chat(_chat(prompt), max_new_tokens=12, temperature=0,
+                         logit_bias={int(k): v for k, v in ban.items()}, stop=[chat_stop], stream=True)
+        assert "".join(local) == chat_text  # its tokens are those of the text (test_api.py checks the API's)
+        assert [bytes(e.bytes) for e in reply.logprobs.content] == \
+            [llm.tokenizer.token_bytes(t.id) for t in local.tokens]
+        assert len(local.tokens) < local.stats.generated_tokens
+        chunks = list(client.chat.completions.create(**chat, stop=[chat_stop], stream=True))
+        assert [e.token for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content] == [e.token for e in reply.logprobs.content]
 
 
 # -- structured output ---------------------------------------------------------------------------

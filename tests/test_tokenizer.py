@@ -349,6 +349,25 @@ def test_sentencepiece_legacy_flag_changes_text_after_special_tokens(sp_models):
         assert hf.convert_ids_to_tokens(ids[1]).startswith("\u2581") is prefixed, case
 
 
+def test_parse_special_false_reads_special_token_strings_as_text(bpe, sp_models, sp_kind_tokenizer):
+    """encode(parse_special=False) (llama.cpp's parse_special=false, what `pyllm perplexity` uses:
+    the text is data) gives ordinary tokens for "<|im_end|>" written in the text, as transformers'
+    split_special_tokens=True does, and decodes back to the string; by default it is the one token."""
+    tokenizers = [(bpe[0].tokenizer, bpe[1]), (sp_models["llama"][0].tokenizer, sp_models["llama"][1]),
+                  (sp_kind_tokenizer[0], None)]
+    for tok, hf in tokenizers:
+        text = "a<|im_end|>b <|im_start|> c" if tok.spec.kind == "hf" else "a</s>b <s> c"
+        assert tok.special_ids & set(tok.encode(text, add_special_tokens=False))
+        ids = tok.encode(text, add_special_tokens=False, parse_special=False)
+        assert not tok.special_ids & set(ids), tok.spec.kind
+        assert tok.decode(ids).replace(" ", "") == text.replace(" ", "")
+        if hf is not None:
+            assert ids == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert tok.encode(text, parse_special=False) == hf(text, split_special_tokens=True)["input_ids"]
+        assert tok.encode("plain words", add_special_tokens=False, parse_special=False) == \
+            tok.encode("plain words", add_special_tokens=False)
+
+
 # -- sentencepiece kind (.pllm files from older converters embed tokenizer.model) ------------------
 
 @pytest.fixture(scope="module")
@@ -500,7 +519,8 @@ def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_mo
     context tail starting inside the first) and a reply whose bytes continue the run ("∑"): the
     reply came as U+FFFD, one per byte (the run decoded from its middle is invalid UTF-8)."""
     llm, _ = sp_models[case]
-    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑")):
+    for prompt, rest in (("∑☃", "∑ and more"), ("Ωμέ☃", "γα"), ("x ☃☃", "∑∑"),
+                         ("x " + "∑" * 35 + "Ω", "∑ and more")):  # a run of 107 byte tokens
         ids = llm.tokenize(prompt + rest, add_special_tokens=False)
         k = next(k for k in range(len(ids)) if llm.detokenize(ids[:k]).endswith(prompt))
         assert all(i in llm.tokenizer.run_byte_ids for i in ids[k - 4:k + 2])
@@ -508,6 +528,175 @@ def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_mo
                               stream=True)
         assert "".join(stream) == rest, prompt
         assert [t.id for t in stream.tokens] == ids[k:]
+
+
+@pytest.fixture(scope="module")
+def fallback_tok():
+    """A tiny Llama-style tokenizer.json: BPE over "▁"-escaped text whose only pieces are a few ASCII
+    ones, so every other character is byte tokens (<0xNN>), and Llama's decoder (ByteFallback: a
+    run of byte tokens is its UTF-8 text when valid, else one U+FFFD per byte)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = ["\u2581", "a", "n", "d", "x", "\u2581a", "nd", "\u2581and", "\u2581x"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    merges = [("\u2581", "a"), ("n", "d"), ("\u2581a", "nd"), ("\u2581", "x")]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    spec = TokenizerSpec(kind="hf", bos_token="<s>", eos_token="</s>", unk_token="<unk>", bos_token_id=1,
+                         eos_token_ids=[2])
+    tok = Tokenizer(spec, hf.to_str().encode("utf-8"))
+    assert len(tok.run_byte_ids) == 256
+    return tok
+
+
+def _bytes(tok, data: bytes) -> list[int]:
+    return [tok.token_to_id(f"<0x{b:02X}>") for b in data]
+
+
+def test_stream_decoder_reads_byte_runs_of_any_length(fallback_tok):
+    """The context tail reached back at most 32 ids for the start of a byte run: a longer run was
+    decoded from its middle (invalid UTF-8: one U+FFFD per byte), so a reply continuing it came as
+    replacement characters. Runs of any length, in the context and in the reply, now decode whole."""
+    tok = fallback_tok
+    x, end = tok.encode("x", add_special_tokens=False), tok.encode(" and", add_special_tokens=False)
+    for n in (3, 16, 17, 40, 60, 200):  # "é" is 2 byte tokens: runs of 6 to 400
+        run = _bytes(tok, "é".encode() * n)
+        cases = [(x + run[:-1], run[-1:] + end, "é and"),  # the reply completes the context's last character
+                 (x + run, _bytes(tok, "中".encode()) + end, "中 and"),  # it continues a whole run
+                 (x + run, end, " and"),
+                 (x, run + end, "é" * n + " and"),  # a reply that is a long run
+                 (x + run[:-1], run[-1:] + run + end, "é" * (n + 1) + " and")]
+        for context, reply, expected in cases:
+            pieces = _stream(tok, context, reply)
+            assert "".join(pieces) == expected, (n, expected)
+            assert not any("\ufffd" in p for p in pieces)
+
+
+def _expected_reply_text(tok, context, reply):
+    """The text a stream of reply after context gives, from decode() of the whole context: the
+    reply's part of decode(context + reply) after the context's text without the bytes of a
+    character it leaves incomplete; when the reply makes the context's last byte run invalid UTF-8
+    (ByteFallback: one U+FFFD per byte), after that text with the run's whole characters so decoded."""
+    data, n = b"", len(context)
+    while n > 0 and context[n - 1] in tok.run_byte_ids | tok.special_ids:
+        n -= 1
+        data = tok.token_bytes(context[n]) + data if context[n] in tok.run_byte_ids else data
+    pending = 0
+    for k in range(1, min(4, len(data)) + 1):  # an incomplete last character: a lead byte short of its length
+        if data[-k] >= 0xC0:
+            pending = k if k < (2 if data[-k] < 0xE0 else 3 if data[-k] < 0xF0 else 4) else 0
+            break
+        if data[-k] < 0x80:
+            break
+    cut, seen = len(context), 0
+    while seen < pending:
+        cut -= 1
+        seen += context[cut] in tok.run_byte_ids
+    before, full = tok.decode(context[:cut]), tok.decode(context + reply)
+    if not full.startswith(before):
+        whole = data[:len(data) - pending].decode("utf-8")
+        before = before[:len(before) - len(whole)] + "\ufffd" * len(whole.encode("utf-8"))
+    assert full.startswith(before), (before, full)
+    return full[len(before):]
+
+
+def test_stream_after_a_byte_run_the_reply_completes_or_invalidates(fallback_tok):
+    """A context ending in a run of byte tokens (a prompt, or a reply cut mid-character) and a
+    reply whose first bytes complete its last character, or make the run invalid UTF-8 (a token
+    closing it first, or bytes that do not fit): with whole characters in the run, the invalid run
+    rewrote them as U+FFFD (one per byte), the decoder's text no longer began with the context's,
+    and every piece of the reply was "" (its text lost). Streamed pieces now join to the reply's
+    text, for emoji split across tokens and invalid sequences, at any length."""
+    import numpy as np
+
+    tok = fallback_tok
+    x, end = tok.encode("x", add_special_tokens=False), tok.encode(" and", add_special_tokens=False)
+    emoji, e = _bytes(tok, "😀".encode()), _bytes(tok, "é".encode())
+    cases = [  # (context, reply, the reply's text)
+        (x + e + emoji[:2], emoji[2:] + end, "😀 and"),  # completes the context's emoji
+        (x + e + emoji[:2], emoji[2:3] + emoji[3:], "😀"),  # one byte at a time, the generation ending there
+        (x + e + emoji[:2], end, "\ufffd\ufffd and"),  # closes the run first: the emoji's 2 bytes are invalid
+        (x + e + emoji[:2], e + end, "\ufffd" * 4 + " and"),  # bytes that do not continue it
+        (x + e + emoji[:2], e, "\ufffd" * 4),  # ... the generation ending inside the run
+        (x + e + emoji[:1], emoji[1:2], "\ufffd\ufffd"),  # still incomplete at the end
+        (x + e, _bytes(tok, b"\x80") + end, "\ufffd and"),  # a whole run made invalid by a lone continuation byte
+        (x + e * 50 + emoji[:3], end, "\ufffd" * 3 + " and"),  # a long run
+        (x + e * 50 + emoji[:3], emoji[3:] + e + end, "😀é and"),
+        (e + emoji[:2], end, "\ufffd\ufffd and"),  # the run opens the context
+        (x + e + emoji[:2] + [2], emoji[2:] + end, "😀 and"),  # a special token (no text) inside the run
+    ]
+    for context, reply, expected in cases:
+        assert _expected_reply_text(tok, context, reply) == expected, (context, reply)
+        assert "".join(_stream(tok, context, reply)) == expected, (context, reply)
+    # random runs: whole characters, emoji cut anywhere, stray continuation and lead bytes, words
+    rng = np.random.default_rng(7)
+    parts = [e, _bytes(tok, "中".encode()), emoji, emoji[:1], emoji[:3], _bytes(tok, b"\x80"), end, x, [2]]
+    checked = 0
+    for _ in range(400):
+        context = x + [i for k in rng.integers(0, len(parts), int(rng.integers(1, 6))) for i in parts[k]]
+        context = context[:len(context) - int(rng.integers(0, 3))]
+        reply = [i for k in rng.integers(0, len(parts), int(rng.integers(1, 5))) for i in parts[k]]
+        reply = reply[int(rng.integers(0, 3)):] or end
+        assert "".join(_stream(tok, context, reply)) == _expected_reply_text(tok, context, reply), (context, reply)
+        checked += not tok.decode(context + reply).startswith(tok.decode(context).rstrip("\ufffd"))
+    assert checked > 20  # runs made invalid by the reply were among them
+
+
+def test_stop_strings_in_byte_runs_keep_the_tokens_of_the_text(fallback_tok):
+    """With byte tokens, which token's text a stop string begins in is the byte's character (a byte
+    run is decoded whole): the stream keeps exactly the tokens whose bytes begin before the stop
+    string's, for stops anywhere in words, in runs of characters and emoji split across tokens, and
+    after a context cut inside a character the reply completes."""
+    from pyllm.llm import StopText
+
+    tok = fallback_tok
+    x = tok.encode("x", add_special_tokens=False)
+    words = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    emoji = _bytes(tok, "😀".encode())
+    reply = emoji[2:] + _bytes(tok, "éé中".encode()) + words(" and") + _bytes(tok, "😀é".encode()) + words(" xa")
+    for context, first in ((x + emoji[:2], 2), (x, 0)):  # the context's bytes of the first character
+        reply_ids = reply if first else emoji[:2] + reply
+        data = [tok.token_bytes(i).replace(b"\xe2\x96\x81", b" ") for i in reply_ids]
+        starts = [first + sum(len(d) for d in data[:k]) for k in range(len(data))]  # each token's first byte
+        text = "".join(_stream(tok, context, reply_ids))
+        assert text.encode() == "😀".encode()[:first] + b"".join(data)
+        checked = 0
+        for c in range(len(text)):
+            stop = text[c:c + 2]
+            if text.find(stop) != c:
+                continue
+            stream = StopText(StreamDecoder(tok, context), [stop])
+            out = ""
+            for i in reply_ids:
+                out += stream.push(i)
+                if stream.stopped:
+                    break
+            out += stream.finish()
+            cut = len(text[:c].encode())
+            assert out == text[:c] and stream.take_tokens() == [i for i, b in zip(reply_ids, starts) if b < cut], stop
+            checked += 1
+        assert checked > 10
+
+
+@pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
+def test_reply_invalidating_a_prompts_byte_run_keeps_its_text(sp_models, case):
+    """generate() from token ids cut inside a character after whole characters of a byte run
+    ("Ω☃" then half of "∑"), and a reply that closes the run: its text was lost ("" for every
+    token); it is the U+FFFD of the cut character's bytes and the reply's words."""
+    llm, _ = sp_models[case]
+    ids = llm.tokenize("x Ω☃∑", add_special_tokens=False)
+    words = llm.tokenize("x Ω☃∑ and more", add_special_tokens=False)[len(ids):]
+    assert all(i in llm.tokenizer.run_byte_ids for i in ids[-8:])
+    for cut in (1, 2):  # "∑" (3 byte tokens) cut after 2 or 1 of them
+        stream = llm.generate(ids[:-cut], max_new_tokens=len(words), logits_processors=[_scripted(words)],
+                              stream=True)
+        text = "".join(stream)
+        assert text == _expected_reply_text(llm.tokenizer, ids[:-cut], words)
+        assert text == "\ufffd" * (3 - cut) + " and more", text
 
 
 def test_stream_after_a_context_cut_inside_a_character_sentencepiece_kind(sp_kind_tokenizer):
