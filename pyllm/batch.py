@@ -63,9 +63,10 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
         llm._cached, llm._primed = [], None
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
+        stats = [stats_factory(len(p)) for p in wave]
         seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
-                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop),
-                          min(max_new_tokens, llm.context_length - len(p)), stats_factory(len(p)))
+                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats[i]),
+                          min(max_new_tokens, llm.context_length - len(p)), stats[i])
                 for i, p in enumerate(wave)]
         start = time.perf_counter()
         shared = common_prefix(wave) if len(wave) > 1 else 0

@@ -154,6 +154,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0  # seconds from the call to the first generated token
     finish_reason: str = ""  # "stop", "length" (max_new_tokens or the context is full) or "cancelled"
+    stop_string: str | None = None  # the stop string that ended the reply (llama.cpp's stopping_word)
     max_new_tokens: int = 0  # the call's limit
 
     @property
@@ -883,7 +884,7 @@ class LLM:
                 stats.finish_reason = "cancelled"
                 return
             self._cached = ids  # one list from here on: each new token is appended to both
-            text = StopText(StreamDecoder(self.tokenizer, ids), stop)
+            text = StopText(StreamDecoder(self.tokenizer, ids), stop, stats)
             limit = min(max_new_tokens, self.context_length - offset - len(ids))
             decode_start = time.perf_counter()
             stats.finish_reason = "length"
@@ -1075,8 +1076,8 @@ class StopText:
     server drops a stop word's tokens from its probabilities too), the stop string's tokens as little
     listed as its text is returned. Without a stop, finish() lets every token out."""
 
-    def __init__(self, decoder: StreamDecoder, stop: list[str]):
-        self.decoder, self.stop = decoder, stop
+    def __init__(self, decoder: StreamDecoder, stop: list[str], stats: "GenerationStats | None" = None):
+        self.decoder, self.stop, self.stats = decoder, stop, stats  # stats.stop_string: set by a stop
         self.held = ""
         self.stopped = False
         self.emitted = 0  # characters returned (by push and finish)
@@ -1129,6 +1130,8 @@ class StopText:
 
     def _stop_at(self, cut: int) -> None:
         """A stop string begins at held[cut]: the text before it stays held, the tokens from it on are dropped."""
+        if self.stats is not None:
+            self.stats.stop_string = min((s for s in self.stop if s and self.held.startswith(s, cut)), key=len)
         self.held, self.stopped = self.held[:cut], True
         end = self.emitted + cut
         self.pending = [(begin, record) for begin, record in self.pending if begin < end]

@@ -84,7 +84,7 @@ class _Sequence(TextStream):
         self.ids = ids  # the prompt, then each sampled token fed back
         self.limit = limit  # tokens it may generate
         self.sampler, self.stop_ids, self.logprobs, self.adapter = sampler, stop_ids, logprobs, adapter
-        self.text = StopText(StreamDecoder(scheduler.llm.tokenizer, ids), stop)  # what it emits
+        self.text = StopText(StreamDecoder(scheduler.llm.tokenizer, ids), stop, stats)  # what it emits
         self.offset = scheduler.llm.adapters[adapter].virtual_tokens if adapter is not None else 0
         self.slot: _Slot | None = None
         self.computed = 0  # leading ids whose keys/values the slot holds

@@ -282,17 +282,16 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
-def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
-    """(the reply as the tool-call parser reads it, whether a stop string cut it). The parser reads
-    the reply's tokens decoded with their special tokens (a marker may be one, Mistral's
-    [TOOL_CALLS]), but only as far as `text`, the text the reply returns: the tokens include the
-    stop string that ended it and what its last token holds past it, which is no part of the reply
-    (a call completed there is no call the client was given). Cut, it is the decoding with special
-    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text."""
-    plain = tokenizer.decode(ids)
-    if len(plain) <= len(text) or not plain.startswith(text):
-        return tokenizer.decode(ids, skip_special_tokens=False), False
-    low, high = 0, len(ids)  # text starts with the text of ids[:low], not with that of ids[:high]
+def reply_text(tokenizer, ids: list[int], text: str, stopped: bool) -> str:
+    """The reply as the tool-call parser reads it: its tokens decoded with their special tokens (a
+    marker may be one, Mistral's [TOOL_CALLS]), but only as far as `text`, the text the reply returns.
+    stopped: a stop string ended the reply (GenerationStats.stop_string); its last token may then hold
+    text past the reply's end, which is no part of it (a call completed there is no call the client
+    was given): the decoding with special tokens of the longest run of leading tokens whose text the
+    reply holds, then the rest of text."""
+    if not stopped:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    low, high = 0, len(ids) + 1  # text starts with the text of ids[:low], not with that of ids[:high]
     while high - low > 1:
         mid = (low + high) // 2
         if text.startswith(tokenizer.decode(ids[:mid])):
@@ -300,7 +299,7 @@ def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
         else:
             high = mid
     head = tokenizer.decode(ids[:low])
-    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):], True
+    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):]
 
 
 def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
@@ -728,7 +727,8 @@ class Server:
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text)
+                stopped = stream.stats.stop_string is not None
+                full = reply_text(tokenizer, [t.id for t in tokens], text, stopped)
                 parsed = plan.tools.split(full, cut=stopped or finish == "length")
                 calls = parsed.calls
                 if calls:
@@ -849,7 +849,8 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
+                stopped = stream.stats.stop_string is not None
+                full = reply_text(tokenizer, [t.id for t in all_tokens], tools.text, stopped)
                 content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))

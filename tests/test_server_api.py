@@ -616,9 +616,28 @@ def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     special = llm.tokenizer.token_to_id("<|im_start|>")
     assert special in llm.tokenizer.special_ids
     ids = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]STOP and more', False)
-    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]') == ('Sure.<|im_start|> [{"a": 1}]', True)
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True) == 'Sure.<|im_start|> [{"a": 1}]'
     whole = llm.tokenizer.decode(ids)
-    assert reply_text(llm.tokenizer, ids, whole) == (llm.tokenizer.decode(ids, skip_special_tokens=False), False)
+    assert reply_text(llm.tokenizer, ids, whole, False) == llm.tokenizer.decode(ids, skip_special_tokens=False)
+    # the stream's tokens end with the returned text (a stop string's tokens are dropped): stopped all the same
+    kept = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]', False)
+    assert reply_text(llm.tokenizer, kept, 'Sure. [{"a": 1}]', True) == 'Sure.<|im_start|> [{"a": 1}]'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generation_stats_name_the_stop_string_that_ended_the_reply(llm, stream):
+    """GenerationStats.stop_string (llama.cpp's stopping_word): the stop string that ended the reply,
+    None when it ended otherwise; the server's tool-call parser reads it, as a stop string's tokens
+    no longer come with the reply's."""
+    reply = llm.generate("Once upon a time", max_new_tokens=12, stream=stream)
+    text = "".join(reply) if stream else reply
+    word = next(w for w in text.split() if len(w) > 2)
+    out = llm.generate("Once upon a time", max_new_tokens=12, stop=["zzzq", word], stream=stream)
+    stats = ("".join(out), out.stats)[1] if stream else llm.last_stats
+    assert stats.stop_string == word and stats.finish_reason == "stop"
+    unstopped = llm.generate("Once upon a time", max_new_tokens=12, stream=stream)
+    stats = ("".join(unstopped), unstopped.stats)[1] if stream else llm.last_stats
+    assert stats.stop_string is None
 
 
 def test_forced_tool_calls_round_trip(live, llm, tool_template):
