@@ -318,11 +318,12 @@ def cmd_list(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from .model_cache import remove_entry
+    from .model_cache import find_entries, remove_entries
 
-    for name in args.names:
-        for path in remove_entry(name):
-            print(f"removed {path}", file=sys.stderr)
+    # every name checked before anything is removed: a bad one in the list removes nothing
+    matches = [e for name in args.names for e in find_entries(name)]
+    for path in remove_entries(matches):
+        print(f"removed {path}", file=sys.stderr)
     return 0
 
 

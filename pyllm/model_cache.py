@@ -219,19 +219,47 @@ def format_entries(entries: list[CacheEntry]) -> str:
     return "\n".join(lines)
 
 
-def remove_entry(name: str) -> list[str]:
-    """Removes the cache entries named `name`: a file name (with or without .pllm) or a source path.
-    Returns the removed .pllm paths; ValueError when nothing matches."""
+def find_entries(name: str) -> list[CacheEntry]:
+    """The cache entries `name` names: a plain file name as `pyllm list` shows it (with or without
+    .pllm), or the path of a converted source. PyllmError when it names none.
+
+    An empty or blank name names nothing: `pyllm rm "$MODEL"` with MODEL unset used to take the
+    working directory's conversions, as abspath("") is the working directory. Only a plain name (no
+    separator, not "." or "..") is a file name; a path is compared with the recorded sources as the
+    file system resolves both (realpath), so "link/../b" names what the system opens, not the
+    lexical "./b"."""
+    from .errors import PyllmError
+
+    if not name.strip() or "\0" in name:
+        raise PyllmError(f"{name!r} names no cached model: give a file name as `pyllm list` shows it, or the "
+                         "path of a converted source")
+    plain = name not in (".", "..") and os.sep not in name and not (os.altsep and os.altsep in name)
     wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
-    source = os.path.abspath(name)
-    matches = [e for e in list_entries()
-               if e.name[:-len(MODEL_SUFFIX)] == wanted or (e.source and e.source == source)]
+    source = os.path.realpath(name)
+    entries = list_entries()
+    matches = [e for e in entries if (plain and e.name[:-len(MODEL_SUFFIX)] == wanted)
+               or (e.source and os.path.realpath(e.source) == source)]
     if not matches:
-        known = ", ".join(e.name for e in list_entries()) or "none"
-        raise ValueError(f"no cached model {name!r} (cached: {known}; `pyllm list` shows them)")
-    for e in matches:
+        known = ", ".join(e.name for e in entries) or "none"
+        raise PyllmError(f"no cached model {name!r} (cached: {known}; `pyllm list` shows them)")
+    return matches
+
+
+def remove_entries(entries: list[CacheEntry]) -> list[str]:
+    """Deletes the entries' .pllm files and sidecars (nothing else); returns the removed .pllm paths."""
+    removed = []
+    for e in entries:
+        if e.path in removed:  # named twice
+            continue
         os.unlink(e.path)
         sidecar = e.path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
         if os.path.exists(sidecar):
             os.unlink(sidecar)
-    return [e.path for e in matches]
+        removed.append(e.path)
+    return removed
+
+
+def remove_entry(name: str) -> list[str]:
+    """Removes the cache entries named `name` (see find_entries). Returns the removed .pllm paths;
+    PyllmError when nothing matches."""
+    return remove_entries(find_entries(name))

@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import pyllm  # noqa: E402
 from pyllm import cli, default_model, model_cache  # noqa: E402
+from pyllm.errors import PyllmError  # noqa: E402
 from pyllm.formats import safetensors  # noqa: E402
 
 from test_gguf import Q, write_gguf  # noqa: E402
@@ -188,3 +189,52 @@ def test_list_and_rm_survive_odd_sidecars(gguf_file, cache, capsys):
         assert status == 0 and entry.name in listing, err
     status, _, err, _ = run(capsys, "rm", entry.name)
     assert status == 0 and model_cache.list_entries() == [], err
+
+
+def _fake_entry(cache, name: str, source: str) -> str:
+    """A cache entry as resolve_model leaves one (the .pllm's bytes do not matter to list/rm)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"{name}.pllm").write_bytes(b"x")
+    (cache / f"{name}.json").write_text(f'{{"source": "{source}", "kind": "hf", "settings": {{"quant": "f16"}}}}')
+    return str(cache / f"{name}.pllm")
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t\n", "a\0b"])
+def test_rm_refuses_a_blank_name(name, cache, tmp_path, monkeypatch, capsys):
+    """`pyllm rm ""` (a script's unset variable) removed the working directory's conversions:
+    abspath("") is the working directory, which matched their recorded source. A blank name now
+    names nothing, and a list with one removes nothing."""
+    monkeypatch.chdir(tmp_path)
+    mine = _fake_entry(cache, "here-0123456789", str(tmp_path))
+    other = _fake_entry(cache, "other-0123456789", "/elsewhere/other")
+    with pytest.raises(PyllmError, match="names no cached model"):
+        model_cache.remove_entry(name)
+    if "\0" not in name:  # argv cannot hold a NUL
+        status, _, err, _ = run(capsys, "rm", "other-0123456789", name)
+        assert status == 1 and "names no cached model" in err and "removed" not in err
+    assert os.path.exists(mine) and os.path.exists(other)
+
+
+def test_rm_takes_a_path_as_the_system_resolves_it(cache, tmp_path, monkeypatch, capsys):
+    """A name with a separator, "." or ".." is a source path, never a cache file name; it is compared
+    with the recorded sources after the file system resolves both: "link/../b" is the b beside the
+    link's target, not ./b (the lexical reading abspath gave), so ./b's conversion is kept."""
+    work, far = tmp_path / "work", tmp_path / "far" / "deep"
+    (work / "b").mkdir(parents=True)
+    (far.parent / "b").mkdir(parents=True)
+    far.mkdir()
+    (work / "link").symlink_to(far)
+    monkeypatch.chdir(work)
+    local = _fake_entry(cache, "b-0000000000", str(work / "b"))
+    remote = _fake_entry(cache, "b-1111111111", str(far.parent / "b"))
+    other = _fake_entry(cache, "other-2222222222", "/elsewhere/other")
+    for name in ("..", "./other-2222222222", "x/../other-2222222222.pllm", "../pyllm/other-2222222222"):
+        status, _, err, _ = run(capsys, "rm", name)
+        assert status == 1 and f"no cached model {name!r}" in err
+    status, _, err, _ = run(capsys, "rm", "link/../b")
+    assert status == 0 and f"removed {remote}" in err
+    assert os.path.exists(local) and os.path.exists(other) and not os.path.exists(remote)
+    status, _, err, _ = run(capsys, "rm", "b/.")
+    assert status == 0 and f"removed {local}" in err and os.path.exists(other)
+    status, _, err, _ = run(capsys, "rm", "other-2222222222")  # a plain name: the file name
+    assert status == 0 and not os.listdir(cache)
