@@ -25,6 +25,8 @@ import threading
 import numpy as np
 
 from .chat_template import TemplateError, default_system_message
+from .errors import PyllmError, decode_text
+from .tokenizer import check_text
 
 HISTORY_FILE = "chat_history"  # in the cache directory (pyllm/model_cache.py)
 
@@ -71,7 +73,11 @@ class ChatSession:
             print("(conversation cleared)", file=self.err)
         elif name == "/system":
             if arg.strip():
-                self.system = arg.strip()
+                try:
+                    self.system = as_typed(arg.strip(), "the system message")
+                except PyllmError as e:  # the one set stays (a bad one would refuse every later message)
+                    print(f"error: {e}", file=self.err)
+                    return True
                 print("(system message set)", file=self.err)
             elif self.system:
                 print(f"system: {self.system}", file=self.err)
@@ -97,6 +103,11 @@ class ChatSession:
                                       eos_token=spec.eos_token or "")
 
     def say(self, text: str) -> None:
+        try:
+            text = as_typed(text, "your message")
+        except PyllmError as e:
+            print(f"error: {e}", file=self.err)
+            return
         self.turns.append({"role": "user", "content": text})
         if not self.reply():
             self.turns.pop()
@@ -157,6 +168,22 @@ def is_command(text: str) -> bool:
     if not text.startswith("/"):
         return False
     return "\n" not in text or text.split(None, 1)[0] in COMMANDS
+
+
+def as_typed(text: str, what: str) -> str:
+    """text as Unicode text; PyllmError counting the position in bytes of what was typed otherwise.
+
+    The line editor (and input() in a C locale) hands bytes that are not UTF-8 (a terminal set to
+    Latin-1, a stray byte) over as lone surrogates (surrogateescape): they are turned back into the
+    bytes typed, which are decoded again (whole UTF-8 sequences the editor escaped become their
+    characters). A surrogate no byte gave (U+D800..U+DC7F) is refused with its character position."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return check_text(text, what)
+    return decode_text(raw, what)
 
 
 def cut_notice(stats, context_length: int) -> str | None:
@@ -320,6 +347,9 @@ def converse(session: ChatSession, input_fn) -> int:
             if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
                 session.command(text) if is_command(text) else session.say(text)
             return 0
+        except UnicodeDecodeError as e:  # input() in a terminal whose locale decodes strictly
+            print(f"error: the line typed is not UTF-8 text (byte {e.start}: {e.reason})", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             if interrupted:
                 print(file=sys.stderr)

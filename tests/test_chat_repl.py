@@ -469,3 +469,25 @@ def test_ctrl_c_at_a_plain_input_prompt_still_exits(llm, monkeypatch, capsys):
         signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert "Ctrl-C again to exit" in err and "Generation:" not in err and len(calls) == 2
+
+
+def test_input_that_is_not_utf8_is_refused_with_its_own_position(llm, monkeypatch, capsys):
+    """The line editor hands bytes that are not UTF-8 (a terminal in Latin-1, a stray byte) over as lone
+    surrogates (surrogateescape). The error came from the tokenizer, with the character position in the
+    whole rendered chat prompt (system message and template markers included), nothing the user could
+    find in what they typed. Now the message is checked as typed: the byte position is counted in it,
+    the chat goes on, and the turn is not kept. The same for /system, and for plain input()'s decode error."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    bad = b"caf\xe9 ok".decode("utf-8", "surrogateescape")
+    lines = [bad, "x\\", "ab" + bad, "/system " + bad, UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"),
+             "hello", b"caf\xc3\xa9".decode("ascii", "surrogateescape"), "/exit"]
+    assert repl.chat_loop(llm, "Be brief.", dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert "your message is not UTF-8 text (byte 3: invalid continuation byte)" in err
+    assert "your message is not UTF-8 text (byte 7: invalid continuation byte)" in err  # "x\n" + "ab" before it
+    assert "the system message is not UTF-8 text (byte 3: invalid continuation byte)" in err
+    assert "the line typed is not UTF-8 text (byte 2: invalid start byte)" in err
+    assert "surrogate" not in err and "character" not in err
+    assert spy.seen[0] == [("system", "Be brief."), ("user", "hello")]  # nothing bad sent, the system message kept
+    assert len(spy.seen) == 2 and spy.seen[1][-1] == ("user", "café")  # UTF-8 bytes escaped one by one: made whole
