@@ -299,9 +299,39 @@ def line_editor():
     except OSError as e:
         history.fail(e)
     session = PromptSession(history=history)
-    # the editor reads Ctrl-C as a key; a SIGINT comes only as it hands the terminal back, where its own
-    # handler lost it (a traceback "Application is not running", the reply not stopped): the chat's is used
-    return lambda prompt="": session.prompt(prompt, handle_sigint=False)
+
+    def read(prompt: str = "") -> str:
+        # the editor reads Ctrl-C as a key; a SIGINT comes only as it hands the terminal back, where its own
+        # handler lost it (a traceback "Application is not running", the reply not stopped): the chat's is used
+        line = session.prompt(prompt, handle_sigint=False)
+        if ctrl_c_after_enter(session.app.input):
+            signal.raise_signal(signal.SIGINT)  # what a Ctrl-C a moment later is: the chat's handler stops the reply
+        return line
+    return read
+
+
+def ctrl_c_after_enter(editor_input) -> bool:
+    """Whether Ctrl-C was pressed after Enter while the editor still held the terminal in raw mode (the
+    few milliseconds it takes to finish), where Ctrl-C is not a signal but a key: the editor kept it as
+    type-ahead, or it still waits in the terminal. It was read at the next prompt as Ctrl-C there
+    ("Ctrl-C again to exit"; once more left the chat) and the reply it was meant to stop ran on. Such
+    Ctrl-Cs are taken out here; the other keys stay for the next prompt, in order."""
+    import select
+
+    from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
+    from prompt_toolkit.keys import Keys
+
+    keys = get_typeahead(editor_input)  # read with the line, after its Enter
+    try:
+        for _ in range(64):  # what the terminal holds (bounded: a stream of keys cannot keep this here)
+            if editor_input.closed or not select.select([editor_input.fileno()], [], [], 0)[0]:
+                break
+            keys += editor_input.read_keys()
+    except (OSError, ValueError):
+        pass
+    kept = [k for k in keys if k.key != Keys.ControlC]
+    store_typeahead(editor_input, kept)
+    return len(kept) != len(keys)
 
 
 def banner(llm) -> str:

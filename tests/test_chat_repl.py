@@ -491,3 +491,46 @@ def test_input_that_is_not_utf8_is_refused_with_its_own_position(llm, monkeypatc
     assert "surrogate" not in err and "character" not in err
     assert spy.seen[0] == [("system", "Be brief."), ("user", "hello")]  # nothing bad sent, the system message kept
     assert len(spy.seen) == 2 and spy.seen[1][-1] == ("user", "café")  # UTF-8 bytes escaped one by one: made whole
+
+
+@pytest.mark.parametrize("when", ["read with the line", "before the editor leaves raw mode"])
+def test_ctrl_c_right_after_enter_stops_the_reply(tiny_llama_f32, tmp_path, when):
+    """Ctrl-C pressed just after Enter, while the line editor still held the terminal in raw mode, was
+    a key, not a signal: the editor kept it for the next prompt (read in the same read() as the Enter),
+    or it waited in the terminal (pressed before the editor gave raw mode up, a window made 0.5 s long
+    here). The reply ran on, and the next prompt said "(Ctrl-C again to exit)": one more Ctrl-C, meant
+    for the next reply, left the chat. Such a Ctrl-C now stops the reply, as one a moment later does;
+    other keys typed then stay for the next prompt."""
+    pexpect = pytest.importorskip("pexpect")
+    site = tmp_path / "site"
+    site.mkdir()
+    if when == "before the editor leaves raw mode":
+        (site / "sitecustomize.py").write_text(
+            "import time\nfrom prompt_toolkit.input import vt100\nexit_ = vt100.raw_mode.__exit__\n"
+            "vt100.raw_mode.__exit__ = lambda self, *a: (type(self) is vt100.raw_mode and time.sleep(0.5), "
+            "exit_(self, *a))[1]\n")
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(site) + (os.pathsep + path if path else "")
+    try:
+        child = spawn_chat(tiny_llama_f32, tmp_path / "cache", "-n", "200", "--system", "Be brief.")
+    finally:
+        os.environ["PYTHONPATH"] = path
+    if when == "read with the line":
+        child.send("hello\r\x03ab")  # one write: the editor reads all of it at once
+    else:
+        child.send("hello\r")
+        child.expect_exact("\x1b[?2004l")  # the editor is done with the line; raw mode for 0.5 s more
+        child.sendintr()
+        child.send("ab")
+    child.expect_exact("(stopped)", timeout=20)
+    assert "Generation:" not in child.before  # stopped before its first word
+    child.expect_exact(READY)
+    child.send("c\r")  # the next message is "abc": the keys typed after the Ctrl-C were kept
+    child.expect(STATS)
+    child.expect_exact(READY)
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    history = (tmp_path / "cache" / "pyllm" / repl.HISTORY_FILE).read_text()
+    assert "\n+hello\n" in history and "\n+abc\n" in history
