@@ -480,8 +480,9 @@ def test_input_that_is_not_utf8_is_refused_with_its_own_position(llm, monkeypatc
     spy = ChatSpy(llm)
     monkeypatch.setattr(llm, "chat", spy)
     bad = b"caf\xe9 ok".decode("utf-8", "surrogateescape")
-    lines = [bad, "x\\", "ab" + bad, "/system " + bad, UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"),
-             "hello", b"caf\xc3\xa9".decode("ascii", "surrogateescape"), "/exit"]
+    lines = [bad, "x\\", "ab" + bad, "/system " + bad,
+             UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"), "hello",
+             b"caf\xc3\xa9".decode("ascii", "surrogateescape"), "/exit"]
     assert repl.chat_loop(llm, "Be brief.", dict(max_new_tokens=2), input_fn=_script(lines)) == 0
     err = capsys.readouterr().err
     assert "your message is not UTF-8 text (byte 3: invalid continuation byte)" in err
