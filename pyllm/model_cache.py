@@ -10,18 +10,24 @@ file `<name>-<key>.pllm` has a sidecar `<name>-<key>.json` naming its source; th
 source's absolute path and the conversion settings, and the sidecar holds the source's fingerprint
 (size and modification time of its files), the converter version and the .pllm's own size: when
 one differs (the source changed, a newer pyllm, a file cut short or replaced), the entry is
-converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them.
+converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
+is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from . import __version__
 from .formats.packed import FORMAT_VERSION
@@ -36,6 +42,139 @@ def cache_dir() -> str:
     """$XDG_CACHE_HOME/pyllm (default ~/.cache/pyllm): the default model, converted models, chat history."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "pyllm")
+
+
+# Work directories in the cache (a download, a conversion's GGUF file): "pyllm-tmp-PID-XXXXXXXX", with a
+# LOCK_NAME file the owner holds an flock on for the directory's life. A SIGKILL, an OOM kill or a power
+# cut leaves one behind (the default model's download left a ~100 MB "tmpXXXXXXXX" for ever):
+# remove_stale_temporaries removes those whose lock no process holds any more.
+TEMP_PREFIX = "pyllm-tmp-"
+LOCK_NAME = ".lock"
+_TEMP_DIR = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-[^/]+$")
+_OLD_TEMP_DIR = re.compile(r"tmp[a-z0-9_]{8}$")  # tempfile's names, of earlier pyllm versions: no owner known
+OLD_TEMP_AGE = 24 * 3600  # seconds untouched after which such a directory counts as abandoned
+# Partial files written beside their target ("NAME.PID.XXXX.partial"; formats.safetensors, write_sidecar)
+_PARTIAL = re.compile(r".+\.(\d+)\.[^./]+\.partial$")
+
+
+def made(directory: str) -> str:
+    """directory, created (with its parents) when missing."""
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+@contextlib.contextmanager
+def temporary_directory() -> Iterator[str]:
+    """A work directory in the cache, removed when the block ends. It is named with this process's id
+    and holds LOCK_NAME, locked (flock) while the directory lives: the lock file is locked under
+    another name and renamed into place, so a LOCK_NAME that another process can lock belongs to a
+    process that has died (the kernel drops a dead process's locks, whatever killed it)."""
+    import fcntl
+
+    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=made(cache_dir()))
+    fd = os.open(os.path.join(tmp, LOCK_NAME + ".new"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(os.path.join(tmp, LOCK_NAME + ".new"), os.path.join(tmp, LOCK_NAME))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def _process_lives(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no pid is: kept all the same
+        return True
+    return True
+
+
+def _temp_is_stale(path: str, pid: int) -> bool:
+    """Whether no live process owns the work directory `path` (named with the id of the process that
+    made it): its lock can be taken, or (before the owner put the lock in place) that process is gone."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return not _process_lives(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: the owner is alive
+        return False
+    finally:
+        os.close(fd)  # (the lock with it: a directory found stale is removed at once)
+    return True
+
+
+def stale_temporaries(directory: str | None = None) -> list[str]:
+    """Paths of the work directories and partial files in the cache that no live process owns: left
+    by a process that was killed (see temporary_directory), or tempfile-named directories of an older
+    pyllm untouched for OLD_TEMP_AGE seconds. Never a cache entry, never what a live process writes."""
+    directory = directory or cache_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    stale = []
+    for name in names:
+        full = os.path.join(directory, name)
+        if os.path.islink(full):
+            continue
+        if os.path.isdir(full):
+            if m := _TEMP_DIR.match(name):
+                if _temp_is_stale(full, int(m.group(1))):
+                    stale.append(full)
+            elif _OLD_TEMP_DIR.match(name) and _untouched_for(full, OLD_TEMP_AGE):
+                stale.append(full)
+        elif (m := _PARTIAL.match(name)) and os.path.isfile(full) and not _process_lives(int(m.group(1))):
+            stale.append(full)
+    return stale
+
+
+def _untouched_for(path: str, seconds: float) -> bool:
+    """Whether neither the directory nor any file in it changed in the last `seconds`."""
+    limit = time.time() - seconds
+    try:
+        for root, _, files in os.walk(path):
+            if os.stat(root).st_mtime > limit or any(os.lstat(os.path.join(root, f)).st_mtime > limit for f in files):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(log=None) -> int:
+    """Removes stale_temporaries() (said on log); returns the bytes freed."""
+    freed = 0
+    for path in stale_temporaries():
+        size = size_of(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if not os.path.lexists(path):
+            freed += size
+            if log is not None:
+                print(f"pyllm: removed {path}, left by an interrupted download or conversion "
+                      f"({size / 1e6:.1f} MB)", file=log)
+    return freed
+
+
+def size_of(path: str) -> int:
+    """Bytes of a file, or of the files in a directory (0 when it vanished)."""
+    try:
+        if not os.path.isdir(path):
+            return os.lstat(path).st_size
+        return sum(os.lstat(os.path.join(root, f)).st_size for root, _, files in os.walk(path) for f in files)
+    except OSError:
+        return 0
 
 
 def model_kind(path: str) -> str:
@@ -120,7 +259,8 @@ def write_sidecar(model_path: str, info: dict) -> None:
     """Writes the sidecar of a cached .pllm atomically, with the .pllm's size (see damage_of)."""
     info = {**info, "pllm_size": os.path.getsize(model_path)}
     target = model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".partial", dir=os.path.dirname(target))
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(target)}.{os.getpid()}.", suffix=".partial",
+                               dir=os.path.dirname(target))  # (the pid: see stale_temporaries)
     try:
         # mkstemp makes the file private (0600): the mode open() gives, as its .pllm has (a cache shared
         # by a group or prepared by another user could read the model but not its sidecar, and converted again)
@@ -167,6 +307,7 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
         print(f"pyllm: the cached {target} is damaged ({damage})", file=log)
     from .convert import convert_checkpoint
 
+    remove_stale_temporaries(log)
     what = "GGUF file" if kind == "gguf" else "Hugging Face directory"
     print(f"pyllm: converting the {what} {source} ({_describe(settings)}) into {target}; "
           "later runs reuse it while the source is unchanged (`pyllm list`, `pyllm rm`)", file=log)
@@ -219,19 +360,47 @@ def format_entries(entries: list[CacheEntry]) -> str:
     return "\n".join(lines)
 
 
-def remove_entry(name: str) -> list[str]:
-    """Removes the cache entries named `name`: a file name (with or without .pllm) or a source path.
-    Returns the removed .pllm paths; ValueError when nothing matches."""
+def find_entries(name: str) -> list[CacheEntry]:
+    """The cache entries `name` names: a plain file name as `pyllm list` shows it (with or without
+    .pllm), or the path of a converted source. PyllmError when it names none.
+
+    An empty or blank name names nothing: `pyllm rm "$MODEL"` with MODEL unset used to take the
+    working directory's conversions, as abspath("") is the working directory. Only a plain name (no
+    separator, not "." or "..") is a file name; a path is compared with the recorded sources as the
+    file system resolves both (realpath), so "link/../b" names what the system opens, not the
+    lexical "./b"."""
+    from .errors import PyllmError
+
+    if not name.strip() or "\0" in name:
+        raise PyllmError(f"{name!r} names no cached model: give a file name as `pyllm list` shows it, or the "
+                         "path of a converted source")
+    plain = name not in (".", "..") and os.sep not in name and not (os.altsep and os.altsep in name)
     wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
-    source = os.path.abspath(name)
-    matches = [e for e in list_entries()
-               if e.name[:-len(MODEL_SUFFIX)] == wanted or (e.source and e.source == source)]
+    source = os.path.realpath(name)
+    entries = list_entries()
+    matches = [e for e in entries if (plain and e.name[:-len(MODEL_SUFFIX)] == wanted)
+               or (e.source and os.path.realpath(e.source) == source)]
     if not matches:
-        known = ", ".join(e.name for e in list_entries()) or "none"
-        raise ValueError(f"no cached model {name!r} (cached: {known}; `pyllm list` shows them)")
-    for e in matches:
+        known = ", ".join(e.name for e in entries) or "none"
+        raise PyllmError(f"no cached model {name!r} (cached: {known}; `pyllm list` shows them)")
+    return matches
+
+
+def remove_entries(entries: list[CacheEntry]) -> list[str]:
+    """Deletes the entries' .pllm files and sidecars (nothing else); returns the removed .pllm paths."""
+    removed = []
+    for e in entries:
+        if e.path in removed:  # named twice
+            continue
         os.unlink(e.path)
         sidecar = e.path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
         if os.path.exists(sidecar):
             os.unlink(sidecar)
-    return [e.path for e in matches]
+        removed.append(e.path)
+    return removed
+
+
+def remove_entry(name: str) -> list[str]:
+    """Removes the cache entries named `name` (see find_entries). Returns the removed .pllm paths;
+    PyllmError when nothing matches."""
+    return remove_entries(find_entries(name))

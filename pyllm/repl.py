@@ -25,6 +25,8 @@ import threading
 import numpy as np
 
 from .chat_template import TemplateError, default_system_message
+from .errors import PyllmError, decode_text
+from .tokenizer import check_text
 
 HISTORY_FILE = "chat_history"  # in the cache directory (pyllm/model_cache.py)
 
@@ -71,7 +73,11 @@ class ChatSession:
             print("(conversation cleared)", file=self.err)
         elif name == "/system":
             if arg.strip():
-                self.system = arg.strip()
+                try:
+                    self.system = as_typed(arg.strip(), "the system message")
+                except PyllmError as e:  # the one set stays (a bad one would refuse every later message)
+                    print(f"error: {e}", file=self.err)
+                    return True
                 print("(system message set)", file=self.err)
             elif self.system:
                 print(f"system: {self.system}", file=self.err)
@@ -97,6 +103,11 @@ class ChatSession:
                                       eos_token=spec.eos_token or "")
 
     def say(self, text: str) -> None:
+        try:
+            text = as_typed(text, "your message")
+        except PyllmError as e:
+            print(f"error: {e}", file=self.err)
+            return
         self.turns.append({"role": "user", "content": text})
         if not self.reply():
             self.turns.pop()
@@ -157,6 +168,22 @@ def is_command(text: str) -> bool:
     if not text.startswith("/"):
         return False
     return "\n" not in text or text.split(None, 1)[0] in COMMANDS
+
+
+def as_typed(text: str, what: str) -> str:
+    """text as Unicode text; PyllmError counting the position in bytes of what was typed otherwise.
+
+    The line editor (and input() in a C locale) hands bytes that are not UTF-8 (a terminal set to
+    Latin-1, a stray byte) over as lone surrogates (surrogateescape): they are turned back into the
+    bytes typed, which are decoded again (whole UTF-8 sequences the editor escaped become their
+    characters). A surrogate no byte gave (U+D800..U+DC7F) is refused with its character position."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return check_text(text, what)
+    return decode_text(raw, what)
 
 
 def cut_notice(stats, context_length: int) -> str | None:
@@ -272,9 +299,39 @@ def line_editor():
     except OSError as e:
         history.fail(e)
     session = PromptSession(history=history)
-    # the editor reads Ctrl-C as a key; a SIGINT comes only as it hands the terminal back, where its own
-    # handler lost it (a traceback "Application is not running", the reply not stopped): the chat's is used
-    return lambda prompt="": session.prompt(prompt, handle_sigint=False)
+
+    def read(prompt: str = "") -> str:
+        # the editor reads Ctrl-C as a key; a SIGINT comes only as it hands the terminal back, where its own
+        # handler lost it (a traceback "Application is not running", the reply not stopped): the chat's is used
+        line = session.prompt(prompt, handle_sigint=False)
+        if ctrl_c_after_enter(session.app.input):
+            signal.raise_signal(signal.SIGINT)  # what a Ctrl-C a moment later is: the chat's handler stops the reply
+        return line
+    return read
+
+
+def ctrl_c_after_enter(editor_input) -> bool:
+    """Whether Ctrl-C was pressed after Enter while the editor still held the terminal in raw mode (the
+    few milliseconds it takes to finish), where Ctrl-C is not a signal but a key: the editor kept it as
+    type-ahead, or it still waits in the terminal. It was read at the next prompt as Ctrl-C there
+    ("Ctrl-C again to exit"; once more left the chat) and the reply it was meant to stop ran on. Such
+    Ctrl-Cs are taken out here; the other keys stay for the next prompt, in order."""
+    import select
+
+    from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
+    from prompt_toolkit.keys import Keys
+
+    keys = get_typeahead(editor_input)  # read with the line, after its Enter
+    try:
+        for _ in range(64):  # what the terminal holds (bounded: a stream of keys cannot keep this here)
+            if editor_input.closed or not select.select([editor_input.fileno()], [], [], 0)[0]:
+                break
+            keys += editor_input.read_keys()
+    except (OSError, ValueError):
+        pass
+    kept = [k for k in keys if k.key != Keys.ControlC]
+    store_typeahead(editor_input, kept)
+    return len(kept) != len(keys)
 
 
 def banner(llm) -> str:
@@ -320,6 +377,9 @@ def converse(session: ChatSession, input_fn) -> int:
             if text.strip():  # Ctrl-D inside a block or after a trailing backslash: what was typed is sent first
                 session.command(text) if is_command(text) else session.say(text)
             return 0
+        except UnicodeDecodeError as e:  # input() in a terminal whose locale decodes strictly
+            print(f"error: the line typed is not UTF-8 text (byte {e.start}: {e.reason})", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             if interrupted:
                 print(file=sys.stderr)

@@ -10,7 +10,9 @@ in one of the engine's N KV-cache slots, and each engine step (one Engine.forwar
 A request joins at the next step when a slot is free; the others wait in arrival order (the server
 bounds how many: its max_queue). Each sequence samples with its own Sampler (its seed, penalties,
 grammar), stop strings, stop ids, limits and logprobs, exactly as LLM._run does for one stream, so
-a seeded request gives the same text whatever runs beside it.
+a seeded request gives the same text whatever runs beside it. A sequence whose grammar mask (computed
+in a worker thread during the step) is not there when its logits are keeps them and is sampled at a
+later step: a slow grammar delays only its own stream.
 
 Freed when: a stream that finishes, or whose consumer cancels or closes it (a client that
 disconnects), leaves its slot at the start of the next step. A slot keeps the keys/values it
@@ -94,6 +96,8 @@ class _Sequence(TextStream):
         self.outbox: queue.Queue = queue.Queue()
         self.submitted = self.admitted = self.first_token_at = 0.0
         self.paused_since: float | None = None  # when its reader last fell PIECES_AHEAD behind
+        # its last logits, kept while its grammar's mask for them is still being computed (_sample_or_hold)
+        self.held: np.ndarray | None = None
         self._pieces = self._consume()
 
     def _consume(self):
@@ -232,7 +236,8 @@ class Scheduler:
         now = time.monotonic()
         for seq in active:
             seq.paused_since = (seq.paused_since or now) if seq.paused else None
-        if any(s.cancelled.is_set() or not s.paused for s in active + self._parked) or \
+        # a sequence waiting for its grammar's mask has nothing to run (when_ready wakes the loop)
+        if any(s.cancelled.is_set() or not (s.paused or _held(s)) for s in active + self._parked) or \
                 any(s.cancelled.is_set() for s in self._waiting):
             return True
         return bool(self._waiting) and (len(active) < len(self.slots) or
@@ -242,6 +247,7 @@ class Scheduler:
         for slot in self.slots:
             if slot.seq is not None and slot.seq.cancelled.is_set():
                 self._finish(slot.seq, "cancelled")
+        self._sample_held()
         self._admit()
         if not any(s.seq is not None for s in self.slots):
             return
@@ -267,10 +273,36 @@ class Scheduler:
         for seq, n, _, row in plan:
             seq.computed += n
             if row is not None:
-                try:
-                    self._sample(seq, logits[row])
-                except Exception as e:  # this request's fault (a grammar that allows nothing): only it ends
-                    self._finish(seq, None, error=e)
+                self._sample_or_hold(seq, logits[row])
+        self._sample_held()  # masks that came while the step ran
+
+    def _sample_or_hold(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Samples seq's next token, or, while its grammar's mask is still being computed (llguidance,
+        in a worker thread), keeps the logits and goes on: the other sequences are sampled and run
+        their next steps meanwhile, instead of all waiting for one grammar's mask. A held sequence is
+        sampled by a later step (_sample_held) from the same logits, with its own sampler: its text is
+        the one it gives alone."""
+        pending = _masks_pending(seq)
+        if pending:
+            seq.held = np.array(logits, copy=True)  # the engine reuses its output buffer
+            for processor in pending:
+                processor.when_ready(self._wake)
+            return
+        seq.held = None
+        try:
+            self._sample(seq, logits)
+        except Exception as e:  # this request's fault (a grammar that allows nothing): only it ends
+            self._finish(seq, None, error=e)
+
+    def _sample_held(self) -> None:
+        """Samples the held sequences whose masks are there now."""
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is None or seq.held is None or _masks_pending(seq):
+                continue
+            logits, seq.held = seq.held, None
+            if seq.ready and seq.computed == len(seq.ids):  # (else its cache was lost: re-read, it gets them again)
+                self._sample_or_hold(seq, logits)
 
     def _admit(self) -> None:
         """Gives free slots to waiting requests, in arrival order: the free slot whose cache shares
@@ -308,7 +340,7 @@ class Scheduler:
         """Takes a paused sequence out of its slot (which keeps its keys/values as a prefix)."""
         slot = seq.slot
         slot.cached, slot.seq, slot.last_used = seq.ids[:seq.computed] if seq.ready else [], None, self._steps
-        seq.slot, seq.ready, seq.computed, seq.paused_since = None, False, 0, None
+        seq.slot, seq.ready, seq.computed, seq.paused_since, seq.held = None, False, 0, None, None
         self._parked.append(seq)
 
     def _let_others_in(self) -> None:
@@ -326,8 +358,8 @@ class Scheduler:
             if written is not None and slot.index not in written:
                 continue
             slot.cached, slot.adapter = [], None
-            if slot.seq is not None:
-                slot.seq.computed, slot.seq.ready = 0, False
+            if slot.seq is not None:  # (held logits too: its re-read gives them again)
+                slot.seq.computed, slot.seq.ready, slot.seq.held = 0, False, None
 
     def _prepare(self) -> None:
         """Readies newly admitted sequences: the adapter's virtual positions, and the longest prefix of
@@ -444,6 +476,16 @@ class Scheduler:
             slot.cached, slot.seq = (seq.ids[:seq.computed] if seq.ready else []), None
             slot.last_used = self._steps
             seq.slot = None
+
+
+def _masks_pending(seq: _Sequence) -> list:
+    """The processors of seq (grammars) whose mask for its next token is still being computed."""
+    return [p for p in seq.sampler.processors if getattr(p, "when_ready", None) is not None and not p.ready()]
+
+
+def _held(seq: _Sequence) -> bool:
+    """Whether seq waits for its grammar's mask before it can be sampled (nothing to run until then)."""
+    return seq.held is not None and bool(_masks_pending(seq))
 
 
 def _common(a: list[int], b: list[int]) -> int:

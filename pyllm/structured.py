@@ -173,7 +173,8 @@ class GrammarProcessor:
     GrammarError for one that allows no text at the start (here) or later (from __call__/accept).
 
     accept(token) (called by the generation loop after each generated token) advances the grammar
-    and starts computing the next mask in a worker thread; __call__ waits for it and applies it."""
+    and starts computing the next mask in a worker thread; __call__ waits for it and applies it.
+    ready() and when_ready() let the server's scheduler run other sequences meanwhile."""
 
     def __init__(self, tokenizer, grammar: str, vocab_size: int):
         llg = _llguidance()
@@ -201,6 +202,14 @@ class GrammarProcessor:
             self._check()
             raise GrammarError(f"the grammar refused token {token}")
         self._fill()
+
+    def ready(self) -> bool:
+        """Whether the mask for the next token is there (__call__ would not wait for it)."""
+        return self._next.done()
+
+    def when_ready(self, callback) -> None:
+        """Calls callback() once ready() is true (at once when it is; else from the worker thread)."""
+        self._next.add_done_callback(lambda _: callback())
 
     def accept(self, token: int) -> None:
         self._next.result()

@@ -14,6 +14,7 @@ import pytest
 
 import pyllm
 from pyllm.chat_template import BUILTIN_TEMPLATES, TemplateError
+from pyllm.errors import PyllmError
 
 CHINESE_EMOJI = "今天天气很好，我们去公园散步。😀🎉👍 中文测试 👨‍👩‍👧 done"
 
@@ -321,3 +322,19 @@ def test_real_model_streams_chinese_and_emoji(real, prompt):
         # no piece splits a character; a reply cut off inside one ends as decode() has it, in U+FFFD
         assert all(_utf8_clean(p) for p in pieces[:-1]) and _utf8_clean(pieces[-1].rstrip("\ufffd"))
     assert any(ord(c) > 0x3000 for c in full)  # the reply has CJK or emoji characters
+
+
+def test_content_that_is_not_unicode_is_refused_with_its_position_in_the_message(llm):
+    """A lone surrogate in a message's content (a str from a surrogateescape decode) was refused by the
+    tokenizer with its character position in the whole rendered prompt: the error now names the
+    message and the position in its content, for every message (system, parts joined) alike."""
+    cases = [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab\udcffcd"}],
+              "message 1's content contains a lone surrogate (U+DCFF at character 2)"),
+             ([{"role": "system", "content": "x\ud800"}, {"role": "user", "content": "hi"}],
+              "message 0's content contains a lone surrogate (U+D800 at character 1)"),
+             ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "\udce9"}]}],
+              "message 0's content contains a lone surrogate (U+DCE9 at character 2)")]
+    for messages, message in cases:
+        with pytest.raises(PyllmError) as info:
+            llm.chat(messages, max_new_tokens=1)
+        assert message in str(info.value)

@@ -469,3 +469,69 @@ def test_ctrl_c_at_a_plain_input_prompt_still_exits(llm, monkeypatch, capsys):
         signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert "Ctrl-C again to exit" in err and "Generation:" not in err and len(calls) == 2
+
+
+def test_input_that_is_not_utf8_is_refused_with_its_own_position(llm, monkeypatch, capsys):
+    """The line editor hands bytes that are not UTF-8 (a terminal in Latin-1, a stray byte) over as lone
+    surrogates (surrogateescape). The error came from the tokenizer, with the character position in the
+    whole rendered chat prompt (system message and template markers included), nothing the user could
+    find in what they typed. Now the message is checked as typed: the byte position is counted in it,
+    the chat goes on, and the turn is not kept. The same for /system, and for plain input()'s decode error."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    bad = b"caf\xe9 ok".decode("utf-8", "surrogateescape")
+    lines = [bad, "x\\", "ab" + bad, "/system " + bad,
+             UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"), "hello",
+             b"caf\xc3\xa9".decode("ascii", "surrogateescape"), "/exit"]
+    assert repl.chat_loop(llm, "Be brief.", dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert "your message is not UTF-8 text (byte 3: invalid continuation byte)" in err
+    assert "your message is not UTF-8 text (byte 7: invalid continuation byte)" in err  # "x\n" + "ab" before it
+    assert "the system message is not UTF-8 text (byte 3: invalid continuation byte)" in err
+    assert "the line typed is not UTF-8 text (byte 2: invalid start byte)" in err
+    assert "surrogate" not in err and "character" not in err
+    assert spy.seen[0] == [("system", "Be brief."), ("user", "hello")]  # nothing bad sent, the system message kept
+    assert len(spy.seen) == 2 and spy.seen[1][-1] == ("user", "café")  # UTF-8 bytes escaped one by one: made whole
+
+
+@pytest.mark.parametrize("when", ["read with the line", "before the editor leaves raw mode"])
+def test_ctrl_c_right_after_enter_stops_the_reply(tiny_llama_f32, tmp_path, when):
+    """Ctrl-C pressed just after Enter, while the line editor still held the terminal in raw mode, was
+    a key, not a signal: the editor kept it for the next prompt (read in the same read() as the Enter),
+    or it waited in the terminal (pressed before the editor gave raw mode up, a window made 0.5 s long
+    here). The reply ran on, and the next prompt said "(Ctrl-C again to exit)": one more Ctrl-C, meant
+    for the next reply, left the chat. Such a Ctrl-C now stops the reply, as one a moment later does;
+    other keys typed then stay for the next prompt."""
+    pexpect = pytest.importorskip("pexpect")
+    site = tmp_path / "site"
+    site.mkdir()
+    if when == "before the editor leaves raw mode":
+        (site / "sitecustomize.py").write_text(
+            "import time\nfrom prompt_toolkit.input import vt100\nexit_ = vt100.raw_mode.__exit__\n"
+            "vt100.raw_mode.__exit__ = lambda self, *a: (type(self) is vt100.raw_mode and time.sleep(0.5), "
+            "exit_(self, *a))[1]\n")
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(site) + (os.pathsep + path if path else "")
+    try:
+        child = spawn_chat(tiny_llama_f32, tmp_path / "cache", "-n", "200", "--system", "Be brief.")
+    finally:
+        os.environ["PYTHONPATH"] = path
+    if when == "read with the line":
+        child.send("hello\r\x03ab")  # one write: the editor reads all of it at once
+    else:
+        child.send("hello\r")
+        child.expect_exact("\x1b[?2004l")  # the editor is done with the line; raw mode for 0.5 s more
+        child.sendintr()
+        child.send("ab")
+    child.expect_exact("(stopped)", timeout=20)
+    assert "Generation:" not in child.before  # stopped before its first word
+    child.expect_exact(READY)
+    child.send("c\r")  # the next message is "abc": the keys typed after the Ctrl-C were kept
+    child.expect(STATS)
+    child.expect_exact(READY)
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    history = (tmp_path / "cache" / "pyllm" / repl.HISTORY_FILE).read_text()
+    assert "\n+hello\n" in history and "\n+abc\n" in history

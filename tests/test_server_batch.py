@@ -401,6 +401,51 @@ def test_other_users_of_the_engine_take_turns_between_steps(f32_file, alone):
         assert llm.generate(PROMPTS[0], max_new_tokens=60, temperature=0, logit_bias=ban) == expected[0]
 
 
+def test_a_slow_grammar_mask_holds_up_only_its_own_stream(f32_file, alone, monkeypatch):
+    """The scheduler sampled every sequence of a step in turn, and a grammar's sampler waits for its
+    mask (llguidance, computed in a worker thread while the step runs): a mask slower than a step held
+    up every other stream, each step. A sequence whose mask is not there now keeps its logits and is
+    sampled when it comes; the others go on. Here one mask takes as long as the test wants: the plain
+    stream runs to its end meanwhile, and both texts are the ones they give alone."""
+    pytest.importorskip("llguidance")
+    from pyllm import structured
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in alone.tokenizer.eos_ids}
+    plain_options = dict(max_new_tokens=40, temperature=0.9, seed=7, logit_bias=ban)
+    messages = [{"role": "user", "content": "JSON"}]
+    json_options = dict(max_new_tokens=16, temperature=0.9, seed=3, response_format={"type": "json_object"})
+    expected_plain = alone.generate(PROMPTS[0], **plain_options)
+    expected_json = alone.chat(messages, **json_options)
+
+    gate, timed_out = threading.Event(), threading.Event()
+    advance = structured.GrammarProcessor._advance
+
+    def slow_advance(self, token):  # the mask for the constrained stream's second token waits for the gate
+        if not gate.wait(20):
+            timed_out.set()  # (and the rest goes on: a failure, not a hang)
+            gate.set()
+        advance(self, token)
+
+    with pyllm.LLM(f32_file, n_threads=1, context_length=CONTEXT, n_parallel=2) as llm:
+        scheduler = Scheduler(llm, 16)
+        monkeypatch.setattr(structured.GrammarProcessor, "_advance", slow_advance)
+        constrained, got = llm.chat(messages, stream=True, **json_options), []
+        reader = threading.Thread(target=lambda: got.append("".join(constrained)), daemon=True)
+        reader.start()
+        deadline = time.time() + 30
+        while constrained.stats.generated_tokens < 1:  # its first token (the first mask is made at once)
+            assert time.time() < deadline, "the constrained stream did not start"
+            time.sleep(0.01)
+        plain = "".join(llm.generate(PROMPTS[0], stream=True, **plain_options))
+        assert not timed_out.is_set(), "the plain stream waited for the other stream's grammar"
+        assert constrained.stats.generated_tokens == 1  # held: its mask is not there
+        gate.set()
+        reader.join(timeout=60)
+        scheduler.close()
+    assert plain == expected_plain and got == [expected_json]
+
+
 def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, alone):
     """An embeddings call of many inputs held the engine until its last input: every running stream
     stopped for its whole length (/v1/embeddings of 60,000 tokens froze SmolLM2's streams for 152 s).

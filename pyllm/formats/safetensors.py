@@ -312,7 +312,7 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     into the metadata (CHECKSUM_KEY). The file appears under `path` only once
     complete and synced; until then it has no name (Linux: O_TMPFILE, linked in
     at the end), so a process killed mid-write leaves nothing behind. Elsewhere
-    a temporary "NAME.XXXX.partial" file is renamed into place.
+    a temporary "NAME.PID.XXXX.partial" file is renamed into place.
     """
     path = os.fspath(path)
     plans = list(tensors)
@@ -413,14 +413,15 @@ def check_output_path(path: str) -> str:
 
 def _open_unnamed(path: str) -> tuple[int, str | None]:
     """A new file to write beside path: (fd, None) for an unnamed one (Linux O_TMPFILE, where the
-    file system supports it), else (fd, name) of a NAME.XXXX.partial file."""
+    file system supports it), else (fd, name) of a NAME.PID.XXXX.partial file."""
     directory = os.path.dirname(os.path.abspath(path))
     if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
         try:
             return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666), None
         except OSError:
             pass  # the file system has no unnamed files
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".partial", dir=directory)
+    # the pid in the name: a file left by a killed process is told from one being written (model_cache)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.", suffix=".partial", dir=directory)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the mode open() would
     return fd, tmp
 
