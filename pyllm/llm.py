@@ -19,7 +19,7 @@ from .formats.packed import PackedModel
 from .errors import PyllmError
 from .formats.safetensors import FormatError
 from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_parallel, check_threads
-from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax
+from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax, most_likely
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 DEFAULT_CONTEXT = 4096
@@ -1024,7 +1024,7 @@ def _token_logprob(token: int, logits: np.ndarray, top: int | None) -> TokenLogp
     if top is None:
         return TokenLogprob(token)
     logp = log_softmax(logits)
-    best = np.argsort(-logp, kind="stable")[:top] if top else []
+    best = most_likely(logp, top) if top else []
     return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
 
 

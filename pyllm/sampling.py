@@ -241,6 +241,19 @@ def nucleus(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
     raise AssertionError("unreachable: the last threshold takes every id")
 
 
+def most_likely(logp: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest of logp (f32/f64 [vocab]), largest first, equal values in id order:
+    np.argsort(-logp, kind="stable")[:k] without sorting the vocabulary (a stable sort of 49152 values
+    took 5 ms a token; a partition and a sort of the k ~0.3 ms). Ids past the vocabulary never come."""
+    k = max(0, min(int(k), logp.size))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(logp, logp.size - k)[logp.size - k]  # the k-th largest value
+    above = np.flatnonzero(logp > kth)
+    ids = np.concatenate([above, np.flatnonzero(logp == kth)[:k - above.size]])
+    return ids[np.lexsort((ids, -logp[ids]))]
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """f32/f64 [..., vocab] -> f64 log-probabilities over the last axis."""
     x = np.asarray(logits, dtype=np.float64)

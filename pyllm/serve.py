@@ -748,7 +748,7 @@ class Server:
         """The echoed prompt's tokens with their log-probabilities (the first has none), computed
         once per prompt."""
         from .llm import TokenLogprob
-        from .sampling import log_softmax
+        from .sampling import log_softmax, most_likely
 
         prompt = index // plan.n
         if prompt not in plan.echo_logprobs:
@@ -758,7 +758,7 @@ class Server:
             tokens = [TokenLogprob(ids[0])]
             for k in range(1, len(ids)):
                 row = log_softmax(logits[k - 1])  # row by row: no second [tokens, vocab] array
-                best = row.argsort()[::-1][:top] if top else []
+                best = most_likely(row, top) if top else []
                 tokens.append(TokenLogprob(ids[k], float(row[ids[k]]), [(int(i), float(row[i])) for i in best]))
             plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
         return plan.echo_logprobs[prompt]

@@ -370,3 +370,19 @@ def test_greedy_without_processors_is_the_argmax_of_the_processed_scores():
     for logits in cases:
         assert sampler(logits) == int(np.argmax(sampler.processed(logits)))
     assert sampler(tied) == 5
+
+
+def test_most_likely_is_the_stable_argsort_s_head():
+    """most_likely (top logprobs) gives what np.argsort(-x, kind="stable")[:k] gives, ties in id order,
+    for k from 0 past the vocabulary, on random, tied, constant and -inf-holding values."""
+    from pyllm.sampling import most_likely
+
+    rng = np.random.default_rng(5)
+    cases = [rng.standard_normal(VOCAB), rng.integers(0, 4, VOCAB).astype(np.float64), np.zeros(VOCAB),
+             rng.standard_normal(VOCAB).astype(np.float32)]
+    with_inf = rng.standard_normal(VOCAB)
+    with_inf[::3] = -np.inf
+    cases.append(with_inf)
+    for x in cases:
+        for k in (0, 1, 2, 5, 20, VOCAB - 1, VOCAB, VOCAB + 3):
+            np.testing.assert_array_equal(most_likely(x, k), np.argsort(-x, kind="stable")[:k])
