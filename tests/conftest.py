@@ -77,6 +77,17 @@ def tiny_llama_f32(tiny_llama, tmp_path_factory):
     return out
 
 
+def scripted_reply(ids):
+    """A logits processor that makes the reply `ids`, one per step (the last one repeated after)."""
+    def force(context, scores):
+        scores[:] = -float("inf")
+        scores[ids[min(force.step, len(ids) - 1)]] = 0.0
+        force.step += 1
+        return scores
+    force.step = 0
+    return force
+
+
 def nmse(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

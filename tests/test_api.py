@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import pyllm
+from conftest import scripted_reply
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +70,6 @@ def test_stop_string_ends_generation_and_is_not_emitted(llm):
     assert streamed == cut
 
 
-def _forced(ids):
-    """A logits processor that makes the reply `ids`, one per step."""
-    def force(context, scores):
-        scores[:] = -float("inf")
-        scores[ids[min(force.step, len(ids) - 1)]] = 0.0
-        force.step += 1
-        return scores
-    force.step = 0
-    return force
-
-
 def test_stream_tokens_stop_where_a_stop_strings_text_does(llm):
     """A stream's tokens (and logprobs) listed the token that completed a stop string, and those
     before it that held only its text, though the text returned ends before it. Now they are the
@@ -106,7 +96,7 @@ def test_stream_tokens_stop_where_a_stop_strings_text_does(llm):
             for reply, stop in cases:
                 full = llm.detokenize(reply)
                 assert stop in full
-                stream = llm.generate("Paris", max_new_tokens=len(reply), logits_processors=[_forced(reply)],
+                stream = llm.generate("Paris", max_new_tokens=len(reply), logits_processors=[scripted_reply(reply)],
                                       stop=[stop], stream=True, logprobs=1)
                 pieces = []
                 for piece in stream:

@@ -29,7 +29,7 @@ from pyllm.formats.packed import TokenizerSpec
 from pyllm.formats.safetensors import FormatError
 from pyllm.tokenizer import StreamDecoder, Tokenizer
 
-from conftest import TRAINING_TEXT
+from conftest import TRAINING_TEXT, scripted_reply
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -502,17 +502,6 @@ def test_stream_after_a_context_cut_inside_a_character_sentencepiece_byte_fallba
     _assert_stream_after_a_cut_character(llm.tokenizer, seed=5)
 
 
-def _scripted(ids):
-    """A logits processor that makes the reply `ids`, one per step."""
-    def force(context, scores):
-        scores[:] = -float("inf")
-        scores[ids[min(force.step, len(ids) - 1)]] = 0.0
-        force.step += 1
-        return scores
-    force.step = 0
-    return force
-
-
 @pytest.mark.parametrize("case", ["llama", "llama2_tokenizer_json"])
 def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_models, case):
     """A prompt ending in characters the vocabulary lacks ("∑☃": a run of byte tokens, the 4-id
@@ -524,7 +513,7 @@ def test_reply_continuing_a_prompts_byte_run_is_not_replacement_characters(sp_mo
         ids = llm.tokenize(prompt + rest, add_special_tokens=False)
         k = next(k for k in range(len(ids)) if llm.detokenize(ids[:k]).endswith(prompt))
         assert all(i in llm.tokenizer.run_byte_ids for i in ids[k - 4:k + 2])
-        stream = llm.generate(ids[:k], max_new_tokens=len(ids) - k, logits_processors=[_scripted(ids[k:])],
+        stream = llm.generate(ids[:k], max_new_tokens=len(ids) - k, logits_processors=[scripted_reply(ids[k:])],
                               stream=True)
         assert "".join(stream) == rest, prompt
         assert [t.id for t in stream.tokens] == ids[k:]
@@ -692,7 +681,7 @@ def test_reply_invalidating_a_prompts_byte_run_keeps_its_text(sp_models, case):
     words = llm.tokenize("x Ω☃∑ and more", add_special_tokens=False)[len(ids):]
     assert all(i in llm.tokenizer.run_byte_ids for i in ids[-8:])
     for cut in (1, 2):  # "∑" (3 byte tokens) cut after 2 or 1 of them
-        stream = llm.generate(ids[:-cut], max_new_tokens=len(words), logits_processors=[_scripted(words)],
+        stream = llm.generate(ids[:-cut], max_new_tokens=len(words), logits_processors=[scripted_reply(words)],
                               stream=True)
         text = "".join(stream)
         assert text == _expected_reply_text(llm.tokenizer, ids[:-cut], words)
