@@ -440,6 +440,19 @@ def test_a_tensor_of_another_shape_is_refused_naming_file_and_tensor(tmp_path):
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_a_non_finite_tensor_is_refused_naming_file_and_tensor(tmp_path):
+    """NaN in a GGUF tensor: the message names the GGUF file and tensor (it named pyllm's tensor only)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    norm = np.ones(64, np.float32)
+    norm[5] = np.nan
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={"output_norm.weight": (norm, Q.F32)})
+    with pytest.raises(FormatError, match=re.escape(bad) + r": tensor 'output_norm\.weight' \(as 'model\.norm\.weight'\) "
+                       r"holds 1 NaN or infinite value"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 @pytest.mark.parametrize("copied, into", [(20, 500), (0, 511)])  # a plain token; a special one into the padding
 def test_a_token_listed_twice_is_refused(tmp_path, copied, into):
     """A vocabulary maps each text to one id: the other id of a token listed twice converted, then

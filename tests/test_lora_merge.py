@@ -359,7 +359,10 @@ def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys
     name = next(k for k in tensors if "layers.1" in k and "lora_B" in k)
     tensors[name][0, 0] = np.inf
     save_file(tensors, path)
-    expect_refusal(base, [adapter], tmp_path, r"model\.layers\.1\.self_attn\.q_proj\.weight.*NaN or infinite")
+    # the base's file and tensor, and the adapter merged into it, are named
+    expect_refusal(base, [adapter], tmp_path, re.escape(os.path.join(base, "model.safetensors")) +
+                   r": tensor 'model\.layers\.1\.self_attn\.q_proj\.weight' \(with " +
+                   re.escape(path) + r" merged\) holds \d+ NaN or infinite")
     out = str(tmp_path / "merged")
     capsys.readouterr()
     assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1
