@@ -100,6 +100,9 @@ CASES = {
     "patterns": dict(target_modules=ALL_PROJECTIONS, r=4, rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
                      alpha_pattern={"v_proj": 32, r"layers\.0\.mlp\.up_proj": 3}),
     "lm_head_and_embedding": dict(target_modules=["embed_tokens", "lm_head", "q_proj"]),
+    # PEFT accepts any finite alpha (scaling = alpha / r); pyllm refused alpha <= 0 ("a positive number")
+    "negative_alpha": dict(target_modules=ALL_PROJECTIONS, lora_alpha=-8),
+    "zero_alpha_with_a_pattern": dict(target_modules=["q_proj", "v_proj"], lora_alpha=0, alpha_pattern={"v_proj": -4}),
 }
 
 
