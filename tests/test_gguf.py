@@ -318,6 +318,20 @@ V = gguf.GGUFValueType
     # bool("false") is True: the file's opposite, in silence
     ("tokenizer.ggml.add_bos_token", "false", V.STRING, None, "'tokenizer.ggml.add_bos_token' must be a bool"),
     ("tokenizer.ggml.add_eos_token", 1, V.UINT8, None, "'tokenizer.ggml.add_eos_token' must be a bool"),
+    # the vocabulary's arrays: a bare "the GGUF tokenizer cannot be read: AttributeError" (numbers where
+    # strings belong), or a string read as its characters
+    ("tokenizer.ggml.merges", [1, 2, 3], V.ARRAY, V.INT32, r"'tokenizer.ggml.merges' must be an array of strings "
+                                                           r"\('left right'\); entry 0 is 1"),
+    ("tokenizer.ggml.merges", "a b", V.STRING, None, r"'tokenizer.ggml.merges' must be an array of strings .*got 'a b'"),
+    ("tokenizer.ggml.merges", ["a b", "ab"], V.ARRAY, V.STRING, r"'tokenizer.ggml.merges' .*; entry 1 is 'ab'"),
+    ("tokenizer.ggml.tokens", "abc", V.STRING, None, "'tokenizer.ggml.tokens' must be an array of strings, got 'abc'"),
+    ("tokenizer.ggml.tokens", list(range(512)), V.ARRAY, V.INT32,
+     "'tokenizer.ggml.tokens' must be an array of strings; entry 0 is 0"),
+    ("tokenizer.ggml.scores", 1.5, V.FLOAT32, None, "'tokenizer.ggml.scores' must be an array of numbers, got 1.5"),
+    ("tokenizer.ggml.token_type", 1, V.INT32, None, "tokenizer.ggml.token_type must hold one integer per token"),
+    ("tokenizer.ggml.token_type", "1", V.STRING, None, "tokenizer.ggml.token_type must hold one integer per token"),
+    ("tokenizer.ggml.model", 5, V.UINT32, None, "'tokenizer.ggml.model' must be a str"),
+    ("tokenizer.ggml.pre", ["gpt2"], V.ARRAY, V.STRING, "'tokenizer.ggml.pre' must be a str"),
 ])
 def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, kind, sub, message):
     good = str(tmp_path / "good.gguf")
