@@ -282,16 +282,24 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
-def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
+def reply_text(tokenizer, ids: list[int], text: str, keep: set[int] | None = None) -> tuple[str, bool]:
     """(the reply as the tool-call parser reads it, whether a stop string cut it). The parser reads
     the reply's tokens decoded with their special tokens (a marker may be one, Mistral's
     [TOOL_CALLS]), but only as far as `text`, the text the reply returns: the tokens include the
     stop string that ended it and what its last token holds past it, which is no part of the reply
     (a call completed there is no call the client was given). Cut, it is the decoding with special
-    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text."""
+    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text.
+    keep: the special tokens decoded (tool_calls.syntax_special_ids: the format's marker and closing
+    tag); others are left out as in `text`, so the content around calls holds none, as the text
+    a stream sent does (None: all of them)."""
+    def with_specials(part):
+        if keep is not None:
+            part = [i for i in part if i not in tokenizer.special_ids or i in keep]
+        return tokenizer.decode(part, skip_special_tokens=False)
+
     plain = tokenizer.decode(ids)
     if len(plain) <= len(text) or not plain.startswith(text):
-        return tokenizer.decode(ids, skip_special_tokens=False), False
+        return with_specials(ids), False
     low, high = 0, len(ids)  # text starts with the text of ids[:low], not with that of ids[:high]
     while high - low > 1:
         mid = (low + high) // 2
@@ -300,7 +308,7 @@ def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
         else:
             high = mid
     head = tokenizer.decode(ids[:low])
-    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):], True
+    return with_specials(ids[:low]) + text[len(head):], True
 
 
 def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
@@ -719,12 +727,15 @@ class Server:
 
     # -- plan + generated text -> choices -------------------------------------------------------
     def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
+        from .tool_calls import syntax_special_ids
+
         tokenizer = self.llm.tokenizer
         finish = stream.stats.finish_reason
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text)
+                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text,
+                                           syntax_special_ids(plan.tools, tokenizer))
                 parsed = plan.tools.split(full, cut=stopped or finish == "length")
                 calls = parsed.calls
                 if calls:
@@ -789,7 +800,7 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream, special_marker_id
+        from .tool_calls import ToolCallStream, special_marker_id, syntax_special_ids
 
         chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
         tokenizer = self.llm.tokenizer
@@ -845,7 +856,8 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
+                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text,
+                                           syntax_special_ids(tools.fmt, tokenizer))
                 content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))
