@@ -191,6 +191,12 @@ class ChatCompletionRequest(_Sampling):
                                        f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
         if self.top_logprobs and not self.logprobs:
             raise _FieldError("top_logprobs", "needs logprobs: true")
+        first: dict[str, int] = {}
+        for k, tool in enumerate(self.tools or []):  # a call names its function: two of a name are ambiguous
+            j = first.setdefault(tool.function.name, k)
+            if j != k:
+                raise _FieldError(f"tools[{k}].function.name", f"{tool.function.name!r} is also tools[{j}]'s name; "
+                                  "function names must be unique (a call names the function it calls)")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = [t.function.name for t in self.tools or []]
             if self.tool_choice.function.name not in names:

@@ -210,7 +210,7 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     """Runs the benchmark and returns its results as one JSON-ready dict (see the module docstring).
     depth: tokens already in the cache before each test (llama-bench's -d); activation_quant: LLM's."""
     from . import _core
-    from .llm import LLM, kv_cache_bytes
+    from .llm import LLM
 
     if n_prompt < 1 or n_gen < 1 or repetitions < 1:
         raise ValueError("-p, -n and -r must be at least 1")
@@ -273,7 +273,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
             "peak_rss_bytes": memory.get("VmHWM"),
             "kv_cache": llm.engine.kv_cache,
             "activation_quant": llm.engine.activation_quant,
-            "kv_cache_bytes": kv_cache_bytes(config, n_ctx, llm.engine.kv_cache),
+            # as allocated (the CPU engine pads each kv head's positions), the memory it takes beside the file
+            "kv_cache_bytes": llm.kv_cache_bytes,
             "read_bandwidth_gb_per_s": None,
             "decode_fraction_of_bound": None,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},

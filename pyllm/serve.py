@@ -282,15 +282,22 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
-def reply_text(tokenizer, ids: list[int], text: str, stopped: bool) -> str:
+def reply_text(tokenizer, ids: list[int], text: str, stopped: bool, keep: set[int] | None = None) -> str:
     """The reply as the tool-call parser reads it: its tokens decoded with their special tokens (a
     marker may be one, Mistral's [TOOL_CALLS]), but only as far as `text`, the text the reply returns.
     stopped: a stop string ended the reply (GenerationStats.stop_string); its last token may then hold
     text past the reply's end, which is no part of it (a call completed there is no call the client
     was given): the decoding with special tokens of the longest run of leading tokens whose text the
-    reply holds, then the rest of text."""
+    reply holds, then the rest of text. keep: the special tokens decoded (tool_calls.syntax_special_ids:
+    the format's marker and closing tag); others are left out as in `text`, so the content around
+    calls holds none, as the text a stream sent does (None: all of them)."""
+    def with_specials(part):
+        if keep is not None:
+            part = [i for i in part if i not in tokenizer.special_ids or i in keep]
+        return tokenizer.decode(part, skip_special_tokens=False)
+
     if not stopped:
-        return tokenizer.decode(ids, skip_special_tokens=False)
+        return with_specials(ids)
     low, high = 0, len(ids) + 1  # text starts with the text of ids[:low], not with that of ids[:high]
     while high - low > 1:
         mid = (low + high) // 2
@@ -299,7 +306,7 @@ def reply_text(tokenizer, ids: list[int], text: str, stopped: bool) -> str:
         else:
             high = mid
     head = tokenizer.decode(ids[:low])
-    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):]
+    return with_specials(ids[:low]) + text[len(head):]
 
 
 def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
@@ -722,13 +729,16 @@ class Server:
 
     # -- plan + generated text -> choices -------------------------------------------------------
     def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
+        from .tool_calls import syntax_special_ids
+
         tokenizer = self.llm.tokenizer
         finish = stream.stats.finish_reason
         if plan.chat:
             calls = []
             if plan.tools is not None:
                 stopped = stream.stats.stop_string is not None
-                full = reply_text(tokenizer, [t.id for t in tokens], text, stopped)
+                full = reply_text(tokenizer, [t.id for t in tokens], text, stopped,
+                                  syntax_special_ids(plan.tools, tokenizer))
                 parsed = plan.tools.split(full, cut=stopped or finish == "length")
                 calls = parsed.calls
                 if calls:
@@ -793,7 +803,7 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream, special_marker_id
+        from .tool_calls import ToolCallStream, special_marker_id, syntax_special_ids
 
         chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
         tokenizer = self.llm.tokenizer
@@ -850,7 +860,8 @@ class Server:
             finish = stream.stats.finish_reason
             if tools is not None:
                 stopped = stream.stats.stop_string is not None
-                full = reply_text(tokenizer, [t.id for t in all_tokens], tools.text, stopped)
+                full = reply_text(tokenizer, [t.id for t in all_tokens], tools.text, stopped,
+                                  syntax_special_ids(tools.fmt, tokenizer))
                 content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))

@@ -8,6 +8,7 @@ texts are encoded with Python's lock released, so other threads (a server's even
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -59,9 +60,15 @@ class Tokenizer:
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
+            from .formats.safetensors import FormatError
+
             self._hf = None
             self._sp = spm.SentencePieceProcessor(model_proto=blob)
             base = self._sp.get_piece_size()
+            for i in range(base):  # as convert's tokenizer.model reader: merges (or unigram paths) ranked by a
+                if math.isnan(self._sp.get_score(i)):  # NaN score came out in no defined order
+                    raise FormatError(f"the sentencepiece tokenizer: piece {i} ({self._sp.id_to_piece(i)!r:.60}) "
+                                      "has score NaN")
             self.vocab_size = max([base] + [i + 1 for i in spec.added_tokens.values()])
             self.special_ids = {i for i in range(base) if self._sp.is_control(i)} | set(spec.added_tokens.values())
             specials = [t for t in (spec.bos_token, spec.eos_token, *spec.added_tokens) if t]

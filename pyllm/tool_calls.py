@@ -52,6 +52,7 @@ class Parsed:
     content: str
     calls: list[ToolCall]
     dropped: bool = False
+    lead: str = ""  # the part of content before the first call (as joined into content)
 
 
 class ToolFormat:
@@ -90,7 +91,7 @@ class ToolFormat:
         if not calls:
             return Parsed(text, [])
         pieces, objects, dropped = found
-        return Parsed(self._content(pieces), calls, dropped and self.parallel)
+        return Parsed(self._content(pieces), calls, dropped and self.parallel, self._content(pieces[:1]))
 
     def _find(self, text: str, cut: bool):
         """(the text outside the calls: before the first, between them, after the last; the calls'
@@ -397,9 +398,20 @@ class ToolCallStream:
         parsed = self.fmt.split(full_text, cut)
         content, calls, self.dropped = parsed.content, parsed.calls, parsed.dropped
         if calls:
-            rest = content[self.sent:] if content.startswith(self.text[:self.sent]) else ""
-            return rest, calls
+            if content.startswith(self.text[:self.sent]):
+                return content[self.sent:], calls
+            # what was sent differs from the parsed text before the calls (full_text read otherwise than
+            # the streamed pieces): it stands for that text, and the rest (the text after the calls,
+            # once dropped here in silence) follows it
+            return content[len(parsed.lead):], calls
         return self.text[self.sent:], []
+
+
+def syntax_special_ids(fmt: ToolFormat, tokenizer) -> set[int]:
+    """The ids of fmt's marker and closing tag where the tokenizer has them as special tokens: the
+    only special tokens the parser reads (others are no part of a reply's content)."""
+    ids = {tokenizer.token_to_id(t) for t in (fmt.marker, getattr(fmt, "end", None)) if t}
+    return {i for i in ids if i is not None and i in tokenizer.special_ids}
 
 
 def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:

@@ -9,6 +9,7 @@ import pytest
 from pyllm import _core
 from pyllm.bench import weight_bytes_per_token
 from pyllm.cli import main
+from pyllm.llm import LLM, kv_cache_stride
 
 
 def run_cli(capsys, *argv) -> dict:
@@ -35,7 +36,10 @@ def test_bench_json_fields(tiny_llama_f32, capsys):
     assert r["read_bandwidth_gb_per_s"] > 0
     assert r["decode_fraction_of_bound"] == pytest.approx(r["decode_gb_per_s"] / r["read_bandwidth_gb_per_s"])
     assert r["kv_cache"] == "f32"  # an f32 model keeps an f32 cache
-    assert r["kv_cache_bytes"] == 2 * layers * kv * (24 + 6) * 4
+    # as allocated: the CPU engine pads a kv head's 30 positions to 3 lines of 16 f32 (kv_cache_stride)
+    assert r["kv_cache_bytes"] == 2 * layers * kv * 48 * 4 == 2 * layers * kv * kv_cache_stride("f32", 24 + 6) * 4
+    with LLM(tiny_llama_f32, n_threads=1, context_length=24 + 6) as llm:
+        assert r["kv_cache_bytes"] == llm.kv_cache_bytes  # what the engine allocated
     assert r["file_plus_kv_bytes"] == r["file_bytes"] + r["kv_cache_bytes"]
     assert 0 < r["rss_before_load_bytes"] and 0 < r["rss_bytes"] <= r["peak_rss_bytes"]
     assert r["kernels"] == _core.active_kernels() and r["machine"]["cores"] >= 1
@@ -55,7 +59,8 @@ def test_bench_kv_cache_flag(tiny_llama_f32, capsys):
     r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json",
                 "--kv-cache", "f16")
     assert r["kv_cache"] == "f16"
-    assert r["kv_cache_bytes"] == 2 * 2 * (2 * 16) * (8 + 2) * 2  # K and V, layers, kv heads x head_dim, n_ctx, bytes
+    # K and V, layers, kv heads x head_dim, positions as allocated (10 padded to one line of 32 f16), bytes
+    assert r["kv_cache_bytes"] == 2 * 2 * (2 * 16) * 32 * 2
     with pytest.raises(SystemExit):
         main(["bench", tiny_llama_f32, "--kv-cache", "q8"])
 
@@ -87,7 +92,8 @@ def test_bench_depth_runs_the_tests_after_a_filled_context(tiny_llama_f32, capsy
     """-d N (llama-bench's meaning): N tokens sit in the KV cache before each test; the cache is sized
     for them, the JSON says the depth, the table marks its rows."""
     r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "4", "-d", "100", "-r", "1", "--bandwidth-mib", "0", "--json")
-    assert r["depth"] == 100 and r["kv_cache_bytes"] == 2 * 2 * (2 * 16) * (100 + 8 + 4) * 4
+    # 112 positions padded to 7 lines of 16 f32, as allocated
+    assert r["depth"] == 100 and r["kv_cache_bytes"] == 2 * 2 * (2 * 16) * 112 * 4
     assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-d", "40", "-r", "1", "--bandwidth-mib", "0"]) == 0
     out = capsys.readouterr().out
     assert "| pp8 @ d40 |" in out and "| tg2 @ d40 |" in out

@@ -318,6 +318,20 @@ V = gguf.GGUFValueType
     # bool("false") is True: the file's opposite, in silence
     ("tokenizer.ggml.add_bos_token", "false", V.STRING, None, "'tokenizer.ggml.add_bos_token' must be a bool"),
     ("tokenizer.ggml.add_eos_token", 1, V.UINT8, None, "'tokenizer.ggml.add_eos_token' must be a bool"),
+    # the vocabulary's arrays: a bare "the GGUF tokenizer cannot be read: AttributeError" (numbers where
+    # strings belong), or a string read as its characters
+    ("tokenizer.ggml.merges", [1, 2, 3], V.ARRAY, V.INT32, r"'tokenizer.ggml.merges' must be an array of strings "
+                                                           r"\('left right'\); entry 0 is 1"),
+    ("tokenizer.ggml.merges", "a b", V.STRING, None, r"'tokenizer.ggml.merges' must be an array of strings .*got 'a b'"),
+    ("tokenizer.ggml.merges", ["a b", "ab"], V.ARRAY, V.STRING, r"'tokenizer.ggml.merges' .*; entry 1 is 'ab'"),
+    ("tokenizer.ggml.tokens", "abc", V.STRING, None, "'tokenizer.ggml.tokens' must be an array of strings, got 'abc'"),
+    ("tokenizer.ggml.tokens", list(range(512)), V.ARRAY, V.INT32,
+     "'tokenizer.ggml.tokens' must be an array of strings; entry 0 is 0"),
+    ("tokenizer.ggml.scores", 1.5, V.FLOAT32, None, "'tokenizer.ggml.scores' must be an array of numbers, got 1.5"),
+    ("tokenizer.ggml.token_type", 1, V.INT32, None, "tokenizer.ggml.token_type must hold one integer per token"),
+    ("tokenizer.ggml.token_type", "1", V.STRING, None, "tokenizer.ggml.token_type must hold one integer per token"),
+    ("tokenizer.ggml.model", 5, V.UINT32, None, "'tokenizer.ggml.model' must be a str"),
+    ("tokenizer.ggml.pre", ["gpt2"], V.ARRAY, V.STRING, "'tokenizer.ggml.pre' must be a str"),
 ])
 def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, kind, sub, message):
     good = str(tmp_path / "good.gguf")
@@ -436,6 +450,19 @@ def test_a_tensor_of_another_shape_is_refused_naming_file_and_tensor(tmp_path):
     bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={"output_norm.weight": (np.ones(63, np.float32), Q.F32)})
     with pytest.raises(FormatError, match=re.escape(bad) + r": tensor 'output_norm\.weight' \(as 'model\.norm\.weight'\) "
                        r"has shape \[63\], the config implies \[64\]"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_a_non_finite_tensor_is_refused_naming_file_and_tensor(tmp_path):
+    """NaN in a GGUF tensor: the message names the GGUF file and tensor (it named pyllm's tensor only)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    norm = np.ones(64, np.float32)
+    norm[5] = np.nan
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={"output_norm.weight": (norm, Q.F32)})
+    with pytest.raises(FormatError, match=re.escape(bad) + r": tensor 'output_norm\.weight' \(as 'model\.norm\.weight'\) "
+                       r"holds 1 NaN or infinite value"):
         convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
     assert not (tmp_path / "x.pllm").exists()
 

@@ -100,6 +100,9 @@ CASES = {
     "patterns": dict(target_modules=ALL_PROJECTIONS, r=4, rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
                      alpha_pattern={"v_proj": 32, r"layers\.0\.mlp\.up_proj": 3}),
     "lm_head_and_embedding": dict(target_modules=["embed_tokens", "lm_head", "q_proj"]),
+    # PEFT accepts any finite alpha (scaling = alpha / r); pyllm refused alpha <= 0 ("a positive number")
+    "negative_alpha": dict(target_modules=ALL_PROJECTIONS, lora_alpha=-8),
+    "zero_alpha_with_a_pattern": dict(target_modules=["q_proj", "v_proj"], lora_alpha=0, alpha_pattern={"v_proj": -4}),
 }
 
 
@@ -359,7 +362,10 @@ def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys
     name = next(k for k in tensors if "layers.1" in k and "lora_B" in k)
     tensors[name][0, 0] = np.inf
     save_file(tensors, path)
-    expect_refusal(base, [adapter], tmp_path, r"model\.layers\.1\.self_attn\.q_proj\.weight.*NaN or infinite")
+    # the base's file and tensor, and the adapter merged into it, are named
+    expect_refusal(base, [adapter], tmp_path, re.escape(os.path.join(base, "model.safetensors")) +
+                   r": tensor 'model\.layers\.1\.self_attn\.q_proj\.weight' \(with " +
+                   re.escape(path) + r" merged\) holds \d+ NaN or infinite")
     out = str(tmp_path / "merged")
     capsys.readouterr()
     assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1

@@ -185,6 +185,12 @@ def test_bad_requests_get_clear_errors(live, llm):
         (dict(messages=_chat("hi"), presence_penalty=2.5), "presence_penalty"),
         (dict(messages=_chat("hi"), top_logprobs=3), "top_logprobs"),
         (dict(messages=_chat("hi"), tool_choice="required"), "tool_choice"),
+        # two functions of one name were taken: a call naming it could be either (Anthropic's and Gemini's
+        # APIs refuse this too: "Tool names must be unique", "Duplicate function declaration found")
+        (dict(messages=_chat("hi"), tools=[{"type": "function", "function": {"name": "f"}},
+                                           {"type": "function", "function": {"name": "g"}},
+                                           {"type": "function", "function": {"name": "f", "description": "another"}}]),
+         "tools[2].function.name"),
         (dict(messages=_chat("hi"), response_format={"type": "xml"}), "response_format.type"),
         (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
         # OpenAI's deprecated function calling was ignored: a plain answer, the functions silently dropped

@@ -610,6 +610,22 @@ def test_text_around_calls_is_the_same_content_in_every_format_and_mode(live, ll
                       max_tokens=200) == ("Let me check.\nBack soon.", calls, "tool_calls"), stream
 
 
+def test_special_tokens_in_the_text_around_calls_do_not_change_content(live, llm, tool_template, monkeypatch):
+    """A special token in the text before a call (here <|im_start|>): the stream sent the text before
+    the call without it (streamed pieces leave special tokens out), then found the parsed content,
+    read from the reply decoded with its special tokens, not starting with what it had sent, and sent
+    nothing more: the text after the calls was lost, and the reply not streamed held the special
+    token. Content leaves out special tokens other than the format's own, streamed or not."""
+    calls = [("get_time", {"zone": "UTC"})]
+    written = _written_calls(tool_template, calls)
+    if tool_template.startswith("llama"):
+        written = "<|python_tag|>" + written
+    _script(llm, monkeypatch, "Let me<|im_start|> check. \n" + written + "\n\nBack<|im_start|> soon.")
+    for stream in (False, True):
+        assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                      max_tokens=200) == ("Let me check.\nBack soon.", calls, "tool_calls"), stream
+
+
 def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     from pyllm.serve import reply_text
 
@@ -617,6 +633,9 @@ def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     assert special in llm.tokenizer.special_ids
     ids = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]STOP and more', False)
     assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True) == 'Sure.<|im_start|> [{"a": 1}]'
+    # keep: only the special tokens a tool-call format reads are decoded
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True, keep=set()) == 'Sure. [{"a": 1}]'
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True, keep={special}) == 'Sure.<|im_start|> [{"a": 1}]'
     whole = llm.tokenizer.decode(ids)
     assert reply_text(llm.tokenizer, ids, whole, False) == llm.tokenizer.decode(ids, skip_special_tokens=False)
     # the stream's tokens end with the returned text (a stop string's tokens are dropped): stopped all the same

@@ -391,6 +391,21 @@ def test_sentencepiece_kind_encodes_like_sentencepiece(sp_kind_tokenizer):
     assert tok.decode(ids, skip_special_tokens=False) == "<s>hi</s>" + sp.decode(sp.encode(" there"))
 
 
+def test_sentencepiece_kind_refuses_a_nan_score(sp_model_bytes):
+    """A piece scored NaN: its merges were ranked in no defined order, in silence (convert's
+    tokenizer.model reader refused it; the older .pllm files' sentencepiece kind did not)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model_bytes)
+    proto.pieces[40].score = float("nan")
+    sp = spm.SentencePieceProcessor(model_proto=sp_model_bytes)
+    spec = TokenizerSpec(kind="sentencepiece", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                         bos_token_id=sp.bos_id(), eos_token_ids=[sp.eos_id()], add_bos_token=True)
+    with pytest.raises(FormatError, match=r"piece 40 \(.*\) has score NaN"):
+        Tokenizer(spec, proto.SerializeToString())
+
+
 # -- 4. streamed decoding ------------------------------------------------------------------------
 
 def _stream(tok, context, ids):

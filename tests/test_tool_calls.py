@@ -112,6 +112,23 @@ def test_stream_holds_back_only_what_may_be_a_call():
     assert prose.feed("Hello") == "Hello"
 
 
+@pytest.mark.parametrize("fmt, call", [
+    (Hermes, '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'),
+    (Mistral, '[TOOL_CALLS] [{"name": "f", "arguments": {}}]'),
+    (Llama3, '<|python_tag|>{"name": "f", "parameters": {}}'),
+])
+def test_text_after_calls_is_kept_when_the_streamed_text_differs_from_the_parsed(fmt, call):
+    """finish() is given the reply decoded otherwise than the pieces streamed (here a special token
+    the pieces left out): the content's start did not match what was sent, and the text after the
+    calls was dropped in silence. What was sent stands for the text before the calls; the rest follows."""
+    stream = ToolCallStream(fmt(["f"]))
+    sent = "".join(stream.feed(p) for p in ["Let me", " check. ", call, "\n\nBack soon."])
+    assert sent == "Let me check."
+    rest, calls = stream.finish("Let me<|x|> check. " + call + "\n\nBack soon.")
+    assert (sent + rest, [c.name for c in calls]) == ("Let me check.\nBack soon.", ["f"])
+    assert fmt(["f"]).parse("Let me check. " + call + "\n\nBack soon.")[0] == sent + rest  # as not streamed
+
+
 def test_forcing_grammars_are_valid_llguidance_grammars(tiny_llama_f32):
     llguidance = pytest.importorskip("llguidance")
     import pyllm

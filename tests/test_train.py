@@ -401,7 +401,7 @@ def test_options_of_another_method_are_refused(base, data, tmp_path, option, mes
     ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "nan"], ["--epochs", "inf"],
     ["--max-steps", "0"], ["--max-steps", "-3"],
     ["--lr", "-1"], ["--lr", "0"], ["--lr", "nan"], ["--lr", "inf"], ["--lr", "1e39"],
-    ["--lora-r", "0"], ["--lora-alpha", "0"], ["--lora-alpha", "-2"], ["--lora-alpha", "nan"],
+    ["--lora-r", "0"], ["--lora-alpha", "0"], ["--lora-alpha", "nan"], ["--lora-alpha", "inf"],
     ["--lora-dropout", "nan"], ["--lora-dropout", "1"], ["--lora-dropout", "-0.1"],
     ["--weight-decay", "nan"], ["--max-grad-norm", "nan"], ["--max-grad-norm", "-1"],
     ["--warmup-steps", "-5"], ["--val-set-size", "nan"], ["--val-set-size", "-1"],
@@ -412,12 +412,20 @@ def test_options_of_another_method_are_refused(base, data, tmp_path, option, mes
 def test_options_out_of_range_are_refused_before_training(base, data, tmp_path, option):
     """NaN, infinities and values out of range are refused, naming the option, before anything is
     trained or written (--epochs 0 and --max-steps 0 trained anyway, --max-steps -3 wrote an untrained
-    adapter, --lora-alpha nan a NaN one, --lora-alpha 0 one that pyllm convert --lora refuses; all exit 0)."""
+    adapter, --lora-alpha nan a NaN one, --lora-alpha 0 one whose gradients are all 0; all exit 0)."""
     out = tmp_path / "out"
     flag = next(o for o in option[::-1] if o.startswith("--"))
     with pytest.raises(ValueError, match=f"^{flag} must be"):
         run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", *option))
     assert not out.exists()
+
+
+def test_a_negative_lora_alpha_is_accepted_as_peft_accepts_it(base, data, tmp_path):
+    """PEFT trains and merges any finite alpha but 0 changes nothing (scaling = alpha / r); --lora-alpha -2
+    was refused as "a positive finite number" though pyllm convert --lora merges such adapters."""
+    from pyllm.train.loop import check_options
+
+    check_options(train_args(base, data, str(tmp_path / "out"), "--lora-alpha", "-2"))
 
 
 @pytest.mark.parametrize("option", [

@@ -102,6 +102,24 @@ class GGUFSource:
             raise FormatError(f"{self.path}: GGUF metadata '{key}' must be a {kind.__name__}, got {shown}")
         return value
 
+    def _array(self, key: str, kind: type | tuple | None, what: str) -> list | None:
+        """_get(key): None when absent, else a list of `kind` entries (bool not an int; None: any
+        entries), FormatError naming the key and the type otherwise (a string where an array belongs
+        was read as its characters, an array of numbers where strings belong failed as a bare
+        "cannot be read: AttributeError")."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise FormatError(f"{self.path}: GGUF metadata '{key}' must be an array of {what}, got {shown}")
+        if kind is not None:
+            for i, x in enumerate(value):
+                if not isinstance(x, kind) or isinstance(x, bool):
+                    raise FormatError(f"{self.path}: GGUF metadata '{key}' must be an array of {what}; "
+                                      f"entry {i} is {x!r:.40}")
+        return value
+
     # -- the checkpoint interface used by the conversion pipeline ---------------
     def has(self, name: str) -> bool:
         return name in self.places
@@ -198,13 +216,13 @@ class GGUFSource:
             return self._tokenizer()
 
     def _tokenizer(self) -> tuple[TokenizerSpec, bytes]:
-        model = self._get("tokenizer.ggml.model")
-        tokens = self._get("tokenizer.ggml.tokens")
+        model = self._typed("tokenizer.ggml.model", str, None)
+        tokens = self._array("tokenizer.ggml.tokens", str, "strings")
         if not tokens:
             raise FormatError(f"{self.path}: GGUF metadata has no tokenizer.ggml.tokens")
         first: dict = {}
         for i, t in enumerate(tokens):  # a vocabulary maps each text to one id: the other id decoded to nothing
-            j = first.setdefault(t, i) if isinstance(t, str) else i
+            j = first.setdefault(t, i)
             if j != i:
                 raise FormatError(f"{self.path}: tokenizer.ggml.tokens holds {t!r:.60} twice (ids {j} and {i}); "
                                   "one of them would decode to no text")
@@ -216,10 +234,15 @@ class GGUFSource:
             raise FormatError(f"{self.path}: tokenizer.ggml.token_type must hold one integer per token "
                               f"({len(tokens)}), got {shown}")
         add_space_prefix = self._typed("tokenizer.ggml.add_space_prefix", bool, True)
+        merges = self._array("tokenizer.ggml.merges", str, "strings ('left right')") or []
+        for i, m in enumerate(merges):  # one pair each: a merge without its space failed in the tokenizers library
+            if " " not in m[1:]:
+                raise FormatError(f"{self.path}: GGUF metadata 'tokenizer.ggml.merges' must be an array of strings "
+                                  f"('left right'); entry {i} is {m!r:.40}")
+        scores = self._array("tokenizer.ggml.scores", None, "numbers")  # each entry: gguf_tokenizer_json
         try:
-            blob = gguf_tokenizer_json(model, tokens, types, self._get("tokenizer.ggml.merges") or [],
-                                       self._get("tokenizer.ggml.scores"), self._get("tokenizer.ggml.pre", "default"),
-                                       add_space_prefix)
+            blob = gguf_tokenizer_json(model, tokens, types, merges, scores,
+                                       self._typed("tokenizer.ggml.pre", str, "default"), add_space_prefix)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
 
@@ -294,12 +317,19 @@ def gguf_tokenizer_json(model: str | None, tokens: list[str], types: list[int], 
     return _with_added_tokens(tok, tokens, types)
 
 
+def _merge_pair(merge: str) -> tuple[str, str]:
+    """A tokenizer.ggml.merges entry "left right" as its pair, cut at the first space after the first
+    character (as llama.cpp cuts it: a left part may be a space)."""
+    cut = merge.find(" ", 1)
+    return merge[:cut], merge[cut + 1:]
+
+
 def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
     """A byte-level BPE vocabulary with the pre-tokenizer llama.cpp's name stands for."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [_merge_pair(m) for m in merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
@@ -339,7 +369,7 @@ def _sentencepiece_tokenizer(tokens: list[str], scores: list[float], merges: lis
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else sentencepiece_merges(tokens, scores)
+    pairs = [_merge_pair(m) for m in merges] if merges else sentencepiece_merges(tokens, scores)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_space_prefix
                                                  else "never", split=False)

@@ -97,7 +97,9 @@ class LoraModule:
 
 def check_lora_numbers(cfg: dict, where: str) -> None:
     """Ranks (r, rank_pattern values) must be positive integers and alphas (lora_alpha,
-    alpha_pattern values) finite numbers: FormatError otherwise, before any division by them."""
+    alpha_pattern values) finite numbers: FormatError otherwise, before any division by them. Zero
+    or negative alphas are legal, as in PEFT (scaling = alpha / r: 0 merges nothing, < 0 subtracts);
+    null is refused (PEFT fails on it too)."""
     def bad(key, value, what):
         return FormatError(f"{where}: adapter_config.json {key} must be {what}, not {value!r}")
 
@@ -155,10 +157,8 @@ class LoraAdapter:
         for key, what in UNSUPPORTED_OPTIONS.items():
             if cfg.get(key):
                 raise FormatError(f"{self.dir}: {what} cannot be merged by pyllm")
-        for key, default in PEFT_DEFAULTS.items():  # absent: PEFT's default; null or anything else: refused
-            value = cfg.setdefault(key, default)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise FormatError(f"{self.dir}: adapter_config.json {key} must be a positive number, not {value!r}")
+        for key, default in PEFT_DEFAULTS.items():  # absent: PEFT's default; given: check_lora_numbers checked it
+            cfg.setdefault(key, default)
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(cfg.get(key) or {}, dict):
                 raise FormatError(f"{self.dir}: adapter_config.json {key} must be an object")

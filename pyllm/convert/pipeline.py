@@ -47,7 +47,8 @@ def open_source(path: str):
 
 class FiniteSource:
     """A conversion source whose tensors must be finite: load() refuses NaN or infinity naming the
-    tensor (as PEFT's safe_merge), before a quantizer or a calibration pass meets it."""
+    source's file and tensor (where(); as PEFT's safe_merge), before a quantizer or a calibration
+    pass meets it."""
 
     def __init__(self, source):
         self._source = source
@@ -57,7 +58,7 @@ class FiniteSource:
 
     def load(self, name: str) -> np.ndarray:
         w = self._source.load(name)
-        check_finite(name, "F32", w)
+        check_finite(name, "F32", w, label=where(self._source, name))
         return w
 
 

@@ -269,8 +269,9 @@ def verify_checksums(f: SafetensorsFile) -> int:
     return checked
 
 
-def check_finite(name: str, dtype: str, value: np.ndarray) -> None:
-    """Refuses NaN or infinity in a float tensor (16-bit floats may be given as their uint16 bits)."""
+def check_finite(name: str, dtype: str, value: np.ndarray, label: str | None = None) -> None:
+    """Refuses NaN or infinity in a float tensor (16-bit floats may be given as their uint16 bits).
+    label: how the message names the tensor (a source's file and tensor); "tensor 'name'" when None."""
     if dtype in NONFINITE_BITS and value.dtype == np.uint16:
         bits = NONFINITE_BITS[dtype]
         bad = int(np.count_nonzero((value & bits) == bits))
@@ -279,7 +280,7 @@ def check_finite(name: str, dtype: str, value: np.ndarray) -> None:
     else:
         return
     if bad:
-        raise FormatError(f"tensor '{name}' holds {bad} NaN or infinite value(s); nothing was written "
+        raise FormatError(f"{label or f'tensor {name!r}'} holds {bad} NaN or infinite value(s); nothing was written "
                          "(check the source weights, and the LoRA adapters' alpha and weights)")
 
 

@@ -117,8 +117,9 @@ def check_options(args) -> None:
     """Refuses numeric options outside what a training can use (ValueError naming the option), before
     any data or model is read: NaN, an infinity or a value out of range used to train a step it was not
     asked for (--epochs 0, --max-steps 0 ran the epochs' steps), write an adapter nothing trained
-    (--max-steps -3), a NaN one (--lora-alpha nan), one pyllm's merge refuses (--lora-alpha 0), or fail
-    later with a library's bare message (--epochs nan: "cannot convert float NaN to integer")."""
+    (--max-steps -3), a NaN one (--lora-alpha nan), one whose update is scaled by 0 (--lora-alpha 0:
+    every LoRA gradient is 0, nothing is learned; a negative alpha trains, as in PEFT, and merges), or
+    fail later with a library's bare message (--epochs nan: "cannot convert float NaN to integer")."""
     from ..adapters import MAX_VIRTUAL_TOKENS
 
     def number(flag: str, value, low: float, high: float = math.inf, low_open: bool = False,
@@ -135,7 +136,10 @@ def check_options(args) -> None:
     float32_max = float(np.finfo(np.float32).max)  # AdamW steps in float32: 1e39 was torch's bare "overflow"
     number("--lr", args.lr, 0, float32_max, low_open=True, what="a positive number a float32 holds")
     number("--lora-r", args.lora_r, 1, what="at least 1")
-    number("--lora-alpha", args.lora_alpha, 0, low_open=True, what="a positive finite number")
+    number("--lora-alpha", args.lora_alpha, -math.inf, low_open=True, what="a finite number other than 0")
+    if args.lora_alpha == 0:
+        raise ValueError(f"--lora-alpha must be a finite number other than 0 (the adapter's update is "
+                         f"scaled by alpha / r: 0 trains nothing), not {args.lora_alpha!r}")
     number("--lora-dropout", args.lora_dropout, 0, 1, what="at least 0 and below 1")
     number("--weight-decay", args.weight_decay, 0, what="a finite number, at least 0")
     number("--max-grad-norm", args.max_grad_norm, 0, what="a finite number, at least 0 (0 = off)")
