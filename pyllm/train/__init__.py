@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefix: learn the prefix through a two-layer MLP (PEFT's prefix_projection) (default: off)")
     g = p.add_argument_group("LoRA")
     g.add_argument("-r", "--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    g.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale numerator: alpha/r (default 16)")
+    g.add_argument("--lora-alpha", type=float, default=16,
+                   help="LoRA scale numerator: alpha/r (default 16; negative allowed, as in PEFT; 0 refused)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r (default: alpha/r)")
     g.add_argument("--target-modules", default="",
