@@ -583,11 +583,10 @@ class LLM:
         returned text: not a stop string's tokens, as the text holds none of it).
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
         {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
-        ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>. Stop strings do not
-        apply to output held to a grammar: the grammar decides where it ends, and a stop string met
-        inside it (a '"' or ',' in JSON) cut it into text the grammar does not match, JSON that does
-        not parse, a forced tool call that is none (llama.cpp and vLLM cut it so). Stop tokens
-        still apply (a grammar admits a special token only where the output may end).
+        ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>. Stop strings apply
+        to output held to a grammar too, as llama.cpp's and vLLM's servers apply them: a stop string
+        met inside JSON (a '"' or ', ') cuts it into text that does not parse, which is what the
+        caller asked for; finish_reason "stop" says so.
         logits_processors: callables (ids so far, scores f64 [vocab]) -> scores, run before the
         built-in processors at every token (pyllm.sampling); one with an accept(token) method is told
         each generated token before the next engine step.
@@ -634,7 +633,6 @@ class LLM:
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
             processors.insert(0, constraint)
-            stop = []  # the grammar ends the output (the docstring says why)
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
             if chosen is not None:
