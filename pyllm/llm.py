@@ -541,7 +541,11 @@ class LLM:
         chosen token's own log-probability only); they appear in TextStream.tokens.
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
         {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
-        ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>.
+        ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>. Stop strings do not
+        apply to output held to a grammar: the grammar decides where it ends, and a stop string met
+        inside it (a '"' or ',' in JSON) cut it into text the grammar does not match, JSON that does
+        not parse, a forced tool call that is none (llama.cpp and vLLM cut it so). Stop tokens
+        still apply (a grammar admits a special token only where the output may end).
         logits_processors: callables (ids so far, scores f64 [vocab]) -> scores, run before the
         built-in processors at every token (pyllm.sampling); one with an accept(token) method is told
         each generated token before the next engine step.
@@ -588,6 +592,7 @@ class LLM:
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
             processors.insert(0, constraint)
+            stop = []  # the grammar ends the output (the docstring says why)
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
             if chosen is not None:

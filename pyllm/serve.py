@@ -82,7 +82,7 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     if isinstance(e, (GrammarUnavailable, GrammarError, GrammarInvalid)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
-        return 400, _error_body(str(e), 400, "tools")
+        return 400, _error_body(str(e), 400, e.param)
     if isinstance(e, ValueError):  # PyllmError (TemplateError, LimitError, ...) and LLM's argument checks
         return 400, _error_body(str(e))
     log.error("request failed", exc_info=e)
@@ -280,6 +280,36 @@ async def _watch_disconnect(request: "Request", stream) -> None:
         if message["type"] == "http.disconnect":
             stream.cancel()
             return
+
+
+def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
+    """(the reply as the tool-call parser reads it, whether a stop string cut it). The parser reads
+    the reply's tokens decoded with their special tokens (a marker may be one, Mistral's
+    [TOOL_CALLS]), but only as far as `text`, the text the reply returns: the tokens include the
+    stop string that ended it and what its last token holds past it, which is no part of the reply
+    (a call completed there is no call the client was given). Cut, it is the decoding with special
+    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text."""
+    plain = tokenizer.decode(ids)
+    if len(plain) <= len(text) or not plain.startswith(text):
+        return tokenizer.decode(ids, skip_special_tokens=False), False
+    low, high = 0, len(ids)  # text starts with the text of ids[:low], not with that of ids[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if text.startswith(tokenizer.decode(ids[:mid])):
+            low = mid
+        else:
+            high = mid
+    head = tokenizer.decode(ids[:low])
+    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):], True
+
+
+def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
+    """A chat reply's finish_reason: with tool calls "tool_calls", but "length" when the token
+    limit cut the reply (OpenAI's: the model did not finish; the calls returned are the complete
+    ones, an incomplete last one left out) and "stop" when a stop string cut a call short (dropped)."""
+    if not calls or finish == "length":
+        return finish
+    return "stop" if dropped else "tool_calls"
 
 
 def _sse(obj) -> str:
@@ -666,13 +696,14 @@ class Server:
         return {k: v for k, v in self.defaults.items() if k != "max_new_tokens"}
 
     def _chat_plan(self, req, options: dict) -> _Plan:
-        from .tool_calls import forced_call_grammar, tool_format
+        from .tool_calls import check_tools, forced_call_grammar, tool_format
 
         messages = [m.model_dump(exclude_unset=True) for m in req.messages]
         tools = fmt = None
         if req.tools and req.tool_choice != "none":
             tools = [t.model_dump(exclude_unset=True) for t in req.tools]  # as the client sent them
             fmt = tool_format(self.llm.chat_template, [t["function"]["name"] for t in tools], req.parallel_tool_calls)
+            check_tools(fmt, tools)  # every mode alike: a forced call's grammar is made of these schemas
             named = req.tool_choice.function.name if hasattr(req.tool_choice, "function") else None
             if req.tool_choice == "required" or named:
                 if options.pop("response_format", {"type": "text"})["type"] != "text":  # text: the default, free
@@ -693,10 +724,12 @@ class Server:
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                full = tokenizer.decode([t.id for t in tokens], skip_special_tokens=False)
-                content, calls = plan.tools.parse(full)
+                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text)
+                parsed = plan.tools.split(full, cut=stopped or finish == "length")
+                calls = parsed.calls
                 if calls:
-                    text, finish = content, "tool_calls"
+                    text = parsed.content
+                finish = tool_finish_reason(finish, calls, parsed.dropped)
             logprobs = responses.chat_logprobs(tokenizer, tokens) if plan.logprobs is not None else None
             return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls)
         echo = plan.echo[index // plan.n]
@@ -812,13 +845,13 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                full = tokenizer.decode([t.id for t in all_tokens], skip_special_tokens=False)
-                content, calls = tools.finish(full)
+                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
+                content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))
                 if calls:
                     yield chunk(responses.chat_delta(index, tool_calls=calls))
-                    finish = "tool_calls"
+                finish = tool_finish_reason(finish, calls, tools.dropped)
                 yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))
             elif plan.chat:
                 yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))

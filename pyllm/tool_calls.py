@@ -7,6 +7,12 @@ Formats, chosen from the template's own text:
   llama3   (Llama 3.1 / 3.2 JSON tools)   {"name": ..., "parameters": {...}}, optionally after <|python_tag|>
 A template that never mentions `tools` has no tool support: tools given to it are refused
 (ToolError), never silently dropped.
+
+A reply's text outside its calls is its content, the same way in every format and whether the
+reply is streamed or not (ToolCallStream sends the same text): the text before the first call, less
+the whitespace that led up to it, then the text between and after the calls (less the whitespace and
+separators around them), each on a line of its own. A Llama 3 reply without <|python_tag|> is a call
+only when it opens with one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from dataclasses import dataclass
 
 
 class ToolError(ValueError):
-    """Tools the model's chat template cannot take."""
+    """Tools the model's chat template cannot take, or a tool that cannot be called. param: the
+    request field at fault, as OpenAI's error names it ("tools", or "tools[k].function.parameters")."""
+
+    def __init__(self, message: str, param: str = "tools"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -31,6 +42,16 @@ class ToolCall:
     def as_openai(self, index: int | None = None) -> dict:
         out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return out if index is None else {"index": index, **out}
+
+
+@dataclass
+class Parsed:
+    """A reply read for tool calls. content: its text outside the calls (the whole reply when it
+    holds none); dropped: the reply was cut (max_tokens, a stop string) inside a call after complete
+    ones, and that incomplete call was left out."""
+    content: str
+    calls: list[ToolCall]
+    dropped: bool = False
 
 
 class ToolFormat:
@@ -49,11 +70,38 @@ class ToolFormat:
     def call_id(self) -> str:
         return "call_" + secrets.token_hex(12)
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(the reply's text outside tool calls, the calls). A call that is not valid JSON, not
-        {"name": ..., "arguments"/"parameters": {...}}, or naming a function not in self.names,
-        leaves the text as content and no calls."""
+    def parse(self, text: str, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        """(the reply's text outside tool calls, the calls): split(text, cut) without `dropped`."""
+        parsed = self.split(text, cut)
+        return parsed.content, parsed.calls
+
+    def split(self, text: str, cut: bool = False) -> Parsed:
+        """The reply's calls and content. A call that is not valid JSON, not {"name": ...,
+        "arguments"/"parameters": {...}}, or naming a function not in self.names, leaves the text as
+        content and no calls.
+
+        cut: the reply did not end by itself (max_tokens, or a stop string, cut it). Then a last
+        call whose JSON is incomplete (and a closing tag or list bracket cut short) is the cut's
+        doing, not the model's: the complete calls before it are returned and it is left out
+        (Parsed.dropped), where one bad call otherwise makes the whole reply text. Parallel forced
+        calls cut by max_tokens lost every call this way, the complete ones too."""
+        found = self._find(text, cut)
+        calls = self._calls(found[1]) if found is not None else None
+        if not calls:
+            return Parsed(text, [])
+        pieces, objects, dropped = found
+        return Parsed(self._content(pieces), calls, dropped and self.parallel)
+
+    def _find(self, text: str, cut: bool):
+        """(the text outside the calls: before the first, between them, after the last; the calls'
+        JSON objects; whether an incomplete last call was dropped), or None when text holds no
+        calls in this format."""
         raise NotImplementedError
+
+    def _content(self, pieces: list[str]) -> str:
+        """The text outside the calls (the module's docstring says how it is joined)."""
+        parts = [pieces[0].rstrip()] + [p.strip() for p in pieces[1:]]
+        return "\n".join(p for p in parts if p)
 
     def call_grammar(self, parallel: bool) -> str:
         """The Lark start rule for one call (or several when parallel), in terms of the rules
@@ -79,18 +127,33 @@ class ToolFormat:
         return calls if self.parallel else calls[:1]
 
 
-def _json_values(text: str) -> list | None:
-    """The JSON values one after another in text (whitespace, ';' or ',' between them), or None."""
-    decoder, values, i = json.JSONDecoder(), [], 0
+_BETWEEN = " \t\r\n;,"  # what may separate JSON calls written one after another
+
+
+def _json_prefix(text: str, i: int, cut: bool, top: bool = True) -> tuple[list, int, bool]:
+    """(the JSON values one after another in text from i, whitespace, ';' or ',' between them; where
+    the last one ends; dropped). Reading stops at the first text that is no JSON value. cut (the
+    text's end is a cut): a value still open there ("{..." or "[..." not closed) is the cut's doing:
+    an open list of calls (top: a value, not an item of one) keeps its complete items, anything
+    else open is left out (dropped True)."""
+    decoder, values, end = json.JSONDecoder(), [], i
     while True:
-        while i < len(text) and text[i] in " \t\r\n;,":
+        i = end
+        while i < len(text) and text[i] in _BETWEEN:
             i += 1
         if i == len(text):
-            return values
+            return values, end, False
         try:
-            value, i = decoder.raw_decode(text, i)
+            value, end = decoder.raw_decode(text, i)
         except (ValueError, RecursionError):  # RecursionError: a reply nested deeper than the parser goes
-            return None
+            if not cut or text[i] not in "[{":
+                return values, end, False
+            if text[i] == "{" or not top:
+                return values, len(text), True
+            items, inner, dropped = _json_prefix(text, i + 1, cut, top=False)
+            if not dropped and text[inner:].strip(_BETWEEN):  # no cut list: text that is not JSON follows
+                return values, end, False
+            return values + [items], len(text), dropped
         values.append(value)
 
 
@@ -103,30 +166,36 @@ def _skip_space(text: str, i: int) -> int:
 class Hermes(ToolFormat):
     name, marker, end = "hermes", "<tool_call>", "</tool_call>"
 
-    def parse(self, text):
+    def _find(self, text, cut):
         """Each call is one JSON value read from after its marker (so a string in it may hold
-        "</tool_call>"), then the closing tag or the end of the reply (cut off); text between calls
-        is left out."""
-        start = text.find(self.marker)
-        if start < 0:
-            return text, []
-        decoder, objects, i = json.JSONDecoder(), [], start
-        while i >= 0:
-            i = _skip_space(text, i + len(self.marker))
+        "</tool_call>"), then the closing tag or the end of the reply (it ended there, or was cut
+        inside the tag)."""
+        i = text.find(self.marker)
+        if i < 0:
+            return None
+        decoder, pieces, objects, dropped = json.JSONDecoder(), [text[:i]], [], False
+        while True:
+            j = _skip_space(text, i + len(self.marker))
             try:
-                value, i = decoder.raw_decode(text, i)
+                value, j = decoder.raw_decode(text, j)
             except (ValueError, RecursionError):
-                return text, []
+                if cut and self.marker not in text[i + len(self.marker):]:  # the last call, cut short
+                    dropped = True
+                    break
+                return None
             objects.append(value)
-            i = _skip_space(text, i)
-            if text.startswith(self.end, i):
-                i = text.find(self.marker, i + len(self.end))
-            elif i < len(text):
-                return text, []
+            j = _skip_space(text, j)
+            if text.startswith(self.end, j):
+                j += len(self.end)
+            elif self.end.startswith(text[j:]) and (cut or j == len(text)):
+                j = len(text)
             else:
+                return None
+            i = text.find(self.marker, j)
+            pieces.append(text[j:] if i < 0 else text[j:i])
+            if i < 0:
                 break
-        calls = self._calls(objects)
-        return (text, []) if not calls else (text[:start].strip(), calls)
+        return pieces, objects, dropped
 
     def call_grammar(self, parallel):
         one = 'marker "\\n" call "\\n</tool_call>"'
@@ -139,16 +208,16 @@ class Mistral(ToolFormat):
     def call_id(self) -> str:  # Mistral's templates require 9 letters or digits
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
-    def parse(self, text):
+    def _find(self, text, cut):
         start = text.find(self.marker)
         if start < 0:
-            return text, []
-        values = _json_values(text[start + len(self.marker):])
-        if not values:
-            return text, []
+            return None
+        values, end, dropped = _json_prefix(text, start + len(self.marker), cut)
+        after = text[end:].lstrip(_BETWEEN)
+        if not values or after[:1] in ("{", "["):  # a call that is not valid JSON: the reply is text
+            return None
         objects = [o for v in values for o in (v if isinstance(v, list) else [v])]
-        calls = self._calls(objects)
-        return (text, []) if not calls else (text[:start].strip(), calls)
+        return [text[:start], after], objects, dropped
 
     def call_grammar(self, parallel):
         more = ' (", " call)*' if parallel else ""
@@ -158,13 +227,16 @@ class Mistral(ToolFormat):
 class Llama3(ToolFormat):
     name, marker = "llama3", "<|python_tag|>"
 
-    def parse(self, text):
-        body = text.split(self.marker, 1)[1] if self.marker in text else text
-        if not body.lstrip().startswith("{"):
-            return text, []
-        values = _json_values(body)
-        calls = self._calls(values) if values else None
-        return (text, []) if not calls else ("", calls)
+    def _find(self, text, cut):
+        start = text.find(self.marker)
+        body = start + len(self.marker) if start >= 0 else 0
+        if not text[body:].lstrip().startswith("{"):
+            return None
+        values, end, dropped = _json_prefix(text, body, cut)
+        after = text[end:].lstrip(_BETWEEN)
+        if not values or after[:1] in ("{", "["):  # a call that is not valid JSON: the reply is text
+            return None
+        return [text[:max(start, 0)], after], values, dropped
 
     def call_grammar(self, parallel):
         return "start: call" + (' ("; " call)*' if parallel else "")
@@ -206,6 +278,39 @@ def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> 
                         "required": ["name", key], "additionalProperties": False})
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return {"$defs": defs, **schema}
+
+
+def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
+    """Refuses (ToolError naming tools[k].function.parameters) a tool whose parameters are not a
+    JSON schema that a call's arguments, an object, can meet: one llguidance cannot compile ({"type":
+    "nonsense"}, a $ref to nowhere) or one that allows no object ({"type": "string"}). The same check
+    holds in every tool_choice mode: a forced call's grammar is built from these schemas and refused
+    them, while "auto" took them and let the model call a tool no valid call can reach (OpenAI
+    refuses such tools whatever tool_choice says). Without llguidance only the schema's "type" is
+    checked (it must allow an object)."""
+    try:
+        from .structured import JSON_STYLE, _first_line, _llguidance
+        matcher = _llguidance().LLMatcher
+    except RuntimeError:  # GrammarUnavailable: auto mode parses calls without llguidance
+        matcher = None
+    for k, tool in enumerate(tools):
+        function = tool["function"]
+        where = f"tools[{k}].function.parameters"
+        if matcher is None:
+            kind = (function.get("parameters") or {}).get("type", "object")
+            if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+                raise ToolError(f"{where} (function {function['name']!r}) must be a JSON schema of an object "
+                                f"(a call's arguments); its type is {kind!r}", where)
+            continue
+        schema = {**call_schema(fmt, [tool]), "x-guidance": JSON_STYLE}
+        try:
+            error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(schema, allow_nan=False)))
+        except (TypeError, ValueError, RecursionError) as e:
+            error = str(e)
+        if error:  # llguidance's pointers name the tool's schema where call_schema put it
+            error = _first_line(error).replace("/$defs/tool_0", "")
+            raise ToolError(f"{where} (function {function['name']!r}) is not a JSON schema a call's arguments (an "
+                            f"object) can meet: {error}", where)
 
 
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are data, not schemas
@@ -250,7 +355,9 @@ class ToolCallStream:
 
     feed(piece) returns the text that is certainly content; once the marker appears (or, for a
     format whose call is the whole reply, while the reply could still be one), the rest is held and
-    finish(full_text) parses it.
+    finish(full_text) parses it. Trailing whitespace is held too (until text follows it): before a
+    call it is no content, so the pieces sent and finish's rest add up to the content a reply not
+    streamed has.
 
     marker_id: the marker's token id when it is a special token (Mistral's [TOOL_CALLS]): streamed
     pieces leave special tokens out, so the marker is seen among the piece's token ids instead."""
@@ -261,6 +368,7 @@ class ToolCallStream:
         self.text = ""
         self.sent = 0
         self.holding = False
+        self.dropped = False
 
     def feed(self, piece: str, token_ids=()) -> str:
         self.text += piece
@@ -276,14 +384,18 @@ class ToolCallStream:
             return ""  # the reply may be a JSON call
         else:
             cut = len(self.text) - _partial_suffix(self.text, marker or "")
+        while cut > self.sent and self.text[cut - 1].isspace():
+            cut -= 1
         out = self.text[self.sent:cut]
         self.sent = max(self.sent, cut)
         return out
 
-    def finish(self, full_text: str) -> tuple[str, list[ToolCall]]:
+    def finish(self, full_text: str, cut: bool = False) -> tuple[str, list[ToolCall]]:
         """(content not yet sent, tool calls) for the whole reply; full_text is the reply decoded
-        with its special tokens (a marker may be one)."""
-        content, calls = self.fmt.parse(full_text)
+        with its special tokens (a marker may be one); cut as ToolFormat.split's, whose `dropped`
+        is left in self.dropped."""
+        parsed = self.fmt.split(full_text, cut)
+        content, calls, self.dropped = parsed.content, parsed.calls, parsed.dropped
         if calls:
             rest = content[self.sent:] if content.startswith(self.text[:self.sent]) else ""
             return rest, calls

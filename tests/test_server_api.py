@@ -324,9 +324,33 @@ def test_grammars_llguidance_refuses_name_response_format_or_tools(live, llm):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, tools=[odd],
                                            tool_choice="required")
-        assert e.value.param == "tools" and "not valid" in str(e.value), e.value
+        assert e.value.param == "tools[0].function.parameters" and "Invalid type" in str(e.value), e.value
     finally:
         llm.chat_template = old
+    assert _get(live.url + "/health")["requests"] == 0
+
+
+def test_invalid_tool_parameters_are_refused_in_every_tool_choice_mode(live, llm, tool_template):
+    """A tool whose parameters no call can meet ({"type": "nonsense"}, a $ref to nowhere, a string
+    for arguments) was refused (400) when a call was forced, its grammar made of them, but taken in
+    tool_choice "auto" (or unset): the model was offered a tool no valid call reaches. Every mode
+    now refuses it, param naming the tool's field, streamed or not."""
+    client = live.client()
+    for parameters, says in (({"type": "nonsense"}, "Invalid type"), ({"$ref": "#/nowhere"}, "'/nowhere'"),
+                             ({"type": "string"}, "unsatisfiable")):
+        odd = {"type": "function", "function": {"name": "odd", "parameters": parameters}}
+        for choice in (None, "auto", "required", {"type": "function", "function": {"name": "get_time"}}):
+            for stream in (False, True):
+                extra = {} if choice is None else {"tool_choice": choice}
+                with pytest.raises(openai.BadRequestError) as e:
+                    client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=3, stream=stream,
+                                                   tools=[TIME, odd], **extra)
+                assert e.value.param == "tools[1].function.parameters", (parameters, choice, e.value)
+                assert "'odd'" in str(e.value) and says in str(e.value), (parameters, choice, e.value)
+    # tool_choice "none" uses no tools: nothing to refuse
+    unused = {"type": "function", "function": {"name": "odd", "parameters": {"type": "nonsense"}}}
+    client.chat.completions.create(model="tiny", messages=_chat("?"), max_tokens=2, tool_choice="none",
+                                   tools=[TIME, unused])
     assert _get(live.url + "/health")["requests"] == 0
 
 
@@ -339,6 +363,49 @@ def test_grammars_that_cannot_be_followed_from_python(llm):
             llm.generate("?", max_new_tokens=3, response_format=fmt, stream=True)  # refused before streaming
     with pytest.raises(PyllmError, match="cannot be followed"):
         llm.generate("?", max_new_tokens=3, grammar="start: a\na: a")
+
+
+COLORS = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+    "type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                "minItems": 2, "maxItems": 3}},
+    "required": ["colors"], "additionalProperties": False}}}
+
+
+def test_stop_strings_do_not_cut_output_held_to_a_grammar(live, llm):
+    """A stop string met inside grammar-held output (a '"' or ', ' in JSON) cut it into text the
+    grammar does not match: JSON that does not parse, a forced tool call returned as broken content.
+    The grammar ends such output; stop strings apply to free text only (streamed or not, from Python
+    too), while free text is still cut."""
+    pytest.importorskip("llguidance")
+    schema = COLORS["json_schema"]["schema"]
+    whole = llm.generate("Colors:", max_new_tokens=60, response_format=COLORS)
+    for stop in (['"'], [", "], ["red", "green", "blue"]):
+        assert llm.generate("Colors:", max_new_tokens=60, response_format=COLORS, stop=stop) == whole
+        assert llm.last_stats.finish_reason == "stop"
+        assert "".join(llm.generate("Colors:", max_new_tokens=60, response_format=COLORS, stop=stop,
+                                    stream=True)) == whole
+    pytest.importorskip("jsonschema").validate(json.loads(whole), schema)
+    client = live.client()
+    for stream in (False, True):
+        content, calls, finish = _reply(client, stream, model="tiny", messages=_chat("Colors?"), max_tokens=60,
+                                        response_format=COLORS, stop=['"', ", "])
+        assert finish == "stop" and not calls
+        pytest.importorskip("jsonschema").validate(json.loads(content), schema)
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            for stream in (False, True):
+                content, calls, finish = _reply(client, stream, model="tiny", messages=_chat("Weather?"),
+                                                tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=False,
+                                                max_tokens=80, stop=['"', "{", "\n"])
+                assert (content, finish, len(calls)) == (None, "tool_calls", 1), (choice, stream, content)
+    finally:
+        llm.chat_template = old
+    free = client.chat.completions.create(model="tiny", messages=_chat("Colors?"), max_tokens=30).choices[0]
+    if len(free.message.content) > 6:  # free text is still cut
+        stop = free.message.content[3:6]
+        cut = client.chat.completions.create(model="tiny", messages=_chat("Colors?"), max_tokens=30, stop=[stop])
+        assert cut.choices[0].message.content == free.message.content[:free.message.content.find(stop)]
 
 
 # -- tool calls ----------------------------------------------------------------------------------
@@ -359,6 +426,120 @@ def tool_template(request, llm):
         old, llm.chat_template = llm.chat_template, f.read()
     yield request.param
     llm.chat_template = old
+
+
+def _script(llm, monkeypatch, text):
+    """Makes the model write text (its tokens, then end-of-sequence) in every generation the server
+    starts, with a logits processor: unlike a grammar, one that leaves stop strings their effect."""
+    ids = llm.tokenize(text, add_special_tokens=False)
+    generate = llm.generate
+
+    def scripted(prompt, **options):
+        written = []
+
+        def force(seq, scores):
+            target = ids[len(written)] if len(written) < len(ids) else llm.tokenizer.eos_ids[0]
+            written.append(target)
+            out = np.full_like(scores, -np.inf)
+            out[target] = 0.0
+            return out
+        return generate(prompt, logits_processors=[force], **options)
+    monkeypatch.setattr(llm, "generate", scripted)
+
+
+def _reply(client, stream, **options):
+    """(content, [(name, arguments)], finish_reason) of one choice, streamed or not."""
+    if not stream:
+        choice = client.chat.completions.create(**options).choices[0]
+        return (choice.message.content, [(c.function.name, json.loads(c.function.arguments))
+                                         for c in choice.message.tool_calls or []], choice.finish_reason)
+    chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [(d.function.name, json.loads(d.function.arguments))
+             for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    return content or None, calls, finish[0]
+
+
+def _written_call(template, name, arguments):
+    key = "parameters" if template.startswith("llama") else "arguments"
+    return json.dumps({"name": name, key: arguments}, separators=(", ", ": "))
+
+
+def _written_calls(template, calls):
+    """The text a model writes for calls in template's format."""
+    texts = [_written_call(template, name, args) for name, args in calls]
+    if template.startswith("qwen"):
+        return "\n".join(f"<tool_call>\n{t}\n</tool_call>" for t in texts)
+    if template.startswith("mistral"):
+        return "[TOOL_CALLS] [" + ", ".join(texts) + "]"
+    return "; ".join(texts)
+
+
+def test_calls_are_parsed_only_from_the_text_returned(live, llm, tool_template, monkeypatch):
+    """The parser read the reply's tokens, which hold the stop string that ended it: a call the
+    stop string completed ('... {}}' cut at '}}') came back as tool_calls although the text
+    returned holds no complete call. Calls are parsed from the returned text only."""
+    written = _written_calls(tool_template, [("get_time", {})])
+    _script(llm, monkeypatch, written)
+    stop = "}]" if tool_template.startswith("mistral") else "}}"
+    returned = written[:written.index(stop)]
+    for stream in (False, True):
+        content, calls, finish = _reply(live.client(), stream, model="tiny", messages=_chat("time?"),
+                                        tools=[WEATHER, TIME], max_tokens=100, stop=[stop])
+        assert (content, calls, finish) == (returned, [], "stop"), (stream, content, calls)
+    # without the stop string, the same reply is a call
+    for stream in (False, True):
+        assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                      max_tokens=100)[1:] == ([("get_time", {})], "tool_calls")
+
+
+def test_parallel_calls_cut_by_max_tokens_keep_the_complete_ones(live, llm, tool_template, monkeypatch):
+    """Parallel calls (forced with tool_choice "required", or in auto mode) cut by max_tokens inside
+    a later call lost every call, the complete ones too (the reply was text, the forced calls'
+    JSON as content). The complete calls come back, the incomplete one is left out, and
+    finish_reason is "length" (OpenAI's for a reply the token limit cut), streamed or not; a stop
+    string that cuts a call short (auto mode) gives the complete ones with finish_reason "stop"."""
+    calls = [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Rome", "days": 2}), ("get_time", {"zone": "CET"})]
+    written = _written_calls(tool_template, calls)
+    _script(llm, monkeypatch, written)
+    ids = llm.tokenize(written, add_special_tokens=False)
+    inside = written.rindex('"zone"')  # in the third call
+    limit = next(k for k in range(len(ids)) if len(llm.tokenizer.decode(ids[:k])) > inside)
+    options = dict(model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME], max_tokens=limit)
+    for choice in ({"tool_choice": "required"}, {}):
+        for stream in (False, True):
+            assert _reply(live.client(), stream, **choice, **options) == (None, calls[:2], "length"), (choice, stream)
+    options.update(max_tokens=len(ids) + 1, stop=['"CET"'])
+    for stream in (False, True):
+        assert _reply(live.client(), stream, **options) == (None, calls[:2], "stop"), stream
+
+
+def test_text_around_calls_is_the_same_content_in_every_format_and_mode(live, llm, tool_template, monkeypatch):
+    """Text before and after the calls came back differently per format (Hermes dropped the text
+    after its calls, Mistral and Llama 3 made the whole reply text, Llama 3 dropped the text before
+    <|python_tag|>) and per mode (a stream sent the whitespace before a call). Each format now gives
+    the text before the calls, then the text after them, the same streamed or not."""
+    calls = [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Rome", "days": 2})]
+    written = _written_calls(tool_template, calls)
+    if tool_template.startswith("llama"):
+        written = "<|python_tag|>" + written
+    _script(llm, monkeypatch, "Let me check. \n" + written + "\n\nBack soon.")
+    for stream in (False, True):
+        assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                      max_tokens=200) == ("Let me check.\nBack soon.", calls, "tool_calls"), stream
+
+
+def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
+    from pyllm.serve import reply_text
+
+    special = llm.tokenizer.token_to_id("<|im_start|>")
+    assert special in llm.tokenizer.special_ids
+    ids = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]STOP and more', False)
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]') == ('Sure.<|im_start|> [{"a": 1}]', True)
+    whole = llm.tokenizer.decode(ids)
+    assert reply_text(llm.tokenizer, ids, whole) == (llm.tokenizer.decode(ids, skip_special_tokens=False), False)
 
 
 def test_forced_tool_calls_round_trip(live, llm, tool_template):

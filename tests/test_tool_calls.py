@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from pyllm.tool_calls import Hermes, Llama3, Mistral, ToolCallStream, ToolError, forced_call_grammar, tool_format
+from pyllm.tool_calls import (Hermes, Llama3, Mistral, ToolCallStream, ToolError, check_tools, forced_call_grammar,
+                              tool_format)
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -56,6 +57,7 @@ def test_replies_nested_deeper_than_the_json_parser_goes_are_text():
                       (Hermes(), '<tool_call>\n{"name": "f", "arguments": ' + json.dumps(deep) + "}\n</tool_call>"),
                       (Mistral(), f"[TOOL_CALLS]{deep}"), (Llama3(), deep)]:
         assert fmt.parse(text) == (text, []), type(fmt).__name__
+        assert fmt.parse(text[:len(text) // 2], cut=True) == (text[:len(text) // 2], []), type(fmt).__name__
 
 
 def test_mistral_replies():
@@ -97,7 +99,7 @@ def test_calls_to_functions_the_request_did_not_declare_are_content():
 def test_stream_holds_back_only_what_may_be_a_call():
     stream = ToolCallStream(Hermes())
     out = [stream.feed(p) for p in ["Sure", ", checking", " <tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}"]]
-    assert "".join(out) == "Sure, checking "
+    assert "".join(out) == "Sure, checking"  # the space before the call is no content
     rest, calls = stream.finish(stream.text)
     assert rest == "" and [c.name for c in calls] == ["f"]
     plain = ToolCallStream(Hermes())
@@ -224,3 +226,104 @@ def test_parallel_tool_calls_false_gives_one_call():
     for name in ("qwen2.5-base", "mistral-v3-tools", "llama-3.1-json-tools"):
         assert tool_format(_template(name), ["f"], parallel=False).parallel is False
         assert tool_format(_template(name), ["f"]).parallel is True
+
+
+def test_check_tools_names_the_tool_whose_parameters_no_call_meets(monkeypatch):
+    """check_tools refuses what forcing a call would (a schema llguidance cannot compile, one that
+    allows no object), naming tools[k].function.parameters; without llguidance the schema's type
+    alone is checked, and good tools pass either way."""
+    refs = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"type": "integer"}}}
+    good = [{"type": "function", "function": {"name": "f", "parameters": refs}},
+            {"type": "function", "function": {"name": "g"}}]
+    bad = {"type": "function", "function": {"name": "h", "parameters": {"type": "string"}}}
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        check_tools(fmt, good)
+        with pytest.raises(ToolError) as e:
+            check_tools(fmt, good + [bad])
+        assert e.value.param == "tools[2].function.parameters" and "'h'" in str(e.value)
+    pytest.importorskip("llguidance")
+    with pytest.raises(ToolError, match="Pointer '/nowhere'"):
+        check_tools(Hermes(), [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}])
+    import pyllm.structured
+
+    def missing():
+        raise pyllm.structured.GrammarUnavailable(pyllm.structured.MISSING)
+    monkeypatch.setattr(pyllm.structured, "_llguidance", missing)
+    check_tools(Hermes(), good)
+    with pytest.raises(ToolError, match="type is 'string'") as e:
+        check_tools(Hermes(), [bad])
+    assert e.value.param == "tools[0].function.parameters"
+
+
+CUT_CALLS = {  # three calls in each format, the third to be cut
+    Hermes: '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "g", '
+            '"arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "f", "arguments": {"a": 3}}\n</tool_call>',
+    Mistral: '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}, '
+             '{"name": "f", "arguments": {"a": 3}}]',
+    Llama3: '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}; {"name": "f", "parameters": '
+            '{"a": 3}}'}
+
+
+def test_a_cut_reply_keeps_its_complete_calls():
+    """Parallel calls cut by max_tokens (or a stop string) inside a later call lost every call, the
+    complete ones too: the reply became text. Cut, the complete calls come back and the incomplete
+    last one is left out (dropped); a reply that ended by itself with a broken call is still text,
+    and a cut that leaves only the closing tag or bracket short loses no call."""
+    for fmt, text in CUT_CALLS.items():
+        third, short = text.rindex('{"name"'), len(text) - (1 if fmt is Mistral else 3)
+        for end in (third + 1, third + 12, text.rindex('"a": 3') + 5, short):
+            cut = text[:end]
+            if end == short and fmt is not Llama3:  # only the closing tag or bracket is short
+                assert [c.name for c in fmt(["f", "g"]).split(cut, cut=True).calls] == ["f", "g", "f"], fmt.__name__
+                assert not fmt(["f", "g"]).split(cut, cut=True).dropped
+                continue
+            parsed = fmt(["f", "g"]).split(cut, cut=True)
+            assert [(c.name, _args(c)) for c in parsed.calls] == [("f", {"a": 1}), ("g", {})], (fmt.__name__, cut)
+            assert parsed.content == "" and parsed.dropped, (fmt.__name__, cut)
+            assert fmt(["f", "g"]).parse(cut) == (cut, []), (fmt.__name__, cut)  # not cut: a broken reply
+            stream = ToolCallStream(fmt(["f", "g"]))
+            out = "".join(stream.feed(cut[i:i + 4]) for i in range(0, len(cut), 4))
+            rest, calls = stream.finish(cut, cut=True)
+            assert out + rest == "" and [c.name for c in calls] == ["f", "g"] and stream.dropped, fmt.__name__
+        # one call only, and that one cut: no call, the text stays content
+        first = text[:text.index('"a": 1') + 3]
+        assert fmt(["f", "g"]).split(first, cut=True).calls == [], fmt.__name__
+        # parallel_tool_calls false returns the first call only: nothing it would return was dropped
+        assert not fmt(["f", "g"], parallel=False).split(text[:third + 12], cut=True).dropped
+    # text that is no JSON after the calls is content, not a cut call
+    after = CUT_CALLS[Mistral][:CUT_CALLS[Mistral].index(', {"name": "g"')] + "] oops {"
+    parsed = Mistral(["f", "g"]).split(after, cut=True)
+    assert [c.name for c in parsed.calls] == ["f"] and parsed.content == "oops {" and not parsed.dropped
+
+
+def test_text_around_calls_is_content_alike_in_every_format_streamed_or_not():
+    """Text around the calls was handled per format: Hermes kept the text before the calls and
+    dropped the text after them, Mistral and Llama 3 made the whole reply text when any followed
+    the calls, Llama 3 dropped the text before <|python_tag|>, and a stream sent the space before a
+    call that the reply not streamed left out. Now every format gives the text before the calls,
+    then the text after them on its own line, streamed or not."""
+    calls = {Hermes: CUT_CALLS[Hermes], Mistral: CUT_CALLS[Mistral],
+             Llama3: "<|python_tag|>" + CUT_CALLS[Llama3]}
+    cases = [("Sure.\n", "", "Sure."), ("Sure. ", "\n\nDone.", "Sure.\nDone."), ("", " Done. ", "Done."),
+             ("  Indented.\n", "\n", "  Indented."), ("\n", "\n", "")]
+    for fmt, written in calls.items():
+        for before, after, content in cases:
+            text = before + written + after
+            got, parsed = fmt(["f", "g"]).parse(text)
+            assert (got, [c.name for c in parsed]) == (content, ["f", "g", "f"]), (fmt.__name__, text)
+            for size in (1, 3, 7):
+                stream = ToolCallStream(fmt(["f", "g"]))
+                out = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+                rest, streamed = stream.finish(text)
+                assert out + rest == content and len(streamed) == 3, (fmt.__name__, size, text, out, rest)
+    # Hermes: text between calls is content too
+    one = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert Hermes(["f"]).parse(f"A.\n{one}\nthen\n{one}\nB.")[0] == "A.\nthen\nB."
+    # a Llama 3 reply without <|python_tag|> is a call only when it opens with one
+    assert Llama3(["f"]).parse('Sure. {"name": "f", "parameters": {}}')[1] == []
+    # no call: the reply, whitespace and all
+    for fmt in calls:
+        stream = ToolCallStream(fmt(["f"]))
+        out = "".join(stream.feed(p) for p in ("  Hello ", "there \n"))
+        rest, got = stream.finish("  Hello there \n")
+        assert out + rest == "  Hello there \n" == fmt(["f"]).parse("  Hello there \n")[0] and got == []
