@@ -246,15 +246,20 @@ class EventStreamResponse:
             if not self._timed_out:
                 raise
             task = asyncio.current_task()
-            if hasattr(task, "uncancel"):  # Python 3.11+: the cancel request was ours, and is answered
-                task.uncancel()
+            # Python 3.11+: the watchdog's cancel request is answered here; one made besides it (the
+            # server shutting down in the same loop turn) stays a cancel, as asyncio.timeout does.
+            # Python 3.9/3.10 cannot tell the two apart (nor could asyncio.wait_for there).
+            if hasattr(task, "uncancel") and task.uncancel() > self._cancelling:
+                raise
             raise SendTimeout from None
         finally:
             self._sending_since = None
 
     async def __call__(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
-        self._watch(loop, asyncio.current_task())
+        task = asyncio.current_task()
+        self._cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
+        self._watch(loop, task)
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
