@@ -422,6 +422,8 @@ def test_the_kv_cache_s_pages_are_filled_in_before_first_use(model_file):
     the cache without a forward call; the results are those of an engine that never populated."""
     if os.uname().release < "5.14":  # pragma: no cover - older kernels fault pages in on first use
         pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    if os.environ.get("PYLLM_HUGE_PAGES") == "0":  # pragma: no cover - the test below is that case
+        pytest.skip("PYLLM_HUGE_PAGES=0: the cache is resident as used")
     before = _resident_bytes()
     with pyllm.LLM(model_file, n_threads=1, n_parallel=128, context_length=1024) as llm:  # 34-68 MB
         deadline = time.monotonic() + 120
@@ -435,3 +437,28 @@ def test_the_kv_cache_s_pages_are_filled_in_before_first_use(model_file):
         pyllm.LLM(model_file, n_threads=1, n_parallel=64, context_length=1024).close()
     with pyllm.LLM(model_file, n_threads=1, n_parallel=4, context_length=1024) as llm:
         assert llm.generate(PROMPTS[:4], max_new_tokens=6) == populated  # at once, while it populates
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_without_huge_pages_the_kv_cache_stays_resident_as_used(model_file):
+    """PYLLM_HUGE_PAGES=0 keeps 4 KiB pages touched only as positions are written (docs/ARCHITECTURE.md):
+    nothing is filled in, so n_parallel slots never used cost address space, not memory. (The
+    environment is read once a process: a fresh one.)"""
+    import subprocess
+
+    code = (
+        "import time, pyllm\n"
+        "def rss():\n"
+        "    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * 4096\n"
+        "before = rss()\n"
+        f"llm = pyllm.LLM({str(model_file)!r}, n_threads=1, n_parallel=128, context_length=2048)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not llm.engine.kv_cache_populated and time.monotonic() < deadline: time.sleep(0.01)\n"
+        "time.sleep(0.5)\n"
+        "print(llm.engine.kv_cache_populated, rss() - before, llm.engine.kv_cache_bytes)\n")
+    env = {**os.environ, "PYLLM_HUGE_PAGES": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    populated, grown, cache = out.stdout.split()
+    assert populated == "True"
+    assert int(grown) < 0.3 * int(cache), f"{int(grown) >> 20} MiB of a {int(cache) >> 20} MiB cache made resident"
