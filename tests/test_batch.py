@@ -414,13 +414,28 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _kernel_version() -> tuple[int, ...]:
+    """The running kernel's version as numbers ("5.4.0-150-generic" -> (5, 4, 0)): compared as a
+    string, "5.4" sorts after "5.14" and "10.1" before it."""
+    import re
+
+    return tuple(int(n) for n in re.match(r"[0-9.]*", os.uname().release).group().strip(".").split(".") if n)
+
+
+def test_kernel_versions_compare_as_numbers(monkeypatch):
+    for release, version in [("5.4.0-150-generic", (5, 4, 0)), ("6.18.44-fc-v657", (6, 18, 44)), ("10.1", (10, 1))]:
+        monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", release, "", "x86_64")))
+        assert _kernel_version() == version
+    assert (5, 4, 0) < (5, 14) < (10, 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_the_kv_cache_s_pages_are_filled_in_before_first_use(model_file):
     """The CPU engine fills in the KV cache's pages with a background thread (csrc/core/populate.h):
     a fresh slot's first prefill, or a shared prefix copied into it, used to stop on page faults
     (200-460 ms a slot at a 4096 context with huge pages on a 2-core VM). Resident memory grows by
     the cache without a forward call; the results are those of an engine that never populated."""
-    if os.uname().release < "5.14":  # pragma: no cover - older kernels fault pages in on first use
+    if _kernel_version() < (5, 14):  # pragma: no cover - older kernels fault pages in on first use
         pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
     if os.environ.get("PYLLM_HUGE_PAGES") == "0":  # pragma: no cover - the test below is that case
         pytest.skip("PYLLM_HUGE_PAGES=0: the cache is resident as used")
