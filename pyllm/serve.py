@@ -293,19 +293,25 @@ def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
     [TOOL_CALLS]), but only as far as `text`, the text the reply returns: the tokens include the
     stop string that ended it and what its last token holds past it, which is no part of the reply
     (a call completed there is no call the client was given). Cut, it is the decoding with special
-    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text."""
+    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text.
+
+    A run that ends inside a character of several bytes decodes to U+FFFD where the character is
+    cut; that is left out of both decodings (the rest of text holds the character): taken for text
+    the reply does not hold, the search stopped short of every later token, a marker among them."""
     plain = tokenizer.decode(ids)
     if len(plain) <= len(text) or not plain.startswith(text):
         return tokenizer.decode(ids, skip_special_tokens=False), False
-    low, high = 0, len(ids)  # text starts with the text of ids[:low], not with that of ids[:high]
+    low, high = 0, len(ids)  # text starts with that of ids[:low], not with that of ids[:high]
     while high - low > 1:
         mid = (low + high) // 2
-        if text.startswith(tokenizer.decode(ids[:mid])):
+        if text.startswith(tokenizer.decode(ids[:mid]).rstrip("\ufffd")):
             low = mid
         else:
             high = mid
-    head = tokenizer.decode(ids[:low])
-    return tokenizer.decode(ids[:low], skip_special_tokens=False) + text[len(head):], True
+    head, special = tokenizer.decode(ids[:low]), tokenizer.decode(ids[:low], skip_special_tokens=False)
+    # a cut character ends both decodings (a U+FFFD before a special token that ends them is the reply's)
+    cut = min(len(head) - len(head.rstrip("\ufffd")), len(special) - len(special.rstrip("\ufffd")))
+    return special[:len(special) - cut] + text[len(head) - cut:], True
 
 
 def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:

@@ -430,8 +430,9 @@ def tool_template(request, llm):
 
 def _script(llm, monkeypatch, text):
     """Makes the model write text (its tokens, then end-of-sequence) in every generation the server
-    starts, with a logits processor: unlike a grammar, one that leaves stop strings their effect."""
-    ids = llm.tokenize(text, add_special_tokens=False)
+    starts, with a logits processor: unlike a grammar, one that leaves stop strings their effect.
+    text may be token ids (to write a special token)."""
+    ids = llm.tokenize(text, add_special_tokens=False) if isinstance(text, str) else list(text)
     generate = llm.generate
 
     def scripted(prompt, **options):
@@ -540,6 +541,44 @@ def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]') == ('Sure.<|im_start|> [{"a": 1}]', True)
     whole = llm.tokenizer.decode(ids)
     assert reply_text(llm.tokenizer, ids, whole) == (llm.tokenizer.decode(ids, skip_special_tokens=False), False)
+
+
+def test_reply_text_keeps_a_special_token_after_characters_split_across_tokens(llm):
+    """A character of several bytes split across tokens decodes, cut inside, to U+FFFD: the search
+    for the tokens the returned text holds took such a cut for the end of that text and stopped
+    before a marker that followed (Mistral's special [TOOL_CALLS]), so a reply a stop string cut
+    lost its calls (they came back as content)."""
+    from pyllm.serve import reply_text
+
+    special = llm.tokenizer.token_to_id("<|im_start|>")
+    for n in range(1, 9):
+        for after in ("", " x", " x x x"):
+            before = "Sure " + "😀" * n
+            ids = llm.tokenize(before, False) + [special] + llm.tokenize(' [{"a": 1}]' + after + "STOP more", False)
+            text = before + ' [{"a": 1}]' + after
+            assert reply_text(llm.tokenizer, ids, text) == (before + '<|im_start|> [{"a": 1}]' + after, True), (n, after)
+
+
+def test_calls_after_split_characters_survive_a_stop_string(live, llm, monkeypatch):
+    """The same, through the server: a Mistral reply (its marker a special token; the tiny
+    tokenizer's <|im_start|> stands in for [TOOL_CALLS]) with emoji before its call, cut by a stop
+    string after the call, came back as content with no call."""
+    from pyllm.tool_calls import Mistral
+
+    monkeypatch.setattr(Mistral, "marker", "<|im_start|>")
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "mistral-v3-tools.jinja")).read()
+    try:
+        special = llm.tokenizer.token_to_id("<|im_start|>")
+        for n in (3, 24, 30):  # the search's first halving lands inside the emoji from about 22 of them
+            call = " [" + _written_call("mistral", "get_time", {}) + "] STOP more"
+            with monkeypatch.context() as patch:
+                _script(llm, patch, llm.tokenize("Sure " + "😀" * n, False) + [special] + llm.tokenize(call, False))
+                for stream in (False, True):
+                    got = _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                 max_tokens=300, stop=["STOP"])
+                    assert got == ("Sure " + "😀" * n, [("get_time", {})], "tool_calls"), (n, stream, got)
+    finally:
+        llm.chat_template = old
 
 
 def test_forced_tool_calls_round_trip(live, llm, tool_template):
