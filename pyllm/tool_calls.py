@@ -123,7 +123,11 @@ class ToolFormat:
                     return None
             if not isinstance(arguments, dict):
                 return None
-            calls.append(ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), self.call_id()))
+            try:  # written back a few frames deeper than it was read: a depth just within reach is not
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            except RecursionError:
+                return None
+            calls.append(ToolCall(obj["name"], arguments, self.call_id()))
         return calls if self.parallel else calls[:1]
 
 

@@ -60,6 +60,27 @@ def test_replies_nested_deeper_than_the_json_parser_goes_are_text():
         assert fmt.parse(text[:len(text) // 2], cut=True) == (text[:len(text) // 2], []), type(fmt).__name__
 
 
+def test_arguments_the_parser_reads_just_within_its_depth_are_no_500():
+    """Arguments nested just within the depth Python's JSON parser reads were read, then written
+    back (the arguments string) a few frames deeper, past it: RecursionError out of the parser (a 500
+    in the server). Such a reply is text. Every depth near the limit, from a few stack depths."""
+    import sys
+
+    def at_depth(n, call):
+        return call() if n == 0 else at_depth(n - 1, call)
+
+    limit = sys.getrecursionlimit()
+    for fmt in (Hermes(["f"]), Mistral(["f"]), Llama3(["f"])):
+        key = "parameters" if isinstance(fmt, Llama3) else "arguments"
+        for depth in range(limit - 60, limit + 2):
+            call = '{"name": "f", "%s": {"a": %s}}' % (key, "[" * depth + "]" * depth)
+            text = {"hermes": f"<tool_call>\n{call}\n</tool_call>", "mistral": f"[TOOL_CALLS] [{call}]"}.get(fmt.name, call)
+            for frames in range(4):
+                for cut in (False, True):
+                    content, calls = at_depth(frames, lambda: fmt.parse(text, cut))
+                    assert (content, calls) == (text, []) or calls[0].name == "f", (fmt.name, depth)
+
+
 def test_mistral_replies():
     content, calls = Mistral().parse('[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}, {"name": "b", '
                                      '"arguments": {}}]')
