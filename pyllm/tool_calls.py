@@ -81,7 +81,7 @@ class ToolFormat:
         content and no calls.
 
         cut: the reply did not end by itself (max_tokens, or a stop string, cut it). Then a last
-        call whose JSON is incomplete (and a closing tag or list bracket cut short) is the cut's
+        call whose JSON (or marker) is incomplete, and a closing tag or list bracket cut short, are the cut's
         doing, not the model's: the complete calls before it are returned and it is left out
         (Parsed.dropped), where one bad call otherwise makes the whole reply text. Parallel forced
         calls cut by max_tokens lost every call this way, the complete ones too."""
@@ -196,6 +196,10 @@ class Hermes(ToolFormat):
             else:
                 return None
             i = text.find(self.marker, j)
+            if i < 0 and cut and self.marker.startswith(text[j:].strip()) and text[j:].strip():
+                dropped = True  # cut inside the next call's marker ("<tool_ca"): that call is the cut one
+                pieces.append("")
+                break
             pieces.append(text[j:] if i < 0 else text[j:i])
             if i < 0:
                 break

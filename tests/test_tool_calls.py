@@ -306,6 +306,13 @@ def test_a_cut_reply_keeps_its_complete_calls():
             out = "".join(stream.feed(cut[i:i + 4]) for i in range(0, len(cut), 4))
             rest, calls = stream.finish(cut, cut=True)
             assert out + rest == "" and [c.name for c in calls] == ["f", "g"] and stream.dropped, fmt.__name__
+        if fmt is Hermes:  # cut inside the third call's marker: that call is the cut one, not content
+            for end in range(third - len("<tool_call>\n") + 1, third - 1):
+                parsed, stream = fmt(["f", "g"]).split(text[:end], cut=True), ToolCallStream(fmt(["f", "g"]))
+                assert (parsed.content, [c.name for c in parsed.calls], parsed.dropped) == ("", ["f", "g"], True), end
+                out = "".join(stream.feed(text[i:min(i + 4, end)]) for i in range(0, end, 4))
+                assert out + stream.finish(text[:end], cut=True)[0] == "", end
+                assert fmt(["f", "g"]).parse(text[:end] + " and so on", cut=True)[0] == text[third - 12:end] + " and so on"
         # one call only, and that one cut: no call, the text stays content
         first = text[:text.index('"a": 1') + 3]
         assert fmt(["f", "g"]).split(first, cut=True).calls == [], fmt.__name__
