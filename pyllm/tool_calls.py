@@ -373,29 +373,51 @@ class ToolCallStream:
     def __init__(self, fmt: ToolFormat, marker_id: int | None = None):
         self.fmt = fmt
         self.marker_id = marker_id
-        self.text = ""
         self.sent = 0
         self.holding = False
         self.dropped = False
+        # The reply so far: the text sent, then `_pending` (not sent yet: whitespace, a marker's
+        # possible start), then what is held once holding. Kept apart so that a piece costs its own
+        # length, not the reply's: adding each piece to one string and looking for the marker in it
+        # made a long reply quadratic (50,000 pieces: 2 s of the event loop). A marker can only
+        # complete in _pending, as a marker's start is never sent.
+        self._sent: list[str] = []
+        self._pending = ""
+        self._held: list[str] = []
+        self._opening = ""  # the reply's first character other than whitespace
+
+    @property
+    def text(self) -> str:
+        """The reply so far."""
+        self._sent, self._held = ["".join(self._sent)], ["".join(self._held)]
+        return self._sent[0] + self._pending + self._held[0]
 
     def feed(self, piece: str, token_ids=()) -> str:
-        self.text += piece
+        if not self._opening:
+            self._opening = piece.lstrip()[:1]
         if self.marker_id is not None and self.marker_id in token_ids:
             self.holding = True  # where in this piece the marker stood is unknown: hold all of it
+        elif not self.holding and isinstance(self.fmt, Llama3) and self._opening == "{":
+            self.holding = True  # the reply may be a JSON call, to its end
         if self.holding:
+            self._held.append(piece)
             return ""
         marker = self.fmt.marker
-        if marker and marker in self.text:
+        start = max(0, len(self._pending) - len(marker or "") + 1)  # where a marker may complete now
+        self._pending += piece
+        at = self._pending.find(marker, start) if marker else -1
+        if at >= 0:
             self.holding = True
-            cut = self.text.index(marker)
-        elif isinstance(self.fmt, Llama3) and self.text.lstrip()[:1] in ("", "{"):
-            return ""  # the reply may be a JSON call
+            cut = at
+        elif isinstance(self.fmt, Llama3) and not self._opening:
+            return ""  # only whitespace so far: the reply may yet open with a JSON call
         else:
-            cut = len(self.text) - _partial_suffix(self.text, marker or "")
-        while cut > self.sent and self.text[cut - 1].isspace():
+            cut = len(self._pending) - _partial_suffix(self._pending, marker or "")
+        while cut > 0 and self._pending[cut - 1].isspace():
             cut -= 1
-        out = self.text[self.sent:cut]
-        self.sent = max(self.sent, cut)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        self._sent.append(out)
+        self.sent += len(out)
         return out
 
     def finish(self, full_text: str, cut: bool = False) -> tuple[str, list[ToolCall]]:
