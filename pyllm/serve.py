@@ -219,47 +219,50 @@ class EventStreamResponse:
     (uvicorn then closes the connection). on_close() runs once, however the response ends, even
     when it never starts.
 
-    The limit is kept by one watchdog timer per response, re-armed from the start of the send in
-    progress, rather than by asyncio.wait_for around each send: wait_for makes a task per send,
-    15 us of the event loop's CPU a token (Python 3.11), against ~0.1 us for two time stamps."""
+    The limit is kept by one watchdog timer per response, armed by a send when none is, re-armed
+    from the start of the send in progress and let go when none is (a response waiting for its next
+    event wakes nothing), rather than by asyncio.wait_for around each send: wait_for makes a task
+    per send, 15 us of the event loop's CPU a token (Python 3.11), against ~0.1 us for two time stamps."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], send_timeout: float):
         self.events, self.on_close, self.send_timeout = events, on_close, send_timeout
         self._sending_since: float | None = None  # loop time the send in progress started at
         self._timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
-    def _watch(self, loop, task) -> None:
-        """Cancels `task` when its send has been in progress for send_timeout; else re-arms."""
+    def _watch(self) -> None:
+        """Cancels the task when its send has been in progress for send_timeout; else re-arms for
+        the send in progress, or lets go (the next send arms it)."""
         since = self._sending_since
-        if since is not None and loop.time() - since >= self.send_timeout:
+        if since is None:
+            self._watchdog = None
+        elif self._loop.time() - since >= self.send_timeout:
             self._timed_out = True
-            task.cancel()
-            return
-        start = since if since is not None else loop.time()
-        self._watchdog = loop.call_at(start + self.send_timeout, self._watch, loop, task)
+            self._task.cancel()
+        else:
+            self._watchdog = self._loop.call_at(since + self.send_timeout, self._watch)
 
     async def _send(self, send, message) -> None:
-        self._sending_since = asyncio.get_running_loop().time()
+        self._sending_since = since = self._loop.time()
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(since + self.send_timeout, self._watch)
         try:
             await send(message)
         except asyncio.CancelledError:
             if not self._timed_out:
                 raise
-            task = asyncio.current_task()
             # Python 3.11+: the watchdog's cancel request is answered here; one made besides it (the
             # server shutting down in the same loop turn) stays a cancel, as asyncio.timeout does.
             # Python 3.9/3.10 cannot tell the two apart (nor could asyncio.wait_for there).
-            if hasattr(task, "uncancel") and task.uncancel() > self._cancelling:
+            if hasattr(self._task, "uncancel") and self._task.uncancel() > self._cancelling:
                 raise
             raise SendTimeout from None
         finally:
             self._sending_since = None
 
     async def __call__(self, scope, receive, send) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        self._cancelling = task.cancelling() if hasattr(task, "cancelling") else 0
-        self._watch(loop, task)
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        self._cancelling = self._task.cancelling() if hasattr(self._task, "cancelling") else 0
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
@@ -269,7 +272,8 @@ class EventStreamResponse:
         except SendTimeout:
             log.warning("a client left its stream unread for %g s: dropped", self.send_timeout)
         finally:
-            self._watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             try:
                 await self.events.aclose()  # a generation still running is cancelled
             finally:

@@ -908,3 +908,28 @@ def test_an_event_stream_cancelled_from_outside_as_its_send_times_out_is_cancell
 
     asyncio.run(main())
     assert closed == [True]
+
+
+def test_an_event_stream_waiting_for_its_events_wakes_nothing(monkeypatch):
+    """The watchdog re-armed itself every send_timeout while no send was in progress: a response
+    waiting on a long prefill woke the event loop for nothing, at a tiny --send-timeout in a busy
+    loop. Now only a send arms it; waiting lets it go."""
+    import asyncio
+
+    from pyllm.serve import EventStreamResponse
+
+    wakes = []
+    watch = EventStreamResponse._watch
+    monkeypatch.setattr(EventStreamResponse, "_watch", lambda self, *args: (wakes.append(1), watch(self, *args)))
+
+    async def events():
+        for i in range(2):
+            await asyncio.sleep(0.5)
+            yield f"data: {i}\n\n"
+
+    async def send(message):
+        pass
+
+    closed, logged = _run_event_stream(events(), send, 0.001)
+    assert closed == [True] and not logged
+    assert len(wakes) <= 4, len(wakes)  # one a send at most; re-armed every 1 ms it was ~1000
