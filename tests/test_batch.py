@@ -477,3 +477,33 @@ def test_without_huge_pages_the_kv_cache_stays_resident_as_used(model_file):
     populated, grown, cache = out.stdout.split()
     assert populated == "True"
     assert int(grown) < 0.3 * int(cache), f"{int(grown) >> 20} MiB of a {int(cache) >> 20} MiB cache made resident"
+
+
+def test_an_llm_whose_construction_fails_lets_its_engine_go_at_once(model_file, monkeypatch):
+    """An error after the engine was made (an adapter the file lacks, a tokenizer that cannot be
+    read) left the half-made LLM, engine and all, to the error's traceback: an error kept (for a log,
+    in a REPL's sys.last_value) held the KV cache, which is filled in from the engine's creation (1.5
+    GiB for SmolLM2 at 8 x 8192). The engine and the file are let go before the error is raised; an
+    adapter the file lacks is refused before an engine is made."""
+    import traceback
+
+    from pyllm.formats.safetensors import FormatError
+    from pyllm.llm import _TokenizerLoader
+
+    def half_made(error):
+        return [frame.f_locals["self"] for frame, _ in traceback.walk_tb(error.__traceback__)
+                if isinstance(frame.f_locals.get("self"), pyllm.LLM)]
+
+    with pytest.raises(ValueError, match="has no adapter 'nope'") as e:
+        pyllm.LLM(model_file, n_threads=1, n_parallel=4, context_length=256, adapter="nope")
+    assert half_made(e.value) and all(llm.engine is None for llm in half_made(e.value))
+
+    def unreadable(self):
+        raise FormatError("the embedded tokenizer cannot be read (test)")
+    monkeypatch.setattr(_TokenizerLoader, "result", unreadable)
+    with pytest.raises(FormatError, match="cannot be read") as e:
+        pyllm.LLM(model_file, n_threads=1, n_parallel=4, context_length=256)
+    assert half_made(e.value) and all(llm.engine is None for llm in half_made(e.value))
+    monkeypatch.undo()
+    with pyllm.LLM(model_file, n_threads=1, context_length=256) as llm:  # the file is still usable
+        assert llm.generate(PROMPTS[0], max_new_tokens=2)
