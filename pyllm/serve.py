@@ -291,17 +291,21 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
-def reply_text(tokenizer, ids: list[int], text: str) -> tuple[str, bool]:
+def reply_text(tokenizer, ids: list[int], text: str, keep=frozenset()) -> tuple[str, bool]:
     """(the reply as the tool-call parser reads it, whether a stop string cut it). The parser reads
-    the reply's tokens decoded with their special tokens (a marker may be one, Mistral's
-    [TOOL_CALLS]), but only as far as `text`, the text the reply returns: the tokens include the
-    stop string that ended it and what its last token holds past it, which is no part of the reply
-    (a call completed there is no call the client was given). Cut, it is the decoding with special
-    tokens of the longest run of leading tokens whose text the reply holds, then the rest of text.
+    the reply's tokens decoded with the format's tags that are special tokens (keep:
+    tool_calls.special_tag_ids; Mistral's [TOOL_CALLS]) and no other special token (none is text
+    the client is sent: another one in the content came back as its text, '<|im_start|>', and a
+    stream, whose pieces leave it out, lost the text after the calls), but only as far as `text`, the text the reply returns: the tokens
+    include the stop string that ended it and what its last token holds past it, which is no part
+    of the reply (a call completed there is no call the client was given). Cut, it is the decoding
+    with those tags of the longest run of leading tokens whose text the reply holds, then the rest
+    of text.
 
     A run that ends inside a character of several bytes decodes to U+FFFD where the character is
     cut; that is left out of both decodings (the rest of text holds the character): taken for text
     the reply does not hold, the search stopped short of every later token, a marker among them."""
+    ids = [i for i in ids if i in keep or i not in tokenizer.special_ids]
     plain = tokenizer.decode(ids)
     if len(plain) <= len(text) or not plain.startswith(text):
         return tokenizer.decode(ids, skip_special_tokens=False), False
@@ -739,7 +743,10 @@ class Server:
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text)
+                from .tool_calls import special_tag_ids
+
+                full, stopped = reply_text(tokenizer, [t.id for t in tokens], text,
+                                           special_tag_ids(plan.tools, tokenizer))
                 parsed = plan.tools.split(full, cut=stopped or finish == "length")
                 calls = parsed.calls
                 if calls:
@@ -804,7 +811,7 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream, special_marker_id
+        from .tool_calls import ToolCallStream, special_marker_id, special_tag_ids
 
         chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
         tokenizer = self.llm.tokenizer
@@ -860,7 +867,8 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text)
+                full, stopped = reply_text(tokenizer, [t.id for t in all_tokens], tools.text,
+                                           special_tag_ids(plan.tools, tokenizer))
                 content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))

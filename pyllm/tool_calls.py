@@ -432,6 +432,13 @@ class ToolCallStream:
         return self.text[self.sent:], []
 
 
+def special_tag_ids(fmt: ToolFormat, tokenizer) -> frozenset:
+    """The token ids of fmt's tags (its marker, Hermes's closing tag) that are special tokens of the
+    tokenizer: the special tokens the parser reads (serve.reply_text)."""
+    ids = (tokenizer.token_to_id(tag) for tag in (fmt.marker, getattr(fmt, "end", None)) if tag)
+    return frozenset(i for i in ids if i is not None and i in tokenizer.special_ids)
+
+
 def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:
     """The token id of fmt's marker when the tokenizer has it as a special token, else None."""
     marker_id = tokenizer.token_to_id(fmt.marker) if fmt.marker else None

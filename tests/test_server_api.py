@@ -538,9 +538,14 @@ def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     special = llm.tokenizer.token_to_id("<|im_start|>")
     assert special in llm.tokenizer.special_ids
     ids = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]STOP and more', False)
-    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]') == ('Sure.<|im_start|> [{"a": 1}]', True)
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', {special}) == ('Sure.<|im_start|> [{"a": 1}]',
+                                                                            True)
     whole = llm.tokenizer.decode(ids)
-    assert reply_text(llm.tokenizer, ids, whole) == (llm.tokenizer.decode(ids, skip_special_tokens=False), False)
+    assert reply_text(llm.tokenizer, ids, whole, {special}) == (llm.tokenizer.decode(ids, skip_special_tokens=False),
+                                                              False)
+    # a special token that is not the marker is no text of the reply
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]') == ('Sure. [{"a": 1}]', True)
+    assert reply_text(llm.tokenizer, ids, whole) == (whole, False)
 
 
 def test_reply_text_keeps_a_special_token_after_characters_split_across_tokens(llm):
@@ -556,7 +561,8 @@ def test_reply_text_keeps_a_special_token_after_characters_split_across_tokens(l
             before = "Sure " + "😀" * n
             ids = llm.tokenize(before, False) + [special] + llm.tokenize(' [{"a": 1}]' + after + "STOP more", False)
             text = before + ' [{"a": 1}]' + after
-            assert reply_text(llm.tokenizer, ids, text) == (before + '<|im_start|> [{"a": 1}]' + after, True), (n, after)
+            assert reply_text(llm.tokenizer, ids, text, {special}) == (before + '<|im_start|> [{"a": 1}]' + after,
+                                                                     True), (n, after)
 
 
 def test_calls_after_split_characters_survive_a_stop_string(live, llm, monkeypatch):
@@ -577,6 +583,44 @@ def test_calls_after_split_characters_survive_a_stop_string(live, llm, monkeypat
                     got = _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
                                  max_tokens=300, stop=["STOP"])
                     assert got == ("Sure " + "😀" * n, [("get_time", {})], "tool_calls"), (n, stream, got)
+    finally:
+        llm.chat_template = old
+
+
+def test_special_tokens_in_the_content_of_a_reply_with_calls_are_no_text(live, llm, monkeypatch):
+    """The parser read the reply decoded with every special token, not only the marker: a special
+    token in the text around the calls (one that is no marker) came back as its text in the content
+    ('Hi<|im_start|> there'), and a stream, whose pieces leave it out, then lost the text after the
+    calls (its content no longer began with what was sent). Only the marker is kept."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        special = llm.tokenizer.token_to_id("<|im_start|>")
+        written = " there " + _written_calls("qwen", [("get_time", {})]) + " Bye."
+        _script(llm, monkeypatch, llm.tokenize("Hi", False) + [special] + llm.tokenize(written, False))
+        for stream in (False, True):
+            assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                          max_tokens=100) == ("Hi there\nBye.", [("get_time", {})], "tool_calls"), stream
+    finally:
+        llm.chat_template = old
+
+
+def test_special_tool_call_tags_are_read_whichever_they_are(live, llm, monkeypatch):
+    """A format's tags that are special tokens are read: Hermes's closing tag as well as its marker
+    (the tiny tokenizer's <|im_start|> stands in for a special </tool_call>), parallel calls too."""
+    from pyllm.tool_calls import Hermes, special_tag_ids
+
+    monkeypatch.setattr(Hermes, "end", "<|im_start|>")
+    special = llm.tokenizer.token_to_id("<|im_start|>")
+    assert special_tag_ids(Hermes(), llm.tokenizer) == {special}
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        ids = []
+        for name in ("get_time", "get_time"):
+            ids += llm.tokenize("<tool_call>\n" + _written_call("qwen", name, {}) + "\n", False) + [special]
+        _script(llm, monkeypatch, ids + llm.tokenize(" Done.", False))
+        for stream in (False, True):
+            assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                          max_tokens=100) == ("Done.", [("get_time", {})] * 2, "tool_calls"), stream
     finally:
         llm.chat_template = old
 
