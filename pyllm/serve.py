@@ -296,11 +296,11 @@ def reply_text(tokenizer, ids: list[int], text: str, keep=frozenset()) -> tuple[
     the reply's tokens decoded with the format's tags that are special tokens (keep:
     tool_calls.special_tag_ids; Mistral's [TOOL_CALLS]) and no other special token (none is text
     the client is sent: another one in the content came back as its text, '<|im_start|>', and a
-    stream, whose pieces leave it out, lost the text after the calls), but only as far as `text`, the text the reply returns: the tokens
-    include the stop string that ended it and what its last token holds past it, which is no part
-    of the reply (a call completed there is no call the client was given). Cut, it is the decoding
-    with those tags of the longest run of leading tokens whose text the reply holds, then the rest
-    of text.
+    stream, whose pieces leave it out, lost the text after the calls), but only as far as `text`,
+    the text the reply returns: the tokens include the stop string that ended it and what its last
+    token holds past it, which is no part of the reply (a call completed there is no call the
+    client was given). Cut, it is the decoding with those tags of the longest run of leading
+    tokens whose text the reply holds, then the rest of text.
 
     A run that ends inside a character of several bytes decodes to U+FFFD where the character is
     cut; that is left out of both decodings (the rest of text holds the character): taken for text

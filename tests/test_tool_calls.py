@@ -74,7 +74,8 @@ def test_arguments_the_parser_reads_just_within_its_depth_are_no_500():
         key = "parameters" if isinstance(fmt, Llama3) else "arguments"
         for depth in range(limit - 60, limit + 2):
             call = '{"name": "f", "%s": {"a": %s}}' % (key, "[" * depth + "]" * depth)
-            text = {"hermes": f"<tool_call>\n{call}\n</tool_call>", "mistral": f"[TOOL_CALLS] [{call}]"}.get(fmt.name, call)
+            text = {"hermes": f"<tool_call>\n{call}\n</tool_call>",
+                    "mistral": f"[TOOL_CALLS] [{call}]"}.get(fmt.name, call)
             for frames in range(4):
                 for cut in (False, True):
                     content, calls = at_depth(frames, lambda: fmt.parse(text, cut))
@@ -312,7 +313,8 @@ def test_a_cut_reply_keeps_its_complete_calls():
                 assert (parsed.content, [c.name for c in parsed.calls], parsed.dropped) == ("", ["f", "g"], True), end
                 out = "".join(stream.feed(text[i:min(i + 4, end)]) for i in range(0, end, 4))
                 assert out + stream.finish(text[:end], cut=True)[0] == "", end
-                assert fmt(["f", "g"]).parse(text[:end] + " and so on", cut=True)[0] == text[third - 12:end] + " and so on"
+                more = text[:end] + " and so on"  # text follows: the marker's start is content
+                assert fmt(["f", "g"]).parse(more, cut=True)[0] == text[third - 12:end] + " and so on"
         # one call only, and that one cut: no call, the text stays content
         first = text[:text.index('"a": 1') + 3]
         assert fmt(["f", "g"]).split(first, cut=True).calls == [], fmt.__name__
