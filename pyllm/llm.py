@@ -348,34 +348,16 @@ class LLM:
             context_length = check_context_length(context_length)
         self.path = resolve_model(path)
         self.model = PackedModel(self.path)
-        if verify:
-            self.model.verify()
-        self.config = self.model.config
-        self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
-        n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
-        n_parallel = check_parallel(n_parallel)
-        check_kv_cache_bytes(engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device),
-                             f"{n_parallel} sequence(s) of {n_ctx} positions")
-        # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
-        tokenizer_loader = _TokenizerLoader(self.model)
+        self.engine = None
         try:
-            self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
-                                       self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
-                                       kv_cache, n_parallel)
-            if device == "cpu":
-                self.engine.activation_quant = activation_quant
+            self._load(backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
+                       activation_quant, adapter)
         except BaseException:
-            tokenizer_loader.wait()
+            # released now, not when the error (its traceback holds this object) goes: the engine's
+            # KV cache is filled in from its creation (1.5 GiB held by an error kept for a log)
+            self.engine = None
+            self.model.close()
             raise
-        self.tokenizer = tokenizer_loader.result()
-        if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise FormatError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
-                             f"{self.config.vocab_size} embeddings")
-        return_freed_heap()
-        self.context_length = n_ctx
-        self.n_parallel = n_parallel
-        self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
-        self.adapter = self._check_adapter(adapter)  # generate()'s default
         self._primed: str | None = None  # the adapter whose virtual positions open slot 0's cache
         self.device = device
         self.n_threads = self.engine.n_threads
@@ -396,6 +378,38 @@ class LLM:
         self.scheduler = None
         self.last_stats = GenerationStats()
         self.last_batch_stats: list[GenerationStats] = []  # one per prompt of the last list given to generate
+
+    def _load(self, backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
+              activation_quant, adapter) -> None:
+        """__init__'s checks of the file and the options, and the engine and tokenizer they make."""
+        if verify:
+            self.model.verify()
+        self.config = self.model.config
+        self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
+        n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
+        n_parallel = check_parallel(n_parallel)
+        check_kv_cache_bytes(engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device),
+                             f"{n_parallel} sequence(s) of {n_ctx} positions")
+        self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
+        self.adapter = self._check_adapter(adapter)  # generate()'s default
+        # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
+        tokenizer_loader = _TokenizerLoader(self.model)
+        try:
+            self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
+                                         self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
+                                         kv_cache, n_parallel)
+            if device == "cpu":
+                self.engine.activation_quant = activation_quant
+        except BaseException:
+            tokenizer_loader.wait()
+            raise
+        self.tokenizer = tokenizer_loader.result()
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise FormatError(f"{self.path}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                              f"{self.config.vocab_size} embeddings")
+        return_freed_heap()
+        self.context_length = n_ctx
+        self.n_parallel = n_parallel
 
     @property
     def kv_cache_bytes(self) -> int:

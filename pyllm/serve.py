@@ -219,42 +219,50 @@ class EventStreamResponse:
     (uvicorn then closes the connection). on_close() runs once, however the response ends, even
     when it never starts.
 
-    The limit is kept by one watchdog timer per response, re-armed from the start of the send in
-    progress, rather than by asyncio.wait_for around each send: wait_for makes a task per send,
-    15 us of the event loop's CPU a token (Python 3.11), against ~0.1 us for two time stamps."""
+    The limit is kept by one watchdog timer per response, armed by a send when none is, re-armed
+    from the start of the send in progress and let go when none is (a response waiting for its next
+    event wakes nothing), rather than by asyncio.wait_for around each send: wait_for makes a task
+    per send, 15 us of the event loop's CPU a token (Python 3.11), against ~0.1 us for two time stamps."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], send_timeout: float):
         self.events, self.on_close, self.send_timeout = events, on_close, send_timeout
         self._sending_since: float | None = None  # loop time the send in progress started at
         self._timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
-    def _watch(self, loop, task) -> None:
-        """Cancels `task` when its send has been in progress for send_timeout; else re-arms."""
+    def _watch(self) -> None:
+        """Cancels the task when its send has been in progress for send_timeout; else re-arms for
+        the send in progress, or lets go (the next send arms it)."""
         since = self._sending_since
-        if since is not None and loop.time() - since >= self.send_timeout:
+        if since is None:
+            self._watchdog = None
+        elif self._loop.time() - since >= self.send_timeout:
             self._timed_out = True
-            task.cancel()
-            return
-        start = since if since is not None else loop.time()
-        self._watchdog = loop.call_at(start + self.send_timeout, self._watch, loop, task)
+            self._task.cancel()
+        else:
+            self._watchdog = self._loop.call_at(since + self.send_timeout, self._watch)
 
     async def _send(self, send, message) -> None:
-        self._sending_since = asyncio.get_running_loop().time()
+        self._sending_since = since = self._loop.time()
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(since + self.send_timeout, self._watch)
         try:
             await send(message)
         except asyncio.CancelledError:
             if not self._timed_out:
                 raise
-            task = asyncio.current_task()
-            if hasattr(task, "uncancel"):  # Python 3.11+: the cancel request was ours, and is answered
-                task.uncancel()
+            # Python 3.11+: the watchdog's cancel request is answered here; one made besides it (the
+            # server shutting down in the same loop turn) stays a cancel, as asyncio.timeout does.
+            # Python 3.9/3.10 cannot tell the two apart (nor could asyncio.wait_for there).
+            if hasattr(self._task, "uncancel") and self._task.uncancel() > self._cancelling:
+                raise
             raise SendTimeout from None
         finally:
             self._sending_since = None
 
     async def __call__(self, scope, receive, send) -> None:
-        loop = asyncio.get_running_loop()
-        self._watch(loop, asyncio.current_task())
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        self._cancelling = self._task.cancelling() if hasattr(self._task, "cancelling") else 0
         try:
             await self._send(send, {"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
@@ -264,7 +272,8 @@ class EventStreamResponse:
         except SendTimeout:
             log.warning("a client left its stream unread for %g s: dropped", self.send_timeout)
         finally:
-            self._watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             try:
                 await self.events.aclose()  # a generation still running is cancelled
             finally:
@@ -282,31 +291,33 @@ async def _watch_disconnect(request: "Request", stream) -> None:
             return
 
 
-def reply_text(tokenizer, ids: list[int], text: str, stopped: bool, keep: set[int] | None = None) -> str:
-    """The reply as the tool-call parser reads it: its tokens decoded with their special tokens (a
-    marker may be one, Mistral's [TOOL_CALLS]), but only as far as `text`, the text the reply returns.
-    stopped: a stop string ended the reply (GenerationStats.stop_string); its last token may then hold
-    text past the reply's end, which is no part of it (a call completed there is no call the client
-    was given): the decoding with special tokens of the longest run of leading tokens whose text the
-    reply holds, then the rest of text. keep: the special tokens decoded (tool_calls.syntax_special_ids:
-    the format's marker and closing tag); others are left out as in `text`, so the content around
-    calls holds none, as the text a stream sent does (None: all of them)."""
-    def with_specials(part):
-        if keep is not None:
-            part = [i for i in part if i not in tokenizer.special_ids or i in keep]
-        return tokenizer.decode(part, skip_special_tokens=False)
+def reply_text(tokenizer, ids: list[int], text: str, stopped: bool, keep=frozenset()) -> str:
+    """The reply as the tool-call parser reads it: the reply's tokens decoded with the format's tags
+    that are special tokens (keep: tool_calls.special_tag_ids; Mistral's [TOOL_CALLS]) and no other
+    special token (none is text the client is sent: another one in the content came back as its
+    text, '<|im_start|>', and a stream, whose pieces leave it out, lost the text after the calls),
+    but only as far as `text`, the text the reply returns. stopped: a stop string ended the reply
+    (GenerationStats.stop_string); its last token may then hold text past the reply's end, which is
+    no part of it (a call completed there is no call the client was given): the decoding with those
+    tags of the longest run of leading tokens whose text the reply holds, then the rest of text.
 
+    A run that ends inside a character of several bytes decodes to U+FFFD where the character is
+    cut; that is left out of both decodings (the rest of text holds the character): taken for text
+    the reply does not hold, the search stopped short of every later token, a marker among them."""
+    ids = [i for i in ids if i in keep or i not in tokenizer.special_ids]
     if not stopped:
-        return with_specials(ids)
-    low, high = 0, len(ids) + 1  # text starts with the text of ids[:low], not with that of ids[:high]
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    low, high = 0, len(ids) + 1  # text starts with that of ids[:low], not with that of ids[:high]
     while high - low > 1:
         mid = (low + high) // 2
-        if text.startswith(tokenizer.decode(ids[:mid])):
+        if text.startswith(tokenizer.decode(ids[:mid]).rstrip("\ufffd")):
             low = mid
         else:
             high = mid
-    head = tokenizer.decode(ids[:low])
-    return with_specials(ids[:low]) + text[len(head):]
+    head, special = tokenizer.decode(ids[:low]), tokenizer.decode(ids[:low], skip_special_tokens=False)
+    # a cut character ends both decodings (a U+FFFD before a special token that ends them is the reply's)
+    cut = min(len(head) - len(head.rstrip("\ufffd")), len(special) - len(special.rstrip("\ufffd")))
+    return special[:len(special) - cut] + text[len(head) - cut:]
 
 
 def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
@@ -729,7 +740,7 @@ class Server:
 
     # -- plan + generated text -> choices -------------------------------------------------------
     def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
-        from .tool_calls import syntax_special_ids
+        from .tool_calls import special_tag_ids
 
         tokenizer = self.llm.tokenizer
         finish = stream.stats.finish_reason
@@ -738,7 +749,7 @@ class Server:
             if plan.tools is not None:
                 stopped = stream.stats.stop_string is not None
                 full = reply_text(tokenizer, [t.id for t in tokens], text, stopped,
-                                  syntax_special_ids(plan.tools, tokenizer))
+                                  special_tag_ids(plan.tools, tokenizer))
                 parsed = plan.tools.split(full, cut=stopped or finish == "length")
                 calls = parsed.calls
                 if calls:
@@ -803,7 +814,7 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream, special_marker_id, syntax_special_ids
+        from .tool_calls import ToolCallStream, special_marker_id, special_tag_ids
 
         chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
         tokenizer = self.llm.tokenizer
@@ -861,7 +872,7 @@ class Server:
             if tools is not None:
                 stopped = stream.stats.stop_string is not None
                 full = reply_text(tokenizer, [t.id for t in all_tokens], tools.text, stopped,
-                                  syntax_special_ids(tools.fmt, tokenizer))
+                                  special_tag_ids(plan.tools, tokenizer))
                 content, calls = tools.finish(full, cut=stopped or finish == "length")
                 if content:
                     yield chunk(responses.chat_delta(index, content))

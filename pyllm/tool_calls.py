@@ -82,7 +82,7 @@ class ToolFormat:
         content and no calls.
 
         cut: the reply did not end by itself (max_tokens, or a stop string, cut it). Then a last
-        call whose JSON is incomplete (and a closing tag or list bracket cut short) is the cut's
+        call whose JSON (or marker) is incomplete, and a closing tag or list bracket cut short, are the cut's
         doing, not the model's: the complete calls before it are returned and it is left out
         (Parsed.dropped), where one bad call otherwise makes the whole reply text. Parallel forced
         calls cut by max_tokens lost every call this way, the complete ones too."""
@@ -124,7 +124,11 @@ class ToolFormat:
                     return None
             if not isinstance(arguments, dict):
                 return None
-            calls.append(ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), self.call_id()))
+            try:  # written back a few frames deeper than it was read: a depth just within reach is not
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            except RecursionError:
+                return None
+            calls.append(ToolCall(obj["name"], arguments, self.call_id()))
         return calls if self.parallel else calls[:1]
 
 
@@ -193,6 +197,10 @@ class Hermes(ToolFormat):
             else:
                 return None
             i = text.find(self.marker, j)
+            if i < 0 and cut and self.marker.startswith(text[j:].strip()) and text[j:].strip():
+                dropped = True  # cut inside the next call's marker ("<tool_ca"): that call is the cut one
+                pieces.append("")
+                break
             pieces.append(text[j:] if i < 0 else text[j:i])
             if i < 0:
                 break
@@ -366,29 +374,51 @@ class ToolCallStream:
     def __init__(self, fmt: ToolFormat, marker_id: int | None = None):
         self.fmt = fmt
         self.marker_id = marker_id
-        self.text = ""
         self.sent = 0
         self.holding = False
         self.dropped = False
+        # The reply so far: the text sent, then `_pending` (not sent yet: whitespace, a marker's
+        # possible start), then what is held once holding. Kept apart so that a piece costs its own
+        # length, not the reply's: adding each piece to one string and looking for the marker in it
+        # made a long reply quadratic (50,000 pieces: 2 s of the event loop). A marker can only
+        # complete in _pending, as a marker's start is never sent.
+        self._sent: list[str] = []
+        self._pending = ""
+        self._held: list[str] = []
+        self._opening = ""  # the reply's first character other than whitespace
+
+    @property
+    def text(self) -> str:
+        """The reply so far."""
+        self._sent, self._held = ["".join(self._sent)], ["".join(self._held)]
+        return self._sent[0] + self._pending + self._held[0]
 
     def feed(self, piece: str, token_ids=()) -> str:
-        self.text += piece
+        if not self._opening:
+            self._opening = piece.lstrip()[:1]
         if self.marker_id is not None and self.marker_id in token_ids:
             self.holding = True  # where in this piece the marker stood is unknown: hold all of it
+        elif not self.holding and isinstance(self.fmt, Llama3) and self._opening == "{":
+            self.holding = True  # the reply may be a JSON call, to its end
         if self.holding:
+            self._held.append(piece)
             return ""
         marker = self.fmt.marker
-        if marker and marker in self.text:
+        start = max(0, len(self._pending) - len(marker or "") + 1)  # where a marker may complete now
+        self._pending += piece
+        at = self._pending.find(marker, start) if marker else -1
+        if at >= 0:
             self.holding = True
-            cut = self.text.index(marker)
-        elif isinstance(self.fmt, Llama3) and self.text.lstrip()[:1] in ("", "{"):
-            return ""  # the reply may be a JSON call
+            cut = at
+        elif isinstance(self.fmt, Llama3) and not self._opening:
+            return ""  # only whitespace so far: the reply may yet open with a JSON call
         else:
-            cut = len(self.text) - _partial_suffix(self.text, marker or "")
-        while cut > self.sent and self.text[cut - 1].isspace():
+            cut = len(self._pending) - _partial_suffix(self._pending, marker or "")
+        while cut > 0 and self._pending[cut - 1].isspace():
             cut -= 1
-        out = self.text[self.sent:cut]
-        self.sent = max(self.sent, cut)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        self._sent.append(out)
+        self.sent += len(out)
         return out
 
     def finish(self, full_text: str, cut: bool = False) -> tuple[str, list[ToolCall]]:
@@ -407,11 +437,11 @@ class ToolCallStream:
         return self.text[self.sent:], []
 
 
-def syntax_special_ids(fmt: ToolFormat, tokenizer) -> set[int]:
-    """The ids of fmt's marker and closing tag where the tokenizer has them as special tokens: the
-    only special tokens the parser reads (others are no part of a reply's content)."""
-    ids = {tokenizer.token_to_id(t) for t in (fmt.marker, getattr(fmt, "end", None)) if t}
-    return {i for i in ids if i is not None and i in tokenizer.special_ids}
+def special_tag_ids(fmt: ToolFormat, tokenizer) -> frozenset:
+    """The token ids of fmt's tags (its marker, Hermes's closing tag) that are special tokens of the
+    tokenizer: the special tokens the parser reads (serve.reply_text)."""
+    ids = (tokenizer.token_to_id(tag) for tag in (fmt.marker, getattr(fmt, "end", None)) if tag)
+    return frozenset(i for i in ids if i is not None and i in tokenizer.special_ids)
 
 
 def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:

@@ -444,14 +444,31 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _kernel_version() -> tuple[int, ...]:
+    """The running kernel's version as numbers ("5.4.0-150-generic" -> (5, 4, 0)): compared as a
+    string, "5.4" sorts after "5.14" and "10.1" before it."""
+    import re
+
+    return tuple(int(n) for n in re.match(r"[0-9.]*", os.uname().release).group().strip(".").split(".") if n)
+
+
+def test_kernel_versions_compare_as_numbers(monkeypatch):
+    for release, version in [("5.4.0-150-generic", (5, 4, 0)), ("6.18.44-fc-v657", (6, 18, 44)), ("10.1", (10, 1))]:
+        monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", release, "", "x86_64")))
+        assert _kernel_version() == version
+    assert (5, 4, 0) < (5, 14) < (10, 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_the_kv_cache_s_pages_are_filled_in_before_first_use(model_file):
     """The CPU engine fills in the KV cache's pages with a background thread (csrc/core/populate.h):
     a fresh slot's first prefill, or a shared prefix copied into it, used to stop on page faults
     (200-460 ms a slot at a 4096 context with huge pages on a 2-core VM). Resident memory grows by
     the cache without a forward call; the results are those of an engine that never populated."""
-    if os.uname().release < "5.14":  # pragma: no cover - older kernels fault pages in on first use
+    if _kernel_version() < (5, 14):  # pragma: no cover - older kernels fault pages in on first use
         pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    if os.environ.get("PYLLM_HUGE_PAGES") == "0":  # pragma: no cover - the test below is that case
+        pytest.skip("PYLLM_HUGE_PAGES=0: the cache is resident as used")
     before = _resident_bytes()
     with pyllm.LLM(model_file, n_threads=1, n_parallel=128, context_length=1024) as llm:  # 34-68 MB
         deadline = time.monotonic() + 120
@@ -465,3 +482,58 @@ def test_the_kv_cache_s_pages_are_filled_in_before_first_use(model_file):
         pyllm.LLM(model_file, n_threads=1, n_parallel=64, context_length=1024).close()
     with pyllm.LLM(model_file, n_threads=1, n_parallel=4, context_length=1024) as llm:
         assert llm.generate(PROMPTS[:4], max_new_tokens=6) == populated  # at once, while it populates
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_without_huge_pages_the_kv_cache_stays_resident_as_used(model_file):
+    """PYLLM_HUGE_PAGES=0 keeps 4 KiB pages touched only as positions are written (docs/ARCHITECTURE.md):
+    nothing is filled in, so n_parallel slots never used cost address space, not memory. (The
+    environment is read once a process: a fresh one.)"""
+    import subprocess
+
+    code = (
+        "import time, pyllm\n"
+        "def rss():\n"
+        "    with open('/proc/self/statm') as f: return int(f.read().split()[1]) * 4096\n"
+        "before = rss()\n"
+        f"llm = pyllm.LLM({str(model_file)!r}, n_threads=1, n_parallel=128, context_length=2048)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not llm.engine.kv_cache_populated and time.monotonic() < deadline: time.sleep(0.01)\n"
+        "time.sleep(0.5)\n"
+        "print(llm.engine.kv_cache_populated, rss() - before, llm.engine.kv_cache_bytes)\n")
+    env = {**os.environ, "PYLLM_HUGE_PAGES": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    populated, grown, cache = out.stdout.split()
+    assert populated == "True"
+    assert int(grown) < 0.3 * int(cache), f"{int(grown) >> 20} MiB of a {int(cache) >> 20} MiB cache made resident"
+
+
+def test_an_llm_whose_construction_fails_lets_its_engine_go_at_once(model_file, monkeypatch):
+    """An error after the engine was made (an adapter the file lacks, a tokenizer that cannot be
+    read) left the half-made LLM, engine and all, to the error's traceback: an error kept (for a log,
+    in a REPL's sys.last_value) held the KV cache, which is filled in from the engine's creation (1.5
+    GiB for SmolLM2 at 8 x 8192). The engine and the file are let go before the error is raised; an
+    adapter the file lacks is refused before an engine is made."""
+    import traceback
+
+    from pyllm.formats.safetensors import FormatError
+    from pyllm.llm import _TokenizerLoader
+
+    def half_made(error):
+        return [frame.f_locals["self"] for frame, _ in traceback.walk_tb(error.__traceback__)
+                if isinstance(frame.f_locals.get("self"), pyllm.LLM)]
+
+    with pytest.raises(ValueError, match="has no adapter 'nope'") as e:
+        pyllm.LLM(model_file, n_threads=1, n_parallel=4, context_length=256, adapter="nope")
+    assert half_made(e.value) and all(llm.engine is None for llm in half_made(e.value))
+
+    def unreadable(self):
+        raise FormatError("the embedded tokenizer cannot be read (test)")
+    monkeypatch.setattr(_TokenizerLoader, "result", unreadable)
+    with pytest.raises(FormatError, match="cannot be read") as e:
+        pyllm.LLM(model_file, n_threads=1, n_parallel=4, context_length=256)
+    assert half_made(e.value) and all(llm.engine is None for llm in half_made(e.value))
+    monkeypatch.undo()
+    with pyllm.LLM(model_file, n_threads=1, context_length=256) as llm:  # the file is still usable
+        assert llm.generate(PROMPTS[0], max_new_tokens=2)

@@ -883,3 +883,59 @@ def test_an_event_stream_cancelled_from_outside_is_cancelled_not_timed_out():
 
     asyncio.run(main())
     assert closed == [True]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.9/3.10 cannot tell the two cancels apart")
+def test_an_event_stream_cancelled_from_outside_as_its_send_times_out_is_cancelled():
+    """An outside cancel made in the loop turn the watchdog cancels in is not swallowed as a timeout
+    (the task would end normally, its cancel lost, task.cancelling() left at 1)."""
+    import asyncio
+
+    from pyllm.serve import EventStreamResponse
+
+    closed = []
+
+    async def events():
+        yield "data: 0\n\n"
+        yield "data: 1\n\n"
+
+    async def send(message):
+        if message.get("body") == b"data: 0\n\n":
+            task = asyncio.current_task()
+            stalled = asyncio.get_running_loop().create_future()
+            # runs when the watchdog cancels the send, before the task resumes
+            stalled.add_done_callback(lambda _: task.cancel())
+            await stalled
+
+    async def main():
+        task = asyncio.ensure_future(EventStreamResponse(events(), lambda: closed.append(True), 0.1)({}, None, send))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert closed == [True]
+
+
+def test_an_event_stream_waiting_for_its_events_wakes_nothing(monkeypatch):
+    """The watchdog re-armed itself every send_timeout while no send was in progress: a response
+    waiting on a long prefill woke the event loop for nothing, at a tiny --send-timeout in a busy
+    loop. Now only a send arms it; waiting lets it go."""
+    import asyncio
+
+    from pyllm.serve import EventStreamResponse
+
+    wakes = []
+    watch = EventStreamResponse._watch
+    monkeypatch.setattr(EventStreamResponse, "_watch", lambda self, *args: (wakes.append(1), watch(self, *args)))
+
+    async def events():
+        for i in range(2):
+            await asyncio.sleep(0.5)
+            yield f"data: {i}\n\n"
+
+    async def send(message):
+        pass
+
+    closed, logged = _run_event_stream(events(), send, 0.001)
+    assert closed == [True] and not logged
+    assert len(wakes) <= 4, len(wakes)  # one a send at most; re-armed every 1 ms it was ~1000

@@ -502,8 +502,9 @@ def tool_template(request, llm):
 
 def _script(llm, monkeypatch, text):
     """Makes the model write text (its tokens, then end-of-sequence) in every generation the server
-    starts, with a logits processor: unlike a grammar, one that leaves stop strings their effect."""
-    ids = llm.tokenize(text, add_special_tokens=False)
+    starts, with a logits processor: unlike a grammar, one that leaves stop strings their effect.
+    text may be token ids (to write a special token)."""
+    ids = llm.tokenize(text, add_special_tokens=False) if isinstance(text, str) else list(text)
     generate = llm.generate
 
     def scripted(prompt, **options):
@@ -625,15 +626,15 @@ def test_reply_text_keeps_special_tokens_and_ends_where_the_text_does(llm):
     special = llm.tokenizer.token_to_id("<|im_start|>")
     assert special in llm.tokenizer.special_ids
     ids = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]STOP and more', False)
-    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True) == 'Sure.<|im_start|> [{"a": 1}]'
-    # keep: only the special tokens a tool-call format reads are decoded
-    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True, keep=set()) == 'Sure. [{"a": 1}]'
-    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True, keep={special}) == 'Sure.<|im_start|> [{"a": 1}]'
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True, {special}) == 'Sure.<|im_start|> [{"a": 1}]'
     whole = llm.tokenizer.decode(ids)
-    assert reply_text(llm.tokenizer, ids, whole, False) == llm.tokenizer.decode(ids, skip_special_tokens=False)
+    assert reply_text(llm.tokenizer, ids, whole, False, {special}) == llm.tokenizer.decode(ids, skip_special_tokens=False)
+    # a special token that is not the marker is no text of the reply
+    assert reply_text(llm.tokenizer, ids, 'Sure. [{"a": 1}]', True) == 'Sure. [{"a": 1}]'
+    assert reply_text(llm.tokenizer, ids, whole, False) == whole
     # the stream's tokens end with the returned text (a stop string's tokens are dropped): stopped all the same
     kept = llm.tokenize("Sure.", False) + [special] + llm.tokenize(' [{"a": 1}]', False)
-    assert reply_text(llm.tokenizer, kept, 'Sure. [{"a": 1}]', True) == 'Sure.<|im_start|> [{"a": 1}]'
+    assert reply_text(llm.tokenizer, kept, 'Sure. [{"a": 1}]', True, {special}) == 'Sure.<|im_start|> [{"a": 1}]'
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -650,6 +651,83 @@ def test_generation_stats_name_the_stop_string_that_ended_the_reply(llm, stream)
     unstopped = llm.generate("Once upon a time", max_new_tokens=12, stream=stream)
     stats = ("".join(unstopped), unstopped.stats)[1] if stream else llm.last_stats
     assert stats.stop_string is None
+
+
+def test_reply_text_keeps_a_special_token_after_characters_split_across_tokens(llm):
+    """A character of several bytes split across tokens decodes, cut inside, to U+FFFD: the search
+    for the tokens the returned text holds took such a cut for the end of that text and stopped
+    before a marker that followed (Mistral's special [TOOL_CALLS]), so a reply a stop string cut
+    lost its calls (they came back as content)."""
+    from pyllm.serve import reply_text
+
+    special = llm.tokenizer.token_to_id("<|im_start|>")
+    for n in range(1, 9):
+        for after in ("", " x", " x x x"):
+            before = "Sure " + "😀" * n
+            ids = llm.tokenize(before, False) + [special] + llm.tokenize(' [{"a": 1}]' + after + "STOP more", False)
+            text = before + ' [{"a": 1}]' + after
+            assert reply_text(llm.tokenizer, ids, text, True, {special}) == before + '<|im_start|> [{"a": 1}]' + after, (
+                n, after)
+
+
+def test_calls_after_split_characters_survive_a_stop_string(live, llm, monkeypatch):
+    """The same, through the server: a Mistral reply (its marker a special token; the tiny
+    tokenizer's <|im_start|> stands in for [TOOL_CALLS]) with emoji before its call, cut by a stop
+    string after the call, came back as content with no call."""
+    from pyllm.tool_calls import Mistral
+
+    monkeypatch.setattr(Mistral, "marker", "<|im_start|>")
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "mistral-v3-tools.jinja")).read()
+    try:
+        special = llm.tokenizer.token_to_id("<|im_start|>")
+        for n in (3, 24, 30):  # the search's first halving lands inside the emoji from about 22 of them
+            call = " [" + _written_call("mistral", "get_time", {}) + "] STOP more"
+            with monkeypatch.context() as patch:
+                _script(llm, patch, llm.tokenize("Sure " + "😀" * n, False) + [special] + llm.tokenize(call, False))
+                for stream in (False, True):
+                    got = _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                                 max_tokens=300, stop=["STOP"])
+                    assert got == ("Sure " + "😀" * n, [("get_time", {})], "tool_calls"), (n, stream, got)
+    finally:
+        llm.chat_template = old
+
+
+def test_special_tokens_in_the_content_of_a_reply_with_calls_are_no_text(live, llm, monkeypatch):
+    """The parser read the reply decoded with every special token, not only the marker: a special
+    token in the text around the calls (one that is no marker) came back as its text in the content
+    ('Hi<|im_start|> there'), and a stream, whose pieces leave it out, then lost the text after the
+    calls (its content no longer began with what was sent). Only the marker is kept."""
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        special = llm.tokenizer.token_to_id("<|im_start|>")
+        written = " there " + _written_calls("qwen", [("get_time", {})]) + " Bye."
+        _script(llm, monkeypatch, llm.tokenize("Hi", False) + [special] + llm.tokenize(written, False))
+        for stream in (False, True):
+            assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                          max_tokens=100) == ("Hi there\nBye.", [("get_time", {})], "tool_calls"), stream
+    finally:
+        llm.chat_template = old
+
+
+def test_special_tool_call_tags_are_read_whichever_they_are(live, llm, monkeypatch):
+    """A format's tags that are special tokens are read: Hermes's closing tag as well as its marker
+    (the tiny tokenizer's <|im_start|> stands in for a special </tool_call>), parallel calls too."""
+    from pyllm.tool_calls import Hermes, special_tag_ids
+
+    monkeypatch.setattr(Hermes, "end", "<|im_start|>")
+    special = llm.tokenizer.token_to_id("<|im_start|>")
+    assert special_tag_ids(Hermes(), llm.tokenizer) == {special}
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen2.5-base.jinja")).read()
+    try:
+        ids = []
+        for name in ("get_time", "get_time"):
+            ids += llm.tokenize("<tool_call>\n" + _written_call("qwen", name, {}) + "\n", False) + [special]
+        _script(llm, monkeypatch, ids + llm.tokenize(" Done.", False))
+        for stream in (False, True):
+            assert _reply(live.client(), stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                          max_tokens=100) == ("Done.", [("get_time", {})] * 2, "tool_calls"), stream
+    finally:
+        llm.chat_template = old
 
 
 def test_forced_tool_calls_round_trip(live, llm, tool_template):

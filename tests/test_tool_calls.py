@@ -60,6 +60,28 @@ def test_replies_nested_deeper_than_the_json_parser_goes_are_text():
         assert fmt.parse(text[:len(text) // 2], cut=True) == (text[:len(text) // 2], []), type(fmt).__name__
 
 
+def test_arguments_the_parser_reads_just_within_its_depth_are_no_500():
+    """Arguments nested just within the depth Python's JSON parser reads were read, then written
+    back (the arguments string) a few frames deeper, past it: RecursionError out of the parser (a 500
+    in the server). Such a reply is text. Every depth near the limit, from a few stack depths."""
+    import sys
+
+    def at_depth(n, call):
+        return call() if n == 0 else at_depth(n - 1, call)
+
+    limit = sys.getrecursionlimit()
+    for fmt in (Hermes(["f"]), Mistral(["f"]), Llama3(["f"])):
+        key = "parameters" if isinstance(fmt, Llama3) else "arguments"
+        for depth in range(limit - 60, limit + 2):
+            call = '{"name": "f", "%s": {"a": %s}}' % (key, "[" * depth + "]" * depth)
+            text = {"hermes": f"<tool_call>\n{call}\n</tool_call>",
+                    "mistral": f"[TOOL_CALLS] [{call}]"}.get(fmt.name, call)
+            for frames in range(4):
+                for cut in (False, True):
+                    content, calls = at_depth(frames, lambda: fmt.parse(text, cut))
+                    assert (content, calls) == (text, []) or calls[0].name == "f", (fmt.name, depth)
+
+
 def test_mistral_replies():
     content, calls = Mistral().parse('[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}, {"name": "b", '
                                      '"arguments": {}}]')
@@ -302,6 +324,14 @@ def test_a_cut_reply_keeps_its_complete_calls():
             out = "".join(stream.feed(cut[i:i + 4]) for i in range(0, len(cut), 4))
             rest, calls = stream.finish(cut, cut=True)
             assert out + rest == "" and [c.name for c in calls] == ["f", "g"] and stream.dropped, fmt.__name__
+        if fmt is Hermes:  # cut inside the third call's marker: that call is the cut one, not content
+            for end in range(third - len("<tool_call>\n") + 1, third - 1):
+                parsed, stream = fmt(["f", "g"]).split(text[:end], cut=True), ToolCallStream(fmt(["f", "g"]))
+                assert (parsed.content, [c.name for c in parsed.calls], parsed.dropped) == ("", ["f", "g"], True), end
+                out = "".join(stream.feed(text[i:min(i + 4, end)]) for i in range(0, end, 4))
+                assert out + stream.finish(text[:end], cut=True)[0] == "", end
+                more = text[:end] + " and so on"  # text follows: the marker's start is content
+                assert fmt(["f", "g"]).parse(more, cut=True)[0] == text[third - 12:end] + " and so on"
         # one call only, and that one cut: no call, the text stays content
         first = text[:text.index('"a": 1') + 3]
         assert fmt(["f", "g"]).split(first, cut=True).calls == [], fmt.__name__
@@ -344,3 +374,18 @@ def test_text_around_calls_is_content_alike_in_every_format_streamed_or_not():
         out = "".join(stream.feed(p) for p in ("  Hello ", "there \n"))
         rest, got = stream.finish("  Hello there \n")
         assert out + rest == "  Hello there \n" == fmt(["f"]).parse("  Hello there \n")[0] and got == []
+
+
+def test_a_long_reply_streams_in_time_linear_in_its_length():
+    """ToolCallStream added every piece to one string and looked for the marker in all of it: a long
+    reply cost time quadratic in its length on the server's event loop (50,000 pieces: 2 s, 100,000:
+    ~10 s). A piece now costs its own length (100,000 pieces: ~0.3 s)."""
+    import time
+
+    for fmt in (Hermes(["f"]), Mistral(["f"]), Llama3(["f"])):
+        for opening in ("Sure, ", '{"name": "f", "parameters": {"a": "'):  # content, and a reply held whole
+            stream = ToolCallStream(fmt)
+            start = time.process_time()
+            out = stream.feed(opening) + "".join(stream.feed("word ") for _ in range(100_000))
+            assert time.process_time() - start < 4, (fmt.name, opening)
+            assert out + stream.finish(stream.text, cut=True)[0] == opening + "word " * 100_000
