@@ -177,7 +177,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    # an empty list is refused, as OpenAI does ("[] is too short - 'tools'"): leave tools out for none
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
     functions: Any = None  # OpenAI's deprecated forms of tools and tool_choice: refused, not ignored

@@ -185,6 +185,10 @@ def test_bad_requests_get_clear_errors(live, llm):
         (dict(messages=_chat("hi"), presence_penalty=2.5), "presence_penalty"),
         (dict(messages=_chat("hi"), top_logprobs=3), "top_logprobs"),
         (dict(messages=_chat("hi"), tool_choice="required"), "tool_choice"),
+        # an empty tools list was taken as no tools; OpenAI refuses it ("[] is too short - 'tools'")
+        (dict(messages=_chat("hi"), tools=[]), "tools"),
+        (dict(messages=_chat("hi"), tools=[], stream=True), "tools"),
+        (dict(messages=_chat("hi"), tools=[], tool_choice="none"), "tools"),
         # two functions of one name were taken: a call naming it could be either (Anthropic's and Gemini's
         # APIs refuse this too: "Tool names must be unique", "Duplicate function declaration found")
         (dict(messages=_chat("hi"), tools=[{"type": "function", "function": {"name": "f"}},
