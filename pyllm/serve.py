@@ -495,14 +495,15 @@ class Server:
                            f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
 
     async def tokenize(self, request: "Request"):
-        """{"content": text, "add_special": true} -> {"tokens": [...]} (llama.cpp's names; "prompt" and
-        "add_special_tokens" too)."""
+        """{"content": text, "add_special": true, "parse_special": true} -> {"tokens": [...]} (llama.cpp's
+        names; "prompt" and "add_special_tokens" too). parse_special false: special-token strings in the
+        content are tokenized as plain text."""
         return await self._answer(request, self._tokenize)
 
     def _tokenize(self, raw: bytes) -> dict:
         req = validate(TokenizeRequest, parse_body(raw))
         check_prompt_length(req, self.limits, "content")
-        tokens = self.llm.tokenize(req.content, req.add_special)
+        tokens = self.llm.tokenize(req.content, req.add_special, parse_special=req.parse_special)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length}
 
     async def embeddings(self, request: "Request"):

@@ -861,6 +861,18 @@ def test_model_card_tokenize_detokenize(live, llm):
     tokens = post("/tokenize", {"content": "Paris is 中文"})["tokens"]
     assert tokens == llm.tokenize("Paris is 中文")
     assert post("/tokenize", {"content": "Paris", "add_special": False})["tokens"] == llm.tokenize("Paris", False)
+    # parse_special (llama.cpp's field) was ignored: a special token's string was always the special token
+    marked = "<|im_end|>Paris"
+    special = post("/tokenize", {"content": marked})["tokens"]
+    assert llm.tokenizer.token_to_id("<|im_end|>") in special and special == llm.tokenize(marked)
+    plain = post("/tokenize", {"content": marked, "parse_special": False})["tokens"]
+    assert plain == llm.tokenize(marked, parse_special=False) and llm.tokenizer.token_to_id("<|im_end|>") not in plain
+    assert post("/tokenize", {"content": marked, "parse_special": True})["tokens"] == special
+    assert post("/tokenize", {"content": marked, "parse_special": None})["tokens"] == special  # null: the default
+    for bad in ("no", 0, "false"):  # a wrong type is refused, naming the field, not read as either
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post("/tokenize", {"content": marked, "parse_special": bad})
+        assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "parse_special"
     assert post("/detokenize", {"tokens": tokens})["content"] == llm.detokenize(tokens)
     with pytest.raises(urllib.error.HTTPError) as e:
         post("/detokenize", {"tokens": [10 ** 9]})
