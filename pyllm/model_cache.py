@@ -137,6 +137,39 @@ def stale_temporaries(directory: str | None = None) -> list[str]:
     return stale
 
 
+def partial_dir(target: str) -> str:
+    """A new, empty directory beside target to write target's contents in before it is renamed into
+    place: "NAME.PID.XXXX.partial", unique, so that two writers of one target never share it, and
+    named with this process's id, so that one left by a killed process is told from one being
+    written (remove_stale_partials)."""
+    directory = os.path.dirname(os.path.abspath(target))
+    tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(target)}.{os.getpid()}.", suffix=".partial", dir=made(directory))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700): give it the mode os.mkdir would
+    return tmp
+
+
+def remove_stale_partials(target: str) -> None:
+    """Removes target's partial files and directories ("NAME.PID.XXXX.partial" beside it) whose
+    process no longer runs: left by a write that was killed. Those of live processes are kept."""
+    directory, base = os.path.split(os.path.abspath(target))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = _PARTIAL.match(name)
+        if m is None or not name.startswith(base + ".") or name.count(".") != base.count(".") + 3:
+            continue  # (another target's: "NAME.PID.XXXX.partial" has three dots more than NAME)
+        full = os.path.join(directory, name)
+        if os.path.islink(full) or _process_lives(int(m.group(1))):
+            continue
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(full)
+
+
 def _untouched_for(path: str, seconds: float) -> bool:
     """Whether neither the directory nor any file in it changed in the last `seconds`."""
     limit = time.time() - seconds

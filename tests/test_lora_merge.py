@@ -12,6 +12,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -24,7 +27,7 @@ import pyllm  # noqa: E402
 from pyllm import cli  # noqa: E402
 from pyllm.convert import convert_checkpoint  # noqa: E402
 from pyllm.convert.lora import write_merged_checkpoint  # noqa: E402
-from pyllm.formats.safetensors import FormatError  # noqa: E402
+from pyllm.formats.safetensors import FormatError, _umask  # noqa: E402
 
 from conftest import make_tiny_llama  # noqa: E402
 
@@ -190,6 +193,50 @@ def test_merge_writes_a_hugging_face_checkpoint(base, tmp_path):
     assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1
     with pytest.raises(FileExistsError):
         write_merged_checkpoint(base, [adapter], out)
+
+
+def _partials(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.endswith(".partial"))
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_concurrent_and_killed_merges_leave_no_partial_behind(base, tmp_path):
+    """The merge was written in OUTPUT.partial, a fixed name: a second merge to the same output
+    emptied it (rmtree) while the first wrote in it. Each merge now writes in a directory of its own
+    (OUTPUT.PID.XXXX.partial, as the rest of pyllm's partial files): of two merges at once one
+    writes the output and the other refuses it; one left by a killed merge is removed by the next,
+    one of a live process is kept."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    out = str(tmp_path / "merged")
+    dead = tmp_path / f"merged.{_dead_pid()}.abcd1234.partial"  # a merge killed mid-write
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 100)
+    live = tmp_path / f"merged.{os.getpid()}.live1234.partial"  # another merge of this process, writing now
+    live.mkdir()
+    other = tmp_path / f"merged2.{_dead_pid()}.abcd1234.partial"  # another output's: not this merge's to remove
+    other.write_bytes(b"x")
+    results = []
+
+    def merge():
+        try:
+            results.append(write_merged_checkpoint(base, [adapter], out))
+        except FileExistsError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=merge) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(type(r).__name__ for r in results) == ["FileExistsError", "str"], results
+    assert _partials(tmp_path) == sorted([live.name, other.name])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert_close(logits(merged), logits(peft_merged(base, [adapter])))
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's 0700
 
 
 # --- refusals: each says what does not fit, and nothing is written -----------------------------
@@ -370,7 +417,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys
     capsys.readouterr()
     assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 1
     assert "model.layers.1.self_attn.q_proj.weight" in capsys.readouterr().err
-    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    assert not os.path.exists(out) and _partials(tmp_path) == []
 
 
 def test_the_same_adapter_twice_is_refused_by_convert_and_merge(base, tmp_path, capsys):
@@ -385,7 +432,7 @@ def test_the_same_adapter_twice_is_refused_by_convert_and_merge(base, tmp_path, 
         assert cli.main(["merge", base, "--lora", adapter, "--lora", second, "-o", out]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "given twice" in err, err
-        assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+        assert not os.path.exists(out) and _partials(tmp_path) == []
 
 
 def test_refuses_a_gguf_base(base, tmp_path, capsys):

@@ -26,6 +26,7 @@ adapter directory to carry its tokenizer, which then replaces the base's.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -390,12 +391,16 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
     output = os.path.abspath(output)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise FileExistsError(f"{output} exists and is not an empty directory; pick a new output path")
+    from ..model_cache import partial_dir, remove_stale_partials
+
     source = merged_source(Checkpoint(base_dir), adapter_dirs)
-    tmp = output + ".partial"
+    tmp = None
     try:
         source.tokenizer()  # refuses a tokenizer larger than the merged vocabulary
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        # written in a directory of this merge's own (OUTPUT.PID.XXXX.partial): a fixed OUTPUT.partial was
+        # emptied by a second merge to the same output while the first wrote in it; those of killed merges go
+        remove_stale_partials(output)
+        tmp = partial_dir(output)
         def produce(name):
             def run():
                 w = source.load(name)
@@ -416,11 +421,16 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
                 shutil.copyfile(path, os.path.join(tmp, name))
         if os.path.exists(os.path.join(base_dir, "generation_config.json")):
             shutil.copyfile(os.path.join(base_dir, "generation_config.json"), os.path.join(tmp, "generation_config.json"))
-        if os.path.isdir(output):
-            os.rmdir(output)
-        os.rename(tmp, output)
+        try:
+            os.rename(tmp, output)  # (replaces an empty directory, never a file or a non-empty one)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise FileExistsError(f"{output} appeared while the merge was written (another merge or program "
+                                  "wrote it); it is left as it is: pick a new output path") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         source.close()
