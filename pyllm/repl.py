@@ -212,20 +212,37 @@ class EndOfInput(EOFError):
         self.text = text
 
 
+def undecodable_line(e: UnicodeDecodeError) -> str:
+    """The error said for a line input() could not decode (a terminal whose locale decodes strictly)."""
+    return f"error: the line typed is not UTF-8 text (byte {e.start}: {e.reason})"
+
+
+def _next_line(input_fn) -> str:
+    """The next line of a message begun: one that cannot be decoded is refused (said on stderr) and
+    the next asked for, so the lines typed before it stay in the message (the error used to leave
+    read_message, dropping them, and the block's later lines became messages of their own)."""
+    while True:
+        try:
+            return input_fn(". ")
+        except UnicodeDecodeError as e:
+            print(undecodable_line(e) + "; the message goes on without it", file=sys.stderr)
+
+
 def read_message(input_fn=input) -> str:
     """One user message (continuation lines and triple-quoted blocks joined). EOFError at end of input
     before a message; EndOfInput, carrying the lines typed so far, at end of input inside a block or
-    after a trailing backslash (that message is not lost)."""
+    after a trailing backslash (that message is not lost). A line of a block or after a backslash that
+    cannot be decoded is refused on its own (_next_line)."""
     line = input_fn("> ")
     lines = []
     try:
         if line.strip() == '"""':
-            while (line := input_fn(". ")).strip() != '"""':
+            while (line := _next_line(input_fn)).strip() != '"""':
                 lines.append(line)
             return "\n".join(lines)
         while line.endswith("\\"):
             lines.append(line[:-1])
-            line = input_fn(". ")
+            line = _next_line(input_fn)
     except EOFError:
         raise EndOfInput("\n".join(lines)) from None
     return "\n".join(lines + [line])
@@ -378,7 +395,7 @@ def converse(session: ChatSession, input_fn) -> int:
                 session.command(text) if is_command(text) else session.say(text)
             return 0
         except UnicodeDecodeError as e:  # input() in a terminal whose locale decodes strictly
-            print(f"error: the line typed is not UTF-8 text (byte {e.start}: {e.reason})", file=sys.stderr)
+            print(undecodable_line(e), file=sys.stderr)
             continue
         except KeyboardInterrupt:
             if interrupted:

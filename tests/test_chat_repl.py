@@ -494,6 +494,21 @@ def test_input_that_is_not_utf8_is_refused_with_its_own_position(llm, monkeypatc
     assert len(spy.seen) == 2 and spy.seen[1][-1] == ("user", "café")  # UTF-8 bytes escaped one by one: made whole
 
 
+def test_a_line_that_cannot_be_decoded_inside_a_block_keeps_the_block(llm, monkeypatch, capsys):
+    """input()'s decode error (a terminal whose locale decodes strictly) on a line of a \"\"\" block or after
+    a trailing backslash left read_message: the lines typed before it were dropped, and the block's
+    later lines were sent as messages of their own (its closing \"\"\" opened a new block). Now that line
+    alone is refused, with the same error, and the message goes on."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    bad = UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte")
+    lines = ['"""', "first", bad, "second", '"""', "one\\", bad, "two", "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert err.count("the line typed is not UTF-8 text (byte 2: invalid start byte)") == 2, err
+    assert [seen[-1] for seen in spy.seen] == [("user", "first\nsecond"), ("user", "one\ntwo")]
+
+
 @pytest.mark.parametrize("when", ["read with the line", "before the editor leaves raw mode"])
 def test_ctrl_c_right_after_enter_stops_the_reply(tiny_llama_f32, tmp_path, when):
     """Ctrl-C pressed just after Enter, while the line editor still held the terminal in raw mode, was
