@@ -10,8 +10,9 @@ A template that never mentions `tools` has no tool support: tools given to it ar
 
 A reply's text outside its calls is its content, the same way in every format and whether the
 reply is streamed or not (ToolCallStream sends the same text): the text before the first call, less
-the whitespace that led up to it, then the text between and after the calls (less the whitespace and
-separators around them), each on a line of its own. A Llama 3 reply without <|python_tag|> is a call
+the whitespace that led up to it, then the text between and after the calls (less the whitespace
+around them, and the separators between JSON calls; text after the calls keeps its own punctuation),
+each on a line of its own. A Llama 3 reply without <|python_tag|> is a call
 only when it opens with one.
 """
 
@@ -162,6 +163,19 @@ def _json_prefix(text: str, i: int, cut: bool, top: bool = True) -> tuple[list, 
         values.append(value)
 
 
+def _after_calls(text: str, end: int) -> str | None:
+    """The text after a run of JSON calls ending at `end` (_json_prefix's), or None when what follows
+    is a call that is not valid JSON (the reply is then text). The separators a format writes go
+    between calls, inside the run; after the last one a separator is the reply's own text unless
+    nothing but separators and whitespace follows ("{...};"): text after the calls starting
+    ", and then ..." kept its words but lost its comma when every leading ';' and ',' was stripped."""
+    rest = text[end:]
+    following = rest.lstrip(_BETWEEN)
+    if following[:1] in ("{", "["):
+        return None
+    return rest if following else ""
+
+
 def _skip_space(text: str, i: int) -> int:
     while i < len(text) and text[i].isspace():
         i += 1
@@ -222,8 +236,8 @@ class Mistral(ToolFormat):
         if start < 0:
             return None
         values, end, dropped = _json_prefix(text, start + len(self.marker), cut)
-        after = text[end:].lstrip(_BETWEEN)
-        if not values or after[:1] in ("{", "["):  # a call that is not valid JSON: the reply is text
+        after = _after_calls(text, end)
+        if not values or after is None:  # a call that is not valid JSON: the reply is text
             return None
         objects = [o for v in values for o in (v if isinstance(v, list) else [v])]
         return [text[:start], after], objects, dropped
@@ -242,8 +256,8 @@ class Llama3(ToolFormat):
         if not text[body:].lstrip().startswith("{"):
             return None
         values, end, dropped = _json_prefix(text, body, cut)
-        after = text[end:].lstrip(_BETWEEN)
-        if not values or after[:1] in ("{", "["):  # a call that is not valid JSON: the reply is text
+        after = _after_calls(text, end)
+        if not values or after is None:  # a call that is not valid JSON: the reply is text
             return None
         return [text[:max(start, 0)], after], values, dropped
 

@@ -376,6 +376,28 @@ def test_text_around_calls_is_content_alike_in_every_format_streamed_or_not():
         assert out + rest == "  Hello there \n" == fmt(["f"]).parse("  Hello there \n")[0] and got == []
 
 
+def test_text_after_json_calls_keeps_its_leading_punctuation():
+    """Mistral and Llama 3 stripped every ';' and ',' from the start of the text after the calls: a
+    reply going on ", and then ..." lost its comma (streamed or not). Only the separators between
+    calls, and ones with nothing after them, are the format's."""
+    calls = {Mistral: '[TOOL_CALLS] [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]',
+             Llama3: '<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}'}
+    cases = [(", and then I will check.", ", and then I will check."), ("; see above", "; see above"),
+             (" ,, done", ",, done"), (";", ""), (" ;\n", ""), (",", "")]
+    for fmt, written in calls.items():
+        for after, content in cases:
+            text = written + after
+            got, parsed = fmt(["f", "g"]).parse(text)
+            assert (got, [c.name for c in parsed]) == (content, ["f", "g"]), (fmt.__name__, text)
+            for size in (1, 3, 7):
+                stream = ToolCallStream(fmt(["f", "g"]))
+                out = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+                rest, streamed = stream.finish(text)
+                assert out + rest == content and len(streamed) == 2, (fmt.__name__, size, text, out, rest)
+        # a call that is not valid JSON after a separator still makes the reply text
+        assert fmt(["f", "g"]).parse(written + "; {broken")[1] == []
+
+
 def test_a_long_reply_streams_in_time_linear_in_its_length():
     """ToolCallStream added every piece to one string and looked for the marker in all of it: a long
     reply cost time quadratic in its length on the server's event loop (50,000 pieces: 2 s, 100,000:
