@@ -512,6 +512,28 @@ def test_a_target_that_is_not_a_linear_layer_is_one_line_listing_the_choices(bas
     assert not out.exists()
 
 
+def test_partial_directories_of_a_killed_run_neither_block_nor_stay(base, data, tmp_path):
+    """A run killed while it saved its first checkpoint left only checkpoint-N.partial in the output,
+    and the next run refused that output ("holds other files"). Checkpoints and the adapter are now
+    written in directories of their own run (NAME.PID.XXXX.partial, as pyllm's other partial files):
+    a killed run's are removed by the next, a live process's are kept."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    out = tmp_path / "run"
+    out.mkdir()
+    left = [out / f"checkpoint-1.{dead}.abcd1234.partial", out / "checkpoint-1.partial",  # this pyllm's, an older one's
+            out / f".adapter.{dead}.abcd1234.partial", out / ".adapter.partial"]
+    for d in left:
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    live = out / f"checkpoint-1.{os.getpid()}.live1234.partial"  # another run, writing now
+    live.mkdir()
+    run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                   "--save-steps", "1"))
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".partial")) == [live.name]
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-1").is_dir()
+
+
 def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_path):
     """-o naming a file (the data file itself) failed after training with "[Errno 17] File exists"; -o
     naming a directory of other files (the base model, or `-o .` in a project) replaced its README.md

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..arch import for_hf_config
 from ..errors import PyllmError, library_errors
+from ..model_cache import partial_dir, remove_stale_partials
 from .data import DataError, Example, load_records, tokenize_record
 
 STATE_FILE = "training_state.pt"
@@ -171,7 +172,9 @@ def check_output(output: str) -> None:
         raise ValueError(f"-o {output} is a file, not a directory; give a new directory for the adapter")
     if os.path.isdir(output):
         names = sorted(os.listdir(output))
-        ours = [n for n in names if n == "adapter_config.json" or re.fullmatch(r"checkpoint-\d+", n)]
+        # (a run killed while it saved leaves only a partial directory: one of ours, so it may run again)
+        ours = [n for n in names if n == "adapter_config.json" or re.fullmatch(r"checkpoint-\d+", n)
+                or re.fullmatch(r"(checkpoint-\d+|\.adapter)(\.\d+\.[^./]+)?\.partial", n)]
         if names and not ours:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             raise ValueError(f"-o {output} holds other files ({shown}) that the adapter's (README.md, "
@@ -535,16 +538,23 @@ def train(args, log=None) -> TrainResult:
 
             def save() -> None:
                 final = os.path.join(args.output, f"checkpoint-{step}")
-                tmp = final + ".partial"
-                shutil.rmtree(tmp, ignore_errors=True)
-                model.save_pretrained(tmp)
-                trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-                torch.save({"step": step, "config": run_config, "trainable": trainable,
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                            "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
+                # its own CHECKPOINT.PID.XXXX.partial (model_cache.partial_dir): a fixed checkpoint-N.partial was
+                # shared by two runs into one output, and one left by a killed run stayed; those go now
+                remove_stale_partials(final)
+                shutil.rmtree(final + ".partial", ignore_errors=True)  # an older pyllm's, left by a killed run
+                tmp = partial_dir(final)
+                try:
+                    model.save_pretrained(tmp)
+                    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+                    torch.save({"step": step, "config": run_config, "trainable": trainable,
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                                "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.rename(tmp, final)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
 
             procs.on_rank0(f"save checkpoint-{step}", save)
 
@@ -661,13 +671,19 @@ def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
     no loader takes for an adapter, never new weights beside an old config (same shapes, another
     lora_alpha: a wrongly scaled adapter without an error)."""
     os.makedirs(output, exist_ok=True)
-    tmp = os.path.join(output, ".adapter.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as f:
-        json.dump({"steps": result.steps, "losses": result.losses, "eval_losses": result.eval_losses}, f, indent=1)
+    staging = os.path.join(output, ".adapter")  # written in .adapter.PID.XXXX.partial (see save_checkpoint)
+    remove_stale_partials(staging)
+    shutil.rmtree(staging + ".partial", ignore_errors=True)  # an older pyllm's, left by a killed run
+    tmp = partial_dir(staging)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as f:
+            json.dump({"steps": result.steps, "losses": result.losses, "eval_losses": result.eval_losses}, f, indent=1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     config = os.path.join(output, "adapter_config.json")
     if os.path.isfile(config):
         os.remove(config)
