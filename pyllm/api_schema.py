@@ -118,7 +118,8 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)], None] = None
-    tool_calls: list[dict[str, Any]] | None = None
+    # an empty list is refused, as OpenAI does ("empty array", param messages[k].tool_calls): leave it out
+    tool_calls: Annotated[list[dict[str, Any]], Field(min_length=1)] | None = None
 
 
 def _logit_bias_key(key: str) -> int:

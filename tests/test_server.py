@@ -189,6 +189,8 @@ def test_bad_requests_get_clear_errors(live, llm):
         (dict(messages=_chat("hi"), tools=[]), "tools"),
         (dict(messages=_chat("hi"), tools=[], stream=True), "tools"),
         (dict(messages=_chat("hi"), tools=[], tool_choice="none"), "tools"),
+        (dict(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "tool_calls": []},
+                        {"role": "user", "content": "and?"}]), "messages[1].tool_calls"),
         # two functions of one name were taken: a call naming it could be either (Anthropic's and Gemini's
         # APIs refuse this too: "Tool names must be unique", "Duplicate function declaration found")
         (dict(messages=_chat("hi"), tools=[{"type": "function", "function": {"name": "f"}},
