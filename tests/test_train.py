@@ -538,6 +538,27 @@ def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_p
     assert (empty / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("left", [[".adapter.partial/"], ["checkpoint-2.partial/"],
+                                  ["adapter_model.safetensors", "README.md", "train_log.json"]])
+def test_what_a_run_stopped_while_saving_leaves_is_taken_again(base, data, tmp_path, left):
+    """A run stopped (Ctrl-C, a kill, a full disk) while saving leaves a ".adapter.partial" or
+    "checkpoint-N.partial" directory, or the new adapter's files before its config (written last): the
+    same command was then refused ("holds other files"), so the run could not be started again."""
+    from pyllm.train.loop import check_output
+
+    out = tmp_path / "adapter"
+    for name in left:
+        if name.endswith("/"):
+            (out / name).mkdir(parents=True)
+        else:
+            out.mkdir(exist_ok=True)
+            (out / name).write_bytes(b"left behind")
+    check_output(str(out))
+    if left == [".adapter.partial/"]:
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"))
+        assert (out / "adapter_config.json").exists() and not (out / ".adapter.partial").exists()
+
+
 def test_layers_option():
     from pyllm.train.loop import parse_layers
 

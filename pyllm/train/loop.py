@@ -166,12 +166,16 @@ def check_output(output: str) -> None:
     """The output must be new, an empty directory, or one a pyllm train wrote (adapter_config.json or
     checkpoint-N inside): the adapter's files (README.md, adapter_config.json, ...) replaced what was
     there, so `-o .` overwrote a project's README.md and `-o BASE_DIR` mixed an adapter into the base
-    model; an existing file was a bare "[Errno 17] File exists" after the whole training."""
+    model; an existing file was a bare "[Errno 17] File exists" after the whole training. What a run
+    stopped while saving leaves (a ".adapter.partial" or "checkpoint-N.partial" directory, or the new
+    adapter's files before its adapter_config.json: _save_adapter writes that last) is a pyllm train
+    output too: such a directory was refused, so the run could not be started again."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"-o {output} is a file, not a directory; give a new directory for the adapter")
     if os.path.isdir(output):
         names = sorted(os.listdir(output))
-        ours = [n for n in names if n == "adapter_config.json" or re.fullmatch(r"checkpoint-\d+", n)]
+        ours = [n for n in names if n in (*ADAPTER_FILES, ".adapter.partial")
+                or re.fullmatch(r"checkpoint-\d+(\.partial)?", n)]
         if names and not ours:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             raise ValueError(f"-o {output} holds other files ({shown}) that the adapter's (README.md, "
