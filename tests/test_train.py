@@ -576,6 +576,26 @@ def test_cli_does_not_import_torch():
     assert out.strip() == "False"
 
 
+@pytest.mark.parametrize("method", [[], ["--method", "prompt", "--virtual-tokens", "8"]])
+def test_an_example_past_the_learned_positions_is_refused_naming_the_limit(tmp_path, method):
+    """GPT-2 learns one embedding per position: an example longer than n_positions (--cutoff-len 1024 on
+    a 256-position model) was torch's bare "index out of range in self" from the first forward pass.
+    Now a DataError names the lines and the --cutoff-len that fits, less prompt tuning's virtual tokens,
+    which take positions first; examples within it train."""
+    from families import make_tiny_model
+
+    base = make_tiny_model("gpt2", "gelu_new", str(tmp_path / "base"))
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"instruction": f"x {i}", "output": "Pip: " + "z " * 600}) + "\n"
+                            for i in range(4)))
+    limit = 256 - (8 if method else 0)
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1", *method]
+    with pytest.raises(DataError, match=rf"4 training example\(s\) have more tokens than the 256 positions gpt2 "
+                                        rf"learned.* \(lines 1, 2, 3, 4\); give --cutoff-len {limit} or less"):
+        run(train_args(base, str(long), str(tmp_path / "a"), *small, "--cutoff-len", "1024"))
+    run(train_args(base, str(long), str(tmp_path / "b"), *small, "--cutoff-len", str(limit)))
+
+
 @pytest.mark.parametrize("family,case", [("gpt2", "gelu_new"), ("bloom", "heads4"), ("phi3", "gqa_partial"),
                                          ("gemma2", "softcap_window")])
 def test_every_family_trains_with_its_own_module_names(family, case, data, tmp_path):

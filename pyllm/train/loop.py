@@ -380,10 +380,32 @@ def prompt_learning_config(args, method: str):
     raise ValueError(f"unknown --method {method!r} (lora, prompt, ptuning, prefix)")
 
 
-def _tokenize(records, tokenizer, args, what: str, say) -> list[Example]:
+def position_limit(args, hf_config: dict) -> tuple[int, str] | None:
+    """(tokens an example may have, why) for a family with learned absolute positions (GPT-2, OPT):
+    a longer example indexed past the position table, torch's bare "index out of range in self" (on a
+    GPU a device-side assert). Prompt learning's virtual tokens take positions first. None for rotary
+    and ALiBi families, which run past their trained context as transformers does, and for families
+    pyllm does not know."""
+    try:
+        config = for_hf_config(hf_config).config_from_hf(hf_config)
+    except PyllmError:
+        return None
+    if config.position_embedding != "learned":
+        return None
+    virtual = args.virtual_tokens if getattr(args, "method", "lora") != "lora" else 0
+    why = f"the {config.max_position_embeddings} positions {config.architecture} learned"
+    return config.max_position_embeddings - virtual, why + (f", less {virtual} virtual tokens" if virtual else "")
+
+
+def _tokenize(records, tokenizer, args, what: str, say, limit: tuple[int, str] | None = None) -> list[Example]:
     if args.template == "chat" and not tokenizer.chat_template:
         raise ValueError(f"{args.tokenizer or args.base} has no chat template; use --template alpaca")
     examples = [tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs) for r in records]
+    if limit is not None:
+        long = [r.line for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
+        if long:
+            raise DataError(f"{len(long)} {what} example(s) have more tokens than {limit[1]} (lines "
+                            f"{', '.join(map(str, long[:10]))}); give --cutoff-len {max(limit[0], 0)} or less")
     kept = [e for e in examples if e.label_count > 0]
     if len(kept) < len(examples):
         lines = [r.line for r, e in zip(records, examples) if e.label_count == 0]
@@ -459,8 +481,9 @@ def train(args, log=None) -> TrainResult:
             if procs.rank == 0:
                 print(f"pyllm train: {message}", file=log)
 
-        train_set = _tokenize(train_records, tokenizer, args, "training", say)
-        val_set = _tokenize(val_records, tokenizer, args, "held-out", say)
+        limit = position_limit(args, model.config.to_dict())
+        train_set = _tokenize(train_records, tokenizer, args, "training", say, limit)
+        val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit)
         if len(train_set) < args.batch_size:
             raise DataError(f"{len(train_set)} training examples are fewer than one batch (--batch-size "
                             f"{args.batch_size})")
