@@ -288,6 +288,10 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
     resumed = run(train_args(base, data, out, *extra, "--resume"))
     assert len(resumed.losses) == 2
     np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-6)
+    # train_log.json lists every step's loss, not only those after the resume (it was the last 2 of 4)
+    log = json.loads(open(os.path.join(out, "train_log.json"), encoding="utf-8").read())
+    assert log["first_step"] == 0 and log["steps"] == 4
+    np.testing.assert_allclose(log["losses"], full.losses, rtol=1e-6)
     got = adapter(out)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)

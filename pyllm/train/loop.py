@@ -50,6 +50,10 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # training loss of each optimiser step run here
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+    # training losses of the steps before this run (restored from the checkpoint resumed), and the step
+    # after which the first of them was taken: train_log.json lists them and `losses` from there
+    earlier_losses: list[float] = field(default_factory=list)
+    first_step: int = 0
 
 
 @dataclass
@@ -535,6 +539,9 @@ def train(args, log=None) -> TrainResult:
                 torch.cuda.set_rng_state(rng["cuda"], procs.device)
             start = state["step"]
             result.eval_losses = [tuple(e) for e in state["eval_losses"]]
+            # (checkpoints of pyllm before "losses" kept none: the log starts at the step resumed)
+            result.earlier_losses = [float(x) for x in state.get("losses", [])]
+            result.first_step = int(state.get("first_step", 0)) if "losses" in state else start
             say(f"resuming from {path} (step {start} of {total_steps})")
 
         trained = model
@@ -569,7 +576,8 @@ def train(args, log=None) -> TrainResult:
                 torch.save({"step": step, "config": run_config, "trainable": trainable,
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                            "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
+                            "eval_losses": result.eval_losses, "first_step": result.first_step,
+                            "losses": result.earlier_losses + result.losses}, os.path.join(tmp, STATE_FILE))
                 shutil.rmtree(final, ignore_errors=True)
                 os.rename(tmp, final)
 
@@ -694,7 +702,8 @@ def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as f:
-        json.dump({"steps": result.steps, "losses": result.losses, "eval_losses": result.eval_losses}, f, indent=1)
+        json.dump({"steps": result.steps, "first_step": result.first_step,
+                   "losses": result.earlier_losses + result.losses, "eval_losses": result.eval_losses}, f, indent=1)
     config = os.path.join(output, "adapter_config.json")
     if os.path.isfile(config):
         os.remove(config)
