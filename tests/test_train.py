@@ -306,6 +306,10 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
     assert "extending the run from 4 to 6 steps" in capsys.readouterr().err
     with pytest.raises(ValueError, match="past the 3 steps asked for"):
         run(train_args(base, data, out, *extra, "--resume", "--max-steps", "3"))
+    # fewer steps than the checkpoint's run, from a checkpoint not past them, shorten it (said "extending")
+    run(train_args(base, data, out, *extra, "--resume", os.path.join(out, "checkpoint-4"), "--max-steps", "8"))
+    run(train_args(base, data, out, *extra, "--resume", os.path.join(out, "checkpoint-6"), "--max-steps", "7"))
+    assert "shortening the run from 8 to 7 steps" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):

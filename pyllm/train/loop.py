@@ -524,7 +524,10 @@ def train(args, log=None) -> TrainResult:
             if total_steps < state["step"]:
                 raise ValueError(f"--resume: {path} is at step {state['step']}, past the {total_steps} steps asked for")
             if before != total_steps:
-                say(f"extending the run from {before} to {total_steps} steps (the learning-rate schedule now ends "
+                # fewer steps than the checkpoint's run (but not fewer than it has done) shorten it: this
+                # said "extending the run from 670 to 669 steps"
+                how = "extending" if before is None or total_steps > before else "shortening"
+                say(f"{how} the run from {before} to {total_steps} steps (the learning-rate schedule now ends "
                     f"at step {total_steps})")
             set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
                                                        device=str(procs.device)))
