@@ -405,6 +405,20 @@ def test_options_of_another_method_are_refused(base, data, tmp_path, option, mes
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option,message", [
+    (["--eval-steps", "2"], "--eval-steps 2 needs held-out examples"),
+    (["--val-set-size", "0.01"], r"--val-set-size 0.01 holds out none of the 8 examples"),
+])
+def test_an_eval_option_that_would_evaluate_nothing_is_refused(base, data, tmp_path, option, message):
+    """--eval-steps without --val-set-size, or a fraction that rounds to no example, ran without any
+    eval loss and said nothing (transformers' Trainer refuses eval steps without an eval set)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                       *option))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("option", [
     ["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "nan"], ["--epochs", "inf"],
     ["--max-steps", "0"], ["--max-steps", "-3"],

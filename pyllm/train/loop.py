@@ -160,6 +160,9 @@ def check_options(args) -> None:
                                 ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
         if given and method != wanted:  # it was ignored: a run other than the one asked for
             raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    if args.eval_steps and not args.val_set_size:  # HF Trainer refuses eval steps without an eval set too
+        raise ValueError(f"--eval-steps {args.eval_steps} needs held-out examples to take the eval loss on; "
+                         "give --val-set-size (a count, or a fraction below 1)")
     if method != "lora":
         number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
                what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
@@ -214,6 +217,9 @@ def split_records(records: list, val_set_size: float, seed: int) -> tuple[list, 
     count = int(val_set_size) if val_set_size >= 1 else int(round(val_set_size * n))
     if count < 0 or count >= n:
         raise ValueError(f"--val-set-size {val_set_size} leaves no training examples out of {n}")
+    if val_set_size > 0 and count == 0:  # 0.01 of 40 records: no eval loss, in silence
+        raise ValueError(f"--val-set-size {val_set_size} holds out none of the {n} examples; give a count, or a "
+                         f"fraction of at least {0.5 / n:.3g}")
     held = set(np.random.RandomState(seed).permutation(n)[:count].tolist())
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
