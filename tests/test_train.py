@@ -709,6 +709,10 @@ def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, t
         f.write(b"garbage!" * 64)
     with pytest.raises(PyllmError, match="training_state.pt cannot be read"):
         run(train_args(base, str(mine), out, *extra, "--resume", "--max-steps", "3"))
+    # the same content under another path (a moved project, a copy) resumes: it was refused as "data ... -> ..."
+    moved = tmp_path / "moved.json"
+    shutil.copy(data, moved)
+    run(train_args(base, str(moved), out, *extra, "--resume", os.path.join(out, "checkpoint-1"), "--max-steps", "3"))
 
 
 @pytest.mark.parametrize("error, status, line", [

@@ -523,7 +523,9 @@ def train(args, log=None) -> TrainResult:
             # (checkpoints of pyllm before data_sha256 did not record the data's content)
             differ = [("the data file's content (edited since the checkpoint)" if k == "data_sha256" else
                        f"{k} {saved.get(k)!r} -> {v!r}") for k, v in run_config.items()
-                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)]
+                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)
+                      # the content decides where it was recorded: a moved or copied data file was refused
+                      and (k != "data" or "data_sha256" not in saved)]
             if differ:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
             before = state["config"].get("total_steps")
