@@ -304,6 +304,12 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
     extended = run(train_args(base, data, out, *extra, "--resume", "--max-steps", "6"))
     assert len(extended.losses) == 2 and extended.eval_losses[-1][0] == 6
     assert "extending the run from 4 to 6 steps" in capsys.readouterr().err
+    # the last step is kept too when --save-steps does not divide the steps (7 with checkpoints every 2)
+    assert not os.path.exists(os.path.join(out, "checkpoint-7"))
+    run(train_args(base, data, out, *extra, "--resume", "--max-steps", "7"))
+    assert os.path.exists(os.path.join(out, "checkpoint-7", "training_state.pt"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .* --save-steps N"):
+        run(train_args(base, data, str(tmp_path / "none"), *extra, "--resume"))
     with pytest.raises(ValueError, match="past the 3 steps asked for"):
         run(train_args(base, data, out, *extra, "--resume", "--max-steps", "3"))
     # fewer steps than the checkpoint's run, from a checkpoint not past them, shorten it (said "extending")

@@ -514,7 +514,8 @@ def train(args, log=None) -> TrainResult:
             found = _checkpoints(args.output)
             path = found[-1][1] if args.resume == "latest" and found else args.resume
             if path == "latest":
-                raise FileNotFoundError(f"--resume: no checkpoint in {args.output}")
+                raise FileNotFoundError(f"--resume: no checkpoint in {args.output} (a run keeps them with "
+                                        "--save-steps N)")
             if not os.path.exists(os.path.join(path, STATE_FILE)):
                 raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE})")
             with library_errors(f"--resume: {os.path.join(path, STATE_FILE)} cannot be read"):
@@ -636,6 +637,10 @@ def train(args, log=None) -> TrainResult:
             if args.save_steps and done % args.save_steps == 0:
                 save_checkpoint(done)
         bar.close()
+        if args.save_steps and total_steps % args.save_steps and start < total_steps:
+            # the last step too, as transformers' Trainer saves: `--resume --max-steps MORE` extended a run
+            # of 8 steps with --save-steps 5 from step 5, training steps 6-8 again
+            save_checkpoint(total_steps)
         if not result.eval_losses or result.eval_losses[-1][0] != total_steps:
             record_eval(total_steps)
         procs.on_rank0("write the adapter",
