@@ -414,10 +414,12 @@ def test_options_of_another_method_are_refused(base, data, tmp_path, option, mes
 @pytest.mark.parametrize("option,message", [
     (["--eval-steps", "2"], "--eval-steps 2 needs held-out examples"),
     (["--val-set-size", "0.01"], r"--val-set-size 0.01 holds out none of the 8 examples"),
+    (["--val-set-size", "2.5"], r"--val-set-size 2.5: a count of examples is a whole number"),
 ])
 def test_an_eval_option_that_would_evaluate_nothing_is_refused(base, data, tmp_path, option, message):
     """--eval-steps without --val-set-size, or a fraction that rounds to no example, ran without any
-    eval loss and said nothing (transformers' Trainer refuses eval steps without an eval set)."""
+    eval loss and said nothing (transformers' Trainer refuses eval steps without an eval set); a count
+    with a fraction (2.5) held out 2 in silence."""
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
         run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",

@@ -214,6 +214,9 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 def split_records(records: list, val_set_size: float, seed: int) -> tuple[list, list]:
     """(training, held-out) records; the held-out ones are drawn by a permutation fixed by seed."""
     n = len(records)
+    if val_set_size >= 1 and val_set_size != int(val_set_size):  # 2.5 held out 2, in silence
+        raise ValueError(f"--val-set-size {val_set_size}: a count of examples is a whole number (a fraction is "
+                         "below 1)")
     count = int(val_set_size) if val_set_size >= 1 else int(round(val_set_size * n))
     if count < 0 or count >= n:
         raise ValueError(f"--val-set-size {val_set_size} leaves no training examples out of {n}")
