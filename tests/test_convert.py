@@ -590,6 +590,25 @@ def test_options_without_effect_are_refused(tiny_llama, tmp_path, capsys, flags,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00bad", "calibration file {} is not UTF-8 text (invalid start byte at byte 0)"),
+    (None, "calibration file {} cannot be read: No such file or directory"),
+])
+def test_a_calibration_file_that_cannot_be_read_is_named(tiny_llama, tmp_path, capsys, content, message):
+    """--calib naming a file that is not UTF-8 was the codec's bare "'utf-8' codec can't decode byte 0xff
+    in position 0", a missing one "[Errno 2] No such file or directory": neither said it was the
+    calibration text."""
+    from pyllm import cli
+
+    calib = tmp_path / "calib.txt"
+    if content is not None:
+        calib.write_bytes(content)
+    out = tmp_path / "x.pllm"
+    assert cli.main(["convert", tiny_llama, "-o", str(out), "--quant", "int8", "--calib", str(calib), "-q"]) == 1
+    assert message.format(calib) in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_group_size_without_groups_is_refused_in_python(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="a group size applies to int8 and int4 formats, not to f16"):
         convert_checkpoint(tiny_llama, str(tmp_path / "x.pllm"), quant="f16", group_size=64, progress=False)

@@ -288,6 +288,10 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
     resumed = run(train_args(base, data, out, *extra, "--resume"))
     assert len(resumed.losses) == 2
     np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-6)
+    # train_log.json lists every step's loss, not only those after the resume (it was the last 2 of 4)
+    log = json.loads(open(os.path.join(out, "train_log.json"), encoding="utf-8").read())
+    assert log["first_step"] == 0 and log["steps"] == 4
+    np.testing.assert_allclose(log["losses"], full.losses, rtol=1e-6)
     got = adapter(out)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -300,8 +304,18 @@ def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path
     extended = run(train_args(base, data, out, *extra, "--resume", "--max-steps", "6"))
     assert len(extended.losses) == 2 and extended.eval_losses[-1][0] == 6
     assert "extending the run from 4 to 6 steps" in capsys.readouterr().err
+    # the last step is kept too when --save-steps does not divide the steps (7 with checkpoints every 2)
+    assert not os.path.exists(os.path.join(out, "checkpoint-7"))
+    run(train_args(base, data, out, *extra, "--resume", "--max-steps", "7"))
+    assert os.path.exists(os.path.join(out, "checkpoint-7", "training_state.pt"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .* --save-steps N"):
+        run(train_args(base, data, str(tmp_path / "none"), *extra, "--resume"))
     with pytest.raises(ValueError, match="past the 3 steps asked for"):
         run(train_args(base, data, out, *extra, "--resume", "--max-steps", "3"))
+    # fewer steps than the checkpoint's run, from a checkpoint not past them, shorten it (said "extending")
+    run(train_args(base, data, out, *extra, "--resume", os.path.join(out, "checkpoint-4"), "--max-steps", "8"))
+    run(train_args(base, data, out, *extra, "--resume", os.path.join(out, "checkpoint-6"), "--max-steps", "7"))
+    assert "shortening the run from 8 to 7 steps" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_single_process_adapter(base, data, tmp_path):
@@ -390,6 +404,22 @@ def test_batch_must_split_evenly(base, data, tmp_path):
 def test_options_of_another_method_are_refused(base, data, tmp_path, option, message):
     """An option of another method was ignored (--method ptuning --prompt-init-text trained random
     virtual tokens, --method prompt --target-modules trained no LoRA), exit 0."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
+                       *option))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--eval-steps", "2"], "--eval-steps 2 needs held-out examples"),
+    (["--val-set-size", "0.01"], r"--val-set-size 0.01 holds out none of the 8 examples"),
+    (["--val-set-size", "2.5"], r"--val-set-size 2.5: a count of examples is a whole number"),
+])
+def test_an_eval_option_that_would_evaluate_nothing_is_refused(base, data, tmp_path, option, message):
+    """--eval-steps without --val-set-size, or a fraction that rounds to no example, ran without any
+    eval loss and said nothing (transformers' Trainer refuses eval steps without an eval set); a count
+    with a fraction (2.5) held out 2 in silence."""
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
         run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1",
@@ -560,6 +590,27 @@ def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_p
     assert (empty / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("left", [[".adapter.partial/"], ["checkpoint-2.partial/"],
+                                  ["adapter_model.safetensors", "README.md", "train_log.json"]])
+def test_what_a_run_stopped_while_saving_leaves_is_taken_again(base, data, tmp_path, left):
+    """A run stopped (Ctrl-C, a kill, a full disk) while saving leaves a ".adapter.partial" or
+    "checkpoint-N.partial" directory, or the new adapter's files before its config (written last): the
+    same command was then refused ("holds other files"), so the run could not be started again."""
+    from pyllm.train.loop import check_output
+
+    out = tmp_path / "adapter"
+    for name in left:
+        if name.endswith("/"):
+            (out / name).mkdir(parents=True)
+        else:
+            out.mkdir(exist_ok=True)
+            (out / name).write_bytes(b"left behind")
+    check_output(str(out))
+    if left == [".adapter.partial/"]:
+        run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"))
+        assert (out / "adapter_config.json").exists() and not (out / ".adapter.partial").exists()
+
+
 def test_layers_option():
     from pyllm.train.loop import parse_layers
 
@@ -575,6 +626,26 @@ def test_cli_does_not_import_torch():
     code = "import sys, pyllm.cli; pyllm.cli.build_parser(); import pyllm.train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("method", [[], ["--method", "prompt", "--virtual-tokens", "8"]])
+def test_an_example_past_the_learned_positions_is_refused_naming_the_limit(tmp_path, method):
+    """GPT-2 learns one embedding per position: an example longer than n_positions (--cutoff-len 1024 on
+    a 256-position model) was torch's bare "index out of range in self" from the first forward pass.
+    Now a DataError names the lines and the --cutoff-len that fits, less prompt tuning's virtual tokens,
+    which take positions first; examples within it train."""
+    from families import make_tiny_model
+
+    base = make_tiny_model("gpt2", "gelu_new", str(tmp_path / "base"))
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"instruction": f"x {i}", "output": "Pip: " + "z " * 600}) + "\n"
+                            for i in range(4)))
+    limit = 256 - (8 if method else 0)
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1", *method]
+    with pytest.raises(DataError, match=rf"4 training example\(s\) have more tokens than the 256 positions gpt2 "
+                                        rf"learned.* \(lines 1, 2, 3, 4\); give --cutoff-len {limit} or less"):
+        run(train_args(base, str(long), str(tmp_path / "a"), *small, "--cutoff-len", "1024"))
+    run(train_args(base, str(long), str(tmp_path / "b"), *small, "--cutoff-len", str(limit)))
 
 
 @pytest.mark.parametrize("family,case", [("gpt2", "gelu_new"), ("bloom", "heads4"), ("phi3", "gqa_partial"),
@@ -668,6 +739,10 @@ def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, t
         f.write(b"garbage!" * 64)
     with pytest.raises(PyllmError, match="training_state.pt cannot be read"):
         run(train_args(base, str(mine), out, *extra, "--resume", "--max-steps", "3"))
+    # the same content under another path (a moved project, a copy) resumes: it was refused as "data ... -> ..."
+    moved = tmp_path / "moved.json"
+    shutil.copy(data, moved)
+    run(train_args(base, str(moved), out, *extra, "--resume", os.path.join(out, "checkpoint-1"), "--max-steps", "3"))
 
 
 @pytest.mark.parametrize("error, status, line", [

@@ -208,8 +208,14 @@ _LAST_CALIBRATION: dict = {}
 def _read_text(path: str | None) -> str | None:
     if path is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    # a non-UTF-8 file was the codec's bare "'utf-8' codec can't decode byte 0xff ...", naming no file
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"calibration file {path} cannot be read: {e.strerror or e}") from None
     if not text.strip():
         raise ValueError(f"calibration file {path} is empty")
     return text

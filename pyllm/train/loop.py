@@ -51,6 +51,10 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # training loss of each optimiser step run here
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+    # training losses of the steps before this run (restored from the checkpoint resumed), and the step
+    # after which the first of them was taken: train_log.json lists them and `losses` from there
+    earlier_losses: list[float] = field(default_factory=list)
+    first_step: int = 0
 
 
 @dataclass
@@ -157,6 +161,9 @@ def check_options(args) -> None:
                                 ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
         if given and method != wanted:  # it was ignored: a run other than the one asked for
             raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    if args.eval_steps and not args.val_set_size:  # HF Trainer refuses eval steps without an eval set too
+        raise ValueError(f"--eval-steps {args.eval_steps} needs held-out examples to take the eval loss on; "
+                         "give --val-set-size (a count, or a fraction below 1)")
     if method != "lora":
         number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
                what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
@@ -167,13 +174,17 @@ def check_output(output: str) -> None:
     """The output must be new, an empty directory, or one a pyllm train wrote (adapter_config.json or
     checkpoint-N inside): the adapter's files (README.md, adapter_config.json, ...) replaced what was
     there, so `-o .` overwrote a project's README.md and `-o BASE_DIR` mixed an adapter into the base
-    model; an existing file was a bare "[Errno 17] File exists" after the whole training."""
+    model; an existing file was a bare "[Errno 17] File exists" after the whole training. What a run
+    stopped while saving leaves (a ".adapter.partial" or "checkpoint-N.partial" directory, or the new
+    adapter's files before its adapter_config.json: _save_adapter writes that last) is a pyllm train
+    output too: such a directory was refused, so the run could not be started again."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"-o {output} is a file, not a directory; give a new directory for the adapter")
     if os.path.isdir(output):
         names = sorted(os.listdir(output))
-        # (a run killed while it saved leaves only a partial directory: one of ours, so it may run again)
-        ours = [n for n in names if n == "adapter_config.json" or re.fullmatch(r"checkpoint-\d+", n)
+        # (a run killed while it saved leaves a partial directory, or the adapter's files without its
+        # config: ours, so it may run again)
+        ours = [n for n in names if n in ADAPTER_FILES or re.fullmatch(r"checkpoint-\d+", n)
                 or re.fullmatch(r"(checkpoint-\d+|\.adapter)(\.\d+\.[^./]+)?\.partial", n)]
         if names and not ours:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
@@ -206,9 +217,15 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 def split_records(records: list, val_set_size: float, seed: int) -> tuple[list, list]:
     """(training, held-out) records; the held-out ones are drawn by a permutation fixed by seed."""
     n = len(records)
+    if val_set_size >= 1 and val_set_size != int(val_set_size):  # 2.5 held out 2, in silence
+        raise ValueError(f"--val-set-size {val_set_size}: a count of examples is a whole number (a fraction is "
+                         "below 1)")
     count = int(val_set_size) if val_set_size >= 1 else int(round(val_set_size * n))
     if count < 0 or count >= n:
         raise ValueError(f"--val-set-size {val_set_size} leaves no training examples out of {n}")
+    if val_set_size > 0 and count == 0:  # 0.01 of 40 records: no eval loss, in silence
+        raise ValueError(f"--val-set-size {val_set_size} holds out none of the {n} examples; give a count, or a "
+                         f"fraction of at least {0.5 / n:.3g}")
     held = set(np.random.RandomState(seed).permutation(n)[:count].tolist())
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
@@ -379,10 +396,32 @@ def prompt_learning_config(args, method: str):
     raise ValueError(f"unknown --method {method!r} (lora, prompt, ptuning, prefix)")
 
 
-def _tokenize(records, tokenizer, args, what: str, say) -> list[Example]:
+def position_limit(args, hf_config: dict) -> tuple[int, str] | None:
+    """(tokens an example may have, why) for a family with learned absolute positions (GPT-2, OPT):
+    a longer example indexed past the position table, torch's bare "index out of range in self" (on a
+    GPU a device-side assert). Prompt learning's virtual tokens take positions first. None for rotary
+    and ALiBi families, which run past their trained context as transformers does, and for families
+    pyllm does not know."""
+    try:
+        config = for_hf_config(hf_config).config_from_hf(hf_config)
+    except PyllmError:
+        return None
+    if config.position_embedding != "learned":
+        return None
+    virtual = args.virtual_tokens if getattr(args, "method", "lora") != "lora" else 0
+    why = f"the {config.max_position_embeddings} positions {config.architecture} learned"
+    return config.max_position_embeddings - virtual, why + (f", less {virtual} virtual tokens" if virtual else "")
+
+
+def _tokenize(records, tokenizer, args, what: str, say, limit: tuple[int, str] | None = None) -> list[Example]:
     if args.template == "chat" and not tokenizer.chat_template:
         raise ValueError(f"{args.tokenizer or args.base} has no chat template; use --template alpaca")
     examples = [tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs) for r in records]
+    if limit is not None:
+        long = [r.line for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
+        if long:
+            raise DataError(f"{len(long)} {what} example(s) have more tokens than {limit[1]} (lines "
+                            f"{', '.join(map(str, long[:10]))}); give --cutoff-len {max(limit[0], 0)} or less")
     kept = [e for e in examples if e.label_count > 0]
     if len(kept) < len(examples):
         lines = [r.line for r, e in zip(records, examples) if e.label_count == 0]
@@ -458,8 +497,9 @@ def train(args, log=None) -> TrainResult:
             if procs.rank == 0:
                 print(f"pyllm train: {message}", file=log)
 
-        train_set = _tokenize(train_records, tokenizer, args, "training", say)
-        val_set = _tokenize(val_records, tokenizer, args, "held-out", say)
+        limit = position_limit(args, model.config.to_dict())
+        train_set = _tokenize(train_records, tokenizer, args, "training", say, limit)
+        val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit)
         if len(train_set) < args.batch_size:
             raise DataError(f"{len(train_set)} training examples are fewer than one batch (--batch-size "
                             f"{args.batch_size})")
@@ -480,7 +520,8 @@ def train(args, log=None) -> TrainResult:
             found = _checkpoints(args.output)
             path = found[-1][1] if args.resume == "latest" and found else args.resume
             if path == "latest":
-                raise FileNotFoundError(f"--resume: no checkpoint in {args.output}")
+                raise FileNotFoundError(f"--resume: no checkpoint in {args.output} (a run keeps them with "
+                                        "--save-steps N)")
             if not os.path.exists(os.path.join(path, STATE_FILE)):
                 raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE})")
             with library_errors(f"--resume: {os.path.join(path, STATE_FILE)} cannot be read"):
@@ -489,14 +530,19 @@ def train(args, log=None) -> TrainResult:
             # (checkpoints of pyllm before data_sha256 did not record the data's content)
             differ = [("the data file's content (edited since the checkpoint)" if k == "data_sha256" else
                        f"{k} {saved.get(k)!r} -> {v!r}") for k, v in run_config.items()
-                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)]
+                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)
+                      # the content decides where it was recorded: a moved or copied data file was refused
+                      and (k != "data" or "data_sha256" not in saved)]
             if differ:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
             before = state["config"].get("total_steps")
             if total_steps < state["step"]:
                 raise ValueError(f"--resume: {path} is at step {state['step']}, past the {total_steps} steps asked for")
             if before != total_steps:
-                say(f"extending the run from {before} to {total_steps} steps (the learning-rate schedule now ends "
+                # fewer steps than the checkpoint's run (but not fewer than it has done) shorten it: this
+                # said "extending the run from 670 to 669 steps"
+                how = "extending" if before is None or total_steps > before else "shortening"
+                say(f"{how} the run from {before} to {total_steps} steps (the learning-rate schedule now ends "
                     f"at step {total_steps})")
             set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
                                                        device=str(procs.device)))
@@ -511,6 +557,9 @@ def train(args, log=None) -> TrainResult:
                 torch.cuda.set_rng_state(rng["cuda"], procs.device)
             start = state["step"]
             result.eval_losses = [tuple(e) for e in state["eval_losses"]]
+            # (checkpoints of pyllm before "losses" kept none: the log starts at the step resumed)
+            result.earlier_losses = [float(x) for x in state.get("losses", [])]
+            result.first_step = int(state.get("first_step", 0)) if "losses" in state else start
             say(f"resuming from {path} (step {start} of {total_steps})")
 
         trained = model
@@ -549,7 +598,8 @@ def train(args, log=None) -> TrainResult:
                     torch.save({"step": step, "config": run_config, "trainable": trainable,
                                 "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                                "eval_losses": result.eval_losses}, os.path.join(tmp, STATE_FILE))
+                                "eval_losses": result.eval_losses, "first_step": result.first_step,
+                                "losses": result.earlier_losses + result.losses}, os.path.join(tmp, STATE_FILE))
                     shutil.rmtree(final, ignore_errors=True)
                     os.rename(tmp, final)
                 except BaseException:
@@ -600,6 +650,10 @@ def train(args, log=None) -> TrainResult:
             if args.save_steps and done % args.save_steps == 0:
                 save_checkpoint(done)
         bar.close()
+        if args.save_steps and total_steps % args.save_steps and start < total_steps:
+            # the last step too, as transformers' Trainer saves: `--resume --max-steps MORE` extended a run
+            # of 8 steps with --save-steps 5 from step 5, training steps 6-8 again
+            save_checkpoint(total_steps)
         if not result.eval_losses or result.eval_losses[-1][0] != total_steps:
             record_eval(total_steps)
         procs.on_rank0("write the adapter",
@@ -680,7 +734,9 @@ def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as f:
-            json.dump({"steps": result.steps, "losses": result.losses, "eval_losses": result.eval_losses}, f, indent=1)
+            json.dump({"steps": result.steps, "first_step": result.first_step,
+                       "losses": result.earlier_losses + result.losses, "eval_losses": result.eval_losses}, f,
+                      indent=1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
