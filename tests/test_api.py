@@ -690,6 +690,46 @@ def test_logits_processors_that_are_not_callables_are_refused_before_generating(
         llm.generate("Paris", max_new_tokens=2)
 
 
+def test_a_processor_raising_a_base_exception_in_a_scheduler_ends_only_its_call(llm):
+    """A logits processor runs on the scheduler's thread; one raising KeyboardInterrupt (as a user's
+    Ctrl-C lands in it in a notebook, or SystemExit) killed that thread (it caught Exception only):
+    the call and every later one waited for ever on their queues. Now the call raises the processor's
+    own exception in its consumer's thread, as without a scheduler, and the LLM stays usable."""
+    from pyllm.scheduler import Scheduler
+
+    def interrupted_at(n, error):
+        def processor(ids, scores):
+            if len(ids) > n:
+                raise error
+            return scores
+        return processor
+
+    expected = llm.generate("Paris", max_new_tokens=4)
+    scheduler = Scheduler(llm, 16)
+    try:
+        for error in (KeyboardInterrupt, SystemExit, RuntimeError("boom")):
+            outcome = {}
+
+            def call():
+                try:
+                    outcome["text"] = "".join(llm.generate("Paris is the capital", max_new_tokens=8, stream=True,
+                                                           logits_processors=[interrupted_at(4, error)]))
+                except BaseException as e:  # noqa: B036
+                    outcome["error"] = e
+                outcome["after"] = llm.generate("Paris", max_new_tokens=4)
+
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            thread.join(20)
+            assert not thread.is_alive(), f"{error!r}: the call hung"
+            assert isinstance(outcome.get("error"), error if isinstance(error, type) else RuntimeError)
+            assert outcome["after"] == expected
+            assert scheduler._thread.is_alive()
+    finally:
+        scheduler.close()
+    assert llm.generate("Paris", max_new_tokens=4) == expected
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
