@@ -143,10 +143,7 @@ class Sampler:
         scores = logits.astype(np.float64)
         ids = context if context is not None else []
         for processor in self.processors:
-            scores = processor(ids, scores)
-            if getattr(scores, "shape", None) != logits.shape:  # else a token past the vocabulary could come
-                raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of shape "
-                                 f"{getattr(scores, 'shape', type(scores).__name__)}, not {logits.shape}")
+            scores = _checked_scores(processor, processor(ids, scores), logits.shape)
         top = scores.max()
         if top == -np.inf:
             raise ValueError("the logits processors left no token possible")
@@ -192,6 +189,28 @@ class Sampler:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
         return probs, possible
+
+
+def _checked_scores(processor, scores, shape: tuple) -> np.ndarray:
+    """What a logits processor returned, as the f64 array of `shape` the next one and the draw take
+    (a torch tensor or an f32/f16/int array converted). ValueError naming the processor for another
+    shape (a token past the vocabulary could come) or what is not real numbers: strings and objects
+    failed inside numpy's max (UFuncTypeError), a torch tensor at the draw ("'<' not supported"),
+    while bools and complex numbers were drawn from in silence (True as 1, the imaginary part dropped)."""
+    if getattr(scores, "shape", None) != shape:
+        raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of shape "
+                         f"{getattr(scores, 'shape', type(scores).__name__)}, not {shape}")
+    if isinstance(scores, np.ndarray) and scores.dtype == np.float64:
+        return scores
+    try:
+        array = np.asarray(scores)
+    except Exception as e:  # a tensor numpy cannot read (on a GPU, or needing grad)
+        raise ValueError(f"a logits processor ({processor!r:.60}) returned scores numpy cannot read as an "
+                         f"array ({type(scores).__name__}: {e})") from None
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of dtype {array.dtype}, "
+                         "not real numbers")
+    return array.astype(np.float64)
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray, possible: np.ndarray | None = None) -> int:
