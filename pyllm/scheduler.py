@@ -102,6 +102,7 @@ class _Sequence(TextStream):
 
     def _consume(self):
         self.submitted = time.perf_counter()
+        self.scheduler.llm.last_stats = self.stats  # as LLM._run sets it when a call starts
         self.scheduler._submit(self)
         try:
             while True:

@@ -730,6 +730,26 @@ def test_a_processor_raising_a_base_exception_in_a_scheduler_ends_only_its_call(
     assert llm.generate("Paris", max_new_tokens=4) == expected
 
 
+def test_last_stats_are_the_last_call_s_with_a_scheduler_too(llm):
+    """With a Scheduler attached, generate() never set llm.last_stats: it kept the stats of the last
+    call made without one (or empty ones), so its token counts and finish_reason were another call's."""
+    from pyllm.scheduler import Scheduler
+
+    llm.generate("Paris", max_new_tokens=1)
+    scheduler = Scheduler(llm, 16)
+    try:
+        for n in (3, 6):
+            stream = llm.generate("Paris is the capital", max_new_tokens=n, stream=True, stop_token_ids=[],
+                                  logits_processors=[scripted_reply(llm.tokenize(" of France and Spain",
+                                                                                 add_special_tokens=False))])
+            list(stream)
+            assert llm.last_stats is stream.stats and llm.last_stats.generated_tokens == n
+            llm.generate("Paris is", max_new_tokens=n)
+            assert llm.last_stats.prompt_tokens == len(llm.tokenize("Paris is"))
+    finally:
+        scheduler.close()
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
