@@ -368,6 +368,7 @@ class LLM:
         self._holder_thread: int | None = None
         self._idle_since: float | None = None
         self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
+        self._closing = False  # close() waits for the holder: embed() and logits_many() stop between items
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self._last_holder = None  # who used the engine last (a scheduler's slots survive only its own turns)
         self._waiting = 0  # calls waiting in _acquire
@@ -509,6 +510,7 @@ class LLM:
             self._cached, self._primed = [], None
             results = []
             for first in range(0, len(checked), self.n_parallel):
+                self._stop_if_closing()
                 group = checked[first:first + self.n_parallel]
                 lengths = [len(g) for g in group]
                 out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
@@ -534,6 +536,7 @@ class LLM:
             self._cached, self._primed = [], None
             since = time.monotonic()
             for i, ids in enumerate(checked):
+                self._stop_if_closing()
                 held = time.monotonic() - since
                 if held >= PREEMPT_AFTER and self._waiting:  # others (a scheduler's streams) get as long a turn
                     self._release(call)
@@ -550,6 +553,12 @@ class LLM:
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
+
+    def _stop_if_closing(self) -> None:
+        """A long embed() or logits_many() held close() (which waits for the engine's holder) for all
+        its items, minutes for a large corpus: it stops between them instead, as generate does."""
+        if self._closing:
+            raise RuntimeError("this LLM is closed")
 
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
@@ -945,7 +954,8 @@ class LLM:
 
     def close(self) -> None:
         """Releases the engine and unmaps the file. A running call is cancelled (it ends within one
-        token or prefill chunk) and waited for; a stream left unread loses the engine at once (read
+        token or prefill chunk; embed and logits_many within one item, raising RuntimeError) and
+        waited for; a stream left unread loses the engine at once (read
         again, it raises RuntimeError); an attached scheduler ends its streams and stops. Always
         returns; closing twice is a no-op."""
         if self.scheduler is not None:
@@ -953,6 +963,7 @@ class LLM:
         with self._turn:
             if self.engine is None:
                 return
+            self._closing = True
             if self._holder is not None:
                 self._holder.cancel()
             while self._holder is not None and self._idle_since is None and \

@@ -750,6 +750,30 @@ def test_last_stats_are_the_last_call_s_with_a_scheduler_too(llm):
         scheduler.close()
 
 
+@pytest.mark.parametrize("call", ["embed", "logits_many"])
+def test_close_stops_a_long_embed_or_logits_many_between_items(tiny_llama_f32, call):
+    """close() waits for the engine's holder, and embed()/logits_many() never looked: closing an LLM
+    while another thread embedded a corpus blocked until every text was done (28 s for 4000 windows
+    of the tiny model). They now stop between items with RuntimeError, and close() returns at once."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=512)
+    outcome = {}
+
+    def work():
+        try:
+            outcome["result"] = getattr(llm, call)([list(range(3, 500))] * 20000)
+        except RuntimeError as e:
+            outcome["error"] = e
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while llm._holder is None and thread.is_alive():
+        time.sleep(0.01)
+    started = time.monotonic()
+    llm.close()
+    assert time.monotonic() - started < 2.0
+    thread.join(10)
+    assert not thread.is_alive() and "closed" in str(outcome.get("error"))
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
