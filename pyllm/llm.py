@@ -727,6 +727,8 @@ class LLM:
         (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats."""
         from .batch import run_batch
 
+        if self.engine is None:  # stream=True: at the call, as without it, not at the first read
+            raise RuntimeError("this LLM is closed")
         checked = [self._check_ids(p) for p in prompts]
         for p in checked:
             if len(p) >= self.context_length:
@@ -846,6 +848,8 @@ class LLM:
 
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
                 stop_ids: set[int], processors: list, logprobs: int | None, adapter: str | None = None) -> TextStream:
+        if self.engine is None:  # stream=True: at the call, as without it, not at the first read
+            raise RuntimeError("this LLM is closed")
         prompt = self._check_ids(ids)
         virtual = self.adapters[adapter].virtual_tokens if adapter is not None else 0
         if virtual + len(prompt) >= self.context_length:
@@ -977,6 +981,8 @@ class LLM:
             self._turn.notify_all()
 
     def __enter__(self):
+        if self.engine is None:  # as a closed file refuses `with`: the block's calls would all fail later
+            raise RuntimeError("this LLM is closed")
         return self
 
     def __exit__(self, *exc):

@@ -774,6 +774,21 @@ def test_close_stops_a_long_embed_or_logits_many_between_items(tiny_llama_f32, c
     assert not thread.is_alive() and "closed" in str(outcome.get("error"))
 
 
+def test_a_closed_llm_refuses_with_and_streams_at_the_call(tiny_llama_f32):
+    """`with llm:` on a closed LLM entered (every call inside then failed), and generate(stream=True)
+    (a prompt or a list) on one returned a stream that failed only when read, where the same call
+    without stream=True raised at once: both now raise RuntimeError("this LLM is closed") at the call."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    with llm:
+        assert llm.generate("Hi", max_new_tokens=1) is not None
+    for call in (lambda: llm.__enter__(), lambda: llm.generate("Hi", stream=True),
+                 lambda: llm.generate(["Hi", "Yo"], stream=True), lambda: llm.chat([{"role": "user", "content": "Hi"}],
+                                                                                 stream=True)):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    llm.close()  # still a no-op
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
