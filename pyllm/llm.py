@@ -740,16 +740,23 @@ class LLM:
         made = iter(self.last_batch_stats)
         run = TextStream(GenerationStats())
 
+        preempted = []
+
+        def lost() -> bool:  # whether the last piece's consumer lost the engine (run_batch re-reads then)
+            was = bool(preempted)
+            preempted.clear()
+            return was
+
         def pieces():
             self._acquire(run)
             try:
                 for index, piece in run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params,
                                               stop, stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made),
-                                              run.cancelled.is_set):
+                                              run.cancelled.is_set, lost):
                     self._pause(run)
                     yield index, piece
                     if not self._resume(run):  # preempted while unread: the slots' caches are gone
-                        run.cancel()
+                        preempted.append(True)
                         self._cached = []
                 for stats in self.last_batch_stats:  # cancelled before their wave began: never started
                     stats.finish_reason = stats.finish_reason or "cancelled"
