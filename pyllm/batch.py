@@ -65,13 +65,27 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     slots = engine.n_seq
     if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
         llm._cached, llm._primed = [], None
+    seqs: list[_Sequence] = []
+    try:
+        yield from _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
+                          cancelled, lost, seqs)
+    except GeneratorExit:  # closed by the consumer: the prompts still running did not end by length
+        for s in seqs:
+            if not s.done:
+                s.stats.finish_reason, s.done = "cancelled", True
+        raise
+
+
+def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
+           seqs: list) -> Iterator[tuple[int, str]]:
+    """run_batch's waves of `slots` prompts; seqs holds the running wave's sequences."""
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
         stats = [stats_factory(len(p)) for p in wave]
-        seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
-                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats[i]),
-                          min(max_new_tokens, llm.context_length - len(p)), stats[i])
-                for i, p in enumerate(wave)]
+        seqs[:] = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
+                             StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats[i]),
+                             min(max_new_tokens, llm.context_length - len(p)), stats[i])
+                   for i, p in enumerate(wave)]
         start = time.perf_counter()
         shared = common_prefix(wave) if len(wave) > 1 else 0
         # slot 0's cache may already hold a prefix of it (an earlier call): reuse what matches

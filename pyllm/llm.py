@@ -747,20 +747,26 @@ class LLM:
             preempted.clear()
             return was
 
+        batch_stats = self.last_batch_stats  # (the attribute is the next list's once another list is given)
+
         def pieces():
             self._acquire(run)
+            batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
+                              stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set, lost)
             try:
-                for index, piece in run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params,
-                                              stop, stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made),
-                                              run.cancelled.is_set, lost):
+                for index, piece in batch:
                     self._pause(run)
-                    yield index, piece
+                    try:
+                        yield index, piece
+                    except GeneratorExit:  # closed by its consumer: the running prompts say "cancelled"
+                        batch.close()
+                        raise
                     if not self._resume(run):  # preempted while unread: the slots' caches are gone
                         preempted.append(True)
                         self._cached = []
-                for stats in self.last_batch_stats:  # cancelled before their wave began: never started
-                    stats.finish_reason = stats.finish_reason or "cancelled"
             finally:
+                for stats in batch_stats:  # cancelled (or closed) before their wave began: never started
+                    stats.finish_reason = stats.finish_reason or "cancelled"
                 self._release(run)
 
         if stream:
@@ -942,7 +948,11 @@ class LLM:
                     break
                 if piece:
                     self._pause(stream)
-                    yield piece
+                    try:
+                        yield piece
+                    except GeneratorExit:  # closed by its consumer (a `for` left by break): it said "length"
+                        stats.finish_reason = "cancelled"  # as a scheduled stream's does
+                        raise
                     if not self._resume(stream):  # preempted while its consumer was away: re-read the context
                         offset = self._prime(adapter)
                         if self._prefill(ids, self._reuse(ids), cancel, offset) is None:

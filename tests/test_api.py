@@ -789,6 +789,38 @@ def test_a_closed_llm_refuses_with_and_streams_at_the_call(tiny_llama_f32):
     llm.close()  # still a no-op
 
 
+def test_a_stream_closed_before_its_end_says_cancelled(llm):
+    """A stream left by `break` (closed) kept finish_reason "length", as if it had run to its limit,
+    where a scheduled stream said "cancelled"; a streamed list of prompts closed mid-way left its
+    running prompts at "length" (and its later waves at ""), and its never-started prompts were
+    marked in llm.last_batch_stats when it ended, by then another list's stats if one had run."""
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            stream = llm.generate("Paris", max_new_tokens=30, stream=True, logit_bias=ban)
+            for _ in stream:
+                break
+            stream.close()
+            deadline = time.monotonic() + 10
+            while scheduled and stream.stats.finish_reason != "cancelled" and time.monotonic() < deadline:
+                time.sleep(0.01)  # the scheduler's thread ends it at its next step
+            assert stream.stats.finish_reason == "cancelled"
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    pieces = llm.generate(["Paris", "Rome is", "Berlin"], max_new_tokens=30, stream=True, logit_bias=ban)
+    stats = llm.last_batch_stats
+    next(pieces)
+    other = llm.generate(["a", "b"], max_new_tokens=2, logit_bias=ban)  # takes the engine; new last_batch_stats
+    assert len(other) == 2 and llm.last_batch_stats is not stats
+    pieces.close()
+    assert [s.finish_reason for s in stats] == ["cancelled"] * 3
+    assert [s.finish_reason for s in llm.last_batch_stats] == ["length"] * 2
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
