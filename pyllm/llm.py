@@ -736,7 +736,7 @@ class LLM:
                                  "(leave room for the reply)")
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        self.last_batch_stats = [GenerationStats(prompt_tokens=len(p)) for p in checked]
+        self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
         made = iter(self.last_batch_stats)
         run = TextStream(GenerationStats())
 

@@ -220,6 +220,17 @@ def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file
             assert [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes] == expected
 
 
+def test_batch_stats_tell_a_full_context_from_the_token_limit(model_file):
+    """A list's GenerationStats never got the call's max_new_tokens (0), so hit_token_limit was true
+    for every prompt that ended by length, a full context included (the REPL's cut notice reads it)."""
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=24) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        llm.generate([[10, 11, 12], [20] * 20], max_new_tokens=8, logit_bias=ban)
+        short, full = llm.last_batch_stats
+        assert short.max_new_tokens == 8 and short.generated_tokens == 8 and short.hit_token_limit
+        assert full.finish_reason == "length" and full.generated_tokens == 4 and not full.hit_token_limit
+
+
 def test_chat_with_a_list_of_conversations(model_file):
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     with pyllm.LLM(model_file, n_threads=2) as alone:
