@@ -102,14 +102,16 @@ class PresenceFrequencyPenalty:
 
 
 class Sampler:
-    """Processors, then the draw. processors: the caller's, run before the built-in ones;
-    prompt_length: where the generated ids start in the ids passed to __call__."""
+    """Processors, then the draw. processors: the caller's, run before the built-in ones (and
+    given a copy of the ids: the list passed to __call__ is the engine's own); prompt_length: where
+    the generated ids start in the ids passed to __call__."""
 
     def __init__(self, params: SamplingParams, processors: Sequence[LogitsProcessor] = (), prompt_length: int = 0):
         params.validate()
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.processors = list(processors)
+        self.callers = len(self.processors)  # the caller's, first: they get a copy of the ids
         if params.logit_bias:
             self.processors.append(LogitBias(params.logit_bias))
         if params.repetition_penalty != 1.0:
@@ -142,8 +144,11 @@ class Sampler:
                              "overflowed, so no token can be chosen")
         scores = logits.astype(np.float64)
         ids = context if context is not None else []
-        for processor in self.processors:
-            scores = _checked_scores(processor, processor(ids, scores), logits.shape)
+        # the engine's own list (its KV cache's bookkeeping): a caller's processor that appended to it
+        # moved every later token's position and made the cache claim tokens it never ran, in silence
+        own = list(ids) if self.callers else ids
+        for i, processor in enumerate(self.processors):
+            scores = _checked_scores(processor, processor(own if i < self.callers else ids, scores), logits.shape)
         top = scores.max()
         if top == -np.inf:
             raise ValueError("the logits processors left no token possible")

@@ -821,6 +821,31 @@ def test_a_stream_closed_before_its_end_says_cancelled(llm):
     assert [s.finish_reason for s in llm.last_batch_stats] == ["length"] * 2
 
 
+def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
+    """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
+    scheduled stream's): one that appended to it (or cleared it) moved every later token's position
+    and made the KV cache claim tokens it never ran, so the call and follow-ups reusing the cache
+    answered from wrong keys and values, in silence. Processors now get a copy."""
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    ids = llm.tokenize("The quick brown fox")
+
+    def meddle(context, scores):
+        context.append(7)
+        return scores
+    expected = llm.generate(ids, max_new_tokens=6, logit_bias=ban)
+    follow_up = llm.generate(ids + [11, 7, 7], max_new_tokens=6, logit_bias=ban)
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            assert llm.generate(ids, max_new_tokens=6, logit_bias=ban, logits_processors=[meddle]) == expected
+            assert llm.generate(ids + [11, 7, 7], max_new_tokens=6, logit_bias=ban) == follow_up
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1
