@@ -39,6 +39,7 @@ class _Sequence:
     done: bool = False
     generated: int = 0
     last_token: int | None = None  # sampled, not yet run through the engine
+    lost: bool = False  # its slot was rewritten by another call's turn and read again
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -52,22 +53,39 @@ def common_prefix(prompts: list[list[int]]) -> int:
 
 
 def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
-              stop_ids: set[int], stats_factory, cancelled) -> Iterator[tuple[int, str]]:
+              stop_ids: set[int], stats_factory, cancelled, lost=lambda: False) -> Iterator[tuple[int, str]]:
     """Generates every prompt (token ids); yields (prompt index, text piece) as pieces become final.
 
     llm: a pyllm.LLM whose lock the caller holds. stats_factory(prompt_tokens) -> GenerationStats of
-    one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps)."""
+    one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps). lost():
+    whether another call had the engine while a piece was out (the caller's stream was preempted):
+    the running sequences then re-read their tokens into their slots (their logits too: the same
+    bits however rows are run) and go on with the same text, as a single stream does."""
     engine = llm.engine
     slots = engine.n_seq
     if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
         llm._cached, llm._primed = [], None
+    seqs: list[_Sequence] = []
+    try:
+        yield from _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
+                          cancelled, lost, seqs)
+    except GeneratorExit:  # closed by the consumer: the prompts still running did not end by length
+        for s in seqs:
+            if not s.done:
+                s.stats.finish_reason, s.done = "cancelled", True
+        raise
+
+
+def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
+           seqs: list) -> Iterator[tuple[int, str]]:
+    """run_batch's waves of `slots` prompts; seqs holds the running wave's sequences."""
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
         stats = [stats_factory(len(p)) for p in wave]
-        seqs = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
-                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats[i]),
-                          min(max_new_tokens, llm.context_length - len(p)), stats[i])
-                for i, p in enumerate(wave)]
+        seqs[:] = [_Sequence(wave_start + i, i, list(p), Sampler(params, prompt_length=len(p)),
+                             StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats[i]),
+                             min(max_new_tokens, llm.context_length - len(p)), stats[i])
+                   for i, p in enumerate(wave)]
         start = time.perf_counter()
         shared = common_prefix(wave) if len(wave) > 1 else 0
         # slot 0's cache may already hold a prefix of it (an earlier call): reuse what matches
@@ -123,6 +141,8 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
                     continue
                 if piece:
                     yield s.index, piece
+                    if lost() and not _reread(llm, seqs, rows, cancelled):
+                        return
                 if s.generated >= s.limit:
                     s.done = True
                 else:
@@ -135,6 +155,8 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
                         s.stats.finish_reason = "stop"
                     if rest:
                         yield s.index, rest
+                        if lost() and not _reread(llm, seqs, rows, cancelled):
+                            return
             if not running:
                 break
             out = engine.forward_rows(np.array([s.last_token for s in running], dtype=np.int32),
@@ -149,7 +171,25 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
             s.stats.decode_seconds = decode_seconds
         # slot 0 is the single-sequence path's cache; cancelled, it may have been preempted (LLM._batch):
         # another call's tokens are there then
-        llm._cached = [] if cancelled() else seqs[0].ids
+        llm._cached = [] if cancelled() or seqs[0].lost else seqs[0].ids
+
+
+def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled) -> bool:
+    """After another call's turn: the tokens of the wave's running sequences (the prompt and those
+    fed back) run again in their slots, and their logits replace rows (the engine's output buffer
+    they were read from is overwritten too). False when cancelled meanwhile (each then says so)."""
+    llm._cached, llm._primed = [], None  # slot 0 is rewritten (an adapter's virtual tokens may be there)
+    for s in seqs:
+        s.lost = True  # the end of the wave must not record slot 0 as holding its tokens
+    running = [s for s in seqs if not s.done]
+    logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled) if running else None
+    if running and logits is None:
+        for s in running:
+            s.stats.finish_reason, s.done = "cancelled", True
+        return False
+    for i, s in enumerate(running):
+        rows[s.slot] = logits[i]
+    return True
 
 
 def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled) -> np.ndarray | None:

@@ -368,6 +368,7 @@ class LLM:
         self._holder_thread: int | None = None
         self._idle_since: float | None = None
         self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
+        self._closing = False  # close() waits for the holder: embed() and logits_many() stop between items
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self._last_holder = None  # who used the engine last (a scheduler's slots survive only its own turns)
         self._waiting = 0  # calls waiting in _acquire
@@ -509,6 +510,7 @@ class LLM:
             self._cached, self._primed = [], None
             results = []
             for first in range(0, len(checked), self.n_parallel):
+                self._stop_if_closing()
                 group = checked[first:first + self.n_parallel]
                 lengths = [len(g) for g in group]
                 out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
@@ -534,6 +536,7 @@ class LLM:
             self._cached, self._primed = [], None
             since = time.monotonic()
             for i, ids in enumerate(checked):
+                self._stop_if_closing()
                 held = time.monotonic() - since
                 if held >= PREEMPT_AFTER and self._waiting:  # others (a scheduler's streams) get as long a turn
                     self._release(call)
@@ -550,6 +553,12 @@ class LLM:
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
+
+    def _stop_if_closing(self) -> None:
+        """A long embed() or logits_many() held close() (which waits for the engine's holder) for all
+        its items, minutes for a large corpus: it stops between them instead, as generate does."""
+        if self._closing:
+            raise RuntimeError("this LLM is closed")
 
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
@@ -718,6 +727,8 @@ class LLM:
         (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats."""
         from .batch import run_batch
 
+        if self.engine is None:  # stream=True: at the call, as without it, not at the first read
+            raise RuntimeError("this LLM is closed")
         checked = [self._check_ids(p) for p in prompts]
         for p in checked:
             if len(p) >= self.context_length:
@@ -725,24 +736,37 @@ class LLM:
                                  "(leave room for the reply)")
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        self.last_batch_stats = [GenerationStats(prompt_tokens=len(p)) for p in checked]
+        self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
         made = iter(self.last_batch_stats)
         run = TextStream(GenerationStats())
 
+        preempted = []
+
+        def lost() -> bool:  # whether the last piece's consumer lost the engine (run_batch re-reads then)
+            was = bool(preempted)
+            preempted.clear()
+            return was
+
+        batch_stats = self.last_batch_stats  # (the attribute is the next list's once another list is given)
+
         def pieces():
             self._acquire(run)
+            batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
+                              stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set, lost)
             try:
-                for index, piece in run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params,
-                                              stop, stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made),
-                                              run.cancelled.is_set):
+                for index, piece in batch:
                     self._pause(run)
-                    yield index, piece
+                    try:
+                        yield index, piece
+                    except GeneratorExit:  # closed by its consumer: the running prompts say "cancelled"
+                        batch.close()
+                        raise
                     if not self._resume(run):  # preempted while unread: the slots' caches are gone
-                        run.cancel()
+                        preempted.append(True)
                         self._cached = []
-                for stats in self.last_batch_stats:  # cancelled before their wave began: never started
-                    stats.finish_reason = stats.finish_reason or "cancelled"
             finally:
+                for stats in batch_stats:  # cancelled (or closed) before their wave began: never started
+                    stats.finish_reason = stats.finish_reason or "cancelled"
                 self._release(run)
 
         if stream:
@@ -837,6 +861,8 @@ class LLM:
 
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
                 stop_ids: set[int], processors: list, logprobs: int | None, adapter: str | None = None) -> TextStream:
+        if self.engine is None:  # stream=True: at the call, as without it, not at the first read
+            raise RuntimeError("this LLM is closed")
         prompt = self._check_ids(ids)
         virtual = self.adapters[adapter].virtual_tokens if adapter is not None else 0
         if virtual + len(prompt) >= self.context_length:
@@ -922,7 +948,11 @@ class LLM:
                     break
                 if piece:
                     self._pause(stream)
-                    yield piece
+                    try:
+                        yield piece
+                    except GeneratorExit:  # closed by its consumer (a `for` left by break): it said "length"
+                        stats.finish_reason = "cancelled"  # as a scheduled stream's does
+                        raise
                     if not self._resume(stream):  # preempted while its consumer was away: re-read the context
                         offset = self._prime(adapter)
                         if self._prefill(ids, self._reuse(ids), cancel, offset) is None:
@@ -945,7 +975,8 @@ class LLM:
 
     def close(self) -> None:
         """Releases the engine and unmaps the file. A running call is cancelled (it ends within one
-        token or prefill chunk) and waited for; a stream left unread loses the engine at once (read
+        token or prefill chunk; embed and logits_many within one item, raising RuntimeError) and
+        waited for; a stream left unread loses the engine at once (read
         again, it raises RuntimeError); an attached scheduler ends its streams and stops. Always
         returns; closing twice is a no-op."""
         if self.scheduler is not None:
@@ -953,6 +984,7 @@ class LLM:
         with self._turn:
             if self.engine is None:
                 return
+            self._closing = True
             if self._holder is not None:
                 self._holder.cancel()
             while self._holder is not None and self._idle_since is None and \
@@ -966,6 +998,8 @@ class LLM:
             self._turn.notify_all()
 
     def __enter__(self):
+        if self.engine is None:  # as a closed file refuses `with`: the block's calls would all fail later
+            raise RuntimeError("this LLM is closed")
         return self
 
     def __exit__(self, *exc):

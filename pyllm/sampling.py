@@ -102,14 +102,16 @@ class PresenceFrequencyPenalty:
 
 
 class Sampler:
-    """Processors, then the draw. processors: the caller's, run before the built-in ones;
-    prompt_length: where the generated ids start in the ids passed to __call__."""
+    """Processors, then the draw. processors: the caller's, run before the built-in ones (and
+    given a copy of the ids: the list passed to __call__ is the engine's own); prompt_length: where
+    the generated ids start in the ids passed to __call__."""
 
     def __init__(self, params: SamplingParams, processors: Sequence[LogitsProcessor] = (), prompt_length: int = 0):
         params.validate()
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.processors = list(processors)
+        self.callers = len(self.processors)  # the caller's, first: they get a copy of the ids
         if params.logit_bias:
             self.processors.append(LogitBias(params.logit_bias))
         if params.repetition_penalty != 1.0:
@@ -142,11 +144,11 @@ class Sampler:
                              "overflowed, so no token can be chosen")
         scores = logits.astype(np.float64)
         ids = context if context is not None else []
-        for processor in self.processors:
-            scores = processor(ids, scores)
-            if getattr(scores, "shape", None) != logits.shape:  # else a token past the vocabulary could come
-                raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of shape "
-                                 f"{getattr(scores, 'shape', type(scores).__name__)}, not {logits.shape}")
+        # the engine's own list (its KV cache's bookkeeping): a caller's processor that appended to it
+        # moved every later token's position and made the cache claim tokens it never ran, in silence
+        own = list(ids) if self.callers else ids
+        for i, processor in enumerate(self.processors):
+            scores = _checked_scores(processor, processor(own if i < self.callers else ids, scores), logits.shape)
         top = scores.max()
         if top == -np.inf:
             raise ValueError("the logits processors left no token possible")
@@ -192,6 +194,28 @@ class Sampler:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
         return probs, possible
+
+
+def _checked_scores(processor, scores, shape: tuple) -> np.ndarray:
+    """What a logits processor returned, as the f64 array of `shape` the next one and the draw take
+    (a torch tensor or an f32/f16/int array converted). ValueError naming the processor for another
+    shape (a token past the vocabulary could come) or what is not real numbers: strings and objects
+    failed inside numpy's max (UFuncTypeError), a torch tensor at the draw ("'<' not supported"),
+    while bools and complex numbers were drawn from in silence (True as 1, the imaginary part dropped)."""
+    if getattr(scores, "shape", None) != shape:
+        raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of shape "
+                         f"{getattr(scores, 'shape', type(scores).__name__)}, not {shape}")
+    if isinstance(scores, np.ndarray) and scores.dtype == np.float64:
+        return scores
+    try:
+        array = np.asarray(scores)
+    except Exception as e:  # a tensor numpy cannot read (on a GPU, or needing grad)
+        raise ValueError(f"a logits processor ({processor!r:.60}) returned scores numpy cannot read as an "
+                         f"array ({type(scores).__name__}: {e})") from None
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"a logits processor ({processor!r:.60}) returned scores of dtype {array.dtype}, "
+                         "not real numbers")
+    return array.astype(np.float64)
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray, possible: np.ndarray | None = None) -> int:

@@ -102,6 +102,7 @@ class _Sequence(TextStream):
 
     def _consume(self):
         self.submitted = time.perf_counter()
+        self.scheduler.llm.last_stats = self.stats  # as LLM._run sets it when a call starts
         self.scheduler._submit(self)
         try:
             while True:
@@ -223,7 +224,10 @@ class Scheduler:
                     return
             try:
                 self._step()
-            except Exception as e:  # a fault of the engine: every running stream gets it, the loop goes on
+            # a fault of the engine: every running stream gets it, the loop goes on. BaseException too:
+            # this thread never gets a signal, so a KeyboardInterrupt here came from a caller's code (a
+            # logits processor), and a loop that ended on it left every stream waiting for ever
+            except BaseException as e:  # noqa: B036
                 log.error("scheduler step failed", exc_info=e)
                 for slot in self.slots:
                     if slot.seq is not None:
@@ -291,7 +295,10 @@ class Scheduler:
         seq.held = None
         try:
             self._sample(seq, logits)
-        except Exception as e:  # this request's fault (a grammar that allows nothing): only it ends
+        # this request's fault (a grammar that allows nothing, a logits processor that raises, even
+        # KeyboardInterrupt or SystemExit): only it ends, its consumer raises the error in its own
+        # thread as LLM._run would (the loop must not die: every other stream would wait for ever)
+        except BaseException as e:  # noqa: B036
             self._finish(seq, None, error=e)
 
     def _sample_held(self) -> None:

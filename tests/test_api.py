@@ -690,6 +690,162 @@ def test_logits_processors_that_are_not_callables_are_refused_before_generating(
         llm.generate("Paris", max_new_tokens=2)
 
 
+def test_a_processor_raising_a_base_exception_in_a_scheduler_ends_only_its_call(llm):
+    """A logits processor runs on the scheduler's thread; one raising KeyboardInterrupt (as a user's
+    Ctrl-C lands in it in a notebook, or SystemExit) killed that thread (it caught Exception only):
+    the call and every later one waited for ever on their queues. Now the call raises the processor's
+    own exception in its consumer's thread, as without a scheduler, and the LLM stays usable."""
+    from pyllm.scheduler import Scheduler
+
+    def interrupted_at(n, error):
+        def processor(ids, scores):
+            if len(ids) > n:
+                raise error
+            return scores
+        return processor
+
+    expected = llm.generate("Paris", max_new_tokens=4)
+    scheduler = Scheduler(llm, 16)
+    try:
+        for error in (KeyboardInterrupt, SystemExit, RuntimeError("boom")):
+            outcome = {}
+
+            def call():
+                try:
+                    outcome["text"] = "".join(llm.generate("Paris is the capital", max_new_tokens=8, stream=True,
+                                                           logits_processors=[interrupted_at(4, error)]))
+                except BaseException as e:  # noqa: B036
+                    outcome["error"] = e
+                outcome["after"] = llm.generate("Paris", max_new_tokens=4)
+
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            thread.join(20)
+            assert not thread.is_alive(), f"{error!r}: the call hung"
+            assert isinstance(outcome.get("error"), error if isinstance(error, type) else RuntimeError)
+            assert outcome["after"] == expected
+            assert scheduler._thread.is_alive()
+    finally:
+        scheduler.close()
+    assert llm.generate("Paris", max_new_tokens=4) == expected
+
+
+def test_last_stats_are_the_last_call_s_with_a_scheduler_too(llm):
+    """With a Scheduler attached, generate() never set llm.last_stats: it kept the stats of the last
+    call made without one (or empty ones), so its token counts and finish_reason were another call's."""
+    from pyllm.scheduler import Scheduler
+
+    llm.generate("Paris", max_new_tokens=1)
+    scheduler = Scheduler(llm, 16)
+    try:
+        for n in (3, 6):
+            stream = llm.generate("Paris is the capital", max_new_tokens=n, stream=True, stop_token_ids=[],
+                                  logits_processors=[scripted_reply(llm.tokenize(" of France and Spain",
+                                                                                 add_special_tokens=False))])
+            list(stream)
+            assert llm.last_stats is stream.stats and llm.last_stats.generated_tokens == n
+            llm.generate("Paris is", max_new_tokens=n)
+            assert llm.last_stats.prompt_tokens == len(llm.tokenize("Paris is"))
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("call", ["embed", "logits_many"])
+def test_close_stops_a_long_embed_or_logits_many_between_items(tiny_llama_f32, call):
+    """close() waits for the engine's holder, and embed()/logits_many() never looked: closing an LLM
+    while another thread embedded a corpus blocked until every text was done (28 s for 4000 windows
+    of the tiny model). They now stop between items with RuntimeError, and close() returns at once."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=512)
+    outcome = {}
+
+    def work():
+        try:
+            outcome["result"] = getattr(llm, call)([list(range(3, 500))] * 20000)
+        except RuntimeError as e:
+            outcome["error"] = e
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while llm._holder is None and thread.is_alive():
+        time.sleep(0.01)
+    started = time.monotonic()
+    llm.close()
+    assert time.monotonic() - started < 2.0
+    thread.join(10)
+    assert not thread.is_alive() and "closed" in str(outcome.get("error"))
+
+
+def test_a_closed_llm_refuses_with_and_streams_at_the_call(tiny_llama_f32):
+    """`with llm:` on a closed LLM entered (every call inside then failed), and generate(stream=True)
+    (a prompt or a list) on one returned a stream that failed only when read, where the same call
+    without stream=True raised at once: both now raise RuntimeError("this LLM is closed") at the call."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    with llm:
+        assert llm.generate("Hi", max_new_tokens=1) is not None
+    for call in (lambda: llm.__enter__(), lambda: llm.generate("Hi", stream=True),
+                 lambda: llm.generate(["Hi", "Yo"], stream=True), lambda: llm.chat([{"role": "user", "content": "Hi"}],
+                                                                                 stream=True)):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    llm.close()  # still a no-op
+
+
+def test_a_stream_closed_before_its_end_says_cancelled(llm):
+    """A stream left by `break` (closed) kept finish_reason "length", as if it had run to its limit,
+    where a scheduled stream said "cancelled"; a streamed list of prompts closed mid-way left its
+    running prompts at "length" (and its later waves at ""), and its never-started prompts were
+    marked in llm.last_batch_stats when it ended, by then another list's stats if one had run."""
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            stream = llm.generate("Paris", max_new_tokens=30, stream=True, logit_bias=ban)
+            for _ in stream:
+                break
+            stream.close()
+            deadline = time.monotonic() + 10
+            while scheduled and stream.stats.finish_reason != "cancelled" and time.monotonic() < deadline:
+                time.sleep(0.01)  # the scheduler's thread ends it at its next step
+            assert stream.stats.finish_reason == "cancelled"
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    pieces = llm.generate(["Paris", "Rome is", "Berlin"], max_new_tokens=30, stream=True, logit_bias=ban)
+    stats = llm.last_batch_stats
+    next(pieces)
+    other = llm.generate(["a", "b"], max_new_tokens=2, logit_bias=ban)  # takes the engine; new last_batch_stats
+    assert len(other) == 2 and llm.last_batch_stats is not stats
+    pieces.close()
+    assert [s.finish_reason for s in stats] == ["cancelled"] * 3
+    assert [s.finish_reason for s in llm.last_batch_stats] == ["length"] * 2
+
+
+def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
+    """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
+    scheduled stream's): one that appended to it (or cleared it) moved every later token's position
+    and made the KV cache claim tokens it never ran, so the call and follow-ups reusing the cache
+    answered from wrong keys and values, in silence. Processors now get a copy."""
+    from pyllm.scheduler import Scheduler
+
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    ids = llm.tokenize("The quick brown fox")
+
+    def meddle(context, scores):
+        context.append(7)
+        return scores
+    expected = llm.generate(ids, max_new_tokens=6, logit_bias=ban)
+    follow_up = llm.generate(ids + [11, 7, 7], max_new_tokens=6, logit_bias=ban)
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            assert llm.generate(ids, max_new_tokens=6, logit_bias=ban, logits_processors=[meddle]) == expected
+            assert llm.generate(ids + [11, 7, 7], max_new_tokens=6, logit_bias=ban) == follow_up
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+
+
 def test_seed_minus_one_is_unseeded(llm):
     texts = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-1) for _ in range(4)}
     assert len(texts) > 1

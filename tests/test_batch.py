@@ -191,7 +191,8 @@ def test_shared_system_prompt_is_computed_once(model_file):
 
 def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file):
     """A streamed list of prompts left unread while another call in the same thread takes the
-    engine is cancelled (its slots' caches are gone). Its later waves still recorded their shared
+    engine re-reads its slots' tokens when read again and goes on (it was cancelled, cut in silence).
+    When it was cancelled, its later waves still recorded their shared
     prefix, never computed, as slot 0's cache (and the end of a wave the first prompt's tokens,
     overwritten by the other call): the next generate() reusing that prefix answered from another
     call's keys and values, in silence."""
@@ -201,13 +202,33 @@ def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file
                    [30, 31], [32, 33]]
         probes = [[20, 21, 22, 23, 24, 30, 31], prompts[0] + [40]]
         expected = [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes]
-        pieces = llm.generate(prompts, max_new_tokens=20, temperature=0, stream=True, logit_bias=ban)
-        next(pieces)
-        llm.generate([60, 61, 62, 63, 64, 65, 66, 67], max_new_tokens=5, logit_bias=ban)  # takes the engine
-        list(pieces)
-        # every prompt of the waves that never ran says so too (the third wave's had finish_reason "")
-        assert [s.finish_reason for s in llm.last_batch_stats[2:]] == ["cancelled"] * 4
-        assert [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes] == expected
+        whole = llm.generate(prompts, max_new_tokens=20, temperature=0, logit_bias=ban)
+        for interloper in (lambda: llm.generate([60, 61, 62, 63, 64, 65, 66, 67], max_new_tokens=5, logit_bias=ban),
+                           lambda: llm.generate("Paris", max_new_tokens=3, adapter=None),
+                           lambda: llm.logits([60, 61, 62]),
+                           lambda: llm.generate([[70, 71, 72], [73, 74]], max_new_tokens=4)):
+            pieces = llm.generate(prompts, max_new_tokens=20, temperature=0, stream=True, logit_bias=ban)
+            stats = llm.last_batch_stats
+            texts = [""] * len(prompts)
+            for n, (index, piece) in enumerate(pieces):
+                texts[index] += piece
+                if n in (0, 3, 20):
+                    interloper()  # takes the engine (the batch's stream is this thread's, unread)
+            # the batch went on where it was, its slots read again: each text whole, as unpreempted
+            # (it ended "cancelled", the rest of its text and its later waves lost, in silence)
+            assert texts == whole and "cancelled" not in [s.finish_reason for s in stats]
+            assert [llm.generate(p, max_new_tokens=10, temperature=0, logit_bias=ban) for p in probes] == expected
+
+
+def test_batch_stats_tell_a_full_context_from_the_token_limit(model_file):
+    """A list's GenerationStats never got the call's max_new_tokens (0), so hit_token_limit was true
+    for every prompt that ended by length, a full context included (the REPL's cut notice reads it)."""
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=24) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        llm.generate([[10, 11, 12], [20] * 20], max_new_tokens=8, logit_bias=ban)
+        short, full = llm.last_batch_stats
+        assert short.max_new_tokens == 8 and short.generated_tokens == 8 and short.hit_token_limit
+        assert full.finish_reason == "length" and full.generated_tokens == 4 and not full.hit_token_limit
 
 
 def test_chat_with_a_list_of_conversations(model_file):

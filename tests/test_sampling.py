@@ -340,6 +340,34 @@ def test_a_processor_that_changes_the_vocabulary_size_is_refused(temperature):
             Sampler(SamplingParams(temperature=temperature), [bad])(logits)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_processor_s_scores_must_be_real_numbers_and_are_read_as_f64(temperature):
+    """Scores of strings or objects failed inside numpy (UFuncTypeError: "ufunc 'maximum' did not
+    contain a loop"), bools and complex numbers were sampled from in silence (True as 1, the
+    imaginary part dropped with a ComplexWarning), and a torch tensor (what a transformers processor
+    returns) failed at the draw with "'<' not supported". Now anything not real numbers is a
+    ValueError naming the processor, and a tensor or an f32/int array is read as the f64 the next
+    processor and the draw are documented to get."""
+    torch = pytest.importorskip("torch")
+    logits = np.arange(VOCAB, dtype=np.float32) / VOCAB
+    for bad in (lambda ids, s: s.astype(str), lambda ids, s: s.astype(object), lambda ids, s: s > 0.5,
+                lambda ids, s: s.astype(complex)):
+        with pytest.raises(ValueError, match="logits processor.*not real numbers"):
+            Sampler(SamplingParams(temperature=temperature, seed=3), [bad])(logits)
+    expected = Sampler(SamplingParams(temperature=temperature, seed=3))(logits)
+    seen = []
+
+    def record(ids, scores):
+        seen.append(scores.dtype)
+        return scores
+    for convert in (torch.from_numpy, lambda s: s.astype(np.float32)):
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=3), [lambda ids, s: convert(s), record])
+        assert sampler(logits) == expected
+    integers = Sampler(SamplingParams(temperature=temperature, seed=3), [lambda ids, s: np.arange(VOCAB), record])
+    assert integers(logits) == Sampler(SamplingParams(temperature=temperature, seed=3))(np.arange(VOCAB) * 1.0)
+    assert seen == [np.float64] * 3
+
+
 @pytest.mark.parametrize("penalty", [1e-320, 5e-324, 1e308])
 def test_a_repetition_penalty_that_overflows_the_scores_is_named(penalty):
     """Dividing a positive score by 1e-320 (or multiplying a negative one by 1e308) overflows: the
