@@ -764,3 +764,17 @@ def test_python_m_pyllm_train_reports_any_failure_as_pyllm_train_does(base, data
     assert main([base, "--data", data, "-o", str(tmp_path / "out"), "-q"]) == status
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip() == line
+
+
+def test_a_cutoff_past_a_rotary_model_s_trained_context_is_warned_about(base, data, tmp_path, capsys):
+    """A rotary model trains past its max_position_embeddings without an error (as transformers does),
+    but those positions are ones it never learned: like `pyllm run` / `perplexity` for --ctx, train
+    says so when --cutoff-len (plus prompt learning's virtual tokens) passes it, and not otherwise."""
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"]
+    run(train_args(base, data, str(tmp_path / "a"), *small, "--cutoff-len", "1000"))
+    assert "warning: --cutoff-len 1000 exceeds the 256 tokens the model was trained on" in capsys.readouterr().err
+    run(train_args(base, data, str(tmp_path / "b"), *small, "--cutoff-len", "250", "--method", "prompt",
+                   "--virtual-tokens", "8"))
+    assert "warning: --cutoff-len 250 + 8 virtual tokens exceeds the 256 tokens" in capsys.readouterr().err
+    run(train_args(base, data, str(tmp_path / "c"), *small, "--cutoff-len", "256"))
+    assert "warning" not in capsys.readouterr().err

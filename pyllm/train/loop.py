@@ -498,6 +498,13 @@ def train(args, log=None) -> TrainResult:
                 print(f"pyllm train: {message}", file=log)
 
         limit = position_limit(args, model.config.to_dict())
+        trained = getattr(model.config, "max_position_embeddings", None)
+        virtual = args.virtual_tokens if getattr(args, "method", "lora") != "lora" else 0
+        if limit is None and isinstance(trained, int) and args.cutoff_len + virtual > trained:
+            # rotary and ALiBi families run past their trained context (as transformers does), but
+            # learn little there; pyllm run / perplexity warn the same way for --ctx
+            say(f"warning: --cutoff-len {args.cutoff_len}{f' + {virtual} virtual tokens' if virtual else ''} "
+                f"exceeds the {trained} tokens the model was trained on; positions beyond them are untrained")
         train_set = _tokenize(train_records, tokenizer, args, "training", say, limit)
         val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit)
         if len(train_set) < args.batch_size:
