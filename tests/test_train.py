@@ -778,3 +778,19 @@ def test_a_cutoff_past_a_rotary_model_s_trained_context_is_warned_about(base, da
     assert "warning: --cutoff-len 250 + 8 virtual tokens exceeds the 256 tokens" in capsys.readouterr().err
     run(train_args(base, data, str(tmp_path / "c"), *small, "--cutoff-len", "256"))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes_from_them(base, data, tmp_path):
+    """--save-total-limit N (transformers' save_total_limit) deletes the oldest checkpoints as new ones
+    are saved (--save-steps 1 kept every one: 663 directories in a review's run); --resume still
+    finds the newest; without --save-steps the option would do nothing, so it is refused."""
+    out = tmp_path / "a"
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--save-steps", "1"]
+    run(train_args(base, data, str(out), *small, "--max-steps", "5", "--save-total-limit", "2"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+    run(train_args(base, data, str(out), *small, "--max-steps", "7", "--save-total-limit", "2", "--resume"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-7"]
+    with pytest.raises(ValueError, match="--save-total-limit 2 limits the checkpoints --save-steps N makes"):
+        run(train_args(base, data, str(tmp_path / "b"), "--max-steps", "1", "--save-total-limit", "2"))
+    with pytest.raises(ValueError, match="--save-total-limit"):
+        run(train_args(base, data, str(tmp_path / "c"), *small, "--max-steps", "1", "--save-total-limit", "-1"))

@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out examples for the eval loss: a count, or a fraction below 1 (default 0: none)")
     g.add_argument("--eval-steps", type=int, default=0, help="eval loss every N steps, on the --val-set-size examples (default 0: at the start and the end)")
     g.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps and at the last (default 0: none)")
+    g.add_argument("--save-total-limit", type=int, default=0,
+                   help="keep only the N newest checkpoints, deleting older ones as new ones are saved "
+                        "(transformers' save_total_limit; default 0: keep all)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory (default: the latest in --output)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar (default: shown)")

@@ -152,6 +152,7 @@ def check_options(args) -> None:
     number("--val-set-size", args.val_set_size, 0, what="a count or a fraction, at least 0")
     number("--eval-steps", args.eval_steps, 0, what="at least 0 (0 = at the start and the end)")
     number("--save-steps", args.save_steps, 0, what="at least 0 (0 = no checkpoints)")
+    number("--save-total-limit", getattr(args, "save_total_limit", 0), 0, what="at least 0 (0 = keep all)")
     number("--seed", args.seed, 0, 2 ** 32, what="from 0 to 2**32 - 1 (numpy's seeds)")
     method = getattr(args, "method", "lora")
     for flag, given, wanted in (("--prompt-init-text", getattr(args, "prompt_init_text", ""), "prompt"),
@@ -161,6 +162,9 @@ def check_options(args) -> None:
                                 ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
         if given and method != wanted:  # it was ignored: a run other than the one asked for
             raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    if getattr(args, "save_total_limit", 0) and not args.save_steps:  # it would be ignored
+        raise ValueError(f"--save-total-limit {args.save_total_limit} limits the checkpoints --save-steps N "
+                         "makes; give --save-steps")
     if args.eval_steps and not args.val_set_size:  # HF Trainer refuses eval steps without an eval set too
         raise ValueError(f"--eval-steps {args.eval_steps} needs held-out examples to take the eval loss on; "
                          "give --val-set-size (a count, or a fraction below 1)")
@@ -612,6 +616,11 @@ def train(args, log=None) -> TrainResult:
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
+                limit = getattr(args, "save_total_limit", 0)
+                if limit:  # the oldest go once the new one is in place (transformers' save_total_limit)
+                    for _, old in _checkpoints(args.output)[:-limit]:
+                        if old != final:
+                            shutil.rmtree(old, ignore_errors=True)
 
             procs.on_rank0(f"save checkpoint-{step}", save)
 
