@@ -416,10 +416,14 @@ class LLM:
     def kv_cache_bytes(self) -> int:
         """Bytes the engine's KV cache takes, as allocated: n_parallel sequences of context_length positions
         (the CPU engine pads each kv head's positions a little: 1/128 more at a 4096 context, f16)."""
+        return self._open_engine().kv_cache_bytes
+
+    def _open_engine(self):
+        """The engine; RuntimeError once close() released it."""
         engine = self.engine
         if engine is None:
             raise RuntimeError("this LLM is closed")
-        return engine.kv_cache_bytes
+        return engine
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
@@ -456,8 +460,7 @@ class LLM:
     def _wait_for_turn(self, me: int) -> None:
         """Returns (self._turn held by the caller) once the engine is free or its holder may be preempted."""
         while True:
-            if self.engine is None:
-                raise RuntimeError("this LLM is closed")
+            self._open_engine()
             if self._holder is None:
                 return
             if self._idle_since is not None:
@@ -727,8 +730,7 @@ class LLM:
         (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats."""
         from .batch import run_batch
 
-        if self.engine is None:  # stream=True: at the call, as without it, not at the first read
-            raise RuntimeError("this LLM is closed")
+        self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
         checked = [self._check_ids(p) for p in prompts]
         for p in checked:
             if len(p) >= self.context_length:
@@ -861,8 +863,7 @@ class LLM:
 
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str],
                 stop_ids: set[int], processors: list, logprobs: int | None, adapter: str | None = None) -> TextStream:
-        if self.engine is None:  # stream=True: at the call, as without it, not at the first read
-            raise RuntimeError("this LLM is closed")
+        self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
         prompt = self._check_ids(ids)
         virtual = self.adapters[adapter].virtual_tokens if adapter is not None else 0
         if virtual + len(prompt) >= self.context_length:
@@ -998,8 +999,7 @@ class LLM:
             self._turn.notify_all()
 
     def __enter__(self):
-        if self.engine is None:  # as a closed file refuses `with`: the block's calls would all fail later
-            raise RuntimeError("this LLM is closed")
+        self._open_engine()  # as a closed file refuses `with`: the block's calls would all fail later
         return self
 
     def __exit__(self, *exc):

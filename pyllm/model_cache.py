@@ -31,7 +31,7 @@ from typing import Iterator
 
 from . import __version__
 from .formats.packed import FORMAT_VERSION
-from .formats.safetensors import FormatError, _umask
+from .formats.safetensors import FormatError, _umask, partial_file
 
 CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
 SIDECAR_SUFFIX = ".json"
@@ -292,12 +292,10 @@ def write_sidecar(model_path: str, info: dict) -> None:
     """Writes the sidecar of a cached .pllm atomically, with the .pllm's size (see damage_of)."""
     info = {**info, "pllm_size": os.path.getsize(model_path)}
     target = model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
-    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(target)}.{os.getpid()}.", suffix=".partial",
-                               dir=os.path.dirname(target))  # (the pid: see stale_temporaries)
+    # the mode open() gives, as its .pllm has (a cache shared by a group or prepared by another user
+    # could read the model but not a private sidecar, and converted it again)
+    fd, tmp = partial_file(target)
     try:
-        # mkstemp makes the file private (0600): the mode open() gives, as its .pllm has (a cache shared
-        # by a group or prepared by another user could read the model but not its sidecar, and converted again)
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp, target)

@@ -740,18 +740,24 @@ class Server:
         return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt)
 
     # -- plan + generated text -> choices -------------------------------------------------------
-    def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
+    def _tool_reply(self, plan: _Plan, tokens: list, text: str, stats) -> tuple[str, bool]:
+        """(what the tool-call parser reads of a reply: reply_text, whether the reply was cut: by a
+        stop string or the token limit). tokens: the reply's TokenLogprob; text: the text it returns."""
         from .tool_calls import special_tag_ids
 
+        stopped = stats.stop_string is not None
+        full = reply_text(self.llm.tokenizer, [t.id for t in tokens], text, stopped,
+                          special_tag_ids(plan.tools, self.llm.tokenizer))
+        return full, stopped or stats.finish_reason == "length"
+
+    def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
         tokenizer = self.llm.tokenizer
         finish = stream.stats.finish_reason
         if plan.chat:
             calls = []
             if plan.tools is not None:
-                stopped = stream.stats.stop_string is not None
-                full = reply_text(tokenizer, [t.id for t in tokens], text, stopped,
-                                  special_tag_ids(plan.tools, tokenizer))
-                parsed = plan.tools.split(full, cut=stopped or finish == "length")
+                full, cut = self._tool_reply(plan, tokens, text, stream.stats)
+                parsed = plan.tools.split(full, cut=cut)
                 calls = parsed.calls
                 if calls:
                     text = parsed.content
@@ -769,19 +775,15 @@ class Server:
     def _echo_logprobs(self, plan: _Plan, index: int) -> dict:
         """The echoed prompt's tokens with their log-probabilities (the first has none), computed
         once per prompt."""
-        from .llm import TokenLogprob
-        from .sampling import log_softmax, most_likely
+        from .llm import TokenLogprob, _token_logprob
 
         prompt = index // plan.n
         if prompt not in plan.echo_logprobs:
             ids = plan.prompts[prompt]
             logits = self.llm.logits(ids)
-            top = plan.logprobs
-            tokens = [TokenLogprob(ids[0])]
-            for k in range(1, len(ids)):
-                row = log_softmax(logits[k - 1])  # row by row: no second [tokens, vocab] array
-                best = most_likely(row, top) if top else []
-                tokens.append(TokenLogprob(ids[k], float(row[ids[k]]), [(int(i), float(row[i])) for i in best]))
+            # row by row, as a generated token's (no second [tokens, vocab] array)
+            tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
+                                               for k in range(1, len(ids))]
             plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
         return plan.echo_logprobs[prompt]
 
@@ -815,7 +817,7 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream, special_marker_id, special_tag_ids
+        from .tool_calls import ToolCallStream, special_marker_id
 
         chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
         tokenizer = self.llm.tokenizer
@@ -871,10 +873,8 @@ class Server:
             rest = waiting + rest
             finish = stream.stats.finish_reason
             if tools is not None:
-                stopped = stream.stats.stop_string is not None
-                full = reply_text(tokenizer, [t.id for t in all_tokens], tools.text, stopped,
-                                  special_tag_ids(plan.tools, tokenizer))
-                content, calls = tools.finish(full, cut=stopped or finish == "length")
+                full, cut = self._tool_reply(plan, all_tokens, tools.text, stream.stats)
+                content, calls = tools.finish(full, cut=cut)
                 if content:
                     yield chunk(responses.chat_delta(index, content))
                 if calls:

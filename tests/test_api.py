@@ -797,10 +797,14 @@ def test_a_stream_closed_before_its_end_says_cancelled(llm):
     from pyllm.scheduler import Scheduler
 
     ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    # every token a piece of text: a scheduled stream stops PIECES_AHEAD pieces ahead of its reader, so
+    # it cannot reach its limit before the close (tokens of a random model held back as partial
+    # characters made no pieces, and it sometimes finished first)
+    letter = {llm.tokenize("a", add_special_tokens=False)[0]: 100}
     for scheduled in (False, True):
         scheduler = Scheduler(llm, 16) if scheduled else None
         try:
-            stream = llm.generate("Paris", max_new_tokens=30, stream=True, logit_bias=ban)
+            stream = llm.generate("Paris", max_new_tokens=60, stream=True, logit_bias={**ban, **letter})
             for _ in stream:
                 break
             stream.close()

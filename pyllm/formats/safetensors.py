@@ -421,9 +421,21 @@ def _open_unnamed(path: str) -> tuple[int, str | None]:
             return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666), None
         except OSError:
             pass  # the file system has no unnamed files
-    # the pid in the name: a file left by a killed process is told from one being written (model_cache)
+    return partial_file(path)
+
+
+def partial_file(path: str) -> tuple[int, str]:
+    """(fd, name) of a new file "NAME.PID.XXXX.partial" beside path, to be renamed to it once written:
+    unique (two writers never share one), with this process's id (one left by a killed process is
+    told from one being written: model_cache.remove_stale_partials), and the mode open() gives."""
+    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.", suffix=".partial", dir=directory)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the mode open() would
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
     return fd, tmp
 
 
