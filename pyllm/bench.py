@@ -190,18 +190,18 @@ def stage_profile(seconds: Counter, tokens: int, wall_seconds: float,
 
 
 def check_probe_bytes(nbytes: int) -> None:
-    """The read-bandwidth probe's buffer (0: no probe) must fit in half the machine's memory, beside
+    """The read-bandwidth probe's buffer (0: no probe) must fit in half the memory this process may use, beside
     the model and its KV cache: LimitError before any test runs (the probe runs last: a buffer past
     the memory was std::bad_alloc after the whole benchmark, or the kernel's OOM killer)."""
     from .errors import LimitError
-    from .limits import physical_memory
+    from .limits import memory_limit
 
     if nbytes < 0:
         raise ValueError("--bandwidth-mib must be >= 0")
-    physical = physical_memory()
-    if physical is not None and nbytes > physical // 2:
-        raise LimitError(f"the read-bandwidth probe's buffer of {nbytes >> 20} MiB exceeds half of this machine's "
-                         f"{physical >> 20} MiB of memory (lower --bandwidth-mib, or 0 to skip the probe)")
+    limit = memory_limit()
+    if limit is not None and nbytes > limit // 2:
+        raise LimitError(f"the read-bandwidth probe's buffer of {nbytes >> 20} MiB exceeds half of the {limit >> 20} "
+                         "MiB of memory this process may use (lower --bandwidth-mib, or 0 to skip the probe)")
 
 
 def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int = 5, threads: int | None = None,

@@ -46,23 +46,31 @@ def check_context_length(value) -> int:
     return _positive_int("context_length", value, MAX_CONTEXT_LENGTH)
 
 
-def physical_memory() -> int | None:
-    """Bytes of the machine's memory, or None on systems that do not report it."""
+def memory_limit() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its memory cgroup's limit where that is
+    less (a container's: its /proc/meminfo shows the host's; csrc/core/memory_limit.h reads the
+    cgroup); None on systems that report neither."""
+    from . import _core
+
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return None
+        physical = None
+    cgroup_limit, _ = _core.cgroup_memory()
+    known = [v for v in (physical, cgroup_limit) if v is not None]
+    return min(known) if known else None
 
 
 def check_kv_cache_bytes(nbytes: int, what: str) -> int:
-    """A KV cache of nbytes must fit in the machine's memory (LimitError naming its size otherwise); on
-    systems that do not report their memory, nothing is checked here (the engine's allocation fails)."""
-    physical = physical_memory()
-    if physical is None:
+    """A KV cache of nbytes must fit in the memory this process may use (memory_limit: LimitError naming
+    both sizes otherwise); where no limit is reported, nothing is checked here (the allocation fails)."""
+    limit = memory_limit()
+    if limit is None:
         return nbytes
-    if nbytes > physical:
-        raise LimitError(f"{what} needs a KV cache of {nbytes / 2**30:.1f} GiB; this machine has "
-                         f"{physical / 2**30:.1f} GiB of memory (lower context_length or n_parallel)")
+    if nbytes > limit:
+        raise LimitError(f"{what} needs a KV cache of {nbytes / 2**30:.1f} GiB; this process may use "
+                         f"{limit / 2**30:.1f} GiB of memory (the machine's, or its container's limit): "
+                         "lower context_length or n_parallel")
     return nbytes
 
 

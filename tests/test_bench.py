@@ -180,19 +180,18 @@ def test_a_probe_buffer_past_the_memory_is_refused_before_the_benchmark(tiny_lla
     """--bandwidth-mib 100000000 ran the whole benchmark, then the probe failed with 'std::bad_alloc'
     (a buffer between the free and the physical memory could bring the OOM killer). A buffer past half
     the machine's memory is now refused first, from the command line and from run_bench."""
-    import os
-
     from pyllm import bench
     from pyllm.errors import LimitError
+    from pyllm.limits import memory_limit
 
     ran = []
     monkeypatch.setattr(bench, "time_engine", lambda *a, **k: ran.append(1) or (1.0, 1.0))
-    half_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2 >> 20
+    half_mib = memory_limit() // 2 >> 20
     for mib in (100_000_000, 2**40, half_mib + 1):
         assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", str(mib)]) == 1
         err = capsys.readouterr().err
         assert "--bandwidth-mib" in err and "bad_alloc" not in err and err.count("\n") == 1, err
-        with pytest.raises(LimitError, match="half of this machine"):
+        with pytest.raises(LimitError, match="half of the .* memory this process may use"):
             bench.run_bench(tiny_llama_f32, 8, 2, 1, bandwidth_bytes=mib << 20)
     assert main(["bench", tiny_llama_f32, "--bandwidth-mib", "-1"]) == 1
     assert ">= 0" in capsys.readouterr().err

@@ -196,6 +196,6 @@ def test_the_memory_check_counts_what_the_engine_allocates(tmp_path, monkeypatch
                     if kv_cache == "auto":
                         assert llm.engine.kv_cache == ("f32" if quant == "f32" else "f16")
     # a machine with just the unpadded f16 count of memory: refused before the engine allocates
-    monkeypatch.setattr("pyllm.limits.physical_memory", lambda: kv_cache_bytes(config, 512, "f16", 2))
+    monkeypatch.setattr("pyllm.limits.memory_limit", lambda: kv_cache_bytes(config, 512, "f16", 2))
     with pytest.raises(LimitError, match=r"2 sequence\(s\) of 512 positions needs a KV cache of"):
         pyllm.LLM(path, n_threads=1, context_length=512, kv_cache="f16", n_parallel=2)

@@ -12,20 +12,20 @@
 // call holds the process's memory-map lock for reading: a thread mapping or unmapping memory, as a
 // large malloc does, waits at most one page's fault). It leaves the contents as they are, so the
 // engine may write the same pages meanwhile. The thread runs at the lowest priority (nice 19: compute
-// threads come first), stops between calls when destroyed, and stops for good when the system's
-// available memory (MemAvailable) falls under an eighth of its total: filling in a cache that does
-// not fit would only bring the out-of-memory killer sooner than its use would. Where the call is
+// threads come first), stops between calls when destroyed, and stops for good when it comes within
+// an eighth of the memory it may fill: the system's (MemAvailable against MemTotal) or its memory
+// cgroup's, a container's limit (core/memory_limit.h): filling in a cache that does not fit would
+// only bring the out-of-memory killer sooner than its use would (or at once, in a container). Where the call is
 // missing (older kernels, other systems) nothing happens: pages fault in on first use, as before.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <thread>
 #include <vector>
+
+#include "memory_limit.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -49,13 +49,13 @@ public:
         thread_ = std::thread([this, ranges = std::move(ranges)] {
             ::setpriority(PRIO_PROCESS, (id_t)::syscall(SYS_gettid), 19);  // this thread only (Linux)
             const uintptr_t page = (uintptr_t)::sysconf(_SC_PAGESIZE);
-            const long long total = meminfo_kib("MemTotal:");
             int64_t calls = 0;
             for (const Range& r : ranges) {
                 uintptr_t at = (uintptr_t)r.data & ~(page - 1);
                 const uintptr_t end = ((uintptr_t)r.data + r.bytes + page - 1) & ~(page - 1);
                 while (at < end && !stop_.load(std::memory_order_relaxed)) {
-                    if (calls++ % kCallsPerMemoryCheck == 0 && total > 0 && meminfo_kib("MemAvailable:") < total / 8) {
+                    if (calls++ % kCallsPerMemoryCheck == 0 &&
+                        memory_headroom_bytes() < kCallsPerMemoryCheck * (int64_t)kChunk) {
                         done_.store(true);  // memory is short: the rest faults in as it is used
                         return;
                     }
@@ -86,25 +86,8 @@ public:
 
 private:
     static constexpr uintptr_t kChunk = uintptr_t(2) << 20;  // bytes per call: one huge page
-    static constexpr int64_t kCallsPerMemoryCheck = 16;      // /proc/meminfo read every 32 MiB
+    static constexpr int64_t kCallsPerMemoryCheck = 16;      // the headroom read every 32 MiB
 
-#if defined(__linux__)
-    // A "Name:   N kB" line of /proc/meminfo, in KiB; -1 when it cannot be read.
-    static long long meminfo_kib(const char* name) {
-        std::FILE* f = std::fopen("/proc/meminfo", "r");
-        if (f == nullptr) return -1;
-        char line[256];
-        long long value = -1;
-        const size_t n = std::strlen(name);
-        while (std::fgets(line, sizeof line, f) != nullptr)
-            if (std::strncmp(line, name, n) == 0) {
-                value = std::strtoll(line + n, nullptr, 10);
-                break;
-            }
-        std::fclose(f);
-        return value;
-    }
-#endif
     std::atomic<bool> stop_{false}, done_{false};
     std::thread thread_;
 };

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "../core/memory_limit.h"
 #include "../core/numeric.h"
 #include "../core/thread_pool.h"
 #include "../engine/engine.h"
@@ -394,6 +395,17 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("n_threads") = 0, py::arg("bytes") = int64_t(1) << 30, py::arg("passes") = 5,
         "Read bandwidth in GB/s: the fastest of `passes` sums over a buffer of `bytes`, on n_threads threads.");
+
+    m.def(
+        "cgroup_memory",
+        [](const std::string& proc_cgroup, const std::string& root) {
+            const CgroupMemory cg = cgroup_memory(proc_cgroup, root);
+            auto known = [](int64_t v) { return v < 0 ? py::object(py::none()) : py::object(py::int_(v)); };
+            return py::make_tuple(known(cg.limit), known(cg.usage));
+        },
+        py::arg("proc_cgroup") = "/proc/self/cgroup", py::arg("root") = "/sys/fs/cgroup",
+        "(limit, usage) in bytes of this process's tightest memory cgroup level (a container's limit; "
+        "core/memory_limit.h), None where there is none or it cannot be read.");
 
     register_engine_class(m, resolve_threads,
                           [](const ModelDescription& d, int64_t context_length, int n_threads, const std::string& kv_cache,
