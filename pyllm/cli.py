@@ -43,7 +43,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", "--n-threads", dest="threads", type=int, default=None,
-                   help="threads (default: all cores)")
+                   help="threads (default: the CPUs this process may use: its affinity mask, at most a container's "
+                        "CPU quota)")
 
 
 def _add_context(p: argparse.ArgumentParser) -> None:

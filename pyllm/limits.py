@@ -48,7 +48,7 @@ def check_context_length(value) -> int:
 
 def memory_limit() -> int | None:
     """Bytes of memory this process may use: the machine's, or its memory cgroup's limit where that is
-    less (a container's: its /proc/meminfo shows the host's; csrc/core/memory_limit.h reads the
+    less (a container's: its /proc/meminfo shows the host's; csrc/core/container_limits.h reads the
     cgroup); None on systems that report neither."""
     from . import _core
 

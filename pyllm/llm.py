@@ -302,7 +302,8 @@ class LLM:
     docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float activations either way; the CUDA
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
-    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS;
+    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS (default
+    _core.default_threads(): the CPUs this process may run on, at most its container's CPU quota);
     n_parallel: 1 .. MAX_PARALLEL (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
     loading (FormatError on a mismatch; `pyllm verify` does the same from the command line).
 

@@ -14,7 +14,7 @@
 // engine may write the same pages meanwhile. The thread runs at the lowest priority (nice 19: compute
 // threads come first), stops between calls when destroyed, and stops for good when it comes within
 // an eighth of the memory it may fill: the system's (MemAvailable against MemTotal) or its memory
-// cgroup's, a container's limit (core/memory_limit.h): filling in a cache that does not fit would
+// cgroup's, a container's limit (core/container_limits.h): filling in a cache that does not fit would
 // only bring the out-of-memory killer sooner than its use would (or at once, in a container). Where the call is
 // missing (older kernels, other systems) nothing happens: pages fault in on first use, as before.
 #pragma once
@@ -25,7 +25,7 @@
 #include <thread>
 #include <vector>
 
-#include "memory_limit.h"
+#include "container_limits.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>

@@ -1,5 +1,7 @@
 #include "thread_pool.h"
 
+#include "container_limits.h"
+
 #include <algorithm>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -41,10 +43,7 @@ ThreadPool::~ThreadPool() {
     for (auto& t : workers_) t.join();
 }
 
-int ThreadPool::default_threads() {
-    unsigned n = std::thread::hardware_concurrency();
-    return n == 0 ? 1 : (int)n;
-}
+int ThreadPool::default_threads() { return available_cpus(); }
 
 bool ThreadPool::run_claim(uint64_t claim) {
     const uint64_t generation = claim_generation(claim);

@@ -31,7 +31,8 @@ public:
     // returns when all are done. Not re-entrant: one job at a time.
     void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& task);
 
-    // Threads to use when the caller did not say: the number of cores.
+    // Threads to use when the caller did not say: the CPUs this process may run on (its affinity
+    // mask), at most its cgroup's CPU quota (container_limits.h).
     static int default_threads();
 
 private:

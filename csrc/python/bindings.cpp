@@ -15,7 +15,7 @@
 #include <thread>
 #include <vector>
 
-#include "../core/memory_limit.h"
+#include "../core/container_limits.h"
 #include "../core/numeric.h"
 #include "../core/thread_pool.h"
 #include "../engine/engine.h"
@@ -405,7 +405,20 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("proc_cgroup") = "/proc/self/cgroup", py::arg("root") = "/sys/fs/cgroup",
         "(limit, usage) in bytes of this process's tightest memory cgroup level (a container's limit; "
-        "core/memory_limit.h), None where there is none or it cannot be read.");
+        "core/container_limits.h), None where there is none or it cannot be read.");
+
+    m.def(
+        "cgroup_cpu_limit",
+        [](const std::string& proc_cgroup, const std::string& root) {
+            const int64_t cpus = cgroup_cpu_limit(proc_cgroup, root);
+            return cpus < 0 ? py::object(py::none()) : py::object(py::int_(cpus));
+        },
+        py::arg("proc_cgroup") = "/proc/self/cgroup", py::arg("root") = "/sys/fs/cgroup",
+        "CPUs this process's cgroup quota allows (a container's --cpus, rounded up; core/container_limits.h), "
+        "None where there is no quota.");
+    m.def("default_threads", &ThreadPool::default_threads,
+          "Threads used when none are asked for: the CPUs of this process's affinity mask, at most its cgroup's CPU "
+          "quota.");
 
     register_engine_class(m, resolve_threads,
                           [](const ModelDescription& d, int64_t context_length, int n_threads, const std::string& kv_cache,

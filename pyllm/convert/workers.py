@@ -10,7 +10,6 @@ caller passes it as `shared`, which task functions read with shared().
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable, Iterable, Iterator
 
 _SHARED: dict = {}  # what the forked workers read; set by forked_map before it forks
@@ -23,13 +22,16 @@ def shared() -> dict:
 
 def forked_map(task: Callable, items: Iterable, shared: dict, processes: int | None = None) -> Iterator:
     """task(item) for every item, in the order they finish. task must be a module-level function
-    (it is pickled by name) and reads `shared` through shared(). processes: default the CPU count,
+    (it is pickled by name) and reads `shared` through shared(). processes: default the CPUs this process
+    may use (_core.default_threads: its affinity mask, at most its container's CPU quota),
     at most one per item; 1, or no fork on this platform: in this process. BLAS runs single-threaded
     in every process while the tasks run. A task's exception is raised here."""
     from threadpoolctl import threadpool_limits
 
+    from .. import _core
+
     items = list(items)
-    processes = min(processes or os.cpu_count() or 1, len(items))
+    processes = min(processes or _core.default_threads(), len(items))
     _SHARED.clear()
     _SHARED.update(shared)
     try:
