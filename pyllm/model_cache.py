@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import __version__
+from .errors import PyllmError
 from .formats.packed import FORMAT_VERSION
 from .formats.safetensors import FormatError, _umask, partial_file
 
@@ -58,9 +59,25 @@ _PARTIAL = re.compile(r".+\.(\d+)\.[^./]+\.partial$")
 
 
 def made(directory: str) -> str:
-    """directory, created (with its parents) when missing."""
-    os.makedirs(directory, exist_ok=True)
+    """directory, created (with its parents) when missing; PyllmError naming it when that fails."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise unwritable(directory, e) from e
     return directory
+
+
+def unwritable(directory: str, error: OSError) -> PyllmError:
+    """The error for a directory pyllm cannot create or write in; in the cache, the way to move it (a
+    read-only or missing HOME, as containers have, was a bare "[Errno 2] No such file or directory")."""
+    where, cache = os.path.abspath(directory), os.path.abspath(cache_dir())
+    reason = "Not a directory" if isinstance(error, FileExistsError) else error.strerror or str(error)  # a file there
+    hint = "set XDG_CACHE_HOME to a writable directory"
+    if where == cache or cache.startswith(where + os.sep):
+        return PyllmError(f"cannot create pyllm's cache {cache} ({hint}): {reason}")
+    if where.startswith(cache + os.sep):
+        return PyllmError(f"cannot write in {where}, in pyllm's cache ({hint}): {reason}")
+    return PyllmError(f"cannot write in {where}: {reason}")
 
 
 @contextlib.contextmanager
@@ -71,7 +88,10 @@ def temporary_directory() -> Iterator[str]:
     process that has died (the kernel drops a dead process's locks, whatever killed it)."""
     import fcntl
 
-    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=made(cache_dir()))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=made(cache_dir()))
+    except OSError as e:
+        raise unwritable(cache_dir(), e) from e
     fd = os.open(os.path.join(tmp, LOCK_NAME + ".new"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -143,7 +163,11 @@ def partial_dir(target: str) -> str:
     named with this process's id, so that one left by a killed process is told from one being
     written (remove_stale_partials)."""
     directory = os.path.dirname(os.path.abspath(target))
-    tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(target)}.{os.getpid()}.", suffix=".partial", dir=made(directory))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(target)}.{os.getpid()}.", suffix=".partial",
+                               dir=made(directory))
+    except OSError as e:
+        raise unwritable(directory, e) from e
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700): give it the mode os.mkdir would
     return tmp
 
@@ -325,8 +349,7 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
         return path
     source = os.path.abspath(path)
     settings = conversion_settings(kind, quant)
-    os.makedirs(cache_dir(), exist_ok=True)
-    target = os.path.join(cache_dir(), _entry_stem(source, settings) + MODEL_SUFFIX)
+    target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
     fingerprint = source_fingerprint(source)
     info = _read_sidecar(target)
     if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint

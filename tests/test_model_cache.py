@@ -112,6 +112,32 @@ def test_what_is_not_a_model_is_refused_clearly(tmp_path, cache, capsys):
     assert not cache.exists() or not list(cache.glob("*.pllm"))
 
 
+def test_a_cache_that_cannot_be_written_is_named_with_the_way_to_move_it(gguf_file, tmp_path, monkeypatch, capsys):
+    """A missing or read-only HOME (as containers have) made `pyllm run` say only "[Errno 2] No such
+    file or directory: '/nonexistent'", naming neither the cache nor XDG_CACHE_HOME."""
+    from pyllm import model_cache
+    from pyllm.errors import PyllmError
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache's parent directory would be")
+    for xdg in (blocker, blocker / "deeper", "/proc/no-such-dir"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+        status, _, err, _ = run(capsys, "run", gguf_file, "-p", "hi")
+        assert status == 1 and err.count("\n") == 1, err
+        assert f"cannot create pyllm's cache {xdg}/pyllm (set XDG_CACHE_HOME to a writable directory)" in err, err
+        with pytest.raises(PyllmError, match="XDG_CACHE_HOME"):
+            with model_cache.temporary_directory():
+                pass
+    # a directory in the cache that cannot be made: named, and said to be in the cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "xdg" / "pyllm").mkdir(parents=True)
+    (tmp_path / "xdg" / "pyllm" / "sub").write_text("")
+    with pytest.raises(PyllmError, match=r"cannot write in .*/sub/deeper, in pyllm's cache \(set XDG_CACHE_HOME"):
+        model_cache.made(str(tmp_path / "xdg" / "pyllm" / "sub" / "deeper"))
+    with pytest.raises(PyllmError, match=r"^cannot write in .*/blocker: Not a directory$"):
+        model_cache.partial_dir(str(blocker / "out"))
+
+
 def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, monkeypatch, capsys):
     calls = []
 
