@@ -90,6 +90,9 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
                    help=f"seconds a client may leave a reply unread before it is dropped (default {d.send_timeout:g})")
     p.add_argument("--template-timeout", type=float, default=d.template_timeout,
                    help=f"seconds the chat template may take per request (default {d.template_timeout:g})")
+    p.add_argument("--timeout-graceful-shutdown", type=float, default=d.timeout_graceful_shutdown,
+                   help="seconds the requests in progress may take to finish once the server is asked to stop "
+                        f"(SIGTERM, Ctrl-C); the rest are then ended (default {d.timeout_graceful_shutdown:g})")
 
 
 def cmd_convert(args) -> int:
@@ -242,7 +245,8 @@ def cmd_serve(args) -> int:
         raise RuntimeError(MISSING)
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                           body_timeout=args.body_timeout, send_timeout=args.send_timeout,
-                          template_timeout=args.template_timeout)
+                          template_timeout=args.template_timeout,
+                          timeout_graceful_shutdown=args.timeout_graceful_shutdown)
     if args.device == "cuda":
         if args.parallel not in (None, 1):
             print("pyllm serve: --parallel is CPU-only (the CUDA engine holds one sequence): serving one request "

@@ -112,6 +112,10 @@ class ServerLimits:
     send_timeout: seconds a client may leave a response unread (its socket buffers full) before
         the server drops the connection, cancels the generation and frees its queue place.
     template_timeout: seconds the chat template may take to render one request's messages (400 past it).
+    timeout_graceful_shutdown: seconds the requests in progress may take to finish once the server is
+        asked to stop (SIGTERM, Ctrl-C; uvicorn's option of this name); those still running are then
+        ended (a stream stops without its [DONE]). Without a bound a stream of thousands of tokens
+        held the process for minutes, past a process manager's patience (docker stop: 10 s, then SIGKILL).
     """
 
     max_body_bytes: int = 8 * 2**20
@@ -119,6 +123,7 @@ class ServerLimits:
     body_timeout: float = 30.0
     send_timeout: float = 30.0
     template_timeout: float = RenderLimits.seconds
+    timeout_graceful_shutdown: float = 5.0
 
     def __post_init__(self):
         _positive_int("max_body_bytes", self.max_body_bytes)
@@ -126,6 +131,7 @@ class ServerLimits:
         _positive_seconds("body_timeout", self.body_timeout)
         _positive_seconds("send_timeout", self.send_timeout)
         _positive_seconds("template_timeout", self.template_timeout)
+        _positive_seconds("timeout_graceful_shutdown", self.timeout_graceful_shutdown)
 
     def render_limits(self) -> RenderLimits:
         """Template limits that let every prompt this server accepts render (with room for the template's text)."""

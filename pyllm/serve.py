@@ -409,11 +409,35 @@ class Server:
         self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
         self.created = int(time.time())
+        self.stopping = False  # end_requests was called
+        self._running: dict = {}  # TextStream -> the thread generating it (_pieces)
+        self._running_lock = threading.Lock()
 
     def close(self) -> None:
         """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""
         if self.scheduler is not None:
             self.scheduler.close()
+
+    def end_requests(self) -> None:
+        """The server is stopping and its grace period is nearly over: every generation in progress
+        ends now (a streamed answer with an error event, another with 503 'the server is shutting
+        down') and no request starts; the requests' own ends then finish before the server cuts
+        their tasks (uvicorn's timeout_graceful_shutdown), which gave a 500 and a traceback."""
+        self.stopping = True
+        self.close()
+        with self._running_lock:
+            running = list(self._running)
+        for stream in running:  # the one generating and those waiting for the model
+            stream.cancel()
+
+    def wait_for_requests(self, seconds: float) -> None:
+        """Waits (at most `seconds`) for the threads still generating: a process that exits while one
+        runs in the C++ engine ended with 'terminate called without an active exception'."""
+        deadline = time.monotonic() + seconds
+        with self._running_lock:
+            threads = list(self._running.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def max_queue(self) -> int:
@@ -614,7 +638,8 @@ class Server:
                 async for piece, new in self._pieces(_Tokens(stream), request):
                     text += piece
                     tokens += new
-                if stream.stats.finish_reason == "cancelled":  # the client went away
+                if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
+                    self._refuse_when_stopping()
                     return _error("the request was cancelled", 499)
                 tokens += stream.take_tokens()
                 choices.append(await asyncio.to_thread(self._choice, plan, index, text, tokens, stream))
@@ -635,6 +660,10 @@ class Server:
         check_prompt_length(req, self.limits, "messages" if chat else "prompt")
         return req
 
+    def _refuse_when_stopping(self) -> None:
+        if self.stopping:
+            raise RequestError("the server is shutting down", 503)
+
     def start(self, req, chat: bool) -> tuple[_Plan, list]:
         """The plan of a validated request and its TextStreams, one per choice (not started: bad
         options, a prompt past the context, a template that refuses fail here, as ValueError).
@@ -642,6 +671,7 @@ class Server:
         plan = self._plan(req, chat)
         if not req.stream:
             self._check_answer_size(plan)
+        self._refuse_when_stopping()
         try:
             return plan, plan.streams(self.llm)
         except (GrammarError, GrammarInvalid) as e:
@@ -866,7 +896,8 @@ class Server:
                         sent += len(piece)
             finally:
                 await pieces.aclose()  # now, not when garbage collected: a client that left cancels its generation
-            if stream.stats.finish_reason == "cancelled":
+            if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
+                self._refuse_when_stopping()  # an error event
                 return
             rest = stream.take_tokens()
             all_tokens += rest
@@ -917,10 +948,16 @@ class Server:
                 outcome = ("error", e)
             finally:
                 stream.close()  # gives the model back now, also when cancelled while paused
+                with self._running_lock:
+                    self._running.pop(stream, None)
                 put(outcome)
 
+        self._refuse_when_stopping()  # a later choice of a request (n > 1) the shutdown ended
+        thread = threading.Thread(target=work, name="pyllm-request", daemon=True)
+        with self._running_lock:
+            self._running[stream] = thread
         watcher = asyncio.ensure_future(_watch_disconnect(request, stream))
-        threading.Thread(target=work, name="pyllm-request", daemon=True).start()
+        thread.start()
         try:
             while True:
                 kind, value = await queue.get()
@@ -1083,10 +1120,24 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
              "; requests run together (continuous batching)" if llm.n_parallel > 1
              else "; one request at a time (--parallel N runs N together)")
     server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
+    grace = server.limits.timeout_graceful_shutdown
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, whose shutdown also ends the generations still running shortly before
+        the grace period is over, so that their answers end as answers (Server.end_requests)."""
+
+        async def shutdown(self, sockets=None) -> None:
+            def end_requests():  # off the event loop: closing the scheduler waits for its step
+                threading.Thread(target=server.end_requests, name="pyllm-shutdown", daemon=True).start()
+
+            asyncio.get_running_loop().call_later(grace - min(1.0, grace / 5), end_requests)
+            await super().shutdown(sockets)
+
     try:
-        uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
-                                      http=http_protocol(server.limits.body_timeout, server.limits.send_timeout))
-                      ).run(sockets=[sock])
+        GracefulServer(uvicorn.Config(server.app(), host=host, port=port, log_level=log_level,
+                                      http=http_protocol(server.limits.body_timeout, server.limits.send_timeout),
+                                      timeout_graceful_shutdown=grace)).run(sockets=[sock])
     finally:
-        server.close()
+        server.end_requests()
+        server.wait_for_requests(10.0)
         sock.close()

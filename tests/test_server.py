@@ -269,22 +269,27 @@ def test_default_model_answers_a_real_question(default_model_file):
     assert "Paris" in reply.choices[0].message.content
 
 
+def _serve_command(model: str, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`pyllm serve MODEL FLAGS` in a subprocess, once it answers /health: (process, port)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyllm", "serve", model, "--port", str(port), "-t", "1", *flags],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            _get(f"http://127.0.0.1:{port}/health")
+            return proc, port
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "pyllm serve did not come up"
+            time.sleep(0.2)
+
+
 def test_serve_command_starts_and_answers(tiny_llama_f32):
     """The command with an API key and sampling defaults: a start-up line naming model, context and
     threads, and one log line per request with its tokens and speed."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyllm", "serve", tiny_llama_f32, "--port", str(port), "-t", "1",
-                             "--model-name", "cli-tiny", "--device", "cpu", "--api-key", "k3y", "-n", "3", "--temperature", "0",
-                             "--ctx", "512"], stderr=subprocess.PIPE, text=True)
+    proc, port = _serve_command(tiny_llama_f32, "--model-name", "cli-tiny", "--device", "cpu", "--api-key", "k3y",
+                                "-n", "3", "--temperature", "0", "--ctx", "512")
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                _get(f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "pyllm serve did not come up"
-                time.sleep(0.2)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0)
@@ -297,6 +302,53 @@ def test_serve_command_starts_and_answers(tiny_llama_f32):
     assert "cli-tiny" in err and "context 512 tokens, 1 threads on cpu (activations int8x2)" in err, err
     assert "KV cache: 4 slot(s) x 512 tokens (f32), 1.0 MiB;" in err, err  # --parallel 4
     assert "POST /v1/completions: 1 choice(s)" in err and "t/s decode" in err, err
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_a_stop_signal_ends_the_answers_in_progress_within_the_grace_period(tiny_llama_f32, parallel):
+    """SIGTERM (docker stop, a process manager) waited for every answer in progress to finish: a long
+    stream held the process for minutes (27 s for 3000 tokens of SmolLM2; for ever while its client
+    did not read), past docker's 10 s before SIGKILL. --timeout-graceful-shutdown (uvicorn's option)
+    bounds it: the answers still running end as answers (an error event 'the server is shutting
+    down'; 503 for a request not answered yet), where uvicorn's own cut gave a 500 and a traceback,
+    and with --parallel 1 the process ended 'terminate called without an active exception' (a
+    generation still in the C++ engine at exit)."""
+    import signal
+
+    proc, port = _serve_command(tiny_llama_f32, "--ctx", "32768", "--parallel", parallel,
+                                "--timeout-graceful-shutdown", "2")
+    # a client that stops reading fills its buffers and its generation pauses: in progress for ever
+    body = json.dumps({"prompt": "Paris", "max_tokens": 32000, "stream": True, "logit_bias": {"0": -100}}).encode()
+    received = []
+    try:
+        paused = _raw(port, _post("/v1/completions", body), rcvbuf=4096)
+        assert _status(paused) == 200
+        time.sleep(1.5)
+
+        def read_to_the_end():  # read again once the server is stopping
+            paused.settimeout(30)
+            while chunk := paused.recv(65536):
+                received.append(chunk)
+
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        reader = threading.Thread(target=read_to_the_end)
+        reader.start()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - start
+        reader.join(30)
+        paused.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert took < 2 + 3, f"{took:.1f} s to stop"
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "terminate called" not in err and " 500 " not in err, err
+    rest = b"".join(received).rstrip()
+    assert b'"finish_reason": "length"' not in rest, "the generation ran to its end: nothing was in progress"
+    assert rest.endswith(b'data: {"error": {"message": "the server is shutting down", "type": "server_error", '
+                         b'"param": null, "code": null}}\n\n\r\n0'), rest[-300:]
 
 
 # -- hostile and careless clients ------------------------------------------------------------------
