@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import difflib
 import functools
@@ -9,6 +10,7 @@ import inspect
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -78,6 +80,22 @@ def engine_kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int, linears
     kind = engine_kv_type(kv_cache, linears, config.tie_word_embeddings, device)
     positions = n_ctx if device == "cuda" else kv_cache_stride(kind, n_ctx)
     return kv_cache_bytes(config, positions, kind, n_seq)
+
+
+# Every LLM not yet garbage collected: closed when the interpreter exits. A call running in a daemon
+# thread at exit otherwise took the GIL back from the C++ engine while Python finalized, and CPython
+# ended the thread by unwinding through pybind11's frames: 'terminate called without an active
+# exception', the process aborted (rc 134, a core dump) instead of exiting.
+_OPEN: "weakref.WeakSet[LLM]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for llm in list(_OPEN):
+        try:
+            llm.close()
+        except Exception:  # pragma: no cover - exiting anyway
+            pass
 
 
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
@@ -380,6 +398,7 @@ class LLM:
         self.scheduler = None
         self.last_stats = GenerationStats()
         self.last_batch_stats: list[GenerationStats] = []  # one per prompt of the last list given to generate
+        _OPEN.add(self)
 
     def _load(self, backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
               activation_quant, adapter) -> None:

@@ -1056,3 +1056,38 @@ def test_a_list_of_token_id_arrays_is_a_batch(llm):
     for bad in ([np.array(ids[0]), 5], [np.array([1.5, 2.0])], [np.array([[1, 2]])]):
         with pytest.raises((TypeError, ValueError)):
             llm.generate(bad, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("work", ["generate", "batch", "stream", "scheduled", "logits_many"])
+def test_a_process_exits_cleanly_while_a_daemon_thread_generates(tiny_llama_f32, work):
+    """A script that ended while a daemon thread was generating aborted ('terminate called without an
+    active exception', rc 134 and a core dump): the thread took the GIL back from the C++ engine while
+    Python finalized, and CPython ended it by unwinding through pybind11's frames. Open LLMs are now
+    closed at exit (atexit): the running call ends within a token and later ones raise."""
+    calls = {
+        "generate": "llm.generate('Paris', max_new_tokens=400, logit_bias=ban)",
+        "batch": "llm.generate(['Paris', 'Rome is', 'Oslo'], max_new_tokens=400, logit_bias=ban)",
+        "stream": "[p for p in llm.generate('Paris', max_new_tokens=400, logit_bias=ban, stream=True)]",
+        "scheduled": "llm.generate('Paris', max_new_tokens=400, logit_bias=ban)",
+        "logits_many": "llm.logits_many([[5] * 200] * 20)",
+    }
+    code = (
+        "import sys, threading, time, pyllm\n"
+        f"llm = pyllm.LLM({tiny_llama_f32!r}, n_threads=2, context_length=512, n_parallel=3)\n"
+        "ban = {i: -100 for i in llm.tokenizer.eos_ids}\n"
+        + ("from pyllm.scheduler import Scheduler\nScheduler(llm, 16)\n" if work == "scheduled" else "")
+        + "started = threading.Event()\n"
+        "def work():\n"
+        "    started.set()\n"
+        "    while True:\n"
+        "        try:\n"
+        f"            {calls[work]}\n"
+        "        except RuntimeError:  # closed at exit\n"
+        "            return\n"
+        "threading.Thread(target=work, daemon=True).start()\n"
+        "started.wait()\n"
+        "time.sleep(0.3)\n"
+        "print('exiting', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "terminate" not in out.stderr, (out.returncode, out.stderr[-2000:])
+    assert out.stdout == "exiting\n"
