@@ -527,6 +527,7 @@ def report_errors(command: str, work) -> int:
     status 1, Ctrl-C status 130, a closed stdout (`| head`) a quiet 141. Also `python -m pyllm.train`'s."""
     from .errors import PyllmError
 
+    _output_that_cannot_fail()
     try:
         return work()
     except KeyboardInterrupt:
@@ -548,6 +549,18 @@ def report_errors(command: str, work) -> int:
             traceback.print_exc()
         print(f"pyllm {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _output_that_cannot_fail() -> None:
+    """Text the terminal's encoding lacks is written as escapes (\\u6109): under a non-UTF-8 locale
+    (latin-1, ascii, a Windows code page) a reply in Chinese or with an emoji stopped at its first
+    such character with "'ascii' codec can't encode character", the rest of the reply lost."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None or not hasattr(stream, "reconfigure"):
+            continue
+        encoding = (stream.encoding or "").lower().replace("-", "").replace("_", "")
+        if encoding not in ("utf8", "utf16", "utf32"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _exit_cleanly_on_sigterm():

@@ -409,6 +409,23 @@ def test_cli_run_into_a_closed_pipe_exits_quietly(tiny_llama_f32):
     assert b"error" not in err and b"Traceback" not in err and b"Broken pipe" not in err, err
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+def test_cli_output_the_terminal_cannot_encode_is_escaped_not_lost(encoding):
+    """Under a non-UTF-8 locale a reply in Chinese (or with an emoji) stopped at its first character
+    the terminal lacks: "pyllm run: error: 'ascii' codec can't encode character '\\u6109'", the rest
+    of the reply lost (SmolLM2 asked for a Chinese translation). Such characters are now escapes."""
+    code = ("import sys\n"
+            "from pyllm.cli import report_errors\n"
+            "sys.exit(report_errors('run', lambda: print('caf\\u00e9 \\u6109\\u5feb \\U0001f600 end') or "
+            "print('warn \\u6109', file=sys.stderr)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                         env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert out.returncode == 0, out.stderr
+    cafe = "caf\u00e9".encode(encoding) if encoding != "ascii" else b"caf\\xe9"
+    assert out.stdout == cafe + b" \\u6109\\u5feb \\U0001f600 end\n", out.stdout
+    assert out.stderr == b"warn \\u6109\n"
+
+
 def test_cli_notes_sampling_options_that_greedy_decoding_ignores(tiny_llama_f32):
     r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", "--top-k", "5", "--seed", "3")
     assert r.returncode == 0, r.stderr
