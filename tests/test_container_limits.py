@@ -64,6 +64,9 @@ def test_the_tightest_cgroup_level_is_read_from_each_layout(tmp_path):
     _write(root / "a/b/c/memory.max", str(2 * GiB))
     _write(root / "a/b/c/memory.current", str(GiB // 2))
     assert read("0::/a/b/c\n") == (4 * GiB, 3 * GiB + 512)
+    _write(root / "a/b/c/memory.high", str(GiB // 2 + 100))  # memory.high below memory.max counts
+    assert read("0::/a/b/c\n") == (GiB // 2 + 100, GiB // 2)
+    _write(root / "a/b/c/memory.high", "max\n")
     # hybrid: v2's unified tree under ROOT/unified, beside v1's controllers
     _write(root / "unified/svc/memory.max", str(GiB))
     _write(root / "unified/svc/memory.current", str(GiB // 4))

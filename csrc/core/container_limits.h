@@ -11,8 +11,9 @@
 //   milliseconds of every period and then stalled for the rest.
 //
 // Where the limits are (the layouts systemd and container runtimes mount):
-// - cgroup v2 (unified): /proc/self/cgroup has "0::/PATH"; ROOT/PATH holds memory.max ("max" or
-//   bytes), memory.current and cpu.max ("QUOTA PERIOD" or "max PERIOD"), with ROOT /sys/fs/cgroup,
+// - cgroup v2 (unified): /proc/self/cgroup has "0::/PATH"; ROOT/PATH holds memory.max and
+//   memory.high ("max" or bytes; the lower counts), memory.current and cpu.max ("QUOTA PERIOD" or
+//   "max PERIOD"), with ROOT /sys/fs/cgroup,
 //   or /sys/fs/cgroup/unified on hybrid systems.
 // - cgroup v1: a line "N:CONTROLLERS:/PATH"; ROOT/memory/PATH holds memory.limit_in_bytes and
 //   memory.usage_in_bytes (a huge value means none), ROOT/cpu/PATH (or cpu,cpuacct) holds
@@ -163,7 +164,11 @@ inline CgroupMemory cgroup_memory(const std::string& proc_cgroup = "/proc/self/c
     detail::for_each_cgroup(
         proc_cgroup, root, "memory", {"memory"}, "memory.current", "memory.usage_in_bytes",
         [&](const std::string& dir, bool v2) {
-            const int64_t limit = read_file_number(dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes"));
+            int64_t limit = read_file_number(dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes"));
+            if (v2) {  // memory.high: past it the kernel throttles the group and reclaims hard
+                const int64_t high = read_file_number(dir + "/memory.high");
+                if (high >= 0 && (limit < 0 || high < limit)) limit = high;
+            }
             if (limit < 0 || limit >= detail::kNoLimit) return;
             const int64_t usage = read_file_number(dir + (v2 ? "/memory.current" : "/memory.usage_in_bytes"));
             const int64_t room = limit - (usage < 0 ? 0 : usage);
