@@ -218,6 +218,23 @@ def test_n_choices_streamed_and_not(live, llm):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_n_choices_of_an_unseeded_default_stay_unseeded_and_seed_minus_two_is_seeded(llm):
+    """`pyllm serve --seed -1` (llama.cpp's "random"): choice k was seeded with -1 + k, so choices 1.. of
+    every request were the same texts (seeds 0, 1, ...); a request's seed -2 gave choice 1 seed -1, unseeded."""
+    server = LiveServer(llm, defaults={"seed": -1})
+    try:
+        client = server.client()
+        ask = dict(model="tiny", prompt="Once", max_tokens=8, temperature=1.0)
+        seeded = [llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=s) for s in (0, 1)]
+        for _ in range(2):
+            texts = [c.text for c in client.completions.create(n=3, **ask).choices]
+            assert texts[1:] != seeded
+        texts = [c.text for c in client.completions.create(n=2, seed=-2, **ask).choices]
+        assert texts == [llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=s) for s in (-2, 2**64 - 1)]
+    finally:
+        server.stop()
+
+
 def test_several_prompts_in_every_form(live, llm):
     client = live.client()
     prompts = ["Paris is", "Berlin"]
