@@ -401,16 +401,36 @@ class Server:
         from .scheduler import Scheduler
 
         self.llm = llm
+        self.defaults = dict(defaults or {})
+        self._check_defaults()  # before the scheduler's thread starts
         # n_parallel > 1: requests run together (close() detaches the scheduler from llm)
         self.scheduler = (Scheduler(llm, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
                           if llm.n_parallel > 1 else None)
         self.model_name = model_name
         self.slots = QueueSlots(max_queue)
-        self.defaults = dict(defaults or {})
         self.api_key = api_key
         self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
         self.created = int(time.time())
+
+    DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_new_tokens")
+
+    def _check_defaults(self) -> None:
+        """Refuses, when the server starts, defaults every request would fail on (ValueError naming the
+        option: each request was a 400 blaming its client, an unknown name a 500); max_new_tokens -1:
+        until the context is full."""
+        from .llm import option
+
+        unknown = sorted(set(self.defaults) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown server default(s) {', '.join(unknown)}; they may be: {', '.join(self.DEFAULTS)}")
+        limit = self.defaults.get("max_new_tokens")
+        if limit is not None and option("the default max_new_tokens", limit, integer=True) < -1:
+            raise ValueError(f"the default max_new_tokens must be >= 0, or -1 (until the context is full); got {limit}")
+        try:
+            self.llm._sampling(*(self.defaults.get(k) for k in self.DEFAULTS[:-1]))
+        except ValueError as e:
+            raise ValueError(f"a server default: {e}") from None
 
     def close(self) -> None:
         """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""

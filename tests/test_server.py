@@ -269,6 +269,19 @@ def test_default_model_answers_a_real_question(default_model_file):
     assert "Paris" in reply.choices[0].message.content
 
 
+@pytest.mark.parametrize("defaults, match", [
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"), ({"top_k": -3}, "top_k must be >= 0"),
+    ({"top_p": 1.5}, "top_p must be in"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"seed": 1.5}, "seed must be an integer"), ({"max_new_tokens": -5}, "max_new_tokens must be >= 0, or -1"),
+    ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer"), ({"typical_p": 0.5}, "unknown server default")])
+def test_server_defaults_every_request_would_fail_on_are_refused_at_start(llm, defaults, match):
+    """`pyllm serve --temperature -1` started, then answered every request with a 400 blaming its
+    client (an unknown default's name: a 500); -1 for max_new_tokens is 'until the context is full'."""
+    with pytest.raises(ValueError, match=match):
+        Server(llm, "tiny", defaults=defaults)
+    Server(llm, "tiny", defaults={"max_new_tokens": -1, "seed": -1, "temperature": 0.7}).close()
+
+
 def test_serve_command_starts_and_answers(tiny_llama_f32):
     """The command with an API key and sampling defaults: a start-up line naming model, context and
     threads, and one log line per request with its tokens and speed."""
