@@ -97,46 +97,54 @@ def error_response(e: BaseException) -> "JSONResponse":
 
 # -- limits: what one request may ask of the server ----------------------------------------------
 
-def _refuse_constant(name: str):
-    raise RequestError(f"the request body contains {name}, which is not a JSON number")
+class _BadNumber:
+    """A number parse_body's parser refuses (what: "the number 1e999, which is too large"): refused once
+    its place in the body is known."""
+
+    def __init__(self, what: str):
+        self.what = what
 
 
-def _finite(text: str) -> float:
+def _refuse_constant(name: str) -> _BadNumber:
+    return _BadNumber(f"{name}, which is not a JSON number")
+
+
+def _finite(text: str) -> "float | _BadNumber":
     value = float(text)
-    if not math.isfinite(value):
-        raise RequestError(f"the request body contains the number {text[:32]}, which is too large")
-    return value
+    return value if math.isfinite(value) else _BadNumber(f"the number {text[:32]}, which is too large")
 
 
-def _integer(text: str) -> int:
+def _integer(text: str) -> "int | _BadNumber":
     digits = len(text.lstrip("-"))
     if digits > sys.get_int_max_str_digits():  # past what int() converts (ValueError)
-        raise RequestError(f"the request body contains an integer of {digits} digits, which is too large")
+        return _BadNumber(f"an integer of {digits} digits, which is too large")
     return int(text)
 
 
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
     for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
-    a number too large for a float or an integer of more digits than Python converts, a string
-    holding a lone surrogate ("\\ud800": JSON's escapes allow it, Unicode text does not), a body
-    that is not an object. Valid JSON past a limit is refused saying which, not as invalid JSON."""
+    a number too large for a float or an integer of more digits than Python converts (each of these
+    naming the field it is in, as `param`), a string holding a lone surrogate ("\\ud800": JSON's
+    escapes allow it, Unicode text does not), a body that is not an object. Valid JSON past a limit
+    is refused saying which, not as invalid JSON."""
     try:
         body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)
-    except RequestError:
-        raise
     except RecursionError:
         raise RequestError("the request body is nested too deeply (arrays and objects inside one another)") from None
     except (ValueError, UnicodeDecodeError):
         raise RequestError("the request body is not valid JSON") from None
+    if isinstance(body, _BadNumber):
+        raise RequestError(f"the request body is {body.what}")
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    _check_strings(body)
+    _check_values(body)
     return body
 
 
-def _check_strings(body) -> None:
-    """Every string (keys too) in parsed JSON is Unicode text (RequestError otherwise)."""
+def _check_values(body) -> None:
+    """Every string (keys too) in parsed JSON is Unicode text, and every number one the parser
+    takes (RequestError otherwise, naming the field of a bad number)."""
     todo = [body]
     while todo:
         value = todo.pop()
@@ -150,6 +158,26 @@ def _check_strings(body) -> None:
                 check_text(value, "a string in the request body")
             except PyllmError as e:
                 raise RequestError(str(e)) from None
+        elif isinstance(value, _BadNumber):
+            param = _field_of(body, value)
+            raise RequestError(f"{param + ': ' if param else ''}the request body contains {value.what}", param=param)
+
+
+def _field_of(body, target) -> str | None:
+    """The field holding target in parsed JSON, as OpenAI's `param` names it ("messages[0].content";
+    a key that is not a name ends it: logit_bias's "5" is logit_bias)."""
+    todo = [(body, "", True)]
+    while todo:
+        value, path, named = todo.pop()
+        if value is target:
+            return path or None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                ok = named and key.isidentifier()
+                todo.append((item, (f"{path}.{key}" if path else key) if ok else path, ok))
+        elif isinstance(value, list):
+            todo += [(item, f"{path}[{i}]" if named else path, named) for i, item in enumerate(value)]
+    return None
 
 
 async def read_body(request: "Request", limits: Limits) -> bytes:

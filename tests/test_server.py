@@ -705,6 +705,25 @@ def test_numbers_past_what_a_field_holds_get_400(live):
 
 
 
+def test_a_number_json_cannot_give_as_a_float_or_int_is_a_400_naming_its_field(live):
+    """1e309 (past a float's range), NaN / Infinity (not JSON) and an integer of 5000 digits were refused
+    while parsing, before their field was known: a 400 with param null, the request's field unnamed."""
+    url = live.url + "/v1/completions"
+    chat = '{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1e999}]}'
+    for body, param in [('"temperature": 1e309', "temperature"), ('"top_p": NaN', "top_p"),
+                        ('"presence_penalty": -Infinity', "presence_penalty"),
+                        ('"logit_bias": {"5": 1e400}', "logit_bias"),
+                        (f'"seed": {"9" * 5000}', "seed"), ('"stop_token_ids": [1, 2e999]', "stop_token_ids[1]")]:
+        status, reply = _request(url, f'{{"prompt": "hi", "max_tokens": 1, {body}}}'.encode())
+        assert status == 400 and reply["error"]["param"] == param, (body[:40], reply)
+        assert reply["error"]["message"].startswith(param + ": the request body contains "), reply
+    status, reply = _request(live.url + "/v1/chat/completions", f'{{"messages": [{chat}]}}'.encode())
+    assert status == 400 and reply["error"]["param"] == "messages[0].content[0].x", reply
+    status, reply = _request(url, b"1e999")
+    assert status == 400 and "too large" in reply["error"]["message"] and reply["error"]["param"] is None
+    assert _active(live) == 0
+
+
 def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):
     """Token ids too large for int64 were a 500 (OverflowError), a negative one echoed a decoder's
     message; a lone surrogate escape ("\\ud800", valid JSON, not Unicode text) anywhere in a body
