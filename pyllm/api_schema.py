@@ -21,6 +21,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, St
                       field_validator, model_validator)
 
 from .errors import RequestError
+from .sampling import MIN_REPETITION_PENALTY
 
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
@@ -136,7 +137,7 @@ class _Sampling(_Body):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 / 0: off
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, validation_alias=AliasChoices(
         "repetition_penalty", "repeat_penalty"))
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)

@@ -20,6 +20,9 @@ import numpy as np
 from .errors import PyllmError
 
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+# the smallest repetition penalty: a float32 logit (at most 3.4e38, plus logit_bias's 100) divided by it
+# stays a finite float64 (a smaller one overflowed mid-generation, after tokens had gone out)
+MIN_REPETITION_PENALTY = 1e-250
 
 
 @dataclass
@@ -45,8 +48,9 @@ class SamplingParams:
             raise ValueError("top_p must be in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
-        if not 0 < self.repetition_penalty < np.inf:
-            raise ValueError(f"repetition_penalty must be a finite number > 0; got {self.repetition_penalty!r}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty < np.inf:
+            raise ValueError(f"repetition_penalty must be a finite number >= {MIN_REPETITION_PENALTY:g} (> 0: a "
+                             f"smaller one overflows the scores); got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2]")
@@ -82,7 +86,8 @@ class RepetitionPenalty:
         if len(ids):
             seen = np.unique(np.asarray(ids, dtype=np.int64))
             picked = scores[seen]
-            scores[seen] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
+            with np.errstate(over="ignore"):  # a negative score times a huge penalty: -inf, that token ruled out
+                scores[seen] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
         return scores
 
 
@@ -153,8 +158,8 @@ class Sampler:
         if top == -np.inf:
             raise ValueError("the logits processors left no token possible")
         if not np.isfinite(top):
-            raise ValueError("the logits processors made a score infinite or NaN (an option so extreme that the "
-                             "scores overflow, such as repetition_penalty 1e-320)")
+            raise ValueError("the logits processors made a score infinite or NaN (a processor's scores so large "
+                             "that they, or an option such as repetition_penalty applied to them, overflow)")
         return scores, top
 
     def probabilities(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:

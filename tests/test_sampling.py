@@ -3,10 +3,12 @@ transformers' logits warpers; seeded draws reproducible and distributed as the f
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.sampling import MIN_REPETITION_PENALTY, Sampler, SamplingParams
 
 VOCAB = 50
 
@@ -368,19 +370,27 @@ def test_a_processor_s_scores_must_be_real_numbers_and_are_read_as_f64(temperatu
     assert seen == [np.float64] * 3
 
 
-@pytest.mark.parametrize("penalty", [1e-320, 5e-324, 1e308])
+@pytest.mark.parametrize("penalty", [1e-320, 5e-324, 1e-251, 1e308])
 def test_a_repetition_penalty_that_overflows_the_scores_is_named(penalty):
-    """Dividing a positive score by 1e-320 (or multiplying a negative one by 1e308) overflows: the
-    error says so, instead of claiming that the processors ruled every token out."""
+    """Dividing a positive score by 1e-320 overflows: such a penalty is refused when the sampler is made,
+    naming it (it was a ValueError at the first token seen, after tokens had gone out); multiplying a
+    negative one by 1e308 overflows to -inf, that token out, without a RuntimeWarning."""
     logits = np.array([2.0, -3.0, 1.0, 0.5], dtype=np.float32)
-    sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
-    with np.errstate(over="ignore"):
-        if penalty > 1:  # only the negative score seen overflows, to -inf: that token is out, the others stay
+    if penalty > 1:  # only the negative score seen overflows, to -inf: that token is out, the others stay
+        sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             assert sampler(logits, [1]) in (0, 2, 3)
-            return
-        with pytest.raises(ValueError, match="infinite or NaN.*repetition_penalty"):
-            sampler(logits, [0])
-    # a processor that rules every token out is still told apart
+        return
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number >= 1e-250"):
+        Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
+    # the smallest one taken divides the largest float32 logit (plus logit_bias's 100) to a finite score
+    big = np.array([np.finfo(np.float32).max, 0.0], dtype=np.float32)
+    sampler = Sampler(SamplingParams(repetition_penalty=MIN_REPETITION_PENALTY, logit_bias={0: 100.0}))
+    assert np.isfinite(sampler.processed(big, [0])).all()
+    # a processor's overflow is still named, and one that rules every token out is still told apart
+    with pytest.raises(ValueError, match="infinite or NaN.*repetition_penalty"), np.errstate(over="ignore"):
+        Sampler(SamplingParams(repetition_penalty=0.5), [lambda ids, s: s * 1e308]).processed(logits, [0])
     with pytest.raises(ValueError, match="left no token possible"):
         Sampler(SamplingParams(), processors=[lambda ids, s: np.full_like(s, -np.inf)]).processed(logits)
 

@@ -260,6 +260,22 @@ def test_penalties_and_logit_bias_match_the_python_api(live, llm):
     assert reply.choices[0].text == expected != llm.generate("a a a a", max_new_tokens=10)
 
 
+def test_a_repetition_penalty_that_overflows_the_scores_is_refused_before_any_token(live, llm):
+    """repetition_penalty 1e-320 passed every check, then overflowed the first seen token's score: a
+    streamed reply sent tokens and then an error event, a non-streamed one a 400 with param null."""
+    client = live.client()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="a a a", max_tokens=5, stream=stream,
+                                      extra_body={"repetition_penalty": 1e-320})
+        assert e.value.body["param"] == "repetition_penalty", e.value.body
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number >= 1e-250"):
+        llm.generate("a a a", max_new_tokens=5, repetition_penalty=1e-320, stream=True)
+    smallest = client.completions.create(model="tiny", prompt="a a a", max_tokens=5,
+                                         extra_body={"repetition_penalty": 1e-250})
+    assert smallest.choices[0].text == llm.generate("a a a", max_new_tokens=5, repetition_penalty=1e-250)
+
+
 def test_stop_token_ids_and_special_stop_strings(live, llm):
     client = live.client()
     end = llm.tokenizer.token_to_id("<|im_end|>")

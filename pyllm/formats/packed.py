@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
+from ..sampling import MIN_REPETITION_PENALTY
 from .safetensors import FormatError, SafetensorsFile, verify_checksums
 
 FORMAT_NAME = "pyllm"
@@ -270,8 +271,8 @@ def check_generation_defaults(values: dict, where: str) -> None:
             ok, want = value >= 0 and value == int(value), "an integer >= 0"
         elif key in ("top_p", "min_p"):
             ok, want = 0 <= value <= 1, "a number in [0, 1]"
-        elif key == "repetition_penalty":
-            ok, want = value > 0, "a number > 0"
+        elif key == "repetition_penalty":  # (a smaller one overflows the scores: sampling.MIN_REPETITION_PENALTY)
+            ok, want = value >= MIN_REPETITION_PENALTY, f"a number > 0 (at least {MIN_REPETITION_PENALTY:g})"
         else:  # temperature
             ok, want = value >= 0, "a number >= 0"
         if not ok:
