@@ -154,7 +154,15 @@ class _Sampling(_Body):
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, value):
-        return {str(_logit_bias_key(k)): v for k, v in value.items()} if value else value
+        if not value:
+            return value
+        out, keys = {}, {}
+        for key, bias in value.items():
+            token = _logit_bias_key(key)
+            if token in keys:  # "5" and "05": one of the two biases was dropped in silence
+                raise ValueError(f"token {token} is named twice ({keys[token]!r} and {key!r})")
+            keys[token], out[str(token)] = key, bias
+        return out
 
     def generate_options(self) -> dict:
         """LLM.generate keyword arguments (unset ones left out: the server's and model's defaults apply)."""

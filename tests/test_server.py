@@ -724,6 +724,16 @@ def test_a_number_json_cannot_give_as_a_float_or_int_is_a_400_naming_its_field(l
     assert _active(live) == 0
 
 
+def test_logit_bias_naming_a_token_twice_is_refused(live):
+    """{"5": 100, "05": -100} names token 5 twice: the last bias was taken and the other dropped in silence."""
+    url = live.url + "/v1/completions"
+    status, reply = _request(url, b'{"prompt": "hi", "max_tokens": 1, "logit_bias": {"5": 100, "05": -100}}')
+    assert status == 400 and reply["error"]["param"] == "logit_bias", reply
+    assert "token 5 is named twice ('5' and '05')" in reply["error"]["message"], reply
+    status, reply = _request(url, b'{"prompt": "hi", "max_tokens": 1, "logit_bias": {"007": 100, "5": -100}}')
+    assert status == 200, reply
+
+
 def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):
     """Token ids too large for int64 were a 500 (OverflowError), a negative one echoed a decoder's
     message; a lone surrogate escape ("\\ud800", valid JSON, not Unicode text) anywhere in a body
