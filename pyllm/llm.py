@@ -844,7 +844,9 @@ class LLM:
                                                                                         ("seed", seed)))
         params = SamplingParams(
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
-            top_k=int((d.get("top_k", 50) if samples else 0) if top_k is None else top_k),
+            # the file's own top_k, as its top_p, even when it does not sample (then a caller's temperature > 0
+            # samples as transformers' generate(do_sample=True) would); only the default 50 needs do_sample
+            top_k=int(d.get("top_k", 50 if samples else 0) if top_k is None else top_k),
             top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
