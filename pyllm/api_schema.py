@@ -8,7 +8,7 @@ from another JSON type (strict mode: "5" is not an integer, true not a number, 2
 1 not a boolean; an integer is a number), as OpenAI refuses them. Anything else is refused with
 RequestError, which names the field in `param` as OpenAI's error object does.
 
-Extensions beyond OpenAI: top_k, min_p, repetition_penalty, stop_token_ids, and response_format
+Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, and response_format
 types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
 """
 
@@ -137,6 +137,7 @@ class _Sampling(_Body):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 / 0: off
     min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1)  # llama.cpp's name; 1: off
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, validation_alias=AliasChoices(
         "repetition_penalty", "repeat_penalty"))
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -166,7 +167,7 @@ class _Sampling(_Body):
 
     def generate_options(self) -> dict:
         """LLM.generate keyword arguments (unset ones left out: the server's and model's defaults apply)."""
-        out = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
+        out = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, typical_p=self.typical_p,
                    repetition_penalty=self.repetition_penalty,
                    top_k=None if self.top_k is None else max(self.top_k, 0),
                    seed=None if self.seed == -1 else self.seed,

@@ -25,6 +25,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None,
                    help="drop tokens less likely than min-p times the most likely one (default: the model's "
                         "setting, else 0 = off)")
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=None,
+                   help="locally typical sampling: tokens whose surprisal is nearest the entropy, holding this "
+                        "probability (default: 1 = off)")
     p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float, default=None,
                    help="repetition penalty, 1 = off (default: the model's setting, else 1)")
     p.add_argument("--seed", type=int, default=None,
@@ -169,7 +172,8 @@ def cmd_run(args) -> int:
     from .repl import cut_notice
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
+                    typical_p=args.typical_p)
     from .errors import decode_text
     from .tokenizer import check_text
 
@@ -223,10 +227,10 @@ def _note_unused_sampling(llm, args, sampling: dict) -> None:
     """A note on stderr when sampling options were given but decoding is greedy (temperature 0, given or
     the model's default), where they change nothing (transformers warns the same way)."""
     if llm._sampling(*(sampling[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                              "seed"))).temperature != 0:
+                                              "seed", "typical_p"))).temperature != 0:
         return
     given = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p),
-                                      ("--seed", args.seed)) if value is not None]
+                                      ("--typical", args.typical_p), ("--seed", args.seed)) if value is not None]
     if given:
         print(f"pyllm {args.command}: note: {', '.join(given)} change nothing while decoding is greedy "
               f"(temperature 0{'' if args.temperature is not None else ', the default'}): give --temperature "
@@ -255,7 +259,7 @@ def cmd_serve(args) -> int:
     sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+                    min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, typical_p=args.typical_p)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
           api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),

@@ -581,7 +581,8 @@ class LLM:
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-                 stop_token_ids: list[int] | None = None, stream: bool = False, *, presence_penalty: float = 0.0,
+                 stop_token_ids: list[int] | None = None, stream: bool = False, *, typical_p: float | None = None,
+                 presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
                  logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
                  logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None):
@@ -603,6 +604,7 @@ class LLM:
         in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
         the end of the context, or cancel().
 
+        typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
         presence_penalty, frequency_penalty ([-2, 2]) and logit_bias ({token id: [-100, 100]}) are
         OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
         chosen token's own log-probability only); they appear in TextStream.tokens (those of the
@@ -627,7 +629,7 @@ class LLM:
                 ids = list(prompt)
             else:
                 raise prompt_type_error(prompt)
-        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p)
         params.presence_penalty = option("presence_penalty", presence_penalty)
         params.frequency_penalty = option("frequency_penalty", frequency_penalty)
         if not isinstance(logit_bias, (dict, type(None))):
@@ -833,13 +835,13 @@ class LLM:
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
                            unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits, **extra)
 
-    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
+    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None) -> SamplingParams:
         d = self.model.generation
         samples = bool(d.get("do_sample", False))
-        temperature, top_p, min_p, repetition_penalty = (
+        temperature, top_p, min_p, repetition_penalty, typical_p = (
             None if v is None else option(name, v) for name, v in (
                 ("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                ("repetition_penalty", repetition_penalty)))
+                ("repetition_penalty", repetition_penalty), ("typical_p", typical_p)))
         top_k, seed = (None if v is None else option(name, v, integer=True) for name, v in (("top_k", top_k),
                                                                                         ("seed", seed)))
         params = SamplingParams(
@@ -849,6 +851,7 @@ class LLM:
             top_k=int(d.get("top_k", 50 if samples else 0) if top_k is None else top_k),
             top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
+            typical_p=float(d.get("typical_p", 1.0) if typical_p is None else typical_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
                                      else repetition_penalty),
             # -1: unseeded, as llama.cpp; other negative seeds are taken modulo 2**64 (OpenAI allows any int64)

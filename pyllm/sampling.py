@@ -6,8 +6,8 @@ scores f64 [vocab]; it returns the new scores (it may change them in place), -in
 must not come. The chain runs, in order: the caller's processors (grammar masks, custom hooks), then
 the built-in ones made from SamplingParams: logit_bias, the repetition penalty (transformers' rule,
 over every id so far), the presence and frequency penalties (OpenAI's rule, over the generated ids).
-The draw then applies temperature, top-k, top-p and min-p (transformers' order). Temperature 0 is
-greedy over the processed scores.
+The draw then applies temperature, top-k, top-p, min-p and typical-p (transformers' order). Temperature
+0 is greedy over the processed scores.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off; 0 keeps only the most likely token
     min_p: float = 0.0  # 0 = off: drop tokens less likely than min_p x the most likely one
+    typical_p: float = 1.0  # 1 = off: locally typical sampling's mass (transformers' TypicalLogitsWarper)
     repetition_penalty: float = 1.0  # 1 = off: as transformers, for every token already in the context
     presence_penalty: float = 0.0  # 0 = off: OpenAI's, subtracted once from each token already generated
     frequency_penalty: float = 0.0  # 0 = off: OpenAI's, subtracted per occurrence in the generated tokens
@@ -48,6 +49,8 @@ class SamplingParams:
             raise ValueError("top_p must be in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
+        if not 0 < self.typical_p <= 1:  # (transformers refuses 0 too)
+            raise ValueError(f"typical_p must be in (0, 1]; got {self.typical_p!r}")
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty < np.inf:
             raise ValueError(f"repetition_penalty must be a finite number >= {MIN_REPETITION_PENALTY:g} (> 0: a "
                              f"smaller one overflows the scores); got {self.repetition_penalty!r}")
@@ -198,6 +201,11 @@ class Sampler:
         if p.min_p > 0.0:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
+        if p.typical_p < 1.0:
+            keep = possible = typical(probs, p.typical_p)
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
         return probs, possible
 
 
@@ -268,6 +276,20 @@ def nucleus(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
         if end < order.size or order.size == n:
             return order[: end + 1]
     raise AssertionError("unreachable: the last threshold takes every id")
+
+
+def typical(probs: np.ndarray, mass: float) -> np.ndarray:
+    """Locally typical sampling's tokens (transformers' TypicalLogitsWarper), ascending ids: ranked by how
+    far their surprisal (-log p) lies from the distribution's entropy, closest first, the fewest whose
+    cumulative probability reaches mass, and every other id as close as the last of them. probs: f64
+    [vocab], summing to 1 (zeros: ids already filtered out, never kept); mass in (0, 1)."""
+    ids = np.flatnonzero(probs)
+    p = probs[ids]
+    logp = np.log(p)
+    distance = np.abs(-logp - -(p * logp).sum())
+    order = np.argsort(distance, kind="stable")
+    last = min(int((np.cumsum(p[order]) < mass).sum()), ids.size - 1)
+    return ids[distance <= distance[order[last]]]
 
 
 def most_likely(logp: np.ndarray, k: int) -> np.ndarray:

@@ -415,7 +415,7 @@ class Server:
     """The routes for one LLM.
 
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
+    typical_p, max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
     <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
     limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
     max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
@@ -441,7 +441,7 @@ class Server:
         self.limits = limits or Limits()
         self.created = int(time.time())
 
-    DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_new_tokens")
+    DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "typical_p", "max_new_tokens")
 
     def _check_defaults(self) -> None:
         """Refuses, when the server starts, defaults every request would fail on (ValueError naming the

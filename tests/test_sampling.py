@@ -18,7 +18,7 @@ def _softmax(x):
     return e / e.sum()
 
 
-def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0):
     """Filtered distribution, spelled out token by token (no vectorized tricks)."""
     probs = _softmax(np.asarray(logits, dtype=np.float64) / temperature)
     ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
@@ -43,6 +43,16 @@ def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
         top = max(probs)
         probs = np.array([p if p >= min_p * top else 0.0 for p in probs])
         probs /= probs.sum()
+    if typical_p < 1.0:  # nearest the entropy first, until their mass reaches typical_p (and ties of the last)
+        entropy = -sum(p * np.log(p) for p in probs if p > 0)
+        distance = {i: abs(-np.log(probs[i]) - entropy) for i in range(len(probs)) if probs[i] > 0}
+        total, last = 0.0, None
+        for i in sorted(distance, key=lambda i: distance[i]):
+            total, last = total + probs[i], i
+            if total >= typical_p:
+                break
+        probs = np.array([p if p > 0 and distance[i] <= distance[last] else 0.0 for i, p in enumerate(probs)])
+        probs /= probs.sum()
     return probs
 
 
@@ -54,6 +64,9 @@ CASES = [
     dict(temperature=1.0, min_p=0.1),
     dict(temperature=0.8, min_p=0.3),
     dict(temperature=1.0, top_k=20, top_p=0.8, min_p=0.05),
+    dict(temperature=1.0, typical_p=0.5),
+    dict(temperature=0.6, typical_p=0.9),
+    dict(temperature=1.2, top_k=30, top_p=0.95, min_p=0.02, typical_p=0.7),
 ]
 
 
@@ -78,6 +91,8 @@ def test_filtered_distribution_matches_transformers(case):
         warpers.append(gen.TopPLogitsWarper(case["top_p"]))
     if case.get("min_p"):
         warpers.append(gen.MinPLogitsWarper(case["min_p"]))
+    if case.get("typical_p", 1.0) < 1.0:
+        warpers.append(gen.TypicalLogitsWarper(case["typical_p"]))
     rng = np.random.default_rng(1)
     for _ in range(20):
         logits = (rng.standard_normal(VOCAB) * 3).astype(np.float32)
@@ -126,7 +141,8 @@ def test_repetition_penalty_matches_transformers():
 def test_invalid_settings_are_refused():
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=-0.1),
                 dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
-                dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0})):
+                dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0}),
+                dict(typical_p=0.0), dict(typical_p=1.5), dict(typical_p=float("nan"))):
         with pytest.raises(ValueError):
             Sampler(SamplingParams(**bad))
 
@@ -240,7 +256,9 @@ def test_draw_index_is_numpys_cumulative_search():
 
 @pytest.mark.parametrize("params", [dict(temperature=0.8), dict(temperature=0.7, top_k=40),
                                     dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95, min_p=0.05),
-                                    dict(temperature=1.3, top_k=100, top_p=0.5, min_p=0.2)])
+                                    dict(temperature=1.3, top_k=100, top_p=0.5, min_p=0.2),
+                                    dict(temperature=1.0, typical_p=0.6),
+                                    dict(temperature=0.9, top_k=50, typical_p=0.8)])
 def test_sampler_draws_what_choice_draws_from_its_probabilities(params):
     """Sampler() takes the filters' possible ids straight to draw(): the same token as numpy's
     choice over probabilities() for every seed."""

@@ -273,7 +273,8 @@ def test_default_model_answers_a_real_question(default_model_file):
     ({"temperature": -1.0}, "temperature must be a finite number >= 0"), ({"top_k": -3}, "top_k must be >= 0"),
     ({"top_p": 1.5}, "top_p must be in"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"seed": 1.5}, "seed must be an integer"), ({"max_new_tokens": -5}, "max_new_tokens must be >= 0, or -1"),
-    ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer"), ({"typical_p": 0.5}, "unknown server default")])
+    ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer"), ({"mirostat": 2}, "unknown server default"),
+    ({"typical_p": 0.0}, "typical_p must be in")])
 def test_server_defaults_every_request_would_fail_on_are_refused_at_start(llm, defaults, match):
     """`pyllm serve --temperature -1` started, then answered every request with a 400 blaming its
     client (an unknown default's name: a 500); -1 for max_new_tokens is 'until the context is full'."""

@@ -276,6 +276,25 @@ def test_a_repetition_penalty_that_overflows_the_scores_is_refused_before_any_to
     assert smallest.choices[0].text == llm.generate("a a a", max_new_tokens=5, repetition_penalty=1e-250)
 
 
+def test_typical_p_is_sampled_as_transformers_and_taken_by_the_server(live, llm):
+    """typical_p (llama.cpp's field, transformers' TypicalLogitsWarper) was not an option: the server
+    dropped it in silence, as an unknown field, and sampled from the whole distribution."""
+    client = live.client()
+    ask = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    texts = {p: llm.generate("Once", typical_p=p, **ask) for p in (0.2, 1.0)}
+    assert texts[0.2] != texts[1.0] == llm.generate("Once", **ask)
+    assert llm.generate(["Once", "Paris"], typical_p=0.2, **ask)[0] == texts[0.2]
+    reply = client.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, seed=5,
+                                      extra_body={"typical_p": 0.2})
+    assert reply.choices[0].text == texts[0.2]
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="Once", max_tokens=1, extra_body={"typical_p": bad})
+        assert e.value.body["param"] == "typical_p", (bad, e.value.body)
+        with pytest.raises(ValueError, match="typical_p"):
+            llm.generate("Once", max_new_tokens=1, typical_p=bad)
+
+
 def test_stop_token_ids_and_special_stop_strings(live, llm):
     client = live.client()
     end = llm.tokenizer.token_to_id("<|im_end|>")
