@@ -582,8 +582,8 @@ class LLM:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
                  stop_token_ids: list[int] | None = None, stream: bool = False, *, typical_p: float | None = None,
-                 presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 logit_bias: dict[int, float] | None = None,
                  logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
                  logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
@@ -605,8 +605,8 @@ class LLM:
         the end of the context, or cancel().
 
         typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
-        presence_penalty, frequency_penalty ([-2, 2]) and logit_bias ({token id: [-100, 100]}) are
-        OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
+        presence_penalty, frequency_penalty ([-2, 2]; None: 0) and logit_bias ({token id: [-100, 100]})
+        are OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
         chosen token's own log-probability only); they appear in TextStream.tokens (those of the
         returned text: not a stop string's tokens, as the text holds none of it).
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
@@ -630,8 +630,10 @@ class LLM:
             else:
                 raise prompt_type_error(prompt)
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p)
-        params.presence_penalty = option("presence_penalty", presence_penalty)
-        params.frequency_penalty = option("frequency_penalty", frequency_penalty)
+        # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
+        # with None for the unset ones got "presence_penalty must be a number; got None")
+        params.presence_penalty = option("presence_penalty", 0.0 if presence_penalty is None else presence_penalty)
+        params.frequency_penalty = option("frequency_penalty", 0.0 if frequency_penalty is None else frequency_penalty)
         if not isinstance(logit_bias, (dict, type(None))):
             raise ValueError(f"logit_bias must be a dict of token id -> bias; got {type(logit_bias).__name__}")
         params.logit_bias = {option("a logit_bias key", k, integer=True): option("a logit_bias value", v)

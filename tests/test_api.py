@@ -202,7 +202,8 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
 
     nan, inf = float("nan"), float("inf")
     cases = {"temperature": [nan, inf, "hot", True], "top_p": [nan, "1"], "min_p": [nan], "top_k": [1.5, "3", nan],
-             "repetition_penalty": [nan, inf, "1.1"], "seed": [1.5, "7"], "presence_penalty": [nan, "0"],
+             "repetition_penalty": [nan, inf, "1.1"], "seed": [1.5, "7"], "presence_penalty": [nan, "0", False],
+             "typical_p": [nan, "0.5", True],
              "frequency_penalty": [inf], "max_new_tokens": [1.5, "8", nan], "logprobs": [1.5, "2", True],
              "logit_bias": [[1], {1: nan}, {1: "x"}, {"a": 1}, {1.5: 1}, {True: 1}]}
     for name, values in cases.items():
@@ -214,6 +215,19 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
             SamplingParams(**{field: nan}).validate()
     assert llm.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(5), seed=3) == \
         llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
+
+
+def test_none_is_every_sampling_option_s_default(llm):
+    """presence_penalty=None and frequency_penalty=None were ValueErrors ("must be a number; got None")
+    where every other option's None is its default: a caller forwarding OpenAI's fields unset failed."""
+    import inspect
+
+    expected = llm.generate("hi", max_new_tokens=4)
+    names = [n for n, p in inspect.signature(llm.generate).parameters.items() if n not in ("prompt", "stream")]
+    for name in names:
+        assert llm.generate("hi", max_new_tokens=4, **({name: None} if name != "max_new_tokens" else {})) == expected
+    assert llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4, presence_penalty=None,
+                    frequency_penalty=None) == llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4)
 
 
 def test_an_int_past_a_floats_range_is_a_value_error_naming_the_option(llm):
