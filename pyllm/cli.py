@@ -14,7 +14,8 @@ QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym", "i
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", "--max-new-tokens", "--n-predict", dest="max_tokens", type=int, default=None,
-                   help="most tokens to generate (default: the model's setting, else 256)")
+                   help="most tokens to generate, -1: until the context is full (default: the model's setting, "
+                        "else 256)")
     p.add_argument("--temperature", "--temp", type=float, default=None,
                    help="0 = greedy (default: the model's setting, else 0)")
     p.add_argument("--top-k", type=int, default=None,
@@ -194,7 +195,12 @@ def cmd_run(args) -> int:
                          "without -p always uses the chat template)")
     if args.raw and args.system:
         raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
+    if args.max_tokens is not None and args.max_tokens < -1:  # refused before the model loads
+        raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
+                         f"got {args.max_tokens}")
     llm = _open(args)
+    if args.max_tokens == -1:  # llama.cpp's -n -1, as `pyllm serve -n -1` takes it (it was "must be >= 0")
+        sampling["max_new_tokens"] = llm.context_length
     _note_unused_sampling(llm, args, sampling)
     if prompt is not None:
         if not llm.chat_template and not args.raw and args.system:

@@ -434,6 +434,15 @@ def test_cli_notes_sampling_options_that_greedy_decoding_ignores(tiny_llama_f32)
         assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
 
 
+def test_cli_max_new_tokens_minus_one_runs_until_the_context_is_full(tiny_llama_f32):
+    """`pyllm run -n -1` (llama.cpp's "until the end", as `pyllm serve -n -1` takes it) was refused with
+    "max_new_tokens must be >= 0"; -n -2 is still refused, naming the flag, before the model loads."""
+    r = _cli("run", tiny_llama_f32, "-n", "-1", "-c", "48", "-p", "Paris is", "--raw", "--temperature", "0")
+    assert r.returncode == 0 and "the context of 48 tokens is full" in r.stderr, r.stderr
+    r = _cli("run", tiny_llama_f32, "-n", "-2", "-p", "Paris is", "--raw")
+    assert r.returncode == 1 and "-n / --max-new-tokens must be >= 0, or -1" in r.stderr, r.stderr
+
+
 def test_cli_reports_errors_cleanly(tmp_path):
     r = _cli("run", str(tmp_path / "missing.pllm"), "-p", "x")
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
