@@ -35,6 +35,20 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="random seed of sampling, set once per session (default: a fresh one each run)")
 
 
+def _check_sampling(args) -> None:
+    """ValueError naming the first sampling flag out of range (--temperature -1, --top-p 2, -n -2), before
+    the model loads (`pyllm serve` refused them only once the model was loaded, `pyllm run` at its first
+    reply). -n -1: until the context is full."""
+    from .sampling import SamplingParams
+
+    if args.max_tokens is not None and args.max_tokens < -1:
+        raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
+                         f"got {args.max_tokens}")
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 typical_p=args.typical_p, repetition_penalty=args.repeat_penalty)
+    SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="a .pllm file, a GGUF file or a Hugging Face model directory (the last two are converted "
@@ -195,9 +209,7 @@ def cmd_run(args) -> int:
                          "without -p always uses the chat template)")
     if args.raw and args.system:
         raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
-    if args.max_tokens is not None and args.max_tokens < -1:  # refused before the model loads
-        raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
-                         f"got {args.max_tokens}")
+    _check_sampling(args)
     llm = _open(args)
     if args.max_tokens == -1:  # llama.cpp's -n -1, as `pyllm serve -n -1` takes it (it was "must be >= 0")
         sampling["max_new_tokens"] = llm.context_length
@@ -262,6 +274,7 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
+    _check_sampling(args)
     sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

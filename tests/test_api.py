@@ -443,6 +443,19 @@ def test_cli_max_new_tokens_minus_one_runs_until_the_context_is_full(tiny_llama_
     assert r.returncode == 1 and "-n / --max-new-tokens must be >= 0, or -1" in r.stderr, r.stderr
 
 
+def test_cli_sampling_flags_out_of_range_are_refused_before_the_model_loads(tmp_path):
+    """`pyllm serve --temperature -1` was refused only once the model had loaded (Server's check of its
+    defaults), `pyllm run` at its first reply: each is now refused first (the model path here does not
+    even exist)."""
+    missing = str(tmp_path / "missing.pllm")
+    for flags, message in [(["--temperature", "-1"], "temperature must be a finite number >= 0"),
+                           (["--top-p", "2"], "top_p must be in"), (["--typical", "0"], "typical_p must be in"),
+                           (["--repeat-penalty", "0"], "repetition_penalty must be"), (["-n", "-3"], "-n / --max")]:
+        for command in (["serve", missing, "--port", "0"], ["run", missing, "-p", "hi"]):
+            r = _cli(*command, *flags)
+            assert r.returncode == 1 and message in r.stderr and "missing.pllm" not in r.stderr, (flags, r.stderr)
+
+
 def test_cli_reports_errors_cleanly(tmp_path):
     r = _cli("run", str(tmp_path / "missing.pllm"), "-p", "x")
     assert r.returncode == 1 and "error" in r.stderr and "Traceback" not in r.stderr
