@@ -607,8 +607,8 @@ class LLM:
         typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
         presence_penalty, frequency_penalty ([-2, 2]; None: 0) and logit_bias ({token id: [-100, 100]})
         are OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
-        chosen token's own log-probability only); they appear in TextStream.tokens (those of the
-        returned text: not a stop string's tokens, as the text holds none of it).
+        chosen token's own log-probability only; needs stream=True); they appear in TextStream.tokens
+        (those of the returned text: not a stop string's tokens, as the text holds none of it).
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
         {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
         ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>. Stop strings apply
@@ -653,6 +653,10 @@ class LLM:
         stop, stop_ids = self._stop_tokens(list(stop or []), stop_token_ids)
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if logprobs is not None and not stream and not _is_batch(prompt):  # (a list's are refused below)
+            # a str has no room for them: they were computed at every token and dropped in silence
+            raise ValueError("logprobs are recorded in the TextStream's tokens: give stream=True (then read "
+                             "stream.tokens once the text is read)")
         if logits_processors is not None and (not isinstance(logits_processors, (list, tuple)) or not all(
                 callable(p) for p in logits_processors)):
             got = next((p for p in logits_processors if not callable(p)), None) if isinstance(

@@ -230,6 +230,18 @@ def test_none_is_every_sampling_option_s_default(llm):
                     frequency_penalty=None) == llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4)
 
 
+def test_logprobs_without_a_stream_are_refused_not_dropped(llm):
+    """generate(logprobs=5) without stream=True returned a str: the log-probabilities were computed at
+    every token and dropped in silence. It is refused, saying where they are; a stream has them."""
+    for call in (lambda: llm.generate("hi", max_new_tokens=3, logprobs=5),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=3, logprobs=0)):
+        with pytest.raises(ValueError, match="logprobs are recorded in the TextStream's tokens: give stream=True"):
+            call()
+    stream = llm.generate("hi", max_new_tokens=3, logprobs=5, stream=True)
+    text = "".join(stream)
+    assert text == llm.generate("hi", max_new_tokens=3) and all(len(t.top) == 5 for t in stream.tokens)
+
+
 def test_an_int_past_a_floats_range_is_a_value_error_naming_the_option(llm):
     """temperature=2**1024 (a Python int, accepted as a number) was a TypeError from numpy's isfinite."""
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
