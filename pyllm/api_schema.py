@@ -170,7 +170,7 @@ class _Sampling(_Body):
         out = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, typical_p=self.typical_p,
                    repetition_penalty=self.repetition_penalty,
                    top_k=None if self.top_k is None else max(self.top_k, 0),
-                   seed=None if self.seed == -1 else self.seed,
+                   seed=self.seed,  # -1 (unseeded, as generate takes it) kept: it overrides a server's default seed
                    stop=[self.stop] if isinstance(self.stop, str) else self.stop,
                    stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
                    frequency_penalty=self.frequency_penalty,

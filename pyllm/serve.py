@@ -403,8 +403,8 @@ class _Plan:
         for ids in self.prompts:
             for i in range(self.n):
                 options = dict(self.options)
-                # n choices differ, reproducibly; -1 (a server default: llama.cpp's "random") stays
-                # unseeded, and a seed + i of -1 (seed -2, choice 1) is generate's 2**64 - 1, not unseeded
+                # n choices differ, reproducibly; -1 (llama.cpp's "random", the request's or a server default)
+                # stays unseeded, and a seed + i of -1 (seed -2, choice 1) is generate's 2**64 - 1, not unseeded
                 if options.get("seed") not in (None, -1):
                     options["seed"] = (options["seed"] + i) % (1 << 64)
                 out.append(llm.generate(ids, stream=True, logprobs=self.logprobs, **options))

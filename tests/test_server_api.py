@@ -235,6 +235,21 @@ def test_n_choices_of_an_unseeded_default_stay_unseeded_and_seed_minus_two_is_se
         server.stop()
 
 
+def test_a_request_s_seed_minus_one_is_unseeded_beside_a_server_default_seed(llm):
+    """seed -1 (llama.cpp's "random") was dropped as if unset, so `pyllm serve --seed 5` answered it with
+    seed 5: the same text each time. It is unseeded; a request without a seed still takes the default."""
+    server = LiveServer(llm, defaults={"seed": 5, "temperature": 1.0})
+    try:
+        client = server.client()
+        seeded = llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=5)
+        assert client.completions.create(model="tiny", prompt="Once", max_tokens=8).choices[0].text == seeded
+        texts = [client.completions.create(model="tiny", prompt="Once", max_tokens=8, seed=-1).choices[0].text
+                 for _ in range(3)]
+        assert texts != [seeded] * 3 and len(set(texts)) > 1
+    finally:
+        server.stop()
+
+
 def test_several_prompts_in_every_form(live, llm):
     client = live.client()
     prompts = ["Paris is", "Berlin"]
