@@ -57,6 +57,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):  # (numpy's "expected non-negative integer", TypeErrors)
+            raise ValueError(f"seed must be None or an integer >= 0 (generate() takes -1 as unseeded and other "
+                             f"negative ones mod 2**64); got {self.seed!r}")
         for token, bias in self.logit_bias.items():
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids (got {token!r})")

@@ -142,8 +142,10 @@ def test_invalid_settings_are_refused():
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=-0.1),
                 dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
                 dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0}),
-                dict(typical_p=0.0), dict(typical_p=1.5), dict(typical_p=float("nan"))):
-        with pytest.raises(ValueError):
+                dict(typical_p=0.0), dict(typical_p=1.5), dict(typical_p=float("nan")),
+                # numpy's ValueError "expected non-negative integer" and TypeErrors, a bool taken as 1
+                dict(seed=-5), dict(seed=1.5), dict(seed="3"), dict(seed=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # naming the option
             Sampler(SamplingParams(**bad))
 
 
