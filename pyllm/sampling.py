@@ -40,7 +40,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raises ValueError naming the first option out of range (NaN and infinities are: the model
-        file's generation config can hold them)."""
+        file's generation config can hold them) or of another type (a bool, a string: comparisons and
+        numpy raised TypeErrors, or took True as 1)."""
+        for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "top_k"):
+            value = getattr(self, name)
+            kinds = (int, np.integer) if name == "top_k" else (int, float, np.integer, np.floating)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+                raise ValueError(f"{name} must be {'an integer' if name == 'top_k' else 'a number'}; got {value!r:.40}")
         if not 0 <= self.temperature < np.inf:
             raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if self.top_k < 0:

@@ -144,7 +144,9 @@ def test_invalid_settings_are_refused():
                 dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0}),
                 dict(typical_p=0.0), dict(typical_p=1.5), dict(typical_p=float("nan")),
                 # numpy's ValueError "expected non-negative integer" and TypeErrors, a bool taken as 1
-                dict(seed=-5), dict(seed=1.5), dict(seed="3"), dict(seed=True)):
+                dict(seed=-5), dict(seed=1.5), dict(seed="3"), dict(seed=True),
+                dict(top_k=1.5), dict(top_k=True), dict(temperature="hot"), dict(top_p=True), dict(min_p=None),
+                dict(repetition_penalty="1.1"), dict(presence_penalty=np.bool_(True))):
         with pytest.raises(ValueError, match=next(iter(bad))):  # naming the option
             Sampler(SamplingParams(**bad))
 
