@@ -71,7 +71,8 @@ class SamplingParams:
         for token, bias in self.logit_bias.items():
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids (got {token!r})")
-            if not -100 <= bias <= 100:
+            if isinstance(bias, (bool, np.bool_)) or not isinstance(bias, (int, float, np.integer, np.floating)) \
+                    or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100] (got {bias!r} for token {token})")
 
 

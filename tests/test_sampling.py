@@ -146,7 +146,8 @@ def test_invalid_settings_are_refused():
                 # numpy's ValueError "expected non-negative integer" and TypeErrors, a bool taken as 1
                 dict(seed=-5), dict(seed=1.5), dict(seed="3"), dict(seed=True),
                 dict(top_k=1.5), dict(top_k=True), dict(temperature="hot"), dict(top_p=True), dict(min_p=None),
-                dict(repetition_penalty="1.1"), dict(presence_penalty=np.bool_(True))):
+                dict(repetition_penalty="1.1"), dict(presence_penalty=np.bool_(True)), dict(logit_bias={1: "x"}),
+                dict(logit_bias={1: True}), dict(logit_bias={1: float("nan")})):
         with pytest.raises(ValueError, match=next(iter(bad))):  # naming the option
             Sampler(SamplingParams(**bad))
 
