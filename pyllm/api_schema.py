@@ -8,7 +8,7 @@ from another JSON type (strict mode: "5" is not an integer, true not a number, 2
 1 not a boolean; an integer is a number), as OpenAI refuses them. Anything else is refused with
 RequestError, which names the field in `param` as OpenAI's error object does.
 
-Extensions beyond OpenAI: top_k, min_p, repetition_penalty, stop_token_ids, and response_format
+Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, and response_format
 types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
 """
 
@@ -21,6 +21,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, St
                       field_validator, model_validator)
 
 from .errors import RequestError
+from .sampling import MIN_REPETITION_PENALTY
 
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
@@ -136,7 +137,8 @@ class _Sampling(_Body):
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 / 0: off
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
+    typical_p: float | None = Field(None, gt=0, le=1)  # llama.cpp's name; 1: off
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, validation_alias=AliasChoices(
         "repetition_penalty", "repeat_penalty"))
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -153,14 +155,22 @@ class _Sampling(_Body):
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, value):
-        return {str(_logit_bias_key(k)): v for k, v in value.items()} if value else value
+        if not value:
+            return value
+        out, keys = {}, {}
+        for key, bias in value.items():
+            token = _logit_bias_key(key)
+            if token in keys:  # "5" and "05": one of the two biases was dropped in silence
+                raise ValueError(f"token {token} is named twice ({keys[token]!r} and {key!r})")
+            keys[token], out[str(token)] = key, bias
+        return out
 
     def generate_options(self) -> dict:
         """LLM.generate keyword arguments (unset ones left out: the server's and model's defaults apply)."""
-        out = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p,
+        out = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, typical_p=self.typical_p,
                    repetition_penalty=self.repetition_penalty,
                    top_k=None if self.top_k is None else max(self.top_k, 0),
-                   seed=None if self.seed == -1 else self.seed,
+                   seed=self.seed,  # -1 (unseeded, as generate takes it) kept: it overrides a server's default seed
                    stop=[self.stop] if isinstance(self.stop, str) else self.stop,
                    stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
                    frequency_penalty=self.frequency_penalty,

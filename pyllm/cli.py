@@ -14,7 +14,8 @@ QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym", "i
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", "--max-new-tokens", "--n-predict", dest="max_tokens", type=int, default=None,
-                   help="most tokens to generate (default: the model's setting, else 256)")
+                   help="most tokens to generate, -1: until the context is full (default: the model's setting, "
+                        "else 256)")
     p.add_argument("--temperature", "--temp", type=float, default=None,
                    help="0 = greedy (default: the model's setting, else 0)")
     p.add_argument("--top-k", type=int, default=None,
@@ -25,10 +26,27 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None,
                    help="drop tokens less likely than min-p times the most likely one (default: the model's "
                         "setting, else 0 = off)")
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=None,
+                   help="locally typical sampling: tokens whose surprisal is nearest the entropy, holding this "
+                        "probability (default: 1 = off)")
     p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float, default=None,
                    help="repetition penalty, 1 = off (default: the model's setting, else 1)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed of sampling, set once per session (default: a fresh one each run)")
+
+
+def _check_sampling(args) -> None:
+    """ValueError naming the first sampling flag out of range (--temperature -1, --top-p 2, -n -2), before
+    the model loads (`pyllm serve` refused them only once the model was loaded, `pyllm run` at its first
+    reply). -n -1: until the context is full."""
+    from .sampling import SamplingParams
+
+    if args.max_tokens is not None and args.max_tokens < -1:
+        raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
+                         f"got {args.max_tokens}")
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 typical_p=args.typical_p, repetition_penalty=args.repeat_penalty)
+    SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -173,7 +191,8 @@ def cmd_run(args) -> int:
     from .repl import cut_notice
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
+                    typical_p=args.typical_p)
     from .errors import decode_text
     from .tokenizer import check_text
 
@@ -194,7 +213,10 @@ def cmd_run(args) -> int:
                          "without -p always uses the chat template)")
     if args.raw and args.system:
         raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
+    _check_sampling(args)
     llm = _open(args)
+    if args.max_tokens == -1:  # llama.cpp's -n -1, as `pyllm serve -n -1` takes it (it was "must be >= 0")
+        sampling["max_new_tokens"] = llm.context_length
     _note_unused_sampling(llm, args, sampling)
     if prompt is not None:
         if not llm.chat_template and not args.raw and args.system:
@@ -227,10 +249,10 @@ def _note_unused_sampling(llm, args, sampling: dict) -> None:
     """A note on stderr when sampling options were given but decoding is greedy (temperature 0, given or
     the model's default), where they change nothing (transformers warns the same way)."""
     if llm._sampling(*(sampling[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                              "seed"))).temperature != 0:
+                                              "seed", "typical_p"))).temperature != 0:
         return
     given = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p),
-                                      ("--seed", args.seed)) if value is not None]
+                                      ("--typical", args.typical_p), ("--seed", args.seed)) if value is not None]
     if given:
         print(f"pyllm {args.command}: note: {', '.join(given)} change nothing while decoding is greedy "
               f"(temperature 0{'' if args.temperature is not None else ', the default'}): give --temperature "
@@ -257,10 +279,11 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
+    _check_sampling(args)
     sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+                    min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, typical_p=args.typical_p)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
           api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),

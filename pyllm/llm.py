@@ -601,8 +601,9 @@ class LLM:
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-                 stop_token_ids: list[int] | None = None, stream: bool = False, *, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                 stop_token_ids: list[int] | None = None, stream: bool = False, *, typical_p: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 logit_bias: dict[int, float] | None = None,
                  logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
                  logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
@@ -623,10 +624,11 @@ class LLM:
         in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
         the end of the context, or cancel().
 
-        presence_penalty, frequency_penalty ([-2, 2]) and logit_bias ({token id: [-100, 100]}) are
-        OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
-        chosen token's own log-probability only); they appear in TextStream.tokens (those of the
-        returned text: not a stop string's tokens, as the text holds none of it).
+        typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
+        presence_penalty, frequency_penalty ([-2, 2]; None: 0) and logit_bias ({token id: [-100, 100]})
+        are OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
+        chosen token's own log-probability only; needs stream=True); they appear in TextStream.tokens
+        (those of the returned text: not a stop string's tokens, as the text holds none of it).
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
         {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
         ...} / {"type": "grammar", "grammar": <Lark>}), or grammar=<Lark grammar>. Stop strings apply
@@ -647,9 +649,11 @@ class LLM:
                 ids = list(prompt)
             else:
                 raise prompt_type_error(prompt)
-        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        params.presence_penalty = option("presence_penalty", presence_penalty)
-        params.frequency_penalty = option("frequency_penalty", frequency_penalty)
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p)
+        # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
+        # with None for the unset ones got "presence_penalty must be a number; got None")
+        params.presence_penalty = option("presence_penalty", 0.0 if presence_penalty is None else presence_penalty)
+        params.frequency_penalty = option("frequency_penalty", 0.0 if frequency_penalty is None else frequency_penalty)
         if not isinstance(logit_bias, (dict, type(None))):
             raise ValueError(f"logit_bias must be a dict of token id -> bias; got {type(logit_bias).__name__}")
         params.logit_bias = {option("a logit_bias key", k, integer=True): option("a logit_bias value", v)
@@ -669,6 +673,10 @@ class LLM:
         stop, stop_ids = self._stop_tokens(list(stop or []), stop_token_ids)
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if logprobs is not None and not stream and not _is_batch(prompt):  # (a list's are refused below)
+            # a str has no room for them: they were computed at every token and dropped in silence
+            raise ValueError("logprobs are recorded in the TextStream's tokens: give stream=True (then read "
+                             "stream.tokens once the text is read)")
         if logits_processors is not None and (not isinstance(logits_processors, (list, tuple)) or not all(
                 callable(p) for p in logits_processors)):
             got = next((p for p in logits_processors if not callable(p)), None) if isinstance(
@@ -853,20 +861,23 @@ class LLM:
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
                            unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits, **extra)
 
-    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed) -> SamplingParams:
+    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None) -> SamplingParams:
         d = self.model.generation
         samples = bool(d.get("do_sample", False))
-        temperature, top_p, min_p, repetition_penalty = (
+        temperature, top_p, min_p, repetition_penalty, typical_p = (
             None if v is None else option(name, v) for name, v in (
                 ("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                ("repetition_penalty", repetition_penalty)))
+                ("repetition_penalty", repetition_penalty), ("typical_p", typical_p)))
         top_k, seed = (None if v is None else option(name, v, integer=True) for name, v in (("top_k", top_k),
                                                                                         ("seed", seed)))
         params = SamplingParams(
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
-            top_k=int((d.get("top_k", 50) if samples else 0) if top_k is None else top_k),
+            # the file's own top_k, as its top_p, even when it does not sample (then a caller's temperature > 0
+            # samples as transformers' generate(do_sample=True) would); only the default 50 needs do_sample
+            top_k=int(d.get("top_k", 50 if samples else 0) if top_k is None else top_k),
             top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
+            typical_p=float(d.get("typical_p", 1.0) if typical_p is None else typical_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
                                      else repetition_penalty),
             # -1: unseeded, as llama.cpp; other negative seeds are taken modulo 2**64 (OpenAI allows any int64)

@@ -50,8 +50,10 @@ class ChatSession:
         self.system = system
         self.sampling = dict(sampling)
         seed = self.sampling.pop("seed", None)
-        # one seed per session: each reply draws its own from it (so /regen differs, sessions repeat)
-        self.seeds = np.random.default_rng(seed) if seed is not None else None
+        # one seed per session: each reply draws its own from it (so /regen differs, sessions repeat);
+        # as generate() takes it: -1 is unseeded (llama.cpp's --seed -1), another negative one mod 2**64
+        # (numpy's generators refuse negative seeds: `pyllm run --seed -1` ended with a ValueError)
+        self.seeds = np.random.default_rng(seed % (1 << 64)) if seed not in (None, -1) else None
         self.turns: list[dict] = []  # user and assistant messages, without the system message
         self.out = out or sys.stdout
         self.err = err or sys.stderr

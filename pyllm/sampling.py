@@ -6,8 +6,8 @@ scores f64 [vocab]; it returns the new scores (it may change them in place), -in
 must not come. The chain runs, in order: the caller's processors (grammar masks, custom hooks), then
 the built-in ones made from SamplingParams: logit_bias, the repetition penalty (transformers' rule,
 over every id so far), the presence and frequency penalties (OpenAI's rule, over the generated ids).
-The draw then applies temperature, top-k, top-p and min-p (transformers' order). Temperature 0 is
-greedy over the processed scores.
+The draw then applies temperature, top-k, top-p, min-p and typical-p (transformers' order). Temperature
+0 is greedy over the processed scores.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import numpy as np
 from .errors import PyllmError
 
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+# the smallest repetition penalty: a float32 logit (at most 3.4e38, plus logit_bias's 100) divided by it
+# stays a finite float64 (a smaller one overflowed mid-generation, after tokens had gone out)
+MIN_REPETITION_PENALTY = 1e-250
 
 
 @dataclass
@@ -28,6 +31,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off; 0 keeps only the most likely token
     min_p: float = 0.0  # 0 = off: drop tokens less likely than min_p x the most likely one
+    typical_p: float = 1.0  # 1 = off: locally typical sampling's mass (transformers' TypicalLogitsWarper)
     repetition_penalty: float = 1.0  # 1 = off: as transformers, for every token already in the context
     presence_penalty: float = 0.0  # 0 = off: OpenAI's, subtracted once from each token already generated
     frequency_penalty: float = 0.0  # 0 = off: OpenAI's, subtracted per occurrence in the generated tokens
@@ -36,7 +40,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raises ValueError naming the first option out of range (NaN and infinities are: the model
-        file's generation config can hold them)."""
+        file's generation config can hold them) or of another type (a bool, a string: comparisons and
+        numpy raised TypeErrors, or took True as 1)."""
+        for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "top_k"):
+            value = getattr(self, name)
+            kinds = (int, np.integer) if name == "top_k" else (int, float, np.integer, np.floating)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+                raise ValueError(f"{name} must be {'an integer' if name == 'top_k' else 'a number'}; got {value!r:.40}")
         if not 0 <= self.temperature < np.inf:
             raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if self.top_k < 0:
@@ -45,15 +56,23 @@ class SamplingParams:
             raise ValueError("top_p must be in [0, 1]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
-        if not 0 < self.repetition_penalty < np.inf:
-            raise ValueError(f"repetition_penalty must be a finite number > 0; got {self.repetition_penalty!r}")
+        if not 0 < self.typical_p <= 1:  # (transformers refuses 0 too)
+            raise ValueError(f"typical_p must be in (0, 1]; got {self.typical_p!r}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty < np.inf:
+            raise ValueError(f"repetition_penalty must be a finite number >= {MIN_REPETITION_PENALTY:g} (> 0: a "
+                             f"smaller one overflows the scores); got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):  # (numpy's "expected non-negative integer", TypeErrors)
+            raise ValueError(f"seed must be None or an integer >= 0 (generate() takes -1 as unseeded and other "
+                             f"negative ones mod 2**64); got {self.seed!r}")
         for token, bias in self.logit_bias.items():
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids (got {token!r})")
-            if not -100 <= bias <= 100:
+            if isinstance(bias, (bool, np.bool_)) or not isinstance(bias, (int, float, np.integer, np.floating)) \
+                    or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100] (got {bias!r} for token {token})")
 
 
@@ -82,7 +101,8 @@ class RepetitionPenalty:
         if len(ids):
             seen = np.unique(np.asarray(ids, dtype=np.int64))
             picked = scores[seen]
-            scores[seen] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
+            with np.errstate(over="ignore"):  # a negative score times a huge penalty: -inf, that token ruled out
+                scores[seen] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
         return scores
 
 
@@ -153,8 +173,8 @@ class Sampler:
         if top == -np.inf:
             raise ValueError("the logits processors left no token possible")
         if not np.isfinite(top):
-            raise ValueError("the logits processors made a score infinite or NaN (an option so extreme that the "
-                             "scores overflow, such as repetition_penalty 1e-320)")
+            raise ValueError("the logits processors made a score infinite or NaN (a processor's scores so large "
+                             "that they, or an option such as repetition_penalty applied to them, overflow)")
         return scores, top
 
     def probabilities(self, logits: np.ndarray, context: Sequence[int] | None = None) -> np.ndarray:
@@ -193,6 +213,11 @@ class Sampler:
         if p.min_p > 0.0:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
             probs /= probs.sum()
+        if p.typical_p < 1.0:
+            keep = possible = typical(probs, p.typical_p)
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
         return probs, possible
 
 
@@ -263,6 +288,20 @@ def nucleus(probs: np.ndarray, top_p: float, first: int = 64) -> np.ndarray:
         if end < order.size or order.size == n:
             return order[: end + 1]
     raise AssertionError("unreachable: the last threshold takes every id")
+
+
+def typical(probs: np.ndarray, mass: float) -> np.ndarray:
+    """Locally typical sampling's tokens (transformers' TypicalLogitsWarper), ascending ids: ranked by how
+    far their surprisal (-log p) lies from the distribution's entropy, closest first, the fewest whose
+    cumulative probability reaches mass, and every other id as close as the last of them. probs: f64
+    [vocab], summing to 1 (zeros: ids already filtered out, never kept); mass in (0, 1)."""
+    ids = np.flatnonzero(probs)
+    p = probs[ids]
+    logp = np.log(p)
+    distance = np.abs(-logp - -(p * logp).sum())
+    order = np.argsort(distance, kind="stable")
+    last = min(int((np.cumsum(p[order]) < mass).sum()), ids.size - 1)
+    return ids[distance <= distance[order[last]]]
 
 
 def most_likely(logp: np.ndarray, k: int) -> np.ndarray:

@@ -97,46 +97,54 @@ def error_response(e: BaseException) -> "JSONResponse":
 
 # -- limits: what one request may ask of the server ----------------------------------------------
 
-def _refuse_constant(name: str):
-    raise RequestError(f"the request body contains {name}, which is not a JSON number")
+class _BadNumber:
+    """A number parse_body's parser refuses (what: "the number 1e999, which is too large"): refused once
+    its place in the body is known."""
+
+    def __init__(self, what: str):
+        self.what = what
 
 
-def _finite(text: str) -> float:
+def _refuse_constant(name: str) -> _BadNumber:
+    return _BadNumber(f"{name}, which is not a JSON number")
+
+
+def _finite(text: str) -> "float | _BadNumber":
     value = float(text)
-    if not math.isfinite(value):
-        raise RequestError(f"the request body contains the number {text[:32]}, which is too large")
-    return value
+    return value if math.isfinite(value) else _BadNumber(f"the number {text[:32]}, which is too large")
 
 
-def _integer(text: str) -> int:
+def _integer(text: str) -> "int | _BadNumber":
     digits = len(text.lstrip("-"))
     if digits > sys.get_int_max_str_digits():  # past what int() converts (ValueError)
-        raise RequestError(f"the request body contains an integer of {digits} digits, which is too large")
+        return _BadNumber(f"an integer of {digits} digits, which is too large")
     return int(text)
 
 
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body (bytes, UTF-8/16/32 as JSON allows). RequestError (400)
     for anything else: invalid JSON or text, nesting too deep, NaN or Infinity (JSON has neither),
-    a number too large for a float or an integer of more digits than Python converts, a string
-    holding a lone surrogate ("\\ud800": JSON's escapes allow it, Unicode text does not), a body
-    that is not an object. Valid JSON past a limit is refused saying which, not as invalid JSON."""
+    a number too large for a float or an integer of more digits than Python converts (each of these
+    naming the field it is in, as `param`), a string holding a lone surrogate ("\\ud800": JSON's
+    escapes allow it, Unicode text does not), a body that is not an object. Valid JSON past a limit
+    is refused saying which, not as invalid JSON."""
     try:
         body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)
-    except RequestError:
-        raise
     except RecursionError:
         raise RequestError("the request body is nested too deeply (arrays and objects inside one another)") from None
     except (ValueError, UnicodeDecodeError):
         raise RequestError("the request body is not valid JSON") from None
+    if isinstance(body, _BadNumber):
+        raise RequestError(f"the request body is {body.what}")
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    _check_strings(body)
+    _check_values(body)
     return body
 
 
-def _check_strings(body) -> None:
-    """Every string (keys too) in parsed JSON is Unicode text (RequestError otherwise)."""
+def _check_values(body) -> None:
+    """Every string (keys too) in parsed JSON is Unicode text, and every number one the parser
+    takes (RequestError otherwise, naming the field of a bad number)."""
     todo = [body]
     while todo:
         value = todo.pop()
@@ -150,6 +158,26 @@ def _check_strings(body) -> None:
                 check_text(value, "a string in the request body")
             except PyllmError as e:
                 raise RequestError(str(e)) from None
+        elif isinstance(value, _BadNumber):
+            param = _field_of(body, value)
+            raise RequestError(f"{param + ': ' if param else ''}the request body contains {value.what}", param=param)
+
+
+def _field_of(body, target) -> str | None:
+    """The field holding target in parsed JSON, as OpenAI's `param` names it ("messages[0].content";
+    a key that is not a name ends it: logit_bias's "5" is logit_bias)."""
+    todo = [(body, "", True)]
+    while todo:
+        value, path, named = todo.pop()
+        if value is target:
+            return path or None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                ok = named and key.isidentifier()
+                todo.append((item, (f"{path}.{key}" if path else key) if ok else path, ok))
+        elif isinstance(value, list):
+            todo += [(item, f"{path}[{i}]" if named else path, named) for i, item in enumerate(value)]
+    return None
 
 
 async def read_body(request: "Request", limits: Limits) -> bytes:
@@ -375,8 +403,10 @@ class _Plan:
         for ids in self.prompts:
             for i in range(self.n):
                 options = dict(self.options)
-                if options.get("seed") is not None:
-                    options["seed"] += i  # n choices differ, reproducibly
+                # n choices differ, reproducibly; -1 (llama.cpp's "random", the request's or a server default)
+                # stays unseeded, and a seed + i of -1 (seed -2, choice 1) is generate's 2**64 - 1, not unseeded
+                if options.get("seed") not in (None, -1):
+                    options["seed"] = (options["seed"] + i) % (1 << 64)
                 out.append(llm.generate(ids, stream=True, logprobs=self.logprobs, **options))
         return out
 
@@ -385,7 +415,7 @@ class Server:
     """The routes for one LLM.
 
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
+    typical_p, max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
     <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
     limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
     max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
@@ -399,12 +429,13 @@ class Server:
         from .scheduler import Scheduler
 
         self.llm = llm
+        self.defaults = dict(defaults or {})
+        self._check_defaults()  # before the scheduler's thread starts
         # n_parallel > 1: requests run together (close() detaches the scheduler from llm)
         self.scheduler = (Scheduler(llm, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
                           if llm.n_parallel > 1 else None)
         self.model_name = model_name
         self.slots = QueueSlots(max_queue)
-        self.defaults = dict(defaults or {})
         self.api_key = api_key
         self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
@@ -412,6 +443,25 @@ class Server:
         self.stopping = False  # end_requests was called
         self._running: dict = {}  # TextStream -> the thread generating it (_pieces)
         self._running_lock = threading.Lock()
+
+    DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "typical_p", "max_new_tokens")
+
+    def _check_defaults(self) -> None:
+        """Refuses, when the server starts, defaults every request would fail on (ValueError naming the
+        option: each request was a 400 blaming its client, an unknown name a 500); max_new_tokens -1:
+        until the context is full."""
+        from .llm import option
+
+        unknown = sorted(set(self.defaults) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown server default(s) {', '.join(unknown)}; they may be: {', '.join(self.DEFAULTS)}")
+        limit = self.defaults.get("max_new_tokens")
+        if limit is not None and option("the default max_new_tokens", limit, integer=True) < -1:
+            raise ValueError(f"the default max_new_tokens must be >= 0, or -1 (until the context is full); got {limit}")
+        try:
+            self.llm._sampling(*(self.defaults.get(k) for k in self.DEFAULTS[:-1]))
+        except ValueError as e:
+            raise ValueError(f"a server default: {e}") from None
 
     def close(self) -> None:
         """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""

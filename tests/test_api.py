@@ -202,7 +202,8 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
 
     nan, inf = float("nan"), float("inf")
     cases = {"temperature": [nan, inf, "hot", True], "top_p": [nan, "1"], "min_p": [nan], "top_k": [1.5, "3", nan],
-             "repetition_penalty": [nan, inf, "1.1"], "seed": [1.5, "7"], "presence_penalty": [nan, "0"],
+             "repetition_penalty": [nan, inf, "1.1"], "seed": [1.5, "7"], "presence_penalty": [nan, "0", False],
+             "typical_p": [nan, "0.5", True],
              "frequency_penalty": [inf], "max_new_tokens": [1.5, "8", nan], "logprobs": [1.5, "2", True],
              "logit_bias": [[1], {1: nan}, {1: "x"}, {"a": 1}, {1.5: 1}, {True: 1}]}
     for name, values in cases.items():
@@ -214,6 +215,31 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
             SamplingParams(**{field: nan}).validate()
     assert llm.generate("hi", max_new_tokens=np.int64(2), temperature=np.float32(0.5), top_k=np.int32(5), seed=3) == \
         llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
+
+
+def test_none_is_every_sampling_option_s_default(llm):
+    """presence_penalty=None and frequency_penalty=None were ValueErrors ("must be a number; got None")
+    where every other option's None is its default: a caller forwarding OpenAI's fields unset failed."""
+    import inspect
+
+    expected = llm.generate("hi", max_new_tokens=4)
+    names = [n for n, p in inspect.signature(llm.generate).parameters.items() if n not in ("prompt", "stream")]
+    for name in names:
+        assert llm.generate("hi", max_new_tokens=4, **({name: None} if name != "max_new_tokens" else {})) == expected
+    assert llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4, presence_penalty=None,
+                    frequency_penalty=None) == llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4)
+
+
+def test_logprobs_without_a_stream_are_refused_not_dropped(llm):
+    """generate(logprobs=5) without stream=True returned a str: the log-probabilities were computed at
+    every token and dropped in silence. It is refused, saying where they are; a stream has them."""
+    for call in (lambda: llm.generate("hi", max_new_tokens=3, logprobs=5),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=3, logprobs=0)):
+        with pytest.raises(ValueError, match="logprobs are recorded in the TextStream's tokens: give stream=True"):
+            call()
+    stream = llm.generate("hi", max_new_tokens=3, logprobs=5, stream=True)
+    text = "".join(stream)
+    assert text == llm.generate("hi", max_new_tokens=3) and all(len(t.top) == 5 for t in stream.tokens)
 
 
 def test_an_int_past_a_floats_range_is_a_value_error_naming_the_option(llm):
@@ -435,6 +461,28 @@ def test_cli_notes_sampling_options_that_greedy_decoding_ignores(tiny_llama_f32)
     for quiet in (["--temperature", "0.8", "--top-k", "5"], ["--temperature", "0"], []):
         r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", *quiet)
         assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
+
+
+def test_cli_max_new_tokens_minus_one_runs_until_the_context_is_full(tiny_llama_f32):
+    """`pyllm run -n -1` (llama.cpp's "until the end", as `pyllm serve -n -1` takes it) was refused with
+    "max_new_tokens must be >= 0"; -n -2 is still refused, naming the flag, before the model loads."""
+    r = _cli("run", tiny_llama_f32, "-n", "-1", "-c", "48", "-p", "Paris is", "--raw", "--temperature", "0")
+    assert r.returncode == 0 and "the context of 48 tokens is full" in r.stderr, r.stderr
+    r = _cli("run", tiny_llama_f32, "-n", "-2", "-p", "Paris is", "--raw")
+    assert r.returncode == 1 and "-n / --max-new-tokens must be >= 0, or -1" in r.stderr, r.stderr
+
+
+def test_cli_sampling_flags_out_of_range_are_refused_before_the_model_loads(tmp_path):
+    """`pyllm serve --temperature -1` was refused only once the model had loaded (Server's check of its
+    defaults), `pyllm run` at its first reply: each is now refused first (the model path here does not
+    even exist)."""
+    missing = str(tmp_path / "missing.pllm")
+    for flags, message in [(["--temperature", "-1"], "temperature must be a finite number >= 0"),
+                           (["--top-p", "2"], "top_p must be in"), (["--typical", "0"], "typical_p must be in"),
+                           (["--repeat-penalty", "0"], "repetition_penalty must be"), (["-n", "-3"], "-n / --max")]:
+        for command in (["serve", missing, "--port", "0"], ["run", missing, "-p", "hi"]):
+            r = _cli(*command, *flags)
+            assert r.returncode == 1 and message in r.stderr and "missing.pllm" not in r.stderr, (flags, r.stderr)
 
 
 def test_cli_reports_errors_cleanly(tmp_path):

@@ -288,6 +288,27 @@ def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_pat
         assert model._sampling(0.0, None, None, None, None, None).temperature == 0.0  # the call wins
 
 
+def test_a_greedy_model_s_own_top_k_applies_when_the_caller_samples(tiny_llama, tmp_path):
+    """A file with do_sample false and top_k 20, top_p 0.8: a caller's temperature 0.7 took its top_p but
+    not its top_k (0: off), where transformers' generate(do_sample=True) takes both."""
+    from pyllm.convert import convert_checkpoint
+
+    src = shutil.copytree(tiny_llama, tmp_path / "model")
+    config_path = src / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(do_sample=False, top_k=20, top_p=0.8, typical_p=0.9)
+    config_path.write_text(json.dumps(config))
+    out = str(tmp_path / "greedy.pllm")
+    convert_checkpoint(str(src), out, quant="f32", progress=False)
+    with pyllm.LLM(out, n_threads=1) as model:
+        assert model._sampling(None, None, None, None, None, None).temperature == 0.0  # greedy by default
+        params = model._sampling(0.7, None, None, None, None, None)
+        assert (params.temperature, params.top_k, params.top_p, params.typical_p) == (0.7, 20, 0.8, 0.9)
+        assert model._sampling(0.7, 0, None, None, None, None).top_k == 0  # the call wins
+    hf = pytest.importorskip("transformers").GenerationConfig.from_pretrained(str(src))
+    assert (hf.top_k, hf.top_p, hf.typical_p) == (20, 0.8, 0.9)
+
+
 @pytest.fixture(scope="module")
 def real(default_model_file):
     """The default model (SmolLM2-135M-Instruct)."""

@@ -309,6 +309,20 @@ def test_seed_is_drawn_once_per_session(llm, monkeypatch):
     assert spy[:2] == spy[2:] and spy[0] != spy[1]
 
 
+def test_a_negative_seed_is_as_generate_takes_it(llm, monkeypatch):
+    """`pyllm run --seed -1` (llama.cpp's "random") or --seed -5 ended the chat before it began: numpy's
+    default_rng refuses negative seeds. -1 is unseeded, as generate() takes it; -5 seeds, as 2**64 - 5."""
+    spy = []
+    real_chat = llm.__class__.chat
+    monkeypatch.setattr(llm, "chat", lambda messages, **kw: spy.append(kw.get("seed")) or real_chat(llm, messages,
+                                                                                                     **kw))
+    repl.ChatSession(llm, None, dict(max_new_tokens=2, seed=-1)).say("hi")
+    assert spy == [None]
+    for seed in (-5, 2**64 - 5):
+        repl.ChatSession(llm, None, dict(max_new_tokens=2, seed=seed)).say("hi")
+    assert spy[1] == spy[2] is not None
+
+
 def test_end_of_input_inside_a_block_sends_what_was_typed(llm, monkeypatch, capsys):
     """Ctrl-D (end of input) inside a \"\"\" block or on the line after a trailing backslash ended the chat
     and silently dropped the lines typed: the message was lost. Now it is sent, then the chat ends."""

@@ -474,7 +474,10 @@ def test_a_chat_template_that_is_not_text_is_refused_naming_the_file(tiny_llama,
 @pytest.mark.parametrize("defaults, message", [
     ('{"top_p": 2}', "'top_p' has an invalid value 2 \\(expected a number in \\[0, 1\\]\\)"),
     ('{"min_p": -0.5}', "'min_p' has an invalid value -0.5"),
-    ('{"repetition_penalty": 0}', "'repetition_penalty' has an invalid value 0 \\(expected a number > 0\\)"),
+    ('{"typical_p": 0}', "'typical_p' has an invalid value 0 \\(expected a number in \\(0, 1\\]\\)"),
+    ('{"repetition_penalty": 0}', "'repetition_penalty' has an invalid value 0 \\(expected a number > 0 "),
+    ('{"repetition_penalty": 1e-300}', "'repetition_penalty' has an invalid value 1e-300 \\(expected a number > 0 "
+                                       "\\(at least 1e-250\\)\\)"),
     ('{"temperature": NaN, "do_sample": true}', "'temperature' has an invalid value nan"),
     ('{"temperature": "hot"}', "'temperature' has an invalid value 'hot'"),
     ('{"do_sample": "yes"}', "'do_sample' has an invalid value 'yes'"),

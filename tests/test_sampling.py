@@ -3,10 +3,12 @@ transformers' logits warpers; seeded draws reproducible and distributed as the f
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from pyllm.sampling import Sampler, SamplingParams
+from pyllm.sampling import MIN_REPETITION_PENALTY, Sampler, SamplingParams
 
 VOCAB = 50
 
@@ -16,7 +18,7 @@ def _softmax(x):
     return e / e.sum()
 
 
-def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0):
     """Filtered distribution, spelled out token by token (no vectorized tricks)."""
     probs = _softmax(np.asarray(logits, dtype=np.float64) / temperature)
     ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
@@ -41,6 +43,16 @@ def reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
         top = max(probs)
         probs = np.array([p if p >= min_p * top else 0.0 for p in probs])
         probs /= probs.sum()
+    if typical_p < 1.0:  # nearest the entropy first, until their mass reaches typical_p (and ties of the last)
+        entropy = -sum(p * np.log(p) for p in probs if p > 0)
+        distance = {i: abs(-np.log(probs[i]) - entropy) for i in range(len(probs)) if probs[i] > 0}
+        total, last = 0.0, None
+        for i in sorted(distance, key=lambda i: distance[i]):
+            total, last = total + probs[i], i
+            if total >= typical_p:
+                break
+        probs = np.array([p if p > 0 and distance[i] <= distance[last] else 0.0 for i, p in enumerate(probs)])
+        probs /= probs.sum()
     return probs
 
 
@@ -52,6 +64,9 @@ CASES = [
     dict(temperature=1.0, min_p=0.1),
     dict(temperature=0.8, min_p=0.3),
     dict(temperature=1.0, top_k=20, top_p=0.8, min_p=0.05),
+    dict(temperature=1.0, typical_p=0.5),
+    dict(temperature=0.6, typical_p=0.9),
+    dict(temperature=1.2, top_k=30, top_p=0.95, min_p=0.02, typical_p=0.7),
 ]
 
 
@@ -76,6 +91,8 @@ def test_filtered_distribution_matches_transformers(case):
         warpers.append(gen.TopPLogitsWarper(case["top_p"]))
     if case.get("min_p"):
         warpers.append(gen.MinPLogitsWarper(case["min_p"]))
+    if case.get("typical_p", 1.0) < 1.0:
+        warpers.append(gen.TypicalLogitsWarper(case["typical_p"]))
     rng = np.random.default_rng(1)
     for _ in range(20):
         logits = (rng.standard_normal(VOCAB) * 3).astype(np.float32)
@@ -124,8 +141,14 @@ def test_repetition_penalty_matches_transformers():
 def test_invalid_settings_are_refused():
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=-0.1),
                 dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
-                dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0})):
-        with pytest.raises(ValueError):
+                dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"1": 1.0}),
+                dict(typical_p=0.0), dict(typical_p=1.5), dict(typical_p=float("nan")),
+                # numpy's ValueError "expected non-negative integer" and TypeErrors, a bool taken as 1
+                dict(seed=-5), dict(seed=1.5), dict(seed="3"), dict(seed=True),
+                dict(top_k=1.5), dict(top_k=True), dict(temperature="hot"), dict(top_p=True), dict(min_p=None),
+                dict(repetition_penalty="1.1"), dict(presence_penalty=np.bool_(True)), dict(logit_bias={1: "x"}),
+                dict(logit_bias={1: True}), dict(logit_bias={1: float("nan")})):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # naming the option
             Sampler(SamplingParams(**bad))
 
 
@@ -238,7 +261,9 @@ def test_draw_index_is_numpys_cumulative_search():
 
 @pytest.mark.parametrize("params", [dict(temperature=0.8), dict(temperature=0.7, top_k=40),
                                     dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95, min_p=0.05),
-                                    dict(temperature=1.3, top_k=100, top_p=0.5, min_p=0.2)])
+                                    dict(temperature=1.3, top_k=100, top_p=0.5, min_p=0.2),
+                                    dict(temperature=1.0, typical_p=0.6),
+                                    dict(temperature=0.9, top_k=50, typical_p=0.8)])
 def test_sampler_draws_what_choice_draws_from_its_probabilities(params):
     """Sampler() takes the filters' possible ids straight to draw(): the same token as numpy's
     choice over probabilities() for every seed."""
@@ -368,19 +393,27 @@ def test_a_processor_s_scores_must_be_real_numbers_and_are_read_as_f64(temperatu
     assert seen == [np.float64] * 3
 
 
-@pytest.mark.parametrize("penalty", [1e-320, 5e-324, 1e308])
+@pytest.mark.parametrize("penalty", [1e-320, 5e-324, 1e-251, 1e308])
 def test_a_repetition_penalty_that_overflows_the_scores_is_named(penalty):
-    """Dividing a positive score by 1e-320 (or multiplying a negative one by 1e308) overflows: the
-    error says so, instead of claiming that the processors ruled every token out."""
+    """Dividing a positive score by 1e-320 overflows: such a penalty is refused when the sampler is made,
+    naming it (it was a ValueError at the first token seen, after tokens had gone out); multiplying a
+    negative one by 1e308 overflows to -inf, that token out, without a RuntimeWarning."""
     logits = np.array([2.0, -3.0, 1.0, 0.5], dtype=np.float32)
-    sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
-    with np.errstate(over="ignore"):
-        if penalty > 1:  # only the negative score seen overflows, to -inf: that token is out, the others stay
+    if penalty > 1:  # only the negative score seen overflows, to -inf: that token is out, the others stay
+        sampler = Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             assert sampler(logits, [1]) in (0, 2, 3)
-            return
-        with pytest.raises(ValueError, match="infinite or NaN.*repetition_penalty"):
-            sampler(logits, [0])
-    # a processor that rules every token out is still told apart
+        return
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number >= 1e-250"):
+        Sampler(SamplingParams(temperature=0.7, repetition_penalty=penalty, seed=1))
+    # the smallest one taken divides the largest float32 logit (plus logit_bias's 100) to a finite score
+    big = np.array([np.finfo(np.float32).max, 0.0], dtype=np.float32)
+    sampler = Sampler(SamplingParams(repetition_penalty=MIN_REPETITION_PENALTY, logit_bias={0: 100.0}))
+    assert np.isfinite(sampler.processed(big, [0])).all()
+    # a processor's overflow is still named, and one that rules every token out is still told apart
+    with pytest.raises(ValueError, match="infinite or NaN.*repetition_penalty"), np.errstate(over="ignore"):
+        Sampler(SamplingParams(repetition_penalty=0.5), [lambda ids, s: s * 1e308]).processed(logits, [0])
     with pytest.raises(ValueError, match="left no token possible"):
         Sampler(SamplingParams(), processors=[lambda ids, s: np.full_like(s, -np.inf)]).processed(logits)
 

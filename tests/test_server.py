@@ -284,6 +284,20 @@ def _serve_command(model: str, *flags: str) -> tuple[subprocess.Popen, int]:
             time.sleep(0.2)
 
 
+@pytest.mark.parametrize("defaults, match", [
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"), ({"top_k": -3}, "top_k must be >= 0"),
+    ({"top_p": 1.5}, "top_p must be in"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"seed": 1.5}, "seed must be an integer"), ({"max_new_tokens": -5}, "max_new_tokens must be >= 0, or -1"),
+    ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer"), ({"mirostat": 2}, "unknown server default"),
+    ({"typical_p": 0.0}, "typical_p must be in")])
+def test_server_defaults_every_request_would_fail_on_are_refused_at_start(llm, defaults, match):
+    """`pyllm serve --temperature -1` started, then answered every request with a 400 blaming its
+    client (an unknown default's name: a 500); -1 for max_new_tokens is 'until the context is full'."""
+    with pytest.raises(ValueError, match=match):
+        Server(llm, "tiny", defaults=defaults)
+    Server(llm, "tiny", defaults={"max_new_tokens": -1, "seed": -1, "temperature": 0.7}).close()
+
+
 def test_serve_command_starts_and_answers(tiny_llama_f32):
     """The command with an API key and sampling defaults: a start-up line naming model, context and
     threads, and one log line per request with its tokens and speed."""
@@ -742,6 +756,35 @@ def test_numbers_past_what_a_field_holds_get_400(live):
         assert status == 400 and _is_openai_error(reply), (body, status, reply)
     assert _active(live) == 0
 
+
+
+def test_a_number_json_cannot_give_as_a_float_or_int_is_a_400_naming_its_field(live):
+    """1e309 (past a float's range), NaN / Infinity (not JSON) and an integer of 5000 digits were refused
+    while parsing, before their field was known: a 400 with param null, the request's field unnamed."""
+    url = live.url + "/v1/completions"
+    chat = '{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1e999}]}'
+    for body, param in [('"temperature": 1e309', "temperature"), ('"top_p": NaN', "top_p"),
+                        ('"presence_penalty": -Infinity', "presence_penalty"),
+                        ('"logit_bias": {"5": 1e400}', "logit_bias"),
+                        (f'"seed": {"9" * 5000}', "seed"), ('"stop_token_ids": [1, 2e999]', "stop_token_ids[1]")]:
+        status, reply = _request(url, f'{{"prompt": "hi", "max_tokens": 1, {body}}}'.encode())
+        assert status == 400 and reply["error"]["param"] == param, (body[:40], reply)
+        assert reply["error"]["message"].startswith(param + ": the request body contains "), reply
+    status, reply = _request(live.url + "/v1/chat/completions", f'{{"messages": [{chat}]}}'.encode())
+    assert status == 400 and reply["error"]["param"] == "messages[0].content[0].x", reply
+    status, reply = _request(url, b"1e999")
+    assert status == 400 and "too large" in reply["error"]["message"] and reply["error"]["param"] is None
+    assert _active(live) == 0
+
+
+def test_logit_bias_naming_a_token_twice_is_refused(live):
+    """{"5": 100, "05": -100} names token 5 twice: the last bias was taken and the other dropped in silence."""
+    url = live.url + "/v1/completions"
+    status, reply = _request(url, b'{"prompt": "hi", "max_tokens": 1, "logit_bias": {"5": 100, "05": -100}}')
+    assert status == 400 and reply["error"]["param"] == "logit_bias", reply
+    assert "token 5 is named twice ('5' and '05')" in reply["error"]["message"], reply
+    status, reply = _request(url, b'{"prompt": "hi", "max_tokens": 1, "logit_bias": {"007": 100, "5": -100}}')
+    assert status == 200, reply
 
 
 def test_token_ids_past_int64_lone_surrogates_and_deep_json_strings(live):

@@ -218,6 +218,38 @@ def test_n_choices_streamed_and_not(live, llm):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_n_choices_of_an_unseeded_default_stay_unseeded_and_seed_minus_two_is_seeded(llm):
+    """`pyllm serve --seed -1` (llama.cpp's "random"): choice k was seeded with -1 + k, so choices 1.. of
+    every request were the same texts (seeds 0, 1, ...); a request's seed -2 gave choice 1 seed -1, unseeded."""
+    server = LiveServer(llm, defaults={"seed": -1})
+    try:
+        client = server.client()
+        ask = dict(model="tiny", prompt="Once", max_tokens=8, temperature=1.0)
+        seeded = [llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=s) for s in (0, 1)]
+        for _ in range(2):
+            texts = [c.text for c in client.completions.create(n=3, **ask).choices]
+            assert texts[1:] != seeded
+        texts = [c.text for c in client.completions.create(n=2, seed=-2, **ask).choices]
+        assert texts == [llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=s) for s in (-2, 2**64 - 1)]
+    finally:
+        server.stop()
+
+
+def test_a_request_s_seed_minus_one_is_unseeded_beside_a_server_default_seed(llm):
+    """seed -1 (llama.cpp's "random") was dropped as if unset, so `pyllm serve --seed 5` answered it with
+    seed 5: the same text each time. It is unseeded; a request without a seed still takes the default."""
+    server = LiveServer(llm, defaults={"seed": 5, "temperature": 1.0})
+    try:
+        client = server.client()
+        seeded = llm.generate("Once", max_new_tokens=8, temperature=1.0, seed=5)
+        assert client.completions.create(model="tiny", prompt="Once", max_tokens=8).choices[0].text == seeded
+        texts = [client.completions.create(model="tiny", prompt="Once", max_tokens=8, seed=-1).choices[0].text
+                 for _ in range(3)]
+        assert texts != [seeded] * 3 and len(set(texts)) > 1
+    finally:
+        server.stop()
+
+
 def test_several_prompts_in_every_form(live, llm):
     client = live.client()
     prompts = ["Paris is", "Berlin"]
@@ -241,6 +273,41 @@ def test_penalties_and_logit_bias_match_the_python_api(live, llm):
     reply = client.completions.create(model="tiny", prompt="a a a a", max_tokens=10, logit_bias={str(top): -100},
                                       **options)
     assert reply.choices[0].text == expected != llm.generate("a a a a", max_new_tokens=10)
+
+
+def test_a_repetition_penalty_that_overflows_the_scores_is_refused_before_any_token(live, llm):
+    """repetition_penalty 1e-320 passed every check, then overflowed the first seen token's score: a
+    streamed reply sent tokens and then an error event, a non-streamed one a 400 with param null."""
+    client = live.client()
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="a a a", max_tokens=5, stream=stream,
+                                      extra_body={"repetition_penalty": 1e-320})
+        assert e.value.body["param"] == "repetition_penalty", e.value.body
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number >= 1e-250"):
+        llm.generate("a a a", max_new_tokens=5, repetition_penalty=1e-320, stream=True)
+    smallest = client.completions.create(model="tiny", prompt="a a a", max_tokens=5,
+                                         extra_body={"repetition_penalty": 1e-250})
+    assert smallest.choices[0].text == llm.generate("a a a", max_new_tokens=5, repetition_penalty=1e-250)
+
+
+def test_typical_p_is_sampled_as_transformers_and_taken_by_the_server(live, llm):
+    """typical_p (llama.cpp's field, transformers' TypicalLogitsWarper) was not an option: the server
+    dropped it in silence, as an unknown field, and sampled from the whole distribution."""
+    client = live.client()
+    ask = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    texts = {p: llm.generate("Once", typical_p=p, **ask) for p in (0.2, 1.0)}
+    assert texts[0.2] != texts[1.0] == llm.generate("Once", **ask)
+    assert llm.generate(["Once", "Paris"], typical_p=0.2, **ask)[0] == texts[0.2]
+    reply = client.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, seed=5,
+                                      extra_body={"typical_p": 0.2})
+    assert reply.choices[0].text == texts[0.2]
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="Once", max_tokens=1, extra_body={"typical_p": bad})
+        assert e.value.body["param"] == "typical_p", (bad, e.value.body)
+        with pytest.raises(ValueError, match="typical_p"):
+            llm.generate("Once", max_new_tokens=1, typical_p=bad)
 
 
 def test_stop_token_ids_and_special_stop_strings(live, llm):

@@ -925,7 +925,8 @@ def read_chat_template(directory: str) -> str:
     return template
 
 
-GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample", "max_new_tokens")
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "do_sample",
+                   "max_new_tokens")
 
 
 def read_generation_defaults(directory: str) -> dict:

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
+from ..sampling import MIN_REPETITION_PENALTY
 from .safetensors import FormatError, SafetensorsFile, verify_checksums
 
 FORMAT_NAME = "pyllm"
@@ -40,7 +41,7 @@ MAX_GROUP_SIZE = 1 << 20
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
                "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
-GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
+GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "max_new_tokens")
 
 
 NORM_TYPES = ("rms_norm", "layer_norm")
@@ -270,8 +271,10 @@ def check_generation_defaults(values: dict, where: str) -> None:
             ok, want = value >= 0 and value == int(value), "an integer >= 0"
         elif key in ("top_p", "min_p"):
             ok, want = 0 <= value <= 1, "a number in [0, 1]"
-        elif key == "repetition_penalty":
-            ok, want = value > 0, "a number > 0"
+        elif key == "typical_p":
+            ok, want = 0 < value <= 1, "a number in (0, 1]"
+        elif key == "repetition_penalty":  # (a smaller one overflows the scores: sampling.MIN_REPETITION_PENALTY)
+            ok, want = value >= MIN_REPETITION_PENALTY, f"a number > 0 (at least {MIN_REPETITION_PENALTY:g})"
         else:  # temperature
             ok, want = value >= 0, "a number >= 0"
         if not ok:
