@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +29,10 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
 # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (llguidance's JSON
 # options; a schema's own "x-guidance" options win)
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# compiled grammars kept per tokenizer (the most recently used): a request's n choices, its prompts and
+# the next requests with the same schema copy one (about 0.1 ms) instead of compiling it again (a second
+# and 30 MB for a schema of 10,000 properties, each time)
+COMPILED_KEPT = 8
 
 
 class GrammarUnavailable(RuntimeError):
@@ -168,6 +173,27 @@ def _first_line(message: str) -> str:
     return lines[0]
 
 
+def _matcher(tokenizer, ll, grammar: str):
+    """A fresh llguidance matcher for grammar: a copy of the one compiled before for tokenizer (its
+    last COMPILED_KEPT grammars are kept, each in its start state), else compiled now and kept.
+    GrammarInvalid when llguidance refuses the grammar."""
+    llg = _llguidance()
+    with _lock:
+        kept = tokenizer.__dict__.setdefault("_ll_matchers", OrderedDict())
+        compiled = kept.get(grammar)
+        if compiled is not None:
+            kept.move_to_end(grammar)
+            return compiled.deep_copy()
+    matcher = llg.LLMatcher(ll, grammar, log_level=0)  # (outside the lock: compiling can take seconds)
+    if matcher.is_error():
+        raise GrammarInvalid(f"the grammar is not valid: {_first_line(matcher.get_error())}")
+    with _lock:
+        kept[grammar] = matcher.deep_copy()
+        while len(kept) > COMPILED_KEPT:
+            kept.popitem(last=False)
+    return matcher
+
+
 class GrammarProcessor:
     """Masks the tokens a grammar forbids. Raises GrammarInvalid for a grammar llguidance refuses,
     GrammarError for one that allows no text at the start (here) or later (from __call__/accept).
@@ -180,9 +206,7 @@ class GrammarProcessor:
         llg = _llguidance()
         self._np = llg.numpy
         self.tokenizer = ll_tokenizer(tokenizer)
-        self.matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if self.matcher.is_error():
-            raise GrammarInvalid(f"the grammar is not valid: {_first_line(self.matcher.get_error())}")
+        self.matcher = _matcher(tokenizer, self.tokenizer, grammar)
         self.vocab_size = vocab_size
         self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
         self._fill()  # the first mask now: a grammar that allows nothing fails before any output
