@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import PyllmError
+from .tokenizer import check_text
 
 MISSING = "structured output needs llguidance: pip install 'pyllm[grammar]' (or pip install llguidance)"
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
@@ -86,9 +87,10 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
         if schema is False:
             raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
         try:  # Python values JSON has not (a set, bytes, NaN, a tuple as key) were json's bare TypeError
-            text = json.dumps({} if schema is True else schema, allow_nan=False)
+            text = json.dumps({} if schema is True else schema, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as e:
             raise GrammarInvalid(f"the grammar is not valid: the JSON schema is not JSON: {e}") from None
+        _unicode(text, "the JSON schema (as JSON text)")
         try:  # the schema true allows any value, as {} does (llguidance takes options only on an object)
             return LLMatcher.grammar_from_json_schema(text, defaults=JSON_STYLE)
         except (ValueError, RecursionError) as e:
@@ -107,7 +109,17 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
 def _string(value, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
-    return value
+    return _unicode(value, what)
+
+
+def _unicode(text: str, what: str) -> str:
+    """text, or GrammarInvalid naming its first lone surrogate (a str can hold one; llguidance takes
+    UTF-8: a Lark grammar holding one was a bare UnicodeEncodeError, a schema's llguidance's
+    "unexpected end of hex escape")."""
+    try:
+        return check_text(text, what)
+    except PyllmError as e:
+        raise GrammarInvalid(f"the grammar is not valid: {e}") from None
 
 
 # -- llguidance's view of a pyllm tokenizer -------------------------------------------------------

@@ -919,6 +919,25 @@ def test_structured_output_from_python(llm):
         assert "unclosed group" in str(e.value) and "\n" not in str(e.value), (fmt, str(e.value))
 
 
+def test_grammars_holding_a_lone_surrogate_are_refused_naming_it(llm):
+    """A str can hold a lone surrogate, which llguidance (UTF-8) cannot take: in a Lark grammar it was
+    a bare UnicodeEncodeError, in a regex the codec's message, in a schema llguidance's "unexpected
+    end of hex escape". Each is GrammarInvalid naming the character; other non-ASCII text is kept."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import GrammarInvalid
+
+    for kw in (dict(grammar='start: "a\ud800"'), dict(response_format={"type": "regex", "regex": "x\udfff"}),
+               dict(response_format={"type": "grammar", "grammar": 'start: "\ud800"'}),
+               dict(response_format={"type": "json_schema", "json_schema": {"schema": {"const": "\ud800"}}}),
+               dict(response_format={"type": "json_schema", "json_schema": {"schema": {
+                   "type": "object", "properties": {"k\udc80": {}}}}})):
+        with pytest.raises(GrammarInvalid, match=r"lone surrogate \(U\+D[89A-F]\w\w at character \d+\)"):
+            llm.generate("?", max_new_tokens=3, **kw)
+    schema = {"enum": ["héllo", "世界"]}
+    assert llm.generate("?", max_new_tokens=10, temperature=1.0, seed=2, response_format={
+        "type": "json_schema", "json_schema": {"schema": schema}}) in ('"héllo"', '"世界"')
+
+
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
     import sys
 
