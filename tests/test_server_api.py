@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -370,6 +371,49 @@ def test_a_grammar_is_compiled_once_for_all_choices_and_prompts(live, monkeypatc
     for c in alone:
         if c.endswith("}"):
             jsonschema.validate(json.loads(c), schema)
+
+
+def test_requests_compiling_grammars_do_not_hold_up_the_others(live, monkeypatch):
+    """Grammars were compiled in the worker threads every request shares (parsing bodies, rendering,
+    answers): as many requests with slow grammars as there are such threads (eight schemas of 10,000
+    properties) held up every other request (a plain one waited 71 s). They start in threads of their
+    own now: a plain request is answered while every grammar thread is busy."""
+    import threading
+
+    from pyllm import serve, structured
+
+    release, entered = threading.Event(), []
+    compile_matcher = structured._matcher
+
+    def slow(*args):  # a compile that takes until release (at most a minute)
+        entered.append(1)
+        release.wait(60)
+        return compile_matcher(*args)
+
+    monkeypatch.setattr(structured, "_matcher", slow)
+    client = live.client()
+    shared = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default worker threads
+    replies = []
+
+    def ask(k):
+        replies.append(client.completions.create(model="tiny", prompt=f"{k}", max_tokens=1,
+                                                 extra_body={"response_format": {"type": "json_object"}}))
+
+    asking = [threading.Thread(target=ask, args=(k,)) for k in range(shared + 1)]
+    try:
+        for t in asking:
+            t.start()
+        deadline = time.time() + 30
+        while len(entered) < min(serve.GRAMMAR_WORKERS, shared) and time.time() < deadline:
+            time.sleep(0.02)
+        started = time.time()
+        plain = client.with_options(timeout=10).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert plain.usage.completion_tokens == 2 and time.time() - started < 10
+    finally:
+        release.set()
+        for t in asking:
+            t.join(60)
+    assert len(replies) == shared + 1 and all(r.choices[0].text.startswith("{") for r in replies)
 
 
 def test_json_object_regex_and_grammar(live):
