@@ -34,6 +34,7 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 # the next requests with the same schema copy one (about 0.1 ms) instead of compiling it again (a second
 # and 30 MB for a schema of 10,000 properties, each time)
 COMPILED_KEPT = 8
+ERROR_CHARS = 500  # of an llguidance error message
 
 
 class GrammarUnavailable(RuntimeError):
@@ -175,14 +176,18 @@ def _worker() -> ThreadPoolExecutor:
 
 def _first_line(message: str) -> str:
     """llguidance's error without the parser state dump it appends; a first line that only
-    announces the error ("regex parse error:") gets the "error: ..." line that says what it is."""
+    announces the error ("regex parse error:") gets the "error: ..." line that says what it is.
+    At most ERROR_CHARS characters: llguidance quotes a bad regex whole (megabytes in a request),
+    so a longer line keeps its start (where) and end (what is wrong)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return "unknown error"
     detail = next((line for line in lines[1:] if line.startswith("error:")), None)
-    if lines[0].endswith(":") and detail:
-        return f"{lines[0]} {detail[len('error:'):].strip()}"
-    return lines[0]
+    line = f"{lines[0]} {detail[len('error:'):].strip()}" if lines[0].endswith(":") and detail else lines[0]
+    if len(line) > ERROR_CHARS:
+        cut = len(line) - ERROR_CHARS + 40
+        line = f"{line[:ERROR_CHARS // 3]} [... {cut} characters ...] {line[ERROR_CHARS // 3 + cut:]}"
+    return line
 
 
 def _matcher(tokenizer, ll, grammar: str):

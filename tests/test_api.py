@@ -938,6 +938,24 @@ def test_grammars_holding_a_lone_surrogate_are_refused_naming_it(llm):
         "type": "json_schema", "json_schema": {"schema": schema}}) in ('"héllo"', '"世界"')
 
 
+def test_grammar_errors_do_not_quote_a_long_grammar_whole(llm):
+    """llguidance quotes a bad regex whole: a 10,000-character one made a 10,146-character error (in a
+    request body, megabytes). The message keeps its start and what is wrong, within 500 characters."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import GrammarInvalid
+
+    long = "x" * 20_000
+    for kw in (dict(response_format={"type": "regex", "regex": long + "("}), dict(grammar=f"start: /{long}(/"),
+               dict(response_format={"type": "json_schema", "json_schema": {"schema": {
+                   "type": "string", "pattern": long + "("}}}),
+               dict(response_format={"type": "regex", "regex": "(" * 5000 + "a" + ")" * 5000})):
+        with pytest.raises(GrammarInvalid) as e:
+            llm.generate("?", max_new_tokens=3, **kw)
+        message = str(e.value)
+        assert len(message) <= 550, message
+        assert message.endswith("unclosed group") or message.endswith("nested parentheses/brackets (250)"), message
+
+
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
     import sys
 
