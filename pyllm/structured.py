@@ -176,14 +176,16 @@ def _worker() -> ThreadPoolExecutor:
 
 def _first_line(message: str) -> str:
     """llguidance's error without the parser state dump it appends; a first line that only
-    announces the error ("regex parse error:") gets the "error: ..." line that says what it is.
-    At most ERROR_CHARS characters: llguidance quotes a bad regex whole (megabytes in a request),
+    announces the error ("regex parse error:") gets the "error: ..." line that says what it is; a
+    JSON schema too deep is said to be. At most ERROR_CHARS characters: llguidance quotes a bad regex whole (megabytes in a request),
     so a longer line keeps its start (where) and end (what is wrong)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return "unknown error"
     detail = next((line for line in lines[1:] if line.startswith("error:")), None)
     line = f"{lines[0]} {detail[len('error:'):].strip()}" if lines[0].endswith(":") and detail else lines[0]
+    if "recursion limit exceeded at line" in line:  # serde_json's, reading a JSON schema
+        line += " (JSON nested deeper than the 128 levels llguidance reads)"
     if len(line) > ERROR_CHARS:
         cut = len(line) - ERROR_CHARS + 40
         line = f"{line[:ERROR_CHARS // 3]} [... {cut} characters ...] {line[ERROR_CHARS // 3 + cut:]}"

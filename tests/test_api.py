@@ -940,7 +940,8 @@ def test_grammars_holding_a_lone_surrogate_are_refused_naming_it(llm):
 
 def test_grammar_errors_do_not_quote_a_long_grammar_whole(llm):
     """llguidance quotes a bad regex whole: a 10,000-character one made a 10,146-character error (in a
-    request body, megabytes). The message keeps its start and what is wrong, within 500 characters."""
+    request body, megabytes). The message keeps its start and what is wrong, within 500 characters. A
+    schema nested too deep says so."""
     pytest.importorskip("llguidance")
     from pyllm.structured import GrammarInvalid
 
@@ -954,6 +955,14 @@ def test_grammar_errors_do_not_quote_a_long_grammar_whole(llm):
         message = str(e.value)
         assert len(message) <= 550, message
         assert message.endswith("unclosed group") or message.endswith("nested parentheses/brackets (250)"), message
+    # a schema deeper than llguidance's JSON reader goes said only "recursion limit exceeded at line 1 column 2491"
+    deep = {}
+    for _ in range(64):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for kw in (dict(response_format={"type": "json_schema", "json_schema": {"schema": deep}}),
+               dict(grammar=f"start: %json {json.dumps(deep)}")):
+        with pytest.raises(GrammarInvalid, match="JSON nested deeper than the 128 levels llguidance reads"):
+            llm.generate("?", max_new_tokens=3, **kw)
 
 
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
