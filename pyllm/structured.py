@@ -62,7 +62,7 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     """The llguidance grammar for OpenAI's response_format or a Lark grammar, or None for free text.
 
     response_format: {"type": "text"}; {"type": "json_object"} (any JSON object);
-    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}};
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}} (no schema: any JSON);
     pyllm's extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark>"}.
     Raises ValueError for a malformed response_format or both arguments at once; GrammarUnavailable
     without llguidance."""
@@ -82,9 +82,12 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
+        # OpenAI's schema is optional, as the server takes it: none (or null) allows any JSON value
+        schema = (spec.get("schema") if spec.get("schema") is not None else {}) if isinstance(spec, dict) else None
         if not isinstance(schema, (dict, bool)):
-            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}; got "
+                             + (f"a schema of type {type(schema).__name__}" if isinstance(spec, dict) else
+                                f"json_schema of type {type(spec).__name__}"))
         if schema is False:
             raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
         try:  # Python values JSON has not (a set, bytes, NaN, a tuple as key) were json's bare TypeError

@@ -965,6 +965,20 @@ def test_grammar_errors_do_not_quote_a_long_grammar_whole(llm):
             llm.generate("?", max_new_tokens=3, **kw)
 
 
+def test_a_json_schema_format_without_a_schema_allows_any_json_as_the_server_does(llm):
+    """OpenAI's json_schema.schema is optional and the server takes a format without one (any JSON
+    value); generate() refused the same dict ("needs {'json_schema': {'name': ..., 'schema': ...}}")."""
+    pytest.importorskip("llguidance")
+    options = dict(max_new_tokens=12, temperature=1.0, seed=4)
+    anything = llm.generate("?", response_format={"type": "json_schema", "json_schema": {"schema": {}}}, **options)
+    for spec in ({"name": "x"}, {"name": "x", "schema": None}, {}):
+        assert llm.generate("?", response_format={"type": "json_schema", "json_schema": spec}, **options) == anything
+    for spec, what in (("abc", "json_schema of type str"), (None, "json_schema of type NoneType"),
+                       ({"schema": [1]}, "a schema of type list"), ({"schema": "x"}, "a schema of type str")):
+        with pytest.raises(ValueError, match=what):
+            llm.generate("?", response_format={"type": "json_schema", "json_schema": spec})
+
+
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
     import sys
 
