@@ -18,10 +18,13 @@ only when it opens with one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 import string
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -327,13 +330,38 @@ def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
             continue
         schema = {**call_schema(fmt, [tool]), "x-guidance": JSON_STYLE}
         try:
-            error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(schema, allow_nan=False)))
+            error = _schema_error(matcher, json.dumps(schema, allow_nan=False))
         except (TypeError, ValueError, RecursionError) as e:
             error = str(e)
         if error:  # llguidance's pointers name the tool's schema where call_schema put it
             error = _first_line(error).replace("/$defs/tool_0", "")
             raise ToolError(f"{where} (function {function['name']!r}) is not a JSON schema a call's arguments (an "
                             f"object) can meet: {error}", where)
+
+
+# llguidance's verdict on the last CHECKED_KEPT call schemas (keyed by their JSON's SHA-256): clients send
+# the same tools with every request, and compiling a large schema again each time took seconds
+CHECKED_KEPT = 1024
+_checked: OrderedDict[bytes, str] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def _schema_error(matcher, text: str) -> str:
+    """llguidance's error for the JSON schema text ("" when it compiles), remembered."""
+    key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return _checked[key]
+    try:
+        error = matcher.validate_grammar(matcher.grammar_from_json_schema(text))
+    except (TypeError, ValueError, RecursionError) as e:
+        error = str(e)
+    with _checked_lock:
+        _checked[key] = error
+        while len(_checked) > CHECKED_KEPT:
+            _checked.popitem(last=False)
+    return error
 
 
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are data, not schemas

@@ -294,6 +294,37 @@ def test_check_tools_names_the_tool_whose_parameters_no_call_meets(monkeypatch):
     assert e.value.param == "tools[0].function.parameters"
 
 
+def test_check_tools_compiles_a_tool_schema_once(monkeypatch):
+    """Clients send the same tools with every request, and check_tools compiled each tool's schema
+    again each time (a tool of 2,000 properties: 0.4 s, 128 of them in one request: a minute). Its
+    verdict is remembered, the refusal too; another schema is compiled."""
+    llguidance = pytest.importorskip("llguidance")
+    compiled, real = [], llguidance.LLMatcher
+
+    class Counting:  # llguidance.LLMatcher, counting the schemas validated
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def validate_grammar(self, grammar, *args):
+            compiled.append(grammar)
+            return real.validate_grammar(grammar, *args)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counting())
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}, "required": ["p7"]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": big}},
+             {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "minProperties": 3}}}]
+    bad = {"type": "function", "function": {"name": "h", "parameters": {"type": "object", "properties": {
+        "x": {"type": "bogus-type-for-this-test"}}}}}
+    for _ in range(3):
+        check_tools(Hermes(), tools)
+        with pytest.raises(ToolError, match="Invalid type: bogus-type-for-this-test") as e:
+            check_tools(Hermes(), [tools[0], bad])
+        assert e.value.param == "tools[1].function.parameters"
+    assert len(compiled) == 3
+    check_tools(Llama3(), tools)  # its calls hold "parameters": other schemas
+    assert len(compiled) == 5
+
+
 CUT_CALLS = {  # three calls in each format, the third to be cut
     Hermes: '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "g", '
             '"arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "f", "arguments": {"a": 3}}\n</tool_call>',
