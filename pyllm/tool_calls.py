@@ -288,7 +288,8 @@ def tool_format(template: str, names=None, parallel: bool = True) -> ToolFormat:
 def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> dict:
     """The JSON schema of one call to any of tools (or the one named). Each tool's parameters sit
     under the root's $defs (as tool_<k>), their own references ("#/$defs/...", "#") rewritten to
-    point there, so that a schema with $defs (as Pydantic writes them) keeps its meaning; the
+    point there, so that a schema with $defs (as Pydantic writes them) keeps its meaning, and their
+    anchors renamed tool_<k>_<name> (two tools' same anchor name would be one anchor); the
     arguments are an object as well (a call's arguments always are: a tool whose parameters allow
     no object cannot be forced)."""
     key = "parameters" if isinstance(fmt, Llama3) else "arguments"
@@ -298,7 +299,7 @@ def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> 
         if name is not None and function["name"] != name:
             continue
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}")
+        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}", f"tool_{k}_")
         arguments = {"allOf": [{"type": "object"}, {"$ref": f"#/$defs/tool_{k}"}]}
         options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: arguments},
                         "required": ["name", key], "additionalProperties": False})
@@ -368,22 +369,28 @@ _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are da
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
 
 
-def _rebase_refs(schema, base: str):
-    """schema with each local reference ("#", "#/...") made relative to base instead of the root."""
+def _rebase_refs(schema, base: str, anchors: str = ""):
+    """schema with each local JSON pointer reference ("#", "#/...") made relative to base instead of
+    the root, and each anchor ("$anchor": "name", referred to as "#name") renamed anchors + name:
+    anchors name a place in the whole document, and two tools' same anchor name was one of them."""
     if isinstance(schema, list):
-        return [_rebase_refs(v, base) for v in schema]
+        return [_rebase_refs(v, base, anchors) for v in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for k, v in schema.items():
-        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+        if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
             out[k] = base + v[1:]
+        elif k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = "#" + anchors + v[1:]
+        elif k == "$anchor" and isinstance(v, str):
+            out[k] = anchors + v
         elif k in _DATA_KEYWORDS:
             out[k] = v
         elif k in _SCHEMA_MAPS and isinstance(v, dict):
-            out[k] = {name: _rebase_refs(sub, base) for name, sub in v.items()}
+            out[k] = {name: _rebase_refs(sub, base, anchors) for name, sub in v.items()}
         else:
-            out[k] = _rebase_refs(v, base)
+            out[k] = _rebase_refs(v, base, anchors)
     return out
 
 

@@ -216,6 +216,38 @@ def test_forced_calls_keep_the_meaning_of_references_and_are_objects(tiny_llama_
             assert matcher.is_error(), parameters  # cannot be forced: a 400 naming tools in the server
 
 
+def test_forced_calls_keep_each_tools_anchors(tiny_llama_f32):
+    """A reference to an anchor ("$ref": "#node" for "$anchor": "node") was rewritten as a pointer
+    ("#/$defs/tool_0node"): such tools were refused (400, "Pointer ... does not exist"). Anchors name
+    a place in the whole document, so two tools with the same anchor name shared one: a forced call
+    to f (anchor: integer) took g's (boolean), '{"a": true}'. Each tool's anchors are its own now."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    def anchored(key, kind):
+        return {"type": "object", "properties": {key: {"$ref": "#node"}}, "required": [key],
+                "additionalProperties": False, "$defs": {"n": {"$anchor": "node", "type": kind}}}
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": anchored("a", "integer")}},
+             {"type": "function", "function": {"name": "g", "parameters": anchored("b", "boolean")}}]
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        check_tools(fmt, tools)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for fmt, key, wrap in ((Hermes(), "arguments", "<tool_call>\n{}\n</tool_call>"), (Llama3(), "parameters", "{}")):
+            for forced in (None, "f", "g"):
+                grammar = forced_call_grammar(fmt, tools, forced, False, llm.tokenizer)
+
+                def accepts(name, arguments):
+                    call = json.dumps({"name": name, key: arguments}, separators=(", ", ": "))
+                    return _forced_accepts(llguidance, ll, grammar, wrap.replace("{}", call, 1))
+                if forced != "g":
+                    assert accepts("f", {"a": 3}) and not accepts("f", {"a": True}), (fmt.name, forced)
+                if forced != "f":
+                    assert accepts("g", {"b": True}) and not accepts("g", {"b": 3}), (fmt.name, forced)
+
+
 def test_stream_sees_a_special_token_marker_among_the_piece_tokens():
     """Streamed pieces leave special tokens out: a marker that is one (Mistral's [TOOL_CALLS], id 7
     here) is seen among the piece's token ids; text before it still comes back as content."""
