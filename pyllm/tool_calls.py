@@ -372,10 +372,13 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 def _rebase_refs(schema, base: str, anchors: str = ""):
     """schema with each local JSON pointer reference ("#", "#/...") made relative to base instead of
     the root, and each anchor ("$anchor": "name", referred to as "#name") renamed anchors + name:
-    anchors name a place in the whole document, and two tools' same anchor name was one of them."""
+    anchors name a place in the whole document, and two tools' same anchor name was one of them. A
+    schema with an "$id" is kept as it is: references in it are relative to it, wherever it sits."""
     if isinstance(schema, list):
         return [_rebase_refs(v, base, anchors) for v in schema]
     if not isinstance(schema, dict):
+        return schema
+    if isinstance(schema.get("$id"), str):  # a resource of its own: its references are relative to it
         return schema
     out = {}
     for k, v in schema.items():

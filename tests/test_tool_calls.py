@@ -248,6 +248,38 @@ def test_forced_calls_keep_each_tools_anchors(tiny_llama_f32):
                     assert accepts("g", {"b": True}) and not accepts("g", {"b": 3}), (fmt.name, forced)
 
 
+def test_forced_calls_keep_references_relative_to_an_id(tiny_llama_f32):
+    """In a schema with an "$id" (a resource of its own) "#/$defs/X" and "#" mean that schema's own
+    places; they were rewritten to point under the call's root, inside that resource: such tools
+    were refused ("Pointer '/$defs/X' does not exist"), at the root of the parameters or nested."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    rooted = {"$id": "urn:example:f", "type": "object", "properties": {"a": {"$ref": "#/$defs/X"}, "kid": {"$ref": "#"}},
+              "required": ["a"], "additionalProperties": False, "$defs": {"X": {"type": "integer"}}}
+    inner = {"$id": "urn:example:inner", "type": "object", "properties": {"c": {"$ref": "#/$defs/Y"}},
+             "required": ["c"], "additionalProperties": False, "$defs": {"Y": {"type": "boolean"}}}
+    nested = {"type": "object", "properties": {"b": inner}, "required": ["b"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": rooted}},
+             {"type": "function", "function": {"name": "g", "parameters": nested}}]
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        check_tools(fmt, tools)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for forced in (None, "f", "g"):
+            grammar = forced_call_grammar(Llama3(), tools, forced, False, llm.tokenizer)
+
+            def accepts(name, arguments):
+                call = json.dumps({"name": name, "parameters": arguments}, separators=(", ", ": "))
+                return _forced_accepts(llguidance, ll, grammar, call)
+            if forced != "g":
+                assert accepts("f", {"a": 3}) and accepts("f", {"a": 3, "kid": {"a": 4}})
+                assert not accepts("f", {"a": True}) and not accepts("f", {"a": 3, "kid": {}})
+            if forced != "f":
+                assert accepts("g", {"b": {"c": True}}) and not accepts("g", {"b": {"c": 1}})
+
+
 def test_stream_sees_a_special_token_marker_among_the_piece_tokens():
     """Streamed pieces leave special tokens out: a marker that is one (Mistral's [TOOL_CALLS], id 7
     here) is seen among the piece's token ids; text before it still comes back as content."""
