@@ -180,8 +180,8 @@ def _worker() -> ThreadPoolExecutor:
 def _first_line(message: str) -> str:
     """llguidance's error without the parser state dump it appends; a first line that only
     announces the error ("regex parse error:") gets the "error: ..." line that says what it is; a
-    JSON schema too deep is said to be. At most ERROR_CHARS characters: llguidance quotes a bad regex whole (megabytes in a request),
-    so a longer line keeps its start (where) and end (what is wrong)."""
+    JSON schema too deep is said to be. At most ERROR_CHARS characters: llguidance quotes a bad regex
+    whole (megabytes in a request), so a longer line keeps its start (where) and end (what is wrong)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return "unknown error"

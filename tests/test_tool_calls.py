@@ -235,7 +235,8 @@ def test_forced_calls_keep_each_tools_anchors(tiny_llama_f32):
         check_tools(fmt, tools)
     with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
         ll = ll_tokenizer(llm.tokenizer)
-        for fmt, key, wrap in ((Hermes(), "arguments", "<tool_call>\n{}\n</tool_call>"), (Llama3(), "parameters", "{}")):
+        for fmt, key, wrap in ((Hermes(), "arguments", "<tool_call>\n{}\n</tool_call>"),
+                               (Llama3(), "parameters", "{}")):
             for forced in (None, "f", "g"):
                 grammar = forced_call_grammar(fmt, tools, forced, False, llm.tokenizer)
 
@@ -256,8 +257,8 @@ def test_forced_calls_keep_references_relative_to_an_id(tiny_llama_f32):
     import pyllm
     from pyllm.structured import ll_tokenizer
 
-    rooted = {"$id": "urn:example:f", "type": "object", "properties": {"a": {"$ref": "#/$defs/X"}, "kid": {"$ref": "#"}},
-              "required": ["a"], "additionalProperties": False, "$defs": {"X": {"type": "integer"}}}
+    rooted = {"$id": "urn:example:f", "type": "object",
+              "properties": {"a": {"$ref": "#/$defs/X"}, "kid": {"$ref": "#"}}, "required": ["a"], "additionalProperties": False, "$defs": {"X": {"type": "integer"}}}
     inner = {"$id": "urn:example:inner", "type": "object", "properties": {"c": {"$ref": "#/$defs/Y"}},
              "required": ["c"], "additionalProperties": False, "$defs": {"Y": {"type": "boolean"}}}
     nested = {"type": "object", "properties": {"b": inner}, "required": ["b"], "additionalProperties": False}
