@@ -258,7 +258,8 @@ def test_forced_calls_keep_references_relative_to_an_id(tiny_llama_f32):
     from pyllm.structured import ll_tokenizer
 
     rooted = {"$id": "urn:example:f", "type": "object",
-              "properties": {"a": {"$ref": "#/$defs/X"}, "kid": {"$ref": "#"}}, "required": ["a"], "additionalProperties": False, "$defs": {"X": {"type": "integer"}}}
+              "properties": {"a": {"$ref": "#/$defs/X"}, "kid": {"$ref": "#"}}, "required": ["a"],
+              "additionalProperties": False, "$defs": {"X": {"type": "integer"}}}
     inner = {"$id": "urn:example:inner", "type": "object", "properties": {"c": {"$ref": "#/$defs/Y"}},
              "required": ["c"], "additionalProperties": False, "$defs": {"Y": {"type": "boolean"}}}
     nested = {"type": "object", "properties": {"b": inner}, "required": ["b"], "additionalProperties": False}
