@@ -684,18 +684,21 @@ class LLM:
             raise TypeError("logits_processors must be a list of callables (ids, scores) -> scores; got "
                             + ("a list holding " if got is not logits_processors else "") + f"{type(got).__name__}")
         processors = list(logits_processors or [])
-        constraint = self._constraint(response_format, grammar)
-        if constraint is not None:
-            processors.insert(0, constraint)
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
+            from .structured import grammar_from
+
             if chosen is not None:
                 raise ValueError("a prompt-learning adapter applies to one prompt at a time; give a single prompt")
-            if processors or logprobs is not None:
+            # (refused before a grammar is compiled: seconds for a large schema, or its own error first)
+            if processors or logprobs is not None or grammar_from(response_format, grammar) is not None:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
                                  "give a single prompt")
             prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
             return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
+        constraint = self._constraint(response_format, grammar)
+        if constraint is not None:
+            processors.insert(0, constraint)
         pieces = self._stream(ids, max_new_tokens, params, stop, stop_ids, processors, logprobs, chosen)
         return pieces if stream else "".join(pieces)
 

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -59,6 +60,10 @@ except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
 
 PIECES_AHEAD = 64  # text pieces a generation may run ahead of its client
+# threads that start requests which compile a grammar (response_format, tools): llguidance takes seconds on
+# a large schema, and in the worker threads every request shares (parsing, rendering, answers) eight such
+# requests held up all others (a plain one waited 71 s)
+GRAMMAR_WORKERS = 4
 MISSING = "pyllm serve needs the server extra: pip install 'pyllm[serve]' (starlette, uvicorn, pydantic)"
 log = logging.getLogger("pyllm.serve")
 
@@ -383,6 +388,14 @@ class _Tokens:
         self.stream.close()
 
 
+def _compiles_grammar(req, chat: bool) -> bool:
+    """Whether starting req compiles grammars: a response_format other than text, or tools (each
+    tool's parameters are checked by compiling them, in every tool_choice mode but "none")."""
+    if req.response_format is not None and req.response_format.type != "text":
+        return True
+    return chat and bool(req.tools) and req.tool_choice != "none"
+
+
 @dataclass
 class _Plan:
     """What one request runs: each prompt (token ids) n times, with these generate() options.
@@ -443,6 +456,7 @@ class Server:
         self.stopping = False  # end_requests was called
         self._running: dict = {}  # TextStream -> the thread generating it (_pieces)
         self._running_lock = threading.Lock()
+        self.grammar_workers = ThreadPoolExecutor(GRAMMAR_WORKERS, thread_name_prefix="pyllm-serve-grammar")
 
     DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "typical_p", "max_new_tokens")
 
@@ -467,6 +481,7 @@ class Server:
         """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""
         if self.scheduler is not None:
             self.scheduler.close()
+        self.grammar_workers.shutdown(wait=False)
 
     def end_requests(self) -> None:
         """The server is stopping and its grace period is nearly over: every generation in progress
@@ -673,8 +688,10 @@ class Server:
             return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
         handed_over = False  # whether the streaming response now releases the slot
         try:
-            # template rendering, tokenizing and grammar compiling take seconds on a long prompt
-            plan, streams = await asyncio.to_thread(self.start, req, chat)
+            # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request
+            # that compiles a grammar starts in threads of its own (grammar_workers)
+            workers = self.grammar_workers if _compiles_grammar(req, chat) else None
+            plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
             kind = "chat.completion" if chat else "text_completion"
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             head = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_name}

@@ -17,17 +17,24 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .errors import PyllmError
+from .tokenizer import check_text
 
 MISSING = "structured output needs llguidance: pip install 'pyllm[grammar]' (or pip install llguidance)"
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
 # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (llguidance's JSON
 # options; a schema's own "x-guidance" options win)
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# compiled grammars kept per tokenizer (the most recently used): a request's n choices, its prompts and
+# the next requests with the same schema copy one (about 0.1 ms) instead of compiling it again (a second
+# and 30 MB for a schema of 10,000 properties, each time)
+COMPILED_KEPT = 8
+ERROR_CHARS = 500  # of an llguidance error message
 
 
 class GrammarUnavailable(RuntimeError):
@@ -55,7 +62,7 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     """The llguidance grammar for OpenAI's response_format or a Lark grammar, or None for free text.
 
     response_format: {"type": "text"}; {"type": "json_object"} (any JSON object);
-    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}};
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}} (no schema: any JSON);
     pyllm's extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark>"}.
     Raises ValueError for a malformed response_format or both arguments at once; GrammarUnavailable
     without llguidance."""
@@ -75,15 +82,19 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
+        # OpenAI's schema is optional, as the server takes it: none (or null) allows any JSON value
+        schema = (spec.get("schema") if spec.get("schema") is not None else {}) if isinstance(spec, dict) else None
         if not isinstance(schema, (dict, bool)):
-            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}; got "
+                             + (f"a schema of type {type(schema).__name__}" if isinstance(spec, dict) else
+                                f"json_schema of type {type(spec).__name__}"))
         if schema is False:
             raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
         try:  # Python values JSON has not (a set, bytes, NaN, a tuple as key) were json's bare TypeError
-            text = json.dumps({} if schema is True else schema, allow_nan=False)
+            text = json.dumps({} if schema is True else schema, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as e:
             raise GrammarInvalid(f"the grammar is not valid: the JSON schema is not JSON: {e}") from None
+        _unicode(text, "the JSON schema (as JSON text)")
         try:  # the schema true allows any value, as {} does (llguidance takes options only on an object)
             return LLMatcher.grammar_from_json_schema(text, defaults=JSON_STYLE)
         except (ValueError, RecursionError) as e:
@@ -102,7 +113,17 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
 def _string(value, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
-    return value
+    return _unicode(value, what)
+
+
+def _unicode(text: str, what: str) -> str:
+    """text, or GrammarInvalid naming its first lone surrogate (a str can hold one; llguidance takes
+    UTF-8: a Lark grammar holding one was a bare UnicodeEncodeError, a schema's llguidance's
+    "unexpected end of hex escape")."""
+    try:
+        return check_text(text, what)
+    except PyllmError as e:
+        raise GrammarInvalid(f"the grammar is not valid: {e}") from None
 
 
 # -- llguidance's view of a pyllm tokenizer -------------------------------------------------------
@@ -158,14 +179,41 @@ def _worker() -> ThreadPoolExecutor:
 
 def _first_line(message: str) -> str:
     """llguidance's error without the parser state dump it appends; a first line that only
-    announces the error ("regex parse error:") gets the "error: ..." line that says what it is."""
+    announces the error ("regex parse error:") gets the "error: ..." line that says what it is; a
+    JSON schema too deep is said to be. At most ERROR_CHARS characters: llguidance quotes a bad regex
+    whole (megabytes in a request), so a longer line keeps its start (where) and end (what is wrong)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not lines:
         return "unknown error"
     detail = next((line for line in lines[1:] if line.startswith("error:")), None)
-    if lines[0].endswith(":") and detail:
-        return f"{lines[0]} {detail[len('error:'):].strip()}"
-    return lines[0]
+    line = f"{lines[0]} {detail[len('error:'):].strip()}" if lines[0].endswith(":") and detail else lines[0]
+    if "recursion limit exceeded at line" in line:  # serde_json's, reading a JSON schema
+        line += " (JSON nested deeper than the 128 levels llguidance reads)"
+    if len(line) > ERROR_CHARS:
+        cut = len(line) - ERROR_CHARS + 40
+        line = f"{line[:ERROR_CHARS // 3]} [... {cut} characters ...] {line[ERROR_CHARS // 3 + cut:]}"
+    return line
+
+
+def _matcher(tokenizer, ll, grammar: str):
+    """A fresh llguidance matcher for grammar: a copy of the one compiled before for tokenizer (its
+    last COMPILED_KEPT grammars are kept, each in its start state), else compiled now and kept.
+    GrammarInvalid when llguidance refuses the grammar."""
+    llg = _llguidance()
+    with _lock:
+        kept = tokenizer.__dict__.setdefault("_ll_matchers", OrderedDict())
+        compiled = kept.get(grammar)
+        if compiled is not None:
+            kept.move_to_end(grammar)
+            return compiled.deep_copy()
+    matcher = llg.LLMatcher(ll, grammar, log_level=0)  # (outside the lock: compiling can take seconds)
+    if matcher.is_error():
+        raise GrammarInvalid(f"the grammar is not valid: {_first_line(matcher.get_error())}")
+    with _lock:
+        kept[grammar] = matcher.deep_copy()
+        while len(kept) > COMPILED_KEPT:
+            kept.popitem(last=False)
+    return matcher
 
 
 class GrammarProcessor:
@@ -180,9 +228,7 @@ class GrammarProcessor:
         llg = _llguidance()
         self._np = llg.numpy
         self.tokenizer = ll_tokenizer(tokenizer)
-        self.matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if self.matcher.is_error():
-            raise GrammarInvalid(f"the grammar is not valid: {_first_line(self.matcher.get_error())}")
+        self.matcher = _matcher(tokenizer, self.tokenizer, grammar)
         self.vocab_size = vocab_size
         self.mask = self._np.allocate_token_bitmask(1, self.tokenizer.vocab_size)
         self._fill()  # the first mask now: a grammar that allows nothing fails before any output

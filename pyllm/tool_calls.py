@@ -18,10 +18,13 @@ only when it opens with one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 import string
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -285,7 +288,8 @@ def tool_format(template: str, names=None, parallel: bool = True) -> ToolFormat:
 def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> dict:
     """The JSON schema of one call to any of tools (or the one named). Each tool's parameters sit
     under the root's $defs (as tool_<k>), their own references ("#/$defs/...", "#") rewritten to
-    point there, so that a schema with $defs (as Pydantic writes them) keeps its meaning; the
+    point there, so that a schema with $defs (as Pydantic writes them) keeps its meaning, and their
+    anchors renamed tool_<k>_<name> (two tools' same anchor name would be one anchor); the
     arguments are an object as well (a call's arguments always are: a tool whose parameters allow
     no object cannot be forced)."""
     key = "parameters" if isinstance(fmt, Llama3) else "arguments"
@@ -295,7 +299,7 @@ def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> 
         if name is not None and function["name"] != name:
             continue
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}")
+        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}", f"tool_{k}_")
         arguments = {"allOf": [{"type": "object"}, {"$ref": f"#/$defs/tool_{k}"}]}
         options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: arguments},
                         "required": ["name", key], "additionalProperties": False})
@@ -327,7 +331,7 @@ def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
             continue
         schema = {**call_schema(fmt, [tool]), "x-guidance": JSON_STYLE}
         try:
-            error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(schema, allow_nan=False)))
+            error = _schema_error(matcher, json.dumps(schema, allow_nan=False))
         except (TypeError, ValueError, RecursionError) as e:
             error = str(e)
         if error:  # llguidance's pointers name the tool's schema where call_schema put it
@@ -336,26 +340,60 @@ def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
                             f"object) can meet: {error}", where)
 
 
+# llguidance's verdict on the last CHECKED_KEPT call schemas (keyed by their JSON's SHA-256): clients send
+# the same tools with every request, and compiling a large schema again each time took seconds
+CHECKED_KEPT = 1024
+_checked: OrderedDict[bytes, str] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def _schema_error(matcher, text: str) -> str:
+    """llguidance's error for the JSON schema text ("" when it compiles), remembered."""
+    key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return _checked[key]
+    try:
+        error = matcher.validate_grammar(matcher.grammar_from_json_schema(text))
+    except (TypeError, ValueError, RecursionError) as e:
+        error = str(e)
+    with _checked_lock:
+        _checked[key] = error
+        while len(_checked) > CHECKED_KEPT:
+            _checked.popitem(last=False)
+    return error
+
+
 _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values there are data, not schemas
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
 
 
-def _rebase_refs(schema, base: str):
-    """schema with each local reference ("#", "#/...") made relative to base instead of the root."""
+def _rebase_refs(schema, base: str, anchors: str = ""):
+    """schema with each local JSON pointer reference ("#", "#/...") made relative to base instead of
+    the root, and each anchor ("$anchor": "name", referred to as "#name") renamed anchors + name:
+    anchors name a place in the whole document, and two tools' same anchor name was one of them. A
+    schema with an "$id" is kept as it is: references in it are relative to it, wherever it sits."""
     if isinstance(schema, list):
-        return [_rebase_refs(v, base) for v in schema]
+        return [_rebase_refs(v, base, anchors) for v in schema]
     if not isinstance(schema, dict):
+        return schema
+    if isinstance(schema.get("$id"), str):  # a resource of its own: its references are relative to it
         return schema
     out = {}
     for k, v in schema.items():
-        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+        if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
             out[k] = base + v[1:]
+        elif k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = "#" + anchors + v[1:]
+        elif k == "$anchor" and isinstance(v, str):
+            out[k] = anchors + v
         elif k in _DATA_KEYWORDS:
             out[k] = v
         elif k in _SCHEMA_MAPS and isinstance(v, dict):
-            out[k] = {name: _rebase_refs(sub, base) for name, sub in v.items()}
+            out[k] = {name: _rebase_refs(sub, base, anchors) for name, sub in v.items()}
         else:
-            out[k] = _rebase_refs(v, base)
+            out[k] = _rebase_refs(v, base, anchors)
     return out
 
 

@@ -984,6 +984,84 @@ def test_structured_output_from_python(llm):
         assert "unclosed group" in str(e.value) and "\n" not in str(e.value), (fmt, str(e.value))
 
 
+def test_grammars_holding_a_lone_surrogate_are_refused_naming_it(llm):
+    """A str can hold a lone surrogate, which llguidance (UTF-8) cannot take: in a Lark grammar it was
+    a bare UnicodeEncodeError, in a regex the codec's message, in a schema llguidance's "unexpected
+    end of hex escape". Each is GrammarInvalid naming the character; other non-ASCII text is kept."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import GrammarInvalid
+
+    for kw in (dict(grammar='start: "a\ud800"'), dict(response_format={"type": "regex", "regex": "x\udfff"}),
+               dict(response_format={"type": "grammar", "grammar": 'start: "\ud800"'}),
+               dict(response_format={"type": "json_schema", "json_schema": {"schema": {"const": "\ud800"}}}),
+               dict(response_format={"type": "json_schema", "json_schema": {"schema": {
+                   "type": "object", "properties": {"k\udc80": {}}}}})):
+        with pytest.raises(GrammarInvalid, match=r"lone surrogate \(U\+D[89A-F]\w\w at character \d+\)"):
+            llm.generate("?", max_new_tokens=3, **kw)
+    schema = {"enum": ["héllo", "世界"]}
+    assert llm.generate("?", max_new_tokens=10, temperature=1.0, seed=2, response_format={
+        "type": "json_schema", "json_schema": {"schema": schema}}) in ('"héllo"', '"世界"')
+
+
+def test_grammar_errors_do_not_quote_a_long_grammar_whole(llm):
+    """llguidance quotes a bad regex whole: a 10,000-character one made a 10,146-character error (in a
+    request body, megabytes). The message keeps its start and what is wrong, within 500 characters. A
+    schema nested too deep says so."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import GrammarInvalid
+
+    long = "x" * 20_000
+    for kw in (dict(response_format={"type": "regex", "regex": long + "("}), dict(grammar=f"start: /{long}(/"),
+               dict(response_format={"type": "json_schema", "json_schema": {"schema": {
+                   "type": "string", "pattern": long + "("}}}),
+               dict(response_format={"type": "regex", "regex": "(" * 5000 + "a" + ")" * 5000})):
+        with pytest.raises(GrammarInvalid) as e:
+            llm.generate("?", max_new_tokens=3, **kw)
+        message = str(e.value)
+        assert len(message) <= 550, message
+        assert message.endswith("unclosed group") or message.endswith("nested parentheses/brackets (250)"), message
+    # a schema deeper than llguidance's JSON reader goes said only "recursion limit exceeded at line 1 column 2491"
+    deep = {}
+    for _ in range(64):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for kw in (dict(response_format={"type": "json_schema", "json_schema": {"schema": deep}}),
+               dict(grammar=f"start: %json {json.dumps(deep)}")):
+        with pytest.raises(GrammarInvalid, match="JSON nested deeper than the 128 levels llguidance reads"):
+            llm.generate("?", max_new_tokens=3, **kw)
+
+
+def test_a_json_schema_format_without_a_schema_allows_any_json_as_the_server_does(llm):
+    """OpenAI's json_schema.schema is optional and the server takes a format without one (any JSON
+    value); generate() refused the same dict ("needs {'json_schema': {'name': ..., 'schema': ...}}")."""
+    pytest.importorskip("llguidance")
+    options = dict(max_new_tokens=12, temperature=1.0, seed=4)
+    anything = llm.generate("?", response_format={"type": "json_schema", "json_schema": {"schema": {}}}, **options)
+    for spec in ({"name": "x"}, {"name": "x", "schema": None}, {}):
+        assert llm.generate("?", response_format={"type": "json_schema", "json_schema": spec}, **options) == anything
+    for spec, what in (("abc", "json_schema of type str"), (None, "json_schema of type NoneType"),
+                       ({"schema": [1]}, "a schema of type list"), ({"schema": "x"}, "a schema of type str")):
+        with pytest.raises(ValueError, match=what):
+            llm.generate("?", response_format={"type": "json_schema", "json_schema": spec})
+
+
+def test_a_list_of_prompts_refuses_structured_output_before_compiling_it(llm, monkeypatch):
+    """A list of prompts with a grammar compiled the grammar (seconds for a large schema) before it
+    was refused, and a grammar that cannot be followed raised its own error instead of the refusal."""
+    pytest.importorskip("llguidance")
+    from pyllm import structured
+
+    compiled, compile_grammar = [], structured.GrammarProcessor
+    monkeypatch.setattr(structured, "GrammarProcessor", lambda *args: compiled.append(args) or compile_grammar(*args))
+    for kw in (dict(grammar="start: start"), dict(response_format={"type": "json_object"}),
+               dict(response_format={"type": "regex", "regex": "a{1000000}"})):
+        with pytest.raises(ValueError, match="apply to one prompt at a time"):
+            llm.generate(["a", "b"], max_new_tokens=2, **kw)
+    assert compiled == []
+    with pytest.raises(ValueError, match="response_format type must be one of"):
+        llm.generate(["a", "b"], response_format={"type": "yaml"})
+    assert len(llm.generate(["a", "b"], max_new_tokens=2, response_format={"type": "text"})) == 2
+
+
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
     import sys
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -395,6 +396,91 @@ def test_json_schema_output_validates_on_sampled_runs(live):
     chunks = client.chat.completions.create(model="tiny", messages=_chat("a pet"), max_tokens=200, temperature=1.0,
                                             seed=99, response_format=fmt, stream=True)
     jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), SCHEMA)
+
+
+def test_a_grammar_is_compiled_once_for_all_choices_and_prompts(live, monkeypatch):
+    """Each choice compiled its grammar again: n=128 choices of a schema of 10,000 properties took two
+    minutes and 4 GB before the first token (2048 prompts x n: half an hour, 64 GB). A compiled grammar
+    is now copied for each choice, each prompt and the next requests with the same grammar; each copy
+    follows its own choice (a seeded request gives what it gave compiled alone)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    llguidance = pytest.importorskip("llguidance")
+    compiled = []
+
+    class Counting:  # llguidance.LLMatcher, counting the matchers compiled
+        def __init__(self, real):
+            self.real = real
+
+        def __call__(self, *args, **kwargs):
+            compiled.append(args[1])
+            return self.real(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(20)},
+              "required": ["p0", "p1"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "many", "schema": schema}}
+    client = live.client()
+    alone = [client.chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=40, temperature=1.0,
+                                            seed=5 + k, response_format=fmt).choices[0].message.content
+             for k in range(3)]
+    monkeypatch.setattr(llguidance, "LLMatcher", Counting(llguidance.LLMatcher))
+    reply = client.chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=40, temperature=1.0,
+                                           seed=5, n=3, response_format=fmt)
+    assert [c.message.content for c in reply.choices] == alone
+    lark = 'start: "a" /[0-9]{3}/ | "b" /[xyz]+/'
+    reply = client.completions.create(model="tiny", prompt=["one", "two"], n=3, max_tokens=8, temperature=1.0,
+                                      seed=1, extra_body={"response_format": {"type": "grammar", "grammar": lark}})
+    assert len(reply.choices) == 6 and all(re.fullmatch("a[0-9]{3}|b[xyz]+", c.text) for c in reply.choices
+                                           if c.finish_reason == "stop")
+    assert len(compiled) == 1, f"{len(compiled)} compiles"  # the schema's were kept: the grammar's only
+    for c in alone:
+        if c.endswith("}"):
+            jsonschema.validate(json.loads(c), schema)
+
+
+def test_requests_compiling_grammars_do_not_hold_up_the_others(live, monkeypatch):
+    """Grammars were compiled in the worker threads every request shares (parsing bodies, rendering,
+    answers): as many requests with slow grammars as there are such threads (eight schemas of 10,000
+    properties) held up every other request (a plain one waited 71 s). They start in threads of their
+    own now: a plain request is answered while every grammar thread is busy."""
+    import threading
+
+    from pyllm import serve, structured
+
+    release, entered = threading.Event(), []
+    compile_matcher = structured._matcher
+
+    def slow(*args):  # a compile that takes until release (at most a minute)
+        entered.append(1)
+        release.wait(60)
+        return compile_matcher(*args)
+
+    monkeypatch.setattr(structured, "_matcher", slow)
+    client = live.client()
+    shared = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default worker threads
+    replies = []
+
+    def ask(k):
+        replies.append(client.completions.create(model="tiny", prompt=f"{k}", max_tokens=1,
+                                                 extra_body={"response_format": {"type": "json_object"}}))
+
+    asking = [threading.Thread(target=ask, args=(k,)) for k in range(shared + 1)]
+    try:
+        for t in asking:
+            t.start()
+        deadline = time.time() + 30
+        while len(entered) < min(serve.GRAMMAR_WORKERS, shared) and time.time() < deadline:
+            time.sleep(0.02)
+        started = time.time()
+        plain = client.with_options(timeout=10).completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert plain.usage.completion_tokens == 2 and time.time() - started < 10
+    finally:
+        release.set()
+        for t in asking:
+            t.join(60)
+    assert len(replies) == shared + 1 and all(r.choices[0].text.startswith("{") for r in replies)
 
 
 def test_json_object_regex_and_grammar(live):

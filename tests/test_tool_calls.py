@@ -216,6 +216,72 @@ def test_forced_calls_keep_the_meaning_of_references_and_are_objects(tiny_llama_
             assert matcher.is_error(), parameters  # cannot be forced: a 400 naming tools in the server
 
 
+def test_forced_calls_keep_each_tools_anchors(tiny_llama_f32):
+    """A reference to an anchor ("$ref": "#node" for "$anchor": "node") was rewritten as a pointer
+    ("#/$defs/tool_0node"): such tools were refused (400, "Pointer ... does not exist"). Anchors name
+    a place in the whole document, so two tools with the same anchor name shared one: a forced call
+    to f (anchor: integer) took g's (boolean), '{"a": true}'. Each tool's anchors are its own now."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    def anchored(key, kind):
+        return {"type": "object", "properties": {key: {"$ref": "#node"}}, "required": [key],
+                "additionalProperties": False, "$defs": {"n": {"$anchor": "node", "type": kind}}}
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": anchored("a", "integer")}},
+             {"type": "function", "function": {"name": "g", "parameters": anchored("b", "boolean")}}]
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        check_tools(fmt, tools)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for fmt, key, wrap in ((Hermes(), "arguments", "<tool_call>\n{}\n</tool_call>"),
+                               (Llama3(), "parameters", "{}")):
+            for forced in (None, "f", "g"):
+                grammar = forced_call_grammar(fmt, tools, forced, False, llm.tokenizer)
+
+                def accepts(name, arguments):
+                    call = json.dumps({"name": name, key: arguments}, separators=(", ", ": "))
+                    return _forced_accepts(llguidance, ll, grammar, wrap.replace("{}", call, 1))
+                if forced != "g":
+                    assert accepts("f", {"a": 3}) and not accepts("f", {"a": True}), (fmt.name, forced)
+                if forced != "f":
+                    assert accepts("g", {"b": True}) and not accepts("g", {"b": 3}), (fmt.name, forced)
+
+
+def test_forced_calls_keep_references_relative_to_an_id(tiny_llama_f32):
+    """In a schema with an "$id" (a resource of its own) "#/$defs/X" and "#" mean that schema's own
+    places; they were rewritten to point under the call's root, inside that resource: such tools
+    were refused ("Pointer '/$defs/X' does not exist"), at the root of the parameters or nested."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    rooted = {"$id": "urn:example:f", "type": "object",
+              "properties": {"a": {"$ref": "#/$defs/X"}, "kid": {"$ref": "#"}}, "required": ["a"],
+              "additionalProperties": False, "$defs": {"X": {"type": "integer"}}}
+    inner = {"$id": "urn:example:inner", "type": "object", "properties": {"c": {"$ref": "#/$defs/Y"}},
+             "required": ["c"], "additionalProperties": False, "$defs": {"Y": {"type": "boolean"}}}
+    nested = {"type": "object", "properties": {"b": inner}, "required": ["b"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": rooted}},
+             {"type": "function", "function": {"name": "g", "parameters": nested}}]
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        check_tools(fmt, tools)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for forced in (None, "f", "g"):
+            grammar = forced_call_grammar(Llama3(), tools, forced, False, llm.tokenizer)
+
+            def accepts(name, arguments):
+                call = json.dumps({"name": name, "parameters": arguments}, separators=(", ", ": "))
+                return _forced_accepts(llguidance, ll, grammar, call)
+            if forced != "g":
+                assert accepts("f", {"a": 3}) and accepts("f", {"a": 3, "kid": {"a": 4}})
+                assert not accepts("f", {"a": True}) and not accepts("f", {"a": 3, "kid": {}})
+            if forced != "f":
+                assert accepts("g", {"b": {"c": True}}) and not accepts("g", {"b": {"c": 1}})
+
+
 def test_stream_sees_a_special_token_marker_among_the_piece_tokens():
     """Streamed pieces leave special tokens out: a marker that is one (Mistral's [TOOL_CALLS], id 7
     here) is seen among the piece's token ids; text before it still comes back as content."""
@@ -292,6 +358,37 @@ def test_check_tools_names_the_tool_whose_parameters_no_call_meets(monkeypatch):
     with pytest.raises(ToolError, match="type is 'string'") as e:
         check_tools(Hermes(), [bad])
     assert e.value.param == "tools[0].function.parameters"
+
+
+def test_check_tools_compiles_a_tool_schema_once(monkeypatch):
+    """Clients send the same tools with every request, and check_tools compiled each tool's schema
+    again each time (a tool of 2,000 properties: 0.4 s, 128 of them in one request: a minute). Its
+    verdict is remembered, the refusal too; another schema is compiled."""
+    llguidance = pytest.importorskip("llguidance")
+    compiled, real = [], llguidance.LLMatcher
+
+    class Counting:  # llguidance.LLMatcher, counting the schemas validated
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def validate_grammar(self, grammar, *args):
+            compiled.append(grammar)
+            return real.validate_grammar(grammar, *args)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counting())
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}, "required": ["p7"]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": big}},
+             {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "minProperties": 3}}}]
+    bad = {"type": "function", "function": {"name": "h", "parameters": {"type": "object", "properties": {
+        "x": {"type": "bogus-type-for-this-test"}}}}}
+    for _ in range(3):
+        check_tools(Hermes(), tools)
+        with pytest.raises(ToolError, match="Invalid type: bogus-type-for-this-test") as e:
+            check_tools(Hermes(), [tools[0], bad])
+        assert e.value.param == "tools[1].function.parameters"
+    assert len(compiled) == 3
+    check_tools(Llama3(), tools)  # its calls hold "parameters": other schemas
+    assert len(compiled) == 5
 
 
 CUT_CALLS = {  # three calls in each format, the third to be cut
