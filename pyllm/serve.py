@@ -690,6 +690,7 @@ class Server:
         try:
             # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request
             # that compiles a grammar starts in threads of its own (grammar_workers)
+            self._refuse_when_stopping()  # (its grammar workers are shut down by then)
             workers = self.grammar_workers if _compiles_grammar(req, chat) else None
             plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
             kind = "chat.completion" if chat else "text_completion"
