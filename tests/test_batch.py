@@ -358,6 +358,50 @@ def test_stop_text_holds_back_what_may_start_a_stop_string():
     assert text.finish() == ""  # nothing before the stop string is left, and no flush after a stop
 
 
+def _partial_stop_reference(text: str, stop: list[str]) -> int:
+    """The longest suffix of text that is a proper prefix of a stop string, by trying every length."""
+    return max([n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
+
+
+def test_stop_prefixes_follow_the_text_as_trying_every_prefix_does():
+    """The held-back length (StopText's _StopPrefixes, a KMP automaton per stop string fed each
+    token's text) equals the longest suffix of the text so far that begins a stop string, for
+    periodic and overlapping stop strings fed in chunks of every size."""
+    from pyllm.llm import _StopPrefixes
+
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        alphabet = "ab" if trial % 2 else "abc"
+        stop = ["".join(rng.choice(list(alphabet), rng.integers(1, 9))) for _ in range(rng.integers(1, 4))]
+        if trial % 5 == 0:
+            stop.append("")  # ignored, as _find_stop ignores it
+        text, prefixes = "", _StopPrefixes(stop)
+        while len(text) < 60:
+            chunk = "".join(rng.choice(list(alphabet), rng.integers(0, 5)))
+            if any(s and s in text + chunk for s in stop):
+                break  # StopText stops at a whole stop string
+            text += chunk
+            assert prefixes.feed(chunk) == _partial_stop_reference(text, stop), (stop, text)
+
+
+def test_stop_strings_long_and_many_cost_time_linear_in_the_text():
+    """16 stop strings of 50,000 characters against text that keeps almost matching them: each
+    token cost O(length^2) (0.49 s a token on the thread all streams share, a request could ask for
+    it); now the text's characters once each. Work bound checked by time with a wide margin: the
+    old check took ~25 s for these 50 tokens."""
+    import time
+
+    from pyllm.llm import StopText
+
+    stop = ["a" * 25_000 + "x" + "a" * 25_000] * 15 + ["ab" * 25_000]
+    pieces = ["a" * 1000] * 50
+    text = StopText(_PieceDecoder(pieces), stop)
+    start = time.perf_counter()
+    out = "".join(text.push(i) for i in range(50))
+    assert time.perf_counter() - start < 2.0
+    assert out == "a" * 25_000 and text.held == "a" * 25_000  # held: the first stop strings' a-run
+
+
 def test_stop_text_finish_flushes_and_finds_a_stop_completed_there():
     from pyllm.llm import StopText
 
