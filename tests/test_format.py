@@ -28,6 +28,7 @@ import pytest
 
 import pyllm
 from pyllm import _core
+from pyllm.errors import LimitError
 from pyllm.formats.packed import PackedModel
 from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, FormatError, PlannedTensor, SafetensorsFile,
                                        verify_checksums, write_atomic)
@@ -363,6 +364,9 @@ CASES = {
     "config_rope_linear_factor_missing": (set_config(rope_scaling={"rope_type": "linear"}),
                                           ["linear rope_scaling needs factor"]),
     "config_sliding_window_past_int64": (set_config(sliding_window=2**63), ["sliding_window must be null or a positive"]),
+    # refused by the C++ engine with a ValueError that did not name the file
+    "config_rope_type_unknown": (set_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+                                 ["unsupported rope_scaling type 'yarn'"]),
     "linears_missing": (set_meta("pyllm.linears", None), ["lacks 'pyllm.linears'"]),
     "linears_json_list": (set_meta("pyllm.linears", "[1, 2]"), ["'pyllm.linears' must be a JSON object"]),
     "linear_entry_missing": (header_edit(lambda h: meta_json(h, "pyllm.linears", lambda c: c.pop("lm_head"))),
@@ -497,6 +501,26 @@ for path in sys.argv[1:]:
         assert is_value_error and msg, f"{path}: {kind}: {msg}"
         errors += 1
     assert errors >= len(paths) // 2, "most header flips should be detected"
+
+
+def test_learned_positions_past_the_context_are_an_option_error_not_a_file_error(make_file, valid):
+    """A context longer than a model's learned position table is the caller's option, refused as a
+    LimitError before the engine (whose refusals are about the file, FormatError naming it)."""
+    header, data = valid
+    rows = 256 * 64 * 4  # F32 [max_position_embeddings, hidden]
+
+    def learned(h, d):
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h["model.embed_positions.weight"] = {"dtype": "F32", "shape": [256, 64], "data_offsets": [len(d), len(d) + rows]}
+        meta_json(h, "pyllm.config", lambda c: c.update(position_embedding="learned"))
+        return join_file(h, d + b"\0" * rows)
+
+    path = make_file(learned)
+    with pytest.raises(LimitError, match="context_length 300 exceeds the model's 256 learned positions") as info:
+        pyllm.LLM(path, n_threads=1, context_length=300)
+    assert not isinstance(info.value, FormatError)
+    with pyllm.LLM(path, n_threads=1, context_length=256) as llm:
+        assert llm.context_length == 256
 
 
 # --------------------------------------------------------------------------- the C++ layer on its own
