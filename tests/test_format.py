@@ -342,6 +342,17 @@ CASES = {
     "config_eps_string": (set_config(norm_eps="1e-6"), ["norm_eps must be a positive finite number"]),
     "config_eps_negative": (set_config(norm_eps=-1e-6), ["norm_eps must be a positive finite number"]),
     "config_eps_nan": (set_config(norm_eps=float("nan")), ["norm_eps must be a positive finite number"]),
+    # the engines compute in float32: these became infinity or 0 there, and the file loaded to answer garbage
+    # (every logit 0, or NaN)
+    "config_eps_past_float32": (set_config(norm_eps=1e39), ["norm_eps must be a positive finite number (float32's"]),
+    "config_embedding_scale_past_float32": (set_config(embedding_scale=1e300), ["embedding_scale must be a positive"]),
+    "config_embedding_scale_below_float32": (set_config(embedding_scale=1e-300), ["embedding_scale must be a positive"]),
+    "config_attention_scale_past_float32": (set_config(attention_scale=1e300), ["attention_scale must be null or"]),
+    "config_softcap_below_float32": (set_config(final_logit_softcapping=1e-300), ["final_logit_softcapping must be"]),
+    "config_rope_factor_past_float32": (set_config(rope_scaling={"rope_type": "linear", "factor": 1e300}),
+                                        ["rope_scaling must be null or an object", "within float32's range"]),
+    "config_rope_factor_below_float32": (set_config(rope_scaling={"rope_type": "linear", "factor": 1e-300}),
+                                         ["rope_scaling factor must be positive"]),
     "config_theta_zero": (set_config(rope_theta=0), ["rope_theta must be a positive finite number"]),
     "config_theta_infinite": (set_config(rope_theta=float("inf")), ["rope_theta must be a positive finite number"]),
     "config_tie_not_bool": (set_config(tie_word_embeddings="no"), ["tie_word_embeddings must be true or false"]),

@@ -40,6 +40,10 @@ MAX_GROUP_SIZE = 1 << 20
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
                "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
+# the engines compute in float32: a config number past its range (or below its smallest normal value) is
+# not the number the file gives (norm_eps 1e39 became infinity and every logit 0; embedding_scale 1e-300, 0)
+F32_MAX = 3.4028234663852886e38
+F32_MIN_NORMAL = 1.1754943508222875e-38
 GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -108,14 +112,16 @@ class ModelConfig:
             raise FormatError("model config: num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise FormatError("model config: head_dim must be even")
+        in_range = f"(float32's range, {F32_MIN_NORMAL:.4g} to {F32_MAX:.4g})"
         for name in ("norm_eps", "rope_theta", "embedding_scale"):
             value = getattr(self, name)
-            if not _is_real(value) or not 0 < value < math.inf:
-                raise FormatError(f"model config: {name} must be a positive finite number, got {value!r}")
+            if not _is_f32_positive(value):
+                raise FormatError(f"model config: {name} must be a positive finite number {in_range}, got {value!r}")
         for name in ("rope_theta_local", "attention_scale", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, name)
-            if value is not None and (not _is_real(value) or not 0 < value < math.inf):
-                raise FormatError(f"model config: {name} must be null or a positive finite number, got {value!r}")
+            if value is not None and not _is_f32_positive(value):
+                raise FormatError(f"model config: {name} must be null or a positive finite number {in_range}, got "
+                                  f"{value!r}")
         if not isinstance(self.architecture, str):
             raise FormatError(f"model config: architecture must be a string, got {self.architecture!r}")
         from ..arch import ARCHITECTURES  # the registry imports this module
@@ -146,13 +152,13 @@ class ModelConfig:
             # the keys the engine reads must have the right types; others are carried along
             numbers = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
             ok = isinstance(self.rope_scaling, dict) and all(
-                isinstance(v, str) if k in ("type", "rope_type") else _is_real(v) and math.isfinite(v)
+                isinstance(v, str) if k in ("type", "rope_type") else _is_real(v) and abs(v) <= F32_MAX
                 for k, v in self.rope_scaling.items() if k in ("type", "rope_type") + numbers
             )
             if not ok:
                 raise FormatError(
                     f"model config: rope_scaling must be null or an object whose type is a string and whose "
-                    f"{', '.join(numbers)} are numbers, got {self.rope_scaling!r}"
+                    f"{', '.join(numbers)} are finite numbers within float32's range, got {self.rope_scaling!r}"
                 )
             # what the engine refuses when it loads the file (rope_inv_freq), refused when the file is written
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
@@ -162,14 +168,14 @@ class ModelConfig:
             absent = [key for key in needed if self.rope_scaling.get(key) is None]
             if absent:
                 raise FormatError(f"model config: {kind} rope_scaling needs {', '.join(absent)}, got {self.rope_scaling!r}")
-            if kind != "default" and not self.rope_scaling.get("factor", 1.0) > 0:
-                raise FormatError(f"model config: rope_scaling factor must be positive, got "
+            if kind != "default" and not _is_f32_positive(self.rope_scaling.get("factor", 1.0)):
+                raise FormatError(f"model config: rope_scaling factor must be positive {in_range}, got "
                                   f"{self.rope_scaling.get('factor')!r}")
             if kind == "llama3":
                 low = self.rope_scaling["low_freq_factor"]
                 high = self.rope_scaling["high_freq_factor"]
                 old_len = self.rope_scaling["original_max_position_embeddings"]
-                if not (low > 0 and high > low and old_len > 0):
+                if not (_is_f32_positive(low) and high > low and _is_f32_positive(old_len)):
                     raise FormatError(f"model config: llama3 rope_scaling needs 0 < low_freq_factor < "
                                       f"high_freq_factor and a positive original_max_position_embeddings, got "
                                       f"{self.rope_scaling!r}")
@@ -280,6 +286,11 @@ def check_generation_defaults(values: dict, where: str) -> None:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_f32_positive(value) -> bool:
+    """value is a real number that float32 holds as a positive normal number."""
+    return _is_real(value) and F32_MIN_NORMAL <= value <= F32_MAX
 
 
 def _is_int(value) -> bool:
