@@ -410,6 +410,12 @@ CASES = {
     "generation_negative_temperature": (set_meta("pyllm.generation", '{"temperature": -1, "do_sample": true}'),
                                         ["'temperature'", ">= 0"]),
     "generation_negative_top_k": (set_meta("pyllm.generation", '{"top_k": -5, "do_sample": true}'), ["'top_k'", "integer >= 0"]),
+    # json reads a 400-digit number as an int that no float holds: OverflowError from math.isfinite at load, or
+    # from float() at every generate()
+    "generation_int_past_float": (set_meta("pyllm.generation", '{"temperature": ' + "9" * 400 + '}'),
+                                  ["generation default 'temperature' has an invalid value 9999", "a finite number"]),
+    "generation_int_past_float_max_tokens": (set_meta("pyllm.generation", '{"max_new_tokens": ' + "9" * 400 + '}'),
+                                             ["'max_new_tokens'", "a finite number"]),
     # truncated to 2 by int()
     "generation_fractional_max_new_tokens": (set_meta("pyllm.generation", '{"max_new_tokens": 2.5}'),
                                              ["'max_new_tokens'", "integer >= 0"]),

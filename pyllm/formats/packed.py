@@ -270,7 +270,7 @@ def check_generation_defaults(values: dict, where: str) -> None:
             ok, want = isinstance(value, bool), "true or false"
         elif key not in GENERATION_NUMBERS:
             continue
-        elif not (_is_real(value) and math.isfinite(value)):
+        elif not _is_finite(value):
             ok, want = False, "a finite number"
         elif key in ("top_k", "max_new_tokens"):
             ok, want = value >= 0 and value == int(value), "an integer >= 0"
@@ -281,11 +281,19 @@ def check_generation_defaults(values: dict, where: str) -> None:
         else:  # temperature
             ok, want = value >= 0, "a number >= 0"
         if not ok:
-            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r} (expected {want})")
+            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r:.80} (expected {want})")
 
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """value is a real number that a float holds (an int of 400 digits is not)."""
+    try:
+        return _is_real(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_f32_positive(value) -> bool:
