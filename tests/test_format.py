@@ -474,6 +474,24 @@ def test_garbage_tokenizer_blob_raises(make_file, valid):
     assert proc.returncode == 1, proc.stderr[-3000:]
 
 
+def test_tokenizer_ids_past_the_embeddings_are_refused_at_load(make_file, valid):
+    """A tokenizer.json of 400 tokens, one of them with id 100000: its count fitted the 512 embeddings,
+    then every text holding that token failed generate() ("token ids must lie in [0, 512)")."""
+    header, data = valid
+    b, e = header["tokenizer.json"]["data_offsets"]
+    tokenizer = json.loads(data[b:e])
+    vocab = tokenizer["model"]["vocab"]
+    vocab[next(t for t, i in vocab.items() if i == 42)] = 100000
+
+    def moved(h, d):
+        blob = json.dumps(tokenizer).encode()
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h["tokenizer.json"].update(shape=[len(blob)], data_offsets=[len(d), len(d) + len(blob)])
+        return join_file(h, d + blob)
+
+    expect_error(make_file(moved), "tokenizer has 100001 tokens but the model only 512 embeddings")
+
+
 def test_flipped_header_bytes_never_crash(make_file, valid, tmp_path):
     """Random single-byte corruptions of the header (fixed seed), loaded in a child process.
 
