@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats.packed import ModelConfig
-from .formats.safetensors import FormatError, PlannedTensor, SafetensorsFile
+from .formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, loads_json
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
 METADATA_KEY = "pyllm.adapters"
@@ -150,10 +150,7 @@ def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: 
     meta: metadata; tensors: name -> info with .dtype/.shape; array(name) -> numpy view."""
     if METADATA_KEY not in meta:
         return {}
-    try:
-        listed = json.loads(meta[METADATA_KEY])
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON ({e})") from None
+    listed = loads_json(meta[METADATA_KEY], f"{path}: metadata '{METADATA_KEY}'")
     if not isinstance(listed, dict):
         raise FormatError(f"{path}: metadata '{METADATA_KEY}' must be a JSON object")
     out = {}

@@ -392,6 +392,16 @@ CASES = {
     "linear_entry_short": (set_linear("lm_head", ["f32"]), ["must be [format, group_size]"]),
     "linear_format_vs_dtype": (set_linear("lm_head", ["int8", 32]), ["'lm_head.weight' is F32", "expected I8"]),
     "linear_extra_entry_bad": (set_linear("model.layers.0.extra_proj", ["q2", 0]), ["unknown format 'q2'"]),
+    # the header refuses a name given twice; the JSON inside its metadata took the last one
+    "config_duplicate_key": (set_meta("pyllm.config", '{"hidden_size": 64, "hidden_size": 32}'),
+                             ["metadata 'pyllm.config' lists 'hidden_size' twice"]),
+    "generation_duplicate_key": (set_meta("pyllm.generation", '{"temperature": 0.5, "temperature": 9}'),
+                                 ["metadata 'pyllm.generation' lists 'temperature' twice"]),
+    "linears_duplicate_key": (set_meta("pyllm.linears", '{"lm_head": ["f32", 0], "lm_head": ["int8", 32]}'),
+                              ["metadata 'pyllm.linears' lists 'lm_head' twice"]),
+    "adapters_duplicate_name": (set_meta("pyllm.adapters", '{"a": {"type": "prompt"}, "a": {"type": "prefix"}}'),
+                                ["metadata 'pyllm.adapters' lists 'a' twice"]),
+    "adapters_not_json": (set_meta("pyllm.adapters", "{"), ["metadata 'pyllm.adapters' is not valid JSON"]),
     "tokenizer_spec_missing": (set_meta("pyllm.tokenizer", None), ["lacks 'pyllm.tokenizer'"]),
     "tokenizer_kind_unknown": (set_tokenizer(kind="bpe"), ["unknown kind 'bpe'"]),
     "tokenizer_eos_not_list": (set_tokenizer(eos_token_ids=2), ["eos_token_ids must be a list"]),
@@ -903,6 +913,18 @@ def test_verify_refuses_a_file_without_checksums(tmp_path):
     path = str(tmp_path / "old.safetensors")
     save_file({"a": np.zeros(4, np.float32)}, path)
     with SafetensorsFile(path) as f, pytest.raises(FormatError, match="no checksums"):
+        verify_checksums(f)
+
+
+def test_verify_refuses_a_tensor_listed_twice_in_the_checksums(tmp_path):
+    """A wrong CRC, then the right one, for the same tensor: json.loads kept the last and verify passed."""
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "twice.safetensors")
+    value = np.arange(4, dtype=np.float32)
+    right = f"{zlib.crc32(value.tobytes()):08x}"
+    save_file({"a": value}, path, metadata={CHECKSUM_KEY: f'{{"a": "00000000", "a": "{right}"}}'})
+    with SafetensorsFile(path) as f, pytest.raises(FormatError, match=f"{CHECKSUM_KEY}' lists 'a' twice"):
         verify_checksums(f)
 
 

@@ -18,7 +18,6 @@ blobs ("tokenizer.json" or "tokenizer.model").
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -26,7 +25,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
-from .safetensors import FormatError, SafetensorsFile, verify_checksums
+from .safetensors import FormatError, SafetensorsFile, loads_json, verify_checksums
 
 FORMAT_NAME = "pyllm"
 FORMAT_VERSION = 2  # 2: the block description (architectures beyond LLaMA); 1 still opens
@@ -373,10 +372,7 @@ class PackedModel:
         def obj(key: str, default: str | None = None) -> dict:
             if key not in meta and default is None:
                 raise FormatError(f"{self.path}: metadata lacks '{key}'")
-            try:
-                value = json.loads(meta.get(key, default))
-            except (ValueError, RecursionError) as e:
-                raise FormatError(f"{self.path}: metadata '{key}' is not valid JSON ({type(e).__name__}: {e})") from None
+            value = loads_json(meta.get(key, default), f"{self.path}: metadata '{key}'")
             if not isinstance(value, dict):
                 raise FormatError(f"{self.path}: metadata '{key}' must be a JSON object, got {type(value).__name__}")
             return value

@@ -86,6 +86,18 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def loads_json(text: str, what: str):
+    """json.loads of JSON text a file holds; what names it in messages ("{path}: metadata 'KEY'").
+    FormatError for invalid JSON, nesting too deep to parse, and a key given twice in an object (which
+    json.loads would settle as "the last one wins", another reader perhaps as the first)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"{what} lists {e.args[0]!r} twice") from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{what} is not valid JSON ({type(e).__name__}: {e})") from None
+
+
 def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -237,10 +249,7 @@ def verify_checksums(f: SafetensorsFile) -> int:
     raw = f.metadata.get(CHECKSUM_KEY)
     if raw is None:
         raise _fail(f.path, "carries no checksums (written by a pyllm before they were added); convert it again")
-    try:
-        sums = json.loads(raw)
-    except (ValueError, RecursionError):
-        sums = None
+    sums = loads_json(raw, f"{f.path}: metadata '{CHECKSUM_KEY}'")
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise _fail(f.path, f"metadata '{CHECKSUM_KEY}' is not a JSON object of hex strings")
     names = [n for n in f.tensors if not n.startswith("__pad__")]
