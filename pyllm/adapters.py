@@ -172,8 +172,14 @@ def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: 
         if not 0 < virtual <= MAX_VIRTUAL_TOKENS or shape != expected:
             raise FormatError(f"{path}: adapter {name!r} tensor is {list(shape)}, the model needs {list(expected)} "
                               f"with 1..{MAX_VIRTUAL_TOKENS} virtual tokens")
-        out[name] = PromptAdapter(name, kind, array(tensor_name), str(info.get("peft_type", "")),
-                                  str(info.get("base_model", "")))
+        if info.get("virtual_tokens", virtual) != virtual:
+            raise FormatError(f"{path}: adapter {name!r} lists {info['virtual_tokens']!r:.40} virtual tokens but its "
+                              f"tensor holds {virtual}")
+        tensor = array(tensor_name)
+        # as read_peft_adapter and the writer refuse them: loaded, it made every generate() with it fail
+        if not np.isfinite(tensor).all():
+            raise FormatError(f"{path}: adapter {name!r} tensor '{tensor_name}' holds NaN or infinite values")
+        out[name] = PromptAdapter(name, kind, tensor, str(info.get("peft_type", "")), str(info.get("base_model", "")))
     return out
 
 

@@ -138,6 +138,19 @@ def truncate_at(where):
     return make
 
 
+def with_adapter(values: np.ndarray, **listing):
+    """The file with a prompt adapter 'a' (tensor values, f32 [virtual, 64]) listed as listing says."""
+
+    def make(h, d):
+        blob = np.ascontiguousarray(values, dtype=np.float32).tobytes()
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h["adapter.a.prompt"] = {"dtype": "F32", "shape": list(values.shape), "data_offsets": [len(d), len(d) + len(blob)]}
+        h["__metadata__"]["pyllm.adapters"] = json.dumps({"a": {"type": "prompt", **listing}})
+        return join_file(h, d + blob)
+
+    return make
+
+
 def length_field(value: int):
     def make(h, d):
         blob = join_file(h, d)
@@ -401,6 +414,11 @@ CASES = {
                               ["metadata 'pyllm.linears' lists 'lm_head' twice"]),
     "adapters_duplicate_name": (set_meta("pyllm.adapters", '{"a": {"type": "prompt"}, "a": {"type": "prefix"}}'),
                                 ["metadata 'pyllm.adapters' lists 'a' twice"]),
+    # loaded; then every generate() with the adapter failed on non-finite logits
+    "adapter_nan": (with_adapter(np.full((4, 64), np.nan), virtual_tokens=4),
+                    ["adapter 'a' tensor 'adapter.a.prompt' holds NaN or infinite values"]),
+    "adapter_virtual_tokens_disagree": (with_adapter(np.zeros((4, 64)), virtual_tokens=7),
+                                        ["adapter 'a' lists 7 virtual tokens but its tensor holds 4"]),
     "adapters_not_json": (set_meta("pyllm.adapters", "{"), ["metadata 'pyllm.adapters' is not valid JSON"]),
     "tokenizer_spec_missing": (set_meta("pyllm.tokenizer", None), ["lacks 'pyllm.tokenizer'"]),
     "tokenizer_kind_unknown": (set_tokenizer(kind="bpe"), ["unknown kind 'bpe'"]),
