@@ -155,6 +155,14 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
         assert status == 0, err2
         assert "is damaged" in err2 and "converting the" in err2 and out2 == out
         assert os.path.getsize(entry.path) == size and "(damaged" not in run(capsys, "list")[1]
+    # overwritten in place, its size kept: every run failed with a FormatError naming the cached file
+    with open(entry.path, "r+b") as f:
+        f.seek(8)
+        f.write(b"[" * 16)
+    assert "(damaged" in run(capsys, "list")[1]
+    status, out2, err2, _ = run(capsys, *argv)
+    assert status == 0, err2
+    assert "is damaged (header is not valid JSON" in err2 and "converting the" in err2 and out2 == out
 
     calls = []
 
