@@ -294,6 +294,8 @@ def damage_of(model_path: str, info: dict | None = None) -> str | None:
         PackedModel(model_path).close()
     except FormatError as e:
         return str(e).removeprefix(f"{model_path}: ")
+    except OSError:  # unreadable (its mode) or gone since: not damage seen here; opening it says why
+        return None
     return None
 
 

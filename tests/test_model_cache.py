@@ -180,6 +180,21 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
     assert "is damaged" in capsys.readouterr().err and os.path.getsize(path) == size
 
 
+def test_a_cached_file_that_cannot_be_opened_is_listed_not_damaged(gguf_file, cache, monkeypatch, capsys):
+    """The header check of damage_of reads the file: one this user may not read (or gone meanwhile) is
+    no damage seen, and `pyllm list` still lists it (opening it says why it fails)."""
+    from pyllm.formats import packed
+
+    assert run(capsys, "run", gguf_file, "-p", "hi", "-n", "1", "-t", "1", "--chat-template", "chatml")[0] == 0
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(packed, "PackedModel", unreadable)
+    (entry,) = model_cache.list_entries()
+    assert not entry.damaged and model_cache.damage_of(entry.path) is None
+
+
 def test_list_and_rm_survive_odd_sidecars(gguf_file, cache, capsys):
     """A sidecar whose JSON is not what pyllm writes (edited by hand, from another version: settings a
     list or a string, a source that is a number or holds a NUL) made `pyllm list` fail with "error:
