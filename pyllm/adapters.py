@@ -148,9 +148,7 @@ def planned_tensors(adapters: list[PromptAdapter]) -> tuple[dict, list[PlannedTe
 def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: str) -> dict[str, PromptAdapter]:
     """The adapters a .pllm file lists, checked (FormatError naming what is wrong).
     meta: metadata; tensors: name -> info with .dtype/.shape; array(name) -> numpy view."""
-    if METADATA_KEY not in meta:
-        return {}
-    listed = loads_json(meta[METADATA_KEY], f"{path}: metadata '{METADATA_KEY}'")
+    listed = loads_json(meta[METADATA_KEY], f"{path}: metadata '{METADATA_KEY}'") if METADATA_KEY in meta else {}
     if not isinstance(listed, dict):
         raise FormatError(f"{path}: metadata '{METADATA_KEY}' must be a JSON object")
     out = {}
@@ -180,6 +178,10 @@ def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: 
         if not np.isfinite(tensor).all():
             raise FormatError(f"{path}: adapter {name!r} tensor '{tensor_name}' holds NaN or infinite values")
         out[name] = PromptAdapter(name, kind, tensor, str(info.get("peft_type", "")), str(info.get("base_model", "")))
+    # an adapter's tensor without its entry: the listing edited (or cut) to leave it out, silently
+    unlisted = sorted(n for n in tensors if n.startswith("adapter.") and n not in {a.tensor_name for a in out.values()})
+    if unlisted:
+        raise FormatError(f"{path}: tensor '{unlisted[0]}' is not an adapter that metadata '{METADATA_KEY}' lists")
     return out
 
 

@@ -138,14 +138,28 @@ def truncate_at(where):
     return make
 
 
+def with_extra_tensor(name: str, shape: list[int]):
+    """The file with one more tensor, F32 zeros of shape, after the others."""
+
+    def make(h, d):
+        size = 4 * int(np.prod(shape))
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(d), len(d) + size]}
+        return join_file(h, d + b"\0" * size)
+
+    return make
+
+
 def with_adapter(values: np.ndarray, **listing):
-    """The file with a prompt adapter 'a' (tensor values, f32 [virtual, 64]) listed as listing says."""
+    """The file with a prompt adapter 'a' (tensor values, f32 [virtual, 64]) listed as listing says (not
+    listed without it)."""
 
     def make(h, d):
         blob = np.ascontiguousarray(values, dtype=np.float32).tobytes()
         d += b"\0" * (-len(d) % ALIGNMENT)
         h["adapter.a.prompt"] = {"dtype": "F32", "shape": list(values.shape), "data_offsets": [len(d), len(d) + len(blob)]}
-        h["__metadata__"]["pyllm.adapters"] = json.dumps({"a": {"type": "prompt", **listing}})
+        if listing:
+            h["__metadata__"]["pyllm.adapters"] = json.dumps({"a": {"type": "prompt", **listing}})
         return join_file(h, d + blob)
 
     return make
@@ -347,6 +361,11 @@ CASES = {
     "config_hidden_inconsistent": (set_config(hidden_size=32), ["model.embed_tokens.weight", "expected F32 [512, 32]"]),
     "config_head_dim_inconsistent": (set_config(head_dim=32), [Q, "expected F32 [128, 64]"]),
     "config_vocab_inconsistent": (set_config(vocab_size=1024), ["expected F32 [1024, 64]"]),
+    # parts the model no longer uses loaded and ran without them (the untied lm_head, a q_proj bias)
+    "config_tied_beside_lm_head": (set_config(tie_word_embeddings=True),
+                                   ["tensor 'lm_head.weight' is no part of the model its config"]),
+    "config_bias_left_out": (with_extra_tensor(Q[:-len("weight")] + "bias", [64]),
+                             ["tensor 'model.layers.0.self_attn.q_proj.bias' is no part of the model"]),
     "config_extra_layer": (set_config(num_hidden_layers=3), ["declares 3 layers"]),
     # fewer layers than the file holds: ran the first, ignored the rest
     "config_fewer_layers": (set_config(num_hidden_layers=1), ["declares 1 layers but the file also holds tensors of layer 1"]),
@@ -419,6 +438,7 @@ CASES = {
                     ["adapter 'a' tensor 'adapter.a.prompt' holds NaN or infinite values"]),
     "adapter_virtual_tokens_disagree": (with_adapter(np.zeros((4, 64)), virtual_tokens=7),
                                         ["adapter 'a' lists 7 virtual tokens but its tensor holds 4"]),
+    "adapter_unlisted": (with_adapter(np.zeros((4, 64))), ["tensor 'adapter.a.prompt' is not an adapter that"]),
     "adapters_not_json": (set_meta("pyllm.adapters", "{"), ["metadata 'pyllm.adapters' is not valid JSON"]),
     "tokenizer_spec_missing": (set_meta("pyllm.tokenizer", None), ["lacks 'pyllm.tokenizer'"]),
     "tokenizer_kind_unknown": (set_tokenizer(kind="bpe"), ["unknown kind 'bpe'"]),

@@ -413,8 +413,10 @@ class PackedModel:
         self.adapters = load_from_file(meta, self.file.tensors, self.file.array, self.config, self.path)
 
     def _check_tensors(self) -> None:
-        """Every tensor the engine will use exists with the dtype and shape its format implies."""
+        """Every tensor the engine will use exists with the dtype and shape its format implies, and every
+        tensor but the padding, the tokenizer blob and the adapters is one of them."""
         t = self.file.tensors
+        used: set[str] = set()
         # each layer has at least 8 tensors: bound the layer count before building per-layer tables
         if self.config.num_hidden_layers * 8 > len(t):
             raise FormatError(
@@ -429,6 +431,7 @@ class PackedModel:
                 raise FormatError(
                     f"{self.path}: tensor '{name}' is {t[name].dtype} {list(t[name].shape)}, expected {dtype} {list(shape)}"
                 )
+            used.add(name)
 
         for base, (rows, cols) in self.config.linear_shapes().items():
             if base not in self.linears:
@@ -448,6 +451,14 @@ class PackedModel:
         blob = "tokenizer.json" if self.tokenizer.kind == "hf" else "tokenizer.model"
         if self.tokenizer.kind not in ("hf", "sentencepiece") or blob not in t or t[blob].dtype != "U8":
             raise FormatError(f"{self.path}: tokenizer of kind {self.tokenizer.kind!r} lacks its '{blob}' blob")
+        # a tensor the model does not use: its config or a matrix's format edited to leave a part out
+        # (attention_bias or qk_norm false, tie_word_embeddings true beside an lm_head, int4_asym read as
+        # int4_sym beside its mins) loaded and ran without it, answering garbage
+        unused = [n for n in t if n not in used and n not in TOKENIZER_BLOBS and not n.startswith(("__pad__", "adapter."))]
+        if unused:
+            more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+            raise FormatError(f"{self.path}: tensor '{unused[0]}'{more} is no part of the model its config and "
+                              f"linear formats describe (an edited config?)")
 
     def verify(self) -> int:
         """Checks every tensor's bytes against the file's checksums; returns the bytes checked.
