@@ -30,7 +30,8 @@ import pyllm
 from pyllm import _core
 from pyllm.errors import LimitError
 from pyllm.formats.packed import PackedModel
-from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, FormatError, PlannedTensor, SafetensorsFile,
+from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, HEADER_CHECKSUM_KEY, FormatError, PlannedTensor,
+                                       SafetensorsFile,
                                        verify_checksums, write_atomic)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -791,6 +792,7 @@ def test_write_atomic_roundtrip_with_official_reader(tmp_path):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
         sums = json.loads(meta.pop(CHECKSUM_KEY))
+        assert re.fullmatch("[0-9a-f]{8}", meta.pop(HEADER_CHECKSUM_KEY))
         assert meta == {"k": "v", "unicode": "café"}
         assert {k for k in f.keys() if not k.startswith("__pad__")} == set(values) == set(sums)
         for name, v in values.items():
@@ -944,6 +946,31 @@ def test_verify_finds_one_flipped_byte_in_any_tensor(tiny_llama_f32, tmp_path):
         r = subprocess.run([sys.executable, "-m", "pyllm", "verify", str(copy_path)], capture_output=True, text=True)
         assert r.returncode == 1 and name in r.stderr and "Traceback" not in r.stderr
     f.close()
+
+
+def test_verify_finds_a_changed_header(make_file, valid):
+    """A flipped digit of the config (rope_theta 10000 read as 10001), another chat template or end of
+    generation: loaded, answering differently, while `pyllm verify` said OK (the tensors' CRCs cover
+    only their bytes). The header's own checksum finds it; reformatted JSON is no change."""
+    from pyllm import cli
+
+    header, _ = valid
+    assert HEADER_CHECKSUM_KEY in header["__metadata__"]
+    reformatted = make_file(lambda h, d: join_file(None, d, raw_json=json.dumps(h, indent=2, sort_keys=True).encode()))
+    assert cli.main(["verify", reformatted]) == 0
+    edits = {
+        "config": lambda h: meta_json(h, "pyllm.config", lambda c: c.update(rope_theta=c["rope_theta"] + 1)),
+        "chat_template": lambda h: h["__metadata__"].update({"pyllm.chat_template": "{{ messages }}"}),
+        "tokenizer": lambda h: meta_json(h, "pyllm.tokenizer", lambda t: t.update(eos_token_ids=[3])),
+    }
+    for what, edit in edits.items():
+        path = make_file(header_edit(edit))
+        with pyllm.LLM(path, n_threads=1):
+            pass  # loads: only the checksums can tell
+        with pytest.raises(FormatError, match=f"{re.escape(path)}: the header does not match its checksum"):
+            PackedModel(path).verify()
+        r = subprocess.run([sys.executable, "-m", "pyllm", "verify", path], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 1 and "header does not match" in r.stderr, (what, r.stderr)
 
 
 def test_verify_refuses_a_file_without_checksums(tmp_path):

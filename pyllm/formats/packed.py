@@ -11,6 +11,7 @@ See docs/FORMAT.md. Metadata keys (all strings, JSON where noted):
   pyllm.source            JSON: provenance (converter, source path, quantization; for int8/int4 "quantizer":
                           method, bits_budget, GPTQ damping, calibration and its windows per domain)
   pyllm.checksums         JSON: {tensor name: CRC-32 of its bytes, 8 hex digits} (verify())
+  pyllm.header_checksum   CRC-32 of the rest of the header as canonical JSON (verify())
 Tensors: Hugging Face names ("model.layers.0.self_attn.q_proj.weight"), with
 ".scales" / ".mins" beside quantized weights, and the tokenizer files as U8
 blobs ("tokenizer.json" or "tokenizer.model").
