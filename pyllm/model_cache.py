@@ -31,7 +31,7 @@ from typing import Iterator
 
 from . import __version__
 from .formats.packed import FORMAT_VERSION
-from .formats.safetensors import FormatError, _umask, partial_file
+from .formats.safetensors import FormatError, _umask, partial_file, verify_header
 
 CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
 SIDECAR_SUFFIX = ".json"
@@ -279,8 +279,8 @@ def _read_sidecar(model_path: str) -> dict | None:
 def damage_of(model_path: str, info: dict | None = None) -> str | None:
     """Why a cached .pllm is not the file its conversion wrote (its size differs from the one the
     sidecar recorded: truncated by a full disk or a copy, emptied, replaced; or its header no longer
-    reads, overwritten in place), or None when it is (or when the sidecar, from an older pyllm,
-    recorded no size). The tensors' bytes are not read (`pyllm verify` checks them)."""
+    reads or matches its checksum, overwritten in place), or None when it is (or when the sidecar,
+    from an older pyllm, recorded no size). The tensors' bytes are not read (`pyllm verify` checks them)."""
     info = _read_sidecar(model_path) if info is None else info
     recorded = info.get("pllm_size") if isinstance(info, dict) else None
     if not isinstance(recorded, int):
@@ -291,7 +291,8 @@ def damage_of(model_path: str, info: dict | None = None) -> str | None:
     from .formats.packed import PackedModel
 
     try:  # the header, checked as a load checks it: a file of the right size damaged in place failed every run
-        PackedModel(model_path).close()
+        with PackedModel(model_path) as model:
+            verify_header(model.file)  # and against its checksum: a flipped digit of the config loaded
     except FormatError as e:
         return str(e).removeprefix(f"{model_path}: ")
     except OSError:  # unreadable (its mode) or gone since: not damage seen here; opening it says why

@@ -163,6 +163,15 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
     status, out2, err2, _ = run(capsys, *argv)
     assert status == 0, err2
     assert "is damaged (header is not valid JSON" in err2 and "converting the" in err2 and out2 == out
+    # a digit of the config changed in place: it loaded (and answered otherwise); its header checksum differs
+    with open(entry.path, "r+b") as f:
+        head = f.read(4096)
+        at = head.index(b'rope_theta\\": 10000.0')
+        f.seek(at + len(b'rope_theta\\": 1000'))
+        f.write(b"1")
+    status, out2, err2, _ = run(capsys, *argv)
+    assert status == 0, err2
+    assert "is damaged (the header does not match its checksum" in err2 and out2 == out
 
     calls = []
 

@@ -254,6 +254,17 @@ def header_checksum(metadata: dict[str, str], tensors: dict[str, dict]) -> str:
     return f"{zlib.crc32(json.dumps(canonical, sort_keys=True, separators=(',', ':')).encode('ascii')):08x}"
 
 
+def verify_header(f: SafetensorsFile) -> None:
+    """FormatError when f's header differs from its HEADER_CHECKSUM_KEY (nothing to check in files
+    written before it was added). Reads no tensor."""
+    recorded = f.metadata.get(HEADER_CHECKSUM_KEY)
+    tensors = {n: {"dtype": t.dtype, "shape": t.shape, "data_offsets": [t.begin, t.end]} for n, t in f.tensors.items()}
+    if recorded is not None and recorded.lower() != header_checksum(f.metadata, tensors):
+        raise _fail(f.path, f"the header does not match its checksum ({HEADER_CHECKSUM_KEY}): its metadata (the "
+                            "config, formats, tokenizer settings, chat template...) or tensor table changed since it "
+                            "was written (the file is corrupt)")
+
+
 def verify_checksums(f: SafetensorsFile) -> int:
     """Checks the CRC-32 of every tensor of f against its CHECKSUM_KEY metadata; returns the number
     of bytes checked. FormatError names the tensors that differ, lack a checksum, or that the
@@ -272,12 +283,7 @@ def verify_checksums(f: SafetensorsFile) -> int:
     if missing or extra:
         raise _fail(f.path, f"the checksums do not list the file's tensors (without one: {missing[:5]}; "
                             f"not in the file: {extra[:5]})")
-    recorded = f.metadata.get(HEADER_CHECKSUM_KEY)  # absent from files written before it was added
-    tensors = {n: {"dtype": t.dtype, "shape": t.shape, "data_offsets": [t.begin, t.end]} for n, t in f.tensors.items()}
-    if recorded is not None and recorded.lower() != header_checksum(f.metadata, tensors):
-        raise _fail(f.path, f"the header does not match its checksum ({HEADER_CHECKSUM_KEY}): its metadata (the "
-                            "config, formats, tokenizer settings, chat template...) or tensor table changed since it "
-                            "was written (the file is corrupt)")
+    verify_header(f)
     bad, checked = [], 0
     view = memoryview(f._mapped()) if f.file_size > f.data_offset else memoryview(b"")
     try:
