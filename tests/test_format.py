@@ -158,7 +158,8 @@ def with_adapter(values: np.ndarray, **listing):
     def make(h, d):
         blob = np.ascontiguousarray(values, dtype=np.float32).tobytes()
         d += b"\0" * (-len(d) % ALIGNMENT)
-        h["adapter.a.prompt"] = {"dtype": "F32", "shape": list(values.shape), "data_offsets": [len(d), len(d) + len(blob)]}
+        h["adapter.a.prompt"] = {"dtype": "F32", "shape": list(values.shape),
+                                 "data_offsets": [len(d), len(d) + len(blob)]}
         if listing:
             h["__metadata__"]["pyllm.adapters"] = json.dumps({"a": {"type": "prompt", **listing}})
         return join_file(h, d + blob)
@@ -379,7 +380,8 @@ CASES = {
     # (every logit 0, or NaN)
     "config_eps_past_float32": (set_config(norm_eps=1e39), ["norm_eps must be a positive finite number (float32's"]),
     "config_embedding_scale_past_float32": (set_config(embedding_scale=1e300), ["embedding_scale must be a positive"]),
-    "config_embedding_scale_below_float32": (set_config(embedding_scale=1e-300), ["embedding_scale must be a positive"]),
+    "config_embedding_scale_below_float32": (set_config(embedding_scale=1e-300),
+                                             ["embedding_scale must be a positive"]),
     "config_attention_scale_past_float32": (set_config(attention_scale=1e300), ["attention_scale must be null or"]),
     "config_softcap_below_float32": (set_config(final_logit_softcapping=1e-300), ["final_logit_softcapping must be"]),
     "config_rope_factor_past_float32": (set_config(rope_scaling={"rope_type": "linear", "factor": 1e300}),
@@ -596,7 +598,8 @@ def test_learned_positions_past_the_context_are_an_option_error_not_a_file_error
 
     def learned(h, d):
         d += b"\0" * (-len(d) % ALIGNMENT)
-        h["model.embed_positions.weight"] = {"dtype": "F32", "shape": [256, 64], "data_offsets": [len(d), len(d) + rows]}
+        h["model.embed_positions.weight"] = {"dtype": "F32", "shape": [256, 64],
+                                             "data_offsets": [len(d), len(d) + rows]}
         meta_json(h, "pyllm.config", lambda c: c.update(position_embedding="learned"))
         return join_file(h, d + b"\0" * rows)
 

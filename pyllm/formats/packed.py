@@ -281,7 +281,8 @@ def check_generation_defaults(values: dict, where: str) -> None:
         else:  # temperature
             ok, want = value >= 0, "a number >= 0"
         if not ok:
-            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r:.80} (expected {want})")
+            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r:.80} "
+                              f"(expected {want})")
 
 
 def _is_real(value) -> bool:
@@ -455,7 +456,8 @@ class PackedModel:
         # a tensor the model does not use: its config or a matrix's format edited to leave a part out
         # (attention_bias or qk_norm false, tie_word_embeddings true beside an lm_head, int4_asym read as
         # int4_sym beside its mins) loaded and ran without it, answering garbage
-        unused = [n for n in t if n not in used and n not in TOKENIZER_BLOBS and not n.startswith(("__pad__", "adapter."))]
+        unused = [n for n in t
+                  if n not in used and n not in TOKENIZER_BLOBS and not n.startswith(("__pad__", "adapter."))]
         if unused:
             more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
             raise FormatError(f"{self.path}: tensor '{unused[0]}'{more} is no part of the model its config and "

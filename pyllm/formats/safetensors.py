@@ -345,10 +345,11 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     tensor start on a 64-byte boundary (padding tensors named "__pad__.N" fill
     the gaps, since safetensors forbids holes). Float tensors must be finite
     (FormatError naming the tensor otherwise); the CRC-32 of every tensor goes
-    into the metadata (CHECKSUM_KEY), and one of the rest of the header (HEADER_CHECKSUM_KEY). The file appears under `path` only once
-    complete and synced; until then it has no name (Linux: O_TMPFILE, linked in
-    at the end), so a process killed mid-write leaves nothing behind. Elsewhere
-    a temporary "NAME.PID.XXXX.partial" file is renamed into place.
+    into the metadata (CHECKSUM_KEY), and one of the rest of the header
+    (HEADER_CHECKSUM_KEY). The file appears under `path` only once complete
+    and synced; until then it has no name (Linux: O_TMPFILE, linked in at the
+    end), so a process killed mid-write leaves nothing behind. Elsewhere a
+    temporary "NAME.PID.XXXX.partial" file is renamed into place.
     """
     path = os.fspath(path)
     plans = list(tensors)
