@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats.packed import ModelConfig
-from .formats.safetensors import FormatError, PlannedTensor, SafetensorsFile
+from .formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, loads_json
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
 METADATA_KEY = "pyllm.adapters"
@@ -148,12 +148,7 @@ def planned_tensors(adapters: list[PromptAdapter]) -> tuple[dict, list[PlannedTe
 def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: str) -> dict[str, PromptAdapter]:
     """The adapters a .pllm file lists, checked (FormatError naming what is wrong).
     meta: metadata; tensors: name -> info with .dtype/.shape; array(name) -> numpy view."""
-    if METADATA_KEY not in meta:
-        return {}
-    try:
-        listed = json.loads(meta[METADATA_KEY])
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON ({e})") from None
+    listed = loads_json(meta[METADATA_KEY], f"{path}: metadata '{METADATA_KEY}'") if METADATA_KEY in meta else {}
     if not isinstance(listed, dict):
         raise FormatError(f"{path}: metadata '{METADATA_KEY}' must be a JSON object")
     out = {}
@@ -175,8 +170,18 @@ def load_from_file(meta: dict, tensors: dict, array, config: ModelConfig, path: 
         if not 0 < virtual <= MAX_VIRTUAL_TOKENS or shape != expected:
             raise FormatError(f"{path}: adapter {name!r} tensor is {list(shape)}, the model needs {list(expected)} "
                               f"with 1..{MAX_VIRTUAL_TOKENS} virtual tokens")
-        out[name] = PromptAdapter(name, kind, array(tensor_name), str(info.get("peft_type", "")),
-                                  str(info.get("base_model", "")))
+        if info.get("virtual_tokens", virtual) != virtual:
+            raise FormatError(f"{path}: adapter {name!r} lists {info['virtual_tokens']!r:.40} virtual tokens but its "
+                              f"tensor holds {virtual}")
+        tensor = array(tensor_name)
+        # as read_peft_adapter and the writer refuse them: loaded, it made every generate() with it fail
+        if not np.isfinite(tensor).all():
+            raise FormatError(f"{path}: adapter {name!r} tensor '{tensor_name}' holds NaN or infinite values")
+        out[name] = PromptAdapter(name, kind, tensor, str(info.get("peft_type", "")), str(info.get("base_model", "")))
+    # an adapter's tensor without its entry: the listing edited (or cut) to leave it out, silently
+    unlisted = sorted(n for n in tensors if n.startswith("adapter.") and n not in {a.tensor_name for a in out.values()})
+    if unlisted:
+        raise FormatError(f"{path}: tensor '{unlisted[0]}' is not an adapter that metadata '{METADATA_KEY}' lists")
     return out
 
 

@@ -158,9 +158,13 @@ def cmd_merge(args) -> int:
 def cmd_verify(args) -> int:
     from .formats.packed import PackedModel
 
+    from .formats.safetensors import HEADER_CHECKSUM_KEY
+
     with PackedModel(args.model) as model:
         checked = model.verify()
-    print(f"{args.model}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums)")
+    header = ("the header matches its own" if HEADER_CHECKSUM_KEY in model.file.metadata
+              else "the header has none (written by an older pyllm): not checked")
+    print(f"{args.model}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums; {header})")
     return 0
 
 

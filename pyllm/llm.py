@@ -18,7 +18,7 @@ import numpy as np
 
 from .chat_template import normalize_messages, render_chat, resolve_chat_template
 from .formats.packed import PackedModel
-from .errors import PyllmError
+from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
 from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_parallel, check_threads
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax, most_likely
@@ -409,6 +409,14 @@ class LLM:
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         n_parallel = check_parallel(n_parallel)
+        # the options the engines refuse, refused here: what the engine's constructor raises is about the file
+        if self.config.position_embedding == "learned" and n_ctx > self.config.max_position_embeddings:
+            raise LimitError(f"context_length {n_ctx} exceeds the model's {self.config.max_position_embeddings} "
+                             "learned positions")
+        if device == "cuda" and n_parallel != 1:
+            raise ValueError("the CUDA engine holds one sequence (n_parallel=1); run batches on the CPU")
+        if device == "cuda" and kv_cache not in ("auto", "f32"):
+            raise ValueError(f"the CUDA engine keeps its KV cache in f32 (kv_cache='auto' or 'f32', not {kv_cache!r})")
         check_kv_cache_bytes(engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device),
                              f"{n_parallel} sequence(s) of {n_ctx} positions")
         self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
@@ -416,9 +424,16 @@ class LLM:
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)
         try:
-            self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
-                                         self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
-                                         kv_cache, n_parallel)
+            try:
+                self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
+                                             self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
+                                             kv_cache, n_parallel)
+            except ValueError as e:
+                # the engine checks the file again (tensor ranges, int4_asym_dq steps, the rope scaling type)
+                # and refused it with a ValueError that did not name it
+                if isinstance(e, PyllmError):
+                    raise
+                raise FormatError(f"{self.path}: {e}") from None
             if device == "cpu":
                 self.engine.activation_quant = activation_quant
         except BaseException:

@@ -32,7 +32,7 @@ from typing import Iterator
 from . import __version__
 from .errors import PyllmError
 from .formats.packed import FORMAT_VERSION
-from .formats.safetensors import FormatError, _umask, partial_file
+from .formats.safetensors import FormatError, _umask, partial_file, verify_header
 
 CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
 SIDECAR_SUFFIX = ".json"
@@ -277,7 +277,7 @@ class CacheEntry:
     source: str  # where it came from ("" when unknown)
     settings: dict
     stale: bool  # the source changed or vanished since the conversion
-    damaged: bool = False  # the .pllm is not the size it was written with (truncated, emptied, replaced)
+    damaged: bool = False  # the .pllm is not the file it was written as (damage_of: its size, its header)
 
     @property
     def name(self) -> str:
@@ -302,14 +302,26 @@ def _read_sidecar(model_path: str) -> dict | None:
 
 def damage_of(model_path: str, info: dict | None = None) -> str | None:
     """Why a cached .pllm is not the file its conversion wrote (its size differs from the one the
-    sidecar recorded: truncated by a full disk or a copy, emptied, replaced), or None when it is (or
-    when the sidecar, from an older pyllm, recorded no size)."""
+    sidecar recorded: truncated by a full disk or a copy, emptied, replaced; or its header no longer
+    reads or matches its checksum, overwritten in place), or None when it is (or when the sidecar,
+    from an older pyllm, recorded no size). The tensors' bytes are not read (`pyllm verify` checks them)."""
     info = _read_sidecar(model_path) if info is None else info
     recorded = info.get("pllm_size") if isinstance(info, dict) else None
     if not isinstance(recorded, int):
         return None
     size = os.path.getsize(model_path)
-    return None if size == recorded else f"{size} bytes, {recorded} when it was converted"
+    if size != recorded:
+        return f"{size} bytes, {recorded} when it was converted"
+    from .formats.packed import PackedModel
+
+    try:  # the header, checked as a load checks it: a file of the right size damaged in place failed every run
+        with PackedModel(model_path) as model:
+            verify_header(model.file)  # and against its checksum: a flipped digit of the config loaded
+    except FormatError as e:
+        return str(e).removeprefix(f"{model_path}: ")
+    except OSError:  # unreadable (its mode) or gone since: not damage seen here; opening it says why
+        return None
+    return None
 
 
 def write_sidecar(model_path: str, info: dict) -> None:
@@ -407,7 +419,7 @@ def format_entries(entries: list[CacheEntry]) -> str:
     for e in entries:
         note = " (source changed or gone: converted again on next use)" if e.stale else ""
         if e.damaged:
-            note += " (damaged, not the size it was converted to: made again on next use)"
+            note += " (damaged, not the file it was converted to: made again on next use)"
         settings = f" [{_describe(e.settings)}]" if e.settings else ""
         lines.append(f"{e.name:<{width}}  {e.size / 1e6:>6.1f} MB  {e.source or '?'}{settings}{note}")
     lines.append(f"in {cache_dir()}; total {sum(e.size for e in entries) / 1e6:.1f} MB")

@@ -49,7 +49,9 @@ class Tokenizer:
 
             self._hf = HFTokenizer.from_str(blob.decode("utf-8"))
             self._sp = None
-            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+            # the ids span 0 .. the largest (get_vocab_size counts them: a vocabulary holding id 100000 among
+            # 400 tokens fitted 512 embeddings at load, then its text failed every generate())
+            self.vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
             self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
             self._byte_level = _decoder_has(json.loads(blob).get("decoder"), "ByteLevel")

@@ -75,6 +75,20 @@ def test_device_argument_errors(tiny_llama_f32):
         pyllm.LLM(tiny_llama_f32, device="cuda")
 
 
+def test_cuda_only_options_are_refused_before_the_engine(tiny_llama_f32, monkeypatch):
+    """n_parallel > 1 and an f16 / q8_0 KV cache on the CUDA engine: refused in Python as the options
+    they are, since what the engine's constructor raises is reported as a fault of the file (FormatError)."""
+    from pyllm import llm as llm_module
+    from pyllm.formats.safetensors import FormatError
+
+    monkeypatch.setattr(llm_module, "engine_module", lambda device: _core)  # refused before any engine: no GPU needed
+    for options, message in (({"n_parallel": 2}, "the CUDA engine holds one sequence"),
+                             ({"kv_cache": "f16"}, "the CUDA engine keeps its KV cache in f32")):
+        with pytest.raises(ValueError, match=message) as info:
+            pyllm.LLM(tiny_llama_f32, device="cuda", **options)
+        assert not isinstance(info.value, FormatError)
+
+
 @pytest.mark.parametrize("fmt", ["int4_asym", "int8"])
 def test_gpu_check_model_writer(fmt, tmp_path):
     """benchmarks/gpu_check.py writes its Llama-2-7B-shaped models with numpy; a small one must

@@ -28,8 +28,10 @@ import pytest
 
 import pyllm
 from pyllm import _core
+from pyllm.errors import LimitError
 from pyllm.formats.packed import PackedModel
-from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, FormatError, PlannedTensor, SafetensorsFile,
+from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, HEADER_CHECKSUM_KEY, FormatError, PlannedTensor,
+                                       SafetensorsFile,
                                        verify_checksums, write_atomic)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,6 +135,34 @@ def truncate_at(where):
         blob = join_file(h, d)
         n = int.from_bytes(blob[:8], "little")
         return blob[: where(n, len(blob))]
+
+    return make
+
+
+def with_extra_tensor(name: str, shape: list[int]):
+    """The file with one more tensor, F32 zeros of shape, after the others."""
+
+    def make(h, d):
+        size = 4 * int(np.prod(shape))
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(d), len(d) + size]}
+        return join_file(h, d + b"\0" * size)
+
+    return make
+
+
+def with_adapter(values: np.ndarray, **listing):
+    """The file with a prompt adapter 'a' (tensor values, f32 [virtual, 64]) listed as listing says (not
+    listed without it)."""
+
+    def make(h, d):
+        blob = np.ascontiguousarray(values, dtype=np.float32).tobytes()
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h["adapter.a.prompt"] = {"dtype": "F32", "shape": list(values.shape),
+                                 "data_offsets": [len(d), len(d) + len(blob)]}
+        if listing:
+            h["__metadata__"]["pyllm.adapters"] = json.dumps({"a": {"type": "prompt", **listing}})
+        return join_file(h, d + blob)
 
     return make
 
@@ -333,6 +363,11 @@ CASES = {
     "config_hidden_inconsistent": (set_config(hidden_size=32), ["model.embed_tokens.weight", "expected F32 [512, 32]"]),
     "config_head_dim_inconsistent": (set_config(head_dim=32), [Q, "expected F32 [128, 64]"]),
     "config_vocab_inconsistent": (set_config(vocab_size=1024), ["expected F32 [1024, 64]"]),
+    # parts the model no longer uses loaded and ran without them (the untied lm_head, a q_proj bias)
+    "config_tied_beside_lm_head": (set_config(tie_word_embeddings=True),
+                                   ["tensor 'lm_head.weight' is no part of the model its config"]),
+    "config_bias_left_out": (with_extra_tensor(Q[:-len("weight")] + "bias", [64]),
+                             ["tensor 'model.layers.0.self_attn.q_proj.bias' is no part of the model"]),
     "config_extra_layer": (set_config(num_hidden_layers=3), ["declares 3 layers"]),
     # fewer layers than the file holds: ran the first, ignored the rest
     "config_fewer_layers": (set_config(num_hidden_layers=1), ["declares 1 layers but the file also holds tensors of layer 1"]),
@@ -341,6 +376,18 @@ CASES = {
     "config_eps_string": (set_config(norm_eps="1e-6"), ["norm_eps must be a positive finite number"]),
     "config_eps_negative": (set_config(norm_eps=-1e-6), ["norm_eps must be a positive finite number"]),
     "config_eps_nan": (set_config(norm_eps=float("nan")), ["norm_eps must be a positive finite number"]),
+    # the engines compute in float32: these became infinity or 0 there, and the file loaded to answer garbage
+    # (every logit 0, or NaN)
+    "config_eps_past_float32": (set_config(norm_eps=1e39), ["norm_eps must be a positive finite number (float32's"]),
+    "config_embedding_scale_past_float32": (set_config(embedding_scale=1e300), ["embedding_scale must be a positive"]),
+    "config_embedding_scale_below_float32": (set_config(embedding_scale=1e-300),
+                                             ["embedding_scale must be a positive"]),
+    "config_attention_scale_past_float32": (set_config(attention_scale=1e300), ["attention_scale must be null or"]),
+    "config_softcap_below_float32": (set_config(final_logit_softcapping=1e-300), ["final_logit_softcapping must be"]),
+    "config_rope_factor_past_float32": (set_config(rope_scaling={"rope_type": "linear", "factor": 1e300}),
+                                        ["rope_scaling must be null or an object", "within float32's range"]),
+    "config_rope_factor_below_float32": (set_config(rope_scaling={"rope_type": "linear", "factor": 1e-300}),
+                                         ["rope_scaling factor must be positive"]),
     "config_theta_zero": (set_config(rope_theta=0), ["rope_theta must be a positive finite number"]),
     "config_theta_infinite": (set_config(rope_theta=float("inf")), ["rope_theta must be a positive finite number"]),
     "config_tie_not_bool": (set_config(tie_word_embeddings="no"), ["tie_word_embeddings must be true or false"]),
@@ -363,6 +410,9 @@ CASES = {
     "config_rope_linear_factor_missing": (set_config(rope_scaling={"rope_type": "linear"}),
                                           ["linear rope_scaling needs factor"]),
     "config_sliding_window_past_int64": (set_config(sliding_window=2**63), ["sliding_window must be null or a positive"]),
+    # refused by the C++ engine with a ValueError that did not name the file
+    "config_rope_type_unknown": (set_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+                                 ["unsupported rope_scaling type 'yarn'"]),
     "linears_missing": (set_meta("pyllm.linears", None), ["lacks 'pyllm.linears'"]),
     "linears_json_list": (set_meta("pyllm.linears", "[1, 2]"), ["'pyllm.linears' must be a JSON object"]),
     "linear_entry_missing": (header_edit(lambda h: meta_json(h, "pyllm.linears", lambda c: c.pop("lm_head"))),
@@ -377,6 +427,22 @@ CASES = {
     "linear_entry_short": (set_linear("lm_head", ["f32"]), ["must be [format, group_size]"]),
     "linear_format_vs_dtype": (set_linear("lm_head", ["int8", 32]), ["'lm_head.weight' is F32", "expected I8"]),
     "linear_extra_entry_bad": (set_linear("model.layers.0.extra_proj", ["q2", 0]), ["unknown format 'q2'"]),
+    # the header refuses a name given twice; the JSON inside its metadata took the last one
+    "config_duplicate_key": (set_meta("pyllm.config", '{"hidden_size": 64, "hidden_size": 32}'),
+                             ["metadata 'pyllm.config' lists 'hidden_size' twice"]),
+    "generation_duplicate_key": (set_meta("pyllm.generation", '{"temperature": 0.5, "temperature": 9}'),
+                                 ["metadata 'pyllm.generation' lists 'temperature' twice"]),
+    "linears_duplicate_key": (set_meta("pyllm.linears", '{"lm_head": ["f32", 0], "lm_head": ["int8", 32]}'),
+                              ["metadata 'pyllm.linears' lists 'lm_head' twice"]),
+    "adapters_duplicate_name": (set_meta("pyllm.adapters", '{"a": {"type": "prompt"}, "a": {"type": "prefix"}}'),
+                                ["metadata 'pyllm.adapters' lists 'a' twice"]),
+    # loaded; then every generate() with the adapter failed on non-finite logits
+    "adapter_nan": (with_adapter(np.full((4, 64), np.nan), virtual_tokens=4),
+                    ["adapter 'a' tensor 'adapter.a.prompt' holds NaN or infinite values"]),
+    "adapter_virtual_tokens_disagree": (with_adapter(np.zeros((4, 64)), virtual_tokens=7),
+                                        ["adapter 'a' lists 7 virtual tokens but its tensor holds 4"]),
+    "adapter_unlisted": (with_adapter(np.zeros((4, 64))), ["tensor 'adapter.a.prompt' is not an adapter that"]),
+    "adapters_not_json": (set_meta("pyllm.adapters", "{"), ["metadata 'pyllm.adapters' is not valid JSON"]),
     "tokenizer_spec_missing": (set_meta("pyllm.tokenizer", None), ["lacks 'pyllm.tokenizer'"]),
     "tokenizer_kind_unknown": (set_tokenizer(kind="bpe"), ["unknown kind 'bpe'"]),
     "tokenizer_eos_not_list": (set_tokenizer(eos_token_ids=2), ["eos_token_ids must be a list"]),
@@ -395,6 +461,12 @@ CASES = {
     "generation_negative_temperature": (set_meta("pyllm.generation", '{"temperature": -1, "do_sample": true}'),
                                         ["'temperature'", ">= 0"]),
     "generation_negative_top_k": (set_meta("pyllm.generation", '{"top_k": -5, "do_sample": true}'), ["'top_k'", "integer >= 0"]),
+    # json reads a 400-digit number as an int that no float holds: OverflowError from math.isfinite at load, or
+    # from float() at every generate()
+    "generation_int_past_float": (set_meta("pyllm.generation", '{"temperature": ' + "9" * 400 + '}'),
+                                  ["generation default 'temperature' has an invalid value 9999", "a finite number"]),
+    "generation_int_past_float_max_tokens": (set_meta("pyllm.generation", '{"max_new_tokens": ' + "9" * 400 + '}'),
+                                             ["'max_new_tokens'", "a finite number"]),
     # truncated to 2 by int()
     "generation_fractional_max_new_tokens": (set_meta("pyllm.generation", '{"max_new_tokens": 2.5}'),
                                              ["'max_new_tokens'", "integer >= 0"]),
@@ -413,7 +485,8 @@ def test_corrupt_file_raises_clear_error(make_file, case):
 # The ones that would read out of bounds, allocate absurdly or recurse without the checks.
 DANGEROUS = ["empty", "truncated_last_byte", "truncated_in_data", "header_len_max_u64", "header_len_past_eof",
              "header_deeply_nested", "offsets_past_end", "offsets_2_62", "shape_product_overflows_u64",
-             "shape_beyond_i64", "shape_negative_dims", "overlap", "config_absurd_layers"]
+             "shape_beyond_i64", "shape_negative_dims", "overlap", "config_absurd_layers",
+             "config_rope_type_unknown"]  # the last refused by the C++ engine
 
 
 @pytest.mark.parametrize("case", DANGEROUS)
@@ -451,6 +524,24 @@ def test_garbage_tokenizer_blob_raises(make_file, valid):
         pyllm.LLM(path, n_threads=1)
     proc = run_child(CHILD, path)
     assert proc.returncode == 1, proc.stderr[-3000:]
+
+
+def test_tokenizer_ids_past_the_embeddings_are_refused_at_load(make_file, valid):
+    """A tokenizer.json of 400 tokens, one of them with id 100000: its count fitted the 512 embeddings,
+    then every text holding that token failed generate() ("token ids must lie in [0, 512)")."""
+    header, data = valid
+    b, e = header["tokenizer.json"]["data_offsets"]
+    tokenizer = json.loads(data[b:e])
+    vocab = tokenizer["model"]["vocab"]
+    vocab[next(t for t, i in vocab.items() if i == 42)] = 100000
+
+    def moved(h, d):
+        blob = json.dumps(tokenizer).encode()
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h["tokenizer.json"].update(shape=[len(blob)], data_offsets=[len(d), len(d) + len(blob)])
+        return join_file(h, d + blob)
+
+    expect_error(make_file(moved), "tokenizer has 100001 tokens but the model only 512 embeddings")
 
 
 def test_flipped_header_bytes_never_crash(make_file, valid, tmp_path):
@@ -497,6 +588,27 @@ for path in sys.argv[1:]:
         assert is_value_error and msg, f"{path}: {kind}: {msg}"
         errors += 1
     assert errors >= len(paths) // 2, "most header flips should be detected"
+
+
+def test_learned_positions_past_the_context_are_an_option_error_not_a_file_error(make_file, valid):
+    """A context longer than a model's learned position table is the caller's option, refused as a
+    LimitError before the engine (whose refusals are about the file, FormatError naming it)."""
+    header, data = valid
+    rows = 256 * 64 * 4  # F32 [max_position_embeddings, hidden]
+
+    def learned(h, d):
+        d += b"\0" * (-len(d) % ALIGNMENT)
+        h["model.embed_positions.weight"] = {"dtype": "F32", "shape": [256, 64],
+                                             "data_offsets": [len(d), len(d) + rows]}
+        meta_json(h, "pyllm.config", lambda c: c.update(position_embedding="learned"))
+        return join_file(h, d + b"\0" * rows)
+
+    path = make_file(learned)
+    with pytest.raises(LimitError, match="context_length 300 exceeds the model's 256 learned positions") as info:
+        pyllm.LLM(path, n_threads=1, context_length=300)
+    assert not isinstance(info.value, FormatError)
+    with pyllm.LLM(path, n_threads=1, context_length=256) as llm:
+        assert llm.context_length == 256
 
 
 # --------------------------------------------------------------------------- the C++ layer on its own
@@ -683,6 +795,7 @@ def test_write_atomic_roundtrip_with_official_reader(tmp_path):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
         sums = json.loads(meta.pop(CHECKSUM_KEY))
+        assert re.fullmatch("[0-9a-f]{8}", meta.pop(HEADER_CHECKSUM_KEY))
         assert meta == {"k": "v", "unicode": "café"}
         assert {k for k in f.keys() if not k.startswith("__pad__")} == set(values) == set(sums)
         for name, v in values.items():
@@ -838,12 +951,49 @@ def test_verify_finds_one_flipped_byte_in_any_tensor(tiny_llama_f32, tmp_path):
     f.close()
 
 
+def test_verify_finds_a_changed_header(make_file, valid):
+    """A flipped digit of the config (rope_theta 10000 read as 10001), another chat template or end of
+    generation: loaded, answering differently, while `pyllm verify` said OK (the tensors' CRCs cover
+    only their bytes). The header's own checksum finds it; reformatted JSON is no change."""
+    from pyllm import cli
+
+    header, _ = valid
+    assert HEADER_CHECKSUM_KEY in header["__metadata__"]
+    reformatted = make_file(lambda h, d: join_file(None, d, raw_json=json.dumps(h, indent=2, sort_keys=True).encode()))
+    assert cli.main(["verify", reformatted]) == 0
+    edits = {
+        "config": lambda h: meta_json(h, "pyllm.config", lambda c: c.update(rope_theta=c["rope_theta"] + 1)),
+        "chat_template": lambda h: h["__metadata__"].update({"pyllm.chat_template": "{{ messages }}"}),
+        "tokenizer": lambda h: meta_json(h, "pyllm.tokenizer", lambda t: t.update(eos_token_ids=[3])),
+    }
+    for what, edit in edits.items():
+        path = make_file(header_edit(edit))
+        with pyllm.LLM(path, n_threads=1):
+            pass  # loads: only the checksums can tell
+        with pytest.raises(FormatError, match=f"{re.escape(path)}: the header does not match its checksum"):
+            PackedModel(path).verify()
+        r = subprocess.run([sys.executable, "-m", "pyllm", "verify", path], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 1 and "header does not match" in r.stderr, (what, r.stderr)
+
+
 def test_verify_refuses_a_file_without_checksums(tmp_path):
     from safetensors.numpy import save_file
 
     path = str(tmp_path / "old.safetensors")
     save_file({"a": np.zeros(4, np.float32)}, path)
     with SafetensorsFile(path) as f, pytest.raises(FormatError, match="no checksums"):
+        verify_checksums(f)
+
+
+def test_verify_refuses_a_tensor_listed_twice_in_the_checksums(tmp_path):
+    """A wrong CRC, then the right one, for the same tensor: json.loads kept the last and verify passed."""
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "twice.safetensors")
+    value = np.arange(4, dtype=np.float32)
+    right = f"{zlib.crc32(value.tobytes()):08x}"
+    save_file({"a": value}, path, metadata={CHECKSUM_KEY: f'{{"a": "00000000", "a": "{right}"}}'})
+    with SafetensorsFile(path) as f, pytest.raises(FormatError, match=f"{CHECKSUM_KEY}' lists 'a' twice"):
         verify_checksums(f)
 
 

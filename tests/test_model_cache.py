@@ -181,6 +181,23 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
         assert status == 0, err2
         assert "is damaged" in err2 and "converting the" in err2 and out2 == out
         assert os.path.getsize(entry.path) == size and "(damaged" not in run(capsys, "list")[1]
+    # overwritten in place, its size kept: every run failed with a FormatError naming the cached file
+    with open(entry.path, "r+b") as f:
+        f.seek(8)
+        f.write(b"[" * 16)
+    assert "(damaged" in run(capsys, "list")[1]
+    status, out2, err2, _ = run(capsys, *argv)
+    assert status == 0, err2
+    assert "is damaged (header is not valid JSON" in err2 and "converting the" in err2 and out2 == out
+    # a digit of the config changed in place: it loaded (and answered otherwise); its header checksum differs
+    with open(entry.path, "r+b") as f:
+        head = f.read(4096)
+        at = head.index(b'rope_theta\\": 10000.0')
+        f.seek(at + len(b'rope_theta\\": 1000'))
+        f.write(b"1")
+    status, out2, err2, _ = run(capsys, *argv)
+    assert status == 0, err2
+    assert "is damaged (the header does not match its checksum" in err2 and out2 == out
 
     calls = []
 
@@ -196,6 +213,21 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
         f.truncate(size - 1000)
     assert default_model.default_model_path() == path and len(calls) == 2
     assert "is damaged" in capsys.readouterr().err and os.path.getsize(path) == size
+
+
+def test_a_cached_file_that_cannot_be_opened_is_listed_not_damaged(gguf_file, cache, monkeypatch, capsys):
+    """The header check of damage_of reads the file: one this user may not read (or gone meanwhile) is
+    no damage seen, and `pyllm list` still lists it (opening it says why it fails)."""
+    from pyllm.formats import packed
+
+    assert run(capsys, "run", gguf_file, "-p", "hi", "-n", "1", "-t", "1", "--chat-template", "chatml")[0] == 0
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(packed, "PackedModel", unreadable)
+    (entry,) = model_cache.list_entries()
+    assert not entry.damaged and model_cache.damage_of(entry.path) is None
 
 
 def test_list_and_rm_survive_odd_sidecars(gguf_file, cache, capsys):

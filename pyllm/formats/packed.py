@@ -11,6 +11,7 @@ See docs/FORMAT.md. Metadata keys (all strings, JSON where noted):
   pyllm.source            JSON: provenance (converter, source path, quantization; for int8/int4 "quantizer":
                           method, bits_budget, GPTQ damping, calibration and its windows per domain)
   pyllm.checksums         JSON: {tensor name: CRC-32 of its bytes, 8 hex digits} (verify())
+  pyllm.header_checksum   CRC-32 of the rest of the header as canonical JSON (verify())
 Tensors: Hugging Face names ("model.layers.0.self_attn.q_proj.weight"), with
 ".scales" / ".mins" beside quantized weights, and the tokenizer files as U8
 blobs ("tokenizer.json" or "tokenizer.model").
@@ -18,7 +19,6 @@ blobs ("tokenizer.json" or "tokenizer.model").
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..quant import BLOCK, FORMATS, QUANT_FORMATS, packed_shapes
 from ..sampling import MIN_REPETITION_PENALTY
-from .safetensors import FormatError, SafetensorsFile, verify_checksums
+from .safetensors import FormatError, SafetensorsFile, loads_json, verify_checksums
 
 FORMAT_NAME = "pyllm"
 FORMAT_VERSION = 2  # 2: the block description (architectures beyond LLaMA); 1 still opens
@@ -41,6 +41,10 @@ MAX_GROUP_SIZE = 1 << 20
 SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
                "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
                "head_dim": 1 << 12, "max_position_embeddings": 1 << 26}
+# the engines compute in float32: a config number past its range (or below its smallest normal value) is
+# not the number the file gives (norm_eps 1e39 became infinity and every logit 0; embedding_scale 1e-300, 0)
+F32_MAX = 3.4028234663852886e38
+F32_MIN_NORMAL = 1.1754943508222875e-38
 GENERATION_NUMBERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -109,14 +113,16 @@ class ModelConfig:
             raise FormatError("model config: num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise FormatError("model config: head_dim must be even")
+        in_range = f"(float32's range, {F32_MIN_NORMAL:.4g} to {F32_MAX:.4g})"
         for name in ("norm_eps", "rope_theta", "embedding_scale"):
             value = getattr(self, name)
-            if not _is_real(value) or not 0 < value < math.inf:
-                raise FormatError(f"model config: {name} must be a positive finite number, got {value!r}")
+            if not _is_f32_positive(value):
+                raise FormatError(f"model config: {name} must be a positive finite number {in_range}, got {value!r}")
         for name in ("rope_theta_local", "attention_scale", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, name)
-            if value is not None and (not _is_real(value) or not 0 < value < math.inf):
-                raise FormatError(f"model config: {name} must be null or a positive finite number, got {value!r}")
+            if value is not None and not _is_f32_positive(value):
+                raise FormatError(f"model config: {name} must be null or a positive finite number {in_range}, got "
+                                  f"{value!r}")
         if not isinstance(self.architecture, str):
             raise FormatError(f"model config: architecture must be a string, got {self.architecture!r}")
         from ..arch import ARCHITECTURES  # the registry imports this module
@@ -147,13 +153,13 @@ class ModelConfig:
             # the keys the engine reads must have the right types; others are carried along
             numbers = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
             ok = isinstance(self.rope_scaling, dict) and all(
-                isinstance(v, str) if k in ("type", "rope_type") else _is_real(v) and math.isfinite(v)
+                isinstance(v, str) if k in ("type", "rope_type") else _is_real(v) and abs(v) <= F32_MAX
                 for k, v in self.rope_scaling.items() if k in ("type", "rope_type") + numbers
             )
             if not ok:
                 raise FormatError(
                     f"model config: rope_scaling must be null or an object whose type is a string and whose "
-                    f"{', '.join(numbers)} are numbers, got {self.rope_scaling!r}"
+                    f"{', '.join(numbers)} are finite numbers within float32's range, got {self.rope_scaling!r}"
                 )
             # what the engine refuses when it loads the file (rope_inv_freq), refused when the file is written
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
@@ -163,14 +169,14 @@ class ModelConfig:
             absent = [key for key in needed if self.rope_scaling.get(key) is None]
             if absent:
                 raise FormatError(f"model config: {kind} rope_scaling needs {', '.join(absent)}, got {self.rope_scaling!r}")
-            if kind != "default" and not self.rope_scaling.get("factor", 1.0) > 0:
-                raise FormatError(f"model config: rope_scaling factor must be positive, got "
+            if kind != "default" and not _is_f32_positive(self.rope_scaling.get("factor", 1.0)):
+                raise FormatError(f"model config: rope_scaling factor must be positive {in_range}, got "
                                   f"{self.rope_scaling.get('factor')!r}")
             if kind == "llama3":
                 low = self.rope_scaling["low_freq_factor"]
                 high = self.rope_scaling["high_freq_factor"]
                 old_len = self.rope_scaling["original_max_position_embeddings"]
-                if not (low > 0 and high > low and old_len > 0):
+                if not (_is_f32_positive(low) and high > low and _is_f32_positive(old_len)):
                     raise FormatError(f"model config: llama3 rope_scaling needs 0 < low_freq_factor < "
                                       f"high_freq_factor and a positive original_max_position_embeddings, got "
                                       f"{self.rope_scaling!r}")
@@ -265,7 +271,7 @@ def check_generation_defaults(values: dict, where: str) -> None:
             ok, want = isinstance(value, bool), "true or false"
         elif key not in GENERATION_NUMBERS:
             continue
-        elif not (_is_real(value) and math.isfinite(value)):
+        elif not _is_finite(value):
             ok, want = False, "a finite number"
         elif key in ("top_k", "max_new_tokens"):
             ok, want = value >= 0 and value == int(value), "an integer >= 0"
@@ -278,11 +284,25 @@ def check_generation_defaults(values: dict, where: str) -> None:
         else:  # temperature
             ok, want = value >= 0, "a number >= 0"
         if not ok:
-            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r} (expected {want})")
+            raise FormatError(f"{where}: generation default {key!r} has an invalid value {value!r:.80} "
+                              f"(expected {want})")
 
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """value is a real number that a float holds (an int of 400 digits is not)."""
+    try:
+        return _is_real(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _is_f32_positive(value) -> bool:
+    """value is a real number that float32 holds as a positive normal number."""
+    return _is_real(value) and F32_MIN_NORMAL <= value <= F32_MAX
 
 
 def _is_int(value) -> bool:
@@ -357,10 +377,7 @@ class PackedModel:
         def obj(key: str, default: str | None = None) -> dict:
             if key not in meta and default is None:
                 raise FormatError(f"{self.path}: metadata lacks '{key}'")
-            try:
-                value = json.loads(meta.get(key, default))
-            except (ValueError, RecursionError) as e:
-                raise FormatError(f"{self.path}: metadata '{key}' is not valid JSON ({type(e).__name__}: {e})") from None
+            value = loads_json(meta.get(key, default), f"{self.path}: metadata '{key}'")
             if not isinstance(value, dict):
                 raise FormatError(f"{self.path}: metadata '{key}' must be a JSON object, got {type(value).__name__}")
             return value
@@ -401,8 +418,10 @@ class PackedModel:
         self.adapters = load_from_file(meta, self.file.tensors, self.file.array, self.config, self.path)
 
     def _check_tensors(self) -> None:
-        """Every tensor the engine will use exists with the dtype and shape its format implies."""
+        """Every tensor the engine will use exists with the dtype and shape its format implies, and every
+        tensor but the padding, the tokenizer blob and the adapters is one of them."""
         t = self.file.tensors
+        used: set[str] = set()
         # each layer has at least 8 tensors: bound the layer count before building per-layer tables
         if self.config.num_hidden_layers * 8 > len(t):
             raise FormatError(
@@ -417,6 +436,7 @@ class PackedModel:
                 raise FormatError(
                     f"{self.path}: tensor '{name}' is {t[name].dtype} {list(t[name].shape)}, expected {dtype} {list(shape)}"
                 )
+            used.add(name)
 
         for base, (rows, cols) in self.config.linear_shapes().items():
             if base not in self.linears:
@@ -436,6 +456,15 @@ class PackedModel:
         blob = "tokenizer.json" if self.tokenizer.kind == "hf" else "tokenizer.model"
         if self.tokenizer.kind not in ("hf", "sentencepiece") or blob not in t or t[blob].dtype != "U8":
             raise FormatError(f"{self.path}: tokenizer of kind {self.tokenizer.kind!r} lacks its '{blob}' blob")
+        # a tensor the model does not use: its config or a matrix's format edited to leave a part out
+        # (attention_bias or qk_norm false, tie_word_embeddings true beside an lm_head, int4_asym read as
+        # int4_sym beside its mins) loaded and ran without it, answering garbage
+        unused = [n for n in t
+                  if n not in used and n not in TOKENIZER_BLOBS and not n.startswith(("__pad__", "adapter."))]
+        if unused:
+            more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+            raise FormatError(f"{self.path}: tensor '{unused[0]}'{more} is no part of the model its config and "
+                              f"linear formats describe (an edited config?)")
 
     def verify(self) -> int:
         """Checks every tensor's bytes against the file's checksums; returns the bytes checked.

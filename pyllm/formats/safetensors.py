@@ -32,6 +32,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation allows
 ALIGNMENT = 64  # pyllm aligns the data section and every tensor to a cache line
 # metadata key: JSON {tensor name: CRC-32 (zlib.crc32, IEEE) of its bytes as 8 hex digits}
 CHECKSUM_KEY = "pyllm.checksums"
+# metadata key: CRC-32 of the rest of the header (header_checksum), 8 hex digits
+HEADER_CHECKSUM_KEY = "pyllm.header_checksum"
 # bits that are all set in a non-finite number, for the float types stored as integers
 NONFINITE_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
 
@@ -84,6 +86,18 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
                 raise _DuplicateKey(k)
             seen.add(k)
     return out
+
+
+def loads_json(text: str, what: str):
+    """json.loads of JSON text a file holds; what names it in messages ("{path}: metadata 'KEY'").
+    FormatError for invalid JSON, nesting too deep to parse, and a key given twice in an object (which
+    json.loads would settle as "the last one wins", another reader perhaps as the first)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"{what} lists {e.args[0]!r} twice") from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{what} is not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def _is_utf8(text: str) -> bool:
@@ -230,17 +244,37 @@ class SafetensorsFile:
         self.close()
 
 
+def header_checksum(metadata: dict[str, str], tensors: dict[str, dict]) -> str:
+    """CRC-32 (8 hex digits) of a header as canonical JSON (sorted keys, no spaces, ASCII), the metadata
+    without HEADER_CHECKSUM_KEY and each tensor as {"dtype", "shape", "data_offsets"}: a change of any
+    value or of the tensor table changes it, a reformatting of the JSON does not."""
+    canonical = {name: {"dtype": t["dtype"], "shape": list(t["shape"]), "data_offsets": list(t["data_offsets"])}
+                 for name, t in tensors.items()}
+    canonical["__metadata__"] = {k: v for k, v in metadata.items() if k != HEADER_CHECKSUM_KEY}
+    return f"{zlib.crc32(json.dumps(canonical, sort_keys=True, separators=(',', ':')).encode('ascii')):08x}"
+
+
+def verify_header(f: SafetensorsFile) -> None:
+    """FormatError when f's header differs from its HEADER_CHECKSUM_KEY (nothing to check in files
+    written before it was added). Reads no tensor."""
+    recorded = f.metadata.get(HEADER_CHECKSUM_KEY)
+    tensors = {n: {"dtype": t.dtype, "shape": t.shape, "data_offsets": [t.begin, t.end]} for n, t in f.tensors.items()}
+    if recorded is not None and recorded.lower() != header_checksum(f.metadata, tensors):
+        raise _fail(f.path, f"the header does not match its checksum ({HEADER_CHECKSUM_KEY}): its metadata (the "
+                            "config, formats, tokenizer settings, chat template...) or tensor table changed since it "
+                            "was written (the file is corrupt)")
+
+
 def verify_checksums(f: SafetensorsFile) -> int:
     """Checks the CRC-32 of every tensor of f against its CHECKSUM_KEY metadata; returns the number
     of bytes checked. FormatError names the tensors that differ, lack a checksum, or that the
-    checksums name but the file lacks, and a file without checksums (written by an older pyllm)."""
+    checksums name but the file lacks, a header that differs from its HEADER_CHECKSUM_KEY (files
+    written before it was added have none: their header is not checked), and a file without
+    checksums (written by an older pyllm)."""
     raw = f.metadata.get(CHECKSUM_KEY)
     if raw is None:
         raise _fail(f.path, "carries no checksums (written by a pyllm before they were added); convert it again")
-    try:
-        sums = json.loads(raw)
-    except (ValueError, RecursionError):
-        sums = None
+    sums = loads_json(raw, f"{f.path}: metadata '{CHECKSUM_KEY}'")
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise _fail(f.path, f"metadata '{CHECKSUM_KEY}' is not a JSON object of hex strings")
     names = [n for n in f.tensors if not n.startswith("__pad__")]
@@ -249,6 +283,7 @@ def verify_checksums(f: SafetensorsFile) -> int:
     if missing or extra:
         raise _fail(f.path, f"the checksums do not list the file's tensors (without one: {missing[:5]}; "
                             f"not in the file: {extra[:5]})")
+    verify_header(f)
     bad, checked = [], 0
     view = memoryview(f._mapped()) if f.file_size > f.data_offset else memoryview(b"")
     try:
@@ -310,10 +345,11 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     tensor start on a 64-byte boundary (padding tensors named "__pad__.N" fill
     the gaps, since safetensors forbids holes). Float tensors must be finite
     (FormatError naming the tensor otherwise); the CRC-32 of every tensor goes
-    into the metadata (CHECKSUM_KEY). The file appears under `path` only once
-    complete and synced; until then it has no name (Linux: O_TMPFILE, linked in
-    at the end), so a process killed mid-write leaves nothing behind. Elsewhere
-    a temporary "NAME.PID.XXXX.partial" file is renamed into place.
+    into the metadata (CHECKSUM_KEY), and one of the rest of the header
+    (HEADER_CHECKSUM_KEY). The file appears under `path` only once complete
+    and synced; until then it has no name (Linux: O_TMPFILE, linked in at the
+    end), so a process killed mid-write leaves nothing behind. Elsewhere a
+    temporary "NAME.PID.XXXX.partial" file is renamed into place.
     """
     path = os.fspath(path)
     plans = list(tensors)
@@ -346,6 +382,8 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
 
     def header_bytes() -> bytes:
         header["__metadata__"][CHECKSUM_KEY] = json.dumps(sums, separators=(",", ":"))
+        tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        header["__metadata__"][HEADER_CHECKSUM_KEY] = header_checksum(header["__metadata__"], tensors)
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         return raw + b" " * (-(8 + len(raw)) % ALIGNMENT)
 
