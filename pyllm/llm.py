@@ -401,8 +401,13 @@ class LLM:
                                          kv_cache, n_parallel)
             if device == "cpu":
                 self.engine.activation_quant = activation_quant
-        except BaseException:
+        except BaseException as e:
             tokenizer_loader.wait()
+            forced = os.environ.get("PYLLM_KERNELS")
+            if forced and isinstance(e, ValueError) and str(e).startswith("unknown kernel variant"):
+                # the engine reads the variable at its first use: its message did not say where the name came from
+                raise PyllmError(f"PYLLM_KERNELS={forced!r} in the environment: {e}; unset it for the fastest "
+                                 "variant") from None
             raise
         self.tokenizer = tokenizer_loader.result()
         if self.tokenizer.vocab_size > self.config.vocab_size:

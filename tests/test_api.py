@@ -476,6 +476,16 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
         assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
 
 
+def test_a_bad_pyllm_kernels_value_is_an_error_naming_the_variable(tiny_llama_f32):
+    """PYLLM_KERNELS=avx3 (set in a shell profile) made every command fail with "unknown kernel
+    variant 'avx3'", which named no flag or file the user gave: the message now names the variable."""
+    for command in (("run", tiny_llama_f32, "-p", "x", "-n", "1"), ("perplexity", tiny_llama_f32, "-c", "16")):
+        r = _cli(*command, env={**os.environ, "PYLLM_KERNELS": "avx3"})
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert "PYLLM_KERNELS='avx3' in the environment: unknown kernel variant 'avx3'" in lines[0], r.stderr
+
+
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
     """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
     the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
