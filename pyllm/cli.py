@@ -156,13 +156,21 @@ def model_path(args) -> str:
 
 
 def _open(args):
+    """The command's LLM; a warning on stderr when --ctx passes the positions the model was trained on
+    (rotary and ALiBi models run there, as in llama.cpp and transformers, but predict poorly; a model
+    with learned positions refuses such a context)."""
     from .llm import LLM
 
-    return LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
-               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
-               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
-               activation_quant=args.activation_quant,
-               adapter=getattr(args, "adapter", None) if args.command == "run" else None)
+    llm = LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
+              chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
+              kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
+              activation_quant=args.activation_quant,
+              adapter=getattr(args, "adapter", None) if args.command == "run" else None)
+    trained = llm.config.max_position_embeddings
+    if args.ctx is not None and args.ctx > trained:
+        print(f"pyllm {args.command}: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained "
+              "on; positions beyond them give unreliable predictions", file=sys.stderr)
+    return llm
 
 
 def cmd_run(args) -> int:
@@ -282,10 +290,6 @@ def cmd_perplexity(args) -> int:
     if getattr(args, "device", "cpu") == "cuda":
         args.parallel = 1  # the CUDA engine holds one sequence
     llm = _open(args)
-    trained = llm.config.max_position_embeddings
-    if args.ctx > trained:
-        print(f"pyllm perplexity: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained on; "
-              "positions beyond them give unreliable predictions", file=sys.stderr)
     # the text is data, as in llama.cpp's perplexity (parse_special=false): a "<|im_end|>" written in
     # it is scored as the characters it is, not as the model's end-of-turn token
     tokens = llm.tokenize(text, add_special_tokens=False, parse_special=False)

@@ -142,6 +142,20 @@ def test_perplexity_reports_uncertainty_and_speed_and_warns_past_the_trained_con
     assert "exceeds" not in capsys.readouterr().err
 
 
+def test_run_and_serve_warn_past_the_trained_context_as_perplexity_does(tiny_llama_f32, capsys):
+    """`pyllm run -c 100000` on a model trained on 256 positions answered without a word (only
+    perplexity warned, and the chat's banner showed it), as did `pyllm serve -c 100000`."""
+    assert cli.main(["run", tiny_llama_f32, "-c", "300", "-n", "1", "-t", "1", "--raw", "-p", "Paris is"]) == 0
+    assert "pyllm run: warning: --ctx 300 exceeds the 256 tokens the model was trained on" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["serve", tiny_llama_f32, "--ctx", "1000", "-t", "1", "--parallel", "1"])
+    with cli._open(args) as llm:
+        assert llm.context_length == 1000
+    assert "pyllm serve: warning: --ctx 1000 exceeds the 256 tokens" in capsys.readouterr().err
+    for ctx in ([], ["-c", "256"]):
+        assert cli.main(["run", tiny_llama_f32, *ctx, "-n", "1", "-t", "1", "--raw", "-p", "Paris is"]) == 0
+        assert "exceeds" not in capsys.readouterr().err
+
+
 def test_perplexity_uncertainty_is_llama_cpps():
     import math
 
