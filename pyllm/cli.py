@@ -182,6 +182,8 @@ def cmd_run(args) -> int:
     from .tokenizer import check_text
 
     prompt = args.prompt
+    if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
+        raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
@@ -510,10 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STDOUT_COMMANDS = ("run", "perplexity", "bench", "list", "verify")  # those whose result goes to stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
     PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
     args = build_parser().parse_args(argv)
+    if sys.stdout is None and args.command in STDOUT_COMMANDS:
+        # started with stdout closed (`>&-`): Python sets it to None, print() then drops the output in
+        # silence, and sys.stdout.write was "AttributeError: 'NoneType' object has no attribute 'write'"
+        print(f"pyllm {args.command}: error: stdout is closed: nowhere to write the output", file=sys.stderr)
+        return 1
     restore_sigterm = _exit_cleanly_on_sigterm()
     try:
         return report_errors(args.command, lambda: args.func(args))

@@ -486,6 +486,19 @@ def test_a_bad_pyllm_kernels_value_is_an_error_naming_the_variable(tiny_llama_f3
         assert "PYLLM_KERNELS='avx3' in the environment: unknown kernel variant 'avx3'" in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("closed, argv, message", [
+    (0, ("run", "-n", "1"), "stdin is closed: nothing to read a prompt from (give one with -p)"),
+    (1, ("run", "-n", "1", "-p", "Paris is"), "stdout is closed: nowhere to write the output"),
+    (1, ("verify",), "stdout is closed: nowhere to write the output")])
+def test_a_closed_stdin_or_stdout_is_one_line_naming_it(tiny_llama_f32, closed, argv, message):
+    """`pyllm run MODEL <&-` and `pyllm run MODEL -p X >&-` (Python sets the stream to None) failed
+    with "AttributeError: 'NoneType' object has no attribute 'isatty'" / "... 'write'", the latter
+    after generating; `pyllm verify MODEL >&-` printed its result nowhere and exited 0."""
+    r = subprocess.run([sys.executable, "-m", "pyllm", argv[0], tiny_llama_f32, *argv[1:]], stderr=subprocess.PIPE,
+                       text=True, timeout=300, preexec_fn=lambda: os.close(closed))
+    assert r.returncode == 1 and r.stderr.strip() == f"pyllm {argv[0]}: error: {message}", r.stderr
+
+
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
     """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
     the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
