@@ -31,6 +31,29 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="random seed of sampling, set once per session (default: a fresh one each run)")
 
 
+# SamplingParams field -> (argparse dest, flag) of _add_sampling's options
+SAMPLING_FLAGS = {"temperature": ("temperature", "--temperature"), "top_k": ("top_k", "--top-k"),
+                  "top_p": ("top_p", "--top-p"), "min_p": ("min_p", "--min-p"),
+                  "repetition_penalty": ("repeat_penalty", "--repeat-penalty")}
+
+
+def _check_sampling(args) -> None:
+    """_add_sampling's options out of range: ValueError naming the flag, before the model loads.
+    (`pyllm serve --temperature nan` started, then refused every request that left temperature
+    unset with a 400 blaming the client's request.)"""
+    from .sampling import SamplingParams
+
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise ValueError(f"-n/--max-tokens must be >= 0, got {args.max_tokens}")
+    for field, (dest, flag) in SAMPLING_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            try:
+                SamplingParams(**{field: value}).validate()
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {e}") from None
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="a .pllm file, a GGUF file or a Hugging Face model directory (the last two are converted "
@@ -200,6 +223,7 @@ def cmd_run(args) -> int:
                          "without -p always uses the chat template)")
     if args.raw and args.system:
         raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
+    _check_sampling(args)
     llm = _open(args)
     _note_unused_sampling(llm, args, sampling)
     if prompt is not None:
@@ -249,6 +273,9 @@ def cmd_serve(args) -> int:
 
     if Starlette is None:
         raise RuntimeError(MISSING)
+    _check_sampling(args)
+    if args.max_queue < 1:  # (Server takes 0, every request then busy: a test's way to see the 503)
+        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}: every request would get 503")
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                           body_timeout=args.body_timeout, send_timeout=args.send_timeout,
                           template_timeout=args.template_timeout)

@@ -499,6 +499,33 @@ def test_a_closed_stdin_or_stdout_is_one_line_naming_it(tiny_llama_f32, closed, 
     assert r.returncode == 1 and r.stderr.strip() == f"pyllm {argv[0]}: error: {message}", r.stderr
 
 
+def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_llama_f32, monkeypatch, capsys):
+    """`pyllm serve --temperature nan` (or --top-p 5, -n -1, --max-queue 0) started, then answered every
+    request that left the option unset with a 400 blaming the request, or (--max-queue 0) a 503: each
+    is refused at start-up, before the port is opened or the model loaded, naming the flag."""
+    import pyllm.serve
+    from pyllm import cli
+
+    def listen(*args):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(pyllm.serve, "listen", listen)
+    for argv, message in ((["--temperature", "nan"], "--temperature nan: temperature must be a finite number"),
+                          (["--top-p", "5"], "--top-p 5.0: top_p must be in [0, 1]"),
+                          (["--min-p", "-1"], "--min-p -1.0: min_p must be in [0, 1]"),
+                          (["--top-k", "-1"], "--top-k -1: top_k must be >= 0"),
+                          (["--repeat-penalty", "0"], "--repeat-penalty 0.0: repetition_penalty must be"),
+                          (["-n", "-1"], "-n/--max-tokens must be >= 0, got -1"),
+                          (["--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+                          (["--max-queue", "-3"], "--max-queue must be at least 1, got -3")):
+        for command in (("serve",) if "--max-queue" in argv else ("serve", "run")):
+            extra = ["-p", "x"] if command == "run" else []
+            assert cli.main([command, tiny_llama_f32, "-t", "1", *extra, *argv]) == 1, argv
+            err = capsys.readouterr().err
+            assert err == f"pyllm {command}: error: {message}" + err.split(message, 1)[1], err
+            assert len(err.splitlines()) == 1, err
+
+
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
     """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
     the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
