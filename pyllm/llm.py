@@ -396,9 +396,10 @@ class LLM:
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
         tokenizer_loader = _TokenizerLoader(self.model)
         try:
-            self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
-                                         self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
-                                         kv_cache, n_parallel)
+            # (bytes: a path that is not UTF-8 holds lone surrogates, which pybind11 cannot pass as str)
+            self.engine = backend.Engine(os.fsencode(self.path), self.model.file.data_offset,
+                                         self.model.engine_tensors(), self.model.linears, self.model.engine_config(),
+                                         n_ctx, n_threads or 0, kv_cache, n_parallel)
             if device == "cpu":
                 self.engine.activation_quant = activation_quant
         except BaseException as e:

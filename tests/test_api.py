@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -524,6 +525,20 @@ def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_
             err = capsys.readouterr().err
             assert err == f"pyllm {command}: error: {message}" + err.split(message, 1)[1], err
             assert len(err.splitlines()) == 1, err
+
+
+def test_a_model_file_whose_name_is_not_utf8_opens(tiny_llama_f32, tmp_path, capsys):
+    """A file name that is not UTF-8 (b"caf\xe9.pllm", from a Latin-1 system) reaches Python with a lone
+    surrogate, which pybind11 could not pass to the engine as str: `pyllm run`/`bench` failed with a
+    TypeError listing the engine's constructor and every tensor. The engine takes the path's bytes."""
+    from pyllm import cli
+
+    path = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.pllm"))
+    shutil.copyfile(tiny_llama_f32, path)
+    with pyllm.LLM(path, n_threads=1) as model, pyllm.LLM(tiny_llama_f32, n_threads=1) as same:
+        assert model.generate("Paris is", max_new_tokens=4) == same.generate("Paris is", max_new_tokens=4)
+    assert cli.main(["bench", path, "-p", "4", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == path
 
 
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
