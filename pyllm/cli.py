@@ -578,7 +578,7 @@ def report_errors(command: str, work) -> int:
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # a library's own type (some derive from BaseException): still one line
-        if os.environ.get("PYLLM_DEBUG"):
+        if os.environ.get("PYLLM_DEBUG", "0") not in ("", "0"):  # (as PYLLM_PROFILE: 0 is off)
             import traceback
 
             traceback.print_exc()

@@ -541,6 +541,21 @@ def test_a_model_file_whose_name_is_not_utf8_opens(tiny_llama_f32, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["model"] == path
 
 
+def test_pyllm_debug_0_is_off(monkeypatch, capsys):
+    """PYLLM_DEBUG=0 printed tracebacks, as PYLLM_DEBUG=1 does (PYLLM_PROFILE=0 is off)."""
+    from pyllm.cli import report_errors
+
+    def fail():
+        raise KeyError("library failure")
+
+    for value, traceback in (("0", False), ("", False), ("1", True)):
+        monkeypatch.setenv("PYLLM_DEBUG", value)
+        assert report_errors("run", fail) == 1
+        err = capsys.readouterr().err
+        assert err.endswith("pyllm run: error: KeyError: 'library failure'\n")
+        assert ("Traceback" in err) == traceback, (value, err)
+
+
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
     """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
     the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
