@@ -304,7 +304,7 @@ def cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
     from .errors import read_text
-    from .perplexity import default_text, perplexity
+    from .perplexity import default_text, leading_tokens, perplexity
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
     # with a half-drawn bar; --windows 0 or negative was a ZeroDivisionError)
@@ -321,7 +321,11 @@ def cmd_perplexity(args) -> int:
     llm = _open(args)
     # the text is data, as in llama.cpp's perplexity (parse_special=false): a "<|im_end|>" written in
     # it is scored as the characters it is, not as the model's end-of-turn token
-    tokens = llm.tokenize(text, add_special_tokens=False, parse_special=False)
+    def tokenize(text: str) -> list[int]:
+        return llm.tokenize(text, add_special_tokens=False, parse_special=False)
+
+    # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus)
+    tokens = tokenize(text) if args.windows is None else leading_tokens(tokenize, text, args.windows * args.ctx)
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:
