@@ -289,13 +289,22 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
+    api_key = args.api_key or os.environ.get("PYLLM_API_KEY") or None
+    unsendable = api_key is not None and (api_key != api_key.strip()
+                                          or any(c < " " and c != "\t" or c == "\x7f" for c in api_key))
+    if unsendable:
+        # an HTTP header holds no control characters and its value arrives stripped: such a key (a CR
+        # from a Windows env file, a trailing space) matched no request, and every one was 401
+        where = "--api-key" if args.api_key else "PYLLM_API_KEY"
+        raise ValueError(f"{where} holds control characters or spaces around it, which no client can send in "
+                         f"its Authorization header (every request would be refused); got {api_key!r:.40}")
     sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
-          api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),
+          api_key=api_key, cors_origins=args.cors_origin or (),
           limits=limits, max_num_batched_tokens=args.max_num_batched_tokens, sock=sock)
     return 0
 

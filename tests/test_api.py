@@ -556,6 +556,32 @@ def test_pyllm_debug_0_is_off(monkeypatch, capsys):
         assert ("Traceback" in err) == traceback, (value, err)
 
 
+def test_serve_refuses_an_api_key_no_client_can_send(tiny_llama_f32, monkeypatch, capsys):
+    """PYLLM_API_KEY=$'KEY\\r' (a Windows env file) or --api-key 'KEY ' started a server that answered
+    every request 401: a header's value arrives stripped, without control characters. Refused at
+    start-up, naming where the key came from."""
+    import pyllm.serve
+    from pyllm import cli
+
+    def listen(*args):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(pyllm.serve, "listen", listen)
+    for flag, env, where in ((["--api-key", "sk-1 "], None, "--api-key"), (["--api-key", "\tsk-1"], None, "--api-key"),
+                             ([], "sk-1\r", "PYLLM_API_KEY"), ([], "sk\n1", "PYLLM_API_KEY")):
+        if env is None:
+            monkeypatch.delenv("PYLLM_API_KEY", raising=False)
+        else:
+            monkeypatch.setenv("PYLLM_API_KEY", env)
+        assert cli.main(["serve", tiny_llama_f32, "-t", "1", *flag]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyllm serve: error: {where} holds control characters or spaces around it"), err
+        assert len(err.splitlines()) == 1
+    monkeypatch.delenv("PYLLM_API_KEY")
+    assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--api-key", "sk-1 2\t3"]) == 1  # (inside: sent as it is)
+    assert "the server was started" in capsys.readouterr().err
+
+
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
     """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
     the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
