@@ -298,6 +298,13 @@ def cmd_serve(args) -> int:
         where = "--api-key" if args.api_key else "PYLLM_API_KEY"
         raise ValueError(f"{where} holds control characters or spaces around it, which no client can send in "
                          f"its Authorization header (every request would be refused); got {api_key!r:.40}")
+    for origin in args.cors_origin or ():
+        # a browser's Origin header is SCHEME://HOST[:PORT], compared as a string: "example.com" or
+        # "https://example.com/" matched none, so every page's call was refused in silence
+        scheme, sep, rest = origin.partition("://")
+        if origin not in ("*", "null") and not (scheme and rest and "/" not in rest and origin == origin.strip()):
+            raise ValueError(f"--cors-origin {origin!r} is not an origin as browsers send it: give "
+                             "SCHEME://HOST[:PORT] with no path (such as https://example.com), or '*'")
     sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -556,7 +556,7 @@ def test_pyllm_debug_0_is_off(monkeypatch, capsys):
         assert ("Traceback" in err) == traceback, (value, err)
 
 
-def test_serve_refuses_an_api_key_no_client_can_send(tiny_llama_f32, monkeypatch, capsys):
+def test_serve_refuses_an_api_key_or_cors_origin_no_client_can_send(tiny_llama_f32, monkeypatch, capsys):
     """PYLLM_API_KEY=$'KEY\\r' (a Windows env file) or --api-key 'KEY ' started a server that answered
     every request 401: a header's value arrives stripped, without control characters. Refused at
     start-up, naming where the key came from."""
@@ -580,6 +580,13 @@ def test_serve_refuses_an_api_key_no_client_can_send(tiny_llama_f32, monkeypatch
     monkeypatch.delenv("PYLLM_API_KEY")
     assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--api-key", "sk-1 2\t3"]) == 1  # (inside: sent as it is)
     assert "the server was started" in capsys.readouterr().err
+    # a CORS origin as no browser sends it (no scheme, a path) matched no page's calls, in silence
+    for origin in ("example.com", "https://example.com/", "https://example.com/app", ""):
+        assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--cors-origin", "*", "--cors-origin", origin]) == 1
+        assert capsys.readouterr().err.startswith(f"pyllm serve: error: --cors-origin {origin!r} is not an origin")
+    for origin in ("https://example.com", "http://localhost:3000", "*", "null"):
+        assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--cors-origin", origin]) == 1
+        assert "the server was started" in capsys.readouterr().err
 
 
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
