@@ -116,6 +116,9 @@ class SafetensorsFile:
             if len(prefix) < 8:
                 raise _fail(self.path, "file is too short to be a safetensors file (is it truncated?)")
             header_len = int.from_bytes(prefix, "little")
+            if prefix[:4] == b"GGUF":  # (its magic read as a length was "implausibly large (corrupt file?)")
+                raise _fail(self.path, "is a GGUF file, not a safetensors (.pllm) file: convert it with `pyllm "
+                                       "convert`, or give it to `pyllm run` / LLM(), which convert it into the cache")
             if header_len > MAX_HEADER_BYTES:
                 raise _fail(self.path, f"header length {header_len} is implausibly large (corrupt file?)")
             if 8 + header_len > self.file_size:
