@@ -589,6 +589,34 @@ def test_serve_refuses_an_api_key_or_cors_origin_no_client_can_send(tiny_llama_f
         assert "the server was started" in capsys.readouterr().err
 
 
+def test_a_byte_order_mark_is_not_text(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    """A file saved by a Windows editor starts with a UTF-8 byte-order mark: it went into every prompt a
+    --chat-template file rendered, into a piped prompt, a perplexity text and a calibration text as
+    U+FEFF (train's data reader already dropped it). Only a leading one is dropped."""
+    import pyllm.perplexity
+    from pyllm import cli
+    from pyllm.chat_template import resolve_chat_template
+    from pyllm.convert.strategy import _read_text
+
+    template = tmp_path / "mine.jinja"
+    template.write_bytes(b"\xef\xbb\xbf{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    assert resolve_chat_template(str(template)) == "{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:"
+    text = "The quick brown fox jumps over the lazy dog. \ufeff" * 10
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert _read_text(str(tmp_path / "bom.txt")) == text
+    seen = []
+    real = pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
+    assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(tmp_path / "bom.txt"), "-c", "16"]) == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        assert seen[0] == llm.tokenize(text, add_special_tokens=False, parse_special=False)
+    capsys.readouterr()
+    plain, marked = (_cli("run", tiny_llama_f32, "-n", "4", "-t", "1", "--raw", input=prompt)
+                     for prompt in ("Paris is", "\ufeffParis is"))
+    assert marked.returncode == 0 and marked.stdout == plain.stdout, (marked.stderr, plain.stdout, marked.stdout)
+
+
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):
     """`pyllm perplexity` parsed "<|im_end|>" written in the evaluated file as the end-of-turn token;
     the text is data (llama.cpp's perplexity tokenizes it with parse_special=false)."""
