@@ -39,7 +39,9 @@ from collections import Counter
 import numpy as np
 
 from . import __version__
+from .errors import LimitError
 from .formats.packed import ModelConfig, PackedModel
+from .limits import MAX_CONTEXT_LENGTH
 from .quant import layout_name
 
 LOAD_REPETITIONS = 3
@@ -221,6 +223,9 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     check_probe_bytes(bandwidth_bytes if device == "cpu" else 0)
     before = memory_status()
     n_ctx = depth + n_prompt + n_gen
+    if n_ctx > MAX_CONTEXT_LENGTH:  # (LLM's own message named context_length, which bench has no flag for)
+        raise LimitError(f"-d {depth} + -p {n_prompt} + -n {n_gen} = {n_ctx} tokens exceed the context limit of "
+                         f"{MAX_CONTEXT_LENGTH}")
     loads = []
 
     def load() -> LLM:

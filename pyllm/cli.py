@@ -35,18 +35,29 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="random seed of sampling, set once per session (default: a fresh one each run)")
 
 
+# SamplingParams field -> (argparse dest, flag) of _add_sampling's options
+SAMPLING_FLAGS = {"temperature": ("temperature", "--temperature"), "top_k": ("top_k", "--top-k"),
+                  "top_p": ("top_p", "--top-p"), "min_p": ("min_p", "--min-p"), "typical_p": ("typical_p", "--typical"),
+                  "repetition_penalty": ("repeat_penalty", "--repeat-penalty")}
+
+
 def _check_sampling(args) -> None:
-    """ValueError naming the first sampling flag out of range (--temperature -1, --top-p 2, -n -2), before
-    the model loads (`pyllm serve` refused them only once the model was loaded, `pyllm run` at its first
-    reply). -n -1: until the context is full."""
+    """_add_sampling's options out of range: ValueError naming the flag, before the model loads
+    (`pyllm serve --temperature nan` started, then refused every request that left temperature unset
+    with a 400 blaming the client's request; `pyllm run` failed at its first reply). -n -1: until the
+    context is full."""
     from .sampling import SamplingParams
 
     if args.max_tokens is not None and args.max_tokens < -1:
         raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
                          f"got {args.max_tokens}")
-    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 typical_p=args.typical_p, repetition_penalty=args.repeat_penalty)
-    SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
+    for field, (dest, flag) in SAMPLING_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            try:
+                SamplingParams(**{field: value}).validate()
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {e}") from None
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -182,13 +193,21 @@ def model_path(args) -> str:
 
 
 def _open(args):
+    """The command's LLM; a warning on stderr when --ctx passes the positions the model was trained on
+    (rotary and ALiBi models run there, as in llama.cpp and transformers, but predict poorly; a model
+    with learned positions refuses such a context)."""
     from .llm import LLM
 
-    return LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
-               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
-               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
-               activation_quant=args.activation_quant,
-               adapter=getattr(args, "adapter", None) if args.command == "run" else None)
+    llm = LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
+              chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
+              kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
+              activation_quant=args.activation_quant,
+              adapter=getattr(args, "adapter", None) if args.command == "run" else None)
+    trained = llm.config.max_position_embeddings
+    if args.ctx is not None and args.ctx > trained:
+        print(f"pyllm {args.command}: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained "
+              "on; positions beyond them give unreliable predictions", file=sys.stderr)
+    return llm
 
 
 def cmd_run(args) -> int:
@@ -201,6 +220,8 @@ def cmd_run(args) -> int:
     from .tokenizer import check_text
 
     prompt = args.prompt
+    if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
+        raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
@@ -269,6 +290,9 @@ def cmd_serve(args) -> int:
 
     if Starlette is None:
         raise RuntimeError(MISSING)
+    _check_sampling(args)
+    if args.max_queue < 1:  # (Server takes 0, every request then busy: a test's way to see the 503)
+        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}: every request would get 503")
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                           body_timeout=args.body_timeout, send_timeout=args.send_timeout,
                           template_timeout=args.template_timeout,
@@ -283,14 +307,29 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
-    _check_sampling(args)
+    api_key = args.api_key or os.environ.get("PYLLM_API_KEY") or None
+    unsendable = api_key is not None and (api_key != api_key.strip()
+                                          or any(c < " " and c != "\t" or c == "\x7f" for c in api_key))
+    if unsendable:
+        # an HTTP header holds no control characters and its value arrives stripped: such a key (a CR
+        # from a Windows env file, a trailing space) matched no request, and every one was 401
+        where = "--api-key" if args.api_key else "PYLLM_API_KEY"
+        raise ValueError(f"{where} holds control characters or spaces around it, which no client can send in "
+                         f"its Authorization header (every request would be refused); got {api_key!r:.40}")
+    for origin in args.cors_origin or ():
+        # a browser's Origin header is SCHEME://HOST[:PORT], compared as a string: "example.com" or
+        # "https://example.com/" matched none, so every page's call was refused in silence
+        scheme, sep, rest = origin.partition("://")
+        if origin not in ("*", "null") and not (scheme and rest and "/" not in rest and origin == origin.strip()):
+            raise ValueError(f"--cors-origin {origin!r} is not an origin as browsers send it: give "
+                             "SCHEME://HOST[:PORT] with no path (such as https://example.com), or '*'")
     sock = listen(args.host, args.port)  # a port in use fails now, not after loading the model
     llm = _open(args)
     defaults = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, typical_p=args.typical_p)
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
-          api_key=args.api_key or os.environ.get("PYLLM_API_KEY") or None, cors_origins=args.cors_origin or (),
+          api_key=api_key, cors_origins=args.cors_origin or (),
           limits=limits, max_num_batched_tokens=args.max_num_batched_tokens, sock=sock)
     return 0
 
@@ -299,7 +338,7 @@ def cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
     from .errors import read_text
-    from .perplexity import default_text, perplexity
+    from .perplexity import default_text, leading_tokens, perplexity
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
     # with a half-drawn bar; --windows 0 or negative was a ZeroDivisionError)
@@ -314,13 +353,13 @@ def cmd_perplexity(args) -> int:
     if getattr(args, "device", "cpu") == "cuda":
         args.parallel = 1  # the CUDA engine holds one sequence
     llm = _open(args)
-    trained = llm.config.max_position_embeddings
-    if args.ctx > trained:
-        print(f"pyllm perplexity: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained on; "
-              "positions beyond them give unreliable predictions", file=sys.stderr)
     # the text is data, as in llama.cpp's perplexity (parse_special=false): a "<|im_end|>" written in
     # it is scored as the characters it is, not as the model's end-of-turn token
-    tokens = llm.tokenize(text, add_special_tokens=False, parse_special=False)
+    def tokenize(text: str) -> list[int]:
+        return llm.tokenize(text, add_special_tokens=False, parse_special=False)
+
+    # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus)
+    tokens = tokenize(text) if args.windows is None else leading_tokens(tokenize, text, args.windows * args.ctx)
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:
@@ -538,10 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STDOUT_COMMANDS = ("run", "perplexity", "bench", "list", "verify")  # those whose result goes to stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
     PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
     args = build_parser().parse_args(argv)
+    if sys.stdout is None and args.command in STDOUT_COMMANDS:
+        # started with stdout closed (`>&-`): Python sets it to None, print() then drops the output in
+        # silence, and sys.stdout.write was "AttributeError: 'NoneType' object has no attribute 'write'"
+        print(f"pyllm {args.command}: error: stdout is closed: nowhere to write the output", file=sys.stderr)
+        return 1
     restore_sigterm = _exit_cleanly_on_sigterm()
     try:
         return report_errors(args.command, lambda: args.func(args))
@@ -570,7 +617,7 @@ def report_errors(command: str, work) -> int:
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # a library's own type (some derive from BaseException): still one line
-        if os.environ.get("PYLLM_DEBUG"):
+        if os.environ.get("PYLLM_DEBUG", "0") not in ("", "0"):  # (as PYLLM_PROFILE: 0 is off)
             import traceback
 
             traceback.print_exc()

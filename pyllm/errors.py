@@ -56,8 +56,11 @@ def read_text(path: str, kind: type[PyllmError] = PyllmError) -> str:
 
 
 def decode_text(data: bytes, what: str, kind: type[PyllmError] = PyllmError) -> str:
-    """data decoded as UTF-8; kind("{what} is not UTF-8 text (byte N: reason)") otherwise."""
+    """data decoded as UTF-8, without a leading byte-order mark (Windows editors write one: it went into
+    every prompt a --chat-template file rendered, a piped prompt, a perplexity text; train's data
+    reader drops it too); kind("{what} is not UTF-8 text (byte N: reason)") otherwise."""
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise kind(f"{what} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return text[1:] if text.startswith("\ufeff") else text

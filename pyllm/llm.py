@@ -425,19 +425,25 @@ class LLM:
         tokenizer_loader = _TokenizerLoader(self.model)
         try:
             try:
-                self.engine = backend.Engine(self.path, self.model.file.data_offset, self.model.engine_tensors(),
-                                             self.model.linears, self.model.engine_config(), n_ctx, n_threads or 0,
-                                             kv_cache, n_parallel)
+                # (bytes: a path that is not UTF-8 holds lone surrogates, which pybind11 cannot pass as str)
+                self.engine = backend.Engine(os.fsencode(self.path), self.model.file.data_offset,
+                                             self.model.engine_tensors(), self.model.linears,
+                                             self.model.engine_config(), n_ctx, n_threads or 0, kv_cache, n_parallel)
             except ValueError as e:
                 # the engine checks the file again (tensor ranges, int4_asym_dq steps, the rope scaling type)
-                # and refused it with a ValueError that did not name it
-                if isinstance(e, PyllmError):
+                # and refused it with a ValueError that did not name it (PYLLM_KERNELS's: below)
+                if isinstance(e, PyllmError) or str(e).startswith("unknown kernel variant"):
                     raise
                 raise FormatError(f"{self.path}: {e}") from None
             if device == "cpu":
                 self.engine.activation_quant = activation_quant
-        except BaseException:
+        except BaseException as e:
             tokenizer_loader.wait()
+            forced = os.environ.get("PYLLM_KERNELS")
+            if forced and isinstance(e, ValueError) and str(e).startswith("unknown kernel variant"):
+                # the engine reads the variable at its first use: its message did not say where the name came from
+                raise PyllmError(f"PYLLM_KERNELS={forced!r} in the environment: {e}; unset it for the fastest "
+                                 "variant") from None
             raise
         self.tokenizer = tokenizer_loader.result()
         if self.tokenizer.vocab_size > self.config.vocab_size:

@@ -40,8 +40,12 @@ MODEL_SUFFIX = ".pllm"
 
 
 def cache_dir() -> str:
-    """$XDG_CACHE_HOME/pyllm (default ~/.cache/pyllm): the default model, converted models, chat history."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """$XDG_CACHE_HOME/pyllm (default ~/.cache/pyllm): the default model, converted models, chat history.
+    A relative $XDG_CACHE_HOME is ignored, as the XDG Base Directory spec says (it made a cache, and a
+    conversion of every model, in each directory pyllm was started from)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "pyllm")
 
 

@@ -195,15 +195,18 @@ class Sampler:
                 scores = scores / p.temperature
             else:  # a temperature so small (1e-310) that the largest score overflows: its limit, the most
                 scores, top = (scores - largest) / p.temperature, 0.0  # likely ids alone (inf - inf: NaN)
-        if p.top_k and p.top_k < scores.size:
-            # exp of the kept scores only, the others 0 in place (what exp(-inf) gives them): the same
-            # array, so the same sum, as exp over all of them (0.3 ms of 49152 exps a token)
-            kth = np.partition(scores, -p.top_k)[-p.top_k]
-            kept = possible = np.flatnonzero(scores >= kth)
-            probs = np.zeros_like(scores)
-            probs[kept] = np.exp(scores[kept] - top)
-        else:
-            probs = np.exp(scores - top)
+        # a score scaled to near -1.8e308 less a top near +1.8e308 (temperature 1e-308) overflows to -inf:
+        # exp gives it 0, its limit (numpy's "overflow encountered in subtract" was printed mid-answer)
+        with np.errstate(over="ignore"):
+            if p.top_k and p.top_k < scores.size:
+                # exp of the kept scores only, the others 0 in place (what exp(-inf) gives them): the same
+                # array, so the same sum, as exp over all of them (0.3 ms of 49152 exps a token)
+                kth = np.partition(scores, -p.top_k)[-p.top_k]
+                kept = possible = np.flatnonzero(scores >= kth)
+                probs = np.zeros_like(scores)
+                probs[kept] = np.exp(scores[kept] - top)
+            else:
+                probs = np.exp(scores - top)
         probs /= probs.sum()
         if p.top_p < 1.0:
             keep = possible = np.sort(nucleus(probs, p.top_p))

@@ -1157,6 +1157,15 @@ def listen(host: str, port: int) -> "socket.socket":
     return sock
 
 
+def base_url(sock, host: str) -> str:
+    """The API's URL for clients of a socket from listen(host, ...): the port it was given (--port 0
+    printed ":0", not the one the system chose), an IPv6 address in brackets ("http://::1:8000" was
+    no URL), the bound address when host is empty (all interfaces; was "http://:8000")."""
+    address, port = sock.getsockname()[:2]
+    shown = host or address
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/v1"
+
+
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_queue: int = 64,
           log_level: str = "info", defaults: dict | None = None, api_key: str | None = None,
           cors_origins: list[str] | tuple = (), limits: Limits | None = None,
@@ -1179,9 +1188,9 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    log.info("pyllm serve: http://%s:%d/v1 (OpenAI-compatible; Ctrl-C stops): model %s (%s), context %d tokens, "
-             "%d threads on %s (activations %s)%s", host, port, name, llm.path, llm.context_length, llm.n_threads,
-             llm.device, llm.engine.activation_quant, ", API key required" if api_key else "")
+    log.info("pyllm serve: %s (OpenAI-compatible; Ctrl-C stops): model %s (%s), context %d tokens, "
+             "%d threads on %s (activations %s)%s", base_url(sock, host), name, llm.path, llm.context_length,
+             llm.n_threads, llm.device, llm.engine.activation_quant, ", API key required" if api_key else "")
     kv = llm.kv_cache_bytes
     log.info("KV cache: %d slot(s) x %d tokens (%s), %.1f MiB%s",
              llm.n_parallel, llm.context_length, llm.engine.kv_cache, kv / 2**20,

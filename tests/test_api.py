@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -539,6 +540,146 @@ def test_cli_bad_paths_files_and_addresses_are_one_line_errors(tiny_llama, tiny_
         r = subprocess.run([sys.executable.encode(), b"-m", b"pyllm", b"run", tiny_llama_f32.encode(), b"-n", b"2",
                             *extra], input=stdin, capture_output=True, timeout=300)
         assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_a_bad_pyllm_kernels_value_is_an_error_naming_the_variable(tiny_llama_f32):
+    """PYLLM_KERNELS=avx3 (set in a shell profile) made every command fail with "unknown kernel
+    variant 'avx3'", which named no flag or file the user gave: the message now names the variable."""
+    for command in (("run", tiny_llama_f32, "-p", "x", "-n", "1"), ("perplexity", tiny_llama_f32, "-c", "16")):
+        r = _cli(*command, env={**os.environ, "PYLLM_KERNELS": "avx3"})
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert "PYLLM_KERNELS='avx3' in the environment: unknown kernel variant 'avx3'" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("closed, argv, message", [
+    (0, ("run", "-n", "1"), "stdin is closed: nothing to read a prompt from (give one with -p)"),
+    (1, ("run", "-n", "1", "-p", "Paris is"), "stdout is closed: nowhere to write the output"),
+    (1, ("verify",), "stdout is closed: nowhere to write the output")])
+def test_a_closed_stdin_or_stdout_is_one_line_naming_it(tiny_llama_f32, closed, argv, message):
+    """`pyllm run MODEL <&-` and `pyllm run MODEL -p X >&-` (Python sets the stream to None) failed
+    with "AttributeError: 'NoneType' object has no attribute 'isatty'" / "... 'write'", the latter
+    after generating; `pyllm verify MODEL >&-` printed its result nowhere and exited 0."""
+    r = subprocess.run([sys.executable, "-m", "pyllm", argv[0], tiny_llama_f32, *argv[1:]], stderr=subprocess.PIPE,
+                       text=True, timeout=300, preexec_fn=lambda: os.close(closed))
+    assert r.returncode == 1 and r.stderr.strip() == f"pyllm {argv[0]}: error: {message}", r.stderr
+
+
+def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_llama_f32, monkeypatch, capsys):
+    """`pyllm serve --temperature nan` (or --top-p 5, -n -1, --max-queue 0) started, then answered every
+    request that left the option unset with a 400 blaming the request, or (--max-queue 0) a 503: each
+    is refused at start-up, before the port is opened or the model loaded, naming the flag."""
+    import pyllm.serve
+    from pyllm import cli
+
+    def listen(*args):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(pyllm.serve, "listen", listen)
+    for argv, message in ((["--temperature", "nan"], "--temperature nan: temperature must be a finite number"),
+                          (["--top-p", "5"], "--top-p 5.0: top_p must be in [0, 1]"),
+                          (["--min-p", "-1"], "--min-p -1.0: min_p must be in [0, 1]"),
+                          (["--top-k", "-1"], "--top-k -1: top_k must be >= 0"),
+                          (["--repeat-penalty", "0"], "--repeat-penalty 0.0: repetition_penalty must be"),
+                          (["-n", "-1"], "-n/--max-tokens must be >= 0, got -1"),
+                          (["--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+                          (["--max-queue", "-3"], "--max-queue must be at least 1, got -3")):
+        for command in (("serve",) if "--max-queue" in argv else ("serve", "run")):
+            extra = ["-p", "x"] if command == "run" else []
+            assert cli.main([command, tiny_llama_f32, "-t", "1", *extra, *argv]) == 1, argv
+            err = capsys.readouterr().err
+            assert err == f"pyllm {command}: error: {message}" + err.split(message, 1)[1], err
+            assert len(err.splitlines()) == 1, err
+
+
+def test_a_model_file_whose_name_is_not_utf8_opens(tiny_llama_f32, tmp_path, capsys):
+    """A file name that is not UTF-8 (b"caf\xe9.pllm", from a Latin-1 system) reaches Python with a lone
+    surrogate, which pybind11 could not pass to the engine as str: `pyllm run`/`bench` failed with a
+    TypeError listing the engine's constructor and every tensor. The engine takes the path's bytes."""
+    from pyllm import cli
+
+    path = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.pllm"))
+    shutil.copyfile(tiny_llama_f32, path)
+    with pyllm.LLM(path, n_threads=1) as model, pyllm.LLM(tiny_llama_f32, n_threads=1) as same:
+        assert model.generate("Paris is", max_new_tokens=4) == same.generate("Paris is", max_new_tokens=4)
+    assert cli.main(["bench", path, "-p", "4", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == path
+
+
+def test_pyllm_debug_0_is_off(monkeypatch, capsys):
+    """PYLLM_DEBUG=0 printed tracebacks, as PYLLM_DEBUG=1 does (PYLLM_PROFILE=0 is off)."""
+    from pyllm.cli import report_errors
+
+    def fail():
+        raise KeyError("library failure")
+
+    for value, traceback in (("0", False), ("", False), ("1", True)):
+        monkeypatch.setenv("PYLLM_DEBUG", value)
+        assert report_errors("run", fail) == 1
+        err = capsys.readouterr().err
+        assert err.endswith("pyllm run: error: KeyError: 'library failure'\n")
+        assert ("Traceback" in err) == traceback, (value, err)
+
+
+def test_serve_refuses_an_api_key_or_cors_origin_no_client_can_send(tiny_llama_f32, monkeypatch, capsys):
+    """PYLLM_API_KEY=$'KEY\\r' (a Windows env file) or --api-key 'KEY ' started a server that answered
+    every request 401: a header's value arrives stripped, without control characters. Refused at
+    start-up, naming where the key came from."""
+    import pyllm.serve
+    from pyllm import cli
+
+    def listen(*args):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(pyllm.serve, "listen", listen)
+    for flag, env, where in ((["--api-key", "sk-1 "], None, "--api-key"), (["--api-key", "\tsk-1"], None, "--api-key"),
+                             ([], "sk-1\r", "PYLLM_API_KEY"), ([], "sk\n1", "PYLLM_API_KEY")):
+        if env is None:
+            monkeypatch.delenv("PYLLM_API_KEY", raising=False)
+        else:
+            monkeypatch.setenv("PYLLM_API_KEY", env)
+        assert cli.main(["serve", tiny_llama_f32, "-t", "1", *flag]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyllm serve: error: {where} holds control characters or spaces around it"), err
+        assert len(err.splitlines()) == 1
+    monkeypatch.delenv("PYLLM_API_KEY")
+    assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--api-key", "sk-1 2\t3"]) == 1  # (inside: sent as it is)
+    assert "the server was started" in capsys.readouterr().err
+    # a CORS origin as no browser sends it (no scheme, a path) matched no page's calls, in silence
+    for origin in ("example.com", "https://example.com/", "https://example.com/app", ""):
+        assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--cors-origin", "*", "--cors-origin", origin]) == 1
+        assert capsys.readouterr().err.startswith(f"pyllm serve: error: --cors-origin {origin!r} is not an origin")
+    for origin in ("https://example.com", "http://localhost:3000", "*", "null"):
+        assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--cors-origin", origin]) == 1
+        assert "the server was started" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_not_text(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    """A file saved by a Windows editor starts with a UTF-8 byte-order mark: it went into every prompt a
+    --chat-template file rendered, into a piped prompt, a perplexity text and a calibration text as
+    U+FEFF (train's data reader already dropped it). Only a leading one is dropped."""
+    import pyllm.perplexity
+    from pyllm import cli
+    from pyllm.chat_template import resolve_chat_template
+    from pyllm.convert.strategy import _read_text
+
+    template = tmp_path / "mine.jinja"
+    template.write_bytes(b"\xef\xbb\xbf{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    assert resolve_chat_template(str(template)) == "{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:"
+    text = "The quick brown fox jumps over the lazy dog. \ufeff" * 10
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert _read_text(str(tmp_path / "bom.txt")) == text
+    seen = []
+    real = pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
+    assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(tmp_path / "bom.txt"), "-c", "16"]) == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        assert seen[0] == llm.tokenize(text, add_special_tokens=False, parse_special=False)
+    capsys.readouterr()
+    plain, marked = (_cli("run", tiny_llama_f32, "-n", "4", "-t", "1", "--raw", input=prompt)
+                     for prompt in ("Paris is", "\ufeffParis is"))
+    assert marked.returncode == 0 and marked.stdout == plain.stdout, (marked.stderr, plain.stdout, marked.stdout)
 
 
 def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_f32, tmp_path, monkeypatch):

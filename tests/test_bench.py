@@ -71,6 +71,11 @@ def test_bench_text_report_and_bad_arguments(tiny_llama_f32, capsys):
     assert "| pp8 |" in out and "| tg2 |" in out and "MB of weights per token" in out and "read bandwidth" not in out
     assert main(["bench", tiny_llama_f32, "-r", "0"]) == 1
     assert "at least 1" in capsys.readouterr().err
+    # the context the tests need is -d + -p + -n: past the limit, the error named context_length, no flag of bench's
+    for flags in (["-p", "16777216"], ["-d", "99999999999", "-p", "8"]):
+        assert main(["bench", tiny_llama_f32, "-n", "2", "--bandwidth-mib", "0", *flags]) == 1
+        err = capsys.readouterr().err
+        assert "tokens exceed the context limit of 16777216" in err and f"{flags[0]} {flags[1]}" in err, err
 
 
 def test_weight_bytes_per_token_tied_and_untied():

@@ -675,3 +675,32 @@ def test_sigterm_inside_a_finalizer_still_ends_the_run():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stdout, r.stderr)
     assert "ran to the end" not in r.stdout
+
+
+def test_an_output_that_is_a_device_fifo_or_socket_or_no_file_name_is_refused_before_the_work(tiny_llama, tmp_path):
+    """The finished file is renamed over what -o names: `pyllm convert DIR -o /dev/null` replaced the
+    device with a regular file (as root) and reported "wrote /dev/null", `-o FIFO` did the same to a
+    FIFO; an empty -o or a name ending in '/' failed only after the conversion (ENOENT '... -> ''').
+    Each is now an OSError naming the path, and the path is left as it was."""
+    import socket
+    import stat
+
+    from pyllm.cli import main
+    from pyllm.formats.safetensors import check_output_path
+
+    with pytest.raises(FileExistsError, match="cannot write /dev/null: it is a character device"):
+        check_output_path("/dev/null")  # (checked alone: a conversion there would replace it if this failed)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        for out, message in ((str(fifo), "it is a FIFO"), (str(tmp_path / "sock"), "it is a socket"),
+                             ("", "empty path"), (str(tmp_path / "new") + "/", "names a directory")):
+            with pytest.raises(OSError, match=message):
+                convert_checkpoint(tiny_llama, out, quant="f32", progress=False)
+            assert main(["convert", tiny_llama, "-o", out, "-q"]) == 1
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISSOCK(os.stat(tmp_path / "sock").st_mode)
+        assert sorted(os.listdir(tmp_path)) == ["fifo", "sock"]
+    finally:
+        sock.close()

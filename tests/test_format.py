@@ -504,6 +504,21 @@ def test_not_a_regular_file(tmp_path):
         pyllm.LLM(tmp_path / "absent.pllm")
 
 
+def test_a_gguf_file_given_as_a_pllm_file_is_named_as_such(tmp_path, capsys):
+    """`pyllm verify model.gguf` said "header length 14064895815 is implausibly large (corrupt file?)" of a
+    sound GGUF file (its magic read as a safetensors header length): the message says what it is."""
+    from pyllm.cli import main
+    from pyllm.formats.packed import PackedModel
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
+    with pytest.raises(FormatError, match="model.gguf: is a GGUF file, not a safetensors"):
+        PackedModel(str(path))
+    assert main(["verify", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "is a GGUF file" in err and "implausibly" not in err and len(err.splitlines()) == 1, err
+
+
 def test_fifo_does_not_block(tmp_path):
     fifo = tmp_path / "model.pllm"
     os.mkfifo(fifo)

@@ -383,3 +383,17 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
     status, _, err, _ = run(capsys, "rm", default_model.MODEL_FILE)
     assert status == 0 and f"removed {live_work}" in err and not os.path.exists(live_work)
     assert sorted(os.listdir(cache)) == sorted([mine.name, live_partial.name, recent.name])
+
+
+def test_a_relative_xdg_cache_home_is_ignored_as_the_spec_says(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME=cache (relative) made a cache in each directory pyllm started from, converting
+    every model again there; the XDG Base Directory spec says to ignore a relative path."""
+    from pyllm.model_cache import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    home = os.path.join(os.path.expanduser("~"), ".cache", "pyllm")
+    for value in ("cache", "./cache", ""):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert cache_dir() == home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg" / "pyllm")

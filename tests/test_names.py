@@ -142,6 +142,60 @@ def test_perplexity_reports_uncertainty_and_speed_and_warns_past_the_trained_con
     assert "exceeds" not in capsys.readouterr().err
 
 
+def test_run_and_serve_warn_past_the_trained_context_as_perplexity_does(tiny_llama_f32, capsys):
+    """`pyllm run -c 100000` on a model trained on 256 positions answered without a word (only
+    perplexity warned, and the chat's banner showed it), as did `pyllm serve -c 100000`."""
+    assert cli.main(["run", tiny_llama_f32, "-c", "300", "-n", "1", "-t", "1", "--raw", "-p", "Paris is"]) == 0
+    assert "pyllm run: warning: --ctx 300 exceeds the 256 tokens the model was trained on" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["serve", tiny_llama_f32, "--ctx", "1000", "-t", "1", "--parallel", "1"])
+    with cli._open(args) as llm:
+        assert llm.context_length == 1000
+    assert "pyllm serve: warning: --ctx 1000 exceeds the 256 tokens" in capsys.readouterr().err
+    for ctx in ([], ["-c", "256"]):
+        assert cli.main(["run", tiny_llama_f32, *ctx, "-n", "1", "-t", "1", "--raw", "-p", "Paris is"]) == 0
+        assert "exceeds" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "default"])
+def test_perplexity_windows_tokenize_only_the_prefix_they_need(model, tiny_llama_f32, request, tmp_path, capsys,
+                                                              monkeypatch):
+    """`pyllm perplexity --text FILE --windows N` tokenized the whole file before scoring N windows (a
+    22 MB text: 33 s, 4 GB, Ctrl-C waiting for it). leading_tokens tokenizes a prefix, giving the
+    same ids as the whole text's first ones (on English, code, CJK and emoji, a text with no line end),
+    and the command the same perplexity."""
+    import pyllm.perplexity
+    from pyllm.perplexity import default_text, leading_tokens
+
+    path = tiny_llama_f32 if model == "tiny" else request.getfixturevalue("default_model_file")
+    docs = default_text()
+    cjk = "中文测试：今天天气很好，我们去公园散步。😀🎉 café\n"
+    texts = [docs, docs.replace("\n", " "), cjk * 10000,
+             "def main():\n    print('hello, world')\n\n\n    return 0\n" * 2000]
+    with pyllm.LLM(path, n_threads=1, context_length=64) as llm:
+        seen = []
+
+        def tokenize(text):
+            seen.append(len(text))
+            return llm.tokenize(text, add_special_tokens=False, parse_special=False)
+
+        for text in texts:
+            whole = tokenize(text)
+            for count in (1, 500, 4096, len(whole) // 2, len(whole), len(whole) + 10):
+                seen.clear()
+                assert leading_tokens(tokenize, text, count)[:count] == whole[:count], (text[:20], count)
+                if count <= 4096:
+                    assert max(seen) < len(text) // 2, (text[:20], count, seen)  # a prefix alone
+    file = tmp_path / "docs.txt"
+    file.write_text(docs)
+    results = []
+    for whole_text in (False, True):
+        if whole_text:  # as before: the whole text tokenized
+            monkeypatch.setattr(pyllm.perplexity, "leading_tokens", lambda tokenize, text, count: tokenize(text))
+        assert cli.main(["perplexity", path, "-t", "1", "--text", str(file), "-c", "64", "--windows", "3"]) == 0
+        results.append(capsys.readouterr().out.split(",")[0])
+    assert results[0] == results[1] and "over 3 windows of 64 tokens" in results[0], results
+
+
 def test_perplexity_uncertainty_is_llama_cpps():
     import math
 

@@ -344,6 +344,23 @@ def test_a_temperature_so_small_that_scores_overflow_draws_the_most_likely_token
         assert Sampler(SamplingParams(temperature=temperature, seed=seed, **filters))(tied) in (3, 9)
 
 
+@pytest.mark.parametrize("filters", [{}, dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)])
+def test_a_temperature_whose_scaled_scores_overflow_only_below_the_top_warns_nothing(filters):
+    """Temperature 1e-308 with scores in (-1, 1): the top scales to a finite ~1e308, a score near -1
+    to ~-1e308, and their difference overflows to -inf (exp: 0, its limit). numpy printed
+    "RuntimeWarning: overflow encountered in subtract" into `pyllm run --temperature 1e-308`'s output."""
+    import warnings
+
+    logits = np.random.default_rng(5).uniform(-1, 1, VOCAB).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(3):
+            sampler = Sampler(SamplingParams(temperature=1e-308, seed=seed, **filters))
+            probs = sampler.probabilities(logits)
+            assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+            assert sampler(logits) == int(np.argmax(logits))
+
+
 def test_a_distribution_with_nan_is_refused_not_drawn_past_the_vocabulary():
     """draw_index gives n when no cumulative sum passes the draw (NaN): draw() raises ValueError
     instead of returning a token id past the vocabulary."""

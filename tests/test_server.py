@@ -1040,3 +1040,25 @@ def test_an_event_stream_waiting_for_its_events_wakes_nothing(monkeypatch):
     closed, logged = _run_event_stream(events(), send, 0.001)
     assert closed == [True] and not logged
     assert len(wakes) <= 4, len(wakes)  # one a send at most; re-armed every 1 ms it was ~1000
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "", "::1"])
+def test_the_start_up_line_gives_the_url_clients_can_use(llm, host, monkeypatch, caplog):
+    """`pyllm serve --port 0` printed "http://127.0.0.1:0/v1", not the port the system chose (the
+    server could not be found); --host ::1 printed "http://::1:PORT/v1" (no URL without brackets) and
+    --host '' "http://:PORT/v1". The line gives the bound port, [IPv6], the address of ''."""
+    import logging
+    import re
+
+    from pyllm.serve import listen, serve
+
+    try:
+        sock = listen(host, 0)
+    except OSError:
+        pytest.skip(f"cannot listen on {host!r} here")
+    port = sock.getsockname()[1]
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    with caplog.at_level(logging.INFO, logger="pyllm.serve"):
+        serve(llm, host=host, port=0, sock=sock)
+    shown = {"127.0.0.1": "127.0.0.1", "": "0.0.0.0", "::1": "[::1]"}[host]
+    assert re.search(rf"pyllm serve: http://{re.escape(shown)}:{port}/v1 \(OpenAI", caplog.text), caplog.text

@@ -210,7 +210,7 @@ def _read_text(path: str | None) -> str | None:
         return None
     # a non-UTF-8 file was the codec's bare "'utf-8' codec can't decode byte 0xff ...", naming no file
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a leading byte-order mark is no text)
             text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None

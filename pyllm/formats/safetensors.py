@@ -130,6 +130,9 @@ class SafetensorsFile:
             if len(prefix) < 8:
                 raise _fail(self.path, "file is too short to be a safetensors file (is it truncated?)")
             header_len = int.from_bytes(prefix, "little")
+            if prefix[:4] == b"GGUF":  # (its magic read as a length was "implausibly large (corrupt file?)")
+                raise _fail(self.path, "is a GGUF file, not a safetensors (.pllm) file: convert it with `pyllm "
+                                       "convert`, or give it to `pyllm run` / LLM(), which convert it into the cache")
             if header_len > MAX_HEADER_BYTES:
                 raise _fail(self.path, f"header length {header_len} is implausibly large (corrupt file?)")
             if 8 + header_len > self.file_size:
@@ -349,9 +352,10 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
     (HEADER_CHECKSUM_KEY). The file appears under `path` only once complete
     and synced; until then it has no name (Linux: O_TMPFILE, linked in at the
     end), so a process killed mid-write leaves nothing behind. Elsewhere a
-    temporary "NAME.PID.XXXX.partial" file is renamed into place.
+    temporary "NAME.PID.XXXX.partial" file is renamed into place. A path
+    check_output_path refuses raises its OSError before anything is written.
     """
-    path = os.fspath(path)
+    path = check_output_path(os.fspath(path))
     plans = list(tensors)
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
@@ -437,12 +441,27 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
 
 
 def check_output_path(path: str) -> str:
-    """path, when write_atomic can write a file there: not a directory, in a directory that exists
-    and may be written; OSError naming the path otherwise (checked before a conversion's work, not
-    after it)."""
+    """path, when write_atomic can write a file there: not empty, not a directory (nor a name ending in
+    "/"), not a device, FIFO or socket, in a directory that exists and may be written; OSError naming
+    the path otherwise (checked before a conversion's work, not after it). The finished file is
+    renamed over what the path names: `-o /dev/null` replaced the device with a regular file (as root)
+    and `-o FIFO` the FIFO, and an empty path failed only after the work ("No such file ... -> ''")."""
+    if not path:
+        raise FileNotFoundError("cannot write a file at an empty path: give the output's file name")
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if path.endswith(("/", os.sep)):
+        raise IsADirectoryError(f"cannot write {path}: a name ending in '/' names a directory; give a file name")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # a new file (or a dangling link, replaced as a new file is)
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise FileExistsError(f"cannot write {path}: it is {kind}, which the finished file would replace (it is "
+                              "written beside the path and renamed into place); give a file path")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: the directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
