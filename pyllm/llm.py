@@ -368,6 +368,7 @@ class LLM:
         self.path = resolve_model(path)
         self.model = PackedModel(self.path)
         self.engine = None
+        self._closing = False  # close() began: no call takes a turn; embed() and logits_many() stop between items
         try:
             self._load(backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
                        activation_quant, adapter)
@@ -387,7 +388,6 @@ class LLM:
         self._holder_thread: int | None = None
         self._idle_since: float | None = None
         self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
-        self._closing = False  # close() waits for the holder: embed() and logits_many() stop between items
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
         self._last_holder = None  # who used the engine last (a scheduler's slots survive only its own turns)
         self._waiting = 0  # calls waiting in _acquire
@@ -460,9 +460,10 @@ class LLM:
         return self._open_engine().kv_cache_bytes
 
     def _open_engine(self):
-        """The engine; RuntimeError once close() released it."""
+        """The engine; RuntimeError once close() began (a call that took its turn while close() waited
+        for the holder got the engine: a thread calling generate() in a loop held close() for ever)."""
         engine = self.engine
-        if engine is None:
+        if engine is None or self._closing:
             raise RuntimeError("this LLM is closed")
         return engine
 
@@ -601,8 +602,7 @@ class LLM:
     def _stop_if_closing(self) -> None:
         """A long embed() or logits_many() held close() (which waits for the engine's holder) for all
         its items, minutes for a large corpus: it stops between them instead, as generate does."""
-        if self._closing:
-            raise RuntimeError("this LLM is closed")
+        self._open_engine()
 
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""

@@ -1342,6 +1342,37 @@ def test_a_list_of_token_id_arrays_is_a_batch(llm):
             llm.generate(bad, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_close_is_not_held_by_a_thread_that_keeps_calling(tiny_llama_f32, batch):
+    """close() waits for the running call to end, and a thread that called generate() again took the
+    engine's next turn meanwhile (close() had not released it yet): a loop of calls held close() for
+    ever (found as a hang at exit). Once close() begins, no call takes a turn."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=256, n_parallel=3)
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    prompt = ["Paris", "Rome is", "Oslo"] if batch else "Paris"
+    errors, calls = [], [0]
+
+    def loop():
+        while True:
+            try:
+                llm.generate(prompt, max_new_tokens=200, logit_bias=ban)
+                calls[0] += 1
+            except RuntimeError as e:
+                errors.append(str(e))
+                return
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    while calls[0] < 2:
+        time.sleep(0.01)
+    closer = threading.Thread(target=llm.close)
+    closer.start()
+    closer.join(30)
+    thread.join(30)
+    assert not closer.is_alive() and not thread.is_alive()
+    assert errors == ["this LLM is closed"]
+
+
 @pytest.mark.parametrize("work", ["generate", "batch", "stream", "scheduled", "logits_many"])
 def test_a_process_exits_cleanly_while_a_daemon_thread_generates(tiny_llama_f32, work):
     """A script that ended while a daemon thread was generating aborted ('terminate called without an
