@@ -566,7 +566,7 @@ def test_a_closed_stdin_or_stdout_is_one_line_naming_it(tiny_llama_f32, closed, 
 
 
 def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_llama_f32, monkeypatch, capsys):
-    """`pyllm serve --temperature nan` (or --top-p 5, -n -1, --max-queue 0) started, then answered every
+    """`pyllm serve --temperature nan` (or --top-p 5, -n -2, --max-queue 0) started, then answered every
     request that left the option unset with a 400 blaming the request, or (--max-queue 0) a 503: each
     is refused at start-up, before the port is opened or the model loaded, naming the flag."""
     import pyllm.serve
@@ -581,7 +581,8 @@ def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_
                           (["--min-p", "-1"], "--min-p -1.0: min_p must be in [0, 1]"),
                           (["--top-k", "-1"], "--top-k -1: top_k must be >= 0"),
                           (["--repeat-penalty", "0"], "--repeat-penalty 0.0: repetition_penalty must be"),
-                          (["-n", "-1"], "-n/--max-tokens must be >= 0, got -1"),
+                          (["-n", "-2"], "-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
+                                         "got -2"),
                           (["--max-queue", "0"], "--max-queue must be at least 1, got 0"),
                           (["--max-queue", "-3"], "--max-queue must be at least 1, got -3")):
         for command in (("serve",) if "--max-queue" in argv else ("serve", "run")):
