@@ -550,7 +550,8 @@ def test_the_kv_cache_s_pages_are_filled_in_before_first_use(model_file):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
-def test_without_huge_pages_the_kv_cache_stays_resident_as_used(model_file):
+@pytest.mark.parametrize("off", ["0", "off", "False"])
+def test_without_huge_pages_the_kv_cache_stays_resident_as_used(model_file, off):
     """PYLLM_HUGE_PAGES=0 keeps 4 KiB pages touched only as positions are written (docs/ARCHITECTURE.md):
     nothing is filled in, so n_parallel slots never used cost address space, not memory. (The
     environment is read once a process: a fresh one.)"""
@@ -566,7 +567,7 @@ def test_without_huge_pages_the_kv_cache_stays_resident_as_used(model_file):
         "while not llm.engine.kv_cache_populated and time.monotonic() < deadline: time.sleep(0.01)\n"
         "time.sleep(0.5)\n"
         "print(llm.engine.kv_cache_populated, rss() - before, llm.engine.kv_cache_bytes)\n")
-    env = {**os.environ, "PYLLM_HUGE_PAGES": "0"}
+    env = {**os.environ, "PYLLM_HUGE_PAGES": off}  # ("off" and "False" were on: only "0" was off)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     populated, grown, cache = out.stdout.split()

@@ -156,8 +156,14 @@ def test_bench_profile_accounts_for_the_wall_time(tiny_llama_f32, capsys, monkey
     assert "profile (PYLLM_PROFILE=1" in out and "| outside stages |" in out and "| qkv_proj |" in out
 
 
-def test_bench_without_profile_reports_none(tiny_llama_f32, capsys, monkeypatch):
-    monkeypatch.delenv("PYLLM_PROFILE", raising=False)
+@pytest.mark.parametrize("value", [None, "", "0", "false", "off", "No", " 0 "])
+def test_bench_without_profile_reports_none(tiny_llama_f32, capsys, monkeypatch, value):
+    """PYLLM_PROFILE unset, empty or an off word: "false" and "off" turned profiling on (only a leading
+    '0' was off), csrc/core/env.h reads every switch one way."""
+    if value is None:
+        monkeypatch.delenv("PYLLM_PROFILE", raising=False)
+    else:
+        monkeypatch.setenv("PYLLM_PROFILE", value)
     r = run_cli(capsys, tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0", "--json")
     assert r["profile"] is None
     assert main(["bench", tiny_llama_f32, "-p", "8", "-n", "2", "-r", "1", "--bandwidth-mib", "0"]) == 0

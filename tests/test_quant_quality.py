@@ -442,12 +442,13 @@ def test_forked_workers_write_the_file_one_process_writes(tiny_llama, tiny_calib
     """The layout table and GPTQ run in forked workers (pyllm/convert/workers.py): split over 1 or 3
     processes, the calibrated --quant int4 file is the same bytes (the sampled rows are drawn before
     the split; each task's arithmetic does not depend on where it runs)."""
-    from pyllm.convert import convert_checkpoint, workers
+    from pyllm import _core
+    from pyllm.convert import convert_checkpoint
     from pyllm.convert.strategy import QuantOptions
 
     files = []
     for cpus in (1, 3):
-        monkeypatch.setattr(workers.os, "cpu_count", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(_core, "default_threads", lambda cpus=cpus: cpus)  # the workers' default count
         out = tmp_path / f"split{cpus}.pllm"
         convert_checkpoint(tiny_llama, str(out), quant="int4", progress=False,
                            options=QuantOptions(method="gptq", calib=tiny_calib))

@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "env.h"
+
 namespace pyllm {
 
 // Width of one quantization block of activations and of one int4 nibble chunk.
@@ -142,8 +144,7 @@ public:
 private:
     static bool huge_pages_wanted() {
         static const bool wanted = [] {
-            const char* flag = std::getenv("PYLLM_HUGE_PAGES");
-            return flag == nullptr || std::string(flag) != "0";
+            return env_switch("PYLLM_HUGE_PAGES", true);
         }();
         return wanted;
     }

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "../core/env.h"
 #include "../kernels/cpu/ops.h"
 #include "cuda_engine.h"
 #include "kernels.h"
@@ -227,8 +228,7 @@ private:
         attn_ws_.partial_stats.reserve((size_t)(kMaxGemvRows * cfg_.n_heads * decode_split_.n_splits * 2) * sizeof(float));
         attn_ws_.partial_out.reserve(
             (size_t)(kMaxGemvRows * cfg_.n_heads * decode_split_.n_splits * cfg_.head_dim) * sizeof(float));
-        const char* graph_env = std::getenv("PYLLM_CUDA_GRAPH");
-        use_graph_ = !(graph_env && std::string(graph_env) == "0");
+        use_graph_ = env_switch("PYLLM_CUDA_GRAPH", true);
         PYLLM_CUDA_CHECK(cudaDeviceSynchronize());
     }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/checked.h"
+#include "../core/env.h"
 #include "../core/populate.h"
 #include "engine.h"
 
@@ -230,8 +231,7 @@ class StageClock {
 public:
     enum Stage { kEmbed, kNorm, kQkv, kRopeCache, kAttention, kOut, kGateUp, kSwiglu, kDown, kResidual, kLmHead, kCount };
     StageClock() {
-        const char* flag = std::getenv("PYLLM_PROFILE");
-        enabled_ = flag != nullptr && flag[0] != '\0' && flag[0] != '0';
+        enabled_ = env_switch("PYLLM_PROFILE", false);
     }
     // Runs fn and charges its wall time to `stage`.
     template <typename Fn>
