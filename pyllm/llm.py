@@ -555,7 +555,7 @@ class LLM:
             self._cached, self._primed = [], None
             results = []
             for first in range(0, len(checked), self.n_parallel):
-                self._stop_if_closing()
+                self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 group = checked[first:first + self.n_parallel]
                 lengths = [len(g) for g in group]
                 out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
@@ -581,7 +581,7 @@ class LLM:
             self._cached, self._primed = [], None
             since = time.monotonic()
             for i, ids in enumerate(checked):
-                self._stop_if_closing()
+                self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 held = time.monotonic() - since
                 if held >= PREEMPT_AFTER and self._waiting:  # others (a scheduler's streams) get as long a turn
                     self._release(call)
@@ -598,11 +598,6 @@ class LLM:
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
-
-    def _stop_if_closing(self) -> None:
-        """A long embed() or logits_many() held close() (which waits for the engine's holder) for all
-        its items, minutes for a large corpus: it stops between them instead, as generate does."""
-        self._open_engine()
 
     def logits(self, ids) -> np.ndarray:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""

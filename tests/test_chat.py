@@ -268,16 +268,24 @@ def test_chat_template_given_as_a_path_or_another_type(tiny_llama_f32, tmp_path)
             pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=bad)
 
 
-def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_path):
+def _file_with_generation_config(tiny_llama, tmp_path, name: str, **settings) -> str:
+    """tiny_llama converted to f32 with `settings` added to its generation_config.json (the edited
+    checkpoint is kept at tmp_path / "model")."""
     from pyllm.convert import convert_checkpoint
 
     src = shutil.copytree(tiny_llama, tmp_path / "model")
     config_path = src / "generation_config.json"
     config = json.loads(config_path.read_text())
-    config.update(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=5)
+    config.update(settings)
     config_path.write_text(json.dumps(config))
-    out = str(tmp_path / "gen.pllm")
+    out = str(tmp_path / name)
     convert_checkpoint(str(src), out, quant="f32", progress=False)
+    return out
+
+
+def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_path):
+    out = _file_with_generation_config(tiny_llama, tmp_path, "gen.pllm", do_sample=True, temperature=0.6, top_p=0.9,
+                                       max_new_tokens=5)
     with pyllm.LLM(out, n_threads=1) as model:
         params = model._sampling(None, None, None, None, None, seed=None)
         # what transformers' generate() would use: the config's values, its defaults (top_k 50) for the rest
@@ -291,21 +299,14 @@ def test_generation_defaults_come_from_the_generation_config(tiny_llama, tmp_pat
 def test_a_greedy_model_s_own_top_k_applies_when_the_caller_samples(tiny_llama, tmp_path):
     """A file with do_sample false and top_k 20, top_p 0.8: a caller's temperature 0.7 took its top_p but
     not its top_k (0: off), where transformers' generate(do_sample=True) takes both."""
-    from pyllm.convert import convert_checkpoint
-
-    src = shutil.copytree(tiny_llama, tmp_path / "model")
-    config_path = src / "generation_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(do_sample=False, top_k=20, top_p=0.8, typical_p=0.9)
-    config_path.write_text(json.dumps(config))
-    out = str(tmp_path / "greedy.pllm")
-    convert_checkpoint(str(src), out, quant="f32", progress=False)
+    out = _file_with_generation_config(tiny_llama, tmp_path, "greedy.pllm", do_sample=False, top_k=20, top_p=0.8,
+                                       typical_p=0.9)
     with pyllm.LLM(out, n_threads=1) as model:
         assert model._sampling(None, None, None, None, None, None).temperature == 0.0  # greedy by default
         params = model._sampling(0.7, None, None, None, None, None)
         assert (params.temperature, params.top_k, params.top_p, params.typical_p) == (0.7, 20, 0.8, 0.9)
         assert model._sampling(0.7, 0, None, None, None, None).top_k == 0  # the call wins
-    hf = pytest.importorskip("transformers").GenerationConfig.from_pretrained(str(src))
+    hf = pytest.importorskip("transformers").GenerationConfig.from_pretrained(str(tmp_path / "model"))
     assert (hf.top_k, hf.top_p, hf.typical_p) == (20, 0.8, 0.9)
 
 
