@@ -19,7 +19,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", "--temp", type=float, default=None,
                    help="0 = greedy (default: the model's setting, else 0)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely tokens, 0 = all (default: the model's setting, else 0)")
+                   help="sample among the k most likely tokens, 0 or -1 = all (default: the model's setting, else 0)")
     p.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling: the smallest set of tokens holding this probability (default: the "
                         "model's setting, else 1 = off)")
@@ -51,6 +51,8 @@ def _check_sampling(args) -> None:
     if args.max_tokens is not None and args.max_tokens < -1:
         raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
                          f"got {args.max_tokens}")
+    if args.top_k == -1:  # off, as 0 (llama.cpp's spelling; the server's requests take it too)
+        args.top_k = 0
     for field, (dest, flag) in SAMPLING_FLAGS.items():
         value = getattr(args, dest)
         if value is not None:

@@ -893,7 +893,8 @@ class LLM:
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
             # the file's own top_k, as its top_p, even when it does not sample (then a caller's temperature > 0
             # samples as transformers' generate(do_sample=True) would); only the default 50 needs do_sample
-            top_k=int(d.get("top_k", 50 if samples else 0) if top_k is None else top_k),
+            # -1 is off as 0 (llama.cpp's and vLLM's spelling; the server's schema takes it too)
+            top_k=int(d.get("top_k", 50 if samples else 0) if top_k is None else (0 if top_k == -1 else top_k)),
             top_p=float(d.get("top_p", 1.0) if top_p is None else top_p),
             min_p=float(d.get("min_p", 0.0) if min_p is None else min_p),
             typical_p=float(d.get("typical_p", 1.0) if typical_p is None else typical_p),

@@ -51,7 +51,7 @@ class SamplingParams:
         if not 0 <= self.temperature < np.inf:
             raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise ValueError(f"top_k must be >= 0 (0 = off; generate() also takes -1); got {self.top_k!r}")
         if not 0 <= self.top_p <= 1:
             raise ValueError("top_p must be in [0, 1]")
         if not 0 <= self.min_p <= 1:

@@ -579,7 +579,7 @@ def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_
     for argv, message in ((["--temperature", "nan"], "--temperature nan: temperature must be a finite number"),
                           (["--top-p", "5"], "--top-p 5.0: top_p must be in [0, 1]"),
                           (["--min-p", "-1"], "--min-p -1.0: min_p must be in [0, 1]"),
-                          (["--top-k", "-1"], "--top-k -1: top_k must be >= 0"),
+                          (["--top-k", "-2"], "--top-k -2: top_k must be >= 0"),
                           (["--repeat-penalty", "0"], "--repeat-penalty 0.0: repetition_penalty must be"),
                           (["-n", "-2"], "-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
                                          "got -2"),
@@ -1062,6 +1062,19 @@ def test_seed_minus_one_is_unseeded(llm):
     assert len(texts) > 1
     negative = {llm.generate("Once", max_new_tokens=8, temperature=1.5, seed=-7) for _ in range(2)}
     assert len(negative) == 1  # any other int64 is a seed
+
+
+def test_top_k_minus_one_is_off_everywhere(llm, tiny_llama_f32, capsys):
+    """`--top-k -1` was refused by `pyllm run` while the server's schema took -1 as off (llama.cpp's and
+    vLLM's spelling): generate(), chat() and the CLI now take it as 0, and -2 stays refused."""
+    from pyllm import cli
+    kw = dict(max_new_tokens=12, temperature=1.3, seed=11)
+    assert llm.generate("Once", top_k=-1, **kw) == llm.generate("Once", top_k=0, **kw)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        llm.generate("Once", top_k=-2, **kw)
+    assert cli.main(["run", tiny_llama_f32, "-t", "1", "-p", "Once", "-n", "4", "--top-k", "-1",
+                     "--temperature", "1.3", "--seed", "11"]) == 0
+    capsys.readouterr()
 
 
 def test_logit_bias_past_the_vocabulary_is_refused_before_generating(llm):
