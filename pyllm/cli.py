@@ -228,8 +228,14 @@ def cmd_run(args) -> int:
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
     if prompt is None and not sys.stdin.isatty():
+        from .limits import MAX_STDIN_BYTES
+
         binary = getattr(sys.stdin, "buffer", None)  # absent when a host replaced stdin with a text stream
-        prompt = decode_text(binary.read(), "stdin") if binary is not None else sys.stdin.read()
+        data = binary.read(MAX_STDIN_BYTES + 1) if binary is not None else sys.stdin.read(MAX_STDIN_BYTES + 1)
+        if len(data) > MAX_STDIN_BYTES:
+            raise ValueError(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB: too long for a prompt (an "
+                             f"endless pipe, such as `yes |`, never ends)")
+        prompt = decode_text(data, "stdin") if binary is not None else data
         if not prompt.strip():
             raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
                              "terminal without -p to chat)")

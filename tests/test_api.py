@@ -415,6 +415,28 @@ def test_cli_piped_stdin_is_the_prompt(tiny_llama_f32, llm):
     assert r.stdout == llm.chat([{"role": "user", "content": "Paris is"}], max_new_tokens=4) + "\n"
 
 
+def test_cli_an_endless_pipe_is_refused_with_bounded_memory(tiny_llama_f32):
+    """`yes | pyllm run MODEL` read stdin until memory ran out; the prompt read from a pipe is bounded
+    (limits.MAX_STDIN_BYTES) and refused past it in one line, before the model loads."""
+    from pyllm.limits import MAX_STDIN_BYTES
+
+    # the child reports its own peak resident set after the CLI returns
+    child = ("import resource, sys; from pyllm.cli import main; rc = main(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    yes = subprocess.Popen(["yes", "a long line of a never-ending pipe"], stdout=subprocess.PIPE)
+    try:
+        r = subprocess.run([sys.executable, "-c", child, "run", tiny_llama_f32, "-n", "1"], stdin=yes.stdout,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        yes.kill()
+        yes.wait()
+    assert r.returncode == 1, r.stderr
+    message, peak_kib = r.stderr.splitlines()
+    assert message == f"pyllm run: error: stdin holds more than {MAX_STDIN_BYTES >> 20} MiB: too long for a " \
+                      f"prompt (an endless pipe, such as `yes |`, never ends)"
+    assert int(peak_kib) < (3 * MAX_STDIN_BYTES >> 10) + (512 << 10), peak_kib
+
+
 def test_render_limits_of_another_type_are_a_type_error_naming_them(llm):
     from pyllm.limits import RenderLimits
 
