@@ -139,6 +139,11 @@ def resolve_chat_template(value: str) -> str:
                         f"({', '.join(BUILTIN_TEMPLATES)}), a Jinja file, or Jinja source")
 
 
+def check_chat_template(source: str) -> None:
+    """Raises TemplateError when `source` is not a Jinja template the sandbox compiles."""
+    _compile(source)
+
+
 # -- the Jinja environment ------------------------------------------------------------------------
 
 def _raise_exception(message):

@@ -209,6 +209,8 @@ def _open(args):
     if args.ctx is not None and args.ctx > trained:
         print(f"pyllm {args.command}: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained "
               "on; positions beyond them give unreliable predictions", file=sys.stderr)
+    if llm.chat_template_fault and args.command == "serve":  # `pyllm run` stops at its first chat with it
+        print(f"pyllm serve: warning: chat requests will fail: {llm.chat_template_fault}", file=sys.stderr)
     return llm
 
 

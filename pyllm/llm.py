@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import normalize_messages, render_chat, resolve_chat_template
+from .chat_template import TemplateError, check_chat_template, normalize_messages, render_chat, resolve_chat_template
 from .formats.packed import PackedModel
 from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -407,6 +407,16 @@ class LLM:
             self.model.verify()
         self.config = self.model.config
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
+        # a template stored in the file that does not compile (a checkpoint's broken chat_template.jinja):
+        # generation works, chat raises this, naming the file and the way out
+        self.chat_template_fault = None
+        if not chat_template and self.chat_template:
+            try:
+                check_chat_template(self.chat_template)
+            except TemplateError as e:
+                self.chat_template_fault = (f"{self.path}: the chat template stored in the model file cannot be "
+                                            f"used ({e}); give another with chat_template= (--chat-template on the "
+                                            f"command line): a built-in name, a Jinja file or Jinja source")
         n_ctx = context_length or min(self.config.max_position_embeddings, DEFAULT_CONTEXT)
         n_parallel = check_parallel(n_parallel)
         # the options the engines refuse, refused here: what the engine's constructor raises is about the file
@@ -875,6 +885,8 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             limits: RenderLimits | None = None, **extra) -> str:
+        if self.chat_template_fault:
+            raise TemplateError(self.chat_template_fault)
         spec = self.tokenizer.spec
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",

@@ -212,6 +212,46 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     assert llm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
 
 
+def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A checkpoint's chat_template.jinja that does not compile converts (the file keeps it as it is,
+    as transformers keeps it), and the model generates; chat said only 'chat template is not valid
+    Jinja', naming neither the model file nor the option that overrides it."""
+    from pyllm import cli
+    from pyllm.chat_template import TemplateError
+
+    d = str(tmp_path / "broken")
+    shutil.copytree(tiny_llama, d)
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}[{{ m['role'] }}]")  # no endfor
+    out = str(tmp_path / "broken.pllm")
+    convert_checkpoint(d, out, quant="f32", progress=False)
+    llm = pyllm.LLM(out)
+    assert isinstance(llm.generate("Hello", max_new_tokens=2), str)
+    for call in (lambda: llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2),
+                 lambda: llm.apply_chat_template([{"role": "user", "content": "hi"}])):
+        with pytest.raises(TemplateError, match=rf"^{re.escape(out)}: the chat template stored in the model file "
+                                                r"cannot be used \(chat template is not valid Jinja: .*endfor.*\); "
+                                                r"give another with chat_template="):
+            call()
+    assert pyllm.LLM(out, chat_template="chatml").chat([{"role": "user", "content": "hi"}], max_new_tokens=2) \
+        is not None
+    assert cli.main(["run", out, "-t", "1", "-p", "hi", "-n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyllm run: error: {out}: the chat template stored") and "--chat-template" in err
+    assert cli.main(["run", out, "-t", "1", "-p", "hi", "-n", "2", "--chat-template", "chatml"]) == 0
+    capsys.readouterr()
+    from pyllm import serve
+
+    def start(*args, **kw):  # the server would start here: its warning was printed before
+        raise SystemExit(0)
+
+    monkeypatch.setattr(serve, "listen", lambda host, port: None)
+    monkeypatch.setattr(serve, "serve", start)
+    with pytest.raises(SystemExit):
+        cli.main(["serve", out, "-t", "1"])
+    assert "pyllm serve: warning: chat requests will fail: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "mamba"}, "model_type 'mamba' is not supported; pyllm converts: llama .*gpt2"),
     ({"num_local_experts": 8}, "mixture-of-experts"),
