@@ -30,9 +30,8 @@ import pyllm
 from pyllm import _core
 from pyllm.errors import LimitError
 from pyllm.formats.packed import PackedModel
-from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, HEADER_CHECKSUM_KEY, FormatError, PlannedTensor,
-                                       SafetensorsFile,
-                                       verify_checksums, write_atomic)
+from pyllm.formats.safetensors import (ALIGNMENT, CHECKSUM_KEY, HEADER_CHECKSUM_KEY, MAX_TENSORS, FormatError,
+                                       PlannedTensor, SafetensorsFile, verify_checksums, write_atomic)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = "model.layers.0.self_attn.q_proj.weight"  # F32 [64, 64] in the tiny model
@@ -286,6 +285,15 @@ CASES = {
         ["not valid JSON"],
     ),
     "header_empty_object": (raw_header(b"{}"), ["not a pyllm model file"]),
+    # a 100 MB header of 1.3 million entries took 18 s to parse and check; empty lists, 11 s
+    "header_too_many_tensors": (raw_header(b"{" + b",".join(b'"t%d": {"dtype": "U8", "shape": [1], "data_offsets": '
+                                                          b'[%d, %d]}' % (i, i, i + 1) for i in range(1_300_000))
+                                           + b"}"), ["more than 2097152 JSON values"]),
+    "header_too_many_values": (raw_header(b'{"x": [' + b",".join([b"[]"] * 30_000_000) + b"]}"),
+                               ["more than 2097152 JSON values"]),
+    "header_too_many_tensors_after_parsing": (
+        raw_header(b"{" + b",".join(b'"t%d":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1)
+                                    for i in range(MAX_TENSORS + 1)) + b"}"), ["more than 131072 tensors"]),
     "metadata_not_object": (header_edit(lambda h: h.__setitem__("__metadata__", ["format", "pyllm"])),
                             ["__metadata__ must map strings to strings"]),
     "metadata_value_not_string": (set_meta("pyllm.format_version", 1), ["__metadata__ must map strings to strings"]),

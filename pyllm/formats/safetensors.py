@@ -29,6 +29,14 @@ import numpy as np
 from ..errors import PyllmError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation allows
+# tensors one file may list: a .pllm holds ~30 a layer (weights, scales, norms) and a checkpoint's
+# shard fewer, so 1024 layers stay far below; a 100 MB header can list 1.3 million, which took 18 s
+# to parse and check before the file was found to be no model at all
+MAX_TENSORS = 1 << 17
+# JSON values of a header, counted as its commas, brackets and braces before parsing (inside strings
+# too, so an upper bound an escape cannot hide from): an entry takes ~10, and 100 MB of `[],` took
+# Python's json 11 s whatever the entries; at this bound parsing takes well under a second
+MAX_HEADER_ITEMS = 16 * MAX_TENSORS
 ALIGNMENT = 64  # pyllm aligns the data section and every tensor to a cache line
 # metadata key: JSON {tensor name: CRC-32 (zlib.crc32, IEEE) of its bytes as 8 hex digits}
 CHECKSUM_KEY = "pyllm.checksums"
@@ -138,6 +146,9 @@ class SafetensorsFile:
             if 8 + header_len > self.file_size:
                 raise _fail(self.path, f"header length {header_len} runs past the end of the file (truncated?)")
             raw = f.read(header_len)
+        if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_HEADER_ITEMS:
+            raise _fail(self.path, f"header holds more than {MAX_HEADER_ITEMS} JSON values, too many for a model "
+                                   f"file of at most {MAX_TENSORS} tensors (corrupt file?)")
         self.data_offset = 8 + header_len
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
@@ -150,6 +161,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise _fail(self.path, "header is not a JSON object")
         metadata = header.pop("__metadata__", None)
+        if len(header) > MAX_TENSORS:
+            raise _fail(self.path, f"header lists more than {MAX_TENSORS} tensors (corrupt file?)")
         if metadata is None:
             metadata = {}
         if not isinstance(metadata, dict) or not all(
