@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -194,12 +195,28 @@ def model_path(args) -> str:
     return resolve_model(args.model, quant=args.quant)
 
 
+def _check_sizes(args) -> None:
+    """-t, --ctx and --parallel out of range: ValueError naming the flag (the library's message named its
+    parameter: `pyllm run --ctx 0` said "context_length must be a positive integer")."""
+    from .limits import check_context_length, check_parallel, check_threads
+
+    for flag, dest, check in (("-t", "threads", check_threads), ("--ctx", "ctx", check_context_length),
+                              ("--parallel", "parallel", check_parallel)):
+        value = getattr(args, dest, None)
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {value}: {e}") from None
+
+
 def _open(args):
     """The command's LLM; a warning on stderr when --ctx passes the positions the model was trained on
     (rotary and ALiBi models run there, as in llama.cpp and transformers, but predict poorly; a model
     with learned positions refuses such a context)."""
     from .llm import LLM
 
+    _check_sizes(args)
     llm = LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
@@ -301,12 +318,15 @@ def cmd_serve(args) -> int:
     if Starlette is None:
         raise RuntimeError(MISSING)
     _check_sampling(args)
+    _check_sizes(args)
     if args.max_queue < 1:  # (Server takes 0, every request then busy: a test's way to see the 503)
         raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}: every request would get 503")
-    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
-                          body_timeout=args.body_timeout, send_timeout=args.send_timeout,
-                          template_timeout=args.template_timeout,
-                          timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+    for field in dataclasses.fields(ServerLimits):  # each flag is the field's name: --max-body-bytes, ...
+        try:
+            ServerLimits(**{field.name: getattr(args, field.name)})
+        except ValueError as e:
+            raise ValueError(f"--{field.name.replace('_', '-')} {getattr(args, field.name)}: {e}") from None
+    limits = ServerLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServerLimits)})
     if args.device == "cuda":
         if args.parallel not in (None, 1):
             print("pyllm serve: --parallel is CPU-only (the CUDA engine holds one sequence): serving one request "
