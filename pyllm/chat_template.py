@@ -30,7 +30,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import PASSING, PyllmError, read_text
-from .limits import RenderLimits
+from .limits import MAX_CHAT_TEMPLATE_BYTES, RenderLimits
 
 
 class TemplateError(PyllmError):
@@ -123,7 +123,7 @@ def resolve_chat_template(value: str) -> str:
         raise FileNotFoundError(f"chat template file {value} not found" +
                                 (" (it is a directory)" if os.path.isdir(value) else ""))
     if os.path.isfile(value):
-        text = read_text(value, TemplateError)
+        text = read_text(value, TemplateError, MAX_CHAT_TEMPLATE_BYTES)
         if value.endswith(".json"):  # a tokenizer_config.json
             try:
                 text = json.loads(text)["chat_template"]

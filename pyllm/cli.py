@@ -642,7 +642,7 @@ def report_errors(command: str, work) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a tool the signal stopped
     except (PyllmError, ValueError, OSError, RuntimeError, IndexError, MemoryError) as e:
-        print(f"pyllm {command}: error: {e}", file=sys.stderr)
+        print(f"pyllm {command}: error: {_message(e)}", file=sys.stderr)
         return 1
     except (SystemExit, GeneratorExit):
         raise
@@ -653,6 +653,16 @@ def report_errors(command: str, work) -> int:
             traceback.print_exc()
         print(f"pyllm {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _message(e: BaseException) -> str:
+    """One line for an error: an OSError of a file as "PATH: reason" (it read "[Errno 21] Is a directory:
+    '/tmp'"), one without a message by what it is (a MemoryError printed "error: " and nothing)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{os.fsdecode(e.filename)}: {e.strerror}"
+    if isinstance(e, MemoryError):
+        return f"out of memory{f' ({e})' if str(e) else ''}"
+    return str(e) or type(e).__name__
 
 
 def _output_that_cannot_fail() -> None:

@@ -48,11 +48,25 @@ def library_errors(what: str, kind: type[PyllmError] = PyllmError) -> Iterator[N
         raise kind(f"{what}: {type(e).__name__}: {e}") from e
 
 
-def read_text(path: str, kind: type[PyllmError] = PyllmError) -> str:
-    """The text of a UTF-8 file (a chat template, a perplexity text); kind naming the file and the
-    first bad byte when it is not UTF-8. OSError (missing, a directory, unreadable) passes."""
+MAX_TEXT_FILE_BYTES = 2**30  # a text file read whole (a perplexity corpus): past it, refused
+
+
+def read_bytes(path: str, kind: type[PyllmError] = PyllmError, limit: int | None = None) -> bytes:
+    """The bytes of a file read whole, at most `limit` of them: kind naming the file past it (a file
+    that never ends, such as /dev/zero or a FIFO behind a model directory's name, was read until memory
+    ran out); limit None: MAX_TEXT_FILE_BYTES. OSError (missing, a directory, unreadable) passes."""
+    limit = MAX_TEXT_FILE_BYTES if limit is None else limit
     with open(path, "rb") as f:
-        return decode_text(f.read(), str(path), kind)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise kind(f"{path} holds more than {limit} bytes: too long for what it should be")
+    return data
+
+
+def read_text(path: str, kind: type[PyllmError] = PyllmError, limit: int | None = None) -> str:
+    """The text of a UTF-8 file (a chat template, a perplexity text) of at most `limit` bytes (read_bytes);
+    kind naming the file and the first bad byte when it is not UTF-8."""
+    return decode_text(read_bytes(path, kind, limit), str(path), kind)
 
 
 def decode_text(data: bytes, what: str, kind: type[PyllmError] = PyllmError) -> str:

@@ -25,6 +25,9 @@ MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
 # bytes of a prompt piped to `pyllm run` (`yes | pyllm run` read until memory ran out): 4 bytes for each
 # position of a 16M-token context, far past what a model's context holds
 MAX_STDIN_BYTES = 64 * 2**20
+# bytes of a chat template file (a checkpoint's chat_template.jinja, --chat-template FILE): released
+# templates take 1-20 KB
+MAX_CHAT_TEMPLATE_BYTES = 2**20
 DEFAULT_PARALLEL = 4
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 

@@ -427,8 +427,8 @@ class LLM:
             raise ValueError("the CUDA engine holds one sequence (n_parallel=1); run batches on the CPU")
         if device == "cuda" and kv_cache not in ("auto", "f32"):
             raise ValueError(f"the CUDA engine keeps its KV cache in f32 (kv_cache='auto' or 'f32', not {kv_cache!r})")
-        check_kv_cache_bytes(engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device),
-                             f"{n_parallel} sequence(s) of {n_ctx} positions")
+        kv_bytes = engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device)
+        check_kv_cache_bytes(kv_bytes, f"{n_parallel} sequence(s) of {n_ctx} positions")
         self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
         self.adapter = self._check_adapter(adapter)  # generate()'s default
         # The tokenizer is parsed in a second thread while the engine loads (both release the GIL).
@@ -439,6 +439,10 @@ class LLM:
                 self.engine = backend.Engine(os.fsencode(self.path), self.model.file.data_offset,
                                              self.model.engine_tensors(), self.model.linears,
                                              self.model.engine_config(), n_ctx, n_threads or 0, kv_cache, n_parallel)
+            except MemoryError:  # std::bad_alloc: an address-space limit (ulimit -v), or the machine's memory
+                raise LimitError(f"cannot allocate the engine's memory: {n_parallel} sequence(s) of {n_ctx} positions "
+                                 f"need a KV cache of {kv_bytes / 2**30:.2f} GiB beside the model's buffers; lower "
+                                 "context_length or n_parallel") from None
             except ValueError as e:
                 # the engine checks the file again (tensor ranges, int4_asym_dq steps, the rope scaling type)
                 # and refused it with a ValueError that did not name it (PYLLM_KERNELS's: below)

@@ -437,6 +437,37 @@ def test_cli_an_endless_pipe_is_refused_with_bounded_memory(tiny_llama_f32):
     assert int(peak_kib) < (3 * MAX_STDIN_BYTES >> 10) + (512 << 10), peak_kib
 
 
+def test_files_that_never_end_or_are_no_files_are_one_line_errors(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    """`pyllm perplexity --text /dev/zero` read until memory ran out and printed "error: " (a MemoryError
+    has no message); `--text DIR` printed "[Errno 21] Is a directory: 'DIR'". Text files read whole are
+    bounded (errors.MAX_TEXT_FILE_BYTES) and an OSError names its file as "PATH: reason"."""
+    from pyllm import cli, errors
+
+    monkeypatch.setattr(errors, "MAX_TEXT_FILE_BYTES", 1 << 20)
+    for text, message in (("/dev/zero", "/dev/zero holds more than 1048576 bytes"),
+                          (str(tmp_path), f"{tmp_path}: Is a directory"),
+                          (str(tmp_path / "absent.txt"), f"{tmp_path / 'absent.txt'}: No such file or directory")):
+        assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", text]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyllm perplexity: error: {message}") and err.count("\n") == 1, err
+
+
+def test_an_engine_that_cannot_be_allocated_is_a_limit_error_naming_the_cache(tiny_llama_f32):
+    """A KV cache past the process's address-space limit (ulimit -v) was pybind11's MemoryError
+    'std::bad_alloc' (`pyllm perplexity --ctx 100000` under a limit printed "error: std::bad_alloc")."""
+    child = ("import resource, sys, pyllm\n"
+             "from pyllm.errors import LimitError\n"
+             "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+             "resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.RLIM_INFINITY))\n"
+             "try:\n"
+             "    pyllm.LLM(sys.argv[1], n_threads=1, context_length=1 << 16, n_parallel=256)\n"
+             "except LimitError as e:\n"
+             "    print('LIMIT', e)\n")
+    r = subprocess.run([sys.executable, "-c", child, tiny_llama_f32], capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("LIMIT cannot allocate the engine's memory: 256 sequence(s) of 65536 positions "
+                               "need a KV cache of "), (r.stdout, r.stderr[-2000:])
+
+
 def test_render_limits_of_another_type_are_a_type_error_naming_them(llm):
     from pyllm.limits import RenderLimits
 

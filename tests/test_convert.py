@@ -212,6 +212,24 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     assert llm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_a_checkpoint_file_that_never_ends_is_refused_by_name(tiny_llama, tmp_path, monkeypatch, name):
+    """A checkpoint's small file that leads to /dev/zero (a symlink, a FIFO) was read until memory ran
+    out: config.json, tokenizer files and chat templates are read with a bound and refused past it."""
+    from pyllm.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_FILE_BYTES", 1 << 20)
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    (d / name).unlink(missing_ok=True)
+    (d / name).symlink_to("/dev/zero")
+    out = tmp_path / "x.pllm"
+    limit = 1 << 20  # the chat template's own bound is 1 MiB too
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} holds more than {limit} bytes"):
+        convert_checkpoint(str(d), str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
 def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny_llama, tmp_path, capsys, monkeypatch):
     """A checkpoint's chat_template.jinja that does not compile converts (the file keeps it as it is,
     as transformers keeps it), and the model generates; chat said only 'chat template is not valid
@@ -634,7 +652,7 @@ def test_options_without_effect_are_refused(tiny_llama, tmp_path, capsys, flags,
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\xff\xfe\x00bad", "calibration file {} is not UTF-8 text (invalid start byte at byte 0)"),
+    (b"\xff\xfe\x00bad", "calibration file {} is not UTF-8 text (byte 0: invalid start byte)"),
     (None, "calibration file {} cannot be read: No such file or directory"),
 ])
 def test_a_calibration_file_that_cannot_be_read_is_named(tiny_llama, tmp_path, capsys, content, message):

@@ -11,15 +11,22 @@ from typing import Iterator
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
-from ..errors import decode_text, library_errors, read_text
+from ..errors import decode_text, library_errors, read_bytes, read_text
 from ..formats.packed import ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
+from ..limits import MAX_CHAT_TEMPLATE_BYTES
 from ..quant import bf16_bits_to_f32
 
+# bytes of a checkpoint's small files read whole (config.json, tokenizer_config.json, an index,
+# tokenizer.json, tokenizer.model; the largest released tokenizer.json files are ~35 MB): a name that
+# leads to /dev/zero or a FIFO was read until memory ran out
+MAX_CHECKPOINT_FILE_BYTES = 256 * 2**20
+
+
 def _read_json(path: str) -> dict:
+    text = decode_text(read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES), path, FormatError)
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        value = json.loads(text)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; nesting deeper than the parser goes
         raise FormatError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
@@ -35,9 +42,9 @@ def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
     """A shard index's weight_map as tensor name -> shard path. Shards are files of the index's own
     directory (a name ending in suffix, possibly under a subfolder; no absolute path, no '..'), and
     a tensor is listed once."""
+    text = decode_text(read_bytes(index, FormatError, MAX_CHECKPOINT_FILE_BYTES), index, FormatError)
     try:
-        with open(index, encoding="utf-8") as f:
-            raw = json.load(f, object_pairs_hook=_Pairs)
+        raw = json.loads(text, object_pairs_hook=_Pairs)
     except (ValueError, RecursionError) as e:
         raise FormatError(f"{index}: invalid JSON ({type(e).__name__}: {e})") from None
     pairs = dict(raw).get("weight_map") if isinstance(raw, _Pairs) else None
@@ -806,8 +813,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     spm_path = os.path.join(directory, "tokenizer.model")
     json_text = None
     if os.path.exists(json_path):
-        with open(json_path, "rb") as f:
-            json_text = decode_text(f.read(), json_path, FormatError)
+        json_text = decode_text(read_bytes(json_path, FormatError, MAX_CHECKPOINT_FILE_BYTES), json_path, FormatError)
     elif not os.path.exists(spm_path):
         raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     try:
@@ -851,11 +857,11 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         tok = build(vocab, merges, tok_config)
         tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
     else:
-        with open(spm_path, "rb") as f:
-            try:
-                spm = _read_spm(f.read())
-            except FormatError as e:  # "tokenizer.model: ..." -> the file's path
-                raise FormatError(f"{os.path.join(directory, str(e))}") from None
+        try:
+            spm = _read_spm(read_bytes(spm_path, FormatError, MAX_CHECKPOINT_FILE_BYTES))
+        except FormatError as e:  # "tokenizer.model: ..." -> the file's path
+            message = str(e)
+            raise FormatError(message if message.startswith(spm_path) else os.path.join(directory, message)) from None
         pieces = spm["pieces"]
         model_extras = [AddedToken(p, normalized=False, special=kind == _SPM_CONTROL)
                         for p, _, kind in pieces if kind in (_SPM_CONTROL, _SPM_USER_DEFINED)]
@@ -914,7 +920,7 @@ def read_chat_template(directory: str) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template ('default' of a list), else ''."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
     if os.path.exists(jinja_path):
-        return read_text(jinja_path, FormatError)
+        return read_text(jinja_path, FormatError, MAX_CHAT_TEMPLATE_BYTES)
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.exists(tok_config_path):
         return ""

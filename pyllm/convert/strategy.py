@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import read_text
 from ..quant import QUANT_FORMATS, PackedWeight, packed_shapes, quantize
 from .calibrate import load_matrix
 
@@ -210,12 +211,11 @@ def _read_text(path: str | None) -> str | None:
         return None
     # a non-UTF-8 file was the codec's bare "'utf-8' codec can't decode byte 0xff ...", naming no file
     try:
-        with open(path, encoding="utf-8-sig") as f:  # (a leading byte-order mark is no text)
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = read_text(path, ValueError)  # (bounded; a leading byte-order mark is no text)
     except OSError as e:
         raise ValueError(f"calibration file {path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # "PATH is not UTF-8 text (byte N: reason)", "PATH holds more than ..."
+        raise ValueError(f"calibration file {e}") from None
     if not text.strip():
         raise ValueError(f"calibration file {path} is empty")
     return text
