@@ -198,6 +198,15 @@ def test_a_byte_order_mark_is_not_a_record(layout, tmp_path):
     assert [r.line for r in records] == [r.line for r in load_records(plain)]
 
 
+def test_a_data_file_that_never_ends_is_refused(monkeypatch):
+    """--data /dev/zero (or a FIFO) was read until memory ran out: data files are read with a bound."""
+    from pyllm import errors
+
+    monkeypatch.setattr(errors, "MAX_TEXT_FILE_BYTES", 1 << 20)
+    with pytest.raises(DataError, match="^/dev/zero holds more than 1048576 bytes"):
+        load_records("/dev/zero")
+
+
 def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, tmp_path, capsys):
     """`python -m pyllm.train` printed a traceback for --data naming a directory (IsADirectoryError) and
     for a base that is not a model directory (transformers' OSError); a missing base was "We couldn't

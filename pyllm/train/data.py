@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import PyllmError, library_errors
+from ..errors import PyllmError, library_errors, read_text
 
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
 ALPACA_PROMPT_INPUT = (
@@ -47,11 +47,8 @@ class Record:
 def load_records(path: str | os.PathLike) -> list[Record]:
     """The records of a JSON list or JSON Lines file; DataError names each bad line."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors write one) is no record
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    # UTF-8 without its byte-order mark (Windows editors write one), at most errors.MAX_TEXT_FILE_BYTES
+    text = read_text(path, DataError)
     stripped = text.lstrip()
     items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
     records, errors = [], []
