@@ -231,6 +231,28 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
             assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    # torch's messages: its 20 device types; "module 'torch._C' has no attribute '_cuda_setDevice'"
+    (["--device", "tpu"], "--device 'tpu': not a device (cpu, cuda, cuda:N or auto)"),
+    (["--device", "cuda:x"], "--device 'cuda:x': not a device"),
+    (["--device", "mps"], "--device mps: pyllm train runs on cpu or cuda"),
+    # PEFT's "Target modules {'nope'} not found in the base model", when no name matched
+    (["--target-modules", "nope"], "--target-modules nope: no module of the model has this name (target modules: "),
+])
+def test_devices_and_modules_torch_or_peft_refused_are_named_by_flag(base, data, tmp_path, capsys, flags, message):
+    import torch
+
+    out = tmp_path / "out"
+    assert cli.main(["train", base, "--data", data, "-o", str(out), "--max-steps", "1", "-q", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyllm train: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+    if not torch.cuda.is_available():
+        assert cli.main(["train", base, "--data", data, "-o", str(out), "--max-steps", "1", "-q", "--device",
+                         "cuda"]) == 1
+        assert "--device cuda: this torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_a_tokenizer_without_an_end_token_is_refused_for_the_alpaca_template(base, data, tmp_path):
     """The Alpaca template ends each response with the EOS token; a tokenizer without one made
     [..., None] and torch's bare "Could not infer dtype of NoneType" once the model had loaded."""

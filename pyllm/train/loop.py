@@ -71,7 +71,16 @@ class Processes:
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):  # torch's message listed its 20 device types, naming no flag
+            raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+        # (cuda on a machine without one was "module 'torch._C' has no attribute '_cuda_setDevice'")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}, built "
+                             f"{'with CUDA ' + torch.version.cuda if torch.version.cuda else 'without CUDA'})")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {device}: pyllm train runs on cpu or cuda")
         if dev.type == "cuda":
             dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
             torch.cuda.set_device(dev)
@@ -353,6 +362,12 @@ def check_target_kinds(model, targets, targetable: list[str]) -> None:
     must be a linear or embedding layer. PEFT refused a block (`model`, `mlp`, `layers`, `0`) or a norm
     with its whole repr in the message, a screenful naming no valid choice. ValueError listing them."""
     kinds = _lora_kinds()
+    # names none of which matches: PEFT's "Target modules {'x'} not found in the base model" (naming
+    # neither the flag nor the choices); some that match: check_targets names the rest after PEFT
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
+    if targets and len(missing) == len(targets):
+        raise ValueError(f"--target-modules {', '.join(missing)}: no module of the model has this name (target "
+                         f"modules: {', '.join(targetable)})")
     for t in targets:
         wrong = next(((n, m) for n, m in model.named_modules()
                       if n and (n == t or n.endswith("." + t)) and not isinstance(m, kinds)), None)
