@@ -376,7 +376,11 @@ def cmd_perplexity(args) -> int:
         raise ValueError(f"--windows must be at least 1, got {args.windows}")
     if args.ctx < 4:
         raise ValueError(f"--ctx must be at least 4 for perplexity, got {args.ctx}")
-    if args.text:
+    from .eval_texts import DOMAIN_NAMES, domain_text
+
+    if args.text and args.text in DOMAIN_NAMES and not os.path.exists(args.text):
+        text = domain_text(args.text)  # docs/QUALITY.md's evaluation texts, by name (a file of that name wins)
+    elif args.text:
         text = read_text(args.text)
     else:
         text = default_text()
@@ -566,8 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
     _add_model(p)
+    from .eval_texts import DOMAIN_NAMES
+
     p.add_argument("--text", "-f", "--file", dest="text", default=None,
-                   help="UTF-8 text file (default: Python's documentation topics, pydoc_data.topics)")
+                   help=f"UTF-8 text file, or an evaluation text of docs/QUALITY.md by name: {', '.join(DOMAIN_NAMES)} "
+                        "(default: python-docs, Python's documentation topics)")
     p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512,
                    help="window length in tokens (default 512)")
     p.add_argument("--windows", "--chunks", dest="windows", type=int, default=None,

@@ -765,6 +765,29 @@ def test_perplexity_scores_special_token_strings_in_the_text_as_text(tiny_llama_
         assert llm.detokenize(seen[0]) == text.read_text()
 
 
+def test_perplexity_takes_an_evaluation_text_by_name(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    """docs/BENCHMARKS.md measured with `pyllm perplexity FILE --text DOMAIN`, which said "No such file
+    or directory: 'code'": --text takes docs/QUALITY.md's domains by name (a file of that name wins)."""
+    import pyllm.perplexity
+    from pyllm import cli
+    from pyllm.eval_texts import domain_text
+
+    seen = []
+    real = pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
+    argv = ["perplexity", tiny_llama_f32, "-t", "1", "--text", "code", "-c", "16", "--windows", "1"]
+    assert cli.main(argv) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code").write_text("a file named like a domain " * 20)
+    assert cli.main(argv) == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        assert seen[0] == llm.tokenize(domain_text("code"), add_special_tokens=False, parse_special=False)[:16]
+        assert seen[1] == llm.tokenize("a file named like a domain " * 20, add_special_tokens=False,
+                                       parse_special=False)[:16]
+    capsys.readouterr()
+
+
 def test_perplexity_bad_windows_ctx_and_short_text_are_one_line_errors(tiny_llama_f32, tmp_path):
     """--windows 0 or negative was a ZeroDivisionError; --ctx under 4 and a text shorter than one window
     were reported after the progress bar was drawn, so stderr held the bar around the error."""
