@@ -782,9 +782,9 @@ def test_perplexity_takes_an_evaluation_text_by_name(tiny_llama_f32, tmp_path, m
     (tmp_path / "code").write_text("a file named like a domain " * 20)
     assert cli.main(argv) == 0
     with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
-        assert seen[0] == llm.tokenize(domain_text("code"), add_special_tokens=False, parse_special=False)[:16]
-        assert seen[1] == llm.tokenize("a file named like a domain " * 20, add_special_tokens=False,
-                                       parse_special=False)[:16]
+        assert seen[0][:16] == llm.tokenize(domain_text("code"), add_special_tokens=False, parse_special=False)[:16]
+        assert seen[1][:16] == llm.tokenize("a file named like a domain " * 20, add_special_tokens=False,
+                                            parse_special=False)[:16]
     capsys.readouterr()
 
 
