@@ -1033,6 +1033,30 @@ def test_writer_refuses_non_finite_values_naming_the_tensor(tmp_path, dtype, bad
     assert os.listdir(tmp_path) == []
 
 
+FULL_DISK_WRITER = r"""
+import resource, signal, sys
+import numpy as np
+from pyllm.formats.safetensors import PlannedTensor, write_atomic
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as a full disk's ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+big = np.ones(1 << 20, np.float32)
+try:
+    write_atomic(sys.argv[1], {}, [PlannedTensor("big", "F32", big.shape, lambda: big)])
+except OSError as e:
+    print(e.filename, e.strerror, sep="|")
+"""
+
+
+def test_a_write_that_fails_names_the_output_and_leaves_nothing(tmp_path):
+    """A conversion whose write failed (a full disk) said "[Errno 28] No space left on device" after
+    minutes of work, naming no file: the error names the output (the partial file removed)."""
+    out = tmp_path / "model.pllm"
+    r = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(out)], capture_output=True, text=True, timeout=120)
+    assert r.stdout == f"{out}|File too large\n", (r.stdout, r.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 KILLED_WRITER = r"""
 import sys, time
 import numpy as np

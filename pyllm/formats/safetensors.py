@@ -440,12 +440,16 @@ def write_atomic(path: str | os.PathLike, metadata: dict[str, str], tensors: Ite
             tmp = _unique_name(path)
             _link_fd(fd, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a write that failed (a full disk, a file size limit) named no file: "[Errno 28] No space left
+            # on device" after minutes of converting; the output's name, the partial file removed
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
         raise
     finally:
         os.close(fd)
