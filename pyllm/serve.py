@@ -1078,7 +1078,8 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
     next request has not sent all its headers within header_timeout seconds of the connection's
     start, or of its previous response, is closed. uvicorn itself waits for ever (its keep-alive
     timer restarts at every byte), so clients that connect and send nothing, or a byte now and then,
-    would each hold a connection, and enough of them every file descriptor the server has.
+    would each hold a connection, and enough of them every file descriptor the server has. The
+    same deadline ends a request body still arriving after its answer (one refused unread).
 
     send_timeout: a connection whose client leaves the answer unread (the transport's buffer past
     its high-water mark) for this long is aborted, its buffered bytes dropped. uvicorn waits for
@@ -1130,8 +1131,18 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
             self._due = self.loop.call_later(header_timeout, self._headers_due)
 
         def _headers_due(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
                 log.warning("a client sent no complete request headers within %g s: connection closed",
+                            header_timeout)
+                self.transport.close()
+            elif self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+                # answered before its body was all read (413, 408, 401, 404): uvicorn discards the rest for
+                # as long as bytes come, so a body of a declared terabyte, or one sent a byte a second,
+                # held its connection for ever. It may come for header_timeout after the answer (closing
+                # at once, with bytes unread, resets the connection: the client could lose the answer).
+                log.warning("a client still sent a request body %g s after its answer: connection closed",
                             header_timeout)
                 self.transport.close()
 

@@ -573,6 +573,47 @@ def test_connections_that_never_send_their_headers_are_closed(llm):
     finally:
         server.stop()
 
+
+def test_bodies_still_arriving_after_their_answer_are_cut_off(llm):
+    """A request answered before its body was read (413 for a declared size past the limit, 408 for
+    a body too slow, 401 without the API key) kept its connection for as long as the client sent
+    body bytes, a byte now and then (uvicorn discards them, and its timer restarts at every byte):
+    closed once the body timeout passes after the answer; a body that arrived whole keeps the
+    connection alive."""
+    server = LiveServer(llm, limits=ServerLimits(body_timeout=1.0, max_body_bytes=1000), api_key="k")
+    auth = "Authorization: Bearer k\r\n"
+    try:
+        refused = {
+            413: _raw(server.port, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {10**12}"
+                                   "\r\n\r\n{".encode()),
+            408: _raw(server.port, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 900"
+                                   "\r\n\r\n{".encode()),
+            401: _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n{"),
+        }
+        whole = _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                              b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the next request on it is answered
+        for status, s in refused.items():
+            assert _status(s) == status
+        start = time.monotonic()
+        closed = {}
+        while len(closed) < len(refused) and time.monotonic() - start < 8:
+            for status, s in refused.items():
+                try:
+                    if status not in closed:
+                        s.sendall(b" ")
+                except OSError:
+                    closed[status] = time.monotonic() - start
+            time.sleep(0.1)
+        assert sorted(closed) == sorted(refused), closed  # each within the body timeout of its answer
+        whole.settimeout(10)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2:
+            answers += whole.recv(4096)
+        assert answers.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 200" in answers, answers
+        whole.close()
+    finally:
+        server.stop()
+
 def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
     try:
