@@ -315,13 +315,28 @@ class EventStreamResponse:
 
 # -- running a generation off the event loop -----------------------------------------------------
 
-async def _watch_disconnect(request: "Request", stream) -> None:
-    """Cancels the generation when the client goes away."""
+async def _watch_disconnect(request: "Request", work) -> None:
+    """Cancels work (a generation; anything with cancel()) when the client goes away."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            stream.cancel()
+            work.cancel()
             return
+
+
+class _Cancel:
+    """Work in a worker thread that a client leaving ends between its items (an embeddings request's
+    inputs): cancel() sets it, check() raises RequestError 499 once set."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise RequestError("the request was cancelled", 499)
 
 
 def reply_text(tokenizer, ids: list[int], text: str, stopped: bool, keep=frozenset()) -> str:
@@ -597,7 +612,7 @@ class Server:
 
     async def embeddings(self, request: "Request"):
         """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised
-        (LLM.embed's default pooling)."""
+        (LLM.embed's default pooling). A client that leaves ends the work at the next input."""
         try:
             raw = await read_body(request, self.limits)
             req = await asyncio.to_thread(self._parse_embeddings, raw)
@@ -605,11 +620,14 @@ class Server:
             return error_response(e)
         if not self.slots.take():
             return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+        work = _Cancel()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, work))
         try:
-            return await asyncio.to_thread(self._embeddings, req)
+            return await asyncio.to_thread(self._embeddings, req, work)
         except Exception as e:
             return error_response(e)
         finally:
+            watcher.cancel()
             self.slots.release()
 
     def _embedding_ids(self, req) -> list[list[int]]:
@@ -635,11 +653,14 @@ class Server:
             raise RequestError(f"this model's embeddings have {hidden} dimensions", param="dimensions")
         return req
 
-    def _embeddings(self, req) -> "JSONResponse":
+    def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
         import base64
 
         ids = self._embedding_ids(req)
-        vectors = self.llm.embed(ids)
+        vectors = []
+        for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later
+            work.check()
+            vectors.append(self.llm.embed([item])[0])
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                  if req.encoding_format == "base64" else [float(x) for x in v]}

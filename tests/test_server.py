@@ -173,6 +173,29 @@ def test_disconnected_stream_frees_the_model(live, llm, monkeypatch):
     assert reply.usage.completion_tokens == 4 and time.time() - start < 10
 
 
+def test_an_embeddings_client_that_leaves_ends_its_work(live, llm, monkeypatch):
+    """A client that sent 2048 long inputs to /v1/embeddings and went away held the model (and its
+    queue place) until every input was computed, minutes on a real model: the work now ends at the
+    next input, as a generation ends within one token."""
+    done = []
+    embed = llm.embed
+
+    def slow(texts, *args, **kwargs):
+        time.sleep(0.05 * len(texts))
+        done.extend(texts)
+        return embed(texts, *args, **kwargs)
+    monkeypatch.setattr(llm, "embed", slow)
+    s = _raw(live.port, _post("/v1/embeddings", json.dumps({"input": [[5, 6, 7]] * 100}).encode()))
+    time.sleep(0.5)
+    s.close()  # after about 10 of the 100 inputs (5 s)
+    deadline = time.time() + 10
+    while _active(live) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _active(live) == 0 and len(done) < 40, len(done)
+    reply = live.client().embeddings.create(model="tiny", input="Paris")
+    assert len(reply.data) == 1
+
+
 def test_bad_requests_get_clear_errors(live, llm):
     """Refusals come in OpenAI's error shape, naming the field in `param`."""
     client = live.client()
