@@ -377,6 +377,45 @@ def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
     return "stop" if dropped else "tool_calls"
 
 
+class _ClientGone(Exception):
+    """A choice's generation ended cancelled (its client went away): the answer ends with it."""
+
+
+async def _together(choices: list, most: int) -> AsyncIterator:
+    """The items of async generators (a request's choices), as each yields them, with at most `most`
+    of them running at once (started in order; most=1: each to its end, in order). The first error,
+    _ClientGone too, ends them all (the others are cancelled) and is raised; leaving early ends them too."""
+    items: asyncio.Queue = asyncio.Queue(1)  # a generator waits for its item to be taken: the client's pace
+
+    async def run(choice):
+        try:
+            async for item in choice:
+                await items.put(("item", item))
+        except Exception as e:
+            await items.put(("error", e))
+        else:
+            await items.put(("end", asyncio.current_task()))
+        finally:
+            await choice.aclose()  # cancelled while its item waited: its generation ends now
+
+    waiting, running = list(choices), set()
+    try:
+        while waiting or running:
+            while waiting and len(running) < most:
+                running.add(asyncio.ensure_future(run(waiting.pop(0))))
+            kind, value = await items.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                running.discard(value)
+                continue
+            yield value
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -424,6 +463,7 @@ class _Plan:
     logprobs: int | None
     tools: object = None  # a tool_calls.ToolFormat when the reply may hold tool calls
     echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
+    echo_lock: threading.Lock = field(default_factory=threading.Lock)  # (choices run together)
 
     def streams(self, llm) -> list:
         """One TextStream per choice (created now, so that bad options fail before any output)."""
@@ -518,6 +558,13 @@ class Server:
             threads = list(self._running.values())
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def _choices_together(self) -> int:
+        """How many choices of one request (n, several prompts) generate at once: the scheduler's
+        slots (they ran one after another, n=4 taking 4 times as long on 4 idle slots); without a
+        scheduler one, as the model runs one stream at a time."""
+        return self.llm.n_parallel if self.scheduler is not None else 1
 
     @property
     def max_queue(self) -> int:
@@ -721,17 +768,26 @@ class Server:
                 events = self._events(plan, streams, request, head, req.include_usage, started)
                 handed_over = True
                 return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
-            choices = []
-            for index, stream in enumerate(streams):
+
+            async def generate(index, stream):
                 text, tokens = "", []
                 async for piece, new in self._pieces(_Tokens(stream), request):
                     text += piece
                     tokens += new
                 if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
                     self._refuse_when_stopping()
-                    return _error("the request was cancelled", 499)
-                tokens += stream.take_tokens()
-                choices.append(await asyncio.to_thread(self._choice, plan, index, text, tokens, stream))
+                    raise _ClientGone
+                yield index, text, tokens + stream.take_tokens()
+
+            replies = {}
+            try:
+                async for index, text, tokens in _together([generate(i, s) for i, s in enumerate(streams)],
+                                                           self._choices_together):
+                    replies[index] = text, tokens
+            except _ClientGone:
+                return _error("the request was cancelled", 499)
+            choices = [await asyncio.to_thread(self._choice, plan, index, *replies[index], stream)
+                       for index, stream in enumerate(streams)]
             self._log(request, plan, streams, started)
             answer = {**head, "choices": choices, "usage": self._usage(plan, streams)}
             return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
@@ -897,14 +953,15 @@ class Server:
         from .llm import TokenLogprob, _token_logprob
 
         prompt = index // plan.n
-        if prompt not in plan.echo_logprobs:
-            ids = plan.prompts[prompt]
-            logits = self.llm.logits(ids)
-            # row by row, as a generated token's (no second [tokens, vocab] array)
-            tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
-                                               for k in range(1, len(ids))]
-            plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
-        return plan.echo_logprobs[prompt]
+        with plan.echo_lock:
+            if prompt not in plan.echo_logprobs:
+                ids = plan.prompts[prompt]
+                logits = self.llm.logits(ids)
+                # row by row, as a generated token's (no second [tokens, vocab] array)
+                tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
+                                                   for k in range(1, len(ids))]
+                plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
+            return plan.echo_logprobs[prompt]
 
     def _usage(self, plan: _Plan, streams) -> dict:
         """Prompt tokens count once per prompt, as do the cached ones (those of its first choice)."""
@@ -954,7 +1011,7 @@ class Server:
                 return responses.chat_logprobs(tokenizer, tokens)
             return responses.completion_logprobs(tokenizer, tokens, offset)
 
-        for index, stream in enumerate(streams):
+        async def choice(index, stream):
             tools = (ToolCallStream(plan.tools, special_marker_id(plan.tools, tokenizer))
                      if plan.chat and plan.tools is not None else None)
             all_tokens, sent = [], 0
@@ -984,10 +1041,10 @@ class Server:
                         yield chunk(responses.completion_delta(index, piece, logprobs=logprobs(tokens, sent)))
                         sent += len(piece)
             finally:
-                await pieces.aclose()  # now, not when garbage collected: a client that left cancels its generation
+                await pieces.aclose()  # now, not when garbage collected: a client that left cancels it
             if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
                 self._refuse_when_stopping()  # an error event
-                return
+                raise _ClientGone
             rest = stream.take_tokens()
             all_tokens += rest
             rest = waiting + rest
@@ -1005,6 +1062,11 @@ class Server:
                 yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))
             else:
                 yield chunk(responses.completion_delta(index, finish_reason=finish, logprobs=logprobs(rest, sent)))
+        try:
+            async for event in _together([choice(i, s) for i, s in enumerate(streams)], self._choices_together):
+                yield event
+        except _ClientGone:
+            return
         if include_usage:
             yield chunk(None, self._usage(plan, streams))
         self._log(request, plan, streams, started)
