@@ -504,6 +504,9 @@ class Server:
                           if llm.n_parallel > 1 else None)
         self.model_name = model_name
         self.slots = QueueSlots(max_queue)
+        # request bodies being received or parsed (all POST routes), counted apart from slots: with no bound,
+        # bodies sent faster than worker threads parse them waited in memory, 8 MiB each (500 MB for 60)
+        self.intake = QueueSlots(max_queue)
         self.api_key = api_key
         self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
@@ -661,12 +664,11 @@ class Server:
         """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised
         (LLM.embed's default pooling). A client that leaves ends the work at the next input."""
         try:
-            raw = await read_body(request, self.limits)
-            req = await asyncio.to_thread(self._parse_embeddings, raw)
+            req = await self._parse(request, self._parse_embeddings)
         except Exception as e:
             return error_response(e)
         if not self.slots.take():
-            return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+            return self._busy()
         work = _Cancel()
         watcher = asyncio.ensure_future(_watch_disconnect(request, work))
         try:
@@ -734,10 +736,24 @@ class Server:
     async def _answer(self, request: "Request", work: Callable[[bytes], dict]):
         """The JSON answer work(body bytes) gives, computed in a worker thread, or the error response."""
         try:
-            raw = await read_body(request, self.limits)
-            return await asyncio.to_thread(lambda: JSONResponse(work(raw)))
+            return await self._parse(request, lambda raw: JSONResponse(work(raw)))
         except Exception as e:
             return error_response(e)
+
+    async def _parse(self, request: "Request", parse: Callable[[bytes], object]):
+        """parse(the request's body bytes), in a worker thread, with a place in self.intake while
+        the body is received and parsed (RequestError 503 when none is free)."""
+        if not self.intake.take():
+            raise RequestError(f"the server is busy ({self.intake.active} request bodies being received or read); "
+                               "try again later", 503)
+        try:
+            raw = await read_body(request, self.limits)
+            return await asyncio.to_thread(parse, raw)
+        finally:
+            self.intake.release()
+
+    def _busy(self) -> "JSONResponse":
+        return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
 
     async def chat_completions(self, request: "Request"):
         return await self._handle(request, chat=True)
@@ -748,12 +764,11 @@ class Server:
     async def _handle(self, request: "Request", chat: bool):
         started = time.perf_counter()
         try:
-            raw = await read_body(request, self.limits)
-            req = await asyncio.to_thread(self.parse, raw, chat)
+            req = await self._parse(request, lambda raw: self.parse(raw, chat))
         except Exception as e:
             return error_response(e)
         if not self.slots.take():
-            return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+            return self._busy()
         handed_over = False  # whether the streaming response now releases the slot
         try:
             # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request

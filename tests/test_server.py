@@ -699,6 +699,36 @@ def test_queue_limit_is_exact_under_simultaneous_arrivals(llm, monkeypatch):
         server.stop()
 
 
+def test_bodies_waiting_to_be_parsed_are_bounded(llm, monkeypatch):
+    """Bodies were received and waited for a worker thread to parse them with no bound (the queue
+    limit counted only parsed requests): sent faster than they were parsed, 8 MiB each, 60 of them
+    held 500 MB. At most max_queue bodies are received or parsed at once, on every POST route;
+    past that 503 at once, and the server answers again once they are through."""
+    release = threading.Event()
+    parse = Server.parse
+
+    def slow(self, raw, chat):
+        release.wait(30)
+        return parse(self, raw, chat)
+    monkeypatch.setattr(Server, "parse", slow)
+    server = LiveServer(llm, max_queue=2)
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+        held = [_raw(server.port, _post("/v1/completions", body)) for _ in range(2)]
+        time.sleep(0.5)  # both are being parsed
+        for path, other in [("/v1/completions", body), ("/v1/chat/completions", b'{"messages": []}'),
+                            ("/v1/embeddings", b'{"input": "hi"}'), ("/tokenize", b'{"content": "hi"}')]:
+            status, reply = _request(server.url + path, other)
+            assert status == 503 and "busy" in reply["error"]["message"], (path, reply)
+        release.set()
+        assert [_status(s) for s in held] == [200, 200]
+        status, _ = _request(server.url + "/tokenize", b'{"content": "hi"}')
+        assert status == 200
+    finally:
+        release.set()
+        server.stop()
+
+
 def test_clients_that_never_read_lose_their_places(llm, monkeypatch):
     monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
     server = LiveServer(llm, max_queue=4, limits=ServerLimits(send_timeout=1.0))
