@@ -13,11 +13,13 @@ Policy: with an LLM of n_parallel > 1 (`pyllm serve --parallel N`), a pyllm.sche
 runs up to N requests (choices) together in one decode loop (continuous batching: a request joins at
 the next engine step, long prompts are prefilled in chunks between decode rows, a shared prompt
 prefix is computed once and reported as usage.prompt_tokens_details.cached_tokens); with N = 1 the
-model runs one request at a time. Others wait their turn in arrival order (up to max_queue running
-or waiting, counted exactly, then 503). Everything slow (reading and parsing the
+model runs one request at a time; the choices of one request (n, several prompts) run together as
+well. Others wait their turn in arrival order (up to max_queue running or waiting, counted exactly,
+and as many bodies being received or parsed, then 503). Everything slow (reading and parsing the
 body, validating it, rendering the template, tokenizing, generating, building a large answer) runs
 in worker threads, so the event loop, and /health with it, stays free; a client that disconnects,
-mid-stream or while waiting, cancels its generation, which frees the model within one token; a
+mid-stream or while waiting, cancels its generation, which frees the model within one token (an
+embeddings request: at its next input); a
 client that stops reading pauses its generation (PIECES_AHEAD) and, past the send timeout, loses
 its place. Every refusal is a 4xx answer with OpenAI's error object; anything else is a 500 and a
 log line. Unset sampling options take the model's generation defaults (greedy when it has none), as
