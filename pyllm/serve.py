@@ -13,11 +13,13 @@ Policy: with an LLM of n_parallel > 1 (`pyllm serve --parallel N`), a pyllm.sche
 runs up to N requests (choices) together in one decode loop (continuous batching: a request joins at
 the next engine step, long prompts are prefilled in chunks between decode rows, a shared prompt
 prefix is computed once and reported as usage.prompt_tokens_details.cached_tokens); with N = 1 the
-model runs one request at a time. Others wait their turn in arrival order (up to max_queue running
-or waiting, counted exactly, then 503). Everything slow (reading and parsing the
+model runs one request at a time; the choices of one request (n, several prompts) run together as
+well. Others wait their turn in arrival order (up to max_queue running or waiting, counted exactly,
+and as many bodies being received or parsed, then 503). Everything slow (reading and parsing the
 body, validating it, rendering the template, tokenizing, generating, building a large answer) runs
 in worker threads, so the event loop, and /health with it, stays free; a client that disconnects,
-mid-stream or while waiting, cancels its generation, which frees the model within one token; a
+mid-stream or while waiting, cancels its generation, which frees the model within one token (an
+embeddings request: at its next input); a
 client that stops reading pauses its generation (PIECES_AHEAD) and, past the send timeout, loses
 its place. Every refusal is a 4xx answer with OpenAI's error object; anything else is a 500 and a
 log line. Unset sampling options take the model's generation defaults (greedy when it has none), as
@@ -315,13 +317,28 @@ class EventStreamResponse:
 
 # -- running a generation off the event loop -----------------------------------------------------
 
-async def _watch_disconnect(request: "Request", stream) -> None:
-    """Cancels the generation when the client goes away."""
+async def _watch_disconnect(request: "Request", work) -> None:
+    """Cancels work (a generation; anything with cancel()) when the client goes away."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            stream.cancel()
+            work.cancel()
             return
+
+
+class _Cancel:
+    """Work in a worker thread that a client leaving ends between its items (an embeddings request's
+    inputs): cancel() sets it, check() raises RequestError 499 once set."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise RequestError("the request was cancelled", 499)
 
 
 def reply_text(tokenizer, ids: list[int], text: str, stopped: bool, keep=frozenset()) -> str:
@@ -360,6 +377,45 @@ def tool_finish_reason(finish: str, calls: list, dropped: bool) -> str:
     if not calls or finish == "length":
         return finish
     return "stop" if dropped else "tool_calls"
+
+
+class _ClientGone(Exception):
+    """A choice's generation ended cancelled (its client went away): the answer ends with it."""
+
+
+async def _together(choices: list, most: int) -> AsyncIterator:
+    """The items of async generators (a request's choices), as each yields them, with at most `most`
+    of them running at once (started in order; most=1: each to its end, in order). The first error,
+    _ClientGone too, ends them all (the others are cancelled) and is raised; leaving early ends them too."""
+    items: asyncio.Queue = asyncio.Queue(1)  # a generator waits for its item to be taken: the client's pace
+
+    async def run(choice):
+        try:
+            async for item in choice:
+                await items.put(("item", item))
+        except Exception as e:
+            await items.put(("error", e))
+        else:
+            await items.put(("end", asyncio.current_task()))
+        finally:
+            await choice.aclose()  # cancelled while its item waited: its generation ends now
+
+    waiting, running = list(choices), set()
+    try:
+        while waiting or running:
+            while waiting and len(running) < most:
+                running.add(asyncio.ensure_future(run(waiting.pop(0))))
+            kind, value = await items.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                running.discard(value)
+                continue
+            yield value
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def _sse(obj) -> str:
@@ -409,6 +465,7 @@ class _Plan:
     logprobs: int | None
     tools: object = None  # a tool_calls.ToolFormat when the reply may hold tool calls
     echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
+    echo_lock: threading.Lock = field(default_factory=threading.Lock)  # (choices run together)
 
     def streams(self, llm) -> list:
         """One TextStream per choice (created now, so that bad options fail before any output)."""
@@ -449,6 +506,9 @@ class Server:
                           if llm.n_parallel > 1 else None)
         self.model_name = model_name
         self.slots = QueueSlots(max_queue)
+        # request bodies being received or parsed (all POST routes), counted apart from slots: with no bound,
+        # bodies sent faster than worker threads parse them waited in memory, 8 MiB each (500 MB for 60)
+        self.intake = QueueSlots(max_queue)
         self.api_key = api_key
         self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
@@ -503,6 +563,13 @@ class Server:
             threads = list(self._running.values())
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def _choices_together(self) -> int:
+        """How many choices of one request (n, several prompts) generate at once: the scheduler's
+        slots (they ran one after another, n=4 taking 4 times as long on 4 idle slots); without a
+        scheduler one, as the model runs one stream at a time."""
+        return self.llm.n_parallel if self.scheduler is not None else 1
 
     @property
     def max_queue(self) -> int:
@@ -597,19 +664,21 @@ class Server:
 
     async def embeddings(self, request: "Request"):
         """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised
-        (LLM.embed's default pooling)."""
+        (LLM.embed's default pooling). A client that leaves ends the work at the next input."""
         try:
-            raw = await read_body(request, self.limits)
-            req = await asyncio.to_thread(self._parse_embeddings, raw)
+            req = await self._parse(request, self._parse_embeddings)
         except Exception as e:
             return error_response(e)
         if not self.slots.take():
-            return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+            return self._busy()
+        work = _Cancel()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, work))
         try:
-            return await asyncio.to_thread(self._embeddings, req)
+            return await asyncio.to_thread(self._embeddings, req, work)
         except Exception as e:
             return error_response(e)
         finally:
+            watcher.cancel()
             self.slots.release()
 
     def _embedding_ids(self, req) -> list[list[int]]:
@@ -635,11 +704,14 @@ class Server:
             raise RequestError(f"this model's embeddings have {hidden} dimensions", param="dimensions")
         return req
 
-    def _embeddings(self, req) -> "JSONResponse":
+    def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
         import base64
 
         ids = self._embedding_ids(req)
-        vectors = self.llm.embed(ids)
+        vectors = []
+        for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later
+            work.check()
+            vectors.append(self.llm.embed([item])[0])
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                  if req.encoding_format == "base64" else [float(x) for x in v]}
@@ -666,10 +738,24 @@ class Server:
     async def _answer(self, request: "Request", work: Callable[[bytes], dict]):
         """The JSON answer work(body bytes) gives, computed in a worker thread, or the error response."""
         try:
-            raw = await read_body(request, self.limits)
-            return await asyncio.to_thread(lambda: JSONResponse(work(raw)))
+            return await self._parse(request, lambda raw: JSONResponse(work(raw)))
         except Exception as e:
             return error_response(e)
+
+    async def _parse(self, request: "Request", parse: Callable[[bytes], object]):
+        """parse(the request's body bytes), in a worker thread, with a place in self.intake while
+        the body is received and parsed (RequestError 503 when none is free)."""
+        if not self.intake.take():
+            raise RequestError(f"the server is busy ({self.intake.active} request bodies being received or read); "
+                               "try again later", 503)
+        try:
+            raw = await read_body(request, self.limits)
+            return await asyncio.to_thread(parse, raw)
+        finally:
+            self.intake.release()
+
+    def _busy(self) -> "JSONResponse":
+        return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
 
     async def chat_completions(self, request: "Request"):
         return await self._handle(request, chat=True)
@@ -680,12 +766,11 @@ class Server:
     async def _handle(self, request: "Request", chat: bool):
         started = time.perf_counter()
         try:
-            raw = await read_body(request, self.limits)
-            req = await asyncio.to_thread(self.parse, raw, chat)
+            req = await self._parse(request, lambda raw: self.parse(raw, chat))
         except Exception as e:
             return error_response(e)
         if not self.slots.take():
-            return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+            return self._busy()
         handed_over = False  # whether the streaming response now releases the slot
         try:
             # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request
@@ -700,17 +785,26 @@ class Server:
                 events = self._events(plan, streams, request, head, req.include_usage, started)
                 handed_over = True
                 return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
-            choices = []
-            for index, stream in enumerate(streams):
+
+            async def generate(index, stream):
                 text, tokens = "", []
                 async for piece, new in self._pieces(_Tokens(stream), request):
                     text += piece
                     tokens += new
                 if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
                     self._refuse_when_stopping()
-                    return _error("the request was cancelled", 499)
-                tokens += stream.take_tokens()
-                choices.append(await asyncio.to_thread(self._choice, plan, index, text, tokens, stream))
+                    raise _ClientGone
+                yield index, text, tokens + stream.take_tokens()
+
+            replies = {}
+            try:
+                async for index, text, tokens in _together([generate(i, s) for i, s in enumerate(streams)],
+                                                           self._choices_together):
+                    replies[index] = text, tokens
+            except _ClientGone:
+                return _error("the request was cancelled", 499)
+            choices = [await asyncio.to_thread(self._choice, plan, index, *replies[index], stream)
+                       for index, stream in enumerate(streams)]
             self._log(request, plan, streams, started)
             answer = {**head, "choices": choices, "usage": self._usage(plan, streams)}
             return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
@@ -876,14 +970,15 @@ class Server:
         from .llm import TokenLogprob, _token_logprob
 
         prompt = index // plan.n
-        if prompt not in plan.echo_logprobs:
-            ids = plan.prompts[prompt]
-            logits = self.llm.logits(ids)
-            # row by row, as a generated token's (no second [tokens, vocab] array)
-            tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
-                                               for k in range(1, len(ids))]
-            plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
-        return plan.echo_logprobs[prompt]
+        with plan.echo_lock:
+            if prompt not in plan.echo_logprobs:
+                ids = plan.prompts[prompt]
+                logits = self.llm.logits(ids)
+                # row by row, as a generated token's (no second [tokens, vocab] array)
+                tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
+                                                   for k in range(1, len(ids))]
+                plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
+            return plan.echo_logprobs[prompt]
 
     def _usage(self, plan: _Plan, streams) -> dict:
         """Prompt tokens count once per prompt, as do the cached ones (those of its first choice)."""
@@ -933,7 +1028,7 @@ class Server:
                 return responses.chat_logprobs(tokenizer, tokens)
             return responses.completion_logprobs(tokenizer, tokens, offset)
 
-        for index, stream in enumerate(streams):
+        async def choice(index, stream):
             tools = (ToolCallStream(plan.tools, special_marker_id(plan.tools, tokenizer))
                      if plan.chat and plan.tools is not None else None)
             all_tokens, sent = [], 0
@@ -963,10 +1058,10 @@ class Server:
                         yield chunk(responses.completion_delta(index, piece, logprobs=logprobs(tokens, sent)))
                         sent += len(piece)
             finally:
-                await pieces.aclose()  # now, not when garbage collected: a client that left cancels its generation
+                await pieces.aclose()  # now, not when garbage collected: a client that left cancels it
             if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
                 self._refuse_when_stopping()  # an error event
-                return
+                raise _ClientGone
             rest = stream.take_tokens()
             all_tokens += rest
             rest = waiting + rest
@@ -984,6 +1079,11 @@ class Server:
                 yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))
             else:
                 yield chunk(responses.completion_delta(index, finish_reason=finish, logprobs=logprobs(rest, sent)))
+        try:
+            async for event in _together([choice(i, s) for i, s in enumerate(streams)], self._choices_together):
+                yield event
+        except _ClientGone:
+            return
         if include_usage:
             yield chunk(None, self._usage(plan, streams))
         self._log(request, plan, streams, started)
@@ -1078,7 +1178,8 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
     next request has not sent all its headers within header_timeout seconds of the connection's
     start, or of its previous response, is closed. uvicorn itself waits for ever (its keep-alive
     timer restarts at every byte), so clients that connect and send nothing, or a byte now and then,
-    would each hold a connection, and enough of them every file descriptor the server has.
+    would each hold a connection, and enough of them every file descriptor the server has. The
+    same deadline ends a request body still arriving after its answer (one refused unread).
 
     send_timeout: a connection whose client leaves the answer unread (the transport's buffer past
     its high-water mark) for this long is aborted, its buffered bytes dropped. uvicorn waits for
@@ -1130,8 +1231,18 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
             self._due = self.loop.call_later(header_timeout, self._headers_due)
 
         def _headers_due(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
                 log.warning("a client sent no complete request headers within %g s: connection closed",
+                            header_timeout)
+                self.transport.close()
+            elif self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+                # answered before its body was all read (413, 408, 401, 404): uvicorn discards the rest for
+                # as long as bytes come, so a body of a declared terabyte, or one sent a byte a second,
+                # held its connection for ever. It may come for header_timeout after the answer (closing
+                # at once, with bytes unread, resets the connection: the client could lose the answer).
+                log.warning("a client still sent a request body %g s after its answer: connection closed",
                             header_timeout)
                 self.transport.close()
 

@@ -173,6 +173,29 @@ def test_disconnected_stream_frees_the_model(live, llm, monkeypatch):
     assert reply.usage.completion_tokens == 4 and time.time() - start < 10
 
 
+def test_an_embeddings_client_that_leaves_ends_its_work(live, llm, monkeypatch):
+    """A client that sent 2048 long inputs to /v1/embeddings and went away held the model (and its
+    queue place) until every input was computed, minutes on a real model: the work now ends at the
+    next input, as a generation ends within one token."""
+    done = []
+    embed = llm.embed
+
+    def slow(texts, *args, **kwargs):
+        time.sleep(0.05 * len(texts))
+        done.extend(texts)
+        return embed(texts, *args, **kwargs)
+    monkeypatch.setattr(llm, "embed", slow)
+    s = _raw(live.port, _post("/v1/embeddings", json.dumps({"input": [[5, 6, 7]] * 100}).encode()))
+    time.sleep(0.5)
+    s.close()  # after about 10 of the 100 inputs (5 s)
+    deadline = time.time() + 10
+    while _active(live) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _active(live) == 0 and len(done) < 40, len(done)
+    reply = live.client().embeddings.create(model="tiny", input="Paris")
+    assert len(reply.data) == 1
+
+
 def test_bad_requests_get_clear_errors(live, llm):
     """Refusals come in OpenAI's error shape, naming the field in `param`."""
     client = live.client()
@@ -573,6 +596,47 @@ def test_connections_that_never_send_their_headers_are_closed(llm):
     finally:
         server.stop()
 
+
+def test_bodies_still_arriving_after_their_answer_are_cut_off(llm):
+    """A request answered before its body was read (413 for a declared size past the limit, 408 for
+    a body too slow, 401 without the API key) kept its connection for as long as the client sent
+    body bytes, a byte now and then (uvicorn discards them, and its timer restarts at every byte):
+    closed once the body timeout passes after the answer; a body that arrived whole keeps the
+    connection alive."""
+    server = LiveServer(llm, limits=ServerLimits(body_timeout=1.0, max_body_bytes=1000), api_key="k")
+    auth = "Authorization: Bearer k\r\n"
+    try:
+        refused = {
+            413: _raw(server.port, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {10**12}"
+                                   "\r\n\r\n{".encode()),
+            408: _raw(server.port, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 900"
+                                   "\r\n\r\n{".encode()),
+            401: _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n{"),
+        }
+        whole = _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                              b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the next request on it is answered
+        for status, s in refused.items():
+            assert _status(s) == status
+        start = time.monotonic()
+        closed = {}
+        while len(closed) < len(refused) and time.monotonic() - start < 8:
+            for status, s in refused.items():
+                try:
+                    if status not in closed:
+                        s.sendall(b" ")
+                except OSError:
+                    closed[status] = time.monotonic() - start
+            time.sleep(0.1)
+        assert sorted(closed) == sorted(refused), closed  # each within the body timeout of its answer
+        whole.settimeout(10)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2:
+            answers += whole.recv(4096)
+        assert answers.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 200" in answers, answers
+        whole.close()
+    finally:
+        server.stop()
+
 def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
     try:
@@ -632,6 +696,36 @@ def test_queue_limit_is_exact_under_simultaneous_arrivals(llm, monkeypatch):
             s.close()
         assert _wait_until_idle(server, 20) == 0
     finally:
+        server.stop()
+
+
+def test_bodies_waiting_to_be_parsed_are_bounded(llm, monkeypatch):
+    """Bodies were received and waited for a worker thread to parse them with no bound (the queue
+    limit counted only parsed requests): sent faster than they were parsed, 8 MiB each, 60 of them
+    held 500 MB. At most max_queue bodies are received or parsed at once, on every POST route;
+    past that 503 at once, and the server answers again once they are through."""
+    release = threading.Event()
+    parse = Server.parse
+
+    def slow(self, raw, chat):
+        release.wait(30)
+        return parse(self, raw, chat)
+    monkeypatch.setattr(Server, "parse", slow)
+    server = LiveServer(llm, max_queue=2)
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+        held = [_raw(server.port, _post("/v1/completions", body)) for _ in range(2)]
+        time.sleep(0.5)  # both are being parsed
+        for path, other in [("/v1/completions", body), ("/v1/chat/completions", b'{"messages": []}'),
+                            ("/v1/embeddings", b'{"input": "hi"}'), ("/tokenize", b'{"content": "hi"}')]:
+            status, reply = _request(server.url + path, other)
+            assert status == 503 and "busy" in reply["error"]["message"], (path, reply)
+        release.set()
+        assert [_status(s) for s in held] == [200, 200]
+        status, _ = _request(server.url + "/tokenize", b'{"content": "hi"}')
+        assert status == 200
+    finally:
+        release.set()
         server.stop()
 
 

@@ -343,6 +343,40 @@ def test_every_request_option_gives_the_answer_it_gives_alone(batched, alone):
     _idle(batched)
 
 
+def test_the_choices_of_one_request_generate_together(batched, alone):
+    """n choices (and several prompts) of one request ran one after another, one slot busy and the
+    others idle (n=4 on 4 slots took 4 times as long): they generate together, streamed ones
+    interleaving their chunks as OpenAI's do, each choice the text it gives alone."""
+    client = batched.client()
+    options = dict(model="tiny", prompt=PROMPTS[3], max_tokens=300, n=4, seed=5, temperature=0.9,
+                   logit_bias=_no_eos(alone))
+    single = LiveServer(alone)
+    try:
+        expected = [c.text for c in single.client().completions.create(**options).choices]
+    finally:
+        single.stop()
+    busy, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            busy.add(_get(batched.url + "/health")["slots_processing"])
+            time.sleep(0.002)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        reply = client.completions.create(**options)
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **options) if c.choices]
+    finally:
+        done.set()
+        watcher.join()
+    assert [c.text for c in reply.choices] == expected
+    assert ["".join(c.text for c in chunks if c.index == k) for k in range(4)] == expected
+    order = [c.index for c in chunks]
+    assert order != sorted(order)  # interleaved
+    assert max(busy) > 1, busy
+    _idle(batched)
+
+
 def _assert_same(got, expected, where="reply"):
     """got == expected, but floats (logprobs) within 1e-5 relative: a row's f32 logits may differ in
     the last bits with the number of rows in its step (the float kernels pack panels for many rows)."""
