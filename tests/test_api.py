@@ -420,9 +420,11 @@ def test_cli_an_endless_pipe_is_refused_with_bounded_memory(tiny_llama_f32):
     (limits.MAX_STDIN_BYTES) and refused past it in one line, before the model loads."""
     from pyllm.limits import MAX_STDIN_BYTES
 
-    # the child reports its own peak resident set after the CLI returns
-    child = ("import resource, sys; from pyllm.cli import main; rc = main(sys.argv[1:]); "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    # the child reports its own peak resident set after the CLI returns: VmHWM (ru_maxrss keeps the peak of
+    # the process forked from pytest across execve, GBs once torch is loaded)
+    child = ("import re, sys; from pyllm.cli import main; rc = main(sys.argv[1:]); "
+             "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1], file=sys.stderr); "
+             "sys.exit(rc)")
     yes = subprocess.Popen(["yes", "a long line of a never-ending pipe"], stdout=subprocess.PIPE)
     try:
         r = subprocess.run([sys.executable, "-c", child, "run", tiny_llama_f32, "-n", "1"], stdin=yes.stdout,
