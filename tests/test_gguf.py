@@ -272,11 +272,12 @@ def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, mess
     assert not (tmp_path / "x.pllm").exists()
 
 
-def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None) -> str:
+def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None,
+                 endianess=gguf.GGUFEndian.LITTLE) -> str:
     """src copied to out with metadata `fields` (key -> (value, GGUFValueType, array sub-type or None))
     and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in."""
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(out, "llama")
+    w = gguf.GGUFWriter(out, "llama", endianess=endianess)
     fields = fields or {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
@@ -343,6 +344,26 @@ def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, 
     with pytest.raises(FormatError, match=message) as error:
         convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
     assert bad in str(error.value)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_a_big_endian_gguf_is_refused_naming_the_way_to_convert_it(tmp_path):
+    """A big-endian GGUF (as gguf-convert-endian writes it for s390x: every number swapped, the fp16
+    scales of Q8_0 blocks too) was read as little-endian: its scales NaN (refused as non-finite
+    weights, naming no cause) or just wrong, a model of garbage converted without a word."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    path = rewrite_gguf(good, str(tmp_path / "big.gguf"), endianess=gguf.GGUFEndian.BIG)
+    raw = np.memmap(path, mode="r+")
+    for t in gguf.GGUFReader(path).tensors:  # the writer swaps arrays of numbers; blocks are bytes to it
+        if t.tensor_type == Q.Q8_0:
+            blocks = raw[t.data_offset:t.data_offset + t.n_bytes].reshape(-1, 34)
+            blocks[:, [0, 1]] = blocks[:, [1, 0]]
+    raw.flush()
+    del raw
+    with pytest.raises(FormatError, match="big-endian GGUF file.*gguf-convert-endian") as error:
+        convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+    assert path in str(error.value)
     assert not (tmp_path / "x.pllm").exists()
 
 

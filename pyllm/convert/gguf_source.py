@@ -61,7 +61,7 @@ class GGUFSource:
 
     def __init__(self, path: str | os.PathLike):
         try:
-            from gguf import GGUFReader
+            from gguf import GGUFEndian, GGUFReader
         except ImportError:  # pragma: no cover - gguf is a dependency
             raise RuntimeError("reading GGUF needs the 'gguf' package (pip install gguf)") from None
         self.path = os.fspath(path)
@@ -69,6 +69,12 @@ class GGUFSource:
             self.reader = GGUFReader(self.path)
         except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        if self.reader.endianess != GGUFEndian.LITTLE:
+            # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
+            # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
+            raise FormatError(f"{self.path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
+                              f"does on this machine): convert it in place first with "
+                              f"`gguf-convert-endian {self.path} little` (from the gguf package)")
         self.fields = {k: f for k, f in self.reader.fields.items()}
         self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
