@@ -367,6 +367,43 @@ def test_a_big_endian_gguf_is_refused_naming_the_way_to_convert_it(tmp_path):
     assert not (tmp_path / "x.pllm").exists()
 
 
+@pytest.mark.parametrize("fields, factor", [
+    ({}, None),
+    # llama.cpp's default type is linear, and rope.scale_linear the factor's older key: both were ignored,
+    # positions 4x too far apart in silence
+    ({"llama.rope.scaling.factor": (4.0, V.FLOAT32, None)}, 4.0),
+    ({"llama.rope.scale_linear": (4.0, V.FLOAT32, None)}, 4.0),
+    ({"llama.rope.scaling.type": ("linear", V.STRING, None), "llama.rope.scaling.factor": (4.0, V.FLOAT32, None)}, 4.0),
+    # a factor of 0 is no scaling in llama.cpp (it was refused as "model config: ... got 0.0")
+    ({"llama.rope.scaling.type": ("linear", V.STRING, None), "llama.rope.scaling.factor": (0.0, V.FLOAT32, None)}, None),
+    ({"llama.rope.scaling.type": ("none", V.STRING, None), "llama.rope.scaling.factor": (4.0, V.FLOAT32, None)}, None),
+])
+def test_rope_scaling_is_read_by_llama_cpp_rules(tmp_path, fields, factor):
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    scaling = GGUFSource(rewrite_gguf(good, str(tmp_path / "scaled.gguf"), fields)).config.rope_scaling
+    assert (scaling or {}).get("factor") == factor and (factor is None or scaling["rope_type"] == "linear")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.rope.freq_base", 0.0, "GGUF metadata llama.rope.freq_base: rope_theta must be a positive"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"),
+     "GGUF metadata llama.attention.layer_norm_rms_epsilon: norm_eps must be a positive"),
+    ("llama.rope.scaling.factor", -2.0, "GGUF metadata llama.rope.scaling.factor: rope_scaling factor must be positive"),
+])
+def test_values_the_model_config_refuses_name_the_file_and_key(tmp_path, key, value, message):
+    """The family's config checks said "model config: rope_theta must be ..." of a GGUF file: neither
+    the file nor the metadata key it came from."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {key: (value, V.FLOAT32, None)})
+    with pytest.raises(FormatError, match=re.escape(f"{bad}: {message}")):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_tensors_of_an_unexpected_rank(tmp_path):
     """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
     token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""
