@@ -160,6 +160,34 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_lora(base, tmp_path):
+    """Siblings of the LoRA reader's checks: a task_type other than CAUSAL_LM (a SEQ_CLS adapter, trained
+    with its own classifier head) was stored and run for generation; an adapter saved only as
+    adapter_model.bin said just "has no adapter_model.safetensors"; a directory whose name is no adapter
+    name said nothing of where the name came from or how to give one."""
+    import shutil
+
+    adapter = make_adapter(base, str(tmp_path / "prompt"), "prompt_random")
+    out = str(tmp_path / "x.pllm")
+
+    def refused(directory, error, match):
+        with pytest.raises(error, match=match):
+            convert_checkpoint(base, out, quant="f32", progress=False, adapters=[(None, directory)])
+        assert not os.path.exists(out)
+
+    classifier = shutil.copytree(adapter, str(tmp_path / "classifier"))
+    path = os.path.join(classifier, "adapter_config.json")
+    json.dump({**json.load(open(path)), "task_type": "SEQ_CLS"}, open(path, "w"))
+    refused(classifier, FormatError, re.escape(f"{classifier}: task_type 'SEQ_CLS'; only CAUSAL_LM adapters"))
+    pickled = shutil.copytree(adapter, str(tmp_path / "pickled"))
+    os.rename(os.path.join(pickled, "adapter_model.safetensors"), os.path.join(pickled, "adapter_model.bin"))
+    refused(pickled, FormatError, "adapter_model.bin \\(a PyTorch pickle\\) is not read; save the adapter with "
+                                  "safe_serialization=True")
+    spaced = shutil.copytree(adapter, str(tmp_path / "my task"))
+    refused(spaced, ValueError, re.escape(f"it is the directory's name: name the adapter (--adapter NAME={spaced})"))
+    convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", spaced)])
+
+
 @pytest.mark.parametrize("method", ["prompt_random", "prefix"])
 def test_an_adapter_naming_another_base_is_stored_with_a_warning_as_lora_is(base, method, tmp_path, capsys):
     """Policy shared with LoRA (pyllm/convert/adapter_base.py): an adapter whose adapter_config.json

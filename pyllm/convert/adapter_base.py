@@ -30,6 +30,20 @@ def adapter_config_path(directory: str, what: str) -> str:
     return path
 
 
+def adapter_weights_path(directory: str) -> str:
+    """directory/adapter_model.safetensors (LoRA and prompt-learning adapters alike): FormatError for
+    an adapter saved only as adapter_model.bin (a pickle, never read), FileNotFoundError without either."""
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        if os.path.exists(os.path.join(directory, "adapter_model.bin")):
+            from ..formats.safetensors import FormatError
+
+            raise FormatError(f"{directory}: adapter_model.bin (a PyTorch pickle) is not read; save the adapter "
+                              "with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
+        raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
+    return weights
+
+
 def _name(value: str) -> str:
     """The comparable part of a model id or path: its last component, lowercased."""
     return os.path.basename(os.path.normpath(value.strip())).lower()
