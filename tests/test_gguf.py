@@ -404,6 +404,26 @@ def test_values_the_model_config_refuses_name_the_file_and_key(tmp_path, key, va
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_tensors_of_three_dimensions_and_an_empty_vocabulary_are_refused_by_name(tmp_path):
+    """A [2, 32, 64] attn_q was read as 32 rows: a head size from nowhere, refused as "rope.dimension_count:
+    rotary_dim must be ..." naming no tensor; a token_embd.weight of no rows was blamed on "the llama GGUF
+    metadata". A trailing dimension of 1 stays accepted, as llama.cpp accepts it."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    cases = [("blk.0.attn_q.weight", np.ones((2, 32, 64), np.float32),
+              r"tensor 'blk.0.attn_q.weight' has shape \[2, 32, 64\]; the tensors of a llama GGUF file are vectors"),
+             ("token_embd.weight", np.zeros((0, 64), np.float32),
+              r"tensor 'token_embd.weight' \(its rows are the vocabulary\): vocab_size must be")]
+    for name, value, message in cases:
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={name: (value, Q.F32)})
+        with pytest.raises(FormatError, match=re.escape(bad) + ": " + message):
+            convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+        assert not (tmp_path / "x.pllm").exists()
+    q = np.asarray(next(t for t in gguf.GGUFReader(good).tensors if t.name == "blk.0.attn_q.weight").data)
+    fine = rewrite_gguf(good, str(tmp_path / "fine.gguf"), tensors={"blk.0.attn_q.weight": (q[None], Q.Q8_0)})
+    convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
+
+
 def test_tensors_of_an_unexpected_rank(tmp_path):
     """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
     token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""
@@ -423,7 +443,8 @@ def test_tensors_of_an_unexpected_rank(tmp_path):
     for shape in [(8192,), (2, 64, 64)]:
         path = rewrite_gguf(good, str(tmp_path / "embedding.gguf"),
                             tensors={"token_embd.weight": (np.zeros(shape, np.float32), Q.F32)})
-        with pytest.raises(FormatError, match="token_embd.weight must be a matrix"):
+        with pytest.raises(FormatError, match="token_embd.weight( must be a matrix|' has shape .* are vectors and "
+                                              "matrices)"):
             convert_checkpoint(path, str(tmp_path / "embedding.pllm"), progress=False)
         assert not (tmp_path / "embedding.pllm").exists()
 

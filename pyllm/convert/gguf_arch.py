@@ -311,7 +311,10 @@ def gguf_config(arch: GGUFArchitecture, m: Metadata) -> ModelConfig:
             key = "attention.layer_norm_epsilon"
         else:
             key = CONFIG_KEYS.get(field)
-        where = f"GGUF metadata {arch.name}.{key}" if key else f"the {arch.name} GGUF metadata"
+        if field == "vocab_size":  # GGUF's vocabulary size is token_embd.weight's rows, not a metadata key
+            where = "tensor 'token_embd.weight' (its rows are the vocabulary)"
+        else:
+            where = f"GGUF metadata {arch.name}.{key}" if key else f"the {arch.name} GGUF metadata"
         raise FormatError(f"{m.path}: {where}: {message}") from None
 
 

@@ -78,6 +78,10 @@ class GGUFSource:
         self.fields = {k: f for k, f in self.reader.fields.items()}
         self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
+        for t in self.tensors.values():  # [64, 32, 2] was read as 32 rows: a head size from nowhere, refused by
+            if any(int(d) != 1 for d in t.shape[2:]):  # rope.dimension_count's check, naming no tensor
+                raise FormatError(f"{self.path}: tensor '{t.name}' has shape {[int(d) for d in reversed(t.shape)]}; "
+                                  f"the tensors of a {self.gguf_arch.name} GGUF file are vectors and matrices")
         meta = Metadata(self.gguf_arch.name, self._get, {n: tuple(int(d) for d in t.shape)
                                                          for n, t in self.tensors.items()}, self.path)
         if "token_embd.weight" not in self.tensors:
