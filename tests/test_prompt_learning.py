@@ -295,6 +295,21 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
         assert greedy_ids(llm, ids, 12) == expected["style"]
 
 
+def test_a_peft_directory_given_where_a_stored_adapter_belongs_says_how_to_store_it(two_adapters, capsys):
+    """`pyllm run MODEL --adapter ./my-peft-dir` (convert's flag, given to run) said only "has no adapter
+    './my-peft-dir' (adapters in the file: qa, style)"."""
+    from pyllm import cli
+
+    directory = two_adapters["qa"]
+    with pytest.raises(ValueError, match=re.escape(f"{directory} is a PEFT adapter directory: store it with "
+                                                   f"`pyllm convert BASE --adapter NAME={directory}`")):
+        pyllm.LLM(two_adapters["file"], n_threads=1, adapter=directory)
+    capsys.readouterr()
+    assert cli.main(["run", two_adapters["file"], "--adapter", directory, "-p", "hi", "-n", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a PEFT adapter directory" in err, err
+
+
 def test_a_tuned_call_prefills_only_its_own_tokens(two_adapters):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as llm:
         ids = llm.tokenize("Paris is the capital of France.")
