@@ -644,6 +644,36 @@ def test_llama3_bpe_tokenizer_matches_transformers(hf_dir, tmp_path):
     assert_tokenizer_parity(path, tmp_path)
 
 
+@pytest.mark.parametrize("pre, llama3", [("llama-bpe", True), ("llama3", True), ("smaug-bpe", False),
+                                         ("default", False)])
+def test_llama3_bpe_vocabularies_follow_llama_cpps_defaults(tmp_path, pre, llama3):
+    """llama.cpp's LLAMA3 pre-tokenizer type adds BOS when the file does not say (a Llama 3 GGUF without
+    tokenizer.ggml.add_bos_token ran without its BOS here) and ignores merges (a word that is a token is
+    that token, as Llama 3's tokenizer.json says): "abc" was split "ab" + "c" by the merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    letters = sorted(ByteLevel.alphabet())
+
+    def vocabulary(w):
+        tokens = letters + ["ab", "abc", "<|begin_of_text|>", "<|end_of_text|>"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+        w.add_token_merges(["a b"])
+        w.add_bos_token_id(len(tokens) - 2)
+        w.add_eos_token_id(len(tokens) - 1)
+
+    path = str(tmp_path / "model.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), path, Q.Q8_0,
+               vocabulary=vocabulary)
+    out = str(tmp_path / "model.pllm")
+    convert_checkpoint(path, out, progress=False)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        bos, ab, abc = len(letters) + 2, len(letters), len(letters) + 1
+        assert llm.tokenize("abc") == ([bos, abc] if llama3 else [ab, letters.index("c")])
+
+
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
     import sentencepiece as spm
 

@@ -250,9 +250,9 @@ class GGUFSource:
                 raise FormatError(f"{self.path}: GGUF metadata 'tokenizer.ggml.merges' must be an array of strings "
                                   f"('left right'); entry {i} is {m!r:.40}")
         scores = self._array("tokenizer.ggml.scores", None, "numbers")  # each entry: gguf_tokenizer_json
+        pre = self._typed("tokenizer.ggml.pre", str, "default")
         try:
-            blob = gguf_tokenizer_json(model, tokens, types, merges, scores,
-                                       self._typed("tokenizer.ggml.pre", str, "default"), add_space_prefix)
+            blob = gguf_tokenizer_json(model, tokens, types, merges, scores, pre, add_space_prefix)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
 
@@ -281,8 +281,11 @@ class GGUFSource:
             i, _ = token(f"tokenizer.ggml.{key}", True)
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
-        # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say
-        add_bos = self._typed("tokenizer.ggml.add_bos_token", bool, model == "llama")
+        # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say,
+        # and llama.cpp to a Llama-3 BPE one (LLAMA_VOCAB_PRE_TYPE_LLAMA3): a Llama 3 file of 2024 without the
+        # key ran without its BOS here, a model answering worse without a word
+        add_bos = self._typed("tokenizer.ggml.add_bos_token", bool,
+                              model == "llama" or (model == "gpt2" and pre in LLAMA3_PRE_TYPE))
         spec = TokenizerSpec(kind="hf", bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                              bos_token_id=bos_id, eos_token_ids=eos_ids,
                              add_bos_token=bool(add_bos),
@@ -305,6 +308,9 @@ _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "qwen2")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe")
+# the names llama.cpp gives its LLAMA3 pre-tokenizer type: BOS added by default, and a word that is a token
+# is that token whatever the merges say (ignore_merges, as Llama 3's own tokenizer.json sets it)
+LLAMA3_PRE_TYPE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -340,7 +346,7 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [_merge_pair(m) for m in merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRE_TYPE))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
