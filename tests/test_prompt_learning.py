@@ -157,6 +157,10 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
     json.dump(config, open(os.path.join(adapter, "adapter_config.json"), "w"))
     with pytest.raises(FormatError, match="--lora"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, adapter)])
+    # and the other way: a prompt-learning adapter given as LoRA names --adapter (it said only "not a LoRA adapter")
+    with pytest.raises(FormatError, match="'PREFIX_TUNING' is not a LoRA adapter; a prompt-learning adapter is "
+                                          "stored beside the weights with pyllm convert --adapter"):
+        convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, lora=[prefix])
     assert not (tmp_path / "x.pllm").exists()
 
 

@@ -146,7 +146,12 @@ class LoraAdapter:
         check_lora_numbers(self.config, self.dir)
         cfg = self.config
         if cfg.get("peft_type", "LORA") != "LORA":
-            raise FormatError(f"{self.dir}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
+            from ..adapters import PEFT_TYPES
+
+            # the other direction (--adapter given a LoRA directory) names --lora
+            hint = ("; a prompt-learning adapter is stored beside the weights with pyllm convert --adapter"
+                    if cfg.get("peft_type") in PEFT_TYPES else "")
+            raise FormatError(f"{self.dir}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter{hint}")
         if cfg.get("task_type") not in (None, "CAUSAL_LM"):
             raise FormatError(f"{self.dir}: task_type {cfg.get('task_type')!r}; only CAUSAL_LM adapters apply "
                               "to a causal language model")
