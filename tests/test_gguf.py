@@ -216,6 +216,28 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
     assert not (tmp_path / "odd.pllm").exists()
 
 
+@pytest.mark.parametrize("kind", [Q.Q8_K, Q.Q8_1])
+def test_block_types_nothing_reads_are_refused_before_a_notice_or_a_write(tmp_path, capsys, kind):
+    """Q8_K and Q8_1 (llama.cpp's activation types) were announced as "re-quantized to int8", then failed
+    half-way as types "pyllm cannot read (supported: ... and the k-quants)", Q8_K being one: now refused
+    when the file is opened, with the list of the types pyllm reads."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                               num_key_value_heads=2), good, Q.Q8_0)
+    block, size = GGML_QUANT_SIZES[kind]
+    path = rewrite_gguf(good, str(tmp_path / "odd.gguf"),
+                        tensors={"blk.0.ffn_up.weight": (np.zeros((256, 256 // block * size), np.uint8), kind)})
+    capsys.readouterr()
+    with pytest.raises(FormatError, match=re.escape(f"{path}: tensor 'blk.0.ffn_up.weight' has type {kind.name}, which "
+                                                    "pyllm cannot read (supported: F32, F16, BF16, Q8_0")) as error:
+        convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
+    assert "Q4_K" in str(error.value) and "Q8_K" not in str(error.value).split("supported")[1]
+    assert "re-quantized" not in capsys.readouterr().err
+    assert not (tmp_path / "odd.pllm").exists()
+
+
 def test_every_end_of_generation_id_of_a_gguf_ends_generation(hf_dir, tmp_path):
     """A ChatML GGUF whose EOS is <|endoftext|> and whose end of turn is <|im_end|> (as Qwen and
     Llama-3 files are) stops at the end of the turn instead of inventing the next ones."""

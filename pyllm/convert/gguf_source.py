@@ -33,7 +33,8 @@ _FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
 # Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
 # the nearest pyllm layout that loses none of the source's precision: 5 to 8 bits -> int8, up to
 # 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
-_WIDE_BLOCKS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_1", "Q8_K")
+# (Q8_1 and Q8_K are llama.cpp's activation types: neither it nor the gguf package reads them as weights)
+_WIDE_BLOCKS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 _NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
                   "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
 
@@ -45,6 +46,29 @@ def requantized_format(kind: str) -> tuple[str, int, str] | None:
     if kind in _NARROW_BLOCKS:
         return "int4_asym", BLOCK, "pyllm has no layout for it; int4_asym group 32 is the nearest at least as fine"
     return None
+
+
+def _readable(kind) -> bool:
+    """Whether pyllm reads tensors of this GGML type: its own tables, or a block type the gguf package
+    dequantizes (tried on one block of zeros: its table of them is private)."""
+    if kind.name in _LOSSLESS or kind.name in _FLOAT or requantized_format(kind.name):
+        return True
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if kind not in GGML_QUANT_SIZES:
+        return False
+    try:
+        quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[kind][1]), np.uint8), kind)
+    except Exception:  # NotImplementedError, or a reader of another shape: not one pyllm can use
+        return False
+    return True
+
+
+def _unreadable(path: str, t) -> FormatError:
+    kinds = ", ".join([*_FLOAT, *_LOSSLESS, *_WIDE_BLOCKS, *_NARROW_BLOCKS])
+    return FormatError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which pyllm cannot read "
+                       f"(supported: {kinds})")
 
 
 def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
@@ -91,6 +115,9 @@ class GGUFSource:
         unused = sorted(set(self.tensors) - {p.source for p in self.places.values()})
         if unused:  # a tensor the engine would ignore is a feature it does not implement
             raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
+        for t in self.tensors.values():  # before anything is written (a Q8_K one failed half-way, once
+            if not _readable(t.tensor_type):  # announced as "re-quantized to int8")
+                raise _unreadable(self.path, t)
 
     def _get(self, key: str, default=None):
         field = self.fields.get(key)
@@ -212,8 +239,7 @@ class GGUFSource:
         try:
             values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         except NotImplementedError:
-            raise FormatError(f"{self.path}: tensor '{t.name}' has type {kind}, which pyllm cannot read "
-                              "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants)") from None
+            raise _unreadable(self.path, t) from None
         return _place_rows(values.reshape(tuple(int(d) for d in reversed(t.shape))), self.places[name])
 
     def close(self) -> None:
