@@ -414,13 +414,16 @@ def test_rope_scaling_is_read_by_llama_cpp_rules(tmp_path, fields, factor):
     ("llama.attention.layer_norm_rms_epsilon", float("nan"),
      "GGUF metadata llama.attention.layer_norm_rms_epsilon: norm_eps must be a positive"),
     ("llama.rope.scaling.factor", -2.0, "GGUF metadata llama.rope.scaling.factor: rope_scaling factor must be positive"),
+    ("llama.attention.head_count_kv", 3, "GGUF metadata llama.attention.head_count / llama.attention.head_count_kv: "
+                                         "num_attention_heads must be a multiple of num_key_value_heads"),
 ])
 def test_values_the_model_config_refuses_name_the_file_and_key(tmp_path, key, value, message):
     """The family's config checks said "model config: rope_theta must be ..." of a GGUF file: neither
     the file nor the metadata key it came from."""
     good = str(tmp_path / "good.gguf")
     write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
-    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {key: (value, V.FLOAT32, None)})
+    kind = V.UINT32 if isinstance(value, int) else V.FLOAT32
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {key: (value, kind, None)})
     with pytest.raises(FormatError, match=re.escape(f"{bad}: {message}")):
         convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
     assert not (tmp_path / "x.pllm").exists()

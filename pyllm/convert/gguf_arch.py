@@ -293,7 +293,11 @@ def for_gguf(name: str, path: str) -> GGUFArchitecture:
 
 # ModelConfig's names -> the GGUF metadata they come from, for the checks config_from_hf makes
 CONFIG_KEYS = {"rope_theta": "rope.freq_base", "rotary_dim": "rope.dimension_count",
-               "rope_scaling": "rope.scaling.factor", "norm_eps": "attention.layer_norm_rms_epsilon"}
+               "rope_scaling": "rope.scaling.factor", "norm_eps": "attention.layer_norm_rms_epsilon",
+               "num_attention_heads": "attention.head_count / .attention.head_count_kv",
+               "head_dim": "attention.key_length", "rope_theta_local": "rope.freq_base_swa",
+               "sliding_window": "attention.sliding_window", "attn_logit_softcapping": "attn_logit_softcapping",
+               "final_logit_softcapping": "final_logit_softcapping"}
 
 
 def gguf_config(arch: GGUFArchitecture, m: Metadata) -> ModelConfig:
@@ -314,7 +318,8 @@ def gguf_config(arch: GGUFArchitecture, m: Metadata) -> ModelConfig:
         if field == "vocab_size":  # GGUF's vocabulary size is token_embd.weight's rows, not a metadata key
             where = "tensor 'token_embd.weight' (its rows are the vocabulary)"
         else:
-            where = f"GGUF metadata {arch.name}.{key}" if key else f"the {arch.name} GGUF metadata"
+            where = f"GGUF metadata {arch.name}.{key.replace(' / .', f' / {arch.name}.')}" if key else \
+            f"the {arch.name} GGUF metadata"
         raise FormatError(f"{m.path}: {where}: {message}") from None
 
 
