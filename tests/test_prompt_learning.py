@@ -299,6 +299,24 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
         assert greedy_ids(llm, ids, 12) == expected["style"]
 
 
+def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
+    """PEFT saves every adapter but "default" in a subdirectory named after it: the parent directory, given
+    to --adapter or --lora, said only "has no adapter_config.json: is it a PEFT adapter directory?"."""
+    import shutil
+
+    parent = tmp_path / "saved"
+    shutil.copytree(two_adapters["qa"], parent / "qa")
+    shutil.copytree(two_adapters["style"], parent / "style")
+    listed = re.escape(f"{parent} has no adapter_config.json, but its subdirectories hold PEFT adapters (saved under "
+                       f"their names): give one of {parent / 'qa'}, {parent / 'style'}")
+    out = str(tmp_path / "x.pllm")
+    with pytest.raises(FileNotFoundError, match=listed):
+        convert_checkpoint(two_adapters["base"], out, quant="f32", progress=False, adapters=[("t", str(parent))])
+    with pytest.raises(FileNotFoundError, match=listed):
+        convert_checkpoint(two_adapters["base"], out, quant="f32", progress=False, lora=[str(parent)])
+    assert not os.path.exists(out)
+
+
 def test_a_peft_directory_given_where_a_stored_adapter_belongs_says_how_to_store_it(two_adapters, capsys):
     """`pyllm run MODEL --adapter ./my-peft-dir` (convert's flag, given to run) said only "has no adapter
     './my-peft-dir' (adapters in the file: qa, style)"."""

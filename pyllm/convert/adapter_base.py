@@ -26,6 +26,16 @@ def adapter_config_path(directory: str, what: str) -> str:
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a directory, not the adapter's configuration file")
     if not os.path.isfile(path):
+        # PEFT's save_pretrained puts every adapter but "default" in a subdirectory named after it
+        try:
+            inside = sorted(n for n in os.listdir(directory)
+                            if os.path.isfile(os.path.join(directory, n, "adapter_config.json")))
+        except OSError:
+            inside = []
+        if inside:
+            shown = ", ".join(os.path.join(directory, n) for n in inside[:5]) + (" ..." if len(inside) > 5 else "")
+            raise FileNotFoundError(f"{directory} has no adapter_config.json, but its subdirectories hold PEFT "
+                                    f"adapters (saved under their names): give one of {shown}")
         raise FileNotFoundError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
     return path
 
