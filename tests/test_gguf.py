@@ -449,6 +449,22 @@ def test_tensors_of_three_dimensions_and_an_empty_vocabulary_are_refused_by_name
     convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
 
 
+def test_the_shards_of_a_split_gguf_are_refused_naming_the_merge(tmp_path):
+    """gguf-split's shards (split.count > 1): the first was refused as lacking the others' tensors, the
+    others as of architecture None: each now says it is one shard of several and how to merge them."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    for no, fields in enumerate([{"split.no": (0, V.UINT16, None), "split.count": (3, V.UINT16, None)},
+                                 {"split.no": (1, V.UINT16, None), "split.count": (3, V.UINT16, None),
+                                  "general.architecture": ("", V.STRING, None)}]):
+        path = rewrite_gguf(good, str(tmp_path / f"model-0000{no + 1}-of-00003.gguf"), fields)
+        with pytest.raises(FormatError, match=re.escape(f"{path}: shard {no + 1} of 3 of a split GGUF model; pyllm reads "
+                                                        "a whole model from one file: merge the shards first with "
+                                                        "llama.cpp's `llama-gguf-split --merge")):
+            convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+        assert not (tmp_path / "x.pllm").exists()
+
+
 def test_tensors_of_an_unexpected_rank(tmp_path):
     """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
     token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""

@@ -101,6 +101,16 @@ class GGUFSource:
                               f"`gguf-convert-endian {self.path} little` (from the gguf package)")
         self.fields = {k: f for k, f in self.reader.fields.items()}
         self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
+        count = self._get("split.count")
+        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+            # gguf-split's shards: the first lacked the others' tensors ("lacks blk.9.attn_q.weight..."), the others
+            # the metadata ("GGUF architecture None is not supported")
+            no = self._get("split.no")
+            which = f"shard {no + 1} of {count}" if isinstance(no, int) and not isinstance(no, bool) else \
+                f"one of {count} shards"
+            raise FormatError(f"{self.path}: {which} of a split GGUF model; pyllm reads a whole model from one file: "
+                              "merge the shards first with llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf "
+                              "MERGED.gguf`")
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
         for t in self.tensors.values():  # [64, 32, 2] was read as 32 rows: a head size from nowhere, refused by
             if any(int(d) != 1 for d in t.shape[2:]):  # rope.dimension_count's check, naming no tensor
