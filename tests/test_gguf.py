@@ -154,7 +154,9 @@ def hf_dir(tmp_path_factory):
                            num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0])
+# Q5_0: its 5-bit values are int8 values at its own scale (they were re-quantized to int8 at max / 127
+# scales: logits NMSE ~1e-3 where the file's own weights give ~1e-7)
+@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.Q5_0])
 def test_gguf_import_matches_transformers_on_the_same_weights(hf_dir, tmp_path, matrix_type):
     gguf_path = str(tmp_path / "model.gguf")
     held = write_gguf(hf_dir, gguf_path, matrix_type)
@@ -473,7 +475,7 @@ def test_tensors_of_an_unexpected_rank(tmp_path):
     good = str(tmp_path / "good.gguf")
     write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
     norm = 1 + np.random.default_rng(0).standard_normal(64).astype(np.float32) / 4
-    for kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+    for kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0):
         blocks = gguf.quants.quantize(norm, kind)
         path = rewrite_gguf(good, str(tmp_path / f"norm-{kind.name}.gguf"), tensors={"blk.0.attn_norm.weight": (blocks, kind)})
         source = GGUFSource(path)
@@ -637,7 +639,7 @@ def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     assert requantized_format("Q6_K")[:2] == ("int8", 32)
 
 
-@pytest.mark.parametrize("block, expected", [(Q.Q5_0, "int8"), (Q.Q5_1, "int8")])
+@pytest.mark.parametrize("block, expected", [(Q.Q5_1, "int8")])
 def test_block_types_without_a_layout_are_requantized_with_a_notice(hf_dir, tmp_path, block, expected, capsys):
     from pyllm.convert.gguf_source import requantized_format
 

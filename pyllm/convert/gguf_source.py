@@ -5,6 +5,7 @@ pyllm stores without loss at group size 32 are kept exactly:
   Q8_0 (fp16 d, 32 x int8)        -> int8       value = q * d
   Q4_0 (fp16 d, 16 bytes nibbles) -> int4_sym   value = (q - 8) * d
   Q4_1 (fp16 d, fp16 m, 16 bytes) -> int4_asym  value = q * d + m
+  Q5_0 (fp16 d, 32 high bits, 16 bytes nibbles) -> int8   value = (q - 16) * d, q - 16 in -16..15
 (the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's).
 Each GGUF architecture's metadata keys and tensor layout are described in gguf_arch.py: a
 pyllm tensor is a GGUF tensor, or a block of its rows (fused q/k/v, gate/up), possibly in another
@@ -28,13 +29,13 @@ from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
 from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 
 # GGUF block type name -> (pyllm format, bytes of one 32-value block)
-_LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20)}
+_LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20), "Q5_0": ("int8", 22)}
 _FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
 # Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
 # the nearest pyllm layout that loses none of the source's precision: 5 to 8 bits -> int8, up to
 # 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
 # (Q8_1 and Q8_K are llama.cpp's activation types: neither it nor the gguf package reads them as weights)
-_WIDE_BLOCKS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+_WIDE_BLOCKS = ("Q5_1", "Q5_K", "Q6_K")
 _NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
                   "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
 
@@ -230,6 +231,12 @@ class GGUFSource:
         if kind == "Q4_0":
             q = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, cols // 2)
             return PackedWeight("int4_sym", rows, cols, BLOCK, q, scales)
+        if kind == "Q5_0":  # ggml's dequantize_row_q5_0: value j's fifth bit is bit j of the little-endian qh
+            high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [rows, blocks, 1]
+            low = blocks[:, :, 6:]
+            q = np.concatenate([low & 0x0F, low >> 4], axis=2).astype(np.int16)
+            q |= (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+            return PackedWeight("int8", rows, cols, BLOCK, (q - 16).astype(np.int8).reshape(rows, cols), scales)
         mins = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).reshape(rows, -1)
         q = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
         return PackedWeight("int4_asym", rows, cols, BLOCK, q, scales, mins)
