@@ -32,7 +32,8 @@ from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 _LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20), "Q5_0": ("int8", 22)}
 _FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
 # Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
-# the nearest pyllm layout that loses none of the source's precision: 5 to 8 bits -> int8, up to
+# the nearest pyllm layout at least as fine as the source (close to its values, not on its grid: their
+# sub-block scales and mins are not int8's): 5 to 8 bits -> int8, up to
 # 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
 # (Q8_1 and Q8_K are llama.cpp's activation types: neither it nor the gguf package reads them as weights)
 _WIDE_BLOCKS = ("Q5_1", "Q5_K", "Q6_K")
@@ -43,7 +44,7 @@ _NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS"
 def requantized_format(kind: str) -> tuple[str, int, str] | None:
     """(pyllm format, group size, why) for a GGUF block type pyllm stores by re-quantizing, else None."""
     if kind in _WIDE_BLOCKS:
-        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 keeps all of its precision"
+        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 is finer (close to the file's values, not bit for bit)"
     if kind in _NARROW_BLOCKS:
         return "int4_asym", BLOCK, "pyllm has no layout for it; int4_asym group 32 is the nearest at least as fine"
     return None
