@@ -687,6 +687,27 @@ def test_llama3_bpe_tokenizer_matches_transformers(hf_dir, tmp_path):
     assert_tokenizer_parity(path, tmp_path)
 
 
+def test_qwen2_bpe_vocabulary_splits_as_qwen2s_tokenizer(hf_dir, tmp_path):
+    """A "qwen2" pre-tokenizer was read as GPT-2's split with single digits: newlines and indentation were
+    cut otherwise than Qwen2's own tokenizer.json (and llama.cpp) cut them ("\\n    return" in code), other ids
+    for the same text."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    path = str(tmp_path / "qwen2.gguf")
+    write_gguf(hf_dir, path, Q.Q8_0, pre="qwen2")
+    out = str(tmp_path / "qwen2.pllm")
+    convert_checkpoint(path, out, progress=False)
+    qwen2 = Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+    # the pre-tokenizer of Qwen2's tokenizer.json (transformers' Qwen2Converter writes the same)
+    qwen2.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pyllm.LLM(out, n_threads=1) as llm:
+        for text in PARITY_TEXTS + ["(hello) x\n\n}\n\nfoo", "It'S done", "a.\n\nb"]:
+            assert llm.tokenize(text, add_special_tokens=False) == qwen2.encode(text, add_special_tokens=False).ids, text
+
+
 @pytest.mark.parametrize("pre, llama3", [("llama-bpe", True), ("llama3", True), ("smaug-bpe", False),
                                          ("default", False)])
 def test_llama3_bpe_vocabularies_follow_llama_cpps_defaults(tmp_path, pre, llama3):

@@ -347,7 +347,12 @@ class GGUFSource:
 # GGUF loader builds it (integrations/gguf), so ids are equal ---------------------------------------
 
 # llama.cpp pre-tokenizer names whose regex is GPT-2's, with digits split one by one first
-_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "qwen2")
+_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact")
+# Qwen2's split (its tokenizer.json's, llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): single digits, and newlines and
+# indentation kept apart from the words (GPT-2's split with digits, used here before, cut "\n    return" otherwise)
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen")
 # Llama 3's split (llama.cpp's "llama-bpe" and its aliases)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -396,13 +401,13 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("default", "gpt-2", "gpt2"):
         tok.pre_tokenizer = byte_level
-    elif pre in _LLAMA3_PRE:
+    elif pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         raise FormatError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, "
-                          f"{', '.join(_DIGIT_SPLIT_PRE + _LLAMA3_PRE)})")
+                          f"{', '.join(_DIGIT_SPLIT_PRE + _QWEN2_PRE + _LLAMA3_PRE)})")
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
