@@ -467,6 +467,31 @@ def test_the_shards_of_a_split_gguf_are_refused_naming_the_merge(tmp_path):
         assert not (tmp_path / "x.pllm").exists()
 
 
+def test_a_llama_cpp_lora_adapter_given_as_the_model_says_what_it_is(tmp_path):
+    """convert_lora_to_gguf's output (general.type "adapter") given as the model was refused as a model
+    that "lacks token_embd.weight"."""
+    path = str(tmp_path / "lora.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 16.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FormatError, match=re.escape(f"{path}: a llama.cpp lora adapter, not a model; pyllm merges "
+                                                    "LoRA adapters in PEFT's format: pyllm convert BASE_DIR --lora")):
+        convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+    # and given as --lora, where it said only "is not a directory"
+    base = make_tiny_llama(str(tmp_path / "base"), hidden_size=64, intermediate_size=128)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"LoRA adapter {path} is a GGUF file; pyllm reads adapters "
+                                                          "in PEFT's format")):
+        convert_checkpoint(base, str(tmp_path / "x.pllm"), progress=False, lora=[path])
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_tensors_of_an_unexpected_rank(tmp_path):
     """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
     token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""

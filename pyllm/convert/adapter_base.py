@@ -21,6 +21,9 @@ def adapter_config_path(directory: str, what: str) -> str:
     if not directory:
         raise FileNotFoundError(f"the {what} directory is an empty path; give the PEFT adapter directory")
     if not os.path.isdir(directory):
+        if os.path.isfile(directory) and directory.lower().endswith(".gguf"):  # llama.cpp's adapter files
+            raise FileNotFoundError(f"{what} {directory} is a GGUF file; pyllm reads adapters in PEFT's format: give "
+                                    "the directory holding adapter_config.json and adapter_model.safetensors")
         raise FileNotFoundError(f"{what} {directory} is not a directory")
     path = os.path.join(directory, "adapter_config.json")
     if os.path.isdir(path):

@@ -113,6 +113,11 @@ class GGUFSource:
             raise FormatError(f"{self.path}: {which} of a split GGUF model; pyllm reads a whole model from one file: "
                               "merge the shards first with llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf "
                               "MERGED.gguf`")
+        if self._get("general.type") == "adapter":  # convert_lora_to_gguf's output: was "lacks token_embd.weight"
+            what = self._get("adapter.type")
+            raise FormatError(f"{self.path}: a llama.cpp {what + ' ' if isinstance(what, str) else ''}adapter, not a "
+                              "model; pyllm merges LoRA adapters in PEFT's format: pyllm convert BASE_DIR --lora "
+                              "ADAPTER_DIR")
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
         for t in self.tensors.values():  # [64, 32, 2] was read as 32 rows: a head size from nowhere, refused by
             if any(int(d) != 1 for d in t.shape[2:]):  # rope.dimension_count's check, naming no tensor
