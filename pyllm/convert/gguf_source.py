@@ -87,7 +87,7 @@ class GGUFSource:
 
     def __init__(self, path: str | os.PathLike):
         try:
-            from gguf import GGUFEndian, GGUFReader
+            from gguf import GGUFReader
         except ImportError:  # pragma: no cover - gguf is a dependency
             raise RuntimeError("reading GGUF needs the 'gguf' package (pip install gguf)") from None
         self.path = os.fspath(path)
@@ -95,7 +95,7 @@ class GGUFSource:
             self.reader = GGUFReader(self.path)
         except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        if self.reader.endianess != GGUFEndian.LITTLE:
+        if getattr(self.reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
             # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
             # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
             raise FormatError(f"{self.path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
