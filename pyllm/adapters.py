@@ -96,9 +96,10 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
         raise FormatError(f"{directory}: task_type {cfg.get('task_type')!r}; only CAUSAL_LM adapters apply to a "
                           "causal language model")
-    if name is None:  # the directory's name: say so, and how to give another
+    if name is None:  # the directory's name (of its absolute path: `--adapter .` was named "."): say so, and how
+        name = os.path.basename(os.path.abspath(directory))  # to give another
         try:
-            check_name(os.path.basename(os.path.normpath(directory)))
+            check_name(name)
         except ValueError as e:
             raise ValueError(f"{e}; it is the directory's name: name the adapter (--adapter NAME={directory})") from None
     weights = adapter_weights_path(directory)
@@ -140,7 +141,7 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         from .convert.adapter_base import warn_if_other_base
 
         warn_if_other_base(cfg, directory, base_dir, log, kind="prompt-learning")
-    return PromptAdapter(check_name(name or os.path.basename(os.path.normpath(directory))), kind, tensor,
+    return PromptAdapter(check_name(name), kind, tensor,
                          peft_type, str(cfg.get("base_model_name_or_path") or ""))
 
 

@@ -190,6 +190,15 @@ def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_
     spaced = shutil.copytree(adapter, str(tmp_path / "my task"))
     refused(spaced, ValueError, re.escape(f"it is the directory's name: name the adapter (--adapter NAME={spaced})"))
     convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", spaced)])
+    # `--adapter .` from inside the adapter's directory: named after it (it was named ".")
+    cwd = os.getcwd()
+    try:
+        os.chdir(adapter)
+        convert_checkpoint(base, out, quant="f32", progress=False, adapters=[(None, ".")])
+    finally:
+        os.chdir(cwd)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert list(llm.adapters) == ["prompt"]
 
 
 @pytest.mark.parametrize("method", ["prompt_random", "prefix"])
