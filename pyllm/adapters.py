@@ -74,11 +74,10 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     Raises FormatError for another kind of adapter or a tensor of the wrong shape (another hidden size,
     layer count or kv-head count: trained on another model). A base model of another name is a warning
     on log (default stderr), as for LoRA adapters (pyllm/convert/adapter_base.py says why)."""
-    from .convert.adapter_base import adapter_config_path
+    from .convert.adapter_base import adapter_config_path, adapter_weights_path
 
     directory = os.fspath(directory)
     config_path = adapter_config_path(directory, "adapter")
-    weights = os.path.join(directory, "adapter_model.safetensors")
     try:
         with open(config_path, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -92,8 +91,18 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
                           f"({', '.join(PEFT_TYPES)}; LoRA adapters are merged with --lora)")
     if cfg.get("num_transformer_submodules", 1) != 1:
         raise FormatError(f"{directory}: adapters of encoder-decoder models are not supported")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
+    # as for LoRA adapters: one trained for classification (SEQ_CLS, with its own head) or another task was
+    # stored, and its virtual tokens ran for generation, which nobody trained them for
+    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+        raise FormatError(f"{directory}: task_type {cfg.get('task_type')!r}; only CAUSAL_LM adapters apply to a "
+                          "causal language model")
+    if name is None:  # the directory's name (of its absolute path: `--adapter .` was named "."): say so, and how
+        name = os.path.basename(os.path.abspath(directory))  # to give another
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise ValueError(f"{e}; it is the directory's name: name the adapter (--adapter NAME={directory})") from None
+    weights = adapter_weights_path(directory)
     with SafetensorsFile(weights) as f:
         if "prompt_embeddings" not in f.tensors:
             raise FormatError(f"{weights}: no 'prompt_embeddings' tensor")
@@ -132,7 +141,7 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
         from .convert.adapter_base import warn_if_other_base
 
         warn_if_other_base(cfg, directory, base_dir, log, kind="prompt-learning")
-    return PromptAdapter(check_name(name or os.path.basename(os.path.normpath(directory))), kind, tensor,
+    return PromptAdapter(check_name(name), kind, tensor,
                          peft_type, str(cfg.get("base_model_name_or_path") or ""))
 
 
@@ -140,7 +149,7 @@ def planned_tensors(adapters: list[PromptAdapter]) -> tuple[dict, list[PlannedTe
     """The metadata entry and the tensors that store `adapters` in a .pllm file."""
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
-        raise ValueError(f"two adapters are named alike: {names}")
+        raise ValueError(f"two adapters are named alike: {names}; give each its own name (--adapter NAME=DIR)")
     plans = [PlannedTensor(a.tensor_name, "F32", tuple(a.tensor.shape), lambda t=a.tensor: t) for a in adapters]
     return {a.name: a.metadata() for a in adapters}, plans
 

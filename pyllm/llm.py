@@ -738,7 +738,12 @@ class LLM:
             return None
         if name not in self.adapters:
             known = ", ".join(self.adapters) or "none"
-            raise ValueError(f"{self.path} has no adapter {name!r} (adapters in the file: {known})")
+            hint = ""
+            if isinstance(name, str) and os.path.isfile(os.path.join(name, "adapter_config.json")):
+                # a PEFT directory where a stored adapter's name belongs: say how it gets stored
+                hint = (f"; {name} is a PEFT adapter directory: store it with `pyllm convert BASE --adapter "
+                        f"NAME={name}` (a LoRA adapter: --lora), then select it by NAME")
+            raise ValueError(f"{self.path} has no adapter {name!r} (adapters in the file: {known}){hint}")
         return name
 
     def _prime(self, adapter: str | None) -> int:

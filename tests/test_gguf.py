@@ -154,7 +154,9 @@ def hf_dir(tmp_path_factory):
                            num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0])
+# Q5_0: its 5-bit values are int8 values at its own scale (they were re-quantized to int8 at max / 127
+# scales: logits NMSE ~1e-3 where the file's own weights give ~1e-7)
+@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.Q5_0])
 def test_gguf_import_matches_transformers_on_the_same_weights(hf_dir, tmp_path, matrix_type):
     gguf_path = str(tmp_path / "model.gguf")
     held = write_gguf(hf_dir, gguf_path, matrix_type)
@@ -216,6 +218,28 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
     assert not (tmp_path / "odd.pllm").exists()
 
 
+@pytest.mark.parametrize("kind", [Q.Q8_K, Q.Q8_1])
+def test_block_types_nothing_reads_are_refused_before_a_notice_or_a_write(tmp_path, capsys, kind):
+    """Q8_K and Q8_1 (llama.cpp's activation types) were announced as "re-quantized to int8", then failed
+    half-way as types "pyllm cannot read (supported: ... and the k-quants)", Q8_K being one: now refused
+    when the file is opened, with the list of the types pyllm reads."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                               num_key_value_heads=2), good, Q.Q8_0)
+    block, size = GGML_QUANT_SIZES[kind]
+    path = rewrite_gguf(good, str(tmp_path / "odd.gguf"),
+                        tensors={"blk.0.ffn_up.weight": (np.zeros((256, 256 // block * size), np.uint8), kind)})
+    capsys.readouterr()
+    with pytest.raises(FormatError, match=re.escape(f"{path}: tensor 'blk.0.ffn_up.weight' has type {kind.name}, which "
+                                                    "pyllm cannot read (supported: F32, F16, BF16, Q8_0")) as error:
+        convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
+    assert "Q4_K" in str(error.value) and "Q8_K" not in str(error.value).split("supported")[1]
+    assert "re-quantized" not in capsys.readouterr().err
+    assert not (tmp_path / "odd.pllm").exists()
+
+
 def test_every_end_of_generation_id_of_a_gguf_ends_generation(hf_dir, tmp_path):
     """A ChatML GGUF whose EOS is <|endoftext|> and whose end of turn is <|im_end|> (as Qwen and
     Llama-3 files are) stops at the end of the turn instead of inventing the next ones."""
@@ -272,11 +296,12 @@ def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, mess
     assert not (tmp_path / "x.pllm").exists()
 
 
-def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None) -> str:
+def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None,
+                 endianess=gguf.GGUFEndian.LITTLE) -> str:
     """src copied to out with metadata `fields` (key -> (value, GGUFValueType, array sub-type or None))
     and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in."""
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(out, "llama")
+    w = gguf.GGUFWriter(out, "llama", endianess=endianess)
     fields = fields or {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
@@ -346,6 +371,127 @@ def test_metadata_of_the_wrong_type_is_refused_by_its_key(tmp_path, key, value, 
     assert not (tmp_path / "x.pllm").exists()
 
 
+def test_a_big_endian_gguf_is_refused_naming_the_way_to_convert_it(tmp_path):
+    """A big-endian GGUF (as gguf-convert-endian writes it for s390x: every number swapped, the fp16
+    scales of Q8_0 blocks too) was read as little-endian: its scales NaN (refused as non-finite
+    weights, naming no cause) or just wrong, a model of garbage converted without a word."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    path = rewrite_gguf(good, str(tmp_path / "big.gguf"), endianess=gguf.GGUFEndian.BIG)
+    raw = np.memmap(path, mode="r+")
+    for t in gguf.GGUFReader(path).tensors:  # the writer swaps arrays of numbers; blocks are bytes to it
+        if t.tensor_type == Q.Q8_0:
+            blocks = raw[t.data_offset:t.data_offset + t.n_bytes].reshape(-1, 34)
+            blocks[:, [0, 1]] = blocks[:, [1, 0]]
+    raw.flush()
+    del raw
+    with pytest.raises(FormatError, match="big-endian GGUF file.*gguf-convert-endian") as error:
+        convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+    assert path in str(error.value)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+@pytest.mark.parametrize("fields, factor", [
+    ({}, None),
+    # llama.cpp's default type is linear, and rope.scale_linear the factor's older key: both were ignored,
+    # positions 4x too far apart in silence
+    ({"llama.rope.scaling.factor": (4.0, V.FLOAT32, None)}, 4.0),
+    ({"llama.rope.scale_linear": (4.0, V.FLOAT32, None)}, 4.0),
+    ({"llama.rope.scaling.type": ("linear", V.STRING, None), "llama.rope.scaling.factor": (4.0, V.FLOAT32, None)}, 4.0),
+    # a factor of 0 is no scaling in llama.cpp (it was refused as "model config: ... got 0.0")
+    ({"llama.rope.scaling.type": ("linear", V.STRING, None), "llama.rope.scaling.factor": (0.0, V.FLOAT32, None)}, None),
+    ({"llama.rope.scaling.type": ("none", V.STRING, None), "llama.rope.scaling.factor": (4.0, V.FLOAT32, None)}, None),
+])
+def test_rope_scaling_is_read_by_llama_cpp_rules(tmp_path, fields, factor):
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    scaling = GGUFSource(rewrite_gguf(good, str(tmp_path / "scaled.gguf"), fields)).config.rope_scaling
+    assert (scaling or {}).get("factor") == factor and (factor is None or scaling["rope_type"] == "linear")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("llama.rope.freq_base", 0.0, "GGUF metadata llama.rope.freq_base: rope_theta must be a positive"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"),
+     "GGUF metadata llama.attention.layer_norm_rms_epsilon: norm_eps must be a positive"),
+    ("llama.rope.scaling.factor", -2.0, "GGUF metadata llama.rope.scaling.factor: rope_scaling factor must be positive"),
+    ("llama.attention.head_count_kv", 3, "GGUF metadata llama.attention.head_count / llama.attention.head_count_kv: "
+                                         "num_attention_heads must be a multiple of num_key_value_heads"),
+])
+def test_values_the_model_config_refuses_name_the_file_and_key(tmp_path, key, value, message):
+    """The family's config checks said "model config: rope_theta must be ..." of a GGUF file: neither
+    the file nor the metadata key it came from."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    kind = V.UINT32 if isinstance(value, int) else V.FLOAT32
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {key: (value, kind, None)})
+    with pytest.raises(FormatError, match=re.escape(f"{bad}: {message}")):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_tensors_of_three_dimensions_and_an_empty_vocabulary_are_refused_by_name(tmp_path):
+    """A [2, 32, 64] attn_q was read as 32 rows: a head size from nowhere, refused as "rope.dimension_count:
+    rotary_dim must be ..." naming no tensor; a token_embd.weight of no rows was blamed on "the llama GGUF
+    metadata". A trailing dimension of 1 stays accepted, as llama.cpp accepts it."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    cases = [("blk.0.attn_q.weight", np.ones((2, 32, 64), np.float32),
+              r"tensor 'blk.0.attn_q.weight' has shape \[2, 32, 64\]; the tensors of a llama GGUF file are vectors"),
+             ("token_embd.weight", np.zeros((0, 64), np.float32),
+              r"tensor 'token_embd.weight' \(its rows are the vocabulary\): vocab_size must be")]
+    for name, value, message in cases:
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={name: (value, Q.F32)})
+        with pytest.raises(FormatError, match=re.escape(bad) + ": " + message):
+            convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+        assert not (tmp_path / "x.pllm").exists()
+    q = np.asarray(next(t for t in gguf.GGUFReader(good).tensors if t.name == "blk.0.attn_q.weight").data)
+    fine = rewrite_gguf(good, str(tmp_path / "fine.gguf"), tensors={"blk.0.attn_q.weight": (q[None], Q.Q8_0)})
+    convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
+
+
+def test_the_shards_of_a_split_gguf_are_refused_naming_the_merge(tmp_path):
+    """gguf-split's shards (split.count > 1): the first was refused as lacking the others' tensors, the
+    others as of architecture None: each now says it is one shard of several and how to merge them."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    for no, fields in enumerate([{"split.no": (0, V.UINT16, None), "split.count": (3, V.UINT16, None)},
+                                 {"split.no": (1, V.UINT16, None), "split.count": (3, V.UINT16, None),
+                                  "general.architecture": ("", V.STRING, None)}]):
+        path = rewrite_gguf(good, str(tmp_path / f"model-0000{no + 1}-of-00003.gguf"), fields)
+        with pytest.raises(FormatError, match=re.escape(f"{path}: shard {no + 1} of 3 of a split GGUF model; pyllm reads "
+                                                        "a whole model from one file: merge the shards first with "
+                                                        "llama.cpp's `llama-gguf-split --merge")):
+            convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+        assert not (tmp_path / "x.pllm").exists()
+
+
+def test_a_llama_cpp_lora_adapter_given_as_the_model_says_what_it_is(tmp_path):
+    """convert_lora_to_gguf's output (general.type "adapter") given as the model was refused as a model
+    that "lacks token_embd.weight"."""
+    path = str(tmp_path / "lora.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 16.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 64), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FormatError, match=re.escape(f"{path}: a llama.cpp lora adapter, not a model; pyllm merges "
+                                                    "LoRA adapters in PEFT's format: pyllm convert BASE_DIR --lora")):
+        convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+    # and given as --lora, where it said only "is not a directory"
+    base = make_tiny_llama(str(tmp_path / "base"), hidden_size=64, intermediate_size=128)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"LoRA adapter {path} is a GGUF file; pyllm reads adapters "
+                                                          "in PEFT's format")):
+        convert_checkpoint(base, str(tmp_path / "x.pllm"), progress=False, lora=[path])
+    assert not (tmp_path / "x.pllm").exists()
+
+
 def test_tensors_of_an_unexpected_rank(tmp_path):
     """A vector in Q8_0 / Q4_0 blocks (a norm) was an IndexError: it is read as one row of blocks; a
     token_embd.weight that is not a matrix (its rows are the vocabulary) was an IndexError too."""
@@ -354,7 +500,7 @@ def test_tensors_of_an_unexpected_rank(tmp_path):
     good = str(tmp_path / "good.gguf")
     write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
     norm = 1 + np.random.default_rng(0).standard_normal(64).astype(np.float32) / 4
-    for kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+    for kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0):
         blocks = gguf.quants.quantize(norm, kind)
         path = rewrite_gguf(good, str(tmp_path / f"norm-{kind.name}.gguf"), tensors={"blk.0.attn_norm.weight": (blocks, kind)})
         source = GGUFSource(path)
@@ -365,7 +511,8 @@ def test_tensors_of_an_unexpected_rank(tmp_path):
     for shape in [(8192,), (2, 64, 64)]:
         path = rewrite_gguf(good, str(tmp_path / "embedding.gguf"),
                             tensors={"token_embd.weight": (np.zeros(shape, np.float32), Q.F32)})
-        with pytest.raises(FormatError, match="token_embd.weight must be a matrix"):
+        with pytest.raises(FormatError, match="token_embd.weight( must be a matrix|' has shape .* are vectors and "
+                                              "matrices)"):
             convert_checkpoint(path, str(tmp_path / "embedding.pllm"), progress=False)
         assert not (tmp_path / "embedding.pllm").exists()
 
@@ -517,7 +664,7 @@ def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     assert requantized_format("Q6_K")[:2] == ("int8", 32)
 
 
-@pytest.mark.parametrize("block, expected", [(Q.Q5_0, "int8"), (Q.Q5_1, "int8")])
+@pytest.mark.parametrize("block, expected", [(Q.Q5_1, "int8")])
 def test_block_types_without_a_layout_are_requantized_with_a_notice(hf_dir, tmp_path, block, expected, capsys):
     from pyllm.convert.gguf_source import requantized_format
 
@@ -563,6 +710,57 @@ def test_llama3_bpe_tokenizer_matches_transformers(hf_dir, tmp_path):
     path = str(tmp_path / "llama3.gguf")
     write_gguf(hf_dir, path, Q.Q8_0, pre="llama-bpe")
     assert_tokenizer_parity(path, tmp_path)
+
+
+def test_qwen2_bpe_vocabulary_splits_as_qwen2s_tokenizer(hf_dir, tmp_path):
+    """A "qwen2" pre-tokenizer was read as GPT-2's split with single digits: newlines and indentation were
+    cut otherwise than Qwen2's own tokenizer.json (and llama.cpp) cut them ("\\n    return" in code), other ids
+    for the same text."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    path = str(tmp_path / "qwen2.gguf")
+    write_gguf(hf_dir, path, Q.Q8_0, pre="qwen2")
+    out = str(tmp_path / "qwen2.pllm")
+    convert_checkpoint(path, out, progress=False)
+    qwen2 = Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+    # the pre-tokenizer of Qwen2's tokenizer.json (transformers' Qwen2Converter writes the same)
+    qwen2.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pyllm.LLM(out, n_threads=1) as llm:
+        for text in PARITY_TEXTS + ["(hello) x\n\n}\n\nfoo", "It'S done", "a.\n\nb"]:
+            assert llm.tokenize(text, add_special_tokens=False) == qwen2.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("pre, llama3", [("llama-bpe", True), ("llama3", True), ("smaug-bpe", False),
+                                         ("default", False)])
+def test_llama3_bpe_vocabularies_follow_llama_cpps_defaults(tmp_path, pre, llama3):
+    """llama.cpp's LLAMA3 pre-tokenizer type adds BOS when the file does not say (a Llama 3 GGUF without
+    tokenizer.ggml.add_bos_token ran without its BOS here) and ignores merges (a word that is a token is
+    that token, as Llama 3's tokenizer.json says): "abc" was split "ab" + "c" by the merges."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    letters = sorted(ByteLevel.alphabet())
+
+    def vocabulary(w):
+        tokens = letters + ["ab", "abc", "<|begin_of_text|>", "<|end_of_text|>"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+        w.add_token_merges(["a b"])
+        w.add_bos_token_id(len(tokens) - 2)
+        w.add_eos_token_id(len(tokens) - 1)
+
+    path = str(tmp_path / "model.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), path, Q.Q8_0,
+               vocabulary=vocabulary)
+    out = str(tmp_path / "model.pllm")
+    convert_checkpoint(path, out, progress=False)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        bos, ab, abc = len(letters) + 2, len(letters), len(letters) + 1
+        assert llm.tokenize("abc") == ([bos, abc] if llama3 else [ab, letters.index("c")])
 
 
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path):

@@ -375,6 +375,21 @@ def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, t
         _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={})
 
 
+def test_patterns_that_are_not_regular_expressions_are_refused_naming_the_key(base, tmp_path, capsys):
+    """rank_pattern / alpha_pattern keys are regular expressions (PEFT's re.match): one that does not
+    compile was a bare "error: missing ), unterminated subpattern at position 7", naming no file or key."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    for key, pattern in (("rank_pattern", "("), ("alpha_pattern", "q_proj[")):
+        _edit_config(adapter, **{key: {pattern: 4}})
+        expect_refusal(base, [adapter], tmp_path, re.escape(f"{adapter}: adapter_config.json {key} key {pattern!r} "
+                                                            "is not a regular expression"))
+        capsys.readouterr()
+        assert cli.main(["merge", base, "--lora", adapter, "-o", str(tmp_path / "merged")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{key} key" in err, err
+        _edit_config(adapter, **{key: {}})
+
+
 @pytest.mark.parametrize("missing", [("r",), ("lora_alpha",), ("r", "lora_alpha")])
 def test_rank_and_alpha_left_out_take_pefts_defaults(base, base_logits, tmp_path, missing):
     """An adapter_config.json without r or lora_alpha was refused ("r must be a positive number, not

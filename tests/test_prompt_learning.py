@@ -157,7 +157,48 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
     json.dump(config, open(os.path.join(adapter, "adapter_config.json"), "w"))
     with pytest.raises(FormatError, match="--lora"):
         convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, adapters=[(None, adapter)])
+    # and the other way: a prompt-learning adapter given as LoRA names --adapter (it said only "not a LoRA adapter")
+    with pytest.raises(FormatError, match="'PREFIX_TUNING' is not a LoRA adapter; a prompt-learning adapter is "
+                                          "stored beside the weights with pyllm convert --adapter"):
+        convert_checkpoint(base, str(tmp_path / "x.pllm"), quant="f32", progress=False, lora=[prefix])
     assert not (tmp_path / "x.pllm").exists()
+
+
+def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_lora(base, tmp_path):
+    """Siblings of the LoRA reader's checks: a task_type other than CAUSAL_LM (a SEQ_CLS adapter, trained
+    with its own classifier head) was stored and run for generation; an adapter saved only as
+    adapter_model.bin said just "has no adapter_model.safetensors"; a directory whose name is no adapter
+    name said nothing of where the name came from or how to give one."""
+    import shutil
+
+    adapter = make_adapter(base, str(tmp_path / "prompt"), "prompt_random")
+    out = str(tmp_path / "x.pllm")
+
+    def refused(directory, error, match):
+        with pytest.raises(error, match=match):
+            convert_checkpoint(base, out, quant="f32", progress=False, adapters=[(None, directory)])
+        assert not os.path.exists(out)
+
+    classifier = shutil.copytree(adapter, str(tmp_path / "classifier"))
+    path = os.path.join(classifier, "adapter_config.json")
+    json.dump({**json.load(open(path)), "task_type": "SEQ_CLS"}, open(path, "w"))
+    refused(classifier, FormatError, re.escape(f"{classifier}: task_type 'SEQ_CLS'; only CAUSAL_LM adapters"))
+    pickled = shutil.copytree(adapter, str(tmp_path / "pickled"))
+    os.rename(os.path.join(pickled, "adapter_model.safetensors"), os.path.join(pickled, "adapter_model.bin"))
+    refused(pickled, FormatError, "adapter_model.bin \\(a PyTorch pickle\\) is not read; save the adapter with "
+                                  "safe_serialization=True")
+    spaced = shutil.copytree(adapter, str(tmp_path / "my task"))
+    refused(spaced, ValueError, re.escape(f"it is the directory's name: name the adapter (--adapter NAME={spaced})"))
+    convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", spaced)])
+    # `--adapter .` from inside the adapter's directory: named after it (it was named ".")
+    cwd = os.getcwd()
+    try:
+        os.chdir(adapter)
+        convert_checkpoint(base, out, quant="f32", progress=False, adapters=[(None, ".")])
+    finally:
+        os.chdir(cwd)
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert list(llm.adapters) == ["prompt"]
 
 
 @pytest.mark.parametrize("method", ["prompt_random", "prefix"])
@@ -265,6 +306,39 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
             llm.generate(ids, adapter="nope")
     with pyllm.LLM(two_adapters["file"], n_threads=2, adapter="style") as llm:  # a default adapter
         assert greedy_ids(llm, ids, 12) == expected["style"]
+
+
+def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
+    """PEFT saves every adapter but "default" in a subdirectory named after it: the parent directory, given
+    to --adapter or --lora, said only "has no adapter_config.json: is it a PEFT adapter directory?"."""
+    import shutil
+
+    parent = tmp_path / "saved"
+    shutil.copytree(two_adapters["qa"], parent / "qa")
+    shutil.copytree(two_adapters["style"], parent / "style")
+    listed = re.escape(f"{parent} has no adapter_config.json, but its subdirectories hold PEFT adapters (saved under "
+                       f"their names): give one of {parent / 'qa'}, {parent / 'style'}")
+    out = str(tmp_path / "x.pllm")
+    with pytest.raises(FileNotFoundError, match=listed):
+        convert_checkpoint(two_adapters["base"], out, quant="f32", progress=False, adapters=[("t", str(parent))])
+    with pytest.raises(FileNotFoundError, match=listed):
+        convert_checkpoint(two_adapters["base"], out, quant="f32", progress=False, lora=[str(parent)])
+    assert not os.path.exists(out)
+
+
+def test_a_peft_directory_given_where_a_stored_adapter_belongs_says_how_to_store_it(two_adapters, capsys):
+    """`pyllm run MODEL --adapter ./my-peft-dir` (convert's flag, given to run) said only "has no adapter
+    './my-peft-dir' (adapters in the file: qa, style)"."""
+    from pyllm import cli
+
+    directory = two_adapters["qa"]
+    with pytest.raises(ValueError, match=re.escape(f"{directory} is a PEFT adapter directory: store it with "
+                                                   f"`pyllm convert BASE --adapter NAME={directory}`")):
+        pyllm.LLM(two_adapters["file"], n_threads=1, adapter=directory)
+    capsys.readouterr()
+    assert cli.main(["run", two_adapters["file"], "--adapter", directory, "-p", "hi", "-n", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a PEFT adapter directory" in err, err
 
 
 def test_a_tuned_call_prefills_only_its_own_tokens(two_adapters):

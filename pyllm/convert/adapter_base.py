@@ -21,13 +21,40 @@ def adapter_config_path(directory: str, what: str) -> str:
     if not directory:
         raise FileNotFoundError(f"the {what} directory is an empty path; give the PEFT adapter directory")
     if not os.path.isdir(directory):
+        if os.path.isfile(directory) and directory.lower().endswith(".gguf"):  # llama.cpp's adapter files
+            raise FileNotFoundError(f"{what} {directory} is a GGUF file; pyllm reads adapters in PEFT's format: give "
+                                    "the directory holding adapter_config.json and adapter_model.safetensors")
         raise FileNotFoundError(f"{what} {directory} is not a directory")
     path = os.path.join(directory, "adapter_config.json")
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a directory, not the adapter's configuration file")
     if not os.path.isfile(path):
+        # PEFT's save_pretrained puts every adapter but "default" in a subdirectory named after it
+        try:
+            inside = sorted(n for n in os.listdir(directory)
+                            if os.path.isfile(os.path.join(directory, n, "adapter_config.json")))
+        except OSError:
+            inside = []
+        if inside:
+            shown = ", ".join(os.path.join(directory, n) for n in inside[:5]) + (" ..." if len(inside) > 5 else "")
+            raise FileNotFoundError(f"{directory} has no adapter_config.json, but its subdirectories hold PEFT "
+                                    f"adapters (saved under their names): give one of {shown}")
         raise FileNotFoundError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
     return path
+
+
+def adapter_weights_path(directory: str) -> str:
+    """directory/adapter_model.safetensors (LoRA and prompt-learning adapters alike): FormatError for
+    an adapter saved only as adapter_model.bin (a pickle, never read), FileNotFoundError without either."""
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        if os.path.exists(os.path.join(directory, "adapter_model.bin")):
+            from ..formats.safetensors import FormatError
+
+            raise FormatError(f"{directory}: adapter_model.bin (a PyTorch pickle) is not read; save the adapter "
+                              "with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
+        raise FileNotFoundError(f"{directory} has no adapter_model.safetensors")
+    return weights
 
 
 def _name(value: str) -> str:

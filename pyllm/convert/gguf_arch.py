@@ -157,11 +157,16 @@ def _rope(m: Metadata, head_dim: int) -> dict:
     dims = m.number("rope.dimension_count", head_dim, integer=True)
     if int(dims) != head_dim:
         rope["partial_rotary_factor"] = int(dims) / head_dim
-    kind = m.get("rope.scaling.type")
-    if kind not in (None, "none"):
-        if kind != "linear":
-            raise FormatError(f"{m.path}: rope scaling {kind!r} is not supported (supported: linear)")
-        rope.update(rope_type="linear", factor=float(m.number("rope.scaling.factor")))
+    # llama.cpp's rules: the type defaults to linear, the factor is rope.scaling.factor or the older
+    # rope.scale_linear (files of 2023), and a factor of 0 or none means no scaling. A factor without a
+    # type was ignored here: positions 4x too far apart, a model that answers nonsense past its first words
+    kind = m.get("rope.scaling.type", "linear")
+    if kind not in ("linear", "none"):
+        raise FormatError(f"{m.path}: rope scaling {_shown(kind)} is not supported (supported: linear)")
+    key = "rope.scaling.factor" if m.get("rope.scaling.factor") is not None else "rope.scale_linear"
+    factor = float(m.number(key, 0.0))
+    if kind == "linear" and factor != 0:
+        rope.update(rope_type="linear", factor=factor)
     if m.has("rope_factors_long.weight") or m.has("rope_freqs.weight"):
         raise FormatError(f"{m.path}: per-dimension RoPE factors (rope_factors_long / rope_freqs) are not supported")
     return rope
@@ -286,9 +291,36 @@ def for_gguf(name: str, path: str) -> GGUFArchitecture:
     return GGUF_ARCHITECTURES[name]
 
 
+# ModelConfig's names -> the GGUF metadata they come from, for the checks config_from_hf makes
+CONFIG_KEYS = {"rope_theta": "rope.freq_base", "rotary_dim": "rope.dimension_count",
+               "rope_scaling": "rope.scaling.factor", "norm_eps": "attention.layer_norm_rms_epsilon",
+               "num_attention_heads": "attention.head_count / .attention.head_count_kv",
+               "head_dim": "attention.key_length", "rope_theta_local": "rope.freq_base_swa",
+               "sliding_window": "attention.sliding_window", "attn_logit_softcapping": "attn_logit_softcapping",
+               "final_logit_softcapping": "final_logit_softcapping"}
+
+
 def gguf_config(arch: GGUFArchitecture, m: Metadata) -> ModelConfig:
-    """The ModelConfig of a GGUF file, through its family's config_from_hf."""
-    return ARCHITECTURES[arch.family].config_from_hf(arch.hf_config(m))
+    """The ModelConfig of a GGUF file, through its family's config_from_hf; its refusals name the
+    file and, where one is known, the metadata key (they read "model config: rope_theta must be...")."""
+    try:
+        return ARCHITECTURES[arch.family].config_from_hf(arch.hf_config(m))
+    except FormatError as e:
+        message = str(e)
+        if message.startswith(m.path):
+            raise
+        message = message.removeprefix("model config: ")
+        field = message.split(" ", 1)[0]
+        if field == "norm_eps" and arch.name in ("bloom", "gpt2"):
+            key = "attention.layer_norm_epsilon"
+        else:
+            key = CONFIG_KEYS.get(field)
+        if field == "vocab_size":  # GGUF's vocabulary size is token_embd.weight's rows, not a metadata key
+            where = "tensor 'token_embd.weight' (its rows are the vocabulary)"
+        else:
+            where = f"GGUF metadata {arch.name}.{key.replace(' / .', f' / {arch.name}.')}" if key else \
+            f"the {arch.name} GGUF metadata"
+        raise FormatError(f"{m.path}: {where}: {message}") from None
 
 
 def gguf_tensors(arch: GGUFArchitecture, config: ModelConfig, m: Metadata) -> dict[str, GGUFTensor]:

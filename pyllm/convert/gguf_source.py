@@ -5,6 +5,7 @@ pyllm stores without loss at group size 32 are kept exactly:
   Q8_0 (fp16 d, 32 x int8)        -> int8       value = q * d
   Q4_0 (fp16 d, 16 bytes nibbles) -> int4_sym   value = (q - 8) * d
   Q4_1 (fp16 d, fp16 m, 16 bytes) -> int4_asym  value = q * d + m
+  Q5_0 (fp16 d, 32 high bits, 16 bytes nibbles) -> int8   value = (q - 16) * d, q - 16 in -16..15
 (the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's).
 Each GGUF architecture's metadata keys and tensor layout are described in gguf_arch.py: a
 pyllm tensor is a GGUF tensor, or a block of its rows (fused q/k/v, gate/up), possibly in another
@@ -28,12 +29,14 @@ from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
 from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 
 # GGUF block type name -> (pyllm format, bytes of one 32-value block)
-_LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20)}
+_LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20), "Q5_0": ("int8", 22)}
 _FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
 # Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
-# the nearest pyllm layout that loses none of the source's precision: 5 to 8 bits -> int8, up to
+# the nearest pyllm layout at least as fine as the source (close to its values, not on its grid: their
+# sub-block scales and mins are not int8's): 5 to 8 bits -> int8, up to
 # 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
-_WIDE_BLOCKS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_1", "Q8_K")
+# (Q8_1 and Q8_K are llama.cpp's activation types: neither it nor the gguf package reads them as weights)
+_WIDE_BLOCKS = ("Q5_1", "Q5_K", "Q6_K")
 _NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
                   "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
 
@@ -41,10 +44,33 @@ _NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS"
 def requantized_format(kind: str) -> tuple[str, int, str] | None:
     """(pyllm format, group size, why) for a GGUF block type pyllm stores by re-quantizing, else None."""
     if kind in _WIDE_BLOCKS:
-        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 keeps all of its precision"
+        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 is finer (close to the file's values, not bit for bit)"
     if kind in _NARROW_BLOCKS:
         return "int4_asym", BLOCK, "pyllm has no layout for it; int4_asym group 32 is the nearest at least as fine"
     return None
+
+
+def _readable(kind) -> bool:
+    """Whether pyllm reads tensors of this GGML type: its own tables, or a block type the gguf package
+    dequantizes (tried on one block of zeros: its table of them is private)."""
+    if kind.name in _LOSSLESS or kind.name in _FLOAT or requantized_format(kind.name):
+        return True
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if kind not in GGML_QUANT_SIZES:
+        return False
+    try:
+        quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[kind][1]), np.uint8), kind)
+    except Exception:  # NotImplementedError, or a reader of another shape: not one pyllm can use
+        return False
+    return True
+
+
+def _unreadable(path: str, t) -> FormatError:
+    kinds = ", ".join([*_FLOAT, *_LOSSLESS, *_WIDE_BLOCKS, *_NARROW_BLOCKS])
+    return FormatError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which pyllm cannot read "
+                       f"(supported: {kinds})")
 
 
 def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
@@ -69,9 +95,34 @@ class GGUFSource:
             self.reader = GGUFReader(self.path)
         except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        if getattr(self.reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
+            # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
+            # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
+            raise FormatError(f"{self.path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
+                              f"does on this machine): convert it in place first with "
+                              f"`gguf-convert-endian {self.path} little` (from the gguf package)")
         self.fields = {k: f for k, f in self.reader.fields.items()}
         self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
+        count = self._get("split.count")
+        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+            # gguf-split's shards: the first lacked the others' tensors ("lacks blk.9.attn_q.weight..."), the others
+            # the metadata ("GGUF architecture None is not supported")
+            no = self._get("split.no")
+            which = f"shard {no + 1} of {count}" if isinstance(no, int) and not isinstance(no, bool) else \
+                f"one of {count} shards"
+            raise FormatError(f"{self.path}: {which} of a split GGUF model; pyllm reads a whole model from one file: "
+                              "merge the shards first with llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf "
+                              "MERGED.gguf`")
+        if self._get("general.type") == "adapter":  # convert_lora_to_gguf's output: was "lacks token_embd.weight"
+            what = self._get("adapter.type")
+            raise FormatError(f"{self.path}: a llama.cpp {what + ' ' if isinstance(what, str) else ''}adapter, not a "
+                              "model; pyllm merges LoRA adapters in PEFT's format: pyllm convert BASE_DIR --lora "
+                              "ADAPTER_DIR")
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
+        for t in self.tensors.values():  # [64, 32, 2] was read as 32 rows: a head size from nowhere, refused by
+            if any(int(d) != 1 for d in t.shape[2:]):  # rope.dimension_count's check, naming no tensor
+                raise FormatError(f"{self.path}: tensor '{t.name}' has shape {[int(d) for d in reversed(t.shape)]}; "
+                                  f"the tensors of a {self.gguf_arch.name} GGUF file are vectors and matrices")
         meta = Metadata(self.gguf_arch.name, self._get, {n: tuple(int(d) for d in t.shape)
                                                          for n, t in self.tensors.items()}, self.path)
         if "token_embd.weight" not in self.tensors:
@@ -81,6 +132,9 @@ class GGUFSource:
         unused = sorted(set(self.tensors) - {p.source for p in self.places.values()})
         if unused:  # a tensor the engine would ignore is a feature it does not implement
             raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
+        for t in self.tensors.values():  # before anything is written (a Q8_K one failed half-way, once
+            if not _readable(t.tensor_type):  # announced as "re-quantized to int8")
+                raise _unreadable(self.path, t)
 
     def _get(self, key: str, default=None):
         field = self.fields.get(key)
@@ -183,6 +237,12 @@ class GGUFSource:
         if kind == "Q4_0":
             q = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, cols // 2)
             return PackedWeight("int4_sym", rows, cols, BLOCK, q, scales)
+        if kind == "Q5_0":  # ggml's dequantize_row_q5_0: value j's fifth bit is bit j of the little-endian qh
+            high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [rows, blocks, 1]
+            low = blocks[:, :, 6:]
+            q = np.concatenate([low & 0x0F, low >> 4], axis=2).astype(np.int16)
+            q |= (((high >> np.arange(BLOCK, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+            return PackedWeight("int8", rows, cols, BLOCK, (q - 16).astype(np.int8).reshape(rows, cols), scales)
         mins = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).reshape(rows, -1)
         q = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
         return PackedWeight("int4_asym", rows, cols, BLOCK, q, scales, mins)
@@ -202,8 +262,7 @@ class GGUFSource:
         try:
             values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         except NotImplementedError:
-            raise FormatError(f"{self.path}: tensor '{t.name}' has type {kind}, which pyllm cannot read "
-                              "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the k-quants)") from None
+            raise _unreadable(self.path, t) from None
         return _place_rows(values.reshape(tuple(int(d) for d in reversed(t.shape))), self.places[name])
 
     def close(self) -> None:
@@ -240,9 +299,9 @@ class GGUFSource:
                 raise FormatError(f"{self.path}: GGUF metadata 'tokenizer.ggml.merges' must be an array of strings "
                                   f"('left right'); entry {i} is {m!r:.40}")
         scores = self._array("tokenizer.ggml.scores", None, "numbers")  # each entry: gguf_tokenizer_json
+        pre = self._typed("tokenizer.ggml.pre", str, "default")
         try:
-            blob = gguf_tokenizer_json(model, tokens, types, merges, scores,
-                                       self._typed("tokenizer.ggml.pre", str, "default"), add_space_prefix)
+            blob = gguf_tokenizer_json(model, tokens, types, merges, scores, pre, add_space_prefix)
         except FormatError as e:
             raise FormatError(f"{self.path}: {e}; convert from the Hugging Face checkpoint instead") from None
 
@@ -271,8 +330,11 @@ class GGUFSource:
             i, _ = token(f"tokenizer.ggml.{key}", True)
             if i is not None and i not in eos_ids:
                 eos_ids.append(i)
-        # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say
-        add_bos = self._typed("tokenizer.ggml.add_bos_token", bool, model == "llama")
+        # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say,
+        # and llama.cpp to a Llama-3 BPE one (LLAMA_VOCAB_PRE_TYPE_LLAMA3): a Llama 3 file of 2024 without the
+        # key ran without its BOS here, a model answering worse without a word
+        add_bos = self._typed("tokenizer.ggml.add_bos_token", bool,
+                              model == "llama" or (model == "gpt2" and pre in LLAMA3_PRE_TYPE))
         spec = TokenizerSpec(kind="hf", bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
                              bos_token_id=bos_id, eos_token_ids=eos_ids,
                              add_bos_token=bool(add_bos),
@@ -290,11 +352,19 @@ class GGUFSource:
 # GGUF loader builds it (integrations/gguf), so ids are equal ---------------------------------------
 
 # llama.cpp pre-tokenizer names whose regex is GPT-2's, with digits split one by one first
-_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "qwen2")
+_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact")
+# Qwen2's split (its tokenizer.json's, llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): single digits, and newlines and
+# indentation kept apart from the words (GPT-2's split with digits, used here before, cut "\n    return" otherwise)
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen")
 # Llama 3's split (llama.cpp's "llama-bpe" and its aliases)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe")
+# the names llama.cpp gives its LLAMA3 pre-tokenizer type: BOS added by default, and a word that is a token
+# is that token whatever the merges say (ignore_merges, as Llama 3's own tokenizer.json sets it)
+LLAMA3_PRE_TYPE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -330,19 +400,19 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [_merge_pair(m) for m in merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRE_TYPE))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("default", "gpt-2", "gpt2"):
         tok.pre_tokenizer = byte_level
-    elif pre in _LLAMA3_PRE:
+    elif pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         raise FormatError(f"GGUF pre-tokenizer {pre!r} is not supported yet (supported: default, gpt2, "
-                          f"{', '.join(_DIGIT_SPLIT_PRE + _LLAMA3_PRE)})")
+                          f"{', '.join(_DIGIT_SPLIT_PRE + _QWEN2_PRE + _LLAMA3_PRE)})")
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok

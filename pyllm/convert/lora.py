@@ -37,7 +37,7 @@ import numpy as np
 
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
 from ..quant import f32_to_bf16_bits
-from .adapter_base import adapter_config_path, warn_if_other_base
+from .adapter_base import adapter_config_path, adapter_weights_path, warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
@@ -131,12 +131,7 @@ class LoraAdapter:
         self.dir = os.fspath(directory)
         self.config = _read_json(adapter_config_path(self.dir, "LoRA adapter"))
         self._check_config()
-        weights = os.path.join(self.dir, "adapter_model.safetensors")
-        if not os.path.exists(weights):
-            if os.path.exists(os.path.join(self.dir, "adapter_model.bin")):
-                raise FormatError(f"{self.dir}: adapter_model.bin (a PyTorch pickle) is not read; save the adapter "
-                                  "with safe_serialization=True (PEFT's default) to get adapter_model.safetensors")
-            raise FileNotFoundError(f"{self.dir} has no adapter_model.safetensors")
+        weights = adapter_weights_path(self.dir)
         self.weights = weights  # the file named by messages about its tensors
         self.modules: dict[str, LoraModule] = {}  # by base module name
         self.replacements: dict[str, np.ndarray] = {}  # base tensor name -> trained copy
@@ -151,7 +146,12 @@ class LoraAdapter:
         check_lora_numbers(self.config, self.dir)
         cfg = self.config
         if cfg.get("peft_type", "LORA") != "LORA":
-            raise FormatError(f"{self.dir}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
+            from ..adapters import PEFT_TYPES
+
+            # the other direction (--adapter given a LoRA directory) names --lora
+            hint = ("; a prompt-learning adapter is stored beside the weights with pyllm convert --adapter"
+                    if cfg.get("peft_type") in PEFT_TYPES else "")
+            raise FormatError(f"{self.dir}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter{hint}")
         if cfg.get("task_type") not in (None, "CAUSAL_LM"):
             raise FormatError(f"{self.dir}: task_type {cfg.get('task_type')!r}; only CAUSAL_LM adapters apply "
                               "to a causal language model")
@@ -163,6 +163,12 @@ class LoraAdapter:
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(cfg.get(key) or {}, dict):
                 raise FormatError(f"{self.dir}: adapter_config.json {key} must be an object")
+            for pattern in cfg.get(key) or {}:  # pattern_key's re.match said only "error: missing ), ..."
+                try:
+                    re.compile(rf"(.*\.)?({pattern})$")
+                except re.error as e:
+                    raise FormatError(f"{self.dir}: adapter_config.json {key} key {pattern!r:.60} is not a regular "
+                                      f"expression ({e})") from None
 
     def _scaling(self, module: str, rank: int, where: str) -> float:
         cfg = self.config
