@@ -242,7 +242,7 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
     # PEFT's "Target modules {'nope'} not found in the base model", when no name matched
     (["--target-modules", "nope"], "--target-modules nope: no module of the model has this name (target modules: "),
 ])
-def test_devices_and_modules_torch_or_peft_refused_are_named_by_flag(base, data, tmp_path, capsys, flags, message):
+def test_bad_device_module_and_batch_flags_are_one_line_naming_the_flag(base, data, tmp_path, capsys, flags, message):
     import torch
 
     out = tmp_path / "out"
