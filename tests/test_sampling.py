@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from pyllm.errors import PyllmError
 from pyllm.sampling import MIN_REPETITION_PENALTY, Sampler, SamplingParams
 
 VOCAB = 50
@@ -464,3 +465,32 @@ def test_most_likely_is_the_stable_argsort_s_head():
     for x in cases:
         for k in (0, 1, 2, 5, 20, VOCAB - 1, VOCAB, VOCAB + 3):
             np.testing.assert_array_equal(most_likely(x, k), np.argsort(-x, kind="stable")[:k])
+
+
+def test_greedy_with_logit_bias_alone_equals_the_full_path():
+    """Greedy decoding with logit_bias as its only processor (a server's client banning the end token)
+    takes a shortcut past _processed's float64 copy: the same token as argmax of the processed scores,
+    ties (lowest id), a biased id that is the best logit, ids past the logits and NaN included."""
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        vocab = int(rng.integers(2, 300))
+        logits = rng.normal(0, 3, vocab).astype(np.float32)
+        if trial % 4 == 0:  # ties: a few distinct values only
+            logits = rng.integers(-2, 3, vocab).astype(np.float32)
+        ids = rng.choice(vocab, size=int(rng.integers(1, min(vocab, 6) + 1)), replace=False)
+        values = rng.choice([-100.0, -3.0, -0.5, 0.0, 0.5, 3.0, 100.0], size=ids.size)
+        if trial % 5 == 0:  # a bias that makes a biased score equal another logit exactly
+            values[0] = float(logits[(int(ids[0]) + 1) % vocab]) - float(logits[ids[0]])
+        bias = {int(i): float(v) for i, v in zip(ids, values)}
+        sampler = Sampler(SamplingParams(logit_bias=bias))
+        expected = int(np.argmax(sampler.processed(logits, [])))
+        assert sampler(logits, []) == expected, (trial, bias)
+    logits = np.arange(10, dtype=np.float32)
+    sampler = Sampler(SamplingParams(logit_bias={2: 100.0, 9: -100.0}))
+    assert sampler._greedy_with_bias(logits, sampler.processors[0]) is None  # the best logit is biased
+    assert sampler._greedy_with_bias(logits[::-1].copy(), sampler.processors[0]) == 2  # the shortcut's answer
+    sampler = Sampler(SamplingParams(logit_bias={3: -100.0}))
+    with pytest.raises(ValueError, match="vocabulary has 3"):
+        sampler(np.zeros(3, np.float32), [])
+    with pytest.raises(PyllmError, match="not finite"):
+        sampler(np.array([0.0, np.nan, 1.0, 2.0], np.float32), [])

@@ -236,10 +236,13 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
     (["--device", "tpu"], "--device 'tpu': not a device (cpu, cuda, cuda:N or auto)"),
     (["--device", "cuda:x"], "--device 'cuda:x': not a device"),
     (["--device", "mps"], "--device mps: pyllm train runs on cpu or cuda"),
+    # "--batch-size 0 must be a multiple of --micro-batch-size 4", which 0 is
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--micro-batch-size", "-2"], "--micro-batch-size must be at least 1, not -2"),
     # PEFT's "Target modules {'nope'} not found in the base model", when no name matched
     (["--target-modules", "nope"], "--target-modules nope: no module of the model has this name (target modules: "),
 ])
-def test_devices_and_modules_torch_or_peft_refused_are_named_by_flag(base, data, tmp_path, capsys, flags, message):
+def test_bad_device_module_and_batch_flags_are_one_line_naming_the_flag(base, data, tmp_path, capsys, flags, message):
     import torch
 
     out = tmp_path / "out"
@@ -651,6 +654,9 @@ def test_layers_option():
         parse_layers("28-30", 30)
     with pytest.raises(ValueError, match="expected ranges"):
         parse_layers("a-b", 30)
+    # a backwards range was "the model has layers 0-29"
+    with pytest.raises(ValueError, match=r"^--layers '3-1': the range 3-1 runs backwards; write it 1-3$"):
+        parse_layers("3-1", 30)
 
 
 def test_cli_does_not_import_torch():

@@ -27,7 +27,7 @@ def _read_json(path: str) -> dict:
     text = decode_text(read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES), path, FormatError)
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; nesting deeper than the parser goes
+    except (ValueError, RecursionError) as e:  # bad JSON; nesting deeper than the parser goes
         raise FormatError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object")

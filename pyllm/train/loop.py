@@ -282,8 +282,12 @@ def parse_layers(text: str, count: int) -> list[int] | None:
     try:
         for part in text.split(","):
             first, _, last = part.partition("-")
+            if int(last or first) < int(first):  # ("3-1" was "the model has layers 0-29")
+                raise ValueError(f"--layers {text!r}: the range {part.strip()} runs backwards; write it {last}-{first}")
             layers.update(range(int(first), int(last or first) + 1))
-    except ValueError:
+    except ValueError as e:
+        if str(e).startswith("--layers"):
+            raise
         raise ValueError(f"--layers {text!r}: expected ranges like 20-29 or a list like 0,5,9") from None
     if not layers or min(layers) < 0 or max(layers) >= count:
         raise ValueError(f"--layers {text!r}: the model has layers 0-{count - 1}")
@@ -504,7 +508,10 @@ def train(args, log=None) -> TrainResult:
             raise FileNotFoundError(f"--tokenizer {args.tokenizer} is not a directory")
         dtype = resolve_dtype(args.dtype, procs.device)
         micro, world = args.micro_batch_size, procs.world
-        if args.batch_size <= 0 or micro <= 0 or args.batch_size % (micro * world):
+        for flag, value in (("--batch-size", args.batch_size), ("--micro-batch-size", micro)):
+            if value <= 0:  # (0 read "--batch-size 0 must be a multiple of --micro-batch-size 4", which it is)
+                raise ValueError(f"{flag} must be at least 1, not {value}")
+        if args.batch_size % (micro * world):
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {micro} "
                              f"x {world} process(es)")
         accumulation = args.batch_size // (micro * world)
