@@ -101,6 +101,9 @@ def _close_at_exit() -> None:
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
 # for the engine, gives the engine up; resumed, it re-reads its context into the KV cache.
 PREEMPT_AFTER = 0.25  # seconds
+REENTRANT_CALL = ("this LLM was called from inside one of its own running calls (a logits processor calling "
+                  "generate, chat, embed or logits?): it would wait for itself; call it from another thread, or "
+                  "after that call returns")
 DEVICES = ("cpu", "cuda")
 
 
@@ -515,6 +518,10 @@ class LLM:
             self._open_engine()
             if self._holder is None:
                 return
+            if self._holder_thread == me and self._idle_since is None:
+                # the holder is computing in this very thread: this call comes from inside it (a logits
+                # processor calling the LLM) and would wait for itself for ever
+                raise RuntimeError(REENTRANT_CALL)
             if self._idle_since is not None:
                 idle = time.monotonic() - self._idle_since
                 if self._holder_thread == me or idle >= PREEMPT_AFTER:
@@ -952,7 +959,7 @@ class LLM:
             if cancel.is_set():
                 return None
             chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
-            logits = self.engine.forward(chunk, offset + start, False)
+            logits = self._open_engine().forward(chunk, offset + start, False)
             self._cached = ids[:start + len(chunk)]
         return logits
 
@@ -1023,8 +1030,8 @@ class LLM:
                             stats.finish_reason = "cancelled"
                             break
                         self._cached = ids
-                if step + 1 < limit:
-                    logits = self.engine.forward(np.array([token], dtype=np.int32), offset + len(ids), False)
+                if step + 1 < limit:  # (a logits processor may have closed the LLM: RuntimeError, not AttributeError)
+                    logits = self._open_engine().forward(np.array([token], dtype=np.int32), offset + len(ids), False)
                     ids.append(token)  # self._cached is ids: the cache holds them all
             rest = text.finish(flush=stats.finish_reason != "cancelled")
             stream.tokens += text.take_tokens()
@@ -1034,6 +1041,11 @@ class LLM:
             if rest:  # paused like every piece: a consumer that keeps the stream after its last piece
                 self._pause(stream)  # (not asking for the end) must not hold the engine from other calls
                 yield rest
+        except BaseException:
+            # cut short by an error (close() while its consumer was away, a logits processor's exception):
+            # it said "length", as if it had run to its limit
+            stats.finish_reason = "cancelled"
+            raise
         finally:
             self._release(stream)
 

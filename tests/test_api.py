@@ -1054,6 +1054,93 @@ def test_a_stream_closed_before_its_end_says_cancelled(llm):
     assert [s.finish_reason for s in llm.last_batch_stats] == ["length"] * 2
 
 
+
+def test_a_call_from_inside_a_logits_processor_is_refused_not_a_hang(tiny_llama_f32):
+    """A logits processor that called its own LLM (generate, embed, logits, a list of prompts) waited
+    for the engine its own call held, in the same thread: the process hung for ever. With a Scheduler
+    attached, a single prompt's call from a processor (run on the scheduler's thread) waited on its
+    queue for that very thread. Now such a call raises RuntimeError saying so; the outer call ends
+    with it, and the LLM stays usable."""
+    from pyllm.scheduler import Scheduler
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2)
+    expected = llm.generate("Paris", max_new_tokens=4)
+    inner_calls = {"generate": lambda: llm.generate("x", max_new_tokens=2), "embed": lambda: llm.embed("x"),
+                   "logits": lambda: llm.logits([3, 4]), "a list": lambda: llm.generate(["x", "y"], max_new_tokens=2)}
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            # scheduled, the engine is free while the loop samples: only a single prompt's stream waits for it
+            for name, inner in (list(inner_calls.items()) if not scheduled else [("generate", inner_calls["generate"])]):
+                outcome = {}
+
+                def processor(ids, scores, inner=inner):
+                    inner()
+                    return scores
+
+                def call():
+                    try:
+                        outcome["text"] = llm.generate("Paris", max_new_tokens=4, logits_processors=[processor])
+                    except RuntimeError as e:
+                        outcome["error"] = e
+                thread = threading.Thread(target=call, daemon=True)
+                thread.start()
+                thread.join(10)
+                assert not thread.is_alive(), f"a processor calling {name} (scheduled: {scheduled}) hung"
+                assert "from inside one of its own running calls" in str(outcome.get("error")), name
+                assert llm.last_stats.finish_reason == "cancelled" or scheduled
+                assert llm.generate("Paris", max_new_tokens=4) == expected
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    llm.close()
+
+
+def test_a_stream_cut_short_by_an_error_says_cancelled(tiny_llama_f32):
+    """A stream read again after close() raised RuntimeError but kept finish_reason "length" (and
+    hit_token_limit), as if it had run to its limit; a logits processor that closed the LLM while a
+    piece was held back (a stop string's possible start) made the next step fail with AttributeError
+    ('NoneType' object has no attribute 'forward'); a scheduled stream ended by its processor's
+    exception kept finish_reason "". Each now says "cancelled" (the error itself raised as before)."""
+    from pyllm.scheduler import Scheduler
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    stream = llm.generate("Paris", max_new_tokens=30, stream=True, logit_bias=ban)
+    next(stream)
+    llm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(stream)
+    assert stream.stats.finish_reason == "cancelled" and not stream.stats.hit_token_limit
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    force = scripted_reply(llm.tokenize(" of France and", add_special_tokens=False))
+
+    def closing(ids, scores):
+        llm.close()
+        return force(ids, scores)
+    stream = llm.generate("Paris", max_new_tokens=5, stream=True, stop=[" of France or"], stop_token_ids=[],
+                          logits_processors=[closing])
+    with pytest.raises(RuntimeError, match="closed"):
+        list(stream)
+    assert stream.stats.finish_reason == "cancelled"
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+
+    def failing(ids, scores):
+        raise ValueError("mine")
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            stream = llm.generate("Paris", max_new_tokens=5, stream=True, logits_processors=[failing])
+            with pytest.raises(ValueError, match="mine"):
+                list(stream)
+            assert stream.stats.finish_reason == "cancelled", scheduled
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    llm.close()
+
 def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
     """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
     scheduled stream's): one that appended to it (or cleared it) moved every later token's position
