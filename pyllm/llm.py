@@ -42,7 +42,7 @@ def kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int = 1) -> int:
     type kv_cache (a KV_CACHE_BYTES_PER_VALUE key; ValueError otherwise). config: a ModelConfig.
     The values themselves, without the CPU engine's padding: engine_kv_cache_bytes is what an engine
     allocates."""
-    if kv_cache not in KV_CACHE_BYTES_PER_VALUE:
+    if not isinstance(kv_cache, str) or kv_cache not in KV_CACHE_BYTES_PER_VALUE:  # (a list: unhashable)
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_BYTES_PER_VALUE)}, not {kv_cache!r}")
     values = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx * n_seq
     return round(values * KV_CACHE_BYTES_PER_VALUE[kv_cache])
@@ -565,6 +565,8 @@ class LLM:
     def logits_many(self, sequences: list) -> list[np.ndarray]:
         """Logits f32 [len(ids), vocab] of each token-id list, each in a fresh context, n_parallel at a time
         in one engine step (perplexity's windows)."""
+        if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
+            raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
         checked = [self._check_ids(ids) for ids in sequences]
         call = _Call()
         self._acquire(call)
@@ -739,7 +741,7 @@ class LLM:
         """A valid adapter name (None or "base": the plain model); ValueError listing the file's otherwise."""
         if name is None or name == "base":
             return None
-        if name not in self.adapters:
+        if not isinstance(name, str) or name not in self.adapters:  # (a list or dict: "unhashable type")
             known = ", ".join(self.adapters) or "none"
             raise ValueError(f"{self.path} has no adapter {name!r} (adapters in the file: {known})")
         return name
@@ -868,6 +870,11 @@ class LLM:
         special-token strings in content parsed as the tokens themselves. Without such strings in
         the content both give the tokens transformers' apply_chat_template gives. render_limits
         bounds the template's time and output (TemplateError past them)."""
+        if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+            # the template iterated whatever it was given: a string's characters, a dict's keys, in silence
+            got = next((t for t in tools if not isinstance(t, dict)), None) if isinstance(tools, (list, tuple)) else tools
+            raise TypeError("tools must be a list of tool dicts ({'type': 'function', 'function': {...}}); got "
+                            + ("a list holding " if got is not tools else "") + type(got).__name__)
         extra = {"tools": tools} if tools is not None else {}
         messages = normalize_messages(messages)
         if parse_special_in_content:

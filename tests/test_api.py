@@ -218,6 +218,26 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
         llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
 
 
+
+def test_options_of_another_kind_are_errors_naming_them(llm, tiny_llama_f32):
+    """Options checked by looking them up in a dict failed on an unhashable value with Python's own
+    "unhashable type: 'list'" (LLM(kv_cache=[...]), LLM(adapter=[...]), generate(adapter={})),
+    logits_many(None) with "'NoneType' object is not iterable", and chat(tools=...) took a string or
+    a dict, which the template iterated in silence (its characters, its keys). Each is now an error
+    naming the option."""
+    for call, error, name in [
+            (lambda: pyllm.LLM(tiny_llama_f32, kv_cache=["f16"]), ValueError, "kv_cache"),
+            (lambda: pyllm.LLM(tiny_llama_f32, adapter=["x"]), ValueError, "adapter"),
+            (lambda: llm.generate("hi", adapter={}), ValueError, "adapter"),
+            (lambda: llm.logits_many(None), TypeError, "sequences"),
+            (lambda: llm.logits_many(3), TypeError, "sequences"),
+            (lambda: llm.chat([{"role": "user", "content": "hi"}], tools="search"), TypeError, "tools"),
+            (lambda: llm.chat([{"role": "user", "content": "hi"}], tools={"type": "function"}), TypeError, "tools"),
+            (lambda: llm.chat_prompt_ids([{"role": "user", "content": "hi"}], tools=[print]), TypeError, "tools")]:
+        with pytest.raises(error, match=name):
+            call()
+    assert len(llm.logits_many(np.array([[3, 4], [5, 6]]))) == 2  # a 2-D array's rows, as before
+
 def test_none_is_every_sampling_option_s_default(llm):
     """presence_penalty=None and frequency_penalty=None were ValueErrors ("must be a number; got None")
     where every other option's None is its default: a caller forwarding OpenAI's fields unset failed."""
