@@ -650,8 +650,8 @@ class LLM:
         A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
         engine step, each exactly as it would be alone (pyllm/batch.py): returns a list of texts, or with
         stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats. Such a
-        stream left unread while another call takes the engine (PREEMPT_AFTER) is not resumed, unlike a
-        single prompt's: it ends there, with finish_reason "cancelled" in last_batch_stats.
+        stream left unread while another call takes the engine (PREEMPT_AFTER) re-reads its running
+        prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens. Generation ends at an end-of-generation token
