@@ -98,6 +98,21 @@ def _close_at_exit() -> None:
             pass
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: every open LLM forgets the turns of the others
+    (a call running in another thread when the process forked held the engine for ever in the child, whose
+    next call waited for it) and its scheduler, whose thread is not there either, and keeps its engine
+    (see LLM._forget_other_threads)."""
+    me = threading.get_ident()
+    for llm in list(_OPEN):
+        if getattr(llm, "_turn", None) is not None:  # (one still in __init__ has no turns yet)
+            llm._forget_other_threads(me)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
 # for the engine, gives the engine up; resumed, it re-reads its context into the KV cache.
 PREEMPT_AFTER = 0.25  # seconds
@@ -371,6 +386,7 @@ class LLM:
         self.path = resolve_model(path)
         self.model = PackedModel(self.path)
         self.engine = None
+        self._forked_mid_step = False  # a forked child's copy of an engine that another thread was running
         self._closing = False  # close() began: no call takes a turn; embed() and logits_many() stop between items
         try:
             self._load(backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
@@ -478,6 +494,9 @@ class LLM:
         engine = self.engine
         if engine is None or self._closing:
             raise RuntimeError("this LLM is closed")
+        if self._forked_mid_step:
+            raise RuntimeError("this LLM was running a call in another thread when the process forked: its engine "
+                               "cannot be used in the child (open the model again there, or fork between calls)")
         return engine
 
     # -- tokens --------------------------------------------------------------
@@ -530,6 +549,30 @@ class LLM:
                 self._turn.wait(PREEMPT_AFTER - idle)
             else:
                 self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+
+    def _forget_other_threads(self, me: int) -> None:
+        """In a forked child (_after_fork_in_child): a holder of another thread, which does not exist here,
+        gives the engine up (its step may have been half done: the KV cache is not trusted), the lock is
+        new (another thread may have held it at the fork), and an attached scheduler, whose thread
+        is gone, is detached (calls run one at a time, as without one)."""
+        self._turn = threading.Condition()
+        self._waiting = 0
+        if self.engine is not None:
+            # never destroyed here: its destructor joins its worker threads (and the thread that populates
+            # its KV cache), which do not exist in the child, and close() (or the exit, or `del`) hung
+            # there for ever (n_threads > 1), segfaulted or aborted. The child's exit returns its memory.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.engine))
+        if self._holder is not None and self._holder_thread != me:
+            # computing: the engine's worker threads may have been in the middle of its step, whose end
+            # the child's next step waited for for ever (one thread runs its steps alone: it only re-reads)
+            self._forked_mid_step = self._idle_since is None and self.n_threads > 1
+            self._preempted.add(id(self._holder))
+            self._holder = self._holder_thread = self._idle_since = None
+            self._cached, self._primed, self._last_holder, self._written = [], None, None, None
+        if self.scheduler is not None:
+            self.scheduler._closed = True
+            self.scheduler = None
+            self._cached, self._primed, self._last_holder = [], None, None
 
     def _release(self, owner) -> None:
         with self._turn:

@@ -1161,6 +1161,59 @@ def test_a_stream_cut_short_by_an_error_says_cancelled(tiny_llama_f32):
                 scheduler.close()
     llm.close()
 
+
+FORK_CHILD = """
+import os, signal, sys, threading
+import pyllm
+from pyllm.scheduler import Scheduler
+
+path, case = sys.argv[1], sys.argv[2]
+llm = pyllm.LLM(path, n_threads=2 if case in ("idle", "busy, 2 threads") else 1, n_parallel=2)
+expected = llm.generate("Paris", max_new_tokens=4)
+if case == "scheduled":
+    Scheduler(llm, 16)
+inside, release = threading.Event(), threading.Event()
+if case.startswith("busy"):
+    def holding(ids, scores):  # a call of another thread that holds the engine, computing, at the fork
+        inside.set()
+        release.wait()
+        return scores
+    threading.Thread(target=lambda: llm.generate("Rome", max_new_tokens=2, logits_processors=[holding]),
+                     daemon=True).start()
+    inside.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang ends the child (SIGALRM) rather than the test
+    try:
+        print(case, "child:", llm.generate("Paris", max_new_tokens=4) == expected, flush=True)
+    except RuntimeError as e:
+        print(case, "child:", e, flush=True)
+    for _ in range(4):  # threads of the child's own: they take the places of the parent's threads (their stacks)
+        threading.Thread(target=release.wait, daemon=True).start()
+    llm.close()
+    sys.exit(0)  # a normal exit: the atexit handler closes what is open
+_, status = os.waitpid(pid, 0)
+release.set()
+print(case, "status:", status, flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["idle", "busy", "busy, 2 threads", "scheduled"])
+def test_an_llm_used_in_a_forked_child_works_or_refuses_and_exits(tiny_llama_f32, case):
+    """os.fork() after the load: the child's close() (or its exit, or `del`) destroyed the engine, whose
+    destructor joined worker threads that do not exist in a child (where the child's own threads had
+    taken their places, it hung for ever with n_threads=2, segfaulted or aborted). A call of another thread that held the engine at the fork held it for
+    ever in the child, whose next call waited for it; with a Scheduler attached, the child's calls
+    waited for the scheduler's thread, which is not forked. Now the child's calls run (one at a time);
+    with n_threads > 1 an engine forked in the middle of another thread's step (its workers' job half
+    done) refuses with RuntimeError instead of waiting for that job; the child exits cleanly."""
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD, tiny_llama_f32, case], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    child = "forked" if case == "busy, 2 threads" else "True"
+    assert f"{case} child: " in out.stdout and child in out.stdout.split("child: ")[1].split("\n")[0], out.stdout
+    assert f"{case} status: 0" in out.stdout, out.stdout
+
 def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
     """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
     scheduled stream's): one that appended to it (or cleared it) moved every later token's position
