@@ -397,3 +397,37 @@ def test_a_relative_xdg_cache_home_is_ignored_as_the_spec_says(tmp_path, monkeyp
         assert cache_dir() == home
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == str(tmp_path / "xdg" / "pyllm")
+
+
+CONVERT_SLOWLY = """
+import sys, time
+import pyllm.convert
+from pyllm.model_cache import resolve_model
+
+convert = pyllm.convert.convert_checkpoint
+pyllm.convert.convert_checkpoint = lambda *a, **k: (time.sleep(2), convert(*a, **k))[1]  # time to overlap
+print(resolve_model(sys.argv[1]))
+"""
+
+
+def test_processes_converting_one_model_together_convert_it_once(hf_dir, cache):
+    """Processes started together on one model directory (or GGUF file) not yet in the cache (`pyllm
+    serve` workers, a job array) each converted it: N times the time and the memory of a conversion
+    (for a 7B model, N x its f32 tensors at once). Now one converts; the others wait for its lock,
+    say so, and reuse its file."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_SLOWLY, hf_dir], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1  # the same entry for all
+    errs = [err for _, err in outs]
+    assert sum("converting the" in err for err in errs) == 1, errs
+    assert sum("waiting for it" in err and "pyllm: using" in err for err in errs) >= 1, errs
+    entry, = model_cache.list_entries()
+    assert model_cache.damage_of(entry.path) is None
+    model_cache.remove_entries([entry])
+    assert sorted(os.listdir(cache)) == []  # the lock file went with the entry
