@@ -372,7 +372,7 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
         return target
     # one conversion of an entry at a time: processes started together (`pyllm serve` workers, a job
     # array) each converted the same model, N times the memory and the time; the others wait, then reuse it
-    with _entry_lock(target, source, log) as waited:
+    with entry_lock(target, source, log) as waited:
         if waited and _reusable(target, source, settings, fingerprint, log):
             return target
         _convert_into(target, source, kind, settings, fingerprint, quant, log)
@@ -396,9 +396,10 @@ LOCK_SUFFIX = ".lock"  # beside an entry: held (flock) while it is converted
 
 
 @contextlib.contextmanager
-def _entry_lock(target: str, source: str, log) -> Iterator[bool]:
-    """Holds the lock of cache entry target (a LOCK_SUFFIX file beside it, kept: removing a lock file
-    others may be waiting on would let two in); yields whether another process held it first."""
+def entry_lock(target: str, source: str, log) -> Iterator[bool]:
+    """Holds the lock of cache entry target (a .pllm path; source: what it is made from, for the
+    message): a LOCK_SUFFIX file beside it, kept (removing a lock file others may be waiting on would
+    let two in). Yields whether another process held it first."""
     import fcntl
 
     path = target[:-len(MODEL_SUFFIX)] + LOCK_SUFFIX
