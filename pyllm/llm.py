@@ -697,7 +697,8 @@ class LLM:
         prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
 
         Unset options come from the model's generation config (transformers' defaults for a model
-        that samples), else greedy and 256 new tokens. Generation ends at an end-of-generation token
+        that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
+        Generation ends at an end-of-generation token
         of the model (every one it declares), a token in stop_token_ids, a stop string (not included
         in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
         the end of the context, or cancel().
@@ -742,6 +743,8 @@ class LLM:
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         max_new_tokens = option("max_new_tokens", max_new_tokens, integer=True)
+        if max_new_tokens == -1:  # llama.cpp's and llama-cpp-python's "until the end", as the CLI and server take it
+            max_new_tokens = self.context_length
         if logprobs is not None:
             option("logprobs", logprobs, integer=True)
         if isinstance(stop, str):
@@ -846,7 +849,7 @@ class LLM:
                 raise ValueError(f"a prompt has {len(p)} tokens; the context holds {self.context_length} "
                                  "(leave room for the reply)")
         if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
         made = iter(self.last_batch_stats)
         run = TextStream(GenerationStats())
@@ -990,7 +993,7 @@ class LLM:
             raise ValueError(f"the prompt has {len(prompt)} tokens" + (f" after {virtual} virtual ones" if virtual else "")
                              + f"; the context holds {self.context_length} (leave room for the reply)")
         if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
         sampler = Sampler(params, processors, prompt_length=len(prompt))
         stop_ids = stop_ids | set(self.tokenizer.eos_ids)

@@ -1259,6 +1259,24 @@ def test_top_k_minus_one_is_off_everywhere(llm, tiny_llama_f32, capsys):
     capsys.readouterr()
 
 
+
+def test_max_new_tokens_minus_one_runs_until_the_context_is_full_everywhere(tiny_llama_f32):
+    """`pyllm run -n -1` and the server took -1 as "until the context is full" (llama.cpp's -n -1, and
+    llama-cpp-python's max_tokens, whose name generate() takes) while generate(max_tokens=-1), chat()
+    and a list of prompts refused it ("max_new_tokens must be >= 0"). They take it now; -2 stays refused."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=40)
+    llm.tokenizer.eos_ids = []  # replies run to their limit
+    prompt = llm.tokenize("Paris is")
+    whole = llm.generate(prompt, max_new_tokens=40 - len(prompt))
+    assert llm.generate(prompt, max_tokens=-1) == whole and llm.last_stats.finish_reason == "length"
+    assert llm.last_stats.generated_tokens == 40 - len(prompt)
+    assert llm.generate([prompt, prompt], max_new_tokens=-1) == [whole, whole]
+    assert isinstance(llm.chat([{"role": "user", "content": "Hi"}], max_tokens=-1), str)
+    for call in (lambda: llm.generate(prompt, max_new_tokens=-2), lambda: llm.generate([prompt], max_new_tokens=-2)):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0, or -1"):
+            call()
+    llm.close()
+
 def test_logit_bias_past_the_vocabulary_is_refused_before_generating(llm):
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate("Once", logit_bias={10**6: 1.0})
