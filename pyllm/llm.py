@@ -8,6 +8,7 @@ import difflib
 import functools
 import inspect
 import os
+import sys
 import threading
 import time
 import weakref
@@ -402,9 +403,13 @@ class LLM:
         self.n_threads = self.engine.n_threads
         # Who uses the engine: the holder (a TextStream or a _Call), its thread, and since when a
         # holding stream has been waiting for its consumer (None while it computes).
-        self._turn = threading.Condition()
+        # `with self._lock`, not `with self._turn`: Condition.__enter__ is Python code, and a Ctrl-C landing in
+        # it after the lock was taken left it taken for ever (every other thread's next call waited)
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
         self._holder = None
         self._holder_thread: int | None = None
+        self._holder_frame = None  # the frame of the holder's call (the method that took the turn)
         self._idle_since: float | None = None
         self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
@@ -516,13 +521,15 @@ class LLM:
         (at once when it belongs to this thread, else after PREEMPT_AFTER seconds). Returns whether
         owner was the engine's last user (its KV-cache contents are as it left them)."""
         me = threading.get_ident()
-        with self._turn:
+        with self._lock:
             self._waiting += 1
             try:
                 self._wait_for_turn(me)
             finally:
                 self._waiting -= 1
             self._holder, self._holder_thread, self._idle_since = owner, me, None
+            frame = sys._getframe(1)  # the call that computes while it holds the turn (_holder_abandoned)
+            self._holder_frame = frame.f_back if frame.f_code is LLM._resume.__code__ else frame
             self._preempted.discard(id(owner))
             self._served += 1
             if owner is not self.scheduler:
@@ -533,9 +540,16 @@ class LLM:
 
     def _wait_for_turn(self, me: int) -> None:
         """Returns (self._turn held by the caller) once the engine is free or its holder may be preempted."""
+        timed_out = False
         while True:
             self._open_engine()
             if self._holder is None:
+                return
+            if self._idle_since is None and (self._holder_thread == me or timed_out) and self._holder_abandoned():
+                # its call ended without giving the turn back: a Ctrl-C (or another signal handler's
+                # exception) landed between taking and giving it, and every later call waited for ever
+                self._preempted.add(id(self._holder))
+                self._cached, self._primed, self._last_holder = [], None, None  # its last step may be cut short
                 return
             if self._holder_thread == me and self._idle_since is None:
                 # the holder is computing in this very thread: this call comes from inside it (a logits
@@ -546,16 +560,31 @@ class LLM:
                 if self._holder_thread == me or idle >= PREEMPT_AFTER:
                     self._preempted.add(id(self._holder))
                     return
-                self._turn.wait(PREEMPT_AFTER - idle)
+                timed_out = not self._turn.wait(PREEMPT_AFTER - idle)
             else:
-                self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+                timed_out = not self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+
+    def _holder_abandoned(self) -> bool:
+        """Whether the computing holder's call is no longer running: its frame (the call that took the
+        turn) is not on its thread's stack, or that thread has ended."""
+        frame = self._holder_frame
+        if frame is None:
+            return False
+        top = sys._getframe() if self._holder_thread == threading.get_ident() else \
+            sys._current_frames().get(self._holder_thread)
+        while top is not None:
+            if top is frame:
+                return False
+            top = top.f_back
+        return True
 
     def _forget_other_threads(self, me: int) -> None:
         """In a forked child (_after_fork_in_child): a holder of another thread, which does not exist here,
         gives the engine up (its step may have been half done: the KV cache is not trusted), the lock is
         new (another thread may have held it at the fork), and an attached scheduler, whose thread
         is gone, is detached (calls run one at a time, as without one)."""
-        self._turn = threading.Condition()
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
         self._waiting = 0
         if self.engine is not None:
             # never destroyed here: its destructor joins its worker threads (and the thread that populates
@@ -567,7 +596,7 @@ class LLM:
             # the child's next step waited for for ever (one thread runs its steps alone: it only re-reads)
             self._forked_mid_step = self._idle_since is None and self.n_threads > 1
             self._preempted.add(id(self._holder))
-            self._holder = self._holder_thread = self._idle_since = None
+            self._holder = self._holder_thread = self._idle_since = self._holder_frame = None
             self._cached, self._primed, self._last_holder, self._written = [], None, None, None
         if self.scheduler is not None:
             self.scheduler._closed = True
@@ -575,22 +604,22 @@ class LLM:
             self._cached, self._primed, self._last_holder = [], None, None
 
     def _release(self, owner) -> None:
-        with self._turn:
+        with self._lock:
             if self._holder is owner:
-                self._holder = self._holder_thread = self._idle_since = None
+                self._holder = self._holder_thread = self._idle_since = self._holder_frame = None
                 self._turn.notify_all()
             self._preempted.discard(id(owner))
 
     def _pause(self, owner) -> None:
         """owner hands a piece to its consumer: it keeps the engine unless someone takes it."""
-        with self._turn:
+        with self._lock:
             if self._holder is owner:
                 self._idle_since = time.monotonic()
 
     def _resume(self, owner) -> bool:
         """owner's consumer asks for more: True when it still holds the engine (its KV cache
         intact), False when it was preempted and now holds the engine again."""
-        with self._turn:
+        with self._lock:
             if self._holder is owner and id(owner) not in self._preempted:
                 self._idle_since, self._holder_thread = None, threading.get_ident()
                 return True
@@ -612,8 +641,8 @@ class LLM:
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
         checked = [self._check_ids(ids) for ids in sequences]
         call = _Call()
-        self._acquire(call)
-        try:
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
             self._cached, self._primed = [], None
             results = []
             for first in range(0, len(checked), self.n_parallel):
@@ -638,8 +667,8 @@ class LLM:
         checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in _embed_inputs(texts)]
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call(frozenset({0}))
-        self._acquire(call)
-        try:
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
             self._cached, self._primed = [], None
             since = time.monotonic()
             for i, ids in enumerate(checked):
@@ -665,8 +694,8 @@ class LLM:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
         arr = self._check_ids(ids)
         call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
-        self._acquire(call)
-        try:
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
             self._cached, self._primed = [], None
             out = self.engine.forward(arr, 0, True)
             self._cached = [int(i) for i in arr]
@@ -864,10 +893,11 @@ class LLM:
         batch_stats = self.last_batch_stats  # (the attribute is the next list's once another list is given)
 
         def pieces():
-            self._acquire(run)
-            batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
-                              stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set, lost)
             try:
+                self._acquire(run)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+                batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
+                                  stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set,
+                                  lost)
                 for index, piece in batch:
                     self._pause(run)
                     try:
@@ -1027,9 +1057,9 @@ class LLM:
 
     def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
              stream: TextStream, logprobs: int | None, adapter: str | None = None) -> Iterator[str]:
-        self._acquire(stream)
         stats, cancel = stream.stats, stream.cancelled
         try:
+            self._acquire(stream)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self.last_stats = stats
             if max_new_tokens == 0:
                 stats.finish_reason = "length"
@@ -1110,7 +1140,7 @@ class LLM:
         returns; closing twice is a no-op."""
         if self.scheduler is not None:
             self.scheduler.close()
-        with self._turn:
+        with self._lock:
             if self.engine is None:
                 return
             self._closing = True
@@ -1121,7 +1151,7 @@ class LLM:
                 self._turn.wait(0.05)  # the holder ends its step, then releases or waits for its consumer
             if self._holder is not None:
                 self._preempted.add(id(self._holder))
-            self._holder = self._holder_thread = self._idle_since = None
+            self._holder = self._holder_thread = self._idle_since = self._holder_frame = None
             self.engine = None
             self.model.close()
             self._turn.notify_all()

@@ -259,8 +259,8 @@ class Scheduler:
             return
         self._let_others_in()
         llm = self.llm
-        kept = llm._acquire(self)
         try:
+            kept = llm._acquire(self)  # (inside: an exception right after the turn was taken kept it for ever)
             llm._cached, llm._primed = [], None  # the single-stream path must not reuse slot 0
             written, llm._written = llm._written, set()
             if not kept:
@@ -355,7 +355,7 @@ class Scheduler:
     def _let_others_in(self) -> None:
         """Another caller waits for the engine (embeddings, logits): let it have one turn first."""
         turn = self.llm._turn
-        with turn:
+        with self.llm._lock:  # (see LLM._lock)
             if self.llm._waiting:
                 served = self.llm._served
                 turn.wait_for(lambda: self.llm._served != served or not self.llm._waiting or self.llm.engine is None,

@@ -1214,6 +1214,45 @@ def test_an_llm_used_in_a_forked_child_works_or_refuses_and_exits(tiny_llama_f32
     assert f"{case} child: " in out.stdout and child in out.stdout.split("child: ")[1].split("\n")[0], out.stdout
     assert f"{case} status: 0" in out.stdout, out.stdout
 
+
+def test_a_ctrl_c_between_taking_and_giving_back_the_engine_does_not_hold_it(tiny_llama_f32):
+    """A KeyboardInterrupt (Ctrl-C, or an exception from any signal handler) landing just after a call
+    took its turn at the engine (before its try block) or in the finally that gives it back left the
+    engine held by a call that had ended: every later call waited for ever (1 in ~150 Ctrl-Cs in a loop
+    of logits()). The turn is now taken inside the try, and a holder whose call is no longer on its
+    thread's stack is taken over by the next call, from that thread at once or from another after
+    PREEMPT_AFTER."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    expected = llm.logits([3, 4])
+    acquire, release = llm._acquire, llm._release
+
+    def interrupted_after_taking(owner):
+        acquire(owner)
+        raise KeyboardInterrupt
+
+    def interrupted_before_giving_back(owner):
+        raise KeyboardInterrupt
+
+    calls = {"logits": lambda: llm.logits([3, 4]), "embed": lambda: llm.embed("x"),
+             "logits_many": lambda: llm.logits_many([[3, 4]]), "generate": lambda: llm.generate("Paris", max_new_tokens=2),
+             "a list": lambda: llm.generate(["Paris", "Rome"], max_new_tokens=2)}
+    for name, call in calls.items():
+        for where, patch in (("_acquire", interrupted_after_taking), ("_release", interrupted_before_giving_back)):
+            setattr(llm, where, patch)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    call()
+            finally:
+                delattr(llm, where)
+            results = []
+            other = threading.Thread(target=lambda: results.append(llm.logits([3, 4])), daemon=True)
+            other.start()
+            other.join(10)
+            assert not other.is_alive(), f"{name}, interrupted in {where}: the next call waited for ever"
+            assert np.array_equal(results[0], expected) and np.array_equal(llm.logits([3, 4]), expected)
+    assert (acquire, release) == (llm._acquire, llm._release)
+    llm.close()
+
 def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
     """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
     scheduled stream's): one that appended to it (or cleared it) moved every later token's position
