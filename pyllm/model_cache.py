@@ -159,7 +159,27 @@ def stale_temporaries(directory: str | None = None) -> list[str]:
                 stale.append(full)
         elif (m := _PARTIAL.match(name)) and os.path.isfile(full) and not _process_lives(int(m.group(1))):
             stale.append(full)
+        elif (name.endswith(LOCK_SUFFIX) and os.path.isfile(full)
+              and not os.path.exists(full[:-len(LOCK_SUFFIX)] + MODEL_SUFFIX) and _lock_is_free(full)):
+            stale.append(full)  # an entry's lock left by a conversion that failed or was killed
     return stale
+
+
+def _lock_is_free(path: str) -> bool:
+    """Whether no process holds the flock of the file path (it can be taken, and is let go at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def partial_dir(target: str) -> str:

@@ -431,3 +431,21 @@ def test_processes_converting_one_model_together_convert_it_once(hf_dir, cache):
     assert model_cache.damage_of(entry.path) is None
     model_cache.remove_entries([entry])
     assert sorted(os.listdir(cache)) == []  # the lock file went with the entry
+
+
+def test_the_lock_of_a_failed_conversion_is_removed_as_its_other_leftovers(hf_dir, tmp_path, cache, capsys):
+    """A conversion that failed (or was killed) left its entry's lock file in the cache for ever: no
+    entry to `pyllm rm`, not shown by `pyllm list`. It now counts among the leftovers of interrupted
+    conversions (once no process holds it): listed, and removed by the next conversion or `pyllm rm`."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(Exception):
+        model_cache.resolve_model(str(broken))
+    (lock,) = cache.glob("*" + model_cache.LOCK_SUFFIX)
+    assert model_cache.stale_temporaries() == [str(lock)]
+    assert "left by 1 interrupted download(s) or conversion(s)" in run(capsys, "list")[1]
+    model_cache.resolve_model(hf_dir)
+    assert not lock.exists() and f"removed {lock}" in capsys.readouterr().err
+    assert [p.suffix for p in sorted(cache.iterdir())] == [".json", ".lock", ".pllm"]  # the new entry's own
+    assert model_cache.stale_temporaries() == []
