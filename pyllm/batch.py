@@ -69,7 +69,9 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     try:
         yield from _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
                           cancelled, lost, seqs)
-    except GeneratorExit:  # closed by the consumer: the prompts still running did not end by length
+    # closed by the consumer, or an error (close() while the consumer was away): the prompts still
+    # running did not end by length
+    except BaseException:
         for s in seqs:
             if not s.done:
                 s.stats.finish_reason, s.done = "cancelled", True

@@ -8,6 +8,7 @@ import difflib
 import functools
 import inspect
 import os
+import sys
 import threading
 import time
 import weakref
@@ -42,7 +43,7 @@ def kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int = 1) -> int:
     type kv_cache (a KV_CACHE_BYTES_PER_VALUE key; ValueError otherwise). config: a ModelConfig.
     The values themselves, without the CPU engine's padding: engine_kv_cache_bytes is what an engine
     allocates."""
-    if kv_cache not in KV_CACHE_BYTES_PER_VALUE:
+    if not isinstance(kv_cache, str) or kv_cache not in KV_CACHE_BYTES_PER_VALUE:  # (a list: unhashable)
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_BYTES_PER_VALUE)}, not {kv_cache!r}")
     values = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * n_ctx * n_seq
     return round(values * KV_CACHE_BYTES_PER_VALUE[kv_cache])
@@ -98,9 +99,27 @@ def _close_at_exit() -> None:
             pass
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: every open LLM forgets the turns of the others
+    (a call running in another thread when the process forked held the engine for ever in the child, whose
+    next call waited for it) and its scheduler, whose thread is not there either, and keeps its engine
+    (see LLM._forget_other_threads)."""
+    me = threading.get_ident()
+    for llm in list(_OPEN):
+        if getattr(llm, "_turn", None) is not None:  # (one still in __init__ has no turns yet)
+            llm._forget_other_threads(me)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
 # for the engine, gives the engine up; resumed, it re-reads its context into the KV cache.
 PREEMPT_AFTER = 0.25  # seconds
+REENTRANT_CALL = ("this LLM was called from inside one of its own running calls (a logits processor calling "
+                  "generate, chat, embed or logits?): it would wait for itself; call it from another thread, or "
+                  "after that call returns")
 DEVICES = ("cpu", "cuda")
 
 
@@ -368,6 +387,7 @@ class LLM:
         self.path = resolve_model(path)
         self.model = PackedModel(self.path)
         self.engine = None
+        self._forked_mid_step = False  # a forked child's copy of an engine that another thread was running
         self._closing = False  # close() began: no call takes a turn; embed() and logits_many() stop between items
         try:
             self._load(backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
@@ -383,9 +403,13 @@ class LLM:
         self.n_threads = self.engine.n_threads
         # Who uses the engine: the holder (a TextStream or a _Call), its thread, and since when a
         # holding stream has been waiting for its consumer (None while it computes).
-        self._turn = threading.Condition()
+        # `with self._lock`, not `with self._turn`: Condition.__enter__ is Python code, and a Ctrl-C landing in
+        # it after the lock was taken left it taken for ever (every other thread's next call waited)
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
         self._holder = None
         self._holder_thread: int | None = None
+        self._holder_frame = None  # the frame of the holder's call (the method that took the turn)
         self._idle_since: float | None = None
         self._preempted: set[int] = set()  # id() of streams that lost the engine while idle
         self._cached: list[int] = []  # tokens whose keys/values the engine's cache holds, from position 0
@@ -479,6 +503,9 @@ class LLM:
         engine = self.engine
         if engine is None or self._closing:
             raise RuntimeError("this LLM is closed")
+        if self._forked_mid_step:
+            raise RuntimeError("this LLM was running a call in another thread when the process forked: its engine "
+                               "cannot be used in the child (open the model again there, or fork between calls)")
         return engine
 
     # -- tokens --------------------------------------------------------------
@@ -498,13 +525,15 @@ class LLM:
         (at once when it belongs to this thread, else after PREEMPT_AFTER seconds). Returns whether
         owner was the engine's last user (its KV-cache contents are as it left them)."""
         me = threading.get_ident()
-        with self._turn:
+        with self._lock:
             self._waiting += 1
             try:
                 self._wait_for_turn(me)
             finally:
                 self._waiting -= 1
             self._holder, self._holder_thread, self._idle_since = owner, me, None
+            frame = sys._getframe(1)  # the call that computes while it holds the turn (_holder_abandoned)
+            self._holder_frame = frame.f_back if frame.f_code is LLM._resume.__code__ else frame
             self._preempted.discard(id(owner))
             self._served += 1
             if owner is not self.scheduler:
@@ -515,36 +544,86 @@ class LLM:
 
     def _wait_for_turn(self, me: int) -> None:
         """Returns (self._turn held by the caller) once the engine is free or its holder may be preempted."""
+        timed_out = False
         while True:
             self._open_engine()
             if self._holder is None:
                 return
+            if self._idle_since is None and (self._holder_thread == me or timed_out) and self._holder_abandoned():
+                # its call ended without giving the turn back: a Ctrl-C (or another signal handler's
+                # exception) landed between taking and giving it, and every later call waited for ever
+                self._preempted.add(id(self._holder))
+                self._cached, self._primed, self._last_holder = [], None, None  # its last step may be cut short
+                return
+            if self._holder_thread == me and self._idle_since is None:
+                # the holder is computing in this very thread: this call comes from inside it (a logits
+                # processor calling the LLM) and would wait for itself for ever
+                raise RuntimeError(REENTRANT_CALL)
             if self._idle_since is not None:
                 idle = time.monotonic() - self._idle_since
                 if self._holder_thread == me or idle >= PREEMPT_AFTER:
                     self._preempted.add(id(self._holder))
                     return
-                self._turn.wait(PREEMPT_AFTER - idle)
+                timed_out = not self._turn.wait(PREEMPT_AFTER - idle)
             else:
-                self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+                timed_out = not self._turn.wait(PREEMPT_AFTER)  # the holder may go idle without telling
+
+    def _holder_abandoned(self) -> bool:
+        """Whether the computing holder's call is no longer running: its frame (the call that took the
+        turn) is not on its thread's stack, or that thread has ended."""
+        frame = self._holder_frame
+        if frame is None:
+            return False
+        top = sys._getframe() if self._holder_thread == threading.get_ident() else \
+            sys._current_frames().get(self._holder_thread)
+        while top is not None:
+            if top is frame:
+                return False
+            top = top.f_back
+        return True
+
+    def _forget_other_threads(self, me: int) -> None:
+        """In a forked child (_after_fork_in_child): a holder of another thread, which does not exist here,
+        gives the engine up (its step may have been half done: the KV cache is not trusted), the lock is
+        new (another thread may have held it at the fork), and an attached scheduler, whose thread
+        is gone, is detached (calls run one at a time, as without one)."""
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
+        self._waiting = 0
+        if self.engine is not None:
+            # never destroyed here: its destructor joins its worker threads (and the thread that populates
+            # its KV cache), which do not exist in the child, and close() (or the exit, or `del`) hung
+            # there for ever (n_threads > 1), segfaulted or aborted. The child's exit returns its memory.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self.engine))
+        if self._holder is not None and self._holder_thread != me:
+            # computing: the engine's worker threads may have been in the middle of its step, whose end
+            # the child's next step waited for for ever (one thread runs its steps alone: it only re-reads)
+            self._forked_mid_step = self._idle_since is None and self.n_threads > 1
+            self._preempted.add(id(self._holder))
+            self._holder = self._holder_thread = self._idle_since = self._holder_frame = None
+            self._cached, self._primed, self._last_holder, self._written = [], None, None, None
+        if self.scheduler is not None:
+            self.scheduler._closed = True
+            self.scheduler = None
+            self._cached, self._primed, self._last_holder = [], None, None
 
     def _release(self, owner) -> None:
-        with self._turn:
+        with self._lock:
             if self._holder is owner:
-                self._holder = self._holder_thread = self._idle_since = None
+                self._holder = self._holder_thread = self._idle_since = self._holder_frame = None
                 self._turn.notify_all()
             self._preempted.discard(id(owner))
 
     def _pause(self, owner) -> None:
         """owner hands a piece to its consumer: it keeps the engine unless someone takes it."""
-        with self._turn:
+        with self._lock:
             if self._holder is owner:
                 self._idle_since = time.monotonic()
 
     def _resume(self, owner) -> bool:
         """owner's consumer asks for more: True when it still holds the engine (its KV cache
         intact), False when it was preempted and now holds the engine again."""
-        with self._turn:
+        with self._lock:
             if self._holder is owner and id(owner) not in self._preempted:
                 self._idle_since, self._holder_thread = None, threading.get_ident()
                 return True
@@ -562,10 +641,12 @@ class LLM:
     def logits_many(self, sequences: list) -> list[np.ndarray]:
         """Logits f32 [len(ids), vocab] of each token-id list, each in a fresh context, n_parallel at a time
         in one engine step (perplexity's windows)."""
+        if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
+            raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
         checked = [self._check_ids(ids) for ids in sequences]
         call = _Call()
-        self._acquire(call)
-        try:
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
             self._cached, self._primed = [], None
             results = []
             for first in range(0, len(checked), self.n_parallel):
@@ -590,8 +671,8 @@ class LLM:
         checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in _embed_inputs(texts)]
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call(frozenset({0}))
-        self._acquire(call)
-        try:
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
             self._cached, self._primed = [], None
             since = time.monotonic()
             for i, ids in enumerate(checked):
@@ -617,8 +698,8 @@ class LLM:
         """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
         arr = self._check_ids(ids)
         call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
-        self._acquire(call)
-        try:
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
             self._cached, self._primed = [], None
             out = self.engine.forward(arr, 0, True)
             self._cached = [int(i) for i in arr]
@@ -645,11 +726,12 @@ class LLM:
         A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
         engine step, each exactly as it would be alone (pyllm/batch.py): returns a list of texts, or with
         stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats. Such a
-        stream left unread while another call takes the engine (PREEMPT_AFTER) is not resumed, unlike a
-        single prompt's: it ends there, with finish_reason "cancelled" in last_batch_stats.
+        stream left unread while another call takes the engine (PREEMPT_AFTER) re-reads its running
+        prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
 
         Unset options come from the model's generation config (transformers' defaults for a model
-        that samples), else greedy and 256 new tokens. Generation ends at an end-of-generation token
+        that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
+        Generation ends at an end-of-generation token
         of the model (every one it declares), a token in stop_token_ids, a stop string (not included
         in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
         the end of the context, or cancel().
@@ -694,6 +776,8 @@ class LLM:
         if max_new_tokens is None:
             max_new_tokens = int(self.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         max_new_tokens = option("max_new_tokens", max_new_tokens, integer=True)
+        if max_new_tokens == -1:  # llama.cpp's and llama-cpp-python's "until the end", as the CLI and server take it
+            max_new_tokens = self.context_length
         if logprobs is not None:
             option("logprobs", logprobs, integer=True)
         if isinstance(stop, str):
@@ -736,7 +820,7 @@ class LLM:
         """A valid adapter name (None or "base": the plain model); ValueError listing the file's otherwise."""
         if name is None or name == "base":
             return None
-        if name not in self.adapters:
+        if not isinstance(name, str) or name not in self.adapters:  # (a list or dict: "unhashable type")
             known = ", ".join(self.adapters) or "none"
             hint = ""
             if isinstance(name, str) and os.path.isfile(os.path.join(name, "adapter_config.json")):
@@ -803,7 +887,7 @@ class LLM:
                 raise ValueError(f"a prompt has {len(p)} tokens; the context holds {self.context_length} "
                                  "(leave room for the reply)")
         if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
         made = iter(self.last_batch_stats)
         run = TextStream(GenerationStats())
@@ -818,10 +902,11 @@ class LLM:
         batch_stats = self.last_batch_stats  # (the attribute is the next list's once another list is given)
 
         def pieces():
-            self._acquire(run)
-            batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
-                              stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set, lost)
             try:
+                self._acquire(run)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+                batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
+                                  stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set,
+                                  lost)
                 for index, piece in batch:
                     self._pause(run)
                     try:
@@ -870,6 +955,11 @@ class LLM:
         special-token strings in content parsed as the tokens themselves. Without such strings in
         the content both give the tokens transformers' apply_chat_template gives. render_limits
         bounds the template's time and output (TemplateError past them)."""
+        if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+            # the template iterated whatever it was given: a string's characters, a dict's keys, in silence
+            got = next((t for t in tools if not isinstance(t, dict)), None) if isinstance(tools, (list, tuple)) else tools
+            raise TypeError("tools must be a list of tool dicts ({'type': 'function', 'function': {...}}); got "
+                            + ("a list holding " if got is not tools else "") + type(got).__name__)
         extra = {"tools": tools} if tools is not None else {}
         messages = normalize_messages(messages)
         if parse_special_in_content:
@@ -942,7 +1032,7 @@ class LLM:
             raise ValueError(f"the prompt has {len(prompt)} tokens" + (f" after {virtual} virtual ones" if virtual else "")
                              + f"; the context holds {self.context_length} (leave room for the reply)")
         if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
         sampler = Sampler(params, processors, prompt_length=len(prompt))
         stop_ids = stop_ids | set(self.tokenizer.eos_ids)
@@ -961,7 +1051,7 @@ class LLM:
             if cancel.is_set():
                 return None
             chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
-            logits = self.engine.forward(chunk, offset + start, False)
+            logits = self._open_engine().forward(chunk, offset + start, False)
             self._cached = ids[:start + len(chunk)]
         return logits
 
@@ -976,9 +1066,9 @@ class LLM:
 
     def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
              stream: TextStream, logprobs: int | None, adapter: str | None = None) -> Iterator[str]:
-        self._acquire(stream)
         stats, cancel = stream.stats, stream.cancelled
         try:
+            self._acquire(stream)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self.last_stats = stats
             if max_new_tokens == 0:
                 stats.finish_reason = "length"
@@ -1032,8 +1122,8 @@ class LLM:
                             stats.finish_reason = "cancelled"
                             break
                         self._cached = ids
-                if step + 1 < limit:
-                    logits = self.engine.forward(np.array([token], dtype=np.int32), offset + len(ids), False)
+                if step + 1 < limit:  # (a logits processor may have closed the LLM: RuntimeError, not AttributeError)
+                    logits = self._open_engine().forward(np.array([token], dtype=np.int32), offset + len(ids), False)
                     ids.append(token)  # self._cached is ids: the cache holds them all
             rest = text.finish(flush=stats.finish_reason != "cancelled")
             stream.tokens += text.take_tokens()
@@ -1043,6 +1133,11 @@ class LLM:
             if rest:  # paused like every piece: a consumer that keeps the stream after its last piece
                 self._pause(stream)  # (not asking for the end) must not hold the engine from other calls
                 yield rest
+        except BaseException:
+            # cut short by an error (close() while its consumer was away, a logits processor's exception):
+            # it said "length", as if it had run to its limit
+            stats.finish_reason = "cancelled"
+            raise
         finally:
             self._release(stream)
 
@@ -1054,7 +1149,7 @@ class LLM:
         returns; closing twice is a no-op."""
         if self.scheduler is not None:
             self.scheduler.close()
-        with self._turn:
+        with self._lock:
             if self.engine is None:
                 return
             self._closing = True
@@ -1065,7 +1160,7 @@ class LLM:
                 self._turn.wait(0.05)  # the holder ends its step, then releases or waits for its consumer
             if self._holder is not None:
                 self._preempted.add(id(self._holder))
-            self._holder = self._holder_thread = self._idle_since = None
+            self._holder = self._holder_thread = self._idle_since = self._holder_frame = None
             self.engine = None
             self.model.close()
             self._turn.notify_all()

@@ -10,7 +10,9 @@ file `<name>-<key>.pllm` has a sidecar `<name>-<key>.json` naming its source; th
 source's absolute path and the conversion settings, and the sidecar holds the source's fingerprint
 (size and modification time of its files), the converter version (with a hash of the converter's
 code: converter_revision) and the .pllm's own size: when one differs (the source changed, a pyllm
-whose converter changed, a file cut short or replaced), the entry is converted again in place. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+whose converter changed, a file cut short or replaced), the entry is converted again in place; while
+a process converts an entry it holds `<name>-<key>.lock`, and the others wait for it and reuse its
+file. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
 conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
 is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
@@ -186,7 +188,27 @@ def stale_temporaries(directory: str | None = None) -> list[str]:
                 stale.append(full)
         elif (m := _PARTIAL.match(name)) and os.path.isfile(full) and not _process_lives(int(m.group(1))):
             stale.append(full)
+        elif (name.endswith(LOCK_SUFFIX) and os.path.isfile(full)
+              and not os.path.exists(full[:-len(LOCK_SUFFIX)] + MODEL_SUFFIX) and _lock_is_free(full)):
+            stale.append(full)  # an entry's lock left by a conversion that failed or was killed
     return stale
+
+
+def _lock_is_free(path: str) -> bool:
+    """Whether no process holds the flock of the file path (it can be taken, and is let go at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def partial_dir(target: str) -> str:
@@ -396,14 +418,61 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
     settings = conversion_settings(kind, quant)
     target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
     fingerprint = source_fingerprint(source)
+    if _reusable(target, source, settings, fingerprint, log):
+        return target
+    # one conversion of an entry at a time: processes started together (`pyllm serve` workers, a job
+    # array) each converted the same model, N times the memory and the time; the others wait, then reuse it
+    with entry_lock(target, source, log) as waited:
+        if waited and _reusable(target, source, settings, fingerprint, log):
+            return target
+        _convert_into(target, source, kind, settings, fingerprint, quant, log)
+    return target
+
+
+def _reusable(target: str, source: str, settings: dict, fingerprint: dict, log) -> bool:
+    """Whether the cache entry target holds source's conversion with settings, undamaged (said on log)."""
     info = read_sidecar(target)
     if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint
             and info.get("converter") == CONVERTER_VERSION):
         damage = damage_of(target, info)
         if damage is None:
             print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
-            return target
+            return True
         print(f"pyllm: the cached {target} is damaged ({damage})", file=log)
+    return False
+
+
+LOCK_SUFFIX = ".lock"  # beside an entry: held (flock) while it is converted
+
+
+@contextlib.contextmanager
+def entry_lock(target: str, source: str, log) -> Iterator[bool]:
+    """Holds the lock of cache entry target (a .pllm path; source: what it is made from, for the
+    message): a LOCK_SUFFIX file beside it, kept (removing a lock file others may be waiting on would
+    let two in). Yields whether another process held it first."""
+    import fcntl
+
+    path = target[:-len(MODEL_SUFFIX)] + LOCK_SUFFIX
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666 & ~_umask())
+    except OSError as e:
+        raise unwritable(os.path.dirname(path), e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            print(f"pyllm: another process is converting {source} into {target}: waiting for it", file=log)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(fd)  # (the lock with it)
+
+
+def _convert_into(target: str, source: str, kind: str, settings: dict, fingerprint: dict, quant: str | None,
+                  log) -> None:
+    """Converts source into the cache entry target (its lock held) and writes its sidecar."""
     from .convert import convert_checkpoint
 
     remove_stale_temporaries(log)
@@ -414,7 +483,6 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
     print(report.summary(), file=log)
     write_sidecar(target, {"source": source, "kind": kind, "settings": settings, "fingerprint": fingerprint,
                            "converter": CONVERTER_VERSION, "converted": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return target
 
 
 def list_entries() -> list[CacheEntry]:
@@ -492,9 +560,9 @@ def remove_entries(entries: list[CacheEntry]) -> list[str]:
         if e.path in removed:  # named twice
             continue
         os.unlink(e.path)
-        sidecar = e.path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX
-        if os.path.exists(sidecar):
-            os.unlink(sidecar)
+        for suffix in (SIDECAR_SUFFIX, LOCK_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path[:-len(MODEL_SUFFIX)] + suffix)
         removed.append(e.path)
     return removed
 

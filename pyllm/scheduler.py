@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
-from .llm import PREEMPT_AFTER, GenerationStats, StopText, TextStream, _token_logprob
+from .llm import PREEMPT_AFTER, REENTRANT_CALL, GenerationStats, StopText, TextStream, _token_logprob
 from .tokenizer import StreamDecoder
 
 PIECES_AHEAD = 16  # unread pieces after which a sequence pauses
@@ -101,6 +101,8 @@ class _Sequence(TextStream):
         self._pieces = self._consume()
 
     def _consume(self):
+        if threading.current_thread() is self.scheduler._thread:  # from a logits processor the loop runs
+            raise RuntimeError(REENTRANT_CALL)  # (it would wait on its outbox for the loop that is waiting)
         self.submitted = time.perf_counter()
         self.scheduler.llm.last_stats = self.stats  # as LLM._run sets it when a call starts
         self.scheduler._submit(self)
@@ -257,8 +259,8 @@ class Scheduler:
             return
         self._let_others_in()
         llm = self.llm
-        kept = llm._acquire(self)
         try:
+            kept = llm._acquire(self)  # (inside: an exception right after the turn was taken kept it for ever)
             llm._cached, llm._primed = [], None  # the single-stream path must not reuse slot 0
             written, llm._written = llm._written, set()
             if not kept:
@@ -353,7 +355,7 @@ class Scheduler:
     def _let_others_in(self) -> None:
         """Another caller waits for the engine (embeddings, logits): let it have one turn first."""
         turn = self.llm._turn
-        with turn:
+        with self.llm._lock:  # (see LLM._lock)
             if self.llm._waiting:
                 served = self.llm._served
                 turn.wait_for(lambda: self.llm._served != served or not self.llm._waiting or self.llm.engine is None,
@@ -475,7 +477,8 @@ class Scheduler:
             if rest and reason != "cancelled":
                 seq.send("piece", rest)
             seq.send("end")
-        else:
+        else:  # cut short: its stats must not keep the "" of a stream that never ended
+            stats.finish_reason = "cancelled"
             seq.send("error", error)
         self.recent_finished.append(stats)
         slot = seq.slot

@@ -218,6 +218,26 @@ def test_numeric_options_of_the_wrong_kind_are_value_errors_naming_them(llm):
         llm.generate("hi", max_new_tokens=2, temperature=0.5, top_k=5, seed=3)
 
 
+
+def test_options_of_another_kind_are_errors_naming_them(llm, tiny_llama_f32):
+    """Options checked by looking them up in a dict failed on an unhashable value with Python's own
+    "unhashable type: 'list'" (LLM(kv_cache=[...]), LLM(adapter=[...]), generate(adapter={})),
+    logits_many(None) with "'NoneType' object is not iterable", and chat(tools=...) took a string or
+    a dict, which the template iterated in silence (its characters, its keys). Each is now an error
+    naming the option."""
+    for call, error, name in [
+            (lambda: pyllm.LLM(tiny_llama_f32, kv_cache=["f16"]), ValueError, "kv_cache"),
+            (lambda: pyllm.LLM(tiny_llama_f32, adapter=["x"]), ValueError, "adapter"),
+            (lambda: llm.generate("hi", adapter={}), ValueError, "adapter"),
+            (lambda: llm.logits_many(None), TypeError, "sequences"),
+            (lambda: llm.logits_many(3), TypeError, "sequences"),
+            (lambda: llm.chat([{"role": "user", "content": "hi"}], tools="search"), TypeError, "tools"),
+            (lambda: llm.chat([{"role": "user", "content": "hi"}], tools={"type": "function"}), TypeError, "tools"),
+            (lambda: llm.chat_prompt_ids([{"role": "user", "content": "hi"}], tools=[print]), TypeError, "tools")]:
+        with pytest.raises(error, match=name):
+            call()
+    assert len(llm.logits_many(np.array([[3, 4], [5, 6]]))) == 2  # a 2-D array's rows, as before
+
 def test_none_is_every_sampling_option_s_default(llm):
     """presence_penalty=None and frequency_penalty=None were ValueErrors ("must be a number; got None")
     where every other option's None is its default: a caller forwarding OpenAI's fields unset failed."""
@@ -1119,6 +1139,185 @@ def test_a_stream_closed_before_its_end_says_cancelled(llm):
     assert [s.finish_reason for s in llm.last_batch_stats] == ["length"] * 2
 
 
+
+def test_a_call_from_inside_a_logits_processor_is_refused_not_a_hang(tiny_llama_f32):
+    """A logits processor that called its own LLM (generate, embed, logits, a list of prompts) waited
+    for the engine its own call held, in the same thread: the process hung for ever. With a Scheduler
+    attached, a single prompt's call from a processor (run on the scheduler's thread) waited on its
+    queue for that very thread. Now such a call raises RuntimeError saying so; the outer call ends
+    with it, and the LLM stays usable."""
+    from pyllm.scheduler import Scheduler
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2)
+    expected = llm.generate("Paris", max_new_tokens=4)
+    inner_calls = {"generate": lambda: llm.generate("x", max_new_tokens=2), "embed": lambda: llm.embed("x"),
+                   "logits": lambda: llm.logits([3, 4]), "a list": lambda: llm.generate(["x", "y"], max_new_tokens=2)}
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            # scheduled, the engine is free while the loop samples: only a single prompt's stream waits for it
+            for name, inner in (list(inner_calls.items()) if not scheduled else [("generate", inner_calls["generate"])]):
+                outcome = {}
+
+                def processor(ids, scores, inner=inner):
+                    inner()
+                    return scores
+
+                def call():
+                    try:
+                        outcome["text"] = llm.generate("Paris", max_new_tokens=4, logits_processors=[processor])
+                    except RuntimeError as e:
+                        outcome["error"] = e
+                thread = threading.Thread(target=call, daemon=True)
+                thread.start()
+                thread.join(10)
+                assert not thread.is_alive(), f"a processor calling {name} (scheduled: {scheduled}) hung"
+                assert "from inside one of its own running calls" in str(outcome.get("error")), name
+                assert llm.last_stats.finish_reason == "cancelled" or scheduled
+                assert llm.generate("Paris", max_new_tokens=4) == expected
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    llm.close()
+
+
+def test_a_stream_cut_short_by_an_error_says_cancelled(tiny_llama_f32):
+    """A stream read again after close() raised RuntimeError but kept finish_reason "length" (and
+    hit_token_limit), as if it had run to its limit; a logits processor that closed the LLM while a
+    piece was held back (a stop string's possible start) made the next step fail with AttributeError
+    ('NoneType' object has no attribute 'forward'); a scheduled stream ended by its processor's
+    exception kept finish_reason "". Each now says "cancelled" (the error itself raised as before)."""
+    from pyllm.scheduler import Scheduler
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    stream = llm.generate("Paris", max_new_tokens=30, stream=True, logit_bias=ban)
+    next(stream)
+    llm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(stream)
+    assert stream.stats.finish_reason == "cancelled" and not stream.stats.hit_token_limit
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    force = scripted_reply(llm.tokenize(" of France and", add_special_tokens=False))
+
+    def closing(ids, scores):
+        llm.close()
+        return force(ids, scores)
+    stream = llm.generate("Paris", max_new_tokens=5, stream=True, stop=[" of France or"], stop_token_ids=[],
+                          logits_processors=[closing])
+    with pytest.raises(RuntimeError, match="closed"):
+        list(stream)
+    assert stream.stats.finish_reason == "cancelled"
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+
+    def failing(ids, scores):
+        raise ValueError("mine")
+    for scheduled in (False, True):
+        scheduler = Scheduler(llm, 16) if scheduled else None
+        try:
+            stream = llm.generate("Paris", max_new_tokens=5, stream=True, logits_processors=[failing])
+            with pytest.raises(ValueError, match="mine"):
+                list(stream)
+            assert stream.stats.finish_reason == "cancelled", scheduled
+        finally:
+            if scheduler is not None:
+                scheduler.close()
+    llm.close()
+
+
+FORK_CHILD = """
+import os, signal, sys, threading
+import pyllm
+from pyllm.scheduler import Scheduler
+
+path, case = sys.argv[1], sys.argv[2]
+llm = pyllm.LLM(path, n_threads=2 if case in ("idle", "busy, 2 threads") else 1, n_parallel=2)
+expected = llm.generate("Paris", max_new_tokens=4)
+if case == "scheduled":
+    Scheduler(llm, 16)
+inside, release = threading.Event(), threading.Event()
+if case.startswith("busy"):
+    def holding(ids, scores):  # a call of another thread that holds the engine, computing, at the fork
+        inside.set()
+        release.wait()
+        return scores
+    threading.Thread(target=lambda: llm.generate("Rome", max_new_tokens=2, logits_processors=[holding]),
+                     daemon=True).start()
+    inside.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang ends the child (SIGALRM) rather than the test
+    try:
+        print(case, "child:", llm.generate("Paris", max_new_tokens=4) == expected, flush=True)
+    except RuntimeError as e:
+        print(case, "child:", e, flush=True)
+    for _ in range(4):  # threads of the child's own: they take the places of the parent's threads (their stacks)
+        threading.Thread(target=release.wait, daemon=True).start()
+    llm.close()
+    sys.exit(0)  # a normal exit: the atexit handler closes what is open
+_, status = os.waitpid(pid, 0)
+release.set()
+print(case, "status:", status, flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["idle", "busy", "busy, 2 threads", "scheduled"])
+def test_an_llm_used_in_a_forked_child_works_or_refuses_and_exits(tiny_llama_f32, case):
+    """os.fork() after the load: the child's close() (or its exit, or `del`) destroyed the engine, whose
+    destructor joined worker threads that do not exist in a child (where the child's own threads had
+    taken their places, it hung for ever with n_threads=2, segfaulted or aborted). A call of another thread that held the engine at the fork held it for
+    ever in the child, whose next call waited for it; with a Scheduler attached, the child's calls
+    waited for the scheduler's thread, which is not forked. Now the child's calls run (one at a time);
+    with n_threads > 1 an engine forked in the middle of another thread's step (its workers' job half
+    done) refuses with RuntimeError instead of waiting for that job; the child exits cleanly."""
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD, tiny_llama_f32, case], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    child = "forked" if case == "busy, 2 threads" else "True"
+    assert f"{case} child: " in out.stdout and child in out.stdout.split("child: ")[1].split("\n")[0], out.stdout
+    assert f"{case} status: 0" in out.stdout, out.stdout
+
+
+def test_a_ctrl_c_between_taking_and_giving_back_the_engine_does_not_hold_it(tiny_llama_f32):
+    """A KeyboardInterrupt (Ctrl-C, or an exception from any signal handler) landing just after a call
+    took its turn at the engine (before its try block) or in the finally that gives it back left the
+    engine held by a call that had ended: every later call waited for ever (1 in ~150 Ctrl-Cs in a loop
+    of logits()). The turn is now taken inside the try, and a holder whose call is no longer on its
+    thread's stack is taken over by the next call, from that thread at once or from another after
+    PREEMPT_AFTER."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    expected = llm.logits([3, 4])
+    acquire, release = llm._acquire, llm._release
+
+    def interrupted_after_taking(owner):
+        acquire(owner)
+        raise KeyboardInterrupt
+
+    def interrupted_before_giving_back(owner):
+        raise KeyboardInterrupt
+
+    calls = {"logits": lambda: llm.logits([3, 4]), "embed": lambda: llm.embed("x"),
+             "logits_many": lambda: llm.logits_many([[3, 4]]), "generate": lambda: llm.generate("Paris", max_new_tokens=2),
+             "a list": lambda: llm.generate(["Paris", "Rome"], max_new_tokens=2)}
+    for name, call in calls.items():
+        for where, patch in (("_acquire", interrupted_after_taking), ("_release", interrupted_before_giving_back)):
+            setattr(llm, where, patch)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    call()
+            finally:
+                delattr(llm, where)
+            results = []
+            other = threading.Thread(target=lambda: results.append(llm.logits([3, 4])), daemon=True)
+            other.start()
+            other.join(10)
+            assert not other.is_alive(), f"{name}, interrupted in {where}: the next call waited for ever"
+            assert np.array_equal(results[0], expected) and np.array_equal(llm.logits([3, 4]), expected)
+    assert (acquire, release) == (llm._acquire, llm._release)
+    llm.close()
+
 def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
     """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
     scheduled stream's): one that appended to it (or cleared it) moved every later token's position
@@ -1163,6 +1362,24 @@ def test_top_k_minus_one_is_off_everywhere(llm, tiny_llama_f32, capsys):
                      "--temperature", "1.3", "--seed", "11"]) == 0
     capsys.readouterr()
 
+
+
+def test_max_new_tokens_minus_one_runs_until_the_context_is_full_everywhere(tiny_llama_f32):
+    """`pyllm run -n -1` and the server took -1 as "until the context is full" (llama.cpp's -n -1, and
+    llama-cpp-python's max_tokens, whose name generate() takes) while generate(max_tokens=-1), chat()
+    and a list of prompts refused it ("max_new_tokens must be >= 0"). They take it now; -2 stays refused."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=40)
+    llm.tokenizer.eos_ids = []  # replies run to their limit
+    prompt = llm.tokenize("Paris is")
+    whole = llm.generate(prompt, max_new_tokens=40 - len(prompt))
+    assert llm.generate(prompt, max_tokens=-1) == whole and llm.last_stats.finish_reason == "length"
+    assert llm.last_stats.generated_tokens == 40 - len(prompt)
+    assert llm.generate([prompt, prompt], max_new_tokens=-1) == [whole, whole]
+    assert isinstance(llm.chat([{"role": "user", "content": "Hi"}], max_tokens=-1), str)
+    for call in (lambda: llm.generate(prompt, max_new_tokens=-2), lambda: llm.generate([prompt], max_new_tokens=-2)):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0, or -1"):
+            call()
+    llm.close()
 
 def test_logit_bias_past_the_vocabulary_is_refused_before_generating(llm):
     with pytest.raises(ValueError, match="vocabulary"):

@@ -445,3 +445,55 @@ def test_a_relative_xdg_cache_home_is_ignored_as_the_spec_says(tmp_path, monkeyp
         assert cache_dir() == home
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == str(tmp_path / "xdg" / "pyllm")
+
+
+CONVERT_SLOWLY = """
+import sys, time
+import pyllm.convert
+from pyllm.model_cache import resolve_model
+
+convert = pyllm.convert.convert_checkpoint
+pyllm.convert.convert_checkpoint = lambda *a, **k: (time.sleep(2), convert(*a, **k))[1]  # time to overlap
+print(resolve_model(sys.argv[1]))
+"""
+
+
+def test_processes_converting_one_model_together_convert_it_once(hf_dir, cache):
+    """Processes started together on one model directory (or GGUF file) not yet in the cache (`pyllm
+    serve` workers, a job array) each converted it: N times the time and the memory of a conversion
+    (for a 7B model, N x its f32 tensors at once). Now one converts; the others wait for its lock,
+    say so, and reuse its file."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_SLOWLY, hf_dir], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1  # the same entry for all
+    errs = [err for _, err in outs]
+    assert sum("converting the" in err for err in errs) == 1, errs
+    assert sum("waiting for it" in err and "pyllm: using" in err for err in errs) >= 1, errs
+    entry, = model_cache.list_entries()
+    assert model_cache.damage_of(entry.path) is None
+    model_cache.remove_entries([entry])
+    assert sorted(os.listdir(cache)) == []  # the lock file went with the entry
+
+
+def test_the_lock_of_a_failed_conversion_is_removed_as_its_other_leftovers(hf_dir, tmp_path, cache, capsys):
+    """A conversion that failed (or was killed) left its entry's lock file in the cache for ever: no
+    entry to `pyllm rm`, not shown by `pyllm list`. It now counts among the leftovers of interrupted
+    conversions (once no process holds it): listed, and removed by the next conversion or `pyllm rm`."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(Exception):
+        model_cache.resolve_model(str(broken))
+    (lock,) = cache.glob("*" + model_cache.LOCK_SUFFIX)
+    assert model_cache.stale_temporaries() == [str(lock)]
+    assert "left by 1 interrupted download(s) or conversion(s)" in run(capsys, "list")[1]
+    model_cache.resolve_model(hf_dir)
+    assert not lock.exists() and f"removed {lock}" in capsys.readouterr().err
+    assert [p.suffix for p in sorted(cache.iterdir())] == [".json", ".lock", ".pllm"]  # the new entry's own
+    assert model_cache.stale_temporaries() == []
