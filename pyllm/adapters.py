@@ -21,7 +21,6 @@ The file's metadata `pyllm.adapters` (JSON) lists them: {name: {"type": "prompt"
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -75,16 +74,14 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     layer count or kv-head count: trained on another model). A base model of another name is a warning
     on log (default stderr), as for LoRA adapters (pyllm/convert/adapter_base.py says why)."""
     from .convert.adapter_base import adapter_config_path, adapter_weights_path
+    from .convert.checkpoint import _read_json
 
     directory = os.fspath(directory)
     config_path = adapter_config_path(directory, "adapter")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise FormatError(f"{config_path}: not readable JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{config_path}: expected a JSON object")
+        cfg = _read_json(config_path)  # (bounded, as every checkpoint file: a FIFO or /dev/zero is refused)
+    except OSError as e:
+        raise FormatError(f"{config_path}: not readable ({e.strerror or e})") from None
     peft_type = cfg.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise FormatError(f"{directory}: peft_type {peft_type!r} is not a prompt-learning adapter "

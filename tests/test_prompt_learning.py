@@ -272,6 +272,37 @@ def test_empty_adapter_paths_and_a_config_that_is_a_directory_are_refused_clearl
         pyllm.adapters.read_peft_adapter("", None)
 
 
+def test_an_adapter_config_that_is_no_file_or_too_long_is_refused(two_adapters, tmp_path, monkeypatch, capsys):
+    """A prompt-learning adapter's adapter_config.json was read whole whatever its size (LoRA's went
+    through the checkpoint reader's bound already), and one leading to /dev/zero or a FIFO was said to
+    be missing ("has no adapter_config.json: is it a PEFT adapter directory?")."""
+    import shutil
+
+    from pyllm import cli
+    from pyllm.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_FILE_BYTES", 1 << 20)
+    adapter = tmp_path / "odd"
+    shutil.copytree(two_adapters["qa"], adapter)
+    config = adapter / "adapter_config.json"
+    out = str(tmp_path / "x.pllm")
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    for flag in ("--adapter", "--lora"):
+        capsys.readouterr()
+        assert cli.main(["convert", two_adapters["base"], "-o", out, flag, str(adapter)]) == 1
+        err = capsys.readouterr().err
+        assert f"{config} is not a regular file" in err and err.count("\n") == 1, err
+    config.unlink()
+    config.write_text("{" + " " * (2 << 20) + "}")
+    for flag in ("--adapter", "--lora"):
+        capsys.readouterr()
+        assert cli.main(["convert", two_adapters["base"], "-o", out, flag, str(adapter)]) == 1
+        err = capsys.readouterr().err
+        assert f"{config} holds more than 1048576 bytes" in err and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+
 def peft_greedy(base: str, adapter: str | None, ids: list[int], n: int, eos: int = 2) -> list[int]:
     """PEFT's greedy choices by its forward over the whole sequence, up to n or the EOS (as None)."""
     model = peft_model(base, adapter) if adapter else transformers.AutoModelForCausalLM.from_pretrained(

@@ -8,7 +8,6 @@ copy, a renamed directory), and the tensors' shapes, which are checked, tell a m
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -28,6 +27,8 @@ def adapter_config_path(directory: str, what: str) -> str:
     path = os.path.join(directory, "adapter_config.json")
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a directory, not the adapter's configuration file")
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO, a device: "has no adapter_config.json"
+        raise FileNotFoundError(f"{path} is not a regular file, not the adapter's configuration file")
     if not os.path.isfile(path):
         # PEFT's save_pretrained puts every adapter but "default" in a subdirectory named after it
         try:
@@ -65,10 +66,11 @@ def _name(value: str) -> str:
 def base_names(base_dir: str) -> set[str]:
     """The names the base answers to: its directory's name and its config's _name_or_path."""
     names = {_name(os.path.abspath(base_dir))}
+    from .checkpoint import _read_json
+
     try:
-        with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
-            declared = json.load(f).get("_name_or_path")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        declared = _read_json(os.path.join(base_dir, "config.json")).get("_name_or_path")
+    except (OSError, ValueError):  # (FormatError, bounded size, is a ValueError)
         declared = None
     if isinstance(declared, str) and declared.strip():
         names.add(_name(declared))
