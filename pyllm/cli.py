@@ -131,7 +131,13 @@ def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
     from .convert.strategy import options_from_flags
+    from .quant import check_group_size
 
+    if args.group_size is not None and (args.quant or "").startswith("int"):
+        try:  # the converter's message named no flag ("group size 7 is not supported")
+            check_group_size("int8", args.group_size)
+        except ValueError as e:
+            raise ValueError(f"--group-size {args.group_size}: {e}") from None
     options = options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive, args.bits, args.group_size,
                                  args.awq)
     report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,

@@ -641,6 +641,9 @@ def test_int4_without_a_group_size_chooses_per_matrix(tiny_llama, tmp_path):
     (["--quant", "f16", "--keep-sensitive", "2", "--rtn"], "--rtn, --keep-sensitive apply to --quant int8"),
     (["--quant", "bf16", "--calib", "text.txt"], "--calib applies to --quant int8 and int4 only"),
     (["--quant", "int8", "--bits", "5"], "--bits is the budget of --quant int4"),
+    # the converter's "group size 7 is not supported" named no flag
+    (["--quant", "int4", "--group-size", "7"], "--group-size 7: group size 7 is not supported: use a positive multiple"),
+    (["--quant", "int8", "--group-size", "0"], "--group-size 0: group size 0 is not supported"),
 ])
 def test_options_without_effect_are_refused(tiny_llama, tmp_path, capsys, flags, message):
     from pyllm import cli
