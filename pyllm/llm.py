@@ -508,6 +508,16 @@ class LLM:
                                "cannot be used in the child (open the model again there, or fork between calls)")
         return engine
 
+    def _running_engine(self):
+        """The engine for the next step of a call that holds it: RuntimeError only once it is gone (a
+        logits processor closed the LLM). A close() from another thread cancels the holder and waits for
+        its step; refusing the step once close() began (as _open_engine does for new calls) raised
+        "this LLM is closed" in the stream's reader instead of ending it as cancelled."""
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("this LLM is closed")
+        return engine
+
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of text (Tokenizer.encode): parse_special=False reads special-token strings
@@ -1051,7 +1061,7 @@ class LLM:
             if cancel.is_set():
                 return None
             chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
-            logits = self._open_engine().forward(chunk, offset + start, False)
+            logits = self._running_engine().forward(chunk, offset + start, False)
             self._cached = ids[:start + len(chunk)]
         return logits
 
@@ -1123,7 +1133,7 @@ class LLM:
                             break
                         self._cached = ids
                 if step + 1 < limit:  # (a logits processor may have closed the LLM: RuntimeError, not AttributeError)
-                    logits = self._open_engine().forward(np.array([token], dtype=np.int32), offset + len(ids), False)
+                    logits = self._running_engine().forward(np.array([token], dtype=np.int32), offset + len(ids), False)
                     ids.append(token)  # self._cached is ids: the cache holds them all
             rest = text.finish(flush=stats.finish_reason != "cancelled")
             stream.tokens += text.take_tokens()

@@ -378,6 +378,42 @@ def test_abandoned_stream_does_not_block_other_threads(llm, monkeypatch):
     del kept
 
 
+def test_a_stream_running_when_close_begins_ends_cancelled_not_with_an_error(tiny_llama_f32, monkeypatch):
+    """close() from another thread marks the LLM closing, cancels the running stream and waits for its
+    step; a stream whose next step came after the mark (here: its logits processor waits for it) raised
+    "this LLM is closed" in its reader (CI saw it once in test_close_returns_with_a_stream_kept_or_running)
+    instead of ending as cancelled."""
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1)
+    _no_eos(llm, monkeypatch)
+    inside = threading.Event()
+
+    def wait_for_close(ids, scores):
+        if not inside.is_set():
+            inside.set()
+            deadline = time.monotonic() + 10
+            while not llm._closing and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return scores
+
+    stream = llm.generate("Hello", max_new_tokens=64, stream=True, logits_processors=[wait_for_close])
+    errors, done = [], threading.Event()
+
+    def read():
+        try:
+            list(stream)
+        except BaseException as e:  # noqa: B036
+            errors.append(e)
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=llm.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive() and done.wait(10)
+    assert errors == [] and stream.stats.finish_reason == "cancelled"
+
+
 def test_close_returns_with_a_stream_kept_or_running(tiny_llama_f32, monkeypatch):
     llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=4096)
     _no_eos(llm, monkeypatch)
