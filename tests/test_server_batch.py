@@ -480,12 +480,28 @@ def test_a_slow_grammar_mask_holds_up_only_its_own_stream(f32_file, alone, monke
     assert plain == expected_plain and got == [expected_json]
 
 
+class _EngineLog:
+    """The engine of an LLM, recording in order which kind of call each forward_rows was: 'embed' (the
+    final hidden states) or 'step' (logits: the scheduler's streams)."""
+
+    def __init__(self, engine):
+        self._engine, self.calls = engine, []
+
+    def forward_rows(self, *args):
+        self.calls.append("embed" if len(args) > 4 and args[4] else "step")
+        return self._engine.forward_rows(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
 def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, alone):
     """An embeddings call of many inputs held the engine until its last input: every running stream
     stopped for its whole length (/v1/embeddings of 60,000 tokens froze SmolLM2's streams for 152 s).
     It gives the engine back for as long as it held it while streams wait; the streams go on during
     it, keep their slots' caches (it writes slot 0, which the scheduler gives out last) and every
-    answer is still the one given alone."""
+    answer is still the one given alone. Judged by the order of the engine's calls, not by the gaps
+    between pieces on the clock (a loaded machine stretched one to 1.5 s of a 4 s call)."""
     from pyllm.scheduler import Scheduler
 
     ban = {i: -100 for i in alone.tokenizer.eos_ids}
@@ -501,29 +517,30 @@ def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, al
                        for p in PROMPTS[:3]]
             texts = [next(s) for s in streams]  # all three running, their prompts read
             scheduler.recent_steps = collections.deque()  # every step from now on
-            arrivals = [[] for _ in streams]
+            log = llm.engine = _EngineLog(llm.engine)
 
             def read(k):
                 for piece in streams[k]:
                     texts[k] += piece
-                    arrivals[k].append(time.monotonic())
 
             readers = [threading.Thread(target=read, args=(k,), daemon=True) for k in range(3)]
             for r in readers:
                 r.start()
-            began = time.monotonic()
             vectors = llm.embed(inputs)
-            ended = time.monotonic()
             for r in readers:
                 r.join(timeout=120)
+            llm.engine = log._engine
             assert texts == expected
             assert np.allclose(vectors[:2], alone.embed(inputs[:2]), atol=1e-6)
             # the embeddings wrote slot 0 only, where no stream was: none re-read its tokens
             assert not [rows for step in scheduler.recent_steps for rows in step.rows if rows[2]]
-            for k, times in enumerate(arrivals):
-                during = [t for t in times if began <= t <= ended]
-                gaps = np.diff([began] + during + [min(ended, times[-1])])
-                assert gaps.max() < max(1.0, (ended - began) / 3), (k, gaps.max(), ended - began)
+            # the streams (900 tokens) ran to their end during the embeddings call (thousands of inputs),
+            # which gave them turns while they ran (how soon a turn comes depends on the streams' readers
+            # being scheduled: on a loaded machine the first came after two thirds of the inputs)
+            calls = "".join("e" if c == "embed" else "s" for c in log.calls)
+            assert calls.count("e") == len(inputs)
+            assert calls.index("e") < calls.rindex("s") < calls.rindex("e"), \
+                "the streams waited for the embeddings call to end"
         finally:
             scheduler.close()
 
