@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import math
+import socket
 import sys
 import threading
 import time
@@ -1185,29 +1186,104 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
     its high-water mark) for this long is aborted, its buffered bytes dropped. uvicorn waits for
     ever, and closing a transport waits for its buffer to drain: a non-streamed answer of megabytes
     (logprobs, embeddings, /detokenize) sent to a client that never reads held its connection and
-    its bytes for good, whatever Limits.send_timeout said."""
+    its bytes for good, whatever Limits.send_timeout said.
+
+    As HTTP servers do (nginx's lingering close), a connection closed after an answer given before
+    its request body was read (413, 401, 408 to a client that sent "Connection: close") ends its
+    sending side, then reads and drops the rest of the body until the client closes, for
+    header_timeout at most: uvicorn closed it with bytes unread, so the client's kernel got a reset
+    and the client an error in place of the answer. A client that shuts down its sending side once
+    its request is sent (half-closed) is answered, then the connection closed: uvicorn took it for a
+    client gone and cancelled the request. Such a client cannot be told from one that closed its
+    socket but by sending it something: it is sent an interim "100 Continue" (HTTP/1.1 clients skip
+    it), which a client gone answers with a reset, and that ends its request as a disconnect. A
+    request the HTTP parser refuses gets OpenAI's error object saying why (uvicorn's answer was
+    plain text, "Invalid HTTP request received.")."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         _due = None
         _stalled = None
+        _lingering = None  # the timer that ends a lingering close
+        _half_closed = None  # the timer of the next look for a reset on a half-closed connection
+        _refused = None  # the HTTP parser's error
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self))
+            next_event = self.conn.next_event
+
+            def parse():  # keeps the parser's error for send_400_response (uvicorn drops it)
+                try:
+                    return next_event()
+                except h11.RemoteProtocolError as e:
+                    self._refused = e
+                    raise
+            self.conn.next_event = parse
             self._arm()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm()
+            if self._half_closed is not None and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()  # the client sends nothing more (a pipelined request it sent is answered)
 
         def connection_lost(self, exc) -> None:
-            if self._due is not None:
-                self._due.cancel()
-            if self._stalled is not None:
-                self._stalled.cancel()
-                self._stalled = None
+            for timer in (self._due, self._stalled, self._lingering, self._half_closed):
+                if timer is not None:
+                    timer.cancel()
+            self._stalled = None
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            error = self._refused
+            status = getattr(error, "error_status_hint", 400)
+            body = json.dumps(_error_body(f"invalid HTTP request: {error or msg}", status)).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers, reason=b""), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.linger()  # the rest of what it sent may be on its way: a reset would lose the answer
+
+        def data_received(self, data: bytes) -> None:
+            if self._lingering is None:
+                super().data_received(data)  # else the rest of a body answered unread: dropped
+
+        def eof_received(self):
+            cycle = self.cycle
+            if (self._lingering is None and cycle is not None and not cycle.response_complete
+                    and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)):
+                # the whole request came, then the end of the client's input: answered, then closed
+                if cycle.scope["http_version"] == "1.1" and not cycle.response_started:
+                    self.transport.write(self.conn.send(h11.InformationalResponse(
+                        status_code=100, headers=[], reason=b"Continue")))
+                    cycle.waiting_for_100_continue = False
+                self._look_for_reset()
+                return True  # the sending side stays open
+            return super().eof_received()  # the transport closes
+
+        def _look_for_reset(self) -> None:
+            """Every HALF_CLOSED_POLL s while a half-closed client's request runs: a reset means it is gone."""
+            self._half_closed = None
+            if self.transport.is_closing():
+                return
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.transport.abort()  # the request sees a disconnect, as when the client closes
+                return
+            self._half_closed = self.loop.call_later(HALF_CLOSED_POLL, self._look_for_reset)
+
+        def linger(self) -> None:
+            """Closes the connection of an answer given before its request was read whole, without a
+            reset that would lose the answer: the sending side ends, and what comes is dropped until the
+            client closes (or header_timeout passes)."""
+            if self.cycle is not None:
+                self.cycle.body = bytearray()
+            inner = self.transport.inner
+            self._lingering = self.loop.call_later(header_timeout, inner.close)
+            inner.resume_reading()  # uvicorn stops reading once 64 KiB of body wait unread
+            if inner.can_write_eof():
+                inner.write_eof()
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -1244,9 +1320,32 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
                 # at once, with bytes unread, resets the connection: the client could lose the answer).
                 log.warning("a client still sent a request body %g s after its answer: connection closed",
                             header_timeout)
-                self.transport.close()
+                self.transport.inner.close()
 
     return Protocol
+
+
+HALF_CLOSED_POLL = 0.25  # seconds between looks for a reset on a half-closed client's connection
+
+
+class _LingeringTransport:
+    """A transport whose close(), while the client still sends a request body that was answered
+    unread, is the protocol's linger() (http_protocol); everything else is the transport's own."""
+
+    def __init__(self, inner, protocol):
+        self.inner, self._protocol = inner, protocol
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def close(self) -> None:
+        import h11
+
+        protocol = self._protocol
+        if protocol._lingering is None and not self.inner.is_closing() and protocol.conn.their_state is h11.SEND_BODY:
+            protocol.linger()
+        else:
+            self.inner.close()
 
 
 def listen(host: str, port: int) -> "socket.socket":

@@ -637,6 +637,119 @@ def test_bodies_still_arriving_after_their_answer_are_cut_off(llm):
     finally:
         server.stop()
 
+def _read_all(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    s.settimeout(60)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _final(answer: bytes) -> bytes:
+    """An answer without the interim ones (100 Continue) before it."""
+    while answer.startswith(b"HTTP/1.1 1"):
+        answer = answer.partition(b"\r\n\r\n")[2]
+    return answer
+
+
+def _json_of(answer: bytes) -> dict:
+    head, _, body = _final(answer).partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    return json.loads(body)
+
+
+def test_an_early_refusal_reaches_a_client_that_asked_to_close(llm):
+    """A request refused before its body was read (413 for a body past the limit, 401 without the API
+    key) from a client that sent "Connection: close" (urllib always does) and the whole body: the
+    server closed the connection with the body's bytes unread, so the client's kernel got a reset and
+    the client an error ('Connection reset by peer'), never the 413. The answer now goes out, the
+    server reads and drops what the client still sends, and closes once it is done (or the body
+    timeout passes)."""
+    server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096), api_key="k")
+    try:
+        big = json.dumps({"prompt": "x" * 8_000_000}).encode()
+        for headers, status in (({"Authorization": "Bearer k"}, 413), ({}, 401)):
+            request = urllib.request.Request(server.url + "/v1/completions", data=big, headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(request, timeout=60)
+            assert e.value.code == status and _is_openai_error(json.loads(e.value.read()))
+        # chunked, with no length declared: refused once past the limit
+        chunk = b"x" * 65536
+        s = _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 128 + b"0\r\n\r\n")
+        answer = _read_all(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 413") and _is_openai_error(_json_of(answer))
+        assert _get(server.url + "/health")["requests"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_client_that_half_closes_is_still_answered(live, llm):
+    """A client that shuts down its sending side once its request is sent (shutdown(SHUT_WR), as
+    `nc -N` and some proxies do) got no answer: the server took the end of its input for a client
+    gone and cancelled the request. It is answered, streamed or not; a client that closed its
+    socket altogether still cancels its generation."""
+    expected = llm.generate("Paris is", max_new_tokens=4)
+    for path, body in (("/v1/completions", {"prompt": "Paris is", "max_tokens": 4}),
+                       ("/v1/completions", {"prompt": "Paris is", "max_tokens": 4, "stream": True}),
+                       ("/v1/chat/completions", {"messages": _chat("hi"), "max_tokens": 4}),
+                       ("/v1/embeddings", {"input": "Paris"}),
+                       ("/tokenize", {"content": "Paris"})):
+        s = _raw(live.port, _post(path, json.dumps(body).encode(), "Connection: close\r\n"))
+        s.shutdown(socket.SHUT_WR)
+        answer = _final(_read_all(s))
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 200"), (path, body, answer[:300])
+        if path == "/v1/completions" and not body.get("stream"):
+            assert _json_of(answer)["choices"][0]["text"] == expected
+        if body.get("stream"):
+            assert answer.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), answer[-200:]  # (chunked)
+    # kept alive: answered, then closed (the client sends nothing more)
+    s = _raw(live.port, _post("/v1/completions", json.dumps({"prompt": "Paris is", "max_tokens": 4}).encode()))
+    s.shutdown(socket.SHUT_WR)
+    answer = _final(_read_all(s))
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 200") and _json_of(answer)["choices"][0]["text"] == expected
+
+
+def test_a_client_that_closes_during_a_plain_answer_cancels_it(live, llm, monkeypatch):
+    """(beside the half-closed client, which is answered) one that closed its socket while its
+    non-streamed answer was generated ends the generation, as one leaving a stream does."""
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
+    s = _raw(live.port, _post("/v1/completions", json.dumps({"prompt": "Once", "max_tokens": 10_000}).encode()))
+    deadline = time.time() + 10
+    while not _active(live) and time.time() < deadline:
+        time.sleep(0.02)
+    s.close()
+    deadline = time.time() + 30
+    while _active(live) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _active(live) == 0
+    assert llm.last_stats.finish_reason == "cancelled"
+
+
+def test_malformed_http_gets_an_openai_error(live):
+    """Requests that the HTTP parser itself refuses (a bad Content-Length, a header line that is no
+    header, headers past the parser's size) were answered in plain text ("Invalid HTTP request
+    received."); they get OpenAI's error object too, saying what was wrong."""
+    for request, status in ((b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+                            (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nno header here\r\n\r\n", 400),
+                            (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000, 431),
+                            (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                             b"Content-Length: 2\r\n\r\n", 400)):
+        s = _raw(live.port, request)
+        answer = _read_all(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+        error = _json_of(answer)["error"]
+        assert error["type"] == "invalid_request_error" and "HTTP" in error["message"], error
+
+
 def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
     try:
