@@ -118,9 +118,20 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)], None] = None
-    # an empty list is refused, as OpenAI does ("empty array", param messages[k].tool_calls): leave it out
+    # an empty list is refused, as OpenAI does ("empty array", param messages[k].content / .tool_calls)
+    content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_CONTENT_PARTS)],
+                   None] = None
     tool_calls: Annotated[list[dict[str, Any]], Field(min_length=1)] | None = None
+    name: StrictStr | None = None  # strings the template renders: another type was rendered as its text
+    tool_call_id: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        # OpenAI: "Missing required parameter: 'messages[k].content'"; an assistant message may hold tool
+        # calls in its place (and a "function" message is the deprecated form, refused by the template)
+        if self.content is None and self.role in ("system", "developer", "user", "tool"):
+            raise _FieldError("content", f"a {self.role} message needs a content")
+        return self
 
 
 def _logit_bias_key(key: str) -> int:
@@ -151,6 +162,12 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:  # as OpenAI refuses them
+            raise _FieldError("stream_options", "is only allowed when 'stream' is true")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -185,7 +202,7 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # an empty list is refused, as OpenAI does ("[] is too short - 'tools'"): leave tools out for none
@@ -203,6 +220,8 @@ class ChatCompletionRequest(_Sampling):
                                        f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
         if self.top_logprobs and not self.logprobs:
             raise _FieldError("top_logprobs", "needs logprobs: true")
+        if self.max_tokens == 0:  # a reply of nothing (OpenAI: "Expected a value >= 1"); -1 is llama.cpp's no limit
+            raise _FieldError("max_tokens", "must be at least 1 (or -1: until the context is full)")
         first: dict[str, int] = {}
         for k, tool in enumerate(self.tools or []):  # a call names its function: two of a name are ambiguous
             j = first.setdefault(tool.function.name, k)
@@ -288,6 +307,9 @@ class CompletionRequest(_Sampling):
     def _consistent(self):
         if self.suffix:
             raise _FieldError("suffix", "insertion (suffix) is not supported")
+        if self.max_tokens == 0 and not self.echo:  # with echo: the prompt scored, as OpenAI's legacy API did
+            raise _FieldError("max_tokens", "must be at least 1 (0 only with echo, to score the prompt; -1: until "
+                                            "the context is full)")
         if self.best_of is not None and self.best_of != self.n:
             raise _FieldError("best_of", "best_of other than n is not supported")
         if len(self.prompts) > MAX_PROMPTS:

@@ -482,6 +482,42 @@ def test_values_of_another_json_type_are_refused_not_coerced(live):
     assert status == 200, reply
 
 
+def test_fields_openai_refuses_are_refused(live):
+    """Requests OpenAI's API refuses were answered: stream_options without stream (OpenAI: "only
+    allowed when 'stream' is enabled"), an empty content array, a user message with no content, a
+    message name that is not a string (the template rendered 5), max_tokens or max_completion_tokens
+    0 (a reply of nothing; OpenAI: "Expected a value >= 1"; /v1/completions still takes 0 with echo,
+    to score a prompt). Each is a 400 naming the field, streamed or not."""
+    chat, completions = live.url + "/v1/chat/completions", live.url + "/v1/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [(chat, {"messages": hi, "stream_options": {"include_usage": True}}, "stream_options"),
+             (chat, {"messages": hi, "stream": False, "stream_options": {}}, "stream_options"),
+             (completions, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+             (chat, {"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+             (chat, {"messages": [*hi, {"role": "assistant", "content": []}]}, "messages[1].content"),
+             (chat, {"messages": [{"role": "user"}]}, "messages[0].content"),
+             (chat, {"messages": [{"role": "system", "content": None}, *hi]}, "messages[0].content"),
+             (chat, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name"),
+             (chat, {"messages": hi, "max_tokens": 0}, "max_tokens"),
+             (chat, {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens"),
+             (completions, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+             (chat, {"messages": hi, "stream": "no"}, "stream")]
+    for url, body, param in cases:
+        for stream in (False,) if param.startswith("stream") else (False, True):
+            body = {"max_tokens": 2, "stream": stream, **body}
+            status, reply = _request(url, json.dumps(body).encode())
+            assert status == 400 and reply["error"]["param"] == param, (body, reply)
+    # what OpenAI takes still passes: content null beside tool calls, max_tokens 0 echoing the prompt
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for url, body in ((chat, {"messages": [*hi, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
+                      (chat, {"messages": hi, "stream": True, "stream_options": {"include_usage": True}}),
+                      (completions, {"prompt": "hi", "max_tokens": 0, "echo": True})):
+        request = urllib.request.Request(url, data=json.dumps({"max_tokens": 2, **body}).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.status == 200
+
+
 def test_oversized_bodies_and_prompts_are_refused(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:
