@@ -1196,7 +1196,8 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
     its request is sent (half-closed) is answered, then the connection closed: uvicorn took it for a
     client gone and cancelled the request. Such a client cannot be told from one that closed its
     socket but by sending it something: it is sent an interim "100 Continue" (HTTP/1.1 clients skip
-    it), which a client gone answers with a reset, and that ends its request as a disconnect. A
+    it), or an event stream already started a comment line, which a client gone answers with a
+    reset, and that ends its request as a disconnect. A
     request the HTTP parser refuses gets OpenAI's error object saying why (uvicorn's answer was
     plain text, "Invalid HTTP request received.")."""
     import h11
@@ -1258,6 +1259,10 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
                     self.transport.write(self.conn.send(h11.InformationalResponse(
                         status_code=100, headers=[], reason=b"Continue")))
                     cycle.waiting_for_100_continue = False
+                elif cycle.response_started and self.transport.event_stream:
+                    # a stream whose headers went out (one waiting for the model sends nothing for a while):
+                    # a comment line between two events, which clients skip
+                    self.transport.write(self.conn.send(h11.Data(data=b": \n\n")))
                 self._look_for_reset()
                 return True  # the sending side stays open
             return super().eof_received()  # the transport closes
@@ -1330,13 +1335,20 @@ HALF_CLOSED_POLL = 0.25  # seconds between looks for a reset on a half-closed cl
 
 class _LingeringTransport:
     """A transport whose close(), while the client still sends a request body that was answered
-    unread, is the protocol's linger() (http_protocol); everything else is the transport's own."""
+    unread, is the protocol's linger() (http_protocol), and which notes whether the response it
+    sends is a stream of server-sent events; everything else is the transport's own."""
 
     def __init__(self, inner, protocol):
         self.inner, self._protocol = inner, protocol
+        self.event_stream = False  # whether the response whose headers went out last is server-sent events
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+    def write(self, data) -> None:
+        if data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":  # a response's headers (h11 writes them at once)
+            self.event_stream = b"\r\ncontent-type: text/event-stream" in bytes(data).lower()
+        self.inner.write(data)
 
     def close(self) -> None:
         import h11
