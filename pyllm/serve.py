@@ -1148,8 +1148,19 @@ def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app = CORSMiddleware(app, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                             allow_headers=["*"])
+        class Cors(CORSMiddleware):
+            def preflight_response(self, request_headers):
+                """Starlette's refusal of a preflight ("Disallowed CORS origin", plain text) as OpenAI's error object."""
+                response = super().preflight_response(request_headers)
+                if response.status_code < 400:
+                    return response
+                headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+                message = (f"the CORS preflight was refused: {response.body.decode().removeprefix('Disallowed CORS ')} "
+                           "not allowed (this server allows the origins of pyllm serve --cors-origin and the methods "
+                           "GET, POST, OPTIONS)")
+                return JSONResponse(_error_body(message, response.status_code), response.status_code, headers)
+
+        app = Cors(app, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     return app
 
 

@@ -1067,6 +1067,24 @@ def test_api_key_and_cors(llm):
         server.stop()
 
 
+def test_refused_cors_preflights_get_openai_errors(llm):
+    """A CORS preflight from an origin not allowed, or for a method the server does not take, was
+    refused in plain text ("Disallowed CORS origin"); it is OpenAI's error object, saying which flag
+    allows origins."""
+    server = LiveServer(llm, cors_origins=["http://app.example"])
+    try:
+        for origin, method, what in (("http://evil.example", "POST", "origin"), ("http://app.example", "PUT", "method")):
+            preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": method})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(preflight, timeout=5)
+            assert e.value.code == 400 and e.value.headers["content-type"] == "application/json"
+            error = json.loads(e.value.read())["error"]
+            assert what in error["message"] and "--cors-origin" in error["message"], error
+    finally:
+        server.stop()
+
+
 def test_auto_tool_choice_parses_what_the_model_writes(live, llm):
     """tool_choice auto: a reply holding a call in the template's format becomes tool_calls (the
     reply is steered here with a regex, as a model would write it), text before it is content."""
