@@ -258,7 +258,7 @@ class ChatCompletionRequest(_Sampling):
                 n += len(m.content)
             elif isinstance(m.content, list):
                 n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
-            n += _text_chars(m.tool_calls) + _text_chars(m.model_extra)
+            n += _text_chars([m.tool_calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
         if self.tools and self.tool_choice != "none":
             n += sum(_text_chars(t.model_dump(exclude_unset=True)) for t in self.tools)
         return n

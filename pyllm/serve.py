@@ -23,7 +23,9 @@ embeddings request: at its next input); a
 client that stops reading pauses its generation (PIECES_AHEAD) and, past the send timeout, loses
 its place. Every refusal is a 4xx answer with OpenAI's error object; anything else is a 500 and a
 log line. Unset sampling options take the model's generation defaults (greedy when it has none), as
-transformers would; the OpenAI "model" field is accepted whatever it names.
+transformers would; the OpenAI "model" field is accepted whatever it names, and answers echo it. A
+max_tokens the request gives must fit in the context after its prompt (400 context_length_exceeded,
+as OpenAI); one left unset runs until the context is full (chat) or for 16 tokens (completions).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     ValueError: bad options, a prompt past the context, a template that refused or ran too long, a
     tool or grammar that cannot be used or followed), anything else 500 and logged."""
     if isinstance(e, RequestError):
-        return e.status, _error_body(str(e), e.status, e.param)
+        return e.status, _error_body(str(e), e.status, e.param, e.code)
     if isinstance(e, (GrammarUnavailable, GrammarError, GrammarInvalid)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
@@ -781,7 +783,9 @@ class Server:
             plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
             kind = "chat.completion" if chat else "text_completion"
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-            head = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_name}
+            # the model asked for ("BASE:ADAPTER", or whatever name the client was configured with), as OpenAI
+            # and llama-server answer
+            head = {"id": ident, "object": kind, "created": int(time.time()), "model": req.model or self.model_name}
             if req.stream:
                 events = self._events(plan, streams, request, head, req.include_usage, started)
                 handed_over = True
@@ -874,6 +878,10 @@ class Server:
                     if req.echo else None for p in req.prompts]
             plan = _Plan(False, prompts, echo, req.n, options, req.logprobs)
         self._check_fits(plan, options["adapter"], "messages" if chat else "prompt")
+        if req.limit is not None and req.limit != -1:
+            self._check_limit_fits(plan, options["adapter"], req.limit, chat,
+                                   "max_completion_tokens" if chat and req.max_completion_tokens is not None
+                                   else "max_tokens")
         return plan
 
     def _request_ids(self, item, label: str, param: str) -> list[int]:
@@ -905,7 +913,22 @@ class Server:
                 raise RequestError(f"the prompt has {len(ids)} tokens" + (f" after {virtual} virtual ones" if virtual
                                                                         else "") +
                                    f"; the context holds {self.llm.context_length} (leave room for the reply)",
-                                   param=param)
+                                   param=param, code="context_length_exceeded")
+
+    def _check_limit_fits(self, plan: _Plan, adapter: str, limit: int, chat: bool, param: str) -> None:
+        """A max_tokens the request gives (not a default) fits in the context after each prompt: OpenAI
+        refuses more, in these words and with this code (clients such as LiteLLM and LangChain read them
+        as "the context window is exceeded"); it was cut to fit in silence, the reply ending "length"
+        short of what was asked."""
+        virtual = self.llm.adapters[adapter].virtual_tokens if adapter != "base" else 0
+        used = virtual + max(len(ids) for ids in plan.prompts)
+        context = self.llm.context_length
+        if used + limit > context:
+            what = "messages" if chat else "prompt"
+            raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
+                               f"{used + limit} tokens ({used} in the {what}, {limit} in the completion). Please "
+                               f"reduce the length of the {what} or {param}.", param=param,
+                               code="context_length_exceeded")
 
     def _defaults_for(self, req) -> dict:
         return {k: v for k, v in self.defaults.items() if k != "max_new_tokens"}

@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 pytest.importorskip("pydantic")
 
-from test_server import LiveServer, _chat, _get  # noqa: E402
+from test_server import LiveServer, _chat, _get, _request  # noqa: E402
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -36,6 +36,11 @@ def live(llm):
     server = LiveServer(llm)
     yield server
     server.stop()
+
+
+def _post_json(live, path: str, body: dict):
+    """(status, parsed JSON) of a POST of body to the live server."""
+    return _request(live.url + path, json.dumps(body).encode())
 
 
 def _log_softmax(logits):
@@ -1161,6 +1166,53 @@ def test_model_names_with_colons_are_the_base_model(live, llm):
             client.completions.create(model="tiny:v1:nope", prompt="hi", max_tokens=2)
     finally:
         server.stop()
+
+
+def test_answers_name_the_model_the_client_asked_for(live):
+    """Answers and stream chunks named the server's model whatever the request's "model" was
+    ("BASE:ADAPTER" answered as BASE, "gpt-4o" as "tiny"); they echo it, as OpenAI and llama-server
+    do (embeddings did already), and name the server's model when the request names none."""
+    client = live.client()
+    for model in ("tiny", "gpt-4o", "llama3.1:8b"):
+        assert client.completions.create(model=model, prompt="hi", max_tokens=1).model == model
+        assert client.chat.completions.create(model=model, messages=_chat("hi"), max_tokens=1).model == model
+        chunks = list(client.chat.completions.create(model=model, messages=_chat("hi"), max_tokens=2, stream=True))
+        assert {c.model for c in chunks} == {model}
+        chunks = list(client.completions.create(model=model, prompt="hi", max_tokens=2, stream=True))
+        assert {c.model for c in chunks} == {model}
+        assert client.embeddings.create(model=model, input="hi").model == model
+    status, reply = _post_json(live, "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+    assert status == 200 and reply["model"] == "tiny"
+
+
+def test_max_tokens_past_the_context_is_refused_as_openai_does(live, llm):
+    """max_tokens larger than what the prompt leaves of the context was cut to fit in silence (a
+    reply ended "length" well short of what was asked, with no word why); OpenAI refuses it (400
+    "This model's maximum context length is N tokens. However, you requested ...", code
+    context_length_exceeded), and so does the server now, on both endpoints, streamed or not, naming
+    the field given. A request that leaves max_tokens unset (or -1) still runs until the context is full."""
+    context = llm.context_length
+    prompt = "The quick brown fox"
+    used = len(llm.tokenize(prompt))
+    chat_used = len(llm.chat_prompt_ids(_chat(prompt)))
+    cases = [("/v1/completions", {"prompt": prompt, "max_tokens": context - used + 1}, "max_tokens", used),
+             ("/v1/completions", {"prompt": ["hi", prompt], "max_tokens": context - used + 1}, "max_tokens", used),
+             ("/v1/chat/completions", {"messages": _chat(prompt), "max_tokens": context - chat_used + 1}, "max_tokens",
+              chat_used),
+             ("/v1/chat/completions", {"messages": _chat(prompt), "max_completion_tokens": context}, "max_completion_tokens",
+              chat_used)]
+    for path, body, param, tokens in cases:
+        for stream in (False, True):
+            status, reply = _post_json(live, path, {**body, "stream": stream})
+            assert status == 400, (path, body, reply)
+            error = reply["error"]
+            assert error["param"] == param and error["code"] == "context_length_exceeded", error
+            assert f"maximum context length is {context} tokens" in error["message"], error
+            assert f"{tokens} in the" in error["message"], error
+    # what fits is taken
+    status, reply = _post_json(live, "/v1/completions", {"prompt": prompt, "max_tokens": context - used,
+                                                          "stop_token_ids": list(range(llm.config.vocab_size))})
+    assert status == 200, reply
 
 
 def test_embeddings_endpoint_with_the_openai_client(live, llm):
