@@ -470,6 +470,11 @@ class _Plan:
     echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
     echo_lock: threading.Lock = field(default_factory=threading.Lock)  # (choices run together)
 
+    @property
+    def forced_calls(self) -> bool:
+        """Whether the reply is tool calls only (tool_choice "required" or a named function: a grammar)."""
+        return self.tools is not None and "grammar" in self.options
+
     def streams(self, llm) -> list:
         """One TextStream per choice (created now, so that bad options fail before any output)."""
         out = []
@@ -977,6 +982,8 @@ class Server:
                 calls = parsed.calls
                 if calls:
                     text = parsed.content
+                elif plan.forced_calls:
+                    text = None  # a forced call cut short: its markup is no content (null, as beside calls)
                 finish = tool_finish_reason(finish, calls, parsed.dropped)
             logprobs = responses.chat_logprobs(tokenizer, tokens) if plan.logprobs is not None else None
             return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls)
@@ -1093,6 +1100,8 @@ class Server:
             if tools is not None:
                 full, cut = self._tool_reply(plan, all_tokens, tools.text, stream.stats)
                 content, calls = tools.finish(full, cut=cut)
+                if content and not calls and plan.forced_calls:
+                    content = ""  # a forced call cut short: its markup is no content
                 if content:
                     yield chunk(responses.chat_delta(index, content))
                 if calls:

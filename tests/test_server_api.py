@@ -747,6 +747,23 @@ def test_parallel_calls_cut_by_max_tokens_keep_the_complete_ones(live, llm, tool
         assert _reply(live.client(), stream, **options) == (None, calls[:2], "stop"), stream
 
 
+def test_a_forced_call_cut_before_its_end_is_no_content(live, llm, tool_template, monkeypatch):
+    """A forced tool call (tool_choice "required" or a named function) that max_tokens cut before
+    its first call was complete came back as content holding the format's raw markup
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Ro'): a client shows it as the
+    assistant's text. A forced reply is calls only: content null, no calls, finish_reason "length",
+    streamed or not."""
+    written = _written_calls(tool_template, [("get_weather", {"city": "Rome", "days": 2})])
+    _script(llm, monkeypatch, written)
+    ids = llm.tokenize(written, add_special_tokens=False)
+    inside = written.index('"Rome"')
+    limit = next(k for k in range(len(ids)) if len(llm.tokenizer.decode(ids[:k])) > inside)
+    options = dict(model="tiny", messages=_chat("weather?"), tools=[WEATHER, TIME], max_tokens=limit)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        for stream in (False, True):
+            assert _reply(live.client(), stream, tool_choice=choice, **options) == (None, [], "length"), (choice, stream)
+
+
 def test_text_around_calls_is_the_same_content_in_every_format_and_mode(live, llm, tool_template, monkeypatch):
     """Text before and after the calls came back differently per format (Hermes dropped the text
     after its calls, Mistral and Llama 3 made the whole reply text, Llama 3 dropped the text before
