@@ -1182,7 +1182,7 @@ def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
 
         class Cors(CORSMiddleware):
             def preflight_response(self, request_headers):
-                """Starlette's refusal of a preflight ("Disallowed CORS origin", plain text) as OpenAI's error object."""
+                """Starlette's refusal of a preflight ("Disallowed CORS origin", plain text) as OpenAI's error."""
                 response = super().preflight_response(request_headers)
                 if response.status_code < 400:
                     return response

@@ -761,7 +761,8 @@ def test_a_forced_call_cut_before_its_end_is_no_content(live, llm, tool_template
     options = dict(model="tiny", messages=_chat("weather?"), tools=[WEATHER, TIME], max_tokens=limit)
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         for stream in (False, True):
-            assert _reply(live.client(), stream, tool_choice=choice, **options) == (None, [], "length"), (choice, stream)
+            reply = _reply(live.client(), stream, tool_choice=choice, **options)
+            assert reply == (None, [], "length"), (choice, stream)
 
 
 def test_text_around_calls_is_the_same_content_in_every_format_and_mode(live, llm, tool_template, monkeypatch):
@@ -1095,7 +1096,8 @@ def test_refused_cors_preflights_get_openai_errors(llm):
     allows origins."""
     server = LiveServer(llm, cors_origins=["http://app.example"])
     try:
-        for origin, method, what in (("http://evil.example", "POST", "origin"), ("http://app.example", "PUT", "method")):
+        for origin, method, what in (("http://evil.example", "POST", "origin"),
+                                     ("http://app.example", "PUT", "method")):
             preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
                 "Origin": origin, "Access-Control-Request-Method": method})
             with pytest.raises(urllib.error.HTTPError) as e:
@@ -1216,8 +1218,8 @@ def test_max_tokens_past_the_context_is_refused_as_openai_does(live, llm):
              ("/v1/completions", {"prompt": ["hi", prompt], "max_tokens": context - used + 1}, "max_tokens", used),
              ("/v1/chat/completions", {"messages": _chat(prompt), "max_tokens": context - chat_used + 1}, "max_tokens",
               chat_used),
-             ("/v1/chat/completions", {"messages": _chat(prompt), "max_completion_tokens": context}, "max_completion_tokens",
-              chat_used)]
+             ("/v1/chat/completions", {"messages": _chat(prompt), "max_completion_tokens": context},
+              "max_completion_tokens", chat_used)]
     for path, body, param, tokens in cases:
         for stream in (False, True):
             status, reply = _post_json(live, path, {**body, "stream": stream})
