@@ -154,7 +154,8 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
+    # 64 bits, as OpenAI's int64 or llama.cpp's uint64: past them generate's modulo 2**64 made 2**64 seed 0
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None] = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)

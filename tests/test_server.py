@@ -1000,6 +1000,19 @@ def test_numbers_past_what_a_field_holds_get_400(live):
     assert _active(live) == 0
 
 
+def test_seeds_past_64_bits_are_refused_not_wrapped(live):
+    """A seed of 2**64 (or -2**64 - 1) was taken modulo 2**64: the same text as seed 0 (or -1's
+    neighbour), in silence. Seeds are 64-bit (int64 as OpenAI takes them, or uint64): others get a
+    400 naming seed; the ends of the range still pass."""
+    url = live.url + "/v1/completions"
+    for seed in (2**64, -2**63 - 1, 10**30):
+        status, reply = _request(url, json.dumps({"prompt": "hi", "max_tokens": 1, "seed": seed}).encode())
+        assert status == 400 and reply["error"]["param"] == "seed", (seed, reply)
+    for seed in (2**64 - 1, -2**63):
+        status, reply = _request(url, json.dumps({"prompt": "hi", "max_tokens": 1, "seed": seed}).encode())
+        assert status == 200, (seed, reply)
+
+
 
 def test_a_number_json_cannot_give_as_a_float_or_int_is_a_400_naming_its_field(live):
     """1e309 (past a float's range), NaN / Infinity (not JSON) and an integer of 5000 digits were refused
