@@ -639,9 +639,13 @@ class Server:
 
     async def model(self, request: "Request"):
         if request.path_params["model_id"] not in self._model_ids():
-            return _error(f"the model {request.path_params['model_id']!r} does not exist (this server has "
-                          f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
+            return error_response(self._no_such_model(request.path_params["model_id"]))
         return JSONResponse(self._model_card(request.path_params["model_id"]))
+
+    def _no_such_model(self, model: str) -> RequestError:
+        """404 for a model this server lacks, with OpenAI's code (clients tell it from a missing route by it)."""
+        return RequestError(f"the model {model!r} does not exist (this server has "
+                            f"{', '.join(map(repr, self._model_ids()))})", 404, "model", code="model_not_found")
 
     def _adapter_for(self, model: str | None) -> str | None:
         """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters (404
@@ -655,8 +659,7 @@ class Server:
             return name
         if name == "base" or base != self.model_name:
             return None
-        raise RequestError(f"the model {model!r} does not exist (this server has "
-                           f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
+        raise self._no_such_model(model)
 
     async def tokenize(self, request: "Request"):
         """{"content": text, "add_special": true, "parse_special": true} -> {"tokens": [...]} (llama.cpp's
@@ -696,7 +699,7 @@ class Server:
             ids = self._request_ids(item, f"input {k}", "input")
             if len(ids) > self.llm.context_length:
                 raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
-                                   param="input")
+                                   param="input", code="context_length_exceeded")
             out.append(ids)
         return out
 

@@ -1234,6 +1234,24 @@ def test_max_tokens_past_the_context_is_refused_as_openai_does(live, llm):
     assert status == 200, reply
 
 
+def test_errors_carry_openai_s_codes(live, llm):
+    """A model this server lacks (a route's 404 and a request's) and an input past the context had
+    code null; they carry OpenAI's codes, model_not_found and context_length_exceeded, which
+    clients (LiteLLM, LangChain) read to tell such errors apart."""
+    client = live.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="tiny:nope", prompt="hi", max_tokens=1)
+    assert e.value.code == "model_not_found"
+    for call in (lambda: client.embeddings.create(model="tiny", input=[[5] * (llm.context_length + 1)]),
+                 lambda: client.completions.create(model="tiny", prompt=[5] * llm.context_length, max_tokens=1)):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.code == "context_length_exceeded", e.value
+
+
 def test_embeddings_endpoint_with_the_openai_client(live, llm):
     import base64
 
