@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http
 import json
 import logging
 import math
@@ -1287,7 +1288,8 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
             status = getattr(error, "error_status_hint", 400)
             body = json.dumps(_error_body(f"invalid HTTP request: {error or msg}", status)).encode()
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-            for event in (h11.Response(status_code=status, headers=headers, reason=b""), h11.Data(data=body),
+            reason = http.HTTPStatus(status).phrase.encode()  # h11's hints are 400, 431, 501
+            for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
                           h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.linger()  # the rest of what it sent may be on its way: a reset would lose the answer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import json
 import socket
 import subprocess
@@ -781,7 +782,7 @@ def test_malformed_http_gets_an_openai_error(live):
         s = _raw(live.port, request)
         answer = _read_all(s)
         s.close()
-        assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+        assert answer.startswith(b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())), answer[:300]
         error = _json_of(answer)["error"]
         assert error["type"] == "invalid_request_error" and "HTTP" in error["message"], error
 
