@@ -1286,9 +1286,11 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
         def send_400_response(self, msg: str) -> None:
             error = self._refused
             status = getattr(error, "error_status_hint", 400)
+            if status not in http.HTTPStatus.__members__.values():
+                status = 400
             body = json.dumps(_error_body(f"invalid HTTP request: {error or msg}", status)).encode()
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-            reason = http.HTTPStatus(status).phrase.encode()  # h11's hints are 400, 431, 501
+            reason = http.HTTPStatus(status).phrase.encode()
             for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
                           h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
