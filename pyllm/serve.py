@@ -1244,9 +1244,9 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
     client gone and cancelled the request. Such a client cannot be told from one that closed its
     socket but by sending it something: it is sent an interim "100 Continue" (HTTP/1.1 clients skip
     it), or an event stream already started a comment line, which a client gone answers with a
-    reset, and that ends its request as a disconnect. A
-    request the HTTP parser refuses gets OpenAI's error object saying why (uvicorn's answer was
-    plain text, "Invalid HTTP request received.")."""
+    reset, and that ends its request as a disconnect (an HTTP/1.0 one is sent nothing: its reset
+    comes with its answer). A request the HTTP parser refuses gets OpenAI's error object saying why
+    (uvicorn's answer was plain text, "Invalid HTTP request received.")."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
