@@ -602,7 +602,7 @@ class Server:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_error})
+        ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
         return _with_access_rules(app, self.api_key, self.cors_origins)
 
     async def _http_error(self, request: "Request", exc: "HTTPException"):
@@ -614,6 +614,11 @@ class Server:
                         "/detokenize; GET /v1/models, /health)")
         return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    async def _internal_error(self, request: "Request", exc: Exception):
+        """A failure no handler turned into an answer (a bug, whatever its type: a 500), as OpenAI's
+        error object where Starlette answered in plain text "Internal Server Error" (uvicorn logs it)."""
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
     async def health(self, request: "Request"):
         body = {"status": "ok", "requests": self.active}

@@ -1072,6 +1072,20 @@ def test_unknown_routes_and_methods_get_openai_errors(live):
         live.client().responses.create(model="tiny", input="hi")
 
 
+def test_a_failure_outside_the_request_handlers_is_an_openai_error(live, monkeypatch):
+    """A route that fails outside the handlers' own error handling (here /v1/models, made to raise)
+    was answered by Starlette in plain text ("Internal Server Error"); it is OpenAI's error object,
+    a 500 of type server_error naming the failure, as the handlers' own 500s are."""
+    def broken():
+        raise RuntimeError("the model list is broken")
+    monkeypatch.setattr(live.api, "_model_ids", broken)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(live.url + "/v1/models", timeout=10)
+    assert e.value.code == 500 and e.value.headers["content-type"] == "application/json"
+    error = json.loads(e.value.read())["error"]
+    assert error["type"] == "server_error" and "the model list is broken" in error["message"], error
+
+
 def test_api_key_and_cors(llm):
     server = LiveServer(llm, api_key="s3cret", cors_origins=["http://app.example"])
     try:
