@@ -1301,6 +1301,10 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
                 self.transport.write(self.conn.send(event))
             self.linger()  # the rest of what it sent may be on its way: a reset would lose the answer
 
+        def timeout_keep_alive_handler(self) -> None:
+            if self._lingering is None:  # a lingering close ends by its own timer (uvicorn's cut it after 5 s)
+                super().timeout_keep_alive_handler()
+
         def data_received(self, data: bytes) -> None:
             if self._lingering is None:
                 super().data_received(data)  # else the rest of a body answered unread: dropped

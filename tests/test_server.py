@@ -726,6 +726,37 @@ def test_an_early_refusal_reaches_a_client_that_asked_to_close(llm):
         server.stop()
 
 
+def test_a_refused_body_still_arriving_past_the_keep_alive_timeout_is_read_to_its_end(llm):
+    """(beside the one above) uvicorn's keep-alive timer, started with the answer, closed a
+    connection lingering after an early 413 once it ran out (5 s by default), with the rest of a
+    slowly sent body unread: the client got a reset while still sending. The lingering close now
+    lasts until the client ends its body (or --body-timeout)."""
+    api = Server(llm, "tiny", limits=ServerLimits(max_body_bytes=4096))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(api.app(), host="127.0.0.1", port=port, log_level="critical",
+                                           timeout_keep_alive=0.2, http=http_protocol(30.0)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        size = 20 * 65536
+        s = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                       b"Content-Length: %d\r\n\r\n" % size)
+        assert _status(s) == 413
+        for _ in range(20):  # past the keep-alive timeout
+            s.sendall(b"x" * 65536)
+            time.sleep(0.05)
+        s.shutdown(socket.SHUT_WR)
+        rest = _read_all(s)
+        s.close()
+        assert b'"error"' in rest, rest[:300]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        api.close()
+
+
 def test_a_client_that_half_closes_is_still_answered(live, llm):
     """A client that shuts down its sending side once its request is sent (shutdown(SHUT_WR), as
     `nc -N` and some proxies do) got no answer: the server took the end of its input for a client
