@@ -131,6 +131,8 @@ class Message(BaseModel):
         # calls in its place (and a "function" message is the deprecated form, refused by the template)
         if self.content is None and self.role in ("system", "developer", "user", "tool"):
             raise _FieldError("content", f"a {self.role} message needs a content")
+        if self.content is None and self.role == "assistant" and not self.tool_calls:
+            raise _FieldError("content", "an assistant message needs a content or tool_calls")
         return self
 
 

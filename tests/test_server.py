@@ -498,6 +498,9 @@ def test_fields_openai_refuses_are_refused(live):
              (chat, {"messages": [*hi, {"role": "assistant", "content": []}]}, "messages[1].content"),
              (chat, {"messages": [{"role": "user"}]}, "messages[0].content"),
              (chat, {"messages": [{"role": "system", "content": None}, *hi]}, "messages[0].content"),
+             # an assistant message of nothing (neither content nor tool calls; OpenAI: content is "required
+             # unless tool_calls is specified")
+             (chat, {"messages": [*hi, {"role": "assistant"}, *hi]}, "messages[1].content"),
              (chat, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name"),
              (chat, {"messages": hi, "max_tokens": 0}, "max_tokens"),
              (chat, {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens"),
