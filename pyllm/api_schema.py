@@ -133,6 +133,14 @@ class Message(BaseModel):
             raise _FieldError("content", f"a {self.role} message needs a content")
         if self.content is None and self.role == "assistant" and not self.tool_calls:
             raise _FieldError("content", "an assistant message needs a content or tool_calls")
+        for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
+            # as the chat template refuses them (pyllm.chat_template), naming the part as OpenAI does
+            if part.get("type") != "text":
+                raise _FieldError(f"content[{j}].type", f"only text content parts are supported (got "
+                                                        f"{part.get('type')!r:.40})")
+            if not isinstance(part.get("text"), str):
+                raise _FieldError(f"content[{j}].text", f"a text content part needs a 'text' string (got "
+                                                        f"{part.get('text')!r:.40})")
         return self
 
 
@@ -423,8 +431,9 @@ def _request_error(error: ValidationError) -> RequestError:
         first = next((e for e in errors[1:] if not e["type"].endswith("_type") and e["type"] != "none_required"
                       and _param(e["loc"]) == param), first)  # says what is wrong with the value itself
     cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, _FieldError):
-        param = cause.param if not param else f"{param}.{cause.param.rsplit('.', 1)[-1]}"
+    if isinstance(cause, _FieldError):  # its param is the field's own ("response_format.regex") or its model's
+        # ("content[0].type" in messages[k])
+        param = cause.param if not param else f"{param}.{cause.param.removeprefix(param.rsplit('.', 1)[-1] + '.')}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "is required"
