@@ -118,9 +118,30 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)], None] = None
-    # an empty list is refused, as OpenAI does ("empty array", param messages[k].tool_calls): leave it out
+    # an empty list is refused, as OpenAI does ("empty array", param messages[k].content / .tool_calls)
+    content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_CONTENT_PARTS)],
+                   None] = None
     tool_calls: Annotated[list[dict[str, Any]], Field(min_length=1)] | None = None
+    name: StrictStr | None = None  # strings the template renders: another type was rendered as its text
+    tool_call_id: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        # OpenAI: "Missing required parameter: 'messages[k].content'"; an assistant message may hold tool
+        # calls in its place (and a "function" message is the deprecated form, refused by the template)
+        if self.content is None and self.role in ("system", "developer", "user", "tool"):
+            raise _FieldError("content", f"a {self.role} message needs a content")
+        if self.content is None and self.role == "assistant" and not self.tool_calls:
+            raise _FieldError("content", "an assistant message needs a content or tool_calls")
+        for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
+            # as the chat template refuses them (pyllm.chat_template), naming the part as OpenAI does
+            if part.get("type") != "text":
+                raise _FieldError(f"content[{j}].type", f"only text content parts are supported (got "
+                                                        f"{part.get('type')!r:.40})")
+            if not isinstance(part.get("text"), str):
+                raise _FieldError(f"content[{j}].text", f"a text content part needs a 'text' string (got "
+                                                        f"{part.get('text')!r:.40})")
+        return self
 
 
 def _logit_bias_key(key: str) -> int:
@@ -143,7 +164,8 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
+    # 64 bits, as OpenAI's int64 or llama.cpp's uint64: past them generate's modulo 2**64 made 2**64 seed 0
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None] = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -151,6 +173,12 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:  # as OpenAI refuses them
+            raise _FieldError("stream_options", "is only allowed when 'stream' is true")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -185,7 +213,7 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # an empty list is refused, as OpenAI does ("[] is too short - 'tools'"): leave tools out for none
@@ -203,6 +231,8 @@ class ChatCompletionRequest(_Sampling):
                                        f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
         if self.top_logprobs and not self.logprobs:
             raise _FieldError("top_logprobs", "needs logprobs: true")
+        if self.max_tokens == 0:  # a reply of nothing (OpenAI: "Expected a value >= 1"); -1 is llama.cpp's no limit
+            raise _FieldError("max_tokens", "must be at least 1 (or -1: until the context is full)")
         first: dict[str, int] = {}
         for k, tool in enumerate(self.tools or []):  # a call names its function: two of a name are ambiguous
             j = first.setdefault(tool.function.name, k)
@@ -239,7 +269,7 @@ class ChatCompletionRequest(_Sampling):
                 n += len(m.content)
             elif isinstance(m.content, list):
                 n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
-            n += _text_chars(m.tool_calls) + _text_chars(m.model_extra)
+            n += _text_chars([m.tool_calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
         if self.tools and self.tool_choice != "none":
             n += sum(_text_chars(t.model_dump(exclude_unset=True)) for t in self.tools)
         return n
@@ -288,6 +318,9 @@ class CompletionRequest(_Sampling):
     def _consistent(self):
         if self.suffix:
             raise _FieldError("suffix", "insertion (suffix) is not supported")
+        if self.max_tokens == 0 and not self.echo:  # with echo: the prompt scored, as OpenAI's legacy API did
+            raise _FieldError("max_tokens", "must be at least 1 (0 only with echo, to score the prompt; -1: until "
+                                            "the context is full)")
         if self.best_of is not None and self.best_of != self.n:
             raise _FieldError("best_of", "best_of other than n is not supported")
         if len(self.prompts) > MAX_PROMPTS:
@@ -398,8 +431,9 @@ def _request_error(error: ValidationError) -> RequestError:
         first = next((e for e in errors[1:] if not e["type"].endswith("_type") and e["type"] != "none_required"
                       and _param(e["loc"]) == param), first)  # says what is wrong with the value itself
     cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, _FieldError):
-        param = cause.param if not param else f"{param}.{cause.param.rsplit('.', 1)[-1]}"
+    if isinstance(cause, _FieldError):  # its param is the field's own ("response_format.regex") or its model's
+        # ("content[0].type" in messages[k])
+        param = cause.param if not param else f"{param}.{cause.param.removeprefix(param.rsplit('.', 1)[-1] + '.')}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "is required"

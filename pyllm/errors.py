@@ -27,11 +27,12 @@ class LimitError(PyllmError):
 
 class RequestError(PyllmError):
     """An HTTP request `pyllm serve` refuses: status is the HTTP status (400, or 408/413 for a
-    body too slow or too large); param names the request field at fault, as OpenAI's error does."""
+    body too slow or too large); param names the request field at fault, as OpenAI's error does, and
+    code is OpenAI's error code where it has one ("context_length_exceeded")."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code = status, param, code
 
 
 PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, PyllmError)

@@ -23,16 +23,20 @@ embeddings request: at its next input); a
 client that stops reading pauses its generation (PIECES_AHEAD) and, past the send timeout, loses
 its place. Every refusal is a 4xx answer with OpenAI's error object; anything else is a 500 and a
 log line. Unset sampling options take the model's generation defaults (greedy when it has none), as
-transformers would; the OpenAI "model" field is accepted whatever it names.
+transformers would; the OpenAI "model" field is accepted whatever it names, and answers echo it. A
+max_tokens the request gives must fit in the context after its prompt (400 context_length_exceeded,
+as OpenAI); one left unset runs until the context is full (chat) or for 16 tokens (completions).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import http
 import json
 import logging
 import math
+import socket
 import sys
 import threading
 import time
@@ -85,7 +89,7 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     ValueError: bad options, a prompt past the context, a template that refused or ran too long, a
     tool or grammar that cannot be used or followed), anything else 500 and logged."""
     if isinstance(e, RequestError):
-        return e.status, _error_body(str(e), e.status, e.param)
+        return e.status, _error_body(str(e), e.status, e.param, e.code)
     if isinstance(e, (GrammarUnavailable, GrammarError, GrammarInvalid)):
         return 400, _error_body(str(e), 400, "response_format")
     if isinstance(e, ToolError):
@@ -467,6 +471,11 @@ class _Plan:
     echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
     echo_lock: threading.Lock = field(default_factory=threading.Lock)  # (choices run together)
 
+    @property
+    def forced_calls(self) -> bool:
+        """Whether the reply is tool calls only (tool_choice "required" or a named function: a grammar)."""
+        return self.tools is not None and "grammar" in self.options
+
     def streams(self, llm) -> list:
         """One TextStream per choice (created now, so that bad options fail before any output)."""
         out = []
@@ -593,7 +602,7 @@ class Server:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_error})
+        ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
         return _with_access_rules(app, self.api_key, self.cors_origins)
 
     async def _http_error(self, request: "Request", exc: "HTTPException"):
@@ -605,6 +614,11 @@ class Server:
                         "/detokenize; GET /v1/models, /health)")
         return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    async def _internal_error(self, request: "Request", exc: Exception):
+        """A failure no handler turned into an answer (a bug, whatever its type: a 500), as OpenAI's
+        error object where Starlette answered in plain text "Internal Server Error" (uvicorn logs it)."""
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
 
     async def health(self, request: "Request"):
         body = {"status": "ok", "requests": self.active}
@@ -631,9 +645,13 @@ class Server:
 
     async def model(self, request: "Request"):
         if request.path_params["model_id"] not in self._model_ids():
-            return _error(f"the model {request.path_params['model_id']!r} does not exist (this server has "
-                          f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
+            return error_response(self._no_such_model(request.path_params["model_id"]))
         return JSONResponse(self._model_card(request.path_params["model_id"]))
+
+    def _no_such_model(self, model: str) -> RequestError:
+        """404 for a model this server lacks, with OpenAI's code (clients tell it from a missing route by it)."""
+        return RequestError(f"the model {model!r} does not exist (this server has "
+                            f"{', '.join(map(repr, self._model_ids()))})", 404, "model", code="model_not_found")
 
     def _adapter_for(self, model: str | None) -> str | None:
         """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters (404
@@ -647,8 +665,7 @@ class Server:
             return name
         if name == "base" or base != self.model_name:
             return None
-        raise RequestError(f"the model {model!r} does not exist (this server has "
-                           f"{', '.join(map(repr, self._model_ids()))})", 404, "model")
+        raise self._no_such_model(model)
 
     async def tokenize(self, request: "Request"):
         """{"content": text, "add_special": true, "parse_special": true} -> {"tokens": [...]} (llama.cpp's
@@ -688,7 +705,7 @@ class Server:
             ids = self._request_ids(item, f"input {k}", "input")
             if len(ids) > self.llm.context_length:
                 raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
-                                   param="input")
+                                   param="input", code="context_length_exceeded")
             out.append(ids)
         return out
 
@@ -780,7 +797,9 @@ class Server:
             plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
             kind = "chat.completion" if chat else "text_completion"
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-            head = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_name}
+            # the model asked for ("BASE:ADAPTER", or whatever name the client was configured with), as OpenAI
+            # and llama-server answer
+            head = {"id": ident, "object": kind, "created": int(time.time()), "model": req.model or self.model_name}
             if req.stream:
                 events = self._events(plan, streams, request, head, req.include_usage, started)
                 handed_over = True
@@ -873,6 +892,10 @@ class Server:
                     if req.echo else None for p in req.prompts]
             plan = _Plan(False, prompts, echo, req.n, options, req.logprobs)
         self._check_fits(plan, options["adapter"], "messages" if chat else "prompt")
+        if req.limit is not None and req.limit != -1:
+            self._check_limit_fits(plan, options["adapter"], req.limit, chat,
+                                   "max_completion_tokens" if chat and req.max_completion_tokens is not None
+                                   else "max_tokens")
         return plan
 
     def _request_ids(self, item, label: str, param: str) -> list[int]:
@@ -904,7 +927,22 @@ class Server:
                 raise RequestError(f"the prompt has {len(ids)} tokens" + (f" after {virtual} virtual ones" if virtual
                                                                         else "") +
                                    f"; the context holds {self.llm.context_length} (leave room for the reply)",
-                                   param=param)
+                                   param=param, code="context_length_exceeded")
+
+    def _check_limit_fits(self, plan: _Plan, adapter: str, limit: int, chat: bool, param: str) -> None:
+        """A max_tokens the request gives (not a default) fits in the context after each prompt: OpenAI
+        refuses more, in these words and with this code (clients such as LiteLLM and LangChain read them
+        as "the context window is exceeded"); it was cut to fit in silence, the reply ending "length"
+        short of what was asked."""
+        virtual = self.llm.adapters[adapter].virtual_tokens if adapter != "base" else 0
+        used = virtual + max(len(ids) for ids in plan.prompts)
+        context = self.llm.context_length
+        if used + limit > context:
+            what = "messages" if chat else "prompt"
+            raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
+                               f"{used + limit} tokens ({used} in the {what}, {limit} in the completion). Please "
+                               f"reduce the length of the {what} or {param}.", param=param,
+                               code="context_length_exceeded")
 
     def _defaults_for(self, req) -> dict:
         return {k: v for k, v in self.defaults.items() if k != "max_new_tokens"}
@@ -953,6 +991,8 @@ class Server:
                 calls = parsed.calls
                 if calls:
                     text = parsed.content
+                elif plan.forced_calls:
+                    text = None  # a forced call cut short: its markup is no content (null, as beside calls)
                 finish = tool_finish_reason(finish, calls, parsed.dropped)
             logprobs = responses.chat_logprobs(tokenizer, tokens) if plan.logprobs is not None else None
             return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls)
@@ -1069,6 +1109,8 @@ class Server:
             if tools is not None:
                 full, cut = self._tool_reply(plan, all_tokens, tools.text, stream.stats)
                 content, calls = tools.finish(full, cut=cut)
+                if content and not calls and plan.forced_calls:
+                    content = ""  # a forced call cut short: its markup is no content
                 if content:
                     yield chunk(responses.chat_delta(index, content))
                 if calls:
@@ -1147,8 +1189,19 @@ def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app = CORSMiddleware(app, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                             allow_headers=["*"])
+        class Cors(CORSMiddleware):
+            def preflight_response(self, request_headers):
+                """Starlette's refusal of a preflight ("Disallowed CORS origin", plain text) as OpenAI's error."""
+                response = super().preflight_response(request_headers)
+                if response.status_code < 400:
+                    return response
+                headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+                message = (f"the CORS preflight was refused: {response.body.decode().removeprefix('Disallowed CORS ')} "
+                           "not allowed (this server allows the origins of pyllm serve --cors-origin and the methods "
+                           "GET, POST, OPTIONS)")
+                return JSONResponse(_error_body(message, response.status_code), response.status_code, headers)
+
+        app = Cors(app, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     return app
 
 
@@ -1185,29 +1238,116 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
     its high-water mark) for this long is aborted, its buffered bytes dropped. uvicorn waits for
     ever, and closing a transport waits for its buffer to drain: a non-streamed answer of megabytes
     (logprobs, embeddings, /detokenize) sent to a client that never reads held its connection and
-    its bytes for good, whatever Limits.send_timeout said."""
+    its bytes for good, whatever Limits.send_timeout said.
+
+    As HTTP servers do (nginx's lingering close), a connection closed after an answer given before
+    its request body was read (413, 401, 408 to a client that sent "Connection: close") ends its
+    sending side, then reads and drops the rest of the body until the client closes, for
+    header_timeout at most: uvicorn closed it with bytes unread, so the client's kernel got a reset
+    and the client an error in place of the answer. A client that shuts down its sending side once
+    its request is sent (half-closed) is answered, then the connection closed: uvicorn took it for a
+    client gone and cancelled the request. Such a client cannot be told from one that closed its
+    socket but by sending it something: it is sent an interim "100 Continue" (HTTP/1.1 clients skip
+    it), or an event stream already started a comment line, which a client gone answers with a
+    reset, and that ends its request as a disconnect (an HTTP/1.0 one is sent nothing: its reset
+    comes with its answer). A request the HTTP parser refuses gets OpenAI's error object saying why
+    (uvicorn's answer was plain text, "Invalid HTTP request received.")."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         _due = None
         _stalled = None
+        _lingering = None  # the timer that ends a lingering close
+        _half_closed = None  # the timer of the next look for a reset on a half-closed connection
+        _refused = None  # the HTTP parser's error
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self))
+            next_event = self.conn.next_event
+
+            def parse():  # keeps the parser's error for send_400_response (uvicorn drops it)
+                try:
+                    return next_event()
+                except h11.RemoteProtocolError as e:
+                    self._refused = e
+                    raise
+            self.conn.next_event = parse
             self._arm()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm()
+            if self._half_closed is not None and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()  # the client sends nothing more (a pipelined request it sent is answered)
 
         def connection_lost(self, exc) -> None:
-            if self._due is not None:
-                self._due.cancel()
-            if self._stalled is not None:
-                self._stalled.cancel()
-                self._stalled = None
+            for timer in (self._due, self._stalled, self._lingering, self._half_closed):
+                if timer is not None:
+                    timer.cancel()
+            self._stalled = None
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            error = self._refused
+            status = getattr(error, "error_status_hint", 400)
+            if status not in http.HTTPStatus.__members__.values():
+                status = 400
+            body = json.dumps(_error_body(f"invalid HTTP request: {error or msg}", status)).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            reason = http.HTTPStatus(status).phrase.encode()
+            for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.linger()  # the rest of what it sent may be on its way: a reset would lose the answer
+
+        def timeout_keep_alive_handler(self) -> None:
+            if self._lingering is None:  # a lingering close ends by its own timer (uvicorn's cut it after 5 s)
+                super().timeout_keep_alive_handler()
+
+        def data_received(self, data: bytes) -> None:
+            if self._lingering is None:
+                super().data_received(data)  # else the rest of a body answered unread: dropped
+
+        def eof_received(self):
+            cycle = self.cycle
+            if (self._lingering is None and cycle is not None and not cycle.response_complete
+                    and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)):
+                # the whole request came, then the end of the client's input: answered, then closed
+                if cycle.scope["http_version"] == "1.1" and not cycle.response_started:
+                    self.transport.write(self.conn.send(h11.InformationalResponse(
+                        status_code=100, headers=[], reason=b"Continue")))
+                    cycle.waiting_for_100_continue = False
+                elif cycle.response_started and self.transport.event_stream:
+                    # a stream whose headers went out (one waiting for the model sends nothing for a while):
+                    # a comment line between two events, which clients skip
+                    self.transport.write(self.conn.send(h11.Data(data=b": \n\n")))
+                self._look_for_reset()
+                return True  # the sending side stays open
+            return super().eof_received()  # the transport closes
+
+        def _look_for_reset(self) -> None:
+            """Every HALF_CLOSED_POLL s while a half-closed client's request runs: a reset means it is gone."""
+            self._half_closed = None
+            if self.transport.is_closing():
+                return
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                self.transport.abort()  # the request sees a disconnect, as when the client closes
+                return
+            self._half_closed = self.loop.call_later(HALF_CLOSED_POLL, self._look_for_reset)
+
+        def linger(self) -> None:
+            """Closes the connection of an answer given before its request was read whole, without a
+            reset that would lose the answer: the sending side ends, and what comes is dropped until the
+            client closes (or header_timeout passes)."""
+            if self.cycle is not None:
+                self.cycle.body = bytearray()
+            inner = self.transport.inner
+            self._lingering = self.loop.call_later(header_timeout, inner.close)
+            inner.resume_reading()  # uvicorn stops reading once 64 KiB of body wait unread
+            if inner.can_write_eof():
+                inner.write_eof()
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -1244,9 +1384,39 @@ def http_protocol(header_timeout: float, send_timeout: float | None = None) -> t
                 # at once, with bytes unread, resets the connection: the client could lose the answer).
                 log.warning("a client still sent a request body %g s after its answer: connection closed",
                             header_timeout)
-                self.transport.close()
+                self.transport.inner.close()
 
     return Protocol
+
+
+HALF_CLOSED_POLL = 0.25  # seconds between looks for a reset on a half-closed client's connection
+
+
+class _LingeringTransport:
+    """A transport whose close(), while the client still sends a request body that was answered
+    unread, is the protocol's linger() (http_protocol), and which notes whether the response it
+    sends is a stream of server-sent events; everything else is the transport's own."""
+
+    def __init__(self, inner, protocol):
+        self.inner, self._protocol = inner, protocol
+        self.event_stream = False  # whether the response whose headers went out last is server-sent events
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def write(self, data) -> None:
+        if data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":  # a response's headers (h11 writes them at once)
+            self.event_stream = b"\r\ncontent-type: text/event-stream" in bytes(data).lower()
+        self.inner.write(data)
+
+    def close(self) -> None:
+        import h11
+
+        protocol = self._protocol
+        if protocol._lingering is None and not self.inner.is_closing() and protocol.conn.their_state is h11.SEND_BODY:
+            protocol.linger()
+        else:
+            self.inner.close()
 
 
 def listen(host: str, port: int) -> "socket.socket":

@@ -399,7 +399,9 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
             import concurrent.futures
 
             def ask(model):
-                return client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0).choices[0].text
+                reply = client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+                assert reply.model == model  # the model asked for, as OpenAI and llama-server answer (was "tasks")
+                return reply.choices[0].text
 
             with concurrent.futures.ThreadPoolExecutor(6) as pool:
                 names = ["tasks", "tasks:qa", "tasks:style"] * 2

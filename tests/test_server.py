@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import json
 import socket
 import subprocess
@@ -482,6 +483,45 @@ def test_values_of_another_json_type_are_refused_not_coerced(live):
     assert status == 200, reply
 
 
+def test_fields_openai_refuses_are_refused(live):
+    """Requests OpenAI's API refuses were answered: stream_options without stream (OpenAI: "only
+    allowed when 'stream' is enabled"), an empty content array, a user message with no content, a
+    message name that is not a string (the template rendered 5), max_tokens or max_completion_tokens
+    0 (a reply of nothing; OpenAI: "Expected a value >= 1"; /v1/completions still takes 0 with echo,
+    to score a prompt). Each is a 400 naming the field, streamed or not."""
+    chat, completions = live.url + "/v1/chat/completions", live.url + "/v1/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    cases = [(chat, {"messages": hi, "stream_options": {"include_usage": True}}, "stream_options"),
+             (chat, {"messages": hi, "stream": False, "stream_options": {}}, "stream_options"),
+             (completions, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+             (chat, {"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+             (chat, {"messages": [*hi, {"role": "assistant", "content": []}]}, "messages[1].content"),
+             (chat, {"messages": [{"role": "user"}]}, "messages[0].content"),
+             (chat, {"messages": [{"role": "system", "content": None}, *hi]}, "messages[0].content"),
+             # an assistant message of nothing (neither content nor tool calls; OpenAI: content is "required
+             # unless tool_calls is specified")
+             (chat, {"messages": [*hi, {"role": "assistant"}, *hi]}, "messages[1].content"),
+             (chat, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name"),
+             (chat, {"messages": hi, "max_tokens": 0}, "max_tokens"),
+             (chat, {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens"),
+             (completions, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+             (chat, {"messages": hi, "stream": "no"}, "stream")]
+    for url, body, param in cases:
+        for stream in (False,) if param.startswith("stream") else (False, True):
+            body = {"max_tokens": 2, "stream": stream, **body}
+            status, reply = _request(url, json.dumps(body).encode())
+            assert status == 400 and reply["error"]["param"] == param, (body, reply)
+    # what OpenAI takes still passes: content null beside tool calls, max_tokens 0 echoing the prompt
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for url, body in ((chat, {"messages": [*hi, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
+                      (chat, {"messages": hi, "stream": True, "stream_options": {"include_usage": True}}),
+                      (completions, {"prompt": "hi", "max_tokens": 0, "echo": True})):
+        request = urllib.request.Request(url, data=json.dumps({"max_tokens": 2, **body}).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.status == 200
+
+
 def test_oversized_bodies_and_prompts_are_refused(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096, max_prompt_chars=100))
     try:
@@ -636,6 +676,150 @@ def test_bodies_still_arriving_after_their_answer_are_cut_off(llm):
         whole.close()
     finally:
         server.stop()
+
+def _read_all(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    s.settimeout(60)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _final(answer: bytes) -> bytes:
+    """An answer without the interim ones (100 Continue) before it."""
+    while answer.startswith(b"HTTP/1.1 1"):
+        answer = answer.partition(b"\r\n\r\n")[2]
+    return answer
+
+
+def _json_of(answer: bytes) -> dict:
+    head, _, body = _final(answer).partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    return json.loads(body)
+
+
+def test_an_early_refusal_reaches_a_client_that_asked_to_close(llm):
+    """A request refused before its body was read (413 for a body past the limit, 401 without the API
+    key) from a client that sent "Connection: close" (urllib always does) and the whole body: the
+    server closed the connection with the body's bytes unread, so the client's kernel got a reset and
+    the client an error ('Connection reset by peer'), never the 413. The answer now goes out, the
+    server reads and drops what the client still sends, and closes once it is done (or the body
+    timeout passes)."""
+    server = LiveServer(llm, limits=ServerLimits(max_body_bytes=4096), api_key="k")
+    try:
+        big = json.dumps({"prompt": "x" * 8_000_000}).encode()
+        for headers, status in (({"Authorization": "Bearer k"}, 413), ({}, 401)):
+            request = urllib.request.Request(server.url + "/v1/completions", data=big, headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(request, timeout=60)
+            assert e.value.code == status and _is_openai_error(json.loads(e.value.read()))
+        # chunked, with no length declared: refused once past the limit
+        chunk = b"x" * 65536
+        s = _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 128 + b"0\r\n\r\n")
+        answer = _read_all(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 413") and _is_openai_error(_json_of(answer))
+        assert _get(server.url + "/health")["requests"] == 0
+    finally:
+        server.stop()
+
+
+def test_a_refused_body_still_arriving_past_the_keep_alive_timeout_is_read_to_its_end(llm):
+    """(beside the one above) uvicorn's keep-alive timer, started with the answer, closed a
+    connection lingering after an early 413 once it ran out (5 s by default), with the rest of a
+    slowly sent body unread: the client got a reset while still sending. The lingering close now
+    lasts until the client ends its body (or --body-timeout)."""
+    api = Server(llm, "tiny", limits=ServerLimits(max_body_bytes=4096))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(api.app(), host="127.0.0.1", port=port, log_level="critical",
+                                           timeout_keep_alive=0.2, http=http_protocol(30.0)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        size = 20 * 65536
+        s = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                       b"Content-Length: %d\r\n\r\n" % size)
+        assert _status(s) == 413
+        for _ in range(20):  # past the keep-alive timeout
+            s.sendall(b"x" * 65536)
+            time.sleep(0.05)
+        s.shutdown(socket.SHUT_WR)
+        rest = _read_all(s)
+        s.close()
+        assert b'"error"' in rest, rest[:300]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        api.close()
+
+
+def test_a_client_that_half_closes_is_still_answered(live, llm):
+    """A client that shuts down its sending side once its request is sent (shutdown(SHUT_WR), as
+    `nc -N` and some proxies do) got no answer: the server took the end of its input for a client
+    gone and cancelled the request. It is answered, streamed or not; a client that closed its
+    socket altogether still cancels its generation."""
+    expected = llm.generate("Paris is", max_new_tokens=4)
+    for path, body in (("/v1/completions", {"prompt": "Paris is", "max_tokens": 4}),
+                       ("/v1/completions", {"prompt": "Paris is", "max_tokens": 4, "stream": True}),
+                       ("/v1/chat/completions", {"messages": _chat("hi"), "max_tokens": 4}),
+                       ("/v1/embeddings", {"input": "Paris"}),
+                       ("/tokenize", {"content": "Paris"})):
+        s = _raw(live.port, _post(path, json.dumps(body).encode(), "Connection: close\r\n"))
+        s.shutdown(socket.SHUT_WR)
+        answer = _final(_read_all(s))
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 200"), (path, body, answer[:300])
+        if path == "/v1/completions" and not body.get("stream"):
+            assert _json_of(answer)["choices"][0]["text"] == expected
+        if body.get("stream"):
+            assert answer.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), answer[-200:]  # (chunked)
+    # kept alive: answered, then closed (the client sends nothing more)
+    s = _raw(live.port, _post("/v1/completions", json.dumps({"prompt": "Paris is", "max_tokens": 4}).encode()))
+    s.shutdown(socket.SHUT_WR)
+    answer = _final(_read_all(s))
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 200") and _json_of(answer)["choices"][0]["text"] == expected
+
+
+def test_a_client_that_closes_during_a_plain_answer_cancels_it(live, llm, monkeypatch):
+    """(beside the half-closed client, which is answered) one that closed its socket while its
+    non-streamed answer was generated ends the generation, as one leaving a stream does."""
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", [])
+    s = _raw(live.port, _post("/v1/completions", json.dumps({"prompt": "Once", "max_tokens": 10_000}).encode()))
+    deadline = time.time() + 10
+    while not _active(live) and time.time() < deadline:
+        time.sleep(0.02)
+    s.close()
+    deadline = time.time() + 30
+    while _active(live) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _active(live) == 0
+    assert llm.last_stats.finish_reason == "cancelled"
+
+
+def test_malformed_http_gets_an_openai_error(live):
+    """Requests that the HTTP parser itself refuses (a bad Content-Length, a header line that is no
+    header, headers past the parser's size) were answered in plain text ("Invalid HTTP request
+    received."); they get OpenAI's error object too, saying what was wrong."""
+    for request, status in ((b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+                            (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nno header here\r\n\r\n", 400),
+                            (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000, 431),
+                            (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                             b"Content-Length: 2\r\n\r\n", 400)):
+        s = _raw(live.port, request)
+        answer = _read_all(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())), answer[:300]
+        error = _json_of(answer)["error"]
+        assert error["type"] == "invalid_request_error" and "HTTP" in error["message"], error
+
 
 def test_health_answers_while_a_long_prompt_is_tokenized(llm):
     server = LiveServer(llm, limits=ServerLimits(max_body_bytes=16 * 2**20, max_prompt_chars=8 * 2**20))
@@ -851,6 +1035,19 @@ def test_numbers_past_what_a_field_holds_get_400(live):
     assert _active(live) == 0
 
 
+def test_seeds_past_64_bits_are_refused_not_wrapped(live):
+    """A seed of 2**64 (or -2**64 - 1) was taken modulo 2**64: the same text as seed 0 (or -1's
+    neighbour), in silence. Seeds are 64-bit (int64 as OpenAI takes them, or uint64): others get a
+    400 naming seed; the ends of the range still pass."""
+    url = live.url + "/v1/completions"
+    for seed in (2**64, -2**63 - 1, 10**30):
+        status, reply = _request(url, json.dumps({"prompt": "hi", "max_tokens": 1, "seed": seed}).encode())
+        assert status == 400 and reply["error"]["param"] == "seed", (seed, reply)
+    for seed in (2**64 - 1, -2**63):
+        status, reply = _request(url, json.dumps({"prompt": "hi", "max_tokens": 1, "seed": seed}).encode())
+        assert status == 200, (seed, reply)
+
+
 
 def test_a_number_json_cannot_give_as_a_float_or_int_is_a_400_naming_its_field(live):
     """1e309 (past a float's range), NaN / Infinity (not JSON) and an integer of 5000 digits were refused
@@ -946,14 +1143,19 @@ def test_inputs_the_model_refuses_name_their_field(live, llm):
 
 def test_messages_the_template_cannot_take_name_messages(live, llm):
     """An image part, a text part without text, a tool call without a function object, and a
-    template that refuses the messages were 400s with param null; they name "messages"."""
+    template that refuses the messages were 400s with param null; they name "messages", a content
+    part the part's field, as OpenAI does (they named "messages" alone)."""
     chat = live.url + "/v1/chat/completions"
-    for messages in ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-                     [{"role": "user", "content": [{"type": "text"}]}],
-                     [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
-                     [{"role": "assistant", "content": "hi", "tool_calls": [{"function": 5}]}]):
+    for messages, param in (
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+             "messages[0].content[0].type"),
+            ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+            ([*_chat("hi"), {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
+             "messages[2].content[1].type"),
+            ([{"role": "assistant", "content": "hi", "tool_calls": [{"function": 5}]}], "messages")):
         status, reply = _request(chat, json.dumps({"messages": messages, "max_tokens": 1}).encode())
-        assert status == 400 and reply["error"]["param"] == "messages", (messages, reply)
+        assert status == 400 and reply["error"]["param"] == param, (messages, reply)
+        assert "content part" in reply["error"]["message"] or param == "messages", reply
     old, llm.chat_template = llm.chat_template, "{{ raise_exception('Conversation roles must alternate') }}"
     try:
         status, reply = _request(chat, json.dumps({"messages": _chat("hi"), "max_tokens": 1}).encode())

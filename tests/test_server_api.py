@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 pytest.importorskip("pydantic")
 
-from test_server import LiveServer, _chat, _get  # noqa: E402
+from test_server import LiveServer, _chat, _get, _request  # noqa: E402
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -36,6 +36,11 @@ def live(llm):
     server = LiveServer(llm)
     yield server
     server.stop()
+
+
+def _post_json(live, path: str, body: dict):
+    """(status, parsed JSON) of a POST of body to the live server."""
+    return _request(live.url + path, json.dumps(body).encode())
 
 
 def _log_softmax(logits):
@@ -742,6 +747,24 @@ def test_parallel_calls_cut_by_max_tokens_keep_the_complete_ones(live, llm, tool
         assert _reply(live.client(), stream, **options) == (None, calls[:2], "stop"), stream
 
 
+def test_a_forced_call_cut_before_its_end_is_no_content(live, llm, tool_template, monkeypatch):
+    """A forced tool call (tool_choice "required" or a named function) that max_tokens cut before
+    its first call was complete came back as content holding the format's raw markup
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Ro'): a client shows it as the
+    assistant's text. A forced reply is calls only: content null, no calls, finish_reason "length",
+    streamed or not."""
+    written = _written_calls(tool_template, [("get_weather", {"city": "Rome", "days": 2})])
+    _script(llm, monkeypatch, written)
+    ids = llm.tokenize(written, add_special_tokens=False)
+    inside = written.index('"Rome"')
+    limit = next(k for k in range(len(ids)) if len(llm.tokenizer.decode(ids[:k])) > inside)
+    options = dict(model="tiny", messages=_chat("weather?"), tools=[WEATHER, TIME], max_tokens=limit)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        for stream in (False, True):
+            reply = _reply(live.client(), stream, tool_choice=choice, **options)
+            assert reply == (None, [], "length"), (choice, stream)
+
+
 def test_text_around_calls_is_the_same_content_in_every_format_and_mode(live, llm, tool_template, monkeypatch):
     """Text before and after the calls came back differently per format (Hermes dropped the text
     after its calls, Mistral and Llama 3 made the whole reply text, Llama 3 dropped the text before
@@ -1049,6 +1072,20 @@ def test_unknown_routes_and_methods_get_openai_errors(live):
         live.client().responses.create(model="tiny", input="hi")
 
 
+def test_a_failure_outside_the_request_handlers_is_an_openai_error(live, monkeypatch):
+    """A route that fails outside the handlers' own error handling (here /v1/models, made to raise)
+    was answered by Starlette in plain text ("Internal Server Error"); it is OpenAI's error object,
+    a 500 of type server_error naming the failure, as the handlers' own 500s are."""
+    def broken():
+        raise RuntimeError("the model list is broken")
+    monkeypatch.setattr(live.api, "_model_ids", broken)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(live.url + "/v1/models", timeout=10)
+    assert e.value.code == 500 and e.value.headers["content-type"] == "application/json"
+    error = json.loads(e.value.read())["error"]
+    assert error["type"] == "server_error" and "the model list is broken" in error["message"], error
+
+
 def test_api_key_and_cors(llm):
     server = LiveServer(llm, api_key="s3cret", cors_origins=["http://app.example"])
     try:
@@ -1063,6 +1100,25 @@ def test_api_key_and_cors(llm):
             "Access-Control-Request-Headers": "authorization,content-type"})
         with urllib.request.urlopen(preflight, timeout=5) as r:
             assert r.headers["access-control-allow-origin"] == "http://app.example"
+    finally:
+        server.stop()
+
+
+def test_refused_cors_preflights_get_openai_errors(llm):
+    """A CORS preflight from an origin not allowed, or for a method the server does not take, was
+    refused in plain text ("Disallowed CORS origin"); it is OpenAI's error object, saying which flag
+    allows origins."""
+    server = LiveServer(llm, cors_origins=["http://app.example"])
+    try:
+        for origin, method, what in (("http://evil.example", "POST", "origin"),
+                                     ("http://app.example", "PUT", "method")):
+            preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": method})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(preflight, timeout=5)
+            assert e.value.code == 400 and e.value.headers["content-type"] == "application/json"
+            error = json.loads(e.value.read())["error"]
+            assert what in error["message"] and "--cors-origin" in error["message"], error
     finally:
         server.stop()
 
@@ -1143,6 +1199,71 @@ def test_model_names_with_colons_are_the_base_model(live, llm):
             client.completions.create(model="tiny:v1:nope", prompt="hi", max_tokens=2)
     finally:
         server.stop()
+
+
+def test_answers_name_the_model_the_client_asked_for(live):
+    """Answers and stream chunks named the server's model whatever the request's "model" was
+    ("BASE:ADAPTER" answered as BASE, "gpt-4o" as "tiny"); they echo it, as OpenAI and llama-server
+    do (embeddings did already), and name the server's model when the request names none."""
+    client = live.client()
+    for model in ("tiny", "gpt-4o", "llama3.1:8b"):
+        assert client.completions.create(model=model, prompt="hi", max_tokens=1).model == model
+        assert client.chat.completions.create(model=model, messages=_chat("hi"), max_tokens=1).model == model
+        chunks = list(client.chat.completions.create(model=model, messages=_chat("hi"), max_tokens=2, stream=True))
+        assert {c.model for c in chunks} == {model}
+        chunks = list(client.completions.create(model=model, prompt="hi", max_tokens=2, stream=True))
+        assert {c.model for c in chunks} == {model}
+        assert client.embeddings.create(model=model, input="hi").model == model
+    status, reply = _post_json(live, "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+    assert status == 200 and reply["model"] == "tiny"
+
+
+def test_max_tokens_past_the_context_is_refused_as_openai_does(live, llm):
+    """max_tokens larger than what the prompt leaves of the context was cut to fit in silence (a
+    reply ended "length" well short of what was asked, with no word why); OpenAI refuses it (400
+    "This model's maximum context length is N tokens. However, you requested ...", code
+    context_length_exceeded), and so does the server now, on both endpoints, streamed or not, naming
+    the field given. A request that leaves max_tokens unset (or -1) still runs until the context is full."""
+    context = llm.context_length
+    prompt = "The quick brown fox"
+    used = len(llm.tokenize(prompt))
+    chat_used = len(llm.chat_prompt_ids(_chat(prompt)))
+    cases = [("/v1/completions", {"prompt": prompt, "max_tokens": context - used + 1}, "max_tokens", used),
+             ("/v1/completions", {"prompt": ["hi", prompt], "max_tokens": context - used + 1}, "max_tokens", used),
+             ("/v1/chat/completions", {"messages": _chat(prompt), "max_tokens": context - chat_used + 1}, "max_tokens",
+              chat_used),
+             ("/v1/chat/completions", {"messages": _chat(prompt), "max_completion_tokens": context},
+              "max_completion_tokens", chat_used)]
+    for path, body, param, tokens in cases:
+        for stream in (False, True):
+            status, reply = _post_json(live, path, {**body, "stream": stream})
+            assert status == 400, (path, body, reply)
+            error = reply["error"]
+            assert error["param"] == param and error["code"] == "context_length_exceeded", error
+            assert f"maximum context length is {context} tokens" in error["message"], error
+            assert f"{tokens} in the" in error["message"], error
+    # what fits is taken
+    status, reply = _post_json(live, "/v1/completions", {"prompt": prompt, "max_tokens": context - used,
+                                                          "stop_token_ids": list(range(llm.config.vocab_size))})
+    assert status == 200, reply
+
+
+def test_errors_carry_openai_s_codes(live, llm):
+    """A model this server lacks (a route's 404 and a request's) and an input past the context had
+    code null; they carry OpenAI's codes, model_not_found and context_length_exceeded, which
+    clients (LiteLLM, LangChain) read to tell such errors apart."""
+    client = live.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="tiny:nope", prompt="hi", max_tokens=1)
+    assert e.value.code == "model_not_found"
+    for call in (lambda: client.embeddings.create(model="tiny", input=[[5] * (llm.context_length + 1)]),
+                 lambda: client.completions.create(model="tiny", prompt=[5] * llm.context_length, max_tokens=1)):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.code == "context_length_exceeded", e.value
 
 
 def test_embeddings_endpoint_with_the_openai_client(live, llm):
