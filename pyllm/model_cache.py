@@ -33,6 +33,7 @@ from typing import Iterator
 
 from . import __version__
 from .errors import PyllmError
+from .formats.gguf_split import split_parts
 from .formats.packed import FORMAT_VERSION
 from .formats.safetensors import FormatError, _umask, partial_file, verify_header
 
@@ -303,8 +304,24 @@ def model_kind(path: str) -> str:
     return "gguf" if magic == b"GGUF" else "pllm"
 
 
+def model_source(path: str) -> str:
+    """The path a source is cached by: a split GGUF model's first shard, whichever shard is named
+    (each was an entry of its own, converted again), else path."""
+    first = split_parts(path)[0]
+    return first if first != path and os.path.isfile(first) else path
+
+
 def source_fingerprint(path: str) -> dict:
-    """Sizes and modification times (ns) of a source file, or of the files of a source directory."""
+    """Sizes and modification times (ns) of a source file (of every shard of a split GGUF model: one
+    downloaded again went unseen), or of the files of a source directory."""
+    shards = split_parts(path)
+    if len(shards) > 1:
+        files = {}
+        for shard in shards:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(shard)
+                files[os.path.basename(shard)] = [st.st_size, st.st_mtime_ns]
+        return {"files": files, "size": sum(v[0] for v in files.values())}
     if os.path.isdir(path):
         files = {}
         for name in sorted(os.listdir(path)):
@@ -414,7 +431,7 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
         if quant is not None:
             raise ValueError(f"{path} is already a .pllm file: --quant applies to GGUF files and model directories")
         return path
-    source = os.path.abspath(path)
+    source = model_source(os.path.abspath(path))
     settings = conversion_settings(kind, quant)
     target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
     fingerprint = source_fingerprint(source)
@@ -561,7 +578,7 @@ def find_entries(name: str) -> list[CacheEntry]:
                          "path of a converted source")
     plain = name not in (".", "..") and os.sep not in name and not (os.altsep and os.altsep in name)
     wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
-    source = os.path.realpath(name)
+    source = os.path.realpath(model_source(name))
     entries = list_entries()
     matches = [e for e in entries if (plain and e.name[:-len(MODEL_SUFFIX)] == wanted)
                or (e.source and os.path.realpath(e.source) == source)]

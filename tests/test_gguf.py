@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -297,11 +298,13 @@ def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, mess
 
 
 def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None,
-                 endianess=gguf.GGUFEndian.LITTLE) -> str:
+                 endianess=gguf.GGUFEndian.LITTLE, **writer_options) -> str:
     """src copied to out with metadata `fields` (key -> (value, GGUFValueType, array sub-type or None))
-    and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in."""
+    and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in;
+    writer_options: GGUFWriter's (split_max_tensors...)."""
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(out, "llama", endianess=endianess)
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "llama"
+    w = gguf.GGUFWriter(out, arch, endianess=endianess, **writer_options)
     fields = fields or {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
@@ -451,20 +454,108 @@ def test_tensors_of_three_dimensions_and_an_empty_vocabulary_are_refused_by_name
     convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
 
 
-def test_the_shards_of_a_split_gguf_are_refused_naming_the_merge(tmp_path):
-    """gguf-split's shards (split.count > 1): the first was refused as lacking the others' tensors, the
-    others as of architecture None: each now says it is one shard of several and how to merge them."""
-    good = str(tmp_path / "good.gguf")
-    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
-    for no, fields in enumerate([{"split.no": (0, V.UINT16, None), "split.count": (3, V.UINT16, None)},
-                                 {"split.no": (1, V.UINT16, None), "split.count": (3, V.UINT16, None),
-                                  "general.architecture": ("", V.STRING, None)}]):
-        path = rewrite_gguf(good, str(tmp_path / f"model-0000{no + 1}-of-00003.gguf"), fields)
-        with pytest.raises(FormatError, match=re.escape(f"{path}: shard {no + 1} of 3 of a split GGUF model; pyllm reads "
-                                                        "a whole model from one file: merge the shards first with "
-                                                        "llama.cpp's `llama-gguf-split --merge")):
-            convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
-        assert not (tmp_path / "x.pllm").exists()
+def split_gguf(whole: str, directory, max_tensors: int = 8, small_first_shard: bool = False) -> list[str]:
+    """whole written again as gguf-split writes it (gguf-py's writer with a tensor limit): shards
+    model-0000i-of-0000n.gguf in directory, the metadata in the first; their paths, first first."""
+    rewrite_gguf(whole, str(directory / "model.gguf"), split_max_tensors=max_tensors,
+                 small_first_shard=small_first_shard)
+    return sorted(str(p) for p in directory.glob("model-*-of-*.gguf"))
+
+
+def test_a_split_gguf_is_read_from_any_of_its_shards(tmp_path):
+    """gguf-split's shards (split.count > 1; how large models are published, model-00001-of-00003.gguf...)
+    were refused, the first as lacking the others' tensors, then with "merge the shards first". Now any
+    shard given reads them all, as llama.cpp does: the same model as the merged file, tensor for tensor;
+    also with the first shard holding metadata only (gguf-split --no-tensor-first-split)."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    whole = str(tmp_path / "whole.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), whole, Q.Q8_0)
+    merged = GGUFSource(whole)
+    for small_first in (False, True):
+        directory = tmp_path / f"split-{small_first}"
+        directory.mkdir()
+        shards = split_gguf(whole, directory, small_first_shard=small_first)
+        assert len(shards) >= 3 and shards[0].endswith(f"-00001-of-0000{len(shards)}.gguf")
+        for given in (shards[0], shards[-1]):
+            source = GGUFSource(given)
+            assert source.files == shards and source.path == shards[0]
+            assert source.config == merged.config and source.tokenizer() == merged.tokenizer()
+            assert source.chat_template() == merged.chat_template()
+            for name in merged.places:
+                assert np.array_equal(source.load(name), merged.load(name)), name
+            assert source.where("lm_head.weight").startswith(f"{source.tensor_files['output.weight']}: ")
+    report = convert_checkpoint(shards[1], str(tmp_path / "split.pllm"), progress=False)
+    assert report.source_bytes == sum(os.path.getsize(p) for p in shards)
+    with pyllm.LLM(str(tmp_path / "split.pllm"), n_threads=1) as llm:
+        ids = [1, 5, 9, 20]
+        convert_checkpoint(whole, str(tmp_path / "whole.pllm"), progress=False)
+        with pyllm.LLM(str(tmp_path / "whole.pllm"), n_threads=1) as reference:
+            assert np.array_equal(llm.logits(ids), reference.logits(ids))
+    with pytest.raises(FileExistsError, match="which this conversion reads"):  # a shard is an input too
+        convert_checkpoint(shards[0], shards[2], progress=False)
+
+
+def _broken_split(tmp_path, case: str) -> tuple[str, str]:
+    """A split set damaged as `case` says: (shard to give, message expected)."""
+    whole = str(tmp_path / "whole.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), whole, Q.Q8_0)
+    shards = split_gguf(whole, tmp_path)
+    n = len(shards)
+    second = gguf.GGUFReader(shards[1])
+    if case == "missing":
+        os.unlink(shards[1])
+        return shards[0], re.escape(f"{shards[0]}: shard 1 of a GGUF model split in {n} files; missing: {shards[1]}")
+    if case == "copied over another":  # shard 2 copied as shard 3
+        shutil.copy(shards[1], shards[2])
+        return shards[0], re.escape(f"{shards[2]}: its GGUF metadata says shard 2 of {n}, its name shard 3 of {n}: "
+                                    "the shards are not one split model")
+    if case == "renamed":
+        renamed = str(tmp_path / "model-part2.gguf")
+        os.rename(shards[1], renamed)
+        return renamed, re.escape(f"{renamed}: shard 2 of {n} of a split GGUF model, but not named as gguf-split "
+                                  f"names its shards (PREFIX-00002-of-0000{n}.gguf): its other shards cannot be found")
+    if case == "of another set":  # a shard of the same name from a split of another model
+        total = second.fields["split.tensors.count"].contents()
+        rewrite_gguf(shards[1], shards[1] + ".new", {"split.tensors.count": (total + 5, V.INT32, None)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[-1], re.escape(f"{shards[1]}: GGUF metadata 'split.tensors.count' is {total + 5}, {total} in "
+                                     f"{shards[-1]}: the shards are not one split model")
+    if case == "of another architecture":
+        rewrite_gguf(shards[1], shards[1] + ".new", {"general.architecture": ("qwen2", V.STRING, None)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[0], re.escape(f"{shards[1]}: a shard of a qwen2 model, {shards[0]} of a llama one")
+    if case == "a tensor twice":
+        first = gguf.GGUFReader(shards[0]).tensors[0]
+        rewrite_gguf(shards[1], shards[1] + ".new", tensors={first.name: (np.asarray(first.data), first.tensor_type)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[0], re.escape(f"{shards[1]}: tensor '{first.name}' is also in {shards[0]}: the shards are "
+                                    "not one split model")
+    if case == "a tensor lost":
+        total = second.fields["split.tensors.count"].contents()
+        rewrite_gguf(shards[1], shards[1] + ".new", tensors={second.tensors[0].name: None})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[0], re.escape(f"{shards[0]}: GGUF metadata 'split.tensors.count' is {total}, but the {n} "
+                                    f"shard(s) hold {total - 1} tensors")
+    if case == "split.no out of range":
+        rewrite_gguf(shards[1], shards[1] + ".new", {"split.no": (n, V.UINT16, None)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[1], re.escape(f"{shards[1]}: GGUF metadata 'split.no' is {n}, not a shard of the {n} that "
+                                    "'split.count' says")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "copied over another", "renamed", "of another set",
+                                  "of another architecture", "a tensor twice", "a tensor lost",
+                                  "split.no out of range"])
+def test_a_broken_split_gguf_is_refused_naming_the_shard(tmp_path, case):
+    """A split model read whole must be the shards of one split set, each once: a missing shard, a shard
+    renamed or copied over another, one of another split (or model), a tensor in two shards or in none,
+    are refused naming the shard, before anything is written."""
+    given, message = _broken_split(tmp_path, case)
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(given, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
 
 
 def test_a_llama_cpp_lora_adapter_given_as_the_model_says_what_it_is(tmp_path):

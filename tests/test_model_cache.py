@@ -572,3 +572,23 @@ def test_a_fetch_killed_while_others_wait_leaves_nothing_they_trust(gguf_file, c
     (entry,) = model_cache.list_entries()
     assert entry.path == out.strip() and model_cache.damage_of(entry.path) is None
     assert model_cache.stale_temporaries() == []
+
+
+def test_a_split_gguf_is_cached_once_and_converted_again_when_any_shard_changes(gguf_file, cache, tmp_path, capsys):
+    """A split GGUF (model-00001-of-00003.gguf...) is one model whichever shard is given: one cache entry,
+    keyed by the first shard; its fingerprint holds every shard, so a shard downloaded again (or replaced)
+    converts it again, as a changed single file does."""
+    from test_gguf import split_gguf
+
+    shards = split_gguf(gguf_file, tmp_path)
+    assert len(shards) >= 3
+    first = model_cache.resolve_model(shards[1])
+    assert "converting the GGUF file " + shards[0] in capsys.readouterr().err
+    assert model_cache.resolve_model(shards[0]) == model_cache.resolve_model(shards[-1]) == first
+    assert "converting" not in capsys.readouterr().err
+    (entry,) = model_cache.list_entries()
+    assert entry.source == shards[0] and not entry.stale
+    os.utime(shards[-1], ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert model_cache.list_entries()[0].stale
+    assert model_cache.resolve_model(shards[0]) == first and "converting the" in capsys.readouterr().err
+    assert [e.path for e in model_cache.find_entries(shards[2])] == [first]  # `pyllm rm` by any shard's path

@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from ..errors import library_errors
+from ..formats.gguf_split import shard_path, split_name, split_parts
 from ..formats.packed import TokenizerSpec
 from ..formats.safetensors import FormatError
 from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
@@ -82,37 +83,83 @@ def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
     return np.ascontiguousarray(values)
 
 
+def _open_reader(path: str):
+    """gguf's reader of path; FormatError for a file it cannot read or of the other byte order."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
+        raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if getattr(reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
+        # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
+        # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
+        raise FormatError(f"{path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
+                          f"does on this machine): convert it in place first with "
+                          f"`gguf-convert-endian {path} little` (from the gguf package)")
+    return reader
+
+
+def _field(reader, path: str, key: str):
+    """A metadata value of one reader's file, None when absent; FormatError naming file and key when
+    it cannot be read."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception as e:
+        raise FormatError(f"{path}: metadata '{key}' is malformed ({e})") from None
+
+
+def _split_keys(reader, path: str) -> tuple[int, int, int | None]:
+    """(split.no, split.count, split.tensors.count or None) of a shard; FormatError naming the key
+    when one is missing or not a number in range."""
+    values = []
+    for key in ("split.no", "split.count", "split.tensors.count"):
+        value = _field(reader, path, key)
+        if value is None and key != "split.tensors.count":
+            raise FormatError(f"{path}: a split GGUF shard (it has split.* metadata) without '{key}'")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise FormatError(f"{path}: GGUF metadata '{key}' must be a non-negative integer, got {value!r:.40}")
+        values.append(value)
+    no, count, total = values
+    if not 0 <= no < count:
+        raise FormatError(f"{path}: GGUF metadata 'split.no' is {no}, not a shard of the {count} that "
+                          "'split.count' says")
+    return no, count, total
+
+
 class GGUFSource:
-    """A .gguf file seen as a checkpoint with pyllm's tensor names (pyllm/convert/gguf_arch.py)."""
+    """A .gguf file (or the shards of a split one) seen as a checkpoint with pyllm's tensor names
+    (pyllm/convert/gguf_arch.py)."""
 
     def __init__(self, path: str | os.PathLike):
         try:
-            from gguf import GGUFReader
+            from gguf import GGUFReader  # noqa: F401
         except ImportError:  # pragma: no cover - gguf is a dependency
             raise RuntimeError("reading GGUF needs the 'gguf' package (pip install gguf)") from None
         self.path = os.fspath(path)
-        try:
-            self.reader = GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
-            raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        if getattr(self.reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
-            # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
-            # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
-            raise FormatError(f"{self.path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
-                              f"does on this machine): convert it in place first with "
-                              f"`gguf-convert-endian {self.path} little` (from the gguf package)")
+        self.reader = _open_reader(self.path)
         self.fields = {k: f for k, f in self.reader.fields.items()}
-        self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
-        count = self._get("split.count")
-        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
-            # gguf-split's shards: the first lacked the others' tensors ("lacks blk.9.attn_q.weight..."), the others
-            # the metadata ("GGUF architecture None is not supported")
-            no = self._get("split.no")
-            which = f"shard {no + 1} of {count}" if isinstance(no, int) and not isinstance(no, bool) else \
-                f"one of {count} shards"
-            raise FormatError(f"{self.path}: {which} of a split GGUF model; pyllm reads a whole model from one file: "
-                              "merge the shards first with llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf "
-                              "MERGED.gguf`")
+        self.files = [self.path]  # the files read: the shards of a split model, first first
+        self.readers = [self.reader]
+        if "split.count" in self.fields:  # gguf-split's shards: read together, as llama.cpp reads them
+            self._read_split_set()
+        self.tensors = {}  # by GGUF name
+        self.tensor_files = {}  # GGUF name -> the file holding it
+        for file, reader in zip(self.files, self.readers):
+            for t in reader.tensors:
+                if t.name in self.tensors:
+                    raise FormatError(f"{file}: tensor '{t.name}' is also in {self.tensor_files[t.name]}: "
+                                      "the shards are not one split model")
+                self.tensors[t.name] = t
+                self.tensor_files[t.name] = file
+        if len(self.files) > 1 or "split.count" in self.fields:
+            total = self._typed("split.tensors.count", int, None)
+            if total is not None and total != len(self.tensors):
+                raise FormatError(f"{self.path}: GGUF metadata 'split.tensors.count' is {total}, but the "
+                                  f"{len(self.files)} shard(s) hold {len(self.tensors)} tensors")
         if self._get("general.type") == "adapter":  # convert_lora_to_gguf's output: was "lacks token_embd.weight"
             what = self._get("adapter.type")
             raise FormatError(f"{self.path}: a llama.cpp {what + ' ' if isinstance(what, str) else ''}adapter, not a "
@@ -121,7 +168,8 @@ class GGUFSource:
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
         for t in self.tensors.values():  # [64, 32, 2] was read as 32 rows: a head size from nowhere, refused by
             if any(int(d) != 1 for d in t.shape[2:]):  # rope.dimension_count's check, naming no tensor
-                raise FormatError(f"{self.path}: tensor '{t.name}' has shape {[int(d) for d in reversed(t.shape)]}; "
+                raise FormatError(f"{self._file(t.name)}: tensor '{t.name}' has shape "
+                                  f"{[int(d) for d in reversed(t.shape)]}; "
                                   f"the tensors of a {self.gguf_arch.name} GGUF file are vectors and matrices")
         meta = Metadata(self.gguf_arch.name, self._get, {n: tuple(int(d) for d in t.shape)
                                                          for n, t in self.tensors.items()}, self.path)
@@ -134,7 +182,51 @@ class GGUFSource:
             raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
         for t in self.tensors.values():  # before anything is written (a Q8_K one failed half-way, once
             if not _readable(t.tensor_type):  # announced as "re-quantized to int8")
-                raise _unreadable(self.path, t)
+                raise _unreadable(self._file(t.name), t)
+
+    def _read_split_set(self) -> None:
+        """self.files, self.readers: every shard of the split model self.path is one of (it may be any),
+        found by gguf-split's names; self.path, self.reader, self.fields: the first's, which holds the
+        metadata. FormatError naming the shard that is missing, of another split set, or inconsistent."""
+        given = self.path
+        no, count, total = _split_keys(self.reader, given)
+        if count == 1:  # a set of one: the whole model, whatever its name
+            return
+        found = split_name(given)
+        if found is None or found[1:] != (no + 1, count):
+            raise FormatError(f"{given}: shard {no + 1} of {count} of a split GGUF model, but not named as "
+                              f"gguf-split names its shards ({os.path.basename(shard_path('PREFIX', no + 1, count))})"
+                              ": its other shards cannot be found; rename the shards so, or merge them with "
+                              "llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf MERGED.gguf`")
+        parts = split_parts(given)
+        missing = [p for p in parts if not os.path.isfile(p)]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise FormatError(f"{given}: shard {no + 1} of a GGUF model split in {count} files; missing: {shown}")
+        readers = []
+        for i, part in enumerate(parts):
+            reader = self.reader if i == no else _open_reader(part)
+            part_no, part_count, part_total = _split_keys(reader, part)
+            if (part_no, part_count) != (i, count):  # renamed, copied over another, of a set of another size
+                raise FormatError(f"{part}: its GGUF metadata says shard {part_no + 1} of {part_count}, its name "
+                                  f"shard {i + 1} of {count}: the shards are not one split model")
+            if part_total != total:
+                raise FormatError(f"{part}: GGUF metadata 'split.tensors.count' is {part_total}, {total} in "
+                                  f"{given}: the shards are not one split model")
+            readers.append(reader)
+        self.files, self.readers = parts, readers
+        self.path, self.reader = parts[0], readers[0]
+        self.fields = {k: f for k, f in self.reader.fields.items()}
+        arch = self._get("general.architecture")
+        for part, reader in zip(parts[1:], readers[1:]):  # gguf-split writes it in the first only
+            other = _field(reader, part, "general.architecture")
+            if other not in (None, "", arch):
+                raise FormatError(f"{part}: a shard of a {other} model, {parts[0]} of a {arch} one: the shards "
+                                  "are not one split model")
+
+    def _file(self, name: str) -> str:
+        """The file holding GGUF tensor `name` (a shard of a split model, or the file)."""
+        return self.tensor_files.get(name, self.path)
 
     def _get(self, key: str, default=None):
         field = self.fields.get(key)
@@ -194,7 +286,8 @@ class GGUFSource:
     def where(self, name: str) -> str:
         """The file and GGUF tensor pyllm's tensor `name` is: "…/m.gguf: tensor 'blk.0.attn_q.weight' (as ...)"."""
         place = self.places.get(name)
-        return f"{self.path}: tensor '{place.source if place else name}'" + (f" (as '{name}')" if place else "")
+        source = place.source if place else name
+        return f"{self._file(source)}: tensor '{source}'" + (f" (as '{name}')" if place else "")
 
     def native_format(self, name: str) -> tuple[str, int] | None:
         kind = self._source(name).tensor_type.name
@@ -228,7 +321,7 @@ class GGUFSource:
             raw = raw.reshape(1, -1)
         rows, cols = raw.shape[0], int(self._source(name).shape[0])
         if cols % BLOCK or raw.shape[1] != cols // BLOCK * block_bytes:
-            raise FormatError(f"{self.path}: tensor '{name}' has an inconsistent {kind} size")
+            raise FormatError(f"{self.where(name)} has an inconsistent {kind} size")
         blocks = raw.reshape(rows, cols // BLOCK, block_bytes)
         scales = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).reshape(rows, -1)
         if kind == "Q8_0":
@@ -262,11 +355,12 @@ class GGUFSource:
         try:
             values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         except NotImplementedError:
-            raise _unreadable(self.path, t) from None
+            raise _unreadable(self._file(t.name), t) from None
         return _place_rows(values.reshape(tuple(int(d) for d in reversed(t.shape))), self.places[name])
 
     def close(self) -> None:
         self.reader = None
+        self.readers = []
 
     # -- tokenizer and chat template ------------------------------------------
     def tokenizer(self) -> tuple[TokenizerSpec, bytes]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
+from ..formats.gguf_split import split_parts
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, check_finite, check_output_path, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, layout_name, packed_shapes, quantization_nmse, quantize
@@ -151,7 +152,8 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
 
 
 def check_output_is_not_an_input(output: str, inputs: list[str]) -> None:
-    """FileExistsError when output already is a file the conversion reads (the source GGUF file, or
+    """FileExistsError when output already is a file the conversion reads (the source GGUF file or its
+    shards, or
     a file directly inside the checkpoint or an adapter directory, symbolic links followed): the
     finished file replaces what the path names, so the checkpoint would be gone. Earlier .pllm files
     in those directories are not inputs and may be overwritten."""
@@ -161,7 +163,7 @@ def check_output_is_not_an_input(output: str, inputs: list[str]) -> None:
         if os.path.isdir(item):
             files = [os.path.join(item, name) for name in os.listdir(item) if not name.endswith(".pllm")]
         else:
-            files = [item]
+            files = split_parts(item)  # a split GGUF model's shards (the output was one of them, replaced)
         for path in files:
             try:
                 same = os.path.samefile(output, path)
@@ -261,12 +263,12 @@ def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, 
 
 
 def source_size(src: str, lora=()) -> int:
-    """Bytes of the source's weight files: a GGUF file, or a directory's *.safetensors / *.bin / *.pt
+    """Bytes of the source's weight files: a GGUF file (all its shards), or a directory's *.safetensors / *.bin / *.pt
     files (LoRA adapter directories' included)."""
     total = 0
     for path in (src, *lora):
         if os.path.isfile(path):
-            total += os.path.getsize(path)
+            total += sum(os.path.getsize(p) for p in split_parts(path) if os.path.isfile(p))
             continue
         for name in os.listdir(path):
             if name.endswith((".safetensors", ".bin", ".pt")):
