@@ -118,6 +118,9 @@ def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im
         elif kind == Q.Q6_K:  # gguf-py cannot quantize to it: random blocks (super-scale 1e-3), read back
             data = random_q6_k_blocks(stored.shape, seed=len(held))
             back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
+        elif kind == Q.NVFP4:  # nor to this: random blocks, read back
+            data = random_nvfp4_blocks(stored.shape, seed=len(held))
+            back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
         else:
             data = gguf.quants.quantize(stored, kind)
             back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
@@ -144,6 +147,17 @@ def random_q6_k_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def random_nvfp4_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """NVFP4 blocks (64 values in 36 bytes: 4 unsigned e4m3 scales, one per 16 values, then 32 bytes of
+    e2m1 nibbles) of random codes under scales of 2^-6..2^-3: uint8 [rows, cols / 64 * 36]."""
+    rows, cols = shape
+    assert cols % 64 == 0, "NVFP4 rows are whole 64-value blocks"
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // 64, 36), dtype=np.uint8)
+    blocks[..., :4] = (rng.integers(1, 5, (rows, cols // 64, 4)) << 3 | rng.integers(0, 8, (rows, cols // 64, 4)))
+    return blocks.reshape(rows, -1)
+
+
 def permute_back(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -157,7 +171,8 @@ def hf_dir(tmp_path_factory):
 
 # Q5_0: its 5-bit values are int8 values at its own scale (they were re-quantized to int8 at max / 127
 # scales: logits NMSE ~1e-3 where the file's own weights give ~1e-7)
-@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.Q5_0])
+# MXFP4: its e2m1 values (doubled) are int8 values at its power-of-two scale (they were stored as f16 without a word)
+@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.MXFP4])
 def test_gguf_import_matches_transformers_on_the_same_weights(hf_dir, tmp_path, matrix_type):
     gguf_path = str(tmp_path / "model.gguf")
     held = write_gguf(hf_dir, gguf_path, matrix_type)
@@ -234,7 +249,8 @@ def test_block_types_nothing_reads_are_refused_before_a_notice_or_a_write(tmp_pa
                         tensors={"blk.0.ffn_up.weight": (np.zeros((256, 256 // block * size), np.uint8), kind)})
     capsys.readouterr()
     with pytest.raises(FormatError, match=re.escape(f"{path}: tensor 'blk.0.ffn_up.weight' has type {kind.name}, which "
-                                                    "pyllm cannot read (supported: F32, F16, BF16, Q8_0")) as error:
+                                                    "pyllm cannot read: llama.cpp's type for activations, not weights "
+                                                    "(supported: F32, F16, BF16, Q8_0")) as error:
         convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
     assert "Q4_K" in str(error.value) and "Q8_K" not in str(error.value).split("supported")[1]
     assert "re-quantized" not in capsys.readouterr().err
@@ -753,6 +769,66 @@ def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     assert q6 and all(layouts[b] == ("int8", 32) for b in q6)
     assert max(report.nmse[b] for b in q6) < 1e-3
     assert requantized_format("Q6_K")[:2] == ("int8", 32)
+
+
+def test_an_nvfp4_file_is_stored_as_f16_exactly_with_a_notice(hf_dir, tmp_path, capsys):
+    """NVFP4 (an fp8 scale per 16 values: no pyllm layout) was stored as f16 without a word, as every type
+    pyllm had no row for. f16 holds its values exactly; the notice says so, and what it costs."""
+    path = str(tmp_path / "model.gguf")
+    held = write_gguf(hf_dir, path, Q.NVFP4)
+    report = convert_checkpoint(path, str(tmp_path / "model.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert "NVFP4 tensor(s) stored as f16, exactly" in err and err.count("NVFP4") == 1
+    layers = {b for b in report.nmse if "down_proj" not in b and b not in ("model.embed_tokens", "lm_head")}
+    assert layers and all(report.nmse[b] == 0 for b in layers)  # f16 of the file's values is the file's values
+    with pyllm.LLM(str(tmp_path / "model.pllm"), n_threads=1) as llm:
+        assert {llm.model.linears[b] for b in layers} == {("f16", 0)}
+    for b in layers:
+        values = held[b + ".weight"]
+        assert np.array_equal(values.astype(np.float16).astype(np.float32), values), b
+
+
+def test_mxfp4_scales_outside_fp16_are_refused_naming_the_block(hf_dir, tmp_path):
+    """MXFP4's scales are 2^(e - 128) for any byte e; pyllm's int8 scales are fp16 (2^-24..2^15): a block
+    whose scale is outside is refused naming tensor and block (a block of zeros holds at any scale)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(hf_dir, good, Q.MXFP4)
+    t = next(t for t in gguf.GGUFReader(good).tensors if t.name == "blk.0.ffn_up.weight")
+    data = np.array(t.data)
+    data[1, 17 * 2] = 0  # row 1, block 2: zeros at scale 2^-128
+    data[1, 17 * 2 + 1:17 * 3] = 0
+    fine = rewrite_gguf(good, str(tmp_path / "fine.gguf"), tensors={t.name: (data.copy(), Q.MXFP4)})
+    report = convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
+    assert "model.layers.0.mlp.up_proj" in report.kept_exactly
+    data[3, 17 * 3] = 100  # row 3, block 3: 2^-28
+    data[3, 17 * 3 + 1] = 0x11
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={t.name: (data, Q.MXFP4)})
+    with pytest.raises(FormatError, match=re.escape(f"{bad}: tensor 'blk.0.ffn_up.weight' (as 'model.layers.0.mlp."
+                                                    "up_proj.weight'): MXFP4 block 3 of row 3 has scale 2^-28, outside "
+                                                    "pyllm's fp16 scales (2^-24..2^15)")):
+        convert_checkpoint(bad, str(tmp_path / "bad.pllm"), progress=False)
+    assert not (tmp_path / "bad.pllm").exists()
+
+
+def test_every_gguf_type_has_a_row_saying_what_pyllm_does(tmp_path):
+    """Types pyllm had no rule for went to f16 without a word (MXFP4, NVFP4), or failed half-way. Each
+    type the gguf package knows has a row: kept exactly in a pyllm layout, re-quantized with a notice,
+    or refused naming tensor and type (a type added to gguf after this table is refused until it has
+    one). Each readable row is readable by this gguf package."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from pyllm.convert.gguf_source import GGUF_TYPES
+
+    for kind in Q:
+        assert kind.name in GGUF_TYPES, f"GGUF type {kind.name} has no row in gguf_source.GGUF_TYPES"
+        row = GGUF_TYPES[kind.name]
+        if row.layout is None:
+            assert row.why and not row.exact, kind.name
+        elif not row.exact:
+            assert row.why and row.layout[0] in ("int8", "int4_asym"), kind.name
+        if row.layout is not None and kind.name not in ("F32", "F16", "BF16"):  # decodable here
+            block, size = GGML_QUANT_SIZES[kind]
+            gguf.quants.dequantize(np.zeros((1, size), np.uint8), kind)
 
 
 @pytest.mark.parametrize("block, expected", [(Q.Q5_1, "int8")])

@@ -1,12 +1,17 @@
 """Reading GGUF files (llama.cpp's format) of pyllm's families as a conversion source.
 
-Tensors are read with the `gguf` package (llama.cpp's own reader). Block formats that
-pyllm stores without loss at group size 32 are kept exactly:
+Tensors are read with the `gguf` package (llama.cpp's own reader). GGUF_TYPES says, one row per
+GGML type, what becomes of its tensors: block formats that pyllm stores without loss at group size
+32 are kept exactly, block for block:
   Q8_0 (fp16 d, 32 x int8)        -> int8       value = q * d
   Q4_0 (fp16 d, 16 bytes nibbles) -> int4_sym   value = (q - 8) * d
   Q4_1 (fp16 d, fp16 m, 16 bytes) -> int4_asym  value = q * d + m
   Q5_0 (fp16 d, 32 high bits, 16 bytes nibbles) -> int8   value = (q - 16) * d, q - 16 in -16..15
-(the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's).
+  MXFP4 (e8m0 e, 16 bytes of e2m1 codes)        -> int8   value = 2 x e2m1 (an integer) * 2^(e - 128)
+(the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's); floats stay
+as they are, NVFP4 goes to f16 (exact, larger), the types pyllm has no layout for are re-quantized
+with a notice, and the others are refused naming the tensor and its type. A split GGUF model
+(gguf-split's shards) is read from all of its files (formats/gguf_split.py).
 Each GGUF architecture's metadata keys and tensor layout are described in gguf_arch.py: a
 pyllm tensor is a GGUF tensor, or a block of its rows (fused q/k/v, gate/up), possibly in another
 row order (llama.cpp's q/k permutation undone, GLM's interleaved RoPE pairs). Rows are taken from
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,49 +35,79 @@ from ..formats.safetensors import FormatError
 from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
 from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 
-# GGUF block type name -> (pyllm format, bytes of one 32-value block)
-_LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20), "Q5_0": ("int8", 22)}
-_FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
-# Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
-# the nearest pyllm layout at least as fine as the source (close to its values, not on its grid: their
-# sub-block scales and mins are not int8's): 5 to 8 bits -> int8, up to
-# 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
-# (Q8_1 and Q8_K are llama.cpp's activation types: neither it nor the gguf package reads them as weights)
-_WIDE_BLOCKS = ("Q5_1", "Q5_K", "Q6_K")
-_NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
-                  "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
+@dataclass(frozen=True)
+class GGUFType:
+    """What pyllm does with the tensors of one GGML type, when converting with the source's formats.
+    layout: the pyllm (format, group size) they are stored in, None when they are refused.
+    exact: whether that layout holds the file's values exactly (else they are re-quantized: close to
+    them, not on their grid, said in a notice). why: the notice (also for an exact layout that is
+    larger than the file's), or why they are refused. block_bytes: the bytes of one 32-value block
+    that load_native copies into layout without a round trip through floats (0: decoded)."""
+    layout: tuple[str, int] | None
+    exact: bool
+    why: str = ""
+    block_bytes: int = 0
+
+
+_REQUANT_WIDE = GGUFType(("int8", BLOCK), False, "pyllm has no 5-6 bit layout; int8 is finer, close to the file's values "
+                                                 "(not bit for bit: about 1/16 of the file's own rounding error added)")
+_REQUANT_NARROW = GGUFType(("int4_asym", BLOCK), False, "pyllm has no layout for it; int4_asym group 32 is the "
+                                                        "nearest at least as fine (close to the file's values)")
+_ACTIVATIONS = GGUFType(None, False, "llama.cpp's type for activations, not weights")
+_INTEGERS = GGUFType(None, False, "integer tensors are not weights of pyllm's families")
+
+# One row per GGML type (gguf's GGMLQuantizationType; tests check that every one it knows has a row): how
+# pyllm converts it. Q5_1/Q5_K/Q6_K go to int8, not f16: int8 keeps their quality (the added error is ~1/16
+# of their own; the summary's NMSE shows it) at half f16's size and int8's speed.
+GGUF_TYPES: dict[str, GGUFType] = {
+    # floats: as they are
+    "F32": GGUFType(("f32", 0), True),
+    "F16": GGUFType(("f16", 0), True),
+    "BF16": GGUFType(("bf16", 0), True),
+    # 32-value blocks of one fp16 scale (and min): pyllm's layouts, block for block (load_native)
+    "Q8_0": GGUFType(("int8", BLOCK), True, block_bytes=34),  # fp16 d, 32 x int8: q * d
+    "Q4_0": GGUFType(("int4_sym", BLOCK), True, block_bytes=18),  # fp16 d, 16 bytes of nibbles: (q - 8) * d
+    "Q4_1": GGUFType(("int4_asym", BLOCK), True, block_bytes=20),  # fp16 d, fp16 m, nibbles: q * d + m
+    "Q5_0": GGUFType(("int8", BLOCK), True, block_bytes=22),  # fp16 d, 32 high bits, nibbles: (q - 16) * d
+    "MXFP4": GGUFType(("int8", BLOCK), True, block_bytes=17),  # e8m0 e, nibbles: e2m1 x 2 (int) * 2^(e - 128)
+    # 64-value blocks of four fp8 (e4m3) scales: their values have 6 significant bits, all in f16's range
+    "NVFP4": GGUFType(("f16", 0), True, "pyllm has no layout with an fp8 scale per 16 values; f16 holds the file's "
+                                        "values exactly, at 3.6 times its size (--quant int4 or int8 makes them "
+                                        "smaller)"),
+    # no pyllm layout: re-quantized to the nearest one at least as fine (their sub-block scales and mins,
+    # or non-uniform grids, are not int8's or int4's)
+    "Q5_1": _REQUANT_WIDE, "Q5_K": _REQUANT_WIDE, "Q6_K": _REQUANT_WIDE,
+    **{name: _REQUANT_NARROW for name in ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
+                                          "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")},
+    # refused
+    "Q8_1": _ACTIVATIONS, "Q8_K": _ACTIVATIONS,
+    "I8": _INTEGERS, "I16": _INTEGERS, "I32": _INTEGERS, "I64": _INTEGERS,
+    "F64": GGUFType(None, False, "llama.cpp's converters write weights as F32, F16 or BF16; pyllm reads no F64"),
+    "Q1_0": GGUFType(None, False, "the gguf package cannot decode it yet"),
+}
+_UNKNOWN = GGUFType(None, False, "a type this pyllm has no rule for")
+_FLOATS = ("F32", "F16", "BF16")
+
+
+def gguf_type(kind: str) -> GGUFType:
+    """The row of GGML type `kind` (by name); a type without one is refused."""
+    return GGUF_TYPES.get(kind, _UNKNOWN)
 
 
 def requantized_format(kind: str) -> tuple[str, int, str] | None:
-    """(pyllm format, group size, why) for a GGUF block type pyllm stores by re-quantizing, else None."""
-    if kind in _WIDE_BLOCKS:
-        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 is finer (close to the file's values, not bit for bit)"
-    if kind in _NARROW_BLOCKS:
-        return "int4_asym", BLOCK, "pyllm has no layout for it; int4_asym group 32 is the nearest at least as fine"
-    return None
-
-
-def _readable(kind) -> bool:
-    """Whether pyllm reads tensors of this GGML type: its own tables, or a block type the gguf package
-    dequantizes (tried on one block of zeros: its table of them is private)."""
-    if kind.name in _LOSSLESS or kind.name in _FLOAT or requantized_format(kind.name):
-        return True
-    from gguf import quants
-    from gguf.constants import GGML_QUANT_SIZES
-
-    if kind not in GGML_QUANT_SIZES:
-        return False
-    try:
-        quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[kind][1]), np.uint8), kind)
-    except Exception:  # NotImplementedError, or a reader of another shape: not one pyllm can use
-        return False
-    return True
+    """(pyllm format, group size, why) for a GGUF type pyllm stores by re-quantizing, else None."""
+    row = gguf_type(kind)
+    return (*row.layout, row.why) if row.layout is not None and not row.exact else None
 
 
 def _unreadable(path: str, t) -> FormatError:
-    kinds = ", ".join([*_FLOAT, *_LOSSLESS, *_WIDE_BLOCKS, *_NARROW_BLOCKS])
-    return FormatError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which pyllm cannot read "
-                       f"(supported: {kinds})")
+    kinds = ", ".join(name for name, row in GGUF_TYPES.items() if row.layout is not None)
+    return FormatError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which pyllm cannot read: "
+                       f"{gguf_type(t.tensor_type.name).why} (supported: {kinds})")
+
+
+# MXFP4's e2m1 codes, doubled to integers (ggml's kvalues_mxfp4): the value of code c is _E2M1[c] * 2^(e - 128)
+_E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
 
 
 def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
@@ -181,7 +217,7 @@ class GGUFSource:
         if unused:  # a tensor the engine would ignore is a feature it does not implement
             raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
         for t in self.tensors.values():  # before anything is written (a Q8_K one failed half-way, once
-            if not _readable(t.tensor_type):  # announced as "re-quantized to int8")
+            if gguf_type(t.tensor_type.name).layout is None:  # announced as "re-quantized to int8")
                 raise _unreadable(self._file(t.name), t)
 
     def _read_split_set(self) -> None:
@@ -290,10 +326,9 @@ class GGUFSource:
         return f"{self._file(source)}: tensor '{source}'" + (f" (as '{name}')" if place else "")
 
     def native_format(self, name: str) -> tuple[str, int] | None:
-        kind = self._source(name).tensor_type.name
-        if kind in _LOSSLESS:
-            return _LOSSLESS[kind][0], BLOCK
-        return _FLOAT.get(kind)
+        """The pyllm layout holding the tensor's values exactly (GGUF_TYPES), else None."""
+        row = gguf_type(self._source(name).tensor_type.name)
+        return row.layout if row.exact else None
 
     def fallback_format(self, name: str) -> tuple[str, int] | None:
         """The layout a tensor without a native one is re-quantized to (see requantized_format)."""
@@ -301,22 +336,27 @@ class GGUFSource:
         return found[:2] if found else None
 
     def block_type_notices(self) -> list[str]:
-        """One line per re-quantized block type present: which, to what, and why."""
+        """One line per type present that is not stored as the file stores it (GGUF_TYPES' why): which,
+        to what, and why; re-quantized or larger."""
         counts: dict[str, int] = {}
         for t in self.tensors.values():
-            if requantized_format(t.tensor_type.name):
+            if gguf_type(t.tensor_type.name).why:
                 counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         lines = []
         for kind, n in sorted(counts.items()):
-            fmt, group, why = requantized_format(kind)
-            lines.append(f"pyllm: {n} {kind} tensor(s) re-quantized to {fmt} g{group}: {why} "
-                         "(--quant f16 keeps every tensor in f16 instead)")
+            row = gguf_type(kind)
+            fmt, group = row.layout
+            if row.exact:
+                lines.append(f"pyllm: {n} {kind} tensor(s) stored as {fmt}, exactly: {row.why}")
+            else:
+                lines.append(f"pyllm: {n} {kind} tensor(s) re-quantized to {fmt} g{group}: {row.why} "
+                             "(--quant f16 keeps every tensor in f16 instead)")
         return lines
 
     def load_native(self, name: str) -> PackedWeight:
-        """The tensor in its pyllm format, bit for bit (only for block types in _LOSSLESS)."""
+        """The tensor in its pyllm format, bit for bit (only for the GGUF_TYPES rows with block_bytes)."""
         kind, raw = self._raw_rows(name)
-        fmt, block_bytes = _LOSSLESS[kind]
+        block_bytes = gguf_type(kind).block_bytes
         if raw.ndim == 1:  # a vector in blocks (a norm stored Q8_0): one row (raw.shape[1] was an IndexError)
             raw = raw.reshape(1, -1)
         rows, cols = raw.shape[0], int(self._source(name).shape[0])
@@ -330,6 +370,8 @@ class GGUFSource:
         if kind == "Q4_0":
             q = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, cols // 2)
             return PackedWeight("int4_sym", rows, cols, BLOCK, q, scales)
+        if kind == "MXFP4":
+            return self._mxfp4(name, blocks, rows, cols)
         if kind == "Q5_0":  # ggml's dequantize_row_q5_0: value j's fifth bit is bit j of the little-endian qh
             high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [rows, blocks, 1]
             low = blocks[:, :, 6:]
@@ -340,14 +382,30 @@ class GGUFSource:
         q = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
         return PackedWeight("int4_asym", rows, cols, BLOCK, q, scales, mins)
 
+    def _mxfp4(self, name: str, blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
+        """MXFP4 blocks [rows, blocks, 17] as int8: value j is _E2M1[code j] * 2^(e - 128), code j the
+        low nibble of byte j and code j + 16 its high one (pyllm's order). FormatError naming the tensor
+        when a block's scale is outside fp16's powers of two (2^-24..2^15; none in llama.cpp's files)."""
+        exponent = blocks[:, :, 0].astype(np.int32) - 128
+        codes = blocks[:, :, 1:]
+        q = _E2M1[np.concatenate([codes & 0x0F, codes >> 4], axis=2)]
+        used = (q != 0).any(axis=2)  # a block of zeros holds them at any scale
+        outside = used & ((exponent < -24) | (exponent > 15))
+        if outside.any():
+            row, block = (int(i[0]) for i in np.nonzero(outside))
+            raise FormatError(f"{self.where(name)}: MXFP4 block {block} of row {row} has scale 2^{exponent[row, block]}, "
+                              "outside pyllm's fp16 scales (2^-24..2^15)")
+        scales = np.where(used, np.ldexp(np.float32(1), np.clip(exponent, -24, 15)), 0).astype(np.float16)
+        return PackedWeight("int8", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols)), scales)
+
     def load(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, [rows, cols] (or [n] for vectors)."""
         t = self._source(name)
         kind = t.tensor_type.name
-        if kind in _LOSSLESS:
+        if gguf_type(kind).block_bytes:
             values = dequantize(self.load_native(name))
             return values.reshape(-1) if len(t.shape) == 1 else values
-        if kind in ("F32", "F16", "BF16"):
+        if kind in _FLOATS:
             _, rows = self._raw_rows(name)
             return bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
         from gguf import quants

@@ -180,8 +180,9 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     """Converts a Hugging Face directory of a family in pyllm.arch, or a llama GGUF file, into a .pllm file
     (written atomically).
 
-    quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
-    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
+    quant None: f16 for Hugging Face checkpoints; for GGUF, what gguf_source.GGUF_TYPES says of each tensor's
+    type: a pyllm layout holding it exactly (Q8_0, Q4_0, Q4_1, Q5_0, MXFP4, floats; NVFP4 in f16), else the
+    nearest one at least as fine, said in a notice; types without a row are refused. options: how int8/int4 scales are chosen
     (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
     a per-tensor choice of layout).
     group_size: values per scale of int8/int4 (default 32); given with quant "int4", every matrix keeps it
