@@ -810,6 +810,50 @@ def test_mxfp4_scales_outside_fp16_are_refused_naming_the_block(hf_dir, tmp_path
     assert not (tmp_path / "bad.pllm").exists()
 
 
+def random_q4_k_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Q4_K blocks (ggml-common.h: 256 values in 144 bytes: d, dmin f16, 12 bytes of 6-bit sub-block
+    scales and mins, 128 bytes of nibbles) of random codes, d 1e-3 and dmin 5e-4, codes 1..14 (a Q4_K
+    quantizer's grid rarely reaches both ends of a sub-block): uint8 [rows, cols / 256 * 144]."""
+    rows, cols = shape
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    blocks[..., 2:4] = np.frombuffer(np.float16(5e-4).tobytes(), np.uint8)
+    codes = rng.integers(1, 15, (rows, cols // 256, 128, 2), dtype=np.uint8)
+    blocks[..., 16:] = codes[..., 0] | codes[..., 1] << 4
+    return blocks.reshape(rows, -1)
+
+
+def test_q4_k_keeps_its_codes_in_int4_asym(tmp_path, capsys):
+    """Q4_K (most of a Q4_K_M file, llama.cpp's usual download) is 8 sub-blocks of 32 values with their
+    own scale and min: int4_asym g32's structure. It was dequantized and quantized again on a new grid
+    (NMSE ~1e-3 against the file's values, a fifth of Q4_K's own error added); its codes are now kept,
+    each sub-block's scale and min rounded to fp16 (NMSE ~1e-7), said in its notice."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    hf_dir = make_tiny_llama(str(tmp_path / "src"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2)
+    write_gguf(hf_dir, good, Q.Q8_0)
+    reader = gguf.GGUFReader(good)
+    tensors = {t.name: (random_q4_k_blocks((int(t.shape[1]), int(t.shape[0])), seed=i), Q.Q4_K)
+               for i, t in enumerate(reader.tensors) if t.tensor_type == Q.Q8_0 and t.name.startswith("blk.")}
+    path = rewrite_gguf(good, str(tmp_path / "q4k.gguf"), tensors=tensors)
+    report = convert_checkpoint(path, str(tmp_path / "q4k.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert "Q4_K tensor(s) kept as int4_asym g32: their codes, each sub-block's scale and min rounded to fp16" in err
+    layers = [b for b in report.nmse if b.startswith("model.layers") and "down_proj" not in b]
+    assert len(layers) == 12 and max(report.nmse[b] for b in layers) < 1e-6, report.nmse
+    with pyllm.LLM(str(tmp_path / "q4k.pllm"), n_threads=1) as llm:
+        assert {llm.model.linears[b] for b in layers} == {("int4_asym", 32)}
+    source = GGUFSource(path)  # the codes are the file's: one row, against gguf's decoding
+    packed = source.load_codes("model.layers.0.mlp.up_proj.weight")
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    file_values = gguf.quants.dequantize(tensors[t.name][0], Q.Q4_K)
+    from pyllm.quant import dequantize
+    np.testing.assert_allclose(dequantize(packed), file_values, rtol=0, atol=2e-3 * np.abs(file_values).max())
+
+
 def test_every_gguf_type_has_a_row_saying_what_pyllm_does(tmp_path):
     """Types pyllm had no rule for went to f16 without a word (MXFP4, NVFP4), or failed half-way. Each
     type the gguf package knows has a row: kept exactly in a pyllm layout, re-quantized with a notice,

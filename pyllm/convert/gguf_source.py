@@ -42,11 +42,13 @@ class GGUFType:
     exact: whether that layout holds the file's values exactly (else they are re-quantized: close to
     them, not on their grid, said in a notice). why: the notice (also for an exact layout that is
     larger than the file's), or why they are refused. block_bytes: the bytes of one 32-value block
-    that load_native copies into layout without a round trip through floats (0: decoded)."""
+    that load_native copies into layout without a round trip through floats (0: decoded). codes: a
+    layout that is not exact still holds the file's codes (load_codes), only its scales are rounded."""
     layout: tuple[str, int] | None
     exact: bool
     why: str = ""
     block_bytes: int = 0
+    codes: bool = False
 
 
 _REQUANT_WIDE = GGUFType(("int8", BLOCK), False, "pyllm has no 5-6 bit layout; int8 is finer, close to the file's values "
@@ -77,7 +79,12 @@ GGUF_TYPES: dict[str, GGUFType] = {
     # no pyllm layout: re-quantized to the nearest one at least as fine (their sub-block scales and mins,
     # or non-uniform grids, are not int8's or int4's)
     "Q5_1": _REQUANT_WIDE, "Q5_K": _REQUANT_WIDE, "Q6_K": _REQUANT_WIDE,
-    **{name: _REQUANT_NARROW for name in ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
+    # 256-value super-blocks of 8 sub-blocks of 32, each q * (d * sc) - dmin * m with q 0..15: int4_asym g32's
+    # structure; re-quantizing it on a new grid added a fifth of its own error (NMSE ~1e-3 against its values)
+    "Q4_K": GGUFType(("int4_asym", BLOCK), False, "their codes, each sub-block's scale and min rounded to fp16 "
+                                                  "(pyllm has no 256-value super-blocks; NMSE ~1e-7 against the "
+                                                  "file's values)", codes=True),
+    **{name: _REQUANT_NARROW for name in ("Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
                                           "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")},
     # refused
     "Q8_1": _ACTIVATIONS, "Q8_K": _ACTIVATIONS,
@@ -348,6 +355,8 @@ class GGUFSource:
             fmt, group = row.layout
             if row.exact:
                 lines.append(f"pyllm: {n} {kind} tensor(s) stored as {fmt}, exactly: {row.why}")
+            elif row.codes:
+                lines.append(f"pyllm: {n} {kind} tensor(s) kept as {fmt} g{group}: {row.why}")
             else:
                 lines.append(f"pyllm: {n} {kind} tensor(s) re-quantized to {fmt} g{group}: {row.why} "
                              "(--quant f16 keeps every tensor in f16 instead)")
@@ -381,6 +390,39 @@ class GGUFSource:
         mins = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).reshape(rows, -1)
         q = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
         return PackedWeight("int4_asym", rows, cols, BLOCK, q, scales, mins)
+
+    def codes_format(self, name: str) -> tuple[str, int] | None:
+        """The layout load_codes gives the tensor in (GGUF_TYPES' codes rows), else None."""
+        row = gguf_type(self._source(name).tensor_type.name)
+        return row.layout if row.codes else None
+
+    def load_codes(self, name: str) -> PackedWeight | None:
+        """A Q4_K tensor as int4_asym g32 with the file's codes (ggml's dequantize_row_q4_K: sub-block i of
+        a super-block is q * (d * sc_i) - dmin * m_i; sub-blocks 2k and 2k + 1 are the low and high nibbles
+        of bytes 32k..32k + 31), d * sc_i and -dmin * m_i rounded to fp16; None when one of them is past
+        fp16's range (then re-quantized)."""
+        kind, raw = self._raw_rows(name)
+        if kind != "Q4_K":
+            raise FormatError(f"{self.where(name)}: pyllm keeps the codes of Q4_K tensors only, not {kind}")
+        rows, cols = raw.shape[0], int(self._source(name).shape[0])
+        if cols % 256 or raw.shape[1] != cols // 256 * 144:
+            raise FormatError(f"{self.where(name)} has an inconsistent {kind} size")
+        blocks = raw.reshape(rows, cols // 256, 144)
+        d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)  # [rows, supers, 1]
+        dmin = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32)
+        packed = blocks[:, :, 4:16]  # ggml's get_scale_min_k4: 6-bit sc and m of the 8 sub-blocks
+        sc = np.concatenate([packed[:, :, 0:4] & 63, (packed[:, :, 8:12] & 0xF) | (packed[:, :, 0:4] >> 6) << 4], axis=2)
+        m = np.concatenate([packed[:, :, 4:8] & 63, (packed[:, :, 8:12] >> 4) | (packed[:, :, 4:8] >> 6) << 4], axis=2)
+        with np.errstate(over="ignore"):
+            scales = (d * sc).astype(np.float16).reshape(rows, -1)
+            mins = (-(dmin * m)).astype(np.float16).reshape(rows, -1)
+        if not (np.isfinite(scales).all() and np.isfinite(mins).all()):
+            return None
+        qs = blocks[:, :, 16:].reshape(rows, cols // 256, 4, 1, 32)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, cols // BLOCK, BLOCK)
+        q = codes[:, :, :16] | codes[:, :, 16:] << 4  # pyllm's order: value j low, j + 16 high
+        return PackedWeight("int4_asym", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols // 2)),
+                            scales, mins)
 
     def _mxfp4(self, name: str, blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
         """MXFP4 blocks [rows, blocks, 17] as int8: value j is _E2M1[code j] * 2^(e - 128), code j the

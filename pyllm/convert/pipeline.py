@@ -116,10 +116,13 @@ class ConversionReport:
 
 
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
-                 weights_bits: list, native=None, strategy=None, label: str | None = None) -> list[PlannedTensor]:
+                 weights_bits: list, native=None, strategy=None, label: str | None = None,
+                 codes=None) -> list[PlannedTensor]:
     """Planned tensors for one matrix; the weight's producer fills the companions' cache.
 
     native: when given, returns the weight already in (fmt, group), kept bit for bit.
+    codes: when given, returns the weight in (fmt, group) with the source's codes and rounded scales
+    (or None: quantized then), measured against source() as a quantized one is.
     label: the file and source tensor of the weight, for a message (see where)."""
     label = label or f"tensor '{base}.weight'"
     parts = packed_shapes(fmt, rows, cols, group)
@@ -139,7 +142,9 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                     if w.shape != (rows, cols):
                         raise FormatError(f"{label} has shape {list(w.shape)}, "
                                           f"config implies {[rows, cols]}")
-                    packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
+                    packed = codes() if codes is not None else None
+                    if packed is None:
+                        packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
@@ -181,8 +186,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     (written atomically).
 
     quant None: f16 for Hugging Face checkpoints; for GGUF, what gguf_source.GGUF_TYPES says of each tensor's
-    type: a pyllm layout holding it exactly (Q8_0, Q4_0, Q4_1, Q5_0, MXFP4, floats; NVFP4 in f16), else the
-    nearest one at least as fine, said in a notice; types without a row are refused. options: how int8/int4 scales are chosen
+    type: a pyllm layout holding it exactly (Q8_0, Q4_0, Q4_1, Q5_0, MXFP4, floats; NVFP4 in f16), or its
+    codes (Q4_K), else the nearest one at least as fine, said in a notice; types without a row are refused. options: how int8/int4 scales are chosen
     (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
     a per-tensor choice of layout).
     group_size: values per scale of int8/int4 (default 32); given with quant "int4", every matrix keeps it
@@ -337,9 +342,13 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
             f, g = strategy.formats[base]
         linears[base] = (f, g)
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
+        # the source's own codes in a layout that is not bit for bit theirs (GGUF Q4_K): with the source's
+        # formats only (no scales folded in then)
+        codes = (not keep and fmt is None and f in QUANT_FORMATS
+                 and getattr(source, "codes_format", lambda n: None)(name) == (f, g))
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
                               native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy,
-                              label=where(source, name))
+                              label=where(source, name), codes=(lambda n=name: source.load_codes(n)) if codes else None)
     for name, shape in config.vector_shapes().items():
         if not source.has(name):
             raise FormatError(f"{src_name(source)}: lacks '{name}'")
