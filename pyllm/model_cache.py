@@ -33,7 +33,7 @@ from typing import Iterator
 
 from . import __version__
 from .errors import PyllmError
-from .formats.gguf_split import split_parts
+from .formats.gguf_split import split_name, split_parts
 from .formats.packed import FORMAT_VERSION
 from .formats.safetensors import FormatError, _umask, partial_file, verify_header
 
@@ -358,6 +358,8 @@ class CacheEntry:
 def _entry_stem(source: str, settings: dict) -> str:
     base = os.path.basename(os.path.normpath(source))
     stem = base[:-5] if base.lower().endswith(".gguf") else base
+    if (shard := split_name(source)) is not None:  # "model", not "model-00001-of-00003"
+        stem = os.path.basename(shard[0])
     key = hashlib.sha256(json.dumps([source, settings], sort_keys=True).encode("utf-8")).hexdigest()[:10]
     return f"{stem}-{key}"
 
