@@ -1077,3 +1077,34 @@ def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):
     assert time.monotonic() - start < 20
     with pyllm.LLM(str(tmp_path / "long.pllm"), n_threads=1) as llm:
         assert llm.tokenizer.decode(llm.tokenize("abc")) == "abc"
+
+
+def test_a_fifo_or_device_given_as_a_gguf_is_refused_without_reading_it(tmp_path):
+    """`pyllm convert FIFO.gguf` waited for ever for a writer in open() (a FIFO given as the model, or as a
+    shard of a split one); now refused at once, naming the path, as the safetensors reader refuses it."""
+    import threading
+
+    fifo = str(tmp_path / "model.gguf")
+    os.mkfifo(fifo)
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    shards = split_gguf(good, tmp_path)
+    os.unlink(shards[1])
+    os.mkfifo(shards[1])
+    for given, message in ((fifo, f"{fifo} is not a regular file"),
+                           (shards[0], f"{shards[1]} is not a regular file")):
+        errors = []
+
+        def convert():
+            try:
+                convert_checkpoint(given, str(tmp_path / "x.pllm"), progress=False)
+            except Exception as e:
+                errors.append(e)
+        worker = threading.Thread(target=convert, daemon=True)
+        worker.start()
+        worker.join(timeout=5)
+        if worker.is_alive():  # stuck in open(): a writer lets it go
+            os.close(os.open(given if given == fifo else shards[1], os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(timeout=20)
+            pytest.fail(f"reading {given} waited for a writer")
+        assert len(errors) == 1 and isinstance(errors[0], FormatError) and message in str(errors[0]), errors

@@ -130,6 +130,8 @@ def _open_reader(path: str):
     """gguf's reader of path; FormatError for a file it cannot read or of the other byte order."""
     from gguf import GGUFReader
 
+    if not os.path.isfile(path):  # a FIFO or a device (a shard): opening it waited for a writer
+        raise FormatError(f"{path} is not a regular file, not a GGUF file")
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
@@ -242,7 +244,7 @@ class GGUFSource:
                               ": its other shards cannot be found; rename the shards so, or merge them with "
                               "llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf MERGED.gguf`")
         parts = split_parts(given)
-        missing = [p for p in parts if not os.path.isfile(p)]
+        missing = [p for p in parts if not os.path.exists(p)]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise FormatError(f"{given}: shard {no + 1} of a GGUF model split in {count} files; missing: {shown}")

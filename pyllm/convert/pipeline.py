@@ -39,6 +39,8 @@ def open_source(path: str):
         return Checkpoint(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
+    if not os.path.isfile(path):  # a FIFO or a device: open() waited for ever for a writer
+        raise FormatError(f"{path} is not a regular file: neither a Hugging Face model directory nor a GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
