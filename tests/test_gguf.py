@@ -846,6 +846,9 @@ def test_q4_k_keeps_its_codes_in_int4_asym(tmp_path, capsys):
     assert len(layers) == 12 and max(report.nmse[b] for b in layers) < 1e-6, report.nmse
     with pyllm.LLM(str(tmp_path / "q4k.pllm"), n_threads=1) as llm:
         assert {llm.model.linears[b] for b in layers} == {("int4_asym", 32)}
+    # asked for by name, as a Q4_1 file's blocks are kept under --quant int4_asym
+    report = convert_checkpoint(path, str(tmp_path / "asked.pllm"), quant="int4_asym", progress=False)
+    assert max(report.nmse[b] for b in layers) < 1e-6, report.nmse
     source = GGUFSource(path)  # the codes are the file's: one row, against gguf's decoding
     packed = source.load_codes("model.layers.0.mlp.up_proj.weight")
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")

@@ -344,9 +344,9 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
             f, g = strategy.formats[base]
         linears[base] = (f, g)
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
-        # the source's own codes in a layout that is not bit for bit theirs (GGUF Q4_K): with the source's
-        # formats only (no scales folded in then)
-        codes = (not keep and fmt is None and f in QUANT_FORMATS
+        # the source's own codes in a layout that is not bit for bit theirs (GGUF Q4_K), as native ones are
+        # kept: by default, or when asked for that layout (--quant int4_asym, group 32)
+        codes = (not keep and f in QUANT_FORMATS
                  and getattr(source, "codes_format", lambda n: None)(name) == (f, g))
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
                               native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy,
