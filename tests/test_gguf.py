@@ -857,6 +857,60 @@ def test_q4_k_keeps_its_codes_in_int4_asym(tmp_path, capsys):
     np.testing.assert_allclose(dequantize(packed), file_values, rtol=0, atol=2e-3 * np.abs(file_values).max())
 
 
+def random_iq4_blocks(kind, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """IQ4_NL blocks (32 values: f16 d, 16 bytes of codes) with d = +-1e-3, or IQ4_XS super-blocks (256
+    values: f16 d, 6-bit sub-block scales, 128 bytes of codes) with d = 1e-4, of random codes and sub-block
+    scales: uint8 [rows, bytes]."""
+    rows, cols = shape
+    block, size = gguf.constants.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    d = (1e-3 * rng.choice([-1, 1], (rows, cols // block)) if kind == Q.IQ4_NL
+         else np.full((rows, cols // block), 1e-4))
+    blocks[..., 0:2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind, exact", [(Q.IQ4_NL, True), (Q.IQ4_XS, False)])
+def test_iq4_files_keep_their_values_in_int8(tmp_path, capsys, kind, exact):
+    """IQ4_NL and IQ4_XS (a non-uniform 16-value grid, integers -127..113, under a scale per 32 values)
+    were re-quantized to int4_asym's uniform grid: 2/3 of their own error added (NMSE 4e-3 against the
+    file's values, measured on llama-quantize's output). Their codes are int8 values at that scale: IQ4_NL
+    is kept exactly, IQ4_XS with its sub-block scales rounded to fp16; the notice says so, and the size."""
+    good = str(tmp_path / "good.gguf")
+    hf_dir = make_tiny_llama(str(tmp_path / "src"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2)
+    write_gguf(hf_dir, good, Q.Q8_0)
+    tensors = {t.name: (random_iq4_blocks(kind, (int(t.shape[1]), int(t.shape[0])), seed=i), kind)
+               for i, t in enumerate(gguf.GGUFReader(good).tensors)
+               if t.tensor_type == Q.Q8_0 and t.name.startswith("blk.")}
+    path = rewrite_gguf(good, str(tmp_path / "iq4.gguf"), tensors=tensors)
+    report = convert_checkpoint(path, str(tmp_path / "iq4.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert (f"{kind.name} tensor(s) stored as int8, exactly" if exact else f"{kind.name} tensor(s) kept as int8 g32: "
+            "their codes as int8 values") in err and "at twice" in err
+    layers = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                   "self_attn.v_proj", "self_attn.o_proj",
+                                                                   "mlp.gate_proj", "mlp.up_proj")]
+    if exact:
+        assert all(b in report.kept_exactly for b in layers)
+    else:
+        assert max(report.nmse[b] for b in layers) < 1e-6, report.nmse
+    from pyllm.convert.gguf_source import GGUFSource
+    from pyllm.quant import dequantize
+
+    source = GGUFSource(path)  # against gguf's own decoding of the file
+    packed = source.load_native(layers[5] + ".weight") if exact else source.load_codes(layers[5] + ".weight")
+    assert packed.format == "int8" and (packed.scales >= 0).all()
+    file_values = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"][0], kind)
+    if exact:
+        assert np.array_equal(dequantize(packed), file_values)
+    else:
+        np.testing.assert_allclose(dequantize(packed), file_values, rtol=0, atol=2e-3 * np.abs(file_values).max())
+    with pyllm.LLM(str(tmp_path / "iq4.pllm"), n_threads=1) as llm:
+        assert {llm.model.linears[b] for b in layers} == {("int8", 32)}
+
+
 def test_every_gguf_type_has_a_row_saying_what_pyllm_does(tmp_path):
     """Types pyllm had no rule for went to f16 without a word (MXFP4, NVFP4), or failed half-way. Each
     type the gguf package knows has a row: kept exactly in a pyllm layout, re-quantized with a notice,

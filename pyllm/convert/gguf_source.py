@@ -8,8 +8,10 @@ GGML type, what becomes of its tensors: block formats that pyllm stores without 
   Q4_1 (fp16 d, fp16 m, 16 bytes) -> int4_asym  value = q * d + m
   Q5_0 (fp16 d, 32 high bits, 16 bytes nibbles) -> int8   value = (q - 16) * d, q - 16 in -16..15
   MXFP4 (e8m0 e, 16 bytes of e2m1 codes)        -> int8   value = 2 x e2m1 (an integer) * 2^(e - 128)
+  IQ4_NL (fp16 d, 16 bytes of grid codes)       -> int8   value = kvalues_iq4nl[q] * d (-127..113)
 (the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's); floats stay
-as they are, NVFP4 goes to f16 (exact, larger), the types pyllm has no layout for are re-quantized
+as they are, NVFP4 goes to f16 (exact, larger), Q4_K and IQ4_XS keep their codes (int4_asym and int8
+g32, their sub-block scales rounded to fp16), the other types pyllm has no layout for are re-quantized
 with a notice, and the others are refused naming the tensor and its type. A split GGUF model
 (gguf-split's shards) is read from all of its files (formats/gguf_split.py).
 Each GGUF architecture's metadata keys and tensor layout are described in gguf_arch.py: a
@@ -84,7 +86,15 @@ GGUF_TYPES: dict[str, GGUFType] = {
     "Q4_K": GGUFType(("int4_asym", BLOCK), False, "their codes, each sub-block's scale and min rounded to fp16 "
                                                   "(pyllm has no 256-value super-blocks; NMSE ~1e-7 against the "
                                                   "file's values)", codes=True),
-    **{name: _REQUANT_NARROW for name in ("Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
+    # a 16-value non-uniform grid (ggml's kvalues_iq4nl, integers in -127..113) under one scale per 32 values:
+    # int8 values at that scale. int4_asym's uniform grid added 2/3 of their own error (NMSE 4e-3 on 6e-3)
+    "IQ4_NL": GGUFType(("int8", BLOCK), True, "pyllm has no layout for its non-uniform 4-bit grid; int8 holds the "
+                                              "file's values exactly, at twice its size (--quant int4 makes them "
+                                              "smaller)", block_bytes=18),
+    "IQ4_XS": GGUFType(("int8", BLOCK), False, "their codes as int8 values (pyllm has no layout for their "
+                                               "non-uniform 4-bit grid), each sub-block's scale rounded to fp16, at "
+                                               "twice the file's size (--quant int4 makes them smaller)", codes=True),
+    **{name: _REQUANT_NARROW for name in ("Q3_K", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S",
                                           "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")},
     # refused
     "Q8_1": _ACTIVATIONS, "Q8_K": _ACTIVATIONS,
@@ -115,6 +125,24 @@ def _unreadable(path: str, t) -> FormatError:
 
 # MXFP4's e2m1 codes, doubled to integers (ggml's kvalues_mxfp4): the value of code c is _E2M1[c] * 2^(e - 128)
 _E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+# IQ4_NL's and IQ4_XS's grid (ggml's kvalues_iq4nl): the value of code c is _IQ4NL[c] * the block's scale
+_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _nibble_codes(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes of one 32-value block -> its 32 codes, value j in the low nibble of byte j and
+    value j + 16 in its high one (ggml's order for Q4_0..IQ4_XS, and pyllm's)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _grid_as_int8(codes: np.ndarray, scales: np.ndarray, rows: int, cols: int) -> PackedWeight:
+    """int8 [rows, cols] of IQ4 grid codes [rows, groups, 32] at f32 scales [rows, groups]: a negative
+    scale (ggml's quantizers pick its sign) is made positive with its values negated (-113..127)."""
+    q = _IQ4NL[codes].astype(np.int16)
+    sign = np.where(scales < 0, -1, 1)
+    q = (q * sign[:, :, None]).astype(np.int8)
+    return PackedWeight("int8", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols)),
+                        np.abs(scales).astype(np.float16))
 
 
 def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
@@ -383,6 +411,8 @@ class GGUFSource:
             return PackedWeight("int4_sym", rows, cols, BLOCK, q, scales)
         if kind == "MXFP4":
             return self._mxfp4(name, blocks, rows, cols)
+        if kind == "IQ4_NL":  # d * _IQ4NL[code]: exact in f32 with |d| and the sign in the codes
+            return _grid_as_int8(_nibble_codes(blocks[:, :, 2:]), scales.astype(np.float32), rows, cols)
         if kind == "Q5_0":  # ggml's dequantize_row_q5_0: value j's fifth bit is bit j of the little-endian qh
             high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [rows, blocks, 1]
             low = blocks[:, :, 6:]
@@ -399,17 +429,41 @@ class GGUFSource:
         return row.layout if row.codes else None
 
     def load_codes(self, name: str) -> PackedWeight | None:
-        """A Q4_K tensor as int4_asym g32 with the file's codes (ggml's dequantize_row_q4_K: sub-block i of
-        a super-block is q * (d * sc_i) - dmin * m_i; sub-blocks 2k and 2k + 1 are the low and high nibbles
-        of bytes 32k..32k + 31), d * sc_i and -dmin * m_i rounded to fp16; None when one of them is past
-        fp16's range (then re-quantized)."""
+        """The tensor in its codes_format with the file's codes, the scales rounded to fp16; None when a
+        scale is past fp16's range (then re-quantized)."""
         kind, raw = self._raw_rows(name)
-        if kind != "Q4_K":
-            raise FormatError(f"{self.where(name)}: pyllm keeps the codes of Q4_K tensors only, not {kind}")
+        sizes = {"Q4_K": 144, "IQ4_XS": 136}  # bytes of a 256-value super-block
+        if kind not in sizes:
+            raise FormatError(f"{self.where(name)}: pyllm keeps the codes of {', '.join(sizes)} tensors only, "
+                              f"not {kind}")
         rows, cols = raw.shape[0], int(self._source(name).shape[0])
-        if cols % 256 or raw.shape[1] != cols // 256 * 144:
+        if cols % 256 or raw.shape[1] != cols // 256 * sizes[kind]:
             raise FormatError(f"{self.where(name)} has an inconsistent {kind} size")
-        blocks = raw.reshape(rows, cols // 256, 144)
+        blocks = raw.reshape(rows, cols // 256, sizes[kind])
+        packed = self._iq4_xs(blocks, rows, cols) if kind == "IQ4_XS" else self._q4_k(blocks, rows, cols)
+        finite = all(np.isfinite(a).all() for a in (packed.scales, packed.mins) if a is not None)
+        return packed if finite else None
+
+    @staticmethod
+    def _iq4_xs(blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
+        """IQ4_XS super-blocks [rows, supers, 136] as int8 g32 (ggml's dequantize_row_iq4_xs: d f16, 16 bits
+        of high scale bits, 4 bytes of low ones, then 8 x 16 bytes of codes; sub-block i's scale is
+        d * (ls_i - 32), ls_i 6 bits)."""
+        d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)  # [rows, supers, 1]
+        high = np.ascontiguousarray(blocks[:, :, 2:4]).view("<u2")  # [rows, supers, 1]
+        low = blocks[:, :, 4:8]
+        ls = np.concatenate([low & 0x0F, low >> 4], axis=2)[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].astype(np.int32)
+        ls |= ((high >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.int32) << 4
+        with np.errstate(over="ignore"):
+            scales = (d * (ls - 32)).reshape(rows, -1)
+        codes = _nibble_codes(blocks[:, :, 8:].reshape(rows, cols // 256, 8, 16)).reshape(rows, cols // BLOCK, BLOCK)
+        return _grid_as_int8(codes, scales, rows, cols)
+
+    @staticmethod
+    def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
+        """Q4_K super-blocks [rows, supers, 144] as int4_asym g32 (ggml's dequantize_row_q4_K: sub-block i
+        is q * (d * sc_i) - dmin * m_i; sub-blocks 2k and 2k + 1 are the low and high nibbles of bytes
+        32k..32k + 31)."""
         d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)  # [rows, supers, 1]
         dmin = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32)
         packed = blocks[:, :, 4:16]  # ggml's get_scale_min_k4: 6-bit sc and m of the 8 sub-blocks
@@ -418,8 +472,6 @@ class GGUFSource:
         with np.errstate(over="ignore"):
             scales = (d * sc).astype(np.float16).reshape(rows, -1)
             mins = (-(dmin * m)).astype(np.float16).reshape(rows, -1)
-        if not (np.isfinite(scales).all() and np.isfinite(mins).all()):
-            return None
         qs = blocks[:, :, 16:].reshape(rows, cols // 256, 4, 1, 32)
         codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, cols // BLOCK, BLOCK)
         q = codes[:, :, :16] | codes[:, :, 16:] << 4  # pyllm's order: value j low, j + 16 high

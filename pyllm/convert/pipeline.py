@@ -188,8 +188,9 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     (written atomically).
 
     quant None: f16 for Hugging Face checkpoints; for GGUF, what gguf_source.GGUF_TYPES says of each tensor's
-    type: a pyllm layout holding it exactly (Q8_0, Q4_0, Q4_1, Q5_0, MXFP4, floats; NVFP4 in f16), or its
-    codes (Q4_K), else the nearest one at least as fine, said in a notice; types without a row are refused. options: how int8/int4 scales are chosen
+    type: a pyllm layout holding it exactly (Q8_0, Q4_0, Q4_1, Q5_0, MXFP4, IQ4_NL, floats; NVFP4 in f16), or
+    its codes (Q4_K, IQ4_XS), else the nearest one at least as fine, said in a notice; types without a row are
+    refused. options: how int8/int4 scales are chosen
     (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
     a per-tensor choice of layout).
     group_size: values per scale of int8/int4 (default 32); given with quant "int4", every matrix keeps it
