@@ -561,6 +561,29 @@ def _broken_split(tmp_path, case: str) -> tuple[str, str]:
     raise AssertionError(case)
 
 
+def test_a_split_set_of_one_file_is_a_whole_model_and_split_keys_are_checked(tmp_path):
+    """gguf-split of a small model writes one shard, with split.count 1: read as the whole model whatever its
+    name. A shard without split.no (or with a split.count that is no count) is refused naming the key."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    n = len(gguf.GGUFReader(good).tensors)
+    one = rewrite_gguf(good, str(tmp_path / "renamed.gguf"), {"split.no": (0, V.UINT16, None),
+                                                             "split.count": (1, V.UINT16, None),
+                                                             "split.tensors.count": (n, V.INT32, None)})
+    assert GGUFSource(one).files == [one]
+    for fields, message in (({"split.count": (2, V.UINT16, None)}, "without 'split.no'"),
+                            ({"split.no": (0, V.UINT16, None), "split.count": ("2", V.STRING, None)},
+                             "'split.count' must be a non-negative integer, got '2'"),
+                            ({"split.no": (0, V.UINT16, None), "split.count": (1, V.UINT16, None),
+                              "split.tensors.count": (n + 1, V.INT32, None)},
+                             f"'split.tensors.count' is {n + 1}, but the 1 shard(s) hold {n} tensors")):
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), fields)
+        with pytest.raises(FormatError, match=re.escape(bad) + ".*" + re.escape(message)):
+            GGUFSource(bad)
+
+
 @pytest.mark.parametrize("case", ["missing", "copied over another", "renamed", "of another set",
                                   "of another architecture", "a tensor twice", "a tensor lost",
                                   "split.no out of range"])
