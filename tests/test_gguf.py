@@ -851,7 +851,7 @@ def test_q4_k_keeps_its_codes_in_int4_asym(tmp_path, capsys):
     """Q4_K (most of a Q4_K_M file, llama.cpp's usual download) is 8 sub-blocks of 32 values with their
     own scale and min: int4_asym g32's structure. It was dequantized and quantized again on a new grid
     (NMSE ~1e-3 against the file's values, a fifth of Q4_K's own error added); its codes are now kept,
-    each sub-block's scale and min rounded to fp16 (NMSE ~1e-7), said in its notice."""
+    each sub-block's scale and min rounded to fp16 (NMSE below 1e-6), said in its notice."""
     from pyllm.convert.gguf_source import GGUFSource
 
     good = str(tmp_path / "good.gguf")

@@ -84,7 +84,7 @@ GGUF_TYPES: dict[str, GGUFType] = {
     # 256-value super-blocks of 8 sub-blocks of 32, each q * (d * sc) - dmin * m with q 0..15: int4_asym g32's
     # structure; re-quantizing it on a new grid added a fifth of its own error (NMSE ~1e-3 against its values)
     "Q4_K": GGUFType(("int4_asym", BLOCK), False, "their codes, each sub-block's scale and min rounded to fp16 "
-                                                  "(pyllm has no 256-value super-blocks; NMSE ~1e-7 against the "
+                                                  "(pyllm has no 256-value super-blocks; NMSE below 1e-6 against the "
                                                   "file's values)", codes=True),
     # a 16-value non-uniform grid (ggml's kvalues_iq4nl, integers in -127..113) under one scale per 32 values:
     # int8 values at that scale. int4_asym's uniform grid added 2/3 of their own error (NMSE 4e-3 on 6e-3)
