@@ -53,8 +53,9 @@ class GGUFType:
     codes: bool = False
 
 
-_REQUANT_WIDE = GGUFType(("int8", BLOCK), False, "pyllm has no 5-6 bit layout; int8 is finer, close to the file's values "
-                                                 "(not bit for bit: about 1/16 of the file's own rounding error added)")
+_REQUANT_WIDE = GGUFType(("int8", BLOCK), False, "pyllm has no 5-6 bit layout; int8 is finer, close to the file's "
+                                                 "values (not bit for bit: about 1/16 of the file's own rounding "
+                                                 "error added)")
 _REQUANT_NARROW = GGUFType(("int4_asym", BLOCK), False, "pyllm has no layout for it; int4_asym group 32 is the "
                                                         "nearest at least as fine (close to the file's values)")
 _ACTIVATIONS = GGUFType(None, False, "llama.cpp's type for activations, not weights")
@@ -467,8 +468,9 @@ class GGUFSource:
         d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)  # [rows, supers, 1]
         dmin = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32)
         packed = blocks[:, :, 4:16]  # ggml's get_scale_min_k4: 6-bit sc and m of the 8 sub-blocks
-        sc = np.concatenate([packed[:, :, 0:4] & 63, (packed[:, :, 8:12] & 0xF) | (packed[:, :, 0:4] >> 6) << 4], axis=2)
-        m = np.concatenate([packed[:, :, 4:8] & 63, (packed[:, :, 8:12] >> 4) | (packed[:, :, 4:8] >> 6) << 4], axis=2)
+        low, high = packed[:, :, 0:4], packed[:, :, 4:8]
+        sc = np.concatenate([low & 63, (packed[:, :, 8:12] & 0xF) | (low >> 6) << 4], axis=2)
+        m = np.concatenate([high & 63, (packed[:, :, 8:12] >> 4) | (high >> 6) << 4], axis=2)
         with np.errstate(over="ignore"):
             scales = (d * sc).astype(np.float16).reshape(rows, -1)
             mins = (-(dmin * m)).astype(np.float16).reshape(rows, -1)
@@ -489,8 +491,8 @@ class GGUFSource:
         outside = used & ((exponent < -24) | (exponent > 15))
         if outside.any():
             row, block = (int(i[0]) for i in np.nonzero(outside))
-            raise FormatError(f"{self.where(name)}: MXFP4 block {block} of row {row} has scale 2^{exponent[row, block]}, "
-                              "outside pyllm's fp16 scales (2^-24..2^15)")
+            raise FormatError(f"{self.where(name)}: MXFP4 block {block} of row {row} has scale "
+                              f"2^{exponent[row, block]}, outside pyllm's fp16 scales (2^-24..2^15)")
         scales = np.where(used, np.ldexp(np.float32(1), np.clip(exponent, -24, 15)), 0).astype(np.float16)
         return PackedWeight("int8", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols)), scales)
 
