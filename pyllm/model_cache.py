@@ -11,8 +11,9 @@ source's absolute path and the conversion settings, and the sidecar holds the so
 (size and modification time of its files), the converter version (with a hash of the converter's
 code: converter_revision) and the .pllm's own size: when one differs (the source changed, a pyllm
 whose converter changed, a file cut short or replaced), the entry is converted again in place; while
-a process converts an entry it holds `<name>-<key>.lock`, and the others wait for it and reuse its
-file. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+a process converts an entry (or downloads the default model) it holds `<name>-<key>.lock`, and the
+others wait for it and reuse its file. A split GGUF model is one entry whichever shard is given, keyed
+by its first shard and fingerprinted by all of them. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
 conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
 is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
