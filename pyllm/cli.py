@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits/weight, else, or with --bits, layouts chosen per matrix under the budget; embeddings and "
                         "lm_head of int8/int4 models are int8 g32) (default: f16 for Hugging Face checkpoints; for "
                         "GGUF the source formats, with block types pyllm has no layout for re-quantized to int8 or "
-                        "int4_asym)")
+                        "int4_asym, with a notice)")
     p.add_argument("--group-size", type=int, default=None,
                    help="values per scale for int8/int4 (32, 64, 128); given with --quant int4, every matrix "
                         "keeps it (default: 32, or for --quant int4 chosen per matrix)")

@@ -11,8 +11,9 @@ source's absolute path and the conversion settings, and the sidecar holds the so
 (size and modification time of its files), the converter version (with a hash of the converter's
 code: converter_revision) and the .pllm's own size: when one differs (the source changed, a pyllm
 whose converter changed, a file cut short or replaced), the entry is converted again in place; while
-a process converts an entry it holds `<name>-<key>.lock`, and the others wait for it and reuse its
-file. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+a process converts an entry (or downloads the default model) it holds `<name>-<key>.lock`, and the
+others wait for it and reuse its file. A split GGUF model is one entry whichever shard is given, keyed
+by its first shard and fingerprinted by all of them. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
 conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
 is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
@@ -33,6 +34,7 @@ from typing import Iterator
 
 from . import __version__
 from .errors import PyllmError
+from .formats.gguf_split import split_name, split_parts
 from .formats.packed import FORMAT_VERSION
 from .formats.safetensors import FormatError, _umask, partial_file, verify_header
 
@@ -303,8 +305,33 @@ def model_kind(path: str) -> str:
     return "gguf" if magic == b"GGUF" else "pllm"
 
 
+def model_source(path: str) -> str:
+    """The path a source is cached by: a split GGUF model's first shard, whichever shard is named
+    (each was an entry of its own, converted again), else path. A later shard is read to be sure it
+    is one (its metadata is a few keys): a whole model named like one was taken for its neighbour."""
+    first = split_parts(path)[0]
+    if first == path or not os.path.isfile(first) or not os.path.isfile(path):
+        return path
+    try:
+        from gguf import GGUFReader
+
+        is_shard = "split.count" in GGUFReader(path).fields
+    except Exception:  # not a readable GGUF file: converting it says why
+        return path
+    return first if is_shard else path
+
+
 def source_fingerprint(path: str) -> dict:
-    """Sizes and modification times (ns) of a source file, or of the files of a source directory."""
+    """Sizes and modification times (ns) of a source file (of every shard of a split GGUF model: one
+    downloaded again went unseen), or of the files of a source directory."""
+    shards = split_parts(path)
+    if len(shards) > 1 and shards[0] == path:  # (model_source: a split model is named by its first shard)
+        files = {}
+        for shard in shards:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(shard)
+                files[os.path.basename(shard)] = [st.st_size, st.st_mtime_ns]
+        return {"files": files, "size": sum(v[0] for v in files.values())}
     if os.path.isdir(path):
         files = {}
         for name in sorted(os.listdir(path)):
@@ -341,6 +368,8 @@ class CacheEntry:
 def _entry_stem(source: str, settings: dict) -> str:
     base = os.path.basename(os.path.normpath(source))
     stem = base[:-5] if base.lower().endswith(".gguf") else base
+    if (shard := split_name(source)) is not None:  # "model", not "model-00001-of-00003"
+        stem = os.path.basename(shard[0])
     key = hashlib.sha256(json.dumps([source, settings], sort_keys=True).encode("utf-8")).hexdigest()[:10]
     return f"{stem}-{key}"
 
@@ -414,7 +443,7 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
         if quant is not None:
             raise ValueError(f"{path} is already a .pllm file: --quant applies to GGUF files and model directories")
         return path
-    source = os.path.abspath(path)
+    source = model_source(os.path.abspath(path))
     settings = conversion_settings(kind, quant)
     target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
     fingerprint = source_fingerprint(source)
@@ -446,27 +475,45 @@ LOCK_SUFFIX = ".lock"  # beside an entry: held (flock) while it is converted
 
 
 @contextlib.contextmanager
-def entry_lock(target: str, source: str, log) -> Iterator[bool]:
-    """Holds the lock of cache entry target (a .pllm path; source: what it is made from, for the
-    message): a LOCK_SUFFIX file beside it, kept (removing a lock file others may be waiting on would
-    let two in). Yields whether another process held it first."""
+def entry_lock(target: str, source: str, log, doing: str = "converting", keep: bool = True) -> Iterator[bool]:
+    """Holds the lock of cache entry target (a .pllm path; source: what it is made from, and doing: what
+    is done to it, for the message): a LOCK_SUFFIX file beside it, kept unless keep is False (a process
+    waiting on a lock file removed meanwhile opens it again). Yields whether another process held it first."""
     import fcntl
 
     path = target[:-len(MODEL_SUFFIX)] + LOCK_SUFFIX
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666 & ~_umask())
-    except OSError as e:
-        raise unwritable(os.path.dirname(path), e) from e
-    try:
+    waited = False
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = False
-        except BlockingIOError:
-            print(f"pyllm: another process is converting {source} into {target}: waiting for it", file=log)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            waited = True
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666 & ~_umask())
+        except OSError as e:
+            raise unwritable(os.path.dirname(path), e) from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    print(f"pyllm: another process is {doing} {source} into {target}: waiting for it", file=log)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                waited = True
+            # a lock file found free without an entry is removed as a leftover (stale_temporaries): held on
+            # a file no longer at `path`, this lock would not keep out a process opening the new one
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:  # (Ctrl-C while waiting)
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
         yield waited
     finally:
+        if not keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         os.close(fd)  # (the lock with it)
 
 
@@ -543,7 +590,7 @@ def find_entries(name: str) -> list[CacheEntry]:
                          "path of a converted source")
     plain = name not in (".", "..") and os.sep not in name and not (os.altsep and os.altsep in name)
     wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
-    source = os.path.realpath(name)
+    source = os.path.realpath(model_source(name))
     entries = list_entries()
     matches = [e for e in entries if (plain and e.name[:-len(MODEL_SUFFIX)] == wanted)
                or (e.source and os.path.realpath(e.source) == source)]

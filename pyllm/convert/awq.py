@@ -188,6 +188,11 @@ class ScaledSource:
             return None
         return self._source.native_format(name)
 
+    def codes_format(self, name: str):  # (the source's codes are of the unscaled tensor too)
+        if name in self._columns or name in self._divided:
+            return None
+        return getattr(self._source, "codes_format", lambda n: None)(name)
+
 
 class ScaledHessians:
     """calibrate.Calibration seen through the scales: H' = diag(s)^-1 H diag(s)^-1 for a scaled input."""

@@ -1,12 +1,19 @@
 """Reading GGUF files (llama.cpp's format) of pyllm's families as a conversion source.
 
-Tensors are read with the `gguf` package (llama.cpp's own reader). Block formats that
-pyllm stores without loss at group size 32 are kept exactly:
+Tensors are read with the `gguf` package (llama.cpp's own reader). GGUF_TYPES says, one row per
+GGML type, what becomes of its tensors: block formats that pyllm stores without loss at group size
+32 are kept exactly, block for block:
   Q8_0 (fp16 d, 32 x int8)        -> int8       value = q * d
   Q4_0 (fp16 d, 16 bytes nibbles) -> int4_sym   value = (q - 8) * d
   Q4_1 (fp16 d, fp16 m, 16 bytes) -> int4_asym  value = q * d + m
   Q5_0 (fp16 d, 32 high bits, 16 bytes nibbles) -> int8   value = (q - 16) * d, q - 16 in -16..15
-(the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's).
+  MXFP4 (e8m0 e, 16 bytes of e2m1 codes)        -> int8   value = 2 x e2m1 (an integer) * 2^(e - 128)
+  IQ4_NL (fp16 d, 16 bytes of grid codes)       -> int8   value = kvalues_iq4nl[q] * d (-127..113)
+(the nibble order inside a block, value j low and j + 16 high, is the same as pyllm's); floats stay
+as they are, NVFP4 goes to f16 (exact, larger), Q4_K and IQ4_XS keep their codes (int4_asym and int8
+g32, their sub-block scales rounded to fp16), the other types pyllm has no layout for are re-quantized
+with a notice, and the others are refused naming the tensor and its type. A split GGUF model
+(gguf-split's shards) is read from all of its files (formats/gguf_split.py).
 Each GGUF architecture's metadata keys and tensor layout are described in gguf_arch.py: a
 pyllm tensor is a GGUF tensor, or a block of its rows (fused q/k/v, gate/up), possibly in another
 row order (llama.cpp's q/k permutation undone, GLM's interleaved RoPE pairs). Rows are taken from
@@ -19,58 +26,124 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import library_errors
+from ..formats.gguf_split import shard_path, split_name, split_parts
 from ..formats.packed import TokenizerSpec
 from ..formats.safetensors import FormatError
 from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
 from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 
-# GGUF block type name -> (pyllm format, bytes of one 32-value block)
-_LOSSLESS = {"Q8_0": ("int8", 34), "Q4_0": ("int4_sym", 18), "Q4_1": ("int4_asym", 20), "Q5_0": ("int8", 22)}
-_FLOAT = {"F32": ("f32", 0), "F16": ("f16", 0), "BF16": ("bf16", 0)}
-# Block types pyllm has no layout for, re-quantized (with the default, source-format conversion) to
-# the nearest pyllm layout at least as fine as the source (close to its values, not on its grid: their
-# sub-block scales and mins are not int8's): 5 to 8 bits -> int8, up to
-# 4.5 bits -> int4_asym (the k-quants and i-quants carry mins or non-uniform grids).
-# (Q8_1 and Q8_K are llama.cpp's activation types: neither it nor the gguf package reads them as weights)
-_WIDE_BLOCKS = ("Q5_1", "Q5_K", "Q6_K")
-_NARROW_BLOCKS = ("Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS",
-                  "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")
+@dataclass(frozen=True)
+class GGUFType:
+    """What pyllm does with the tensors of one GGML type, when converting with the source's formats.
+    layout: the pyllm (format, group size) they are stored in, None when they are refused.
+    exact: whether that layout holds the file's values exactly (else they are re-quantized: close to
+    them, not on their grid, said in a notice). why: the notice (also for an exact layout that is
+    larger than the file's), or why they are refused. block_bytes: the bytes of one 32-value block
+    that load_native copies into layout without a round trip through floats (0: decoded). codes: a
+    layout that is not exact still holds the file's codes (load_codes), only its scales are rounded."""
+    layout: tuple[str, int] | None
+    exact: bool
+    why: str = ""
+    block_bytes: int = 0
+    codes: bool = False
+
+
+_REQUANT_WIDE = GGUFType(("int8", BLOCK), False, "pyllm has no 5-6 bit layout; int8 is finer, close to the file's "
+                                                 "values (not bit for bit: about 1/16 of the file's own rounding "
+                                                 "error added)")
+_REQUANT_NARROW = GGUFType(("int4_asym", BLOCK), False, "pyllm has no layout for it; int4_asym group 32 is the "
+                                                        "nearest at least as fine (close to the file's values)")
+_ACTIVATIONS = GGUFType(None, False, "llama.cpp's type for activations, not weights")
+_INTEGERS = GGUFType(None, False, "integer tensors are not weights of pyllm's families")
+
+# One row per GGML type (gguf's GGMLQuantizationType; tests check that every one it knows has a row): how
+# pyllm converts it. Q5_1/Q5_K/Q6_K go to int8, not f16: int8 keeps their quality (the added error is ~1/16
+# of their own; the summary's NMSE shows it) at half f16's size and int8's speed.
+GGUF_TYPES: dict[str, GGUFType] = {
+    # floats: as they are
+    "F32": GGUFType(("f32", 0), True),
+    "F16": GGUFType(("f16", 0), True),
+    "BF16": GGUFType(("bf16", 0), True),
+    # 32-value blocks of one fp16 scale (and min): pyllm's layouts, block for block (load_native)
+    "Q8_0": GGUFType(("int8", BLOCK), True, block_bytes=34),  # fp16 d, 32 x int8: q * d
+    "Q4_0": GGUFType(("int4_sym", BLOCK), True, block_bytes=18),  # fp16 d, 16 bytes of nibbles: (q - 8) * d
+    "Q4_1": GGUFType(("int4_asym", BLOCK), True, block_bytes=20),  # fp16 d, fp16 m, nibbles: q * d + m
+    "Q5_0": GGUFType(("int8", BLOCK), True, block_bytes=22),  # fp16 d, 32 high bits, nibbles: (q - 16) * d
+    "MXFP4": GGUFType(("int8", BLOCK), True, block_bytes=17),  # e8m0 e, nibbles: e2m1 x 2 (int) * 2^(e - 128)
+    # 64-value blocks of four fp8 (e4m3) scales: their values have 6 significant bits, all in f16's range
+    "NVFP4": GGUFType(("f16", 0), True, "pyllm has no layout with an fp8 scale per 16 values; f16 holds the file's "
+                                        "values exactly, at 3.6 times its size (--quant int4 or int8 makes them "
+                                        "smaller)"),
+    # no pyllm layout: re-quantized to the nearest one at least as fine (their sub-block scales and mins,
+    # or non-uniform grids, are not int8's or int4's)
+    "Q5_1": _REQUANT_WIDE, "Q5_K": _REQUANT_WIDE, "Q6_K": _REQUANT_WIDE,
+    # 256-value super-blocks of 8 sub-blocks of 32, each q * (d * sc) - dmin * m with q 0..15: int4_asym g32's
+    # structure; re-quantizing it on a new grid added a fifth of its own error (NMSE ~1e-3 against its values)
+    "Q4_K": GGUFType(("int4_asym", BLOCK), False, "their codes, each sub-block's scale and min rounded to fp16 "
+                                                  "(pyllm has no 256-value super-blocks; NMSE below 1e-6 against the "
+                                                  "file's values)", codes=True),
+    # a 16-value non-uniform grid (ggml's kvalues_iq4nl, integers in -127..113) under one scale per 32 values:
+    # int8 values at that scale. int4_asym's uniform grid added 2/3 of their own error (NMSE 4e-3 on 6e-3)
+    "IQ4_NL": GGUFType(("int8", BLOCK), True, "pyllm has no layout for its non-uniform 4-bit grid; int8 holds the "
+                                              "file's values exactly, at twice its size (--quant int4 makes them "
+                                              "smaller)", block_bytes=18),
+    "IQ4_XS": GGUFType(("int8", BLOCK), False, "their codes as int8 values (pyllm has no layout for their "
+                                               "non-uniform 4-bit grid), each sub-block's scale rounded to fp16, at "
+                                               "twice the file's size (--quant int4 makes them smaller)", codes=True),
+    **{name: _REQUANT_NARROW for name in ("Q3_K", "Q2_K", "IQ3_S", "IQ3_XXS", "IQ2_S",
+                                          "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0")},
+    # refused
+    "Q8_1": _ACTIVATIONS, "Q8_K": _ACTIVATIONS,
+    "I8": _INTEGERS, "I16": _INTEGERS, "I32": _INTEGERS, "I64": _INTEGERS,
+    "F64": GGUFType(None, False, "llama.cpp's converters write weights as F32, F16 or BF16; pyllm reads no F64"),
+    "Q1_0": GGUFType(None, False, "the gguf package cannot decode it yet"),
+}
+_UNKNOWN = GGUFType(None, False, "a type this pyllm has no rule for")
+_FLOATS = ("F32", "F16", "BF16")
+
+
+def gguf_type(kind: str) -> GGUFType:
+    """The row of GGML type `kind` (by name); a type without one is refused."""
+    return GGUF_TYPES.get(kind, _UNKNOWN)
 
 
 def requantized_format(kind: str) -> tuple[str, int, str] | None:
-    """(pyllm format, group size, why) for a GGUF block type pyllm stores by re-quantizing, else None."""
-    if kind in _WIDE_BLOCKS:
-        return "int8", BLOCK, "pyllm has no 5-6 bit layout; int8 is finer (close to the file's values, not bit for bit)"
-    if kind in _NARROW_BLOCKS:
-        return "int4_asym", BLOCK, "pyllm has no layout for it; int4_asym group 32 is the nearest at least as fine"
-    return None
-
-
-def _readable(kind) -> bool:
-    """Whether pyllm reads tensors of this GGML type: its own tables, or a block type the gguf package
-    dequantizes (tried on one block of zeros: its table of them is private)."""
-    if kind.name in _LOSSLESS or kind.name in _FLOAT or requantized_format(kind.name):
-        return True
-    from gguf import quants
-    from gguf.constants import GGML_QUANT_SIZES
-
-    if kind not in GGML_QUANT_SIZES:
-        return False
-    try:
-        quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[kind][1]), np.uint8), kind)
-    except Exception:  # NotImplementedError, or a reader of another shape: not one pyllm can use
-        return False
-    return True
+    """(pyllm format, group size, why) for a GGUF type pyllm stores by re-quantizing, else None."""
+    row = gguf_type(kind)
+    return (*row.layout, row.why) if row.layout is not None and not row.exact else None
 
 
 def _unreadable(path: str, t) -> FormatError:
-    kinds = ", ".join([*_FLOAT, *_LOSSLESS, *_WIDE_BLOCKS, *_NARROW_BLOCKS])
-    return FormatError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which pyllm cannot read "
-                       f"(supported: {kinds})")
+    kinds = ", ".join(name for name, row in GGUF_TYPES.items() if row.layout is not None)
+    return FormatError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which pyllm cannot read: "
+                       f"{gguf_type(t.tensor_type.name).why} (supported: {kinds})")
+
+
+# MXFP4's e2m1 codes, doubled to integers (ggml's kvalues_mxfp4): the value of code c is _E2M1[c] * 2^(e - 128)
+_E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+# IQ4_NL's and IQ4_XS's grid (ggml's kvalues_iq4nl): the value of code c is _IQ4NL[c] * the block's scale
+_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _nibble_codes(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes of one 32-value block -> its 32 codes, value j in the low nibble of byte j and
+    value j + 16 in its high one (ggml's order for Q4_0..IQ4_XS, and pyllm's)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _grid_as_int8(codes: np.ndarray, scales: np.ndarray, rows: int, cols: int) -> PackedWeight:
+    """int8 [rows, cols] of IQ4 grid codes [rows, groups, 32] at f32 scales [rows, groups]: a negative
+    scale (ggml's quantizers pick its sign) is made positive with its values negated (-113..127)."""
+    q = _IQ4NL[codes].astype(np.int16)
+    sign = np.where(scales < 0, -1, 1)
+    q = (q * sign[:, :, None]).astype(np.int8)
+    return PackedWeight("int8", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols)),
+                        np.abs(scales).astype(np.float16))
 
 
 def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
@@ -82,37 +155,85 @@ def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
     return np.ascontiguousarray(values)
 
 
+def _open_reader(path: str):
+    """gguf's reader of path; FormatError for a file it cannot read or of the other byte order."""
+    from gguf import GGUFReader
+
+    if not os.path.isfile(path):  # a FIFO or a device (a shard): opening it waited for a writer
+        raise FormatError(f"{path} is not a regular file, not a GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
+        raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if getattr(reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
+        # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
+        # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
+        raise FormatError(f"{path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
+                          f"does on this machine): convert it in place first with "
+                          f"`gguf-convert-endian {path} little` (from the gguf package)")
+    return reader
+
+
+def _field(reader, path: str, key: str):
+    """A metadata value of one reader's file, None when absent; FormatError naming file and key when
+    it cannot be read."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception as e:
+        raise FormatError(f"{path}: metadata '{key}' is malformed ({e})") from None
+
+
+def _split_keys(reader, path: str) -> tuple[int, int, int | None]:
+    """(split.no, split.count, split.tensors.count or None) of a shard; FormatError naming the key
+    when one is missing or not a number in range."""
+    values = []
+    for key in ("split.no", "split.count", "split.tensors.count"):
+        value = _field(reader, path, key)
+        if value is None and key != "split.tensors.count":
+            raise FormatError(f"{path}: a split GGUF shard (it has split.* metadata) without '{key}'")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise FormatError(f"{path}: GGUF metadata '{key}' must be a non-negative integer, got {value!r:.40}")
+        values.append(value)
+    no, count, total = values
+    if not 0 <= no < count:
+        raise FormatError(f"{path}: GGUF metadata 'split.no' is {no}, not a shard of the {count} that "
+                          "'split.count' says")
+    return no, count, total
+
+
 class GGUFSource:
-    """A .gguf file seen as a checkpoint with pyllm's tensor names (pyllm/convert/gguf_arch.py)."""
+    """A .gguf file (or the shards of a split one) seen as a checkpoint with pyllm's tensor names
+    (pyllm/convert/gguf_arch.py)."""
 
     def __init__(self, path: str | os.PathLike):
         try:
-            from gguf import GGUFReader
+            from gguf import GGUFReader  # noqa: F401
         except ImportError:  # pragma: no cover - gguf is a dependency
             raise RuntimeError("reading GGUF needs the 'gguf' package (pip install gguf)") from None
         self.path = os.fspath(path)
-        try:
-            self.reader = GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
-            raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        if getattr(self.reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
-            # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
-            # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
-            raise FormatError(f"{self.path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
-                              f"does on this machine): convert it in place first with "
-                              f"`gguf-convert-endian {self.path} little` (from the gguf package)")
+        self.reader = _open_reader(self.path)
         self.fields = {k: f for k, f in self.reader.fields.items()}
-        self.tensors = {t.name: t for t in self.reader.tensors}  # by GGUF name
-        count = self._get("split.count")
-        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
-            # gguf-split's shards: the first lacked the others' tensors ("lacks blk.9.attn_q.weight..."), the others
-            # the metadata ("GGUF architecture None is not supported")
-            no = self._get("split.no")
-            which = f"shard {no + 1} of {count}" if isinstance(no, int) and not isinstance(no, bool) else \
-                f"one of {count} shards"
-            raise FormatError(f"{self.path}: {which} of a split GGUF model; pyllm reads a whole model from one file: "
-                              "merge the shards first with llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf "
-                              "MERGED.gguf`")
+        self.files = [self.path]  # the files read: the shards of a split model, first first
+        self.readers = [self.reader]
+        if "split.count" in self.fields:  # gguf-split's shards: read together, as llama.cpp reads them
+            self._read_split_set()
+        self.tensors = {}  # by GGUF name
+        self.tensor_files = {}  # GGUF name -> the file holding it
+        for file, reader in zip(self.files, self.readers):
+            for t in reader.tensors:
+                if t.name in self.tensors:
+                    raise FormatError(f"{file}: tensor '{t.name}' is also in {self.tensor_files[t.name]}: "
+                                      "the shards are not one split model")
+                self.tensors[t.name] = t
+                self.tensor_files[t.name] = file
+        if len(self.files) > 1 or "split.count" in self.fields:
+            total = self._typed("split.tensors.count", int, None)
+            if total is not None and total != len(self.tensors):
+                raise FormatError(f"{self.path}: GGUF metadata 'split.tensors.count' is {total}, but the "
+                                  f"{len(self.files)} shard(s) hold {len(self.tensors)} tensors")
         if self._get("general.type") == "adapter":  # convert_lora_to_gguf's output: was "lacks token_embd.weight"
             what = self._get("adapter.type")
             raise FormatError(f"{self.path}: a llama.cpp {what + ' ' if isinstance(what, str) else ''}adapter, not a "
@@ -121,7 +242,8 @@ class GGUFSource:
         self.gguf_arch = for_gguf(self._get("general.architecture"), self.path)
         for t in self.tensors.values():  # [64, 32, 2] was read as 32 rows: a head size from nowhere, refused by
             if any(int(d) != 1 for d in t.shape[2:]):  # rope.dimension_count's check, naming no tensor
-                raise FormatError(f"{self.path}: tensor '{t.name}' has shape {[int(d) for d in reversed(t.shape)]}; "
+                raise FormatError(f"{self._file(t.name)}: tensor '{t.name}' has shape "
+                                  f"{[int(d) for d in reversed(t.shape)]}; "
                                   f"the tensors of a {self.gguf_arch.name} GGUF file are vectors and matrices")
         meta = Metadata(self.gguf_arch.name, self._get, {n: tuple(int(d) for d in t.shape)
                                                          for n, t in self.tensors.items()}, self.path)
@@ -133,8 +255,52 @@ class GGUFSource:
         if unused:  # a tensor the engine would ignore is a feature it does not implement
             raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
         for t in self.tensors.values():  # before anything is written (a Q8_K one failed half-way, once
-            if not _readable(t.tensor_type):  # announced as "re-quantized to int8")
-                raise _unreadable(self.path, t)
+            if gguf_type(t.tensor_type.name).layout is None:  # announced as "re-quantized to int8")
+                raise _unreadable(self._file(t.name), t)
+
+    def _read_split_set(self) -> None:
+        """self.files, self.readers: every shard of the split model self.path is one of (it may be any),
+        found by gguf-split's names; self.path, self.reader, self.fields: the first's, which holds the
+        metadata. FormatError naming the shard that is missing, of another split set, or inconsistent."""
+        given = self.path
+        no, count, total = _split_keys(self.reader, given)
+        if count == 1:  # a set of one: the whole model, whatever its name
+            return
+        found = split_name(given)
+        if found is None or found[1:] != (no + 1, count):
+            raise FormatError(f"{given}: shard {no + 1} of {count} of a split GGUF model, but not named as "
+                              f"gguf-split names its shards ({os.path.basename(shard_path('PREFIX', no + 1, count))})"
+                              ": its other shards cannot be found; rename the shards so, or merge them with "
+                              "llama.cpp's `llama-gguf-split --merge FIRST_SHARD.gguf MERGED.gguf`")
+        parts = split_parts(given)
+        missing = [p for p in parts if not os.path.exists(p)]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise FormatError(f"{given}: shard {no + 1} of a GGUF model split in {count} files; missing: {shown}")
+        readers = []
+        for i, part in enumerate(parts):
+            reader = self.reader if i == no else _open_reader(part)
+            part_no, part_count, part_total = _split_keys(reader, part)
+            if (part_no, part_count) != (i, count):  # renamed, copied over another, of a set of another size
+                raise FormatError(f"{part}: its GGUF metadata says shard {part_no + 1} of {part_count}, its name "
+                                  f"shard {i + 1} of {count}: the shards are not one split model")
+            if part_total != total:
+                raise FormatError(f"{part}: GGUF metadata 'split.tensors.count' is {part_total}, {total} in "
+                                  f"{given}: the shards are not one split model")
+            readers.append(reader)
+        self.files, self.readers = parts, readers
+        self.path, self.reader = parts[0], readers[0]
+        self.fields = {k: f for k, f in self.reader.fields.items()}
+        arch = self._get("general.architecture")
+        for part, reader in zip(parts[1:], readers[1:]):  # gguf-split writes it in the first only
+            other = _field(reader, part, "general.architecture")
+            if other not in (None, "", arch):
+                raise FormatError(f"{part}: a shard of a {other} model, {parts[0]} of a {arch} one: the shards "
+                                  "are not one split model")
+
+    def _file(self, name: str) -> str:
+        """The file holding GGUF tensor `name` (a shard of a split model, or the file)."""
+        return self.tensor_files.get(name, self.path)
 
     def _get(self, key: str, default=None):
         field = self.fields.get(key)
@@ -194,13 +360,13 @@ class GGUFSource:
     def where(self, name: str) -> str:
         """The file and GGUF tensor pyllm's tensor `name` is: "…/m.gguf: tensor 'blk.0.attn_q.weight' (as ...)"."""
         place = self.places.get(name)
-        return f"{self.path}: tensor '{place.source if place else name}'" + (f" (as '{name}')" if place else "")
+        source = place.source if place else name
+        return f"{self._file(source)}: tensor '{source}'" + (f" (as '{name}')" if place else "")
 
     def native_format(self, name: str) -> tuple[str, int] | None:
-        kind = self._source(name).tensor_type.name
-        if kind in _LOSSLESS:
-            return _LOSSLESS[kind][0], BLOCK
-        return _FLOAT.get(kind)
+        """The pyllm layout holding the tensor's values exactly (GGUF_TYPES), else None."""
+        row = gguf_type(self._source(name).tensor_type.name)
+        return row.layout if row.exact else None
 
     def fallback_format(self, name: str) -> tuple[str, int] | None:
         """The layout a tensor without a native one is re-quantized to (see requantized_format)."""
@@ -208,27 +374,34 @@ class GGUFSource:
         return found[:2] if found else None
 
     def block_type_notices(self) -> list[str]:
-        """One line per re-quantized block type present: which, to what, and why."""
+        """One line per type present that is not stored as the file stores it (GGUF_TYPES' why): which,
+        to what, and why; re-quantized or larger."""
         counts: dict[str, int] = {}
         for t in self.tensors.values():
-            if requantized_format(t.tensor_type.name):
+            if gguf_type(t.tensor_type.name).why:
                 counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         lines = []
         for kind, n in sorted(counts.items()):
-            fmt, group, why = requantized_format(kind)
-            lines.append(f"pyllm: {n} {kind} tensor(s) re-quantized to {fmt} g{group}: {why} "
-                         "(--quant f16 keeps every tensor in f16 instead)")
+            row = gguf_type(kind)
+            fmt, group = row.layout
+            if row.exact:
+                lines.append(f"pyllm: {n} {kind} tensor(s) stored as {fmt}, exactly: {row.why}")
+            elif row.codes:
+                lines.append(f"pyllm: {n} {kind} tensor(s) kept as {fmt} g{group}: {row.why}")
+            else:
+                lines.append(f"pyllm: {n} {kind} tensor(s) re-quantized to {fmt} g{group}: {row.why} "
+                             "(--quant f16 keeps every tensor in f16 instead)")
         return lines
 
     def load_native(self, name: str) -> PackedWeight:
-        """The tensor in its pyllm format, bit for bit (only for block types in _LOSSLESS)."""
+        """The tensor in its pyllm format, bit for bit (only for the GGUF_TYPES rows with block_bytes)."""
         kind, raw = self._raw_rows(name)
-        fmt, block_bytes = _LOSSLESS[kind]
+        block_bytes = gguf_type(kind).block_bytes
         if raw.ndim == 1:  # a vector in blocks (a norm stored Q8_0): one row (raw.shape[1] was an IndexError)
             raw = raw.reshape(1, -1)
         rows, cols = raw.shape[0], int(self._source(name).shape[0])
         if cols % BLOCK or raw.shape[1] != cols // BLOCK * block_bytes:
-            raise FormatError(f"{self.path}: tensor '{name}' has an inconsistent {kind} size")
+            raise FormatError(f"{self.where(name)} has an inconsistent {kind} size")
         blocks = raw.reshape(rows, cols // BLOCK, block_bytes)
         scales = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).reshape(rows, -1)
         if kind == "Q8_0":
@@ -237,6 +410,10 @@ class GGUFSource:
         if kind == "Q4_0":
             q = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, cols // 2)
             return PackedWeight("int4_sym", rows, cols, BLOCK, q, scales)
+        if kind == "MXFP4":
+            return self._mxfp4(name, blocks, rows, cols)
+        if kind == "IQ4_NL":  # d * _IQ4NL[code]: exact in f32 with |d| and the sign in the codes
+            return _grid_as_int8(_nibble_codes(blocks[:, :, 2:]), scales.astype(np.float32), rows, cols)
         if kind == "Q5_0":  # ggml's dequantize_row_q5_0: value j's fifth bit is bit j of the little-endian qh
             high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")  # [rows, blocks, 1]
             low = blocks[:, :, 6:]
@@ -247,14 +424,86 @@ class GGUFSource:
         q = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, cols // 2)
         return PackedWeight("int4_asym", rows, cols, BLOCK, q, scales, mins)
 
+    def codes_format(self, name: str) -> tuple[str, int] | None:
+        """The layout load_codes gives the tensor in (GGUF_TYPES' codes rows), else None."""
+        row = gguf_type(self._source(name).tensor_type.name)
+        return row.layout if row.codes else None
+
+    def load_codes(self, name: str) -> PackedWeight | None:
+        """The tensor in its codes_format with the file's codes, the scales rounded to fp16; None when a
+        scale is past fp16's range (then re-quantized)."""
+        kind, raw = self._raw_rows(name)
+        sizes = {"Q4_K": 144, "IQ4_XS": 136}  # bytes of a 256-value super-block
+        if kind not in sizes:
+            raise FormatError(f"{self.where(name)}: pyllm keeps the codes of {', '.join(sizes)} tensors only, "
+                              f"not {kind}")
+        rows, cols = raw.shape[0], int(self._source(name).shape[0])
+        if cols % 256 or raw.shape[1] != cols // 256 * sizes[kind]:
+            raise FormatError(f"{self.where(name)} has an inconsistent {kind} size")
+        blocks = raw.reshape(rows, cols // 256, sizes[kind])
+        packed = self._iq4_xs(blocks, rows, cols) if kind == "IQ4_XS" else self._q4_k(blocks, rows, cols)
+        finite = all(np.isfinite(a).all() for a in (packed.scales, packed.mins) if a is not None)
+        return packed if finite else None
+
+    @staticmethod
+    def _iq4_xs(blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
+        """IQ4_XS super-blocks [rows, supers, 136] as int8 g32 (ggml's dequantize_row_iq4_xs: d f16, 16 bits
+        of high scale bits, 4 bytes of low ones, then 8 x 16 bytes of codes; sub-block i's scale is
+        d * (ls_i - 32), ls_i 6 bits)."""
+        d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)  # [rows, supers, 1]
+        high = np.ascontiguousarray(blocks[:, :, 2:4]).view("<u2")  # [rows, supers, 1]
+        low = blocks[:, :, 4:8]
+        ls = np.concatenate([low & 0x0F, low >> 4], axis=2)[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].astype(np.int32)
+        ls |= ((high >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.int32) << 4
+        with np.errstate(over="ignore"):
+            scales = (d * (ls - 32)).reshape(rows, -1)
+        codes = _nibble_codes(blocks[:, :, 8:].reshape(rows, cols // 256, 8, 16)).reshape(rows, cols // BLOCK, BLOCK)
+        return _grid_as_int8(codes, scales, rows, cols)
+
+    @staticmethod
+    def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
+        """Q4_K super-blocks [rows, supers, 144] as int4_asym g32 (ggml's dequantize_row_q4_K: sub-block i
+        is q * (d * sc_i) - dmin * m_i; sub-blocks 2k and 2k + 1 are the low and high nibbles of bytes
+        32k..32k + 31)."""
+        d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).astype(np.float32)  # [rows, supers, 1]
+        dmin = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).astype(np.float32)
+        packed = blocks[:, :, 4:16]  # ggml's get_scale_min_k4: 6-bit sc and m of the 8 sub-blocks
+        low, high = packed[:, :, 0:4], packed[:, :, 4:8]
+        sc = np.concatenate([low & 63, (packed[:, :, 8:12] & 0xF) | (low >> 6) << 4], axis=2)
+        m = np.concatenate([high & 63, (packed[:, :, 8:12] >> 4) | (high >> 6) << 4], axis=2)
+        with np.errstate(over="ignore"):
+            scales = (d * sc).astype(np.float16).reshape(rows, -1)
+            mins = (-(dmin * m)).astype(np.float16).reshape(rows, -1)
+        qs = blocks[:, :, 16:].reshape(rows, cols // 256, 4, 1, 32)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, cols // BLOCK, BLOCK)
+        q = codes[:, :, :16] | codes[:, :, 16:] << 4  # pyllm's order: value j low, j + 16 high
+        return PackedWeight("int4_asym", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols // 2)),
+                            scales, mins)
+
+    def _mxfp4(self, name: str, blocks: np.ndarray, rows: int, cols: int) -> PackedWeight:
+        """MXFP4 blocks [rows, blocks, 17] as int8: value j is _E2M1[code j] * 2^(e - 128), code j the
+        low nibble of byte j and code j + 16 its high one (pyllm's order). FormatError naming the tensor
+        when a block's scale is outside fp16's powers of two (2^-24..2^15; none in llama.cpp's files)."""
+        exponent = blocks[:, :, 0].astype(np.int32) - 128
+        codes = blocks[:, :, 1:]
+        q = _E2M1[np.concatenate([codes & 0x0F, codes >> 4], axis=2)]
+        used = (q != 0).any(axis=2)  # a block of zeros holds them at any scale
+        outside = used & ((exponent < -24) | (exponent > 15))
+        if outside.any():
+            row, block = (int(i[0]) for i in np.nonzero(outside))
+            raise FormatError(f"{self.where(name)}: MXFP4 block {block} of row {row} has scale "
+                              f"2^{exponent[row, block]}, outside pyllm's fp16 scales (2^-24..2^15)")
+        scales = np.where(used, np.ldexp(np.float32(1), np.clip(exponent, -24, 15)), 0).astype(np.float16)
+        return PackedWeight("int8", rows, cols, BLOCK, np.ascontiguousarray(q.reshape(rows, cols)), scales)
+
     def load(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, [rows, cols] (or [n] for vectors)."""
         t = self._source(name)
         kind = t.tensor_type.name
-        if kind in _LOSSLESS:
+        if gguf_type(kind).block_bytes:
             values = dequantize(self.load_native(name))
             return values.reshape(-1) if len(t.shape) == 1 else values
-        if kind in ("F32", "F16", "BF16"):
+        if kind in _FLOATS:
             _, rows = self._raw_rows(name)
             return bf16_bits_to_f32(rows.view(np.uint16)) if kind == "BF16" else rows.astype(np.float32)
         from gguf import quants
@@ -262,11 +511,12 @@ class GGUFSource:
         try:
             values = quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         except NotImplementedError:
-            raise _unreadable(self.path, t) from None
+            raise _unreadable(self._file(t.name), t) from None
         return _place_rows(values.reshape(tuple(int(d) for d in reversed(t.shape))), self.places[name])
 
     def close(self) -> None:
         self.reader = None
+        self.readers = []
 
     # -- tokenizer and chat template ------------------------------------------
     def tokenizer(self) -> tuple[TokenizerSpec, bytes]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
+from ..formats.gguf_split import split_parts
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
 from ..formats.safetensors import FormatError, PlannedTensor, check_finite, check_output_path, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, layout_name, packed_shapes, quantization_nmse, quantize
@@ -38,6 +39,8 @@ def open_source(path: str):
         return Checkpoint(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
+    if not os.path.isfile(path):  # a FIFO or a device: open() waited for ever for a writer
+        raise FormatError(f"{path} is not a regular file: neither a Hugging Face model directory nor a GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
@@ -115,10 +118,13 @@ class ConversionReport:
 
 
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
-                 weights_bits: list, native=None, strategy=None, label: str | None = None) -> list[PlannedTensor]:
+                 weights_bits: list, native=None, strategy=None, label: str | None = None,
+                 codes=None) -> list[PlannedTensor]:
     """Planned tensors for one matrix; the weight's producer fills the companions' cache.
 
     native: when given, returns the weight already in (fmt, group), kept bit for bit.
+    codes: when given, returns the weight in (fmt, group) with the source's codes and rounded scales
+    (or None: quantized then), measured against source() as a quantized one is.
     label: the file and source tensor of the weight, for a message (see where)."""
     label = label or f"tensor '{base}.weight'"
     parts = packed_shapes(fmt, rows, cols, group)
@@ -138,7 +144,9 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                     if w.shape != (rows, cols):
                         raise FormatError(f"{label} has shape {list(w.shape)}, "
                                           f"config implies {[rows, cols]}")
-                    packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
+                    packed = codes() if codes is not None else None
+                    if packed is None:
+                        packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
@@ -151,7 +159,8 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
 
 
 def check_output_is_not_an_input(output: str, inputs: list[str]) -> None:
-    """FileExistsError when output already is a file the conversion reads (the source GGUF file, or
+    """FileExistsError when output already is a file the conversion reads (the source GGUF file or its
+    shards, or
     a file directly inside the checkpoint or an adapter directory, symbolic links followed): the
     finished file replaces what the path names, so the checkpoint would be gone. Earlier .pllm files
     in those directories are not inputs and may be overwritten."""
@@ -161,7 +170,7 @@ def check_output_is_not_an_input(output: str, inputs: list[str]) -> None:
         if os.path.isdir(item):
             files = [os.path.join(item, name) for name in os.listdir(item) if not name.endswith(".pllm")]
         else:
-            files = [item]
+            files = split_parts(item)  # a split GGUF model's shards (the output was one of them, replaced)
         for path in files:
             try:
                 same = os.path.samefile(output, path)
@@ -178,8 +187,10 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     """Converts a Hugging Face directory of a family in pyllm.arch, or a llama GGUF file, into a .pllm file
     (written atomically).
 
-    quant None: f16 for Hugging Face checkpoints; for GGUF, each tensor's own format where pyllm holds it
-    without loss (Q8_0, Q4_0, Q4_1, F32, F16, BF16), else f16. options: how int8/int4 scales are chosen
+    quant None: f16 for Hugging Face checkpoints; for GGUF, what gguf_source.GGUF_TYPES says of each tensor's
+    type: a pyllm layout holding it exactly (Q8_0, Q4_0, Q4_1, Q5_0, MXFP4, IQ4_NL, floats; NVFP4 in f16), or
+    its codes (Q4_K, IQ4_XS), else the nearest one at least as fine, said in a notice; types without a row are
+    refused. options: how int8/int4 scales are chosen
     (pyllm/convert/strategy.py; default: scale search for int4, min/max scales for int8, and for --quant int4
     a per-tensor choice of layout).
     group_size: values per scale of int8/int4 (default 32); given with quant "int4", every matrix keeps it
@@ -235,7 +246,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         report.phases = {**strategy.seconds, "writing": time.perf_counter() - writing}
     finally:
         source.close()
-    report.source_bytes = source_size(src, lora)
+    report.source_bytes = source_size(src, lora, getattr(source, "files", None))
     linear_bits = [b for b in weights_bits if b[2] != "model.embed_tokens" and b[2] != "lm_head"]
     report.bits_per_weight = sum(b[0] for b in linear_bits) / max(1, sum(b[1] for b in linear_bits))
     report.seconds = time.perf_counter() - started
@@ -260,11 +271,13 @@ def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, 
         raise FormatError(f"{src}: {e}; nothing was written") from None
 
 
-def source_size(src: str, lora=()) -> int:
-    """Bytes of the source's weight files: a GGUF file, or a directory's *.safetensors / *.bin / *.pt
-    files (LoRA adapter directories' included)."""
-    total = 0
+def source_size(src: str, lora=(), files: list[str] | None = None) -> int:
+    """Bytes of the source's weight files: a GGUF file (files: the shards of a split one, as read), or a
+    directory's *.safetensors / *.bin / *.pt files (LoRA adapter directories' included)."""
+    total = sum(os.path.getsize(p) for p in files) if files else 0
     for path in (src, *lora):
+        if files and path == src:
+            continue
         if os.path.isfile(path):
             total += os.path.getsize(path)
             continue
@@ -334,9 +347,13 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
             f, g = strategy.formats[base]
         linears[base] = (f, g)
         keep = f in QUANT_FORMATS and source.native_format(name) == (f, g)
+        # the source's own codes in a layout that is not bit for bit theirs (GGUF Q4_K), as native ones are
+        # kept: by default, or when asked for that layout (--quant int4_asym, group 32)
+        codes = (not keep and f in QUANT_FORMATS
+                 and getattr(source, "codes_format", lambda n: None)(name) == (f, g))
         plans += _plan_linear(base, f, g, rows, cols, lambda n=name: source.load(n), report, weights_bits,
                               native=(lambda n=name: source.load_native(n)) if keep else None, strategy=strategy,
-                              label=where(source, name))
+                              label=where(source, name), codes=(lambda n=name: source.load_codes(n)) if codes else None)
     for name, shape in config.vector_shapes().items():
         if not source.has(name):
             raise FormatError(f"{src_name(source)}: lacks '{name}'")
