@@ -943,8 +943,17 @@ def test_every_gguf_type_has_a_row_saying_what_pyllm_does(tmp_path):
 
     from pyllm.convert.gguf_source import GGUF_TYPES
 
+    from pyllm.convert.gguf_source import gguf_type
+
+    # every type of the gguf package this table was written against; one a later gguf adds (gguf is not
+    # pinned) is refused until it has a row, which must not fail a clean install's tests
+    known_when_written = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
+                          "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "MXFP4"}
+    assert known_when_written <= set(GGUF_TYPES)
     for kind in Q:
-        assert kind.name in GGUF_TYPES, f"GGUF type {kind.name} has no row in gguf_source.GGUF_TYPES"
+        if kind.name not in GGUF_TYPES:
+            assert gguf_type(kind.name).layout is None and "no rule" in gguf_type(kind.name).why, kind.name
+            continue
         row = GGUF_TYPES[kind.name]
         if row.layout is None:
             assert row.why and not row.exact, kind.name
