@@ -30,7 +30,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import PASSING, PyllmError, read_text
-from .limits import MAX_CHAT_TEMPLATE_BYTES, RenderLimits
+from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, RenderLimits
 
 
 class TemplateError(PyllmError):
@@ -402,7 +402,9 @@ def _weight(value) -> int:
     twice counted twice (a list that holds one list twice, forty times over, is 2**40 elements to
     str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights are kept for the
     rendering (those holding a namespace until a namespace is given a container or string); raises
-    TemplateError past the output limit, as soon as it is passed."""
+    TemplateError past the output limit, as soon as it is passed, or nested deeper than
+    MAX_TEMPLATE_NESTING (hash() of a tuple nested 200,000 deep, which a template builds in seconds,
+    recurses in C with no depth check: it overflowed the C stack and killed the process)."""
     if isinstance(value, (str, bytes)):  # Markup (|escape, macros) included
         return len(value)
     if type(value) in _LEAVES:
@@ -429,7 +431,7 @@ def _weight(value) -> int:
         else:
             children, holds_namespace = list(_namespace_attrs(item).values()), True
         if children_done:
-            total = 1
+            total, depth = 1, 1
             for child in children:
                 if isinstance(child, (str, bytes)):
                     total += len(child)
@@ -440,6 +442,7 @@ def _weight(value) -> int:
                     if entry is not None:
                         total += entry[1]
                         holds_namespace = holds_namespace or entry[2]
+                        depth = max(depth, entry[3] + 1)
                     elif _is_container(child):  # a namespace that holds itself: counted once
                         holds_namespace = True
                     else:
@@ -447,7 +450,11 @@ def _weight(value) -> int:
                 if total > most:
                     raise TemplateError(f"the chat template builds a value larger than {most} elements or "
                                         "characters written out (a list or dict holding another many times)")
-            (volatile if holds_namespace else stable)[id(item)] = (item, total, holds_namespace)
+            if depth > MAX_TEMPLATE_NESTING:
+                raise TemplateError(f"the chat template builds a value nested more than {MAX_TEMPLATE_NESTING} "
+                                    "deep (limits.MAX_TEMPLATE_NESTING: lists, tuples, dicts or namespaces "
+                                    "inside one another)")
+            (volatile if holds_namespace else stable)[id(item)] = (item, total, holds_namespace, depth)
             open_.discard(id(item))
             continue
         if id(item) in open_ or id(item) in stable or id(item) in volatile:

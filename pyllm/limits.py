@@ -26,6 +26,10 @@ MAX_STDIN_BYTES = 64 * 2**20
 # bytes of a chat template file (a checkpoint's chat_template.jinja, --chat-template FILE): released
 # templates take 1-20 KB
 MAX_CHAT_TEMPLATE_BYTES = 2**20
+# lists, tuples, dicts and namespaces a chat template builds inside one another: Python's own recursion limit
+# (repr, ==, tojson refuse deeper values), and far below the ~150,000 at which hash() of a nested tuple,
+# which recurses in C unchecked, overflows a thread's 8 MiB stack (a crash, not an error)
+MAX_TEMPLATE_NESTING = 1000
 # pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
 # rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4

@@ -438,3 +438,24 @@ def test_bounded_filters_and_methods_keep_their_ordinary_results():
     assert render_chat(template, [{"role": "user", "content": "hi"}]) == (
         "  ab  |  a\n  b|x   |1.50|  7|00042|    r2.2n  |x  |bbXbb|p, q|1-z-None|v,w|cca|"
         "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True")
+
+
+def test_values_nested_deeper_than_the_limit_are_refused():
+    """hash() of a nested tuple recurses in C without a depth check: a template that nested one
+    200,000 deep (seconds of work) and used it as a dict key or with `in`/unique killed the process
+    with a segfault. Lists, tuples, dicts and namespaces nest at most MAX_TEMPLATE_NESTING deep."""
+    from pyllm.limits import MAX_TEMPLATE_NESTING
+
+    def nest(depth):
+        wrap = "ns.t"
+        for _ in range(10):
+            wrap = f"({wrap},)"
+        return ("{% set ns = namespace(t=0) %}{% for i in range(" + str(depth // 10) + ") %}{% set ns.t = "
+                + wrap + " %}{% endfor %}{{ {ns.t: 1}|length }}")
+
+    assert render_chat(nest(MAX_TEMPLATE_NESTING - 10), [TURN_1]) == "1"
+    with pytest.raises(TemplateError, match=f"nested more than {MAX_TEMPLATE_NESTING} deep .*MAX_TEMPLATE_NESTING"):
+        render_chat(nest(2 * MAX_TEMPLATE_NESTING), [TURN_1])
+    with pytest.raises(TemplateError, match="nested more than"):  # lists and dicts alike
+        render_chat("{% set ns = namespace(t=0) %}{% for i in range(1000) %}{% set ns.t = {'a': [ns.t]} %}"
+                    "{% endfor %}", [TURN_1])
