@@ -777,3 +777,55 @@ def test_sampled_replies_stream_all_their_text_with_byte_fallback(sp_models, cas
         ids = [t.id for t in stream.tokens]
         before, full = llm.detokenize(context), llm.detokenize(context + ids)
         assert full.startswith(before) and text == full[len(before):], seed
+
+
+# -- many special tokens ----------------------------------------------------------------------------
+
+def _many_specials_tokenizer(specials):
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<unk>"] + [chr(c) for c in range(32, 127)])}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    spec = TokenizerSpec(kind="hf", bos_token="<s>", eos_token="</s>", bos_token_id=hf.token_to_id("<s>"),
+                         eos_token_ids=[hf.token_to_id("</s>")])
+    return Tokenizer(spec, hf.to_str().encode("utf-8"))
+
+
+def test_thousands_of_special_tokens_are_found_in_a_long_text_in_one_pass():
+    """A model with thousands of special tokens (Gemma 3 has 6,000 <unusedN>): finding those written
+    in a 1 MB chat message took `t in text` for each (8 s), and splitting the prompt at them one
+    regex alternation of all of them, which Python's re tries branch by branch at every position
+    (20 s), both holding the GIL, so a server's event loop stood still. Both are one pass now."""
+    import time
+
+    tok = _many_specials_tokenizer(["<s>", "</s>"] + [f"<unused{i}>" for i in range(6000)])
+    text = "<s>" + "<unused1" * 130000 + "<unused17>"  # every place a near miss
+    start = time.monotonic()
+    assert tok.special_tokens_in([text]) == {"<s>", "<unused17>"}
+    assert tok.encode_with_literal(text, {})[0] == tok.token_to_id("<s>")
+    assert tok.encode_with_literal(text, {})[-1] == tok.token_to_id("<unused17>")
+    assert time.monotonic() - start < 5  # 50 s before; well under a second now
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_special_tokens_found_and_split_as_by_each_string(seed):
+    """The one-pass search (a trie of the special tokens as one regular expression) finds exactly the
+    tokens `t in text` finds, and splits text where the longest-first alternation of them splits it,
+    for tokens that are prefixes of one another, hold regex characters, or nest past its depth bound."""
+    import random
+
+    from pyllm.tokenizer import _alternation
+
+    rng = random.Random(seed)
+    alphabet = "ab<|>.*(\\é😀"
+    specials = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(40)})
+    specials += ["a" * k for k in range(1, 45)] + ["<s>", "</s>"]  # a chain deeper than MAX_ALTERNATION_DEPTH
+    tok = _many_specials_tokenizer(specials)
+    naive = re.compile("(" + "|".join(re.escape(t) for t in sorted(set(specials), key=len, reverse=True)) + ")")
+    assert re.compile(f"({_alternation(specials)})").split("a" * 50 + "b") == naive.split("a" * 50 + "b")
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet + "xyz ") for _ in range(rng.randint(0, 60)))
+        assert tok.special_tokens_in([text, "zz"]) == {t for t in specials if t in text}, text
+        assert re.compile(f"({_alternation(specials)})").split(text) == naive.split(text), text
