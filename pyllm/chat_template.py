@@ -14,7 +14,9 @@ operation would make longer than the output limit is refused before Python build
 `~` and `%` on strings and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
 bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
 the size they would build; format widths and precisions), the filters center, indent, format,
-join, replace, batch and slice, tojson's indent and lipsum's size. Every failure is a TemplateError.
+join, replace, batch and slice, tojson's indent and lipsum's size, str.encode and bytes.decode by the
+most their codec writes per character; and what every filter and method returns (urlencode, pprint,
+utf-16, hex: a few times their input, again at each step of a loop). Every failure is a TemplateError.
 """
 
 from __future__ import annotations
@@ -251,7 +253,8 @@ def _compile(source: str):
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
             args = _check_call(__obj, args, kwargs)
-            return _checked_value(super().call(__context, __obj, *args, **kwargs))  # dict(a=x, b=x), namespace()
+            # dict(a=x, b=x), namespace(); a method whose value is a multiple of its input (encode, hex)
+            return _checked_result(super().call(__context, __obj, *args, **kwargs), __obj)
 
         @staticmethod
         def checked_value(value):
@@ -475,6 +478,15 @@ def _checked_value(value):
     return value
 
 
+def _checked_result(value, fn):
+    """value, what a function, method or filter returned, refused past the output limit: a value a
+    few times its input's size (utf-16, unicode_escape, hex, pprint, urlencode) would otherwise grow
+    that many times over at each step of a loop."""
+    if isinstance(value, (str, bytes)):
+        _check_size(len(value), f"what {getattr(fn, '__name__', 'a call')} returns")
+    return _checked_value(value)
+
+
 MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
 
 
@@ -586,6 +598,8 @@ def _check_call(obj, args: tuple, kwargs: dict) -> tuple:
         return args
     _check_ints(list(args) + list(kwargs.values()), f"{type(owner).__name__}.{name}")
     if isinstance(owner, (str, bytes)):
+        if name in ("encode", "decode"):  # checked before: one character can become ~90 (namereplace)
+            _check_size(len(owner) * _codec_growth(args, kwargs), f"{type(owner).__name__}.{name}")
         if name == "expandtabs":
             size = kwargs.get("tabsize", args[0] if args else 8)
             if _is_int(size):
@@ -602,6 +616,17 @@ def _check_call(obj, args: tuple, kwargs: dict) -> tuple:
             _check_size(_text_size(items) + len(owner) * max(len(items) - 1, 0), "a joined list")
             return (items,) + args[1:]
     return args
+
+
+def _codec_growth(args: tuple, kwargs: dict) -> int:
+    """The most characters or bytes str.encode / bytes.decode may write for one of its input's."""
+    encoding = str(kwargs.get("encoding", args[0] if args else "utf-8")).lower()
+    errors = str(kwargs.get("errors", args[1] if len(args) > 1 else "strict")).lower()
+    if "namereplace" in errors:
+        return 100  # \N{...}: the longest character name is 88 letters
+    if "escape" in encoding or "replace" in errors or "punycode" in encoding:
+        return 10  # \U0010ffff, &#1114111;
+    return 4  # UTF-8, UTF-16, UTF-32
 
 
 def _bound_filters(filters: dict) -> None:
@@ -651,6 +676,17 @@ def _bound_filters(filters: dict) -> None:
 
     filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,
                    slice=slice_)
+    for name, f in filters.items():  # every filter's value checked (urlencode, pprint, forceescape grow theirs)
+        filters[name] = _result_checked(f)
+
+
+def _result_checked(f):
+    import functools
+
+    @functools.wraps(f)  # keeps jinja_pass_arg (pass_context, pass_environment...)
+    def checked(*args, **kwargs):
+        return _checked_result(f(*args, **kwargs), f)
+    return checked
 
 
 def _lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 - Jinja's names

@@ -330,6 +330,20 @@ HOSTILE = {
     "format filter doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
                               "{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
     "tojson of quotes": "{% set ns = namespace(s='\"') %}{% for i in range(40) %}{% set ns.s = ns.s|tojson %}{% endfor %}",
+    # a method or filter whose value is a multiple of its input's size, applied again and again (nothing
+    # checked what one returns: 100 KB grew to 400 MB in 12 steps, and on until memory ran out)
+    "utf-16 doubling": "{% set ns = namespace(s='ab') %}{% for i in range(30) %}"
+                       "{% set ns.s = ns.s.encode('utf-16').decode('latin-1') %}{% endfor %}",
+    "unicode_escape doubling": "{% set ns = namespace(s='\\\\') %}{% for i in range(30) %}"
+                               "{% set ns.s = ns.s.encode('unicode_escape').decode() %}{% endfor %}",
+    "pprint doubling": "{% set ns = namespace(s='\\\\') %}{% for i in range(30) %}{% set ns.s = ns.s|pprint %}"
+                       "{% endfor %}",
+    "urlencode growing": "{% set ns = namespace(s='%' * 100000) %}{% for i in range(30) %}{% set ns.s = ns.s|urlencode %}"
+                         "{% endfor %}",
+    "bytes.hex doubling": "{% set ns = namespace(s='ab'.encode()) %}{% for i in range(30) %}"
+                          "{% set ns.s = ns.s.hex().encode() %}{% endfor %}",
+    # one encoding that writes each character as its name (\N{CJK UNIFIED IDEOGRAPH-4E00}: 30 times longer)
+    "namereplace": "{{ ('\u4e00' * 100000).encode('ascii', 'namereplace')|length }}",
     # a list of one long string or bytes repeated (its length was checked, not its text's)
     "long string repeated in a list": "{{ (['x' * 1000000] * 1000)|string|length }}",
     "long bytes repeated in a list": "{{ (['x'.encode() * 1000000] * 1000)|string|length }}",
@@ -459,3 +473,14 @@ def test_values_nested_deeper_than_the_limit_are_refused():
     with pytest.raises(TemplateError, match="nested more than"):  # lists and dicts alike
         render_chat("{% set ns = namespace(t=0) %}{% for i in range(1000) %}{% set ns.t = {'a': [ns.t]} %}"
                     "{% endfor %}", [TURN_1])
+
+
+def test_checked_encode_and_filter_values_keep_their_ordinary_results():
+    """Every filter's value and str.encode / bytes.decode are checked against the output limit, and
+    give Jinja's and Python's own results within it (filters taking the context or environment too)."""
+    template = ("{{ 'é'.encode('utf-8')|length }}|{{ 'é'.encode().decode() }}|{{ 'a&b'|urlencode }}|{{ 'x'|pprint }}|"
+                "{{ messages|map(attribute='role')|join(',') }}|{{ messages|selectattr('role', 'eq', 'user')|list|length }}|"
+                "{{ [3, 1, 2]|sort|first }}|{{ 'a b c'|wordcount }}|{{ '<b>'|forceescape }}|{{ {'b': 1, 'a': 2}|dictsort|first }}|"
+                "{{ messages[0].content|truncate(9, true, '') }}")
+    assert render_chat(template, [TURN_1, REPLY_1]) == \
+        "2|é|a%26b|'x'|user,assistant|1|1|3|&lt;b&gt;|('a', 2)|Hello! Wh"
