@@ -11,7 +11,7 @@ pyllm/limits.py). The deadline is checked by a trace function on the rendering t
 function call the rendering makes and at every line of the compiled template and of Jinja's filters
 and utils (lipsum, batch and slice loop there); the output as it is produced; and a value one
 operation would make longer than the output limit is refused before Python builds it: `*`, `+`,
-`~` and `%` on strings and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
+`~` and `%` on strings, bytes and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
 bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
 the size they would build; format widths and precisions), the filters center, indent, format,
 join, replace, batch and slice, tojson's indent and lipsum's size, str.encode and bytes.decode by the
@@ -503,7 +503,7 @@ def _is_int(value) -> bool:
 
 def _check_binop(operator: str, left, right) -> None:
     """Refuses `*`, `+`, `**` and `%` results past the output limit before Python builds them."""
-    sized = (str, list, tuple)
+    sized = (str, bytes, list, tuple)
     if operator == "*":
         if _is_int(left) and _is_int(right):
             _check_bits(left.bit_length() + right.bit_length())
@@ -511,18 +511,18 @@ def _check_binop(operator: str, left, right) -> None:
         seq, n = (left, right) if isinstance(left, sized) else (right, left)
         if isinstance(seq, sized) and isinstance(n, int):
             _check_size(len(seq) * n, "a repeated string or list")
-            if not isinstance(seq, str):
+            if not isinstance(seq, (str, bytes)):
                 _check_size(_weight(seq) * n, "a repeated list")
     elif operator == "+":
         if isinstance(left, sized) and isinstance(right, sized):
             _check_size(len(left) + len(right), "a joined string or list")
-            if not isinstance(left, str) and not isinstance(right, str):
+            if not isinstance(left, (str, bytes)) and not isinstance(right, (str, bytes)):
                 _check_size(_weight(left) + _weight(right), "a joined list")
     elif operator == "**":
         if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
             _check_bits(right * max(abs(left).bit_length(), 1))
-    elif operator == "%" and isinstance(left, str):
-        _check_printf(left, right)
+    elif operator == "%" and isinstance(left, (str, bytes)):
+        _check_printf(left if isinstance(left, str) else left.decode("latin-1"), right)
 
 
 # a printf conversion: its width and precision (digits, or * for an argument)

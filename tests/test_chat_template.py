@@ -342,6 +342,11 @@ HOSTILE = {
                          "{% endfor %}",
     "bytes.hex doubling": "{% set ns = namespace(s='ab'.encode()) %}{% for i in range(30) %}"
                           "{% set ns.s = ns.s.hex().encode() %}{% endfor %}",
+    # bytes (from str.encode) under `*`, `+` and `%`, which checked str, list and tuple only
+    "bytes repeat": "{{ ('x'.encode() * 10**9)|length }}",
+    "bytes doubling": "{% set ns = namespace(b='ab'.encode()) %}{% for i in range(30) %}{% set ns.b = ns.b + ns.b %}"
+                      "{% endfor %}",
+    "bytes printf": "{{ ('%1000000000d'.encode() % 1)|length }}",
     # one encoding that writes each character as its name (\N{CJK UNIFIED IDEOGRAPH-4E00}: 30 times longer)
     "namereplace": "{{ ('\u4e00' * 100000).encode('ascii', 'namereplace')|length }}",
     # a list of one long string or bytes repeated (its length was checked, not its text's)
