@@ -34,6 +34,10 @@ MAX_TEMPLATE_NESTING = 1000
 # pieces: convert.checkpoint.every_two_token_splits): about the sum of its pieces' squared lengths, some 2 * 10**7 for
 # 256,000 pieces of ~7 characters (Gemma's); the pieces "a" * k for every k to 3,000, a 4.5 MB vocabulary, had 9 GB
 MAX_MERGE_SPLIT_CHARS = 2**28
+# how many times longer a tokenizer.json normalizer or decoder may make a text (tokenizer.check_growth): Unicode's
+# NFKC makes one character 18 at most, a sentencepiece normalization map about as many; a Replace of "a" by 10,000
+# characters made a 20,000-character prompt 3 GB inside the tokenizers library, which aborts when an allocation fails
+MAX_TOKENIZER_GROWTH = 64
 # pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
 # rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4

@@ -41,6 +41,9 @@ class Tokenizer:
 
         with library_errors("the tokenizer cannot be read", FormatError):
             self._load(spec, blob)
+        for where, step in getattr(self, "_steps", {}).items():
+            check_growth(step, where)
+        self._steps = None
 
     def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
@@ -53,8 +56,10 @@ class Tokenizer:
             # 400 tokens fitted 512 embeddings at load, then its text failed every generate())
             self.vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
-            self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
-            self._byte_level = _decoder_has(json.loads(blob).get("decoder"), "ByteLevel")
+            config = json.loads(blob)
+            self._steps = {step: config.get(step) for step in ("normalizer", "decoder")}  # checked by __init__
+            self.run_byte_ids = _byte_fallback_ids(self._hf, config.get("decoder"))
+            self._byte_level = _decoder_has(config.get("decoder"), "ByteLevel")
             # a post-processor that adds tokens (a BOS, GLM's [gMASK]<sop> pair...) adds them itself;
             # otherwise the spec's add_bos_token / add_eos_token do (GGUF files, tokenizer.model sources)
             self._post_processor_adds = self._hf.post_processor is not None and (
@@ -245,6 +250,88 @@ class Tokenizer:
         return "".join(out)
 
 
+# the most characters one character may become in a normalizer or decoder step of each type (Unicode's
+# bounds for its normal forms: NFKC/NFKD 18, for U+FDFA; a byte-level step writes one per UTF-8 byte;
+# BertNormalizer spaces out CJK characters, lowercases and strips accents through NFD)
+_GROWTH = {"NFC": 3, "NFD": 4, "NFKC": 18, "NFKD": 18, "Lowercase": 3, "ByteLevel": 4, "BertNormalizer": 36,
+           "WordPiece": 2, "BPEDecoder": 2}
+
+
+def check_growth(step, where: str) -> None:
+    """FormatError when a tokenizer.json normalizer or decoder (`where`) can make a text more than
+    limits.MAX_TOKENIZER_GROWTH times longer, or longer by more than that many thousand characters:
+    a Replace of "a" by 10,000 characters made a 20,000-character prompt 3 GB inside the tokenizers
+    library, whose failed allocation aborts the process (a server with it)."""
+    from .formats.safetensors import FormatError
+    from .limits import MAX_TOKENIZER_GROWTH
+
+    times, added, culprit = _growth(step)
+    if times > MAX_TOKENIZER_GROWTH or added > 1000 * MAX_TOKENIZER_GROWTH:
+        raise FormatError(f"the tokenizer.json {where} can make a text {times:g} times longer"
+                          + (f" and {added} characters longer" if added else "") + f" ({culprit}), past "
+                          f"limits.MAX_TOKENIZER_GROWTH ({MAX_TOKENIZER_GROWTH} times, {1000 * MAX_TOKENIZER_GROWTH} "
+                          "characters)")
+
+
+def _growth(step) -> tuple[float, int, str]:
+    """(m, a, the step responsible): step makes a text of n characters at most m * n + a long."""
+    if not isinstance(step, dict):
+        return 1, 0, ""
+    kind = step.get("type")
+    if kind == "Sequence":
+        times, added, steps = 1, 0, []
+        for inner in [*(step.get("normalizers") or []), *(step.get("decoders") or [])]:
+            m, a, c = _growth(inner)
+            times, added = times * m, added * m + a
+            if m > 1 or a:
+                steps.append(c)
+        return times, added, ", ".join(steps)
+    if kind == "Replace":
+        pattern, content = step.get("pattern") or {}, step.get("content")
+        content = len(content) if isinstance(content, str) else 0
+        literal = pattern.get("String") if isinstance(pattern, dict) else None
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        shortest = len(literal) if isinstance(literal, str) else _shortest_match(regex)
+        culprit = f"Replace by {content} characters"
+        if shortest:  # each match replaces at least this many characters
+            return max(1, content / shortest), 0, culprit
+        return 1 + content, content, culprit  # a match of nothing: content before every character
+    if kind == "Prepend":
+        prepend = step.get("prepend")
+        return 1, len(prepend) if isinstance(prepend, str) else 0, "Prepend"
+    if kind == "Precompiled":
+        return _charsmap_growth(step.get("precompiled_charsmap")), 0, "Precompiled"
+    return _GROWTH.get(kind, 1), 0, str(kind)
+
+
+def _shortest_match(regex) -> int:
+    """The fewest characters a match of regex (Oniguruma's syntax) takes, as Python's parser reads it;
+    0 when it may match nothing or Python cannot read it (\\p{L}...)."""
+    try:
+        import re._parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as parser
+    try:
+        return int(parser.parse(regex).getwidth()[0]) if isinstance(regex, str) else 0
+    except (re.error, RecursionError, OverflowError, ValueError, TypeError):
+        return 0
+
+
+def _charsmap_growth(charsmap) -> int:
+    """The longest text a sentencepiece normalization map (a Precompiled step) puts for one character:
+    its blob is a 4-byte trie size, the trie, then the replacement texts, each ending in a NUL."""
+    import base64
+    import struct
+
+    try:
+        data = base64.b64decode(charsmap) if isinstance(charsmap, str) else bytes(charsmap or b"")
+        (trie,) = struct.unpack_from("<I", data)
+        texts = data[4 + trie:].split(b"\0")
+    except (ValueError, TypeError, struct.error):
+        return 1  # the tokenizers library refuses it
+    return max([len(t.decode("utf-8", "replace")) for t in texts] + [1])
+
+
 MAX_ALTERNATION_DEPTH = 32  # nested groups in _alternation's expression (Python's re parser recurses on each)
 
 
@@ -314,12 +401,12 @@ def _decoder_has(node, kind: str) -> bool:
     return False
 
 
-def _byte_fallback_ids(hf, blob: bytes) -> frozenset:
+def _byte_fallback_ids(hf, decoder) -> frozenset:
     """The <0xNN> token ids when the tokenizer.json decoder has a ByteFallback step, else none.
 
     That step decodes a run of consecutive byte tokens as UTF-8 when it is valid and otherwise as one
     U+FFFD per byte, so a later byte token can rewrite the text of the whole run before it."""
-    if not _decoder_has(json.loads(blob).get("decoder"), "ByteFallback"):
+    if not _decoder_has(decoder, "ByteFallback"):
         return frozenset()
     ids = (hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
     return frozenset(i for i in ids if i is not None)

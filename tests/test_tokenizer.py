@@ -829,3 +829,61 @@ def test_special_tokens_found_and_split_as_by_each_string(seed):
         text = "".join(rng.choice(alphabet + "xyz ") for _ in range(rng.randint(0, 60)))
         assert tok.special_tokens_in([text, "zz"]) == {t for t in specials if t in text}, text
         assert re.compile(f"({_alternation(specials)})").split(text) == naive.split(text), text
+
+
+# -- normalizers and decoders that lengthen text ----------------------------------------------------
+
+@pytest.mark.parametrize("step", ["normalizer", "decoder", "sequence", "regex"])
+def test_a_normalizer_or_decoder_that_lengthens_text_without_bound_is_refused(step):
+    """A tokenizer.json Replace of "a" by 10,000 characters made a 20,000-character prompt 3 GB inside
+    the tokenizers library, whose failed allocation aborts the process (a server with it); as a
+    decoder, 100,000 generated ids decoded to 1 GB of text. Steps each within bounds multiply in a
+    Sequence. Such a tokenizer is refused when read, naming limits.MAX_TOKENIZER_GROWTH."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    from pyllm.limits import MAX_TOKENIZER_GROWTH
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    if step == "normalizer":
+        hf.normalizer = normalizers.Replace("a", "b" * 10000)
+    elif step == "decoder":
+        hf.decoder = decoders.Replace("b", "c" * 10000)
+    elif step == "sequence":
+        hf.normalizer = normalizers.Sequence([normalizers.Replace("a", "a" * 20)] * 5)
+    else:  # a regex that may match nothing puts its content before every character
+        hf.normalizer = normalizers.Replace(Regex("x*"), "b" * 100)
+    where = "decoder" if step == "decoder" else "normalizer"
+    with pytest.raises(FormatError, match=f"^the tokenizer.json {where} can make a text .* times longer .*"
+                                          f"limits.MAX_TOKENIZER_GROWTH \\({MAX_TOKENIZER_GROWTH} times"):
+        Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+
+
+def test_the_normalizers_of_real_tokenizers_are_within_the_growth_bound(sp_model_bytes):
+    """Unicode's normal forms, sentencepiece normalization maps (nmt_nfkc: 18 characters for one at
+    most) and the steps the converter builds for a tokenizer.model all load."""
+    import base64
+
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    from pyllm.tokenizer import _charsmap_growth
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAINING_TEXT * 20), model_writer=buf, model_type="bpe",
+                                   vocab_size=300, normalization_rule_name="nmt_nfkc", minloglevel=2)
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    assert _charsmap_growth(charsmap) == _charsmap_growth(base64.b64encode(charsmap).decode()) == 18
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([  # the converter's imitation of sentencepiece, legacy
+        normalizers.Precompiled(charsmap), normalizers.Replace(Regex(r"\A +| +\z"), ""),
+        normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(" ", "▁"), normalizers.Replace(Regex(r"\A▁"), "▁▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    for normalizer in (normalizers.NFKC(), normalizers.BertNormalizer(), normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])):
+        hf.normalizer = normalizer
+        Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
