@@ -44,6 +44,25 @@ class Tokenizer:
         for where, step in getattr(self, "_steps", {}).items():
             check_growth(step, where)
         self._steps = None
+        self._check_added_ids(getattr(self, "_added", None))
+        self._added = None
+
+    def _check_added_ids(self, added) -> None:
+        """FormatError for a tokenizer.json added token that the tokenizers library gives another id than
+        the file's: it numbers added tokens after the vocabulary in its own order, and drops an empty
+        one, so "<a>" written with id 4 after an empty token of id 3 became 3, in silence (the model's
+        embedding of 4 belongs to it), and a token of id 5000 after 400 others became 400."""
+        from .formats.safetensors import FormatError
+
+        for n, entry in enumerate(added if isinstance(added, list) else []):
+            content, wanted = (entry.get("content"), entry.get("id")) if isinstance(entry, dict) else (None, None)
+            if not isinstance(wanted, int) or isinstance(wanted, bool):
+                continue
+            got = self._hf.token_to_id(content) if isinstance(content, str) else None
+            if got != wanted:
+                raise FormatError(f"tokenizer.json added_tokens[{n}] ({content!r:.40}) has id {wanted}, but the "
+                                  "tokenizers library gives it " + ("no id" if got is None else f"id {got}")
+                                  + " (an empty token, a gap in the ids, or text the vocabulary has under another id)")
 
     def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
@@ -58,6 +77,7 @@ class Tokenizer:
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
             config = json.loads(blob)
             self._steps = {step: config.get(step) for step in ("normalizer", "decoder")}  # checked by __init__
+            self._added = config.get("added_tokens")
             self.run_byte_ids = _byte_fallback_ids(self._hf, config.get("decoder"))
             self._byte_level = _decoder_has(config.get("decoder"), "ByteLevel")
             # a post-processor that adds tokens (a BOS, GLM's [gMASK]<sop> pair...) adds them itself;

@@ -315,11 +315,11 @@ def test_refuses_a_tokenizer_larger_than_the_embeddings(tmp_path):
 
 def test_merge_refuses_a_tokenizer_whose_ids_pass_the_embeddings(tmp_path):
     """`pyllm merge` counted the adapter's tokens (get_vocab_size), not its largest id: a tokenizer.json
-    of 402 tokens, one of them id 5000, passed a 402-row merged embedding, and the directory written
+    of 401 tokens, one of them id 5000, passed a 402-row merged embedding, and the directory written
     held ids past it (which every conversion of it then refused)."""
     base = make_tiny_llama(str(tmp_path / "base"), vocab_size=400)
-    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=402, tokenizer_tokens=["<t0>"],
-                           target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=402, target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens", "lm_head"])
     path = os.path.join(adapter, "tokenizer.json")
     with open(path) as f:
         tok = json.load(f)

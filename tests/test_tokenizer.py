@@ -887,3 +887,26 @@ def test_the_normalizers_of_real_tokenizers_are_within_the_growth_bound(sp_model
             [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])):
         hf.normalizer = normalizer
         Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+
+
+@pytest.mark.parametrize("case", ["empty", "gap", "in the vocabulary"])
+def test_added_tokens_the_library_numbers_otherwise_are_refused(case):
+    """The tokenizers library numbers added tokens after the vocabulary in its own order and drops an
+    empty one: "<a>" written with id 4 after an empty token of id 3 got id 3, and a token of id 5000
+    after three others id 3, in silence (the model's embedding of the file's id belongs to it)."""
+    from tokenizers import Tokenizer as HFTokenizer, models
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    config = json.loads(hf.to_str())
+
+    def added(i, content, special=True):
+        return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": special}
+    config["added_tokens"] = {"empty": [added(3, ""), added(4, "<a>")], "gap": [added(5000, "<a>")],
+                              "in the vocabulary": [added(3, "a")]}[case]
+    with pytest.raises(FormatError, match=r"tokenizer.json added_tokens\[0\] \(.*\) has id \d+, but the tokenizers "
+                                          r"library gives it (no id|id \d)"):
+        Tokenizer(TokenizerSpec(kind="hf"), json.dumps(config).encode("utf-8"))
+    config["added_tokens"] = [added(3, "<a>"), added(4, "<a><b>", special=False)]  # numbered as written: loads
+    tok = Tokenizer(TokenizerSpec(kind="hf"), json.dumps(config).encode("utf-8"))
+    assert tok.encode("a<a><b><a>") == [1, 4, 3]
