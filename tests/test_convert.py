@@ -765,3 +765,20 @@ def test_an_output_that_is_a_device_fifo_or_socket_or_no_file_name_is_refused_be
         assert sorted(os.listdir(tmp_path)) == ["fifo", "sock"]
     finally:
         sock.close()
+
+
+def test_a_tokenizer_refused_when_read_is_refused_at_conversion_naming_the_checkpoint(tiny_llama, tmp_path):
+    """A tokenizer.json the runtime refuses (a normalizer that lengthens text without bound) is refused
+    by the converter, naming the checkpoint, before anything is written."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "grow"))
+    for name in os.listdir(tiny_llama):
+        if name.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, name), os.path.join(d, name))
+    tok = json.load(open(os.path.join(d, "tokenizer.json")))
+    tok["normalizer"] = {"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 10000}
+    json.dump(tok, open(os.path.join(d, "tokenizer.json"), "w"))
+    out = tmp_path / "grow.pllm"
+    with pytest.raises(FormatError, match=f"^{re.escape(d)}: the tokenizer.json normalizer can make a text 10000 times "
+                                          "longer .*MAX_TOKENIZER_GROWTH.*; nothing was written$"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
