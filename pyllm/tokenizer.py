@@ -82,8 +82,12 @@ class Tokenizer:
             self._byte_level = _decoder_has(config.get("decoder"), "ByteLevel")
             # a post-processor that adds tokens (a BOS, GLM's [gMASK]<sop> pair...) adds them itself;
             # otherwise the spec's add_bos_token / add_eos_token do (GGUF files, tokenizer.model sources)
-            self._post_processor_adds = self._hf.post_processor is not None and (
-                self._hf.encode("a", add_special_tokens=True).ids != self._hf.encode("a", add_special_tokens=False).ids)
+            with_specials = self._hf.encode("a", add_special_tokens=True).ids if self._hf.post_processor else []
+            self._post_processor_adds = bool(with_specials) and \
+                with_specials != self._hf.encode("a", add_special_tokens=False).ids
+            # the ids a post-processor adds are written in it, not looked up in the vocabulary: one adding
+            # id 1,000,000 to a 3-token vocabulary loaded, then failed every generate() as "token ids must lie in"
+            self.vocab_size = max([self.vocab_size] + [i + 1 for i in with_specials])
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 

@@ -910,3 +910,16 @@ def test_added_tokens_the_library_numbers_otherwise_are_refused(case):
     config["added_tokens"] = [added(3, "<a>"), added(4, "<a><b>", special=False)]  # numbered as written: loads
     tok = Tokenizer(TokenizerSpec(kind="hf"), json.dumps(config).encode("utf-8"))
     assert tok.encode("a<a><b><a>") == [1, 4, 3]
+
+
+def test_ids_a_post_processor_adds_count_in_the_vocabulary_size():
+    """A TemplateProcessing post-processor writes the ids it adds itself: one adding id 1,000,000 to a
+    3-token vocabulary was read as a 3-token tokenizer, fitted a small model's embeddings at load, then
+    failed every generate() with "token ids must lie in [0, 3)"; its ids count now, so the model's
+    embedding size refuses it when the model is loaded or converted."""
+    from tokenizers import Tokenizer as HFTokenizer, models, processors
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<s>": 2}, unk_token="<unk>"))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1_000_000)])
+    tok = Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    assert tok.encode("a") == [1_000_000, 1] and tok.vocab_size == 1_000_001
