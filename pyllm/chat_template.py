@@ -148,8 +148,18 @@ def check_chat_template(source: str) -> None:
 
 # -- the Jinja environment ------------------------------------------------------------------------
 
+MAX_ERROR_CHARS = 1000  # of a message a template writes (raise_exception's) or provokes, in a TemplateError
+
+
+def _excerpt(text) -> str:
+    """text (a template's own words, or an error its values provoked) short enough for one error line:
+    raise_exception('x' * 10**6) made a TemplateError, a server's 400 and its log line a megabyte long."""
+    text = str(text)
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters)"
+
+
 def _raise_exception(message):
-    raise TemplateError(f"the chat template refused the messages: {message}")
+    raise TemplateError(f"the chat template refused the messages: {_excerpt(message)}")
 
 
 MAX_JSON_INDENT = 64  # characters of tojson's indent (templates use 2 or 4)
@@ -800,11 +810,11 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     except TemplateError:
         raise
     except JinjaError as e:
-        raise TemplateError(f"chat template failed: {e}") from None
+        raise TemplateError(f"chat template failed: {_excerpt(e)}") from None
     except PASSING:
         raise
     except BaseException as e:  # whatever the template's Python operations raise: e.g. content None + str
-        raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {e})") from None
+        raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {_excerpt(e)})") from None
 
 
 def default_system_message(template: str, **tokens) -> str | None:

@@ -5,6 +5,7 @@ prompts, and a template that fails says so."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 
 import pytest
@@ -489,3 +490,16 @@ def test_checked_encode_and_filter_values_keep_their_ordinary_results():
                 "{{ messages[0].content|truncate(9, true, '') }}")
     assert render_chat(template, [TURN_1, REPLY_1]) == \
         "2|é|a%26b|'x'|user,assistant|1|1|3|&lt;b&gt;|('a', 2)|Hello! Wh"
+
+
+def test_a_templates_error_message_is_cut_to_one_short_line():
+    """raise_exception('x' * 10**6) made a TemplateError (a server's 400 body and its log line) a
+    megabyte long; what a template writes or provokes is cut to MAX_ERROR_CHARS, its length said."""
+    from pyllm.chat_template import MAX_ERROR_CHARS
+
+    for template in ("{{ raise_exception('x' * 1000000) }}", "{{ raise_exception(['y' * 10000] * 10) }}"):
+        with pytest.raises(TemplateError) as e:
+            render_chat(template, [TURN_1])
+        assert len(str(e.value)) < MAX_ERROR_CHARS + 100 and re.search(r"\.\.\. \(\d+ characters\)$", str(e.value))
+    with pytest.raises(TemplateError, match="^the chat template refused the messages: short$"):
+        render_chat("{{ raise_exception('short') }}", [TURN_1])
