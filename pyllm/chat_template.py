@@ -189,8 +189,19 @@ class _TemplateDict:
         return dict.fromkeys(*args, **kwargs)
 
 
-@lru_cache(maxsize=16)
 def _compile(source: str):
+    """The template compiled in the sandbox (kept for the next call); TemplateError past
+    MAX_CHAT_TEMPLATE_BYTES: a template inside tokenizer_config.json or a GGUF file was bounded by
+    nothing, and Jinja took 273 s and 18 GB to compile 28 MB of one (a model's load checks it)."""
+    size = len(source.encode("utf-8", "surrogatepass")) if isinstance(source, str) else 0
+    if size > MAX_CHAT_TEMPLATE_BYTES:
+        raise TemplateError(f"the chat template is {size} bytes long, past limits.MAX_CHAT_TEMPLATE_BYTES "
+                            f"({MAX_CHAT_TEMPLATE_BYTES}; released templates take 1-20 KB)")
+    return _compile_bounded(source)
+
+
+@lru_cache(maxsize=16)
+def _compile_bounded(source: str):
     import jinja2
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
