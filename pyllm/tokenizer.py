@@ -1,8 +1,8 @@
 """Text <-> token ids, as transformers does it, from the tokenizer embedded in a .pllm file.
 
 The tokenizer files come from untrusted model files and the texts from untrusted users: whatever
-the tokenizers or sentencepiece library raises (a Rust panic included) becomes a PyllmError. Long
-texts are encoded with Python's lock released, so other threads (a server's event loop) run on.
+the tokenizers or sentencepiece library raises (a Rust panic included) becomes a PyllmError. Texts
+are encoded with Python's lock released, so other threads (a server's event loop) run on.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import threading
 from .errors import PyllmError, library_errors
 from .formats.packed import TokenizerSpec
 
-GIL_FREE_CHARS = 4096  # texts at least this long go through encode_batch, which releases the GIL
 
 
 def check_text(text: str, what: str = "the text") -> str:
@@ -143,10 +142,12 @@ class Tokenizer:
                                      re.compile(f"(?=({alternation}))") if specials else None)
             return self._special_res
 
-    def _hf_encode(self, hf, text: str) -> list[int]:
-        if len(text) >= GIL_FREE_CHARS:
-            return hf.encode_batch([text], add_special_tokens=False)[0].ids
-        return hf.encode(text, add_special_tokens=False).ids
+    @staticmethod
+    def _hf_encode(hf, text: str, add_special_tokens: bool = False) -> list[int]:
+        # through encode_batch, which releases the GIL (encode holds it), for texts of any length: a
+        # tokenizer.json's Split regex that backtracks spent seconds on each of a 4,000-character text's
+        # words with the GIL held, a server's event loop standing still (25 us more than encode)
+        return hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_with_literal(self, text: str, literal: dict[str, str]) -> list[int]:
         """Token ids of text, where the special tokens written in text are special, and each
@@ -233,7 +234,7 @@ class Tokenizer:
         if self._hf is not None:
             hf = self._hf if parse_special else self._literal()
             if add_special_tokens and self._post_processor_adds:
-                return hf.encode(text, add_special_tokens=True).ids
+                return self._hf_encode(hf, text, add_special_tokens=True)
             ids = self._hf_encode(hf, text)
         else:
             ids = []
