@@ -259,8 +259,8 @@ class Tokenizer:
             return self._decode(ids, skip_special_tokens)
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        if self._hf is not None:
-            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._hf is not None:  # decode_batch releases the GIL, as _hf_encode (a decoder's Replace may backtrack)
+            return self._hf.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         out, run = [], []
         for i in ids:
             special = i in self.special_ids

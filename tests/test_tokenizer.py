@@ -957,3 +957,35 @@ def test_a_backtracking_split_regex_leaves_other_threads_running():
     if took < 0.2:
         pytest.skip("this machine's Oniguruma does not backtrack here")
     assert ticks[0] >= took / 0.01 / 10  # held: 1 or 2 ticks in 1.5 s
+
+
+def test_a_backtracking_decoder_regex_leaves_other_threads_running():
+    """The same for decoding: a decoder's Replace regex runs over each token's text, and decode held
+    the GIL for the seconds a backtracking one took on a long token (a /detokenize request names it)."""
+    import threading
+    import time
+
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models
+
+    long_token = ("a" * 60 + " ") * 63
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, long_token: 2}, unk_token="<unk>"))
+    hf.decoder = decoders.Replace(Regex("(?:a*){3}[^a ]"), "")
+    tok = Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    ticks, done = [0], threading.Event()
+
+    def tick():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.01)
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    start = time.monotonic()
+    try:
+        assert tok.decode([2]) == long_token
+    finally:
+        done.set()
+        ticker.join()
+    took = time.monotonic() - start
+    if took < 0.2:
+        pytest.skip("this machine's Oniguruma does not backtrack here")
+    assert ticks[0] >= took / 0.01 / 10
