@@ -1637,7 +1637,7 @@ def test_library_panics_become_pyllm_errors(llm, monkeypatch):
         raise PanicException("attempt to subtract with overflow")
 
     monkeypatch.setattr(llm.tokenizer, "_hf", type("Broken", (), {"encode": panic, "encode_batch": panic,
-                                                                  "decode": panic})())
+                                                                  "decode": panic, "decode_batch": panic})())
     with pytest.raises(PyllmError, match="PanicException: attempt to subtract"):
         llm.tokenize("hello")
     with pytest.raises(PyllmError, match="PanicException"):
