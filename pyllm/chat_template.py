@@ -11,10 +11,12 @@ pyllm/limits.py). The deadline is checked by a trace function on the rendering t
 function call the rendering makes and at every line of the compiled template and of Jinja's filters
 and utils (lipsum, batch and slice loop there); the output as it is produced; and a value one
 operation would make longer than the output limit is refused before Python builds it: `*`, `+`,
-`~` and `%` on strings and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
+`~` and `%` on strings, bytes and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
 bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
 the size they would build; format widths and precisions), the filters center, indent, format,
-join, replace, batch and slice, tojson's indent and lipsum's size. Every failure is a TemplateError.
+join, replace, batch and slice, tojson's indent and lipsum's size, str.encode and bytes.decode by the
+most their codec writes per character; and what every filter and method returns (urlencode, pprint,
+utf-16, hex: a few times their input, again at each step of a loop). Every failure is a TemplateError.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import PASSING, PyllmError, read_text
-from .limits import MAX_CHAT_TEMPLATE_BYTES, RenderLimits
+from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, RenderLimits
 
 
 class TemplateError(PyllmError):
@@ -146,8 +148,18 @@ def check_chat_template(source: str) -> None:
 
 # -- the Jinja environment ------------------------------------------------------------------------
 
+MAX_ERROR_CHARS = 1000  # of a message a template writes (raise_exception's) or provokes, in a TemplateError
+
+
+def _excerpt(text) -> str:
+    """text (a template's own words, or an error its values provoked) short enough for one error line:
+    raise_exception('x' * 10**6) made a TemplateError, a server's 400 and its log line a megabyte long."""
+    text = str(text)
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters)"
+
+
 def _raise_exception(message):
-    raise TemplateError(f"the chat template refused the messages: {message}")
+    raise TemplateError(f"the chat template refused the messages: {_excerpt(message)}")
 
 
 MAX_JSON_INDENT = 64  # characters of tojson's indent (templates use 2 or 4)
@@ -177,8 +189,19 @@ class _TemplateDict:
         return dict.fromkeys(*args, **kwargs)
 
 
-@lru_cache(maxsize=16)
 def _compile(source: str):
+    """The template compiled in the sandbox (kept for the next call); TemplateError past
+    MAX_CHAT_TEMPLATE_BYTES: a template inside tokenizer_config.json or a GGUF file was bounded by
+    nothing, and Jinja took 273 s and 18 GB to compile 28 MB of one (a model's load checks it)."""
+    size = len(source.encode("utf-8", "surrogatepass")) if isinstance(source, str) else 0
+    if size > MAX_CHAT_TEMPLATE_BYTES:
+        raise TemplateError(f"the chat template is {size} bytes long, past limits.MAX_CHAT_TEMPLATE_BYTES "
+                            f"({MAX_CHAT_TEMPLATE_BYTES}; released templates take 1-20 KB)")
+    return _compile_bounded(source)
+
+
+@lru_cache(maxsize=16)
+def _compile_bounded(source: str):
     import jinja2
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
@@ -251,7 +274,8 @@ def _compile(source: str):
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
             args = _check_call(__obj, args, kwargs)
-            return _checked_value(super().call(__context, __obj, *args, **kwargs))  # dict(a=x, b=x), namespace()
+            # dict(a=x, b=x), namespace(); a method whose value is a multiple of its input (encode, hex)
+            return _checked_result(super().call(__context, __obj, *args, **kwargs), __obj)
 
         @staticmethod
         def checked_value(value):
@@ -402,7 +426,9 @@ def _weight(value) -> int:
     twice counted twice (a list that holds one list twice, forty times over, is 2**40 elements to
     str(), tojson, ==, hash or `in`, each one uninterruptible C call). Weights are kept for the
     rendering (those holding a namespace until a namespace is given a container or string); raises
-    TemplateError past the output limit, as soon as it is passed."""
+    TemplateError past the output limit, as soon as it is passed, or nested deeper than
+    MAX_TEMPLATE_NESTING (hash() of a tuple nested 200,000 deep, which a template builds in seconds,
+    recurses in C with no depth check: it overflowed the C stack and killed the process)."""
     if isinstance(value, (str, bytes)):  # Markup (|escape, macros) included
         return len(value)
     if type(value) in _LEAVES:
@@ -429,7 +455,7 @@ def _weight(value) -> int:
         else:
             children, holds_namespace = list(_namespace_attrs(item).values()), True
         if children_done:
-            total = 1
+            total, depth = 1, 1
             for child in children:
                 if isinstance(child, (str, bytes)):
                     total += len(child)
@@ -440,6 +466,7 @@ def _weight(value) -> int:
                     if entry is not None:
                         total += entry[1]
                         holds_namespace = holds_namespace or entry[2]
+                        depth = max(depth, entry[3] + 1)
                     elif _is_container(child):  # a namespace that holds itself: counted once
                         holds_namespace = True
                     else:
@@ -447,7 +474,11 @@ def _weight(value) -> int:
                 if total > most:
                     raise TemplateError(f"the chat template builds a value larger than {most} elements or "
                                         "characters written out (a list or dict holding another many times)")
-            (volatile if holds_namespace else stable)[id(item)] = (item, total, holds_namespace)
+            if depth > MAX_TEMPLATE_NESTING:
+                raise TemplateError(f"the chat template builds a value nested more than {MAX_TEMPLATE_NESTING} "
+                                    "deep (limits.MAX_TEMPLATE_NESTING: lists, tuples, dicts or namespaces "
+                                    "inside one another)")
+            (volatile if holds_namespace else stable)[id(item)] = (item, total, holds_namespace, depth)
             open_.discard(id(item))
             continue
         if id(item) in open_ or id(item) in stable or id(item) in volatile:
@@ -468,6 +499,15 @@ def _checked_value(value):
     return value
 
 
+def _checked_result(value, fn):
+    """value, what a function, method or filter returned, refused past the output limit: a value a
+    few times its input's size (utf-16, unicode_escape, hex, pprint, urlencode) would otherwise grow
+    that many times over at each step of a loop."""
+    if isinstance(value, (str, bytes)):
+        _check_size(len(value), f"what {getattr(fn, '__name__', 'a call')} returns")
+    return _checked_value(value)
+
+
 MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
 
 
@@ -484,7 +524,7 @@ def _is_int(value) -> bool:
 
 def _check_binop(operator: str, left, right) -> None:
     """Refuses `*`, `+`, `**` and `%` results past the output limit before Python builds them."""
-    sized = (str, list, tuple)
+    sized = (str, bytes, list, tuple)
     if operator == "*":
         if _is_int(left) and _is_int(right):
             _check_bits(left.bit_length() + right.bit_length())
@@ -492,18 +532,18 @@ def _check_binop(operator: str, left, right) -> None:
         seq, n = (left, right) if isinstance(left, sized) else (right, left)
         if isinstance(seq, sized) and isinstance(n, int):
             _check_size(len(seq) * n, "a repeated string or list")
-            if not isinstance(seq, str):
+            if not isinstance(seq, (str, bytes)):
                 _check_size(_weight(seq) * n, "a repeated list")
     elif operator == "+":
         if isinstance(left, sized) and isinstance(right, sized):
             _check_size(len(left) + len(right), "a joined string or list")
-            if not isinstance(left, str) and not isinstance(right, str):
+            if not isinstance(left, (str, bytes)) and not isinstance(right, (str, bytes)):
                 _check_size(_weight(left) + _weight(right), "a joined list")
     elif operator == "**":
         if _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
             _check_bits(right * max(abs(left).bit_length(), 1))
-    elif operator == "%" and isinstance(left, str):
-        _check_printf(left, right)
+    elif operator == "%" and isinstance(left, (str, bytes)):
+        _check_printf(left if isinstance(left, str) else left.decode("latin-1"), right)
 
 
 # a printf conversion: its width and precision (digits, or * for an argument)
@@ -579,6 +619,8 @@ def _check_call(obj, args: tuple, kwargs: dict) -> tuple:
         return args
     _check_ints(list(args) + list(kwargs.values()), f"{type(owner).__name__}.{name}")
     if isinstance(owner, (str, bytes)):
+        if name in ("encode", "decode"):  # checked before: one character can become ~90 (namereplace)
+            _check_size(len(owner) * _codec_growth(args, kwargs), f"{type(owner).__name__}.{name}")
         if name == "expandtabs":
             size = kwargs.get("tabsize", args[0] if args else 8)
             if _is_int(size):
@@ -595,6 +637,17 @@ def _check_call(obj, args: tuple, kwargs: dict) -> tuple:
             _check_size(_text_size(items) + len(owner) * max(len(items) - 1, 0), "a joined list")
             return (items,) + args[1:]
     return args
+
+
+def _codec_growth(args: tuple, kwargs: dict) -> int:
+    """The most characters or bytes str.encode / bytes.decode may write for one of its input's."""
+    encoding = str(kwargs.get("encoding", args[0] if args else "utf-8")).lower()
+    errors = str(kwargs.get("errors", args[1] if len(args) > 1 else "strict")).lower()
+    if "namereplace" in errors:
+        return 100  # \N{...}: the longest character name is 88 letters
+    if "escape" in encoding or "replace" in errors or "punycode" in encoding:
+        return 10  # \U0010ffff, &#1114111;
+    return 4  # UTF-8, UTF-16, UTF-32
 
 
 def _bound_filters(filters: dict) -> None:
@@ -644,6 +697,17 @@ def _bound_filters(filters: dict) -> None:
 
     filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,
                    slice=slice_)
+    for name, f in filters.items():  # every filter's value checked (urlencode, pprint, forceescape grow theirs)
+        filters[name] = _result_checked(f)
+
+
+def _result_checked(f):
+    import functools
+
+    @functools.wraps(f)  # keeps jinja_pass_arg (pass_context, pass_environment...)
+    def checked(*args, **kwargs):
+        return _checked_result(f(*args, **kwargs), f)
+    return checked
 
 
 def _lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 - Jinja's names
@@ -757,11 +821,11 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     except TemplateError:
         raise
     except JinjaError as e:
-        raise TemplateError(f"chat template failed: {e}") from None
+        raise TemplateError(f"chat template failed: {_excerpt(e)}") from None
     except PASSING:
         raise
     except BaseException as e:  # whatever the template's Python operations raise: e.g. content None + str
-        raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {e})") from None
+        raise TemplateError(f"chat template failed on these messages ({type(e).__name__}: {_excerpt(e)})") from None
 
 
 def default_system_message(template: str, **tokens) -> str | None:

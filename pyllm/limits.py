@@ -26,6 +26,18 @@ MAX_STDIN_BYTES = 64 * 2**20
 # bytes of a chat template file (a checkpoint's chat_template.jinja, --chat-template FILE): released
 # templates take 1-20 KB
 MAX_CHAT_TEMPLATE_BYTES = 2**20
+# lists, tuples, dicts and namespaces a chat template builds inside one another: Python's own recursion limit
+# (repr, ==, tojson refuse deeper values), and far below the ~150,000 at which hash() of a nested tuple,
+# which recurses in C unchecked, overflows a thread's 8 MiB stack (a crash, not an error)
+MAX_TEMPLATE_NESTING = 1000
+# characters sliced while finding the BPE merges a SentencePiece vocabulary implies (every split of a piece into two
+# pieces: convert.checkpoint.every_two_token_splits): about the sum of its pieces' squared lengths, some 2 * 10**7 for
+# 256,000 pieces of ~7 characters (Gemma's); the pieces "a" * k for every k to 3,000, a 4.5 MB vocabulary, had 9 GB
+MAX_MERGE_SPLIT_CHARS = 2**28
+# how many times longer a tokenizer.json normalizer or decoder may make a text (tokenizer.check_growth): Unicode's
+# NFKC makes one character 18 at most, a sentencepiece normalization map about as many; a Replace of "a" by 10,000
+# characters made a 20,000-character prompt 3 GB inside the tokenizers library, which aborts when an allocation fails
+MAX_TOKENIZER_GROWTH = 64
 # pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
 # rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4

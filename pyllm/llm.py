@@ -983,7 +983,11 @@ class LLM:
             # each special-token string in content becomes a placeholder character while the template renders
             used = set("".join(_contents(messages))) | set(self.chat_template or "")
             free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
-            placeholders = {token: next(free) for token in protected}
+            placeholders = dict(zip(sorted(protected), free))
+            if len(placeholders) < len(protected):  # next(free) raised a bare StopIteration
+                raise PyllmError("the messages and chat template hold every private-use character U+F0000 to "
+                                 "U+10FFFD, which stand for the special-token strings written in the content "
+                                 f"({', '.join(sorted(protected))[:200]}) while the template renders")
             hidden = [_replace_content(m, placeholders) for m in messages]
             text = self.apply_chat_template(hidden, limits=render_limits, **extra)
             ids = self.tokenizer.encode_with_literal(text, {c: t for t, c in placeholders.items()})

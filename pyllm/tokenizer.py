@@ -1,8 +1,8 @@
 """Text <-> token ids, as transformers does it, from the tokenizer embedded in a .pllm file.
 
 The tokenizer files come from untrusted model files and the texts from untrusted users: whatever
-the tokenizers or sentencepiece library raises (a Rust panic included) becomes a PyllmError. Long
-texts are encoded with Python's lock released, so other threads (a server's event loop) run on.
+the tokenizers or sentencepiece library raises (a Rust panic included) becomes a PyllmError. Texts
+are encoded with Python's lock released, so other threads (a server's event loop) run on.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import threading
 from .errors import PyllmError, library_errors
 from .formats.packed import TokenizerSpec
 
-GIL_FREE_CHARS = 4096  # texts at least this long go through encode_batch, which releases the GIL
 
 
 def check_text(text: str, what: str = "the text") -> str:
@@ -41,6 +40,28 @@ class Tokenizer:
 
         with library_errors("the tokenizer cannot be read", FormatError):
             self._load(spec, blob)
+        for where, step in getattr(self, "_steps", {}).items():
+            check_growth(step, where)
+        self._steps = None
+        self._check_added_ids(getattr(self, "_added", None))
+        self._added = None
+
+    def _check_added_ids(self, added) -> None:
+        """FormatError for a tokenizer.json added token that the tokenizers library gives another id than
+        the file's: it numbers added tokens after the vocabulary in its own order, and drops an empty
+        one, so "<a>" written with id 4 after an empty token of id 3 became 3, in silence (the model's
+        embedding of 4 belongs to it), and a token of id 5000 after 400 others became 400."""
+        from .formats.safetensors import FormatError
+
+        for n, entry in enumerate(added if isinstance(added, list) else []):
+            content, wanted = (entry.get("content"), entry.get("id")) if isinstance(entry, dict) else (None, None)
+            if not isinstance(wanted, int) or isinstance(wanted, bool):
+                continue
+            got = self._hf.token_to_id(content) if isinstance(content, str) else None
+            if got != wanted:
+                raise FormatError(f"tokenizer.json added_tokens[{n}] ({content!r:.40}) has id {wanted}, but the "
+                                  "tokenizers library gives it " + ("no id" if got is None else f"id {got}")
+                                  + " (an empty token, a gap in the ids, or text the vocabulary has under another id)")
 
     def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
@@ -53,12 +74,19 @@ class Tokenizer:
             # 400 tokens fitted 512 embeddings at load, then its text failed every generate())
             self.vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
-            self.run_byte_ids = _byte_fallback_ids(self._hf, blob)
-            self._byte_level = _decoder_has(json.loads(blob).get("decoder"), "ByteLevel")
+            config = json.loads(blob)
+            self._steps = {step: config.get(step) for step in ("normalizer", "decoder")}  # checked by __init__
+            self._added = config.get("added_tokens")
+            self.run_byte_ids = _byte_fallback_ids(self._hf, config.get("decoder"))
+            self._byte_level = _decoder_has(config.get("decoder"), "ByteLevel")
             # a post-processor that adds tokens (a BOS, GLM's [gMASK]<sop> pair...) adds them itself;
             # otherwise the spec's add_bos_token / add_eos_token do (GGUF files, tokenizer.model sources)
-            self._post_processor_adds = self._hf.post_processor is not None and (
-                self._hf.encode("a", add_special_tokens=True).ids != self._hf.encode("a", add_special_tokens=False).ids)
+            with_specials = self._hf.encode("a", add_special_tokens=True).ids if self._hf.post_processor else []
+            self._post_processor_adds = bool(with_specials) and \
+                with_specials != self._hf.encode("a", add_special_tokens=False).ids
+            # the ids a post-processor adds are written in it, not looked up in the vocabulary: one adding
+            # id 1,000,000 to a 3-token vocabulary loaded, then failed every generate() as "token ids must lie in"
+            self.vocab_size = max([self.vocab_size] + [i + 1 for i in with_specials])
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
 
@@ -75,7 +103,7 @@ class Tokenizer:
             self.special_ids = {i for i in range(base) if self._sp.is_control(i)} | set(spec.added_tokens.values())
             specials = [t for t in (spec.bos_token, spec.eos_token, *spec.added_tokens) if t]
             self._special_ids_by_text = {t: self.token_to_id(t) for t in specials}
-            self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")") if specials else None
+            self._split = re.compile(f"({_alternation(specials)})") if specials else None
             self._added_by_id = {i: t for t, i in spec.added_tokens.items()}
             self.run_byte_ids = frozenset()  # sentencepiece decodes each invalid byte on its own
         else:
@@ -86,25 +114,47 @@ class Tokenizer:
             self.special_tokens = [t.content for t in self._hf.get_added_tokens_decoder().values() if t.special]
         else:
             self.special_tokens = list(self._special_ids_by_text)
+        self._special_res = None  # _special_patterns(), made on demand
         self._blob = blob
         self._literal_hf = None  # a second HF tokenizer that reads special-token strings as text (made on demand)
         self._literal_lock = threading.Lock()
 
     def special_tokens_in(self, texts: list[str]) -> set[str]:
         """The special-token strings (the template's markers: "<|im_end|>", "<s>", ...) written in texts."""
-        return {t for t in self.special_tokens if t and any(t in text for text in texts)}
+        specials, _, ahead = self._special_patterns()
+        if ahead is None:
+            return set()
+        # the longest special token beginning at each place in a text, and those that are its prefixes
+        # (`t in text` for each of 6,000 specials, as Gemma 3 has, took 8 s over a 1 MB message)
+        found = set()
+        for text in texts:
+            found.update(m.group(1) for m in ahead.finditer(text))
+        return {t[:k] for t in found for k in range(1, len(t) + 1) if t[:k] in specials}
 
-    def _hf_encode(self, hf, text: str) -> list[int]:
-        if len(text) >= GIL_FREE_CHARS:
-            return hf.encode_batch([text], add_special_tokens=False)[0].ids
-        return hf.encode(text, add_special_tokens=False).ids
+    def _special_patterns(self):
+        """(the special-token strings, a regular expression splitting text at them, one finding each
+        place one begins): the expressions are None without special tokens."""
+        with self._literal_lock:
+            if self._special_res is None:
+                specials = frozenset(t for t in self.special_tokens if t)
+                alternation = _alternation(specials)
+                self._special_res = (specials, re.compile(f"({alternation})") if specials else None,
+                                     re.compile(f"(?=({alternation}))") if specials else None)
+            return self._special_res
+
+    @staticmethod
+    def _hf_encode(hf, text: str, add_special_tokens: bool = False) -> list[int]:
+        # through encode_batch, which releases the GIL (encode holds it), for texts of any length: a
+        # tokenizer.json's Split regex that backtracks spent seconds on each of a 4,000-character text's
+        # words with the GIL held, a server's event loop standing still (25 us more than encode)
+        return hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_with_literal(self, text: str, literal: dict[str, str]) -> list[int]:
         """Token ids of text, where the special tokens written in text are special, and each
         placeholder character (a key of literal) stands for its string (the value) read as plain
         text: special-token strings in it become ordinary tokens. No special tokens are added."""
-        pattern = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True) if t)
-        pieces = re.split(f"({pattern})", text) if pattern else [text]
+        split = self._special_patterns()[1]
+        pieces = split.split(text) if split else [text]
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if not piece:
@@ -184,7 +234,7 @@ class Tokenizer:
         if self._hf is not None:
             hf = self._hf if parse_special else self._literal()
             if add_special_tokens and self._post_processor_adds:
-                return hf.encode(text, add_special_tokens=True).ids
+                return self._hf_encode(hf, text, add_special_tokens=True)
             ids = self._hf_encode(hf, text)
         else:
             ids = []
@@ -209,8 +259,8 @@ class Tokenizer:
             return self._decode(ids, skip_special_tokens)
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        if self._hf is not None:
-            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._hf is not None:  # decode_batch releases the GIL, as _hf_encode (a decoder's Replace may backtrack)
+            return self._hf.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         out, run = [], []
         for i in ids:
             special = i in self.special_ids
@@ -223,6 +273,121 @@ class Tokenizer:
                 run.append(i)
         out.append(self._sp.decode(run))
         return "".join(out)
+
+
+# the most characters one character may become in a normalizer or decoder step of each type (Unicode's
+# bounds for its normal forms: NFKC/NFKD 18, for U+FDFA; a byte-level step writes one per UTF-8 byte;
+# BertNormalizer spaces out CJK characters, lowercases and strips accents through NFD)
+_GROWTH = {"NFC": 3, "NFD": 4, "NFKC": 18, "NFKD": 18, "Lowercase": 3, "ByteLevel": 4, "BertNormalizer": 36,
+           "WordPiece": 2, "BPEDecoder": 2}
+
+
+def check_growth(step, where: str) -> None:
+    """FormatError when a tokenizer.json normalizer or decoder (`where`) can make a text more than
+    limits.MAX_TOKENIZER_GROWTH times longer, or longer by more than that many thousand characters:
+    a Replace of "a" by 10,000 characters made a 20,000-character prompt 3 GB inside the tokenizers
+    library, whose failed allocation aborts the process (a server with it)."""
+    from .formats.safetensors import FormatError
+    from .limits import MAX_TOKENIZER_GROWTH
+
+    times, added, culprit = _growth(step)
+    if times > MAX_TOKENIZER_GROWTH or added > 1000 * MAX_TOKENIZER_GROWTH:
+        raise FormatError(f"the tokenizer.json {where} can make a text {times:g} times longer"
+                          + (f" and {added} characters longer" if added else "") + f" ({culprit}), past "
+                          f"limits.MAX_TOKENIZER_GROWTH ({MAX_TOKENIZER_GROWTH} times, {1000 * MAX_TOKENIZER_GROWTH} "
+                          "characters)")
+
+
+def _growth(step) -> tuple[float, int, str]:
+    """(m, a, the step responsible): step makes a text of n characters at most m * n + a long."""
+    if not isinstance(step, dict):
+        return 1, 0, ""
+    kind = step.get("type")
+    if kind == "Sequence":
+        times, added, steps = 1, 0, []
+        for inner in [*(step.get("normalizers") or []), *(step.get("decoders") or [])]:
+            m, a, c = _growth(inner)
+            times, added = times * m, added * m + a
+            if m > 1 or a:
+                steps.append(c)
+        return times, added, ", ".join(steps)
+    if kind == "Replace":
+        pattern, content = step.get("pattern") or {}, step.get("content")
+        content = len(content) if isinstance(content, str) else 0
+        literal = pattern.get("String") if isinstance(pattern, dict) else None
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        shortest = len(literal) if isinstance(literal, str) else _shortest_match(regex)
+        culprit = f"Replace by {content} characters"
+        if shortest:  # each match replaces at least this many characters
+            return max(1, content / shortest), 0, culprit
+        return 1 + content, content, culprit  # a match of nothing: content before every character
+    if kind == "Prepend":
+        prepend = step.get("prepend")
+        return 1, len(prepend) if isinstance(prepend, str) else 0, "Prepend"
+    if kind == "Precompiled":
+        return _charsmap_growth(step.get("precompiled_charsmap")), 0, "Precompiled"
+    return _GROWTH.get(kind, 1), 0, str(kind)
+
+
+def _shortest_match(regex) -> int:
+    """The fewest characters a match of regex (Oniguruma's syntax) takes, as Python's parser reads it;
+    0 when it may match nothing or Python cannot read it (\\p{L}...)."""
+    try:
+        import re._parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as parser
+    try:
+        return int(parser.parse(regex).getwidth()[0]) if isinstance(regex, str) else 0
+    except (re.error, RecursionError, OverflowError, ValueError, TypeError):
+        return 0
+
+
+def _charsmap_growth(charsmap) -> int:
+    """The longest text a sentencepiece normalization map (a Precompiled step) puts for one character:
+    its blob is a 4-byte trie size, the trie, then the replacement texts, each ending in a NUL."""
+    import base64
+    import struct
+
+    try:
+        data = base64.b64decode(charsmap) if isinstance(charsmap, str) else bytes(charsmap or b"")
+        (trie,) = struct.unpack_from("<I", data)
+        texts = data[4 + trie:].split(b"\0")
+    except (ValueError, TypeError, struct.error):
+        return 1  # the tokenizers library refuses it
+    return max([len(t.decode("utf-8", "replace")) for t in texts] + [1])
+
+
+MAX_ALTERNATION_DEPTH = 32  # nested groups in _alternation's expression (Python's re parser recurses on each)
+
+
+def _alternation(strings) -> str:
+    """A regular expression matching any of strings, the longest one where several begin at the same
+    place (as `|` of them sorted longest first), written as a trie: Python's re tries every branch
+    of an alternation at every position, so one of 6,000 special tokens took 20 s over a 1 MB text,
+    holding the GIL. Branches nest MAX_ALTERNATION_DEPTH deep at most; below that, the strings
+    that remain are an alternation sorted longest first."""
+    def node(items: list[str], depth: int) -> str:
+        # items share what came before; "" among them: a string ends here
+        ends = "" in items
+        rest = sorted({t for t in items if t})
+        if not rest:
+            return ""
+        if depth >= MAX_ALTERNATION_DEPTH:
+            body = "|".join(re.escape(t) for t in sorted(rest, key=len, reverse=True))
+            return f"(?:{body})" + ("?" if ends else "")
+        branches, i = [], 0
+        while i < len(rest):  # the strings beginning with one character: their longest common prefix, then what follows
+            j = i
+            while j < len(rest) and rest[j][0] == rest[i][0]:
+                j += 1
+            group = rest[i:j]
+            prefix = os.path.commonprefix(group)
+            branches.append(re.escape(prefix) + node([t[len(prefix):] for t in group], depth + 1))
+            i = j
+        body = branches[0] if len(branches) == 1 and not ends else f"(?:{'|'.join(branches)})"
+        return body + ("?" if ends else "")
+
+    return node(list(strings), 0)
 
 
 def _incomplete_utf8(data: bytes) -> int:
@@ -261,12 +426,12 @@ def _decoder_has(node, kind: str) -> bool:
     return False
 
 
-def _byte_fallback_ids(hf, blob: bytes) -> frozenset:
+def _byte_fallback_ids(hf, decoder) -> frozenset:
     """The <0xNN> token ids when the tokenizer.json decoder has a ByteFallback step, else none.
 
     That step decodes a run of consecutive byte tokens as UTF-8 when it is valid and otherwise as one
     U+FFFD per byte, so a later byte token can rewrite the text of the whole run before it."""
-    if not _decoder_has(json.loads(blob).get("decoder"), "ByteFallback"):
+    if not _decoder_has(decoder, "ByteFallback"):
         return frozenset()
     ids = (hf.token_to_id(f"<0x{b:02X}>") for b in range(256))
     return frozenset(i for i in ids if i is not None)

@@ -1593,6 +1593,17 @@ def test_special_token_strings_in_content_are_plain_text(llm, tiny_llama):
     assert isinstance(llm.chat(forged, max_new_tokens=2), str)
 
 
+def test_content_holding_every_placeholder_character_is_a_clear_error(llm):
+    """A special-token string in content stands as a private-use character while the template renders;
+    content holding all 131,070 of them (and "<|im_end|>") raised a bare StopIteration out of
+    chat_prompt_ids (a server's 500)."""
+    from pyllm.errors import PyllmError
+
+    content = "".join(chr(c) for c in range(0xF0000, 0x10FFFE)) + "<|im_end|>"
+    with pytest.raises(PyllmError, match=r"hold every private-use character U\+F0000 to U\+10FFFD.*<\|im_end\|>"):
+        llm.chat_prompt_ids([{"role": "user", "content": content}])
+
+
 def test_context_and_thread_counts_are_bounded(tiny_llama_f32):
     from pyllm.errors import LimitError
 
@@ -1626,7 +1637,7 @@ def test_library_panics_become_pyllm_errors(llm, monkeypatch):
         raise PanicException("attempt to subtract with overflow")
 
     monkeypatch.setattr(llm.tokenizer, "_hf", type("Broken", (), {"encode": panic, "encode_batch": panic,
-                                                                  "decode": panic})())
+                                                                  "decode": panic, "decode_batch": panic})())
     with pytest.raises(PyllmError, match="PanicException: attempt to subtract"):
         llm.tokenize("hello")
     with pytest.raises(PyllmError, match="PanicException"):

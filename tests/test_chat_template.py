@@ -5,6 +5,7 @@ prompts, and a template that fails says so."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 
 import pytest
@@ -330,6 +331,25 @@ HOSTILE = {
     "format filter doubling": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
                               "{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
     "tojson of quotes": "{% set ns = namespace(s='\"') %}{% for i in range(40) %}{% set ns.s = ns.s|tojson %}{% endfor %}",
+    # a method or filter whose value is a multiple of its input's size, applied again and again (nothing
+    # checked what one returns: 100 KB grew to 400 MB in 12 steps, and on until memory ran out)
+    "utf-16 doubling": "{% set ns = namespace(s='ab') %}{% for i in range(30) %}"
+                       "{% set ns.s = ns.s.encode('utf-16').decode('latin-1') %}{% endfor %}",
+    "unicode_escape doubling": "{% set ns = namespace(s='\\\\') %}{% for i in range(30) %}"
+                               "{% set ns.s = ns.s.encode('unicode_escape').decode() %}{% endfor %}",
+    "pprint doubling": "{% set ns = namespace(s='\\\\') %}{% for i in range(30) %}{% set ns.s = ns.s|pprint %}"
+                       "{% endfor %}",
+    "urlencode growing": "{% set ns = namespace(s='%' * 100000) %}{% for i in range(30) %}{% set ns.s = ns.s|urlencode %}"
+                         "{% endfor %}",
+    "bytes.hex doubling": "{% set ns = namespace(s='ab'.encode()) %}{% for i in range(30) %}"
+                          "{% set ns.s = ns.s.hex().encode() %}{% endfor %}",
+    # bytes (from str.encode) under `*`, `+` and `%`, which checked str, list and tuple only
+    "bytes repeat": "{{ ('x'.encode() * 10**9)|length }}",
+    "bytes doubling": "{% set ns = namespace(b='ab'.encode()) %}{% for i in range(30) %}{% set ns.b = ns.b + ns.b %}"
+                      "{% endfor %}",
+    "bytes printf": "{{ ('%1000000000d'.encode() % 1)|length }}",
+    # one encoding that writes each character as its name (\N{CJK UNIFIED IDEOGRAPH-4E00}: 30 times longer)
+    "namereplace": "{{ ('\u4e00' * 100000).encode('ascii', 'namereplace')|length }}",
     # a list of one long string or bytes repeated (its length was checked, not its text's)
     "long string repeated in a list": "{{ (['x' * 1000000] * 1000)|string|length }}",
     "long bytes repeated in a list": "{{ (['x'.encode() * 1000000] * 1000)|string|length }}",
@@ -438,3 +458,48 @@ def test_bounded_filters_and_methods_keep_their_ordinary_results():
     assert render_chat(template, [{"role": "user", "content": "hi"}]) == (
         "  ab  |  a\n  b|x   |1.50|  7|00042|    r2.2n  |x  |bbXbb|p, q|1-z-None|v,w|cca|"
         "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True")
+
+
+def test_values_nested_deeper_than_the_limit_are_refused():
+    """hash() of a nested tuple recurses in C without a depth check: a template that nested one
+    200,000 deep (seconds of work) and used it as a dict key or with `in`/unique killed the process
+    with a segfault. Lists, tuples, dicts and namespaces nest at most MAX_TEMPLATE_NESTING deep."""
+    from pyllm.limits import MAX_TEMPLATE_NESTING
+
+    def nest(depth):
+        wrap = "ns.t"
+        for _ in range(10):
+            wrap = f"({wrap},)"
+        return ("{% set ns = namespace(t=0) %}{% for i in range(" + str(depth // 10) + ") %}{% set ns.t = "
+                + wrap + " %}{% endfor %}{{ {ns.t: 1}|length }}")
+
+    assert render_chat(nest(MAX_TEMPLATE_NESTING - 10), [TURN_1]) == "1"
+    with pytest.raises(TemplateError, match=f"nested more than {MAX_TEMPLATE_NESTING} deep .*MAX_TEMPLATE_NESTING"):
+        render_chat(nest(2 * MAX_TEMPLATE_NESTING), [TURN_1])
+    with pytest.raises(TemplateError, match="nested more than"):  # lists and dicts alike
+        render_chat("{% set ns = namespace(t=0) %}{% for i in range(1000) %}{% set ns.t = {'a': [ns.t]} %}"
+                    "{% endfor %}", [TURN_1])
+
+
+def test_checked_encode_and_filter_values_keep_their_ordinary_results():
+    """Every filter's value and str.encode / bytes.decode are checked against the output limit, and
+    give Jinja's and Python's own results within it (filters taking the context or environment too)."""
+    template = ("{{ 'é'.encode('utf-8')|length }}|{{ 'é'.encode().decode() }}|{{ 'a&b'|urlencode }}|{{ 'x'|pprint }}|"
+                "{{ messages|map(attribute='role')|join(',') }}|{{ messages|selectattr('role', 'eq', 'user')|list|length }}|"
+                "{{ [3, 1, 2]|sort|first }}|{{ 'a b c'|wordcount }}|{{ '<b>'|forceescape }}|{{ {'b': 1, 'a': 2}|dictsort|first }}|"
+                "{{ messages[0].content|truncate(9, true, '') }}")
+    assert render_chat(template, [TURN_1, REPLY_1]) == \
+        "2|é|a%26b|'x'|user,assistant|1|1|3|&lt;b&gt;|('a', 2)|Hello! Wh"
+
+
+def test_a_templates_error_message_is_cut_to_one_short_line():
+    """raise_exception('x' * 10**6) made a TemplateError (a server's 400 body and its log line) a
+    megabyte long; what a template writes or provokes is cut to MAX_ERROR_CHARS, its length said."""
+    from pyllm.chat_template import MAX_ERROR_CHARS
+
+    for template in ("{{ raise_exception('x' * 1000000) }}", "{{ raise_exception(['y' * 10000] * 10) }}"):
+        with pytest.raises(TemplateError) as e:
+            render_chat(template, [TURN_1])
+        assert len(str(e.value)) < MAX_ERROR_CHARS + 100 and re.search(r"\.\.\. \(\d+ characters\)$", str(e.value))
+    with pytest.raises(TemplateError, match="^the chat template refused the messages: short$"):
+        render_chat("{{ raise_exception('short') }}", [TURN_1])

@@ -765,3 +765,48 @@ def test_an_output_that_is_a_device_fifo_or_socket_or_no_file_name_is_refused_be
         assert sorted(os.listdir(tmp_path)) == ["fifo", "sock"]
     finally:
         sock.close()
+
+
+def test_a_tokenizer_refused_when_read_is_refused_at_conversion_naming_the_checkpoint(tiny_llama, tmp_path):
+    """A tokenizer.json the runtime refuses (a normalizer that lengthens text without bound) is refused
+    by the converter, naming the checkpoint, before anything is written."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "grow"))
+    for name in os.listdir(tiny_llama):
+        if name.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, name), os.path.join(d, name))
+    tok = json.load(open(os.path.join(d, "tokenizer.json")))
+    tok["normalizer"] = {"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 10000}
+    json.dump(tok, open(os.path.join(d, "tokenizer.json"), "w"))
+    out = tmp_path / "grow.pllm"
+    with pytest.raises(FormatError, match=f"^{re.escape(d)}: the tokenizer.json normalizer can make a text 10000 times "
+                                          "longer .*MAX_TOKENIZER_GROWTH.*; nothing was written$"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
+def test_a_huge_chat_template_in_tokenizer_config_is_named_not_compiled(tiny_llama, tmp_path):
+    """tokenizer_config.json's chat_template (and a GGUF file's) was bounded only by the file's 256 MiB:
+    a model whose template was 28 MB took 273 s and 18 GB of memory to load, Jinja compiling it. A
+    template past limits.MAX_CHAT_TEMPLATE_BYTES (as a chat_template.jinja file is bounded) is a fault
+    of the model file, named at chat; the model loads and generates."""
+    from pyllm.chat_template import TemplateError, check_chat_template
+    from pyllm.limits import MAX_CHAT_TEMPLATE_BYTES
+
+    huge = "{% if x %}{{ y }}{% endif %}" * (MAX_CHAT_TEMPLATE_BYTES // 28 + 1)
+    with pytest.raises(TemplateError, match=f"is {len(huge)} bytes long, past limits.MAX_CHAT_TEMPLATE_BYTES"):
+        check_chat_template(huge)
+    d = str(tmp_path / "huge")
+    shutil.copytree(tiny_llama, d)
+    if os.path.exists(os.path.join(d, "chat_template.jinja")):
+        os.remove(os.path.join(d, "chat_template.jinja"))
+    path = os.path.join(d, "tokenizer_config.json")
+    cfg = json.load(open(path))
+    cfg["chat_template"] = huge
+    json.dump(cfg, open(path, "w"))
+    out = str(tmp_path / "huge.pllm")
+    convert_checkpoint(d, out, quant="f32", progress=False)
+    llm = pyllm.LLM(out)
+    assert isinstance(llm.generate("Hello", max_new_tokens=2), str)
+    with pytest.raises(TemplateError, match=rf"^{re.escape(out)}: the chat template stored in the model file cannot "
+                                            r"be used \(the chat template is \d+ bytes long, past limits"):
+        llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)

@@ -1197,3 +1197,38 @@ def test_a_fifo_or_device_given_as_a_gguf_is_refused_without_reading_it(tmp_path
             worker.join(timeout=20)
             pytest.fail(f"reading {given} waited for a writer")
         assert len(errors) == 1 and isinstance(errors[0], FormatError) and message in str(errors[0]), errors
+
+
+def test_a_vocabulary_of_endlessly_splittable_pieces_is_refused(tmp_path):
+    """The pieces "a", "aa", ... of every length to 3,000 (a 4.5 MB vocabulary) split into two pieces
+    in 4.5 million ways of 9 GB: finding the SentencePiece merges ran the converter out of memory. The
+    characters sliced are bounded (limits.MAX_MERGE_SPLIT_CHARS), and the GGUF file is named."""
+    from pyllm.convert.checkpoint import _generate_merges
+    from pyllm.convert.gguf_source import sentencepiece_merges
+    from pyllm.limits import MAX_MERGE_SPLIT_CHARS
+
+    tokens = ["<unk>", "<s>", "</s>"] + ["a" * k for k in range(1, 3000)]
+    scores = [0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)]
+    message = f"more than {MAX_MERGE_SPLIT_CHARS} characters' worth of ways .*limits.MAX_MERGE_SPLIT_CHARS"
+    with pytest.raises(FormatError, match=message):
+        sentencepiece_merges(tokens, scores)
+    with pytest.raises(FormatError, match=message):
+        _generate_merges({t: i for i, t in enumerate(tokens)})
+
+    def vocabulary(w):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+
+    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                          bos_token_id=1, eos_token_id=2)
+    path = str(tmp_path / "split.gguf")
+    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    with pytest.raises(FormatError, match=re.escape(path) + ".*" + message):
+        convert_checkpoint(path, str(tmp_path / "split.pllm"), progress=False)
+    assert not (tmp_path / "split.pllm").exists()

@@ -313,6 +313,25 @@ def test_refuses_a_tokenizer_larger_than_the_embeddings(tmp_path):
     expect_refusal(base, [adapter], tmp_path, r"has \d+ tokens but the merged model's embeddings only 402")
 
 
+def test_merge_refuses_a_tokenizer_whose_ids_pass_the_embeddings(tmp_path):
+    """`pyllm merge` counted the adapter's tokens (get_vocab_size), not its largest id: a tokenizer.json
+    of 401 tokens, one of them id 5000, passed a 402-row merged embedding, and the directory written
+    held ids past it (which every conversion of it then refused)."""
+    base = make_tiny_llama(str(tmp_path / "base"), vocab_size=400)
+    adapter = make_adapter(base, str(tmp_path / "adapter"), vocab=402, target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens", "lm_head"])
+    path = os.path.join(adapter, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    tok["model"]["vocab"]["zz"] = 5000  # a BPE vocabulary's ids need not be dense
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    out = str(tmp_path / "merged")
+    with pytest.raises(FormatError, match=r"has 5001 tokens but the merged model's embeddings only 402"):
+        write_merged_checkpoint(base, [adapter], out)
+    assert not os.path.exists(out)
+
+
 def test_refuses_half_a_resized_vocabulary(base, tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -777,3 +777,215 @@ def test_sampled_replies_stream_all_their_text_with_byte_fallback(sp_models, cas
         ids = [t.id for t in stream.tokens]
         before, full = llm.detokenize(context), llm.detokenize(context + ids)
         assert full.startswith(before) and text == full[len(before):], seed
+
+
+# -- many special tokens ----------------------------------------------------------------------------
+
+def _many_specials_tokenizer(specials):
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<unk>"] + [chr(c) for c in range(32, 127)])}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    spec = TokenizerSpec(kind="hf", bos_token="<s>", eos_token="</s>", bos_token_id=hf.token_to_id("<s>"),
+                         eos_token_ids=[hf.token_to_id("</s>")])
+    return Tokenizer(spec, hf.to_str().encode("utf-8"))
+
+
+def test_thousands_of_special_tokens_are_found_in_a_long_text_in_one_pass():
+    """A model with thousands of special tokens (Gemma 3 has 6,000 <unusedN>): finding those written
+    in a 1 MB chat message took `t in text` for each (8 s), and splitting the prompt at them one
+    regex alternation of all of them, which Python's re tries branch by branch at every position
+    (20 s), both holding the GIL, so a server's event loop stood still. Both are one pass now."""
+    import time
+
+    tok = _many_specials_tokenizer(["<s>", "</s>"] + [f"<unused{i}>" for i in range(6000)])
+    text = "<s>" + "<unused1" * 130000 + "<unused17>"  # every place a near miss
+    start = time.monotonic()
+    assert tok.special_tokens_in([text]) == {"<s>", "<unused17>"}
+    assert tok.encode_with_literal(text, {})[0] == tok.token_to_id("<s>")
+    assert tok.encode_with_literal(text, {})[-1] == tok.token_to_id("<unused17>")
+    assert time.monotonic() - start < 5  # 50 s before; well under a second now
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_special_tokens_found_and_split_as_by_each_string(seed):
+    """The one-pass search (a trie of the special tokens as one regular expression) finds exactly the
+    tokens `t in text` finds, and splits text where the longest-first alternation of them splits it,
+    for tokens that are prefixes of one another, hold regex characters, or nest past its depth bound."""
+    import random
+
+    from pyllm.tokenizer import _alternation
+
+    rng = random.Random(seed)
+    alphabet = "ab<|>.*(\\é😀"
+    specials = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(40)})
+    specials += ["a" * k for k in range(1, 45)] + ["<s>", "</s>"]  # a chain deeper than MAX_ALTERNATION_DEPTH
+    tok = _many_specials_tokenizer(specials)
+    naive = re.compile("(" + "|".join(re.escape(t) for t in sorted(set(specials), key=len, reverse=True)) + ")")
+    assert re.compile(f"({_alternation(specials)})").split("a" * 50 + "b") == naive.split("a" * 50 + "b")
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet + "xyz ") for _ in range(rng.randint(0, 60)))
+        assert tok.special_tokens_in([text, "zz"]) == {t for t in specials if t in text}, text
+        assert re.compile(f"({_alternation(specials)})").split(text) == naive.split(text), text
+
+
+# -- normalizers and decoders that lengthen text ----------------------------------------------------
+
+@pytest.mark.parametrize("step", ["normalizer", "decoder", "sequence", "regex"])
+def test_a_normalizer_or_decoder_that_lengthens_text_without_bound_is_refused(step):
+    """A tokenizer.json Replace of "a" by 10,000 characters made a 20,000-character prompt 3 GB inside
+    the tokenizers library, whose failed allocation aborts the process (a server with it); as a
+    decoder, 100,000 generated ids decoded to 1 GB of text. Steps each within bounds multiply in a
+    Sequence. Such a tokenizer is refused when read, naming limits.MAX_TOKENIZER_GROWTH."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    from pyllm.limits import MAX_TOKENIZER_GROWTH
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    if step == "normalizer":
+        hf.normalizer = normalizers.Replace("a", "b" * 10000)
+    elif step == "decoder":
+        hf.decoder = decoders.Replace("b", "c" * 10000)
+    elif step == "sequence":
+        hf.normalizer = normalizers.Sequence([normalizers.Replace("a", "a" * 20)] * 5)
+    else:  # a regex that may match nothing puts its content before every character
+        hf.normalizer = normalizers.Replace(Regex("x*"), "b" * 100)
+    where = "decoder" if step == "decoder" else "normalizer"
+    with pytest.raises(FormatError, match=f"^the tokenizer.json {where} can make a text .* times longer .*"
+                                          f"limits.MAX_TOKENIZER_GROWTH \\({MAX_TOKENIZER_GROWTH} times"):
+        Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+
+
+def test_the_normalizers_of_real_tokenizers_are_within_the_growth_bound(sp_model_bytes):
+    """Unicode's normal forms, sentencepiece normalization maps (nmt_nfkc: 18 characters for one at
+    most) and the steps the converter builds for a tokenizer.model all load."""
+    import base64
+
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    from pyllm.tokenizer import _charsmap_growth
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAINING_TEXT * 20), model_writer=buf, model_type="bpe",
+                                   vocab_size=300, normalization_rule_name="nmt_nfkc", minloglevel=2)
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    assert _charsmap_growth(charsmap) == _charsmap_growth(base64.b64encode(charsmap).decode()) == 18
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([  # the converter's imitation of sentencepiece, legacy
+        normalizers.Precompiled(charsmap), normalizers.Replace(Regex(r"\A +| +\z"), ""),
+        normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(" ", "▁"), normalizers.Replace(Regex(r"\A▁"), "▁▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    for normalizer in (normalizers.NFKC(), normalizers.BertNormalizer(), normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])):
+        hf.normalizer = normalizer
+        Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+
+
+@pytest.mark.parametrize("case", ["empty", "gap", "in the vocabulary"])
+def test_added_tokens_the_library_numbers_otherwise_are_refused(case):
+    """The tokenizers library numbers added tokens after the vocabulary in its own order and drops an
+    empty one: "<a>" written with id 4 after an empty token of id 3 got id 3, and a token of id 5000
+    after three others id 3, in silence (the model's embedding of the file's id belongs to it)."""
+    from tokenizers import Tokenizer as HFTokenizer, models
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    config = json.loads(hf.to_str())
+
+    def added(i, content, special=True):
+        return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": special}
+    config["added_tokens"] = {"empty": [added(3, ""), added(4, "<a>")], "gap": [added(5000, "<a>")],
+                              "in the vocabulary": [added(3, "a")]}[case]
+    with pytest.raises(FormatError, match=r"tokenizer.json added_tokens\[0\] \(.*\) has id \d+, but the tokenizers "
+                                          r"library gives it (no id|id \d)"):
+        Tokenizer(TokenizerSpec(kind="hf"), json.dumps(config).encode("utf-8"))
+    config["added_tokens"] = [added(3, "<a>"), added(4, "<a><b>", special=False)]  # numbered as written: loads
+    tok = Tokenizer(TokenizerSpec(kind="hf"), json.dumps(config).encode("utf-8"))
+    assert tok.encode("a<a><b><a>") == [1, 4, 3]
+
+
+def test_ids_a_post_processor_adds_count_in_the_vocabulary_size():
+    """A TemplateProcessing post-processor writes the ids it adds itself: one adding id 1,000,000 to a
+    3-token vocabulary was read as a 3-token tokenizer, fitted a small model's embeddings at load, then
+    failed every generate() with "token ids must lie in [0, 3)"; its ids count now, so the model's
+    embedding size refuses it when the model is loaded or converted."""
+    from tokenizers import Tokenizer as HFTokenizer, models, processors
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, "<s>": 2}, unk_token="<unk>"))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1_000_000)])
+    tok = Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    assert tok.encode("a") == [1_000_000, 1] and tok.vocab_size == 1_000_001
+
+
+def test_a_backtracking_split_regex_leaves_other_threads_running():
+    """A tokenizer.json Split regex that backtracks ((?:a*){3}[^a ], polynomial on each word, under
+    Oniguruma's step limit) took seconds on a 4,000-character text; texts under 4,096 characters were
+    encoded holding the GIL, so every other thread (a server's event loop) stood still meanwhile. The
+    work is counted: a thread ticking every 10 ms ticks on while the text is encoded."""
+    import threading
+    import time
+
+    from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("(?:a*){3}[^a ]"), "isolated")
+    tok = Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    text = ("a" * 60 + " ") * 63
+    ticks, done = [0], threading.Event()
+
+    def tick():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.01)
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    start = time.monotonic()
+    try:
+        tok.encode(text)
+    finally:
+        done.set()
+        ticker.join()
+    took = time.monotonic() - start
+    if took < 0.2:
+        pytest.skip("this machine's Oniguruma does not backtrack here")
+    assert ticks[0] >= took / 0.01 / 10  # held: 1 or 2 ticks in 1.5 s
+
+
+def test_a_backtracking_decoder_regex_leaves_other_threads_running():
+    """The same for decoding: a decoder's Replace regex runs over each token's text, and decode held
+    the GIL for the seconds a backtracking one took on a long token (a /detokenize request names it)."""
+    import threading
+    import time
+
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models
+
+    long_token = ("a" * 60 + " ") * 63
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1, long_token: 2}, unk_token="<unk>"))
+    hf.decoder = decoders.Replace(Regex("(?:a*){3}[^a ]"), "")
+    tok = Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
+    ticks, done = [0], threading.Event()
+
+    def tick():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.01)
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    start = time.monotonic()
+    try:
+        assert tok.decode([2]) == long_token
+    finally:
+        done.set()
+        ticker.join()
+    took = time.monotonic() - start
+    if took < 0.2:
+        pytest.skip("this machine's Oniguruma does not backtrack here")
+    assert ticks[0] >= took / 0.01 / 10

@@ -671,13 +671,14 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], pre: str):
 def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """The BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens,
     best score first (transformers' generate_merges with scores)."""
-    from .checkpoint import two_token_splits
+    from .checkpoint import every_two_token_splits
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    lengths = {len(t) for t in vocab}
+    score_of = dict(zip(tokens, scores))
     found = []
-    for token, score in dict(zip(tokens, scores)).items():
-        local = [(left, right, score) for left, right in two_token_splits(token, vocab, lengths)]
+    for token, splits in every_two_token_splits(score_of):
+        score = score_of[token]
+        local = [(left, right, score) for left, right in splits]
         found.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in found]

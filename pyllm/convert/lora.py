@@ -344,9 +344,11 @@ class LoraMergedSource:
 
     def tokenizer(self):
         spec, blob = read_tokenizer(self.tokenizer_dir)
-        from tokenizers import Tokenizer
+        from ..tokenizer import Tokenizer
 
-        size = Tokenizer.from_str(blob.decode("utf-8")).get_vocab_size(with_added_tokens=True)
+        # the largest id + 1, as the converter and pyllm.LLM count (get_vocab_size counts tokens: 403 of them,
+        # one with id 5000, passed a 402-row embedding)
+        size = Tokenizer(spec, blob).vocab_size
         if size > self.config.vocab_size:
             raise FormatError(f"the tokenizer of {self.tokenizer_dir} has {size} tokens but the merged model's "
                               f"embeddings only {self.config.vocab_size}")

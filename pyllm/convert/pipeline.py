@@ -260,7 +260,10 @@ def check_tokenizer_fits(spec: TokenizerSpec, blob: bytes, config: ModelConfig, 
     a reply."""
     from ..tokenizer import Tokenizer
 
-    size = Tokenizer(spec, blob).vocab_size
+    try:
+        size = Tokenizer(spec, blob).vocab_size
+    except FormatError as e:  # a normalizer that lengthens text without bound, an added token renumbered
+        raise FormatError(f"{src}: {e}; nothing was written") from None
     if size > config.vocab_size:
         raise FormatError(f"{src}: the tokenizer has {size} tokens but the model's embeddings only "
                           f"{config.vocab_size}; nothing was written")
