@@ -85,8 +85,11 @@ def _add_context(p: argparse.ArgumentParser) -> None:
 
 
 def _add_chat_template(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chat-template", metavar="NAME|FILE", default=None,
-                   help="override the model's chat template: chatml, llama2, alpaca, alpaca-stanford, or a Jinja "
+    from .chat_template import builtin_template_names
+
+    p.add_argument("--chat-template", "--chat-format", "--chat_format", dest="chat_template", metavar="NAME|FILE",
+                   default=None,
+                   help=f"override the model's chat template: {builtin_template_names()}, or a Jinja "
                         "file (or a tokenizer_config.json) (default: the model's own)")
 
 

@@ -320,8 +320,9 @@ class LLM:
     for piece in llm.generate("...", stream=True): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi"}])                  # uses the model's chat template
 
-    chat_template overrides the model's template: a built-in name (chatml, llama2, alpaca,
-    alpaca-stanford), a Jinja file, or Jinja source.
+    chat_template overrides the model's template: a built-in name (chatml, llama2, llama3,
+    mistral-instruct, zephyr, gemma, phi3, qwen, alpaca, alpaca-stanford; llama-cpp-python's chat_format
+    spellings such as llama-2 too), a Jinja file, or Jinja source.
 
     kv_cache: the element type of the KV cache (llama.cpp's names): "f16", "f32", "q8_0" or "auto"
     (f32 for a model stored in f32, else f16, which halves the bytes attention reads per token).

@@ -246,6 +246,25 @@ def test_chat_template_override_and_missing_template(tiny_llama_f32):
         pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="vicuna-ish")
 
 
+def test_llama_cpp_python_chat_format_names_in_the_api_and_cli(tiny_llama_f32):
+    """LLM(path, chat_format="llama-2") (llama-cpp-python's keyword and name) was refused as an unknown
+    chat template; `pyllm run/serve --chat-format` did not exist. Both take llama-cpp-python's names
+    (llama-2, llama-3, mistral-instruct, zephyr, gemma, phi-3, qwen, chatml) as the same built-ins."""
+    from pyllm import cli
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_format="llama-2") as model:
+        assert model.chat_template == BUILTIN_TEMPLATES["llama2"]
+        model.chat_template = BUILTIN_TEMPLATES["llama3"]
+        assert model.apply_chat_template([{"role": "user", "content": "Hi"}]) == (
+            "<|im_start|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        assert isinstance(model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2), str)
+    for command in ("run", "serve"):
+        for flag in ("--chat-template", "--chat-format", "--chat_format"):
+            args = cli.build_parser().parse_args([command, tiny_llama_f32, flag, "mistral-instruct"])
+            assert args.chat_template == "mistral-instruct"
+
+
 def test_chat_template_given_as_a_path_or_another_type(tiny_llama_f32, tmp_path):
     """chat_template=pathlib.Path(file) (a path, as the model's own may be) was TypeError "argument of
     type 'PosixPath' is not iterable"; 5 the same for int, a list "unhashable type". A path is the
