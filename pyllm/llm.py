@@ -744,7 +744,9 @@ class LLM:
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
         Generation ends at an end-of-generation token
         of the model (every one it declares), a token in stop_token_ids, a stop string (not included
-        in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
+        in the text; a stop string that is a special token's text stops at that token as at that text
+        written in ordinary tokens, and one that holds a special token's text among other text matches
+        over the token's text where it comes, as transformers' stop_strings do), max_new_tokens,
         the end of the context, or cancel().
 
         typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
@@ -855,8 +857,8 @@ class LLM:
         return self.adapters[adapter].virtual_tokens if adapter is not None else 0
 
     def _stop_tokens(self, stop: list[str], stop_token_ids) -> tuple[list[str], set[int]]:
-        """(stop strings, stop ids): a stop string that is a special token's text becomes its id
-        (special tokens never reach the text, so the string could never match)."""
+        """(stop strings, stop ids): a stop string that is a special token's text adds its id (special
+        tokens never reach the text) and stays a string (the same text in ordinary tokens)."""
         ids = set()
         if not isinstance(stop_token_ids, (list, tuple, set, frozenset, np.ndarray, type(None))):
             raise ValueError(f"stop_token_ids must be a list of token ids; got {type(stop_token_ids).__name__}")
@@ -872,8 +874,9 @@ class LLM:
             i = self.tokenizer.token_to_id(s) if s else None
             if i is not None and i in self.tokenizer.special_ids:
                 ids.add(i)
-            else:
-                strings.append(s)
+            # the string too: the same text written in ordinary tokens ("<", "|im", ...) stops the reply, as
+            # llama-cpp-python's and vLLM's text matching and transformers' stop_strings stop it
+            strings.append(s)
         return strings, ids
 
     def _constraint(self, response_format: dict | None, grammar: str | None):
@@ -1303,6 +1306,19 @@ class StopText:
     def __init__(self, decoder: StreamDecoder, stop: list[str], stats: "GenerationStats | None" = None):
         self.decoder, self.stop, self.stats = decoder, stop, stats  # stats.stop_string: set by a stop
         self.held = ""
+        # Special tokens decode to no text, so a stop string holding one's text ("Hello<|im_end|>",
+        # "<|im_start|>user") could never match. Stop strings are matched against `view`: the held text
+        # with the text of those special tokens where they came (transformers' stop_strings match over
+        # every token's text alike); it never reaches the output. marks: (start in view, length) of each.
+        tokenizer = decoder.tokenizer
+        self.marked = {}
+        for special in tokenizer.special_tokens if any(stop) else ():
+            if special and any(special in s for s in stop):
+                i = tokenizer.token_to_id(special)
+                if i is not None:
+                    self.marked[i] = special
+        self.view = ""
+        self.marks: list[tuple[int, int]] = []
         self.prefixes = _StopPrefixes(stop)  # how much of the held text may begin a stop string
         self.stopped = False
         self.emitted = 0  # characters returned (by push and finish)
@@ -1314,23 +1330,45 @@ class StopText:
         self.pending.append((0, token if record is None else record))
         self._place(self.decoder.begins)
         self.held += new
-        cut = _find_stop(self.held, self.stop)
+        self.view += new
+        if token in self.marked:
+            self.marks.append((len(self.view), len(self.marked[token])))
+            self.view += self.marked[token]
+            new += self.marked[token]
+        cut = _find_stop(self.view, self.stop)
         if cut is not None:
             self._stop_at(cut)
             return ""
-        safe = len(self.held) - self.prefixes.feed(new)
-        piece, self.held = self.held[:safe], self.held[safe:]
+        safe = len(self.view) - self.prefixes.feed(new)
+        for start, n in self.marks:  # a stop string may begin inside a special token's text: keep it whole
+            if start < safe < start + n:
+                safe = start
+        held_safe = self._held_offset(safe)
+        piece, self.held = self.held[:held_safe], self.held[held_safe:]
+        self.view = self.view[safe:]
+        self.marks = [(start - safe, n) for start, n in self.marks if start >= safe]
         self._emit(len(piece))
         return piece
 
+    def _held_offset(self, at: int) -> int:
+        """The offset in `held` of `view`[at] (inside a special token's text: where the token is)."""
+        offset = at
+        for start, n in self.marks:
+            if start >= at:
+                break
+            offset -= min(n, at - start)
+        return offset
+
     def finish(self, flush: bool = True) -> str:
         if flush and not self.stopped:
-            self.held += self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            last = self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            self.held += last
+            self.view += last
             self._place(self.decoder.begins)
-            cut = _find_stop(self.held, self.stop)
+            cut = _find_stop(self.view, self.stop)
             if cut is not None:
                 self._stop_at(cut)
-        rest, self.held = self.held, ""
+        rest, self.held, self.view, self.marks = self.held, "", "", []
         self._emit(len(rest))
         if not self.stopped:
             self.out += [record for _, record in self.pending]
@@ -1354,10 +1392,12 @@ class StopText:
             self.pending[:max(0, n - k)] = [(min(b, begins[0]), r) for b, r in self.pending[:max(0, n - k)]]
 
     def _stop_at(self, cut: int) -> None:
-        """A stop string begins at held[cut]: the text before it stays held, the tokens from it on are dropped."""
+        """A stop string begins at view[cut]: the text before it stays held, the tokens from it on are dropped."""
         if self.stats is not None:
-            self.stats.stop_string = min((s for s in self.stop if s and self.held.startswith(s, cut)), key=len)
+            self.stats.stop_string = min((s for s in self.stop if s and self.view.startswith(s, cut)), key=len)
+        cut = self._held_offset(cut)
         self.held, self.stopped = self.held[:cut], True
+        self.view, self.marks = self.held, []
         end = self.emitted + cut
         self.pending = [(begin, record) for begin, record in self.pending if begin < end]
 
