@@ -182,6 +182,43 @@ def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
         load_records(path)
 
 
+def test_records_of_a_json_list_on_one_line_are_named_by_number(tmp_path):
+    """A JSON list written on one line (json.dump's default) reported every bad record as "line 1"."""
+    path = tmp_path / "one_line.json"
+    path.write_text(json.dumps(RECORDS[:3] + [{"instruction": "x"}] + RECORDS[3:5] + [{"output": "y"}]))
+    with pytest.raises(DataError, match=r"line 1, record 4: missing field 'output'\n.*line 1, record 7: missing "
+                                        r"field 'instruction'"):
+        load_records(path)
+    path.write_text(json.dumps(RECORDS))
+    assert [r.where for r in load_records(path)][:2] == ["line 1, record 1", "line 1, record 2"]
+
+
+@pytest.mark.parametrize("records, keys", [
+    ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] * 3, "'conversations'"),
+    ([{"prompt": "hi", "completion": "yo"}] * 3, "'prompt', 'completion'"),
+    ({"data": RECORDS}, "'data'"),
+])
+def test_data_of_another_format_is_one_line_naming_its_keys(records, keys, tmp_path):
+    """ShareGPT, prompt/completion or records under a key of one object were "missing field
+    'instruction'" once per record; it is one line naming the keys found and the format expected."""
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=rf"not Alpaca-format data: the records' keys are {keys}; .*\"instruction\"") as e:
+        load_records(path)
+    assert "\n" not in str(e.value)
+
+
+def test_no_example_within_the_cutoff_names_the_flag(base, tmp_path):
+    """Every example cut before its response said "0 training examples are fewer than one batch"."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(RECORDS))
+    with pytest.raises(DataError, match=r"no training example has a response token within --cutoff-len 8; give a "
+                                        "larger --cutoff-len"):
+        run(build_parser().parse_args([base, "--data", str(path), "-o", str(tmp_path / "out"), "--cutoff-len", "8",
+                                       "--batch-size", "2", "--micro-batch-size", "2", "-q"]))
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("layout", ["list", "lines"])
 def test_a_byte_order_mark_is_not_a_record(layout, tmp_path):
     """A UTF-8 file that starts with a byte-order mark (Notepad, PowerShell's Out-File) was refused,

@@ -42,6 +42,10 @@ class Record:
     input: str
     output: str
     line: int  # where the record starts in its file (1-based)
+    where: str = ""  # "line L", or "line L, record N" where several records start on that line
+
+    def __post_init__(self):
+        self.where = self.where or f"line {self.line}"
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:
@@ -51,19 +55,38 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     text = read_text(path, DataError)
     stripped = text.lstrip()
     items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
+    _check_alpaca_keys(path, [item for _, item in items])
+    # a JSON list on one line (json.dump's default) put every record on line 1: "line 1: missing field
+    # 'output'" four times named none of them; such records are named by their number too
+    starts = [line for line, _ in items]
+    shared = {line for line in starts if starts.count(line) > 1} if len(set(starts)) < len(starts) else set()
     records, errors = [], []
-    for line, item in items:
+    for number, (line, item) in enumerate(items, 1):
+        where = f"line {line}, record {number}" if line in shared else f"line {line}"
         problem = _record_problem(item)
         if problem:
-            errors.append(f"{path} line {line}: {problem}")
+            errors.append(f"{path} {where}: {problem}")
         else:
-            records.append(Record(item["instruction"], item.get("input") or "", item["output"], line))
+            records.append(Record(item["instruction"], item.get("input") or "", item["output"], line, where))
     if errors:
         more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise DataError(f"{len(errors)} bad record(s):\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def _check_alpaca_keys(path: str, items: list) -> None:
+    """Refuses data of another format in one line (ShareGPT's conversations, prompt/completion, records
+    under a key of one object): each record was reported "missing field 'instruction'", naming neither
+    the format expected nor what the file holds."""
+    objects = [item for item in items if isinstance(item, dict)]
+    if not objects or any("instruction" in item or "output" in item for item in objects):
+        return
+    keys = sorted({k for item in objects for k in item}, key=lambda k: -sum(k in item for item in objects))
+    shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none"
+    raise DataError(f"{path}: not Alpaca-format data: the records' keys are {shown}; pyllm train reads a JSON list "
+                    "or JSON Lines of {\"instruction\", \"input\" (optional), \"output\"} records")
 
 
 def _record_problem(item) -> str | None:
@@ -183,7 +206,7 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
         messages = [{"role": "user", "content": user_message(record)}]
         # a template's raise_exception (jinja2's TemplateError) or its own bug was a traceback from
         # `python -m pyllm.train`
-        with library_errors(f"line {record.line}: the chat template", DataError):
+        with library_errors(f"{record.where}: the chat template", DataError):
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
                                                  tokenize=False)

@@ -441,16 +441,25 @@ def _tokenize(records, tokenizer, args, what: str, say, limit: tuple[int, str] |
         raise ValueError(f"{args.tokenizer or args.base} has no chat template; use --template alpaca")
     examples = [tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs) for r in records]
     if limit is not None:
-        long = [r.line for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
+        long = [r.where for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
         if long:
-            raise DataError(f"{len(long)} {what} example(s) have more tokens than {limit[1]} (lines "
-                            f"{', '.join(map(str, long[:10]))}); give --cutoff-len {max(limit[0], 0)} or less")
+            raise DataError(f"{len(long)} {what} example(s) have more tokens than {limit[1]} ("
+                            f"{_places(long)}); give --cutoff-len {max(limit[0], 0)} or less")
     kept = [e for e in examples if e.label_count > 0]
     if len(kept) < len(examples):
-        lines = [r.line for r, e in zip(records, examples) if e.label_count == 0]
+        places = [r.where for r, e in zip(records, examples) if e.label_count == 0]
         say(f"{len(examples) - len(kept)} {what} example(s) have no response token within --cutoff-len "
-            f"{args.cutoff_len} and are skipped (lines {', '.join(map(str, lines[:10]))})")
+            f"{args.cutoff_len} and are skipped ({_places(places)})")
     return kept
+
+
+def _places(wheres: list[str]) -> str:
+    """"lines 3, 7" (or "line 1, record 2; line 1, record 5" for records sharing a line) of the first ten
+    records (Record.where), and how many more."""
+    more = f" and {len(wheres) - 10} more" if len(wheres) > 10 else ""
+    if all("," not in w for w in wheres):
+        return "lines " + ", ".join(w[len("line "):] for w in wheres[:10]) + more
+    return "; ".join(wheres[:10]) + more
 
 
 def _run_config(args, total_steps: int) -> dict:
@@ -533,6 +542,9 @@ def train(args, log=None) -> TrainResult:
                 f"exceeds the {trained} tokens the model was trained on; positions beyond them are untrained")
         train_set = _tokenize(train_records, tokenizer, args, "training", say, limit)
         val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit)
+        if not train_set:  # (was "0 training examples are fewer than one batch (--batch-size 32)")
+            raise DataError(f"no training example has a response token within --cutoff-len {args.cutoff_len}; "
+                            "give a larger --cutoff-len")
         if len(train_set) < args.batch_size:
             raise DataError(f"{len(train_set)} training examples are fewer than one batch (--batch-size "
                             f"{args.batch_size})")
