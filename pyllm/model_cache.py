@@ -292,6 +292,14 @@ def model_kind(path: str) -> str:
     """"pllm", "gguf" or "hf" (a Hugging Face directory). Whatever is not a directory or a GGUF file
     counts as "pllm", whose reader refuses (without opening) what is missing or not a regular file."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")) and \
+                os.path.isfile(os.path.join(path, "adapter_config.json")):
+            # (`pyllm run ADAPTER_DIR` after `pyllm train -o ADAPTER_DIR` said only "not a Hugging Face model
+            # directory"): an adapter runs on its base, stored with it in one file
+            raise FormatError(f"{path} is a PEFT adapter directory (adapter_config.json), not a model: store it "
+                              f"with its base model, `pyllm convert BASE --lora {path} -o tuned.pllm` (LoRA, merged) "
+                              f"or `--adapter NAME={path}` (prompt learning, then `pyllm run FILE --adapter NAME`), "
+                              "and run that file")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FormatError(f"{path} is not a regular file but a directory without a config.json: not a Hugging "
                               "Face model directory either")

@@ -108,6 +108,12 @@ def test_bench_and_perplexity_take_a_gguf(gguf_file, cache, capsys):
 def test_what_is_not_a_model_is_refused_clearly(tmp_path, cache, capsys):
     status, _, err, _ = run(capsys, "run", str(tmp_path), "-p", "hi")
     assert status == 1 and "a directory without a config.json: not a Hugging Face model directory" in err
+    # a PEFT adapter directory (what `pyllm train -o DIR` writes) was "not a Hugging Face model directory" only
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    status, _, err, _ = run(capsys, "run", str(tmp_path / "adapter"), "-p", "hi")
+    assert status == 1 and "is a PEFT adapter directory (adapter_config.json), not a model" in err
+    assert f"pyllm convert BASE --lora {tmp_path / 'adapter'} -o tuned.pllm" in err and err.count("\n") == 1
     status, _, err, _ = run(capsys, "run", str(tmp_path / "missing.gguf"), "-p", "hi")
     assert status == 1 and "missing.gguf" in err and "No such file or directory" in err
     assert not cache.exists() or not list(cache.glob("*.pllm"))
