@@ -344,6 +344,35 @@ def test_cli_reports_bad_data(base, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(base, data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `pyllm train` exited 130 with an empty line: nothing said whether an adapter or a
+    checkpoint was kept. It names the latest checkpoint and --resume (or says none was kept); no adapter
+    file is left half-written, and --resume finishes the run."""
+    from pyllm.train import loop
+
+    real = loop.check_finite
+
+    def interrupt_at_step_3(model, step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+        real(model, step, loss)
+
+    out = tmp_path / "run"
+    argv = ["train", base, "--data", data, "-o", str(out), "--batch-size", "2", "--micro-batch-size", "2",
+            "--max-steps", "4", "-q"]
+    monkeypatch.setattr(loop, "check_finite", interrupt_at_step_3)
+    capsys.readouterr()
+    assert cli.main(argv) == 130
+    assert "interrupted: the adapter was not written and no checkpoint was kept" in capsys.readouterr().err
+    assert cli.main(argv + ["--save-steps", "2"]) == 130
+    err = capsys.readouterr().err
+    assert f"latest checkpoint is {out / 'checkpoint-2'} (step 2): run the same command with --resume" in err
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # no adapter file, no partial directory
+    monkeypatch.setattr(loop, "check_finite", real)
+    assert cli.main(argv + ["--save-steps", "2", "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
+
+
 def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path, capsys):
     """4 steps with a checkpoint every 2; then, as if killed after step 2, the last checkpoint and the
     adapter go and --resume finishes: the same adapter (dropout on, so its random state must resume too)."""

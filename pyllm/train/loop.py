@@ -507,6 +507,7 @@ def train(args, log=None) -> TrainResult:
     if procs.rank != 0:
         quiet_warnings()  # every process would print the same library warnings: rank 0 alone does
     trained = None
+    written = False
     try:
         check_options(args)
         check_output(args.output)
@@ -708,6 +709,7 @@ def train(args, log=None) -> TrainResult:
             record_eval(total_steps)
         procs.on_rank0("write the adapter",
                        lambda: _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result))
+        written = True
         say(f"wrote the adapter to {result.output}")
         say(summary_line(result, time.perf_counter() - started))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
@@ -715,9 +717,23 @@ def train(args, log=None) -> TrainResult:
         trained = None  # noqa: F841
         procs.barrier()
         return result
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI's SystemExit 143)
+        if procs.rank == 0 and not written:  # what was kept, and how to go on (after the progress bar's line)
+            print(f"\npyllm train: interrupted: {interrupted_note(args.output)}", file=log)
+        raise
     finally:
         trained = None  # noqa: F841
         procs.stop()
+
+
+def interrupted_note(output: str) -> str:
+    """What an interrupted run leaves in output (saves are whole or absent: a partial directory is
+    removed) and how to continue it."""
+    found = _checkpoints(output)
+    if found:
+        return (f"the adapter was not written; the latest checkpoint is {found[-1][1]} (step {found[-1][0]}): "
+                "run the same command with --resume to continue from it")
+    return "the adapter was not written and no checkpoint was kept (--save-steps N keeps some to --resume from)"
 
 
 def check_finite(model, step: int, loss: float) -> None:
