@@ -373,6 +373,21 @@ def test_ctrl_c_says_what_was_kept_and_how_to_continue(base, data, tmp_path, mon
     assert "resuming from" in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_library_deprecations_between_peft_and_transformers_are_not_shown(base, data, tmp_path, method):
+    """Every run printed FutureWarnings that peft's calls into transformers raise (`is_gradient_checkpointing`,
+    and for prefix tuning `past_key_values`), with the libraries' source lines: nothing a user can act on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(train_args(base, data, str(tmp_path / method), "--method", method, "--batch-size", "2",
+                       "--micro-batch-size", "2", "--max-steps", "1", *(["--virtual-tokens", "2"] if method != "lora"
+                                                                         else [])))
+    shown = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not [m for m in shown if "is deprecated" in m and ("checkpointing" in m or "past_key_values" in m)], shown
+
+
 def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path, capsys):
     """4 steps with a checkpoint every 2; then, as if killed after step 2, the last checkpoint and the
     adapter go and --resume finishes: the same adapter (dropout on, so its random state must resume too)."""

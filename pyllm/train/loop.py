@@ -494,9 +494,24 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+# Deprecations one library warns the other about (peft calling transformers' old names), raised at
+# every run though nothing the user or pyllm calls is deprecated: two FutureWarnings with tracebacks'
+# file lines before the first step (peft 0.21 with transformers 5)
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated", r"`past_key_values` is deprecated")
+
+
 def train(args, log=None) -> TrainResult:
     """Runs the training the arguments describe (see pyllm/train/__init__.py); log: where messages
     and the progress bar go (default: the current sys.stderr)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        for message in LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        return _train(args, log)
+
+
+def _train(args, log=None) -> TrainResult:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm import tqdm
