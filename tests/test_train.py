@@ -705,6 +705,18 @@ def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_p
     assert (empty / "adapter_model.safetensors").exists()
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_training(base, data, tmp_path, monkeypatch):
+    """-o below a file (`-o notes.txt/adapter`) trained every step, then failed to save with "Not a
+    directory"; so did any output nothing can be written to. It is refused before the model loads."""
+    from pyllm.train import loop
+
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr(loop, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(OSError, match=r"^-o .*notes.txt/adapter: the adapter cannot be written there \(Not a "
+                                      r"directory\)$"):
+        run(train_args(base, data, str(tmp_path / "notes.txt" / "adapter"), "--max-steps", "1"))
+
+
 @pytest.mark.parametrize("left", [[".adapter.partial/"], ["checkpoint-2.partial/"],
                                   ["adapter_model.safetensors", "README.md", "train_log.json"]])
 def test_what_a_run_stopped_while_saving_leaves_is_taken_again(base, data, tmp_path, left):

@@ -83,7 +83,8 @@ def _check_alpaca_keys(path: str, items: list) -> None:
     objects = [item for item in items if isinstance(item, dict)]
     if not objects or any("instruction" in item or "output" in item for item in objects):
         return
-    keys = sorted({k for item in objects for k in item}, key=lambda k: -sum(k in item for item in objects))
+    # the most common first, ties in the order they come in
+    keys = sorted(dict.fromkeys(k for item in objects for k in item), key=lambda k: -sum(k in item for item in objects))
     shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none"
     raise DataError(f"{path}: not Alpaca-format data: the records' keys are {shown}; pyllm train reads a JSON list "
                     "or JSON Lines of {\"instruction\", \"input\" (optional), \"output\"} records")

@@ -206,6 +206,43 @@ def check_output(output: str) -> None:
                              "or the output of an earlier pyllm train")
 
 
+def make_output(output: str) -> str | None:
+    """Creates the output directory and writes a file there, once the data has been read: an output
+    below a file (`-o notes.txt/adapter`) or where nothing can be written failed when the adapter or
+    the first checkpoint was saved, after the whole training. OSError naming -o otherwise. Returns the
+    first directory it created (None: output was there), for remove_output to take away again."""
+    import tempfile
+
+    created, top = None, os.path.abspath(output)
+    while not os.path.lexists(top):
+        created, top = top, os.path.dirname(top)
+    try:
+        os.makedirs(output, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=output, prefix=".write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        remove_output(output, created)
+        raise OSError(f"-o {output}: the adapter cannot be written there ({e.strerror or e})") from None
+    return created
+
+
+def remove_output(output: str, created: str | None) -> None:
+    """Removes the directories make_output created, when a failed run left them empty (a run that
+    fails leaves no output behind; a checkpoint kept to --resume from stays, and its directory)."""
+    if created is None:
+        return
+    path = os.path.abspath(output)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -522,7 +559,7 @@ def _train(args, log=None) -> TrainResult:
     if procs.rank != 0:
         quiet_warnings()  # every process would print the same library warnings: rank 0 alone does
     trained = None
-    written = False
+    written, created = False, None
     try:
         check_options(args)
         check_output(args.output)
@@ -543,6 +580,7 @@ def _train(args, log=None) -> TrainResult:
         if args.cutoff_len < 2:
             raise ValueError("--cutoff-len must be at least 2 tokens")
         train_records, val_records = split_records(load_records(args.data), args.val_set_size, args.seed)
+        created = make_output(args.output)
         tokenizer, model = _load_model(args, procs.device, dtype)
         def say(message: str) -> None:
             if procs.rank == 0:
@@ -738,6 +776,8 @@ def _train(args, log=None) -> TrainResult:
         raise
     finally:
         trained = None  # noqa: F841
+        if not written and procs.rank == 0:
+            remove_output(args.output, created)
         procs.stop()
 
 
