@@ -149,6 +149,22 @@ ALIASES = {
 }
 
 
+# Names of transformers' GenerationConfig and llama-cpp-python that generate()/chat() do not take, with
+# what to do instead: a "did you mean" by spelling sent min_new_tokens to max_new_tokens and max_length
+# (prompt + reply in transformers) to max_tokens (the reply alone), each changing what was asked.
+NOT_TAKEN = {
+    "max_length": "transformers' max_length counts the prompt's tokens too; give max_new_tokens (the reply's)",
+    "min_new_tokens": "a minimum reply length is not supported; a logits processor (logits_processors=) can "
+                      "hold the end-of-generation tokens back",
+    "num_beams": "beam search is not supported (greedy decoding: temperature=0, or sampling)",
+    "echo": "the returned text does not repeat the prompt (llama-cpp-python's echo): prepend it yourself, or use "
+            "`pyllm serve`'s /v1/completions, which takes echo",
+    "top_logprobs": "logprobs=N records the N most likely tokens at each position (OpenAI's top_logprobs; "
+                    "logprobs=0: the chosen token's own only)",
+}
+NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["min_new_tokens"])
+
+
 def accepts_aliases(method):
     """Lets `method` take ALIASES' names for its own keyword arguments, and turns an unknown keyword into
     a TypeError that suggests the nearest known name."""
@@ -168,6 +184,8 @@ def accepts_aliases(method):
                 if target in kwargs:
                     raise TypeError(f"{where}() got both {target!r} and its alias {name!r}")
                 kwargs[target] = kwargs.pop(name)
+            elif not open_ended and name in NOT_TAKEN and "max_new_tokens" in known:
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: {NOT_TAKEN[name]}")
             elif not open_ended:
                 close = difflib.get_close_matches(name, known + [a for a, t in ALIASES.items() if t in known], n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f" (it takes: {', '.join(known)})"
@@ -727,8 +745,12 @@ class LLM:
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  logit_bias: dict[int, float] | None = None,
                  logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
-                 logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None):
+                 logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None,
+                 do_sample: bool | None = None):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
+
+        do_sample (transformers'): False decodes greedily whatever the temperature; True samples, at
+        temperature (default the generation config's, else 1.0); None: sampling when temperature > 0.
 
         adapter: the name of a prompt-learning adapter stored in the file (prompt tuning, P-tuning or
         prefix tuning; "base" or None with no default: none), default the LLM's. Its virtual tokens are
@@ -774,7 +796,7 @@ class LLM:
                 ids = list(prompt)
             else:
                 raise prompt_type_error(prompt)
-        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p)
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p, do_sample)
         # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
         # with None for the unset ones got "presence_penalty must be a number; got None")
         params.presence_penalty = option("presence_penalty", 0.0 if presence_penalty is None else presence_penalty)
@@ -1005,9 +1027,16 @@ class LLM:
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
                            unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits, **extra)
 
-    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None) -> SamplingParams:
+    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None,
+                  do_sample=None) -> SamplingParams:
         d = self.model.generation
-        samples = bool(d.get("do_sample", False))
+        if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be True or False; got {do_sample!r}")
+        samples = bool(d.get("do_sample", False)) if do_sample is None else bool(do_sample)
+        if do_sample is not None and not do_sample:
+            temperature = 0.0  # transformers' generate(do_sample=False): greedy, the temperature unused
+        elif do_sample and temperature is not None and option("temperature", temperature) == 0:
+            raise ValueError("do_sample=True samples, and temperature=0 decodes greedily; give a temperature > 0")
         temperature, top_p, min_p, repetition_penalty, typical_p = (
             None if v is None else option(name, v) for name, v in (
                 ("temperature", temperature), ("top_p", top_p), ("min_p", min_p),

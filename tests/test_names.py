@@ -44,6 +44,40 @@ def test_unknown_keywords_suggest_the_nearest_name(llm, call, message):
         call(llm)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("min_new_tokens", 2, "a minimum reply length is not supported"),
+    ("min_tokens", 2, "a minimum reply length is not supported"),
+    ("max_length", 10, "transformers' max_length counts the prompt's tokens too; give max_new_tokens"),
+    ("num_beams", 2, "beam search is not supported"),
+    ("echo", True, "the returned text does not repeat the prompt"),
+    ("top_logprobs", 2, "logprobs=N records the N most likely tokens"),
+])
+def test_generation_names_pyllm_does_not_take_say_what_to_do(llm, name, value, message):
+    """transformers' and llama-cpp-python's names that generate() does not take got a "did you mean" by
+    spelling: min_new_tokens -> 'max_new_tokens' and max_length -> 'max_tokens' (the reply alone, where
+    transformers counts the prompt too), each another meaning. They say what to do instead."""
+    for call in (lambda: llm.generate("hi", **{name: value}),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}], **{name: value})):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}': {message}") as e:
+            call()
+        assert "did you mean" not in str(e.value)
+
+
+def test_do_sample_is_transformers_switch_between_greedy_and_sampling(llm):
+    """generate(do_sample=False) (transformers' greedy switch) was "unexpected keyword argument"."""
+    greedy = llm.generate("hello", max_new_tokens=6, temperature=0)
+    assert llm.generate("hello", max_new_tokens=6, do_sample=False) == greedy
+    assert llm.generate("hello", max_new_tokens=6, do_sample=False, temperature=1.5, seed=1) == greedy
+    sampled = {llm.generate("hello", max_new_tokens=6, do_sample=True, seed=s) for s in range(4)}
+    assert llm.generate("hello", max_new_tokens=6, do_sample=True, seed=0) == \
+        llm.generate("hello", max_new_tokens=6, temperature=1.0, top_k=50, seed=0)  # transformers' defaults
+    assert len(sampled) > 1
+    with pytest.raises(ValueError, match="do_sample must be True or False; got 'yes'"):
+        llm.generate("hello", do_sample="yes")
+    with pytest.raises(ValueError, match="do_sample=True samples, and temperature=0 decodes greedily"):
+        llm.generate("hello", do_sample=True, temperature=0)
+
+
 def test_prompt_types(llm):
     replies = llm.generate(["a", "b"], max_new_tokens=2)  # a list of prompts: one reply each (pyllm/batch.py)
     assert isinstance(replies, list) and len(replies) == 2 and all(isinstance(r, str) for r in replies)
