@@ -796,6 +796,9 @@ class LLM:
                 ids = list(prompt)
             else:
                 raise prompt_type_error(prompt)
+            if not ids:  # (was PyllmError "expected a non-empty list of token ids", naming no argument)
+                raise ValueError("prompt is empty: it has no tokens (this model's tokenizer adds no BOS token); "
+                                 "give some text or token ids")
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p, do_sample)
         # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
         # with None for the unset ones got "presence_penalty must be a number; got None")
@@ -844,6 +847,10 @@ class LLM:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
                                  "give a single prompt")
             prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+            empty = [i for i, p in enumerate(prompts) if not p]
+            if empty:
+                raise ValueError(f"prompt {empty[0]} of the list is empty: it has no tokens (this model's tokenizer "
+                                 "adds no BOS token); give some text or token ids")
             return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:

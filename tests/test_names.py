@@ -86,6 +86,12 @@ def test_prompt_types(llm):
     with pytest.raises(TypeError, match="non-int items"):
         llm.generate([1, "b"])
     assert isinstance(llm.generate(llm.tokenize("hello"), max_new_tokens=2), str)
+    # an empty prompt (no BOS added by this tokenizer) was PyllmError "expected a non-empty list of token ids"
+    for empty in ("", []):
+        with pytest.raises(ValueError, match="^prompt is empty: it has no tokens"):
+            llm.generate(empty, max_new_tokens=2)
+    with pytest.raises(ValueError, match="^prompt 1 of the list is empty"):
+        llm.generate(["a", ""], max_new_tokens=2)
 
 
 def _parse(*argv):
