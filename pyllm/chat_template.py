@@ -166,6 +166,21 @@ def builtin_template_name(value: str) -> str | None:
     return key if key in BUILTIN_TEMPLATES else None
 
 
+# The end-of-turn marker a built-in template writes after each reply where it is not the model's
+# end-of-sequence token (those writing eos_token end with the model's own): a template chosen for a
+# model trained on another format (chatml for a Llama 2 base) had the reply run on past the marker, written
+# as text or as a token the model does not declare as its end, into the next turn. llama-cpp-python's chat
+# formats stop there (their `stop`).
+TEMPLATE_STOPS = {"chatml": ["<|im_end|>"], "qwen": ["<|im_end|>"], "llama3": ["<|eot_id|>"],
+                  "gemma": ["<end_of_turn>"], "phi3": ["<|end|>"]}
+
+
+def template_stop(template: str | None) -> list[str]:
+    """The stop strings of `template` when it is a built-in one (TEMPLATE_STOPS), else []."""
+    name = next((n for n, text in BUILTIN_TEMPLATES.items() if text == template), None) if template else None
+    return list(TEMPLATE_STOPS.get(name, []))
+
+
 def builtin_template_names() -> str:
     """The built-in names for a message: "alpaca, ..., qwen (also llama-2, ...)"."""
     return f"{', '.join(BUILTIN_TEMPLATES)} (also {', '.join(CHAT_TEMPLATE_ALIASES)})"

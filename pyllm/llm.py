@@ -17,7 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import TemplateError, check_chat_template, normalize_messages, render_chat, resolve_chat_template
+from .chat_template import (TemplateError, check_chat_template, normalize_messages, render_chat, resolve_chat_template,
+                            template_stop)
 from .formats.packed import PackedModel
 from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -982,11 +983,21 @@ class LLM:
         conversations is answered together (one reply each, as generate does with a list of prompts).
         parse_special_in_content and render_limits: as chat_prompt_ids."""
         options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits)
+        kwargs["stop"] = self.chat_stop(kwargs.get("stop"))
         if messages and all(isinstance(m, (list, tuple)) for m in messages):
             return self.generate([self.chat_prompt_ids(list(m), **options) for m in messages], stream=stream,
                                  **kwargs)
         ids = self.chat_prompt_ids(messages, **options)
         return self.generate(ids, stream=stream, **kwargs)
+
+    def chat_stop(self, stop):
+        """`stop` (None, a string or a list) with the end-of-turn marker of a built-in chat template
+        (chat_template.TEMPLATE_STOPS) added; another value is returned as given, for generate to refuse."""
+        extra = template_stop(self.chat_template)
+        if not extra or not isinstance(stop, (str, list, tuple, type(None))):
+            return stop
+        given = [stop] if isinstance(stop, str) else list(stop or [])
+        return given + [s for s in extra if s not in given]
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
                         parse_special_in_content: bool = False, render_limits: RenderLimits | None = None) -> list[int]:

@@ -265,6 +265,29 @@ def test_llama_cpp_python_chat_format_names_in_the_api_and_cli(tiny_llama_f32):
             assert args.chat_template == "mistral-instruct"
 
 
+def test_a_builtin_chat_template_s_end_of_turn_stops_the_reply(tiny_llama_f32):
+    """A built-in template chosen for a model whose end-of-sequence token is not the template's end of
+    turn (chat_format="llama-3" here, where <|eot_id|> is no token) had the reply run past "<|eot_id|>"
+    into the next turn; llama-cpp-python's formats stop there. The marker is a stop string of chat()
+    (the caller's stop strings kept), and never of generate()."""
+    from conftest import scripted_reply
+
+    messages = [{"role": "user", "content": "Hi"}]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_format="llama-3") as model:
+        reply = model.tokenizer.encode("Paris<|eot_id|><|start_header_id|>user", add_special_tokens=False)
+        for stop in (None, "zzz", ["zzz"]):
+            text = model.chat(messages, max_new_tokens=len(reply), stop=stop, logits_processors=[scripted_reply(reply)])
+            assert (text, model.last_stats.stop_string) == ("Paris", "<|eot_id|>")
+        streamed = model.chat(messages, max_new_tokens=len(reply), stream=True, logits_processors=[scripted_reply(reply)])
+        assert "".join(streamed) == "Paris"
+        text = model.generate("Hi", max_new_tokens=len(reply), logits_processors=[scripted_reply(reply)])
+        assert text.startswith("Paris<|eot_id|>")  # plain generation: no template, no marker
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            model.chat(messages, stop=5)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as own:  # the model's own template: its own end of turn only
+        assert own.chat_stop(None) is None and own.chat_stop("x") == "x"
+
+
 def test_chat_template_given_as_a_path_or_another_type(tiny_llama_f32, tmp_path):
     """chat_template=pathlib.Path(file) (a path, as the model's own may be) was TypeError "argument of
     type 'PosixPath' is not iterable"; 5 the same for int, a list "unhashable type". A path is the
