@@ -981,8 +981,15 @@ class LLM:
         Messages are normalised as the server does (chat_template.normalize_messages): content as
         a string, a list of text parts, or None (an assistant turn that only calls tools). A list of
         conversations is answered together (one reply each, as generate does with a list of prompts).
-        parse_special_in_content and render_limits: as chat_prompt_ids."""
+        parse_special_in_content and render_limits: as chat_prompt_ids. logprobs also takes OpenAI's chat
+        form (and llama-cpp-python's create_chat_completion's): logprobs=True with top_logprobs=N."""
         options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits)
+        if isinstance(kwargs.get("logprobs"), (bool, np.bool_)) or "top_logprobs" in kwargs:
+            # (logprobs=True was "logprobs must be an integer; got True")
+            wanted, top = kwargs.pop("logprobs", None), kwargs.pop("top_logprobs", None)
+            if top is not None and not wanted:
+                raise ValueError("top_logprobs needs logprobs=True (as OpenAI's chat API)")
+            kwargs["logprobs"] = (0 if top is None else top) if wanted else None
         kwargs["stop"] = self.chat_stop(kwargs.get("stop"))
         if messages and all(isinstance(m, (list, tuple)) for m in messages):
             return self.generate([self.chat_prompt_ids(list(m), **options) for m in messages], stream=stream,

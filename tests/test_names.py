@@ -50,7 +50,6 @@ def test_unknown_keywords_suggest_the_nearest_name(llm, call, message):
     ("max_length", 10, "transformers' max_length counts the prompt's tokens too; give max_new_tokens"),
     ("num_beams", 2, "beam search is not supported"),
     ("echo", True, "the returned text does not repeat the prompt"),
-    ("top_logprobs", 2, "logprobs=N records the N most likely tokens"),
 ])
 def test_generation_names_pyllm_does_not_take_say_what_to_do(llm, name, value, message):
     """transformers' and llama-cpp-python's names that generate() does not take got a "did you mean" by
@@ -61,6 +60,23 @@ def test_generation_names_pyllm_does_not_take_say_what_to_do(llm, name, value, m
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}': {message}") as e:
             call()
         assert "did you mean" not in str(e.value)
+
+
+def test_generate_names_top_logprobs_and_chat_takes_openai_s_logprobs(llm):
+    """chat(logprobs=True, top_logprobs=2) (OpenAI's chat form, llama-cpp-python's create_chat_completion's)
+    was "logprobs must be an integer; got True"; generate(top_logprobs=) got "did you mean 'logprobs'"."""
+    with pytest.raises(TypeError, match="'top_logprobs': logprobs=N records the N most likely tokens"):
+        llm.generate("hi", top_logprobs=2)
+    messages = [{"role": "user", "content": "hi"}]
+    for kwargs, top in (({"logprobs": True, "top_logprobs": 2}, 2), ({"logprobs": True}, 0), ({"logprobs": 3}, 3)):
+        stream = llm.chat(messages, max_new_tokens=3, stream=True, **kwargs)
+        "".join(stream)
+        assert stream.tokens and all(t.logprob is not None and len(t.top or []) == top for t in stream.tokens)
+    stream = llm.chat(messages, max_new_tokens=3, stream=True, logprobs=False)
+    "".join(stream)
+    assert all(t.logprob is None for t in stream.tokens)
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        llm.chat(messages, top_logprobs=2, stream=True)
 
 
 def test_do_sample_is_transformers_switch_between_greedy_and_sampling(llm):
