@@ -164,6 +164,13 @@ NOT_TAKEN = {
                     "logprobs=0: the chosen token's own only)",
 }
 NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["min_new_tokens"])
+# ... and llama-cpp-python's Llama() arguments LLM() does not take (lora_path was "did you mean 'model_path'?")
+NOT_TAKEN_BY_LLM = {
+    "lora_path": "a LoRA adapter is merged into the model file: `pyllm convert BASE --lora ADAPTER_DIR -o tuned.pllm`, "
+                 "then LLM('tuned.pllm')",
+    "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",
+    "seed": "give seed= to generate() or chat() (each call is seeded on its own)",
+}
 
 
 def accepts_aliases(method):
@@ -185,8 +192,10 @@ def accepts_aliases(method):
                 if target in kwargs:
                     raise TypeError(f"{where}() got both {target!r} and its alias {name!r}")
                 kwargs[target] = kwargs.pop(name)
-            elif not open_ended and name in NOT_TAKEN and "max_new_tokens" in known:
-                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: {NOT_TAKEN[name]}")
+            elif not open_ended and name in (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM if
+                                             "context_length" in known else ()):
+                why = (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM)[name]
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: {why}")
             elif not open_ended:
                 close = difflib.get_close_matches(name, known + [a for a, t in ALIASES.items() if t in known], n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f" (it takes: {', '.join(known)})"
@@ -391,6 +400,8 @@ class LLM:
                  activation_quant: str = "int8x2"):
         from .model_cache import resolve_model
 
+        if not isinstance(path, (str, os.PathLike)):  # (was "expected str, bytes or os.PathLike object, not int")
+            raise TypeError(f"path must be a model file or directory (a str or os.PathLike); got {type(path).__name__}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         if activation_quant not in ACTIVATION_QUANTS:

@@ -79,6 +79,25 @@ def test_generate_names_top_logprobs_and_chat_takes_openai_s_logprobs(llm):
         llm.chat(messages, top_logprobs=2, stream=True)
 
 
+@pytest.mark.parametrize("name, message", [
+    ("lora_path", "a LoRA adapter is merged into the model file: `pyllm convert BASE --lora"),
+    ("n_gpu_layers", "device='cuda' runs the whole model on the GPU"),
+    ("seed", "give seed= to generate\\(\\) or chat\\(\\)"),
+])
+def test_llama_cpp_python_constructor_names_pyllm_does_not_take_say_what_to_do(llm, name, message):
+    """Llama(lora_path=...) as LLM(lora_path=...) got "did you mean 'model_path'?"."""
+    with pytest.raises(TypeError, match=f"LLM\\(\\) got an unexpected keyword argument '{name}': {message}"):
+        pyllm.LLM(llm.path, **{name: 1})
+
+
+@pytest.mark.parametrize("path", [3, None, 2.5])
+def test_a_path_of_another_type_is_named(path):
+    """LLM(3) said "expected str, bytes or os.PathLike object, not int", naming no argument."""
+    with pytest.raises(TypeError, match=f"^path must be a model file or directory \\(a str or os.PathLike\\); got "
+                                        f"{type(path).__name__}$"):
+        pyllm.LLM(path)
+
+
 def test_do_sample_is_transformers_switch_between_greedy_and_sampling(llm):
     """generate(do_sample=False) (transformers' greedy switch) was "unexpected keyword argument"."""
     greedy = llm.generate("hello", max_new_tokens=6, temperature=0)
