@@ -847,6 +847,25 @@ def test_a_save_stopped_between_files_never_pairs_new_weights_with_an_old_config
     assert (out / "adapter_model.safetensors").read_bytes() == b"new weights"
 
 
+def test_resume_on_another_base_model_is_refused_and_a_moved_copy_warned_about(base, data, tmp_path, capsys):
+    """--resume with another base model was not checked: one of other shapes failed with a screen of
+    torch's "size mismatch for ..." lines, one of the same shapes trained on in silence. A base whose
+    config.json differs is refused naming both; the same config.json elsewhere (a moved copy) is a warning."""
+    out = str(tmp_path / "run")
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--save-steps", "1"]
+    run(train_args(base, data, out, *small, "--max-steps", "1"))
+    other = make_tiny_llama(str(tmp_path / "other"), hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"^--resume: .*checkpoint-1 was made with other settings: the base model's "
+                                         rf"config.json \(another model: .*{os.path.basename(base)} -> .*other\)$"):
+        run(train_args(other, data, out, *small, "--max-steps", "2", "--resume"))
+    moved = str(tmp_path / "moved")
+    shutil.copytree(base, moved)
+    capsys.readouterr()
+    assert run(train_args(moved, data, out, *small, "--max-steps", "2", "--resume")).steps == 2
+    assert f"was trained on the base model {os.path.abspath(base)}, resumed on {moved} (the same config.json)" in \
+        capsys.readouterr().err
+
+
 def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, tmp_path):
     """--resume compared the data file's path only: a file edited since the checkpoint continued the
     run on other records. And a damaged training_state.pt gave torch's bare 'PytorchStreamReader

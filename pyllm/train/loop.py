@@ -40,7 +40,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESUME_KEYS = ("method", "virtual_tokens", "prompt_init_text", "encoder", "encoder_hidden_size", "prefix_projection",
                "data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
                "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
-               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps", "data_sha256")
+               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps", "data_sha256", "base",
+               "base_config_sha256")
 # ... except these, which a resumed run may raise: more steps extend the run
 EXTENDABLE_KEYS = ("total_steps",)
 
@@ -501,8 +502,23 @@ def _places(wheres: list[str]) -> str:
 
 def _run_config(args, total_steps: int) -> dict:
     values = dict(vars(args), total_steps=total_steps, data=os.path.abspath(args.data),
-                  data_sha256=_sha256(args.data))
+                  data_sha256=_sha256(args.data), base=os.path.abspath(args.base),
+                  base_config_sha256=_config_sha256(os.path.join(args.base, "config.json")))
     return {k: values.get(k) for k in RESUME_KEYS}
+
+
+def _config_sha256(path: str) -> str | None:
+    """The SHA-256 of a model's config.json as JSON, less the keys that name its copy rather than the model
+    (_name_or_path, transformers_version): a checkpoint resumed on another base must be refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _sha256(path: str) -> str:
@@ -627,13 +643,23 @@ def _train(args, log=None) -> TrainResult:
                 state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
                 saved = state["config"]
             # (checkpoints of pyllm before data_sha256 did not record the data's content)
+            # (a checkpoint resumed on another base of other shapes was a screen of torch's "size mismatch"
+            # lines, and on one of the same shapes went on in silence: the base model is a setting too)
             differ = [("the data file's content (edited since the checkpoint)" if k == "data_sha256" else
-                       f"{k} {saved.get(k)!r} -> {v!r}") for k, v in run_config.items()
-                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)
+                       f"the base model's config.json (another model: {saved.get('base')} -> {args.base})"
+                       if k == "base_config_sha256" else f"{k} {saved.get(k)!r} -> {v!r}")
+                      for k, v in run_config.items()
+                      if saved.get(k) != v and k not in EXTENDABLE_KEYS
+                      and (k not in ("data_sha256", "base_config_sha256", "base") or k in saved)
                       # the content decides where it was recorded: a moved or copied data file was refused
-                      and (k != "data" or "data_sha256" not in saved)]
+                      and (k != "data" or "data_sha256" not in saved) and k != "base"]
             if differ:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
+            if saved.get("base", run_config["base"]) != run_config["base"]:
+                # the same configuration elsewhere: a moved copy, or a model of the same shapes (its weights are
+                # not compared): said, as merging an adapter into a base of another name is
+                say(f"warning: {path} was trained on the base model {saved['base']}, resumed on {run_config['base']} "
+                    "(the same config.json)")
             before = state["config"].get("total_steps")
             if total_steps < state["step"]:
                 raise ValueError(f"--resume: {path} is at step {state['step']}, past the {total_steps} steps asked for")
