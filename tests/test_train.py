@@ -182,6 +182,22 @@ def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
         load_records(path)
 
 
+def test_data_that_is_not_utf8_names_its_line_and_a_directory_names_the_flag(tmp_path):
+    """Latin-1 data said "is not UTF-8 text (byte 61: ...)" only, UTF-16 data (PowerShell's `>`) the same
+    of its byte-order mark, and --data DIRECTORY "Is a directory"."""
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS[:3]]
+    path.write_bytes("\n".join(lines[:2]).encode("utf-8") + b"\n" + lines[2].replace("Paris", "Par\u00eds").encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(byte \d+: invalid continuation byte\) on line 3; save "
+                                        r"the file as UTF-8"):
+        load_records(path)
+    path.write_bytes("\n".join(lines).encode("utf-16"))
+    with pytest.raises(DataError, match="is UTF-16 text .*; save it as UTF-8"):
+        load_records(path)
+    with pytest.raises(DataError, match=f"^--data {tmp_path} is a directory; give the JSON or JSON Lines file$"):
+        load_records(tmp_path)
+
+
 def test_records_of_a_json_list_on_one_line_are_named_by_number(tmp_path):
     """A JSON list written on one line (json.dump's default) reported every bad record as "line 1"."""
     path = tmp_path / "one_line.json"
@@ -254,7 +270,7 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
     afile = tmp_path / "afile"
     afile.write_text("not a model")
     out = tmp_path / "out"
-    cases = [([base, "--data", str(tmp_path)], "Is a directory"),
+    cases = [([base, "--data", str(tmp_path)], "--data .* is a directory; give the JSON or JSON Lines file"),
              ([str(tmp_path / "missing"), "--data", data],
               r"is not a Hugging Face model directory \(no config.json\)"),
              ([str(afile), "--data", data], "is not a Hugging Face model directory"),

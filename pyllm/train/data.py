@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import PyllmError, library_errors, read_text
+from ..errors import PyllmError, decode_text, library_errors, read_bytes
 
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
 ALPACA_PROMPT_INPUT = (
@@ -52,7 +52,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     """The records of a JSON list or JSON Lines file; DataError names each bad line."""
     path = os.fspath(path)
     # UTF-8 without its byte-order mark (Windows editors write one), at most errors.MAX_TEXT_FILE_BYTES
-    text = read_text(path, DataError)
+    text = _read_data(path)
     stripped = text.lstrip()
     items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
     _check_alpaca_keys(path, [item for _, item in items])
@@ -74,6 +74,27 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def _read_data(path: str) -> str:
+    """The file's text (errors.read_text's), a directory named as --data, and text in another encoding
+    named with its line and how to convert it: "is not UTF-8 text (byte 5123: invalid continuation
+    byte)" left a user counting bytes, and UTF-16 (PowerShell's `>` writes it) read as invalid UTF-8."""
+    if os.path.isdir(path):  # (was "PATH: Is a directory")
+        raise DataError(f"--data {path} is a directory; give the JSON or JSON Lines file")
+    data = read_bytes(path, DataError)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    try:
+        return decode_text(data, path, DataError)
+    except DataError as e:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data.count(b"\n", 0, bad.start) + 1
+            raise DataError(f"{e} on line {line}; save the file as UTF-8 (from Latin-1, for example: iconv -f latin1 "
+                            "-t utf-8)") from None
+        raise
 
 
 def _check_alpaca_keys(path: str, items: list) -> None:
