@@ -71,6 +71,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, choices=QUANT_NAMES,
                    help="weight format when converting a GGUF file or a model directory (default: f16 for a "
                         "directory, the file's own formats for GGUF)")
+    p.add_argument("--lora", action="append", metavar="ADAPTER", default=[],
+                   help="PEFT LoRA adapter directory (pyllm train's output) merged into a model directory or GGUF "
+                        "file as it is converted into the cache, as `pyllm convert --lora` (repeat to stack) "
+                        "(default: none)")
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
@@ -196,12 +200,15 @@ def model_path(args) -> str:
     if args.model is None:
         if args.quant is not None:
             raise ValueError("--quant applies to a GGUF file or a model directory given as the model")
+        if args.lora:
+            raise ValueError("--lora applies to a GGUF file or a model directory given as the model (the base the "
+                             "adapter was trained on)")
         from .default_model import default_model_path
 
         return default_model_path()
     from .model_cache import resolve_model
 
-    return resolve_model(args.model, quant=args.quant)
+    return resolve_model(args.model, quant=args.quant, lora=args.lora)
 
 
 def _check_sizes(args) -> None:

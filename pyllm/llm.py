@@ -167,7 +167,7 @@ NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["m
 # ... and llama-cpp-python's Llama() arguments LLM() does not take (lora_path was "did you mean 'model_path'?")
 NOT_TAKEN_BY_LLM = {
     "lora_path": "a LoRA adapter is merged into the model file: `pyllm convert BASE --lora ADAPTER_DIR -o tuned.pllm`, "
-                 "then LLM('tuned.pllm')",
+                 "then LLM('tuned.pllm') (or `pyllm run BASE --lora ADAPTER_DIR`)",
     "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",
     "seed": "give seed= to generate() or chat() (each call is seeded on its own)",
 }

@@ -325,6 +325,15 @@ def source_fingerprint(path: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def entry_fingerprint(source: str, settings: dict) -> dict:
+    """source_fingerprint of a cache entry's source, with those of the LoRA adapters merged into it."""
+    fingerprint = source_fingerprint(source)
+    lora = settings.get("lora")
+    if isinstance(lora, list) and lora:
+        fingerprint["lora"] = [source_fingerprint(a) for a in lora]
+    return fingerprint
+
+
 def conversion_settings(kind: str, quant: str | None) -> dict:
     """The settings a source is converted with (part of the cache key, and printed)."""
     if quant is not None:
@@ -408,24 +417,36 @@ def _describe(settings: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in settings.items())
 
 
-def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -> str:
+def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, lora=()) -> str:
     """The .pllm file to open for `path` (a .pllm, a GGUF file or a Hugging Face directory).
 
     A GGUF file or a directory is converted into the cache on first use (quant: the convert
-    command's --quant; None: f16 for a directory, the source's formats for GGUF), with the settings
-    and the destination printed on log; later calls reuse the file while the source is unchanged.
-    Raises FileNotFoundError for a missing path, FormatError for something that is no model."""
+    command's --quant; None: f16 for a directory, the source's formats for GGUF; lora: PEFT LoRA
+    adapter directories merged while converting, as convert's --lora), with the settings and the
+    destination printed on log; later calls reuse the file while the source (and the adapters) are
+    unchanged. Raises FileNotFoundError for a missing path, FormatError for something that is no model."""
     log = log or sys.stderr
     path = os.fspath(path)
     kind = model_kind(path)
     if kind == "pllm":
         if quant is not None:
             raise ValueError(f"{path} is already a .pllm file: --quant applies to GGUF files and model directories")
+        if lora:  # its weights are converted already: a LoRA adapter is merged into the float weights
+            raise ValueError(f"{path} is already a .pllm file: --lora merges an adapter while converting a model "
+                             "directory or GGUF file (give the base model's directory), or `pyllm convert BASE "
+                             "--lora ADAPTER -o tuned.pllm`")
         return path
+    if lora:
+        from .convert.lora import LoraAdapter
+
+        for adapter in lora:
+            LoraAdapter(adapter)  # a missing one, or not a LoRA adapter, named before any conversion
     source = os.path.abspath(path)
     settings = conversion_settings(kind, quant)
+    if lora:  # the adapters are part of the entry: its key, and its fingerprint (retrained: converted again)
+        settings["lora"] = [os.path.abspath(a) for a in lora]
+    fingerprint = entry_fingerprint(source, settings)
     target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
-    fingerprint = source_fingerprint(source)
     if _reusable(target, source, settings, fingerprint, log):
         return target
     # one conversion of an entry at a time: processes started together (`pyllm serve` workers, a job
@@ -487,7 +508,7 @@ def _convert_into(target: str, source: str, kind: str, settings: dict, fingerpri
     what = "GGUF file" if kind == "gguf" else "Hugging Face directory"
     print(f"pyllm: converting the {what} {source} ({_describe(settings)}) into {target}; "
           "later runs reuse it while the source is unchanged (`pyllm list`, `pyllm rm`)", file=log)
-    report = convert_checkpoint(source, target, quant=quant, log=log)
+    report = convert_checkpoint(source, target, quant=quant, log=log, lora=settings.get("lora", ()))
     print(report.summary(), file=log)
     write_sidecar(target, {"source": source, "kind": kind, "settings": settings, "fingerprint": fingerprint,
                            "converter": CONVERTER_VERSION, "converted": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -511,8 +532,8 @@ def list_entries() -> list[CacheEntry]:
         stale = False
         if info.get("kind") in ("gguf", "hf"):
             try:
-                stale = source_fingerprint(source) != info.get("fingerprint")
-            except (OSError, ValueError):  # gone, or no path at all ("", a NUL in it)
+                stale = entry_fingerprint(source, settings) != info.get("fingerprint")
+            except (OSError, ValueError, TypeError):  # gone, or no path at all ("", a NUL in it, not a str)
                 stale = True
         entries.append(CacheEntry(full, os.path.getsize(full), source, settings, stale,
                                   damage_of(full, info) is not None))
