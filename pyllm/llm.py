@@ -147,6 +147,7 @@ def engine_module(device: str):
 ALIASES = {
     "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
     "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
+    "lora_path": "lora",
 }
 
 
@@ -166,8 +167,6 @@ NOT_TAKEN = {
 NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["min_new_tokens"])
 # ... and llama-cpp-python's Llama() arguments LLM() does not take (lora_path was "did you mean 'model_path'?")
 NOT_TAKEN_BY_LLM = {
-    "lora_path": "a LoRA adapter is merged into the model file: `pyllm convert BASE --lora ADAPTER_DIR -o tuned.pllm`, "
-                 "then LLM('tuned.pllm') (or `pyllm run BASE --lora ADAPTER_DIR`)",
     "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",
     "seed": "give seed= to generate() or chat() (each call is seeded on its own)",
 }
@@ -388,7 +387,8 @@ class LLM:
     Nothing slides or is dropped silently.
 
     path: a .pllm file, or a GGUF file or Hugging Face directory, converted once into the cache
-    (pyllm/model_cache.py; the conversion is reported on stderr). Names follow transformers;
+    (pyllm/model_cache.py; the conversion is reported on stderr). lora (llama-cpp-python's lora_path):
+    PEFT LoRA adapter directories merged into such a source as it is converted (`pyllm convert --lora`). Names follow transformers;
     llama-cpp-python's are accepted as aliases (n_ctx, model_path, chat_format; max_tokens and
     repeat_penalty in generate/chat), and an unknown keyword raises TypeError naming the nearest one.
     """
@@ -397,7 +397,7 @@ class LLM:
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
                  chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto",
                  verify: bool = False, n_parallel: int = 1, adapter: str | None = None,
-                 activation_quant: str = "int8x2"):
+                 activation_quant: str = "int8x2", lora: str | os.PathLike | list | None = None):
         from .model_cache import resolve_model
 
         if not isinstance(path, (str, os.PathLike)):  # (was "expected str, bytes or os.PathLike object, not int")
@@ -415,7 +415,13 @@ class LLM:
             n_threads = check_threads(n_threads)
         if context_length is not None:
             context_length = check_context_length(context_length)
-        self.path = resolve_model(path)
+        if isinstance(lora, (str, os.PathLike)):
+            lora = [lora]
+        if not isinstance(lora, (list, tuple, type(None))) or not all(isinstance(a, (str, os.PathLike))
+                                                                      for a in lora or ()):
+            raise TypeError("lora must be a LoRA adapter directory or a list of them; got "
+                            f"{type(lora).__name__}")
+        self.path = resolve_model(path, lora=[os.fspath(a) for a in lora or ()])
         self.model = PackedModel(self.path)
         self.engine = None
         self._forked_mid_step = False  # a forked child's copy of an engine that another thread was running

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -183,6 +184,12 @@ def test_run_merges_a_lora_adapter_into_the_cached_conversion(base, tmp_path, mo
     assert status == 0 and "source changed" not in capsys.readouterr().out
     status, _, err = run(tuned, "--lora", adapter, *ask)
     assert status == 1 and "is already a .pllm file: --lora merges an adapter while converting" in err
+    # the Python API alike: LLM(lora=) / llama-cpp-python's Llama(lora_path=)
+    for kwargs in ({"lora": adapter}, {"lora_path": adapter}, {"lora": [pathlib.Path(adapter)]}):
+        with pyllm.LLM(base, n_threads=1, **kwargs) as llm:  # (quant: the default f16, another entry)
+            assert llm.path == model_cache.resolve_model(base, lora=[adapter])
+    with pytest.raises(TypeError, match="lora must be a LoRA adapter directory or a list of them; got int"):
+        pyllm.LLM(base, lora=3)
     prompt = tmp_path / "prompt"
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
     peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).save_pretrained(

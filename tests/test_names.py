@@ -80,7 +80,6 @@ def test_generate_names_top_logprobs_and_chat_takes_openai_s_logprobs(llm):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("lora_path", "a LoRA adapter is merged into the model file: `pyllm convert BASE --lora"),
     ("n_gpu_layers", "device='cuda' runs the whole model on the GPU"),
     ("seed", "give seed= to generate\\(\\) or chat\\(\\)"),
 ])
