@@ -880,6 +880,10 @@ def test_resume_on_another_base_model_is_refused_and_a_moved_copy_warned_about(b
     assert run(train_args(moved, data, out, *small, "--max-steps", "2", "--resume")).steps == 2
     assert f"was trained on the base model {os.path.abspath(base)}, resumed on {moved} (the same config.json)" in \
         capsys.readouterr().err
+    # resuming a finished run said "trained 0 steps" only
+    assert run(train_args(moved, data, out, *small, "--max-steps", "2", "--resume")).losses == []
+    assert "(step 2 of 2); the run is complete: nothing left to train (a larger --max-steps extends it)" in \
+        capsys.readouterr().err
 
 
 def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, tmp_path):

@@ -685,7 +685,10 @@ def _train(args, log=None) -> TrainResult:
             # (checkpoints of pyllm before "losses" kept none: the log starts at the step resumed)
             result.earlier_losses = [float(x) for x in state.get("losses", [])]
             result.first_step = int(state.get("first_step", 0)) if "losses" in state else start
-            say(f"resuming from {path} (step {start} of {total_steps})")
+            say(f"resuming from {path} (step {start} of {total_steps})" + (
+                # (it went on to "trained 0 steps", saying neither why nor how to train more)
+                "; the run is complete: nothing left to train (a larger --max-steps extends it)"
+                if start == total_steps else ""))
 
         trained = model
         if world > 1:
