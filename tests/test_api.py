@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1475,6 +1476,25 @@ def test_chat_accepts_content_parts_none_and_tool_turns(llm):
             llm.chat([messages[0], dict(messages[1], tool_calls=bad), messages[2]], max_new_tokens=2)
     assert llm.chat([messages[0], dict(messages[1], tool_calls=(call,)), messages[2]], max_new_tokens=2) == \
         llm.chat(messages, max_new_tokens=2)
+
+
+def test_gbnf_grammars_as_llama_cpp_python_users_write_them(llm):
+    """grammar='root ::= "yes" | "no"' (llama.cpp's GBNF, what llama-cpp-python's LlamaGrammar reads) was
+    "the grammar is not valid: 1(7): Expected token '_', found '='": GBNF is converted to Lark (llguidance's
+    converter), in generate's grammar and in response_format's; one it cannot convert is named as GBNF."""
+    pytest.importorskip("llguidance.gbnf_to_lark")
+    from pyllm.structured import GrammarInvalid
+
+    for seed in range(3):
+        assert llm.generate("?", max_new_tokens=6, temperature=1.0, seed=seed, grammar='root ::= "yes" | "no"') in (
+            "yes", "no")
+    text = llm.generate("?", max_new_tokens=8, temperature=1.0, seed=1,
+                        grammar='root ::= count " apples"\ncount ::= [1-9]')
+    assert re.fullmatch(r"[1-9] apples", text), text
+    assert llm.generate("?", max_new_tokens=4, response_format={"type": "grammar", "grammar": 'root ::= "ok"'}) == "ok"
+    with pytest.raises(GrammarInvalid, match=r"grammar looks like GBNF \(`root ::= \.\.\.`\), which could not be "
+                                             "converted to Lark"):
+        llm.generate("?", grammar="root ::= (")
 
 
 def test_structured_output_from_python(llm):
