@@ -147,8 +147,8 @@ def engine_module(device: str):
 ALIASES = {
     "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
     "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
-    "lora_path": "lora",
-}
+    "lora_path": "lora", "stop_strings": "stop",  # (transformers' generate(stop_strings=) got "did you mean
+}                                                 # 'stop_token_ids'?")
 
 
 # Names of transformers' GenerationConfig and llama-cpp-python that generate()/chat() do not take, with
@@ -164,7 +164,10 @@ NOT_TAKEN = {
     "top_logprobs": "logprobs=N records the N most likely tokens at each position (OpenAI's top_logprobs; "
                     "logprobs=0: the chosen token's own only)",
 }
-NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["min_new_tokens"])
+NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["min_new_tokens"],
+                 eos_token_id="the model's own end-of-generation tokens always end the reply; stop_token_ids=[...] "
+                              "adds others (transformers' eos_token_id replaces them)",
+                 pad_token_id="generation pads nothing (each prompt has its own KV sequence); leave it out")
 # ... and llama-cpp-python's Llama() arguments LLM() does not take (lora_path was "did you mean 'model_path'?")
 NOT_TAKEN_BY_LLM = {
     "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",

@@ -21,6 +21,15 @@ def llm(tiny_llama_f32):
         yield model
 
 
+def test_transformers_stop_strings_is_stop(llm):
+    """generate(stop_strings=[...]) (transformers' name) got "did you mean 'stop_token_ids'?"."""
+    text = llm.generate("hello", max_new_tokens=12, temperature=0)
+    stop = text[len(text) // 2:][:2]
+    assert stop and llm.generate("hello", max_new_tokens=12, stop_strings=[stop]) == \
+        llm.generate("hello", max_new_tokens=12, stop=[stop])
+    assert llm.last_stats.stop_string == stop
+
+
 def test_llama_cpp_names_are_aliases(tiny_llama_f32, llm):
     with pyllm.LLM(model_path=tiny_llama_f32, n_ctx=64, n_threads=1) as small:
         assert small.context_length == 64
@@ -50,6 +59,8 @@ def test_unknown_keywords_suggest_the_nearest_name(llm, call, message):
     ("max_length", 10, "transformers' max_length counts the prompt's tokens too; give max_new_tokens"),
     ("num_beams", 2, "beam search is not supported"),
     ("echo", True, "the returned text does not repeat the prompt"),
+    ("eos_token_id", 2, "the model's own end-of-generation tokens always end the reply; stop_token_ids"),
+    ("pad_token_id", 0, "generation pads nothing"),
 ])
 def test_generation_names_pyllm_does_not_take_say_what_to_do(llm, name, value, message):
     """transformers' and llama-cpp-python's names that generate() does not take got a "did you mean" by
