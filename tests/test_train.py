@@ -213,13 +213,17 @@ def test_records_of_a_json_list_on_one_line_are_named_by_number(tmp_path):
     ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] * 3, "'conversations'"),
     ([{"prompt": "hi", "completion": "yo"}] * 3, "'prompt', 'completion'"),
     ({"data": RECORDS}, "'data'"),
+    # Dolly's fields: an instruction, but no output in any record
+    ([{"instruction": "a", "context": "", "response": "b", "category": "qa"}] * 3,
+     "'instruction', 'context', 'response', 'category'"),
 ])
 def test_data_of_another_format_is_one_line_naming_its_keys(records, keys, tmp_path):
-    """ShareGPT, prompt/completion or records under a key of one object were "missing field
-    'instruction'" once per record; it is one line naming the keys found and the format expected."""
+    """ShareGPT, prompt/completion, Dolly or records under a key of one object were "missing field
+    'instruction'" (or 'output') once per record; it is one line naming the keys found and the format expected."""
     path = tmp_path / "other.json"
     path.write_text(json.dumps(records))
-    with pytest.raises(DataError, match=rf"not Alpaca-format data: the records' keys are {keys}; .*\"instruction\"") as e:
+    what = "no record has the field 'output'" if "response" in keys else "not Alpaca-format data"
+    with pytest.raises(DataError, match=rf"{what}: the records' keys are {keys}; .*\"instruction\"") as e:
         load_records(path)
     assert "\n" not in str(e.value)
 

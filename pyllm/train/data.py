@@ -102,12 +102,16 @@ def _check_alpaca_keys(path: str, items: list) -> None:
     under a key of one object): each record was reported "missing field 'instruction'", naming neither
     the format expected nor what the file holds."""
     objects = [item for item in items if isinstance(item, dict)]
-    if not objects or any("instruction" in item or "output" in item for item in objects):
+    # a field no record has (Dolly's instruction/context/response has no "output"): one line, not one a record
+    absent = [key for key in ("instruction", "output") if not any(key in item for item in objects)]
+    if not objects or not absent:
         return
     # the most common first, ties in the order they come in
     keys = sorted(dict.fromkeys(k for item in objects for k in item), key=lambda k: -sum(k in item for item in objects))
     shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none"
-    raise DataError(f"{path}: not Alpaca-format data: the records' keys are {shown}; pyllm train reads a JSON list "
+    what = "no record has the field " + " or ".join(repr(k) for k in absent) if len(absent) < 2 else \
+        "not Alpaca-format data"
+    raise DataError(f"{path}: {what}: the records' keys are {shown}; pyllm train reads a JSON list "
                     "or JSON Lines of {\"instruction\", \"input\" (optional), \"output\"} records")
 
 
