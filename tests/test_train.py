@@ -228,6 +228,22 @@ def test_data_of_another_format_is_one_line_naming_its_keys(records, keys, tmp_p
     assert "\n" not in str(e.value)
 
 
+def test_fields_that_are_not_read_are_named(tmp_path):
+    """LLaMA-Factory's alpaca fields ("system", "history") or a misspelt "inputs" were dropped in silence."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([dict(r, system="Be Pip.", history=[]) for r in RECORDS[:2]] + [
+        {"instruction": "a", "inputs": "b", "output": "c"}]))
+    notes = []
+    assert len(load_records(path, notes)) == 3
+    assert notes == [f"{path}: the records' fields 'system', 'history', 'inputs' are not read (only instruction, "
+                     "input and output are)"]
+    notes = []
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(RECORDS))
+    load_records(plain, notes)
+    assert notes == []
+
+
 def test_no_example_within_the_cutoff_names_the_flag(base, tmp_path):
     """Every example cut before its response said "0 training examples are fewer than one batch"."""
     path = tmp_path / "data.json"

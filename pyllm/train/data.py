@@ -48,14 +48,23 @@ class Record:
         self.where = self.where or f"line {self.line}"
 
 
-def load_records(path: str | os.PathLike) -> list[Record]:
-    """The records of a JSON list or JSON Lines file; DataError names each bad line."""
+ALPACA_KEYS = ("instruction", "input", "output")
+
+
+def load_records(path: str | os.PathLike, notes: list | None = None) -> list[Record]:
+    """The records of a JSON list or JSON Lines file; DataError names each bad line. notes: a list that
+    gets one line naming the fields the records have beyond instruction/input/output, which are not read
+    (LLaMA-Factory's "system" and "history", a misspelt "inputs": they trained nothing, in silence)."""
     path = os.fspath(path)
     # UTF-8 without its byte-order mark (Windows editors write one), at most errors.MAX_TEXT_FILE_BYTES
     text = _read_data(path)
     stripped = text.lstrip()
     items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
     _check_alpaca_keys(path, [item for _, item in items])
+    other = dict.fromkeys(k for _, item in items if isinstance(item, dict) for k in item if k not in ALPACA_KEYS)
+    if other and notes is not None:
+        notes.append(f"{path}: the records' fields {', '.join(repr(k) for k in list(other)[:8])}"
+                     f"{', ...' if len(other) > 8 else ''} are not read (only instruction, input and output are)")
     # a JSON list on one line (json.dump's default) put every record on line 1: "line 1: missing field
     # 'output'" four times named none of them; such records are named by their number too
     starts = [line for line, _ in items]

@@ -595,7 +595,10 @@ def _train(args, log=None) -> TrainResult:
         accumulation = args.batch_size // (micro * world)
         if args.cutoff_len < 2:
             raise ValueError("--cutoff-len must be at least 2 tokens")
-        train_records, val_records = split_records(load_records(args.data), args.val_set_size, args.seed)
+        notes = []
+        train_records, val_records = split_records(load_records(args.data, notes), args.val_set_size, args.seed)
+        for note in notes if procs.rank == 0 else ():
+            print(f"pyllm train: {note}", file=log)
         created = make_output(args.output)
         tokenizer, model = _load_model(args, procs.device, dtype)
         def say(message: str) -> None:
