@@ -847,10 +847,13 @@ def check_finite(model, step: int, loss: float) -> None:
 
 def summary_line(result: TrainResult, seconds: float) -> str:
     """"trained N steps in T s; final training loss L (mean of the last k steps: M); eval loss E"."""
-    parts = [f"trained {len(result.losses)} steps in {seconds:.1f} s"]
+    def steps(n: int) -> str:  # ("trained 1 steps")
+        return f"{n} step{'' if n == 1 else 's'}"
+
+    parts = [f"trained {steps(len(result.losses))} in {seconds:.1f} s"]
     if result.losses:
         last = result.losses[-10:]
-        parts.append(f"final training loss {result.losses[-1]:.4f} (mean of the last {len(last)} steps "
+        parts.append(f"final training loss {result.losses[-1]:.4f} (mean of the last {steps(len(last))} "
                      f"{sum(last) / len(last):.4f})")
     if result.eval_losses:
         step, loss = result.eval_losses[-1]
