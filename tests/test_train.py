@@ -983,3 +983,12 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes_from_them(bas
         run(train_args(base, data, str(tmp_path / "b"), "--max-steps", "1", "--save-total-limit", "2"))
     with pytest.raises(ValueError, match="--save-total-limit"):
         run(train_args(base, data, str(tmp_path / "c"), *small, "--max-steps", "1", "--save-total-limit", "-1"))
+
+
+def test_summary_line_counts_one_step_in_the_singular():
+    """A one-step run said "trained 1 steps ... (mean of the last 1 steps ...)"."""
+    from pyllm.train.loop import TrainResult, summary_line
+
+    assert summary_line(TrainResult("out", 1, losses=[1.0]), 2.0) == \
+        "trained 1 step in 2.0 s; final training loss 1.0000 (mean of the last 1 step 1.0000)"
+    assert summary_line(TrainResult("out", 2, losses=[1.0, 2.0]), 2.0).startswith("trained 2 steps in 2.0 s")
