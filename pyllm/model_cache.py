@@ -414,7 +414,8 @@ def write_sidecar(model_path: str, info: dict) -> None:
 
 
 def _describe(settings: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items())
+    """"quant f16, lora /a, /b": a list (the LoRA adapters) as its items, not Python's ['/a', '/b']."""
+    return ", ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items())
 
 
 def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, lora=()) -> str:

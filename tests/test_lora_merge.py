@@ -171,7 +171,7 @@ def test_run_merges_a_lora_adapter_into_the_cached_conversion(base, tmp_path, mo
         expected = llm.logits(IDS)
     status, out, err = run(base, "--lora", adapter, "--quant", "f32", *ask)
     assert status == 0 and out == run(tuned, *ask)[1] and "converting the Hugging Face directory" in err, err
-    assert f"lora ['{adapter}']" in err
+    assert f"quant f32, lora {adapter})" in err  # (the list as its items: it read lora ['/...'])
     np.testing.assert_array_equal(cached_logits(adapter), expected)
     assert run(base, "--lora", adapter, "--quant", "f32", *ask)[2].count("pyllm: using") == 1  # reused
     assert run(base, "--quant", "f32", *ask)[0] == 0
