@@ -72,8 +72,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="weight format when converting a GGUF file or a model directory (default: f16 for a "
                         "directory, the file's own formats for GGUF)")
     p.add_argument("--lora", action="append", metavar="ADAPTER", default=[],
-                   help="PEFT LoRA adapter directory (pyllm train's output) merged into a model directory or GGUF "
-                        "file as it is converted into the cache, as `pyllm convert --lora` (repeat to stack) "
+                   help="PEFT LoRA adapter directory (pyllm train's output) merged into a Hugging Face model "
+                        "directory as it is converted into the cache, as `pyllm convert --lora` (repeat to stack) "
                         "(default: none)")
 
 
@@ -201,7 +201,7 @@ def model_path(args) -> str:
         if args.quant is not None:
             raise ValueError("--quant applies to a GGUF file or a model directory given as the model")
         if args.lora:
-            raise ValueError("--lora applies to a GGUF file or a model directory given as the model (the base the "
+            raise ValueError("--lora applies to a Hugging Face model directory given as the model (the base the "
                              "adapter was trained on)")
         from .default_model import default_model_path
 

@@ -391,7 +391,8 @@ class LLM:
 
     path: a .pllm file, or a GGUF file or Hugging Face directory, converted once into the cache
     (pyllm/model_cache.py; the conversion is reported on stderr). lora (llama-cpp-python's lora_path):
-    PEFT LoRA adapter directories merged into such a source as it is converted (`pyllm convert --lora`). Names follow transformers;
+    PEFT LoRA adapter directories merged into a Hugging Face directory as it is converted (`pyllm convert
+    --lora`). Names follow transformers;
     llama-cpp-python's are accepted as aliases (n_ctx, model_path, chat_format; max_tokens and
     repeat_penalty in generate/chat), and an unknown keyword raises TypeError naming the nearest one.
     """

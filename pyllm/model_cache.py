@@ -434,9 +434,12 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, l
             raise ValueError(f"{path} is already a .pllm file: --quant applies to GGUF files and model directories")
         if lora:  # its weights are converted already: a LoRA adapter is merged into the float weights
             raise ValueError(f"{path} is already a .pllm file: --lora merges an adapter while converting a model "
-                             "directory or GGUF file (give the base model's directory), or `pyllm convert BASE "
-                             "--lora ADAPTER -o tuned.pllm`")
+                             "directory (give the base model's directory), or `pyllm convert BASE --lora ADAPTER -o "
+                             "tuned.pllm`")
         return path
+    if lora and kind == "gguf":  # (said after "converting the GGUF file ...", by the converter)
+        raise FormatError(f"--lora needs a Hugging Face base directory (the float weights the adapter was trained "
+                          f"on); {path} is a GGUF file, whose weights are quantized already")
     if lora:
         from .convert.lora import LoraAdapter
 

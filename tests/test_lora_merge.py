@@ -184,6 +184,10 @@ def test_run_merges_a_lora_adapter_into_the_cached_conversion(base, tmp_path, mo
     assert status == 0 and "source changed" not in capsys.readouterr().out
     status, _, err = run(tuned, "--lora", adapter, *ask)
     assert status == 1 and "is already a .pllm file: --lora merges an adapter while converting" in err
+    fake = tmp_path / "model.gguf"  # a GGUF's weights are quantized: refused before any conversion starts
+    fake.write_bytes(b"GGUF" + bytes(60))
+    status, _, err = run(str(fake), "--lora", adapter, *ask)
+    assert status == 1 and "--lora needs a Hugging Face base directory" in err and "converting" not in err
     # the Python API alike: LLM(lora=) / llama-cpp-python's Llama(lora_path=)
     for kwargs in ({"lora": adapter}, {"lora_path": adapter}, {"lora": [pathlib.Path(adapter)]}):
         with pyllm.LLM(base, n_threads=1, **kwargs) as llm:  # (quant: the default f16, another entry)
