@@ -257,6 +257,11 @@ def cmd_run(args) -> int:
     from .tokenizer import check_text
 
     prompt = args.prompt
+    if args.prompt_words:
+        if prompt is not None:
+            raise ValueError(f"the prompt is given twice: -p, and {' '.join(args.prompt_words)!r} after the model; "
+                             "give one")
+        prompt = " ".join(args.prompt_words)
     if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
         raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
@@ -534,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
     _add_model(p)
+    # `ollama run MODEL "Why is the sky blue?"`: the words after the model are the prompt (it was
+    # "unrecognized arguments")
+    p.add_argument("prompt_words", nargs="*", default=[], metavar="PROMPT",
+                   help="the prompt after the model, as ollama run takes it: the same as -p (default: none)")
     p.add_argument("-p", "--prompt", default=None,
                    help="answer this prompt and exit (default: read it from piped stdin, or chat in a terminal)")
     p.add_argument("--raw", action="store_true",
@@ -636,7 +645,14 @@ STDOUT_COMMANDS = ("run", "perplexity", "bench", "list", "verify")  # those whos
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
     PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
+        # prompt words after an option (`pyllm run M -n 5 Why ...`): argparse gives a second positional only
+        # the words before the first option
+        args.prompt_words += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if sys.stdout is None and args.command in STDOUT_COMMANDS:
         # started with stdout closed (`>&-`): Python sets it to None, print() then drops the output in
         # silence, and sys.stdout.write was "AttributeError: 'NoneType' object has no attribute 'write'"

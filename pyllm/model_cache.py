@@ -428,6 +428,8 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, l
     unchanged. Raises FileNotFoundError for a missing path, FormatError for something that is no model."""
     log = log or sys.stderr
     path = os.fspath(path)
+    if not os.path.lexists(path):
+        return _cached_by_name(path, quant, lora, log)
     kind = model_kind(path)
     if kind == "pllm":
         if quant is not None:
@@ -460,6 +462,22 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, l
             return target
         _convert_into(target, source, kind, settings, fingerprint, quant, log)
     return target
+
+
+def _cached_by_name(name: str, quant: str | None, lora, log) -> str:
+    """The cache entry a missing path names as `pyllm list` shows it (`pyllm run tiny-1a2b3c4d5e`, as `ollama
+    run NAME`); FileNotFoundError saying what a model argument may be otherwise (it was "cannot read llama3:
+    No such file or directory")."""
+    plain = name.strip() and os.sep not in name and not (os.altsep and os.altsep in name) and "\0" not in name
+    wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
+    matches = [e for e in list_entries() if e.name[:-len(MODEL_SUFFIX)] == wanted] if plain else []
+    if matches and not quant and not lora:
+        print(f"pyllm: using {matches[0].path} (the cached {matches[0].name}"
+              f"{f', converted from {matches[0].source}' if matches[0].source else ''})", file=log)
+        return matches[0].path
+    # (worded as the model reader's own "cannot read PATH: No such file or directory")
+    raise FileNotFoundError(f"cannot read {name}: No such file or directory (a model is a .pllm file, a GGUF file, a "
+                            "Hugging Face model directory" + (" or a cached model's name: `pyllm list`)" if plain else ")"))
 
 
 def _reusable(target: str, source: str, settings: dict, fingerprint: dict, log) -> bool:

@@ -150,6 +150,25 @@ def test_max_tokens_flag_aliases(flags):
     assert _parse("run", *flags).max_tokens == 7
 
 
+def test_run_takes_the_prompt_after_the_model_as_ollama_does(tiny_llama_f32, capsys):
+    """`pyllm run MODEL Why is the sky blue` (`ollama run MODEL "..."`) was "unrecognized arguments"."""
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["run", tiny_llama_f32, "-n", "3", "-t", "1", "--raw", *argv])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    expected = run("-p", "Paris is the")
+    assert expected[0] == 0
+    for argv in (["Paris is the"], ["Paris", "is", "the"], ["Paris", "--temperature", "0", "is", "the"]):
+        assert run(*argv)[:2] == expected[:2], argv
+    status, _, err = run("-p", "x", "Paris")
+    assert status == 1 and "the prompt is given twice: -p, and 'Paris' after the model" in err
+    with pytest.raises(SystemExit):
+        cli.main(["run", tiny_llama_f32, "Paris", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_other_flag_aliases():
     for flag in ("--repeat-penalty", "--repetition-penalty"):
         assert _parse("run", flag, "1.2").repeat_penalty == 1.2
