@@ -93,7 +93,99 @@ BUILTIN_TEMPLATES = {
         "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
         "{% endfor %}"
     ),
+    # meta-llama/Meta-Llama-3-8B-Instruct (Llama 3, 3.1 and 3.2 without tools)
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # mistralai/Mistral-7B-Instruct-v0.1 ([INST] turns, no system role)
+    "mistral-instruct": (
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+    ),
+    # HuggingFaceH4/zephyr-7b-beta (the alignment-handbook's default template)
+    "zephyr": (
+        "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+        "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+        "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+        "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+    ),
+    # google/gemma-3-*-it: Gemma's turns (as gemma-7b-it and gemma-2 write them), a system message folded into
+    # the first user turn where Gemma 1/2's templates refuse it
+    "gemma": (
+        "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+        "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n    {%- else -%}\n"
+        "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n    {%- endif -%}\n"
+        "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+        "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+        "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+        "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+        "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+        "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+        "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+        "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+        "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+        "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+        "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+        "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\\n' }}\n"
+        "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\\n'}}\n{%- endif -%}\n"
+    ),
+    # microsoft/Phi-3.5-mini-instruct (Phi-3's <|user|> ... <|end|> turns)
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + "
+        "message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+    # Qwen/Qwen2-7B-Instruct and Qwen1.5's chat models: ChatML with a default system message
+    "qwen": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+        "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
 }
+
+# Other spellings of the built-in names: llama-cpp-python's chat_format names (llama-2, llama-3,
+# mistral-instruct, ...) and llama.cpp's --chat-template names (llama2, llama3, phi3, ...) both
+# work, as do "_" for "-" and any case (resolve_chat_template folds those).
+CHAT_TEMPLATE_ALIASES = {
+    "llama-2": "llama2", "llama-3": "llama3", "phi-3": "phi3", "gemma2": "gemma", "gemma3": "gemma",
+    "mistral": "mistral-instruct", "mistral-v1": "mistral-instruct", "qwen2": "qwen",
+}
+
+
+def builtin_template_name(value: str) -> str | None:
+    """The built-in template `value` names (in any of its spellings), or None."""
+    key = value.strip().lower().replace("_", "-")
+    key = CHAT_TEMPLATE_ALIASES.get(key, key)
+    return key if key in BUILTIN_TEMPLATES else None
+
+
+# The end-of-turn marker a built-in template writes after each reply where it is not the model's
+# end-of-sequence token (those writing eos_token end with the model's own): a template chosen for a
+# model trained on another format (chatml for a Llama 2 base) had the reply run on past the marker, written
+# as text or as a token the model does not declare as its end, into the next turn. llama-cpp-python's chat
+# formats stop there (their `stop`).
+TEMPLATE_STOPS = {"chatml": ["<|im_end|>"], "qwen": ["<|im_end|>"], "llama3": ["<|eot_id|>"],
+                  "gemma": ["<end_of_turn>"], "phi3": ["<|end|>"]}
+
+
+def template_stop(template: str | None) -> list[str]:
+    """The stop strings of `template` when it is a built-in one (TEMPLATE_STOPS), else []."""
+    name = next((n for n, text in BUILTIN_TEMPLATES.items() if text == template), None) if template else None
+    return list(TEMPLATE_STOPS.get(name, []))
+
+
+def builtin_template_names() -> str:
+    """The built-in names for a message: "alpaca, ..., qwen (also llama-2, ...)"."""
+    return f"{', '.join(BUILTIN_TEMPLATES)} (also {', '.join(CHAT_TEMPLATE_ALIASES)})"
 
 
 TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".json", ".txt", ".tmpl")
@@ -115,8 +207,9 @@ def resolve_chat_template(value: str) -> str:
     if not isinstance(value, str):
         raise TypeError("chat_template must be a built-in name, a Jinja file's path or Jinja source; got "
                         f"{type(value).__name__}")
-    if value in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[value]
+    name = builtin_template_name(value)
+    if name is not None:
+        return BUILTIN_TEMPLATES[name]
     if "{{" in value or "{%" in value:
         _compile(value)  # refuse a broken template now, as for a file
         return value
@@ -138,7 +231,7 @@ def resolve_chat_template(value: str) -> str:
         _compile(text)  # refuse a broken template now, not at the first chat
         return text
     raise TemplateError(f"unknown chat template {value!r}: give a built-in name "
-                        f"({', '.join(BUILTIN_TEMPLATES)}), a Jinja file, or Jinja source")
+                        f"({builtin_template_names()}), a Jinja file, or Jinja source")
 
 
 def check_chat_template(source: str) -> None:
@@ -802,7 +895,7 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     failed on the messages."""
     if not template:
         raise TemplateError("this model has no chat template: name one (chat_template= in Python, --chat-template "
-                            f"on the command line; built in: {', '.join(BUILTIN_TEMPLATES)}) or use plain generation")
+                            f"on the command line; built in: {builtin_template_names()}) or use plain generation")
     if not isinstance(messages, (list, tuple)):
         raise TemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
     for m in messages:

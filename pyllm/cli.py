@@ -71,6 +71,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, choices=QUANT_NAMES,
                    help="weight format when converting a GGUF file or a model directory (default: f16 for a "
                         "directory, the file's own formats for GGUF)")
+    p.add_argument("--lora", action="append", metavar="ADAPTER", default=[],
+                   help="PEFT LoRA adapter directory (pyllm train's output) merged into a Hugging Face model "
+                        "directory as it is converted into the cache, as `pyllm convert --lora` (repeat to stack) "
+                        "(default: none)")
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
@@ -85,8 +89,11 @@ def _add_context(p: argparse.ArgumentParser) -> None:
 
 
 def _add_chat_template(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chat-template", metavar="NAME|FILE", default=None,
-                   help="override the model's chat template: chatml, llama2, alpaca, alpaca-stanford, or a Jinja "
+    from .chat_template import builtin_template_names
+
+    p.add_argument("--chat-template", "--chat-format", "--chat_format", dest="chat_template", metavar="NAME|FILE",
+                   default=None,
+                   help=f"override the model's chat template: {builtin_template_names()}, or a Jinja "
                         "file (or a tokenizer_config.json) (default: the model's own)")
 
 
@@ -193,12 +200,15 @@ def model_path(args) -> str:
     if args.model is None:
         if args.quant is not None:
             raise ValueError("--quant applies to a GGUF file or a model directory given as the model")
+        if args.lora:
+            raise ValueError("--lora applies to a Hugging Face model directory given as the model (the base the "
+                             "adapter was trained on)")
         from .default_model import default_model_path
 
         return default_model_path()
     from .model_cache import resolve_model
 
-    return resolve_model(args.model, quant=args.quant)
+    return resolve_model(args.model, quant=args.quant, lora=args.lora)
 
 
 def _check_sizes(args) -> None:
@@ -247,6 +257,11 @@ def cmd_run(args) -> int:
     from .tokenizer import check_text
 
     prompt = args.prompt
+    if args.prompt_words:
+        if prompt is not None:
+            raise ValueError(f"the prompt is given twice: -p, and {' '.join(args.prompt_words)!r} after the model; "
+                             "give one")
+        prompt = " ".join(args.prompt_words)
     if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
         raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
@@ -524,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
     _add_model(p)
+    # `ollama run MODEL "Why is the sky blue?"`: the words after the model are the prompt (it was
+    # "unrecognized arguments")
+    p.add_argument("prompt_words", nargs="*", default=[], metavar="PROMPT",
+                   help="the prompt after the model, as ollama run takes it: the same as -p (default: none)")
     p.add_argument("-p", "--prompt", default=None,
                    help="answer this prompt and exit (default: read it from piped stdin, or chat in a terminal)")
     p.add_argument("--raw", action="store_true",
@@ -626,7 +645,14 @@ STDOUT_COMMANDS = ("run", "perplexity", "bench", "list", "verify")  # those whos
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
     PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
+        # prompt words after an option (`pyllm run M -n 5 Why ...`): argparse gives a second positional only
+        # the words before the first option
+        args.prompt_words += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if sys.stdout is None and args.command in STDOUT_COMMANDS:
         # started with stdout closed (`>&-`): Python sets it to None, print() then drops the output in
         # silence, and sys.stdout.write was "AttributeError: 'NoneType' object has no attribute 'write'"

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import TemplateError, check_chat_template, normalize_messages, render_chat, resolve_chat_template
+from .chat_template import (TemplateError, check_chat_template, normalize_messages, render_chat, resolve_chat_template,
+                            template_stop)
 from .formats.packed import PackedModel
 from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -146,6 +147,31 @@ def engine_module(device: str):
 ALIASES = {
     "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
     "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
+    "lora_path": "lora", "stop_strings": "stop",  # (transformers' generate(stop_strings=) got "did you mean
+}                                                 # 'stop_token_ids'?")
+
+
+# Names of transformers' GenerationConfig and llama-cpp-python that generate()/chat() do not take, with
+# what to do instead: a "did you mean" by spelling sent min_new_tokens to max_new_tokens and max_length
+# (prompt + reply in transformers) to max_tokens (the reply alone), each changing what was asked.
+NOT_TAKEN = {
+    "max_length": "transformers' max_length counts the prompt's tokens too; give max_new_tokens (the reply's)",
+    "min_new_tokens": "a minimum reply length is not supported; a logits processor (logits_processors=) can "
+                      "hold the end-of-generation tokens back",
+    "num_beams": "beam search is not supported (greedy decoding: temperature=0, or sampling)",
+    "echo": "the returned text does not repeat the prompt (llama-cpp-python's echo): prepend it yourself, or use "
+            "`pyllm serve`'s /v1/completions, which takes echo",
+    "top_logprobs": "logprobs=N records the N most likely tokens at each position (OpenAI's top_logprobs; "
+                    "logprobs=0: the chosen token's own only)",
+}
+NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["min_new_tokens"],
+                 eos_token_id="the model's own end-of-generation tokens always end the reply; stop_token_ids=[...] "
+                              "adds others (transformers' eos_token_id replaces them)",
+                 pad_token_id="generation pads nothing (each prompt has its own KV sequence); leave it out")
+# ... and llama-cpp-python's Llama() arguments LLM() does not take (lora_path was "did you mean 'model_path'?")
+NOT_TAKEN_BY_LLM = {
+    "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",
+    "seed": "give seed= to generate() or chat() (each call is seeded on its own)",
 }
 
 
@@ -168,6 +194,10 @@ def accepts_aliases(method):
                 if target in kwargs:
                     raise TypeError(f"{where}() got both {target!r} and its alias {name!r}")
                 kwargs[target] = kwargs.pop(name)
+            elif not open_ended and name in (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM if
+                                             "context_length" in known else ()):
+                why = (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM)[name]
+                raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: {why}")
             elif not open_ended:
                 close = difflib.get_close_matches(name, known + [a for a, t in ALIASES.items() if t in known], n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f" (it takes: {', '.join(known)})"
@@ -320,8 +350,9 @@ class LLM:
     for piece in llm.generate("...", stream=True): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi"}])                  # uses the model's chat template
 
-    chat_template overrides the model's template: a built-in name (chatml, llama2, alpaca,
-    alpaca-stanford), a Jinja file, or Jinja source.
+    chat_template overrides the model's template: a built-in name (chatml, llama2, llama3,
+    mistral-instruct, zephyr, gemma, phi3, qwen, alpaca, alpaca-stanford; llama-cpp-python's chat_format
+    spellings such as llama-2 too), a Jinja file, or Jinja source.
 
     kv_cache: the element type of the KV cache (llama.cpp's names): "f16", "f32", "q8_0" or "auto"
     (f32 for a model stored in f32, else f16, which halves the bytes attention reads per token).
@@ -359,7 +390,9 @@ class LLM:
     Nothing slides or is dropped silently.
 
     path: a .pllm file, or a GGUF file or Hugging Face directory, converted once into the cache
-    (pyllm/model_cache.py; the conversion is reported on stderr). Names follow transformers;
+    (pyllm/model_cache.py; the conversion is reported on stderr). lora (llama-cpp-python's lora_path):
+    PEFT LoRA adapter directories merged into a Hugging Face directory as it is converted (`pyllm convert
+    --lora`). Names follow transformers;
     llama-cpp-python's are accepted as aliases (n_ctx, model_path, chat_format; max_tokens and
     repeat_penalty in generate/chat), and an unknown keyword raises TypeError naming the nearest one.
     """
@@ -368,9 +401,11 @@ class LLM:
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, context_length: int | None = None,
                  chat_template: str | None = None, device: str = "cpu", kv_cache: str = "auto",
                  verify: bool = False, n_parallel: int = 1, adapter: str | None = None,
-                 activation_quant: str = "int8x2"):
+                 activation_quant: str = "int8x2", lora: str | os.PathLike | list | None = None):
         from .model_cache import resolve_model
 
+        if not isinstance(path, (str, os.PathLike)):  # (was "expected str, bytes or os.PathLike object, not int")
+            raise TypeError(f"path must be a model file or directory (a str or os.PathLike); got {type(path).__name__}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         if activation_quant not in ACTIVATION_QUANTS:
@@ -384,7 +419,13 @@ class LLM:
             n_threads = check_threads(n_threads)
         if context_length is not None:
             context_length = check_context_length(context_length)
-        self.path = resolve_model(path)
+        if isinstance(lora, (str, os.PathLike)):
+            lora = [lora]
+        if not isinstance(lora, (list, tuple, type(None))) or not all(isinstance(a, (str, os.PathLike))
+                                                                      for a in lora or ()):
+            raise TypeError("lora must be a LoRA adapter directory or a list of them; got "
+                            f"{type(lora).__name__}")
+        self.path = resolve_model(path, lora=[os.fspath(a) for a in lora or ()])
         self.model = PackedModel(self.path)
         self.engine = None
         self._forked_mid_step = False  # a forked child's copy of an engine that another thread was running
@@ -726,8 +767,12 @@ class LLM:
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  logit_bias: dict[int, float] | None = None,
                  logprobs: int | None = None, response_format: dict | None = None, grammar: str | None = None,
-                 logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None):
+                 logits_processors: list[LogitsProcessor] | None = None, adapter: str | None = None,
+                 do_sample: bool | None = None):
         """Continues prompt (text, or token ids) and returns the new text, or a TextStream of pieces.
+
+        do_sample (transformers'): False decodes greedily whatever the temperature; True samples, at
+        temperature (default the generation config's, else 1.0); None: sampling when temperature > 0.
 
         adapter: the name of a prompt-learning adapter stored in the file (prompt tuning, P-tuning or
         prefix tuning; "base" or None with no default: none), default the LLM's. Its virtual tokens are
@@ -743,7 +788,9 @@ class LLM:
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
         Generation ends at an end-of-generation token
         of the model (every one it declares), a token in stop_token_ids, a stop string (not included
-        in the text; a stop string that is a special token's text stops at that token), max_new_tokens,
+        in the text; a stop string that is a special token's text stops at that token as at that text
+        written in ordinary tokens, and one that holds a special token's text among other text matches
+        over the token's text where it comes, as transformers' stop_strings do), max_new_tokens,
         the end of the context, or cancel().
 
         typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
@@ -771,7 +818,10 @@ class LLM:
                 ids = list(prompt)
             else:
                 raise prompt_type_error(prompt)
-        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p)
+            if not ids:  # (was PyllmError "expected a non-empty list of token ids", naming no argument)
+                raise ValueError("prompt is empty: it has no tokens (this model's tokenizer adds no BOS token); "
+                                 "give some text or token ids")
+        params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p, do_sample)
         # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
         # with None for the unset ones got "presence_penalty must be a number; got None")
         params.presence_penalty = option("presence_penalty", 0.0 if presence_penalty is None else presence_penalty)
@@ -819,6 +869,10 @@ class LLM:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
                                  "give a single prompt")
             prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+            empty = [i for i, p in enumerate(prompts) if not p]
+            if empty:
+                raise ValueError(f"prompt {empty[0]} of the list is empty: it has no tokens (this model's tokenizer "
+                                 "adds no BOS token); give some text or token ids")
             return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
@@ -854,8 +908,8 @@ class LLM:
         return self.adapters[adapter].virtual_tokens if adapter is not None else 0
 
     def _stop_tokens(self, stop: list[str], stop_token_ids) -> tuple[list[str], set[int]]:
-        """(stop strings, stop ids): a stop string that is a special token's text becomes its id
-        (special tokens never reach the text, so the string could never match)."""
+        """(stop strings, stop ids): a stop string that is a special token's text adds its id (special
+        tokens never reach the text) and stays a string (the same text in ordinary tokens)."""
         ids = set()
         if not isinstance(stop_token_ids, (list, tuple, set, frozenset, np.ndarray, type(None))):
             raise ValueError(f"stop_token_ids must be a list of token ids; got {type(stop_token_ids).__name__}")
@@ -871,8 +925,9 @@ class LLM:
             i = self.tokenizer.token_to_id(s) if s else None
             if i is not None and i in self.tokenizer.special_ids:
                 ids.add(i)
-            else:
-                strings.append(s)
+            # the string too: the same text written in ordinary tokens ("<", "|im", ...) stops the reply, as
+            # llama-cpp-python's and vLLM's text matching and transformers' stop_strings stop it
+            strings.append(s)
         return strings, ids
 
     def _constraint(self, response_format: dict | None, grammar: str | None):
@@ -947,13 +1002,30 @@ class LLM:
         Messages are normalised as the server does (chat_template.normalize_messages): content as
         a string, a list of text parts, or None (an assistant turn that only calls tools). A list of
         conversations is answered together (one reply each, as generate does with a list of prompts).
-        parse_special_in_content and render_limits: as chat_prompt_ids."""
+        parse_special_in_content and render_limits: as chat_prompt_ids. logprobs also takes OpenAI's chat
+        form (and llama-cpp-python's create_chat_completion's): logprobs=True with top_logprobs=N."""
         options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits)
+        if isinstance(kwargs.get("logprobs"), (bool, np.bool_)) or "top_logprobs" in kwargs:
+            # (logprobs=True was "logprobs must be an integer; got True")
+            wanted, top = kwargs.pop("logprobs", None), kwargs.pop("top_logprobs", None)
+            if top is not None and not wanted:
+                raise ValueError("top_logprobs needs logprobs=True (as OpenAI's chat API)")
+            kwargs["logprobs"] = (0 if top is None else top) if wanted else None
+        kwargs["stop"] = self.chat_stop(kwargs.get("stop"))
         if messages and all(isinstance(m, (list, tuple)) for m in messages):
             return self.generate([self.chat_prompt_ids(list(m), **options) for m in messages], stream=stream,
                                  **kwargs)
         ids = self.chat_prompt_ids(messages, **options)
         return self.generate(ids, stream=stream, **kwargs)
+
+    def chat_stop(self, stop):
+        """`stop` (None, a string or a list) with the end-of-turn marker of a built-in chat template
+        (chat_template.TEMPLATE_STOPS) added; another value is returned as given, for generate to refuse."""
+        extra = template_stop(self.chat_template)
+        if not extra or not isinstance(stop, (str, list, tuple, type(None))):
+            return stop
+        given = [stop] if isinstance(stop, str) else list(stop or [])
+        return given + [s for s in extra if s not in given]
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
                         parse_special_in_content: bool = False, render_limits: RenderLimits | None = None) -> list[int]:
@@ -1005,9 +1077,16 @@ class LLM:
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
                            unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits, **extra)
 
-    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None) -> SamplingParams:
+    def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None,
+                  do_sample=None) -> SamplingParams:
         d = self.model.generation
-        samples = bool(d.get("do_sample", False))
+        if do_sample is not None and not isinstance(do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be True or False; got {do_sample!r}")
+        samples = bool(d.get("do_sample", False)) if do_sample is None else bool(do_sample)
+        if do_sample is not None and not do_sample:
+            temperature = 0.0  # transformers' generate(do_sample=False): greedy, the temperature unused
+        elif do_sample and temperature is not None and option("temperature", temperature) == 0:
+            raise ValueError("do_sample=True samples, and temperature=0 decodes greedily; give a temperature > 0")
         temperature, top_p, min_p, repetition_penalty, typical_p = (
             None if v is None else option(name, v) for name, v in (
                 ("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
@@ -1306,6 +1385,19 @@ class StopText:
     def __init__(self, decoder: StreamDecoder, stop: list[str], stats: "GenerationStats | None" = None):
         self.decoder, self.stop, self.stats = decoder, stop, stats  # stats.stop_string: set by a stop
         self.held = ""
+        # Special tokens decode to no text, so a stop string holding one's text ("Hello<|im_end|>",
+        # "<|im_start|>user") could never match. Stop strings are matched against `view`: the held text
+        # with the text of those special tokens where they came (transformers' stop_strings match over
+        # every token's text alike); it never reaches the output. marks: (start in view, length) of each.
+        tokenizer = decoder.tokenizer
+        self.marked = {}
+        for special in tokenizer.special_tokens if any(stop) else ():
+            if special and any(special in s for s in stop):
+                i = tokenizer.token_to_id(special)
+                if i is not None:
+                    self.marked[i] = special
+        self.view = ""
+        self.marks: list[tuple[int, int]] = []
         self.prefixes = _StopPrefixes(stop)  # how much of the held text may begin a stop string
         self.stopped = False
         self.emitted = 0  # characters returned (by push and finish)
@@ -1317,23 +1409,45 @@ class StopText:
         self.pending.append((0, token if record is None else record))
         self._place(self.decoder.begins)
         self.held += new
-        cut = _find_stop(self.held, self.stop)
+        self.view += new
+        if token in self.marked:
+            self.marks.append((len(self.view), len(self.marked[token])))
+            self.view += self.marked[token]
+            new += self.marked[token]
+        cut = _find_stop(self.view, self.stop)
         if cut is not None:
             self._stop_at(cut)
             return ""
-        safe = len(self.held) - self.prefixes.feed(new)
-        piece, self.held = self.held[:safe], self.held[safe:]
+        safe = len(self.view) - self.prefixes.feed(new)
+        for start, n in self.marks:  # a stop string may begin inside a special token's text: keep it whole
+            if start < safe < start + n:
+                safe = start
+        held_safe = self._held_offset(safe)
+        piece, self.held = self.held[:held_safe], self.held[held_safe:]
+        self.view = self.view[safe:]
+        self.marks = [(start - safe, n) for start, n in self.marks if start >= safe]
         self._emit(len(piece))
         return piece
 
+    def _held_offset(self, at: int) -> int:
+        """The offset in `held` of `view`[at] (inside a special token's text: where the token is)."""
+        offset = at
+        for start, n in self.marks:
+            if start >= at:
+                break
+            offset -= min(n, at - start)
+        return offset
+
     def finish(self, flush: bool = True) -> str:
         if flush and not self.stopped:
-            self.held += self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            last = self.decoder.flush()  # the text decode() gives for the last tokens, held back until now
+            self.held += last
+            self.view += last
             self._place(self.decoder.begins)
-            cut = _find_stop(self.held, self.stop)
+            cut = _find_stop(self.view, self.stop)
             if cut is not None:
                 self._stop_at(cut)
-        rest, self.held = self.held, ""
+        rest, self.held, self.view, self.marks = self.held, "", "", []
         self._emit(len(rest))
         if not self.stopped:
             self.out += [record for _, record in self.pending]
@@ -1357,10 +1471,12 @@ class StopText:
             self.pending[:max(0, n - k)] = [(min(b, begins[0]), r) for b, r in self.pending[:max(0, n - k)]]
 
     def _stop_at(self, cut: int) -> None:
-        """A stop string begins at held[cut]: the text before it stays held, the tokens from it on are dropped."""
+        """A stop string begins at view[cut]: the text before it stays held, the tokens from it on are dropped."""
         if self.stats is not None:
-            self.stats.stop_string = min((s for s in self.stop if s and self.held.startswith(s, cut)), key=len)
+            self.stats.stop_string = min((s for s in self.stop if s and self.view.startswith(s, cut)), key=len)
+        cut = self._held_offset(cut)
         self.held, self.stopped = self.held[:cut], True
+        self.view, self.marks = self.held, []
         end = self.emitted + cut
         self.pending = [(begin, record) for begin, record in self.pending if begin < end]
 

@@ -294,6 +294,14 @@ def model_kind(path: str) -> str:
     """"pllm", "gguf" or "hf" (a Hugging Face directory). Whatever is not a directory or a GGUF file
     counts as "pllm", whose reader refuses (without opening) what is missing or not a regular file."""
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")) and \
+                os.path.isfile(os.path.join(path, "adapter_config.json")):
+            # (`pyllm run ADAPTER_DIR` after `pyllm train -o ADAPTER_DIR` said only "not a Hugging Face model
+            # directory"): an adapter runs on its base, stored with it in one file
+            raise FormatError(f"{path} is a PEFT adapter directory (adapter_config.json), not a model: store it "
+                              f"with its base model, `pyllm convert BASE --lora {path} -o tuned.pllm` (LoRA, merged) "
+                              f"or `--adapter NAME={path}` (prompt learning, then `pyllm run FILE --adapter NAME`), "
+                              "and run that file")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FormatError(f"{path} is not a regular file but a directory without a config.json: not a Hugging "
                               "Face model directory either")
@@ -342,6 +350,15 @@ def source_fingerprint(path: str) -> dict:
         return {"files": files, "size": sum(v[0] for v in files.values())}
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def entry_fingerprint(source: str, settings: dict) -> dict:
+    """source_fingerprint of a cache entry's source, with those of the LoRA adapters merged into it."""
+    fingerprint = source_fingerprint(source)
+    lora = settings.get("lora")
+    if isinstance(lora, list) and lora:
+        fingerprint["lora"] = [source_fingerprint(a) for a in lora]
+    return fingerprint
 
 
 def conversion_settings(kind: str, quant: str | None) -> dict:
@@ -426,27 +443,45 @@ def write_sidecar(model_path: str, info: dict) -> None:
 
 
 def _describe(settings: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items())
+    """"quant f16, lora /a, /b": a list (the LoRA adapters) as its items, not Python's ['/a', '/b']."""
+    return ", ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items())
 
 
-def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -> str:
+def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, lora=()) -> str:
     """The .pllm file to open for `path` (a .pllm, a GGUF file or a Hugging Face directory).
 
     A GGUF file or a directory is converted into the cache on first use (quant: the convert
-    command's --quant; None: f16 for a directory, the source's formats for GGUF), with the settings
-    and the destination printed on log; later calls reuse the file while the source is unchanged.
-    Raises FileNotFoundError for a missing path, FormatError for something that is no model."""
+    command's --quant; None: f16 for a directory, the source's formats for GGUF; lora: PEFT LoRA
+    adapter directories merged while converting, as convert's --lora), with the settings and the
+    destination printed on log; later calls reuse the file while the source (and the adapters) are
+    unchanged. Raises FileNotFoundError for a missing path, FormatError for something that is no model."""
     log = log or sys.stderr
     path = os.fspath(path)
+    if not os.path.lexists(path):
+        return _cached_by_name(path, quant, lora, log)
     kind = model_kind(path)
     if kind == "pllm":
         if quant is not None:
             raise ValueError(f"{path} is already a .pllm file: --quant applies to GGUF files and model directories")
+        if lora:  # its weights are converted already: a LoRA adapter is merged into the float weights
+            raise ValueError(f"{path} is already a .pllm file: --lora merges an adapter while converting a model "
+                             "directory (give the base model's directory), or `pyllm convert BASE --lora ADAPTER -o "
+                             "tuned.pllm`")
         return path
+    if lora and kind == "gguf":  # (said after "converting the GGUF file ...", by the converter)
+        raise FormatError(f"--lora needs a Hugging Face base directory (the float weights the adapter was trained "
+                          f"on); {path} is a GGUF file, whose weights are quantized already")
+    if lora:
+        from .convert.lora import LoraAdapter
+
+        for adapter in lora:
+            LoraAdapter(adapter)  # a missing one, or not a LoRA adapter, named before any conversion
     source = model_source(os.path.abspath(path))
     settings = conversion_settings(kind, quant)
+    if lora:  # the adapters are part of the entry: its key, and its fingerprint (retrained: converted again)
+        settings["lora"] = [os.path.abspath(a) for a in lora]
+    fingerprint = entry_fingerprint(source, settings)
     target = os.path.join(made(cache_dir()), _entry_stem(source, settings) + MODEL_SUFFIX)
-    fingerprint = source_fingerprint(source)
     if _reusable(target, source, settings, fingerprint, log):
         return target
     # one conversion of an entry at a time: processes started together (`pyllm serve` workers, a job
@@ -456,6 +491,22 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None) -
             return target
         _convert_into(target, source, kind, settings, fingerprint, quant, log)
     return target
+
+
+def _cached_by_name(name: str, quant: str | None, lora, log) -> str:
+    """The cache entry a missing path names as `pyllm list` shows it (`pyllm run tiny-1a2b3c4d5e`, as `ollama
+    run NAME`); FileNotFoundError saying what a model argument may be otherwise (it was "cannot read llama3:
+    No such file or directory")."""
+    plain = name.strip() and os.sep not in name and not (os.altsep and os.altsep in name) and "\0" not in name
+    wanted = name[:-len(MODEL_SUFFIX)] if name.endswith(MODEL_SUFFIX) else name
+    matches = [e for e in list_entries() if e.name[:-len(MODEL_SUFFIX)] == wanted] if plain else []
+    if matches and not quant and not lora:
+        print(f"pyllm: using {matches[0].path} (the cached {matches[0].name}"
+              f"{f', converted from {matches[0].source}' if matches[0].source else ''})", file=log)
+        return matches[0].path
+    # (worded as the model reader's own "cannot read PATH: No such file or directory")
+    raise FileNotFoundError(f"cannot read {name}: No such file or directory (a model is a .pllm file, a GGUF file, a "
+                            "Hugging Face model directory" + (" or a cached model's name: `pyllm list`)" if plain else ")"))
 
 
 def _reusable(target: str, source: str, settings: dict, fingerprint: dict, log) -> bool:
@@ -526,7 +577,7 @@ def _convert_into(target: str, source: str, kind: str, settings: dict, fingerpri
     what = "GGUF file" if kind == "gguf" else "Hugging Face directory"
     print(f"pyllm: converting the {what} {source} ({_describe(settings)}) into {target}; "
           "later runs reuse it while the source is unchanged (`pyllm list`, `pyllm rm`)", file=log)
-    report = convert_checkpoint(source, target, quant=quant, log=log)
+    report = convert_checkpoint(source, target, quant=quant, log=log, lora=settings.get("lora", ()))
     print(report.summary(), file=log)
     write_sidecar(target, {"source": source, "kind": kind, "settings": settings, "fingerprint": fingerprint,
                            "converter": CONVERTER_VERSION, "converted": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -550,8 +601,8 @@ def list_entries() -> list[CacheEntry]:
         stale = False
         if info.get("kind") in ("gguf", "hf"):
             try:
-                stale = source_fingerprint(source) != info.get("fingerprint")
-            except (OSError, ValueError):  # gone, or no path at all ("", a NUL in it)
+                stale = entry_fingerprint(source, settings) != info.get("fingerprint")
+            except (OSError, ValueError, TypeError):  # gone, or no path at all ("", a NUL in it, not a str)
                 stale = True
         entries.append(CacheEntry(full, os.path.getsize(full), source, settings, stale,
                                   damage_of(full, info) is not None))

@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from .chat_template import TemplateError, default_system_message
+from .chat_template import TemplateError, builtin_template_names, default_system_message
 from .errors import PyllmError, decode_text
 from .tokenizer import check_text
 
@@ -364,8 +364,8 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
     """The chat: reads messages with input_fn(prompt) (default: the line editor in a terminal, else
     input()) until /exit or end of input; returns the exit status."""
     if not llm.chat_template:
-        print("this model has no chat template: pick one with --chat-template (chatml, llama2, alpaca, "
-              "alpaca-stanford, or a Jinja file), or use -p --raw for plain completion", file=sys.stderr)
+        print(f"this model has no chat template: pick one with --chat-template ({builtin_template_names()}, or a "
+              "Jinja file), or use -p --raw for plain completion", file=sys.stderr)
         return 2
     editor = None
     if input_fn is None:

@@ -967,6 +967,7 @@ class Server:
             prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
         except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
             raise RequestError(str(e), param="messages") from None
+        options["stop"] = self.llm.chat_stop(options.get("stop"))  # a built-in template's end of turn, as LLM.chat
         return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt)
 
     # -- plan + generated text -> choices -------------------------------------------------------

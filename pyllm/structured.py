@@ -77,7 +77,7 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
         return None
     LLMatcher = _llguidance().LLMatcher
     if grammar is not None:
-        return LLMatcher.grammar_from_lark(_string(grammar, "grammar"))
+        return LLMatcher.grammar_from_lark(_lark(_string(grammar, "grammar"), "grammar"))
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
     if kind == "json_schema":
@@ -100,14 +100,33 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
         except (ValueError, RecursionError) as e:
             raise GrammarInvalid(f"the grammar is not valid: {_first_line(str(e))}") from None
     try:
-        return (LLMatcher.grammar_from_regex if kind == "regex" else LLMatcher.grammar_from_lark)(
-            _string(response_format.get(kind), f"response_format {kind}"))
+        if kind == "regex":
+            return LLMatcher.grammar_from_regex(_string(response_format.get(kind), "response_format regex"))
+        return LLMatcher.grammar_from_lark(_lark(_string(response_format.get(kind), "response_format grammar"),
+                                                 "response_format grammar"))
     except PyllmError:
         raise
     except ValueError as e:
         if "must be a non-empty string" in str(e):
             raise
         raise GrammarInvalid(f"the grammar is not valid: {_first_line(str(e))}") from None
+
+
+def _lark(text: str, what: str) -> str:
+    """A grammar in Lark syntax: GBNF (llama.cpp's grammars, what llama-cpp-python's LlamaGrammar reads:
+    `root ::= ...`) is converted by llguidance's own converter; it was "the grammar is not valid: 1(7):
+    Expected token '_', found '='". Lark (a `start:` rule) is given as it is."""
+    if "::=" not in text:
+        return text
+    try:
+        from llguidance.gbnf_to_lark import any_to_lark
+    except ImportError:  # an llguidance without the converter: Lark only
+        return text
+    try:
+        return any_to_lark(text)
+    except Exception as e:  # its parser's own errors (ValueError, IndexError, ...): one line naming the grammar
+        raise GrammarInvalid(f"the grammar is not valid: {what} looks like GBNF (`root ::= ...`), which could not "
+                             f"be converted to Lark: {_first_line(str(e)) or type(e).__name__}") from None
 
 
 def _string(value, what: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -983,6 +984,38 @@ def test_stop_string_naming_a_special_token_stops_at_it(llm):
         llm.generate("Paris", stop_token_ids=[10**9])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_match_across_special_tokens_and_their_literal_text(llm, stream):
+    """A stop string that is a special token's text became only that token's id: the same text
+    written in ordinary tokens ("<", "|", "im", ...) ran on past it ('Hello<|im_start|> world...'),
+    where llama-cpp-python and vLLM stop on the text. A stop string holding a special token's text
+    beside other text ("Hello<|im_start|>", "<|im_start|> world") never matched, since special tokens
+    decode to no text; transformers' stop_strings match over every token's text. Both now stop, alike
+    streamed or not, and the special token's text never reaches the returned text."""
+    tok = llm.tokenizer
+    hello, world = tok.encode("Hello", add_special_tokens=False), tok.encode(" world", add_special_tokens=False)
+    literal = tok.encode("<|im_start|>", add_special_tokens=False, parse_special=False)
+    special = [tok.token_to_id("<|im_start|>")]
+    assert len(literal) > 1 and special[0] in tok.special_ids
+    cases = [  # (reply, stop string, text returned, stats.stop_string)
+        (hello + special + world, "<|im_start|>", "Hello", None),  # the token itself: a stop id
+        (hello + literal + world, "<|im_start|>", "Hello", "<|im_start|>"),
+        (hello + special + world, "Hello<|im_start|>", "", "Hello<|im_start|>"),
+        (hello + special + world, "<|im_start|> world", "Hello", "<|im_start|> world"),
+        (hello + special + world, "o<|im_start|> w", "Hell", "o<|im_start|> w"),
+        # the token counts with its whole text only: stop="start" does not stop at <|im_start|>
+        (hello + special + world, "im_start|> w", "Hello world", None),
+    ]
+    for reply, stop, text, stop_string in cases:
+        out = llm.generate("Paris", max_new_tokens=len(reply), stop=[stop], stream=stream,
+                           logits_processors=[scripted_reply(reply)])
+        got = "".join(out) if stream else out
+        assert (got, llm.last_stats.stop_string) == (text, stop_string), stop
+        assert llm.last_stats.finish_reason == ("length" if text == "Hello world" else "stop")
+        if stream:  # the tokens listed are those of the returned text
+            assert llm.detokenize([t.id for t in out.tokens]) == text if text else not out.tokens
+
+
 def test_logprobs_are_log_softmax_of_the_models_logits(llm):
     prompt = llm.tokenize("The quick brown fox")
     stream = llm.generate(prompt, max_new_tokens=6, temperature=1.0, seed=5, logprobs=4, stream=True)
@@ -1443,6 +1476,25 @@ def test_chat_accepts_content_parts_none_and_tool_turns(llm):
             llm.chat([messages[0], dict(messages[1], tool_calls=bad), messages[2]], max_new_tokens=2)
     assert llm.chat([messages[0], dict(messages[1], tool_calls=(call,)), messages[2]], max_new_tokens=2) == \
         llm.chat(messages, max_new_tokens=2)
+
+
+def test_gbnf_grammars_as_llama_cpp_python_users_write_them(llm):
+    """grammar='root ::= "yes" | "no"' (llama.cpp's GBNF, what llama-cpp-python's LlamaGrammar reads) was
+    "the grammar is not valid: 1(7): Expected token '_', found '='": GBNF is converted to Lark (llguidance's
+    converter), in generate's grammar and in response_format's; one it cannot convert is named as GBNF."""
+    pytest.importorskip("llguidance.gbnf_to_lark")
+    from pyllm.structured import GrammarInvalid
+
+    for seed in range(3):
+        assert llm.generate("?", max_new_tokens=6, temperature=1.0, seed=seed, grammar='root ::= "yes" | "no"') in (
+            "yes", "no")
+    text = llm.generate("?", max_new_tokens=8, temperature=1.0, seed=1,
+                        grammar='root ::= count " apples"\ncount ::= [1-9]')
+    assert re.fullmatch(r"[1-9] apples", text), text
+    assert llm.generate("?", max_new_tokens=4, response_format={"type": "grammar", "grammar": 'root ::= "ok"'}) == "ok"
+    with pytest.raises(GrammarInvalid, match=r"grammar looks like GBNF \(`root ::= \.\.\.`\), which could not be "
+                                             "converted to Lark"):
+        llm.generate("?", grammar="root ::= (")
 
 
 def test_structured_output_from_python(llm):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -332,6 +333,8 @@ def test_perplexity_of_batched_windows_equals_one_at_a_time(model_file):
 
 class _PieceDecoder:
     """A StreamDecoder stand-in: token i gives pieces[i]; flush() gives `tail`."""
+
+    tokenizer = types.SimpleNamespace(special_tokens=[])  # no special tokens for stop strings to name
 
     def __init__(self, pieces, tail=""):
         self.pieces, self.tail = pieces, tail

@@ -246,6 +246,48 @@ def test_chat_template_override_and_missing_template(tiny_llama_f32):
         pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="vicuna-ish")
 
 
+def test_llama_cpp_python_chat_format_names_in_the_api_and_cli(tiny_llama_f32):
+    """LLM(path, chat_format="llama-2") (llama-cpp-python's keyword and name) was refused as an unknown
+    chat template; `pyllm run/serve --chat-format` did not exist. Both take llama-cpp-python's names
+    (llama-2, llama-3, mistral-instruct, zephyr, gemma, phi-3, qwen, chatml) as the same built-ins."""
+    from pyllm import cli
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_format="llama-2") as model:
+        assert model.chat_template == BUILTIN_TEMPLATES["llama2"]
+        model.chat_template = BUILTIN_TEMPLATES["llama3"]
+        assert model.apply_chat_template([{"role": "user", "content": "Hi"}]) == (
+            "<|im_start|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        assert isinstance(model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2), str)
+    for command in ("run", "serve"):
+        for flag in ("--chat-template", "--chat-format", "--chat_format"):
+            args = cli.build_parser().parse_args([command, tiny_llama_f32, flag, "mistral-instruct"])
+            assert args.chat_template == "mistral-instruct"
+
+
+def test_a_builtin_chat_template_s_end_of_turn_stops_the_reply(tiny_llama_f32):
+    """A built-in template chosen for a model whose end-of-sequence token is not the template's end of
+    turn (chat_format="llama-3" here, where <|eot_id|> is no token) had the reply run past "<|eot_id|>"
+    into the next turn; llama-cpp-python's formats stop there. The marker is a stop string of chat()
+    (the caller's stop strings kept), and never of generate()."""
+    from conftest import scripted_reply
+
+    messages = [{"role": "user", "content": "Hi"}]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_format="llama-3") as model:
+        reply = model.tokenizer.encode("Paris<|eot_id|><|start_header_id|>user", add_special_tokens=False)
+        for stop in (None, "zzz", ["zzz"]):
+            text = model.chat(messages, max_new_tokens=len(reply), stop=stop, logits_processors=[scripted_reply(reply)])
+            assert (text, model.last_stats.stop_string) == ("Paris", "<|eot_id|>")
+        streamed = model.chat(messages, max_new_tokens=len(reply), stream=True, logits_processors=[scripted_reply(reply)])
+        assert "".join(streamed) == "Paris"
+        text = model.generate("Hi", max_new_tokens=len(reply), logits_processors=[scripted_reply(reply)])
+        assert text.startswith("Paris<|eot_id|>")  # plain generation: no template, no marker
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            model.chat(messages, stop=5)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as own:  # the model's own template: its own end of turn only
+        assert own.chat_stop(None) is None and own.chat_stop("x") == "x"
+
+
 def test_chat_template_given_as_a_path_or_another_type(tiny_llama_f32, tmp_path):
     """chat_template=pathlib.Path(file) (a path, as the model's own may be) was TypeError "argument of
     type 'PosixPath' is not iterable"; 5 the same for int, a list "unhashable type". A path is the

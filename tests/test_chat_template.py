@@ -77,7 +77,7 @@ def _both(hf_tokenizer, template, messages, add_generation_prompt, **kw):
 
 @pytest.mark.parametrize("generation_prompt", [True, False], ids=["gen", "nogen"])
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
-@pytest.mark.parametrize("name", REAL + ["builtin-chatml", "builtin-llama2"])
+@pytest.mark.parametrize("name", REAL + ["builtin-" + name for name in BUILTIN_TEMPLATES])
 def test_rendering_equals_transformers(hf_tokenizer, name, conversation, generation_prompt):
     template = BUILTIN_TEMPLATES[name[len("builtin-"):]] if name.startswith("builtin-") else _template(name)
     ours, theirs = _both(hf_tokenizer, template, CONVERSATIONS[conversation], generation_prompt)
@@ -164,8 +164,44 @@ def test_tools_and_documents_are_defined_as_none_when_not_given(hf_tokenizer):
     assert render_chat(template, [TURN_1]) == "d" + TURN_1["content"]
 
 
-def test_builtin_llama2_is_the_real_llama2_template():
-    assert BUILTIN_TEMPLATES["llama2"] == _template("llama-2-chat")
+@pytest.mark.parametrize("name,real", [("llama2", "llama-2-chat"), ("llama3", "meta-llama-3-8b-instruct"),
+                                       ("mistral-instruct", "mistral-7b-instruct-v0.1"), ("gemma", "gemma-3-it"),
+                                       ("phi3", "phi-3.5-mini-instruct")])
+def test_builtins_are_the_real_templates(name, real):
+    assert BUILTIN_TEMPLATES[name] == _template(real)
+
+
+# llama-cpp-python's chat_format names (and llama.cpp's --chat-template names) for the formats pyllm builds in
+LLAMA_CPP_NAMES = {"llama-2": "llama2", "llama-3": "llama3", "chatml": "chatml", "mistral-instruct": "mistral-instruct",
+                   "zephyr": "zephyr", "gemma": "gemma", "qwen": "qwen", "alpaca": "alpaca", "phi-3": "phi3",
+                   "llama2": "llama2", "llama3": "llama3", "phi3": "phi3", "LLAMA_2": "llama2"}
+
+
+@pytest.mark.parametrize("given", list(LLAMA_CPP_NAMES))
+def test_llama_cpp_python_chat_format_names_are_accepted(given):
+    """chat_format="llama-2" (llama-cpp-python's name for its built-in formats) was "unknown chat
+    template": only pyllm's own spellings (llama2, chatml, alpaca) existed, and llama-3, mistral-instruct,
+    zephyr, gemma, phi-3 and qwen had no template at all. Each name is now the model's published template."""
+    assert resolve_chat_template(given) == BUILTIN_TEMPLATES[LLAMA_CPP_NAMES[given]]
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("zephyr", "<|system|>\nS</s>\n<|user|>\nHi</s>\n<|assistant|>\n"),
+    ("qwen", "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+])
+def test_zephyr_and_qwen_builtins_render_the_published_prompts(name, expected):
+    system, user = {"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}
+    assert render_chat(BUILTIN_TEMPLATES[name], [system, user], **SPECIALS) == expected
+    if name == "qwen":  # Qwen2's default system message, as llama-cpp-python's "qwen" writes it
+        assert render_chat(BUILTIN_TEMPLATES[name], [user]).startswith(
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi")
+
+
+def test_an_unknown_chat_format_lists_the_accepted_names():
+    """llama-cpp-python formats pyllm does not build in (vicuna, functionary, ...) are refused with
+    every accepted name, llama-cpp-python's spellings included."""
+    with pytest.raises(TemplateError, match="unknown chat template 'vicuna'.*llama3.*mistral-instruct.*llama-2"):
+        resolve_chat_template("vicuna")
 
 
 # The published Alpaca prompts, written out in full: Alpaca-LoRA templates/alpaca.json ends with

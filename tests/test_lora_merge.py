@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import pyllm  # noqa: E402
-from pyllm import cli  # noqa: E402
+from pyllm import cli, model_cache  # noqa: E402
 from pyllm.convert import convert_checkpoint  # noqa: E402
 from pyllm.convert.lora import write_merged_checkpoint  # noqa: E402
 from pyllm.formats.safetensors import FormatError, _umask  # noqa: E402
@@ -143,6 +144,64 @@ def test_lora_bias_and_trained_biases(tmp_path):
     assert any(n.endswith("lora_B.bias") for n in names) and any(n.endswith("o_proj.bias") for n in names)
     ref = logits(peft_merged(base, [adapter]))
     assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, logits(peft_merged(base, [])))
+
+
+def test_run_merges_a_lora_adapter_into_the_cached_conversion(base, tmp_path, monkeypatch, capsys):
+    """`pyllm run BASE_DIR --lora ADAPTER` (llama.cpp's --lora, what pyllm train's output is for) was
+    "unrecognized arguments": the adapter had to be merged with `pyllm convert` first. It is merged as the
+    base is converted into the cache (part of the entry's key and fingerprint: an adapter trained again
+    is merged again), giving convert --lora's model; a .pllm or a prompt-learning adapter is refused."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    adapter = make_adapter(base, str(tmp_path / "adapter"))
+    tuned = str(tmp_path / "tuned.pllm")
+    convert_checkpoint(base, tuned, quant="f32", lora=[adapter], progress=False)
+    ask = ["-p", "Paris is", "-n", "6", "--raw", "--temperature", "0", "-t", "1"]
+
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["run", *argv])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    def cached_logits(*lora):  # the entry `run` made (resolve_model reuses it, saying so)
+        with pyllm.LLM(model_cache.resolve_model(base, quant="f32", lora=list(lora)), n_threads=1) as llm:
+            return llm.logits(IDS)
+
+    with pyllm.LLM(tuned, n_threads=1) as llm:
+        expected = llm.logits(IDS)
+    status, out, err = run(base, "--lora", adapter, "--quant", "f32", *ask)
+    assert status == 0 and out == run(tuned, *ask)[1] and "converting the Hugging Face directory" in err, err
+    assert f"quant f32, lora {adapter})" in err  # (the list as its items: it read lora ['/...'])
+    np.testing.assert_array_equal(cached_logits(adapter), expected)
+    assert run(base, "--lora", adapter, "--quant", "f32", *ask)[2].count("pyllm: using") == 1  # reused
+    assert run(base, "--quant", "f32", *ask)[0] == 0
+    assert np.abs(cached_logits() - expected).max() > 1e-3  # the plain base is another entry
+    make_adapter(base, adapter, seed=2)  # trained again: merged again
+    status, out, err = run(base, "--lora", adapter, "--quant", "f32", *ask)
+    assert status == 0 and "converting" in err
+    assert np.abs(cached_logits(adapter) - expected).max() > 1e-3
+    status = cli.main(["list"])
+    assert status == 0 and "source changed" not in capsys.readouterr().out
+    status, _, err = run(tuned, "--lora", adapter, *ask)
+    assert status == 1 and "is already a .pllm file: --lora merges an adapter while converting" in err
+    fake = tmp_path / "model.gguf"  # a GGUF's weights are quantized: refused before any conversion starts
+    fake.write_bytes(b"GGUF" + bytes(60))
+    status, _, err = run(str(fake), "--lora", adapter, *ask)
+    assert status == 1 and "--lora needs a Hugging Face base directory" in err and "converting" not in err
+    # the Python API alike: LLM(lora=) / llama-cpp-python's Llama(lora_path=)
+    for kwargs in ({"lora": adapter}, {"lora_path": adapter}, {"lora": [pathlib.Path(adapter)]}):
+        with pyllm.LLM(base, n_threads=1, **kwargs) as llm:  # (quant: the default f16, another entry)
+            assert llm.path == model_cache.resolve_model(base, lora=[adapter])
+    with pytest.raises(TypeError, match="lora must be a LoRA adapter directory or a list of them; got int"):
+        pyllm.LLM(base, lora=3)
+    prompt = tmp_path / "prompt"
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).save_pretrained(
+        str(prompt))
+    entries = len(os.listdir(tmp_path / "xdg" / "pyllm"))
+    status, _, err = run(base, "--lora", str(prompt), *ask)
+    assert status == 1 and "peft_type 'PROMPT_TUNING' is not a LoRA adapter" in err and err.count("\n") == 1
+    assert len(os.listdir(tmp_path / "xdg" / "pyllm")) == entries  # refused before any conversion
 
 
 def test_two_adapters_stacked(base, base_logits, tmp_path):

@@ -106,11 +106,35 @@ def test_bench_and_perplexity_take_a_gguf(gguf_file, cache, capsys):
     assert "±" in out and "tokens/s" in out
 
 
+def test_a_cached_model_runs_by_the_name_pyllm_list_shows(hf_dir, cache, capsys):
+    """`pyllm run NAME` with NAME as `pyllm list` shows it (as `ollama run NAME`) was "cannot read NAME: No
+    such file or directory"; it runs that entry (with or without .pllm), and the Python API alike."""
+    status, _, err, _ = run(capsys, "run", hf_dir, "-p", "hello", "-n", "2", "-t", "1", "--raw")
+    assert status == 0, err
+    (entry,) = model_cache.list_entries()
+    for name in (entry.name, entry.name[:-len(".pllm")]):
+        status, out, err, _ = run(capsys, "run", name, "-p", "hello", "-n", "2", "-t", "1", "--raw")
+        assert status == 0 and f"pyllm: using {entry.path} (the cached {entry.name}, converted from {hf_dir})" in err
+    with pyllm.LLM(entry.name[:-len(".pllm")], n_threads=1) as llm:
+        assert llm.path == entry.path
+
+
 def test_what_is_not_a_model_is_refused_clearly(tmp_path, cache, capsys):
     status, _, err, _ = run(capsys, "run", str(tmp_path), "-p", "hi")
     assert status == 1 and "a directory without a config.json: not a Hugging Face model directory" in err
+    # a PEFT adapter directory (what `pyllm train -o DIR` writes) was "not a Hugging Face model directory" only
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    status, _, err, _ = run(capsys, "run", str(tmp_path / "adapter"), "-p", "hi")
+    assert status == 1 and "is a PEFT adapter directory (adapter_config.json), not a model" in err
+    assert f"pyllm convert BASE --lora {tmp_path / 'adapter'} -o tuned.pllm" in err and err.count("\n") == 1
     status, _, err, _ = run(capsys, "run", str(tmp_path / "missing.gguf"), "-p", "hi")
     assert status == 1 and "missing.gguf" in err and "No such file or directory" in err
+    # an ollama-style name (`ollama run llama3`) said only "cannot read llama3: No such file or directory"
+    status, _, err, _ = run(capsys, "run", "llama3", "-p", "hi")
+    assert status == 1 and err == ("pyllm run: error: cannot read llama3: No such file or directory (a model is a "
+                                   ".pllm file, a GGUF file, a Hugging Face model directory or a cached model's name: "
+                                   "`pyllm list`)\n")
     assert not cache.exists() or not list(cache.glob("*.pllm"))
 
 

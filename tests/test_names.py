@@ -21,6 +21,15 @@ def llm(tiny_llama_f32):
         yield model
 
 
+def test_transformers_stop_strings_is_stop(llm):
+    """generate(stop_strings=[...]) (transformers' name) got "did you mean 'stop_token_ids'?"."""
+    text = llm.generate("hello", max_new_tokens=12, temperature=0)
+    stop = text[len(text) // 2:][:2]
+    assert stop and llm.generate("hello", max_new_tokens=12, stop_strings=[stop]) == \
+        llm.generate("hello", max_new_tokens=12, stop=[stop])
+    assert llm.last_stats.stop_string == stop
+
+
 def test_llama_cpp_names_are_aliases(tiny_llama_f32, llm):
     with pyllm.LLM(model_path=tiny_llama_f32, n_ctx=64, n_threads=1) as small:
         assert small.context_length == 64
@@ -44,6 +53,76 @@ def test_unknown_keywords_suggest_the_nearest_name(llm, call, message):
         call(llm)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("min_new_tokens", 2, "a minimum reply length is not supported"),
+    ("min_tokens", 2, "a minimum reply length is not supported"),
+    ("max_length", 10, "transformers' max_length counts the prompt's tokens too; give max_new_tokens"),
+    ("num_beams", 2, "beam search is not supported"),
+    ("echo", True, "the returned text does not repeat the prompt"),
+    ("eos_token_id", 2, "the model's own end-of-generation tokens always end the reply; stop_token_ids"),
+    ("pad_token_id", 0, "generation pads nothing"),
+])
+def test_generation_names_pyllm_does_not_take_say_what_to_do(llm, name, value, message):
+    """transformers' and llama-cpp-python's names that generate() does not take got a "did you mean" by
+    spelling: min_new_tokens -> 'max_new_tokens' and max_length -> 'max_tokens' (the reply alone, where
+    transformers counts the prompt too), each another meaning. They say what to do instead."""
+    for call in (lambda: llm.generate("hi", **{name: value}),
+                 lambda: llm.chat([{"role": "user", "content": "hi"}], **{name: value})):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}': {message}") as e:
+            call()
+        assert "did you mean" not in str(e.value)
+
+
+def test_generate_names_top_logprobs_and_chat_takes_openai_s_logprobs(llm):
+    """chat(logprobs=True, top_logprobs=2) (OpenAI's chat form, llama-cpp-python's create_chat_completion's)
+    was "logprobs must be an integer; got True"; generate(top_logprobs=) got "did you mean 'logprobs'"."""
+    with pytest.raises(TypeError, match="'top_logprobs': logprobs=N records the N most likely tokens"):
+        llm.generate("hi", top_logprobs=2)
+    messages = [{"role": "user", "content": "hi"}]
+    for kwargs, top in (({"logprobs": True, "top_logprobs": 2}, 2), ({"logprobs": True}, 0), ({"logprobs": 3}, 3)):
+        stream = llm.chat(messages, max_new_tokens=3, stream=True, **kwargs)
+        "".join(stream)
+        assert stream.tokens and all(t.logprob is not None and len(t.top or []) == top for t in stream.tokens)
+    stream = llm.chat(messages, max_new_tokens=3, stream=True, logprobs=False)
+    "".join(stream)
+    assert all(t.logprob is None for t in stream.tokens)
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        llm.chat(messages, top_logprobs=2, stream=True)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("n_gpu_layers", "device='cuda' runs the whole model on the GPU"),
+    ("seed", "give seed= to generate\\(\\) or chat\\(\\)"),
+])
+def test_llama_cpp_python_constructor_names_pyllm_does_not_take_say_what_to_do(llm, name, message):
+    """Llama(lora_path=...) as LLM(lora_path=...) got "did you mean 'model_path'?"."""
+    with pytest.raises(TypeError, match=f"LLM\\(\\) got an unexpected keyword argument '{name}': {message}"):
+        pyllm.LLM(llm.path, **{name: 1})
+
+
+@pytest.mark.parametrize("path", [3, None, 2.5])
+def test_a_path_of_another_type_is_named(path):
+    """LLM(3) said "expected str, bytes or os.PathLike object, not int", naming no argument."""
+    with pytest.raises(TypeError, match=f"^path must be a model file or directory \\(a str or os.PathLike\\); got "
+                                        f"{type(path).__name__}$"):
+        pyllm.LLM(path)
+
+
+def test_do_sample_is_transformers_switch_between_greedy_and_sampling(llm):
+    """generate(do_sample=False) (transformers' greedy switch) was "unexpected keyword argument"."""
+    greedy = llm.generate("hello", max_new_tokens=6, temperature=0)
+    assert llm.generate("hello", max_new_tokens=6, do_sample=False) == greedy
+    assert llm.generate("hello", max_new_tokens=6, do_sample=False, temperature=1.5, seed=1) == greedy
+    sampled = {llm.generate("hello", max_new_tokens=6, do_sample=True, seed=s) for s in range(4)}
+    assert llm.generate("hello", max_new_tokens=6, do_sample=True, seed=0) == \
+        llm.generate("hello", max_new_tokens=6, temperature=1.0, top_k=50, seed=0)  # transformers' defaults
+    assert len(sampled) > 1
+    with pytest.raises(ValueError, match="do_sample must be True or False; got 'yes'"):
+        llm.generate("hello", do_sample="yes")
+    with pytest.raises(ValueError, match="do_sample=True samples, and temperature=0 decodes greedily"):
+        llm.generate("hello", do_sample=True, temperature=0)
+
+
 def test_prompt_types(llm):
     replies = llm.generate(["a", "b"], max_new_tokens=2)  # a list of prompts: one reply each (pyllm/batch.py)
     assert isinstance(replies, list) and len(replies) == 2 and all(isinstance(r, str) for r in replies)
@@ -52,6 +131,12 @@ def test_prompt_types(llm):
     with pytest.raises(TypeError, match="non-int items"):
         llm.generate([1, "b"])
     assert isinstance(llm.generate(llm.tokenize("hello"), max_new_tokens=2), str)
+    # an empty prompt (no BOS added by this tokenizer) was PyllmError "expected a non-empty list of token ids"
+    for empty in ("", []):
+        with pytest.raises(ValueError, match="^prompt is empty: it has no tokens"):
+            llm.generate(empty, max_new_tokens=2)
+    with pytest.raises(ValueError, match="^prompt 1 of the list is empty"):
+        llm.generate(["a", ""], max_new_tokens=2)
 
 
 def _parse(*argv):
@@ -63,6 +148,25 @@ def _parse(*argv):
 ])
 def test_max_tokens_flag_aliases(flags):
     assert _parse("run", *flags).max_tokens == 7
+
+
+def test_run_takes_the_prompt_after_the_model_as_ollama_does(tiny_llama_f32, capsys):
+    """`pyllm run MODEL Why is the sky blue` (`ollama run MODEL "..."`) was "unrecognized arguments"."""
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["run", tiny_llama_f32, "-n", "3", "-t", "1", "--raw", *argv])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    expected = run("-p", "Paris is the")
+    assert expected[0] == 0
+    for argv in (["Paris is the"], ["Paris", "is", "the"], ["Paris", "--temperature", "0", "is", "the"]):
+        assert run(*argv)[:2] == expected[:2], argv
+    status, _, err = run("-p", "x", "Paris")
+    assert status == 1 and "the prompt is given twice: -p, and 'Paris' after the model" in err
+    with pytest.raises(SystemExit):
+        cli.main(["run", tiny_llama_f32, "Paris", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_other_flag_aliases():

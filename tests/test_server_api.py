@@ -328,6 +328,26 @@ def test_stop_token_ids_and_special_stop_strings(live, llm):
     assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
 
 
+def test_a_builtin_chat_template_s_end_of_turn_stops_served_chats(live, llm, monkeypatch):
+    """As LLM.chat: a chat request to a server whose --chat-template is a built-in one stops at that
+    template's end of turn (llama3: <|eot_id|>), beside the request's own stop strings; completions do not."""
+    from pyllm.chat_template import BUILTIN_TEMPLATES
+
+    client, seen, real = live.client(), [], llm.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stop"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "generate", spy)
+    monkeypatch.setattr(llm, "chat_template", BUILTIN_TEMPLATES["llama3"])
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                   stop=["zzz"])
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+    assert seen == [["zzz", "<|eot_id|>"], ["<|eot_id|>"], None]
+
+
 def test_logprobs_stop_with_the_text_a_stop_string_cuts(live, llm):
     """The logprobs of a reply cut by a stop string listed the token that completed it (and those
     holding only its text), streamed and not: now they are the tokens whose text the returned text

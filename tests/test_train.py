@@ -182,6 +182,79 @@ def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
         load_records(path)
 
 
+def test_data_that_is_not_utf8_names_its_line_and_a_directory_names_the_flag(tmp_path):
+    """Latin-1 data said "is not UTF-8 text (byte 61: ...)" only, UTF-16 data (PowerShell's `>`) the same
+    of its byte-order mark, and --data DIRECTORY "Is a directory"."""
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS[:3]]
+    path.write_bytes("\n".join(lines[:2]).encode("utf-8") + b"\n" + lines[2].replace("Paris", "Par\u00eds").encode("latin-1"))
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(byte \d+: invalid continuation byte\) on line 3; save "
+                                        r"the file as UTF-8"):
+        load_records(path)
+    path.write_bytes("\n".join(lines).encode("utf-16"))
+    with pytest.raises(DataError, match="is UTF-16 text .*; save it as UTF-8"):
+        load_records(path)
+    with pytest.raises(DataError, match=f"^--data {tmp_path} is a directory; give the JSON or JSON Lines file$"):
+        load_records(tmp_path)
+
+
+def test_records_of_a_json_list_on_one_line_are_named_by_number(tmp_path):
+    """A JSON list written on one line (json.dump's default) reported every bad record as "line 1"."""
+    path = tmp_path / "one_line.json"
+    path.write_text(json.dumps(RECORDS[:3] + [{"instruction": "x"}] + RECORDS[3:5] + [{"output": "y"}]))
+    with pytest.raises(DataError, match=r"line 1, record 4: missing field 'output'\n.*line 1, record 7: missing "
+                                        r"field 'instruction'"):
+        load_records(path)
+    path.write_text(json.dumps(RECORDS))
+    assert [r.where for r in load_records(path)][:2] == ["line 1, record 1", "line 1, record 2"]
+
+
+@pytest.mark.parametrize("records, keys", [
+    ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] * 3, "'conversations'"),
+    ([{"prompt": "hi", "completion": "yo"}] * 3, "'prompt', 'completion'"),
+    ({"data": RECORDS}, "'data'"),
+    # Dolly's fields: an instruction, but no output in any record
+    ([{"instruction": "a", "context": "", "response": "b", "category": "qa"}] * 3,
+     "'instruction', 'context', 'response', 'category'"),
+])
+def test_data_of_another_format_is_one_line_naming_its_keys(records, keys, tmp_path):
+    """ShareGPT, prompt/completion, Dolly or records under a key of one object were "missing field
+    'instruction'" (or 'output') once per record; it is one line naming the keys found and the format expected."""
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(records))
+    what = "no record has the field 'output'" if "response" in keys else "not Alpaca-format data"
+    with pytest.raises(DataError, match=rf"{what}: the records' keys are {keys}; .*\"instruction\"") as e:
+        load_records(path)
+    assert "\n" not in str(e.value)
+
+
+def test_fields_that_are_not_read_are_named(tmp_path):
+    """LLaMA-Factory's alpaca fields ("system", "history") or a misspelt "inputs" were dropped in silence."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([dict(r, system="Be Pip.", history=[]) for r in RECORDS[:2]] + [
+        {"instruction": "a", "inputs": "b", "output": "c"}]))
+    notes = []
+    assert len(load_records(path, notes)) == 3
+    assert notes == [f"{path}: the records' fields 'system', 'history', 'inputs' are not read (only instruction, "
+                     "input and output are)"]
+    notes = []
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(RECORDS))
+    load_records(plain, notes)
+    assert notes == []
+
+
+def test_no_example_within_the_cutoff_names_the_flag(base, tmp_path):
+    """Every example cut before its response said "0 training examples are fewer than one batch"."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(RECORDS))
+    with pytest.raises(DataError, match=r"no training example has a response token within --cutoff-len 8; give a "
+                                        "larger --cutoff-len"):
+        run(build_parser().parse_args([base, "--data", str(path), "-o", str(tmp_path / "out"), "--cutoff-len", "8",
+                                       "--batch-size", "2", "--micro-batch-size", "2", "-q"]))
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("layout", ["list", "lines"])
 def test_a_byte_order_mark_is_not_a_record(layout, tmp_path):
     """A UTF-8 file that starts with a byte-order mark (Notepad, PowerShell's Out-File) was refused,
@@ -217,7 +290,7 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
     afile = tmp_path / "afile"
     afile.write_text("not a model")
     out = tmp_path / "out"
-    cases = [([base, "--data", str(tmp_path)], "Is a directory"),
+    cases = [([base, "--data", str(tmp_path)], "--data .* is a directory; give the JSON or JSON Lines file"),
              ([str(tmp_path / "missing"), "--data", data],
               r"is not a Hugging Face model directory \(no config.json\)"),
              ([str(afile), "--data", data], "is not a Hugging Face model directory"),
@@ -305,6 +378,50 @@ def test_cli_reports_bad_data(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "line 2: empty output" in err and "line 3: missing field 'instruction'" in err
     assert not out.exists()
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_continue(base, data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `pyllm train` exited 130 with an empty line: nothing said whether an adapter or a
+    checkpoint was kept. It names the latest checkpoint and --resume (or says none was kept); no adapter
+    file is left half-written, and --resume finishes the run."""
+    from pyllm.train import loop
+
+    real = loop.check_finite
+
+    def interrupt_at_step_3(model, step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+        real(model, step, loss)
+
+    out = tmp_path / "run"
+    argv = ["train", base, "--data", data, "-o", str(out), "--batch-size", "2", "--micro-batch-size", "2",
+            "--max-steps", "4", "-q"]
+    monkeypatch.setattr(loop, "check_finite", interrupt_at_step_3)
+    capsys.readouterr()
+    assert cli.main(argv) == 130
+    assert "interrupted: the adapter was not written and no checkpoint was kept" in capsys.readouterr().err
+    assert cli.main(argv + ["--save-steps", "2"]) == 130
+    err = capsys.readouterr().err
+    assert f"latest checkpoint is {out / 'checkpoint-2'} (step 2): run the same command with --resume" in err
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # no adapter file, no partial directory
+    monkeypatch.setattr(loop, "check_finite", real)
+    assert cli.main(argv + ["--save-steps", "2", "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_library_deprecations_between_peft_and_transformers_are_not_shown(base, data, tmp_path, method):
+    """Every run printed FutureWarnings that peft's calls into transformers raise (`is_gradient_checkpointing`,
+    and for prefix tuning `past_key_values`), with the libraries' source lines: nothing a user can act on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(train_args(base, data, str(tmp_path / method), "--method", method, "--batch-size", "2",
+                       "--micro-batch-size", "2", "--max-steps", "1", *(["--virtual-tokens", "2"] if method != "lora"
+                                                                         else [])))
+    shown = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not [m for m in shown if "is deprecated" in m and ("checkpointing" in m or "past_key_values" in m)], shown
 
 
 def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path, capsys):
@@ -624,6 +741,18 @@ def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_p
     assert (empty / "adapter_model.safetensors").exists()
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_training(base, data, tmp_path, monkeypatch):
+    """-o below a file (`-o notes.txt/adapter`) trained every step, then failed to save with "Not a
+    directory"; so did any output nothing can be written to. It is refused before the model loads."""
+    from pyllm.train import loop
+
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr(loop, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(OSError, match=r"^-o .*notes.txt/adapter: the adapter cannot be written there \(Not a "
+                                      r"directory\)$"):
+        run(train_args(base, data, str(tmp_path / "notes.txt" / "adapter"), "--max-steps", "1"))
+
+
 @pytest.mark.parametrize("left", [[".adapter.partial/"], ["checkpoint-2.partial/"],
                                   ["adapter_model.safetensors", "README.md", "train_log.json"]])
 def test_what_a_run_stopped_while_saving_leaves_is_taken_again(base, data, tmp_path, left):
@@ -754,6 +883,29 @@ def test_a_save_stopped_between_files_never_pairs_new_weights_with_an_old_config
     assert (out / "adapter_model.safetensors").read_bytes() == b"new weights"
 
 
+def test_resume_on_another_base_model_is_refused_and_a_moved_copy_warned_about(base, data, tmp_path, capsys):
+    """--resume with another base model was not checked: one of other shapes failed with a screen of
+    torch's "size mismatch for ..." lines, one of the same shapes trained on in silence. A base whose
+    config.json differs is refused naming both; the same config.json elsewhere (a moved copy) is a warning."""
+    out = str(tmp_path / "run")
+    small = ["--batch-size", "4", "--micro-batch-size", "4", "--save-steps", "1"]
+    run(train_args(base, data, out, *small, "--max-steps", "1"))
+    other = make_tiny_llama(str(tmp_path / "other"), hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"^--resume: .*checkpoint-1 was made with other settings: the base model's "
+                                         rf"config.json \(another model: .*{os.path.basename(base)} -> .*other\)$"):
+        run(train_args(other, data, out, *small, "--max-steps", "2", "--resume"))
+    moved = str(tmp_path / "moved")
+    shutil.copytree(base, moved)
+    capsys.readouterr()
+    assert run(train_args(moved, data, out, *small, "--max-steps", "2", "--resume")).steps == 2
+    assert f"was trained on the base model {os.path.abspath(base)}, resumed on {moved} (the same config.json)" in \
+        capsys.readouterr().err
+    # resuming a finished run said "trained 0 steps" only
+    assert run(train_args(moved, data, out, *small, "--max-steps", "2", "--resume")).losses == []
+    assert "(step 2 of 2); the run is complete: nothing left to train (a larger --max-steps extends it)" in \
+        capsys.readouterr().err
+
+
 def test_resume_refuses_changed_data_and_names_an_unreadable_state(base, data, tmp_path):
     """--resume compared the data file's path only: a file edited since the checkpoint continued the
     run on other records. And a damaged training_state.pt gave torch's bare 'PytorchStreamReader
@@ -831,3 +983,12 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_resumes_from_them(bas
         run(train_args(base, data, str(tmp_path / "b"), "--max-steps", "1", "--save-total-limit", "2"))
     with pytest.raises(ValueError, match="--save-total-limit"):
         run(train_args(base, data, str(tmp_path / "c"), *small, "--max-steps", "1", "--save-total-limit", "-1"))
+
+
+def test_summary_line_counts_one_step_in_the_singular():
+    """A one-step run said "trained 1 steps ... (mean of the last 1 steps ...)"."""
+    from pyllm.train.loop import TrainResult, summary_line
+
+    assert summary_line(TrainResult("out", 1, losses=[1.0]), 2.0) == \
+        "trained 1 step in 2.0 s; final training loss 1.0000 (mean of the last 1 step 1.0000)"
+    assert summary_line(TrainResult("out", 2, losses=[1.0, 2.0]), 2.0).startswith("trained 2 steps in 2.0 s")

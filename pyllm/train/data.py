@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import PyllmError, library_errors, read_text
+from ..errors import PyllmError, decode_text, library_errors, read_bytes
 
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
 ALPACA_PROMPT_INPUT = (
@@ -42,28 +42,86 @@ class Record:
     input: str
     output: str
     line: int  # where the record starts in its file (1-based)
+    where: str = ""  # "line L", or "line L, record N" where several records start on that line
+
+    def __post_init__(self):
+        self.where = self.where or f"line {self.line}"
 
 
-def load_records(path: str | os.PathLike) -> list[Record]:
-    """The records of a JSON list or JSON Lines file; DataError names each bad line."""
+ALPACA_KEYS = ("instruction", "input", "output")
+
+
+def load_records(path: str | os.PathLike, notes: list | None = None) -> list[Record]:
+    """The records of a JSON list or JSON Lines file; DataError names each bad line. notes: a list that
+    gets one line naming the fields the records have beyond instruction/input/output, which are not read
+    (LLaMA-Factory's "system" and "history", a misspelt "inputs": they trained nothing, in silence)."""
     path = os.fspath(path)
     # UTF-8 without its byte-order mark (Windows editors write one), at most errors.MAX_TEXT_FILE_BYTES
-    text = read_text(path, DataError)
+    text = _read_data(path)
     stripped = text.lstrip()
     items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
+    _check_alpaca_keys(path, [item for _, item in items])
+    other = dict.fromkeys(k for _, item in items if isinstance(item, dict) for k in item if k not in ALPACA_KEYS)
+    if other and notes is not None:
+        notes.append(f"{path}: the records' fields {', '.join(repr(k) for k in list(other)[:8])}"
+                     f"{', ...' if len(other) > 8 else ''} are not read (only instruction, input and output are)")
+    # a JSON list on one line (json.dump's default) put every record on line 1: "line 1: missing field
+    # 'output'" four times named none of them; such records are named by their number too
+    starts = [line for line, _ in items]
+    shared = {line for line in starts if starts.count(line) > 1} if len(set(starts)) < len(starts) else set()
     records, errors = [], []
-    for line, item in items:
+    for number, (line, item) in enumerate(items, 1):
+        where = f"line {line}, record {number}" if line in shared else f"line {line}"
         problem = _record_problem(item)
         if problem:
-            errors.append(f"{path} line {line}: {problem}")
+            errors.append(f"{path} {where}: {problem}")
         else:
-            records.append(Record(item["instruction"], item.get("input") or "", item["output"], line))
+            records.append(Record(item["instruction"], item.get("input") or "", item["output"], line, where))
     if errors:
         more = f"\n... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise DataError(f"{len(errors)} bad record(s):\n" + "\n".join(errors[:MAX_REPORTED_ERRORS]) + more)
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def _read_data(path: str) -> str:
+    """The file's text (errors.read_text's), a directory named as --data, and text in another encoding
+    named with its line and how to convert it: "is not UTF-8 text (byte 5123: invalid continuation
+    byte)" left a user counting bytes, and UTF-16 (PowerShell's `>` writes it) read as invalid UTF-8."""
+    if os.path.isdir(path):  # (was "PATH: Is a directory")
+        raise DataError(f"--data {path} is a directory; give the JSON or JSON Lines file")
+    data = read_bytes(path, DataError)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    try:
+        return decode_text(data, path, DataError)
+    except DataError as e:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data.count(b"\n", 0, bad.start) + 1
+            raise DataError(f"{e} on line {line}; save the file as UTF-8 (from Latin-1, for example: iconv -f latin1 "
+                            "-t utf-8)") from None
+        raise
+
+
+def _check_alpaca_keys(path: str, items: list) -> None:
+    """Refuses data of another format in one line (ShareGPT's conversations, prompt/completion, records
+    under a key of one object): each record was reported "missing field 'instruction'", naming neither
+    the format expected nor what the file holds."""
+    objects = [item for item in items if isinstance(item, dict)]
+    # a field no record has (Dolly's instruction/context/response has no "output"): one line, not one a record
+    absent = [key for key in ("instruction", "output") if not any(key in item for item in objects)]
+    if not objects or not absent:
+        return
+    # the most common first, ties in the order they come in
+    keys = sorted(dict.fromkeys(k for item in objects for k in item), key=lambda k: -sum(k in item for item in objects))
+    shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none"
+    what = "no record has the field " + " or ".join(repr(k) for k in absent) if len(absent) < 2 else \
+        "not Alpaca-format data"
+    raise DataError(f"{path}: {what}: the records' keys are {shown}; pyllm train reads a JSON list "
+                    "or JSON Lines of {\"instruction\", \"input\" (optional), \"output\"} records")
 
 
 def _record_problem(item) -> str | None:
@@ -183,7 +241,7 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
         messages = [{"role": "user", "content": user_message(record)}]
         # a template's raise_exception (jinja2's TemplateError) or its own bug was a traceback from
         # `python -m pyllm.train`
-        with library_errors(f"line {record.line}: the chat template", DataError):
+        with library_errors(f"{record.where}: the chat template", DataError):
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
                                                  tokenize=False)

@@ -40,7 +40,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESUME_KEYS = ("method", "virtual_tokens", "prompt_init_text", "encoder", "encoder_hidden_size", "prefix_projection",
                "data", "template", "train_on_inputs", "cutoff_len", "tokenizer", "lora_r", "lora_alpha", "rslora",
                "target_modules", "layers", "modules_to_save", "batch_size", "lr", "lr_scheduler", "warmup_steps",
-               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps", "data_sha256")
+               "weight_decay", "max_grad_norm", "seed", "val_set_size", "total_steps", "data_sha256", "base",
+               "base_config_sha256")
 # ... except these, which a resumed run may raise: more steps extend the run
 EXTENDABLE_KEYS = ("total_steps",)
 
@@ -204,6 +205,43 @@ def check_output(output: str) -> None:
             raise ValueError(f"-o {output} holds other files ({shown}) that the adapter's (README.md, "
                              "adapter_config.json, ...) would overwrite or mix with; give a new or empty directory, "
                              "or the output of an earlier pyllm train")
+
+
+def make_output(output: str) -> str | None:
+    """Creates the output directory and writes a file there, once the data has been read: an output
+    below a file (`-o notes.txt/adapter`) or where nothing can be written failed when the adapter or
+    the first checkpoint was saved, after the whole training. OSError naming -o otherwise. Returns the
+    first directory it created (None: output was there), for remove_output to take away again."""
+    import tempfile
+
+    created, top = None, os.path.abspath(output)
+    while not os.path.lexists(top):
+        created, top = top, os.path.dirname(top)
+    try:
+        os.makedirs(output, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=output, prefix=".write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        remove_output(output, created)
+        raise OSError(f"-o {output}: the adapter cannot be written there ({e.strerror or e})") from None
+    return created
+
+
+def remove_output(output: str, created: str | None) -> None:
+    """Removes the directories make_output created, when a failed run left them empty (a run that
+    fails leaves no output behind; a checkpoint kept to --resume from stays, and its directory)."""
+    if created is None:
+        return
+    path = os.path.abspath(output)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -441,22 +479,46 @@ def _tokenize(records, tokenizer, args, what: str, say, limit: tuple[int, str] |
         raise ValueError(f"{args.tokenizer or args.base} has no chat template; use --template alpaca")
     examples = [tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs) for r in records]
     if limit is not None:
-        long = [r.line for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
+        long = [r.where for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
         if long:
-            raise DataError(f"{len(long)} {what} example(s) have more tokens than {limit[1]} (lines "
-                            f"{', '.join(map(str, long[:10]))}); give --cutoff-len {max(limit[0], 0)} or less")
+            raise DataError(f"{len(long)} {what} example(s) have more tokens than {limit[1]} ("
+                            f"{_places(long)}); give --cutoff-len {max(limit[0], 0)} or less")
     kept = [e for e in examples if e.label_count > 0]
     if len(kept) < len(examples):
-        lines = [r.line for r, e in zip(records, examples) if e.label_count == 0]
+        places = [r.where for r, e in zip(records, examples) if e.label_count == 0]
         say(f"{len(examples) - len(kept)} {what} example(s) have no response token within --cutoff-len "
-            f"{args.cutoff_len} and are skipped (lines {', '.join(map(str, lines[:10]))})")
+            f"{args.cutoff_len} and are skipped ({_places(places)})")
     return kept
+
+
+def _places(wheres: list[str]) -> str:
+    """"lines 3, 7" (or "line 1, record 2; line 1, record 5" for records sharing a line) of the first ten
+    records (Record.where), and how many more."""
+    more = f" and {len(wheres) - 10} more" if len(wheres) > 10 else ""
+    if all("," not in w for w in wheres):
+        return "lines " + ", ".join(w[len("line "):] for w in wheres[:10]) + more
+    return "; ".join(wheres[:10]) + more
 
 
 def _run_config(args, total_steps: int) -> dict:
     values = dict(vars(args), total_steps=total_steps, data=os.path.abspath(args.data),
-                  data_sha256=_sha256(args.data))
+                  data_sha256=_sha256(args.data), base=os.path.abspath(args.base),
+                  base_config_sha256=_config_sha256(os.path.join(args.base, "config.json")))
     return {k: values.get(k) for k in RESUME_KEYS}
+
+
+def _config_sha256(path: str) -> str | None:
+    """The SHA-256 of a model's config.json as JSON, less the keys that name its copy rather than the model
+    (_name_or_path, transformers_version): a checkpoint resumed on another base must be refused."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _sha256(path: str) -> str:
@@ -485,9 +547,24 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+# Deprecations one library warns the other about (peft calling transformers' old names), raised at
+# every run though nothing the user or pyllm calls is deprecated: two FutureWarnings with tracebacks'
+# file lines before the first step (peft 0.21 with transformers 5)
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated", r"`past_key_values` is deprecated")
+
+
 def train(args, log=None) -> TrainResult:
     """Runs the training the arguments describe (see pyllm/train/__init__.py); log: where messages
     and the progress bar go (default: the current sys.stderr)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        for message in LIBRARY_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        return _train(args, log)
+
+
+def _train(args, log=None) -> TrainResult:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -498,6 +575,7 @@ def train(args, log=None) -> TrainResult:
     if procs.rank != 0:
         quiet_warnings()  # every process would print the same library warnings: rank 0 alone does
     trained = None
+    written, created = False, None
     try:
         check_options(args)
         check_output(args.output)
@@ -517,7 +595,11 @@ def train(args, log=None) -> TrainResult:
         accumulation = args.batch_size // (micro * world)
         if args.cutoff_len < 2:
             raise ValueError("--cutoff-len must be at least 2 tokens")
-        train_records, val_records = split_records(load_records(args.data), args.val_set_size, args.seed)
+        notes = []
+        train_records, val_records = split_records(load_records(args.data, notes), args.val_set_size, args.seed)
+        for note in notes if procs.rank == 0 else ():
+            print(f"pyllm train: {note}", file=log)
+        created = make_output(args.output)
         tokenizer, model = _load_model(args, procs.device, dtype)
         def say(message: str) -> None:
             if procs.rank == 0:
@@ -533,6 +615,9 @@ def train(args, log=None) -> TrainResult:
                 f"exceeds the {trained} tokens the model was trained on; positions beyond them are untrained")
         train_set = _tokenize(train_records, tokenizer, args, "training", say, limit)
         val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit)
+        if not train_set:  # (was "0 training examples are fewer than one batch (--batch-size 32)")
+            raise DataError(f"no training example has a response token within --cutoff-len {args.cutoff_len}; "
+                            "give a larger --cutoff-len")
         if len(train_set) < args.batch_size:
             raise DataError(f"{len(train_set)} training examples are fewer than one batch (--batch-size "
                             f"{args.batch_size})")
@@ -561,13 +646,23 @@ def train(args, log=None) -> TrainResult:
                 state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
                 saved = state["config"]
             # (checkpoints of pyllm before data_sha256 did not record the data's content)
+            # (a checkpoint resumed on another base of other shapes was a screen of torch's "size mismatch"
+            # lines, and on one of the same shapes went on in silence: the base model is a setting too)
             differ = [("the data file's content (edited since the checkpoint)" if k == "data_sha256" else
-                       f"{k} {saved.get(k)!r} -> {v!r}") for k, v in run_config.items()
-                      if saved.get(k) != v and k not in EXTENDABLE_KEYS and (k != "data_sha256" or k in saved)
+                       f"the base model's config.json (another model: {saved.get('base')} -> {args.base})"
+                       if k == "base_config_sha256" else f"{k} {saved.get(k)!r} -> {v!r}")
+                      for k, v in run_config.items()
+                      if saved.get(k) != v and k not in EXTENDABLE_KEYS
+                      and (k not in ("data_sha256", "base_config_sha256", "base") or k in saved)
                       # the content decides where it was recorded: a moved or copied data file was refused
-                      and (k != "data" or "data_sha256" not in saved)]
+                      and (k != "data" or "data_sha256" not in saved) and k != "base"]
             if differ:
                 raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(differ)}")
+            if saved.get("base", run_config["base"]) != run_config["base"]:
+                # the same configuration elsewhere: a moved copy, or a model of the same shapes (its weights are
+                # not compared): said, as merging an adapter into a base of another name is
+                say(f"warning: {path} was trained on the base model {saved['base']}, resumed on {run_config['base']} "
+                    "(the same config.json)")
             before = state["config"].get("total_steps")
             if total_steps < state["step"]:
                 raise ValueError(f"--resume: {path} is at step {state['step']}, past the {total_steps} steps asked for")
@@ -593,7 +688,10 @@ def train(args, log=None) -> TrainResult:
             # (checkpoints of pyllm before "losses" kept none: the log starts at the step resumed)
             result.earlier_losses = [float(x) for x in state.get("losses", [])]
             result.first_step = int(state.get("first_step", 0)) if "losses" in state else start
-            say(f"resuming from {path} (step {start} of {total_steps})")
+            say(f"resuming from {path} (step {start} of {total_steps})" + (
+                # (it went on to "trained 0 steps", saying neither why nor how to train more)
+                "; the run is complete: nothing left to train (a larger --max-steps extends it)"
+                if start == total_steps else ""))
 
         trained = model
         if world > 1:
@@ -696,6 +794,7 @@ def train(args, log=None) -> TrainResult:
             record_eval(total_steps)
         procs.on_rank0("write the adapter",
                        lambda: _save_adapter(model, tokenizer if args.tokenizer else None, args.output, result))
+        written = True
         say(f"wrote the adapter to {result.output}")
         say(summary_line(result, time.perf_counter() - started))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
@@ -703,9 +802,25 @@ def train(args, log=None) -> TrainResult:
         trained = None  # noqa: F841
         procs.barrier()
         return result
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI's SystemExit 143)
+        if procs.rank == 0 and not written:  # what was kept, and how to go on (after the progress bar's line)
+            print(f"\npyllm train: interrupted: {interrupted_note(args.output)}", file=log)
+        raise
     finally:
         trained = None  # noqa: F841
+        if not written and procs.rank == 0:
+            remove_output(args.output, created)
         procs.stop()
+
+
+def interrupted_note(output: str) -> str:
+    """What an interrupted run leaves in output (saves are whole or absent: a partial directory is
+    removed) and how to continue it."""
+    found = _checkpoints(output)
+    if found:
+        return (f"the adapter was not written; the latest checkpoint is {found[-1][1]} (step {found[-1][0]}): "
+                "run the same command with --resume to continue from it")
+    return "the adapter was not written and no checkpoint was kept (--save-steps N keeps some to --resume from)"
 
 
 def check_finite(model, step: int, loss: float) -> None:
@@ -732,10 +847,13 @@ def check_finite(model, step: int, loss: float) -> None:
 
 def summary_line(result: TrainResult, seconds: float) -> str:
     """"trained N steps in T s; final training loss L (mean of the last k steps: M); eval loss E"."""
-    parts = [f"trained {len(result.losses)} steps in {seconds:.1f} s"]
+    def steps(n: int) -> str:  # ("trained 1 steps")
+        return f"{n} step{'' if n == 1 else 's'}"
+
+    parts = [f"trained {steps(len(result.losses))} in {seconds:.1f} s"]
     if result.losses:
         last = result.losses[-10:]
-        parts.append(f"final training loss {result.losses[-1]:.4f} (mean of the last {len(last)} steps "
+        parts.append(f"final training loss {result.losses[-1]:.4f} (mean of the last {steps(len(last))} "
                      f"{sum(last) / len(last):.4f})")
     if result.eval_losses:
         step, loss = result.eval_losses[-1]
