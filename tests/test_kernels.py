@@ -525,6 +525,36 @@ def test_matmul_same_bits_for_any_split(kernels, fmt, activation_quant):
                                               err_msg=f"{kernels} {fmt} row {i} of M={M} N={N} K={K} alone")
 
 
+@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("formats", [(f, f, f) for f in ALL_FORMATS] + [("int4_sym", "int8", "f16"), ("f32", "int4_asym", "bf16")])
+def test_matmul_group_gives_each_weight_its_own_bits(kernels, formats, activation_quant):
+    """The engine runs q/k/v (and gate/up) as one group in one parallel region, the group's rows split
+    between the threads as if they were one matrix, so a chunk may end inside one weight and go on in
+    the next. Each output must be the bits its weight gives alone, whatever the thread count: sizes
+    that are not whole 16-row tiles put chunk edges at every kind of place; mixed formats (one input
+    quantized for all, float weights reading the floats), 1-17 rows (17: the float panels)."""
+    if activation_quant == "int8" and all(f in FLOAT_FORMATS for f in formats):
+        pytest.skip("float weights multiply float activations")
+    for M, sizes, K in [(1, (100, 37, 37), 256), (1, (576, 192, 192), 576), (5, (1040, 17, 4112), 512), (17, (48, 16, 33), 64)]:
+        x, *_ = matmul_case(formats[0], M, 1, K, 64)
+        weights = [matmul_case(f, 1, N, K, 64)[3] for f, N in zip(formats, sizes)]
+        alone = [_core.matmul(x, n_threads=1, activation_quant=activation_quant, **w) for w in weights]
+        for n_threads in (1, 2, 3, 4):
+            together = _core.matmul_group(x, weights, n_threads=n_threads, activation_quant=activation_quant)
+            for i, (y, ref_y) in enumerate(zip(together, alone)):
+                np.testing.assert_array_equal(y, ref_y, err_msg=f"{kernels} {formats} weight {i} of {sizes} M={M} K={K} "
+                                                                f"threads={n_threads}")
+
+
+def test_matmul_group_rejects_bad_groups():
+    x, _, _, args, _, _ = matmul_case("int8", 2, 16, 64, 64)
+    _, _, _, other, _, _ = matmul_case("int8", 2, 16, 96, 32)
+    with pytest.raises(ValueError, match="same cols"):
+        _core.matmul_group(x, [args, other])
+    with pytest.raises(ValueError, match="empty"):
+        _core.matmul_group(x, [])
+
+
 @pytest.mark.skipif("avxvnni" not in AVAILABLE, reason="CPU (or build) lacks avxvnni")
 @pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)

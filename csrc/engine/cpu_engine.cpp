@@ -506,9 +506,8 @@ private:
             observe(l, kAttnIn, h, M, D);
             clock_.time(S::kQkv, [&] {
                 const LinearInput in = prepare_linear_input(pool_, h, M, D, lw.qkv_quantized, scratch_);
-                linear(pool_, lw.q, in, q_.data());
-                linear(pool_, lw.k, in, k_.data());
-                linear(pool_, lw.v, in, v_.data());
+                const LinearOutput qkv[] = {{&lw.q, q_.data()}, {&lw.k, k_.data()}, {&lw.v, v_.data()}};
+                linear(pool_, qkv, 3, in);
             });
             clock_.time(S::kRopeCache, [&] {
                 if (lw.q_norm != nullptr) {
@@ -550,8 +549,8 @@ private:
             observe(l, kMlpIn, h, M, D);
             clock_.time(S::kGateUp, [&] {
                 const LinearInput in = prepare_linear_input(pool_, h, M, D, lw.gate_up_quantized, scratch_);
-                if (gated) linear(pool_, lw.gate, in, gate_.data());
-                linear(pool_, lw.up, in, up_.data());
+                const LinearOutput gate_up[] = {{&lw.gate, gate_.data()}, {&lw.up, up_.data()}};
+                linear(pool_, gated ? gate_up : gate_up + 1, gated ? 2 : 1, in);
             });
             clock_.time(S::kSwiglu, [&] {
                 ffn_activation(pool_, cfg_.activation, gated ? gate_.data() : nullptr, up_.data(), M * F, up_.data());

@@ -129,6 +129,56 @@ PYBIND11_MODULE(_core, m) {
         "the active kernels have a tiled layout; activation_quant: 'int8x2' or 'int8', the engines' option).");
 
     m.def(
+        "matmul_group",
+        [](const F32Array& x, const py::list& weights, int n_threads, bool tiled, const std::string& activation_quant) {
+            // x: f32 [M, cols] -> [f32 [M, rows_i]]: the weights of a group sharing their input (q/k/v,
+            // gate/up), run as the engine runs them, in one parallel region
+            if (weights.empty()) bad("weights is empty");
+            std::vector<WeightView> views;
+            for (const py::handle& item : weights) {
+                const py::dict d = item.cast<py::dict>();
+                auto get = [&](const char* key) { return d.contains(key) ? py::object(d[key]) : py::object(py::none()); };
+                views.push_back(weight_view(d["format"].cast<std::string>(), d["data"].cast<py::array>(),
+                                            d["cols"].cast<int64_t>(), get("group_size").is_none() ? 0 : d["group_size"].cast<int64_t>(),
+                                            get("scales"), get("mins"), get("bias")));
+            }
+            const int64_t cols = views[0].cols;
+            bool quantize = false;
+            for (const WeightView& w : views) {
+                if (w.cols != cols) bad("the weights of a group must have the same cols");
+                quantize = quantize || is_quantized(w.format);
+            }
+            if (x.ndim() != 2 || x.shape(1) != cols) bad("x must be 2-D with " + std::to_string(cols) + " columns");
+            const int64_t M = x.shape(0);
+            if (M <= 0) bad("x has no rows");
+            ActivationScratch scratch;
+            scratch.terms = activation_terms(activation_quant);
+            std::vector<AlignedBytes> tiled_storage;
+            KernelPool& kp = kernel_pool(resolve_threads(n_threads));
+            std::vector<py::array_t<float>> ys;
+            std::vector<LinearOutput> outputs;
+            for (const WeightView& w : views) ys.emplace_back(std::vector<py::ssize_t>{M, w.rows});
+            for (size_t i = 0; i < views.size(); ++i) outputs.push_back(LinearOutput{&views[i], ys[i].mutable_data()});
+            const float* xp = x.data();
+            {
+                py::gil_scoped_release release;
+                std::lock_guard<std::mutex> lock(kp.mutex);
+                if (tiled)
+                    for (WeightView& w : views) tile_for_active_kernels(*kp.pool, w, tiled_storage);
+                const LinearInput in = prepare_linear_input(*kp.pool, xp, M, cols, quantize, scratch);
+                linear(*kp.pool, outputs.data(), (int64_t)outputs.size(), in);
+            }
+            py::list out;
+            for (auto& y : ys) out.append(y);
+            return out;
+        },
+        py::arg("x"), py::arg("weights"), py::arg("n_threads") = 1, py::arg("tiled") = true,
+        py::arg("activation_quant") = "int8x2",
+        "[x @ W_i^T (+ bias_i)] for a group of weights sharing their input, in one parallel region as the engine "
+        "runs q/k/v and gate/up; each weight a dict of matmul's weight arguments (format, data, cols, group_size, "
+        "scales, mins, bias).");
+
+    m.def(
         "quantize_activations",
         [](const F32Array& x, const std::string& activation_quant) {
             // x: f32 [M, cols] -> hi, lo: int8 [M, padded], step, sum: f32 [M, padded / 32]

@@ -59,14 +59,26 @@ LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, in
     return in;
 }
 
-void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float* y) {
+void linear(ThreadPool& pool, const LinearOutput* outputs, int64_t n_outputs, const LinearInput& in) {
     const CpuKernels& kernels = active_kernels();
-    if (in.cols != w.cols)
-        throw std::invalid_argument("linear: input has " + std::to_string(in.cols) + " columns, the weight " +
-                                    std::to_string(w.cols));
-    if (is_quantized(w.format) && in.quantized.rows != in.M)
-        throw std::invalid_argument("linear: a quantized weight needs its input quantized first");
-    const int64_t N = w.rows;
+    // rows: the group's, each weight's padded to whole 16-row tiles, so that a chunk edge never falls
+    // inside a tile (the kernels would give the same bits, but both threads would run that tile)
+    int64_t work = 0, rows = 0;
+    for (int64_t i = 0; i < n_outputs; ++i) {
+        const WeightView& w = *outputs[i].w;
+        if (in.cols != w.cols)
+            throw std::invalid_argument("linear: input has " + std::to_string(in.cols) + " columns, the weight " +
+                                        std::to_string(w.cols));
+        if (is_quantized(w.format) && in.quantized.rows != in.M)
+            throw std::invalid_argument("linear: a quantized weight needs its input quantized first");
+        if (!is_quantized(w.format) && in.M >= kFloatPanelMinRows && n_outputs > 1) {
+            // float weights over many rows run on whole panels of each matrix (below)
+            for (int64_t j = 0; j < n_outputs; ++j) linear(pool, outputs + j, 1, in);
+            return;
+        }
+        work += w.rows * w.row_bytes() * in.M;
+        rows += round_up(w.rows, kTileRows);
+    }
     // Chunks of output columns, a multiple of the kernels' tiles of (at most) 16 rows; for float
     // weights over many rows, whole panels of kFloatPanelColumns (a chunk ending in half a panel
     // runs it at half the FMA rate) and about 4 chunks per thread. Otherwise few chunks: each
@@ -78,18 +90,30 @@ void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float*
     // tok/s, prefill +5% (2 per thread as fast as 1, 4 and 8 slower).
     constexpr int64_t kChunkWork = 1 << 20;     // weight bytes x activation rows
     constexpr int64_t kMaxChunksPerThread = 2;
-    const bool panels = !is_quantized(w.format) && in.M >= kFloatPanelMinRows;
-    const int64_t work = N * w.row_bytes() * in.M;
+    const WeightView& first = *outputs[0].w;
+    const bool panels = !is_quantized(first.format) && in.M >= kFloatPanelMinRows;
     const int64_t per_thread = std::clamp<int64_t>(work / (kChunkWork * pool.size()), 1, kMaxChunksPerThread);
     const int64_t chunk = panels
-        ? kFloatPanelColumns * (((N + kFloatPanelColumns - 1) / kFloatPanelColumns + 4 * pool.size() - 1) / (4 * pool.size()))
-        : std::max<int64_t>(kTileRows, round_up((N + per_thread * pool.size() - 1) / (per_thread * pool.size()), kTileRows));
-    const int64_t n_chunks = (N + chunk - 1) / chunk;
-    pool.parallel_for(n_chunks, [&](int64_t i) {
-        const int64_t n_begin = i * chunk, n_end = std::min(N, (i + 1) * chunk);
-        if (is_quantized(w.format)) kernels.quant_weights(w, in.quantized, n_begin, n_end, y);
-        else kernels.float_weights(w, in.x, in.M, n_begin, n_end, y);
+        ? kFloatPanelColumns * (((rows + kFloatPanelColumns - 1) / kFloatPanelColumns + 4 * pool.size() - 1) / (4 * pool.size()))
+        : std::max<int64_t>(kTileRows, round_up((rows + per_thread * pool.size() - 1) / (per_thread * pool.size()), kTileRows));
+    pool.parallel_for((rows + chunk - 1) / chunk, [&](int64_t c) {
+        // the part of each weight inside the group's rows [c * chunk, (c + 1) * chunk)
+        int64_t offset = 0;
+        for (int64_t i = 0; i < n_outputs; ++i) {
+            const WeightView& w = *outputs[i].w;
+            const int64_t n_begin = std::max<int64_t>(0, c * chunk - offset);
+            const int64_t n_end = std::min(w.rows, (c + 1) * chunk - offset);
+            offset += round_up(w.rows, kTileRows);
+            if (n_begin >= n_end) continue;
+            if (is_quantized(w.format)) kernels.quant_weights(w, in.quantized, n_begin, n_end, outputs[i].y);
+            else kernels.float_weights(w, in.x, in.M, n_begin, n_end, outputs[i].y);
+        }
     });
+}
+
+void linear(ThreadPool& pool, const WeightView& w, const LinearInput& in, float* y) {
+    const LinearOutput output{&w, y};
+    linear(pool, &output, 1, in);
 }
 
 void linear(ThreadPool& pool, const WeightView& w, const float* x, int64_t M, float* y, ActivationScratch& scratch) {
