@@ -485,10 +485,12 @@ class _EngineLog:
     final hidden states) or 'step' (logits: the scheduler's streams)."""
 
     def __init__(self, engine):
-        self._engine, self.calls = engine, []
+        self._engine, self.calls, self.embedding = engine, [], threading.Event()
 
     def forward_rows(self, *args):
         self.calls.append("embed" if len(args) > 4 and args[4] else "step")
+        if self.calls[-1] == "embed":
+            self.embedding.set()
         return self._engine.forward_rows(*args)
 
     def __getattr__(self, name):
@@ -520,6 +522,9 @@ def test_a_long_embeddings_call_does_not_freeze_the_running_streams(f32_file, al
             log = llm.engine = _EngineLog(llm.engine)
 
             def read(k):
+                # from the embeddings call's first input on: until then each stream stops PIECES_AHEAD
+                # pieces ahead of its reader (the inputs' tokenization let them end before it began)
+                log.embedding.wait(60)
                 for piece in streams[k]:
                     texts[k] += piece
 
