@@ -86,7 +86,7 @@ class ServerProcess:
 
     def __init__(self, engine: str, path: str, parallel: int, ctx: int, threads: int, llama_server: str | None,
                  eos_ids: list[int]):
-        self.engine, self.port = engine, _free_port()
+        self.engine, self.port, self.ctx = engine, _free_port(), ctx
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"serve_load_{engine}_", suffix=".log", delete=False)
         if engine in PYLLM_ENGINES:
             command = [sys.executable, "-m", "pyllm", "serve", path, "--host", "127.0.0.1", "--port", str(self.port),
@@ -241,7 +241,10 @@ def probe_ttft(server: ServerProcess, others: int, max_tokens: int, tag: str) ->
         first = threading.Event()
         started.append(first)
         threads.append(threading.Thread(target=stream_request, daemon=True,
-                                        args=(server, f"{tag} stream {c}: {TEXT}", max_tokens * 8, stop, first)))
+                                        # as many tokens as a slot leaves beside the prompt (a request past
+                                        # the context is refused); the probe's end stops them
+                                        args=(server, f"{tag} stream {c}: {TEXT}", min(max_tokens * 8, server.ctx // 2),
+                                              stop, first)))
         threads[-1].start()
     for first in started:
         first.wait(timeout=600)
