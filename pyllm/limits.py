@@ -23,9 +23,10 @@ MAX_PARALLEL = 256  # sequences one LLM's KV cache may hold
 # bytes of a prompt piped to `pyllm run` (`yes | pyllm run` read until memory ran out): 4 bytes for each
 # position of a 16M-token context, far past what a model's context holds
 MAX_STDIN_BYTES = 64 * 2**20
-# bytes of a chat template file (a checkpoint's chat_template.jinja, --chat-template FILE): released
-# templates take 1-20 KB
-MAX_CHAT_TEMPLATE_BYTES = 2**20
+# bytes of a chat template (a checkpoint's chat_template.jinja or tokenizer_config.json entry, a GGUF
+# file's, --chat-template FILE): released templates take 1-20 KB, and jinja2 compiles one at ~10 s and
+# 700 MB per MiB (a 1 MiB bound let a model file cost that at every load)
+MAX_CHAT_TEMPLATE_BYTES = 256 * 2**10
 # lists, tuples, dicts and namespaces a chat template builds inside one another: Python's own recursion limit
 # (repr, ==, tojson refuse deeper values), and far below the ~150,000 at which hash() of a nested tuple,
 # which recurses in C unchecked, overflows a thread's 8 MiB stack (a crash, not an error)

@@ -224,7 +224,9 @@ def test_a_checkpoint_file_that_never_ends_is_refused_by_name(tiny_llama, tmp_pa
     (d / name).unlink(missing_ok=True)
     (d / name).symlink_to("/dev/zero")
     out = tmp_path / "x.pllm"
-    limit = 1 << 20  # the chat template's own bound is 1 MiB too
+    from pyllm.limits import MAX_CHAT_TEMPLATE_BYTES
+
+    limit = MAX_CHAT_TEMPLATE_BYTES if name == "chat_template.jinja" else 1 << 20  # (a template's own bound)
     with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} holds more than {limit} bytes"):
         convert_checkpoint(str(d), str(out), quant="f32", progress=False)
     assert not out.exists()
