@@ -576,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_PARALLEL}; 1 on CUDA: one at a time)")
     p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS, metavar="N",
                    help="rows per engine step with --parallel: one per generating request, then prompt tokens "
-                        "in chunks, so long prompts do not stall running streams (vLLM's name) "
+                        "in chunks (at most 64 while requests generate), so long prompts do not stall running "
+                        "streams (vLLM's name) "
                         f"(default {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     _add_server_limits(p)
     _add_threads(p)
