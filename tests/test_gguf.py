@@ -1129,6 +1129,26 @@ def test_a_sentencepiece_score_that_is_not_a_number_is_refused(tmp_path, bad):
     assert not (tmp_path / "nan.pllm").exists()
 
 
+def _sentencepiece_gguf(tmp_path, tokens: list[str], scores: list[float], name: str) -> str:
+    """A tiny LLaMA written as a GGUF file with a SentencePiece ("llama") vocabulary of `tokens`
+    (<unk>, <s>, </s> first) and their scores; its path."""
+    def vocabulary(w):
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+
+    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                          bos_token_id=1, eos_token_id=2)
+    path = str(tmp_path / name)
+    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    return path
+
+
 def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):
     """The merges of a SentencePiece vocabulary are every split of a token into two tokens: trying
     every cut of a 1,000,000-character token took minutes (each cut slices the whole token), so one
@@ -1147,20 +1167,7 @@ def test_a_very_long_sentencepiece_token_converts_quickly(tmp_path):
     assert _generate_merges({t: i for i, t in enumerate(tokens)})[:1] == [("a", "b")]
     assert time.monotonic() - start < 2
 
-    def vocabulary(w):
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-
-    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
-                          bos_token_id=1, eos_token_id=2)
-    path = str(tmp_path / "long.gguf")
-    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    path = _sentencepiece_gguf(tmp_path, tokens, scores, "long.gguf")
     start = time.monotonic()
     convert_checkpoint(path, str(tmp_path / "long.pllm"), progress=False)
     assert time.monotonic() - start < 20
@@ -1215,20 +1222,7 @@ def test_a_vocabulary_of_endlessly_splittable_pieces_is_refused(tmp_path):
     with pytest.raises(FormatError, match=message):
         _generate_merges({t: i for i, t in enumerate(tokens)})
 
-    def vocabulary(w):
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-
-    src = make_tiny_llama(str(tmp_path / "src"), vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
-                          bos_token_id=1, eos_token_id=2)
-    path = str(tmp_path / "split.gguf")
-    write_gguf(src, path, Q.Q8_0, vocabulary=vocabulary)
+    path = _sentencepiece_gguf(tmp_path, tokens, scores, "split.gguf")
     with pytest.raises(FormatError, match=re.escape(path) + ".*" + message):
         convert_checkpoint(path, str(tmp_path / "split.pllm"), progress=False)
     assert not (tmp_path / "split.pllm").exists()

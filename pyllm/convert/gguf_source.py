@@ -174,12 +174,12 @@ def _open_reader(path: str):
     return reader
 
 
-def _field(reader, path: str, key: str):
-    """A metadata value of one reader's file, None when absent; FormatError naming file and key when
-    it cannot be read."""
-    field = reader.fields.get(key)
+def _field(fields, path: str, key: str, default=None):
+    """A metadata value of one file (fields: its reader's), default when absent; FormatError naming
+    file and key when it cannot be read."""
+    field = fields.get(key)
     if field is None:
-        return None
+        return default
     try:
         return field.contents()
     except Exception as e:
@@ -191,7 +191,7 @@ def _split_keys(reader, path: str) -> tuple[int, int, int | None]:
     when one is missing or not a number in range."""
     values = []
     for key in ("split.no", "split.count", "split.tensors.count"):
-        value = _field(reader, path, key)
+        value = _field(reader.fields, path, key)
         if value is None and key != "split.tensors.count":
             raise FormatError(f"{path}: a split GGUF shard (it has split.* metadata) without '{key}'")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -293,7 +293,7 @@ class GGUFSource:
         self.fields = {k: f for k, f in self.reader.fields.items()}
         arch = self._get("general.architecture")
         for part, reader in zip(parts[1:], readers[1:]):  # gguf-split writes it in the first only
-            other = _field(reader, part, "general.architecture")
+            other = _field(reader.fields, part, "general.architecture")
             if other not in (None, "", arch):
                 raise FormatError(f"{part}: a shard of a {other} model, {parts[0]} of a {arch} one: the shards "
                                   "are not one split model")
@@ -303,13 +303,7 @@ class GGUFSource:
         return self.tensor_files.get(name, self.path)
 
     def _get(self, key: str, default=None):
-        field = self.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except Exception as e:
-            raise FormatError(f"{self.path}: metadata '{key}' is malformed ({e})") from None
+        return _field(self.fields, self.path, key, default)
 
     def _typed(self, key: str, kind: type, default):
         """_get(key, default), FormatError naming the key when it is not a `kind` (a chat template
