@@ -229,10 +229,14 @@ class ChatCompletionRequest(_Sampling):
             if getattr(self, old) is not None:
                 raise _FieldError(old, f"is OpenAI's deprecated form of {new}, which pyllm does not take: give "
                                        f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
-        if self.top_logprobs and not self.logprobs:
+        if "top_logprobs" in self.model_fields_set and not self.logprobs:  # 0 too, as OpenAI refuses it
             raise _FieldError("top_logprobs", "needs logprobs: true")
         if self.max_tokens == 0:  # a reply of nothing (OpenAI: "Expected a value >= 1"); -1 is llama.cpp's no limit
             raise _FieldError("max_tokens", "must be at least 1 (or -1: until the context is full)")
+        for name in ("tool_choice", "parallel_tool_calls"):  # OpenAI's 400 (in its words), "none" too: a client
+            # that sends them has tools in mind, and dropping them in silence hid that its tools went missing
+            if name in self.model_fields_set and not self.tools:
+                raise _FieldError(name, f"'{name}' is only allowed when 'tools' are specified")
         first: dict[str, int] = {}
         for k, tool in enumerate(self.tools or []):  # a call names its function: two of a name are ambiguous
             j = first.setdefault(tool.function.name, k)
@@ -243,8 +247,6 @@ class ChatCompletionRequest(_Sampling):
             names = [t.function.name for t in self.tools or []]
             if self.tool_choice.function.name not in names:
                 raise _FieldError("tool_choice", f"names {self.tool_choice.function.name!r}, which is not in tools")
-        elif self.tool_choice == "required" and not self.tools:
-            raise _FieldError("tool_choice", "'required' needs tools")
         return self
 
     @property
