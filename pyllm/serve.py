@@ -1,6 +1,6 @@
 """`pyllm serve`: an OpenAI-compatible HTTP server for one model (Starlette on uvicorn).
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
+Endpoints (each also with a trailing slash): POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
 "stream": true; usage; finish_reason "stop"/"length"/"tool_calls"), GET /v1/models, GET
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health. Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
@@ -1184,7 +1184,8 @@ class Server:
 
 
 def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
-    """app behind the API key check (every path but /health) and, outermost, CORS."""
+    """app behind the API key check (every path but /health), CORS, and, outermost, paths with a
+    trailing slash taken as their route (_TrailingSlash: "/health/" is /health for the key check too)."""
     if api_key:
         app = _ApiKey(app, api_key)
     if cors_origins:
@@ -1203,7 +1204,25 @@ def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
                 return JSONResponse(_error_body(message, response.status_code), response.status_code, headers)
 
         app = Cors(app, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
-    return app
+    return _TrailingSlash(app)
+
+
+class _TrailingSlash:
+    """ASGI middleware: a path ending in one "/" is the route without it ("/v1/models/", "/health/"),
+    before every other rule. OpenAI-compatible clients given a base URL ending in "/" write paths so;
+    Starlette answered a GET of "/v1/models/" as the model "" (404) and a POST with a 307 redirect,
+    which clients do not follow (or follow dropping the body)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path") or ""
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path[:-1])
+            if (scope.get("raw_path") or b"").endswith(b"/"):
+                scope["raw_path"] = scope["raw_path"][:-1]
+        await self.app(scope, receive, send)
 
 
 class _ApiKey:

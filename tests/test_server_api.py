@@ -1092,6 +1092,30 @@ def test_unknown_routes_and_methods_get_openai_errors(live):
         live.client().responses.create(model="tiny", input="hi")
 
 
+def test_every_route_takes_a_trailing_slash(live, llm):
+    """GET /v1/models/ and every other route written with a trailing slash (as OpenAI-compatible
+    clients given a base URL ending in "/" build them) was refused: /v1/models/ as the model "",
+    a POST with a 307 redirect that clients do not follow (one that does may drop the body). Each
+    is its route, answered as without the slash; a path that is no route stays a 404."""
+    assert _get(live.url + "/v1/models/") == _get(live.url + "/v1/models")
+    assert _get(live.url + "/v1/models/tiny/")["id"] == "tiny"
+    assert _get(live.url + "/health/")["status"] == "ok"
+    for path, body in [("/v1/completions/", {"prompt": "Paris is", "max_tokens": 3}),
+                       ("/v1/chat/completions/", {"messages": _chat("hi"), "max_tokens": 3}),
+                       ("/v1/embeddings/", {"input": "hi"}), ("/tokenize/", {"content": "hi"}),
+                       ("/detokenize/", {"tokens": [5, 6]})]:
+        status, reply = _post_json(live, path, body)
+        assert status == 200 and "error" not in reply, (path, reply)
+        assert _post_json(live, path.rstrip("/"), body)[1].keys() == reply.keys()
+    client = openai.OpenAI(base_url=live.url + "/v1/", api_key="none", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    expected = llm.generate("Paris is", max_new_tokens=4)
+    assert client.completions.create(model="tiny", prompt="Paris is", max_tokens=4).choices[0].text == expected
+    for path in ("/v1/nothing/", "/v1/models//", "//"):
+        status, reply = _request(live.url + path, None)
+        assert status == 404 and reply["error"]["type"] == "invalid_request_error", (path, reply)
+
+
 def test_a_failure_outside_the_request_handlers_is_an_openai_error(live, monkeypatch):
     """A route that fails outside the handlers' own error handling (here /v1/models, made to raise)
     was answered by Starlette in plain text ("Internal Server Error"); it is OpenAI's error object,
@@ -1113,8 +1137,13 @@ def test_api_key_and_cors(llm):
             server.client().models.list()
         ok = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
         assert ok.completions.create(model="tiny", prompt="hi", max_tokens=1).usage.completion_tokens == 1
-        with urllib.request.urlopen(server.url + "/health", timeout=5) as r:  # open for load balancers
-            assert r.status == 200
+        for path in ("/health", "/health/"):  # open for load balancers
+            with urllib.request.urlopen(server.url + path, timeout=5) as r:
+                assert r.status == 200
+        with pytest.raises(openai.AuthenticationError):  # a trailing slash is the route, behind the key too
+            openai.OpenAI(base_url=server.url + "/v1/", api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=server.url + "/v1/", api_key="s3cret",
+                                            max_retries=0).models.list().data] == ["tiny"]
         preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization,content-type"})
