@@ -1,8 +1,9 @@
 """`pyllm serve`: an OpenAI-compatible HTTP server for one model (Starlette on uvicorn).
 
-Endpoints (each also with a trailing slash): POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
+Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
 "stream": true; usage; finish_reason "stop"/"length"/"tool_calls"), GET /v1/models, GET
-/v1/models/{id}, POST /tokenize, POST /detokenize, GET /health. Request fields are declared in
+/v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
+slash). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
 calls are parsed by pyllm/tool_calls.py. Options: an API key (Bearer, compared in constant time),
 CORS origins, sampling defaults for fields a request leaves unset, and `Limits` (pyllm.limits.
