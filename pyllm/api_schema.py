@@ -71,6 +71,8 @@ class JsonSchemaFormat(_Body):
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema", "regex", "grammar"] = "text"
     json_schema: JsonSchemaFormat | None = None
+    # type "json_object": a JSON schema the object follows (llama.cpp's server and llama-cpp-python take it so)
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
     regex: str | None = None  # type "regex"
     grammar: str | None = None  # type "grammar": Lark
 
@@ -79,12 +81,18 @@ class ResponseFormat(_Body):
         needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
         if self.type in needed and not needed[self.type]:
             raise _FieldError(f"response_format.{self.type}", f"type {self.type!r} needs this field")
+        if self.schema_ is not None and self.type != "json_object":  # it was ignored: free text, or another schema
+            instead = "json_schema.schema" if self.type == "json_schema" else "type 'json_object'"
+            raise _FieldError("response_format.schema", f"is taken with type 'json_object' only (llama.cpp's form); "
+                                                        f"with type {self.type!r} it would be ignored: give {instead}")
         return self
 
     def as_dict(self) -> dict:
         """The form generate(response_format=...) takes."""
         out: dict[str, Any] = {"type": self.type}
-        if self.type == "json_schema":
+        if self.type == "json_object" and self.schema_ is not None:
+            out["schema"] = self.schema_
+        elif self.type == "json_schema":
             out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_,
                                   "strict": self.json_schema.strict}
         elif self.type in ("regex", "grammar"):

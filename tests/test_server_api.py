@@ -528,6 +528,31 @@ def test_json_object_regex_and_grammar(live):
                                   extra_body={"response_format": {"type": "grammar", "grammar": "start: ("}})
 
 
+def test_a_json_object_s_schema_is_followed(live, llm):
+    """response_format {"type": "json_object", "schema": {...}} (llama.cpp's server's and
+    llama-cpp-python's form) gave any JSON object, the schema ignored in silence. The object follows
+    it, from the server, create_chat_completion and generate; a schema beside another type, which
+    would be ignored, is refused naming response_format.schema."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+              "additionalProperties": False}
+    form = {"type": "json_object", "schema": schema}
+    reply = live.client().chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=60,
+                                                  temperature=1.0, seed=1, response_format=form)
+    assert json.loads(reply.choices[0].message.content)["city"] in ("Paris", "Rome"), reply
+    answer = llm.create_chat_completion(_chat("json"), max_tokens=60, temperature=1.0, seed=1, response_format=form)
+    assert answer["choices"][0]["message"]["content"] == reply.choices[0].message.content
+    assert json.loads(llm.generate("json:", max_new_tokens=60, response_format=form))["city"] in ("Paris", "Rome")
+    json_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    for form in ({"type": "text", "schema": schema}, dict(json_schema, schema=schema),
+                 {"type": "regex", "regex": "a", "schema": schema}):
+        with pytest.raises(openai.BadRequestError) as e:
+            live.client().chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=5,
+                                                  response_format=form)
+        assert e.value.param == "response_format.schema" and "json_object" in e.value.message, e.value.message
+        with pytest.raises(ValueError, match="schema is taken with type 'json_object' only"):
+            llm.generate("json:", max_new_tokens=5, response_format=form)
+
+
 UNFOLLOWABLE = [{"type": "grammar", "grammar": "start: start"},  # a rule that only calls itself: no text at all
                 {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}]  # the same as a schema
 
