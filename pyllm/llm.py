@@ -183,7 +183,17 @@ NOT_TAKEN_BY_CREATE.update(mirostat_tau=NOT_TAKEN_BY_CREATE["mirostat_mode"],
 NOT_TAKEN_BY_LLM = {
     "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",
     "seed": "give seed= to generate() or chat() (each call is seeded on its own)",
+    # llama-cpp-python code passes these nearly always (verbose=False above all): each refusal says what to do
+    "verbose": "pyllm writes no log while it loads or generates; leave it out",
+    "n_batch": "pyllm sizes the chunks a prompt runs in itself; leave it out",
+    "n_threads_batch": "n_threads= runs prompts and generation alike",
+    "use_mmap": "the model file is always memory-mapped; leave it out",
+    "logits_all": "llm.logits(ids) gives every position's logits; leave it out",
+    "embedding": "llm.embed(texts) works on any model; leave it out",
+    "type_k": "kv_cache= sets the KV cache's type (f16, f32, q8_0), keys and values alike",
+    "flash_attn": "pyllm picks its attention kernels itself; leave it out",
 }
+NOT_TAKEN_BY_LLM.update(n_ubatch=NOT_TAKEN_BY_LLM["n_batch"], type_v=NOT_TAKEN_BY_LLM["type_k"])
 
 
 def accepts_aliases(method):
