@@ -54,6 +54,11 @@ from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
 from .tool_calls import ToolError
 
+try:  # (pydantic: LLM.create_completion needs it without starlette)
+    from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                             parse_request, validate)
+except ImportError:  # pragma: no cover - depends on the installed extras
+    parse_request = None
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -62,11 +67,8 @@ try:
     from starlette.routing import Route
 except ImportError:  # pragma: no cover - depends on the installed extras
     Starlette = None
-try:  # (pydantic: LLM.create_completion needs it without starlette)
-    from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
-                             parse_request, validate)
-except ImportError:  # pragma: no cover - depends on the installed extras
-    parse_request = None
+if parse_request is None:  # the server needs both (MISSING)
+    Starlette = None
 
 PIECES_AHEAD = 64  # text pieces a generation may run ahead of its client
 # threads that start requests which compile a grammar (response_format, tools): llguidance takes seconds on

@@ -256,3 +256,30 @@ def test_an_llm_that_answered_is_freed_when_deleted(tiny_llama_f32):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_missing_extras_are_named(tiny_llama_f32):
+    """Without pydantic the methods say what to install, and the server stays refused as a whole
+    (pyllm serve's check); without starlette alone the methods still run (they need pydantic only)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+for name in sys.argv[1:]:
+    sys.modules[name] = None  # import fails: the extra is not installed
+import pyllm, pyllm.serve as serve
+llm = pyllm.LLM({tiny_llama_f32!r}, n_threads=1, context_length=256)
+print("server", serve.Starlette is not None)
+try:
+    print("answer", llm.create_completion("hi", max_tokens=2)["object"])
+except RuntimeError as e:
+    print("error", e)
+"""
+    def run(*blocked):
+        done = subprocess.run([sys.executable, "-c", script, *blocked], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+    assert run("pydantic") == ["server False", "error LLM.create_completion and create_chat_completion need pydantic: "
+                                               "pip install 'pyllm[serve]'"]
+    assert run("starlette") == ["server False", "answer text_completion"]
