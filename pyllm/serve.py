@@ -5,7 +5,8 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
 slash). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
-calls are parsed by pyllm/tool_calls.py. Options: an API key (Bearer, compared in constant time),
+calls are parsed by pyllm/tool_calls.py. Completions is the completions logic without HTTP, which
+LLM.create_completion and LLM.create_chat_completion call too. Options: an API key (Bearer, compared in constant time),
 CORS origins, sampling defaults for fields a request leaves unset, and `Limits` (pyllm.limits.
 ServerLimits) on what one request may ask: body size, prompt length, time to send the body, time a
 client may leave a stream unread (docs/SECURITY.md).
