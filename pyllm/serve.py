@@ -577,8 +577,9 @@ class Completions:
     LLM.create_chat_completion call it directly, so that both answer a request alike.
 
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    typical_p, max_new_tokens) for fields a request leaves unset; limits: the template's render
-    limits and the logprobs answer size (Limits(): the defaults of `pyllm serve`'s flags)."""
+    typical_p, max_new_tokens) for fields a request leaves unset; limits: Limits (pyllm serve's
+    flags; their defaults when None), of which this uses the template's (render_limits); model_name:
+    what answers name when the request names no model."""
 
     def __init__(self, llm, model_name: str, defaults: dict | None = None, limits: Limits | None = None):
         self.llm = llm
@@ -587,7 +588,6 @@ class Completions:
         self.model_name = model_name
         self.limits = limits or Limits()
         self.stopping = False  # end_requests was called
-
 
     DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "typical_p", "max_new_tokens")
 
