@@ -1074,8 +1074,9 @@ class LLM:
         new text), "logprobs", "finish_reason": None but in a choice's last chunk};
         stream_options={"include_usage": True} adds "usage" to every chunk, None but in a last chunk
         with no choices. Choices run one after another; closing the iterator, or leaving a `for`
-        over it, ends the generation and frees the model for the next call. A generation that
-        cancel() ended says finish_reason "cancelled".
+        over it, ends the generation and frees the model for the next call. An error while it
+        generates (a grammar the model cannot follow) is raised by the iterator, where the server
+        sends an error event. A generation that cancel() ended says finish_reason "cancelled".
 
         Raises pyllm.errors.RequestError (a ValueError) for a request the server refuses with a 4xx,
         with the server's message, naming the field in .param (a prompt or max_tokens past the

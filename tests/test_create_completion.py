@@ -283,3 +283,19 @@ except RuntimeError as e:
     assert run("pydantic") == ["server False", "error LLM.create_completion and create_chat_completion need pydantic: "
                                                "pip install 'pyllm[serve]'"]
     assert run("starlette") == ["server False", "answer text_completion"]
+
+
+def test_a_grammar_that_cannot_be_followed_raises_at_the_call_or_from_the_stream(llm):
+    """Where the server answers 400 (a grammar that allows no text) the call raises, with the
+    server's message; where its stream ends with an error event (a lexer past llguidance's limits
+    at a later token) the iterator raises it. The model is free for the next call either way."""
+    with pytest.raises(ValueError, match="cannot be followed"):
+        llm.create_completion("?", max_tokens=3, stream=True, response_format={"type": "grammar",
+                                                                                "grammar": "start: start"})
+    huge = {"type": "regex", "regex": "a{1000000}"}
+    with pytest.raises(ValueError, match="cannot be followed"):
+        llm.create_completion("?", max_tokens=3, response_format=huge)
+    with pytest.raises(ValueError, match="cannot be followed"):
+        list(llm.create_completion("?", max_tokens=3, stream=True, response_format=huge))
+    assert llm._holder is None
+    assert llm.create_completion("?", max_tokens=2)["usage"]["completion_tokens"] == 2
