@@ -148,7 +148,9 @@ ALIASES = {
     "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
     "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
     "lora_path": "lora", "stop_strings": "stop",  # (transformers' generate(stop_strings=) got "did you mean
-}                                                 # 'stop_token_ids'?")
+    # 'stop_token_ids'?"); llama-cpp-python's Llama.tokenize(text, add_bos, special)
+    "add_bos": "add_special_tokens", "special": "parse_special",
+}
 
 
 # Names of transformers' GenerationConfig and llama-cpp-python that generate()/chat() do not take, with
@@ -582,9 +584,11 @@ class LLM:
         return engine
 
     # -- tokens --------------------------------------------------------------
+    @accepts_aliases
     def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of text (Tokenizer.encode): parse_special=False reads special-token strings
-        written in it ("<|im_end|>") as plain text."""
+        written in it ("<|im_end|>") as plain text. llama-cpp-python's add_bos and special are
+        aliases of add_special_tokens and parse_special (whose default here is True)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, parse_special=parse_special)
 
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:

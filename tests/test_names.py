@@ -105,6 +105,18 @@ def test_llama_cpp_python_constructor_names_pyllm_does_not_take_say_what_to_do(l
         pyllm.LLM(llm.path, **{name: 1})
 
 
+def test_llama_cpp_python_s_tokenize_names_are_aliases(llm):
+    """llm.tokenize("Hi", add_bos=False) and special= (llama-cpp-python's Llama.tokenize) were
+    "unexpected keyword argument"; a misspelt one says the nearest."""
+    text = "Hi<|im_end|>"
+    assert llm.tokenize(text, add_bos=False) == llm.tokenize(text, add_special_tokens=False)
+    assert llm.tokenize(text, special=False) == llm.tokenize(text, parse_special=False) != llm.tokenize(text)
+    with pytest.raises(TypeError, match="got both 'add_special_tokens' and its alias 'add_bos'"):
+        llm.tokenize(text, add_bos=False, add_special_tokens=False)
+    with pytest.raises(TypeError, match="did you mean 'parse_special'"):
+        llm.tokenize(text, parse_specials=False)
+
+
 @pytest.mark.parametrize("path", [3, None, 2.5])
 def test_a_path_of_another_type_is_named(path):
     """LLM(3) said "expected str, bytes or os.PathLike object, not int", naming no argument."""
