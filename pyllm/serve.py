@@ -3,7 +3,7 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
 "stream": true; usage; finish_reason "stop"/"length"/"tool_calls"), GET /v1/models, GET
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
-slash). Request fields are declared in
+slash, or "//"). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
 calls are parsed by pyllm/tool_calls.py. Completions is the completions logic without HTTP, which
 LLM.create_completion and LLM.create_chat_completion call too. Options: an API key (Bearer, compared in constant time),
@@ -1294,7 +1294,7 @@ class Server(Completions):
 
 def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
     """app behind the API key check (every path but /health), CORS, and, outermost, paths with a
-    trailing slash taken as their route (_TrailingSlash: "/health/" is /health for the key check too)."""
+    trailing slash or "//" taken as their route (_TrailingSlash: "/health/" is /health for the key check too)."""
     if api_key:
         app = _ApiKey(app, api_key)
     if cors_origins:
@@ -1317,20 +1317,21 @@ def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
 
 
 class _TrailingSlash:
-    """ASGI middleware: a path ending in one "/" is the route without it ("/v1/models/", "/health/"),
-    before every other rule. OpenAI-compatible clients given a base URL ending in "/" write paths so;
-    Starlette answered a GET of "/v1/models/" as the model "" (404) and a POST with a 307 redirect,
-    which clients do not follow (or follow dropping the body)."""
+    """ASGI middleware: a path is its route without a trailing "/" ("/v1/models/", "/health/") and
+    with runs of "/" as one ("//v1/chat/completions", as nginx merges them), before every other
+    rule. OpenAI-compatible clients given a base URL ending in "/" write paths so; Starlette answered
+    a GET of "/v1/models/" as the model "" (404), a POST with a 307 redirect, which clients do not
+    follow (or follow dropping the body), and "//v1/..." with a 404."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path") or ""
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-            scope = dict(scope, path=path[:-1])
-            if (scope.get("raw_path") or b"").endswith(b"/"):
-                scope["raw_path"] = scope["raw_path"][:-1]
+        if scope["type"] == "http" and (path.endswith("/") and len(path) > 1 or "//" in path):
+            scope = dict(scope, path="/" + "/".join(part for part in path.split("/") if part))
+            if scope.get("raw_path"):  # the path as sent (percent-encoded), alike
+                scope["raw_path"] = b"/" + b"/".join(part for part in scope["raw_path"].split(b"/") if part)
         await self.app(scope, receive, send)
 
 

@@ -1118,10 +1118,11 @@ def test_unknown_routes_and_methods_get_openai_errors(live):
 
 
 def test_every_route_takes_a_trailing_slash(live, llm):
-    """GET /v1/models/ and every other route written with a trailing slash (as OpenAI-compatible
-    clients given a base URL ending in "/" build them) was refused: /v1/models/ as the model "",
-    a POST with a 307 redirect that clients do not follow (one that does may drop the body). Each
-    is its route, answered as without the slash; a path that is no route stays a 404."""
+    """GET /v1/models/ and every other route written with a trailing slash, or with "//" (as
+    OpenAI-compatible clients given a base URL ending in "/" build them) was refused: /v1/models/ as
+    the model "", a POST with a 307 redirect that clients do not follow (one that does may drop the
+    body), "//v1/models" with a 404. Each is its route, answered as without the slash; a path that
+    is no route stays a 404."""
     assert _get(live.url + "/v1/models/") == _get(live.url + "/v1/models")
     assert _get(live.url + "/v1/models/tiny/")["id"] == "tiny"
     assert _get(live.url + "/health/")["status"] == "ok"
@@ -1136,7 +1137,11 @@ def test_every_route_takes_a_trailing_slash(live, llm):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     expected = llm.generate("Paris is", max_new_tokens=4)
     assert client.completions.create(model="tiny", prompt="Paris is", max_tokens=4).choices[0].text == expected
-    for path in ("/v1/nothing/", "/v1/models//", "//"):
+    # runs of "/" are one, as nginx merges them (a base URL "http://host/" joined with "/v1/...")
+    assert _get(live.url + "//v1/models//") == _get(live.url + "/v1/models")
+    assert _post_json(live, "//v1//completions", {"prompt": "Paris is", "max_tokens": 4})[1]["choices"][0]["text"] \
+        == expected
+    for path in ("/v1/nothing/", "/v1/models/nothing/", "//"):
         status, reply = _request(live.url + path, None)
         assert status == 404 and reply["error"]["type"] == "invalid_request_error", (path, reply)
 
