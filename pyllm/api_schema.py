@@ -71,6 +71,8 @@ class JsonSchemaFormat(_Body):
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema", "regex", "grammar"] = "text"
     json_schema: JsonSchemaFormat | None = None
+    # type "json_object": a JSON schema the object follows (llama.cpp's server and llama-cpp-python take it so)
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
     regex: str | None = None  # type "regex"
     grammar: str | None = None  # type "grammar": Lark
 
@@ -79,12 +81,18 @@ class ResponseFormat(_Body):
         needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
         if self.type in needed and not needed[self.type]:
             raise _FieldError(f"response_format.{self.type}", f"type {self.type!r} needs this field")
+        if self.schema_ is not None and self.type != "json_object":  # it was ignored: free text, or another schema
+            instead = "json_schema.schema" if self.type == "json_schema" else "type 'json_object'"
+            raise _FieldError("response_format.schema", f"is taken with type 'json_object' only (llama.cpp's form); "
+                                                        f"with type {self.type!r} it would be ignored: give {instead}")
         return self
 
     def as_dict(self) -> dict:
         """The form generate(response_format=...) takes."""
         out: dict[str, Any] = {"type": self.type}
-        if self.type == "json_schema":
+        if self.type == "json_object" and self.schema_ is not None:
+            out["schema"] = self.schema_
+        elif self.type == "json_schema":
             out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_,
                                   "strict": self.json_schema.strict}
         elif self.type in ("regex", "grammar"):
@@ -229,10 +237,14 @@ class ChatCompletionRequest(_Sampling):
             if getattr(self, old) is not None:
                 raise _FieldError(old, f"is OpenAI's deprecated form of {new}, which pyllm does not take: give "
                                        f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
-        if self.top_logprobs and not self.logprobs:
+        if "top_logprobs" in self.model_fields_set and not self.logprobs:  # 0 too, as OpenAI refuses it
             raise _FieldError("top_logprobs", "needs logprobs: true")
         if self.max_tokens == 0:  # a reply of nothing (OpenAI: "Expected a value >= 1"); -1 is llama.cpp's no limit
             raise _FieldError("max_tokens", "must be at least 1 (or -1: until the context is full)")
+        for name in ("tool_choice", "parallel_tool_calls"):  # OpenAI's 400 (in its words), "none" too: a client
+            # that sends them has tools in mind, and dropping them in silence hid that its tools went missing
+            if name in self.model_fields_set and not self.tools:
+                raise _FieldError(name, f"'{name}' is only allowed when 'tools' are specified")
         first: dict[str, int] = {}
         for k, tool in enumerate(self.tools or []):  # a call names its function: two of a name are ambiguous
             j = first.setdefault(tool.function.name, k)
@@ -243,8 +255,6 @@ class ChatCompletionRequest(_Sampling):
             names = [t.function.name for t in self.tools or []]
             if self.tool_choice.function.name not in names:
                 raise _FieldError("tool_choice", f"names {self.tool_choice.function.name!r}, which is not in tools")
-        elif self.tool_choice == "required" and not self.tools:
-            raise _FieldError("tool_choice", "'required' needs tools")
         return self
 
     @property

@@ -148,7 +148,9 @@ ALIASES = {
     "n_ctx": "context_length", "max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty",
     "model_path": "path", "chat_format": "chat_template", "max_completion_tokens": "max_new_tokens",
     "lora_path": "lora", "stop_strings": "stop",  # (transformers' generate(stop_strings=) got "did you mean
-}                                                 # 'stop_token_ids'?")
+    # 'stop_token_ids'?"); llama-cpp-python's Llama.tokenize(text, add_bos, special)
+    "add_bos": "add_special_tokens", "special": "parse_special",
+}
 
 
 # Names of transformers' GenerationConfig and llama-cpp-python that generate()/chat() do not take, with
@@ -168,11 +170,32 @@ NOT_TAKEN.update(min_length=NOT_TAKEN["min_new_tokens"], min_tokens=NOT_TAKEN["m
                  eos_token_id="the model's own end-of-generation tokens always end the reply; stop_token_ids=[...] "
                               "adds others (transformers' eos_token_id replaces them)",
                  pad_token_id="generation pads nothing (each prompt has its own KV sequence); leave it out")
+# ... llama-cpp-python's create_completion/create_chat_completion arguments those methods do not take
+NOT_TAKEN_BY_CREATE = {
+    "grammar": "give response_format={'type': 'grammar', 'grammar': <a Lark or GBNF grammar>} (or a json_schema)",
+    "logits_processor": "the OpenAI-shaped methods take a request's fields; give generate(logits_processors=...)",
+    "stopping_criteria": "give stop= (strings) or stop_token_ids=",
+    "tfs_z": "tail-free sampling is not supported (llama.cpp removed it); min_p or typical_p are near it",
+    "mirostat_mode": "mirostat sampling is not supported",
+    "max_new_tokens": "these methods take OpenAI's name, max_tokens (generate and chat take max_new_tokens)",
+}
+NOT_TAKEN_BY_CREATE.update(mirostat_tau=NOT_TAKEN_BY_CREATE["mirostat_mode"],
+                           mirostat_eta=NOT_TAKEN_BY_CREATE["mirostat_mode"])
 # ... and llama-cpp-python's Llama() arguments LLM() does not take (lora_path was "did you mean 'model_path'?")
 NOT_TAKEN_BY_LLM = {
     "n_gpu_layers": "device='cuda' runs the whole model on the GPU (there is no partial offload)",
     "seed": "give seed= to generate() or chat() (each call is seeded on its own)",
+    # llama-cpp-python code passes these nearly always (verbose=False above all): each refusal says what to do
+    "verbose": "pyllm writes no log while it loads or generates; leave it out",
+    "n_batch": "pyllm sizes the chunks a prompt runs in itself; leave it out",
+    "n_threads_batch": "n_threads= runs prompts and generation alike",
+    "use_mmap": "the model file is always memory-mapped; leave it out",
+    "logits_all": "llm.logits(ids) gives every position's logits; leave it out",
+    "embedding": "llm.embed(texts) works on any model; leave it out",
+    "type_k": "kv_cache= sets the KV cache's type (f16, f32, q8_0), keys and values alike",
+    "flash_attn": "pyllm picks its attention kernels itself; leave it out",
 }
+NOT_TAKEN_BY_LLM.update(n_ubatch=NOT_TAKEN_BY_LLM["n_batch"], type_v=NOT_TAKEN_BY_LLM["type_k"])
 
 
 def accepts_aliases(method):
@@ -183,6 +206,8 @@ def accepts_aliases(method):
     open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
 
     where = method.__qualname__.replace(".__init__", "")
+    not_taken = (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM if "context_length" in known
+                 else NOT_TAKEN_BY_CREATE if "max_tokens" in known else {})
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
@@ -194,9 +219,8 @@ def accepts_aliases(method):
                 if target in kwargs:
                     raise TypeError(f"{where}() got both {target!r} and its alias {name!r}")
                 kwargs[target] = kwargs.pop(name)
-            elif not open_ended and name in (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM if
-                                             "context_length" in known else ()):
-                why = (NOT_TAKEN if "max_new_tokens" in known else NOT_TAKEN_BY_LLM)[name]
+            elif not open_ended and name in not_taken:
+                why = not_taken[name]
                 raise TypeError(f"{where}() got an unexpected keyword argument {name!r}: {why}")
             elif not open_ended:
                 close = difflib.get_close_matches(name, known + [a for a, t in ALIASES.items() if t in known], n=1)
@@ -560,9 +584,11 @@ class LLM:
         return engine
 
     # -- tokens --------------------------------------------------------------
+    @accepts_aliases
     def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of text (Tokenizer.encode): parse_special=False reads special-token strings
-        written in it ("<|im_end|>") as plain text."""
+        written in it ("<|im_end|>") as plain text. llama-cpp-python's add_bos and special are
+        aliases of add_special_tokens and parse_special (whose default here is True)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, parse_special=parse_special)
 
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
@@ -1018,6 +1044,122 @@ class LLM:
         ids = self.chat_prompt_ids(messages, **options)
         return self.generate(ids, stream=stream, **kwargs)
 
+    # -- OpenAI's shapes (llama-cpp-python's Llama.create_completion / create_chat_completion) ---------
+    @accepts_aliases
+    def create_completion(self, prompt: str | list, *, max_tokens: int | None = None, temperature: float | None = None,
+                          top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                          typical_p: float | None = None, repetition_penalty: float | None = None,
+                          presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                          logit_bias: dict | None = None, seed: int | None = None, stop: str | list[str] | None = None,
+                          stop_token_ids: list[int] | None = None, stream: bool = False,
+                          stream_options: dict | None = None, logprobs: int | None = None, echo: bool | None = None,
+                          n: int | None = None, best_of: int | None = None, suffix: str | None = None,
+                          response_format: dict | None = None, model: str | None = None, user: str | None = None):
+        """A /v1/completions request, answered as `pyllm serve` answers it (the same validation and
+        the same answer, built by the same code: pyllm.serve.Completions), as llama-cpp-python's
+        Llama.create_completion answers it; llm(prompt, ...) is this call. The server's bounds on
+        what an HTTP client may send (--max-prompt-chars, --max-body-bytes) do not apply.
+
+        The options are the request's fields (OpenAI's, and llama.cpp's top_k, min_p, typical_p,
+        stop_token_ids; repeat_penalty is repetition_penalty), with the server's meaning: one left
+        None takes the model's generation defaults (greedy when it has none), not llama-cpp-python's
+        fixed ones (temperature 0.8, top_p 0.95, top_k 40, ...); max_tokens None is 16 (-1: until
+        the context is full); seed -1 is unseeded; logprobs N (0..20) gives each token's
+        log-probability and its N most likely alternatives; echo returns the prompt before the text;
+        prompt may be a string, token ids, or a list of either (one choice each, n times each);
+        model "BASE:ADAPTER" selects a prompt-learning adapter, and the answer names it.
+
+        Returns a dict: {"id": "cmpl-...", "object": "text_completion", "created": int, "model": str,
+        "choices": [{"index": int, "text": str, "logprobs": None | {"tokens": [str], "token_logprobs":
+        [float], "top_logprobs": [{str: float}], "text_offset": [int]}, "finish_reason": "stop" |
+        "length"}], "usage": {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int,
+        "prompt_tokens_details": {"cached_tokens": int}}}. With stream=True an iterator of chunk
+        dicts with the same id, object "text_completion", and one choice each: {"index", "text" (the
+        new text), "logprobs", "finish_reason": None but in a choice's last chunk};
+        stream_options={"include_usage": True} adds "usage" to every chunk, None but in a last chunk
+        with no choices. Choices run one after another; closing the iterator, or leaving a `for`
+        over it, ends the generation and frees the model for the next call. An error while it
+        generates (a grammar the model cannot follow) is raised by the iterator, where the server
+        sends an error event. A generation that cancel() ended says finish_reason "cancelled".
+
+        Raises pyllm.errors.RequestError (a ValueError) for a request the server refuses with a 4xx,
+        with the server's message, naming the field in .param (a prompt or max_tokens past the
+        context: .code "context_length_exceeded"); ValueError (PyllmError) for a grammar that cannot
+        be used; TypeError for an unknown keyword (or one of llama-cpp-python's this does not take,
+        saying what to do); RuntimeError without pydantic (pip install 'pyllm[serve]') or, for
+        response_format, without llguidance (structured.GrammarUnavailable)."""
+        return self._create(locals(), chat=False)
+
+    __call__ = create_completion
+
+    @accepts_aliases
+    def create_chat_completion(self, messages: list[dict], *, tools: list[dict] | None = None,
+                               tool_choice: str | dict | None = None, parallel_tool_calls: bool | None = None,
+                               response_format: dict | None = None, max_tokens: int | None = None,
+                               max_completion_tokens: int | None = None, temperature: float | None = None,
+                               top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                               typical_p: float | None = None, repetition_penalty: float | None = None,
+                               presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                               logit_bias: dict | None = None, seed: int | None = None,
+                               stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+                               stream: bool = False, stream_options: dict | None = None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None, n: int | None = None,
+                               model: str | None = None, user: str | None = None, functions: list | None = None,
+                               function_call: str | dict | None = None):
+        """A /v1/chat/completions request, answered as `pyllm serve` answers it (the same
+        validation and the same answer, built by the same code: pyllm.serve.Completions), as
+        llama-cpp-python's Llama.create_chat_completion answers it.
+
+        messages: OpenAI's ({"role", "content": a string or text parts, "tool_calls", ...}); the
+        options are the request's fields with the server's meaning (create_completion's; max_tokens
+        None: until the context is full). tools / tool_choice ("none", "auto", "required" or
+        {"type": "function", "function": {"name": ...}}; the last two held to a grammar) /
+        parallel_tool_calls: OpenAI's function calling, for templates with a tool-call format;
+        response_format: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema":
+        {...}}}, or pyllm's "regex" / "grammar" types (needs llguidance); logprobs=True with
+        top_logprobs N: each token's log-probability and its N most likely alternatives.
+        functions / function_call (OpenAI's deprecated forms) are refused, saying what to give.
+
+        Returns a dict: {"id": "chatcmpl-...", "object": "chat.completion", "created": int,
+        "model": str, "choices": [{"index": int, "message": {"role": "assistant", "content": str |
+        None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": str}}]
+        (only when it calls)}, "logprobs": None | {"content": [{"token", "logprob", "bytes",
+        "top_logprobs": [...]}]}, "finish_reason": "stop" | "length" | "tool_calls"}], "usage":
+        {...}} (create_completion's). With stream=True an iterator of dicts of object
+        "chat.completion.chunk", one choice each: {"index", "delta": {"role": "assistant",
+        "content": ""} first, then {"content": str} pieces and {"tool_calls": [...]}, "logprobs",
+        "finish_reason": None but in a choice's last chunk}; stream_options and closing the
+        iterator as create_completion's.
+
+        Raises what create_completion raises; a tool or template error is RequestError naming
+        "tools" or "messages" (ToolError, a ValueError, for tools the template cannot call)."""
+        return self._create(locals(), chat=True)
+
+    def _create(self, arguments: dict, chat: bool):
+        """create_completion's and create_chat_completion's answer to their arguments (locals())."""
+        import json
+
+        from . import serve
+
+        if serve.parse_request is None:
+            raise RuntimeError("LLM.create_completion and create_chat_completion need pydantic: "
+                               "pip install 'pyllm[serve]'")
+        fields = {k: v for k, v in arguments.items() if k != "self" and v is not None}
+        try:  # the request as JSON carries it, so that it is validated as the server validates a body
+            raw = json.dumps(fields, default=_jsonable).encode()
+        except (TypeError, ValueError):
+            for name, value in fields.items():  # the argument at fault
+                try:
+                    json.dumps(value, default=_jsonable)
+                except (TypeError, ValueError) as e:
+                    raise TypeError(f"{name}: {e} (a request field holds JSON's types: str, int, float, bool, "
+                                    "None, list, dict)") from None
+            raise
+        # made per call (microseconds): kept on self, it and self would hold each other, and a deleted LLM
+        # its memory (the mapped file, the KV cache) until the garbage collector's next cycle
+        completions = serve.Completions(self, os.path.splitext(os.path.basename(self.path))[0])
+        return completions.create(serve.parse_body(raw), chat)
+
     def chat_stop(self, stop):
         """`stop` (None, a string or a list) with the end-of-turn marker of a built-in chat template
         (chat_template.TEMPLATE_STOPS) added; another value is returned as given, for generate to refuse."""
@@ -1317,6 +1459,17 @@ def _embed_inputs(texts) -> list:
     if not isinstance(texts, (list, tuple)):
         raise TypeError(f"texts must be a str, a list of token ids, or a list of those; got {type(texts).__name__}")
     return [texts] if texts and isinstance(texts[0], (int, np.integer)) else list(texts)
+
+
+def _jsonable(value):
+    """json.dumps' default for the NumPy values a request field may hold (token ids, a seed)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not a JSON type")
 
 
 def _is_batch(prompt) -> bool:

@@ -2,9 +2,11 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
 "stream": true; usage; finish_reason "stop"/"length"/"tool_calls"), GET /v1/models, GET
-/v1/models/{id}, POST /tokenize, POST /detokenize, GET /health. Request fields are declared in
+/v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
+slash, or "//"). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
-calls are parsed by pyllm/tool_calls.py. Options: an API key (Bearer, compared in constant time),
+calls are parsed by pyllm/tool_calls.py. Completions is the completions logic without HTTP, which
+LLM.create_completion and LLM.create_chat_completion call too. Options: an API key (Bearer, compared in constant time),
 CORS origins, sampling defaults for fields a request leaves unset, and `Limits` (pyllm.limits.
 ServerLimits) on what one request may ask: body size, prompt length, time to send the body, time a
 client may leave a stream unread (docs/SECURITY.md).
@@ -43,7 +45,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from . import api_responses as responses
 from .chat_template import TemplateError
@@ -53,16 +55,20 @@ from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
 from .tool_calls import ToolError
 
+try:  # (pydantic: LLM.create_completion needs it without starlette)
+    from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                             parse_request, validate)
+except ImportError:  # pragma: no cover - depends on the installed extras
+    parse_request = None
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-
-    from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
-                             parse_request, validate)
 except ImportError:  # pragma: no cover - depends on the installed extras
+    Starlette = None
+if parse_request is None:  # the server needs both (MISSING)
     Starlette = None
 
 PIECES_AHEAD = 64  # text pieces a generation may run ahead of its client
@@ -490,42 +496,98 @@ class _Plan:
         return out
 
 
-class Server:
-    """The routes for one LLM.
+class _ChoiceChunks:
+    """The choice objects of one streamed choice's chunks (chat deltas, or completion text), made
+    as its text pieces come: opening() before the first, piece() for each, closing() once its
+    stream has ended. Text that may be a tool call is held back until it is known not to be one;
+    calls come in a chunk of their own at the end."""
+
+    def __init__(self, completions: "Completions", plan: _Plan, index: int, stream):
+        from .tool_calls import ToolCallStream, special_marker_id
+
+        self.completions, self.plan, self.index, self.stream = completions, plan, index, stream
+        self.tokenizer = completions.llm.tokenizer
+        self.tools = (ToolCallStream(plan.tools, special_marker_id(plan.tools, self.tokenizer))
+                      if plan.chat and plan.tools is not None else None)
+        self.echo = None if plan.chat else plan.echo[index // plan.n]  # a completion's echoed prompt
+        self.all_tokens: list = []
+        self.waiting: list = []  # tokens of text held back as a possible tool call
+        self.sent = 0  # characters of a completion's text sent
+
+    def _logprobs(self, tokens):
+        if self.plan.logprobs is None:
+            return None
+        if self.plan.chat:
+            return responses.chat_logprobs(self.tokenizer, tokens)
+        return responses.completion_logprobs(self.tokenizer, tokens, self.sent)
+
+    def opening(self, echo_logprobs: dict | None = None) -> list[dict]:
+        """The chat role, or a completion's echoed prompt (echo_logprobs: Completions._echo_logprobs's)."""
+        if self.plan.chat:
+            return [responses.chat_delta(self.index, role=True)]
+        if self.echo is None:
+            return []
+        out = [responses.completion_delta(self.index, self.echo, logprobs=echo_logprobs)]
+        self.sent = len(self.echo)
+        return out
+
+    def piece(self, piece: str, tokens: list) -> list[dict]:
+        self.all_tokens += tokens
+        if self.tools is not None:
+            piece = self.tools.feed(piece, [t.id for t in tokens])
+            if not piece:
+                self.waiting += tokens
+                return []
+            tokens, self.waiting = self.waiting + tokens, []
+        if self.plan.chat:
+            return [responses.chat_delta(self.index, piece, logprobs=self._logprobs(tokens))]
+        out = [responses.completion_delta(self.index, piece, logprobs=self._logprobs(tokens))]
+        self.sent += len(piece)
+        return out
+
+    def closing(self) -> list[dict]:
+        """The rest: held-back content, the tool calls, and the finish reason."""
+        stream = self.stream
+        rest = stream.take_tokens()
+        self.all_tokens += rest
+        rest = self.waiting + rest
+        finish = stream.stats.finish_reason
+        out = []
+        if self.tools is not None:
+            full, cut = self.completions._tool_reply(self.plan, self.all_tokens, self.tools.text, stream.stats)
+            content, calls = self.tools.finish(full, cut=cut)
+            if content and not calls and self.plan.forced_calls:
+                content = ""  # a forced call cut short: its markup is no content
+            if content:
+                out.append(responses.chat_delta(self.index, content))
+            if calls:
+                out.append(responses.chat_delta(self.index, tool_calls=calls))
+            finish = tool_finish_reason(finish, calls, self.tools.dropped)
+        if self.plan.chat:
+            out.append(responses.chat_delta(self.index, finish_reason=finish, logprobs=self._logprobs(rest)))
+        else:
+            out.append(responses.completion_delta(self.index, finish_reason=finish, logprobs=self._logprobs(rest)))
+        return out
+
+
+class Completions:
+    """OpenAI's completions for one LLM, without HTTP: a validated request (api_schema) -> its plan
+    and streams -> the answer's choices and usage, or its chunks, in OpenAI's shapes
+    (api_responses). Server answers HTTP requests with it; LLM.create_completion and
+    LLM.create_chat_completion call it directly, so that both answer a request alike.
 
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    typical_p, max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
-    <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
-    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
-    max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
-    decode rows, then prompt chunks; default limits.DEFAULT_MAX_NUM_BATCHED_TOKENS). close() stops
-    the scheduler."""
+    typical_p, max_new_tokens) for fields a request leaves unset; limits: Limits (pyllm serve's
+    flags; their defaults when None), of which this uses the template's (render_limits); model_name:
+    what answers name when the request names no model."""
 
-    def __init__(self, llm, model_name: str, max_queue: int = 64, defaults: dict | None = None,
-                 api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None,
-                 max_num_batched_tokens: int | None = None):
-        from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
-        from .scheduler import Scheduler
-
+    def __init__(self, llm, model_name: str, defaults: dict | None = None, limits: Limits | None = None):
         self.llm = llm
         self.defaults = dict(defaults or {})
-        self._check_defaults()  # before the scheduler's thread starts
-        # n_parallel > 1: requests run together (close() detaches the scheduler from llm)
-        self.scheduler = (Scheduler(llm, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
-                          if llm.n_parallel > 1 else None)
+        self._check_defaults()
         self.model_name = model_name
-        self.slots = QueueSlots(max_queue)
-        # request bodies being received or parsed (all POST routes), counted apart from slots: with no bound,
-        # bodies sent faster than worker threads parse them waited in memory, 8 MiB each (500 MB for 60)
-        self.intake = QueueSlots(max_queue)
-        self.api_key = api_key
-        self.cors_origins = list(cors_origins)
         self.limits = limits or Limits()
-        self.created = int(time.time())
         self.stopping = False  # end_requests was called
-        self._running: dict = {}  # TextStream -> the thread generating it (_pieces)
-        self._running_lock = threading.Lock()
-        self.grammar_workers = ThreadPoolExecutor(GRAMMAR_WORKERS, thread_name_prefix="pyllm-serve-grammar")
 
     DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "typical_p", "max_new_tokens")
 
@@ -546,107 +608,9 @@ class Server:
         except ValueError as e:
             raise ValueError(f"a server default: {e}") from None
 
-    def close(self) -> None:
-        """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""
-        if self.scheduler is not None:
-            self.scheduler.close()
-        self.grammar_workers.shutdown(wait=False)
-
-    def end_requests(self) -> None:
-        """The server is stopping and its grace period is nearly over: every generation in progress
-        ends now (a streamed answer with an error event, another with 503 'the server is shutting
-        down') and no request starts; the requests' own ends then finish before the server cuts
-        their tasks (uvicorn's timeout_graceful_shutdown), which gave a 500 and a traceback."""
-        self.stopping = True
-        self.close()
-        with self._running_lock:
-            running = list(self._running)
-        for stream in running:  # the one generating and those waiting for the model
-            stream.cancel()
-
-    def wait_for_requests(self, seconds: float) -> None:
-        """Waits (at most `seconds`) for the threads still generating: a process that exits while one
-        runs in the C++ engine ended with 'terminate called without an active exception'."""
-        deadline = time.monotonic() + seconds
-        with self._running_lock:
-            threads = list(self._running.values())
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    @property
-    def _choices_together(self) -> int:
-        """How many choices of one request (n, several prompts) generate at once: the scheduler's
-        slots (they ran one after another, n=4 taking 4 times as long on 4 idle slots); without a
-        scheduler one, as the model runs one stream at a time."""
-        return self.llm.n_parallel if self.scheduler is not None else 1
-
-    @property
-    def max_queue(self) -> int:
-        return self.slots.limit
-
-    @property
-    def active(self) -> int:
-        """Requests running or waiting."""
-        return self.slots.active
-
-    def app(self):
-        """The ASGI application: Starlette routes, behind the API key check and CORS when set."""
-        if Starlette is None:
-            raise RuntimeError(MISSING)
-        app = Starlette(routes=[
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
-            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
-            Route("/tokenize", self.tokenize, methods=["POST"]),
-            Route("/detokenize", self.detokenize, methods=["POST"]),
-            Route("/health", self.health, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
-        return _with_access_rules(app, self.api_key, self.cors_origins)
-
-    async def _http_error(self, request: "Request", exc: "HTTPException"):
-        """Starlette's own refusals (no such route, a method the route does not take) as OpenAI's
-        error object, like every other refusal (Starlette answers them in plain text)."""
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        if exc.status_code == 404:
-            message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, "
-                        "/detokenize; GET /v1/models, /health)")
-        return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    async def _internal_error(self, request: "Request", exc: Exception):
-        """A failure no handler turned into an answer (a bug, whatever its type: a 500), as OpenAI's
-        error object where Starlette answered in plain text "Internal Server Error" (uvicorn logs it)."""
-        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
-
-    async def health(self, request: "Request"):
-        body = {"status": "ok", "requests": self.active}
-        if self.scheduler is not None:  # llama.cpp's names
-            busy = self.scheduler.busy_slots
-            body.update(slots_idle=len(self.scheduler.slots) - busy, slots_processing=busy)
-        return JSONResponse(body)
-
     def _model_ids(self) -> list[str]:
         """The base model's id, then "BASE:ADAPTER" for each prompt-learning adapter in its file."""
         return [self.model_name] + [f"{self.model_name}:{name}" for name in self.llm.adapters]
-
-    def _model_card(self, ident: str) -> dict:
-        card = {"id": ident, "object": "model", "created": self.created, "owned_by": "pyllm",
-                "context_length": self.llm.context_length}
-        if ident != self.model_name:
-            adapter = self.llm.adapters[ident.rpartition(":")[2]]
-            card.update(parent=self.model_name, adapter={"type": adapter.kind, "peft_type": adapter.peft_type,
-                                                         "virtual_tokens": adapter.virtual_tokens})
-        return card
-
-    async def models(self, request: "Request"):
-        return JSONResponse({"object": "list", "data": [self._model_card(i) for i in self._model_ids()]})
-
-    async def model(self, request: "Request"):
-        if request.path_params["model_id"] not in self._model_ids():
-            return error_response(self._no_such_model(request.path_params["model_id"]))
-        return JSONResponse(self._model_card(request.path_params["model_id"]))
 
     def _no_such_model(self, model: str) -> RequestError:
         """404 for a model this server lacks, with OpenAI's code (clients tell it from a missing route by it)."""
@@ -666,180 +630,6 @@ class Server:
         if name == "base" or base != self.model_name:
             return None
         raise self._no_such_model(model)
-
-    async def tokenize(self, request: "Request"):
-        """{"content": text, "add_special": true, "parse_special": true} -> {"tokens": [...]} (llama.cpp's
-        names; "prompt" and "add_special_tokens" too). parse_special false: special-token strings in the
-        content are tokenized as plain text."""
-        return await self._answer(request, self._tokenize)
-
-    def _tokenize(self, raw: bytes) -> dict:
-        req = validate(TokenizeRequest, parse_body(raw))
-        check_prompt_length(req, self.limits, "content")
-        tokens = self.llm.tokenize(req.content, req.add_special, parse_special=req.parse_special)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length}
-
-    async def embeddings(self, request: "Request"):
-        """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised
-        (LLM.embed's default pooling). A client that leaves ends the work at the next input."""
-        try:
-            req = await self._parse(request, self._parse_embeddings)
-        except Exception as e:
-            return error_response(e)
-        if not self.slots.take():
-            return self._busy()
-        work = _Cancel()
-        watcher = asyncio.ensure_future(_watch_disconnect(request, work))
-        try:
-            return await asyncio.to_thread(self._embeddings, req, work)
-        except Exception as e:
-            return error_response(e)
-        finally:
-            watcher.cancel()
-            self.slots.release()
-
-    def _embedding_ids(self, req) -> list[list[int]]:
-        """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
-        out = []
-        for k, item in enumerate(req.inputs):
-            ids = self._request_ids(item, f"input {k}", "input")
-            if len(ids) > self.llm.context_length:
-                raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
-                                   param="input", code="context_length_exceeded")
-            out.append(ids)
-        return out
-
-    def _parse_embeddings(self, raw: bytes):
-        req = validate(EmbeddingRequest, parse_body(raw))
-        check_prompt_length(req, self.limits, "input")
-        if not req.inputs:
-            raise RequestError("'input' must not be empty", param="input")
-        if len(req.inputs) > MAX_PROMPTS:
-            raise RequestError(f"at most {MAX_PROMPTS} inputs per request", param="input")
-        hidden = self.llm.config.hidden_size
-        if req.dimensions is not None and req.dimensions != hidden:
-            raise RequestError(f"this model's embeddings have {hidden} dimensions", param="dimensions")
-        return req
-
-    def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
-        import base64
-
-        ids = self._embedding_ids(req)
-        vectors = []
-        for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later
-            work.check()
-            vectors.append(self.llm.embed([item])[0])
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
-                 if req.encoding_format == "base64" else [float(x) for x in v]}
-                for i, v in enumerate(vectors)]
-        used = sum(len(i) for i in ids)
-        return JSONResponse({"object": "list", "data": data, "model": req.model or self.model_name,
-                             "usage": {"prompt_tokens": used, "total_tokens": used}})
-
-    async def detokenize(self, request: "Request"):
-        """{"tokens": [...]} -> {"content": text} (special tokens skipped unless "skip_special": false)."""
-        return await self._answer(request, self._detokenize)
-
-    def _detokenize(self, raw: bytes) -> dict:
-        req = validate(DetokenizeRequest, parse_body(raw))
-        limit = self.limits.max_prompt_chars  # a token is a character or more: as long a text as a prompt may be
-        if len(req.tokens) > limit:
-            raise RequestError(f"'tokens' holds {len(req.tokens)} ids; the limit is {limit} (--max-prompt-chars)",
-                               param="tokens")
-        vocab = self.llm.config.vocab_size
-        if any(i >= vocab for i in req.tokens):
-            raise RequestError(f"'tokens' must be token ids in [0, {vocab})", param="tokens")
-        return {"content": self.llm.detokenize(req.tokens, req.skip_special)}
-
-    async def _answer(self, request: "Request", work: Callable[[bytes], dict]):
-        """The JSON answer work(body bytes) gives, computed in a worker thread, or the error response."""
-        try:
-            return await self._parse(request, lambda raw: JSONResponse(work(raw)))
-        except Exception as e:
-            return error_response(e)
-
-    async def _parse(self, request: "Request", parse: Callable[[bytes], object]):
-        """parse(the request's body bytes), in a worker thread, with a place in self.intake while
-        the body is received and parsed (RequestError 503 when none is free)."""
-        if not self.intake.take():
-            raise RequestError(f"the server is busy ({self.intake.active} request bodies being received or read); "
-                               "try again later", 503)
-        try:
-            raw = await read_body(request, self.limits)
-            return await asyncio.to_thread(parse, raw)
-        finally:
-            self.intake.release()
-
-    def _busy(self) -> "JSONResponse":
-        return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
-
-    async def chat_completions(self, request: "Request"):
-        return await self._handle(request, chat=True)
-
-    async def completions(self, request: "Request"):
-        return await self._handle(request, chat=False)
-
-    async def _handle(self, request: "Request", chat: bool):
-        started = time.perf_counter()
-        try:
-            req = await self._parse(request, lambda raw: self.parse(raw, chat))
-        except Exception as e:
-            return error_response(e)
-        if not self.slots.take():
-            return self._busy()
-        handed_over = False  # whether the streaming response now releases the slot
-        try:
-            # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request
-            # that compiles a grammar starts in threads of its own (grammar_workers)
-            self._refuse_when_stopping()  # (its grammar workers are shut down by then)
-            workers = self.grammar_workers if _compiles_grammar(req, chat) else None
-            plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
-            kind = "chat.completion" if chat else "text_completion"
-            ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-            # the model asked for ("BASE:ADAPTER", or whatever name the client was configured with), as OpenAI
-            # and llama-server answer
-            head = {"id": ident, "object": kind, "created": int(time.time()), "model": req.model or self.model_name}
-            if req.stream:
-                events = self._events(plan, streams, request, head, req.include_usage, started)
-                handed_over = True
-                return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
-
-            async def generate(index, stream):
-                text, tokens = "", []
-                async for piece, new in self._pieces(_Tokens(stream), request):
-                    text += piece
-                    tokens += new
-                if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
-                    self._refuse_when_stopping()
-                    raise _ClientGone
-                yield index, text, tokens + stream.take_tokens()
-
-            replies = {}
-            try:
-                async for index, text, tokens in _together([generate(i, s) for i, s in enumerate(streams)],
-                                                           self._choices_together):
-                    replies[index] = text, tokens
-            except _ClientGone:
-                return _error("the request was cancelled", 499)
-            choices = [await asyncio.to_thread(self._choice, plan, index, *replies[index], stream)
-                       for index, stream in enumerate(streams)]
-            self._log(request, plan, streams, started)
-            answer = {**head, "choices": choices, "usage": self._usage(plan, streams)}
-            return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
-        except Exception as e:
-            return error_response(e)
-        finally:
-            if not handed_over:
-                self.slots.release()
-
-    def parse(self, raw: bytes, chat: bool):
-        """The validated request (api_schema's ChatCompletionRequest or CompletionRequest) of a body
-        (bytes), within the prompt length limit; RequestError otherwise. Slow on a large body: call
-        it in a worker thread."""
-        req = parse_request(parse_body(raw), chat)
-        check_prompt_length(req, self.limits, "messages" if chat else "prompt")
-        return req
 
     def _refuse_when_stopping(self) -> None:
         if self.stopping:
@@ -1026,6 +816,374 @@ class Server:
         return responses.usage(sum(len(p) for p in plan.prompts), sum(s.stats.generated_tokens for s in streams),
                                sum(s.stats.cached_tokens for s in streams[::plan.n]))
 
+    # -- answers and chunks -----------------------------------------------------------------------
+    def head(self, req, chat: bool) -> dict:
+        """The fields an answer, and each chunk of a streamed one, opens with: a new id, the object
+        kind, the time, and the model the request named ("BASE:ADAPTER", or whatever name the client
+        was configured with, as OpenAI and llama-server answer), else this model's name."""
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": req.model or self.model_name}
+
+    def answer(self, head: dict, plan: _Plan, replies: list, streams: list) -> dict:
+        """The non-streamed answer (chat.completion or text_completion): replies[k] is (text, tokens)
+        of choice k, whose TextStream streams[k] has ended."""
+        choices = [self._choice(plan, k, *replies[k], stream) for k, stream in enumerate(streams)]
+        return {**head, "choices": choices, "usage": self._usage(plan, streams)}
+
+    def chunk(self, head: dict, plan: _Plan, choice: dict | None, include_usage: bool,
+              usage: dict | None = None) -> dict:
+        """One chunk of a streamed answer (chat.completion.chunk or text_completion) holding choice
+        (none: the usage chunk); with include_usage every chunk has "usage", null but the last's."""
+        obj = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion",
+               "choices": [choice] if choice else []}
+        if include_usage:
+            obj["usage"] = usage
+        return obj
+
+    def create(self, body: dict, chat: bool):
+        """What LLM.create_completion (chat False) and LLM.create_chat_completion answer a request
+        body (its fields, as JSON carries them) with: the answer, or with stream true an iterator of
+        its chunks. The choices run one after another in this thread; closing the iterator (or
+        leaving a `for` over it) ends the generation and frees the LLM. RequestError (or the
+        ValueError generate raises) for a request the server refuses, with the server's message."""
+        req = parse_request(body, chat)
+        plan, streams = self.start(req, chat)
+        head = self.head(req, chat)
+        if req.stream:
+            return self._iter_chunks(plan, streams, head, req.include_usage)
+        replies = []
+        try:
+            for stream in streams:
+                text, tokens = "", []
+                for piece, new in _Tokens(stream):
+                    text += piece
+                    tokens += new
+                replies.append((text, tokens + stream.take_tokens()))
+        finally:
+            for stream in streams:
+                stream.close()
+        return self.answer(head, plan, replies, streams)
+
+    def _iter_chunks(self, plan: _Plan, streams: list, head: dict, include_usage: bool) -> Iterator[dict]:
+        try:
+            for index, stream in enumerate(streams):
+                made = _ChoiceChunks(self, plan, index, stream)
+                before = (self._echo_logprobs(plan, index)
+                          if made.echo is not None and plan.logprobs is not None else None)
+                for obj in made.opening(before):
+                    yield self.chunk(head, plan, obj, include_usage)
+                for piece, tokens in _Tokens(stream):
+                    for obj in made.piece(piece, tokens):
+                        yield self.chunk(head, plan, obj, include_usage)
+                for obj in made.closing():
+                    yield self.chunk(head, plan, obj, include_usage)
+            if include_usage:
+                yield self.chunk(head, plan, None, True, self._usage(plan, streams))
+        finally:
+            for stream in streams:  # left early: the one generating gives the model back now
+                stream.close()
+
+
+class Server(Completions):
+    """The routes for one LLM.
+
+    defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
+    typical_p, max_new_tokens) for fields a request leaves unset; api_key: required as "Authorization: Bearer
+    <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
+    limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
+    max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
+    decode rows, then prompt chunks; default limits.DEFAULT_MAX_NUM_BATCHED_TOKENS). close() stops
+    the scheduler."""
+
+    def __init__(self, llm, model_name: str, max_queue: int = 64, defaults: dict | None = None,
+                 api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None,
+                 max_num_batched_tokens: int | None = None):
+        from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
+        from .scheduler import Scheduler
+
+        super().__init__(llm, model_name, defaults, limits)  # (its checks before the scheduler's thread starts)
+        # n_parallel > 1: requests run together (close() detaches the scheduler from llm)
+        self.scheduler = (Scheduler(llm, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
+                          if llm.n_parallel > 1 else None)
+        self.slots = QueueSlots(max_queue)
+        # request bodies being received or parsed (all POST routes), counted apart from slots: with no bound,
+        # bodies sent faster than worker threads parse them waited in memory, 8 MiB each (500 MB for 60)
+        self.intake = QueueSlots(max_queue)
+        self.api_key = api_key
+        self.cors_origins = list(cors_origins)
+        self.created = int(time.time())
+        self._running: dict = {}  # TextStream -> the thread generating it (_pieces)
+        self._running_lock = threading.Lock()
+        self.grammar_workers = ThreadPoolExecutor(GRAMMAR_WORKERS, thread_name_prefix="pyllm-serve-grammar")
+
+    def close(self) -> None:
+        """Stops the scheduler (its streams end as cancelled); the LLM then runs one call at a time."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self.grammar_workers.shutdown(wait=False)
+
+    def end_requests(self) -> None:
+        """The server is stopping and its grace period is nearly over: every generation in progress
+        ends now (a streamed answer with an error event, another with 503 'the server is shutting
+        down') and no request starts; the requests' own ends then finish before the server cuts
+        their tasks (uvicorn's timeout_graceful_shutdown), which gave a 500 and a traceback."""
+        self.stopping = True
+        self.close()
+        with self._running_lock:
+            running = list(self._running)
+        for stream in running:  # the one generating and those waiting for the model
+            stream.cancel()
+
+    def wait_for_requests(self, seconds: float) -> None:
+        """Waits (at most `seconds`) for the threads still generating: a process that exits while one
+        runs in the C++ engine ended with 'terminate called without an active exception'."""
+        deadline = time.monotonic() + seconds
+        with self._running_lock:
+            threads = list(self._running.values())
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def _choices_together(self) -> int:
+        """How many choices of one request (n, several prompts) generate at once: the scheduler's
+        slots (they ran one after another, n=4 taking 4 times as long on 4 idle slots); without a
+        scheduler one, as the model runs one stream at a time."""
+        return self.llm.n_parallel if self.scheduler is not None else 1
+
+    @property
+    def max_queue(self) -> int:
+        return self.slots.limit
+
+    @property
+    def active(self) -> int:
+        """Requests running or waiting."""
+        return self.slots.active
+
+    def app(self):
+        """The ASGI application: Starlette routes, behind the API key check and CORS when set."""
+        if Starlette is None:
+            raise RuntimeError(MISSING)
+        app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
+        ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
+        return _with_access_rules(app, self.api_key, self.cors_origins)
+
+    async def _http_error(self, request: "Request", exc: "HTTPException"):
+        """Starlette's own refusals (no such route, a method the route does not take) as OpenAI's
+        error object, like every other refusal (Starlette answers them in plain text)."""
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, "
+                        "/detokenize; GET /v1/models, /health)")
+        return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def _internal_error(self, request: "Request", exc: Exception):
+        """A failure no handler turned into an answer (a bug, whatever its type: a 500), as OpenAI's
+        error object where Starlette answered in plain text "Internal Server Error" (uvicorn logs it)."""
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    async def health(self, request: "Request"):
+        body = {"status": "ok", "requests": self.active}
+        if self.scheduler is not None:  # llama.cpp's names
+            busy = self.scheduler.busy_slots
+            body.update(slots_idle=len(self.scheduler.slots) - busy, slots_processing=busy)
+        return JSONResponse(body)
+
+    def _model_card(self, ident: str) -> dict:
+        card = {"id": ident, "object": "model", "created": self.created, "owned_by": "pyllm",
+                "context_length": self.llm.context_length}
+        if ident != self.model_name:
+            adapter = self.llm.adapters[ident.rpartition(":")[2]]
+            card.update(parent=self.model_name, adapter={"type": adapter.kind, "peft_type": adapter.peft_type,
+                                                         "virtual_tokens": adapter.virtual_tokens})
+        return card
+
+    async def models(self, request: "Request"):
+        return JSONResponse({"object": "list", "data": [self._model_card(i) for i in self._model_ids()]})
+
+    async def model(self, request: "Request"):
+        if request.path_params["model_id"] not in self._model_ids():
+            return error_response(self._no_such_model(request.path_params["model_id"]))
+        return JSONResponse(self._model_card(request.path_params["model_id"]))
+
+    async def tokenize(self, request: "Request"):
+        """{"content": text, "add_special": true, "parse_special": true} -> {"tokens": [...]} (llama.cpp's
+        names; "prompt" and "add_special_tokens" too). parse_special false: special-token strings in the
+        content are tokenized as plain text."""
+        return await self._answer(request, self._tokenize)
+
+    def _tokenize(self, raw: bytes) -> dict:
+        req = validate(TokenizeRequest, parse_body(raw))
+        check_prompt_length(req, self.limits, "content")
+        tokens = self.llm.tokenize(req.content, req.add_special, parse_special=req.parse_special)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length}
+
+    async def embeddings(self, request: "Request"):
+        """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised
+        (LLM.embed's default pooling). A client that leaves ends the work at the next input."""
+        try:
+            req = await self._parse(request, self._parse_embeddings)
+        except Exception as e:
+            return error_response(e)
+        if not self.slots.take():
+            return self._busy()
+        work = _Cancel()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, work))
+        try:
+            return await asyncio.to_thread(self._embeddings, req, work)
+        except Exception as e:
+            return error_response(e)
+        finally:
+            watcher.cancel()
+            self.slots.release()
+
+    def _embedding_ids(self, req) -> list[list[int]]:
+        """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
+        out = []
+        for k, item in enumerate(req.inputs):
+            ids = self._request_ids(item, f"input {k}", "input")
+            if len(ids) > self.llm.context_length:
+                raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
+                                   param="input", code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    def _parse_embeddings(self, raw: bytes):
+        req = validate(EmbeddingRequest, parse_body(raw))
+        check_prompt_length(req, self.limits, "input")
+        if not req.inputs:
+            raise RequestError("'input' must not be empty", param="input")
+        if len(req.inputs) > MAX_PROMPTS:
+            raise RequestError(f"at most {MAX_PROMPTS} inputs per request", param="input")
+        hidden = self.llm.config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise RequestError(f"this model's embeddings have {hidden} dimensions", param="dimensions")
+        return req
+
+    def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
+        import base64
+
+        ids = self._embedding_ids(req)
+        vectors = []
+        for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later
+            work.check()
+            vectors.append(self.llm.embed([item])[0])
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                 if req.encoding_format == "base64" else [float(x) for x in v]}
+                for i, v in enumerate(vectors)]
+        used = sum(len(i) for i in ids)
+        return JSONResponse({"object": "list", "data": data, "model": req.model or self.model_name,
+                             "usage": {"prompt_tokens": used, "total_tokens": used}})
+
+    async def detokenize(self, request: "Request"):
+        """{"tokens": [...]} -> {"content": text} (special tokens skipped unless "skip_special": false)."""
+        return await self._answer(request, self._detokenize)
+
+    def _detokenize(self, raw: bytes) -> dict:
+        req = validate(DetokenizeRequest, parse_body(raw))
+        limit = self.limits.max_prompt_chars  # a token is a character or more: as long a text as a prompt may be
+        if len(req.tokens) > limit:
+            raise RequestError(f"'tokens' holds {len(req.tokens)} ids; the limit is {limit} (--max-prompt-chars)",
+                               param="tokens")
+        vocab = self.llm.config.vocab_size
+        if any(i >= vocab for i in req.tokens):
+            raise RequestError(f"'tokens' must be token ids in [0, {vocab})", param="tokens")
+        return {"content": self.llm.detokenize(req.tokens, req.skip_special)}
+
+    async def _answer(self, request: "Request", work: Callable[[bytes], dict]):
+        """The JSON answer work(body bytes) gives, computed in a worker thread, or the error response."""
+        try:
+            return await self._parse(request, lambda raw: JSONResponse(work(raw)))
+        except Exception as e:
+            return error_response(e)
+
+    async def _parse(self, request: "Request", parse: Callable[[bytes], object]):
+        """parse(the request's body bytes), in a worker thread, with a place in self.intake while
+        the body is received and parsed (RequestError 503 when none is free)."""
+        if not self.intake.take():
+            raise RequestError(f"the server is busy ({self.intake.active} request bodies being received or read); "
+                               "try again later", 503)
+        try:
+            raw = await read_body(request, self.limits)
+            return await asyncio.to_thread(parse, raw)
+        finally:
+            self.intake.release()
+
+    def _busy(self) -> "JSONResponse":
+        return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+
+    async def chat_completions(self, request: "Request"):
+        return await self._handle(request, chat=True)
+
+    async def completions(self, request: "Request"):
+        return await self._handle(request, chat=False)
+
+    async def _handle(self, request: "Request", chat: bool):
+        started = time.perf_counter()
+        try:
+            req = await self._parse(request, lambda raw: self.parse(raw, chat))
+        except Exception as e:
+            return error_response(e)
+        if not self.slots.take():
+            return self._busy()
+        handed_over = False  # whether the streaming response now releases the slot
+        try:
+            # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request
+            # that compiles a grammar starts in threads of its own (grammar_workers)
+            self._refuse_when_stopping()  # (its grammar workers are shut down by then)
+            workers = self.grammar_workers if _compiles_grammar(req, chat) else None
+            plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
+            head = self.head(req, chat)
+            if req.stream:
+                events = self._events(plan, streams, request, head, req.include_usage, started)
+                handed_over = True
+                return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
+
+            async def generate(index, stream):
+                text, tokens = "", []
+                async for piece, new in self._pieces(_Tokens(stream), request):
+                    text += piece
+                    tokens += new
+                if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
+                    self._refuse_when_stopping()
+                    raise _ClientGone
+                yield index, text, tokens + stream.take_tokens()
+
+            replies = {}
+            try:
+                async for index, text, tokens in _together([generate(i, s) for i, s in enumerate(streams)],
+                                                           self._choices_together):
+                    replies[index] = text, tokens
+            except _ClientGone:
+                return _error("the request was cancelled", 499)
+            answer = await asyncio.to_thread(self.answer, head, plan, [replies[k] for k in range(len(streams))],
+                                             streams)
+            self._log(request, plan, streams, started)
+            return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
+        except Exception as e:
+            return error_response(e)
+        finally:
+            if not handed_over:
+                self.slots.release()
+
+    def parse(self, raw: bytes, chat: bool):
+        """The validated request (api_schema's ChatCompletionRequest or CompletionRequest) of a body
+        (bytes), within the prompt length limit; RequestError otherwise. Slow on a large body: call
+        it in a worker thread."""
+        req = parse_request(parse_body(raw), chat)
+        check_prompt_length(req, self.limits, "messages" if chat else "prompt")
+        return req
+
     def _log(self, request, plan: _Plan, streams, started: float) -> None:
         generated = sum(s.stats.generated_tokens for s in streams)
         decode = sum(s.stats.decode_seconds for s in streams)
@@ -1051,84 +1209,35 @@ class Server:
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
                       started: float) -> AsyncIterator[str]:
-        from .tool_calls import ToolCallStream, special_marker_id
-
-        chunk_kind = {**head, "object": "chat.completion.chunk" if plan.chat else "text_completion"}
-        tokenizer = self.llm.tokenizer
-
-        def chunk(choice, usage=None):
-            obj = {**chunk_kind, "choices": [choice] if choice else []}
-            if include_usage:
-                obj["usage"] = usage
-            return _sse(obj)
-
-        def logprobs(tokens, offset=0):
-            if plan.logprobs is None:
-                return None
-            if plan.chat:
-                return responses.chat_logprobs(tokenizer, tokens)
-            return responses.completion_logprobs(tokenizer, tokens, offset)
+        def event(choice, usage=None):
+            return _sse(self.chunk(head, plan, choice, include_usage, usage))
 
         async def choice(index, stream):
-            tools = (ToolCallStream(plan.tools, special_marker_id(plan.tools, tokenizer))
-                     if plan.chat and plan.tools is not None else None)
-            all_tokens, sent = [], 0
-            if plan.chat:
-                yield chunk(responses.chat_delta(index, role=True))
-            else:
-                echo = plan.echo[index // plan.n]
-                if echo is not None:
-                    before = (await asyncio.to_thread(self._echo_logprobs, plan, index)
-                              if plan.logprobs is not None else None)
-                    yield chunk(responses.completion_delta(index, echo, logprobs=before))
-                    sent = len(echo)
+            made = _ChoiceChunks(self, plan, index, stream)
+            before = None
+            if made.echo is not None and plan.logprobs is not None:
+                before = await asyncio.to_thread(self._echo_logprobs, plan, index)
+            for obj in made.opening(before):
+                yield event(obj)
             pieces = self._pieces(_Tokens(stream), request)
-            waiting: list = []  # tokens of text held back as a possible tool call
             try:
                 async for piece, tokens in pieces:
-                    all_tokens += tokens
-                    if tools is not None:
-                        piece = tools.feed(piece, [t.id for t in tokens])
-                        if not piece:
-                            waiting += tokens
-                            continue
-                        tokens, waiting = waiting + tokens, []
-                    if plan.chat:
-                        yield chunk(responses.chat_delta(index, piece, logprobs=logprobs(tokens)))
-                    else:
-                        yield chunk(responses.completion_delta(index, piece, logprobs=logprobs(tokens, sent)))
-                        sent += len(piece)
+                    for obj in made.piece(piece, tokens):
+                        yield event(obj)
             finally:
                 await pieces.aclose()  # now, not when garbage collected: a client that left cancels it
             if stream.stats.finish_reason == "cancelled":  # the client went away, or the server stops
                 self._refuse_when_stopping()  # an error event
                 raise _ClientGone
-            rest = stream.take_tokens()
-            all_tokens += rest
-            rest = waiting + rest
-            finish = stream.stats.finish_reason
-            if tools is not None:
-                full, cut = self._tool_reply(plan, all_tokens, tools.text, stream.stats)
-                content, calls = tools.finish(full, cut=cut)
-                if content and not calls and plan.forced_calls:
-                    content = ""  # a forced call cut short: its markup is no content
-                if content:
-                    yield chunk(responses.chat_delta(index, content))
-                if calls:
-                    yield chunk(responses.chat_delta(index, tool_calls=calls))
-                finish = tool_finish_reason(finish, calls, tools.dropped)
-                yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))
-            elif plan.chat:
-                yield chunk(responses.chat_delta(index, finish_reason=finish, logprobs=logprobs(rest)))
-            else:
-                yield chunk(responses.completion_delta(index, finish_reason=finish, logprobs=logprobs(rest, sent)))
+            for obj in made.closing():
+                yield event(obj)
         try:
-            async for event in _together([choice(i, s) for i, s in enumerate(streams)], self._choices_together):
-                yield event
+            async for item in _together([choice(i, s) for i, s in enumerate(streams)], self._choices_together):
+                yield item
         except _ClientGone:
             return
         if include_usage:
-            yield chunk(None, self._usage(plan, streams))
+            yield event(None, self._usage(plan, streams))
         self._log(request, plan, streams, started)
         yield "data: [DONE]\n\n"
 
@@ -1184,7 +1293,8 @@ class Server:
 
 
 def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
-    """app behind the API key check (every path but /health) and, outermost, CORS."""
+    """app behind the API key check (every path but /health), CORS, and, outermost, paths with a
+    trailing slash or "//" taken as their route (_TrailingSlash: "/health/" is /health for the key check too)."""
     if api_key:
         app = _ApiKey(app, api_key)
     if cors_origins:
@@ -1203,7 +1313,26 @@ def _with_access_rules(app, api_key: str | None, cors_origins: list[str]):
                 return JSONResponse(_error_body(message, response.status_code), response.status_code, headers)
 
         app = Cors(app, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
-    return app
+    return _TrailingSlash(app)
+
+
+class _TrailingSlash:
+    """ASGI middleware: a path is its route without a trailing "/" ("/v1/models/", "/health/") and
+    with runs of "/" as one ("//v1/chat/completions", as nginx merges them), before every other
+    rule. OpenAI-compatible clients given a base URL ending in "/" write paths so; Starlette answered
+    a GET of "/v1/models/" as the model "" (404), a POST with a 307 redirect, which clients do not
+    follow (or follow dropping the body), and "//v1/..." with a 404."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path") or ""
+        if scope["type"] == "http" and (path.endswith("/") and len(path) > 1 or "//" in path):
+            scope = dict(scope, path="/" + "/".join(part for part in path.split("/") if part))
+            if scope.get("raw_path"):  # the path as sent (percent-encoded), alike
+                scope["raw_path"] = b"/" + b"/".join(part for part in scope["raw_path"].split(b"/") if part)
+        await self.app(scope, receive, send)
 
 
 class _ApiKey:

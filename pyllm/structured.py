@@ -61,7 +61,8 @@ def _llguidance():
 def grammar_from(response_format: dict | None = None, grammar: str | None = None) -> str | None:
     """The llguidance grammar for OpenAI's response_format or a Lark grammar, or None for free text.
 
-    response_format: {"type": "text"}; {"type": "json_object"} (any JSON object);
+    response_format: {"type": "text"}; {"type": "json_object"} (any JSON object; with "schema": {...},
+    llama.cpp's and llama-cpp-python's form, an object that schema allows);
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}} (no schema: any JSON);
     pyllm's extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark>"}.
     Raises ValueError for a malformed response_format or both arguments at once; GrammarUnavailable
@@ -71,6 +72,9 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     kind = (response_format or {}).get("type", "text")
     if kind not in RESPONSE_FORMATS:
         raise ValueError(f"response_format type must be one of {', '.join(RESPONSE_FORMATS)}; got {kind!r}")
+    if (response_format or {}).get("schema") is not None and kind != "json_object":  # it was ignored
+        raise ValueError("response_format's schema is taken with type 'json_object' only (llama.cpp's form); type "
+                         f"{kind!r} would ignore it" + (": give json_schema.schema" if kind == "json_schema" else ""))
     if grammar is not None and kind != "text":
         raise ValueError("give either response_format or grammar, not both")
     if grammar is None and kind == "text":
@@ -78,6 +82,9 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     LLMatcher = _llguidance().LLMatcher
     if grammar is not None:
         return LLMatcher.grammar_from_lark(_lark(_string(grammar, "grammar"), "grammar"))
+    if kind == "json_object" and response_format.get("schema") is not None:
+        # llama.cpp's server and llama-cpp-python take a json_object's schema here (it was ignored: any object)
+        kind, response_format = "json_schema", {"json_schema": {"schema": response_format["schema"]}}
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
     if kind == "json_schema":

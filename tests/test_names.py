@@ -93,11 +93,28 @@ def test_generate_names_top_logprobs_and_chat_takes_openai_s_logprobs(llm):
 @pytest.mark.parametrize("name, message", [
     ("n_gpu_layers", "device='cuda' runs the whole model on the GPU"),
     ("seed", "give seed= to generate\\(\\) or chat\\(\\)"),
+    # were "did you mean" nothing ("it takes: path, ..."): Llama(model_path=..., verbose=False) is the common call
+    ("verbose", "pyllm writes no log"), ("n_batch", "pyllm sizes the chunks"), ("n_ubatch", "pyllm sizes the chunks"),
+    ("use_mmap", "the model file is always memory-mapped"), ("type_k", "kv_cache="), ("type_v", "kv_cache="),
+    ("n_threads_batch", "n_threads="), ("logits_all", "llm.logits"), ("embedding", "llm.embed"),
+    ("flash_attn", "pyllm picks its attention kernels"),
 ])
 def test_llama_cpp_python_constructor_names_pyllm_does_not_take_say_what_to_do(llm, name, message):
     """Llama(lora_path=...) as LLM(lora_path=...) got "did you mean 'model_path'?"."""
     with pytest.raises(TypeError, match=f"LLM\\(\\) got an unexpected keyword argument '{name}': {message}"):
         pyllm.LLM(llm.path, **{name: 1})
+
+
+def test_llama_cpp_python_s_tokenize_names_are_aliases(llm):
+    """llm.tokenize("Hi", add_bos=False) and special= (llama-cpp-python's Llama.tokenize) were
+    "unexpected keyword argument"; a misspelt one says the nearest."""
+    text = "Hi<|im_end|>"
+    assert llm.tokenize(text, add_bos=False) == llm.tokenize(text, add_special_tokens=False)
+    assert llm.tokenize(text, special=False) == llm.tokenize(text, parse_special=False) != llm.tokenize(text)
+    with pytest.raises(TypeError, match="got both 'add_special_tokens' and its alias 'add_bos'"):
+        llm.tokenize(text, add_bos=False, add_special_tokens=False)
+    with pytest.raises(TypeError, match="did you mean 'parse_special'"):
+        llm.tokenize(text, parse_specials=False)
 
 
 @pytest.mark.parametrize("path", [3, None, 2.5])

@@ -252,6 +252,35 @@ def test_bad_requests_get_clear_errors(live, llm):
     assert e.value.code == 400 and "JSON" in json.loads(e.value.read())["error"]["message"]
 
 
+def test_tool_options_without_tools_are_refused_as_openai_does(live):
+    """tool_choice (any of its values, a named function too) or parallel_tool_calls without tools,
+    and top_logprobs 0 without logprobs, were taken and dropped in silence: OpenAI refuses each
+    with a 400 naming the field ("'tool_choice' is only allowed when 'tools' are specified"), and a
+    client sending them has tools (or logprobs) in mind that it would not get."""
+    client = live.client()
+    named = {"type": "function", "function": {"name": "f"}}
+    for kwargs, param in [(dict(tool_choice="none"), "tool_choice"), (dict(tool_choice="auto"), "tool_choice"),
+                          (dict(tool_choice="required"), "tool_choice"), (dict(tool_choice=named), "tool_choice"),
+                          (dict(parallel_tool_calls=False), "parallel_tool_calls"),
+                          (dict(parallel_tool_calls=True), "parallel_tool_calls"),
+                          (dict(top_logprobs=0), "top_logprobs")]:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=_chat("hi"), max_tokens=1, stream=stream,
+                                               **kwargs)
+            assert e.value.param == param and e.value.status_code == 400, kwargs
+            assert e.value.body["type"] == "invalid_request_error", e.value.body
+            if param != "top_logprobs":
+                assert f"'{param}' is only allowed when 'tools' are specified" in e.value.message, e.value.message
+    # explicit nulls are the defaults, as everywhere; with tools each is taken
+    status, reply = _request(live.url + "/v1/chat/completions", json.dumps(
+        {"messages": _chat("hi"), "max_tokens": 1, "tool_choice": None, "parallel_tool_calls": None}).encode())
+    assert status == 200, reply
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    client.chat.completions.create(model="tiny", messages=_chat("hi"), max_tokens=1, tools=[tool],
+                                   tool_choice="none", parallel_tool_calls=False)
+
+
 def test_requests_as_clients_send_them_are_accepted(live, llm):
     """Explicit nulls mean the default, seed -1 is unseeded, llama.cpp's names are aliases and
     unknown fields are ignored, as OpenAI and llama.cpp's server do."""

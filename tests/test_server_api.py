@@ -528,6 +528,31 @@ def test_json_object_regex_and_grammar(live):
                                   extra_body={"response_format": {"type": "grammar", "grammar": "start: ("}})
 
 
+def test_a_json_object_s_schema_is_followed(live, llm):
+    """response_format {"type": "json_object", "schema": {...}} (llama.cpp's server's and
+    llama-cpp-python's form) gave any JSON object, the schema ignored in silence. The object follows
+    it, from the server, create_chat_completion and generate; a schema beside another type, which
+    would be ignored, is refused naming response_format.schema."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+              "additionalProperties": False}
+    form = {"type": "json_object", "schema": schema}
+    reply = live.client().chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=60,
+                                                  temperature=1.0, seed=1, response_format=form)
+    assert json.loads(reply.choices[0].message.content)["city"] in ("Paris", "Rome"), reply
+    answer = llm.create_chat_completion(_chat("json"), max_tokens=60, temperature=1.0, seed=1, response_format=form)
+    assert answer["choices"][0]["message"]["content"] == reply.choices[0].message.content
+    assert json.loads(llm.generate("json:", max_new_tokens=60, response_format=form))["city"] in ("Paris", "Rome")
+    json_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    for form in ({"type": "text", "schema": schema}, dict(json_schema, schema=schema),
+                 {"type": "regex", "regex": "a", "schema": schema}):
+        with pytest.raises(openai.BadRequestError) as e:
+            live.client().chat.completions.create(model="tiny", messages=_chat("json"), max_tokens=5,
+                                                  response_format=form)
+        assert e.value.param == "response_format.schema" and "json_object" in e.value.message, e.value.message
+        with pytest.raises(ValueError, match="schema is taken with type 'json_object' only"):
+            llm.generate("json:", max_new_tokens=5, response_format=form)
+
+
 UNFOLLOWABLE = [{"type": "grammar", "grammar": "start: start"},  # a rule that only calls itself: no text at all
                 {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}]  # the same as a schema
 
@@ -1092,6 +1117,35 @@ def test_unknown_routes_and_methods_get_openai_errors(live):
         live.client().responses.create(model="tiny", input="hi")
 
 
+def test_every_route_takes_a_trailing_slash(live, llm):
+    """GET /v1/models/ and every other route written with a trailing slash, or with "//" (as
+    OpenAI-compatible clients given a base URL ending in "/" build them) was refused: /v1/models/ as
+    the model "", a POST with a 307 redirect that clients do not follow (one that does may drop the
+    body), "//v1/models" with a 404. Each is its route, answered as without the slash; a path that
+    is no route stays a 404."""
+    assert _get(live.url + "/v1/models/") == _get(live.url + "/v1/models")
+    assert _get(live.url + "/v1/models/tiny/")["id"] == "tiny"
+    assert _get(live.url + "/health/")["status"] == "ok"
+    for path, body in [("/v1/completions/", {"prompt": "Paris is", "max_tokens": 3}),
+                       ("/v1/chat/completions/", {"messages": _chat("hi"), "max_tokens": 3}),
+                       ("/v1/embeddings/", {"input": "hi"}), ("/tokenize/", {"content": "hi"}),
+                       ("/detokenize/", {"tokens": [5, 6]})]:
+        status, reply = _post_json(live, path, body)
+        assert status == 200 and "error" not in reply, (path, reply)
+        assert _post_json(live, path.rstrip("/"), body)[1].keys() == reply.keys()
+    client = openai.OpenAI(base_url=live.url + "/v1/", api_key="none", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    expected = llm.generate("Paris is", max_new_tokens=4)
+    assert client.completions.create(model="tiny", prompt="Paris is", max_tokens=4).choices[0].text == expected
+    # runs of "/" are one, as nginx merges them (a base URL "http://host/" joined with "/v1/...")
+    assert _get(live.url + "//v1/models//") == _get(live.url + "/v1/models")
+    assert _post_json(live, "//v1//completions", {"prompt": "Paris is", "max_tokens": 4})[1]["choices"][0]["text"] \
+        == expected
+    for path in ("/v1/nothing/", "/v1/models/nothing/", "//"):
+        status, reply = _request(live.url + path, None)
+        assert status == 404 and reply["error"]["type"] == "invalid_request_error", (path, reply)
+
+
 def test_a_failure_outside_the_request_handlers_is_an_openai_error(live, monkeypatch):
     """A route that fails outside the handlers' own error handling (here /v1/models, made to raise)
     was answered by Starlette in plain text ("Internal Server Error"); it is OpenAI's error object,
@@ -1113,8 +1167,13 @@ def test_api_key_and_cors(llm):
             server.client().models.list()
         ok = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
         assert ok.completions.create(model="tiny", prompt="hi", max_tokens=1).usage.completion_tokens == 1
-        with urllib.request.urlopen(server.url + "/health", timeout=5) as r:  # open for load balancers
-            assert r.status == 200
+        for path in ("/health", "/health/"):  # open for load balancers
+            with urllib.request.urlopen(server.url + path, timeout=5) as r:
+                assert r.status == 200
+        with pytest.raises(openai.AuthenticationError):  # a trailing slash is the route, behind the key too
+            openai.OpenAI(base_url=server.url + "/v1/", api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=server.url + "/v1/", api_key="s3cret",
+                                            max_retries=0).models.list().data] == ["tiny"]
         preflight = urllib.request.Request(server.url + "/v1/chat/completions", method="OPTIONS", headers={
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization,content-type"})
