@@ -1070,6 +1070,10 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             limits: RenderLimits | None = None, **extra) -> str:
+        """The chat template (the model's, or the one LLM(chat_template=) gave) rendered over messages, as
+        text: transformers' apply_chat_template(tokenize=False). extra: more template variables (tools=,
+        documents=, ...); limits bound its time and output (RenderLimits()). TemplateError for a model
+        without a usable template or a template that fails. chat_prompt_ids gives the prompt's token ids."""
         if self.chat_template_fault:
             raise TemplateError(self.chat_template_fault)
         spec = self.tokenizer.spec
