@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", default=None,
                    help=CALIBRATION_HELP)
     p.add_argument("--rtn", action="store_true",
-                   help="int8/int4: plain round-to-nearest on min/max scales, no scale search (default: off)")
+                   help="int8/int4: plain round-to-nearest on min/max scales: no calibration, no scale search "
+                        "(default: off)")
     p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
                    help="store the N matrices with the largest quantization error at int8 (default 0)")
     p.add_argument("--bits", type=float, default=None, metavar="BITS",
