@@ -492,6 +492,9 @@ class LLM:
             raise ValueError("the CUDA engine holds one sequence (n_parallel=1); run batches on the CPU")
         if device == "cuda" and kv_cache not in ("auto", "f32"):
             raise ValueError(f"the CUDA engine keeps its KV cache in f32 (kv_cache='auto' or 'f32', not {kv_cache!r})")
+        if kv_cache == "q8_0" and self.config.head_dim % 32:  # the engine's message blamed the file, in Python's name
+            raise ValueError(f"a q8_0 KV cache needs head_dim a multiple of 32 (llama.cpp's block); this model's is "
+                             f"{self.config.head_dim}: use f16 (kv_cache='f16', --kv-cache f16)")
         kv_bytes = engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device)
         check_kv_cache_bytes(kv_bytes, f"{n_parallel} sequence(s) of {n_ctx} positions")
         self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
