@@ -370,10 +370,12 @@ class LLM:
     docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float activations either way; the CUDA
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
-    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS (default
-    _core.default_threads(): the CPUs this process may run on, at most its container's CPU quota);
-    n_parallel: 1 .. MAX_PARALLEL (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
-    loading (FormatError on a mismatch; `pyllm verify` does the same from the command line).
+    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens (default: the model's, at most
+    DEFAULT_CONTEXT, 4096); n_threads: 1 .. MAX_THREADS (default _core.default_threads(): the CPUs
+    this process may run on, at most its container's CPU quota); n_parallel: 1 .. MAX_PARALLEL
+    (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum and the
+    header's before loading (FormatError on a mismatch; `pyllm verify` does the same from the
+    command line).
 
     One LLM may be shared between threads: calls run one at a time, in turn. cancel() ends the
     running call from any thread. A stream holds the engine only while its consumer keeps reading:
