@@ -533,9 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none)")
     p.set_defaults(func=cmd_convert)
 
-    from .train import add_arguments as add_train_arguments
+    from .train import TRAIN_REQUIREMENTS, add_arguments as add_train_arguments
 
-    p = sub.add_parser("train", help="LoRA fine-tuning on Alpaca-format data (needs torch, transformers, peft)")
+    p = sub.add_parser("train", help="fine-tuning on Alpaca-format data: LoRA, prompt tuning, P-tuning or prefix tuning "
+                                     f"(needs {TRAIN_REQUIREMENTS})")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
