@@ -13,27 +13,39 @@ QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym", "i
 # Flags take transformers' spelling (--max-new-tokens, --repetition-penalty, --context-length) and
 # llama.cpp's (-n/--n-predict, --repeat-penalty, -c/--ctx-size, --temp) as aliases of one another.
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
+def _add_sampling(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    """serve: the options are defaults for requests that leave them unset ("the model's setting": its
+    generation_config.json, read with transformers' rules: do_sample without a temperature is 1.0, without
+    top_k 50)."""
     p.add_argument("-n", "--max-tokens", "--max-new-tokens", "--n-predict", dest="max_tokens", type=int, default=None,
-                   help="most tokens to generate, -1: until the context is full (default: the model's setting, "
-                        "else 256)")
-    p.add_argument("--temperature", "--temp", type=float, default=None,
-                   help="0 = greedy (default: the model's setting, else 0)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely tokens, 0 or -1 = all (default: the model's setting, else 0)")
-    p.add_argument("--top-p", type=float, default=None,
+                   metavar="N", help="most tokens to generate, -1: until the context is full (default: the model's "
+                                     "setting, else 256)")
+    p.add_argument("--temperature", "--temp", type=float, default=None, metavar="T",
+                   help="0 = greedy (default: the model's setting, 1 when it samples without one; else 0)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the k most likely tokens, 0 or -1 = all (default: the model's setting, 50 "
+                        "when it samples without one; else 0)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="nucleus sampling: the smallest set of tokens holding this probability (default: the "
                         "model's setting, else 1 = off)")
-    p.add_argument("--min-p", type=float, default=None,
+    p.add_argument("--min-p", type=float, default=None, metavar="P",
                    help="drop tokens less likely than min-p times the most likely one (default: the model's "
                         "setting, else 0 = off)")
-    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=None,
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=None, metavar="P",
                    help="locally typical sampling: tokens whose surprisal is nearest the entropy, holding this "
-                        "probability (default: 1 = off)")
+                        "probability (default: the model's setting, else 1 = off)")
     p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float, default=None,
-                   help="repetition penalty, 1 = off (default: the model's setting, else 1)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="random seed of sampling, set once per session (default: a fresh one each run)")
+                   metavar="PENALTY", help="penalty on tokens already in the prompt or reply (transformers' "
+                                           "repetition_penalty: their logits divided by it, multiplied when "
+                                           "negative), 1 = off (default: the model's setting, else 1)")
+    if serve:  # a seed given here seeds every request that sends none: each then samples the same way
+        p.add_argument("--seed", type=int, default=None, metavar="N",
+                       help="seed of requests that send none (each such request then gives the same text for "
+                            "the same prompt); -1: unseeded (default: unseeded)")
+    else:
+        p.add_argument("--seed", type=int, default=None, metavar="N",
+                       help="random seed of sampling, set once per session; -1: unseeded (default: a fresh one "
+                            "each run)")
 
 
 # SamplingParams field -> (argparse dest, flag) of _add_sampling's options
@@ -78,14 +90,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-t", "--threads", "--n-threads", dest="threads", type=int, default=None,
+    p.add_argument("-t", "--threads", "--n-threads", dest="threads", type=int, default=None, metavar="N",
                    help="threads (default: the CPUs this process may use: its affinity mask, at most a container's "
                         "CPU quota)")
 
 
 def _add_context(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", "--ctx-size", "--context-length", "--n-ctx", dest="ctx", type=int, default=None,
-                   help="context length in tokens (default: the model's, at most 4096)")
+                   metavar="TOKENS", help="context length in tokens (default: the model's, at most 4096)")
 
 
 def _add_chat_template(p: argparse.ArgumentParser) -> None:
@@ -118,18 +130,18 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
     from .limits import ServerLimits
 
     d = ServerLimits()
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="BYTES",
                    help=f"largest request body; larger ones get 413 (default {d.max_body_bytes})")
-    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars, metavar="CHARS",
                    help=f"most characters of prompt text per request (default {d.max_prompt_chars})")
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="SECONDS",
                    help=f"seconds a client may take to send its request headers, and its body (default "
                         f"{d.body_timeout:g})")
-    p.add_argument("--send-timeout", type=float, default=d.send_timeout,
+    p.add_argument("--send-timeout", type=float, default=d.send_timeout, metavar="SECONDS",
                    help=f"seconds a client may leave a reply unread before it is dropped (default {d.send_timeout:g})")
-    p.add_argument("--template-timeout", type=float, default=d.template_timeout,
+    p.add_argument("--template-timeout", type=float, default=d.template_timeout, metavar="SECONDS",
                    help=f"seconds the chat template may take per request (default {d.template_timeout:g})")
-    p.add_argument("--timeout-graceful-shutdown", type=float, default=d.timeout_graceful_shutdown,
+    p.add_argument("--timeout-graceful-shutdown", type=float, default=d.timeout_graceful_shutdown, metavar="SECONDS",
                    help="seconds the requests in progress may take to finish once the server is asked to stop "
                         f"(SIGTERM, Ctrl-C); the rest are then ended (default {d.timeout_graceful_shutdown:g})")
 
@@ -484,24 +496,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a .pllm file")
     p.add_argument("source", help="Hugging Face model directory (config.json, safetensors or pytorch_model.bin) of a "
                                   "supported family (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, bloom, opt, "
-                                  "gpt2, glm, glm4) or a llama GGUF file")
-    p.add_argument("-o", "--output", required=True, help="output .pllm file (required)")
+                                  "gpt2, glm, glm4), or a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2, gemma3, "
+                                  "phi3, bloom, gpt2, glm4, chatglm; a split model by any of its shards)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="output .pllm file (required)")
     p.add_argument("--quant", default=None, choices=QUANT_NAMES,
                    help="weight format of the linear layers (int4: every matrix int4_asym_dq g32 where that fits 4.6 "
                         "bits/weight, else, or with --bits, layouts chosen per matrix under the budget; embeddings and "
                         "lm_head of int8/int4 models are int8 g32) (default: f16 for Hugging Face checkpoints; for "
                         "GGUF the source formats, with block types pyllm has no layout for re-quantized to int8 or "
                         "int4_asym, with a notice)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="values per scale for int8/int4 (32, 64, 128); given with --quant int4, every matrix "
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="weights per scale for int8/int4: a multiple of 32 (32, 64, 128, 256, ...); given with --quant int4, every matrix "
                         "keeps it (default: 32, or for --quant int4 chosen per matrix)")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help=CALIBRATION_HELP)
     p.add_argument("--rtn", action="store_true",
-                   help="int8/int4: plain round-to-nearest on min/max scales, no scale search (default: off)")
+                   help="int8/int4: plain round-to-nearest on min/max scales: no calibration, no scale search "
+                        "(default: off)")
     p.add_argument("--keep-sensitive", type=int, default=0, metavar="N",
                    help="store the N matrices with the largest quantization error at int8 (default 0)")
-    p.add_argument("--bits", type=float, default=None,
+    p.add_argument("--bits", type=float, default=None, metavar="BITS",
                    help="--quant int4: bits per weight budget over the linear layers (default 4.6)")
     p.add_argument("--awq", action="store_true",
                    help="int8/int4 with calibration: activation-aware per-channel scales (AWQ) folded into the norms, "
@@ -519,21 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none)")
     p.set_defaults(func=cmd_convert)
 
-    from .train import add_arguments as add_train_arguments
+    from .train import TRAIN_REQUIREMENTS, add_arguments as add_train_arguments
 
-    p = sub.add_parser("train", help="LoRA fine-tuning on Alpaca-format data (needs torch, transformers, peft)")
+    p = sub.add_parser("train", help="fine-tuning on Alpaca-format data: LoRA, prompt tuning, P-tuning or prefix tuning "
+                                     f"(needs {TRAIN_REQUIREMENTS})")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="merge LoRA adapters into a Hugging Face checkpoint (written as a new one)")
-    p.add_argument("base", help="Hugging Face model directory")
+    p.add_argument("base", help="Hugging Face model directory (the adapters' base)")
     p.add_argument("--lora", action="append", required=True, metavar="ADAPTER",
                    help="PEFT LoRA adapter directory (required; repeat to stack adapters, applied in order)")
-    p.add_argument("-o", "--output", required=True, help="new Hugging Face model directory (required)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="new Hugging Face model directory (required)")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="weight dtype (default f32)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("verify", help="check every tensor of a .pllm file against its checksum")
+    p = sub.add_parser("verify", help="check every tensor and the header of a .pllm file against their checksums")
     p.add_argument("model", help="a .pllm file")
     p.set_defaults(func=cmd_verify)
 
@@ -543,11 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     # "unrecognized arguments")
     p.add_argument("prompt_words", nargs="*", default=[], metavar="PROMPT",
                    help="the prompt after the model, as ollama run takes it: the same as -p (default: none)")
-    p.add_argument("-p", "--prompt", default=None,
+    p.add_argument("-p", "--prompt", default=None, metavar="TEXT",
                    help="answer this prompt and exit (default: read it from piped stdin, or chat in a terminal)")
     p.add_argument("--raw", action="store_true",
                    help="treat the prompt as plain text to continue, not as a chat message (default: chat)")
-    p.add_argument("--system", "--system-prompt", dest="system", default=None,
+    p.add_argument("--system", "--system-prompt", dest="system", default=None, metavar="TEXT",
                    help="system message for chat (default: the chat template's own, if any)")
     p.add_argument("--adapter", default=None, metavar="NAME",
                    help="a prompt-tuning / P-tuning / prefix-tuning adapter stored in the file (pyllm convert "
@@ -565,10 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     _add_model(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, metavar="PORT", help="port (default 8000)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id clients see, and send as \"model\" (default: the file name)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests running or waiting before new ones get 503 (default 64)")
     p.add_argument("--parallel", "-np", type=int, default=None, metavar="N",
                    help="requests generated together (continuous batching; each has a KV-cache slot of the full "
@@ -582,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_limits(p)
     _add_threads(p)
     _add_context(p)
-    p.add_argument("--api-key", default=None,
+    p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request but /health (default: $PYLLM_API_KEY, "
                         "else open)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
@@ -591,19 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_cache(p)
     _add_activation_quant(p)
     _add_device(p)
-    _add_sampling(p)  # defaults for requests that leave these fields unset
+    _add_sampling(p, serve=True)  # defaults for requests that leave these fields unset
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity of a model on a text (llama.cpp's method)")
     _add_model(p)
     from .eval_texts import DOMAIN_NAMES
 
-    p.add_argument("--text", "-f", "--file", dest="text", default=None,
+    p.add_argument("--text", "-f", "--file", dest="text", default=None, metavar="FILE|NAME",
                    help=f"UTF-8 text file, or an evaluation text of docs/QUALITY.md by name: {', '.join(DOMAIN_NAMES)} "
                         "(default: python-docs, Python's documentation topics)")
-    p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512,
+    p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512, metavar="TOKENS",
                    help="window length in tokens (default 512)")
-    p.add_argument("--windows", "--chunks", dest="windows", type=int, default=None,
+    p.add_argument("--windows", "--chunks", dest="windows", type=int, default=None, metavar="N",
                    help="score only the first N windows (default: all the text holds)")
     _add_threads(p)
     p.add_argument("--parallel", type=int, default=4, metavar="N",
@@ -615,13 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill and decode speed, bandwidth bound, load time and memory (llama-bench style)")
     _add_model(p)
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens of the prefill test (default 512)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens of the decode test (default 128)")
-    p.add_argument("-d", "--depth", type=int, default=0,
+    p.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N", help="prompt tokens of the prefill test (default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N", help="tokens of the decode test (default 128)")
+    p.add_argument("-d", "--depth", type=int, default=0, metavar="N",
                    help="tokens already in the KV cache before each test, as llama-bench's -d (default 0)")
-    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions after one warm-up (default 5)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, metavar="N", help="repetitions after one warm-up (default 5)")
     _add_threads(p)
-    p.add_argument("--bandwidth-mib", type=int, default=1024,
+    p.add_argument("--bandwidth-mib", type=int, default=1024, metavar="MIB",
                    help="buffer of the read-bandwidth probe in MiB (default 1024; 0 skips the probe)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
     _add_kv_cache(p)

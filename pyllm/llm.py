@@ -394,10 +394,12 @@ class LLM:
     docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float activations either way; the CUDA
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
-    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens; n_threads: 1 .. MAX_THREADS (default
-    _core.default_threads(): the CPUs this process may run on, at most its container's CPU quota);
-    n_parallel: 1 .. MAX_PARALLEL (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum before
-    loading (FormatError on a mismatch; `pyllm verify` does the same from the command line).
+    context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens (default: the model's, at most
+    DEFAULT_CONTEXT, 4096); n_threads: 1 .. MAX_THREADS (default _core.default_threads(): the CPUs
+    this process may run on, at most its container's CPU quota); n_parallel: 1 .. MAX_PARALLEL
+    (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum and the
+    header's before loading (FormatError on a mismatch; `pyllm verify` does the same from the
+    command line).
 
     One LLM may be shared between threads: calls run one at a time, in turn. cancel() ends the
     running call from any thread. A stream holds the engine only while its consumer keeps reading:
@@ -516,6 +518,9 @@ class LLM:
             raise ValueError("the CUDA engine holds one sequence (n_parallel=1); run batches on the CPU")
         if device == "cuda" and kv_cache not in ("auto", "f32"):
             raise ValueError(f"the CUDA engine keeps its KV cache in f32 (kv_cache='auto' or 'f32', not {kv_cache!r})")
+        if kv_cache == "q8_0" and self.config.head_dim % 32:  # the engine's message blamed the file, in Python's name
+            raise ValueError(f"a q8_0 KV cache needs head_dim a multiple of 32 (llama.cpp's block); this model's is "
+                             f"{self.config.head_dim}: use f16 (kv_cache='f16', --kv-cache f16)")
         kv_bytes = engine_kv_cache_bytes(self.config, n_ctx, kv_cache, n_parallel, self.model.linears, device)
         check_kv_cache_bytes(kv_bytes, f"{n_parallel} sequence(s) of {n_ctx} positions")
         self.adapters = self.model.adapters  # prompt-learning adapters stored in the file (pyllm/adapters.py)
@@ -1212,6 +1217,10 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             limits: RenderLimits | None = None, **extra) -> str:
+        """The chat template (the model's, or the one LLM(chat_template=) gave) rendered over messages, as
+        text: transformers' apply_chat_template(tokenize=False). extra: more template variables (tools=,
+        documents=, ...); limits bound its time and output (RenderLimits()). TemplateError for a model
+        without a usable template or a template that fails. chat_prompt_ids gives the prompt's token ids."""
         if self.chat_template_fault:
             raise TemplateError(self.chat_template_fault)
         spec = self.tokenizer.spec

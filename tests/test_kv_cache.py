@@ -123,6 +123,20 @@ def test_kv_cache_choices_and_refusals(model_file, tmp_path):
         pyllm.LLM(out, kv_cache="q8_0")
 
 
+def test_q8_0_refusal_names_the_option_not_the_file(tmp_path, capsys):
+    """`pyllm run FILE --kv-cache q8_0` on a head_dim-16 model said "FILE: a q8_0 KV cache needs ...: use
+    kv_cache='f16'": the file blamed, and a Python keyword the command line does not take."""
+    from pyllm import cli
+
+    base = make_tiny_llama(str(tmp_path / "d16"), seed=1)
+    out = str(tmp_path / "d16.pllm")
+    convert_checkpoint(base, out, quant="f32", progress=False)
+    capsys.readouterr()  # (the checkpoint's own progress bars)
+    assert cli.main(["run", out, "--kv-cache", "q8_0", "-p", "hi", "-n", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--kv-cache f16" in err and "is 16" in err and out not in err and len(err.splitlines()) == 1
+
+
 def test_q8_0_cache_size_is_counted():
     from pyllm.llm import kv_cache_bytes
 

@@ -361,3 +361,39 @@ def test_perplexity_past_a_floats_range_is_inf_not_an_overflow_error():
     logits = np.zeros((16, 8), dtype=np.float32)
     logits[:, 1] = 700.0  # just inside the range: still a number
     assert math.isfinite(perplexity(lambda ids: logits, tokens, ctx=16).perplexity)
+
+
+def _help_of(capsys, *command) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_names_what_the_code_takes(capsys):
+    """`pyllm convert --help` said the source could be "a llama GGUF file" (ten GGUF architectures
+    convert) and --group-size "(32, 64, 128)" (256 too); `pyllm serve --help` said --seed was "set
+    once per session", where it seeds every request that sends none."""
+    from pyllm.arch import ARCHITECTURES
+    from pyllm.convert.gguf_arch import GGUF_ARCHITECTURES
+    from pyllm.quant import GROUP_SIZES
+
+    text = _help_of(capsys, "convert")
+    source = text[text.index("source "):text.index("options:")]
+    for name in [*ARCHITECTURES, *GGUF_ARCHITECTURES]:
+        assert re.search(rf"\b{name}\b", source), name
+    group = text[text.index("--group-size N "):]
+    assert ", ".join(str(g) for g in GROUP_SIZES) in group[:200]
+    serve = _help_of(capsys, "serve")
+    seed = serve[serve.index("--seed N "):]
+    assert "requests that send none" in seed and "session" not in seed
+
+
+def test_help_defaults_are_the_real_ones(capsys):
+    """A number a help text gives as the default is the parser's default (they are written apart)."""
+    wrong = []
+    for name, action in _options(cli.build_parser()):
+        m = re.search(r"\(default:? ([-0-9.e]+)[;:,) ]", action.help or "")
+        if m and isinstance(action.default, (int, float)) and not isinstance(action.default, bool):
+            if float(m.group(1)) != float(action.default):
+                wrong.append(f"{name}: help says {m.group(1)}, the default is {action.default}")
+    assert not wrong, "\n".join(wrong)
