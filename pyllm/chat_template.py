@@ -16,7 +16,9 @@ bytes and integers (any integer argument past the limit; replace, translate, joi
 the size they would build; format widths and precisions), the filters center, indent, format,
 join, replace, batch and slice, tojson's indent and lipsum's size, str.encode and bytes.decode by the
 most their codec writes per character; and what every filter and method returns (urlencode, pprint,
-utf-16, hex: a few times their input, again at each step of a loop). Every failure is a TemplateError.
+utf-16, hex: a few times their input, again at each step of a loop); and what the rendering builds in
+all (limits.MAX_TEMPLATE_WORK times the output limit: values each within it, kept under many names, in a
+recursive macro's frames or in a list of a map). Every failure is a TemplateError.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import PASSING, PyllmError, read_text
-from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, RenderLimits
+from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, MAX_TEMPLATE_WORK, RenderLimits
 
 
 class TemplateError(PyllmError):
@@ -324,7 +326,10 @@ def _compile_bounded(source: str):
             Namespace._check(name)
             if isinstance(value, (str, bytes)) or _is_container(value):  # a flag (true, 3) weighs 1 whatever it was
                 _weights_changed()  # a namespace is the one container a template can change
+            old = (_namespace_attrs(self) or {}).get(name)
             jinja2.utils.Namespace.__setitem__(self, name, value)
+            if old is not None and old is not value:
+                _released(old)
 
         @staticmethod
         def _check(name):
@@ -339,6 +344,21 @@ def _compile_bounded(source: str):
                 self.visit(arg, frame)
                 self.write(", ")
             self.write("))")
+
+        @jinja2.compiler.optimizeconst
+        def visit_Getitem(self, node, frame):  # s[1:]: through sliced (Jinja slices in place), a new value counted
+            if not isinstance(node.arg, nodes.Slice):
+                return super().visit_Getitem(node, frame)
+            self.write("environment.sliced(")
+            self.visit(node.node, frame)
+            self.write(", ")
+            for part in (node.arg.start, node.arg.stop, node.arg.step):
+                if part is None:
+                    self.write("None")
+                else:
+                    self.visit(part, frame)
+                self.write(", ")
+            self.write(")")
 
         def visit_List(self, node, frame):  # [a, b]: through checked_value (a value held twice doubles)
             self.write("environment.checked_value(")
@@ -363,16 +383,20 @@ def _compile_bounded(source: str):
 
         def call_binop(self, context, operator, left, right):
             _check_binop(operator, left, right)
-            return super().call_binop(context, operator, left, right)
+            return _built(super().call_binop(context, operator, left, right), (left, right))
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
             args = _check_call(__obj, args, kwargs)
             # dict(a=x, b=x), namespace(); a method whose value is a multiple of its input (encode, hex)
-            return _checked_result(super().call(__context, __obj, *args, **kwargs), __obj)
+            return _checked_result(super().call(__context, __obj, *args, **kwargs), __obj, args)
 
         @staticmethod
         def checked_value(value):
             return _checked_value(value)
+
+        @staticmethod
+        def sliced(value, start, stop, step):
+            return _built(value[start:stop:step], (value,))  # (s[1:] under many names: new strings, each counted)
 
         def wrap_str_format(self, value):
             wrapped = super().wrap_str_format(value)
@@ -388,13 +412,13 @@ def _compile_bounded(source: str):
         def concat(parts) -> str:  # a macro's, caller's or {% set %} block's text: doubled forty times over
             parts = list(parts)
             _check_size(sum(map(len, parts)), "a macro's or block's text")
-            return "".join(parts)
+            return _built("".join(parts))
 
         @staticmethod
         def checked_concat(values) -> str:
             parts = [v if isinstance(v, str) else str(v) for v in values]
             _check_size(sum(map(len, parts)), "a string joined with ~")
-            return "".join(parts)
+            return _built("".join(parts))
 
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     _bound_filters(env.filters)
@@ -450,6 +474,7 @@ class _RenderGuard:
         previous = sys.gettrace()
         sys.settrace(self._global)
         _limits.value = self.limits
+        _limits.built = 0
         _weights.stable, _weights.volatile = {}, {}
         try:
             out, size = [], 0
@@ -467,6 +492,7 @@ class _RenderGuard:
 
 class _ThreadLimits(threading.local):
     value: RenderLimits | None = None
+    built: int = 0  # characters and elements the rendering in this thread has built (_built)
 
 
 _limits = _ThreadLimits()
@@ -592,13 +618,52 @@ def _checked_value(value):
     return value
 
 
-def _checked_result(value, fn):
+def _checked_result(value, fn, args=()):
     """value, what a function, method or filter returned, refused past the output limit: a value a
     few times its input's size (utf-16, unicode_escape, hex, pprint, urlencode) would otherwise grow
-    that many times over at each step of a loop."""
+    that many times over at each step of a loop. Counted among what the rendering builds (_built),
+    unless it is one of the values given (|string of a string, |default) or an element a container's
+    method returns (dict.get)."""
     if isinstance(value, (str, bytes)):
         _check_size(len(value), f"what {getattr(fn, '__name__', 'a call')} returns")
+    owner = getattr(fn, "__self__", None)
+    if not (isinstance(value, (str, bytes)) and (isinstance(owner, (dict, list, tuple)) or _is_container(owner))):
+        _built(value, (owner, *args))
     return _checked_value(value)
+
+
+def _size(value) -> int:
+    """What _built counts of a value: a string's characters, a container's elements (not theirs: held
+    already, or counted when built), an integer's bytes."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple, dict)):
+        return len(value)
+    if _is_int(value):
+        return value.bit_length() // 8
+    return 0
+
+
+def _built(value, given=()):
+    """value, a value the rendering built (by an operator, a call, a filter, a macro), counted: TemplateError
+    once what the rendering has built passes MAX_TEMPLATE_WORK times its output limit. Each value stays
+    within the output limit, but together they took all memory (see limits.MAX_TEMPLATE_WORK)."""
+    if _limits.value is None or any(value is g for g in given):
+        return value
+    _limits.built += _size(value)
+    most = MAX_TEMPLATE_WORK * _most()
+    if _limits.built > most:
+        raise TemplateError(f"the chat template builds more than {most} characters or elements in all (limits."
+                            f"MAX_TEMPLATE_WORK = {MAX_TEMPLATE_WORK} times its output limit: values made again and "
+                            "again, or kept under many names, in a recursive macro's calls or in a list of a map)")
+    return value
+
+
+def _released(old) -> None:
+    """A namespace attribute's previous value, replaced: its size is given back to _built when nothing else
+    holds it (this function's own reference and getrefcount's argument), as its memory is."""
+    if _limits.value is not None and sys.getrefcount(old) <= 3:
+        _limits.built = max(0, _limits.built - _size(old))
 
 
 MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
@@ -799,7 +864,7 @@ def _result_checked(f):
 
     @functools.wraps(f)  # keeps jinja_pass_arg (pass_context, pass_environment...)
     def checked(*args, **kwargs):
-        return _checked_result(f(*args, **kwargs), f)
+        return _checked_result(f(*args, **kwargs), f, args)
     return checked
 
 

@@ -394,6 +394,19 @@ HOSTILE = {
     # a namespace weighed while small, then given a long string: its holder repeated a thousand times
     "shared namespace given a string": "{% set m = namespace(a='') %}{% set h = [m] %}{% set m.a = 'x' * 1000000 %}"
                                        "{{ ([h] * 1000)|string|length }}",
+    # values each within the output limit, built again and again and kept (or all built at once by a list or
+    # join of a map): together they took all memory, 5 GB in seconds under an 8 Mi-character limit
+    "map of long values listed": "{{ range(100000)|map('center', 1000000)|list|length }}",
+    "map of long values joined": "{{ range(100000)|map('center', 1000000)|join|length }}",
+    "long values under many names": "{% set s = '\U0001F600' * 1000000 %}"
+                                    + "".join(f"{{% set v{i} = s ~ {i} %}}" for i in range(40)) + "{{ v39|length }}",
+    "slices under many names": "{% set s = '\U0001F600' * 1000000 %}"
+                               + "".join(f"{{% set v{i} = s[{i}:] %}}" for i in range(40)) + "{{ v39|length }}",
+    "recursive macro keeping long values": "{% macro f(n) %}{% set s = '\U0001F600' * 1000000 ~ n %}{{ f(n + 1) }}"
+                                           "{% endmacro %}{{ f(0) }}",
+    # (a namespace attribute replaced gives its size back only when nothing else holds it)
+    "namespace attribute kept under many names": "{% set ns = namespace(s='') %}" + "".join(
+        f"{{% set ns.s = '\U0001F600' * 1000000 ~ {i} %}}{{% set k{i} = ns.s %}}" for i in range(40)),
     # a namespace weighed while small, then given a large value: its holders' weights are redone
     "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
                                 "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
@@ -459,6 +472,19 @@ def test_a_long_conversation_through_namespaces_and_literals_renders_quickly():
     out = render_chat(template, messages)
     assert time.monotonic() - start < 3
     assert out.startswith("2|hello there 0hello there 12|hello there 2") and out.count("2|hello") == 1000
+
+
+def test_a_text_accumulated_in_a_namespace_renders():
+    """What a rendering builds in all is bounded (limits.MAX_TEMPLATE_WORK times the output limit), but a
+    namespace attribute replaced gives its size back when nothing else holds it: a template gathering the
+    conversation into `ns.text = ns.text ~ m.content` builds the sum of its lengths, and renders."""
+    from pyllm.limits import RenderLimits
+
+    messages = [{"role": "user", "content": chr(97 + i % 26) * 10000} for i in range(100)]
+    template = ("{% set ns = namespace(text='') %}{% for m in messages %}{% set ns.text = ns.text ~ m.content %}"
+                "{% endfor %}{{ ns.text|length }}|{{ messages[0].content[:3] }}{{ messages[-1].content[-2:] }}")
+    out = render_chat(template, messages, limits=RenderLimits(max_output_chars=2**20))
+    assert out == "1000000|aaavv"
 
 
 def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
