@@ -860,11 +860,23 @@ def _bound_filters(filters: dict) -> None:
 
 
 def _result_checked(f):
+    """The filter f, its value checked, and run only while a template renders: marked pass_context, as Jinja
+    folds a filter of constants (`'x'|center(8000000)|wordwrap(1)`) at compile time otherwise, with no deadline
+    and none of the rendering's limits (that one compiled for ever; a dozen such constants took a gigabyte
+    that the compiled template's cache kept). f is given what it asks for (context, eval_ctx, environment)."""
     import functools
 
-    @functools.wraps(f)  # keeps jinja_pass_arg (pass_context, pass_environment...)
-    def checked(*args, **kwargs):
-        return _checked_result(f(*args, **kwargs), f, args)
+    from jinja2 import pass_context
+    from jinja2.utils import _PassArg
+
+    wants = _PassArg.from_obj(f)
+
+    @pass_context
+    @functools.wraps(f)
+    def checked(context, *args, **kwargs):
+        first = {_PassArg.context: (context,), _PassArg.eval_context: (context.eval_ctx,),
+                 _PassArg.environment: (context.environment,)}.get(wants, ())
+        return _checked_result(f(*first, *args, **kwargs), f, args)
     return checked
 
 

@@ -407,6 +407,9 @@ HOSTILE = {
     # (a namespace attribute replaced gives its size back only when nothing else holds it)
     "namespace attribute kept under many names": "{% set ns = namespace(s='') %}" + "".join(
         f"{{% set ns.s = '\U0001F600' * 1000000 ~ {i} %}}{{% set k{i} = ns.s %}}" for i in range(40)),
+    # filters of constants, which Jinja evaluated while compiling (no deadline, no limits of the rendering)
+    "filters of constants": "{{ 'x'|center(1000000)|wordwrap(1)|length }}",
+    "filters of constants kept": "".join(f"{{% set v{i} = '{chr(0x1F600 + i)}'|center(1000000) %}}" for i in range(40)),
     # a namespace weighed while small, then given a large value: its holders' weights are redone
     "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
                                 "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
@@ -472,6 +475,38 @@ def test_a_long_conversation_through_namespaces_and_literals_renders_quickly():
     out = render_chat(template, messages)
     assert time.monotonic() - start < 3
     assert out.startswith("2|hello there 0hello there 12|hello there 2") and out.count("2|hello") == 1000
+
+
+COMPILE_ONLY = """
+import sys, time
+from pyllm.chat_template import check_chat_template
+start = time.monotonic()
+check_chat_template(sys.argv[1])
+print(time.monotonic() - start)
+"""
+
+
+@pytest.mark.parametrize("source", [
+    "{{ 'x'|center(8000000)|wordwrap(1)|length }}",
+    "{{ 'x'|center(8000000)|list|sort|length }}",
+    "".join(f"{{% set v{i} = '{chr(0x1F600 + i)}'|center(8000000) %}}" for i in range(12)),
+])
+def test_a_template_compiles_without_running_its_filters(source):
+    """Jinja evaluates a filter of constants while it compiles the template (constant folding): with no
+    deadline and none of the rendering's limits, `'x'|center(8000000)|wordwrap(1)` compiled for ever (at
+    every model load, which compiles the model's template), and twelve such constants took a gigabyte that
+    the cache of compiled templates kept. Filters now run only while a template renders, within its limits."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", COMPILE_ONLY, source], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 2
+    with pytest.raises(TemplateError, match="time limit|in all"):
+        from pyllm.limits import RenderLimits
+
+        render_chat(source, [{"role": "user", "content": "hi"}], limits=RenderLimits(seconds=1.0))
 
 
 def test_a_text_accumulated_in_a_namespace_renders():
