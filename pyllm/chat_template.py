@@ -962,14 +962,15 @@ def _template_message(message: dict) -> dict:
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
                 eos_token: str = "", limits: RenderLimits | None = None, tools: list | None = None,
-                documents: list | None = None, **extra) -> str:
+                documents: list | None = None, origin: str | None = None, **extra) -> str:
     """Renders messages ([{"role", "content"}, ...]) into the model's prompt text, as apply_chat_template
     does: `tools` and `documents` are always defined (None when not given), reasoning is aliased (see
     _REASONING_FIELDS), and other keyword arguments (enable_thinking...) pass to the template.
 
     limits bounds the rendering's time and output (RenderLimits(), 10 s and 8 Mi characters, by
     default). Raises TemplateError for every failure: the template raised, broke a limit, or
-    failed on the messages."""
+    failed on the messages; a failure of the template begins with origin, where it comes from
+    (chat_template_origin), when given."""
     if not template:
         raise TemplateError("this model has no chat template: name one (chat_template= in Python, --chat-template "
                             f"on the command line; built in: {builtin_template_names()}) or use plain generation")
@@ -980,12 +981,34 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
             raise TemplateError(f"each message needs a 'role' (got {m!r})")
     if limits is not None and not isinstance(limits, RenderLimits):
         raise TypeError(f"render_limits must be a pyllm.limits.RenderLimits, not {type(limits).__name__}")
-    from jinja2 import TemplateError as JinjaError
-
-    compiled = _compile(template)
     context = dict(messages=[_template_message(m) for m in messages], tools=tools, documents=documents,
                    add_generation_prompt=add_generation_prompt, bos_token=bos_token or "", eos_token=eos_token or "",
                    **extra)
+    try:
+        return _render(template, context, limits)
+    except TemplateError as e:
+        if origin:  # which template broke a limit or raised: the model's own, or the one given in its place
+            raise TemplateError(f"{origin}: {e}") from None
+        raise
+
+
+def chat_template_origin(value, model_path: str) -> str:
+    """Where LLM(model_path, chat_template=value)'s chat template comes from, for its errors: a built-in
+    name, a file, Jinja source given, or (value None) the template stored in the model file (from its
+    checkpoint's tokenizer_config.json or chat_template.jinja, or its GGUF file's metadata)."""
+    if not value:
+        return f"the chat template stored in {os.path.basename(model_path)}"
+    if isinstance(value, str) and builtin_template_name(value) is not None:
+        return f"the built-in chat template {builtin_template_name(value)!r}"
+    if isinstance(value, os.PathLike) or ("{{" not in value and "{%" not in value):
+        return f"the chat template file {os.fspath(value)}"
+    return "the chat template given (chat_template=, --chat-template)"
+
+
+def _render(template: str, context: dict, limits: RenderLimits | None) -> str:
+    from jinja2 import TemplateError as JinjaError
+
+    compiled = _compile(template)
     try:
         return _RenderGuard(limits or RenderLimits()).render(compiled, context)
     except TemplateError:
