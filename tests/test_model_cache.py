@@ -832,3 +832,50 @@ def test_a_leftover_lock_taken_meanwhile_is_not_removed(hf_dir, cache, monkeypat
         assert not waited
         assert model_cache.remove_stale_temporaries() == 0 and lock.exists()
     assert model_cache.remove_stale_temporaries() == 0 and not lock.exists()  # (its size: 0 bytes)
+
+
+HOLD_ENTRY_LOCK = """
+import sys, time
+from pyllm.model_cache import entry_lock
+
+with entry_lock(sys.argv[1], "a model", None):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_wait_for_another_conversion_stops_at_ctrl_c_and_ends_with_its_holder(hf_dir, cache):
+    """A `pyllm run` waiting for another process's conversion of its model says so, stops at Ctrl-C (status
+    130, no traceback), and takes the conversion over as soon as the holder is gone, killed or not (the
+    kernel lets go of a dead process's lock): no time-out is needed, nor a stale lock to clear by hand."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    settings = model_cache.conversion_settings("hf", None)
+    target = str(cache / (model_cache._entry_stem(os.path.abspath(hf_dir), settings) + model_cache.MODEL_SUFFIX))
+    cache.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENTRY_LOCK, target], env=env, stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "pyllm", "run", hf_dir, "-p", "hi", "-n", "1", "-t", "1", "--chat-template", "chatml"]
+    waiters = []
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for _ in range(2):
+            waiters.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        lines = [w.stderr.readline() for w in waiters]  # (each process's first line: it waits)
+        assert all("another process or thread is converting" in line and "Ctrl-C stops waiting" in line
+                   for line in lines), lines
+        waiters[0].send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = waiters[0].communicate(timeout=30)
+        assert waiters[0].returncode == 130 and time.monotonic() - start < 10 and "Traceback" not in err, err
+        holder.kill()  # killed while "converting": the other waiter converts
+        out, err = waiters[1].communicate(timeout=300)
+        assert waiters[1].returncode == 0 and "converting the Hugging Face directory" in err, err
+    finally:
+        for p in (holder, *waiters):
+            p.kill()
+            p.wait()
+    (entry,) = model_cache.list_entries()
+    assert entry.path == target and model_cache.damage_of(target) is None
