@@ -278,10 +278,33 @@ class _TemplateDict:
     """dict() inside templates, without the class itself."""
 
     def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
+        return _new_dict(*args, **kwargs)
 
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
+    def fromkeys(self, iterable, value=None):
+        return _new_dict((key, value) for key in iterable)
+
+
+def _new_dict(*args, **kwargs) -> dict:
+    """dict(*args, **kwargs), its keys inserted one by one with the deadline checked between them: keys whose
+    hashes collide (the integers k * (2**61 - 1), 100,000 of them from one range) make each insertion
+    compare with all before it, and dict() or dict.fromkeys() of them ran minutes in one C call."""
+    if len(args) > 1:
+        raise TypeError(f"dict expected at most 1 argument, got {len(args)}")
+    result = {}
+    if args and isinstance(args[0], dict):  # (copied as it is: its keys went through here when it was built)
+        result.update(args[0])
+    elif args:
+        source = args[0]
+        pairs = ((k, source[k]) for k in source.keys()) if hasattr(source, "keys") else source
+        for i, pair in enumerate(pairs):
+            if i % 64 == 0:
+                _check_time()
+            pair = list(pair)
+            if len(pair) != 2:
+                raise ValueError(f"dictionary update sequence element #{i} has length {len(pair)}; 2 is required")
+            result[pair[0]] = pair[1]
+    result.update(kwargs)  # (string keys)
+    return result
 
 
 def _compile(source: str):
@@ -317,7 +340,7 @@ def _compile_bounded(source: str):
     class Namespace(jinja2.utils.Namespace):
         def __init__(*args, **kwargs):
             self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
+            attrs = _new_dict(*args, **kwargs)
             for name in attrs:
                 Namespace._check(name)
             jinja2.utils.Namespace.__init__(self, attrs)
@@ -473,7 +496,7 @@ class _RenderGuard:
     def render(self, template, context: dict) -> str:
         previous = sys.gettrace()
         sys.settrace(self._global)
-        _limits.value = self.limits
+        _limits.value, _limits.guard = self.limits, self
         _limits.built = 0
         _weights.stable, _weights.volatile = {}, {}
         try:
@@ -486,16 +509,24 @@ class _RenderGuard:
             return "".join(out)
         finally:
             sys.settrace(previous)
-            _limits.value = None
+            _limits.value = _limits.guard = None
             _weights.stable = _weights.volatile = None
 
 
 class _ThreadLimits(threading.local):
     value: RenderLimits | None = None
+    guard: _RenderGuard | None = None  # the rendering in this thread (_check_time)
     built: int = 0  # characters and elements the rendering in this thread has built (_built)
 
 
 _limits = _ThreadLimits()
+
+
+def _check_time() -> None:
+    """The deadline of the rendering in this thread, checked inside a loop of this module (the trace checks it
+    at function calls, and at lines of the template and of Jinja's filters only)."""
+    if _limits.guard is not None:
+        _limits.guard.check_time()
 
 
 def _most() -> int:
@@ -841,6 +872,20 @@ def _bound_filters(filters: dict) -> None:
         _check_call(s.replace, (old, new), {})
         return jf.do_replace(eval_ctx, s, old, new, count)
 
+    @jf.pass_environment
+    def sum_(environment, iterable, attribute=None, start=0):
+        if attribute is not None:
+            iterable = map(jf.make_attrgetter(environment, attribute), iterable)
+        if not isinstance(start, (list, tuple)):  # numbers (sum refuses strings and bytes itself)
+            return sum(iterable, start)
+        # lists or tuples: sum() in C copies the total at each step (100,000 lists of 80 ran for hours, in one
+        # call the deadline cannot interrupt); added here one by one, each sum checked as `+` is
+        total = start
+        for item in iterable:
+            _check_binop("+", total, item)
+            total = total + item
+        return total
+
     def batch(value, linecount, fill_with=None):
         _check_ints([linecount], "batch")
         if fill_with is not None and _is_int(linecount):  # up to linecount - 1 copies of it
@@ -854,7 +899,7 @@ def _bound_filters(filters: dict) -> None:
         return jf.sync_do_slice(value, slices, fill_with)
 
     filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,
-                   slice=slice_)
+                   slice=slice_, sum=sum_)
     for name, f in filters.items():  # every filter's value checked (urlencode, pprint, forceescape grow theirs)
         filters[name] = _result_checked(f)
 

@@ -509,6 +509,55 @@ def test_a_template_compiles_without_running_its_filters(source):
         render_chat(source, [{"role": "user", "content": "hi"}], limits=RenderLimits(seconds=1.0))
 
 
+# one C call whose work grows faster than its input, which the deadline (checked between Python calls and
+# template lines) could not interrupt: each ran for minutes or hours past a 1 s limit
+ONE_LONG_CALL = {
+    # integers whose hashes collide (k * (2**61 - 1)): each insertion into a dict compares with all before it
+    "colliding keys dict.fromkeys": "{{ dict.fromkeys(range(0, 100000 * (2**61 - 1), 2**61 - 1))|length }}",
+    "colliding keys dict()": "{{ dict(range(0, 100000 * (2**61 - 1), 2**61 - 1)|batch(2)|list)|length }}",
+    "colliding keys namespace()": "{{ namespace(range(0, 100000 * (2**61 - 1), 2**61 - 1)|batch(2)|list) }}",
+    # sum() of lists or tuples copies the total at each step
+    "sum of lists": "{{ ([[0] * 80] * 100000)|sum(start=[])|length }}",
+    "sum of tuples": "{{ ([(0,) * 80] * 100000)|sum(start=())|length }}",
+}
+
+RENDER_ONLY = """
+import sys, time
+from pyllm.chat_template import TemplateError, render_chat
+from pyllm.limits import RenderLimits
+start = time.monotonic()
+try:
+    render_chat(sys.argv[1], [{"role": "user", "content": "hi"}], limits=RenderLimits(seconds=1.0))
+except TemplateError as e:
+    print(time.monotonic() - start, e)
+"""
+
+
+@pytest.mark.parametrize("name", sorted(ONE_LONG_CALL))
+def test_one_long_call_ends_at_the_deadline(name):
+    """Work done in one C call (dict() of keys whose hashes collide, sum() of lists) is done here one step at
+    a time, the deadline checked between steps: it ends with a TemplateError at the time limit. (Each case runs
+    in a process of its own: one that regressed would hang the test run.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", RENDER_ONLY, ONE_LONG_CALL[name]], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    seconds, message = result.stdout.split(" ", 1)
+    assert float(seconds) < 5 and "time limit" in message, result.stdout
+
+
+def test_dict_namespace_and_sum_keep_their_ordinary_results():
+    template = ("{{ [[1], [2]]|sum(start=[]) }}|{{ [1, 2]|sum }}|{{ [{'p': 2}, {'p': 3}]|sum(attribute='p') }}|"
+                "{{ dict([('a', 1)], b=2) }}|{{ dict.fromkeys('ab', 0) }}|{{ dict.fromkeys('ab') }}|{{ dict({'x': 1}) }}|"
+                "{{ dict('ab'|batch(2)) }}|{{ dict() }}|{{ namespace({'q': 5}, r=6).q }}")
+    assert render_chat(template, [TURN_1]) == ("[1, 2]|3|5|{'a': 1, 'b': 2}|{'a': 0, 'b': 0}|{'a': None, 'b': None}|"
+                                                "{'x': 1}|{'a': 'b'}|{}|5")
+    with pytest.raises(TemplateError, match="element #0 has length 3; 2 is required"):
+        render_chat("{{ dict([(1, 2, 3)]) }}", [TURN_1])
+
+
 def test_a_text_accumulated_in_a_namespace_renders():
     """What a rendering builds in all is bounded (limits.MAX_TEMPLATE_WORK times the output limit), but a
     namespace attribute replaced gives its size back when nothing else holds it: a template gathering the
