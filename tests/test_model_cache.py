@@ -879,3 +879,59 @@ def test_a_wait_for_another_conversion_stops_at_ctrl_c_and_ends_with_its_holder(
             p.wait()
     (entry,) = model_cache.list_entries()
     assert entry.path == target and model_cache.damage_of(target) is None
+
+
+KILLED_WHILE_WRITING = """
+import os, sys, time
+import pyllm.formats.safetensors as st
+from pyllm.model_cache import resolve_model
+
+def replace(src, dst, _replace=os.replace):
+    if dst.endswith(".pllm"):  # the converted file written and named "NAME.PID.XXXX.partial", not yet in place
+        print("written", flush=True)
+        time.sleep(600)
+    _replace(src, dst)
+
+st.os = type(os)("os_stand_in")
+st.os.__dict__.update(os.__dict__)
+st.os.replace = replace
+resolve_model(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("moment", ["converting", "written"])
+def test_a_conversion_killed_leaves_nothing_a_later_run_trusts(hf_dir, cache, tmp_path, moment):
+    """A conversion killed (SIGKILL, the OOM killer) while it converts, or once the .pllm is written and before
+    it is renamed into place: the file is written unnamed (O_TMPFILE) and named only when whole, so a kill
+    leaves no entry, at most a partial file of a dead process and the entry's lock, which no process holds
+    (the kernel dropped it). The next run removes both, says so, converts, and its entry is whole."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = KILLED_WHILE_WRITING if moment == "written" else CONVERT_SLOWLY.replace("time.sleep(2)", "time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", script, hf_dir], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        if moment == "written":
+            assert child.stdout.readline().strip() == "written"
+        else:
+            deadline = time.monotonic() + 60
+            while not list(cache.glob("*.lock")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert model_cache.list_entries() == []
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = sorted(p.name for p in cache.iterdir())
+    assert len(left) == (2 if moment == "written" else 1), left  # (the partial file and) the lock
+    assert model_cache.stale_temporaries() == [str(cache / n) for n in left]
+    import io
+
+    log = io.StringIO()
+    path = model_cache.resolve_model(hf_dir, log=log)
+    assert "converting the" in log.getvalue() and model_cache.damage_of(path) is None
+    assert all(f"removed {cache / n}" in log.getvalue() for n in left if n.endswith(".partial")), log.getvalue()
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".pllm"]
+    assert model_cache.stale_temporaries() == []
