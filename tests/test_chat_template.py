@@ -407,6 +407,11 @@ HOSTILE = {
     # (a namespace attribute replaced gives its size back only when nothing else holds it)
     "namespace attribute kept under many names": "{% set ns = namespace(s='') %}" + "".join(
         f"{{% set ns.s = '\U0001F600' * 1000000 ~ {i} %}}{{% set k{i} = ns.s %}}" for i in range(40)),
+    # a filter writing an argument many times over: wordwrap's wrapstring between lines, urlize's target and
+    # rel in each link (1.6 GB and 3.6 GB before the value's check saw them)
+    "wordwrap's wrapstring": "{{ ('a' * 200)|wordwrap(1, true, 'y' * 1000000)|length }}",
+    "urlize's target": "{{ ('http://a.com ' * 10000)|urlize(target='y' * 1000000)|length }}",
+    "urlize's rel": "{{ ('a@b.c ' * 10000)|urlize(rel='y' * 1000000)|length }}",
     # filters of constants, which Jinja evaluated while compiling (no deadline, no limits of the rendering)
     "filters of constants": "{{ 'x'|center(1000000)|wordwrap(1)|length }}",
     "filters of constants kept": "".join(f"{{% set v{i} = '{chr(0x1F600 + i)}'|center(1000000) %}}" for i in range(40)),
@@ -600,10 +605,16 @@ def test_bounded_filters_and_methods_keep_their_ordinary_results():
                 "{{ [{'k': 'v'}, {'k': 'w'}]|join(',', attribute='k') }}|{{ 'aaa'|replace('a', 'c', 2) }}|"
                 "{{ range(5)|batch(2, 0)|list }}|{{ range(5)|slice(2)|list }}|{{ 'a' ~ 1 ~ none }}|"
                 "{{ {'a': [1]}|tojson(indent=2) }}|{{ 3 * 4 }}|{{ 2 ** 10 }}|{{ 'ab' * 2 }}|{{ 7 % 3 }}|"
-                "{{ 'x\ty'.expandtabs(4) }}|{{ lipsum(1, html=False, min=2, max=3)|wordcount > 0 }}")
+                "{{ 'x\ty'.expandtabs(4) }}|{{ lipsum(1, html=False, min=2, max=3)|wordcount > 0 }}|"
+                "{{ 'abc def ghi'|wordwrap(5) }}|{{ 'abc def'|wordwrap(3, wrapstring='<br>') }}|"
+                "{{ 'see http://a.com, www.b.org'|urlize(target='_blank') }}|{{ 'x@y.com'|urlize }}|"
+                "{{ [[1], [2]]|sum(start=[]) }}|{{ [{'p': 2}, {'p': 3}]|sum(attribute='p') }}")
     assert render_chat(template, [{"role": "user", "content": "hi"}]) == (
         "  ab  |  a\n  b|x   |1.50|  7|00042|    r2.2n  |x  |bbXbb|p, q|1-z-None|v,w|cca|"
-        "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True")
+        "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True|"
+        "abc\ndef\nghi|abc<br>def|see <a href=\"http://a.com\" rel=\"noopener\" target=\"_blank\">http://a.com</a>, "
+        "<a href=\"https://www.b.org\" rel=\"noopener\" target=\"_blank\">www.b.org</a>|"
+        "<a href=\"mailto:x@y.com\">x@y.com</a>|[1, 2]|5")
 
 
 def test_values_nested_deeper_than_the_limit_are_refused():
