@@ -14,11 +14,13 @@ operation would make longer than the output limit is refused before Python build
 `~` and `%` on strings, bytes and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
 bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
 the size they would build; format widths and precisions), the filters center, indent, format,
-join, replace, batch and slice, tojson's indent and lipsum's size, str.encode and bytes.decode by the
-most their codec writes per character; and what every filter and method returns (urlencode, pprint,
+join, replace, batch, slice, wordwrap (its wrapstring) and urlize (its target and rel), tojson's
+indent and lipsum's size, str.encode and bytes.decode by the most their codec writes per character; and what every filter and method returns (urlencode, pprint,
 utf-16, hex: a few times their input, again at each step of a loop); and what the rendering builds in
 all (limits.MAX_TEMPLATE_WORK times the output limit: values each within it, kept under many names, in a
-recursive macro's frames or in a list of a map). Every failure is a TemplateError.
+recursive macro's frames or in a list of a map). dict(), dict.fromkeys(), namespace() and |sum of lists
+insert or add one item at a time, the deadline checked between (one C call of them ran for minutes); filters
+run only while rendering (Jinja folds a filter of constants while compiling). Every failure is a TemplateError.
 """
 
 from __future__ import annotations
