@@ -13,8 +13,8 @@ code: converter_revision) and the .pllm's own size: when one differs (the source
 whose converter changed, a file cut short or replaced), the entry is converted again in place; while
 a process converts an entry (or downloads the default model) it holds `<name>-<key>.lock`, and the
 others (processes or threads) wait for it and reuse its file; `pyllm rm` refuses an entry whose lock is
-held, and removes one a running model has open (the model's mapping keeps the file's data). A split GGUF model is one entry whichever shard is given, keyed
-by its first shard and fingerprinted by all of them. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+held, and removes one a running model has open (the model's mapping keeps the file's data). A split
+GGUF model is one entry whichever shard is given, keyed by its first shard and fingerprinted by all of them. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
 conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
 is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
