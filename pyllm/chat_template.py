@@ -14,9 +14,13 @@ operation would make longer than the output limit is refused before Python build
 `~` and `%` on strings, bytes and lists, `*` and `**` on integers (MAX_INT_BITS), the methods of strings,
 bytes and integers (any integer argument past the limit; replace, translate, join and expandtabs by
 the size they would build; format widths and precisions), the filters center, indent, format,
-join, replace, batch and slice, tojson's indent and lipsum's size, str.encode and bytes.decode by the
-most their codec writes per character; and what every filter and method returns (urlencode, pprint,
-utf-16, hex: a few times their input, again at each step of a loop). Every failure is a TemplateError.
+join, replace, batch, slice, wordwrap (its wrapstring) and urlize (its target and rel), tojson's
+indent and lipsum's size, str.encode and bytes.decode by the most their codec writes per character; and what every filter and method returns (urlencode, pprint,
+utf-16, hex: a few times their input, again at each step of a loop); and what the rendering builds in
+all (limits.MAX_TEMPLATE_WORK times the output limit: values each within it, kept under many names, in a
+recursive macro's frames or in a list of a map). dict(), dict.fromkeys(), namespace() and |sum of lists
+insert or add one item at a time, the deadline checked between (one C call of them ran for minutes); filters
+run only while rendering (Jinja folds a filter of constants while compiling). Every failure is a TemplateError.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from .errors import PASSING, PyllmError, read_text
-from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, RenderLimits
+from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, MAX_TEMPLATE_WORK, RenderLimits
 
 
 class TemplateError(PyllmError):
@@ -276,10 +280,33 @@ class _TemplateDict:
     """dict() inside templates, without the class itself."""
 
     def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
+        return _new_dict(*args, **kwargs)
 
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
+    def fromkeys(self, iterable, value=None):
+        return _new_dict((key, value) for key in iterable)
+
+
+def _new_dict(*args, **kwargs) -> dict:
+    """dict(*args, **kwargs), its keys inserted one by one with the deadline checked between them: keys whose
+    hashes collide (the integers k * (2**61 - 1), 100,000 of them from one range) make each insertion
+    compare with all before it, and dict() or dict.fromkeys() of them ran minutes in one C call."""
+    if len(args) > 1:
+        raise TypeError(f"dict expected at most 1 argument, got {len(args)}")
+    result = {}
+    if args and isinstance(args[0], dict):  # (copied as it is: its keys went through here when it was built)
+        result.update(args[0])
+    elif args:
+        source = args[0]
+        pairs = ((k, source[k]) for k in source.keys()) if hasattr(source, "keys") else source
+        for i, pair in enumerate(pairs):
+            if i % 64 == 0:
+                _check_time()
+            pair = list(pair)
+            if len(pair) != 2:
+                raise ValueError(f"dictionary update sequence element #{i} has length {len(pair)}; 2 is required")
+            result[pair[0]] = pair[1]
+    result.update(kwargs)  # (string keys)
+    return result
 
 
 def _compile(source: str):
@@ -315,7 +342,7 @@ def _compile_bounded(source: str):
     class Namespace(jinja2.utils.Namespace):
         def __init__(*args, **kwargs):
             self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
+            attrs = _new_dict(*args, **kwargs)
             for name in attrs:
                 Namespace._check(name)
             jinja2.utils.Namespace.__init__(self, attrs)
@@ -324,7 +351,10 @@ def _compile_bounded(source: str):
             Namespace._check(name)
             if isinstance(value, (str, bytes)) or _is_container(value):  # a flag (true, 3) weighs 1 whatever it was
                 _weights_changed()  # a namespace is the one container a template can change
+            old = (_namespace_attrs(self) or {}).get(name)
             jinja2.utils.Namespace.__setitem__(self, name, value)
+            if old is not None and old is not value:
+                _released(old)
 
         @staticmethod
         def _check(name):
@@ -339,6 +369,21 @@ def _compile_bounded(source: str):
                 self.visit(arg, frame)
                 self.write(", ")
             self.write("))")
+
+        @jinja2.compiler.optimizeconst
+        def visit_Getitem(self, node, frame):  # s[1:]: through sliced (Jinja slices in place), a new value counted
+            if not isinstance(node.arg, nodes.Slice):
+                return super().visit_Getitem(node, frame)
+            self.write("environment.sliced(")
+            self.visit(node.node, frame)
+            self.write(", ")
+            for part in (node.arg.start, node.arg.stop, node.arg.step):
+                if part is None:
+                    self.write("None")
+                else:
+                    self.visit(part, frame)
+                self.write(", ")
+            self.write(")")
 
         def visit_List(self, node, frame):  # [a, b]: through checked_value (a value held twice doubles)
             self.write("environment.checked_value(")
@@ -363,16 +408,20 @@ def _compile_bounded(source: str):
 
         def call_binop(self, context, operator, left, right):
             _check_binop(operator, left, right)
-            return super().call_binop(context, operator, left, right)
+            return _built(super().call_binop(context, operator, left, right), (left, right))
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
             args = _check_call(__obj, args, kwargs)
             # dict(a=x, b=x), namespace(); a method whose value is a multiple of its input (encode, hex)
-            return _checked_result(super().call(__context, __obj, *args, **kwargs), __obj)
+            return _checked_result(super().call(__context, __obj, *args, **kwargs), __obj, args)
 
         @staticmethod
         def checked_value(value):
             return _checked_value(value)
+
+        @staticmethod
+        def sliced(value, start, stop, step):
+            return _built(value[start:stop:step], (value,))  # (s[1:] under many names: new strings, each counted)
 
         def wrap_str_format(self, value):
             wrapped = super().wrap_str_format(value)
@@ -388,13 +437,13 @@ def _compile_bounded(source: str):
         def concat(parts) -> str:  # a macro's, caller's or {% set %} block's text: doubled forty times over
             parts = list(parts)
             _check_size(sum(map(len, parts)), "a macro's or block's text")
-            return "".join(parts)
+            return _built("".join(parts))
 
         @staticmethod
         def checked_concat(values) -> str:
             parts = [v if isinstance(v, str) else str(v) for v in values]
             _check_size(sum(map(len, parts)), "a string joined with ~")
-            return "".join(parts)
+            return _built("".join(parts))
 
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     _bound_filters(env.filters)
@@ -449,7 +498,8 @@ class _RenderGuard:
     def render(self, template, context: dict) -> str:
         previous = sys.gettrace()
         sys.settrace(self._global)
-        _limits.value = self.limits
+        _limits.value, _limits.guard = self.limits, self
+        _limits.built = 0
         _weights.stable, _weights.volatile = {}, {}
         try:
             out, size = [], 0
@@ -461,15 +511,24 @@ class _RenderGuard:
             return "".join(out)
         finally:
             sys.settrace(previous)
-            _limits.value = None
+            _limits.value = _limits.guard = None
             _weights.stable = _weights.volatile = None
 
 
 class _ThreadLimits(threading.local):
     value: RenderLimits | None = None
+    guard: _RenderGuard | None = None  # the rendering in this thread (_check_time)
+    built: int = 0  # characters and elements the rendering in this thread has built (_built)
 
 
 _limits = _ThreadLimits()
+
+
+def _check_time() -> None:
+    """The deadline of the rendering in this thread, checked inside a loop of this module (the trace checks it
+    at function calls, and at lines of the template and of Jinja's filters only)."""
+    if _limits.guard is not None:
+        _limits.guard.check_time()
 
 
 def _most() -> int:
@@ -592,13 +651,52 @@ def _checked_value(value):
     return value
 
 
-def _checked_result(value, fn):
+def _checked_result(value, fn, args=()):
     """value, what a function, method or filter returned, refused past the output limit: a value a
     few times its input's size (utf-16, unicode_escape, hex, pprint, urlencode) would otherwise grow
-    that many times over at each step of a loop."""
+    that many times over at each step of a loop. Counted among what the rendering builds (_built),
+    unless it is one of the values given (|string of a string, |default) or an element a container's
+    method returns (dict.get)."""
     if isinstance(value, (str, bytes)):
         _check_size(len(value), f"what {getattr(fn, '__name__', 'a call')} returns")
+    owner = getattr(fn, "__self__", None)
+    if not (isinstance(value, (str, bytes)) and (isinstance(owner, (dict, list, tuple)) or _is_container(owner))):
+        _built(value, (owner, *args))
     return _checked_value(value)
+
+
+def _size(value) -> int:
+    """What _built counts of a value: a string's characters, a container's elements (not theirs: held
+    already, or counted when built), an integer's bytes."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple, dict)):
+        return len(value)
+    if _is_int(value):
+        return value.bit_length() // 8
+    return 0
+
+
+def _built(value, given=()):
+    """value, a value the rendering built (by an operator, a call, a filter, a macro), counted: TemplateError
+    once what the rendering has built passes MAX_TEMPLATE_WORK times its output limit. Each value stays
+    within the output limit, but together they took all memory (see limits.MAX_TEMPLATE_WORK)."""
+    if _limits.value is None or any(value is g for g in given):
+        return value
+    _limits.built += _size(value)
+    most = MAX_TEMPLATE_WORK * _most()
+    if _limits.built > most:
+        raise TemplateError(f"the chat template builds more than {most} characters or elements in all (limits."
+                            f"MAX_TEMPLATE_WORK = {MAX_TEMPLATE_WORK} times its output limit: values made again and "
+                            "again, or kept under many names, in a recursive macro's calls or in a list of a map)")
+    return value
+
+
+def _released(old) -> None:
+    """A namespace attribute's previous value, replaced: its size is given back to _built when nothing else
+    holds it (this function's own reference and getrefcount's argument), as its memory is."""
+    if _limits.value is not None and sys.getrefcount(old) <= 3:
+        _limits.built = max(0, _limits.built - _size(old))
 
 
 MAX_INT_BITS = 2**20  # integers a template computes (315,653 digits; str() refuses past 4,300)
@@ -776,6 +874,41 @@ def _bound_filters(filters: dict) -> None:
         _check_call(s.replace, (old, new), {})
         return jf.do_replace(eval_ctx, s, old, new, count)
 
+    @jf.pass_environment
+    def wordwrap(environment, s, width=79, break_long_words=True, wrapstring=None, break_on_hyphens=True):
+        # a wrapstring written between lines: 'y' * 8000000 between 200 lines of one letter was 1.6 GB before
+        # the value's check. At most a line per whitespace character and per `width` characters, plus one
+        text, sep = str(s), str(wrapstring) if wrapstring is not None else "\n"
+        if len(sep) > 1 and _is_int(width) and width > 0:
+            lines = sum(text.count(c) for c in string.whitespace) + len(text) // width + 1
+            _check_size(len(text) + lines * (len(sep) - 1), "a wrapped text")
+        return jf.do_wordwrap(environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+    @jf.pass_eval_context
+    def urlize(eval_ctx, value, trim_url_limit=None, nofollow=False, target=None, rel=None, extra_schemes=None):
+        # target and rel are written into each link: 10,000 links with an 8 MB target took 3.6 GB in 10 s. A
+        # link has a '.', ':' or '@' (www.a, http://a, a.com, a@b.c) of its own
+        attrs = len(str(target or "")) + len(str(rel or ""))
+        if attrs:
+            text = str(value)
+            _check_size(len(text) + (text.count(".") + text.count(":") + text.count("@") + 1) * attrs,
+                        "a urlized text")
+        return jf.do_urlize(eval_ctx, value, trim_url_limit, nofollow, target, rel, extra_schemes)
+
+    @jf.pass_environment
+    def sum_(environment, iterable, attribute=None, start=0):
+        if attribute is not None:
+            iterable = map(jf.make_attrgetter(environment, attribute), iterable)
+        if not isinstance(start, (list, tuple)):  # numbers (sum refuses strings and bytes itself)
+            return sum(iterable, start)
+        # lists or tuples: sum() in C copies the total at each step (100,000 lists of 80 ran for hours, in one
+        # call the deadline cannot interrupt); added here one by one, each sum checked as `+` is
+        total = start
+        for item in iterable:
+            _check_binop("+", total, item)
+            total = total + item
+        return total
+
     def batch(value, linecount, fill_with=None):
         _check_ints([linecount], "batch")
         if fill_with is not None and _is_int(linecount):  # up to linecount - 1 copies of it
@@ -789,17 +922,29 @@ def _bound_filters(filters: dict) -> None:
         return jf.sync_do_slice(value, slices, fill_with)
 
     filters.update(center=center, indent=indent, format=format_, join=join, replace=replace, batch=batch,
-                   slice=slice_)
+                   slice=slice_, sum=sum_, wordwrap=wordwrap, urlize=urlize)
     for name, f in filters.items():  # every filter's value checked (urlencode, pprint, forceescape grow theirs)
         filters[name] = _result_checked(f)
 
 
 def _result_checked(f):
+    """The filter f, its value checked, and run only while a template renders: marked pass_context, as Jinja
+    folds a filter of constants (`'x'|center(8000000)|wordwrap(1)`) at compile time otherwise, with no deadline
+    and none of the rendering's limits (that one compiled for ever; a dozen such constants took a gigabyte
+    that the compiled template's cache kept). f is given what it asks for (context, eval_ctx, environment)."""
     import functools
 
-    @functools.wraps(f)  # keeps jinja_pass_arg (pass_context, pass_environment...)
-    def checked(*args, **kwargs):
-        return _checked_result(f(*args, **kwargs), f)
+    from jinja2 import pass_context
+    from jinja2.utils import _PassArg
+
+    wants = _PassArg.from_obj(f)
+
+    @pass_context
+    @functools.wraps(f)
+    def checked(context, *args, **kwargs):
+        first = {_PassArg.context: (context,), _PassArg.eval_context: (context.eval_ctx,),
+                 _PassArg.environment: (context.environment,)}.get(wants, ())
+        return _checked_result(f(*first, *args, **kwargs), f, args)
     return checked
 
 
@@ -885,14 +1030,15 @@ def _template_message(message: dict) -> dict:
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
                 eos_token: str = "", limits: RenderLimits | None = None, tools: list | None = None,
-                documents: list | None = None, **extra) -> str:
+                documents: list | None = None, origin: str | None = None, **extra) -> str:
     """Renders messages ([{"role", "content"}, ...]) into the model's prompt text, as apply_chat_template
     does: `tools` and `documents` are always defined (None when not given), reasoning is aliased (see
     _REASONING_FIELDS), and other keyword arguments (enable_thinking...) pass to the template.
 
     limits bounds the rendering's time and output (RenderLimits(), 10 s and 8 Mi characters, by
     default). Raises TemplateError for every failure: the template raised, broke a limit, or
-    failed on the messages."""
+    failed on the messages; a failure of the template begins with origin, where it comes from
+    (chat_template_origin), when given."""
     if not template:
         raise TemplateError("this model has no chat template: name one (chat_template= in Python, --chat-template "
                             f"on the command line; built in: {builtin_template_names()}) or use plain generation")
@@ -903,12 +1049,34 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
             raise TemplateError(f"each message needs a 'role' (got {m!r})")
     if limits is not None and not isinstance(limits, RenderLimits):
         raise TypeError(f"render_limits must be a pyllm.limits.RenderLimits, not {type(limits).__name__}")
-    from jinja2 import TemplateError as JinjaError
-
-    compiled = _compile(template)
     context = dict(messages=[_template_message(m) for m in messages], tools=tools, documents=documents,
                    add_generation_prompt=add_generation_prompt, bos_token=bos_token or "", eos_token=eos_token or "",
                    **extra)
+    try:
+        return _render(template, context, limits)
+    except TemplateError as e:
+        if origin:  # which template broke a limit or raised: the model's own, or the one given in its place
+            raise TemplateError(f"{origin}: {e}") from None
+        raise
+
+
+def chat_template_origin(value, model_path: str) -> str:
+    """Where LLM(model_path, chat_template=value)'s chat template comes from, for its errors: a built-in
+    name, a file, Jinja source given, or (value None) the template stored in the model file (from its
+    checkpoint's tokenizer_config.json or chat_template.jinja, or its GGUF file's metadata)."""
+    if not value:
+        return f"the chat template stored in {os.path.basename(model_path)}"
+    if isinstance(value, str) and builtin_template_name(value) is not None:
+        return f"the built-in chat template {builtin_template_name(value)!r}"
+    if isinstance(value, os.PathLike) or ("{{" not in value and "{%" not in value):
+        return f"the chat template file {os.fspath(value)}"
+    return "the chat template given (chat_template=, --chat-template)"
+
+
+def _render(template: str, context: dict, limits: RenderLimits | None) -> str:
+    from jinja2 import TemplateError as JinjaError
+
+    compiled = _compile(template)
     try:
         return _RenderGuard(limits or RenderLimits()).render(compiled, context)
     except TemplateError:

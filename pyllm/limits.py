@@ -31,6 +31,13 @@ MAX_CHAT_TEMPLATE_BYTES = 256 * 2**10
 # (repr, ==, tojson refuse deeper values), and far below the ~150,000 at which hash() of a nested tuple,
 # which recurses in C unchecked, overflows a thread's 8 MiB stack (a crash, not an error)
 MAX_TEMPLATE_NESTING = 1000
+# characters (and list, tuple and dict elements) a chat template rendering may build in all, as a multiple of its
+# output limit (RenderLimits.max_output_chars): each value is bounded by that limit, but values kept under many
+# names, in the frames of a recursive macro or in a list a filter builds from a map (range(100000)|map('center',
+# 8000000)|list) were each within it and 5 GB together. A value that replaces a namespace attribute no longer
+# held elsewhere gives its predecessor's size back (an accumulating `ns.text = ns.text ~ part` costs its length,
+# not the sum of its lengths); released templates build 3-6 times their output (trim, +, split of each message)
+MAX_TEMPLATE_WORK = 8
 # characters sliced while finding the BPE merges a SentencePiece vocabulary implies (every split of a piece into two
 # pieces: convert.checkpoint.every_two_token_splits): about the sum of its pieces' squared lengths, some 2 * 10**7 for
 # 256,000 pieces of ~7 characters (Gemma's); the pieces "a" * k for every k to 3,000, a 4.5 MB vocabulary, had 9 GB

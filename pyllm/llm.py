@@ -17,8 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import (TemplateError, check_chat_template, normalize_messages, render_chat, resolve_chat_template,
-                            template_stop)
+from .chat_template import (TemplateError, chat_template_origin, check_chat_template, normalize_messages, render_chat,
+                            resolve_chat_template, template_stop)
 from .formats.packed import PackedModel
 from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -498,6 +498,7 @@ class LLM:
             self.model.verify()
         self.config = self.model.config
         self.chat_template = resolve_chat_template(chat_template) if chat_template else self.model.chat_template
+        self.chat_template_origin = chat_template_origin(chat_template, self.path)  # named by its errors
         # a template stored in the file that does not compile (a checkpoint's broken chat_template.jinja):
         # generation works, chat raises this, naming the file and the way out
         self.chat_template_fault = None
@@ -1226,7 +1227,8 @@ class LLM:
         spec = self.tokenizer.spec
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=spec.bos_token or "", eos_token=spec.eos_token or "",
-                           unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits, **extra)
+                           unk_token=spec.unk_token or "", pad_token=spec.pad_token or "", limits=limits,
+                           origin=self.chat_template_origin, **extra)
 
     def _sampling(self, temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p=None,
                   do_sample=None) -> SamplingParams:

@@ -12,8 +12,9 @@ source's absolute path and the conversion settings, and the sidecar holds the so
 code: converter_revision) and the .pllm's own size: when one differs (the source changed, a pyllm
 whose converter changed, a file cut short or replaced), the entry is converted again in place; while
 a process converts an entry (or downloads the default model) it holds `<name>-<key>.lock`, and the
-others wait for it and reuse its file. A split GGUF model is one entry whichever shard is given, keyed
-by its first shard and fingerprinted by all of them. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
+others (processes or threads) wait for it and reuse its file; `pyllm rm` refuses an entry whose lock is
+held, and removes one a running model has open (the model's mapping keeps the file's data). A split
+GGUF model is one entry whichever shard is given, keyed by its first shard and fingerprinted by all of them. `pyllm list` shows the entries, `pyllm rm` removes them. Downloads and
 conversions work in locked "pyllm-tmp-PID-*" directories of the cache; one left by a killed process
 is removed by the next download, conversion or `pyllm rm` (stale_temporaries).
 """
@@ -190,10 +191,37 @@ def stale_temporaries(directory: str | None = None) -> list[str]:
                 stale.append(full)
         elif (m := _PARTIAL.match(name)) and os.path.isfile(full) and not _process_lives(int(m.group(1))):
             stale.append(full)
-        elif (name.endswith(LOCK_SUFFIX) and os.path.isfile(full)
-              and not os.path.exists(full[:-len(LOCK_SUFFIX)] + MODEL_SUFFIX) and _lock_is_free(full)):
+        elif _is_stale_lock(full):
             stale.append(full)  # an entry's lock left by a conversion that failed or was killed
     return stale
+
+
+def _is_stale_lock(path: str) -> bool:
+    """Whether path is an entry's lock file without its entry that no process holds."""
+    return (path.endswith(LOCK_SUFFIX) and os.path.isfile(path) and not os.path.islink(path)
+            and not os.path.exists(path[:-len(LOCK_SUFFIX)] + MODEL_SUFFIX) and _lock_is_free(path))
+
+
+def _remove_stale_lock(path: str) -> None:
+    """Removes the leftover lock file path while holding its lock, as entry_lock expects (it checks, once it
+    holds a lock, that its file is still the one at the path): removed after a look that found it free, it
+    could be taken meanwhile by a conversion starting, and the next one made a new lock file and converted
+    the same entry beside it. Kept when it cannot be taken, or its entry is there now."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(fd), os.stat(path)) and \
+                not os.path.exists(path[:-len(LOCK_SUFFIX)] + MODEL_SUFFIX):
+            os.unlink(path)
+    except OSError:  # held: in use again
+        pass
+    finally:
+        os.close(fd)
 
 
 def _lock_is_free(path: str) -> bool:
@@ -269,6 +297,8 @@ def remove_stale_temporaries(log=None) -> int:
         size = size_of(path)
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
+        elif path.endswith(LOCK_SUFFIX):
+            _remove_stale_lock(path)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -486,8 +516,10 @@ def resolve_model(path: str | os.PathLike, quant: str | None = None, log=None, l
         return target
     # one conversion of an entry at a time: processes started together (`pyllm serve` workers, a job
     # array) each converted the same model, N times the memory and the time; the others wait, then reuse it
-    with entry_lock(target, source, log) as waited:
-        if waited and _reusable(target, source, settings, fingerprint, log):
+    with entry_lock(target, source, log):
+        # looked at again whether or not this one waited: another process or thread may have converted it
+        # and let go of the lock between the look above and this lock (each converted it, one after the other)
+        if _reusable(target, source, settings, fingerprint, log, quiet=True):
             return target
         _convert_into(target, source, kind, settings, fingerprint, quant, log)
     return target
@@ -509,8 +541,9 @@ def _cached_by_name(name: str, quant: str | None, lora, log) -> str:
                             "Hugging Face model directory" + (" or a cached model's name: `pyllm list`)" if plain else ")"))
 
 
-def _reusable(target: str, source: str, settings: dict, fingerprint: dict, log) -> bool:
-    """Whether the cache entry target holds source's conversion with settings, undamaged (said on log)."""
+def _reusable(target: str, source: str, settings: dict, fingerprint: dict, log, quiet: bool = False) -> bool:
+    """Whether the cache entry target holds source's conversion with settings, undamaged (said on log; a
+    damaged one only unless quiet: said once, by the look before the lock)."""
     info = read_sidecar(target)
     if (os.path.isfile(target) and info is not None and info.get("fingerprint") == fingerprint
             and info.get("converter") == CONVERTER_VERSION):
@@ -518,7 +551,8 @@ def _reusable(target: str, source: str, settings: dict, fingerprint: dict, log) 
         if damage is None:
             print(f"pyllm: using {target} (converted from {source}; {_describe(settings)})", file=log)
             return True
-        print(f"pyllm: the cached {target} is damaged ({damage})", file=log)
+        if not quiet:
+            print(f"pyllm: the cached {target} is damaged ({damage})", file=log)
     return False
 
 
@@ -526,10 +560,17 @@ LOCK_SUFFIX = ".lock"  # beside an entry: held (flock) while it is converted
 
 
 @contextlib.contextmanager
-def entry_lock(target: str, source: str, log, doing: str = "converting", keep: bool = True) -> Iterator[bool]:
+def entry_lock(target: str, source: str, log, doing: str = "converting", keep: bool = True,
+               wait: bool = True) -> Iterator[bool]:
     """Holds the lock of cache entry target (a .pllm path; source: what it is made from, and doing: what
     is done to it, for the message): a LOCK_SUFFIX file beside it, kept unless keep is False (a process
-    waiting on a lock file removed meanwhile opens it again). Yields whether another process held it first."""
+    waiting on a lock file removed meanwhile opens it again: whoever removes a lock file removes it while
+    holding it). Yields whether another process (or thread: an flock belongs to each open file) held it
+    first; with wait False, raises BlockingIOError instead of waiting for it.
+
+    The wait has no time bound (a conversion with calibration takes hours), but ends with the holder: the
+    kernel drops a dead process's lock, whatever killed it; Ctrl-C stops it (flock returns to run the
+    signal's handler)."""
     import fcntl
 
     path = target[:-len(MODEL_SUFFIX)] + LOCK_SUFFIX
@@ -543,8 +584,11 @@ def entry_lock(target: str, source: str, log, doing: str = "converting", keep: b
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    raise
                 if not waited:
-                    print(f"pyllm: another process is {doing} {source} into {target}: waiting for it", file=log)
+                    print(f"pyllm: another process or thread is {doing} {source} into {target}: waiting for it "
+                          "(Ctrl-C stops waiting)", file=log)
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 waited = True
             # a lock file found free without an entry is removed as a leftover (stale_temporaries): held on
@@ -652,16 +696,27 @@ def find_entries(name: str) -> list[CacheEntry]:
 
 
 def remove_entries(entries: list[CacheEntry]) -> list[str]:
-    """Deletes the entries' .pllm files and sidecars (nothing else); returns the removed .pllm paths."""
+    """Deletes the entries' .pllm files, sidecars and lock files (nothing else); returns the removed .pllm
+    paths. Each entry's lock is taken first, without waiting: PyllmError naming an entry another process
+    or thread converts or fetches (and nothing removed). Removing its files, and the lock file with them,
+    let that process put its file back when done (or fail writing its sidecar), and let the next one make
+    a new lock file and convert the entry at the same time. An entry a running model has open is removed
+    at once: the model maps its file, whose data the system keeps until it is closed."""
     removed = []
-    for e in entries:
-        if e.path in removed:  # named twice
-            continue
-        os.unlink(e.path)
-        for suffix in (SIDECAR_SUFFIX, LOCK_SUFFIX):
+    with contextlib.ExitStack() as locks:
+        for e in entries:
+            if e.path in removed:  # named twice
+                continue
+            try:
+                locks.enter_context(entry_lock(e.path, e.source, None, keep=False, wait=False))
+            except BlockingIOError:
+                raise PyllmError(f"{e.name} is being converted or fetched by another process (or thread): "
+                                 f"`pyllm rm {e.name}` once it ends") from None
+            removed.append(e.path)
+        for path in removed:
+            os.unlink(path)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(e.path[:-len(MODEL_SUFFIX)] + suffix)
-        removed.append(e.path)
+                os.unlink(path[:-len(MODEL_SUFFIX)] + SIDECAR_SUFFIX)
     return removed
 
 

