@@ -6,7 +6,8 @@ length arrive whole (the terminal's own line discipline would cut them at 4095 b
 (piped input, tests) plain input() is used.
 
 Commands: /help, /exit (or Ctrl-D), /clear, /regen, /system [TEXT]. A line ending in a backslash
-continues on the next line; a line of three double quotes (\"\"\") starts and ends a block of lines.
+continues on the next line; three double quotes (\"\"\") start a block of lines and end it, as in
+`ollama run` (at the start of the first line, and at the end of the last).
 Ctrl-C stops the reply being written; Ctrl-C twice at the prompt exits. Each reply ends with its
 speed on stderr, and with a marker when the token limit or the context cut it. With a seed, the
 session draws one seed per reply from it: /regen gives another reply, and the same session replays
@@ -38,7 +39,7 @@ HELP = """commands:
   /system [TEXT]   show, or set, the system message
 input:
   Up/Down recall earlier messages (kept across sessions); a pasted block of lines is one message
-  end a line with \\ to continue on the next line, or put \"\"\" alone on a line to start and end a block
+  end a line with \\ to continue on the next line, or start a block with \"\"\" and end it with \"\"\"
   Ctrl-C stops the reply being written"""
 
 
@@ -234,14 +235,28 @@ def read_message(input_fn=input) -> str:
     """One user message (continuation lines and triple-quoted blocks joined). EOFError at end of input
     before a message; EndOfInput, carrying the lines typed so far, at end of input inside a block or
     after a trailing backslash (that message is not lost). A line of a block or after a backslash that
-    cannot be decoded is refused on its own (_next_line)."""
+    cannot be decoded is refused on its own (_next_line).
+
+    Blocks as ollama takes them: a typed line that starts with \"\"\" opens one (the text after the
+    quotes is its first line), a typed line that ends with \"\"\" closes it (the text before them is its
+    last), and \"\"\"text\"\"\" is one line's message. A pasted piece of several lines is taken as it is."""
     line = input_fn("> ")
     lines = []
     try:
-        if line.strip() == '"""':
-            while (line := _next_line(input_fn)).strip() != '"""':
+        if "\n" not in line and line.lstrip().startswith('"""'):
+            first = line.lstrip()[3:]
+            if len(first.rstrip()) >= 3 and first.rstrip().endswith('"""'):  # \"\"\"text\"\"\" on one line
+                return first.rstrip()[:-3]
+            if first.strip():  # `\"\"\"Hello,` was sent at once as a message, the block's later lines each another
+                lines.append(first)
+            while True:
+                line = _next_line(input_fn)
+                if "\n" not in line and line.rstrip().endswith('"""'):
+                    last = line.rstrip()[:-3]
+                    if last.strip():  # `world!\"\"\"` closes the block with its last line
+                        lines.append(last)
+                    return "\n".join(lines)
                 lines.append(line)
-            return "\n".join(lines)
         while line.endswith("\\"):
             lines.append(line[:-1])
             line = _next_line(input_fn)

@@ -564,3 +564,17 @@ def test_ctrl_c_right_after_enter_stops_the_reply(tiny_llama_f32, tmp_path, when
     assert child.exitstatus == 0
     history = (tmp_path / "cache" / "pyllm" / repl.HISTORY_FILE).read_text()
     assert "\n+hello\n" in history and "\n+abc\n" in history
+
+
+def test_a_block_opens_and_closes_with_text_beside_the_quotes(llm, monkeypatch, capsys):
+    """`ollama run`'s own example of a block, \"\"\"Hello, / world!\"\"\", sent "\"\"\"Hello," at once as a message,
+    then "world!\"\"\"" as another (the quotes only counted alone on a line). Now three quotes at the start
+    of a typed line open a block, at the end of one close it, and \"\"\"text\"\"\" is one line's message; a
+    pasted piece of several lines inside a block is taken whole."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ['"""Hello,', "world!", 'bye"""', '"""one line"""', '"""', "a", '"""', '  """Indented', '"""',
+             '"""', 'x = """doc"""\nprint(x)', "end", '"""', "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    assert [seen[-1][1] for seen in spy.seen] == ["Hello,\nworld!\nbye", "one line", "a", "Indented",
+                                                  'x = """doc"""\nprint(x)\nend']
