@@ -368,6 +368,13 @@ def ctrl_c_after_enter(editor_input) -> bool:
     return len(kept) != len(keys)
 
 
+def plain_input(prompt: str = "") -> str:
+    """input() with its prompt on stderr: without the line editor (stdout is not a terminal: `pyllm run M >
+    reply.txt`), input() wrote each "> " into stdout, among the replies."""
+    print(prompt, end="", file=sys.stderr, flush=True)
+    return input()
+
+
 def banner(llm) -> str:
     name = os.path.basename(llm.path)
     trained = llm.config.max_position_embeddings
@@ -384,10 +391,10 @@ def chat_loop(llm, system: str | None, sampling: dict, input_fn=None) -> int:
         return 2
     editor = None
     if input_fn is None:
-        input_fn = editor = line_editor() or input
+        input_fn = editor = line_editor() or plain_input
     session = ChatSession(llm, system, sampling)
     print(banner(llm), file=sys.stderr)
-    if editor is None or editor is input:  # given an input function, or not in a terminal
+    if editor is None or editor is plain_input:  # given an input function, or not in a terminal
         return converse(session, input_fn)
     # a terminal: out of line mode for the whole chat (the editor saves and restores that mode around
     # each line, so there is no moment in line mode between the editor letting go and a reply)
@@ -402,7 +409,7 @@ def converse(session: ChatSession, input_fn) -> int:
         # with the line editor, a Ctrl-C signal while the line is handed over (the editor itself reads
         # Ctrl-C as a key) stops the reply to that line, as one a moment later does; input() (stdout not
         # a terminal) gets Ctrl-C as that signal: KeyboardInterrupt at the prompt, as before
-        restore = _on_interrupt(session.stop) if input_fn is not input else (lambda: None)
+        restore = _on_interrupt(session.stop) if input_fn not in (input, plain_input) else (lambda: None)
         try:
             text = read_message(input_fn)
         except EOFError as e:

@@ -578,3 +578,31 @@ def test_a_block_opens_and_closes_with_text_beside_the_quotes(llm, monkeypatch, 
     assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
     assert [seen[-1][1] for seen in spy.seen] == ["Hello,\nworld!\nbye", "one line", "a", "Indented",
                                                   'x = """doc"""\nprint(x)\nend']
+
+
+def test_output_redirected_to_a_file_holds_only_the_replies(tiny_llama_f32, tmp_path):
+    """`pyllm run M > replies.txt` in a terminal (no line editor: stdout is not one) chats with input(), which
+    wrote its "> " prompt to stdout: the file held "> " before every reply. Now the prompts go to stderr,
+    with the banner and speed lines, and the file holds the replies alone."""
+    pexpect = pytest.importorskip("pexpect")
+    import shlex
+
+    out = tmp_path / "replies.txt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(tmp_path), "TERM": "xterm"}
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "pyllm", "run", tiny_llama_f32, "-t", "1",
+                                                "--chat-template", "chatml", "-n", "3"])
+    child = pexpect.spawn("/bin/sh", ["-c", f"{command} > {shlex.quote(str(out))}"], env=env, encoding="utf-8",
+                          timeout=60)
+    for message in ("hello", "again"):
+        child.expect_exact("> ")  # the prompt, on the terminal
+        child.send(message + "\r")
+        child.expect(STATS)
+    child.expect_exact("> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="chatml") as llm:
+        first = llm.chat([{"role": "user", "content": "hello"}], max_new_tokens=3)
+    text = out.read_text()
+    assert text.startswith(first + "\n") and text.count("\n") == 2 and ">" not in text, repr(text)
