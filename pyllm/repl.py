@@ -12,7 +12,8 @@ Ctrl-C stops the reply being written; Ctrl-C twice at the prompt exits. Each rep
 speed on stderr, and with a marker when the token limit or the context cut it. With a seed, the
 session draws one seed per reply from it: /regen gives another reply, and the same session replays
 the same replies. The KV cache of the conversation so far is reused, so a turn only runs its new
-tokens.
+tokens. A conversation that outgrows the context leaves its oldest exchanges out, as `ollama run` does
+(said on stderr; the system message stays: ChatSession.turns_left_out).
 """
 
 from __future__ import annotations
@@ -61,8 +62,39 @@ class ChatSession:
         self._stream = None  # the reply being written
         self._stop_requested = False  # Ctrl-C since the message was sent (before the stream, or during it)
 
-    def messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+    def messages(self, first_turn: int = 0) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns[first_turn:]
+
+    def turns_left_out(self) -> int:
+        """How many of the oldest turns the next prompt leaves out: none while the conversation leaves a
+        reply its room (max_new_tokens, at most a quarter of the context); past that, whole exchanges from
+        the oldest until the rest takes at most half the context (so the next turns reuse the KV cache
+        again, as llama.cpp's context shift discards half), never the system message or the last user
+        message. `ollama run` also leaves the oldest messages out; this chat refused every later message
+        ("the context holds N"), and /clear, which forgot everything, was the only way on."""
+        n_ctx = self.llm.context_length
+        room = n_ctx // 4
+        limit = self.sampling.get("max_new_tokens")
+        if limit is not None and limit >= 0:
+            room = min(room, limit)
+
+        def length(first_turn: int) -> int:
+            return len(self.llm.chat_prompt_ids(self.messages(first_turn)))
+
+        try:
+            if length(0) + room <= n_ctx:
+                return 0
+            starts = [i for i, turn in enumerate(self.turns) if turn["role"] == "user" and i > 0]
+            low, high = 0, len(starts)  # bisect for the first start that leaves at most half the context
+            while low < high:
+                middle = (low + high) // 2
+                if length(starts[middle]) <= n_ctx // 2:
+                    high = middle
+                else:
+                    low = middle + 1
+        except (ValueError, TemplateError):  # refused as it is: the chat call says why
+            return 0
+        return starts[low] if low < len(starts) else (starts[-1] if starts else 0)
 
     def command(self, line: str) -> bool:
         """Runs a /command; False when the session should end."""
@@ -127,11 +159,19 @@ class ChatSession:
         # conversation) stops this reply, as one during the reply does; it ended the whole chat before
         restore = _on_interrupt(self.stop)
         try:
+            left_out = self.turns_left_out()
             try:
-                stream = self.llm.chat(self.messages(), stream=True, **sampling)
-            except (ValueError, TemplateError) as e:  # the conversation no longer fits, or the template refused it
-                print(f"error: {e}" + ("; /clear starts over" if "context" in str(e) else ""), file=self.err)
+                stream = self.llm.chat(self.messages(left_out), stream=True, **sampling)
+            except (ValueError, TemplateError) as e:  # the message does not fit, or the template refused it
+                print(f"error: {e}" + ("; even without the earlier turns: shorten the message (or the system "
+                                       "message), or give a larger -c / --ctx" if "context" in str(e) else ""),
+                      file=self.err)
                 return False
+            if left_out:
+                del self.turns[:left_out]
+                print(f"(the {left_out} oldest messages left out: the conversation outgrew the context of "
+                      f"{self.llm.context_length} tokens{'; the system message is kept' if self.system else ''})",
+                      file=self.err)
             self._stream = stream
             if self._stop_requested:
                 stream.cancel()
@@ -149,7 +189,8 @@ class ChatSession:
         self.turns.append({"role": "assistant", "content": "".join(pieces)})
         cut = cut_notice(stream.stats, self.llm.context_length)
         if cut:
-            print(cut + ("; /clear starts over" if not stream.stats.hit_token_limit else "") + "]", file=self.err)
+            print(cut + ("; the next message leaves the oldest ones out" if not stream.stats.hit_token_limit
+                         else "") + "]", file=self.err)
         note = " (stopped)" if stream.stats.finish_reason == "cancelled" else ""
         print(stream.stats.line() + note, file=self.err)
         return True

@@ -92,7 +92,9 @@ def test_context_full_is_reported_and_the_chat_goes_on(tiny_llama_f32, capsys):
         lines = ["word " * 60, "hi", "/exit"]
         assert repl.chat_loop(small, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
     err = capsys.readouterr().err
-    assert "context" in err and "/clear" in err and "Generation:" in err
+    # (it said "/clear starts over", which cannot help a message too long on its own: the earlier turns are
+    # left out by themselves now)
+    assert "exceed the context length of 40" in err and "--ctx" in err and "Generation:" in err
 
 
 def test_regen_that_is_refused_keeps_the_turn(tiny_llama_f32, monkeypatch, capsys):
@@ -280,7 +282,7 @@ def test_context_full_marker(tiny_llama_f32, capsys):
         small.tokenizer.eos_ids = []  # the reply runs until the context is full
         repl.ChatSession(small, None, dict(max_new_tokens=100)).say("hi")
     err = capsys.readouterr().err
-    assert "[reply cut: the context of 24 tokens is full; /clear starts over]" in err
+    assert "[reply cut: the context of 24 tokens is full; the next message leaves the oldest ones out]" in err
 
 
 def test_system_command_shows_the_templates_default(llm, monkeypatch, capsys):
@@ -606,3 +608,32 @@ def test_output_redirected_to_a_file_holds_only_the_replies(tiny_llama_f32, tmp_
         first = llm.chat([{"role": "user", "content": "hello"}], max_new_tokens=3)
     text = out.read_text()
     assert text.startswith(first + "\n") and text.count("\n") == 2 and ">" not in text, repr(text)
+
+
+def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_turns_out(tiny_llama_f32, monkeypatch, capsys):
+    """Once a conversation outgrew the context every later message was refused ("the prompt has N tokens;
+    the context holds M ... /clear starts over"): /clear, which forgot everything, was the only way on.
+    As `ollama run` does, the oldest exchanges are now left out (said on stderr), down to half the
+    context so the next turns reuse the KV cache; the system message and the new message always stay.
+    A message too long on its own is still refused, the conversation kept."""
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=96, chat_template="chatml") as small:
+        spy = ChatSpy(small)
+        monkeypatch.setattr(small, "chat", spy)
+        session = repl.ChatSession(small, "Be brief.", dict(max_new_tokens=8))
+        for i in range(12):
+            session.say(f"message number {i} about the quick brown fox")
+        err = capsys.readouterr().err
+        assert "error" not in err and err.count("Generation:") == 12
+        assert "oldest messages left out: the conversation outgrew the context of 96 tokens; the system message " \
+               "is kept" in err
+        assert all(seen[0] == ("system", "Be brief.") for seen in spy.seen)
+        assert all(seen[1][0] == "user" for seen in spy.seen)  # whole exchanges left out
+        assert spy.seen[-1][-1] == ("user", "message number 11 about the quick brown fox")
+        assert len(spy.seen[-1]) < 2 * 12  # some were left out
+        for seen in spy.seen:  # each prompt left the reply its room
+            assert len(small.chat_prompt_ids([dict(role=r, content=c) for r, c in seen])) + 8 <= 96
+        kept = list(session.turns)
+        session.say("word " * 200)
+        err = capsys.readouterr().err
+        assert "error: " in err and "--ctx" in err and "/clear" not in err
+        assert session.turns == kept
