@@ -5,9 +5,9 @@ cache directory, HISTORY_FILE), a bracketed paste of several lines is one messag
 length arrive whole (the terminal's own line discipline would cut them at 4095 bytes). Elsewhere
 (piped input, tests) plain input() is used.
 
-Commands: /help, /exit (or Ctrl-D), /clear, /regen, /system [TEXT]. A line ending in a backslash
-continues on the next line; three double quotes (\"\"\") start a block of lines and end it, as in
-`ollama run` (at the start of the first line, and at the end of the last).
+Commands: /help, /exit (or Ctrl-D), /clear, /regen, /system [TEXT], and ollama's /set and /show. A
+line ending in a backslash continues on the next line; three double quotes (\"\"\") start a block of
+lines and end it, as in `ollama run` (at the start of the first line, and at the end of the last).
 Ctrl-C stops the reply being written; Ctrl-C twice at the prompt exits. Each reply ends with its
 speed on stderr, and with a marker when the token limit or the context cut it. With a seed, the
 session draws one seed per reply from it: /regen gives another reply, and the same session replays
@@ -32,12 +32,25 @@ from .tokenizer import check_text
 
 HISTORY_FILE = "chat_history"  # in the cache directory (pyllm/model_cache.py)
 
+# /set parameter NAME VALUE: ollama's names (its Modelfile's PARAMETER), and transformers' where they differ,
+# -> the sampling option (generate()'s keyword) and the CLI flag that sets it at the start
+PARAMETERS = {"temperature": ("temperature", "--temperature"), "top_k": ("top_k", "--top-k"),
+              "top_p": ("top_p", "--top-p"), "min_p": ("min_p", "--min-p"), "typical_p": ("typical_p", "--typical"),
+              "repeat_penalty": ("repetition_penalty", "--repeat-penalty"),
+              "repetition_penalty": ("repetition_penalty", "--repeat-penalty"), "seed": ("seed", "--seed"),
+              "num_predict": ("max_new_tokens", "-n"), "max_new_tokens": ("max_new_tokens", "-n")}
+PARAMETER_NAMES = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "seed", "num_predict")
+
 HELP = """commands:
-  /help            this text
-  /exit            leave (also Ctrl-D, or Ctrl-C twice at the prompt)
+  /help, /?        this text
+  /exit, /bye      leave (also Ctrl-D, or Ctrl-C twice at the prompt)
   /clear           forget the conversation (the system message stays)
   /regen           write the last reply again
-  /system [TEXT]   show, or set, the system message
+  /system [TEXT]   show, or set, the system message (also /set system TEXT)
+  /set parameter NAME VALUE
+                   change a sampling setting for the next replies; NAME is one of
+                   """ + ", ".join(PARAMETER_NAMES) + """
+  /show            the model, its context, the sampling settings and the system message
 input:
   Up/Down recall earlier messages (kept across sessions); a pasted block of lines is one message
   end a line with \\ to continue on the next line, or start a block with \"\"\" and end it with \"\"\"
@@ -101,8 +114,21 @@ class ChatSession:
         name, _, arg = line.strip().partition(" ")
         if name in ("/exit", "/quit", "/bye"):
             return False
-        if name == "/help":
+        if name == "/set":  # ollama's: /set system TEXT, /set parameter NAME VALUE
+            what, _, rest = arg.strip().partition(" ")
+            if what == "system":
+                name, arg = "/system", rest
+            elif what == "parameter":
+                self.set_parameter(rest)
+                return True
+            else:
+                print("/set takes parameter NAME VALUE, or system TEXT" + (f"; got {what}" if what else ""),
+                      file=self.err)
+                return True
+        if name in ("/help", "/?"):
             print(HELP, file=self.err)
+        elif name == "/show":
+            print(self.show(), file=self.err)
         elif name == "/clear":
             self.turns = []
             print("(conversation cleared)", file=self.err)
@@ -131,6 +157,59 @@ class ChatSession:
             print(f"unknown command {name}; /help lists them (a message that starts with / is sent when "
                   "it begins with a space, or as a \"\"\" block)", file=self.err)
         return True
+
+    def set_parameter(self, text: str) -> None:
+        """/set parameter NAME VALUE: checked as the CLI flag that sets it is (a bad value is refused in one
+        line, the setting kept); the next replies use it."""
+        from .sampling import SamplingParams
+
+        words = text.split()
+        if len(words) != 2:
+            print(f"/set parameter takes NAME VALUE (such as /set parameter temperature 0.7); NAME is one of "
+                  f"{', '.join(PARAMETER_NAMES)}", file=self.err)
+            return
+        name, value = words
+        if name == "num_ctx":  # (ollama reloads the model for it)
+            print(f"num_ctx: the context ({self.llm.context_length} tokens) is set when the model loads: start "
+                  "again with -c / --ctx", file=self.err)
+            return
+        if name not in PARAMETERS:
+            print(f"unknown parameter {name}; one of {', '.join(PARAMETER_NAMES)}", file=self.err)
+            return
+        option, flag = PARAMETERS[name]
+        integer = option in ("top_k", "seed", "max_new_tokens")
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            print(f"/set parameter {name} {value}: not {'an integer' if integer else 'a number'}", file=self.err)
+            return
+        try:
+            if option == "max_new_tokens":
+                if number < -1:
+                    raise ValueError("must be >= 0, or -1 (until the context is full)")
+            elif option == "seed":
+                number = None if number == -1 else number % (1 << 64)  # as --seed takes it
+            else:
+                number = 0 if option == "top_k" and number == -1 else number  # -1 is off, as 0
+                SamplingParams(**{option: number}).validate()
+        except ValueError as e:
+            print(f"/set parameter {name} {value}: {e}", file=self.err)
+            return
+        if option == "seed":  # the session's draws start again from it
+            self.seeds = np.random.default_rng(number) if number is not None else None
+        else:
+            self.sampling[option] = self.llm.context_length if option == "max_new_tokens" and number == -1 else number
+        print(f"(set {name} to {value}; {flag} sets it at the start)", file=self.err)
+
+    def show(self) -> str:
+        """/show: what the next reply is made with."""
+        llm = self.llm
+        given = {k: v for k, v in self.sampling.items() if v is not None}
+        settings = ", ".join(f"{k} {v}" for k, v in given.items()) or "none given (the model's defaults)"
+        system = self.system or (f"(the chat template's default) {self.template_default_system()}"
+                                 if self.template_default_system() else "(none)")
+        return (f"{banner(llm).splitlines()[0]}\nsampling: {settings}{'; seeded' if self.seeds is not None else ''}"
+                f"\nsystem: {system}\nconversation: {len(self.turns)} messages")
 
     def template_default_system(self) -> str | None:
         spec = self.llm.tokenizer.spec
@@ -202,7 +281,7 @@ class ChatSession:
             self._stream.cancel()
 
 
-COMMANDS = ("/help", "/exit", "/quit", "/bye", "/clear", "/regen", "/system")
+COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/regen", "/system", "/set", "/show")
 
 
 def is_command(text: str) -> bool:

@@ -637,3 +637,38 @@ def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_turns_out(ti
         err = capsys.readouterr().err
         assert "error: " in err and "--ctx" in err and "/clear" not in err
         assert session.turns == kept
+
+
+def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
+    """ollama's /set parameter NAME VALUE, /set system TEXT, /show and /? were "unknown command": a sampling
+    setting could only change by leaving the chat (and its conversation). Now /set parameter changes it for
+    the next replies, checked as its flag is (a bad value or name is refused in one line, the setting kept),
+    num_ctx says the context is set at load, and /show tells what the next reply is made with."""
+    seen = []
+    real_chat = llm.__class__.chat
+    monkeypatch.setattr(llm, "chat", lambda messages, **kw: seen.append((messages, kw)) or real_chat(llm, messages,
+                                                                                                     **kw))
+    lines = ["/?", "/set", "/set verbose", "/set parameter", "/set parameter temperature hot",
+             "/set parameter temperature -1", "/set parameter top_k 1.5", "/set parameter mirostat 1",
+             "/set parameter num_ctx 8192", "/set parameter num_predict -2", "hi",
+             "/set parameter temperature 0.7", "/set parameter top_k -1", "/set parameter num_predict 3",
+             "/set parameter repeat_penalty 1.1", "/set parameter seed 4", "/set system Be terse.", "/show", "again",
+             "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2, temperature=0.0), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert "unknown command" not in err and err.count("/set parameter NAME VALUE") == 1  # /? is /help
+    assert err.count("/set takes parameter NAME VALUE, or system TEXT") == 2 and "got verbose" in err
+    assert "/set parameter takes NAME VALUE" in err
+    assert "/set parameter temperature hot: not a number" in err
+    assert "/set parameter temperature -1: temperature must be a finite number >= 0" in err
+    assert "/set parameter top_k 1.5: not an integer" in err
+    assert "unknown parameter mirostat; one of temperature, top_k" in err
+    assert "num_ctx: the context (256 tokens) is set when the model loads" in err and "--ctx" in err
+    assert "/set parameter num_predict -2: must be >= 0" in err
+    first, second = seen[0][1], seen[1][1]
+    assert first["temperature"] == 0.0 and first["max_new_tokens"] == 2  # the refused values changed nothing
+    assert (second["temperature"], second["top_k"], second["max_new_tokens"], second["repetition_penalty"]) == \
+        (0.7, 0, 3, 1.1) and second["seed"] is not None
+    assert seen[1][0][0] == {"role": "system", "content": "Be terse."}
+    assert "sampling: max_new_tokens 3, temperature 0.7, top_k 0, repetition_penalty 1.1; seeded" in err
+    assert "system: Be terse." in err and "conversation: 2 messages" in err
