@@ -5,9 +5,10 @@ cache directory, HISTORY_FILE), a bracketed paste of several lines is one messag
 length arrive whole (the terminal's own line discipline would cut them at 4095 bytes). Elsewhere
 (piped input, tests) plain input() is used.
 
-Commands: /help, /exit (or Ctrl-D), /clear, /regen, /system [TEXT], and ollama's /set and /show. A
-line ending in a backslash continues on the next line; three double quotes (\"\"\") start a block of
-lines and end it, as in `ollama run` (at the start of the first line, and at the end of the last).
+Commands: /help, /exit (or Ctrl-D), /clear, /regen, /system [TEXT], /save and /load FILE, and ollama's
+/set and /show. A line ending in a backslash continues on the next line; three double quotes (\"\"\")
+start a block of lines and end it, as in `ollama run` (at the start of the first line, and at the end
+of the last).
 Ctrl-C stops the reply being written; Ctrl-C twice at the prompt exits. Each reply ends with its
 speed on stderr, and with a marker when the token limit or the context cut it. With a seed, the
 session draws one seed per reply from it: /regen gives another reply, and the same session replays
@@ -19,6 +20,7 @@ tokens. A conversation that outgrows the context leaves its oldest exchanges out
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -51,6 +53,8 @@ HELP = """commands:
                    change a sampling setting for the next replies; NAME is one of
                    """ + ", ".join(PARAMETER_NAMES) + """
   /show            the model, its context, the sampling settings and the system message
+  /save FILE       write the conversation to FILE (JSON: OpenAI's messages, the system message first)
+  /load FILE       continue the conversation in FILE (a /save, or a request body's messages) instead
 input:
   Up/Down recall earlier messages (kept across sessions); a pasted block of lines is one message
   end a line with \\ to continue on the next line, or start a block with \"\"\" and end it with \"\"\"
@@ -111,7 +115,7 @@ class ChatSession:
 
     def command(self, line: str) -> bool:
         """Runs a /command; False when the session should end."""
-        name, _, arg = line.strip().partition(" ")
+        name, arg = (line.strip().split(None, 1) + [""])[:2]  # (a tab after the name too)
         if name in ("/exit", "/quit", "/bye"):
             return False
         if name == "/set":  # ollama's: /set system TEXT, /set parameter NAME VALUE
@@ -129,6 +133,17 @@ class ChatSession:
             print(HELP, file=self.err)
         elif name == "/show":
             print(self.show(), file=self.err)
+        elif name in ("/save", "/load"):
+            path = os.path.expanduser(arg.strip())
+            if not path:
+                print(f"{name} takes a file name: {name} FILE", file=self.err)
+                return True
+            try:
+                self.save(path) if name == "/save" else self.load(path)
+            except (OSError, ValueError) as e:  # (PyllmError, TemplateError, json's errors are ValueErrors)
+                from .cli import _message
+
+                print(f"error: {name}: {_message(e)}", file=self.err)
         elif name == "/clear":
             self.turns = []
             print("(conversation cleared)", file=self.err)
@@ -200,6 +215,71 @@ class ChatSession:
         else:
             self.sampling[option] = self.llm.context_length if option == "max_new_tokens" and number == -1 else number
         print(f"(set {name} to {value}; {flag} sets it at the start)", file=self.err)
+
+    def save(self, path: str) -> None:
+        """/save: the messages as JSON, written whole or not at all (a temporary file renamed over it: a
+        full disk or a Ctrl-C leaves an earlier save as it was)."""
+        import json
+
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # (the umask applies, as to any file)
+        except OSError as e:  # named by the file asked for, not the temporary one
+            raise OSError(e.errno, e.strerror, path) from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.messages(), f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        print(f"(conversation saved to {path}: {len(self.messages())} messages)", file=self.err)
+
+    def load(self, path: str) -> None:
+        """/load: a /save's messages (or a request body holding "messages") replace the conversation, checked
+        whole before anything changes: the file's system message replaces the one set, when it has one."""
+        import json
+
+        from .chat_template import normalize_messages
+        from .errors import read_text
+        from .limits import MAX_STDIN_BYTES
+
+        text = read_text(path, limit=MAX_STDIN_BYTES)  # (errors name the file)
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict) and "messages" in data:
+                data = data["messages"]
+            if not isinstance(data, list):
+                raise ValueError("holds no messages: give a /save file, a JSON list of {\"role\": ..., "
+                                 "\"content\": ...}")
+            messages = normalize_messages(data) if data else []
+            system = None
+            for n, m in enumerate(messages):
+                if m["role"] not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                    raise ValueError(f"message {n}: the chat holds system, user and assistant messages of text "
+                                     f"(got role {m['role']!r:.40})")
+                if m["role"] == "system":
+                    if n:
+                        raise ValueError(f"message {n}: a system message comes first")
+                    system = m["content"]
+        except ValueError as e:  # (json's errors, TemplateError and PyllmError are ValueErrors)
+            raise ValueError(f"{path}: {'not JSON: ' if isinstance(e, json.JSONDecodeError) else ''}{e}") from None
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+        if system is not None:
+            self.system = system
+        self.turns = turns
+        note = ""
+        with contextlib.suppress(ValueError):
+            length = len(self.llm.chat_prompt_ids(self.messages())) if self.messages() else 0
+            if length >= self.llm.context_length:
+                note = (f"; its {length} tokens outgrow the context of {self.llm.context_length}: the next "
+                        "message leaves the oldest out")
+        print(f"(conversation loaded from {path}: {len(turns)} messages"
+              f"{', and its system message' if system is not None else ''}{note})", file=self.err)
 
     def show(self) -> str:
         """/show: what the next reply is made with."""
@@ -281,7 +361,8 @@ class ChatSession:
             self._stream.cancel()
 
 
-COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/regen", "/system", "/set", "/show")
+COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/regen", "/system", "/set", "/show", "/save",
+            "/load")
 
 
 def is_command(text: str) -> bool:

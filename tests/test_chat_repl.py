@@ -672,3 +672,65 @@ def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
     assert seen[1][0][0] == {"role": "system", "content": "Be terse."}
     assert "sampling: max_new_tokens 3, temperature 0.7, top_k 0, repetition_penalty 1.1; seeded" in err
     assert "system: Be terse." in err and "conversation: 2 messages" in err
+
+
+def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
+    """There was no way to keep a conversation past the session (/save and /load were "unknown command").
+    /save FILE writes it as OpenAI's messages (JSON, the system message first; a temporary file renamed
+    over FILE), /load FILE continues one (a /save, or a request body). Every bad file (missing, a
+    directory, not UTF-8 or not JSON, too large, a message the chat cannot hold) is one line naming
+    it, the conversation kept; one that outgrows a smaller context says so, and the next message
+    leaves its oldest turns out."""
+    import json
+
+    session = repl.ChatSession(llm, "Be brief.", dict(max_new_tokens=3))
+    session.say("hi")
+    saved = tmp_path / "chat.json"
+    assert session.command("/save " + str(saved)) and session.command("/save\t" + str(saved))  # again: replaced
+    assert json.loads(saved.read_text()) == session.messages() and len(session.messages()) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left
+    kept = session.messages()
+    capsys.readouterr()
+    (tmp_path / "not-json").write_text('[{"role": "user"')
+    (tmp_path / "latin1").write_bytes(b"caf\xe9")
+    (tmp_path / "tool").write_text('[{"role": "tool", "content": "x"}]')
+    (tmp_path / "late-system").write_text('[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]')
+    (tmp_path / "object").write_text('{"model": "x"}')
+    (tmp_path / "huge").write_bytes(b"[" + b" " * (64 << 20) + b"]")
+    for command, message in (
+            ("/save", "/save takes a file name"), ("/load", "/load takes a file name"),
+            (f"/load {tmp_path}/missing", f"error: /load: {tmp_path}/missing: No such file or directory"),
+            (f"/load {tmp_path}", f"error: /load: {tmp_path}: Is a directory"),
+            (f"/save {tmp_path}", f"error: /save: {tmp_path}: Is a directory"),
+            (f"/save {tmp_path}/no/such/dir.json", f"error: /save: {tmp_path}/no/such/dir.json: No such file"),
+            (f"/load {tmp_path}/not-json", f"error: /load: {tmp_path}/not-json: not JSON: "),
+            (f"/load {tmp_path}/latin1", f"error: /load: {tmp_path}/latin1 is not UTF-8 text (byte 3"),
+            (f"/load {tmp_path}/tool", f"error: /load: {tmp_path}/tool: message 0: the chat holds system, user"),
+            (f"/load {tmp_path}/late-system", "message 1: a system message comes first"),
+            (f"/load {tmp_path}/object", f"error: /load: {tmp_path}/object: holds no messages"),
+            (f"/load {tmp_path}/huge", f"error: /load: {tmp_path}/huge holds more than 67108864 bytes")):
+        assert session.command(command)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (command, err)
+        assert session.messages() == kept
+
+    (tmp_path / "body.json").write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                                 {"role": "assistant", "content": "b"}]}))
+    session.command(f"/load {tmp_path}/body.json")  # no system message in it: the one set stays
+    assert session.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                                  {"role": "assistant", "content": "b"}]
+    assert "(conversation loaded from" in capsys.readouterr().err
+
+    long = [{"role": "system", "content": "Be terse."}]
+    for i in range(20):
+        long += [{"role": "user", "content": f"question {i} about foxes"}, {"role": "assistant", "content": "an answer"}]
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64) as small:
+        session = repl.ChatSession(small, None, dict(max_new_tokens=3))
+        session.command(f"/load {tmp_path}/long.json")
+        err = capsys.readouterr().err
+        assert "40 messages, and its system message" in err and "outgrow the context of 64" in err
+        session.say("one more")
+        err = capsys.readouterr().err
+        assert "oldest messages left out" in err and "Generation:" in err
+        assert session.system == "Be terse." and session.turns[-2]["content"] == "one more"
