@@ -531,6 +531,9 @@ def line_editor():
     history = History(os.path.join(cache_dir(), HISTORY_FILE))
     try:
         os.makedirs(cache_dir(), exist_ok=True)
+        # readable by its owner alone, as a shell's history and ollama's are: it holds every message typed
+        # (the editor's own open() made it readable by all)
+        os.close(os.open(history.filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     except OSError as e:
         history.fail(e)
     session = PromptSession(history=history)

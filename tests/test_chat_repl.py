@@ -734,3 +734,21 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "oldest messages left out" in err and "Generation:" in err
         assert session.system == "Be terse." and session.turns[-2]["content"] == "one more"
+
+
+def test_the_history_file_is_readable_by_its_owner_alone(tmp_path, monkeypatch):
+    """The chat history holds every message typed, and the line editor made it readable by everyone
+    (0644 under the usual umask). It is now made 0600, as a shell's history and ollama's are."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys, "stdout", open(os.devnull, "w"))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    previous = os.umask(0o022)
+    try:
+        assert repl.line_editor() is not None
+    finally:
+        os.umask(previous)
+        sys.stdin.close()
+        sys.stdout.close()
+    assert (tmp_path / "pyllm" / repl.HISTORY_FILE).stat().st_mode & 0o777 == 0o600
