@@ -253,7 +253,6 @@ def cmd_run(args) -> int:
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                     typical_p=args.typical_p)
-    from .errors import decode_text
     from .tokenizer import check_text
 
     prompt = args.prompt
@@ -262,20 +261,19 @@ def cmd_run(args) -> int:
             raise ValueError(f"the prompt is given twice: -p, and {' '.join(args.prompt_words)!r} after the model; "
                              "give one")
         prompt = " ".join(args.prompt_words)
+        # `cat notes.txt | ollama run M summarize`: ollama's prompt is the piped text, then the words (the
+        # piped text was dropped in silence); only a pipe or a file, so a script's idle stdin is not waited on
+        if sys.stdin is not None and _piped(sys.stdin):
+            check_text(prompt, "the prompt")
+            piped = _read_stdin()
+            prompt = f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
     if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
         raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
     if prompt is None and not sys.stdin.isatty():
-        from .limits import MAX_STDIN_BYTES
-
-        binary = getattr(sys.stdin, "buffer", None)  # absent when a host replaced stdin with a text stream
-        data = binary.read(MAX_STDIN_BYTES + 1) if binary is not None else sys.stdin.read(MAX_STDIN_BYTES + 1)
-        if len(data) > MAX_STDIN_BYTES:
-            raise ValueError(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB: too long for a prompt (an "
-                             f"endless pipe, such as `yes |`, never ends)")
-        prompt = decode_text(data, "stdin") if binary is not None else data
+        prompt = _read_stdin()
         if not prompt.strip():
             raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
                              "terminal without -p to chat)")
@@ -316,6 +314,31 @@ def cmd_run(args) -> int:
     from .repl import chat_loop
 
     return chat_loop(llm, args.system, sampling)
+
+
+def _piped(stream) -> bool:
+    """Whether stream is a pipe or a file (`cat notes.txt |`, `< notes.txt`): not a terminal, /dev/null, a
+    socket, or no file at all (a host's own stream)."""
+    import stat
+
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is both)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def _read_stdin() -> str:
+    """stdin's text, whole, at most MAX_STDIN_BYTES (a ValueError past it, or when it is not UTF-8)."""
+    from .errors import decode_text
+    from .limits import MAX_STDIN_BYTES
+
+    binary = getattr(sys.stdin, "buffer", None)  # absent when a host replaced stdin with a text stream
+    data = binary.read(MAX_STDIN_BYTES + 1) if binary is not None else sys.stdin.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise ValueError(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB: too long for a prompt (an "
+                         f"endless pipe, such as `yes |`, never ends)")
+    return decode_text(data, "stdin") if binary is not None else data
 
 
 def _note_unused_sampling(llm, args, sampling: dict) -> None:
@@ -542,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `ollama run MODEL "Why is the sky blue?"`: the words after the model are the prompt (it was
     # "unrecognized arguments")
     p.add_argument("prompt_words", nargs="*", default=[], metavar="PROMPT",
-                   help="the prompt after the model, as ollama run takes it: the same as -p (default: none)")
+                   help="the prompt after the model, as ollama run takes it: the same as -p, but text piped "
+                        "into stdin comes before it (`cat notes.txt | pyllm run M summarize`) (default: none)")
     p.add_argument("-p", "--prompt", default=None,
                    help="answer this prompt and exit (default: read it from piped stdin, or chat in a terminal)")
     p.add_argument("--raw", action="store_true",

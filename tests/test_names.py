@@ -5,6 +5,7 @@ unknown keywords, the CLI's flag aliases, clear errors for wrong prompt types an
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import io
 import sys
@@ -167,6 +168,35 @@ def test_run_takes_the_prompt_after_the_model_as_ollama_does(tiny_llama_f32, cap
     with pytest.raises(SystemExit):
         cli.main(["run", tiny_llama_f32, "Paris", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_piped_text_comes_before_the_prompt_words_as_ollama_takes_it(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    """`cat notes.txt | pyllm run MODEL summarize` (ollama's idiom: the piped text, then the words) answered
+    "summarize" alone: the piped text was dropped in silence. It now comes first, a blank line between;
+    stdin that is not a pipe or a file (a terminal, /dev/null, none) is not read, and -p reads none."""
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["run", tiny_llama_f32, "-n", "3", "-t", "1", "--raw", *argv])
+        return status, capsys.readouterr().out
+
+    expected = run("-p", "Paris is\n\nthe capital")
+    notes = tmp_path / "notes.txt"
+    for text in ("Paris is\n", "Paris is"):
+        notes.write_text(text)
+        with open(notes) as piped:
+            monkeypatch.setattr(sys, "stdin", piped)
+            assert run("the", "capital") == expected
+    with open(notes) as piped, open(os.devnull) as null:
+        monkeypatch.setattr(sys, "stdin", null)
+        alone = run("-p", "the capital")
+        assert run("the", "capital") == alone != expected
+        monkeypatch.setattr(sys, "stdin", piped)
+        assert run("-p", "the capital") == alone
+    notes.write_bytes(b"caf\xe9")
+    with open(notes) as piped:
+        monkeypatch.setattr(sys, "stdin", piped)
+        assert cli.main(["run", tiny_llama_f32, "-n", "3", "the", "capital"]) == 1
+    assert "stdin is not UTF-8 text (byte 3" in capsys.readouterr().err
 
 
 def test_other_flag_aliases():
