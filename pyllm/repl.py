@@ -116,6 +116,10 @@ class ChatSession:
     def command(self, line: str) -> bool:
         """Runs a /command; False when the session should end."""
         name, arg = (line.strip().split(None, 1) + [""])[:2]  # (a tab after the name too)
+        if name in ("/exit", "/quit", "/bye", "/clear", "/regen") and arg:
+            # "/clear the last answer" forgot the whole conversation, "/exit now" left it: refused, kept
+            print(f"{name} takes nothing after it (got {arg!r:.40}); the conversation is kept", file=self.err)
+            return True
         if name in ("/exit", "/quit", "/bye"):
             return False
         if name == "/set":  # ollama's: /set system TEXT, /set parameter NAME VALUE

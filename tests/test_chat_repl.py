@@ -752,3 +752,16 @@ def test_the_history_file_is_readable_by_its_owner_alone(tmp_path, monkeypatch):
         sys.stdin.close()
         sys.stdout.close()
     assert (tmp_path / "pyllm" / repl.HISTORY_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_command_that_takes_nothing_refuses_what_follows_it(llm, monkeypatch, capsys):
+    """"/clear the last answer" forgot the whole conversation and "/exit now" left it, the words after the
+    name ignored. They are now refused in one line, the conversation kept."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ["hello", "/clear the last answer", "/regen please", "/exit now", "/bye\tbye", "again", "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert "/clear takes nothing after it (got 'the last answer'); the conversation is kept" in err
+    assert err.count("takes nothing after it") == 4 and err.count("Generation:") == 2
+    assert len(spy.seen) == 2 and spy.seen[1][0] == ("user", "hello")  # not cleared, not regenerated
