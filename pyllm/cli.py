@@ -29,7 +29,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                         "setting, else 0 = off)")
     p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, default=None,
                    help="locally typical sampling: tokens whose surprisal is nearest the entropy, holding this "
-                        "probability (default: 1 = off)")
+                        "probability (default: the model's setting, else 1 = off)")
     p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float, default=None,
                    help="repetition penalty, 1 = off (default: the model's setting, else 1)")
     p.add_argument("--seed", type=int, default=None,

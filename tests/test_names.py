@@ -248,6 +248,19 @@ def test_every_help_entry_has_text_and_a_default():
     assert not missing, "\n".join(missing)
 
 
+def test_sampling_help_names_the_models_setting_as_the_default():
+    """--typical's help said "(default: 1 = off)", but a model file's typical_p (its generation_config's,
+    as the other sampling settings) is used when the flag is left out. Every sampling flag the model's
+    settings fill in (formats.packed.GENERATION_NUMBERS) now says so."""
+    from pyllm.formats.packed import GENERATION_NUMBERS
+
+    for command in ("run", "serve"):
+        actions = {a.dest: a for a in cli.build_parser()._subparsers._group_actions[0].choices[command]._actions}
+        for field in GENERATION_NUMBERS:
+            dest = cli.SAMPLING_FLAGS.get(field, (field,))[0] if field != "max_new_tokens" else "max_tokens"
+            assert "the model's setting" in actions[dest].help, (command, dest, actions[dest].help)
+
+
 def test_server_takes_the_same_names():
     pytest.importorskip("pydantic")
     from pyllm.api_schema import parse_request
