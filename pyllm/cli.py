@@ -293,14 +293,21 @@ def cmd_run(args) -> int:
         if not llm.chat_template and not args.raw and args.system:
             raise ValueError("--system is a chat message, and the model has no chat template: give one with "
                              "--chat-template NAME, or leave --system out for plain completion")
-        if llm.chat_template and not args.raw:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
-        else:
-            if not args.raw:
-                print("(the model has no chat template: plain completion; --chat-template NAME to chat)",
-                      file=sys.stderr)
-            pieces = llm.generate(prompt, stream=True, **sampling)
+        try:
+            if llm.chat_template and not args.raw:
+                messages = ([{"role": "system", "content": args.system}] if args.system else [])
+                pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
+            else:
+                if not args.raw:
+                    print("(the model has no chat template: plain completion; --chat-template NAME to chat)",
+                          file=sys.stderr)
+                pieces = llm.generate(prompt, stream=True, **sampling)
+        except ValueError as e:  # ("18 tokens exceed the context length of 4" named no way out)
+            if "context" not in str(e):
+                raise
+            from .repl import too_long_advice
+
+            raise ValueError(f"{e}: {too_long_advice(llm, 'the prompt')}") from None
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -326,8 +326,8 @@ class ChatSession:
             try:
                 stream = self.llm.chat(self.messages(left_out), stream=True, **sampling)
             except (ValueError, TemplateError) as e:  # the message does not fit, or the template refused it
-                print(f"error: {e}" + ("; even without the earlier turns: shorten the message (or the system "
-                                       "message), or give a larger -c / --ctx" if "context" in str(e) else ""),
+                advice = too_long_advice(self.llm, "the message (or the system message)")
+                print(f"error: {e}" + (f"; even without the earlier turns: {advice}" if "context" in str(e) else ""),
                       file=self.err)
                 return False
             if left_out:
@@ -392,6 +392,13 @@ def as_typed(text: str, what: str) -> str:
     except UnicodeEncodeError:
         return check_text(text, what)
     return decode_text(raw, what)
+
+
+def too_long_advice(llm, what: str) -> str:
+    """What to do about a prompt longer than the context: a larger -c / --ctx while the model takes one."""
+    trained = llm.config.max_position_embeddings
+    return f"shorten {what}" + (f", or give a larger -c / --ctx (the model was trained on {trained} tokens)"
+                                if llm.context_length < trained else "")
 
 
 def cut_notice(stats, context_length: int) -> str | None:

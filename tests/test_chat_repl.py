@@ -723,7 +723,8 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
 
     long = [{"role": "system", "content": "Be terse."}]
     for i in range(20):
-        long += [{"role": "user", "content": f"question {i} about foxes"}, {"role": "assistant", "content": "an answer"}]
+        long += [{"role": "user", "content": f"question {i} about foxes"},
+                 {"role": "assistant", "content": "an answer"}]
     (tmp_path / "long.json").write_text(json.dumps(long))
     with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64) as small:
         session = repl.ChatSession(small, None, dict(max_new_tokens=3))

@@ -199,6 +199,20 @@ def test_piped_text_comes_before_the_prompt_words_as_ollama_takes_it(tiny_llama_
     assert "stdin is not UTF-8 text (byte 3" in capsys.readouterr().err
 
 
+def test_a_prompt_longer_than_the_context_says_what_to_do(tiny_llama_f32, capsys):
+    """`pyllm run M -p ... -c 4` said "18 tokens exceed the context length of 4" and no more: the flag that
+    sets the context went unnamed. It now says to shorten the prompt, or, while the model was trained on
+    more, to give a larger -c / --ctx (as the chat does)."""
+    assert cli.main(["run", tiny_llama_f32, "-p", "hi", "-c", "4", "-t", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm run: error: ") and err.count("\n") == 1
+    assert "exceed the context length of 4: shorten the prompt, or give a larger -c / --ctx (the model was " \
+           "trained on 256 tokens)" in err
+    assert cli.main(["run", tiny_llama_f32, "--raw", "-p", "word " * 300, "-t", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "exceed the context length of 256: shorten the prompt\n" in err and "--ctx" not in err
+
+
 def test_other_flag_aliases():
     for flag in ("--repeat-penalty", "--repetition-penalty"):
         assert _parse("run", flag, "1.2").repeat_penalty == 1.2
