@@ -331,7 +331,6 @@ class ChatSession:
                       file=self.err)
                 return False
             if left_out:
-                del self.turns[:left_out]
                 print(f"(the {left_out} oldest messages left out: the conversation outgrew the context of "
                       f"{self.llm.context_length} tokens{'; the system message is kept' if self.system else ''})",
                       file=self.err)
@@ -349,6 +348,7 @@ class ChatSession:
             print("(stopped)", file=self.err)
             return False
         self.out.write("\n")
+        del self.turns[:left_out]  # (only with a reply: one stopped before a word leaves the conversation whole)
         self.turns.append({"role": "assistant", "content": "".join(pieces)})
         cut = cut_notice(stream.stats, self.llm.context_length)
         if cut:

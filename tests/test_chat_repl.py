@@ -637,6 +637,14 @@ def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_turns_out(ti
         err = capsys.readouterr().err
         assert "error: " in err and "--ctx" in err and "/clear" not in err
         assert session.turns == kept
+        # a reply stopped before its first word (Ctrl-C) leaves the conversation whole, the oldest turns too
+        session.turns = [{"role": role, "content": f"turn {i} of a long talk"}
+                         for i in range(12) for role in ("user", "assistant")]
+        kept = list(session.turns)
+        assert session.turns_left_out() > 0
+        session._stop_requested = True
+        session.say("one more")
+        assert "(stopped)" in capsys.readouterr().err and session.turns == kept
 
 
 def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
