@@ -187,11 +187,16 @@ def cmd_verify(args) -> int:
 
     from .formats.safetensors import HEADER_CHECKSUM_KEY
 
-    with PackedModel(args.model) as model:
+    path = args.model
+    if not os.path.lexists(path):  # a cached model's name, as `pyllm list` shows it and `pyllm run` takes it
+        from .model_cache import resolve_model
+
+        path = resolve_model(path)  # (only looks the name up: nothing is converted for a path that is not there)
+    with PackedModel(path) as model:
         checked = model.verify()
     header = ("the header matches its own" if HEADER_CHECKSUM_KEY in model.file.metadata
               else "the header has none (written by an older pyllm): not checked")
-    print(f"{args.model}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums; {header})")
+    print(f"{path}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums; {header})")
     return 0
 
 
@@ -564,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("verify", help="check every tensor of a .pllm file against its checksum")
-    p.add_argument("model", help="a .pllm file")
+    p.add_argument("model", help="a .pllm file, or a cached model's name as `pyllm list` shows it")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
