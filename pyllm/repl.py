@@ -287,9 +287,16 @@ class ChatSession:
 
     def show(self) -> str:
         """/show: what the next reply is made with."""
-        llm = self.llm
-        given = {k: v for k, v in self.sampling.items() if v is not None}
-        settings = ", ".join(f"{k} {v}" for k, v in given.items()) or "none given (the model's defaults)"
+        from .llm import DEFAULT_MAX_NEW_TOKENS
+
+        llm, given = self.llm, self.sampling
+        # as the next reply takes them: the ones given, else the model's (its generation config), else off
+        params = llm._sampling(given.get("temperature"), given.get("top_k"), given.get("top_p"), given.get("min_p"),
+                               given.get("repetition_penalty"), None, given.get("typical_p"))
+        limit = given.get("max_new_tokens")
+        limit = int(llm.model.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)) if limit is None else limit
+        settings = ", ".join(f"{name} {getattr(params, name):g}" for name in (
+            "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")) + f", max_new_tokens {limit}"
         system = self.system or (f"(the chat template's default) {self.template_default_system()}"
                                  if self.template_default_system() else "(none)")
         return (f"{banner(llm).splitlines()[0]}\nsampling: {settings}{'; seeded' if self.seeds is not None else ''}"

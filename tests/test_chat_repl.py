@@ -678,7 +678,8 @@ def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
     assert (second["temperature"], second["top_k"], second["max_new_tokens"], second["repetition_penalty"]) == \
         (0.7, 0, 3, 1.1) and second["seed"] is not None
     assert seen[1][0][0] == {"role": "system", "content": "Be terse."}
-    assert "sampling: max_new_tokens 3, temperature 0.7, top_k 0, repetition_penalty 1.1; seeded" in err
+    assert ("sampling: temperature 0.7, top_k 0, top_p 1, min_p 0, typical_p 1, repetition_penalty 1.1, "
+            "max_new_tokens 3; seeded") in err
     assert "system: Be terse." in err and "conversation: 2 messages" in err
 
 
