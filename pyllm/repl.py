@@ -78,6 +78,7 @@ class ChatSession:
         self.err = err or sys.stderr
         self._stream = None  # the reply being written
         self._stop_requested = False  # Ctrl-C since the message was sent (before the stream, or during it)
+        self._longest_token = None  # bytes of the vocabulary's longest token (first_turn_that_may_fit)
 
     def messages(self, first_turn: int = 0) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns[first_turn:]
@@ -98,10 +99,12 @@ class ChatSession:
         def length(first_turn: int) -> int:
             return len(self.llm.chat_prompt_ids(self.messages(first_turn)))
 
+        first_possible = self.first_turn_that_may_fit()
         try:
-            if length(0) + room <= n_ctx:
+            if first_possible == 0 and length(0) + room <= n_ctx:
                 return 0
             starts = [i for i, turn in enumerate(self.turns) if turn["role"] == "user" and i > 0]
+            starts = [i for i in starts if i >= first_possible] or starts[-1:]
             low, high = 0, len(starts)  # bisect for the first start that leaves at most half the context
             while low < high:
                 middle = (low + high) // 2
@@ -112,6 +115,24 @@ class ChatSession:
         except (ValueError, TemplateError):  # refused as it is: the chat call says why
             return 0
         return starts[low] if low < len(starts) else (starts[-1] if starts else 0)
+
+    def first_turn_that_may_fit(self) -> int:
+        """The first turn of the newest ones whose characters alone may fit the context (each token stands
+        for at most the longest token's bytes): 0 unless the conversation is far past the context (a /load
+        of a long one), where the older turns are left out unrendered. Rendered whole, such a conversation
+        took seconds per message, or passed the chat template's output limit: every message was refused."""
+        n_ctx, sizes = self.llm.context_length, [len(turn["content"]) for turn in self.turns]
+        if sum(sizes) <= 64 * n_ctx:  # (rendered in milliseconds)
+            return 0
+        if self._longest_token is None:
+            tokenizer = self.llm.tokenizer
+            self._longest_token = max(len(tokenizer.token_bytes(i)) for i in range(self.llm.config.vocab_size))
+        bound, suffix = n_ctx * max(1, self._longest_token), 0
+        for i in range(len(sizes) - 1, -1, -1):
+            suffix += sizes[i]
+            if suffix > bound:
+                return i + 1
+        return 0
 
     def command(self, line: str) -> bool:
         """Runs a /command; False when the session should end."""
@@ -276,12 +297,13 @@ class ChatSession:
         if system is not None:
             self.system = system
         self.turns = turns
-        note = ""
+        note, n_ctx = "", self.llm.context_length
         with contextlib.suppress(ValueError):
-            length = len(self.llm.chat_prompt_ids(self.messages())) if self.messages() else 0
-            if length >= self.llm.context_length:
-                note = (f"; its {length} tokens outgrow the context of {self.llm.context_length}: the next "
-                        "message leaves the oldest out")
+            far = sum(len(turn["content"]) for turn in turns) > 64 * n_ctx  # (not rendered: seconds, or refused)
+            length = 0 if far or not self.messages() else len(self.llm.chat_prompt_ids(self.messages()))
+            if far or length >= n_ctx:
+                note = (f"; it outgrows the context of {n_ctx} tokens{f' ({length} tokens)' if length else ''}: "
+                        "the next message leaves the oldest out")
         print(f"(conversation loaded from {path}: {len(turns)} messages"
               f"{', and its system message' if system is not None else ''}{note})", file=self.err)
 

@@ -739,7 +739,7 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
         session = repl.ChatSession(small, None, dict(max_new_tokens=3))
         session.command(f"/load {tmp_path}/long.json")
         err = capsys.readouterr().err
-        assert "40 messages, and its system message" in err and "outgrow the context of 64" in err
+        assert "40 messages, and its system message" in err and "outgrows the context of 64 tokens (" in err
         session.say("one more")
         err = capsys.readouterr().err
         assert "oldest messages left out" in err and "Generation:" in err
@@ -775,3 +775,18 @@ def test_a_command_that_takes_nothing_refuses_what_follows_it(llm, monkeypatch, 
     assert "/clear takes nothing after it (got 'the last answer'); the conversation is kept" in err
     assert err.count("takes nothing after it") == 4 and err.count("Generation:") == 2
     assert len(spy.seen) == 2 and spy.seen[1][0] == ("user", "hello")  # not cleared, not regenerated
+
+
+def test_a_conversation_far_past_the_context_goes_on(tiny_llama_f32, capsys):
+    """A conversation far longer than the context (a /load of a long one) was rendered whole for every
+    message: seconds each, and past the chat template's output limit (8 Mi characters) every message was
+    refused ("the chat template's output exceeds ..."), /clear the only way on. The turns that cannot
+    fit by their characters alone are now left out unrendered."""
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64, chat_template="chatml") as small:
+        session = repl.ChatSession(small, "Be brief.", dict(max_new_tokens=3))
+        session.turns = [{"role": role, "content": f"{role} turn {i} " + "fox " * 1100}
+                         for i in range(2000) for role in ("user", "assistant")]
+        session.say("one more")
+        err = capsys.readouterr().err
+        assert "error" not in err and "Generation:" in err, err[-300:]
+        assert "oldest messages left out" in err and session.turns[-2]["content"] == "one more"
