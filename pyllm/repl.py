@@ -679,7 +679,11 @@ def converse(session: ChatSession, input_fn) -> int:
             session._stop_requested = False  # (no reply to stop: not kept for the next one)
             continue
         if is_command(text):
-            going = session.command(text)  # (/regen's reply takes a Ctrl-C of the handover)
+            try:
+                going = session.command(text)  # (/regen's reply takes a Ctrl-C of the handover)
+            except KeyboardInterrupt:  # a /load or /save stopped (it ended the chat): the conversation stays
+                print("\n(stopped)", file=sys.stderr)
+                going = True
             session._stop_requested = False
             if not going:
                 return 0

@@ -790,3 +790,32 @@ def test_a_conversation_far_past_the_context_goes_on(tiny_llama_f32, capsys):
         err = capsys.readouterr().err
         assert "error" not in err and "Generation:" in err, err[-300:]
         assert "oldest messages left out" in err and session.turns[-2]["content"] == "one more"
+
+
+def test_ctrl_c_during_a_command_stops_it_not_the_chat(llm, monkeypatch, tmp_path, capsys):
+    """Ctrl-C while /load read a long file (or /save wrote one) raised KeyboardInterrupt out of the chat:
+    it ended, the conversation lost. It now stops that command; the conversation stays as it was."""
+    import json
+
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]))
+    real_loads = json.loads
+
+    def slow_loads(text, *a, **k):
+        signal.raise_signal(signal.SIGINT)  # pressed while the file is parsed
+        return real_loads(text, *a, **k)
+
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    monkeypatch.setattr(json, "loads", slow_loads)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (the suite may ignore it)
+    try:
+        status = repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(["hello", f"/load {saved}",
+                                                                                      "/exit"]))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during /load ended the chat")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0 and "(stopped)" in capsys.readouterr().err
+    assert [t["content"] for t in sessions[-1].turns][0] == "hello"
