@@ -239,7 +239,11 @@ class ChatSession:
             self.seeds = np.random.default_rng(number) if number is not None else None
         else:
             self.sampling[option] = self.llm.context_length if option == "max_new_tokens" and number == -1 else number
-        print(f"(set {name} to {value}; {flag} sets it at the start)", file=self.err)
+        greedy = option in ("top_k", "top_p", "min_p", "typical_p", "seed") and self.llm._sampling(
+            self.sampling.get("temperature"), None, None, None, None, None).temperature == 0
+        # (as `pyllm run`'s note for such flags: nothing changed, and nothing said why)
+        note = "; it changes nothing while decoding is greedy: /set parameter temperature 0.7 samples" if greedy else ""
+        print(f"(set {name} to {value}; {flag} sets it at the start{note})", file=self.err)
 
     def save(self, path: str) -> None:
         """/save: the messages as JSON, written whole or not at all (a temporary file renamed over it: a

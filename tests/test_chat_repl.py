@@ -657,7 +657,8 @@ def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
     monkeypatch.setattr(llm, "chat", lambda messages, **kw: seen.append((messages, kw)) or real_chat(llm, messages,
                                                                                                      **kw))
     lines = ["/?", "/set", "/set verbose", "/set parameter", "/set parameter temperature hot",
-             "/set parameter temperature -1", "/set parameter top_k 1.5", "/set parameter mirostat 1",
+             "/set parameter temperature -1", "/set parameter top_k 1.5", "/set parameter top_p 0.9",
+             "/set parameter mirostat 1",
              "/set parameter num_ctx 8192", "/set parameter num_predict -2", "hi",
              "/set parameter temperature 0.7", "/set parameter top_k -1", "/set parameter num_predict 3",
              "/set parameter repeat_penalty 1.1", "/set parameter seed 4", "/set system Be terse.", "/show", "again",
@@ -673,12 +674,16 @@ def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
     assert "unknown parameter mirostat; one of temperature, top_k" in err
     assert "num_ctx: the context (256 tokens) is set when the model loads" in err and "--ctx" in err
     assert "/set parameter num_predict -2: must be >= 0" in err
+    # top_k set while decoding was greedy (temperature 0) says it changes nothing; once it samples, no more
+    assert "(set top_k to -1; --top-k sets it at the start)\n" in err
+    assert "(set top_p to 0.9; --top-p sets it at the start; it changes nothing while decoding is greedy: " \
+           "/set parameter temperature 0.7 samples)" in err
     first, second = seen[0][1], seen[1][1]
     assert first["temperature"] == 0.0 and first["max_new_tokens"] == 2  # the refused values changed nothing
     assert (second["temperature"], second["top_k"], second["max_new_tokens"], second["repetition_penalty"]) == \
         (0.7, 0, 3, 1.1) and second["seed"] is not None
     assert seen[1][0][0] == {"role": "system", "content": "Be terse."}
-    assert ("sampling: temperature 0.7, top_k 0, top_p 1, min_p 0, typical_p 1, repetition_penalty 1.1, "
+    assert ("sampling: temperature 0.7, top_k 0, top_p 0.9, min_p 0, typical_p 1, repetition_penalty 1.1, "
             "max_new_tokens 3; seeded") in err
     assert "system: Be terse." in err and "conversation: 2 messages" in err
 
