@@ -252,7 +252,11 @@ class ChatSession:
 
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # through a link to the file it names; never renamed over a device, FIFO or socket (/dev/stdout)
+        target = os.path.realpath(path)
+        if os.path.exists(target) and not os.path.isfile(target):
+            raise ValueError(f"{path}: not a regular file (the conversation is saved in a file of its own)")
+        tmp = f"{target}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # (the umask applies, as to any file)
         except OSError as e:  # named by the file asked for, not the temporary one
@@ -261,7 +265,7 @@ class ChatSession:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.messages(), f, ensure_ascii=False, indent=1)
                 f.write("\n")
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

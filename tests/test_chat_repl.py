@@ -704,7 +704,12 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
     assert json.loads(saved.read_text()) == session.messages() and len(session.messages()) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left
     kept = session.messages()
+    (tmp_path / "link.json").symlink_to(saved)
+    saved.write_text("[]")
+    assert session.command(f"/save {tmp_path}/link.json")
+    assert (tmp_path / "link.json").is_symlink() and json.loads(saved.read_text()) == kept  # written through it
     capsys.readouterr()
+    os.mkfifo(tmp_path / "fifo")
     (tmp_path / "not-json").write_text('[{"role": "user"')
     (tmp_path / "latin1").write_bytes(b"caf\xe9")
     (tmp_path / "tool").write_text('[{"role": "tool", "content": "x"}]')
@@ -717,6 +722,8 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
             (f"/load {tmp_path}", f"error: /load: {tmp_path}: Is a directory"),
             (f"/save {tmp_path}", f"error: /save: {tmp_path}: Is a directory"),
             (f"/save {tmp_path}/no/such/dir.json", f"error: /save: {tmp_path}/no/such/dir.json: No such file"),
+            # (it was renamed over: as root, `/save /dev/stdout` replaced the device's link with a file)
+            (f"/save {tmp_path}/fifo", f"error: /save: {tmp_path}/fifo: not a regular file"),
             (f"/load {tmp_path}/not-json", f"error: /load: {tmp_path}/not-json: not JSON: "),
             (f"/load {tmp_path}/latin1", f"error: /load: {tmp_path}/latin1 is not UTF-8 text (byte 3"),
             (f"/load {tmp_path}/tool", f"error: /load: {tmp_path}/tool: message 0: the chat holds system, user"),
