@@ -313,8 +313,10 @@ def cmd_run(args) -> int:
             from .repl import too_long_advice
 
             raise ValueError(f"{e}: {too_long_advice(llm, 'the prompt')}") from None
+        from .repl import for_terminal
+
         for piece in pieces:
-            sys.stdout.write(piece)
+            sys.stdout.write(for_terminal(piece, sys.stdout))
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()

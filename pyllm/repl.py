@@ -376,7 +376,7 @@ class ChatSession:
                 stream.cancel()
             for piece in stream:
                 pieces.append(piece)
-                self.out.write(piece)
+                self.out.write(for_terminal(piece, self.out))  # (the turn keeps the reply as generated)
                 self.out.flush()
         finally:
             restore()
@@ -429,6 +429,24 @@ def as_typed(text: str, what: str) -> str:
     except UnicodeEncodeError:
         return check_text(text, what)
     return decode_text(raw, what)
+
+
+# Control characters of a reply as a terminal shows them: C0 (but tab, newline, carriage return) as their
+# Unicode control pictures (ESC as U+241B), DEL as U+2421, C1 as \x9b-style text. Written raw, a reply held
+# escape sequences the terminal obeyed: a model (or a prompt injected into what it reads) could clear the
+# screen, retitle the window, fake the prompt or set the clipboard (OSC 52).
+_TERMINAL_SAFE = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)}, 0x7F: 0x2421,
+                  **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}}
+
+
+def for_terminal(text: str, stream) -> str:
+    """text as written to stream: its control characters made visible when stream is a terminal, unchanged
+    for a file or a pipe (the reply as generated)."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        terminal = False
+    return text.translate(_TERMINAL_SAFE) if terminal else text
 
 
 def too_long_advice(llm, what: str) -> str:

@@ -831,3 +831,35 @@ def test_ctrl_c_during_a_command_stops_it_not_the_chat(llm, monkeypatch, tmp_pat
         signal.signal(signal.SIGINT, previous)
     assert status == 0 and "(stopped)" in capsys.readouterr().err
     assert [t["content"] for t in sessions[-1].turns][0] == "hello"
+
+
+def test_control_characters_of_a_reply_are_shown_not_obeyed_by_a_terminal(llm, monkeypatch, capsys):
+    """A reply was written to the terminal raw: escape sequences in it were obeyed (clear the screen, retitle
+    the window, fake a prompt, set the clipboard with OSC 52), so a model, or a prompt injected into what
+    it reads, could drive the user's terminal. In a terminal the control characters are now shown as
+    their Unicode pictures (ESC as U+241B); the conversation, a file and a pipe keep the reply as
+    generated. Both for the chat and for `pyllm run -p`."""
+    import io
+
+    from conftest import scripted_reply
+    from pyllm import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    evil = "\x1b]52;c;ZXZpbA==\x07\x1b[2J ok\tdone"
+    ids = llm.tokenize(evil, add_special_tokens=False) + [llm.tokenizer.eos_ids[0]]
+    for out, shown in ((Terminal(), "␛]52;c;ZXZpbA==␇␛[2J ok\tdone\n"), (io.StringIO(), evil + "\n")):
+        session = repl.ChatSession(llm, None, dict(max_new_tokens=len(ids), logits_processors=[scripted_reply(ids)]),
+                                   out=out)
+        session.say("hi")
+        assert out.getvalue() == shown and session.turns[-1]["content"] == evil
+    capsys.readouterr()
+    monkeypatch.setattr(llm.__class__, "chat", lambda self, messages, **kw: llm.generate(
+        ids, stream=True, max_new_tokens=len(ids), logits_processors=[scripted_reply(ids)]))
+    monkeypatch.setattr(cli, "_open", lambda args: llm)
+    for stdout, shown in ((Terminal(), "␛]52;c;ZXZpbA==␇␛[2J ok\tdone\n"), (io.StringIO(), evil + "\n")):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert cli.main(["run", "unused.pllm", "-p", "hi"]) == 0
+        assert stdout.getvalue() == shown
