@@ -48,7 +48,7 @@ HELP = """commands:
   /exit, /bye      leave (also Ctrl-D, or Ctrl-C twice at the prompt)
   /clear           forget the conversation (the system message stays)
   /regen           write the last reply again
-  /system [TEXT]   show, or set, the system message (also /set system TEXT)
+  /system [TEXT]   show, or set, the system message (also /set system TEXT; several lines: /system \"\"\")
   /set parameter NAME VALUE
                    change a sampling setting for the next replies; NAME is one of
                    """ + ", ".join(PARAMETER_NAMES) + """
@@ -406,11 +406,16 @@ COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/regen", "/syste
             "/load")
 
 
+class Block(str):
+    """The text of a \"\"\" block: a message, even when it starts with "/" (as /help's "unknown command" says)."""
+
+
 def is_command(text: str) -> bool:
     """A /command: a line that starts with "/" (an unknown one is refused, as a typo), or several lines
     that start with a known command (/system over several lines). Other text of several lines (a pasted
-    block, a \"\"\" block, continued lines) is a message, even when it starts with a path."""
-    if not text.startswith("/"):
+    block, continued lines) is a message, even when it starts with a path, and so is a \"\"\" block (a
+    Block) of any length: a one-line block "/etc/fstab?" was refused as an unknown command."""
+    if isinstance(text, Block) or not text.startswith("/"):
         return False
     return "\n" not in text or text.split(None, 1)[0] in COMMANDS
 
@@ -506,14 +511,26 @@ def read_message(input_fn=input) -> str:
 
     Blocks as ollama takes them: a typed line that starts with \"\"\" opens one (the text after the
     quotes is its first line), a typed line that ends with \"\"\" closes it (the text before them is its
-    last), and \"\"\"text\"\"\" is one line's message. A pasted piece of several lines is taken as it is."""
+    last), and \"\"\"text\"\"\" is one line's message. A pasted piece of several lines is taken as it is.
+    A block is a message (a Block), even when it starts with "/"; after `/system ` or `/set system ` it
+    is that command's text (ollama's `/set system \"\"\"`)."""
     line = input_fn("> ")
-    lines = []
+    lines, head, in_block = [], "", False
+    if "\n" not in line:
+        stripped = line.lstrip()
+        for prefix in ("/system ", "/set system "):
+            if stripped.startswith(prefix) and stripped[len(prefix):].lstrip().startswith('"""'):
+                head, line = prefix, stripped[len(prefix):].lstrip()  # (the quotes were the system message's)
+                break
+
+    def block(text: str) -> str:
+        return head + text if head else Block(text)
+
     try:
         if "\n" not in line and line.lstrip().startswith('"""'):
-            first = line.lstrip()[3:]
+            in_block, first = True, line.lstrip()[3:]
             if len(first.rstrip()) >= 3 and first.rstrip().endswith('"""'):  # \"\"\"text\"\"\" on one line
-                return first.rstrip()[:-3]
+                return block(first.rstrip()[:-3])
             if first.strip():  # `\"\"\"Hello,` was sent at once as a message, the block's later lines each another
                 lines.append(first)
             while True:
@@ -522,13 +539,13 @@ def read_message(input_fn=input) -> str:
                     last = line.rstrip()[:-3]
                     if last.strip():  # `world!\"\"\"` closes the block with its last line
                         lines.append(last)
-                    return "\n".join(lines)
+                    return block("\n".join(lines))
                 lines.append(line)
         while line.endswith("\\"):
             lines.append(line[:-1])
             line = _next_line(input_fn)
     except EOFError:
-        raise EndOfInput("\n".join(lines)) from None
+        raise EndOfInput(block("\n".join(lines)) if in_block else "\n".join(lines)) from None
     return "\n".join(lines + [line])
 
 

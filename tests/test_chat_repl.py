@@ -863,3 +863,24 @@ def test_control_characters_of_a_reply_are_shown_not_obeyed_by_a_terminal(llm, m
         monkeypatch.setattr(sys, "stdout", stdout)
         assert cli.main(["run", "unused.pllm", "-p", "hi"]) == 0
         assert stdout.getvalue() == shown
+
+
+def test_a_block_is_a_message_and_sets_a_system_message_as_ollama_does(llm, monkeypatch, capsys):
+    """A \"\"\" block of one line that starts with "/" ("/etc/fstab?") was refused as an unknown command,
+    though /help's own hint sends such a message as a \"\"\" block. A block is now always a message. And
+    ollama's way to a system message of several lines, /set system \"\"\" ... \"\"\", set it to the line
+    of quotes and sent the rest as messages; after /system or /set system a block is now its text."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ['"""', "/etc/fstab?", '"""', '"""/x"""', '/set system """You are', 'a pirate."""', "hi",
+             '/system """Be terse."""', "again", '/system """', "Be", "kind.", EOFError()]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    assert "unknown command" not in capsys.readouterr().err
+    assert [seen[-1] for seen in spy.seen] == [("user", "/etc/fstab?"), ("user", "/x"), ("user", "hi"),
+                                               ("user", "again")]
+    assert spy.seen[2][0] == ("system", "You are\na pirate.") and spy.seen[3][0] == ("system", "Be terse.")
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    assert repl.chat_loop(llm, None, {}, input_fn=_script(['/system """', "Be", "kind.", EOFError()])) == 0
+    assert sessions[-1].system == "Be\nkind."  # end of input inside the block: the command still runs
