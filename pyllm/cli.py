@@ -455,7 +455,8 @@ def cmd_perplexity(args) -> int:
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {args.ctx}")
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
+                         "longer text, or a smaller --ctx")
     bar = tqdm(total=min(args.windows or available, available), desc="perplexity", unit="window", file=sys.stderr)
 
     def show(done, total, ppl):
