@@ -47,7 +47,7 @@ HELP = """commands:
   /help, /?        this text
   /exit, /bye      leave (also Ctrl-D, or Ctrl-C twice at the prompt)
   /clear           forget the conversation (the system message stays)
-  /regen           write the last reply again
+  /regen           write the last reply again (or the reply a /load's last message has not had)
   /system [TEXT]   show, or set, the system message (also /set system TEXT; several lines: /system \"\"\")
   /set parameter NAME VALUE
                    change a sampling setting for the next replies; NAME is one of
@@ -191,6 +191,8 @@ class ChatSession:
                 last = self.turns.pop()
                 if not self.reply():  # refused (a longer /system no longer fits): the turn stays as it was
                     self.turns.append(last)
+            elif self.turns:  # a /load that ends with the user's message: its reply is written
+                self.reply()
             else:
                 print("(nothing to regenerate)", file=self.err)
         else:
@@ -312,6 +314,8 @@ class ChatSession:
             if far or length >= n_ctx:
                 note = (f"; it outgrows the context of {n_ctx} tokens{f' ({length} tokens)' if length else ''}: "
                         "the next message leaves the oldest out")
+        if turns and turns[-1]["role"] == "user":  # (a next message would follow it: two of the user's in a row)
+            note += "; the last message is yours: /regen writes its reply"
         print(f"(conversation loaded from {path}: {len(turns)} messages"
               f"{', and its system message' if system is not None else ''}{note})", file=self.err)
 

@@ -741,6 +741,12 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
     assert session.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
                                   {"role": "assistant", "content": "b"}]
     assert "(conversation loaded from" in capsys.readouterr().err
+    # one that ends with the user's message: /regen writes its reply (it said "nothing to regenerate")
+    (tmp_path / "asked.json").write_text(json.dumps([{"role": "user", "content": "a"}]))
+    session.command(f"/load {tmp_path}/asked.json")
+    assert "the last message is yours: /regen writes its reply" in capsys.readouterr().err
+    session.command("/regen")
+    assert "Generation:" in capsys.readouterr().err and [t["role"] for t in session.turns] == ["user", "assistant"]
 
     long = [{"role": "system", "content": "Be terse."}]
     for i in range(20):
