@@ -105,16 +105,23 @@ class ChatSession:
                 return 0
             starts = [i for i, turn in enumerate(self.turns) if turn["role"] == "user" and i > 0]
             starts = [i for i in starts if i >= first_possible] or starts[-1:]
-            low, high = 0, len(starts)  # bisect for the first start that leaves at most half the context
-            while low < high:
-                middle = (low + high) // 2
-                if length(starts[middle]) <= n_ctx // 2:
-                    high = middle
-                else:
-                    low = middle + 1
+
+            def first_start(fits) -> int:  # bisect: the first start whose rest fits (the rest get shorter)
+                low, high = 0, len(starts)
+                while low < high:
+                    middle = (low + high) // 2
+                    if fits(length(starts[middle])):
+                        high = middle
+                    else:
+                        low = middle + 1
+                return low
+
+            found = first_start(lambda n: n <= n_ctx // 2)
+            if found == len(starts):  # (a system message of half the context: as much as leaves the room)
+                found = first_start(lambda n: n + room <= n_ctx)
         except (ValueError, TemplateError):  # refused as it is: the chat call says why
             return 0
-        return starts[low] if low < len(starts) else (starts[-1] if starts else 0)
+        return starts[found] if found < len(starts) else (starts[-1] if starts else 0)
 
     def first_turn_that_may_fit(self) -> int:
         """The first turn of the newest ones whose characters alone may fit the context (each token stands

@@ -890,3 +890,21 @@ def test_a_block_is_a_message_and_sets_a_system_message_as_ollama_does(llm, monk
     monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
     assert repl.chat_loop(llm, None, {}, input_fn=_script(['/system """', "Be", "kind.", EOFError()])) == 0
     assert sessions[-1].system == "Be\nkind."  # end of input inside the block: the command still runs
+
+
+def test_a_long_system_message_still_leaves_room_for_the_latest_turns(tiny_llama_f32, monkeypatch, capsys):
+    """With a system message of more than half the context, leaving out turns "down to half the context"
+    could not be met, and every turn but the new message was left out each time the conversation
+    outgrew the context. Then as many of the latest turns stay as leave the reply its room."""
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128, chat_template="chatml") as small:
+        spy = ChatSpy(small)
+        monkeypatch.setattr(small, "chat", spy)
+        system = "word " * 32
+        assert 64 < len(small.chat_prompt_ids([{"role": "system", "content": system}])) < 100
+        session = repl.ChatSession(small, system, dict(max_new_tokens=4))
+        for i in range(8):
+            session.say(f"note {i}")
+        assert "oldest messages left out" in capsys.readouterr().err
+        assert all(len(seen) > 2 for seen in spy.seen[1:])  # earlier turns stayed with each new message
+        for seen in spy.seen:
+            assert len(small.chat_prompt_ids([dict(role=r, content=c) for r, c in seen])) + 4 <= 128
