@@ -14,7 +14,8 @@ speed on stderr, and with a marker when the token limit or the context cut it. W
 session draws one seed per reply from it: /regen gives another reply, and the same session replays
 the same replies. The KV cache of the conversation so far is reused, so a turn only runs its new
 tokens. A conversation that outgrows the context leaves its oldest exchanges out, as `ollama run` does
-(said on stderr; the system message stays: ChatSession.turns_left_out).
+(said on stderr; the system message stays: ChatSession.turns_left_out). In a terminal a reply's control
+characters are shown, not obeyed (for_terminal).
 """
 
 from __future__ import annotations
