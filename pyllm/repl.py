@@ -589,17 +589,12 @@ def keys_kept_for_the_editor(fd: int):
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def line_editor():
-    """input()'s replacement in a terminal: a prompt_toolkit session with its history in the cache
-    directory. None when stdin or stdout is not a terminal. A history that cannot be read or written
-    (a read-only or full disk, a file or directory in its way) keeps this session's messages in
-    memory instead, said once on stderr: it never stops the chat."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        return None
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
-
-    from .model_cache import cache_dir
+def chat_history(FileHistory):
+    """The line editor's history class: prompt_toolkit's FileHistory that says once, on stderr, when the
+    file cannot be read or written, then keeps this session's messages in memory; and that appends each
+    message in one write (the editor's own wrote 8 KiB at a time: two chats saving at once, in two
+    terminals, interleaved the pieces, merging and garbling both messages)."""
+    import datetime
 
     class History(FileHistory):
         failed = False
@@ -617,13 +612,37 @@ def line_editor():
                 return []
 
         def store_string(self, string: str) -> None:
-            if not self.failed:
+            if self.failed:
+                return
+            # FileHistory's format: a "# time" line, then each line of the message after a "+"
+            entry = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
+            data = entry.encode("utf-8", errors="replace")
+            try:
+                fd = os.open(self.filename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 try:
-                    super().store_string(string)
-                except OSError as e:
-                    self.fail(e)
+                    while data:  # (one write() unless interrupted: O_APPEND puts it whole at the end)
+                        data = data[os.write(fd, data):]
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self.fail(e)
 
-    history = History(os.path.join(cache_dir(), HISTORY_FILE))
+    return History
+
+
+def line_editor():
+    """input()'s replacement in a terminal: a prompt_toolkit session with its history in the cache
+    directory. None when stdin or stdout is not a terminal. A history that cannot be read or written
+    (a read-only or full disk, a file or directory in its way) keeps this session's messages in
+    memory instead, said once on stderr: it never stops the chat."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    from .model_cache import cache_dir
+
+    history = chat_history(FileHistory)(os.path.join(cache_dir(), HISTORY_FILE))
     try:
         os.makedirs(cache_dir(), exist_ok=True)
         # readable by its owner alone, as a shell's history and ollama's are: it holds every message typed
