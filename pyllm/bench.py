@@ -214,12 +214,13 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     from . import _core
     from .llm import LLM
 
-    if n_prompt < 1 or n_gen < 1 or repetitions < 1:
-        raise ValueError("-p, -n and -r must be at least 1")
-    if threads is not None and threads < 1:
-        raise ValueError("-t must be at least 1")
+    # each names its flag and the value given (it was "-p, -n and -r must be at least 1" for any of them)
+    for flag, value, what in (("-p", n_prompt, "tokens of the prefill test"), ("-n", n_gen, "tokens of the "
+                              "decode test"), ("-r", repetitions, "repetitions"), ("-t", threads, "threads")):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: the {what} must be at least 1")
     if depth < 0:
-        raise ValueError("-d must be >= 0")
+        raise ValueError(f"-d {depth}: the depth must be >= 0")
     check_probe_bytes(bandwidth_bytes if device == "cpu" else 0)
     before = memory_status()
     n_ctx = depth + n_prompt + n_gen

@@ -199,11 +199,16 @@ def cmd_verify(args) -> int:
 
     from .formats.safetensors import HEADER_CHECKSUM_KEY
 
-    with PackedModel(args.model) as model:
+    path = args.model
+    if not os.path.lexists(path):  # a cached model's name, as `pyllm list` shows it and `pyllm run` takes it
+        from .model_cache import resolve_model
+
+        path = resolve_model(path)  # (only looks the name up: nothing is converted for a path that is not there)
+    with PackedModel(path) as model:
         checked = model.verify()
     header = ("the header matches its own" if HEADER_CHECKSUM_KEY in model.file.metadata
               else "the header has none (written by an older pyllm): not checked")
-    print(f"{args.model}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums; {header})")
+    print(f"{path}: OK ({len(model.file.tensors)} tensors, {checked} bytes match their checksums; {header})")
     return 0
 
 
@@ -265,7 +270,6 @@ def cmd_run(args) -> int:
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                     typical_p=args.typical_p)
-    from .errors import decode_text
     from .tokenizer import check_text
 
     prompt = args.prompt
@@ -274,20 +278,19 @@ def cmd_run(args) -> int:
             raise ValueError(f"the prompt is given twice: -p, and {' '.join(args.prompt_words)!r} after the model; "
                              "give one")
         prompt = " ".join(args.prompt_words)
+        # `cat notes.txt | ollama run M summarize`: ollama's prompt is the piped text, then the words (the
+        # piped text was dropped in silence); only a pipe or a file, so a script's idle stdin is not waited on
+        if sys.stdin is not None and _piped(sys.stdin):
+            check_text(prompt, "the prompt")
+            piped = _read_stdin()
+            prompt = f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
     if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
         raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
     if prompt is None and not sys.stdin.isatty():
-        from .limits import MAX_STDIN_BYTES
-
-        binary = getattr(sys.stdin, "buffer", None)  # absent when a host replaced stdin with a text stream
-        data = binary.read(MAX_STDIN_BYTES + 1) if binary is not None else sys.stdin.read(MAX_STDIN_BYTES + 1)
-        if len(data) > MAX_STDIN_BYTES:
-            raise ValueError(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB: too long for a prompt (an "
-                             f"endless pipe, such as `yes |`, never ends)")
-        prompt = decode_text(data, "stdin") if binary is not None else data
+        prompt = _read_stdin()
         if not prompt.strip():
             raise ValueError("stdin was empty: nothing to answer (pipe a prompt in, give -p, or run in a "
                              "terminal without -p to chat)")
@@ -307,16 +310,25 @@ def cmd_run(args) -> int:
         if not llm.chat_template and not args.raw and args.system:
             raise ValueError("--system is a chat message, and the model has no chat template: give one with "
                              "--chat-template NAME, or leave --system out for plain completion")
-        if llm.chat_template and not args.raw:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
-        else:
-            if not args.raw:
-                print("(the model has no chat template: plain completion; --chat-template NAME to chat)",
-                      file=sys.stderr)
-            pieces = llm.generate(prompt, stream=True, **sampling)
+        try:
+            if llm.chat_template and not args.raw:
+                messages = ([{"role": "system", "content": args.system}] if args.system else [])
+                pieces = llm.chat(messages + [{"role": "user", "content": prompt}], stream=True, **sampling)
+            else:
+                if not args.raw:
+                    print("(the model has no chat template: plain completion; --chat-template NAME to chat)",
+                          file=sys.stderr)
+                pieces = llm.generate(prompt, stream=True, **sampling)
+        except ValueError as e:  # ("18 tokens exceed the context length of 4" named no way out)
+            if "context" not in str(e):
+                raise
+            from .repl import too_long_advice
+
+            raise ValueError(f"{e}: {too_long_advice(llm, 'the prompt')}") from None
+        from .repl import for_terminal
+
         for piece in pieces:
-            sys.stdout.write(piece)
+            sys.stdout.write(for_terminal(piece, sys.stdout))
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -328,6 +340,31 @@ def cmd_run(args) -> int:
     from .repl import chat_loop
 
     return chat_loop(llm, args.system, sampling)
+
+
+def _piped(stream) -> bool:
+    """Whether stream is a pipe or a file (`cat notes.txt |`, `< notes.txt`): not a terminal, /dev/null, a
+    socket, or no file at all (a host's own stream)."""
+    import stat
+
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is both)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def _read_stdin() -> str:
+    """stdin's text, whole, at most MAX_STDIN_BYTES (a ValueError past it, or when it is not UTF-8)."""
+    from .errors import decode_text
+    from .limits import MAX_STDIN_BYTES
+
+    binary = getattr(sys.stdin, "buffer", None)  # absent when a host replaced stdin with a text stream
+    data = binary.read(MAX_STDIN_BYTES + 1) if binary is not None else sys.stdin.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise ValueError(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB: too long for a prompt (an "
+                         f"endless pipe, such as `yes |`, never ends)")
+    return decode_text(data, "stdin") if binary is not None else data
 
 
 def _note_unused_sampling(llm, args, sampling: dict) -> None:
@@ -430,7 +467,8 @@ def cmd_perplexity(args) -> int:
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {args.ctx}")
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
+                         "longer text, or a smaller --ctx")
     bar = tqdm(total=min(args.windows or available, available), desc="perplexity", unit="window", file=sys.stderr)
 
     def show(done, total, ppl):
@@ -549,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("verify", help="check every tensor and the header of a .pllm file against their checksums")
-    p.add_argument("model", help="a .pllm file")
+    p.add_argument("model", help="a .pllm file, or a cached model's name as `pyllm list` shows it")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("run", help="generate text, or chat when no prompt is given")
@@ -557,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `ollama run MODEL "Why is the sky blue?"`: the words after the model are the prompt (it was
     # "unrecognized arguments")
     p.add_argument("prompt_words", nargs="*", default=[], metavar="PROMPT",
-                   help="the prompt after the model, as ollama run takes it: the same as -p (default: none)")
+                   help="the prompt after the model, as ollama run takes it: the same as -p, but text piped "
+                        "into stdin comes before it (`cat notes.txt | pyllm run M summarize`) (default: none)")
     p.add_argument("-p", "--prompt", default=None, metavar="TEXT",
                    help="answer this prompt and exit (default: read it from piped stdin, or chat in a terminal)")
     p.add_argument("--raw", action="store_true",

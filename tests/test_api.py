@@ -890,7 +890,9 @@ def test_perplexity_bad_windows_ctx_and_short_text_are_one_line_errors(tiny_llam
              (("--text", str(text), "--windows", "-3"), "--windows must be at least 1, got -3"),
              (("--text", str(text), "-c", "1"), "--ctx must be at least 4"),
              (("--text", str(text), "-c", "3"), "--ctx must be at least 4"),
-             (("--text", str(short), "-c", "64"), "fewer than one window of 64")]
+             # (the flag that sets the window went unnamed: "fewer than one window of 64")
+             (("--text", str(short), "-c", "64"), "fewer than one window of --ctx 64: give a longer text, or a "
+                                                   "smaller --ctx")]
     for args, message in cases:
         r = _cli("perplexity", tiny_llama_f32, "-t", "1", *args)
         lines = [line for line in r.stderr.splitlines() if line.strip()]

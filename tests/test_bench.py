@@ -103,7 +103,19 @@ def test_bench_depth_runs_the_tests_after_a_filled_context(tiny_llama_f32, capsy
     out = capsys.readouterr().out
     assert "| pp8 @ d40 |" in out and "| tg2 @ d40 |" in out
     assert main(["bench", tiny_llama_f32, "-d", "-1"]) == 1
-    assert "-d must be >= 0" in capsys.readouterr().err
+    assert "-d -1: the depth must be >= 0" in capsys.readouterr().err
+
+
+def test_a_count_out_of_range_is_named_with_its_value(tiny_llama_f32, capsys):
+    """`pyllm bench -n 0` (or -p, -r, -t below 1) said "-p, -n and -r must be at least 1", naming three flags
+    and no value. Each now names its own flag and the value given."""
+    for flag, value, message in (("-p", "0", "-p 0: the tokens of the prefill test must be at least 1"),
+                                 ("-n", "-5", "-n -5: the tokens of the decode test must be at least 1"),
+                                 ("-r", "0", "-r 0: the repetitions must be at least 1"),
+                                 ("-t", "0", "-t 0: the threads must be at least 1")):
+        assert main(["bench", tiny_llama_f32, flag, value, "--bandwidth-mib", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err == f"pyllm bench: error: {message}\n", err
 
 
 def test_a_filled_context_is_what_the_tests_read(tiny_llama_f32):

@@ -92,7 +92,9 @@ def test_context_full_is_reported_and_the_chat_goes_on(tiny_llama_f32, capsys):
         lines = ["word " * 60, "hi", "/exit"]
         assert repl.chat_loop(small, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
     err = capsys.readouterr().err
-    assert "context" in err and "/clear" in err and "Generation:" in err
+    # (it said "/clear starts over", which cannot help a message too long on its own: the earlier turns are
+    # left out by themselves now)
+    assert "exceed the context length of 40" in err and "--ctx" in err and "Generation:" in err
 
 
 def test_regen_that_is_refused_keeps_the_turn(tiny_llama_f32, monkeypatch, capsys):
@@ -280,7 +282,7 @@ def test_context_full_marker(tiny_llama_f32, capsys):
         small.tokenizer.eos_ids = []  # the reply runs until the context is full
         repl.ChatSession(small, None, dict(max_new_tokens=100)).say("hi")
     err = capsys.readouterr().err
-    assert "[reply cut: the context of 24 tokens is full; /clear starts over]" in err
+    assert "[reply cut: the context of 24 tokens is full; the next message leaves the oldest ones out]" in err
 
 
 def test_system_command_shows_the_templates_default(llm, monkeypatch, capsys):
@@ -564,3 +566,373 @@ def test_ctrl_c_right_after_enter_stops_the_reply(tiny_llama_f32, tmp_path, when
     assert child.exitstatus == 0
     history = (tmp_path / "cache" / "pyllm" / repl.HISTORY_FILE).read_text()
     assert "\n+hello\n" in history and "\n+abc\n" in history
+
+
+def test_a_block_opens_and_closes_with_text_beside_the_quotes(llm, monkeypatch, capsys):
+    """`ollama run`'s own example of a block, \"\"\"Hello, / world!\"\"\", sent "\"\"\"Hello," at once as a message,
+    then "world!\"\"\"" as another (the quotes only counted alone on a line). Now three quotes at the start
+    of a typed line open a block, at the end of one close it, and \"\"\"text\"\"\" is one line's message; a
+    pasted piece of several lines inside a block is taken whole."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ['"""Hello,', "world!", 'bye"""', '"""one line"""', '"""', "a", '"""', '  """Indented', '"""',
+             '"""', 'x = """doc"""\nprint(x)', "end", '"""', "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    assert [seen[-1][1] for seen in spy.seen] == ["Hello,\nworld!\nbye", "one line", "a", "Indented",
+                                                  'x = """doc"""\nprint(x)\nend']
+
+
+def test_output_redirected_to_a_file_holds_only_the_replies(tiny_llama_f32, tmp_path):
+    """`pyllm run M > replies.txt` in a terminal (no line editor: stdout is not one) chats with input(), which
+    wrote its "> " prompt to stdout: the file held "> " before every reply. Now the prompts go to stderr,
+    with the banner and speed lines, and the file holds the replies alone."""
+    pexpect = pytest.importorskip("pexpect")
+    import shlex
+
+    out = tmp_path / "replies.txt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(tmp_path), "TERM": "xterm"}
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "pyllm", "run", tiny_llama_f32, "-t", "1",
+                                                "--chat-template", "chatml", "-n", "3"])
+    child = pexpect.spawn("/bin/sh", ["-c", f"{command} > {shlex.quote(str(out))}"], env=env, encoding="utf-8",
+                          timeout=60)
+    for message in ("hello", "again"):
+        child.expect_exact("> ")  # the prompt, on the terminal
+        child.send(message + "\r")
+        child.expect(STATS)
+    child.expect_exact("> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="chatml") as llm:
+        first = llm.chat([{"role": "user", "content": "hello"}], max_new_tokens=3)
+    text = out.read_text()
+    assert text.startswith(first + "\n") and text.count("\n") == 2 and ">" not in text, repr(text)
+
+
+def test_a_conversation_that_outgrows_the_context_leaves_its_oldest_turns_out(tiny_llama_f32, monkeypatch, capsys):
+    """Once a conversation outgrew the context every later message was refused ("the prompt has N tokens;
+    the context holds M ... /clear starts over"): /clear, which forgot everything, was the only way on.
+    As `ollama run` does, the oldest exchanges are now left out (said on stderr), down to half the
+    context so the next turns reuse the KV cache; the system message and the new message always stay.
+    A message too long on its own is still refused, the conversation kept."""
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=96, chat_template="chatml") as small:
+        spy = ChatSpy(small)
+        monkeypatch.setattr(small, "chat", spy)
+        session = repl.ChatSession(small, "Be brief.", dict(max_new_tokens=8))
+        for i in range(12):
+            session.say(f"message number {i} about the quick brown fox")
+        err = capsys.readouterr().err
+        assert "error" not in err and err.count("Generation:") == 12
+        assert "oldest messages left out: the conversation outgrew the context of 96 tokens; the system message " \
+               "is kept" in err
+        assert all(seen[0] == ("system", "Be brief.") for seen in spy.seen)
+        assert all(seen[1][0] == "user" for seen in spy.seen)  # whole exchanges left out
+        assert spy.seen[-1][-1] == ("user", "message number 11 about the quick brown fox")
+        assert len(spy.seen[-1]) < 2 * 12  # some were left out
+        for seen in spy.seen:  # each prompt left the reply its room
+            assert len(small.chat_prompt_ids([dict(role=r, content=c) for r, c in seen])) + 8 <= 96
+        kept = list(session.turns)
+        session.say("word " * 200)
+        err = capsys.readouterr().err
+        assert "error: " in err and "--ctx" in err and "/clear" not in err
+        assert session.turns == kept
+        # a reply stopped before its first word (Ctrl-C) leaves the conversation whole, the oldest turns too
+        session.turns = [{"role": role, "content": f"turn {i} of a long talk"}
+                         for i in range(12) for role in ("user", "assistant")]
+        kept = list(session.turns)
+        assert session.turns_left_out() > 0
+        session._stop_requested = True
+        session.say("one more")
+        assert "(stopped)" in capsys.readouterr().err and session.turns == kept
+
+
+def test_ollamas_set_and_show_commands(llm, monkeypatch, capsys):
+    """ollama's /set parameter NAME VALUE, /set system TEXT, /show and /? were "unknown command": a sampling
+    setting could only change by leaving the chat (and its conversation). Now /set parameter changes it for
+    the next replies, checked as its flag is (a bad value or name is refused in one line, the setting kept),
+    num_ctx says the context is set at load, and /show tells what the next reply is made with."""
+    seen = []
+    real_chat = llm.__class__.chat
+    monkeypatch.setattr(llm, "chat", lambda messages, **kw: seen.append((messages, kw)) or real_chat(llm, messages,
+                                                                                                     **kw))
+    lines = ["/?", "/set", "/set verbose", "/set parameter", "/set parameter temperature hot",
+             "/set parameter temperature -1", "/set parameter top_k 1.5", "/set parameter top_p 0.9",
+             "/set parameter mirostat 1",
+             "/set parameter num_ctx 8192", "/set parameter num_predict -2", "hi",
+             "/set parameter temperature 0.7", "/set parameter top_k -1", "/set parameter num_predict 3",
+             "/set parameter repeat_penalty 1.1", "/set parameter seed 4", "/set system Be terse.", "/show", "again",
+             "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2, temperature=0.0), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert "unknown command" not in err and err.count("/set parameter NAME VALUE") == 1  # /? is /help
+    assert err.count("/set takes parameter NAME VALUE, or system TEXT") == 2 and "got verbose" in err
+    assert "/set parameter takes NAME VALUE" in err
+    assert "/set parameter temperature hot: not a number" in err
+    assert "/set parameter temperature -1: temperature must be a finite number >= 0" in err
+    assert "/set parameter top_k 1.5: not an integer" in err
+    assert "unknown parameter mirostat; one of temperature, top_k" in err
+    assert "num_ctx: the context (256 tokens) is set when the model loads" in err and "--ctx" in err
+    assert "/set parameter num_predict -2: must be >= 0" in err
+    # top_k set while decoding was greedy (temperature 0) says it changes nothing; once it samples, no more
+    assert "(set top_k to -1; --top-k sets it at the start)\n" in err
+    assert "(set top_p to 0.9; --top-p sets it at the start; it changes nothing while decoding is greedy: " \
+           "/set parameter temperature 0.7 samples)" in err
+    first, second = seen[0][1], seen[1][1]
+    assert first["temperature"] == 0.0 and first["max_new_tokens"] == 2  # the refused values changed nothing
+    assert (second["temperature"], second["top_k"], second["max_new_tokens"], second["repetition_penalty"]) == \
+        (0.7, 0, 3, 1.1) and second["seed"] is not None
+    assert seen[1][0][0] == {"role": "system", "content": "Be terse."}
+    assert ("sampling: temperature 0.7, top_k 0, top_p 0.9, min_p 0, typical_p 1, repetition_penalty 1.1, "
+            "max_new_tokens 3; seeded") in err
+    assert "system: Be terse." in err and "conversation: 2 messages" in err
+
+
+def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
+    """There was no way to keep a conversation past the session (/save and /load were "unknown command").
+    /save FILE writes it as OpenAI's messages (JSON, the system message first; a temporary file renamed
+    over FILE), /load FILE continues one (a /save, or a request body). Every bad file (missing, a
+    directory, not UTF-8 or not JSON, too large, a message the chat cannot hold) is one line naming
+    it, the conversation kept; one that outgrows a smaller context says so, and the next message
+    leaves its oldest turns out."""
+    import json
+
+    session = repl.ChatSession(llm, "Be brief.", dict(max_new_tokens=3))
+    session.say("hi")
+    saved = tmp_path / "chat.json"
+    assert session.command("/save " + str(saved)) and session.command("/save\t" + str(saved))  # again: replaced
+    assert json.loads(saved.read_text()) == session.messages() and len(session.messages()) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left
+    kept = session.messages()
+    (tmp_path / "link.json").symlink_to(saved)
+    saved.write_text("[]")
+    assert session.command(f"/save {tmp_path}/link.json")
+    assert (tmp_path / "link.json").is_symlink() and json.loads(saved.read_text()) == kept  # written through it
+    capsys.readouterr()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "not-json").write_text('[{"role": "user"')
+    (tmp_path / "latin1").write_bytes(b"caf\xe9")
+    (tmp_path / "tool").write_text('[{"role": "tool", "content": "x"}]')
+    (tmp_path / "late-system").write_text('[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]')
+    (tmp_path / "object").write_text('{"model": "x"}')
+    (tmp_path / "huge").write_bytes(b"[" + b" " * (64 << 20) + b"]")
+    for command, message in (
+            ("/save", "/save takes a file name"), ("/load", "/load takes a file name"),
+            (f"/load {tmp_path}/missing", f"error: /load: {tmp_path}/missing: No such file or directory"),
+            (f"/load {tmp_path}", f"error: /load: {tmp_path}: Is a directory"),
+            (f"/save {tmp_path}", f"error: /save: {tmp_path}: Is a directory"),
+            (f"/save {tmp_path}/no/such/dir.json", f"error: /save: {tmp_path}/no/such/dir.json: No such file"),
+            # (it was renamed over: as root, `/save /dev/stdout` replaced the device's link with a file)
+            (f"/save {tmp_path}/fifo", f"error: /save: {tmp_path}/fifo: not a regular file"),
+            (f"/load {tmp_path}/not-json", f"error: /load: {tmp_path}/not-json: not JSON: "),
+            (f"/load {tmp_path}/latin1", f"error: /load: {tmp_path}/latin1 is not UTF-8 text (byte 3"),
+            (f"/load {tmp_path}/tool", f"error: /load: {tmp_path}/tool: message 0: the chat holds system, user"),
+            (f"/load {tmp_path}/late-system", "message 1: a system message comes first"),
+            (f"/load {tmp_path}/object", f"error: /load: {tmp_path}/object: holds no messages"),
+            (f"/load {tmp_path}/huge", f"error: /load: {tmp_path}/huge holds more than 67108864 bytes")):
+        assert session.command(command)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (command, err)
+        assert session.messages() == kept
+
+    (tmp_path / "body.json").write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                                 {"role": "assistant", "content": "b"}]}))
+    session.command(f"/load {tmp_path}/body.json")  # no system message in it: the one set stays
+    assert session.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                                  {"role": "assistant", "content": "b"}]
+    assert "(conversation loaded from" in capsys.readouterr().err
+    # one that ends with the user's message: /regen writes its reply (it said "nothing to regenerate")
+    (tmp_path / "asked.json").write_text(json.dumps([{"role": "user", "content": "a"}]))
+    session.command(f"/load {tmp_path}/asked.json")
+    assert "the last message is yours: /regen writes its reply" in capsys.readouterr().err
+    session.command("/regen")
+    assert "Generation:" in capsys.readouterr().err and [t["role"] for t in session.turns] == ["user", "assistant"]
+
+    long = [{"role": "system", "content": "Be terse."}]
+    for i in range(20):
+        long += [{"role": "user", "content": f"question {i} about foxes"},
+                 {"role": "assistant", "content": "an answer"}]
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64) as small:
+        session = repl.ChatSession(small, None, dict(max_new_tokens=3))
+        session.command(f"/load {tmp_path}/long.json")
+        err = capsys.readouterr().err
+        assert "40 messages, and its system message" in err and "outgrows the context of 64 tokens (" in err
+        session.say("one more")
+        err = capsys.readouterr().err
+        assert "oldest messages left out" in err and "Generation:" in err
+        assert session.system == "Be terse." and session.turns[-2]["content"] == "one more"
+
+
+def test_the_history_file_is_readable_by_its_owner_alone(tmp_path, monkeypatch):
+    """The chat history holds every message typed, and the line editor made it readable by everyone
+    (0644 under the usual umask). It is now made 0600, as a shell's history and ollama's are."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys, "stdout", open(os.devnull, "w"))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    previous = os.umask(0o022)
+    try:
+        assert repl.line_editor() is not None
+    finally:
+        os.umask(previous)
+        sys.stdin.close()
+        sys.stdout.close()
+    assert (tmp_path / "pyllm" / repl.HISTORY_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_command_that_takes_nothing_refuses_what_follows_it(llm, monkeypatch, capsys):
+    """"/clear the last answer" forgot the whole conversation and "/exit now" left it, the words after the
+    name ignored. They are now refused in one line, the conversation kept."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ["hello", "/clear the last answer", "/regen please", "/exit now", "/bye\tbye", "again", "/exit"]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    err = capsys.readouterr().err
+    assert "/clear takes nothing after it (got 'the last answer'); the conversation is kept" in err
+    assert err.count("takes nothing after it") == 4 and err.count("Generation:") == 2
+    assert len(spy.seen) == 2 and spy.seen[1][0] == ("user", "hello")  # not cleared, not regenerated
+
+
+def test_a_conversation_far_past_the_context_goes_on(tiny_llama_f32, capsys):
+    """A conversation far longer than the context (a /load of a long one) was rendered whole for every
+    message: seconds each, and past the chat template's output limit (8 Mi characters) every message was
+    refused ("the chat template's output exceeds ..."), /clear the only way on. The turns that cannot
+    fit by their characters alone are now left out unrendered."""
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64, chat_template="chatml") as small:
+        session = repl.ChatSession(small, "Be brief.", dict(max_new_tokens=3))
+        session.turns = [{"role": role, "content": f"{role} turn {i} " + "fox " * 1100}
+                         for i in range(2000) for role in ("user", "assistant")]
+        session.say("one more")
+        err = capsys.readouterr().err
+        assert "error" not in err and "Generation:" in err, err[-300:]
+        assert "oldest messages left out" in err and session.turns[-2]["content"] == "one more"
+
+
+def test_ctrl_c_during_a_command_stops_it_not_the_chat(llm, monkeypatch, tmp_path, capsys):
+    """Ctrl-C while /load read a long file (or /save wrote one) raised KeyboardInterrupt out of the chat:
+    it ended, the conversation lost. It now stops that command; the conversation stays as it was."""
+    import json
+
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]))
+    real_loads = json.loads
+
+    def slow_loads(text, *a, **k):
+        signal.raise_signal(signal.SIGINT)  # pressed while the file is parsed
+        return real_loads(text, *a, **k)
+
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    monkeypatch.setattr(json, "loads", slow_loads)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (the suite may ignore it)
+    try:
+        status = repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(["hello", f"/load {saved}",
+                                                                                      "/exit"]))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during /load ended the chat")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 0 and "(stopped)" in capsys.readouterr().err
+    assert [t["content"] for t in sessions[-1].turns][0] == "hello"
+
+
+def test_control_characters_of_a_reply_are_shown_not_obeyed_by_a_terminal(llm, monkeypatch, capsys):
+    """A reply was written to the terminal raw: escape sequences in it were obeyed (clear the screen, retitle
+    the window, fake a prompt, set the clipboard with OSC 52), so a model, or a prompt injected into what
+    it reads, could drive the user's terminal. In a terminal the control characters are now shown as
+    their Unicode pictures (ESC as U+241B); the conversation, a file and a pipe keep the reply as
+    generated. Both for the chat and for `pyllm run -p`."""
+    import io
+
+    from conftest import scripted_reply
+    from pyllm import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    evil = "\x1b]52;c;ZXZpbA==\x07\x1b[2J ok\tdone"
+    ids = llm.tokenize(evil, add_special_tokens=False) + [llm.tokenizer.eos_ids[0]]
+    for out, shown in ((Terminal(), "␛]52;c;ZXZpbA==␇␛[2J ok\tdone\n"), (io.StringIO(), evil + "\n")):
+        session = repl.ChatSession(llm, None, dict(max_new_tokens=len(ids), logits_processors=[scripted_reply(ids)]),
+                                   out=out)
+        session.say("hi")
+        assert out.getvalue() == shown and session.turns[-1]["content"] == evil
+    capsys.readouterr()
+    monkeypatch.setattr(llm.__class__, "chat", lambda self, messages, **kw: llm.generate(
+        ids, stream=True, max_new_tokens=len(ids), logits_processors=[scripted_reply(ids)]))
+    monkeypatch.setattr(cli, "_open", lambda args: llm)
+    for stdout, shown in ((Terminal(), "␛]52;c;ZXZpbA==␇␛[2J ok\tdone\n"), (io.StringIO(), evil + "\n")):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert cli.main(["run", "unused.pllm", "-p", "hi"]) == 0
+        assert stdout.getvalue() == shown
+
+
+def test_a_block_is_a_message_and_sets_a_system_message_as_ollama_does(llm, monkeypatch, capsys):
+    """A \"\"\" block of one line that starts with "/" ("/etc/fstab?") was refused as an unknown command,
+    though /help's own hint sends such a message as a \"\"\" block. A block is now always a message. And
+    ollama's way to a system message of several lines, /set system \"\"\" ... \"\"\", set it to the line
+    of quotes and sent the rest as messages; after /system or /set system a block is now its text."""
+    spy = ChatSpy(llm)
+    monkeypatch.setattr(llm, "chat", spy)
+    lines = ['"""', "/etc/fstab?", '"""', '"""/x"""', '/set system """You are', 'a pirate."""', "hi",
+             '/system """Be terse."""', "again", '/system """', "Be", "kind.", EOFError()]
+    assert repl.chat_loop(llm, None, dict(max_new_tokens=2), input_fn=_script(lines)) == 0
+    assert "unknown command" not in capsys.readouterr().err
+    assert [seen[-1] for seen in spy.seen] == [("user", "/etc/fstab?"), ("user", "/x"), ("user", "hi"),
+                                               ("user", "again")]
+    assert spy.seen[2][0] == ("system", "You are\na pirate.") and spy.seen[3][0] == ("system", "Be terse.")
+    sessions = []
+    real_session = repl.ChatSession
+    monkeypatch.setattr(repl, "ChatSession", lambda *a, **k: sessions.append(real_session(*a, **k)) or sessions[-1])
+    assert repl.chat_loop(llm, None, {}, input_fn=_script(['/system """', "Be", "kind.", EOFError()])) == 0
+    assert sessions[-1].system == "Be\nkind."  # end of input inside the block: the command still runs
+
+
+def test_a_long_system_message_still_leaves_room_for_the_latest_turns(tiny_llama_f32, monkeypatch, capsys):
+    """With a system message of more than half the context, leaving out turns "down to half the context"
+    could not be met, and every turn but the new message was left out each time the conversation
+    outgrew the context. Then as many of the latest turns stay as leave the reply its room."""
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128, chat_template="chatml") as small:
+        spy = ChatSpy(small)
+        monkeypatch.setattr(small, "chat", spy)
+        system = "word " * 32
+        assert 64 < len(small.chat_prompt_ids([{"role": "system", "content": system}])) < 100
+        session = repl.ChatSession(small, system, dict(max_new_tokens=4))
+        for i in range(8):
+            session.say(f"note {i}")
+        assert "oldest messages left out" in capsys.readouterr().err
+        assert all(len(seen) > 2 for seen in spy.seen[1:])  # earlier turns stayed with each new message
+        for seen in spy.seen:
+            assert len(small.chat_prompt_ids([dict(role=r, content=c) for r, c in seen])) + 4 <= 128
+
+
+def _store_history(path, tag):
+    from prompt_toolkit.history import FileHistory
+
+    history = repl.chat_history(FileHistory)(path)
+    for i in range(100):
+        history.store_string(f"{tag}{i} " + tag * 30000 + "\nsecond line " + tag)
+
+
+def test_two_chats_saving_their_history_at_once_keep_each_message_whole(tmp_path):
+    """The line editor's history wrote a message 8 KiB at a time: two chats saving long messages at once
+    (two terminals) interleaved the pieces, and the file held messages merged and garbled (this test with
+    prompt_toolkit's FileHistory: 34-38 of the 300 messages wrong, in each of three runs). Each message is
+    now appended in one write."""
+    import multiprocessing
+
+    from prompt_toolkit.history import FileHistory
+
+    path = str(tmp_path / "chat_history")
+    workers = [multiprocessing.get_context("fork").Process(target=_store_history, args=(path, tag)) for tag in "abc"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    expected = {f"{tag}{i} " + tag * 30000 + "\nsecond line " + tag for tag in "abc" for i in range(100)}
+    assert set(FileHistory(path).load_history_strings()) == expected
+    assert os.stat(path).st_mode & 0o777 == 0o600

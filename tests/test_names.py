@@ -5,6 +5,7 @@ unknown keywords, the CLI's flag aliases, clear errors for wrong prompt types an
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import io
 import sys
@@ -186,6 +187,49 @@ def test_run_takes_the_prompt_after_the_model_as_ollama_does(tiny_llama_f32, cap
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_piped_text_comes_before_the_prompt_words_as_ollama_takes_it(tiny_llama_f32, tmp_path, monkeypatch, capsys):
+    """`cat notes.txt | pyllm run MODEL summarize` (ollama's idiom: the piped text, then the words) answered
+    "summarize" alone: the piped text was dropped in silence. It now comes first, a blank line between;
+    stdin that is not a pipe or a file (a terminal, /dev/null, none) is not read, and -p reads none."""
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["run", tiny_llama_f32, "-n", "3", "-t", "1", "--raw", *argv])
+        return status, capsys.readouterr().out
+
+    expected = run("-p", "Paris is\n\nthe capital")
+    notes = tmp_path / "notes.txt"
+    for text in ("Paris is\n", "Paris is"):
+        notes.write_text(text)
+        with open(notes) as piped:
+            monkeypatch.setattr(sys, "stdin", piped)
+            assert run("the", "capital") == expected
+    with open(notes) as piped, open(os.devnull) as null:
+        monkeypatch.setattr(sys, "stdin", null)
+        alone = run("-p", "the capital")
+        assert run("the", "capital") == alone != expected
+        monkeypatch.setattr(sys, "stdin", piped)
+        assert run("-p", "the capital") == alone
+    notes.write_bytes(b"caf\xe9")
+    with open(notes) as piped:
+        monkeypatch.setattr(sys, "stdin", piped)
+        assert cli.main(["run", tiny_llama_f32, "-n", "3", "the", "capital"]) == 1
+    assert "stdin is not UTF-8 text (byte 3" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_context_says_what_to_do(tiny_llama_f32, capsys):
+    """`pyllm run M -p ... -c 4` said "18 tokens exceed the context length of 4" and no more: the flag that
+    sets the context went unnamed. It now says to shorten the prompt, or, while the model was trained on
+    more, to give a larger -c / --ctx (as the chat does)."""
+    assert cli.main(["run", tiny_llama_f32, "-p", "hi", "-c", "4", "-t", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm run: error: ") and err.count("\n") == 1
+    assert "exceed the context length of 4: shorten the prompt, or give a larger -c / --ctx (the model was " \
+           "trained on 256 tokens)" in err
+    assert cli.main(["run", tiny_llama_f32, "--raw", "-p", "word " * 300, "-t", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "exceed the context length of 256: shorten the prompt\n" in err and "--ctx" not in err
+
+
 def test_other_flag_aliases():
     for flag in ("--repeat-penalty", "--repetition-penalty"):
         assert _parse("run", flag, "1.2").repeat_penalty == 1.2
@@ -233,6 +277,19 @@ def test_every_help_entry_has_text_and_a_default():
         elif action.option_strings and not action.required and "default" not in action.help:
             missing.append(f"{name}: no default")
     assert not missing, "\n".join(missing)
+
+
+def test_sampling_help_names_the_models_setting_as_the_default():
+    """--typical's help said "(default: 1 = off)", but a model file's typical_p (its generation_config's,
+    as the other sampling settings) is used when the flag is left out. Every sampling flag the model's
+    settings fill in (formats.packed.GENERATION_NUMBERS) now says so."""
+    from pyllm.formats.packed import GENERATION_NUMBERS
+
+    for command in ("run", "serve"):
+        actions = {a.dest: a for a in cli.build_parser()._subparsers._group_actions[0].choices[command]._actions}
+        for field in GENERATION_NUMBERS:
+            dest = cli.SAMPLING_FLAGS.get(field, (field,))[0] if field != "max_new_tokens" else "max_tokens"
+            assert "the model's setting" in actions[dest].help, (command, dest, actions[dest].help)
 
 
 def test_server_takes_the_same_names():
