@@ -68,7 +68,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     seqs: list[_Sequence] = []
     try:
         yield from _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
-                          cancelled, lost, seqs)
+                          cancelled, lost, seqs, time.perf_counter())
     # closed by the consumer, or an error (close() while the consumer was away): the prompts still
     # running did not end by length
     except BaseException:
@@ -79,8 +79,11 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
 
 def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
-           seqs: list) -> Iterator[tuple[int, str]]:
-    """run_batch's waves of `slots` prompts; seqs holds the running wave's sequences."""
+           seqs: list, called: float) -> Iterator[tuple[int, str]]:
+    """run_batch's waves of `slots` prompts; seqs holds the running wave's sequences. Each prompt's
+    time_to_first_token counts from `called` (a later wave's prompts waited for the waves before
+    theirs, as a request waits for a scheduler's slot), its decode_seconds until it ends (not until
+    the last of its wave ends)."""
     for wave_start in range(0, len(prompts), slots):
         wave = prompts[wave_start:wave_start + slots]
         stats = [stats_factory(len(p)) for p in wave]
@@ -121,6 +124,10 @@ def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, 
             if s.limit <= 0:
                 s.done = True
         while True:
+            now = time.perf_counter()
+            for s in seqs:  # (those cut short by cancel() keep their time so far)
+                if not s.done:
+                    s.stats.decode_seconds = now - decode_start
             if cancelled():
                 for s in seqs:
                     if not s.done:
@@ -133,7 +140,7 @@ def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, 
                 s.generated += 1
                 s.stats.generated_tokens += 1
                 if s.generated == 1:
-                    s.stats.time_to_first_token = time.perf_counter() - start
+                    s.stats.time_to_first_token = time.perf_counter() - called
                 if token in stop_ids:
                     s.stats.finish_reason, s.done = "stop", True
                     continue
@@ -152,6 +159,7 @@ def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, 
             running = [s for s in active if not s.done]
             for s in active:
                 if s.done:
+                    s.stats.decode_seconds = time.perf_counter() - decode_start
                     rest = s.text.finish(flush=s.stats.finish_reason != "cancelled")
                     if s.text.stopped:
                         s.stats.finish_reason = "stop"
@@ -168,9 +176,6 @@ def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, 
             for i, s in enumerate(running):
                 s.ids.append(s.last_token)
                 rows[s.slot] = out[i]
-        decode_seconds = time.perf_counter() - decode_start
-        for s in seqs:
-            s.stats.decode_seconds = decode_seconds
         # slot 0 is the single-sequence path's cache; cancelled, it may have been preempted (LLM._batch):
         # another call's tokens are there then
         llm._cached = [] if cancelled() or seqs[0].lost else seqs[0].ids
