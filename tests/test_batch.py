@@ -232,6 +232,64 @@ def test_batch_stats_tell_a_full_context_from_the_token_limit(model_file):
         assert full.finish_reason == "length" and full.generated_tokens == 4 and not full.hit_token_limit
 
 
+def test_each_prompt_s_timings_are_its_own(model_file):
+    """Every prompt of a wave got the wave's decode_seconds, so one that ended after 6 tokens beside
+    one generating 200 reported 1/30 of its decode rate; and a later wave's time_to_first_token
+    counted from its own wave's start, not from the call (its wait for the waves before it left out)."""
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=256) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        llm.generate([[5] * 250, [6] * 5, [7] * 5], max_new_tokens=200, temperature=0, logit_bias=ban)
+        near_full, long, later = llm.last_batch_stats
+    assert (near_full.generated_tokens, long.generated_tokens, later.generated_tokens) == (6, 200, 200)
+    assert 0 < near_full.decode_seconds < long.decode_seconds  # (it ran 5 of the 199 decode steps)
+    assert later.time_to_first_token > long.decode_seconds  # it waited for the first wave to end
+
+
+def test_an_error_about_one_prompt_of_a_list_names_it(tiny_llama_f32):
+    """A list's prompt that did not fit said "200 tokens exceed the context length of 64" (one of 8:
+    which?), a bad token id or array in one said nothing of where; a conversation of chat()'s list
+    that did not render neither; chat() given a generator of conversations consumed it while
+    checking its items and said "prompt is empty"; a list of conversations holding something else
+    said its "message 0 needs a 'role' string" (message 0 was a whole conversation)."""
+    from pyllm.chat_template import TemplateError
+    from pyllm.errors import PyllmError
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2, context_length=64) as llm:
+        fine = "Paris is"
+        for prompts, error, match in [
+                ([fine, "x " * 100, fine], ValueError, "^prompt 1 of the list has 200 tokens; the context holds 64"),
+                ([fine, fine, [5] * 64], ValueError, "^prompt 2 of the list has 64 tokens"),
+                ([fine, [5, 9999]], PyllmError, r"^prompt 1 of the list: token ids must lie in \[0, 512\); got 9999"),
+                ([[5, 6], np.array([[1, 2]])], PyllmError, r"^prompt 1 of the list: token ids must be a 1-D .* \(1, 2\)"),
+                ([fine, "\ud800"], PyllmError, "^prompt 1 of the list: .*surrogate"),
+                ([fine, None], TypeError, "item 1 of the list of prompts is NoneType None"),
+                ([[5, 6], 7], TypeError, "item 1 of the list of prompts is int 7"),
+                ([5, "b"], TypeError, "non-int items: item 1 is str 'b'")]:
+            with pytest.raises(error, match=match):
+                llm.generate(prompts, max_new_tokens=2)
+        with pytest.raises(PyllmError, match="^sequence 1 of the list: token ids must lie"):
+            llm.logits_many([[5, 6], [5, -1]])
+        with pytest.raises(PyllmError, match="^text 1 of the list: token ids must lie"):
+            llm.embed([[5, 6], [5, -1]])
+        with pytest.raises(PyllmError, match="^token ids must lie"):  # one text alone: not "of the list"
+            llm.embed([5, -1])
+
+        hello = [{"role": "user", "content": "Hello"}]
+        for conversations, error, match in [
+                ([hello, []], TemplateError, "^conversation 1 of the list: messages must be a non-empty list"),
+                ([hello, hello[0]], TemplateError, "^conversation 1 of the list: messages must be"),
+                ([hello, "Hello"], TemplateError, "^conversation 1 of the list: messages must be"),
+                ([hello, [{"role": "user", "content": 5}]], TemplateError,
+                 "^conversation 1 of the list: message 0: content must be"),
+                ((c for c in [hello, hello]), TemplateError, "^messages must be a non-empty list")]:
+            with pytest.raises(error, match=match):
+                llm.chat(conversations, max_new_tokens=2)
+        with pytest.raises(TypeError, match="^tools must be a list"):  # the call's fault, not a conversation's
+            llm.chat([hello, hello], tools="f", max_new_tokens=2)
+        assert llm.generate([fine, [5, 6]], max_new_tokens=2, temperature=0) == [
+            llm.generate(fine, max_new_tokens=2, temperature=0), llm.generate([5, 6], max_new_tokens=2, temperature=0)]
+
+
 def test_chat_with_a_list_of_conversations(model_file):
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     with pyllm.LLM(model_file, n_threads=2) as alone:
