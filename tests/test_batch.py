@@ -389,6 +389,34 @@ def test_perplexity_of_batched_windows_equals_one_at_a_time(model_file):
     np.testing.assert_allclose(many.window_nll, one.window_nll, rtol=1e-5)
 
 
+def test_perplexity_s_batch_is_checked_and_the_cli_opens_no_slot_past_its_windows(tiny_llama_f32, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """perplexity(batch=2.5) was range()'s TypeError, batch="2" a comparison's; and `pyllm perplexity
+    --windows 2 --parallel 64` opened 64 KV-cache slots (filled in at once: 6 GB for SmolLM2 at
+    --ctx 4096) to use 2. The windows' scores are the same bits however many run together."""
+    import pyllm.perplexity
+    from pyllm import cli
+
+    for batch in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="batch must be a positive integer"):
+            pyllm.perplexity.perplexity(lambda ids: None, list(range(64)), ctx=16, batch=batch)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    seen, real = [], pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append((kw["batch"], r := real(fn, tokens, **kw))), r)[1])
+    for parallel, windows, used in (("64", "2", 2), ("3", "5", 3), ("1", "5", 1), ("4", None, 4)):
+        argv = ["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "16", "--parallel", parallel]
+        assert cli.main(argv + (["--windows", windows] if windows else [])) == 0
+        assert seen[-1][0] == used
+    assert seen[1][1].window_nll == seen[2][1].window_nll  # 5 windows, 3 at a time or one at a time
+    assert seen[1][1].perplexity == seen[2][1].perplexity
+    for bad in ("0", "-2"):
+        assert cli.main(["perplexity", tiny_llama_f32, "--text", str(text), "--windows", "2", "--parallel", bad]) == 1
+        assert f"--parallel {bad}: n_parallel must be a positive integer" in capsys.readouterr().err
+    capsys.readouterr()
+
+
 class _PieceDecoder:
     """A StreamDecoder stand-in: token i gives pieces[i]; flush() gives `tail`."""
 
