@@ -7,7 +7,9 @@ docs/ARCHITECTURE.md); prompts beyond that run in later waves.
 
 Each prompt is generated exactly as it would be alone: its own sampler (seeded with the same seed),
 stop strings, end-of-sequence ids and limits. A prefix shared by every prompt of a wave (a system
-prompt) is computed once in slot 0 and copied to the others; its tokens count as cached_tokens.
+prompt) is computed once in slot 0 and copied to the others; its tokens count as cached_tokens. Slot 0
+is also the single-prompt calls' cache: what it holds of a wave's first prompt (an earlier call's
+tokens, the wave before's first prompt) is reused, as a single call reuses it.
 """
 
 from __future__ import annotations
@@ -93,14 +95,12 @@ def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, 
                    for i, p in enumerate(wave)]
         start = time.perf_counter()
         shared = common_prefix(wave) if len(wave) > 1 else 0
-        # slot 0's cache may already hold a prefix of it (an earlier call): reuse what matches
-        reuse = 0
-        for a, b in zip(llm._cached, wave[0][:shared]):
-            if a != b:
-                break
-            reuse += 1
+        # slot 0's cache may already hold a prefix of its prompt (an earlier call's, the wave before's): what
+        # matches is reused, past the shared prefix too (only the shared prefix was: a list run one prompt
+        # at a time, n_parallel=1, computed its system prompt again for each, where single calls reuse it)
+        reuse = llm._reuse(wave[0])
         llm._cached = []  # slot 0 is rewritten from here: it holds what is set below once that has run
-        _prefill(engine, [(0, wave[0][:shared], reuse)], cancelled)
+        _prefill(engine, [(0, wave[0][:shared], min(reuse, shared))], cancelled)
         if cancelled():  # the prefix may not have run (nor another user's turn left slot 0 alone): nothing kept
             for s in seqs:
                 s.stats.finish_reason = "cancelled"
@@ -109,8 +109,9 @@ def _waves(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, 
             engine.copy_sequence(0, s.slot, shared)
         for s in seqs:
             s.stats.cached_tokens = shared if s.slot > 0 else reuse
-        llm._cached = list(wave[0][:shared])
-        logits = _prefill(engine, [(s.slot, s.ids, shared) for s in seqs], cancelled)
+        llm._cached = list(wave[0][:max(shared, reuse)])
+        logits = _prefill(engine, [(s.slot, s.ids, max(shared, reuse) if s.slot == 0 else shared) for s in seqs],
+                          cancelled)
         if logits is None:
             for s in seqs:
                 s.stats.finish_reason = "cancelled"

@@ -190,6 +190,34 @@ def test_shared_system_prompt_is_computed_once(model_file):
         assert got == [alone.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
 
 
+def test_a_list_reuses_what_slot_0_holds_as_single_calls_do(model_file):
+    """Slot 0 reused only the prefix every prompt of a wave shares, so a list run one prompt at a time
+    (n_parallel=1, the default) computed its system prompt again for each prompt, where a loop of
+    single calls reuses it; and a wave's first prompt continuing an earlier call's tokens computed
+    them again. The texts are the same either way (a reused prefix is the same bits)."""
+    with pyllm.LLM(model_file, n_threads=2, context_length=512) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        system = alone.tokenize("Paris is the capital of France. " * 40, add_special_tokens=False)[:200]
+        prompts = [system + alone.tokenize(p, add_special_tokens=False) for p in PROMPTS[:4]]
+        expected = [alone.generate(p, max_new_tokens=6, temperature=0, logit_bias=ban) for p in prompts]
+    with pyllm.LLM(model_file, n_threads=2, context_length=512) as llm:
+        assert llm.generate(prompts, max_new_tokens=6, temperature=0, logit_bias=ban) == expected
+        assert [s.cached_tokens for s in llm.last_batch_stats] == [0, 200, 200, 200]
+    with pyllm.LLM(model_file, n_threads=2, context_length=512, n_parallel=2) as llm:
+        stream = llm.generate(prompts[0], max_new_tokens=6, temperature=0, logit_bias=ban, stream=True)
+        "".join(stream)
+        # slot 0 holds the prompt and the 5 tokens fed back (not the last one sampled)
+        longer = prompts[0] + [t.id for t in stream.tokens] + [7, 8]
+        assert llm.generate([longer, prompts[1]], max_new_tokens=6, temperature=0, logit_bias=ban) == \
+            _alone(model_file, [longer, prompts[1]], ban)
+        assert [s.cached_tokens for s in llm.last_batch_stats] == [len(prompts[0]) + 5, 200]
+
+
+def _alone(model_file, prompts, ban):
+    with pyllm.LLM(model_file, n_threads=2, context_length=512) as alone:
+        return [alone.generate(p, max_new_tokens=6, temperature=0, logit_bias=ban) for p in prompts]
+
+
 def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file):
     """A streamed list of prompts left unread while another call in the same thread takes the
     engine re-reads its slots' tokens when read again and goes on (it was cancelled, cut in silence).
