@@ -318,6 +318,28 @@ def test_an_error_about_one_prompt_of_a_list_names_it(tiny_llama_f32):
             llm.generate(fine, max_new_tokens=2, temperature=0), llm.generate([5, 6], max_new_tokens=2, temperature=0)]
 
 
+def test_a_scheduler_s_row_budget_is_checked_as_n_parallel_is(tiny_llama_f32):
+    """Scheduler(llm, np.int64(64)) said "must be an integer >= n_parallel (2); got 64", and True
+    passed as a budget of 1 row (with n_parallel=1)."""
+    from pyllm.scheduler import Scheduler
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2, context_length=64) as llm:
+        for bad in (True, np.bool_(True), 1, 0, 2.0, "64", None):
+            with pytest.raises(ValueError, match="max_num_batched_tokens must be an integer >= n_parallel \\(2\\)"):
+                Scheduler(llm, bad)
+        assert llm.scheduler is None
+        scheduler = Scheduler(llm, np.int64(64))
+        try:
+            assert scheduler.max_num_batched_tokens == 64 and type(scheduler.max_num_batched_tokens) is int
+            assert llm.generate("Paris is", max_new_tokens=3, temperature=0) == \
+                llm.generate(["Paris is"], max_new_tokens=3, temperature=0)[0]
+        finally:
+            scheduler.close()
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64) as llm:
+        with pytest.raises(ValueError, match="max_num_batched_tokens must be an integer >= n_parallel \\(1\\)"):
+            Scheduler(llm, True)
+
+
 def test_chat_with_a_list_of_conversations(model_file):
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     with pyllm.LLM(model_file, n_threads=2) as alone:
