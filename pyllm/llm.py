@@ -858,8 +858,10 @@ class LLM:
             else:
                 raise prompt_type_error(prompt)
             if not ids:  # (was PyllmError "expected a non-empty list of token ids", naming no argument)
-                raise ValueError("prompt is empty: it has no tokens (this model's tokenizer adds no BOS token); "
-                                 "give some text or token ids")
+                raise ValueError("prompt is empty: it has no tokens " + (
+                    "(this model's tokenizer adds no BOS token); give some text or token ids" if isinstance(prompt, str)
+                    else "(an empty list: neither token ids nor prompts); give some text, token ids or a list of "
+                         "prompts"))
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p, do_sample)
         # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
         # with None for the unset ones got "presence_penalty must be a number; got None")

@@ -278,7 +278,8 @@ def test_an_error_about_one_prompt_of_a_list_names_it(tiny_llama_f32):
     which?), a bad token id or array in one said nothing of where; a conversation of chat()'s list
     that did not render neither; chat() given a generator of conversations consumed it while
     checking its items and said "prompt is empty"; a list of conversations holding something else
-    said its "message 0 needs a 'role' string" (message 0 was a whole conversation)."""
+    said its "message 0 needs a 'role' string" (message 0 was a whole conversation). generate([]) blamed
+    the tokenizer's BOS token."""
     from pyllm.chat_template import TemplateError
     from pyllm.errors import PyllmError
 
@@ -295,6 +296,8 @@ def test_an_error_about_one_prompt_of_a_list_names_it(tiny_llama_f32):
                 ([5, "b"], TypeError, "non-int items: item 1 is str 'b'")]:
             with pytest.raises(error, match=match):
                 llm.generate(prompts, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"^prompt is empty: it has no tokens \(an empty list: neither"):
+            llm.generate([], max_new_tokens=2)  # (was "(this model's tokenizer adds no BOS token)")
         with pytest.raises(PyllmError, match="^sequence 1 of the list: token ids must lie"):
             llm.logits_many([[5, 6], [5, -1]])
         with pytest.raises(PyllmError, match="^text 1 of the list: token ids must lie"):
