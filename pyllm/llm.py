@@ -734,6 +734,11 @@ class LLM:
             self._acquire(call)
             self._cached, self._primed = [], None
             results = []
+            if self.device != "cpu":  # the CUDA engine holds one sequence and runs no rows of several
+                for ids in checked:  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
+                    self._open_engine()
+                    results.append(self.engine.forward(ids, 0, True))
+                return results
             for first in range(0, len(checked), self.n_parallel):
                 self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 group = checked[first:first + self.n_parallel]
@@ -1034,6 +1039,28 @@ class LLM:
                     stats.finish_reason = stats.finish_reason or "cancelled"
                 self._release(run)
 
+        def one_by_one():
+            # the CUDA engine holds one sequence and runs no rows of several (forward_rows raised "the cuda
+            # engine runs one sequence at a time" at the list's first step): each prompt runs as it would
+            # alone, in turn; cancel() ends the one running (its holder) and the rest
+            try:
+                for index, ids in enumerate(checked):
+                    alone = TextStream(batch_stats[index])
+                    alone._pieces = self._run(ids, max_new_tokens, Sampler(params, prompt_length=len(ids)), stop,
+                                              stop_ids | set(self.tokenizer.eos_ids), alone, None)
+                    try:
+                        for piece in alone:
+                            yield index, piece
+                    finally:
+                        alone.close()
+                    if batch_stats[index].finish_reason == "cancelled":
+                        break
+            finally:
+                for stats in batch_stats:  # cancelled (or closed) before their turn: never started
+                    stats.finish_reason = stats.finish_reason or "cancelled"
+
+        if self.device != "cpu":
+            pieces = one_by_one
         if stream:
             return pieces()
         texts = [""] * len(checked)

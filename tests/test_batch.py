@@ -343,6 +343,62 @@ def test_a_scheduler_s_row_budget_is_checked_as_n_parallel_is(tiny_llama_f32):
             Scheduler(llm, True)
 
 
+class _OneSequenceEngine:
+    """The CUDA engine as Python sees it, on the CPU: one sequence, and no rows of several sequences
+    (forward_rows and copy_sequence raise as csrc/engine/engine.h's defaults do for it)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def forward_rows(self, *args, **kwargs):
+        raise ValueError("the cuda engine runs one sequence at a time")
+
+    copy_sequence = forward_rows
+
+
+def test_lists_and_perplexity_run_on_an_engine_of_one_sequence(tiny_llama_f32):
+    """The CUDA engine has no forward_rows: generate() and chat() with a list raised "the cuda engine
+    runs one sequence at a time" at their first step, and so did logits_many, so `pyllm perplexity
+    --device cuda` (one window per step there) failed at once. A list runs each prompt as it would
+    run alone, in turn; logits_many one sequence at a time."""
+    from pyllm.perplexity import perplexity
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128) as cpu:
+        ban = {i: -100 for i in cpu.tokenizer.eos_ids}
+        expected = [cpu.generate(p, max_new_tokens=8, temperature=0.7, seed=3, logit_bias=ban) for p in PROMPTS[:3]]
+        tokens = cpu.tokenize("The quick brown fox jumps over the lazy dog. " * 30, add_special_tokens=False)
+        reference = perplexity(cpu.logits, tokens, ctx=32, windows=3)
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128)
+    llm.engine, llm.device = _OneSequenceEngine(llm.engine), "cuda"
+    try:
+        options = dict(max_new_tokens=8, temperature=0.7, seed=3, logit_bias=ban)
+        assert llm.generate(PROMPTS[:3], **options) == expected
+        stats = llm.last_batch_stats
+        assert [s.generated_tokens for s in stats] == [8] * 3 and {s.finish_reason for s in stats} == {"length"}
+        texts = [""] * 3
+        for index, piece in llm.generate(PROMPTS[:3], stream=True, **options):
+            texts[index] += piece
+        assert texts == expected
+        pieces = llm.generate(PROMPTS[:3], stream=True, **options)
+        next(pieces)
+        llm.cancel()  # ends the running prompt and the rest
+        assert all(index == 0 for index, _ in pieces)
+        assert [s.finish_reason for s in llm.last_batch_stats] == ["cancelled"] * 3
+        pieces = llm.generate(PROMPTS[:3], stream=True, **options)
+        next(pieces)
+        pieces.close()  # closed by its consumer: the engine is free, the prompts not run say so
+        assert [s.finish_reason for s in llm.last_batch_stats] == ["cancelled"] * 3
+        assert llm.chat([[{"role": "user", "content": p}] for p in PROMPTS[:2]], max_new_tokens=4, temperature=0)
+        many = perplexity(llm.logits, tokens, ctx=32, windows=3, logits_many=llm.logits_many, batch=2)
+        assert many.window_nll == reference.window_nll
+        assert llm.generate(PROMPTS[0], **options) == expected[0]
+    finally:
+        llm.close()
+
+
 def test_chat_with_a_list_of_conversations(model_file):
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     with pyllm.LLM(model_file, n_threads=2) as alone:
