@@ -150,6 +150,8 @@ class Scheduler:
     def __init__(self, llm, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
         if llm.scheduler is not None:
             raise ValueError("this LLM already has a scheduler")
+        if llm.device != "cpu":  # (every stream failed at its first step: "runs one sequence at a time")
+            raise ValueError(f"the {llm.device} engine runs one sequence at a time: a Scheduler needs the CPU engine")
         # numpy's integers are integers (as n_parallel's); a bool is not (True passed as 1)
         if isinstance(max_num_batched_tokens, (bool, np.bool_)) or not isinstance(max_num_batched_tokens, numbers.Integral) \
                 or max_num_batched_tokens < llm.n_parallel:

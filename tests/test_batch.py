@@ -363,7 +363,7 @@ def test_lists_and_perplexity_run_on_an_engine_of_one_sequence(tiny_llama_f32):
     """The CUDA engine has no forward_rows: generate() and chat() with a list raised "the cuda engine
     runs one sequence at a time" at their first step, and so did logits_many, so `pyllm perplexity
     --device cuda` (one window per step there) failed at once. A list runs each prompt as it would
-    run alone, in turn; logits_many one sequence at a time."""
+    run alone, in turn; logits_many one sequence at a time. A Scheduler is refused."""
     from pyllm.perplexity import perplexity
 
     with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128) as cpu:
@@ -395,6 +395,11 @@ def test_lists_and_perplexity_run_on_an_engine_of_one_sequence(tiny_llama_f32):
         many = perplexity(llm.logits, tokens, ctx=32, windows=3, logits_many=llm.logits_many, batch=2)
         assert many.window_nll == reference.window_nll
         assert llm.generate(PROMPTS[0], **options) == expected[0]
+        from pyllm.scheduler import Scheduler
+
+        with pytest.raises(ValueError, match="the cuda engine runs one sequence at a time: a Scheduler needs the CPU"):
+            Scheduler(llm)  # (its streams each failed at their first step)
+        assert llm.scheduler is None
     finally:
         llm.close()
 
