@@ -1035,7 +1035,7 @@ class LLM:
                         preempted.append(True)
                         self._cached = []
             finally:
-                for stats in batch_stats:  # cancelled (or closed) before their wave began: never started
+                for stats in batch_stats:  # cancelled (or closed) before they began: never started
                     stats.finish_reason = stats.finish_reason or "cancelled"
                 self._release(run)
 

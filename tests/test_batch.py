@@ -190,6 +190,32 @@ def test_shared_system_prompt_is_computed_once(model_file):
         assert got == [alone.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
 
 
+def test_a_ctrl_c_in_slot_0_s_refill_leaves_no_false_prefix(model_file, monkeypatch):
+    """A later prompt taking slot 0 rewrites it past what it shares with the tokens there, and slot 0
+    is the single-prompt calls' cache: a Ctrl-C in that prefill left the cache recorded as holding
+    the earlier prefix, and the next call reused keys and values of another prompt."""
+    import pyllm.batch
+
+    prefix = list(range(20, 60))
+    with pyllm.LLM(model_file, n_threads=2, context_length=128, n_parallel=2) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        probe = prefix + [7, 8]
+        expected = llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban)
+        real = pyllm.batch._prefill
+
+        def interrupted(engine, parts, cancelled):
+            out = real(engine, parts, cancelled)
+            if parts[0][0] == 0 and parts[0][1][:1] == [300]:  # slot 0 rewritten by the third prompt
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(pyllm.batch, "_prefill", interrupted)
+        llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban)  # slot 0 holds the prefix
+        with pytest.raises(KeyboardInterrupt):  # the first prompt ends at the context's end, 2 tokens on
+            llm.generate([prefix + [5] * 85, [9, 10], [300] * 30], max_new_tokens=20, temperature=0, logit_bias=ban)
+        assert llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban) == expected
+
+
 def test_a_list_reuses_what_slot_0_holds_as_single_calls_do(model_file):
     """Slot 0 reused only the prefix every prompt of a wave shares, so a list run one prompt at a time
     (n_parallel=1, the default) computed its system prompt again for each prompt, where a loop of
@@ -262,15 +288,41 @@ def test_batch_stats_tell_a_full_context_from_the_token_limit(model_file):
 
 def test_each_prompt_s_timings_are_its_own(model_file):
     """Every prompt of a wave got the wave's decode_seconds, so one that ended after 6 tokens beside
-    one generating 200 reported 1/30 of its decode rate; and a later wave's time_to_first_token
-    counted from its own wave's start, not from the call (its wait for the waves before it left out)."""
+    one generating 200 reported 1/30 of its decode rate; and a later prompt's time_to_first_token
+    counted from its own wave's start, not from the call (its wait for a slot left out)."""
     with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=256) as llm:
         ban = {i: -100 for i in llm.tokenizer.eos_ids}
         llm.generate([[5] * 250, [6] * 5, [7] * 5], max_new_tokens=200, temperature=0, logit_bias=ban)
         near_full, long, later = llm.last_batch_stats
     assert (near_full.generated_tokens, long.generated_tokens, later.generated_tokens) == (6, 200, 200)
     assert 0 < near_full.decode_seconds < long.decode_seconds  # (it ran 5 of the 199 decode steps)
-    assert later.time_to_first_token > long.decode_seconds  # it waited for the first wave to end
+    assert later.time_to_first_token > near_full.time_to_first_token + near_full.decode_seconds  # it waited
+
+
+def test_a_later_prompt_takes_the_first_slot_that_frees(model_file):
+    """Prompts past n_parallel ran in waves: each wave began once the whole wave before it had ended,
+    so one long reply held the other n_parallel - 1 slots idle (a prompt near the context's end,
+    done after 6 tokens, left its slot empty for the 194 steps of its neighbour's reply). A later
+    prompt now starts in the first slot that frees, reusing what the slot holds of its tokens (a
+    system prompt), and each text is still the one it gives alone."""
+    with pyllm.LLM(model_file, n_threads=2, context_length=256) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        system = list(range(10, 60))
+        prompts = [system + [5] * 190, system + [6] * 3, system + [7] * 4, system + [8] * 2, [9, 10]]
+        options = dict(max_new_tokens=100, temperature=0.8, seed=4, logit_bias=ban)
+        expected = [alone.generate(p, **options) for p in prompts]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=256) as llm:
+        order, texts = [], [""] * len(prompts)
+        for index, piece in llm.generate(prompts, stream=True, **options):
+            order.append(index)
+            texts[index] += piece
+        stats = llm.last_batch_stats
+        assert texts == expected
+        # prompt 2 began beside prompt 1 once prompt 0 (16 tokens from the end of the context) ended
+        assert order.index(2) < len(order) - order[::-1].index(1) - 1
+        assert [s.generated_tokens for s in stats] == [16, 100, 100, 100, 100]
+        assert [s.cached_tokens for s in stats] == [0, 50, 50, 50, 0]
+        assert llm.generate(prompts[3], **options) == expected[3]  # slot 0's cache is as the list left it
 
 
 def test_an_error_about_one_prompt_of_a_list_names_it(tiny_llama_f32):
