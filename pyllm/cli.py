@@ -456,6 +456,11 @@ def cmd_perplexity(args) -> int:
         text = default_text()
     if getattr(args, "device", "cpu") == "cuda":
         args.parallel = 1  # the CUDA engine holds one sequence
+    _check_sizes(args)  # (--parallel 0 is named before it is bounded below)
+    if args.windows is not None:
+        # slots past the windows scored are never used, and their KV cache is filled in all the same:
+        # --windows 2 --parallel 64 --ctx 4096 took 6 GB for SmolLM2 where 2 windows need 190 MB
+        args.parallel = min(args.parallel, args.windows)
     llm = _open(args)
     # the text is data, as in llama.cpp's perplexity (parse_special=false): a "<|im_end|>" written in
     # it is scored as the characters it is, not as the model's end-of-turn token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import difflib
 import functools
@@ -231,9 +232,39 @@ def accepts_aliases(method):
 
 
 def prompt_type_error(prompt) -> Exception:
-    """The error for a prompt that is neither text, token ids nor a list of those."""
-    return TypeError(f"prompt must be a str or a list of token ids (ints); got {type(prompt).__name__}"
-                     + (" with non-int items" if isinstance(prompt, (list, tuple)) else ""))
+    """The error for a prompt that is neither text, token ids nor a list of those; for a list, it
+    names the first item that is neither a token id nor a prompt, as the first item is."""
+    if isinstance(prompt, np.ndarray):  # (a 2-D one, rows of prompts: list(array) is a list of them)
+        return TypeError("prompt must be a str or a list of token ids (ints); got an array of "
+                         f"{prompt.dtype} {prompt.shape}" + (": give a 1-D array of integers" if prompt.ndim != 1 or
+                                                             prompt.dtype.kind not in "iu" else ""))
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return TypeError(f"prompt must be a str or a list of token ids (ints); got {type(prompt).__name__}")
+    if isinstance(prompt[0], _PROMPT_TYPES):  # a list of prompts
+        i, bad = next((i, p) for i, p in enumerate(prompt) if not isinstance(p, _PROMPT_TYPES))
+        return TypeError(f"prompt must be a str, a list of token ids (ints) or a list of those; item {i} of the "
+                         f"list of prompts is {type(bad).__name__} {bad!r:.40}")
+    i, bad = next((i, p) for i, p in enumerate(prompt) if isinstance(p, bool) or not isinstance(p, (int, np.integer)))
+    return TypeError(f"prompt must be a str or a list of token ids (ints); got {type(prompt).__name__} with non-int "
+                     f"items: item {i} is {type(bad).__name__} {bad!r:.40}")
+
+
+@contextlib.contextmanager
+def _naming(item: str | None) -> Iterator[None]:
+    """An error about one item of a list (a prompt, a conversation) names it: "prompt 3 of the list: ..."
+    (which of 8 prompts was too long was left to guess). None: as it is."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if item is None:
+            raise
+        try:
+            named = type(e)(f"{item}: {e}")
+        except Exception:  # a type that takes other arguments (UnicodeDecodeError): as it is
+            named = None
+        if named is None:
+            raise
+        raise named from None
 
 
 @dataclass
@@ -726,12 +757,20 @@ class LLM:
         in one engine step (perplexity's windows)."""
         if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
-        checked = [self._check_ids(ids) for ids in sequences]
+        checked = []
+        for i, ids in enumerate(sequences):
+            with _naming(f"sequence {i} of the list"):
+                checked.append(self._check_ids(ids))
         call = _Call()
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
             self._cached, self._primed = [], None
             results = []
+            if self.device != "cpu":  # the CUDA engine holds one sequence and runs no rows of several
+                for ids in checked:  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
+                    self._open_engine()
+                    results.append(self.engine.forward(ids, 0, True))
+                return results
             for first in range(0, len(checked), self.n_parallel):
                 self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 group = checked[first:first + self.n_parallel]
@@ -751,7 +790,12 @@ class LLM:
         models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False."""
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-        checked = [self._check_ids(self.tokenize(t) if isinstance(t, str) else t) for t in _embed_inputs(texts)]
+        items = _embed_inputs(texts)
+        listed = not (len(items) == 1 and items[0] is texts)  # (one text given alone: not "text 0 of the list")
+        checked = []
+        for i, t in enumerate(items):
+            with _naming(f"text {i} of the list" if listed else None):
+                checked.append(self._check_ids(self.tokenize(t) if isinstance(t, str) else t))
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call(frozenset({0}))
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
@@ -851,8 +895,10 @@ class LLM:
             else:
                 raise prompt_type_error(prompt)
             if not ids:  # (was PyllmError "expected a non-empty list of token ids", naming no argument)
-                raise ValueError("prompt is empty: it has no tokens (this model's tokenizer adds no BOS token); "
-                                 "give some text or token ids")
+                raise ValueError("prompt is empty: it has no tokens " + (
+                    "(this model's tokenizer adds no BOS token); give some text or token ids" if isinstance(prompt, str)
+                    else "(an empty list: neither token ids nor prompts); give some text, token ids or a list of "
+                         "prompts"))
         params = self._sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, typical_p, do_sample)
         # None: 0 (off), as every other option's None is its default (a caller forwarding OpenAI's fields
         # with None for the unset ones got "presence_penalty must be a number; got None")
@@ -900,11 +946,15 @@ class LLM:
             if processors or logprobs is not None or grammar_from(response_format, grammar) is not None:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
                                  "give a single prompt")
-            prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
-            empty = [i for i, p in enumerate(prompts) if not p]
-            if empty:
-                raise ValueError(f"prompt {empty[0]} of the list is empty: it has no tokens (this model's tokenizer "
-                                 "adds no BOS token); give some text or token ids")
+            prompts = []
+            for i, p in enumerate(prompt):
+                with _naming(f"prompt {i} of the list"):  # (a text that is not Unicode)
+                    # (an array as it is: list() made a 2-D one's rows "token ids" that "must be integers")
+                    prompts.append(self.tokenize(p) if isinstance(p, str) else p if isinstance(p, np.ndarray)
+                                   else list(p))
+                if len(prompts[-1]) == 0:
+                    raise ValueError(f"prompt {i} of the list is empty: it has no tokens (this model's tokenizer "
+                                     "adds no BOS token); give some text or token ids")
             return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
@@ -978,11 +1028,13 @@ class LLM:
         from .batch import run_batch
 
         self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
-        checked = [self._check_ids(p) for p in prompts]
-        for p in checked:
+        checked = []
+        for i, p in enumerate(prompts):
             if len(p) >= self.context_length:
-                raise ValueError(f"a prompt has {len(p)} tokens; the context holds {self.context_length} "
+                raise ValueError(f"prompt {i} of the list has {len(p)} tokens; the context holds {self.context_length} "
                                  "(leave room for the reply)")
+            with _naming(f"prompt {i} of the list"):
+                checked.append(self._check_ids(p))
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
@@ -1015,10 +1067,32 @@ class LLM:
                         preempted.append(True)
                         self._cached = []
             finally:
-                for stats in batch_stats:  # cancelled (or closed) before their wave began: never started
+                for stats in batch_stats:  # cancelled (or closed) before they began: never started
                     stats.finish_reason = stats.finish_reason or "cancelled"
                 self._release(run)
 
+        def one_by_one():
+            # the CUDA engine holds one sequence and runs no rows of several (forward_rows raised "the cuda
+            # engine runs one sequence at a time" at the list's first step): each prompt runs as it would
+            # alone, in turn; cancel() ends the one running (its holder) and the rest
+            try:
+                for index, ids in enumerate(checked):
+                    alone = TextStream(batch_stats[index])
+                    alone._pieces = self._run(ids, max_new_tokens, Sampler(params, prompt_length=len(ids)), stop,
+                                              stop_ids | set(self.tokenizer.eos_ids), alone, None)
+                    try:
+                        for piece in alone:
+                            yield index, piece
+                    finally:
+                        alone.close()
+                    if batch_stats[index].finish_reason == "cancelled":
+                        break
+            finally:
+                for stats in batch_stats:  # cancelled (or closed) before their turn: never started
+                    stats.finish_reason = stats.finish_reason or "cancelled"
+
+        if self.device != "cpu":
+            pieces = one_by_one
         if stream:
             return pieces()
         texts = [""] * len(checked)
@@ -1044,9 +1118,16 @@ class LLM:
                 raise ValueError("top_logprobs needs logprobs=True (as OpenAI's chat API)")
             kwargs["logprobs"] = (0 if top is None else top) if wanted else None
         kwargs["stop"] = self.chat_stop(kwargs.get("stop"))
-        if messages and all(isinstance(m, (list, tuple)) for m in messages):
-            return self.generate([self.chat_prompt_ids(list(m), **options) for m in messages], stream=stream,
-                                 **kwargs)
+        # a list of conversations: its first item is one (a generator's items were taken by the test of
+        # each, and generate() was given none of them: "prompt is empty"; a list holding a conversation
+        # and something else was read as one conversation, whose message 0 "needs a 'role' string")
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple)):
+            _check_tools(tools)  # (the call's: not one conversation's fault)
+            prompts = []
+            for i, conversation in enumerate(messages):
+                with _naming(f"conversation {i} of the list"):
+                    prompts.append(self.chat_prompt_ids(conversation, **options))
+            return self.generate(prompts, stream=stream, **kwargs)
         ids = self.chat_prompt_ids(messages, **options)
         return self.generate(ids, stream=stream, **kwargs)
 
@@ -1185,11 +1266,7 @@ class LLM:
         special-token strings in content parsed as the tokens themselves. Without such strings in
         the content both give the tokens transformers' apply_chat_template gives. render_limits
         bounds the template's time and output (TemplateError past them)."""
-        if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
-            # the template iterated whatever it was given: a string's characters, a dict's keys, in silence
-            got = next((t for t in tools if not isinstance(t, dict)), None) if isinstance(tools, (list, tuple)) else tools
-            raise TypeError("tools must be a list of tool dicts ({'type': 'function', 'function': {...}}); got "
-                            + ("a list holding " if got is not tools else "") + type(got).__name__)
+        _check_tools(tools)
         extra = {"tools": tools} if tools is not None else {}
         messages = normalize_messages(messages)
         if parse_special_in_content:
@@ -1459,6 +1536,15 @@ def token_ids(ids, vocab_size: int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
+def _check_tools(tools) -> None:
+    """chat's tools: None or a list of tool dicts (TypeError naming what it got otherwise)."""
+    if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+        # the template iterated whatever it was given: a string's characters, a dict's keys, in silence
+        got = next((t for t in tools if not isinstance(t, dict)), None) if isinstance(tools, (list, tuple)) else tools
+        raise TypeError("tools must be a list of tool dicts ({'type': 'function', 'function': {...}}); got "
+                        + ("a list holding " if got is not tools else "") + type(got).__name__)
+
+
 def _embed_inputs(texts) -> list:
     """embed()'s texts as a list of items, each a str or token ids (PyllmError later otherwise): one
     text, one token-id list or 1-D array, or a list, tuple or 2-D array of those. TypeError for
@@ -1483,10 +1569,12 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not a JSON type")
 
 
+_PROMPT_TYPES = (str, list, tuple, np.ndarray)  # what one prompt of a list may be
+
+
 def _is_batch(prompt) -> bool:
     """A list of prompts (texts, token-id lists or arrays), as opposed to one prompt's token ids."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, (str, list, tuple, np.ndarray))
-                                                                         for p in prompt)
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, _PROMPT_TYPES) for p in prompt)
 
 
 def _token_logprob(token: int, logits: np.ndarray, top: int | None) -> TokenLogprob:

@@ -85,14 +85,16 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
         raise ValueError("ctx must be at least 4")
     if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
         raise ValueError(f"windows must be a positive integer (or None for all the text holds), got {windows!r}")
+    # (checked with windows, before any work: 2.5 was range()'s "'float' object cannot be interpreted as an
+    # integer", "2" a comparison's TypeError)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer (windows evaluated together), got {batch!r}")
     available = len(tokens) // ctx
     if available == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
     n = available if windows is None else min(windows, available)
     first = ctx // 2
     window_nll, total, total_sq, count, seconds = [], 0.0, 0.0, 0, 0.0
-    if batch < 1:
-        raise ValueError("batch must be at least 1")
     for group in range(0, n, batch):
         group_ids = []
         for w in range(group, min(n, group + batch)):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import numbers
 import queue
 import threading
 import time
@@ -149,11 +150,15 @@ class Scheduler:
     def __init__(self, llm, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
         if llm.scheduler is not None:
             raise ValueError("this LLM already has a scheduler")
-        if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < llm.n_parallel:
+        if llm.device != "cpu":  # (every stream failed at its first step: "runs one sequence at a time")
+            raise ValueError(f"the {llm.device} engine runs one sequence at a time: a Scheduler needs the CPU engine")
+        # numpy's integers are integers (as n_parallel's); a bool is not (True passed as 1)
+        if isinstance(max_num_batched_tokens, (bool, np.bool_)) or not isinstance(max_num_batched_tokens, numbers.Integral) \
+                or max_num_batched_tokens < llm.n_parallel:
             raise ValueError(f"max_num_batched_tokens must be an integer >= n_parallel ({llm.n_parallel}); "
                              f"got {max_num_batched_tokens!r}")
         self.llm = llm
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
         self.slots = [_Slot(i) for i in range(llm.n_parallel)]
         self.recent_steps: collections.deque[Step] = collections.deque(maxlen=STEP_LOG)
         self.recent_finished: collections.deque[GenerationStats] = collections.deque(maxlen=STEP_LOG)

@@ -190,6 +190,60 @@ def test_shared_system_prompt_is_computed_once(model_file):
         assert got == [alone.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
 
 
+def test_a_ctrl_c_in_slot_0_s_refill_leaves_no_false_prefix(model_file, monkeypatch):
+    """A later prompt taking slot 0 rewrites it past what it shares with the tokens there, and slot 0
+    is the single-prompt calls' cache: a Ctrl-C in that prefill left the cache recorded as holding
+    the earlier prefix, and the next call reused keys and values of another prompt."""
+    import pyllm.batch
+
+    prefix = list(range(20, 60))
+    with pyllm.LLM(model_file, n_threads=2, context_length=128, n_parallel=2) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        probe = prefix + [7, 8]
+        expected = llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban)
+        real = pyllm.batch._prefill
+
+        def interrupted(engine, parts, cancelled):
+            out = real(engine, parts, cancelled)
+            if parts[0][0] == 0 and parts[0][1][:1] == [300]:  # slot 0 rewritten by the third prompt
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(pyllm.batch, "_prefill", interrupted)
+        llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban)  # slot 0 holds the prefix
+        with pytest.raises(KeyboardInterrupt):  # the first prompt ends at the context's end, 2 tokens on
+            llm.generate([prefix + [5] * 85, [9, 10], [300] * 30], max_new_tokens=20, temperature=0, logit_bias=ban)
+        assert llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban) == expected
+
+
+def test_a_list_reuses_what_slot_0_holds_as_single_calls_do(model_file):
+    """Slot 0 reused only the prefix every prompt of a wave shares, so a list run one prompt at a time
+    (n_parallel=1, the default) computed its system prompt again for each prompt, where a loop of
+    single calls reuses it; and a wave's first prompt continuing an earlier call's tokens computed
+    them again. The texts are the same either way (a reused prefix is the same bits)."""
+    with pyllm.LLM(model_file, n_threads=2, context_length=512) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        system = alone.tokenize("Paris is the capital of France. " * 40, add_special_tokens=False)[:200]
+        prompts = [system + alone.tokenize(p, add_special_tokens=False) for p in PROMPTS[:4]]
+        expected = [alone.generate(p, max_new_tokens=6, temperature=0, logit_bias=ban) for p in prompts]
+    with pyllm.LLM(model_file, n_threads=2, context_length=512) as llm:
+        assert llm.generate(prompts, max_new_tokens=6, temperature=0, logit_bias=ban) == expected
+        assert [s.cached_tokens for s in llm.last_batch_stats] == [0, 200, 200, 200]
+    with pyllm.LLM(model_file, n_threads=2, context_length=512, n_parallel=2) as llm:
+        stream = llm.generate(prompts[0], max_new_tokens=6, temperature=0, logit_bias=ban, stream=True)
+        "".join(stream)
+        # slot 0 holds the prompt and the 5 tokens fed back (not the last one sampled)
+        longer = prompts[0] + [t.id for t in stream.tokens] + [7, 8]
+        assert llm.generate([longer, prompts[1]], max_new_tokens=6, temperature=0, logit_bias=ban) == \
+            _alone(model_file, [longer, prompts[1]], ban)
+        assert [s.cached_tokens for s in llm.last_batch_stats] == [len(prompts[0]) + 5, 200]
+
+
+def _alone(model_file, prompts, ban):
+    with pyllm.LLM(model_file, n_threads=2, context_length=512) as alone:
+        return [alone.generate(p, max_new_tokens=6, temperature=0, logit_bias=ban) for p in prompts]
+
+
 def test_a_preempted_batch_stream_leaves_no_false_prefix_in_the_cache(model_file):
     """A streamed list of prompts left unread while another call in the same thread takes the
     engine re-reads its slots' tokens when read again and goes on (it was cancelled, cut in silence).
@@ -230,6 +284,176 @@ def test_batch_stats_tell_a_full_context_from_the_token_limit(model_file):
         short, full = llm.last_batch_stats
         assert short.max_new_tokens == 8 and short.generated_tokens == 8 and short.hit_token_limit
         assert full.finish_reason == "length" and full.generated_tokens == 4 and not full.hit_token_limit
+
+
+def test_each_prompt_s_timings_are_its_own(model_file):
+    """Every prompt of a wave got the wave's decode_seconds, so one that ended after 6 tokens beside
+    one generating 200 reported 1/30 of its decode rate; and a later prompt's time_to_first_token
+    counted from its own wave's start, not from the call (its wait for a slot left out)."""
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=256) as llm:
+        ban = {i: -100 for i in llm.tokenizer.eos_ids}
+        llm.generate([[5] * 250, [6] * 5, [7] * 5], max_new_tokens=200, temperature=0, logit_bias=ban)
+        near_full, long, later = llm.last_batch_stats
+    assert (near_full.generated_tokens, long.generated_tokens, later.generated_tokens) == (6, 200, 200)
+    assert 0 < near_full.decode_seconds < long.decode_seconds  # (it ran 5 of the 199 decode steps)
+    assert later.time_to_first_token > near_full.time_to_first_token + near_full.decode_seconds  # it waited
+
+
+def test_a_later_prompt_takes_the_first_slot_that_frees(model_file):
+    """Prompts past n_parallel ran in waves: each wave began once the whole wave before it had ended,
+    so one long reply held the other n_parallel - 1 slots idle (a prompt near the context's end,
+    done after 6 tokens, left its slot empty for the 194 steps of its neighbour's reply). A later
+    prompt now starts in the first slot that frees, reusing what the slot holds of its tokens (a
+    system prompt), and each text is still the one it gives alone."""
+    with pyllm.LLM(model_file, n_threads=2, context_length=256) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        system = list(range(10, 60))
+        prompts = [system + [5] * 190, system + [6] * 3, system + [7] * 4, system + [8] * 2, [9, 10]]
+        options = dict(max_new_tokens=100, temperature=0.8, seed=4, logit_bias=ban)
+        expected = [alone.generate(p, **options) for p in prompts]
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2, context_length=256) as llm:
+        order, texts = [], [""] * len(prompts)
+        for index, piece in llm.generate(prompts, stream=True, **options):
+            order.append(index)
+            texts[index] += piece
+        stats = llm.last_batch_stats
+        assert texts == expected
+        # prompt 2 began beside prompt 1 once prompt 0 (16 tokens from the end of the context) ended
+        assert order.index(2) < len(order) - order[::-1].index(1) - 1
+        assert [s.generated_tokens for s in stats] == [16, 100, 100, 100, 100]
+        assert [s.cached_tokens for s in stats] == [0, 50, 50, 50, 0]
+        assert llm.generate(prompts[3], **options) == expected[3]  # slot 0's cache is as the list left it
+
+
+def test_an_error_about_one_prompt_of_a_list_names_it(tiny_llama_f32):
+    """A list's prompt that did not fit said "200 tokens exceed the context length of 64" (one of 8:
+    which?), a bad token id or array in one said nothing of where; a conversation of chat()'s list
+    that did not render neither; chat() given a generator of conversations consumed it while
+    checking its items and said "prompt is empty"; a list of conversations holding something else
+    said its "message 0 needs a 'role' string" (message 0 was a whole conversation). generate([]) blamed
+    the tokenizer's BOS token."""
+    from pyllm.chat_template import TemplateError
+    from pyllm.errors import PyllmError
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2, context_length=64) as llm:
+        fine = "Paris is"
+        for prompts, error, match in [
+                ([fine, "x " * 100, fine], ValueError, "^prompt 1 of the list has 200 tokens; the context holds 64"),
+                ([fine, fine, [5] * 64], ValueError, "^prompt 2 of the list has 64 tokens"),
+                ([fine, [5, 9999]], PyllmError, r"^prompt 1 of the list: token ids must lie in \[0, 512\); got 9999"),
+                ([[5, 6], np.array([[1, 2]])], PyllmError, r"^prompt 1 of the list: token ids must be a 1-D .* \(1, 2\)"),
+                ([fine, "\ud800"], PyllmError, "^prompt 1 of the list: .*surrogate"),
+                ([fine, None], TypeError, "item 1 of the list of prompts is NoneType None"),
+                ([[5, 6], 7], TypeError, "item 1 of the list of prompts is int 7"),
+                ([5, "b"], TypeError, "non-int items: item 1 is str 'b'")]:
+            with pytest.raises(error, match=match):
+                llm.generate(prompts, max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"^prompt is empty: it has no tokens \(an empty list: neither"):
+            llm.generate([], max_new_tokens=2)  # (was "(this model's tokenizer adds no BOS token)")
+        with pytest.raises(PyllmError, match="^sequence 1 of the list: token ids must lie"):
+            llm.logits_many([[5, 6], [5, -1]])
+        with pytest.raises(PyllmError, match="^text 1 of the list: token ids must lie"):
+            llm.embed([[5, 6], [5, -1]])
+        with pytest.raises(PyllmError, match="^token ids must lie"):  # one text alone: not "of the list"
+            llm.embed([5, -1])
+
+        hello = [{"role": "user", "content": "Hello"}]
+        for conversations, error, match in [
+                ([hello, []], TemplateError, "^conversation 1 of the list: messages must be a non-empty list"),
+                ([hello, hello[0]], TemplateError, "^conversation 1 of the list: messages must be"),
+                ([hello, "Hello"], TemplateError, "^conversation 1 of the list: messages must be"),
+                ([hello, [{"role": "user", "content": 5}]], TemplateError,
+                 "^conversation 1 of the list: message 0: content must be"),
+                ((c for c in [hello, hello]), TemplateError, "^messages must be a non-empty list")]:
+            with pytest.raises(error, match=match):
+                llm.chat(conversations, max_new_tokens=2)
+        with pytest.raises(TypeError, match="^tools must be a list"):  # the call's fault, not a conversation's
+            llm.chat([hello, hello], tools="f", max_new_tokens=2)
+        assert llm.generate([fine, [5, 6]], max_new_tokens=2, temperature=0) == [
+            llm.generate(fine, max_new_tokens=2, temperature=0), llm.generate([5, 6], max_new_tokens=2, temperature=0)]
+
+
+def test_a_scheduler_s_row_budget_is_checked_as_n_parallel_is(tiny_llama_f32):
+    """Scheduler(llm, np.int64(64)) said "must be an integer >= n_parallel (2); got 64", and True
+    passed as a budget of 1 row (with n_parallel=1)."""
+    from pyllm.scheduler import Scheduler
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2, context_length=64) as llm:
+        for bad in (True, np.bool_(True), 1, 0, 2.0, "64", None):
+            with pytest.raises(ValueError, match="max_num_batched_tokens must be an integer >= n_parallel \\(2\\)"):
+                Scheduler(llm, bad)
+        assert llm.scheduler is None
+        scheduler = Scheduler(llm, np.int64(64))
+        try:
+            assert scheduler.max_num_batched_tokens == 64 and type(scheduler.max_num_batched_tokens) is int
+            assert llm.generate("Paris is", max_new_tokens=3, temperature=0) == \
+                llm.generate(["Paris is"], max_new_tokens=3, temperature=0)[0]
+        finally:
+            scheduler.close()
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64) as llm:
+        with pytest.raises(ValueError, match="max_num_batched_tokens must be an integer >= n_parallel \\(1\\)"):
+            Scheduler(llm, True)
+
+
+class _OneSequenceEngine:
+    """The CUDA engine as Python sees it, on the CPU: one sequence, and no rows of several sequences
+    (forward_rows and copy_sequence raise as csrc/engine/engine.h's defaults do for it)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def forward_rows(self, *args, **kwargs):
+        raise ValueError("the cuda engine runs one sequence at a time")
+
+    copy_sequence = forward_rows
+
+
+def test_lists_and_perplexity_run_on_an_engine_of_one_sequence(tiny_llama_f32):
+    """The CUDA engine has no forward_rows: generate() and chat() with a list raised "the cuda engine
+    runs one sequence at a time" at their first step, and so did logits_many, so `pyllm perplexity
+    --device cuda` (one window per step there) failed at once. A list runs each prompt as it would
+    run alone, in turn; logits_many one sequence at a time. A Scheduler is refused."""
+    from pyllm.perplexity import perplexity
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128) as cpu:
+        ban = {i: -100 for i in cpu.tokenizer.eos_ids}
+        expected = [cpu.generate(p, max_new_tokens=8, temperature=0.7, seed=3, logit_bias=ban) for p in PROMPTS[:3]]
+        tokens = cpu.tokenize("The quick brown fox jumps over the lazy dog. " * 30, add_special_tokens=False)
+        reference = perplexity(cpu.logits, tokens, ctx=32, windows=3)
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=128)
+    llm.engine, llm.device = _OneSequenceEngine(llm.engine), "cuda"
+    try:
+        options = dict(max_new_tokens=8, temperature=0.7, seed=3, logit_bias=ban)
+        assert llm.generate(PROMPTS[:3], **options) == expected
+        stats = llm.last_batch_stats
+        assert [s.generated_tokens for s in stats] == [8] * 3 and {s.finish_reason for s in stats} == {"length"}
+        texts = [""] * 3
+        for index, piece in llm.generate(PROMPTS[:3], stream=True, **options):
+            texts[index] += piece
+        assert texts == expected
+        pieces = llm.generate(PROMPTS[:3], stream=True, **options)
+        next(pieces)
+        llm.cancel()  # ends the running prompt and the rest
+        assert all(index == 0 for index, _ in pieces)
+        assert [s.finish_reason for s in llm.last_batch_stats] == ["cancelled"] * 3
+        pieces = llm.generate(PROMPTS[:3], stream=True, **options)
+        next(pieces)
+        pieces.close()  # closed by its consumer: the engine is free, the prompts not run say so
+        assert [s.finish_reason for s in llm.last_batch_stats] == ["cancelled"] * 3
+        assert llm.chat([[{"role": "user", "content": p}] for p in PROMPTS[:2]], max_new_tokens=4, temperature=0)
+        many = perplexity(llm.logits, tokens, ctx=32, windows=3, logits_many=llm.logits_many, batch=2)
+        assert many.window_nll == reference.window_nll
+        assert llm.generate(PROMPTS[0], **options) == expected[0]
+        from pyllm.scheduler import Scheduler
+
+        with pytest.raises(ValueError, match="the cuda engine runs one sequence at a time: a Scheduler needs the CPU"):
+            Scheduler(llm)  # (its streams each failed at their first step)
+        assert llm.scheduler is None
+    finally:
+        llm.close()
 
 
 def test_chat_with_a_list_of_conversations(model_file):
@@ -329,6 +553,34 @@ def test_perplexity_of_batched_windows_equals_one_at_a_time(model_file):
         many = perplexity(llm.logits, tokens, ctx=64, windows=7, logits_many=llm.logits_many, batch=3)
     assert many.windows == one.windows == 7
     np.testing.assert_allclose(many.window_nll, one.window_nll, rtol=1e-5)
+
+
+def test_perplexity_s_batch_is_checked_and_the_cli_opens_no_slot_past_its_windows(tiny_llama_f32, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """perplexity(batch=2.5) was range()'s TypeError, batch="2" a comparison's; and `pyllm perplexity
+    --windows 2 --parallel 64` opened 64 KV-cache slots (filled in at once: 6 GB for SmolLM2 at
+    --ctx 4096) to use 2. The windows' scores are the same bits however many run together."""
+    import pyllm.perplexity
+    from pyllm import cli
+
+    for batch in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="batch must be a positive integer"):
+            pyllm.perplexity.perplexity(lambda ids: None, list(range(64)), ctx=16, batch=batch)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    seen, real = [], pyllm.perplexity.perplexity
+    monkeypatch.setattr(pyllm.perplexity, "perplexity",
+                        lambda fn, tokens, **kw: (seen.append((kw["batch"], r := real(fn, tokens, **kw))), r)[1])
+    for parallel, windows, used in (("64", "2", 2), ("3", "5", 3), ("1", "5", 1), ("4", None, 4)):
+        argv = ["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "16", "--parallel", parallel]
+        assert cli.main(argv + (["--windows", windows] if windows else [])) == 0
+        assert seen[-1][0] == used
+    assert seen[1][1].window_nll == seen[2][1].window_nll  # 5 windows, 3 at a time or one at a time
+    assert seen[1][1].perplexity == seen[2][1].perplexity
+    for bad in ("0", "-2"):
+        assert cli.main(["perplexity", tiny_llama_f32, "--text", str(text), "--windows", "2", "--parallel", bad]) == 1
+        assert f"--parallel {bad}: n_parallel must be a positive integer" in capsys.readouterr().err
+    capsys.readouterr()
 
 
 class _PieceDecoder:
