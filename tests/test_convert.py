@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -343,6 +344,35 @@ def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, t
     weights["vision_tower.encoder.layers.7.mlp.weight"] = np.zeros((2, 2), np.float32)
     save_file(weights, os.path.join(d2, "model.safetensors"), metadata={"format": "pt"})
     convert_checkpoint(d2, str(tmp_path / "tower.pllm"), quant="f32", progress=False)
+
+
+def test_tied_embeddings_beside_a_different_lm_head_run_the_lm_head_as_transformers_does(tiny_llama, tmp_path):
+    """tie_word_embeddings true in config.json while the checkpoint holds an lm_head.weight of other
+    values: transformers 5 does not tie them and runs that lm_head; pyllm tied them (the embedding for
+    both), and every logit differed from transformers'. An lm_head equal to the embedding stays tied."""
+    from safetensors.numpy import load_file, save_file
+
+    d = str(tmp_path / "tied")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["tie_word_embeddings"] = True
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    log = io.StringIO()
+    out = str(tmp_path / "tied.pllm")
+    convert_checkpoint(d, out, quant="f32", progress=False, log=log)
+    assert "differs from model.embed_tokens.weight; using lm_head.weight, as transformers does" in log.getvalue()
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert not llm.config.tie_word_embeddings
+        assert nmse(llm.logits(IDS), ref) < 1e-10
+    weights = load_file(os.path.join(d, "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+    save_file(weights, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    convert_checkpoint(d, out, quant="f32", progress=False, log=io.StringIO())
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert llm.config.tie_word_embeddings
 
 
 def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(tiny_llama, tmp_path):

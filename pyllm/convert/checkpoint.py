@@ -3,6 +3,7 @@ the checkpoint's names or, through ArchitectureView, pyllm's), tokenizer, chat t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -129,8 +130,10 @@ class Checkpoint:
         self.config = model_config_from_hf(self.hf_config, config_path)
         self._shards: dict[str, SafetensorsFile] = {}
         self._torch_state: dict | None = None
+        self.notices: list[str] = []  # said by the converter before it starts
         try:
             self.weight_map = self._find_weights()
+            self._untie_a_different_lm_head()
         except BaseException:
             self.close()  # the shards opened before the failure
             raise
@@ -153,6 +156,33 @@ class Checkpoint:
         if os.path.exists(os.path.join(d, "pytorch_model.bin.index.json")):
             return _index_weight_map(os.path.join(d, "pytorch_model.bin.index.json"), ".bin")
         raise FileNotFoundError(f"{d} has no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+    def _untie_a_different_lm_head(self) -> None:
+        """tie_word_embeddings true beside an lm_head of other values: transformers 5 does not tie them
+        ("both are present in the checkpoints with different values, so we will NOT tie them") and runs
+        the checkpoint's lm_head, as llama.cpp does with an output.weight; pyllm used the embedding for
+        both, and every logit differed from transformers'."""
+        embedding, head = self.arch.hf_embedding, self.arch.hf_lm_head
+        if not self.config.tie_word_embeddings or head not in self.weight_map or embedding not in self.weight_map:
+            return
+        if self._same_values(embedding, head):
+            return
+        self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+        self.hf_config = dict(self.hf_config, tie_word_embeddings=False)
+        self.notices.append(f"{self.dir}: config.json ties the word embeddings (tie_word_embeddings) but the "
+                            f"checkpoint's {head} differs from {embedding}; using {head}, as transformers does")
+
+    def _same_values(self, a: str, b: str) -> bool:
+        """Whether tensors a and b hold the same values (compared in their stored dtype when both are
+        safetensors of one dtype: no f32 copy of two vocabulary-sized matrices)."""
+        if tuple(self.shape(a)) != tuple(self.shape(b)):
+            return False
+        path_a, path_b = self.weight_map[a], self.weight_map[b]
+        if path_a.endswith(".safetensors") and path_b.endswith(".safetensors"):
+            fa, fb = self._shard(path_a), self._shard(path_b)
+            if fa.tensors[a].dtype == fb.tensors[b].dtype:
+                return bool(np.array_equal(fa.array(a), fb.array(b)))
+        return bool(np.array_equal(self.load(a), self.load(b)))
 
     def _check_shards(self, index: str, weights: dict[str, str]) -> None:
         """Every tensor the index lists is in the shard it names, and a tensor in two shards is the same

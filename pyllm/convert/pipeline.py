@@ -203,6 +203,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     check_output_path(output)
     check_output_is_not_an_input(output, [src, *lora, *(directory for _, directory in adapters)])
     source = open_source(src)
+    for notice in getattr(source, "notices", ()):
+        print(notice, file=log)
     if lora:
         source = merged_source(source, lora, log)
     if hasattr(source, "arch"):  # Hugging Face names -> pyllm's (GGUF sources name tensors pyllm's way)
