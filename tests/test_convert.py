@@ -154,6 +154,52 @@ def test_pytorch_bin_checkpoint(tiny_llama, reference, tmp_path):
     assert nmse(logits_of(d, str(tmp_path / "b.pllm")), ref) < 1e-10
 
 
+def test_pytorch_bin_of_the_pre_zip_layout_is_read(tiny_llama, reference, tmp_path):
+    """A pytorch_model.bin of torch < 1.6's layout (GPT-2's own, from 2019), which transformers reads,
+    was refused as "not a readable PyTorch checkpoint (a refused pickle, or damaged)": mmap reads only
+    the zip layout."""
+    model, ref = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))
+    torch.save(model.state_dict(), os.path.join(d, "pytorch_model.bin"), _use_new_zipfile_serialization=False)
+    assert nmse(logits_of(d, str(tmp_path / "b.pllm")), ref) < 1e-10
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_shard", r"pytorch_model\.bin\.index\.json: lists tensor 'lm_head\.weight' in "
+                    r"pytorch_model-00002-of-00002\.bin, which does not hold it"),
+    ("int_tensor", r"pytorch_model-0000\d-of-00002\.bin: tensor 'model\.norm\.weight' has non-float dtype int64"),
+    ("not_a_tensor", r"pytorch_model-0000\d-of-00002\.bin: 'model\.norm\.weight' holds a list, not a tensor"),
+])
+def test_inconsistent_pytorch_bin_shards_are_refused_naming_the_tensor(tiny_llama, reference, tmp_path, case,
+                                                                        message):
+    """A sharded pytorch_model.bin whose index names the wrong shard for a tensor stopped with a bare
+    KeyError traceback; an int tensor where a float belongs was cast in silence (refused in safetensors),
+    and a value that is not a tensor was a traceback."""
+    model, _ = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))
+    state = model.state_dict()
+    names = sorted(state)
+    parts = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+    weight_map = {n: shard for shard, part in parts.items() for n in part}
+    if case == "wrong_shard":
+        weight_map["lm_head.weight"] = "pytorch_model-00002-of-00002.bin"
+        parts = {shard: [n for n in part if n != "lm_head.weight" or shard.startswith("pytorch_model-00001")]
+                 for shard, part in parts.items()}
+        parts["pytorch_model-00001-of-00002.bin"] = sorted({*parts["pytorch_model-00001-of-00002.bin"],
+                                                            "lm_head.weight"})
+    elif case == "int_tensor":
+        state["model.norm.weight"] = state["model.norm.weight"].round().long()
+    else:
+        state["model.norm.weight"] = [1.0] * 64
+    for shard, part in parts.items():
+        torch.save({n: state[n] for n in part}, os.path.join(d, shard))
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(d, str(tmp_path / "b.pllm"), quant="f32", progress=False)
+    assert not os.path.exists(tmp_path / "b.pllm")
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned > pwned.txt",))

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -153,8 +154,15 @@ class Checkpoint:
             path = os.path.join(d, name)
             if os.path.exists(path):
                 return {k: path for k in self._torch(path)}
-        if os.path.exists(os.path.join(d, "pytorch_model.bin.index.json")):
-            return _index_weight_map(os.path.join(d, "pytorch_model.bin.index.json"), ".bin")
+        index = os.path.join(d, "pytorch_model.bin.index.json")
+        if os.path.exists(index):
+            weights = _index_weight_map(index, ".bin")
+            for path in dict.fromkeys(weights.values()):  # a tensor the shard lacks was a KeyError traceback
+                held = self._torch(path)
+                for name in (n for n, p in weights.items() if p == path and n not in held):
+                    raise FormatError(f"{index}: lists tensor '{name}' in {os.path.basename(path)}, which does "
+                                      "not hold it")
+            return weights
         raise FileNotFoundError(f"{d} has no model.safetensors, sharded safetensors or pytorch_model.bin")
 
     def _untie_a_different_lm_head(self) -> None:
@@ -223,9 +231,13 @@ class Checkpoint:
             # weights_only refuses arbitrary pickled code; mmap keeps memory near one tensor
             with library_errors(f"{path}: not a readable PyTorch checkpoint (a refused pickle, or damaged)",
                                 FormatError):
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap reads only the zip layout of torch >= 1.6; older files (GPT-2's own, 2019) load whole
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             if not isinstance(state, dict):
                 raise FormatError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+            for name, value in state.items():  # as load_float32 for safetensors: .to(float32) took any
+                if not isinstance(value, torch.Tensor):
+                    raise FormatError(f"{path}: '{name}' holds a {type(value).__name__}, not a tensor")
             self._torch_state = {"__path__": path, **state}
         return {k: v for k, v in self._torch_state.items() if k != "__path__"}
 
@@ -250,7 +262,10 @@ class Checkpoint:
             return load_float32(f, name)
         import torch
 
-        return self._torch(path)[name].to(torch.float32).numpy()
+        tensor = self._torch(path)[name]
+        if not tensor.is_floating_point():  # an int tensor was cast to float in silence (safetensors: refused)
+            raise FormatError(f"{path}: tensor '{name}' has non-float dtype {str(tensor.dtype).removeprefix('torch.')}")
+        return tensor.to(torch.float32).numpy()
 
     def names(self) -> Iterator[str]:
         return iter(self.weight_map)
