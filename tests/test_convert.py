@@ -392,6 +392,26 @@ def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, t
     convert_checkpoint(d2, str(tmp_path / "tower.pllm"), quant="f32", progress=False)
 
 
+@pytest.mark.parametrize("where", ["top_level", "rope_parameters"])
+def test_partial_rotary_factor_of_a_family_that_rotates_whole_heads_is_ignored_as_transformers_does(
+        tiny_llama, tmp_path, where):
+    """partial_rotary_factor 0.5 in a Llama config.json: transformers' LlamaForCausalLM (and llama.cpp's
+    converter) rotate the whole head whatever it says; pyllm rotated half of it (nmse 0.16 from
+    transformers' logits). Phi-3 and GLM, whose models read it, keep it (tests/test_families.py)."""
+    d = str(tmp_path / "partial")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    if where == "top_level":
+        cfg["partial_rotary_factor"] = 0.5
+    else:
+        cfg["rope_parameters"]["partial_rotary_factor"] = 0.5
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    assert nmse(logits_of(d, str(tmp_path / "p.pllm")), ref) < 1e-10
+
+
 def test_tied_embeddings_beside_a_different_lm_head_run_the_lm_head_as_transformers_does(tiny_llama, tmp_path):
     """tie_word_embeddings true in config.json while the checkpoint holds an lm_head.weight of other
     values: transformers 5 does not tie them and runs that lm_head; pyllm tied them (the embedding for

@@ -75,6 +75,10 @@ class Architecture:
     # the reordering of each key head's dims that tensors() gives k_proj's rows, applied to a prefix-tuning
     # adapter's keys f32 [layers, kv_heads, virtual, head_dim] (None: k_proj's rows are kept as they are)
     prefix_keys: Callable[[np.ndarray, ModelConfig], np.ndarray] | None = None
+    # whether the family's transformers model rotates int(head_dim * partial_rotary_factor) dims of a head
+    # (Phi-3, GLM); the others rotate the whole head whatever config.json says (LlamaRotaryEmbedding never
+    # reads the factor, nor does llama.cpp's converter for them), so the factor is dropped from their configs
+    partial_rotary: bool = False
     extra: dict = field(default_factory=dict)
 
 

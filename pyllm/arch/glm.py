@@ -65,11 +65,13 @@ GLM = Architecture(
     name="glm", model_types=("glm",), hf_classes=("GlmForCausalLM",), gguf_name="chatglm",
     config_from_hf=glm_config, tensors=tensors, prefix_keys=prefix_keys,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    partial_rotary=True,
     notes="partial interleaved RoPE, fused gate_up, q/k/v biases",
 )
 GLM4 = Architecture(
     name="glm4", model_types=("glm4",), hf_classes=("Glm4ForCausalLM",), gguf_name="glm4",
     config_from_hf=glm4_config, tensors=tensors, prefix_keys=prefix_keys,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    partial_rotary=True,
     notes="GLM with post-attention and post-MLP norms",
 )

@@ -27,5 +27,6 @@ PHI3 = Architecture(
     name="phi3", model_types=("phi3",), hf_classes=("Phi3ForCausalLM",), gguf_name="phi3",
     config_from_hf=config_from_hf, tensors=tensors,
     lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    partial_rotary=True,
     notes="LLaMA block, fused qkv and gate_up, partial RoPE",
 )
