@@ -412,6 +412,21 @@ def test_partial_rotary_factor_of_a_family_that_rotates_whole_heads_is_ignored_a
     assert nmse(logits_of(d, str(tmp_path / "p.pllm")), ref) < 1e-10
 
 
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_a_glm_config_without_partial_rotary_factor_rotates_half_of_each_head_as_transformers_does(family, tmp_path):
+    """A GLM config.json without partial_rotary_factor: transformers' GlmConfig defaults it to 0.5,
+    pyllm to 1.0 (whole heads rotated, every logit off transformers')."""
+    from families import load_reference, make_tiny_model
+
+    d = make_tiny_model(family, "gqa_partial", str(tmp_path / family))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    assert cfg["rope_parameters"].pop("partial_rotary_factor") == 0.5
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with torch.no_grad():
+        ref = load_reference(family, d)(torch.tensor([IDS])).logits[0].numpy()
+    assert nmse(logits_of(d, str(tmp_path / "g.pllm")), ref) < 1e-10
+
+
 def test_tied_embeddings_beside_a_different_lm_head_run_the_lm_head_as_transformers_does(tiny_llama, tmp_path):
     """tie_word_embeddings true in config.json while the checkpoint holds an lm_head.weight of other
     values: transformers 5 does not tie them and runs that lm_head; pyllm tied them (the embedding for

@@ -16,6 +16,10 @@ from .base import Architecture, TensorRecipe, base_config, llama_tensors, requir
 def _config(cfg: dict, family: str, post_norms: bool):
     require_silu(cfg, family)
     bias = bool(cfg.get("attention_bias", True))
+    if not any("partial_rotary_factor" in (c if isinstance(c, dict) else {})
+               for c in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling"))):
+        # GlmConfig's and Glm4Config's default; pyllm's 1.0 rotated whole heads where transformers rotates half
+        cfg = dict(cfg, partial_rotary_factor=0.5)
     return base_config(cfg, family, attention_bias=bias, attention_out_bias=False, post_norms=post_norms)
 
 
