@@ -79,6 +79,12 @@ class Architecture:
     # (Phi-3, GLM); the others rotate the whole head whatever config.json says (LlamaRotaryEmbedding never
     # reads the factor, nor does llama.cpp's converter for them), so the factor is dropped from their configs
     partial_rotary: bool = False
+    # config.json with transformers' config class defaults filled in for the keys it omits, where the class's
+    # default is not what the readers below assume (GlmConfig's num_key_value_heads 2, Gemma2Config's
+    # soft-capping, the layer_types a class derives from sliding_window_pattern or max_window_layers):
+    # an omitted key ran another model than transformers' in silence. Hugging Face configs only (GGUF
+    # metadata names everything).
+    hf_defaults: Callable[[dict], dict] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -150,6 +156,11 @@ def rotary_dim_for(head_dim: int, partial: float) -> int | None:
     """transformers' int(head_dim * partial_rotary_factor); None when that is the whole head."""
     dim = int(head_dim * partial)
     return None if dim == head_dim else dim
+
+
+def defaults(values: dict) -> Callable[[dict], dict]:
+    """An hf_defaults of fixed values: cfg's own keys win, null included."""
+    return lambda cfg: {**values, **cfg}
 
 
 def layer_types_from_hf(cfg: dict, layers: int) -> tuple[int | None, list[str] | None]:

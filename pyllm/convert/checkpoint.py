@@ -86,6 +86,8 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS,
     FLAG_KEYS, layer_types)."""
     arch = for_hf_config(cfg)
+    if arch.hf_defaults is not None:
+        cfg = arch.hf_defaults(cfg)
     for key in POSITIVE_NUMBER_KEYS:
         value = cfg.get(key)
         least = 0 if key == "sliding_window" else None  # 0 there means no window, as null
