@@ -369,6 +369,23 @@ def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method", ["gptq", "fp8", "bitsandbytes", "compressed-tensors"])
+def test_a_checkpoint_saved_quantized_is_refused_naming_its_quantization_config(tiny_llama, tmp_path, method):
+    """config.json's quantization_config says the weights were saved quantized: GPTQ's qweight/scales
+    were "lacks model.layers.0....weight", FP8's float8 tensors "unsupported dtype 'F8_E4M3'" and, in a
+    pytorch_model.bin, were converted without their weight_scale_inv in silence."""
+    d = str(tmp_path / "quantized")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "q.pllm"
+    with pytest.raises(FormatError, match=f"config.json: quantization_config \\(quant_method '{method}'\\): the "
+                                          "checkpoint holds quantized weights, .*convert the original float"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
 def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, tmp_path):
     """num_hidden_layers below the checkpoint's layers converted the first ones and dropped the rest
     without a word: a model that ran, and answered wrongly."""

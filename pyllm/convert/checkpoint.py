@@ -86,6 +86,14 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS,
     FLAG_KEYS, layer_types)."""
     arch = for_hf_config(cfg)
+    quantized = cfg.get("quantization_config")
+    if quantized:
+        # weights saved quantized (GPTQ/AWQ qweight and scales, FP8 with weight_scale_inv, bitsandbytes'
+        # packed bytes): read as floats they were "lacks ...weight", an "unsupported dtype F8_E4M3", or
+        # the float8 values without their scales in silence
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise FormatError(f"{where}: quantization_config (quant_method {method!r:.40}): the checkpoint holds "
+                          "quantized weights, which pyllm does not read; convert the original float checkpoint")
     if arch.hf_defaults is not None:
         cfg = arch.hf_defaults(cfg)
     for key in POSITIVE_NUMBER_KEYS:
