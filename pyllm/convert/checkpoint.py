@@ -645,6 +645,25 @@ def _added_token(value):
     return AddedToken(value, special=True, normalized=False)
 
 
+def _legacy_added_tokens(path: str, tok_config: dict) -> dict:
+    """added_tokens.json (token -> id, written by the slow tokenizers: a LLaMA fine-tune's "<pad>" 32000
+    beside tokenizer.model) as added_tokens_decoder entries, as transformers 5 reads it when
+    tokenizer_config.json has no added_tokens_decoder: special when it is a named or extra special
+    token, else normalized. pyllm ignored the file: the token was split into pieces, and its id was
+    never produced."""
+    entries = _read_json(path)
+    extras = [t for key in ("extra_special_tokens", "additional_special_tokens")
+              if isinstance(tok_config.get(key), list) for t in tok_config[key]]
+    special = {_token_content(tok_config.get(k)) for k in _NAMED_SPECIAL_TOKENS} | {_token_content(t) for t in extras}
+    decoder = {}
+    for content, i in entries.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not content:
+            raise FormatError(f"{path}: each entry must map a token to its id, got {_shown(content)}: {_shown(i)}")
+        decoder[str(i)] = {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                           "normalized": content not in special, "special": content in special}
+    return decoder
+
+
 def _config_tokens(tok_config: dict, defaults: dict, model_extras: list | None = None) -> tuple[list, list]:
     """The named special tokens and the extra special tokens transformers 5 reads from a config."""
     named_values = {k: tok_config.get(k, defaults.get(k)) for k in _NAMED_SPECIAL_TOKENS}
@@ -927,8 +946,11 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
                 elif isinstance(value, dict):
                     value = dict(value, special=True)
                 tok_config[key] = value
+        added_path = os.path.join(directory, "added_tokens.json")
+        if os.path.exists(added_path):  # then tokenizer.json's added tokens, which win for an id in both
+            added_decoder = _legacy_added_tokens(added_path, tok_config)
         if tok_json is not None:
-            added_decoder = {str(t["id"]): t for t in tok_json.get("added_tokens") or []}
+            added_decoder.update({str(t["id"]): t for t in tok_json.get("added_tokens") or []})
 
     model_extras = None
     if json_text is not None and rebuild is None:
