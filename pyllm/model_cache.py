@@ -341,12 +341,16 @@ def source_fingerprint(path: str) -> dict:
                 files[os.path.basename(shard)] = [st.st_size, st.st_mtime_ns]
         return {"files": files, "size": sum(v[0] for v in files.values())}
     if os.path.isdir(path):
+        # subfolders too (by relative path): an index may keep the shards in one ("weights/model-00001-
+        # of-00002.safetensors"), and a shard replaced there went unseen, the old conversion reused
         files = {}
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if not name.startswith(".") and os.path.isfile(full):
-                st = os.stat(full)
-                files[name] = [st.st_size, st.st_mtime_ns]
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                if not name.startswith(".") and os.path.isfile(full):
+                    st = os.stat(full)
+                    files[os.path.relpath(full, path).replace(os.sep, "/")] = [st.st_size, st.st_mtime_ns]
         return {"files": files, "size": sum(v[0] for v in files.values())}
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
