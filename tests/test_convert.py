@@ -444,6 +444,33 @@ def test_a_glm_config_without_partial_rotary_factor_rotates_half_of_each_head_as
     assert nmse(logits_of(d, str(tmp_path / "g.pllm")), ref) < 1e-10
 
 
+@pytest.mark.parametrize("family, name, change, message", [
+    ("phi3", "mha_tied", {"num_key_value_heads": 2},
+     r"tensor 'model\.layers\.0\.self_attn\.qkv_proj\.weight' \(as 'model\.layers\.0\.self_attn\.q_proj\.weight'\) "
+     r"cannot be made with config\.json's sizes: it has 192 rows where config\.json's sizes make 128"),
+    ("phi3", "mha_tied", {"intermediate_size": 100},
+     r"tensor 'model\.layers\.0\.mlp\.gate_up_proj\.weight' \(as .*\) cannot be made with config\.json's sizes: "
+     r"it has 256 rows where config\.json's sizes make 200"),
+    ("glm", "gqa_partial", {"num_key_value_heads": 4},
+     r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' cannot be made with config\.json's sizes: cannot reshape"),
+])
+def test_fused_weights_the_config_does_not_split_are_refused_naming_the_tensor(family, name, change, message,
+                                                                              tmp_path):
+    """A config.json whose sizes do not match a fused matrix: Phi-3's qkv_proj of 4 key heads under a
+    config declaring 2 was split at rows 64/96/128 of 192 and converted (transformers refuses the size
+    mismatch); a GLM's was numpy's bare "cannot reshape array of size 2048 into shape (4,16,64)"."""
+    from families import make_tiny_model
+
+    d = make_tiny_model(family, name, str(tmp_path / family))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(change)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "f.pllm"
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
 def test_tied_embeddings_beside_a_different_lm_head_run_the_lm_head_as_transformers_does(tiny_llama, tmp_path):
     """tie_word_embeddings true in config.json while the checkpoint holds an lm_head.weight of other
     values: transformers 5 does not tie them and runs that lm_head; pyllm tied them (the embedding for

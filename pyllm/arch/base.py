@@ -43,10 +43,14 @@ def plus_one(name: str) -> TensorRecipe:
     return TensorRecipe((name,), lambda a: (a[0].astype(np.float32) + np.float32(1.0)))
 
 
-def row_block(name: str, start: int, stop: int, transpose: bool = False) -> TensorRecipe:
-    """Rows [start, stop) of a fused matrix or bias (q/k/v stacked, gate/up stacked)."""
+def row_block(name: str, start: int, stop: int, transpose: bool = False, total: int | None = None) -> TensorRecipe:
+    """Rows [start, stop) of a fused matrix or bias (q/k/v stacked, gate/up stacked) of `total` rows
+    (ValueError for another count: a Phi-3 config.json declaring 2 key heads over a 4-head qkv_proj
+    gave q/k/v the first 128 of its 192 rows, a model that ran and answered wrongly)."""
     def make(a):
         w = a[0].T if transpose else a[0]
+        if total is not None and w.shape[0] != total:
+            raise ValueError(f"it has {w.shape[0]} rows where config.json's sizes make {total}")
         return np.ascontiguousarray(w[start:stop])
     return TensorRecipe((name,), make)
 
@@ -250,9 +254,9 @@ def llama_tensors(config: ModelConfig, norm=same) -> dict[str, TensorRecipe]:
 def split_rows(recipes: dict, fused: str, parts: dict[str, int], transpose: bool = False, bias: bool = False) -> None:
     """Adds recipes for the row blocks of a fused matrix `fused` (name without .weight): parts maps
     pyllm base names to row counts, in the fused order."""
-    start = 0
+    start, total = 0, sum(parts.values())
     for base, rows in parts.items():
-        recipes[base + ".weight"] = row_block(fused + ".weight", start, start + rows, transpose)
+        recipes[base + ".weight"] = row_block(fused + ".weight", start, start + rows, transpose, total)
         if bias:
-            recipes[base + ".bias"] = row_block(fused + ".bias", start, start + rows)
+            recipes[base + ".bias"] = row_block(fused + ".bias", start, start + rows, total=total)
         start += rows

@@ -374,7 +374,11 @@ class ArchitectureView:
         if name not in self.recipes:
             raise FormatError(f"{self.dir}: no tensor '{name}' in a {self.arch.name} model")
         recipe = self.recipes[name]
-        return np.asarray(recipe.make([self._hf(n) for n in recipe.sources]), dtype=np.float32)
+        arrays = [self._hf(n) for n in recipe.sources]
+        try:
+            return np.asarray(recipe.make(arrays), dtype=np.float32)
+        except (ValueError, IndexError) as e:  # a fused matrix the config's sizes do not split: numpy's words
+            raise FormatError(f"{self.where(name)} cannot be made with config.json's sizes: {e}") from None
 
     def native_format(self, name: str) -> None:
         return None
