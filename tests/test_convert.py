@@ -232,6 +232,25 @@ def test_non_finite_source_weights_are_refused_naming_the_tensor(tiny_llama, tmp
     assert not os.path.exists(tmp_path / "nan.pllm")
 
 
+def test_a_weight_beyond_the_float16_range_is_refused_naming_the_tensor_and_the_way_out(tiny_llama, tmp_path):
+    """A bf16 weight of 1e6 converted to f16 (the default for Hugging Face checkpoints) stopped with "weights
+    reach 1e+06, beyond the float16 range (65504): this weight cannot be stored in this format": no
+    tensor named, no way out said. bf16 keeps it."""
+    from safetensors.torch import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "big"))
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(os.path.join(tiny_llama, "model.safetensors")).items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 3] = 1e6
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "big.pllm"
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
+                       r": tensor 'model\.layers\.0\.mlp\.up_proj\.weight': weights reach 9\.99e\+05, beyond the "
+                       r"float16 range \(65504\).*; convert with --quant bf16 or f32"):
+        convert_checkpoint(d, str(out), progress=False)
+    assert not out.exists()
+    convert_checkpoint(d, str(out), quant="bf16", progress=False)
+
+
 def test_bf16_checkpoint(tiny_llama, reference, tmp_path):
     model, _ = reference
     d = copy_without_weights(tiny_llama, str(tmp_path / "bf16"))

@@ -146,7 +146,12 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                                           f"config implies {[rows, cols]}")
                     packed = codes() if codes is not None else None
                     if packed is None:
-                        packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
+                        try:
+                            packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
+                        except ValueError as e:  # a bf16 weight past the float16 range (65504): the tensor unnamed
+                            if "float16 range" not in str(e):
+                                raise
+                            raise FormatError(f"{label}: {e}; convert with --quant bf16 or f32") from None
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
