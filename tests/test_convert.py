@@ -490,6 +490,26 @@ def test_fused_weights_the_config_does_not_split_are_refused_naming_the_tensor(f
     assert not out.exists()
 
 
+@pytest.mark.parametrize("top_level", [None, 128])
+def test_llama3_rope_takes_original_max_position_embeddings_as_transformers_does(tiny_llama, tmp_path, top_level):
+    """llama3 RoPE scaling without original_max_position_embeddings was refused (transformers takes
+    max_position_embeddings), and a top-level original_max_position_embeddings (which transformers
+    prefers to the scaling's own) was ignored."""
+    d = str(tmp_path / "llama3")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0}
+    if top_level:
+        cfg["rope_parameters"]["original_max_position_embeddings"] = 32
+        cfg["original_max_position_embeddings"] = top_level
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    assert nmse(logits_of(d, str(tmp_path / "l.pllm")), ref) < 1e-10
+
+
 def test_tied_embeddings_beside_a_different_lm_head_run_the_lm_head_as_transformers_does(tiny_llama, tmp_path):
     """tie_word_embeddings true in config.json while the checkpoint holds an lm_head.weight of other
     values: transformers 5 does not tie them and runs that lm_head; pyllm tied them (the embedding for

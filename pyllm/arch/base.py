@@ -146,6 +146,14 @@ def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tupl
             scaling = None
         elif kind not in ROPE_TYPES:
             raise refuse(f"rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES[1:])})", family)
+        elif kind == "llama3":
+            # transformers' standardize_rope_params: a top-level original_max_position_embeddings wins over
+            # the scaling's own, and max_position_embeddings stands in for a missing one (pyllm refused
+            # the config, or took the scaling's value)
+            if parameters is None and cfg.get("original_max_position_embeddings") is not None:
+                scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+            elif cfg.get("max_position_embeddings") is not None:
+                scaling.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
     return float(theta), scaling, float(partial)
 
 
