@@ -124,6 +124,17 @@ def test_inconsistent_shard_index_is_refused_naming_the_tensor(tiny_llama, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["outside.safetensors", "sharded"][case not in ("parent", "absolute"):]
 
 
+def test_a_tensor_of_a_shard_that_the_index_leaves_out_is_read_as_transformers_does(tiny_llama, reference,
+                                                                                   tmp_path):
+    """An index whose weight_map leaves out a tensor that a listed shard holds: transformers reads every
+    tensor of the shards, pyllm refused the checkpoint as lacking lm_head.weight."""
+    model, ref = reference
+    d, weight_map = _two_shards(tiny_llama, str(tmp_path / "sharded"))
+    del weight_map["lm_head.weight"]
+    _write_index(d, weight_map)
+    assert nmse(logits_of(d, str(tmp_path / "s.pllm")), ref) < 1e-10
+
+
 def test_a_tensor_in_two_shards_with_the_same_bytes_is_read(tiny_llama, tmp_path):
     """Identical copies in two shards (transformers takes the one the index names) convert."""
     from safetensors.numpy import load_file, save_file

@@ -235,6 +235,10 @@ class Checkpoint:
                 where = f" (it is in {os.path.basename(held[name])})" if name in held else ""
                 raise FormatError(f"{index}: lists tensor '{name}' in {os.path.basename(path)}, which does not "
                                   f"hold it{where}")
+        # a tensor of a listed shard that the index leaves out: transformers 5 reads every tensor of the
+        # shards it opens, and pyllm said the checkpoint "lacks" it
+        for name, path in held.items():
+            weights.setdefault(name, path)
 
     def _shard(self, path: str) -> SafetensorsFile:
         if path not in self._shards:
