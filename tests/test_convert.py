@@ -351,6 +351,13 @@ def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "mamba"}, "model_type 'mamba' is not supported; pyllm converts: llama .*gpt2"),
+    # a multimodal wrapper (Gemma3ForConditionalGeneration) and a config without model_type were one more
+    # unsupported type ("model_type None")
+    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}},
+     "model_type 'gemma3' is a multimodal model \\(its text model, text_config, is 'gemma3_text'\\); pyllm converts "
+     "text-only checkpoints"),
+    ({"model_type": None, "architectures": ["MambaForCausalLM"]},
+     "config.json has no model_type and names 'MambaForCausalLM'; pyllm converts: llama"),
     ({"num_local_experts": 8}, "mixture-of-experts"),
     ({"add_cross_attention": True}, "cross-attention"),
     ({"hidden_act": "gelu"}, "hidden_act"),
@@ -414,6 +421,18 @@ def test_a_checkpoint_saved_quantized_is_refused_naming_its_quantization_config(
                                           "checkpoint holds quantized weights, .*convert the original float"):
         convert_checkpoint(d, str(out), quant="f32", progress=False)
     assert not out.exists()
+
+
+def test_a_config_without_model_type_is_read_by_its_architectures_class(tiny_llama, reference, tmp_path):
+    """config.json without model_type but with architectures ["LlamaForCausalLM"] (llama.cpp's converter
+    goes by that class) was refused as "model_type None is not supported"."""
+    _, ref = reference
+    d = str(tmp_path / "no_type")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    del cfg["model_type"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    assert nmse(logits_of(d, str(tmp_path / "t.pllm")), ref) < 1e-10
 
 
 def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, tmp_path):
