@@ -303,6 +303,11 @@ def model_kind(path: str) -> str:
                               f"or `--adapter NAME={path}` (prompt learning, then `pyllm run FILE --adapter NAME`), "
                               "and run that file")
         if not os.path.isfile(os.path.join(path, "config.json")):
+            from .convert.checkpoint import hub_cache_hint
+
+            hint = hub_cache_hint(path)
+            if hint:
+                raise FormatError(hint)
             raise FormatError(f"{path} is not a regular file but a directory without a config.json: not a Hugging "
                               "Face model directory either")
         return "hf"

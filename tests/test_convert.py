@@ -435,6 +435,23 @@ def test_a_config_without_model_type_is_read_by_its_architectures_class(tiny_lla
     assert nmse(logits_of(d, str(tmp_path / "t.pllm")), ref) < 1e-10
 
 
+def test_a_hub_cache_folder_is_refused_naming_its_snapshot(tiny_llama, tmp_path):
+    """~/.cache/huggingface/hub/models--org--name given for the model: "has no config.json: is it a
+    Hugging Face model directory?", where the model is the snapshot inside."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_llama, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(repo))} is a Hugging Face hub cache folder, not a "
+                                                f"model directory: give its snapshot, {re.escape(str(snapshot))}$"):
+        convert_checkpoint(str(repo), str(tmp_path / "h.pllm"), quant="f32", progress=False)
+    from pyllm import model_cache  # `pyllm run DIR` said "a directory without a config.json"
+
+    with pytest.raises(FormatError, match="is a Hugging Face hub cache folder, not a model directory: give its"):
+        model_cache.model_kind(str(repo))
+
+
 def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, tmp_path):
     """num_hidden_layers below the checkpoint's layers converted the first ones and dropped the rest
     without a word: a model that ran, and answered wrongly."""

@@ -138,6 +138,21 @@ def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def hub_cache_hint(directory: str) -> str | None:
+    """The message for a Hugging Face hub cache folder (~/.cache/huggingface/hub/models--org--name) given
+    for a model, naming its snapshots (the model directories); None for another directory. It was "has no
+    config.json: is it a Hugging Face model directory?"."""
+    snapshots = os.path.join(directory, "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    found = sorted(os.path.join(snapshots, s) for s in os.listdir(snapshots)
+                   if os.path.exists(os.path.join(snapshots, s, "config.json")))
+    if not found:
+        return None
+    return (f"{directory} is a Hugging Face hub cache folder, not a model directory: give its snapshot, "
+            f"{' or '.join(found[:3])}")
+
+
 class Checkpoint:
     """A Hugging Face model directory. Weights are loaded one tensor at a time as f32."""
 
@@ -147,6 +162,9 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.dir} is not a directory")
         config_path = os.path.join(self.dir, "config.json")
         if not os.path.exists(config_path):
+            hint = hub_cache_hint(self.dir)
+            if hint:
+                raise FileNotFoundError(hint)
             raise FileNotFoundError(f"{self.dir} has no config.json: is it a Hugging Face model directory?")
         self.hf_config = _read_json(config_path)
         self.arch: Architecture = for_hf_config(self.hf_config)
