@@ -333,6 +333,11 @@ def model_kind(path: str) -> str:
                               f"or `--adapter NAME={path}` (prompt learning, then `pyllm run FILE --adapter NAME`), "
                               "and run that file")
         if not os.path.isfile(os.path.join(path, "config.json")):
+            from .convert.checkpoint import hub_cache_hint
+
+            hint = hub_cache_hint(path)
+            if hint:
+                raise FormatError(hint)
             raise FormatError(f"{path} is not a regular file but a directory without a config.json: not a Hugging "
                               "Face model directory either")
         return "hf"
@@ -371,12 +376,16 @@ def source_fingerprint(path: str) -> dict:
                 files[os.path.basename(shard)] = [st.st_size, st.st_mtime_ns]
         return {"files": files, "size": sum(v[0] for v in files.values())}
     if os.path.isdir(path):
+        # subfolders too (by relative path): an index may keep the shards in one ("weights/model-00001-
+        # of-00002.safetensors"), and a shard replaced there went unseen, the old conversion reused
         files = {}
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if not name.startswith(".") and os.path.isfile(full):
-                st = os.stat(full)
-                files[name] = [st.st_size, st.st_mtime_ns]
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                if not name.startswith(".") and os.path.isfile(full):
+                    st = os.stat(full)
+                    files[os.path.relpath(full, path).replace(os.sep, "/")] = [st.st_size, st.st_mtime_ns]
         return {"files": files, "size": sum(v[0] for v in files.values())}
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

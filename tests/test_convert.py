@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -123,6 +124,17 @@ def test_inconsistent_shard_index_is_refused_naming_the_tensor(tiny_llama, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["outside.safetensors", "sharded"][case not in ("parent", "absolute"):]
 
 
+def test_a_tensor_of_a_shard_that_the_index_leaves_out_is_read_as_transformers_does(tiny_llama, reference,
+                                                                                   tmp_path):
+    """An index whose weight_map leaves out a tensor that a listed shard holds: transformers reads every
+    tensor of the shards, pyllm refused the checkpoint as lacking lm_head.weight."""
+    model, ref = reference
+    d, weight_map = _two_shards(tiny_llama, str(tmp_path / "sharded"))
+    del weight_map["lm_head.weight"]
+    _write_index(d, weight_map)
+    assert nmse(logits_of(d, str(tmp_path / "s.pllm")), ref) < 1e-10
+
+
 def test_a_tensor_in_two_shards_with_the_same_bytes_is_read(tiny_llama, tmp_path):
     """Identical copies in two shards (transformers takes the one the index names) convert."""
     from safetensors.numpy import load_file, save_file
@@ -151,6 +163,52 @@ def test_pytorch_bin_checkpoint(tiny_llama, reference, tmp_path):
     d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))
     torch.save(model.state_dict(), os.path.join(d, "pytorch_model.bin"))
     assert nmse(logits_of(d, str(tmp_path / "b.pllm")), ref) < 1e-10
+
+
+def test_pytorch_bin_of_the_pre_zip_layout_is_read(tiny_llama, reference, tmp_path):
+    """A pytorch_model.bin of torch < 1.6's layout (GPT-2's own, from 2019), which transformers reads,
+    was refused as "not a readable PyTorch checkpoint (a refused pickle, or damaged)": mmap reads only
+    the zip layout."""
+    model, ref = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))
+    torch.save(model.state_dict(), os.path.join(d, "pytorch_model.bin"), _use_new_zipfile_serialization=False)
+    assert nmse(logits_of(d, str(tmp_path / "b.pllm")), ref) < 1e-10
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_shard", r"pytorch_model\.bin\.index\.json: lists tensor 'lm_head\.weight' in "
+                    r"pytorch_model-00002-of-00002\.bin, which does not hold it"),
+    ("int_tensor", r"pytorch_model-0000\d-of-00002\.bin: tensor 'model\.norm\.weight' has non-float dtype int64"),
+    ("not_a_tensor", r"pytorch_model-0000\d-of-00002\.bin: 'model\.norm\.weight' holds a list, not a tensor"),
+])
+def test_inconsistent_pytorch_bin_shards_are_refused_naming_the_tensor(tiny_llama, reference, tmp_path, case,
+                                                                        message):
+    """A sharded pytorch_model.bin whose index names the wrong shard for a tensor stopped with a bare
+    KeyError traceback; an int tensor where a float belongs was cast in silence (refused in safetensors),
+    and a value that is not a tensor was a traceback."""
+    model, _ = reference
+    d = copy_without_weights(tiny_llama, str(tmp_path / "bin"))
+    state = model.state_dict()
+    names = sorted(state)
+    parts = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+    weight_map = {n: shard for shard, part in parts.items() for n in part}
+    if case == "wrong_shard":
+        weight_map["lm_head.weight"] = "pytorch_model-00002-of-00002.bin"
+        parts = {shard: [n for n in part if n != "lm_head.weight" or shard.startswith("pytorch_model-00001")]
+                 for shard, part in parts.items()}
+        parts["pytorch_model-00001-of-00002.bin"] = sorted({*parts["pytorch_model-00001-of-00002.bin"],
+                                                            "lm_head.weight"})
+    elif case == "int_tensor":
+        state["model.norm.weight"] = state["model.norm.weight"].round().long()
+    else:
+        state["model.norm.weight"] = [1.0] * 64
+    for shard, part in parts.items():
+        torch.save({n: state[n] for n in part}, os.path.join(d, shard))
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(d, str(tmp_path / "b.pllm"), quant="f32", progress=False)
+    assert not os.path.exists(tmp_path / "b.pllm")
 
 
 class _Payload:
@@ -183,6 +241,25 @@ def test_non_finite_source_weights_are_refused_naming_the_tensor(tiny_llama, tmp
         with pytest.raises(FormatError, match=named):
             convert_checkpoint(d, str(tmp_path / "nan.pllm"), quant=quant, progress=False)
     assert not os.path.exists(tmp_path / "nan.pllm")
+
+
+def test_a_weight_beyond_the_float16_range_is_refused_naming_the_tensor_and_the_way_out(tiny_llama, tmp_path):
+    """A bf16 weight of 1e6 converted to f16 (the default for Hugging Face checkpoints) stopped with "weights
+    reach 1e+06, beyond the float16 range (65504): this weight cannot be stored in this format": no
+    tensor named, no way out said. bf16 keeps it."""
+    from safetensors.torch import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "big"))
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(os.path.join(tiny_llama, "model.safetensors")).items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 3] = 1e6
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "big.pllm"
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
+                       r": tensor 'model\.layers\.0\.mlp\.up_proj\.weight': weights reach 9\.99e\+05, beyond the "
+                       r"float16 range \(65504\).*; convert with --quant bf16 or f32"):
+        convert_checkpoint(d, str(out), progress=False)
+    assert not out.exists()
+    convert_checkpoint(d, str(out), quant="bf16", progress=False)
 
 
 def test_bf16_checkpoint(tiny_llama, reference, tmp_path):
@@ -274,6 +351,13 @@ def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "mamba"}, "model_type 'mamba' is not supported; pyllm converts: llama .*gpt2"),
+    # a multimodal wrapper (Gemma3ForConditionalGeneration) and a config without model_type were one more
+    # unsupported type ("model_type None")
+    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}},
+     "model_type 'gemma3' is a multimodal model \\(its text model, text_config, is 'gemma3_text'\\); pyllm converts "
+     "text-only checkpoints"),
+    ({"model_type": None, "architectures": ["MambaForCausalLM"]},
+     "config.json has no model_type and names 'MambaForCausalLM'; pyllm converts: llama"),
     ({"num_local_experts": 8}, "mixture-of-experts"),
     ({"add_cross_attention": True}, "cross-attention"),
     ({"hidden_act": "gelu"}, "hidden_act"),
@@ -322,6 +406,52 @@ def test_unsupported_configs_are_refused(tiny_llama, tmp_path, change, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method", ["gptq", "fp8", "bitsandbytes", "compressed-tensors"])
+def test_a_checkpoint_saved_quantized_is_refused_naming_its_quantization_config(tiny_llama, tmp_path, method):
+    """config.json's quantization_config says the weights were saved quantized: GPTQ's qweight/scales
+    were "lacks model.layers.0....weight", FP8's float8 tensors "unsupported dtype 'F8_E4M3'" and, in a
+    pytorch_model.bin, were converted without their weight_scale_inv in silence."""
+    d = str(tmp_path / "quantized")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "q.pllm"
+    with pytest.raises(FormatError, match=f"config.json: quantization_config \\(quant_method '{method}'\\): the "
+                                          "checkpoint holds quantized weights, .*convert the original float"):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
+def test_a_config_without_model_type_is_read_by_its_architectures_class(tiny_llama, reference, tmp_path):
+    """config.json without model_type but with architectures ["LlamaForCausalLM"] (llama.cpp's converter
+    goes by that class) was refused as "model_type None is not supported"."""
+    _, ref = reference
+    d = str(tmp_path / "no_type")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    del cfg["model_type"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    assert nmse(logits_of(d, str(tmp_path / "t.pllm")), ref) < 1e-10
+
+
+def test_a_hub_cache_folder_is_refused_naming_its_snapshot(tiny_llama, tmp_path):
+    """~/.cache/huggingface/hub/models--org--name given for the model: "has no config.json: is it a
+    Hugging Face model directory?", where the model is the snapshot inside."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_llama, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(repo))} is a Hugging Face hub cache folder, not a "
+                                                f"model directory: give its snapshot, {re.escape(str(snapshot))}$"):
+        convert_checkpoint(str(repo), str(tmp_path / "h.pllm"), quant="f32", progress=False)
+    from pyllm import model_cache  # `pyllm run DIR` said "a directory without a config.json"
+
+    with pytest.raises(FormatError, match="is a Hugging Face hub cache folder, not a model directory: give its"):
+        model_cache.model_kind(str(repo))
+
+
 def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, tmp_path):
     """num_hidden_layers below the checkpoint's layers converted the first ones and dropped the rest
     without a word: a model that ran, and answered wrongly."""
@@ -343,6 +473,117 @@ def test_config_declaring_fewer_layers_than_the_weights_is_refused(tiny_llama, t
     weights["vision_tower.encoder.layers.7.mlp.weight"] = np.zeros((2, 2), np.float32)
     save_file(weights, os.path.join(d2, "model.safetensors"), metadata={"format": "pt"})
     convert_checkpoint(d2, str(tmp_path / "tower.pllm"), quant="f32", progress=False)
+
+
+@pytest.mark.parametrize("where", ["top_level", "rope_parameters"])
+def test_partial_rotary_factor_of_a_family_that_rotates_whole_heads_is_ignored_as_transformers_does(
+        tiny_llama, tmp_path, where):
+    """partial_rotary_factor 0.5 in a Llama config.json: transformers' LlamaForCausalLM (and llama.cpp's
+    converter) rotate the whole head whatever it says; pyllm rotated half of it (nmse 0.16 from
+    transformers' logits). Phi-3 and GLM, whose models read it, keep it (tests/test_families.py)."""
+    d = str(tmp_path / "partial")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    if where == "top_level":
+        cfg["partial_rotary_factor"] = 0.5
+    else:
+        cfg["rope_parameters"]["partial_rotary_factor"] = 0.5
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    assert nmse(logits_of(d, str(tmp_path / "p.pllm")), ref) < 1e-10
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_a_glm_config_without_partial_rotary_factor_rotates_half_of_each_head_as_transformers_does(family, tmp_path):
+    """A GLM config.json without partial_rotary_factor: transformers' GlmConfig defaults it to 0.5,
+    pyllm to 1.0 (whole heads rotated, every logit off transformers')."""
+    from families import load_reference, make_tiny_model
+
+    d = make_tiny_model(family, "gqa_partial", str(tmp_path / family))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    assert cfg["rope_parameters"].pop("partial_rotary_factor") == 0.5
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with torch.no_grad():
+        ref = load_reference(family, d)(torch.tensor([IDS])).logits[0].numpy()
+    assert nmse(logits_of(d, str(tmp_path / "g.pllm")), ref) < 1e-10
+
+
+@pytest.mark.parametrize("family, name, change, message", [
+    ("phi3", "mha_tied", {"num_key_value_heads": 2},
+     r"tensor 'model\.layers\.0\.self_attn\.qkv_proj\.weight' \(as 'model\.layers\.0\.self_attn\.q_proj\.weight'\) "
+     r"cannot be made with config\.json's sizes: it has 192 rows where config\.json's sizes make 128"),
+    ("phi3", "mha_tied", {"intermediate_size": 100},
+     r"tensor 'model\.layers\.0\.mlp\.gate_up_proj\.weight' \(as .*\) cannot be made with config\.json's sizes: "
+     r"it has 256 rows where config\.json's sizes make 200"),
+    ("glm", "gqa_partial", {"num_key_value_heads": 4},
+     r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' cannot be made with config\.json's sizes: cannot reshape"),
+])
+def test_fused_weights_the_config_does_not_split_are_refused_naming_the_tensor(family, name, change, message,
+                                                                              tmp_path):
+    """A config.json whose sizes do not match a fused matrix: Phi-3's qkv_proj of 4 key heads under a
+    config declaring 2 was split at rows 64/96/128 of 192 and converted (transformers refuses the size
+    mismatch); a GLM's was numpy's bare "cannot reshape array of size 2048 into shape (4,16,64)"."""
+    from families import make_tiny_model
+
+    d = make_tiny_model(family, name, str(tmp_path / family))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(change)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    out = tmp_path / "f.pllm"
+    with pytest.raises(FormatError, match=message):
+        convert_checkpoint(d, str(out), quant="f32", progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("top_level", [None, 128])
+def test_llama3_rope_takes_original_max_position_embeddings_as_transformers_does(tiny_llama, tmp_path, top_level):
+    """llama3 RoPE scaling without original_max_position_embeddings was refused (transformers takes
+    max_position_embeddings), and a top-level original_max_position_embeddings (which transformers
+    prefers to the scaling's own) was ignored."""
+    d = str(tmp_path / "llama3")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0}
+    if top_level:
+        cfg["rope_parameters"]["original_max_position_embeddings"] = 32
+        cfg["original_max_position_embeddings"] = top_level
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    assert nmse(logits_of(d, str(tmp_path / "l.pllm")), ref) < 1e-10
+
+
+def test_tied_embeddings_beside_a_different_lm_head_run_the_lm_head_as_transformers_does(tiny_llama, tmp_path):
+    """tie_word_embeddings true in config.json while the checkpoint holds an lm_head.weight of other
+    values: transformers 5 does not tie them and runs that lm_head; pyllm tied them (the embedding for
+    both), and every logit differed from transformers'. An lm_head equal to the embedding stays tied."""
+    from safetensors.numpy import load_file, save_file
+
+    d = str(tmp_path / "tied")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["tie_word_embeddings"] = True
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+    log = io.StringIO()
+    out = str(tmp_path / "tied.pllm")
+    convert_checkpoint(d, out, quant="f32", progress=False, log=log)
+    assert "differs from model.embed_tokens.weight; using lm_head.weight, as transformers does" in log.getvalue()
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert not llm.config.tie_word_embeddings
+        assert nmse(llm.logits(IDS), ref) < 1e-10
+    weights = load_file(os.path.join(d, "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+    save_file(weights, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    convert_checkpoint(d, out, quant="f32", progress=False, log=io.StringIO())
+    with pyllm.LLM(out, n_threads=1) as llm:
+        assert llm.config.tie_word_embeddings
 
 
 def test_an_output_that_is_one_of_the_inputs_is_refused_and_the_input_kept(tiny_llama, tmp_path):

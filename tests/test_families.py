@@ -134,3 +134,42 @@ def test_command_line_end_to_end_on_a_non_llama_family(tmp_path, capsys):
     assert cli.main(["perplexity", out, "--text", str(text), "--ctx", "64", "--windows", "4"]) == 0
     printed = capsys.readouterr()
     assert "perplexity" in (printed.out + printed.err).lower()
+
+
+@pytest.mark.parametrize("family, name, removed, added", [
+    # the configs transformers 4.42-4.52 wrote, every Gemma 2 and Gemma 3 on the Hub: no layer_types
+    ("gemma2", "softcap_window", ["layer_types"], {}),
+    ("gemma3", "local_global", ["layer_types"], {"sliding_window_pattern": 2}),
+    ("gemma2", "softcap_window", ["final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"], {}),
+    ("gemma3", "local_global", ["query_pre_attn_scalar"], {}),
+    ("gemma3", "local_global", ["rope_parameters"], {}),
+    ("phi3", "mha_tied", ["rms_norm_eps"], {}),
+    ("glm", "gqa_partial", ["num_key_value_heads"], {}),
+    ("qwen2", "tied_window", ["use_sliding_window", "layer_types"], {}),
+    ("qwen2", "tied_window", ["layer_types"], {}),
+])
+def test_keys_a_config_omits_take_the_transformers_class_default(family, name, removed, added, tmp_path):
+    """A config.json without a key runs with its transformers config class's default; pyllm assumed
+    its own (Architecture.hf_defaults): every layer of a Gemma 2 or 3 config without layer_types
+    windowed (transformers alternates, or keeps every sliding_window_pattern-th layer full), no
+    soft-capping or query_pre_attn_scalar 256 for Gemma, rope_theta 1e4 for Gemma 3's global layers,
+    rms_norm_eps 1e-6 for Phi-3 (1e-5), MHA for GLM (num_key_value_heads 2: a reshape error), and a
+    window on every Qwen2 layer from sliding_window alone (use_sliding_window defaults to false, and
+    then the window starts at max_window_layers)."""
+    import json
+    import os
+
+    directory = make_tiny_model(family, name, str(tmp_path / family))
+    path = os.path.join(directory, "config.json")
+    config = json.load(open(path))
+    for key in removed:
+        del config[key]
+    config.update(added)
+    json.dump(config, open(path, "w"))
+    ids = [int(i) for i in np.random.default_rng(7).integers(3, 400, PROMPT_LEN)]
+    with torch.no_grad():
+        reference = load_reference(family, directory)(torch.tensor([ids])).logits[0].numpy()
+    out = str(tmp_path / "m.pllm")
+    convert_checkpoint(directory, out, quant="f32", progress=False)
+    with pyllm.LLM(out, n_threads=2) as llm:
+        assert max_rel(llm.logits(ids), reference) < 1e-4

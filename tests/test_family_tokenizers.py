@@ -463,3 +463,40 @@ def test_chat_prompt_ids_equal_transformers_apply_chat_template(family, chat):
         # does; transformers' apply_chat_template adds no special tokens
         expected = [tok.bos_id] + expected
     assert LLM.chat_prompt_ids(llm, messages, tools=tools) == expected
+
+
+@pytest.mark.parametrize("make", ["gemma_spm_only", "bpe_tokenizer_json"])
+def test_added_tokens_json_is_read_as_transformers_reads_it(tmp_path, make):
+    """added_tokens.json (a slow tokenizer's token -> id file: a LLaMA fine-tune's "<pad>" beside
+    tokenizer.model) with no added_tokens_decoder in tokenizer_config.json: transformers 5 adds its
+    tokens (special when named as special tokens, else normalized); pyllm ignored the file, so the
+    token was split into pieces and its id never produced."""
+    from conftest import train_bpe_tokenizer
+    from pyllm.formats.safetensors import FormatError
+
+    directory = str(tmp_path / make)
+    if make == "gemma_spm_only":
+        make_gemma_spm_only(directory)
+        size, special = 420, "<mask>"
+    else:
+        train_bpe_tokenizer(directory)
+        size, special = 400, "<sp_a>"
+    path = os.path.join(directory, "tokenizer_config.json")
+    config = json.load(open(path))
+    assert "added_tokens_decoder" not in config
+    config["additional_special_tokens"] = [special]
+    json.dump(config, open(path, "w"))
+    with open(os.path.join(directory, "added_tokens.json"), "w") as f:
+        json.dump({"<pad_2>": size, special: size + 1}, f)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    tok = Tokenizer(*read_tokenizer(directory))
+    for text in (f"hi <pad_2> there{special}x", "<pad_2><pad_2> café", TEXTS["unseen"]):
+        ids = hf.encode(text)
+        assert size in ids or "<pad_2>" not in text
+        assert tok.encode(text) == ids, text
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    with open(os.path.join(directory, "added_tokens.json"), "w") as f:
+        json.dump({"<pad_2>": "400"}, f)
+    with pytest.raises(FormatError, match=r"added_tokens\.json: each entry must map a token to its id, got '<pad_2>'"):
+        read_tokenizer(directory)

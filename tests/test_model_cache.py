@@ -642,6 +642,28 @@ def test_a_split_gguf_is_cached_once_and_converted_again_when_any_shard_changes(
     assert [e.path for e in model_cache.find_entries(shards[2])] == [first]  # `pyllm rm` by any shard's path
 
 
+def test_a_checkpoint_whose_shards_sit_in_a_subfolder_is_converted_again_when_a_shard_changes(hf_dir, cache,
+                                                                                              tmp_path, capsys):
+    """The fingerprint of a Hugging Face directory held its top-level files only: a shard in a subfolder
+    the index names ("weights/model.safetensors"), replaced, went unseen and the old conversion was reused."""
+    import json
+
+    d = str(tmp_path / "sub")
+    shutil.copytree(hf_dir, d)
+    os.mkdir(os.path.join(d, "weights"))
+    os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "weights", "model.safetensors"))
+    names = safetensors.SafetensorsFile(os.path.join(d, "weights", "model.safetensors")).tensors
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": dict.fromkeys(names, "weights/model.safetensors")}, f)
+    first = model_cache.resolve_model(d)
+    assert "converting" in capsys.readouterr().err
+    assert model_cache.resolve_model(d) == first and "converting" not in capsys.readouterr().err
+    shard = os.path.join(d, "weights", "model.safetensors")
+    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert model_cache.list_entries()[0].stale
+    assert model_cache.resolve_model(d) == first and "converting" in capsys.readouterr().err
+
+
 def test_a_damaged_kept_gguf_of_the_default_model_is_fetched_again(gguf_file, cache, monkeypatch, capsys):
     """The GGUF file fetch_gguf keeps in the cache was trusted by the default model's conversion as long as
     it existed: one cut short (a power cut after its rename, a full disk, a copy) failed every first run

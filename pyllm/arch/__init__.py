@@ -32,6 +32,18 @@ def for_hf_config(cfg: dict) -> Architecture:
     for arch in ARCHITECTURES.values():
         if model_type in arch.model_types:
             return arch
+    classes = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    if model_type is None:  # as llama.cpp's converter, which goes by architectures[0]: "model_type None"
+        for arch in ARCHITECTURES.values():
+            if classes and classes[0] in arch.hf_classes:
+                return arch
+        raise FormatError(f"config.json has no model_type{f' and names {classes[0]!r:.60}' if classes else ''}; "
+                          f"pyllm converts: {supported()}")
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and any(text.get("model_type") in a.model_types for a in ARCHITECTURES.values()):
+        # Gemma3ForConditionalGeneration and kin: said as one more unsupported type, with no hint why
+        raise FormatError(f"model_type {model_type!r} is a multimodal model (its text model, text_config, is "
+                          f"{text['model_type']!r}); pyllm converts text-only checkpoints: {supported()}")
     raise FormatError(f"model_type {model_type!r} is not supported; pyllm converts: {supported()}")
 
 

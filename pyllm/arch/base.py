@@ -43,10 +43,14 @@ def plus_one(name: str) -> TensorRecipe:
     return TensorRecipe((name,), lambda a: (a[0].astype(np.float32) + np.float32(1.0)))
 
 
-def row_block(name: str, start: int, stop: int, transpose: bool = False) -> TensorRecipe:
-    """Rows [start, stop) of a fused matrix or bias (q/k/v stacked, gate/up stacked)."""
+def row_block(name: str, start: int, stop: int, transpose: bool = False, total: int | None = None) -> TensorRecipe:
+    """Rows [start, stop) of a fused matrix or bias (q/k/v stacked, gate/up stacked) of `total` rows
+    (ValueError for another count: a Phi-3 config.json declaring 2 key heads over a 4-head qkv_proj
+    gave q/k/v the first 128 of its 192 rows, a model that ran and answered wrongly)."""
     def make(a):
         w = a[0].T if transpose else a[0]
+        if total is not None and w.shape[0] != total:
+            raise ValueError(f"it has {w.shape[0]} rows where config.json's sizes make {total}")
         return np.ascontiguousarray(w[start:stop])
     return TensorRecipe((name,), make)
 
@@ -75,6 +79,16 @@ class Architecture:
     # the reordering of each key head's dims that tensors() gives k_proj's rows, applied to a prefix-tuning
     # adapter's keys f32 [layers, kv_heads, virtual, head_dim] (None: k_proj's rows are kept as they are)
     prefix_keys: Callable[[np.ndarray, ModelConfig], np.ndarray] | None = None
+    # whether the family's transformers model rotates int(head_dim * partial_rotary_factor) dims of a head
+    # (Phi-3, GLM); the others rotate the whole head whatever config.json says (LlamaRotaryEmbedding never
+    # reads the factor, nor does llama.cpp's converter for them), so the factor is dropped from their configs
+    partial_rotary: bool = False
+    # config.json with transformers' config class defaults filled in for the keys it omits, where the class's
+    # default is not what the readers below assume (GlmConfig's num_key_value_heads 2, Gemma2Config's
+    # soft-capping, the layer_types a class derives from sliding_window_pattern or max_window_layers):
+    # an omitted key ran another model than transformers' in silence. Hugging Face configs only (GGUF
+    # metadata names everything).
+    hf_defaults: Callable[[dict], dict] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -132,6 +146,14 @@ def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tupl
             scaling = None
         elif kind not in ROPE_TYPES:
             raise refuse(f"rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES[1:])})", family)
+        elif kind == "llama3":
+            # transformers' standardize_rope_params: a top-level original_max_position_embeddings wins over
+            # the scaling's own, and max_position_embeddings stands in for a missing one (pyllm refused
+            # the config, or took the scaling's value)
+            if parameters is None and cfg.get("original_max_position_embeddings") is not None:
+                scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+            elif cfg.get("max_position_embeddings") is not None:
+                scaling.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
     return float(theta), scaling, float(partial)
 
 
@@ -146,6 +168,11 @@ def rotary_dim_for(head_dim: int, partial: float) -> int | None:
     """transformers' int(head_dim * partial_rotary_factor); None when that is the whole head."""
     dim = int(head_dim * partial)
     return None if dim == head_dim else dim
+
+
+def defaults(values: dict) -> Callable[[dict], dict]:
+    """An hf_defaults of fixed values: cfg's own keys win, null included."""
+    return lambda cfg: {**values, **cfg}
 
 
 def layer_types_from_hf(cfg: dict, layers: int) -> tuple[int | None, list[str] | None]:
@@ -235,9 +262,9 @@ def llama_tensors(config: ModelConfig, norm=same) -> dict[str, TensorRecipe]:
 def split_rows(recipes: dict, fused: str, parts: dict[str, int], transpose: bool = False, bias: bool = False) -> None:
     """Adds recipes for the row blocks of a fused matrix `fused` (name without .weight): parts maps
     pyllm base names to row counts, in the fused order."""
-    start = 0
+    start, total = 0, sum(parts.values())
     for base, rows in parts.items():
-        recipes[base + ".weight"] = row_block(fused + ".weight", start, start + rows, transpose)
+        recipes[base + ".weight"] = row_block(fused + ".weight", start, start + rows, transpose, total)
         if bias:
-            recipes[base + ".bias"] = row_block(fused + ".bias", start, start + rows)
+            recipes[base + ".bias"] = row_block(fused + ".bias", start, start + rows, total=total)
         start += rows

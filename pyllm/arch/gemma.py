@@ -26,6 +26,26 @@ def _block(cfg: dict, family: str) -> dict:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
+def gemma_defaults(family: str):
+    def fill(cfg: dict) -> dict:
+        """Gemma2Config's / Gemma3TextConfig's defaults. layer_types, absent from the configs transformers
+        4.42-4.52 wrote (every Gemma 2 and Gemma 3 on the Hub), alternate sliding and full layers (Gemma 2)
+        or make every sliding_window_pattern-th layer full (Gemma 3, 6): pyllm windowed every layer."""
+        own = {"sliding_window": 4096, "query_pre_attn_scalar": 256, "head_dim": 256, "num_key_value_heads": 4}
+        if family == "gemma2":
+            own.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+        elif "rope_parameters" not in cfg and "rope_theta" not in cfg:
+            own["rope_theta"] = 1_000_000.0  # the global layers' (Gemma3TextConfig.default_theta)
+        cfg = {**own, **cfg}
+        pattern = 2 if family == "gemma2" else cfg.get("sliding_window_pattern", 6)
+        if cfg.get("layer_types") is None and isinstance(cfg.get("num_hidden_layers"), int) and \
+                isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            cfg["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                  for i in range(cfg["num_hidden_layers"])]
+        return cfg
+    return fill
+
+
 def gemma2_config(cfg: dict):
     return base_config(cfg, "gemma2", **_block(cfg, "gemma2"))
 
@@ -60,11 +80,11 @@ def gemma_tensors(config):
 
 GEMMA2 = Architecture(
     name="gemma2", model_types=("gemma2",), hf_classes=("Gemma2ForCausalLM",), gguf_name="gemma2",
-    config_from_hf=gemma2_config, tensors=gemma_tensors,
+    config_from_hf=gemma2_config, tensors=gemma_tensors, hf_defaults=gemma_defaults("gemma2"),
     notes="(1+w) RMSNorm, post-norms, GeGLU, soft-capping, local/global layers",
 )
 GEMMA3 = Architecture(
     name="gemma3", model_types=("gemma3_text",), hf_classes=("Gemma3ForCausalLM",), gguf_name="gemma3",
-    config_from_hf=gemma3_config, tensors=gemma_tensors,
+    config_from_hf=gemma3_config, tensors=gemma_tensors, hf_defaults=gemma_defaults("gemma3"),
     notes="Gemma 2's block with q/k norms and local RoPE theta (text model)",
 )

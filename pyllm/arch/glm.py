@@ -19,6 +19,16 @@ def _config(cfg: dict, family: str, post_norms: bool):
     return base_config(cfg, family, attention_bias=bias, attention_out_bias=False, post_norms=post_norms)
 
 
+def glm_defaults(cfg: dict) -> dict:
+    """GlmConfig's and Glm4Config's defaults (base.Architecture.hf_defaults), partial_rotary_factor 0.5
+    included: pyllm's 1.0 rotated whole heads where transformers rotates half of each."""
+    cfg = {"num_key_value_heads": 2, "head_dim": 128, "rms_norm_eps": 1.5625e-07, **cfg}
+    if not any("partial_rotary_factor" in (c if isinstance(c, dict) else {})
+               for c in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling"))):
+        cfg["partial_rotary_factor"] = 0.5
+    return cfg
+
+
 def glm_config(cfg: dict):
     return _config(cfg, "glm", post_norms=False)
 
@@ -65,11 +75,13 @@ GLM = Architecture(
     name="glm", model_types=("glm",), hf_classes=("GlmForCausalLM",), gguf_name="chatglm",
     config_from_hf=glm_config, tensors=tensors, prefix_keys=prefix_keys,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    partial_rotary=True, hf_defaults=glm_defaults,
     notes="partial interleaved RoPE, fused gate_up, q/k/v biases",
 )
 GLM4 = Architecture(
     name="glm4", model_types=("glm4",), hf_classes=("Glm4ForCausalLM",), gguf_name="glm4",
     config_from_hf=glm4_config, tensors=tensors, prefix_keys=prefix_keys,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    partial_rotary=True, hf_defaults=glm_defaults,
     notes="GLM with post-attention and post-MLP norms",
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Architecture, base_config, llama_tensors, require_silu
+from .base import Architecture, base_config, defaults, llama_tensors, require_silu
 
 
 def config_from_hf(cfg: dict):
@@ -13,4 +13,5 @@ def config_from_hf(cfg: dict):
 MISTRAL = Architecture(
     name="mistral", model_types=("mistral",), hf_classes=("MistralForCausalLM",), gguf_name="llama",
     config_from_hf=config_from_hf, tensors=llama_tensors, notes="LLaMA block, sliding-window attention",
+    hf_defaults=defaults({"sliding_window": 4096, "num_key_value_heads": 8}),  # MistralConfig's
 )

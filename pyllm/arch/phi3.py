@@ -3,7 +3,7 @@ fused in gate_up_proj (split here), partial rotary embedding in some versions.""
 
 from __future__ import annotations
 
-from .base import Architecture, base_config, llama_tensors, require_silu, split_rows
+from .base import Architecture, base_config, defaults, llama_tensors, require_silu, split_rows
 
 
 def config_from_hf(cfg: dict):
@@ -27,5 +27,6 @@ PHI3 = Architecture(
     name="phi3", model_types=("phi3",), hf_classes=("Phi3ForCausalLM",), gguf_name="phi3",
     config_from_hf=config_from_hf, tensors=tensors,
     lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    partial_rotary=True, hf_defaults=defaults({"rms_norm_eps": 1e-5}),
     notes="LLaMA block, fused qkv and gate_up, partial RoPE",
 )

@@ -3,9 +3,11 @@ the checkpoint's names or, through ArchitectureView, pyllm's), tokenizer, chat t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -84,6 +86,16 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     FormatError for a config it cannot read, naming the key where it can (POSITIVE_NUMBER_KEYS,
     FLAG_KEYS, layer_types)."""
     arch = for_hf_config(cfg)
+    quantized = cfg.get("quantization_config")
+    if quantized:
+        # weights saved quantized (GPTQ/AWQ qweight and scales, FP8 with weight_scale_inv, bitsandbytes'
+        # packed bytes): read as floats they were "lacks ...weight", an "unsupported dtype F8_E4M3", or
+        # the float8 values without their scales in silence
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise FormatError(f"{where}: quantization_config (quant_method {method!r:.40}): the checkpoint holds "
+                          "quantized weights, which pyllm does not read; convert the original float checkpoint")
+    if arch.hf_defaults is not None:
+        cfg = arch.hf_defaults(cfg)
     for key in POSITIVE_NUMBER_KEYS:
         value = cfg.get(key)
         least = 0 if key == "sliding_window" else None  # 0 there means no window, as null
@@ -95,12 +107,24 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
             raise FormatError(f"{where}: {key} must be true, false or null, got {cfg[key]!r:.60}")
     if cfg.get("layer_types") is not None and not isinstance(cfg["layer_types"], list):
         raise FormatError(f"{where}: layer_types must be a list (one entry per layer), got {cfg['layer_types']!r:.60}")
+    if not arch.partial_rotary:  # rotated a part of each head in silence (Llama with 0.5: nmse 0.16)
+        cfg = without_partial_rotary(cfg)
     try:
         return arch.config_from_hf(cfg)
     except FormatError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise FormatError(f"{where}: cannot read the {arch.name} configuration ({type(e).__name__}: {e})") from e
+
+
+def without_partial_rotary(cfg: dict) -> dict:
+    """cfg without partial_rotary_factor (top level, rope_parameters, rope_scaling): what the families
+    whose transformers model rotates whole heads (Architecture.partial_rotary false) run."""
+    cfg = {k: v for k, v in cfg.items() if k != "partial_rotary_factor"}
+    for key in ("rope_parameters", "rope_scaling"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = {k: v for k, v in cfg[key].items() if k != "partial_rotary_factor"}
+    return cfg
 
 
 def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
@@ -114,6 +138,21 @@ def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def hub_cache_hint(directory: str) -> str | None:
+    """The message for a Hugging Face hub cache folder (~/.cache/huggingface/hub/models--org--name) given
+    for a model, naming its snapshots (the model directories); None for another directory. It was "has no
+    config.json: is it a Hugging Face model directory?"."""
+    snapshots = os.path.join(directory, "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    found = sorted(os.path.join(snapshots, s) for s in os.listdir(snapshots)
+                   if os.path.exists(os.path.join(snapshots, s, "config.json")))
+    if not found:
+        return None
+    return (f"{directory} is a Hugging Face hub cache folder, not a model directory: give its snapshot, "
+            f"{' or '.join(found[:3])}")
+
+
 class Checkpoint:
     """A Hugging Face model directory. Weights are loaded one tensor at a time as f32."""
 
@@ -123,14 +162,19 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.dir} is not a directory")
         config_path = os.path.join(self.dir, "config.json")
         if not os.path.exists(config_path):
+            hint = hub_cache_hint(self.dir)
+            if hint:
+                raise FileNotFoundError(hint)
             raise FileNotFoundError(f"{self.dir} has no config.json: is it a Hugging Face model directory?")
         self.hf_config = _read_json(config_path)
         self.arch: Architecture = for_hf_config(self.hf_config)
         self.config = model_config_from_hf(self.hf_config, config_path)
         self._shards: dict[str, SafetensorsFile] = {}
         self._torch_state: dict | None = None
+        self.notices: list[str] = []  # said by the converter before it starts
         try:
             self.weight_map = self._find_weights()
+            self._untie_a_different_lm_head()
         except BaseException:
             self.close()  # the shards opened before the failure
             raise
@@ -150,9 +194,43 @@ class Checkpoint:
             path = os.path.join(d, name)
             if os.path.exists(path):
                 return {k: path for k in self._torch(path)}
-        if os.path.exists(os.path.join(d, "pytorch_model.bin.index.json")):
-            return _index_weight_map(os.path.join(d, "pytorch_model.bin.index.json"), ".bin")
+        index = os.path.join(d, "pytorch_model.bin.index.json")
+        if os.path.exists(index):
+            weights = _index_weight_map(index, ".bin")
+            for path in dict.fromkeys(weights.values()):  # a tensor the shard lacks was a KeyError traceback
+                held = self._torch(path)
+                for name in (n for n, p in weights.items() if p == path and n not in held):
+                    raise FormatError(f"{index}: lists tensor '{name}' in {os.path.basename(path)}, which does "
+                                      "not hold it")
+            return weights
         raise FileNotFoundError(f"{d} has no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+    def _untie_a_different_lm_head(self) -> None:
+        """tie_word_embeddings true beside an lm_head of other values: transformers 5 does not tie them
+        ("both are present in the checkpoints with different values, so we will NOT tie them") and runs
+        the checkpoint's lm_head, as llama.cpp does with an output.weight; pyllm used the embedding for
+        both, and every logit differed from transformers'."""
+        embedding, head = self.arch.hf_embedding, self.arch.hf_lm_head
+        if not self.config.tie_word_embeddings or head not in self.weight_map or embedding not in self.weight_map:
+            return
+        if self._same_values(embedding, head):
+            return
+        self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+        self.hf_config = dict(self.hf_config, tie_word_embeddings=False)
+        self.notices.append(f"{self.dir}: config.json ties the word embeddings (tie_word_embeddings) but the "
+                            f"checkpoint's {head} differs from {embedding}; using {head}, as transformers does")
+
+    def _same_values(self, a: str, b: str) -> bool:
+        """Whether tensors a and b hold the same values (compared in their stored dtype when both are
+        safetensors of one dtype: no f32 copy of two vocabulary-sized matrices)."""
+        if tuple(self.shape(a)) != tuple(self.shape(b)):
+            return False
+        path_a, path_b = self.weight_map[a], self.weight_map[b]
+        if path_a.endswith(".safetensors") and path_b.endswith(".safetensors"):
+            fa, fb = self._shard(path_a), self._shard(path_b)
+            if fa.tensors[a].dtype == fb.tensors[b].dtype:
+                return bool(np.array_equal(fa.array(a), fb.array(b)))
+        return bool(np.array_equal(self.load(a), self.load(b)))
 
     def _check_shards(self, index: str, weights: dict[str, str]) -> None:
         """Every tensor the index lists is in the shard it names, and a tensor in two shards is the same
@@ -175,6 +253,10 @@ class Checkpoint:
                 where = f" (it is in {os.path.basename(held[name])})" if name in held else ""
                 raise FormatError(f"{index}: lists tensor '{name}' in {os.path.basename(path)}, which does not "
                                   f"hold it{where}")
+        # a tensor of a listed shard that the index leaves out: transformers 5 reads every tensor of the
+        # shards it opens, and pyllm said the checkpoint "lacks" it
+        for name, path in held.items():
+            weights.setdefault(name, path)
 
     def _shard(self, path: str) -> SafetensorsFile:
         if path not in self._shards:
@@ -193,9 +275,13 @@ class Checkpoint:
             # weights_only refuses arbitrary pickled code; mmap keeps memory near one tensor
             with library_errors(f"{path}: not a readable PyTorch checkpoint (a refused pickle, or damaged)",
                                 FormatError):
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap reads only the zip layout of torch >= 1.6; older files (GPT-2's own, 2019) load whole
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             if not isinstance(state, dict):
                 raise FormatError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+            for name, value in state.items():  # as load_float32 for safetensors: .to(float32) took any
+                if not isinstance(value, torch.Tensor):
+                    raise FormatError(f"{path}: '{name}' holds a {type(value).__name__}, not a tensor")
             self._torch_state = {"__path__": path, **state}
         return {k: v for k, v in self._torch_state.items() if k != "__path__"}
 
@@ -220,7 +306,10 @@ class Checkpoint:
             return load_float32(f, name)
         import torch
 
-        return self._torch(path)[name].to(torch.float32).numpy()
+        tensor = self._torch(path)[name]
+        if not tensor.is_floating_point():  # an int tensor was cast to float in silence (safetensors: refused)
+            raise FormatError(f"{path}: tensor '{name}' has non-float dtype {str(tensor.dtype).removeprefix('torch.')}")
+        return tensor.to(torch.float32).numpy()
 
     def names(self) -> Iterator[str]:
         return iter(self.weight_map)
@@ -307,7 +396,11 @@ class ArchitectureView:
         if name not in self.recipes:
             raise FormatError(f"{self.dir}: no tensor '{name}' in a {self.arch.name} model")
         recipe = self.recipes[name]
-        return np.asarray(recipe.make([self._hf(n) for n in recipe.sources]), dtype=np.float32)
+        arrays = [self._hf(n) for n in recipe.sources]
+        try:
+            return np.asarray(recipe.make(arrays), dtype=np.float32)
+        except (ValueError, IndexError) as e:  # a fused matrix the config's sizes do not split: numpy's words
+            raise FormatError(f"{self.where(name)} cannot be made with config.json's sizes: {e}") from None
 
     def native_format(self, name: str) -> None:
         return None
@@ -576,6 +669,25 @@ def _added_token(value):
         flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in value}
         return AddedToken(value["content"], **flags)
     return AddedToken(value, special=True, normalized=False)
+
+
+def _legacy_added_tokens(path: str, tok_config: dict) -> dict:
+    """added_tokens.json (token -> id, written by the slow tokenizers: a LLaMA fine-tune's "<pad>" 32000
+    beside tokenizer.model) as added_tokens_decoder entries, as transformers 5 reads it when
+    tokenizer_config.json has no added_tokens_decoder: special when it is a named or extra special
+    token, else normalized. pyllm ignored the file: the token was split into pieces, and its id was
+    never produced."""
+    entries = _read_json(path)
+    extras = [t for key in ("extra_special_tokens", "additional_special_tokens")
+              if isinstance(tok_config.get(key), list) for t in tok_config[key]]
+    special = {_token_content(tok_config.get(k)) for k in _NAMED_SPECIAL_TOKENS} | {_token_content(t) for t in extras}
+    decoder = {}
+    for content, i in entries.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not content:
+            raise FormatError(f"{path}: each entry must map a token to its id, got {_shown(content)}: {_shown(i)}")
+        decoder[str(i)] = {"content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                           "normalized": content not in special, "special": content in special}
+    return decoder
 
 
 def _config_tokens(tok_config: dict, defaults: dict, model_extras: list | None = None) -> tuple[list, list]:
@@ -860,8 +972,11 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
                 elif isinstance(value, dict):
                     value = dict(value, special=True)
                 tok_config[key] = value
+        added_path = os.path.join(directory, "added_tokens.json")
+        if os.path.exists(added_path):  # then tokenizer.json's added tokens, which win for an id in both
+            added_decoder = _legacy_added_tokens(added_path, tok_config)
         if tok_json is not None:
-            added_decoder = {str(t["id"]): t for t in tok_json.get("added_tokens") or []}
+            added_decoder.update({str(t["id"]): t for t in tok_json.get("added_tokens") or []})
 
     model_extras = None
     if json_text is not None and rebuild is None:

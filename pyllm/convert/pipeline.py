@@ -146,7 +146,12 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                                           f"config implies {[rows, cols]}")
                     packed = codes() if codes is not None else None
                     if packed is None:
-                        packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
+                        try:
+                            packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
+                        except ValueError as e:  # a bf16 weight past the float16 range (65504): the tensor unnamed
+                            if "float16 range" not in str(e):
+                                raise
+                            raise FormatError(f"{label}: {e}; convert with --quant bf16 or f32") from None
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
@@ -203,6 +208,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
     check_output_path(output)
     check_output_is_not_an_input(output, [src, *lora, *(directory for _, directory in adapters)])
     source = open_source(src)
+    for notice in getattr(source, "notices", ()):
+        print(notice, file=log)
     if lora:
         source = merged_source(source, lora, log)
     if hasattr(source, "arch"):  # Hugging Face names -> pyllm's (GGUF sources name tensors pyllm's way)
