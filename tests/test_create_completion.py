@@ -19,21 +19,9 @@ pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 pytest.importorskip("pydantic")
 
-from test_server import LiveServer, _chat  # noqa: E402
-from test_server_api import TIME, WEATHER, _script, _written_calls, tool_template  # noqa: E402,F401
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_f32):
-    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=2048) as model:
-        yield model
-
-
-@pytest.fixture(scope="module")
-def live(llm):
-    server = LiveServer(llm)
-    yield server
-    server.stop()
+from test_server import _chat  # noqa: E402
+# the server tests' model (tiny, f32, 2048 positions) and live server, one of each for this module
+from test_server_api import TIME, WEATHER, _script, _written_calls, live, llm, tool_template  # noqa: E402,F401
 
 
 def _served(live, path: str, body: dict):
