@@ -435,10 +435,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from tqdm import tqdm
+    import functools
 
     from .errors import read_text
-    from .perplexity import default_text, leading_tokens, perplexity
+    from .perplexity import PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows
+    from .progress import progress_bar
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
     # with a half-drawn bar; --windows 0 or negative was a ZeroDivisionError)
@@ -474,14 +475,22 @@ def cmd_perplexity(args) -> int:
     if available == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
                          "longer text, or a smaller --ctx")
-    bar = tqdm(total=min(args.windows or available, available), desc="perplexity", unit="window", file=sys.stderr)
+    bar = progress_bar(min(args.windows or available, available), "perplexity", "window")
 
     def show(done, total, ppl):
+        bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(ppl=f"{ppl:.3f}")
 
-    result = perplexity(llm.logits, tokens, ctx=args.ctx, windows=args.windows, bos_id=bos, progress=show,
-                        logits_many=llm.logits_many, batch=llm.n_parallel)
+    keep = scored_rows(args.ctx)  # (the logits of the positions scored only: half the memory)
+    try:
+        result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
+                            windows=args.windows, bos_id=bos, progress=show,
+                            logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=llm.n_parallel)
+    except PerplexityInterrupted as stop:  # Ctrl-C: the windows scored so far (llama.cpp's were printed as it went)
+        bar.close()
+        if stop.result is not None:
+            print(stop.result.line(), flush=True)
+        raise
     bar.close()
     print(result.line())
     return 0

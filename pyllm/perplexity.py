@@ -45,16 +45,27 @@ def leading_tokens(tokenize, text: str, count: int, margin: int = 256) -> list[i
 @dataclass
 class PerplexityResult:
     perplexity: float
-    windows: int
+    windows: int  # windows scored
     ctx: int
     scored_tokens: int
     window_nll: list[float]  # mean negative log-likelihood of each window
     uncertainty: float = 0.0  # standard error of the perplexity (llama.cpp's +/-)
     tokens_per_second: float = 0.0  # tokens evaluated (all of each window) per second of logits_fn
+    interrupted: bool = False  # Ctrl-C stopped it: the windows scored before it (PerplexityInterrupted)
 
     def line(self) -> str:
         return (f"perplexity {self.perplexity:.4f} ± {self.uncertainty:.4f} over {self.windows} windows of {self.ctx} "
-                f"tokens ({self.scored_tokens} scored), {self.tokens_per_second:.1f} tokens/s")
+                f"tokens ({self.scored_tokens} scored), {self.tokens_per_second:.1f} tokens/s"
+                + (" (interrupted)" if self.interrupted else ""))
+
+
+class PerplexityInterrupted(KeyboardInterrupt):
+    """Ctrl-C during perplexity(): result is that of the windows scored before it (interrupted=True), or
+    None when none was. A KeyboardInterrupt, so code that stops on Ctrl-C still does."""
+
+    def __init__(self, result: PerplexityResult | None):
+        super().__init__()
+        self.result = result
 
 
 def _exp(x: float) -> float:
@@ -65,19 +76,43 @@ def _exp(x: float) -> float:
         return math.inf
 
 
+NLL_BLOCK_ROWS = 64  # rows log_softmax_nll widens to float64 at a time
+
+
 def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log p(target) for each row.   logits: f32 [n, vocab]   targets: int [n]"""
-    x = logits.astype(np.float64)
-    peak = x.max(axis=1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(axis=1))
-    return log_z - x[np.arange(len(targets)), targets]
+    """-log p(target) for each row, in float64.   logits: f32 [n, vocab]   targets: int [n]   -> f64 [n]
+
+    Rows are taken NLL_BLOCK_ROWS at a time (each row's value is the same as the whole array's at once):
+    the float64 copies are a block's, not 2 x 2 x the logits' size."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for b in range(0, len(targets), NLL_BLOCK_ROWS):
+        x = logits[b:b + NLL_BLOCK_ROWS].astype(np.float64)
+        peak = x.max(axis=1, keepdims=True)
+        log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(axis=1))
+        out[b:b + len(x)] = log_z - x[np.arange(len(x)), targets[b:b + NLL_BLOCK_ROWS]]
+    return out
+
+
+def scored_rows(ctx: int) -> int:
+    """Logit rows a window of ctx tokens needs: its last ctx - ctx // 2 positions' (the last one's is not
+    used: no token follows it). Pass it as LLM.logits / LLM.logits_many's logits_to_keep."""
+    return ctx - ctx // 2
 
 
 def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None = None,
                bos_id: int | None = None, progress=None, logits_many=None, batch: int = 1) -> PerplexityResult:
-    """logits_fn(ids) -> f32 [len(ids), vocab] in a fresh context (e.g. LLM.logits); or, given
-    logits_many(list of windows' ids) -> their logits, `batch` windows at a time (LLM.logits_many: the
-    windows of a batch share each engine step).
+    """Perplexity of tokens (ids) by llama.cpp's method, over `windows` windows of ctx tokens (None: all
+    the text holds; fewer tokens than one window is a ValueError).
+
+    logits_fn(ids) -> f32 [k, vocab]: the logits of the last k positions of ids, in a fresh context, with
+    k >= scored_rows(ctx) (every position's, as LLM.logits gives; or only those scored, as
+    functools.partial(LLM.logits, logits_to_keep=scored_rows(ctx)) gives, half the memory and output
+    work). Or, given logits_many(list of windows' ids) -> their logits the same way, `batch` windows at a
+    time (LLM.logits_many: the windows of a batch share each engine step). Each window's logits are
+    scored as they arrive and dropped before the next call: memory holds one call's logits at most.
+
+    progress(windows done, windows, perplexity so far) is called after each window. Ctrl-C raises
+    PerplexityInterrupted carrying the result of the windows scored before it.
 
     The uncertainty is llama.cpp's: the standard error of the mean token negative log-likelihood,
     times the perplexity (exp's first-order propagation)."""
@@ -93,30 +128,53 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
     if available == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
     n = available if windows is None else min(windows, available)
-    first = ctx // 2
-    window_nll, total, total_sq, count, seconds = [], 0.0, 0.0, 0, 0.0
-    for group in range(0, n, batch):
-        group_ids = []
-        for w in range(group, min(n, group + batch)):
-            ids = list(tokens[w * ctx:(w + 1) * ctx])
-            if bos_id is not None:
-                ids[0] = bos_id
-            group_ids.append(ids)
-        start = time.perf_counter()
-        results = logits_many(group_ids) if logits_many is not None else [logits_fn(ids) for ids in group_ids]
-        seconds += time.perf_counter() - start
-        for ids, logits in zip(group_ids, results):
-            nll = log_softmax_nll(logits[first:ctx - 1], np.asarray(ids[first + 1:ctx]))
-            window_nll.append(float(nll.mean()))
-            total += float(nll.sum())
-            total_sq += float(np.sum(nll * nll))
-            count += len(nll)
-            if progress is not None:
-                progress(len(window_nll), n, _exp(total / count))
-    mean = total / count
-    variance = max(total_sq / count - mean * mean, 0.0)
-    ppl = _exp(mean)
-    uncertainty = ppl * math.sqrt(variance / (count - 1)) if count > 1 else float("nan")
-    if ppl == math.inf:
-        uncertainty = math.inf  # (not inf * 0)
-    return PerplexityResult(ppl, n, ctx, count, window_nll, uncertainty, n * ctx / seconds if seconds > 0 else 0.0)
+    keep = scored_rows(ctx)
+    sums = _Sums(ctx)
+    try:
+        for group in range(0, n, batch):
+            group_ids = []
+            for w in range(group, min(n, group + batch)):
+                ids = list(tokens[w * ctx:(w + 1) * ctx])
+                if bos_id is not None:
+                    ids[0] = bos_id
+                group_ids.append(ids)
+            start = time.perf_counter()
+            results = logits_many(group_ids) if logits_many is not None else [logits_fn(ids) for ids in group_ids]
+            sums.seconds += time.perf_counter() - start
+            for i, ids in enumerate(group_ids):
+                logits, results[i] = results[i], None  # (each window's logits go once scored)
+                if len(logits) < keep:
+                    raise ValueError(f"the logits of a window of {ctx} tokens have {len(logits)} rows; "
+                                     f"scoring needs its last {keep} positions'")
+                sums.add(log_softmax_nll(logits[len(logits) - keep:len(logits) - 1], np.asarray(ids[ctx - keep + 1:])))
+                del logits
+                if progress is not None:
+                    progress(len(sums.window_nll), n, _exp(sums.total / sums.count))
+            del results  # (held while the next call ran: two steps' logits at once)
+    except KeyboardInterrupt:
+        raise PerplexityInterrupted(sums.result(interrupted=True) if sums.count else None) from None
+    return sums.result()
+
+
+class _Sums:
+    """Running sums of the scored tokens' negative log-likelihoods: what perplexity() keeps."""
+
+    def __init__(self, ctx: int):
+        self.ctx, self.window_nll, self.total, self.total_sq, self.count, self.seconds = ctx, [], 0.0, 0.0, 0, 0.0
+
+    def add(self, nll: np.ndarray) -> None:
+        self.window_nll.append(float(nll.mean()))
+        self.total += float(nll.sum())
+        self.total_sq += float(np.sum(nll * nll))
+        self.count += len(nll)
+
+    def result(self, interrupted: bool = False) -> PerplexityResult:
+        count, n = self.count, len(self.window_nll)
+        mean = self.total / count
+        variance = max(self.total_sq / count - mean * mean, 0.0)
+        ppl = _exp(mean)
+        uncertainty = ppl * math.sqrt(variance / (count - 1)) if count > 1 else float("nan")
+        if ppl == math.inf:
+            uncertainty = math.inf  # (not inf * 0)
+        return PerplexityResult(ppl, n, self.ctx, count, list(self.window_nll), uncertainty,
+                                n * self.ctx / self.seconds if self.seconds > 0 else 0.0, interrupted)

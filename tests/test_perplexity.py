@@ -1,0 +1,198 @@
+"""`pyllm perplexity` and pyllm.perplexity on any input size: logits held one step at a time, progress
+away from a terminal, Ctrl-C, the logits an LLM returns (logits_to_keep, MAX_LOGITS_BYTES)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import io
+import os
+import weakref
+
+import numpy as np
+import pytest
+
+from pyllm import cli
+from pyllm.errors import LimitError
+from pyllm.perplexity import PerplexityInterrupted, perplexity, scored_rows
+
+
+def fake_logits(ids, vocab=16):
+    """Logits f32 [len(ids), vocab] that depend on the ids (a made-up model)."""
+    rng = np.random.default_rng(sum(int(i) * (k + 1) for k, i in enumerate(ids)) % 2**32)
+    return rng.standard_normal((len(ids), vocab)).astype(np.float32)
+
+
+def test_perplexity_holds_one_steps_logits_and_scores_the_kept_rows_alike():
+    """perplexity() kept the previous step's logits (every window of the batch, [ctx, vocab] each) while the
+    next step ran: two steps' at once. Each call now finds none of the earlier calls' logits alive; logits of
+    the scored positions only (logits_to_keep) give the very same result."""
+    tokens = list(np.random.default_rng(1).integers(0, 16, 16 * 9))
+    alive = []
+
+    def logits_many(group, keep=0):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "an earlier step's logits are still held"
+        out = [fake_logits(ids)[len(ids) - (keep or len(ids)):] for ids in group]
+        alive.extend(weakref.ref(o) for o in out)
+        return out
+
+    whole = perplexity(None, tokens, ctx=16, logits_many=logits_many, batch=2)
+    assert whole.windows == 9 and len(alive) == 9
+    kept = perplexity(None, tokens, ctx=16, logits_many=functools.partial(logits_many, keep=scored_rows(16)), batch=4)
+    one = perplexity(fake_logits, tokens, ctx=16)
+    assert kept.window_nll == whole.window_nll == one.window_nll and kept.perplexity == whole.perplexity
+    with pytest.raises(ValueError, match="have 7 rows; scoring needs its last 8"):
+        perplexity(lambda ids: fake_logits(ids)[-7:], tokens, ctx=16)
+
+
+@pytest.mark.parametrize("ctx", [5, 7, 16])
+def test_perplexity_scores_the_second_half_of_odd_windows_as_llama_cpp(ctx):
+    """llama.cpp scores positions ctx/2 .. ctx-2 (rounded down) of each window, predicting the next token."""
+    tokens = list(np.random.default_rng(2).integers(0, 16, ctx * 3))
+    result = perplexity(fake_logits, tokens, ctx=ctx)
+    first = ctx // 2
+    assert result.scored_tokens == 3 * (ctx - 1 - first)
+    logits = fake_logits(tokens[:ctx]).astype(np.float64)[first:ctx - 1]
+    nll = np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(logits)), tokens[first + 1:ctx]]
+    assert np.isclose(result.window_nll[0], nll.mean(), rtol=1e-12)
+
+
+def test_ctrl_c_in_perplexity_keeps_the_windows_scored():
+    """Ctrl-C mid-run lost every window scored; perplexity() now raises PerplexityInterrupted (a
+    KeyboardInterrupt) with their result, as llama.cpp's per-chunk values stay on screen."""
+    tokens = list(np.random.default_rng(3).integers(0, 16, 16 * 6))
+    calls = []
+
+    def stopped_at_third(ids):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fake_logits(ids)
+
+    with pytest.raises(PerplexityInterrupted) as stop:
+        perplexity(stopped_at_third, tokens, ctx=16)
+    assert isinstance(stop.value, KeyboardInterrupt)
+    partial, first_two = stop.value.result, perplexity(fake_logits, tokens[:32], ctx=16)
+    assert partial.interrupted and partial.windows == 2 and partial.window_nll == first_two.window_nll
+    assert partial.perplexity == first_two.perplexity and partial.line().endswith("(interrupted)")
+    calls.clear()
+    with pytest.raises(PerplexityInterrupted) as stop:  # before any window: nothing to report
+        perplexity(lambda ids: (_ for _ in ()).throw(KeyboardInterrupt), tokens, ctx=16)
+    assert stop.value.result is None
+
+
+def test_pyllm_perplexity_prints_the_windows_scored_when_interrupted(tiny_llama_f32, capsys, monkeypatch):
+    import pyllm
+
+    real = pyllm.LLM.logits_many
+    calls = []
+
+    def interrupted(self, sequences, logits_to_keep=0):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, sequences, logits_to_keep)
+
+    monkeypatch.setattr(pyllm.LLM, "logits_many", interrupted)
+    assert cli.main(["perplexity", tiny_llama_f32, "-c", "32", "--windows", "6", "--parallel", "2", "-t", "1"]) == 130
+    out = capsys.readouterr().out
+    assert "over 2 windows of 32 tokens (30 scored)" in out and out.rstrip().endswith("(interrupted)"), out
+
+
+def test_llm_logits_to_keep_and_the_limit_on_logits(tiny_llama_f32, monkeypatch):
+    """LLM.logits / logits_many returned every position's logits, whatever their size (a long text with a
+    large vocabulary: GBs); logits_to_keep (transformers') returns the last positions' only, the same values,
+    and more than limits.MAX_LOGITS_BYTES in one call is a LimitError before any work."""
+    import pyllm
+    import pyllm.limits
+
+    ids = list(range(3, 40))
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=64, n_parallel=2) as llm:
+        whole = llm.logits(ids)
+        assert whole.shape == (37, llm.config.vocab_size)
+        # (the same bits from 24 rows on: below, the engine's float matmul takes another path, whose sums
+        # differ in the last bits)
+        for keep in (24, 30, 37, 100):
+            assert np.array_equal(llm.logits(ids, logits_to_keep=keep), whole[-keep:])
+        assert np.allclose(llm.logits(ids, logits_to_keep=1), whole[-1:], rtol=1e-5, atol=1e-5)
+        many = llm.logits_many([ids, ids[:5], ids[:30]], logits_to_keep=18)
+        assert [m.shape[0] for m in many] == [18, 5, 18]
+        assert np.allclose(many[0], whole[-18:], rtol=1e-5, atol=1e-5)
+        assert np.allclose(many[1], llm.logits(ids[:5]), rtol=1e-5, atol=1e-5)
+        assert np.array_equal(llm.logits_many([ids])[0], whole)
+        for bad in (-1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="logits_to_keep must be a non-negative integer"):
+                llm.logits(ids, logits_to_keep=bad)
+            with pytest.raises(ValueError, match="logits_to_keep"):
+                llm.logits_many([ids], logits_to_keep=bad)
+        monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 20 * llm.config.vocab_size * 4)
+        assert llm.logits(ids, logits_to_keep=20).shape[0] == 20
+        with pytest.raises(LimitError, match=r"37 rows of 512 logits take 75,776 bytes, past the limit of 40,960 \(pyllm.limits.MAX_LOGITS_BYTES\)"):
+            llm.logits(ids)
+        assert len(llm.logits_many([ids, ids], logits_to_keep=10)) == 2
+        with pytest.raises(LimitError, match="22 rows"):  # all the lists' rows together
+            llm.logits_many([ids, ids], logits_to_keep=11)
+        # perplexity asks for the rows it scores: --ctx 32 fits where every position's logits would not
+        monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 16 * llm.config.vocab_size * 4)
+        tokens = list(range(3, 3 + 64))
+        keep = functools.partial(llm.logits, logits_to_keep=scored_rows(32))
+        assert perplexity(keep, tokens, ctx=32).windows == 2
+        with pytest.raises(LimitError):
+            perplexity(llm.logits, tokens, ctx=32)
+
+
+def test_progress_is_plain_lines_away_from_a_terminal(monkeypatch):
+    """A progress bar written to a file (`2> log.txt`) was every redraw joined by carriage returns; there it
+    is now plain lines (first state, at most one per PLAIN_INTERVAL, last), and redrawn in place on a terminal."""
+    from pyllm.progress import progress_bar
+
+    log = io.StringIO()
+    with progress_bar(1000, "work", "item", log=log) as bar:
+        for _ in range(1000):
+            bar.set_postfix(x="1", refresh=False)
+            bar.update(1)
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[-1] == "" and len(lines) == 3, lines
+    assert lines[0].startswith("work:   0%") and lines[1].startswith("work: 100%") and "1000/1000" in lines[1]
+    quiet = io.StringIO()
+    with progress_bar(5, "work", "item", enabled=False, log=quiet) as bar:
+        bar.update(5)
+    assert quiet.getvalue() == ""
+    leader, follower = os.openpty()
+    with open(follower, "w") as terminal:
+        with progress_bar(3, "work", "item", log=terminal, mininterval=0) as bar:
+            bar.update(3)
+    shown = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "\r" in shown and "work: 100%" in shown
+
+
+def test_pyllm_perplexity_progress_in_a_file_has_no_carriage_returns(tiny_llama_f32, capsys):
+    assert cli.main(["perplexity", tiny_llama_f32, "-c", "32", "--windows", "5", "--parallel", "2", "-t", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "perplexity: 100%" in err and "5/5" in err
+    assert "over 5 windows of 32 tokens (75 scored)" in out
+
+
+def test_perplexity_is_the_same_bits_whatever_parallel_and_threads(tiny_llama_f32, capsys):
+    """Each window's value is the same, bit for bit, scored alone or with others in a step, on 1 or 2
+    threads, and `pyllm perplexity` prints the same line (at --ctx 64; below ~48 the engine's float matmul
+    path depends on a step's rows: see the report of this change)."""
+    import pyllm
+    from pyllm.perplexity import default_text, leading_tokens
+
+    seen = {}
+    for parallel, threads in ((1, 1), (3, 1), (3, 2)):
+        with pyllm.LLM(tiny_llama_f32, n_threads=threads, context_length=64, n_parallel=parallel) as llm:
+            tokens = leading_tokens(lambda t: llm.tokenize(t, add_special_tokens=False, parse_special=False),
+                                    default_text(), 5 * 64)
+            keep = scored_rows(64)
+            result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=64, windows=5,
+                                logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=parallel)
+            seen[parallel, threads] = (result.window_nll, result.perplexity, result.uncertainty)
+        assert cli.main(["perplexity", tiny_llama_f32, "-c", "64", "--windows", "5", "--parallel", str(parallel),
+                         "-t", str(threads)]) == 0
+        seen[parallel, threads, "cli"] = capsys.readouterr().out.split(", ")[0]
+    assert seen[1, 1] == seen[3, 1] == seen[3, 2], seen
+    assert seen[1, 1, "cli"] == seen[3, 1, "cli"] == seen[3, 2, "cli"], seen
