@@ -438,7 +438,7 @@ def cmd_perplexity(args) -> int:
     import functools
 
     from .errors import read_text
-    from .perplexity import PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows
+    from .perplexity import PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows, text_tokens
     from .progress import progress_bar
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
@@ -468,8 +468,10 @@ def cmd_perplexity(args) -> int:
     def tokenize(text: str) -> list[int]:
         return llm.tokenize(text, add_special_tokens=False, parse_special=False)
 
-    # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus)
-    tokens = tokenize(text) if args.windows is None else leading_tokens(tokenize, text, args.windows * args.ctx)
+    # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus); else all of
+    # them, a piece of the text at a time (a whole corpus at once took ~180 bytes a character)
+    tokens = text_tokens(tokenize, text) if args.windows is None else \
+        leading_tokens(tokenize, text, args.windows * args.ctx)
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:

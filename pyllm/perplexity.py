@@ -10,7 +10,9 @@ llama.cpp does.
 from __future__ import annotations
 
 import math
+import re
 import time
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,49 @@ def leading_tokens(tokenize, text: str, count: int, margin: int = 256) -> list[i
             return ids[:count]
         size *= 2
     return tokenize(text)
+
+
+PIECE_CHARS = 2**20  # characters text_tokens hands the tokenizer at a time
+_CUT_CONTEXT = 512  # characters either side of a cut that text_tokens checks
+
+
+def text_tokens(tokenize, text: str, piece_chars: int | None = None) -> array:
+    """tokenize(text)'s ids (int32 array), the text handed to tokenize a piece of about piece_chars
+    (default PIECE_CHARS) characters at a time: the tokenizers library took ~180 bytes per character of a text given whole
+    (a 22 MB file: 4 GB; the 1 GiB a --text file may hold: ~190 GB), and a list of Python ints 36 bytes
+    a token.
+
+    A piece ends at a line start where tokenization is seen to split alike: the tokens of the
+    _CUT_CONTEXT characters either side of the cut, tokenized together, are those of each side
+    tokenized alone (byte-level BPE splits there; a tokenizer that marks a text's start, as
+    SentencePiece's dummy prefix does, never does, and gets the rest of the text whole)."""
+    piece_chars = PIECE_CHARS if piece_chars is None else piece_chars
+    ids, pos = array("i"), 0
+    while len(text) - pos > 2 * piece_chars:
+        cut = _clean_cut(tokenize, text, pos + piece_chars, piece_chars)
+        if cut is None:
+            break
+        ids.extend(tokenize(text[pos:cut]))
+        pos = cut
+    ids.extend(tokenize(text[pos:] if pos else text))
+    return ids
+
+
+# where a piece of text may end (_clean_cut): a line start between two non-blank characters, or a space
+# before a non-blank one (GPT-2's split pattern starts a piece at " word", takes a run of line ends at a
+# text's end whole, and the last but one alone elsewhere)
+_CUT_CANDIDATE = re.compile(r"(?<=\S\n)(?=\S)| (?=\S)")
+
+
+def _clean_cut(tokenize, text: str, near: int, span: int, tries: int = 64) -> int | None:
+    """A position from `near` (within span characters) where tokenize splits text alike (text_tokens),
+    or None when the first `tries` candidates (_CUT_CANDIDATE) are not."""
+    for _, found in zip(range(tries), _CUT_CANDIDATE.finditer(text, near, near + span)):
+        cut = found.start()
+        start, end = max(cut - _CUT_CONTEXT, 0), cut + _CUT_CONTEXT  # (both sides' ends are shared)
+        if list(tokenize(text[start:end])) == list(tokenize(text[start:cut])) + list(tokenize(text[cut:end])):
+            return cut
+    return None
 
 
 @dataclass

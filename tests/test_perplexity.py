@@ -196,3 +196,38 @@ def test_perplexity_is_the_same_bits_whatever_parallel_and_threads(tiny_llama_f3
         seen[parallel, threads, "cli"] = capsys.readouterr().out.split(", ")[0]
     assert seen[1, 1] == seen[3, 1] == seen[3, 2], seen
     assert seen[1, 1, "cli"] == seen[3, 1, "cli"] == seen[3, 2, "cli"], seen
+
+
+@pytest.mark.parametrize("model", ["tiny", "default"])
+def test_a_long_text_is_tokenized_a_piece_at_a_time_into_the_same_ids(model, tiny_llama_f32, request, tmp_path,
+                                                                       capsys, monkeypatch):
+    """`pyllm perplexity --text FILE` without --windows gave the whole file to the tokenizer at once: ~180
+    bytes a character (a 22 MB text took 4 GB; the 1 GiB a text file may hold, ~190 GB). text_tokens hands
+    it pieces cut where tokenization splits alike (the same ids: tests/test_names.py checks them on English,
+    code, CJK and emoji, a text without line ends), the command the same perplexity; a tokenizer that marks
+    a text's start gets the text whole."""
+    import pyllm
+    import pyllm.perplexity
+    from pyllm.perplexity import default_text, text_tokens
+
+    path = tiny_llama_f32 if model == "tiny" else request.getfixturevalue("default_model_file")
+    docs = default_text()[:5000]  # (the ids of longer texts and others: test_names' test of leading_tokens)
+    marked = lambda text: [0] + [ord(c) for c in text]  # noqa: E731 - a start marker: no cut splits alike
+    assert list(text_tokens(marked, docs, piece_chars=1000)) == marked(docs)
+    file = tmp_path / "docs.txt"
+    file.write_text(docs)
+    real, longest = pyllm.LLM.tokenize, []
+
+    def tokenize_recorded(self, text, *args, **kwargs):
+        longest.append(len(text))
+        return real(self, text, *args, **kwargs)
+
+    results = []
+    for piece in (10**9, 1000):
+        monkeypatch.setattr(pyllm.perplexity, "PIECE_CHARS", piece)
+        monkeypatch.setattr(pyllm.LLM, "tokenize", tokenize_recorded)
+        longest.clear()
+        assert cli.main(["perplexity", path, "-t", "1", "--text", str(file), "-c", "128"]) == 0
+        results.append(capsys.readouterr().out.split(", ")[0])
+    assert max(longest) < 3 * 1000, max(longest)
+    assert results[0] == results[1] and " windows of 128 tokens" in results[0], results
