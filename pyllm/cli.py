@@ -437,6 +437,7 @@ def cmd_serve(args) -> int:
 def cmd_perplexity(args) -> int:
     import functools
 
+    from . import limits
     from .errors import read_text
     from .perplexity import PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows, text_tokens
     from .progress import progress_bar
@@ -484,10 +485,12 @@ def cmd_perplexity(args) -> int:
         bar.update(1)
 
     keep = scored_rows(args.ctx)  # (the logits of the positions scored only: half the memory)
+    # as many windows per call as limits.MAX_LOGITS_BYTES of logits allow (--parallel 64 --ctx 4096: 25 GB)
+    batch = max(1, min(llm.n_parallel, limits.MAX_LOGITS_BYTES // (keep * llm.config.vocab_size * 4)))
     try:
         result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
                             windows=args.windows, bos_id=bos, progress=show,
-                            logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=llm.n_parallel)
+                            logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=batch)
     except PerplexityInterrupted as stop:  # Ctrl-C: the windows scored so far (llama.cpp's were printed as it went)
         bar.close()
         if stop.result is not None:

@@ -231,3 +231,17 @@ def test_a_long_text_is_tokenized_a_piece_at_a_time_into_the_same_ids(model, tin
         results.append(capsys.readouterr().out.split(", ")[0])
     assert max(longest) < 3 * 1000, max(longest)
     assert results[0] == results[1] and " windows of 128 tokens" in results[0], results
+
+
+def test_pyllm_perplexity_scores_fewer_windows_per_call_where_their_logits_pass_the_limit(tiny_llama_f32, capsys,
+                                                                                           monkeypatch):
+    """--parallel windows' logits in one call past limits.MAX_LOGITS_BYTES (--parallel 64 --ctx 4096: 25 GB
+    for SmolLM2) were a LimitError; the command now asks for as many windows per call as fit, same result."""
+    import pyllm.limits
+
+    argv = ["perplexity", tiny_llama_f32, "-c", "64", "--windows", "4", "--parallel", "4", "-t", "1"]
+    assert cli.main(argv) == 0
+    before = capsys.readouterr().out.split(", ")[0]
+    monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 40 * 512 * 4)  # one window's 32 rows, not two
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.split(", ")[0] == before
