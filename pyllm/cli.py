@@ -478,6 +478,9 @@ def cmd_perplexity(args) -> int:
     if available == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
                          "longer text, or a smaller --ctx")
+    if args.windows is not None and args.windows > available:  # (the result line alone said "over 3 windows")
+        print(f"pyllm perplexity: warning: --windows {args.windows}: the text holds {available} window(s) of "
+              f"--ctx {args.ctx} ({len(tokens)} tokens); scoring those", file=sys.stderr)
     bar = progress_bar(min(args.windows or available, available), "perplexity", "window")
 
     def show(done, total, ppl):

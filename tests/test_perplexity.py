@@ -245,3 +245,14 @@ def test_pyllm_perplexity_scores_fewer_windows_per_call_where_their_logits_pass_
     monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 40 * 512 * 4)  # one window's 32 rows, not two
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.split(", ")[0] == before
+
+
+def test_pyllm_perplexity_says_when_the_text_holds_fewer_windows_than_asked(tiny_llama_f32, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "64", "--windows", "50"]) == 0
+    out, err = capsys.readouterr()
+    held = int(out.split(" over ")[1].split()[0])
+    assert 1 <= held < 50 and f"warning: --windows 50: the text holds {held} window(s) of --ctx 64" in err, err
+    assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "64", "--windows", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
