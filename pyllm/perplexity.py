@@ -161,8 +161,8 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
 
     The uncertainty is llama.cpp's: the standard error of the mean token negative log-likelihood,
     times the perplexity (exp's first-order propagation)."""
-    if ctx < 4:
-        raise ValueError("ctx must be at least 4")
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 4:  # (64.0 was range()'s TypeError)
+        raise ValueError(f"ctx must be an integer of at least 4 (tokens per window), got {ctx!r}")
     if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
         raise ValueError(f"windows must be a positive integer (or None for all the text holds), got {windows!r}")
     # (checked with windows, before any work: 2.5 was range()'s "'float' object cannot be interpreted as an

@@ -55,5 +55,6 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, 
         return tqdm(total=total, disable=True)
     if is_terminal(log):
         return tqdm(total=total, desc=desc, unit=unit, file=log, **options)
-    return tqdm(total=total, desc=desc, unit=unit, file=_Lines(log), mininterval=PLAIN_INTERVAL, ascii=True,
-                **options)
+    # (maxinterval too: tqdm's monitor thread otherwise forces a redraw of a fast loop every 10 s)
+    return tqdm(total=total, desc=desc, unit=unit, file=_Lines(log), mininterval=PLAIN_INTERVAL,
+                maxinterval=PLAIN_INTERVAL, ascii=True, **options)

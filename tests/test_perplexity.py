@@ -46,6 +46,14 @@ def test_perplexity_holds_one_steps_logits_and_scores_the_kept_rows_alike():
         perplexity(lambda ids: fake_logits(ids)[-7:], tokens, ctx=16)
 
 
+def test_perplexity_refuses_a_ctx_that_is_not_an_integer_of_at_least_4():
+    tokens = list(range(16)) * 8
+    for ctx in (3, 0, -8, 64.0, 4.5, True, "16", None):
+        with pytest.raises(ValueError, match=r"ctx must be an integer of at least 4 \(tokens per window\), got"):
+            perplexity(fake_logits, tokens, ctx=ctx)
+    assert perplexity(fake_logits, tokens, ctx=np.int64(16).item()).windows == 8
+
+
 @pytest.mark.parametrize("ctx", [5, 7, 16])
 def test_perplexity_scores_the_second_half_of_odd_windows_as_llama_cpp(ctx):
     """llama.cpp scores positions ctx/2 .. ctx-2 (rounded down) of each window, predicting the next token."""
