@@ -776,7 +776,8 @@ class LLM:
             if self.device != "cpu":  # the CUDA engine holds one sequence and runs no rows of several
                 for ids, k in zip(checked, kept):  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
                     self._open_engine()
-                    results.append(self.engine.forward(ids, 0, True)[len(ids) - k:].copy())
+                    out = self.engine.forward(ids, 0, True)
+                    results.append(out if k == len(ids) else out[len(ids) - k:].copy())  # (not a view of all)
                 return results
             for first in range(0, len(checked), self.n_parallel):
                 self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
