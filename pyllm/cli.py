@@ -439,7 +439,8 @@ def cmd_perplexity(args) -> int:
 
     from . import limits
     from .errors import read_text
-    from .perplexity import PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows, text_tokens
+    from .perplexity import (PIECE_CHARS, PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows,
+                             text_tokens)
     from .progress import progress_bar
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
@@ -471,8 +472,11 @@ def cmd_perplexity(args) -> int:
 
     # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus); else all of
     # them, a piece of the text at a time (a whole corpus at once took ~180 bytes a character)
-    tokens = text_tokens(tokenize, text) if args.windows is None else \
-        leading_tokens(tokenize, text, args.windows * args.ctx)
+    if args.windows is not None:
+        tokens = leading_tokens(tokenize, text, args.windows * args.ctx)
+    else:  # (a long text took minutes without a word: a bar past a few pieces)
+        with progress_bar(len(text), "tokenizing", "char", len(text) > 4 * PIECE_CHARS, unit_scale=True) as bar:
+            tokens = text_tokens(tokenize, text, progress=lambda done: bar.update(done - bar.n))
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:

@@ -48,13 +48,13 @@ PIECE_CHARS = 2**20  # characters text_tokens hands the tokenizer at a time
 _CUT_CONTEXT = 512  # characters either side of a cut that text_tokens checks
 
 
-def text_tokens(tokenize, text: str, piece_chars: int | None = None) -> array:
+def text_tokens(tokenize, text: str, piece_chars: int | None = None, progress=None) -> array:
     """tokenize(text)'s ids (int32 array), the text handed to tokenize a piece of about piece_chars
-    (default PIECE_CHARS) characters at a time: the tokenizers library took ~180 bytes per character of a text given whole
-    (a 22 MB file: 4 GB; the 1 GiB a --text file may hold: ~190 GB), and a list of Python ints 36 bytes
-    a token.
+    (default PIECE_CHARS) characters at a time: the tokenizers library took ~180 bytes per character of
+    a text given whole (a 22 MB file: 4 GB; the 1 GiB a --text file may hold: ~190 GB), and a list of
+    Python ints 36 bytes a token. progress(characters done) is called after each piece.
 
-    A piece ends at a line start where tokenization is seen to split alike: the tokens of the
+    A piece ends where tokenization is seen to split alike (_CUT_CANDIDATE): the tokens of the
     _CUT_CONTEXT characters either side of the cut, tokenized together, are those of each side
     tokenized alone (byte-level BPE splits there; a tokenizer that marks a text's start, as
     SentencePiece's dummy prefix does, never does, and gets the rest of the text whole)."""
@@ -66,7 +66,11 @@ def text_tokens(tokenize, text: str, piece_chars: int | None = None) -> array:
             break
         ids.extend(tokenize(text[pos:cut]))
         pos = cut
+        if progress is not None:
+            progress(pos)
     ids.extend(tokenize(text[pos:] if pos else text))
+    if progress is not None:
+        progress(len(text))
     return ids
 
 

@@ -222,6 +222,9 @@ def test_a_long_text_is_tokenized_a_piece_at_a_time_into_the_same_ids(model, tin
     docs = default_text()[:5000]  # (the ids of longer texts and others: test_names' test of leading_tokens)
     marked = lambda text: [0] + [ord(c) for c in text]  # noqa: E731 - a start marker: no cut splits alike
     assert list(text_tokens(marked, docs, piece_chars=1000)) == marked(docs)
+    done = []
+    assert list(text_tokens(lambda t: [ord(c) for c in t], docs, 1000, done.append)) == [ord(c) for c in docs]
+    assert len(done) > 2 and done == sorted(done) and done[-1] == len(docs)  # progress after each piece
     file = tmp_path / "docs.txt"
     file.write_text(docs)
     real, longest = pyllm.LLM.tokenize, []
@@ -236,7 +239,9 @@ def test_a_long_text_is_tokenized_a_piece_at_a_time_into_the_same_ids(model, tin
         monkeypatch.setattr(pyllm.LLM, "tokenize", tokenize_recorded)
         longest.clear()
         assert cli.main(["perplexity", path, "-t", "1", "--text", str(file), "-c", "128"]) == 0
-        results.append(capsys.readouterr().out.split(", ")[0])
+        out, err = capsys.readouterr()
+        results.append(out.split(", ")[0])
+        assert ("tokenizing: 100%" in err) == (piece == 1000), err  # a bar for a text of more than 4 pieces
     assert max(longest) < 3 * 1000, max(longest)
     assert results[0] == results[1] and " windows of 128 tokens" in results[0], results
 
