@@ -56,7 +56,7 @@ from pyllm import default_model
 from pyllm.convert import convert_checkpoint
 from pyllm.convert.strategy import options_from_flags
 from pyllm.eval_texts import DOMAIN_NAMES, DOMAINS, domain_text, package_version
-from pyllm.perplexity import perplexity, scored_rows
+from pyllm.perplexity import logits_to_keep, perplexity, scored_rows
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
 from llama_gguf import dequantized_gguf, llama_cpp_quantize  # noqa: E402
@@ -219,7 +219,7 @@ def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[dict]:
             convert_s = time.perf_counter() - start
             with pyllm.LLM(path, n_threads=args.threads, context_length=args.ctx) as llm:
                 for d in missing:
-                    result = perplexity(functools.partial(llm.logits, logits_to_keep=scored_rows(args.ctx)),
+                    result = perplexity(functools.partial(llm.logits, logits_to_keep=logits_to_keep(args.ctx)),
                                         tokens[d], ctx=args.ctx, windows=args.windows)
                     cache.put(keys[d], {"bits": report.bits_per_weight, "ppl": result.perplexity,
                                         "convert_s": convert_s})

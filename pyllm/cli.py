@@ -439,8 +439,8 @@ def cmd_perplexity(args) -> int:
 
     from . import limits
     from .errors import read_text
-    from .perplexity import (PIECE_CHARS, PerplexityInterrupted, default_text, leading_tokens, perplexity, scored_rows,
-                             text_tokens)
+    from .perplexity import (PIECE_CHARS, PerplexityInterrupted, default_text, leading_tokens, logits_to_keep,
+                             perplexity, text_tokens)
     from .progress import progress_bar
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
@@ -491,9 +491,9 @@ def cmd_perplexity(args) -> int:
         bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
         bar.update(1)
 
-    keep = scored_rows(args.ctx)  # (the logits of the positions scored only: half the memory)
+    keep = logits_to_keep(args.ctx)  # (the logits of the positions scored only: half the memory)
     # as many windows per call as limits.MAX_LOGITS_BYTES of logits allow (--parallel 64 --ctx 4096: 25 GB)
-    batch = max(1, min(llm.n_parallel, limits.MAX_LOGITS_BYTES // (keep * llm.config.vocab_size * 4)))
+    batch = max(1, min(llm.n_parallel, limits.MAX_LOGITS_BYTES // ((keep or args.ctx) * llm.config.vocab_size * 4)))
     try:
         result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
                             windows=args.windows, bos_id=bos, progress=show,

@@ -132,7 +132,7 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log p(target) for each row, in float64.   logits: f32 [n, vocab]   targets: int [n]   -> f64 [n]
 
     Rows are taken NLL_BLOCK_ROWS at a time (each row's value is the same as the whole array's at once):
-    the float64 copies are a block's, not 2 x 2 x the logits' size."""
+    the float64 temporaries are a block's (the whole array's took 4 times the f32 logits' memory)."""
     out = np.empty(len(targets), dtype=np.float64)
     for b in range(0, len(targets), NLL_BLOCK_ROWS):
         x = logits[b:b + NLL_BLOCK_ROWS].astype(np.float64)
@@ -144,8 +144,21 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def scored_rows(ctx: int) -> int:
     """Logit rows a window of ctx tokens needs: its last ctx - ctx // 2 positions' (the last one's is not
-    used: no token follows it). Pass it as LLM.logits / LLM.logits_many's logits_to_keep."""
+    used: no token follows it)."""
     return ctx - ctx // 2
+
+
+# fewest rows whose logits the engine computes as it does a whole window's: below a few dozen rows its
+# matmuls take other paths (csrc/kernels/cpu: float weights under 12-24 rows), whose sums differ in the
+# last bits, so a small window asked for its scored rows alone scored differently alone than with others
+MIN_KEPT_ROWS = 64
+
+
+def logits_to_keep(ctx: int) -> int:
+    """LLM.logits / LLM.logits_many's logits_to_keep for a window of ctx tokens: its scored rows
+    (scored_rows), or 0 (every row, as a whole window's) when they are fewer than MIN_KEPT_ROWS: the
+    same bits either way, one window per call or many."""
+    return scored_rows(ctx) if scored_rows(ctx) >= MIN_KEPT_ROWS else 0
 
 
 def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None = None,
@@ -155,7 +168,7 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
 
     logits_fn(ids) -> f32 [k, vocab]: the logits of the last k positions of ids, in a fresh context, with
     k >= scored_rows(ctx) (every position's, as LLM.logits gives; or only those scored, as
-    functools.partial(LLM.logits, logits_to_keep=scored_rows(ctx)) gives, half the memory and output
+    functools.partial(LLM.logits, logits_to_keep=logits_to_keep(ctx)) gives, half the memory and output
     work). Or, given logits_many(list of windows' ids) -> their logits the same way, `batch` windows at a
     time (LLM.logits_many: the windows of a batch share each engine step). Each window's logits are
     scored as they arrive and dropped before the next call: memory holds one call's logits at most.

@@ -183,23 +183,26 @@ def test_pyllm_perplexity_progress_in_a_file_has_no_carriage_returns(tiny_llama_
     assert "over 5 windows of 32 tokens (75 scored)" in out
 
 
-def test_perplexity_is_the_same_bits_whatever_parallel_and_threads(tiny_llama_f32, capsys):
+@pytest.mark.parametrize("ctx", [16, 128])
+def test_perplexity_is_the_same_bits_whatever_parallel_and_threads(ctx, tiny_llama_f32, capsys):
     """Each window's value is the same, bit for bit, scored alone or with others in a step, on 1 or 2
-    threads, and `pyllm perplexity` prints the same line (at --ctx 64; below ~48 the engine's float matmul
-    path depends on a step's rows: see the report of this change)."""
+    threads, and `pyllm perplexity` prints the same line. (Asked for its 8 scored rows alone, a window of
+    16 tokens scored differently alone than with others: the engine's float matmuls take another path
+    under 12-24 rows; logits_to_keep(ctx) asks for every row of windows that small.)"""
     import pyllm
-    from pyllm.perplexity import default_text, leading_tokens
+    from pyllm.perplexity import default_text, leading_tokens, logits_to_keep
 
     seen = {}
     for parallel, threads in ((1, 1), (3, 1), (3, 2)):
-        with pyllm.LLM(tiny_llama_f32, n_threads=threads, context_length=64, n_parallel=parallel) as llm:
+        with pyllm.LLM(tiny_llama_f32, n_threads=threads, context_length=ctx, n_parallel=parallel) as llm:
             tokens = leading_tokens(lambda t: llm.tokenize(t, add_special_tokens=False, parse_special=False),
-                                    default_text(), 5 * 64)
-            keep = scored_rows(64)
-            result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=64, windows=5,
+                                    default_text(), 5 * ctx)
+            keep = logits_to_keep(ctx)
+            assert keep == (0 if ctx == 16 else 64)
+            result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=ctx, windows=5,
                                 logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=parallel)
             seen[parallel, threads] = (result.window_nll, result.perplexity, result.uncertainty)
-        assert cli.main(["perplexity", tiny_llama_f32, "-c", "64", "--windows", "5", "--parallel", str(parallel),
+        assert cli.main(["perplexity", tiny_llama_f32, "-c", str(ctx), "--windows", "5", "--parallel", str(parallel),
                          "-t", str(threads)]) == 0
         seen[parallel, threads, "cli"] = capsys.readouterr().out.split(", ")[0]
     assert seen[1, 1] == seen[3, 1] == seen[3, 2], seen
@@ -252,10 +255,10 @@ def test_pyllm_perplexity_scores_fewer_windows_per_call_where_their_logits_pass_
     for SmolLM2) were a LimitError; the command now asks for as many windows per call as fit, same result."""
     import pyllm.limits
 
-    argv = ["perplexity", tiny_llama_f32, "-c", "64", "--windows", "4", "--parallel", "4", "-t", "1"]
+    argv = ["perplexity", tiny_llama_f32, "-c", "128", "--windows", "4", "--parallel", "4", "-t", "1"]
     assert cli.main(argv) == 0
     before = capsys.readouterr().out.split(", ")[0]
-    monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 40 * 512 * 4)  # one window's 32 rows, not two
+    monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 100 * 512 * 4)  # one window's 64 rows, not two
     assert cli.main(argv) == 0
     assert capsys.readouterr().out.split(", ")[0] == before
 
