@@ -495,15 +495,14 @@ def cmd_perplexity(args) -> int:
     # as many windows per call as limits.MAX_LOGITS_BYTES of logits allow (--parallel 64 --ctx 4096: 25 GB)
     batch = max(1, min(llm.n_parallel, limits.MAX_LOGITS_BYTES // ((keep or args.ctx) * llm.config.vocab_size * 4)))
     try:
-        result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
-                            windows=args.windows, bos_id=bos, progress=show,
-                            logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=batch)
+        with bar:  # (closed before any error is said: a terminal's bar held the line the error went on)
+            result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
+                                windows=args.windows, bos_id=bos, progress=show,
+                                logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=batch)
     except PerplexityInterrupted as stop:  # Ctrl-C: the windows scored so far (llama.cpp's were printed as it went)
-        bar.close()
         if stop.result is not None:
             print(stop.result.line(), flush=True)
         raise
-    bar.close()
     print(result.line())
     return 0
 

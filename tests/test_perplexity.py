@@ -272,3 +272,25 @@ def test_pyllm_perplexity_says_when_the_text_holds_fewer_windows_than_asked(tiny
     assert 1 <= held < 50 and f"warning: --windows 50: the text holds {held} window(s) of --ctx 64" in err, err
     assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(text), "-c", "64", "--windows", "1"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_an_error_while_scoring_is_said_on_its_own_line_after_the_bar(tiny_llama_f32, capsys, monkeypatch):
+    """An error raised while windows were scored was written after the bar's unfinished line (on a
+    terminal, on the same line); the bar is closed first."""
+    import pyllm.limits
+
+    import sys
+
+    monkeypatch.setattr(pyllm.limits, "MAX_LOGITS_BYTES", 10 * 512 * 4)  # less than one window's 64 rows
+    argv = ["perplexity", tiny_llama_f32, "-c", "128", "--windows", "2", "-t", "1"]
+    assert cli.main(argv) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-2].startswith("perplexity:   0%|") and lines[-1].startswith("pyllm perplexity: error: logits of"), lines
+    leader, follower = os.openpty()
+    with open(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert cli.main(argv) == 1
+        terminal.flush()
+    shown = os.read(leader, 16384).decode()
+    os.close(leader)
+    assert "\r\npyllm perplexity: error: logits of" in shown, shown  # (pty line ends: \r\n)
