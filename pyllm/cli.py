@@ -499,9 +499,10 @@ def cmd_perplexity(args) -> int:
             result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
                                 windows=args.windows, bos_id=bos, progress=show,
                                 logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=batch)
-    except PerplexityInterrupted as stop:  # Ctrl-C: the windows scored so far (llama.cpp's were printed as it went)
-        if stop.result is not None:
-            print(stop.result.line(), flush=True)
+    except (PerplexityInterrupted, SystemExit) as stop:  # Ctrl-C, SIGTERM: the windows scored so far (llama.cpp's
+        partial = getattr(stop, "result", None) or getattr(stop, "perplexity_result", None)  # were printed as it went)
+        if partial is not None:
+            print(partial.line(), flush=True)
         raise
     print(result.line())
     return 0

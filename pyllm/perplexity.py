@@ -174,7 +174,8 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
     scored as they arrive and dropped before the next call: memory holds one call's logits at most.
 
     progress(windows done, windows, perplexity so far) is called after each window. Ctrl-C raises
-    PerplexityInterrupted carrying the result of the windows scored before it.
+    PerplexityInterrupted carrying the result of the windows scored before it; a SystemExit (pyllm's
+    commands raise one on SIGTERM) passes with that result as its perplexity_result.
 
     The uncertainty is llama.cpp's: the standard error of the mean token negative log-likelihood,
     times the perplexity (exp's first-order propagation)."""
@@ -215,6 +216,9 @@ def perplexity(logits_fn, tokens: list[int], ctx: int = 512, windows: int | None
             del results  # (held while the next call ran: two steps' logits at once)
     except KeyboardInterrupt:
         raise PerplexityInterrupted(sums.result(interrupted=True) if sums.count else None) from None
+    except SystemExit as stop:  # SIGTERM in pyllm's commands (cli._exit_cleanly_on_sigterm): `timeout 1h pyllm ...`
+        stop.perplexity_result = sums.result(interrupted=True) if sums.count else None
+        raise
     return sums.result()
 
 

@@ -90,7 +90,10 @@ def test_ctrl_c_in_perplexity_keeps_the_windows_scored():
     assert stop.value.result is None
 
 
-def test_pyllm_perplexity_prints_the_windows_scored_when_interrupted(tiny_llama_f32, capsys, monkeypatch):
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit(143)])
+def test_pyllm_perplexity_prints_the_windows_scored_when_interrupted(stop, tiny_llama_f32, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM (`timeout 1h pyllm perplexity ...`; SystemExit(143) in pyllm's commands) printed
+    nothing of the windows scored; their result is printed, marked (interrupted)."""
     import pyllm
 
     real = pyllm.LLM.logits_many
@@ -99,11 +102,17 @@ def test_pyllm_perplexity_prints_the_windows_scored_when_interrupted(tiny_llama_
     def interrupted(self, sequences, logits_to_keep=0):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise stop
         return real(self, sequences, logits_to_keep)
 
     monkeypatch.setattr(pyllm.LLM, "logits_many", interrupted)
-    assert cli.main(["perplexity", tiny_llama_f32, "-c", "32", "--windows", "6", "--parallel", "2", "-t", "1"]) == 130
+    argv = ["perplexity", tiny_llama_f32, "-c", "32", "--windows", "6", "--parallel", "2", "-t", "1"]
+    if stop is KeyboardInterrupt:
+        assert cli.main(argv) == 130
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 143
     out = capsys.readouterr().out
     assert "over 2 windows of 32 tokens (30 scored)" in out and out.rstrip().endswith("(interrupted)"), out
 
