@@ -303,3 +303,21 @@ def test_an_error_while_scoring_is_said_on_its_own_line_after_the_bar(tiny_llama
     shown = os.read(leader, 16384).decode()
     os.close(leader)
     assert "\r\npyllm perplexity: error: logits of" in shown, shown  # (pty line ends: \r\n)
+
+
+def test_pyllm_perplexity_reads_a_fifo_as_a_file(tiny_llama_f32, tmp_path, capsys):
+    """`--text <(zcat corpus.gz)` (a pipe) or a FIFO is read to its end, as a file: the same result."""
+    import threading
+
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "text.txt").write_text(text)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
+    writer.start()
+    results = []
+    for source in (fifo, tmp_path / "text.txt"):
+        assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(source), "-c", "64"]) == 0
+        results.append(capsys.readouterr().out.split(", ")[0])
+    writer.join(5)
+    assert results[0] == results[1] and "windows of 64 tokens" in results[0], results
