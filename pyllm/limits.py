@@ -49,6 +49,9 @@ MAX_TOKENIZER_GROWTH = 64
 # pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
 # rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4
+# bytes of logits one call returns (LLM.logits, LLM.logits_many: rows x vocab x 4): 8192 rows of SmolLM2's 49,152
+# entries take 1.5 GiB, 4096 of Qwen2's 151,936 2.3 GiB; perplexity asks for the rows it scores, one step at a time
+MAX_LOGITS_BYTES = 4 * 2**30
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 
@@ -97,6 +100,16 @@ def check_kv_cache_bytes(nbytes: int, what: str) -> int:
         raise LimitError(f"{what} needs a KV cache of {nbytes / 2**30:.1f} GiB; this process may use "
                          f"{limit / 2**30:.1f} GiB of memory (the machine's, or its container's limit): "
                          "lower context_length or n_parallel")
+    return nbytes
+
+
+def check_logits_bytes(rows: int, vocab: int, what: str) -> int:
+    """Bytes of rows x vocab f32 logits, at most MAX_LOGITS_BYTES (LimitError naming both sizes otherwise)."""
+    nbytes = rows * vocab * 4
+    if nbytes > MAX_LOGITS_BYTES:
+        raise LimitError(f"{what}: {rows} rows of {vocab} logits take {nbytes:,} bytes, past the limit of "
+                         f"{MAX_LOGITS_BYTES:,} (pyllm.limits.MAX_LOGITS_BYTES): ask for fewer rows (logits_to_keep), "
+                         "or give fewer or shorter sequences")
     return nbytes
 
 

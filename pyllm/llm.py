@@ -23,7 +23,8 @@ from .chat_template import (TemplateError, chat_template_origin, check_chat_temp
 from .formats.packed import PackedModel
 from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
-from .limits import RenderLimits, check_context_length, check_kv_cache_bytes, check_parallel, check_threads
+from .limits import (RenderLimits, check_context_length, check_kv_cache_bytes, check_logits_bytes, check_parallel,
+                     check_threads)
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax, most_likely
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
@@ -752,32 +753,41 @@ class LLM:
             raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
         return arr.astype(np.int32)
 
-    def logits_many(self, sequences: list) -> list[np.ndarray]:
-        """Logits f32 [len(ids), vocab] of each token-id list, each in a fresh context, n_parallel at a time
-        in one engine step (perplexity's windows)."""
+    def logits_many(self, sequences: list, logits_to_keep: int = 0) -> list[np.ndarray]:
+        """Logits f32 [rows, vocab] of each token-id list, each in a fresh context, n_parallel at a time
+        in one engine step (perplexity's windows). rows: every position's (logits_to_keep 0, the default),
+        else the last logits_to_keep positions' only (transformers' logits_to_keep; all of a shorter list).
+        LimitError when the rows of all the lists together exceed limits.MAX_LOGITS_BYTES: ask for fewer
+        rows, or fewer sequences at a time."""
         if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
+        keep = _logits_to_keep(logits_to_keep)
         checked = []
         for i, ids in enumerate(sequences):
             with _naming(f"sequence {i} of the list"):
                 checked.append(self._check_ids(ids))
+        kept = [min(keep or len(ids), len(ids)) for ids in checked]
+        check_logits_bytes(sum(kept), self.config.vocab_size, f"logits of {len(checked)} sequence(s)")
         call = _Call()
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
             self._cached, self._primed = [], None
             results = []
             if self.device != "cpu":  # the CUDA engine holds one sequence and runs no rows of several
-                for ids in checked:  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
+                for ids, k in zip(checked, kept):  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
                     self._open_engine()
-                    results.append(self.engine.forward(ids, 0, True))
+                    out = self.engine.forward(ids, 0, True)
+                    results.append(out if k == len(ids) else out[len(ids) - k:].copy())  # (not a view of all)
                 return results
             for first in range(0, len(checked), self.n_parallel):
                 self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 group = checked[first:first + self.n_parallel]
                 lengths = [len(g) for g in group]
+                ends = np.cumsum(lengths)
+                rows = np.concatenate([np.arange(end - k, end) for end, k in zip(ends, kept[first:first + len(group)])])
                 out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
-                                               np.concatenate([np.arange(n) for n in lengths]), np.arange(sum(lengths)))
-                bounds = np.cumsum([0] + [len(g) for g in group])
+                                               np.concatenate([np.arange(n) for n in lengths]), rows)
+                bounds = np.cumsum([0] + kept[first:first + len(group)])
                 results += [out[bounds[i]:bounds[i + 1]] for i in range(len(group))]
             return results
         finally:
@@ -821,14 +831,25 @@ class LLM:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
 
-    def logits(self, ids) -> np.ndarray:
-        """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
+    def logits(self, ids, logits_to_keep: int = 0) -> np.ndarray:
+        """Logits f32 [rows, vocab] in a fresh context: at every position of ids (logits_to_keep 0, the
+        default), else at the last logits_to_keep positions only (transformers' logits_to_keep; all of
+        a shorter ids). LimitError when rows x vocab x 4 bytes exceed limits.MAX_LOGITS_BYTES."""
+        keep = _logits_to_keep(logits_to_keep)
         arr = self._check_ids(ids)
+        keep = min(keep or arr.size, arr.size)
+        check_logits_bytes(keep, self.config.vocab_size, f"logits of {arr.size} tokens")
         call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
             self._cached, self._primed = [], None
-            out = self.engine.forward(arr, 0, True)
+            if keep == arr.size:
+                out = self.engine.forward(arr, 0, True)
+            elif self.device != "cpu":  # (the CUDA engine runs no forward_rows)
+                out = self.engine.forward(arr, 0, True)[arr.size - keep:].copy()
+            else:
+                out = self.engine.forward_rows(arr, np.zeros(arr.size, np.int32), np.arange(arr.size, dtype=np.int32),
+                                               np.arange(arr.size - keep, arr.size))
             self._cached = [int(i) for i in arr]
             return out
         finally:
@@ -1516,6 +1537,13 @@ def option(name: str, value, integer: bool = False):
     if not np.isfinite(number):
         raise ValueError(f"{name} must be a finite number; got {value!r:.40}")
     return number
+
+
+def _logits_to_keep(value) -> int:
+    """logits_to_keep as an int >= 0 (0: every position's logits); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"logits_to_keep must be a non-negative integer (0 for every position), got {value!r}")
+    return int(value)
 
 
 def token_ids(ids, vocab_size: int) -> np.ndarray:

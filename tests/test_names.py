@@ -340,9 +340,9 @@ def test_perplexity_windows_tokenize_only_the_prefix_they_need(model, tiny_llama
     """`pyllm perplexity --text FILE --windows N` tokenized the whole file before scoring N windows (a
     22 MB text: 33 s, 4 GB, Ctrl-C waiting for it). leading_tokens tokenizes a prefix, giving the
     same ids as the whole text's first ones (on English, code, CJK and emoji, a text with no line end),
-    and the command the same perplexity."""
+    and the command the same perplexity; text_tokens, all of a text a piece at a time, its ids."""
     import pyllm.perplexity
-    from pyllm.perplexity import default_text, leading_tokens
+    from pyllm.perplexity import default_text, leading_tokens, text_tokens
 
     path = tiny_llama_f32 if model == "tiny" else request.getfixturevalue("default_model_file")
     docs = default_text()
@@ -363,6 +363,10 @@ def test_perplexity_windows_tokenize_only_the_prefix_they_need(model, tiny_llama
                 assert leading_tokens(tokenize, text, count)[:count] == whole[:count], (text[:20], count)
                 if count <= 4096:
                     assert max(seen) < len(text) // 2, (text[:20], count, seen)  # a prefix alone
+            # without --windows: all of it, a piece at a time (tests/test_perplexity.py)
+            seen.clear()
+            assert list(text_tokens(tokenize, text, piece_chars=4000)) == whole, text[:20]
+            assert max(seen) < 3 * 4000, (text[:20], max(seen))
     file = tmp_path / "docs.txt"
     file.write_text(docs)
     results = []

@@ -107,8 +107,7 @@ def choose_scales(source, config, hessians, formats: dict[str, tuple[str, int]],
     of every quantized block matrix; hessians: calibrate.Calibration. An input whose matrices, or the
     matrix its scales fold into, the source holds already in their layout (a GGUF file's Q8_0 / Q4_0 /
     Q4_1 blocks, kept bit for bit) is left unscaled (alpha 0): scaling would re-quantize them."""
-    from tqdm import tqdm
-
+    from ..progress import progress_bar
     from .workers import forked_map
 
     linears = {b: s for b, s in config.linear_shapes().items() if b in formats}
@@ -126,7 +125,7 @@ def choose_scales(source, config, hessians, formats: dict[str, tuple[str, int]],
                 tasks.append((input_name, {b: np.sort(rng.choice(linears[b][0], size=min(linears[b][0], SAMPLE_ROWS),
                                                                  replace=False)) for b in bases}))
     alphas, scales = dict.fromkeys(names, 0.0), {}
-    bar = tqdm(total=len(tasks), desc="activation-aware scales", unit="input", file=log, disable=not progress)
+    bar = progress_bar(len(tasks), "activation-aware scales", "input", progress, log)
     try:
         for name, errors, rms in forked_map(_input_errors, tasks, dict(load=source.load, linears=linears,
                                                                       formats=formats, hessians=hessians,

@@ -35,6 +35,7 @@ import tempfile
 import numpy as np
 
 from ..formats.packed import ModelConfig
+from ..progress import progress_bar
 
 CALIBRATION_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email.message", "fractions",
                        "functools", "heapq", "http.client", "itertools", "json", "logging", "os", "pathlib",
@@ -178,12 +179,6 @@ def load_matrix(load, base: str, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(w, dtype=np.float32)
 
 
-def progress_bar(total: int, enabled: bool, desc: str, log=sys.stderr, unit: str = "layer"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=log)
-
-
 class HessianSums:
     """sum x^T x of every observed matrix input, computed beside the engine's forward pass.
 
@@ -294,8 +289,8 @@ class Calibration:
             try:
                 engine = _core.Engine(path, model.file.data_offset, model.engine_tensors(), model.linears,
                                       model.engine_config(), max(len(w) for w in self.windows), 0, "f32")
-                bar = progress_bar(len(self.windows), progress, f"calibrating on {len(self.windows)} windows", log,
-                                   unit="window")
+                bar = progress_bar(len(self.windows), f"calibrating on {len(self.windows)} windows", "window",
+                                   progress, log)
                 with sums:
                     for window in self.windows:
                         engine.observe_inputs(window.astype(np.int32), 0, sums.observe)

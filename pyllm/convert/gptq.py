@@ -161,15 +161,13 @@ def gptq_model(load, calibration, formats: dict[str, tuple[str, int]], progress:
     One task per input (its matrices share the inverse Hessian factor), run in `processes` forked
     workers (pyllm/convert/workers.py; default: the CPU count) that inherit the loaded source and
     the Hessians."""
-    import sys
-
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     by_input: dict[str, list[str]] = {}
     for base in formats:
         by_input.setdefault(calibration.input_name(base), []).append(base)
     done: dict = {}
-    bar = tqdm(total=len(formats), desc="GPTQ", unit="matrix", disable=not progress, file=log or sys.stderr)
+    bar = progress_bar(len(formats), "GPTQ", "matrix", progress, log)
     try:
         for result in forked_map(_gptq_task, by_input.values(),
                                  dict(load=load, calibration=calibration, formats=formats), processes):

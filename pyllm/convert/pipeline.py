@@ -15,6 +15,7 @@ from .. import __version__
 from ..adapters import METADATA_KEY as ADAPTERS_METADATA_KEY
 from ..formats.gguf_split import split_parts
 from ..formats.packed import FORMAT_NAME, FORMAT_VERSION, ModelConfig, TokenizerSpec
+from ..progress import progress_bar
 from ..formats.safetensors import FormatError, PlannedTensor, check_finite, check_output_path, write_atomic
 from ..quant import QUANT_FORMATS, check_group_size, layout_name, packed_shapes, quantization_nmse, quantize
 from .checkpoint import ArchitectureView, Checkpoint
@@ -246,7 +247,7 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
                                    **({"lora": [os.path.abspath(d) for d in lora]} if lora else {})})
         if adapter_metadata:
             metadata[ADAPTERS_METADATA_KEY] = json.dumps(adapter_metadata)
-        bar = _progress(len(plans), progress, log)
+        bar = progress_bar(len(plans), "writing", "tensor", progress, log)
         writing = time.perf_counter()
         report.file_size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
         bar.close()
@@ -328,7 +329,7 @@ def write_float_model(source, config: ModelConfig, output: str, progress: bool =
                                (len(tokenizer_blob),), lambda: blob))
     metadata = build_metadata(config, linears, tokenizer, "", {}, {"converter": f"pyllm {__version__}",
                                                                     "purpose": "calibration"})
-    bar = _progress(len(plans), progress, log, "float32 copy for calibration")
+    bar = progress_bar(len(plans), "float32 copy for calibration", "tensor", progress, log)
     size = write_atomic(output, metadata, plans, on_tensor=lambda p, v: bar.update(1))
     bar.close()
     return size
@@ -404,8 +405,4 @@ def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec,
     }
 
 
-def _progress(total: int, enabled: bool, log, desc: str = "writing"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=log)
 

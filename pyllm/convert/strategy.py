@@ -257,8 +257,7 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     """Layout per matrix: greedy upgrades by error saved per extra bit while under the budget, then
     the keep_sensitive matrices of largest error at `sensitive`. Measuring the layouts' errors (a
     progress bar per matrix) is the slow part."""
-    from tqdm import tqdm
-
+    from ..progress import progress_bar
     from .workers import forked_map
 
     rng = np.random.default_rng(0)
@@ -266,7 +265,7 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     tasks = [(base, np.sort(rng.choice(rows, size=min(rows, SAMPLE_ROWS), replace=False)))
              for base, (rows, cols) in linears.items()]  # drawn here, in order: the same rows however the work is split
     table = {}  # base -> list of (bits, error, layout), by bits
-    bar = tqdm(total=len(tasks), desc="choosing layouts", unit="matrix", file=log, disable=not progress)
+    bar = progress_bar(len(tasks), "choosing layouts", "matrix", progress, log)
     try:
         for base, options_here in forked_map(_layout_errors, tasks, dict(load=source.load, linears=linears,
                                                                         choices=choices, hessians=hessians)):

@@ -567,7 +567,8 @@ def train(args, log=None) -> TrainResult:
 def _train(args, log=None) -> TrainResult:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from tqdm import tqdm
+
+    from ..progress import progress_bar
 
     log = log or sys.stderr
     started = time.perf_counter()
@@ -753,8 +754,7 @@ def _train(args, log=None) -> TrainResult:
         if start == 0:
             record_eval(0)
         model.train()
-        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step", file=log,
-                   disable=args.quiet or procs.rank != 0)
+        bar = progress_bar(total_steps, "training", "step", not args.quiet and procs.rank == 0, log, initial=start)
         for step in range(start, total_steps):
             batch = global_batch(step, len(train_set), args.batch_size, args.seed)
             scored = sum(train_set[i].label_count for i in batch)
@@ -778,8 +778,8 @@ def _train(args, log=None) -> TrainResult:
             (step_loss,) = procs.sum(step_loss)
             result.losses.append(step_loss / scored)
             check_finite(model, step + 1, result.losses[-1])
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
             if args.eval_steps and done % args.eval_steps == 0 and done < total_steps:
                 record_eval(done)
