@@ -8,8 +8,18 @@ from another JSON type (strict mode: "5" is not an integer, true not a number, 2
 1 not a boolean; an integer is a number), as OpenAI refuses them. Anything else is refused with
 RequestError, which names the field in `param` as OpenAI's error object does.
 
-Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, and response_format
-types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
+Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, response_format
+types "regex" and "grammar" (a Lark grammar, llguidance's dialect), up to MAX_STOP stop strings (OpenAI: 4),
+logprobs up to 20 on /v1/completions (OpenAI: 5) and "." in function names.
+
+OpenAI fields that only steer OpenAI's own services (store, metadata, service_tier, prompt_cache_key,
+prompt_cache_retention, prompt_cache_options, safety_identifier, user, prediction) are checked as OpenAI
+types them, then ignored: the reply is what it would be without them. Those asking for what pyllm cannot
+give (audio output, web search, moderation, a verbosity other than "medium", a reasoning_effort the chat
+template does not read) are refused with code "unsupported_parameter" or "unsupported_value", as are the
+fields of the other endpoint (echo on /v1/chat/completions, max_completion_tokens on /v1/completions, ...),
+which were ignored in silence. Each error carries OpenAI's `code` ("invalid_type", "missing_required_parameter",
+"integer_above_max_value", "invalid_value", "invalid_parameter_combination", ...).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
 
 from .errors import RequestError
@@ -38,11 +48,24 @@ MAX_LOGPROB_ENTRIES = 2**19
 
 
 class _FieldError(ValueError):
-    """Raised by a check across fields, to name the field at fault."""
+    """Raised by a check across fields, to name the field at fault (and OpenAI's error code)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
+
+
+def _unsupported(param: str, message: str) -> _FieldError:
+    return _FieldError(param, message, "unsupported_parameter")
+
+
+def _refuse_fields(data: Any, names: tuple[str, ...], where: str, instead: dict[str, str]) -> None:
+    """Refuses, in a request body (before validation), the fields of `names` it gives (not null): those
+    of the other endpoint (OpenAI refuses them as unrecognized; ignored, what the client meant was lost)."""
+    for name in names if isinstance(data, dict) else ():
+        if data.get(name) is not None:
+            hint = f"; give {instead[name]}" if name in instead else ""
+            raise _unsupported(name, f"is not a field of {where}{hint}")
 
 
 class _Body(BaseModel):
@@ -61,8 +84,23 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def _name(dots: bool):
+    """OpenAI's names of a response format and of a function: "a-z, A-Z, 0-9, or contain underscores and
+    dashes, with a maximum length of 64" (pyllm takes "." in function names too: gpt-oss's "browser.search")."""
+    pattern = r"[A-Za-z0-9_.-]{1,64}" if dots else r"[A-Za-z0-9_-]{1,64}"
+
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"must be 1 to 64 of a-z, A-Z, 0-9, underscores and dashes{', dots' if dots else ''} "
+                             f"(got {value[:80]!r})")
+        return value
+    return Annotated[StrictStr, AfterValidator(check)]
+
+
 class JsonSchemaFormat(_Body):
-    name: str = "response"
+    """OpenAI's json_schema: name required (it was taken missing, or any string); schema optional
+    (any JSON value then)."""
+    name: _name(dots=False)
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
     strict: bool = False
@@ -100,8 +138,18 @@ class ResponseFormat(_Body):
         return out
 
 
+Metadata = Annotated[dict[Annotated[StrictStr, Field(max_length=64)], Annotated[StrictStr, Field(max_length=512)]],
+                     Field(max_length=16)]  # OpenAI: 16 pairs, keys of 64 characters at most, values of 512
+
+
+class PredictionContent(_Body):
+    """OpenAI's predicted output: taken and ignored (pyllm does not speculate; the reply is the same)."""
+    type: Literal["content"]
+    content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1)]]
+
+
 class FunctionDefinition(_Body):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    name: _name(dots=True)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool = False
@@ -141,6 +189,9 @@ class Message(BaseModel):
             raise _FieldError("content", f"a {self.role} message needs a content")
         if self.content is None and self.role == "assistant" and not self.tool_calls:
             raise _FieldError("content", "an assistant message needs a content or tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:  # OpenAI: "Missing required parameter"
+            raise _FieldError("tool_call_id", "a tool message needs the tool_call_id of the call it answers",
+                              "missing_required_parameter")
         for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
             # as the chat template refuses them (pyllm.chat_template), naming the part as OpenAI does
             if part.get("type") != "text":
@@ -230,9 +281,45 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
     functions: Any = None  # OpenAI's deprecated forms of tools and tool_choice: refused, not ignored
     function_call: Any = None
+    # OpenAI's fields for its own services: checked, then ignored (module docstring)
+    store: bool | None = None
+    metadata: Metadata | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: Annotated[str, Field(max_length=128)] | None = None
+    prediction: PredictionContent | None = None
+    # what pyllm gives in part: text output; a reasoning_effort the chat template reads
+    modalities: list[Literal["text", "audio"]] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    # what pyllm cannot give: refused when given
+    audio: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_fields_only(cls, data: Any) -> Any:
+        _refuse_fields(data, ("prompt", "echo", "best_of", "suffix"), "/v1/chat/completions",
+                       {"prompt": "messages", "echo": "the messages you sent"})
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
+        for name, what in (("audio", "audio output"), ("web_search_options", "web search"),
+                           ("moderation", "moderation")):
+            if getattr(self, name) is not None:
+                raise _unsupported(name, f"pyllm serve has no {what}")
+        if self.modalities and "audio" in self.modalities:
+            raise _FieldError("modalities", "pyllm serve answers in text only: give [\"text\"]", "unsupported_value")
+        if self.verbosity not in (None, "medium"):
+            raise _FieldError("verbosity", "this model has one verbosity, \"medium\"", "unsupported_value")
+        if "max_tokens" in self.model_fields_set and "max_completion_tokens" in self.model_fields_set:
+            raise _FieldError("max_tokens", "Setting 'max_tokens' (or n_predict) and 'max_completion_tokens' at the same "
+                                            "time is not supported: give max_completion_tokens",
+                              "invalid_parameter_combination")  # OpenAI's 400, in its words
         for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
             if getattr(self, old) is not None:
                 raise _FieldError(old, f"is OpenAI's deprecated form of {new}, which pyllm does not take: give "
@@ -311,6 +398,16 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _completion_fields_only(cls, data: Any) -> Any:
+        _refuse_fields(data, ("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                              "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
+                              "reasoning_effort", "prediction", "web_search_options"), "/v1/completions",
+                       {"messages": "prompt (or POST /v1/chat/completions)", "max_completion_tokens": "max_tokens",
+                        "top_logprobs": "logprobs: N"})
+        return data
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -447,4 +544,25 @@ def _request_error(error: ValidationError) -> RequestError:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "is required"
-    return RequestError(f"{param}: {message}" if param else message, param=param)
+    code = cause.code if isinstance(cause, _FieldError) else _error_code(first)
+    return RequestError(f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def _error_code(error: dict) -> str:
+    """OpenAI's error code for a pydantic error ("invalid_type", "integer_above_max_value", ...)."""
+    kind, value = error["type"], error.get("input")
+    number = "integer" if isinstance(value, int) else "decimal"
+    sized = "string" if isinstance(value, str) else "object" if isinstance(value, dict) else "array"
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind in ("greater_than", "greater_than_equal"):
+        return f"{number}_below_min_value"
+    if kind in ("less_than", "less_than_equal"):
+        return f"{number}_above_max_value"
+    if kind in ("too_long", "string_too_long"):
+        return f"{sized}_above_max_length"
+    if kind in ("too_short", "string_too_short"):
+        return "empty_array" if value == [] else f"{sized}_below_min_length"
+    if kind.endswith("_type") or kind in ("model_attributes_type", "int_from_float", "finite_number"):
+        return "invalid_type"
+    return "invalid_value"

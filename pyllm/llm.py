@@ -1257,7 +1257,8 @@ class LLM:
         return given + [s for s in extra if s not in given]
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
-                        parse_special_in_content: bool = False, render_limits: RenderLimits | None = None) -> list[int]:
+                        parse_special_in_content: bool = False, render_limits: RenderLimits | None = None,
+                        chat_template_kwargs: dict | None = None) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does.
 
         Message content is text: a special token's string written in it (say "<|im_end|>") becomes
@@ -1265,9 +1266,10 @@ class LLM:
         stay special. parse_special_in_content=True tokenizes the rendered prompt as one text, with
         special-token strings in content parsed as the tokens themselves. Without such strings in
         the content both give the tokens transformers' apply_chat_template gives. render_limits
-        bounds the template's time and output (TemplateError past them)."""
+        bounds the template's time and output (TemplateError past them). chat_template_kwargs: more
+        template variables (reasoning_effort=...), as transformers' apply_chat_template(**kwargs)."""
         _check_tools(tools)
-        extra = {"tools": tools} if tools is not None else {}
+        extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
         if parse_special_in_content:
             protected = {}
