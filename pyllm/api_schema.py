@@ -119,6 +119,10 @@ class ResponseFormat(_Body):
         needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
         if self.type in needed and not needed[self.type]:
             raise _FieldError(f"response_format.{self.type}", f"type {self.type!r} needs this field")
+        for name in ("json_schema", "regex", "grammar"):  # with another type it was ignored: free text, another format
+            if getattr(self, name) is not None and self.type != name:
+                raise _FieldError(f"response_format.{name}", f"is taken with type {name!r} only; with type "
+                                                             f"{self.type!r} it would be ignored")
         if self.schema_ is not None and self.type != "json_object":  # it was ignored: free text, or another schema
             instead = "json_schema.schema" if self.type == "json_schema" else "type 'json_object'"
             raise _FieldError("response_format.schema", f"is taken with type 'json_object' only (llama.cpp's form); "
@@ -169,6 +173,21 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
+class ToolCallFunction(_Body):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    arguments: Union[StrictStr, dict[str, Any]]  # OpenAI's JSON text; an object too, as templates take it
+
+
+class ToolCall(_Body):
+    """A call in an assistant message, as OpenAI requires it: id, type "function", function's name and
+    arguments (a call without them reached the template, which failed on it or rendered it without)."""
+    model_config = ConfigDict(extra="allow")
+    id: StrictStr
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class Message(BaseModel):
     """One chat message; keys beyond these (name, tool_call_id, ...) pass through to the template."""
     model_config = ConfigDict(extra="allow")
@@ -177,7 +196,7 @@ class Message(BaseModel):
     # an empty list is refused, as OpenAI does ("empty array", param messages[k].content / .tool_calls)
     content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_CONTENT_PARTS)],
                    None] = None
-    tool_calls: Annotated[list[dict[str, Any]], Field(min_length=1)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
     name: StrictStr | None = None  # strings the template renders: another type was rendered as its text
     tool_call_id: StrictStr | None = None
 
@@ -366,7 +385,8 @@ class ChatCompletionRequest(_Sampling):
                 n += len(m.content)
             elif isinstance(m.content, list):
                 n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
-            n += _text_chars([m.tool_calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
+            calls = [c.model_dump() for c in m.tool_calls or ()]
+            n += _text_chars([calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
         if self.tools and self.tool_choice != "none":
             n += sum(_text_chars(t.model_dump(exclude_unset=True)) for t in self.tools)
         return n
@@ -541,7 +561,7 @@ def _request_error(error: ValidationError) -> RequestError:
     if isinstance(cause, _FieldError):  # its param is the field's own ("response_format.regex") or its model's
         # ("content[0].type" in messages[k])
         param = cause.param if not param else f"{param}.{cause.param.removeprefix(param.rsplit('.', 1)[-1] + '.')}"
-    message = first["msg"].removeprefix("Value error, ")
+    message = re.sub(r" or instance of \w+", "", first["msg"].removeprefix("Value error, "))  # (no class names)
     if first["type"] == "missing":
         message = "is required"
     code = cause.code if isinstance(cause, _FieldError) else _error_code(first)

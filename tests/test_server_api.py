@@ -1425,6 +1425,10 @@ FIELD_CASES = [
         (_schema(name="x", description=5), "response_format.json_schema.description", "invalid_type"),
         (_schema(name="x", schema=[1]), "response_format.json_schema.schema", "invalid_type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "invalid_value"),
+        # a format's field beside another type was ignored: free text where a schema was meant
+        ({"response_format": {"type": "text", "json_schema": {"name": "x"}}}, "response_format.json_schema",
+         "invalid_value"),
+        ({"response_format": {"type": "json_object", "regex": "a+"}}, "response_format.regex", "invalid_value"),
     ]],
     # chat only
     ("chat", {"max_completion_tokens": 1}, _OK, None),
@@ -1454,6 +1458,17 @@ FIELD_CASES = [
     # a tool message answers a call: OpenAI requires its tool_call_id
     ("chat", {"messages": [*_HI, {"role": "assistant", "content": None, "tool_calls": [_CALL]},
                            {"role": "tool", "content": "ok"}]}, "messages[2].tool_call_id", "missing_required_parameter"),
+    # an assistant's tool calls, as OpenAI requires them (they reached the template, which failed or dropped parts)
+    *[("chat", {"messages": [*_HI, {"role": "assistant", "tool_calls": [call]}, *_HI]}, param, code)
+      for call, param, code in [
+          ({**_CALL, "function": {"name": "f", "arguments": {"a": 1}}}, _OK, None),  # an object, as templates take it
+          ({k: v for k, v in _CALL.items() if k != "id"}, "messages[1].tool_calls[0].id", "missing_required_parameter"),
+          ({**_CALL, "type": "tool"}, "messages[1].tool_calls[0].type", "invalid_value"),
+          ({**_CALL, "function": {"name": "f"}}, "messages[1].tool_calls[0].function.arguments",
+           "missing_required_parameter"),
+          ({**_CALL, "function": {"name": "f", "arguments": 5}}, "messages[1].tool_calls[0].function.arguments",
+           "invalid_type"),
+          ("f", "messages[1].tool_calls[0]", "invalid_type")]],
     ("chat", {"tools": [_TOOL], "tool_choice": "none"}, _OK, None), ("chat", {"tools": []}, "tools", "empty_array"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "invalid_value"),
     ("chat", {"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type", "invalid_value"),
