@@ -10,7 +10,8 @@ RequestError, which names the field in `param` as OpenAI's error object does.
 
 Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, response_format
 types "regex" and "grammar" (a Lark grammar, llguidance's dialect), up to MAX_STOP stop strings (OpenAI: 4),
-logprobs up to 20 on /v1/completions (OpenAI: 5) and "." in function names.
+logprobs up to 20 on /v1/completions (OpenAI: 5), logit_bias of any number of tokens (OpenAI: 300) and "."
+in function names.
 
 OpenAI fields that only steer OpenAI's own services (store, metadata, service_tier, prompt_cache_key,
 prompt_cache_retention, prompt_cache_options, safety_identifier, user, prediction) are checked as OpenAI
@@ -27,8 +28,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      ValidationError, field_validator, model_validator)
 
 from .errors import RequestError
 from .sampling import MIN_REPETITION_PENALTY
@@ -336,8 +337,8 @@ class ChatCompletionRequest(_Sampling):
         if self.verbosity not in (None, "medium"):
             raise _FieldError("verbosity", "this model has one verbosity, \"medium\"", "unsupported_value")
         if "max_tokens" in self.model_fields_set and "max_completion_tokens" in self.model_fields_set:
-            raise _FieldError("max_tokens", "Setting 'max_tokens' (or n_predict) and 'max_completion_tokens' at the same "
-                                            "time is not supported: give max_completion_tokens",
+            raise _FieldError("max_tokens", "Setting 'max_tokens' (or n_predict) and 'max_completion_tokens' at the "
+                                            "same time is not supported: give max_completion_tokens",
                               "invalid_parameter_combination")  # OpenAI's 400, in its words
         for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
             if getattr(self, old) is not None:

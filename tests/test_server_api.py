@@ -1391,7 +1391,8 @@ FIELD_CASES = [
         ({"top_p": True}, "top_p", "invalid_type"),
         ({"n": 1}, _OK, None), ({"n": 0}, "n", "integer_below_min_value"), ({"n": 129}, "n", "integer_above_max_value"),
         ({"n": 1.0}, "n", "invalid_type"),
-        ({"presence_penalty": -2}, _OK, None), ({"presence_penalty": 2.01}, "presence_penalty", "decimal_above_max_value"),
+        ({"presence_penalty": -2}, _OK, None),
+        ({"presence_penalty": 2.01}, "presence_penalty", "decimal_above_max_value"),
         ({"frequency_penalty": -2.01}, "frequency_penalty", "decimal_below_min_value"),
         ({"frequency_penalty": "0"}, "frequency_penalty", "invalid_type"),
         ({"logit_bias": {"5": -100, "6": 100}}, _OK, None),
@@ -1410,7 +1411,8 @@ FIELD_CASES = [
         ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
         ({"stream": True, "stream_options": {"include_usage": True}}, _OK, None),
         ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "invalid_type"),
-        ({"max_tokens": 0}, "max_tokens", "invalid_value"), ({"max_tokens": -2}, "max_tokens", "integer_below_min_value"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": -2}, "max_tokens", "integer_below_min_value"),
         ({"max_tokens": "5"}, "max_tokens", "invalid_type"),
         ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
         # json_schema: name required, OpenAI's characters and length; strict, description and schema typed
@@ -1448,7 +1450,7 @@ FIELD_CASES = [
     ("chat", {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name", "invalid_type"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, _OK, None),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", None),
-    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a"}}]}]},
      "messages[0].content[0].type", "invalid_value"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "input_audio",
                                                           "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
@@ -1457,7 +1459,8 @@ FIELD_CASES = [
                            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}, _OK, None),
     # a tool message answers a call: OpenAI requires its tool_call_id
     ("chat", {"messages": [*_HI, {"role": "assistant", "content": None, "tool_calls": [_CALL]},
-                           {"role": "tool", "content": "ok"}]}, "messages[2].tool_call_id", "missing_required_parameter"),
+                           {"role": "tool", "content": "ok"}]},
+     "messages[2].tool_call_id", "missing_required_parameter"),
     # an assistant's tool calls, as OpenAI requires them (they reached the template, which failed or dropped parts)
     *[("chat", {"messages": [*_HI, {"role": "assistant", "tool_calls": [call]}, *_HI]}, param, code)
       for call, param, code in [
@@ -1498,7 +1501,8 @@ FIELD_CASES = [
     ("chat", {"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),  # the template has no levels
     ("chat", {"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_value"),
     # the other endpoint's fields were ignored in silence
-    ("chat", {"echo": True}, "echo", "unsupported_parameter"), ("chat", {"suffix": "x"}, "suffix", "unsupported_parameter"),
+    ("chat", {"echo": True}, "echo", "unsupported_parameter"),
+    ("chat", {"suffix": "x"}, "suffix", "unsupported_parameter"),
     ("chat", {"best_of": 2}, "best_of", "unsupported_parameter"),
     ("completions", {"max_completion_tokens": 3}, "max_completion_tokens", "unsupported_parameter"),
     ("completions", {"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
@@ -1509,7 +1513,8 @@ FIELD_CASES = [
     ("completions", {"prompt": ["a", "b"]}, _OK, None), ("completions", {"prompt": []}, "prompt", None),
     ("completions", {"prompt": [[]]}, "prompt", None), ("completions", {"prompt": [True]}, "prompt", None),
     ("completions", {"prompt": 5}, "prompt", None), ("completions", {"prompt": ["a", [1]]}, "prompt", None),
-    ("completions", {"logprobs": 5}, _OK, None), ("completions", {"logprobs": 21}, "logprobs", "integer_above_max_value"),
+    ("completions", {"logprobs": 5}, _OK, None),
+    ("completions", {"logprobs": 21}, "logprobs", "integer_above_max_value"),
     ("completions", {"logprobs": True}, "logprobs", "invalid_type"),
     ("completions", {"echo": "y"}, "echo", "invalid_type"), ("completions", {"best_of": 2}, "best_of", "invalid_value"),
     ("completions", {"suffix": "x"}, "suffix", "invalid_value"),
@@ -1521,11 +1526,13 @@ FIELD_CASES = [
     ("embeddings", {"input": []}, "input", None), ("embeddings", {"input": [[]]}, "input", None),
     ("embeddings", {"input": ""}, "input", None), ("embeddings", {"input": [""]}, "input", None),
     ("embeddings", {"input": [-1]}, "input", "integer_below_min_value"),
-    ("embeddings", {"input": ["a", [1]]}, "input", "invalid_type"), ("embeddings", {"input": 5}, "input", "invalid_type"),
+    ("embeddings", {"input": ["a", [1]]}, "input", "invalid_type"),
+    ("embeddings", {"input": 5}, "input", "invalid_type"),
     ("embeddings", {"input": [99999999]}, "input", None),
     ("embeddings", {"encoding_format": "int8"}, "encoding_format", "invalid_value"),
     ("embeddings", {"dimensions": 0}, "dimensions", "integer_below_min_value"),
-    ("embeddings", {"dimensions": "5"}, "dimensions", "invalid_type"), ("embeddings", {"dimensions": 3}, "dimensions", None),
+    ("embeddings", {"dimensions": "5"}, "dimensions", "invalid_type"),
+    ("embeddings", {"dimensions": 3}, "dimensions", None),
     ("embeddings", {"user": 5}, "user", "invalid_type"), ("embeddings", {"model": 5}, "model", "invalid_type"),
 ]
 
@@ -1567,14 +1574,16 @@ def test_answers_have_openai_s_fields(live):
     usage_keys = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
                   "completion_tokens_details"}
     status, reply = _post_json(live, "/v1/chat/completions", {"messages": _HI, "max_tokens": 3})
-    assert status == 200 and set(reply) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert status == 200
+    assert set(reply) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
     assert set(reply["choices"][0]["message"]) == {"role", "content", "refusal"}
     assert set(reply["usage"]) == usage_keys and reply["usage"]["completion_tokens_details"] == {
         "reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
     chat = client.chat.completions.create(model="tiny", messages=_HI, max_tokens=3)
     fingerprint = chat.system_fingerprint
     assert fingerprint.startswith("fp_") and chat.choices[0].message.refusal is None
-    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens_details.reasoning_tokens == 0
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens_details.reasoning_tokens == 0
     text = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
     assert text.system_fingerprint == fingerprint and text.usage.prompt_tokens_details.cached_tokens >= 0
     for stream in (client.chat.completions.create(model="tiny", messages=_HI, max_tokens=3, n=2, stream=True,
@@ -1596,7 +1605,8 @@ def test_answers_have_openai_s_fields(live):
 def test_reasoning_effort_reaches_a_template_that_reads_it(live, llm):
     """reasoning_effort was ignored in silence: a chat template that reads it (gpt-oss's) renders it;
     one that does not gets a 400 naming it (FIELD_CASES), as OpenAI answers for a model without reasoning."""
-    template = "{{ 'Reasoning: ' ~ (reasoning_effort or 'none') ~ '\\n' }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    template = ("{{ 'Reasoning: ' ~ (reasoning_effort or 'none') ~ '\\n' }}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
     old, llm.chat_template = llm.chat_template, template
     try:
         for effort in ("low", "xhigh"):
