@@ -1616,3 +1616,26 @@ def test_reasoning_effort_reaches_a_template_that_reads_it(live, llm):
             assert reply.usage.prompt_tokens == len(expected) != len(llm.chat_prompt_ids(_HI)), effort
     finally:
         llm.chat_template = old
+
+
+def test_the_openai_client_s_structured_output_and_refusals(live):
+    """What the official client sends: parse() with a pydantic model (a json_schema with a name,
+    strict) is answered and parsed; the two faults of the table as the client sees them: a json_schema
+    without a name, max_tokens with max_completion_tokens (OpenAI's 400s, which pyllm answered)."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Color(BaseModel):
+        color: Literal["red", "blue"]
+
+    client = live.client()
+    reply = client.chat.completions.parse(model="tiny", messages=_HI, max_tokens=40, response_format=Color)
+    assert reply.choices[0].message.parsed.color in ("red", "blue"), reply
+    for options, param, code in (
+            (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
+             "response_format.json_schema.name", "missing_required_parameter"),
+            (dict(max_tokens=4, max_completion_tokens=4), "max_tokens", "invalid_parameter_combination")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=_HI, **{"max_tokens": 1, **options})
+        assert (e.value.param, e.value.code, e.value.status_code) == (param, code, 400), e.value
