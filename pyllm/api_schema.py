@@ -70,14 +70,22 @@ def _refuse_fields(data: Any, names: tuple[str, ...], where: str, instead: dict[
 
 
 class _Body(BaseModel):
-    """Unknown fields are ignored; an explicit null is the field's default."""
+    """Unknown fields are ignored; an explicit null is the field's default; a field given under two of
+    its names (max_tokens and n_predict) is refused (pydantic took the first, the other dropped in silence)."""
     model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}
+        for field in cls.model_fields.values():
+            names = getattr(field.validation_alias, "choices", ())
+            given = [name for name in names if name in data]
+            if len(given) > 1:
+                raise _FieldError(given[0], f"{' and '.join(repr(n) for n in given)} name the same option: give one",
+                                  "invalid_parameter_combination")
         return data
 
 

@@ -1441,6 +1441,10 @@ FIELD_CASES = [
     ("chat", {"max_tokens": 1, "max_completion_tokens": 1}, "max_tokens", "invalid_parameter_combination"),
     ("chat", {"n_predict": 1, "max_completion_tokens": 1}, "max_tokens", "invalid_parameter_combination"),
     ("chat", {"max_completion_tokens": 0}, "max_completion_tokens", "integer_below_min_value"),
+    # one option under two of its names (llama.cpp's and OpenAI's): the first was taken, the other dropped
+    *[(e, f, p, "invalid_parameter_combination") for e in ("chat", "completions") for f, p in [
+        ({"max_tokens": 1, "n_predict": 7}, "max_tokens"),
+        ({"repetition_penalty": 1.1, "repeat_penalty": 1.3}, "repetition_penalty")]],
     ("chat", {"logprobs": True, "top_logprobs": 20}, _OK, None), ("chat", {"logprobs": 1}, "logprobs", "invalid_type"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
     ("chat", {"top_logprobs": 2}, "top_logprobs", "invalid_value"),
