@@ -16,7 +16,7 @@ def _finite(logprob: float) -> float:
 
 
 def chat_logprobs(tokenizer, tokens) -> dict:
-    """{"content": [...]}: each generated token (pyllm.llm.TokenLogprob) with its text, bytes,
+    """{"content": [...], "refusal": null}: each generated token (pyllm.llm.TokenLogprob) with its text, bytes,
     log-probability and top alternatives."""
     content = []
     for t in tokens:
@@ -26,7 +26,7 @@ def chat_logprobs(tokenizer, tokens) -> dict:
             alt_text, alt_raw = _token_text(tokenizer, i)
             top.append({"token": alt_text, "logprob": _finite(lp), "bytes": alt_raw})
         content.append({"token": text, "logprob": _finite(t.logprob), "bytes": raw, "top_logprobs": top})
-    return {"content": content}
+    return {"content": content, "refusal": None}
 
 
 def completion_logprobs(tokenizer, tokens, offset: int = 0) -> dict:

@@ -1,7 +1,8 @@
 """`pyllm serve`: an OpenAI-compatible HTTP server for one model (Starlette on uvicorn).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
-"stream": true; usage; finish_reason "stop"/"length"/"tool_calls"), GET /v1/models, GET
+"stream": true; usage with its details; system_fingerprint; finish_reason "stop"/"length"/
+"tool_calls"), GET /v1/models, GET
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
 slash, or "//"). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool

@@ -1572,15 +1572,16 @@ def test_every_request_field_is_checked_as_openai_types_it(live, endpoint, field
 def test_answers_have_openai_s_fields(live):
     """The answers' shapes, as OpenAI's reference gives them: system_fingerprint in every answer and
     chunk, usage with prompt_tokens_details and completion_tokens_details (they lacked the latter and
-    system_fingerprint), the message's refusal (null), and with stream_options.include_usage a usage
-    of null in each chunk but a last one with no choices and the usage."""
+    system_fingerprint), the message's and the logprobs' refusal (null), and with
+    stream_options.include_usage a usage of null in each chunk but a last one with no choices and the usage."""
     client = live.client()
     usage_keys = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
                   "completion_tokens_details"}
-    status, reply = _post_json(live, "/v1/chat/completions", {"messages": _HI, "max_tokens": 3})
+    status, reply = _post_json(live, "/v1/chat/completions", {"messages": _HI, "max_tokens": 3, "logprobs": True})
     assert status == 200
     assert set(reply) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
     assert set(reply["choices"][0]["message"]) == {"role", "content", "refusal"}
+    assert set(reply["choices"][0]["logprobs"]) == {"content", "refusal"}
     assert set(reply["usage"]) == usage_keys and reply["usage"]["completion_tokens_details"] == {
         "reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
     chat = client.chat.completions.create(model="tiny", messages=_HI, max_tokens=3)
