@@ -552,6 +552,8 @@ def _param(loc: tuple) -> str | None:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
+        elif isinstance(globals().get(item), type) and issubclass(globals()[item], BaseModel):
+            continue  # the union branch that is one of these models (tool_choice's NamedToolChoice): its fields follow
         elif _TYPE_TAGS.match(item) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
             break  # pydantic names the union branch it tried; the field is what came before
         else:
@@ -563,9 +565,16 @@ def _request_error(error: ValidationError) -> RequestError:
     errors = error.errors(include_url=False)
     first = errors[0]
     param = _param(first["loc"])
-    if first["type"].endswith("_type"):  # a union's first branch of another type: a branch of the right type
-        first = next((e for e in errors[1:] if not e["type"].endswith("_type") and e["type"] != "none_required"
-                      and _param(e["loc"]) == param), first)  # says what is wrong with the value itself
+
+    def other_type(e) -> bool:  # a union's branch of another JSON type than the value's (a dict is no literal);
+        # a wrong type deeper in a branch is the value's own fault
+        kind = e["type"]
+        return (_param(e["loc"]) == param
+                and (kind.endswith("_type") or (kind == "literal_error" and not isinstance(e.get("input"), str))))
+    if other_type(first):  # a branch of the right type says what is wrong with the value itself
+        first = next((e for e in errors[1:] if not other_type(e) and e["type"] != "none_required"
+                      and (_param(e["loc"]) or "").startswith(param or "")), first)
+        param = _param(first["loc"])
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, _FieldError):  # its param is the field's own ("response_format.regex") or its model's
         # ("content[0].type" in messages[k])

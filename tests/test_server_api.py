@@ -1483,6 +1483,13 @@ FIELD_CASES = [
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
      "tools[0].function.parameters", "invalid_type"),
     ("chat", {"tools": [_TOOL], "tool_choice": "always"}, "tool_choice", "invalid_value"),
+    # a named choice's own fault, not "should be 'none', 'auto' or 'required'" (the union's string branch)
+    ("chat", {"tools": [_TOOL], "tool_choice": {"type": "function"}}, "tool_choice.function",
+     "missing_required_parameter"),
+    ("chat", {"tools": [_TOOL], "tool_choice": {"type": "function", "function": {"name": 5}}},
+     "tool_choice.function.name", "invalid_type"),
+    ("chat", {"tools": [_TOOL], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
+     "tool_choice.type", "invalid_value"),
     ("chat", {"tools": [_TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "invalid_type"),
     ("chat", {"functions": [{"name": "f"}]}, "functions", "invalid_value"),
     # OpenAI's fields for its own services: typed, then ignored
