@@ -433,7 +433,8 @@ class CompletionRequest(_Sampling):
     def _completion_fields_only(cls, data: Any) -> Any:
         _refuse_fields(data, ("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
-                              "reasoning_effort", "prediction", "web_search_options"), "/v1/completions",
+                              "reasoning_effort", "prediction", "web_search_options", "verbosity", "moderation"),
+                       "/v1/completions",
                        {"messages": "prompt (or POST /v1/chat/completions)", "max_completion_tokens": "max_tokens",
                         "top_logprobs": "logprobs: N"})
         return data

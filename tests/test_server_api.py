@@ -1519,6 +1519,8 @@ FIELD_CASES = [
     ("completions", {"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
     ("completions", {"tools": [_TOOL]}, "tools", "unsupported_parameter"),
     ("completions", {"messages": _HI}, "messages", "unsupported_parameter"),
+    ("completions", {"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+    ("completions", {"verbosity": "low"}, "verbosity", "unsupported_parameter"),
     # completions only
     ("completions", {"prompt": [1, 2]}, _OK, None), ("completions", {"prompt": [[1, 2], [3]]}, _OK, None),
     ("completions", {"prompt": ["a", "b"]}, _OK, None), ("completions", {"prompt": []}, "prompt", None),
