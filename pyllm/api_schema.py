@@ -222,9 +222,11 @@ class Message(BaseModel):
                               "missing_required_parameter")
         for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
             # as the chat template refuses them (pyllm.chat_template), naming the part as OpenAI does
-            if part.get("type") != "text":
+            if part.get("type") != "text":  # OpenAI's other kinds: unsupported here; anything else: invalid
+                known = part.get("type") in ("image_url", "input_audio", "file", "refusal")
                 raise _FieldError(f"content[{j}].type", f"only text content parts are supported (got "
-                                                        f"{part.get('type')!r:.40})")
+                                                        f"{part.get('type')!r:.40})",
+                                  "unsupported_value" if known else "invalid_value")
             if not isinstance(part.get("text"), str):
                 raise _FieldError(f"content[{j}].text", f"a text content part needs a 'text' string (got "
                                                         f"{part.get('text')!r:.40})")
