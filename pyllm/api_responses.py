@@ -16,7 +16,7 @@ def _finite(logprob: float) -> float:
 
 
 def chat_logprobs(tokenizer, tokens) -> dict:
-    """{"content": [...]}: each generated token (pyllm.llm.TokenLogprob) with its text, bytes,
+    """{"content": [...], "refusal": null}: each generated token (pyllm.llm.TokenLogprob) with its text, bytes,
     log-probability and top alternatives."""
     content = []
     for t in tokens:
@@ -26,7 +26,7 @@ def chat_logprobs(tokenizer, tokens) -> dict:
             alt_text, alt_raw = _token_text(tokenizer, i)
             top.append({"token": alt_text, "logprob": _finite(lp), "bytes": alt_raw})
         content.append({"token": text, "logprob": _finite(t.logprob), "bytes": raw, "top_logprobs": top})
-    return {"content": content}
+    return {"content": content, "refusal": None}
 
 
 def completion_logprobs(tokenizer, tokens, offset: int = 0) -> dict:
@@ -52,15 +52,19 @@ def merge_completion_logprobs(a: dict | None, b: dict) -> dict:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; cached_tokens: prompt tokens whose keys/values were reused, not computed."""
+    """OpenAI's usage object, with its details; cached_tokens: prompt tokens whose keys/values were
+    reused, not computed. No token is audio, a prediction or hidden reasoning (a model's thinking is
+    in the content, counted in completion_tokens): those counts are 0."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens)}}
+            "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens), "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                                          "rejected_prediction_tokens": 0}}
 
 
 def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None,
                 tool_calls: list | None = None) -> dict:
-    message = {"role": "assistant", "content": content}
+    message = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["tool_calls"] = [call.as_openai() for call in tool_calls]
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -72,7 +76,7 @@ def completion_choice(index: int, text: str, finish_reason: str, logprobs: dict 
 
 def chat_delta(index: int, content: str | None = None, finish_reason: str | None = None, role: bool = False,
                logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
-    delta: dict = {"role": "assistant", "content": ""} if role else {}
+    delta: dict = {"role": "assistant", "content": "", "refusal": None} if role else {}
     if content:
         delta["content"] = content
     if tool_calls:

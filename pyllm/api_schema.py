@@ -8,8 +8,19 @@ from another JSON type (strict mode: "5" is not an integer, true not a number, 2
 1 not a boolean; an integer is a number), as OpenAI refuses them. Anything else is refused with
 RequestError, which names the field in `param` as OpenAI's error object does.
 
-Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, and response_format
-types "regex" and "grammar" (a Lark grammar, llguidance's dialect).
+Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, response_format
+types "regex" and "grammar" (a Lark grammar, llguidance's dialect), up to MAX_STOP stop strings (OpenAI: 4),
+logprobs up to 20 on /v1/completions (OpenAI: 5), logit_bias of any number of tokens (OpenAI: 300) and "."
+in function names.
+
+OpenAI fields that only steer OpenAI's own services (store, metadata, service_tier, prompt_cache_key,
+prompt_cache_retention, prompt_cache_options, safety_identifier, user, prediction) are checked as OpenAI
+types them, then ignored: the reply is what it would be without them. Those asking for what pyllm cannot
+give (audio output, web search, moderation, a verbosity other than "medium", a reasoning_effort the chat
+template does not read) are refused with code "unsupported_parameter" or "unsupported_value", as are the
+fields of the other endpoint (echo on /v1/chat/completions, max_completion_tokens on /v1/completions, ...),
+which were ignored in silence. Each error carries OpenAI's `code` ("invalid_type", "missing_required_parameter",
+"integer_above_max_value", "invalid_value", "invalid_parameter_combination", ...).
 """
 
 from __future__ import annotations
@@ -17,8 +28,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      ValidationError, field_validator, model_validator)
 
 from .errors import RequestError
 from .sampling import MIN_REPETITION_PENALTY
@@ -38,22 +49,43 @@ MAX_LOGPROB_ENTRIES = 2**19
 
 
 class _FieldError(ValueError):
-    """Raised by a check across fields, to name the field at fault."""
+    """Raised by a check across fields, to name the field at fault (and OpenAI's error code)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
+
+
+def _unsupported(param: str, message: str) -> _FieldError:
+    return _FieldError(param, message, "unsupported_parameter")
+
+
+def _refuse_fields(data: Any, names: tuple[str, ...], where: str, instead: dict[str, str]) -> None:
+    """Refuses, in a request body (before validation), the fields of `names` it gives (not null): those
+    of the other endpoint (OpenAI refuses them as unrecognized; ignored, what the client meant was lost)."""
+    for name in names if isinstance(data, dict) else ():
+        if data.get(name) is not None:
+            hint = f"; give {instead[name]}" if name in instead else ""
+            raise _unsupported(name, f"is not a field of {where}{hint}")
 
 
 class _Body(BaseModel):
-    """Unknown fields are ignored; an explicit null is the field's default."""
+    """Unknown fields are ignored; an explicit null is the field's default; a field given under two of
+    its names (max_tokens and n_predict) is refused (pydantic took the first, the other dropped in silence)."""
     model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}
+        for field in cls.model_fields.values():
+            names = getattr(field.validation_alias, "choices", ())
+            given = [name for name in names if name in data]
+            if len(given) > 1:
+                raise _FieldError(given[0], f"{' and '.join(repr(n) for n in given)} name the same option: give one",
+                                  "invalid_parameter_combination")
         return data
 
 
@@ -61,8 +93,23 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def _name(dots: bool):
+    """OpenAI's names of a response format and of a function: "a-z, A-Z, 0-9, or contain underscores and
+    dashes, with a maximum length of 64" (pyllm takes "." in function names too: gpt-oss's "browser.search")."""
+    pattern = r"[A-Za-z0-9_.-]{1,64}" if dots else r"[A-Za-z0-9_-]{1,64}"
+
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"must be 1 to 64 of a-z, A-Z, 0-9, underscores and dashes{', dots' if dots else ''} "
+                             f"(got {value[:80]!r})")
+        return value
+    return Annotated[StrictStr, AfterValidator(check)]
+
+
 class JsonSchemaFormat(_Body):
-    name: str = "response"
+    """OpenAI's json_schema: name required (it was taken missing, or any string); schema optional
+    (any JSON value then)."""
+    name: _name(dots=False)
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
     strict: bool = False
@@ -81,6 +128,10 @@ class ResponseFormat(_Body):
         needed = {"json_schema": self.json_schema, "regex": self.regex, "grammar": self.grammar}
         if self.type in needed and not needed[self.type]:
             raise _FieldError(f"response_format.{self.type}", f"type {self.type!r} needs this field")
+        for name in ("json_schema", "regex", "grammar"):  # with another type it was ignored: free text, another format
+            if getattr(self, name) is not None and self.type != name:
+                raise _FieldError(f"response_format.{name}", f"is taken with type {name!r} only; with type "
+                                                             f"{self.type!r} it would be ignored")
         if self.schema_ is not None and self.type != "json_object":  # it was ignored: free text, or another schema
             instead = "json_schema.schema" if self.type == "json_schema" else "type 'json_object'"
             raise _FieldError("response_format.schema", f"is taken with type 'json_object' only (llama.cpp's form); "
@@ -100,8 +151,18 @@ class ResponseFormat(_Body):
         return out
 
 
+Metadata = Annotated[dict[Annotated[StrictStr, Field(max_length=64)], Annotated[StrictStr, Field(max_length=512)]],
+                     Field(max_length=16)]  # OpenAI: 16 pairs, keys of 64 characters at most, values of 512
+
+
+class PredictionContent(_Body):
+    """OpenAI's predicted output: taken and ignored (pyllm does not speculate; the reply is the same)."""
+    type: Literal["content"]
+    content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1)]]
+
+
 class FunctionDefinition(_Body):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    name: _name(dots=True)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool = False
@@ -121,6 +182,21 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
+class ToolCallFunction(_Body):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    arguments: Union[StrictStr, dict[str, Any]]  # OpenAI's JSON text; an object too, as templates take it
+
+
+class ToolCall(_Body):
+    """A call in an assistant message, as OpenAI requires it: id, type "function", function's name and
+    arguments (a call without them reached the template, which failed on it or rendered it without)."""
+    model_config = ConfigDict(extra="allow")
+    id: StrictStr
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class Message(BaseModel):
     """One chat message; keys beyond these (name, tool_call_id, ...) pass through to the template."""
     model_config = ConfigDict(extra="allow")
@@ -129,7 +205,7 @@ class Message(BaseModel):
     # an empty list is refused, as OpenAI does ("empty array", param messages[k].content / .tool_calls)
     content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_CONTENT_PARTS)],
                    None] = None
-    tool_calls: Annotated[list[dict[str, Any]], Field(min_length=1)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
     name: StrictStr | None = None  # strings the template renders: another type was rendered as its text
     tool_call_id: StrictStr | None = None
 
@@ -141,11 +217,16 @@ class Message(BaseModel):
             raise _FieldError("content", f"a {self.role} message needs a content")
         if self.content is None and self.role == "assistant" and not self.tool_calls:
             raise _FieldError("content", "an assistant message needs a content or tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:  # OpenAI: "Missing required parameter"
+            raise _FieldError("tool_call_id", "a tool message needs the tool_call_id of the call it answers",
+                              "missing_required_parameter")
         for j, part in enumerate(self.content if isinstance(self.content, list) else ()):
             # as the chat template refuses them (pyllm.chat_template), naming the part as OpenAI does
-            if part.get("type") != "text":
+            if part.get("type") != "text":  # OpenAI's other kinds: unsupported here; anything else: invalid
+                known = part.get("type") in ("image_url", "input_audio", "file", "refusal")
                 raise _FieldError(f"content[{j}].type", f"only text content parts are supported (got "
-                                                        f"{part.get('type')!r:.40})")
+                                                        f"{part.get('type')!r:.40})",
+                                  "unsupported_value" if known else "invalid_value")
             if not isinstance(part.get("text"), str):
                 raise _FieldError(f"content[{j}].text", f"a text content part needs a 'text' string (got "
                                                         f"{part.get('text')!r:.40})")
@@ -230,9 +311,45 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
     functions: Any = None  # OpenAI's deprecated forms of tools and tool_choice: refused, not ignored
     function_call: Any = None
+    # OpenAI's fields for its own services: checked, then ignored (module docstring)
+    store: bool | None = None
+    metadata: Metadata | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: Annotated[str, Field(max_length=128)] | None = None
+    prediction: PredictionContent | None = None
+    # what pyllm gives in part: text output; a reasoning_effort the chat template reads
+    modalities: list[Literal["text", "audio"]] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    # what pyllm cannot give: refused when given
+    audio: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_fields_only(cls, data: Any) -> Any:
+        _refuse_fields(data, ("prompt", "echo", "best_of", "suffix"), "/v1/chat/completions",
+                       {"prompt": "messages", "echo": "the messages you sent"})
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
+        for name, what in (("audio", "audio output"), ("web_search_options", "web search"),
+                           ("moderation", "moderation")):
+            if getattr(self, name) is not None:
+                raise _unsupported(name, f"pyllm serve has no {what}")
+        if self.modalities and "audio" in self.modalities:
+            raise _FieldError("modalities", "pyllm serve answers in text only: give [\"text\"]", "unsupported_value")
+        if self.verbosity not in (None, "medium"):
+            raise _FieldError("verbosity", "this model has one verbosity, \"medium\"", "unsupported_value")
+        if "max_tokens" in self.model_fields_set and "max_completion_tokens" in self.model_fields_set:
+            raise _FieldError("max_tokens", "Setting 'max_tokens' (or n_predict) and 'max_completion_tokens' at the "
+                                            "same time is not supported: give max_completion_tokens",
+                              "invalid_parameter_combination")  # OpenAI's 400, in its words
         for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
             if getattr(self, old) is not None:
                 raise _FieldError(old, f"is OpenAI's deprecated form of {new}, which pyllm does not take: give "
@@ -279,7 +396,8 @@ class ChatCompletionRequest(_Sampling):
                 n += len(m.content)
             elif isinstance(m.content, list):
                 n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
-            n += _text_chars([m.tool_calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
+            calls = [c.model_dump() for c in m.tool_calls or ()]
+            n += _text_chars([calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
         if self.tools and self.tool_choice != "none":
             n += sum(_text_chars(t.model_dump(exclude_unset=True)) for t in self.tools)
         return n
@@ -311,6 +429,17 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _completion_fields_only(cls, data: Any) -> Any:
+        _refuse_fields(data, ("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                              "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
+                              "reasoning_effort", "prediction", "web_search_options", "verbosity", "moderation"),
+                       "/v1/completions",
+                       {"messages": "prompt (or POST /v1/chat/completions)", "max_completion_tokens": "max_tokens",
+                        "top_logprobs": "logprobs: N"})
+        return data
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -426,6 +555,8 @@ def _param(loc: tuple) -> str | None:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
+        elif isinstance(globals().get(item), type) and issubclass(globals()[item], BaseModel):
+            continue  # the union branch that is one of these models (tool_choice's NamedToolChoice): its fields follow
         elif _TYPE_TAGS.match(item) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
             break  # pydantic names the union branch it tried; the field is what came before
         else:
@@ -437,14 +568,42 @@ def _request_error(error: ValidationError) -> RequestError:
     errors = error.errors(include_url=False)
     first = errors[0]
     param = _param(first["loc"])
-    if first["type"].endswith("_type"):  # a union's first branch of another type: a branch of the right type
-        first = next((e for e in errors[1:] if not e["type"].endswith("_type") and e["type"] != "none_required"
-                      and _param(e["loc"]) == param), first)  # says what is wrong with the value itself
+
+    def other_type(e) -> bool:  # a union's branch of another JSON type than the value's (a dict is no literal);
+        # a wrong type deeper in a branch is the value's own fault
+        kind = e["type"]
+        return (_param(e["loc"]) == param
+                and (kind.endswith("_type") or (kind == "literal_error" and not isinstance(e.get("input"), str))))
+    if other_type(first):  # a branch of the right type says what is wrong with the value itself
+        first = next((e for e in errors[1:] if not other_type(e) and e["type"] != "none_required"
+                      and (_param(e["loc"]) or "").startswith(param or "")), first)
+        param = _param(first["loc"])
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, _FieldError):  # its param is the field's own ("response_format.regex") or its model's
         # ("content[0].type" in messages[k])
         param = cause.param if not param else f"{param}.{cause.param.removeprefix(param.rsplit('.', 1)[-1] + '.')}"
-    message = first["msg"].removeprefix("Value error, ")
+    message = re.sub(r" or instance of \w+", "", first["msg"].removeprefix("Value error, "))  # (no class names)
     if first["type"] == "missing":
         message = "is required"
-    return RequestError(f"{param}: {message}" if param else message, param=param)
+    code = cause.code if isinstance(cause, _FieldError) else _error_code(first)
+    return RequestError(f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def _error_code(error: dict) -> str:
+    """OpenAI's error code for a pydantic error ("invalid_type", "integer_above_max_value", ...)."""
+    kind, value = error["type"], error.get("input")
+    number = "integer" if isinstance(value, int) else "decimal"
+    sized = "string" if isinstance(value, str) else "object" if isinstance(value, dict) else "array"
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind in ("greater_than", "greater_than_equal"):
+        return f"{number}_below_min_value"
+    if kind in ("less_than", "less_than_equal"):
+        return f"{number}_above_max_value"
+    if kind in ("too_long", "string_too_long"):
+        return f"{sized}_above_max_length"
+    if kind in ("too_short", "string_too_short"):
+        return "empty_array" if value == [] else f"{sized}_below_min_length"
+    if kind.endswith("_type") or kind in ("model_attributes_type", "int_from_float", "finite_number"):
+        return "invalid_type"
+    return "invalid_value"

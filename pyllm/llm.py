@@ -1178,10 +1178,12 @@ class LLM:
         model "BASE:ADAPTER" selects a prompt-learning adapter, and the answer names it.
 
         Returns a dict: {"id": "cmpl-...", "object": "text_completion", "created": int, "model": str,
-        "choices": [{"index": int, "text": str, "logprobs": None | {"tokens": [str], "token_logprobs":
-        [float], "top_logprobs": [{str: float}], "text_offset": [int]}, "finish_reason": "stop" |
-        "length"}], "usage": {"prompt_tokens": int, "completion_tokens": int, "total_tokens": int,
-        "prompt_tokens_details": {"cached_tokens": int}}}. With stream=True an iterator of chunk
+        "system_fingerprint": str, "choices": [{"index": int, "text": str, "logprobs": None |
+        {"tokens": [str], "token_logprobs": [float], "top_logprobs": [{str: float}], "text_offset":
+        [int]}, "finish_reason": "stop" | "length"}], "usage": {"prompt_tokens": int,
+        "completion_tokens": int, "total_tokens": int, "prompt_tokens_details": {"cached_tokens": int,
+        "audio_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+        "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}}. With stream=True an iterator of chunk
         dicts with the same id, object "text_completion", and one choice each: {"index", "text" (the
         new text), "logprobs", "finish_reason": None but in a choice's last chunk};
         stream_options={"include_usage": True} adds "usage" to every chunk, None but in a last chunk
@@ -1223,21 +1225,22 @@ class LLM:
         None: until the context is full). tools / tool_choice ("none", "auto", "required" or
         {"type": "function", "function": {"name": ...}}; the last two held to a grammar) /
         parallel_tool_calls: OpenAI's function calling, for templates with a tool-call format;
-        response_format: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema":
-        {...}}}, or pyllm's "regex" / "grammar" types (needs llguidance); logprobs=True with
+        response_format: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": str,
+        "schema": {...}}} (name required, as OpenAI), or pyllm's "regex" / "grammar" types (needs
+        llguidance); logprobs=True with
         top_logprobs N: each token's log-probability and its N most likely alternatives.
         functions / function_call (OpenAI's deprecated forms) are refused, saying what to give.
 
         Returns a dict: {"id": "chatcmpl-...", "object": "chat.completion", "created": int,
-        "model": str, "choices": [{"index": int, "message": {"role": "assistant", "content": str |
-        None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": str}}]
-        (only when it calls)}, "logprobs": None | {"content": [{"token", "logprob", "bytes",
-        "top_logprobs": [...]}]}, "finish_reason": "stop" | "length" | "tool_calls"}], "usage":
-        {...}} (create_completion's). With stream=True an iterator of dicts of object
-        "chat.completion.chunk", one choice each: {"index", "delta": {"role": "assistant",
-        "content": ""} first, then {"content": str} pieces and {"tool_calls": [...]}, "logprobs",
-        "finish_reason": None but in a choice's last chunk}; stream_options and closing the
-        iterator as create_completion's.
+        "model": str, "system_fingerprint": str, "choices": [{"index": int, "message": {"role":
+        "assistant", "content": str | None, "refusal": None, "tool_calls": [{"id", "type": "function",
+        "function": {"name", "arguments": str}}] (only when it calls)}, "logprobs": None | {"content":
+        [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": None}, "finish_reason":
+        "stop" | "length" | "tool_calls"}], "usage": {...}} (create_completion's). With stream=True an
+        iterator of dicts of object "chat.completion.chunk", one choice each: {"index", "delta":
+        {"role": "assistant", "content": "", "refusal": None} first, then {"content": str} pieces and
+        {"tool_calls": [...]}, "logprobs", "finish_reason": None but in a choice's last chunk};
+        stream_options and closing the iterator as create_completion's.
 
         Raises what create_completion raises; a tool or template error is RequestError naming
         "tools" or "messages" (ToolError, a ValueError, for tools the template cannot call)."""
@@ -1278,7 +1281,8 @@ class LLM:
         return given + [s for s in extra if s not in given]
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
-                        parse_special_in_content: bool = False, render_limits: RenderLimits | None = None) -> list[int]:
+                        parse_special_in_content: bool = False, render_limits: RenderLimits | None = None,
+                        chat_template_kwargs: dict | None = None) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does.
 
         Message content is text: a special token's string written in it (say "<|im_end|>") becomes
@@ -1286,9 +1290,10 @@ class LLM:
         stay special. parse_special_in_content=True tokenizes the rendered prompt as one text, with
         special-token strings in content parsed as the tokens themselves. Without such strings in
         the content both give the tokens transformers' apply_chat_template gives. render_limits
-        bounds the template's time and output (TemplateError past them)."""
+        bounds the template's time and output (TemplateError past them). chat_template_kwargs: more
+        template variables (reasoning_effort=...), as transformers' apply_chat_template(**kwargs)."""
         _check_tools(tools)
-        extra = {"tools": tools} if tools is not None else {}
+        extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
         if parse_special_in_content:
             protected = {}

@@ -1,7 +1,8 @@
 """`pyllm serve`: an OpenAI-compatible HTTP server for one model (Starlette on uvicorn).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
-"stream": true; usage; finish_reason "stop"/"length"/"tool_calls"), GET /v1/models, GET
+"stream": true; usage with its details; system_fingerprint; finish_reason "stop"/"length"/
+"tool_calls"), GET /v1/models, GET
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
 slash, or "//"). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
@@ -753,8 +754,15 @@ class Completions:
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,
                                                          self.llm.tokenizer)
+        variables = {}
+        if req.reasoning_effort is not None:  # a template with reasoning levels reads it (gpt-oss's)
+            if "reasoning_effort" not in (self.llm.chat_template or ""):
+                raise RequestError("reasoning_effort: this model's chat template has no reasoning levels (it does "
+                                   "not read reasoning_effort)", param="reasoning_effort", code="unsupported_parameter")
+            variables["reasoning_effort"] = req.reasoning_effort
         try:
-            prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits())
+            prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits(),
+                                              chat_template_kwargs=variables)
         except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
             raise RequestError(str(e), param="messages") from None
         options["stop"] = self.llm.chat_stop(options.get("stop"))  # a built-in template's end of turn, as LLM.chat
@@ -823,7 +831,20 @@ class Completions:
         was configured with, as OpenAI and llama-server answer), else this model's name."""
         return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": req.model or self.model_name}
+                "model": req.model or self.model_name, "system_fingerprint": self.system_fingerprint}
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: what else than the request decides a seeded reply (pyllm's
+        version, the model file, the device, the activation and KV cache formats), as a short hash."""
+        import hashlib
+
+        from . import __version__
+
+        engine = getattr(self.llm, "engine", None)
+        parts = (__version__, getattr(self.llm, "path", ""), getattr(self.llm, "device", ""),
+                 getattr(engine, "activation_quant", ""), getattr(engine, "kv_cache", ""))
+        return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
 
     def answer(self, head: dict, plan: _Plan, replies: list, streams: list) -> dict:
         """The non-streamed answer (chat.completion or text_completion): replies[k] is (text, tokens)

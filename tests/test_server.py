@@ -1173,7 +1173,7 @@ def test_inputs_the_model_refuses_name_their_field(live, llm):
 def test_messages_the_template_cannot_take_name_messages(live, llm):
     """An image part, a text part without text, a tool call without a function object, and a
     template that refuses the messages were 400s with param null; they name "messages", a content
-    part the part's field, as OpenAI does (they named "messages" alone)."""
+    part or tool call the part's field, as OpenAI does (they named "messages" alone)."""
     chat = live.url + "/v1/chat/completions"
     for messages, param in (
             ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
@@ -1181,10 +1181,11 @@ def test_messages_the_template_cannot_take_name_messages(live, llm):
             ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
             ([*_chat("hi"), {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
              "messages[2].content[1].type"),
-            ([{"role": "assistant", "content": "hi", "tool_calls": [{"function": 5}]}], "messages")):
+            ([{"role": "assistant", "content": "hi", "tool_calls": [{"id": "c", "type": "function", "function": 5}]}],
+             "messages[0].tool_calls[0].function")):
         status, reply = _request(chat, json.dumps({"messages": messages, "max_tokens": 1}).encode())
         assert status == 400 and reply["error"]["param"] == param, (messages, reply)
-        assert "content part" in reply["error"]["message"] or param == "messages", reply
+        assert "content part" in reply["error"]["message"] or "tool_calls" in param, reply
     old, llm.chat_template = llm.chat_template, "{{ raise_exception('Conversation roles must alternate') }}"
     try:
         status, reply = _request(chat, json.dumps({"messages": _chat("hi"), "max_tokens": 1}).encode())

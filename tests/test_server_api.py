@@ -1362,3 +1362,296 @@ def test_embeddings_endpoint_with_the_openai_client(live, llm):
         client.embeddings.create(model="tiny", input="Paris", dimensions=3)
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="tiny", input=[])
+
+
+# -- every request field, as OpenAI's API reference types it ----------------------------------------
+
+_HI = [{"role": "user", "content": "hi"}]
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+_BASE = {"chat": {"messages": _HI}, "completions": {"prompt": "hi"}, "embeddings": {"input": "hi"}}
+_LIMITS = ("max_tokens", "max_completion_tokens", "n_predict")
+_OK = None  # accepted: 200
+
+
+def _schema(**fields):
+    return {"response_format": {"type": "json_schema", "json_schema": fields}}
+
+
+# (endpoint, fields beside the endpoint's minimal body, the param a 400 names (None: 200), OpenAI's code or None)
+FIELD_CASES = [
+    # sampling: types and OpenAI's ranges, on both endpoints; null is the default
+    *[(e, f, p, c) for e in ("chat", "completions") for f, p, c in [
+        ({}, _OK, None), ({"temperature": 0}, _OK, None), ({"temperature": 2}, _OK, None),
+        ({"temperature": None}, _OK, None),
+        ({"temperature": 2.01}, "temperature", "decimal_above_max_value"),
+        ({"temperature": -0.1}, "temperature", "decimal_below_min_value"),
+        ({"temperature": "1"}, "temperature", "invalid_type"),
+        ({"top_p": 1}, _OK, None), ({"top_p": 1.01}, "top_p", "decimal_above_max_value"),
+        ({"top_p": True}, "top_p", "invalid_type"),
+        ({"n": 1}, _OK, None), ({"n": 0}, "n", "integer_below_min_value"), ({"n": 129}, "n", "integer_above_max_value"),
+        ({"n": 1.0}, "n", "invalid_type"),
+        ({"presence_penalty": -2}, _OK, None),
+        ({"presence_penalty": 2.01}, "presence_penalty", "decimal_above_max_value"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty", "decimal_below_min_value"),
+        ({"frequency_penalty": "0"}, "frequency_penalty", "invalid_type"),
+        ({"logit_bias": {"5": -100, "6": 100}}, _OK, None),
+        ({"logit_bias": {"5": 100.5}}, "logit_bias", "decimal_above_max_value"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_value"), ({"logit_bias": [1]}, "logit_bias", "invalid_type"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias", None),  # past the vocabulary
+        ({"stop": "a"}, _OK, None), ({"stop": ["a", "b", "c", "d"]}, _OK, None),
+        ({"stop": ["s"] * 16}, _OK, None),  # pyllm takes 16 (OpenAI 4)
+        ({"stop": ["s"] * 17}, "stop", "array_above_max_length"), ({"stop": 5}, "stop", "invalid_type"),
+        ({"stop": [1]}, "stop", "invalid_type"),
+        ({"seed": -1}, _OK, None), ({"seed": 2**63 - 1}, _OK, None), ({"seed": "1"}, "seed", "invalid_type"),
+        ({"seed": 1.5}, "seed", "invalid_type"), ({"seed": 2**64}, "seed", "integer_above_max_value"),
+        ({"user": "u1"}, _OK, None), ({"user": 5}, "user", "invalid_type"),
+        ({"model": 5}, "model", "invalid_type"), ({"some_future_field": {"x": 1}}, _OK, None),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"stream": True, "stream_options": {"include_usage": True}}, _OK, None),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "invalid_type"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": -2}, "max_tokens", "integer_below_min_value"),
+        ({"max_tokens": "5"}, "max_tokens", "invalid_type"),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
+        # json_schema: name required, OpenAI's characters and length; strict, description and schema typed
+        (_schema(schema={"type": "object"}), "response_format.json_schema.name", "missing_required_parameter"),
+        (_schema(name="a b"), "response_format.json_schema.name", "invalid_value"),
+        (_schema(name="a.b"), "response_format.json_schema.name", "invalid_value"),
+        (_schema(name="n" * 65), "response_format.json_schema.name", "invalid_value"),
+        (_schema(name=5), "response_format.json_schema.name", "invalid_type"),
+        (_schema(name="n" * 64, description="d", strict=True, schema={"type": "string", "maxLength": 3}), _OK, None),
+        (_schema(name="x-y_1"), _OK, None),
+        (_schema(name="x", strict="yes"), "response_format.json_schema.strict", "invalid_type"),
+        (_schema(name="x", description=5), "response_format.json_schema.description", "invalid_type"),
+        (_schema(name="x", schema=[1]), "response_format.json_schema.schema", "invalid_type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "invalid_value"),
+        # a format's field beside another type was ignored: free text where a schema was meant
+        ({"response_format": {"type": "text", "json_schema": {"name": "x"}}}, "response_format.json_schema",
+         "invalid_value"),
+        ({"response_format": {"type": "json_object", "regex": "a+"}}, "response_format.regex", "invalid_value"),
+    ]],
+    # chat only
+    ("chat", {"max_completion_tokens": 1}, _OK, None),
+    ("chat", {"max_tokens": None, "max_completion_tokens": 1}, _OK, None),
+    # both limits: OpenAI refuses them ("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not
+    # supported", code invalid_parameter_combination); max_completion_tokens won in silence
+    ("chat", {"max_tokens": 5, "max_completion_tokens": 1}, "max_tokens", "invalid_parameter_combination"),
+    ("chat", {"max_tokens": 1, "max_completion_tokens": 1}, "max_tokens", "invalid_parameter_combination"),
+    ("chat", {"n_predict": 1, "max_completion_tokens": 1}, "max_tokens", "invalid_parameter_combination"),
+    ("chat", {"max_completion_tokens": 0}, "max_completion_tokens", "integer_below_min_value"),
+    # one option under two of its names (llama.cpp's and OpenAI's): the first was taken, the other dropped
+    *[(e, f, p, "invalid_parameter_combination") for e in ("chat", "completions") for f, p in [
+        ({"max_tokens": 1, "n_predict": 7}, "max_tokens"),
+        ({"repetition_penalty": 1.1, "repeat_penalty": 1.3}, "repetition_penalty")]],
+    ("chat", {"logprobs": True, "top_logprobs": 20}, _OK, None), ("chat", {"logprobs": 1}, "logprobs", "invalid_type"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    ("chat", {"messages": []}, "messages", "empty_array"), ("chat", {"messages": "hi"}, "messages", "invalid_type"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, _OK, None),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name", "invalid_type"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, _OK, None),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", None),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a"}}]}]},
+     "messages[0].content[0].type", "unsupported_value"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                          "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+     "messages[0].content[0].type", "unsupported_value"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "video", "text": "hi"}]}]},
+     "messages[0].content[0].type", "invalid_value"),
+    ("chat", {"messages": [*_HI, {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}, _OK, None),
+    # a tool message answers a call: OpenAI requires its tool_call_id
+    ("chat", {"messages": [*_HI, {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+                           {"role": "tool", "content": "ok"}]},
+     "messages[2].tool_call_id", "missing_required_parameter"),
+    # an assistant's tool calls, as OpenAI requires them (they reached the template, which failed or dropped parts)
+    *[("chat", {"messages": [*_HI, {"role": "assistant", "tool_calls": [call]}, *_HI]}, param, code)
+      for call, param, code in [
+          ({**_CALL, "function": {"name": "f", "arguments": {"a": 1}}}, _OK, None),  # an object, as templates take it
+          ({k: v for k, v in _CALL.items() if k != "id"}, "messages[1].tool_calls[0].id", "missing_required_parameter"),
+          ({**_CALL, "type": "tool"}, "messages[1].tool_calls[0].type", "invalid_value"),
+          ({**_CALL, "function": {"name": "f"}}, "messages[1].tool_calls[0].function.arguments",
+           "missing_required_parameter"),
+          ({**_CALL, "function": {"name": "f", "arguments": 5}}, "messages[1].tool_calls[0].function.arguments",
+           "invalid_type"),
+          ("f", "messages[1].tool_calls[0]", "invalid_type")]],
+    ("chat", {"tools": [_TOOL], "tool_choice": "none"}, _OK, None), ("chat", {"tools": []}, "tools", "empty_array"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "invalid_value"),
+    ("chat", {"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type", "invalid_value"),
+    ("chat", {"tools": [{"type": "function"}]}, "tools[0].function", "missing_required_parameter"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+     "tools[0].function.parameters", "invalid_type"),
+    ("chat", {"tools": [_TOOL], "tool_choice": "always"}, "tool_choice", "invalid_value"),
+    # a named choice's own fault, not "should be 'none', 'auto' or 'required'" (the union's string branch)
+    ("chat", {"tools": [_TOOL], "tool_choice": {"type": "function"}}, "tool_choice.function",
+     "missing_required_parameter"),
+    ("chat", {"tools": [_TOOL], "tool_choice": {"type": "function", "function": {"name": 5}}},
+     "tool_choice.function.name", "invalid_type"),
+    ("chat", {"tools": [_TOOL], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
+     "tool_choice.type", "invalid_value"),
+    ("chat", {"tools": [_TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "invalid_type"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions", "invalid_value"),
+    # OpenAI's fields for its own services: typed, then ignored
+    ("chat", {"store": True, "metadata": {"k": "v"}, "service_tier": "auto", "prompt_cache_key": "k",
+              "safety_identifier": "s", "prediction": {"type": "content", "content": "hi"}}, _OK, None),
+    ("chat", {"store": "yes"}, "store", "invalid_type"), ("chat", {"metadata": {"k": 1}}, "metadata.k", "invalid_type"),
+    ("chat", {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "object_above_max_length"),
+    ("chat", {"metadata": {"k": "v" * 513}}, "metadata.k", "string_above_max_length"),
+    ("chat", {"service_tier": "gold"}, "service_tier", "invalid_value"),
+    ("chat", {"safety_identifier": "s" * 129}, "safety_identifier", "string_above_max_length"),
+    ("chat", {"prediction": {"type": "guess", "content": "hi"}}, "prediction.type", "invalid_value"),
+    ("chat", {"prediction": {"type": "content"}}, "prediction.content", "missing_required_parameter"),
+    # what pyllm cannot give is refused, not ignored
+    ("chat", {"modalities": ["text"]}, _OK, None), ("chat", {"verbosity": "medium"}, _OK, None),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities", "unsupported_value"),
+    ("chat", {"modalities": ["video"]}, "modalities[0]", "invalid_value"),
+    ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_parameter"),
+    ("chat", {"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ("chat", {"verbosity": "low"}, "verbosity", "unsupported_value"),
+    ("chat", {"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),  # the template has no levels
+    ("chat", {"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_value"),
+    # the other endpoint's fields were ignored in silence
+    ("chat", {"echo": True}, "echo", "unsupported_parameter"),
+    ("chat", {"suffix": "x"}, "suffix", "unsupported_parameter"),
+    ("chat", {"best_of": 2}, "best_of", "unsupported_parameter"),
+    ("completions", {"max_completion_tokens": 3}, "max_completion_tokens", "unsupported_parameter"),
+    ("completions", {"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+    ("completions", {"tools": [_TOOL]}, "tools", "unsupported_parameter"),
+    ("completions", {"messages": _HI}, "messages", "unsupported_parameter"),
+    ("completions", {"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+    ("completions", {"verbosity": "low"}, "verbosity", "unsupported_parameter"),
+    # completions only
+    ("completions", {"prompt": [1, 2]}, _OK, None), ("completions", {"prompt": [[1, 2], [3]]}, _OK, None),
+    ("completions", {"prompt": ["a", "b"]}, _OK, None), ("completions", {"prompt": []}, "prompt", None),
+    ("completions", {"prompt": [[]]}, "prompt", None), ("completions", {"prompt": [True]}, "prompt", None),
+    ("completions", {"prompt": 5}, "prompt", None), ("completions", {"prompt": ["a", [1]]}, "prompt", None),
+    ("completions", {"logprobs": 5}, _OK, None),
+    ("completions", {"logprobs": 21}, "logprobs", "integer_above_max_value"),
+    ("completions", {"logprobs": True}, "logprobs", "invalid_type"),
+    ("completions", {"echo": "y"}, "echo", "invalid_type"), ("completions", {"best_of": 2}, "best_of", "invalid_value"),
+    ("completions", {"suffix": "x"}, "suffix", "invalid_value"),
+    ("completions", {"max_tokens": 0, "echo": True}, _OK, None),
+    # embeddings: a text, texts, token ids or lists of them; float or base64; this model's dimensions
+    ("embeddings", {"input": ["a", "b"]}, _OK, None), ("embeddings", {"input": [1, 2]}, _OK, None),
+    ("embeddings", {"input": [[1, 2], [3]]}, _OK, None), ("embeddings", {"input": "hi", "user": "u"}, _OK, None),
+    ("embeddings", {"encoding_format": "base64"}, _OK, None), ("embeddings", {"encoding_format": "float"}, _OK, None),
+    ("embeddings", {"input": []}, "input", None), ("embeddings", {"input": [[]]}, "input", None),
+    ("embeddings", {"input": ""}, "input", None), ("embeddings", {"input": [""]}, "input", None),
+    ("embeddings", {"input": [-1]}, "input", "integer_below_min_value"),
+    ("embeddings", {"input": ["a", [1]]}, "input", "invalid_type"),
+    ("embeddings", {"input": 5}, "input", "invalid_type"),
+    ("embeddings", {"input": [99999999]}, "input", None),
+    ("embeddings", {"encoding_format": "int8"}, "encoding_format", "invalid_value"),
+    ("embeddings", {"dimensions": 0}, "dimensions", "integer_below_min_value"),
+    ("embeddings", {"dimensions": "5"}, "dimensions", "invalid_type"),
+    ("embeddings", {"dimensions": 3}, "dimensions", None),
+    ("embeddings", {"user": 5}, "user", "invalid_type"), ("embeddings", {"model": 5}, "model", "invalid_type"),
+]
+
+
+@pytest.mark.parametrize("endpoint, fields, param, code", FIELD_CASES,
+                         ids=[f"{e}-{json.dumps(f)[:60]}" for e, f, _, _ in FIELD_CASES])
+def test_every_request_field_is_checked_as_openai_types_it(live, endpoint, fields, param, code):
+    """One row per field and fault, after OpenAI's API reference: a value OpenAI takes is answered
+    (200), a wrong type, a value out of range, a field of the other endpoint or one asking for what
+    pyllm cannot give is a 400 with OpenAI's error object naming the field (param) and its code;
+    never a 500, never taken in silence."""
+    body = {**_BASE[endpoint], **fields}
+    if endpoint != "embeddings" and not any(k in fields for k in _LIMITS):
+        body["max_tokens"] = 1
+    path = f"/v1/{endpoint}" if endpoint != "chat" else "/v1/chat/completions"
+    if param is _OK and body.get("stream"):
+        with urllib.request.urlopen(urllib.request.Request(live.url + path, data=json.dumps(body).encode()),
+                                    timeout=60) as r:
+            assert r.status == 200 and r.read().endswith(b"data: [DONE]\n\n")
+        return
+    status, reply = _post_json(live, path, body)
+    if param is _OK:
+        assert status == 200, reply
+        return
+    assert status == 400, (body, reply)
+    error = reply["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+    assert isinstance(error["message"], str) and param.split("[")[0].split(".")[0] in error["message"], error
+    if code is not None:
+        assert error["code"] == code, (body, error)
+
+
+def test_answers_have_openai_s_fields(live):
+    """The answers' shapes, as OpenAI's reference gives them: system_fingerprint in every answer and
+    chunk, usage with prompt_tokens_details and completion_tokens_details (they lacked the latter and
+    system_fingerprint), the message's and the logprobs' refusal (null), and with
+    stream_options.include_usage a usage of null in each chunk but a last one with no choices and the usage."""
+    client = live.client()
+    usage_keys = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+                  "completion_tokens_details"}
+    status, reply = _post_json(live, "/v1/chat/completions", {"messages": _HI, "max_tokens": 3, "logprobs": True})
+    assert status == 200
+    assert set(reply) == {"id", "object", "created", "model", "system_fingerprint", "choices", "usage"}
+    assert set(reply["choices"][0]["message"]) == {"role", "content", "refusal"}
+    assert set(reply["choices"][0]["logprobs"]) == {"content", "refusal"}
+    assert set(reply["usage"]) == usage_keys and reply["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+    chat = client.chat.completions.create(model="tiny", messages=_HI, max_tokens=3)
+    fingerprint = chat.system_fingerprint
+    assert fingerprint.startswith("fp_") and chat.choices[0].message.refusal is None
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens_details.reasoning_tokens == 0
+    text = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+    assert text.system_fingerprint == fingerprint and text.usage.prompt_tokens_details.cached_tokens >= 0
+    for stream in (client.chat.completions.create(model="tiny", messages=_HI, max_tokens=3, n=2, stream=True,
+                                                  stream_options={"include_usage": True}),
+                   client.completions.create(model="tiny", prompt="hi", max_tokens=3, n=2, stream=True,
+                                             stream_options={"include_usage": True})):
+        chunks = list(stream)
+        assert len({c.id for c in chunks}) == 1 and {c.system_fingerprint for c in chunks} == {fingerprint}
+        *body, last = chunks
+        assert all(c.usage is None and len(c.choices) == 1 for c in body)
+        assert last.choices == [] and last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+        assert last.usage.completion_tokens_details.rejected_prediction_tokens == 0
+        finished = [(c.choices[0].index, c.choices[0].finish_reason) for c in body if c.choices[0].finish_reason]
+        assert sorted(i for i, _ in finished) == [0, 1] and {r for _, r in finished} <= {"stop", "length"}
+    first = next(iter(client.chat.completions.create(model="tiny", messages=_HI, max_tokens=2, stream=True)))
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.refusal is None
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(live, llm):
+    """reasoning_effort was ignored in silence: a chat template that reads it (gpt-oss's) renders it;
+    one that does not gets a 400 naming it (FIELD_CASES), as OpenAI answers for a model without reasoning."""
+    template = ("{{ 'Reasoning: ' ~ (reasoning_effort or 'none') ~ '\\n' }}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    old, llm.chat_template = llm.chat_template, template
+    try:
+        for effort in ("low", "xhigh"):
+            reply = live.client().chat.completions.create(model="tiny", messages=_HI, max_tokens=1,
+                                                          reasoning_effort=effort)
+            expected = llm.chat_prompt_ids(_HI, chat_template_kwargs={"reasoning_effort": effort})
+            assert reply.usage.prompt_tokens == len(expected) != len(llm.chat_prompt_ids(_HI)), effort
+    finally:
+        llm.chat_template = old
+
+
+def test_the_openai_client_s_structured_output_and_refusals(live):
+    """What the official client sends: parse() with a pydantic model (a json_schema with a name,
+    strict) is answered and parsed; the two faults of the table as the client sees them: a json_schema
+    without a name, max_tokens with max_completion_tokens (OpenAI's 400s, which pyllm answered)."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Color(BaseModel):
+        color: Literal["red", "blue"]
+
+    client = live.client()
+    reply = client.chat.completions.parse(model="tiny", messages=_HI, max_tokens=40, response_format=Color)
+    assert reply.choices[0].message.parsed.color in ("red", "blue"), reply
+    for options, param, code in (
+            (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
+             "response_format.json_schema.name", "missing_required_parameter"),
+            (dict(max_tokens=4, max_completion_tokens=4), "max_tokens", "invalid_parameter_combination")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=_HI, **{"max_tokens": 1, **options})
+        assert (e.value.param, e.value.code, e.value.status_code) == (param, code, 400), e.value
