@@ -70,8 +70,9 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     """The PEFT prompt-learning adapter in `directory`, checked against the base `config` (and, given
     the base's Hugging Face directory, against the model its adapter_config.json names).
 
-    Raises FormatError for another kind of adapter or a tensor of the wrong shape (another hidden size,
-    layer count or kv-head count: trained on another model). A base model of another name is a warning
+    Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
+    layer count or kv-head count: trained on another model) or tensors besides the virtual tokens
+    (PEFT's modules_to_save, which the engine would not run). A base model of another name is a warning
     on log (default stderr), as for LoRA adapters (pyllm/convert/adapter_base.py says why)."""
     from .convert.adapter_base import adapter_config_path, adapter_weights_path
     from .convert.checkpoint import _read_json
@@ -103,6 +104,17 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     with SafetensorsFile(weights) as f:
         if "prompt_embeddings" not in f.tensors:
             raise FormatError(f"{weights}: no 'prompt_embeddings' tensor")
+        # PEFT saves a trained copy of each module in modules_to_save (lm_head, embed_tokens, a classifier)
+        # beside the virtual tokens, and its forward runs them: dropped here, the stored adapter gave other
+        # logits than PEFT's, silently
+        others = sorted(set(f.tensors) - {"prompt_embeddings"})
+        if others:
+            listed = cfg.get("modules_to_save")
+            raise FormatError(
+                f"{weights}: holds {len(others)} tensor(s) besides 'prompt_embeddings' ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}){f', the modules_to_save {listed}' if listed else ''}: "
+                "a prompt-learning adapter stored beside the base weights carries its virtual tokens only; "
+                "train it without modules_to_save")
         from .convert.checkpoint import load_float32
 
         raw = load_float32(f, "prompt_embeddings")

@@ -166,7 +166,8 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
 
 def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_lora(base, tmp_path):
     """Siblings of the LoRA reader's checks: a task_type other than CAUSAL_LM (a SEQ_CLS adapter, trained
-    with its own classifier head) was stored and run for generation; an adapter saved only as
+    with its own classifier head) was stored and run for generation, and so was one of modules_to_save
+    without its trained modules; an adapter saved only as
     adapter_model.bin said just "has no adapter_model.safetensors"; a directory whose name is no adapter
     name said nothing of where the name came from or how to give one."""
     import shutil
@@ -187,6 +188,15 @@ def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_
     os.rename(os.path.join(pickled, "adapter_model.safetensors"), os.path.join(pickled, "adapter_model.bin"))
     refused(pickled, FormatError, "adapter_model.bin \\(a PyTorch pickle\\) is not read; save the adapter with "
                                   "safe_serialization=True")
+    # modules_to_save (here a trained lm_head, which PEFT's forward uses): its tensor was dropped, silently
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                       modules_to_save=["lm_head"])).save_pretrained(
+        str(tmp_path / "with_head"))
+    refused(str(tmp_path / "with_head"), FormatError,
+            re.escape("holds 1 tensor(s) besides 'prompt_embeddings' (base_model.lm_head.weight), the modules_to_save "
+                      "['lm_head']: a prompt-learning adapter stored beside the base weights carries its virtual "
+                      "tokens only; train it without modules_to_save"))
     spaced = shutil.copytree(adapter, str(tmp_path / "my task"))
     refused(spaced, ValueError, re.escape(f"it is the directory's name: name the adapter (--adapter NAME={spaced})"))
     convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", spaced)])
