@@ -505,3 +505,83 @@ def test_smollm2_logits_match_peft(smollm2_hf, method, tmp_path):
     plain = str(tmp_path / "plain.pllm")
     convert_checkpoint(base, plain, quant="f32", progress=False)
     assert abs(base_size - os.path.getsize(plain)) < 64 * 1024  # header and alignment
+
+
+ALPACA_RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+                  {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+                  {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+                  {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+
+
+def test_pyllm_train_then_the_printed_commands_run_each_method_as_peft_does(tmp_path, monkeypatch, capsys):
+    """A user's whole path on a tiny model: `pyllm train` with each method (2 steps on Alpaca records,
+    the default --template alpaca), then the convert and run commands it prints, followed literally
+    (LoRA merged, the prompt-learning adapters stored beside it: an adapter plus --lora), then the
+    Python API and the server. Each adapter's logits are PEFT's on the LoRA-merged base within
+    RELATIVE_TOLERANCE, its greedy tokens PEFT's. The printed commands say --chat-template alpaca: run
+    with the model's own (chat) template, an adapter trained on the Alpaca prompt met another prompt
+    (nothing said so)."""
+    import shlex
+
+    openai = pytest.importorskip("openai")
+    from pyllm import cli
+    from pyllm.train.data import Record, alpaca_prompt
+    from test_server import LiveServer
+
+    monkeypatch.chdir(tmp_path)
+    base = make_tiny_llama(str(tmp_path / "base"), seed=41)
+    with open("data.json", "w", encoding="utf-8") as f:
+        json.dump(ALPACA_RECORDS, f)
+    printed = {}
+    for method in ("lora", "prompt", "ptuning", "prefix"):
+        extra = [] if method == "lora" else ["--method", method, "--virtual-tokens", "4"]
+        assert cli.main(["train", base, "--data", "data.json", "-o", method, "--max-steps", "2", "--batch-size", "2",
+                         "--micro-batch-size", "2", "--lr", "1e-2", "--cutoff-len", "200", "-q", *extra]) == 0
+        err = capsys.readouterr().err
+        found = re.search(r"to run it: pyllm (convert .*), then pyllm (run .*) -p PROMPT\n", err)
+        assert found, err
+        printed[method] = [shlex.split(command) for command in found.groups()]
+    assert printed["lora"][1] == ["run", "tuned.pllm", "--chat-template", "alpaca"]
+    assert printed["prefix"] == [["convert", base, "--adapter", f"prefix={tmp_path / 'prefix'}", "-o", "tasks.pllm"],
+                                 ["run", "tasks.pllm", "--adapter", "prefix", "--chat-template", "alpaca"]]
+    # one file: the LoRA merged, the three prompt-learning adapters beside it
+    convert = printed["lora"][0][:-2] + sum((printed[m][0][2:4] for m in ("prompt", "ptuning", "prefix")), []) + [
+        "-o", "tasks.pllm", "--quant", "f32", "-q"]
+    assert cli.main(convert) == 0
+    merged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32), "lora").merge_and_unload()
+    merged.save_pretrained("merged")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    hf_tokenizer.save_pretrained("merged")
+    record = Record(instruction="Name a color.", input="", output="", line=1)
+    ids = hf_tokenizer(alpaca_prompt(record), add_special_tokens=True)["input_ids"]  # the prompt trained on
+    capsys.readouterr()
+    with pyllm.LLM("tasks.pllm", n_threads=2, chat_template="alpaca") as llm:
+        assert sorted(llm.adapters) == ["prefix", "prompt", "ptuning"]
+        assert llm.chat_prompt_ids([{"role": "user", "content": record.instruction}]) == ids
+        eos = llm.tokenizer.eos_ids[0]
+        replies = {}
+        for method in ("prompt", "ptuning", "prefix"):
+            with torch.no_grad():
+                expected = peft_model("merged", method)(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+            virtual = prime(llm.engine, llm.adapters[method], 0)
+            got = llm.engine.forward_rows(np.array(ids, np.int32), np.zeros(len(ids), np.int32),
+                                          np.arange(virtual, virtual + len(ids), dtype=np.int32), np.arange(len(ids)))
+            assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max(), method
+            assert greedy_ids(llm, ids, 6, adapter=method) == peft_greedy("merged", method, ids, 6, eos=eos), method
+            replies[method] = llm.chat([{"role": "user", "content": record.instruction}], max_new_tokens=6,
+                                       temperature=0, adapter=method)
+            # the printed run command, as printed
+            assert cli.main([*printed[method][1], "-p", record.instruction, "-n", "6", "--temperature", "0",
+                             "-t", "2"]) == 0
+            assert capsys.readouterr().out == replies[method] + "\n", method
+        server = LiveServer(llm, name="tasks")
+        try:
+            client = server.client()
+            for method, reply in replies.items():
+                answer = client.chat.completions.create(
+                    model=f"tasks:{method}", messages=[{"role": "user", "content": record.instruction}],
+                    max_tokens=6, temperature=0)
+                assert answer.choices[0].message.content == reply, method
+        finally:
+            server.stop()
