@@ -87,8 +87,10 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     if peft_type not in PEFT_TYPES:
         raise FormatError(f"{directory}: peft_type {peft_type!r} is not a prompt-learning adapter "
                           f"({', '.join(PEFT_TYPES)}; LoRA adapters are merged with --lora)")
-    if cfg.get("num_transformer_submodules", 1) != 1:
-        raise FormatError(f"{directory}: adapters of encoder-decoder models are not supported")
+    # null: PEFT's own default, 1 for a causal LM (an adapter_config.json written by hand, or by an older PEFT)
+    if cfg.get("num_transformer_submodules") not in (None, 1):
+        raise FormatError(f"{directory}: num_transformer_submodules {cfg['num_transformer_submodules']!r:.40}: "
+                          "adapters of encoder-decoder models are not supported")
     # as for LoRA adapters: one trained for classification (SEQ_CLS, with its own head) or another task was
     # stored, and its virtual tokens ran for generation, which nobody trained them for
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):

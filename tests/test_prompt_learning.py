@@ -167,7 +167,8 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
 def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_lora(base, tmp_path):
     """Siblings of the LoRA reader's checks: a task_type other than CAUSAL_LM (a SEQ_CLS adapter, trained
     with its own classifier head) was stored and run for generation, and so was one of modules_to_save
-    without its trained modules; an adapter saved only as
+    without its trained modules; num_transformer_submodules null (PEFT's default: 1 for a causal LM) was
+    refused as an encoder-decoder adapter; an adapter saved only as
     adapter_model.bin said just "has no adapter_model.safetensors"; a directory whose name is no adapter
     name said nothing of where the name came from or how to give one."""
     import shutil
@@ -188,6 +189,15 @@ def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_
     os.rename(os.path.join(pickled, "adapter_model.safetensors"), os.path.join(pickled, "adapter_model.bin"))
     refused(pickled, FormatError, "adapter_model.bin \\(a PyTorch pickle\\) is not read; save the adapter with "
                                   "safe_serialization=True")
+    # PEFT's defaults given as null (it fills them in from the base model) are not refused
+    defaults = shutil.copytree(adapter, str(tmp_path / "defaults"))
+    path = os.path.join(defaults, "adapter_config.json")
+    json.dump({**json.load(open(path)), "num_transformer_submodules": None, "num_layers": None, "token_dim": None,
+               "num_attention_heads": None}, open(path, "w"))
+    convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", defaults)])
+    os.remove(out)
+    json.dump({**json.load(open(path)), "num_transformer_submodules": 2}, open(path, "w"))
+    refused(defaults, FormatError, "num_transformer_submodules 2: adapters of encoder-decoder models are not supported")
     # modules_to_save (here a trained lm_head, which PEFT's forward uses): its tensor was dropped, silently
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
