@@ -752,15 +752,22 @@ class LLM:
             raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
         return arr.astype(np.int32)
 
-    def logits_many(self, sequences: list) -> list[np.ndarray]:
+    def logits_many(self, sequences: list, adapter: str | None = None) -> list[np.ndarray]:
         """Logits f32 [len(ids), vocab] of each token-id list, each in a fresh context, n_parallel at a time
-        in one engine step (perplexity's windows)."""
+        in one engine step (perplexity's windows). adapter: as logits() takes it (default the LLM's)."""
+        from .adapters import prime
+
         if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
+        virtual = self.adapters[chosen].virtual_tokens if chosen is not None else 0
         checked = []
         for i, ids in enumerate(sequences):
             with _naming(f"sequence {i} of the list"):
                 checked.append(self._check_ids(ids))
+                if virtual + len(checked[-1]) > self.context_length:
+                    raise ValueError(f"{len(checked[-1])} tokens after {virtual} virtual ones exceed the context "
+                                     f"length of {self.context_length}")
         call = _Call()
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
@@ -769,14 +776,17 @@ class LLM:
             if self.device != "cpu":  # the CUDA engine holds one sequence and runs no rows of several
                 for ids in checked:  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
                     self._open_engine()
-                    results.append(self.engine.forward(ids, 0, True))
+                    results.append(self.engine.forward(ids, self._prime(chosen), True))
                 return results
             for first in range(0, len(checked), self.n_parallel):
                 self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 group = checked[first:first + self.n_parallel]
                 lengths = [len(g) for g in group]
+                for seq in range(len(group)) if chosen is not None else ():  # each sequence opens with the adapter
+                    prime(self.engine, self.adapters[chosen], seq)
                 out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
-                                               np.concatenate([np.arange(n) for n in lengths]), np.arange(sum(lengths)))
+                                               np.concatenate([np.arange(virtual, virtual + n) for n in lengths]),
+                                               np.arange(sum(lengths)))
                 bounds = np.cumsum([0] + [len(g) for g in group])
                 results += [out[bounds[i]:bounds[i + 1]] for i in range(len(group))]
             return results
@@ -821,14 +831,25 @@ class LLM:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
 
-    def logits(self, ids) -> np.ndarray:
-        """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context."""
+    def logits(self, ids, adapter: str | None = None) -> np.ndarray:
+        """Logits f32 [len(ids), vocab] at every position of ids, in a fresh context.
+
+        adapter: a prompt-learning adapter stored in the file, as generate() takes it (default the LLM's;
+        "base": none): ids then follow its virtual tokens, and the logits are those of ids' positions
+        (PEFT's model(input_ids).logits without the virtual positions). ValueError when the virtual
+        tokens and ids do not fit the context, or for an adapter the file does not have."""
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         arr = self._check_ids(ids)
+        virtual = self.adapters[chosen].virtual_tokens if chosen is not None else 0
+        if virtual + arr.size > self.context_length:
+            raise ValueError(f"{arr.size} tokens after {virtual} virtual ones exceed the context length of "
+                             f"{self.context_length}")
         call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
-            self._cached, self._primed = [], None
-            out = self.engine.forward(arr, 0, True)
+            self._cached = []
+            offset = self._prime(chosen)  # (kept while the same adapter runs next)
+            out = self.engine.forward(arr, offset, True)
             self._cached = [int(i) for i in arr]
             return out
         finally:

@@ -355,8 +355,26 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
             assert greedy_ids(llm, ids, 12, adapter=name) == expected[name], name
         with pytest.raises(ValueError, match="no adapter 'nope'.*qa, style"):
             llm.generate(ids, adapter="nope")
-    with pyllm.LLM(two_adapters["file"], n_threads=2, adapter="style") as llm:  # a default adapter
+    with pyllm.LLM(two_adapters["file"], n_threads=2, adapter="style", n_parallel=2) as llm:  # a default adapter
         assert greedy_ids(llm, ids, 12) == expected["style"]
+        # logits() too runs the adapter (it ran the base model whatever the LLM's adapter, silently)
+        for name, adapter in (("style", None), ("qa", "qa"), ("base", "base"), ("style", None)):
+            model = peft_model(two_adapters["base"], two_adapters[name]) if name != "base" else \
+                transformers.AutoModelForCausalLM.from_pretrained(two_adapters["base"], dtype=torch.float32).eval()
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+            got = llm.logits(ids, adapter=adapter)
+            assert got.shape == want.shape and np.abs(got - want).max() <= RELATIVE_TOLERANCE * np.abs(want).max(), name
+            many = llm.logits_many([ids[:9], ids, ids[4:]], adapter=adapter)  # (perplexity's windows)
+            for got_many, want_many in zip(many, (want[:9], want)):
+                assert np.abs(got_many - want_many).max() <= RELATIVE_TOLERANCE * np.abs(want).max(), name
+        assert greedy_ids(llm, ids, 12) == expected["style"]  # and generate after it
+        with pytest.raises(ValueError, match="no adapter 'nope'"):
+            llm.logits(ids, adapter="nope")
+        with pytest.raises(ValueError, match=f"{llm.context_length} tokens after 7 virtual ones exceed the context"):
+            llm.logits([5] * llm.context_length)
+        with pytest.raises(ValueError, match=f"sequence 1 of the list: {llm.context_length} tokens after 7 virtual"):
+            llm.logits_many([[5], [5] * llm.context_length])
 
 
 def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
@@ -574,9 +592,7 @@ def test_pyllm_train_then_the_printed_commands_run_each_method_as_peft_does(tmp_
         for method in ("prompt", "ptuning", "prefix"):
             with torch.no_grad():
                 expected = peft_model("merged", method)(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
-            virtual = prime(llm.engine, llm.adapters[method], 0)
-            got = llm.engine.forward_rows(np.array(ids, np.int32), np.zeros(len(ids), np.int32),
-                                          np.arange(virtual, virtual + len(ids), dtype=np.int32), np.arange(len(ids)))
+            got = llm.logits(ids, adapter=method)
             assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max(), method
             assert greedy_ids(llm, ids, 6, adapter=method) == peft_greedy("merged", method, ids, 6, eos=eos), method
             replies[method] = llm.chat([{"role": "user", "content": record.instruction}], max_new_tokens=6,
