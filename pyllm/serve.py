@@ -804,7 +804,7 @@ class Completions:
         with plan.echo_lock:
             if prompt not in plan.echo_logprobs:
                 ids = plan.prompts[prompt]
-                logits = self.llm.logits(ids)
+                logits = self.llm.logits(ids, adapter=plan.options["adapter"])  # ("BASE:NAME": its adapter's)
                 # row by row, as a generated token's (no second [tokens, vocab] array)
                 tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
                                                    for k in range(1, len(ids))]

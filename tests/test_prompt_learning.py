@@ -429,6 +429,12 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as alone:
         expected = {name: alone.generate(ids, max_new_tokens=8, temperature=0, adapter=name)
                     for name in ("base", "qa", "style")}
+        echoed = {}  # the prompt's log-probabilities under each adapter (echo + logprobs)
+        for name in ("base", "qa", "style"):
+            logits = alone.logits(ids, adapter=name).astype(np.float64)
+            logsoftmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            echoed[name] = [logsoftmax[k - 1, ids[k]] for k in range(1, len(ids))]
     with pyllm.LLM(two_adapters["file"], n_threads=2, n_parallel=parallel) as llm:
         server = LiveServer(llm, name="tasks")
         try:
@@ -446,6 +452,12 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
                 answers = list(pool.map(ask, names))
             for model, answer in zip(names, answers):
                 assert answer == expected[model.partition(":")[2] or "base"], model
+            # the echoed prompt's logprobs are the adapter's (they were the base model's for every adapter)
+            for model in ("tasks", "tasks:qa", "tasks:style"):
+                reply = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                                  logprobs=1)
+                got = reply.choices[0].logprobs.token_logprobs[1:len(ids)]
+                np.testing.assert_allclose(got, echoed[model.partition(":")[2] or "base"], atol=1e-3, err_msg=model)
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model="tasks:nope", prompt="hi", max_tokens=2)
         finally:
