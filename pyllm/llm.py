@@ -961,8 +961,10 @@ class LLM:
         if _is_batch(prompt):
             from .structured import grammar_from
 
-            if chosen is not None:
-                raise ValueError("a prompt-learning adapter applies to one prompt at a time; give a single prompt")
+            if chosen is not None:  # (the LLM's own adapter too: say how to run the list without it)
+                raise ValueError(f"a prompt-learning adapter ({chosen!r}) applies to one prompt at a time; give a single "
+                                 "prompt" + (", or adapter='base' to run the list on the base model"
+                                             if adapter is None else ""))
             # (refused before a grammar is compiled: seconds for a large schema, or its own error first)
             if processors or logprobs is not None or grammar_from(response_format, grammar) is not None:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "

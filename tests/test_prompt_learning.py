@@ -371,6 +371,14 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
         assert greedy_ids(llm, ids, 12) == expected["style"]  # and generate after it
         with pytest.raises(ValueError, match="no adapter 'nope'"):
             llm.logits(ids, adapter="nope")
+        # a list of prompts: one at a time with an adapter, the LLM's own too (the message says how to go without)
+        with pytest.raises(ValueError, match=re.escape("adapter ('style') applies to one prompt at a time; give a "
+                                                       "single prompt, or adapter='base' to run the list on the base")):
+            llm.generate([ids, ids[:5]], max_new_tokens=2)
+        with pytest.raises(ValueError, match=re.escape("adapter ('qa') applies to one prompt at a time; give a "
+                                                       "single prompt\n") + "|" + re.escape("single prompt") + "$"):
+            llm.chat([[{"role": "user", "content": "hi"}]] * 2, max_new_tokens=2, adapter="qa")
+        assert len(llm.generate([ids, ids[:5]], max_new_tokens=2, adapter="base")) == 2
         with pytest.raises(ValueError, match=f"{llm.context_length} tokens after 7 virtual ones exceed the context"):
             llm.logits([5] * llm.context_length)
         with pytest.raises(ValueError, match=f"sequence 1 of the list: {llm.context_length} tokens after 7 virtual"):
