@@ -162,8 +162,8 @@ NOT_TAKEN = {
     "min_new_tokens": "a minimum reply length is not supported; a logits processor (logits_processors=) can "
                       "hold the end-of-generation tokens back",
     "num_beams": "beam search is not supported (greedy decoding: temperature=0, or sampling)",
-    "echo": "the returned text does not repeat the prompt (llama-cpp-python's echo): prepend it yourself, or use "
-            "`pyllm serve`'s /v1/completions, which takes echo",
+    "echo": "the returned text does not repeat the prompt (llama-cpp-python's echo): prepend it yourself, or call "
+            "create_completion(prompt, echo=True), which takes it as llama-cpp-python's does",
     "top_logprobs": "logprobs=N records the N most likely tokens at each position (OpenAI's top_logprobs; "
                     "logprobs=0: the chosen token's own only)",
 }
