@@ -418,6 +418,26 @@ def test_a_peft_directory_given_where_a_stored_adapter_belongs_says_how_to_store
     assert err.count("\n") == 1 and "is a PEFT adapter directory" in err, err
 
 
+def test_the_chat_leaves_old_turns_out_to_make_room_for_the_adapters_virtual_tokens(two_adapters):
+    """`pyllm run FILE --adapter NAME`: the chat measured the conversation against the whole context, so a
+    prompt within the adapter's virtual tokens of it was refused ("the prompt has 60 tokens after 7 virtual
+    ones ...; even without the earlier turns: shorten the message") where leaving the oldest turns out
+    made room, as it does without an adapter."""
+    import io
+
+    from pyllm import repl
+
+    err = io.StringIO()
+    with pyllm.LLM(two_adapters["file"], n_threads=2, context_length=64, chat_template="chatml",
+                   adapter="style") as llm:
+        session = repl.ChatSession(llm, None, dict(max_new_tokens=2), out=io.StringIO(), err=err)
+        assert session.context_room() == 64 - 7
+        for i in range(30):
+            session.say(f"message {i} fox" + " dog" * (i % 5))
+        assert "error" not in err.getvalue() and "oldest messages left out" in err.getvalue()
+        assert len(session.turns) < 60
+
+
 def test_a_tuned_call_prefills_only_its_own_tokens(two_adapters):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as llm:
         ids = llm.tokenize("Paris is the capital of France.")
