@@ -105,3 +105,16 @@ def test_the_readme_python_example_runs(tiny_llama_f32, monkeypatch, capsys):
         os.replace("model.pllm", tiny_llama_f32)
     out = capsys.readouterr().out
     assert "Prompt:" in out and "Generation:" in out  # stream.stats.line()
+
+
+def test_every_file_the_docs_name_exists():
+    """Scripts, modules and documents the docs point to (`python3 benchmarks/compare.py`, pyllm/adapters.py,
+    tests/test_cuda.py, docs/SECURITY.md, ...) are there: a file renamed or removed fails here."""
+    named = set()
+    for path in DOCS:
+        text = open(path, encoding="utf-8").read()
+        named |= set(re.findall(r"\b(?:benchmarks|tools|pyllm|tests|csrc|docs)/[\w./-]+\.(?:py|sh|md|cpp|h|cu|cuh|json|txt)",
+                                text))
+    assert len(named) > 20
+    missing = sorted(n for n in named if not os.path.exists(os.path.join(ROOT, n)))
+    assert not missing, missing
