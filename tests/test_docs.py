@@ -113,7 +113,7 @@ def test_every_file_the_docs_name_exists():
     named = set()
     for path in DOCS:
         text = open(path, encoding="utf-8").read()
-        named |= set(re.findall(r"\b(?:benchmarks|tools|pyllm|tests|csrc|docs)/[\w./-]+\.(?:py|sh|md|cpp|h|cu|cuh|json|txt)",
+        named |= set(re.findall(r"\b(?:benchmarks|tools|pyllm|tests|csrc|docs)/[\w./-]+\.(?:py|sh|md|cpp|cuh|cu|h|json|txt)\b",
                                 text))
     assert len(named) > 20
     missing = sorted(n for n in named if not os.path.exists(os.path.join(ROOT, n)))
