@@ -251,6 +251,13 @@ def test_an_adapter_naming_another_base_is_stored_with_a_warning_as_lora_is(base
     log = io.StringIO()
     convert_checkpoint(own, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
     assert "was trained on" not in log.getvalue()
+    # trained as `pyllm train .` in the base's directory (PEFT writes the path as given): a path relative to a
+    # directory the adapter does not record names no model (it warned "trained on '.'" for its own base)
+    for given in (".", "./", "..", "/"):
+        json.dump({**json.load(open(path)), "base_model_name_or_path": given}, open(path, "w"))
+        log = io.StringIO()
+        convert_checkpoint(own, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
+        assert "was trained on" not in log.getvalue(), given
 
 
 @pytest.fixture(scope="module")
