@@ -744,12 +744,15 @@ class LLM:
         self._acquire(owner)
         return False
 
-    def _check_ids(self, ids) -> np.ndarray:
+    def _check_ids(self, ids, virtual: int = 0) -> np.ndarray:
+        """ids as int32, checked: in the vocabulary, not empty, fitting the context after `virtual` tokens
+        (an adapter's)."""
         arr = token_ids(ids, self.config.vocab_size)
         if arr.size == 0:
             raise PyllmError("expected a non-empty list of token ids")
-        if arr.size > self.context_length:
-            raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
+        if virtual + arr.size > self.context_length:
+            raise ValueError(f"{arr.size} tokens{f' after {virtual} virtual ones' if virtual else ''} exceed the "
+                             f"context length of {self.context_length}")
         return arr.astype(np.int32)
 
     def logits_many(self, sequences: list, adapter: str | None = None) -> list[np.ndarray]:
@@ -760,14 +763,11 @@ class LLM:
         if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
-        virtual = self.adapters[chosen].virtual_tokens if chosen is not None else 0
+        virtual = self._virtual_tokens(chosen)
         checked = []
         for i, ids in enumerate(sequences):
             with _naming(f"sequence {i} of the list"):
-                checked.append(self._check_ids(ids))
-                if virtual + len(checked[-1]) > self.context_length:
-                    raise ValueError(f"{len(checked[-1])} tokens after {virtual} virtual ones exceed the context "
-                                     f"length of {self.context_length}")
+                checked.append(self._check_ids(ids, virtual))
         call = _Call()
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
@@ -793,19 +793,23 @@ class LLM:
         finally:
             self._release(call)
 
-    def embed(self, texts, pooling: str = "last", normalize: bool = True) -> np.ndarray:
+    def embed(self, texts, pooling: str = "last", normalize: bool = True, adapter: str | None = None) -> np.ndarray:
         """Embeddings f32 [len(texts), hidden] of texts (strings or token-id lists), each in a fresh context:
         the final hidden state (after the final norm) of the last token (pooling "last", the default:
         in a causal model only the last position has read the whole text, as vLLM pools decoder
-        models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False."""
+        models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False.
+        adapter: as logits() takes it (default the LLM's): each text follows its virtual tokens, which
+        the mean leaves out."""
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
+        virtual = self._virtual_tokens(chosen)
         items = _embed_inputs(texts)
         listed = not (len(items) == 1 and items[0] is texts)  # (one text given alone: not "text 0 of the list")
         checked = []
         for i, t in enumerate(items):
             with _naming(f"text {i} of the list" if listed else None):
-                checked.append(self._check_ids(self.tokenize(t) if isinstance(t, str) else t))
+                checked.append(self._check_ids(self.tokenize(t) if isinstance(t, str) else t, virtual))
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call(frozenset({0}))
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
@@ -822,8 +826,9 @@ class LLM:
                     self._cached, self._primed = [], None
                     since = time.monotonic()
                 rows = np.arange(len(ids)) if pooling == "mean" else np.array([len(ids) - 1])
-                hidden = self.engine.forward_rows(ids, np.zeros(len(ids), np.int32), np.arange(len(ids), dtype=np.int32),
-                                                  rows, True)
+                offset = self._prime(chosen)  # (computed once: the texts rewrite only the positions after it)
+                hidden = self.engine.forward_rows(ids, np.zeros(len(ids), np.int32),
+                                                  np.arange(offset, offset + len(ids), dtype=np.int32), rows, True)
                 out[i] = hidden.mean(axis=0) if pooling == "mean" else hidden[0]
         finally:
             self._release(call)
@@ -839,11 +844,7 @@ class LLM:
         (PEFT's model(input_ids).logits without the virtual positions). ValueError when the virtual
         tokens and ids do not fit the context, or for an adapter the file does not have."""
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
-        arr = self._check_ids(ids)
-        virtual = self.adapters[chosen].virtual_tokens if chosen is not None else 0
-        if virtual + arr.size > self.context_length:
-            raise ValueError(f"{arr.size} tokens after {virtual} virtual ones exceed the context length of "
-                             f"{self.context_length}")
+        arr = self._check_ids(ids, self._virtual_tokens(chosen))
         call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
@@ -999,6 +1000,10 @@ class LLM:
             raise ValueError(f"{self.path} has no adapter {name!r} (adapters in the file: {known}){hint}")
         return name
 
+    def _virtual_tokens(self, adapter: str | None) -> int:
+        """Positions the adapter's virtual tokens take before the real ones (0 for none)."""
+        return self.adapters[adapter].virtual_tokens if adapter is not None else 0
+
     def _prime(self, adapter: str | None) -> int:
         """Makes slot 0's cache open with `adapter`'s virtual positions (computing them when another
         adapter, or none, is there); returns how many positions they take."""
@@ -1010,7 +1015,7 @@ class LLM:
             if adapter is not None:
                 prime(self.engine, self.adapters[adapter], 0)
             self._primed = adapter
-        return self.adapters[adapter].virtual_tokens if adapter is not None else 0
+        return self._virtual_tokens(adapter)
 
     def _stop_tokens(self, stop: list[str], stop_token_ids) -> tuple[list[str], set[int]]:
         """(stop strings, stop ids): a stop string that is a special token's text adds its id (special
@@ -1373,7 +1378,7 @@ class LLM:
                 stop_ids: set[int], processors: list, logprobs: int | None, adapter: str | None = None) -> TextStream:
         self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
         prompt = self._check_ids(ids)
-        virtual = self.adapters[adapter].virtual_tokens if adapter is not None else 0
+        virtual = self._virtual_tokens(adapter)
         if virtual + len(prompt) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens" + (f" after {virtual} virtual ones" if virtual else "")
                              + f"; the context holds {self.context_length} (leave room for the reply)")

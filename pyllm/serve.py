@@ -1046,13 +1046,17 @@ class Server(Completions):
             watcher.cancel()
             self.slots.release()
 
-    def _embedding_ids(self, req) -> list[list[int]]:
-        """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
+    def _embedding_ids(self, req, adapter: str) -> list[list[int]]:
+        """Each input's token ids: not empty, in the vocabulary, within the context after the adapter's
+        virtual tokens (RequestError naming "input")."""
         out = []
+        virtual = self.llm.adapters[adapter].virtual_tokens if adapter != "base" else 0
         for k, item in enumerate(req.inputs):
             ids = self._request_ids(item, f"input {k}", "input")
-            if len(ids) > self.llm.context_length:
-                raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
+            if virtual + len(ids) > self.llm.context_length:
+                raise RequestError(f"input {k} has {len(ids)} tokens"
+                                   + (f" after {virtual} virtual ones" if virtual else "")
+                                   + f"; the context holds {self.llm.context_length}",
                                    param="input", code="context_length_exceeded")
             out.append(ids)
         return out
@@ -1072,11 +1076,12 @@ class Server(Completions):
     def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
         import base64
 
-        ids = self._embedding_ids(req)
+        adapter = self._adapter_for(req.model) or "base"  # "BASE:NAME": the adapter's, as for completions
+        ids = self._embedding_ids(req, adapter)
         vectors = []
         for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later
             work.check()
-            vectors.append(self.llm.embed([item])[0])
+            vectors.append(self.llm.embed([item], adapter=adapter)[0])
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                  if req.encoding_format == "base64" else [float(x) for x in v]}

@@ -375,6 +375,14 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
             many = llm.logits_many([ids[:9], ids, ids[4:]], adapter=adapter)  # (perplexity's windows)
             for got_many, want_many in zip(many, (want[:9], want)):
                 assert np.abs(got_many - want_many).max() <= RELATIVE_TOLERANCE * np.abs(want).max(), name
+            # embed() too (its final hidden state: PEFT's last hidden_states, the virtual positions left out)
+            with torch.no_grad():
+                hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            hidden = hidden.numpy()[-len(ids):]
+            for pooling, want_vector in (("last", hidden[-1]), ("mean", hidden.mean(0))):
+                want_vector = want_vector / np.linalg.norm(want_vector)
+                got_vector = llm.embed([ids], pooling=pooling, adapter=adapter)[0]
+                assert np.abs(got_vector - want_vector).max() <= 1e-4 * np.abs(want_vector).max(), (name, pooling)
         assert greedy_ids(llm, ids, 12) == expected["style"]  # and generate after it
         with pytest.raises(ValueError, match="no adapter 'nope'"):
             llm.logits(ids, adapter="nope")
@@ -464,6 +472,8 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as alone:
         expected = {name: alone.generate(ids, max_new_tokens=8, temperature=0, adapter=name)
                     for name in ("base", "qa", "style")}
+        embedded = {name: alone.embed([ids], adapter=name)[0] for name in ("base", "qa", "style")}
+        assert np.abs(embedded["qa"] - embedded["base"]).max() > 1e-2  # the adapter shows
         echoed = {}  # the prompt's log-probabilities under each adapter (echo + logprobs)
         for name in ("base", "qa", "style"):
             logits = alone.logits(ids, adapter=name).astype(np.float64)
@@ -493,6 +503,13 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
                                                   logprobs=1)
                 got = reply.choices[0].logprobs.token_logprobs[1:len(ids)]
                 np.testing.assert_allclose(got, echoed[model.partition(":")[2] or "base"], atol=1e-3, err_msg=model)
+            # embeddings too: "tasks:NAME" is the adapter's (it was the base model's, and "tasks:nope" was not refused)
+            for model in ("tasks", "tasks:qa", "tasks:style"):
+                vector = client.embeddings.create(model=model, input=[ids]).data[0].embedding
+                np.testing.assert_allclose(vector, embedded[model.partition(":")[2] or "base"], atol=1e-5,
+                                           err_msg=model)
+            with pytest.raises(openai.NotFoundError):
+                client.embeddings.create(model="tasks:nope", input="hi")
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model="tasks:nope", prompt="hi", max_tokens=2)
         finally:
