@@ -617,18 +617,22 @@ class Completions:
         return RequestError(f"the model {model!r} does not exist (this server has "
                             f"{', '.join(map(repr, self._model_ids()))})", 404, "model", code="model_not_found")
 
-    def _adapter_for(self, model: str | None) -> str | None:
-        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters (404
-        for a NAME this model lacks); any other value (OpenAI clients send whatever they were
+    def _adapter_for(self, model: str | None) -> str:
+        """The adapter a request's "model" selects, or "base": "BASE:NAME" names one of the file's adapters
+        (404 for a NAME this model lacks); any other value (OpenAI clients send whatever they were
         configured with, colons too: "llama3.1:8b", "ft:gpt-4o-mini:org::id") is the base model, as
-        is this server's own model name, whatever it holds."""
-        if not model or model == self.model_name or ":" not in model:
-            return None
+        is this server's own model name, whatever it holds. A request without "model" (LLM's
+        create_completion called without model=) runs the LLM's own adapter (LLM(path, adapter=NAME)),
+        as its generate() does."""
+        if not model:
+            return self.llm.adapter or "base"
+        if model == self.model_name or ":" not in model:
+            return "base"
         base, _, name = model.rpartition(":")
         if name in self.llm.adapters:
             return name
         if name == "base" or base != self.model_name:
-            return None
+            return "base"
         raise self._no_such_model(model)
 
     def _refuse_when_stopping(self) -> None:
@@ -670,7 +674,7 @@ class Completions:
         if limit is None:
             limit = -1 if chat else 16  # OpenAI: chat until the end, completions 16
         options["max_new_tokens"] = self.llm.context_length if limit == -1 else limit
-        options["adapter"] = self._adapter_for(req.model) or "base"
+        options["adapter"] = self._adapter_for(req.model)
         self._check_token_options(options)
         if chat:
             plan = self._chat_plan(req, options)
@@ -1076,7 +1080,7 @@ class Server(Completions):
     def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
         import base64
 
-        adapter = self._adapter_for(req.model) or "base"  # "BASE:NAME": the adapter's, as for completions
+        adapter = self._adapter_for(req.model)  # "BASE:NAME": the adapter's, as for completions
         ids = self._embedding_ids(req, adapter)
         vectors = []
         for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later

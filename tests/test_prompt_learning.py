@@ -384,6 +384,14 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
                 got_vector = llm.embed([ids], pooling=pooling, adapter=adapter)[0]
                 assert np.abs(got_vector - want_vector).max() <= 1e-4 * np.abs(want_vector).max(), (name, pooling)
         assert greedy_ids(llm, ids, 12) == expected["style"]  # and generate after it
+        # create_completion without model= too (it ran the base model); model="tasks" is the base, as served
+        answer = llm.create_completion(ids, max_tokens=12, temperature=0, stop_token_ids=[])
+        assert answer["choices"][0]["text"] == llm.generate(ids, max_new_tokens=12, temperature=0, stop_token_ids=[])
+        assert llm.create_completion(ids, max_tokens=12, temperature=0, model="tasks")["choices"][0]["text"] == \
+            llm.generate(ids, max_new_tokens=12, temperature=0, adapter="base")
+        assert llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)[
+            "choices"][0]["message"]["content"] == llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=6,
+                                                            temperature=0)
         with pytest.raises(ValueError, match="no adapter 'nope'"):
             llm.logits(ids, adapter="nope")
         # a list of prompts: one at a time with an adapter, the LLM's own too (the message says how to go without)
