@@ -824,10 +824,19 @@ class Completions:
     def head(self, req, chat: bool) -> dict:
         """The fields an answer, and each chunk of a streamed one, opens with: a new id, the object
         kind, the time, and the model the request named ("BASE:ADAPTER", or whatever name the client
-        was configured with, as OpenAI and llama-server answer), else this model's name."""
+        was configured with, as OpenAI and llama-server answer), else this model's name ("BASE:NAME"
+        when the LLM's own adapter runs)."""
         return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": req.model or self.model_name}
+                "model": self._answered_model(req.model)}
+
+    def _answered_model(self, model: str | None) -> str:
+        """The "model" of an answer: the request's, else what ran (this model, or "BASE:NAME" for the
+        LLM's own adapter, which a request without "model" runs: _adapter_for)."""
+        if model:
+            return model
+        adapter = self._adapter_for(None)
+        return self.model_name if adapter == "base" else f"{self.model_name}:{adapter}"
 
     def answer(self, head: dict, plan: _Plan, replies: list, streams: list) -> dict:
         """The non-streamed answer (chat.completion or text_completion): replies[k] is (text, tokens)
@@ -1091,7 +1100,7 @@ class Server(Completions):
                  if req.encoding_format == "base64" else [float(x) for x in v]}
                 for i, v in enumerate(vectors)]
         used = sum(len(i) for i in ids)
-        return JSONResponse({"object": "list", "data": data, "model": req.model or self.model_name,
+        return JSONResponse({"object": "list", "data": data, "model": self._answered_model(req.model),
                              "usage": {"prompt_tokens": used, "total_tokens": used}})
 
     async def detokenize(self, request: "Request"):

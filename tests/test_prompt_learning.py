@@ -386,6 +386,7 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
         assert greedy_ids(llm, ids, 12) == expected["style"]  # and generate after it
         # create_completion without model= too (it ran the base model); model="tasks" is the base, as served
         answer = llm.create_completion(ids, max_tokens=12, temperature=0, stop_token_ids=[])
+        assert answer["model"] == "tasks:style"  # what ran
         assert answer["choices"][0]["text"] == llm.generate(ids, max_new_tokens=12, temperature=0, stop_token_ids=[])
         assert llm.create_completion(ids, max_tokens=12, temperature=0, model="tasks")["choices"][0]["text"] == \
             llm.generate(ids, max_new_tokens=12, temperature=0, adapter="base")
