@@ -1182,7 +1182,8 @@ class LLM:
         the context is full); seed -1 is unseeded; logprobs N (0..20) gives each token's
         log-probability and its N most likely alternatives; echo returns the prompt before the text;
         prompt may be a string, token ids, or a list of either (one choice each, n times each);
-        model "BASE:ADAPTER" selects a prompt-learning adapter, and the answer names it.
+        model "BASE:ADAPTER" selects a prompt-learning adapter, and the answer names it (left out: the
+        LLM's own adapter, LLM(path, adapter=NAME), as generate() runs it).
 
         Returns a dict: {"id": "cmpl-...", "object": "text_completion", "created": int, "model": str,
         "choices": [{"index": int, "text": str, "logprobs": None | {"tokens": [str], "token_logprobs":
