@@ -7,11 +7,12 @@ docs/ARCHITECTURE.md); a prompt beyond that starts in the first slot that frees,
 still generating.
 
 Each prompt is generated exactly as it would be alone: its own sampler (seeded with the same seed),
-stop strings, end-of-sequence ids and limits. A prefix shared by every prompt of the first n_parallel
-(a system prompt) is computed once in slot 0 and copied to the others; a later prompt reuses what its
-slot holds of its tokens (the one before it there: that system prompt). Reused tokens count as
-cached_tokens. Slot 0 is also the single-prompt calls' cache: what it holds of the first prompt (an
-earlier call's tokens) is reused, as a single call reuses it.
+stop strings, end-of-sequence ids and limits. Prefixes are computed once: each of the first n_parallel
+prompts copies the longest prefix it shares with an earlier one of them (a system prompt, shared by all
+or by some) from that one's slot once it is there (wave_sources); a later prompt copies the longest
+prefix any slot holds of its tokens. Copied tokens count as cached_tokens. Slot 0 is also the
+single-prompt calls' cache: what it holds of the first prompt (an earlier call's tokens) is reused, as a
+single call reuses it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .llm import StopText
+from .llm import StopText, common_prefix_length
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -50,22 +51,23 @@ class _Sequence:
 
 def _common(held: list[int], ids: list[int]) -> int:
     """How many leading tokens of ids a cache holding `held` has (at most len(ids) - 1: one must run)."""
-    n = 0
-    for a, b in zip(held, ids[:len(ids) - 1]):
-        if a != b:
-            break
-        n += 1
-    return n
+    return min(common_prefix_length(held, ids), len(ids) - 1)
 
 
-def common_prefix(prompts: list[list[int]]) -> int:
-    """Length of the longest prefix every prompt shares, leaving each at least one token of its own."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for i in range(max(n, 0)):
-        if any(p[i] != first[i] for p in prompts[1:]):
-            return i
-    return max(n, 0)
+def wave_sources(prompts: list[list[int]]) -> list[tuple[int | None, int]]:
+    """For each prompt of a wave, (source, n): the earlier prompt it shares the longest prefix with
+    (the first such) and the n tokens it copies from it, leaving it at least one token of its own;
+    (None, 0) where it shares nothing with an earlier one. Sources come first, so every prompt's
+    prefix is computed once, in the first prompt that has it."""
+    sources: list[tuple[int | None, int]] = []
+    for i, ids in enumerate(prompts):
+        best: tuple[int | None, int] = (None, 0)
+        for j in range(i):
+            n = _common(prompts[j], ids)
+            if n > best[1]:
+                best = (j, n)
+        sources.append(best)
+    return sources
 
 
 def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
@@ -96,10 +98,10 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
 def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
            seqs: list, called: float) -> Iterator[tuple[int, str]]:
-    """run_batch: the first `slots` prompts together (their shared prefix computed once),
+    """run_batch: the first `slots` prompts together (the prefixes they share computed once),
     then each later prompt in the first slot that frees (it waited for the whole wave before it:
-    one long reply held n_parallel - 1 slots idle), reusing what that slot holds of its tokens (a
-    system prompt). seqs[slot] is the sequence in each slot. Each prompt's time_to_first_token counts
+    one long reply held n_parallel - 1 slots idle), reusing the longest prefix of its tokens that
+    slot or another holds (a system prompt). seqs[slot] is the sequence in each slot. Each prompt's time_to_first_token counts
     from `called`, its decode_seconds from the end of its prefill until it ends."""
     wave = prompts[:slots]
 
@@ -112,30 +114,12 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
 
     seqs[:] = [sequence(i, i) for i in range(len(wave))]
     start = time.perf_counter()
-    shared = common_prefix(wave) if len(wave) > 1 else 0
-    # slot 0's cache may already hold a prefix of its prompt (an earlier call's): what matches is reused,
-    # past the shared prefix too (only the shared prefix was: a list run one prompt at a time,
-    # n_parallel=1, computed its system prompt again for each, where single calls reuse it)
-    reuse = llm._reuse(wave[0])
-    llm._cached = []  # slot 0 is rewritten from here: it holds what is set below once that has run
-    _prefill(engine, [(0, wave[0][:shared], min(reuse, shared))], cancelled)
-    if cancelled():  # the prefix may not have run (nor another user's turn left slot 0 alone): nothing kept
-        for s in seqs:
-            s.stats.finish_reason = "cancelled"
-        return
-    for s in seqs[1:]:
-        engine.copy_sequence(0, s.slot, shared)
-    for s in seqs:
-        s.stats.cached_tokens = shared if s.slot > 0 else reuse
-    llm._cached = list(wave[0][:max(shared, reuse)])
-    logits = _prefill(engine, [(s.slot, s.ids, max(shared, reuse) if s.slot == 0 else shared) for s in seqs],
-                      cancelled)
-    if logits is None:
+    rows = _prefill_wave(llm, engine, seqs, cancelled)
+    if rows is None:
         for s in seqs:
             s.stats.finish_reason = "cancelled"
         return
     prefill_seconds = time.perf_counter() - start
-    rows = {s.slot: logits[i] for i, s in enumerate(seqs)}
     for s in seqs:
         s.stats.prefill_seconds = prefill_seconds
         s.stats.finish_reason = "length"
@@ -161,11 +145,18 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 if s.limit <= 0:  # (as a single call, it computes nothing: the slot holds `before`'s tokens)
                     s.done, s.held = True, False
                     continue
-                # what the slot holds of its tokens (the sequence before it: a system prompt they share)
-                s.stats.cached_tokens = _common(before.ids if before.held else [], s.ids)
+                # what the slot holds of its tokens (the sequence before it: a system prompt they share),
+                # or a longer prefix another slot holds, copied
+                own = _common(before.ids if before.held else [], s.ids)
+                other = max((k for k in range(len(seqs)) if k != slot and seqs[k].held),
+                            key=lambda k: _common(seqs[k].ids, s.ids), default=None)
+                copied = _common(seqs[other].ids, s.ids) if other is not None else 0
+                if copied > own:
+                    engine.copy_sequence(other, slot, copied)
+                s.stats.cached_tokens = max(own, copied)
                 if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share (a Ctrl-C
                     # in its prefill left the earlier claim, and the next call reused keys that were not there)
-                    llm._cached = [] if before.lost else s.ids[:s.stats.cached_tokens]
+                    llm._cached = s.ids[:copied] if copied > own else [] if before.lost else s.ids[:own]
                 before = s
                 begin = time.perf_counter()
                 out = _prefill(engine, [(slot, s.ids, s.stats.cached_tokens)], cancelled)
@@ -221,6 +212,44 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
     # slot 0 is the single-sequence path's cache; cancelled, it may have been preempted (LLM._batch):
     # another call's tokens are there then
     llm._cached = [] if cancelled() or seqs[0].lost or not seqs[0].held else seqs[0].ids
+
+
+def _prefill_wave(llm, engine, seqs: list[_Sequence], cancelled) -> dict | None:
+    """Prefills the wave's prompts (seqs[i] in slot i) in rounds, each one _prefill call: a prompt
+    whose source (wave_sources) holds the prefix it shares copies it (its cached_tokens) and is then
+    ready; a ready prompt runs to the next point a waiting prompt copies from it, else to its end.
+    Slot 0 starts from what it holds of its prompt (an earlier call's tokens). The logits f32
+    [vocab] of each prompt's last row by slot, or None if cancelled (slot 0 then holds what
+    llm._cached says)."""
+    prompts = [s.ids for s in seqs]
+    sources = wave_sources(prompts)
+    reuse = llm._reuse(prompts[0])
+    computed = [reuse] + [0] * (len(seqs) - 1)
+    ready = [True] + [source is None for source, _ in sources[1:]]
+    seqs[0].stats.cached_tokens = reuse
+    llm._cached = list(prompts[0][:reuse])  # slot 0 is rewritten past these
+    rows: dict = {}
+    while True:
+        for i, (source, n) in enumerate(sources):
+            if not ready[i] and ready[source] and computed[source] >= n:
+                engine.copy_sequence(source, i, n)
+                computed[i], ready[i] = n, True
+                seqs[i].stats.cached_tokens = n
+        ends = []
+        for i in range(len(seqs)):
+            if ready[i] and computed[i] < len(prompts[i]):
+                waiting = [n for k, (source, n) in enumerate(sources) if source == i and not ready[k] and n > computed[i]]
+                ends.append((i, min(waiting, default=len(prompts[i]))))
+        if not ends:
+            return rows
+        logits = _prefill(engine, [(i, prompts[i][:end], computed[i]) for i, end in ends], cancelled)
+        if logits is None:
+            return None
+        for (i, end), row in zip(ends, logits):
+            computed[i] = end
+            if end == len(prompts[i]):
+                rows[i] = row
+        llm._cached = list(prompts[0][:computed[0]])
 
 
 def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled) -> bool:

@@ -1409,12 +1409,7 @@ class LLM:
 
     def _reuse(self, ids: list[int]) -> int:
         """How many leading tokens of ids the KV cache holds already (at most len(ids) - 1)."""
-        common = 0
-        for a, b in zip(self._cached, ids):
-            if a != b:
-                break
-            common += 1
-        return min(common, len(ids) - 1)
+        return min(common_prefix_length(self._cached, ids), len(ids) - 1)
 
     def _run(self, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: list[str], stop_ids: set[int],
              stream: TextStream, logprobs: int | None, adapter: str | None = None) -> Iterator[str]:
@@ -1523,6 +1518,15 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def common_prefix_length(a, b) -> int:
+    """Length of the common prefix of two token lists (or 1-D arrays)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
 
 
 def option(name: str, value, integer: bool = False):

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
-from .llm import PREEMPT_AFTER, REENTRANT_CALL, GenerationStats, StopText, TextStream, _token_logprob
+from .llm import (PREEMPT_AFTER, REENTRANT_CALL, GenerationStats, StopText, TextStream, _token_logprob,
+                  common_prefix_length)
 from .tokenizer import StreamDecoder
 
 PIECES_AHEAD = 16  # unread pieces after which a sequence pauses
@@ -352,8 +353,8 @@ class Scheduler:
                     continue
                 seq = self._waiting.popleft()
                 # slot 0 last among equals: embeddings and logits calls write it between steps
-                slot = max(free, key=lambda s: (_common(seq.ids, s.cached) if s.adapter == seq.adapter else -1,
-                                                s.index != 0, -s.last_used))
+                slot = max(free, key=lambda s: (common_prefix_length(seq.ids, s.cached) if s.adapter == seq.adapter
+                                                else -1, s.index != 0, -s.last_used))
                 slot.seq, seq.slot = seq, slot
                 seq.admitted = seq.admitted or time.perf_counter()
                 slot.last_used = self._steps
@@ -397,13 +398,13 @@ class Scheduler:
             most = len(seq.ids) - 1  # at least one row must run to give logits
             others = [s for s in self.slots if s is not slot and s.adapter == seq.adapter and
                       (s.seq is None or s.seq.ready)]
-            have, source = (_common(seq.ids, slot.cached) if slot.adapter == seq.adapter else 0), None
+            have, source = (common_prefix_length(seq.ids, slot.cached) if slot.adapter == seq.adapter else 0), None
             for other in others:
-                n = _common(seq.ids, other.valid())
+                n = common_prefix_length(seq.ids, other.valid())
                 if n > have:
                     have, source = n, other
             have = min(have, most)
-            soon = max([min(_common(seq.ids, o.seq.ids), most) for o in others
+            soon = max([min(common_prefix_length(seq.ids, o.seq.ids), most) for o in others
                         if o.seq is not None and o.seq.computed < len(o.seq.ids)], default=0)
             if soon >= have + WAIT_FOR_PREFIX:
                 continue  # computed once, by the other sequence; copied when it is there
@@ -511,13 +512,3 @@ def _masks_pending(seq: _Sequence) -> list:
 def _held(seq: _Sequence) -> bool:
     """Whether seq waits for its grammar's mask before it can be sampled (nothing to run until then)."""
     return seq.held is not None and bool(_masks_pending(seq))
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n

@@ -190,6 +190,58 @@ def test_shared_system_prompt_is_computed_once(model_file):
         assert got == [alone.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
 
 
+def _counting_prefill(monkeypatch) -> list:
+    """Replaces batch._prefill with one that records the prompt rows each call runs."""
+    import pyllm.batch
+
+    real, calls = pyllm.batch._prefill, []
+
+    def counted(engine, parts, cancelled):
+        calls.append(sum(len(ids) - begin for _, ids, begin in parts))
+        return real(engine, parts, cancelled)
+
+    monkeypatch.setattr(pyllm.batch, "_prefill", counted)
+    return calls
+
+
+def test_prefixes_shared_by_some_prompts_of_a_wave_are_computed_once(model_file, monkeypatch):
+    """Only a prefix shared by every prompt of a wave was computed once: one prompt without the
+    system prompt (or two groups with two system prompts) and each prompt computed its own again.
+    Now each copies the longest prefix it shares with an earlier prompt of the wave (nested: the
+    third shares more with the second than with the first), and every text is the one it gives alone."""
+    a, b = list(range(10, 110)), list(range(200, 280))
+    prompts = [a + [5, 6], a + [7], b + [8, 9], a + [7, 1, 2] * 4 + [3], [400, 401, 402], b + [8, 9, 10], a + [7, 1, 2, 4]]
+    with pyllm.LLM(model_file, n_threads=2, context_length=256) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        options = dict(max_new_tokens=5, temperature=0, logit_bias=ban)
+        expected = [alone.generate(p, **options) for p in prompts]
+    with pyllm.LLM(model_file, n_threads=2, context_length=256, n_parallel=7) as llm:
+        rows = _counting_prefill(monkeypatch)
+        assert llm.generate(prompts, **options) == expected
+        cached = [s.cached_tokens for s in llm.last_batch_stats]
+        assert cached == [0, 100, 0, 101, 0, 82, 103]
+        assert sum(rows) == sum(len(p) for p in prompts) - sum(cached)
+
+
+def test_a_later_prompt_copies_the_longest_prefix_any_slot_holds(model_file, monkeypatch):
+    """A prompt past n_parallel reused only what its own slot held (the prompt before it there); the
+    system prompt it shares with a sequence still running in another slot was computed again."""
+    system = list(range(10, 70))
+    # the second prompt ends 6 tokens on, at the context's end: the third starts in its slot while
+    # the first still runs in slot 0
+    prompts = [system + [5], [300] * 250, system + [6, 7]]
+    with pyllm.LLM(model_file, n_threads=2, context_length=256) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        options = dict(max_new_tokens=30, temperature=0, logit_bias=ban)
+        expected = [alone.generate(p, **options) for p in prompts]
+    with pyllm.LLM(model_file, n_threads=2, context_length=256, n_parallel=2) as llm:
+        rows = _counting_prefill(monkeypatch)
+        assert llm.generate(prompts, **options) == expected
+        assert [s.cached_tokens for s in llm.last_batch_stats] == [0, 0, 60]
+        assert rows[-1] == len(prompts[2]) - 60
+        assert llm.generate(prompts[0], **options) == expected[0]  # slot 0's cache is as the list left it
+
+
 def test_a_ctrl_c_in_slot_0_s_refill_leaves_no_false_prefix(model_file, monkeypatch):
     """A later prompt taking slot 0 rewrites it past what it shares with the tokens there, and slot 0
     is the single-prompt calls' cache: a Ctrl-C in that prefill left the cache recorded as holding
