@@ -462,6 +462,39 @@ def test_the_chat_leaves_old_turns_out_to_make_room_for_the_adapters_virtual_tok
         assert len(session.turns) < 60
 
 
+def test_perplexity_scores_a_stored_adapter(two_adapters, tmp_path, capsys):
+    """`pyllm perplexity FILE --adapter NAME` (it had no way to score a prompt-learning adapter): each
+    window follows the adapter's virtual tokens, in a context that holds both; the perplexity is the
+    one computed from PEFT's logits of each window (the virtual positions left out)."""
+    from conftest import TRAINING_TEXT
+    from pyllm import cli
+    from pyllm.perplexity import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(TRAINING_TEXT) * 3, encoding="utf-8")
+    printed = {}
+    for adapter in (None, "style", "qa"):
+        capsys.readouterr()
+        assert cli.main(["perplexity", two_adapters["file"], "--text", str(text), "-c", "32", "--windows", "3",
+                         "-t", "2", "--parallel", "2", *(["--adapter", adapter] if adapter else [])]) == 0
+        printed[adapter] = float(re.search(r"perplexity ([0-9.]+)", capsys.readouterr().out).group(1))
+    with pyllm.LLM(two_adapters["file"], n_threads=1) as llm:
+        tokens = llm.tokenize(text.read_text(encoding="utf-8"), add_special_tokens=False, parse_special=False)
+    for adapter in ("style", "qa"):
+        model = peft_model(two_adapters["base"], two_adapters[adapter])
+
+        def peft_logits(ids, model=model):
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([list(ids)])).logits[0].numpy()[-len(ids):]
+
+        expected = perplexity(peft_logits, tokens, ctx=32, windows=3).perplexity
+        assert printed[adapter] == pytest.approx(expected, rel=1e-4), adapter
+        assert printed[adapter] != pytest.approx(printed[None], rel=2e-3), adapter  # the adapter shows
+    capsys.readouterr()
+    assert cli.main(["perplexity", two_adapters["file"], "--text", str(text), "-c", "32", "--adapter", "nope"]) == 1
+    assert "no adapter 'nope'" in capsys.readouterr().err
+
+
 def test_a_tuned_call_prefills_only_its_own_tokens(two_adapters):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as llm:
         ids = llm.tokenize("Paris is the capital of France.")
