@@ -70,8 +70,9 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     """The PEFT prompt-learning adapter in `directory`, checked against the base `config` (and, given
     the base's Hugging Face directory, against the model its adapter_config.json names).
 
-    Raises FormatError for another kind of adapter or a tensor of the wrong shape (another hidden size,
-    layer count or kv-head count: trained on another model). A base model of another name is a warning
+    Raises FormatError for another kind of adapter, a tensor of the wrong shape (another hidden size,
+    layer count or kv-head count: trained on another model) or tensors besides the virtual tokens
+    (PEFT's modules_to_save, which the engine would not run). A base model of another name is a warning
     on log (default stderr), as for LoRA adapters (pyllm/convert/adapter_base.py says why)."""
     from .convert.adapter_base import adapter_config_path, adapter_weights_path
     from .convert.checkpoint import _read_json
@@ -86,8 +87,10 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     if peft_type not in PEFT_TYPES:
         raise FormatError(f"{directory}: peft_type {peft_type!r} is not a prompt-learning adapter "
                           f"({', '.join(PEFT_TYPES)}; LoRA adapters are merged with --lora)")
-    if cfg.get("num_transformer_submodules", 1) != 1:
-        raise FormatError(f"{directory}: adapters of encoder-decoder models are not supported")
+    # null: PEFT's own default, 1 for a causal LM (an adapter_config.json written by hand, or by an older PEFT)
+    if cfg.get("num_transformer_submodules") not in (None, 1):
+        raise FormatError(f"{directory}: num_transformer_submodules {cfg['num_transformer_submodules']!r:.40}: "
+                          "adapters of encoder-decoder models are not supported")
     # as for LoRA adapters: one trained for classification (SEQ_CLS, with its own head) or another task was
     # stored, and its virtual tokens ran for generation, which nobody trained them for
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
@@ -103,6 +106,17 @@ def read_peft_adapter(directory: str, config: ModelConfig, name: str | None = No
     with SafetensorsFile(weights) as f:
         if "prompt_embeddings" not in f.tensors:
             raise FormatError(f"{weights}: no 'prompt_embeddings' tensor")
+        # PEFT saves a trained copy of each module in modules_to_save (lm_head, embed_tokens, a classifier)
+        # beside the virtual tokens, and its forward runs them: dropped here, the stored adapter gave other
+        # logits than PEFT's, silently
+        others = sorted(set(f.tensors) - {"prompt_embeddings"})
+        if others:
+            listed = cfg.get("modules_to_save")
+            raise FormatError(
+                f"{weights}: holds {len(others)} tensor(s) besides 'prompt_embeddings' ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}){f', the modules_to_save {listed}' if listed else ''}: "
+                "a prompt-learning adapter stored beside the base weights carries its virtual tokens only; "
+                "train it without modules_to_save")
         from .convert.checkpoint import load_float32
 
         raw = load_float32(f, "prompt_embeddings")

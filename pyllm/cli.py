@@ -250,11 +250,15 @@ def _open(args):
     from .llm import LLM
 
     _check_sizes(args)
-    llm = LLM(model_path(args), n_threads=args.threads, context_length=args.ctx,
+    path = model_path(args)
+    adapter = getattr(args, "adapter", None) if args.command in ("run", "perplexity") else None
+    ctx = args.ctx
+    if adapter is not None and args.command == "perplexity":  # each window follows the adapter's virtual
+        ctx += _virtual_tokens(path, adapter)  # tokens: the context holds both
+    llm = LLM(path, n_threads=args.threads, context_length=ctx,
               chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
               kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
-              activation_quant=args.activation_quant,
-              adapter=getattr(args, "adapter", None) if args.command == "run" else None)
+              activation_quant=args.activation_quant, adapter=adapter)
     trained = llm.config.max_position_embeddings
     if args.ctx is not None and args.ctx > trained:
         print(f"pyllm {args.command}: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained "
@@ -262,6 +266,16 @@ def _open(args):
     if llm.chat_template_fault and args.command == "serve":  # `pyllm run` stops at its first chat with it
         print(f"pyllm serve: warning: chat requests will fail: {llm.chat_template_fault}", file=sys.stderr)
     return llm
+
+
+def _virtual_tokens(path: str, name: str) -> int:
+    """The virtual tokens of the adapter `name` stored in the .pllm file (0 for a name it lacks: LLM then
+    says which adapters it has)."""
+    from .formats.packed import PackedModel
+
+    with PackedModel(path) as model:
+        adapter = model.adapters.get(name)
+        return adapter.virtual_tokens if adapter is not None else 0
 
 
 def cmd_run(args) -> int:
@@ -689,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="windows evaluated together, sharing each engine step (default 4; 1 on CUDA)")
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="score with a prompt-tuning / P-tuning / prefix-tuning adapter stored in the file (pyllm "
+                        "convert --adapter): each window follows its virtual tokens (default: none, the base model)")
     _add_device(p)
     _add_kv_cache(p)
     _add_activation_quant(p)

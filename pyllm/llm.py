@@ -163,8 +163,8 @@ NOT_TAKEN = {
     "min_new_tokens": "a minimum reply length is not supported; a logits processor (logits_processors=) can "
                       "hold the end-of-generation tokens back",
     "num_beams": "beam search is not supported (greedy decoding: temperature=0, or sampling)",
-    "echo": "the returned text does not repeat the prompt (llama-cpp-python's echo): prepend it yourself, or use "
-            "`pyllm serve`'s /v1/completions, which takes echo",
+    "echo": "the returned text does not repeat the prompt (llama-cpp-python's echo): prepend it yourself, or call "
+            "create_completion(prompt, echo=True), which takes it as llama-cpp-python's does",
     "top_logprobs": "logprobs=N records the N most likely tokens at each position (OpenAI's top_logprobs; "
                     "logprobs=0: the chosen token's own only)",
 }
@@ -745,27 +745,34 @@ class LLM:
         self._acquire(owner)
         return False
 
-    def _check_ids(self, ids) -> np.ndarray:
+    def _check_ids(self, ids, virtual: int = 0) -> np.ndarray:
+        """ids as int32, checked: in the vocabulary, not empty, fitting the context after `virtual` tokens
+        (an adapter's)."""
         arr = token_ids(ids, self.config.vocab_size)
         if arr.size == 0:
             raise PyllmError("expected a non-empty list of token ids")
-        if arr.size > self.context_length:
-            raise ValueError(f"{arr.size} tokens exceed the context length of {self.context_length}")
+        if virtual + arr.size > self.context_length:
+            raise ValueError(f"{arr.size} tokens{f' after {virtual} virtual ones' if virtual else ''} exceed the "
+                             f"context length of {self.context_length}")
         return arr.astype(np.int32)
 
-    def logits_many(self, sequences: list, logits_to_keep: int = 0) -> list[np.ndarray]:
+    def logits_many(self, sequences: list, logits_to_keep: int = 0, adapter: str | None = None) -> list[np.ndarray]:
         """Logits f32 [rows, vocab] of each token-id list, each in a fresh context, n_parallel at a time
         in one engine step (perplexity's windows). rows: every position's (logits_to_keep 0, the default),
         else the last logits_to_keep positions' only (transformers' logits_to_keep; all of a shorter list).
-        LimitError when the rows of all the lists together exceed limits.MAX_LOGITS_BYTES: ask for fewer
-        rows, or fewer sequences at a time."""
+        adapter: as logits() takes it (default the LLM's). LimitError when the rows of all the lists
+        together exceed limits.MAX_LOGITS_BYTES: ask for fewer rows, or fewer sequences at a time."""
+        from .adapters import prime
+
         if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
         keep = _logits_to_keep(logits_to_keep)
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
+        virtual = self._virtual_tokens(chosen)
         checked = []
         for i, ids in enumerate(sequences):
             with _naming(f"sequence {i} of the list"):
-                checked.append(self._check_ids(ids))
+                checked.append(self._check_ids(ids, virtual))
         kept = [min(keep or len(ids), len(ids)) for ids in checked]
         check_logits_bytes(sum(kept), self.config.vocab_size, f"logits of {len(checked)} sequence(s)")
         call = _Call()
@@ -776,36 +783,42 @@ class LLM:
             if self.device != "cpu":  # the CUDA engine holds one sequence and runs no rows of several
                 for ids, k in zip(checked, kept):  # (forward_rows raised: `pyllm perplexity --device cuda` failed at once)
                     self._open_engine()
-                    out = self.engine.forward(ids, 0, True)
+                    out = self.engine.forward(ids, self._prime(chosen), True)
                     results.append(out if k == len(ids) else out[len(ids) - k:].copy())  # (not a view of all)
                 return results
             for first in range(0, len(checked), self.n_parallel):
                 self._open_engine()  # close() began: stop between items (a corpus held it for minutes)
                 group = checked[first:first + self.n_parallel]
                 lengths = [len(g) for g in group]
+                for seq in range(len(group)) if chosen is not None else ():  # each sequence opens with the adapter
+                    prime(self.engine, self.adapters[chosen], seq)
                 ends = np.cumsum(lengths)
                 rows = np.concatenate([np.arange(end - k, end) for end, k in zip(ends, kept[first:first + len(group)])])
                 out = self.engine.forward_rows(np.concatenate(group), np.repeat(np.arange(len(group)), lengths),
-                                               np.concatenate([np.arange(n) for n in lengths]), rows)
+                                               np.concatenate([np.arange(virtual, virtual + n) for n in lengths]), rows)
                 bounds = np.cumsum([0] + kept[first:first + len(group)])
                 results += [out[bounds[i]:bounds[i + 1]] for i in range(len(group))]
             return results
         finally:
             self._release(call)
 
-    def embed(self, texts, pooling: str = "last", normalize: bool = True) -> np.ndarray:
+    def embed(self, texts, pooling: str = "last", normalize: bool = True, adapter: str | None = None) -> np.ndarray:
         """Embeddings f32 [len(texts), hidden] of texts (strings or token-id lists), each in a fresh context:
         the final hidden state (after the final norm) of the last token (pooling "last", the default:
         in a causal model only the last position has read the whole text, as vLLM pools decoder
-        models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False."""
+        models) or the mean over all tokens ("mean"), L2-normalised unless normalize=False.
+        adapter: as logits() takes it (default the LLM's): each text follows its virtual tokens, which
+        the mean leaves out."""
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
+        virtual = self._virtual_tokens(chosen)
         items = _embed_inputs(texts)
         listed = not (len(items) == 1 and items[0] is texts)  # (one text given alone: not "text 0 of the list")
         checked = []
         for i, t in enumerate(items):
             with _naming(f"text {i} of the list" if listed else None):
-                checked.append(self._check_ids(self.tokenize(t) if isinstance(t, str) else t))
+                checked.append(self._check_ids(self.tokenize(t) if isinstance(t, str) else t, virtual))
         out = np.empty((len(checked), self.config.hidden_size), dtype=np.float32)
         call = _Call(frozenset({0}))
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
@@ -822,8 +835,9 @@ class LLM:
                     self._cached, self._primed = [], None
                     since = time.monotonic()
                 rows = np.arange(len(ids)) if pooling == "mean" else np.array([len(ids) - 1])
-                hidden = self.engine.forward_rows(ids, np.zeros(len(ids), np.int32), np.arange(len(ids), dtype=np.int32),
-                                                  rows, True)
+                offset = self._prime(chosen)  # (computed once: the texts rewrite only the positions after it)
+                hidden = self.engine.forward_rows(ids, np.zeros(len(ids), np.int32),
+                                                  np.arange(offset, offset + len(ids), dtype=np.int32), rows, True)
                 out[i] = hidden.mean(axis=0) if pooling == "mean" else hidden[0]
         finally:
             self._release(call)
@@ -831,24 +845,32 @@ class LLM:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
         return out
 
-    def logits(self, ids, logits_to_keep: int = 0) -> np.ndarray:
+    def logits(self, ids, logits_to_keep: int = 0, adapter: str | None = None) -> np.ndarray:
         """Logits f32 [rows, vocab] in a fresh context: at every position of ids (logits_to_keep 0, the
         default), else at the last logits_to_keep positions only (transformers' logits_to_keep; all of
-        a shorter ids). LimitError when rows x vocab x 4 bytes exceed limits.MAX_LOGITS_BYTES."""
+        a shorter ids). LimitError when rows x vocab x 4 bytes exceed limits.MAX_LOGITS_BYTES.
+
+        adapter: a prompt-learning adapter stored in the file, as generate() takes it (default the LLM's;
+        "base": none): ids then follow its virtual tokens, and the logits are those of ids' positions
+        (PEFT's model(input_ids).logits without the virtual positions). ValueError when the virtual
+        tokens and ids do not fit the context, or for an adapter the file does not have."""
         keep = _logits_to_keep(logits_to_keep)
-        arr = self._check_ids(ids)
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
+        arr = self._check_ids(ids, self._virtual_tokens(chosen))
         keep = min(keep or arr.size, arr.size)
         check_logits_bytes(keep, self.config.vocab_size, f"logits of {arr.size} tokens")
         call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
         try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self._acquire(call)
-            self._cached, self._primed = [], None
+            self._cached = []
+            offset = self._prime(chosen)  # (kept while the same adapter runs next)
             if keep == arr.size:
-                out = self.engine.forward(arr, 0, True)
+                out = self.engine.forward(arr, offset, True)
             elif self.device != "cpu":  # (the CUDA engine runs no forward_rows)
-                out = self.engine.forward(arr, 0, True)[arr.size - keep:].copy()
+                out = self.engine.forward(arr, offset, True)[arr.size - keep:].copy()
             else:
-                out = self.engine.forward_rows(arr, np.zeros(arr.size, np.int32), np.arange(arr.size, dtype=np.int32),
+                out = self.engine.forward_rows(arr, np.zeros(arr.size, np.int32),
+                                               np.arange(offset, offset + arr.size, dtype=np.int32),
                                                np.arange(arr.size - keep, arr.size))
             self._cached = [int(i) for i in arr]
             return out
@@ -961,8 +983,10 @@ class LLM:
         if _is_batch(prompt):
             from .structured import grammar_from
 
-            if chosen is not None:
-                raise ValueError("a prompt-learning adapter applies to one prompt at a time; give a single prompt")
+            if chosen is not None:  # (the LLM's own adapter too: say how to run the list without it)
+                raise ValueError(f"a prompt-learning adapter ({chosen!r}) applies to one prompt at a time; give a single "
+                                 "prompt" + (", or adapter='base' to run the list on the base model"
+                                             if adapter is None else ""))
             # (refused before a grammar is compiled: seconds for a large schema, or its own error first)
             if processors or logprobs is not None or grammar_from(response_format, grammar) is not None:
                 raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
@@ -997,6 +1021,10 @@ class LLM:
             raise ValueError(f"{self.path} has no adapter {name!r} (adapters in the file: {known}){hint}")
         return name
 
+    def _virtual_tokens(self, adapter: str | None) -> int:
+        """Positions the adapter's virtual tokens take before the real ones (0 for none)."""
+        return self.adapters[adapter].virtual_tokens if adapter is not None else 0
+
     def _prime(self, adapter: str | None) -> int:
         """Makes slot 0's cache open with `adapter`'s virtual positions (computing them when another
         adapter, or none, is there); returns how many positions they take."""
@@ -1008,7 +1036,7 @@ class LLM:
             if adapter is not None:
                 prime(self.engine, self.adapters[adapter], 0)
             self._primed = adapter
-        return self.adapters[adapter].virtual_tokens if adapter is not None else 0
+        return self._virtual_tokens(adapter)
 
     def _stop_tokens(self, stop: list[str], stop_token_ids) -> tuple[list[str], set[int]]:
         """(stop strings, stop ids): a stop string that is a special token's text adds its id (special
@@ -1175,7 +1203,8 @@ class LLM:
         the context is full); seed -1 is unseeded; logprobs N (0..20) gives each token's
         log-probability and its N most likely alternatives; echo returns the prompt before the text;
         prompt may be a string, token ids, or a list of either (one choice each, n times each);
-        model "BASE:ADAPTER" selects a prompt-learning adapter, and the answer names it.
+        model "BASE:ADAPTER" selects a prompt-learning adapter, and the answer names it (left out: the
+        LLM's own adapter, LLM(path, adapter=NAME), as generate() runs it).
 
         Returns a dict: {"id": "cmpl-...", "object": "text_completion", "created": int, "model": str,
         "system_fingerprint": str, "choices": [{"index": int, "text": str, "logprobs": None |
@@ -1376,7 +1405,7 @@ class LLM:
                 stop_ids: set[int], processors: list, logprobs: int | None, adapter: str | None = None) -> TextStream:
         self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
         prompt = self._check_ids(ids)
-        virtual = self.adapters[adapter].virtual_tokens if adapter is not None else 0
+        virtual = self._virtual_tokens(adapter)
         if virtual + len(prompt) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens" + (f" after {virtual} virtual ones" if virtual else "")
                              + f"; the context holds {self.context_length} (leave room for the reply)")

@@ -81,6 +81,12 @@ class ChatSession:
         self._stop_requested = False  # Ctrl-C since the message was sent (before the stream, or during it)
         self._longest_token = None  # bytes of the vocabulary's longest token (first_turn_that_may_fit)
 
+    def context_room(self) -> int:
+        """Tokens the conversation's prompt and reply may take: the context less the virtual tokens of the
+        LLM's prompt-learning adapter (`pyllm run --adapter NAME`), which come before the prompt."""
+        adapter = self.llm.adapters.get(self.llm.adapter) if self.llm.adapter else None
+        return self.llm.context_length - (adapter.virtual_tokens if adapter is not None else 0)
+
     def messages(self, first_turn: int = 0) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns[first_turn:]
 
@@ -91,8 +97,8 @@ class ChatSession:
         again, as llama.cpp's context shift discards half), never the system message or the last user
         message. `ollama run` also leaves the oldest messages out; this chat refused every later message
         ("the context holds N"), and /clear, which forgot everything, was the only way on."""
-        n_ctx = self.llm.context_length
-        room = n_ctx // 4
+        n_ctx = self.context_room()  # (the full context: messages within an adapter's virtual tokens of it were
+        room = n_ctx // 4  # refused, "even without the earlier turns", where leaving those out made room)
         limit = self.sampling.get("max_new_tokens")
         if limit is not None and limit >= 0:
             room = min(room, limit)
@@ -129,7 +135,7 @@ class ChatSession:
         for at most the longest token's bytes): 0 unless the conversation is far past the context (a /load
         of a long one), where the older turns are left out unrendered. Rendered whole, such a conversation
         took seconds per message, or passed the chat template's output limit: every message was refused."""
-        n_ctx, sizes = self.llm.context_length, [len(turn["content"]) for turn in self.turns]
+        n_ctx, sizes = self.context_room(), [len(turn["content"]) for turn in self.turns]
         if sum(sizes) <= 64 * n_ctx:  # (rendered in milliseconds)
             return 0
         if self._longest_token is None:
@@ -315,7 +321,7 @@ class ChatSession:
         if system is not None:
             self.system = system
         self.turns = turns
-        note, n_ctx = "", self.llm.context_length
+        note, n_ctx = "", self.context_room()
         with contextlib.suppress(ValueError):
             far = sum(len(turn["content"]) for turn in turns) > 64 * n_ctx  # (not rendered: seconds, or refused)
             length = 0 if far or not self.messages() else len(self.llm.chat_prompt_ids(self.messages()))

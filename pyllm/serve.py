@@ -618,18 +618,22 @@ class Completions:
         return RequestError(f"the model {model!r} does not exist (this server has "
                             f"{', '.join(map(repr, self._model_ids()))})", 404, "model", code="model_not_found")
 
-    def _adapter_for(self, model: str | None) -> str | None:
-        """The adapter a request's "model" selects: "BASE:NAME" names one of the file's adapters (404
-        for a NAME this model lacks); any other value (OpenAI clients send whatever they were
+    def _adapter_for(self, model: str | None) -> str:
+        """The adapter a request's "model" selects, or "base": "BASE:NAME" names one of the file's adapters
+        (404 for a NAME this model lacks); any other value (OpenAI clients send whatever they were
         configured with, colons too: "llama3.1:8b", "ft:gpt-4o-mini:org::id") is the base model, as
-        is this server's own model name, whatever it holds."""
-        if not model or model == self.model_name or ":" not in model:
-            return None
+        is this server's own model name, whatever it holds. A request without "model" (LLM's
+        create_completion called without model=) runs the LLM's own adapter (LLM(path, adapter=NAME)),
+        as its generate() does."""
+        if not model:
+            return self.llm.adapter or "base"
+        if model == self.model_name or ":" not in model:
+            return "base"
         base, _, name = model.rpartition(":")
         if name in self.llm.adapters:
             return name
         if name == "base" or base != self.model_name:
-            return None
+            return "base"
         raise self._no_such_model(model)
 
     def _refuse_when_stopping(self) -> None:
@@ -671,7 +675,7 @@ class Completions:
         if limit is None:
             limit = -1 if chat else 16  # OpenAI: chat until the end, completions 16
         options["max_new_tokens"] = self.llm.context_length if limit == -1 else limit
-        options["adapter"] = self._adapter_for(req.model) or "base"
+        options["adapter"] = self._adapter_for(req.model)
         self._check_token_options(options)
         if chat:
             plan = self._chat_plan(req, options)
@@ -812,7 +816,7 @@ class Completions:
         with plan.echo_lock:
             if prompt not in plan.echo_logprobs:
                 ids = plan.prompts[prompt]
-                logits = self.llm.logits(ids)
+                logits = self.llm.logits(ids, adapter=plan.options["adapter"])  # ("BASE:NAME": its adapter's)
                 # row by row, as a generated token's (no second [tokens, vocab] array)
                 tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
                                                    for k in range(1, len(ids))]
@@ -828,10 +832,11 @@ class Completions:
     def head(self, req, chat: bool) -> dict:
         """The fields an answer, and each chunk of a streamed one, opens with: a new id, the object
         kind, the time, and the model the request named ("BASE:ADAPTER", or whatever name the client
-        was configured with, as OpenAI and llama-server answer), else this model's name."""
+        was configured with, as OpenAI and llama-server answer), else this model's name ("BASE:NAME"
+        when the LLM's own adapter runs)."""
         return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": req.model or self.model_name, "system_fingerprint": self.system_fingerprint}
+                "model": self._answered_model(req.model), "system_fingerprint": self.system_fingerprint}
 
     @property
     def system_fingerprint(self) -> str:
@@ -845,6 +850,14 @@ class Completions:
         parts = (__version__, getattr(self.llm, "path", ""), getattr(self.llm, "device", ""),
                  getattr(engine, "activation_quant", ""), getattr(engine, "kv_cache", ""))
         return "fp_" + hashlib.sha256(repr(parts).encode()).hexdigest()[:10]
+
+    def _answered_model(self, model: str | None) -> str:
+        """The "model" of an answer: the request's, else what ran (this model, or "BASE:NAME" for the
+        LLM's own adapter, which a request without "model" runs: _adapter_for)."""
+        if model:
+            return model
+        adapter = self._adapter_for(None)
+        return self.model_name if adapter == "base" else f"{self.model_name}:{adapter}"
 
     def answer(self, head: dict, plan: _Plan, replies: list, streams: list) -> dict:
         """The non-streamed answer (chat.completion or text_completion): replies[k] is (text, tokens)
@@ -1067,13 +1080,17 @@ class Server(Completions):
             watcher.cancel()
             self.slots.release()
 
-    def _embedding_ids(self, req) -> list[list[int]]:
-        """Each input's token ids: not empty, in the vocabulary, within the context (RequestError naming "input")."""
+    def _embedding_ids(self, req, adapter: str) -> list[list[int]]:
+        """Each input's token ids: not empty, in the vocabulary, within the context after the adapter's
+        virtual tokens (RequestError naming "input")."""
         out = []
+        virtual = self.llm.adapters[adapter].virtual_tokens if adapter != "base" else 0
         for k, item in enumerate(req.inputs):
             ids = self._request_ids(item, f"input {k}", "input")
-            if len(ids) > self.llm.context_length:
-                raise RequestError(f"input {k} has {len(ids)} tokens; the context holds {self.llm.context_length}",
+            if virtual + len(ids) > self.llm.context_length:
+                raise RequestError(f"input {k} has {len(ids)} tokens"
+                                   + (f" after {virtual} virtual ones" if virtual else "")
+                                   + f"; the context holds {self.llm.context_length}",
                                    param="input", code="context_length_exceeded")
             out.append(ids)
         return out
@@ -1093,17 +1110,18 @@ class Server(Completions):
     def _embeddings(self, req, work: _Cancel) -> "JSONResponse":
         import base64
 
-        ids = self._embedding_ids(req)
+        adapter = self._adapter_for(req.model)  # "BASE:NAME": the adapter's, as for completions
+        ids = self._embedding_ids(req, adapter)
         vectors = []
         for item in ids:  # one by one: a client that leaves ends the work at the next input, not minutes later
             work.check()
-            vectors.append(self.llm.embed([item])[0])
+            vectors.append(self.llm.embed([item], adapter=adapter)[0])
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                  if req.encoding_format == "base64" else [float(x) for x in v]}
                 for i, v in enumerate(vectors)]
         used = sum(len(i) for i in ids)
-        return JSONResponse({"object": "list", "data": data, "model": req.model or self.model_name,
+        return JSONResponse({"object": "list", "data": data, "model": self._answered_model(req.model),
                              "usage": {"prompt_tokens": used, "total_tokens": used}})
 
     async def detokenize(self, request: "Request"):

@@ -59,7 +59,9 @@ def test_unknown_keywords_suggest_the_nearest_name(llm, call, message):
     ("min_tokens", 2, "a minimum reply length is not supported"),
     ("max_length", 10, "transformers' max_length counts the prompt's tokens too; give max_new_tokens"),
     ("num_beams", 2, "beam search is not supported"),
-    ("echo", True, "the returned text does not repeat the prompt"),
+    # it named only `pyllm serve`'s /v1/completions, while LLM.create_completion takes echo
+    ("echo", True, "the returned text does not repeat the prompt \\(llama-cpp-python's echo\\): prepend it yourself, "
+                   "or call create_completion\\(prompt, echo=True\\)"),
     ("eos_token_id", 2, "the model's own end-of-generation tokens always end the reply; stop_token_ids"),
     ("pad_token_id", 0, "generation pads nothing"),
 ])
@@ -72,6 +74,8 @@ def test_generation_names_pyllm_does_not_take_say_what_to_do(llm, name, value, m
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}': {message}") as e:
             call()
         assert "did you mean" not in str(e.value)
+    if name == "echo":  # what it points to works
+        assert llm.create_completion("hi", max_tokens=1, echo=True)["choices"][0]["text"].startswith("hi")
 
 
 def test_generate_names_top_logprobs_and_chat_takes_openai_s_logprobs(llm):

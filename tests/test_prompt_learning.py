@@ -166,7 +166,9 @@ def test_mismatched_adapters_are_refused(base, tmp_path):
 
 def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_lora(base, tmp_path):
     """Siblings of the LoRA reader's checks: a task_type other than CAUSAL_LM (a SEQ_CLS adapter, trained
-    with its own classifier head) was stored and run for generation; an adapter saved only as
+    with its own classifier head) was stored and run for generation, and so was one of modules_to_save
+    without its trained modules; num_transformer_submodules null (PEFT's default: 1 for a causal LM) was
+    refused as an encoder-decoder adapter; an adapter saved only as
     adapter_model.bin said just "has no adapter_model.safetensors"; a directory whose name is no adapter
     name said nothing of where the name came from or how to give one."""
     import shutil
@@ -187,6 +189,24 @@ def test_adapters_for_other_tasks_pickles_and_unusable_names_are_refused_as_for_
     os.rename(os.path.join(pickled, "adapter_model.safetensors"), os.path.join(pickled, "adapter_model.bin"))
     refused(pickled, FormatError, "adapter_model.bin \\(a PyTorch pickle\\) is not read; save the adapter with "
                                   "safe_serialization=True")
+    # PEFT's defaults given as null (it fills them in from the base model) are not refused
+    defaults = shutil.copytree(adapter, str(tmp_path / "defaults"))
+    path = os.path.join(defaults, "adapter_config.json")
+    json.dump({**json.load(open(path)), "num_transformer_submodules": None, "num_layers": None, "token_dim": None,
+               "num_attention_heads": None}, open(path, "w"))
+    convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", defaults)])
+    os.remove(out)
+    json.dump({**json.load(open(path)), "num_transformer_submodules": 2}, open(path, "w"))
+    refused(defaults, FormatError, "num_transformer_submodules 2: adapters of encoder-decoder models are not supported")
+    # modules_to_save (here a trained lm_head, which PEFT's forward uses): its tensor was dropped, silently
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                       modules_to_save=["lm_head"])).save_pretrained(
+        str(tmp_path / "with_head"))
+    refused(str(tmp_path / "with_head"), FormatError,
+            re.escape("holds 1 tensor(s) besides 'prompt_embeddings' (base_model.lm_head.weight), the modules_to_save "
+                      "['lm_head']: a prompt-learning adapter stored beside the base weights carries its virtual "
+                      "tokens only; train it without modules_to_save"))
     spaced = shutil.copytree(adapter, str(tmp_path / "my task"))
     refused(spaced, ValueError, re.escape(f"it is the directory's name: name the adapter (--adapter NAME={spaced})"))
     convert_checkpoint(base, out, quant="f32", progress=False, adapters=[("task", spaced)])
@@ -231,6 +251,13 @@ def test_an_adapter_naming_another_base_is_stored_with_a_warning_as_lora_is(base
     log = io.StringIO()
     convert_checkpoint(own, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
     assert "was trained on" not in log.getvalue()
+    # trained as `pyllm train .` in the base's directory (PEFT writes the path as given): a path relative to a
+    # directory the adapter does not record names no model (it warned "trained on '.'" for its own base)
+    for given in (".", "./", "..", "/"):
+        json.dump({**json.load(open(path)), "base_model_name_or_path": given}, open(path, "w"))
+        log = io.StringIO()
+        convert_checkpoint(own, out, quant="f32", progress=False, adapters=[("task", adapter)], log=log)
+        assert "was trained on" not in log.getvalue(), given
 
 
 @pytest.fixture(scope="module")
@@ -335,8 +362,51 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
             assert greedy_ids(llm, ids, 12, adapter=name) == expected[name], name
         with pytest.raises(ValueError, match="no adapter 'nope'.*qa, style"):
             llm.generate(ids, adapter="nope")
-    with pyllm.LLM(two_adapters["file"], n_threads=2, adapter="style") as llm:  # a default adapter
+    with pyllm.LLM(two_adapters["file"], n_threads=2, adapter="style", n_parallel=2) as llm:  # a default adapter
         assert greedy_ids(llm, ids, 12) == expected["style"]
+        # logits() too runs the adapter (it ran the base model whatever the LLM's adapter, silently)
+        for name, adapter in (("style", None), ("qa", "qa"), ("base", "base"), ("style", None)):
+            model = peft_model(two_adapters["base"], two_adapters[name]) if name != "base" else \
+                transformers.AutoModelForCausalLM.from_pretrained(two_adapters["base"], dtype=torch.float32).eval()
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+            got = llm.logits(ids, adapter=adapter)
+            assert got.shape == want.shape and np.abs(got - want).max() <= RELATIVE_TOLERANCE * np.abs(want).max(), name
+            many = llm.logits_many([ids[:9], ids, ids[4:]], adapter=adapter)  # (perplexity's windows)
+            for got_many, want_many in zip(many, (want[:9], want)):
+                assert np.abs(got_many - want_many).max() <= RELATIVE_TOLERANCE * np.abs(want).max(), name
+            # embed() too (its final hidden state: PEFT's last hidden_states, the virtual positions left out)
+            with torch.no_grad():
+                hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+            hidden = hidden.numpy()[-len(ids):]
+            for pooling, want_vector in (("last", hidden[-1]), ("mean", hidden.mean(0))):
+                want_vector = want_vector / np.linalg.norm(want_vector)
+                got_vector = llm.embed([ids], pooling=pooling, adapter=adapter)[0]
+                assert np.abs(got_vector - want_vector).max() <= 1e-4 * np.abs(want_vector).max(), (name, pooling)
+        assert greedy_ids(llm, ids, 12) == expected["style"]  # and generate after it
+        # create_completion without model= too (it ran the base model); model="tasks" is the base, as served
+        answer = llm.create_completion(ids, max_tokens=12, temperature=0, stop_token_ids=[])
+        assert answer["model"] == "tasks:style"  # what ran
+        assert answer["choices"][0]["text"] == llm.generate(ids, max_new_tokens=12, temperature=0, stop_token_ids=[])
+        assert llm.create_completion(ids, max_tokens=12, temperature=0, model="tasks")["choices"][0]["text"] == \
+            llm.generate(ids, max_new_tokens=12, temperature=0, adapter="base")
+        assert llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)[
+            "choices"][0]["message"]["content"] == llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=6,
+                                                            temperature=0)
+        with pytest.raises(ValueError, match="no adapter 'nope'"):
+            llm.logits(ids, adapter="nope")
+        # a list of prompts: one at a time with an adapter, the LLM's own too (the message says how to go without)
+        with pytest.raises(ValueError, match=re.escape("adapter ('style') applies to one prompt at a time; give a "
+                                                       "single prompt, or adapter='base' to run the list on the base")):
+            llm.generate([ids, ids[:5]], max_new_tokens=2)
+        with pytest.raises(ValueError, match=re.escape("adapter ('qa') applies to one prompt at a time; give a "
+                                                       "single prompt") + "$"):
+            llm.chat([[{"role": "user", "content": "hi"}]] * 2, max_new_tokens=2, adapter="qa")
+        assert len(llm.generate([ids, ids[:5]], max_new_tokens=2, adapter="base")) == 2
+        with pytest.raises(ValueError, match=f"{llm.context_length} tokens after 7 virtual ones exceed the context"):
+            llm.logits([5] * llm.context_length)
+        with pytest.raises(ValueError, match=f"sequence 1 of the list: {llm.context_length} tokens after 7 virtual"):
+            llm.logits_many([[5], [5] * llm.context_length])
 
 
 def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
@@ -372,6 +442,59 @@ def test_a_peft_directory_given_where_a_stored_adapter_belongs_says_how_to_store
     assert err.count("\n") == 1 and "is a PEFT adapter directory" in err, err
 
 
+def test_the_chat_leaves_old_turns_out_to_make_room_for_the_adapters_virtual_tokens(two_adapters):
+    """`pyllm run FILE --adapter NAME`: the chat measured the conversation against the whole context, so a
+    prompt within the adapter's virtual tokens of it was refused ("the prompt has 60 tokens after 7 virtual
+    ones ...; even without the earlier turns: shorten the message") where leaving the oldest turns out
+    made room, as it does without an adapter."""
+    import io
+
+    from pyllm import repl
+
+    err = io.StringIO()
+    with pyllm.LLM(two_adapters["file"], n_threads=2, context_length=64, chat_template="chatml",
+                   adapter="style") as llm:
+        session = repl.ChatSession(llm, None, dict(max_new_tokens=2), out=io.StringIO(), err=err)
+        assert session.context_room() == 64 - 7
+        for i in range(30):
+            session.say(f"message {i} fox" + " dog" * (i % 5))
+        assert "error" not in err.getvalue() and "oldest messages left out" in err.getvalue()
+        assert len(session.turns) < 60
+
+
+def test_perplexity_scores_a_stored_adapter(two_adapters, tmp_path, capsys):
+    """`pyllm perplexity FILE --adapter NAME` (it had no way to score a prompt-learning adapter): each
+    window follows the adapter's virtual tokens, in a context that holds both; the perplexity is the
+    one computed from PEFT's logits of each window (the virtual positions left out)."""
+    from conftest import TRAINING_TEXT
+    from pyllm import cli
+    from pyllm.perplexity import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(TRAINING_TEXT) * 3, encoding="utf-8")
+    printed = {}
+    for adapter in (None, "style", "qa"):
+        capsys.readouterr()
+        assert cli.main(["perplexity", two_adapters["file"], "--text", str(text), "-c", "32", "--windows", "3",
+                         "-t", "2", "--parallel", "2", *(["--adapter", adapter] if adapter else [])]) == 0
+        printed[adapter] = float(re.search(r"perplexity ([0-9.]+)", capsys.readouterr().out).group(1))
+    with pyllm.LLM(two_adapters["file"], n_threads=1) as llm:
+        tokens = llm.tokenize(text.read_text(encoding="utf-8"), add_special_tokens=False, parse_special=False)
+    for adapter in ("style", "qa"):
+        model = peft_model(two_adapters["base"], two_adapters[adapter])
+
+        def peft_logits(ids, model=model):
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([list(ids)])).logits[0].numpy()[-len(ids):]
+
+        expected = perplexity(peft_logits, tokens, ctx=32, windows=3).perplexity
+        assert printed[adapter] == pytest.approx(expected, rel=1e-4), adapter
+        assert printed[adapter] != pytest.approx(printed[None], rel=2e-3), adapter  # the adapter shows
+    capsys.readouterr()
+    assert cli.main(["perplexity", two_adapters["file"], "--text", str(text), "-c", "32", "--adapter", "nope"]) == 1
+    assert "no adapter 'nope'" in capsys.readouterr().err
+
+
 def test_a_tuned_call_prefills_only_its_own_tokens(two_adapters):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as llm:
         ids = llm.tokenize("Paris is the capital of France.")
@@ -391,6 +514,14 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
     with pyllm.LLM(two_adapters["file"], n_threads=2) as alone:
         expected = {name: alone.generate(ids, max_new_tokens=8, temperature=0, adapter=name)
                     for name in ("base", "qa", "style")}
+        embedded = {name: alone.embed([ids], adapter=name)[0] for name in ("base", "qa", "style")}
+        assert np.abs(embedded["qa"] - embedded["base"]).max() > 1e-2  # the adapter shows
+        echoed = {}  # the prompt's log-probabilities under each adapter (echo + logprobs)
+        for name in ("base", "qa", "style"):
+            logits = alone.logits(ids, adapter=name).astype(np.float64)
+            logsoftmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            echoed[name] = [logsoftmax[k - 1, ids[k]] for k in range(1, len(ids))]
     with pyllm.LLM(two_adapters["file"], n_threads=2, n_parallel=parallel) as llm:
         server = LiveServer(llm, name="tasks")
         try:
@@ -408,6 +539,19 @@ def test_serve_routes_base_and_adapters_by_model_name(two_adapters, parallel):
                 answers = list(pool.map(ask, names))
             for model, answer in zip(names, answers):
                 assert answer == expected[model.partition(":")[2] or "base"], model
+            # the echoed prompt's logprobs are the adapter's (they were the base model's for every adapter)
+            for model in ("tasks", "tasks:qa", "tasks:style"):
+                reply = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                                  logprobs=1)
+                got = reply.choices[0].logprobs.token_logprobs[1:len(ids)]
+                np.testing.assert_allclose(got, echoed[model.partition(":")[2] or "base"], atol=1e-3, err_msg=model)
+            # embeddings too: "tasks:NAME" is the adapter's (it was the base model's, and "tasks:nope" was not refused)
+            for model in ("tasks", "tasks:qa", "tasks:style"):
+                vector = client.embeddings.create(model=model, input=[ids]).data[0].embedding
+                np.testing.assert_allclose(vector, embedded[model.partition(":")[2] or "base"], atol=1e-5,
+                                           err_msg=model)
+            with pytest.raises(openai.NotFoundError):
+                client.embeddings.create(model="tasks:nope", input="hi")
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model="tasks:nope", prompt="hi", max_tokens=2)
         finally:
@@ -495,3 +639,81 @@ def test_smollm2_logits_match_peft(smollm2_hf, method, tmp_path):
     plain = str(tmp_path / "plain.pllm")
     convert_checkpoint(base, plain, quant="f32", progress=False)
     assert abs(base_size - os.path.getsize(plain)) < 64 * 1024  # header and alignment
+
+
+ALPACA_RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+                  {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+                  {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+                  {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+
+
+def test_pyllm_train_then_the_printed_commands_run_each_method_as_peft_does(tmp_path, monkeypatch, capsys):
+    """A user's whole path on a tiny model: `pyllm train` with each method (2 steps on Alpaca records,
+    the default --template alpaca), then the convert and run commands it prints, followed literally
+    (LoRA merged, the prompt-learning adapters stored beside it: an adapter plus --lora), then the
+    Python API and the server. Each adapter's logits are PEFT's on the LoRA-merged base within
+    RELATIVE_TOLERANCE, its greedy tokens PEFT's. The printed commands say --chat-template alpaca: run
+    with the model's own (chat) template, an adapter trained on the Alpaca prompt met another prompt
+    (nothing said so)."""
+    import shlex
+
+    openai = pytest.importorskip("openai")
+    from pyllm import cli
+    from pyllm.train.data import Record, alpaca_prompt
+    from test_server import LiveServer
+
+    monkeypatch.chdir(tmp_path)
+    base = make_tiny_llama(str(tmp_path / "base"), seed=41)
+    with open("data.json", "w", encoding="utf-8") as f:
+        json.dump(ALPACA_RECORDS, f)
+    printed = {}
+    for method in ("lora", "prompt", "ptuning", "prefix"):
+        extra = [] if method == "lora" else ["--method", method, "--virtual-tokens", "4"]
+        assert cli.main(["train", base, "--data", "data.json", "-o", method, "--max-steps", "2", "--batch-size", "2",
+                         "--micro-batch-size", "2", "--lr", "1e-2", "--cutoff-len", "200", "-q", *extra]) == 0
+        err = capsys.readouterr().err
+        found = re.search(r"to run it: pyllm (convert .*), then pyllm (run .*) -p PROMPT\n", err)
+        assert found, err
+        printed[method] = [shlex.split(command) for command in found.groups()]
+    assert printed["lora"][1] == ["run", "tuned.pllm", "--chat-template", "alpaca"]
+    assert printed["prefix"] == [["convert", base, "--adapter", f"prefix={tmp_path / 'prefix'}", "-o", "tasks.pllm"],
+                                 ["run", "tasks.pllm", "--adapter", "prefix", "--chat-template", "alpaca"]]
+    # one file: the LoRA merged, the three prompt-learning adapters beside it
+    convert = printed["lora"][0][:-2] + sum((printed[m][0][2:4] for m in ("prompt", "ptuning", "prefix")), []) + [
+        "-o", "tasks.pllm", "--quant", "f32", "-q"]
+    assert cli.main(convert) == 0
+    merged = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32), "lora").merge_and_unload()
+    merged.save_pretrained("merged")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    hf_tokenizer.save_pretrained("merged")
+    record = Record(instruction="Name a color.", input="", output="", line=1)
+    ids = hf_tokenizer(alpaca_prompt(record), add_special_tokens=True)["input_ids"]  # the prompt trained on
+    capsys.readouterr()
+    with pyllm.LLM("tasks.pllm", n_threads=2, chat_template="alpaca") as llm:
+        assert sorted(llm.adapters) == ["prefix", "prompt", "ptuning"]
+        assert llm.chat_prompt_ids([{"role": "user", "content": record.instruction}]) == ids
+        eos = llm.tokenizer.eos_ids[0]
+        replies = {}
+        for method in ("prompt", "ptuning", "prefix"):
+            with torch.no_grad():
+                expected = peft_model("merged", method)(input_ids=torch.tensor([ids])).logits[0].numpy()[-len(ids):]
+            got = llm.logits(ids, adapter=method)
+            assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max(), method
+            assert greedy_ids(llm, ids, 6, adapter=method) == peft_greedy("merged", method, ids, 6, eos=eos), method
+            replies[method] = llm.chat([{"role": "user", "content": record.instruction}], max_new_tokens=6,
+                                       temperature=0, adapter=method)
+            # the printed run command, as printed
+            assert cli.main([*printed[method][1], "-p", record.instruction, "-n", "6", "--temperature", "0",
+                             "-t", "2"]) == 0
+            assert capsys.readouterr().out == replies[method] + "\n", method
+        server = LiveServer(llm, name="tasks")
+        try:
+            client = server.client()
+            for method, reply in replies.items():
+                answer = client.chat.completions.create(
+                    model=f"tasks:{method}", messages=[{"role": "user", "content": record.instruction}],
+                    max_tokens=6, temperature=0)
+                assert answer.choices[0].message.content == reply, method
+        finally:
+            server.stop()

@@ -147,7 +147,7 @@ def test_echoed_logprobs_are_computed_once_per_prompt(live, llm, monkeypatch):
     prompt, not n (a request for n=128 must not run the prompt 128 times)."""
     calls = []
     logits = llm.logits
-    monkeypatch.setattr(llm, "logits", lambda ids: calls.append(len(ids)) or logits(ids))
+    monkeypatch.setattr(llm, "logits", lambda ids, **kw: calls.append(len(ids)) or logits(ids, **kw))
     reply = live.client().completions.create(model="tiny", prompt=["The quick brown fox", "Paris"], max_tokens=2,
                                              logprobs=1, echo=True, n=3)
     assert len(reply.choices) == 6 and calls == [len(llm.tokenize("The quick brown fox")), len(llm.tokenize("Paris"))]

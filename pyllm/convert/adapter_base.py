@@ -83,6 +83,8 @@ def other_base(adapter_config: dict, base_dir: str) -> str | None:
     trained_on = adapter_config.get("base_model_name_or_path")
     if not isinstance(trained_on, str) or not trained_on.strip():
         return None
+    if _name(trained_on) in (".", "..", "/", ""):  # trained as `pyllm train .` (PEFT writes the path as given):
+        return None  # relative to a directory the adapter does not record, it names no model (it warned)
     if os.path.abspath(trained_on) == os.path.abspath(base_dir) or _name(trained_on) in base_names(base_dir):
         return None
     return trained_on

@@ -797,6 +797,7 @@ def _train(args, log=None) -> TrainResult:
         written = True
         say(f"wrote the adapter to {result.output}")
         say(summary_line(result, time.perf_counter() - started))
+        say(usage_line(args, result.output))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
         # group is destroyed and a peer has exited, it hangs in gloo's destructor
         trained = None  # noqa: F841
@@ -843,6 +844,28 @@ def check_finite(model, step: int, loss: float) -> None:
     if bad is not None:
         raise PyllmError(f"training diverged at step {step}: {bad}; nothing was saved from this step "
                          "(lower --lr, or keep --max-grad-norm on)")
+
+
+def usage_line(args, output: str) -> str:
+    """How to run the adapter just written: the convert and run commands. An adapter trained on the Alpaca
+    prompt (--template alpaca, the default) answers that prompt, not the model's chat template, which
+    `pyllm run` and `pyllm serve` apply unless told otherwise: the commands say --chat-template alpaca
+    (the built-in template that writes the training's prompt token for token)."""
+    import shlex
+
+    base, out = shlex.quote(args.base), shlex.quote(output)
+    template = " --chat-template alpaca" if args.template == "alpaca" else ""
+    if getattr(args, "method", "lora") == "lora":
+        return (f"to run it: pyllm convert {base} --lora {out} -o tuned.pllm, then "
+                f"pyllm run tuned.pllm{template} -p PROMPT")
+    from ..adapters import check_name
+
+    try:
+        name = check_name(os.path.basename(os.path.abspath(output)))
+    except ValueError:
+        name = "task"
+    return (f"to run it: pyllm convert {base} --adapter {shlex.quote(f'{name}={output}')} -o tasks.pllm, then "
+            f"pyllm run tasks.pllm --adapter {name}{template} -p PROMPT")
 
 
 def summary_line(result: TrainResult, seconds: float) -> str:
