@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -289,24 +291,69 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     assert llm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
-def test_a_checkpoint_file_that_never_ends_is_refused_by_name(tiny_llama, tmp_path, monkeypatch, name):
-    """A checkpoint's small file that leads to /dev/zero (a symlink, a FIFO) was read until memory ran
-    out: config.json, tokenizer files and chat templates are read with a bound and refused past it."""
+@pytest.mark.parametrize("kind", ["/dev/zero", "FIFO"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "generation_config.json", "special_tokens_map.json", "added_tokens.json"])
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused_by_name(tiny_llama, tmp_path, name, kind):
+    """A checkpoint's small file that leads to /dev/zero (a symlink) was read until memory ran out, and
+    one that is a FIFO waited for ever in open() for a writer (`pyllm convert`, `pyllm run DIR` hung):
+    config.json, tokenizer files, chat templates and the generation config must be regular files. (A
+    writer opens the FIFO after a few seconds, so that the old behaviour fails rather than hangs.)"""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    (d / name).unlink(missing_ok=True)
+    if kind == "FIFO":
+        os.mkfifo(d / name)
+        unblock = threading.Timer(5, lambda: os.close(os.open(d / name, os.O_WRONLY | os.O_NONBLOCK)))
+        unblock.start()
+    else:
+        (d / name).symlink_to("/dev/zero")
+    out = tmp_path / "x.pllm"
+    what = "a FIFO" if kind == "FIFO" else "a character device"
+    started = time.monotonic()
+    try:
+        with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} is {what}, not a regular file$"):
+            convert_checkpoint(str(d), str(out), quant="f32", progress=False)
+        assert time.monotonic() - started < 4
+    finally:
+        if kind == "FIFO":
+            unblock.cancel()
+    assert not out.exists()
+
+
+def test_a_checkpoint_file_past_its_bound_is_refused_by_name(tiny_llama, tmp_path, monkeypatch):
+    """config.json, tokenizer files and the like are read with a bound (MAX_CHECKPOINT_FILE_BYTES)."""
     from pyllm.convert import checkpoint
 
     monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_FILE_BYTES", 1 << 20)
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_llama, d)
-    (d / name).unlink(missing_ok=True)
-    (d / name).symlink_to("/dev/zero")
-    out = tmp_path / "x.pllm"
-    from pyllm.limits import MAX_CHAT_TEMPLATE_BYTES
+    with open(d / "tokenizer.json", "a") as f:
+        f.write(" " * (1 << 20))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / 'tokenizer.json'))} holds more than {1 << 20} bytes"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
 
-    limit = MAX_CHAT_TEMPLATE_BYTES if name == "chat_template.jinja" else 1 << 20  # (a template's own bound)
-    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} holds more than {limit} bytes"):
-        convert_checkpoint(str(d), str(out), quant="f32", progress=False)
-    assert not out.exists()
+
+def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
+    """A FIFO that no process writes, named where a text is read (a --chat-template or perplexity file),
+    reads as empty instead of waiting for ever in open(); one with a writer (a shell's <(...)) is read."""
+    from pyllm.errors import read_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(5, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.start()
+    started = time.monotonic()
+    try:
+        assert read_text(str(fifo)) == ""
+        assert time.monotonic() - started < 4
+    finally:
+        unblock.cancel()
+    read, write = os.pipe()
+    os.write(write, b"some text")
+    os.close(write)
+    assert read_text(f"/proc/self/fd/{read}") == "some text"
+    os.close(read)
 
 
 def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny_llama, tmp_path, capsys, monkeypatch):

@@ -20,13 +20,14 @@ from ..limits import MAX_CHAT_TEMPLATE_BYTES
 from ..quant import bf16_bits_to_f32
 
 # bytes of a checkpoint's small files read whole (config.json, tokenizer_config.json, an index,
-# tokenizer.json, tokenizer.model; the largest released tokenizer.json files are ~35 MB): a name that
-# leads to /dev/zero or a FIFO was read until memory ran out
+# tokenizer.json, tokenizer.model; the largest released tokenizer.json files are ~35 MB); each must be a
+# regular file (errors.read_bytes): a name that led to /dev/zero was read until memory ran out, one that
+# led to a FIFO waited for ever for a writer
 MAX_CHECKPOINT_FILE_BYTES = 256 * 2**20
 
 
 def _read_json(path: str) -> dict:
-    text = decode_text(read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES), path, FormatError)
+    text = decode_text(read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), path, FormatError)
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as e:  # bad JSON; nesting deeper than the parser goes
@@ -44,7 +45,7 @@ def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
     """A shard index's weight_map as tensor name -> shard path. Shards are files of the index's own
     directory (a name ending in suffix, possibly under a subfolder; no absolute path, no '..'), and
     a tensor is listed once."""
-    text = decode_text(read_bytes(index, FormatError, MAX_CHECKPOINT_FILE_BYTES), index, FormatError)
+    text = decode_text(read_bytes(index, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), index, FormatError)
     try:
         raw = json.loads(text, object_pairs_hook=_Pairs)
     except (ValueError, RecursionError) as e:
@@ -945,7 +946,8 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     spm_path = os.path.join(directory, "tokenizer.model")
     json_text = None
     if os.path.exists(json_path):
-        json_text = decode_text(read_bytes(json_path, FormatError, MAX_CHECKPOINT_FILE_BYTES), json_path, FormatError)
+        json_text = decode_text(read_bytes(json_path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), json_path,
+                                FormatError)
     elif not os.path.exists(spm_path):
         raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     try:
@@ -993,7 +995,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
     else:
         try:
-            spm = _read_spm(read_bytes(spm_path, FormatError, MAX_CHECKPOINT_FILE_BYTES))
+            spm = _read_spm(read_bytes(spm_path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True))
         except FormatError as e:  # "tokenizer.model: ..." -> the file's path
             message = str(e)
             raise FormatError(message if message.startswith(spm_path) else os.path.join(directory, message)) from None
@@ -1055,7 +1057,7 @@ def read_chat_template(directory: str) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template ('default' of a list), else ''."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
     if os.path.exists(jinja_path):
-        return read_text(jinja_path, FormatError, MAX_CHAT_TEMPLATE_BYTES)
+        return read_text(jinja_path, FormatError, MAX_CHAT_TEMPLATE_BYTES, regular=True)
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.exists(tok_config_path):
         return ""
