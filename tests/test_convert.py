@@ -293,7 +293,8 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("kind", ["/dev/zero", "FIFO"])
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                                  "generation_config.json", "special_tokens_map.json", "added_tokens.json"])
+                                  "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+                                  "pytorch_model.bin"])
 def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused_by_name(tiny_llama, tmp_path, name, kind):
     """A checkpoint's small file that leads to /dev/zero (a symlink) was read until memory ran out, and
     one that is a FIFO waited for ever in open() for a writer (`pyllm convert`, `pyllm run DIR` hung):
@@ -302,6 +303,8 @@ def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused_by_name(tiny_ll
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_llama, d)
     (d / name).unlink(missing_ok=True)
+    if name == "pytorch_model.bin":  # (torch.load waited for a writer, or read /dev/zero until memory ran out)
+        (d / "model.safetensors").unlink()
     if kind == "FIFO":
         os.mkfifo(d / name)
         unblock = threading.Timer(5, lambda: os.close(os.open(d / name, os.O_WRONLY | os.O_NONBLOCK)))
@@ -426,11 +429,17 @@ def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny
     # numbers of the wrong type or sign, named (were Python's own words, or taken for absent)
     ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number, got 'x'"),
     ({"rope_theta": -1}, "rope_theta must be a positive number, got -1"),
-    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive number, got 0"),
-    ({"max_position_embeddings": "256"}, "max_position_embeddings must be a positive number, got '256'"),
-    ({"head_dim": "16"}, "head_dim must be a positive number"),
-    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
-    ({"sliding_window": True}, "sliding_window must be a positive number"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"max_position_embeddings": "256"}, "max_position_embeddings must be a positive integer, got '256'"),
+    ({"head_dim": "16"}, "head_dim must be a positive integer"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({"sliding_window": True}, "sliding_window must be a positive integer"),
+    # counts given as floats (transformers refuses them: "expected int, got float"); int() truncated 256.5
+    ({"max_position_embeddings": 256.5}, "config.json: max_position_embeddings must be a positive integer, got 256.5"),
+    ({"max_position_embeddings": 256.0}, "max_position_embeddings must be a positive integer, got 256.0"),
+    ({"sliding_window": 4.5}, "sliding_window must be a positive integer, got 4.5"),
+    ({"head_dim": 16.0}, "head_dim must be a positive integer, got 16.0"),
+    ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive integer, got 2.0"),
     ({"layer_types": 5}, "config.json: layer_types must be a list \\(one entry per layer\\), got 5"),
     # flags read with bool(): the string "false" was True in silence
     ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true, false or null, got 'false'"),

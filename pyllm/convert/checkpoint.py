@@ -7,13 +7,14 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import zipfile
 from typing import Iterator
 
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
-from ..errors import decode_text, library_errors, read_bytes, read_text
+from ..errors import decode_text, file_kind, library_errors, read_bytes, read_text
 from ..formats.packed import ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..limits import MAX_CHAT_TEMPLATE_BYTES
@@ -73,6 +74,10 @@ def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
 # absent (2048, hidden_size / heads). The sizes are checked by the families (checked_size).
 POSITIVE_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "partial_rotary_factor",
                         "max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
+# those of them that count something: integers, as transformers' configs declare them (it refuses 256.0
+# or 4.5: "expected int, got float"); pyllm truncated a max_position_embeddings of 256.5 or a
+# sliding_window of 4.5 with int() in silence
+POSITIVE_INTEGER_KEYS = ("max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
 
 
 # config.json keys that are flags in the families that have them: the families read them with bool(),
@@ -100,9 +105,11 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     for key in POSITIVE_NUMBER_KEYS:
         value = cfg.get(key)
         least = 0 if key == "sliding_window" else None  # 0 there means no window, as null
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+        integer = key in POSITIVE_INTEGER_KEYS
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
                                   or not (value > 0 or value == least)):
-            raise FormatError(f"{where}: {key} must be a positive number, got {value!r:.60}")
+            raise FormatError(f"{where}: {key} must be a positive {'integer' if integer else 'number'}, got "
+                              f"{value!r:.60}")
     for key in FLAG_KEYS:
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             raise FormatError(f"{where}: {key} must be true, false or null, got {cfg[key]!r:.60}")
@@ -273,6 +280,9 @@ class Checkpoint:
                 "or convert the checkpoint to safetensors first"
             ) from None
         if self._torch_state is None or self._torch_state.get("__path__") != path:
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO hung torch.load in open(), /dev/zero was read until memory ran out
+                raise FormatError(f"{path} is {file_kind(mode)}, not a regular file")
             # weights_only refuses arbitrary pickled code; mmap keeps memory near one tensor
             with library_errors(f"{path}: not a readable PyTorch checkpoint (a refused pickle, or damaged)",
                                 FormatError):
