@@ -468,6 +468,47 @@ def test_patterns_that_are_not_regular_expressions_are_refused_naming_the_key(ba
         _edit_config(adapter, **{key: {}})
 
 
+@pytest.mark.parametrize("key", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_that_backtracks_without_end_is_stopped_naming_the_key(base, tmp_path, key):
+    """rank_pattern / alpha_pattern keys are matched with Python's re, as PEFT matches them: the key
+    "(.|.)*x" backtracks for hours against a 31-character module name, and `pyllm convert --lora` and
+    `pyllm merge` hung (re cannot be interrupted from another thread). Keys other than plain module names
+    are matched in a child process stopped after limits.MAX_ADAPTER_PATTERN_SECONDS (1 s here); this
+    process runs the command in a child of its own, so that the old behaviour fails rather than hangs."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    _edit_config(adapter, **{key: {"(.|.)*x": 2, "q_proj": 4}})
+    out = str(tmp_path / "m.pllm")
+    code = ("import sys; from pyllm import cli, limits; limits.MAX_ADAPTER_PATTERN_SECONDS = 1.0; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(pyllm.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    for command in (["convert", base, "--lora", adapter, "-o", out, "--quant", "f32"],
+                    ["merge", base, "--lora", adapter, "-o", str(tmp_path / "merged")]):
+        child = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=60,
+                               env=env)
+        assert child.returncode == 1, child.stderr[-2000:]
+        assert re.search(rf"^pyllm {command[0]}: error: {re.escape(adapter)}: adapter_config.json {key}: matching its regular expressions "
+                         r"against the adapter's 4 module names took more than 1 s \(limits.MAX_ADAPTER_PATTERN_SECONDS\)",
+                         child.stderr, re.M), child.stderr[-2000:]
+        assert "Traceback" not in child.stderr
+    assert not os.path.exists(out)
+
+
+def test_pattern_keys_match_as_pefts_in_the_child_and_here():
+    """match_patterns gives pattern_key's answer (PEFT's rule) whether it matches here or in its child."""
+    from pyllm.convert import lora
+
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.10.mlp.up_proj",
+               "model.layers.1.mlp.down_proj"]
+    for patterns in ({"layers.1.self_attn.q_proj": 2, "q_proj": 3}, {r"layers\.1\..*": 1, "up_proj": 2},
+                     {"(up|down)_proj": 5}, {"^model.layers.0.self_attn.q_proj": 1}, {}):
+        expected = {m: lora.pattern_key(patterns, m) for m in modules}
+        assert lora.match_patterns(patterns, modules, "x") == expected
+        plain = all(lora._PLAIN_KEY.fullmatch(k) for k in patterns)
+        assert plain == (patterns in ({"layers.1.self_attn.q_proj": 2, "q_proj": 3}, {}))
+    assert lora.match_patterns({"up_proj": 2}, modules, "x")["model.layers.10.mlp.up_proj"] == "up_proj"
+
+
 @pytest.mark.parametrize("missing", [("r",), ("lora_alpha",), ("r", "lora_alpha")])
 def test_rank_and_alpha_left_out_take_pefts_defaults(base, base_logits, tmp_path, missing):
     """An adapter_config.json without r or lora_alpha was refused ("r must be a positive number, not
