@@ -14,6 +14,7 @@ GeneratorExit, MemoryError and PyllmError itself to pass.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from typing import Iterator
@@ -63,11 +64,18 @@ def read_bytes(path: str, kind: type[PyllmError] = PyllmError, limit: int | None
     directory's files), kind("{path} is a FIFO, not a regular file") otherwise. OSError (missing, a
     directory, unreadable) passes."""
     limit = MAX_TEXT_FILE_BYTES if limit is None else limit
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
         if regular and not stat.S_ISREG(mode):
             raise kind(f"{path} is {file_kind(mode)}, not a regular file")
-        os.set_blocking(f.fileno(), True)  # a pipe with a writer (a shell's <(...)) is read to its end
+        if stat.S_ISDIR(mode):  # (open(fd) would name the descriptor: "Is a directory: 4")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        os.set_blocking(fd, True)  # a pipe with a writer (a shell's <(...)) is read to its end
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise kind(f"{path} holds more than {limit} bytes: too long for what it should be")

@@ -291,7 +291,7 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     assert llm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
 
 
-@pytest.mark.parametrize("kind", ["/dev/zero", "FIFO"])
+@pytest.mark.parametrize("kind", ["/dev/zero", "FIFO", "directory"])
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                                   "generation_config.json", "special_tokens_map.json", "added_tokens.json",
                                   "pytorch_model.bin"])
@@ -309,10 +309,12 @@ def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused_by_name(tiny_ll
         os.mkfifo(d / name)
         unblock = threading.Timer(5, lambda: os.close(os.open(d / name, os.O_WRONLY | os.O_NONBLOCK)))
         unblock.start()
+    elif kind == "directory":  # (was "Is a directory: 4", naming a file descriptor)
+        (d / name).mkdir()
     else:
         (d / name).symlink_to("/dev/zero")
     out = tmp_path / "x.pllm"
-    what = "a FIFO" if kind == "FIFO" else "a character device"
+    what = {"FIFO": "a FIFO", "directory": "a directory"}.get(kind, "a character device")
     started = time.monotonic()
     try:
         with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} is {what}, not a regular file$"):
@@ -322,6 +324,28 @@ def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused_by_name(tiny_ll
         if kind == "FIFO":
             unblock.cancel()
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                  "generation_config.json"])
+def test_a_symbolic_link_that_leads_nowhere_is_named_with_its_target(tiny_llama, tmp_path, name):
+    """A hub cache snapshot links each file to a blob; a blob never downloaded (or a link that loops)
+    made the directory "have no config.json: is it a Hugging Face model directory?", "no
+    model.safetensors", "neither tokenizer.json nor tokenizer.model", or left tokenizer_config.json
+    or generation_config.json out in silence (another tokenizer, other defaults)."""
+    d = tmp_path / "snapshot"
+    shutil.copytree(tiny_llama, d)
+    (d / name).unlink(missing_ok=True)
+    (d / name).symlink_to(tmp_path / "blobs" / "0123abcd")
+    message = rf"{re.escape(str(d / name))} is a symbolic link to {re.escape(str(tmp_path / 'blobs'))}/0123abcd, " \
+              r"which does not exist or loops \(a download that did not finish\?\)"
+    out = tmp_path / "x.pllm"
+    with pytest.raises((FileNotFoundError, FormatError), match=message):
+        convert_checkpoint(str(d), str(out), quant="f32", progress=False)
+    assert not out.exists()
+    if name == "config.json":  # LLM(DIR) decides what the path is before converting it
+        with pytest.raises(FileNotFoundError, match=message):
+            pyllm.LLM(str(d))
 
 
 def test_a_checkpoint_file_past_its_bound_is_refused_by_name(tiny_llama, tmp_path, monkeypatch):
@@ -352,6 +376,8 @@ def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
         assert time.monotonic() - started < 4
     finally:
         unblock.cancel()
+    with pytest.raises(IsADirectoryError, match=re.escape(f"Is a directory: '{tmp_path}'")):
+        read_text(str(tmp_path))  # (named the descriptor: "Is a directory: 4")
     read, write = os.pipe()
     os.write(write, b"some text")
     os.close(write)
@@ -704,15 +730,18 @@ def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, refere
     assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
 
 
-def test_a_vector_of_another_shape_is_refused_naming_file_and_tensor(tiny_llama, tmp_path):
+@pytest.mark.parametrize("shape", [[63], [1, 64], [64, 1]])
+def test_a_vector_of_another_shape_is_refused_naming_file_and_tensor(tiny_llama, tmp_path, shape):
+    """A norm of 63 values for 64 is refused; so is one of [1, 64] (reshaped to [64] in silence, where
+    transformers refuses the size mismatch)."""
     from safetensors.numpy import load_file, save_file
 
     d = copy_without_weights(tiny_llama, str(tmp_path / "vector"))
     weights = load_file(os.path.join(tiny_llama, "model.safetensors"))
-    weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
+    weights["model.norm.weight"] = np.resize(weights["model.norm.weight"], shape)
     save_file(weights, os.path.join(d, "model.safetensors"))
     with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
-                       r": tensor 'model\.norm\.weight' has shape \[63\], the config implies \[64\]"):
+                       rf": tensor 'model\.norm\.weight' has shape {re.escape(str(shape))}, the config implies \[64\]"):
         convert_checkpoint(d, str(tmp_path / "v.pllm"), quant="f32", progress=False)
 
 

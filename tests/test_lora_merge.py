@@ -487,11 +487,22 @@ def test_a_pattern_that_backtracks_without_end_is_stopped_naming_the_key(base, t
         child = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=60,
                                env=env)
         assert child.returncode == 1, child.stderr[-2000:]
-        assert re.search(rf"^pyllm {command[0]}: error: {re.escape(adapter)}: adapter_config.json {key}: matching its regular expressions "
-                         r"against the adapter's 4 module names took more than 1 s \(limits.MAX_ADAPTER_PATTERN_SECONDS\)",
-                         child.stderr, re.M), child.stderr[-2000:]
+        assert re.search(rf"^pyllm {command[0]}: error: {re.escape(adapter)}: adapter_config.json {key}: matching "
+                         r"its regular expressions against the adapter's 4 module names took more than 1 s "
+                         r"\(limits.MAX_ADAPTER_PATTERN_SECONDS\)", child.stderr, re.M), child.stderr[-2000:]
         assert "Traceback" not in child.stderr
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_an_adapter_file_linked_to_nothing_is_named_with_its_target(base, tmp_path, name):
+    """An adapter file that is a symbolic link leading nowhere (a hub cache blob never downloaded) made
+    the directory "have no adapter_model.safetensors" or "no adapter_config.json"."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    os.remove(os.path.join(adapter, name))
+    os.symlink(str(tmp_path / "blobs" / "ab12"), os.path.join(adapter, name))
+    expect_refusal(base, [adapter], tmp_path, re.escape(f"{os.path.join(adapter, name)} is a symbolic link to "
+                                                        f"{tmp_path / 'blobs' / 'ab12'}, which does not exist"))
 
 
 def test_pattern_keys_match_as_pefts_in_the_child_and_here():

@@ -146,6 +146,19 @@ def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def present(path: str) -> bool:
+    """Whether a model directory's file is there (os.path.exists); FileNotFoundError naming it for a
+    symbolic link that leads nowhere (a hub cache snapshot whose blob was never downloaded, a link that
+    loops), which os.path.exists calls absent: the directory "has no config.json", "neither tokenizer.json
+    nor tokenizer.model", or a tokenizer_config.json left out in silence."""
+    if os.path.exists(path):
+        return True
+    if os.path.islink(path):
+        raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist or loops "
+                                "(a download that did not finish?)")
+    return False
+
+
 def hub_cache_hint(directory: str) -> str | None:
     """The message for a Hugging Face hub cache folder (~/.cache/huggingface/hub/models--org--name) given
     for a model, naming its snapshots (the model directories); None for another directory. It was "has no
@@ -169,7 +182,7 @@ class Checkpoint:
         if not os.path.isdir(self.dir):
             raise FileNotFoundError(f"{self.dir} is not a directory")
         config_path = os.path.join(self.dir, "config.json")
-        if not os.path.exists(config_path):
+        if not present(config_path):
             hint = hub_cache_hint(self.dir)
             if hint:
                 raise FileNotFoundError(hint)
@@ -192,18 +205,18 @@ class Checkpoint:
         d = self.dir
         single = os.path.join(d, "model.safetensors")
         index = os.path.join(d, "model.safetensors.index.json")
-        if os.path.exists(single):
+        if present(single):
             return {name: single for name in self._shard(single).tensors}
-        if os.path.exists(index):
+        if present(index):
             weights = _index_weight_map(index, ".safetensors")
             self._check_shards(index, weights)
             return weights
         for name in ("pytorch_model.bin",):
             path = os.path.join(d, name)
-            if os.path.exists(path):
+            if present(path):
                 return {k: path for k in self._torch(path)}
         index = os.path.join(d, "pytorch_model.bin.index.json")
-        if os.path.exists(index):
+        if present(index):
             weights = _index_weight_map(index, ".bin")
             for path in dict.fromkeys(weights.values()):  # a tensor the shard lacks was a KeyError traceback
                 held = self._torch(path)
@@ -906,7 +919,7 @@ def _tokenizer_class(directory: str, tok_config: dict, json_text: str | None) ->
     model_type registers a different one; a declared LlamaTokenizer over a byte-level tokenizer.json,
     and any class a model type registers as generic, load as TokenizersBackend."""
     config_path = os.path.join(directory, "config.json")
-    config = _read_json(config_path) if os.path.exists(config_path) else {}
+    config = _read_json(config_path) if present(config_path) else {}
     model_type = config.get("model_type")
     if config.get("tokenizer_class") is not None and not isinstance(config["tokenizer_class"], str):
         raise FormatError(f"{config_path}: tokenizer_class must be a class name, got {_shown(config['tokenizer_class'])}")
@@ -951,14 +964,14 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
-    tok_config = read_tokenizer_config(tok_config_path) if os.path.exists(tok_config_path) else {}
+    tok_config = read_tokenizer_config(tok_config_path) if present(tok_config_path) else {}
     json_path = os.path.join(directory, "tokenizer.json")
     spm_path = os.path.join(directory, "tokenizer.model")
     json_text = None
-    if os.path.exists(json_path):
+    if present(json_path):
         json_text = decode_text(read_bytes(json_path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), json_path,
                                 FormatError)
-    elif not os.path.exists(spm_path):
+    elif not present(spm_path):
         raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     try:
         tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
@@ -976,7 +989,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     else:  # older layouts: special_tokens_map.json and tokenizer.json's added tokens
         added_decoder = {}
         map_path = os.path.join(directory, "special_tokens_map.json")
-        if os.path.exists(map_path):
+        if present(map_path):
             tok_config = dict(tok_config)
             for key, value in read_tokenizer_config(map_path).items():
                 if key == "extra_special_tokens" and isinstance(value, list):
@@ -985,7 +998,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
                     value = dict(value, special=True)
                 tok_config[key] = value
         added_path = os.path.join(directory, "added_tokens.json")
-        if os.path.exists(added_path):  # then tokenizer.json's added tokens, which win for an id in both
+        if present(added_path):  # then tokenizer.json's added tokens, which win for an id in both
             added_decoder = _legacy_added_tokens(added_path, tok_config)
         if tok_json is not None:
             added_decoder.update({str(t["id"]): t for t in tok_json.get("added_tokens") or []})
@@ -1049,7 +1062,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         spec.add_eos_token = bool(tok_config.get("add_eos_token", False)) and eos_id is not None
     eos_ids = [eos_id] if eos_id is not None else []
     gen_path = os.path.join(directory, "generation_config.json")
-    if os.path.exists(gen_path):
+    if present(gen_path):
         gen_eos = _read_json(gen_path).get("eos_token_id")
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
             if i is None:
@@ -1066,10 +1079,10 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 def read_chat_template(directory: str) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template ('default' of a list), else ''."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
-    if os.path.exists(jinja_path):
+    if present(jinja_path):
         return read_text(jinja_path, FormatError, MAX_CHAT_TEMPLATE_BYTES, regular=True)
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.exists(tok_config_path):
+    if not present(tok_config_path):
         return ""
     template = read_tokenizer_config(tok_config_path).get("chat_template") or ""
     if isinstance(template, list):  # transformers' named templates: "default", else the first
@@ -1084,7 +1097,7 @@ GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repet
 
 def read_generation_defaults(directory: str) -> dict:
     path = os.path.join(directory, "generation_config.json")
-    if not os.path.exists(path):
+    if not present(path):
         return {}
     cfg = _read_json(path)
     defaults = {k: cfg[k] for k in GENERATION_KEYS if k in cfg and cfg[k] is not None}

@@ -374,9 +374,9 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
 def _vector(source, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A norm, bias or table tensor of the source as f32 `shape`, checked."""
     value = np.asarray(source.load(name), dtype=np.float32)
-    if value.size != int(np.prod(shape)):
+    if value.shape != tuple(shape):  # (a norm of [1, 64] for [64] was reshaped in silence; transformers refuses it)
         raise FormatError(f"{where(source, name)} has shape {list(value.shape)}, the config implies {list(shape)}")
-    return np.ascontiguousarray(value.reshape(shape))
+    return np.ascontiguousarray(value)
 
 
 def src_name(source) -> str:
