@@ -467,6 +467,10 @@ def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny
     ({"head_dim": 16.0}, "head_dim must be a positive integer, got 16.0"),
     ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive integer, got 2.0"),
     ({"layer_types": 5}, "config.json: layer_types must be a list \\(one entry per layer\\), got 5"),
+    # transformers refuses a rope_scaling that is not an object; beside rope_parameters it was ignored in silence
+    ({"rope_scaling": "linear"}, "config.json: rope_scaling must be an object or null, got 'linear'"),
+    ({"rope_scaling": [1, 2]}, "config.json: rope_scaling must be an object or null, got \\[1, 2\\]"),
+    ({"rope_parameters": [1]}, "config.json: rope_parameters must be an object or null, got \\[1\\]"),
     # flags read with bool(): the string "false" was True in silence
     ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true, false or null, got 'false'"),
     ({"attention_bias": 1}, "attention_bias must be true, false or null, got 1"),

@@ -113,6 +113,9 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     for key in FLAG_KEYS:
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             raise FormatError(f"{where}: {key} must be true, false or null, got {cfg[key]!r:.60}")
+    for key in ("rope_scaling", "rope_parameters"):  # (transformers refuses others; one beside the other was ignored)
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise FormatError(f"{where}: {key} must be an object or null, got {cfg[key]!r:.60}")
     if cfg.get("layer_types") is not None and not isinstance(cfg["layer_types"], list):
         raise FormatError(f"{where}: layer_types must be a list (one entry per layer), got {cfg['layer_types']!r:.60}")
     if not arch.partial_rotary:  # rotated a part of each head in silence (Llama with 0.5: nmse 0.16)
