@@ -361,6 +361,47 @@ def test_a_checkpoint_file_past_its_bound_is_refused_by_name(tiny_llama, tmp_pat
         convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "model.safetensors.index.json"])
+def test_a_checkpoint_json_file_of_too_many_values_is_refused_before_parsing(tiny_llama, tmp_path, name):
+    """Python's json takes ~60 bytes a value: a 205 MB model.safetensors.index.json of 8 million entries
+    took 26 s and 2.7 GB before its first shard was found missing, and 256 MB of "[[],[],...]" would
+    take 5 GB. Values are counted (commas, brackets, braces) before parsing."""
+    from pyllm.convert.checkpoint import MAX_CHECKPOINT_JSON_VALUES, MAX_INDEX_JSON_VALUES
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    bound = MAX_INDEX_JSON_VALUES if name.endswith(".index.json") else MAX_CHECKPOINT_JSON_VALUES
+    if name.endswith(".index.json"):  # (read only without a model.safetensors)
+        (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / name).write_text('{"weight_map": {}, "x": [' + "[]," * (bound // 2) + "[]]}")
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} holds more than {bound} JSON values"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    (d / name).write_text('{"weight_map": {}, "x": [' + "[]," * (bound // 4) + "[]]}")  # within the bound: read
+    try:
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    except FormatError as e:  # (the file as a whole may not make sense)
+        assert "JSON values" not in str(e)
+
+
+def test_a_tokenizer_model_of_more_pieces_than_a_vocabulary_may_hold_is_refused(tiny_llama, tmp_path, monkeypatch):
+    """tokenizer.model's pieces were read into a list without a bound: a 256 MB file of 5-byte pieces is 50
+    million of them (some 6 GB of tuples). Past SIZE_LIMITS' vocab_size (1000 here) it is refused."""
+    from pyllm.formats import packed
+
+    monkeypatch.setitem(packed.SIZE_LIMITS, "vocab_size", 1000)
+    d = tmp_path / "spm"
+    shutil.copytree(tiny_llama, d)
+    (d / "tokenizer.json").unlink()
+
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field (payloads < 128 bytes)
+        return bytes([number << 3 | 2, len(payload)]) + payload
+
+    (d / "tokenizer.model").write_bytes(b"".join(field(1, field(1, f"p{i}".encode())) for i in range(1001)))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / 'tokenizer.model'))}: more than 1000 pieces"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+
+
 def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
     """A FIFO that no process writes, named where a text is read (a --chat-template or perplexity file),
     reads as empty instead of waiting for ever in open(); one with a writer (a shell's <(...)) is read."""

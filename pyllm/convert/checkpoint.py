@@ -15,7 +15,7 @@ import numpy as np
 
 from ..arch import Architecture, for_hf_config
 from ..errors import decode_text, file_kind, library_errors, read_bytes, read_text
-from ..formats.packed import ModelConfig, TokenizerSpec, check_generation_defaults
+from ..formats.packed import SIZE_LIMITS, ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..limits import MAX_CHAT_TEMPLATE_BYTES
 from ..quant import bf16_bits_to_f32
@@ -27,12 +27,31 @@ from ..quant import bf16_bits_to_f32
 MAX_CHECKPOINT_FILE_BYTES = 256 * 2**20
 
 
-def _read_json(path: str) -> dict:
-    text = decode_text(read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), path, FormatError)
+# JSON values one of them may hold, counted as its commas, brackets and braces before parsing (inside
+# strings too: an upper bound no escape hides), as for a .pllm header: Python's json takes ~60 bytes a
+# value (a 205 MB index of 8 million entries took 26 s and 2.7 GB; 256 MB of "[[],[],...]" would take
+# 5 GB). The largest released tokenizer.json (Gemma 3's 262k tokens and their merges) holds ~2 million;
+# an index lists a tensor per entry (DeepSeek-V3's, ~92,000)
+MAX_CHECKPOINT_JSON_VALUES = 1 << 22
+MAX_INDEX_JSON_VALUES = 1 << 20
+
+
+def _load_json_file(path: str, max_values: int = MAX_CHECKPOINT_JSON_VALUES, **hooks) -> tuple[str, object]:
+    """(text, parsed value) of a checkpoint's JSON file: a regular file of at most MAX_CHECKPOINT_FILE_BYTES
+    and max_values values (counted before parsing), valid JSON; FormatError naming the file otherwise."""
+    raw = read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True)
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > max_values:
+        raise FormatError(f"{path} holds more than {max_values} JSON values (its commas, brackets and braces): too "
+                          "many for what it should be")
+    text = decode_text(raw, path, FormatError)
     try:
-        value = json.loads(text)
+        return text, json.loads(text, **hooks)
     except (ValueError, RecursionError) as e:  # bad JSON; nesting deeper than the parser goes
         raise FormatError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+
+
+def _read_json(path: str) -> dict:
+    value = _load_json_file(path)[1]
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return value
@@ -46,11 +65,7 @@ def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
     """A shard index's weight_map as tensor name -> shard path. Shards are files of the index's own
     directory (a name ending in suffix, possibly under a subfolder; no absolute path, no '..'), and
     a tensor is listed once."""
-    text = decode_text(read_bytes(index, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), index, FormatError)
-    try:
-        raw = json.loads(text, object_pairs_hook=_Pairs)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{index}: invalid JSON ({type(e).__name__}: {e})") from None
+    raw = _load_json_file(index, MAX_INDEX_JSON_VALUES, object_pairs_hook=_Pairs)[1]
     pairs = dict(raw).get("weight_map") if isinstance(raw, _Pairs) else None
     if not isinstance(pairs, _Pairs):
         raise FormatError(f"{index}: no weight_map object")
@@ -616,9 +631,13 @@ def _read_spm(blob: bytes) -> dict:
                 elif isinstance(default, int) == isinstance(v, int):
                     model[key] = v
 
+    most = SIZE_LIMITS["vocab_size"]  # (a 256 MB file of 5-byte pieces would be 50 million tuples, 6 GB)
     try:
         for number, value in _proto_fields(blob):
             if number == 1 and isinstance(value, bytes):  # ModelProto.pieces
+                if len(model["pieces"]) == most:
+                    raise FormatError(f"tokenizer.model: more than {most} pieces (formats.packed.SIZE_LIMITS "
+                                      "vocab_size)")
                 piece, score, kind = "", 0.0, _SPM_NORMAL
                 for n, v in _proto_fields(value):
                     if n == 1 and isinstance(v, bytes):
@@ -970,16 +989,11 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     tok_config = read_tokenizer_config(tok_config_path) if present(tok_config_path) else {}
     json_path = os.path.join(directory, "tokenizer.json")
     spm_path = os.path.join(directory, "tokenizer.model")
-    json_text = None
+    json_text = tok_json = None
     if present(json_path):
-        json_text = decode_text(read_bytes(json_path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True), json_path,
-                                FormatError)
+        json_text, tok_json = _load_json_file(json_path)  # parsed once (tens of MB)
     elif not present(spm_path):
         raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
-    try:
-        tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{json_path}: invalid JSON ({type(e).__name__}: {e})") from None
     if json_text is not None and not isinstance(tok_json, dict):
         raise FormatError(f"{json_path}: expected a JSON object, got {type(tok_json).__name__}")
     cls = _tokenizer_class(directory, tok_config, json_text)
