@@ -264,6 +264,25 @@ def test_a_weight_beyond_the_float16_range_is_refused_naming_the_tensor_and_the_
     convert_checkpoint(d, str(out), quant="bf16", progress=False)
 
 
+@pytest.mark.parametrize("quant", ["int4", "int4_sym", "int8"])
+def test_a_weight_whose_scales_pass_the_float16_range_is_refused_naming_the_tensor(tiny_llama, tmp_path, quant):
+    """A weight of 3e38 (finite in f32 and bf16) makes int4/int8 scales past float16's range: --quant int4,
+    which measures every layout in worker processes first, stopped with a bare "int4 scales reach 3.75e+37,
+    beyond the float16 range", naming no file or tensor (the other formats named both)."""
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "big"))
+    tensors = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = 3e38
+    save_file(tensors, os.path.join(d, "model.safetensors"))
+    out = tmp_path / "big.pllm"
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
+                       r": tensor 'model\.layers\.1\.mlp\.down_proj\.weight': int[48] scales reach .*, beyond the "
+                       r"float16 range \(65504\).*; convert with --quant bf16 or f32"):
+        convert_checkpoint(d, str(out), quant=quant, progress=False)
+    assert not out.exists()
+
+
 def test_bf16_checkpoint(tiny_llama, reference, tmp_path):
     model, _ = reference
     d = copy_without_weights(tiny_llama, str(tmp_path / "bf16"))
