@@ -368,9 +368,12 @@ class PackedModel:
             raise FormatError(f"{self.path}: not a pyllm model file (metadata 'format' is {meta.get('format')!r})")
         version = meta.get("pyllm.format_version")
         if version not in READABLE_VERSIONS:
+            # a later version is a newer pyllm's file: upgrading reads it (the message said only to convert again)
+            newer = isinstance(version, str) and version.isascii() and version.isdigit() and int(version) > FORMAT_VERSION
             raise FormatError(
                 f"{self.path}: format version {version!r} is not supported by this pyllm (reads versions "
-                f"{', '.join(READABLE_VERSIONS)}); convert the model again with this version"
+                f"{', '.join(READABLE_VERSIONS)}); " + ("it was written by a newer pyllm: upgrade pyllm, or " if newer
+                                                        else "") + "convert the model again with this version"
             )
         self.format_version = int(version)
 
