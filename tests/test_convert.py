@@ -421,6 +421,30 @@ def test_a_tokenizer_model_of_more_pieces_than_a_vocabulary_may_hold_is_refused(
         convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
 
 
+def test_a_tokenizer_json_with_truncation_and_padding_tokenizes_as_transformers(tiny_llama, tmp_path):
+    """tokenizer.json may carry "truncation" and "padding" settings; transformers turns both off for every
+    encode that does not ask for them, and pyllm ran them: max_length 2 cut every prompt to 2 tokens in
+    silence, and Fixed padding filled prompts with pad tokens (the text parsed literally too)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    config = json.loads((d / "tokenizer.json").read_text())
+    config["truncation"] = {"max_length": 2, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    config["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                         "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (d / "tokenizer.json").write_text(json.dumps(config))
+    out = str(tmp_path / "t.pllm")
+    convert_checkpoint(str(d), out, quant="f32", progress=False)
+    text = "The quick brown fox <|im_end|> jumps"
+    expected = AutoTokenizer.from_pretrained(str(d)).encode(text)
+    assert len(expected) > 2
+    with pyllm.LLM(out) as llm:
+        assert llm.tokenize(text) == expected
+        literal = llm.tokenize(text, parse_special=False)
+        assert len(literal) > len(expected) and 0 not in literal
+
+
 def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
     """A FIFO that no process writes, named where a text is read (a --chat-template or perplexity file),
     reads as empty instead of waiting for ever in open(); one with a writer (a shell's <(...)) is read."""

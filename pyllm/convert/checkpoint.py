@@ -985,6 +985,8 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
+    from ..tokenizer import hf_tokenizer
+
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     tok_config = read_tokenizer_config(tok_config_path) if present(tok_config_path) else {}
     json_path = os.path.join(directory, "tokenizer.json")
@@ -1022,7 +1024,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 
     model_extras = None
     if json_text is not None and rebuild is None:
-        tok = Tokenizer.from_str(json_text)
+        tok = hf_tokenizer(json_text)
         defaults = {}
     elif json_text is not None:
         model = tok_json.get("model") or {}
