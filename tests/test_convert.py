@@ -445,6 +445,18 @@ def test_a_tokenizer_json_with_truncation_and_padding_tokenizes_as_transformers(
         assert len(literal) > len(expected) and 0 not in literal
 
 
+def test_a_long_eos_token_id_list_is_read_in_linear_time(tiny_llama, tmp_path):
+    """generation_config.json's eos_token_id list was deduplicated with `in` on a list: 30,000 ids took
+    3 s, the 4 million its JSON may hold would take days. The ids past the vocabulary are then refused."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(100_000)) + [5, 2]}))
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=r"eos_token_ids 512 is not a token of the model \(its vocabulary has 512\)"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    assert time.monotonic() - started < 5
+
+
 def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
     """A FIFO that no process writes, named where a text is read (a --chat-template or perplexity file),
     reads as empty instead of waiting for ever in open(); one with a writer (a shell's <(...)) is read."""
