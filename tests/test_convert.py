@@ -457,6 +457,23 @@ def test_a_long_eos_token_id_list_is_read_in_linear_time(tiny_llama, tmp_path):
     assert time.monotonic() - started < 5
 
 
+def test_long_extra_special_token_lists_are_merged_in_linear_time(tiny_llama, tmp_path):
+    """special_tokens_map.json's extra_special_tokens were merged into tokenizer_config.json's with `in`
+    on a list: two lists of 60,000 tokens took about a minute, the millions a file may hold days."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)  # (the older layout, which reads special_tokens_map.json)
+    config["extra_special_tokens"] = [f"<a{i}>" for i in range(60_000)]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "special_tokens_map.json").write_text(json.dumps({"extra_special_tokens": [f"<b{i}>" for i in range(60_000)]
+                                                           + ["<a5>", {"content": "<a6>"}]}))
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=r"the tokenizer has 120\d\d\d tokens but the model's embeddings only 512"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    assert time.monotonic() - started < 15
+
+
 def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
     """A FIFO that no process writes, named where a text is read (a --chat-template or perplexity file),
     reads as empty instead of waiting for ever in open(); one with a writer (a shell's <(...)) is read."""

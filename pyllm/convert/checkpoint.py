@@ -1012,7 +1012,10 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
             tok_config = dict(tok_config)
             for key, value in read_tokenizer_config(map_path).items():
                 if key == "extra_special_tokens" and isinstance(value, list):
-                    value = list(tok_config.get(key) or []) + [v for v in value if v not in (tok_config.get(key) or [])]
+                    # (tokens compared as JSON text in a set: `in` a list took hours for lists of 100,000s)
+                    known = list(tok_config.get(key) or [])
+                    seen = {json.dumps(v, sort_keys=True) for v in known}
+                    value = known + [v for v in value if json.dumps(v, sort_keys=True) not in seen]
                 elif isinstance(value, dict):
                     value = dict(value, special=True)
                 tok_config[key] = value
