@@ -440,7 +440,10 @@ def _edit_config(adapter: str, **changes) -> None:
 def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, tmp_path, capsys):
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
     bad = [dict(rank_pattern={"q_proj": 0}), dict(rank_pattern={"v_proj": 2.5}), dict(lora_alpha=float("nan")),
-           dict(lora_alpha=float("inf")), dict(alpha_pattern={"q_proj": float("nan")}), dict(r=0)]
+           dict(lora_alpha=float("inf")), dict(alpha_pattern={"q_proj": float("nan")}), dict(r=0),
+           # a list of something else than module names was a TypeError ("unhashable type: 'dict'"); the string
+           # "false" turned rank-stabilized scaling on
+           dict(modules_to_save=[{"name": "lm_head"}]), dict(modules_to_save="lm_head"), dict(use_rslora="false")]
     for changes in bad:
         _edit_config(adapter, **changes)
         expect_refusal(base, [adapter], tmp_path, "adapter_config.json")
@@ -450,7 +453,8 @@ def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, t
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "adapter_config.json" in err and "Traceback" not in err, err
         assert not os.path.exists(out)
-        _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={})
+        _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={}, modules_to_save=None,
+                     use_rslora=False)
 
 
 def test_patterns_that_are_not_regular_expressions_are_refused_naming_the_key(base, tmp_path, capsys):

@@ -202,6 +202,13 @@ class LoraAdapter:
                 raise FormatError(f"{self.dir}: {what} cannot be merged by pyllm")
         for key, default in PEFT_DEFAULTS.items():  # absent: PEFT's default; given: check_lora_numbers checked it
             cfg.setdefault(key, default)
+        if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):  # ("false" was true)
+            raise FormatError(f"{self.dir}: adapter_config.json use_rslora must be true, false or null, got "
+                              f"{cfg['use_rslora']!r:.60}")
+        saved = cfg.get("modules_to_save")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+            raise FormatError(f"{self.dir}: adapter_config.json modules_to_save must be a list of module names or "
+                              f"null, got {saved!r:.80}")
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(cfg.get(key) or {}, dict):
                 raise FormatError(f"{self.dir}: adapter_config.json {key} must be an object")
@@ -250,7 +257,8 @@ class LoraAdapter:
             self.replacements[target] = value
             self.replacement_names[target] = full
             module = target.rsplit(".", 1)[0]
-            if any(module == s or module.endswith("." + s) for s in saved):
+            names = module.split(".")  # (its dotted suffixes looked up: a scan of a long list per tensor took hours)
+            if any(".".join(names[k:]) in saved for k in range(len(names))):
                 self.saved_modules.add(target)
         keys = {key: match_patterns(self.config.get(key) or {}, list(parts),
                                     f"{self.dir}: adapter_config.json {key}") for key in ("rank_pattern", "alpha_pattern")}
