@@ -509,6 +509,31 @@ def test_an_adapter_file_linked_to_nothing_is_named_with_its_target(base, tmp_pa
                                                         f"{tmp_path / 'blobs' / 'ab12'}, which does not exist"))
 
 
+@pytest.mark.parametrize("name", ["tokenizer.model", "chat_template.jinja"])
+def test_merge_refuses_a_copied_file_that_is_not_a_regular_file(base, tmp_path, name):
+    """`pyllm merge` copies the base's tokenizer files and generation config beside the merged weights with
+    shutil.copyfile: one leading to /dev/zero (a tokenizer.model beside a tokenizer.json, which the
+    tokenizer reading skips) was copied until the disk was full. The merge runs in a child whose file
+    size is limited (64 MiB), so that the old behaviour fails rather than fills the disk."""
+    import resource
+
+    d = tmp_path / "base"
+    shutil.copytree(base, d)
+    (d / name).unlink(missing_ok=True)
+    (d / name).symlink_to("/dev/zero")
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(pyllm.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run([sys.executable, "-c", "import sys; from pyllm import cli; sys.exit(cli.main(sys.argv[1:]))",
+                            "merge", str(d), "--lora", adapter, "-o", str(out)], capture_output=True, text=True,
+                           timeout=120, env=env,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20)))
+    assert child.returncode == 1, (child.returncode, child.stderr[-2000:])
+    assert f"error: {d / name} is a character device, not a regular file" in child.stderr, child.stderr[-2000:]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("merged")]
+
+
 def test_pattern_keys_match_as_pefts_in_the_child_and_here():
     """match_patterns gives pattern_key's answer (PEFT's rule) whether it matches here or in its child."""
     from pyllm.convert import lora

@@ -32,13 +32,15 @@ import math
 import os
 import re
 import shutil
+import stat
 
 import numpy as np
 
+from ..errors import file_kind
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
 from ..quant import f32_to_bf16_bits
 from .adapter_base import adapter_config_path, adapter_weights_path, warn_if_other_base
-from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
+from .checkpoint import Checkpoint, _read_json, load_float32, present, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
 # PEFT's LoraConfig defaults (peft 0.x: r=8, lora_alpha=8), used for an adapter_config.json that leaves
@@ -275,7 +277,7 @@ class LoraAdapter:
                                               p.get("lora_B.bias"))
 
     def has_tokenizer(self) -> bool:
-        return any(os.path.exists(os.path.join(self.dir, n)) for n in ("tokenizer.json", "tokenizer.model"))
+        return any(present(os.path.join(self.dir, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 
 class LoraMergedSource:
@@ -458,6 +460,15 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
     tmp = None
     try:
         source.tokenizer()  # refuses a tokenizer larger than the merged vocabulary
+        # the files copied beside the weights, regular files (checked before the work): shutil.copyfile copied
+        # a tokenizer.model or chat_template.jinja leading to /dev/zero until the disk was full
+        candidates = [(os.path.join(source.tokenizer_dir, n), n) for n in TOKENIZER_FILES]
+        candidates.append((os.path.join(base_dir, "generation_config.json"), "generation_config.json"))
+        copies = [(path, name) for path, name in candidates if present(path)]
+        for path, _ in copies:
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise FormatError(f"{path} is {file_kind(mode)}, not a regular file")
         # written in a directory of this merge's own (OUTPUT.PID.XXXX.partial): a fixed OUTPUT.partial was
         # emptied by a second merge to the same output while the first wrote in it; those of killed merges go
         remove_stale_partials(output)
@@ -476,12 +487,8 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
         hf_config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, ensure_ascii=False)
-        for name in TOKENIZER_FILES:
-            path = os.path.join(source.tokenizer_dir, name)
-            if os.path.exists(path):
-                shutil.copyfile(path, os.path.join(tmp, name))
-        if os.path.exists(os.path.join(base_dir, "generation_config.json")):
-            shutil.copyfile(os.path.join(base_dir, "generation_config.json"), os.path.join(tmp, "generation_config.json"))
+        for path, name in copies:
+            shutil.copyfile(path, os.path.join(tmp, name))
         try:
             os.rename(tmp, output)  # (replaces an empty directory, never a file or a non-empty one)
         except OSError as e:
