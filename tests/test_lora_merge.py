@@ -461,9 +461,11 @@ def test_patterns_that_are_not_regular_expressions_are_refused_naming_the_key(ba
     """rank_pattern / alpha_pattern keys are regular expressions (PEFT's re.match): one that does not
     compile was a bare "error: missing ), unterminated subpattern at position 7", naming no file or key."""
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
-    for key, pattern in (("rank_pattern", "("), ("alpha_pattern", "q_proj[")):
+    # parentheses 5,000 deep were a RecursionError of re's parser, a repetition past its range an OverflowError
+    for key, pattern in (("rank_pattern", "("), ("alpha_pattern", "q_proj["), ("rank_pattern", "(" * 5000 + ")" * 5000),
+                         ("alpha_pattern", "q_proj{99999999999}")):
         _edit_config(adapter, **{key: {pattern: 4}})
-        expect_refusal(base, [adapter], tmp_path, re.escape(f"{adapter}: adapter_config.json {key} key {pattern!r} "
+        expect_refusal(base, [adapter], tmp_path, re.escape(f"{adapter}: adapter_config.json {key} key {pattern!r:.60} "
                                                             "is not a regular expression"))
         capsys.readouterr()
         assert cli.main(["merge", base, "--lora", adapter, "-o", str(tmp_path / "merged")]) == 1

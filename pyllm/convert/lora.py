@@ -217,9 +217,9 @@ class LoraAdapter:
             for pattern in cfg.get(key) or {}:  # pattern_key's re.match said only "error: missing ), ..."
                 try:
                     re.compile(PATTERN_RULE.format(pattern))
-                except re.error as e:
+                except (re.error, RecursionError, OverflowError) as e:  # (parens 5,000 deep; a{99999999999})
                     raise FormatError(f"{self.dir}: adapter_config.json {key} key {pattern!r:.60} is not a regular "
-                                      f"expression ({e})") from None
+                                      f"expression ({type(e).__name__}: {str(e):.100})") from None
 
     def _scaling(self, module: str, rank: int, where: str, keys: dict) -> float:
         """keys: the rank_pattern and alpha_pattern key of each module (match_patterns)."""
