@@ -367,6 +367,21 @@ def test_a_symbolic_link_that_leads_nowhere_is_named_with_its_target(tiny_llama,
             pyllm.LLM(str(d))
 
 
+def test_an_index_naming_a_missing_shard_is_named(tiny_llama, tmp_path):
+    """A model.safetensors.index.json listing a shard that is not there (a download cut short) said only
+    "cannot read …/model-00002-of-00002.safetensors: No such file or directory", naming no index or tensor."""
+    d = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.norm.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(d / 'model.safetensors.index.json'))} lists tensor "
+                                                r"'lm_head\.weight' in model-00002-of-00002\.safetensors, which does not "
+                                                r"exist \(a shard not downloaded\?\)$"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+
+
 def test_a_checkpoint_file_past_its_bound_is_refused_by_name(tiny_llama, tmp_path, monkeypatch):
     """config.json, tokenizer files and the like are read with a bound (MAX_CHECKPOINT_FILE_BYTES)."""
     from pyllm.convert import checkpoint

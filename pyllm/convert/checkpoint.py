@@ -277,6 +277,10 @@ class Checkpoint:
         the index names, and copies that differ leave no way to know which one was meant)."""
         held: dict[str, str] = {}
         for path in dict.fromkeys(weights.values()):
+            if not present(path):  # (was "cannot read …/model-00002-of-00004.safetensors", the index unnamed)
+                listed = next(n for n, p in weights.items() if p == path)
+                raise FileNotFoundError(f"{index} lists tensor '{listed}' in {os.path.relpath(path, self.dir)}, "
+                                        "which does not exist (a shard not downloaded?)")
             for name in self._shard(path).tensors:
                 if name in held:
                     first, second = self._shards[held[name]], self._shards[path]
