@@ -669,6 +669,8 @@ def test_adapter_of_another_base_is_merged_with_a_warning(base, tmp_path, capsys
     assert other_base_warning(config, adapter, base) is None  # trained on this very directory
     copy = shutil.copytree(base, str(tmp_path / os.path.basename(base)))
     assert other_base_warning(config, adapter, copy) is None  # the same model elsewhere
+    # a name of a million characters was printed whole
+    assert len(other_base_warning(dict(config, base_model_name_or_path="x" * 10**6), adapter, base)) < 1000
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"
     with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
         json.dump(config, f)

@@ -99,8 +99,9 @@ def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str, ki
         return None
     names = base_names(base_dir)
     used = "merged into" if kind == "LoRA" else "run on"
-    return (f"warning: the {kind} adapter {adapter_dir} was trained on {trained_on!r}, but the base {base_dir} is "
-            f"{' / '.join(repr(n) for n in sorted(names))}; {used} another model it is unlikely to work")
+    # (names cut to 200 characters: the file's and the base config's are any length, and were printed whole)
+    return (f"warning: the {kind} adapter {adapter_dir} was trained on {trained_on!r:.200}, but the base {base_dir} is "
+            f"{' / '.join(f'{n!r:.200}' for n in sorted(names))}; {used} another model it is unlikely to work")
 
 
 def warn_if_other_base(adapter_config: dict, adapter_dir: str, base_dir: str, log=None, kind: str = "LoRA") -> None:
