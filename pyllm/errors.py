@@ -14,6 +14,9 @@ GeneratorExit, MemoryError and PyllmError itself to pass.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import stat
 from typing import Iterator
 
 
@@ -52,22 +55,46 @@ def library_errors(what: str, kind: type[PyllmError] = PyllmError) -> Iterator[N
 MAX_TEXT_FILE_BYTES = 2**30  # a text file read whole (a perplexity corpus): past it, refused
 
 
-def read_bytes(path: str, kind: type[PyllmError] = PyllmError, limit: int | None = None) -> bytes:
+def read_bytes(path: str, kind: type[PyllmError] = PyllmError, limit: int | None = None,
+               regular: bool = False) -> bytes:
     """The bytes of a file read whole, at most `limit` of them: kind naming the file past it (a file
-    that never ends, such as /dev/zero or a FIFO behind a model directory's name, was read until memory
-    ran out); limit None: MAX_TEXT_FILE_BYTES. OSError (missing, a directory, unreadable) passes."""
+    that never ends, such as /dev/zero behind a model directory's name, was read until memory ran out);
+    limit None: MAX_TEXT_FILE_BYTES. Opening never waits: a FIFO that no process writes reads as empty
+    (open() waited for ever for a writer). regular: the file must be a regular file (a model
+    directory's files), kind("{path} is a FIFO, not a regular file") otherwise. OSError (missing, a
+    directory, unreadable) passes."""
     limit = MAX_TEXT_FILE_BYTES if limit is None else limit
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if regular and not stat.S_ISREG(mode):
+            raise kind(f"{path} is {file_kind(mode)}, not a regular file")
+        if stat.S_ISDIR(mode):  # (open(fd) would name the descriptor: "Is a directory: 4")
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        os.set_blocking(fd, True)  # a pipe with a writer (a shell's <(...)) is read to its end
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise kind(f"{path} holds more than {limit} bytes: too long for what it should be")
     return data
 
 
-def read_text(path: str, kind: type[PyllmError] = PyllmError, limit: int | None = None) -> str:
-    """The text of a UTF-8 file (a chat template, a perplexity text) of at most `limit` bytes (read_bytes);
-    kind naming the file and the first bad byte when it is not UTF-8."""
-    return decode_text(read_bytes(path, kind, limit), str(path), kind)
+def file_kind(mode: int) -> str:
+    """What an st_mode names, for messages: "a directory", "a FIFO", "a character device", ..."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a regular file" if stat.S_ISREG(mode)
+            else "not a regular file")
+
+
+def read_text(path: str, kind: type[PyllmError] = PyllmError, limit: int | None = None,
+              regular: bool = False) -> str:
+    """The text of a UTF-8 file (a chat template, a perplexity text) of at most `limit` bytes (read_bytes,
+    regular as there); kind naming the file and the first bad byte when it is not UTF-8."""
+    return decode_text(read_bytes(path, kind, limit, regular), str(path), kind)
 
 
 def decode_text(data: bytes, what: str, kind: type[PyllmError] = PyllmError) -> str:

@@ -46,6 +46,11 @@ MAX_MERGE_SPLIT_CHARS = 2**28
 # NFKC makes one character 18 at most, a sentencepiece normalization map about as many; a Replace of "a" by 10,000
 # characters made a 20,000-character prompt 3 GB inside the tokenizers library, which aborts when an allocation fails
 MAX_TOKENIZER_GROWTH = 64
+# seconds a LoRA adapter's rank_pattern / alpha_pattern (regular expressions from adapter_config.json, matched
+# against its module names as PEFT matches them) may take: one key such as "(.|.)*x" backtracks for hours on a
+# 31-character module name, and Python's re cannot be interrupted from another thread, so keys other than
+# plain names are matched in a child process stopped past this (convert.lora.match_patterns)
+MAX_ADAPTER_PATTERN_SECONDS = 10.0
 # pyllm serve --parallel: requests generated together (each a KV-cache slot of the whole context), and
 # rows per engine step (decode rows, then prompt chunks: pyllm/scheduler.py)
 DEFAULT_PARALLEL = 4

@@ -324,17 +324,17 @@ def model_kind(path: str) -> str:
     """"pllm", "gguf" or "hf" (a Hugging Face directory). Whatever is not a directory or a GGUF file
     counts as "pllm", whose reader refuses (without opening) what is missing or not a regular file."""
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")) and \
-                os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from .convert.checkpoint import hub_cache_hint, present
+
+        has_config = present(os.path.join(path, "config.json"))  # (a link to a blob never downloaded: named)
+        if not has_config and os.path.isfile(os.path.join(path, "adapter_config.json")):
             # (`pyllm run ADAPTER_DIR` after `pyllm train -o ADAPTER_DIR` said only "not a Hugging Face model
             # directory"): an adapter runs on its base, stored with it in one file
             raise FormatError(f"{path} is a PEFT adapter directory (adapter_config.json), not a model: store it "
                               f"with its base model, `pyllm convert BASE --lora {path} -o tuned.pllm` (LoRA, merged) "
                               f"or `--adapter NAME={path}` (prompt learning, then `pyllm run FILE --adapter NAME`), "
                               "and run that file")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            from .convert.checkpoint import hub_cache_hint
-
+        if not has_config:
             hint = hub_cache_hint(path)
             if hint:
                 raise FormatError(hint)

@@ -66,9 +66,7 @@ class Tokenizer:
     def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
         if spec.kind == "hf":
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self._hf = HFTokenizer.from_str(blob.decode("utf-8"))
+            self._hf = hf_tokenizer(blob.decode("utf-8"))
             self._sp = None
             # the ids span 0 .. the largest (get_vocab_size counts them: a vocabulary holding id 100000 among
             # 400 tokens fitted 512 embeddings at load, then its text failed every generate())
@@ -174,9 +172,7 @@ class Tokenizer:
     def _literal(self):
         with self._literal_lock:
             if self._literal_hf is None:
-                from tokenizers import Tokenizer as HFTokenizer
-
-                hf = HFTokenizer.from_str(self._blob.decode("utf-8"))
+                hf = hf_tokenizer(self._blob.decode("utf-8"))
                 hf.encode_special_tokens = True
                 self._literal_hf = hf
             return self._literal_hf
@@ -280,6 +276,19 @@ class Tokenizer:
 # BertNormalizer spaces out CJK characters, lowercases and strips accents through NFD)
 _GROWTH = {"NFC": 3, "NFD": 4, "NFKC": 18, "NFKD": 18, "Lowercase": 3, "ByteLevel": 4, "BertNormalizer": 36,
            "WordPiece": 2, "BPEDecoder": 2}
+
+
+def hf_tokenizer(text: str):
+    """A tokenizers.Tokenizer from tokenizer.json text, without the file's truncation and padding:
+    transformers turns both off for every encode not asking for them, and pyllm never does (a file's
+    "truncation": {"max_length": 2} cut every prompt to 2 tokens in silence, its padding filled prompts
+    with pad tokens). The tokenizers library's errors pass (library_errors where it is called)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_str(text)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def check_growth(step, where: str) -> None:

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -262,6 +264,25 @@ def test_a_weight_beyond_the_float16_range_is_refused_naming_the_tensor_and_the_
     convert_checkpoint(d, str(out), quant="bf16", progress=False)
 
 
+@pytest.mark.parametrize("quant", ["int4", "int4_sym", "int8"])
+def test_a_weight_whose_scales_pass_the_float16_range_is_refused_naming_the_tensor(tiny_llama, tmp_path, quant):
+    """A weight of 3e38 (finite in f32 and bf16) makes int4/int8 scales past float16's range: --quant int4,
+    which measures every layout in worker processes first, stopped with a bare "int4 scales reach 3.75e+37,
+    beyond the float16 range", naming no file or tensor (the other formats named both)."""
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "big"))
+    tensors = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = 3e38
+    save_file(tensors, os.path.join(d, "model.safetensors"))
+    out = tmp_path / "big.pllm"
+    with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
+                       r": tensor 'model\.layers\.1\.mlp\.down_proj\.weight': int[48] scales reach .*, beyond the "
+                       r"float16 range \(65504\).*; convert with --quant bf16 or f32"):
+        convert_checkpoint(d, str(out), quant=quant, progress=False)
+    assert not out.exists()
+
+
 def test_bf16_checkpoint(tiny_llama, reference, tmp_path):
     model, _ = reference
     d = copy_without_weights(tiny_llama, str(tmp_path / "bf16"))
@@ -289,24 +310,207 @@ def test_chat_template_from_jinja_file(tiny_llama, tmp_path):
     assert llm.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
-def test_a_checkpoint_file_that_never_ends_is_refused_by_name(tiny_llama, tmp_path, monkeypatch, name):
-    """A checkpoint's small file that leads to /dev/zero (a symlink, a FIFO) was read until memory ran
-    out: config.json, tokenizer files and chat templates are read with a bound and refused past it."""
+@pytest.mark.parametrize("kind", ["/dev/zero", "FIFO", "directory"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+                                  "pytorch_model.bin"])
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused_by_name(tiny_llama, tmp_path, name, kind):
+    """A checkpoint's small file that leads to /dev/zero (a symlink) was read until memory ran out, and
+    one that is a FIFO waited for ever in open() for a writer (`pyllm convert`, `pyllm run DIR` hung):
+    config.json, tokenizer files, chat templates and the generation config must be regular files. (A
+    writer opens the FIFO after a few seconds, so that the old behaviour fails rather than hangs.)"""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    (d / name).unlink(missing_ok=True)
+    if name == "pytorch_model.bin":  # (torch.load waited for a writer, or read /dev/zero until memory ran out)
+        (d / "model.safetensors").unlink()
+    if kind == "FIFO":
+        os.mkfifo(d / name)
+        unblock = threading.Timer(5, lambda: os.close(os.open(d / name, os.O_WRONLY | os.O_NONBLOCK)))
+        unblock.start()
+    elif kind == "directory":  # (was "Is a directory: 4", naming a file descriptor)
+        (d / name).mkdir()
+    else:
+        (d / name).symlink_to("/dev/zero")
+    out = tmp_path / "x.pllm"
+    what = {"FIFO": "a FIFO", "directory": "a directory"}.get(kind, "a character device")
+    started = time.monotonic()
+    try:
+        with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} is {what}, not a regular file$"):
+            convert_checkpoint(str(d), str(out), quant="f32", progress=False)
+        assert time.monotonic() - started < 4
+    finally:
+        if kind == "FIFO":
+            unblock.cancel()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                  "generation_config.json"])
+def test_a_symbolic_link_that_leads_nowhere_is_named_with_its_target(tiny_llama, tmp_path, name):
+    """A hub cache snapshot links each file to a blob; a blob never downloaded (or a link that loops)
+    made the directory "have no config.json: is it a Hugging Face model directory?", "no
+    model.safetensors", "neither tokenizer.json nor tokenizer.model", or left tokenizer_config.json
+    or generation_config.json out in silence (another tokenizer, other defaults)."""
+    d = tmp_path / "snapshot"
+    shutil.copytree(tiny_llama, d)
+    (d / name).unlink(missing_ok=True)
+    (d / name).symlink_to(tmp_path / "blobs" / "0123abcd")
+    message = rf"{re.escape(str(d / name))} is a symbolic link to {re.escape(str(tmp_path / 'blobs'))}/0123abcd, " \
+              r"which does not exist or loops \(a download that did not finish\?\)"
+    out = tmp_path / "x.pllm"
+    with pytest.raises((FileNotFoundError, FormatError), match=message):
+        convert_checkpoint(str(d), str(out), quant="f32", progress=False)
+    assert not out.exists()
+    if name == "config.json":  # LLM(DIR) decides what the path is before converting it
+        with pytest.raises(FileNotFoundError, match=message):
+            pyllm.LLM(str(d))
+
+
+def test_an_index_naming_a_missing_shard_is_named(tiny_llama, tmp_path):
+    """A model.safetensors.index.json listing a shard that is not there (a download cut short) said only
+    "cannot read …/model-00002-of-00002.safetensors: No such file or directory", naming no index or tensor."""
+    d = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.norm.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(d / 'model.safetensors.index.json'))} lists tensor "
+                                                r"'lm_head\.weight' in model-00002-of-00002\.safetensors, which does not "
+                                                r"exist \(a shard not downloaded\?\)$"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+
+
+def test_a_checkpoint_file_past_its_bound_is_refused_by_name(tiny_llama, tmp_path, monkeypatch):
+    """config.json, tokenizer files and the like are read with a bound (MAX_CHECKPOINT_FILE_BYTES)."""
     from pyllm.convert import checkpoint
 
     monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_FILE_BYTES", 1 << 20)
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_llama, d)
-    (d / name).unlink(missing_ok=True)
-    (d / name).symlink_to("/dev/zero")
-    out = tmp_path / "x.pllm"
-    from pyllm.limits import MAX_CHAT_TEMPLATE_BYTES
+    with open(d / "tokenizer.json", "a") as f:
+        f.write(" " * (1 << 20))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / 'tokenizer.json'))} holds more than {1 << 20} bytes"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
 
-    limit = MAX_CHAT_TEMPLATE_BYTES if name == "chat_template.jinja" else 1 << 20  # (a template's own bound)
-    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} holds more than {limit} bytes"):
-        convert_checkpoint(str(d), str(out), quant="f32", progress=False)
-    assert not out.exists()
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "model.safetensors.index.json"])
+def test_a_checkpoint_json_file_of_too_many_values_is_refused_before_parsing(tiny_llama, tmp_path, name):
+    """Python's json takes ~60 bytes a value: a 205 MB model.safetensors.index.json of 8 million entries
+    took 26 s and 2.7 GB before its first shard was found missing, and 256 MB of "[[],[],...]" would
+    take 5 GB. Values are counted (commas, brackets, braces) before parsing."""
+    from pyllm.convert.checkpoint import MAX_CHECKPOINT_JSON_VALUES, MAX_INDEX_JSON_VALUES
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    bound = MAX_INDEX_JSON_VALUES if name.endswith(".index.json") else MAX_CHECKPOINT_JSON_VALUES
+    if name.endswith(".index.json"):  # (read only without a model.safetensors)
+        (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / name).write_text('{"weight_map": {}, "x": [' + "[]," * (bound // 2) + "[]]}")
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / name))} holds more than {bound} JSON values"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    (d / name).write_text('{"weight_map": {}, "x": [' + "[]," * (bound // 4) + "[]]}")  # within the bound: read
+    try:
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    except FormatError as e:  # (the file as a whole may not make sense)
+        assert "JSON values" not in str(e)
+
+
+def test_a_tokenizer_model_of_more_pieces_than_a_vocabulary_may_hold_is_refused(tiny_llama, tmp_path, monkeypatch):
+    """tokenizer.model's pieces were read into a list without a bound: a 256 MB file of 5-byte pieces is 50
+    million of them (some 6 GB of tuples). Past SIZE_LIMITS' vocab_size (1000 here) it is refused."""
+    from pyllm.formats import packed
+
+    monkeypatch.setitem(packed.SIZE_LIMITS, "vocab_size", 1000)
+    d = tmp_path / "spm"
+    shutil.copytree(tiny_llama, d)
+    (d / "tokenizer.json").unlink()
+
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field (payloads < 128 bytes)
+        return bytes([number << 3 | 2, len(payload)]) + payload
+
+    (d / "tokenizer.model").write_bytes(b"".join(field(1, field(1, f"p{i}".encode())) for i in range(1001)))
+    with pytest.raises(FormatError, match=rf"^{re.escape(str(d / 'tokenizer.model'))}: more than 1000 pieces"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+
+
+def test_a_tokenizer_json_with_truncation_and_padding_tokenizes_as_transformers(tiny_llama, tmp_path):
+    """tokenizer.json may carry "truncation" and "padding" settings; transformers turns both off for every
+    encode that does not ask for them, and pyllm ran them: max_length 2 cut every prompt to 2 tokens in
+    silence, and Fixed padding filled prompts with pad tokens (the text parsed literally too)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    config = json.loads((d / "tokenizer.json").read_text())
+    config["truncation"] = {"max_length": 2, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    config["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                         "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (d / "tokenizer.json").write_text(json.dumps(config))
+    out = str(tmp_path / "t.pllm")
+    convert_checkpoint(str(d), out, quant="f32", progress=False)
+    text = "The quick brown fox <|im_end|> jumps"
+    expected = AutoTokenizer.from_pretrained(str(d)).encode(text)
+    assert len(expected) > 2
+    with pyllm.LLM(out) as llm:
+        assert llm.tokenize(text) == expected
+        literal = llm.tokenize(text, parse_special=False)
+        assert len(literal) > len(expected) and 0 not in literal
+
+
+def test_a_long_eos_token_id_list_is_read_in_linear_time(tiny_llama, tmp_path):
+    """generation_config.json's eos_token_id list was deduplicated with `in` on a list: 30,000 ids took
+    3 s, the 4 million its JSON may hold would take days. The ids past the vocabulary are then refused."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": list(range(100_000)) + [5, 2]}))
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=r"eos_token_ids 512 is not a token of the model \(its vocabulary has 512\)"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    assert time.monotonic() - started < 5
+
+
+def test_long_extra_special_token_lists_are_merged_in_linear_time(tiny_llama, tmp_path):
+    """special_tokens_map.json's extra_special_tokens were merged into tokenizer_config.json's with `in`
+    on a list: two lists of 60,000 tokens took about a minute, the millions a file may hold days."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)  # (the older layout, which reads special_tokens_map.json)
+    config["extra_special_tokens"] = [f"<a{i}>" for i in range(60_000)]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "special_tokens_map.json").write_text(json.dumps({"extra_special_tokens": [f"<b{i}>" for i in range(60_000)]
+                                                           + ["<a5>", {"content": "<a6>"}]}))
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=r"the tokenizer has 120\d\d\d tokens but the model's embeddings only 512"):
+        convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+    assert time.monotonic() - started < 15
+
+
+def test_a_fifo_read_as_a_text_file_does_not_wait_for_a_writer(tmp_path):
+    """A FIFO that no process writes, named where a text is read (a --chat-template or perplexity file),
+    reads as empty instead of waiting for ever in open(); one with a writer (a shell's <(...)) is read."""
+    from pyllm.errors import read_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(5, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.start()
+    started = time.monotonic()
+    try:
+        assert read_text(str(fifo)) == ""
+        assert time.monotonic() - started < 4
+    finally:
+        unblock.cancel()
+    with pytest.raises(IsADirectoryError, match=re.escape(f"Is a directory: '{tmp_path}'")):
+        read_text(str(tmp_path))  # (named the descriptor: "Is a directory: 4")
+    read, write = os.pipe()
+    os.write(write, b"some text")
+    os.close(write)
+    assert read_text(f"/proc/self/fd/{read}") == "some text"
+    os.close(read)
 
 
 def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny_llama, tmp_path, capsys, monkeypatch):
@@ -379,12 +583,22 @@ def test_a_stored_chat_template_that_is_not_jinja_is_named_with_the_way_out(tiny
     # numbers of the wrong type or sign, named (were Python's own words, or taken for absent)
     ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number, got 'x'"),
     ({"rope_theta": -1}, "rope_theta must be a positive number, got -1"),
-    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive number, got 0"),
-    ({"max_position_embeddings": "256"}, "max_position_embeddings must be a positive number, got '256'"),
-    ({"head_dim": "16"}, "head_dim must be a positive number"),
-    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive number"),
-    ({"sliding_window": True}, "sliding_window must be a positive number"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"max_position_embeddings": "256"}, "max_position_embeddings must be a positive integer, got '256'"),
+    ({"head_dim": "16"}, "head_dim must be a positive integer"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({"sliding_window": True}, "sliding_window must be a positive integer"),
+    # counts given as floats (transformers refuses them: "expected int, got float"); int() truncated 256.5
+    ({"max_position_embeddings": 256.5}, "config.json: max_position_embeddings must be a positive integer, got 256.5"),
+    ({"max_position_embeddings": 256.0}, "max_position_embeddings must be a positive integer, got 256.0"),
+    ({"sliding_window": 4.5}, "sliding_window must be a positive integer, got 4.5"),
+    ({"head_dim": 16.0}, "head_dim must be a positive integer, got 16.0"),
+    ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive integer, got 2.0"),
     ({"layer_types": 5}, "config.json: layer_types must be a list \\(one entry per layer\\), got 5"),
+    # transformers refuses a rope_scaling that is not an object; beside rope_parameters it was ignored in silence
+    ({"rope_scaling": "linear"}, "config.json: rope_scaling must be an object or null, got 'linear'"),
+    ({"rope_scaling": [1, 2]}, "config.json: rope_scaling must be an object or null, got \\[1, 2\\]"),
+    ({"rope_parameters": [1]}, "config.json: rope_parameters must be an object or null, got \\[1\\]"),
     # flags read with bool(): the string "false" was True in silence
     ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true, false or null, got 'false'"),
     ({"attention_bias": 1}, "attention_bias must be true, false or null, got 1"),
@@ -648,15 +862,18 @@ def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, refere
     assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
 
 
-def test_a_vector_of_another_shape_is_refused_naming_file_and_tensor(tiny_llama, tmp_path):
+@pytest.mark.parametrize("shape", [[63], [1, 64], [64, 1]])
+def test_a_vector_of_another_shape_is_refused_naming_file_and_tensor(tiny_llama, tmp_path, shape):
+    """A norm of 63 values for 64 is refused; so is one of [1, 64] (reshaped to [64] in silence, where
+    transformers refuses the size mismatch)."""
     from safetensors.numpy import load_file, save_file
 
     d = copy_without_weights(tiny_llama, str(tmp_path / "vector"))
     weights = load_file(os.path.join(tiny_llama, "model.safetensors"))
-    weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
+    weights["model.norm.weight"] = np.resize(weights["model.norm.weight"], shape)
     save_file(weights, os.path.join(d, "model.safetensors"))
     with pytest.raises(FormatError, match=re.escape(os.path.join(d, "model.safetensors")) +
-                       r": tensor 'model\.norm\.weight' has shape \[63\], the config implies \[64\]"):
+                       rf": tensor 'model\.norm\.weight' has shape {re.escape(str(shape))}, the config implies \[64\]"):
         convert_checkpoint(d, str(tmp_path / "v.pllm"), quant="f32", progress=False)
 
 

@@ -342,7 +342,9 @@ CASES = {
     # --- pyllm metadata
     "format_wrong": (set_meta("format", "gguf"), ["not a pyllm model file", "'gguf'"]),
     "format_missing": (set_meta("format", None), ["not a pyllm model file"]),
-    "format_version_3": (set_meta("pyllm.format_version", "3"), ["format version '3' is not supported"]),
+    "format_version_3": (set_meta("pyllm.format_version", "3"), ["format version '3' is not supported",
+                                                                 "written by a newer pyllm: upgrade pyllm, or convert"]),
+    "format_version_0": (set_meta("pyllm.format_version", "0"), ["format version '0' is not supported", "); convert"]),
     "format_version_abc": (set_meta("pyllm.format_version", "abc"), ["format version 'abc' is not supported"]),
     "format_version_missing": (set_meta("pyllm.format_version", None), ["format version None is not supported"]),
     "config_missing": (set_meta("pyllm.config", None), ["lacks 'pyllm.config'"]),

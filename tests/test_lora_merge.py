@@ -440,7 +440,10 @@ def _edit_config(adapter: str, **changes) -> None:
 def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, tmp_path, capsys):
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
     bad = [dict(rank_pattern={"q_proj": 0}), dict(rank_pattern={"v_proj": 2.5}), dict(lora_alpha=float("nan")),
-           dict(lora_alpha=float("inf")), dict(alpha_pattern={"q_proj": float("nan")}), dict(r=0)]
+           dict(lora_alpha=float("inf")), dict(alpha_pattern={"q_proj": float("nan")}), dict(r=0),
+           # a list of something else than module names was a TypeError ("unhashable type: 'dict'"); the string
+           # "false" turned rank-stabilized scaling on
+           dict(modules_to_save=[{"name": "lm_head"}]), dict(modules_to_save="lm_head"), dict(use_rslora="false")]
     for changes in bad:
         _edit_config(adapter, **changes)
         expect_refusal(base, [adapter], tmp_path, "adapter_config.json")
@@ -450,22 +453,102 @@ def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, t
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "adapter_config.json" in err and "Traceback" not in err, err
         assert not os.path.exists(out)
-        _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={})
+        _edit_config(adapter, r=4, lora_alpha=8, rank_pattern={}, alpha_pattern={}, modules_to_save=None,
+                     use_rslora=False)
 
 
 def test_patterns_that_are_not_regular_expressions_are_refused_naming_the_key(base, tmp_path, capsys):
     """rank_pattern / alpha_pattern keys are regular expressions (PEFT's re.match): one that does not
     compile was a bare "error: missing ), unterminated subpattern at position 7", naming no file or key."""
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
-    for key, pattern in (("rank_pattern", "("), ("alpha_pattern", "q_proj[")):
+    # parentheses 5,000 deep were a RecursionError of re's parser, a repetition past its range an OverflowError
+    for key, pattern in (("rank_pattern", "("), ("alpha_pattern", "q_proj["), ("rank_pattern", "(" * 5000 + ")" * 5000),
+                         ("alpha_pattern", "q_proj{99999999999}")):
         _edit_config(adapter, **{key: {pattern: 4}})
-        expect_refusal(base, [adapter], tmp_path, re.escape(f"{adapter}: adapter_config.json {key} key {pattern!r} "
+        expect_refusal(base, [adapter], tmp_path, re.escape(f"{adapter}: adapter_config.json {key} key {pattern!r:.60} "
                                                             "is not a regular expression"))
         capsys.readouterr()
         assert cli.main(["merge", base, "--lora", adapter, "-o", str(tmp_path / "merged")]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{key} key" in err, err
         _edit_config(adapter, **{key: {}})
+
+
+@pytest.mark.parametrize("key", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_that_backtracks_without_end_is_stopped_naming_the_key(base, tmp_path, key):
+    """rank_pattern / alpha_pattern keys are matched with Python's re, as PEFT matches them: the key
+    "(.|.)*x" backtracks for hours against a 31-character module name, and `pyllm convert --lora` and
+    `pyllm merge` hung (re cannot be interrupted from another thread). Keys other than plain module names
+    are matched in a child process stopped after limits.MAX_ADAPTER_PATTERN_SECONDS (1 s here); this
+    process runs the command in a child of its own, so that the old behaviour fails rather than hangs."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    _edit_config(adapter, **{key: {"(.|.)*x": 2, "q_proj": 4}})
+    out = str(tmp_path / "m.pllm")
+    code = ("import sys; from pyllm import cli, limits; limits.MAX_ADAPTER_PATTERN_SECONDS = 1.0; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(pyllm.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    for command in (["convert", base, "--lora", adapter, "-o", out, "--quant", "f32"],
+                    ["merge", base, "--lora", adapter, "-o", str(tmp_path / "merged")]):
+        child = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=60,
+                               env=env)
+        assert child.returncode == 1, child.stderr[-2000:]
+        assert re.search(rf"^pyllm {command[0]}: error: {re.escape(adapter)}: adapter_config.json {key}: matching "
+                         r"its regular expressions against the adapter's 4 module names took more than 1 s "
+                         r"\(limits.MAX_ADAPTER_PATTERN_SECONDS\)", child.stderr, re.M), child.stderr[-2000:]
+        assert "Traceback" not in child.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_an_adapter_file_linked_to_nothing_is_named_with_its_target(base, tmp_path, name):
+    """An adapter file that is a symbolic link leading nowhere (a hub cache blob never downloaded) made
+    the directory "have no adapter_model.safetensors" or "no adapter_config.json"."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    os.remove(os.path.join(adapter, name))
+    os.symlink(str(tmp_path / "blobs" / "ab12"), os.path.join(adapter, name))
+    expect_refusal(base, [adapter], tmp_path, re.escape(f"{os.path.join(adapter, name)} is a symbolic link to "
+                                                        f"{tmp_path / 'blobs' / 'ab12'}, which does not exist"))
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "chat_template.jinja"])
+def test_merge_refuses_a_copied_file_that_is_not_a_regular_file(base, tmp_path, name):
+    """`pyllm merge` copies the base's tokenizer files and generation config beside the merged weights with
+    shutil.copyfile: one leading to /dev/zero (a tokenizer.model beside a tokenizer.json, which the
+    tokenizer reading skips) was copied until the disk was full. The merge runs in a child whose file
+    size is limited (64 MiB), so that the old behaviour fails rather than fills the disk."""
+    import resource
+
+    d = tmp_path / "base"
+    shutil.copytree(base, d)
+    (d / name).unlink(missing_ok=True)
+    (d / name).symlink_to("/dev/zero")
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(pyllm.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.run([sys.executable, "-c", "import sys; from pyllm import cli; sys.exit(cli.main(sys.argv[1:]))",
+                            "merge", str(d), "--lora", adapter, "-o", str(out)], capture_output=True, text=True,
+                           timeout=120, env=env,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20)))
+    assert child.returncode == 1, (child.returncode, child.stderr[-2000:])
+    assert f"error: {d / name} is a character device, not a regular file" in child.stderr, child.stderr[-2000:]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("merged")]
+
+
+def test_pattern_keys_match_as_pefts_in_the_child_and_here():
+    """match_patterns gives pattern_key's answer (PEFT's rule) whether it matches here or in its child."""
+    from pyllm.convert import lora
+
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.10.mlp.up_proj",
+               "model.layers.1.mlp.down_proj"]
+    for patterns in ({"layers.1.self_attn.q_proj": 2, "q_proj": 3}, {r"layers\.1\..*": 1, "up_proj": 2},
+                     {"(up|down)_proj": 5}, {"^model.layers.0.self_attn.q_proj": 1}, {}):
+        expected = {m: lora.pattern_key(patterns, m) for m in modules}
+        assert lora.match_patterns(patterns, modules, "x") == expected
+        plain = all(lora._PLAIN_KEY.fullmatch(k) for k in patterns)
+        assert plain == (patterns in ({"layers.1.self_attn.q_proj": 2, "q_proj": 3}, {}))
+    assert lora.match_patterns({"up_proj": 2}, modules, "x")["model.layers.10.mlp.up_proj"] == "up_proj"
 
 
 @pytest.mark.parametrize("missing", [("r",), ("lora_alpha",), ("r", "lora_alpha")])
@@ -586,6 +669,8 @@ def test_adapter_of_another_base_is_merged_with_a_warning(base, tmp_path, capsys
     assert other_base_warning(config, adapter, base) is None  # trained on this very directory
     copy = shutil.copytree(base, str(tmp_path / os.path.basename(base)))
     assert other_base_warning(config, adapter, copy) is None  # the same model elsewhere
+    # a name of a million characters was printed whole
+    assert len(other_base_warning(dict(config, base_model_name_or_path="x" * 10**6), adapter, base)) < 1000
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"
     with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
         json.dump(config, f)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .checkpoint import present
+
 
 def adapter_config_path(directory: str, what: str) -> str:
     """directory/adapter_config.json, once directory is a non-empty path to a directory holding it as a
@@ -27,7 +29,7 @@ def adapter_config_path(directory: str, what: str) -> str:
     path = os.path.join(directory, "adapter_config.json")
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a directory, not the adapter's configuration file")
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO, a device: "has no adapter_config.json"
+    if present(path) and not os.path.isfile(path):  # a FIFO, a device: "has no adapter_config.json"
         raise FileNotFoundError(f"{path} is not a regular file, not the adapter's configuration file")
     if not os.path.isfile(path):
         # PEFT's save_pretrained puts every adapter but "default" in a subdirectory named after it
@@ -48,8 +50,8 @@ def adapter_weights_path(directory: str) -> str:
     """directory/adapter_model.safetensors (LoRA and prompt-learning adapters alike): FormatError for
     an adapter saved only as adapter_model.bin (a pickle, never read), FileNotFoundError without either."""
     weights = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.exists(weights):
-        if os.path.exists(os.path.join(directory, "adapter_model.bin")):
+    if not present(weights):
+        if present(os.path.join(directory, "adapter_model.bin")):
             from ..formats.safetensors import FormatError
 
             raise FormatError(f"{directory}: adapter_model.bin (a PyTorch pickle) is not read; save the adapter "
@@ -99,8 +101,9 @@ def other_base_warning(adapter_config: dict, adapter_dir: str, base_dir: str, ki
         return None
     names = base_names(base_dir)
     used = "merged into" if kind == "LoRA" else "run on"
-    return (f"warning: the {kind} adapter {adapter_dir} was trained on {trained_on!r}, but the base {base_dir} is "
-            f"{' / '.join(repr(n) for n in sorted(names))}; {used} another model it is unlikely to work")
+    # (names cut to 200 characters: the file's and the base config's are any length, and were printed whole)
+    return (f"warning: the {kind} adapter {adapter_dir} was trained on {trained_on!r:.200}, but the base {base_dir} is "
+            f"{' / '.join(f'{n!r:.200}' for n in sorted(names))}; {used} another model it is unlikely to work")
 
 
 def warn_if_other_base(adapter_config: dict, adapter_dir: str, base_dir: str, log=None, kind: str = "LoRA") -> None:

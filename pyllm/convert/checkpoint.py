@@ -7,30 +7,51 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import zipfile
 from typing import Iterator
 
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
-from ..errors import decode_text, library_errors, read_bytes, read_text
-from ..formats.packed import ModelConfig, TokenizerSpec, check_generation_defaults
+from ..errors import decode_text, file_kind, library_errors, read_bytes, read_text
+from ..formats.packed import SIZE_LIMITS, ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
 from ..limits import MAX_CHAT_TEMPLATE_BYTES
 from ..quant import bf16_bits_to_f32
 
 # bytes of a checkpoint's small files read whole (config.json, tokenizer_config.json, an index,
-# tokenizer.json, tokenizer.model; the largest released tokenizer.json files are ~35 MB): a name that
-# leads to /dev/zero or a FIFO was read until memory ran out
+# tokenizer.json, tokenizer.model; the largest released tokenizer.json files are ~35 MB); each must be a
+# regular file (errors.read_bytes): a name that led to /dev/zero was read until memory ran out, one that
+# led to a FIFO waited for ever for a writer
 MAX_CHECKPOINT_FILE_BYTES = 256 * 2**20
 
 
-def _read_json(path: str) -> dict:
-    text = decode_text(read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES), path, FormatError)
+# JSON values one of them may hold, counted as its commas, brackets and braces before parsing (inside
+# strings too: an upper bound no escape hides), as for a .pllm header: Python's json takes ~60 bytes a
+# value (a 205 MB index of 8 million entries took 26 s and 2.7 GB; 256 MB of "[[],[],...]" would take
+# 5 GB). The largest released tokenizer.json (Gemma 3's 262k tokens and their merges) holds ~2 million;
+# an index lists a tensor per entry (DeepSeek-V3's, ~92,000)
+MAX_CHECKPOINT_JSON_VALUES = 1 << 22
+MAX_INDEX_JSON_VALUES = 1 << 20
+
+
+def _load_json_file(path: str, max_values: int = MAX_CHECKPOINT_JSON_VALUES, **hooks) -> tuple[str, object]:
+    """(text, parsed value) of a checkpoint's JSON file: a regular file of at most MAX_CHECKPOINT_FILE_BYTES
+    and max_values values (counted before parsing), valid JSON; FormatError naming the file otherwise."""
+    raw = read_bytes(path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True)
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > max_values:
+        raise FormatError(f"{path} holds more than {max_values} JSON values (its commas, brackets and braces): too "
+                          "many for what it should be")
+    text = decode_text(raw, path, FormatError)
     try:
-        value = json.loads(text)
+        return text, json.loads(text, **hooks)
     except (ValueError, RecursionError) as e:  # bad JSON; nesting deeper than the parser goes
         raise FormatError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+
+
+def _read_json(path: str) -> dict:
+    value = _load_json_file(path)[1]
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return value
@@ -44,11 +65,7 @@ def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
     """A shard index's weight_map as tensor name -> shard path. Shards are files of the index's own
     directory (a name ending in suffix, possibly under a subfolder; no absolute path, no '..'), and
     a tensor is listed once."""
-    text = decode_text(read_bytes(index, FormatError, MAX_CHECKPOINT_FILE_BYTES), index, FormatError)
-    try:
-        raw = json.loads(text, object_pairs_hook=_Pairs)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{index}: invalid JSON ({type(e).__name__}: {e})") from None
+    raw = _load_json_file(index, MAX_INDEX_JSON_VALUES, object_pairs_hook=_Pairs)[1]
     pairs = dict(raw).get("weight_map") if isinstance(raw, _Pairs) else None
     if not isinstance(pairs, _Pairs):
         raise FormatError(f"{index}: no weight_map object")
@@ -72,6 +89,10 @@ def _index_weight_map(index: str, suffix: str) -> dict[str, str]:
 # absent (2048, hidden_size / heads). The sizes are checked by the families (checked_size).
 POSITIVE_NUMBER_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "partial_rotary_factor",
                         "max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
+# those of them that count something: integers, as transformers' configs declare them (it refuses 256.0
+# or 4.5: "expected int, got float"); pyllm truncated a max_position_embeddings of 256.5 or a
+# sliding_window of 4.5 with int() in silence
+POSITIVE_INTEGER_KEYS = ("max_position_embeddings", "n_positions", "sliding_window", "head_dim", "num_key_value_heads")
 
 
 # config.json keys that are flags in the families that have them: the families read them with bool(),
@@ -99,12 +120,17 @@ def model_config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     for key in POSITIVE_NUMBER_KEYS:
         value = cfg.get(key)
         least = 0 if key == "sliding_window" else None  # 0 there means no window, as null
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+        integer = key in POSITIVE_INTEGER_KEYS
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
                                   or not (value > 0 or value == least)):
-            raise FormatError(f"{where}: {key} must be a positive number, got {value!r:.60}")
+            raise FormatError(f"{where}: {key} must be a positive {'integer' if integer else 'number'}, got "
+                              f"{value!r:.60}")
     for key in FLAG_KEYS:
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             raise FormatError(f"{where}: {key} must be true, false or null, got {cfg[key]!r:.60}")
+    for key in ("rope_scaling", "rope_parameters"):  # (transformers refuses others; one beside the other was ignored)
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise FormatError(f"{where}: {key} must be an object or null, got {cfg[key]!r:.60}")
     if cfg.get("layer_types") is not None and not isinstance(cfg["layer_types"], list):
         raise FormatError(f"{where}: layer_types must be a list (one entry per layer), got {cfg['layer_types']!r:.60}")
     if not arch.partial_rotary:  # rotated a part of each head in silence (Llama with 0.5: nmse 0.16)
@@ -138,6 +164,19 @@ def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def present(path: str) -> bool:
+    """Whether a model directory's file is there (os.path.exists); FileNotFoundError naming it for a
+    symbolic link that leads nowhere (a hub cache snapshot whose blob was never downloaded, a link that
+    loops), which os.path.exists calls absent: the directory "has no config.json", "neither tokenizer.json
+    nor tokenizer.model", or a tokenizer_config.json left out in silence."""
+    if os.path.exists(path):
+        return True
+    if os.path.islink(path):
+        raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist or loops "
+                                "(a download that did not finish?)")
+    return False
+
+
 def hub_cache_hint(directory: str) -> str | None:
     """The message for a Hugging Face hub cache folder (~/.cache/huggingface/hub/models--org--name) given
     for a model, naming its snapshots (the model directories); None for another directory. It was "has no
@@ -161,7 +200,7 @@ class Checkpoint:
         if not os.path.isdir(self.dir):
             raise FileNotFoundError(f"{self.dir} is not a directory")
         config_path = os.path.join(self.dir, "config.json")
-        if not os.path.exists(config_path):
+        if not present(config_path):
             hint = hub_cache_hint(self.dir)
             if hint:
                 raise FileNotFoundError(hint)
@@ -184,18 +223,18 @@ class Checkpoint:
         d = self.dir
         single = os.path.join(d, "model.safetensors")
         index = os.path.join(d, "model.safetensors.index.json")
-        if os.path.exists(single):
+        if present(single):
             return {name: single for name in self._shard(single).tensors}
-        if os.path.exists(index):
+        if present(index):
             weights = _index_weight_map(index, ".safetensors")
             self._check_shards(index, weights)
             return weights
         for name in ("pytorch_model.bin",):
             path = os.path.join(d, name)
-            if os.path.exists(path):
+            if present(path):
                 return {k: path for k in self._torch(path)}
         index = os.path.join(d, "pytorch_model.bin.index.json")
-        if os.path.exists(index):
+        if present(index):
             weights = _index_weight_map(index, ".bin")
             for path in dict.fromkeys(weights.values()):  # a tensor the shard lacks was a KeyError traceback
                 held = self._torch(path)
@@ -238,6 +277,10 @@ class Checkpoint:
         the index names, and copies that differ leave no way to know which one was meant)."""
         held: dict[str, str] = {}
         for path in dict.fromkeys(weights.values()):
+            if not present(path):  # (was "cannot read …/model-00002-of-00004.safetensors", the index unnamed)
+                listed = next(n for n, p in weights.items() if p == path)
+                raise FileNotFoundError(f"{index} lists tensor '{listed}' in {os.path.relpath(path, self.dir)}, "
+                                        "which does not exist (a shard not downloaded?)")
             for name in self._shard(path).tensors:
                 if name in held:
                     first, second = self._shards[held[name]], self._shards[path]
@@ -272,6 +315,9 @@ class Checkpoint:
                 "or convert the checkpoint to safetensors first"
             ) from None
         if self._torch_state is None or self._torch_state.get("__path__") != path:
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO hung torch.load in open(), /dev/zero was read until memory ran out
+                raise FormatError(f"{path} is {file_kind(mode)}, not a regular file")
             # weights_only refuses arbitrary pickled code; mmap keeps memory near one tensor
             with library_errors(f"{path}: not a readable PyTorch checkpoint (a refused pickle, or damaged)",
                                 FormatError):
@@ -589,9 +635,13 @@ def _read_spm(blob: bytes) -> dict:
                 elif isinstance(default, int) == isinstance(v, int):
                     model[key] = v
 
+    most = SIZE_LIMITS["vocab_size"]  # (a 256 MB file of 5-byte pieces would be 50 million tuples, 6 GB)
     try:
         for number, value in _proto_fields(blob):
             if number == 1 and isinstance(value, bytes):  # ModelProto.pieces
+                if len(model["pieces"]) == most:
+                    raise FormatError(f"tokenizer.model: more than {most} pieces (formats.packed.SIZE_LIMITS "
+                                      "vocab_size)")
                 piece, score, kind = "", 0.0, _SPM_NORMAL
                 for n, v in _proto_fields(value):
                     if n == 1 and isinstance(v, bytes):
@@ -895,7 +945,7 @@ def _tokenizer_class(directory: str, tok_config: dict, json_text: str | None) ->
     model_type registers a different one; a declared LlamaTokenizer over a byte-level tokenizer.json,
     and any class a model type registers as generic, load as TokenizersBackend."""
     config_path = os.path.join(directory, "config.json")
-    config = _read_json(config_path) if os.path.exists(config_path) else {}
+    config = _read_json(config_path) if present(config_path) else {}
     model_type = config.get("model_type")
     if config.get("tokenizer_class") is not None and not isinstance(config["tokenizer_class"], str):
         raise FormatError(f"{config_path}: tokenizer_class must be a class name, got {_shown(config['tokenizer_class'])}")
@@ -939,19 +989,17 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
+    from ..tokenizer import hf_tokenizer
+
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
-    tok_config = read_tokenizer_config(tok_config_path) if os.path.exists(tok_config_path) else {}
+    tok_config = read_tokenizer_config(tok_config_path) if present(tok_config_path) else {}
     json_path = os.path.join(directory, "tokenizer.json")
     spm_path = os.path.join(directory, "tokenizer.model")
-    json_text = None
-    if os.path.exists(json_path):
-        json_text = decode_text(read_bytes(json_path, FormatError, MAX_CHECKPOINT_FILE_BYTES), json_path, FormatError)
-    elif not os.path.exists(spm_path):
+    json_text = tok_json = None
+    if present(json_path):
+        json_text, tok_json = _load_json_file(json_path)  # parsed once (tens of MB)
+    elif not present(spm_path):
         raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
-    try:
-        tok_json = json.loads(json_text) if json_text is not None else None  # parsed once (tens of MB)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{json_path}: invalid JSON ({type(e).__name__}: {e})") from None
     if json_text is not None and not isinstance(tok_json, dict):
         raise FormatError(f"{json_path}: expected a JSON object, got {type(tok_json).__name__}")
     cls = _tokenizer_class(directory, tok_config, json_text)
@@ -964,23 +1012,26 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     else:  # older layouts: special_tokens_map.json and tokenizer.json's added tokens
         added_decoder = {}
         map_path = os.path.join(directory, "special_tokens_map.json")
-        if os.path.exists(map_path):
+        if present(map_path):
             tok_config = dict(tok_config)
             for key, value in read_tokenizer_config(map_path).items():
                 if key == "extra_special_tokens" and isinstance(value, list):
-                    value = list(tok_config.get(key) or []) + [v for v in value if v not in (tok_config.get(key) or [])]
+                    # (tokens compared as JSON text in a set: `in` a list took hours for lists of 100,000s)
+                    known = list(tok_config.get(key) or [])
+                    seen = {json.dumps(v, sort_keys=True) for v in known}
+                    value = known + [v for v in value if json.dumps(v, sort_keys=True) not in seen]
                 elif isinstance(value, dict):
                     value = dict(value, special=True)
                 tok_config[key] = value
         added_path = os.path.join(directory, "added_tokens.json")
-        if os.path.exists(added_path):  # then tokenizer.json's added tokens, which win for an id in both
+        if present(added_path):  # then tokenizer.json's added tokens, which win for an id in both
             added_decoder = _legacy_added_tokens(added_path, tok_config)
         if tok_json is not None:
             added_decoder.update({str(t["id"]): t for t in tok_json.get("added_tokens") or []})
 
     model_extras = None
     if json_text is not None and rebuild is None:
-        tok = Tokenizer.from_str(json_text)
+        tok = hf_tokenizer(json_text)
         defaults = {}
     elif json_text is not None:
         model = tok_json.get("model") or {}
@@ -993,7 +1044,7 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         tok.post_processor = Tokenizer.from_str(json_text).post_processor  # kept by transformers
     else:
         try:
-            spm = _read_spm(read_bytes(spm_path, FormatError, MAX_CHECKPOINT_FILE_BYTES))
+            spm = _read_spm(read_bytes(spm_path, FormatError, MAX_CHECKPOINT_FILE_BYTES, regular=True))
         except FormatError as e:  # "tokenizer.model: ..." -> the file's path
             message = str(e)
             raise FormatError(message if message.startswith(spm_path) else os.path.join(directory, message)) from None
@@ -1037,16 +1088,18 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         spec.add_eos_token = bool(tok_config.get("add_eos_token", False)) and eos_id is not None
     eos_ids = [eos_id] if eos_id is not None else []
     gen_path = os.path.join(directory, "generation_config.json")
-    if os.path.exists(gen_path):
+    if present(gen_path):
         gen_eos = _read_json(gen_path).get("eos_token_id")
+        seen = set(eos_ids)
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
             if i is None:
                 continue
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:  # was dropped in silence, or (-1) written
                 raise FormatError(f"{gen_path}: eos_token_id must be a token id or a list of token ids, got "
                                   f"{gen_eos!r:.80}")
-            if i not in eos_ids:
+            if i not in seen:  # (a set: `in` a list of a million ids took hours)
                 eos_ids.append(i)
+                seen.add(i)
     spec.eos_token_ids = eos_ids
     return spec, blob
 
@@ -1054,10 +1107,10 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 def read_chat_template(directory: str) -> str:
     """chat_template.jinja, else tokenizer_config.json's chat_template ('default' of a list), else ''."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
-    if os.path.exists(jinja_path):
-        return read_text(jinja_path, FormatError, MAX_CHAT_TEMPLATE_BYTES)
+    if present(jinja_path):
+        return read_text(jinja_path, FormatError, MAX_CHAT_TEMPLATE_BYTES, regular=True)
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.exists(tok_config_path):
+    if not present(tok_config_path):
         return ""
     template = read_tokenizer_config(tok_config_path).get("chat_template") or ""
     if isinstance(template, list):  # transformers' named templates: "default", else the first
@@ -1072,7 +1125,7 @@ GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repet
 
 def read_generation_defaults(directory: str) -> dict:
     path = os.path.join(directory, "generation_config.json")
-    if not os.path.exists(path):
+    if not present(path):
         return {}
     cfg = _read_json(path)
     defaults = {k: cfg[k] for k in GENERATION_KEYS if k in cfg and cfg[k] is not None}

@@ -32,13 +32,15 @@ import math
 import os
 import re
 import shutil
+import stat
 
 import numpy as np
 
+from ..errors import file_kind
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
 from ..quant import f32_to_bf16_bits
 from .adapter_base import adapter_config_path, adapter_weights_path, warn_if_other_base
-from .checkpoint import Checkpoint, _read_json, load_float32, read_chat_template, read_tokenizer
+from .checkpoint import Checkpoint, _read_json, load_float32, present, read_chat_template, read_tokenizer
 
 PEFT_PREFIX = "base_model.model."
 # PEFT's LoraConfig defaults (peft 0.x: r=8, lora_alpha=8), used for an adapter_config.json that leaves
@@ -61,12 +63,54 @@ UNSUPPORTED_OPTIONS = {  # adapter_config.json keys whose non-empty values this 
 }
 
 
+# PEFT's rule: the first rank_pattern / alpha_pattern key K with re.match(PATTERN_RULE.format(K), module)
+PATTERN_RULE = r"(.*\.)?({})$"
+# keys of module-name characters only ("model.layers.0.self_attn.q_proj", "q_proj"): matched here, in
+# polynomial time; any other key is matched in a child process with a deadline (match_patterns)
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]*")
+_PLAIN_WORK = 1 << 20  # (key, module) pairs of plain keys matched here; more go to the child too
+_MATCH_CHILD = ("import json, re, sys\n"
+                "keys, modules, rule = json.load(sys.stdin)\n"
+                "json.dump([next((i for i, k in enumerate(keys) if re.match(rule.format(k), m)), -1) for m in modules], "
+                "sys.stdout)\n")
+
+
 def pattern_key(patterns, module: str) -> str | None:
-    """The rank_pattern / alpha_pattern key that applies to a module, as PEFT chooses it."""
+    """The rank_pattern / alpha_pattern key that applies to a module, as PEFT chooses it (no bound on the
+    time a key takes: match_patterns for keys from a file)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(PATTERN_RULE.format(key), module):
             return key
     return None
+
+
+def match_patterns(patterns, modules: list[str], what: str) -> dict[str, str | None]:
+    """pattern_key(patterns, m) for each module m, keys from a file: a key other than a plain module name
+    (or more pairs than _PLAIN_WORK) is matched in a child Python stopped after
+    limits.MAX_ADAPTER_PATTERN_SECONDS (LimitError naming `what` past it: a key like "(.|.)*x" backtracked
+    for hours, and re cannot be interrupted from another thread)."""
+    import subprocess
+    import sys
+
+    from ..errors import LimitError
+    from ..limits import MAX_ADAPTER_PATTERN_SECONDS
+
+    keys = list(patterns)
+    if not keys:
+        return dict.fromkeys(modules)
+    if all(_PLAIN_KEY.fullmatch(k) for k in keys) and len(keys) * len(modules) <= _PLAIN_WORK:
+        return {m: pattern_key(keys, m) for m in modules}
+    try:
+        child = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_CHILD], capture_output=True, text=True,
+                               input=json.dumps([keys, modules, PATTERN_RULE]), timeout=MAX_ADAPTER_PATTERN_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise LimitError(f"{what}: matching its regular expressions against the adapter's {len(modules)} module "
+                         f"names took more than {MAX_ADAPTER_PATTERN_SECONDS:g} s (limits.MAX_ADAPTER_PATTERN_SECONDS): "
+                         "a key that backtracks without end?") from None
+    if child.returncode != 0:
+        raise FormatError(f"{what}: its regular expressions cannot be matched "
+                          f"({child.stderr.strip().splitlines()[-1:] or child.returncode})")
+    return {m: keys[i] if i >= 0 else None for m, i in zip(modules, json.loads(child.stdout))}
 
 
 @dataclasses.dataclass
@@ -160,24 +204,32 @@ class LoraAdapter:
                 raise FormatError(f"{self.dir}: {what} cannot be merged by pyllm")
         for key, default in PEFT_DEFAULTS.items():  # absent: PEFT's default; given: check_lora_numbers checked it
             cfg.setdefault(key, default)
+        if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):  # ("false" was true)
+            raise FormatError(f"{self.dir}: adapter_config.json use_rslora must be true, false or null, got "
+                              f"{cfg['use_rslora']!r:.60}")
+        saved = cfg.get("modules_to_save")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+            raise FormatError(f"{self.dir}: adapter_config.json modules_to_save must be a list of module names or "
+                              f"null, got {saved!r:.80}")
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(cfg.get(key) or {}, dict):
                 raise FormatError(f"{self.dir}: adapter_config.json {key} must be an object")
             for pattern in cfg.get(key) or {}:  # pattern_key's re.match said only "error: missing ), ..."
                 try:
-                    re.compile(rf"(.*\.)?({pattern})$")
-                except re.error as e:
+                    re.compile(PATTERN_RULE.format(pattern))
+                except (re.error, RecursionError, OverflowError) as e:  # (parens 5,000 deep; a{99999999999})
                     raise FormatError(f"{self.dir}: adapter_config.json {key} key {pattern!r:.60} is not a regular "
-                                      f"expression ({e})") from None
+                                      f"expression ({type(e).__name__}: {str(e):.100})") from None
 
-    def _scaling(self, module: str, rank: int, where: str) -> float:
+    def _scaling(self, module: str, rank: int, where: str, keys: dict) -> float:
+        """keys: the rank_pattern and alpha_pattern key of each module (match_patterns)."""
         cfg = self.config
         ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        key = pattern_key(ranks, module)
+        key = keys["rank_pattern"][module]
         expected = ranks[key] if key is not None else cfg["r"]
         if rank != expected:
             raise FormatError(f"{where}: lora_A has rank {rank} but adapter_config.json gives {module} rank {expected}")
-        key = pattern_key(alphas, module)
+        key = keys["alpha_pattern"][module]
         alpha = alphas[key] if key is not None else cfg["lora_alpha"]
         return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
@@ -207,8 +259,11 @@ class LoraAdapter:
             self.replacements[target] = value
             self.replacement_names[target] = full
             module = target.rsplit(".", 1)[0]
-            if any(module == s or module.endswith("." + s) for s in saved):
+            names = module.split(".")  # (its dotted suffixes looked up: a scan of a long list per tensor took hours)
+            if any(".".join(names[k:]) in saved for k in range(len(names))):
                 self.saved_modules.add(target)
+        keys = {key: match_patterns(self.config.get(key) or {}, list(parts),
+                                    f"{self.dir}: adapter_config.json {key}") for key in ("rank_pattern", "alpha_pattern")}
         for module, p in parts.items():
             where = f"{f.path}: {module}"
             embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
@@ -218,11 +273,11 @@ class LoraAdapter:
                 raise FormatError(f"{where}: needs both a 2-D lora_A and lora_B (found {sorted(p)})")
             if a.shape[0] != b.shape[1]:
                 raise FormatError(f"{where}: lora_A is {list(a.shape)} and lora_B {list(b.shape)}: their ranks differ")
-            self.modules[module] = LoraModule(module, a, b, self._scaling(module, a.shape[0], where), embedding,
+            self.modules[module] = LoraModule(module, a, b, self._scaling(module, a.shape[0], where, keys), embedding,
                                               p.get("lora_B.bias"))
 
     def has_tokenizer(self) -> bool:
-        return any(os.path.exists(os.path.join(self.dir, n)) for n in ("tokenizer.json", "tokenizer.model"))
+        return any(present(os.path.join(self.dir, n)) for n in ("tokenizer.json", "tokenizer.model"))
 
 
 class LoraMergedSource:
@@ -405,6 +460,15 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
     tmp = None
     try:
         source.tokenizer()  # refuses a tokenizer larger than the merged vocabulary
+        # the files copied beside the weights, regular files (checked before the work): shutil.copyfile copied
+        # a tokenizer.model or chat_template.jinja leading to /dev/zero until the disk was full
+        candidates = [(os.path.join(source.tokenizer_dir, n), n) for n in TOKENIZER_FILES]
+        candidates.append((os.path.join(base_dir, "generation_config.json"), "generation_config.json"))
+        copies = [(path, name) for path, name in candidates if present(path)]
+        for path, _ in copies:
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise FormatError(f"{path} is {file_kind(mode)}, not a regular file")
         # written in a directory of this merge's own (OUTPUT.PID.XXXX.partial): a fixed OUTPUT.partial was
         # emptied by a second merge to the same output while the first wrote in it; those of killed merges go
         remove_stale_partials(output)
@@ -423,12 +487,8 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
         hf_config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, ensure_ascii=False)
-        for name in TOKENIZER_FILES:
-            path = os.path.join(source.tokenizer_dir, name)
-            if os.path.exists(path):
-                shutil.copyfile(path, os.path.join(tmp, name))
-        if os.path.exists(os.path.join(base_dir, "generation_config.json")):
-            shutil.copyfile(os.path.join(base_dir, "generation_config.json"), os.path.join(tmp, "generation_config.json"))
+        for path, name in copies:
+            shutil.copyfile(path, os.path.join(tmp, name))
         try:
             os.rename(tmp, output)  # (replaces an empty directory, never a file or a non-empty one)
         except OSError as e:

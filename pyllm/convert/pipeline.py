@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -118,6 +119,18 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def naming_the_tensor(label: str):
+    """Quantizing a weight past the float16 range (65504, in the weight or its scales) raises quant's
+    ValueError, which names no tensor: FormatError("{label}: ...; convert with --quant bf16 or f32")."""
+    try:
+        yield
+    except ValueError as e:
+        if "float16 range" not in str(e):
+            raise
+        raise FormatError(f"{label}: {e}; convert with --quant bf16 or f32") from None
+
+
 def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, report: ConversionReport,
                  weights_bits: list, native=None, strategy=None, label: str | None = None,
                  codes=None) -> list[PlannedTensor]:
@@ -147,12 +160,8 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                                           f"config implies {[rows, cols]}")
                     packed = codes() if codes is not None else None
                     if packed is None:
-                        try:
+                        with naming_the_tensor(label):
                             packed = strategy.quantize(base, w, fmt, group) if strategy else quantize(w, fmt, group)
-                        except ValueError as e:  # a bf16 weight past the float16 range (65504): the tensor unnamed
-                            if "float16 range" not in str(e):
-                                raise
-                            raise FormatError(f"{label}: {e}; convert with --quant bf16 or f32") from None
                     if fmt != "f32":
                         report.nmse[base] = quantization_nmse(packed, w)
                 weights_bits.append((packed.nbytes * 8, rows * cols, base))
@@ -375,9 +384,9 @@ def _plan(source, config: ModelConfig, fmt: str | None, group: int, report: Conv
 def _vector(source, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A norm, bias or table tensor of the source as f32 `shape`, checked."""
     value = np.asarray(source.load(name), dtype=np.float32)
-    if value.size != int(np.prod(shape)):
+    if value.shape != tuple(shape):  # (a norm of [1, 64] for [64] was reshaped in silence; transformers refuses it)
         raise FormatError(f"{where(source, name)} has shape {list(value.shape)}, the config implies {list(shape)}")
-    return np.ascontiguousarray(value.reshape(shape))
+    return np.ascontiguousarray(value)
 
 
 def src_name(source) -> str:

@@ -242,13 +242,16 @@ def _layout_errors(task: tuple[str, np.ndarray]) -> tuple[str, list]:
     """(base, sampled row indices) -> (base, [(bits per weight, relative error, layout)] per candidate)."""
     from .workers import shared
 
+    from .pipeline import naming_the_tensor
+
     base, rows_sampled = task
     job = shared()
     rows, cols = job["linears"][base]
     sample = load_matrix(job["load"], base, (rows, cols))[rows_sampled]
     h = None if job["hessians"] is None else job["hessians"].input_hessian(base)
-    return base, [(bits_per_weight(f, g, rows, cols), relative_error(sample, h, f, g), (f, g))
-                  for f, g in job["choices"][base]]
+    with naming_the_tensor(job["where"](base + ".weight")):  # (a bare ValueError came out of the workers)
+        return base, [(bits_per_weight(f, g, rows, cols), relative_error(sample, h, f, g), (f, g))
+                      for f, g in job["choices"][base]]
 
 
 def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessians=None,
@@ -267,8 +270,11 @@ def allocate(source, linears: dict, choices: dict, options: QuantOptions, hessia
     table = {}  # base -> list of (bits, error, layout), by bits
     bar = progress_bar(len(tasks), "choosing layouts", "matrix", progress, log)
     try:
+        from .pipeline import where
+
         for base, options_here in forked_map(_layout_errors, tasks, dict(load=source.load, linears=linears,
-                                                                        choices=choices, hessians=hessians)):
+                                                                        choices=choices, hessians=hessians,
+                                                                        where=lambda name: where(source, name))):
             table[base] = sorted(options_here)
             bar.update(1)
     finally:

@@ -334,7 +334,7 @@ class TokenizerSpec:
         if not (self.bos_token_id is None or (_is_int(self.bos_token_id) and self.bos_token_id >= 0)):
             raise bad(f"bos_token_id must be a token id or null, got {self.bos_token_id!r}")
         if not isinstance(self.eos_token_ids, list) or not all(_is_int(i) and i >= 0 for i in self.eos_token_ids):
-            raise bad(f"eos_token_ids must be a list of token ids, got {self.eos_token_ids!r}")
+            raise bad(f"eos_token_ids must be a list of token ids, got {self.eos_token_ids!r:.80}")
         if not (isinstance(self.add_bos_token, bool) and isinstance(self.add_eos_token, bool)):
             raise bad("add_bos_token and add_eos_token must be true or false")
         if not isinstance(self.added_tokens, dict) or not all(
@@ -368,9 +368,12 @@ class PackedModel:
             raise FormatError(f"{self.path}: not a pyllm model file (metadata 'format' is {meta.get('format')!r})")
         version = meta.get("pyllm.format_version")
         if version not in READABLE_VERSIONS:
+            # a later version is a newer pyllm's file: upgrading reads it (the message said only to convert again)
+            newer = isinstance(version, str) and version.isascii() and version.isdigit() and int(version) > FORMAT_VERSION
             raise FormatError(
                 f"{self.path}: format version {version!r} is not supported by this pyllm (reads versions "
-                f"{', '.join(READABLE_VERSIONS)}); convert the model again with this version"
+                f"{', '.join(READABLE_VERSIONS)}); " + ("it was written by a newer pyllm: upgrade pyllm, or " if newer
+                                                        else "") + "convert the model again with this version"
             )
         self.format_version = int(version)
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import PyllmError
+from ..errors import PyllmError, file_kind
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation allows
 # tensors one file may list: a .pllm holds ~30 a layer (weights, scales, norms) and a checkpoint's
@@ -475,9 +475,7 @@ def check_output_path(path: str) -> str:
     except OSError:
         mode = None  # a new file (or a dangling link, replaced as a new file is)
     if mode is not None and not stat.S_ISREG(mode):
-        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-        raise FileExistsError(f"cannot write {path}: it is {kind}, which the finished file would replace (it is "
+        raise FileExistsError(f"cannot write {path}: it is {file_kind(mode)}, which the finished file would replace (it is "
                               "written beside the path and renamed into place); give a file path")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {path}: the directory {directory} does not exist")
