@@ -827,7 +827,7 @@ def test_a_byte_order_mark_is_not_text(tiny_llama_f32, tmp_path, monkeypatch, ca
                         lambda fn, tokens, **kw: (seen.append(tokens), real(fn, tokens, **kw))[1])
     assert cli.main(["perplexity", tiny_llama_f32, "-t", "1", "--text", str(tmp_path / "bom.txt"), "-c", "16"]) == 0
     with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
-        assert seen[0] == llm.tokenize(text, add_special_tokens=False, parse_special=False)
+        assert list(seen[0]) == llm.tokenize(text, add_special_tokens=False, parse_special=False)
     capsys.readouterr()
     plain, marked = (_cli("run", tiny_llama_f32, "-n", "4", "-t", "1", "--raw", input=prompt)
                      for prompt in ("Paris is", "\ufeffParis is"))
