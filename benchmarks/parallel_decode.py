@@ -1,13 +1,13 @@
 """Aggregate decode speed of several sequences sharing each engine step (Engine.forward_rows).
 
     python benchmarks/parallel_decode.py [MODEL] [--parallel 1,2,4,8,16] [-p 128] [-n 64] [-r 3] [-t 2]
-        [--activation-quant int8x2|int8]
+        [--activation-quant int8x2[,int8x2_outliers,int8]]
 
 For each N: N sequences each get a prefill of -p random tokens (one forward_rows call over all of
 them), then -n decode steps of one row per sequence. Reported: aggregate generated tokens/s
 (N * n / decode seconds), the ratio to N = 1, and the per-sequence step latency; median of -r
-repetitions, the values of every N measured in turn within each repetition (so machine noise
-spreads over all of them alike). The engine is called directly: no sampling, no Python
+repetitions, the values of every N (and every --activation-quant given, one engine each) measured
+in turn within each repetition (so machine noise spreads over all of them alike). The engine is called directly: no sampling, no Python
 generation loop (LLM.generate with a list adds those).
 """
 
@@ -43,6 +43,7 @@ def decode_seconds(engine, n_seq: int, n_prompt: int, n_gen: int, rng: np.random
 
 def main(argv=None) -> int:
     from pyllm import LLM
+    from pyllm.llm import ACTIVATION_QUANTS
     from pyllm.bench import cpu_name
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,8 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--n-gen", type=int, default=64)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=2)
-    p.add_argument("--activation-quant", choices=["int8x2", "int8"], default="int8x2",
-                   help="LLM's activation_quant (default int8x2)")
+    p.add_argument("--activation-quant", default="int8x2",
+                   help=f"LLM's activation_quant, or several separated by commas, compared side by side: "
+                        f"{', '.join(ACTIVATION_QUANTS)} (default int8x2)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     path = args.model
@@ -62,30 +64,37 @@ def main(argv=None) -> int:
 
         path = default_model_path()
     counts = [int(c) for c in args.parallel.split(",")]
-    llm = LLM(path, n_threads=args.threads, context_length=args.n_prompt + args.n_gen, n_parallel=max(counts),
-              activation_quant=args.activation_quant)
+    modes = args.activation_quant.split(",")
+    if any(m not in ACTIVATION_QUANTS for m in modes) or len(set(modes)) != len(modes):
+        p.error(f"--activation-quant: distinct names among {', '.join(ACTIVATION_QUANTS)}")
+    llms = {m: LLM(path, n_threads=args.threads, context_length=args.n_prompt + args.n_gen, n_parallel=max(counts),
+                   activation_quant=m) for m in modes}
     rng = np.random.default_rng(0)
-    vocab = llm.config.vocab_size
-    decode_seconds(llm.engine, max(counts), 16, 4, rng, vocab)  # warm-up
-    samples: dict[int, list[float]] = {n: [] for n in counts}
+    vocab = llms[modes[0]].config.vocab_size
+    for llm in llms.values():
+        decode_seconds(llm.engine, max(counts), 16, 4, rng, vocab)  # warm-up
+    samples: dict[str, dict[int, list[float]]] = {m: {n: [] for n in counts} for m in modes}
     for _ in range(args.repetitions):
         for n in counts:
-            samples[n].append(n * args.n_gen / decode_seconds(llm.engine, n, args.n_prompt, args.n_gen, rng, vocab))
-    median = {n: statistics.median(v) for n, v in samples.items()}
-    result = {"model": os.path.abspath(path), "cpu": cpu_name(), "threads": llm.n_threads, "n_prompt": args.n_prompt,
-              "n_gen": args.n_gen, "repetitions": args.repetitions, "activation_quant": llm.engine.activation_quant,
-              "aggregate_tokens_per_s": {str(n): v for n, v in samples.items()}}
+            for m in modes:
+                seconds = decode_seconds(llms[m].engine, n, args.n_prompt, args.n_gen, rng, vocab)
+                samples[m][n].append(n * args.n_gen / seconds)
+    median = {m: {n: statistics.median(v) for n, v in by_n.items()} for m, by_n in samples.items()}
+    threads = llms[modes[0]].n_threads
+    result = {"model": os.path.abspath(path), "cpu": cpu_name(), "threads": threads, "n_prompt": args.n_prompt,
+              "n_gen": args.n_gen, "repetitions": args.repetitions,
+              "aggregate_tokens_per_s": {m: {str(n): v for n, v in by_n.items()} for m, by_n in samples.items()}}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{os.path.basename(path)}; {cpu_name()}, {llm.n_threads} threads, activations "
-          f"{llm.engine.activation_quant}; prefill {args.n_prompt}, {args.n_gen} decode steps, median of "
-          f"{args.repetitions}\n")
-    print("| sequences | aggregate tok/s | x one sequence | ms per step |")
-    print("|---|---|---|---|")
-    for n in counts:
-        print(f"| {n} | {median[n]:.1f} | {median[n] / median[counts[0]]:.2f} | "
-              f"{1000 * n / median[n]:.1f} |")
+    print(f"{os.path.basename(path)}; {cpu_name()}, {threads} threads; prefill {args.n_prompt}, {args.n_gen} decode "
+          f"steps, median of {args.repetitions}\n")
+    print(f"| activations | sequences | aggregate tok/s | x one sequence | x {modes[0]} | ms per step |")
+    print("|---|---|---|---|---|---|")
+    for m in modes:
+        for n in counts:
+            print(f"| {m} | {n} | {median[m][n]:.1f} | {median[m][n] / median[m][counts[0]]:.2f} | "
+                  f"{median[m][n] / median[modes[0]][n]:.2f} | {1000 * n / median[m][n]:.1f} |")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Concurrent streaming clients against `pyllm serve --parallel N` beside `llama-server --parallel N`.
 
     python benchmarks/serve_load.py [--models smollm2,random-1.1b] [--clients 1,2,4,8,16] [-n 64]
-        [--requests 2] [-r 2] [-t 2] [--llama-cpp-dir DIR] [--engines pyllm,pyllm-int8,llama-server] [--json FILE]
+        [--requests 2] [-r 2] [-t 2] [--llama-cpp-dir DIR] [--engines pyllm,pyllm-outliers,pyllm-int8,llama-server]
+        [--json FILE]
         [--temperature 0] [--top-p 1] [--client events|objects]
 
 Same weights (benchmarks/compare.py's files: SmolLM2-135M-Instruct's f32 weights as pyllm int4_sym
@@ -20,7 +21,8 @@ arriving while 7 other clients stream, against the same request on the idle serv
 prefill). Per C the engines take turns every repetition (the order alternating), after one
 warm-up request each; the table gives medians over -r repetitions. The ratios of the issue's
 targets follow the table. Engine pyllm-int8 is `pyllm serve --activation-quant int8` (one int8 term
-per activation value, as llama.cpp) on the same file.
+per activation value, as llama.cpp) on the same file, pyllm-outliers `--activation-quant
+int8x2_outliers` (two terms only in outlier blocks).
 
 The servers inherit the environment: on a shared machine OMP_WAIT_POLICY=passive makes llama-server's
 OpenMP threads sleep instead of spinning while they wait (pyllm's thread pool does not use OpenMP).
@@ -78,7 +80,8 @@ def _free_port() -> int:
 
 
 # pyllm's engines by name: the options `pyllm serve` gets beside the common ones
-PYLLM_ENGINES = {"pyllm": [], "pyllm-int8": ["--activation-quant", "int8"]}
+PYLLM_ENGINES = {"pyllm": [], "pyllm-outliers": ["--activation-quant", "int8x2_outliers"],
+                 "pyllm-int8": ["--activation-quant", "int8"]}
 
 
 class ServerProcess:
@@ -363,7 +366,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2,random-1.1b", help="smollm2, random-1.1b (default both)")
     p.add_argument("--engines", default="pyllm,llama-server",
-                   help="pyllm, pyllm-int8 (--activation-quant int8), llama-server (default pyllm,llama-server)")
+                   help="pyllm, pyllm-outliers (--activation-quant int8x2_outliers), pyllm-int8 (--activation-quant "
+                        "int8), llama-server (default pyllm,llama-server)")
     p.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients = --parallel (default 1,2,4,8,16)")
     p.add_argument("-n", "--n-gen", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per run (default 2)")

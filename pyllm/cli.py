@@ -120,10 +120,11 @@ def _add_kv_cache(p: argparse.ArgumentParser) -> None:
 
 
 def _add_activation_quant(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--activation-quant", choices=["int8x2", "int8"], default="int8x2",
+    p.add_argument("--activation-quant", choices=["int8x2", "int8", "int8x2_outliers"], default="int8x2",
                    help="activations of int4/int8 matrices (CPU): int8x2 keeps two int8 terms per value (~15 "
                         "bits); int8 one, as llama.cpp does: faster prompts and batches, perplexity "
-                        "+0.1-0.5%% (docs/QUALITY.md) (default int8x2)")
+                        "+0.1-0.5%%; int8x2_outliers two terms only in outlier blocks (docs/QUALITY.md) "
+                        "(default int8x2)")
 
 
 def _add_server_limits(p: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ KV_CACHE_BYTES_PER_VALUE = {"auto": 2.0, "f16": 2.0, "f32": 4.0, "q8_0": 34 / 32
 
 
 # How the CPU engine quantizes activations for int4/int8 weights (LLM's activation_quant): int8 terms per value
-ACTIVATION_QUANTS = ("int8x2", "int8")
+ACTIVATION_QUANTS = ("int8x2", "int8", "int8x2_outliers")
 
 
 def kv_cache_bytes(config, n_ctx: int, kv_cache: str, n_seq: int = 1) -> int:
@@ -423,7 +423,10 @@ class LLM:
     1.2-1.5x faster (SmolLM2 int4, Zen 5, AVX-512 / AVX-VNNI / AVX2), with logits 1e-4 to 3e-3
     NMSE from int8x2's and perplexity +0.1-0.5%. Near ties then go the other way: the default
     model answers the README's question as llama.cpp does, wrongly (docs/QUALITY.md,
-    docs/BENCHMARKS.md). f16/f32/bf16 weights multiply float activations either way; the CUDA
+    docs/BENCHMARKS.md). "int8x2_outliers" keeps two terms only in a row's outlier blocks (absmax
+    above 3x the row's mean block absmax; ~4% of blocks on SmolLM2): most of int8's speed with 8
+    sequences a step at about half its perplexity cost (docs/QUALITY.md), and the same near ties
+    flip. f16/f32/bf16 weights multiply float activations either way; the CUDA
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens (default: the model's, at most

@@ -146,9 +146,15 @@ def partial_magnitudes_ref(fmt: str, data, cols: int, group_size: int = 0, scale
 # --- matmul ------------------------------------------------------------------
 
 
+# activation_quant -> (int8 terms, outlier factor): ops.h kActivationQuants
+ACTIVATION_QUANTS = {"int8x2": (2, 0.0), "int8": (1, 0.0), "int8x2_outliers": (2, 3.0)}
+
+
 def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     """Int8 activation codes per block of 32 (QuantizedRows): "int8x2" two terms, x ~ step * (254 hi + lo);
-    "int8" one term, x ~ step * lo with hi zero.
+    "int8" one term, x ~ step * lo with hi zero; "int8x2_outliers" two terms in a row's blocks whose
+    absmax exceeds 1.5 x T, one term in the others, with T the row's finite blocks' absmax summed in
+    block order in float32 and divided by the number of blocks (weights.h outlier_threshold).
 
     x f32 [M, K] -> hi, lo int8 [M, P], step, sum f32 [M, P / 32] with P = K rounded up to 32.
     A block holding NaN or infinity gets codes 0 and a NaN step and sum. Otherwise the C++ steps
@@ -156,7 +162,7 @@ def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     absmax)), hi = clamp(rint(units / 254)) (two terms) else 0, lo = clamp(rint(units - 254 hi)), both to
     [-127, 127]; step = absmax / (127 R); sum = step * sum(254 hi + lo).
     """
-    radix = {"int8x2": 254, "int8": 1}[activation_quant]
+    terms, factor = ACTIVATION_QUANTS[activation_quant]
     x = np.asarray(x, dtype=np.float32)
     M, K = x.shape
     P = -(-K // 32) * 32
@@ -164,14 +170,23 @@ def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     blocks[:, :K] = x
     blocks = blocks.reshape(M, P // 32, 32)
     amax = np.abs(blocks).max(axis=2)  # f32 [M, P / 32]
+    bad = ~np.isfinite(blocks).all(axis=2)  # a block holding NaN or infinity
+    if terms == 1:
+        two_terms = np.zeros(amax.shape, bool)
+    elif factor == 0:
+        two_terms = amax > 0
+    else:
+        total = np.cumsum(np.where(bad, np.float32(0), amax), axis=1, dtype=np.float32)[:, -1]  # in block order
+        threshold = np.float32(factor) * (total / np.float32(P // 32))
+        two_terms = amax > threshold[:, None]
+    radix = np.where(two_terms, 254.0, 1.0)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inverse = np.where(amax > 0, (127.0 * radix) / amax.astype(np.float64), 0.0)
-        units = (blocks.astype(np.float64) * inverse[:, :, None]).astype(np.float32)
-    hi = np.clip(np.rint(units / np.float32(254)), -127, 127).astype(np.float32) if radix == 254 else 0 * units
+        inverse = np.where(amax[:, :, None] > 0, (127.0 * radix) / amax[:, :, None].astype(np.float64), 0.0)
+        units = (blocks.astype(np.float64) * inverse).astype(np.float32)
+    hi = np.where(two_terms[:, :, None], np.clip(np.rint(units / np.float32(254)), -127, 127), 0).astype(np.float32)
     lo = np.clip(np.rint(units - hi * np.float32(254)), -127, 127).astype(np.float32)
-    step = (amax / np.float32(127.0 * radix)).astype(np.float32)
+    step = (amax / (np.float32(127) * radix[:, :, 0].astype(np.float32))).astype(np.float32)
     # a block holding NaN or infinity: codes 0, step and sum NaN (every output of its row is NaN)
-    bad = ~np.isfinite(blocks).all(axis=2)
     hi[bad], lo[bad], step[bad] = 0, 0, np.nan
     total = (hi * 254 + lo).sum(axis=2, dtype=np.float64).astype(np.float32)  # exact integers
     return (hi.astype(np.int8).reshape(M, P), lo.astype(np.int8).reshape(M, P), step,

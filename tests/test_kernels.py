@@ -179,6 +179,23 @@ def quant_tolerance(K: int, x, A, bias) -> np.ndarray:
     return gamma(4 * (n_blocks + 8)) * ref.matmul_abs_bound(x, A, bias)
 
 
+ACTIVATION_QUANTS = list(ref.ACTIVATION_QUANTS)
+
+
+def with_outlier_blocks(x: np.ndarray) -> np.ndarray:
+    """x with a few blocks 16x louder, as activations' outlier channels are: in two of every three rows,
+    one block at a place that moves with the row, so that rows side by side in a kernel's tile differ
+    in which blocks keep two int8 terms under "int8x2_outliers" (and the last row has none)."""
+    x = np.array(x, dtype=np.float32)
+    M, K = x.shape
+    n_blocks = -(-K // 32)
+    for m in range(M - 1):
+        if m % 3 != 2:
+            b = (m * 7) % n_blocks
+            x[m, 32 * b:32 * b + 32] *= 16.0
+    return x
+
+
 def activation_error_bound(x: np.ndarray, W: np.ndarray, step_fraction: float) -> np.ndarray:
     """Bound on |y - x W^T| when every activation is off by at most step_fraction * absmax of its
     32-value block: sum over blocks of that error times sum_block |W|.   -> [M, N]"""
@@ -315,25 +332,30 @@ def test_matmul_two_term_activation_precision(kernels, fmt, shape):
         assert_nmse(y, exact, 1e-8, what)
 
 
+@pytest.mark.parametrize("activation_quant", ["int8", "int8x2_outliers"])
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
-def test_matmul_one_term_activations(kernels, fmt, shape, n_threads):
+def test_matmul_one_term_activations(kernels, fmt, shape, n_threads, activation_quant):
     """activation_quant="int8" (one int8 term per value, hi zero; the tiled kernels skip hi's
-    dot products): the result is the product of the activations as the one-term codes hold them,
-    step * lo from the numpy reference, with the weights, up to float32 accumulation error, element by
-    element, on every shape of the sweep (each row count's kernel path). Then, coarser, against x @ W^T:
-    half a step, absmax / 254, per activation (test_matmul's bound, which one term reaches: nmse
-    ~3e-5 expected)."""
+    dot products) and "int8x2_outliers" (two terms only in outlier blocks; the kernels skip hi where
+    the rows of a tile have none): the result is the product of the activations as the codes hold
+    them, step * (254 hi + lo) from the numpy reference, with the weights, up to float32 accumulation
+    error, element by element, on every shape of the sweep (each row count's kernel path), with outlier
+    blocks in some rows and not in others. Then, coarser, against x @ W^T: half a step, absmax / 254,
+    per activation (test_matmul's bound, which one term reaches: nmse ~3e-5 expected)."""
     M, N, K, G = shape
     x, _, bias, args, W, A = matmul_case(fmt, M, N, K, G)
+    x = with_outlier_blocks(x)
     poison_heap(4 * M * N)
-    y = _core.matmul(x, bias=bias, n_threads=n_threads, activation_quant="int8", **args)
+    y = _core.matmul(x, bias=bias, n_threads=n_threads, activation_quant=activation_quant, **args)
     assert y.shape == (M, N) and np.isfinite(y).all(), "NaN/inf in the output: an element was not written"
-    hi, lo, step, _ = ref.quantize_activations_ref(x, "int8")
-    assert not hi.any()
-    held = (step.astype(np.float64).repeat(32, axis=1) * lo)[:, :K]  # the activations the codes hold
-    what = f"{kernels} {fmt} M={M} N={N} K={K} g={G} threads={n_threads} int8 activations"
+    hi, lo, step, _ = ref.quantize_activations_ref(x, activation_quant)
+    if activation_quant == "int8" or (M > 1 and K > 128):  # rows but the last: an outlier block
+        assert hi.any() == (activation_quant != "int8")
+    codes = 254.0 * hi.astype(np.float64) + lo
+    held = (step.astype(np.float64).repeat(32, axis=1) * codes)[:, :K]  # the activations the codes hold
+    what = f"{kernels} {fmt} M={M} N={N} K={K} g={G} threads={n_threads} {activation_quant} activations"
     assert_within(y, ref.matmul_ref(held, W, bias), quant_tolerance(K, held, A, bias), what + " vs the codes' product")
     exact = ref.matmul_ref(x, W, bias)
     bound = activation_error_bound(x, W, 1 / 254.0) * (1 + 1e-6) + quant_tolerance(K, x, A, bias)
@@ -342,7 +364,7 @@ def test_matmul_one_term_activations(kernels, fmt, shape, n_threads):
         assert_nmse(y, exact, 5e-4, what)
 
 
-@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("activation_quant", ACTIVATION_QUANTS)
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_matmul_non_finite_activations(kernels, fmt, activation_quant):
     """A row holding NaN or infinity gives a non-finite output row on every variant (quantized
@@ -414,7 +436,7 @@ def test_matmul_variants_agree(fmt):
         _core.select_kernels("auto")
 
 
-@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("activation_quant", ACTIVATION_QUANTS)
 @pytest.mark.parametrize("M,K", [(1, 32), (3, 100), (17, 576), (2, 7)])
 def test_quantize_activations_bit_exact(kernels, M, K, activation_quant):
     """Every variant's activation codes equal the numpy reference bit for bit: the
@@ -429,6 +451,8 @@ def test_quantize_activations_bit_exact(kernels, M, K, activation_quant):
         x[2, 1::7] = 0.5 + rng.integers(-3, 4, x[2, 1::7].shape) / 254.0 * 3e35 / 127  # ties of the rounding
     if M > 16:  # blocks with NaN or infinity (codes 0, step NaN), beside finite ones in the same rows
         x[15, 3], x[16, 40], x[14, K - 1] = np.nan, np.inf, -np.inf
+    if K > 64:  # an outlier block (two terms under int8x2_outliers) beside ordinary ones
+        x[M - 1, 64:96] *= 8.0
     got = _core.quantize_activations(x, activation_quant)
     expected = ref.quantize_activations_ref(x, activation_quant)
     for name, g, e in zip(("hi", "lo", "step", "sum"), got, expected):
@@ -502,7 +526,7 @@ def test_matmul_accepts_any_float_activations():
     np.testing.assert_array_equal(_core.matmul(xf, **args), y)
 
 
-@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("activation_quant", ACTIVATION_QUANTS)
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_matmul_same_bits_for_any_split(kernels, fmt, activation_quant):
     """linear (ops.cpp) splits the output rows into one chunk per thread for a small call and two
@@ -510,11 +534,12 @@ def test_matmul_same_bits_for_any_split(kernels, fmt, activation_quant):
     several tiles at once from 16 rows: every thread count, so every split, gives the bits of one
     thread, and (integer formats) a row alone the bits it gets among others. Shapes on both sides of
     those lines for 2-4 threads."""
-    if activation_quant == "int8" and fmt in FLOAT_FORMATS:
+    if activation_quant != "int8x2" and fmt in FLOAT_FORMATS:
         pytest.skip("float weights multiply float activations")
     matmul = functools.partial(_core.matmul, activation_quant=activation_quant)
     for M, N, K in [(1, 100, 1536), (1, 4112, 1024), (5, 2064, 1024), (9, 1040, 512), (17, 1040, 512)]:
         x, _, _, args, _, _ = matmul_case(fmt, M, N, K, 64)
+        x = with_outlier_blocks(x)
         one = matmul(x, n_threads=1, **args)
         for n_threads in (2, 3, 4):
             np.testing.assert_array_equal(matmul(x, n_threads=n_threads, **args), one,
@@ -525,7 +550,7 @@ def test_matmul_same_bits_for_any_split(kernels, fmt, activation_quant):
                                               err_msg=f"{kernels} {fmt} row {i} of M={M} N={N} K={K} alone")
 
 
-@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("activation_quant", ACTIVATION_QUANTS)
 @pytest.mark.parametrize("formats", [(f, f, f) for f in ALL_FORMATS] + [("int4_sym", "int8", "f16"), ("f32", "int4_asym", "bf16")])
 def test_matmul_group_gives_each_weight_its_own_bits(kernels, formats, activation_quant):
     """The engine runs q/k/v (and gate/up) as one group in one parallel region, the group's rows split
@@ -533,10 +558,10 @@ def test_matmul_group_gives_each_weight_its_own_bits(kernels, formats, activatio
     the next. Each output must be the bits its weight gives alone, whatever the thread count: sizes
     that are not whole 16-row tiles put chunk edges at every kind of place; mixed formats (one input
     quantized for all, float weights reading the floats), 1-17 rows (17: the float panels)."""
-    if activation_quant == "int8" and all(f in FLOAT_FORMATS for f in formats):
+    if activation_quant != "int8x2" and all(f in FLOAT_FORMATS for f in formats):
         pytest.skip("float weights multiply float activations")
     for M, sizes, K in [(1, (100, 37, 37), 256), (1, (576, 192, 192), 576), (5, (1040, 17, 4112), 512), (17, (48, 16, 33), 64)]:
-        x, *_ = matmul_case(formats[0], M, 1, K, 64)
+        x = with_outlier_blocks(matmul_case(formats[0], M, 1, K, 64)[0])
         weights = [matmul_case(f, 1, N, K, 64)[3] for f, N in zip(formats, sizes)]
         alone = [_core.matmul(x, n_threads=1, activation_quant=activation_quant, **w) for w in weights]
         for n_threads in (1, 2, 3, 4):
@@ -556,7 +581,7 @@ def test_matmul_group_rejects_bad_groups():
 
 
 @pytest.mark.skipif("avxvnni" not in AVAILABLE, reason="CPU (or build) lacks avxvnni")
-@pytest.mark.parametrize("activation_quant", ["int8x2", "int8"])
+@pytest.mark.parametrize("activation_quant", ACTIVATION_QUANTS)
 @pytest.mark.parametrize("fmt", QUANT_FORMATS)
 def test_avxvnni_gives_the_avx2_bits(fmt, activation_quant):
     """The avxvnni variant is the avx2 variant with the tiled block dots on vpdpbusd: the integer
@@ -566,7 +591,7 @@ def test_avxvnni_gives_the_avx2_bits(fmt, activation_quant):
     for M, N, K, G in cases:
         x, x_grid, bias, args, _, _ = matmul_case(fmt, M, N, K, G)
         saturating = np.where(np.arange(K) % 3 == 0, -5.0, 5.0).astype(np.float32) * np.ones((M, 1), np.float32)
-        for name, acts in [("gaussian", x), ("grid", x_grid), ("saturating", saturating)]:
+        for name, acts in [("gaussian", x), ("outliers", with_outlier_blocks(x)), ("grid", x_grid), ("saturating", saturating)]:
             out = {}
             try:
                 for variant in ("avx2", "avxvnni"):

@@ -105,6 +105,12 @@ void validate_weight(const WeightView& w, const std::string& what);
 // step) a block keeps one int8 term: lo = round(x / step), step = absmax / 127, and hi is all zero,
 // so every kernel that reads both terms gives the same bits as one that skips hi (the tiled kernels
 // do: half the vpdpbusd / maddubs work).
+//
+// With terms == 2 and outlier_factor > 0 (activation_quant "int8x2_outliers") only a row's outlier
+// blocks keep two terms: a block whose absmax exceeds outlier_factor times the mean absmax of the
+// row's finite blocks; the others one term as above (hi zero). Per row and from the row's values
+// alone, so a row's codes never depend on the rows beside it. has_hi marks the blocks whose hi is
+// not all zero; the tiled kernels skip hi's products for the others (the same bits).
 constexpr int32_t kResidualRadix = 254;
 
 struct QuantizedRows {
@@ -117,7 +123,15 @@ struct QuantizedRows {
     int32_t* code_sums = nullptr;  // [rows, padded_cols / 32, 2]: sums of the block's hi and lo codes
                                    // (filled by prepare_linear_input; read by the tiled int8 kernel)
     int32_t terms = 2;             // 2: x ~ step * (254 hi + lo); 1: x ~ step * lo, hi zero
+    float outlier_factor = 0.0f;   // terms 2: > 0 keeps two terms only in outlier blocks (above)
+    uint8_t* has_hi = nullptr;     // [rows, padded_cols / 32]: 1 where the block's hi codes are not all
+                                   // zero (filled by prepare_linear_input; read by the tiled kernels)
 };
+
+// The absmax above which a block of row x f32 [cols] keeps two terms under outlier_factor:
+// outlier_factor * (sum of the finite blocks' absmax, in block order, in float) / (blocks),
+// the same float on every kernel variant. 0 when outlier_factor is 0 (every nonzero block).
+float outlier_threshold(const float* x, int64_t cols, float outlier_factor);
 
 // Heap bytes aligned to 64 (tiled weights are read with aligned vector loads).
 // Buffers of 4 MiB and more are aligned to 2 MiB and asked for transparent huge

@@ -378,10 +378,10 @@ public:
     const char* kv_cache() const override { return kv_type_name(kv_type_); }
     int64_t kv_cache_bytes() const override { return 2 * layer_bytes_ * cfg_.n_layers * n_seq_; }
     bool kv_cache_populated() const override { return populate_->done(); }
-    const char* activation_quant() const override { return activation_quant_name(activation_terms_.load()); }
+    const char* activation_quant() const override { return activation_quant_.load()->name; }
     void apply_activation_quant(const std::string& name) override {  // under ForwardLock
-        scratch_.terms = activation_terms(name);
-        activation_terms_.store(scratch_.terms);
+        scratch_.quant = &activation_quant_named(name);
+        activation_quant_.store(scratch_.quant);
     }
     int64_t n_seq() const override { return n_seq_; }
     std::vector<std::pair<std::string, double>> profile() const override { return clock_.report(); }
@@ -665,7 +665,8 @@ private:
     std::vector<int32_t> positions_;
     std::vector<float> cos_sin_, cos_sin_local_;  // [kMaxBatch, 2, rotary_dim / 2]: this batch's rope angles
     ActivationScratch scratch_;
-    std::atomic<int32_t> activation_terms_{2};  // scratch_.terms, for readers outside the forward lock
+    std::atomic<const ActivationQuant*> activation_quant_{&kActivationQuants[0]};  // scratch_.quant, for readers
+                                                                                 // outside the forward lock
     std::vector<AlignedBytes> tiled_storage_;  // rearranged weights (tile_for_active_kernels)
     StageClock clock_;
 };

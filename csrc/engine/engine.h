@@ -128,8 +128,9 @@ public:
     // (a prefix computed once and shared).
     void copy_sequence(int64_t src, int64_t dst, int64_t n_positions);
     // How activations are quantized for int4/int8 weights: "int8x2" (two int8 terms per value in blocks
-    // of 32, ~15 bits: the default) or "int8" (one term, as llama.cpp's Q8_0 activations: half the
-    // integer work of a matmul; docs/QUALITY.md gives its perplexity cost). Engines that multiply
+    // of 32, ~15 bits: the default), "int8" (one term, as llama.cpp's Q8_0 activations: half the
+    // integer work of a matmul) or "int8x2_outliers" (two terms only in a row's outlier blocks;
+    // ops.h kActivationQuants; docs/QUALITY.md gives their perplexity cost). Engines that multiply
     // with float activations (CUDA) have no choice: their getter says "float" and the setter throws
     // std::invalid_argument. It is chosen before the engine's first use (forward, forward_rows,
     // set_cache, copy_sequence): afterwards the cache holds keys and values computed with the one in

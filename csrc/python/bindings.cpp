@@ -106,7 +106,7 @@ PYBIND11_MODULE(_core, m) {
             // x: f32 [M, cols] -> f32 [M, rows]
             WeightView w = weight_view(format, data, cols, group_size, scales, mins, bias);
             ActivationScratch scratch;
-            scratch.terms = activation_terms(activation_quant);
+            scratch.quant = &activation_quant_named(activation_quant);
             std::vector<AlignedBytes> tiled_storage;
             KernelPool& kp = kernel_pool(resolve_threads(n_threads));
             if (x.ndim() != 2 || x.shape(1) != cols)
@@ -126,7 +126,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("scales") = py::none(), py::arg("mins") = py::none(), py::arg("bias") = py::none(),
         py::arg("n_threads") = 1, py::arg("tiled") = true, py::arg("activation_quant") = "int8x2",
         "y = x @ W^T (+ bias) for W in any pyllm weight format (tiled: rearranged first, as engines do, when "
-        "the active kernels have a tiled layout; activation_quant: 'int8x2' or 'int8', the engines' option).");
+        "the active kernels have a tiled layout; activation_quant: 'int8x2', 'int8' or 'int8x2_outliers', the engines' "
+        "option).");
 
     m.def(
         "matmul_group",
@@ -152,7 +153,7 @@ PYBIND11_MODULE(_core, m) {
             const int64_t M = x.shape(0);
             if (M <= 0) bad("x has no rows");
             ActivationScratch scratch;
-            scratch.terms = activation_terms(activation_quant);
+            scratch.quant = &activation_quant_named(activation_quant);
             std::vector<AlignedBytes> tiled_storage;
             KernelPool& kp = kernel_pool(resolve_threads(n_threads));
             std::vector<py::array_t<float>> ys;
@@ -186,8 +187,9 @@ PYBIND11_MODULE(_core, m) {
             const int64_t M = x.shape(0), cols = x.shape(1), padded = round_up(cols, kBlock);
             py::array_t<int8_t> hi({M, padded}), lo({M, padded});
             py::array_t<float> step({M, padded / kBlock}), sum({M, padded / kBlock});
+            const ActivationQuant& quant = activation_quant_named(activation_quant);
             const QuantizedRows out{M, padded, hi.mutable_data(), lo.mutable_data(), step.mutable_data(),
-                                    sum.mutable_data(), nullptr, activation_terms(activation_quant)};
+                                    sum.mutable_data(), nullptr, quant.terms, quant.outlier_factor};
             const float* xp = x.data();
             {
                 py::gil_scoped_release release;
@@ -197,7 +199,7 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("x"), py::arg("activation_quant") = "int8x2",
         "Activations as the quantized-weight kernels read them: (hi, lo, step, sum), x ~ step * (254 hi + lo) "
-        "('int8x2'), or x ~ step * lo with hi zero ('int8').");
+        "('int8x2'), or x ~ step * lo with hi zero ('int8'), or two terms only in outlier blocks ('int8x2_outliers').");
 
     m.def(
         "embedding",

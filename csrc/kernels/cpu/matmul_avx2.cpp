@@ -401,40 +401,58 @@ void quant_weights_avx2(const WeightView& w, const QuantizedRows& x, int64_t n_b
 }
 
 // the steps of quantize_rows_portable, 8 values at a time (the float -> double -> float products and
-// round-half-even keep the codes bit for bit); OneTerm: QuantizedRows::terms == 1 (hi zero)
-template <bool OneTerm>
-static void quantize_rows_terms(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
+// round-half-even keep the codes bit for bit)
+void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
     const int64_t n_blocks = out.padded_cols / kBlock;
     const __m256 radix = _mm256_set1_ps((float)kResidualRadix), limit = _mm256_set1_ps(127.0f);
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // Loads block b of row xr into v; its absmax, or NaN where it holds NaN or infinity (|v| > FLT_MAX,
+    // unordered for NaN: as quantize_rows_portable).
+    const auto load_block = [&](const float* xr, int64_t b, __m256* v) {
+        const int64_t start = b * kBlock;
+        __m256 amax = _mm256_setzero_ps();
+        int non_finite = 0;
+        for (int j = 0; j < 4; ++j) {
+            const int64_t left = cols - start - 8 * j;
+            const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::clamp<int64_t>(left, 0, 8)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            v[j] = _mm256_maskload_ps(xr + start + 8 * j, mask);
+            const __m256 magnitude = _mm256_and_ps(v[j], abs_mask);
+            amax = _mm256_max_ps(amax, magnitude);
+            non_finite |= _mm256_movemask_ps(_mm256_cmp_ps(magnitude, largest, _CMP_NLE_UQ));
+        }
+        if (non_finite) return std::numeric_limits<float>::quiet_NaN();
+        __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+        return _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
+    };
+    const bool outliers = out.terms == 2 && out.outlier_factor > 0.0f;
     for (int64_t m = row_begin; m < row_end; ++m) {
         const float* xr = x + m * cols;
+        float threshold = 0.0f;  // outlier_threshold's float: the same sum of the same exact maxima
+        if (outliers) {
+            float total = 0.0f;
+            __m256 v[4];
+            for (int64_t b = 0; b < n_blocks; ++b) {
+                const float block_max = load_block(xr, b, v);
+                if (block_max == block_max) total += block_max;  // finite blocks only
+            }
+            threshold = out.outlier_factor * (total / (float)n_blocks);
+        }
         for (int64_t b = 0; b < n_blocks; ++b) {
             const int64_t start = b * kBlock;
             __m256 v[4];
-            __m256 amax = _mm256_setzero_ps();
-            for (int j = 0; j < 4; ++j) {
-                const int64_t left = cols - start - 8 * j;
-                const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::clamp<int64_t>(left, 0, 8)),
-                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-                v[j] = _mm256_maskload_ps(xr + start + 8 * j, mask);
-                amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
-            }
-            int non_finite = 0;  // NaN or infinity (|v| > FLT_MAX, unordered for NaN): as quantize_rows_portable
-            for (int j = 0; j < 4; ++j)
-                non_finite |= _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(v[j], abs_mask), largest, _CMP_NLE_UQ));
-            if (non_finite) {
+            const float block_max = load_block(xr, b, v);
+            if (block_max != block_max) {  // codes 0, step and sum NaN
                 std::memset(out.hi + m * out.padded_cols + start, 0, kBlock);
                 std::memset(out.lo + m * out.padded_cols + start, 0, kBlock);
                 out.step[m * n_blocks + b] = out.sum[m * n_blocks + b] = std::numeric_limits<float>::quiet_NaN();
                 continue;
             }
-            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
-            const float block_max = _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
-            const double units_per_max = OneTerm ? 127.0 : 127.0 * kResidualRadix;
+            const bool one_term = out.terms == 1 || !(block_max > threshold);  // hi zero
+            const double units_per_max = one_term ? 127.0 : 127.0 * kResidualRadix;
             const __m256d inverse = _mm256_set1_pd(block_max > 0.0f ? units_per_max / (double)block_max : 0.0);
             __m256i hi[4], lo[4];
             __m256 total = _mm256_setzero_ps();
@@ -443,7 +461,7 @@ static void quantize_rows_terms(const float* x, int64_t cols, int64_t row_begin,
                 const __m128 upper = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v[j], 1)), inverse));
                 const __m256 units = _mm256_insertf128_ps(_mm256_castps128_ps256(lower), upper, 1);
                 const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-                __m256 h = OneTerm ? _mm256_setzero_ps() : _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
+                __m256 h = one_term ? _mm256_setzero_ps() : _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
                 h = _mm256_max_ps(_mm256_min_ps(h, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
                 __m256 l = _mm256_round_ps(_mm256_sub_ps(units, _mm256_mul_ps(h, radix)), nearest);
                 l = _mm256_max_ps(_mm256_min_ps(l, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
@@ -457,16 +475,11 @@ static void quantize_rows_terms(const float* x, int64_t cols, int64_t row_begin,
             };
             _mm256_storeu_si256((__m256i*)(out.hi + m * out.padded_cols + start), pack(hi));
             _mm256_storeu_si256((__m256i*)(out.lo + m * out.padded_cols + start), pack(lo));
-            const float step = OneTerm ? block_max / 127.0f : block_max / (127.0f * (float)kResidualRadix);
+            const float step = one_term ? block_max / 127.0f : block_max / (127.0f * (float)kResidualRadix);
             out.step[m * n_blocks + b] = step;
             out.sum[m * n_blocks + b] = step * hsum(total);
         }
     }
-}
-
-void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
-    if (out.terms == 1) quantize_rows_terms<true>(x, cols, row_begin, row_end, out);
-    else quantize_rows_terms<false>(x, cols, row_begin, row_end, out);
 }
 
 const CpuKernels kAvx2Kernels = {"avx2", float_weights_avx2, quant_weights_avx2, quantize_rows_avx2, true, attend_avx2,

@@ -204,28 +204,35 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                 // int4 from cache, one Zen 5 core: 8 rows 102-107 -> 95-99 us, 4 rows 52-54 -> 48-49;
                 // one row 3% slower with one chain). Integer sums: the same bits either way.
                 constexpr int kChains = MR == 1 ? 2 : 1;
-                __m512i dot_hi[kChains], dot_lo[kChains];
-                for (int c = 0; c < kChains; ++c) dot_hi[c] = dot_lo[c] = _mm512_setzero_si512();
-                if constexpr (F == WeightFormat::Q8) {
-                    const int32_t* sums = prep.code_sums + ((m0 + m) * n_blocks + b) * 2;
-                    dot_hi[0] = _mm512_set1_epi32(-128 * sums[0]);  // the offset of w ^ 0x80
-                    dot_lo[0] = _mm512_set1_epi32(-128 * sums[1]);
-                }
-                for (int q = 0; q < 8; ++q) {
-                    int32_t h, l;
-                    std::memcpy(&l, lo + 4 * q, 4);
-                    if constexpr (T == 2) {
-                        std::memcpy(&h, hi + 4 * q, 4);
-                        dot_hi[q % kChains] = _mm512_dpbusd_epi32(dot_hi[q % kChains], quads[q], _mm512_set1_epi32(h));
+                // with_hi false: this row's hi codes of the block are all zero, and its products are
+                // skipped (0 * 254 + lo's dot: the same bits)
+                const auto row_block = [&](auto with_hi) {
+                    __m512i dot_hi[kChains], dot_lo[kChains];
+                    for (int c = 0; c < kChains; ++c) dot_hi[c] = dot_lo[c] = _mm512_setzero_si512();
+                    if constexpr (F == WeightFormat::Q8) {
+                        const int32_t* sums = prep.code_sums + ((m0 + m) * n_blocks + b) * 2;
+                        dot_hi[0] = _mm512_set1_epi32(-128 * sums[0]);  // the offset of w ^ 0x80
+                        dot_lo[0] = _mm512_set1_epi32(-128 * sums[1]);
                     }
-                    dot_lo[q % kChains] = _mm512_dpbusd_epi32(dot_lo[q % kChains], quads[q], _mm512_set1_epi32(l));
-                }
-                if constexpr (kChains == 2) {
-                    dot_hi[0] = _mm512_add_epi32(dot_hi[0], dot_hi[1]);
-                    dot_lo[0] = _mm512_add_epi32(dot_lo[0], dot_lo[1]);
-                }
-                const __m512 both = T == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[0]), radix, _mm512_cvtepi32_ps(dot_lo[0]))
-                                           : _mm512_cvtepi32_ps(dot_lo[0]);
+                    for (int q = 0; q < 8; ++q) {
+                        int32_t h, l;
+                        std::memcpy(&l, lo + 4 * q, 4);
+                        if constexpr (with_hi.value) {
+                            std::memcpy(&h, hi + 4 * q, 4);
+                            dot_hi[q % kChains] = _mm512_dpbusd_epi32(dot_hi[q % kChains], quads[q], _mm512_set1_epi32(h));
+                        }
+                        dot_lo[q % kChains] = _mm512_dpbusd_epi32(dot_lo[q % kChains], quads[q], _mm512_set1_epi32(l));
+                    }
+                    if constexpr (kChains == 2) {
+                        dot_hi[0] = _mm512_add_epi32(dot_hi[0], dot_hi[1]);
+                        dot_lo[0] = _mm512_add_epi32(dot_lo[0], dot_lo[1]);
+                    }
+                    if constexpr (with_hi.value)
+                        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[0]), radix, _mm512_cvtepi32_ps(dot_lo[0]));
+                    return _mm512_cvtepi32_ps(dot_lo[0]);
+                };
+                const __m512 both = T == 2 && rows_have_hi(x, m0 + m, 1, b) ? row_block(std::true_type{})
+                                                                             : row_block(std::false_type{});
                 const __m512 factor = _mm512_mul_ps(scale, _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]));
                 acc[m] = _mm512_fmadd_ps(both, factor, acc[m]);
             }
@@ -289,41 +296,48 @@ void tiled_tiles(const WeightView& w, const TiledLayout& t, const QuantizedRows&
                 for (int n = 0; n < NT; ++n) prefetch_weights_ahead(wt + n * tile_bytes + b * t.block_bytes, t.block_bytes);
             const int8_t* hi = x.hi + m0 * x.padded_cols + b * kBlock;
             const int8_t* lo = x.lo + m0 * x.padded_cols + b * kBlock;
-            for (int q = 0; q < 8; ++q) {
-                __m512i quad[NT];
-                for (int n = 0; n < NT; ++n) {
-                    const uint8_t* wb = wt + n * tile_bytes + b * t.block_bytes;
-                    if constexpr (F == WeightFormat::Q8) {
-                        quad[n] = _mm512_load_si512(wb + 64 * q);
-                    } else {  // vector q / 2: quad q in the low nibbles when q is even, else the high ones
-                        const __m512i packed = _mm512_load_si512(wb + 64 * (q / 2));
-                        quad[n] = _mm512_and_si512(q % 2 ? _mm512_srli_epi16(packed, 4) : packed, _mm512_set1_epi8(0x0f));
+            // with_hi false: the MR rows' hi codes of the block are all zero, and their products are
+            // skipped (0 * 254 + lo's dot: the same bits)
+            const auto block_dots = [&](auto with_hi) {
+                for (int q = 0; q < 8; ++q) {
+                    __m512i quad[NT];
+                    for (int n = 0; n < NT; ++n) {
+                        const uint8_t* wb = wt + n * tile_bytes + b * t.block_bytes;
+                        if constexpr (F == WeightFormat::Q8) {
+                            quad[n] = _mm512_load_si512(wb + 64 * q);
+                        } else {  // vector q / 2: quad q in the low nibbles when q is even, else the high ones
+                            const __m512i packed = _mm512_load_si512(wb + 64 * (q / 2));
+                            quad[n] = _mm512_and_si512(q % 2 ? _mm512_srli_epi16(packed, 4) : packed, _mm512_set1_epi8(0x0f));
+                        }
+                    }
+                    for (int m = 0; m < MR; ++m) {
+                        int32_t h, l;
+                        std::memcpy(&l, lo + m * x.padded_cols + 4 * q, 4);
+                        const __m512i lv = _mm512_set1_epi32(l);
+                        if constexpr (with_hi.value) {  // each tile's hi and lo products side by side
+                            std::memcpy(&h, hi + m * x.padded_cols + 4 * q, 4);
+                            const __m512i hv = _mm512_set1_epi32(h);
+                            for (int n = 0; n < NT; ++n) {
+                                dot_hi[n][m] = _mm512_dpbusd_epi32(dot_hi[n][m], quad[n], hv);
+                                dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
+                            }
+                        } else {
+                            for (int n = 0; n < NT; ++n) dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
+                        }
                     }
                 }
                 for (int m = 0; m < MR; ++m) {
-                    int32_t h, l;
-                    std::memcpy(&l, lo + m * x.padded_cols + 4 * q, 4);
-                    const __m512i lv = _mm512_set1_epi32(l);
-                    if constexpr (T == 2) {  // each tile's hi and lo products side by side, as before T
-                        std::memcpy(&h, hi + m * x.padded_cols + 4 * q, 4);
-                        const __m512i hv = _mm512_set1_epi32(h);
-                        for (int n = 0; n < NT; ++n) {
-                            dot_hi[n][m] = _mm512_dpbusd_epi32(dot_hi[n][m], quad[n], hv);
-                            dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
-                        }
-                    } else {
-                        for (int n = 0; n < NT; ++n) dot_lo[n][m] = _mm512_dpbusd_epi32(dot_lo[n][m], quad[n], lv);
+                    const __m512 step = _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]);
+                    for (int n = 0; n < NT; ++n) {
+                        const __m512 both = with_hi.value ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[n][m]), radix,
+                                                                            _mm512_cvtepi32_ps(dot_lo[n][m]))
+                                                          : _mm512_cvtepi32_ps(dot_lo[n][m]);
+                        acc[n][m] = _mm512_fmadd_ps(both, _mm512_mul_ps(scale[n], step), acc[n][m]);
                     }
                 }
-            }
-            for (int m = 0; m < MR; ++m) {
-                const __m512 step = _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]);
-                for (int n = 0; n < NT; ++n) {
-                    const __m512 both = T == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[n][m]), radix, _mm512_cvtepi32_ps(dot_lo[n][m]))
-                                               : _mm512_cvtepi32_ps(dot_lo[n][m]);
-                    acc[n][m] = _mm512_fmadd_ps(both, _mm512_mul_ps(scale[n], step), acc[n][m]);
-                }
-            }
+            };
+            if (T == 2 && rows_have_hi(x, m0, MR, b)) block_dots(std::true_type{});
+            else block_dots(std::false_type{});
         }
     }
     for (int n = 0; n < NT; ++n) {

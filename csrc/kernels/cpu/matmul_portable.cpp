@@ -87,20 +87,40 @@ void quant_weights(const WeightView& w, const QuantizedRows& x, int64_t n_begin,
 const CpuKernels kPortableKernels = {"portable", float_weights, quant_weights, quantize_rows_portable, false, attend_portable,
                                     swiglu_portable, round_to_f16_portable};
 
+// The largest |x| of x f32 [len], and whether all of x is finite (the absmax is then exact).
+static float block_absmax(const float* x, int64_t len, bool& finite) {
+    float amax = 0.0f;
+    finite = true;
+    for (int64_t i = 0; i < len; ++i) {
+        amax = std::max(amax, std::fabs(x[i]));
+        finite = finite && std::isfinite(x[i]);
+    }
+    return amax;
+}
+
+float outlier_threshold(const float* x, int64_t cols, float outlier_factor) {
+    if (outlier_factor <= 0.0f) return 0.0f;
+    const int64_t n_blocks = (cols + kBlock - 1) / kBlock;
+    float total = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        bool finite;
+        const float amax = block_absmax(x + b * kBlock, std::min<int64_t>(kBlock, cols - b * kBlock), finite);
+        if (finite) total += amax;
+    }
+    return outlier_factor * (total / (float)n_blocks);
+}
+
 void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int64_t row_end, const QuantizedRows& out) {
     const int64_t n_blocks = out.padded_cols / kBlock;
     for (int64_t m = row_begin; m < row_end; ++m) {
         const float* xr = x + m * cols;
         int8_t* hi = out.hi + m * out.padded_cols;
         int8_t* lo = out.lo + m * out.padded_cols;
+        const float threshold = out.terms == 2 ? outlier_threshold(xr, cols, out.outlier_factor) : 0.0f;
         for (int64_t b = 0; b < n_blocks; ++b) {
             const int64_t start = b * kBlock, len = std::min<int64_t>(kBlock, cols - start);
-            float amax = 0.0f;
-            bool finite = true;
-            for (int64_t i = 0; i < len; ++i) {
-                amax = std::max(amax, std::fabs(xr[start + i]));
-                finite = finite && std::isfinite(xr[start + i]);
-            }
+            bool finite;
+            const float amax = block_absmax(xr + start, len, finite);
             if (!finite) {  // NaN or infinity: codes 0 and a NaN step, so every output of the row is NaN
                 std::fill(hi + start, hi + start + kBlock, (int8_t)0);
                 std::fill(lo + start, lo + start + kBlock, (int8_t)0);
@@ -108,9 +128,9 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
                 continue;
             }
             // x = step * (254 * hi + lo): hi = round(x / (254 step)) in [-127, 127] and the
-            // remainder, at most 127 steps in magnitude, as lo; one term (terms 1): x = step * lo,
-            // step = absmax / 127, hi zero
-            const bool one_term = out.terms == 1;
+            // remainder, at most 127 steps in magnitude, as lo; one term (terms 1, or a block at or
+            // below the outlier threshold): x = step * lo, step = absmax / 127, hi zero
+            const bool one_term = out.terms == 1 || !(amax > threshold);
             const int32_t radix = one_term ? 1 : kResidualRadix;  // steps in absmax / 127
             const float step = amax / (127.0f * (float)radix);
             // 1 / step in double: in float it overflows for blocks below ~1e-34

@@ -14,14 +14,19 @@ namespace pyllm {
 QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     const size_t n_blocks = (size_t)(rows * (padded_cols / kBlock));
     if (hi.size() < (size_t)(rows * padded_cols)) hi.resize((size_t)(rows * padded_cols)), lo.resize(hi.size());
-    if (step.size() < n_blocks) step.resize(n_blocks), sum.resize(n_blocks), code_sums.resize(2 * n_blocks);
-    return QuantizedRows{rows, padded_cols, hi.data(), lo.data(), step.data(), sum.data(), code_sums.data(), terms};
+    if (step.size() < n_blocks)
+        step.resize(n_blocks), sum.resize(n_blocks), code_sums.resize(2 * n_blocks), has_hi.resize(n_blocks);
+    return QuantizedRows{rows,           padded_cols,   hi.data(),   lo.data(),          step.data(), sum.data(),
+                         code_sums.data(), quant->terms, quant->outlier_factor, has_hi.data()};
 }
 
-int32_t activation_terms(const std::string& activation_quant) {
-    if (activation_quant == "int8x2") return 2;
-    if (activation_quant == "int8") return 1;
-    throw std::invalid_argument("activation_quant must be 'int8x2' or 'int8', not '" + activation_quant + "'");
+const ActivationQuant& activation_quant_named(const std::string& name) {
+    std::string names;
+    for (const ActivationQuant& q : kActivationQuants) {
+        if (name == q.name) return q;
+        names += std::string(names.empty() ? "'" : ", '") + q.name + "'";
+    }
+    throw std::invalid_argument("activation_quant must be one of " + names + ", not '" + name + "'");
 }
 
 void tile_for_active_kernels(ThreadPool& pool, WeightView& w, std::vector<AlignedBytes>& storage) {
@@ -51,9 +56,14 @@ LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, in
         kernels.quantize_rows(x, cols, i * row_chunk, row_end, q);
         for (int64_t b = i * row_chunk * n_blocks; b < row_end * n_blocks; ++b) {
             int32_t sum_hi = 0, sum_lo = 0;
-            for (int64_t k = 0; k < kBlock; ++k) sum_hi += q.hi[b * kBlock + k], sum_lo += q.lo[b * kBlock + k];
+            uint8_t any_hi = 0;
+            for (int64_t k = 0; k < kBlock; ++k) {
+                sum_hi += q.hi[b * kBlock + k], sum_lo += q.lo[b * kBlock + k];
+                any_hi |= (uint8_t)q.hi[b * kBlock + k];
+            }
             q.code_sums[2 * b] = sum_hi;
             q.code_sums[2 * b + 1] = sum_lo;
+            q.has_hi[b] = any_hi != 0;
         }
     });
     return in;

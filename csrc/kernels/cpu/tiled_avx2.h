@@ -99,7 +99,8 @@ __attribute__((noinline)) void tiled_tile(const WeightView& w, const TiledLayout
             const int64_t first = m0 * x.padded_cols + b * kBlock;
             const BlockCodes codes{x.hi + first, x.lo - x.hi, x.padded_cols, x.code_sums + (m0 * n_blocks + b) * 2,
                                    n_blocks * 2, wide ? wide + first : nullptr};
-            Dots::template block<F, MR, T>(wb, codes, dot);
+            if (T == 2 && rows_have_hi(x, m0, MR, b)) Dots::template block<F, MR, T>(wb, codes, dot);
+            else Dots::template block<F, MR, 1>(wb, codes, dot);  // hi all zero here: the same bits
             for (int m = 0; m < MR; ++m) {
                 const __m256 step = _mm256_set1_ps(x.step[(m0 + m) * n_blocks + b]);
                 for (int h = 0; h < 2; ++h)
