@@ -54,21 +54,23 @@ def test_batched_greedy_equals_each_alone(model_file):
         assert llm.generate(PROMPTS[2], max_new_tokens=24, temperature=0) == expected[2]
 
 
-def test_one_term_activations_batch_as_each_alone(model_file):
-    """activation_quant="int8" (one int8 term per activation value, the tiled kernels' fast path):
+@pytest.mark.parametrize("activation_quant", ["int8", "int8x2_outliers"])
+def test_one_term_activations_batch_as_each_alone(model_file, activation_quant):
+    """activation_quant="int8" (one int8 term per activation value, the tiled kernels' fast path) and
+    "int8x2_outliers" (two terms only in a row's outlier blocks, decided from the row alone):
     batched greedy tokens are each prompt's alone, and a batch's logits each sequence's alone. It
     leaves float weights alone (the same bits) and moves int8 weights' logits by about an int8
     step's rounding, no more."""
     tokens = np.random.default_rng(3).integers(3, 400, 40).astype(np.int32)
-    with pyllm.LLM(model_file, n_threads=2, activation_quant="int8") as alone:
-        assert alone.engine.activation_quant == "int8"
+    with pyllm.LLM(model_file, n_threads=2, activation_quant=activation_quant) as alone:
+        assert alone.engine.activation_quant == activation_quant
         expected = [alone.generate(p, max_new_tokens=24, temperature=0) for p in PROMPTS]
         one_term = alone.logits(tokens)
-    with pyllm.LLM(model_file, n_threads=2, n_parallel=8, activation_quant="int8") as llm:
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=8, activation_quant=activation_quant) as llm:
         assert llm.generate(PROMPTS, max_new_tokens=24, temperature=0) == expected
         many = llm.logits_many([tokens[:7], tokens, tokens[:30]])
     for a, n in zip(many, (7, 40, 30)):
-        with pyllm.LLM(model_file, n_threads=2, activation_quant="int8") as alone:
+        with pyllm.LLM(model_file, n_threads=2, activation_quant=activation_quant) as alone:
             b = alone.logits(tokens[:n])
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     with pyllm.LLM(model_file, n_threads=2) as two:
