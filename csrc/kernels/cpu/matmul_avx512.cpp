@@ -196,17 +196,18 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                     quads[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
                 }
             }
-            for (int m = 0; m < MR; ++m) {
-                const int8_t* hi = x.hi + (m0 + m) * x.padded_cols + b * kBlock;
-                const int8_t* lo = x.lo + (m0 + m) * x.padded_cols + b * kBlock;
-                // one row: two chains per term, so the adds overlap; several rows: their chains
-                // overlap already, and one chain per term saves the adds that join two (3072 x 576
-                // int4 from cache, one Zen 5 core: 8 rows 102-107 -> 95-99 us, 4 rows 52-54 -> 48-49;
-                // one row 3% slower with one chain). Integer sums: the same bits either way.
-                constexpr int kChains = MR == 1 ? 2 : 1;
-                // with_hi false: this row's hi codes of the block are all zero, and its products are
-                // skipped (0 * 254 + lo's dot: the same bits)
-                const auto row_block = [&](auto with_hi) {
+            // with_hi false: the MR rows' hi codes of the block are all zero, and their products are
+            // skipped (0 * 254 + lo's dot: the same bits). One branch per block and tile: deciding per
+            // row cost the one-term rows ~20% (SmolLM2, 8 sequences a step, Zen 4)
+            const auto block_rows = [&](auto with_hi) {
+                for (int m = 0; m < MR; ++m) {
+                    const int8_t* hi = x.hi + (m0 + m) * x.padded_cols + b * kBlock;
+                    const int8_t* lo = x.lo + (m0 + m) * x.padded_cols + b * kBlock;
+                    // one row: two chains per term, so the adds overlap; several rows: their chains
+                    // overlap already, and one chain per term saves the adds that join two (3072 x 576
+                    // int4 from cache, one Zen 5 core: 8 rows 102-107 -> 95-99 us, 4 rows 52-54 -> 48-49;
+                    // one row 3% slower with one chain). Integer sums: the same bits either way.
+                    constexpr int kChains = MR == 1 ? 2 : 1;
                     __m512i dot_hi[kChains], dot_lo[kChains];
                     for (int c = 0; c < kChains; ++c) dot_hi[c] = dot_lo[c] = _mm512_setzero_si512();
                     if constexpr (F == WeightFormat::Q8) {
@@ -227,15 +228,15 @@ void tiled_tile(const WeightView& w, const TiledLayout& t, const QuantizedRows& 
                         dot_hi[0] = _mm512_add_epi32(dot_hi[0], dot_hi[1]);
                         dot_lo[0] = _mm512_add_epi32(dot_lo[0], dot_lo[1]);
                     }
-                    if constexpr (with_hi.value)
-                        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[0]), radix, _mm512_cvtepi32_ps(dot_lo[0]));
-                    return _mm512_cvtepi32_ps(dot_lo[0]);
-                };
-                const __m512 both = T == 2 && rows_have_hi(x, m0 + m, 1, b) ? row_block(std::true_type{})
-                                                                             : row_block(std::false_type{});
-                const __m512 factor = _mm512_mul_ps(scale, _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]));
-                acc[m] = _mm512_fmadd_ps(both, factor, acc[m]);
-            }
+                    const __m512 both = with_hi.value ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi[0]), radix,
+                                                                        _mm512_cvtepi32_ps(dot_lo[0]))
+                                                      : _mm512_cvtepi32_ps(dot_lo[0]);
+                    const __m512 factor = _mm512_mul_ps(scale, _mm512_set1_ps(x.step[(m0 + m) * n_blocks + b]));
+                    acc[m] = _mm512_fmadd_ps(both, factor, acc[m]);
+                }
+            };
+            if (T == 2 && rows_have_hi(x, m0, MR, b)) block_rows(std::true_type{});
+            else block_rows(std::false_type{});
         }
     }
     const int64_t row0 = tile * kTileRows;
