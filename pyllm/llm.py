@@ -424,9 +424,10 @@ class LLM:
     NMSE from int8x2's and perplexity +0.1-0.5%. Near ties then go the other way: the default
     model answers the README's question as llama.cpp does, wrongly (docs/QUALITY.md,
     docs/BENCHMARKS.md). "int8x2_outliers" keeps two terms only in a row's outlier blocks (absmax
-    above 3x the row's mean block absmax; ~4% of blocks on SmolLM2): most of int8's speed with 8
-    sequences a step at about half its perplexity cost (docs/QUALITY.md), and the same near ties
-    flip. f16/f32/bf16 weights multiply float activations either way; the CUDA
+    above 3x the row's mean block absmax, or one value dwarfing the block's others): SmolLM2's
+    perplexity within +0.12% of int8x2's on every text, the README's answer kept, 8 sequences a
+    step 1.1-1.2x faster (int8: 1.3-1.5x) (docs/QUALITY.md). f16/f32/bf16 weights multiply float
+    activations either way; the CUDA
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens (default: the model's, at most

@@ -146,15 +146,16 @@ def partial_magnitudes_ref(fmt: str, data, cols: int, group_size: int = 0, scale
 # --- matmul ------------------------------------------------------------------
 
 
-# activation_quant -> (int8 terms, outlier factor): ops.h kActivationQuants
-ACTIVATION_QUANTS = {"int8x2": (2, 0.0), "int8": (1, 0.0), "int8x2_outliers": (2, 3.0)}
+# activation_quant -> (int8 terms, outlier factor, min code sum): ops.h kActivationQuants
+ACTIVATION_QUANTS = {"int8x2": (2, 0.0, 0), "int8": (1, 0.0, 0), "int8x2_outliers": (2, 3.0, 512)}
 
 
 def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     """Int8 activation codes per block of 32 (QuantizedRows): "int8x2" two terms, x ~ step * (254 hi + lo);
     "int8" one term, x ~ step * lo with hi zero; "int8x2_outliers" two terms in a row's blocks whose
-    absmax exceeds 1.5 x T, one term in the others, with T the row's finite blocks' absmax summed in
-    block order in float32 and divided by the number of blocks (weights.h outlier_threshold).
+    absmax exceeds 3 x T, with T the row's finite blocks' absmax summed in block order in float32 and
+    divided by the number of blocks (weights.h outlier_threshold), and in the nonzero blocks whose
+    one-term codes sum below 512 in magnitude; one term in the others.
 
     x f32 [M, K] -> hi, lo int8 [M, P], step, sum f32 [M, P / 32] with P = K rounded up to 32.
     A block holding NaN or infinity gets codes 0 and a NaN step and sum. Otherwise the C++ steps
@@ -162,7 +163,7 @@ def quantize_activations_ref(x, activation_quant: str = "int8x2"):
     absmax)), hi = clamp(rint(units / 254)) (two terms) else 0, lo = clamp(rint(units - 254 hi)), both to
     [-127, 127]; step = absmax / (127 R); sum = step * sum(254 hi + lo).
     """
-    terms, factor = ACTIVATION_QUANTS[activation_quant]
+    terms, factor, min_code_sum = ACTIVATION_QUANTS[activation_quant]
     x = np.asarray(x, dtype=np.float32)
     M, K = x.shape
     P = -(-K // 32) * 32
@@ -179,10 +180,18 @@ def quantize_activations_ref(x, activation_quant: str = "int8x2"):
         total = np.cumsum(np.where(bad, np.float32(0), amax), axis=1, dtype=np.float32)[:, -1]  # in block order
         threshold = np.float32(factor) * (total / np.float32(P // 32))
         two_terms = amax > threshold[:, None]
+
+    def units_for(two):  # x / step, f32 [M, P / 32, 32]
+        radix = np.where(two, 254.0, 1.0)[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inverse = np.where(amax[:, :, None] > 0, (127.0 * radix) / amax[:, :, None].astype(np.float64), 0.0)
+            return (blocks.astype(np.float64) * inverse).astype(np.float32)
+
+    if min_code_sum:  # blocks one value dwarfs: their one-term codes sum below min_code_sum
+        one_term_codes = np.clip(np.rint(units_for(np.zeros(amax.shape, bool))), -127, 127)
+        two_terms |= (np.abs(one_term_codes).sum(axis=2) < min_code_sum) & (amax > 0) & ~bad
+    units = units_for(two_terms)
     radix = np.where(two_terms, 254.0, 1.0)[:, :, None]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inverse = np.where(amax[:, :, None] > 0, (127.0 * radix) / amax[:, :, None].astype(np.float64), 0.0)
-        units = (blocks.astype(np.float64) * inverse).astype(np.float32)
     hi = np.where(two_terms[:, :, None], np.clip(np.rint(units / np.float32(254)), -127, 127), 0).astype(np.float32)
     lo = np.clip(np.rint(units - hi * np.float32(254)), -127, 127).astype(np.float32)
     step = (amax / (np.float32(127) * radix[:, :, 0].astype(np.float32))).astype(np.float32)

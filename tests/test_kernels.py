@@ -453,6 +453,7 @@ def test_quantize_activations_bit_exact(kernels, M, K, activation_quant):
         x[15, 3], x[16, 40], x[14, K - 1] = np.nan, np.inf, -np.inf
     if K > 64:  # an outlier block (two terms under int8x2_outliers) beside ordinary ones
         x[M - 1, 64:96] *= 8.0
+    x[M - 1, min(K, 32) - 1] = 50.0  # a block one value dwarfs (two terms under int8x2_outliers too)
     got = _core.quantize_activations(x, activation_quant)
     expected = ref.quantize_activations_ref(x, activation_quant)
     for name, g, e in zip(("hi", "lo", "step", "sum"), got, expected):

@@ -108,9 +108,11 @@ void validate_weight(const WeightView& w, const std::string& what);
 //
 // With terms == 2 and outlier_factor > 0 (activation_quant "int8x2_outliers") only a row's outlier
 // blocks keep two terms: a block whose absmax exceeds outlier_factor times the mean absmax of the
-// row's finite blocks; the others one term as above (hi zero). Per row and from the row's values
-// alone, so a row's codes never depend on the rows beside it. has_hi marks the blocks whose hi is
-// not all zero; the tiled kernels skip hi's products for the others (the same bits).
+// row's finite blocks (a loud block), or whose one-term codes sum below min_code_sum in magnitude (a
+// block one value dwarfs, whose other values one term rounds away); the others one term as above
+// (hi zero). Per row and from the row's values alone, so a row's codes never depend on the rows
+// beside it. has_hi marks the blocks whose hi is not all zero; the tiled kernels skip hi's products
+// for the others (the same bits).
 constexpr int32_t kResidualRadix = 254;
 
 struct QuantizedRows {
@@ -124,6 +126,7 @@ struct QuantizedRows {
                                    // (filled by prepare_linear_input; read by the tiled int8 kernel)
     int32_t terms = 2;             // 2: x ~ step * (254 hi + lo); 1: x ~ step * lo, hi zero
     float outlier_factor = 0.0f;   // terms 2: > 0 keeps two terms only in outlier blocks (above)
+    int32_t min_code_sum = 0;      // with outlier_factor > 0: and in blocks whose one-term codes sum below it
     uint8_t* has_hi = nullptr;     // [rows, padded_cols / 32]: 1 where the block's hi codes are not all
                                    // zero (filled by prepare_linear_input; read by the tiled kernels)
 };

@@ -189,7 +189,7 @@ PYBIND11_MODULE(_core, m) {
             py::array_t<float> step({M, padded / kBlock}), sum({M, padded / kBlock});
             const ActivationQuant& quant = activation_quant_named(activation_quant);
             const QuantizedRows out{M, padded, hi.mutable_data(), lo.mutable_data(), step.mutable_data(),
-                                    sum.mutable_data(), nullptr, quant.terms, quant.outlier_factor};
+                                    sum.mutable_data(), nullptr, quant.terms, quant.outlier_factor, quant.min_code_sum};
             const float* xp = x.data();
             {
                 py::gil_scoped_release release;

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../../core/numeric.h"
@@ -451,23 +453,35 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
                 out.step[m * n_blocks + b] = out.sum[m * n_blocks + b] = std::numeric_limits<float>::quiet_NaN();
                 continue;
             }
-            const bool one_term = out.terms == 1 || !(block_max > threshold);  // hi zero
-            const double units_per_max = one_term ? 127.0 : 127.0 * kResidualRadix;
-            const __m256d inverse = _mm256_set1_pd(block_max > 0.0f ? units_per_max / (double)block_max : 0.0);
+            // the block's codes, one term or two; returns the sum of the codes (254 hi + lo) and of
+            // their magnitudes (integers below 2^24: exact in float in any order)
             __m256i hi[4], lo[4];
-            __m256 total = _mm256_setzero_ps();
-            for (int j = 0; j < 4; ++j) {
-                const __m128 lower = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v[j])), inverse));
-                const __m128 upper = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v[j], 1)), inverse));
-                const __m256 units = _mm256_insertf128_ps(_mm256_castps128_ps256(lower), upper, 1);
-                const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-                __m256 h = one_term ? _mm256_setzero_ps() : _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
-                h = _mm256_max_ps(_mm256_min_ps(h, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
-                __m256 l = _mm256_round_ps(_mm256_sub_ps(units, _mm256_mul_ps(h, radix)), nearest);
-                l = _mm256_max_ps(_mm256_min_ps(l, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
-                total = _mm256_add_ps(total, _mm256_fmadd_ps(h, radix, l));  // integers below 2^24: exact
-                hi[j] = _mm256_cvtps_epi32(h);
-                lo[j] = _mm256_cvtps_epi32(l);
+            const auto codes = [&](bool one_term) {
+                const double units_per_max = one_term ? 127.0 : 127.0 * kResidualRadix;
+                const __m256d inverse = _mm256_set1_pd(block_max > 0.0f ? units_per_max / (double)block_max : 0.0);
+                __m256 total = _mm256_setzero_ps(), magnitude = _mm256_setzero_ps();
+                for (int j = 0; j < 4; ++j) {
+                    const __m128 lower = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v[j])), inverse));
+                    const __m128 upper = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v[j], 1)), inverse));
+                    const __m256 units = _mm256_insertf128_ps(_mm256_castps128_ps256(lower), upper, 1);
+                    const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                    __m256 h = one_term ? _mm256_setzero_ps() : _mm256_round_ps(_mm256_div_ps(units, radix), nearest);
+                    h = _mm256_max_ps(_mm256_min_ps(h, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
+                    __m256 l = _mm256_round_ps(_mm256_sub_ps(units, _mm256_mul_ps(h, radix)), nearest);
+                    l = _mm256_max_ps(_mm256_min_ps(l, limit), _mm256_sub_ps(_mm256_setzero_ps(), limit));
+                    const __m256 code = _mm256_fmadd_ps(h, radix, l);
+                    total = _mm256_add_ps(total, code);
+                    magnitude = _mm256_add_ps(magnitude, _mm256_and_ps(code, abs_mask));
+                    hi[j] = _mm256_cvtps_epi32(h);
+                    lo[j] = _mm256_cvtps_epi32(l);
+                }
+                return std::make_pair(hsum(total), hsum(magnitude));
+            };
+            bool one_term = out.terms == 1 || !(block_max > threshold);  // hi zero
+            auto [code_total, code_magnitude] = codes(one_term);
+            if (one_term && outliers && code_magnitude < (float)out.min_code_sum && block_max > 0.0f) {
+                one_term = false;  // a block one value dwarfs: two terms (weights.h)
+                std::tie(code_total, code_magnitude) = codes(false);
             }
             auto pack = [&](const __m256i* q) {
                 const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
@@ -477,7 +491,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
             _mm256_storeu_si256((__m256i*)(out.lo + m * out.padded_cols + start), pack(lo));
             const float step = one_term ? block_max / 127.0f : block_max / (127.0f * (float)kResidualRadix);
             out.step[m * n_blocks + b] = step;
-            out.sum[m * n_blocks + b] = step * hsum(total);
+            out.sum[m * n_blocks + b] = step * code_total;
         }
     }
 }

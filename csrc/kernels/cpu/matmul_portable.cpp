@@ -128,23 +128,33 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
                 continue;
             }
             // x = step * (254 * hi + lo): hi = round(x / (254 step)) in [-127, 127] and the
-            // remainder, at most 127 steps in magnitude, as lo; one term (terms 1, or a block at or
-            // below the outlier threshold): x = step * lo, step = absmax / 127, hi zero
-            const bool one_term = out.terms == 1 || !(amax > threshold);
-            const int32_t radix = one_term ? 1 : kResidualRadix;  // steps in absmax / 127
-            const float step = amax / (127.0f * (float)radix);
-            // 1 / step in double: in float it overflows for blocks below ~1e-34
-            const double inverse = amax > 0.0f ? (127.0 * radix) / (double)amax : 0.0;
-            float sum = 0.0f;
-            for (int64_t i = 0; i < kBlock; ++i) {
-                const float units = i < len ? (float)((double)xr[start + i] * inverse) : 0.0f;  // x / step
-                int32_t h = one_term ? 0 : (int32_t)std::nearbyint(units / (float)kResidualRadix);
-                h = std::max(-127, std::min(127, h));
-                int32_t l = (int32_t)std::nearbyint(units - (float)(h * kResidualRadix));
-                l = std::max(-127, std::min(127, l));
-                hi[start + i] = (int8_t)h;
-                lo[start + i] = (int8_t)l;
-                sum += (float)(h * kResidualRadix + l);  // integers below 2^24: exact
+            // remainder, at most 127 steps in magnitude, as lo; one term (terms 1, or a block that is
+            // no outlier, weights.h): x = step * lo, step = absmax / 127, hi zero
+            bool one_term = out.terms == 1 || !(amax > threshold);
+            float step = 0.0f, sum = 0.0f, magnitude = 0.0f;
+            const auto codes = [&] {
+                const int32_t radix = one_term ? 1 : kResidualRadix;  // steps in absmax / 127
+                step = amax / (127.0f * (float)radix);
+                // 1 / step in double: in float it overflows for blocks below ~1e-34
+                const double inverse = amax > 0.0f ? (127.0 * radix) / (double)amax : 0.0;
+                sum = magnitude = 0.0f;
+                for (int64_t i = 0; i < kBlock; ++i) {
+                    const float units = i < len ? (float)((double)xr[start + i] * inverse) : 0.0f;  // x / step
+                    int32_t h = one_term ? 0 : (int32_t)std::nearbyint(units / (float)kResidualRadix);
+                    h = std::max(-127, std::min(127, h));
+                    int32_t l = (int32_t)std::nearbyint(units - (float)(h * kResidualRadix));
+                    l = std::max(-127, std::min(127, l));
+                    hi[start + i] = (int8_t)h;
+                    lo[start + i] = (int8_t)l;
+                    sum += (float)(h * kResidualRadix + l);  // integers below 2^24: exact
+                    magnitude += (float)std::abs(h * kResidualRadix + l);
+                }
+            };
+            codes();
+            if (one_term && out.terms == 2 && out.outlier_factor > 0.0f && magnitude < (float)out.min_code_sum &&
+                amax > 0.0f) {
+                one_term = false;  // a block one value dwarfs: two terms
+                codes();
             }
             out.step[m * n_blocks + b] = step;
             out.sum[m * n_blocks + b] = step * sum;

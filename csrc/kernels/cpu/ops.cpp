@@ -17,7 +17,7 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     if (step.size() < n_blocks)
         step.resize(n_blocks), sum.resize(n_blocks), code_sums.resize(2 * n_blocks), has_hi.resize(n_blocks);
     return QuantizedRows{rows,           padded_cols,   hi.data(),   lo.data(),          step.data(), sum.data(),
-                         code_sums.data(), quant->terms, quant->outlier_factor, has_hi.data()};
+                         code_sums.data(), quant->terms, quant->outlier_factor, quant->min_code_sum, has_hi.data()};
 }
 
 const ActivationQuant& activation_quant_named(const std::string& name) {

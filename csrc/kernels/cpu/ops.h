@@ -16,14 +16,16 @@ struct ActivationQuant {
     const char* name;
     int32_t terms;         // QuantizedRows::terms
     float outlier_factor;  // QuantizedRows::outlier_factor
+    int32_t min_code_sum;  // QuantizedRows::min_code_sum
 };
 // "int8x2": two terms in every block; "int8": one term (llama.cpp's Q8_0 activations);
-// "int8x2_outliers": two terms in the blocks whose absmax exceeds 1.5x the row's mean block absmax,
-// one elsewhere. Measured (SmolLM2 f32 weights, activations quantized so, 8 windows of 512 on each
-// of four texts, against float activations): int8 +0.62% perplexity on average, +1.21% on the
-// worst text; int8x2_outliers +0.09% / +0.18% with 14% of the blocks in two terms; int8x2 +0.00%.
+// "int8x2_outliers": two terms in a row's loud blocks (absmax above 3x the row's mean block absmax)
+// and peaky ones (one-term codes summing below 512 in magnitude), one elsewhere (weights.h).
+// Measured (docs/QUALITY.md: SmolLM2, 24 windows of 512 on each of four texts, against int8x2):
+// int8 +0.35% perplexity on average, +0.56% on the worst text; int8x2_outliers +0.05% / +0.08%,
+// loud blocks alone +0.16% / +0.32%.
 inline constexpr ActivationQuant kActivationQuants[] = {
-    {"int8x2", 2, 0.0f}, {"int8", 1, 0.0f}, {"int8x2_outliers", 2, 3.0f}};
+    {"int8x2", 2, 0.0f, 0}, {"int8", 1, 0.0f, 0}, {"int8x2_outliers", 2, 3.0f, 512}};
 // The option of that name; std::invalid_argument for any other.
 const ActivationQuant& activation_quant_named(const std::string& name);
 
