@@ -7,8 +7,8 @@ For each N: N sequences each get a prefill of -p random tokens (one forward_rows
 them), then -n decode steps of one row per sequence. Reported: aggregate generated tokens/s
 (N * n / decode seconds), the ratio to N = 1, and the per-sequence step latency; median of -r
 repetitions, the values of every N (and every --activation-quant given, one engine each) measured
-in turn within each repetition (so machine noise spreads over all of them alike). The engine is called directly: no sampling, no Python
-generation loop (LLM.generate with a list adds those).
+in turn within each repetition (so machine noise spreads over all of them alike). The engine is
+called directly: no sampling, no Python generation loop (LLM.generate with a list adds those).
 """
 
 from __future__ import annotations

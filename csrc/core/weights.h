@@ -128,7 +128,10 @@ struct QuantizedRows {
     float outlier_factor = 0.0f;   // terms 2: > 0 keeps two terms only in outlier blocks (above)
     int32_t min_code_sum = 0;      // with outlier_factor > 0: and in blocks whose one-term codes sum below it
     uint8_t* has_hi = nullptr;     // [rows, padded_cols / 32]: 1 where the block's hi codes are not all
-                                   // zero (filled by prepare_linear_input; read by the tiled kernels)
+                                   // zero (filled by prepare_linear_input; read by the tiled kernels);
+                                   // null unless outlier_blocks_only(): every block may have hi
+    // Whether only outlier blocks keep two terms (above), the others one.
+    bool outlier_blocks_only() const { return terms == 2 && outlier_factor > 0.0f; }
 };
 
 // The absmax above which a block of row x f32 [cols] keeps two terms under outlier_factor:

@@ -430,7 +430,7 @@ void quantize_rows_avx2(const float* x, int64_t cols, int64_t row_begin, int64_t
         a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
         return _mm_cvtss_f32(_mm_max_ss(a4, _mm_movehdup_ps(a4)));
     };
-    const bool outliers = out.terms == 2 && out.outlier_factor > 0.0f;
+    const bool outliers = out.outlier_blocks_only();
     for (int64_t m = row_begin; m < row_end; ++m) {
         const float* xr = x + m * cols;
         float threshold = 0.0f;  // outlier_threshold's float: the same sum of the same exact maxima

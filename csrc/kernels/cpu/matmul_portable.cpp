@@ -116,7 +116,7 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
         const float* xr = x + m * cols;
         int8_t* hi = out.hi + m * out.padded_cols;
         int8_t* lo = out.lo + m * out.padded_cols;
-        const float threshold = out.terms == 2 ? outlier_threshold(xr, cols, out.outlier_factor) : 0.0f;
+        const float threshold = out.outlier_blocks_only() ? outlier_threshold(xr, cols, out.outlier_factor) : 0.0f;
         for (int64_t b = 0; b < n_blocks; ++b) {
             const int64_t start = b * kBlock, len = std::min<int64_t>(kBlock, cols - start);
             bool finite;
@@ -151,8 +151,7 @@ void quantize_rows_portable(const float* x, int64_t cols, int64_t row_begin, int
                 }
             };
             codes();
-            if (one_term && out.terms == 2 && out.outlier_factor > 0.0f && magnitude < (float)out.min_code_sum &&
-                amax > 0.0f) {
+            if (one_term && out.outlier_blocks_only() && magnitude < (float)out.min_code_sum && amax > 0.0f) {
                 one_term = false;  // a block one value dwarfs: two terms
                 codes();
             }

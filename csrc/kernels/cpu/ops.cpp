@@ -16,8 +16,12 @@ QuantizedRows ActivationScratch::prepare(int64_t rows, int64_t padded_cols) {
     if (hi.size() < (size_t)(rows * padded_cols)) hi.resize((size_t)(rows * padded_cols)), lo.resize(hi.size());
     if (step.size() < n_blocks)
         step.resize(n_blocks), sum.resize(n_blocks), code_sums.resize(2 * n_blocks), has_hi.resize(n_blocks);
-    return QuantizedRows{rows,           padded_cols,   hi.data(),   lo.data(),          step.data(), sum.data(),
-                         code_sums.data(), quant->terms, quant->outlier_factor, quant->min_code_sum, has_hi.data()};
+    QuantizedRows rows_view{rows,           padded_cols,   hi.data(),   lo.data(),          step.data(), sum.data(),
+                            code_sums.data(), quant->terms, quant->outlier_factor, quant->min_code_sum, nullptr};
+    // has_hi only where blocks may lack hi: with two terms everywhere every block has it (null: the
+    // kernels read every hi without a per-block look)
+    if (rows_view.outlier_blocks_only()) rows_view.has_hi = has_hi.data();
+    return rows_view;
 }
 
 const ActivationQuant& activation_quant_named(const std::string& name) {
@@ -63,7 +67,7 @@ LinearInput prepare_linear_input(ThreadPool& pool, const float* x, int64_t M, in
             }
             q.code_sums[2 * b] = sum_hi;
             q.code_sums[2 * b + 1] = sum_lo;
-            q.has_hi[b] = any_hi != 0;
+            if (q.has_hi) q.has_hi[b] = any_hi != 0;
         }
     });
     return in;

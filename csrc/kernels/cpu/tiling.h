@@ -103,7 +103,6 @@ void with_quant_format(WeightFormat f, Fn&& fn) {
 // Whether any of x's rows [m0, m0 + rows) has hi codes in block b (QuantizedRows::has_hi; every row
 // may have them where has_hi is null). Kernels skip hi's products where none has: the same bits.
 inline bool rows_have_hi(const QuantizedRows& x, int64_t m0, int64_t rows, int64_t b) {
-    if (x.terms == 1) return false;
     if (x.has_hi == nullptr) return true;
     const int64_t n_blocks = x.padded_cols / kBlock;
     for (int64_t m = m0; m < m0 + rows; ++m)
