@@ -71,8 +71,11 @@ def wave_sources(prompts: list[list[int]]) -> list[tuple[int | None, int]]:
 
 
 def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
-              stop_ids: set[int], stats_factory, cancelled, lost=lambda: False) -> Iterator[tuple[int, str]]:
+              stop_ids: set[int], stats_factory, cancelled, lost=lambda: False,
+              processors_for=lambda index: []) -> Iterator[tuple[int, str]]:
     """Generates every prompt (token ids); yields (prompt index, text piece) as pieces become final.
+    processors_for(prompt index) -> the logits processors of that prompt's Sampler (a grammar's state
+    is its own: a fresh one each), called when the prompt starts.
 
     llm: a pyllm.LLM whose lock the caller holds. stats_factory(prompt_tokens) -> GenerationStats of
     one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps). lost():
@@ -86,7 +89,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     seqs: list[_Sequence] = []
     try:
         yield from _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
-                          cancelled, lost, seqs, time.perf_counter())
+                          cancelled, lost, processors_for, seqs, time.perf_counter())
     # closed by the consumer, or an error (close() while the consumer was away): the prompts still
     # running did not end by length
     except BaseException:
@@ -97,7 +100,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
 
 def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
-           seqs: list, called: float) -> Iterator[tuple[int, str]]:
+             processors_for, seqs: list, called: float) -> Iterator[tuple[int, str]]:
     """run_batch: the first `slots` prompts together (the prefixes they share computed once),
     then each later prompt in the first slot that frees (it waited for the whole wave before it:
     one long reply held n_parallel - 1 slots idle), reusing the longest prefix of its tokens that
@@ -108,7 +111,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
     def sequence(index: int, slot: int) -> _Sequence:
         p = prompts[index]
         stats = stats_factory(len(p))
-        return _Sequence(index, slot, list(p), Sampler(params, prompt_length=len(p)),
+        return _Sequence(index, slot, list(p), Sampler(params, processors_for(index), prompt_length=len(p)),
                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats),
                          min(max_new_tokens, llm.context_length - len(p)), stats)
 
@@ -178,6 +181,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
             if token in stop_ids:
                 s.stats.finish_reason, s.done = "stop", True
                 continue
+            s.sampler.accept(token)
             piece = s.text.push(token)
             if s.text.stopped:
                 s.stats.finish_reason, s.done = "stop", True

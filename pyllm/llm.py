@@ -906,6 +906,9 @@ class LLM:
         stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats. Such a
         stream left unread while another call takes the engine (PREEMPT_AFTER) re-reads its running
         prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
+        Structured output holds each prompt of a list to the grammar (each its own grammar state);
+        logits processors serve every prompt (each called with that prompt's ids), so one with an
+        accept(token) method is refused for a list, as are logprobs and a prompt-learning adapter.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
@@ -985,16 +988,19 @@ class LLM:
         processors = list(logits_processors or [])
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
-            from .structured import grammar_from
-
             if chosen is not None:  # (the LLM's own adapter too: say how to run the list without it)
                 raise ValueError(f"a prompt-learning adapter ({chosen!r}) applies to one prompt at a time; give a single "
                                  "prompt" + (", or adapter='base' to run the list on the base model"
                                              if adapter is None else ""))
             # (refused before a grammar is compiled: seconds for a large schema, or its own error first)
-            if processors or logprobs is not None or grammar_from(response_format, grammar) is not None:
-                raise ValueError("logprobs, structured output and logits processors apply to one prompt at a time; "
-                                 "give a single prompt")
+            if logprobs is not None:
+                raise ValueError("logprobs are recorded in one prompt's TextStream: give a single prompt with "
+                                 "stream=True")
+            stateful = next((p for p in processors if callable(getattr(p, "accept", None))), None)
+            if stateful is not None:  # one object told the tokens of every prompt in turn would mix them
+                raise ValueError(f"a logits processor with an accept(token) method ({type(stateful).__name__}) follows "
+                                 "one prompt's tokens, and a list's processors serve every prompt: give a single "
+                                 "prompt, or a processor that reads the ids it is called with")
             prompts = []
             for i, p in enumerate(prompt):
                 with _naming(f"prompt {i} of the list"):  # (a text that is not Unicode)
@@ -1004,7 +1010,13 @@ class LLM:
                 if len(prompts[-1]) == 0:
                     raise ValueError(f"prompt {i} of the list is empty: it has no tokens (this model's tokenizer "
                                      "adds no BOS token); give some text or token ids")
-            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream)
+            first = [self._constraint(response_format, grammar)]  # compiled now: a bad grammar fails the call
+
+            def processors_for(index: int) -> list:  # each prompt its own grammar state, the caller's shared
+                constraint = first.pop() if first else self._constraint(response_format, grammar)
+                return ([constraint] if constraint is not None else []) + processors
+
+            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream, processors_for)
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
             processors.insert(0, constraint)
@@ -1075,9 +1087,10 @@ class LLM:
         return structured.GrammarProcessor(self.tokenizer, text, self.config.vocab_size)
 
     def _batch(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
-               stop_ids: set[int], stream: bool):
+               stop_ids: set[int], stream: bool, processors_for=lambda index: []):
         """Several prompts together (pyllm/batch.py): a list of texts, or with stream=True an iterator of
-        (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats."""
+        (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats.
+        processors_for(prompt index): that prompt's logits processors, asked for when it starts."""
         from .batch import run_batch
 
         self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
@@ -1108,7 +1121,7 @@ class LLM:
                 self._acquire(run)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
                 batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
                                   stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set,
-                                  lost)
+                                  lost, processors_for)
                 for index, piece in batch:
                     self._pause(run)
                     try:
@@ -1131,7 +1144,8 @@ class LLM:
             try:
                 for index, ids in enumerate(checked):
                     alone = TextStream(batch_stats[index])
-                    alone._pieces = self._run(ids, max_new_tokens, Sampler(params, prompt_length=len(ids)), stop,
+                    alone._pieces = self._run(ids, max_new_tokens, Sampler(params, processors_for(index),
+                                                                           prompt_length=len(ids)), stop,
                                               stop_ids | set(self.tokenizer.eos_ids), alone, None)
                     try:
                         for piece in alone:
@@ -1477,10 +1491,7 @@ class LLM:
                 if token in stop_ids:
                     stats.finish_reason = "stop"
                     break
-                for processor in sampler.processors:
-                    accept = getattr(processor, "accept", None)
-                    if accept is not None:
-                        accept(token)  # e.g. a grammar computes its next mask while the engine runs
+                sampler.accept(token)
                 piece = text.push(token, _token_logprob(token, logits, logprobs))
                 stream.tokens += text.take_tokens()  # those whose text is out (a stop string's never are)
                 if text.stopped:

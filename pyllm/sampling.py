@@ -141,6 +141,14 @@ class Sampler:
             self.processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty,
                                                             prompt_length))
 
+    def accept(self, token: int) -> None:
+        """Tells the processors that have an accept(token) method (a grammar: it starts computing its
+        next mask while the engine runs) the token the generation kept."""
+        for processor in self.processors:
+            accept = getattr(processor, "accept", None)
+            if accept is not None:
+                accept(token)
+
     def __call__(self, logits: np.ndarray, context: Sequence[int] | None = None) -> int:
         """logits: f32 [vocab]; context: the token ids so far -> token id."""
         if self.params.temperature == 0:

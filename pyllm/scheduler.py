@@ -462,10 +462,7 @@ class Scheduler:
         if token in seq.stop_ids:  # the text held back so far still comes out
             self._finish(seq, "stop")
             return
-        for processor in seq.sampler.processors:
-            accept = getattr(processor, "accept", None)
-            if accept is not None:
-                accept(token)
+        seq.sampler.accept(token)
         piece = seq.text.push(token, _token_logprob(token, logits, seq.logprobs))
         seq.new_tokens += seq.text.take_tokens()  # those whose text is out (a stop string's never are)
         if seq.text.stopped:

@@ -1625,24 +1625,6 @@ def test_a_json_schema_format_without_a_schema_allows_any_json_as_the_server_doe
             llm.generate("?", response_format={"type": "json_schema", "json_schema": spec})
 
 
-def test_a_list_of_prompts_refuses_structured_output_before_compiling_it(llm, monkeypatch):
-    """A list of prompts with a grammar compiled the grammar (seconds for a large schema) before it
-    was refused, and a grammar that cannot be followed raised its own error instead of the refusal."""
-    pytest.importorskip("llguidance")
-    from pyllm import structured
-
-    compiled, compile_grammar = [], structured.GrammarProcessor
-    monkeypatch.setattr(structured, "GrammarProcessor", lambda *args: compiled.append(args) or compile_grammar(*args))
-    for kw in (dict(grammar="start: start"), dict(response_format={"type": "json_object"}),
-               dict(response_format={"type": "regex", "regex": "a{1000000}"})):
-        with pytest.raises(ValueError, match="apply to one prompt at a time"):
-            llm.generate(["a", "b"], max_new_tokens=2, **kw)
-    assert compiled == []
-    with pytest.raises(ValueError, match="response_format type must be one of"):
-        llm.generate(["a", "b"], response_format={"type": "yaml"})
-    assert len(llm.generate(["a", "b"], max_new_tokens=2, response_format={"type": "text"})) == 2
-
-
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
     import sys
 

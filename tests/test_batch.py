@@ -912,3 +912,65 @@ def test_an_llm_whose_construction_fails_lets_its_engine_go_at_once(model_file, 
     monkeypatch.undo()
     with pyllm.LLM(model_file, n_threads=1, context_length=256) as llm:  # the file is still usable
         assert llm.generate(PROMPTS[0], max_new_tokens=2)
+
+
+def test_a_list_holds_each_prompt_to_the_grammar_as_it_would_be_alone(tiny_llama_f32):
+    """Structured output on a list of prompts was refused ("apply to one prompt at a time"): each
+    prompt now has its own grammar state and gives what it gives alone (seeded sampling, so the
+    grammar's mask decides much of each text); a grammar fails at the call, before any step."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    import json
+
+    from pyllm.structured import GrammarInvalid
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    prompts = PROMPTS[:5]
+    with pyllm.LLM(tiny_llama_f32, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=40, temperature=1.0, seed=7, response_format=fmt) for p in prompts]
+        yes_no = [alone.generate(p, max_new_tokens=8, temperature=1.0, seed=3, grammar='start: "yes" | "no"')
+                  for p in prompts]
+    for text in expected:
+        jsonschema.validate(json.loads(text), schema)
+    with pyllm.LLM(tiny_llama_f32, n_threads=2, n_parallel=3) as llm:  # (more prompts than slots)
+        assert llm.generate(prompts, max_new_tokens=40, temperature=1.0, seed=7, response_format=fmt) == expected
+        got = [""] * len(prompts)
+        for index, piece in llm.generate(prompts, max_new_tokens=8, temperature=1.0, seed=3,
+                                         grammar='start: "yes" | "no"', stream=True):
+            got[index] += piece
+        assert got == yes_no
+        with pytest.raises(GrammarInvalid, match="unclosed group"):
+            llm.generate(prompts, response_format={"type": "regex", "regex": "(("})
+        with pytest.raises(ValueError, match="response_format type must be one of"):
+            llm.generate(prompts, response_format={"type": "yaml"})
+        assert len(llm.generate(prompts, max_new_tokens=2, response_format={"type": "text"})) == len(prompts)
+
+
+def test_a_list_runs_the_callers_stateless_processors_on_each_prompt(tiny_llama_f32):
+    """A list's logits processors serve every prompt, each called with that prompt's own ids; one
+    with an accept(token) method (state that follows one prompt) and logprobs are refused."""
+    def no_repeat(ids, scores):  # bans the last token: reads only the ids it is given
+        scores[ids[-1]] = -np.inf
+        return scores
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=16, temperature=0, logits_processors=[no_repeat])
+                    for p in PROMPTS]
+        plain = [alone.generate(p, max_new_tokens=16, temperature=0) for p in PROMPTS]
+    assert expected != plain  # (the processor changes something, or this test proves nothing)
+    with pyllm.LLM(tiny_llama_f32, n_threads=2, n_parallel=4) as llm:
+        assert llm.generate(PROMPTS, max_new_tokens=16, temperature=0, logits_processors=[no_repeat]) == expected
+
+        class Counting:
+            def __call__(self, ids, scores):
+                return scores
+
+            def accept(self, token):
+                pass
+
+        with pytest.raises(ValueError, match=r"accept\(token\) method \(Counting\) follows one prompt's tokens"):
+            llm.generate(PROMPTS, max_new_tokens=2, logits_processors=[Counting()])
+        with pytest.raises(ValueError, match="logprobs are recorded in one prompt's TextStream"):
+            llm.generate(PROMPTS, max_new_tokens=2, logprobs=1, stream=True)
