@@ -72,10 +72,12 @@ def wave_sources(prompts: list[list[int]]) -> list[tuple[int | None, int]]:
 
 def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
               stop_ids: set[int], stats_factory, cancelled, lost=lambda: False,
-              processors_for=lambda index: []) -> Iterator[tuple[int, str]]:
+              processors_for=lambda index: [], adapter: str | None = None) -> Iterator[tuple[int, str]]:
     """Generates every prompt (token ids); yields (prompt index, text piece) as pieces become final.
     processors_for(prompt index) -> the logits processors of that prompt's Sampler (a grammar's state
-    is its own: a fresh one each), called when the prompt starts.
+    is its own: a fresh one each), called when the prompt starts. adapter: a prompt-learning adapter
+    of llm's file for every prompt (None: the base model): each slot opens with its virtual positions
+    (computed once, in slot 0, and copied), and the prompts' tokens follow them.
 
     llm: a pyllm.LLM whose lock the caller holds. stats_factory(prompt_tokens) -> GenerationStats of
     one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps). lost():
@@ -84,12 +86,18 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     bits however rows are run) and go on with the same text, as a single stream does."""
     engine = llm.engine
     slots = engine.n_seq
-    if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
-        llm._cached, llm._primed = [], None
+    if adapter is not None:
+        offset = llm._prime(adapter)  # slot 0 (what it holds after them is kept when they are the same)
+        for slot in range(1, min(slots, len(prompts))):
+            engine.copy_sequence(0, slot, offset)
+    else:
+        offset = 0
+        if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
+            llm._cached, llm._primed = [], None
     seqs: list[_Sequence] = []
     try:
         yield from _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
-                          cancelled, lost, processors_for, seqs, time.perf_counter())
+                            cancelled, lost, processors_for, adapter, offset, seqs, time.perf_counter())
     # closed by the consumer, or an error (close() while the consumer was away): the prompts still
     # running did not end by length
     except BaseException:
@@ -100,12 +108,13 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
 
 def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
-             processors_for, seqs: list, called: float) -> Iterator[tuple[int, str]]:
+             processors_for, adapter, offset: int, seqs: list, called: float) -> Iterator[tuple[int, str]]:
     """run_batch: the first `slots` prompts together (the prefixes they share computed once),
     then each later prompt in the first slot that frees (it waited for the whole wave before it:
     one long reply held n_parallel - 1 slots idle), reusing the longest prefix of its tokens that
     slot or another holds (a system prompt). seqs[slot] is the sequence in each slot. Each prompt's time_to_first_token counts
-    from `called`, its decode_seconds from the end of its prefill until it ends."""
+    from `called`, its decode_seconds from the end of its prefill until it ends. Every slot's tokens
+    sit after `offset` virtual positions (the adapter's)."""
     wave = prompts[:slots]
 
     def sequence(index: int, slot: int) -> _Sequence:
@@ -113,11 +122,11 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
         stats = stats_factory(len(p))
         return _Sequence(index, slot, list(p), Sampler(params, processors_for(index), prompt_length=len(p)),
                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats),
-                         min(max_new_tokens, llm.context_length - len(p)), stats)
+                         min(max_new_tokens, llm.context_length - offset - len(p)), stats)
 
     seqs[:] = [sequence(i, i) for i in range(len(wave))]
     start = time.perf_counter()
-    rows = _prefill_wave(llm, engine, seqs, cancelled)
+    rows = _prefill_wave(llm, engine, seqs, cancelled, offset)
     if rows is None:
         for s in seqs:
             s.stats.finish_reason = "cancelled"
@@ -155,14 +164,14 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                             key=lambda k: _common(seqs[k].ids, s.ids), default=None)
                 copied = _common(seqs[other].ids, s.ids) if other is not None else 0
                 if copied > own:
-                    engine.copy_sequence(other, slot, copied)
+                    engine.copy_sequence(other, slot, offset + copied)
                 s.stats.cached_tokens = max(own, copied)
                 if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share (a Ctrl-C
                     # in its prefill left the earlier claim, and the next call reused keys that were not there)
                     llm._cached = s.ids[:copied] if copied > own else [] if before.lost else s.ids[:own]
                 before = s
                 begin = time.perf_counter()
-                out = _prefill(engine, [(slot, s.ids, s.stats.cached_tokens)], cancelled)
+                out = _prefill(engine, [(slot, s.ids, s.stats.cached_tokens)], cancelled, offset)
                 if out is None:  # cancelled: it and the prompts after it say so (LLM._batch)
                     s.stats.finish_reason, s.done = "cancelled", True
                     break
@@ -188,7 +197,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 continue
             if piece:
                 yield s.index, piece
-                if lost() and not _reread(llm, seqs, rows, cancelled):
+                if lost() and not _reread(llm, seqs, rows, cancelled, adapter, offset):
                     return
             if s.generated >= s.limit:
                 s.done = True
@@ -203,12 +212,12 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                     s.stats.finish_reason = "stop"
                 if rest:
                     yield s.index, rest
-                    if lost() and not _reread(llm, seqs, rows, cancelled):
+                    if lost() and not _reread(llm, seqs, rows, cancelled, adapter, offset):
                         return
         if running:
             out = engine.forward_rows(np.array([s.last_token for s in running], dtype=np.int32),
                                       np.array([s.slot for s in running], dtype=np.int32),
-                                      np.array([len(s.ids) for s in running], dtype=np.int32),
+                                      np.array([offset + len(s.ids) for s in running], dtype=np.int32),
                                       np.arange(len(running)))
             for i, s in enumerate(running):
                 s.ids.append(s.last_token)
@@ -218,7 +227,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
     llm._cached = [] if cancelled() or seqs[0].lost or not seqs[0].held else seqs[0].ids
 
 
-def _prefill_wave(llm, engine, seqs: list[_Sequence], cancelled) -> dict | None:
+def _prefill_wave(llm, engine, seqs: list[_Sequence], cancelled, offset: int) -> dict | None:
     """Prefills the wave's prompts (seqs[i] in slot i) in rounds, each one _prefill call: a prompt
     whose source (wave_sources) holds the prefix it shares copies it (its cached_tokens) and is then
     ready; a ready prompt runs to the next point a waiting prompt copies from it, else to its end.
@@ -236,7 +245,7 @@ def _prefill_wave(llm, engine, seqs: list[_Sequence], cancelled) -> dict | None:
     while True:
         for i, (source, n) in enumerate(sources):
             if not ready[i] and ready[source] and computed[source] >= n:
-                engine.copy_sequence(source, i, n)
+                engine.copy_sequence(source, i, offset + n)
                 computed[i], ready[i] = n, True
                 seqs[i].stats.cached_tokens = n
         ends = []
@@ -246,7 +255,7 @@ def _prefill_wave(llm, engine, seqs: list[_Sequence], cancelled) -> dict | None:
                 ends.append((i, min(waiting, default=len(prompts[i]))))
         if not ends:
             return rows
-        logits = _prefill(engine, [(i, prompts[i][:end], computed[i]) for i, end in ends], cancelled)
+        logits = _prefill(engine, [(i, prompts[i][:end], computed[i]) for i, end in ends], cancelled, offset)
         if logits is None:
             return None
         for (i, end), row in zip(ends, logits):
@@ -256,16 +265,22 @@ def _prefill_wave(llm, engine, seqs: list[_Sequence], cancelled) -> dict | None:
         llm._cached = list(prompts[0][:computed[0]])
 
 
-def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled) -> bool:
+def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: int) -> bool:
     """After another call's turn: the tokens of the running sequences (the prompt and those
-    fed back) run again in their slots, and their logits replace rows (the engine's output buffer
-    they were read from is overwritten too). False when cancelled meanwhile (each then says so)."""
+    fed back) run again in their slots, after the adapter's virtual positions, and their logits
+    replace rows (the engine's output buffer they were read from is overwritten too). False when
+    cancelled meanwhile (each then says so)."""
+    from .adapters import prime
+
     llm._cached, llm._primed = [], None  # slot 0 is rewritten (an adapter's virtual tokens may be there)
     for s in seqs:
         s.lost = True  # the end of the list must not record slot 0 as holding its tokens
         s.held = s.held and not s.done  # (an ended one's slot is not read again: a later prompt must not reuse it)
     running = [s for s in seqs if not s.done]
-    logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled) if running else None
+    if adapter is not None:
+        for s in running:
+            prime(llm.engine, llm.adapters[adapter], s.slot)
+    logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled, offset) if running else None
     if running and logits is None:
         for s in running:
             s.stats.finish_reason, s.done = "cancelled", True
@@ -275,14 +290,15 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled) -> bool:
     return True
 
 
-def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled) -> np.ndarray | None:
-    """Runs ids[start:] of each (slot, ids, start) in steps of PREFILL_ROWS rows; the logits f32
-    [len(parts), vocab] of each part's last row (None if cancelled, or if no part has rows)."""
+def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled, offset: int = 0) -> np.ndarray | None:
+    """Runs ids[start:] of each (slot, ids, start) in steps of PREFILL_ROWS rows, token i at position
+    offset + i; the logits f32 [len(parts), vocab] of each part's last row (None if cancelled, or if no
+    part has rows)."""
     tokens, seq_ids, positions, last_rows = [], [], [], []
     for slot, ids, begin in parts:
         tokens += ids[begin:]
         seq_ids += [slot] * (len(ids) - begin)
-        positions += list(range(begin, len(ids)))
+        positions += list(range(offset + begin, offset + len(ids)))
         last_rows.append(len(tokens) - 1)
     if not tokens:
         return None

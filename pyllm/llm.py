@@ -906,9 +906,10 @@ class LLM:
         stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats. Such a
         stream left unread while another call takes the engine (PREEMPT_AFTER) re-reads its running
         prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
-        Structured output holds each prompt of a list to the grammar (each its own grammar state);
-        logits processors serve every prompt (each called with that prompt's ids), so one with an
-        accept(token) method is refused for a list, as are logprobs and a prompt-learning adapter.
+        Structured output holds each prompt of a list to the grammar (each its own grammar state), an
+        adapter runs with each (its virtual positions computed once and copied to every slot); logits
+        processors serve every prompt (each called with that prompt's ids), so one with an
+        accept(token) method is refused for a list, as are logprobs.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
@@ -988,10 +989,6 @@ class LLM:
         processors = list(logits_processors or [])
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
-            if chosen is not None:  # (the LLM's own adapter too: say how to run the list without it)
-                raise ValueError(f"a prompt-learning adapter ({chosen!r}) applies to one prompt at a time; give a single "
-                                 "prompt" + (", or adapter='base' to run the list on the base model"
-                                             if adapter is None else ""))
             # (refused before a grammar is compiled: seconds for a large schema, or its own error first)
             if logprobs is not None:
                 raise ValueError("logprobs are recorded in one prompt's TextStream: give a single prompt with "
@@ -1016,7 +1013,7 @@ class LLM:
                 constraint = first.pop() if first else self._constraint(response_format, grammar)
                 return ([constraint] if constraint is not None else []) + processors
 
-            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream, processors_for)
+            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream, processors_for, chosen)
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
             processors.insert(0, constraint)
@@ -1087,20 +1084,23 @@ class LLM:
         return structured.GrammarProcessor(self.tokenizer, text, self.config.vocab_size)
 
     def _batch(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
-               stop_ids: set[int], stream: bool, processors_for=lambda index: []):
+               stop_ids: set[int], stream: bool, processors_for=lambda index: [], adapter: str | None = None):
         """Several prompts together (pyllm/batch.py): a list of texts, or with stream=True an iterator of
         (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats.
-        processors_for(prompt index): that prompt's logits processors, asked for when it starts."""
+        processors_for(prompt index): that prompt's logits processors, asked for when it starts;
+        adapter: the prompt-learning adapter every prompt runs with (None: none)."""
         from .batch import run_batch
 
         self._open_engine()  # stream=True: refused at the call, as without it, not at the first read
         checked = []
+        virtual = self._virtual_tokens(adapter)
         for i, p in enumerate(prompts):
-            if len(p) >= self.context_length:
-                raise ValueError(f"prompt {i} of the list has {len(p)} tokens; the context holds {self.context_length} "
-                                 "(leave room for the reply)")
+            if virtual + len(p) >= self.context_length:
+                raise ValueError(f"prompt {i} of the list has {len(p)} tokens" + (
+                    f" after {virtual} virtual ones" if virtual else "") + f"; the context holds "
+                    f"{self.context_length} (leave room for the reply)")
             with _naming(f"prompt {i} of the list"):
-                checked.append(self._check_ids(p))
+                checked.append(self._check_ids(p, virtual))
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
@@ -1121,7 +1121,7 @@ class LLM:
                 self._acquire(run)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
                 batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
                                   stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set,
-                                  lost, processors_for)
+                                  lost, processors_for, adapter)
                 for index, piece in batch:
                     self._pause(run)
                     try:
@@ -1146,7 +1146,7 @@ class LLM:
                     alone = TextStream(batch_stats[index])
                     alone._pieces = self._run(ids, max_new_tokens, Sampler(params, processors_for(index),
                                                                            prompt_length=len(ids)), stop,
-                                              stop_ids | set(self.tokenizer.eos_ids), alone, None)
+                                              stop_ids | set(self.tokenizer.eos_ids), alone, None, adapter)
                     try:
                         for piece in alone:
                             yield index, piece

@@ -198,9 +198,9 @@ def _counting_prefill(monkeypatch) -> list:
 
     real, calls = pyllm.batch._prefill, []
 
-    def counted(engine, parts, cancelled):
+    def counted(engine, parts, cancelled, offset=0):
         calls.append(sum(len(ids) - begin for _, ids, begin in parts))
-        return real(engine, parts, cancelled)
+        return real(engine, parts, cancelled, offset)
 
     monkeypatch.setattr(pyllm.batch, "_prefill", counted)
     return calls
@@ -257,8 +257,8 @@ def test_a_ctrl_c_in_slot_0_s_refill_leaves_no_false_prefix(model_file, monkeypa
         expected = llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban)
         real = pyllm.batch._prefill
 
-        def interrupted(engine, parts, cancelled):
-            out = real(engine, parts, cancelled)
+        def interrupted(engine, parts, cancelled, offset=0):
+            out = real(engine, parts, cancelled, offset)
             if parts[0][0] == 0 and parts[0][1][:1] == [300]:  # slot 0 rewritten by the third prompt
                 raise KeyboardInterrupt
             return out

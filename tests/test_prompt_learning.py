@@ -395,18 +395,53 @@ def test_llm_selects_adapters_by_name_and_switches_between_them(two_adapters):
                                                             temperature=0)
         with pytest.raises(ValueError, match="no adapter 'nope'"):
             llm.logits(ids, adapter="nope")
-        # a list of prompts: one at a time with an adapter, the LLM's own too (the message says how to go without)
-        with pytest.raises(ValueError, match=re.escape("adapter ('style') applies to one prompt at a time; give a "
-                                                       "single prompt, or adapter='base' to run the list on the base")):
-            llm.generate([ids, ids[:5]], max_new_tokens=2)
-        with pytest.raises(ValueError, match=re.escape("adapter ('qa') applies to one prompt at a time; give a "
-                                                       "single prompt") + "$"):
-            llm.chat([[{"role": "user", "content": "hi"}]] * 2, max_new_tokens=2, adapter="qa")
+        # a list of prompts runs the adapter too (the LLM's own, or the call's), each prompt as alone
+        assert llm.generate([ids, ids[:5]], max_new_tokens=2) == [
+            llm.generate(p, max_new_tokens=2) for p in (ids, ids[:5])]
+        chats = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "bye"}]]
+        assert llm.chat(chats, max_new_tokens=4, adapter="qa") == [llm.chat(c, max_new_tokens=4, adapter="qa")
+                                                                   for c in chats]
         assert len(llm.generate([ids, ids[:5]], max_new_tokens=2, adapter="base")) == 2
+        with pytest.raises(ValueError, match=f"prompt 1 of the list has {llm.context_length - 7} tokens after 7 "
+                                             "virtual ones; the context holds"):
+            llm.generate([ids, [5] * (llm.context_length - 7)], max_new_tokens=2)
         with pytest.raises(ValueError, match=f"{llm.context_length} tokens after 7 virtual ones exceed the context"):
             llm.logits([5] * llm.context_length)
         with pytest.raises(ValueError, match=f"sequence 1 of the list: {llm.context_length} tokens after 7 virtual"):
             llm.logits_many([[5], [5] * llm.context_length])
+
+
+def test_a_list_of_prompts_runs_each_adapter_as_peft_does_each_prompt(two_adapters):
+    """generate([...], adapter=...) refused a prompt-learning adapter; now every slot opens with the
+    virtual positions (computed once and copied), the prompts' tokens after them: greedy tokens equal
+    PEFT's for each prompt, with more prompts than slots, prompts sharing a prefix, and after the
+    single-prompt path and other adapters used the cache in between."""
+    rng = np.random.default_rng(8)
+    shared = [int(i) for i in rng.integers(3, 400, 12)]
+    a, b, c = (shared + [int(i) for i in rng.integers(3, 400, n)] for n in (3, 7, 1))
+    prompts = [a, [int(i) for i in rng.integers(3, 400, 9)], b, c, [int(i) for i in rng.integers(3, 400, 4)]]
+    with pyllm.LLM(two_adapters["file"], n_threads=2, n_parallel=3) as llm:
+        texts = {}
+        for name in ("qa", "style", "base", "style"):
+            texts[name] = llm.generate(prompts, max_new_tokens=8, temperature=0, adapter=name)
+            stats = llm.last_batch_stats
+            assert [s.cached_tokens for s in stats[2:4]] == [12, 12], name  # the shared prefix, copied
+            for i, p in enumerate(prompts):  # (the single path, between two lists)
+                assert texts[name][i] == llm.generate(p, max_new_tokens=8, temperature=0, adapter=name), (name, i)
+                want = peft_greedy(two_adapters["base"], None if name == "base" else two_adapters[name], p, 8)
+                assert greedy_ids(llm, p, 8, adapter=name) == want, (name, i)
+        assert texts["qa"] != texts["base"] and texts["style"] != texts["base"]  # (the adapters change the text)
+        # a list's stream left unread while calls with other adapters take the engine: its slots are read
+        # again after the adapter's virtual positions, and each text goes on as unpreempted
+        for interloper in (lambda: llm.generate(prompts[0], max_new_tokens=3, adapter="qa"),
+                           lambda: llm.generate(prompts[:2], max_new_tokens=3, adapter="base")):
+            got = [""] * len(prompts)
+            for n, (index, piece) in enumerate(llm.generate(prompts, max_new_tokens=8, temperature=0, stream=True,
+                                                            adapter="style")):
+                got[index] += piece
+                if n in (0, 4):
+                    interloper()
+            assert got == texts["style"] and "cancelled" not in [s.finish_reason for s in llm.last_batch_stats]
 
 
 def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
