@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .llm import StopText, common_prefix_length
+from .llm import StopText, _token_logprob, common_prefix_length
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -41,6 +41,7 @@ class _Sequence:
     text: StopText  # what it emits
     limit: int  # tokens it may still generate
     stats: object
+    tokens: list  # the records (llm.TokenLogprob) of the generated tokens whose text is out
     done: bool = False
     generated: int = 0
     last_token: int | None = None  # sampled, not yet run through the engine
@@ -72,12 +73,15 @@ def wave_sources(prompts: list[list[int]]) -> list[tuple[int | None, int]]:
 
 def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
               stop_ids: set[int], stats_factory, cancelled, lost=lambda: False,
-              processors_for=lambda index: [], adapter: str | None = None) -> Iterator[tuple[int, str]]:
+              processors_for=lambda index: [], adapter: str | None = None, logprobs: int | None = None,
+              tokens_for=lambda index: []) -> Iterator[tuple[int, str]]:
     """Generates every prompt (token ids); yields (prompt index, text piece) as pieces become final.
     processors_for(prompt index) -> the logits processors of that prompt's Sampler (a grammar's state
     is its own: a fresh one each), called when the prompt starts. adapter: a prompt-learning adapter
     of llm's file for every prompt (None: the base model): each slot opens with its virtual positions
-    (computed once, in slot 0, and copied), and the prompts' tokens follow them.
+    (computed once, in slot 0, and copied), and the prompts' tokens follow them. tokens_for(prompt
+    index) -> the list that receives the records of its generated tokens (llm.TokenLogprob, with
+    log-probabilities and `logprobs` alternatives when logprobs is not None) as their text comes out.
 
     llm: a pyllm.LLM whose lock the caller holds. stats_factory(prompt_tokens) -> GenerationStats of
     one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps). lost():
@@ -97,7 +101,8 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     seqs: list[_Sequence] = []
     try:
         yield from _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
-                            cancelled, lost, processors_for, adapter, offset, seqs, time.perf_counter())
+                            cancelled, lost, processors_for, adapter, offset, logprobs, tokens_for, seqs,
+                            time.perf_counter())
     # closed by the consumer, or an error (close() while the consumer was away): the prompts still
     # running did not end by length
     except BaseException:
@@ -108,7 +113,8 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
 
 def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
-             processors_for, adapter, offset: int, seqs: list, called: float) -> Iterator[tuple[int, str]]:
+             processors_for, adapter, offset: int, logprobs, tokens_for, seqs: list,
+             called: float) -> Iterator[tuple[int, str]]:
     """run_batch: the first `slots` prompts together (the prefixes they share computed once),
     then each later prompt in the first slot that frees (it waited for the whole wave before it:
     one long reply held n_parallel - 1 slots idle), reusing the longest prefix of its tokens that
@@ -122,7 +128,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
         stats = stats_factory(len(p))
         return _Sequence(index, slot, list(p), Sampler(params, processors_for(index), prompt_length=len(p)),
                          StopText(StreamDecoder(llm.tokenizer, list(p)), stop, stats),
-                         min(max_new_tokens, llm.context_length - offset - len(p)), stats)
+                         min(max_new_tokens, llm.context_length - offset - len(p)), stats, tokens_for(index))
 
     seqs[:] = [sequence(i, i) for i in range(len(wave))]
     start = time.perf_counter()
@@ -191,7 +197,8 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 s.stats.finish_reason, s.done = "stop", True
                 continue
             s.sampler.accept(token)
-            piece = s.text.push(token)
+            piece = s.text.push(token, _token_logprob(token, rows[s.slot], logprobs))
+            s.tokens += s.text.take_tokens()  # those whose text is out (a stop string's never are)
             if s.text.stopped:
                 s.stats.finish_reason, s.done = "stop", True
                 continue
@@ -208,6 +215,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
             if s.done:
                 s.stats.decode_seconds = time.perf_counter() - s.decode_start
                 rest = s.text.finish(flush=s.stats.finish_reason != "cancelled")
+                s.tokens += s.text.take_tokens()
                 if s.text.stopped:
                     s.stats.finish_reason = "stop"
                 if rest:

@@ -525,6 +525,7 @@ class LLM:
         self.scheduler = None
         self.last_stats = GenerationStats()
         self.last_batch_stats: list[GenerationStats] = []  # one per prompt of the last list given to generate
+        self.last_batch_tokens: list[list[TokenLogprob]] = []  # the same prompts' generated tokens (records)
         _OPEN.add(self)
 
     def _load(self, backend, verify, chat_template, context_length, n_threads, kv_cache, n_parallel, device,
@@ -907,9 +908,11 @@ class LLM:
         stream left unread while another call takes the engine (PREEMPT_AFTER) re-reads its running
         prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
         Structured output holds each prompt of a list to the grammar (each its own grammar state), an
-        adapter runs with each (its virtual positions computed once and copied to every slot); logits
-        processors serve every prompt (each called with that prompt's ids), so one with an
-        accept(token) method is refused for a list, as are logprobs.
+        adapter runs with each (its virtual positions computed once and copied to every slot);
+        last_batch_tokens[i] lists prompt i's generated tokens as TokenLogprob records (with logprobs
+        when asked, streamed or not), as a single stream's TextStream.tokens; logits processors serve
+        every prompt (each called with that prompt's ids), so one with an accept(token) method is
+        refused for a list.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
@@ -923,7 +926,8 @@ class LLM:
         typical_p ((0, 1], 1: off) is transformers' locally typical sampling, after min_p.
         presence_penalty, frequency_penalty ([-2, 2]; None: 0) and logit_bias ({token id: [-100, 100]})
         are OpenAI's. logprobs: None, or how many most likely alternatives to record per token (0: the
-        chosen token's own log-probability only; needs stream=True); they appear in TextStream.tokens
+        chosen token's own log-probability only; a single prompt needs stream=True); they appear in
+        TextStream.tokens (a list's in last_batch_tokens)
         (those of the returned text: not a stop string's tokens, as the text holds none of it).
         Structured output (needs llguidance): response_format as OpenAI's ({"type": "json_object"},
         {"type": "json_schema", "json_schema": {"schema": {...}}}, or pyllm's {"type": "regex", "regex":
@@ -990,9 +994,6 @@ class LLM:
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         if _is_batch(prompt):
             # (refused before a grammar is compiled: seconds for a large schema, or its own error first)
-            if logprobs is not None:
-                raise ValueError("logprobs are recorded in one prompt's TextStream: give a single prompt with "
-                                 "stream=True")
             stateful = next((p for p in processors if callable(getattr(p, "accept", None))), None)
             if stateful is not None:  # one object told the tokens of every prompt in turn would mix them
                 raise ValueError(f"a logits processor with an accept(token) method ({type(stateful).__name__}) follows "
@@ -1013,7 +1014,8 @@ class LLM:
                 constraint = first.pop() if first else self._constraint(response_format, grammar)
                 return ([constraint] if constraint is not None else []) + processors
 
-            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream, processors_for, chosen)
+            return self._batch(prompts, max_new_tokens, params, stop, stop_ids, stream, processors_for, chosen,
+                               logprobs)
         constraint = self._constraint(response_format, grammar)
         if constraint is not None:
             processors.insert(0, constraint)
@@ -1084,9 +1086,11 @@ class LLM:
         return structured.GrammarProcessor(self.tokenizer, text, self.config.vocab_size)
 
     def _batch(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
-               stop_ids: set[int], stream: bool, processors_for=lambda index: [], adapter: str | None = None):
+               stop_ids: set[int], stream: bool, processors_for=lambda index: [], adapter: str | None = None,
+               logprobs: int | None = None):
         """Several prompts together (pyllm/batch.py): a list of texts, or with stream=True an iterator of
-        (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats.
+        (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats, last_batch_tokens
+        the records of its tokens (TokenLogprob, with log-probabilities when logprobs is not None).
         processors_for(prompt index): that prompt's logits processors, asked for when it starts;
         adapter: the prompt-learning adapter every prompt runs with (None: none)."""
         from .batch import run_batch
@@ -1105,6 +1109,8 @@ class LLM:
             raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         self.last_batch_stats = [GenerationStats(prompt_tokens=len(p), max_new_tokens=max_new_tokens) for p in checked]
         made = iter(self.last_batch_stats)
+        self.last_batch_tokens = [[] for _ in checked]
+        batch_tokens = self.last_batch_tokens
         run = TextStream(GenerationStats())
 
         preempted = []
@@ -1121,7 +1127,7 @@ class LLM:
                 self._acquire(run)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
                 batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
                                   stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set,
-                                  lost, processors_for, adapter)
+                                  lost, processors_for, adapter, logprobs, batch_tokens.__getitem__)
                 for index, piece in batch:
                     self._pause(run)
                     try:
@@ -1144,9 +1150,10 @@ class LLM:
             try:
                 for index, ids in enumerate(checked):
                     alone = TextStream(batch_stats[index])
+                    alone.tokens = batch_tokens[index]
                     alone._pieces = self._run(ids, max_new_tokens, Sampler(params, processors_for(index),
                                                                            prompt_length=len(ids)), stop,
-                                              stop_ids | set(self.tokenizer.eos_ids), alone, None, adapter)
+                                              stop_ids | set(self.tokenizer.eos_ids), alone, logprobs, adapter)
                     try:
                         for piece in alone:
                             yield index, piece

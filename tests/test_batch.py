@@ -950,7 +950,7 @@ def test_a_list_holds_each_prompt_to_the_grammar_as_it_would_be_alone(tiny_llama
 
 def test_a_list_runs_the_callers_stateless_processors_on_each_prompt(tiny_llama_f32):
     """A list's logits processors serve every prompt, each called with that prompt's own ids; one
-    with an accept(token) method (state that follows one prompt) and logprobs are refused."""
+    with an accept(token) method (state that follows one prompt) is refused."""
     def no_repeat(ids, scores):  # bans the last token: reads only the ids it is given
         scores[ids[-1]] = -np.inf
         return scores
@@ -972,5 +972,37 @@ def test_a_list_runs_the_callers_stateless_processors_on_each_prompt(tiny_llama_
 
         with pytest.raises(ValueError, match=r"accept\(token\) method \(Counting\) follows one prompt's tokens"):
             llm.generate(PROMPTS, max_new_tokens=2, logits_processors=[Counting()])
-        with pytest.raises(ValueError, match="logprobs are recorded in one prompt's TextStream"):
-            llm.generate(PROMPTS, max_new_tokens=2, logprobs=1, stream=True)
+
+
+def test_a_list_records_each_prompts_tokens_and_logprobs_as_its_stream_would(model_file):
+    """logprobs were refused for a list; last_batch_tokens[i] now holds prompt i's token records, as
+    TextStream.tokens holds a single stream's: the same ids, log-probabilities (f32: the same logits
+    within 1e-5) and alternatives, streamed or not, a stop string's tokens left out as its text is."""
+    with pyllm.LLM(model_file, n_threads=2) as alone:
+        plain = [alone.generate(p, max_new_tokens=12, temperature=0) for p in PROMPTS]
+        stop = [next(t[len(t) // 2] for t in plain if len(t) > 4 and not t[len(t) // 2].isspace())]
+        expected = []
+        for p in PROMPTS:
+            stream = alone.generate(p, max_new_tokens=12, temperature=0, logprobs=3, stream=True, stop=stop)
+            text = "".join(stream)
+            expected.append((text, stream.tokens))
+    assert any(stream_tokens and len(stream_tokens) < 12 for _, stream_tokens in expected)  # (a stop string cut some)
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=3) as llm:
+        for stream in (False, True):
+            got = llm.generate(PROMPTS, max_new_tokens=12, temperature=0, logprobs=3, stop=stop, stream=stream)
+            if stream:
+                texts = [""] * len(PROMPTS)
+                for index, piece in got:
+                    texts[index] += piece
+            else:
+                texts = got
+            records = llm.last_batch_tokens
+            assert len(records) == len(PROMPTS)
+            for i, (text, want) in enumerate(expected):
+                assert texts[i] == text
+                assert [t.id for t in records[i]] == [t.id for t in want], i
+                for a, b in zip(records[i], want):
+                    assert a.logprob == pytest.approx(b.logprob, abs=2e-4)
+                    assert [k for k, _ in a.top] == [k for k, _ in b.top] and len(a.top) == 3
+        llm.generate(PROMPTS[:2], max_new_tokens=3, temperature=0)  # without logprobs: the ids, no log-probabilities
+        assert all(len(r) == 3 and all(t.logprob is None for t in r) for r in llm.last_batch_tokens)
