@@ -1269,7 +1269,14 @@ class LLM:
                                stream: bool = False, stream_options: dict | None = None,
                                logprobs: bool | None = None, top_logprobs: int | None = None, n: int | None = None,
                                model: str | None = None, user: str | None = None, functions: list | None = None,
-                               function_call: str | dict | None = None):
+                               function_call: str | dict | None = None, reasoning_effort: str | None = None,
+                               verbosity: str | None = None, modalities: list[str] | None = None,
+                               prediction: dict | None = None, store: bool | None = None,
+                               metadata: dict | None = None, service_tier: str | None = None,
+                               prompt_cache_key: str | None = None, prompt_cache_retention: str | None = None,
+                               prompt_cache_options: dict | None = None, safety_identifier: str | None = None,
+                               audio: dict | None = None, web_search_options: dict | None = None,
+                               moderation: dict | None = None):
         """A /v1/chat/completions request, answered as `pyllm serve` answers it (the same
         validation and the same answer, built by the same code: pyllm.serve.Completions), as
         llama-cpp-python's Llama.create_chat_completion answers it.
@@ -1284,6 +1291,11 @@ class LLM:
         llguidance); logprobs=True with
         top_logprobs N: each token's log-probability and its N most likely alternatives.
         functions / function_call (OpenAI's deprecated forms) are refused, saying what to give.
+        reasoning_effort goes to a chat template that reads it (gpt-oss's; refused for one that does
+        not); OpenAI's other fields (verbosity, modalities, prediction, store, metadata, service_tier,
+        prompt_cache_*, safety_identifier, audio, web_search_options, moderation) are checked and
+        answered as the server answers them (text output only; the fields that steer OpenAI's own
+        services change nothing), so that a request's fields pass through as they are.
 
         Returns a dict: {"id": "chatcmpl-...", "object": "chat.completion", "created": int,
         "model": str, "system_fingerprint": str, "choices": [{"index": int, "message": {"role":

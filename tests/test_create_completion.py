@@ -169,7 +169,13 @@ def test_bad_arguments_raise_the_server_s_error(live, llm):
              ("/v1/chat/completions", dict(messages=_chat("hi"), top_logprobs=2)),
              ("/v1/chat/completions", dict(messages=[{"role": "robot", "content": "hi"}])),
              ("/v1/chat/completions", dict(messages=_chat("hi"), response_format={"type": "xml"})),
-             ("/v1/chat/completions", dict(messages=_chat("hi"), functions=[{"name": "f"}]))]
+             ("/v1/chat/completions", dict(messages=_chat("hi"), functions=[{"name": "f"}])),
+             ("/v1/chat/completions", dict(messages=_chat("hi"), reasoning_effort="high")),
+             ("/v1/chat/completions", dict(messages=_chat("hi"), verbosity="low")),
+             ("/v1/chat/completions", dict(messages=_chat("hi"), modalities=["text", "audio"])),
+             ("/v1/chat/completions", dict(messages=_chat("hi"), service_tier="premium")),
+             ("/v1/chat/completions", dict(messages=_chat("hi"), metadata={"k": 5})),
+             ("/v1/chat/completions", dict(messages=_chat("hi"), web_search_options={}))]
     for path, body in cases:
         request = urllib.request.Request(live.url + path, data=json.dumps(body, allow_nan=True).encode())
         with pytest.raises(urllib.error.HTTPError) as served:
@@ -193,6 +199,29 @@ def test_bad_arguments_raise_the_server_s_error(live, llm):
         llm.create_completion("hi", max_new_tokens=3)
     with pytest.raises(TypeError):  # keyword-only: llama-cpp-python's second positional is suffix
         llm.create_completion("hi", 5)
+
+
+def test_every_field_the_server_takes_is_a_keyword_of_the_method():
+    """create_chat_completion lacked OpenAI's newer fields the server takes (reasoning_effort,
+    verbosity, store, metadata, ...): a request's fields passed as keywords were a TypeError."""
+    import inspect
+
+    from pyllm.api_schema import ChatCompletionRequest, CompletionRequest
+
+    for request, method, own in ((ChatCompletionRequest, pyllm.LLM.create_chat_completion, {"messages"}),
+                                 (CompletionRequest, pyllm.LLM.create_completion, {"prompt"})):
+        keywords = {n for n, p in inspect.signature(inspect.unwrap(method)).parameters.items()
+                    if p.kind == p.KEYWORD_ONLY}
+        assert set(request.model_fields) - own <= keywords, (method.__name__, set(request.model_fields) - keywords)
+
+
+def test_openai_s_service_fields_pass_through_as_the_server_takes_them(llm):
+    answer = llm.create_chat_completion(_chat("Hi"), max_tokens=3, temperature=0, store=False,
+                                        metadata={"team": "a"}, service_tier="auto", prompt_cache_key="k",
+                                        safety_identifier="u1", verbosity="medium", modalities=["text"],
+                                        prediction={"type": "content", "content": "Hello"})
+    assert answer["choices"][0]["message"]["content"] == llm.create_chat_completion(
+        _chat("Hi"), max_tokens=3, temperature=0)["choices"][0]["message"]["content"]
 
 
 def test_numpy_values_are_taken(llm):
