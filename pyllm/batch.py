@@ -164,11 +164,14 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                             key=lambda k: _common(seqs[k].ids, s.ids), default=None)
                 copied = _common(seqs[other].ids, s.ids) if other is not None else 0
                 if copied > own:
-                    engine.copy_sequence(other, slot, offset + copied)
+                    engine.copy_sequence(other, slot, offset + copied)  # (the adapter's virtual positions with it)
+                elif adapter is not None and not before.held:  # another call's turn rewrote the slot (_reread),
+                    _open(llm, slot, adapter)  # the virtual positions too: the prompt followed the other's
                 s.stats.cached_tokens = max(own, copied)
                 if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share (a Ctrl-C
                     # in its prefill left the earlier claim, and the next call reused keys that were not there)
                     llm._cached = s.ids[:copied] if copied > own else [] if before.lost else s.ids[:own]
+                    llm._primed = adapter  # (copied after a _reread, which forgot them, the positions are its)
                 before = s
                 begin = time.perf_counter()
                 out = _prefill(engine, [(slot, s.ids, s.stats.cached_tokens)], cancelled, offset)
@@ -270,16 +273,15 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: 
     fed back) run again in their slots, after the adapter's virtual positions, and their logits
     replace rows (the engine's output buffer they were read from is overwritten too). False when
     cancelled meanwhile (each then says so)."""
-    from .adapters import prime
-
-    llm._cached, llm._primed = [], None  # slot 0 is rewritten (an adapter's virtual tokens may be there)
+    llm._cached, llm._primed = [], None  # slot 0 is rewritten (another adapter's virtual tokens may be there)
     for s in seqs:
         s.lost = True  # the end of the list must not record slot 0 as holding its tokens
-        s.held = s.held and not s.done  # (an ended one's slot is not read again: a later prompt must not reuse it)
+        # (an ended one's slot is not read again: a later prompt must not reuse it, and opens it again)
+        s.held = s.held and not s.done
     running = [s for s in seqs if not s.done]
     if adapter is not None:
         for s in running:
-            prime(llm.engine, llm.adapters[adapter], s.slot)
+            _open(llm, s.slot, adapter)
     logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled, offset) if running else None
     if running and logits is None:
         for s in running:
@@ -288,6 +290,16 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: 
     for i, s in enumerate(running):
         rows[s.slot] = logits[i]
     return True
+
+
+def _open(llm, slot: int, adapter: str) -> None:
+    """Writes the adapter's virtual positions into slot again (another call's turn rewrote them); slot
+    0's record (llm._primed) says so, or the next call without the adapter reused tokens after them."""
+    from .adapters import prime
+
+    prime(llm.engine, llm.adapters[adapter], slot)
+    if slot == 0:
+        llm._primed = adapter
 
 
 def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled, offset: int = 0) -> np.ndarray | None:

@@ -444,6 +444,36 @@ def test_a_list_of_prompts_runs_each_adapter_as_peft_does_each_prompt(two_adapte
             assert got == texts["style"] and "cancelled" not in [s.finish_reason for s in llm.last_batch_stats]
 
 
+def test_a_preempted_list_opens_a_freed_slot_with_the_adapter_again(two_adapters):
+    """A list with an adapter, preempted (another call's turn rewrote its slots) after a prompt had ended:
+    the next prompt in that slot ran after the other call's virtual positions (its text wrong), and
+    slot 0, holding the adapter's positions, was recorded as holding none (the next call without the
+    adapter reused tokens at the wrong positions). Each text, and the calls after, as alone."""
+    rng = np.random.default_rng(9)
+    a, b, c = ([int(i) for i in rng.integers(3, 400, n)] for n in (6, 9, 5))
+
+    def end_a(ids, scores):  # a ends after one token (stateless: it reads the ids)
+        if len(ids) > len(a) and ids[:len(a)] == a:
+            scores[:] = -np.inf
+            scores[2] = 0
+        return scores
+
+    options = dict(max_new_tokens=6, temperature=0, logits_processors=[end_a])
+    with pyllm.LLM(two_adapters["file"], n_threads=2) as alone:
+        expected = {name: [alone.generate(p, adapter=name, **options) for p in (a, b, c)] for name in ("qa", "style")}
+        base_c = alone.generate(c, adapter="base", **options)
+    for name, other in (("style", "qa"), ("qa", "base")):
+        for at in range(3):  # (the piece after which the other call runs: a has ended at one of them)
+            with pyllm.LLM(two_adapters["file"], n_threads=2, n_parallel=2) as llm:
+                got = ["", "", ""]
+                for n, (index, piece) in enumerate(llm.generate([a, b, c], adapter=name, stream=True, **options)):
+                    got[index] += piece
+                    if n == at:
+                        llm.generate([b, a], adapter=other, max_new_tokens=2)
+                assert got == expected[name], (name, at)
+                assert llm.generate(c, adapter="base", **options) == base_c, (name, at)
+
+
 def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
     """PEFT saves every adapter but "default" in a subdirectory named after it: the parent directory, given
     to --adapter or --lora, said only "has no adapter_config.json: is it a PEFT adapter directory?"."""
