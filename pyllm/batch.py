@@ -163,15 +163,17 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 other = max((k for k in range(len(seqs)) if k != slot and seqs[k].held),
                             key=lambda k: _common(seqs[k].ids, s.ids), default=None)
                 copied = _common(seqs[other].ids, s.ids) if other is not None else 0
+                if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share, which it
+                    # says first (a Ctrl-C in the copy or the prefill left the earlier claim, and the next call
+                    # reused keys that were not there)
+                    llm._cached = [] if before.lost else s.ids[:own]
                 if copied > own:
                     engine.copy_sequence(other, slot, offset + copied)  # (the adapter's virtual positions with it)
                 elif adapter is not None and not before.held:  # another call's turn rewrote the slot (_reread),
                     _open(llm, slot, adapter)  # the virtual positions too: the prompt followed the other's
-                s.stats.cached_tokens = max(own, copied)
-                if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share (a Ctrl-C
-                    # in its prefill left the earlier claim, and the next call reused keys that were not there)
-                    llm._cached = s.ids[:copied] if copied > own else [] if before.lost else s.ids[:own]
+                if slot == 0:
                     llm._primed = adapter  # (copied after a _reread, which forgot them, the positions are its)
+                s.stats.cached_tokens = max(own, copied)
                 before = s
                 begin = time.perf_counter()
                 out = _prefill(engine, [(slot, s.ids, s.stats.cached_tokens)], cancelled, offset)

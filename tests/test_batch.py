@@ -270,6 +270,41 @@ def test_a_ctrl_c_in_slot_0_s_refill_leaves_no_false_prefix(model_file, monkeypa
         assert llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban) == expected
 
 
+def test_a_ctrl_c_in_slot_0_s_copy_leaves_no_false_prefix(model_file):
+    """A later prompt taking slot 0 may copy a prefix another slot holds over what is there: a Ctrl-C
+    landing in that copy left slot 0 recorded as holding the earlier prompt's tokens, and the next call
+    continuing them reused another prompt's keys and values. The claim now comes before the copy."""
+    prefix = list(range(20, 60))
+    probe = [9] * 50 + [7, 8]
+
+    class Interrupted:  # the engine, with a Ctrl-C as the copy into slot 0 returns
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def copy_sequence(self, source, slot, n):
+            self.engine.copy_sequence(source, slot, n)
+            if slot == 0:
+                raise KeyboardInterrupt
+
+    def end_first(ids, scores):  # the first prompt ends at once, and the third takes slot 0 (stateless)
+        if ids[:50] == [9] * 50 and len(ids) > 50:
+            scores[:] = -np.inf
+            scores[2] = 0
+        return scores
+
+    with pyllm.LLM(model_file, n_threads=2, context_length=128, n_parallel=2) as llm:
+        expected = llm.generate(probe, max_new_tokens=8, temperature=0, stop_token_ids=[])
+        engine, llm.engine = llm.engine, Interrupted(llm.engine)
+        with pytest.raises(KeyboardInterrupt):  # (the third copies the prefix it shares with the second)
+            llm.generate([[9] * 50, prefix[:35] + [5] * 5, prefix[:33] + [6] * 3], max_new_tokens=6, temperature=0,
+                         logits_processors=[end_first])
+        llm.engine = engine
+        assert llm.generate(probe, max_new_tokens=8, temperature=0, stop_token_ids=[]) == expected
+
+
 def test_a_list_reuses_what_slot_0_holds_as_single_calls_do(model_file):
     """Slot 0 reused only the prefix every prompt of a wave shares, so a list run one prompt at a time
     (n_parallel=1, the default) computed its system prompt again for each prompt, where a loop of
