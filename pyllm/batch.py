@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .llm import StopText, common_prefix_length
+from .llm import LIST_ITEM_ERRORS, StopText, _naming, common_prefix_length
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -187,7 +187,8 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
         if not active:
             break
         for s in active:
-            token = s.sampler(rows[s.slot], s.ids)
+            with _naming(f"prompt {s.index} of the list", LIST_ITEM_ERRORS):  # (a grammar it cannot follow)
+                token = s.sampler(rows[s.slot], s.ids)
             s.generated += 1
             s.stats.generated_tokens += 1
             if s.generated == 1:

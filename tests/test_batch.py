@@ -983,6 +983,37 @@ def test_a_list_holds_each_prompt_to_the_grammar_as_it_would_be_alone(tiny_llama
         assert len(llm.generate(prompts, max_new_tokens=2, response_format={"type": "text"})) == len(prompts)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # (cuda: the path that runs a list one prompt at a time)
+def test_a_grammar_one_prompt_of_a_list_cannot_follow_names_that_prompt(tiny_llama_f32, device):
+    """A grammar that fails in one prompt of a list (here a processor after it lets a token the grammar
+    refuses through) ended the list with "the grammar cannot be followed", leaving which of the prompts
+    to guess, where every other error about one prompt names it; the prompts still running say
+    "cancelled", and the engine's next calls give what they give alone. A caller's processor's own
+    exception still comes out as itself (test_a_callback_s_exception_comes_out_as_itself)."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import GrammarError
+
+    grammar = "start: /[a-z]{1,10}/"
+    with pyllm.LLM(tiny_llama_f32, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=6, temperature=0, grammar=grammar) for p in PROMPTS[:4]]
+        target = alone.tokenize(PROMPTS[2])
+        digit = alone.tokenize("7", add_special_tokens=False)[0]
+
+    def rogue(ids, scores):  # prompt 2's second token: a digit
+        if ids[:len(target)] == target and len(ids) == len(target) + 1:
+            scores[:] = -np.inf
+            scores[digit] = 0
+        return scores
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=2, n_parallel=2) as llm:
+        llm.device = device
+        with pytest.raises(GrammarError, match="^prompt 2 of the list: the grammar cannot be followed"):
+            llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar, logits_processors=[rogue])
+        assert llm.last_batch_stats[2].finish_reason == llm.last_batch_stats[3].finish_reason == "cancelled"
+        assert llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar) == expected
+        assert llm.generate(PROMPTS[2], max_new_tokens=6, temperature=0, grammar=grammar) == expected[2]
+
+
 def test_a_list_runs_the_callers_stateless_processors_on_each_prompt(tiny_llama_f32):
     """A list's logits processors serve every prompt, each called with that prompt's own ids; one
     with an accept(token) method (state that follows one prompt) and logprobs are refused."""
