@@ -84,6 +84,10 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     whether another call had the engine while a piece was out (the caller's stream was preempted):
     the running sequences then re-read their tokens into their slots (their logits too: the same
     bits however rows are run) and go on with the same text, as a single stream does."""
+    if max_new_tokens == 0:  # nothing to generate: nothing computed, slot 0 kept, as a single call (LLM._run)
+        for p in prompts:
+            stats_factory(len(p)).finish_reason = "length"
+        return
     engine = llm.engine
     slots = engine.n_seq
     if adapter is not None:

@@ -225,6 +225,22 @@ def test_prefixes_shared_by_some_prompts_of_a_wave_are_computed_once(model_file,
         assert sum(rows) == sum(len(p) for p in prompts) - sum(cached)
 
 
+def test_a_list_with_no_new_tokens_computes_nothing_as_a_single_call(model_file, monkeypatch):
+    """max_new_tokens=0: a single call returns at once, computing nothing and keeping its cache; a list
+    ran (and copied, with an adapter primed) every prompt of its first wave for nothing, and rewrote
+    slot 0, the single calls' cache."""
+    calls = _counting_prefill(monkeypatch)
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2) as llm:
+        held = list(range(10, 40))
+        llm.generate(held, max_new_tokens=2)
+        assert llm.generate(PROMPTS[:3], max_new_tokens=0) == ["", "", ""]
+        assert calls == []
+        assert [(s.finish_reason, s.cached_tokens, s.prefill_seconds) for s in llm.last_batch_stats] == \
+            [("length", 0, 0.0)] * 3
+        llm.generate(held, max_new_tokens=2)
+        assert llm.last_stats.cached_tokens == len(held) - 1  # (slot 0 still holds it)
+
+
 def test_a_later_prompt_copies_the_longest_prefix_any_slot_holds(model_file, monkeypatch):
     """A prompt past n_parallel reused only what its own slot held (the prompt before it there); the
     system prompt it shares with a sequence still running in another slot was computed again."""
