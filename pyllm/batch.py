@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .llm import StopText, _token_logprob, common_prefix_length
+from .llm import LIST_ITEM_ERRORS, StopText, _naming, _token_logprob, common_prefix_length
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -88,6 +88,10 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     whether another call had the engine while a piece was out (the caller's stream was preempted):
     the running sequences then re-read their tokens into their slots (their logits too: the same
     bits however rows are run) and go on with the same text, as a single stream does."""
+    if max_new_tokens == 0:  # nothing to generate: nothing computed, slot 0 kept, as a single call (LLM._run)
+        for p in prompts:
+            stats_factory(len(p)).finish_reason = "length"
+        return
     engine = llm.engine
     slots = engine.n_seq
     if adapter is not None:
@@ -169,12 +173,17 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 other = max((k for k in range(len(seqs)) if k != slot and seqs[k].held),
                             key=lambda k: _common(seqs[k].ids, s.ids), default=None)
                 copied = _common(seqs[other].ids, s.ids) if other is not None else 0
+                if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share, which it
+                    # says first (a Ctrl-C in the copy or the prefill left the earlier claim, and the next call
+                    # reused keys that were not there)
+                    llm._cached = [] if before.lost else s.ids[:own]
                 if copied > own:
-                    engine.copy_sequence(other, slot, offset + copied)
+                    engine.copy_sequence(other, slot, offset + copied)  # (the adapter's virtual positions with it)
+                elif adapter is not None and not before.held:  # another call's turn rewrote the slot (_reread),
+                    _open(llm, slot, adapter)  # the virtual positions too: the prompt followed the other's
+                if slot == 0:
+                    llm._primed = adapter  # (copied after a _reread, which forgot them, the positions are its)
                 s.stats.cached_tokens = max(own, copied)
-                if slot == 0:  # the single-prompt calls' cache: it is rewritten past what they share (a Ctrl-C
-                    # in its prefill left the earlier claim, and the next call reused keys that were not there)
-                    llm._cached = s.ids[:copied] if copied > own else [] if before.lost else s.ids[:own]
                 before = s
                 begin = time.perf_counter()
                 out = _prefill(engine, [(slot, s.ids, s.stats.cached_tokens)], cancelled, offset)
@@ -188,7 +197,8 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
         if not active:
             break
         for s in active:
-            token = s.sampler(rows[s.slot], s.ids)
+            with _naming(f"prompt {s.index} of the list", LIST_ITEM_ERRORS):  # (a grammar it cannot follow)
+                token = s.sampler(rows[s.slot], s.ids)
             s.generated += 1
             s.stats.generated_tokens += 1
             if s.generated == 1:
@@ -278,16 +288,15 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: 
     fed back) run again in their slots, after the adapter's virtual positions, and their logits
     replace rows (the engine's output buffer they were read from is overwritten too). False when
     cancelled meanwhile (each then says so)."""
-    from .adapters import prime
-
-    llm._cached, llm._primed = [], None  # slot 0 is rewritten (an adapter's virtual tokens may be there)
+    llm._cached, llm._primed = [], None  # slot 0 is rewritten (another adapter's virtual tokens may be there)
     for s in seqs:
         s.lost = True  # the end of the list must not record slot 0 as holding its tokens
-        s.held = s.held and not s.done  # (an ended one's slot is not read again: a later prompt must not reuse it)
+        # (an ended one's slot is not read again: a later prompt must not reuse it, and opens it again)
+        s.held = s.held and not s.done
     running = [s for s in seqs if not s.done]
     if adapter is not None:
         for s in running:
-            prime(llm.engine, llm.adapters[adapter], s.slot)
+            _open(llm, s.slot, adapter)
     logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled, offset) if running else None
     if running and logits is None:
         for s in running:
@@ -296,6 +305,16 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: 
     for i, s in enumerate(running):
         rows[s.slot] = logits[i]
     return True
+
+
+def _open(llm, slot: int, adapter: str) -> None:
+    """Writes the adapter's virtual positions into slot again (another call's turn rewrote them); slot
+    0's record (llm._primed) says so, or the next call without the adapter reused tokens after them."""
+    from .adapters import prime
+
+    prime(llm.engine, llm.adapters[adapter], slot)
+    if slot == 0:
+        llm._primed = adapter
 
 
 def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled, offset: int = 0) -> np.ndarray | None:

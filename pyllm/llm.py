@@ -250,13 +250,18 @@ def prompt_type_error(prompt) -> Exception:
                      f"items: item {i} is {type(bad).__name__} {bad!r:.40}")
 
 
+# what a list's prompt raises as it generates that names it (a grammar the model cannot follow); a
+# caller's processor's own exception comes out as itself, its traceback whole
+LIST_ITEM_ERRORS = (PyllmError,)
+
+
 @contextlib.contextmanager
-def _naming(item: str | None) -> Iterator[None]:
+def _naming(item: str | None, errors: tuple = (ValueError, TypeError)) -> Iterator[None]:
     """An error about one item of a list (a prompt, a conversation) names it: "prompt 3 of the list: ..."
-    (which of 8 prompts was too long was left to guess). None: as it is."""
+    (which of 8 prompts was too long was left to guess). None: as it is. errors: the types named."""
     try:
         yield
-    except (ValueError, TypeError) as e:
+    except errors as e:
         if item is None:
             raise
         try:
@@ -1155,8 +1160,9 @@ class LLM:
                                                                            prompt_length=len(ids)), stop,
                                               stop_ids | set(self.tokenizer.eos_ids), alone, logprobs, adapter)
                     try:
-                        for piece in alone:
-                            yield index, piece
+                        with _naming(f"prompt {index} of the list", LIST_ITEM_ERRORS):
+                            for piece in alone:
+                                yield index, piece
                     finally:
                         alone.close()
                     if batch_stats[index].finish_reason == "cancelled":

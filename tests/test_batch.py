@@ -225,6 +225,22 @@ def test_prefixes_shared_by_some_prompts_of_a_wave_are_computed_once(model_file,
         assert sum(rows) == sum(len(p) for p in prompts) - sum(cached)
 
 
+def test_a_list_with_no_new_tokens_computes_nothing_as_a_single_call(model_file, monkeypatch):
+    """max_new_tokens=0: a single call returns at once, computing nothing and keeping its cache; a list
+    ran (and copied, with an adapter primed) every prompt of its first wave for nothing, and rewrote
+    slot 0, the single calls' cache."""
+    calls = _counting_prefill(monkeypatch)
+    with pyllm.LLM(model_file, n_threads=2, n_parallel=2) as llm:
+        held = list(range(10, 40))
+        llm.generate(held, max_new_tokens=2)
+        assert llm.generate(PROMPTS[:3], max_new_tokens=0) == ["", "", ""]
+        assert calls == []
+        assert [(s.finish_reason, s.cached_tokens, s.prefill_seconds) for s in llm.last_batch_stats] == \
+            [("length", 0, 0.0)] * 3
+        llm.generate(held, max_new_tokens=2)
+        assert llm.last_stats.cached_tokens == len(held) - 1  # (slot 0 still holds it)
+
+
 def test_a_later_prompt_copies_the_longest_prefix_any_slot_holds(model_file, monkeypatch):
     """A prompt past n_parallel reused only what its own slot held (the prompt before it there); the
     system prompt it shares with a sequence still running in another slot was computed again."""
@@ -268,6 +284,41 @@ def test_a_ctrl_c_in_slot_0_s_refill_leaves_no_false_prefix(model_file, monkeypa
         with pytest.raises(KeyboardInterrupt):  # the first prompt ends at the context's end, 2 tokens on
             llm.generate([prefix + [5] * 85, [9, 10], [300] * 30], max_new_tokens=20, temperature=0, logit_bias=ban)
         assert llm.generate(probe, max_new_tokens=8, temperature=0, logit_bias=ban) == expected
+
+
+def test_a_ctrl_c_in_slot_0_s_copy_leaves_no_false_prefix(model_file):
+    """A later prompt taking slot 0 may copy a prefix another slot holds over what is there: a Ctrl-C
+    landing in that copy left slot 0 recorded as holding the earlier prompt's tokens, and the next call
+    continuing them reused another prompt's keys and values. The claim now comes before the copy."""
+    prefix = list(range(20, 60))
+    probe = [9] * 50 + [7, 8]
+
+    class Interrupted:  # the engine, with a Ctrl-C as the copy into slot 0 returns
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def copy_sequence(self, source, slot, n):
+            self.engine.copy_sequence(source, slot, n)
+            if slot == 0:
+                raise KeyboardInterrupt
+
+    def end_first(ids, scores):  # the first prompt ends at once, and the third takes slot 0 (stateless)
+        if ids[:50] == [9] * 50 and len(ids) > 50:
+            scores[:] = -np.inf
+            scores[2] = 0
+        return scores
+
+    with pyllm.LLM(model_file, n_threads=2, context_length=128, n_parallel=2) as llm:
+        expected = llm.generate(probe, max_new_tokens=8, temperature=0, stop_token_ids=[])
+        engine, llm.engine = llm.engine, Interrupted(llm.engine)
+        with pytest.raises(KeyboardInterrupt):  # (the third copies the prefix it shares with the second)
+            llm.generate([[9] * 50, prefix[:35] + [5] * 5, prefix[:33] + [6] * 3], max_new_tokens=6, temperature=0,
+                         logits_processors=[end_first])
+        llm.engine = engine
+        assert llm.generate(probe, max_new_tokens=8, temperature=0, stop_token_ids=[]) == expected
 
 
 def test_a_list_reuses_what_slot_0_holds_as_single_calls_do(model_file):
@@ -946,6 +997,37 @@ def test_a_list_holds_each_prompt_to_the_grammar_as_it_would_be_alone(tiny_llama
         with pytest.raises(ValueError, match="response_format type must be one of"):
             llm.generate(prompts, response_format={"type": "yaml"})
         assert len(llm.generate(prompts, max_new_tokens=2, response_format={"type": "text"})) == len(prompts)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # (cuda: the path that runs a list one prompt at a time)
+def test_a_grammar_one_prompt_of_a_list_cannot_follow_names_that_prompt(tiny_llama_f32, device):
+    """A grammar that fails in one prompt of a list (here a processor after it lets a token the grammar
+    refuses through) ended the list with "the grammar cannot be followed", leaving which of the prompts
+    to guess, where every other error about one prompt names it; the prompts still running say
+    "cancelled", and the engine's next calls give what they give alone. A caller's processor's own
+    exception still comes out as itself (test_a_callback_s_exception_comes_out_as_itself)."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import GrammarError
+
+    grammar = "start: /[a-z]{1,10}/"
+    with pyllm.LLM(tiny_llama_f32, n_threads=2) as alone:
+        expected = [alone.generate(p, max_new_tokens=6, temperature=0, grammar=grammar) for p in PROMPTS[:4]]
+        target = alone.tokenize(PROMPTS[2])
+        digit = alone.tokenize("7", add_special_tokens=False)[0]
+
+    def rogue(ids, scores):  # prompt 2's second token: a digit
+        if ids[:len(target)] == target and len(ids) == len(target) + 1:
+            scores[:] = -np.inf
+            scores[digit] = 0
+        return scores
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=2, n_parallel=2) as llm:
+        llm.device = device
+        with pytest.raises(GrammarError, match="^prompt 2 of the list: the grammar cannot be followed"):
+            llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar, logits_processors=[rogue])
+        assert llm.last_batch_stats[2].finish_reason == llm.last_batch_stats[3].finish_reason == "cancelled"
+        assert llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar) == expected
+        assert llm.generate(PROMPTS[2], max_new_tokens=6, temperature=0, grammar=grammar) == expected[2]
 
 
 def test_a_list_runs_the_callers_stateless_processors_on_each_prompt(tiny_llama_f32):

@@ -6,6 +6,7 @@ shows in the logits) and saved as peft saves them; pyllm converts the base with 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -442,6 +443,43 @@ def test_a_list_of_prompts_runs_each_adapter_as_peft_does_each_prompt(two_adapte
                 if n in (0, 4):
                     interloper()
             assert got == texts["style"] and "cancelled" not in [s.finish_reason for s in llm.last_batch_stats]
+
+
+def test_a_preempted_list_opens_a_freed_slot_with_the_adapter_again(two_adapters):
+    """A list with an adapter, preempted (another call's turn rewrote its slots) after a prompt had ended:
+    the next prompt in that slot ran after the other call's virtual positions (its text wrong), and
+    slot 0, holding the adapter's positions (opened again, or copied with a prefix another slot holds),
+    was recorded as holding none (the next call without the adapter reused tokens at the wrong
+    positions). Each text, and the calls after, as alone."""
+    rng = np.random.default_rng(9)
+    a, b, c = ([int(i) for i in rng.integers(3, 400, n)] for n in (6, 9, 5))
+    shares = b[:7] + c[:2]  # (copies b's prefix from slot 1, b still running there)
+
+    def script(ids, scores):  # a ends at once, b's first piece comes out in that step (stateless: reads the ids)
+        forced = 2 if ids[:len(a)] == a else letter if ids == b else None
+        if forced is not None:
+            scores[:] = -np.inf
+            scores[forced] = 0
+        return scores
+
+    options = dict(max_new_tokens=6, temperature=0, logits_processors=[script])
+    with pyllm.LLM(two_adapters["file"], n_threads=2) as alone:
+        letter = alone.tokenize("a", add_special_tokens=False)[0]
+        expected = {(name, len(third)): [alone.generate(p, adapter=name, **options) for p in (a, b, third)]
+                    for name in ("qa", "style") for third in (c, shares)}
+        base = {len(third): alone.generate(third, adapter="base", **options) for third in (c, shares)}
+    for (name, other), third in itertools.product((("style", "qa"), ("qa", "base")), (c, shares)):
+        with pyllm.LLM(two_adapters["file"], n_threads=2, n_parallel=2) as llm:
+            got, ran = ["", "", ""], False
+            for index, piece in llm.generate([a, b, third], adapter=name, stream=True, **options):
+                got[index] += piece
+                stats = llm.last_batch_stats
+                if stats[0].finish_reason == "stop" and not stats[2].finish_reason and not ran:
+                    llm.generate([b, a], adapter=other, max_new_tokens=2)  # (a has ended, the third not begun)
+                    ran = True
+            assert ran
+            assert got == expected[name, len(third)], (name, len(third))
+            assert llm.generate(third, adapter="base", **options) == base[len(third)], (name, len(third))
 
 
 def test_a_directory_of_named_peft_adapters_lists_them(two_adapters, tmp_path):
