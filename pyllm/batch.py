@@ -294,9 +294,12 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: 
         # (an ended one's slot is not read again: a later prompt must not reuse it, and opens it again)
         s.held = s.held and not s.done
     running = [s for s in seqs if not s.done]
-    if adapter is not None:
-        for s in running:
-            _open(llm, s.slot, adapter)
+    if adapter is not None and running:  # computed in one slot, copied to the others
+        _open(llm, running[0].slot, adapter)
+        for s in running[1:]:
+            llm.engine.copy_sequence(running[0].slot, s.slot, offset)
+            if s.slot == 0:
+                llm._primed = adapter
     logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled, offset) if running else None
     if running and logits is None:
         for s in running:

@@ -1151,7 +1151,9 @@ class LLM:
         def one_by_one():
             # the CUDA engine holds one sequence and runs no rows of several (forward_rows raised "the cuda
             # engine runs one sequence at a time" at the list's first step): each prompt runs as it would
-            # alone, in turn; cancel() ends the one running (its holder) and the rest
+            # alone, in turn; cancel() ends the one running (its holder) and the rest. last_stats stays the
+            # last single call's, as the batched path leaves it (_run sets it for each prompt)
+            previous = self.last_stats
             try:
                 for index, ids in enumerate(checked):
                     alone = TextStream(batch_stats[index])
@@ -1168,6 +1170,7 @@ class LLM:
                     if batch_stats[index].finish_reason == "cancelled":
                         break
             finally:
+                self.last_stats = previous
                 for stats in batch_stats:  # cancelled (or closed) before their turn: never started
                     stats.finish_reason = stats.finish_reason or "cancelled"
 

@@ -1028,6 +1028,11 @@ def test_a_grammar_one_prompt_of_a_list_cannot_follow_names_that_prompt(tiny_lla
         assert llm.last_batch_stats[2].finish_reason == llm.last_batch_stats[3].finish_reason == "cancelled"
         assert llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar) == expected
         assert llm.generate(PROMPTS[2], max_new_tokens=6, temperature=0, grammar=grammar) == expected[2]
+        # last_stats stays the last single call's on either path (the one-at-a-time path set it to the
+        # list's last prompt's)
+        single = llm.last_stats
+        llm.generate(PROMPTS[:3], max_new_tokens=2, temperature=0)
+        assert llm.last_stats is single
 
 
 def test_a_list_runs_the_callers_stateless_processors_on_each_prompt(tiny_llama_f32):
