@@ -512,8 +512,11 @@ class LLM:
         # Who uses the engine: the holder (a TextStream or a _Call), its thread, and since when a
         # holding stream has been waiting for its consumer (None while it computes).
         # `with self._lock`, not `with self._turn`: Condition.__enter__ is Python code, and a Ctrl-C landing in
-        # it after the lock was taken left it taken for ever (every other thread's next call waited)
-        self._lock = threading.Lock()
+        # it after the lock was taken left it taken for ever (every other thread's next call waited).
+        # Reentrant: a stream its consumer left unfinished gives its turn back (_release) when it is
+        # collected, and the cycle collector runs at any allocation, in any thread: one holding this lock
+        # (in _acquire, _pause) waited for it for ever
+        self._lock = threading.RLock()
         self._turn = threading.Condition(self._lock)
         self._holder = None
         self._holder_thread: int | None = None
@@ -684,8 +687,9 @@ class LLM:
                 # the holder is computing in this very thread: this call comes from inside it (a logits
                 # processor calling the LLM) and would wait for itself for ever
                 raise RuntimeError(REENTRANT_CALL)
-            if self._idle_since is not None:
-                idle = time.monotonic() - self._idle_since
+            since = self._idle_since  # (read once: a stream collected meanwhile may give its turn back, _lock)
+            if since is not None:
+                idle = time.monotonic() - since
                 if self._holder_thread == me or idle >= PREEMPT_AFTER:
                     self._preempted.add(id(self._holder))
                     return
@@ -712,7 +716,7 @@ class LLM:
         gives the engine up (its step may have been half done: the KV cache is not trusted), the lock is
         new (another thread may have held it at the fork), and an attached scheduler, whose thread
         is gone, is detached (calls run one at a time, as without one)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._turn = threading.Condition(self._lock)
         self._waiting = 0
         if self.engine is not None:

@@ -1421,6 +1421,53 @@ def test_a_ctrl_c_between_taking_and_giving_back_the_engine_does_not_hold_it(tin
     assert (acquire, release) == (llm._acquire, llm._release)
     llm.close()
 
+
+def test_an_abandoned_stream_collected_while_the_engine_s_lock_is_held_does_not_hang(tiny_llama_f32):
+    """A stream its consumer left unfinished (a `for` left by break, an error in the loop) ends when it is
+    collected: a single stream always by the cycle collector (TextStream and its generator refer to each
+    other), a list's stream when it sits in a cycle (an exception's traceback). Its ending gives the turn
+    back under the LLM's lock, and the collector runs at any allocation, in any thread: one that ran while
+    a thread held that lock (taking its turn, pausing between pieces) waited for the lock for ever in that
+    same thread, and every call after it too. The lock is now reentrant."""
+    import gc
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2)
+    expected = llm.generate([5, 6, 7], max_new_tokens=3, temperature=0)
+
+    class Cycle:
+        pass
+
+    def abandon(prompt):
+        stream = llm.generate(prompt, stream=True, max_new_tokens=20, temperature=0)
+        next(stream)
+        garbage = Cycle()
+        garbage.me, garbage.stream = garbage, stream  # (a list's stream is otherwise freed at once)
+
+    def collect_holding_the_lock():
+        with llm._lock:
+            gc.collect()
+
+    # (a single stream still holding the engine is the LLM's holder: not garbage until another call takes it)
+    for prompt, preempted in (([5, 6], True), ([[5, 6], [8, 9, 10]], True), ([[5, 6], [8, 9, 10]], False)):
+        gc.collect()
+        gc.disable()  # (no collection runs before the one below)
+        try:
+            abandon(prompt)
+            if preempted:  # the engine taken from it, else it is still the (idle) holder
+                assert llm.generate([5, 6, 7], max_new_tokens=3, temperature=0) == expected
+            collector = threading.Thread(target=collect_holding_the_lock, daemon=True)
+            collector.start()
+            collector.join(10)
+        finally:
+            gc.enable()
+        if collector.is_alive():
+            pyllm.llm._OPEN.discard(llm)  # (its lock is taken for ever: close() at exit would wait too)
+            pytest.fail(f"{prompt}, preempted={preempted}: collecting the stream waited for the lock for ever")
+        assert llm._holder is None
+        assert llm.generate([5, 6, 7], max_new_tokens=3, temperature=0) == expected
+    llm.close()
+
+
 def test_a_processor_that_changes_the_ids_it_is_given_changes_nothing_else(llm):
     """A logits processor was handed the engine's own list of the tokens so far (LLM._run's, a
     scheduled stream's): one that appended to it (or cleared it) moved every later token's position
