@@ -357,6 +357,32 @@ class TextStream:
         self._pieces.close()
 
 
+class BatchStream:
+    """generate([...], stream=True): an iterator of (prompt index, text piece). stats[i] and tokens[i] are
+    prompt i's GenerationStats and the records of its generated tokens (TokenLogprob), this list's
+    whatever is given after it (llm.last_batch_stats / last_batch_tokens are the last list's: another
+    thread's list replaces them). cancel() (from any thread) ends this list within one token, or within
+    one prefill chunk, whoever holds the engine meanwhile; close() stops it from the consuming thread."""
+
+    def __init__(self, pieces: Iterator[tuple[int, str]], stats: list, tokens: list, cancelled: threading.Event):
+        self.stats = stats
+        self.tokens = tokens
+        self.cancelled = cancelled
+        self._pieces = pieces
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
 class _TokenizerLoader:
     """Parses a model's embedded tokenizer in a thread of its own; result() waits for it."""
 
@@ -913,7 +939,8 @@ class LLM:
 
         A list of prompts (texts or token-id lists) is generated together, n_parallel sequences per
         engine step, each exactly as it would be alone (pyllm/batch.py): returns a list of texts, or with
-        stream=True an iterator of (prompt index, text piece); last_batch_stats has their stats. Such a
+        stream=True a BatchStream of (prompt index, text piece) pairs, whose stats and tokens are its prompts'
+        (last_batch_stats and last_batch_tokens: the last list's) and whose cancel() ends it alone. Such a
         stream left unread while another call takes the engine (PREEMPT_AFTER) re-reads its running
         prompts' tokens when read again and goes on with the same texts, as a single prompt's does.
         Structured output holds each prompt of a list to the grammar (each its own grammar state), an
@@ -1097,7 +1124,7 @@ class LLM:
     def _batch(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
                stop_ids: set[int], stream: bool, processors_for=lambda index: [], adapter: str | None = None,
                logprobs: int | None = None):
-        """Several prompts together (pyllm/batch.py): a list of texts, or with stream=True an iterator of
+        """Several prompts together (pyllm/batch.py): a list of texts, or with stream=True a BatchStream of
         (prompt index, text piece); last_batch_stats holds each prompt's GenerationStats, last_batch_tokens
         the records of its tokens (TokenLogprob, with log-probabilities when logprobs is not None).
         processors_for(prompt index): that prompt's logits processors, asked for when it starts;
@@ -1161,7 +1188,7 @@ class LLM:
             try:
                 for index, ids in enumerate(checked):
                     alone = TextStream(batch_stats[index])
-                    alone.tokens = batch_tokens[index]
+                    alone.tokens, alone.cancelled = batch_tokens[index], run.cancelled  # (BatchStream.cancel())
                     alone._pieces = self._run(ids, max_new_tokens, Sampler(params, processors_for(index),
                                                                            prompt_length=len(ids)), stop,
                                               stop_ids | set(self.tokenizer.eos_ids), alone, logprobs, adapter)
@@ -1181,7 +1208,7 @@ class LLM:
         if self.device != "cpu":
             pieces = one_by_one
         if stream:
-            return pieces()
+            return BatchStream(pieces(), batch_stats, batch_tokens, run.cancelled)
         texts = [""] * len(checked)
         for index, piece in pieces():
             texts[index] += piece

@@ -1093,3 +1093,50 @@ def test_a_list_records_each_prompts_tokens_and_logprobs_as_its_stream_would(mod
                     assert [k for k, _ in a.top] == [k for k, _ in b.top] and len(a.top) == 3
         llm.generate(PROMPTS[:2], max_new_tokens=3, temperature=0)  # without logprobs: the ids, no log-probabilities
         assert all(len(r) == 3 and all(t.logprob is None for t in r) for r in llm.last_batch_tokens)
+
+
+def test_a_list_s_stream_keeps_its_own_stats_and_tokens_and_cancels_alone(tiny_llama_f32):
+    """llm.last_batch_stats / last_batch_tokens name the last list given, and a list's stream had no records
+    of its own: a thread reading its list while another thread's list ran could not tell its prompts' stats
+    and tokens from the other's, and could stop it only with llm.cancel(), which ends whichever call holds
+    the engine (the other list). A list's stream now has stats, tokens and cancel() of its own, as a
+    TextStream has (on the one-prompt-at-a-time path too)."""
+    a_prompts, b_prompts = [[10, 11, 12], [13, 14]], [[20, 21, 22, 23], [24, 25], [26, 27]]
+    options = dict(max_new_tokens=6, temperature=0)
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        expected = {}
+        for name, prompts, logprobs in (("a", a_prompts, 2), ("b", b_prompts, 0)):
+            streams = [alone.generate(p, stream=True, logprobs=logprobs, logit_bias=ban, **options) for p in prompts]
+            expected[name] = [("".join(s), [(t.id, [i for i, _ in t.top or []]) for t in s.tokens]) for s in streams]
+    for device in ("cpu", "cuda"):  # ("cuda": each prompt in turn, as the CUDA engine's lists run)
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2) as llm:
+            llm.device = device
+            a = llm.generate(a_prompts, stream=True, logprobs=2, logit_bias=ban, **options)
+            b = llm.generate(b_prompts, stream=True, logprobs=0, logit_bias=ban, **options)
+            assert llm.last_batch_stats is b.stats and llm.last_batch_tokens is b.tokens
+            got = {"a": ["", ""], "b": ["", "", ""]}
+            streams = {"a": a, "b": b}
+            while streams:  # read in turn: each takes the engine from the other (the same thread's: at once)
+                for name, stream in list(streams.items()):
+                    try:
+                        index, piece = next(stream)
+                        got[name][index] += piece
+                    except StopIteration:
+                        del streams[name]
+            for name, stream in (("a", a), ("b", b)):
+                assert [(text, [(t.id, [i for i, _ in t.top or []]) for t in tokens])
+                        for text, tokens in zip(got[name], stream.tokens)] == expected[name], (device, name)
+                assert [s.generated_tokens for s in stream.stats] == [6] * len(stream.stats), (device, name)
+                assert {s.finish_reason for s in stream.stats} == {"length"}, (device, name)
+            # one list cancelled while the other holds the engine: it alone ends
+            a = llm.generate(a_prompts, stream=True, logit_bias=ban, **options)
+            b = llm.generate(b_prompts, stream=True, logit_bias=ban, **options)
+            next(a)
+            first = next(b)  # (b holds the engine)
+            a.cancel()
+            assert len(list(a)) <= 1 and "cancelled" in {s.finish_reason for s in a.stats}, device
+            texts = ["", "", ""]
+            for index, piece in [first, *b]:
+                texts[index] += piece
+            assert texts == [text for text, _ in expected["b"]] and {s.finish_reason for s in b.stats} == {"length"}
