@@ -1594,8 +1594,18 @@ class LLM:
         waited for; a stream left unread loses the engine at once (read
         again, it raises RuntimeError); an attached scheduler ends its streams and stops. Always
         returns; closing twice is a no-op."""
-        if self.scheduler is not None:
-            self.scheduler.close()
+        scheduler = self.scheduler
+        if scheduler is not None:
+            # its thread may be waiting for the turn of another call (a list, read on): that call is cancelled
+            # first (close() waited for the scheduler's thread, and so for the whole list, up to 30 s)
+            scheduler._stop()
+            with self._lock:
+                if self.engine is not None:
+                    self._closing = True  # (calls waiting for their turn, the scheduler's thread too, give up)
+                    if self._holder is not None:
+                        self._holder.cancel()
+                    self._turn.notify_all()
+            scheduler.close()
         with self._lock:
             if self.engine is None:
                 return

@@ -200,9 +200,7 @@ class Scheduler:
 
     def close(self) -> None:
         """Ends every stream (finish_reason "cancelled"), stops the thread and detaches from the LLM."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._stop()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         for seq in list(self._waiting) + self._parked + [s.seq for s in self.slots if s.seq is not None]:
@@ -214,6 +212,12 @@ class Scheduler:
             slot.seq = None
         if self.llm.scheduler is self:
             self.llm.scheduler = None
+
+    def _stop(self) -> None:
+        """Tells the thread to stop after its step (close() ends the streams)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _submit(self, seq: _Sequence) -> None:
         if seq.limit <= 0:
@@ -244,6 +248,8 @@ class Scheduler:
             # this thread never gets a signal, so a KeyboardInterrupt here came from a caller's code (a
             # logits processor), and a loop that ended on it left every stream waiting for ever
             except BaseException as e:  # noqa: B036
+                if self._closed:  # (the LLM closing: its waiting turn refused) close() ends the streams, "cancelled"
+                    return
                 log.error("scheduler step failed", exc_info=e)
                 for slot in self.slots:
                     if slot.seq is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import types
 
@@ -1140,3 +1141,45 @@ def test_a_list_s_stream_keeps_its_own_stats_and_tokens_and_cancels_alone(tiny_l
             for index, piece in [first, *b]:
                 texts[index] += piece
             assert texts == [text for text, _ in expected["b"]] and {s.finish_reason for s in b.stats} == {"length"}
+
+
+def test_close_with_a_scheduler_attached_cancels_a_list_it_waits_for(tiny_llama_f32):
+    """close() stopped an attached scheduler first, waiting for its thread, which waited for its turn at the
+    engine behind a list another thread was reading: close() returned once the whole list had run (up to
+    the scheduler's 30 s join), the list never cancelled. The list is now cancelled at once; the scheduled
+    stream ends "cancelled", the list's reader gets RuntimeError (a closed LLM's stream, as without a
+    scheduler) or its end."""
+    from pyllm.scheduler import Scheduler
+
+    llm = pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2)
+    ban = {i: -100 for i in llm.tokenizer.eos_ids}
+    Scheduler(llm)
+    ended = {}
+    listed = llm.generate([[5, 6, 7]] * 8, stream=True, max_new_tokens=200, logit_bias=ban)
+    single = llm.generate([9, 10, 11], stream=True, max_new_tokens=200, logit_bias=ban)
+
+    def read(name, stream, pause):
+        try:
+            for _ in stream:
+                time.sleep(pause)  # (well within PREEMPT_AFTER: the list keeps the engine)
+            ended[name] = "end"
+        except RuntimeError as e:
+            ended[name] = str(e)
+
+    readers = [threading.Thread(target=read, args=("list", listed, 0.02)),
+               threading.Thread(target=read, args=("single", single, 0))]
+    readers[0].start()
+    while not listed.stats[0].generated_tokens:
+        time.sleep(0.01)
+    readers[1].start()
+    while not llm._waiting:  # the scheduler's thread waits for its turn
+        time.sleep(0.01)
+    start = time.perf_counter()
+    llm.close()
+    took = time.perf_counter() - start
+    for reader in readers:
+        reader.join(30)
+    assert took < 2, took
+    assert ended == {"list": ended["list"], "single": "end"} and ended["list"] in ("end", "this LLM is closed")
+    assert "cancelled" in {s.finish_reason for s in listed.stats} and single.stats.finish_reason == "cancelled"
+    assert sum(s.generated_tokens for s in listed.stats) < 8 * 200
