@@ -674,15 +674,16 @@ class LLM:
                                      skip_special_tokens=skip_special_tokens)
 
     # -- turns at the engine -------------------------------------------------------
-    def _acquire(self, owner) -> bool:
+    def _acquire(self, owner, gave_up=lambda: False) -> bool:
         """Waits for the engine and makes owner its holder. An idle holding stream is preempted
         (at once when it belongs to this thread, else after PREEMPT_AFTER seconds). Returns whether
-        owner was the engine's last user (its KV-cache contents are as it left them)."""
+        owner was the engine's last user (its KV-cache contents are as it left them). gave_up(): whether
+        owner no longer wants its turn (RuntimeError then; checked whenever _turn is notified)."""
         me = threading.get_ident()
         with self._lock:
             self._waiting += 1
             try:
-                self._wait_for_turn(me)
+                self._wait_for_turn(me, gave_up)
             finally:
                 self._waiting -= 1
             self._holder, self._holder_thread, self._idle_since = owner, me, None
@@ -696,11 +697,13 @@ class LLM:
             kept, self._last_holder = self._last_holder is owner, owner
             return kept
 
-    def _wait_for_turn(self, me: int) -> None:
+    def _wait_for_turn(self, me: int, gave_up=lambda: False) -> None:
         """Returns (self._turn held by the caller) once the engine is free or its holder may be preempted."""
         timed_out = False
         while True:
             self._open_engine()
+            if gave_up():
+                raise RuntimeError("gave up waiting for the engine")
             if self._holder is None:
                 return
             if self._idle_since is None and (self._holder_thread == me or timed_out) and self._holder_abandoned():

@@ -214,10 +214,13 @@ class Scheduler:
             self.llm.scheduler = None
 
     def _stop(self) -> None:
-        """Tells the thread to stop after its step (close() ends the streams)."""
+        """Tells the thread to stop after its step (close() ends the streams); waiting for its turn at the
+        engine (behind a list another thread reads), it stops waiting."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        with self.llm._lock:  # (see LLM._lock)
+            self.llm._turn.notify_all()
 
     def _submit(self, seq: _Sequence) -> None:
         if seq.limit <= 0:
@@ -280,7 +283,9 @@ class Scheduler:
         self._let_others_in()
         llm = self.llm
         try:
-            kept = llm._acquire(self)  # (inside: an exception right after the turn was taken kept it for ever)
+            # (inside: an exception right after the turn was taken kept it for ever). close() stops the wait:
+            # it waited for the call holding the engine (a list read on), up to its 30 s join
+            kept = llm._acquire(self, lambda: self._closed)
             llm._cached, llm._primed = [], None  # the single-stream path must not reuse slot 0
             written, llm._written = llm._written, set()
             if not kept:

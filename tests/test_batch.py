@@ -1143,6 +1143,24 @@ def test_a_list_s_stream_keeps_its_own_stats_and_tokens_and_cancels_alone(tiny_l
             assert texts == [text for text, _ in expected["b"]] and {s.finish_reason for s in b.stats} == {"length"}
 
 
+def _closed_behind_a_list(llm, listed, readers, close) -> float:
+    """Starts readers[0] (reading the list `listed`), then, once the list runs, readers[1] (a scheduled
+    stream's); calls close() once the scheduler's thread waits for its turn behind the list; returns how
+    long close() took, once both readers have ended."""
+    readers[0].start()
+    while not listed.stats[0].generated_tokens:
+        time.sleep(0.01)
+    readers[1].start()
+    while not llm._waiting:  # the scheduler's thread waits for its turn
+        time.sleep(0.01)
+    start = time.perf_counter()
+    close()
+    took = time.perf_counter() - start
+    for reader in readers:
+        reader.join(60)
+    return took
+
+
 def test_close_with_a_scheduler_attached_cancels_a_list_it_waits_for(tiny_llama_f32):
     """close() stopped an attached scheduler first, waiting for its thread, which waited for its turn at the
     engine behind a list another thread was reading: close() returned once the whole list had run (up to
@@ -1168,18 +1186,36 @@ def test_close_with_a_scheduler_attached_cancels_a_list_it_waits_for(tiny_llama_
 
     readers = [threading.Thread(target=read, args=("list", listed, 0.02)),
                threading.Thread(target=read, args=("single", single, 0))]
-    readers[0].start()
-    while not listed.stats[0].generated_tokens:
-        time.sleep(0.01)
-    readers[1].start()
-    while not llm._waiting:  # the scheduler's thread waits for its turn
-        time.sleep(0.01)
-    start = time.perf_counter()
-    llm.close()
-    took = time.perf_counter() - start
-    for reader in readers:
-        reader.join(30)
+    took = _closed_behind_a_list(llm, listed, readers, llm.close)
     assert took < 2, took
     assert ended == {"list": ended["list"], "single": "end"} and ended["list"] in ("end", "this LLM is closed")
     assert "cancelled" in {s.finish_reason for s in listed.stats} and single.stats.finish_reason == "cancelled"
     assert sum(s.generated_tokens for s in listed.stats) < 8 * 200
+
+
+def test_a_scheduler_closed_while_its_thread_waits_behind_a_list_stops_at_once(tiny_llama_f32):
+    """Scheduler.close() (detaching it, the LLM kept) joined its thread, which waited for its turn at the
+    engine behind a list another thread was reading: it returned once the whole list had run, or left
+    the thread behind after 30 s. The thread now stops waiting; the list goes on, its texts whole."""
+    from pyllm.scheduler import Scheduler
+
+    prompts = [[5, 6, 7]] * 8
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as alone:
+        ban = {i: -100 for i in alone.tokenizer.eos_ids}
+        expected = [alone.generate(p, max_new_tokens=200, temperature=0, logit_bias=ban) for p in prompts]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2) as llm:
+        scheduler = Scheduler(llm)
+        listed = llm.generate(prompts, stream=True, max_new_tokens=200, temperature=0, logit_bias=ban)
+        single = llm.generate([9, 10, 11], stream=True, max_new_tokens=200, logit_bias=ban)
+        texts, ended = [""] * len(prompts), []
+
+        def read_list():
+            for index, piece in listed:
+                texts[index] += piece
+                time.sleep(0.02)  # (well within PREEMPT_AFTER: the list keeps the engine)
+
+        readers = [threading.Thread(target=read_list), threading.Thread(target=lambda: ended.append(list(single)))]
+        took = _closed_behind_a_list(llm, listed, readers, scheduler.close)
+        assert took < 2 and not scheduler._thread.is_alive() and llm.scheduler is None, took
+        assert single.stats.finish_reason == "cancelled"
+        assert texts == expected and {s.finish_reason for s in listed.stats} == {"length"}
