@@ -96,8 +96,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     slots = engine.n_seq
     if adapter is not None:
         offset = llm._prime(adapter)  # slot 0 (what it holds after them is kept when they are the same)
-        for slot in range(1, min(slots, len(prompts))):
-            engine.copy_sequence(0, slot, offset)
+        _spread(llm, 0, range(1, min(slots, len(prompts))), adapter)
     else:
         offset = 0
         if llm._primed is not None:  # slot 0 opens with an adapter's virtual tokens: not a prefix of these prompts
@@ -296,10 +295,7 @@ def _reread(llm, seqs: list[_Sequence], rows: dict, cancelled, adapter, offset: 
     running = [s for s in seqs if not s.done]
     if adapter is not None and running:  # computed in one slot, copied to the others
         _open(llm, running[0].slot, adapter)
-        for s in running[1:]:
-            llm.engine.copy_sequence(running[0].slot, s.slot, offset)
-            if s.slot == 0:
-                llm._primed = adapter
+        _spread(llm, running[0].slot, [s.slot for s in running[1:]], adapter)
     logits = _prefill(llm.engine, [(s.slot, s.ids, 0) for s in running], cancelled, offset) if running else None
     if running and logits is None:
         for s in running:
@@ -318,6 +314,15 @@ def _open(llm, slot: int, adapter: str) -> None:
     prime(llm.engine, llm.adapters[adapter], slot)
     if slot == 0:
         llm._primed = adapter
+
+
+def _spread(llm, source: int, slots, adapter: str) -> None:
+    """Copies the adapter's virtual positions from slot `source` into each of `slots`; slot 0's record
+    (llm._primed) says so when it is one of them."""
+    for slot in slots:
+        llm.engine.copy_sequence(source, slot, llm._virtual_tokens(adapter))
+        if slot == 0:
+            llm._primed = adapter
 
 
 def _prefill(engine, parts: list[tuple[int, list[int], int]], cancelled, offset: int = 0) -> np.ndarray | None:

@@ -1598,23 +1598,21 @@ class LLM:
         again, it raises RuntimeError); an attached scheduler ends its streams and stops. Always
         returns; closing twice is a no-op."""
         scheduler = self.scheduler
-        if scheduler is not None:
-            # its thread may be waiting for the turn of another call (a list, read on): that call is cancelled
-            # first (close() waited for the scheduler's thread, and so for the whole list, up to 30 s)
+        if scheduler is not None:  # first: its thread, refused its turn below, then ends quietly
             scheduler._stop()
-            with self._lock:
-                if self.engine is not None:
-                    self._closing = True  # (calls waiting for their turn, the scheduler's thread too, give up)
-                    if self._holder is not None:
-                        self._holder.cancel()
-                    self._turn.notify_all()
+        with self._lock:
+            if self.engine is not None:
+                self._closing = True  # calls waiting for their turn give up, the scheduler's thread too
+                if self._holder is not None:
+                    self._holder.cancel()
+                self._turn.notify_all()
+        if scheduler is not None:
+            # (after the cancel: its thread may have been waiting for the turn of another call, a list read
+            # on, and close() waited for the whole list, up to its 30 s join)
             scheduler.close()
         with self._lock:
             if self.engine is None:
                 return
-            self._closing = True
-            if self._holder is not None:
-                self._holder.cancel()
             while self._holder is not None and self._idle_since is None and \
                     self._holder_thread != threading.get_ident():
                 self._turn.wait(0.05)  # the holder ends its step, then releases or waits for its consumer
