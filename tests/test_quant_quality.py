@@ -459,7 +459,62 @@ def test_forked_workers_write_the_file_one_process_writes(tiny_llama, tiny_calib
 def _worker_sigterm_is_default(_item) -> bool:
     import signal
 
-    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    return (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            and not {signal.SIGTERM, signal.SIGINT} & signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def _worker_dies_on_item_two(item) -> int:
+    import os
+    import signal
+
+    if item == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    return item
+
+
+def test_a_forked_worker_that_dies_raises_rather_than_waiting_for_ever():
+    """multiprocessing.Pool replaced a dead worker and waited for its task for ever (a CI run hung
+    for an hour in the conversion after a forked-worker test); forked_map raises, and ends the rest."""
+    import multiprocessing
+
+    from pyllm.convert.workers import forked_map
+
+    before = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="worker process of the conversion died"):
+        list(forked_map(_worker_dies_on_item_two, range(8), {}, processes=2))
+    assert not set(multiprocessing.active_children()) - before
+
+
+def test_forked_workers_are_born_with_sigterm_blocked_and_die_of_one_sent_before_they_set_up():
+    """A worker forked while the parent runs the CLI's SIGTERM handler (SystemExit) must never run
+    it: forked_map forks with SIGTERM blocked, and _default_signals, the worker's first step, makes
+    a SIGTERM that arrived before it kill the worker at once. Also: the caller's mask is restored."""
+    import os
+    import signal
+
+    from pyllm.cli import _exit_cleanly_on_sigterm
+    from pyllm.convert.workers import _WORKER_SIGNALS, _default_signals, forked_map
+
+    restore = _exit_cleanly_on_sigterm()
+    try:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert list(forked_map(_worker_sigterm_is_default, range(3), {}, processes=2)) == [True] * 3
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        # a newborn worker: both signals blocked, the CLI's handler inherited, a SIGTERM pending
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                _default_signals()
+            finally:
+                os._exit(3)  # reached only if the pending SIGTERM did not kill it
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        restore()
 
 
 def test_forked_workers_die_on_sigterm_under_the_cli_handler():

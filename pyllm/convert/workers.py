@@ -10,7 +10,10 @@ caller passes it as `shared`, which task functions read with shared().
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 _SHARED: dict = {}  # what the forked workers read; set by forked_map before it forks
 
@@ -25,7 +28,9 @@ def forked_map(task: Callable, items: Iterable, shared: dict, processes: int | N
     (it is pickled by name) and reads `shared` through shared(). processes: default the CPUs this process
     may use (_core.default_threads: its affinity mask, at most its container's CPU quota),
     at most one per item; 1, or no fork on this platform: in this process. BLAS runs single-threaded
-    in every process while the tasks run. A task's exception is raised here."""
+    in every process while the tasks run. A task's exception is raised here; a worker that dies (the
+    kernel's out-of-memory killer, a signal) raises RuntimeError saying so, where multiprocessing.Pool
+    waited for its task for ever. A caller that stops reading early (or an error) ends the workers."""
     from threadpoolctl import threadpool_limits
 
     from .. import _core
@@ -37,13 +42,7 @@ def forked_map(task: Callable, items: Iterable, shared: dict, processes: int | N
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
-                pool = multiprocessing.get_context("fork").Pool(processes, initializer=_default_signals)
-                try:
-                    yield from pool.imap_unordered(task, items)
-                    pool.close()  # all done: the workers exit on their own
-                    pool.join()
-                finally:
-                    pool.terminate()  # early exit or error: SIGTERM to the workers (a no-op after join)
+                yield from _in_forked_workers(task, items, processes)
             else:
                 for item in items:
                     yield task(item)
@@ -51,11 +50,52 @@ def forked_map(task: Callable, items: Iterable, shared: dict, processes: int | N
         _SHARED.clear()
 
 
-def _default_signals() -> None:
-    """In a forked worker: SIGTERM kills it at once again. The CLI's handler (SystemExit, for the
-    parent's cleanups) is inherited by fork, and Pool.terminate's SIGTERM then met workers inside
-    the pool's own locks: a worker could exit holding the task queue's lock and leave the pool's
-    join waiting for ever (seen once in CI's test_lora_e2e)."""
-    import signal
+def _in_forked_workers(task: Callable, items: list, processes: int) -> Iterator:
+    """forked_map's results from `processes` forked workers (concurrent.futures: a worker's death
+    breaks the pool, which raises, rather than losing the task)."""
+    before = set(multiprocessing.active_children())
+    # the workers are forked by the first submit, in this thread, with these signals blocked: none can
+    # reach a handler inherited from this process before _default_signals runs (then a pending one acts)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_default_signals)
+        futures = [executor.submit(task, item) for item in items]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    finished = False
+    try:
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BrokenProcessPool as e:
+                raise RuntimeError(f"a worker process of the conversion died ({e}): killed by the system for "
+                                   "lack of memory, or by a signal; try fewer processes or more memory") from None
+            yield result
+        finished = True
+    finally:
+        executor.shutdown(wait=finished, cancel_futures=True)
+        if not finished:  # early exit or error: a running task is not waited for
+            for worker in workers:
+                worker.terminate()  # SIGTERM: _default_signals made it fatal
+            for worker in workers:
+                worker.join(5)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
 
+
+_WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _default_signals() -> None:
+    """In a forked worker, first thing: SIGTERM kills it at once again, and SIGINT is ignored (Ctrl-C
+    reaches the whole process group; the parent's KeyboardInterrupt ends the workers). The CLI's handler
+    (SystemExit, for the parent's cleanups) is inherited by fork, and a SIGTERM then met workers inside
+    the pool's own locks: a worker could exit holding the task queue's lock and leave the pool's join
+    waiting for ever (seen once in CI's test_lora_e2e). forked_map forks with both signals blocked, so
+    one sent before this ran waited and acts now."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
