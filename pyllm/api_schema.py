@@ -37,10 +37,11 @@ from .sampling import MIN_REPETITION_PENALTY
 MAX_STOP = 16  # stop strings per request
 MAX_CHOICES = 128  # n (OpenAI's limit)
 MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit for a list of inputs), and their choices
-# messages in one chat request, content parts in one message, tools: each becomes Python objects of about
+# messages in one chat request, content parts and tool calls in one message, tools: each becomes Python objects of about
 # 1 KB while validated and rendered (a 7 MiB body of 480,000 empty messages took 700 MB)
 MAX_MESSAGES = 16384
 MAX_CONTENT_PARTS = 256
+MAX_TOOL_CALLS = 256
 MAX_TOOLS = 128  # OpenAI's limit
 # log-probabilities (each chosen token's and its alternatives) one non-streamed answer may hold: about
 # 600 bytes each while the answer is built, 55 bytes each in its JSON (n=128 x 4096 tokens x 21 would
@@ -205,7 +206,7 @@ class Message(BaseModel):
     # an empty list is refused, as OpenAI does ("empty array", param messages[k].content / .tool_calls)
     content: Union[StrictStr, Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_CONTENT_PARTS)],
                    None] = None
-    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=MAX_TOOL_CALLS)] | None = None
     name: StrictStr | None = None  # strings the template renders: another type was rendered as its text
     tool_call_id: StrictStr | None = None
 

@@ -599,17 +599,20 @@ def test_oversized_bodies_and_prompts_are_refused(llm):
 
 def test_lists_that_cost_far_more_than_their_bytes_are_bounded(live):
     """A 7 MiB body of 480,000 empty messages made 700 MB of Python objects and took seconds to
-    refuse; messages, content parts per message and tools are bounded (400 naming the field and
-    the limit), the limits themselves accepted."""
-    from pyllm.api_schema import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_TOOLS
+    refuse; messages, content parts and tool calls per message and tools are bounded (400 naming the
+    field and the limit), the limits themselves accepted."""
+    from pyllm.api_schema import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_TOOL_CALLS, MAX_TOOLS
 
     chat = live.url + "/v1/chat/completions"
     part = {"type": "text", "text": ""}
     tool = {"type": "function", "function": {"name": "f"}}
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     cases = [({"messages": [{"role": "user"}] * (MAX_MESSAGES + 1)}, "messages", MAX_MESSAGES),
              ({"messages": [{"role": "user", "content": [part] * (MAX_CONTENT_PARTS + 1)}]}, "messages[0].content",
               MAX_CONTENT_PARTS),
-             ({"messages": _chat("hi"), "tools": [tool] * (MAX_TOOLS + 1)}, "tools", MAX_TOOLS)]
+             ({"messages": _chat("hi"), "tools": [tool] * (MAX_TOOLS + 1)}, "tools", MAX_TOOLS),
+             ({"messages": _chat("hi") + [{"role": "assistant", "tool_calls": [call] * (MAX_TOOL_CALLS + 1)}]},
+              "messages[2].tool_calls", MAX_TOOL_CALLS)]
     for body, param, most in cases:
         status, reply = _request(chat, json.dumps(body).encode())
         assert status == 400 and reply["error"]["param"] == param and f"at most {most}" in reply["error"]["message"], \
