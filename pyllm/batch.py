@@ -74,7 +74,7 @@ def wave_sources(prompts: list[list[int]]) -> list[tuple[int | None, int]]:
 def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stop: list[str],
               stop_ids: set[int], stats_factory, cancelled, lost=lambda: False,
               processors_for=lambda index: [], adapter: str | None = None, logprobs: int | None = None,
-              tokens_for=lambda index: []) -> Iterator[tuple[int, str]]:
+              tokens_for=lambda index: [], failed: dict | None = None) -> Iterator[tuple[int, str]]:
     """Generates every prompt (token ids); yields (prompt index, text piece) as pieces become final.
     processors_for(prompt index) -> the logits processors of that prompt's Sampler (a grammar's state
     is its own: a fresh one each), called when the prompt starts. adapter: a prompt-learning adapter
@@ -87,7 +87,11 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps). lost():
     whether another call had the engine while a piece was out (the caller's stream was preempted):
     the running sequences then re-read their tokens into their slots (their logits too: the same
-    bits however rows are run) and go on with the same text, as a single stream does."""
+    bits however rows are run) and go on with the same text, as a single stream does.
+
+    A prompt that fails as it generates (LIST_ITEM_ERRORS: a grammar the model cannot follow) ends
+    alone, its finish_reason "error", its error (naming it: "prompt 3 of the list: ...") put in
+    failed[index]; the others run on (without `failed`, the error ends the list)."""
     if max_new_tokens == 0:  # nothing to generate: nothing computed, slot 0 kept, as a single call (LLM._run)
         for p in prompts:
             stats_factory(len(p)).finish_reason = "length"
@@ -105,7 +109,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     try:
         yield from _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory,
                             cancelled, lost, processors_for, adapter, offset, logprobs, tokens_for, seqs,
-                            time.perf_counter())
+                            time.perf_counter(), failed)
     # closed by the consumer, or an error (close() while the consumer was away): the prompts still
     # running did not end by length
     except BaseException:
@@ -117,7 +121,7 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
 
 def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids, stats_factory, cancelled, lost,
              processors_for, adapter, offset: int, logprobs, tokens_for, seqs: list,
-             called: float) -> Iterator[tuple[int, str]]:
+             called: float, failed: dict | None) -> Iterator[tuple[int, str]]:
     """run_batch: the first `slots` prompts together (the prefixes they share computed once),
     then each later prompt in the first slot that frees (it waited for the whole wave before it:
     one long reply held n_parallel - 1 slots idle), reusing the longest prefix of its tokens that
@@ -196,8 +200,15 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
         if not active:
             break
         for s in active:
-            with _naming(f"prompt {s.index} of the list", LIST_ITEM_ERRORS):  # (a grammar it cannot follow)
-                token = s.sampler(rows[s.slot], s.ids)
+            try:
+                with _naming(f"prompt {s.index} of the list", LIST_ITEM_ERRORS):  # (a grammar it cannot follow)
+                    token = s.sampler(rows[s.slot], s.ids)
+            except LIST_ITEM_ERRORS as e:
+                if failed is None:
+                    raise
+                failed[s.index] = e
+                s.stats.finish_reason, s.done = "error", True
+                continue
             s.generated += 1
             s.stats.generated_tokens += 1
             if s.generated == 1:
@@ -225,7 +236,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 s.stats.decode_seconds = time.perf_counter() - s.decode_start
                 rest = s.text.finish(flush=s.stats.finish_reason != "cancelled")
                 s.tokens += s.text.take_tokens()
-                if s.text.stopped:
+                if s.text.stopped and s.stats.finish_reason != "error":
                     s.stats.finish_reason = "stop"
                 if rest:
                     yield s.index, rest

@@ -250,9 +250,26 @@ def prompt_type_error(prompt) -> Exception:
                      f"items: item {i} is {type(bad).__name__} {bad!r:.40}")
 
 
-# what a list's prompt raises as it generates that names it (a grammar the model cannot follow); a
-# caller's processor's own exception comes out as itself, its traceback whole
+# what a list's prompt raises as it generates that names it (a grammar the model cannot follow): that
+# prompt ends alone and the others run on (_raise_failed); a caller's processor's own exception comes out
+# as itself, its traceback whole, and ends the list
 LIST_ITEM_ERRORS = (PyllmError,)
+
+
+def _raise_failed(failed: dict) -> None:
+    """The end of a list whose prompts `failed` ({prompt index: its error}) ended alone while the others
+    ran on: the first one's error is raised, its .errors the dict (and, without stream=True, its .texts
+    every prompt's text, a failed one's up to its error: LLM._batch)."""
+    if not failed:
+        return
+    first = failed[min(failed)]
+    if len(failed) > 1:
+        try:
+            first = type(first)(f"{first} (and {len(failed) - 1} more: prompts {sorted(failed)[1:]}; see .errors)")
+        except Exception:  # a type that takes other arguments: as it is
+            pass
+    first.errors = failed
+    raise first
 
 
 @contextlib.contextmanager
@@ -281,7 +298,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0  # seconds from the call to the first generated token
-    finish_reason: str = ""  # "stop", "length" (max_new_tokens or the context is full) or "cancelled"
+    finish_reason: str = ""  # "stop", "length" (max_new_tokens or the context is full), "cancelled", or "error" (a
+    # prompt of a list that failed alone: LLM.generate)
     stop_string: str | None = None  # the stop string that ended the reply (llama.cpp's stopping_word)
     max_new_tokens: int = 0  # the call's limit
 
@@ -951,7 +969,11 @@ class LLM:
         last_batch_tokens[i] lists prompt i's generated tokens as TokenLogprob records (with logprobs
         when asked, streamed or not), as a single stream's TextStream.tokens; logits processors serve
         every prompt (each called with that prompt's ids), so one with an accept(token) method is
-        refused for a list.
+        refused for a list. A prompt of a list that fails as it generates (GrammarError: the model cannot
+        follow the grammar) ends alone, its stats' finish_reason "error", and the others run to their end;
+        then that error is raised, naming the prompt ("prompt 3 of the list: ..."), with .errors {prompt
+        index: error} for every such prompt and, without stream=True, .texts: every prompt's text (a failed
+        one's up to its error). A processor's own exception ends the whole list at once.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
@@ -1160,13 +1182,14 @@ class LLM:
             return was
 
         batch_stats = self.last_batch_stats  # (the attribute is the next list's once another list is given)
+        failed: dict = {}  # prompt index -> its error (the others run on; raised once all have ended)
 
         def pieces():
             try:
                 self._acquire(run)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
                 batch = run_batch(self, [[int(i) for i in p] for p in checked], max_new_tokens, params, stop,
                                   stop_ids | set(self.tokenizer.eos_ids), lambda n: next(made), run.cancelled.is_set,
-                                  lost, processors_for, adapter, logprobs, batch_tokens.__getitem__)
+                                  lost, processors_for, adapter, logprobs, batch_tokens.__getitem__, failed)
                 for index, piece in batch:
                     self._pause(run)
                     try:
@@ -1181,6 +1204,7 @@ class LLM:
                 for stats in batch_stats:  # cancelled (or closed) before they began: never started
                     stats.finish_reason = stats.finish_reason or "cancelled"
                 self._release(run)
+            _raise_failed(failed)
 
         def one_by_one():
             # the CUDA engine holds one sequence and runs no rows of several (forward_rows raised "the cuda
@@ -1199,6 +1223,9 @@ class LLM:
                         with _naming(f"prompt {index} of the list", LIST_ITEM_ERRORS):
                             for piece in alone:
                                 yield index, piece
+                    except LIST_ITEM_ERRORS as e:  # it ends alone, as in run_batch
+                        failed[index] = e
+                        batch_stats[index].finish_reason = "error"
                     finally:
                         alone.close()
                     if batch_stats[index].finish_reason == "cancelled":
@@ -1207,14 +1234,20 @@ class LLM:
                 self.last_stats = previous
                 for stats in batch_stats:  # cancelled (or closed) before their turn: never started
                     stats.finish_reason = stats.finish_reason or "cancelled"
+            _raise_failed(failed)
 
         if self.device != "cpu":
             pieces = one_by_one
         if stream:
             return BatchStream(pieces(), batch_stats, batch_tokens, run.cancelled)
         texts = [""] * len(checked)
-        for index, piece in pieces():
-            texts[index] += piece
+        try:
+            for index, piece in pieces():
+                texts[index] += piece
+        except LIST_ITEM_ERRORS as e:
+            if getattr(e, "errors", None) is failed:  # (every prompt has ended: their texts go with it)
+                e.texts = texts
+            raise
         return texts
 
     @accepts_aliases

@@ -1001,33 +1001,59 @@ def test_a_list_holds_each_prompt_to_the_grammar_as_it_would_be_alone(tiny_llama
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # (cuda: the path that runs a list one prompt at a time)
-def test_a_grammar_one_prompt_of_a_list_cannot_follow_names_that_prompt(tiny_llama_f32, device):
+def test_a_grammar_one_prompt_of_a_list_cannot_follow_ends_that_prompt_alone(tiny_llama_f32, device):
     """A grammar that fails in one prompt of a list (here a processor after it lets a token the grammar
     refuses through) ended the list with "the grammar cannot be followed", leaving which of the prompts
-    to guess, where every other error about one prompt names it; the prompts still running say
-    "cancelled", and the engine's next calls give what they give alone. A caller's processor's own
-    exception still comes out as itself (test_a_callback_s_exception_comes_out_as_itself)."""
+    to guess, and the other prompts' texts were lost; now that prompt ends alone (finish_reason
+    "error"), the others run to their end, and the error, naming the prompt, is raised after them
+    with .errors and .texts; streamed, the pieces of every prompt come first. Two failing prompts:
+    the first is raised, saying there are more. The engine's next calls give what they give alone. A
+    caller's processor's own exception still comes out as itself and ends the list
+    (test_a_callback_s_exception_comes_out_as_itself)."""
     pytest.importorskip("llguidance")
     from pyllm.structured import GrammarError
 
     grammar = "start: /[a-z]{1,10}/"
     with pyllm.LLM(tiny_llama_f32, n_threads=2) as alone:
-        expected = [alone.generate(p, max_new_tokens=6, temperature=0, grammar=grammar) for p in PROMPTS[:4]]
-        target = alone.tokenize(PROMPTS[2])
+        expected = [alone.generate(p, max_new_tokens=6, temperature=0, grammar=grammar) for p in PROMPTS[:5]]
+        targets = [alone.tokenize(p) for p in PROMPTS[:5]]
         digit = alone.tokenize("7", add_special_tokens=False)[0]
 
-    def rogue(ids, scores):  # prompt 2's second token: a digit
-        if ids[:len(target)] == target and len(ids) == len(target) + 1:
-            scores[:] = -np.inf
-            scores[digit] = 0
-        return scores
+    def rogue_in(*which):  # the second token of prompts `which`: a digit
+        def rogue(ids, scores):
+            if any(ids[:len(targets[k])] == targets[k] and len(ids) == len(targets[k]) + 1 for k in which):
+                scores[:] = -np.inf
+                scores[digit] = 0
+            return scores
+        return rogue
 
     with pyllm.LLM(tiny_llama_f32, n_threads=2, n_parallel=2) as llm:
         llm.device = device
-        with pytest.raises(GrammarError, match="^prompt 2 of the list: the grammar cannot be followed"):
-            llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar, logits_processors=[rogue])
-        assert llm.last_batch_stats[2].finish_reason == llm.last_batch_stats[3].finish_reason == "cancelled"
-        assert llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar) == expected
+        with pytest.raises(GrammarError, match="^prompt 2 of the list: the grammar cannot be followed") as raised:
+            llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, grammar=grammar,
+                         logits_processors=[rogue_in(2)])
+        assert set(raised.value.errors) == {2} and raised.value.errors[2] is raised.value
+        texts = raised.value.texts
+        assert [texts[i] for i in (0, 1, 3, 4)] == [expected[i] for i in (0, 1, 3, 4)]
+        assert len(texts[2]) < len(expected[2]) or texts[2] != expected[2]
+        reasons = [s.finish_reason for s in llm.last_batch_stats]
+        assert reasons[2] == "error" and "error" not in reasons[:2] + reasons[3:] and "cancelled" not in reasons
+        # streamed: every other prompt's pieces, then the error
+        stream = llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, grammar=grammar,
+                              logits_processors=[rogue_in(2)], stream=True)
+        streamed = [""] * 5
+        with pytest.raises(GrammarError, match="^prompt 2 of the list"):
+            for index, piece in stream:
+                streamed[index] += piece
+        assert [streamed[i] for i in (0, 1, 3, 4)] == [expected[i] for i in (0, 1, 3, 4)]
+        assert stream.stats[2].finish_reason == "error"
+        # two of them: the first raised, the other named
+        with pytest.raises(GrammarError, match=r"^prompt 1 of the list: .*\(and 1 more: prompts \[3\]") as raised:
+            llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, grammar=grammar,
+                         logits_processors=[rogue_in(1, 3)])
+        assert set(raised.value.errors) == {1, 3}
+        assert [raised.value.texts[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]
+        assert llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar) == expected[:4]
         assert llm.generate(PROMPTS[2], max_new_tokens=6, temperature=0, grammar=grammar) == expected[2]
         # last_stats stays the last single call's on either path (the one-at-a-time path set it to the
         # list's last prompt's)
