@@ -117,6 +117,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# prompt rows whose logits LLM._prompt_logprobs holds at once (100 MB of SmolLM2's f32 logits)
+PROMPT_LOGITS_ROWS = 512
+
 # A stream whose consumer has not asked for its next piece for this long, while another call waits
 # for the engine, gives the engine up; resumed, it re-reads its context into the KV cache.
 PREEMPT_AFTER = 0.25  # seconds
@@ -935,6 +938,29 @@ class LLM:
                                                np.arange(arr.size - keep, arr.size))
             self._cached = [int(i) for i in arr]
             return out
+        finally:
+            self._release(call)
+
+    def _prompt_logprobs(self, ids: list[int], top: int | None, adapter: str | None = None) -> list[TokenLogprob]:
+        """Each token of ids with its log-probability after those before it (the first has none) and its
+        `top` most likely alternatives: an echoed prompt's logprobs (pyllm serve, create_completion). The
+        prompt runs in a fresh context PROMPT_LOGITS_ROWS rows at a time, each chunk's logits read and
+        dropped (the whole prompt's [tokens, vocab] at once took 1.5 GiB for 8192 of SmolLM2's tokens, per
+        request). adapter: as logits() takes it."""
+        chosen = self.adapter if adapter is None else self._check_adapter(adapter)
+        arr = self._check_ids(ids, self._virtual_tokens(chosen))
+        tokens = [TokenLogprob(int(arr[0]))]
+        call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
+            self._cached = []
+            offset = self._prime(chosen)
+            for start in range(0, arr.size - 1, PROMPT_LOGITS_ROWS):  # (the last token's logits: not needed)
+                end = min(start + PROMPT_LOGITS_ROWS, arr.size - 1)
+                logits = self.engine.forward(arr[start:end], offset + start, True)  # f32 [end - start, vocab]
+                tokens += [_token_logprob(int(arr[k + 1]), logits[k - start], top) for k in range(start, end)]
+                self._cached = [int(i) for i in arr[:end]]
+            return tokens
         finally:
             self._release(call)
 

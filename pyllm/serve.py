@@ -810,16 +810,11 @@ class Completions:
     def _echo_logprobs(self, plan: _Plan, index: int) -> dict:
         """The echoed prompt's tokens with their log-probabilities (the first has none), computed
         once per prompt."""
-        from .llm import TokenLogprob, _token_logprob
-
         prompt = index // plan.n
         with plan.echo_lock:
             if prompt not in plan.echo_logprobs:
-                ids = plan.prompts[prompt]
-                logits = self.llm.logits(ids, adapter=plan.options["adapter"])  # ("BASE:NAME": its adapter's)
-                # row by row, as a generated token's (no second [tokens, vocab] array)
-                tokens = [TokenLogprob(ids[0])] + [_token_logprob(ids[k], logits[k - 1], plan.logprobs)
-                                                   for k in range(1, len(ids))]
+                # ("BASE:NAME": its adapter's)
+                tokens = self.llm._prompt_logprobs(plan.prompts[prompt], plan.logprobs, plan.options["adapter"])
                 plan.echo_logprobs[prompt] = responses.completion_logprobs(self.llm.tokenizer, tokens)
             return plan.echo_logprobs[prompt]
 

@@ -146,13 +146,39 @@ def test_echoed_logprobs_are_computed_once_per_prompt(live, llm, monkeypatch):
     """n choices of one prompt share its echoed log-probabilities: one forward pass over the
     prompt, not n (a request for n=128 must not run the prompt 128 times)."""
     calls = []
-    logits = llm.logits
-    monkeypatch.setattr(llm, "logits", lambda ids, **kw: calls.append(len(ids)) or logits(ids, **kw))
+    computed = llm._prompt_logprobs
+    monkeypatch.setattr(llm, "_prompt_logprobs", lambda ids, *a: calls.append(len(ids)) or computed(ids, *a))
     reply = live.client().completions.create(model="tiny", prompt=["The quick brown fox", "Paris"], max_tokens=2,
                                              logprobs=1, echo=True, n=3)
     assert len(reply.choices) == 6 and calls == [len(llm.tokenize("The quick brown fox")), len(llm.tokenize("Paris"))]
     first = [c.logprobs.token_logprobs[:len(llm.tokenize("Paris"))] for c in reply.choices[3:]]
     assert first[0] == first[1] == first[2]
+
+
+def test_echoed_logprobs_of_a_long_prompt_hold_a_chunk_of_logits_at_a_time(llm, monkeypatch):
+    """An echoed prompt's logprobs took the whole prompt's logits at once (1.5 GiB for 8192 of SmolLM2's
+    tokens, per request); they are computed PROMPT_LOGITS_ROWS rows at a time and equal what the whole
+    prompt's logits give (to float32 rounding: rows per step change the bits of a float model's logits)."""
+    import pyllm.llm as llm_module
+    from pyllm.llm import _token_logprob
+
+    ids = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 6)
+    whole = llm.logits(ids)
+    expected = [_token_logprob(ids[k], whole[k - 1], 3) for k in range(1, len(ids))]
+    shapes = []
+    forward = llm.engine.forward
+    monkeypatch.setattr(llm_module, "PROMPT_LOGITS_ROWS", 7)
+    monkeypatch.setattr(llm, "engine", type("Spy", (), {"forward": lambda self, *a: shapes.append(len(a[0])) or
+                                                        forward(*a), "__getattr__": lambda self, n:
+                                                        getattr(forward.__self__, n)})())
+    got = llm._prompt_logprobs(ids, 3)
+    monkeypatch.undo()
+    assert got[0].id == ids[0] and got[0].logprob is None and len(got) == len(ids)
+    assert max(shapes) == 7 and sum(shapes) == len(ids) - 1
+    for g, e in zip(got[1:], expected):
+        assert g.id == e.id and abs(g.logprob - e.logprob) < 1e-4
+        assert [i for i, _ in g.top] == [i for i, _ in e.top] or abs(g.top[0][1] - g.top[1][1]) < 1e-4
+    assert llm._cached == ids[:-1]  # slot 0 holds what ran: the next call reuses it
 
 
 def test_too_many_prompts_are_refused(live):
