@@ -87,15 +87,12 @@ def run_batch(llm, prompts: list[list[int]], max_new_tokens: int, params: Sampli
     one prompt (filled in as it runs). cancelled(): whether to stop (checked between steps). lost():
     whether another call had the engine while a piece was out (the caller's stream was preempted):
     the running sequences then re-read their tokens into their slots (their logits too: the same
-    bits however rows are run) and go on with the same text, as a single stream does.
+    bits however rows are run) and go on with the same text, as a single stream does. max_new_tokens
+    is at least 1 (LLM._batch answers 0 without a turn at the engine).
 
     A prompt that fails as it generates (LIST_ITEM_ERRORS: a grammar the model cannot follow) ends
     alone, its finish_reason "error", its error (naming it: "prompt 3 of the list: ...") put in
     failed[index]; the others run on (without `failed`, the error ends the list)."""
-    if max_new_tokens == 0:  # nothing to generate: nothing computed, slot 0 kept, as a single call (LLM._run)
-        for p in prompts:
-            stats_factory(len(p)).finish_reason = "length"
-        return
     engine = llm.engine
     slots = engine.n_seq
     if adapter is not None:

@@ -375,7 +375,14 @@ class TextStream:
         self.cancelled.set()
 
     def close(self) -> None:
+        _never_started(self._pieces, [self.stats])
         self._pieces.close()
+
+    def __del__(self):
+        try:
+            _never_started(self._pieces, [self.stats])
+        except Exception:  # (at the interpreter's exit: modules already torn down)
+            pass
 
 
 class BatchStream:
@@ -401,7 +408,22 @@ class BatchStream:
         self.cancelled.set()
 
     def close(self) -> None:
+        _never_started(self._pieces, self.stats)
         self._pieces.close()
+
+    def __del__(self):
+        try:
+            _never_started(self._pieces, self.stats)
+        except Exception:  # (at the interpreter's exit: modules already torn down)
+            pass
+
+
+def _never_started(pieces, stats: list) -> None:
+    """A stream closed, or dropped, before its first read: its generator never ran (its own `finally`
+    neither), so its stats say "cancelled" here (finish_reason stayed "")."""
+    if inspect.isgenerator(pieces) and inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:
+        for one in stats:
+            one.finish_reason = one.finish_reason or "cancelled"
 
 
 class _TokenizerLoader:
@@ -1262,7 +1284,13 @@ class LLM:
                     stats.finish_reason = stats.finish_reason or "cancelled"
             _raise_failed(failed)
 
-        if self.device != "cpu":
+        if max_new_tokens == 0:  # nothing to compute, as a single call (_run): no turn at the engine either (an
+            # attached scheduler dropped its slots' caches after one)
+            for stats in batch_stats:
+                stats.finish_reason = "length"
+            def pieces():
+                return iter(())
+        elif self.device != "cpu":
             pieces = one_by_one
         if stream:
             return BatchStream(pieces(), batch_stats, batch_tokens, run.cancelled)

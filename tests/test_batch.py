@@ -229,13 +229,20 @@ def test_prefixes_shared_by_some_prompts_of_a_wave_are_computed_once(model_file,
 def test_a_list_with_no_new_tokens_computes_nothing_as_a_single_call(model_file, monkeypatch):
     """max_new_tokens=0: a single call returns at once, computing nothing and keeping its cache; a list
     ran (and copied, with an adapter primed) every prompt of its first wave for nothing, and rewrote
-    slot 0, the single calls' cache."""
+    slot 0, the single calls' cache; then it still took a turn at the engine, after which an attached
+    scheduler drops its slots' caches: it takes none now, streamed or not."""
     calls = _counting_prefill(monkeypatch)
     with pyllm.LLM(model_file, n_threads=2, n_parallel=2) as llm:
         held = list(range(10, 40))
         llm.generate(held, max_new_tokens=2)
+        turns = []
+        acquire = llm._acquire
+        monkeypatch.setattr(llm, "_acquire", lambda *a, **k: turns.append(a) or acquire(*a, **k))
         assert llm.generate(PROMPTS[:3], max_new_tokens=0) == ["", "", ""]
-        assert calls == []
+        stream = llm.generate(PROMPTS[:3], max_new_tokens=0, stream=True)
+        assert list(stream) == [] and [s.finish_reason for s in stream.stats] == ["length"] * 3
+        assert calls == [] and turns == []
+        monkeypatch.setattr(llm, "_acquire", acquire)
         assert [(s.finish_reason, s.cached_tokens, s.prefill_seconds) for s in llm.last_batch_stats] == \
             [("length", 0, 0.0)] * 3
         llm.generate(held, max_new_tokens=2)
@@ -1245,3 +1252,34 @@ def test_a_scheduler_closed_while_its_thread_waits_behind_a_list_stops_at_once(t
         assert took < 2 and not scheduler._thread.is_alive() and llm.scheduler is None, took
         assert single.stats.finish_reason == "cancelled"
         assert texts == expected and {s.finish_reason for s in listed.stats} == {"length"}
+
+
+def test_a_stream_closed_or_dropped_before_its_first_read_says_cancelled(tiny_llama_f32):
+    """A stream (a list's, or one prompt's) closed or dropped before its first read never ran its
+    generator, whose `finally` sets the unfinished prompts' finish_reason: it stayed "". It says
+    "cancelled" now, held the engine never, and the next call runs."""
+    import gc
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=2, n_parallel=2) as llm:
+        expected = llm.generate(PROMPTS[:3], max_new_tokens=3, temperature=0)
+        stream = llm.generate(PROMPTS[:3], max_new_tokens=3, temperature=0, stream=True)
+        stream.close()
+        assert [s.finish_reason for s in stream.stats] == ["cancelled"] * 3
+        stream = llm.generate(PROMPTS[:3], max_new_tokens=3, temperature=0, stream=True)
+        stats = stream.stats
+        del stream
+        gc.collect()
+        assert [s.finish_reason for s in stats] == ["cancelled"] * 3
+        one = llm.generate(PROMPTS[0], max_new_tokens=3, temperature=0, stream=True)
+        one.close()
+        assert one.stats.finish_reason == "cancelled"
+        one = llm.generate(PROMPTS[0], max_new_tokens=3, temperature=0, stream=True)
+        single = one.stats
+        del one
+        gc.collect()
+        assert single.finish_reason == "cancelled"
+        assert llm.generate(PROMPTS[:3], max_new_tokens=3, temperature=0) == expected
+        # read to the end, its own reason stays
+        stream = llm.generate(PROMPTS[:3], max_new_tokens=3, temperature=0, stream=True)
+        assert sorted(i for i, _ in stream) and stream.close() is None
+        assert [s.finish_reason for s in stream.stats] == ["length"] * 3
