@@ -378,13 +378,14 @@ class Scheduler:
         self._parked.append(seq)
 
     def _let_others_in(self) -> None:
-        """Another caller waits for the engine (embeddings, logits): let it have one turn first."""
+        """Another caller waits for the engine (embeddings, logits): let it have one turn first (not once
+        close() began: _stop wakes this wait)."""
         turn = self.llm._turn
         with self.llm._lock:  # (see LLM._lock)
             if self.llm._waiting:
                 served = self.llm._served
-                turn.wait_for(lambda: self.llm._served != served or not self.llm._waiting or self.llm.engine is None,
-                              timeout=1.0)
+                turn.wait_for(lambda: self.llm._served != served or not self.llm._waiting or self.llm.engine is None
+                              or self._closed, timeout=1.0)
 
     def _forget(self, written: set[int] | None = None) -> None:
         """Someone else used the engine: the slots it wrote (written; None: any) cannot be trusted."""

@@ -1254,6 +1254,29 @@ def test_a_scheduler_closed_while_its_thread_waits_behind_a_list_stops_at_once(t
         assert texts == expected and {s.finish_reason for s in listed.stats} == {"length"}
 
 
+def test_a_scheduler_letting_a_waiting_call_in_stops_waiting_when_closed(tiny_llama_f32):
+    """The scheduler's thread lets a call waiting for the engine take one turn first, waiting up to a
+    second for it; close() (_stop) ended that wait only at its timeout. It ends at once now."""
+    from pyllm.scheduler import Scheduler
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, n_parallel=2) as llm:
+        scheduler = Scheduler(llm)
+        with llm._lock:
+            llm._waiting += 1  # a caller that waits and has not taken its turn yet
+        try:
+            waited = threading.Thread(target=scheduler._let_others_in)
+            waited.start()
+            time.sleep(0.1)
+            started = time.monotonic()
+            scheduler._stop()
+            waited.join(2)
+            assert not waited.is_alive() and time.monotonic() - started < 0.5
+        finally:
+            with llm._lock:
+                llm._waiting -= 1
+            scheduler.close()
+
+
 def test_a_stream_closed_or_dropped_before_its_first_read_says_cancelled(tiny_llama_f32):
     """A stream (a list's, or one prompt's) closed or dropped before its first read never ran its
     generator, whose `finally` sets the unfinished prompts' finish_reason: it stayed "". It says
