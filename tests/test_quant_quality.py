@@ -485,6 +485,68 @@ def test_a_forked_worker_that_dies_raises_rather_than_waiting_for_ever():
     assert not set(multiprocessing.active_children()) - before
 
 
+class _TwoArgumentError(Exception):
+    def __init__(self, message, detail):  # pickled with args (message,): unpickling it fails
+        super().__init__(message)
+
+
+def _worker_raises_what_cannot_be_read_back(item) -> int:
+    if item == 1:
+        raise _TwoArgumentError("the real reason", "detail")
+    return item
+
+
+def _worker_sleeps(item) -> int:
+    import time
+
+    time.sleep(1)
+    return item
+
+
+def test_a_task_error_that_cannot_be_read_back_is_not_called_a_dead_worker():
+    """A task's exception that cannot be unpickled broke the pool, and forked_map said a worker died
+    for lack of memory; it says the answer could not be read back, and why."""
+    from pyllm.convert.workers import forked_map
+
+    with pytest.raises(RuntimeError, match="could not be read back .*: TypeError: .*missing 1 required"):
+        list(forked_map(_worker_raises_what_cannot_be_read_back, range(4), {}, processes=2))
+
+
+def test_a_signal_while_the_workers_are_forked_still_ends_them(monkeypatch):
+    """SIGTERM (the CLI's handler: SystemExit) or Ctrl-C while the workers were being forked (signals
+    blocked there) acted once the mask was restored, before the `try` that ends the workers: they
+    went on with every task and the exit waited for them. Now they end at once."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pyllm.cli import _exit_cleanly_on_sigterm
+    from pyllm.convert.workers import forked_map
+
+    submit = ProcessPoolExecutor.submit
+    submitted = []
+
+    def submit_then_signal(self, *args, **kwargs):
+        submitted.append(1)
+        if len(submitted) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # blocked here: pending until the mask is restored
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit_then_signal)
+    before = set(multiprocessing.active_children())
+    restore = _exit_cleanly_on_sigterm()
+    try:
+        started = time.monotonic()
+        with pytest.raises(SystemExit):
+            list(forked_map(_worker_sleeps, range(8), {}, processes=2))
+        assert not set(multiprocessing.active_children()) - before
+        assert time.monotonic() - started < 3  # (the 8 tasks take 4 s on 2 workers)
+    finally:
+        restore()
+
+
 def test_forked_workers_are_born_with_sigterm_blocked_and_die_of_one_sent_before_they_set_up():
     """A worker forked while the parent runs the CLI's SIGTERM handler (SystemExit) must never run
     it: forked_map forks with SIGTERM blocked, and _default_signals, the worker's first step, makes

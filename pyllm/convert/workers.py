@@ -54,29 +54,35 @@ def _in_forked_workers(task: Callable, items: list, processes: int) -> Iterator:
     """forked_map's results from `processes` forked workers (concurrent.futures: a worker's death
     breaks the pool, which raises, rather than losing the task)."""
     before = set(multiprocessing.active_children())
+    executor, finished = None, False
     # the workers are forked by the first submit, in this thread, with these signals blocked: none can
     # reach a handler inherited from this process before _default_signals runs (then a pending one acts)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
     try:
-        executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=_default_signals)
-        futures = [executor.submit(task, item) for item in items]
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    workers = [p for p in multiprocessing.active_children() if p not in before]
-    finished = False
-    try:
+        try:
+            executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                           initializer=_default_signals)
+            futures = [executor.submit(task, item) for item in items]
+        finally:  # a Ctrl-C or SIGTERM that came meanwhile acts here, inside the `try` that ends the workers
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for future in as_completed(futures):
             try:
                 result = future.result()
             except BrokenProcessPool as e:
+                if e.__cause__ is not None:  # (concurrent.futures: reading a worker's answer failed; the
+                    # cause is that traceback's text, whose last line says why)
+                    why = [line for line in str(e.__cause__).splitlines() if line.strip(" '")][-1:]
+                    raise RuntimeError("a task's result or error could not be read back from its worker process "
+                                       f"of the conversion: {''.join(why)[:500]}") from e
                 raise RuntimeError(f"a worker process of the conversion died ({e}): killed by the system for "
-                                   "lack of memory, or by a signal; try fewer processes or more memory") from None
+                                   "lack of memory, or by a signal; try fewer processes or more memory") from e
             yield result
         finished = True
     finally:
-        executor.shutdown(wait=finished, cancel_futures=True)
+        if executor is not None:
+            executor.shutdown(wait=finished, cancel_futures=True)
         if not finished:  # early exit or error: a running task is not waited for
+            workers = [p for p in multiprocessing.active_children() if p not in before]
             for worker in workers:
                 worker.terminate()  # SIGTERM: _default_signals made it fatal
             for worker in workers:
