@@ -231,7 +231,8 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
         for s in active:
             if s.done:
                 s.stats.decode_seconds = time.perf_counter() - s.decode_start
-                rest = s.text.finish(flush=s.stats.finish_reason != "cancelled")
+                # (a failed one's held bytes are dropped, as a single prompt's when it raises)
+                rest = s.text.finish(flush=s.stats.finish_reason not in ("cancelled", "error"))
                 s.tokens += s.text.take_tokens()
                 if s.text.stopped and s.stats.finish_reason != "error":
                     s.stats.finish_reason = "stop"

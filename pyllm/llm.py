@@ -266,11 +266,8 @@ def _raise_failed(failed: dict) -> None:
     if not failed:
         return
     first = failed[min(failed)]
-    if len(failed) > 1:
-        try:
-            first = type(first)(f"{first} (and {len(failed) - 1} more: prompts {sorted(failed)[1:]}; see .errors)")
-        except Exception:  # a type that takes other arguments: as it is
-            pass
+    if len(failed) > 1 and hasattr(first, "add_note"):  # (Python 3.11+; .errors says it on any)
+        first.add_note(f"and {len(failed) - 1} more: prompts {sorted(failed)[1:]} (see .errors)")
     first.errors = failed
     raise first
 
@@ -1021,7 +1018,8 @@ class LLM:
         follow the grammar) ends alone, its stats' finish_reason "error", and the others run to their end;
         then that error is raised, naming the prompt ("prompt 3 of the list: ..."), with .errors {prompt
         index: error} for every such prompt and, without stream=True, .texts: every prompt's text (a failed
-        one's up to its error). A processor's own exception ends the whole list at once.
+        one's up to its error). A processor's own exception (other than a PyllmError) ends the whole list
+        at once.
 
         Unset options come from the model's generation config (transformers' defaults for a model
         that samples), else greedy and 256 new tokens; max_new_tokens=-1: until the context is full.
@@ -1289,7 +1287,7 @@ class LLM:
             for stats in batch_stats:
                 stats.finish_reason = "length"
             def pieces():
-                return iter(())
+                yield from ()
         elif self.device != "cpu":
             pieces = one_by_one
         if stream:
@@ -1579,6 +1577,8 @@ class LLM:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, or -1 (until the context is full); got {max_new_tokens}")
         stream = TextStream(GenerationStats(prompt_tokens=len(prompt), max_new_tokens=max_new_tokens))
+        if max_new_tokens == 0:  # nothing to compute: so it says, read or not (as a list's prompts)
+            stream.stats.finish_reason = "length"
         sampler = Sampler(params, processors, prompt_length=len(prompt))
         stop_ids = stop_ids | set(self.tokenizer.eos_ids)
         if self.scheduler is not None:  # runs in the scheduler's batch, beside other streams

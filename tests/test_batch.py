@@ -241,6 +241,11 @@ def test_a_list_with_no_new_tokens_computes_nothing_as_a_single_call(model_file,
         assert llm.generate(PROMPTS[:3], max_new_tokens=0) == ["", "", ""]
         stream = llm.generate(PROMPTS[:3], max_new_tokens=0, stream=True)
         assert list(stream) == [] and [s.finish_reason for s in stream.stats] == ["length"] * 3
+        # closed before a read (a `finally: stream.close()`): no error, and "length" as a single stream says
+        stream = llm.generate(PROMPTS[:3], max_new_tokens=0, stream=True)
+        one = llm.generate(PROMPTS[0], max_new_tokens=0, stream=True)
+        stream.close(), one.close()
+        assert [s.finish_reason for s in stream.stats] == ["length"] * 3 and one.stats.finish_reason == "length"
         assert calls == [] and turns == []
         monkeypatch.setattr(llm, "_acquire", acquire)
         assert [(s.finish_reason, s.cached_tokens, s.prefill_seconds) for s in llm.last_batch_stats] == \
@@ -1018,6 +1023,7 @@ def test_a_grammar_one_prompt_of_a_list_cannot_follow_ends_that_prompt_alone(tin
     caller's processor's own exception still comes out as itself and ends the list
     (test_a_callback_s_exception_comes_out_as_itself)."""
     pytest.importorskip("llguidance")
+    from pyllm.errors import PyllmError
     from pyllm.structured import GrammarError
 
     grammar = "start: /[a-z]{1,10}/"
@@ -1045,6 +1051,26 @@ def test_a_grammar_one_prompt_of_a_list_cannot_follow_ends_that_prompt_alone(tin
         assert len(texts[2]) < len(expected[2]) or texts[2] != expected[2]
         reasons = [s.finish_reason for s in llm.last_batch_stats]
         assert reasons[2] == "error" and "error" not in reasons[:2] + reasons[3:] and "cancelled" not in reasons
+        llm.device = "cuda" if device == "cpu" else "cpu"  # the other path: the same texts, the failed one's too
+        with pytest.raises(GrammarError) as again:
+            llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, grammar=grammar,
+                         logits_processors=[rogue_in(2)])
+        llm.device = device
+        assert again.value.texts == texts
+
+        def fails_at_the_second_step(ids, scores):  # every prompt, its first token out (held back, if it is
+            if any(ids[:len(t)] == t and len(ids) == len(t) + 1 for t in targets):  # a part of a character)
+                raise PyllmError("mine")
+            return scores
+
+        failed = {}
+        for path in ("cpu", "cuda"):
+            llm.device = path
+            with pytest.raises(PyllmError, match="^prompt 0 of the list: mine") as raised:
+                llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, logits_processors=[fails_at_the_second_step])
+            failed[path] = (raised.value.texts, sorted(raised.value.errors))
+        llm.device = device
+        assert failed["cpu"] == failed["cuda"] and failed["cpu"][1] == [0, 1, 2, 3, 4]
         # streamed: every other prompt's pieces, then the error
         stream = llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, grammar=grammar,
                               logits_processors=[rogue_in(2)], stream=True)
@@ -1055,10 +1081,12 @@ def test_a_grammar_one_prompt_of_a_list_cannot_follow_ends_that_prompt_alone(tin
         assert [streamed[i] for i in (0, 1, 3, 4)] == [expected[i] for i in (0, 1, 3, 4)]
         assert stream.stats[2].finish_reason == "error"
         # two of them: the first raised, the other named
-        with pytest.raises(GrammarError, match=r"^prompt 1 of the list: .*\(and 1 more: prompts \[3\]") as raised:
+        with pytest.raises(GrammarError, match=r"^prompt 1 of the list: the grammar cannot") as raised:
             llm.generate(PROMPTS[:5], max_new_tokens=6, temperature=0, grammar=grammar,
                          logits_processors=[rogue_in(1, 3)])
-        assert set(raised.value.errors) == {1, 3}
+        assert set(raised.value.errors) == {1, 3} and raised.value.errors[1] is raised.value
+        if sys.version_info >= (3, 11):
+            assert raised.value.__notes__ == ["and 1 more: prompts [3] (see .errors)"]
         assert [raised.value.texts[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]
         assert llm.generate(PROMPTS[:4], max_new_tokens=6, temperature=0, grammar=grammar) == expected[:4]
         assert llm.generate(PROMPTS[2], max_new_tokens=6, temperature=0, grammar=grammar) == expected[2]
