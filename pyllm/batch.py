@@ -234,7 +234,7 @@ def _run_all(llm, engine, slots, prompts, max_new_tokens, params, stop, stop_ids
                 # (a failed one's held bytes are dropped, as a single prompt's when it raises)
                 rest = s.text.finish(flush=s.stats.finish_reason not in ("cancelled", "error"))
                 s.tokens += s.text.take_tokens()
-                if s.text.stopped and s.stats.finish_reason != "error":
+                if s.text.stopped:  # (not a failed one's: finish without flush searches no stop string)
                     s.stats.finish_reason = "stop"
                 if rest:
                     yield s.index, rest

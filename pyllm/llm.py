@@ -337,7 +337,45 @@ class TokenLogprob:
     top: list[tuple[int, float]] | None = None
 
 
-class TextStream:
+class _PieceStream:
+    """What TextStream and BatchStream share: an iterator over the pieces their generator `_pieces`
+    yields; cancel() sets `cancelled`; closed or dropped before its first read, the stats of
+    _every_stats() that have no finish_reason yet say "cancelled" (the generator never ran, nor its own
+    `finally` that says so)."""
+
+    _pieces: Iterator
+    cancelled: threading.Event
+
+    def _every_stats(self) -> list:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def close(self) -> None:
+        self._never_started()
+        self._pieces.close()
+
+    def __del__(self):
+        try:
+            self._never_started()
+        except Exception:  # (at the interpreter's exit: modules already torn down)
+            pass
+
+    def _never_started(self) -> None:
+        pieces = self._pieces
+        if inspect.isgenerator(pieces) and inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:
+            for one in self._every_stats():
+                one.finish_reason = one.finish_reason or "cancelled"
+
+
+class TextStream(_PieceStream):
     """The text pieces of one generate/chat call, as an iterator.
 
     stats fills in as the pieces come; tokens lists the generated tokens (TokenLogprob, with
@@ -362,27 +400,11 @@ class TextStream:
         self._taken += len(new)
         return new
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def close(self) -> None:
-        _never_started(self._pieces, [self.stats])
-        self._pieces.close()
-
-    def __del__(self):
-        try:
-            _never_started(self._pieces, [self.stats])
-        except Exception:  # (at the interpreter's exit: modules already torn down)
-            pass
+    def _every_stats(self) -> list:
+        return [self.stats]
 
 
-class BatchStream:
+class BatchStream(_PieceStream):
     """generate([...], stream=True): an iterator of (prompt index, text piece). stats[i] and tokens[i] are
     prompt i's GenerationStats and the records of its generated tokens (TokenLogprob), this list's
     whatever is given after it (llm.last_batch_stats / last_batch_tokens are the last list's: another
@@ -395,32 +417,8 @@ class BatchStream:
         self.cancelled = cancelled
         self._pieces = pieces
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, str]:
-        return next(self._pieces)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def close(self) -> None:
-        _never_started(self._pieces, self.stats)
-        self._pieces.close()
-
-    def __del__(self):
-        try:
-            _never_started(self._pieces, self.stats)
-        except Exception:  # (at the interpreter's exit: modules already torn down)
-            pass
-
-
-def _never_started(pieces, stats: list) -> None:
-    """A stream closed, or dropped, before its first read: its generator never ran (its own `finally`
-    neither), so its stats say "cancelled" here (finish_reason stayed "")."""
-    if inspect.isgenerator(pieces) and inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:
-        for one in stats:
-            one.finish_reason = one.finish_reason or "cancelled"
+    def _every_stats(self) -> list:
+        return self.stats
 
 
 class _TokenizerLoader:
@@ -942,11 +940,7 @@ class LLM:
         arr = self._check_ids(ids, self._virtual_tokens(chosen))
         keep = min(keep or arr.size, arr.size)
         check_logits_bytes(keep, self.config.vocab_size, f"logits of {arr.size} tokens")
-        call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
-        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
-            self._acquire(call)
-            self._cached = []
-            offset = self._prime(chosen)  # (kept while the same adapter runs next)
+        with self._fresh_sequence_0(chosen) as offset:
             if keep == arr.size:
                 out = self.engine.forward(arr, offset, True)
             elif self.device != "cpu":  # (the CUDA engine runs no forward_rows)
@@ -957,6 +951,16 @@ class LLM:
                                                np.arange(arr.size - keep, arr.size))
             self._cached = [int(i) for i in arr]
             return out
+
+    @contextlib.contextmanager
+    def _fresh_sequence_0(self, adapter: str | None) -> Iterator[int]:
+        """A turn at the engine whose calls run sequence 0 (Engine.forward) in a fresh context after
+        `adapter`'s virtual positions (kept while the same adapter runs next); yields their count."""
+        call = _Call(frozenset({0}))
+        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
+            self._acquire(call)
+            self._cached = []
+            yield self._prime(adapter)
         finally:
             self._release(call)
 
@@ -969,19 +973,13 @@ class LLM:
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
         arr = self._check_ids(ids, self._virtual_tokens(chosen))
         tokens = [TokenLogprob(int(arr[0]))]
-        call = _Call(frozenset({0}))  # Engine.forward runs sequence 0
-        try:  # (taken inside: a Ctrl-C landing right after the turn was taken kept it for ever)
-            self._acquire(call)
-            self._cached = []
-            offset = self._prime(chosen)
+        with self._fresh_sequence_0(chosen) as offset:
             for start in range(0, arr.size - 1, PROMPT_LOGITS_ROWS):  # (the last token's logits: not needed)
                 end = min(start + PROMPT_LOGITS_ROWS, arr.size - 1)
                 logits = self.engine.forward(arr[start:end], offset + start, True)  # f32 [end - start, vocab]
                 tokens += [_token_logprob(int(arr[k + 1]), logits[k - start], top) for k in range(start, end)]
                 self._cached = [int(i) for i in arr[:end]]
-            return tokens
-        finally:
-            self._release(call)
+        return tokens
 
     # -- generation ----------------------------------------------------------
     @accepts_aliases
@@ -1610,8 +1608,7 @@ class LLM:
         try:
             self._acquire(stream)  # (inside: a Ctrl-C landing right after the turn was taken kept it for ever)
             self.last_stats = stats
-            if max_new_tokens == 0:
-                stats.finish_reason = "length"
+            if max_new_tokens == 0:  # (its stats say "length" from the start: _stream)
                 return
             # reuse the cached prefix; at least one prompt token must run to give logits
             ids = [int(i) for i in prompt]  # the tokens whose keys/values this call has computed
