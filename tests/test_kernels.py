@@ -1020,7 +1020,7 @@ def test_nmse_helper_matches_definition():
 
 
 @pytest.mark.parametrize("M", [1, 13])
-@pytest.mark.parametrize("D", [576, 64, 7])
+@pytest.mark.parametrize("D", [576, 64, 7, 17, 33])  # (the sum of squares runs in 16 lanes: ragged ends)
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
 @pytest.mark.parametrize("magnitude", [1.0, 1e-3], ids=["unit", "tiny"])  # tiny: eps dominates mean(x^2)
 def test_rmsnorm(M, D, eps, magnitude):
@@ -1034,6 +1034,7 @@ def test_rmsnorm(M, D, eps, magnitude):
     assert_nmse(y, expected, 1e-7, f"rmsnorm M={M} D={D}")
     # sum of squares in float32 (D roundings) + sqrt, divide, 2 products
     assert_within(y, expected, gamma(D + 8) * np.abs(expected), f"rmsnorm M={M} D={D}")
+    assert np.array_equal(_core.rmsnorm(x[-1:], weight, eps)[0], y[-1])  # a row's bits: alone or beside others
 
 
 def test_rmsnorm_zero_row_and_errors():
@@ -1054,7 +1055,7 @@ def test_rmsnorm_zero_row_and_errors():
 SWIGLU_RTOL = 12 * U
 
 
-@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 11), (2, 1536), (3, 4099)])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 11), (2, 1536), (8, 1536), (3, 4099)])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_swiglu(kernels, shape, n_threads):
     rng = np.random.default_rng(len(shape))

@@ -188,12 +188,32 @@ void embedding(const WeightView& w, const int32_t* ids, int64_t M, float* out) {
     }
 }
 
+namespace {
+
+// sum over i in [0, n) of term(i), kept in kSumLanes interleaved partial sums that are added in a fixed
+// order at the end: the compiler vectorises it, where one running sum is a chain of n dependent adds
+// (~0.55 us a 576-wide row, SmolLM2's norms 0.4 ms of an 8-sequence decode step). The order depends
+// on n only, so a row's bits never depend on the rows beside it.
+template <typename Term>
+inline float lane_sum(int64_t n, Term term) {
+    constexpr int kSumLanes = 16;
+    float part[kSumLanes] = {};
+    int64_t i = 0;
+    for (; i + kSumLanes <= n; i += kSumLanes)
+        for (int j = 0; j < kSumLanes; ++j) part[j] += term(i + j);
+    for (int j = 0; i + j < n; ++j) part[j] += term(i + j);
+    for (int width = kSumLanes / 2; width > 0; width /= 2)  // pairwise
+        for (int j = 0; j < width; ++j) part[j] += part[j + width];
+    return part[0];
+}
+
+}  // namespace
+
 void rmsnorm(const float* x, const float* weight, int64_t M, int64_t D, float eps, float* y) {
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * D;
         float* yr = y + m * D;
-        float sum_sq = 0.0f;
-        for (int64_t i = 0; i < D; ++i) sum_sq += xr[i] * xr[i];
+        const float sum_sq = lane_sum(D, [&](int64_t i) { return xr[i] * xr[i]; });
         const float inv = 1.0f / std::sqrt(sum_sq / (float)D + eps);
         for (int64_t i = 0; i < D; ++i) yr[i] = weight[i] * (xr[i] * inv);
     }
@@ -203,19 +223,32 @@ void layernorm(const float* x, const float* weight, const float* bias, int64_t M
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * D;
         float* yr = y + m * D;
-        float sum = 0.0f;
-        for (int64_t i = 0; i < D; ++i) sum += xr[i];
-        const float mean = sum / (float)D;
-        float sum_sq = 0.0f;  // two passes: the variance of the centred values (no cancellation)
-        for (int64_t i = 0; i < D; ++i) sum_sq += (xr[i] - mean) * (xr[i] - mean);
+        const float mean = lane_sum(D, [&](int64_t i) { return xr[i]; }) / (float)D;
+        // two passes: the variance of the centred values (no cancellation)
+        const float sum_sq = lane_sum(D, [&](int64_t i) { return (xr[i] - mean) * (xr[i] - mean); });
         const float inv = 1.0f / std::sqrt(sum_sq / (float)D + eps);
         for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * weight[i] + bias[i];
     }
 }
 
+namespace {
+
+// Elements per task of an element-wise op over n values on `threads` threads: one task below 4096
+// (a task's hand-off costs about what that much work does), else a multiple of the thread count of
+// tasks of at most ~4096, 16-aligned. A fixed 4096 gave an 8-sequence decode step's 8 x 1536 values
+// three tasks on two threads, one thread doing two.
+int64_t elementwise_chunk(int64_t n, int64_t threads) {
+    constexpr int64_t kTask = 4096;
+    if (n <= kTask || threads <= 1) return kTask;
+    const int64_t rounds = (n + kTask * threads - 1) / (kTask * threads), tasks = rounds * threads;
+    return ((n + tasks - 1) / tasks + 15) / 16 * 16;
+}
+
+}  // namespace
+
 void swiglu(ThreadPool& pool, const float* gate, const float* up, int64_t n, float* out) {
     const CpuKernels& kernels = active_kernels();
-    const int64_t chunk = 4096;
+    const int64_t chunk = elementwise_chunk(n, pool.size());
     pool.parallel_for((n + chunk - 1) / chunk, [&](int64_t i) {
         const int64_t begin = i * chunk, len = std::min(chunk, n - begin);
         kernels.swiglu(gate + begin, up + begin, len, out + begin);
@@ -241,7 +274,7 @@ void ffn_activation(ThreadPool& pool, Activation act, const float* gate, const f
                          : act == Activation::Gelu   ? gelu_erf
                          : act == Activation::Relu   ? relu
                                                      : silu;
-    const int64_t chunk = 4096;
+    const int64_t chunk = elementwise_chunk(n, pool.size());
     pool.parallel_for((n + chunk - 1) / chunk, [&](int64_t i) {
         const int64_t begin = i * chunk, end = std::min(n, begin + chunk);
         if (gate != nullptr)
