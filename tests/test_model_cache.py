@@ -881,6 +881,18 @@ with entry_lock(sys.argv[1], "a model", None):
 """
 
 
+def _stderr_within(process, seconds: float) -> str:
+    """process's stderr once it ends; past `seconds` it is killed and the test fails with what it wrote
+    (once seen failing in a whole run and never alone: its output says where it was)."""
+    import subprocess
+
+    try:
+        return process.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"still running after {seconds} s; its stderr: {process.communicate()[1]!r}")
+
+
 def test_a_wait_for_another_conversion_stops_at_ctrl_c_and_ends_with_its_holder(hf_dir, cache):
     """A `pyllm run` waiting for another process's conversion of its model says so, stops at Ctrl-C (status
     130, no traceback), and takes the conversion over as soon as the holder is gone, killed or not (the
@@ -905,10 +917,11 @@ def test_a_wait_for_another_conversion_stops_at_ctrl_c_and_ends_with_its_holder(
                    for line in lines), lines
         waiters[0].send_signal(signal.SIGINT)
         start = time.monotonic()
-        _, err = waiters[0].communicate(timeout=30)
-        assert waiters[0].returncode == 130 and time.monotonic() - start < 10 and "Traceback" not in err, err
+        err = _stderr_within(waiters[0], 30)
+        seconds = time.monotonic() - start
+        assert waiters[0].returncode == 130 and seconds < 10 and "Traceback" not in err, (seconds, err)
         holder.kill()  # killed while "converting": the other waiter converts
-        out, err = waiters[1].communicate(timeout=300)
+        err = _stderr_within(waiters[1], 300)
         assert waiters[1].returncode == 0 and "converting the Hugging Face directory" in err, err
     finally:
         for p in (holder, *waiters):
