@@ -356,9 +356,9 @@ def model_source(path: str) -> str:
     if first == path or not os.path.isfile(first) or not os.path.isfile(path):
         return path
     try:
-        from gguf import GGUFReader
+        from .convert.gguf_source import open_gguf_reader
 
-        is_shard = "split.count" in GGUFReader(path).fields
+        is_shard = "split.count" in open_gguf_reader(path).fields
     except Exception:  # not a readable GGUF file: converting it says why
         return path
     return first if is_shard else path
@@ -572,9 +572,9 @@ LOCK_SUFFIX = ".lock"  # beside an entry: held (flock) while it is converted
 def entry_lock(target: str, source: str, log, doing: str = "converting", keep: bool = True,
                wait: bool = True) -> Iterator[bool]:
     """Holds the lock of cache entry target (a .pllm path; source: what it is made from, and doing: what
-    is done to it, for the message): a LOCK_SUFFIX file beside it, kept unless keep is False (a process
-    waiting on a lock file removed meanwhile opens it again: whoever removes a lock file removes it while
-    holding it). Yields whether another process (or thread: an flock belongs to each open file) held it
+    is done to it, for the message): a LOCK_SUFFIX file beside it, kept unless keep is False or the body
+    raised and left no entry (a process waiting on a lock file removed meanwhile opens it again: whoever
+    removes a lock file removes it while holding it). Yields whether another process (or thread: an flock belongs to each open file) held it
     first; with wait False, raises BlockingIOError instead of waiting for it.
 
     The wait has no time bound (a conversion with calibration takes hours), but ends with the holder: the
@@ -612,10 +612,14 @@ def entry_lock(target: str, source: str, log, doing: str = "converting", keep: b
         if same:
             break
         os.close(fd)
+    done = False
     try:
         yield waited
+        done = True
     finally:
-        if not keep:
+        # a conversion that failed (or was stopped) leaves no entry: its lock file would be taken for an
+        # interrupted one's leftover by the next run and `pyllm list`
+        if not keep or (not done and not os.path.exists(target)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         os.close(fd)  # (the lock with it)

@@ -289,6 +289,78 @@ def test_bad_gguf_is_refused(tmp_path):
     assert not (tmp_path / "y.pllm").exists()
 
 
+def _gguf_bytes(metadata: bytes = b"", n_metadata: int = 0, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    """A GGUF v3 file's bytes from raw metadata pairs and tensor infos (no data section)."""
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_metadata) + metadata + tensors
+
+
+def _gguf_string(text: bytes, length: int | None = None) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text) if length is None else length) + text
+
+
+def _gguf_lies():
+    """Files whose counts or lengths claim more than the file holds: gguf's reader trusted each (one
+    looped for ever with memory growing, found by a review: an array of 2^60 uint32s in 49 bytes)."""
+    import struct
+
+    key = _gguf_string(b"k")
+    array = lambda element_type, count, body=b"": key + struct.pack("<IIQ", 9, element_type, count) + body  # noqa: E731
+    tensor = lambda n_dims, dims, ggml_type=0, offset=0: (_gguf_string(b"t") + struct.pack("<I", n_dims) +  # noqa: E731
+                                                          b"".join(struct.pack("<Q", d) for d in dims) +
+                                                          struct.pack("<IQ", ggml_type, offset))
+    return {
+        "array of 2^60 uint32": (_gguf_bytes(array(4, 2**60), 1), "2^60|elements"),
+        "array of 2^40 strings": (_gguf_bytes(array(8, 2**40), 1), "elements"),
+        "array of arrays, nested deep": (_gguf_bytes(key + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 40, 1),
+                                         "nests arrays"),
+        "string of 2^62 bytes": (_gguf_bytes(key + struct.pack("<I", 8) + struct.pack("<Q", 2**62), 1),
+                                 "metadata 'k'"),
+        "key of 2^62 bytes": (_gguf_bytes(_gguf_string(b"k", 2**62) + b"\0" * 16, 1), "metadata key 0"),
+        "2^62 metadata pairs": (_gguf_bytes(b"", 2**62), "metadata pairs"),
+        "2^62 tensors": (_gguf_bytes(b"", 0, b"", 2**62), "tensor infos"),
+        "unknown value type": (_gguf_bytes(key + struct.pack("<I", 77) + b"\0" * 16, 1), "unknown value type 77"),
+        "tensor of 5 dimensions": (_gguf_bytes(b"", 0, tensor(5, [1] * 5) + b"\0" * 32, 1), "5 dimensions"),
+        "tensor of 2^40 x 2^40 f32": (_gguf_bytes(b"", 0, tensor(2, [2**40, 2**40]) + b"\0" * 32, 1),
+                                      "runs past the end"),
+        "tensor at offset 2^62": (_gguf_bytes(b"", 0, tensor(1, [32], 0, 2**62) + b"\0" * 32, 1), "runs past the end"),
+        "tensor of unknown type": (_gguf_bytes(b"", 0, tensor(1, [32], 999) + b"\0" * 32, 1), "unknown ggml type 999"),
+        "version 7": (b"GGUF" + struct.pack("<IQQ", 7, 0, 0), "version 7"),
+    }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(_gguf_lies()))
+def test_a_gguf_whose_lengths_run_past_its_end_is_refused_at_once(tmp_path, case):
+    data, message = _gguf_lies()[case]
+    path = tmp_path / "lie.gguf"
+    path.write_bytes(data)
+    with pytest.raises(FormatError, match=message) as error:
+        convert_checkpoint(str(path), str(tmp_path / "x.pllm"), progress=False)
+    assert str(path) in str(error.value)
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_a_gguf_cut_anywhere_says_it_is_cut_short(tmp_path):
+    """A real file cut at any point: the message says what runs past the end (it said numpy's
+    'cannot reshape array of size ...' where the data was cut)."""
+    good = tmp_path / "good.gguf"
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), str(good), Q.Q8_0)
+    data = good.read_bytes()
+    for cut in (24, 100, 1000, len(data) // 3, len(data) // 2, len(data) - 1):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(FormatError, match="runs past the end|cut short") as error:
+            convert_checkpoint(str(path), str(tmp_path / "x.pllm"), progress=False)
+        assert "reshape" not in str(error.value), (cut, str(error.value))
+    from pyllm.formats.gguf_layout import check_gguf_layout
+
+    assert check_gguf_layout(str(good)) is None  # the whole file passes
+
+
 @pytest.mark.parametrize("key, value, message", [
     # the fuzzer's input (tools/fuzz/corpus/gguf/huge-block-count.gguf): minutes in the tensor table before
     ("llama.block_count", 4143972353, "llama.block_count: num_hidden_layers must be an integer in 1..1024"),

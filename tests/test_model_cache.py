@@ -525,16 +525,20 @@ def test_processes_converting_one_model_together_convert_it_once(hf_dir, cache):
     assert sorted(os.listdir(cache)) == []  # the lock file went with the entry
 
 
-def test_the_lock_of_a_failed_conversion_is_removed_as_its_other_leftovers(hf_dir, tmp_path, cache, capsys):
-    """A conversion that failed (or was killed) left its entry's lock file in the cache for ever: no
-    entry to `pyllm rm`, not shown by `pyllm list`. It now counts among the leftovers of interrupted
-    conversions (once no process holds it): listed, and removed by the next conversion or `pyllm rm`."""
+def test_a_failed_conversion_leaves_no_lock_and_a_killed_ones_lock_is_a_leftover(hf_dir, tmp_path, cache, capsys):
+    """A conversion that failed left its entry's lock file in the cache for ever (no entry to `pyllm rm`),
+    later described as left by an interrupted conversion: it now removes it as it fails. A killed one's
+    lock (no process holds it) counts among the leftovers of interrupted conversions: listed, and removed
+    by the next conversion or `pyllm rm`."""
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(Exception):
         model_cache.resolve_model(str(broken))
-    (lock,) = cache.glob("*" + model_cache.LOCK_SUFFIX)
+    assert list(cache.glob("*" + model_cache.LOCK_SUFFIX)) == []
+    assert model_cache.stale_temporaries() == [] and "interrupted" not in run(capsys, "list")[1]
+    lock = cache / ("killed-0123456789" + model_cache.LOCK_SUFFIX)  # as a SIGKILL leaves it
+    lock.write_bytes(b"")
     assert model_cache.stale_temporaries() == [str(lock)]
     assert "left by 1 interrupted download(s) or conversion(s)" in run(capsys, "list")[1]
     model_cache.resolve_model(hf_dir)

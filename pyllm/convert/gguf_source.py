@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import library_errors
+from ..formats.gguf_layout import check_gguf_layout
 from ..formats.gguf_split import shard_path, split_name, split_parts
 from ..formats.packed import TokenizerSpec
 from ..formats.safetensors import FormatError
@@ -155,23 +156,18 @@ def _place_rows(values: np.ndarray, place: GGUFTensor) -> np.ndarray:
     return np.ascontiguousarray(values)
 
 
-def _open_reader(path: str):
-    """gguf's reader of path; FormatError for a file it cannot read or of the other byte order."""
+def open_gguf_reader(path: str):
+    """gguf's reader of path; FormatError for a file it cannot read, whose layout runs past its end
+    (formats/gguf_layout.py: gguf's reader trusts every length in the file), or of the other byte order."""
     from gguf import GGUFReader
 
     if not os.path.isfile(path):  # a FIFO or a device (a shard): opening it waited for a writer
         raise FormatError(f"{path} is not a regular file, not a GGUF file")
+    check_gguf_layout(path)
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
         raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    if getattr(reader, "byte_order", "I") == "S":  # gguf >= 0.10: the file's numbers are swapped
-        # quantized blocks keep their fp16 scales in the file's byte order, which numpy reads as little-endian:
-        # NaN scales or, worse, wrong weights without a word. llama.cpp refuses such files on these machines too
-        raise FormatError(f"{path}: a big-endian GGUF file; pyllm reads little-endian ones (as llama.cpp "
-                          f"does on this machine): convert it in place first with "
-                          f"`gguf-convert-endian {path} little` (from the gguf package)")
-    return reader
 
 
 def _field(fields, path: str, key: str, default=None):
@@ -214,7 +210,7 @@ class GGUFSource:
         except ImportError:  # pragma: no cover - gguf is a dependency
             raise RuntimeError("reading GGUF needs the 'gguf' package (pip install gguf)") from None
         self.path = os.fspath(path)
-        self.reader = _open_reader(self.path)
+        self.reader = open_gguf_reader(self.path)
         self.fields = {k: f for k, f in self.reader.fields.items()}
         self.files = [self.path]  # the files read: the shards of a split model, first first
         self.readers = [self.reader]
@@ -279,7 +275,7 @@ class GGUFSource:
             raise FormatError(f"{given}: shard {no + 1} of a GGUF model split in {count} files; missing: {shown}")
         readers = []
         for i, part in enumerate(parts):
-            reader = self.reader if i == no else _open_reader(part)
+            reader = self.reader if i == no else open_gguf_reader(part)
             part_no, part_count, part_total = _split_keys(reader, part)
             if (part_no, part_count) != (i, count):  # renamed, copied over another, of a set of another size
                 raise FormatError(f"{part}: its GGUF metadata says shard {part_no + 1} of {part_count}, its name "
