@@ -391,7 +391,8 @@ def _note_unused_sampling(llm, args, sampling: dict) -> None:
     given = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--min-p", args.min_p),
                                       ("--typical", args.typical_p), ("--seed", args.seed)) if value is not None]
     if given:
-        print(f"pyllm {args.command}: note: {', '.join(given)} change nothing while decoding is greedy "
+        print(f"pyllm {args.command}: note: {', '.join(given)} change{'s' if len(given) == 1 else ''} nothing while "
+              f"decoding is greedy "
               f"(temperature 0{'' if args.temperature is not None else ', the default'}): give --temperature "
               f"above 0 to sample", file=sys.stderr)
 
@@ -422,7 +423,13 @@ def cmd_serve(args) -> int:
     if args.max_num_batched_tokens < args.parallel:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --parallel "
                          f"({args.parallel}): every running request gets a row in each step")
-    api_key = args.api_key or os.environ.get("PYLLM_API_KEY") or None
+    env_key = os.environ.get("PYLLM_API_KEY")
+    if args.api_key == "" or (args.api_key is None and env_key == ""):
+        # `--api-key "$KEY"` with KEY unset served without any key, and said nothing
+        where = "--api-key" if args.api_key == "" else "PYLLM_API_KEY"
+        raise ValueError(f"{where} is empty (an unset variable?): give the key clients must send, or leave "
+                         f"{where} out to serve without one")
+    api_key = args.api_key or env_key or None
     unsendable = api_key is not None and (api_key != api_key.strip()
                                           or any(c < " " and c != "\t" or c == "\x7f" for c in api_key))
     if unsendable:

@@ -600,7 +600,7 @@ def test_cli_notes_sampling_options_that_greedy_decoding_ignores(tiny_llama_f32)
     assert r.returncode == 0, r.stderr
     assert "note: --top-k, --seed change nothing while decoding is greedy" in r.stderr
     r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", "--temperature", "0", "--top-p", "0.5")
-    assert "note: --top-p change nothing while decoding is greedy (temperature 0)" in r.stderr
+    assert "note: --top-p changes nothing while decoding is greedy (temperature 0)" in r.stderr
     for quiet in (["--temperature", "0.8", "--top-k", "5"], ["--temperature", "0"], []):
         r = _cli("run", tiny_llama_f32, "-n", "2", "-p", "Paris is", "--raw", *quiet)
         assert r.returncode == 0 and "note:" not in r.stderr, r.stderr
@@ -784,15 +784,20 @@ def test_serve_refuses_an_api_key_or_cors_origin_no_client_can_send(tiny_llama_f
         raise AssertionError("the server was started")
 
     monkeypatch.setattr(pyllm.serve, "listen", listen)
-    for flag, env, where in ((["--api-key", "sk-1 "], None, "--api-key"), (["--api-key", "\tsk-1"], None, "--api-key"),
-                             ([], "sk-1\r", "PYLLM_API_KEY"), ([], "sk\n1", "PYLLM_API_KEY")):
+    spaces, empty = "holds control characters or spaces around it", "is empty (an unset variable?)"
+    # empty: `--api-key "$KEY"` with KEY unset (or an empty PYLLM_API_KEY) served with no key, saying nothing
+    for flag, env, where, problem in ((["--api-key", "sk-1 "], None, "--api-key", spaces),
+                                      (["--api-key", "\tsk-1"], None, "--api-key", spaces),
+                                      ([], "sk-1\r", "PYLLM_API_KEY", spaces), ([], "sk\n1", "PYLLM_API_KEY", spaces),
+                                      (["--api-key", ""], None, "--api-key", empty),
+                                      (["--api-key", ""], "sk-1", "--api-key", empty), ([], "", "PYLLM_API_KEY", empty)):
         if env is None:
             monkeypatch.delenv("PYLLM_API_KEY", raising=False)
         else:
             monkeypatch.setenv("PYLLM_API_KEY", env)
         assert cli.main(["serve", tiny_llama_f32, "-t", "1", *flag]) == 1
         err = capsys.readouterr().err
-        assert err.startswith(f"pyllm serve: error: {where} holds control characters or spaces around it"), err
+        assert err.startswith(f"pyllm serve: error: {where} {problem}"), err
         assert len(err.splitlines()) == 1
     monkeypatch.delenv("PYLLM_API_KEY")
     assert cli.main(["serve", tiny_llama_f32, "-t", "1", "--api-key", "sk-1 2\t3"]) == 1  # (inside: sent as it is)
