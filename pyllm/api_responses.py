@@ -32,14 +32,20 @@ def chat_logprobs(tokenizer, tokens) -> dict:
 def completion_logprobs(tokenizer, tokens, offset: int = 0) -> dict:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs ({text: logprob}) and
     text_offset (characters from the start of the choice's text, starting at offset). A token whose
-    logprob is None (the first prompt token, echoed) gets null."""
+    logprob is None (the first prompt token, echoed) gets null. top_logprobs holds the token itself
+    besides the `logprobs` most likely ones (OpenAI: "there may be up to logprobs+1 elements"; as
+    llama-cpp-python does), so logprobs=0 gives each token's own."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         text, _ = _token_text(tokenizer, t.id)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if t.logprob is None else _finite(t.logprob))
-        out["top_logprobs"].append(None if t.top is None else
-                                   {_token_text(tokenizer, i)[0]: _finite(lp) for i, lp in t.top})
+        top = None
+        if t.top is not None:
+            top = {_token_text(tokenizer, i)[0]: _finite(lp) for i, lp in t.top}
+            if t.logprob is not None:
+                top.setdefault(text, _finite(t.logprob))
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
     return out

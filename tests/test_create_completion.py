@@ -316,3 +316,19 @@ def test_a_grammar_that_cannot_be_followed_raises_at_the_call_or_from_the_stream
         list(llm.create_completion("?", max_tokens=3, stream=True, response_format=huge))
     assert llm._holder is None
     assert llm.create_completion("?", max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_completion_top_logprobs_hold_the_sampled_token(llm):
+    """OpenAI's legacy completions: "the API will always return the logprob of the sampled token, so
+    there may be up to logprobs+1 elements" (llama-cpp-python adds it too). A sampled token outside the
+    top N was missing, and logprobs=0 gave {} for every token."""
+    for n in (0, 1):
+        reply = llm.create_completion("Once upon a time", max_tokens=12, logprobs=n, temperature=2.0, seed=7,
+                                      echo=True)
+        lp = reply["choices"][0]["logprobs"]
+        assert lp["top_logprobs"][0] is None  # the first prompt token has no logprob
+        outside = 0
+        for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+            assert top[token] == logprob and n <= len(top) <= n + 1, (token, logprob, top)
+            outside += len(top) == n + 1
+        assert outside > 0  # (at temperature 2 some tokens were not among the top n)

@@ -101,6 +101,7 @@ def test_completion_logprobs_and_echo(live, llm):
     for k, row in enumerate(_logprobs_at(llm, ids, out)):
         assert abs(lp.token_logprobs[len(ids) + k] - row[out[k]]) < 1e-5
         assert len(lp.top_logprobs[len(ids) + k]) == 2
+        assert lp.top_logprobs[len(ids) + k][lp.tokens[len(ids) + k]] == lp.token_logprobs[len(ids) + k]
     assert lp.text_offset[len(ids)] == len(prompt)
     # streamed with echo: the prompt first, then the completion
     pieces = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=5, echo=True, stream=True))
