@@ -91,9 +91,14 @@ def layout_name(fmt: str, group: int) -> str:
     return f"{fmt} g{group}" if group else fmt
 
 
+MAX_GROUP_SIZE = 4096  # values per scale; past a row's width a larger group changes nothing but the work
+
+
 def check_group_size(fmt: str, group_size: int) -> None:
-    if fmt in QUANT_FORMATS and (group_size <= 0 or group_size % BLOCK != 0):
-        raise ValueError(f"group size {group_size} is not supported: use a positive multiple of 32 ({GROUP_SIZES})")
+    """ValueError unless group_size is a multiple of 32 in 32 .. MAX_GROUP_SIZE (for a quantized fmt)."""
+    if fmt in QUANT_FORMATS and not (0 < group_size <= MAX_GROUP_SIZE and group_size % BLOCK == 0):
+        raise ValueError(f"group size {group_size} is not supported: use a multiple of 32 up to {MAX_GROUP_SIZE} "
+                         f"(the usual: {', '.join(map(str, GROUP_SIZES))})")
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

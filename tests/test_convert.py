@@ -1102,7 +1102,11 @@ def test_int4_without_a_group_size_chooses_per_matrix(tiny_llama, tmp_path):
     (["--quant", "bf16", "--calib", "text.txt"], "--calib applies to --quant int8 and int4 only"),
     (["--quant", "int8", "--bits", "5"], "--bits is the budget of --quant int4"),
     # the converter's "group size 7 is not supported" named no flag
-    (["--quant", "int4", "--group-size", "7"], "--group-size 7: group size 7 is not supported: use a positive multiple"),
+    (["--quant", "int4", "--group-size", "7"], "--group-size 7: group size 7 is not supported: use a multiple of 32 up to "
+                                                "4096 (the usual: 32, 64, 128, 256)"),
+    # (100000 took 30 s on a 64-wide model; 2^35 asked for 8 TiB)
+    (["--quant", "int4", "--group-size", "100000"], "--group-size 100000: group size 100000 is not supported"),
+    (["--quant", "int8", "--group-size", str(2**35)], f"--group-size {2**35}: group size {2**35} is not supported"),
     (["--quant", "int8", "--group-size", "0"], "--group-size 0: group size 0 is not supported"),
 ])
 def test_options_without_effect_are_refused(tiny_llama, tmp_path, capsys, flags, message):
