@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             for m in modes:
                 engine, prefilled = llms[m].engine, {}
                 seconds = decode_seconds(engine, n, args.n_prompt, args.n_gen, rng, vocab,
-                                         lambda: prefilled.update(engine.profile()))
+                                         (lambda: prefilled.update(engine.profile())) if args.profile else None)
                 samples[m][n].append(n * args.n_gen / seconds)
                 if args.profile:
                     stages[m][n].append({k: 1000 * (v - prefilled[k]) / args.n_gen for k, v in engine.profile().items()})

@@ -574,8 +574,8 @@ def entry_lock(target: str, source: str, log, doing: str = "converting", keep: b
     """Holds the lock of cache entry target (a .pllm path; source: what it is made from, and doing: what
     is done to it, for the message): a LOCK_SUFFIX file beside it, kept unless keep is False or the body
     raised and left no entry (a process waiting on a lock file removed meanwhile opens it again: whoever
-    removes a lock file removes it while holding it). Yields whether another process (or thread: an flock belongs to each open file) held it
-    first; with wait False, raises BlockingIOError instead of waiting for it.
+    removes a lock file removes it while holding it). Yields whether another process (or thread: an flock
+    belongs to each open file) held it first; with wait False, raises BlockingIOError instead of waiting.
 
     The wait has no time bound (a conversion with calibration takes hours), but ends with the holder: the
     kernel drops a dead process's lock, whatever killed it; Ctrl-C stops it (flock returns to run the

@@ -50,21 +50,23 @@ class _Cursor:
         self.at += size
         return value
 
-    def string(self, what: str) -> bytes:
+    def skip_string(self, what: str) -> int:
+        """Passes a string (u64 length + bytes); returns where its bytes start."""
         n = self.unpack("<Q", f"the length of {what}")
         self.need(n, what)
-        value = bytes(self.buf[self.at:self.at + n])
         self.at += n
-        return value
+        return self.at - n
+
+    def string(self, what: str) -> bytes:
+        start = self.skip_string(what)
+        return bytes(self.buf[start:self.at])
 
     def skip_value(self, value_type: int, what: str, depth: int = 0) -> None:
         if value_type in SCALAR_BYTES:
             self.need(SCALAR_BYTES[value_type], what)
             self.at += SCALAR_BYTES[value_type]
         elif value_type == STRING:
-            n = self.unpack("<Q", f"the length of {what}")
-            self.need(n, what)
-            self.at += n
+            self.skip_string(what)
         elif value_type == ARRAY:
             if depth >= MAX_ARRAY_NESTING:
                 raise FormatError(f"{self.path}: not a readable GGUF file: {what} nests arrays more than "
