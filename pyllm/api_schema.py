@@ -586,8 +586,16 @@ def _request_error(error: ValidationError) -> RequestError:
     message = re.sub(r" or instance of \w+", "", first["msg"].removeprefix("Value error, "))  # (no class names)
     if first["type"] == "missing":
         message = "is required"
+    elif first["type"] in _BOUNDS:  # pydantic prints a float bound in full: 1e-250 was 250 digits
+        key, words = _BOUNDS[first["type"]]
+        message = f"Input should be {words} {first['ctx'][key]:.6g}"
     code = cause.code if isinstance(cause, _FieldError) else _error_code(first)
     return RequestError(f"{param}: {message}" if param else message, param=param, code=code)
+
+
+# pydantic's comparison errors: the ctx key holding the bound, and the words before it
+_BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "greater than or equal to"),
+           "less_than": ("lt", "less than"), "less_than_equal": ("le", "less than or equal to")}
 
 
 def _error_code(error: dict) -> str:

@@ -1067,6 +1067,21 @@ def test_numbers_past_what_a_field_holds_get_400(live):
     assert _active(live) == 0
 
 
+def test_a_bound_in_a_refusal_is_printed_short():
+    """pydantic printed a float bound in full: repetition_penalty 0 was refused with a bound of 250
+    digits. Every comparison error now prints its bound with at most 6 significant digits."""
+    from pyllm.api_schema import CompletionRequest, validate
+    from pyllm.errors import RequestError
+
+    cases = [({"repetition_penalty": 0}, "greater than or equal to 1e-250"), ({"top_p": 1.5}, "less than or equal to 1"),
+             ({"presence_penalty": -2.5}, "greater than or equal to -2"), ({"n": 10**30}, "less than or equal to 128"),
+             ({"max_tokens": -2}, "greater than or equal to -1")]
+    for fields, words in cases:
+        with pytest.raises(RequestError) as e:
+            validate(CompletionRequest, {"prompt": "hi", **fields})
+        assert str(e.value).endswith(words) and len(str(e.value)) < 80, (fields, str(e.value))
+
+
 def test_seeds_past_64_bits_are_refused_not_wrapped(live):
     """A seed of 2**64 (or -2**64 - 1) was taken modulo 2**64: the same text as seed 0 (or -1's
     neighbour), in silence. Seeds are 64-bit (int64 as OpenAI takes them, or uint64): others get a
