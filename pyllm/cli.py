@@ -244,14 +244,15 @@ def _check_sizes(args) -> None:
                 raise ValueError(f"{flag} {value}: {e}") from None
 
 
-def _open(args):
-    """The command's LLM; a warning on stderr when --ctx passes the positions the model was trained on
-    (rotary and ALiBi models run there, as in llama.cpp and transformers, but predict poorly; a model
-    with learned positions refuses such a context)."""
+def _open(args, path: str | None = None):
+    """The command's LLM (path: model_path(args) when the caller resolved it already); a warning on
+    stderr when --ctx passes the positions the model was trained on (rotary and ALiBi models run
+    there, as in llama.cpp and transformers, but predict poorly; a model with learned positions
+    refuses such a context)."""
     from .llm import LLM
 
     _check_sizes(args)
-    path = model_path(args)
+    path = path or model_path(args)
     adapter = getattr(args, "adapter", None) if args.command in ("run", "perplexity") else None
     ctx = args.ctx
     if adapter is not None and args.command == "perplexity":  # each window follows the adapter's virtual
@@ -293,17 +294,23 @@ def cmd_run(args) -> int:
             raise ValueError(f"the prompt is given twice: -p, and {' '.join(args.prompt_words)!r} after the model; "
                              "give one")
         prompt = " ".join(args.prompt_words)
-        # `cat notes.txt | ollama run M summarize`: ollama's prompt is the piped text, then the words (the
-        # piped text was dropped in silence); only a pipe or a file, so a script's idle stdin is not waited on
-        if sys.stdin is not None and _piped(sys.stdin):
-            check_text(prompt, "the prompt")
-            piped = _read_stdin()
-            prompt = f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
     if prompt is None and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
         raise ValueError("stdin is closed: nothing to read a prompt from (give one with -p)")
     for value, flag in ((prompt, "-p"), (args.system, "--system")):
         if value is not None:  # an argument that is not UTF-8 arrives with lone surrogates in it
             check_text(value, f"the {flag} argument")
+    if args.raw and args.system:
+        raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
+    _check_sampling(args)
+    _check_sizes(args)
+    # the model before stdin: `producer | pyllm run MISSING` waited for the producer to finish (or said
+    # "stdin was empty") before naming the missing model
+    path = model_path(args)
+    if args.prompt_words and sys.stdin is not None and _piped(sys.stdin):
+        # `cat notes.txt | ollama run M summarize`: ollama's prompt is the piped text, then the words (the
+        # piped text was dropped in silence); only a pipe or a file, so a script's idle stdin is not waited on
+        piped = _read_stdin()
+        prompt = f"{piped.rstrip()}\n\n{prompt}" if piped.strip() else prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = _read_stdin()
         if not prompt.strip():
@@ -314,10 +321,7 @@ def cmd_run(args) -> int:
     if args.raw and prompt is None:
         raise ValueError("--raw continues a prompt as plain text: give one with -p or on stdin (the chat "
                          "without -p always uses the chat template)")
-    if args.raw and args.system:
-        raise ValueError("--system is a chat message: --raw continues the prompt as plain text, without one")
-    _check_sampling(args)
-    llm = _open(args)
+    llm = _open(args, path)
     if args.max_tokens == -1:  # llama.cpp's -n -1, as `pyllm serve -n -1` takes it (it was "must be >= 0")
         sampling["max_new_tokens"] = llm.context_length
     _note_unused_sampling(llm, args, sampling)

@@ -496,6 +496,22 @@ def test_cli_an_endless_pipe_is_refused_with_bounded_memory(tiny_llama_f32):
     assert int(peak_kib) < (3 * MAX_STDIN_BYTES >> 10) + (512 << 10), peak_kib
 
 
+def test_cli_a_missing_model_is_named_before_stdin_is_read(tmp_path):
+    """`producer | pyllm run MISSING` read stdin to its end (waiting for the producer, or refusing an endless
+    pipe as too long) before it named the missing model: the model is now resolved first. A pipe that never
+    ends and never closes shows it: the error comes at once."""
+    missing = str(tmp_path / "no-such-model.pllm")
+    for words in ((), ("summarize",)):  # the prompt from stdin, and stdin before the prompt's words
+        read, write = os.pipe()  # a writer that stays open and silent: reading it would never end
+        try:
+            r = subprocess.run([sys.executable, "-m", "pyllm", "run", missing, *words, "-n", "1"], stdin=read,
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            os.close(read)
+            os.close(write)
+        assert r.returncode == 1 and "no-such-model.pllm: No such file or directory" in r.stderr, r.stderr
+
+
 def test_files_that_never_end_or_are_no_files_are_one_line_errors(tiny_llama_f32, tmp_path, monkeypatch, capsys):
     """`pyllm perplexity --text /dev/zero` read until memory ran out and printed "error: " (a MemoryError
     has no message); `--text DIR` printed "[Errno 21] Is a directory: 'DIR'". Text files read whole are
@@ -990,8 +1006,8 @@ def test_cli_options_that_would_be_ignored_are_refused(tiny_llama_f32, monkeypat
     monkeypatch.setattr(sys, "stdin", Terminal())
     real_open = cli._open
 
-    def without_template(args):
-        opened = real_open(args)
+    def without_template(args, path=None):
+        opened = real_open(args, path)
         opened.chat_template = ""
         return opened
 

@@ -864,7 +864,8 @@ def test_control_characters_of_a_reply_are_shown_not_obeyed_by_a_terminal(llm, m
     capsys.readouterr()
     monkeypatch.setattr(llm.__class__, "chat", lambda self, messages, **kw: llm.generate(
         ids, stream=True, max_new_tokens=len(ids), logits_processors=[scripted_reply(ids)]))
-    monkeypatch.setattr(cli, "_open", lambda args: llm)
+    monkeypatch.setattr(cli, "model_path", lambda args: args.model)
+    monkeypatch.setattr(cli, "_open", lambda args, path=None: llm)
     for stdout, shown in ((Terminal(), "␛]52;c;ZXZpbA==␇␛[2J ok\tdone\n"), (io.StringIO(), evil + "\n")):
         monkeypatch.setattr(sys, "stdout", stdout)
         assert cli.main(["run", "unused.pllm", "-p", "hi"]) == 0
