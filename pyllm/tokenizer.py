@@ -40,9 +40,6 @@ class Tokenizer:
 
         with library_errors("the tokenizer cannot be read", FormatError):
             self._load(spec, blob)
-        for where, step in getattr(self, "_steps", {}).items():
-            check_growth(step, where)
-        self._steps = None
         self._check_added_ids(getattr(self, "_added", None))
         self._added = None
 
@@ -66,14 +63,15 @@ class Tokenizer:
     def _load(self, spec: TokenizerSpec, blob: bytes) -> None:
         self.spec = spec
         if spec.kind == "hf":
+            config = json.loads(blob)
+            for where in ("normalizer", "decoder"):  # before any text is encoded (the probe "a" below: a
+                check_growth(config.get(where), where)  # Replace chain 8^9 times longer aborted the process)
             self._hf = hf_tokenizer(blob.decode("utf-8"))
             self._sp = None
             # the ids span 0 .. the largest (get_vocab_size counts them: a vocabulary holding id 100000 among
             # 400 tokens fitted 512 embeddings at load, then its text failed every generate())
             self.vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
-            config = json.loads(blob)
-            self._steps = {step: config.get(step) for step in ("normalizer", "decoder")}  # checked by __init__
             self._added = config.get("added_tokens")
             self.run_byte_ids = _byte_fallback_ids(self._hf, config.get("decoder"))
             self._byte_level = _decoder_has(config.get("decoder"), "ByteLevel")
@@ -338,17 +336,26 @@ def _growth(step) -> tuple[float, int, str]:
     return _GROWTH.get(kind, 1), 0, str(kind)
 
 
+# the most characters Unicode's full case folding maps one character to (U+FB03 "ﬃ" folds to "ffi"):
+# a case-insensitive Oniguruma pattern "ffi" also matches that one character
+MAX_CASE_FOLD = 3
+
+
 def _shortest_match(regex) -> int:
-    """The fewest characters a match of regex (Oniguruma's syntax) takes, as Python's parser reads it;
-    0 when it may match nothing or Python cannot read it (\\p{L}...)."""
+    """The fewest characters a match of regex (Oniguruma's syntax) takes, as Python's parser reads it,
+    divided by MAX_CASE_FOLD (rounded up) when any part of it ignores case; 0 when it may match
+    nothing or Python cannot read it (\\p{L}...)."""
     try:
         import re._parser as parser  # Python 3.11+
     except ImportError:  # pragma: no cover - Python 3.10
         import sre_parse as parser
     try:
-        return int(parser.parse(regex).getwidth()[0]) if isinstance(regex, str) else 0
+        shortest = int(parser.parse(regex).getwidth()[0]) if isinstance(regex, str) else 0
     except (re.error, RecursionError, OverflowError, ValueError, TypeError):
         return 0
+    if re.search(r"\(\?[A-Za-z]*i", regex):  # (?i), (?mi), (?i:...): Python's width counts no folding
+        return -(-shortest // MAX_CASE_FOLD)
+    return shortest
 
 
 def _charsmap_growth(charsmap) -> int:

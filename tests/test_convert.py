@@ -436,6 +436,43 @@ def test_a_tokenizer_model_of_more_pieces_than_a_vocabulary_may_hold_is_refused(
         convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
 
 
+def test_a_tokenizer_model_varint_past_10_bytes_is_refused_at_once(tiny_llama, tmp_path):
+    """tokenizer.model's protobuf reader read a varint for as long as its bytes had the high bit set,
+    one growing Python int: a 1 MB run of 0xFF ran for hours (300 KB: 10 s, then accepted). Protobuf's
+    varints hold 64 bits, 10 bytes at most; a longer one is refused, as is one the file cuts short."""
+    d = tmp_path / "spm"
+    shutil.copytree(tiny_llama, d)
+    (d / "tokenizer.json").unlink()
+    for blob, says in ((b"\xff" * 1_000_000, "a protobuf varint longer than 10 bytes"),
+                       (b"\x0a\x05\x0a\x03abc" + b"\x08" + b"\xff" * 11, "a protobuf varint longer than 10 bytes"),
+                       (b"\x0a\xff\xff", "truncated protobuf")):
+        (d / "tokenizer.model").write_bytes(blob)
+        start = time.monotonic()
+        with pytest.raises(FormatError, match=rf"^{re.escape(str(d / 'tokenizer.model'))}: {says}"):
+            convert_checkpoint(str(d), str(tmp_path / "x.pllm"), quant="f32", progress=False)
+        assert time.monotonic() - start < 10
+    assert not (tmp_path / "x.pllm").exists()
+
+
+def test_a_tokenizer_json_is_checked_for_growth_before_any_text_is_encoded(tiny_llama, tmp_path):
+    """The converter encoded a probe "a" (to read the post-processor's special tokens) before the growth
+    check refused the normalizer: nine Replace steps of "a" by 8 characters (8^9 times longer) aborted the
+    process on a failed 2 GB allocation, and eight took 42 s and 2.8 GB before the refusal."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "grow9"))
+    for name in os.listdir(tiny_llama):
+        if name.endswith(".safetensors"):
+            os.symlink(os.path.join(tiny_llama, name), os.path.join(d, name))
+    tok = json.load(open(os.path.join(d, "tokenizer.json")))
+    step = {"type": "Replace", "pattern": {"String": "a"}, "content": "a" * 8}
+    tok["normalizer"] = {"type": "Sequence", "normalizers": [step] * 9}
+    json.dump(tok, open(os.path.join(d, "tokenizer.json"), "w"))
+    start = time.monotonic()
+    with pytest.raises(FormatError, match=f"^{re.escape(d)}: the tokenizer.json normalizer can make a text "
+                                          "1.34218e\\+08 times longer"):
+        convert_checkpoint(d, str(tmp_path / "g.pllm"), quant="f32", progress=False)
+    assert time.monotonic() - start < 20 and not (tmp_path / "g.pllm").exists()
+
+
 def test_a_tokenizer_json_with_truncation_and_padding_tokenizes_as_transformers(tiny_llama, tmp_path):
     """tokenizer.json may carry "truncation" and "padding" settings; transformers turns both off for every
     encode that does not ask for them, and pyllm ran them: max_length 2 cut every prompt to 2 tokens in
@@ -1243,7 +1280,7 @@ def test_a_tokenizer_refused_when_read_is_refused_at_conversion_naming_the_check
     json.dump(tok, open(os.path.join(d, "tokenizer.json"), "w"))
     out = tmp_path / "grow.pllm"
     with pytest.raises(FormatError, match=f"^{re.escape(d)}: the tokenizer.json normalizer can make a text 10000 times "
-                                          "longer .*MAX_TOKENIZER_GROWTH.*; nothing was written$"):
+                                          "longer .*MAX_TOKENIZER_GROWTH.*characters\\)$"):
         convert_checkpoint(d, str(out), quant="f32", progress=False)
     assert not out.exists()
 

@@ -858,6 +858,42 @@ def test_a_normalizer_or_decoder_that_lengthens_text_without_bound_is_refused(st
         Tokenizer(TokenizerSpec(kind="hf"), hf.to_str().encode("utf-8"))
 
 
+def test_a_case_insensitive_replace_counts_case_folding_in_its_growth(monkeypatch):
+    """A Replace of "(?i)ffi" counted 3 characters a match, but Oniguruma's case folding also matches the
+    one character U+FB03 ("ﬃ"): three such steps of 12 characters each were taken for 64 times longer,
+    and made a text 1728 times longer (a 10,000-character prompt: an allocation of 830 MB that failed
+    and aborted the process). A pattern that ignores case counts its shortest match divided by 3; and
+    the check runs before the tokenizer encodes anything (it used to encode a probe "a" first)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, models, normalizers
+
+    from pyllm.tokenizer import _shortest_match
+
+    assert [_shortest_match(r) for r in ("(?i)ffi", "(?i:ab)c", "(?mi)abcd", "ffi", "(?-i:ab)", "x*")] == [1, 1, 2, 3, 2, 0]
+    hf = HFTokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Replace(Regex("(?i)ffi"), "\ufb03" * 12)] * 3)
+    assert len(hf.normalizer.normalize_str("\ufb03" * 10)) == 10 * 12 ** 3  # what the check must foresee
+    blob = hf.to_str().encode("utf-8")
+    encoded = []
+    monkeypatch.setattr("pyllm.tokenizer.hf_tokenizer", lambda text: _Spy(HFTokenizer.from_str(text), encoded))
+    with pytest.raises(FormatError, match=r"^the tokenizer.json normalizer can make a text 1728 times longer"):
+        Tokenizer(TokenizerSpec(kind="hf"), blob)
+    assert not encoded
+
+
+class _Spy:
+    """A tokenizers.Tokenizer whose encode calls are recorded."""
+
+    def __init__(self, tok, calls: list):
+        self._tok, self._calls = tok, calls
+
+    def encode(self, *args, **kwargs):
+        self._calls.append(args)
+        return self._tok.encode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 def test_the_normalizers_of_real_tokenizers_are_within_the_growth_bound(sp_model_bytes):
     """Unicode's normal forms, sentencepiece normalization maps (nmt_nfkc: 18 characters for one at
     most) and the steps the converter builds for a tokenizer.model all load."""

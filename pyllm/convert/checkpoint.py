@@ -578,16 +578,18 @@ def _proto_fields(buf: bytes):
     """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
 
     def varint(i: int) -> tuple[int, int]:
+        # at most 10 bytes (64 bits), as protobuf's own readers: a run of 0xFF bytes grew one Python int
+        # for ever (time quadratic in its length: a 1 MB run took hours)
         value = shift = 0
-        while True:
-            if i >= len(buf):
-                raise FormatError("tokenizer.model: truncated protobuf")
+        for i in range(i, min(i + 10, len(buf))):
             b = buf[i]
             value |= (b & 0x7F) << shift
-            i += 1
             if b < 0x80:
-                return value, i
+                return value & ((1 << 64) - 1), i + 1
             shift += 7
+        if i + 1 >= len(buf) and shift < 70:
+            raise FormatError("tokenizer.model: truncated protobuf")
+        raise FormatError("tokenizer.model: a protobuf varint longer than 10 bytes: not a sentencepiece model")
 
     i = 0
     while i < len(buf):
@@ -989,7 +991,7 @@ def read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
 def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
     from tokenizers import AddedToken, Tokenizer
 
-    from ..tokenizer import hf_tokenizer
+    from ..tokenizer import check_growth, hf_tokenizer
 
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     tok_config = read_tokenizer_config(tok_config_path) if present(tok_config_path) else {}
@@ -1002,6 +1004,12 @@ def _read_tokenizer(directory: str) -> tuple[TokenizerSpec, bytes]:
         raise FormatError(f"{directory} has neither tokenizer.json nor tokenizer.model")
     if json_text is not None and not isinstance(tok_json, dict):
         raise FormatError(f"{json_path}: expected a JSON object, got {type(tok_json).__name__}")
+    if tok_json is not None:  # before any text is encoded below: a Replace chain 8^9 times longer aborted
+        for where in ("normalizer", "decoder"):  # the process on the probe "a" (the check came only after)
+            try:
+                check_growth(tok_json.get(where), where)
+            except FormatError as e:
+                raise FormatError(f"{directory}: {e}") from None
     cls = _tokenizer_class(directory, tok_config, json_text)
     rebuild = _CLASS_BACKENDS.get(cls)
     if tok_json is not None and rebuild is not None and (tok_json.get("model") or {}).get("type") not in (None, "BPE"):
