@@ -107,6 +107,13 @@ CASES = {
     # PEFT accepts any finite alpha (scaling = alpha / r); pyllm refused alpha <= 0 ("a positive number")
     "negative_alpha": dict(target_modules=ALL_PROJECTIONS, lora_alpha=-8),
     "zero_alpha_with_a_pattern": dict(target_modules=["q_proj", "v_proj"], lora_alpha=0, alpha_pattern={"v_proj": -4}),
+    # PEFT's module selection (check_target_module_exists): the merge refuses tensors outside it, so adapters
+    # that use it must still merge
+    "layers_to_transform": dict(target_modules=ALL_PROJECTIONS, layers_to_transform=[1]),
+    "layers_pattern": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=0, layers_pattern="layers"),
+    "exclude_modules": dict(target_modules=ALL_PROJECTIONS, exclude_modules=["q_proj", "layers.1.mlp.up_proj"]),
+    "regex_target_modules": dict(target_modules=r".*layers\.1\.(self_attn|mlp)\.(q|down)_proj"),
+    "all_linear": dict(target_modules="all-linear"),
 }
 
 
@@ -435,6 +442,31 @@ def _edit_config(adapter: str, **changes) -> None:
     config.update(changes)
     with open(path, "w") as f:
         json.dump(config, f)  # writes NaN as NaN, as Python's json reads it back
+
+
+@pytest.mark.parametrize("changes, says", [
+    (dict(layers_to_transform=[0]), "holds LoRA tensors for model.layers.1.mlp.down_proj and 6 other modules"),
+    (dict(target_modules=["q_proj"]), "holds LoRA tensors for model.layers.0.mlp.down_proj and 11 other modules"),
+    (dict(exclude_modules=["q_proj"]), "holds LoRA tensors for model.layers.0.self_attn.q_proj and 1 other modules"),
+    (dict(modules_to_save=["v_proj"]), "holds LoRA tensors for model.layers.0.self_attn.v_proj and 1 other modules"),
+    (dict(target_modules=["evil_proj"]), "target_modules \\['evil_proj'\\] .* match none of the 14 modules"),
+    (dict(target_modules=[]), "target_modules \\[\\] .* match none"),
+    (dict(target_modules=".*evil.*"), "target_modules '.\\*evil.\\*' .* match none"),
+    (dict(target_modules=5), "target_modules must be a string, a list of strings or null, got 5"),
+    (dict(layers_to_transform="0"), "layers_to_transform must be a layer index, a list of them or null"),
+    (dict(layers_to_transform=[0], layers_pattern="(a|a)*"), "layers_pattern '\\(a\\|a\\)\\*' is not a module name"),
+])
+def test_tensors_the_configuration_leaves_out_are_refused_not_merged(base, tmp_path, capsys, changes, says):
+    """adapter_config.json's target_modules, exclude_modules, modules_to_save and layers_to_transform were
+    not read: the merge applied every tensor in the file, where PEFT wraps only the modules they select
+    (and drops the other tensors): layers_to_transform [0] over an adapter of both layers gave logits
+    0.07 NMSE from PEFT's, target_modules naming nothing the file holds merged everything where PEFT
+    refuses. Tensors and configuration that disagree are now refused, by convert and merge."""
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=ALL_PROJECTIONS)
+    _edit_config(adapter, **changes)
+    expect_refusal(base, [adapter], tmp_path, says)
+    assert cli.main(["merge", base, "--lora", adapter, "-o", str(tmp_path / "merged")]) == 1
+    assert "pyllm merge: error:" in capsys.readouterr().err and not os.path.exists(tmp_path / "merged")
 
 
 def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, tmp_path, capsys):

@@ -84,11 +84,11 @@ def pattern_key(patterns, module: str) -> str | None:
     return None
 
 
-def match_patterns(patterns, modules: list[str], what: str) -> dict[str, str | None]:
-    """pattern_key(patterns, m) for each module m, keys from a file: a key other than a plain module name
-    (or more pairs than _PLAIN_WORK) is matched in a child Python stopped after
-    limits.MAX_ADAPTER_PATTERN_SECONDS (LimitError naming `what` past it: a key like "(.|.)*x" backtracked
-    for hours, and re cannot be interrupted from another thread)."""
+def match_patterns(patterns, modules: list[str], what: str, rule: str = PATTERN_RULE) -> dict[str, str | None]:
+    """pattern_key(patterns, m) for each module m (the first key K with re.match(rule.format(K), m)), keys
+    from a file: a key other than a plain module name (or more pairs than _PLAIN_WORK) is matched in a
+    child Python stopped after limits.MAX_ADAPTER_PATTERN_SECONDS (LimitError naming `what` past it: a
+    key like "(.|.)*x" backtracked for hours, and re cannot be interrupted from another thread)."""
     import subprocess
     import sys
 
@@ -99,10 +99,10 @@ def match_patterns(patterns, modules: list[str], what: str) -> dict[str, str | N
     if not keys:
         return dict.fromkeys(modules)
     if all(_PLAIN_KEY.fullmatch(k) for k in keys) and len(keys) * len(modules) <= _PLAIN_WORK:
-        return {m: pattern_key(keys, m) for m in modules}
+        return {m: next((k for k in keys if re.match(rule.format(k), m)), None) for m in modules}
     try:
         child = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_CHILD], capture_output=True, text=True,
-                               input=json.dumps([keys, modules, PATTERN_RULE]), timeout=MAX_ADAPTER_PATTERN_SECONDS)
+                               input=json.dumps([keys, modules, rule]), timeout=MAX_ADAPTER_PATTERN_SECONDS)
     except subprocess.TimeoutExpired:
         raise LimitError(f"{what}: matching its regular expressions against the adapter's {len(modules)} module "
                          f"names took more than {MAX_ADAPTER_PATTERN_SECONDS:g} s (limits.MAX_ADAPTER_PATTERN_SECONDS): "
@@ -111,6 +111,71 @@ def match_patterns(patterns, modules: list[str], what: str) -> dict[str, str | N
         raise FormatError(f"{what}: its regular expressions cannot be matched "
                           f"({child.stderr.strip().splitlines()[-1:] or child.returncode})")
     return {m: keys[i] if i >= 0 else None for m, i in zip(modules, json.loads(child.stdout))}
+
+
+FULL_MATCH_RULE = r"(?:{})\Z"  # re.match(FULL_MATCH_RULE.format(K), m): re.fullmatch(K, m)
+# PEFT's layer index of a module name: the first number after a layers_pattern segment, or after any
+# segment when layers_pattern is empty (peft.tuners.tuners_utils.check_target_module_exists)
+_ANY_LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def _names(cfg: dict, key: str, where: str) -> str | list[str] | None:
+    """adapter_config.json's target_modules / exclude_modules / layers_pattern: null, a string or a list of
+    strings (FormatError otherwise)."""
+    value = cfg.get(key)
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise FormatError(f"{where} {key} must be a string, a list of strings or null, got {value!r:.80}")
+
+
+def targeted_modules(cfg: dict, modules: list[str], where: str) -> set[str]:
+    """The modules among `modules` (base module names, "model.layers.0.self_attn.q_proj") that PEFT's LoRA
+    wraps by adapter_config.json's target_modules, exclude_modules, modules_to_save, layers_to_transform
+    and layers_pattern, with PEFT's rules (peft 0.x, tuners_utils.check_target_module_exists): a string is
+    a regular expression matched in full, a list holds names matched whole or as a dotted suffix (only
+    these are filtered by layers_to_transform). target_modules null or "all-linear": every module, less
+    the exclusions (PEFT then takes its default for the model type, or the model's linear layers, which
+    this does not check). Regular expressions from the file are matched with match_patterns' deadline.
+    FormatError for values of the wrong type."""
+    targets, excluded = _names(cfg, "target_modules", where), _names(cfg, "exclude_modules", where)
+    layers, pattern = cfg.get("layers_to_transform"), _names(cfg, "layers_pattern", where)
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise FormatError(f"{where} layers_to_transform must be a layer index, a list of them or null, got "
+                          f"{layers!r:.80}")
+
+    def matched(names, module_names: list[str], key: str) -> set[str]:
+        if isinstance(names, str):  # a regular expression, matched in full
+            return {m for m, k in match_patterns([names], module_names, f"{where} {key}", FULL_MATCH_RULE).items() if k}
+        listed = set(names or ())
+        return {m for m in module_names if m in listed or any(".".join(m.split(".")[i:]) in listed
+                                                               for i in range(1, m.count(".") + 1))}
+
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        chosen = set(modules)  # (all-linear: PEFT's list of the model's linear layers, not known here)
+    else:
+        chosen = matched(targets, modules, "target_modules")
+        # PEFT filters by layer only the modules a list names by a dotted suffix, not whole ones nor a regex's
+        by_suffix = set() if isinstance(targets, str) else chosen - set(targets)
+        if layers not in (None, []) and by_suffix:
+            wanted = {layers} if isinstance(layers, int) else set(layers)
+            patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+            if any(not _PLAIN_KEY.fullmatch(p) for p in patterns):
+                raise FormatError(f"{where} layers_pattern {pattern!r:.80} is not a module name (pyllm matches "
+                                  "layers_pattern as plain module-name text)")
+            patterns = [p for p in patterns if p]
+
+            def index(m: str) -> int | None:
+                found = next((f for f in (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", m) for p in patterns) if f),
+                             None) if patterns else _ANY_LAYER.match(m)
+                return int(found["idx"]) if found else None
+
+            chosen -= {m for m in by_suffix if index(m) not in wanted}
+    chosen -= matched(excluded, modules, "exclude_modules") if excluded else set()
+    saved = cfg.get("modules_to_save") or []  # (checked to be a list of names by LoraAdapter)
+    saved_rule = r"(^|.*\.){}($|\..*)"
+    chosen -= {m for m, k in match_patterns(saved, sorted(chosen), f"{where} modules_to_save", saved_rule).items() if k}
+    return chosen
 
 
 @dataclasses.dataclass
@@ -262,6 +327,19 @@ class LoraAdapter:
             names = module.split(".")  # (its dotted suffixes looked up: a scan of a long list per tensor took hours)
             if any(".".join(names[k:]) in saved for k in range(len(names))):
                 self.saved_modules.add(target)
+        # a module PEFT would not wrap: PEFT drops its tensors (and refuses target_modules that match none), so
+        # merging them gave another model than PeftModel.from_pretrained (a file whose config says otherwise)
+        targeted = targeted_modules(self.config, list(parts), f"{self.dir}: adapter_config.json")
+        stray = sorted(set(parts) - targeted)
+        if parts and not targeted:
+            raise FormatError(f"{self.dir}: adapter_config.json's target_modules {self.config.get('target_modules')!r:.80} "
+                              f"(with its exclude_modules and layers_to_transform) match none of the {len(parts)} modules "
+                              "the adapter's tensors are for (PEFT refuses such an adapter)")
+        if stray:
+            raise FormatError(f"{f.path}: holds LoRA tensors for {stray[0]}" + (f" and {len(stray) - 1} other modules"
+                              if len(stray) > 1 else "") + ", which adapter_config.json's target_modules, exclude_modules, "
+                              "modules_to_save and layers_to_transform leave out (PEFT would not apply them): the "
+                              "tensors and the configuration disagree")
         keys = {key: match_patterns(self.config.get(key) or {}, list(parts),
                                     f"{self.dir}: adapter_config.json {key}") for key in ("rank_pattern", "alpha_pattern")}
         for module, p in parts.items():
