@@ -874,6 +874,28 @@ def test_rope_scaling_beside_rope_parameters_that_agree_converts(tiny_llama, tmp
         assert llm.config.rope_scaling["factor"] == 2.0
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "default", "rope_theta": 500.0},
+                                     {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+                                     {"type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0}])
+def test_rope_theta_inside_rope_scaling_is_read_as_transformers_reads_it(tiny_llama, tmp_path, scaling):
+    """transformers 5 reads a legacy rope_scaling as rope_parameters: a rope_theta inside it wins over the
+    top-level one. pyllm took the top-level theta in silence (logits 4e-3 NMSE from transformers')."""
+    d = str(tmp_path / "inner_theta")
+    shutil.copytree(tiny_llama, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=10000.0, rope_scaling=scaling)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    ids = [1, 5, 9, 200, 31, 7, 64, 3, 18, 100, 2, 77]
+    with torch.no_grad():
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    convert_checkpoint(d, str(tmp_path / "t.pllm"), quant="f32", progress=False)
+    with pyllm.LLM(str(tmp_path / "t.pllm"), n_threads=1) as llm:
+        got = llm.logits(ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
 @pytest.mark.parametrize("method", ["search", "gptq"])
 def test_weight_shape_mismatch_is_refused_and_nothing_written(tiny_llama, reference, tmp_path, method):
     """The message names the shard that holds the tensor and the tensor (it named pyllm's name only:

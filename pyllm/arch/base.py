@@ -128,9 +128,14 @@ def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tupl
     """(theta, scaling or None, partial_rotary_factor) from transformers 5's rope_parameters or 4.x's
     rope_theta / rope_scaling / partial_rotary_factor. Unknown scaling types are refused by name."""
     rope = dict(parameters if parameters is not None else (cfg.get("rope_parameters") or {}))
-    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     legacy = cfg.get("rope_scaling")
+    # transformers 5 reads rope_scaling as rope_parameters (convert_rope_params_to_dict): a rope_theta or
+    # partial_rotary_factor inside it wins over the top-level one (pyllm took the top-level one, in silence)
+    inner = legacy if parameters is None and isinstance(legacy, dict) and legacy else rope
+    theta = inner.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = inner.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    rope.pop("rope_theta", None)
+    rope.pop("partial_rotary_factor", None)
     if parameters is None and rope and isinstance(legacy, dict) and _scaling_key(legacy) != _scaling_key(rope):
         # transformers takes rope_scaling over rope_parameters (convert_rope_params_to_dict), pyllm took
         # rope_parameters: the two would run the model with different positions, in silence
@@ -140,7 +145,7 @@ def rope_from_hf(cfg: dict, family: str, parameters: dict | None = None) -> tupl
     if scaling is not None:
         scaling = dict(scaling)
         kind = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling = {k: v for k, v in scaling.items() if k != "type"}
+        scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
         scaling["rope_type"] = kind
         if kind == "default":
             scaling = None
