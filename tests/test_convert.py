@@ -222,12 +222,40 @@ def test_pickle_with_code_is_refused_with_a_format_error(tiny_llama, tmp_path, m
     d = copy_without_weights(tiny_llama, str(tmp_path / "evil"))
     torch.save({"model.embed_tokens.weight": _Payload()}, os.path.join(d, "pytorch_model.bin"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FormatError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(FormatError, match="refused: its pickle holds more than plain tensors"):
         convert_checkpoint(d, str(tmp_path / "evil.pllm"), quant="f32", progress=False)
     assert not os.path.exists(tmp_path / "pwned.txt") and not os.path.exists(tmp_path / "evil.pllm")
     torch.save([1, 2], os.path.join(d, "pytorch_model.bin"))
     with pytest.raises(FormatError, match="not a dict of tensors"):
         convert_checkpoint(d, str(tmp_path / "evil.pllm"), quant="f32", progress=False)
+
+
+def test_a_refused_pickle_is_one_line_that_does_not_advise_running_it(tiny_llama, tmp_path, monkeypatch, capsys):
+    """torch's refusal ran 8 lines, advised re-running torch.load with weights_only=False (which runs the
+    pickle's code) and came after a torch warning on stderr. It is now one line naming the file."""
+    from pyllm.cli import main
+
+    d = copy_without_weights(tiny_llama, str(tmp_path / "evil"))
+    torch.save({"model.embed_tokens.weight": _Payload()}, os.path.join(d, "pytorch_model.bin"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", d, "-o", str(tmp_path / "evil.pllm"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyllm convert: error: {os.path.join(d, 'pytorch_model.bin')}: refused: its pickle holds "
+                          "more than plain tensors") and err.count("\n") == 1 and "weights_only" not in err, err
+    assert not os.path.exists(tmp_path / "pwned.txt")
+
+
+@pytest.mark.parametrize("state, says", [
+    (lambda: {5: torch.zeros(2)}, "a tensor name is not a string but int 5"),
+    (lambda: {"model.norm.weight": torch.zeros(4, 4).to_sparse()}, "'model.norm.weight' is a sparse_coo tensor, not a dense one"),
+])
+def test_bin_entries_that_are_no_named_dense_tensors_are_refused(tiny_llama, tmp_path, state, says):
+    """A pytorch_model.bin whose names were not strings failed with "TypeError: expected string or bytes-like
+    object" and a sparse tensor with "can't convert Sparse layout tensor to numpy", neither naming the file."""
+    d = copy_without_weights(tiny_llama, str(tmp_path / "odd"))
+    torch.save(state(), os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(FormatError, match=f"^{re.escape(os.path.join(d, 'pytorch_model.bin'))}: {says}"):
+        convert_checkpoint(d, str(tmp_path / "odd.pllm"), quant="f32", progress=False)
 
 
 def test_non_finite_source_weights_are_refused_naming_the_tensor(tiny_llama, tmp_path):

@@ -475,7 +475,9 @@ def test_rank_zero_and_non_finite_alpha_are_refused_by_convert_and_merge(base, t
            dict(lora_alpha=float("inf")), dict(alpha_pattern={"q_proj": float("nan")}), dict(r=0),
            # a list of something else than module names was a TypeError ("unhashable type: 'dict'"); the string
            # "false" turned rank-stabilized scaling on
-           dict(modules_to_save=[{"name": "lm_head"}]), dict(modules_to_save="lm_head"), dict(use_rslora="false")]
+           dict(modules_to_save=[{"name": "lm_head"}]), dict(modules_to_save="lm_head"), dict(use_rslora="false"),
+           # integers past a float's range raised OverflowError (not a pyllm error, naming nothing)
+           dict(lora_alpha=10**400), dict(r=10**400), dict(alpha_pattern={"q_proj": -10**400})]
     for changes in bad:
         _edit_config(adapter, **changes)
         expect_refusal(base, [adapter], tmp_path, "adapter_config.json")

@@ -8,6 +8,7 @@ local layers their own RoPE theta."""
 
 from __future__ import annotations
 
+from ..formats.safetensors import FormatError
 from .base import (Architecture, activation_from_hf, base_config, llama_tensors, plus_one, refuse, rope_from_hf)
 
 _RENAMED_NORMS = {  # Gemma's names -> pyllm's
@@ -19,6 +20,9 @@ _RENAMED_NORMS = {  # Gemma's names -> pyllm's
 def _block(cfg: dict, family: str) -> dict:
     act = activation_from_hf(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh", family)
     scalar = cfg.get("query_pre_attn_scalar")
+    if scalar is not None and (isinstance(scalar, bool) or not isinstance(scalar, (int, float))
+                               or not 0 < scalar < float("inf")):  # (-16 gave a complex attention scale)
+        raise FormatError(f"config.json query_pre_attn_scalar must be a positive number, got {scalar!r:.40}")
     return dict(hidden_act=act, embedding_scale=float(cfg["hidden_size"]) ** 0.5, post_norms=True,
                 attention_scale=float(scalar) ** -0.5 if scalar else None,
                 attn_logit_softcapping=cfg.get("attn_logit_softcapping") or None,

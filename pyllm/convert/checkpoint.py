@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import stat
+import warnings
 import zipfile
 from typing import Iterator
 
@@ -319,15 +321,29 @@ class Checkpoint:
             if not stat.S_ISREG(mode):  # a FIFO hung torch.load in open(), /dev/zero was read until memory ran out
                 raise FormatError(f"{path} is {file_kind(mode)}, not a regular file")
             # weights_only refuses arbitrary pickled code; mmap keeps memory near one tensor
-            with library_errors(f"{path}: not a readable PyTorch checkpoint (a refused pickle, or damaged)",
-                                FormatError):
-                # mmap reads only the zip layout of torch >= 1.6; older files (GPT-2's own, 2019) load whole
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with library_errors(f"{path}: not a readable PyTorch checkpoint (damaged)", FormatError), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (torch's notes on the pickle protocol went to stderr)
+                try:
+                    # mmap reads only the zip layout of torch >= 1.6; older files (GPT-2's own, 2019) load whole
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                except pickle.UnpicklingError as e:  # torch's message ran 8 lines and advised weights_only=False,
+                    # which runs whatever code the pickle holds
+                    reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+                    raise FormatError(f"{path}: refused: its pickle holds more than plain tensors"
+                                      + (f" ({reason[1].strip():.120})" if reason else "")
+                                      + "; pyllm loads only tensors (convert the checkpoint to safetensors where "
+                                      "it comes from a source you trust)") from None
             if not isinstance(state, dict):
                 raise FormatError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
             for name, value in state.items():  # as load_float32 for safetensors: .to(float32) took any
+                if not isinstance(name, str):  # (a name of another type failed the layer scan: TypeError)
+                    raise FormatError(f"{path}: a tensor name is not a string but {type(name).__name__} {name!r:.40}")
                 if not isinstance(value, torch.Tensor):
                     raise FormatError(f"{path}: '{name}' holds a {type(value).__name__}, not a tensor")
+                if value.layout != torch.strided:  # a sparse one failed .numpy() deep in the conversion
+                    raise FormatError(f"{path}: '{name}' is a {str(value.layout).removeprefix('torch.')} tensor, "
+                                      "not a dense one")
             self._torch_state = {"__path__": path, **state}
         return {k: v for k, v in self._torch_state.items() if k != "__path__"}
 

@@ -211,16 +211,21 @@ def check_lora_numbers(cfg: dict, where: str) -> None:
     or negative alphas are legal, as in PEFT (scaling = alpha / r: 0 merges nothing, < 0 subtracts);
     null is refused (PEFT fails on it too)."""
     def bad(key, value, what):
-        return FormatError(f"{where}: adapter_config.json {key} must be {what}, not {value!r}")
+        return FormatError(f"{where}: adapter_config.json {key} must be {what}, not {value!r:.60}")
+
+    def finite(value) -> bool:  # (an integer of 400 digits raised OverflowError converting to float)
+        try:
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+        except OverflowError:
+            return False
 
     def rank(key, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-                value != int(value) or value <= 0:
+        if not finite(value) or value != int(value) or value <= 0:
             raise bad(key, value, "a positive integer")
 
     def alpha(key, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(key, value, "a finite number")
+        if not finite(value):
+            raise bad(key, value, "a finite number (within a float's range)")
 
     if "r" in cfg:
         rank("r", cfg["r"])

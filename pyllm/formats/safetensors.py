@@ -38,6 +38,11 @@ MAX_TENSORS = 1 << 17
 # Python's json 11 s whatever the entries; at this bound parsing takes well under a second
 MAX_HEADER_ITEMS = 16 * MAX_TENSORS
 ALIGNMENT = 64  # pyllm aligns the data section and every tensor to a cache line
+# a tensor's shape as numpy holds one: at most 32 dimensions (numpy's own limit is 64), the non-zero ones
+# multiplying to at most 2^56 (numpy checks their product times the item size against 64-bit signed
+# integers, zeros skipped: [2^31, 2^31, 0] of 8-byte items is "too big")
+MAX_DIMENSIONS = 32
+MAX_ARRAY_SPAN = 1 << 56
 # metadata key: JSON {tensor name: CRC-32 (zlib.crc32, IEEE) of its bytes as 8 hex digits}
 CHECKSUM_KEY = "pyllm.checksums"
 # metadata key: CRC-32 of the rest of the header (header_checksum), 8 hex digits
@@ -198,6 +203,16 @@ class SafetensorsFile:
         ):
             raise _fail(self.path, f"tensor '{name}' has invalid data_offsets {_short(offsets)}")
         begin, end = offsets
+        # numpy holds at most 32 dimensions (here) whose non-zero ones multiply within 63 bits, a zero among
+        # them too: [2^62, 2^62, 0] passed as 0 bytes, then failed to reshape ("cannot reshape array of size 0")
+        span = 1
+        for d in shape[:MAX_DIMENSIONS + 1]:
+            span *= d or 1
+            if span > MAX_ARRAY_SPAN:
+                break
+        if len(shape) > MAX_DIMENSIONS or span > MAX_ARRAY_SPAN:
+            raise _fail(self.path, f"tensor '{name}' has a shape no array can hold {_short(shape)} (more than "
+                                   f"{MAX_DIMENSIONS} dimensions, or non-zero ones whose product passes 2^56)")
         # Python ints cannot overflow, but a long list of huge dimensions would
         # make the product slow to compute: stop once it exceeds any possible size.
         numel = 0 if 0 in shape else 1
