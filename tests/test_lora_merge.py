@@ -630,6 +630,18 @@ def test_non_finite_weights_are_refused_naming_the_tensor(base, tmp_path, capsys
     assert not os.path.exists(out) and _partials(tmp_path) == []
 
 
+def test_an_alpha_that_overflows_float32_is_refused_without_numpy_warnings(base, tmp_path):
+    """alpha 1e300 makes the update inf: refused as non-finite, naming the tensor, and numpy's "overflow
+    encountered in cast" (which named nothing) no longer comes first on stderr."""
+    import warnings
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    _edit_config(adapter, lora_alpha=1e300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would now be an exception, not the FormatError below
+        expect_refusal(base, [adapter], tmp_path, r"q_proj\.weight' \(with .* merged\) holds \d+ NaN or infinite")
+
+
 def test_the_same_adapter_twice_is_refused_by_convert_and_merge(base, tmp_path, capsys):
     """--lora A --lora A merged A's update twice (the model drifted from the one trained, exit 0);
     also when the second names A through another path or a symbolic link."""

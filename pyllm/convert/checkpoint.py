@@ -163,7 +163,8 @@ def load_float32(f: SafetensorsFile, name: str) -> np.ndarray:
         return bf16_bits_to_f32(raw)
     if dtype not in ("F32", "F16", "F64"):
         raise FormatError(f"{f.path}: tensor '{name}' has non-float dtype {dtype}")
-    return raw.astype(np.float32)
+    with np.errstate(over="ignore"):  # an F64 value past float32's range is inf, refused with the tensor's
+        return raw.astype(np.float32)  # name by the converter's finite check (numpy's warning named nothing)
 
 
 def present(path: str) -> bool:

@@ -201,7 +201,9 @@ class LoraModule:
     def delta(self) -> np.ndarray:
         """scaling * B @ A in float32, laid out as the base weight ([out, in]; [vocab, hidden] for an
         embedding; [in, out] for a Conv1D weight)."""
-        d = (self.b.astype(np.float32) @ self.a.astype(np.float32)) * np.float32(self.scaling)
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32's range: inf, refused with the
+            # tensor's and the adapter's names by the converter's finite check (numpy's warning named nothing)
+            d = (self.b.astype(np.float32) @ self.a.astype(np.float32)) * np.float32(self.scaling)
         return np.ascontiguousarray(d.T) if self.embedding or self.transposed else d
 
 
