@@ -143,6 +143,11 @@ def test_command_line_end_to_end_on_a_non_llama_family(tmp_path, capsys):
     ("gemma2", "softcap_window", ["final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"], {}),
     ("gemma3", "local_global", ["query_pre_attn_scalar"], {}),
     ("gemma3", "local_global", ["rope_parameters"], {}),
+    # one layer type's rope_parameters left out: Gemma3TextConfig's default theta for it (pyllm took 1e4 for both)
+    ("gemma3", "local_global", ["rope_parameters"], {"rope_parameters": {"sliding_attention": {"rope_type": "default",
+                                                                                                 "rope_theta": 20000.0}}}),
+    ("gemma3", "local_global", ["rope_parameters"], {"rope_parameters": {"full_attention": {"rope_type": "default",
+                                                                                              "rope_theta": 50000.0}}}),
     ("phi3", "mha_tied", ["rms_norm_eps"], {}),
     ("glm", "gqa_partial", ["num_key_value_heads"], {}),
     ("qwen2", "tied_window", ["use_sliding_window", "layer_types"], {}),

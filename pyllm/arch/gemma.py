@@ -58,8 +58,12 @@ def gemma3_config(cfg: dict):
     block = _block(cfg, "gemma3")
     rope = cfg.get("rope_parameters") or {}
     if "full_attention" in rope or "sliding_attention" in rope:  # transformers 5: per layer type
-        theta, scaling, _ = rope_from_hf(cfg, "gemma3", rope.get("full_attention") or {})
-        local, local_scaling, _ = rope_from_hf(cfg, "gemma3", rope.get("sliding_attention") or {})
+        # a layer type left out takes rope_theta / rope_local_base_freq, else Gemma3TextConfig's default_theta
+        # (convert_rope_params_to_dict; pyllm took 1e4 for the global layers)
+        full = {"rope_theta": cfg.get("rope_theta", 1_000_000.0), **(rope.get("full_attention") or {})}
+        sliding = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0), **(rope.get("sliding_attention") or {})}
+        theta, scaling, _ = rope_from_hf(cfg, "gemma3", full)
+        local, local_scaling, _ = rope_from_hf(cfg, "gemma3", sliding)
     else:  # transformers 4.x: rope_theta / rope_scaling for global layers, rope_local_base_freq for local
         theta, scaling, _ = rope_from_hf(cfg, "gemma3")
         local, local_scaling = float(cfg.get("rope_local_base_freq", 10000.0)), None
