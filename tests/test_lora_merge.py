@@ -642,6 +642,24 @@ def test_an_alpha_that_overflows_float32_is_refused_without_numpy_warnings(base,
         expect_refusal(base, [adapter], tmp_path, r"q_proj\.weight' \(with .* merged\) holds \d+ NaN or infinite")
 
 
+def test_merge_to_f16_past_its_range_names_the_range_not_the_source(base, tmp_path, capsys):
+    """Merged weights past float16's range were cast to inf (numpy's "overflow encountered in cast" on
+    stderr), then refused as "holds NaN or infinite values ... check the source weights"; the message now
+    names the range and the dtypes that hold them, as convert's does."""
+    import warnings
+
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj"])
+    _edit_config(adapter, lora_alpha=1e9)
+    out = str(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FormatError, match=r"q_proj\.weight.*: the merged weights reach .* beyond the float16 range "
+                                              r"\(65504\): merge with --dtype bf16 or f32"):
+            write_merged_checkpoint(base, [adapter], out, dtype="f16")
+    assert not os.path.exists(out) and _partials(tmp_path) == []
+    write_merged_checkpoint(base, [adapter], out, dtype="f32")  # the range of f32 holds them
+
+
 def test_the_same_adapter_twice_is_refused_by_convert_and_merge(base, tmp_path, capsys):
     """--lora A --lora A merged A's update twice (the model drifted from the one trained, exit 0);
     also when the second names A through another path or a symbolic link."""

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -174,12 +175,33 @@ def load_records_from(items):
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "input": "\\udfff", "output": "b"}\n',
      r"line 2: field 'input' holds a lone surrogate '\\udfff' at character 0"),
     ('{"instruction": "a", "output": "ok \\ud83d"}\n', r"line 1: field 'output' holds a lone surrogate"),
+    # an integer past Python's 4300 digits: a ValueError naming neither the file nor the line
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "a", "output": "b", "n": ' + "9" * 5000 + '}]',
+     r"bad.json line 2: invalid JSON \(Exceeds the limit"),
+    ('{"instruction": "a", "output": "b"}\n{"n": ' + "9" * 5000 + '}\n', r"bad.json line 2: invalid JSON \(Exceeds"),
 ])
 def test_bad_data_is_refused_naming_the_line(text, message, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         load_records(path)
+
+
+@pytest.mark.parametrize("indent", [4, None])
+def test_a_large_json_list_is_read_in_linear_time_with_its_lines(indent, tmp_path):
+    """Each record's line was counted from the start of the file (and records sharing a line by a count
+    over all of them): Alpaca's 52,000 records, as json.dump(indent=4) writes them, took 97 s to read."""
+    path = tmp_path / "big.json"
+    records = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(50_000)]
+    path.write_text(json.dumps(records, indent=indent), encoding="utf-8")
+    start = time.monotonic()
+    loaded = load_records(path)
+    assert time.monotonic() - start < 30  # (linear: ~1 s; quadratic: minutes)
+    assert len(loaded) == 50_000 and loaded[-1].output == "answer 49999"
+    if indent:  # "[", then 5 lines a record ({, three fields, })
+        assert [r.line for r in loaded[:3]] == [2, 7, 12] and loaded[-1].where == f"line {2 + 5 * 49_999}"
+    else:
+        assert loaded[2].where == "line 1, record 3"
 
 
 def test_data_that_is_not_utf8_names_its_line_and_a_directory_names_the_flag(tmp_path):
@@ -289,12 +311,30 @@ def test_paths_that_are_not_what_they_should_be_are_one_line_errors(base, data, 
 
     afile = tmp_path / "afile"
     afile.write_text("not a model")
+    (empty := tmp_path / "empty").mkdir()
+    notok, cut = str(tmp_path / "notok"), str(tmp_path / "cut")
+    for directory in (notok, cut):
+        shutil.copytree(base, directory)
+    for name in os.listdir(notok):
+        if name.startswith("tokenizer") or name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            os.remove(os.path.join(notok, name))
+    weights = os.path.join(cut, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
     out = tmp_path / "out"
     cases = [([base, "--data", str(tmp_path)], "--data .* is a directory; give the JSON or JSON Lines file"),
              ([str(tmp_path / "missing"), "--data", data],
               r"is not a Hugging Face model directory \(no config.json\)"),
              ([str(afile), "--data", data], "is not a Hugging Face model directory"),
-             ([base, "--data", data, "--tokenizer", str(afile)], "--tokenizer .* is not a directory")]
+             ([base, "--data", data, "--tokenizer", str(afile)], "--tokenizer .* is not a directory"),
+             # transformers' 5 lines ending "You need to have sentencepiece or tiktoken installed"
+             ([base, "--data", data, "--tokenizer", str(empty)], "empty has no tokenizer \\(tokenizer.json or "
+                                                                   "tokenizer.model\\)$"),
+             ([notok, "--data", data], "notok has no tokenizer .*; give one with --tokenizer DIR$"),
+             # safetensors' "incomplete metadata", naming no file
+             ([cut, "--data", data], "cut: the model cannot be loaded: SafetensorError: "),
+             ([base, "--data", data, "--target-modules", ",,"], "--target-modules ',,' names no module"),
+             ([base, "--data", ""], "^pyllm train: error: --data is an empty path")]
     for argv, message in cases:
         for entry in (train_main, lambda a: cli.main(["train", *a])):
             capsys.readouterr()
@@ -589,13 +629,16 @@ def test_an_eval_option_that_would_evaluate_nothing_is_refused(base, data, tmp_p
     ["--eval-steps", "-1"], ["--save-steps", "-1"], ["--seed", "-1"], ["--seed", str(2 ** 32)],
     ["--method", "prompt", "--virtual-tokens", "0"], ["--method", "prefix", "--virtual-tokens", "100000"],
     ["--method", "ptuning", "--encoder-hidden-size", "0"],
+    # torch's "tried to allocate 256000000000 bytes"; gradients that overflow float32 (an adapter of zeros)
+    ["--method", "ptuning", "--encoder-hidden-size", "1000000000"], ["--lora-alpha", "1e38"],
+    ["--rslora", "--lora-alpha=-1e30"],
 ])
 def test_options_out_of_range_are_refused_before_training(base, data, tmp_path, option):
     """NaN, infinities and values out of range are refused, naming the option, before anything is
     trained or written (--epochs 0 and --max-steps 0 trained anyway, --max-steps -3 wrote an untrained
     adapter, --lora-alpha nan a NaN one, --lora-alpha 0 one whose gradients are all 0; all exit 0)."""
     out = tmp_path / "out"
-    flag = next(o for o in option[::-1] if o.startswith("--"))
+    flag = next(o for o in option[::-1] if o.startswith("--")).split("=")[0]
     with pytest.raises(ValueError, match=f"^{flag} must be"):
         run(train_args(base, data, str(out), "--batch-size", "4", "--micro-batch-size", "4", *option))
     assert not out.exists()
@@ -881,6 +924,60 @@ def test_a_save_stopped_between_files_never_pairs_new_weights_with_an_old_config
     loop._save_adapter(Model(), None, str(out), loop.TrainResult(output=str(out), steps=1))
     assert json.loads((out / "adapter_config.json").read_text()) == {"lora_alpha": 32}
     assert (out / "adapter_model.safetensors").read_bytes() == b"new weights"
+
+
+def test_a_run_without_a_tokenizer_removes_an_earlier_runs_tokenizer(tmp_path):
+    """A run with --tokenizer (a resized vocabulary) saves the tokenizer beside the adapter; a later run into
+    the same directory without one left those files: convert and merge then read the old vocabulary with
+    the new adapter ("the tokenizer has 403 tokens but the merged model's embeddings only 400"), or its
+    chat template in silence. The files the new adapter does not have go; others in the directory stay."""
+    from pyllm.train import loop
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    for name in ("adapter_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "notes.txt"):
+        (out / name).write_text("old")
+
+    class Model:
+        def save_pretrained(self, directory):
+            os.makedirs(directory, exist_ok=True)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                with open(os.path.join(directory, name), "w") as f:
+                    f.write("new")
+
+    loop._save_adapter(Model(), None, str(out), loop.TrainResult(output=str(out), steps=1))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt", "train_log.json"]
+
+
+def test_data_from_a_pipe_is_read_once(base, data, tmp_path):
+    """--data naming a FIFO (or `<(cat data.json)`) trained, then hung: the data's SHA-256 for --resume was
+    computed by opening the file again, which waits for another writer for ever. It is now the hash of the
+    bytes read."""
+    fifo = tmp_path / "data.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"cat {data} > {fifo}"])
+    try:
+        r = subprocess.run([sys.executable, "-m", "pyllm", "train", base, "--data", str(fifo), "-o", str(tmp_path / "o"),
+                            "--batch-size", "2", "--micro-batch-size", "2", "--max-steps", "1", "-q"],
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "adapter_config.json").is_file()
+
+
+def test_convert_never_offers_a_partial_directory_for_an_adapter(tmp_path):
+    """A save stopped between its files leaves a directory without adapter_config.json beside pyllm train's
+    staging directory: convert answered "its subdirectories hold PEFT adapters: give one of
+    DIR/.adapter.29146.gq1_qws5.partial", a half-moved copy."""
+    from pyllm.convert.adapter_base import adapter_config_path
+
+    out = tmp_path / "adapter"
+    (out / ".adapter.123.abc.partial").mkdir(parents=True)
+    (out / ".adapter.123.abc.partial" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json: is it a PEFT adapter directory"):
+        adapter_config_path(str(out), "LoRA adapter")
 
 
 def test_resume_on_another_base_model_is_refused_and_a_moved_copy_warned_about(base, data, tmp_path, capsys):

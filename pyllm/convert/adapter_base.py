@@ -33,9 +33,9 @@ def adapter_config_path(directory: str, what: str) -> str:
         raise FileNotFoundError(f"{path} is not a regular file, not the adapter's configuration file")
     if not os.path.isfile(path):
         # PEFT's save_pretrained puts every adapter but "default" in a subdirectory named after it
-        try:
+        try:  # (not a hidden one: pyllm train's .adapter.PID.XXXX.partial, left by a killed run, was offered)
             inside = sorted(n for n in os.listdir(directory)
-                            if os.path.isfile(os.path.join(directory, n, "adapter_config.json")))
+                            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n, "adapter_config.json")))
         except OSError:
             inside = []
         if inside:

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import file_kind
 from ..formats.safetensors import FormatError, PlannedTensor, SafetensorsFile, write_atomic
-from ..quant import f32_to_bf16_bits
+from ..quant import F16_MAX, f32_to_bf16_bits
 from .adapter_base import adapter_config_path, adapter_weights_path, warn_if_other_base
 from .checkpoint import Checkpoint, _read_json, load_float32, present, read_chat_template, read_tokenizer
 
@@ -563,7 +563,14 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
                 w = source.load(name)
                 if dtype == "bf16":
                     return f32_to_bf16_bits(w)
-                return w.astype(np.float16) if dtype == "f16" else w
+                if dtype == "f16":  # past its range: inf in the file, said "holds NaN or infinite values ... check
+                    # the source weights" after numpy's cast warning; convert's message names the range
+                    largest = float(np.abs(w).max(initial=0.0))
+                    if largest > F16_MAX:
+                        raise FormatError(f"{source.where(name)}: the merged weights reach {largest:.3g}, beyond "
+                                          f"the float16 range ({F16_MAX:g}): merge with --dtype bf16 or f32")
+                    return w.astype(np.float16)
+                return w
             return run
 
         plans = [PlannedTensor(n, HF_DTYPES[dtype], source.shape(n), produce(n)) for n in sorted(source.names())]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import for_hf_config
+from ..convert.lora import TOKENIZER_FILES
 from ..errors import PyllmError, library_errors
 from ..model_cache import partial_dir, remove_stale_partials
 from .data import DataError, Example, load_records, tokenize_record
@@ -128,6 +129,9 @@ class Processes:
             torch.distributed.destroy_process_group()
 
 
+MAX_LORA_SCALING = 2.0 ** 64  # |alpha / r|: past it a LoRA update's gradients (squared by AdamW) overflow float32
+
+
 def check_options(args) -> None:
     """Refuses numeric options outside what a training can use (ValueError naming the option), before
     any data or model is read: NaN, an infinity or a value out of range used to train a step it was not
@@ -155,6 +159,13 @@ def check_options(args) -> None:
     if args.lora_alpha == 0:
         raise ValueError(f"--lora-alpha must be a finite number other than 0 (the adapter's update is "
                          f"scaled by alpha / r: 0 trains nothing), not {args.lora_alpha!r}")
+    if args.lora_r >= 1 and abs(args.lora_alpha) / (math.sqrt(args.lora_r) if args.rslora else args.lora_r) > MAX_LORA_SCALING:
+        # (alpha 1e38: the gradients overflowed float32, every step was skipped and an adapter of zeros was
+        # written as "trained")
+        divisor = "sqrt(r)" if args.rslora else "r"
+        raise ValueError(f"--lora-alpha must be at most {MAX_LORA_SCALING:g} x {divisor} in size (the update's scale, "
+                         f"alpha / {divisor}), not {args.lora_alpha!r} with r {args.lora_r}: its gradients overflow "
+                         "float32 (alpha is usually r to 4 r)")
     number("--lora-dropout", args.lora_dropout, 0, 1, what="at least 0 and below 1")
     number("--weight-decay", args.weight_decay, 0, what="a finite number, at least 0")
     number("--max-grad-norm", args.max_grad_norm, 0, what="a finite number, at least 0 (0 = off)")
@@ -178,10 +189,17 @@ def check_options(args) -> None:
     if args.eval_steps and not args.val_set_size:  # HF Trainer refuses eval steps without an eval set too
         raise ValueError(f"--eval-steps {args.eval_steps} needs held-out examples to take the eval loss on; "
                          "give --val-set-size (a count, or a fraction below 1)")
+    if args.target_modules.strip() and not [m for m in args.target_modules.split(",") if m.strip()]:
+        raise ValueError(f"--target-modules {args.target_modules!r} names no module; leave it out for the family's "
+                         "default")
     if method != "lora":
         number("--virtual-tokens", args.virtual_tokens, 1, MAX_VIRTUAL_TOKENS, high_open=False,
                what=f"from 1 to {MAX_VIRTUAL_TOKENS} (what pyllm runs)")
-        number("--encoder-hidden-size", args.encoder_hidden_size, 1, what="at least 1")
+        from ..formats.packed import SIZE_LIMITS
+
+        most = SIZE_LIMITS["intermediate_size"]  # (1e9 was torch's "tried to allocate 256000000000 bytes")
+        number("--encoder-hidden-size", args.encoder_hidden_size, 1, most, high_open=False,
+               what=f"from 1 to {most} (formats.packed.SIZE_LIMITS intermediate_size)")
 
 
 def check_output(output: str) -> None:
@@ -332,13 +350,33 @@ def parse_layers(text: str, count: int) -> list[int] | None:
     return sorted(layers)
 
 
+@contextlib.contextmanager
+def _one_line_errors(what: str):
+    """A library's exception inside the block as PyllmError("{what}: {type}: {its first line}")."""
+    try:
+        yield
+    except (PyllmError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises anything of a damaged directory
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise PyllmError(f"{what}: {type(e).__name__}: {first:.300}") from e
+
+
 def _load_model(args, device: torch.device, dtype: torch.dtype):
     """(tokenizer, PEFT model) with fresh LoRA weights drawn from --seed."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    with _progress_bars(not args.quiet):  # transformers' "Loading weights" bar printed under -q too
+    source = args.tokenizer or args.base
+    if not any(os.path.isfile(os.path.join(source, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        # (transformers' 5 lines ended "You need to have sentencepiece or tiktoken installed")
+        raise PyllmError(f"{source} has no tokenizer (tokenizer.json or tokenizer.model)"
+                         + ("" if args.tokenizer else "; give one with --tokenizer DIR"))
+    # a damaged model's library messages ("incomplete metadata", KeyError: 'metadata', a reinstall advised)
+    # named no file: one line naming the directory
+    with _one_line_errors(f"{source}: the tokenizer cannot be loaded"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    with _progress_bars(not args.quiet), _one_line_errors(f"{args.base}: the model cannot be loaded"):
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
@@ -500,9 +538,11 @@ def _places(wheres: list[str]) -> str:
     return "; ".join(wheres[:10]) + more
 
 
-def _run_config(args, total_steps: int) -> dict:
+def _run_config(args, total_steps: int, data_sha256: str) -> dict:
+    """The settings a resumed run must share with its checkpoint (RESUME_KEYS); data_sha256: the SHA-256 of
+    the data's bytes as load_records read them."""
     values = dict(vars(args), total_steps=total_steps, data=os.path.abspath(args.data),
-                  data_sha256=_sha256(args.data), base=os.path.abspath(args.base),
+                  data_sha256=data_sha256, base=os.path.abspath(args.base),
                   base_config_sha256=_config_sha256(os.path.join(args.base, "config.json")))
     return {k: values.get(k) for k in RESUME_KEYS}
 
@@ -519,15 +559,6 @@ def _config_sha256(path: str) -> str | None:
         return None
     config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _sha256(path: str) -> str:
-    """The file's SHA-256 (hex): a resumed run must read the records its checkpoint was trained on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checkpoints(output: str) -> list[tuple[int, str]]:
@@ -596,8 +627,9 @@ def _train(args, log=None) -> TrainResult:
         accumulation = args.batch_size // (micro * world)
         if args.cutoff_len < 2:
             raise ValueError("--cutoff-len must be at least 2 tokens")
-        notes = []
-        train_records, val_records = split_records(load_records(args.data, notes), args.val_set_size, args.seed)
+        notes, data_sha256 = [], []
+        train_records, val_records = split_records(load_records(args.data, notes, data_sha256), args.val_set_size,
+                                                   args.seed)
         for note in notes if procs.rank == 0 else ():
             print(f"pyllm train: {note}", file=log)
         created = make_output(args.output)
@@ -625,13 +657,18 @@ def _train(args, log=None) -> TrainResult:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         steps_per_epoch = len(train_set) // args.batch_size
         total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+        if args.warmup_steps >= total_steps:  # the learning rate climbs from 0 on every step (a run of one
+            # step learned nothing, and said "trained 1 step")
+            say(f"warning: --warmup-steps {args.warmup_steps} covers all {total_steps} steps of the run: the "
+                "learning rate stays below --lr throughout"
+                + (" (0 on a run of one step: nothing is learned)" if total_steps == 1 else ""))
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(args.lr_scheduler, s, args.warmup_steps, total_steps))
         scaler = torch.amp.GradScaler(procs.device.type, enabled=dtype == torch.float16)
-        run_config = _run_config(args, total_steps)
+        run_config = _run_config(args, total_steps, data_sha256[0])
         result = TrainResult(os.path.abspath(args.output), total_steps)
 
         start = 0
@@ -922,6 +959,11 @@ def _save_adapter(model, tokenizer, output: str, result: TrainResult) -> None:
     config = os.path.join(output, "adapter_config.json")
     if os.path.isfile(config):
         os.remove(config)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config last
+    written = sorted(os.listdir(tmp))
+    for name in TOKENIZER_FILES:  # an earlier run's tokenizer (--tokenizer) went with an adapter trained without
+        # one: a vocabulary of other size than the new adapter's embeddings, refused by convert and merge
+        if name not in written and os.path.isfile(os.path.join(output, name)):
+            os.remove(os.path.join(output, name))
+    for name in sorted(written, key=lambda n: n == "adapter_config.json"):  # the config last
         os.replace(os.path.join(tmp, name), os.path.join(output, name))
     os.rmdir(tmp)
