@@ -1089,3 +1089,17 @@ def test_summary_line_counts_one_step_in_the_singular():
     assert summary_line(TrainResult("out", 1, losses=[1.0]), 2.0) == \
         "trained 1 step in 2.0 s; final training loss 1.0000 (mean of the last 1 step 1.0000)"
     assert summary_line(TrainResult("out", 2, losses=[1.0, 2.0]), 2.0).startswith("trained 2 steps in 2.0 s")
+
+
+def test_the_usage_line_gives_a_context_that_holds_the_virtual_tokens():
+    """300 virtual tokens trained on a 256-position model: the printed `pyllm run` command failed every
+    prompt ("the prompt has 129 tokens after 300 virtual ones; the context holds 256"); it now gives --ctx."""
+    import argparse
+
+    from pyllm.train.loop import usage_line
+
+    args = argparse.Namespace(base="base", template="alpaca", method="prefix", virtual_tokens=300, cutoff_len=256)
+    assert usage_line(args, "out/task", 256).endswith("pyllm run tasks.pllm --adapter task --chat-template alpaca "
+                                                      "--ctx 556 -p PROMPT")
+    assert "--ctx" not in usage_line(args, "out/task", 8192) and "--ctx" not in usage_line(
+        argparse.Namespace(base="base", template="alpaca", method="lora", cutoff_len=4096), "out", 256)

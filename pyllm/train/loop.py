@@ -834,7 +834,7 @@ def _train(args, log=None) -> TrainResult:
         written = True
         say(f"wrote the adapter to {result.output}")
         say(summary_line(result, time.perf_counter() - started))
-        say(usage_line(args, result.output))
+        say(usage_line(args, result.output, trained if isinstance(trained, int) else None))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
         # group is destroyed and a peer has exited, it hangs in gloo's destructor
         trained = None  # noqa: F841
@@ -883,15 +883,23 @@ def check_finite(model, step: int, loss: float) -> None:
                          "(lower --lr, or keep --max-grad-norm on)")
 
 
-def usage_line(args, output: str) -> str:
+def usage_line(args, output: str, trained_positions: int | None = None) -> str:
     """How to run the adapter just written: the convert and run commands. An adapter trained on the Alpaca
     prompt (--template alpaca, the default) answers that prompt, not the model's chat template, which
     `pyllm run` and `pyllm serve` apply unless told otherwise: the commands say --chat-template alpaca
-    (the built-in template that writes the training's prompt token for token)."""
+    (the built-in template that writes the training's prompt token for token). Virtual tokens and
+    --cutoff-len past the context pyllm run takes by default (the model's trained positions, at most
+    llm.DEFAULT_CONTEXT) add --ctx: 300 virtual tokens on a 256-position model failed every prompt."""
     import shlex
+
+    from ..llm import DEFAULT_CONTEXT
 
     base, out = shlex.quote(args.base), shlex.quote(output)
     template = " --chat-template alpaca" if args.template == "alpaca" else ""
+    needed = getattr(args, "virtual_tokens", 0) + args.cutoff_len
+    if getattr(args, "method", "lora") != "lora" and trained_positions and needed > min(trained_positions,
+                                                                                          DEFAULT_CONTEXT):
+        template += f" --ctx {needed}"
     if getattr(args, "method", "lora") == "lora":
         return (f"to run it: pyllm convert {base} --lora {out} -o tuned.pllm, then "
                 f"pyllm run tuned.pllm{template} -p PROMPT")
