@@ -1103,3 +1103,17 @@ def test_the_usage_line_gives_a_context_that_holds_the_virtual_tokens():
                                                       "--ctx 556 -p PROMPT")
     assert "--ctx" not in usage_line(args, "out/task", 8192) and "--ctx" not in usage_line(
         argparse.Namespace(base="base", template="alpaca", method="lora", cutoff_len=4096), "out", 256)
+
+
+def test_a_run_that_ends_at_uniform_guessing_is_warned_of():
+    """--lr 1e6 without --max-grad-norm: every value stayed finite (the diverged-run check passed) and the
+    loss ended at ln(vocabulary), the model predicting nothing, with exit 0 and no word of it."""
+    import math
+
+    from pyllm.train.loop import TrainResult, collapse_warning
+
+    wrecked = TrainResult(output="o", steps=3, losses=[2.1, 5.9, math.log(512)])
+    assert "uniform guessing over the 512 tokens" in collapse_warning(wrecked, 512)
+    assert collapse_warning(TrainResult(output="o", steps=3, losses=[2.1, 1.9, 1.7]), 512) is None
+    # a model that starts near ln V (random weights) and stays there is no collapse
+    assert collapse_warning(TrainResult(output="o", steps=2, losses=[6.2, 6.2]), 512) is None

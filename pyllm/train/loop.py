@@ -834,6 +834,9 @@ def _train(args, log=None) -> TrainResult:
         written = True
         say(f"wrote the adapter to {result.output}")
         say(summary_line(result, time.perf_counter() - started))
+        collapse = collapse_warning(result, len(tokenizer))
+        if collapse:
+            say(collapse)
         say(usage_line(args, result.output, trained if isinstance(trained, int) else None))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
         # group is destroyed and a peer has exited, it hangs in gloo's destructor
@@ -927,6 +930,23 @@ def summary_line(result: TrainResult, seconds: float) -> str:
         step, loss = result.eval_losses[-1]
         parts.append(f"eval loss {loss:.4f} at step {step}")
     return "; ".join(parts)
+
+
+def collapse_warning(result: TrainResult, vocab_size: int) -> str | None:
+    """A warning when the run ended at the loss of uniform guessing over the vocabulary (ln V, within 5%)
+    from well below it: every value finite, so the diverged-run check passed, and the adapter written
+    makes the model's every prediction uniform (--lr 1e6 without --max-grad-norm exited 0 that way)."""
+    earlier = result.earlier_losses + result.losses
+    if not result.losses or vocab_size < 2:
+        return None
+    uniform = math.log(vocab_size)
+    last = result.losses[-max(1, min(10, len(result.losses) // 4)):]  # the run's end, not its start
+    final = sum(last) / len(last)
+    if final >= 0.95 * uniform and min(earlier) < 0.8 * uniform:
+        return (f"warning: the training loss ended at {final:.4f}, that of uniform guessing over the {vocab_size} "
+                f"tokens (ln {vocab_size} = {uniform:.4f}), from {min(earlier):.4f}: the run diverged and the adapter "
+                "predicts nothing (lower --lr, or keep --max-grad-norm on)")
+    return None
 
 
 def quiet_warnings() -> None:
