@@ -1117,3 +1117,16 @@ def test_a_run_that_ends_at_uniform_guessing_is_warned_of():
     assert collapse_warning(TrainResult(output="o", steps=3, losses=[2.1, 1.9, 1.7]), 512) is None
     # a model that starts near ln V (random weights) and stays there is no collapse
     assert collapse_warning(TrainResult(output="o", steps=2, losses=[6.2, 6.2]), 512) is None
+
+
+def test_tokenizing_many_records_shows_progress(base, data, tmp_path, monkeypatch, capsys):
+    """A million records took 3 minutes to tokenize without a word before the first step; past
+    TOKENIZE_PROGRESS_RECORDS records a bar says how far it is (not under -q)."""
+    from pyllm.train import loop
+
+    monkeypatch.setattr(loop, "TOKENIZE_PROGRESS_RECORDS", 1)
+    argv = ["train", base, "--data", data, "-o", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "2",
+            "--micro-batch-size", "2"]
+    assert cli.main(argv) == 0
+    assert re.search(r"tokenizing: 100%.* \d+/\d+", capsys.readouterr().err)
+    assert cli.main([*argv, "-q"]) == 0 and "tokenizing:" not in capsys.readouterr().err

@@ -512,10 +512,20 @@ def position_limit(args, hf_config: dict) -> tuple[int, str] | None:
     return config.max_position_embeddings - virtual, why + (f", less {virtual} virtual tokens" if virtual else "")
 
 
-def _tokenize(records, tokenizer, args, what: str, say, limit: tuple[int, str] | None = None) -> list[Example]:
+# records past which tokenizing them shows a progress bar (a million took 3 minutes without a word)
+TOKENIZE_PROGRESS_RECORDS = 2000
+
+
+def _tokenize(records, tokenizer, args, what: str, say, limit: tuple[int, str] | None, bar) -> list[Example]:
+    """The records' examples, those without a response token within --cutoff-len skipped (said); bar: a
+    progress bar (progress_bar, maybe disabled) advanced a record at a time, closed here."""
     if args.template == "chat" and not tokenizer.chat_template:
         raise ValueError(f"{args.tokenizer or args.base} has no chat template; use --template alpaca")
-    examples = [tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs) for r in records]
+    examples = []
+    with bar:
+        for r in records:
+            examples.append(tokenize_record(r, tokenizer, args.template, args.cutoff_len, args.train_on_inputs))
+            bar.update(1)
     if limit is not None:
         long = [r.where for r, e in zip(records, examples) if len(e.input_ids) > limit[0]]
         if long:
@@ -646,8 +656,12 @@ def _train(args, log=None) -> TrainResult:
             # learn little there; pyllm run / perplexity warn the same way for --ctx
             say(f"warning: --cutoff-len {args.cutoff_len}{f' + {virtual} virtual tokens' if virtual else ''} "
                 f"exceeds the {trained} tokens the model was trained on; positions beyond them are untrained")
-        train_set = _tokenize(train_records, tokenizer, args, "training", say, limit)
-        val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit)
+        def tokenizing(records) -> object:
+            return progress_bar(len(records), "tokenizing", "record", not args.quiet and procs.rank == 0
+                                and len(records) > TOKENIZE_PROGRESS_RECORDS, log)
+
+        train_set = _tokenize(train_records, tokenizer, args, "training", say, limit, tokenizing(train_records))
+        val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit, tokenizing(val_records))
         if not train_set:  # (was "0 training examples are fewer than one batch (--batch-size 32)")
             raise DataError(f"no training example has a response token within --cutoff-len {args.cutoff_len}; "
                             "give a larger --cutoff-len")
