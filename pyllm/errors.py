@@ -42,14 +42,16 @@ PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, PyllmError
 
 
 @contextlib.contextmanager
-def library_errors(what: str, kind: type[PyllmError] = PyllmError) -> Iterator[None]:
-    """Turns anything a library raises inside the block into `kind` ("{what}: {type}: {message}")."""
+def library_errors(what: str, kind: type[PyllmError] = PyllmError, first_line: bool = False) -> Iterator[None]:
+    """Turns anything a library raises inside the block into `kind` ("{what}: {type}: {message}");
+    first_line: the message's first line only (transformers' run to five, with advice that does not apply)."""
     try:
         yield
     except PASSING:
         raise
     except BaseException as e:  # noqa: B036 - pyo3's PanicException is a BaseException
-        raise kind(f"{what}: {type(e).__name__}: {e}") from e
+        message = (str(e).strip().splitlines() or [""])[0] if first_line else e
+        raise kind(f"{what}: {type(e).__name__}: {message}") from e
 
 
 MAX_TEXT_FILE_BYTES = 2**30  # a text file read whole (a perplexity corpus): past it, refused

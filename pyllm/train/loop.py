@@ -350,18 +350,6 @@ def parse_layers(text: str, count: int) -> list[int] | None:
     return sorted(layers)
 
 
-@contextlib.contextmanager
-def _one_line_errors(what: str):
-    """A library's exception inside the block as PyllmError("{what}: {type}: {its first line}")."""
-    try:
-        yield
-    except (PyllmError, KeyboardInterrupt, SystemExit, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - transformers raises anything of a damaged directory
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise PyllmError(f"{what}: {type(e).__name__}: {first:.300}") from e
-
-
 def _load_model(args, device: torch.device, dtype: torch.dtype):
     """(tokenizer, PEFT model) with fresh LoRA weights drawn from --seed."""
     from peft import LoraConfig, get_peft_model
@@ -374,9 +362,9 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
                          + ("" if args.tokenizer else "; give one with --tokenizer DIR"))
     # a damaged model's library messages ("incomplete metadata", KeyError: 'metadata', a reinstall advised)
     # named no file: one line naming the directory
-    with _one_line_errors(f"{source}: the tokenizer cannot be loaded"):
+    with library_errors(f"{source}: the tokenizer cannot be loaded", first_line=True):
         tokenizer = AutoTokenizer.from_pretrained(source)
-    with _progress_bars(not args.quiet), _one_line_errors(f"{args.base}: the model cannot be loaded"):
+    with _progress_bars(not args.quiet), library_errors(f"{args.base}: the model cannot be loaded", first_line=True):
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     model.config.use_cache = False
     torch.manual_seed(args.seed)
