@@ -180,10 +180,12 @@ def test_keys_a_config_omits_take_the_transformers_class_default(family, name, r
         assert max_rel(llm.logits(ids), reference) < 1e-4
 
 
+@pytest.mark.parametrize("key", ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"])
 @pytest.mark.parametrize("value", [-16, 0, "16", True, float("inf")])
-def test_a_query_pre_attn_scalar_that_is_no_positive_number_is_refused(value, tmp_path):
+def test_a_gemma_scale_that_is_no_positive_number_is_refused(key, value, tmp_path):
     """Gemma's queries are scaled by query_pre_attn_scalar ** -0.5: -16 gave a complex attention scale
-    (refused only by the file's own check, as "(1.53e-17-0.25j)", naming no field), 0 ran as the default."""
+    (refused only by the file's own check, as "(1.53e-17-0.25j)", naming no field), 0 ran as the default;
+    a soft-cap of 0 (a division by 0 in transformers) ran uncapped."""
     import json
     import os
 
@@ -192,9 +194,9 @@ def test_a_query_pre_attn_scalar_that_is_no_positive_number_is_refused(value, tm
     directory = make_tiny_model("gemma2", "softcap_window", str(tmp_path / "gemma2"))
     path = os.path.join(directory, "config.json")
     config = json.load(open(path))
-    config["query_pre_attn_scalar"] = value
+    config[key] = value
     with open(path, "w") as f:
         f.write(json.dumps(config).replace("Infinity", "1e999"))
-    with pytest.raises(FormatError, match="config.json query_pre_attn_scalar must be a positive number"):
+    with pytest.raises(FormatError, match=f"config.json {key} must be a positive number or null"):
         convert_checkpoint(directory, str(tmp_path / "m.pllm"), quant="f32", progress=False)
     assert not os.path.exists(tmp_path / "m.pllm")

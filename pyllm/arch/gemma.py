@@ -19,10 +19,13 @@ _RENAMED_NORMS = {  # Gemma's names -> pyllm's
 
 def _block(cfg: dict, family: str) -> dict:
     act = activation_from_hf(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh", family)
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = cfg.get(key)  # (query_pre_attn_scalar -16 gave a complex attention scale; a cap of 0, a
+        # division by 0 in transformers, ran uncapped)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < float("inf")):
+            raise FormatError(f"config.json {key} must be a positive number or null, got {value!r:.40}")
     scalar = cfg.get("query_pre_attn_scalar")
-    if scalar is not None and (isinstance(scalar, bool) or not isinstance(scalar, (int, float))
-                               or not 0 < scalar < float("inf")):  # (-16 gave a complex attention scale)
-        raise FormatError(f"config.json query_pre_attn_scalar must be a positive number, got {scalar!r:.40}")
     return dict(hidden_act=act, embedding_scale=float(cfg["hidden_size"]) ** 0.5, post_norms=True,
                 attention_scale=float(scalar) ** -0.5 if scalar else None,
                 attn_logit_softcapping=cfg.get("attn_logit_softcapping") or None,
