@@ -29,6 +29,9 @@ from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax, mos
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 DEFAULT_CONTEXT = 4096
+# a prompt of more characters than this x the context x the vocabulary's longest token cannot fit (2: room for
+# normalizers that shorten text, such as sentencepiece's collapsing of whitespace runs)
+PROMPT_CHARS_SLACK = 2
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the call nor the model's generation config says
 PREFILL_CHUNK = 64  # prompt tokens per engine call: cancel() is honoured between chunks
 # KV cache element types (llama.cpp's names, as its -ctk/-ctv) and the bytes one value takes: q8_0 is
@@ -706,6 +709,18 @@ class LLM:
         aliases of add_special_tokens and parse_special (whose default here is True)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens, parse_special=parse_special)
 
+    def _check_prompt_chars(self, text: str) -> str:
+        """text, a prompt to generate from, unless it is too long for the context whatever its tokens:
+        more characters than PROMPT_CHARS_SLACK x the context x the vocabulary's longest token (ValueError,
+        before tokenizing: a chat template rendering 7 million characters took 16 s and 1.4 GB to
+        tokenize, then was refused by its token count)."""
+        most = PROMPT_CHARS_SLACK * self.context_length * self.tokenizer.longest_token_chars
+        if len(text) > most:
+            raise ValueError(f"the prompt has {len(text)} characters, more than the context's {self.context_length} "
+                             f"tokens can hold (this vocabulary's longest token has "
+                             f"{self.tokenizer.longest_token_chars} characters)")
+        return text
+
     def detokenize(self, ids, skip_special_tokens: bool = True) -> str:
         """The text of token ids (a list or 1-D array of ints in [0, vocab_size); PyllmError otherwise)."""
         return self.tokenizer.decode(token_ids(ids, self.config.vocab_size).tolist(),
@@ -1048,7 +1063,7 @@ class LLM:
         not installed. TypeError for a prompt of another type."""
         if not _is_batch(prompt):
             if isinstance(prompt, str):
-                ids = self.tokenize(prompt)
+                ids = self.tokenize(self._check_prompt_chars(prompt))
             elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
                     isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt):
                 ids = list(prompt)
@@ -1108,8 +1123,8 @@ class LLM:
             for i, p in enumerate(prompt):
                 with _naming(f"prompt {i} of the list"):  # (a text that is not Unicode)
                     # (an array as it is: list() made a 2-D one's rows "token ids" that "must be integers")
-                    prompts.append(self.tokenize(p) if isinstance(p, str) else p if isinstance(p, np.ndarray)
-                                   else list(p))
+                    prompts.append(self.tokenize(self._check_prompt_chars(p)) if isinstance(p, str) else p
+                                   if isinstance(p, np.ndarray) else list(p))
                 if len(prompts[-1]) == 0:
                     raise ValueError(f"prompt {i} of the list is empty: it has no tokens (this model's tokenizer "
                                      "adds no BOS token); give some text or token ids")
@@ -1492,7 +1507,7 @@ class LLM:
         else:
             protected = self.tokenizer.special_tokens_in(_contents(messages))
         if not protected:
-            text = self.apply_chat_template(messages, limits=render_limits, **extra)
+            text = self._check_prompt_chars(self.apply_chat_template(messages, limits=render_limits, **extra))
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             # each special-token string in content becomes a placeholder character while the template renders
@@ -1504,7 +1519,7 @@ class LLM:
                                  "U+10FFFD, which stand for the special-token strings written in the content "
                                  f"({', '.join(sorted(protected))[:200]}) while the template renders")
             hidden = [_replace_content(m, placeholders) for m in messages]
-            text = self.apply_chat_template(hidden, limits=render_limits, **extra)
+            text = self._check_prompt_chars(self.apply_chat_template(hidden, limits=render_limits, **extra))
             ids = self.tokenizer.encode_with_literal(text, {c: t for t, c in placeholders.items()})
         bos = self.tokenizer.bos_id
         if self.tokenizer.spec.add_bos_token and bos is not None and ids[:1] != [bos]:

@@ -7,6 +7,7 @@ are encoded with Python's lock released, so other threads (a server's event loop
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -174,6 +175,14 @@ class Tokenizer:
                 hf.encode_special_tokens = True
                 self._literal_hf = hf
             return self._literal_hf
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token's piece holds (its vocabulary string: a byte-level piece holds a
+        character a byte, so no fewer than its text)."""
+        if self._hf is not None:
+            return max(map(len, self._hf.get_vocab(with_added_tokens=True)), default=1)
+        return max((len(self._sp.id_to_piece(i)) for i in range(self._sp.get_piece_size())), default=1)
 
     def token_to_id(self, token: str) -> int | None:
         if self._hf is not None:

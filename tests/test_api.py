@@ -142,6 +142,29 @@ def test_prompt_longer_than_context_is_refused(tiny_llama_f32):
     assert small.last_stats.finish_reason in ("length", "stop")
 
 
+def test_a_prompt_of_more_characters_than_the_context_can_hold_is_refused_before_tokenizing(tiny_llama_f32,
+                                                                                           monkeypatch):
+    """A chat template rendering 7 million characters took 16 s and 1.4 GB to tokenize before its token count
+    refused it. A prompt of more characters than PROMPT_CHARS_SLACK x the context x the longest token's is
+    refused at once (generate, a list, chat); one just within the bound is tokenized as before."""
+    from pyllm.llm import PROMPT_CHARS_SLACK
+
+    small = pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=16)
+    most = PROMPT_CHARS_SLACK * 16 * small.tokenizer.longest_token_chars
+    encoded = []
+    real_encode = small.tokenizer.encode
+    monkeypatch.setattr(small.tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or real_encode(text, **kw))
+    calls = [lambda: small.generate("a" * (most + 1), max_new_tokens=1),
+             lambda: small.generate(["a", "b" * (most + 1)], max_new_tokens=1),
+             lambda: small.chat([{"role": "user", "content": "c" * (most + 1)}], max_new_tokens=1)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"characters, more than the context's 16 tokens can hold"):
+            call()
+    assert all(n <= 1 for n in encoded), encoded  # (the list's short prompt "a" only)
+    with pytest.raises(ValueError, match=r"tokens exceed the context length of 16"):  # within the bound: its tokens
+        small.generate("a " * (most // 2), max_new_tokens=1)
+
+
 def test_closed_model_refuses_work(tiny_llama_f32):
     model = pyllm.LLM(tiny_llama_f32, n_threads=1)
     model.close()
