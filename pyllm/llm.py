@@ -711,12 +711,12 @@ class LLM:
 
     def _check_prompt_chars(self, text: str) -> str:
         """text, a prompt to generate from, unless it is too long for the context whatever its tokens:
-        more characters than PROMPT_CHARS_SLACK x the context x the vocabulary's longest token (ValueError,
+        more characters than PROMPT_CHARS_SLACK x the context x the vocabulary's longest token (LimitError,
         before tokenizing: a chat template rendering 7 million characters took 16 s and 1.4 GB to
         tokenize, then was refused by its token count)."""
         most = PROMPT_CHARS_SLACK * self.context_length * self.tokenizer.longest_token_chars
         if len(text) > most:
-            raise ValueError(f"the prompt has {len(text)} characters, more than the context's {self.context_length} "
+            raise LimitError(f"the prompt has {len(text)} characters, more than the context's {self.context_length} "
                              f"tokens can hold (this vocabulary's longest token has "
                              f"{self.tokenizer.longest_token_chars} characters)")
         return text
@@ -1341,9 +1341,9 @@ class LLM:
             prompts = []
             for i, conversation in enumerate(messages):
                 with _naming(f"conversation {i} of the list"):
-                    prompts.append(self.chat_prompt_ids(conversation, **options))
+                    prompts.append(self.chat_prompt_ids(conversation, **options, for_generation=True))
             return self.generate(prompts, stream=stream, **kwargs)
-        ids = self.chat_prompt_ids(messages, **options)
+        ids = self.chat_prompt_ids(messages, **options, for_generation=True)
         return self.generate(ids, stream=stream, **kwargs)
 
     # -- OpenAI's shapes (llama-cpp-python's Llama.create_completion / create_chat_completion) ---------
@@ -1489,7 +1489,7 @@ class LLM:
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
                         parse_special_in_content: bool = False, render_limits: RenderLimits | None = None,
-                        chat_template_kwargs: dict | None = None) -> list[int]:
+                        chat_template_kwargs: dict | None = None, for_generation: bool = False) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does.
 
         Message content is text: a special token's string written in it (say "<|im_end|>") becomes
@@ -1498,7 +1498,10 @@ class LLM:
         special-token strings in content parsed as the tokens themselves. Without such strings in
         the content both give the tokens transformers' apply_chat_template gives. render_limits
         bounds the template's time and output (TemplateError past them). chat_template_kwargs: more
-        template variables (reasoning_effort=...), as transformers' apply_chat_template(**kwargs)."""
+        template variables (reasoning_effort=...), as transformers' apply_chat_template(**kwargs).
+        for_generation=True: a rendered prompt too long for the context whatever its tokens is refused
+        before tokenizing (_check_prompt_chars); without it any length is counted (`pyllm run`'s chat
+        measures a conversation that outgrows the context)."""
         _check_tools(tools)
         extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
@@ -1507,7 +1510,9 @@ class LLM:
         else:
             protected = self.tokenizer.special_tokens_in(_contents(messages))
         if not protected:
-            text = self._check_prompt_chars(self.apply_chat_template(messages, limits=render_limits, **extra))
+            text = self.apply_chat_template(messages, limits=render_limits, **extra)
+            if for_generation:
+                self._check_prompt_chars(text)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             # each special-token string in content becomes a placeholder character while the template renders
@@ -1519,7 +1524,9 @@ class LLM:
                                  "U+10FFFD, which stand for the special-token strings written in the content "
                                  f"({', '.join(sorted(protected))[:200]}) while the template renders")
             hidden = [_replace_content(m, placeholders) for m in messages]
-            text = self._check_prompt_chars(self.apply_chat_template(hidden, limits=render_limits, **extra))
+            text = self.apply_chat_template(hidden, limits=render_limits, **extra)
+            if for_generation:
+                self._check_prompt_chars(text)
             ids = self.tokenizer.encode_with_literal(text, {c: t for t, c in placeholders.items()})
         bos = self.tokenizer.bos_id
         if self.tokenizer.spec.add_bos_token and bos is not None and ids[:1] != [bos]:

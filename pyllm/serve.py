@@ -50,7 +50,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from . import api_responses as responses
 from .chat_template import TemplateError
-from .errors import PyllmError, RequestError
+from .errors import LimitError, PyllmError, RequestError
 from .limits import ServerLimits as Limits
 from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
@@ -766,9 +766,11 @@ class Completions:
             variables["reasoning_effort"] = req.reasoning_effort
         try:
             prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits(),
-                                              chat_template_kwargs=variables)
+                                              chat_template_kwargs=variables, for_generation=True)
         except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
             raise RequestError(str(e), param="messages") from None
+        except LimitError as e:  # a rendering of more characters than the context can hold, before tokenizing
+            raise RequestError(str(e), param="messages", code="context_length_exceeded") from None
         options["stop"] = self.llm.chat_stop(options.get("stop"))  # a built-in template's end of turn, as LLM.chat
         return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt)
 

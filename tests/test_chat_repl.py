@@ -181,13 +181,13 @@ def test_line_editor_history_paste_and_long_lines(tiny_llama_f32, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     child = spawn_chat(tiny_llama_f32, tmp_path, "-n", "2")
     # a 30,000-character line (pasted, as such lines come) reaches the model whole: the context error
-    # counts all its tokens (a terminal's own line discipline stops at 4095 characters)
+    # counts all its characters (a terminal's own line discipline stops at 4095 characters)
     long = " ".join(f"w{i % 97}" for i in range(8000))[:30000]
     child.send("\x1b[200~" + long + "\x1b[201~")
     child.send("\r")
-    child.expect(r"error: (\d+) tokens exceed the context length of 256")
+    child.expect(r"error: the prompt has (\d+) characters, more than the context's 256 tokens can hold")
     with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="chatml") as llm:
-        expected = len(llm.chat_prompt_ids([{"role": "user", "content": long}]))
+        expected = len(llm.apply_chat_template([{"role": "user", "content": long}]))
     assert int(child.match.group(1)) == expected
     child.expect_exact(READY)
     child.send("first message\r")
