@@ -129,8 +129,9 @@ class ToolFormat:
             if not isinstance(arguments, dict):
                 return None
             try:  # written back a few frames deeper than it was read: a depth just within reach is not
-                arguments = json.dumps(arguments, ensure_ascii=False)
-            except RecursionError:
+                arguments = json.dumps(arguments, ensure_ascii=False, allow_nan=False)  # NaN, 1e999: no JSON
+                (obj["name"] + arguments).encode("utf-8")  # "\\ud800" read back as a lone surrogate: no text
+            except (RecursionError, ValueError):  # (UnicodeEncodeError is a ValueError)
                 return None
             calls.append(ToolCall(obj["name"], arguments, self.call_id()))
         return calls if self.parallel else calls[:1]

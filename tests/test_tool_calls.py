@@ -82,6 +82,26 @@ def test_arguments_the_parser_reads_just_within_its_depth_are_no_500():
                     assert (content, calls) == (text, []) or calls[0].name == "f", (fmt.name, depth)
 
 
+@pytest.mark.parametrize("value", ['"\\ud800"', '"a\\udfffb"', "NaN", "-Infinity", "1e999", "[1, NaN]"])
+def test_calls_whose_arguments_are_no_json_text_are_content(value):
+    """A call the model wrote with a lone surrogate escape ("\\ud800": read back as a character that
+    UTF-8 cannot hold; the server's answer failed to encode, mid-stream a cut connection) or NaN /
+    Infinity / 1e999 (written back as NaN or Infinity, which JSON parsers refuse) is no call: text,
+    in every format, in the arguments or in the name."""
+    for fmt in (Hermes(), Mistral(), Llama3()):
+        key = "parameters" if isinstance(fmt, Llama3) else "arguments"
+        for call in ('{"name": "f", "%s": {"a": %s}}' % (key, value), '{"name": %s, "%s": {}}' % (value, key)):
+            text = {"hermes": f"<tool_call>\n{call}\n</tool_call>", "mistral": f"[TOOL_CALLS] [{call}]"}.get(fmt.name,
+                                                                                                             call)
+            for cut in (False, True):
+                content, calls = fmt.parse(text, cut)
+                assert calls == [] and content == text, (fmt.name, call, cut)
+                content.encode("utf-8")
+    # the same values as text inside a string are arguments like any other
+    content, calls = Hermes().parse('<tool_call>\n{"name": "f", "arguments": {"a": "NaN \\u00e9"}}\n</tool_call>')
+    assert _args(calls[0]) == {"a": "NaN \u00e9"}
+
+
 def test_mistral_replies():
     content, calls = Mistral().parse('[TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}, {"name": "b", '
                                      '"arguments": {}}]')
