@@ -1492,11 +1492,12 @@ class LLM:
                         chat_template_kwargs: dict | None = None, for_generation: bool = False) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does.
 
-        Message content is text: a special token's string written in it (say "<|im_end|>") becomes
-        ordinary tokens, so a user cannot forge the template's markers; the template's own markers
-        stay special. parse_special_in_content=True tokenizes the rendered prompt as one text, with
-        special-token strings in content parsed as the tokens themselves. Without such strings in
-        the content both give the tokens transformers' apply_chat_template gives. render_limits
+        Every text the caller gives is text: a special token's string (say "<|im_end|>") written in a
+        message's content, role, name or tool-call arguments, in a tool's description or schema, or
+        in a template variable becomes ordinary tokens, so a user cannot forge the template's markers;
+        the template's own markers stay special. parse_special_in_content=True tokenizes the rendered
+        prompt as one text, with special-token strings written there parsed as the tokens themselves.
+        Without such strings both give the tokens transformers' apply_chat_template gives. render_limits
         bounds the template's time and output (TemplateError past them). chat_template_kwargs: more
         template variables (reasoning_effort=...), as transformers' apply_chat_template(**kwargs).
         for_generation=True: a rendered prompt too long for the context whatever its tokens is refused
@@ -1508,22 +1509,26 @@ class LLM:
         if parse_special_in_content:
             protected = {}
         else:
-            protected = self.tokenizer.special_tokens_in(_contents(messages))
+            protected = self.tokenizer.special_tokens_in(list(_texts([messages, extra])))
         if not protected:
             text = self.apply_chat_template(messages, limits=render_limits, **extra)
             if for_generation:
                 self._check_prompt_chars(text)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
-            # each special-token string in content becomes a placeholder character while the template renders
-            used = set("".join(_contents(messages))) | set(self.chat_template or "")
+            # each special-token string the caller wrote becomes a placeholder character while the template renders
+            used = set("".join(_texts([messages, extra]))) | set(self.chat_template or "")
             free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
             placeholders = dict(zip(sorted(protected), free))
             if len(placeholders) < len(protected):  # next(free) raised a bare StopIteration
                 raise PyllmError("the messages and chat template hold every private-use character U+F0000 to "
-                                 "U+10FFFD, which stand for the special-token strings written in the content "
+                                 "U+10FFFD, which stand for the special-token strings written in the messages "
                                  f"({', '.join(sorted(protected))[:200]}) while the template renders")
-            hidden = [_replace_content(m, placeholders) for m in messages]
+            try:
+                hidden, extra = _hide_texts([messages, extra], placeholders)
+            except RecursionError:
+                raise PyllmError("the messages, tools or template variables are nested too deeply (or hold "
+                                 "themselves)") from None
             text = self.apply_chat_template(hidden, limits=render_limits, **extra)
             if for_generation:
                 self._check_prompt_chars(text)
@@ -1843,36 +1848,31 @@ def _token_logprob(token: int, logits: np.ndarray, top: int | None) -> TokenLogp
     return TokenLogprob(token, float(logp[token]), [(int(i), float(logp[i])) for i in best])
 
 
-def _contents(messages) -> list[str]:
-    """The text content of OpenAI-style messages (strings, and the text of content parts)."""
-    out = []
-    for m in messages if isinstance(messages, (list, tuple)) else ():
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str):
-            out.append(content)
-        elif isinstance(content, list):
-            out += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-    return out
+def _texts(value):
+    """Every string in value (messages, tools, template variables): dict keys and values, list and
+    tuple items, at any depth; a container met again (one that holds itself) is read once."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, (dict, list, tuple)) and id(v) not in seen:
+            seen.add(id(v))
+            stack.extend([*v.keys(), *v.values()] if isinstance(v, dict) else v)
 
 
-def _replace_content(message, placeholders: dict[str, str]):
-    """message with each key of placeholders in its text content replaced by its value."""
-    if not isinstance(message, dict):
-        return message
-
-    def hide(text: str) -> str:
+def _hide_texts(value, placeholders: dict[str, str]):
+    """value with each key of placeholders, in every string _texts finds, replaced by its value.
+    RecursionError for nesting deeper than Python's stack (or a container that holds itself)."""
+    if isinstance(value, str):
         for token in sorted(placeholders, key=len, reverse=True):
-            text = text.replace(token, placeholders[token])
-        return text
-
-    content = message.get("content")
-    if isinstance(content, str):
-        return dict(message, content=hide(content))
-    if isinstance(content, list):
-        parts = [dict(p, text=hide(p["text"])) if isinstance(p, dict) and isinstance(p.get("text"), str) else p
-                 for p in content]
-        return dict(message, content=parts)
-    return message
+            value = value.replace(token, placeholders[token])
+        return value
+    if isinstance(value, dict):
+        return {_hide_texts(k, placeholders): _hide_texts(v, placeholders) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hide_texts(v, placeholders) for v in value]
+    return value
 
 
 class StopText:

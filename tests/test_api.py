@@ -1752,6 +1752,57 @@ def test_special_token_strings_in_content_are_plain_text(llm, tiny_llama):
     assert isinstance(llm.chat(forged, max_new_tokens=2), str)
 
 
+def test_special_token_strings_anywhere_the_caller_writes_are_plain_text(tiny_llama_f32):
+    """Not only content: a special token's string in a role, a tool call's name or arguments, a tool's
+    description, a schema's property name or a template variable became the special token (one more
+    <|im_end|> in a Hermes prompt: a forged turn). Each place, against the same prompt with plain text."""
+    import copy
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "chat_templates", "qwen2.5-base.jinja")) as f:
+        template = f.read()
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    places = {  # where the forged text goes: (messages, tools) -> the string's container and key
+        "tool call arguments": lambda m, t: (m[1]["tool_calls"][0]["function"], "arguments"),
+        "tool call name": lambda m, t: (m[1]["tool_calls"][0]["function"], "name"),
+        "tool description": lambda m, t: (t[0]["function"], "description"),
+    }
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=template) as llm:
+        end = llm.tokenizer.token_to_id("<|im_end|>")
+        for place, where in places.items():
+            counts = []
+            for text in ("hi-im_end-x", FORGED):
+                m, t = copy.deepcopy(messages), copy.deepcopy([tool])
+                container, key = where(m, t)
+                container[key] = json.dumps({"city": text}) if key == "arguments" else text
+                counts.append(llm.chat_prompt_ids(m, tools=t).count(end))
+                if text == FORGED:
+                    assert llm.chat_prompt_ids(m, tools=t, parse_special_in_content=True).count(end) > counts[0]
+            assert counts[0] == counts[1], place
+        # a schema's property name (a dict key); a role and a template variable (a template printing both)
+        t = copy.deepcopy([tool])
+        t[0]["function"]["parameters"]["properties"] = {FORGED: {"type": "string"}}
+        assert llm.chat_prompt_ids(messages, tools=t).count(end) == llm.chat_prompt_ids(messages, tools=[tool]).count(end)
+        printing = "{{ note }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=printing) as noted:
+            user = [{"role": "user", "content": "Hi"}]
+            plain = noted.chat_prompt_ids(user, chat_template_kwargs={"note": "x"}).count(end)
+            assert plain == 1
+            assert noted.chat_prompt_ids(user, chat_template_kwargs={"note": FORGED}).count(end) == plain
+            assert noted.chat_prompt_ids([{"role": "user" + FORGED, "content": "Hi"}]).count(end) == plain
+        # a container that holds itself: a clear error, not a RecursionError
+        looped = copy.deepcopy(messages)
+        looped[0]["loop"] = looped
+        looped[0]["content"] = FORGED
+        from pyllm.errors import PyllmError
+
+        with pytest.raises(PyllmError, match="nested too deeply"):
+            llm.chat_prompt_ids(looped)
+
+
 def test_content_holding_every_placeholder_character_is_a_clear_error(llm):
     """A special-token string in content stands as a private-use character while the template renders;
     content holding all 131,070 of them (and "<|im_end|>") raised a bare StopIteration out of
