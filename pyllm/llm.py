@@ -27,6 +27,7 @@ from .limits import (RenderLimits, check_context_length, check_kv_cache_bytes, c
                      check_threads)
 from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax, most_likely
 from .tokenizer import StreamDecoder, Tokenizer, check_text
+from .tool_calls import ToolError, check_template_reads_tools
 
 DEFAULT_CONTEXT = 4096
 # a prompt of more characters than this x the context x the vocabulary's longest token cannot fit (2: room for
@@ -1337,7 +1338,7 @@ class LLM:
         # each, and generate() was given none of them: "prompt is empty"; a list holding a conversation
         # and something else was read as one conversation, whose message 0 "needs a 'role' string")
         if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple)):
-            _check_tools(tools)  # (the call's: not one conversation's fault)
+            _check_tools(tools, self.chat_template)  # (the call's: not one conversation's fault)
             prompts = []
             for i, conversation in enumerate(messages):
                 with _naming(f"conversation {i} of the list"):
@@ -1503,7 +1504,7 @@ class LLM:
         for_generation=True: a rendered prompt too long for the context whatever its tokens is refused
         before tokenizing (_check_prompt_chars); without it any length is counted (`pyllm run`'s chat
         measures a conversation that outgrows the context)."""
-        _check_tools(tools)
+        _check_tools(tools, self.chat_template)
         extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
         if parse_special_in_content:
@@ -1798,13 +1799,22 @@ def token_ids(ids, vocab_size: int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
-def _check_tools(tools) -> None:
-    """chat's tools: None or a list of tool dicts (TypeError naming what it got otherwise)."""
+def _check_tools(tools, template: str | None) -> None:
+    """chat's tools: None or a list of tool dicts (TypeError naming what it got otherwise), each
+    naming its function as OpenAI's {"type": "function", "function": {"name": ...}} or transformers'
+    flat {"name": ...} do (ToolError otherwise), for a template that reads them (ToolError)."""
     if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
         # the template iterated whatever it was given: a string's characters, a dict's keys, in silence
         got = next((t for t in tools if not isinstance(t, dict)), None) if isinstance(tools, (list, tuple)) else tools
         raise TypeError("tools must be a list of tool dicts ({'type': 'function', 'function': {...}}); got "
                         + ("a list holding " if got is not tools else "") + type(got).__name__)
+    for k, tool in enumerate(tools or ()):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ToolError(f"tools[{k}] names no function: a tool is {{'type': 'function', 'function': {{'name': "
+                            f"..., 'description': ..., 'parameters': {{...}}}}}}; got {tool!r:.120}", f"tools[{k}]")
+    if tools and template is not None:  # (no template at all: the render's TemplateError says so)
+        check_template_reads_tools(template)  # a template that never reads them dropped them in silence
 
 
 def _embed_inputs(texts) -> list:

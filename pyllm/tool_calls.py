@@ -269,13 +269,18 @@ class Llama3(ToolFormat):
         return "start: call" + (' ("; " call)*' if parallel else "")
 
 
+def check_template_reads_tools(template: str | None) -> None:
+    """ToolError unless the chat template reads `tools` (one that does not would drop them in silence)."""
+    if not re.search(r"\btools\b", template or ""):
+        raise ToolError("this model's chat template does not support tools (it never reads `tools`); "
+                        "give a template that does (--chat-template), or leave tools out")
+
+
 def tool_format(template: str, names=None, parallel: bool = True) -> ToolFormat:
     """The tool-call format of a chat template, whose calls may name only `names` (the request's
     functions; None: any), one call per reply unless parallel; ToolError when it takes no tools or
     its format is unknown."""
-    if not re.search(r"\btools\b", template or ""):
-        raise ToolError("this model's chat template does not support tools (it never reads `tools`); "
-                        "give a template that does (--chat-template), or leave tools out")
+    check_template_reads_tools(template)
     if "<tool_call>" in template:
         return Hermes(names, parallel)
     if "[TOOL_CALLS]" in template:

@@ -1803,6 +1803,31 @@ def test_special_token_strings_anywhere_the_caller_writes_are_plain_text(tiny_ll
             llm.chat_prompt_ids(looped)
 
 
+def test_chat_refuses_tools_its_template_cannot_take(tiny_llama_f32):
+    """LLM.chat(tools=...) on a template that never reads `tools` dropped them in silence (the prompt was
+    the one without tools), where create_chat_completion and the server refuse; a tool naming no function
+    ([{"type": "function"}]) rendered as an empty tool. Both are ToolError now."""
+    from pyllm.tool_calls import ToolError
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    user = [{"role": "user", "content": "Weather?"}]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template="{% for m in messages %}{{ m.content }}{% endfor %}") as llm:
+        with pytest.raises(ToolError, match="never reads `tools`"):
+            llm.chat(user, tools=[tool], max_new_tokens=1)
+        with pytest.raises(ToolError, match="never reads `tools`"):
+            llm.chat_prompt_ids(user, tools=[tool])
+        assert llm.chat_prompt_ids(user, tools=[]) == llm.chat_prompt_ids(user)  # no tools: nothing to drop
+    with open(os.path.join(os.path.dirname(__file__), "data", "chat_templates", "qwen2.5-base.jinja")) as f:
+        template = f.read()
+    with pyllm.LLM(tiny_llama_f32, n_threads=1, chat_template=template) as llm:
+        for bad in ({"type": "function"}, {"type": "function", "function": {"name": ""}},
+                    {"type": "function", "function": "get_weather"}, {"description": "no name"}):
+            with pytest.raises(ToolError, match=r"tools\[1\] names no function"):
+                llm.chat_prompt_ids(user, tools=[tool, bad])
+        flat = llm.chat_prompt_ids(user, tools=[tool["function"]])  # transformers' flat form is a tool too
+        assert len(flat) > len(llm.chat_prompt_ids(user))
+
+
 def test_content_holding_every_placeholder_character_is_a_clear_error(llm):
     """A special-token string in content stands as a private-use character while the template renders;
     content holding all 131,070 of them (and "<|im_end|>") raised a bare StopIteration out of
