@@ -3,6 +3,7 @@ shapes (chat.completion, chat.completion.chunk, text_completion)."""
 
 from __future__ import annotations
 
+import codecs
 import math
 
 
@@ -29,15 +30,44 @@ def chat_logprobs(tokenizer, tokens) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokenizer, tokens, offset: int = 0) -> dict:
+class TextOffsets:
+    """Where each token of a choice starts in the choice's text, in characters from `start`: the
+    characters that the bytes of the tokens before it decode to. A token continuing a character split
+    across tokens starts where that character does; bytes left incomplete that a token does not
+    continue count their U+FFFD before it. Invalid bytes count as Python's UTF-8 decoder replaces them
+    (as byte-level BPE tokenizers do; tokenizers' ByteFallback and sentencepiece write one U+FFFD per
+    invalid byte, so offsets after such bytes can differ from their text). One per choice, kept across
+    a stream's chunks, so that streamed offsets are the unstreamed ones."""
+
+    def __init__(self, start: int = 0):
+        self.offset = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, raw: bytes) -> int:
+        """The offset of the token whose bytes are raw, the tokens before it given in order."""
+        held = self._decoder.getstate()[0]  # bytes of a character not complete yet
+        at = self.offset
+        if held and raw:
+            probe = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            out = probe.decode(held + raw[:1])
+            # the characters that end before raw's first byte: all of out when that byte is held again
+            # (a new character begins), else all but the last (the character holding that byte)
+            at += len(out) - (0 if probe.getstate()[0] else 1) if out else 0
+        self.offset += len(self._decoder.decode(raw))
+        return at
+
+
+def completion_logprobs(tokenizer, tokens, offsets: TextOffsets | int = 0) -> dict:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs ({text: logprob}) and
-    text_offset (characters from the start of the choice's text, starting at offset). A token whose
+    text_offset (TextOffsets': characters from the start of the choice's text; an int: a choice whose
+    first token starts there). A token whose
     logprob is None (the first prompt token, echoed) gets null. top_logprobs holds the token itself
     besides the `logprobs` most likely ones (OpenAI: "there may be up to logprobs+1 elements"; as
     llama-cpp-python does), so logprobs=0 gives each token's own."""
+    offsets = TextOffsets(offsets) if isinstance(offsets, int) else offsets
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
-        text, _ = _token_text(tokenizer, t.id)
+        text, raw = _token_text(tokenizer, t.id)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if t.logprob is None else _finite(t.logprob))
         top = None
@@ -46,8 +76,7 @@ def completion_logprobs(tokenizer, tokens, offset: int = 0) -> dict:
             if t.logprob is not None:
                 top.setdefault(text, _finite(t.logprob))
         out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
+        out["text_offset"].append(offsets.advance(bytes(raw)))
     return out
 
 

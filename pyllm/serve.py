@@ -513,14 +513,14 @@ class _ChoiceChunks:
         self.echo = None if plan.chat else plan.echo[index // plan.n]  # a completion's echoed prompt
         self.all_tokens: list = []
         self.waiting: list = []  # tokens of text held back as a possible tool call
-        self.sent = 0  # characters of a completion's text sent
+        self.offsets = responses.TextOffsets()  # where a completion's tokens start in its text
 
     def _logprobs(self, tokens):
         if self.plan.logprobs is None:
             return None
         if self.plan.chat:
             return responses.chat_logprobs(self.tokenizer, tokens)
-        return responses.completion_logprobs(self.tokenizer, tokens, self.sent)
+        return responses.completion_logprobs(self.tokenizer, tokens, self.offsets)
 
     def opening(self, echo_logprobs: dict | None = None) -> list[dict]:
         """The chat role, or a completion's echoed prompt (echo_logprobs: Completions._echo_logprobs's)."""
@@ -528,9 +528,8 @@ class _ChoiceChunks:
             return [responses.chat_delta(self.index, role=True)]
         if self.echo is None:
             return []
-        out = [responses.completion_delta(self.index, self.echo, logprobs=echo_logprobs)]
-        self.sent = len(self.echo)
-        return out
+        self.offsets = responses.TextOffsets(len(self.echo))
+        return [responses.completion_delta(self.index, self.echo, logprobs=echo_logprobs)]
 
     def piece(self, piece: str, tokens: list) -> list[dict]:
         self.all_tokens += tokens
@@ -542,9 +541,7 @@ class _ChoiceChunks:
             tokens, self.waiting = self.waiting + tokens, []
         if self.plan.chat:
             return [responses.chat_delta(self.index, piece, logprobs=self._logprobs(tokens))]
-        out = [responses.completion_delta(self.index, piece, logprobs=self._logprobs(tokens))]
-        self.sent += len(piece)
-        return out
+        return [responses.completion_delta(self.index, piece, logprobs=self._logprobs(tokens))]
 
     def closing(self) -> list[dict]:
         """The rest: held-back content, the tool calls, and the finish reason."""

@@ -108,6 +108,44 @@ def test_completion_logprobs_and_echo(live, llm):
     assert "".join(p.choices[0].text for p in pieces) == prompt + generated
 
 
+def test_text_offset_counts_characters_split_across_tokens_once(live, llm):
+    """text_offset counted each token's own text, so a character split over three byte tokens counted
+    three U+FFFD: every later offset pointed past its token (21 for a token at 11). Streamed, offsets
+    restarted at each chunk's text and differed again. Now a token starts where the complete
+    characters before it end, streamed or not (one TextOffsets per choice across its chunks)."""
+    from pyllm.api_responses import TextOffsets, completion_logprobs
+    from pyllm.llm import TokenLogprob
+
+    def byte_token(b: bytes) -> int:
+        return next(i for i in range(llm.tokenizer.vocab_size) if llm.tokenizer.token_bytes(i) == b)
+
+    a, x = "\u30a2".encode(), llm.tokenize("x", add_special_tokens=False)
+    ids = [byte_token(a[:1]), byte_token(a[1:2]), byte_token(a[2:])] + x + [byte_token(a[:1])] + x
+    text = "\u30a2x\ufffdx"  # (a character left incomplete: one U+FFFD)
+    assert llm.detokenize(ids) == text
+    tokens = [TokenLogprob(i, -1.0, []) for i in ids]
+    expected = [0, 0, 0, 1, 2, 3]
+    assert completion_logprobs(llm.tokenizer, tokens)["text_offset"] == expected
+    for cut in range(len(ids) + 1):  # a stream's chunks: one TextOffsets across them
+        offsets = TextOffsets(5)
+        chunks = [completion_logprobs(llm.tokenizer, part, offsets)["text_offset"] for part in (tokens[:cut],
+                                                                                                tokens[cut:])]
+        assert chunks[0] + chunks[1] == [5 + o for o in expected], cut
+    # the server, echoing the prompt ids, streamed and not
+    client = live.client()
+    for prompt in (ids, "\u30a2x \u4e2d\u6587 \U0001f600!"):
+        kw = dict(model="tiny", prompt=prompt, max_tokens=8, logprobs=1, echo=True, temperature=0)
+        whole = client.completions.create(**kw).choices[0]
+        echoed = text if prompt is ids else prompt
+        n = len(ids) if prompt is ids else len(llm.tokenize(prompt))
+        assert whole.text.startswith(echoed) and whole.logprobs.text_offset[n] == len(echoed)
+        assert all(whole.text.startswith(t, o) for t, o in zip(whole.logprobs.tokens[:n], whole.logprobs.text_offset)
+                   if "\ufffd" not in t)
+        streamed = [o for chunk in client.completions.create(stream=True, **kw) for c in chunk.choices
+                    for o in (c.logprobs.text_offset if c.logprobs else [])]
+        assert streamed == whole.logprobs.text_offset
+
+
 def test_echo_of_a_prompt_of_special_tokens_keeps_its_logprobs(live, llm):
     """echo=true with logprobs of a prompt made only of special tokens (or of ids without text) dropped
     the prompt's log-probabilities: the echo was decided by its text, which skipped special tokens,
