@@ -244,16 +244,16 @@ class _Sampling(_Body):
     """The fields both endpoints share."""
     model: str | None = None
     max_tokens: int | None = Field(None, ge=-1, validation_alias=AliasChoices("max_tokens", "n_predict"))
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # (float bounds: a decimal_* error code)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # -1 / 0: off
-    min_p: float | None = Field(None, ge=0, le=1)
-    typical_p: float | None = Field(None, gt=0, le=1)  # llama.cpp's name; 1: off
-    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, validation_alias=AliasChoices(
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)  # llama.cpp's name; 1: off
+    repetition_penalty: float | None = Field(None, ge=float(MIN_REPETITION_PENALTY), validation_alias=AliasChoices(
         "repetition_penalty", "repeat_penalty"))
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     # 64 bits, as OpenAI's int64 or llama.cpp's uint64: past them generate's modulo 2**64 made 2**64 seed 0
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None] = None
@@ -601,7 +601,10 @@ _BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", 
 def _error_code(error: dict) -> str:
     """OpenAI's error code for a pydantic error ("invalid_type", "integer_above_max_value", ...)."""
     kind, value = error["type"], error.get("input")
-    number = "integer" if isinstance(value, int) else "decimal"
+    # the field's kind, by its bound's type (float fields have float bounds): 0 for a float is a decimal
+    bound = (error.get("ctx") or {}).get(_BOUNDS[kind][0]) if kind in _BOUNDS else None
+    number = ("decimal" if isinstance(bound, float) else "integer") if bound is not None else (
+        "integer" if isinstance(value, int) else "decimal")
     sized = "string" if isinstance(value, str) else "object" if isinstance(value, dict) else "array"
     if kind == "missing":
         return "missing_required_parameter"

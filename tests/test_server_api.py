@@ -1452,6 +1452,11 @@ FIELD_CASES = [
         ({"temperature": 2.01}, "temperature", "decimal_above_max_value"),
         ({"temperature": -0.1}, "temperature", "decimal_below_min_value"),
         ({"temperature": "1"}, "temperature", "invalid_type"),
+        # an integer given for a float field: the field's kind names the code (was integer_below_min_value)
+        ({"temperature": 3}, "temperature", "decimal_above_max_value"),
+        ({"repeat_penalty": 0}, "repeat_penalty", "decimal_below_min_value"),
+        ({"typical_p": 0}, "typical_p", "decimal_below_min_value"),
+        ({"logit_bias": {"5": 101}}, "logit_bias", "decimal_above_max_value"),
         ({"top_p": 1}, _OK, None), ({"top_p": 1.01}, "top_p", "decimal_above_max_value"),
         ({"top_p": True}, "top_p", "invalid_type"),
         ({"n": 1}, _OK, None), ({"n": 0}, "n", "integer_below_min_value"), ({"n": 129}, "n", "integer_above_max_value"),
