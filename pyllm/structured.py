@@ -69,6 +69,8 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
     without llguidance."""
     if response_format is not None and not isinstance(response_format, dict):
         raise ValueError("response_format must be an object such as {'type': 'json_object'}")
+    if response_format is not None and "type" not in response_format:  # ({} ran unconstrained, in silence)
+        raise ValueError(f"response_format needs a 'type' ({', '.join(RESPONSE_FORMATS)}); got {response_format!r:.80}")
     kind = (response_format or {}).get("type", "text")
     if kind not in RESPONSE_FORMATS:
         raise ValueError(f"response_format type must be one of {', '.join(RESPONSE_FORMATS)}; got {kind!r}")

@@ -1009,6 +1009,9 @@ def test_a_list_holds_each_prompt_to_the_grammar_as_it_would_be_alone(tiny_llama
             llm.generate(prompts, response_format={"type": "regex", "regex": "(("})
         with pytest.raises(ValueError, match="response_format type must be one of"):
             llm.generate(prompts, response_format={"type": "yaml"})
+        for no_type in ({}, {"schema": {"type": "object"}}):  # ({} ran unconstrained, in silence)
+            with pytest.raises(ValueError, match="response_format needs a 'type'"):
+                llm.generate(prompts, response_format=no_type)
         assert len(llm.generate(prompts, max_new_tokens=2, response_format={"type": "text"})) == len(prompts)
 
 
