@@ -861,7 +861,7 @@ class LLM:
         together exceed limits.MAX_LOGITS_BYTES: ask for fewer rows, or fewer sequences at a time."""
         from .adapters import prime
 
-        if not isinstance(sequences, (list, tuple, np.ndarray)):  # (None: "'NoneType' object is not iterable")
+        if not isinstance(sequences, (list, tuple, np.ndarray)) or getattr(sequences, "ndim", 1) == 0:  # (None, np.array(5))
             raise TypeError(f"sequences must be a list of token-id lists; got {type(sequences).__name__}")
         keep = _logits_to_keep(logits_to_keep)
         chosen = self.adapter if adapter is None else self._check_adapter(adapter)
@@ -1065,7 +1065,7 @@ class LLM:
         if not _is_batch(prompt):
             if isinstance(prompt, str):
                 ids = self.tokenize(self._check_prompt_chars(prompt))
-            elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+            elif isinstance(prompt, (list, tuple, np.ndarray)) and getattr(prompt, "ndim", 1) == 1 and all(
                     isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in prompt):
                 ids = list(prompt)
             else:
@@ -1123,6 +1123,8 @@ class LLM:
             prompts = []
             for i, p in enumerate(prompt):
                 with _naming(f"prompt {i} of the list"):  # (a text that is not Unicode)
+                    if isinstance(p, np.ndarray) and p.ndim == 0:  # (len() of it: a bare TypeError)
+                        raise PyllmError(f"token ids must be a 1-D list of integers; got an array of {p.dtype} ()")
                     # (an array as it is: list() made a 2-D one's rows "token ids" that "must be integers")
                     prompts.append(self.tokenize(self._check_prompt_chars(p)) if isinstance(p, str) else p
                                    if isinstance(p, np.ndarray) else list(p))
@@ -1512,7 +1514,7 @@ class LLM:
         else:
             protected = self.tokenizer.special_tokens_in(list(_texts([messages, extra])))
         if not protected:
-            text = self.apply_chat_template(messages, limits=render_limits, **extra)
+            text = self._render(messages, limits=render_limits, **extra)
             if for_generation:
                 self._check_prompt_chars(text)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -1530,7 +1532,7 @@ class LLM:
             except RecursionError:
                 raise PyllmError("the messages, tools or template variables are nested too deeply (or hold "
                                  "themselves)") from None
-            text = self.apply_chat_template(hidden, limits=render_limits, **extra)
+            text = self._render(hidden, limits=render_limits, **extra)
             if for_generation:
                 self._check_prompt_chars(text)
             ids = self.tokenizer.encode_with_literal(text, {c: t for t, c in placeholders.items()})
@@ -1542,9 +1544,17 @@ class LLM:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             limits: RenderLimits | None = None, **extra) -> str:
         """The chat template (the model's, or the one LLM(chat_template=) gave) rendered over messages, as
-        text: transformers' apply_chat_template(tokenize=False). extra: more template variables (tools=,
-        documents=, ...); limits bound its time and output (RenderLimits()). TemplateError for a model
-        without a usable template or a template that fails. chat_prompt_ids gives the prompt's token ids."""
+        text: transformers' apply_chat_template(tokenize=False), over the messages as chat() sends them
+        (normalize_messages: "developer" is "system", content parts joined, None content ""). extra: more
+        template variables (tools=, documents=, ...); limits bound its time and output (RenderLimits()).
+        TemplateError for a model without a usable template or a template that fails. chat_prompt_ids
+        gives the prompt's token ids."""
+        return self._render(normalize_messages(messages), add_generation_prompt, limits, **extra)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = True, limits: RenderLimits | None = None,
+                **extra) -> str:
+        """apply_chat_template over messages already normalized (normalize_messages: not twice, as a
+        tool call's arguments '"5"' would be read as JSON twice)."""
         if self.chat_template_fault:
             raise TemplateError(self.chat_template_fault)
         spec = self.tokenizer.spec
@@ -1569,6 +1579,8 @@ class LLM:
                 ("repetition_penalty", repetition_penalty), ("typical_p", typical_p)))
         top_k, seed = (None if v is None else option(name, v, integer=True) for name, v in (("top_k", top_k),
                                                                                         ("seed", seed)))
+        if seed is not None and not -(1 << 63) <= seed < (1 << 64):  # 2**64 wrapped to 0: another's seed
+            raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (-1: unseeded); got {seed}")
         params = SamplingParams(
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
             # the file's own top_k, as its top_p, even when it does not sample (then a caller's temperature > 0
@@ -1580,7 +1592,7 @@ class LLM:
             typical_p=float(d.get("typical_p", 1.0) if typical_p is None else typical_p),
             repetition_penalty=float(d.get("repetition_penalty", 1.0) if repetition_penalty is None
                                      else repetition_penalty),
-            # -1: unseeded, as llama.cpp; other negative seeds are taken modulo 2**64 (OpenAI allows any int64)
+            # -1: unseeded, as llama.cpp; other negative seeds (OpenAI allows any int64) are taken modulo 2**64
             seed=None if seed is None or seed == -1 else int(seed) % (1 << 64),
         )
         params.validate()

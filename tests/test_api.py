@@ -1828,6 +1828,43 @@ def test_chat_refuses_tools_its_template_cannot_take(tiny_llama_f32):
         assert len(flat) > len(llm.chat_prompt_ids(user))
 
 
+def test_apply_chat_template_renders_the_messages_chat_sends(llm):
+    """apply_chat_template rendered the messages as given, where chat() normalizes them first: None
+    content and text parts failed (TemplateError), "developer" rendered as itself, so the text shown
+    was not the prompt chat() sends. Both render normalize_messages' messages, once."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '"5"'}}  # read as JSON once
+    for messages in ([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                     [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]):
+        text = llm.apply_chat_template(messages)
+        assert llm.detokenize(llm.chat_prompt_ids(messages), skip_special_tokens=False) == text
+    assert llm.apply_chat_template([{"role": "developer", "content": "S"}]) == llm.apply_chat_template(
+        [{"role": "system", "content": "S"}])
+
+
+def test_zero_dimensional_arrays_are_prompt_type_errors(llm):
+    """np.array(5) as a prompt raised numpy's bare "iteration over a 0-d array"."""
+    with pytest.raises(TypeError, match=r"give a 1-D array"):
+        llm.generate(np.array(5), max_new_tokens=1)
+    from pyllm.errors import PyllmError
+
+    with pytest.raises(PyllmError, match=r"^prompt 1 of the list: token ids must be a 1-D .* \(\)"):
+        llm.generate(["a", np.array(5)], max_new_tokens=1)
+    with pytest.raises(TypeError, match="sequences must be"):
+        llm.logits_many(np.array(5))
+
+
+def test_seeds_past_int64_and_uint64_are_refused(llm):
+    """seed=2**64 ran as seed 0 (taken modulo 2**64): another request's seed. OpenAI's seeds are int64;
+    the server takes up to 2**64 - 1; -1 is unseeded."""
+    for seed in (2**64, 2**70, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed must be an integer from"):
+            llm.generate("Hi", max_new_tokens=2, temperature=1.0, seed=seed)
+    assert isinstance(llm.generate("Hi", max_new_tokens=2, temperature=1.0, seed=2**64 - 1), str)
+    assert llm.generate("Hi", max_new_tokens=3, temperature=1.0, seed=-(2**63)) == llm.generate(
+        "Hi", max_new_tokens=3, temperature=1.0, seed=2**63)
+
+
 def test_content_holding_every_placeholder_character_is_a_clear_error(llm):
     """A special-token string in content stands as a private-use character while the template renders;
     content holding all 131,070 of them (and "<|im_end|>") raised a bare StopIteration out of

@@ -451,6 +451,7 @@ def test_chat_prompt_ids_equal_transformers_apply_chat_template(family, chat):
     llm = types.SimpleNamespace(tokenizer=tok, chat_template=template, chat_template_fault=None,
                                 chat_template_origin=f"the {family} template", context_length=4096)
     llm.apply_chat_template = functools.partial(LLM.apply_chat_template, llm)
+    llm._render = functools.partial(LLM._render, llm)
     llm._check_prompt_chars = functools.partial(LLM._check_prompt_chars, llm)
     try:
         expected = hf.apply_chat_template(messages, chat_template=template, tools=tools, add_generation_prompt=True,
