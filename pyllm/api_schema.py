@@ -117,7 +117,7 @@ class JsonSchemaFormat(_Body):
 
 
 class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema", "regex", "grammar"] = "text"
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]  # (required, as OpenAI's)
     json_schema: JsonSchemaFormat | None = None
     # type "json_object": a JSON schema the object follows (llama.cpp's server and llama-cpp-python take it so)
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema")

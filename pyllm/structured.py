@@ -58,12 +58,43 @@ def _llguidance():
     return llguidance
 
 
+# JSON Schema keywords whose value is a schema, a list of schemas or a map of names to schemas
+_SCHEMA_KEYWORDS = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
+                    "unevaluatedProperties", "unevaluatedItems")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_schema(schema):
+    """schema as OpenAI's strict structured outputs read it: every object schema with properties and no
+    additionalProperties allows no others (OpenAI refuses a strict schema without additionalProperties
+    false; pyllm adds it, and keeps what a schema states). Subschemas are found by keyword (JSON Schema
+    2020-12), so a property named "properties" is not taken for the keyword. A copy; RecursionError for
+    nesting deeper than Python's stack."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SCHEMA_KEYWORDS:
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_schema(s) for name, s in out[key].items()}
+    return out
+
+
 def grammar_from(response_format: dict | None = None, grammar: str | None = None) -> str | None:
     """The llguidance grammar for OpenAI's response_format or a Lark grammar, or None for free text.
 
     response_format: {"type": "text"}; {"type": "json_object"} (any JSON object; with "schema": {...},
     llama.cpp's and llama-cpp-python's form, an object that schema allows);
-    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}} (no schema: any JSON);
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}} (no schema: any JSON;
+    strict true: objects allow no properties they do not list, strict_schema);
     pyllm's extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark>"}.
     Raises ValueError for a malformed response_format or both arguments at once; GrammarUnavailable
     without llguidance."""
@@ -99,6 +130,11 @@ def grammar_from(response_format: dict | None = None, grammar: str | None = None
                                 f"json_schema of type {type(spec).__name__}"))
         if schema is False:
             raise GrammarInvalid("the grammar is not valid: the JSON schema false allows no value")
+        if isinstance(spec, dict) and spec.get("strict") is True:
+            try:
+                schema = strict_schema(schema)
+            except RecursionError:
+                raise GrammarInvalid("the grammar is not valid: the JSON schema is nested too deeply") from None
         try:  # Python values JSON has not (a set, bytes, NaN, a tuple as key) were json's bare TypeError
             text = json.dumps({} if schema is True else schema, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as e:

@@ -1716,6 +1716,38 @@ def test_a_json_schema_format_without_a_schema_allows_any_json_as_the_server_doe
             llm.generate("?", response_format={"type": "json_schema", "json_schema": spec})
 
 
+def test_strict_json_schema_allows_no_properties_the_schema_does_not_list(llm):
+    """json_schema.strict was ignored: {"properties": {"a": ...}, "required": ["a"]} let sampled runs write
+    {"a": true, "b": 2, "c": 1}. OpenAI's strict outputs allow only the listed properties (it refuses a
+    strict schema without additionalProperties false); pyllm adds that to every object schema."""
+    pytest.importorskip("llguidance")
+    from pyllm.structured import strict_schema
+
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+    strict = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    lax = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    extra = 0
+    for seed in range(12):
+        options = dict(max_new_tokens=40, temperature=1.5, seed=seed)
+        assert set(json.loads(llm.generate("?", response_format=strict, **options))) == {"a"}, seed
+        text = llm.generate("?", response_format=lax, **options)
+        extra += text.count(",") > 0  # (cut texts are not JSON: count any second property)
+    assert extra  # the same runs without strict do write other properties: the test sees the difference
+    # subschemas found by keyword: a property named "properties" is a property; stated values are kept
+    nested = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"x": {}}},
+                                               "list": {"type": "array", "items": {"properties": {"y": {}}}},
+                                               "open": {"properties": {}, "additionalProperties": True}},
+              "$defs": {"d": {"anyOf": [{"properties": {"z": {}}}, {"type": "string"}]}}}
+    out = strict_schema(nested)
+    assert out["additionalProperties"] is False and "additionalProperties" not in out["properties"]
+    assert out["properties"]["properties"]["additionalProperties"] is False
+    assert out["properties"]["list"]["items"]["additionalProperties"] is False
+    assert out["properties"]["open"]["additionalProperties"] is True
+    assert out["$defs"]["d"]["anyOf"][0]["additionalProperties"] is False and out["$defs"]["d"]["anyOf"][1] == {
+        "type": "string"}
+    assert "additionalProperties" not in nested  # a copy
+
+
 def test_grammar_without_llguidance_is_a_clear_error(llm, monkeypatch):
     import sys
 

@@ -1485,6 +1485,7 @@ FIELD_CASES = [
         ({"max_tokens": -2}, "max_tokens", "integer_below_min_value"),
         ({"max_tokens": "5"}, "max_tokens", "invalid_type"),
         ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
+        ({"response_format": {}}, "response_format.type", "missing_required_parameter"),  # (ran as free text)
         # json_schema: name required, OpenAI's characters and length; strict, description and schema typed
         (_schema(schema={"type": "object"}), "response_format.json_schema.name", "missing_required_parameter"),
         (_schema(name="a b"), "response_format.json_schema.name", "invalid_value"),
