@@ -1509,18 +1509,12 @@ class LLM:
         _check_tools(tools, self.chat_template)
         extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
-        if parse_special_in_content:
-            protected = {}
-        else:
-            protected = self.tokenizer.special_tokens_in(list(_texts([messages, extra])))
-        if not protected:
-            text = self._render(messages, limits=render_limits, **extra)
-            if for_generation:
-                self._check_prompt_chars(text)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
+        texts = [] if parse_special_in_content else list(_texts([messages, extra]))
+        protected = self.tokenizer.special_tokens_in(texts)
+        placeholders = {}
+        if protected:
             # each special-token string the caller wrote becomes a placeholder character while the template renders
-            used = set("".join(_texts([messages, extra]))) | set(self.chat_template or "")
+            used = set("".join(texts)) | set(self.chat_template or "")
             free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
             placeholders = dict(zip(sorted(protected), free))
             if len(placeholders) < len(protected):  # next(free) raised a bare StopIteration
@@ -1528,14 +1522,17 @@ class LLM:
                                  "U+10FFFD, which stand for the special-token strings written in the messages "
                                  f"({', '.join(sorted(protected))[:200]}) while the template renders")
             try:
-                hidden, extra = _hide_texts([messages, extra], placeholders)
+                messages, extra = _hide_texts([messages, extra], placeholders)
             except RecursionError:
                 raise PyllmError("the messages, tools or template variables are nested too deeply (or hold "
                                  "themselves)") from None
-            text = self._render(hidden, limits=render_limits, **extra)
-            if for_generation:
-                self._check_prompt_chars(text)
+        text = self._render(messages, limits=render_limits, **extra)
+        if for_generation:
+            self._check_prompt_chars(text)
+        if placeholders:
             ids = self.tokenizer.encode_with_literal(text, {c: t for t, c in placeholders.items()})
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         bos = self.tokenizer.bos_id
         if self.tokenizer.spec.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
