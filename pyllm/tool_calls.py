@@ -4,6 +4,9 @@ grammar that forces a call when tool_choice asks for one.
 Formats, chosen from the template's own text:
   hermes   (Hermes 2 Pro, Qwen2.5, ...)   <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>, one or more
   mistral  (Mistral 7B v0.3, Nemo, ...)   [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+  mistral_args (Mistral Small 3.2, Magistral, Devstral, Ministral 3: tokenizer v11 on)
+                                          [TOOL_CALLS]name[ARGS]{...}, one marker per call, with
+                                          [CALL_ID]id before [ARGS] where the template writes one
   llama3   (Llama 3.1 / 3.2 JSON tools)   {"name": ..., "parameters": {...}}, optionally after <|python_tag|>
 A template that never mentions `tools` has no tool support: tools given to it are refused
 (ToolError), never silently dropped.
@@ -72,6 +75,11 @@ class ToolFormat:
         self.names = None if names is None else frozenset(names)
         self.parallel = parallel
 
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The tags the parser reads (special_tag_ids keeps those that are special tokens)."""
+        return tuple(t for t in (self.marker, getattr(self, "end", None)) if t)
+
     def call_id(self) -> str:
         return "call_" + secrets.token_hex(12)
 
@@ -110,8 +118,14 @@ class ToolFormat:
 
     def call_grammar(self, parallel: bool) -> str:
         """The Lark start rule for one call (or several when parallel), in terms of the rules
-        `call` (one call's JSON object) and `marker` (the marker)."""
+        `call` (one call: call_rules's) and `marker` (the marker)."""
         raise NotImplementedError
+
+    def call_rules(self, tools: list[dict], name: str | None) -> str:
+        """The Lark rule `call`: one call to any of tools (or the one named), as its JSON object."""
+        from .structured import JSON_STYLE
+
+        return f"call: %json {json.dumps({**call_schema(self, tools, name), 'x-guidance': JSON_STYLE})}\n"
 
     def _calls(self, objects) -> list[ToolCall] | None:
         calls = []
@@ -251,6 +265,85 @@ class Mistral(ToolFormat):
         return f'start: marker " [" call{more} "]"'
 
 
+class MistralArgs(Mistral):
+    """Mistral's format from its tokenizer v11 on: each call is its marker, the function's name,
+    [ARGS] and the arguments' JSON object ("[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}"), calls
+    one after another. Templates that write [CALL_ID]id between the name and [ARGS] (Mistral Small
+    3.2: with_call_id) have the forcing grammar write one too; the parser takes calls with or without
+    it, and each call gets an id of ours (the model's may repeat). Source: the published templates
+    (tests/data/chat_templates) and llama.cpp's Ministral 3 parser."""
+    name, args_tag, id_tag = "mistral_args", "[ARGS]", "[CALL_ID]"
+
+    def __init__(self, names=None, parallel: bool = True, with_call_id: bool = False):
+        super().__init__(names, parallel)
+        self.with_call_id = with_call_id
+
+    @property
+    def tags(self):
+        return (self.marker, self.args_tag, self.id_tag)
+
+    def _find(self, text, cut):
+        """Each call is its head (name, tags) then one JSON value; what follows it up to the next marker
+        (or the end) is text, unless it opens another JSON object (a call that is not valid: the
+        reply is text). cut: a last call cut inside its head or its JSON is left out (dropped)."""
+        i = text.find(self.marker)
+        if i < 0:
+            return None
+        decoder, pieces, objects, dropped = json.JSONDecoder(), [text[:i]], [], False
+        # a call's head after its marker: the function's name, an optional [CALL_ID]id, then [ARGS]
+        heads = re.compile(r"\s*([^\s\[\]{}]+?)\s*(?:%s\s*([^\s\[\]{}]*?)\s*)?%s\s*"
+                           % (re.escape(self.id_tag), re.escape(self.args_tag)))
+        while True:
+            j = i + len(self.marker)
+            last = self.marker not in text[j:]
+            head = heads.match(text, j)
+            if head is None:
+                if cut and last and self.args_tag not in text[j:]:  # cut inside the name or a tag
+                    dropped = True
+                    break
+                return None
+            try:
+                value, end = decoder.raw_decode(text, head.end())
+            except (ValueError, RecursionError):
+                if cut and last:  # the last call's JSON, cut short
+                    dropped = True
+                    break
+                return None
+            objects.append({"name": head.group(1), "arguments": value})
+            i = text.find(self.marker, end)
+            after = text[end:] if i < 0 else text[end:i]
+            if i < 0 and cut and after.strip() and self.marker.startswith(after.strip()):
+                dropped = True  # cut inside the next call's marker ("[TOOL_CA"): that call is the cut one
+                pieces.append("")
+                break
+            if after.lstrip()[:1] == "{":  # a second JSON value after a call's arguments: no valid call
+                return None
+            pieces.append(after)
+            if i < 0:
+                break
+        return pieces, objects, dropped
+
+    def call_grammar(self, parallel):
+        return "start: marker call" + (" (marker call)*" if parallel else "")
+
+    def call_rules(self, tools, name):
+        """One rule per tool: its name, [CALL_ID] and 9 letters or digits (with_call_id), [ARGS],
+        then its arguments' JSON (an object meeting its parameters)."""
+        from .structured import JSON_STYLE
+
+        choices, rules = [], []
+        for k, tool in enumerate(tools):
+            function = tool["function"]
+            if name is not None and function["name"] != name:
+                continue
+            schema = {**arguments_schema(function, k), "x-guidance": JSON_STYLE}
+            call_id = " call_id" if self.with_call_id else ""
+            choices.append(f"call_{k}")
+            rules.append(f"call_{k}: {json.dumps(function['name'])}{call_id} args_tag %json {json.dumps(schema)}")
+        return f"call: {' | '.join(choices)}\n" + "\n".join(rules) + "\n" + (
+            "call_id: id_tag /[A-Za-z0-9]{9}/\n" if self.with_call_id else "")
+
+
 class Llama3(ToolFormat):
     name, marker = "llama3", "<|python_tag|>"
 
@@ -283,12 +376,14 @@ def tool_format(template: str, names=None, parallel: bool = True) -> ToolFormat:
     check_template_reads_tools(template)
     if "<tool_call>" in template:
         return Hermes(names, parallel)
+    if "[TOOL_CALLS]" in template and "[ARGS]" in template:
+        return MistralArgs(names, parallel, with_call_id="[CALL_ID]" in template)
     if "[TOOL_CALLS]" in template:
         return Mistral(names, parallel)
     if "<|python_tag|>" in template or "ipython" in template or '"parameters"' in template:
         return Llama3(names, parallel)
     raise ToolError("the chat template takes tools but its tool-call format is none pyllm parses "
-                    "(Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON)")
+                    "(Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS] [...] or [TOOL_CALLS]name[ARGS], Llama 3 JSON)")
 
 
 def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> dict:
@@ -304,13 +399,21 @@ def call_schema(fmt: ToolFormat, tools: list[dict], name: str | None = None) -> 
         function = tool["function"]
         if name is not None and function["name"] != name:
             continue
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        defs[f"tool_{k}"] = _rebase_refs(parameters, f"#/$defs/tool_{k}", f"tool_{k}_")
-        arguments = {"allOf": [{"type": "object"}, {"$ref": f"#/$defs/tool_{k}"}]}
+        arguments = arguments_schema(function, k)
+        defs.update(arguments.pop("$defs"))
         options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: arguments},
                         "required": ["name", key], "additionalProperties": False})
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return {"$defs": defs, **schema}
+
+
+def arguments_schema(function: dict, k: int) -> dict:
+    """The JSON schema of the arguments of a call to function (the k-th tool): an object meeting its
+    parameters, which sit under $defs as tool_<k> with their references and anchors rebased there
+    (call_schema says why)."""
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    return {"$defs": {f"tool_{k}": _rebase_refs(parameters, f"#/$defs/tool_{k}", f"tool_{k}_")},
+            "allOf": [{"type": "object"}, {"$ref": f"#/$defs/tool_{k}"}]}
 
 
 def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
@@ -405,15 +508,16 @@ def _rebase_refs(schema, base: str, anchors: str = ""):
 
 def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, parallel: bool, tokenizer) -> str:
     """A Lark grammar (llguidance's dialect) that admits only tool calls in fmt: for tool_choice
-    "required" (any tool) or a named function. A marker that is a special token of the tokenizer
-    (Mistral's [TOOL_CALLS]) is written as that token."""
-    from .structured import JSON_STYLE
-
-    schema = {**call_schema(fmt, tools, name), "x-guidance": JSON_STYLE}
-    grammar = fmt.call_grammar(parallel and name is None) + f"\ncall: %json {json.dumps(schema)}\n"
-    if fmt.marker and "marker" in grammar.split("\n", 1)[0]:
-        marker_id = special_marker_id(fmt, tokenizer)
-        grammar += f"marker: <[{marker_id}]>\n" if marker_id is not None else f"marker: {json.dumps(fmt.marker)}\n"
+    "required" (any tool) or a named function. A tag that is a special token of the tokenizer
+    (Mistral's [TOOL_CALLS], [ARGS], [CALL_ID]) is written as that token."""
+    grammar = fmt.call_grammar(parallel and name is None) + "\n" + fmt.call_rules(tools, name)
+    # the rules' own words: without the JSON schemas and the quoted names (a function named "marker")
+    words = re.sub(r'"(?:[^"\\]|\\.)*"', "", "\n".join(line.split("%json", 1)[0] for line in grammar.splitlines()))
+    for rule, tag in (("marker", fmt.marker), ("args_tag", getattr(fmt, "args_tag", None)),
+                      ("id_tag", getattr(fmt, "id_tag", None))):
+        if tag and re.search(rf"\b{rule}\b", words):
+            tag_id = _special_id(tag, tokenizer)
+            grammar += f"{rule}: <[{tag_id}]>\n" if tag_id is not None else f"{rule}: {json.dumps(tag)}\n"
     return grammar
 
 
@@ -498,14 +602,19 @@ class ToolCallStream:
 def special_tag_ids(fmt: ToolFormat, tokenizer) -> frozenset:
     """The token ids of fmt's tags (its marker, Hermes's closing tag) that are special tokens of the
     tokenizer: the special tokens the parser reads (serve.reply_text)."""
-    ids = (tokenizer.token_to_id(tag) for tag in (fmt.marker, getattr(fmt, "end", None)) if tag)
-    return frozenset(i for i in ids if i is not None and i in tokenizer.special_ids)
+    ids = (_special_id(tag, tokenizer) for tag in fmt.tags)
+    return frozenset(i for i in ids if i is not None)
 
 
 def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:
     """The token id of fmt's marker when the tokenizer has it as a special token, else None."""
-    marker_id = tokenizer.token_to_id(fmt.marker) if fmt.marker else None
-    return marker_id if marker_id is not None and marker_id in tokenizer.special_ids else None
+    return _special_id(fmt.marker, tokenizer) if fmt.marker else None
+
+
+def _special_id(tag: str, tokenizer) -> int | None:
+    """The token id of tag when the tokenizer has it as a special token, else None."""
+    tag_id = tokenizer.token_to_id(tag)
+    return tag_id if tag_id is not None and tag_id in tokenizer.special_ids else None
 
 
 def _partial_suffix(text: str, marker: str) -> int:

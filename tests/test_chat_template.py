@@ -133,6 +133,9 @@ TEMPLATE_CASES = {
     "mistral-nemo-instruct-2407": [("tools", MISTRAL_TOOLS, {"tools": TOOLS}, "[AVAILABLE_TOOLS]"),
                                    ("bad_tool_call_id", [MISTRAL_TOOLS[0], dict(MISTRAL_TOOLS[1], tool_calls=[
                                        dict(MISTRAL_TOOLS[1]["tool_calls"][0], id="short")])], {}, None)],
+    "mistral-small-3.2-24b-instruct-2506": [("tools", MISTRAL_TOOLS, {"tools": TOOLS},
+                                             "[TOOL_CALLS]get_weather[CALL_ID]abcDEF123[ARGS]{")],
+    "ministral-3-14b-reasoning-2512": [("tools", MISTRAL_TOOLS, {"tools": TOOLS}, "[TOOL_CALLS]get_weather[ARGS]{")],
     "glm-4-9b-chat": [("tools", GLM_TOOLS, {}, "## get_weather")],
     "gemma-3-it": [("content_parts", PARTS, {}, "<start_of_image>")],
     "phi-3.5-mini-instruct": [("empty_system", [dict(SYSTEM, content=""), TURN_1], {}, "<|user|>")],

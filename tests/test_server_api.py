@@ -760,7 +760,7 @@ TIME = {"type": "function", "function": {
                                        "required": ["zone"], "additionalProperties": False}}}
 
 
-@pytest.fixture(params=["qwen2.5-base", "llama-3.1-json-tools", "mistral-v3-tools"])
+@pytest.fixture(params=["qwen2.5-base", "llama-3.1-json-tools", "mistral-v3-tools", "mistral-args-tools"])
 def tool_template(request, llm):
     with open(os.path.join(TEMPLATES, request.param + ".jinja"), encoding="utf-8") as f:
         old, llm.chat_template = llm.chat_template, f.read()
@@ -810,6 +810,9 @@ def _written_call(template, name, arguments):
 
 def _written_calls(template, calls):
     """The text a model writes for calls in template's format."""
+    if template == "mistral-args-tools":  # [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}, one after another
+        return "".join(f"[TOOL_CALLS]{name}[CALL_ID]abcDEF12{k}[ARGS]{json.dumps(args)}"
+                       for k, (name, args) in enumerate(calls))
     texts = [_written_call(template, name, args) for name, args in calls]
     if template.startswith("qwen"):
         return "\n".join(f"<tool_call>\n{t}\n</tool_call>" for t in texts)
@@ -824,7 +827,7 @@ def test_calls_are_parsed_only_from_the_text_returned(live, llm, tool_template, 
     returned holds no complete call. Calls are parsed from the returned text only."""
     written = _written_calls(tool_template, [("get_time", {})])
     _script(llm, monkeypatch, written)
-    stop = "}]" if tool_template.startswith("mistral") else "}}"
+    stop = {"mistral-v3-tools": "}]", "mistral-args-tools": "{}"}.get(tool_template, "}}")
     returned = written[:written.index(stop)]
     for stream in (False, True):
         content, calls, finish = _reply(live.client(), stream, model="tiny", messages=_chat("time?"),
@@ -1077,6 +1080,41 @@ def test_streamed_calls_whose_marker_is_a_special_token_are_not_content(live, ll
         llm.chat_template = old
 
 
+def test_mistral_args_calls_whose_tags_are_special_tokens(live, llm, monkeypatch):
+    """Mistral's tokenizers have [TOOL_CALLS] and [ARGS] as special tokens (the tiny tokenizer's
+    <|im_start|> and <|endoftext|> stand in for them): the reply the parser reads keeps both, the
+    stream holds back from the marker on, and a forced call writes them as tokens, streamed or not."""
+    from pyllm.tool_calls import MistralArgs
+
+    monkeypatch.setattr(MistralArgs, "marker", "<|im_start|>")
+    monkeypatch.setattr(MistralArgs, "args_tag", "<|endoftext|>")
+    marker, args = (llm.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|endoftext|>"))
+    assert {marker, args} <= llm.tokenizer.special_ids and args not in llm.tokenizer.eos_ids
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "mistral-args-tools.jinja")).read()
+    try:
+        client = live.client()
+        ids = llm.tokenize("Sure.", False)
+        for name, arguments in (("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Rome", "days": 2})):
+            ids += [marker] + llm.tokenize(f"{name}[CALL_ID]abcDEF123", False) + [args]
+            ids += llm.tokenize(json.dumps(arguments), False)
+        with monkeypatch.context() as patch:
+            _script(llm, patch, ids + llm.tokenize(" Done.", False))
+            for stream in (False, True):
+                assert _reply(client, stream, model="tiny", messages=_chat("time?"), tools=[WEATHER, TIME],
+                              max_tokens=200) == ("Sure.\nDone.", [("get_time", {"zone": "UTC"}), (
+                                  "get_weather", {"city": "Rome", "days": 2})], "tool_calls"), stream
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            options = dict(model="tiny", messages=_chat("Time?"), tools=[WEATHER, TIME], tool_choice=choice,
+                           parallel_tool_calls=False, max_tokens=80, seed=3, temperature=1.0)
+            whole = client.chat.completions.create(**options).choices[0]
+            assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole
+            content, calls, finish = _reply(client, True, **options)
+            assert (content, finish) == (None, "tool_calls")
+            assert calls == [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+    finally:
+        llm.chat_template = old
+
+
 def test_parallel_tool_calls_false_returns_one_call(live, llm, tool_template):
     """In auto mode nothing held the model to one call: parallel_tool_calls false returned all it
     wrote (here two, written under a grammar). OpenAI's API gives at most one, the first."""
@@ -1085,6 +1123,8 @@ def test_parallel_tool_calls_false_returns_one_call(live, llm, tool_template):
     first, second = call("get_time", {"zone": "UTC"}), call("get_weather", {"city": "Rome", "days": 2})
     text = {"qwen2.5-base": f"<tool_call>\n{first}\n</tool_call>\n<tool_call>\n{second}\n</tool_call>",
             "mistral-v3-tools": f"[TOOL_CALLS] [{first}, {second}]",
+            "mistral-args-tools": _written_calls("mistral-args-tools", [("get_time", {"zone": "UTC"}),
+                                                                        ("get_weather", {"city": "Rome", "days": 2})]),
             "llama-3.1-json-tools": f"{first}; {second}"}[tool_template]
     options = dict(model="tiny", messages=_chat("Time and weather?"), tools=[WEATHER, TIME], max_tokens=600,
                    response_format={"type": "grammar", "grammar": f"start: {json.dumps(text)}"})

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from pyllm.tool_calls import (Hermes, Llama3, Mistral, ToolCallStream, ToolError, check_tools, forced_call_grammar,
-                              tool_format)
+from pyllm.tool_calls import (Hermes, Llama3, Mistral, MistralArgs, ToolCallStream, ToolError, check_tools,
+                              forced_call_grammar, tool_format)
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 
@@ -528,3 +528,188 @@ def test_a_long_reply_streams_in_time_linear_in_its_length():
             out = stream.feed(opening) + "".join(stream.feed("word ") for _ in range(100_000))
             assert time.process_time() - start < 4, (fmt.name, opening)
             assert out + stream.finish(stream.text, cut=True)[0] == opening + "word " * 100_000
+
+
+# -- Mistral's format from its tokenizer v11 on: [TOOL_CALLS]name[ARGS]{...} -------------------------
+
+ARGS_CALLS = '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[CALL_ID]abcDEF123[ARGS]{}[TOOL_CALLS]f[ARGS]{"a": 3}'
+
+
+def test_mistral_args_format_is_chosen_from_the_published_templates():
+    """Mistral Small 3.2, Magistral, Devstral and Ministral 3 write each call as
+    [TOOL_CALLS]name[ARGS]{...} ([CALL_ID]id before [ARGS] in Mistral Small 3.2): their replies were
+    read as the older [TOOL_CALLS] [{...}] format, so every call came back as content."""
+    for name, with_call_id in (("mistral-small-3.2-24b-instruct-2506", True),
+                               ("ministral-3-14b-reasoning-2512", False), ("mistral-args-tools", True)):
+        fmt = tool_format(_template(name), ["f"], parallel=False)
+        assert isinstance(fmt, MistralArgs) and fmt.with_call_id is with_call_id, name
+        assert (fmt.names, fmt.parallel) == ({"f"}, False)
+    for name in ("mistral-v3-tools", "mistral-nemo-instruct-2407"):
+        assert type(tool_format(_template(name))) is Mistral, name
+
+
+@pytest.mark.parametrize("name", ["mistral-small-3.2-24b-instruct-2506", "ministral-3-14b-reasoning-2512",
+                                  "mistral-args-tools"])
+def test_mistral_args_calls_the_template_writes_are_read_back(name):
+    """The calls a published template writes into the conversation (what the model learnt to write)
+    are read back by the parser as the same calls."""
+    from pyllm.chat_template import render_chat
+
+    template = _template(name)
+    calls = [("get_weather", {"city": "Paris", "note": "[ARGS] {x}"}), ("get_time", {})]
+    assistant = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": f"abcDEF12{k}", "type": "function", "function": {"name": n, "arguments": a}}
+        for k, (n, a) in enumerate(calls)]}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather and time?"}]
+    specials = dict(bos_token="<s>", eos_token="</s>")
+    prompt = render_chat(template, messages, add_generation_prompt=True, **specials)
+    whole = render_chat(template, messages + [assistant], **specials)
+    assert whole.startswith(prompt)
+    reply = whole[len(prompt):].removesuffix("</s>")
+    assert reply.startswith("[TOOL_CALLS]get_weather") and ("[CALL_ID]abcDEF120[ARGS]" in reply) is (name != "ministral-3-14b-reasoning-2512")
+    content, parsed = tool_format(template, ["get_weather", "get_time"]).parse(reply)
+    assert content == "" and [(c.name, _args(c)) for c in parsed] == calls
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in parsed)  # the templates insist on 9 letters or digits
+
+
+def test_mistral_args_replies():
+    fmt = MistralArgs(["f", "g"])
+    content, calls = fmt.parse("Sure. " + ARGS_CALLS + " Done.")
+    assert content == "Sure.\nDone." and [(c.name, _args(c)) for c in calls] == [("f", {"a": 1}), ("g", {}), ("f", {"a": 3})]
+    assert len({c.id for c in calls}) == 3 and all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    # whitespace around the name and tags, text between calls, an argument string holding the tags
+    spaced = '[TOOL_CALLS] f [ARGS] {"a": "[TOOL_CALLS]g[ARGS]{}"}\nthen\n[TOOL_CALLS]g[ARGS]{}'
+    content, calls = fmt.parse(spaced)
+    assert content == "then" and [(c.name, _args(c)) for c in calls] == [("f", {"a": "[TOOL_CALLS]g[ARGS]{}"}),
+                                                                         ("g", {})]
+    # arguments written as a JSON string of an object, as some templates render them
+    assert _args(fmt.parse('[TOOL_CALLS]f[ARGS]"{\\"a\\": 2}"')[1][0]) == {"a": 2}
+    # not a call: the whole reply is text
+    for bad in ("[TOOL_CALLS]f{}", "[TOOL_CALLS][ARGS]{}", "[TOOL_CALLS]f g[ARGS]{}", "[TOOL_CALLS]f[ARGS]{broken",
+                "[TOOL_CALLS]f[ARGS][1]", '[TOOL_CALLS]f[ARGS]"text"', '[TOOL_CALLS]f[ARGS]{"a": 1} {"b": 2}',
+                "[TOOL_CALLS]h[ARGS]{}", '[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]h[ARGS]{}', "[TOOL_CALLS]",
+                "no call here", "[ARGS]{}"):
+        for cut in (False, True):
+            parsed = fmt.split(bad, cut)
+            assert (parsed.content, parsed.calls) == (bad, []), (bad, cut)
+    # any function when the request names none; one call when parallel_tool_calls is false
+    assert [c.name for c in MistralArgs().parse("[TOOL_CALLS]h[ARGS]{}")[1]] == ["h"]
+    assert [c.name for c in MistralArgs(["f", "g"], parallel=False).parse(ARGS_CALLS)[1]] == ["f"]
+
+
+def test_mistral_args_calls_that_are_no_json_text_are_content():
+    """As in the other formats: arguments nested past the JSON parser's depth, NaN, Infinity, 1e999
+    or a lone surrogate escape make the call no call, and the reply text."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for arguments in ('{"a": %s}' % deep, '{"a": NaN}', '{"a": 1e999}', '{"a": "\\ud800"}', '{"a": [1, -Infinity]}'):
+        text = "[TOOL_CALLS]f[ARGS]" + arguments
+        for cut in (False, True):
+            content, calls = MistralArgs(["f"]).parse(text, cut)
+            assert (content, calls) == (text, []), (arguments[:20], cut)
+
+
+def test_mistral_args_cut_reply_keeps_its_complete_calls():
+    """Cut (max_tokens, a stop string) inside the third call, wherever: the first two come back and
+    the third is left out (dropped), streamed or not; not cut, the same text is a broken reply."""
+    fmt = MistralArgs(["f", "g"])
+    third = ARGS_CALLS.rindex("[TOOL_CALLS]")
+    for end in range(third + 1, len(ARGS_CALLS) - 1):
+        cut = ARGS_CALLS[:end]
+        parsed = fmt.split(cut, cut=True)
+        assert [(c.name, _args(c)) for c in parsed.calls] == [("f", {"a": 1}), ("g", {})], cut
+        assert parsed.content == "" and parsed.dropped, cut
+        if end < third + len("[TOOL_CALLS]"):  # cut inside the marker: not cut, that is text after the calls
+            assert fmt.parse(cut)[0] == cut[third:]
+        else:
+            assert fmt.parse(cut) == (cut, []), cut
+        stream = ToolCallStream(MistralArgs(["f", "g"]))
+        out = "".join(stream.feed(cut[i:i + 4]) for i in range(0, len(cut), 4))
+        rest, calls = stream.finish(cut, cut=True)
+        assert out + rest == "" and [c.name for c in calls] == ["f", "g"] and stream.dropped, cut
+    # the only call cut: no call, the text stays content; one call only wanted: nothing it returns was dropped
+    assert fmt.split(ARGS_CALLS[:12 + 4], cut=True).calls == []
+    assert not MistralArgs(["f", "g"], parallel=False).split(ARGS_CALLS[:third + 5], cut=True).dropped
+
+
+def test_mistral_args_streams_the_text_around_calls_as_content():
+    cases = [("Sure.\n", "", "Sure."), ("Sure. ", "\n\nDone.", "Sure.\nDone."), ("", " Done. ", "Done."),
+             ("\n", "\n", "")]
+    for before, after, content in cases:
+        text = before + ARGS_CALLS + after
+        assert MistralArgs(["f", "g"]).parse(text)[0] == content
+        for size in (1, 3, 7):
+            stream = ToolCallStream(MistralArgs(["f", "g"]))
+            out = "".join(stream.feed(text[i:i + size]) for i in range(0, len(text), size))
+            rest, streamed = stream.finish(text)
+            assert out + rest == content and len(streamed) == 3, (size, text, out, rest)
+    # the marker a special token (id 7 here), left out of the streamed pieces
+    stream = ToolCallStream(MistralArgs(["f"]), marker_id=7)
+    out = stream.feed("Sure.", [1]) + stream.feed('f[ARGS]{"a": 1}', [7, 8, 9])
+    rest, calls = stream.finish('Sure.[TOOL_CALLS]f[ARGS]{"a": 1}')
+    assert out + rest == "Sure." and [c.name for c in calls] == ["f"]
+
+
+def test_mistral_args_tags_that_are_special_tokens_are_kept_and_forced_as_tokens():
+    """[TOOL_CALLS], [ARGS] and [CALL_ID] are special tokens of Mistral's tokenizers: the server keeps
+    them in the reply it parses (special_tag_ids) and the forcing grammar writes them as tokens."""
+    from pyllm.tool_calls import special_tag_ids
+
+    class Tokenizer:
+        ids = {"[TOOL_CALLS]": 5, "[ARGS]": 6, "[CALL_ID]": 7, "<tool_call>": 8}
+        special_ids = frozenset({5, 6, 7})
+
+        def token_to_id(self, text):
+            return self.ids.get(text)
+
+    assert special_tag_ids(MistralArgs(), Tokenizer()) == {5, 6, 7}
+    assert special_tag_ids(Mistral(), Tokenizer()) == {5}
+    assert special_tag_ids(Hermes(), Tokenizer()) == frozenset()
+    tools = [{"type": "function", "function": {"name": "marker"}}]
+    grammar = forced_call_grammar(MistralArgs(with_call_id=True), tools, None, True, Tokenizer())
+    assert {"marker: <[5]>", "args_tag: <[6]>", "id_tag: <[7]>"} <= set(grammar.splitlines())
+    grammar = forced_call_grammar(MistralArgs(), tools, None, True, Tokenizer())
+    assert "id_tag" not in grammar and "call_0: \"marker\" args_tag %json" in grammar
+
+
+def test_mistral_args_forcing_grammar_takes_each_tools_own_arguments(tiny_llama_f32):
+    """The forcing grammar ties each function's name to its own parameters (the name and the
+    arguments are apart in this format), writes [CALL_ID] and an id where the template does, and
+    one call unless parallel."""
+    llguidance = pytest.importorskip("llguidance")
+    import pyllm
+    from pyllm.structured import ll_tokenizer
+
+    unit = {"$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+            "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"], "additionalProperties": False}
+    count = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "temp", "parameters": unit}},
+             {"type": "function", "function": {"name": "count", "parameters": count}},
+             {"type": "function", "function": {"name": "ping"}}]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        ll = ll_tokenizer(llm.tokenizer)
+        for with_call_id in (False, True):
+            fmt = MistralArgs(with_call_id=with_call_id)
+            head = "[CALL_ID]abcDEF123[ARGS]" if with_call_id else "[ARGS]"
+
+            def call(name, arguments):
+                return f"[TOOL_CALLS]{name}{head}{json.dumps(arguments)}"
+
+            for forced in (None, "temp", "count"):
+                grammar = forced_call_grammar(fmt, tools, forced, True, llm.tokenizer)
+                accepts = lambda text: _forced_accepts(llguidance, ll, grammar, text)  # noqa: E731
+                if forced != "count":
+                    assert accepts(call("temp", {"unit": "C"})) and not accepts(call("temp", {"unit": "K"}))
+                    assert not accepts(call("temp", {"n": 1}))  # another tool's arguments
+                if forced != "temp":
+                    assert accepts(call("count", {"n": 3})) and not accepts(call("count", {"n": "3"}))
+                assert not accepts(call("other", {})) and not accepts('[TOOL_CALLS] [{"name": "ping"}]')
+                assert accepts(call("ping", {})) is (forced is None)
+                other_head = call("ping", {}).replace(head, "[ARGS]" if with_call_id else "[CALL_ID]abcDEF123[ARGS]")
+                assert not accepts(other_head)
+            grammar = forced_call_grammar(fmt, tools, None, True, llm.tokenizer)
+            assert _forced_accepts(llguidance, ll, grammar, call("ping", {}) + call("count", {"n": 1}))
+            grammar = forced_call_grammar(fmt, tools, None, False, llm.tokenizer)
+            assert not _forced_accepts(llguidance, ll, grammar, call("ping", {}) + call("count", {"n": 1}))
+            check_tools(fmt, tools)
+            with pytest.raises(ToolError):
+                check_tools(fmt, [{"type": "function", "function": {"name": "s", "parameters": {"type": "string"}}}])
