@@ -89,7 +89,7 @@ def merge_completion_logprobs(a: dict | None, b: dict) -> dict:
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI's usage object, with its details; cached_tokens: prompt tokens whose keys/values were
     reused, not computed. No token is audio, a prediction or hidden reasoning (a model's thinking is
-    in the content, counted in completion_tokens): those counts are 0."""
+    returned, as reasoning_content or in the content, and counted in completion_tokens): those counts are 0."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens), "audio_tokens": 0},
@@ -98,8 +98,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None,
-                tool_calls: list | None = None) -> dict:
+                tool_calls: list | None = None, reasoning: str | None = None) -> dict:
+    """reasoning: the reply's think block (pyllm/reasoning.py), as reasoning_content (llama.cpp's and
+    DeepSeek's field; absent when None)."""
     message = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = [call.as_openai() for call in tool_calls]
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -110,8 +114,10 @@ def completion_choice(index: int, text: str, finish_reason: str, logprobs: dict 
 
 
 def chat_delta(index: int, content: str | None = None, finish_reason: str | None = None, role: bool = False,
-               logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
+               logprobs: dict | None = None, tool_calls: list | None = None, reasoning: str | None = None) -> dict:
     delta: dict = {"role": "assistant", "content": "", "refusal": None} if role else {}
+    if reasoning:
+        delta["reasoning_content"] = reasoning
     if content:
         delta["content"] = content
     if tool_calls:

@@ -10,8 +10,9 @@ RequestError, which names the field in `param` as OpenAI's error object does.
 
 Extensions beyond OpenAI: top_k, min_p, typical_p, repetition_penalty, stop_token_ids, response_format
 types "regex" and "grammar" (a Lark grammar, llguidance's dialect), up to MAX_STOP stop strings (OpenAI: 4),
-logprobs up to 20 on /v1/completions (OpenAI: 5), logit_bias of any number of tokens (OpenAI: 300) and "."
-in function names.
+logprobs up to 20 on /v1/completions (OpenAI: 5), logit_bias of any number of tokens (OpenAI: 300), "."
+in function names, and llama.cpp's and vLLM's chat_template_kwargs and reasoning_format on
+/v1/chat/completions.
 
 OpenAI fields that only steer OpenAI's own services (store, metadata, service_tier, prompt_cache_key,
 prompt_cache_retention, prompt_cache_options, safety_identifier, user, prediction) are checked as OpenAI
@@ -325,6 +326,10 @@ class ChatCompletionRequest(_Sampling):
     modalities: list[Literal["text", "audio"]] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
+    # llama.cpp's and vLLM's: more chat template variables ({"enable_thinking": false} for Qwen3), and
+    # where a reply's think block goes ("deepseek": reasoning_content; "none": left in content)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: Literal["deepseek", "none"] | None = None
     # what pyllm cannot give: refused when given
     audio: Any = None
     web_search_options: Any = None
@@ -401,7 +406,7 @@ class ChatCompletionRequest(_Sampling):
             n += _text_chars([calls, m.name, m.tool_call_id]) + _text_chars(m.model_extra)
         if self.tools and self.tool_choice != "none":
             n += sum(_text_chars(t.model_dump(exclude_unset=True)) for t in self.tools)
-        return n
+        return n + _text_chars(self.chat_template_kwargs)
 
 
 def _text_chars(value) -> int:
@@ -436,7 +441,8 @@ class CompletionRequest(_Sampling):
     def _completion_fields_only(cls, data: Any) -> Any:
         _refuse_fields(data, ("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
-                              "reasoning_effort", "prediction", "web_search_options", "verbosity", "moderation"),
+                              "reasoning_effort", "prediction", "web_search_options", "verbosity", "moderation",
+                              "chat_template_kwargs", "reasoning_format"),
                        "/v1/completions",
                        {"messages": "prompt (or POST /v1/chat/completions)", "max_completion_tokens": "max_tokens",
                         "top_logprobs": "logprobs: N"})

@@ -1028,6 +1028,29 @@ def _template_message(message: dict) -> dict:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+# the variables render_chat sets itself (or takes as its own arguments): a template variable of one of these
+# names given beside them was Python's TypeError "got multiple values for keyword argument"
+RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "unk_token",
+                                "pad_token", "tools", "limits", "origin", "template"})
+
+
+def check_template_variables(variables) -> dict:
+    """variables (chat_template_kwargs: more variables for the template, {"enable_thinking": False}) as
+    a dict; TemplateError when it is no dict of names to values, or names a variable pyllm sets itself
+    (RESERVED_VARIABLES: messages, tools, add_generation_prompt, the special tokens, ...)."""
+    if variables is None:
+        return {}
+    if not isinstance(variables, dict):
+        raise TemplateError(f"chat_template_kwargs must be a dict of template variables, not {type(variables).__name__}")
+    for name in variables:
+        if not isinstance(name, str):
+            raise TemplateError(f"chat_template_kwargs: a template variable's name is a string, not {name!r}")
+        if name in RESERVED_VARIABLES:
+            what = "give tools as tools=" if name == "tools" else "pyllm sets it"
+            raise TemplateError(f"chat_template_kwargs: {name!r} is not a variable to give ({what})")
+    return dict(variables)
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
                 eos_token: str = "", limits: RenderLimits | None = None, tools: list | None = None,
                 documents: list | None = None, origin: str | None = None, **extra) -> str:

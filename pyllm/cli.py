@@ -456,7 +456,8 @@ def cmd_serve(args) -> int:
     serve(llm, host=args.host, port=args.port, model_name=args.model_name, max_queue=args.max_queue,
           defaults={k: v for k, v in defaults.items() if v is not None},
           api_key=api_key, cors_origins=args.cors_origin or (),
-          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens, sock=sock)
+          limits=limits, max_num_batched_tokens=args.max_num_batched_tokens, sock=sock,
+          reasoning_format=args.reasoning_format)
     return 0
 
 
@@ -694,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "else open)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="let browser pages from ORIGIN call the API (repeat for several; '*' for any) (default: none)")
+    p.add_argument("--reasoning-format", choices=("deepseek", "none"), default="deepseek",
+                   help="where a reply's think block (<think>...</think> of Qwen3, DeepSeek-R1, SmolLM3; [THINK] of "
+                        "Magistral) goes: 'deepseek' returns it as the message's reasoning_content, 'none' leaves "
+                        "it in content; a request's reasoning_format overrides it (llama.cpp's flag) "
+                        "(default deepseek)")
     _add_chat_template(p)
     _add_kv_cache(p)
     _add_activation_quant(p)

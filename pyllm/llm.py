@@ -18,8 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .chat_template import (TemplateError, chat_template_origin, check_chat_template, normalize_messages, render_chat,
-                            resolve_chat_template, template_stop)
+from .chat_template import (TemplateError, chat_template_origin, check_chat_template, check_template_variables,
+                            normalize_messages, render_chat, resolve_chat_template, template_stop)
 from .formats.packed import PackedModel
 from .errors import LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -1320,15 +1320,20 @@ class LLM:
 
     @accepts_aliases
     def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None,
-             parse_special_in_content: bool = False, render_limits: RenderLimits | None = None, **kwargs):
+             parse_special_in_content: bool = False, render_limits: RenderLimits | None = None,
+             chat_template_kwargs: dict | None = None, **kwargs):
         """Replies to OpenAI-style messages using the chat template (generate's options apply).
 
         Messages are normalised as the server does (chat_template.normalize_messages): content as
         a string, a list of text parts, or None (an assistant turn that only calls tools). A list of
         conversations is answered together (one reply each, as generate does with a list of prompts).
-        parse_special_in_content and render_limits: as chat_prompt_ids. logprobs also takes OpenAI's chat
-        form (and llama-cpp-python's create_chat_completion's): logprobs=True with top_logprobs=N."""
-        options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits)
+        parse_special_in_content, render_limits and chat_template_kwargs (more template variables:
+        {"enable_thinking": False} turns Qwen3's thinking off): as chat_prompt_ids. logprobs also takes
+        OpenAI's chat form (and llama-cpp-python's create_chat_completion's): logprobs=True with
+        top_logprobs=N. The reply is the model's text as written, a think block included (the server and
+        create_chat_completion return it apart, as reasoning_content)."""
+        options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits,
+                       chat_template_kwargs=chat_template_kwargs)
         if isinstance(kwargs.get("logprobs"), (bool, np.bool_)) or "top_logprobs" in kwargs:
             # (logprobs=True was "logprobs must be an integer; got True")
             wanted, top = kwargs.pop("logprobs", None), kwargs.pop("top_logprobs", None)
@@ -1341,6 +1346,7 @@ class LLM:
         # and something else was read as one conversation, whose message 0 "needs a 'role' string")
         if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple)):
             _check_tools(tools, self.chat_template)  # (the call's: not one conversation's fault)
+            check_template_variables(chat_template_kwargs)
             prompts = []
             for i, conversation in enumerate(messages):
                 with _naming(f"conversation {i} of the list"):
@@ -1420,7 +1426,8 @@ class LLM:
                                prompt_cache_key: str | None = None, prompt_cache_retention: str | None = None,
                                prompt_cache_options: dict | None = None, safety_identifier: str | None = None,
                                audio: dict | None = None, web_search_options: dict | None = None,
-                               moderation: dict | None = None):
+                               moderation: dict | None = None, chat_template_kwargs: dict | None = None,
+                               reasoning_format: str | None = None):
         """A /v1/chat/completions request, answered as `pyllm serve` answers it (the same
         validation and the same answer, built by the same code: pyllm.serve.Completions), as
         llama-cpp-python's Llama.create_chat_completion answers it.
@@ -1440,16 +1447,21 @@ class LLM:
         prompt_cache_*, safety_identifier, audio, web_search_options, moderation) are checked and
         answered as the server answers them (text output only; the fields that steer OpenAI's own
         services change nothing), so that a request's fields pass through as they are.
+        chat_template_kwargs (llama.cpp's and vLLM's): more template variables ({"enable_thinking":
+        False} turns Qwen3's thinking off). reasoning_format: "deepseek" (the default) returns a think
+        block the reply opens with (<think>...</think>, [THINK]...[/THINK]) as the message's
+        reasoning_content apart from its content; "none" leaves it in content (pyllm/reasoning.py).
 
         Returns a dict: {"id": "chatcmpl-...", "object": "chat.completion", "created": int,
         "model": str, "system_fingerprint": str, "choices": [{"index": int, "message": {"role":
-        "assistant", "content": str | None, "refusal": None, "tool_calls": [{"id", "type": "function",
+        "assistant", "content": str | None, "refusal": None, "reasoning_content": str (only for a
+        template with think tags, when the reply thinks), "tool_calls": [{"id", "type": "function",
         "function": {"name", "arguments": str}}] (only when it calls)}, "logprobs": None | {"content":
         [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": None}, "finish_reason":
         "stop" | "length" | "tool_calls"}], "usage": {...}} (create_completion's). With stream=True an
         iterator of dicts of object "chat.completion.chunk", one choice each: {"index", "delta":
-        {"role": "assistant", "content": "", "refusal": None} first, then {"content": str} pieces and
-        {"tool_calls": [...]}, "logprobs", "finish_reason": None but in a choice's last chunk};
+        {"role": "assistant", "content": "", "refusal": None} first, then {"reasoning_content": str} and
+        {"content": str} pieces and {"tool_calls": [...]}, "logprobs", "finish_reason": None but in a choice's last chunk};
         stream_options and closing the iterator as create_completion's.
 
         Raises what create_completion raises; a tool or template error is RequestError naming
@@ -1502,12 +1514,13 @@ class LLM:
         prompt as one text, with special-token strings written there parsed as the tokens themselves.
         Without such strings both give the tokens transformers' apply_chat_template gives. render_limits
         bounds the template's time and output (TemplateError past them). chat_template_kwargs: more
-        template variables (reasoning_effort=...), as transformers' apply_chat_template(**kwargs).
+        template variables (reasoning_effort=..., enable_thinking=...), as transformers'
+        apply_chat_template(**kwargs) (TemplateError for one pyllm sets itself: check_template_variables).
         for_generation=True: a rendered prompt too long for the context whatever its tokens is refused
         before tokenizing (_check_prompt_chars); without it any length is counted (`pyllm run`'s chat
         measures a conversation that outgrows the context)."""
         _check_tools(tools, self.chat_template)
-        extra = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
+        extra = {**check_template_variables(chat_template_kwargs), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
         texts = [] if parse_special_in_content else list(_texts([messages, extra]))
         protected = self.tokenizer.special_tokens_in(texts)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 from . import api_responses as responses
-from .chat_template import TemplateError
+from .chat_template import TemplateError, check_template_variables
 from .errors import LimitError, PyllmError, RequestError
 from .limits import ServerLimits as Limits
 from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
@@ -464,6 +464,17 @@ def _compiles_grammar(req, chat: bool) -> bool:
 
 
 @dataclass
+class _ReplyParts:
+    """A chat reply read (Completions._reply_parts): its think block's text (None: none, or not read),
+    the content after it as text, the same as the tool-call parser reads it (with the format's
+    special tags), and whether the reply was cut (a stop string, the token limit)."""
+    reasoning: str | None
+    content: str
+    tool_text: str
+    cut: bool
+
+
+@dataclass
 class _Plan:
     """What one request runs: each prompt (token ids) n times, with these generate() options.
     Choice k answers prompt k // n."""
@@ -475,6 +486,8 @@ class _Plan:
     options: dict
     logprobs: int | None
     tools: object = None  # a tool_calls.ToolFormat when the reply may hold tool calls
+    # (reasoning.ThinkTags, whether the prompt opened the block) when a think block is reasoning_content
+    reasoning: tuple | None = None
     echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
     echo_lock: threading.Lock = field(default_factory=threading.Lock)  # (choices run together)
 
@@ -504,15 +517,22 @@ class _ChoiceChunks:
     calls come in a chunk of their own at the end."""
 
     def __init__(self, completions: "Completions", plan: _Plan, index: int, stream):
-        from .tool_calls import ToolCallStream, special_marker_id
+        from .reasoning import ReasoningStream
+        from .tool_calls import ToolCallStream, special_marker_id, special_token_id
 
         self.completions, self.plan, self.index, self.stream = completions, plan, index, stream
         self.tokenizer = completions.llm.tokenizer
         self.tools = (ToolCallStream(plan.tools, special_marker_id(plan.tools, self.tokenizer))
                       if plan.chat and plan.tools is not None else None)
+        self.reasoning = None  # a think block's text goes out as reasoning_content deltas
+        if plan.chat and plan.reasoning is not None:
+            tags, opened = plan.reasoning
+            ids = {tag: special_token_id(tag, self.tokenizer) for tag in (tags.open, tags.close)}
+            self.reasoning = ReasoningStream(tags, opened, {t: i for t, i in ids.items() if i is not None})
         self.echo = None if plan.chat else plan.echo[index // plan.n]  # a completion's echoed prompt
         self.all_tokens: list = []
-        self.waiting: list = []  # tokens of text held back as a possible tool call
+        self.texts: list[str] = []  # the reply's pieces, as generated
+        self.waiting: list = []  # tokens of text held back (a possible tool call, a think tag's start)
         self.offsets = responses.TextOffsets()  # where a completion's tokens start in its text
 
     def _logprobs(self, tokens):
@@ -533,15 +553,26 @@ class _ChoiceChunks:
 
     def piece(self, piece: str, tokens: list) -> list[dict]:
         self.all_tokens += tokens
-        if self.tools is not None:
-            piece = self.tools.feed(piece, [t.id for t in tokens])
-            if not piece:
+        self.texts.append(piece)
+        ids = [t.id for t in tokens]
+        reasoning = ""
+        if self.reasoning is not None:
+            reasoning, piece = self.reasoning.feed(piece, ids)
+        if self.tools is not None and (self.reasoning is None or self.reasoning.in_content):
+            piece = self.tools.feed(piece, ids)  # (a call written while thinking is no call)
+        if self.tools is not None or self.reasoning is not None:
+            if not reasoning and not piece:
                 self.waiting += tokens
                 return []
             tokens, self.waiting = self.waiting + tokens, []
-        if self.plan.chat:
-            return [responses.chat_delta(self.index, piece, logprobs=self._logprobs(tokens))]
-        return [responses.completion_delta(self.index, piece, logprobs=self._logprobs(tokens))]
+        if not self.plan.chat:
+            return [responses.completion_delta(self.index, piece, logprobs=self._logprobs(tokens))]
+        out = []
+        if reasoning:
+            out.append(responses.chat_delta(self.index, reasoning=reasoning, logprobs=self._logprobs(tokens)))
+        if piece or not reasoning:
+            out.append(responses.chat_delta(self.index, piece, logprobs=None if reasoning else self._logprobs(tokens)))
+        return out
 
     def closing(self) -> list[dict]:
         """The rest: held-back content, the tool calls, and the finish reason."""
@@ -550,17 +581,23 @@ class _ChoiceChunks:
         self.all_tokens += rest
         rest = self.waiting + rest
         finish = stream.stats.finish_reason
-        out = []
+        out, content, calls = [], "", []
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.finish()
+            if reasoning:
+                out.append(responses.chat_delta(self.index, reasoning=reasoning))
         if self.tools is not None:
-            full, cut = self.completions._tool_reply(self.plan, self.all_tokens, self.tools.text, stream.stats)
-            content, calls = self.tools.finish(full, cut=cut)
+            sent = self.tools.feed(content) if content else ""
+            parts = self.completions._reply_parts(self.plan, self.all_tokens, "".join(self.texts), stream.stats)
+            rest, calls = self.tools.finish(parts.tool_text, cut=parts.cut)
+            content = sent + rest
             if content and not calls and self.plan.forced_calls:
                 content = ""  # a forced call cut short: its markup is no content
-            if content:
-                out.append(responses.chat_delta(self.index, content))
-            if calls:
-                out.append(responses.chat_delta(self.index, tool_calls=calls))
             finish = tool_finish_reason(finish, calls, self.tools.dropped)
+        if content:
+            out.append(responses.chat_delta(self.index, content))
+        if calls:
+            out.append(responses.chat_delta(self.index, tool_calls=calls))
         if self.plan.chat:
             out.append(responses.chat_delta(self.index, finish_reason=finish, logprobs=self._logprobs(rest)))
         else:
@@ -577,12 +614,20 @@ class Completions:
     defaults: generate() options (temperature, top_p, top_k, min_p, repetition_penalty, seed,
     typical_p, max_new_tokens) for fields a request leaves unset; limits: Limits (pyllm serve's
     flags; their defaults when None), of which this uses the template's (render_limits); model_name:
-    what answers name when the request names no model."""
+    what answers name when the request names no model; reasoning_format: where a reply's think block
+    goes when the request does not say (llama.cpp's --reasoning-format: "deepseek", the message's
+    reasoning_content; "none", left in content: pyllm/reasoning.py)."""
 
-    def __init__(self, llm, model_name: str, defaults: dict | None = None, limits: Limits | None = None):
+    def __init__(self, llm, model_name: str, defaults: dict | None = None, limits: Limits | None = None,
+                 reasoning_format: str = "deepseek"):
+        from .reasoning import REASONING_FORMATS
+
         self.llm = llm
         self.defaults = dict(defaults or {})
         self._check_defaults()
+        if reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}; got {reasoning_format!r}")
+        self.reasoning_format = reasoning_format
         self.model_name = model_name
         self.limits = limits or Limits()
         self.stopping = False  # end_requests was called
@@ -755,7 +800,10 @@ class Completions:
                                        param="response_format")
                 options["grammar"] = forced_call_grammar(fmt, tools, named, req.parallel_tool_calls,
                                                          self.llm.tokenizer)
-        variables = {}
+        try:
+            variables = check_template_variables(req.chat_template_kwargs)
+        except TemplateError as e:
+            raise RequestError(str(e), param="chat_template_kwargs") from None
         if req.reasoning_effort is not None:  # a template with reasoning levels reads it (gpt-oss's)
             if "reasoning_effort" not in (self.llm.chat_template or ""):
                 raise RequestError("reasoning_effort: this model's chat template has no reasoning levels (it does "
@@ -769,27 +817,60 @@ class Completions:
         except LimitError as e:  # a rendering of more characters than the context can hold, before tokenizing
             raise RequestError(str(e), param="messages", code="context_length_exceeded") from None
         options["stop"] = self.llm.chat_stop(options.get("stop"))  # a built-in template's end of turn, as LLM.chat
-        return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt)
+        return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt,
+                     reasoning=self._reasoning(req, prompt, options))
+
+    def _reasoning(self, req, prompt: list[int], options: dict) -> tuple | None:
+        """The plan's reasoning: (the template's think tags, whether the prompt opened the block), or
+        None when the reply's think block stays in content (reasoning_format "none", or a template
+        without think tags). A reply held to a grammar (response_format, a forced tool call) cannot
+        think first, so the prompt's open block is not taken for one."""
+        from .reasoning import think_tags
+
+        tags = think_tags(self.llm.chat_template)
+        if (req.reasoning_format or self.reasoning_format) == "none" or tags is None:
+            return None
+        constrained = "grammar" in options or options.get("response_format", {"type": "text"})["type"] != "text"
+        tail = self.llm.detokenize(prompt[-16:], skip_special_tokens=False)
+        return tags, not constrained and tail.rstrip().endswith(tags.open)
 
     # -- plan + generated text -> choices -------------------------------------------------------
-    def _tool_reply(self, plan: _Plan, tokens: list, text: str, stats) -> tuple[str, bool]:
-        """(what the tool-call parser reads of a reply: reply_text, whether the reply was cut: by a
-        stop string or the token limit). tokens: the reply's TokenLogprob; text: the text it returns."""
-        from .tool_calls import special_tag_ids
+    def _reply_parts(self, plan: _Plan, tokens: list, text: str, stats) -> _ReplyParts:
+        """A chat reply read for its think block (plan.reasoning) and its tool calls (plan.tools).
+        tokens: the reply's TokenLogprob; text: the text it returns. The texts read are reply_text's,
+        with the special tokens the readers need (think tags, the format's tool-call tags)."""
+        from .reasoning import split
+        from .tool_calls import special_tag_ids, special_token_id
 
+        tokenizer = self.llm.tokenizer
         stopped = stats.stop_string is not None
-        full = reply_text(self.llm.tokenizer, [t.id for t in tokens], text, stopped,
-                          special_tag_ids(plan.tools, self.llm.tokenizer))
-        return full, stopped or stats.finish_reason == "length"
+        ids = [t.id for t in tokens]
+        think = frozenset()
+        if plan.reasoning is not None:
+            tags = plan.reasoning[0]
+            think = frozenset(i for i in (special_token_id(tags.open, tokenizer), special_token_id(tags.close, tokenizer))
+                              if i is not None)
+
+        def read(keep: frozenset) -> tuple[str | None, str]:
+            full = reply_text(tokenizer, ids, text, stopped, keep) if keep else text
+            if plan.reasoning is None:
+                return None, full
+            parts = split(full, *plan.reasoning)
+            return parts.reasoning, parts.content
+        reasoning, content = read(think)
+        tool_text = read(think | special_tag_ids(plan.tools, tokenizer))[1] if plan.tools is not None else content
+        return _ReplyParts(reasoning, content, tool_text, stopped or stats.finish_reason == "length")
 
     def _choice(self, plan: _Plan, index: int, text: str, tokens: list, stream) -> dict:
         tokenizer = self.llm.tokenizer
         finish = stream.stats.finish_reason
         if plan.chat:
-            calls = []
+            calls, reasoning = [], None
+            if plan.tools is not None or plan.reasoning is not None:
+                parts = self._reply_parts(plan, tokens, text, stream.stats)
+                reasoning, text = parts.reasoning, parts.content
             if plan.tools is not None:
-                full, cut = self._tool_reply(plan, tokens, text, stream.stats)
-                parsed = plan.tools.split(full, cut=cut)
+                parsed = plan.tools.split(parts.tool_text, cut=parts.cut)
                 calls = parsed.calls
                 if calls:
                     text = parsed.content
@@ -797,7 +878,8 @@ class Completions:
                     text = None  # a forced call cut short: its markup is no content (null, as beside calls)
                 finish = tool_finish_reason(finish, calls, parsed.dropped)
             logprobs = responses.chat_logprobs(tokenizer, tokens) if plan.logprobs is not None else None
-            return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls)
+            return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls,
+                                         reasoning)
         echo = plan.echo[index // plan.n]
         logprobs = None
         if plan.logprobs is not None:
@@ -921,16 +1003,16 @@ class Server(Completions):
     <key>" on every route but /health; cors_origins: origins allowed to call from a browser;
     limits: what one request may ask (Limits(): the defaults of `pyllm serve`'s flags);
     max_num_batched_tokens: rows per engine step when llm.n_parallel > 1 (the Scheduler's budget:
-    decode rows, then prompt chunks; default limits.DEFAULT_MAX_NUM_BATCHED_TOKENS). close() stops
-    the scheduler."""
+    decode rows, then prompt chunks; default limits.DEFAULT_MAX_NUM_BATCHED_TOKENS); reasoning_format:
+    Completions'. close() stops the scheduler."""
 
     def __init__(self, llm, model_name: str, max_queue: int = 64, defaults: dict | None = None,
                  api_key: str | None = None, cors_origins: list[str] | tuple = (), limits: Limits | None = None,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, reasoning_format: str = "deepseek"):
         from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS
         from .scheduler import Scheduler
 
-        super().__init__(llm, model_name, defaults, limits)  # (its checks before the scheduler's thread starts)
+        super().__init__(llm, model_name, defaults, limits, reasoning_format)  # (its checks before the scheduler's thread starts)
         # n_parallel > 1: requests run together (close() detaches the scheduler from llm)
         self.scheduler = (Scheduler(llm, max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS)
                           if llm.n_parallel > 1 else None)
@@ -1613,7 +1695,7 @@ def base_url(sock, host: str) -> str:
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, max_queue: int = 64,
           log_level: str = "info", defaults: dict | None = None, api_key: str | None = None,
           cors_origins: list[str] | tuple = (), limits: Limits | None = None,
-          max_num_batched_tokens: int | None = None, sock=None) -> None:
+          max_num_batched_tokens: int | None = None, sock=None, reasoning_format: str = "deepseek") -> None:
     """Serves llm until interrupted; prints a start-up line (model, context, threads, device, the
     parallel slots and the KV cache's memory) and logs one line per request. The options are Server's;
     sock: a socket from listen(host, port) (made here when None)."""
@@ -1640,7 +1722,8 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None
              llm.n_parallel, llm.context_length, llm.engine.kv_cache, kv / 2**20,
              "; requests run together (continuous batching)" if llm.n_parallel > 1
              else "; one request at a time (--parallel N runs N together)")
-    server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens)
+    server = Server(llm, name, max_queue, defaults, api_key, cors_origins, limits, max_num_batched_tokens,
+                    reasoning_format)
     grace = server.limits.timeout_graceful_shutdown
 
     class GracefulServer(uvicorn.Server):

@@ -516,7 +516,7 @@ def forced_call_grammar(fmt: ToolFormat, tools: list[dict], name: str | None, pa
     for rule, tag in (("marker", fmt.marker), ("args_tag", getattr(fmt, "args_tag", None)),
                       ("id_tag", getattr(fmt, "id_tag", None))):
         if tag and re.search(rf"\b{rule}\b", words):
-            tag_id = _special_id(tag, tokenizer)
+            tag_id = special_token_id(tag, tokenizer)
             grammar += f"{rule}: <[{tag_id}]>\n" if tag_id is not None else f"{rule}: {json.dumps(tag)}\n"
     return grammar
 
@@ -575,7 +575,7 @@ class ToolCallStream:
         elif isinstance(self.fmt, Llama3) and not self._opening:
             return ""  # only whitespace so far: the reply may yet open with a JSON call
         else:
-            cut = len(self._pending) - _partial_suffix(self._pending, marker or "")
+            cut = len(self._pending) - partial_suffix(self._pending, marker or "")
         while cut > 0 and self._pending[cut - 1].isspace():
             cut -= 1
         out, self._pending = self._pending[:cut], self._pending[cut:]
@@ -602,22 +602,24 @@ class ToolCallStream:
 def special_tag_ids(fmt: ToolFormat, tokenizer) -> frozenset:
     """The token ids of fmt's tags (its marker, Hermes's closing tag) that are special tokens of the
     tokenizer: the special tokens the parser reads (serve.reply_text)."""
-    ids = (_special_id(tag, tokenizer) for tag in fmt.tags)
+    ids = (special_token_id(tag, tokenizer) for tag in fmt.tags)
     return frozenset(i for i in ids if i is not None)
 
 
 def special_marker_id(fmt: ToolFormat, tokenizer) -> int | None:
     """The token id of fmt's marker when the tokenizer has it as a special token, else None."""
-    return _special_id(fmt.marker, tokenizer) if fmt.marker else None
+    return special_token_id(fmt.marker, tokenizer) if fmt.marker else None
 
 
-def _special_id(tag: str, tokenizer) -> int | None:
-    """The token id of tag when the tokenizer has it as a special token, else None."""
+def special_token_id(tag: str, tokenizer) -> int | None:
+    """The token id of tag (a tool call's or a think block's) when the tokenizer has it as a special
+    token, else None."""
     tag_id = tokenizer.token_to_id(tag)
     return tag_id if tag_id is not None and tag_id in tokenizer.special_ids else None
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of text that begins marker (a marker or tag cut by a piece's end)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):
             return n

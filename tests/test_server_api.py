@@ -1766,3 +1766,145 @@ def test_the_openai_client_s_structured_output_and_refusals(live):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=_HI, **{"max_tokens": 1, **options})
         assert (e.value.param, e.value.code, e.value.status_code) == (param, code, 400), e.value
+
+
+# -- reasoning: a think block as reasoning_content -------------------------------------------------
+
+def _thinking_reply(client, stream, **options):
+    """(reasoning_content, content, finish_reason) of one choice, streamed or not."""
+    if not stream:
+        choice = client.chat.completions.create(**options).choices[0]
+        return getattr(choice.message, "reasoning_content", None), choice.message.content, choice.finish_reason
+    chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+    reasoning = [getattr(c.choices[0].delta, "reasoning_content", None) for c in chunks]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    return ("".join(r for r in reasoning if r) if any(r is not None for r in reasoning) else None), content, finish[0]
+
+
+@pytest.fixture
+def qwen3_template(llm):
+    old, llm.chat_template = llm.chat_template, open(os.path.join(TEMPLATES, "qwen3-0.6b.jinja")).read()
+    yield
+    llm.chat_template = old
+
+
+def test_a_think_block_is_reasoning_content(live, llm, qwen3_template, monkeypatch):
+    """A reply opening with <think>...</think> (Qwen3, DeepSeek-R1, SmolLM3) came back whole as
+    content; as llama.cpp's server does by default (and vLLM with a reasoning parser), the block is
+    the message's reasoning_content and content is the answer after it, streamed or not; with
+    reasoning_format "none" (the request's, or --reasoning-format) it stays in content."""
+    reply = "<think>\nThe user greets me. 你好 😀\n</think>\n\nHello! How can I help?"
+    client = live.client()
+    with monkeypatch.context() as patch:
+        _script(llm, patch, reply)
+        for stream in (False, True):
+            got = _thinking_reply(client, stream, model="tiny", messages=_chat("Hi"), max_tokens=200)
+            assert got == ("The user greets me. 你好 😀", "Hello! How can I help?", "stop"), stream
+            got = _thinking_reply(client, stream, model="tiny", messages=_chat("Hi"), max_tokens=200,
+                                  extra_body={"reasoning_format": "none"})
+            assert got == (None, reply, "stop"), stream
+        # cut by max_tokens inside the block: all of it is reasoning, content empty
+        ids = llm.tokenize(reply, add_special_tokens=False)
+        inside = next(k for k in range(len(ids)) if "greets" in llm.tokenizer.decode(ids[:k]))
+        for stream in (False, True):
+            got = _thinking_reply(client, stream, model="tiny", messages=_chat("Hi"), max_tokens=inside)
+            assert got[0].startswith("The user greets") and got[1:] == ("", "length"), (stream, got)
+    # a reply without a block: no reasoning_content
+    _script(llm, monkeypatch, "  Just <think> an answer.")
+    for stream in (False, True):
+        assert _thinking_reply(client, stream, model="tiny", messages=_chat("Hi"),
+                               max_tokens=200) == (None, "  Just <think> an answer.", "stop"), stream
+
+
+def test_the_server_default_reasoning_format_none_keeps_the_block_in_content(llm, qwen3_template, monkeypatch):
+    from pyllm.serve import Completions
+
+    _script(llm, monkeypatch, "<think>x</think>y")
+    body = {"messages": _chat("Hi"), "max_tokens": 50}
+    message = Completions(llm, "tiny", reasoning_format="none").create(body, chat=True)["choices"][0]["message"]
+    assert message["content"] == "<think>x</think>y" and "reasoning_content" not in message
+    message = llm.create_chat_completion(**body)["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("x", "y")
+    with pytest.raises(ValueError, match="reasoning_format"):
+        Completions(llm, "tiny", reasoning_format="raw")
+
+
+def test_chat_template_kwargs_reach_the_template(live, llm, qwen3_template, monkeypatch):
+    """chat_template_kwargs (llama.cpp's and vLLM's field: {"enable_thinking": false} turns Qwen3's
+    thinking off) was ignored in silence. It reaches the template, in the server, create_chat_completion
+    and LLM.chat; a variable pyllm sets itself is refused, naming the field."""
+    client = live.client()
+    messages = _chat("Hi")
+    off = llm.chat_prompt_ids(messages, chat_template_kwargs={"enable_thinking": False})
+    assert llm.tokenizer.decode(off).endswith("<think>\n\n</think>\n\n")
+    assert len(off) > len(llm.chat_prompt_ids(messages))
+    for kwargs, expected in (({"enable_thinking": False}, len(off)), ({}, len(llm.chat_prompt_ids(messages)))):
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                               extra_body={"chat_template_kwargs": kwargs})
+        assert reply.usage.prompt_tokens == expected
+        answer = llm.create_chat_completion(messages=messages, max_tokens=1, chat_template_kwargs=kwargs)
+        assert answer["usage"]["prompt_tokens"] == expected
+    _script(llm, monkeypatch, "Hello")
+    assert llm.chat(messages, chat_template_kwargs={"enable_thinking": False}, max_new_tokens=5) == "Hello"
+    for bad in ({"messages": []}, {"add_generation_prompt": False}, {"tools": []}, {"bos_token": "x"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                           extra_body={"chat_template_kwargs": bad})
+        assert e.value.body["param"] == "chat_template_kwargs" and repr(next(iter(bad))) in e.value.body["message"]
+        with pytest.raises(pyllm.chat_template.TemplateError, match="chat_template_kwargs"):
+            llm.chat(messages, chat_template_kwargs=bad)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=messages, extra_body={"chat_template_kwargs": [1]})
+    assert e.value.body["param"] == "chat_template_kwargs"
+    with pytest.raises(openai.BadRequestError) as e:  # a chat field on /v1/completions: refused, not ignored
+        client.completions.create(model="tiny", prompt="Hi", extra_body={"chat_template_kwargs": {}})
+    assert e.value.body["param"] == "chat_template_kwargs"
+
+
+def test_a_block_the_prompt_opens_is_reasoning(live, llm, monkeypatch):
+    """Templates that open the block for the model (DeepSeek-R1's, Qwen3-thinking's: the generation
+    prompt ends with <think>) get replies that start inside it, with no opening tag: everything up to
+    </think> is reasoning. A reply held to a grammar (response_format) cannot think first: it is content."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    old, llm.chat_template = llm.chat_template, template
+    try:
+        client = live.client()
+        with monkeypatch.context() as patch:
+            _script(llm, patch, "Two and two.\n</think>\n\n4")
+            for stream in (False, True):
+                assert _thinking_reply(client, stream, model="tiny", messages=_chat("2+2?"),
+                                       max_tokens=100) == ("Two and two.", "4", "stop"), stream
+        for stream in (False, True):
+            got = _thinking_reply(client, stream, model="tiny", messages=_chat("2+2?"), max_tokens=20,
+                                  response_format={"type": "json_object"})
+            assert got[0] is None and got[1].startswith("{"), (stream, got)
+    finally:
+        llm.chat_template = old
+
+
+def test_tool_calls_written_while_thinking_are_no_calls(live, llm, qwen3_template, monkeypatch):
+    """A model that mentions a call in its think block ("I could write <tool_call>...") made that a
+    call; only calls in the content after the block are calls."""
+    fake = _written_calls("qwen", [("get_weather", {"city": "Paris", "days": 1})])
+    real = _written_calls("qwen", [("get_time", {"zone": "UTC"})])
+    _script(llm, monkeypatch, f"<think>\nI could call {fake} but time is better.\n</think>\n\nChecking.\n{real}")
+    client = live.client()
+    for stream in (False, True):
+        options = dict(model="tiny", messages=_chat("Time?"), tools=[WEATHER, TIME], max_tokens=300)
+        if stream:
+            chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
+            reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            calls = [(d.function.name, json.loads(d.function.arguments))
+                     for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason][0]
+        else:
+            choice = client.chat.completions.create(**options).choices[0]
+            reasoning, content = choice.message.reasoning_content, choice.message.content
+            calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+            finish = choice.finish_reason
+        assert reasoning == f"I could call {fake} but time is better.", (stream, reasoning)
+        assert (content, calls, finish) == ("Checking.", [("get_time", {"zone": "UTC"})], "tool_calls"), stream
