@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 
 QUANT_NAMES = ["f32", "f16", "bf16", "int8", "int4", "int4_sym", "int4_asym", "int4_asym_dq"]
 
@@ -249,6 +250,7 @@ def _open(args, path: str | None = None):
     stderr when --ctx passes the positions the model was trained on (rotary and ALiBi models run
     there, as in llama.cpp and transformers, but predict poorly; a model with learned positions
     refuses such a context)."""
+    from .errors import ContextLengthWarning
     from .llm import LLM
 
     _check_sizes(args)
@@ -257,10 +259,12 @@ def _open(args, path: str | None = None):
     ctx = args.ctx
     if adapter is not None and args.command == "perplexity":  # each window follows the adapter's virtual
         ctx += _virtual_tokens(path, adapter)  # tokens: the context holds both
-    llm = LLM(path, n_threads=args.threads, context_length=ctx,
-              chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
-              kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
-              activation_quant=args.activation_quant, adapter=adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ContextLengthWarning)  # said below, in the command's words
+        llm = LLM(path, n_threads=args.threads, context_length=ctx,
+                  chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
+                  kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
+                  activation_quant=args.activation_quant, adapter=adapter)
     trained = llm.config.max_position_embeddings
     if args.ctx is not None and args.ctx > trained:
         print(f"pyllm {args.command}: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained "

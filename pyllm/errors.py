@@ -38,6 +38,11 @@ class RequestError(PyllmError):
         self.status, self.param, self.code = status, param, code
 
 
+class ContextLengthWarning(UserWarning):
+    """LLM(context_length=...) past the positions the model was trained on: rotary and ALiBi models
+    run there, as in llama.cpp and transformers, but predict poorly."""
+
+
 PASSING = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, PyllmError)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 from .chat_template import (TemplateError, chat_template_origin, check_chat_template, check_template_variables,
                             normalize_messages, render_chat, resolve_chat_template, template_stop)
 from .formats.packed import PackedModel
-from .errors import LimitError, PyllmError
+from .errors import ContextLengthWarning, LimitError, PyllmError
 from .formats.safetensors import FormatError
 from .limits import (RenderLimits, check_context_length, check_kv_cache_bytes, check_logits_bytes, check_parallel,
                      check_threads)
@@ -504,7 +505,8 @@ class LLM:
     engine has no such choice (ValueError). It is fixed once the engine has run (ValueError after).
 
     context_length: 1 .. pyllm.limits.MAX_CONTEXT_LENGTH tokens (default: the model's, at most
-    DEFAULT_CONTEXT, 4096); n_threads: 1 .. MAX_THREADS (default _core.default_threads(): the CPUs
+    DEFAULT_CONTEXT, 4096; past the model's trained positions a ContextLengthWarning, and LimitError
+    for learned positions); n_threads: 1 .. MAX_THREADS (default _core.default_threads(): the CPUs
     this process may run on, at most its container's CPU quota); n_parallel: 1 .. MAX_PARALLEL
     (LimitError, a ValueError, otherwise). verify=True checks every tensor's checksum and the
     header's before loading (FormatError on a mismatch; `pyllm verify` does the same from the
@@ -628,6 +630,10 @@ class LLM:
         if self.config.position_embedding == "learned" and n_ctx > self.config.max_position_embeddings:
             raise LimitError(f"context_length {n_ctx} exceeds the model's {self.config.max_position_embeddings} "
                              "learned positions")
+        if n_ctx > self.config.max_position_embeddings:
+            warnings.warn(f"context_length {n_ctx} exceeds the {self.config.max_position_embeddings} tokens the model "
+                          "was trained on; positions beyond them give unreliable predictions", ContextLengthWarning,
+                          stacklevel=4)
         if device == "cuda" and n_parallel != 1:
             raise ValueError("the CUDA engine holds one sequence (n_parallel=1); run batches on the CPU")
         if device == "cuda" and kv_cache not in ("auto", "f32"):

@@ -332,10 +332,28 @@ def test_run_and_serve_warn_past_the_trained_context_as_perplexity_does(tiny_lla
     args = cli.build_parser().parse_args(["serve", tiny_llama_f32, "--ctx", "1000", "-t", "1", "--parallel", "1"])
     with cli._open(args) as llm:
         assert llm.context_length == 1000
-    assert "pyllm serve: warning: --ctx 1000 exceeds the 256 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pyllm serve: warning: --ctx 1000 exceeds the 256 tokens" in err and err.count("exceeds") == 1
     for ctx in ([], ["-c", "256"]):
         assert cli.main(["run", tiny_llama_f32, *ctx, "-n", "1", "-t", "1", "--raw", "-p", "Paris is"]) == 0
         assert "exceeds" not in capsys.readouterr().err
+
+
+def test_the_api_warns_past_the_trained_context(tiny_llama_f32):
+    """LLM(context_length=...) past the trained positions ran without a word in Python (only the CLI
+    warned): a ContextLengthWarning now, pointing at the caller's line; none within them."""
+    import warnings
+
+    import pyllm
+    from pyllm.errors import ContextLengthWarning
+
+    with pytest.warns(ContextLengthWarning, match="context_length 300 exceeds the 256 tokens the model was trained") as got:
+        pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=300).close()
+    assert got[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContextLengthWarning)
+        pyllm.LLM(tiny_llama_f32, n_threads=1, context_length=256).close()
+        pyllm.LLM(tiny_llama_f32, n_threads=1).close()
 
 
 @pytest.mark.parametrize("model", ["tiny", "default"])
