@@ -86,14 +86,16 @@ def merge_completion_logprobs(a: dict | None, b: dict) -> dict:
     return {key: a[key] + b[key] for key in a}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
     """OpenAI's usage object, with its details; cached_tokens: prompt tokens whose keys/values were
-    reused, not computed. No token is audio, a prediction or hidden reasoning (a model's thinking is
-    returned, as reasoning_content or in the content, and counted in completion_tokens): those counts are 0."""
+    reused, not computed; reasoning_tokens: completion tokens of think blocks returned as
+    reasoning_content (none is hidden: they count in completion_tokens too, as OpenAI counts them).
+    No token is audio or a prediction: those counts are 0."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens), "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0,
                                           "rejected_prediction_tokens": 0}}
 
 

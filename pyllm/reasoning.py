@@ -59,6 +59,28 @@ def split(text: str, tags: ThinkTags, opened: bool) -> Split:
     return Split(text[:end].strip(), text[end + len(tags.close):].lstrip())
 
 
+def reasoning_tokens(decode, n: int, tags: ThinkTags, opened: bool) -> int:
+    """How many of a reply's n tokens belong to its think block (its tags included; all n when the
+    block never closed, 0 without one): decode(k) is the text of its first k tokens. A binary search
+    over k (a prefix has a closed block from the token that ends it on): O(log n) decodes."""
+    def closed(k: int) -> bool:
+        parts = split(decode(k), tags, opened)
+        return parts.reasoning is not None and parts.closed
+
+    if split(decode(n), tags, opened).reasoning is None:
+        return 0
+    low, high = 0, n  # the first k whose text holds the closed block lies in (low, high]
+    if not closed(n):
+        return n
+    while high - low > 1:
+        mid = (low + high) // 2
+        if closed(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 class ReasoningStream:
     """Streams a reply as (reasoning, content) pieces, the same texts split() gives the whole reply.
 

@@ -488,6 +488,7 @@ class _Plan:
     tools: object = None  # a tool_calls.ToolFormat when the reply may hold tool calls
     # (reasoning.ThinkTags, whether the prompt opened the block) when a think block is reasoning_content
     reasoning: tuple | None = None
+    reasoning_tokens: dict = field(default_factory=dict)  # per choice that thought: its think block's tokens
     echo_logprobs: dict = field(default_factory=dict)  # per prompt, computed once for its n choices
     echo_lock: threading.Lock = field(default_factory=threading.Lock)  # (choices run together)
 
@@ -586,6 +587,8 @@ class _ChoiceChunks:
             reasoning, content = self.reasoning.finish()
             if reasoning:
                 out.append(responses.chat_delta(self.index, reasoning=reasoning))
+            if self.reasoning.had_reasoning:
+                self.completions._count_reasoning(self.plan, self.index, self.all_tokens)
         if self.tools is not None:
             sent = self.tools.feed(content) if content else ""
             parts = self.completions._reply_parts(self.plan, self.all_tokens, "".join(self.texts), stream.stats)
@@ -869,6 +872,8 @@ class Completions:
             if plan.tools is not None or plan.reasoning is not None:
                 parts = self._reply_parts(plan, tokens, text, stream.stats)
                 reasoning, text = parts.reasoning, parts.content
+            if reasoning is not None:
+                self._count_reasoning(plan, index, tokens)
             if plan.tools is not None:
                 parsed = plan.tools.split(parts.tool_text, cut=parts.cut)
                 calls = parsed.calls
@@ -902,7 +907,24 @@ class Completions:
     def _usage(self, plan: _Plan, streams) -> dict:
         """Prompt tokens count once per prompt, as do the cached ones (those of its first choice)."""
         return responses.usage(sum(len(p) for p in plan.prompts), sum(s.stats.generated_tokens for s in streams),
-                               sum(s.stats.cached_tokens for s in streams[::plan.n]))
+                               sum(s.stats.cached_tokens for s in streams[::plan.n]),
+                               sum(plan.reasoning_tokens.values()))
+
+    def _count_reasoning(self, plan: _Plan, index: int, tokens: list) -> None:
+        """Records how many of choice index's tokens (TokenLogprob) its think block took
+        (reasoning.reasoning_tokens), for usage's reasoning_tokens."""
+        from .reasoning import reasoning_tokens
+        from .tool_calls import special_token_id
+
+        tokenizer = self.llm.tokenizer
+        tags, opened = plan.reasoning
+        think = {special_token_id(tags.open, tokenizer), special_token_id(tags.close, tokenizer)}
+        kept = [k for k, t in enumerate(tokens) if t.id in think or t.id not in tokenizer.special_ids]
+        ids = [tokens[k].id for k in kept]
+        count = reasoning_tokens(lambda k: tokenizer.decode(ids[:k], skip_special_tokens=False), len(ids), tags,
+                                 opened)
+        if count:  # the tokens up to the one that closed the block, special ones between them too
+            plan.reasoning_tokens[index] = kept[count - 1] + 1
 
     # -- answers and chunks -----------------------------------------------------------------------
     def head(self, req, chat: bool) -> dict:

@@ -1805,12 +1805,25 @@ def test_a_think_block_is_reasoning_content(live, llm, qwen3_template, monkeypat
             got = _thinking_reply(client, stream, model="tiny", messages=_chat("Hi"), max_tokens=200,
                                   extra_body={"reasoning_format": "none"})
             assert got == (None, reply, "stop"), stream
-        # cut by max_tokens inside the block: all of it is reasoning, content empty
+        # usage counts the block's tokens (its tags too) as reasoning_tokens, streamed or not
         ids = llm.tokenize(reply, add_special_tokens=False)
+        block = next(k for k in range(len(ids) + 1) if "</think>" in llm.tokenizer.decode(ids[:k]))
+        assert 10 < block < len(ids) - 3
+        usage = client.chat.completions.create(model="tiny", messages=_chat("Hi"), max_tokens=200).usage
+        assert usage.completion_tokens_details.reasoning_tokens == block
+        chunks = list(client.chat.completions.create(model="tiny", messages=_chat("Hi"), max_tokens=200, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == block
+        usage = client.chat.completions.create(model="tiny", messages=_chat("Hi"), max_tokens=200,
+                                               extra_body={"reasoning_format": "none"}).usage
+        assert usage.completion_tokens_details.reasoning_tokens == 0
+        # cut by max_tokens inside the block: all of it is reasoning, content empty
         inside = next(k for k in range(len(ids)) if "greets" in llm.tokenizer.decode(ids[:k]))
         for stream in (False, True):
             got = _thinking_reply(client, stream, model="tiny", messages=_chat("Hi"), max_tokens=inside)
             assert got[0].startswith("The user greets") and got[1:] == ("", "length"), (stream, got)
+        usage = client.chat.completions.create(model="tiny", messages=_chat("Hi"), max_tokens=inside, n=2).usage
+        assert usage.completion_tokens_details.reasoning_tokens == 2 * inside == usage.completion_tokens
     # a reply without a block: no reasoning_content
     _script(llm, monkeypatch, "  Just <think> an answer.")
     for stream in (False, True):
