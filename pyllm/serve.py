@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
 "stream": true; usage with its details; system_fingerprint; finish_reason "stop"/"length"/
-"tool_calls"), GET /v1/models, GET
+"tool_calls"), POST /v1/responses (OpenAI's Responses API, run as a chat completion:
+pyllm/responses_api.py), GET /v1/models, GET
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
 slash, or "//"). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
@@ -54,6 +55,8 @@ from .errors import LimitError, PyllmError, RequestError
 from .limits import ServerLimits as Limits
 from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
+from .responses_api import ResponseEvents, chat_body, response_object, renamed
+from .responses_api import sse as responses_sse
 from .tool_calls import ToolError
 
 try:  # (pydantic: LLM.create_completion needs it without starlette)
@@ -431,6 +434,9 @@ async def _together(choices: list, most: int) -> AsyncIterator:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+_DONE = object()  # the end of a streamed answer's chunks (Server._chunks)
 
 
 class _Tokens:
@@ -1099,6 +1105,7 @@ class Server(Completions):
         app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/responses", self.responses, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
@@ -1265,12 +1272,17 @@ class Server(Completions):
     async def completions(self, request: "Request"):
         return await self._handle(request, chat=False)
 
-    async def _handle(self, request: "Request", chat: bool):
+    async def responses(self, request: "Request"):
+        """OpenAI's Responses API, run as the chat completion it asks for (pyllm/responses_api.py)."""
+        return await self._handle(request, chat=True, responses=True)
+
+    async def _handle(self, request: "Request", chat: bool, responses: bool = False):
         started = time.perf_counter()
         try:
-            req = await self._parse(request, lambda raw: self.parse(raw, chat))
+            parsed = await self._parse(request, lambda raw: self.parse(raw, chat, responses))
         except Exception as e:
-            return error_response(e)
+            return error_response(renamed(e) if responses else e)
+        req, body = parsed if responses else (parsed, None)  # body: the Responses request, as sent
         if not self.slots.take():
             return self._busy()
         handed_over = False  # whether the streaming response now releases the slot
@@ -1282,7 +1294,7 @@ class Server(Completions):
             plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
             head = self.head(req, chat)
             if req.stream:
-                events = self._events(plan, streams, request, head, req.include_usage, started)
+                events = self._events(plan, streams, request, head, req.include_usage, started, body)
                 handed_over = True
                 return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
 
@@ -1305,21 +1317,25 @@ class Server(Completions):
                 return _error("the request was cancelled", 499)
             answer = await asyncio.to_thread(self.answer, head, plan, [replies[k] for k in range(len(streams))],
                                              streams)
+            if body is not None:
+                answer = response_object(body, answer)
             self._log(request, plan, streams, started)
             return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
         except Exception as e:
-            return error_response(e)
+            return error_response(renamed(e) if responses else e)
         finally:
             if not handed_over:
                 self.slots.release()
 
-    def parse(self, raw: bytes, chat: bool):
+    def parse(self, raw: bytes, chat: bool, responses: bool = False):
         """The validated request (api_schema's ChatCompletionRequest or CompletionRequest) of a body
-        (bytes), within the prompt length limit; RequestError otherwise. Slow on a large body: call
-        it in a worker thread."""
-        req = parse_request(parse_body(raw), chat)
+        (bytes), within the prompt length limit; RequestError otherwise. responses: the body is a
+        Responses request, read as the chat request it asks for; (that request, the body) is returned.
+        Slow on a large body: call it in a worker thread."""
+        body = parse_body(raw)
+        req = parse_request(chat_body(body) if responses else body, chat)
         check_prompt_length(req, self.limits, "messages" if chat else "prompt")
-        return req
+        return (req, body) if responses else req
 
     def _log(self, request, plan: _Plan, streams, started: float) -> None:
         generated = sum(s.stats.generated_tokens for s in streams)
@@ -1332,22 +1348,33 @@ class Server(Completions):
 
     # -- streaming ------------------------------------------------------------------------------
     async def _events(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
-                      started: float) -> AsyncIterator[str]:
-        """The server-sent events of a streamed answer; an error after the headers went out becomes
-        an event holding the error object."""
-        events = self._chunks(plan, streams, request, head, include_usage, started)
+                      started: float, responses: dict | None = None) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer: its chunks, then [DONE]; or, for a Responses
+        request (responses: its body), the Responses events they make. An error after the headers
+        went out becomes an event holding the error object."""
+        chunks = self._chunks(plan, streams, request, head, include_usage, started)
+        converter = ResponseEvents(responses, head["model"]) if responses is not None else None
         try:
-            async for event in events:
-                yield event
+            for event in converter.start() if converter else ():
+                yield responses_sse(event)
+            async for chunk in chunks:
+                if converter is None:
+                    yield "data: [DONE]\n\n" if chunk is _DONE else _sse(chunk)
+                elif chunk is not _DONE:
+                    for event in converter.feed(chunk):
+                        yield responses_sse(event)
         except Exception as e:
-            yield _sse(error_info(e)[1])
+            error = error_info(e)[1]
+            yield responses_sse(converter.error(error)) if converter else _sse(error)
         finally:
-            await events.aclose()  # now, not when garbage collected: a client that left cancels its generation
+            await chunks.aclose()  # now, not when garbage collected: a client that left cancels its generation
 
     async def _chunks(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
-                      started: float) -> AsyncIterator[str]:
+                      started: float) -> AsyncIterator[dict]:
+        """The chunk objects of a streamed answer, then _DONE once every choice has ended (nothing
+        more when a client went away)."""
         def event(choice, usage=None):
-            return _sse(self.chunk(head, plan, choice, include_usage, usage))
+            return self.chunk(head, plan, choice, include_usage, usage)
 
         async def choice(index, stream):
             made = _ChoiceChunks(self, plan, index, stream)
@@ -1376,7 +1403,7 @@ class Server(Completions):
         if include_usage:
             yield event(None, self._usage(plan, streams))
         self._log(request, plan, streams, started)
-        yield "data: [DONE]\n\n"
+        yield _DONE
 
     async def _pieces(self, stream, request: "Request") -> AsyncIterator[str]:
         """The stream's text pieces, produced in a worker thread at most PIECES_AHEAD ahead of the

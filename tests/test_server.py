@@ -923,9 +923,9 @@ def test_bodies_waiting_to_be_parsed_are_bounded(llm, monkeypatch):
     release = threading.Event()
     parse = Server.parse
 
-    def slow(self, raw, chat):
+    def slow(self, raw, chat, responses=False):
         release.wait(30)
-        return parse(self, raw, chat)
+        return parse(self, raw, chat, responses)
     monkeypatch.setattr(Server, "parse", slow)
     server = LiveServer(llm, max_queue=2)
     try:

@@ -1209,7 +1209,7 @@ def test_model_card_tokenize_detokenize(live, llm):
 def test_unknown_routes_and_methods_get_openai_errors(live):
     """A path the server does not have, or a method its route does not take, is answered with
     OpenAI's error object like every other refusal (Starlette answered in plain text)."""
-    for method, path, status in [("POST", "/v1/responses", 404), ("GET", "/v1/chat/completions", 405),
+    for method, path, status in [("POST", "/v1/messages", 404), ("GET", "/v1/chat/completions", 405),
                                  ("DELETE", "/v1/models", 405), ("GET", "/nothing/here", 404)]:
         request = urllib.request.Request(live.url + path, method=method, data=b"{}" if method == "POST" else None)
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -1219,7 +1219,7 @@ def test_unknown_routes_and_methods_get_openai_errors(live):
         assert reply["error"]["type"] == "invalid_request_error"
         assert (e.value.headers.get("allow") is not None) == (status == 405)  # the methods it takes
     with pytest.raises(openai.NotFoundError, match="/v1/chat/completions"):
-        live.client().responses.create(model="tiny", input="hi")
+        live.client().images.generate(prompt="hi")
 
 
 def test_every_route_takes_a_trailing_slash(live, llm):

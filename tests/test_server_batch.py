@@ -624,3 +624,24 @@ def test_streams_left_unread_give_their_slots_to_waiting_requests(batched, alone
     assert texts == [alone.generate(PROMPTS[i], max_new_tokens=300, temperature=0,
                                     logit_bias={int(k): v for k, v in ban.items()}) for i in range(4)]
     _idle(batched)
+
+
+def test_responses_run_together_and_equal_the_sequential_ones(batched, alone):
+    """/v1/responses on the batching server: 4 streamed and 4 whole responses at once give, greedy, the
+    text each prompt gives alone."""
+    client = batched.client()
+    no_eos = {int(token): bias for token, bias in _no_eos(alone).items()}
+    expected = [alone.chat([{"role": "user", "content": p}], max_new_tokens=12, temperature=0, logit_bias=no_eos)
+                for p in PROMPTS]
+
+    def respond(k):
+        options = dict(model="tiny", input=PROMPTS[k % len(PROMPTS)], max_output_tokens=12, temperature=0,
+                       extra_body={"logit_bias": _no_eos(alone)})
+        if k < len(PROMPTS):
+            return client.responses.create(**options).output_text
+        events = list(client.responses.create(stream=True, **options))
+        assert events[-1].type == "response.incomplete" and events[-1].response.usage.output_tokens == 12
+        return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+    assert _together(respond, list(range(2 * len(PROMPTS)))) == expected * 2
+    _idle(batched)

@@ -41,6 +41,17 @@ REQUESTS = {
     "completion-options": (0, {"prompt": ["Paris", "Rome"], "n": 2, "echo": True, "logprobs": 2, "max_tokens": 2,
                                "logit_bias": {"5": -100}, "presence_penalty": 0.5, "stop_token_ids": [7],
                                "response_format": {"type": "regex", "regex": "[a-z ]+"}}),
+    "responses": (2, {"instructions": "Be brief.", "max_output_tokens": 3, "stream": True, "top_logprobs": 2,
+                      "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                                {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text",
+                                                                                  "text": "Greet."}]},
+                                {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]},
+                                {"role": "user", "content": "Weather?"}],
+                      "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}}}),
+    "responses-calls": (2, {"input": [{"role": "user", "content": "weather?"},
+                                      {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+                                      {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+                            "max_output_tokens": 4, "temperature": 0.5, "parallel_tool_calls": False}),
 }
 
 
@@ -79,9 +90,9 @@ def main() -> None:
     for name, source in BUILTIN_TEMPLATES.items():
         with open(os.path.join(corpus, "template", f"builtin-{name}.jinja"), "w", encoding="utf-8") as f:
             f.write(source)
-    for name, (chat, body) in REQUESTS.items():
+    for name, (kind, body) in REQUESTS.items():  # kind: the endpoint (tools/fuzz/targets.py ENDPOINTS)
         with open(os.path.join(corpus, "request", f"{name}.bin"), "wb") as f:
-            f.write(bytes([chat]) + json.dumps(body, ensure_ascii=False).encode())
+            f.write(bytes([kind]) + json.dumps(body, ensure_ascii=False).encode())
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ exception, a crash, a hang or a sanitizer report is a bug.
   gguf       a GGUF file: the converter's GGUF source (config, tokenizer, every tensor)
   tokenizer  an embedded tokenizer blob (first byte: 0 = tokenizer.json, 1 = sentencepiece model)
   template   a chat template (Jinja source) rendered with fixed messages under RenderLimits
-  request    an HTTP request body to /v1/completions or /v1/chat/completions (first byte picks),
-             parsed and started on a tiny model as `pyllm serve` does, up to the first piece
+  request    an HTTP request body to /v1/completions, /v1/chat/completions or /v1/responses (the
+             first byte picks: ENDPOINTS), parsed and started on a tiny model as `pyllm serve`
+             does, up to the first piece
 
 tools/fuzz/run.py drives them with atheris; tests/test_fuzz.py replays the seed corpus
 (tools/fuzz/corpus/<target>/) through them.
@@ -137,14 +138,20 @@ def _tiny_server():
     return _server
 
 
+# the request target's endpoints, by its first byte (modulo their count): (chat, responses)
+ENDPOINTS = ((False, False), (True, False), (True, True))  # completions, chat completions, responses
+
+
 def request(data: bytes) -> None:
     from pyllm.structured import GrammarUnavailable
 
     if not data:
         return
-    server, chat = _tiny_server(), data[0] % 2 == 1
+    server = _tiny_server()
+    chat, responses = ENDPOINTS[data[0] % len(ENDPOINTS)]
     try:
-        _, streams = server.start(server.parse(data[1:], chat), chat)
+        parsed = server.parse(data[1:], chat, responses)
+        _, streams = server.start(parsed[0] if responses else parsed, chat)
     except (*EXPECTED, GrammarUnavailable):  # what the server answers with 4xx
         return
     stream = streams[0]
