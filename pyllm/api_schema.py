@@ -241,6 +241,12 @@ def _logit_bias_key(key: str) -> int:
     return int(key)
 
 
+# pyllm's and llama.cpp's chat request fields beyond OpenAI's Responses and Anthropic's Messages
+# fields: those dialects (pyllm/responses_api.py, pyllm/anthropic_api.py) pass them on to chat
+EXTENSIONS = ("top_k", "min_p", "typical_p", "repetition_penalty", "repeat_penalty", "presence_penalty",
+              "frequency_penalty", "logit_bias", "seed", "stop_token_ids", "chat_template_kwargs", "reasoning_format")
+
+
 class _Sampling(_Body):
     """The fields both endpoints share."""
     model: str | None = None
@@ -569,6 +575,27 @@ def _param(loc: tuple) -> str | None:
         else:
             parts.append(("." if parts else "") + item)
     return "".join(parts) or None
+
+
+def renamed_error(error: Exception, names: tuple) -> Exception:
+    """An error of the chat request's checks, for another API read into a chat request (pyllm/
+    responses_api.py, pyllm/anthropic_api.py): a RequestError naming a chat field names the field it
+    came from. names: (chat field, its field, whether paths below map one to one) triples; where they
+    do not (messages made from input items), the error names the field as a whole and its message
+    keeps the chat path ("input: messages[2].content: ..."). Other errors come back as they are."""
+    if not isinstance(error, RequestError) or not error.param:
+        return error
+    for chat_name, name, same_paths in names:
+        if error.param == chat_name or error.param.startswith((chat_name + ".", chat_name + "[")):
+            message = str(error)
+            if not same_paths:
+                param, message = name, f"{name}: {message}"
+            else:
+                param = name + error.param[len(chat_name):]
+                if message.startswith(error.param):
+                    message = param + message[len(error.param):]
+            return RequestError(message, error.status, param, error.code)
+    return error
 
 
 def _request_error(error: ValidationError) -> RequestError:

@@ -25,15 +25,12 @@ import json
 import time
 import uuid
 
+from .api_schema import EXTENSIONS, renamed_error
 from .errors import RequestError
 
 # the request fields a chat completions request takes under the same name and meaning
-SAME_FIELDS = ("model", "temperature", "top_p", "stream", "user", "metadata", "store",
-               "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
-               # pyllm's and llama.cpp's extensions of chat completions
-               "top_k", "min_p", "typical_p", "repetition_penalty", "repeat_penalty", "presence_penalty",
-               "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "chat_template_kwargs",
-               "reasoning_format")
+SAME_FIELDS = ("model", "temperature", "top_p", "stream", "user", "metadata", "store", "service_tier",
+               "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "stop", *EXTENSIONS)
 # fields that need what pyllm does not keep or have: (field, why)
 REFUSED = (("previous_response_id", "pyllm stores no responses: send the whole conversation in input"),
            ("conversation", "pyllm stores no conversations: send the whole conversation in input"),
@@ -103,27 +100,15 @@ def chat_body(body: dict) -> dict:
 
 
 # chat request fields and the Responses fields they come from, for errors the chat checks raise
-RESPONSES_NAMES = (("max_completion_tokens", "max_output_tokens"), ("response_format.json_schema", "text.format"),
-                   ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort"),
-                   ("top_logprobs", "top_logprobs"), ("messages", "input"))
+# (api_schema.renamed_error): (chat field, Responses field, whether paths below map one to one)
+RESPONSES_NAMES = (("max_completion_tokens", "max_output_tokens", True),
+                   ("response_format.json_schema", "text.format", True), ("response_format", "text.format", True),
+                   ("reasoning_effort", "reasoning.effort", True), ("messages", "input", False))
 
 
 def renamed(error: Exception) -> Exception:
-    """An error of the chat request's checks (api_schema, the template, the length check) naming the
-    Responses field the chat field came from (max_completion_tokens is max_output_tokens; messages[k]
-    is input, whose items do not map one to one); any other error as it is."""
-    if not isinstance(error, RequestError) or not error.param:
-        return error
-    for chat_name, name in RESPONSES_NAMES:
-        if error.param == chat_name or error.param.startswith((chat_name + ".", chat_name + "[")):
-            param = "input" if chat_name == "messages" else name + error.param[len(chat_name):]
-            message = str(error)
-            if chat_name == "messages":
-                message = f"input: {message}"
-            elif message.startswith(error.param):
-                message = param + message[len(error.param):]
-            return RequestError(message, error.status, param, error.code)
-    return error
+    """An error of the chat request's checks naming the Responses field its chat field came from."""
+    return renamed_error(error, RESPONSES_NAMES)
 
 
 def _list(value, param: str) -> list:
@@ -301,7 +286,7 @@ def call_item(call: dict, status: str = "completed", arguments: str | None = Non
             "arguments": call["function"]["arguments"] if arguments is None else arguments, "status": status}
 
 
-def response_object(body: dict, answer: dict) -> dict:
+def response_object(body: dict, answer: dict, streams=None) -> dict:
     """The Response of a Responses request (body) whose chat answer (one choice) is `answer`."""
     choice = answer["choices"][0]
     message = choice["message"]
@@ -322,7 +307,7 @@ class ResponseEvents:
     open and close as the chunks' deltas go from reasoning to content to tool calls; the last chunk
     (usage) ends the stream with response.completed (or response.incomplete)."""
 
-    def __init__(self, body: dict, model: str):
+    def __init__(self, body: dict, model: str, plan=None, streams=None):
         self.body = body
         self.response = response_shell(body, model)
         self.sequence = 0
@@ -423,6 +408,7 @@ class ResponseEvents:
                 self._event("response.output_item.done", output_index=index, item=item)]
 
 
-def sse(event: dict) -> str:
-    """One Responses stream event as server-sent-event text (named by its type, as OpenAI sends it)."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+def error_body(status: int, error: dict) -> dict:
+    """An error answer: OpenAI's object, as the chat path makes it."""
+    return error

@@ -2,8 +2,9 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with
 "stream": true; usage with its details; system_fingerprint; finish_reason "stop"/"length"/
-"tool_calls"), POST /v1/responses (OpenAI's Responses API, run as a chat completion:
-pyllm/responses_api.py), GET /v1/models, GET
+"tool_calls"), POST /v1/responses (OpenAI's Responses API) and POST /v1/messages,
+/v1/messages/count_tokens (Anthropic's Messages API), each run as a chat completion (DIALECTS:
+pyllm/responses_api.py, pyllm/anthropic_api.py), GET /v1/models, GET
 /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (each also with a trailing
 slash, or "//"). Request fields are declared in
 pyllm/api_schema.py (validation lives there); responses are built in pyllm/api_responses.py; tool
@@ -55,8 +56,7 @@ from .errors import LimitError, PyllmError, RequestError
 from .limits import ServerLimits as Limits
 from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
-from .responses_api import ResponseEvents, chat_body, response_object, renamed
-from .responses_api import sse as responses_sse
+from . import anthropic_api, responses_api
 from .tool_calls import ToolError
 
 try:  # (pydantic: LLM.create_completion needs it without starlette)
@@ -110,10 +110,31 @@ def error_info(e: BaseException) -> tuple[int, dict]:
     return 500, _error_body(f"internal error: {type(e).__name__}: {e}", 500)
 
 
-def error_response(e: BaseException) -> "JSONResponse":
-    """error_info(e) as a response."""
+def error_response(e: BaseException, dialect: "Dialect | None" = None) -> "JSONResponse":
+    """error_info(e) as a response (in the dialect's shape, for one)."""
     status, body = error_info(e)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(dialect.error_body(status, body) if dialect else body, status_code=status)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Another API served on the chat completions path: its request read as a chat request, the chat
+    answer or chunks written back in its shapes. One module each, with these functions."""
+    chat_body: Callable[[dict], dict]  # its request body -> a chat completions body (RequestError if refused)
+    renamed: Callable[[Exception], Exception]  # an error naming chat fields -> naming its fields
+    answer: Callable[[dict, dict, list], dict]  # (its body, the chat answer, the streams) -> its answer
+    events: Callable  # (its body, model, plan, streams) -> an object with start(), feed(chunk), error(error)
+    error_body: Callable[[int, dict], dict]  # (status, OpenAI error object) -> its error object
+
+
+DIALECTS = {
+    # OpenAI's Responses API (POST /v1/responses)
+    "responses": Dialect(responses_api.chat_body, responses_api.renamed, responses_api.response_object,
+                         responses_api.ResponseEvents, responses_api.error_body),
+    # Anthropic's Messages API (POST /v1/messages)
+    "messages": Dialect(anthropic_api.chat_body, anthropic_api.renamed, anthropic_api.message_object,
+                        anthropic_api.MessageEvents, anthropic_api.error_body),
+}
 
 
 # -- limits: what one request may ask of the server ----------------------------------------------
@@ -434,6 +455,11 @@ async def _together(choices: list, most: int) -> AsyncIterator:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _named_sse(event: dict) -> str:
+    """A dialect's stream event, named by its type as OpenAI's Responses and Anthropic's streams name theirs."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 _DONE = object()  # the end of a streamed answer's chunks (Server._chunks)
@@ -1106,6 +1132,8 @@ class Server(Completions):
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/responses", self.responses, methods=["POST"]),
+            Route("/v1/messages", self.messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
@@ -1120,8 +1148,8 @@ class Server(Completions):
         error object, like every other refusal (Starlette answers them in plain text)."""
         message = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.status_code == 404:
-            message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/embeddings, /tokenize, "
-                        "/detokenize; GET /v1/models, /health)")
+            message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, "
+                        "/v1/messages/count_tokens, /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health)")
         return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -1263,8 +1291,9 @@ class Server(Completions):
         finally:
             self.intake.release()
 
-    def _busy(self) -> "JSONResponse":
-        return _error(f"the server is busy ({self.active} requests running or waiting); try again later", 503)
+    def _busy(self, dialect: Dialect | None = None) -> "JSONResponse":
+        return error_response(RequestError(f"the server is busy ({self.active} requests running or waiting); "
+                                           "try again later", 503), dialect)
 
     async def chat_completions(self, request: "Request"):
         return await self._handle(request, chat=True)
@@ -1274,17 +1303,37 @@ class Server(Completions):
 
     async def responses(self, request: "Request"):
         """OpenAI's Responses API, run as the chat completion it asks for (pyllm/responses_api.py)."""
-        return await self._handle(request, chat=True, responses=True)
+        return await self._handle(request, chat=True, dialect=DIALECTS["responses"])
 
-    async def _handle(self, request: "Request", chat: bool, responses: bool = False):
+    async def messages(self, request: "Request"):
+        """Anthropic's Messages API, run as the chat completion it asks for (pyllm/anthropic_api.py)."""
+        return await self._handle(request, chat=True, dialect=DIALECTS["messages"])
+
+    async def count_tokens(self, request: "Request"):
+        """Anthropic's POST /v1/messages/count_tokens: {"input_tokens": the prompt's tokens}."""
+        dialect = DIALECTS["messages"]
+        try:
+            return await self._parse(request, self._count_tokens)
+        except Exception as e:
+            return error_response(e, dialect)
+
+    def _count_tokens(self, raw: bytes) -> "JSONResponse":
+        dialect = DIALECTS["messages"]
+        req, _ = self.parse(raw, True, dialect, anthropic_api.count_tokens_body)
+        try:
+            return JSONResponse({"input_tokens": len(self._plan(req, True).prompts[0])})
+        except Exception as e:  # (the chat plan's errors name chat fields)
+            raise dialect.renamed(e) from None
+
+    async def _handle(self, request: "Request", chat: bool, dialect: Dialect | None = None):
         started = time.perf_counter()
         try:
-            parsed = await self._parse(request, lambda raw: self.parse(raw, chat, responses))
+            parsed = await self._parse(request, lambda raw: self.parse(raw, chat, dialect))
         except Exception as e:
-            return error_response(renamed(e) if responses else e)
-        req, body = parsed if responses else (parsed, None)  # body: the Responses request, as sent
+            return error_response(e, dialect)
+        req, body = parsed if dialect else (parsed, None)  # body: the dialect's request, as sent
         if not self.slots.take():
-            return self._busy()
+            return self._busy(dialect)
         handed_over = False  # whether the streaming response now releases the slot
         try:
             # template rendering, tokenizing and grammar compiling take seconds on a long prompt; a request
@@ -1294,7 +1343,7 @@ class Server(Completions):
             plan, streams = await asyncio.get_running_loop().run_in_executor(workers, self.start, req, chat)
             head = self.head(req, chat)
             if req.stream:
-                events = self._events(plan, streams, request, head, req.include_usage, started, body)
+                events = self._events(plan, streams, request, head, req.include_usage, started, dialect, body)
                 handed_over = True
                 return EventStreamResponse(events, self.slots.release, self.limits.send_timeout)
 
@@ -1314,28 +1363,39 @@ class Server(Completions):
                                                            self._choices_together):
                     replies[index] = text, tokens
             except _ClientGone:
-                return _error("the request was cancelled", 499)
+                return error_response(RequestError("the request was cancelled", 499), dialect)
             answer = await asyncio.to_thread(self.answer, head, plan, [replies[k] for k in range(len(streams))],
                                              streams)
-            if body is not None:
-                answer = response_object(body, answer)
+            if dialect is not None:
+                answer = dialect.answer(body, answer, streams)
             self._log(request, plan, streams, started)
             return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
-        except Exception as e:
-            return error_response(renamed(e) if responses else e)
+        except Exception as e:  # (the chat plan's errors name chat fields)
+            return error_response(dialect.renamed(e) if dialect else e, dialect)
         finally:
             if not handed_over:
                 self.slots.release()
 
-    def parse(self, raw: bytes, chat: bool, responses: bool = False):
+    def parse(self, raw: bytes, chat: bool, dialect: Dialect | None = None, prepare=None):
         """The validated request (api_schema's ChatCompletionRequest or CompletionRequest) of a body
-        (bytes), within the prompt length limit; RequestError otherwise. responses: the body is a
-        Responses request, read as the chat request it asks for; (that request, the body) is returned.
-        Slow on a large body: call it in a worker thread."""
+        (bytes), within the prompt length limit; RequestError otherwise. dialect: the body is its
+        request, read as the chat request it asks for (after prepare(body), where given); (that
+        request, the body) is returned. Slow on a large body: call it in a worker thread."""
         body = parse_body(raw)
-        req = parse_request(chat_body(body) if responses else body, chat)
+        if dialect is None:
+            req = parse_request(body, chat)
+        else:
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object", param=None, code="invalid_type")
+            chat_request = dialect.chat_body(prepare(body) if prepare else body)  # (its errors name its fields)
+            try:
+                req = parse_request(chat_request, chat)
+                check_prompt_length(req, self.limits, "messages")
+            except Exception as e:
+                raise dialect.renamed(e) from None
+            return req, body
         check_prompt_length(req, self.limits, "messages" if chat else "prompt")
-        return (req, body) if responses else req
+        return req
 
     def _log(self, request, plan: _Plan, streams, started: float) -> None:
         generated = sum(s.stats.generated_tokens for s in streams)
@@ -1347,25 +1407,25 @@ class Server(Completions):
                  rate, time.perf_counter() - started, finish)
 
     # -- streaming ------------------------------------------------------------------------------
-    async def _events(self, plan: _Plan, streams, request, head: dict, include_usage: bool,
-                      started: float, responses: dict | None = None) -> AsyncIterator[str]:
-        """The server-sent events of a streamed answer: its chunks, then [DONE]; or, for a Responses
-        request (responses: its body), the Responses events they make. An error after the headers
-        went out becomes an event holding the error object."""
+    async def _events(self, plan: _Plan, streams, request, head: dict, include_usage: bool, started: float,
+                      dialect: Dialect | None = None, body: dict | None = None) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer: its chunks, then [DONE]; or, for a dialect's
+        request (body), the events its chunks make in the dialect. An error after the headers went
+        out becomes an event holding the error object."""
         chunks = self._chunks(plan, streams, request, head, include_usage, started)
-        converter = ResponseEvents(responses, head["model"]) if responses is not None else None
+        converter = dialect.events(body, head["model"], plan, streams) if dialect is not None else None
         try:
             for event in converter.start() if converter else ():
-                yield responses_sse(event)
+                yield _named_sse(event)
             async for chunk in chunks:
                 if converter is None:
                     yield "data: [DONE]\n\n" if chunk is _DONE else _sse(chunk)
                 elif chunk is not _DONE:
                     for event in converter.feed(chunk):
-                        yield responses_sse(event)
+                        yield _named_sse(event)
         except Exception as e:
             error = error_info(e)[1]
-            yield responses_sse(converter.error(error)) if converter else _sse(error)
+            yield _named_sse(converter.error(error)) if converter else _sse(error)
         finally:
             await chunks.aclose()  # now, not when garbage collected: a client that left cancels its generation
 
@@ -1500,8 +1560,9 @@ class _TrailingSlash:
 
 
 class _ApiKey:
-    """ASGI middleware: requests without "Authorization: Bearer <key>" get 401 (compared in
-    constant time); /health stays open for load balancers."""
+    """ASGI middleware: requests without "Authorization: Bearer <key>" (or "x-api-key: <key>", as
+    Anthropic's clients send it) get 401 (compared in constant time); /health stays open for load
+    balancers."""
 
     def __init__(self, app, key: str):
         self.app = app
@@ -1509,11 +1570,12 @@ class _ApiKey:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            header = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+            if not bearer and not hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), self.key):
                 response = JSONResponse({"error": {"message": "a valid API key is required (Authorization: Bearer "
-                                                   "<key>)", "type": "invalid_request_error", "param": None,
+                                                   "<key>, or x-api-key: <key>)", "type": "invalid_request_error", "param": None,
                                                    "code": "invalid_api_key"}}, status_code=401)
                 await response(scope, receive, send)
                 return

@@ -1209,7 +1209,7 @@ def test_model_card_tokenize_detokenize(live, llm):
 def test_unknown_routes_and_methods_get_openai_errors(live):
     """A path the server does not have, or a method its route does not take, is answered with
     OpenAI's error object like every other refusal (Starlette answered in plain text)."""
-    for method, path, status in [("POST", "/v1/messages", 404), ("GET", "/v1/chat/completions", 405),
+    for method, path, status in [("POST", "/v1/audio/speech", 404), ("GET", "/v1/chat/completions", 405),
                                  ("DELETE", "/v1/models", 405), ("GET", "/nothing/here", 404)]:
         request = urllib.request.Request(live.url + path, method=method, data=b"{}" if method == "POST" else None)
         with pytest.raises(urllib.error.HTTPError) as e:

@@ -52,6 +52,20 @@ REQUESTS = {
                                       {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
                                       {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
                             "max_output_tokens": 4, "temperature": 0.5, "parallel_tool_calls": False}),
+    "messages": (3, {"system": [{"type": "text", "text": "Be brief."}], "max_tokens": 3, "stream": True,
+                     "stop_sequences": ["\n\n"], "thinking": {"type": "disabled"},
+                     "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                  {"role": "assistant", "content": [{"type": "thinking", "thinking": "Greet.",
+                                                                     "signature": ""},
+                                                                    {"type": "text", "text": "Hello."}]},
+                                  {"role": "user", "content": "Weather?"}]}),
+    "messages-tool-results": (3, {"max_tokens": 4, "temperature": 0.5, "top_k": 5,
+                                  "messages": [{"role": "user", "content": "weather?"},
+                                               {"role": "assistant", "content": [
+                                                   {"type": "tool_use", "id": "t1", "name": "w", "input": {}}]},
+                                               {"role": "user", "content": [
+                                                   {"type": "tool_result", "tool_use_id": "t1", "content": "sunny"},
+                                                   {"type": "text", "text": "so?"}]}]}),
 }
 
 

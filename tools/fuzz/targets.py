@@ -6,8 +6,8 @@ exception, a crash, a hang or a sanitizer report is a bug.
   gguf       a GGUF file: the converter's GGUF source (config, tokenizer, every tensor)
   tokenizer  an embedded tokenizer blob (first byte: 0 = tokenizer.json, 1 = sentencepiece model)
   template   a chat template (Jinja source) rendered with fixed messages under RenderLimits
-  request    an HTTP request body to /v1/completions, /v1/chat/completions or /v1/responses (the
-             first byte picks: ENDPOINTS), parsed and started on a tiny model as `pyllm serve`
+  request    an HTTP request body to /v1/completions, /v1/chat/completions, /v1/responses or
+             /v1/messages (the first byte picks: ENDPOINTS), parsed and started on a tiny model as `pyllm serve`
              does, up to the first piece
 
 tools/fuzz/run.py drives them with atheris; tests/test_fuzz.py replays the seed corpus
@@ -138,20 +138,21 @@ def _tiny_server():
     return _server
 
 
-# the request target's endpoints, by its first byte (modulo their count): (chat, responses)
-ENDPOINTS = ((False, False), (True, False), (True, True))  # completions, chat completions, responses
+# the request target's endpoints, by its first byte (modulo their count): (chat, the dialect's name)
+ENDPOINTS = ((False, None), (True, None), (True, "responses"), (True, "messages"))
 
 
 def request(data: bytes) -> None:
+    from pyllm.serve import DIALECTS
     from pyllm.structured import GrammarUnavailable
 
     if not data:
         return
     server = _tiny_server()
-    chat, responses = ENDPOINTS[data[0] % len(ENDPOINTS)]
+    chat, dialect = ENDPOINTS[data[0] % len(ENDPOINTS)]
     try:
-        parsed = server.parse(data[1:], chat, responses)
-        _, streams = server.start(parsed[0] if responses else parsed, chat)
+        parsed = server.parse(data[1:], chat, DIALECTS[dialect] if dialect else None)
+        _, streams = server.start(parsed[0] if dialect else parsed, chat)
     except (*EXPECTED, GrammarUnavailable):  # what the server answers with 4xx
         return
     stream = streams[0]

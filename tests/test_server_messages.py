@@ -1,0 +1,217 @@
+"""Anthropic's Messages API (POST /v1/messages, /v1/messages/count_tokens) with the official anthropic
+client: the message and its stream equal the chat completion the request asks for; thinking, tool use
+and tool results, stop sequences, the API key as x-api-key; refusals in Anthropic's error shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pyllm
+
+anthropic = pytest.importorskip("anthropic")
+pytest.importorskip("uvicorn")
+pytest.importorskip("pydantic")
+
+from test_server import LiveServer, _request  # noqa: E402
+from test_server_api import _script, _written_calls, live, llm, qwen3_template, tool_template  # noqa: E402,F401
+
+
+def _client(server, **kw):
+    return anthropic.Anthropic(base_url=server.url, api_key=kw.pop("api_key", "none"), max_retries=0, timeout=120,
+                               **kw)
+
+
+def _streamed(client, **options):
+    """(the final message, the raw events) of a streamed request, checked for the order every
+    stream keeps: message_start first, blocks started, delta'd and stopped in index order, then
+    message_delta and message_stop."""
+    with client.messages.stream(**options) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"], kinds
+    started = [e.index for e in events if e.type == "content_block_start"]
+    stopped = [e.index for e in events if e.type == "content_block_stop"]
+    assert started == stopped == list(range(len(final.content))), kinds
+    return final, events
+
+
+def _blocks(message) -> list[dict]:
+    return [block.model_dump(exclude={"id", "citations"}, exclude_none=True) for block in message.content]
+
+
+def test_a_message_is_the_chat_completion_it_asks_for(live, llm):
+    client = _client(live)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Paris is"}]
+    expected = llm.chat(messages, max_new_tokens=6, temperature=0)
+    # (the client's 2.x API has no temperature, its newest models none; older clients send it)
+    options = dict(model="tiny", system="Be brief.", messages=[{"role": "user", "content": "Paris is"}], max_tokens=6,
+                   extra_body={"temperature": 0})
+    plain = client.messages.create(**options)
+    streamed, events = _streamed(client, **options)
+    for message in (plain, streamed):
+        assert _blocks(message) == [{"type": "text", "text": expected}]
+        assert (message.stop_reason, message.stop_sequence) == ("max_tokens", None)
+        assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(llm.chat_prompt_ids(messages))
+        assert message.usage.output_tokens == 6 and message.role == "assistant" and message.model == "tiny"
+        assert message.id.startswith("msg_")
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == expected
+    start = events[0].message
+    assert start.content == [] and start.stop_reason is None and start.usage.input_tokens == len(
+        llm.chat_prompt_ids(messages))
+    # system as text blocks, content as text blocks: the same prompt
+    count = client.messages.count_tokens(model="tiny", system=[{"type": "text", "text": "Be brief."}],
+                                         messages=[{"role": "user", "content": [{"type": "text", "text": "Paris is"}]}])
+    assert count.input_tokens == len(llm.chat_prompt_ids(
+        [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+         {"role": "user", "content": [{"type": "text", "text": "Paris is"}]}]))
+
+
+def test_stop_sequences_and_end_turn(live, llm, monkeypatch):
+    _script(llm, monkeypatch, "Hello there. STOP and more")
+    client = _client(live)
+    options = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=50)
+    for message in (client.messages.create(**options), _streamed(client, **options)[0]):
+        assert message.content[0].text == "Hello there. STOP and more"
+        assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
+    options["stop_sequences"] = ["NEVER", " STOP"]
+    for message in (client.messages.create(**options), _streamed(client, **options)[0]):
+        assert message.content[0].text == "Hello there."
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", " STOP")
+
+
+def test_a_think_block_is_a_thinking_block(live, llm, qwen3_template, monkeypatch):
+    _script(llm, monkeypatch, "<think>\nThe user greets me. 你好\n</think>\n\nHello!")
+    client = _client(live)
+    options = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=100)
+    plain = client.messages.create(**options)
+    streamed, events = _streamed(client, **options)
+    for message in (plain, streamed):
+        assert _blocks(message) == [{"type": "thinking", "thinking": "The user greets me. 你好", "signature": ""},
+                                    {"type": "text", "text": "Hello!"}]
+        assert message.stop_reason == "end_turn"
+    # thinking disabled reaches the template (Qwen3's enable_thinking), and a thinking block given back
+    # is the assistant message's reasoning_content
+    off = client.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       thinking={"type": "disabled"})
+    assert off.input_tokens == len(llm.chat_prompt_ids([{"role": "user", "content": "Hi"}],
+                                                       chat_template_kwargs={"enable_thinking": False}))
+    turns = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": [{"type": "thinking", "thinking": "Greet.", "signature": "x"},
+                                               {"type": "text", "text": "Hello!"}]},
+             {"role": "user", "content": "Again"}]
+    count = client.messages.count_tokens(model="tiny", messages=turns)
+    assert count.input_tokens == len(llm.chat_prompt_ids([
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet."},
+        {"role": "user", "content": "Again"}]))
+
+
+TOOLS = [{"name": "get_weather", "description": "The weather in a city.",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+def test_tool_use_and_tool_results_round_trip(live, llm, tool_template, monkeypatch):
+    client = _client(live)
+    options = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, max_tokens=400)
+    with monkeypatch.context() as patch:
+        _script(llm, patch, _written_calls(tool_template, [("get_weather", {"city": "Paris"}),
+                                                           ("get_weather", {"city": "Oslo"})]))
+        plain = client.messages.create(**options)
+        streamed, events = _streamed(client, **options)
+    for message in (plain, streamed):
+        calls = [b for b in message.content if b.type == "tool_use"]
+        assert [(c.name, c.input) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                      ("get_weather", {"city": "Oslo"})], tool_template
+        assert message.stop_reason == "tool_use" and len({c.id for c in calls}) == 2
+    partial = [json.loads(e.delta.partial_json) for e in events if e.type == "content_block_delta"
+               and e.delta.type == "input_json_delta"]
+    assert partial == [{"city": "Paris"}, {"city": "Oslo"}]
+    # the calls and their results sent back: the conversation the chat request with tool messages renders
+    turns = [{"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": [c.model_dump() for c in calls]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": c.id, "content": "Sunny, 21 C"}
+                                          for c in calls] + [{"type": "text", "text": "And tomorrow?"}]}]
+    count = client.messages.count_tokens(model="tiny", messages=turns, tools=TOOLS)
+    chat_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.input)}}
+                  for c in calls]
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": chat_calls},
+                *[{"role": "tool", "tool_call_id": c.id, "content": "Sunny, 21 C"} for c in calls],
+                {"role": "user", "content": [{"type": "text", "text": "And tomorrow?"}]}]
+    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                               "parameters": t["input_schema"]}} for t in TOOLS]
+    assert count.input_tokens == len(llm.chat_prompt_ids(messages, tools=tools))
+    # tool_choice any / tool force a call (a grammar), one only with disable_parallel_tool_use
+    tools = [dict(TOOLS[0], input_schema={"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                          "required": ["city"]})]
+    for choice in ({"type": "any", "disable_parallel_tool_use": True},
+                   {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}):
+        message = client.messages.create(**dict(options, tools=tools, tool_choice=choice))
+        assert [b.type for b in message.content] == ["tool_use"] and message.stop_reason == "tool_use", choice
+        assert message.content[0].input["city"] in ("Paris", "Oslo")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"max_tokens": None}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": 1.5}, "temperature"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": 5}]}]},
+     "messages[0].content[0].input"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
+     "messages[0].content[0].tool_use_id"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"system": [{"type": "image"}]}, "system[0].type"),
+    ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools[0].type"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+    ({"thinking": {"type": "maybe"}}, "thinking.type"),
+    ({"container": "c1"}, "container"),
+    ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
+    ({"stop_sequences": "END"}, "stop_sequences"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "g"}},
+     "tool_choice"),
+])
+def test_what_cannot_be_served_is_refused_in_anthropic_s_error_shape(live, fields, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+    body = {k: v for k, v in body.items() if v is not None}
+    status, reply = _request(live.url + "/v1/messages", json.dumps(body).encode())
+    assert status == 400, reply
+    assert reply["type"] == "error" and reply["error"]["type"] == "invalid_request_error", reply
+    assert reply["error"]["message"].startswith(param), reply
+
+
+def test_the_client_s_errors_and_the_api_key_as_x_api_key(live, llm):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        _client(live).messages.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
+    assert e.value.body["error"]["message"].startswith("max_tokens")
+    status, reply = _request(live.url + "/v1/messages", b"[1, 2]")
+    assert status == 400 and reply["type"] == "error"
+    server = LiveServer(llm, api_key="sekret")
+    try:
+        reply = _client(server, api_key="sekret").messages.create(model="tiny", max_tokens=2,
+                                                                   messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.output_tokens == 2
+        with pytest.raises(anthropic.AuthenticationError):
+            _client(server, api_key="wrong").messages.create(model="tiny", max_tokens=2,
+                                                             messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.stop()
+
+
+def test_an_error_in_a_stream_is_an_error_event(live, llm, monkeypatch):
+    from pyllm.serve import Server
+
+    async def failing(self, *args, **kwargs):
+        raise pyllm.errors.PyllmError("the engine failed")
+        yield  # an async generator, as the one it stands for
+
+    monkeypatch.setattr(Server, "_pieces", failing)
+    with pytest.raises(anthropic.APIStatusError, match="the engine failed"):
+        with _client(live).messages.stream(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "hi"}]) \
+                as stream:
+            list(stream)
