@@ -14,6 +14,8 @@ description, input_schema), `tool_choice` (auto, any, tool, none; disable_parall
 naming the field: images and documents, Anthropic's own tools (bash, text editor, web search, ...),
 `container`, `mcp_servers`.
 
+A last assistant turn is a prefill: the reply continues its text (without it).
+
 Output: a `thinking` block (a think block: pyllm/reasoning.py; its signature is empty, there being
 nothing to sign), a `text` block, and a `tool_use` block per tool call, in that order; stop_reason
 end_turn, max_tokens, stop_sequence (with the stop_sequence that ended the reply) or tool_use.
@@ -71,6 +73,8 @@ def chat_body(body: dict) -> dict:
         messages.append({"role": "system", "content": _text(body["system"], "system")})
     messages += _messages(body["messages"])
     chat["messages"] = messages
+    if messages and messages[-1]["role"] == "assistant":  # a prefill: the reply goes on from its text
+        chat["add_generation_prompt"], chat["continue_final_message"] = False, True
     if body.get("stop_sequences") is not None:
         chat["stop"] = _list(body["stop_sequences"], "stop_sequences")
     if body.get("tools"):

@@ -336,6 +336,10 @@ class ChatCompletionRequest(_Sampling):
     # where a reply's think block goes ("deepseek": reasoning_content; "none": left in content)
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_format: Literal["deepseek", "none"] | None = None
+    # vLLM's (transformers' apply_chat_template arguments): the template's opening of the reply, or the
+    # reply continuing the last message's text (an assistant prefill)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     # what pyllm cannot give: refused when given
     audio: Any = None
     web_search_options: Any = None
@@ -368,6 +372,9 @@ class ChatCompletionRequest(_Sampling):
                                        f"{new} (tools: [{{'type': 'function', 'function': {{...}}}}])")
         if "top_logprobs" in self.model_fields_set and not self.logprobs:  # 0 too, as OpenAI refuses it
             raise _FieldError("top_logprobs", "needs logprobs: true")
+        if self.continue_final_message and self.add_generation_prompt:  # vLLM's 400
+            raise _FieldError("continue_final_message", "cannot be true with add_generation_prompt true (the "
+                              "default): give add_generation_prompt false", "invalid_parameter_combination")
         if self.max_tokens == 0:  # a reply of nothing (OpenAI: "Expected a value >= 1"); -1 is llama.cpp's no limit
             raise _FieldError("max_tokens", "must be at least 1 (or -1: until the context is full)")
         for name in ("tool_choice", "parallel_tool_calls"):  # OpenAI's 400 (in its words), "none" too: a client
@@ -448,7 +455,8 @@ class CompletionRequest(_Sampling):
         _refuse_fields(data, ("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                               "parallel_tool_calls", "functions", "function_call", "modalities", "audio",
                               "reasoning_effort", "prediction", "web_search_options", "verbosity", "moderation",
-                              "chat_template_kwargs", "reasoning_format"),
+                              "chat_template_kwargs", "reasoning_format", "add_generation_prompt",
+                              "continue_final_message"),
                        "/v1/completions",
                        {"messages": "prompt (or POST /v1/chat/completions)", "max_completion_tokens": "max_tokens",
                         "top_logprobs": "logprobs: N"})

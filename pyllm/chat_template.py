@@ -34,6 +34,7 @@ import threading
 import time
 from datetime import datetime
 from functools import lru_cache
+from typing import Callable
 
 from .errors import PASSING, PyllmError, read_text
 from .limits import MAX_CHAT_TEMPLATE_BYTES, MAX_TEMPLATE_NESTING, MAX_TEMPLATE_WORK, RenderLimits
@@ -1030,6 +1031,28 @@ def _template_message(message: dict) -> dict:
 
 # the variables render_chat sets itself (or takes as its own arguments): a template variable of one of these
 # names given beside them was Python's TypeError "got multiple values for keyword argument"
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where the final message's text ends
+
+
+def render_continuing(render: Callable[[list[dict]], str], messages: list[dict]) -> str:
+    """The rendering of messages (normalized: normalize_messages) that ends right after the final
+    message's text, for the reply to continue it (an assistant prefill), as transformers'
+    apply_chat_template(continue_final_message=True) makes it: render(messages) is called with a
+    marker after that text (render: without a generation prompt), and the text is cut at the marker,
+    trailing space included where the template kept the space after the marker, stripped where the
+    template trimmed the text. TemplateError where the template drops the text or the marker."""
+    final = messages[-1]
+    content = final.get("content") or ""
+    marked = [*messages[:-1], {**final, "content": content + CONTINUE_TAG}]
+    text = render(marked)
+    tag = CONTINUE_TAG.strip()
+    if tag not in text or content.strip() not in text:
+        raise TemplateError("continue_final_message: the chat template does not write the last message's text as "
+                            "given, so the reply cannot continue it")
+    end = text.rindex(tag)
+    return text[:end] if text.startswith(CONTINUE_TAG, end) else text[:end].rstrip()
+
+
 RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "unk_token",
                                 "pad_token", "tools", "limits", "origin", "template"})
 

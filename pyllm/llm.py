@@ -20,7 +20,8 @@ from typing import Iterator
 import numpy as np
 
 from .chat_template import (TemplateError, chat_template_origin, check_chat_template, check_template_variables,
-                            normalize_messages, render_chat, resolve_chat_template, template_stop)
+                            normalize_messages, render_chat, render_continuing, resolve_chat_template,
+                            template_stop)
 from .formats.packed import PackedModel
 from .errors import ContextLengthWarning, LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -1327,19 +1328,20 @@ class LLM:
     @accepts_aliases
     def chat(self, messages: list[dict], stream: bool = False, tools: list[dict] | None = None,
              parse_special_in_content: bool = False, render_limits: RenderLimits | None = None,
-             chat_template_kwargs: dict | None = None, **kwargs):
+             chat_template_kwargs: dict | None = None, continue_final_message: bool = False, **kwargs):
         """Replies to OpenAI-style messages using the chat template (generate's options apply).
 
         Messages are normalised as the server does (chat_template.normalize_messages): content as
         a string, a list of text parts, or None (an assistant turn that only calls tools). A list of
         conversations is answered together (one reply each, as generate does with a list of prompts).
         parse_special_in_content, render_limits and chat_template_kwargs (more template variables:
-        {"enable_thinking": False} turns Qwen3's thinking off): as chat_prompt_ids. logprobs also takes
+        {"enable_thinking": False} turns Qwen3's thinking off) and continue_final_message (the reply
+        goes on from the last message's text, a prefill): as chat_prompt_ids. logprobs also takes
         OpenAI's chat form (and llama-cpp-python's create_chat_completion's): logprobs=True with
         top_logprobs=N. The reply is the model's text as written, a think block included (the server and
         create_chat_completion return it apart, as reasoning_content)."""
         options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits,
-                       chat_template_kwargs=chat_template_kwargs)
+                       chat_template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message)
         if isinstance(kwargs.get("logprobs"), (bool, np.bool_)) or "top_logprobs" in kwargs:
             # (logprobs=True was "logprobs must be an integer; got True")
             wanted, top = kwargs.pop("logprobs", None), kwargs.pop("top_logprobs", None)
@@ -1510,7 +1512,8 @@ class LLM:
 
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
                         parse_special_in_content: bool = False, render_limits: RenderLimits | None = None,
-                        chat_template_kwargs: dict | None = None, for_generation: bool = False) -> list[int]:
+                        chat_template_kwargs: dict | None = None, for_generation: bool = False,
+                        add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         """Token ids of the rendered chat prompt (with the generation prompt), BOS added as the tokenizer does.
 
         Every text the caller gives is text: a special token's string (say "<|im_end|>") written in a
@@ -1524,7 +1527,13 @@ class LLM:
         apply_chat_template(**kwargs) (TemplateError for one pyllm sets itself: check_template_variables).
         for_generation=True: a rendered prompt too long for the context whatever its tokens is refused
         before tokenizing (_check_prompt_chars); without it any length is counted (`pyllm run`'s chat
-        measures a conversation that outgrows the context)."""
+        measures a conversation that outgrows the context).
+
+        add_generation_prompt=False leaves the template's opening of the reply out.
+        continue_final_message=True (transformers' apply_chat_template and vLLM's name; an assistant
+        prefill, as Anthropic's API takes a final assistant turn) renders the conversation without a
+        generation prompt and ends it right after the last message's text, so the reply goes on from
+        there (chat_template.render_continuing); TemplateError where the template does not write it."""
         _check_tools(tools, self.chat_template)
         extra = {**check_template_variables(chat_template_kwargs), **({"tools": tools} if tools is not None else {})}
         messages = normalize_messages(messages)
@@ -1545,7 +1554,10 @@ class LLM:
             except RecursionError:
                 raise PyllmError("the messages, tools or template variables are nested too deeply (or hold "
                                  "themselves)") from None
-        text = self._render(messages, limits=render_limits, **extra)
+        if continue_final_message:
+            text = render_continuing(lambda marked: self._render(marked, False, render_limits, **extra), messages)
+        else:
+            text = self._render(messages, add_generation_prompt, render_limits, **extra)
         if for_generation:
             self._check_prompt_chars(text)
         if placeholders:

@@ -846,7 +846,9 @@ class Completions:
             variables["reasoning_effort"] = req.reasoning_effort
         try:
             prompt = self.llm.chat_prompt_ids(messages, tools=tools, render_limits=self.limits.render_limits(),
-                                              chat_template_kwargs=variables, for_generation=True)
+                                              chat_template_kwargs=variables, for_generation=True,
+                                              add_generation_prompt=req.add_generation_prompt,
+                                              continue_final_message=req.continue_final_message)
         except TemplateError as e:  # messages it cannot take (a non-text part), or the template refused them
             raise RequestError(str(e), param="messages") from None
         except LimitError as e:  # a rendering of more characters than the context can hold, before tokenizing

@@ -87,6 +87,30 @@ def test_rendering_equals_transformers(hf_tokenizer, name, conversation, generat
         assert ours == theirs
 
 
+@pytest.mark.parametrize("ending", ["   茶 (chá)   ", "茶 (chá)", ""], ids=["padded", "plain", "empty"])
+@pytest.mark.parametrize("name", REAL + ["builtin-" + name for name in BUILTIN_TEMPLATES])
+def test_continue_final_message_equals_transformers(hf_tokenizer, name, ending):
+    """An assistant prefill: the conversation rendered to the end of the last message's text, which
+    the reply continues, as transformers' apply_chat_template(continue_final_message=True) renders it
+    (a template that trims the text, or keeps its spaces, or an empty text)."""
+    from pyllm.chat_template import normalize_messages, render_continuing
+
+    template = BUILTIN_TEMPLATES[name[len("builtin-"):]] if name.startswith("builtin-") else _template(name)
+    messages = [SYSTEM, TURN_1, {"role": "assistant", "content": ending}]
+
+    def ours():
+        return render_continuing(lambda marked: render_chat(template, marked, add_generation_prompt=False,
+                                                            **SPECIALS), normalize_messages(messages))
+    try:
+        theirs = _transformers(hf_tokenizer, template, messages, False, continue_final_message=True)
+    except Exception:  # the template refuses the conversation (as the parity test above checks) or drops the text
+        with pytest.raises(TemplateError):
+            ours()
+        return
+    assert ours() == theirs
+    assert theirs.rstrip().endswith(ending.strip())
+
+
 def test_every_real_template_renders_something(hf_tokenizer):
     """Guards the parity test above against comparing two refusals only."""
     for name in REAL:

@@ -1921,3 +1921,30 @@ def test_tool_calls_written_while_thinking_are_no_calls(live, llm, qwen3_templat
             finish = choice.finish_reason
         assert reasoning == f"I could call {fake} but time is better.", (stream, reasoning)
         assert (content, calls, finish) == ("Checking.", [("get_time", {"zone": "UTC"})], "tool_calls"), stream
+
+
+def test_continue_final_message_and_add_generation_prompt(live, llm):
+    """vLLM's fields (transformers' apply_chat_template arguments): continue_final_message makes the
+    reply continue the last message's text (an assistant prefill), add_generation_prompt false leaves
+    the template's opening of the reply out; both true is vLLM's 400, and /v1/completions refuses them."""
+    client = live.client()
+    turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    prefilled = llm.chat_prompt_ids(turns, continue_final_message=True)
+    assert llm.tokenizer.decode(prefilled).endswith("The colour is") and len(prefilled) < len(
+        llm.chat_prompt_ids(turns))
+    expected = llm.chat(turns, continue_final_message=True, max_new_tokens=5, temperature=0)
+    reply = client.chat.completions.create(model="tiny", messages=turns, max_tokens=5, temperature=0,
+                                           extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(prefilled)
+    reply = client.chat.completions.create(model="tiny", messages=turns[:1], max_tokens=1,
+                                           extra_body={"add_generation_prompt": False})
+    assert reply.usage.prompt_tokens == len(llm.chat_prompt_ids(turns[:1], add_generation_prompt=False)) < len(
+        llm.chat_prompt_ids(turns[:1]))
+    for body, param in (({"continue_final_message": True}, "continue_final_message"),
+                        ({"add_generation_prompt": "yes"}, "add_generation_prompt")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=turns, max_tokens=1, extra_body=body)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hi", extra_body={"continue_final_message": True})
+    assert e.value.body["param"] == "continue_final_message"

@@ -215,3 +215,17 @@ def test_an_error_in_a_stream_is_an_error_event(live, llm, monkeypatch):
         with _client(live).messages.stream(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "hi"}]) \
                 as stream:
             list(stream)
+
+
+def test_a_last_assistant_turn_is_a_prefill(live, llm):
+    """Anthropic's prefill: a last assistant turn's text is where the reply starts (it continues the
+    text, which it does not repeat), as LLM.chat(continue_final_message=True) and transformers render it."""
+    turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    expected = llm.chat(turns, continue_final_message=True, max_new_tokens=5, temperature=0)
+    prompt = llm.chat_prompt_ids(turns, continue_final_message=True)
+    assert llm.tokenizer.decode(prompt).endswith("The colour is")
+    client = _client(live)
+    for message in (client.messages.create(model="tiny", messages=turns, max_tokens=5, extra_body={"temperature": 0}),
+                    _streamed(client, model="tiny", messages=turns, max_tokens=5, extra_body={"temperature": 0})[0]):
+        assert _blocks(message) == [{"type": "text", "text": expected}]
+        assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(prompt)
