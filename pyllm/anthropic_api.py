@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from .api_schema import EXTENSIONS, renamed_error
+from .api_schema import EXTENSIONS, renamed_field
 from .errors import RequestError
 
 SAME_FIELDS = ("model", "temperature", "top_p", "top_k", "stream", *EXTENSIONS)
@@ -39,9 +39,10 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 408: "request_too_large", 413: "request_too_large",
                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
 # chat request fields and the Messages fields they come from, for errors the chat checks raise
-# (api_schema.renamed_error): chat's messages[k] is not turn k (system, tool results are messages there)
-MESSAGES_NAMES = (("max_tokens", "max_tokens", True), ("stop", "stop_sequences", True),
-                  ("tool_choice", "tool_choice", True), ("tools", "tools", True), ("messages", "messages", False))
+# (api_schema.renamed_field): chat's messages[k] is not turn k (system, tool results are messages there)
+MESSAGES_NAMES = ((r"stop", "stop_sequences", True), (r"tools\[(\d+)\]\.function\.parameters", r"tools[\1].input_schema", True),
+                  (r"tools\[(\d+)\]\.function", r"tools[\1]", True), (r"tool_choice\.function", "tool_choice", True),
+                  (r"response_format", "tools", True), (r"messages", "messages", False))
 
 
 def _refuse(param: str, message: str, code: str = "unsupported_parameter") -> RequestError:
@@ -243,9 +244,9 @@ def _tool_choice(choice, chat: dict) -> None:
         raise _invalid("tool_choice", f"{kind!r} needs tools to call", "invalid_value")
 
 
-def renamed(error: Exception) -> Exception:
-    """An error of the chat request's checks naming the Messages field its chat field came from."""
-    return renamed_error(error, MESSAGES_NAMES)
+def rename(param: str | None, message: str) -> tuple[str | None, str]:
+    """An error's (param, message) naming the Messages field its chat field came from."""
+    return renamed_field(param, message, MESSAGES_NAMES)
 
 
 def error_body(status: int, error: dict) -> dict:

@@ -585,25 +585,24 @@ def _param(loc: tuple) -> str | None:
     return "".join(parts) or None
 
 
-def renamed_error(error: Exception, names: tuple) -> Exception:
-    """An error of the chat request's checks, for another API read into a chat request (pyllm/
-    responses_api.py, pyllm/anthropic_api.py): a RequestError naming a chat field names the field it
-    came from. names: (chat field, its field, whether paths below map one to one) triples; where they
-    do not (messages made from input items), the error names the field as a whole and its message
-    keeps the chat path ("input: messages[2].content: ..."). Other errors come back as they are."""
-    if not isinstance(error, RequestError) or not error.param:
-        return error
-    for chat_name, name, same_paths in names:
-        if error.param == chat_name or error.param.startswith((chat_name + ".", chat_name + "[")):
-            message = str(error)
-            if not same_paths:
-                param, message = name, f"{name}: {message}"
-            else:
-                param = name + error.param[len(chat_name):]
-                if message.startswith(error.param):
-                    message = param + message[len(error.param):]
-            return RequestError(message, error.status, param, error.code)
-    return error
+def renamed_field(param: str | None, message: str, names: tuple) -> tuple[str | None, str]:
+    """(param, message) of an error naming a chat request field, for another API read into a chat
+    request (pyllm/responses_api.py, pyllm/anthropic_api.py): the field it came from. names:
+    (pattern, its field, whether paths below map one to one) rows, the first matching a prefix of
+    param wins (the pattern's groups may be used in its field: "tools[\\1]"); where paths below do not
+    map one to one (messages made from input items), the error names the field as a whole and its
+    message keeps the chat path ("input: messages[2].content: ...")."""
+    if not param:
+        return param, message
+    for pattern, name, same_paths in names:
+        found = re.match(f"(?:{pattern})(?=$|[.\\[])", param)
+        if found is None:
+            continue
+        if not same_paths:
+            return found.expand(name), f"{found.expand(name)}: {message}"
+        renamed = found.expand(name) + param[found.end():]
+        return renamed, renamed + message[len(param):] if message.startswith(param) else message
+    return param, message
 
 
 def _request_error(error: ValidationError) -> RequestError:

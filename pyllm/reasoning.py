@@ -87,11 +87,16 @@ class ReasoningStream:
     feed(piece, token_ids) returns the reasoning and the content this piece makes certain; what may
     yet be a tag (a piece ending "</thi") or whitespace whose place is not known yet is held until
     the next piece, or finish(). tag_ids: {tag: its token id} for tags that are special tokens
-    (streamed pieces leave those out, so they are seen among the piece's token ids instead)."""
+    (streamed pieces leave those out, so they are seen among the piece's token ids instead); decode:
+    the text of token ids, special tokens left out (Tokenizer.decode), which places such a tag in
+    its piece."""
 
-    def __init__(self, tags: ThinkTags, opened: bool, tag_ids: dict | None = None):
+    def __init__(self, tags: ThinkTags, opened: bool, tag_ids: dict | None = None, decode=None):
         self.tags = tags
         self.tag_ids = tag_ids or {}
+        self.decode = decode
+        self.ids: list[int] = []  # every token id fed, and the length of every piece's text fed
+        self.fed_chars = 0
         self.state = "thinking" if opened else "start"  # start -> thinking -> content
         self.held = ""  # text not yet given out: leading whitespace, or a tag's possible start
         self.reasoning_started = False  # the reasoning's leading whitespace is dropped
@@ -103,17 +108,28 @@ class ReasoningStream:
         return self.state in ("content_start", "content")
 
     def feed(self, piece: str, token_ids=()) -> tuple[str, str]:
-        for tag in (self.tags.open, self.tags.close):  # a special tag: written into the text at its token
+        token_ids = [int(i) for i in token_ids]
+        inserts = []  # a special tag: written back into the text where its token stood
+        for tag in (self.tags.open, self.tags.close):
             tag_id = self.tag_ids.get(tag)
             if tag_id is not None and tag_id in token_ids:
-                piece = self._with_tag(piece, tag)
+                inserts.append((self._tag_offset(piece, token_ids, token_ids.index(tag_id), tag), tag))
+        self.ids += token_ids
+        self.fed_chars += len(piece)
+        for offset, tag in sorted(inserts, reverse=True):
+            piece = piece[:offset] + tag + piece[offset:]
         return self._advance(self.held + piece)
 
-    def _with_tag(self, piece: str, tag: str) -> str:
-        """The piece with a special tag it left out written back: where it stood in the piece is not
-        known, so it goes where the block's state puts it (an opening tag before the piece's text, a
-        closing one after it: pieces are one token each but where stop strings hold text back)."""
-        return tag + piece if tag == self.tags.open else piece + tag
+    def _tag_offset(self, piece: str, token_ids: list[int], k: int, tag: str) -> int:
+        """Where in the piece the special tag at token_ids[k] stood: after the text of every token
+        before it (the stream's earlier pieces held some back where stop strings might begin). Without
+        decode, or where that text does not end inside this piece, where the block's state puts it
+        (an opening tag before the piece's text, a closing one after it)."""
+        if self.decode is not None:
+            offset = len(self.decode(self.ids + token_ids[:k])) - self.fed_chars
+            if 0 <= offset <= len(piece):
+                return offset
+        return 0 if tag == self.tags.open else len(piece)
 
     def _advance(self, text: str) -> tuple[str, str]:
         reasoning = content = ""

@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 
-from .api_schema import EXTENSIONS, renamed_error
+from .api_schema import EXTENSIONS, renamed_field
 from .errors import RequestError
 
 # the request fields a chat completions request takes under the same name and meaning
@@ -92,7 +92,7 @@ def chat_body(body: dict) -> dict:
             chat["reasoning_effort"] = reasoning["effort"]
     if body.get("top_logprobs") is not None:
         chat["logprobs"], chat["top_logprobs"] = True, body["top_logprobs"]
-    elif "message.output_text.logprobs" in (body.get("include") or ()):
+    elif "message.output_text.logprobs" in _list(body.get("include") or [], "include"):
         chat["logprobs"] = True
     if body.get("stream"):
         chat["stream_options"] = {"include_usage": True}  # the last event carries the usage
@@ -100,15 +100,17 @@ def chat_body(body: dict) -> dict:
 
 
 # chat request fields and the Responses fields they come from, for errors the chat checks raise
-# (api_schema.renamed_error): (chat field, Responses field, whether paths below map one to one)
-RESPONSES_NAMES = (("max_completion_tokens", "max_output_tokens", True),
-                   ("response_format.json_schema", "text.format", True), ("response_format", "text.format", True),
-                   ("reasoning_effort", "reasoning.effort", True), ("messages", "input", False))
+# (api_schema.renamed_field): (pattern, Responses field, whether paths below map one to one)
+RESPONSES_NAMES = ((r"max_completion_tokens", "max_output_tokens", True),
+                   (r"response_format(\.json_schema)?", "text.format", True),
+                   (r"reasoning_effort", "reasoning.effort", True), (r"verbosity", "text.verbosity", True),
+                   (r"tools\[(\d+)\]\.function", r"tools[\1]", True), (r"tool_choice\.function", "tool_choice", True),
+                   (r"messages", "input", False))
 
 
-def renamed(error: Exception) -> Exception:
-    """An error of the chat request's checks naming the Responses field its chat field came from."""
-    return renamed_error(error, RESPONSES_NAMES)
+def rename(param: str | None, message: str) -> tuple[str | None, str]:
+    """An error's (param, message) naming the Responses field its chat field came from."""
+    return renamed_field(param, message, RESPONSES_NAMES)
 
 
 def _list(value, param: str) -> list:
@@ -137,7 +139,8 @@ def _messages(items) -> list[dict]:
                                    param=f"{where}.role")
             message = {"role": role, "content": _content(item.get("content"), f"{where}.content")}
             if role == "assistant" and reasoning is not None:
-                message["reasoning_content"], reasoning = reasoning, None
+                message["reasoning_content"] = reasoning
+            reasoning = None  # (a reasoning item before another turn belongs to no reply of the model)
             messages.append(message)
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
@@ -151,12 +154,15 @@ def _messages(items) -> list[dict]:
                     message["reasoning_content"], reasoning = reasoning, None
                 messages.append(message)
         elif kind == "function_call_output":
-            output = item.get("output")
+            output, reasoning = item.get("output"), None
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
                              "content": output if isinstance(output, str) else _content(output, f"{where}.output")})
         elif kind == "reasoning":
-            parts = item.get("content") or item.get("summary") or []
-            reasoning = "".join(p.get("text", "") for p in _list(parts, f"{where}.content") if isinstance(p, dict))
+            key = "content" if item.get("content") else "summary"
+            text = "".join(_string(part, "text", f"{where}.{key}[{j}]") if isinstance(part, dict) else
+                           _string({}, "text", f"{where}.{key}[{j}]")
+                           for j, part in enumerate(_list(item.get(key) or [], f"{where}.{key}")))
+            reasoning = text if reasoning is None else reasoning + "\n\n" + text  # one reply's reasoning items
         elif kind == "item_reference":
             raise _refuse(f"{where}.type", "pyllm stores no items to refer to: send the item itself", "unsupported_value")
         else:
@@ -177,8 +183,10 @@ def _content(content, where: str):
     """A message's content as chat takes it: a string, or its text parts (input_text, output_text)."""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise RequestError(f"{where}: must be a string or an array of content parts", param=where, code="invalid_type")
     parts = []
-    for j, part in enumerate(_list(content, where)):
+    for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text"):
             if not isinstance(part.get("text"), str):

@@ -116,12 +116,24 @@ def error_response(e: BaseException, dialect: "Dialect | None" = None) -> "JSONR
     return JSONResponse(dialect.error_body(status, body) if dialect else body, status_code=status)
 
 
+def _renamed(e: BaseException, dialect: "Dialect") -> BaseException:
+    """A refusal of the chat request's checks (one error_info answers 4xx) as a RequestError naming the
+    dialect's field where it named a chat field; anything else as it is."""
+    if not isinstance(e, (RequestError, ToolError, GrammarUnavailable, GrammarError, GrammarInvalid)):
+        return e
+    status, body = error_info(e)
+    param, message = dialect.rename(body["error"]["param"], body["error"]["message"])
+    if param and not message.startswith(param):  # (say a grammar's fault: its message names no field)
+        message = f"{param}: {message}"
+    return RequestError(message, status, param, body["error"]["code"])
+
+
 @dataclass(frozen=True)
 class Dialect:
     """Another API served on the chat completions path: its request read as a chat request, the chat
     answer or chunks written back in its shapes. One module each, with these functions."""
     chat_body: Callable[[dict], dict]  # its request body -> a chat completions body (RequestError if refused)
-    renamed: Callable[[Exception], Exception]  # an error naming chat fields -> naming its fields
+    rename: Callable[[str | None, str], tuple]  # an error's (param, message) naming chat fields -> its fields
     answer: Callable[[dict, dict, list], dict]  # (its body, the chat answer, the streams) -> its answer
     events: Callable  # (its body, model, plan, streams) -> an object with start(), feed(chunk), error(error)
     error_body: Callable[[int, dict], dict]  # (status, OpenAI error object) -> its error object
@@ -129,10 +141,10 @@ class Dialect:
 
 DIALECTS = {
     # OpenAI's Responses API (POST /v1/responses)
-    "responses": Dialect(responses_api.chat_body, responses_api.renamed, responses_api.response_object,
+    "responses": Dialect(responses_api.chat_body, responses_api.rename, responses_api.response_object,
                          responses_api.ResponseEvents, responses_api.error_body),
     # Anthropic's Messages API (POST /v1/messages)
-    "messages": Dialect(anthropic_api.chat_body, anthropic_api.renamed, anthropic_api.message_object,
+    "messages": Dialect(anthropic_api.chat_body, anthropic_api.rename, anthropic_api.message_object,
                         anthropic_api.MessageEvents, anthropic_api.error_body),
 }
 
@@ -561,7 +573,8 @@ class _ChoiceChunks:
         if plan.chat and plan.reasoning is not None:
             tags, opened = plan.reasoning
             ids = {tag: special_token_id(tag, self.tokenizer) for tag in (tags.open, tags.close)}
-            self.reasoning = ReasoningStream(tags, opened, {t: i for t, i in ids.items() if i is not None})
+            self.reasoning = ReasoningStream(tags, opened, {t: i for t, i in ids.items() if i is not None},
+                                             self.tokenizer.decode)
         self.echo = None if plan.chat else plan.echo[index // plan.n]  # a completion's echoed prompt
         self.all_tokens: list = []
         self.texts: list[str] = []  # the reply's pieces, as generated
@@ -1325,7 +1338,7 @@ class Server(Completions):
         try:
             return JSONResponse({"input_tokens": len(self._plan(req, True).prompts[0])})
         except Exception as e:  # (the chat plan's errors name chat fields)
-            raise dialect.renamed(e) from None
+            raise _renamed(e, dialect) from None
 
     async def _handle(self, request: "Request", chat: bool, dialect: Dialect | None = None):
         started = time.perf_counter()
@@ -1373,7 +1386,7 @@ class Server(Completions):
             self._log(request, plan, streams, started)
             return await asyncio.to_thread(JSONResponse, answer)  # logprobs of n choices can be megabytes
         except Exception as e:  # (the chat plan's errors name chat fields)
-            return error_response(dialect.renamed(e) if dialect else e, dialect)
+            return error_response(_renamed(e, dialect) if dialect else e, dialect)
         finally:
             if not handed_over:
                 self.slots.release()
@@ -1394,7 +1407,7 @@ class Server(Completions):
                 req = parse_request(chat_request, chat)
                 check_prompt_length(req, self.limits, "messages")
             except Exception as e:
-                raise dialect.renamed(e) from None
+                raise _renamed(e, dialect) from None
             return req, body
         check_prompt_length(req, self.limits, "messages" if chat else "prompt")
         return req

@@ -98,6 +98,28 @@ def test_tags_that_are_special_tokens_are_seen_among_the_piece_tokens():
     assert stream.in_content
 
 
+@pytest.mark.parametrize("pieces", [
+    # the stream merges a special token (no text) into the next token's piece
+    [("", [5]), ("Let me", [10]), (" think.", [11]), ("Answer", [6, 12]), (" here", [13])],
+    # both tags within one piece, text on each side
+    [("Let me think.Answer", [5, 10, 11, 6, 12]), (" here", [13])],
+    # a stop string's possible start held " think." back: it comes out after the closing tag's token
+    [("", [5]), ("Let me", [10]), ("", [11]), (" think.Answer", [6, 12]), (" here", [13])],
+])
+def test_a_special_tag_is_placed_where_its_token_stood(pieces):
+    """The closing [/THINK] comes in the piece of the token after it (a special token has no text):
+    it was written after that piece's text, so the answer's first token was streamed as reasoning
+    ("Let me think.Answer"). With the tokens' text (decode), a special tag goes where its token stood."""
+    texts = {10: "Let me", 11: " think.", 12: "Answer", 13: " here", 5: "", 6: ""}
+
+    def decode(ids):
+        return "".join(texts[i] for i in ids)
+
+    stream = ReasoningStream(MISTRAL, False, {"[THINK]": 5, "[/THINK]": 6}, decode)
+    out = [stream.feed(text, ids) for text, ids in pieces] + [stream.finish()]
+    assert ("".join(r for r, _ in out), "".join(c for _, c in out)) == ("Let me think.", "Answer here")
+
+
 def test_custom_tags():
     tags = ThinkTags("<reasoning>", "</reasoning>")
     assert (split("<reasoning>x</reasoning>y", tags, False).reasoning, split("<reasoning>x", tags, False).content) == (

@@ -126,6 +126,27 @@ def test_a_think_block_is_a_reasoning_item(live, llm, qwen3_template, monkeypatc
     assert response.usage.input_tokens == len(llm.chat_prompt_ids(messages))
 
 
+def test_a_reasoning_item_belongs_to_the_next_reply_of_the_model(live, llm):
+    """A reasoning item went to the next assistant message whatever came between (a user turn, a tool
+    output): the model's thoughts about one question were given to the reply to another. It belongs to
+    the assistant output that follows it directly; two in a row are one reply's."""
+    def reasoning(text):
+        return {"type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
+
+    items = [{"role": "user", "content": "Q1"}, reasoning("About Q1."), {"role": "user", "content": "Q2"},
+             {"role": "assistant", "content": "A2"}, reasoning("One."), reasoning("Two."),
+             {"role": "assistant", "content": "A3"}, {"role": "user", "content": "Q4"}]
+    response = live.client().responses.create(model="tiny", input=items, max_output_tokens=1)
+    messages = [{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"},
+                {"role": "assistant", "content": "A3", "reasoning_content": "One.\n\nTwo."},
+                {"role": "user", "content": "Q4"}]
+    assert response.usage.input_tokens == len(llm.chat_prompt_ids(messages))
+    from pyllm.responses_api import chat_body
+
+    assert chat_body({"input": items})["messages"] == messages
+
+
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 
@@ -168,6 +189,10 @@ def test_function_calls_and_their_outputs_round_trip(live, llm, tool_template, m
                                        tool_choice={"type": "function", "name": "get_weather"})
     call = next(item for item in response.output if item.type == "function_call")
     assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo")
+    # a tool the chat checks refuse is named as the Responses request names it
+    bad = {"model": "tiny", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "no"}}]}
+    status, reply = _request(live.url + "/v1/responses", json.dumps(bad).encode())
+    assert (status, reply["error"]["param"]) == (400, "tools[0].parameters"), reply
 
 
 def test_text_format_json_schema_is_followed(live):
@@ -218,6 +243,20 @@ def test_text_format_json_schema_is_followed(live):
     ({"reasoning": {"effort": "high"}}, "reasoning.effort", None),
     ({"temperature": -1}, "temperature", None),
     ({"tool_choice": "required"}, "tool_choice", None),  # no tools to call
+    # a reasoning item's text and include were read unchecked (500s)
+    ({"input": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": 5}]}]}, "input[0].content[0].text",
+     "invalid_type"),
+    ({"input": [{"type": "reasoning", "summary": [{"text": None}]}]}, "input[0].summary[0].text",
+     "missing_required_parameter"),
+    ({"input": [{"type": "reasoning", "summary": "x"}]}, "input[0].summary", "invalid_type"),
+    ({"include": 5}, "include", "invalid_type"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output", "invalid_type"),
+    # the chat checks' errors named chat fields (tools[0].function.name, verbosity, response_format)
+    ({"tools": [{"type": "function", "parameters": {}}]}, "tools[0].name", "missing_required_parameter"),
+    ({"tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "tools[0].strict", None),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function"}}, "tool_choice.name", None),
+    ({"text": {"verbosity": "high"}}, "text.verbosity", "unsupported_value"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}}, "text.format", None),
 ])
 def test_what_cannot_be_served_is_refused_naming_the_field(live, fields, param, code):
     body = {"model": "tiny", "input": "hi", "max_output_tokens": 2, **fields}
