@@ -240,19 +240,24 @@ def new_id(prefix: str) -> str:
 
 
 def response_shell(body: dict, model: str, status: str = "in_progress") -> dict:
-    """A Response object without output or usage: what the request asked, echoed as OpenAI does."""
+    """A Response object without output or usage: what the request asked, echoed as OpenAI does (a
+    null or absent field as its default; temperature and top_p null where the request left them to
+    the server's or the model's defaults)."""
+    def given(name, default):
+        return default if body.get(name) is None else body[name]
+
     text = body.get("text") if isinstance(body.get("text"), dict) else {}
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
     return {"id": new_id("resp"), "object": "response", "created_at": int(time.time()), "status": status,
             "background": False, "error": None, "incomplete_details": None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "max_tool_calls": None, "model": model, "output": [],
-            "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": None,
+            "parallel_tool_calls": given("parallel_tool_calls", True), "previous_response_id": None,
             "reasoning": {"effort": reasoning.get("effort"), "summary": None}, "service_tier": "default",
-            "store": False, "temperature": body.get("temperature", 1.0),
-            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity", "medium")},
-            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-            "top_logprobs": body.get("top_logprobs", 0), "top_p": body.get("top_p", 1.0), "truncation": "disabled",
+            "store": False, "temperature": body.get("temperature"),
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": given("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "top_logprobs": given("top_logprobs", 0), "top_p": body.get("top_p"), "truncation": "disabled",
             "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {}}
 
 
@@ -294,6 +299,30 @@ def call_item(call: dict, status: str = "completed", arguments: str | None = Non
             "arguments": call["function"]["arguments"] if arguments is None else arguments, "status": status}
 
 
+def covering(entries: list | None, text: str, last: bool = False) -> list:
+    """The logprobs entries (chat's, with each token's bytes) of the tokens that make `text` among
+    them: the shortest run that holds its first occurrence (last: its last), leaving out tokens of a
+    think block before it or a tool call's markup after it. All of them where the text is not found
+    whole (a character split across tokens outside the run)."""
+    if not entries or not text:
+        return list(entries or [])
+    data = [bytes(e["bytes"]) if e.get("bytes") is not None else e["token"].encode() for e in entries]
+    joined, target = b"".join(data), text.encode()
+    at = joined.rfind(target) if last else joined.find(target)
+    if at < 0:
+        return list(entries)
+    start = stop = None
+    position = 0
+    for k, piece in enumerate(data):
+        if start is None and position + len(piece) > at:
+            start = k
+        position += len(piece)
+        if position >= at + len(target):
+            stop = k + 1
+            break
+    return list(entries[start:stop])
+
+
 def response_object(body: dict, answer: dict, streams=None) -> dict:
     """The Response of a Responses request (body) whose chat answer (one choice) is `answer`."""
     choice = answer["choices"][0]
@@ -303,7 +332,9 @@ def response_object(body: dict, answer: dict, streams=None) -> dict:
     if message.get("reasoning_content") is not None:
         output.append(reasoning_item(message["reasoning_content"]))
     if message.get("content"):
-        output.append(message_item(message["content"], (choice.get("logprobs") or {}).get("content")))
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        thought = (answer["usage"].get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
+        output.append(message_item(message["content"], covering(entries[thought:], message["content"])))
     output += [call_item(call) for call in message.get("tool_calls") or ()]
     response["usage"] = usage(answer["usage"])
     return _finish(response, choice["finish_reason"])
@@ -383,8 +414,9 @@ class ResponseEvents:
         where = dict(item_id=self.open["item"]["id"], output_index=self.open["index"], content_index=0)
         if kind == "reasoning":
             return events + [self._event("response.reasoning_text.delta", **where, delta=text)]
-        self.open["logprobs"] += logprobs or []
-        return events + [self._event("response.output_text.delta", **where, delta=text, logprobs=logprobs or [])]
+        logprobs = covering(logprobs, text, last=True)  # (a think block's held tags came with the first delta)
+        self.open["logprobs"] += logprobs
+        return events + [self._event("response.output_text.delta", **where, delta=text, logprobs=logprobs)]
 
     def _close(self) -> list[dict]:
         """The events that end the open item (none when none is open)."""
@@ -397,6 +429,7 @@ class ResponseEvents:
             item.update(reasoning_item(text, item_id=item["id"]))
             events = [self._event("response.reasoning_text.done", **where, text=text)]
         else:
+            opened["logprobs"] = covering(opened["logprobs"], text)  # (not a call's markup the last chunk's hold)
             item.update(message_item(text, opened["logprobs"], item_id=item["id"]))
             part = item["content"][0]
             events = [self._event("response.output_text.done", **where, text=text, logprobs=opened["logprobs"]),

@@ -931,7 +931,7 @@ class Completions:
                 finish = tool_finish_reason(finish, calls, parsed.dropped)
             logprobs = responses.chat_logprobs(tokenizer, tokens) if plan.logprobs is not None else None
             return responses.chat_choice(index, text if text or not calls else None, finish, logprobs, calls,
-                                         reasoning)
+                                         reasoning or None)  # (an empty block: none, as streamed)
         echo = plan.echo[index // plan.n]
         logprobs = None
         if plan.logprobs is not None:

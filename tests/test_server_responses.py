@@ -102,19 +102,28 @@ def test_a_reply_that_ends_is_completed_and_logprobs_are_kept(live, llm, monkeyp
 
 
 def test_a_think_block_is_a_reasoning_item(live, llm, qwen3_template, monkeypatch):
-    _script(llm, monkeypatch, "<think>\nThe user greets me. 你好\n</think>\n\nHello!")
     client = live.client()
-    for stream in (False, True):
-        if stream:
-            events = _events(client, model="tiny", input="Hi", max_output_tokens=100)
-            response, output = events[-1].response, _streamed_output(events)
-            assert output == _output(response)
-        else:
-            response = client.responses.create(model="tiny", input="Hi", max_output_tokens=100)
-        assert [item.type for item in response.output] == ["reasoning", "message"], stream
-        assert response.output[0].content[0].text == "The user greets me. 你好"
-        assert response.output_text == "Hello!" and response.status == "completed"
-        assert response.usage.output_tokens_details.reasoning_tokens > 5
+    with monkeypatch.context() as patch:
+        _script(llm, patch, "<think>\nThe user greets me. 你好\n</think>\n\nHello!")
+        for stream in (False, True):
+            if stream:
+                events = _events(client, model="tiny", input="Hi", max_output_tokens=100, top_logprobs=1)
+                response, output = events[-1].response, _streamed_output(events)
+                assert output == _output(response)
+            else:
+                response = client.responses.create(model="tiny", input="Hi", max_output_tokens=100, top_logprobs=1)
+            assert [item.type for item in response.output] == ["reasoning", "message"], stream
+            assert response.output[0].content[0].text == "The user greets me. 你好"
+            assert response.output_text == "Hello!" and response.status == "completed"
+            assert response.usage.output_tokens_details.reasoning_tokens > 5
+            # the message's logprobs are its own tokens' (not the block's, which were the first delta's)
+            assert "".join(t.token for t in response.output[1].content[0].logprobs) == "Hello!", stream
+    # an empty block is no reasoning item, streamed or not (it was one only when not streamed)
+    _script(llm, monkeypatch, "<think>\n\n</think>\n\nHello!")
+    for response in (client.responses.create(model="tiny", input="Hi", max_output_tokens=100),
+                     _events(client, model="tiny", input="Hi", max_output_tokens=100)[-1].response):
+        assert [item.type for item in response.output] == ["message"] and response.output_text == "Hello!"
+        assert response.usage.output_tokens_details.reasoning_tokens > 2
     # a reasoning item given back as input is the next assistant message's reasoning_content
     reasoning = {"type": "reasoning", "id": "rs_1", "summary": [],
                  "content": [{"type": "reasoning_text", "text": "Thinking."}]}
