@@ -34,6 +34,10 @@ from .errors import RequestError
 SAME_FIELDS = ("model", "temperature", "top_p", "top_k", "stream", *EXTENSIONS)
 REFUSED = (("container", "pyllm runs no code containers: leave it out"),
            ("mcp_servers", "pyllm connects to no MCP servers: give their tools as tools"))
+# OpenAI chat fields a Messages request names otherwise, or has not (refused, not dropped in silence)
+CHAT_FIELDS = {"max_completion_tokens": "max_tokens", "stop": "stop_sequences", "n": None, "logprobs": None,
+               "top_logprobs": None, "response_format": None, "stream_options": None, "functions": "tools",
+               "function_call": "tool_choice", "reasoning_effort": "thinking"}
 # Anthropic's error types by HTTP status (its API reference, "Errors")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 408: "request_too_large", 413: "request_too_large",
@@ -59,6 +63,10 @@ def chat_body(body: dict) -> dict:
     for name, why in REFUSED:
         if body.get(name) is not None:
             raise _refuse(name, why)
+    for name, instead in CHAT_FIELDS.items():
+        if name in body:
+            raise _refuse(name, f"is an OpenAI chat field: give {instead} on /v1/messages" if instead else
+                          "is an OpenAI chat field /v1/messages has not")
     for name in ("max_tokens", "messages"):
         if body.get(name) is None:
             raise RequestError(f"{name}: a Messages request needs {name}", param=name,

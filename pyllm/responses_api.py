@@ -36,6 +36,12 @@ REFUSED = (("previous_response_id", "pyllm stores no responses: send the whole c
            ("conversation", "pyllm stores no conversations: send the whole conversation in input"),
            ("prompt", "pyllm has no stored prompt templates: send the instructions and input"),
            ("max_tool_calls", "pyllm does not bound the calls of a reply: leave it out"))
+# chat completions fields a Responses request names otherwise, or has not (refused: they would be
+# dropped in silence, a request for 3 choices or JSON answered with one plain text)
+CHAT_FIELDS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+               "response_format": "text.format", "reasoning_effort": "reasoning.effort", "verbosity": "text.verbosity",
+               "logprobs": "top_logprobs", "functions": "tools", "function_call": "tool_choice", "n": None,
+               "stream_options": None, "prompt_logprobs": None, "echo": None}
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -51,6 +57,10 @@ def chat_body(body: dict) -> dict:
     for name, why in REFUSED:
         if body.get(name) is not None:
             raise _refuse(name, why)
+    for name, instead in CHAT_FIELDS.items():
+        if name in body:
+            raise _refuse(name, f"is a chat completions field: give {instead} on /v1/responses" if instead else
+                          "is a chat completions field /v1/responses has not (one request, one output)")
     if body.get("background"):
         raise _refuse("background", "pyllm runs no background responses: leave background false")
     if body.get("truncation") not in (None, "disabled"):

@@ -173,6 +173,9 @@ def test_tool_use_and_tool_results_round_trip(live, llm, tool_template, monkeypa
     ({"container": "c1"}, "container"),
     ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
     ({"stop_sequences": "END"}, "stop_sequences"),
+    ({"stop": ["END"]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "g"}},
      "tool_choice"),
 ])

@@ -252,6 +252,11 @@ def test_text_format_json_schema_is_followed(live):
     ({"reasoning": {"effort": "high"}}, "reasoning.effort", None),
     ({"temperature": -1}, "temperature", None),
     ({"tool_choice": "required"}, "tool_choice", None),  # no tools to call
+    # chat fields: refused, with the Responses field to give (they were dropped in silence)
+    ({"n": 3}, "n", "unsupported_parameter"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"max_tokens": 5}, "max_tokens", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "unsupported_parameter"),
     # a reasoning item's text and include were read unchecked (500s)
     ({"input": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": 5}]}]}, "input[0].content[0].text",
      "invalid_type"),
