@@ -34,12 +34,13 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
 
 from . import __version__
-from .errors import LimitError
+from .errors import ContextLengthWarning, LimitError
 from .formats.packed import ModelConfig, PackedModel
 from .limits import MAX_CONTEXT_LENGTH
 from .quant import layout_name
@@ -195,7 +196,7 @@ def check_probe_bytes(nbytes: int) -> None:
     """The read-bandwidth probe's buffer (0: no probe) must fit in half the memory this process may use, beside
     the model and its KV cache: LimitError before any test runs (the probe runs last: a buffer past
     the memory was std::bad_alloc after the whole benchmark, or the kernel's OOM killer)."""
-    from .errors import LimitError
+    from .errors import ContextLengthWarning, LimitError
     from .limits import memory_limit
 
     if nbytes < 0:
@@ -231,9 +232,20 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
 
     def load() -> LLM:
         start = time.perf_counter()
-        opened = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache, device=device,
-                     activation_quant=activation_quant)
+        # in the command's words (the library's named context_length, which bench has no flag for, and its
+        # warning came as Python's, with a source line)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ContextLengthWarning)
+            try:
+                opened = LLM(path, n_threads=threads, context_length=n_ctx, kv_cache=kv_cache, device=device,
+                             activation_quant=activation_quant)
+            except LimitError as e:
+                raise LimitError(f"-d {depth} + -p {n_prompt} + -n {n_gen} = {n_ctx} tokens of context: {e}") from None
         loads.append(time.perf_counter() - start)
+        trained = opened.config.max_position_embeddings
+        if len(loads) == 1 and n_ctx > trained:
+            print(f"pyllm bench: warning: -d {depth} + -p {n_prompt} + -n {n_gen} = {n_ctx} tokens exceed the "
+                  f"{trained} the model was trained on (speed is measured all the same)", file=sys.stderr)
         return opened
 
     # The first load is the one measured for memory; the other load timings come after it is closed.

@@ -196,6 +196,24 @@ def builtin_template_names() -> str:
 TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".json", ".txt", ".tmpl")
 
 
+def config_template(template) -> str:
+    """tokenizer_config.json's chat_template: a string, or transformers' named templates (a list of
+    {"name", "template"}: "default", else the first); "" for none. TemplateError for anything else."""
+    if template is None or isinstance(template, str):
+        return template or ""
+    if isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                          and isinstance(t.get("template"), str) for t in template):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()), "")
+    raise TemplateError("chat_template is not a string or a list of {\"name\", \"template\"} strings")
+
+
+def _is_readable_file(path: str) -> bool:
+    """A path that names something to read a template from: a file, a pipe (`<(cat t.jinja)`), a
+    character device; not a directory or nothing."""
+    return os.path.exists(path) and not os.path.isdir(path)
+
+
 def resolve_chat_template(value: str) -> str:
     """A chat template from a built-in name, a file (Jinja text), or Jinja source itself.
 
@@ -206,7 +224,7 @@ def resolve_chat_template(value: str) -> str:
         value = os.fspath(value)
         if isinstance(value, bytes):
             value = os.fsdecode(value)
-        if not os.path.isfile(value):
+        if not _is_readable_file(value):
             raise FileNotFoundError(f"chat template file {value} not found" +
                                     (" (it is a directory)" if os.path.isdir(value) else ""))
     if not isinstance(value, str):
@@ -219,21 +237,24 @@ def resolve_chat_template(value: str) -> str:
         _compile(value)  # refuse a broken template now, as for a file
         return value
     value = os.path.expanduser(value)
-    if not os.path.isfile(value) and (os.sep in value or "/" in value or value.lower().endswith(TEMPLATE_FILE_SUFFIXES)):
+    if not _is_readable_file(value) and (os.sep in value or "/" in value
+                                         or value.lower().endswith(TEMPLATE_FILE_SUFFIXES)):
         raise FileNotFoundError(f"chat template file {value} not found" +
                                 (" (it is a directory)" if os.path.isdir(value) else ""))
-    if os.path.isfile(value):
+    if _is_readable_file(value):
         text = read_text(value, TemplateError, MAX_CHAT_TEMPLATE_BYTES)
         if value.endswith(".json"):  # a tokenizer_config.json
             try:
-                text = json.loads(text)["chat_template"]
-            except (ValueError, KeyError, TypeError, RecursionError):
-                raise TemplateError(f"{value}: not a tokenizer_config.json with a chat_template string") from None
-            if not isinstance(text, str):
-                raise TemplateError(f"{value}: chat_template is not a string")
+                text = config_template(json.loads(text)["chat_template"])
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                detail = str(e) if isinstance(e, TemplateError) else "not a tokenizer_config.json with a chat_template"
+                raise TemplateError(f"{value}: {detail}") from None
         if not text.strip():  # it would render every conversation as an empty prompt
             raise TemplateError(f"{value}: the chat template is empty")
-        _compile(text)  # refuse a broken template now, not at the first chat
+        try:
+            _compile(text)  # refuse a broken template now, not at the first chat
+        except TemplateError as e:
+            raise TemplateError(f"the chat template file {value}: {e}") from None
         return text
     raise TemplateError(f"unknown chat template {value!r}: give a built-in name "
                         f"({builtin_template_names()}), a Jinja file, or Jinja source")

@@ -60,7 +60,7 @@ def _check_sampling(args) -> None:
     (`pyllm serve --temperature nan` started, then refused every request that left temperature unset
     with a 400 blaming the client's request; `pyllm run` failed at its first reply). -n -1: until the
     context is full."""
-    from .sampling import SamplingParams
+    from .sampling import SamplingParams, check_seed
 
     if args.max_tokens is not None and args.max_tokens < -1:
         raise ValueError("-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
@@ -74,6 +74,10 @@ def _check_sampling(args) -> None:
                 SamplingParams(**{field: value}).validate()
             except ValueError as e:
                 raise ValueError(f"{flag} {value}: {e}") from None
+    try:  # (it was checked once the model was converted and loaded, naming no flag)
+        check_seed(getattr(args, "seed", None))
+    except ValueError as e:
+        raise ValueError(f"--seed: {e}") from None
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -205,7 +209,10 @@ def cmd_verify(args) -> int:
     if not os.path.lexists(path):  # a cached model's name, as `pyllm list` shows it and `pyllm run` takes it
         from .model_cache import resolve_model
 
-        path = resolve_model(path)  # (only looks the name up: nothing is converted for a path that is not there)
+        try:
+            path = resolve_model(path)  # (only looks the name up: nothing is converted for a path that is not there)
+        except FileNotFoundError:  # (its words listed GGUF files and model directories, which verify does not take)
+            raise FileNotFoundError(f"{path}: no such .pllm file or cached model (`pyllm list` shows them)") from None
     with PackedModel(path) as model:
         checked = model.verify()
     header = ("the header matches its own" if HEADER_CHECKSUM_KEY in model.file.metadata
@@ -250,7 +257,7 @@ def _open(args, path: str | None = None):
     stderr when --ctx passes the positions the model was trained on (rotary and ALiBi models run
     there, as in llama.cpp and transformers, but predict poorly; a model with learned positions
     refuses such a context)."""
-    from .errors import ContextLengthWarning
+    from .errors import ContextLengthWarning, LimitError
     from .llm import LLM
 
     _check_sizes(args)
@@ -261,10 +268,14 @@ def _open(args, path: str | None = None):
         ctx += _virtual_tokens(path, adapter)  # tokens: the context holds both
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ContextLengthWarning)  # said below, in the command's words
-        llm = LLM(path, n_threads=args.threads, context_length=ctx,
-                  chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
-                  kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
-                  activation_quant=args.activation_quant, adapter=adapter)
+        try:
+            llm = LLM(path, n_threads=args.threads, context_length=ctx,
+                      chat_template=getattr(args, "chat_template", None), device=getattr(args, "device", "cpu"),
+                      kv_cache=args.kv_cache, n_parallel=getattr(args, "parallel", 1),
+                      activation_quant=args.activation_quant, adapter=adapter)
+        except LimitError as e:  # a context past learned positions or memory: it named context_length, no flag
+            given = f"--ctx {ctx}" + (f" --parallel {args.parallel}" if getattr(args, "parallel", 1) > 1 else "")
+            raise LimitError(f"{given}: {e}") from None
     trained = llm.config.max_position_embeddings
     if args.ctx is not None and args.ctx > trained:
         print(f"pyllm {args.command}: warning: --ctx {args.ctx} exceeds the {trained} tokens the model was trained "
@@ -511,7 +522,8 @@ def cmd_perplexity(args) -> int:
     bos = llm.tokenizer.bos_id if llm.tokenizer.spec.add_bos_token else None
     available = len(tokens) // args.ctx
     if available == 0:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
+        where = f"--text {args.text}" if args.text else "the built-in text"
+        raise ValueError(f"{where} has {len(tokens)} tokens, fewer than one window of --ctx {args.ctx}: give a "
                          "longer text, or a smaller --ctx")
     if args.windows is not None and args.windows > available:  # (the result line alone said "over 3 windows")
         print(f"pyllm perplexity: warning: --windows {args.windows}: the text holds {available} window(s) of "
@@ -718,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", "-f", "--file", dest="text", default=None, metavar="FILE|NAME",
                    help=f"UTF-8 text file, or an evaluation text of docs/QUALITY.md by name: {', '.join(DOMAIN_NAMES)} "
                         "(default: python-docs, Python's documentation topics)")
-    p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512, metavar="TOKENS",
+    p.add_argument("-c", "--ctx", "--ctx-size", "--context-length", "--n-ctx", dest="ctx", type=int, default=512,
+                   metavar="TOKENS",
                    help="window length in tokens (default 512)")
     p.add_argument("--windows", "--chunks", dest="windows", type=int, default=None, metavar="N",
                    help="score only the first N windows (default: all the text holds)")
@@ -767,11 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command. Every failure is one line on stderr and exit status 1 (130 for Ctrl-C);
     PYLLM_DEBUG=1 prints the traceback of failures that are not pyllm's own errors."""
     parser = build_parser()
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): print(file=None) wrote to stdout, into the output
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
-        # prompt words after an option (`pyllm run M -n 5 Why ...`): argparse gives a second positional only
-        # the words before the first option
-        args.prompt_words += extra
+    # prompt words after an option (`pyllm run M -n 5 Why ...`): argparse gives a second positional only the
+    # words before the first option; after "--" every word is the prompt's (`pyllm run M -- -5 degrees?`)
+    words, after = (extra[:extra.index("--")], extra[extra.index("--") + 1:]) if "--" in extra else (extra, [])
+    if args.command == "run" and extra and not any(e.startswith("-") for e in words):
+        args.prompt_words += words + after
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if sys.stdout is None and args.command in STDOUT_COMMANDS:

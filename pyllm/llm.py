@@ -27,7 +27,7 @@ from .errors import ContextLengthWarning, LimitError, PyllmError
 from .formats.safetensors import FormatError
 from .limits import (RenderLimits, check_context_length, check_kv_cache_bytes, check_logits_bytes, check_parallel,
                      check_threads)
-from .sampling import LogitsProcessor, Sampler, SamplingParams, log_softmax, most_likely
+from .sampling import LogitsProcessor, Sampler, SamplingParams, check_seed, log_softmax, most_likely
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 from .tool_calls import ToolError, check_template_reads_tools
 
@@ -1607,8 +1607,7 @@ class LLM:
                 ("repetition_penalty", repetition_penalty), ("typical_p", typical_p)))
         top_k, seed = (None if v is None else option(name, v, integer=True) for name, v in (("top_k", top_k),
                                                                                         ("seed", seed)))
-        if seed is not None and not -(1 << 63) <= seed < (1 << 64):  # 2**64 wrapped to 0: another's seed
-            raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (-1: unseeded); got {seed}")
+        check_seed(seed)
         params = SamplingParams(
             temperature=float((d.get("temperature", 1.0) if samples else 0.0) if temperature is None else temperature),
             # the file's own top_k, as its top_p, even when it does not sample (then a caller's temperature > 0

@@ -635,9 +635,10 @@ def _convert_into(target: str, source: str, kind: str, settings: dict, fingerpri
     print(f"pyllm: converting the {what} {source} ({_describe(settings)}) into {target}; "
           "later runs reuse it while the source is unchanged (`pyllm list`, `pyllm rm`)", file=log)
     report = convert_checkpoint(source, target, quant=quant, log=log, lora=settings.get("lora", ()))
-    print(report.summary(), file=log)
+    # the sidecar first: a log that fails now (a closed pipe) must not leave an entry `pyllm rm` cannot name
     write_sidecar(target, {"source": source, "kind": kind, "settings": settings, "fingerprint": fingerprint,
                            "converter": CONVERTER_VERSION, "converted": time.strftime("%Y-%m-%d %H:%M:%S")})
+    print(report.summary(), file=log)
 
 
 def list_entries() -> list[CacheEntry]:

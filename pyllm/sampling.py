@@ -25,6 +25,13 @@ LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 MIN_REPETITION_PENALTY = 1e-250
 
 
+def check_seed(seed) -> None:
+    """generate()'s seed (-1: unseeded; other negative ones are taken mod 2**64): ValueError past
+    -2**63 .. 2**64 - 1 (2**64 wrapped to 0, another request's seed)."""
+    if seed is not None and not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1 (-1: unseeded); got {seed}")
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy

@@ -746,6 +746,16 @@ def test_a_closed_stdin_or_stdout_is_one_line_naming_it(tiny_llama_f32, closed, 
     assert r.returncode == 1 and r.stderr.strip() == f"pyllm {argv[0]}: error: {message}", r.stderr
 
 
+def test_a_closed_stderr_keeps_diagnostics_out_of_the_output(tiny_llama_f32):
+    """`pyllm run MODEL -p X 2>&-` (Python sets stderr to None, and print(file=None) writes to
+    stdout): the timing line and notices went into the reply on stdout. They go nowhere now."""
+    argv = [sys.executable, "-m", "pyllm", "run", tiny_llama_f32, "-p", "Paris is", "-n", "3", "--raw"]
+    expected = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=300)
+    closed = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    assert closed.returncode == expected.returncode == 0
+    assert closed.stdout == expected.stdout and "t/s" not in closed.stdout
+
+
 def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_llama_f32, monkeypatch, capsys):
     """`pyllm serve --temperature nan` (or --top-p 5, -n -2, --max-queue 0) started, then answered every
     request that left the option unset with a 400 blaming the request, or (--max-queue 0) a 503: each
@@ -768,6 +778,8 @@ def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_
                           (["--max-queue", "-3"], "--max-queue must be at least 1, got -3"),
                           # the library's checks, named by flag (they said "context_length must be ...")
                           (["--ctx", "0"], "--ctx 0: context_length must be a positive integer, got 0"),
+                          # (checked once the model was loaded, naming no flag)
+                          (["--seed", str(2**64)], "--seed: seed must be an integer from -2**63 to 2**64 - 1"),
                           (["-t", "0"], "-t 0: n_threads must be a positive integer, got 0"),
                           (["--parallel", "999"], "--parallel 999: n_parallel 999 exceeds the limit of 256"),
                           (["--max-body-bytes", "0"], "--max-body-bytes 0: max_body_bytes must be a positive integer"),

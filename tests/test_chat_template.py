@@ -278,8 +278,25 @@ def test_resolve_names_files_and_source(tmp_path):
         resolve_chat_template("no-such-template")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")
-    with pytest.raises(TemplateError, match="not valid Jinja"):
-        resolve_chat_template(str(broken))
+    with pytest.raises(TemplateError, match=f"the chat template file {re.escape(str(broken))}: .*not valid Jinja"):
+        resolve_chat_template(str(broken))  # (it named no file)
+    # transformers' named templates in a tokenizer_config.json, as the converter reads them ("default", else
+    # the first): they were "chat_template is not a string"
+    config.write_text('{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}')
+    assert resolve_chat_template(str(config)) == "D"
+    config.write_text('{"chat_template": [{"name": "rag", "template": "R"}]}')
+    assert resolve_chat_template(str(config)) == "R"
+    config.write_text('{"chat_template": 5}')
+    with pytest.raises(TemplateError, match="chat_template is not a string or a list"):
+        resolve_chat_template(str(config))
+    # a pipe (`--chat-template <(cat t.jinja)`) was "not found"
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as w:
+        w.write("{{ messages[0].content }}")
+    try:
+        assert resolve_chat_template(f"/dev/fd/{read}") == "{{ messages[0].content }}"
+    finally:
+        os.close(read)
     with pytest.raises(TemplateError, match="not valid Jinja"):  # Jinja source itself: refused now too
         resolve_chat_template("{% for m in messages %}")
     # an empty template (file, or a tokenizer_config's) rendered every conversation as an empty prompt

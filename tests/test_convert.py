@@ -1188,6 +1188,8 @@ def test_int4_without_a_group_size_chooses_per_matrix(tiny_llama, tmp_path):
     (["--quant", "f16", "--keep-sensitive", "2", "--rtn"], "--rtn, --keep-sensitive apply to --quant int8"),
     (["--quant", "bf16", "--calib", "text.txt"], "--calib applies to --quant int8 and int4 only"),
     (["--quant", "int8", "--bits", "5"], "--bits is the budget of --quant int4"),
+    # it stored the "sensitive" matrices at int8 g128, coarser than the others' g32
+    (["--quant", "int8", "--keep-sensitive", "2"], "--keep-sensitive (keep_sensitive) keeps the N matrices"),
     # the converter's "group size 7 is not supported" named no flag
     (["--quant", "int4", "--group-size", "7"], "--group-size 7: group size 7 is not supported: use a multiple of 32 up to "
                                                 "4096 (the usual: 32, 64, 128, 256)"),
@@ -1361,3 +1363,24 @@ def test_a_huge_chat_template_in_tokenizer_config_is_named_not_compiled(tiny_lla
     with pytest.raises(TemplateError, match=rf"^{re.escape(out)}: the chat template stored in the model file cannot "
                                             r"be used \(the chat template is \d+ bytes long, past limits"):
         llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+
+
+def test_a_chat_template_that_cannot_be_used_is_said_at_conversion(tiny_llama, tmp_path):
+    """A checkpoint whose chat template is not valid Jinja (or past the size bound, as a GGUF's or a
+    tokenizer_config's could be) converted without a word, and every chat with the file failed later:
+    the conversion says so, naming the source and the way out."""
+    import io
+    import shutil
+
+    from pyllm.convert import convert_checkpoint
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_llama, source)
+    (source / "chat_template.jinja").write_text("{% for m in messages %}")
+    log = io.StringIO()
+    convert_checkpoint(str(source), str(tmp_path / "m.pllm"), quant="f32", progress=False, log=log)
+    assert f"{source}: its chat template cannot be used (chat template is not valid Jinja" in log.getvalue()
+    assert "--chat-template" in log.getvalue()
+    log = io.StringIO()
+    convert_checkpoint(tiny_llama, str(tmp_path / "ok.pllm"), quant="f32", progress=False, log=log)
+    assert "cannot be used" not in log.getvalue()

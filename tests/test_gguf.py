@@ -594,6 +594,9 @@ def _broken_split(tmp_path, case: str) -> tuple[str, str]:
     if case == "missing":
         os.unlink(shards[1])
         return shards[0], re.escape(f"{shards[0]}: shard 1 of a GGUF model split in {n} files; missing: {shards[1]}")
+    if case == "a whole model as a shard":  # ("a split GGUF shard (it has split.* metadata)": it has none)
+        shutil.copy(whole, shards[2])
+        return shards[0], re.escape(f"{shards[2]}: not a shard of a split GGUF (it has no 'split.no' metadata)")
     if case == "copied over another":  # shard 2 copied as shard 3
         shutil.copy(shards[1], shards[2])
         return shards[0], re.escape(f"{shards[2]}: its GGUF metadata says shard 2 of {n}, its name shard 3 of {n}: "
@@ -656,7 +659,7 @@ def test_a_split_set_of_one_file_is_a_whole_model_and_split_keys_are_checked(tmp
             GGUFSource(bad)
 
 
-@pytest.mark.parametrize("case", ["missing", "copied over another", "renamed", "of another set",
+@pytest.mark.parametrize("case", ["missing", "copied over another", "a whole model as a shard", "renamed", "of another set",
                                   "of another architecture", "a tensor twice", "a tensor lost",
                                   "split.no out of range"])
 def test_a_broken_split_gguf_is_refused_naming_the_shard(tmp_path, case):

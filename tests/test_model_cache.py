@@ -4,6 +4,7 @@ model's first download keeps only the converted file."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -989,3 +990,22 @@ def test_a_conversion_killed_leaves_nothing_a_later_run_trusts(hf_dir, cache, tm
     assert all(f"removed {cache / n}" in log.getvalue() for n in left if n.endswith(".partial")), log.getvalue()
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".pllm"]
     assert model_cache.stale_temporaries() == []
+
+
+def test_a_log_that_fails_after_the_conversion_leaves_a_whole_entry(gguf_file, cache, capsys):
+    """`pyllm run MODEL ... 2>&1 | head -2`: the pipe closed when the summary was printed, after the
+    file was in place but before its sidecar: an entry `pyllm list` showed with source "?" and `pyllm rm
+    MODEL` could not find. The sidecar is written first."""
+    from pyllm.model_cache import list_entries, resolve_model
+
+    class ClosingLog(io.StringIO):
+        def write(self, text):
+            if text.startswith("wrote "):
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+    with pytest.raises(BrokenPipeError):
+        resolve_model(gguf_file, log=ClosingLog())
+    [entry] = list_entries()
+    assert entry.source == os.path.abspath(gguf_file)
+    assert run(capsys, "rm", gguf_file)[0] == 0 and list_entries() == []

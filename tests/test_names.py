@@ -191,6 +191,18 @@ def test_run_takes_the_prompt_after_the_model_as_ollama_does(tiny_llama_f32, cap
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_words_after_a_double_dash_are_the_prompt(tiny_llama_f32, capsys):
+    """`pyllm run MODEL -n 1 -- hello` was "unrecognized arguments: -- hello", so a prompt starting
+    with "-" could not follow the options: after "--" every word is the prompt's."""
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["run", tiny_llama_f32, "-t", "1", "--raw", *argv])
+        return status, capsys.readouterr().out
+
+    assert run("-n", "3", "--", "-5", "degrees") == run("-n", "3", "-p", "-5 degrees")
+    assert run("-n", "3", "--", "hello") == run("-n", "3", "hello") == run("-n", "3", "-p", "hello")
+
+
 def test_piped_text_comes_before_the_prompt_words_as_ollama_takes_it(tiny_llama_f32, tmp_path, monkeypatch, capsys):
     """`cat notes.txt | pyllm run MODEL summarize` (ollama's idiom: the piped text, then the words) answered
     "summarize" alone: the piped text was dropped in silence. It now comes first, a blank line between;
@@ -480,3 +492,39 @@ def test_help_defaults_are_the_real_ones(capsys):
             if float(m.group(1)) != float(action.default):
                 wrong.append(f"{name}: help says {m.group(1)}, the default is {action.default}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_cli_errors_name_the_flag_or_file_the_user_gave(tiny_llama, tiny_llama_f32, tmp_path, capsys):
+    """Errors that named the library's argument or said the wrong thing: an empty model path ("error:
+    does not exist"), a file as merge's output ("not an empty directory"), a missing model for verify
+    (its words listed GGUF files and directories, which verify refuses), a text too short for
+    perplexity (the file unnamed); perplexity takes every spelling of the context flag run takes."""
+    def error(*argv):
+        capsys.readouterr()
+        assert cli.main(list(argv)) == 1
+        return capsys.readouterr().err.strip()
+
+    assert error("convert", "", "-o", str(tmp_path / "x.pllm")) == \
+        "pyllm convert: error: no model path given (it is empty)"
+    existing = tmp_path / "keep.txt"
+    existing.write_text("mine")
+    assert "keep.txt exists (the output is a directory)" in error("merge", tiny_llama, "--lora", str(tmp_path),
+                                                                  "-o", str(existing))
+    assert existing.read_text() == "mine"
+    assert error("verify", str(tmp_path / "nothere")).endswith(
+        "nothere: no such .pllm file or cached model (`pyllm list` shows them)")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert f"--text {empty} has 0 tokens, fewer than one window of --ctx 32" in error(
+        "perplexity", tiny_llama_f32, "--text", str(empty), "--n-ctx", "32", "-t", "1")
+
+
+def test_bench_past_the_trained_positions_warns_in_one_line_of_its_own_words(tiny_llama_f32, capsys):
+    """`pyllm bench -p 300` on a model trained on 256 positions printed Python's warning, with its
+    source file, line and code; it is one line naming -d, -p and -n."""
+    capsys.readouterr()
+    assert cli.main(["bench", tiny_llama_f32, "-p", "300", "-n", "2", "-r", "1", "-t", "1", "--bandwidth-mib", "0",
+                     "--json"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pyllm bench: warning: -d 0 + -p 300 + -n 2 = 302 tokens exceed the 256 the model was trained on "
+                   "(speed is measured all the same)"], err

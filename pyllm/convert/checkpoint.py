@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ..arch import Architecture, for_hf_config
+from ..chat_template import config_template
 from ..errors import decode_text, file_kind, library_errors, read_bytes, read_text
 from ..formats.packed import SIZE_LIMITS, ModelConfig, TokenizerSpec, check_generation_defaults
 from ..formats.safetensors import FormatError, SafetensorsFile
@@ -1137,11 +1138,7 @@ def read_chat_template(directory: str) -> str:
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
     if not present(tok_config_path):
         return ""
-    template = read_tokenizer_config(tok_config_path).get("chat_template") or ""
-    if isinstance(template, list):  # transformers' named templates: "default", else the first
-        named = {t["name"]: t["template"] for t in template}
-        template = named.get("default") or next(iter(named.values()), "")
-    return template
+    return config_template(read_tokenizer_config(tok_config_path).get("chat_template"))  # (its shape checked)
 
 
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "do_sample",

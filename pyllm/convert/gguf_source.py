@@ -189,7 +189,10 @@ def _split_keys(reader, path: str) -> tuple[int, int, int | None]:
     for key in ("split.no", "split.count", "split.tensors.count"):
         value = _field(reader.fields, path, key)
         if value is None and key != "split.tensors.count":
-            raise FormatError(f"{path}: a split GGUF shard (it has split.* metadata) without '{key}'")
+            has_split = any(str(name).startswith("split.") for name in reader.fields)
+            raise FormatError(f"{path}: a split GGUF shard (it has split.* metadata) without '{key}'" if has_split
+                              else f"{path}: not a shard of a split GGUF (it has no '{key}' metadata): give the "
+                                   "first shard of one set, with the others beside it")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise FormatError(f"{path}: GGUF metadata '{key}' must be a non-negative integer, got {value!r:.40}")
         values.append(value)

@@ -538,7 +538,8 @@ def write_merged_checkpoint(base_dir: str, adapter_dirs, output: str, dtype: str
         raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(HF_DTYPES)})")
     output = os.path.abspath(output)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise FileExistsError(f"{output} exists and is not an empty directory; pick a new output path")
+        what = "is a directory that is not empty" if os.path.isdir(output) else "exists (the output is a directory)"
+        raise FileExistsError(f"{output} {what}; pick a new output path")
     from ..model_cache import partial_dir, remove_stale_partials
 
     source = merged_source(Checkpoint(base_dir), adapter_dirs)

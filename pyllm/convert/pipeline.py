@@ -40,7 +40,7 @@ def open_source(path: str):
     if os.path.isdir(path):
         return Checkpoint(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist" if path else "no model path given (it is empty)")
     if not os.path.isfile(path):  # a FIFO or a device: open() waited for ever for a writer
         raise FormatError(f"{path} is not a regular file: neither a Hugging Face model directory nor a GGUF file")
     with open(path, "rb") as f:
@@ -249,7 +249,9 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         blob = np.frombuffer(tokenizer_blob, dtype=np.uint8)
         plans.append(PlannedTensor(blob_name, "U8", (len(tokenizer_blob),), lambda: blob))
         adapter_metadata = _prompt_adapters(adapters, config, source, plans, strategy.scales, log)
-        metadata = build_metadata(config, linears, tokenizer, source.chat_template(), source.generation_defaults(),
+        chat_template = source.chat_template()
+        _note_unusable_template(chat_template, src, log)
+        metadata = build_metadata(config, linears, tokenizer, chat_template, source.generation_defaults(),
                                   {"converter": f"pyllm {__version__}", "source": os.path.abspath(src),
                                    "quant": quant or "source", "group_size": group,
                                    **({"quantizer": strategy.record} if strategy.record else {}),
@@ -398,6 +400,20 @@ def where(source, name: str) -> str:
     'model.layers.0.mlp.up_proj.weight'"): source.where(name), else the source's directory or file."""
     locate = getattr(source, "where", None)
     return locate(name) if locate is not None else f"{src_name(source)}: tensor '{name}'"
+
+
+def _note_unusable_template(chat_template: str, src: str, log) -> None:
+    """Says so when the source's chat template cannot be used (past the size bound, not valid Jinja):
+    the file keeps it, and chats with the file are refused naming it, so the conversion says it first."""
+    from ..chat_template import TemplateError, check_chat_template
+
+    if not chat_template:
+        return
+    try:
+        check_chat_template(chat_template)
+    except TemplateError as e:
+        print(f"{src}: its chat template cannot be used ({e}); chats with the converted file need "
+              "another (--chat-template: a built-in name, a Jinja file or Jinja source)", file=log)
 
 
 def build_metadata(config: ModelConfig, linears: dict, tokenizer: TokenizerSpec, chat_template: str,

@@ -48,6 +48,9 @@ UNIFORM_INT4 = ("int4_asym_dq", 32)
 BITS_BUDGET = 4.6
 SAMPLE_ROWS = 96
 METHODS = ("rtn", "search", "gptq")
+# (it gave them int8 at group 128, coarser than the rest's)
+KEEP_SENSITIVE_INT8 = ("--keep-sensitive (keep_sensitive) keeps the N matrices of largest error at int8; with --quant "
+                       "int8 every matrix is int8 already: leave it out")
 
 
 @dataclass
@@ -96,6 +99,8 @@ def options_from_flags(quant: str | None, calib: str | None, rtn: bool, keep_sen
         if given:
             raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --quant int8 and "
                              f"int4 only (this conversion: {'--quant ' + quant if quant else 'no --quant'})")
+    if keep_sensitive and quant == "int8":
+        raise ValueError(KEEP_SENSITIVE_INT8)
     if bits is not None and quant != "int4":
         raise ValueError(f"--bits is the budget of --quant int4's per-matrix layouts; --quant {quant} has one layout")
     if calib is None:
@@ -171,6 +176,8 @@ def plan_quantization(source, config, quant: str | None, fmt: str | None, group:
     if uniform:
         strategy.formats = {base: UNIFORM_INT4 for base in linears}
     elif quant == "int4" or options.keep_sensitive:
+        if quant == "int8":
+            raise ValueError(KEEP_SENSITIVE_INT8)
         layouts = int4_choices(group, fixed_group) if quant == "int4" else [(fmt, group)]
         sensitive = ("int8", group) if fixed_group else SENSITIVE_FORMAT
         strategy.formats = allocate(source, linears, {b: layouts for b in linears}, options, hessians,
