@@ -47,12 +47,13 @@ class Split:
 
 def split(text: str, tags: ThinkTags, opened: bool) -> Split:
     """text (a whole reply) read for reasoning; opened: the prompt ended with tags.open, so the
-    reply starts inside the block. The reasoning and the content lose the whitespace around them."""
-    if not opened:
-        body = text.lstrip()
-        if not body.startswith(tags.open):
-            return Split(None, text)
+    reply starts inside the block (an opening tag the model writes again is dropped, as vLLM's
+    reasoning parsers drop it). The reasoning and the content lose the whitespace around them."""
+    body = text.lstrip()
+    if body.startswith(tags.open):
         text = body[len(tags.open):]
+    elif not opened:
+        return Split(None, text)
     end = text.find(tags.close)
     if end < 0:
         return Split(text.strip(), "", closed=False)
@@ -98,6 +99,7 @@ class ReasoningStream:
         self.ids: list[int] = []  # every token id fed, and the length of every piece's text fed
         self.fed_chars = 0
         self.state = "thinking" if opened else "start"  # start -> thinking -> content
+        self.may_reopen = opened  # a block the prompt opened, whose tag the reply may write again (dropped)
         self.held = ""  # text not yet given out: leading whitespace, or a tag's possible start
         self.reasoning_started = False  # the reasoning's leading whitespace is dropped
         self.had_reasoning = opened
@@ -147,6 +149,14 @@ class ReasoningStream:
             else:
                 self.state = "content"
                 return "", text
+        if self.state == "thinking" and self.may_reopen:
+            body = text.lstrip()
+            if not body or (self.tags.open.startswith(body) and body != self.tags.open):
+                self.held = text  # whitespace, or maybe the opening tag written again, cut
+                return "", ""
+            self.may_reopen = False
+            if body.startswith(self.tags.open):
+                text = body[len(self.tags.open):]
         if self.state == "thinking":
             end = text.find(self.tags.close)
             if end < 0:

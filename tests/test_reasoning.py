@@ -40,6 +40,11 @@ CASES = [  # (reply, prompt opened the block, reasoning, content)
     ("<thin", False, None, "<thin"),
     ("I think.\n</think>\n\nHi", True, "I think.", "Hi"),  # the prompt ended with <think>
     ("still thinking", True, "still thinking", ""),
+    # the prompt opened the block and the model wrote the tag again: dropped, as vLLM's parsers drop it
+    ("<think>\nI think.</think>Hi", True, "I think.", "Hi"),
+    ("\n <think>I think.", True, "I think.", ""),
+    ("<thi", True, "<thi", ""),
+    ("I said here</think><think>Hi", True, "I said here", "<think>Hi"),
     ("a</think>b</think>c", True, "a", "b</think>c"),
     ("<think>a</think>b<think>c</think>", False, "a", "b<think>c</think>"),
     ("<think> a \n b </think>  c \n", False, "a \n b", "c \n"),

@@ -1890,6 +1890,11 @@ def test_a_block_the_prompt_opens_is_reasoning(live, llm, monkeypatch):
             for stream in (False, True):
                 assert _thinking_reply(client, stream, model="tiny", messages=_chat("2+2?"),
                                        max_tokens=100) == ("Two and two.", "4", "stop"), stream
+        with monkeypatch.context() as patch:  # the model writes the opening tag again: dropped, as vLLM does
+            _script(llm, patch, "<think>\nTwo and two.\n</think>\n\n4")
+            for stream in (False, True):
+                assert _thinking_reply(client, stream, model="tiny", messages=_chat("2+2?"),
+                                       max_tokens=100) == ("Two and two.", "4", "stop"), stream
         for stream in (False, True):
             got = _thinking_reply(client, stream, model="tiny", messages=_chat("2+2?"), max_tokens=20,
                                   response_format={"type": "json_object"})
