@@ -9,7 +9,8 @@ content a string or blocks: text, tool_use, tool_result, thinking; redacted_thin
 dropped, their text being encrypted for Anthropic's models), `system` (a string or text blocks),
 `stop_sequences`, `temperature`, `top_p`, `top_k`, `stream`, `tools` (custom tools: name,
 description, input_schema), `tool_choice` (auto, any, tool, none; disable_parallel_tool_use),
-`thinking` (enabled / disabled: the template's enable_thinking, as Qwen3's reads it), `metadata` and
+`thinking` (enabled / disabled: the template's enable_thinking, as Qwen3's reads it), `output_config`
+(format: structured output held to a JSON schema; effort: the template's reasoning_effort), `metadata` and
 `service_tier` (nothing is stored), and pyllm's sampling extensions (api_schema.EXTENSIONS). Refused,
 naming the field: images and documents, Anthropic's own tools (bash, text editor, web search, ...),
 `container`, `mcp_servers`.
@@ -46,7 +47,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 # (api_schema.renamed_field): chat's messages[k] is not turn k (system, tool results are messages there)
 MESSAGES_NAMES = ((r"stop", "stop_sequences", True), (r"tools\[(\d+)\]\.function\.parameters", r"tools[\1].input_schema", True),
                   (r"tools\[(\d+)\]\.function", r"tools[\1]", True), (r"tool_choice\.function", "tool_choice", True),
-                  (r"response_format", "tools", True), (r"messages", "messages", False))
+                  (r"response_format(\.json_schema)?", "output_config.format", True),
+                  (r"reasoning_effort", "output_config.effort", True), (r"messages", "messages", False))
 
 
 def _refuse(param: str, message: str, code: str = "unsupported_parameter") -> RequestError:
@@ -98,9 +100,29 @@ def chat_body(body: dict) -> dict:
         kwargs = dict(chat.get("chat_template_kwargs") or {})
         kwargs.setdefault("enable_thinking", kind != "disabled")
         chat["chat_template_kwargs"] = kwargs
+    if body.get("output_config") is not None:
+        _output_config(body["output_config"], chat)
     if body.get("stream"):
         chat["stream_options"] = {"include_usage": True}  # the last event carries the usage
     return chat
+
+
+def _output_config(config, chat: dict) -> None:
+    """output_config: format (structured outputs: {"type": "json_schema", "schema": {...}}, a
+    response_format held to the schema) and effort (reasoning_effort, for a template that reads it)."""
+    if not isinstance(config, dict):
+        raise _invalid("output_config", "must be an object")
+    fmt = config.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            raise _invalid("output_config.format.type", "must be json_schema", "invalid_value")
+        if not isinstance(fmt.get("schema"), dict):
+            raise _invalid("output_config.format.schema", "must be a JSON schema (an object)",
+                           "missing_required_parameter" if fmt.get("schema") is None else "invalid_type")
+        chat["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+    if config.get("effort") is not None:
+        chat["reasoning_effort"] = config["effort"]
 
 
 def _number(value, param: str) -> float:

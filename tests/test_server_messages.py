@@ -232,3 +232,31 @@ def test_a_last_assistant_turn_is_a_prefill(live, llm):
                     _streamed(client, model="tiny", messages=turns, max_tokens=5, extra_body={"temperature": 0})[0]):
         assert _blocks(message) == [{"type": "text", "text": expected}]
         assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(prompt)
+
+
+def test_structured_output_with_output_config_and_parse(live):
+    """Anthropic's structured outputs (output_config.format, and the client's parse() with a pydantic
+    model) are held to the schema; an effort the template does not read is refused naming the field."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class City(BaseModel):  # (the client's schema drops string lengths: no free string, or it runs on)
+        size: Literal["big", "small"]
+        sunny: bool
+
+    client = _client(live)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    message = client.messages.create(model="tiny", max_tokens=40, messages=[{"role": "user", "content": "A number?"}],
+                                     output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert isinstance(json.loads(message.content[0].text)["n"], int)
+    parsed = client.messages.parse(model="tiny", max_tokens=200, messages=[{"role": "user", "content": "A city?"}],
+                                   output_format=City)
+    assert isinstance(parsed.parsed_output, City)
+    for config, param in (({"effort": "high"}, "output_config.effort"),
+                          ({"format": {"type": "json_schema"}}, "output_config.format.schema"),
+                          ({"format": {"type": "json_schema", "schema": {"type": "bogus"}}}, "output_config.format")):
+        status, reply = _request(live.url + "/v1/messages", json.dumps({
+            "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "output_config": config}).encode())
+        assert status == 400 and reply["error"]["message"].startswith(param), reply
