@@ -1435,7 +1435,8 @@ class LLM:
                                prompt_cache_options: dict | None = None, safety_identifier: str | None = None,
                                audio: dict | None = None, web_search_options: dict | None = None,
                                moderation: dict | None = None, chat_template_kwargs: dict | None = None,
-                               reasoning_format: str | None = None):
+                               reasoning_format: str | None = None, add_generation_prompt: bool = True,
+                               continue_final_message: bool = False):
         """A /v1/chat/completions request, answered as `pyllm serve` answers it (the same
         validation and the same answer, built by the same code: pyllm.serve.Completions), as
         llama-cpp-python's Llama.create_chat_completion answers it.
@@ -1459,6 +1460,8 @@ class LLM:
         False} turns Qwen3's thinking off). reasoning_format: "deepseek" (the default) returns a think
         block the reply opens with (<think>...</think>, [THINK]...[/THINK]) as the message's
         reasoning_content apart from its content; "none" leaves it in content (pyllm/reasoning.py).
+        continue_final_message=True with add_generation_prompt=False: the reply continues the last
+        message's text (an assistant prefill; chat_prompt_ids).
 
         Returns a dict: {"id": "chatcmpl-...", "object": "chat.completion", "created": int,
         "model": str, "system_fingerprint": str, "choices": [{"index": int, "message": {"role":

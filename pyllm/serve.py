@@ -56,10 +56,10 @@ from .errors import LimitError, PyllmError, RequestError
 from .limits import ServerLimits as Limits
 from .structured import GrammarError, GrammarInvalid, GrammarUnavailable
 from .tokenizer import check_text
-from . import anthropic_api, responses_api
 from .tool_calls import ToolError
 
 try:  # (pydantic: LLM.create_completion needs it without starlette)
+    from . import anthropic_api, responses_api
     from .api_schema import (MAX_LOGPROB_ENTRIES, MAX_PROMPTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
                              parse_request, validate)
 except ImportError:  # pragma: no cover - depends on the installed extras
@@ -146,7 +146,7 @@ DIALECTS = {
     # Anthropic's Messages API (POST /v1/messages)
     "messages": Dialect(anthropic_api.chat_body, anthropic_api.rename, anthropic_api.message_object,
                         anthropic_api.MessageEvents, anthropic_api.error_body),
-}
+} if parse_request is not None else {}  # (without pydantic: no server, MISSING)
 
 
 # -- limits: what one request may ask of the server ----------------------------------------------

@@ -1941,6 +1941,9 @@ def test_continue_final_message_and_add_generation_prompt(live, llm):
     reply = client.chat.completions.create(model="tiny", messages=turns, max_tokens=5, temperature=0,
                                            extra_body={"continue_final_message": True, "add_generation_prompt": False})
     assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(prefilled)
+    answer = llm.create_chat_completion(turns, max_tokens=5, temperature=0, continue_final_message=True,
+                                        add_generation_prompt=False)
+    assert answer["choices"][0]["message"]["content"] == expected
     reply = client.chat.completions.create(model="tiny", messages=turns[:1], max_tokens=1,
                                            extra_body={"add_generation_prompt": False})
     assert reply.usage.prompt_tokens == len(llm.chat_prompt_ids(turns[:1], add_generation_prompt=False)) < len(
