@@ -122,8 +122,8 @@ def test_a_cached_model_runs_by_the_name_pyllm_list_shows(hf_dir, cache, capsys)
 
 def test_verify_takes_the_name_pyllm_list_shows(hf_dir, cache, capsys):
     """`pyllm verify NAME` with NAME as `pyllm list` shows it (as `pyllm run` and `pyllm rm` take it) said
-    "cannot read NAME: No such file or directory"; it now checks that entry. A name of nothing cached still
-    says what a model argument may be."""
+    "cannot read NAME: No such file or directory"; it now checks that entry. A name of nothing cached says
+    what verify takes (the words of run's, which listed GGUF files and model directories, did not)."""
     status, _, err, _ = run(capsys, "run", hf_dir, "-p", "hello", "-n", "2", "-t", "1", "--raw")
     assert status == 0, err
     (entry,) = model_cache.list_entries()
@@ -131,8 +131,8 @@ def test_verify_takes_the_name_pyllm_list_shows(hf_dir, cache, capsys):
         status, out, err, _ = run(capsys, "verify", name)
         assert status == 0 and out.startswith(f"{entry.path}: OK ("), (out, err)
     status, out, err, _ = run(capsys, "verify", "llama3")
-    assert status == 1 and err.startswith("pyllm verify: error: cannot read llama3: No such file or directory (a "
-                                          "model is a .pllm file") and err.count("\n") == 1
+    assert status == 1 and err == ("pyllm verify: error: llama3: no such .pllm file or cached model (`pyllm list` "
+                                   "shows them)\n")
 
 
 def test_what_is_not_a_model_is_refused_clearly(tmp_path, cache, capsys):

@@ -322,9 +322,11 @@ def test_convert_flags_choose_the_method():
     assert options_from_flags("int8", None, False, 0, None).method == "gptq"  # int8 calibrates too
     assert options_from_flags("int8", "none", False, 0, None).method == "search"
     assert options_from_flags("int4_asym", None, True, 0, None).method == "rtn"
-    assert options_from_flags("int8", "x.txt", False, 2, None).calib == "x.txt"
+    assert options_from_flags("int8", "x.txt", False, 0, None).calib == "x.txt"
     with pytest.raises(ValueError, match="--bits is the budget of --quant int4"):  # no effect on int8: refused
-        options_from_flags("int8", "x.txt", False, 2, 4.5)
+        options_from_flags("int8", "x.txt", False, 0, 4.5)
+    with pytest.raises(ValueError, match="with --quant int8 every matrix is int8 already"):
+        options_from_flags("int8", "x.txt", False, 2, None)
     with pytest.raises(ValueError, match="exclude"):
         options_from_flags("int4", "x.txt", True, 0, None)
     with pytest.raises(ValueError, match="budget"):
