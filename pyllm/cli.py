@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .limits import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_PARALLEL
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and Anthropic's /v1/messages)")
     _add_model(p)
     p.add_argument("--host", default="127.0.0.1", metavar="HOST", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, metavar="PORT", help="port (default 8000)")

@@ -1439,7 +1439,7 @@ class Server(Completions):
                     for event in converter.feed(chunk):
                         yield _named_sse(event)
         except Exception as e:
-            error = error_info(e)[1]
+            error = error_info(_renamed(e, dialect) if dialect else e)[1]
             yield _named_sse(converter.error(error)) if converter else _sse(error)
         finally:
             await chunks.aclose()  # now, not when garbage collected: a client that left cancels its generation
