@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from .api_schema import EXTENSIONS, renamed_field
+from .api_schema import EXTENSIONS, SOURCE_KEY, renamed_field
 from .errors import RequestError
 
 SAME_FIELDS = ("model", "temperature", "top_p", "top_k", "stream", *EXTENSIONS)
@@ -81,10 +81,11 @@ def chat_body(body: dict) -> dict:
         raise _invalid("temperature", f"must be between 0 and 1 (got {body['temperature']!r:.40})", "invalid_value")
     messages = []
     if body.get("system") is not None:
-        messages.append({"role": "system", "content": _text(body["system"], "system")})
+        messages.append({"role": "system", "content": _text(body["system"], "system"), SOURCE_KEY: "system"})
     messages += _messages(body["messages"])
     chat["messages"] = messages
     if messages and messages[-1]["role"] == "assistant":  # a prefill: the reply goes on from its text
+        _check_prefill(messages[-1], body)
         chat["add_generation_prompt"], chat["continue_final_message"] = False, True
     if body.get("stop_sequences") is not None:
         chat["stop"] = _list(body["stop_sequences"], "stop_sequences")
@@ -97,14 +98,27 @@ def chat_body(body: dict) -> dict:
         kind = thinking.get("type") if isinstance(thinking, dict) else None
         if kind not in ("enabled", "disabled", "adaptive"):
             raise _invalid("thinking.type", f"must be enabled, disabled or adaptive (got {kind!r:.40})", "invalid_value")
-        kwargs = dict(chat.get("chat_template_kwargs") or {})
-        kwargs.setdefault("enable_thinking", kind != "disabled")
-        chat["chat_template_kwargs"] = kwargs
+        kwargs = chat.get("chat_template_kwargs")
+        if kwargs is None or isinstance(kwargs, dict):  # (anything else: refused by chat's check, naming it)
+            chat["chat_template_kwargs"] = {"enable_thinking": kind != "disabled", **(kwargs or {})}
     if body.get("output_config") is not None:
         _output_config(body["output_config"], chat)
     if body.get("stream"):
         chat["stream_options"] = {"include_usage": True}  # the last event carries the usage
     return chat
+
+
+def _check_prefill(final: dict, body: dict) -> None:
+    """A last assistant turn is a prefill the reply continues: text (and thinking) only, and free
+    text (a structured output's schema holds the whole reply, which the prefill would begin)."""
+    where = final[SOURCE_KEY]
+    if final.get("tool_calls"):
+        raise _invalid(f"{where}.content", "a last assistant turn is a prefill the reply continues: its tool_use "
+                       "blocks need their tool_result blocks in a user turn after it", "invalid_value")
+    config = body.get("output_config")
+    if isinstance(config, dict) and config.get("format") is not None:
+        raise _invalid("output_config.format", "cannot be combined with a prefill (a last assistant turn): the "
+                       "schema holds the whole reply", "invalid_value")
 
 
 def _output_config(config, chat: dict) -> None:
@@ -173,13 +187,13 @@ def _messages(turns) -> list[dict]:
             raise _invalid(f"{where}.role", f"must be user or assistant (got {role!r:.40})", "invalid_value")
         content = turn.get("content")
         if isinstance(content, str):
-            messages.append({"role": role, "content": content})
+            messages.append({"role": role, "content": content, SOURCE_KEY: where})
             continue
         blocks = _list(content, f"{where}.content")
         if role == "user":
-            messages += _user_turn(blocks, f"{where}.content")
+            messages += _user_turn(blocks, where)
         else:
-            messages.append(_assistant_turn(blocks, f"{where}.content"))
+            messages.append(_assistant_turn(blocks, where))
     return messages
 
 
@@ -192,8 +206,9 @@ def _kind(block, where: str) -> str:
     return kind
 
 
-def _user_turn(blocks: list, where: str) -> list[dict]:
+def _user_turn(blocks: list, turn: str) -> list[dict]:
     results, parts = [], []
+    where = f"{turn}.content"
     for j, block in enumerate(blocks):
         kind = _kind(block, f"{where}[{j}]")
         if kind == "text":
@@ -202,20 +217,21 @@ def _user_turn(blocks: list, where: str) -> list[dict]:
             output = block.get("content", "")
             text = output if isinstance(output, str) else _text(output, f"{where}[{j}].content")
             if isinstance(text, list):
-                text = "".join(part["text"] for part in text)
+                text = "\n".join(part["text"] for part in text)  # (as a message's text parts are joined)
             if block.get("is_error"):
                 text = f"Error: {text}"
             results.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", f"{where}[{j}]"),
-                            "content": text})
+                            "content": text, SOURCE_KEY: f"{where}[{j}]"})
         else:
             raise _invalid(f"{where}[{j}].type", f"a user turn takes text and tool_result blocks (got {kind!r:.40})",
                            "invalid_value")
-    return results + ([{"role": "user", "content": parts}] if parts else [])
+    return results + ([{"role": "user", "content": parts, SOURCE_KEY: turn}] if parts or not results else [])
 
 
-def _assistant_turn(blocks: list, where: str) -> dict:
-    message: dict = {"role": "assistant", "content": None}
+def _assistant_turn(blocks: list, turn: str) -> dict:
+    message: dict = {"role": "assistant", "content": None, SOURCE_KEY: turn}
     texts, calls, thoughts = [], [], []
+    where = f"{turn}.content"
     for j, block in enumerate(blocks):
         kind = _kind(block, f"{where}[{j}]")
         if kind == "text":
@@ -234,7 +250,7 @@ def _assistant_turn(blocks: list, where: str) -> dict:
         else:
             raise _invalid(f"{where}[{j}].type", "an assistant turn takes text, thinking and tool_use blocks "
                            f"(got {kind!r:.40})", "invalid_value")
-    if texts:
+    if texts or not calls:  # (a reply cut while thinking has no text: "", as it came back)
         message["content"] = "".join(texts)
     if calls:
         message["tool_calls"] = calls
@@ -259,6 +275,8 @@ def _tool(tool, k: int) -> dict:
 
 def _tool_choice(choice, chat: dict) -> None:
     kind = choice.get("type") if isinstance(choice, dict) else None
+    if not isinstance(kind, str):
+        raise _invalid("tool_choice.type", f"must be auto, any, tool or none (got {kind!r:.40})")
     modes = {"auto": "auto", "any": "required", "none": "none"}
     if kind in modes:
         mode = modes[kind]
@@ -274,16 +292,18 @@ def _tool_choice(choice, chat: dict) -> None:
         raise _invalid("tool_choice", f"{kind!r} needs tools to call", "invalid_value")
 
 
-def rename(param: str | None, message: str) -> tuple[str | None, str]:
-    """An error's (param, message) naming the Messages field its chat field came from."""
-    return renamed_field(param, message, MESSAGES_NAMES)
+def rename(param: str | None, message: str, chat: dict | None = None) -> tuple[str | None, str]:
+    """An error's (param, message) naming the Messages field its chat field came from (chat: the
+    chat request chat_body made, whose messages say which turn or block each came from)."""
+    return renamed_field(param, message, MESSAGES_NAMES, chat)
 
 
 def error_body(status: int, error: dict) -> dict:
     """An OpenAI error object ({"error": {"message", ...}}) as Anthropic's ({"type": "error", "error":
     {"type", "message"}})."""
     inner = error.get("error", error)
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": inner.get("message")}}
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": inner.get("message")}}
 
 
 # -- the answer ---------------------------------------------------------------------------------------
@@ -378,9 +398,9 @@ class MessageEvents:
                        {"type": "message_stop"}]
         return events
 
-    def error(self, error: dict) -> dict:
-        """The stream's error event, from an OpenAI error object ({"error": {...}})."""
-        return error_body(500, error)
+    def error(self, error: dict, status: int = 500) -> dict:
+        """The stream's error event, from an OpenAI error object ({"error": {...}}) of that HTTP status."""
+        return error_body(status, error)
 
     def _delta(self, kind: str, delta: dict) -> list[dict]:
         events = []

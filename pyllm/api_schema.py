@@ -585,15 +585,28 @@ def _param(loc: tuple) -> str | None:
     return "".join(parts) or None
 
 
-def renamed_field(param: str | None, message: str, names: tuple) -> tuple[str | None, str]:
+SOURCE_KEY = "pyllm_source"  # in a message a dialect made: the field of its request it came from (ignored here)
+
+
+def renamed_field(param: str | None, message: str, names: tuple, chat: dict | None = None) -> tuple[str | None, str]:
     """(param, message) of an error naming a chat request field, for another API read into a chat
     request (pyllm/responses_api.py, pyllm/anthropic_api.py): the field it came from. names:
     (pattern, its field, whether paths below map one to one) rows, the first matching a prefix of
     param wins (the pattern's groups may be used in its field: "tools[\\1]"); where paths below do not
     map one to one (messages made from input items), the error names the field as a whole and its
-    message keeps the chat path ("input: messages[2].content: ...")."""
+    message keeps the chat path ("input: messages[2].content: ..."), unless chat (the chat request
+    the dialect made) names the message's source (SOURCE_KEY): then the error names that field.
+    Each row's pattern matches a prefix of param."""
     if not param:
         return param, message
+    found = re.match(r"messages\[(\d+)\]", param)
+    messages = (chat or {}).get("messages")
+    if found and isinstance(messages, list) and int(found.group(1)) < len(messages) \
+            and isinstance(messages[int(found.group(1))], dict) and messages[int(found.group(1))].get(SOURCE_KEY):
+        source, rest = messages[int(found.group(1))][SOURCE_KEY], param[found.end():]
+        renamed = source + rest if rest.startswith(".content") and "content" not in source else source
+        detail = message[len(param):].lstrip(": ") if message.startswith(param) else message
+        return renamed, f"{renamed}: {detail}"
     for pattern, name, same_paths in names:
         found = re.match(f"(?:{pattern})(?=$|[.\\[])", param)
         if found is None:

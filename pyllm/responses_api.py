@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 
-from .api_schema import EXTENSIONS, renamed_field
+from .api_schema import EXTENSIONS, SOURCE_KEY, renamed_field
 from .errors import RequestError
 
 # the request fields a chat completions request takes under the same name and meaning
@@ -73,7 +73,7 @@ def chat_body(body: dict) -> dict:
     if body.get("instructions") is not None:
         if not isinstance(body["instructions"], str):
             raise RequestError("instructions: must be a string", param="instructions", code="invalid_type")
-        messages.append({"role": "system", "content": body["instructions"]})
+        messages.append({"role": "system", "content": body["instructions"], SOURCE_KEY: "instructions"})
     messages += _messages(body["input"])
     chat["messages"] = messages
     if body.get("max_output_tokens") is not None:
@@ -118,9 +118,10 @@ RESPONSES_NAMES = ((r"max_completion_tokens", "max_output_tokens", True),
                    (r"messages", "input", False))
 
 
-def rename(param: str | None, message: str) -> tuple[str | None, str]:
-    """An error's (param, message) naming the Responses field its chat field came from."""
-    return renamed_field(param, message, RESPONSES_NAMES)
+def rename(param: str | None, message: str, chat: dict | None = None) -> tuple[str | None, str]:
+    """An error's (param, message) naming the Responses field its chat field came from (chat: the
+    chat request chat_body made, whose messages say which input item each came from)."""
+    return renamed_field(param, message, RESPONSES_NAMES, chat)
 
 
 def _list(value, param: str) -> list:
@@ -134,7 +135,7 @@ def _messages(items) -> list[dict]:
     function calls (an assistant message's tool_calls, consecutive ones together), function call
     outputs (tool messages) and reasoning items (the next assistant message's reasoning_content)."""
     if isinstance(items, str):
-        return [{"role": "user", "content": items}]
+        return [{"role": "user", "content": items, SOURCE_KEY: "input"}]
     messages: list[dict] = []
     reasoning = None  # a reasoning item's text, for the assistant message that follows it
     for k, item in enumerate(_list(items, "input")):
@@ -147,7 +148,7 @@ def _messages(items) -> list[dict]:
             if role not in MESSAGE_ROLES:
                 raise RequestError(f"{where}.role: must be one of {', '.join(MESSAGE_ROLES)} (got {role!r:.40})",
                                    param=f"{where}.role")
-            message = {"role": role, "content": _content(item.get("content"), f"{where}.content")}
+            message = {"role": role, "content": _content(item.get("content"), f"{where}.content"), SOURCE_KEY: where}
             if role == "assistant" and reasoning is not None:
                 message["reasoning_content"] = reasoning
             reasoning = None  # (a reasoning item before another turn belongs to no reply of the model)
@@ -159,14 +160,15 @@ def _messages(items) -> list[dict]:
             if last is not None and last["role"] == "assistant" and reasoning is None:
                 last.setdefault("tool_calls", []).append(call)  # calls of one reply, and the text before them
             else:
-                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                message = {"role": "assistant", "content": None, "tool_calls": [call], SOURCE_KEY: where}
                 if reasoning is not None:
                     message["reasoning_content"], reasoning = reasoning, None
                 messages.append(message)
         elif kind == "function_call_output":
             output, reasoning = item.get("output"), None
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                             "content": output if isinstance(output, str) else _content(output, f"{where}.output")})
+                             "content": output if isinstance(output, str) else _content(output, f"{where}.output"),
+                             SOURCE_KEY: where})
         elif kind == "reasoning":
             key = "content" if item.get("content") else "summary"
             text = "".join(_string(part, "text", f"{where}.{key}[{j}]") if isinstance(part, dict) else
@@ -392,7 +394,7 @@ class ResponseEvents:
             events.append(self._event(kind, response=self.response))
         return events
 
-    def error(self, error: dict) -> dict:
+    def error(self, error: dict, status: int = 500) -> dict:
         """The stream's error event, from an OpenAI error object ({"error": {...}})."""
         inner = error.get("error", error)
         return self._event("error", code=inner.get("code"), message=inner.get("message"), param=inner.get("param"))

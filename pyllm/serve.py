@@ -116,13 +116,14 @@ def error_response(e: BaseException, dialect: "Dialect | None" = None) -> "JSONR
     return JSONResponse(dialect.error_body(status, body) if dialect else body, status_code=status)
 
 
-def _renamed(e: BaseException, dialect: "Dialect") -> BaseException:
+def _renamed(e: BaseException, dialect: "Dialect", chat: dict | None = None) -> BaseException:
     """A refusal of the chat request's checks (one error_info answers 4xx) as a RequestError naming the
-    dialect's field where it named a chat field; anything else as it is."""
+    dialect's field where it named a chat field (chat: the chat request the dialect made, which says
+    where each message came from); anything else as it is."""
     if not isinstance(e, (RequestError, ToolError, GrammarUnavailable, GrammarError, GrammarInvalid)):
         return e
     status, body = error_info(e)
-    param, message = dialect.rename(body["error"]["param"], body["error"]["message"])
+    param, message = dialect.rename(body["error"]["param"], body["error"]["message"], chat)
     if param and not message.startswith(param):  # (say a grammar's fault: its message names no field)
         message = f"{param}: {message}"
     return RequestError(message, status, param, body["error"]["code"])
@@ -133,7 +134,7 @@ class Dialect:
     """Another API served on the chat completions path: its request read as a chat request, the chat
     answer or chunks written back in its shapes. One module each, with these functions."""
     chat_body: Callable[[dict], dict]  # its request body -> a chat completions body (RequestError if refused)
-    rename: Callable[[str | None, str], tuple]  # an error's (param, message) naming chat fields -> its fields
+    rename: Callable  # an error's (param, message, the chat request it made) naming chat fields -> its fields
     answer: Callable[[dict, dict, list], dict]  # (its body, the chat answer, the streams) -> its answer
     events: Callable  # (its body, model, plan, streams) -> an object with start(), feed(chunk), error(error)
     error_body: Callable[[int, dict], dict]  # (status, OpenAI error object) -> its error object
@@ -147,6 +148,16 @@ DIALECTS = {
     "messages": Dialect(anthropic_api.chat_body, anthropic_api.rename, anthropic_api.message_object,
                         anthropic_api.MessageEvents, anthropic_api.error_body),
 } if parse_request is not None else {}  # (without pydantic: no server, MISSING)
+DIALECT_PATHS = (("/v1/messages", "messages"), ("/v1/responses", "responses"))  # refusals outside the handlers
+
+
+def _path_error(path: str, status: int, body: dict) -> dict:
+    """An OpenAI error object answered on `path` outside the handlers (401, 404, 405): in the shape of
+    the dialect whose path it is (Anthropic's clients read {"type": "error", ...})."""
+    for prefix, name in DIALECT_PATHS:
+        if (path == prefix or path.startswith(prefix + "/")) and name in DIALECTS:
+            return DIALECTS[name].error_body(status, body)
+    return body
 
 
 # -- limits: what one request may ask of the server ----------------------------------------------
@@ -1165,8 +1176,8 @@ class Server(Completions):
         if exc.status_code == 404:
             message += (" (this server has POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, "
                         "/v1/messages/count_tokens, /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health)")
-        return JSONResponse(_error_body(message, exc.status_code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(_path_error(request.url.path, exc.status_code, _error_body(message, exc.status_code)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def _internal_error(self, request: "Request", exc: Exception):
         """A failure no handler turned into an answer (a bug, whatever its type: a 500), as OpenAI's
@@ -1407,7 +1418,7 @@ class Server(Completions):
                 req = parse_request(chat_request, chat)
                 check_prompt_length(req, self.limits, "messages")
             except Exception as e:
-                raise _renamed(e, dialect) from None
+                raise _renamed(e, dialect, chat_request) from None
             return req, body
         check_prompt_length(req, self.limits, "messages" if chat else "prompt")
         return req
@@ -1439,8 +1450,8 @@ class Server(Completions):
                     for event in converter.feed(chunk):
                         yield _named_sse(event)
         except Exception as e:
-            error = error_info(_renamed(e, dialect) if dialect else e)[1]
-            yield _named_sse(converter.error(error)) if converter else _sse(error)
+            status, error = error_info(_renamed(e, dialect) if dialect else e)
+            yield _named_sse(converter.error(error, status)) if converter else _sse(error)
         finally:
             await chunks.aclose()  # now, not when garbage collected: a client that left cancels its generation
 
@@ -1589,9 +1600,10 @@ class _ApiKey:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
             if not bearer and not hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), self.key):
-                response = JSONResponse({"error": {"message": "a valid API key is required (Authorization: Bearer "
-                                                   "<key>, or x-api-key: <key>)", "type": "invalid_request_error", "param": None,
-                                                   "code": "invalid_api_key"}}, status_code=401)
+                body = {"error": {"message": "a valid API key is required (Authorization: Bearer <key>, or "
+                                             "x-api-key: <key>)", "type": "invalid_request_error", "param": None,
+                                  "code": "invalid_api_key"}}
+                response = JSONResponse(_path_error(scope["path"], 401, body), status_code=401)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -5,6 +5,8 @@ and tool results, stop sequences, the API key as x-api-key; refusals in Anthropi
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -106,6 +108,13 @@ def test_a_think_block_is_a_thinking_block(live, llm, qwen3_template, monkeypatc
     assert count.input_tokens == len(llm.chat_prompt_ids([
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet."},
         {"role": "user", "content": "Again"}]))
+    # a reply cut while thinking (thinking only) sent back in the history: it was refused ("an assistant
+    # message needs a content or tool_calls")
+    turns[1]["content"] = turns[1]["content"][:1]
+    count = client.messages.count_tokens(model="tiny", messages=turns)
+    assert count.input_tokens == len(llm.chat_prompt_ids([
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "reasoning_content": "Greet."},
+        {"role": "user", "content": "Again"}]))
 
 
 TOOLS = [{"name": "get_weather", "description": "The weather in a city.",
@@ -142,6 +151,15 @@ def test_tool_use_and_tool_results_round_trip(live, llm, tool_template, monkeypa
     tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
                                                "parameters": t["input_schema"]}} for t in TOOLS]
     assert count.input_tokens == len(llm.chat_prompt_ids(messages, tools=tools))
+    # a tool result's text blocks are lines, as a message's text parts (they ran together: "sunny20C")
+    blocks = [{"type": "text", "text": "sunny"}, {"type": "text", "text": "20C"}]
+    count = client.messages.count_tokens(model="tiny", tools=TOOLS, messages=[
+        *turns[:2], {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": blocks},
+                                                 {"type": "tool_result", "tool_use_id": calls[1].id,
+                                                  "content": "x"}]}])
+    assert count.input_tokens == len(llm.chat_prompt_ids(
+        [*messages[:2], {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny\n20C"},
+         {"role": "tool", "tool_call_id": calls[1].id, "content": "x"}], tools=tools))
     # tool_choice any / tool force a call (a grammar), one only with disable_parallel_tool_use
     tools = [dict(TOOLS[0], input_schema={"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
                                           "required": ["city"]})]
@@ -178,6 +196,19 @@ def test_tool_use_and_tool_results_round_trip(live, llm, tool_template, monkeypa
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "g"}},
      "tool_choice"),
+    # 500s: a tool_choice type that is no string; thinking beside a chat_template_kwargs that is no object
+    ({"tool_choice": {"type": ["auto"]}}, "tool_choice.type"),
+    ({"thinking": {"type": "enabled"}, "chat_template_kwargs": 5}, "chat_template_kwargs"),
+    ({"thinking": {"type": "enabled"}, "chat_template_kwargs": "x"}, "chat_template_kwargs"),
+    # the chat checks' errors name the turn (a system prompt and tool results are chat messages of their own)
+    ({"system": "Be brief.", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": []}]},
+     "messages[1].content"),
+    # a last assistant turn is a prefill: its tool calls were dropped from the prompt in silence
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+     "messages[1].content"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}],
+      "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "output_config.format"),
 ])
 def test_what_cannot_be_served_is_refused_in_anthropic_s_error_shape(live, fields, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
@@ -185,7 +216,7 @@ def test_what_cannot_be_served_is_refused_in_anthropic_s_error_shape(live, field
     status, reply = _request(live.url + "/v1/messages", json.dumps(body).encode())
     assert status == 400, reply
     assert reply["type"] == "error" and reply["error"]["type"] == "invalid_request_error", reply
-    assert reply["error"]["message"].startswith(param), reply
+    assert reply["error"]["message"].startswith(param + ":"), reply
 
 
 def test_the_client_s_errors_and_the_api_key_as_x_api_key(live, llm):
@@ -194,14 +225,23 @@ def test_the_client_s_errors_and_the_api_key_as_x_api_key(live, llm):
     assert e.value.body["error"]["message"].startswith("max_tokens")
     status, reply = _request(live.url + "/v1/messages", b"[1, 2]")
     assert status == 400 and reply["type"] == "error"
+    # refusals outside the handler on its paths come in Anthropic's shape too (they were OpenAI's)
+    for method, path, status, kind in (("GET", "/v1/messages", 405, "invalid_request_error"),
+                                       ("POST", "/v1/messages/batches", 404, "not_found_error")):
+        request = urllib.request.Request(live.url + path, method=method, data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        reply = json.loads(e.value.read())
+        assert e.value.code == status and reply["type"] == "error" and reply["error"]["type"] == kind, reply
     server = LiveServer(llm, api_key="sekret")
     try:
         reply = _client(server, api_key="sekret").messages.create(model="tiny", max_tokens=2,
                                                                    messages=[{"role": "user", "content": "hi"}])
         assert reply.usage.output_tokens == 2
-        with pytest.raises(anthropic.AuthenticationError):
+        with pytest.raises(anthropic.AuthenticationError) as e:
             _client(server, api_key="wrong").messages.create(model="tiny", max_tokens=2,
                                                              messages=[{"role": "user", "content": "hi"}])
+        assert e.value.body["error"]["type"] == "authentication_error"
     finally:
         server.stop()
 
@@ -214,10 +254,11 @@ def test_an_error_in_a_stream_is_an_error_event(live, llm, monkeypatch):
         yield  # an async generator, as the one it stands for
 
     monkeypatch.setattr(Server, "_pieces", failing)
-    with pytest.raises(anthropic.APIStatusError, match="the engine failed"):
+    with pytest.raises(anthropic.APIStatusError, match="the engine failed") as e:
         with _client(live).messages.stream(model="tiny", max_tokens=3, messages=[{"role": "user", "content": "hi"}]) \
                 as stream:
             list(stream)
+    assert e.value.body["error"]["type"] == "invalid_request_error"  # (its status's type: it was always api_error)
 
 
 def test_a_last_assistant_turn_is_a_prefill(live, llm):

@@ -153,7 +153,9 @@ def test_a_reasoning_item_belongs_to_the_next_reply_of_the_model(live, llm):
     assert response.usage.input_tokens == len(llm.chat_prompt_ids(messages))
     from pyllm.responses_api import chat_body
 
-    assert chat_body({"input": items})["messages"] == messages
+    made = chat_body({"input": items})["messages"]
+    assert [{k: v for k, v in m.items() if k != "pyllm_source"} for m in made] == messages
+    assert [m["pyllm_source"] for m in made] == ["input[0]", "input[2]", "input[3]", "input[6]", "input[7]"]
 
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
