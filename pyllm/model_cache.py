@@ -644,6 +644,9 @@ def _convert_into(target: str, source: str, kind: str, settings: dict, fingerpri
 def list_entries() -> list[CacheEntry]:
     """The .pllm files in the cache directory, by name."""
     directory = cache_dir()
+    if os.path.lexists(directory) and not os.path.isdir(directory):  # (it listed "no models", exit 0)
+        raise NotADirectoryError(f"the cache {directory} is not a directory: move it aside, or set XDG_CACHE_HOME "
+                                 "to another place")
     if not os.path.isdir(directory):
         return []
     entries = []

@@ -1192,8 +1192,12 @@ class Server(Completions):
         return JSONResponse(body)
 
     def _model_card(self, ident: str) -> dict:
+        """OpenAI's model object, with Anthropic's fields beside (type, display_name, created_at: the
+        anthropic client's models.list reads them)."""
+        created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
         card = {"id": ident, "object": "model", "created": self.created, "owned_by": "pyllm",
-                "context_length": self.llm.context_length}
+                "context_length": self.llm.context_length, "type": "model", "display_name": ident,
+                "created_at": created_at}
         if ident != self.model_name:
             adapter = self.llm.adapters[ident.rpartition(":")[2]]
             card.update(parent=self.model_name, adapter={"type": adapter.kind, "peft_type": adapter.peft_type,
@@ -1201,7 +1205,9 @@ class Server(Completions):
         return card
 
     async def models(self, request: "Request"):
-        return JSONResponse({"object": "list", "data": [self._model_card(i) for i in self._model_ids()]})
+        ids = self._model_ids()  # (first_id, last_id, has_more: Anthropic's page fields)
+        return JSONResponse({"object": "list", "data": [self._model_card(i) for i in ids], "first_id": ids[0],
+                             "last_id": ids[-1], "has_more": False})
 
     async def model(self, request: "Request"):
         if request.path_params["model_id"] not in self._model_ids():

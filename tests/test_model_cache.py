@@ -1009,3 +1009,11 @@ def test_a_log_that_fails_after_the_conversion_leaves_a_whole_entry(gguf_file, c
     [entry] = list_entries()
     assert entry.source == os.path.abspath(gguf_file)
     assert run(capsys, "rm", gguf_file)[0] == 0 and list_entries() == []
+
+
+def test_a_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
+    """`pyllm list` with $XDG_CACHE_HOME/pyllm a file said "(no models ...)" and exited 0."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "pyllm").write_text("not a directory")
+    status, out, err, _ = run(capsys, "list")
+    assert status == 1 and f"the cache {tmp_path / 'pyllm'} is not a directory" in err, (out, err)

@@ -301,3 +301,10 @@ def test_structured_output_with_output_config_and_parse(live):
         status, reply = _request(live.url + "/v1/messages", json.dumps({
             "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "output_config": config}).encode())
         assert status == 400 and reply["error"]["message"].startswith(param), reply
+
+
+def test_the_anthropic_client_lists_the_models(live):
+    page = _client(live).models.list()
+    assert [m.id for m in page.data] == ["tiny"] and page.data[0].type == "model"
+    assert page.data[0].display_name == "tiny" and page.data[0].created_at.year >= 2024
+    assert _client(live).models.retrieve("tiny").id == "tiny"
