@@ -30,6 +30,10 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex", "grammar")
 # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace (llguidance's JSON
 # options; a schema's own "x-guidance" options win)
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# tool parameters: keywords llguidance does not implement (propertyNames, of zod records and MCP tools) are
+# ignored, as llama.cpp's and vLLM's grammars ignore them: a forced call is JSON of the schema's shape, not
+# held to those keywords (they refused the whole request, whatever tool_choice said)
+TOOL_JSON_STYLE = {**JSON_STYLE, "lenient": True}
 # compiled grammars kept per tokenizer (the most recently used): a request's n choices, its prompts and
 # the next requests with the same schema copy one (about 0.1 ms) instead of compiling it again (a second
 # and 30 MB for a schema of 10,000 properties, each time)

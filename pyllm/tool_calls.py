@@ -123,9 +123,9 @@ class ToolFormat:
 
     def call_rules(self, tools: list[dict], name: str | None) -> str:
         """The Lark rule `call`: one call to any of tools (or the one named), as its JSON object."""
-        from .structured import JSON_STYLE
+        from .structured import TOOL_JSON_STYLE
 
-        return f"call: %json {json.dumps({**call_schema(self, tools, name), 'x-guidance': JSON_STYLE})}\n"
+        return f"call: %json {json.dumps({**call_schema(self, tools, name), 'x-guidance': TOOL_JSON_STYLE})}\n"
 
     def _calls(self, objects) -> list[ToolCall] | None:
         calls = []
@@ -329,14 +329,14 @@ class MistralArgs(Mistral):
     def call_rules(self, tools, name):
         """One rule per tool: its name, [CALL_ID] and 9 letters or digits (with_call_id), [ARGS],
         then its arguments' JSON (an object meeting its parameters)."""
-        from .structured import JSON_STYLE
+        from .structured import TOOL_JSON_STYLE
 
         choices, rules = [], []
         for k, tool in enumerate(tools):
             function = tool["function"]
             if name is not None and function["name"] != name:
                 continue
-            schema = {**arguments_schema(function, k), "x-guidance": JSON_STYLE}
+            schema = {**arguments_schema(function, k), "x-guidance": TOOL_JSON_STYLE}
             call_id = " call_id" if self.with_call_id else ""
             choices.append(f"call_{k}")
             rules.append(f"call_{k}: {json.dumps(function['name'])}{call_id} args_tag %json {json.dumps(schema)}")
@@ -422,10 +422,11 @@ def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
     "nonsense"}, a $ref to nowhere) or one that allows no object ({"type": "string"}). The same check
     holds in every tool_choice mode: a forced call's grammar is built from these schemas and refused
     them, while "auto" took them and let the model call a tool no valid call can reach (OpenAI
-    refuses such tools whatever tool_choice says). Without llguidance only the schema's "type" is
-    checked (it must allow an object)."""
+    refuses such tools whatever tool_choice says). Keywords llguidance does not implement
+    (propertyNames) are ignored (structured.TOOL_JSON_STYLE). Without llguidance only the schema's
+    "type" is checked (it must allow an object)."""
     try:
-        from .structured import JSON_STYLE, _first_line, _llguidance
+        from .structured import TOOL_JSON_STYLE, _first_line, _llguidance
         matcher = _llguidance().LLMatcher
     except RuntimeError:  # GrammarUnavailable: auto mode parses calls without llguidance
         matcher = None
@@ -438,7 +439,7 @@ def check_tools(fmt: ToolFormat, tools: list[dict]) -> None:
                 raise ToolError(f"{where} (function {function['name']!r}) must be a JSON schema of an object "
                                 f"(a call's arguments); its type is {kind!r}", where)
             continue
-        schema = {**call_schema(fmt, [tool]), "x-guidance": JSON_STYLE}
+        schema = {**call_schema(fmt, [tool]), "x-guidance": TOOL_JSON_STYLE}
         try:
             error = _schema_error(matcher, json.dumps(schema, allow_nan=False))
         except (TypeError, ValueError, RecursionError) as e:

@@ -701,6 +701,25 @@ def test_invalid_tool_parameters_are_refused_in_every_tool_choice_mode(live, llm
     assert _get(live.url + "/health")["requests"] == 0
 
 
+def test_tool_schemas_with_keywords_llguidance_lacks_are_taken(live, llm, tool_template):
+    """A tool whose parameters use a keyword llguidance does not implement (propertyNames: zod records,
+    MCP tools) made the whole request a 400, whatever tool_choice said. The keyword is ignored, as
+    llama.cpp's and vLLM's grammars ignore it: auto takes the tool, a forced call is still the
+    schema's shape."""
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"labels": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"},
+                                                    "additionalProperties": False}},
+        "required": ["labels"], "additionalProperties": False}}}]
+    client = live.client()
+    for choice in ("auto", "required"):
+        reply = client.chat.completions.create(model="tiny", messages=_chat("Tag it"), tools=tools, tool_choice=choice,
+                                               max_tokens=200)
+        if choice == "required":
+            calls = reply.choices[0].message.tool_calls
+            assert calls and all((c.function.name, json.loads(c.function.arguments)) == ("tag", {"labels": {}})
+                                 for c in calls), tool_template
+
+
 def test_grammars_that_cannot_be_followed_from_python(llm):
     from pyllm.errors import PyllmError
 
