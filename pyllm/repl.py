@@ -54,7 +54,8 @@ HELP = """commands:
                    change a sampling setting for the next replies; NAME is one of
                    """ + ", ".join(PARAMETER_NAMES) + """
   /show            the model, its context, the sampling settings and the system message
-  /save FILE       write the conversation to FILE (JSON: OpenAI's messages, the system message first)
+  /save FILE       write the conversation to FILE (JSON: OpenAI's messages, the system message first;
+                   an existing FILE only if it holds JSON, an earlier /save)
   /load FILE       continue the conversation in FILE (a /save, or a request body's messages) instead
 input:
   Up/Down recall earlier messages (kept across sessions); a pasted block of lines is one message
@@ -272,6 +273,9 @@ class ChatSession:
         target = os.path.realpath(path)
         if os.path.exists(target) and not os.path.isfile(target):
             raise ValueError(f"{path}: not a regular file (the conversation is saved in a file of its own)")
+        if os.path.isfile(target) and not _holds_json(target):  # (a model file or notes were replaced)
+            raise ValueError(f"{path} exists and is not a saved conversation (JSON): give another name, or remove it "
+                             "first")
         tmp = f"{target}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # (the umask applies, as to any file)
@@ -418,6 +422,17 @@ class ChatSession:
         self._stop_requested = True
         if self._stream is not None:
             self._stream.cancel()
+
+
+def _holds_json(path: str) -> bool:
+    """Whether the file is empty or starts as JSON text does ("[" or "{"): an earlier /save, which
+    /save may replace; anything else (a model, notes) it must not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return False
+    return not head or head[:1] in (b"[", b"{")
 
 
 COMMANDS = ("/help", "/?", "/exit", "/quit", "/bye", "/clear", "/regen", "/system", "/set", "/show", "/save",

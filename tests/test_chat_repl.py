@@ -716,7 +716,12 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
     (tmp_path / "late-system").write_text('[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]')
     (tmp_path / "object").write_text('{"model": "x"}')
     (tmp_path / "huge").write_bytes(b"[" + b" " * (64 << 20) + b"]")
+    (tmp_path / "model.pllm").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 64)
+    (tmp_path / "notes.txt").write_text("my notes")
     for command, message in (
+            # a file that is not a saved conversation is not replaced (`/save model.pllm` destroyed a model)
+            (f"/save {tmp_path}/model.pllm", f"error: /save: {tmp_path}/model.pllm exists and is not a saved conversation"),
+            (f"/save {tmp_path}/notes.txt", f"error: /save: {tmp_path}/notes.txt exists and is not a saved conversation"),
             ("/save", "/save takes a file name"), ("/load", "/load takes a file name"),
             (f"/load {tmp_path}/missing", f"error: /load: {tmp_path}/missing: No such file or directory"),
             (f"/load {tmp_path}", f"error: /load: {tmp_path}: Is a directory"),
@@ -735,6 +740,7 @@ def test_save_and_load_a_conversation(tiny_llama_f32, llm, tmp_path, capsys):
         assert err.count("\n") == 1 and message in err, (command, err)
         assert session.messages() == kept
 
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
     (tmp_path / "body.json").write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
                                                                  {"role": "assistant", "content": "b"}]}))
     session.command(f"/load {tmp_path}/body.json")  # no system message in it: the one set stays
