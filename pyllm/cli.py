@@ -424,6 +424,9 @@ def cmd_serve(args) -> int:
         raise RuntimeError(MISSING)
     _check_sampling(args)
     _check_sizes(args)
+    if args.model_name is not None and not args.model_name.strip():  # (it fell back to the file name in silence)
+        raise ValueError("--model-name is empty: give the model id clients send, or leave the flag out (the file "
+                         "name)")
     if args.max_queue < 1:  # (Server takes 0, every request then busy: a test's way to see the 503)
         raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}: every request would get 503")
     for field in dataclasses.fields(ServerLimits):  # each flag is the field's name: --max-body-bytes, ...

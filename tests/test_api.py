@@ -775,6 +775,7 @@ def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_
                           (["-n", "-2"], "-n / --max-new-tokens must be >= 0, or -1 (until the context is full); "
                                          "got -2"),
                           (["--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+                          (["--model-name", " "], "--model-name is empty"),
                           (["--max-queue", "-3"], "--max-queue must be at least 1, got -3"),
                           # the library's checks, named by flag (they said "context_length must be ...")
                           (["--ctx", "0"], "--ctx 0: context_length must be a positive integer, got 0"),
@@ -786,7 +787,8 @@ def test_serve_and_run_refuse_bad_sampling_flags_and_queue_naming_the_flag(tiny_
                           (["--send-timeout", "nan"], "--send-timeout nan: send_timeout must be a positive number"),
                           (["--timeout-graceful-shutdown", "-1"],
                            "--timeout-graceful-shutdown -1.0: timeout_graceful_shutdown must be a positive number")):
-        serve_only = {"--max-queue", "--parallel", "--max-body-bytes", "--send-timeout", "--timeout-graceful-shutdown"}
+        serve_only = {"--max-queue", "--parallel", "--max-body-bytes", "--send-timeout", "--timeout-graceful-shutdown",
+                      "--model-name"}
         for command in (("serve",) if argv[0] in serve_only else ("serve", "run")):
             extra = ["-p", "x"] if command == "run" else []
             assert cli.main([command, tiny_llama_f32, "-t", "1", *extra, *argv]) == 1, argv
