@@ -879,13 +879,15 @@ class Completions:
             raise RequestError(str(e), param="messages", code="context_length_exceeded") from None
         options["stop"] = self.llm.chat_stop(options.get("stop"))  # a built-in template's end of turn, as LLM.chat
         return _Plan(True, [prompt], [None], req.n, options, req.top_count, fmt,
-                     reasoning=self._reasoning(req, prompt, options))
+                     reasoning=self._reasoning(req, prompt, options,
+                                               messages[-1] if req.continue_final_message else None))
 
-    def _reasoning(self, req, prompt: list[int], options: dict) -> tuple | None:
+    def _reasoning(self, req, prompt: list[int], options: dict, prefill: dict | None = None) -> tuple | None:
         """The plan's reasoning: (the template's think tags, whether the prompt opened the block), or
         None when the reply's think block stays in content (reasoning_format "none", or a template
         without think tags). A reply held to a grammar (response_format, a forced tool call) cannot
-        think first, so the prompt's open block is not taken for one."""
+        think first, so the prompt's open block is not taken for one. prefill: the message the reply
+        continues (continue_final_message), which may open a block it does not close."""
         from .reasoning import think_tags
 
         tags = think_tags(self.llm.chat_template)
@@ -893,7 +895,11 @@ class Completions:
             return None
         constrained = "grammar" in options or options.get("response_format", {"type": "text"})["type"] != "text"
         tail = self.llm.detokenize(prompt[-16:], skip_special_tokens=False)
-        return tags, not constrained and tail.rstrip().endswith(tags.open)
+        opened = tail.rstrip().endswith(tags.open)
+        if prefill is not None and isinstance(prefill.get("content"), str):
+            text = prefill["content"].lstrip()
+            opened = opened or (text.startswith(tags.open) and tags.close not in text)
+        return tags, not constrained and opened
 
     # -- plan + generated text -> choices -------------------------------------------------------
     def _reply_parts(self, plan: _Plan, tokens: list, text: str, stats) -> _ReplyParts:

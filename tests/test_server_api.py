@@ -1909,6 +1909,13 @@ def test_a_block_the_prompt_opens_is_reasoning(live, llm, monkeypatch):
             for stream in (False, True):
                 assert _thinking_reply(client, stream, model="tiny", messages=_chat("2+2?"),
                                        max_tokens=100) == ("Two and two.", "4", "stop"), stream
+        with monkeypatch.context() as patch:  # a prefill that opens the block: the reply goes on inside it
+            _script(llm, patch, " and two.\n</think>\n\n4")
+            prefill = [*_chat("2+2?"), {"role": "assistant", "content": "<think>\nTwo"}]
+            for stream in (False, True):
+                assert _thinking_reply(client, stream, model="tiny", messages=prefill, max_tokens=100,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False}
+                                       ) == ("and two.", "4", "stop"), stream
         with monkeypatch.context() as patch:  # the model writes the opening tag again: dropped, as vLLM does
             _script(llm, patch, "<think>\nTwo and two.\n</think>\n\n4")
             for stream in (False, True):
