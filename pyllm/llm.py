@@ -330,8 +330,12 @@ class GenerationStats:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def line(self) -> str:
-        return (f"[ Prompt: {self.prefill_tokens_per_second:.1f} t/s | "
-                f"Generation: {self.decode_tokens_per_second:.1f} t/s ]")
+        """llama-cli's stats line; a rate with nothing to time (every prompt token reused from the
+        cache, or a single generated token, which prefill gives) reads "-" rather than 0.0."""
+        prompt = f"{self.prefill_tokens_per_second:.1f}" if self.prefill_seconds > 0 and self.prefill_tokens else "-"
+        timed = self.decode_seconds > 0 and self.generated_tokens > 1
+        generation = f"{self.decode_tokens_per_second:.1f}" if timed else "-"
+        return f"[ Prompt: {prompt} t/s | Generation: {generation} t/s ]"
 
 
 @dataclass

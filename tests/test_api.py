@@ -2089,3 +2089,17 @@ def test_a_process_exits_cleanly_while_a_daemon_thread_generates(tiny_llama_f32,
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "terminate" not in out.stderr, (out.returncode, out.stderr[-2000:])
     assert out.stdout == "exiting\n"
+
+
+def test_stats_line_names_no_rate_where_nothing_was_timed():
+    """One generated token comes out of prefill, and a fully cached prompt runs nothing: their rates
+    read "-" (a 0.0 t/s looked like a stalled engine)."""
+    from pyllm.llm import GenerationStats
+
+    timed = GenerationStats(prompt_tokens=12, generated_tokens=5, prefill_seconds=0.5, decode_seconds=2.0)
+    assert timed.line() == "[ Prompt: 24.0 t/s | Generation: 2.0 t/s ]"
+    one = GenerationStats(prompt_tokens=12, generated_tokens=1, prefill_seconds=0.5, decode_seconds=0.0)
+    assert one.line() == "[ Prompt: 24.0 t/s | Generation: - t/s ]"
+    cached = GenerationStats(prompt_tokens=12, cached_tokens=12, generated_tokens=3, prefill_seconds=0.0,
+                             decode_seconds=0.5)
+    assert cached.line() == "[ Prompt: - t/s | Generation: 4.0 t/s ]"
