@@ -332,10 +332,11 @@ class GenerationStats:
     def line(self) -> str:
         """llama-cli's stats line; a rate with nothing to time (every prompt token reused from the
         cache, or a single generated token, which prefill gives) reads "-" rather than 0.0."""
-        prompt = f"{self.prefill_tokens_per_second:.1f}" if self.prefill_seconds > 0 and self.prefill_tokens else "-"
-        timed = self.decode_seconds > 0 and self.generated_tokens > 1
-        generation = f"{self.decode_tokens_per_second:.1f}" if timed else "-"
-        return f"[ Prompt: {prompt} t/s | Generation: {generation} t/s ]"
+        def rate(tokens_per_second: float) -> str:  # 0.0: the property had nothing to time
+            return f"{tokens_per_second:.1f}" if tokens_per_second > 0 else "-"
+
+        return (f"[ Prompt: {rate(self.prefill_tokens_per_second)} t/s | "
+                f"Generation: {rate(self.decode_tokens_per_second)} t/s ]")
 
 
 @dataclass

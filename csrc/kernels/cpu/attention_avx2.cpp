@@ -152,13 +152,6 @@ void softmax_numerators_avx2(float* s, int64_t len, float* max_out, float* sum_o
 
 namespace {
 
-// The f16 scale of a q8_0 block, converted with F16C.
-inline float block_scale(const uint8_t* block) {
-    uint16_t bits;
-    std::memcpy(&bits, block, 2);
-    return _cvtsh_ss(bits);
-}
-
 // 8 q8_0 codes as floats.
 inline __m256 load_codes8(const uint8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
@@ -181,7 +174,7 @@ inline void score_q8_tile(const float* q, int64_t D, const uint8_t* keys, int64_
     for (int64_t b = 0; b < D / kQ8Block; ++b)
         for (int k = 0; k < KT; ++k) {
             const uint8_t* block = keys + (t0 + k) * row_bytes + b * kQ8BlockBytes;
-            const __m256 d = _mm256_set1_ps(block_scale(block));
+            const __m256 d = _mm256_set1_ps(q8_scale(block));
             for (int v = 0; v < 4; ++v) {
                 const __m256 key = _mm256_mul_ps(d, load_codes8(block + 2 + 8 * v));
                 for (int g = 0; g < GH; ++g)
@@ -216,7 +209,7 @@ void output_q8_heads(const float* p, int64_t len, const uint8_t* values, int64_t
             for (int v = 0; v < 4; ++v) acc[g][v] = _mm256_setzero_ps();
         for (int64_t t = 0; t < len; ++t) {
             const uint8_t* block = values + t * row_bytes + b * kQ8BlockBytes;
-            const float d = block_scale(block);
+            const float d = q8_scale(block);
             __m256 w[GH];
             for (int g = 0; g < GH; ++g) w[g] = _mm256_set1_ps(p[g * len + t] * d);
             for (int v = 0; v < 4; ++v) {

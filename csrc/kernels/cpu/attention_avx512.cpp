@@ -22,7 +22,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "kernels.h"
 
@@ -127,12 +126,6 @@ inline __m512 load_codes16(const uint8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
-inline float q8_block_scale(const uint8_t* block) {
-    uint16_t bits;
-    std::memcpy(&bits, block, 2);
-    return _cvtsh_ss(bits);
-}
-
 // The sums of a[0..3]'s lanes as [sum a0, sum a1, sum a2, sum a3]: each folded to 8 lanes, then
 // pairwise adds in a fixed order.
 inline __m128 hsum4_512(const __m512* a) {
@@ -154,7 +147,7 @@ inline void score_q8_tile(const float* q, int64_t D, const uint8_t* keys, int64_
     for (int64_t b = 0; b < D / kQ8Block; ++b)
         for (int k = 0; k < KT; ++k) {
             const uint8_t* block = keys + (t0 + k) * row_bytes + b * kQ8BlockBytes;
-            const __m512 d = _mm512_set1_ps(q8_block_scale(block));
+            const __m512 d = _mm512_set1_ps(q8_scale(block));
             for (int h = 0; h < 2; ++h) {
                 const __m512 key = _mm512_mul_ps(d, load_codes16(block + 2 + 16 * h));
                 for (int g = 0; g < GH; ++g)
@@ -193,7 +186,7 @@ void output_q8_tile(const float* p, int64_t len, const uint8_t* values, int64_t 
         const uint8_t* row = values + t * row_bytes + b0 * kQ8BlockBytes;
         __m512 value[2 * NB];
         for (int b = 0; b < NB; ++b) {
-            const __m512 d = _mm512_set1_ps(q8_block_scale(row + b * kQ8BlockBytes));
+            const __m512 d = _mm512_set1_ps(q8_scale(row + b * kQ8BlockBytes));
             for (int h = 0; h < 2; ++h)
                 value[2 * b + h] = _mm512_mul_ps(d, load_codes16(row + b * kQ8BlockBytes + 2 + 16 * h));
         }

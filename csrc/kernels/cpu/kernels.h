@@ -15,6 +15,9 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "../../core/numeric.h"
 #include "../../core/weights.h"
@@ -111,11 +114,17 @@ inline void prefetch_rows(const void* p, int64_t n_rows, int64_t row_bytes, int6
 // as f16. Non-finite input gives non-finite scales (never read back as finite values).
 //   x: f32 [n]   out: n / 32 blocks of kQ8BlockBytes bytes
 void quantize_q8_0(const float* x, int64_t n, uint8_t* out);
-// The scale d of the q8_0 block at `block` (its first two bytes, f16).
-inline float q8_scale(const uint8_t* block) {
+// The scale d of the q8_0 block at `block` (its first two bytes, f16): one F16C instruction in the
+// files compiled with it, f16_to_f32 elsewhere (the same value). static: each file keeps its own
+// copy, so a portable file never links to the F16C one.
+static inline float q8_scale(const uint8_t* block) {
     uint16_t bits;
     std::memcpy(&bits, block, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(bits);
+#else
     return f16_to_f32(bits);
+#endif
 }
 
 // Changes to one attention task's raw scores before the softmax (ops.h AttentionOptions, cut per task).
