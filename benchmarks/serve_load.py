@@ -90,6 +90,8 @@ class ServerProcess:
     def __init__(self, engine: str, path: str, parallel: int, ctx: int, threads: int, llama_server: str | None,
                  eos_ids: list[int]):
         self.engine, self.port, self.ctx = engine, _free_port(), ctx
+        self._clients: dict[int, object] = {}  # client number -> its openai client (see client())
+        self._clients_lock = threading.Lock()
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"serve_load_{engine}_", suffix=".log", delete=False)
         if engine in PYLLM_ENGINES:
             command = [sys.executable, "-m", "pyllm", "serve", path, "--host", "127.0.0.1", "--port", str(self.port),
@@ -115,10 +117,19 @@ class ServerProcess:
                 raise RuntimeError(f"{engine} server did not start:\n{self.log.read()[-3000:]}")
             time.sleep(0.2)
 
-    def client(self):
-        import openai
+    def client(self, number: int):
+        """Client `number`'s openai client, made once and kept for the server's life, as an application
+        keeps its client: a client made per request took ~70% of the load generator's CPU (py-spy:
+        `ssl.create_default_context` loading the CA bundle, for plain http) from the two cores the
+        servers run on. Its connection stays open between its requests (HTTP keep-alive, both servers)."""
+        with self._clients_lock:
+            client = self._clients.get(number)
+            if client is None:
+                import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
+                client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
+                self._clients[number] = client
+        return client
 
     def stop(self) -> None:
         self.process.terminate()
@@ -149,9 +160,10 @@ LLAMA_SERVER_SAMPLERS = ["temperature", "top_k", "top_p", "min_p"]
 
 
 def stream_request(server: ServerProcess, prompt: str, max_tokens: int, stop_after: threading.Event | None = None,
-                   first: threading.Event | None = None) -> dict:
-    """One streamed completion: {"sent", "chunks": [arrival times of content chunks], "tokens"}."""
-    client = server.client()
+                   first: threading.Event | None = None, number: int = 0) -> dict:
+    """One streamed completion by client `number` (one request at a time each): {"sent", "chunks":
+    [arrival times of content chunks], "tokens"}."""
+    client = server.client(number)
     sent = time.perf_counter()
     chunks, tokens = [], None
     extra = dict(server.extra)
@@ -210,7 +222,8 @@ def run_load(server: ServerProcess, clients: int, requests: int, max_tokens: int
         try:
             go.wait()
             for j in range(requests):
-                results.append({**stream_request(server, f"{tag} request {c}.{j}: {TEXT}", max_tokens), "client": c})
+                results.append({**stream_request(server, f"{tag} request {c}.{j}: {TEXT}", max_tokens, number=c),
+                                "client": c})
         except Exception as e:  # reported below
             errors.append(e)
 
@@ -247,11 +260,11 @@ def probe_ttft(server: ServerProcess, others: int, max_tokens: int, tag: str) ->
                                         # as many tokens as a slot leaves beside the prompt (a request past
                                         # the context is refused); the probe's end stops them
                                         args=(server, f"{tag} stream {c}: {TEXT}", min(max_tokens * 8, server.ctx // 2),
-                                              stop, first)))
+                                              stop, first, c)))
         threads[-1].start()
     for first in started:
         first.wait(timeout=600)
-    result = stream_request(server, f"{tag} probe: " + TEXT * 5, 2)
+    result = stream_request(server, f"{tag} probe: " + TEXT * 5, 2, number=others)
     stop.set()
     for t in threads:
         t.join()
