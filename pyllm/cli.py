@@ -583,17 +583,17 @@ def cmd_rm(args) -> int:
     return 0
 
 
-# Measured: `pyllm convert SmolLM2-135M-Instruct.Q4_1.gguf --quant int4` took 1693 s (8.5 CPU-minutes) with
-# the built-in calibration and 91 s (0.3 CPU-minutes) with --calib none, on 2 cores shared with other
-# work (2026-11-30): calibration adds ~1600 s wall, ~8.2 CPU-minutes, per 135M parameters.
-CALIBRATION_MINUTES_PER_100M = 20  # wall time on 2 busy cores
-CALIBRATION_CPU_MINUTES_PER_100M = 6
+# Measured (docs/BENCHMARKS.md, "Conversion time"; AMD EPYC Zen 5, 2 idle cores): calibration and GPTQ took
+# 51 s of SmolLM2-135M's 53.5 s int4 conversion, and 551 s (~1040 CPU-seconds) of the 1.1B shapes' 565 s:
+# ~50 s wall and ~1.6 CPU-minutes per 100M parameters. A loaded machine takes several times that.
+CALIBRATION_SECONDS_PER_100M = 50  # wall time on 2 idle cores
+CALIBRATION_CPU_MINUTES_PER_100M = 1.6
 CALIBRATION_HELP = ("GPTQ rounding calibrated on a text file: 'builtin' (English and Chinese prose, chat in the "
                     "model's template, docstrings and code; pyllm/convert/calibrate.py) or 'none' "
                     "(int4: scale search only; int8: min/max scales). Calibration (Hessians, then GPTQ) adds about "
-                    f"{CALIBRATION_MINUTES_PER_100M} minutes per 100M parameters on 2 busy CPU cores "
-                    f"({CALIBRATION_CPU_MINUTES_PER_100M} CPU-minutes per 100M) (default: builtin for --quant int4 "
-                    "and int8, none otherwise)")
+                    f"{CALIBRATION_SECONDS_PER_100M} s per 100M parameters on 2 idle CPU cores "
+                    f"({CALIBRATION_CPU_MINUTES_PER_100M} CPU-minutes per 100M; several times that on a busy machine) "
+                    "(default: builtin for --quant int4 and int8, none otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
