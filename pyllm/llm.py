@@ -1347,6 +1347,11 @@ class LLM:
         create_chat_completion return it apart, as reasoning_content)."""
         options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits,
                        chat_template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message)
+        response_format = kwargs.get("response_format")
+        if continue_final_message and (kwargs.get("grammar") is not None or
+                                       isinstance(response_format, dict) and response_format.get("type") != "text"):
+            raise ValueError("response_format / grammar cannot be combined with continue_final_message: the grammar "
+                             "holds the whole reply, which the last message's text would begin")
         if isinstance(kwargs.get("logprobs"), (bool, np.bool_)) or "top_logprobs" in kwargs:
             # (logprobs=True was "logprobs must be an integer; got True")
             wanted, top = kwargs.pop("logprobs", None), kwargs.pop("top_logprobs", None)

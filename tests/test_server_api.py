@@ -1982,3 +1982,21 @@ def test_continue_final_message_and_add_generation_prompt(live, llm):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="Hi", extra_body={"continue_final_message": True})
     assert e.value.body["param"] == "continue_final_message"
+    # a grammar holds the whole reply: continued after a prefill '{"a": ' it began the JSON again
+    # ('{"a": {"a": 1, ...}'), so a structured output or a forced tool call with a prefill is refused,
+    # as /v1/messages refuses output_config.format with a prefill
+    prefill = [{"role": "user", "content": "Give JSON."}, {"role": "assistant", "content": '{"a": '}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    for fields, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"response_format": schema}, "response_format"),
+                          ({"tools": [tool], "tool_choice": "required"}, "tool_choice"),
+                          ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                           "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=prefill, max_tokens=4, **fields,
+                                           extra_body={"continue_final_message": True, "add_generation_prompt": False})
+        assert e.value.body["param"] == param and "continue_final_message" in e.value.body["message"], e.value.body
+    for options in ({"response_format": {"type": "json_object"}}, {"grammar": 'start: "x"'}):
+        with pytest.raises(ValueError, match="cannot be combined with continue_final_message"):
+            llm.chat(prefill, continue_final_message=True, max_new_tokens=2, **options)
