@@ -201,7 +201,11 @@ _lock = threading.Lock()
 
 def ll_tokenizer(tokenizer):
     """llguidance's LLTokenizer for a pyllm Tokenizer (built once, about a second for 50k tokens,
-    and cached on it)."""
+    and cached on it). llguidance tokenizes the text a grammar forces (a schema's const, a regex's
+    literal) with the tokenizer it is given: a Hugging Face tokenizer.json maps a special token's text
+    there to the special token, so a const "a<|im_end|>b" was written as "a" and the end-of-turn
+    token, which ended the reply. It is given pyllm's own tokenizer instead, reading such text
+    as plain text (Tokenizer.encode's parse_special=False), as the chat path reads message content."""
     cached = getattr(tokenizer, "_ll_tokenizer", None)
     if cached is not None:
         return cached
@@ -209,17 +213,15 @@ def ll_tokenizer(tokenizer):
     if not tokenizer.eos_ids:
         raise ValueError("structured output needs a model with an end-of-sequence token")
     with _lock:
-        if tokenizer._hf is not None:
-            ll = llg.LLTokenizer(tokenizer._hf.to_str(), n_vocab=tokenizer.vocab_size, eos_token=tokenizer.eos_ids)
-        else:
-            ll = llg.LLTokenizer(llg.TokenizerWrapper(_SentencePieceView(tokenizer)), n_vocab=tokenizer.vocab_size,
-                                 eos_token=tokenizer.eos_ids)
+        ll = llg.LLTokenizer(llg.TokenizerWrapper(_TokenizerView(tokenizer)), n_vocab=tokenizer.vocab_size,
+                             eos_token=tokenizer.eos_ids)
         tokenizer._ll_tokenizer = ll
     return ll
 
 
-class _SentencePieceView:
-    """What llguidance's TokenizerWrapper reads from a sentencepiece tokenizer."""
+class _TokenizerView:
+    """What llguidance's TokenizerWrapper reads: each token's bytes, the special ids, and an encoder
+    that reads a special token's text as plain text."""
 
     def __init__(self, tokenizer):
         self.eos_token_id = tokenizer.eos_ids[0]
@@ -229,7 +231,7 @@ class _SentencePieceView:
         self._tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._tokenizer.encode(text, add_special_tokens=False, parse_special=False)
 
 
 # -- the processor -------------------------------------------------------------------------------

@@ -1636,6 +1636,22 @@ def test_gbnf_grammars_as_llama_cpp_python_users_write_them(llm):
         llm.generate("?", grammar="root ::= (")
 
 
+def test_structured_output_writes_special_token_text_as_text(llm):
+    """A grammar's literal text holding a special token's text ("<|im_end|>") is written as plain
+    text. llguidance tokenized such forced text with the tokenizer.json it was given, which maps it to
+    the special token: a regex "x<|im_end|>y" gave "x" (the end-of-turn token ended the reply), a
+    schema's const "a<|im_end|>b" gave '{"tag": "a', and "<|endoftext|>z" a 400 about token "\ufffd[0]"."""
+    pytest.importorskip("llguidance")
+    for regex, text in ((r"x<\|im_end\|>y", "x<|im_end|>y"), (r"<\|endoftext\|>z", "<|endoftext|>z")):
+        assert llm.generate("?", max_new_tokens=40, temperature=0, response_format={"type": "regex", "regex": regex}) == text
+        assert llm.last_stats.finish_reason == "stop"
+    schema = {"type": "object", "properties": {"tag": {"const": "a<|im_end|>b"}}, "required": ["tag"],
+              "additionalProperties": False}
+    reply = llm.generate("?", max_new_tokens=80, temperature=0,
+                         response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+    assert json.loads(reply) == {"tag": "a<|im_end|>b"}, reply
+
+
 def test_structured_output_from_python(llm):
     jsonschema = pytest.importorskip("jsonschema")
     pytest.importorskip("llguidance")
