@@ -284,8 +284,10 @@ def usage(chat_usage: dict) -> dict:
 
 
 def _finish(response: dict, finish_reason: str) -> dict:
-    if finish_reason == "length":
+    if finish_reason == "length":  # the item the limit cut is incomplete too, as OpenAI marks it
         response["status"], response["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
+        if response["output"]:
+            response["output"][-1]["status"] = "incomplete"
     else:
         response["status"] = "completed"
     return response
@@ -384,8 +386,8 @@ class ResponseEvents:
                 events += self._close()
                 events += self._call(call)
             if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]  # (first: the item it closes was cut by "length")
                 events += self._close()
-                self.finish_reason = choice["finish_reason"]
         if chunk.get("usage"):
             events += self._close()
             self.response["usage"] = usage(chunk["usage"])
@@ -437,12 +439,13 @@ class ResponseEvents:
         opened, self.open = self.open, None
         item, index, text = opened["item"], opened["index"], "".join(opened["text"])
         where = dict(item_id=item["id"], output_index=index, content_index=0)
+        status = "incomplete" if self.finish_reason == "length" else "completed"
         if item["type"] == "reasoning":
-            item.update(reasoning_item(text, item_id=item["id"]))
+            item.update(reasoning_item(text, status, item_id=item["id"]))
             events = [self._event("response.reasoning_text.done", **where, text=text)]
         else:
             opened["logprobs"] = covering(opened["logprobs"], text)  # (not a call's markup the last chunk's hold)
-            item.update(message_item(text, opened["logprobs"], item_id=item["id"]))
+            item.update(message_item(text, opened["logprobs"], status, item_id=item["id"]))
             part = item["content"][0]
             events = [self._event("response.output_text.done", **where, text=text, logprobs=opened["logprobs"]),
                       self._event("response.content_part.done", **where, part=part)]

@@ -67,6 +67,7 @@ def test_a_response_is_the_chat_completion_it_asks_for(live, llm):
         assert output == _output(response), stream
         assert output[0]["type"] == "message" and output[0]["role"] == "assistant"
         assert (response.status, response.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+        assert output[0]["status"] == "incomplete", stream  # the item the limit cut (it said "completed")
         assert response.usage.input_tokens == chat.usage.prompt_tokens == len(llm.chat_prompt_ids(messages))
         assert response.usage.output_tokens == 6 and response.usage.total_tokens == chat.usage.total_tokens
         assert response.usage.output_tokens_details.reasoning_tokens == 0
@@ -96,6 +97,7 @@ def test_a_reply_that_ends_is_completed_and_logprobs_are_kept(live, llm, monkeyp
         else:
             response = client.responses.create(**options)
         assert (response.status, response.incomplete_details) == ("completed", None), stream
+        assert response.output[0].status == "completed"
         assert response.output_text == "Hello there."
         logprobs = response.output[0].content[0].logprobs
         assert "".join(t.token for t in logprobs) == "Hello there." and all(len(t.top_logprobs) == 2 for t in logprobs)
