@@ -620,6 +620,8 @@ def renamed_field(param: str | None, message: str, names: tuple, chat: dict | No
         if found is None:
             continue
         if not same_paths:
+            if found.end() == len(param) and message.startswith(param):  # the field itself: its name, once
+                return found.expand(name), found.expand(name) + message[len(param):]
             return found.expand(name), f"{found.expand(name)}: {message}"
         renamed = found.expand(name) + param[found.end():]
         return renamed, renamed + message[len(param):] if message.startswith(param) else message

@@ -209,6 +209,7 @@ def test_tool_use_and_tool_results_round_trip(live, llm, tool_template, monkeypa
      "messages[1].content"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}],
       "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "output_config.format"),
+    ({"messages": []}, "messages"),  # it read "messages: messages: List should have at least 1 item ..."
 ])
 def test_what_cannot_be_served_is_refused_in_anthropic_s_error_shape(live, fields, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
@@ -217,6 +218,7 @@ def test_what_cannot_be_served_is_refused_in_anthropic_s_error_shape(live, field
     assert status == 400, reply
     assert reply["type"] == "error" and reply["error"]["type"] == "invalid_request_error", reply
     assert reply["error"]["message"].startswith(param + ":"), reply
+    assert not reply["error"]["message"].startswith(f"{param}: {param}:"), reply
 
 
 def test_the_client_s_errors_and_the_api_key_as_x_api_key(live, llm):

@@ -275,12 +275,15 @@ def test_text_format_json_schema_is_followed(live):
     ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function"}}, "tool_choice.name", None),
     ({"text": {"verbosity": "high"}}, "text.verbosity", "unsupported_value"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}}, "text.format", None),
+    ({"input": []}, "input", "empty_array"),  # it read "input: messages: List should have at least 1 item ..."
 ])
 def test_what_cannot_be_served_is_refused_naming_the_field(live, fields, param, code):
     body = {"model": "tiny", "input": "hi", "max_output_tokens": 2, **fields}
     status, reply = _request(live.url + "/v1/responses", json.dumps(body).encode())
     assert status == 400, reply
     assert reply["error"]["param"] == param and reply["error"]["message"].startswith(param), reply
+    if param == "input":  # the field itself, by its own name only (not the chat request's "messages")
+        assert "messages" not in reply["error"]["message"], reply
     if code is not None:
         assert reply["error"]["code"] == code, reply
     status, reply = _request(live.url + "/v1/responses", json.dumps({"model": "tiny"}).encode())
