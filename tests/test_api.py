@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -604,6 +605,47 @@ def test_a_chat_templates_failure_names_where_the_template_comes_from(tiny_llama
         with pytest.raises(TemplateError, match=rf"^the chat template stored in {os.path.basename(llm.path)}: "
                                                 "the chat template builds"):
             llm.chat(messages, max_new_tokens=1, render_limits=RenderLimits(max_output_chars=5))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
+def test_a_signal_stops_a_long_forward_between_its_batches(tmp_path):
+    """Python runs signal handlers between bytecodes, and one engine call of a long prompt is one
+    bytecode: `pyllm bench -p 16000` ran on for minutes after SIGTERM (pyllm's handler raises
+    SystemExit), `pyllm perplexity --ctx 8192` 20 s. The engine now looks for signals between its
+    batches of 256 rows (main thread only), and the call ends with the handler's exception; the
+    engine stays usable."""
+    from conftest import make_tiny_llama
+    from pyllm.convert import convert_checkpoint
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    source = make_tiny_llama(str(tmp_path / "hf"), max_position_embeddings=16384, hidden_size=128,
+                             intermediate_size=256)
+    path = str(tmp_path / "long.pllm")
+    convert_checkpoint(source, path, quant="f32", progress=False)
+    ids = np.random.default_rng(0).integers(3, 500, 16384).astype(np.int32)
+    with pyllm.LLM(path, n_threads=2, n_ctx=16384) as llm:
+        expected = llm.logits(ids[:16])
+        start = time.perf_counter()
+        llm.engine.forward(ids, 0, False)  # 64 batches, attention over up to 16k keys
+        whole = time.perf_counter() - start
+        previous = signal.signal(signal.SIGUSR1, interrupt)
+        timer = threading.Timer(min(0.05, whole / 10), os.kill, (os.getpid(), signal.SIGUSR1))
+        try:
+            start = time.perf_counter()
+            timer.start()
+            with pytest.raises(Interrupted):
+                llm.engine.forward(ids, 0, False)
+            stopped = time.perf_counter() - start
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGUSR1, previous)
+        assert stopped < whole / 2, (stopped, whole)
+        np.testing.assert_array_equal(llm.logits(ids[:16]), expected)
 
 
 def test_cli_run_into_a_closed_pipe_exits_quietly(tiny_llama_f32):

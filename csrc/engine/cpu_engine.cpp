@@ -119,6 +119,7 @@ void Engine::forward(const int32_t* tokens, int64_t n, int64_t pos, float* logit
                                     std::to_string(vocab));
     const ForwardLock lock(*this);
     for (int64_t start = 0; start < n; start += max_batch()) {
+        if (start > 0 && between_batches) between_batches();
         const int64_t len = std::min(max_batch(), n - start);
         float* out = nullptr;
         if (all_logits) out = logits + start * vocab;
@@ -168,6 +169,7 @@ void Engine::forward_rows(const int32_t* tokens, const int32_t* seq_ids, const i
     std::vector<int64_t> step_logit_rows;
     int64_t next_logit = 0;
     for (int64_t begin = 0; begin < n; begin += step_rows) {
+        if (begin > 0 && between_batches) between_batches();
         const int64_t end = std::min(n, begin + step_rows);
         step_spans.clear();
         for (const Span& sp : spans) {

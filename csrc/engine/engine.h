@@ -120,6 +120,11 @@ public:
     void forward_rows(const int32_t* tokens, const int32_t* seq_ids, const int32_t* positions, int64_t n,
                       const int64_t* logit_rows, int64_t n_logits, float* logits, const float* embeds = nullptr,
                       bool hidden = false);
+    // Called in the calling thread between the batches of one forward() / forward_rows() call, never
+    // inside one: the Python module's check for signals, so that a SIGTERM or Ctrl-C waits for one batch
+    // (max_batch() rows), not a whole 16k-token prefill (`pyllm bench -p 16000` ran on for minutes). It
+    // may throw: the call then ends there, the keys and values of its earlier batches written.
+    std::function<void()> between_batches;
     // Writes keys and values straight into sequence seq's cache at positions pos0 .. pos0 + n - 1 of every
     // layer (prefix tuning: a learned prefix is the first positions of the cache; keys as given, no RoPE).
     //   keys, values: f32 [layers, kv_heads, n, head_dim]

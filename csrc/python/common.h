@@ -245,8 +245,19 @@ public:
         : n_threads_(n_threads) {
         ModelDescription d = parse_model(path, data_offset, tensors, linears, config);
         file_ = d.file;
-        py::gil_scoped_release release;  // loading (tiling weights) runs beside Python threads
-        engine_ = make_engine(d, context_length, n_threads, kv_cache, n_seq);
+        const unsigned long main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+        {
+            py::gil_scoped_release release;  // loading (tiling weights) runs beside Python threads
+            engine_ = make_engine(d, context_length, n_threads, kv_cache, n_seq);
+        }
+        // Python runs signal handlers in the main thread only, and only between bytecodes: a call of
+        // several batches from the main thread looks for them between its batches (SystemExit from
+        // pyllm's SIGTERM handler, KeyboardInterrupt), other threads skip the GIL this takes.
+        engine_->between_batches = [main_thread] {
+            if (PyThread_get_thread_ident() != main_thread) return;
+            py::gil_scoped_acquire gil;
+            if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        };
     }
 
     // Rows of several sequences in one step (Engine::forward_rows): logits f32 [len(logit_rows), vocab].
