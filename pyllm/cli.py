@@ -549,6 +549,8 @@ def cmd_perplexity(args) -> int:
         partial = getattr(stop, "result", None) or getattr(stop, "perplexity_result", None)  # were printed as it went)
         if partial is not None:
             print(partial.line(), flush=True)
+        else:  # (it ended without a word)
+            print("pyllm perplexity: interrupted before the first window was scored", file=sys.stderr, flush=True)
         raise
     print(result.line())
     return 0
