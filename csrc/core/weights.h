@@ -145,12 +145,12 @@ float outlier_threshold(const float* x, int64_t cols, float outlier_factor);
 // attention stream through them, and with 4 KiB pages every 4 KiB costs a TLB
 // walk and stops the hardware prefetcher at the page's end. The price: memory is
 // committed 2 MiB at a time (a KV cache slot becomes resident on its first use).
-// PYLLM_HUGE_PAGES=0 in the environment (read once) asks for none.
+// PYLLM_HUGE_PAGES=0 in the environment (read once) asks for none, allow_huge false neither.
 class AlignedBytes {
 public:
     static constexpr size_t kHugePage = size_t(2) << 20;
-    explicit AlignedBytes(size_t n) : ptr_(nullptr, &std::free) {
-        const bool huge = n >= 2 * kHugePage;
+    explicit AlignedBytes(size_t n, bool allow_huge = true) : ptr_(nullptr, &std::free) {
+        const bool huge = allow_huge && n >= 2 * kHugePage;
         const size_t align = huge ? kHugePage : 64;
         const size_t size = (size_t)round_up((int64_t)(n ? n : 1), (int64_t)align);
         ptr_.reset(static_cast<uint8_t*>(std::aligned_alloc(align, size)));
