@@ -1063,6 +1063,17 @@ def test_a_write_that_fails_names_the_output_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_where_no_file_can_be_made_names_the_output():
+    """`pyllm convert ... -o /proc/x.pllm` (a directory that exists but takes no new files) said
+    "/proc/x.pllm.23791.panymd73.partial: No such file or directory", naming the temporary file."""
+    from pyllm.formats.safetensors import partial_file
+
+    with pytest.raises(OSError) as e:
+        partial_file("/proc/x.pllm")
+    assert e.value.filename == "/proc/x.pllm" and "cannot create a file in /proc" in e.value.strerror, e.value
+
+
 KILLED_WRITER = r"""
 import sys, time
 import numpy as np

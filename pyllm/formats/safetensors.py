@@ -516,7 +516,10 @@ def partial_file(path: str) -> tuple[int, str]:
     unique (two writers never share one), with this process's id (one left by a killed process is
     told from one being written: model_cache.remove_stale_partials), and the mode open() gives."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.", suffix=".partial", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.", suffix=".partial", dir=directory)
+    except OSError as e:  # named the temporary file ("/proc/x.pllm.23791.panymd73.partial: No such file ...")
+        raise OSError(e.errno, f"cannot create a file in {directory} ({e.strerror})", path) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
     except BaseException:
