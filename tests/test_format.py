@@ -261,7 +261,7 @@ HUGE = 2**62
 
 CASES = {
     # --- whole file
-    "empty": (lambda h, d: b"", ["too short"]),
+    "empty": (lambda h, d: b"", ["the file is empty (0 bytes)"]),
     "shorter_than_8_bytes": (lambda h, d: b"\x10\x00\x00", ["too short"]),
     "only_length_field": (lambda h, d: (100).to_bytes(8, "little"), ["runs past the end"]),
     "truncated_in_header": (truncate_at(lambda n, size: 8 + n // 2), ["truncated"]),

@@ -140,6 +140,8 @@ class SafetensorsFile:
         self.file_size = st.st_size
         with open(self.path, "rb") as f:
             prefix = f.read(8)
+            if not prefix:  # (a .gguf of 0 bytes was "too short to be a safetensors file")
+                raise _fail(self.path, "the file is empty (0 bytes): an interrupted download or copy?")
             if len(prefix) < 8:
                 raise _fail(self.path, "file is too short to be a safetensors file (is it truncated?)")
             header_len = int.from_bytes(prefix, "little")
