@@ -254,7 +254,8 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
         config = llm.config
         prompt, decode_ids = benchmark_tokens(config.vocab_size, n_prompt, n_gen)
         if log:
-            print(f"warm-up, then {repetitions} repetitions of pp{n_prompt} + tg{n_gen} on {llm.n_threads} threads",
+            print(f"warm-up, then {_count(repetitions, 'repetition')} of pp{n_prompt} + tg{n_gen} on "
+                  f"{_count(llm.n_threads, 'thread')}",
                   file=log, flush=True)
         if depth:
             fill_context(llm.engine, config.vocab_size, depth)
@@ -323,6 +324,16 @@ def run_bench(path: str, n_prompt: int = 512, n_gen: int = 128, repetitions: int
     return result
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _parameters(n: int) -> str:
+    """llama-bench's units: "1.10B", "135M", "41.0K" (a tiny test model read "0M")."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M" if n >= 1e6 \
+        else f"{n / 1e3:.1f}K"
+
+
 def format_report(r: dict) -> str:
     """The human-readable report of run_bench's dict."""
     def row(test: str, s: dict) -> str:
@@ -331,10 +342,10 @@ def format_report(r: dict) -> str:
     mb = 1e6
     formats = ", ".join(f"{k} x{v}" for k, v in r["formats"].items())
     lines = [
-        f"{os.path.basename(r['model'])}: {r['params'] / 1e6:.0f}M parameters, {r['file_bytes'] / mb:.1f} MB ({formats})",
-        f"{r['machine']['cpu']}, {r['threads']} threads, kernels {r['kernels']}, "
+        f"{os.path.basename(r['model'])}: {_parameters(r['params'])} parameters, {r['file_bytes'] / mb:.1f} MB ({formats})",
+        f"{r['machine']['cpu']}, {_count(r['threads'], 'thread')}, kernels {r['kernels']}, "
         + (f"activations {r['activation_quant']}, " if any(k.startswith("int") for k in r["formats"]) else "")
-        + f"{r['repetitions']} repetitions",
+        + _count(r["repetitions"], "repetition"),
         "",
         "| test | tokens/s median | min | max | stdev |",
         "|---|---|---|---|---|",
