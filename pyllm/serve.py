@@ -113,7 +113,8 @@ def error_info(e: BaseException) -> tuple[int, dict]:
 def error_response(e: BaseException, dialect: "Dialect | None" = None) -> "JSONResponse":
     """error_info(e) as a response (in the dialect's shape, for one)."""
     status, body = error_info(e)
-    return JSONResponse(dialect.error_body(status, body) if dialect else body, status_code=status)
+    headers = {"Retry-After": "1"} if status == 503 else None  # (a busy server: clients' retry waits read it)
+    return JSONResponse(dialect.error_body(status, body) if dialect else body, status_code=status, headers=headers)
 
 
 def _renamed(e: BaseException, dialect: "Dialect", chat: dict | None = None) -> BaseException:

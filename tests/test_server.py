@@ -936,6 +936,9 @@ def test_bodies_waiting_to_be_parsed_are_bounded(llm, monkeypatch):
                             ("/v1/embeddings", b'{"input": "hi"}'), ("/tokenize", b'{"content": "hi"}')]:
             status, reply = _request(server.url + path, other)
             assert status == 503 and "busy" in reply["error"]["message"], (path, reply)
+        with pytest.raises(urllib.error.HTTPError) as e:  # a client's retry knows when to come back
+            urllib.request.urlopen(urllib.request.Request(server.url + "/v1/completions", data=body), timeout=60)
+        assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
         release.set()
         assert [_status(s) for s in held] == [200, 200]
         status, _ = _request(server.url + "/tokenize", b'{"content": "hi"}')
