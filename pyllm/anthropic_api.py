@@ -331,7 +331,12 @@ def message_shell(model: str, input_tokens: int = 0) -> dict:
 
 
 def _tool_use(call: dict) -> dict:
-    return {"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+    """A chat tool call as a tool_use block; an id pyllm made ("call_" + hex) in Anthropic's form,
+    "toolu_" + hex (a model's own id, which its template may check, stays as it is)."""
+    call_id = call["id"]
+    if call_id.startswith("call_"):
+        call_id = "toolu_" + call_id.removeprefix("call_")
+    return {"type": "tool_use", "id": call_id, "name": call["function"]["name"],
             "input": json.loads(call["function"]["arguments"] or "{}")}
 
 
