@@ -370,12 +370,27 @@ class MessageEvents:
         self.index = -1  # the content block being written, or the last written
         self.open: str | None = None  # its type while open
         self.finish_reason = "stop"
+        self.started = False
 
     def start(self) -> list[dict]:
+        return []  # message_start waits for the first chunk that follows the prompt's run (feed)
+
+    def _message_start(self) -> list[dict]:
+        """message_start, its usage split as message_delta's: the prompt tokens a cache held are known
+        once the prompt ran (it said 32 input and 0 cached where message_delta said 1 and 31)."""
+        self.started = True
+        usage = self.message["usage"]
+        cached = min(self.streams[0].stats.cached_tokens, usage["input_tokens"])
+        usage["input_tokens"], usage["cache_read_input_tokens"] = usage["input_tokens"] - cached, cached
         return [{"type": "message_start", "message": self.message}, {"type": "ping"}]
 
     def feed(self, chunk: dict) -> list[dict]:
         events: list[dict] = []
+        if not self.started:
+            if not chunk.get("usage") and not any(
+                    (c.get("delta") or {}).keys() - {"role"} or c.get("finish_reason") for c in chunk.get("choices") or ()):
+                return []  # the opening chunk (the role), sent before the prompt runs
+            events += self._message_start()
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             if delta.get("reasoning_content"):
