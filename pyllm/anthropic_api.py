@@ -85,7 +85,7 @@ def chat_body(body: dict) -> dict:
     messages += _messages(body["messages"])
     chat["messages"] = messages
     if messages and messages[-1]["role"] == "assistant":  # a prefill: the reply goes on from its text
-        _check_prefill(messages[-1], body)
+        _check_prefill(messages[-1])
         chat["add_generation_prompt"], chat["continue_final_message"] = False, True
     if body.get("stop_sequences") is not None:
         chat["stop"] = _list(body["stop_sequences"], "stop_sequences")
@@ -108,17 +108,14 @@ def chat_body(body: dict) -> dict:
     return chat
 
 
-def _check_prefill(final: dict, body: dict) -> None:
-    """A last assistant turn is a prefill the reply continues: text (and thinking) only, and free
-    text (a structured output's schema holds the whole reply, which the prefill would begin)."""
+def _check_prefill(final: dict) -> None:
+    """A last assistant turn is a prefill the reply continues: text (and thinking) only. (A structured
+    output or a forced tool call beside it is refused by the chat request's own check, named
+    output_config.format / tool_choice.)"""
     where = final[SOURCE_KEY]
     if final.get("tool_calls"):
         raise _invalid(f"{where}.content", "a last assistant turn is a prefill the reply continues: its tool_use "
                        "blocks need their tool_result blocks in a user turn after it", "invalid_value")
-    config = body.get("output_config")
-    if isinstance(config, dict) and config.get("format") is not None:
-        raise _invalid("output_config.format", "cannot be combined with a prefill (a last assistant turn): the "
-                       "schema holds the whole reply", "invalid_value")
 
 
 def _output_config(config, chat: dict) -> None:

@@ -380,9 +380,9 @@ class ChatCompletionRequest(_Sampling):
                       else "tool_choice" if self.tools and (self.tool_choice == "required" or
                                                             isinstance(self.tool_choice, NamedToolChoice)) else None)
             if forced:
-                raise _FieldError(forced, "cannot be combined with continue_final_message: its grammar holds the whole "
-                                  "reply, which the last message's text would begin (the JSON came out twice begun)",
-                                  "invalid_parameter_combination")
+                raise _FieldError(forced, "cannot be combined with a prefill (continue_final_message: a last assistant "
+                                  "turn the reply continues): its grammar holds the whole reply, which the prefill "
+                                  "would begin", "invalid_parameter_combination")
         if self.max_tokens == 0:  # a reply of nothing (OpenAI: "Expected a value >= 1"); -1 is llama.cpp's no limit
             raise _FieldError("max_tokens", "must be at least 1 (or -1: until the context is full)")
         for name in ("tool_choice", "parallel_tool_calls"):  # OpenAI's 400 (in its words), "none" too: a client
