@@ -518,11 +518,13 @@ class CompletionRequest(_Sampling):
 
 
 class TokenizeRequest(_Body):
-    """POST /tokenize: llama.cpp's names ("prompt" and "add_special_tokens" too; its with_pieces is not taken)."""
+    """POST /tokenize: llama.cpp's names ("prompt" and "add_special_tokens" too)."""
     content: StrictStr = Field(validation_alias=AliasChoices("content", "prompt"))
     add_special: StrictBool = Field(True, validation_alias=AliasChoices("add_special", "add_special_tokens"))
     # false: special-token strings written in content ("<|im_end|>") are plain text, as llama.cpp's parse_special
     parse_special: StrictBool = True
+    # true: each token as {"id", "piece"}, the piece a string, or its bytes when they are not whole UTF-8 (llama.cpp)
+    with_pieces: StrictBool = False
 
     @property
     def prompt_chars(self) -> int:

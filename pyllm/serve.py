@@ -400,6 +400,15 @@ class _Cancel:
             raise RequestError("the request was cancelled", 499)
 
 
+def token_piece(piece: bytes) -> str | list[int]:
+    """A token's bytes as /tokenize's with_pieces gives them: the text when they are whole UTF-8
+    characters, else the byte values (llama.cpp's server)."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
+
+
 def reply_text(tokenizer, ids: list[int], text: str, stopped: bool, keep=frozenset()) -> str:
     """The reply as the tool-call parser reads it: the reply's tokens decoded with the format's tags
     that are special tokens (keep: tool_calls.special_tag_ids; Mistral's [TOOL_CALLS]) and no other
@@ -1222,16 +1231,20 @@ class Server(Completions):
         return JSONResponse(self._model_card(request.path_params["model_id"]))
 
     async def tokenize(self, request: "Request"):
-        """{"content": text, "add_special": true, "parse_special": true} -> {"tokens": [...]} (llama.cpp's
-        names; "prompt" and "add_special_tokens" too). parse_special false: special-token strings in the
-        content are tokenized as plain text."""
+        """{"content": text, "add_special": true, "parse_special": true, "with_pieces": false} ->
+        {"tokens": [...]} (llama.cpp's names; "prompt" and "add_special_tokens" too). parse_special false:
+        special-token strings in the content are tokenized as plain text. with_pieces true: each token is
+        {"id": id, "piece": its text}, or its bytes as a list of numbers when they are not whole UTF-8
+        characters (a byte-level token holding part of one), as llama.cpp's server gives them."""
         return await self._answer(request, self._tokenize)
 
     def _tokenize(self, raw: bytes) -> dict:
         req = validate(TokenizeRequest, parse_body(raw))
         check_prompt_length(req, self.limits, "content")
         tokens = self.llm.tokenize(req.content, req.add_special, parse_special=req.parse_special)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.llm.context_length}
+        listed = [{"id": t, "piece": token_piece(self.llm.tokenizer.token_bytes(t))} for t in tokens] \
+            if req.with_pieces else tokens
+        return {"tokens": listed, "count": len(tokens), "max_model_len": self.llm.context_length}
 
     async def embeddings(self, request: "Request"):
         """OpenAI's embeddings: the final hidden state of each input's last token, L2-normalised

@@ -1218,6 +1218,20 @@ def test_model_card_tokenize_detokenize(live, llm):
         with pytest.raises(urllib.error.HTTPError) as e:
             post("/tokenize", {"content": marked, "parse_special": bad})
         assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "parse_special"
+    # with_pieces (llama.cpp's): {"id", "piece"}, the piece's bytes as numbers where they split a character
+    pieces = post("/tokenize", {"content": "Paris is 中文 😀", "with_pieces": True})
+    emoji = llm.tokenize("Paris is 中文 😀")
+    assert [t["id"] for t in pieces["tokens"]] == emoji and pieces["count"] == len(emoji)
+    joined = b"".join(t["piece"].encode() if isinstance(t["piece"], str) else bytes(t["piece"])
+                      for t in pieces["tokens"])
+    assert joined.decode() == llm.detokenize(emoji)
+    split = [t for t in pieces["tokens"] if not isinstance(t["piece"], str)]  # the emoji's bytes, byte-level
+    assert split and all(all(0 <= b < 256 for b in t["piece"]) for t in split)
+    assert any(isinstance(t["piece"], str) and t["piece"] for t in pieces["tokens"])
+    assert post("/tokenize", {"content": "Paris", "with_pieces": False})["tokens"] == llm.tokenize("Paris")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post("/tokenize", {"content": "Paris", "with_pieces": "yes"})
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "with_pieces"
     assert post("/detokenize", {"tokens": tokens})["content"] == llm.detokenize(tokens)
     with pytest.raises(urllib.error.HTTPError) as e:
         post("/detokenize", {"tokens": [10 ** 9]})
