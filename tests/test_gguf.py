@@ -502,6 +502,68 @@ def test_rope_scaling_is_read_by_llama_cpp_rules(tmp_path, fields, factor):
     assert (scaling or {}).get("factor") == factor and (factor is None or scaling["rope_type"] == "linear")
 
 
+def llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, old: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py writes it for llama3 rope scaling."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for freq in freqs.astype(np.float64):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0,
+          "original_max_position_embeddings": 2048}
+
+
+def test_llama3_rope_freqs_of_llama_3_1_files_are_read_as_llama3_scaling(tmp_path):
+    """Llama 3.1-3.3 GGUF files carry their llama3 rope scaling only as rope_freqs.weight (they were
+    refused): read back into transformers' llama3 parameters, the logits are transformers' with them."""
+    from pyllm.convert.gguf_source import GGUFSource
+
+    src = make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128)  # head_dim 16
+    good = str(tmp_path / "plain.gguf")
+    held = write_gguf(src, good, Q.Q8_0)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    theta = cfg["rope_parameters"]["rope_theta"]
+    freqs = llama_cpp_rope_freqs(theta, 16, factor=4.0, low=1.0, high=32.0, old=2048)
+    assert 1 < freqs[4] < 4 and freqs[0] == 1 and freqs[-1] == 4  # ones, a smooth step, the factor
+    scaled = rewrite_gguf(good, str(tmp_path / "llama31.gguf"), tensors={"rope_freqs.weight": (freqs, Q.F32)})
+    assert GGUFSource(scaled).config.rope_scaling == {**LLAMA3, "high_freq_factor": pytest.approx(32.0)}
+
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**{k: v for k, v in cfg.items() if k not in ("rope_parameters", "rope_scaling")},
+           "rope_parameters": {"rope_theta": theta, **LLAMA3}})).eval()
+    reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held.items()})
+    ids = [int(i) for i in np.random.default_rng(7).integers(3, 400, 250)]
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].numpy()
+    logits = {}
+    for name, path in (("plain", good), ("scaled", scaled)):
+        convert_checkpoint(path, str(tmp_path / f"{name}.pllm"), progress=False)
+        with pyllm.LLM(str(tmp_path / f"{name}.pllm"), n_threads=2) as llm:
+            logits[name] = llm.logits(ids)
+    assert nmse(logits["scaled"], ref) < 1e-5
+    assert nmse(logits["plain"], ref) > 100 * nmse(logits["scaled"], ref)  # the scaling matters at these positions
+
+    ones = rewrite_gguf(good, str(tmp_path / "ones.gguf"), tensors={"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)})
+    assert GGUFSource(ones).config.rope_scaling is None  # factors of 1: no scaling
+    for bad, message in ((freqs[::-1].copy(), "not llama3 scaling's"), (np.ones(6, np.float32), "has 6 values"),
+                         (np.where(np.arange(8) == 5, np.nan, freqs).astype(np.float32), "not positive finite")):
+        path = rewrite_gguf(good, str(tmp_path / "bad.gguf"), tensors={"rope_freqs.weight": (bad, Q.F32)})
+        with pytest.raises(FormatError, match="rope_freqs.weight.*" + message):
+            convert_checkpoint(path, str(tmp_path / "bad.pllm"), progress=False)
+    linear = rewrite_gguf(scaled, str(tmp_path / "both.gguf"), {"llama.rope.scaling.factor": (2.0, V.FLOAT32, None)})
+    with pytest.raises(FormatError, match="beside linear rope scaling"):
+        GGUFSource(linear)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("llama.rope.freq_base", 0.0, "GGUF metadata llama.rope.freq_base: rope_theta must be a positive"),
     ("llama.attention.layer_norm_rms_epsilon", float("nan"),

@@ -257,7 +257,10 @@ REFUSED = {
     # what the engines do not implement, written the way llama.cpp writes it: refused by name
     "yarn": (lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)),
              "rope scaling 'yarn'"),
-    "rope_freqs": (lambda w: w.add_tensor("rope_freqs.weight", np.ones(8, np.float32)), "rope_freqs"),
+    # per-dimension factors other than llama3 scaling's (which is read: test_gguf.py)
+    "rope_freqs": (lambda w: w.add_tensor("rope_freqs.weight", np.linspace(3, 1, 8, dtype=np.float32)), "rope_freqs"),
+    "rope_factors_long": (lambda w: w.add_tensor("rope_factors_long.weight", np.ones(8, np.float32)),
+                          "rope_factors_long"),
     "experts": (lambda w: w.add_expert_count(8), "mixture-of-experts layers (qwen2.expert_count=8)"),
     "extra_tensor": (lambda w: w.add_tensor("blk.0.attn_sinks.weight", np.ones(4, np.float32)),
                      "unexpected tensor 'blk.0.attn_sinks.weight'"),

@@ -75,8 +75,10 @@ class Metadata:
     """A GGUF file's metadata under its architecture's prefix: get("block_count") reads
     "<arch>.block_count"; need() raises FormatError naming the missing key."""
 
-    def __init__(self, arch: str, get: Callable, tensor_shapes: dict[str, tuple[int, ...]], path: str):
+    def __init__(self, arch: str, get: Callable, tensor_shapes: dict[str, tuple[int, ...]], path: str,
+                 read_vector: Callable[[str], np.ndarray] | None = None):
         self.arch, self._get, self.shapes, self.path = arch, get, tensor_shapes, path
+        self._read_vector = read_vector
 
     def get(self, key: str, default=None):
         value = self._get(f"{self.arch}.{key}")
@@ -101,6 +103,12 @@ class Metadata:
 
     def has(self, tensor: str) -> bool:
         return tensor in self.shapes
+
+    def vector(self, tensor: str) -> np.ndarray:
+        """A float vector tensor's values, f64 [n] (hyper-parameters stored as tensors: rope_freqs)."""
+        if self._read_vector is None:
+            raise FormatError(f"{self.path}: tensor '{tensor}' cannot be read here")
+        return np.asarray(self._read_vector(tensor), dtype=np.float64).reshape(-1)
 
 
 def _shown(value) -> str:
@@ -167,9 +175,81 @@ def _rope(m: Metadata, head_dim: int) -> dict:
     factor = float(m.number(key, 0.0))
     if kind == "linear" and factor != 0:
         rope.update(rope_type="linear", factor=factor)
-    if m.has("rope_factors_long.weight") or m.has("rope_freqs.weight"):
-        raise FormatError(f"{m.path}: per-dimension RoPE factors (rope_factors_long / rope_freqs) are not supported")
+    if m.has("rope_factors_long.weight") or m.has("rope_factors_short.weight"):
+        raise FormatError(f"{m.path}: per-dimension RoPE factors for long contexts (rope_factors_long / "
+                          "rope_factors_short, LongRoPE) are not supported")
+    if m.has("rope_freqs.weight"):  # Llama 3.1-3.3: llama3 scaling, which llama.cpp stores as this tensor
+        if rope["rope_type"] != "default":
+            raise FormatError(f"{m.path}: tensor 'rope_freqs.weight' beside linear rope scaling: pyllm reads "
+                              "rope_freqs as llama3 scaling, which replaces it")
+        rope.update(llama3_from_rope_freqs(m, rope["rope_theta"], int(dims)))
     return rope
+
+
+# tolerance of a rope_freqs value against the llama3 scaling read from it (the file stores float32)
+ROPE_FREQS_RTOL = 1e-5
+
+
+def llama3_rope_freqs(inv_freq: np.ndarray, factor: float, low_freq_wavelen: float,
+                      high_freq_wavelen: float) -> np.ndarray:
+    """llama.cpp's rope_freqs of llama3 scaling (convert_hf_to_gguf.py, LlamaModel): per frequency
+    f [n], 1 above the high-frequency wavelength's frequency, `factor` below the low one's, between
+    them 1 / ((1 - smooth) / factor + smooth), smooth running linearly in 1/wavelength from 0 to 1.
+    llama.cpp divides each frequency by it; transformers' llama3 parameters give the same frequencies
+    (original_max_position_embeddings / low_freq_factor and / high_freq_factor are the two wavelengths)."""
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (low_freq_wavelen / wavelen - 1) / (low_freq_wavelen / high_freq_wavelen - 1)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < high_freq_wavelen, 1.0, np.where(wavelen > low_freq_wavelen, factor, between))
+
+
+def llama3_from_rope_freqs(m: Metadata, theta: float, rotary_dim: int) -> dict:
+    """The llama3 rope scaling (transformers' rope_parameters) whose frequencies are a GGUF file's
+    rope_freqs.weight [rotary_dim / 2]: the factor from the longest wavelengths, the two wavelengths
+    from the values between (smooth is linear in 1/wavelength: a least-squares line), written as
+    original_max_position_embeddings = the low-frequency wavelength, low_freq_factor 1. All ones
+    is no scaling. FormatError naming the tensor when the values are not llama3's within ROPE_FREQS_RTOL
+    (another scheme would give other positions in silence)."""
+    values = m.vector("rope_freqs.weight")
+    half = rotary_dim // 2
+    where = f"{m.path}: tensor 'rope_freqs.weight'"
+    if values.shape != (half,):
+        raise FormatError(f"{where} has {values.size} values; the rotary dimensions make {half}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise FormatError(f"{where} holds values that are not positive finite numbers")
+    if np.allclose(values, 1.0, rtol=0, atol=ROPE_FREQS_RTOL):
+        return {}
+    # the frequencies as transformers and the engines compute them: float32
+    inv_freq = (1.0 / np.power(np.float32(theta), np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim),
+                               dtype=np.float32)).astype(np.float64)
+    wavelen = 2 * np.pi / inv_freq
+    factor = float(values[-1])  # the longest wavelength's
+    ones = np.isclose(values, 1.0, rtol=ROPE_FREQS_RTOL, atol=0)
+    plateau = np.isclose(values, factor, rtol=ROPE_FREQS_RTOL, atol=0)
+    between = ~ones & ~plateau
+    refusal = FormatError(f"{where}: its per-dimension RoPE factors are not llama3 scaling's (1 for short "
+                          "wavelengths, the factor for long ones, a smooth step between), the only kind pyllm's "
+                          "engines run")
+    if factor <= 1 or not ones[0]:
+        raise refusal
+    if between.sum() >= 2:
+        smooth = (1 / values[between] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[between], smooth, 1)  # smooth = slope / wavelen + intercept
+        if slope <= 0 or intercept >= 0:
+            raise refusal
+        low_wavelen, high_wavelen = slope / -intercept, slope / (1 - intercept)
+    elif between.sum() == 0 and plateau.any():  # a step: any two wavelengths in the gap give these values
+        short, long_ = wavelen[ones].max(), wavelen[plateau].min()
+        high_wavelen, low_wavelen = short * (long_ / short) ** (1 / 3), short * (long_ / short) ** (2 / 3)
+    else:
+        raise refusal
+    for candidate in (round(low_wavelen), low_wavelen):  # the integer context length it was made from, if it fits
+        high = round(candidate / high_wavelen, 6)
+        if high > 1 and np.allclose(llama3_rope_freqs(inv_freq, factor, candidate, candidate / high), values,
+                                    rtol=ROPE_FREQS_RTOL, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+                    "original_max_position_embeddings": candidate if isinstance(candidate, int) else float(candidate)}
+    raise refusal
 
 
 def _layer_norm_eps(m: Metadata) -> float:
@@ -290,6 +370,9 @@ def for_gguf(name: str, path: str) -> GGUFArchitecture:
                           f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
     return GGUF_ARCHITECTURES[name]
 
+
+# tensors that hold hyper-parameters, read into the config rather than stored
+CONFIG_TENSORS = ("rope_freqs.weight",)
 
 # ModelConfig's names -> the GGUF metadata they come from, for the checks config_from_hf makes
 CONFIG_KEYS = {"rope_theta": "rope.freq_base", "rotary_dim": "rope.dimension_count",

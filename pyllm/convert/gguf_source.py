@@ -36,7 +36,7 @@ from ..formats.gguf_split import shard_path, split_name, split_parts
 from ..formats.packed import TokenizerSpec
 from ..formats.safetensors import FormatError
 from ..quant import BLOCK, PackedWeight, bf16_bits_to_f32, dequantize
-from .gguf_arch import GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
+from .gguf_arch import CONFIG_TENSORS, GGUFTensor, Metadata, for_gguf, gguf_config, gguf_tensors
 
 @dataclass(frozen=True)
 class GGUFType:
@@ -245,12 +245,13 @@ class GGUFSource:
                                   f"{[int(d) for d in reversed(t.shape)]}; "
                                   f"the tensors of a {self.gguf_arch.name} GGUF file are vectors and matrices")
         meta = Metadata(self.gguf_arch.name, self._get, {n: tuple(int(d) for d in t.shape)
-                                                         for n, t in self.tensors.items()}, self.path)
+                                                         for n, t in self.tensors.items()}, self.path,
+                        self._float_vector)
         if "token_embd.weight" not in self.tensors:
             raise FormatError(f"{self.path}: GGUF file lacks token_embd.weight")
         self.config = gguf_config(self.gguf_arch, meta)
         self.places = gguf_tensors(self.gguf_arch, self.config, meta)  # pyllm name -> GGUFTensor
-        unused = sorted(set(self.tensors) - {p.source for p in self.places.values()})
+        unused = sorted(set(self.tensors) - {p.source for p in self.places.values()} - set(CONFIG_TENSORS))
         if unused:  # a tensor the engine would ignore is a feature it does not implement
             raise FormatError(f"{self.path}: unexpected tensor '{unused[0]}' in a {self.gguf_arch.name} GGUF file")
         for t in self.tensors.values():  # before anything is written (a Q8_K one failed half-way, once
@@ -296,6 +297,14 @@ class GGUFSource:
             if other not in (None, "", arch):
                 raise FormatError(f"{part}: a shard of a {other} model, {parts[0]} of a {arch} one: the shards "
                                   "are not one split model")
+
+    def _float_vector(self, name: str) -> np.ndarray:
+        """A vector tensor stored as F32 or F16 (hyper-parameters: rope_freqs), f32 [n]."""
+        t = self.tensors[name]
+        if t.tensor_type.name not in ("F32", "F16") or len(t.shape) != 1:
+            raise FormatError(f"{self._file(name)}: tensor '{name}' is {t.tensor_type.name} of shape "
+                              f"{[int(d) for d in reversed(t.shape)]}; a vector of F32 or F16 is expected")
+        return np.asarray(t.data).astype(np.float32)
 
     def _file(self, name: str) -> str:
         """The file holding GGUF tensor `name` (a shard of a split model, or the file)."""
@@ -592,7 +601,9 @@ class GGUFSource:
 
 
 # -- tokenizer import: GGUF vocabularies -> a Hugging Face tokenizer.json, built as transformers'
-# GGUF loader builds it (integrations/gguf), so ids are equal ---------------------------------------
+# GGUF loader builds it (integrations/gguf), with the split llama.cpp runs for each tokenizer.ggml.pre
+# name: for "smollm", "starcoder" and "refact" digits one by one, as llama.cpp and those models' own
+# tokenizer.json split them (transformers' GGUF loader does not: "a  9" is 4 ids there, 3 here) ----
 
 # llama.cpp pre-tokenizer names whose regex is GPT-2's, with digits split one by one first
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact")
