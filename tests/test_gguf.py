@@ -217,18 +217,19 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
     src = make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128)
     path = str(tmp_path / "odd.gguf")
     write_gguf(src, path, Q.Q8_0)
-    # retag one matrix as a type no reader of ours implements (the bytes are irrelevant then)
+    # retag one tensor as a type no reader of ours implements (the bytes are irrelevant then): the last
+    # one, whose data, fewer bytes as I8, still ends where the file does (the layout check passes)
     reader = gguf.GGUFReader(path)
-    target = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    target = reader.tensors[-1]
     raw = bytearray(open(path, "rb").read())
     # the tensor info ends with: n_dims u32, dims u64 x n, type u32, offset u64
     name = target.name.encode()
     at = raw.index(len(name).to_bytes(8, "little") + name)
     type_at = at + 8 + len(name) + 4 + 8 * len(target.shape)
-    assert int.from_bytes(raw[type_at:type_at + 4], "little") == Q.Q8_0
-    raw[type_at:type_at + 4] = int(Q.I64).to_bytes(4, "little")
+    assert int.from_bytes(raw[type_at:type_at + 4], "little") == target.tensor_type
+    raw[type_at:type_at + 4] = int(Q.I8).to_bytes(4, "little")
     open(path, "wb").write(bytes(raw))
-    with pytest.raises(FormatError, match="I64") as error:
+    with pytest.raises(FormatError, match="I8") as error:
         convert_checkpoint(path, str(tmp_path / "odd.pllm"), progress=False)
     print(error.value)
     assert not (tmp_path / "odd.pllm").exists()
@@ -500,6 +501,34 @@ def test_rope_scaling_is_read_by_llama_cpp_rules(tmp_path, fields, factor):
     write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
     scaling = GGUFSource(rewrite_gguf(good, str(tmp_path / "scaled.gguf"), fields)).config.rope_scaling
     assert (scaling or {}).get("factor") == factor and (factor is None or scaling["rope_type"] == "linear")
+
+
+@pytest.mark.parametrize("case", ["swapped", "overlapping", "misaligned"])
+def test_tensor_data_must_follow_one_another_as_llama_cpp_reads_it(tmp_path, case):
+    """Tensors whose data offsets were swapped or overlap converted into a model answering nonsense,
+    in silence ("binxgbinxxxx"); llama.cpp refuses a tensor not right after the one before it."""
+    good = str(tmp_path / "good.gguf")
+    write_gguf(make_tiny_llama(str(tmp_path / "src"), hidden_size=64, intermediate_size=128), good, Q.Q8_0)
+    path = str(tmp_path / f"{case}.gguf")
+    shutil.copy(good, path)
+    reader = gguf.GGUFReader(path, "r+")
+    by_name = {t.name: t.field.parts[-1] for t in reader.tensors}  # each tensor info's offset, mapped writable
+    q, o = by_name["blk.0.attn_q.weight"], by_name["blk.0.attn_output.weight"]  # both 64 x 64
+    if case == "swapped":
+        q[0], o[0] = int(o[0]), int(q[0])
+        order = [t.name for t in reader.tensors]
+        name = min("blk.0.attn_q.weight", "blk.0.attn_output.weight", key=order.index)  # the first one read
+    elif case == "overlapping":
+        q[0] = int(o[0])
+        name = "blk.0.attn_q.weight"
+    else:
+        first = reader.tensors[0]
+        by_name[first.name][0] = 3
+        name = first.name
+    del reader, q, o, by_name
+    with pytest.raises(FormatError, match=re.escape(f"{path}: tensor '{name}' has data offset")):
+        convert_checkpoint(path, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
 
 
 def llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, old: int) -> np.ndarray:

@@ -10,6 +10,9 @@ gguf's reader trusts every count and length: an array that claims 2^60 elements 
 loops for ever while its memory grows, and a file cut short fails deep in numpy with a reshape error.
 check_gguf_layout walks the same structure with every length checked against the bytes that are left,
 and every tensor's extent against the file's size, and raises FormatError saying what runs past the end.
+It also holds the tensors to llama.cpp's order (gguf.cpp): each one's data starts where the one before
+it ends, rounded up to the alignment, so swapped or overlapping offsets (a model that reads one
+matrix as another) are refused, as llama.cpp refuses them.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ def check_gguf_layout(path: str) -> None:
                 offset = cursor.unpack("<Q", f"the data offset of tensor '{name}'")
                 tensors.append((name, dims, ggml_type, offset))
             data_start = -(-cursor.at // alignment) * alignment
+            expected = 0  # llama.cpp's rule (gguf.cpp): each tensor's data right after the one before, aligned
             for name, dims, ggml_type, offset in tensors:
                 try:
                     block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
@@ -153,3 +157,8 @@ def check_gguf_layout(path: str) -> None:
                     raise FormatError(f"{path}: tensor '{name}' ({'x'.join(map(str, dims))}, {nbytes:,} bytes at "
                                       f"data offset {offset:,}) runs past the end of the file ({size:,} bytes): "
                                       f"the file is cut short or damaged")
+                if offset != expected:  # swapped or overlapping tensors read as each other's weights, in silence
+                    raise FormatError(f"{path}: tensor '{name}' has data offset {offset:,}, where the tensors before "
+                                      f"it (each aligned to {alignment} bytes) end at {expected:,}: the file is "
+                                      "damaged (llama.cpp refuses it too)")
+                expected += -(-nbytes // alignment) * alignment
