@@ -238,12 +238,24 @@ def test_resized_vocabulary_with_modules_to_save(base, tmp_path):
         assert hf_tok.convert_tokens_to_ids("<pip>") in llm.tokenize("<pip>", add_special_tokens=False)
 
 
-def test_tied_embeddings_follow_peft(tmp_path):
-    """A tied base: LoRA on embed_tokens changes the shared tensor (lm_head too), as peft merges it."""
+@pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head"], ["embed_tokens", "lm_head"]])
+def test_tied_embeddings_run_as_the_adapter_trained(tmp_path, targets):
+    """A tied base with a LoRA on embed_tokens or lm_head runs as the PEFT model it trained as: the LoRA
+    on that module alone, the other reading the base tensor. peft's merge_and_unload put the delta in the
+    shared tensor, changing both (a review's tiny model: greedy ' mars mars' trained, '\n\n' merged),
+    and so did pyllm."""
     base = make_tiny_llama(str(tmp_path / "base"), tie_word_embeddings=True)
-    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["embed_tokens", "q_proj"])
-    ref = logits(peft_merged(base, [adapter]))
-    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), ref, logits(peft_merged(base, [])))
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=targets)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    trained = logits(peft.PeftModel.from_pretrained(model, adapter).eval())
+    merged_by_peft = logits(peft_merged(base, [adapter]))  # the case matters: peft's merge is another model
+    assert np.abs(merged_by_peft - trained).max() > 100 * RELATIVE_TOLERANCE * np.abs(trained).max()
+    assert_close(pyllm_logits(base, [adapter], str(tmp_path / "m.pllm")), trained, logits(peft_merged(base, [])))
+    with pyllm.LLM(str(tmp_path / "m.pllm"), n_threads=1) as llm:
+        assert not llm.config.tie_word_embeddings
+    out = str(tmp_path / "merged")  # pyllm merge writes the untied model for transformers
+    assert cli.main(["merge", base, "--lora", adapter, "-o", out]) == 0
+    assert_close(logits(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()), trained)
 
 
 def test_merge_writes_a_hugging_face_checkpoint(base, tmp_path):

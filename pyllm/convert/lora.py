@@ -14,9 +14,14 @@ when a pattern matches the module name (PEFT's rule: the first key K with re.mat
 fan_in_fan_out only matters for layers stored [in, out] (GPT-2's Conv1D); PEFT turns it off for
 the nn.Linear layers of LLaMA models, and so does this merge.
 
-Tied embeddings: while lm_head and embed_tokens share one tensor, a LoRA delta or replacement of
-either changes both (PEFT merges into the shared parameter); modules_to_save gives a module its own
-trained copy, and from then on the two are separate (the merged model is untied).
+Tied embeddings: while lm_head and embed_tokens share one tensor, a trained replacement of it (a saved
+embedding layer) changes both. A LoRA on one of them trained on that module alone: PEFT wraps the
+module, and the other keeps reading the shared base tensor (the adapter's forward, what training
+measured). So the merge unties them: the LoRA's delta goes to its module only, and the other gets the
+base tensor as its own copy. PEFT's merge_and_unload writes the delta into the shared parameter
+instead, which changes both and gives another model (its warning: "ensure_weight_tying"; an adapter
+trained with that option holds lm_head LoRA tensors its target_modules do not name, and is refused).
+modules_to_save gives a module its own trained copy, and from then on the two are separate.
 
 Adapters are applied in the order given, each onto the result of the previous ones. A resized
 vocabulary (modules_to_save on embed_tokens and lm_head, as Chinese-LLaMA's 49953 tokens) needs the
@@ -393,6 +398,8 @@ class LoraMergedSource:
                     self._ops.setdefault(n, []).append(("set", value))
                     shapes[n] = value.shape
             for lora in adapter.modules.values():
+                # a LoRA on one of the tied pair trained on that module alone (see the module's docstring)
+                untie = shared and lora.target in (EMBED, LM_HEAD)
                 lora.transposed = any(lora.module.endswith("." + m) for m in base.arch.conv1d_modules)
                 self._check_target(adapter, lora.target, shapes)
                 if lora.target_shape() != tuple(shapes[lora.target]):
@@ -407,10 +414,12 @@ class LoraMergedSource:
                 if lora.bias is not None and (bias not in shapes or tuple(shapes[bias]) != lora.bias.shape):
                     raise FormatError(f"{adapter.weights}: {lora.module} has lora_bias, but the base module has "
                                       f"{'no bias' if bias not in shapes else f'a bias of shape {list(shapes[bias])}'}")
-                for n in self._aliases(lora.target, shared and lora.target not in own):
+                for n in self._aliases(lora.target, shared and not untie and lora.target not in own):
                     self._ops.setdefault(n, []).append(("add", lora))
                 if lora.bias is not None:
                     self._ops.setdefault(bias, []).append(("bias", lora))
+                if untie:
+                    shared = False
             if own:
                 shared = False
         self.tied = shared
