@@ -529,6 +529,55 @@ def test_a_task_error_that_cannot_be_read_back_is_not_called_a_dead_worker():
         list(forked_map(_worker_raises_what_cannot_be_read_back, range(4), {}, processes=2))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_workers_end_when_their_parent_is_killed(tmp_path):
+    """SIGKILL of a conversion (the out-of-memory killer's way) left its forked GPTQ workers waiting for
+    ever on the pool's pipes, ~640 MB each (a review: alive 1 min 45 s later, until killed by hand)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pids = tmp_path / "pids"
+    script = (f"import os, sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              "from test_quant_quality import _worker_writes_its_pid_and_waits\n"
+              "from pyllm.convert.workers import forked_map\n"
+              f"list(forked_map(_worker_writes_its_pid_and_waits, [{str(pids)!r}] * 2, {{}}, processes=2))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and len(pids.read_text().split()) == 2):
+            assert time.monotonic() < deadline and parent.poll() is None, "the workers did not start"
+            time.sleep(0.05)
+        workers = [int(p) for p in pids.read_text().split()]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+
+        def alive(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+            except FileNotFoundError:
+                return False
+
+        while any(alive(p) for p in workers):
+            assert time.monotonic() < deadline, "a worker outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _worker_writes_its_pid_and_waits(path: str) -> None:
+    import os
+    import time
+
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(120)
+
+
 def test_a_signal_while_the_workers_are_forked_still_ends_them(monkeypatch):
     """SIGTERM (the CLI's handler: SystemExit) or Ctrl-C while the workers were being forked (signals
     blocked there) acted once the mask was restored, before the `try` that ends the workers: they
@@ -581,11 +630,12 @@ def test_forked_workers_are_born_with_sigterm_blocked_and_die_of_one_sent_before
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
         # a newborn worker: both signals blocked, the CLI's handler inherited, a SIGTERM pending
         signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
-                _default_signals()
+                _default_signals(parent)
             finally:
                 os._exit(3)  # reached only if the pending SIGTERM did not kill it
         signal.pthread_sigmask(signal.SIG_SETMASK, before)

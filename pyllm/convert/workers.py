@@ -10,6 +10,7 @@ caller passes it as `shared`, which task functions read with shared().
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -61,7 +62,7 @@ def _in_forked_workers(task: Callable, items: list, processes: int) -> Iterator:
     try:
         try:
             executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                           initializer=_default_signals)
+                                           initializer=_default_signals, initargs=(os.getpid(),))
             futures = [executor.submit(task, item) for item in items]
         finally:  # a Ctrl-C or SIGTERM that came meanwhile acts here, inside the `try` that ends the workers
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -95,13 +96,32 @@ def _in_forked_workers(task: Callable, items: list, processes: int) -> Iterator:
 _WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _default_signals() -> None:
+def _default_signals(parent: int) -> None:
     """In a forked worker, first thing: SIGTERM kills it at once again, and SIGINT is ignored (Ctrl-C
     reaches the whole process group; the parent's KeyboardInterrupt ends the workers). The CLI's handler
     (SystemExit, for the parent's cleanups) is inherited by fork, and a SIGTERM then met workers inside
     the pool's own locks: a worker could exit holding the task queue's lock and leave the pool's join
     waiting for ever (seen once in CI's test_lora_e2e). forked_map forks with both signals blocked, so
-    one sent before this ran waited and acts now."""
+    one sent before this ran waited and acts now. Then the worker asks for SIGTERM when `parent` (the
+    process that forked it) dies."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+
+
+def _end_with(parent: int) -> None:
+    """SIGTERM to this process when its parent dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing). A
+    parent killed outright (SIGKILL, the out-of-memory killer) ends no worker: they waited for ever on
+    the pool's pipes, each holding its copy of the model's tensors (~640 MB each for SmolLM2)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before the request: no signal will come
+        os._exit(1)
