@@ -204,6 +204,18 @@ def test_a_large_json_list_is_read_in_linear_time_with_its_lines(indent, tmp_pat
         assert loaded[2].where == "line 1, record 3"
 
 
+def test_json_lines_break_only_at_line_feeds(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 inside strings as they are;
+    str.splitlines() broke the records there ("4 malformed line(s) ... Unterminated string"), and numbered
+    the lines after them wrong."""
+    path = tmp_path / "data.jsonl"
+    records = [dict(r, output=r["output"] + sep) for r, sep in zip(RECORDS[:3], ("\u2028", "\u2029 x", "\u0085\x1c"))]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    loaded = load_records(path)
+    assert [r.output for r in loaded] == [r["output"] for r in records]
+    assert [r.where for r in loaded] == ["line 1", "line 2", "line 3"]
+
+
 def test_data_that_is_not_utf8_names_its_line_and_a_directory_names_the_flag(tmp_path):
     """Latin-1 data said "is not UTF-8 text (byte 61: ...)" only, UTF-16 data (PowerShell's `>`) the same
     of its byte-order mark, and --data DIRECTORY "Is a directory"."""
@@ -1061,7 +1073,10 @@ def test_a_cutoff_past_a_rotary_model_s_trained_context_is_warned_about(base, da
     assert "warning: --cutoff-len 1000 exceeds the 256 tokens the model was trained on" in capsys.readouterr().err
     run(train_args(base, data, str(tmp_path / "b"), *small, "--cutoff-len", "250", "--method", "prompt",
                    "--virtual-tokens", "8"))
-    assert "warning: --cutoff-len 250 + 8 virtual tokens exceeds the 256 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: --cutoff-len 250 + 8 virtual tokens exceeds the 256 tokens" in err
+    # the printed command holds the virtual tokens too (it never gave --ctx: `trained` was the model by then)
+    assert "--ctx 258 -p PROMPT" in err
     run(train_args(base, data, str(tmp_path / "c"), *small, "--cutoff-len", "256"))
     assert "warning" not in capsys.readouterr().err
 

@@ -205,8 +205,10 @@ def _json_list_items(path: str, text: str) -> list[tuple[int, object]]:
 
 
 def _jsonl_items(path: str, text: str) -> list[tuple[int, object]]:
+    """JSON Lines: one value per line, lines ended by \n (and \r\n). Not str.splitlines(), which also breaks
+    at U+2028, U+2029, U+0085 and other characters that json.dumps(ensure_ascii=False) writes inside strings."""
     items, errors = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -642,13 +642,13 @@ def _train(args, log=None) -> TrainResult:
             # (-r 100000 on a 64-wide model: 35 s a step and a 782 MB adapter, said nothing)
             say(f"warning: --lora-r {args.lora_r} exceeds the model's width ({width}): a rank past a layer's "
                 "smaller side adds no capacity, only memory and time")
-        trained = getattr(model.config, "max_position_embeddings", None)
+        trained_positions = getattr(model.config, "max_position_embeddings", None)
         virtual = args.virtual_tokens if getattr(args, "method", "lora") != "lora" else 0
-        if limit is None and isinstance(trained, int) and args.cutoff_len + virtual > trained:
+        if limit is None and isinstance(trained_positions, int) and args.cutoff_len + virtual > trained_positions:
             # rotary and ALiBi families run past their trained context (as transformers does), but
             # learn little there; pyllm run / perplexity warn the same way for --ctx
             say(f"warning: --cutoff-len {args.cutoff_len}{f' + {virtual} virtual tokens' if virtual else ''} "
-                f"exceeds the {trained} tokens the model was trained on; positions beyond them are untrained")
+                f"exceeds the {trained_positions} tokens the model was trained on; positions beyond them are untrained")
         def tokenizing(records) -> object:
             return progress_bar(len(records), "tokenizing", "record", not args.quiet and procs.rank == 0
                                 and len(records) > TOKENIZE_PROGRESS_RECORDS, log)
@@ -844,7 +844,8 @@ def _train(args, log=None) -> TrainResult:
         collapse = collapse_warning(result, len(tokenizer))
         if collapse:
             say(collapse)
-        say(usage_line(args, result.output, trained if isinstance(trained, int) else None))
+        # (it was given `trained`, by then the model: the --ctx a long prompt-learning adapter needs was never said)
+        say(usage_line(args, result.output, trained_positions if isinstance(trained_positions, int) else None))
         # the DistributedDataParallel wrapper goes while every process is still here: freed after the
         # group is destroyed and a peer has exited, it hangs in gloo's destructor
         trained = None  # noqa: F841
