@@ -476,6 +476,26 @@ def test_library_deprecations_between_peft_and_transformers_are_not_shown(base, 
     assert not [m for m in shown if "is deprecated" in m and ("checkpointing" in m or "past_key_values" in m)], shown
 
 
+@pytest.mark.parametrize("method", [["--method", "prefix", "--prefix-projection"], ["--method", "ptuning"]])
+def test_prompt_learning_resumes_to_the_same_adapter(base, data, tmp_path, method):
+    """--resume of a projected prefix failed ("size mismatch for weight: copying a param with shape [4, 128]
+    ... current model [4, 32]"): its adapter file holds the computed prefix, not the embedding trained."""
+    out = str(tmp_path / "run")
+    extra = ["--batch-size", "4", "--micro-batch-size", "2", "--save-steps", "2", "--virtual-tokens", "4",
+             "--max-steps", "4", *method]
+    run(train_args(base, data, out, *extra))
+    expected = adapter(out)
+    shutil.rmtree(os.path.join(out, "checkpoint-4"))  # as if killed after step 2
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.remove(os.path.join(out, name))
+    resumed = run(train_args(base, data, out, *extra, "--resume"))
+    assert len(resumed.losses) == 2
+    got = adapter(out)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def test_resume_continues_where_the_interrupted_run_stopped(base, data, tmp_path, capsys):
     """4 steps with a checkpoint every 2; then, as if killed after step 2, the last checkpoint and the
     adapter go and --resume finishes: the same adapter (dropout on, so its random state must resume too)."""

@@ -717,10 +717,13 @@ def _train(args, log=None) -> TrainResult:
                 how = "extending" if before is None or total_steps > before else "shortening"
                 say(f"{how} the run from {before} to {total_steps} steps (the learning-rate schedule now ends "
                     f"at step {total_steps})")
-            set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
-                                                       device=str(procs.device)))
-            if "trainable" in state:  # prompt encoders (P-tuning, prefix projection) are not in the adapter file
+            if "trainable" in state:  # every trained tensor as it was; also prompt encoders (P-tuning, prefix
+                # projection), which the adapter file does not hold: for a projected prefix it holds the computed
+                # prefix [virtual, layers x 2 x hidden], which did not load into the embedding it comes from
                 model.load_state_dict(state["trainable"], strict=False)
+            else:  # a checkpoint of an older pyllm
+                set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors"),
+                                                           device=str(procs.device)))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
