@@ -814,6 +814,19 @@ def test_an_output_that_is_not_an_adapter_directory_is_refused(base, data, tmp_p
     run(train_args(base, data, str(empty), *small))
     run(train_args(base, data, str(empty), *small))  # again into its own output
     assert (empty / "adapter_model.safetensors").exists()
+    # another tool's adapter (its tokenizer files were deleted, its weights and card replaced), and a
+    # checkpoint of a run (a later --resume took the other run's weights from beside its state)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(empty, foreign)
+    os.remove(foreign / "train_log.json")
+    (foreign / "tokenizer.json").write_text("{}")
+    run(train_args(base, data, str(tmp_path / "run"), *small, "--save-steps", "1"))
+    for output, message in [(foreign, "holds an adapter that pyllm train did not write"),
+                            (tmp_path / "run" / "checkpoint-1", "is a checkpoint of a run")]:
+        before = {p.name: p.read_bytes() for p in output.iterdir()}
+        with pytest.raises(ValueError, match=message):
+            run(train_args(base, data, str(output), *small))
+        assert before == {p.name: p.read_bytes() for p in output.iterdir()}
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_training(base, data, tmp_path, monkeypatch):

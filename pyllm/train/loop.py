@@ -203,8 +203,8 @@ def check_options(args) -> None:
 
 
 def check_output(output: str) -> None:
-    """The output must be new, an empty directory, or one a pyllm train wrote (adapter_config.json or
-    checkpoint-N inside): the adapter's files (README.md, adapter_config.json, ...) replaced what was
+    """The output must be new, an empty directory, or one a pyllm train wrote (its adapter with
+    train_log.json, or checkpoint-N inside; not a checkpoint itself, nor another tool's adapter): the adapter's files (README.md, adapter_config.json, ...) replaced what was
     there, so `-o .` overwrote a project's README.md and `-o BASE_DIR` mixed an adapter into the base
     model; an existing file was a bare "[Errno 17] File exists" after the whole training. What a run
     stopped while saving leaves (a ".adapter.partial" or "checkpoint-N.partial" directory, or the new
@@ -223,6 +223,14 @@ def check_output(output: str) -> None:
             raise ValueError(f"-o {output} holds other files ({shown}) that the adapter's (README.md, "
                              "adapter_config.json, ...) would overwrite or mix with; give a new or empty directory, "
                              "or the output of an earlier pyllm train")
+        if STATE_FILE in names:  # a checkpoint: its state beside another run's adapter made --resume mix the two
+            raise ValueError(f"-o {output} is a checkpoint of a run ({STATE_FILE}); give that run's directory "
+                             "with --resume to continue it, or a new directory")
+        if any(n in ADAPTER_FILES for n in names) and "train_log.json" not in names and \
+                not any(n.startswith(("checkpoint-", ".adapter")) for n in names):
+            # another tool's adapter: its weights, model card and tokenizer files were replaced or deleted
+            raise ValueError(f"-o {output} holds an adapter that pyllm train did not write (no train_log.json); "
+                             "its files would be replaced: give a new or empty directory")
 
 
 def make_output(output: str) -> str | None:
