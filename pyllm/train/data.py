@@ -12,6 +12,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from ..errors import PyllmError, decode_text, library_errors, read_bytes
@@ -246,32 +247,78 @@ class Example:
         return sum(1 for x in self.labels[1:] if x != -100)
 
 
+def _special_strings(tokenizer) -> list[str]:
+    """The tokenizer's special-token strings ("<|im_end|>", "<s>", ...), longest first."""
+    found = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _encode_template_text(tokenizer, text: str, placeholders: dict[str, str]) -> list[int]:
+    """Token ids of a rendered chat template whose records' special-token strings were replaced by
+    placeholder characters (placeholder -> string): the template's own special tokens are special, the
+    records' strings plain text, as pyllm tokenizes a chat at inference (LLM._chat_ids)."""
+    specials = _special_strings(tokenizer)
+    ids: list[int] = []
+    for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+        if not piece:
+            continue
+        if i % 2:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+            continue
+        for c, value in placeholders.items():
+            piece = piece.replace(c, value)
+        ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
 def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> Example:
     """Prompt and response tokenized apart (as the model sees the prompt at inference), joined, cut to
     cutoff_len tokens; the prompt's labels are -100 unless train_on_inputs.
 
     template "alpaca": the Alpaca prompt, the tokenizer's special tokens (BOS if it adds one), the
     output, then EOS. template "chat": the tokenizer's chat template with one user turn and one
-    assistant turn; the response is everything the template writes after the generation prompt."""
+    assistant turn; the response is everything the template writes after the generation prompt.
+    Special-token strings written in a record ("<|im_end|>") are plain text, as `pyllm run` and the
+    server read them in messages: as special tokens they trained the model on turns the data forged."""
+    texts = (user_message(record), record.output)
+    written = [t for t in _special_strings(tokenizer) if any(t in x for x in texts)]
     if template == "alpaca":
         if tokenizer.eos_token_id is None:  # it was [..., None]: "Could not infer dtype of NoneType" in torch
             raise DataError("the tokenizer has no end-of-sequence token (eos_token), which the Alpaca template "
                             "ends each response with; give a tokenizer that has one, or use --template chat")
-        prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        plain = {"split_special_tokens": True} if written else {}
+        prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=True, **plain)["input_ids"]
+        response_ids = tokenizer(record.output, add_special_tokens=False, **plain)["input_ids"] + \
+            [tokenizer.eos_token_id]
     elif template == "chat":
-        messages = [{"role": "user", "content": user_message(record)}]
+        placeholders = {}
+        if written:  # each becomes a private-use character while the template renders (as LLM._chat_ids)
+            used = set("".join(texts)) | set(tokenizer.chat_template or "")
+            free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
+            placeholders = dict(zip(free, written))
+        hide = {value: c for c, value in placeholders.items()}
+
+        def hidden(text: str) -> str:
+            for value, c in hide.items():  # longest first: "<|im_end|>" before "<"
+                text = text.replace(value, c)
+            return text
+
+        messages = [{"role": "user", "content": hidden(user_message(record))}]
         # a template's raise_exception (jinja2's TemplateError) or its own bug was a traceback from
         # `python -m pyllm.train`
         with library_errors(f"{record.where}: the chat template", DataError):
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.output}],
+            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": hidden(record.output)}],
                                                  tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the chat template does not write the assistant turn after its generation prompt; "
                             "use the Alpaca template")
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        if placeholders:
+            prompt_ids = _encode_template_text(tokenizer, prompt, placeholders)
+            response_ids = _encode_template_text(tokenizer, full[len(prompt):], placeholders)
+        else:
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
     else:
         raise ValueError(f"unknown template {template!r} (alpaca or chat)")
     ids = (prompt_ids + response_ids)[:cutoff_len]
