@@ -258,6 +258,18 @@ def test_tied_embeddings_run_as_the_adapter_trained(tmp_path, targets):
     assert_close(logits(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()), trained)
 
 
+def test_an_adapter_of_a_model_with_fewer_layers_is_refused(base, tmp_path, capsys):
+    """A LoRA trained on 2 layers merged into a 3-layer model of the same widths with a warning about
+    names only, exit 0: its third layer had no LoRA (PEFT loads it so, warning of missing keys). The
+    README says an adapter of another layer count is an error; the other direction already was."""
+    deeper = make_tiny_llama(str(tmp_path / "deeper"), num_hidden_layers=3)
+    adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=["q_proj", "v_proj"])
+    expect_refusal(deeper, [adapter], tmp_path, r"no LoRA tensors for model\.layers\.2\.self_attn\.q_proj and 1 other "
+                                                r"modules, .* \(3 layers\): was the adapter trained on another model")
+    assert cli.main(["merge", deeper, "--lora", adapter, "-o", str(tmp_path / "merged")]) == 1
+    assert "no LoRA tensors for model.layers.2" in capsys.readouterr().err
+
+
 def test_merge_writes_a_hugging_face_checkpoint(base, tmp_path):
     adapter = make_adapter(base, str(tmp_path / "adapter"), target_modules=ALL_PROJECTIONS)
     out = str(tmp_path / "merged")

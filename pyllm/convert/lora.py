@@ -389,6 +389,7 @@ class LoraMergedSource:
         if tied and LM_HEAD not in shapes:
             shapes[LM_HEAD] = shapes[EMBED]
         shared = tied  # lm_head and embed_tokens are one tensor
+        matrices = sorted({n.rsplit(".", 1)[0] for n in shapes if n.endswith(".weight") and len(shapes[n]) == 2})
         for adapter in adapters:
             own = adapter.saved_modules & {EMBED, LM_HEAD}
             for name, value in adapter.replacements.items():
@@ -420,6 +421,7 @@ class LoraMergedSource:
                     self._ops.setdefault(bias, []).append(("bias", lora))
                 if untie:
                     shared = False
+            self._check_coverage(adapter, matrices)
             if own:
                 shared = False
         self.tied = shared
@@ -435,6 +437,24 @@ class LoraMergedSource:
             raise FormatError(f"the adapters resize the vocabulary from {base.config.vocab_size} to {vocab} tokens "
                               "but carry no tokenizer (tokenizer.json or tokenizer.model in the adapter directory)")
         self.config.validate()
+
+    def _check_coverage(self, adapter: LoraAdapter, matrices: list[str]) -> None:
+        """Every module of the base that the adapter's target_modules name has its LoRA tensors: an adapter
+        trained on a model of 2 layers merged into one of 3 with a warning about names only, its LoRA in
+        2 of the 3 layers (PEFT loads it with those modules' LoRA at zero, warning of missing keys).
+        target_modules null or "all-linear" name no list to check against."""
+        targets = adapter.config.get("target_modules")
+        if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+            return
+        named = targeted_modules(adapter.config, matrices, f"{adapter.dir}: adapter_config.json")
+        missing = sorted(named - set(adapter.modules) - {n.rsplit(".", 1)[0] for n in adapter.replacements},
+                         key=lambda m: [int(x) if x.isdigit() else x for x in m.split(".")])
+        if missing:
+            raise FormatError(f"{adapter.weights}: no LoRA tensors for {missing[0]}" +
+                              (f" and {len(missing) - 1} other modules" if len(missing) > 1 else "") +
+                              f", which adapter_config.json's target_modules name in the base model {self.base.dir} "
+                              f"({self.base.config.num_hidden_layers} layers): was the adapter trained on another "
+                              "model (fewer layers)?")
 
     def _aliases(self, name: str, shared: bool) -> tuple[str, ...]:
         if shared and name in (self.embedding, self.lm_head):
