@@ -43,6 +43,27 @@ def logits_of(directory: str, out: str) -> np.ndarray:
     return pyllm.LLM(out, n_threads=1).logits(IDS)
 
 
+def test_tensors_no_recipe_reads_are_named_in_a_notice(tiny_llama, tmp_path):
+    """A q_proj.bias beside a config without attention_bias, or a tensor of something else, was left out
+    without a word (transformers reports them as UNEXPECTED): a config that forgot a flag gave another
+    model. They are named now; a checkpoint without such tensors says nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    log = io.StringIO()
+    convert_checkpoint(tiny_llama, str(tmp_path / "plain.pllm"), quant="f32", progress=False, log=log)
+    assert "not part of" not in log.getvalue()
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_llama, extra)
+    tensors = load_file(str(extra / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.ones(64, np.float32)
+    tensors["foo.weight"] = np.ones((2, 2), np.float32)
+    save_file(tensors, str(extra / "model.safetensors"))
+    log = io.StringIO()
+    convert_checkpoint(str(extra), str(tmp_path / "extra.pllm"), quant="f32", progress=False, log=log)
+    assert f"{extra}: 2 tensors of the checkpoint are not part of the llama model its config.json describes, left " \
+           "out: foo.weight, model.layers.0.self_attn.q_proj.bias" in log.getvalue()
+
+
 def test_sharded_safetensors_with_index(tiny_llama, reference, tmp_path):
     model, ref = reference
     d = copy_without_weights(tiny_llama, str(tmp_path / "sharded"))

@@ -435,6 +435,14 @@ class ArchitectureView:
                               f"{', '.join(map(str, extra[:5]))}{' ...' if len(extra) > 5 else ''}: "
                               "the config and the weights disagree")
         self._last: tuple[str, np.ndarray] | None = None  # fused tensors are read once for their parts
+        # tensors no recipe reads were dropped without a word: a q_proj.bias beside a config that forgot
+        # attention_bias gave another model (transformers reports them as UNEXPECTED when it loads)
+        read = {n for r in self.recipes.values() for n in r.sources}
+        unused = sorted(n for n in source.names() if n not in read and not n.endswith("rotary_emb.inv_freq")
+                        and not (n == self.arch.hf_lm_head and self.config.tie_word_embeddings))
+        self.notices = [f"{self.dir}: {len(unused)} tensor{'s' if len(unused) > 1 else ''} of the checkpoint "
+                        f"{'are' if len(unused) > 1 else 'is'} not part of the {self.arch.name} model its config.json "
+                        f"describes, left out: {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}"] if unused else []
 
     def _hf(self, name: str) -> np.ndarray:
         if self._last is None or self._last[0] != name:

@@ -228,6 +228,8 @@ def convert_checkpoint(src: str, output: str, quant: str | None = None, group_si
         except BaseException:
             source.close()
             raise
+        for notice in source.notices:
+            print(notice, file=log)
     source = FiniteSource(source)
     try:
         config: ModelConfig = source.config
