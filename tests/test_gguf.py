@@ -908,6 +908,17 @@ def test_a_non_finite_tensor_is_refused_naming_file_and_tensor(tmp_path):
                        r"holds 1 NaN or infinite value"):
         convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
     assert not (tmp_path / "x.pllm").exists()
+    # a Q8_0 block's f16 scale, kept bit for bit: named by its file and GGUF tensor (it was pyllm's
+    # "model.embed_tokens.scales", with a hint about LoRA adapters that were not there)
+    reader = gguf.GGUFReader(good)
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    blocks = np.array(embed.data)  # [rows, bytes of a row's Q8_0 blocks]
+    blocks.reshape(-1, 34)[3, 0:2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # block 3's scale
+    bad = rewrite_gguf(good, str(tmp_path / "bad_scale.gguf"), tensors={"token_embd.weight": (blocks, Q.Q8_0)})
+    with pytest.raises(FormatError, match=re.escape(bad) + r": tensor 'token_embd\.weight' .*\(its blocks' scales, kept "
+                       r"bit for bit\) holds 1 NaN or infinite value\(s\); nothing was written \(the file is damaged"):
+        convert_checkpoint(bad, str(tmp_path / "x.pllm"), progress=False)
+    assert not (tmp_path / "x.pllm").exists()
 
 
 @pytest.mark.parametrize("copied, into", [(20, 500), (0, 511)])  # a plain token; a special one into the padding

@@ -152,6 +152,10 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                     if (packed.rows, packed.cols) != (rows, cols):
                         raise FormatError(f"{label} is {packed.rows}x{packed.cols}, "
                                           f"config implies {rows}x{cols}")
+                    for part_name, values in (("scales", packed.scales), ("mins", packed.mins)):
+                        if values is not None:  # (the writer named pyllm's tensor and blamed LoRA adapters)
+                            check_finite(f"{base}.{part_name}", "F16", values,
+                                         label=f"{label} (its blocks' {part_name}, kept bit for bit)")
                     report.kept_exactly.append(base)
                 else:
                     w = source()

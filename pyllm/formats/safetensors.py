@@ -348,8 +348,10 @@ def check_finite(name: str, dtype: str, value: np.ndarray, label: str | None = N
     else:
         return
     if bad:
+        hint = "check the LoRA adapters' alpha and weights" if label and " merged)" in label else \
+            "the file is damaged, or its weights overflowed"
         raise FormatError(f"{label or f'tensor {name!r}'} holds {bad} NaN or infinite value(s); nothing was written "
-                         "(check the source weights, and the LoRA adapters' alpha and weights)")
+                          f"({hint})")
 
 
 @dataclass
