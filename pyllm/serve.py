@@ -731,14 +731,19 @@ class Completions:
 
     def _adapter_for(self, model: str | None) -> str:
         """The adapter a request's "model" selects, or "base": "BASE:NAME" names one of the file's adapters
-        (404 for a NAME this model lacks); any other value (OpenAI clients send whatever they were
-        configured with, colons too: "llama3.1:8b", "ft:gpt-4o-mini:org::id") is the base model, as
-        is this server's own model name, whatever it holds. A request without "model" (LLM's
+        (404 for a NAME this model lacks), and so does the adapter's own NAME, as vLLM serves a LoRA under
+        its name (it ran the base model without a word); any other value (OpenAI clients send whatever
+        they were configured with, colons too: "llama3.1:8b", "ft:gpt-4o-mini:org::id") is the base model,
+        as is this server's own model name, whatever it holds. A request without "model" (LLM's
         create_completion called without model=) runs the LLM's own adapter (LLM(path, adapter=NAME)),
         as its generate() does."""
         if not model:
             return self.llm.adapter or "base"
-        if model == self.model_name or ":" not in model:
+        if model == self.model_name:
+            return "base"
+        if model in self.llm.adapters:
+            return model
+        if ":" not in model:
             return "base"
         base, _, name = model.rpartition(":")
         if name in self.llm.adapters:
