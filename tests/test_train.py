@@ -230,6 +230,19 @@ def test_a_large_json_list_is_read_in_linear_time_with_its_lines(indent, tmp_pat
         assert loaded[2].where == "line 1, record 3"
 
 
+def test_a_failed_run_removes_its_own_partial_directories(tmp_path):
+    """A SIGTERM right after the adapter's staging directory was made (before the `try` that removes it)
+    left an empty ".adapter.PID.XXXX.partial" in -o while saying the adapter was not written."""
+    from pyllm.train.loop import remove_output
+
+    mine = [f".adapter.{os.getpid()}.abcd.partial", f"checkpoint-3.{os.getpid()}.x1y2.partial"]
+    others = [".adapter.1.abcd.partial", "checkpoint-2"]  # another process's, and a kept checkpoint
+    for name in mine + others:
+        (tmp_path / name).mkdir()
+    remove_output(str(tmp_path), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+
+
 def test_json_lines_break_only_at_line_feeds(tmp_path):
     """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 inside strings as they are;
     str.splitlines() broke the records there ("4 malformed line(s) ... Unterminated string"), and numbered

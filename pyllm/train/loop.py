@@ -255,8 +255,18 @@ def make_output(output: str) -> str | None:
 
 
 def remove_output(output: str, created: str | None) -> None:
-    """Removes the directories make_output created, when a failed run left them empty (a run that
-    fails leaves no output behind; a checkpoint kept to --resume from stays, and its directory)."""
+    """Removes this process's partial directories in output (a signal between their creation and the
+    `try` that removes them on failure left an empty ".adapter.PID.XXXX.partial") and the directories
+    make_output created, when a failed run left them empty (a run that fails leaves no output behind;
+    a checkpoint kept to --resume from stays, and its directory)."""
+    mine = re.compile(rf"(checkpoint-\d+|\.adapter)\.{os.getpid()}\.[^./]+\.partial")
+    try:
+        names = os.listdir(output)
+    except OSError:
+        names = []
+    for name in names:
+        if mine.fullmatch(name):
+            shutil.rmtree(os.path.join(output, name), ignore_errors=True)
     if created is None:
         return
     path = os.path.abspath(output)
