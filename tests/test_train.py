@@ -58,10 +58,12 @@ def data(tmp_path_factory):
 
 
 def train_args(base, data, output, *extra):
+    """The parsed arguments of a small run; the LoRA numbers only for --method lora (refused for others)."""
+    method = extra[list(extra).index("--method") + 1] if "--method" in extra else "lora"
+    lora = ["-r", str(HYPER["r"]), "--lora-alpha", str(HYPER["alpha"]), "--lora-dropout", "0"] if method == "lora" else []
     return build_parser().parse_args([
-        base, "--data", data, "-o", output, "-r", str(HYPER["r"]), "--lora-alpha", str(HYPER["alpha"]),
-        "--lr", str(HYPER["lr"]), "--seed", str(HYPER["seed"]), "--cutoff-len", "512", "--lora-dropout", "0",
-        "-q", *extra])
+        base, "--data", data, "-o", output, *lora, "--lr", str(HYPER["lr"]), "--seed", str(HYPER["seed"]),
+        "--cutoff-len", "512", "-q", *extra])
 
 
 def adapter(directory) -> dict[str, np.ndarray]:
@@ -662,6 +664,14 @@ def test_batch_must_split_evenly(base, data, tmp_path):
     (["--method", "prompt", "--target-modules", "q_proj"], "--target-modules applies to --method lora"),
     (["--method", "prefix", "--layers", "0-1"], "--layers applies to --method lora"),
     (["--method", "ptuning", "--rslora"], "--rslora applies to --method lora"),
+    # numbers of another method, away from their defaults, were ignored too (a review: prefix with -r 64)
+    (["--method", "prefix", "-r", "64"], "-r/--lora-r applies to --method lora, not --method prefix"),
+    (["--method", "prompt", "--lora-alpha", "3"], "--lora-alpha applies to --method lora"),
+    (["--method", "prompt", "--lora-dropout", "0.2"], "--lora-dropout applies to --method lora"),
+    (["--virtual-tokens", "7"], "--virtual-tokens applies to --method prompt, ptuning or prefix, not --method lora"),
+    (["--encoder-hidden-size", "9"], "--encoder-hidden-size applies to --method ptuning"),
+    (["--method", "prefix", "--encoder-hidden-size", "9"], "not --method prefix without --prefix-projection"),
+    (["--method", "prompt", "--encoder-hidden-size", "9"], "--encoder-hidden-size applies"),
 ])
 def test_options_of_another_method_are_refused(base, data, tmp_path, option, message):
     """An option of another method was ignored (--method ptuning --prompt-init-text trained random

@@ -183,6 +183,18 @@ def check_options(args) -> None:
                                 ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
         if given and method != wanted:  # it was ignored: a run other than the one asked for
             raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    projected = method == "ptuning" or (method == "prefix" and getattr(args, "prefix_projection", False))
+    # numbers away from their defaults (the parser's) that the method reads not: ignored in silence too
+    for flag, given, applies, wanted in (
+            ("-r/--lora-r", args.lora_r != 8, method == "lora", "lora"),
+            ("--lora-alpha", args.lora_alpha != 16, method == "lora", "lora"),
+            ("--lora-dropout", args.lora_dropout != 0.05, method == "lora", "lora"),
+            ("--virtual-tokens", getattr(args, "virtual_tokens", 20) != 20, method != "lora", "prompt, ptuning or prefix"),
+            ("--encoder-hidden-size", getattr(args, "encoder_hidden_size", 128) != 128, projected,
+             "ptuning, or prefix with --prefix-projection")):
+        if given and not applies:
+            raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}"
+                             + (" without --prefix-projection" if method == "prefix" and "prefix" in wanted else ""))
     if getattr(args, "save_total_limit", 0) and not args.save_steps:  # it would be ignored
         raise ValueError(f"--save-total-limit {args.save_total_limit} limits the checkpoints --save-steps N "
                          "makes; give --save-steps")
