@@ -1210,7 +1210,9 @@ def test_a_run_that_ends_at_uniform_guessing_is_warned_of():
     from pyllm.train.loop import TrainResult, collapse_warning
 
     wrecked = TrainResult(output="o", steps=3, losses=[2.1, 5.9, math.log(512)])
-    assert "uniform guessing over the 512 tokens" in collapse_warning(wrecked, 512)
+    assert "ended at 6.2383, that of uniform guessing over the 512 tokens" in collapse_warning(wrecked, 512)
+    above = TrainResult(output="o", steps=3, losses=[2.1, 5.9, 10.0])  # (it was called uniform's too)
+    assert "ended at 10.0000, above that of uniform guessing" in collapse_warning(above, 512)
     assert collapse_warning(TrainResult(output="o", steps=3, losses=[2.1, 1.9, 1.7]), 512) is None
     # a model that starts near ln V (random weights) and stays there is no collapse
     assert collapse_warning(TrainResult(output="o", steps=2, losses=[6.2, 6.2]), 512) is None

@@ -984,7 +984,8 @@ def collapse_warning(result: TrainResult, vocab_size: int) -> str | None:
     last = result.losses[-max(1, min(10, len(result.losses) // 4)):]  # the run's end, not its start
     final = sum(last) / len(last)
     if final >= 0.95 * uniform and min(earlier) < 0.8 * uniform:
-        return (f"warning: the training loss ended at {final:.4f}, that of uniform guessing over the {vocab_size} "
+        where = "that of" if final <= 1.05 * uniform else "above that of"  # (16.03 was called uniform's 10.80)
+        return (f"warning: the training loss ended at {final:.4f}, {where} uniform guessing over the {vocab_size} "
                 f"tokens (ln {vocab_size} = {uniform:.4f}), from {min(earlier):.4f}: the run diverged and the adapter "
                 "predicts nothing (lower --lr, or keep --max-grad-norm on)")
     return None
