@@ -1345,6 +1345,10 @@ class LLM:
         OpenAI's chat form (and llama-cpp-python's create_chat_completion's): logprobs=True with
         top_logprobs=N. The reply is the model's text as written, a think block included (the server and
         create_chat_completion return it apart, as reasoning_content)."""
+        for key in ("tool_choice", "parallel_tool_calls"):  # ("LLM.generate() got an unexpected keyword argument")
+            if key in kwargs:
+                raise TypeError(f"LLM.chat() takes no {key}: it returns the reply's text; create_chat_completion("
+                                f"messages, tools=..., {key}=...) forces and parses tool calls")
         options = dict(tools=tools, parse_special_in_content=parse_special_in_content, render_limits=render_limits,
                        chat_template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message)
         response_format = kwargs.get("response_format")

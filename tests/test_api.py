@@ -2161,3 +2161,13 @@ def test_stats_line_names_no_rate_where_nothing_was_timed():
     cached = GenerationStats(prompt_tokens=12, cached_tokens=12, generated_tokens=3, prefill_seconds=0.0,
                              decode_seconds=0.5)
     assert cached.line() == "[ Prompt: - t/s | Generation: 4.0 t/s ]"
+
+
+def test_chat_says_where_tool_choice_belongs(tiny_llama_f32):
+    """LLM.chat(..., tool_choice=...) said "LLM.generate() got an unexpected keyword argument": chat
+    returns text; create_chat_completion forces and parses calls, and the error says so."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        for key, value in (("tool_choice", "required"), ("parallel_tool_calls", False)):
+            with pytest.raises(TypeError, match=f"LLM.chat\\(\\) takes no {key}: .*create_chat_completion"):
+                llm.chat([{"role": "user", "content": "hi"}], tools=tools, max_tokens=2, **{key: value})
