@@ -1405,3 +1405,16 @@ def test_a_chat_template_that_cannot_be_used_is_said_at_conversion(tiny_llama, t
     log = io.StringIO()
     convert_checkpoint(tiny_llama, str(tmp_path / "ok.pllm"), quant="f32", progress=False, log=log)
     assert "cannot be used" not in log.getvalue()
+
+
+def test_int4_that_cannot_keep_its_budget_says_so(tmp_path):
+    """Rows of 72 values (no int4 group divides them) made --quant int4 a 5.36 bits/weight file with no
+    word of its 4.6-bit budget."""
+    from conftest import make_tiny_llama
+
+    src = make_tiny_llama(str(tmp_path / "odd"), hidden_size=72, intermediate_size=144, num_attention_heads=4,
+                          num_key_value_heads=2)
+    log = io.StringIO()
+    report = convert_checkpoint(src, str(tmp_path / "odd.pllm"), quant="int4", progress=False, log=log)
+    assert report.bits_per_weight > 4.6
+    assert f"note: the smallest layouts these matrices take ({report.bits_per_weight:.2f} bits per weight" in log.getvalue()
