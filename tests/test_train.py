@@ -232,6 +232,17 @@ def test_a_large_json_list_is_read_in_linear_time_with_its_lines(indent, tmp_pat
         assert loaded[2].where == "line 1, record 3"
 
 
+def test_one_object_over_several_lines_is_named_as_what_it_is(tmp_path):
+    """{"data": [...]} pretty-printed was read as JSON Lines: "163 malformed line(s)"; on one line it
+    said what it is. Now both say so, and one record pretty-printed is a record."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": RECORDS}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match="not Alpaca-format data: the records' keys are 'data'"):
+        load_records(path)
+    path.write_text(json.dumps(RECORDS[1], indent=2), encoding="utf-8")
+    assert [(r.instruction, r.input, r.output) for r in load_records(path)] == [("Add.", "2 + 2", "Pip: 4")]
+
+
 def test_a_failed_run_removes_its_own_partial_directories(tmp_path):
     """A SIGTERM right after the adapter's staging directory was made (before the `try` that removes it)
     left an empty ".adapter.PID.XXXX.partial" in -o while saying the adapter was not written."""

@@ -64,7 +64,11 @@ def load_records(path: str | os.PathLike, notes: list | None = None, sha256: lis
     # UTF-8 without its byte-order mark (Windows editors write one), at most errors.MAX_TEXT_FILE_BYTES
     text = _read_data(path, sha256)
     stripped = text.lstrip()
-    items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
+    whole = _one_json_object(text) if stripped.startswith("{") else None
+    if whole is not None:  # one object over several lines, {"data": [...]}: it was "163 malformed line(s)"
+        items = [(_line_of(text, len(text) - len(stripped)), whole)]
+    else:
+        items = _json_list_items(path, text) if stripped.startswith("[") else _jsonl_items(path, text)
     _check_alpaca_keys(path, [item for _, item in items])
     other = dict.fromkeys(k for _, item in items if isinstance(item, dict) for k in item if k not in ALPACA_KEYS)
     if other and notes is not None:
@@ -203,6 +207,15 @@ def _json_list_items(path: str, text: str) -> list[tuple[int, object]]:
                 raise DataError(f"{path} line {_line_of(text, pos + 1)}: text after the end of the JSON list")
             return items
         raise DataError(f"{path} line {_line_of(text, pos)}: expected ',' or ']' between records")
+
+
+def _one_json_object(text: str) -> dict | None:
+    """text as one JSON object, or None when it is not one (JSON Lines of several records, or invalid)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _jsonl_items(path: str, text: str) -> list[tuple[int, object]]:
