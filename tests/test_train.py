@@ -232,6 +232,22 @@ def test_a_large_json_list_is_read_in_linear_time_with_its_lines(indent, tmp_pat
         assert loaded[2].where == "line 1, record 3"
 
 
+def test_a_held_out_set_that_the_cutoff_empties_is_warned_of(base, tmp_path, capsys):
+    """--val-set-size 1 whose record had no response token within --cutoff-len trained without an eval
+    loss, the skip note its only sign."""
+    records = [dict(r) for r in RECORDS * 3]
+    records[0]["instruction"] = "word " * 400  # its prompt alone passes --cutoff-len 256
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    seed = next(s for s in range(1000) if np.random.RandomState(s).permutation(len(records))[0] == 0)
+    result = run(build_parser().parse_args([base, "--data", str(path), "-o", str(tmp_path / "out"), "-q",
+                                            "--cutoff-len", "256", "--val-set-size", "1", "--seed", str(seed),
+                                            "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "1"]))
+    assert not result.eval_losses
+    assert "warning: none of the 1 held-out example(s) has a response token within --cutoff-len 256: the run has no " \
+           "eval loss" in capsys.readouterr().err
+
+
 def test_one_object_over_several_lines_is_named_as_what_it_is(tmp_path):
     """{"data": [...]} pretty-printed was read as JSON Lines: "163 malformed line(s)"; on one line it
     said what it is. Now both say so, and one record pretty-printed is a record."""

@@ -685,6 +685,9 @@ def _train(args, log=None) -> TrainResult:
 
         train_set = _tokenize(train_records, tokenizer, args, "training", say, limit, tokenizing(train_records))
         val_set = _tokenize(val_records, tokenizer, args, "held-out", say, limit, tokenizing(val_records))
+        if val_records and not val_set:  # (it trained without an eval loss, the skip note its only sign)
+            say(f"warning: none of the {len(val_records)} held-out example(s) has a response token within "
+                f"--cutoff-len {args.cutoff_len}: the run has no eval loss (a larger --val-set-size or --cutoff-len)")
         if not train_set:  # (was "0 training examples are fewer than one batch (--batch-size 32)")
             raise DataError(f"no training example has a response token within --cutoff-len {args.cutoff_len}; "
                             "give a larger --cutoff-len")
