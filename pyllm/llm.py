@@ -1759,6 +1759,12 @@ class LLM:
         finally:
             self._release(stream)
 
+    def __reduce__(self):
+        """An LLM holds a mapped file and an engine's threads: not picklable (it said "cannot pickle
+        'mmap.mmap' object"). Another process opens the model itself: LLM(path)."""
+        raise TypeError(f"an LLM cannot be pickled (it holds the mapped model and the engine); in another "
+                        f"process open the model again: pyllm.LLM({self.path!r})")
+
     def close(self) -> None:
         """Releases the engine and unmaps the file. A running call is cancelled (it ends within one
         token or prefill chunk; embed and logits_many within one item, raising RuntimeError) and

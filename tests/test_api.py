@@ -2171,3 +2171,12 @@ def test_chat_says_where_tool_choice_belongs(tiny_llama_f32):
         for key, value in (("tool_choice", "required"), ("parallel_tool_calls", False)):
             with pytest.raises(TypeError, match=f"LLM.chat\\(\\) takes no {key}: .*create_chat_completion"):
                 llm.chat([{"role": "user", "content": "hi"}], tools=tools, max_tokens=2, **{key: value})
+
+
+def test_an_llm_says_how_another_process_gets_the_model(tiny_llama_f32):
+    """pickle.dumps(llm) (multiprocessing's spawn) said "cannot pickle 'mmap.mmap' object"."""
+    import pickle
+
+    with pyllm.LLM(tiny_llama_f32, n_threads=1) as llm:
+        with pytest.raises(TypeError, match=r"an LLM cannot be pickled .* open the model again: pyllm\.LLM\("):
+            pickle.dumps(llm)
