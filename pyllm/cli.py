@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -165,14 +166,29 @@ def cmd_convert(args) -> int:
             raise ValueError(f"--group-size {args.group_size}: {e}") from None
     options = options_from_flags(args.quant, args.calib, args.rtn, args.keep_sensitive, args.bits, args.group_size,
                                  args.awq)
-    report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
-                                progress=not args.quiet, lora=args.lora or (), options=options, log=sys.stderr,
-                                adapters=[_named_adapter(a) for a in args.adapter])
+    with _saying_when_interrupted("convert", args.output):
+        report = convert_checkpoint(args.source, args.output, quant=args.quant, group_size=args.group_size,
+                                    progress=not args.quiet, lora=args.lora or (), options=options, log=sys.stderr,
+                                    adapters=[_named_adapter(a) for a in args.adapter])
     if args.verbose:
         for name, error in report.nmse.items():
             print(f"  {name}: NMSE {error:.3e}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _saying_when_interrupted(command: str, output: str):
+    """Ctrl-C or SIGTERM (the CLI's SystemExit 143) during a write: one line saying that nothing was
+    written and what became of the output (exit 130 said nothing; the writes are atomic)."""
+    existed = os.path.lexists(output)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, KeyboardInterrupt) or e.code == 143:
+            print(f"\npyllm {command}: interrupted: nothing was written ({output} "
+                  f"{'is as it was' if existed else 'was not created'})", file=sys.stderr)
+        raise
 
 
 def _named_adapter(text: str) -> tuple[str | None, str]:
@@ -196,7 +212,9 @@ def cmd_train(args) -> int:
 def cmd_merge(args) -> int:
     from .convert.lora import write_merged_checkpoint
 
-    print(f"wrote {write_merged_checkpoint(args.base, args.lora, args.output, dtype=args.dtype)}", file=sys.stderr)
+    with _saying_when_interrupted("merge", args.output):
+        written = write_merged_checkpoint(args.base, args.lora, args.output, dtype=args.dtype)
+    print(f"wrote {written}", file=sys.stderr)
     return 0
 
 

@@ -1283,6 +1283,8 @@ def test_sigterm_during_calibration_leaves_no_temporary_files(tiny_llama, tmp_pa
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert list(tmp.iterdir()) == []
     assert list(out.iterdir()) == []
+    # and it says so (exit 130 / 143 said nothing)
+    assert f"pyllm convert: interrupted: nothing was written ({out / 'm.pllm'} was not created)" in err.decode()
 
 
 def test_sigterm_inside_a_finalizer_still_ends_the_run():
