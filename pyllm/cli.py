@@ -250,6 +250,12 @@ def model_path(args) -> str:
         from .default_model import default_model_path
 
         return default_model_path()
+    adapter = getattr(args, "adapter", None)
+    if adapter not in (None, "base") and (os.path.isdir(args.model) or args.model.lower().endswith(".gguf")):
+        # (the whole model was converted into the cache first, then the adapter refused)
+        raise ValueError(f"--adapter {adapter}: prompt-learning adapters are stored in a .pllm file, and {args.model} "
+                         f"converts into one without any: pyllm convert MODEL_DIR --adapter {adapter}=ADAPTER_DIR -o "
+                         "FILE.pllm, then run FILE.pllm")
     from .model_cache import resolve_model
 
     return resolve_model(args.model, quant=args.quant, lora=args.lora)

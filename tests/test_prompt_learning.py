@@ -515,6 +515,22 @@ def test_a_peft_directory_given_where_a_stored_adapter_belongs_says_how_to_store
     assert err.count("\n") == 1 and "is a PEFT adapter directory" in err, err
 
 
+def test_an_adapter_asked_of_a_model_directory_is_refused_before_converting_it(two_adapters, tmp_path, capsys,
+                                                                              monkeypatch):
+    """`pyllm run HF_DIR --adapter X` converted the whole model into the cache, then refused the adapter
+    (a file converted from a directory or GGUF holds none): it is refused first, saying how to store one."""
+    from pyllm import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for command in (["run", two_adapters["base"], "--adapter", "qa", "-p", "hi", "-n", "1"],
+                    ["perplexity", two_adapters["base"], "--adapter", "qa", "--text", __file__]):
+        capsys.readouterr()
+        assert cli.main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--adapter qa: prompt-learning adapters are stored in a .pllm file" in err, err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.pllm"))
+
+
 def test_the_chat_leaves_old_turns_out_to_make_room_for_the_adapters_virtual_tokens(two_adapters):
     """`pyllm run FILE --adapter NAME`: the chat measured the conversation against the whole context, so a
     prompt within the adapter's virtual tokens of it was refused ("the prompt has 60 tokens after 7 virtual
