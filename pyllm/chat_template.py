@@ -1095,6 +1095,21 @@ def check_template_variables(variables) -> dict:
     return dict(variables)
 
 
+def placeholder_characters(strings: list[str], used: set[str]) -> dict[str, str]:
+    """Each of `strings` (special-token strings written in messages) -> a private-use character
+    (U+F0000 on) that none of `used` (the characters of the messages and the template) is, to stand
+    for it while the template renders: the template's own special tokens stay special, the messages'
+    strings become plain text after (LLM.chat_prompt_ids, and training's tokenization of records).
+    PyllmError when too few characters are free (zip stopped short: a string stayed special)."""
+    free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
+    chosen = dict(zip(strings, free))
+    if len(chosen) < len(strings):
+        raise PyllmError("the messages and chat template hold every private-use character U+F0000 to U+10FFFD, "
+                         "which stand for the special-token strings written in the messages "
+                         f"({', '.join(strings)[:200]}) while the template renders")
+    return chosen
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, bos_token: str = "",
                 eos_token: str = "", limits: RenderLimits | None = None, tools: list | None = None,
                 documents: list | None = None, origin: str | None = None, **extra) -> str:

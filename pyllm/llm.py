@@ -20,8 +20,8 @@ from typing import Iterator
 import numpy as np
 
 from .chat_template import (TemplateError, chat_template_origin, check_chat_template, check_template_variables,
-                            normalize_messages, render_chat, render_continuing, resolve_chat_template,
-                            template_stop)
+                            normalize_messages, placeholder_characters, render_chat, render_continuing,
+                            resolve_chat_template, template_stop)
 from .formats.packed import PackedModel
 from .errors import ContextLengthWarning, LimitError, PyllmError
 from .formats.safetensors import FormatError
@@ -1559,13 +1559,7 @@ class LLM:
         placeholders = {}
         if protected:
             # each special-token string the caller wrote becomes a placeholder character while the template renders
-            used = set("".join(texts)) | set(self.chat_template or "")
-            free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
-            placeholders = dict(zip(sorted(protected), free))
-            if len(placeholders) < len(protected):  # next(free) raised a bare StopIteration
-                raise PyllmError("the messages and chat template hold every private-use character U+F0000 to "
-                                 "U+10FFFD, which stand for the special-token strings written in the messages "
-                                 f"({', '.join(sorted(protected))[:200]}) while the template renders")
+            placeholders = placeholder_characters(sorted(protected), set("".join(texts)) | set(self.chat_template or ""))
             try:
                 messages, extra = _hide_texts([messages, extra], placeholders)
             except RecursionError:

@@ -260,22 +260,41 @@ def remove_stale_partials(target: str) -> None:
     """Removes target's partial files and directories ("NAME.PID.XXXX.partial" beside it) whose
     process no longer runs: left by a write that was killed. Those of live processes are kept."""
     directory, base = os.path.split(os.path.abspath(target))
+    for name, pid, full in _partials_in(directory):
+        if not name.startswith(base + ".") or name.count(".") != base.count(".") + 3:
+            continue  # (another target's: "NAME.PID.XXXX.partial" has three dots more than NAME)
+        if not _process_lives(pid):
+            _remove_entry(full)
+
+
+def remove_own_partials(directory: str) -> None:
+    """Removes the partial files and directories ("NAME.PID.XXXX.partial") in directory that this
+    process made: on a failed write's way out, for one a signal left between its creation and the
+    `try` that would have removed it."""
+    for _, pid, full in _partials_in(directory):
+        if pid == os.getpid():
+            _remove_entry(full)
+
+
+def _partials_in(directory: str):
+    """(name, the writer's process id, path) of each partial file or directory in directory (not links)."""
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         m = _PARTIAL.match(name)
-        if m is None or not name.startswith(base + ".") or name.count(".") != base.count(".") + 3:
-            continue  # (another target's: "NAME.PID.XXXX.partial" has three dots more than NAME)
         full = os.path.join(directory, name)
-        if os.path.islink(full) or _process_lives(int(m.group(1))):
-            continue
-        if os.path.isdir(full):
-            shutil.rmtree(full, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(full)
+        if m is not None and not os.path.islink(full):
+            yield name, int(m.group(1)), full
+
+
+def _remove_entry(full: str) -> None:
+    if os.path.isdir(full):
+        shutil.rmtree(full, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(full)
 
 
 def _untouched_for(path: str, seconds: float) -> bool:

@@ -76,7 +76,7 @@ class Metadata:
     "<arch>.block_count"; need() raises FormatError naming the missing key."""
 
     def __init__(self, arch: str, get: Callable, tensor_shapes: dict[str, tuple[int, ...]], path: str,
-                 read_vector: Callable[[str], np.ndarray] | None = None):
+                 read_vector: Callable[[str], np.ndarray]):
         self.arch, self._get, self.shapes, self.path = arch, get, tensor_shapes, path
         self._read_vector = read_vector
 
@@ -106,8 +106,6 @@ class Metadata:
 
     def vector(self, tensor: str) -> np.ndarray:
         """A float vector tensor's values, f64 [n] (hyper-parameters stored as tensors: rope_freqs)."""
-        if self._read_vector is None:
-            raise FormatError(f"{self.path}: tensor '{tensor}' cannot be read here")
         return np.asarray(self._read_vector(tensor), dtype=np.float64).reshape(-1)
 
 

@@ -66,6 +66,16 @@ class FiniteSource:
         check_finite(name, "F32", w, label=where(self._source, name))
         return w
 
+    def load_native(self, name: str):
+        """A block format's weight kept bit for bit: its scales and mins checked as load() checks values
+        (a NaN block scale was refused by the writer, naming pyllm's "….scales" and blaming LoRA adapters)."""
+        packed = self._source.load_native(name)
+        for part, values in (("scales", packed.scales), ("mins", packed.mins)):
+            if values is not None:
+                check_finite(f"{name}.{part}", "F16", values,
+                             label=f"{where(self._source, name)} (its blocks' {part}, kept bit for bit)")
+        return packed
+
 
 def resolve_quant(quant: str | None, group_size: int | None) -> tuple[str | None, int]:
     """--quant name -> (weight format, group size); None keeps each GGUF tensor's own format.
@@ -152,10 +162,6 @@ def _plan_linear(base: str, fmt: str, group: int, rows: int, cols: int, source, 
                     if (packed.rows, packed.cols) != (rows, cols):
                         raise FormatError(f"{label} is {packed.rows}x{packed.cols}, "
                                           f"config implies {rows}x{cols}")
-                    for part_name, values in (("scales", packed.scales), ("mins", packed.mins)):
-                        if values is not None:  # (the writer named pyllm's tensor and blamed LoRA adapters)
-                            check_finite(f"{base}.{part_name}", "F16", values,
-                                         label=f"{label} (its blocks' {part_name}, kept bit for bit)")
                     report.kept_exactly.append(base)
                 else:
                     w = source()

@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import re
+import weakref
 from dataclasses import dataclass
 
+from ..chat_template import placeholder_characters
 from ..errors import PyllmError, decode_text, library_errors, read_bytes
 
 # Stanford Alpaca's prompts (Alpaca-LoRA templates/alpaca.json), with and without an input
@@ -260,19 +262,28 @@ class Example:
         return sum(1 for x in self.labels[1:] if x != -100)
 
 
-def _special_strings(tokenizer) -> list[str]:
-    """The tokenizer's special-token strings ("<|im_end|>", "<s>", ...), longest first."""
-    found = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    return sorted((t for t in found if t), key=len, reverse=True)
+_SPECIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (strings, pattern)
+
+
+def _special_strings(tokenizer) -> tuple[list[str], re.Pattern]:
+    """The tokenizer's special-token strings ("<|im_end|>", "<s>", ...), longest first, and a regular
+    expression finding any of them (one group); computed once per tokenizer (per record, the strings of a
+    tokenizer with thousands, as Gemma 3's, cost seconds over a dataset)."""
+    found = _SPECIALS.get(tokenizer)
+    if found is None:
+        names = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        strings = sorted((t for t in set(tokenizer.all_special_tokens) | names if t), key=len, reverse=True)
+        found = _SPECIALS[tokenizer] = (strings, re.compile("(" + ("|".join(map(re.escape, strings)) or "(?!)") + ")"))
+    return found
 
 
 def _encode_template_text(tokenizer, text: str, placeholders: dict[str, str]) -> list[int]:
     """Token ids of a rendered chat template whose records' special-token strings were replaced by
     placeholder characters (placeholder -> string): the template's own special tokens are special, the
-    records' strings plain text, as pyllm tokenizes a chat at inference (LLM._chat_ids)."""
-    specials = _special_strings(tokenizer)
+    records' strings plain text, as pyllm tokenizes a chat at inference (LLM.chat_prompt_ids)."""
+    pattern = _special_strings(tokenizer)[1]
     ids: list[int] = []
-    for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+    for i, piece in enumerate(pattern.split(text)):  # (the pattern's group keeps the specials, odd places)
         if not piece:
             continue
         if i % 2:
@@ -294,7 +305,8 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
     Special-token strings written in a record ("<|im_end|>") are plain text, as `pyllm run` and the
     server read them in messages: as special tokens they trained the model on turns the data forged."""
     texts = (user_message(record), record.output)
-    written = [t for t in _special_strings(tokenizer) if any(t in x for x in texts)]
+    strings, pattern = _special_strings(tokenizer)
+    written = [t for t in strings if any(t in x for x in texts)] if any(pattern.search(x) for x in texts) else []
     if template == "alpaca":
         if tokenizer.eos_token_id is None:  # it was [..., None]: "Could not infer dtype of NoneType" in torch
             raise DataError("the tokenizer has no end-of-sequence token (eos_token), which the Alpaca template "
@@ -304,12 +316,10 @@ def tokenize_record(record: Record, tokenizer, template: str, cutoff_len: int, t
         response_ids = tokenizer(record.output, add_special_tokens=False, **plain)["input_ids"] + \
             [tokenizer.eos_token_id]
     elif template == "chat":
-        placeholders = {}
-        if written:  # each becomes a private-use character while the template renders (as LLM._chat_ids)
-            used = set("".join(texts)) | set(tokenizer.chat_template or "")
-            free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
-            placeholders = dict(zip(free, written))
-        hide = {value: c for c, value in placeholders.items()}
+        # each written string becomes a private-use character while the template renders (as at inference)
+        hide = placeholder_characters(written, set("".join(texts)) | set(tokenizer.chat_template or "")) \
+            if written else {}
+        placeholders = {c: value for value, c in hide.items()}
 
         def hidden(text: str) -> str:
             for value, c in hide.items():  # longest first: "<|im_end|>" before "<"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..arch import for_hf_config
 from ..convert.lora import TOKENIZER_FILES
 from ..errors import PyllmError, library_errors
-from ..model_cache import partial_dir, remove_stale_partials
+from ..model_cache import partial_dir, remove_own_partials, remove_stale_partials
 from .data import DataError, Example, load_records, tokenize_record
 
 STATE_FILE = "training_state.pt"
@@ -183,15 +183,18 @@ def check_options(args) -> None:
                                 ("--layers", args.layers.strip(), "lora"), ("--rslora", args.rslora, "lora")):
         if given and method != wanted:  # it was ignored: a run other than the one asked for
             raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}")
+    from . import build_parser
+
+    defaults = build_parser()
     projected = method == "ptuning" or (method == "prefix" and getattr(args, "prefix_projection", False))
-    # numbers away from their defaults (the parser's) that the method reads not: ignored in silence too
-    for flag, given, applies, wanted in (
-            ("-r/--lora-r", args.lora_r != 8, method == "lora", "lora"),
-            ("--lora-alpha", args.lora_alpha != 16, method == "lora", "lora"),
-            ("--lora-dropout", args.lora_dropout != 0.05, method == "lora", "lora"),
-            ("--virtual-tokens", getattr(args, "virtual_tokens", 20) != 20, method != "lora", "prompt, ptuning or prefix"),
-            ("--encoder-hidden-size", getattr(args, "encoder_hidden_size", 128) != 128, projected,
-             "ptuning, or prefix with --prefix-projection")):
+    # numbers away from the parser's defaults that the method reads not: ignored in silence too
+    for flag, dest, applies, wanted in (
+            ("-r/--lora-r", "lora_r", method == "lora", "lora"),
+            ("--lora-alpha", "lora_alpha", method == "lora", "lora"),
+            ("--lora-dropout", "lora_dropout", method == "lora", "lora"),
+            ("--virtual-tokens", "virtual_tokens", method != "lora", "prompt, ptuning or prefix"),
+            ("--encoder-hidden-size", "encoder_hidden_size", projected, "ptuning, or prefix with --prefix-projection")):
+        given = getattr(args, dest, defaults.get_default(dest)) != defaults.get_default(dest)
         if given and not applies:
             raise ValueError(f"{flag} applies to --method {wanted}, not --method {method}"
                              + (" without --prefix-projection" if method == "prefix" and "prefix" in wanted else ""))
@@ -271,14 +274,7 @@ def remove_output(output: str, created: str | None) -> None:
     `try` that removes them on failure left an empty ".adapter.PID.XXXX.partial") and the directories
     make_output created, when a failed run left them empty (a run that fails leaves no output behind;
     a checkpoint kept to --resume from stays, and its directory)."""
-    mine = re.compile(rf"(checkpoint-\d+|\.adapter)\.{os.getpid()}\.[^./]+\.partial")
-    try:
-        names = os.listdir(output)
-    except OSError:
-        names = []
-    for name in names:
-        if mine.fullmatch(name):
-            shutil.rmtree(os.path.join(output, name), ignore_errors=True)
+    remove_own_partials(output)
     if created is None:
         return
     path = os.path.abspath(output)
